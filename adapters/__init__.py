@@ -1,0 +1,32 @@
+"""One module per upstream kind; `build_adapter` picks the one a deployment names."""
+
+from __future__ import annotations
+
+import httpx
+
+from adapters.types import Adapter, Upstream
+
+
+def build_adapter(upstream: Upstream, client: httpx.AsyncClient) -> Adapter:
+    provider = upstream.provider
+    if provider == "echo":
+        from adapters.echo import EchoAdapter
+
+        return EchoAdapter(upstream)
+    if provider == "openai":
+        from adapters.openai import OpenAIAdapter
+
+        return OpenAIAdapter(upstream, client)
+    if provider == "azure":
+        from adapters.openai import AzureOpenAIAdapter
+
+        return AzureOpenAIAdapter(upstream, client)
+    if provider == "anthropic":
+        from adapters.anthropic import AnthropicAdapter
+
+        return AnthropicAdapter(upstream, client)
+    if provider == "ollama":
+        from adapters.ollama import OllamaAdapter
+
+        return OllamaAdapter(upstream, client)
+    raise ValueError(f"unknown provider {provider!r}")

@@ -1,0 +1,184 @@
+"""The `echo` demo model: deterministic chat and embeddings with no provider at all.
+
+It exists so that a fresh node answers at once and so that budgets, usage and the ledger can
+be tried and tested without a provider key. Chat answers `echo: <last user message>`, one
+word per token (so `max_tokens` cuts it and sets `finish_reason: "length"`); when the client
+forces a tool (`tool_choice` "required" or a named function) it calls that tool with the
+last user message as `{"input": …}`. Embeddings are unit vectors derived from a hash of the
+input. Usage is counted, never estimated: prompt tokens by the shared estimator, completion
+tokens as words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator
+
+import msgspec
+
+from adapters.tokens import estimate_prompt_tokens, estimate_text_tokens, message_text
+from adapters.types import (
+    ChatCall,
+    ChatCompletion,
+    ChatResult,
+    ChatCompletionChunk,
+    Choice,
+    ChunkChoice,
+    Delta,
+    EmbedCall,
+    EmbedResult,
+    Embedding,
+    EmbeddingList,
+    EmbeddingUsage,
+    FunctionCall,
+    NamedToolChoice,
+    ResponseMessage,
+    ToolCall,
+    Upstream,
+    Usage,
+    encode_embedding,
+    sse_chunk,
+)
+
+
+class _Answer(msgspec.Struct):
+    words: list[str]
+    tool_call: ToolCall | None
+    finish_reason: str
+    usage: Usage
+
+
+def _last_user_text(call: ChatCall) -> str:
+    for message in reversed(call.request.messages):
+        if message.role == "user":
+            return message_text(message.content)
+    return ""
+
+
+def _forced_tool(call: ChatCall) -> str | None:
+    request = call.request
+    if not request.tools:
+        return None
+    if isinstance(request.tool_choice, NamedToolChoice):
+        return request.tool_choice.function.name
+    if request.tool_choice == "required":
+        return request.tools[0].function.name
+    return None
+
+
+def _answer(call: ChatCall, upstream: Upstream) -> _Answer:
+    prompt_tokens = estimate_prompt_tokens(call.request.messages)
+    text = _last_user_text(call)
+    tool = _forced_tool(call)
+    if tool is not None:
+        arguments = msgspec.json.encode({"input": text}).decode()
+        tool_call = ToolCall(
+            id="call_" + call.request_id[-24:],
+            function=FunctionCall(name=tool, arguments=arguments),
+        )
+        completion = estimate_text_tokens(tool) + estimate_text_tokens(arguments)
+        usage = Usage(prompt_tokens, completion, prompt_tokens + completion)
+        return _Answer([], tool_call, "tool_calls", usage)
+    words = ("echo: " + text).split(" ")
+    limit = min(call.request.output_limit or upstream.max_output_tokens, upstream.max_output_tokens)
+    finish = "stop"
+    if len(words) > limit:
+        words, finish = words[:limit], "length"
+    usage = Usage(prompt_tokens, len(words), prompt_tokens + len(words))
+    return _Answer(words, None, finish, usage)
+
+
+class EchoAdapter:
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+
+    async def _pause(self) -> None:
+        if self.upstream.latency_ms:
+            await asyncio.sleep(self.upstream.latency_ms / 1000)
+
+    async def chat(self, call: ChatCall) -> ChatResult:
+        await self._pause()
+        answer = _answer(call, self.upstream)
+        message = ResponseMessage(
+            content=None if answer.tool_call else " ".join(answer.words),
+            tool_calls=[answer.tool_call] if answer.tool_call else None,
+        )
+        completion = ChatCompletion(
+            id=call.request_id,
+            model=self.upstream.model,
+            choices=[Choice(0, message, answer.finish_reason)],
+            usage=answer.usage,
+        )
+        return ChatResult(msgspec.json.encode(completion), answer.usage)
+
+    async def open_stream(self, call: ChatCall) -> EchoStream:
+        await self._pause()
+        return EchoStream(call, self.upstream, _answer(call, self.upstream))
+
+    async def embed(self, call: EmbedCall) -> EmbedResult:
+        await self._pause()
+        request = call.request
+        dims = request.dimensions or self.upstream.embedding_dims
+        texts = request.texts()
+        data = []
+        for index, text in enumerate(texts):
+            vector = embedding_vector(text, dims)
+            data.append(Embedding(index, encode_embedding(vector, request.encoding_format)))
+        tokens = sum(estimate_text_tokens(text) for text in texts)
+        body = EmbeddingList(data, self.upstream.model, EmbeddingUsage(tokens, tokens))
+        return EmbedResult(msgspec.json.encode(body), Usage(tokens, 0, tokens))
+
+
+class EchoStream:
+    def __init__(self, call: ChatCall, upstream: Upstream, answer: _Answer) -> None:
+        self.usage: Usage | None = None
+        self.usage_estimated = False
+        self._call = call
+        self._upstream = upstream
+        self._answer = answer
+
+    def _chunk(self, delta: Delta, finish: str | None = None) -> bytes:
+        return sse_chunk(
+            ChatCompletionChunk(
+                id=self._call.request_id,
+                model=self._upstream.model,
+                created=self._created,
+                choices=[ChunkChoice(0, delta, finish)],
+            )
+        )
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self._created = int(time.time())
+        answer = self._answer
+        yield self._chunk(Delta(role="assistant", content=""))
+        if answer.tool_call is not None:
+            call = msgspec.structs.replace(answer.tool_call, index=0)
+            yield self._chunk(Delta(tool_calls=[call]))
+        for position, word in enumerate(answer.words):
+            yield self._chunk(Delta(content=word if position == 0 else " " + word))
+        yield self._chunk(Delta(), answer.finish_reason)
+        self.usage = answer.usage
+        if self._call.request.include_usage:
+            usage_chunk = ChatCompletionChunk(
+                id=self._call.request_id,
+                model=self._upstream.model,
+                created=self._created,
+                choices=[],
+                usage=answer.usage,
+            )
+            yield sse_chunk(usage_chunk)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def embedding_vector(text: str, dims: int) -> list[float]:
+    """A deterministic unit vector for `text`: SHAKE-256 bytes mapped to [-1, 1]."""
+    raw = hashlib.shake_256(text.encode()).digest(2 * dims)
+    values = [
+        (int.from_bytes(raw[i : i + 2], "little") / 32767.5) - 1.0 for i in range(0, len(raw), 2)
+    ]
+    norm = sum(v * v for v in values) ** 0.5 or 1.0
+    return [v / norm for v in values]

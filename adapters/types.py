@@ -1,0 +1,382 @@
+"""The gateway's wire types (OpenAI's chat and embeddings formats) and the adapter contract.
+
+Every adapter turns a `ChatCall`/`EmbedCall` into its provider's wire format and answers in
+OpenAI's format. Requests are validated into these Structs; the raw top-level fields are kept
+beside them (`ChatCall.raw`) so that an OpenAI-compatible upstream receives every field the
+client sent, including ones this gateway does not know yet.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal, Protocol
+
+import msgspec
+from msgspec import Meta, Raw, Struct
+
+ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+
+# --- requests -----------------------------------------------------------------------------
+
+
+class ImageUrl(Struct, omit_defaults=True):
+    url: str
+    detail: str | None = None
+
+
+class ContentPart(Struct, omit_defaults=True):
+    """One part of a multi-part message; unknown part types are kept as they are."""
+
+    type: str
+    text: str | None = None
+    image_url: ImageUrl | None = None
+    input_audio: Raw | None = None
+    file: Raw | None = None
+
+
+class FunctionCall(Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCall(Struct, omit_defaults=True):
+    function: FunctionCall
+    id: str | None = None
+    type: str = "function"
+    index: int | None = None
+
+
+class Message(Struct, omit_defaults=True):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
+
+
+class FunctionDef(Struct, omit_defaults=True):
+    name: Annotated[str, Meta(min_length=1, max_length=128)]
+    description: str | None = None
+    parameters: Raw | None = None
+    strict: bool | None = None
+
+
+class Tool(Struct, omit_defaults=True):
+    function: FunctionDef
+    type: Literal["function"] = "function"
+
+
+class NamedFunction(Struct):
+    name: str
+
+
+class NamedToolChoice(Struct, omit_defaults=True):
+    function: NamedFunction
+    type: Literal["function"] = "function"
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class ResponseFormat(Struct, omit_defaults=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Raw | None = None
+
+
+class StreamOptions(Struct, omit_defaults=True):
+    include_usage: bool = False
+
+
+class ChatRequest(Struct, omit_defaults=True):
+    """The fields of a chat completion request that the gateway reads or translates."""
+
+    model: ModelName
+    messages: Annotated[list[Message], Meta(min_length=1)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    n: Annotated[int, Meta(ge=1, le=16)] | None = None
+    stop: str | Annotated[list[str], Meta(max_length=16)] | None = None
+    presence_penalty: Annotated[float, Meta(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Meta(ge=-2, le=2)] | None = None
+    seed: int | None = None
+    user: str | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+
+    @property
+    def output_limit(self) -> int | None:
+        """The client's cap on generated tokens, whichever of the two fields it used."""
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+EmbeddingInput = (
+    Annotated[str, Meta(max_length=1_000_000)]
+    | Annotated[list[str | int | list[int]], Meta(min_length=1, max_length=2048)]
+)
+
+
+class EmbeddingRequest(Struct, omit_defaults=True):
+    model: ModelName
+    input: EmbeddingInput
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Meta(ge=1, le=65536)] | None = None
+    user: str | None = None
+
+    def __post_init__(self) -> None:
+        # msgspec unions allow one array type, so the input's four OpenAI shapes (a string,
+        # strings, token ids, lists of token ids) are checked for homogeneity here.
+        if isinstance(self.input, list):
+            kind = type(self.input[0])
+            if any(type(item) is not kind for item in self.input):
+                raise ValueError("`input` must be a string, strings, token ids or lists of ids")
+
+    def texts(self) -> list[str]:
+        """The inputs as strings; token-id inputs are rendered as space-separated ids."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if not self.input or isinstance(self.input[0], str):
+            return list(self.input)  # type: ignore[arg-type]
+        if isinstance(self.input[0], int):
+            return [" ".join(map(str, self.input))]
+        return [" ".join(map(str, ids)) for ids in self.input]  # type: ignore[union-attr]
+
+
+# --- responses ----------------------------------------------------------------------------
+
+
+class Usage(Struct, omit_defaults=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ResponseMessage(Struct, omit_defaults=True):
+    role: str = "assistant"
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    refusal: str | None = None
+
+
+class Choice(Struct):
+    index: int
+    message: ResponseMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(Struct):
+    id: str
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    created: int = msgspec.field(default_factory=lambda: int(time.time()))
+    object: str = "chat.completion"
+
+
+class Delta(Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    refusal: str | None = None
+
+
+class ChunkChoice(Struct):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(Struct, omit_defaults=True):
+    id: str
+    model: str
+    created: int
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    object: str = "chat.completion.chunk"
+
+
+class Embedding(Struct):
+    index: int
+    embedding: list[float] | str
+    object: str = "embedding"
+
+
+class EmbeddingUsage(Struct):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+
+class EmbeddingList(Struct):
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+    object: str = "list"
+
+
+# --- the adapter contract -----------------------------------------------------------------
+
+
+class Upstream(Struct, omit_defaults=True, frozen=True):
+    """Where and how one deployment reaches its provider (secrets already resolved)."""
+
+    provider: Literal["openai", "azure", "anthropic", "ollama", "echo"]
+    model: str
+    base_url: str = ""
+    api_key: str | None = None
+    api_version: str | None = None
+    headers: dict[str, str] = {}
+    connect_timeout: float = 5.0
+    read_timeout: float = 600.0
+    max_output_tokens: int = 4096
+    # Demo-only knobs of the echo adapter.
+    latency_ms: int = 0
+    embedding_dims: int = 64
+
+
+class ChatCall(Struct):
+    """One chat call to one deployment."""
+
+    request: ChatRequest
+    raw: dict[str, Raw]
+    request_id: str
+
+
+class EmbedCall(Struct):
+    request: EmbeddingRequest
+    raw: dict[str, Raw]
+    request_id: str
+
+
+class ChatResult(Struct):
+    """A complete answer: the OpenAI-shaped JSON body to send, and its token usage."""
+
+    body: bytes
+    usage: Usage
+    usage_estimated: bool = False
+
+
+class EmbedResult(Struct):
+    body: bytes
+    usage: Usage
+    usage_estimated: bool = False
+
+
+class ChatStream(Protocol):
+    """An upstream stream, opened: the status was good when `open_stream` returned.
+
+    Iterating yields complete SSE events in OpenAI's chunk format (`b"data: {...}\\n\\n"`),
+    without the closing `data: [DONE]`, which the gateway writes itself. A final usage-only
+    chunk is yielded only when the client asked for it (`stream_options.include_usage`);
+    either way `usage` holds the totals once the stream is exhausted, and
+    `usage_estimated` says whether they were counted by the upstream or estimated.
+    """
+
+    usage: Usage | None
+    usage_estimated: bool
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Adapter(Protocol):
+    upstream: Upstream
+
+    async def chat(self, call: ChatCall) -> ChatResult: ...
+
+    async def open_stream(self, call: ChatCall) -> ChatStream: ...
+
+    async def embed(self, call: EmbedCall) -> EmbedResult: ...
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+class UpstreamError(Exception):
+    """A provider refused or failed a call, already translated to OpenAI's error vocabulary.
+
+    `status` is the status the client should see if no fallback helps: the provider's own 4xx
+    for a request the provider found invalid (400, 404, 413, 422), 429 for rate limits, and
+    502/503/504 for provider trouble, including a bad provider key (never the client's fault).
+    `retryable` marks 429, 5xx, timeouts and connection errors; `retry_after` is the
+    provider's `Retry-After` in seconds, if it sent one.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "upstream_error",
+        code: str | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        upstream_status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.upstream_status = upstream_status
+
+
+def sse_event(payload: bytes) -> bytes:
+    """Frame one JSON payload as an SSE `data:` event."""
+    return b"data: " + payload + b"\n\n"
+
+
+def sse_chunk(chunk: ChatCompletionChunk) -> bytes:
+    return sse_event(msgspec.json.encode(chunk))
+
+
+def error_status_for(upstream_status: int) -> tuple[int, bool]:
+    """Map a provider's HTTP status to (status for our client, retryable)."""
+    if upstream_status == 429:
+        return 429, True
+    if upstream_status in (408, 504):
+        return 504, True
+    if upstream_status >= 500:
+        return 502, True
+    if upstream_status in (401, 403):
+        # Our provider credentials are wrong: the gateway's fault, not the client's.
+        return 502, False
+    if upstream_status in (400, 404, 409, 413, 422):
+        return upstream_status, False
+    return 502, False
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return max(0.0, seconds)
+
+
+def encode_embedding(vector: list[float], encoding_format: str) -> list[float] | str:
+    """OpenAI's two encodings of a vector: a JSON list, or base64 of little-endian float32."""
+    if encoding_format == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector

@@ -1,0 +1,278 @@
+"""A mock OpenAI (and Azure OpenAI) server speaking the real wire format.
+
+Plain and streamed chat completions (SSE, `stream_options.include_usage`, tool-call deltas),
+embeddings (float and base64), `/v1/models`, and OpenAI's error bodies. Azure's
+`/openai/deployments/{name}/…?api-version=…` paths with the `api-key` header are served too.
+A raw ASGI app so that benchmarks measure the gateway, not the mock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+import time
+from typing import Any
+
+import msgspec
+
+from tests.mocks.script import Failure, MockScript
+
+
+class _Msg(msgspec.Struct):
+    role: str
+    content: Any = None
+
+
+class _Fn(msgspec.Struct):
+    name: str
+
+
+class _Tool(msgspec.Struct):
+    function: _Fn
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class _Chat(msgspec.Struct):
+    model: str
+    messages: list[_Msg]
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    tools: list[_Tool] | None = None
+    tool_choice: Any = None
+    max_tokens: int | None = None
+
+
+class _Embed(msgspec.Struct):
+    model: str
+    input: Any
+    encoding_format: str = "float"
+    dimensions: int | None = None
+
+
+def openai_error(status: int, message: str, type_: str, code: str | None = None) -> Failure:
+    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return Failure(status, msgspec.json.encode(body))
+
+
+RATE_LIMITED = openai_error(
+    429, "Rate limit reached for requests", "requests", "rate_limit_exceeded"
+)
+SERVER_ERROR = openai_error(500, "The server had an error processing your request.", "server_error")
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""
+
+
+class OpenAIMock:
+    def __init__(self, api_key: str | None = "sk-mock", script: MockScript | None = None) -> None:
+        self.api_key = api_key
+        self.script = script or MockScript()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        path = scope["path"]
+        self.script.record(path, headers, body)
+        if not self._authorised(path, headers):
+            failure = openai_error(
+                401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key"
+            )
+            return await self._send_failure(send, failure)
+        failure = self.script.next_failure()
+        if failure is not None:
+            return await self._send_failure(send, failure)
+        if self.script.delay:
+            await asyncio.sleep(self.script.delay)
+        if path.endswith("/chat/completions"):
+            return await self._chat(body, send, receive)
+        if path.endswith("/embeddings"):
+            return await self._embeddings(body, send)
+        if path.endswith("/models") and scope["method"] == "GET":
+            models = {"object": "list", "data": [{"id": "mock-model", "object": "model"}]}
+            return await _send_json(send, 200, msgspec.json.encode(models))
+        return await self._send_failure(
+            send, openai_error(404, f"Unknown path {path}", "invalid_request_error")
+        )
+
+    def _authorised(self, path: str, headers: dict[str, str]) -> bool:
+        if self.api_key is None:
+            return True
+        if path.startswith("/openai/deployments/"):
+            return headers.get("api-key") == self.api_key
+        return headers.get("authorization") == f"Bearer {self.api_key}"
+
+    async def _send_failure(self, send: Any, failure: Failure) -> None:
+        await _send_json(send, failure.status, failure.body, failure.headers)
+
+    async def _chat(self, body: bytes, send: Any, receive: Any) -> None:
+        try:
+            chat = msgspec.json.decode(body, type=_Chat)
+        except msgspec.ValidationError as exc:
+            failure = openai_error(400, str(exc), "invalid_request_error")
+            return await self._send_failure(send, failure)
+        last = next((m for m in reversed(chat.messages) if m.role == "user"), None)
+        words = ("mock says: " + _text(last.content if last else "")).split(" ")
+        if chat.max_tokens:
+            words = words[: chat.max_tokens]
+        prompt_tokens = sum(len(_text(m.content).split()) + 3 for m in chat.messages)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(words),
+            "total_tokens": prompt_tokens + len(words),
+        }
+        tool = None
+        if chat.tools and chat.tool_choice != "none":
+            tool = chat.tools[0].function.name
+        if chat.stream:
+            return await self._stream(chat, words, tool, usage, send, receive)
+        message: dict[str, Any] = {"role": "assistant", "content": " ".join(words)}
+        finish = "stop"
+        if tool:
+            message = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_mock1",
+                        "type": "function",
+                        "function": {"name": tool, "arguments": '{"city":"Paris"}'},
+                    }
+                ],
+            }
+            finish = "tool_calls"
+        answer = {
+            "id": "chatcmpl-mock",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": chat.model,
+            "system_fingerprint": "fp_mock",
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            ],
+            "usage": usage,
+        }
+        await _send_json(send, 200, msgspec.json.encode(answer))
+
+    async def _stream(
+        self,
+        chat: _Chat,
+        words: list[str],
+        tool: str | None,
+        usage: dict[str, int],
+        send: Any,
+        receive: Any,
+    ) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        created = int(time.time())
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+            choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+            body = {
+                "id": "chatcmpl-mock",
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": chat.model,
+                "system_fingerprint": "fp_mock",
+                "choices": choices,
+                **extra,
+            }
+            return b"data: " + msgspec.json.encode(body) + b"\n\n"
+
+        pieces = [chunk({"role": "assistant", "content": ""})]
+        if tool:
+            call = {"index": 0, "id": "call_mock1", "type": "function"}
+            pieces.append(
+                chunk({"tool_calls": [{**call, "function": {"name": tool, "arguments": ""}}]})
+            )
+            for part in ('{"city"', ':"Paris"}'):
+                pieces.append(
+                    chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]})
+                )
+            finish = "tool_calls"
+        else:
+            for i, word in enumerate(words):
+                pieces.append(chunk({"content": word if i == 0 else " " + word}))
+            finish = "stop"
+        pieces.append(chunk({}, finish))
+        include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+        if include_usage:
+            body = {
+                "id": "chatcmpl-mock",
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": chat.model,
+                "choices": [],
+                "usage": usage,
+            }
+            pieces.append(b"data: " + msgspec.json.encode(body) + b"\n\n")
+        pieces.append(b"data: [DONE]\n\n")
+        try:
+            for index, piece in enumerate(pieces):
+                cut = self.script.cut_stream_after
+                if cut is not None and index > cut:
+                    break
+                if self.script.chunk_delay and index:
+                    await asyncio.sleep(self.script.chunk_delay)
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except (OSError, asyncio.CancelledError):
+            with self.script.lock:
+                self.script.streams_cancelled += 1
+            raise
+
+    async def _embeddings(self, body: bytes, send: Any) -> None:
+        try:
+            request = msgspec.json.decode(body, type=_Embed)
+        except msgspec.ValidationError as exc:
+            failure = openai_error(400, str(exc), "invalid_request_error")
+            return await self._send_failure(send, failure)
+        inputs = request.input if isinstance(request.input, list) else [request.input]
+        if inputs and not isinstance(inputs[0], str):
+            inputs = [str(inputs)]
+        dims = request.dimensions or 8
+        data = []
+        for index, text in enumerate(inputs):
+            vector = [((len(text) + index + d) % 7) / 7.0 for d in range(dims)]
+            encoded: Any = vector
+            if request.encoding_format == "base64":
+                encoded = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": encoded})
+        tokens = sum(len(text.split()) for text in inputs)
+        answer = {
+            "object": "list",
+            "data": data,
+            "model": request.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        await _send_json(send, 200, msgspec.json.encode(answer))
+
+
+async def _send_json(
+    send: Any, status: int, body: bytes, headers: dict[str, str] | None = None
+) -> None:
+    raw_headers = [(b"content-type", b"application/json")]
+    raw_headers += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,52 @@
+"""A mock upstream's scripted behaviour and its record of what it was sent."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Failure:
+    """Answer the next request with this status and raw body instead of a real answer."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class MockScript:
+    """Shared between a test and the mock's server thread."""
+
+    failures: deque[Failure] = field(default_factory=deque)
+    received: list[Received] = field(default_factory=list)
+    # Seconds to wait before answering (and between stream chunks), for timeout and
+    # cancellation tests.
+    delay: float = 0.0
+    chunk_delay: float = 0.0
+    # Cut a stream after this many content chunks, without a closing event.
+    cut_stream_after: int | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Count of streams whose client went away before the end (cancellation tests).
+    streams_cancelled: int = 0
+
+    def fail_next(self, failure: Failure, times: int = 1) -> None:
+        with self.lock:
+            self.failures.extend([failure] * times)
+
+    def next_failure(self) -> Failure | None:
+        with self.lock:
+            return self.failures.popleft() if self.failures else None
+
+    def record(self, path: str, headers: dict[str, str], body: bytes) -> None:
+        with self.lock:
+            self.received.append(Received(path, headers, body))

@@ -1,0 +1,145 @@
+"""The OpenAI-compatible and Azure adapters against a mock that speaks OpenAI's wire format."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import msgspec
+import pytest
+
+from adapters.openai import AzureOpenAIAdapter, OpenAIAdapter
+from adapters.types import (
+    ChatCall,
+    ChatRequest,
+    EmbedCall,
+    EmbeddingRequest,
+    Upstream,
+    UpstreamError,
+)
+from tests.mocks.openai_mock import RATE_LIMITED, SERVER_ERROR, OpenAIMock
+from tests.mocks.script import Failure
+from tests.mocks.server import serve_app
+
+
+@pytest.fixture(scope="module")
+def mock() -> OpenAIMock:
+    return OpenAIMock(api_key="sk-mock")
+
+
+@pytest.fixture(scope="module")
+def base_url(mock: OpenAIMock) -> Iterator[str]:
+    with serve_app(mock) as url:
+        yield url
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient() as client:
+        yield client
+
+
+def chat_call(**fields: object) -> ChatCall:
+    body = {"model": "alias", "messages": [{"role": "user", "content": "hi there"}], **fields}
+    encoded = msgspec.json.encode(body)
+    return ChatCall(
+        msgspec.json.decode(encoded, type=ChatRequest),
+        msgspec.json.decode(encoded, type=dict[str, msgspec.Raw]),
+        "req-1",
+    )
+
+
+def openai(base_url: str, client: httpx.AsyncClient, key: str = "sk-mock") -> OpenAIAdapter:
+    upstream = Upstream(provider="openai", model="gpt-x", base_url=base_url + "/v1", api_key=key)
+    return OpenAIAdapter(upstream, client)
+
+
+async def test_chat_passes_unknown_fields_and_replaces_model(base_url, client, mock):
+    result = await openai(base_url, client).chat(chat_call(service_tier="flex", temperature=0.5))
+    sent = msgspec.json.decode(mock.script.received[-1].body)
+    assert sent["model"] == "gpt-x"
+    assert sent["service_tier"] == "flex"
+    assert sent["temperature"] == 0.5
+    body = msgspec.json.decode(result.body)
+    assert body["choices"][0]["message"]["content"] == "mock says: hi there"
+    assert body["system_fingerprint"] == "fp_mock"
+    assert result.usage.completion_tokens == 4
+    assert not result.usage_estimated
+
+
+async def test_stream_forces_usage_but_hides_it_unless_asked(base_url, client, mock):
+    stream = await openai(base_url, client).open_stream(chat_call(stream=True))
+    events = [event async for event in stream]
+    sent = msgspec.json.decode(mock.script.received[-1].body)
+    assert sent["stream_options"] == {"include_usage": True}
+    assert all(b'"usage"' not in event for event in events)
+    assert stream.usage is not None and stream.usage.completion_tokens == 4
+    text = "".join(
+        msgspec.json.decode(e[6:])["choices"][0]["delta"].get("content") or "" for e in events
+    )
+    assert text == "mock says: hi there"
+
+
+async def test_stream_passes_usage_when_asked(base_url, client):
+    call = chat_call(stream=True, stream_options={"include_usage": True})
+    stream = await openai(base_url, client).open_stream(call)
+    events = [event async for event in stream]
+    assert b'"usage"' in events[-1]
+
+
+async def test_errors_are_translated(base_url, client, mock):
+    adapter = openai(base_url, client)
+    mock.script.fail_next(Failure(RATE_LIMITED.status, RATE_LIMITED.body, {"retry-after": "3"}))
+    with pytest.raises(UpstreamError) as caught:
+        await adapter.chat(chat_call())
+    assert (caught.value.status, caught.value.retryable, caught.value.retry_after) == (429, True, 3)
+    assert "Rate limit reached" in caught.value.message
+    mock.script.fail_next(SERVER_ERROR)
+    with pytest.raises(UpstreamError) as caught:
+        await adapter.open_stream(chat_call(stream=True))
+    assert (caught.value.status, caught.value.retryable) == (502, True)
+
+
+async def test_bad_provider_key_is_not_the_clients_fault(base_url, client):
+    with pytest.raises(UpstreamError) as caught:
+        await openai(base_url, client, key="wrong").chat(chat_call())
+    assert caught.value.status == 502
+    assert caught.value.upstream_status == 401
+
+
+async def test_unreachable_upstream_is_retryable(client):
+    from tests.mocks.server import free_port
+
+    adapter = openai(f"http://127.0.0.1:{free_port()}", client)
+    with pytest.raises(UpstreamError) as caught:
+        await adapter.chat(chat_call())
+    assert caught.value.retryable and caught.value.status == 502
+
+
+async def test_embeddings_base64(base_url, client):
+    body = msgspec.json.encode({"model": "e", "input": ["a b", "c"], "encoding_format": "base64"})
+    call = EmbedCall(
+        msgspec.json.decode(body, type=EmbeddingRequest),
+        msgspec.json.decode(body, type=dict[str, msgspec.Raw]),
+        "req-2",
+    )
+    result = await openai(base_url, client).embed(call)
+    data = msgspec.json.decode(result.body)["data"]
+    assert len(data) == 2 and isinstance(data[0]["embedding"], str)
+    assert result.usage.prompt_tokens == 3
+
+
+async def test_azure_uses_deployment_url_and_api_key(base_url, client, mock):
+    upstream = Upstream(
+        provider="azure",
+        model="my-deploy",
+        base_url=base_url,
+        api_key="sk-mock",
+        api_version="2024-10-21",
+    )
+    result = await AzureOpenAIAdapter(upstream, client).chat(chat_call())
+    received = mock.script.received[-1]
+    assert received.path == "/openai/deployments/my-deploy/chat/completions"
+    assert received.headers["api-key"] == "sk-mock"
+    assert "authorization" not in received.headers
+    assert result.usage.total_tokens > 0
