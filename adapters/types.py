@@ -166,8 +166,8 @@ class Usage(Struct, omit_defaults=True):
     total_tokens: int = 0
 
 
-class ResponseMessage(Struct, omit_defaults=True):
-    role: str = "assistant"
+class ResponseMessage(Struct, omit_defaults=True, tag_field="role", tag="assistant"):
+    # `role` is a tag so that it is always encoded, even with omit_defaults.
     content: str | None = None
     tool_calls: list[ToolCall] | None = None
     refusal: str | None = None
@@ -180,13 +180,12 @@ class Choice(Struct):
     logprobs: None = None
 
 
-class ChatCompletion(Struct):
+class ChatCompletion(Struct, tag_field="object", tag="chat.completion"):
     id: str
     model: str
     choices: list[Choice]
     usage: Usage
     created: int = msgspec.field(default_factory=lambda: int(time.time()))
-    object: str = "chat.completion"
 
 
 class Delta(Struct, omit_defaults=True):
@@ -203,19 +202,19 @@ class ChunkChoice(Struct):
     logprobs: None = None
 
 
-class ChatCompletionChunk(Struct, omit_defaults=True):
+class ChatCompletionChunk(
+    Struct, omit_defaults=True, tag_field="object", tag="chat.completion.chunk"
+):
     id: str
     model: str
     created: int
     choices: list[ChunkChoice]
     usage: Usage | None = None
-    object: str = "chat.completion.chunk"
 
 
-class Embedding(Struct):
+class Embedding(Struct, tag_field="object", tag="embedding"):
     index: int
     embedding: list[float] | str
-    object: str = "embedding"
 
 
 class EmbeddingUsage(Struct):
@@ -223,11 +222,10 @@ class EmbeddingUsage(Struct):
     total_tokens: int = 0
 
 
-class EmbeddingList(Struct):
+class EmbeddingList(Struct, tag_field="object", tag="list"):
     data: list[Embedding]
     model: str
     usage: EmbeddingUsage
-    object: str = "list"
 
 
 # --- the adapter contract -----------------------------------------------------------------

@@ -1,0 +1,70 @@
+"""The Litestar app factory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import msgspec
+from litestar import Litestar, Request, Response, get
+from litestar.openapi import OpenAPIConfig
+
+from node import __version__
+from node.config import data_dir, load_config
+from node.errors import EXCEPTION_HANDLERS
+from node.hub import Hub
+from node.openai_api import JSON, ROUTES, hub_of
+
+
+class Health(msgspec.Struct):
+    status: str
+    node: str | None = None
+    version: str = __version__
+
+
+@get("/health/live")
+async def live() -> Response[bytes]:
+    return Response(msgspec.json.encode(Health("ok")), media_type=JSON)
+
+
+@get("/health/ready")
+async def ready(request: Request) -> Response[bytes]:
+    hub = hub_of(request)
+    try:
+        ok = await hub.store.ping()
+    except Exception:
+        ok = False
+    health = Health("ready" if ok else "unavailable", hub.config.node.name)
+    return Response(msgspec.json.encode(health), media_type=JSON, status_code=200 if ok else 503)
+
+
+@get("/metrics")
+async def metrics(request: Request) -> Response[bytes]:
+    body = hub_of(request).metrics.render()
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def create_app(directory: Path | None = None) -> Litestar:
+    """Build the app for the node in `directory` (default: `$AIHUB_HOME`, else ~/.aihub)."""
+    folder = directory or data_dir(os.environ.get("AIHUB_HOME"))
+    # Read the config now so that its limits apply to the app; the hub re-reads it at start.
+    config = load_config(folder)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        app.state.hub = await Hub.start(folder)
+        try:
+            yield
+        finally:
+            await app.state.hub.stop()
+
+    return Litestar(
+        route_handlers=[*ROUTES, live, ready, metrics],
+        lifespan=[lifespan],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        request_max_body_size=config.server.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="aihub", version=__version__, path="/schema"),
+        debug=False,
+    )

@@ -1,0 +1,273 @@
+"""The node's TOML config: its types, loading with precise error messages, and the template
+that `aihub init` writes.
+
+Provider API keys are never stored in the config: a deployment names the environment variable
+that holds its key (`api_key_env`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from adapters.types import Upstream
+
+CONFIG_FILE = "config.toml"
+DATABASE_FILE = "aihub.db"
+IDENTITY_FILE = "identity.key"
+
+Port = Annotated[int, Meta(ge=1, le=65535)]
+Seconds = Annotated[float, Meta(gt=0, le=86400)]
+Micros = Annotated[int, Meta(ge=0)]
+Provider = Literal["openai", "azure", "anthropic", "ollama", "echo"]
+Strategy = Literal["priority", "lowest-cost", "lowest-latency", "least-busy", "weighted"]
+
+
+class NodeSection(Struct, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    currency: Annotated[str, Meta(pattern=r"^[A-Z]{3}$")] = "USD"
+
+
+class ServerSection(Struct, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: Port = 8787
+    workers: Annotated[int, Meta(ge=1, le=64)] = 1
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
+
+
+class UpstreamSection(Struct, forbid_unknown_fields=True):
+    connect_timeout: Seconds = 5.0
+    read_timeout: Seconds = 600.0
+    max_connections: Annotated[int, Meta(ge=1)] = 1000
+
+
+class RouterSection(Struct, forbid_unknown_fields=True):
+    strategy: Strategy = "priority"
+    retries: Annotated[int, Meta(ge=0, le=10)] = 2
+    backoff_base: Seconds = 0.25
+    backoff_max: Seconds = 8.0
+    # A Retry-After longer than this moves on to the next deployment instead of waiting.
+    max_retry_wait: Annotated[float, Meta(ge=0)] = 10.0
+    cooldown_failures: Annotated[int, Meta(ge=1)] = 3
+    cooldown_seconds: Annotated[float, Meta(ge=0)] = 30.0
+    fallbacks: dict[str, list[str]] = {}
+
+
+class Deployment(Struct, forbid_unknown_fields=True):
+    """One way of serving a model name: a provider, its upstream model and its price."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\s@]+$")]
+    provider: Provider
+    model: str | None = None
+    kind: Literal["chat", "embeddings"] = "chat"
+    base_url: str | None = None
+    api_key_env: Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    api_version: str | None = None
+    headers: dict[str, str] = {}
+    price_in: Micros = 0
+    price_out: Micros = 0
+    priority: int = 0
+    weight: Annotated[int, Meta(ge=1, le=1000)] = 1
+    context: Annotated[int, Meta(ge=1)] | None = None
+    max_output_tokens: Annotated[int, Meta(ge=1)] = 4096
+    connect_timeout: Seconds | None = None
+    read_timeout: Seconds | None = None
+    latency_ms: Annotated[int, Meta(ge=0, le=60_000)] = 0
+    embedding_dims: Annotated[int, Meta(ge=1, le=8192)] = 64
+
+    def upstream(self, defaults: UpstreamSection, env: dict[str, str]) -> Upstream:
+        return Upstream(
+            provider=self.provider,
+            model=self.model or self.name,
+            base_url=self.base_url or "",
+            api_key=env.get(self.api_key_env) if self.api_key_env else None,
+            api_version=self.api_version,
+            headers=self.headers,
+            connect_timeout=self.connect_timeout or defaults.connect_timeout,
+            read_timeout=self.read_timeout or defaults.read_timeout,
+            max_output_tokens=self.max_output_tokens,
+            latency_ms=self.latency_ms,
+            embedding_dims=self.embedding_dims,
+        )
+
+
+class Config(Struct, forbid_unknown_fields=True):
+    node: NodeSection
+    server: ServerSection = msgspec.field(default_factory=ServerSection)
+    upstream: UpstreamSection = msgspec.field(default_factory=UpstreamSection)
+    router: RouterSection = msgspec.field(default_factory=RouterSection)
+    models: list[Deployment] = []
+
+
+class ConfigError(Exception):
+    """The config cannot be used; the message says what is wrong and where."""
+
+
+def data_dir(option: str | None) -> Path:
+    return Path(option or os.environ.get("AIHUB_HOME") or Path.home() / ".aihub").expanduser()
+
+
+def _toml_path(json_path: str) -> str:
+    """`$.models[1].provider` -> `models[1].provider`, the way a TOML reader names it."""
+    return re.sub(r"^\$\.?", "", json_path) or "(top level)"
+
+
+def parse_config(text: bytes, source: str = CONFIG_FILE) -> Config:
+    try:
+        config = msgspec.toml.decode(text, type=Config)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = re.search(r" - at `([^`]*)`$", message)
+        if match:
+            where = _toml_path(match.group(1))
+            message = f"{where}: {message[: match.start()]}"
+        raise ConfigError(f"{source}: {message}") from exc
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    problems = semantic_problems(config)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    return config
+
+
+def semantic_problems(config: Config) -> list[str]:
+    """What the types alone cannot catch: dangling fallbacks, provider-specific needs."""
+    problems: list[str] = []
+    names = {deployment.name for deployment in config.models}
+    for source, targets in config.router.fallbacks.items():
+        if source not in names:
+            problems.append(f"router.fallbacks: {source!r} is not a configured model")
+        for target in targets:
+            if target not in names:
+                problems.append(f"router.fallbacks.{source}: {target!r} is not a configured model")
+    for index, deployment in enumerate(config.models):
+        where = f"models[{index}] ({deployment.name})"
+        if deployment.provider == "azure" and not (deployment.base_url and deployment.model):
+            problems.append(f"{where}: azure needs base_url (the resource URL) and model")
+        if deployment.provider == "anthropic" and deployment.kind == "embeddings":
+            problems.append(f"{where}: anthropic serves no embeddings")
+        if deployment.base_url and not deployment.base_url.startswith(("http://", "https://")):
+            problems.append(f"{where}: base_url must start with http:// or https://")
+    return problems
+
+
+def missing_secrets(config: Config, env: dict[str, str]) -> list[str]:
+    return [
+        f"models[{index}] ({d.name}): environment variable {d.api_key_env} is not set"
+        for index, d in enumerate(config.models)
+        if d.api_key_env and not env.get(d.api_key_env)
+    ]
+
+
+def load_config(directory: Path) -> Config:
+    path = directory / CONFIG_FILE
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"no node at {directory}: run `aihub init` first") from exc
+    return parse_config(text, str(path))
+
+
+def render_template(name: str) -> str:
+    return CONFIG_TEMPLATE.replace("{name}", msgspec.json.encode(name).decode())
+
+
+CONFIG_TEMPLATE = """\
+# aihub node configuration. `aihub config check` validates this file.
+# Prices are integer micro-units of the currency per million tokens ($2.50/1M = 2_500_000).
+
+[node]
+name = {name}
+currency = "USD"
+
+[server]
+host = "127.0.0.1"
+port = 8787
+workers = 1
+max_body_bytes = 4_194_304          # larger requests get a 413
+
+[upstream]
+connect_timeout = 5.0               # seconds
+read_timeout = 600.0
+max_connections = 1000              # pooled connections to all providers together
+
+[router]
+strategy = "priority"     # priority | lowest-cost | lowest-latency | least-busy | weighted
+retries = 2                         # per deployment, on 429, 5xx, timeouts and connect errors
+backoff_base = 0.25                 # seconds; doubles each retry, honours Retry-After
+backoff_max = 8.0
+max_retry_wait = 10.0               # a longer Retry-After moves on to the next deployment
+cooldown_failures = 3               # consecutive failures before a deployment rests
+cooldown_seconds = 30.0
+
+[router.fallbacks]
+# "gpt-4o" = ["claude-sonnet", "llama3"]
+
+# Each [[models]] entry is one deployment. Several may share a `name`: the router picks
+# among them by strategy and falls back in order.
+
+# The built-in demo model: deterministic, no provider needed, with a small demo price so
+# that budgets, usage and the ledger can be tried.
+[[models]]
+name = "echo"
+provider = "echo"
+price_in = 100_000
+price_out = 200_000
+
+[[models]]
+name = "echo-embed"
+provider = "echo"
+kind = "embeddings"
+price_in = 20_000
+
+# --- OpenAI (or any OpenAI-compatible server: OpenRouter, vLLM, LM Studio, llama.cpp,
+# LocalAI, Groq: change base_url) ---
+# [[models]]
+# name = "gpt-4o-mini"
+# provider = "openai"
+# model = "gpt-4o-mini"
+# base_url = "https://api.openai.com/v1"
+# api_key_env = "OPENAI_API_KEY"
+# price_in = 150_000
+# price_out = 600_000
+
+# [[models]]
+# name = "text-embedding-3-small"
+# provider = "openai"
+# kind = "embeddings"
+# api_key_env = "OPENAI_API_KEY"
+# price_in = 20_000
+
+# --- Azure OpenAI: base_url is the resource, model the deployment name ---
+# [[models]]
+# name = "gpt-4o"
+# provider = "azure"
+# model = "my-gpt4o-deployment"
+# base_url = "https://my-resource.openai.azure.com"
+# api_version = "2024-10-21"
+# api_key_env = "AZURE_OPENAI_API_KEY"
+# price_in = 2_500_000
+# price_out = 10_000_000
+
+# --- Anthropic Messages API ---
+# [[models]]
+# name = "claude-sonnet"
+# provider = "anthropic"
+# model = "claude-sonnet-4-5"
+# api_key_env = "ANTHROPIC_API_KEY"
+# max_output_tokens = 8192
+# price_in = 3_000_000
+# price_out = 15_000_000
+
+# --- Ollama, native API ---
+# [[models]]
+# name = "llama3"
+# provider = "ollama"
+# model = "llama3.1:8b"
+# base_url = "http://127.0.0.1:11434"
+"""

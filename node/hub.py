@@ -1,0 +1,88 @@
+"""The app's state object: everything a running node holds, built at start-up, closed at exit."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from httpx_aiohttp import AiohttpTransport
+
+from adapters import build_adapter
+from federation.identity import NodeIdentity
+from node.auth import KeyCache
+from node.config import DATABASE_FILE, IDENTITY_FILE, Config, load_config, missing_secrets
+from node.keys import HASH_PURPOSE
+from node.metrics import Metrics
+from node.router import Route, Router
+from node.storage import Store
+from node.usage import UsageRecorder
+
+log = logging.getLogger("aihub")
+
+
+def http_client(config: Config) -> httpx.AsyncClient:
+    """The node's one pooled client. aiohttp's connection pool under httpx's API: httpx's own
+    pool collapses under concurrency (encode/httpx#3215)."""
+    limits = httpx.Limits(
+        max_connections=config.upstream.max_connections,
+        max_keepalive_connections=config.upstream.max_connections,
+        keepalive_expiry=30,
+    )
+    timeout = httpx.Timeout(config.upstream.read_timeout, connect=config.upstream.connect_timeout)
+    return httpx.AsyncClient(transport=AiohttpTransport(limits=limits), timeout=timeout)
+
+
+def build_router(config: Config, client: httpx.AsyncClient, env: dict[str, str]) -> Router:
+    routes = [
+        Route(spec, build_adapter(spec.upstream(config.upstream, env), client), position)
+        for position, spec in enumerate(config.models)
+    ]
+    return Router(routes, config.router)
+
+
+@dataclass
+class Hub:
+    config: Config
+    data_dir: Path
+    identity: NodeIdentity
+    store: Store
+    keys: KeyCache
+    router: Router
+    client: httpx.AsyncClient
+    usage: UsageRecorder
+    metrics: Metrics
+    started_at: int
+
+    @classmethod
+    async def start(cls, data_dir: Path) -> Hub:
+        config = load_config(data_dir)
+        env = dict(os.environ)
+        for problem in missing_secrets(config, env):
+            log.warning("%s: its requests will fail until it is set", problem)
+        identity = NodeIdentity.load(data_dir / IDENTITY_FILE)
+        store = await Store.open(data_dir / DATABASE_FILE)
+        keys = KeyCache(identity.derive_secret(HASH_PURPOSE), await store.active_keys())
+        client = http_client(config)
+        usage = UsageRecorder(store)
+        usage.start()
+        return cls(
+            config=config,
+            data_dir=data_dir,
+            identity=identity,
+            store=store,
+            keys=keys,
+            router=build_router(config, client, env),
+            client=client,
+            usage=usage,
+            metrics=Metrics(),
+            started_at=int(time.time()),
+        )
+
+    async def stop(self) -> None:
+        await self.usage.stop()
+        await self.client.aclose()
+        await self.store.close()

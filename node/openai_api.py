@@ -1,0 +1,349 @@
+"""The OpenAI-compatible endpoints: chat completions, embeddings and the model list.
+
+One request, one pass: authenticate from memory, validate with msgspec, let the router pick a
+deployment, answer, then queue one usage record. Streams fall back to another deployment only
+before their first byte has reached the client; a client that goes away cancels the upstream
+call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.params import FromPath
+from litestar.response import Stream
+
+from adapters.tokens import estimate_prompt_tokens
+from adapters.types import (
+    ChatCall,
+    ChatRequest,
+    ChatStream,
+    EmbedCall,
+    EmbeddingRequest,
+    UpstreamError,
+    Usage,
+    sse_event,
+)
+from node.errors import ApiError, ErrorDetail, error_bytes
+from node.hub import Hub
+from node.router import NoRoute, Route
+from node.storage import UsageRecord, now_ms
+from node.usage import cost_micros
+
+T = TypeVar("T")
+
+JSON = "application/json"
+DONE = b"data: [DONE]\n\n"
+CLIENT_CLOSED = 499  # nginx's status for a client that went away first
+
+_raw_fields = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_chat_decoder = msgspec.json.Decoder(ChatRequest)
+_embed_decoder = msgspec.json.Decoder(EmbeddingRequest)
+
+
+class ModelCard(msgspec.Struct, tag_field="object", tag="model"):
+    id: str
+    owned_by: str
+    created: int
+
+
+class ModelList(msgspec.Struct, tag_field="object", tag="list"):
+    data: list[ModelCard]
+
+
+def new_request_id() -> str:
+    """Time-ordered (milliseconds, hex) and unguessable."""
+    return f"req_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(8)}"
+
+
+def _param(message: str) -> tuple[str, str | None]:
+    """msgspec's `… - at `$.messages[0].role`` -> ("…", "messages[0].role")."""
+    match = re.search(r" - at `\$\.?([^`]*)`$", message)
+    if not match:
+        return message, None
+    return message[: match.start()], match.group(1) or None
+
+
+def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> tuple[T, dict[str, Any]]:
+    if not body:
+        raise ApiError(400, "The request body is empty: send a JSON object")
+    try:
+        typed = decoder.decode(body)
+        raw = _raw_fields.decode(body)
+    except msgspec.ValidationError as exc:
+        message, param = _param(str(exc))
+        raise ApiError(400, f"Invalid request: {message}", param=param) from exc
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"The request body is not valid JSON: {exc}") from exc
+    return typed, raw
+
+
+def hub_of(request: Request) -> Hub:
+    return request.app.state.hub
+
+
+def _plan(hub: Hub, model: str, kind: str) -> list[Route]:
+    try:
+        return hub.router.plan(model, kind)
+    except NoRoute:
+        served = hub.router.serves(model, "embeddings" if kind == "chat" else "chat")
+        if served:
+            message = f"The model `{model}` does not serve {kind}"
+            raise ApiError(400, message, param="model", code="model_not_supported") from None
+        message = f"The model `{model}` does not exist on this node"
+        raise ApiError(404, message, param="model", code="model_not_found") from None
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise ApiError(CLIENT_CLOSED, "Client closed the request", code="client_closed")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Accounting:
+    """What a finished request costs and how it is recorded and counted."""
+
+    def __init__(self, hub: Hub, request_id: str, key_id: str, model: str, endpoint: str) -> None:
+        self.hub = hub
+        self.request_id = request_id
+        self.key_id = key_id
+        self.model = model
+        self.endpoint = endpoint
+        self.started = time.perf_counter()
+
+    def upstream_failed(self, route: Route, exc: UpstreamError) -> None:
+        status = str(exc.upstream_status or 0)
+        self.hub.metrics.upstream_errors.labels(route.label, status).inc()
+
+    def finish(
+        self,
+        route: Route | None,
+        usage: Usage,
+        *,
+        estimated: bool,
+        status: int,
+        stream: bool,
+        error: str | None = None,
+    ) -> int:
+        spec = route.spec if route else None
+        cost = cost_micros(usage, spec.price_in, spec.price_out) if spec else 0
+        elapsed = time.perf_counter() - self.started
+        self.hub.usage.record(
+            UsageRecord(
+                request_id=self.request_id,
+                ts_ms=now_ms(),
+                key_id=self.key_id,
+                model=self.model,
+                deployment=route.label if route else None,
+                provider=spec.provider if spec else None,
+                endpoint=self.endpoint,
+                stream=stream,
+                tokens_in=usage.prompt_tokens,
+                tokens_out=usage.completion_tokens,
+                estimated=estimated,
+                cost_micros=cost,
+                latency_ms=round(elapsed * 1000),
+                status=status,
+                error=error,
+            )
+        )
+        metrics = self.hub.metrics
+        metrics.requests.labels(self.endpoint, self.model, str(status)).inc()
+        if usage.prompt_tokens:
+            metrics.tokens.labels(self.model, "in").inc(usage.prompt_tokens)
+        if usage.completion_tokens:
+            metrics.tokens.labels(self.model, "out").inc(usage.completion_tokens)
+        if cost:
+            metrics.cost.labels(self.model).inc(cost)
+        return cost
+
+    def observe_latency(self) -> None:
+        elapsed = time.perf_counter() - self.started
+        self.hub.metrics.latency.labels(self.endpoint, self.model).observe(elapsed)
+
+    def failed(self, exc: ApiError) -> None:
+        self.finish(
+            None,
+            Usage(),
+            estimated=False,
+            status=exc.status,
+            stream=False,
+            error=exc.detail.message[:500],
+        )
+
+
+async def _route(
+    request: Request,
+    books: Accounting,
+    plan: list[Route],
+    attempt: Callable[[Route], Awaitable[T]],
+) -> tuple[T, Route]:
+    """Run `attempt` along the plan; a failure is recorded and answered OpenAI's way."""
+    try:
+        return await _until_disconnect(
+            request, books.hub.router.run(plan, attempt, books.upstream_failed)
+        )
+    except UpstreamError as exc:
+        error = ApiError.from_upstream(exc)
+        books.failed(error)
+        raise error from exc
+    except ApiError as exc:
+        books.failed(exc)
+        raise
+
+
+def _headers(request_id: str, cost: int | None = None) -> dict[str, str]:
+    headers = {"aihub-request-id": request_id}
+    if cost is not None:
+        headers["aihub-cost-micros"] = str(cost)
+    return headers
+
+
+@post("/v1/chat/completions", status_code=200)
+async def chat_completions(request: Request) -> Response[bytes] | Stream:
+    hub = hub_of(request)
+    principal = hub.keys.authenticate(request.headers.get("authorization"))
+    chat, raw = decode_body(await request.body(), _chat_decoder)
+    plan = _plan(hub, chat.model, "chat")
+    call = ChatCall(chat, raw, new_request_id())
+    books = Accounting(hub, call.request_id, principal.key_id, chat.model, "chat")
+    if chat.stream:
+        return await _stream_chat(request, call, plan, books)
+    result, route = await _route(request, books, plan, lambda r: r.adapter.chat(call))
+    books.observe_latency()
+    cost = books.finish(
+        route, result.usage, estimated=result.usage_estimated, status=200, stream=False
+    )
+    return Response(result.body, media_type=JSON, headers=_headers(call.request_id, cost))
+
+
+class _Opened(msgspec.Struct):
+    stream: ChatStream
+    events: AsyncIterator[bytes]
+    first: bytes | None
+
+
+async def _open(route: Route, call: ChatCall) -> _Opened:
+    """Open a stream and read its first event, so that a failure before the first byte can
+    still fall back to the next deployment."""
+    stream = await route.adapter.open_stream(call)
+    events = aiter(stream)
+    try:
+        first = await anext(events, None)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+        raise
+    return _Opened(stream, events, first)
+
+
+async def _stream_chat(
+    request: Request, call: ChatCall, plan: list[Route], books: Accounting
+) -> Stream:
+    opened, route = await _route(request, books, plan, lambda r: _open(r, call))
+    books.observe_latency()
+    return Stream(
+        _relay(opened, route, call, books),
+        media_type="text/event-stream",
+        headers={**_headers(call.request_id), "cache-control": "no-cache"},
+    )
+
+
+async def _relay(
+    opened: _Opened, route: Route, call: ChatCall, books: Accounting
+) -> AsyncIterator[bytes]:
+    """Pass the upstream's events to the client; account for them however the stream ends."""
+    stream = opened.stream
+    sent = 0
+    status, error = 200, None
+    try:
+        if opened.first is not None:
+            yield opened.first
+            sent += 1
+        async for event in opened.events:
+            yield event
+            sent += 1
+        yield DONE
+    except UpstreamError as exc:
+        # Too late to fall back: the client has bytes already. Tell it in OpenAI's way.
+        status, error = exc.status, exc.message
+        detail = ErrorDetail(exc.message, exc.type, exc.code)
+        yield sse_event(error_bytes(detail))
+    except BaseException:
+        status, error = CLIENT_CLOSED, "client closed the stream"
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+        usage, estimated = stream.usage, stream.usage_estimated
+        if usage is None:
+            # Cut short: charge the prompt and roughly one token per event delivered.
+            prompt = estimate_prompt_tokens(call.request.messages)
+            usage, estimated = Usage(prompt, sent, prompt + sent), True
+        books.finish(route, usage, estimated=estimated, status=status, stream=True, error=error)
+
+
+@post("/v1/embeddings", status_code=200)
+async def embeddings(request: Request) -> Response[bytes]:
+    hub = hub_of(request)
+    principal = hub.keys.authenticate(request.headers.get("authorization"))
+    embed, raw = decode_body(await request.body(), _embed_decoder)
+    plan = _plan(hub, embed.model, "embeddings")
+    call = EmbedCall(embed, raw, new_request_id())
+    books = Accounting(hub, call.request_id, principal.key_id, embed.model, "embeddings")
+    result, route = await _route(request, books, plan, lambda r: r.adapter.embed(call))
+    books.observe_latency()
+    cost = books.finish(
+        route, result.usage, estimated=result.usage_estimated, status=200, stream=False
+    )
+    return Response(result.body, media_type=JSON, headers=_headers(call.request_id, cost))
+
+
+def _card(hub: Hub, model: str) -> ModelCard:
+    return ModelCard(id=model, owned_by=hub.config.node.name, created=hub.started_at)
+
+
+@get("/v1/models")
+async def list_models(request: Request) -> Response[bytes]:
+    hub = hub_of(request)
+    hub.keys.authenticate(request.headers.get("authorization"))
+    cards = [_card(hub, model) for model in hub.router.models()]
+    return Response(msgspec.json.encode(ModelList(cards)), media_type=JSON)
+
+
+@get("/v1/models/{model_id:path}")
+async def get_model(request: Request, model_id: FromPath[str]) -> Response[bytes]:
+    hub = hub_of(request)
+    hub.keys.authenticate(request.headers.get("authorization"))
+    model = model_id.lstrip("/")
+    if model not in hub.router.by_name:
+        message = f"The model `{model}` does not exist on this node"
+        raise ApiError(404, message, param="model", code="model_not_found")
+    return Response(msgspec.json.encode(_card(hub, model)), media_type=JSON)
+
+
+ROUTES = [chat_completions, embeddings, list_models, get_model]

@@ -1,0 +1,53 @@
+"""Creating a node's data folder: identity, database with an admin key, and config."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from federation.identity import NodeIdentity
+from node.config import CONFIG_FILE, DATABASE_FILE, IDENTITY_FILE, render_template
+from node.keys import HASH_PURPOSE, generate_key, hash_key
+from node.storage import KeyRecord, Store
+
+
+class NodeExists(Exception):
+    pass
+
+
+def node_exists(directory: Path) -> bool:
+    return (directory / CONFIG_FILE).exists() or (directory / IDENTITY_FILE).exists()
+
+
+def create_node(directory: Path, name: str) -> tuple[NodeIdentity, str]:
+    """Create a node in `directory`; answer its identity and its admin key (shown once)."""
+    if node_exists(directory):
+        raise NodeExists(f"a node already exists at {directory}; refusing to overwrite it")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    identity = NodeIdentity.generate()
+    identity.save(directory / IDENTITY_FILE)
+    key, key_id = generate_key()
+    asyncio.run(_store_admin_key(directory, identity, key, key_id))
+    # The config goes last: its presence marks a complete node.
+    config_path = directory / CONFIG_FILE
+    config_path.write_text(render_template(name))
+    config_path.chmod(0o600)
+    return identity, key
+
+
+async def _store_admin_key(directory: Path, identity: NodeIdentity, key: str, key_id: str) -> None:
+    path = directory / DATABASE_FILE
+    store = await Store.open(path)
+    try:
+        record = KeyRecord(
+            id=key_id,
+            name="admin",
+            hash=hash_key(identity.derive_secret(HASH_PURPOSE), key),
+            is_admin=True,
+            created_at=int(time.time()),
+        )
+        await store.insert_key(record)
+    finally:
+        await store.close()
+    path.chmod(0o600)

@@ -1,0 +1,177 @@
+"""The router: which deployment serves a request, in what order, and what happens on failure.
+
+A model name maps to its deployments, ordered by the configured strategy, followed by the
+deployments of its fallback model names. Each deployment gets `retries` more tries on a
+retryable error (429, 5xx, timeouts, connection errors) with exponential backoff that honours
+`Retry-After`; a deployment that fails `cooldown_failures` times in a row rests for
+`cooldown_seconds` and is tried only after the rested ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from adapters.types import Adapter, UpstreamError
+from node.config import Deployment, RouterSection
+
+T = TypeVar("T")
+
+# Weight of the newest sample in the latency moving average.
+LATENCY_ALPHA = 0.3
+
+
+@dataclass(eq=False)
+class Route:
+    """A deployment at run time: its spec, its adapter, and what the router has learnt."""
+
+    spec: Deployment
+    adapter: Adapter
+    position: int
+    in_flight: int = 0
+    latency: float | None = None
+    failures: int = 0
+    cooldown_until: float = 0.0
+    wrr_current: int = field(default=0)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def label(self) -> str:
+        """Distinguishes deployments sharing one model name, in metrics and usage records."""
+        return f"{self.spec.name}#{self.position}:{self.spec.provider}"
+
+    def cooling(self, now: float) -> bool:
+        return self.cooldown_until > now
+
+
+class NoRoute(Exception):
+    """No deployment serves this model name (for this kind of request)."""
+
+
+class Router:
+    def __init__(self, routes: list[Route], settings: RouterSection) -> None:
+        self.settings = settings
+        self.routes = routes
+        self.by_name: dict[str, list[Route]] = {}
+        for route in routes:
+            self.by_name.setdefault(route.name, []).append(route)
+
+    def models(self) -> list[str]:
+        return list(self.by_name)
+
+    def serves(self, model: str, kind: str) -> bool:
+        return any(route.spec.kind == kind for route in self.by_name.get(model, ()))
+
+    def plan(self, model: str, kind: str) -> list[Route]:
+        """Every route worth trying for `model`, best first, fallbacks after."""
+        if not self.serves(model, kind):
+            raise NoRoute(model)
+        now = time.monotonic()
+        names = [model, *self.settings.fallbacks.get(model, ())]
+        ordered: list[Route] = []
+        for name in dict.fromkeys(names):
+            candidates = [r for r in self.by_name.get(name, ()) if r.spec.kind == kind]
+            ordered += self._order(candidates)
+        # Rested deployments first; a cooling one is still better than failing outright.
+        return [r for r in ordered if not r.cooling(now)] + [r for r in ordered if r.cooling(now)]
+
+    def _order(self, routes: list[Route]) -> list[Route]:
+        strategy = self.settings.strategy
+        if len(routes) < 2:
+            return routes
+        if strategy == "lowest-cost":
+            return sorted(routes, key=lambda r: (r.spec.price_in + r.spec.price_out, r.position))
+        if strategy == "lowest-latency":
+            # Untried deployments first, so that every one gets measured.
+            return sorted(routes, key=lambda r: (r.latency is not None, r.latency or 0.0))
+        if strategy == "least-busy":
+            return sorted(routes, key=lambda r: (r.in_flight, r.spec.priority, r.position))
+        by_priority = sorted(routes, key=lambda r: (r.spec.priority, r.position))
+        if strategy == "weighted":
+            chosen = _smooth_weighted_pick(routes)
+            return [chosen, *(r for r in by_priority if r is not chosen)]
+        return by_priority
+
+    def backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return retry_after
+        ceiling = min(self.settings.backoff_max, self.settings.backoff_base * 2**attempt)
+        return ceiling * (0.5 + random.random() / 2)
+
+    async def run(
+        self,
+        plan: list[Route],
+        attempt: Callable[[Route], Awaitable[T]],
+        on_failure: Callable[[Route, UpstreamError], None] | None = None,
+    ) -> tuple[T, Route]:
+        """Try `attempt` along `plan` until one succeeds; raise the last error if none does.
+
+        An error that is the request's own fault (a 400 from the provider) is raised at once:
+        no other deployment would answer it differently.
+        """
+        last: UpstreamError | None = None
+        for route in plan:
+            for retry in range(self.settings.retries + 1):
+                started = time.perf_counter()
+                route.in_flight += 1
+                try:
+                    result = await attempt(route)
+                except UpstreamError as exc:
+                    last = exc
+                    self._failed(route, exc)
+                    if on_failure is not None:
+                        on_failure(route, exc)
+                    if exc.status in (400, 413, 422):
+                        raise
+                    if not exc.retryable or retry == self.settings.retries:
+                        break
+                    wait = self.backoff(retry, exc.retry_after)
+                    if wait > self.settings.max_retry_wait:
+                        break
+                    await asyncio.sleep(wait)
+                    continue
+                finally:
+                    route.in_flight -= 1
+                self._succeeded(route, time.perf_counter() - started)
+                return result, route
+        if last is None:
+            raise UpstreamError(503, "no deployment available", type="upstream_unavailable")
+        raise last
+
+    def _succeeded(self, route: Route, seconds: float) -> None:
+        route.failures = 0
+        route.cooldown_until = 0.0
+        if route.latency is None:
+            route.latency = seconds
+        else:
+            route.latency += LATENCY_ALPHA * (seconds - route.latency)
+
+    def _failed(self, route: Route, exc: UpstreamError) -> None:
+        if not exc.retryable and exc.status != 502:
+            return
+        route.failures += 1
+        now = time.monotonic()
+        if exc.retry_after is not None:
+            route.cooldown_until = max(route.cooldown_until, now + exc.retry_after)
+        if route.failures >= self.settings.cooldown_failures:
+            route.cooldown_until = max(route.cooldown_until, now + self.settings.cooldown_seconds)
+
+
+def _smooth_weighted_pick(routes: list[Route]) -> Route:
+    """Nginx's smooth weighted round robin: an even spread in proportion to the weights."""
+    total = 0
+    best = routes[0]
+    for route in routes:
+        route.wrr_current += route.spec.weight
+        total += route.spec.weight
+        if route.wrr_current > best.wrr_current:
+            best = route
+    best.wrr_current -= total
+    return best

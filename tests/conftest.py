@@ -1,0 +1,60 @@
+"""Fixtures: real nodes in temporary data folders, served on loopback ports."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from node.app import create_app
+from node.config import CONFIG_FILE
+from node.provision import create_node
+from tests.mocks.server import serve_app
+
+
+@dataclass
+class NodeDir:
+    path: Path
+    key: str
+
+    def add_config(self, toml: str) -> None:
+        """Append TOML (e.g. `[[models]]` entries) to the node's config."""
+        with (self.path / CONFIG_FILE).open("a") as file:
+            file.write("\n" + toml + "\n")
+
+    def set_config(self, old: str, new: str) -> None:
+        path = self.path / CONFIG_FILE
+        text = path.read_text()
+        assert old in text, f"{old!r} not in config"
+        path.write_text(text.replace(old, new, 1))
+
+
+@dataclass
+class RunningNode:
+    dir: NodeDir
+    url: str
+
+    @property
+    def key(self) -> str:
+        return self.dir.key
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        headers = {"authorization": f"Bearer {self.key}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def node_dir(tmp_path: Path) -> NodeDir:
+    _, key = create_node(tmp_path / "alice", "alice")
+    return NodeDir(tmp_path / "alice", key)
+
+
+@contextmanager
+def run_node(directory: NodeDir) -> Iterator[RunningNode]:
+    """Serve the node in `directory` for real (uvicorn, lifespan, loopback port)."""
+    with serve_app(create_app(directory.path), lifespan="on") as url:
+        yield RunningNode(directory, url)
