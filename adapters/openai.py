@@ -44,6 +44,7 @@ class _PeekMessage(msgspec.Struct):
 class _PeekChoice(msgspec.Struct):
     message: _PeekMessage | None = None
     delta: _PeekMessage | None = None
+    finish_reason: str | None = None
 
 
 class _Peek(msgspec.Struct):
@@ -143,9 +144,11 @@ class OpenAIStream:
     async def __aiter__(self) -> AsyncIterator[bytes]:
         wants_usage = self._call.request.include_usage
         text: list[str] = []
+        finished = False
         async for event in iter_sse(self._response, self._upstream):
             data = event.data
             if data == b"[DONE]":
+                finished = True
                 break
             try:
                 peek = _peek.decode(data)
@@ -161,9 +164,13 @@ class OpenAIStream:
                 if not peek.choices and not wants_usage:
                     continue
             for choice in peek.choices or ():
+                finished = finished or choice.finish_reason is not None
                 if choice.delta is not None and choice.delta.content:
                     text.append(choice.delta.content)
             yield sse_event(data)
+        if not finished:
+            # No finish_reason and no [DONE]: the answer was cut off, not complete.
+            raise UpstreamError(502, f"{self._upstream.provider} upstream stream ended early")
         if self.usage is None:
             self.usage = _estimated_usage(self._call, "".join(text))
             self.usage_estimated = True

@@ -12,7 +12,7 @@ import base64
 import struct
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import msgspec
 from msgspec import Meta, Raw, Struct
@@ -35,8 +35,8 @@ class ContentPart(Struct, omit_defaults=True):
     type: str
     text: str | None = None
     image_url: ImageUrl | None = None
-    input_audio: Raw | None = None
-    file: Raw | None = None
+    input_audio: dict[str, Any] | None = None
+    file: dict[str, Any] | None = None
 
 
 class FunctionCall(Struct, omit_defaults=True):
@@ -63,7 +63,8 @@ class Message(Struct, omit_defaults=True):
 class FunctionDef(Struct, omit_defaults=True):
     name: Annotated[str, Meta(min_length=1, max_length=128)]
     description: str | None = None
-    parameters: Raw | None = None
+    # A JSON Schema: arbitrary JSON, hence a dict (msgspec.Raw cannot be optional).
+    parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
@@ -86,7 +87,7 @@ ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 class ResponseFormat(Struct, omit_defaults=True):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: Raw | None = None
+    json_schema: dict[str, Any] | None = None
 
 
 class StreamOptions(Struct, omit_defaults=True):

@@ -26,6 +26,14 @@ class NodeDir:
         with (self.path / CONFIG_FILE).open("a") as file:
             file.write("\n" + toml + "\n")
 
+    def set_router(self, toml: str) -> None:
+        """Replace the whole `[router]` section (and its fallbacks) with `toml`."""
+        path = self.path / CONFIG_FILE
+        text = path.read_text()
+        start = text.index("[router]\n")
+        end = text.index("# Each [[models]] entry")
+        path.write_text(text[:start] + "[router]\n" + toml + "\n\n" + text[end:])
+
     def set_config(self, old: str, new: str) -> None:
         path = self.path / CONFIG_FILE
         text = path.read_text()
@@ -42,9 +50,9 @@ class RunningNode:
     def key(self) -> str:
         return self.dir.key
 
-    def client(self, **kwargs: object) -> httpx.Client:
+    def client(self, timeout: float = 30) -> httpx.Client:
         headers = {"authorization": f"Bearer {self.key}"}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kwargs)  # type: ignore[arg-type]
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
 
 @pytest.fixture

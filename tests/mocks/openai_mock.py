@@ -8,7 +8,6 @@ A raw ASGI app so that benchmarks measure the gateway, not the mock.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import struct
 import time
@@ -16,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from tests.mocks.script import Failure, MockScript
+from tests.mocks.script import Failure, MockScript, wait_or_disconnect
 
 
 class _Msg(msgspec.Struct):
@@ -97,8 +96,9 @@ class OpenAIMock:
         failure = self.script.next_failure()
         if failure is not None:
             return await self._send_failure(send, failure)
-        if self.script.delay:
-            await asyncio.sleep(self.script.delay)
+        if await wait_or_disconnect(receive, self.script.delay):
+            self.script.note_cancelled()
+            return None
         if path.endswith("/chat/completions"):
             return await self._chat(body, send, receive)
         if path.endswith("/embeddings"):
@@ -228,19 +228,15 @@ class OpenAIMock:
             }
             pieces.append(b"data: " + msgspec.json.encode(body) + b"\n\n")
         pieces.append(b"data: [DONE]\n\n")
-        try:
-            for index, piece in enumerate(pieces):
-                cut = self.script.cut_stream_after
-                if cut is not None and index > cut:
-                    break
-                if self.script.chunk_delay and index:
-                    await asyncio.sleep(self.script.chunk_delay)
-                await send({"type": "http.response.body", "body": piece, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (OSError, asyncio.CancelledError):
-            with self.script.lock:
-                self.script.streams_cancelled += 1
-            raise
+        for index, piece in enumerate(pieces):
+            cut = self.script.cut_stream_after
+            if cut is not None and index > cut:
+                break
+            if index and await wait_or_disconnect(receive, self.script.chunk_delay):
+                self.script.note_cancelled()
+                return
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _embeddings(self, body: bytes, send: Any) -> None:
         try:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -36,12 +38,16 @@ class MockScript:
     # Cut a stream after this many content chunks, without a closing event.
     cut_stream_after: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # Count of streams whose client went away before the end (cancellation tests).
-    streams_cancelled: int = 0
+    # Requests whose client (the gateway) went away before the answer was complete.
+    cancelled: int = 0
 
     def fail_next(self, failure: Failure, times: int = 1) -> None:
         with self.lock:
             self.failures.extend([failure] * times)
+
+    def note_cancelled(self) -> None:
+        with self.lock:
+            self.cancelled += 1
 
     def next_failure(self) -> Failure | None:
         with self.lock:
@@ -50,3 +56,14 @@ class MockScript:
     def record(self, path: str, headers: dict[str, str], body: bytes) -> None:
         with self.lock:
             self.received.append(Received(path, headers, body))
+
+
+async def wait_or_disconnect(receive: Any, seconds: float) -> bool:
+    """Sleep `seconds`, unless the client disconnects first (then answer True)."""
+    if seconds <= 0:
+        return False
+    try:
+        message = await asyncio.wait_for(receive(), seconds)
+    except TimeoutError:
+        return False
+    return message.get("type") == "http.disconnect"
