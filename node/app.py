@@ -49,12 +49,11 @@ async def metrics(request: Request) -> Response[bytes]:
 def create_app(directory: Path | None = None) -> Litestar:
     """Build the app for the node in `directory` (default: `$AIHUB_HOME`, else ~/.aihub)."""
     folder = directory or data_dir(os.environ.get("AIHUB_HOME"))
-    # Read the config now so that its limits apply to the app; the hub re-reads it at start.
     config = load_config(folder)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        app.state.hub = await Hub.start(folder)
+        app.state.hub = await Hub.start(folder, config)
         try:
             yield
         finally:

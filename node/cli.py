@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -67,7 +68,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--name", help="A name for this node, shown to peers [default: the folder's name]")
+@click.option("--name", help="A name for this node, shown to peers [default: the host name]")
 @click.option("--if-missing", is_flag=True, help="Do nothing if a node already exists here")
 @with_data_dir
 def init(directory: Path, name: str | None, if_missing: bool) -> None:
@@ -89,8 +90,8 @@ def init(directory: Path, name: str | None, if_missing: bool) -> None:
 
 
 def _default_name(directory: Path) -> str:
-    name = directory.resolve().name.lstrip(".")
-    return name or "aihub"
+    """The machine's short host name: what a peer would recognise."""
+    return socket.gethostname().split(".")[0][:64] or directory.resolve().name or "aihub"
 
 
 def examples(config: Config, key: str) -> str:

@@ -14,7 +14,7 @@ from httpx_aiohttp import AiohttpTransport
 from adapters import build_adapter
 from federation.identity import NodeIdentity
 from node.auth import KeyCache
-from node.config import DATABASE_FILE, IDENTITY_FILE, Config, load_config, missing_secrets
+from node.config import DATABASE_FILE, IDENTITY_FILE, Config, missing_secrets
 from node.keys import HASH_PURPOSE
 from node.metrics import Metrics
 from node.router import Route, Router
@@ -58,8 +58,7 @@ class Hub:
     started_at: int
 
     @classmethod
-    async def start(cls, data_dir: Path) -> Hub:
-        config = load_config(data_dir)
+    async def start(cls, data_dir: Path, config: Config) -> Hub:
         env = dict(os.environ)
         for problem in missing_secrets(config, env):
             log.warning("%s: its requests will fail until it is set", problem)
