@@ -1,22 +1,57 @@
 """Who is calling: the one seam every endpoint passes through.
 
-Keys are checked against an in-memory cache of the active key records (no database read on
-the request path); the cache is rebuilt whenever keys change.
+Keys are checked against an in-memory cache of the key and tenant records (no database read on
+the request path). Whoever changes keys (the admin API, the CLI, another worker) touches the
+data folder's `keys.epoch` file; every request compares its mtime (one `stat`) and reloads the
+cache when it moved, so that a revoked key is refused on the very next request.
 """
 
 from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import msgspec
 
 from node.errors import ApiError
 from node.keys import bearer_token, hashes_match, key_id_of
-from node.storage import KeyRecord
+from node.policy import Network, ip_allowed, parse_networks
+from node.storage import AuditEvent, KeyRecord, Store, TenantRecord, now_ms
+
+EPOCH_FILE = "keys.epoch"
+# One audit entry per (event, key or address) per this many seconds: a flood of bad keys
+# must not flood the audit log.
+AUDIT_QUIET_SECONDS = 10.0
 
 
 class Principal(msgspec.Struct, frozen=True):
-    key_id: str
-    name: str
-    is_admin: bool
+    key: KeyRecord
+    tenant: TenantRecord | None = None
+
+    @property
+    def key_id(self) -> str:
+        return self.key.id
+
+    @property
+    def is_admin(self) -> bool:
+        return self.key.is_admin
+
+
+def touch_epoch(directory: Path) -> None:
+    """Tell every process serving this node that keys changed."""
+    path = directory / EPOCH_FILE
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(str(time.time_ns()))
+    os.replace(temporary, path)
+
+
+def _epoch(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
 
 
 def _unauthorised(message: str) -> ApiError:
@@ -30,19 +65,88 @@ def _unauthorised(message: str) -> ApiError:
 
 
 class KeyCache:
-    def __init__(self, secret: bytes, records: list[KeyRecord]) -> None:
+    def __init__(
+        self,
+        secret: bytes,
+        store: Store,
+        directory: Path,
+        audit: Callable[[AuditEvent], None],
+    ) -> None:
         self._secret = secret
-        self.replace(records)
+        self._store = store
+        self._epoch_path = directory / EPOCH_FILE
+        self._audit = audit
+        self._epoch = -1
+        self._keys: dict[str, KeyRecord] = {}
+        self._revoked: set[str] = set()
+        self._tenants: dict[str, TenantRecord] = {}
+        self._networks: dict[str, list[Network]] = {}
+        self._quiet: dict[tuple[str, str], float] = {}
+        self.listeners: list[Callable[[], None]] = []
 
-    def replace(self, records: list[KeyRecord]) -> None:
-        self._records = {record.id: record for record in records if record.revoked_at is None}
+    async def load(self) -> None:
+        epoch = _epoch(self._epoch_path)
+        keys = await self._store.keys()
+        tenants = await self._store.tenants()
+        self._keys = {k.id: k for k in keys if k.revoked_at is None}
+        self._revoked = {k.id for k in keys if k.revoked_at is not None}
+        self._tenants = {t.id: t for t in tenants}
+        self._networks = {k.id: parse_networks(k.allowed_ips) for k in self._keys.values()}
+        self._epoch = epoch
+        for listener in self.listeners:
+            listener()
 
-    def authenticate(self, authorization: str | None) -> Principal:
+    async def authenticate(self, authorization: str | None, ip: str | None) -> Principal:
+        if _epoch(self._epoch_path) != self._epoch:
+            await self.load()
         token = bearer_token(authorization)
         if token is None:
             raise _unauthorised("Missing API key: send `Authorization: Bearer sk-hub-…`")
         key_id = key_id_of(token)
-        record = self._records.get(key_id) if key_id else None
-        if record is None or not hashes_match(record.hash, self._secret, token):
+        record = self._keys.get(key_id) if key_id else None
+        now = time.time()
+        if record is None or not self._matches(record, token, now):
+            action = "auth.revoked_key" if key_id in self._revoked else "auth.unknown_key"
+            self.note(action, key_id or "-", ip)
             raise _unauthorised("Incorrect API key provided")
-        return Principal(record.id, record.name, record.is_admin)
+        if record.expires_at is not None and record.expires_at <= now:
+            self.note("auth.expired_key", record.id, ip)
+            raise _unauthorised("This API key has expired")
+        if not ip_allowed(self._networks.get(record.id, []), ip):
+            self.note("auth.ip_refused", record.id, ip)
+            raise ApiError(
+                403,
+                "This API key may not be used from this address",
+                type="permission_error",
+                code="ip_not_allowed",
+            )
+        tenant = self._tenants.get(record.tenant_id) if record.tenant_id else None
+        return Principal(record, tenant)
+
+    def _matches(self, record: KeyRecord, token: str, now: float) -> bool:
+        if hashes_match(record.hash, self._secret, token):
+            return True
+        # A rotated key's old secret works until its grace period ends.
+        return (
+            record.prev_hash is not None
+            and record.prev_valid_until is not None
+            and record.prev_valid_until > now
+            and hashes_match(record.prev_hash, self._secret, token)
+        )
+
+    def note(
+        self,
+        action: str,
+        target: str,
+        ip: str | None,
+        detail: dict[str, str | int | None] | None = None,
+    ) -> None:
+        """Record a security event, at most once per quiet period for the same subject."""
+        now = time.monotonic()
+        subject = (action, f"{target}|{ip}")
+        if now - self._quiet.get(subject, -AUDIT_QUIET_SECONDS) < AUDIT_QUIET_SECONDS:
+            return
+        if len(self._quiet) > 10_000:
+            self._quiet.clear()
+        self._quiet[subject] = now
+        self._audit(AuditEvent(now_ms(), action, None, target, ip, detail or {}))

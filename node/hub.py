@@ -14,9 +14,11 @@ from httpx_aiohttp import AiohttpTransport
 from adapters import build_adapter
 from federation.identity import NodeIdentity
 from node.auth import KeyCache
+from node.budgets import Budgets
 from node.config import DATABASE_FILE, IDENTITY_FILE, Config, missing_secrets
 from node.keys import HASH_PURPOSE
 from node.metrics import Metrics
+from node.ratelimit import RateLimiter
 from node.router import Route, Router
 from node.storage import Store
 from node.usage import UsageRecorder
@@ -54,6 +56,8 @@ class Hub:
     router: Router
     client: httpx.AsyncClient
     usage: UsageRecorder
+    budgets: Budgets
+    limiter: RateLimiter
     metrics: Metrics
     started_at: int
 
@@ -64,9 +68,12 @@ class Hub:
             log.warning("%s: its requests will fail until it is set", problem)
         identity = NodeIdentity.load(data_dir / IDENTITY_FILE)
         store = await Store.open(data_dir / DATABASE_FILE)
-        keys = KeyCache(identity.derive_secret(HASH_PURPOSE), await store.active_keys())
-        client = http_client(config)
         usage = UsageRecorder(store)
+        keys = KeyCache(identity.derive_secret(HASH_PURPOSE), store, data_dir, usage.audit)
+        budgets = Budgets(store)
+        keys.listeners.append(budgets.forget)
+        await keys.load()
+        client = http_client(config)
         usage.start()
         return cls(
             config=config,
@@ -77,6 +84,8 @@ class Hub:
             router=build_router(config, client, env),
             client=client,
             usage=usage,
+            budgets=budgets,
+            limiter=RateLimiter(),
             metrics=Metrics(),
             started_at=int(time.time()),
         )

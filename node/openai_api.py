@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import msgspec
@@ -33,10 +34,14 @@ from adapters.types import (
     Usage,
     sse_event,
 )
+from node.auth import Principal
+from node.budgets import budget_scopes
 from node.errors import ApiError, ErrorDetail, error_bytes
 from node.hub import Hub
+from node.policy import model_allowed, worst_case_embedding_tokens, worst_case_prompt_tokens
+from node.ratelimit import Admission, RateLimited, ScopeLimits
 from node.router import NoRoute, Route
-from node.storage import UsageRecord, now_ms
+from node.storage import Hold, Settlement, UsageRecord, now_ms
 from node.usage import cost_micros
 
 T = TypeVar("T")
@@ -125,15 +130,51 @@ async def _disconnected(request: Request) -> None:
 
 
 class Accounting:
-    """What a finished request costs and how it is recorded and counted."""
+    """One request's books: what it holds (rate-limit slots, budget reservations), what it
+    finally costs, and the one usage record that settles it, however the request ends."""
 
-    def __init__(self, hub: Hub, request_id: str, key_id: str, model: str, endpoint: str) -> None:
+    def __init__(
+        self, hub: Hub, principal: Principal, request_id: str, model: str, endpoint: str
+    ) -> None:
         self.hub = hub
+        self.principal = principal
         self.request_id = request_id
-        self.key_id = key_id
         self.model = model
         self.endpoint = endpoint
         self.started = time.perf_counter()
+        self.admission: Admission | None = None
+        self.holds: list[Hold] = []
+        self.headers: dict[str, str] = {"aihub-request-id": request_id}
+        self._settled = False
+
+    async def admit(self, request: Request, plan: list[Route], worst: Usage) -> None:
+        """Rate limits, then the worst-case cost reserved against every budget on the path."""
+        principal, hub = self.principal, self.hub
+        ip = client_ip(request)
+        try:
+            self.admission = hub.limiter.admit(rate_scopes(principal))
+        except RateLimited as exc:
+            hub.keys.note("limit.rate", principal.key_id, ip, {"reason": exc.message})
+            headers = {**exc.headers, "retry-after": str(max(1, math.ceil(exc.retry_after)))}
+            self.fail(
+                ApiError(
+                    429,
+                    exc.message,
+                    type="rate_limit_error",
+                    code="rate_limit_exceeded",
+                    headers=headers,
+                )
+            )
+        self.headers.update(self.admission.headers)
+        price_in = max(route.spec.price_in for route in plan)
+        price_out = max(route.spec.price_out for route in plan)
+        try:
+            self.holds = await hub.budgets.reserve(
+                principal, cost_micros(worst, price_in, price_out)
+            )
+        except ApiError as exc:
+            hub.keys.note("limit.budget", principal.key_id, ip, {"reason": exc.detail.message})
+            self.fail(exc)
 
     def upstream_failed(self, route: Route, exc: UpstreamError) -> None:
         status = str(exc.upstream_status or 0)
@@ -149,28 +190,34 @@ class Accounting:
         stream: bool,
         error: str | None = None,
     ) -> int:
+        """Settle the request (once): cost, usage record, reservations, limits, metrics."""
+        if self._settled:
+            return 0
+        self._settled = True
         spec = route.spec if route else None
         cost = cost_micros(usage, spec.price_in, spec.price_out) if spec else 0
         elapsed = time.perf_counter() - self.started
-        self.hub.usage.record(
-            UsageRecord(
-                request_id=self.request_id,
-                ts_ms=now_ms(),
-                key_id=self.key_id,
-                model=self.model,
-                deployment=route.label if route else None,
-                provider=spec.provider if spec else None,
-                endpoint=self.endpoint,
-                stream=stream,
-                tokens_in=usage.prompt_tokens,
-                tokens_out=usage.completion_tokens,
-                estimated=estimated,
-                cost_micros=cost,
-                latency_ms=round(elapsed * 1000),
-                status=status,
-                error=error,
-            )
+        record = UsageRecord(
+            request_id=self.request_id,
+            ts_ms=now_ms(),
+            key_id=self.principal.key_id,
+            tenant_id=self.principal.key.tenant_id,
+            model=self.model,
+            deployment=route.label if route else None,
+            provider=spec.provider if spec else None,
+            endpoint=self.endpoint,
+            stream=stream,
+            tokens_in=usage.prompt_tokens,
+            tokens_out=usage.completion_tokens,
+            estimated=estimated,
+            cost_micros=cost,
+            latency_ms=round(elapsed * 1000),
+            status=status,
+            error=error,
         )
+        self.hub.usage.record(Settlement(record, self.holds))
+        if self.admission is not None:
+            self.hub.limiter.release(self.admission, usage.total_tokens)
         metrics = self.hub.metrics
         metrics.requests.labels(self.endpoint, self.model, str(status)).inc()
         if usage.prompt_tokens:
@@ -185,7 +232,8 @@ class Accounting:
         elapsed = time.perf_counter() - self.started
         self.hub.metrics.latency.labels(self.endpoint, self.model).observe(elapsed)
 
-    def failed(self, exc: ApiError) -> None:
+    def fail(self, exc: ApiError) -> NoReturn:
+        """Settle a request that got no answer (nothing is charged) and raise its error."""
         self.finish(
             None,
             Usage(),
@@ -194,6 +242,57 @@ class Accounting:
             stream=False,
             error=exc.detail.message[:500],
         )
+        raise exc
+
+
+def client_ip(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def rate_scopes(principal: Principal) -> list[ScopeLimits]:
+    return [
+        ScopeLimits(scope, limits.rpm, limits.tpm, limits.max_parallel)
+        for scope, limits in budget_scopes(principal)
+        if limits.rpm or limits.tpm or limits.max_parallel
+    ]
+
+
+def _check_model(principal: Principal, model: str) -> None:
+    allowed = model_allowed(principal.key.limits.models, model)
+    if allowed and principal.tenant is not None:
+        allowed = model_allowed(principal.tenant.limits.models, model)
+    if not allowed:
+        raise ApiError(
+            403,
+            f"This key may not use the model `{model}`",
+            type="permission_error",
+            code="model_not_allowed",
+            param="model",
+        )
+
+
+async def _authenticate(request: Request) -> Principal:
+    return await hub_of(request).keys.authenticate(
+        request.headers.get("authorization"), client_ip(request)
+    )
+
+
+async def _begin(
+    request: Request,
+    principal: Principal,
+    model: str,
+    kind: str,
+    request_id: str,
+    worst: Callable[[list[Route]], Usage],
+) -> tuple[Accounting, list[Route]]:
+    """Everything between the key and the upstream call: which model, which routes, and is
+    the request admitted under its limits and budgets?"""
+    hub = hub_of(request)
+    _check_model(principal, model)
+    plan = _plan(hub, model, kind)
+    books = Accounting(hub, principal, request_id, model, kind)
+    await books.admit(request, plan, worst(plan))
+    return books, plan
 
 
 async def _route(
@@ -208,29 +307,36 @@ async def _route(
             request, books.hub.router.run(plan, attempt, books.upstream_failed)
         )
     except UpstreamError as exc:
-        error = ApiError.from_upstream(exc)
-        books.failed(error)
-        raise error from exc
+        books.fail(ApiError.from_upstream(exc))
     except ApiError as exc:
-        books.failed(exc)
+        books.fail(exc)
+    except BaseException:
+        books.finish(
+            None, Usage(), estimated=False, status=CLIENT_CLOSED, stream=False, error="cancelled"
+        )
         raise
 
 
-def _headers(request_id: str, cost: int | None = None) -> dict[str, str]:
-    headers = {"aihub-request-id": request_id}
-    if cost is not None:
-        headers["aihub-cost-micros"] = str(cost)
-    return headers
+def _chat_worst_case(chat: ChatRequest, plan: list[Route]) -> Usage:
+    prompt = worst_case_prompt_tokens(chat)
+    ceiling = max(route.spec.max_output_tokens for route in plan)
+    output = min(chat.output_limit or ceiling, ceiling) * (chat.n or 1)
+    return Usage(prompt, output, prompt + output)
 
 
 @post("/v1/chat/completions", status_code=200)
 async def chat_completions(request: Request) -> Response[bytes] | Stream:
-    hub = hub_of(request)
-    principal = hub.keys.authenticate(request.headers.get("authorization"))
+    principal = await _authenticate(request)  # a bad key is told so before a bad body
     chat, raw = decode_body(await request.body(), _chat_decoder)
-    plan = _plan(hub, chat.model, "chat")
     call = ChatCall(chat, raw, new_request_id())
-    books = Accounting(hub, call.request_id, principal.key_id, chat.model, "chat")
+    books, plan = await _begin(
+        request,
+        principal,
+        chat.model,
+        "chat",
+        call.request_id,
+        lambda plan: _chat_worst_case(chat, plan),
+    )
     if chat.stream:
         return await _stream_chat(request, call, plan, books)
     result, route = await _route(request, books, plan, lambda r: r.adapter.chat(call))
@@ -238,7 +344,8 @@ async def chat_completions(request: Request) -> Response[bytes] | Stream:
     cost = books.finish(
         route, result.usage, estimated=result.usage_estimated, status=200, stream=False
     )
-    return Response(result.body, media_type=JSON, headers=_headers(call.request_id, cost))
+    headers = {**books.headers, "aihub-cost-micros": str(cost)}
+    return Response(result.body, media_type=JSON, headers=headers)
 
 
 class _Opened(msgspec.Struct):
@@ -269,7 +376,7 @@ async def _stream_chat(
     return Stream(
         _relay(opened, route, call, books),
         media_type="text/event-stream",
-        headers={**_headers(call.request_id), "cache-control": "no-cache"},
+        headers={**books.headers, "cache-control": "no-cache"},
     )
 
 
@@ -309,18 +416,25 @@ async def _relay(
 
 @post("/v1/embeddings", status_code=200)
 async def embeddings(request: Request) -> Response[bytes]:
-    hub = hub_of(request)
-    principal = hub.keys.authenticate(request.headers.get("authorization"))
+    principal = await _authenticate(request)
     embed, raw = decode_body(await request.body(), _embed_decoder)
-    plan = _plan(hub, embed.model, "embeddings")
     call = EmbedCall(embed, raw, new_request_id())
-    books = Accounting(hub, call.request_id, principal.key_id, embed.model, "embeddings")
+    tokens = worst_case_embedding_tokens(embed)
+    books, plan = await _begin(
+        request,
+        principal,
+        embed.model,
+        "embeddings",
+        call.request_id,
+        lambda _: Usage(tokens, 0, tokens),
+    )
     result, route = await _route(request, books, plan, lambda r: r.adapter.embed(call))
     books.observe_latency()
     cost = books.finish(
         route, result.usage, estimated=result.usage_estimated, status=200, stream=False
     )
-    return Response(result.body, media_type=JSON, headers=_headers(call.request_id, cost))
+    headers = {**books.headers, "aihub-cost-micros": str(cost)}
+    return Response(result.body, media_type=JSON, headers=headers)
 
 
 def _card(hub: Hub, model: str) -> ModelCard:
@@ -330,7 +444,7 @@ def _card(hub: Hub, model: str) -> ModelCard:
 @get("/v1/models")
 async def list_models(request: Request) -> Response[bytes]:
     hub = hub_of(request)
-    hub.keys.authenticate(request.headers.get("authorization"))
+    await _authenticate(request)
     cards = [_card(hub, model) for model in hub.router.models()]
     return Response(msgspec.json.encode(ModelList(cards)), media_type=JSON)
 
@@ -338,7 +452,7 @@ async def list_models(request: Request) -> Response[bytes]:
 @get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: FromPath[str]) -> Response[bytes]:
     hub = hub_of(request)
-    hub.keys.authenticate(request.headers.get("authorization"))
+    await _authenticate(request)
     model = model_id.lstrip("/")
     if model not in hub.router.by_name:
         message = f"The model `{model}` does not exist on this node"

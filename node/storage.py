@@ -6,27 +6,54 @@ node) can be added beside this one without touching the rest.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
+from typing import Literal
 
 import aiosqlite
 import msgspec
 
+from node.policy import Limits
+
 MIGRATIONS: list[str] = [
-    # 1: keys and usage
+    # 1: tenants, keys, spend, usage, alerts, audit
     """
+    CREATE TABLE tenants (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        limits TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
     CREATE TABLE keys (
         id TEXT PRIMARY KEY,
         name TEXT NOT NULL,
         hash BLOB NOT NULL,
         is_admin INTEGER NOT NULL DEFAULT 0,
+        tenant_id TEXT REFERENCES tenants (id),
+        limits TEXT NOT NULL DEFAULT '{}',
+        allowed_ips TEXT NOT NULL DEFAULT '[]',
+        metadata TEXT NOT NULL DEFAULT '{}',
+        expires_at INTEGER,
         created_at INTEGER NOT NULL,
-        revoked_at INTEGER
+        revoked_at INTEGER,
+        prev_hash BLOB,
+        prev_valid_until INTEGER
     );
+    CREATE TABLE spend (
+        scope TEXT NOT NULL,
+        period_start INTEGER NOT NULL,
+        cap INTEGER NOT NULL,
+        spent INTEGER NOT NULL DEFAULT 0,
+        reserved INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (scope, period_start)
+    ) WITHOUT ROWID;
     CREATE TABLE usage (
         request_id TEXT PRIMARY KEY,
         ts_ms INTEGER NOT NULL,
         key_id TEXT,
+        tenant_id TEXT,
         model TEXT NOT NULL,
         deployment TEXT,
         provider TEXT,
@@ -42,8 +69,35 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX usage_ts ON usage (ts_ms);
     CREATE INDEX usage_key_ts ON usage (key_id, ts_ms);
+    CREATE TABLE alerts (
+        scope TEXT NOT NULL,
+        period_start INTEGER NOT NULL,
+        threshold INTEGER NOT NULL,
+        ts_ms INTEGER NOT NULL,
+        PRIMARY KEY (scope, period_start, threshold)
+    ) WITHOUT ROWID;
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts_ms INTEGER NOT NULL,
+        actor TEXT,
+        action TEXT NOT NULL,
+        target TEXT,
+        ip TEXT,
+        detail TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX audit_ts ON audit (ts_ms);
     """,
 ]
+
+_json = msgspec.json.encode
+
+
+class TenantRecord(msgspec.Struct):
+    id: str
+    name: str
+    limits: Limits
+    metadata: dict[str, str]
+    created_at: int
 
 
 class KeyRecord(msgspec.Struct):
@@ -52,13 +106,21 @@ class KeyRecord(msgspec.Struct):
     hash: bytes
     is_admin: bool
     created_at: int
+    tenant_id: str | None = None
+    limits: Limits = msgspec.field(default_factory=Limits)
+    allowed_ips: list[str] = []
+    metadata: dict[str, str] = {}
+    expires_at: int | None = None
     revoked_at: int | None = None
+    prev_hash: bytes | None = None
+    prev_valid_until: int | None = None
 
 
 class UsageRecord(msgspec.Struct):
     request_id: str
     ts_ms: int
     key_id: str | None
+    tenant_id: str | None
     model: str
     deployment: str | None
     provider: str | None
@@ -73,6 +135,84 @@ class UsageRecord(msgspec.Struct):
     error: str | None = None
 
 
+class Hold(msgspec.Struct, frozen=True):
+    """Part of a budget reserved for one request, in one scope and period."""
+
+    scope: str
+    period_start: int
+    amount: int
+
+
+class Settlement(msgspec.Struct):
+    """A finished request: its usage record and what its reservations turn into."""
+
+    record: UsageRecord
+    holds: list[Hold] = []
+
+
+class AuditEvent(msgspec.Struct):
+    ts_ms: int
+    action: str
+    actor: str | None = None
+    target: str | None = None
+    ip: str | None = None
+    detail: dict[str, str | int | None] = {}
+
+
+class SpendRow(msgspec.Struct):
+    scope: str
+    period_start: int
+    cap: int
+    spent: int
+    reserved: int
+
+
+class UsageGroup(msgspec.Struct):
+    group: str | None
+    requests: int
+    errors: int
+    tokens_in: int
+    tokens_out: int
+    cost_micros: int
+
+
+_KEY_COLUMNS = (
+    "id, name, hash, is_admin, created_at, tenant_id, limits, allowed_ips, metadata,"
+    " expires_at, revoked_at, prev_hash, prev_valid_until"
+)
+_decode_limits = msgspec.json.Decoder(Limits)
+_decode_strings = msgspec.json.Decoder(list[str])
+_decode_metadata = msgspec.json.Decoder(dict[str, str])
+
+
+def _key_from_row(row: sqlite3.Row | tuple) -> KeyRecord:
+    return KeyRecord(
+        id=row[0],
+        name=row[1],
+        hash=row[2],
+        is_admin=bool(row[3]),
+        created_at=row[4],
+        tenant_id=row[5],
+        limits=_decode_limits.decode(row[6]),
+        allowed_ips=_decode_strings.decode(row[7]),
+        metadata=_decode_metadata.decode(row[8]),
+        expires_at=row[9],
+        revoked_at=row[10],
+        prev_hash=row[11],
+        prev_valid_until=row[12],
+    )
+
+
+def _tenant_from_row(row: tuple) -> TenantRecord:
+    return TenantRecord(
+        row[0], row[1], _decode_limits.decode(row[2]), _decode_metadata.decode(row[3]), row[4]
+    )
+
+
+def _scope_values(count: int) -> str:
+    return ", ".join(["(?, ?)"] * count)
+
+
 class Store:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self.db = db
@@ -82,7 +222,7 @@ class Store:
         db = await aiosqlite.connect(path, isolation_level=None)
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute("PRAGMA busy_timeout=5000")
+        await db.execute("PRAGMA busy_timeout=10000")
         await db.execute("PRAGMA foreign_keys=ON")
         store = cls(db)
         await store.migrate()
@@ -97,39 +237,206 @@ class Store:
             row = await cursor.fetchone()
         version = row[0] if row else 0
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            await self.db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+            await self.db.executescript(
+                f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;"
+            )
 
     async def ping(self) -> bool:
         async with self.db.execute("SELECT 1") as cursor:
             return (await cursor.fetchone()) == (1,)
 
-    async def insert_key(self, key: KeyRecord) -> None:
-        await self.db.execute(
-            "INSERT INTO keys (id, name, hash, is_admin, created_at, revoked_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (key.id, key.name, key.hash, int(key.is_admin), key.created_at, key.revoked_at),
-        )
-
-    async def active_keys(self) -> list[KeyRecord]:
-        async with self.db.execute(
-            "SELECT id, name, hash, is_admin, created_at, revoked_at FROM keys"
-            " WHERE revoked_at IS NULL"
-        ) as cursor:
-            rows = await cursor.fetchall()
-        return [KeyRecord(r[0], r[1], r[2], bool(r[3]), r[4], r[5]) for r in rows]
-
-    async def insert_usage(self, records: list[UsageRecord]) -> None:
-        """Write a batch of usage records in one transaction (all or none)."""
-        rows = [msgspec.structs.astuple(record) for record in records]
-        await self.db.execute("BEGIN")
+    async def _write(self, statements: list[tuple[str, list[tuple]]]) -> None:
+        """Run several statements in one write transaction: all of them, or none."""
+        await self.db.execute("BEGIN IMMEDIATE")
         try:
-            await self.db.executemany(
-                "INSERT OR IGNORE INTO usage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows
-            )
+            for sql, rows in statements:
+                if rows:
+                    await self.db.executemany(sql, rows)
         except BaseException:
             await self.db.execute("ROLLBACK")
             raise
         await self.db.execute("COMMIT")
+
+    # --- keys ------------------------------------------------------------------------------
+
+    async def insert_key(self, key: KeyRecord) -> None:
+        await self.db.execute(
+            f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                key.id,
+                key.name,
+                key.hash,
+                int(key.is_admin),
+                key.created_at,
+                key.tenant_id,
+                _json(key.limits),
+                _json(key.allowed_ips),
+                _json(key.metadata),
+                key.expires_at,
+                key.revoked_at,
+                key.prev_hash,
+                key.prev_valid_until,
+            ),
+        )
+
+    async def save_key(self, key: KeyRecord) -> None:
+        """Write every mutable field of an existing key."""
+        await self.db.execute(
+            "UPDATE keys SET name = ?, hash = ?, tenant_id = ?, limits = ?, allowed_ips = ?,"
+            " metadata = ?, expires_at = ?, revoked_at = ?, prev_hash = ?, prev_valid_until = ?"
+            " WHERE id = ?",
+            (
+                key.name,
+                key.hash,
+                key.tenant_id,
+                _json(key.limits),
+                _json(key.allowed_ips),
+                _json(key.metadata),
+                key.expires_at,
+                key.revoked_at,
+                key.prev_hash,
+                key.prev_valid_until,
+                key.id,
+            ),
+        )
+
+    async def keys(self, *, include_revoked: bool = True) -> list[KeyRecord]:
+        where = "" if include_revoked else " WHERE revoked_at IS NULL"
+        async with self.db.execute(
+            f"SELECT {_KEY_COLUMNS} FROM keys{where} ORDER BY created_at, id"
+        ) as cursor:
+            return [_key_from_row(row) for row in await cursor.fetchall()]
+
+    async def key(self, key_id: str) -> KeyRecord | None:
+        async with self.db.execute(
+            f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = ?", (key_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _key_from_row(row) if row else None
+
+    async def active_keys(self) -> list[KeyRecord]:
+        return await self.keys(include_revoked=False)
+
+    # --- tenants ---------------------------------------------------------------------------
+
+    async def insert_tenant(self, tenant: TenantRecord) -> None:
+        await self.db.execute(
+            "INSERT INTO tenants (id, name, limits, metadata, created_at) VALUES (?,?,?,?,?)",
+            (
+                tenant.id,
+                tenant.name,
+                _json(tenant.limits),
+                _json(tenant.metadata),
+                tenant.created_at,
+            ),
+        )
+
+    async def save_tenant(self, tenant: TenantRecord) -> None:
+        await self.db.execute(
+            "UPDATE tenants SET name = ?, limits = ?, metadata = ? WHERE id = ?",
+            (tenant.name, _json(tenant.limits), _json(tenant.metadata), tenant.id),
+        )
+
+    async def tenants(self) -> list[TenantRecord]:
+        async with self.db.execute(
+            "SELECT id, name, limits, metadata, created_at FROM tenants ORDER BY name"
+        ) as cursor:
+            return [_tenant_from_row(row) for row in await cursor.fetchall()]
+
+    async def tenant(self, id_or_name: str) -> TenantRecord | None:
+        async with self.db.execute(
+            "SELECT id, name, limits, metadata, created_at FROM tenants WHERE id = ? OR name = ?",
+            (id_or_name, id_or_name),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _tenant_from_row(row) if row else None
+
+    # --- spend -----------------------------------------------------------------------------
+
+    async def open_periods(self, rows: list[tuple[str, int, int]]) -> None:
+        """Make sure each (scope, period start) row exists and carries the current cap."""
+        await self.db.executemany(
+            "INSERT INTO spend (scope, period_start, cap) VALUES (?, ?, ?)"
+            " ON CONFLICT (scope, period_start) DO UPDATE SET cap = excluded.cap",
+            rows,
+        )
+
+    async def reserve(self, amount: int, scopes: list[tuple[str, int]]) -> bool:
+        """Reserve `amount` in every scope, or in none if any would pass its cap.
+
+        One statement, so that it is atomic against every other reservation, in this process
+        or another: concurrent requests can never take a budget past its cap.
+        """
+        values = _scope_values(len(scopes))
+        flat = [part for scope in scopes for part in scope]
+        cursor = await self.db.execute(
+            f"UPDATE spend SET reserved = reserved + ?"
+            f" WHERE (scope, period_start) IN (VALUES {values})"
+            f" AND NOT EXISTS (SELECT 1 FROM spend WHERE (scope, period_start) IN"
+            f" (VALUES {values}) AND spent + reserved + ? > cap)",
+            [amount, *flat, *flat, amount],
+        )
+        changed = cursor.rowcount
+        await cursor.close()
+        return changed == len(scopes)
+
+    async def release_all_reservations(self) -> None:
+        """At start-up no request is in flight: what is still reserved was lost in a crash."""
+        await self.db.execute("UPDATE spend SET reserved = 0 WHERE reserved != 0")
+
+    async def spend(self, scopes: list[tuple[str, int]]) -> list[SpendRow]:
+        if not scopes:
+            return []
+        values = _scope_values(len(scopes))
+        async with self.db.execute(
+            "SELECT scope, period_start, cap, spent, reserved FROM spend"
+            f" WHERE (scope, period_start) IN (VALUES {values})",
+            [part for scope in scopes for part in scope],
+        ) as cursor:
+            return [SpendRow(*row) for row in await cursor.fetchall()]
+
+    async def claim_alert(self, scope: str, period_start: int, threshold: int) -> bool:
+        """True the first time a threshold is reached in a period, False ever after."""
+        cursor = await self.db.execute(
+            "INSERT OR IGNORE INTO alerts VALUES (?, ?, ?, ?)",
+            (scope, period_start, threshold, now_ms()),
+        )
+        claimed = cursor.rowcount == 1
+        await cursor.close()
+        return claimed
+
+    # --- usage and audit -------------------------------------------------------------------
+
+    async def write_batch(self, settlements: list[Settlement], events: list[AuditEvent]) -> None:
+        """Usage records, the spend they settle and audit events: one transaction."""
+        usage_rows = [msgspec.structs.astuple(s.record) for s in settlements]
+        spend_rows = [
+            (hold.amount, s.record.cost_micros, hold.scope, hold.period_start)
+            for s in settlements
+            for hold in s.holds
+        ]
+        audit_rows = [(e.ts_ms, e.actor, e.action, e.target, e.ip, _json(e.detail)) for e in events]
+        await self._write(
+            [
+                (
+                    "INSERT OR IGNORE INTO usage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    usage_rows,
+                ),
+                (
+                    "UPDATE spend SET reserved = MAX(reserved - ?, 0), spent = spent + ?"
+                    " WHERE scope = ? AND period_start = ?",
+                    spend_rows,
+                ),
+                (
+                    "INSERT INTO audit (ts_ms, actor, action, target, ip, detail)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    audit_rows,
+                ),
+            ]
+        )
+
+    async def insert_usage(self, records: list[UsageRecord]) -> None:
+        await self.write_batch([Settlement(record) for record in records], [])
 
     async def usage_since(self, since_ms: int = 0) -> list[UsageRecord]:
         async with self.db.execute(
@@ -137,25 +444,39 @@ class Store:
         ) as cursor:
             rows = await cursor.fetchall()
         return [
-            UsageRecord(
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                r[4],
-                r[5],
-                r[6],
-                bool(r[7]),
-                r[8],
-                r[9],
-                bool(r[10]),
-                r[11],
-                r[12],
-                r[13],
-                r[14],
-            )
-            for r in rows
+            msgspec.convert(dict(zip(_USAGE_FIELDS, row, strict=True)), UsageRecord, strict=False)
+            for row in rows
         ]
+
+    async def usage_report(
+        self, by: Literal["key", "tenant", "model"], since_ms: int
+    ) -> list[UsageGroup]:
+        column = {"key": "key_id", "tenant": "tenant_id", "model": "model"}[by]
+        async with self.db.execute(
+            f"SELECT {column}, COUNT(*), SUM(status >= 400), SUM(tokens_in), SUM(tokens_out),"
+            f" SUM(cost_micros) FROM usage WHERE ts_ms >= ? GROUP BY {column}"
+            " ORDER BY SUM(cost_micros) DESC, COUNT(*) DESC",
+            (since_ms,),
+        ) as cursor:
+            return [UsageGroup(*row) for row in await cursor.fetchall()]
+
+    async def audit(
+        self, since_ms: int = 0, limit: int = 100, action: str | None = None
+    ) -> list[AuditEvent]:
+        where, params = "ts_ms >= ?", [since_ms]
+        if action:
+            where += " AND action LIKE ?"
+            params.append(action.replace("*", "%"))
+        async with self.db.execute(
+            f"SELECT ts_ms, action, actor, target, ip, detail FROM audit WHERE {where}"
+            " ORDER BY id DESC LIMIT ?",
+            [*params, limit],
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [AuditEvent(r[0], r[1], r[2], r[3], r[4], msgspec.json.decode(r[5])) for r in rows]
+
+
+_USAGE_FIELDS = UsageRecord.__struct_fields__
 
 
 def now_ms() -> int:

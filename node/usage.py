@@ -1,8 +1,8 @@
-"""Cost of a request and the batched writer of usage records.
+"""Cost of a request and the batched writer of usage records, settlements and audit events.
 
-A request's usage record is queued in memory and written with others in one transaction a
-few milliseconds later, so that the request path never waits on the disk. A clean shutdown
-flushes what is queued.
+A finished request's usage record and the settlement of its budget reservations are queued in
+memory and written with others in one transaction a few milliseconds later, so that the
+request path never waits on the disk for them. A clean shutdown flushes what is queued.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from adapters.types import Usage
-from node.storage import Store, UsageRecord
+from node.storage import AuditEvent, Settlement, Store
 
 log = logging.getLogger("aihub.usage")
 
@@ -25,37 +26,50 @@ def cost_micros(usage: Usage, price_in: int, price_out: int) -> int:
     return -(-numerator // MICROS_PER_MILLION_TOKENS)
 
 
+FlushListener = Callable[[list[Settlement]], Awaitable[None]]
+
+
 class UsageRecorder:
     def __init__(self, store: Store, *, flush_interval: float = 0.05, batch: int = 512) -> None:
         self.store = store
         self.flush_interval = flush_interval
         self.batch = batch
-        self._queue: list[UsageRecord] = []
+        self.listeners: list[FlushListener] = []
+        self._settlements: list[Settlement] = []
+        self._events: list[AuditEvent] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._lock = asyncio.Lock()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="usage-writer")
 
-    def record(self, record: UsageRecord) -> None:
-        self._queue.append(record)
-        self._idle.clear()
-        if len(self._queue) >= self.batch:
+    def record(self, settlement: Settlement) -> None:
+        self._settlements.append(settlement)
+        if len(self._settlements) >= self.batch:
             self._wake.set()
+
+    def audit(self, event: AuditEvent) -> None:
+        self._events.append(event)
 
     async def flush(self) -> None:
         """Write everything queued so far (used at shutdown and by tests)."""
-        while self._queue:
-            records, self._queue = self._queue, []
-            try:
-                await self.store.insert_usage(records)
-            except Exception:
-                # Keep the records for the next attempt rather than lose them.
-                self._queue = records + self._queue
-                raise
-        self._idle.set()
+        async with self._lock:
+            while self._settlements or self._events:
+                settlements, self._settlements = self._settlements, []
+                events, self._events = self._events, []
+                try:
+                    await self.store.write_batch(settlements, events)
+                except Exception:
+                    # Keep them for the next attempt rather than lose them.
+                    self._settlements[:0] = settlements
+                    self._events[:0] = events
+                    raise
+                for listener in self.listeners:
+                    try:
+                        await listener(settlements)
+                    except Exception:
+                        log.exception("a usage listener failed")
 
     async def _run(self) -> None:
         while True:

@@ -1,0 +1,101 @@
+"""What a key or tenant may do: model allowlists, IP allowlists, budget periods, and the
+worst-case cost a request may reach (what a budget reserves before the upstream call)."""
+
+from __future__ import annotations
+
+import calendar
+import fnmatch
+import ipaddress
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Literal
+
+from msgspec import Meta, Struct
+
+from adapters.tokens import MESSAGE_OVERHEAD, message_text
+from adapters.types import ChatRequest, EmbeddingRequest
+
+Period = Literal["daily", "weekly", "monthly", "total"]
+PERIODS: tuple[Period, ...] = ("daily", "weekly", "monthly", "total")
+Glob = Annotated[str, Meta(min_length=1, max_length=256)]
+Cidr = Annotated[str, Meta(min_length=1, max_length=64)]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Limits(Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """Limits shared by keys and tenants; None means no limit."""
+
+    models: list[Glob] | None = None
+    budget_micros: Annotated[int, Meta(ge=0)] | None = None
+    budget_period: Period = "monthly"
+    rpm: Annotated[int, Meta(ge=1)] | None = None
+    tpm: Annotated[int, Meta(ge=1)] | None = None
+    max_parallel: Annotated[int, Meta(ge=1)] | None = None
+
+
+def model_allowed(patterns: list[str] | None, model: str) -> bool:
+    """Case-sensitive shell-style globs (`gpt-4o*`, `llama3`); no list allows every model."""
+    if patterns is None:
+        return True
+    return any(fnmatch.fnmatchcase(model, pattern) for pattern in patterns)
+
+
+def parse_networks(cidrs: list[str]) -> list[Network]:
+    """Parse CIDRs (a bare address is a /32 or /128); raises ValueError on a bad one."""
+    return [ipaddress.ip_network(cidr.strip(), strict=False) for cidr in cidrs]
+
+
+def ip_allowed(networks: list[Network], ip: str | None) -> bool:
+    if not networks:
+        return True
+    if ip is None:
+        return False
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+def period_start(period: Period, now: float) -> int:
+    """Unix seconds at which the budget period containing `now` began (UTC); 0 for total."""
+    if period == "total":
+        return 0
+    day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "weekly":
+        day -= timedelta(days=day.weekday())
+    elif period == "monthly":
+        day = day.replace(day=1)
+    return calendar.timegm(day.timetuple())
+
+
+def period_end(period: Period, start: int) -> int | None:
+    """When the period that began at `start` ends (and the budget resets); None for total."""
+    if period == "total":
+        return None
+    begun = datetime.fromtimestamp(start, UTC)
+    if period == "daily":
+        return start + 86400
+    if period == "weekly":
+        return start + 7 * 86400
+    year, month = (begun.year + 1, 1) if begun.month == 12 else (begun.year, begun.month + 1)
+    return calendar.timegm(datetime(year, month, 1, tzinfo=UTC).timetuple())
+
+
+def worst_case_prompt_tokens(request: ChatRequest) -> int:
+    """An upper bound on prompt tokens: no tokenizer in use spends less than a byte a token."""
+    total = 0
+    for message in request.messages:
+        total += MESSAGE_OVERHEAD + len(message_text(message.content).encode())
+        for call in message.tool_calls or ():
+            total += len((call.function.name or "").encode())
+            total += len((call.function.arguments or "").encode())
+    for tool in request.tools or ():
+        total += MESSAGE_OVERHEAD + len(tool.function.name) + len(tool.function.description or "")
+        total += len(repr(tool.function.parameters or {}))
+    return total
+
+
+def worst_case_embedding_tokens(request: EmbeddingRequest) -> int:
+    return sum(len(text.encode()) + 1 for text in request.texts())
