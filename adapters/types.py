@@ -44,10 +44,10 @@ class FunctionCall(Struct, omit_defaults=True):
     arguments: str | None = None
 
 
-class ToolCall(Struct, omit_defaults=True):
+class ToolCall(Struct, omit_defaults=True, tag_field="type", tag="function"):
+    # `type` is a tag so that it is always encoded ("function"), as OpenAI's clients expect.
     function: FunctionCall
     id: str | None = None
-    type: str = "function"
     index: int | None = None
 
 

@@ -58,6 +58,17 @@ class RouterSection(Struct, forbid_unknown_fields=True):
     fallbacks: dict[str, list[str]] = {}
 
 
+class AlertsSection(Struct, forbid_unknown_fields=True):
+    # POSTed a JSON event when a key or tenant passes a threshold of its budget; empty: the
+    # alert is only written to the audit log.
+    webhook_url: Annotated[str, Meta(pattern=r"^(https?://.+)?$")] = ""
+    thresholds: Annotated[list[Annotated[int, Meta(ge=1, le=100)]], Meta(max_length=10)] = (
+        msgspec.field(default_factory=lambda: [50, 80, 100])
+    )
+    retries: Annotated[int, Meta(ge=0, le=20)] = 5
+    backoff_base: Seconds = 1.0
+
+
 class Deployment(Struct, forbid_unknown_fields=True):
     """One way of serving a model name: a provider, its upstream model and its price."""
 
@@ -101,6 +112,7 @@ class Config(Struct, forbid_unknown_fields=True):
     server: ServerSection = msgspec.field(default_factory=ServerSection)
     upstream: UpstreamSection = msgspec.field(default_factory=UpstreamSection)
     router: RouterSection = msgspec.field(default_factory=RouterSection)
+    alerts: AlertsSection = msgspec.field(default_factory=AlertsSection)
     models: list[Deployment] = []
 
 
@@ -118,6 +130,10 @@ def _toml_path(json_path: str) -> str:
 
 
 def parse_config(text: bytes, source: str = CONFIG_FILE) -> Config:
+    try:
+        text.decode()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not valid UTF-8 (byte {exc.start})") from exc
     try:
         config = msgspec.toml.decode(text, type=Config)
     except msgspec.ValidationError as exc:
@@ -207,6 +223,12 @@ cooldown_seconds = 30.0
 
 [router.fallbacks]
 # "gpt-4o" = ["claude-sonnet", "llama3"]
+
+[alerts]
+webhook_url = ""                    # e.g. "https://hooks.example.com/aihub"; empty: audit log only
+thresholds = [50, 80, 100]          # percent of a key's or tenant's budget
+retries = 5                         # delivery attempts after the first, with doubling backoff
+backoff_base = 1.0                  # seconds
 
 # Each [[models]] entry is one deployment. Several may share a `name`: the router picks
 # among them by strategy and falls back in order.

@@ -25,7 +25,7 @@ def generate_key() -> tuple[str, str]:
 
 def key_id_of(key: str) -> str | None:
     """The public id inside a well-formed key, or None."""
-    match = _KEY_RE.match(key)
+    match = _KEY_RE.fullmatch(key)
     return match.group(1) if match else None
 
 

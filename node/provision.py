@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from federation.identity import NodeIdentity
-from node.config import CONFIG_FILE, DATABASE_FILE, IDENTITY_FILE, render_template
+from node.config import CONFIG_FILE, DATABASE_FILE, IDENTITY_FILE, parse_config, render_template
 from node.keys import HASH_PURPOSE, generate_key, hash_key
 from node.storage import KeyRecord, Store
 
@@ -24,6 +24,8 @@ def create_node(directory: Path, name: str) -> tuple[NodeIdentity, str]:
     """Create a node in `directory`; answer its identity and its admin key (shown once)."""
     if node_exists(directory):
         raise NodeExists(f"a node already exists at {directory}; refusing to overwrite it")
+    # Check the name before anything is written: a half-made node would lose its admin key.
+    parse_config(render_template(name).encode(), "--name")
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     identity = NodeIdentity.generate()
     identity.save(directory / IDENTITY_FILE)
