@@ -66,4 +66,5 @@ def create_app(directory: Path | None = None) -> Litestar:
         request_max_body_size=config.server.max_body_bytes,
         openapi_config=OpenAPIConfig(title="aihub", version=__version__, path="/schema"),
         debug=False,
+        logging_config=None,  # logging is the server's and the CLI's to configure
     )

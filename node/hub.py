@@ -13,6 +13,7 @@ from httpx_aiohttp import AiohttpTransport
 
 from adapters import build_adapter
 from federation.identity import NodeIdentity
+from node.alerts import BudgetAlerts
 from node.auth import KeyCache
 from node.budgets import Budgets
 from node.config import DATABASE_FILE, IDENTITY_FILE, Config, missing_secrets
@@ -57,6 +58,7 @@ class Hub:
     client: httpx.AsyncClient
     usage: UsageRecorder
     budgets: Budgets
+    alerts: BudgetAlerts
     limiter: RateLimiter
     metrics: Metrics
     started_at: int
@@ -74,6 +76,8 @@ class Hub:
         keys.listeners.append(budgets.forget)
         await keys.load()
         client = http_client(config)
+        alerts = BudgetAlerts(config.alerts, store, client, config.node.name, usage.audit)
+        usage.listeners.append(alerts.on_settled)
         usage.start()
         return cls(
             config=config,
@@ -85,6 +89,7 @@ class Hub:
             client=client,
             usage=usage,
             budgets=budgets,
+            alerts=alerts,
             limiter=RateLimiter(),
             metrics=Metrics(),
             started_at=int(time.time()),
@@ -92,5 +97,6 @@ class Hub:
 
     async def stop(self) -> None:
         await self.usage.stop()
+        await self.alerts.stop()
         await self.client.aclose()
         await self.store.close()

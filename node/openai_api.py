@@ -174,6 +174,9 @@ class Accounting:
             )
         except ApiError as exc:
             hub.keys.note("limit.budget", principal.key_id, ip, {"reason": exc.detail.message})
+            hub.alerts.exhausted(
+                [(s, start) for s, start, _ in hub.budgets.periods(principal, time.time())]
+            )
             self.fail(exc)
 
     def upstream_failed(self, route: Route, exc: UpstreamError) -> None:

@@ -1,0 +1,133 @@
+"""Budget alerts: when a key or tenant passes a threshold of its budget (50, 80, 100 % by
+default), once per budget period, an event goes to the audit log and to the configured
+webhook, retried with doubling backoff. All of it runs after usage is written, off the
+request path."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+
+import httpx
+import msgspec
+
+from node.config import AlertsSection
+from node.storage import AuditEvent, Settlement, SpendRow, Store, now_ms
+
+log = logging.getLogger("aihub.alerts")
+
+
+class BudgetAlert(msgspec.Struct, tag_field="event", tag="budget.threshold"):
+    node: str
+    scope: str
+    threshold: int
+    spent_micros: int
+    cap_micros: int
+    period_start: int
+    ts: int
+
+
+def thresholds_passed(row: SpendRow, thresholds: list[int]) -> list[int]:
+    """The thresholds (percent) that `row`'s spend has reached."""
+    if row.cap <= 0:
+        return sorted(thresholds)
+    return sorted(t for t in thresholds if row.spent * 100 >= row.cap * t)
+
+
+class BudgetAlerts:
+    def __init__(
+        self,
+        settings: AlertsSection,
+        store: Store,
+        client: httpx.AsyncClient,
+        node_name: str,
+        audit: Callable[[AuditEvent], None],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.client = client
+        self.node_name = node_name
+        self.audit = audit
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def on_settled(self, settlements: list[Settlement]) -> None:
+        scopes = {(h.scope, h.period_start) for s in settlements for h in s.holds}
+        if scopes:
+            await self.check(await self.store.spend(sorted(scopes)))
+
+    def exhausted(self, scopes: list[tuple[str, int]]) -> None:
+        """A request was refused for budget: whatever is left counts as 100 %."""
+        self._background(self._exhausted(scopes))
+
+    async def _exhausted(self, scopes: list[tuple[str, int]]) -> None:
+        for row in await self.store.spend(scopes):
+            await self._raise(row, 100)
+
+    def _background(self, work: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def check(self, rows: list[SpendRow]) -> None:
+        for row in rows:
+            for threshold in thresholds_passed(row, self.settings.thresholds):
+                await self._raise(row, threshold)
+
+    async def _raise(self, row: SpendRow, threshold: int) -> None:
+        if threshold not in self.settings.thresholds:
+            return
+        if not await self.store.claim_alert(row.scope, row.period_start, threshold):
+            return
+        alert = BudgetAlert(
+            node=self.node_name,
+            scope=row.scope,
+            threshold=threshold,
+            spent_micros=row.spent,
+            cap_micros=row.cap,
+            period_start=row.period_start,
+            ts=int(time.time()),
+        )
+        self.audit(
+            AuditEvent(
+                now_ms(),
+                "budget.alert",
+                None,
+                row.scope,
+                None,
+                {"threshold": threshold, "spent_micros": row.spent, "cap_micros": row.cap},
+            )
+        )
+        if self.settings.webhook_url:
+            self._background(self._deliver(alert))
+
+    async def _deliver(self, alert: BudgetAlert) -> None:
+        body = msgspec.json.encode(alert)
+        headers = {"content-type": "application/json", "user-agent": "aihub-alerts"}
+        delay = self.settings.backoff_base
+        for attempt in range(self.settings.retries + 1):
+            try:
+                response = await self.client.post(
+                    self.settings.webhook_url, content=body, headers=headers, timeout=10
+                )
+                if response.status_code < 300:
+                    self._delivered(alert, "budget.alert_delivered", attempt + 1)
+                    return
+                reason = f"status {response.status_code}"
+            except httpx.HTTPError as exc:
+                reason = type(exc).__name__
+            log.warning("budget alert webhook failed (%s), attempt %d", reason, attempt + 1)
+            if attempt < self.settings.retries:
+                await asyncio.sleep(delay)
+                delay *= 2
+        self._delivered(alert, "budget.alert_failed", self.settings.retries + 1)
+
+    def _delivered(self, alert: BudgetAlert, action: str, attempts: int) -> None:
+        detail: dict[str, str | int | None] = {"threshold": alert.threshold, "attempts": attempts}
+        self.audit(AuditEvent(now_ms(), action, None, alert.scope, None, detail))
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
