@@ -1,57 +1,59 @@
 """Requests and tokens per minute, and requests in flight, per key and per tenant.
 
-Sliding-window counters (the current minute's count plus the previous minute's, weighted by
-how much of it still lies inside the window): O(1) memory per scope, no burst at a window's
-edge, and an exact time to wait for the `Retry-After` header. Counters live in the worker's
-memory; with several workers each enforces the limits on its own share of the traffic.
+Each limit counts what was admitted in one-second buckets over the last minute: at most 61
+buckets per scope, and exact to the second. The check is conservative (a bucket counts until
+the whole of it is more than a minute old), so no rolling minute ever holds more than the
+limit, and the `Retry-After` it gives is the exact wait until a bucket leaves the window.
+Counters live in the worker's memory; with several workers each enforces the limits on its
+own share of the traffic.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 WINDOW = 60.0
+_SPAN = int(WINDOW)
 
 
 @dataclass
-class SlidingWindow:
-    start: float = 0.0
-    current: int = 0
-    previous: int = 0
+class MinuteLog:
+    buckets: deque[list[int]] = field(default_factory=deque)  # [second, amount], oldest first
+    total: int = 0
 
-    def _roll(self, now: float) -> None:
-        windows = math.floor(now / WINDOW)
-        start = windows * WINDOW
-        if start == self.start:
-            return
-        self.previous = self.current if start - self.start == WINDOW else 0
-        self.current = 0
-        self.start = start
+    def _evict(self, now: float) -> None:
+        oldest_kept = math.floor(now) - _SPAN
+        while self.buckets and self.buckets[0][0] < oldest_kept:
+            self.total -= self.buckets.popleft()[1]
 
-    def estimate(self, now: float) -> float:
-        self._roll(now)
-        weight = 1.0 - (now - self.start) / WINDOW
-        return self.previous * weight + self.current
+    def used(self, now: float) -> int:
+        self._evict(now)
+        return self.total
 
     def add(self, amount: int, now: float) -> None:
-        self._roll(now)
-        self.current += amount
+        self._evict(now)
+        second = math.floor(now)
+        if self.buckets and self.buckets[-1][0] == second:
+            self.buckets[-1][1] += amount
+        else:
+            self.buckets.append([second, amount])
+        self.total += amount
 
     def wait_until_below(self, limit: int, now: float) -> float:
-        """Seconds until the estimate drops below `limit` (0 if it already is)."""
-        self._roll(now)
-        elapsed = now - self.start
-        if self.previous * (1 - elapsed / WINDOW) + self.current < limit:
+        """Seconds until the total drops below `limit` (0 if it already has)."""
+        total = self.used(now)
+        if total < limit:
             return 0.0
-        if self.current < limit and self.previous > 0:
-            # Within this window, as the previous window's weight fades.
-            return max(0.0, WINDOW * (1 - (limit - self.current) / self.previous) - elapsed)
-        # Only in a later window, as this window's count fades in its turn.
-        fade = WINDOW * (1 - limit / self.current) if self.current else 0.0
-        return (WINDOW - elapsed) + max(0.0, fade)
+        for second, amount in self.buckets:
+            total -= amount
+            if total < limit:
+                # A bucket leaves once all of it is more than a minute old.
+                return max(second + _SPAN + 1 - now, 0.001)
+        return WINDOW  # not reached: an empty log's total is 0
 
 
 @dataclass
@@ -90,8 +92,8 @@ def format_reset(seconds: float) -> str:
 class RateLimiter:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._requests: dict[str, SlidingWindow] = {}
-        self._tokens: dict[str, SlidingWindow] = {}
+        self._requests: dict[str, MinuteLog] = {}
+        self._tokens: dict[str, MinuteLog] = {}
         self._in_flight: dict[str, int] = {}
 
     def admit(self, scopes: list[ScopeLimits]) -> Admission:
@@ -102,7 +104,7 @@ class RateLimiter:
             self._check(limits, now, headers)
         for limits in scopes:
             if limits.rpm is not None:
-                self._requests.setdefault(limits.scope, SlidingWindow()).add(1, now)
+                self._requests.setdefault(limits.scope, MinuteLog()).add(1, now)
             if limits.max_parallel is not None:
                 self._in_flight[limits.scope] = self._in_flight.get(limits.scope, 0) + 1
         return Admission(scopes, headers)
@@ -116,9 +118,9 @@ class RateLimiter:
                 {},
             )
         if limits.rpm is not None:
-            window = self._requests.setdefault(scope, SlidingWindow())
-            used = window.estimate(now)
-            wait = window.wait_until_below(limits.rpm, now)
+            log = self._requests.setdefault(scope, MinuteLog())
+            used = log.used(now)
+            wait = log.wait_until_below(limits.rpm, now)
             _set_headers(headers, "requests", limits.rpm, used + 1, wait)
             if wait > 0:
                 raise RateLimited(
@@ -127,9 +129,9 @@ class RateLimiter:
                     headers,
                 )
         if limits.tpm is not None:
-            window = self._tokens.setdefault(scope, SlidingWindow())
-            used = window.estimate(now)
-            wait = window.wait_until_below(limits.tpm, now)
+            log = self._tokens.setdefault(scope, MinuteLog())
+            used = log.used(now)
+            wait = log.wait_until_below(limits.tpm, now)
             _set_headers(headers, "tokens", limits.tpm, used, wait)
             if wait > 0:
                 raise RateLimited(
@@ -142,7 +144,7 @@ class RateLimiter:
         now = self._clock()
         for limits in admission.scopes:
             if limits.tpm is not None and tokens:
-                self._tokens.setdefault(limits.scope, SlidingWindow()).add(tokens, now)
+                self._tokens.setdefault(limits.scope, MinuteLog()).add(tokens, now)
             if limits.max_parallel is not None:
                 self._in_flight[limits.scope] = max(0, self._in_flight.get(limits.scope, 0) - 1)
 
