@@ -51,6 +51,7 @@ class BudgetAlerts:
         self.node_name = node_name
         self.audit = audit
         self._tasks: set[asyncio.Task[None]] = set()
+        self._claimed: set[tuple[str, int, int]] = set()
 
     async def on_settled(self, settlements: list[Settlement]) -> None:
         scopes = {(h.scope, h.period_start) for s in settlements for h in s.holds}
@@ -59,7 +60,11 @@ class BudgetAlerts:
 
     def exhausted(self, scopes: list[tuple[str, int]]) -> None:
         """A request was refused for budget: whatever is left counts as 100 %."""
-        self._background(self._exhausted(scopes))
+        if 100 not in self.settings.thresholds:
+            return
+        fresh = [scope for scope in scopes if (*scope, 100) not in self._claimed]
+        if fresh:
+            self._background(self._exhausted(fresh))
 
     async def _exhausted(self, scopes: list[tuple[str, int]]) -> None:
         for row in await self.store.spend(scopes):
@@ -76,9 +81,12 @@ class BudgetAlerts:
                 await self._raise(row, threshold)
 
     async def _raise(self, row: SpendRow, threshold: int) -> None:
-        if threshold not in self.settings.thresholds:
+        claim = (row.scope, row.period_start, threshold)
+        if threshold not in self.settings.thresholds or claim in self._claimed:
             return
-        if not await self.store.claim_alert(row.scope, row.period_start, threshold):
+        # Remembered here so that a flood of refused requests costs no database work.
+        self._claimed.add(claim)
+        if not await self.store.claim_alert(*claim):
             return
         alert = BudgetAlert(
             node=self.node_name,

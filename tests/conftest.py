@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from httpx_aiohttp import AiohttpTransport
 
 from node.app import create_app
 from node.config import CONFIG_FILE
@@ -53,6 +54,13 @@ class RunningNode:
     def client(self, timeout: float = 30) -> httpx.Client:
         headers = {"authorization": f"Bearer {self.key}"}
         return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+
+def concurrent_client(url: str, connections: int) -> httpx.AsyncClient:
+    """An async client for many requests at once: httpx's own pool collapses under
+    concurrency (encode/httpx#3215), so this one runs on aiohttp's, as the node does."""
+    limits = httpx.Limits(max_connections=connections)
+    return httpx.AsyncClient(base_url=url, transport=AiohttpTransport(limits=limits), timeout=60)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from node.config import DATABASE_FILE
 from node.management import KeyInput, Management, TenantInput
 from node.policy import period_start
 from node.storage import Hold, Settlement, Store, UsageRecord
-from tests.conftest import NodeDir, run_node
+from tests.conftest import NodeDir, concurrent_client, run_node
 
 CAP = 1000
 
@@ -62,8 +62,7 @@ async def fire(url: str, key: str, count: int) -> list[httpx.Response]:
         "messages": [{"role": "user", "content": "hello world"}],
         "max_tokens": 10,
     }
-    limits = httpx.Limits(max_connections=count)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+    async with concurrent_client(url, count) as client:
         headers = {"authorization": f"Bearer {key}"}
         return await asyncio.gather(
             *(client.post("/v1/chat/completions", json=body, headers=headers) for _ in range(count))
