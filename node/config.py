@@ -69,6 +69,21 @@ class AlertsSection(Struct, forbid_unknown_fields=True):
     backoff_base: Seconds = 1.0
 
 
+class FederationSection(Struct, forbid_unknown_fields=True):
+    # How peers reach this node (a reverse proxy's https:// URL on a public server); empty:
+    # http://host:port from [server].
+    public_urls: list[Annotated[str, Meta(pattern=r"^https?://[^/]+/?$")]] = []
+    # Seeds: node URLs, optionally with a pinned node id: "ed25519:…@https://host:8787".
+    seeds: list[str] = []
+    # Tell peers about this node in peer exchange.
+    listed: bool = False
+    mdns: bool = False
+    mdns_interface: str = ""
+    advert_ttl: Annotated[int, Meta(ge=60, le=7 * 86400)] = 3600
+    advert_refresh: Annotated[int, Meta(ge=5, le=86400)] = 300
+    health_interval: Annotated[int, Meta(ge=1, le=3600)] = 30
+
+
 class Deployment(Struct, forbid_unknown_fields=True):
     """One way of serving a model name: a provider, its upstream model and its price."""
 
@@ -113,7 +128,13 @@ class Config(Struct, forbid_unknown_fields=True):
     upstream: UpstreamSection = msgspec.field(default_factory=UpstreamSection)
     router: RouterSection = msgspec.field(default_factory=RouterSection)
     alerts: AlertsSection = msgspec.field(default_factory=AlertsSection)
+    federation: FederationSection = msgspec.field(default_factory=FederationSection)
     models: list[Deployment] = []
+
+    def public_urls(self) -> list[str]:
+        if self.federation.public_urls:
+            return [url.rstrip("/") for url in self.federation.public_urls]
+        return [f"http://{self.server.host}:{self.server.port}"]
 
 
 class ConfigError(Exception):
@@ -229,6 +250,16 @@ webhook_url = ""                    # e.g. "https://hooks.example.com/aihub"; em
 thresholds = [50, 80, 100]          # percent of a key's or tenant's budget
 retries = 5                         # delivery attempts after the first, with doubling backoff
 backoff_base = 1.0                  # seconds
+
+[federation]
+public_urls = []                    # how peers reach this node; empty: http://host:port above
+seeds = []                          # node URLs, optionally pinned: "ed25519:…@https://host:8787"
+listed = false                      # let peers tell other peers about this node
+mdns = false                        # announce and discover nodes on the local network
+mdns_interface = ""                 # an interface's IPv4 address; empty: all
+advert_ttl = 3600                   # seconds a model advert stays valid
+advert_refresh = 300                # seconds between advert refreshes from peers
+health_interval = 30                # seconds between peer health checks
 
 # Each [[models]] entry is one deployment. Several may share a `name`: the router picks
 # among them by strategy and falls back in order.

@@ -87,6 +87,43 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_ts ON audit (ts_ms);
     """,
+    # 2: federation: peers, invites, join requests awaiting approval, node-wide counters
+    """
+    ALTER TABLE keys ADD COLUMN peer_id TEXT;
+    CREATE UNIQUE INDEX keys_peer ON keys (peer_id) WHERE peer_id IS NOT NULL
+        AND revoked_at IS NULL;
+    CREATE TABLE peers (
+        node_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        descriptor TEXT NOT NULL,
+        status TEXT NOT NULL,
+        key_for_them TEXT,
+        key_from_them TEXT,
+        advert TEXT,
+        listed INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        revoked_at INTEGER
+    );
+    CREATE TABLE invites (
+        token_id TEXT PRIMARY KEY,
+        public_key BLOB NOT NULL,
+        exp INTEGER NOT NULL,
+        uses_left INTEGER NOT NULL,
+        models TEXT NOT NULL,
+        cap_micros INTEGER,
+        cap_period TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE join_requests (
+        node_id TEXT PRIMARY KEY,
+        descriptor TEXT NOT NULL,
+        received_at INTEGER NOT NULL
+    );
+    CREATE TABLE counters (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );
+    """,
 ]
 
 _json = msgspec.json.encode
@@ -114,6 +151,34 @@ class KeyRecord(msgspec.Struct):
     revoked_at: int | None = None
     prev_hash: bytes | None = None
     prev_valid_until: int | None = None
+    # A cross-node key: only this peer (by its pinned node key) may use it.
+    peer_id: str | None = None
+
+
+class PeerRecord(msgspec.Struct):
+    node_id: str
+    name: str
+    descriptor: str
+    status: Literal["active", "revoked"]
+    created_at: int
+    key_for_them: str | None = None
+    # The key the peer issued to us, sealed to our own identity: a leaked database alone
+    # does not let anyone spend it.
+    key_from_them: str | None = None
+    advert: str | None = None
+    listed: bool = False
+    revoked_at: int | None = None
+
+
+class InviteRow(msgspec.Struct):
+    token_id: str
+    public_key: bytes
+    exp: int
+    uses_left: int
+    models: list[str]
+    cap_micros: int | None
+    cap_period: str
+    created_at: int
 
 
 class UsageRecord(msgspec.Struct):
@@ -178,8 +243,13 @@ class UsageGroup(msgspec.Struct):
 
 _KEY_COLUMNS = (
     "id, name, hash, is_admin, created_at, tenant_id, limits, allowed_ips, metadata,"
-    " expires_at, revoked_at, prev_hash, prev_valid_until"
+    " expires_at, revoked_at, prev_hash, prev_valid_until, peer_id"
 )
+_PEER_COLUMNS = (
+    "node_id, name, descriptor, status, created_at, key_for_them, key_from_them, advert,"
+    " listed, revoked_at"
+)
+_INVITE_COLUMNS = "token_id, public_key, exp, uses_left, models, cap_micros, cap_period, created_at"
 _decode_limits = msgspec.json.Decoder(Limits)
 _decode_strings = msgspec.json.Decoder(list[str])
 _decode_metadata = msgspec.json.Decoder(dict[str, str])
@@ -200,6 +270,36 @@ def _key_from_row(row: sqlite3.Row | tuple) -> KeyRecord:
         revoked_at=row[10],
         prev_hash=row[11],
         prev_valid_until=row[12],
+        peer_id=row[13],
+    )
+
+
+def _peer_from_row(row: tuple) -> PeerRecord:
+    return PeerRecord(*row[:8], listed=bool(row[8]), revoked_at=row[9])
+
+
+def _invite_from_row(row: tuple) -> InviteRow:
+    return InviteRow(
+        row[0], row[1], row[2], row[3], _decode_strings.decode(row[4]), row[5], row[6], row[7]
+    )
+
+
+def _key_values(key: KeyRecord) -> tuple:
+    return (
+        key.id,
+        key.name,
+        key.hash,
+        int(key.is_admin),
+        key.created_at,
+        key.tenant_id,
+        _json(key.limits),
+        _json(key.allowed_ips),
+        _json(key.metadata),
+        key.expires_at,
+        key.revoked_at,
+        key.prev_hash,
+        key.prev_valid_until,
+        key.peer_id,
     )
 
 
@@ -260,24 +360,7 @@ class Store:
     # --- keys ------------------------------------------------------------------------------
 
     async def insert_key(self, key: KeyRecord) -> None:
-        await self.db.execute(
-            f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                key.id,
-                key.name,
-                key.hash,
-                int(key.is_admin),
-                key.created_at,
-                key.tenant_id,
-                _json(key.limits),
-                _json(key.allowed_ips),
-                _json(key.metadata),
-                key.expires_at,
-                key.revoked_at,
-                key.prev_hash,
-                key.prev_valid_until,
-            ),
-        )
+        await self.db.execute(_INSERT_KEY, _key_values(key))
 
     async def save_key(self, key: KeyRecord) -> None:
         """Write every mutable field of an existing key."""
@@ -316,6 +399,118 @@ class Store:
 
     async def active_keys(self) -> list[KeyRecord]:
         return await self.keys(include_revoked=False)
+
+    # --- peers and invites ------------------------------------------------------------------
+
+    async def insert_invite(self, invite: InviteRow) -> None:
+        await self.db.execute(
+            f"INSERT INTO invites ({_INVITE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+            (
+                invite.token_id,
+                invite.public_key,
+                invite.exp,
+                invite.uses_left,
+                _json(invite.models),
+                invite.cap_micros,
+                invite.cap_period,
+                invite.created_at,
+            ),
+        )
+
+    async def invite(self, token_id: str) -> InviteRow | None:
+        async with self.db.execute(
+            f"SELECT {_INVITE_COLUMNS} FROM invites WHERE token_id = ?", (token_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _invite_from_row(row) if row else None
+
+    async def accept_join(
+        self, token_id: str | None, now: int, key: KeyRecord, peer: PeerRecord
+    ) -> bool:
+        """Spend one use of an invite (if any), issue the peer's key and record the peer, in
+        one transaction: a used-up or expired invite changes nothing."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            if token_id is not None:
+                cursor = await self.db.execute(
+                    "UPDATE invites SET uses_left = uses_left - 1"
+                    " WHERE token_id = ? AND uses_left > 0 AND exp > ?",
+                    (token_id, now),
+                )
+                spent = cursor.rowcount == 1
+                await cursor.close()
+                if not spent:
+                    await self.db.execute("ROLLBACK")
+                    return False
+            # A peer that joins again gets a fresh key; the old one stops working.
+            await self.db.execute(
+                "UPDATE keys SET revoked_at = ? WHERE peer_id = ? AND revoked_at IS NULL",
+                (now, key.peer_id),
+            )
+            await self.db.execute(_INSERT_KEY, _key_values(key))
+            await self.db.execute(_UPSERT_PEER, _peer_values(peer))
+            await self.db.execute("DELETE FROM join_requests WHERE node_id = ?", (peer.node_id,))
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        await self.db.execute("COMMIT")
+        return True
+
+    async def save_peer(self, peer: PeerRecord) -> None:
+        await self.db.execute(_UPSERT_PEER, _peer_values(peer))
+
+    async def peers(self, *, include_revoked: bool = False) -> list[PeerRecord]:
+        where = "" if include_revoked else " WHERE status != 'revoked'"
+        async with self.db.execute(
+            f"SELECT {_PEER_COLUMNS} FROM peers{where} ORDER BY name, node_id"
+        ) as cursor:
+            return [_peer_from_row(row) for row in await cursor.fetchall()]
+
+    async def peer(self, node_id: str) -> PeerRecord | None:
+        async with self.db.execute(
+            f"SELECT {_PEER_COLUMNS} FROM peers WHERE node_id = ?", (node_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _peer_from_row(row) if row else None
+
+    async def revoke_peer(self, node_id: str, now: int) -> None:
+        """Cut a peer off: its status, and the key we issued to it, in one transaction."""
+        await self._write(
+            [
+                (
+                    "UPDATE peers SET status = 'revoked', revoked_at = ? WHERE node_id = ?",
+                    [(now, node_id)],
+                ),
+                (
+                    "UPDATE keys SET revoked_at = ? WHERE peer_id = ? AND revoked_at IS NULL",
+                    [(now, node_id)],
+                ),
+            ]
+        )
+
+    async def add_join_request(self, node_id: str, descriptor: str, now: int) -> None:
+        await self.db.execute(
+            "INSERT INTO join_requests VALUES (?, ?, ?) ON CONFLICT (node_id)"
+            " DO UPDATE SET descriptor = excluded.descriptor, received_at = excluded.received_at",
+            (node_id, descriptor, now),
+        )
+
+    async def join_requests(self) -> list[tuple[str, str, int]]:
+        async with self.db.execute(
+            "SELECT node_id, descriptor, received_at FROM join_requests ORDER BY received_at"
+        ) as cursor:
+            return [tuple(row) for row in await cursor.fetchall()]  # type: ignore[misc]
+
+    async def next_counter(self, name: str) -> int:
+        """Atomically increment and return a node-wide counter (e.g. the advert seq)."""
+        async with self.db.execute(
+            "INSERT INTO counters VALUES (?, 1) ON CONFLICT (name)"
+            " DO UPDATE SET value = value + 1 RETURNING value",
+            (name,),
+        ) as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
 
     # --- tenants ---------------------------------------------------------------------------
 
@@ -477,6 +672,31 @@ class Store:
 
 
 _USAGE_FIELDS = UsageRecord.__struct_fields__
+_INSERT_KEY = f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+_UPSERT_PEER = (
+    f"INSERT INTO peers ({_PEER_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT (node_id) DO UPDATE SET name = excluded.name,"
+    " descriptor = excluded.descriptor, status = excluded.status,"
+    " key_for_them = COALESCE(excluded.key_for_them, key_for_them),"
+    " key_from_them = COALESCE(excluded.key_from_them, key_from_them),"
+    " advert = COALESCE(excluded.advert, advert), listed = excluded.listed,"
+    " revoked_at = excluded.revoked_at"
+)
+
+
+def _peer_values(peer: PeerRecord) -> tuple:
+    return (
+        peer.node_id,
+        peer.name,
+        peer.descriptor,
+        peer.status,
+        peer.created_at,
+        peer.key_for_them,
+        peer.key_from_them,
+        peer.advert,
+        int(peer.listed),
+        peer.revoked_at,
+    )
 
 
 def now_ms() -> int:
