@@ -89,14 +89,19 @@ class OpenAIAdapter:
         fields.update(overrides)
         return msgspec.json.encode(fields)
 
-    def _request(self, endpoint: str, body: bytes) -> httpx.Request:
-        return build_request(
-            self.client, self.upstream, self.url(endpoint), body, self.auth_headers()
-        )
+    def request_headers(self, url: str, body: bytes, request_id: str) -> dict[str, str]:
+        """Headers for one call; a subclass may add to them (a peer signs the request)."""
+        return self.auth_headers()
+
+    def _request(self, endpoint: str, body: bytes, request_id: str) -> httpx.Request:
+        url = self.url(endpoint)
+        headers = self.request_headers(url, body, request_id)
+        return build_request(self.client, self.upstream, url, body, headers)
 
     async def chat(self, call: ChatCall) -> ChatResult:
         body = self._body(call.raw, stream=_FALSE)
-        response = await send(self.client, self.upstream, self._request("chat/completions", body))
+        request = self._request("chat/completions", body, call.request_id)
+        response = await send(self.client, self.upstream, request)
         content = response.content
         try:
             peek = _peek.decode(content)
@@ -113,13 +118,14 @@ class OpenAIAdapter:
 
     async def open_stream(self, call: ChatCall) -> OpenAIStream:
         body = self._body(call.raw, stream=_TRUE, stream_options=_INCLUDE_USAGE)
-        request = self._request("chat/completions", body)
+        request = self._request("chat/completions", body, call.request_id)
         response = await send(self.client, self.upstream, request, stream=True)
         return OpenAIStream(call, self.upstream, response)
 
     async def embed(self, call: EmbedCall) -> EmbedResult:
         body = self._body(call.raw)
-        response = await send(self.client, self.upstream, self._request("embeddings", body))
+        request = self._request("embeddings", body, call.request_id)
+        response = await send(self.client, self.upstream, request)
         content = response.content
         try:
             peek = _peek.decode(content)

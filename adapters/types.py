@@ -235,7 +235,7 @@ class EmbeddingList(Struct, tag_field="object", tag="list"):
 class Upstream(Struct, omit_defaults=True, frozen=True):
     """Where and how one deployment reaches its provider (secrets already resolved)."""
 
-    provider: Literal["openai", "azure", "anthropic", "ollama", "echo"]
+    provider: Literal["openai", "azure", "anthropic", "ollama", "echo", "peer"]
     model: str
     base_url: str = ""
     api_key: str | None = None
