@@ -23,6 +23,7 @@ T = TypeVar("T")
 
 # Weight of the newest sample in the latency moving average.
 LATENCY_ALPHA = 0.3
+PEER_BACKOFF_MAX = 300.0
 
 
 @dataclass(eq=False)
@@ -32,6 +33,9 @@ class Route:
     spec: Deployment
     adapter: Adapter
     position: int
+    # For a route to another node: its node id and name (as in `model@name`).
+    peer_id: str | None = None
+    peer_name: str | None = None
     in_flight: int = 0
     latency: float | None = None
     failures: int = 0
@@ -45,6 +49,8 @@ class Route:
     @property
     def label(self) -> str:
         """Distinguishes deployments sharing one model name, in metrics and usage records."""
+        if self.peer_name is not None:
+            return f"{self.spec.name}@{self.peer_name}"
         return f"{self.spec.name}#{self.position}:{self.spec.provider}"
 
     def cooling(self, now: float) -> bool:
@@ -62,23 +68,53 @@ class Router:
         self.by_name: dict[str, list[Route]] = {}
         for route in routes:
             self.by_name.setdefault(route.name, []).append(route)
+        self.peer_by_name: dict[str, list[Route]] = {}
 
-    def models(self) -> list[str]:
-        return list(self.by_name)
+    def set_peer_routes(self, routes: list[Route]) -> None:
+        """Replace the routes to peers' models (from their adverts), keeping what was learnt
+        about routes that stay."""
+        known = {(r.peer_id, r.name): r for rs in self.peer_by_name.values() for r in rs}
+        by_name: dict[str, list[Route]] = {}
+        for route in routes:
+            old = known.get((route.peer_id, route.name))
+            if old is not None:
+                route.latency, route.failures = old.latency, old.failures
+                route.cooldown_until = old.cooldown_until
+            by_name.setdefault(route.name, []).append(route)
+        self.peer_by_name = by_name
 
-    def serves(self, model: str, kind: str) -> bool:
-        return any(route.spec.kind == kind for route in self.by_name.get(model, ()))
+    def models(self, *, local_only: bool = False) -> list[str]:
+        if local_only:
+            return list(self.by_name)
+        return list(dict.fromkeys([*self.by_name, *self.peer_by_name]))
 
-    def plan(self, model: str, kind: str) -> list[Route]:
-        """Every route worth trying for `model`, best first, fallbacks after."""
-        if not self.serves(model, kind):
+    def _candidates(self, model: str, kind: str, local_only: bool) -> list[Route]:
+        """The routes serving `model` itself, unordered: local ones if there are any, else
+        the peers advertising it."""
+        name, at, peer = model.rpartition("@")
+        if at and not local_only:
+            # `model@peer` pins one peer's route.
+            pinned = self.peer_by_name.get(name, ())
+            return [r for r in pinned if peer in (r.peer_name, r.peer_id) and r.spec.kind == kind]
+        local = [r for r in self.by_name.get(model, ()) if r.spec.kind == kind]
+        if local or local_only:
+            return local
+        return [r for r in self.peer_by_name.get(model, ()) if r.spec.kind == kind]
+
+    def serves(self, model: str, kind: str, *, local_only: bool = False) -> bool:
+        return bool(self._candidates(model, kind, local_only))
+
+    def plan(self, model: str, kind: str, *, local_only: bool = False) -> list[Route]:
+        """Every route worth trying for `model`, best first, fallbacks after: local
+        deployments, then peers that advertise the model (unless `local_only`, as for a
+        request that is itself from a peer)."""
+        if not self.serves(model, kind, local_only=local_only):
             raise NoRoute(model)
         now = time.monotonic()
         names = [model, *self.settings.fallbacks.get(model, ())]
         ordered: list[Route] = []
         for name in dict.fromkeys(names):
-            candidates = [r for r in self.by_name.get(name, ()) if r.spec.kind == kind]
-            ordered += self._order(candidates)
+            ordered += self._order(self._candidates(name, kind, local_only))
         # Rested deployments first; a cooling one is still better than failing outright.
         return [r for r in ordered if not r.cooling(now)] + [r for r in ordered if r.cooling(now)]
 
@@ -160,7 +196,11 @@ class Router:
         now = time.monotonic()
         if exc.retry_after is not None:
             route.cooldown_until = max(route.cooldown_until, now + exc.retry_after)
-        if route.failures >= self.settings.cooldown_failures:
+        if route.peer_id is not None:
+            # A failing peer backs off exponentially: 1, 2, 4 … up to 5 minutes.
+            rest = min(2.0 ** (route.failures - 1), PEER_BACKOFF_MAX)
+            route.cooldown_until = max(route.cooldown_until, now + rest)
+        elif route.failures >= self.settings.cooldown_failures:
             route.cooldown_until = max(route.cooldown_until, now + self.settings.cooldown_seconds)
 
 
