@@ -39,9 +39,9 @@ class Principal(msgspec.Struct, frozen=True):
         return self.key.is_admin
 
 
-def touch_epoch(directory: Path) -> None:
-    """Tell every process serving this node that keys changed."""
-    path = directory / EPOCH_FILE
+def touch_epoch(directory: Path, name: str = EPOCH_FILE) -> None:
+    """Tell every process serving this node that keys (or, by name, peers) changed."""
+    path = directory / name
     temporary = path.with_suffix(".tmp")
     temporary.write_text(str(time.time_ns()))
     os.replace(temporary, path)

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import math
 import re
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
@@ -38,6 +37,7 @@ from node.auth import Principal
 from node.budgets import budget_scopes
 from node.errors import ApiError, ErrorDetail, error_bytes
 from node.hub import Hub
+from node.ids import new_request_id
 from node.policy import model_allowed, worst_case_embedding_tokens, worst_case_prompt_tokens
 from node.ratelimit import Admission, RateLimited, ScopeLimits
 from node.router import NoRoute, Route
@@ -63,11 +63,6 @@ class ModelCard(msgspec.Struct, tag_field="object", tag="model"):
 
 class ModelList(msgspec.Struct, tag_field="object", tag="list"):
     data: list[ModelCard]
-
-
-def new_request_id() -> str:
-    """Time-ordered (milliseconds, hex) and unguessable."""
-    return f"req_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(8)}"
 
 
 def _param(message: str) -> tuple[str, str | None]:
