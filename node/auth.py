@@ -84,6 +84,10 @@ class KeyCache:
         self._quiet: dict[tuple[str, str], float] = {}
         self.listeners: list[Callable[[], None]] = []
 
+    def mark_stale(self) -> None:
+        """Reload on the next request (this process changed keys itself)."""
+        self._epoch = -1
+
     async def load(self) -> None:
         epoch = _epoch(self._epoch_path)
         keys = await self._store.keys()
