@@ -107,7 +107,7 @@ def sign_struct(obj: S, sign: Signer, field: str = "sig") -> S:
 def decode_fields(data: bytes | str) -> dict[str, Any]:
     try:
         fields = msgspec.json.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise RecordError(f"not JSON: {exc}") from exc
     if not isinstance(fields, dict):
         raise RecordError("a signed record must be a JSON object")
