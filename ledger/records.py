@@ -107,7 +107,9 @@ def sign_struct(obj: S, sign: Signer, field: str = "sig") -> S:
 def decode_fields(data: bytes | str) -> dict[str, Any]:
     try:
         fields = msgspec.json.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise RecordError(f"not valid UTF-8 (byte {exc.start})") from exc
+    except msgspec.DecodeError as exc:
         raise RecordError(f"not JSON: {exc}") from exc
     if not isinstance(fields, dict):
         raise RecordError("a signed record must be a JSON object")
