@@ -6,8 +6,11 @@ node) can be added beside this one without touching the rest.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -316,55 +319,102 @@ def _scope_values(count: int) -> str:
 class Store:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self.db = db
+        # Every coroutine of the process shares this one connection. A transaction spans
+        # several awaits: without the lock another coroutine's statement would run inside it
+        # (and be rolled back with it). Cursors are always closed through aiosqlite's thread,
+        # never left to the garbage collector of the event loop's thread, which would touch
+        # the connection from two threads at once (sqlite's "bad parameter or other API misuse").
+        self._lock = asyncio.Lock()
+        self._owner: asyncio.Task[object] | None = None
 
     @classmethod
     async def open(cls, path: Path) -> Store:
         db = await aiosqlite.connect(path, isolation_level=None)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute("PRAGMA busy_timeout=10000")
-        await db.execute("PRAGMA foreign_keys=ON")
         store = cls(db)
+        for pragma in (
+            "journal_mode=WAL",
+            "synchronous=NORMAL",
+            "busy_timeout=10000",
+            "foreign_keys=ON",
+        ):
+            await store._exec(f"PRAGMA {pragma}")
         await store.migrate()
         return store
 
     async def close(self) -> None:
-        await self.db.close()
+        async with self._lock:
+            await self.db.close()
+
+    @asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        """Hold the connection, unless this task already holds it for a transaction."""
+        if self._owner is not None and self._owner is asyncio.current_task():
+            yield
+            return
+        async with self._lock:
+            yield
+
+    async def _exec(self, sql: str, params: Sequence[object] = ()) -> int:
+        """Run one statement; the number of rows it changed."""
+        async with self._turn(), self.db.execute(sql, params) as cursor:
+            return cursor.rowcount
+
+    async def _exec_many(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
+        async with self._turn(), self.db.executemany(sql, rows):
+            pass
+
+    async def _fetchall(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
+        async with self._turn(), self.db.execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
+
+    async def _fetchone(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Row | None:
+        async with self._turn(), self.db.execute(sql, params) as cursor:
+            return await cursor.fetchone()
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        """A write transaction: every statement of the block, or none of them."""
+        async with self._lock:
+            self._owner = asyncio.current_task()
+            try:
+                await self._exec("BEGIN IMMEDIATE")
+                try:
+                    yield
+                except BaseException:
+                    await self._exec("ROLLBACK")
+                    raise
+                await self._exec("COMMIT")
+            finally:
+                self._owner = None
 
     async def migrate(self) -> None:
         """Apply the migrations not yet applied, each in its own transaction."""
-        async with self.db.execute("PRAGMA user_version") as cursor:
-            row = await cursor.fetchone()
+        row = await self._fetchone("PRAGMA user_version")
         version = row[0] if row else 0
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            await self.db.executescript(
-                f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;"
-            )
+            async with self._turn():
+                await self.db.executescript(
+                    f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;"
+                )
 
     async def ping(self) -> bool:
-        async with self.db.execute("SELECT 1") as cursor:
-            return (await cursor.fetchone()) == (1,)
+        return (await self._fetchone("SELECT 1")) == (1,)
 
     async def _write(self, statements: list[tuple[str, list[tuple]]]) -> None:
         """Run several statements in one write transaction: all of them, or none."""
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             for sql, rows in statements:
                 if rows:
-                    await self.db.executemany(sql, rows)
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
-        await self.db.execute("COMMIT")
+                    await self._exec_many(sql, rows)
 
     # --- keys ------------------------------------------------------------------------------
 
     async def insert_key(self, key: KeyRecord) -> None:
-        await self.db.execute(_INSERT_KEY, _key_values(key))
+        await self._exec(_INSERT_KEY, _key_values(key))
 
     async def save_key(self, key: KeyRecord) -> None:
         """Write every mutable field of an existing key."""
-        await self.db.execute(
+        await self._exec(
             "UPDATE keys SET name = ?, hash = ?, tenant_id = ?, limits = ?, allowed_ips = ?,"
             " metadata = ?, expires_at = ?, revoked_at = ?, prev_hash = ?, prev_valid_until = ?"
             " WHERE id = ?",
@@ -385,16 +435,13 @@ class Store:
 
     async def keys(self, *, include_revoked: bool = True) -> list[KeyRecord]:
         where = "" if include_revoked else " WHERE revoked_at IS NULL"
-        async with self.db.execute(
+        rows = await self._fetchall(
             f"SELECT {_KEY_COLUMNS} FROM keys{where} ORDER BY created_at, id"
-        ) as cursor:
-            return [_key_from_row(row) for row in await cursor.fetchall()]
+        )
+        return [_key_from_row(row) for row in rows]
 
     async def key(self, key_id: str) -> KeyRecord | None:
-        async with self.db.execute(
-            f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = ?", (key_id,)
-        ) as cursor:
-            row = await cursor.fetchone()
+        row = await self._fetchone(f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = ?", (key_id,))
         return _key_from_row(row) if row else None
 
     async def active_keys(self) -> list[KeyRecord]:
@@ -403,7 +450,7 @@ class Store:
     # --- peers and invites ------------------------------------------------------------------
 
     async def insert_invite(self, invite: InviteRow) -> None:
-        await self.db.execute(
+        await self._exec(
             f"INSERT INTO invites ({_INVITE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
             (
                 invite.token_id,
@@ -418,10 +465,9 @@ class Store:
         )
 
     async def invite(self, token_id: str) -> InviteRow | None:
-        async with self.db.execute(
+        row = await self._fetchone(
             f"SELECT {_INVITE_COLUMNS} FROM invites WHERE token_id = ?", (token_id,)
-        ) as cursor:
-            row = await cursor.fetchone()
+        )
         return _invite_from_row(row) if row else None
 
     async def accept_join(
@@ -429,48 +475,39 @@ class Store:
     ) -> bool:
         """Spend one use of an invite (if any), issue the peer's key and record the peer, in
         one transaction: a used-up or expired invite changes nothing."""
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             if token_id is not None:
-                cursor = await self.db.execute(
+                spent = await self._exec(
                     "UPDATE invites SET uses_left = uses_left - 1"
                     " WHERE token_id = ? AND uses_left > 0 AND exp > ?",
                     (token_id, now),
                 )
-                spent = cursor.rowcount == 1
-                await cursor.close()
-                if not spent:
-                    await self.db.execute("ROLLBACK")
+                if spent != 1:
                     return False
             # A peer that joins again gets a fresh key; the old one stops working.
-            await self.db.execute(
+            await self._exec(
                 "UPDATE keys SET revoked_at = ? WHERE peer_id = ? AND revoked_at IS NULL",
                 (now, key.peer_id),
             )
-            await self.db.execute(_INSERT_KEY, _key_values(key))
-            await self.db.execute(_UPSERT_PEER, _peer_values(peer))
-            await self.db.execute("DELETE FROM join_requests WHERE node_id = ?", (peer.node_id,))
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
-        await self.db.execute("COMMIT")
+            await self._exec(_INSERT_KEY, _key_values(key))
+            await self._exec(_UPSERT_PEER, _peer_values(peer))
+            await self._exec("DELETE FROM join_requests WHERE node_id = ?", (peer.node_id,))
         return True
 
     async def save_peer(self, peer: PeerRecord) -> None:
-        await self.db.execute(_UPSERT_PEER, _peer_values(peer))
+        await self._exec(_UPSERT_PEER, _peer_values(peer))
 
     async def peers(self, *, include_revoked: bool = False) -> list[PeerRecord]:
         where = "" if include_revoked else " WHERE status != 'revoked'"
-        async with self.db.execute(
+        rows = await self._fetchall(
             f"SELECT {_PEER_COLUMNS} FROM peers{where} ORDER BY name, node_id"
-        ) as cursor:
-            return [_peer_from_row(row) for row in await cursor.fetchall()]
+        )
+        return [_peer_from_row(row) for row in rows]
 
     async def peer(self, node_id: str) -> PeerRecord | None:
-        async with self.db.execute(
+        row = await self._fetchone(
             f"SELECT {_PEER_COLUMNS} FROM peers WHERE node_id = ?", (node_id,)
-        ) as cursor:
-            row = await cursor.fetchone()
+        )
         return _peer_from_row(row) if row else None
 
     async def revoke_peer(self, node_id: str, now: int) -> None:
@@ -489,33 +526,32 @@ class Store:
         )
 
     async def add_join_request(self, node_id: str, descriptor: str, now: int) -> None:
-        await self.db.execute(
+        await self._exec(
             "INSERT INTO join_requests VALUES (?, ?, ?) ON CONFLICT (node_id)"
             " DO UPDATE SET descriptor = excluded.descriptor, received_at = excluded.received_at",
             (node_id, descriptor, now),
         )
 
     async def join_requests(self) -> list[tuple[str, str, int]]:
-        async with self.db.execute(
+        rows = await self._fetchall(
             "SELECT node_id, descriptor, received_at FROM join_requests ORDER BY received_at"
-        ) as cursor:
-            return [tuple(row) for row in await cursor.fetchall()]  # type: ignore[misc]
+        )
+        return [(row[0], row[1], row[2]) for row in rows]
 
     async def next_counter(self, name: str) -> int:
         """Atomically increment and return a node-wide counter (e.g. the advert seq)."""
-        async with self.db.execute(
+        row = await self._fetchone(
             "INSERT INTO counters VALUES (?, 1) ON CONFLICT (name)"
             " DO UPDATE SET value = value + 1 RETURNING value",
             (name,),
-        ) as cursor:
-            row = await cursor.fetchone()
+        )
         assert row is not None
         return int(row[0])
 
     # --- tenants ---------------------------------------------------------------------------
 
     async def insert_tenant(self, tenant: TenantRecord) -> None:
-        await self.db.execute(
+        await self._exec(
             "INSERT INTO tenants (id, name, limits, metadata, created_at) VALUES (?,?,?,?,?)",
             (
                 tenant.id,
@@ -527,30 +563,29 @@ class Store:
         )
 
     async def save_tenant(self, tenant: TenantRecord) -> None:
-        await self.db.execute(
+        await self._exec(
             "UPDATE tenants SET name = ?, limits = ?, metadata = ? WHERE id = ?",
             (tenant.name, _json(tenant.limits), _json(tenant.metadata), tenant.id),
         )
 
     async def tenants(self) -> list[TenantRecord]:
-        async with self.db.execute(
+        rows = await self._fetchall(
             "SELECT id, name, limits, metadata, created_at FROM tenants ORDER BY name"
-        ) as cursor:
-            return [_tenant_from_row(row) for row in await cursor.fetchall()]
+        )
+        return [_tenant_from_row(row) for row in rows]
 
     async def tenant(self, id_or_name: str) -> TenantRecord | None:
-        async with self.db.execute(
+        row = await self._fetchone(
             "SELECT id, name, limits, metadata, created_at FROM tenants WHERE id = ? OR name = ?",
             (id_or_name, id_or_name),
-        ) as cursor:
-            row = await cursor.fetchone()
+        )
         return _tenant_from_row(row) if row else None
 
     # --- spend -----------------------------------------------------------------------------
 
     async def open_periods(self, rows: list[tuple[str, int, int]]) -> None:
         """Make sure each (scope, period start) row exists and carries the current cap."""
-        await self.db.executemany(
+        await self._exec_many(
             "INSERT INTO spend (scope, period_start, cap) VALUES (?, ?, ?)"
             " ON CONFLICT (scope, period_start) DO UPDATE SET cap = excluded.cap",
             rows,
@@ -564,41 +599,37 @@ class Store:
         """
         values = _scope_values(len(scopes))
         flat = [part for scope in scopes for part in scope]
-        cursor = await self.db.execute(
+        changed = await self._exec(
             f"UPDATE spend SET reserved = reserved + ?"
             f" WHERE (scope, period_start) IN (VALUES {values})"
             f" AND NOT EXISTS (SELECT 1 FROM spend WHERE (scope, period_start) IN"
             f" (VALUES {values}) AND spent + reserved + ? > cap)",
             [amount, *flat, *flat, amount],
         )
-        changed = cursor.rowcount
-        await cursor.close()
         return changed == len(scopes)
 
     async def release_all_reservations(self) -> None:
         """At start-up no request is in flight: what is still reserved was lost in a crash."""
-        await self.db.execute("UPDATE spend SET reserved = 0 WHERE reserved != 0")
+        await self._exec("UPDATE spend SET reserved = 0 WHERE reserved != 0")
 
     async def spend(self, scopes: list[tuple[str, int]]) -> list[SpendRow]:
         if not scopes:
             return []
         values = _scope_values(len(scopes))
-        async with self.db.execute(
+        rows = await self._fetchall(
             "SELECT scope, period_start, cap, spent, reserved FROM spend"
             f" WHERE (scope, period_start) IN (VALUES {values})",
             [part for scope in scopes for part in scope],
-        ) as cursor:
-            return [SpendRow(*row) for row in await cursor.fetchall()]
+        )
+        return [SpendRow(*row) for row in rows]
 
     async def claim_alert(self, scope: str, period_start: int, threshold: int) -> bool:
         """True the first time a threshold is reached in a period, False ever after."""
-        cursor = await self.db.execute(
+        claimed = await self._exec(
             "INSERT OR IGNORE INTO alerts VALUES (?, ?, ?, ?)",
             (scope, period_start, threshold, now_ms()),
         )
-        claimed = cursor.rowcount == 1
-        await cursor.close()
-        return claimed
+        return claimed == 1
 
     # --- usage and audit -------------------------------------------------------------------
 
@@ -634,10 +665,9 @@ class Store:
         await self.write_batch([Settlement(record) for record in records], [])
 
     async def usage_since(self, since_ms: int = 0) -> list[UsageRecord]:
-        async with self.db.execute(
+        rows = await self._fetchall(
             "SELECT * FROM usage WHERE ts_ms >= ? ORDER BY ts_ms", (since_ms,)
-        ) as cursor:
-            rows = await cursor.fetchall()
+        )
         return [
             msgspec.convert(dict(zip(_USAGE_FIELDS, row, strict=True)), UsageRecord, strict=False)
             for row in rows
@@ -647,13 +677,13 @@ class Store:
         self, by: Literal["key", "tenant", "model"], since_ms: int
     ) -> list[UsageGroup]:
         column = {"key": "key_id", "tenant": "tenant_id", "model": "model"}[by]
-        async with self.db.execute(
+        rows = await self._fetchall(
             f"SELECT {column}, COUNT(*), SUM(status >= 400), SUM(tokens_in), SUM(tokens_out),"
             f" SUM(cost_micros) FROM usage WHERE ts_ms >= ? GROUP BY {column}"
             " ORDER BY SUM(cost_micros) DESC, COUNT(*) DESC",
             (since_ms,),
-        ) as cursor:
-            return [UsageGroup(*row) for row in await cursor.fetchall()]
+        )
+        return [UsageGroup(*row) for row in rows]
 
     async def audit(
         self, since_ms: int = 0, limit: int = 100, action: str | None = None
@@ -662,12 +692,11 @@ class Store:
         if action:
             where += " AND action LIKE ?"
             params.append(action.replace("*", "%"))
-        async with self.db.execute(
+        rows = await self._fetchall(
             f"SELECT ts_ms, action, actor, target, ip, detail FROM audit WHERE {where}"
             " ORDER BY id DESC LIMIT ?",
             [*params, limit],
-        ) as cursor:
-            rows = await cursor.fetchall()
+        )
         return [AuditEvent(r[0], r[1], r[2], r[3], r[4], msgspec.json.decode(r[5])) for r in rows]
 
 
