@@ -12,6 +12,7 @@ from litestar import Litestar, Request, Response, get
 from litestar.openapi import OpenAPIConfig
 
 from node import __version__
+from node.admin_api import ADMIN_ROUTES
 from node.config import data_dir, load_config
 from node.errors import EXCEPTION_HANDLERS
 from node.hub import Hub
@@ -60,7 +61,7 @@ def create_app(directory: Path | None = None) -> Litestar:
             await app.state.hub.stop()
 
     return Litestar(
-        route_handlers=[*ROUTES, live, ready, metrics],
+        route_handlers=[*ROUTES, *ADMIN_ROUTES, live, ready, metrics],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=config.server.max_body_bytes,

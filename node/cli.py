@@ -2,20 +2,39 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import getpass
 import logging
 import os
+import re
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
+import msgspec
+from msgspec import UNSET, UnsetType
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from node import __version__
+from node.admin_api import (
+    AUDIT_LIMIT_MAX,
+    DEFAULT_SINCE,
+    USAGE_BY,
+    UsageBy,
+    UsageReport,
+    parse_duration,
+    parse_since,
+    usage_csv,
+)
 from node.config import (
     CONFIG_FILE,
     IDENTITY_FILE,
@@ -25,14 +44,27 @@ from node.config import (
     load_config,
     missing_secrets,
 )
+from node.management import (
+    CreatedKey,
+    KeyInput,
+    KeyView,
+    Management,
+    ManagementError,
+    RotateInput,
+    SpendView,
+    TenantInput,
+    TenantView,
+)
+from node.policy import PERIODS, Limits
 from node.provision import NodeExists, create_node, node_exists
+from node.storage import UsageGroup
 
 console = Console()
 errors = Console(stderr=True)
 
 
 def fail(message: str) -> None:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     sys.exit(1)
 
 
@@ -74,16 +106,16 @@ def main() -> None:
 def init(directory: Path, name: str | None, if_missing: bool) -> None:
     """Create a node: config, database, Ed25519 identity and an admin key (shown once)."""
     if if_missing and node_exists(directory):
-        console.print(f"Using the node at {directory}")
+        console.print(f"Using the node at {escape(str(directory))}")
         return
     node_name = name or _default_name(directory)
     try:
         identity, key = create_node(directory, node_name)
-    except NodeExists as exc:
+    except (NodeExists, ConfigError) as exc:
         fail(str(exc))
         return
     config = require_config(directory)
-    console.print(f"Created node [bold]{node_name}[/] at {directory}")
+    console.print(f"Created node [bold]{escape(node_name)}[/] at {escape(str(directory))}")
     console.print(f"Node id: {identity.node_id}")
     console.print(f"\nAdmin key (shown once, keep it safe):\n  [bold green]{key}[/]\n")
     console.print(examples(config, key), highlight=False, soft_wrap=True)
@@ -132,7 +164,7 @@ def serve(
     if not (directory / IDENTITY_FILE).exists():
         fail(f"no identity at {directory / IDENTITY_FILE}: run `aihub init`")
     for problem in missing_secrets(config, dict(os.environ)):
-        errors.print(f"[yellow]warning:[/] {problem}", highlight=False)
+        errors.print(f"[yellow]warning:[/] {escape(problem)}", highlight=False)
     host = host or config.server.host
     port = port or config.server.port
     workers = workers or config.server.workers
@@ -141,8 +173,8 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     url = f"http://{host}:{port}"
     console.print(
-        f"aihub {__version__}: node [bold]{config.node.name}[/] serving "
-        f"{', '.join(d.name for d in config.models) or 'no models'} at {url}/v1",
+        f"aihub {__version__}: node [bold]{escape(config.node.name)}[/] serving "
+        f"{escape(', '.join(d.name for d in config.models)) or 'no models'} at {url}/v1",
         highlight=False,
     )
     console.print(f'  curl {url}/v1/models -H "Authorization: Bearer $AIHUB_KEY"', highlight=False)
@@ -180,15 +212,15 @@ def serve(
 def models(directory: Path) -> None:
     """List the models this node serves."""
     config = require_config(directory)
-    table = Table(title=f"Models of {config.node.name}")
+    table = Table(title=Text(f"Models of {config.node.name}"))
     for column in ("name", "kind", "provider", "upstream model", "in $/1M", "out $/1M"):
         table.add_column(column)
     for d in config.models:
         table.add_row(
-            d.name,
+            Text(d.name),
             d.kind,
             d.provider,
-            d.model or d.name,
+            Text(d.model or d.name),
             f"{d.price_in / 1e6:g}",
             f"{d.price_out / 1e6:g}",
         )
@@ -207,14 +239,678 @@ def config_check(directory: Path) -> None:
     loaded = require_config(directory)
     problems = missing_secrets(loaded, dict(os.environ))
     for problem in problems:
-        errors.print(f"[bold red]error:[/] {problem}", highlight=False)
+        errors.print(f"[bold red]error:[/] {escape(problem)}", highlight=False)
     if problems:
         sys.exit(1)
     console.print(
-        f"{directory / CONFIG_FILE}: ok ({len(loaded.models)} deployments, "
+        f"{escape(str(directory / CONFIG_FILE))}: ok ({len(loaded.models)} deployments, "
         f"{len({d.name for d in loaded.models})} models)",
         highlight=False,
     )
+
+
+# --- keys, tenants, usage and audit ---------------------------------------------------------
+# These work on the node's data folder directly (access to it is the admin's credential); a
+# running node sees every change on its next request, through the epoch file.
+
+NONE_WORDS = ("none", "null")
+# KeyInput/TenantInput fields by the option that sets them, for error messages.
+OPTION_OF_FIELD = {
+    "budget_micros": "--budget",
+    "budget_period": "--period",
+    "max_parallel": "--max-parallel",
+    "allowed_ips": "--ips",
+    "expires_in": "--expires",
+    "expires_at": "--expires",
+    "metadata": "--meta",
+    "grace_seconds": "--grace",
+}
+T = TypeVar("T")
+
+
+def parse_money(text: str) -> int:
+    """Currency units (e.g. dollars) to integer micro-units, exactly: 20 -> 20_000_000,
+    0.000001 -> 1. ValueError for a negative amount or more than 6 decimals."""
+    try:
+        amount = Decimal(text.strip())
+    except InvalidOperation:
+        raise ValueError(f"not an amount: {text!r} (e.g. 20 or 0.5)") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"an amount is zero or more: {text!r}")
+    micros = amount.scaleb(6)
+    if micros != micros.to_integral_value():
+        raise ValueError(f"an amount has at most 6 decimals: {text!r}")
+    return int(micros)
+
+
+def money(micros: int) -> str:
+    """Micro-units as currency with all 6 decimals: 1500000 -> $1.500000."""
+    return f"${Decimal(micros).scaleb(-6):.6f}"
+
+
+def amount(micros: int) -> str:
+    """Micro-units as currency, without trailing zeros: 20000000 -> $20, 1 -> $0.000001."""
+    return f"${Decimal(micros).scaleb(-6).normalize():f}"
+
+
+def _is_none(text: str) -> bool:
+    return text.strip().lower() in NONE_WORDS
+
+
+def _money_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return UNSET
+    if _is_none(value):
+        return None
+    try:
+        return parse_money(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _count_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return UNSET
+    if _is_none(value):
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise click.BadParameter(f"a whole number of 1 or more, or none; not {value!r}")
+    return int(value)
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _globs_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return UNSET
+    if _is_none(value):
+        return None
+    globs = _split(value)
+    if not globs:
+        raise click.BadParameter("comma-separated model names or globs, or none for every model")
+    return globs
+
+
+def _ips_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return UNSET
+    return [] if _is_none(value) else _split(value)
+
+
+def _tenant_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return UNSET
+    return None if _is_none(value) else value
+
+
+def _expires_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+    """`never` -> ("expires_at", None); `30d` -> ("expires_in", 2592000)."""
+    if value is None:
+        return UNSET
+    if value.strip().lower() in ("never", *NONE_WORDS):
+        return ("expires_at", None)
+    try:
+        return ("expires_in", parse_duration(value))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _duration_option(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
+    try:
+        return parse_duration(value, allow_zero=True)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _since_option(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
+    try:
+        return parse_since(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _meta_option(
+    _ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
+) -> dict[str, str] | UnsetType:
+    if not value:
+        return UNSET
+    metadata: dict[str, str] = {}
+    for item in value:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"metadata is key=value, not {item!r}")
+        metadata[name.strip()] = text
+    return metadata
+
+
+def _options(*decorators: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def apply(command: Any) -> Any:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return apply
+
+
+_limit_options = _options(
+    click.option(
+        "--models",
+        callback=_globs_option,
+        help="Comma-separated model names or globs, e.g. 'gpt-4o*,llama3' (none: every model)",
+    ),
+    click.option(
+        "--budget",
+        callback=_money_option,
+        help="Spend cap per period in currency units, e.g. 20 or 0.5 (none: no cap)",
+    ),
+    click.option("--period", type=click.Choice(PERIODS), help="Budget period [default: monthly]"),
+    click.option("--rpm", callback=_count_option, help="Requests per minute (none: no limit)"),
+    click.option("--tpm", callback=_count_option, help="Tokens per minute (none: no limit)"),
+    click.option(
+        "--max-parallel", callback=_count_option, help="Requests in flight (none: no limit)"
+    ),
+)
+_key_options = _options(
+    click.option(
+        "--tenant", callback=_tenant_option, help="Tenant (name or id) the key belongs to"
+    ),
+    _limit_options,
+    click.option(
+        "--expires",
+        callback=_expires_option,
+        help="Expire after a duration (30d, 12h) or never [default: never]",
+    ),
+    click.option(
+        "--ips",
+        callback=_ips_option,
+        help="Comma-separated addresses or CIDRs the key may be used from (none: anywhere)",
+    ),
+    click.option(
+        "--meta",
+        multiple=True,
+        callback=_meta_option,
+        metavar="KEY=VALUE",
+        help="Metadata (repeatable; replaces all metadata on update)",
+    ),
+    click.option("--json", "as_json", is_flag=True, help="Print JSON"),
+)
+_tenant_options = _options(
+    _limit_options,
+    click.option(
+        "--meta",
+        multiple=True,
+        callback=_meta_option,
+        metavar="KEY=VALUE",
+        help="Metadata (repeatable; replaces all metadata on update)",
+    ),
+    click.option("--json", "as_json", is_flag=True, help="Print JSON"),
+)
+
+
+def _spec(kind: type[T], fields: dict[str, Any]) -> T:
+    """Validate options the way the admin API validates a body."""
+    given = {name: value for name, value in fields.items() if value is not UNSET}
+    try:
+        return msgspec.convert(given, kind)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        at = re.search(r" - at `\$\.(\w+)", message)
+        if at is None:
+            fail(message)
+            raise
+        field = at.group(1)
+        option = OPTION_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+        fail(f"{option}: {message[: at.start()]}")
+        raise
+
+
+def _key_fields(
+    name: str | None,
+    tenant: Any,
+    expires: Any,
+    ips: Any,
+    meta: Any,
+    **limits: Any,
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "name": UNSET if name is None else name,
+        "tenant": tenant,
+        "allowed_ips": ips,
+        "metadata": meta,
+        **_limit_fields(**limits),
+    }
+    if expires is not UNSET:
+        field, value = expires
+        fields[field] = value
+    return fields
+
+
+def _limit_fields(
+    models: Any, budget: Any, period: str | None, rpm: Any, tpm: Any, max_parallel: Any
+) -> dict[str, Any]:
+    return {
+        "models": models,
+        "budget_micros": budget,
+        "budget_period": UNSET if period is None else period,
+        "rpm": rpm,
+        "tpm": tpm,
+        "max_parallel": max_parallel,
+    }
+
+
+def _cli_actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:
+        return "cli"
+
+
+def _manage(directory: Path, work: Callable[[Management], Awaitable[T]]) -> T:
+    """Run `work` on the node's data folder; a refused change fails the command."""
+    require_config(directory)
+    if not (directory / IDENTITY_FILE).exists():
+        fail(f"no identity at {directory / IDENTITY_FILE}: run `aihub init`")
+
+    async def run() -> T:
+        management = await Management.open(directory)
+        try:
+            return await work(management)
+        finally:
+            await management.close()
+
+    try:
+        return asyncio.run(run())
+    except ManagementError as exc:
+        fail(exc.message)
+        raise
+
+
+def _print_json(value: object) -> None:
+    click.echo(msgspec.json.format(msgspec.json.encode(value), indent=2).decode())
+
+
+def _when(seconds: int | None, empty: str = "never") -> str:
+    if seconds is None:
+        return empty
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _models_text(limits: Limits) -> str:
+    return "all" if limits.models is None else ", ".join(limits.models) or "(none)"
+
+
+def _budget_text(limits: Limits, spend: SpendView | None) -> str:
+    if limits.budget_micros is None:
+        return "-"
+    spent = spend.spent_micros if spend else 0
+    return f"{amount(spent)} / {amount(limits.budget_micros)} {limits.budget_period}"
+
+
+def _rate_text(limits: Limits) -> str:
+    rpm = "-" if limits.rpm is None else str(limits.rpm)
+    tpm = "-" if limits.tpm is None else str(limits.tpm)
+    return f"{rpm} / {tpm}"
+
+
+def _details(rows: list[tuple[str, str]]) -> None:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    for label, value in rows:
+        grid.add_row(Text(label), Text(value))
+    console.print(grid)
+
+
+def _limit_rows(limits: Limits, spend: SpendView | None) -> list[tuple[str, str]]:
+    rows = [
+        ("models", _models_text(limits)),
+        ("budget", _budget_text(limits, spend)),
+        ("rpm / tpm", _rate_text(limits)),
+        ("max parallel", "-" if limits.max_parallel is None else str(limits.max_parallel)),
+    ]
+    if spend is not None:
+        rows.append(("reserved", amount(spend.reserved_micros)))
+        rows.append(("resets", _when(spend.resets_at)))
+    return rows
+
+
+def _show_key(view: KeyView) -> None:
+    rows = [
+        ("id", view.id),
+        ("name", view.name),
+        ("status", view.status),
+        ("admin", "yes" if view.is_admin else "no"),
+        ("tenant", view.tenant or "-"),
+        *_limit_rows(view.limits, view.spend),
+        ("allowed ips", ", ".join(view.allowed_ips) or "anywhere"),
+        ("expires", _when(view.expires_at)),
+        ("created", _when(view.created_at)),
+    ]
+    if view.revoked_at is not None:
+        rows.append(("revoked", _when(view.revoked_at)))
+    elif view.previous_key_valid_until is not None:
+        rows.append(("old key valid until", _when(view.previous_key_valid_until)))
+    rows.extend((f"meta {name}", value) for name, value in view.metadata.items())
+    _details(rows)
+
+
+def _show_tenant(view: TenantView) -> None:
+    rows = [
+        ("id", view.id),
+        ("name", view.name),
+        ("keys", str(view.keys)),
+        *_limit_rows(view.limits, view.spend),
+        ("created", _when(view.created_at)),
+    ]
+    rows.extend((f"meta {name}", value) for name, value in view.metadata.items())
+    _details(rows)
+
+
+def _show_created(created: CreatedKey, as_json: bool, title: str) -> None:
+    if as_json:
+        _print_json(created)
+        return
+    console.print(f"{title} (shown once, keep it safe):")
+    console.print(f"  [bold green]{created.key}[/]\n", soft_wrap=True, highlight=False)
+    _show_key(created.record)
+
+
+@main.group("keys")
+def keys_group() -> None:
+    """Create, list, change, rotate and revoke API keys."""
+
+
+@keys_group.command("create")
+@click.option("--name", required=True, help="A name for the key, e.g. ci-bot")
+@_key_options
+@with_data_dir
+def keys_create(directory: Path, name: str, as_json: bool, **options: Any) -> None:
+    """Create a key; the key itself is shown once, here."""
+    spec = _spec(KeyInput, _key_fields(name, **options))
+    created = _manage(directory, lambda m: m.create_key(spec, _cli_actor()))
+    _show_created(created, as_json, "New key")
+
+
+@keys_group.command("list")
+@click.option("--all", "include_revoked", is_flag=True, help="Include revoked keys")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON")
+@with_data_dir
+def keys_list(directory: Path, include_revoked: bool, as_json: bool) -> None:
+    """List the keys (active and expired; with --all, revoked too)."""
+    views = _manage(directory, lambda m: m.list_keys(include_revoked=include_revoked))
+    if as_json:
+        _print_json(views)
+        return
+    table = Table(title="Keys")
+    table.add_column("id", no_wrap=True, min_width=12)
+    for column in ("name", "tenant", "status", "models", "budget", "rpm / tpm", "expires"):
+        table.add_column(column, overflow="fold")
+    for view in views:
+        table.add_row(
+            view.id,
+            Text(view.name + (" (admin)" if view.is_admin else "")),
+            Text(view.tenant or "-"),
+            view.status,
+            Text(_models_text(view.limits)),
+            _budget_text(view.limits, view.spend),
+            _rate_text(view.limits),
+            _when(view.expires_at)[:10],
+        )
+    console.print(table)
+
+
+@keys_group.command("show")
+@click.argument("id_or_key")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON")
+@with_data_dir
+def keys_show(directory: Path, id_or_key: str, as_json: bool) -> None:
+    """Show one key, by its id or by the key itself."""
+
+    async def work(m: Management) -> KeyView:
+        return await m.key_view(await m.find_key(id_or_key))
+
+    view = _manage(directory, work)
+    if as_json:
+        _print_json(view)
+    else:
+        _show_key(view)
+
+
+@keys_group.command("update")
+@click.argument("id_or_key")
+@click.option("--name", help="A new name")
+@_key_options
+@with_data_dir
+def keys_update(
+    directory: Path, id_or_key: str, name: str | None, as_json: bool, **options: Any
+) -> None:
+    """Change a key's limits, tenant, expiry, addresses or metadata; `none` removes a limit
+    (e.g. --budget none, --rpm none, --models none, --tenant none, --expires never)."""
+    fields = _key_fields(name, **options)
+    if all(value is UNSET for value in fields.values()):
+        fail("nothing to change: give at least one option (see --help)")
+    spec = _spec(KeyInput, fields)
+    view = _manage(directory, lambda m: m.update_key(id_or_key, spec, _cli_actor()))
+    if as_json:
+        _print_json(view)
+        return
+    console.print(f"Updated key {view.id}")
+    _show_key(view)
+
+
+@keys_group.command("revoke")
+@click.argument("id_or_key")
+@with_data_dir
+def keys_revoke(directory: Path, id_or_key: str) -> None:
+    """Revoke a key: a running node refuses it from its next request."""
+    view = _manage(directory, lambda m: m.revoke_key(id_or_key, _cli_actor()))
+    console.print(f"Revoked key {view.id} ({escape(view.name)})", highlight=False)
+
+
+@keys_group.command("rotate")
+@click.argument("id_or_key")
+@click.option(
+    "--grace",
+    default="24h",
+    show_default=True,
+    callback=_duration_option,
+    help="How long the old key keeps working (0: stops at once)",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON")
+@with_data_dir
+def keys_rotate(directory: Path, id_or_key: str, grace: int, as_json: bool) -> None:
+    """Give a key a new secret (same id, limits and spend); the new key is shown once."""
+    spec = _spec(RotateInput, {"grace_seconds": grace})
+    created = _manage(
+        directory, lambda m: m.rotate_key(id_or_key, spec.grace_seconds, _cli_actor())
+    )
+    _show_created(created, as_json, "Rotated key")
+
+
+@main.group("tenants")
+def tenants_group() -> None:
+    """Create, list and change tenants: groups of keys with shared limits."""
+
+
+@tenants_group.command("create")
+@click.option("--name", required=True, help="A unique name, e.g. acme")
+@_tenant_options
+@with_data_dir
+def tenants_create(directory: Path, name: str, meta: Any, as_json: bool, **limits: Any) -> None:
+    """Create a tenant."""
+    spec = _spec(TenantInput, {"name": name, "metadata": meta, **_limit_fields(**limits)})
+    view = _manage(directory, lambda m: m.create_tenant(spec, _cli_actor()))
+    if as_json:
+        _print_json(view)
+        return
+    console.print(f"Created tenant {view.id}")
+    _show_tenant(view)
+
+
+@tenants_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON")
+@with_data_dir
+def tenants_list(directory: Path, as_json: bool) -> None:
+    """List the tenants."""
+    views = _manage(directory, lambda m: m.list_tenants())
+    if as_json:
+        _print_json(views)
+        return
+    table = Table(title="Tenants")
+    table.add_column("id", no_wrap=True, min_width=15)
+    for column in ("name", "keys", "models", "budget", "rpm / tpm", "max parallel"):
+        table.add_column(column, overflow="fold")
+    for view in views:
+        table.add_row(
+            view.id,
+            Text(view.name),
+            str(view.keys),
+            Text(_models_text(view.limits)),
+            _budget_text(view.limits, view.spend),
+            _rate_text(view.limits),
+            "-" if view.limits.max_parallel is None else str(view.limits.max_parallel),
+        )
+    console.print(table)
+
+
+@tenants_group.command("show")
+@click.argument("id_or_name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON")
+@with_data_dir
+def tenants_show(directory: Path, id_or_name: str, as_json: bool) -> None:
+    """Show one tenant, by its id or name."""
+
+    async def work(m: Management) -> TenantView:
+        return await m.tenant_view(await m.find_tenant(id_or_name))
+
+    view = _manage(directory, work)
+    if as_json:
+        _print_json(view)
+    else:
+        _show_tenant(view)
+
+
+@tenants_group.command("update")
+@click.argument("id_or_name")
+@click.option("--name", help="A new name")
+@_tenant_options
+@with_data_dir
+def tenants_update(
+    directory: Path, id_or_name: str, name: str | None, meta: Any, as_json: bool, **limits: Any
+) -> None:
+    """Change a tenant's name, limits or metadata; `none` removes a limit."""
+    fields = {"name": UNSET if name is None else name, "metadata": meta, **_limit_fields(**limits)}
+    if all(value is UNSET for value in fields.values()):
+        fail("nothing to change: give at least one option (see --help)")
+    spec = _spec(TenantInput, fields)
+    view = _manage(directory, lambda m: m.update_tenant(id_or_name, spec, _cli_actor()))
+    if as_json:
+        _print_json(view)
+        return
+    console.print(f"Updated tenant {view.id}")
+    _show_tenant(view)
+
+
+@main.command("usage")
+@click.option(
+    "--by", type=click.Choice(USAGE_BY), default="key", show_default=True, help="Group by"
+)
+@click.option(
+    "--since",
+    default=DEFAULT_SINCE,
+    show_default=True,
+    callback=_since_option,
+    help="A duration back from now (30m, 24h, 7d), a date (2025-01-31) or unix seconds",
+)
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON")
+@with_data_dir
+def usage_command(directory: Path, by: UsageBy, since: int, as_csv: bool, as_json: bool) -> None:
+    """Requests, tokens and cost, grouped by key, tenant or model."""
+
+    async def work(m: Management) -> tuple[list[UsageGroup], dict[str, str]]:
+        rows = await m.store.usage_report(by, since)
+        names: dict[str, str] = {}
+        if by == "key":
+            names = {k.id: k.name for k in await m.store.keys()}
+        elif by == "tenant":
+            names = {t.id: t.name for t in await m.store.tenants()}
+        return rows, names
+
+    rows, names = _manage(directory, work)
+    if as_csv:
+        click.echo(usage_csv(rows), nl=False)
+        return
+    if as_json:
+        _print_json(UsageReport(by, since, rows))
+        return
+    table = Table(title=f"Usage by {by} since {_when(since // 1000)}")
+    table.add_column(by, overflow="fold")
+    for column in ("requests", "errors", "tokens in", "tokens out", "cost"):
+        table.add_column(column, justify="right", overflow="fold")
+    for row in rows:
+        label = "(none)" if row.group is None else row.group
+        if row.group in names:
+            label = f"{row.group} ({names[row.group]})"
+        table.add_row(
+            Text(label),
+            str(row.requests),
+            str(row.errors),
+            str(row.tokens_in),
+            str(row.tokens_out),
+            money(row.cost_micros),
+        )
+    table.add_row(
+        "total",
+        str(sum(r.requests for r in rows)),
+        str(sum(r.errors for r in rows)),
+        str(sum(r.tokens_in for r in rows)),
+        str(sum(r.tokens_out for r in rows)),
+        money(sum(r.cost_micros for r in rows)),
+        style="bold",
+    )
+    console.print(table)
+
+
+@main.command("audit")
+@click.option(
+    "--since",
+    default=DEFAULT_SINCE,
+    show_default=True,
+    callback=_since_option,
+    help="A duration back from now (30m, 24h, 7d), a date (2025-01-31) or unix seconds",
+)
+@click.option("--action", help="Only these actions; * matches anything, e.g. 'auth.*'")
+@click.option("--limit", type=click.IntRange(1, AUDIT_LIMIT_MAX), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON")
+@with_data_dir
+def audit_command(
+    directory: Path, since: int, action: str | None, limit: int, as_json: bool
+) -> None:
+    """Who changed what, and the security events (bad keys, refused addresses), newest
+    first."""
+    events = _manage(directory, lambda m: m.store.audit(since, limit, action))
+    if as_json:
+        _print_json(events)
+        return
+    table = Table(title="Audit log")
+    table.add_column("time (UTC)", no_wrap=True)
+    table.add_column("action", no_wrap=True)
+    for column in ("actor", "target", "ip", "detail"):
+        table.add_column(column, overflow="fold")
+    for event in events:
+        detail = ", ".join(f"{name}={value}" for name, value in event.detail.items())
+        table.add_row(
+            datetime.fromtimestamp(event.ts_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            event.action,
+            Text(event.actor or "-"),
+            Text(event.target or "-"),
+            event.ip or "-",
+            Text(detail),
+        )
+    console.print(table)
 
 
 if __name__ == "__main__":

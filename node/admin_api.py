@@ -1,0 +1,381 @@
+"""The admin API: keys, tenants, usage and the audit log, for an admin key only.
+
+The same operations as `aihub keys …` and `aihub tenants …` (both go through
+`node.management`). Every change is written to the store, audited as `admin:<key id>`, and
+seen at once by this process (its key cache is reloaded before the answer) and by every other
+process serving the node (through the epoch file).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Literal, TypeVar
+
+import msgspec
+from litestar import Request, Response, delete, get, patch, post
+from litestar.params import FromPath
+
+from node.auth import Principal
+from node.config import DATABASE_FILE
+from node.errors import ApiError
+from node.keys import HASH_PURPOSE
+from node.management import (
+    KeyInput,
+    KeyView,
+    Management,
+    ManagementError,
+    RotateInput,
+    TenantInput,
+    TenantView,
+)
+from node.openai_api import JSON, _authenticate, client_ip, hub_of
+from node.storage import AuditEvent, Store, UsageGroup
+
+T = TypeVar("T")
+log = logging.getLogger("aihub.admin")
+
+UsageBy = Literal["key", "tenant", "model"]
+USAGE_BY: tuple[UsageBy, ...] = ("key", "tenant", "model")
+USAGE_COLUMNS = UsageGroup.__struct_fields__
+DEFAULT_SINCE = "7d"
+AUDIT_LIMIT_MAX = 1000
+
+# --- durations and points in time (shared with the CLI) ------------------------------------
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_RE = re.compile(r"^(\d+)([smhdw]?)$")
+
+
+def parse_duration(text: str, *, allow_zero: bool = False) -> int:
+    """`30m`, `24h`, `7d`, `2w`, `45s` or plain seconds, as seconds; ValueError otherwise."""
+    match = _DURATION_RE.fullmatch(text.strip().lower())
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (e.g. 30m, 24h, 7d)")
+    seconds = int(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
+    if seconds == 0 and not allow_zero:
+        raise ValueError(f"a duration must be more than zero: {text!r}")
+    return seconds
+
+
+def parse_since(text: str, now: float | None = None) -> int:
+    """The start of a report, in unix milliseconds, from a duration back from now (`7d`,
+    `24h`, `30m`), an ISO 8601 date or date-time (UTC unless it says otherwise), or unix
+    seconds. ValueError on anything else."""
+    text = text.strip()
+    now = time.time() if now is None else now
+    match = _DURATION_RE.fullmatch(text.lower())
+    if match and match.group(2):
+        return int((now - parse_duration(text, allow_zero=True)) * 1000)
+    if text.isdigit():
+        return int(text) * 1000
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"not a duration, date or unix time: {text!r} (e.g. 7d, 24h, 2025-01-31)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def usage_csv(rows: list[UsageGroup]) -> str:
+    """A usage report as CSV, with a header line."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(USAGE_COLUMNS)
+    for row in rows:
+        writer.writerow(["" if value is None else value for value in msgspec.structs.astuple(row)])
+    return out.getvalue()
+
+
+# --- responses ----------------------------------------------------------------------------
+
+
+class KeyList(msgspec.Struct, tag_field="object", tag="list"):
+    data: list[KeyView]
+
+
+class TenantList(msgspec.Struct, tag_field="object", tag="list"):
+    data: list[TenantView]
+
+
+class UsageReport(msgspec.Struct, tag_field="object", tag="list"):
+    by: str
+    since: int
+    data: list[UsageGroup]
+
+
+class AuditList(msgspec.Struct, tag_field="object", tag="list"):
+    data: list[AuditEvent]
+
+
+def _json(value: object, status: int = 200) -> Response[bytes]:
+    return Response(msgspec.json.encode(value), media_type=JSON, status_code=status)
+
+
+# --- request parts ------------------------------------------------------------------------
+
+_key_input = msgspec.json.Decoder(KeyInput)
+_tenant_input = msgspec.json.Decoder(TenantInput)
+_rotate_input = msgspec.json.Decoder(RotateInput)
+_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
+
+
+def _decode(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
+    """A JSON object body, strictly: wrong types and unknown fields are a 400 naming them."""
+    if not body.strip():
+        raise ApiError(400, "The request body is empty: send a JSON object")
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        at = _AT_PATH.search(message)
+        path = at.group(1) if at else ""
+        if at:
+            message = message[: at.start()]
+        unknown = _UNKNOWN_FIELD.search(message)
+        if unknown:
+            path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+        raise ApiError(400, f"Invalid request: {message}", param=path or None) from exc
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"The request body is not valid JSON: {exc}") from exc
+
+
+def _query(request: Request, name: str, default: str) -> str:
+    value = request.query_params.get(name)
+    return default if value is None else value
+
+
+def _flag(request: Request, name: str) -> bool:
+    value = _query(request, name, "false").strip().lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no", ""):
+        return False
+    raise ApiError(400, f"`{name}` is true or false, not {value!r}", param=name)
+
+
+def _since(request: Request) -> int:
+    try:
+        return parse_since(_query(request, "since", DEFAULT_SINCE))
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="since") from exc
+
+
+async def _admin(request: Request) -> Principal:
+    """The caller, who must hold an admin key."""
+    principal = await _authenticate(request)
+    if not principal.is_admin:
+        hub_of(request).keys.note("auth.not_admin", principal.key_id, client_ip(request))
+        raise ApiError(
+            403,
+            "This endpoint needs an admin key",
+            type="permission_error",
+            code="admin_key_required",
+        )
+    return principal
+
+
+_CODES = {404: "not_found", 409: "conflict"}
+
+
+@asynccontextmanager
+async def _management(request: Request) -> AsyncIterator[Management]:
+    """The management operations, on a connection of their own: the node's shared connection
+    carries the usage writer's transactions, and a second transaction begun on it while one
+    is open fails (`cannot start a transaction within a transaction`)."""
+    hub = hub_of(request)
+    store = await Store.open(hub.data_dir / DATABASE_FILE)
+    try:
+        yield Management(store, hub.identity.derive_secret(HASH_PURPOSE), hub.data_dir)
+    except ManagementError as exc:
+        raise ApiError(
+            exc.status, exc.message, code=_CODES.get(exc.status), param=exc.param
+        ) from exc
+    finally:
+        await store.close()
+
+
+async def _changed(request: Request) -> None:
+    """This process sees a change before it answers (others see it through the epoch file)."""
+    await hub_of(request).keys.load()
+
+
+async def _flushed(request: Request) -> Store:
+    """The node's store, once what this process has queued for it (usage records, audit
+    events) is written: a report shows every request answered before it was asked for."""
+    hub = hub_of(request)
+    try:
+        await hub.usage.flush()
+    except Exception:
+        log.exception("writing queued usage before a report failed")
+    return hub.store
+
+
+def _actor(principal: Principal) -> str:
+    return f"admin:{principal.key_id}"
+
+
+# --- keys ---------------------------------------------------------------------------------
+
+
+@post("/admin/keys", status_code=201)
+async def create_key(request: Request) -> Response[bytes]:
+    principal = await _admin(request)
+    spec = _decode(await request.body(), _key_input)
+    async with _management(request) as management:
+        created = await management.create_key(spec, _actor(principal))
+    await _changed(request)
+    return _json(created, 201)
+
+
+@get("/admin/keys")
+async def list_keys(request: Request) -> Response[bytes]:
+    await _admin(request)
+    include_revoked = _flag(request, "include_revoked")
+    async with _management(request) as management:
+        keys = await management.list_keys(include_revoked=include_revoked)
+    return _json(KeyList(keys))
+
+
+@get("/admin/keys/{id_or_key:str}")
+async def show_key(request: Request, id_or_key: FromPath[str]) -> Response[bytes]:
+    await _admin(request)
+    async with _management(request) as management:
+        view = await management.key_view(await management.find_key(id_or_key))
+    return _json(view)
+
+
+@patch("/admin/keys/{id_or_key:str}")
+async def update_key(request: Request, id_or_key: FromPath[str]) -> Response[bytes]:
+    principal = await _admin(request)
+    spec = _decode(await request.body(), _key_input)
+    async with _management(request) as management:
+        view = await management.update_key(id_or_key, spec, _actor(principal))
+    await _changed(request)
+    return _json(view)
+
+
+async def _revoke(request: Request, id_or_key: str) -> Response[bytes]:
+    principal = await _admin(request)
+    async with _management(request) as management:
+        view = await management.revoke_key(id_or_key, _actor(principal))
+    await _changed(request)
+    return _json(view)
+
+
+@post("/admin/keys/{id_or_key:str}/revoke", status_code=200)
+async def revoke_key(request: Request, id_or_key: FromPath[str]) -> Response[bytes]:
+    return await _revoke(request, id_or_key)
+
+
+@delete("/admin/keys/{id_or_key:str}", status_code=200)
+async def delete_key(request: Request, id_or_key: FromPath[str]) -> Response[bytes]:
+    return await _revoke(request, id_or_key)
+
+
+@post("/admin/keys/{id_or_key:str}/rotate", status_code=200)
+async def rotate_key(request: Request, id_or_key: FromPath[str]) -> Response[bytes]:
+    principal = await _admin(request)
+    body = await request.body()
+    spec = _decode(body, _rotate_input) if body.strip() else RotateInput()
+    async with _management(request) as management:
+        created = await management.rotate_key(id_or_key, spec.grace_seconds, _actor(principal))
+    await _changed(request)
+    return _json(created)
+
+
+# --- tenants ------------------------------------------------------------------------------
+
+
+@post("/admin/tenants", status_code=201)
+async def create_tenant(request: Request) -> Response[bytes]:
+    principal = await _admin(request)
+    spec = _decode(await request.body(), _tenant_input)
+    async with _management(request) as management:
+        view = await management.create_tenant(spec, _actor(principal))
+    await _changed(request)
+    return _json(view, 201)
+
+
+@get("/admin/tenants")
+async def list_tenants(request: Request) -> Response[bytes]:
+    await _admin(request)
+    async with _management(request) as management:
+        tenants = await management.list_tenants()
+    return _json(TenantList(tenants))
+
+
+@get("/admin/tenants/{id_or_name:str}")
+async def show_tenant(request: Request, id_or_name: FromPath[str]) -> Response[bytes]:
+    await _admin(request)
+    async with _management(request) as management:
+        view = await management.tenant_view(await management.find_tenant(id_or_name))
+    return _json(view)
+
+
+@patch("/admin/tenants/{id_or_name:str}")
+async def update_tenant(request: Request, id_or_name: FromPath[str]) -> Response[bytes]:
+    principal = await _admin(request)
+    spec = _decode(await request.body(), _tenant_input)
+    async with _management(request) as management:
+        view = await management.update_tenant(id_or_name, spec, _actor(principal))
+    await _changed(request)
+    return _json(view)
+
+
+# --- usage and audit ----------------------------------------------------------------------
+
+
+@get("/admin/usage")
+async def usage(request: Request) -> Response[bytes]:
+    await _admin(request)
+    by = _query(request, "by", "key")
+    if by not in USAGE_BY:
+        raise ApiError(400, f"`by` is one of key, tenant, model; not {by!r}", param="by")
+    output = _query(request, "format", "json")
+    if output not in ("json", "csv"):
+        raise ApiError(400, f"`format` is json or csv; not {output!r}", param="format")
+    since = _since(request)
+    rows = await (await _flushed(request)).usage_report(by, since)
+    if output == "csv":
+        return Response(usage_csv(rows).encode(), media_type="text/csv; charset=utf-8")
+    return _json(UsageReport(by, since, rows))
+
+
+@get("/admin/audit")
+async def audit(request: Request) -> Response[bytes]:
+    await _admin(request)
+    since = _since(request)
+    text = _query(request, "limit", "100")
+    if not text.isdigit() or not 1 <= int(text) <= AUDIT_LIMIT_MAX:
+        raise ApiError(400, f"`limit` is 1 to {AUDIT_LIMIT_MAX}, not {text!r}", param="limit")
+    action = request.query_params.get("action") or None
+    events = await (await _flushed(request)).audit(since, int(text), action)
+    return _json(AuditList(events))
+
+
+ADMIN_ROUTES = [
+    create_key,
+    list_keys,
+    show_key,
+    update_key,
+    revoke_key,
+    delete_key,
+    rotate_key,
+    create_tenant,
+    list_tenants,
+    show_tenant,
+    update_tenant,
+    usage,
+    audit,
+]

@@ -1,0 +1,490 @@
+"""The `aihub` command line, run for real: in-process through click's CliRunner, and as a
+subprocess of the installed `aihub` script where the exit code itself matters."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from federation.identity import NodeIdentity
+from node import __version__
+from node.cli import main
+from node.config import (
+    CONFIG_FILE,
+    CONFIG_TEMPLATE,
+    DATABASE_FILE,
+    IDENTITY_FILE,
+    load_config,
+)
+from node.keys import HASH_PURPOSE, hashes_match, key_id_of
+from node.provision import create_node, node_exists
+from node.storage import Store
+
+AIHUB = Path(sys.executable).parent / "aihub"
+NODE_FILES = (CONFIG_FILE, DATABASE_FILE, IDENTITY_FILE)
+KEY_RE = re.compile(r"sk-hub-[0-9a-f]{12}_[A-Za-z0-9_-]{43}")
+UNSET_VAR = "AIHUB_TEST_SURELY_UNSET_KEY"
+
+
+def squash(text: str) -> str:
+    """Rich wraps long lines at the console's width: compare text without any whitespace."""
+    return "".join(text.split())
+
+
+def invoke(*args: str, env: dict[str, str | None] | None = None) -> Result:
+    # AIHUB_HOME from the developer's shell must never leak into a test.
+    environment: dict[str, str | None] = {"AIHUB_HOME": None, UNSET_VAR: None}
+    environment.update(env or {})
+    return CliRunner().invoke(main, list(args), env=environment, catch_exceptions=True)
+
+
+def run_aihub(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("AIHUB_HOME", UNSET_VAR)}
+    env["COLUMNS"] = "400"
+    return subprocess.run(
+        [str(AIHUB), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def assert_clean_failure(result: Result, *fragments: str) -> None:
+    """Failed with exit status 1 through `fail()`, not a traceback, naming each fragment."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    assert "error:" in result.output
+    for fragment in fragments:
+        assert squash(fragment) in squash(result.output), (fragment, result.output)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def admin_key_is_stored(folder: Path, key: str) -> bool:
+    identity = NodeIdentity.load(folder / IDENTITY_FILE)
+    secret = identity.derive_secret(HASH_PURPOSE)
+
+    async def read():
+        store = await Store.open(folder / DATABASE_FILE)
+        try:
+            return await store.active_keys()
+        finally:
+            await store.close()
+
+    records = {record.id: record for record in asyncio.run(read())}
+    record = records.get(key_id_of(key) or "")
+    return bool(record and record.is_admin and hashes_match(record.hash, secret, key))
+
+
+@pytest.fixture
+def node_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "node"
+    create_node(folder, "carol")
+    return folder
+
+
+def edit_config(folder: Path, old: str, new: str) -> None:
+    path = folder / CONFIG_FILE
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))
+
+
+def append_config(folder: Path, toml: str) -> None:
+    with (folder / CONFIG_FILE).open("a") as file:
+        file.write("\n" + toml + "\n")
+
+
+# --- version and help ---------------------------------------------------------------------
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.output.strip() == f"aihub, version {__version__}"
+
+
+def test_version_and_help_as_a_real_process():
+    version = run_aihub("--version")
+    assert version.returncode == 0
+    assert version.stdout.strip() == f"aihub, version {__version__}"
+    helped = run_aihub("--help")
+    assert helped.returncode == 0
+    for command in ("init", "serve", "models", "config"):
+        assert command in helped.stdout
+
+
+# --- init ---------------------------------------------------------------------------------
+
+
+def test_init_creates_a_private_node_and_shows_a_working_admin_key(tmp_path):
+    folder = tmp_path / "data" / "bob-node"
+    result = invoke("init", "--name", "bob", "--data-dir", str(folder))
+    assert result.exit_code == 0, result.output
+
+    for name in NODE_FILES:
+        assert (folder / name).is_file(), name
+    for path in folder.iterdir():
+        assert mode(path) == 0o600, (path.name, oct(mode(path)))
+    assert mode(folder) == 0o700
+
+    keys = KEY_RE.findall(result.output)
+    assert keys, result.output
+    key = keys[0]
+    assert set(keys) == {key}
+    assert admin_key_is_stored(folder, key)
+    # Examples that work when pasted: curl and the openai package, both with the key.
+    assert "curl http://127.0.0.1:8787/v1/chat/completions" in result.output
+    assert f'-H "Authorization: Bearer {key}"' in result.output
+    assert '"model": "echo"' in result.output
+    assert "from openai import OpenAI" in result.output
+    assert f'OpenAI(base_url="http://127.0.0.1:8787/v1", api_key="{key}")' in result.output
+
+    identity = NodeIdentity.load(folder / IDENTITY_FILE)
+    assert identity.node_id in result.output
+    config = load_config(folder)
+    assert config.node.name == "bob"
+    assert [d.name for d in config.models] == ["echo", "echo-embed"]
+
+
+def host_name() -> str:
+    return socket.gethostname().split(".")[0][:64]
+
+
+def test_init_names_the_node_after_the_host_by_default(tmp_path):
+    result = invoke("init", "--data-dir", str(tmp_path / "dave"))
+    assert result.exit_code == 0, result.output
+    assert load_config(tmp_path / "dave").node.name == (host_name() or "dave")
+
+
+@pytest.mark.parametrize(
+    "name", ['bob "the" hub', "back\\slash", "ünïcødé ✓", "tab\there", "a" * 64]
+)
+def test_init_keeps_any_valid_name_exactly(tmp_path, name):
+    result = invoke("init", "--name", name, "--data-dir", str(tmp_path / "n"))
+    assert result.exit_code == 0, result.output
+    assert load_config(tmp_path / "n").node.name == name
+
+
+def test_second_init_refuses_and_changes_nothing(node_folder):
+    before = snapshot(node_folder)
+    result = invoke("init", "--name", "mallory", "--data-dir", str(node_folder))
+    assert_clean_failure(result, "already exists", str(node_folder), "refusing to overwrite")
+    assert not KEY_RE.search(result.output)
+    assert snapshot(node_folder) == before
+
+
+def test_second_init_fails_for_real_with_exit_status_1(tmp_path):
+    folder = tmp_path / "node"
+    first = run_aihub("init", "--data-dir", str(folder))
+    assert first.returncode == 0, first.stderr
+    before = snapshot(folder)
+    second = run_aihub("init", "--data-dir", str(folder))
+    assert second.returncode == 1
+    assert "already exists" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert snapshot(folder) == before
+
+
+def test_init_refuses_a_half_made_node_too(tmp_path):
+    folder = tmp_path / "node"
+    folder.mkdir()
+    (folder / IDENTITY_FILE).write_bytes(b"\x01" * 32)
+    result = invoke("init", "--data-dir", str(folder))
+    assert_clean_failure(result, "already exists")
+    assert sorted(p.name for p in folder.iterdir()) == [IDENTITY_FILE]
+
+
+def test_init_if_missing_leaves_an_existing_node_alone(node_folder):
+    before = snapshot(node_folder)
+    result = invoke("init", "--if-missing", "--name", "other", "--data-dir", str(node_folder))
+    assert result.exit_code == 0, result.output
+    assert not KEY_RE.search(result.output)
+    assert snapshot(node_folder) == before
+
+
+def test_init_if_missing_creates_a_missing_node(tmp_path):
+    folder = tmp_path / "fresh"
+    result = invoke("init", "--if-missing", "--data-dir", str(folder))
+    assert result.exit_code == 0, result.output
+    assert node_exists(folder)
+    assert admin_key_is_stored(folder, KEY_RE.findall(result.output)[0])
+
+
+def test_init_honours_aihub_home(tmp_path):
+    folder = tmp_path / "from-env"
+    result = invoke("init", "--name", "envy", env={"AIHUB_HOME": str(folder)})
+    assert result.exit_code == 0, result.output
+    assert load_config(folder).node.name == "envy"
+    listed = invoke("models", env={"AIHUB_HOME": str(folder)})
+    assert listed.exit_code == 0, listed.output
+    assert "Models of envy" in listed.output
+
+
+def test_data_dir_option_wins_over_aihub_home(tmp_path):
+    result = invoke(
+        "init",
+        "--data-dir",
+        str(tmp_path / "option"),
+        env={"AIHUB_HOME": str(tmp_path / "env")},
+    )
+    assert result.exit_code == 0, result.output
+    assert node_exists(tmp_path / "option")
+    assert not (tmp_path / "env").exists()
+
+
+def test_default_data_dir_is_dot_aihub_in_home(tmp_path):
+    result = invoke("init", env={"HOME": str(tmp_path)})
+    assert result.exit_code == 0, result.output
+    assert node_exists(tmp_path / ".aihub")
+    assert load_config(tmp_path / ".aihub").node.name == (host_name() or "aihub")
+
+
+def test_init_with_an_invalid_name_creates_nothing(tmp_path):
+    """A name the config cannot hold (over 64 characters) must be refused up front: today the
+    node is created, then its own config fails to load, so init exits 1 with a half-usable
+    node on disk and its admin key never shown."""
+    folder = tmp_path / "node"
+    result = invoke("init", "--name", "a" * 65, "--data-dir", str(folder))
+    assert_clean_failure(result, "node.name")
+    assert not node_exists(folder)
+
+
+@pytest.mark.parametrize("name", ["[/x]", "[bold]loud"])
+def test_init_prints_the_name_literally(tmp_path, name):
+    """Names go through rich, whose markup must not apply to them: `[/x]` crashed init with
+    rich.errors.MarkupError after the node was created (so its admin key was lost), and
+    `[bold]loud` printed as `loud`."""
+    folder = tmp_path / "node"
+    result = invoke("init", "--name", name, "--data-dir", str(folder))
+    assert result.exit_code == 0, repr(result.exception)
+    assert squash(f"Created node {name} at") in squash(result.output)
+    key = KEY_RE.findall(result.output)[0]
+    assert admin_key_is_stored(folder, key)
+
+
+# --- config check -------------------------------------------------------------------------
+
+
+def test_config_check_passes_on_a_fresh_node(node_folder):
+    result = invoke("config", "check", "--data-dir", str(node_folder))
+    assert result.exit_code == 0, result.output
+    assert squash(f"{node_folder / CONFIG_FILE}: ok (2 deployments, 2 models)") in squash(
+        result.output
+    )
+
+
+def _template_line(text: str) -> int:
+    return CONFIG_TEMPLATE.splitlines().index(text) + 1
+
+
+BROKEN_EDITS = {
+    "wrong type": (
+        ("port = 8787", 'port = "x"'),
+        ["server.port:", "Expected `int`, got `str`"],
+    ),
+    "out of range": (("port = 8787", "port = 0"), ["server.port:", ">= 1"]),
+    "unknown key in a section": (
+        ("retries = 2 ", "retry = 5\nretries = 2 "),
+        ["router:", "unknown field `retry`"],
+    ),
+    "unknown section": (("[upstream]", "[upstreams]\n[upstream]"), ["`upstreams`"]),
+    "dangling fallback": (
+        ('# "gpt-4o" = ["claude-sonnet", "llama3"]', '"echo" = ["ghost"]'),
+        ["router.fallbacks.echo:", "'ghost' is not a configured model"],
+    ),
+    "fallback from an unknown model": (
+        ('# "gpt-4o" = ["claude-sonnet", "llama3"]', '"phantom" = ["echo"]'),
+        ["router.fallbacks:", "'phantom' is not a configured model"],
+    ),
+    "bad currency": (('currency = "USD"', 'currency = "usd"'), ["node.currency:"]),
+    "invalid TOML": (
+        ("port = 8787", "port = = 8787"),
+        ["not valid TOML", f"line {_template_line('port = 8787')}"],
+    ),
+}
+
+BROKEN_APPENDS = {
+    "unknown provider": (
+        '[[models]]\nname = "m"\nprovider = "nope"',
+        ["models[2].provider:", "'nope'"],
+    ),
+    "negative price": (
+        '[[models]]\nname = "m"\nprovider = "echo"\nprice_in = -1',
+        ["models[2].price_in:", ">= 0"],
+    ),
+    "azure without base_url": (
+        '[[models]]\nname = "az"\nprovider = "azure"\nmodel = "my-deployment"',
+        ["models[2] (az):", "azure needs base_url"],
+    ),
+    "base_url without a scheme": (
+        '[[models]]\nname = "o"\nprovider = "openai"\nbase_url = "api.example.com"',
+        ["models[2] (o):", "base_url must start with http:// or https://"],
+    ),
+    "anthropic embeddings": (
+        '[[models]]\nname = "c"\nprovider = "anthropic"\nkind = "embeddings"',
+        ["models[2] (c):", "anthropic serves no embeddings"],
+    ),
+    "missing api_key_env variable": (
+        f'[[models]]\nname = "o"\nprovider = "openai"\napi_key_env = "{UNSET_VAR}"',
+        [f"models[2] (o): environment variable {UNSET_VAR} is not set"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_EDITS))
+def test_config_check_names_the_place_of_an_edit_that_breaks_it(node_folder, case):
+    (old, new), fragments = BROKEN_EDITS[case]
+    edit_config(node_folder, old, new)
+    result = invoke("config", "check", "--data-dir", str(node_folder))
+    assert_clean_failure(result, str(node_folder / CONFIG_FILE), *fragments)
+
+
+@pytest.mark.parametrize("case", list(BROKEN_APPENDS))
+def test_config_check_names_the_deployment_that_breaks_it(node_folder, case):
+    toml, fragments = BROKEN_APPENDS[case]
+    append_config(node_folder, toml)
+    result = invoke("config", "check", "--data-dir", str(node_folder))
+    assert_clean_failure(result, *fragments)
+
+
+def test_config_check_passes_once_the_secret_is_set(node_folder):
+    append_config(
+        node_folder, f'[[models]]\nname = "o"\nprovider = "openai"\napi_key_env = "{UNSET_VAR}"'
+    )
+    result = invoke("config", "check", "--data-dir", str(node_folder), env={UNSET_VAR: "sk-x"})
+    assert result.exit_code == 0, result.output
+    assert "ok (3 deployments, 3 models)" in result.output
+
+
+def test_config_check_reports_several_problems_at_once(node_folder):
+    edit_config(node_folder, '# "gpt-4o" = ["claude-sonnet", "llama3"]', '"echo" = ["ghost"]')
+    append_config(node_folder, '[[models]]\nname = "az"\nprovider = "azure"')
+    result = invoke("config", "check", "--data-dir", str(node_folder))
+    assert_clean_failure(result, "router.fallbacks.echo:", "models[2] (az):")
+
+
+def test_config_check_fails_for_real_with_exit_status_1(node_folder):
+    edit_config(node_folder, "port = 8787", 'port = "x"')
+    completed = run_aihub("config", "check", "--data-dir", str(node_folder))
+    assert completed.returncode == 1
+    assert "server.port: Expected `int`, got `str`" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_config_check_reports_a_config_that_is_not_utf8(node_folder):
+    """A stray Latin-1 byte made `load_config` raise UnicodeDecodeError, not ConfigError, so
+    the CLI died with a traceback instead of saying what is wrong."""
+    path = node_folder / CONFIG_FILE
+    path.write_bytes(path.read_bytes().replace(b'name = "carol"', b'name = "caf\xe9"'))
+    result = invoke("config", "check", "--data-dir", str(node_folder))
+    assert_clean_failure(result, str(path))
+    assert "utf-8" in result.output.lower()
+
+
+def test_config_errors_print_user_text_literally(node_folder):
+    """Messages quote the config's own text, which rich must not read as markup: an unknown
+    key `"[/oops]"` crashed `config check` with rich.errors.MarkupError."""
+    edit_config(node_folder, "workers = 1", 'workers = 1\n"[/oops]" = 3')
+    result = invoke("config", "check", "--data-dir", str(node_folder))
+    assert_clean_failure(result, "server:", "unknown field `[/oops]`")
+
+
+# --- models -------------------------------------------------------------------------------
+
+
+def table_rows(output: str) -> list[list[str]]:
+    return [
+        [cell.strip() for cell in line.strip().strip("│").split("│")]
+        for line in output.splitlines()
+        if line.strip().startswith("│")
+    ]
+
+
+def test_models_lists_every_deployment(node_folder):
+    append_config(
+        node_folder,
+        '[[models]]\nname = "gpt-x"\nprovider = "openai"\nmodel = "up-x"\n'
+        "price_in = 2_500_000\nprice_out = 10_000_000\n\n"
+        '[[models]]\nname = "gpt-x"\nprovider = "ollama"\n'
+        'base_url = "http://127.0.0.1:11434"',
+    )
+    result = invoke("models", "--data-dir", str(node_folder))
+    assert result.exit_code == 0, result.output
+    assert "Models of carol" in result.output
+    assert table_rows(result.output) == [
+        ["echo", "chat", "echo", "echo", "0.1", "0.2"],
+        ["echo-embed", "embeddings", "echo", "echo-embed", "0.02", "0"],
+        ["gpt-x", "chat", "openai", "up-x", "2.5", "10"],
+        ["gpt-x", "chat", "ollama", "gpt-x", "0", "0"],
+    ]
+
+
+def test_models_prints_names_literally(node_folder):
+    """A deployment named `[bold]y` (a valid name) must be listed as such, not as `y`."""
+    append_config(node_folder, '[[models]]\nname = "[bold]y"\nprovider = "echo"')
+    result = invoke("models", "--data-dir", str(node_folder))
+    assert result.exit_code == 0, repr(result.exception)
+    assert ["[bold]y", "chat", "echo", "[bold]y", "0", "0"] in table_rows(result.output)
+
+
+def test_models_on_a_broken_config_says_where(node_folder):
+    append_config(node_folder, '[[models]]\nname = "m"\nprovider = "nope"')
+    result = invoke("models", "--data-dir", str(node_folder))
+    assert_clean_failure(result, "models[2].provider:")
+
+
+# --- no node here -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["models"], ["config", "check"]])
+def test_commands_without_a_node_say_to_run_init(tmp_path, command):
+    folder = tmp_path / "empty"
+    result = invoke(*command, "--data-dir", str(folder))
+    assert_clean_failure(result, f"no node at {folder}", "run `aihub init`")
+    assert not folder.exists()
+
+
+def test_commands_without_a_node_via_aihub_home(tmp_path):
+    result = invoke("models", env={"AIHUB_HOME": str(tmp_path / "nothing")})
+    assert_clean_failure(result, f"no node at {tmp_path / 'nothing'}", "aihub init")
+
+
+def test_serve_without_a_node_exits_without_starting(tmp_path):
+    folder = tmp_path / "empty"
+    completed = run_aihub("serve", "--data-dir", str(folder), "--port", "1", timeout=20)
+    assert completed.returncode == 1
+    assert f"no node at {folder}" in completed.stderr
+    assert "run `aihub init`" in completed.stderr
+    assert "serving" not in completed.stdout
+    assert not folder.exists()
+
+
+def test_serve_without_an_identity_exits_without_starting(node_folder):
+    (node_folder / IDENTITY_FILE).unlink()
+    completed = run_aihub("serve", "--data-dir", str(node_folder), "--port", "1", timeout=20)
+    assert completed.returncode == 1
+    assert squash(f"no identity at {node_folder / IDENTITY_FILE}") in squash(completed.stderr)
+    assert "run `aihub init`" in completed.stderr
+    assert "serving" not in completed.stdout
+
+
+def test_serve_with_a_broken_config_exits_without_starting(node_folder):
+    edit_config(node_folder, "port = 8787", 'port = "x"')
+    completed = run_aihub("serve", "--data-dir", str(node_folder), "--port", "1", timeout=20)
+    assert completed.returncode == 1
+    assert "server.port: Expected `int`, got `str`" in completed.stderr
+    assert "serving" not in completed.stdout
