@@ -70,7 +70,7 @@ def node_dir(tmp_path: Path) -> NodeDir:
 
 
 @contextmanager
-def run_node(directory: NodeDir) -> Iterator[RunningNode]:
+def run_node(directory: NodeDir, port: int = 0) -> Iterator[RunningNode]:
     """Serve the node in `directory` for real (uvicorn, lifespan, loopback port)."""
-    with serve_app(create_app(directory.path), lifespan="on") as url:
+    with serve_app(create_app(directory.path), lifespan="on", port=port) as url:
         yield RunningNode(directory, url)

@@ -12,12 +12,12 @@ from typing import Any
 import uvicorn
 
 
-def free_socket() -> socket.socket:
+def free_socket(port: int = 0) -> socket.socket:
     # IPPROTO_TCP, not 0: asyncio enables TCP_NODELAY only on sockets that say they are TCP,
     # and without it Nagle's algorithm adds ~40 ms to every small response.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     return sock
 
 
@@ -27,9 +27,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_app(app: Any, *, lifespan: str = "off") -> Iterator[str]:
-    """Serve `app` on 127.0.0.1 at a free port; yield its base URL; stop it afterwards."""
-    sock = free_socket()
+def serve_app(app: Any, *, lifespan: str = "off", port: int = 0) -> Iterator[str]:
+    """Serve `app` on 127.0.0.1 at `port` (default: a free one); yield its base URL; stop it
+    afterwards."""
+    sock = free_socket(port)
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         app, lifespan=lifespan, log_level="warning", loop="asyncio", timeout_graceful_shutdown=1
