@@ -12,10 +12,8 @@ import csv
 import io
 import logging
 import re
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import Literal, TypeVar
 
 import msgspec
@@ -37,6 +35,7 @@ from node.management import (
 )
 from node.openai_api import JSON, _authenticate, client_ip, hub_of
 from node.storage import AuditEvent, Store, UsageGroup
+from node.units import parse_since
 
 T = TypeVar("T")
 log = logging.getLogger("aihub.admin")
@@ -46,44 +45,6 @@ USAGE_BY: tuple[UsageBy, ...] = ("key", "tenant", "model")
 USAGE_COLUMNS = UsageGroup.__struct_fields__
 DEFAULT_SINCE = "7d"
 AUDIT_LIMIT_MAX = 1000
-
-# --- durations and points in time (shared with the CLI) ------------------------------------
-
-DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION_RE = re.compile(r"^(\d+)([smhdw]?)$")
-
-
-def parse_duration(text: str, *, allow_zero: bool = False) -> int:
-    """`30m`, `24h`, `7d`, `2w`, `45s` or plain seconds, as seconds; ValueError otherwise."""
-    match = _DURATION_RE.fullmatch(text.strip().lower())
-    if not match:
-        raise ValueError(f"not a duration: {text!r} (e.g. 30m, 24h, 7d)")
-    seconds = int(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
-    if seconds == 0 and not allow_zero:
-        raise ValueError(f"a duration must be more than zero: {text!r}")
-    return seconds
-
-
-def parse_since(text: str, now: float | None = None) -> int:
-    """The start of a report, in unix milliseconds, from a duration back from now (`7d`,
-    `24h`, `30m`), an ISO 8601 date or date-time (UTC unless it says otherwise), or unix
-    seconds. ValueError on anything else."""
-    text = text.strip()
-    now = time.time() if now is None else now
-    match = _DURATION_RE.fullmatch(text.lower())
-    if match and match.group(2):
-        return int((now - parse_duration(text, allow_zero=True)) * 1000)
-    if text.isdigit():
-        return int(text) * 1000
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(
-            f"not a duration, date or unix time: {text!r} (e.g. 7d, 24h, 2025-01-31)"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
 
 
 def usage_csv(rows: list[UsageGroup]) -> str:

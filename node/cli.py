@@ -12,7 +12,6 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,12 +30,11 @@ from node.admin_api import (
     USAGE_BY,
     UsageBy,
     UsageReport,
-    parse_duration,
-    parse_since,
     usage_csv,
 )
 from node.config import (
     CONFIG_FILE,
+    DATABASE_FILE,
     IDENTITY_FILE,
     Config,
     ConfigError,
@@ -57,7 +55,8 @@ from node.management import (
 )
 from node.policy import PERIODS, Limits
 from node.provision import NodeExists, create_node, node_exists
-from node.storage import UsageGroup
+from node.storage import Store, UsageGroup
+from node.units import amount, money, parse_duration, parse_money, parse_since
 
 console = Console()
 errors = Console(stderr=True)
@@ -168,6 +167,7 @@ def serve(
     host = host or config.server.host
     port = port or config.server.port
     workers = workers or config.server.workers
+    asyncio.run(_release_reservations(directory))
     # Workers are separate processes: they find the node through the environment.
     os.environ["AIHUB_HOME"] = str(directory)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -205,6 +205,16 @@ def serve(
         log_level="info",
         timeout_graceful_shutdown=10,
     )
+
+
+async def _release_reservations(directory: Path) -> None:
+    """Before any worker starts, no request is in flight: a reservation still held was left by
+    a node that stopped mid-request, and would shrink its budget for the rest of the period."""
+    store = await Store.open(directory / DATABASE_FILE)
+    try:
+        await store.release_all_reservations()
+    finally:
+        await store.close()
 
 
 @main.command()
@@ -266,31 +276,6 @@ OPTION_OF_FIELD = {
     "grace_seconds": "--grace",
 }
 T = TypeVar("T")
-
-
-def parse_money(text: str) -> int:
-    """Currency units (e.g. dollars) to integer micro-units, exactly: 20 -> 20_000_000,
-    0.000001 -> 1. ValueError for a negative amount or more than 6 decimals."""
-    try:
-        amount = Decimal(text.strip())
-    except InvalidOperation:
-        raise ValueError(f"not an amount: {text!r} (e.g. 20 or 0.5)") from None
-    if not amount.is_finite() or amount < 0:
-        raise ValueError(f"an amount is zero or more: {text!r}")
-    micros = amount.scaleb(6)
-    if micros != micros.to_integral_value():
-        raise ValueError(f"an amount has at most 6 decimals: {text!r}")
-    return int(micros)
-
-
-def money(micros: int) -> str:
-    """Micro-units as currency with all 6 decimals: 1500000 -> $1.500000."""
-    return f"${Decimal(micros).scaleb(-6):.6f}"
-
-
-def amount(micros: int) -> str:
-    """Micro-units as currency, without trailing zeros: 20000000 -> $20, 1 -> $0.000001."""
-    return f"${Decimal(micros).scaleb(-6).normalize():f}"
 
 
 def _is_none(text: str) -> bool:
