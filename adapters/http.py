@@ -8,12 +8,14 @@ failures into `UpstreamError`s and reads the two streaming framings providers us
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import httpx
 import msgspec
 
 from adapters.types import Upstream, UpstreamError, error_status_for, parse_retry_after
+
+T = TypeVar("T")
 
 # An error body larger than this is not worth reading in full to find a message.
 MAX_ERROR_BODY = 64 * 1024
@@ -216,3 +218,13 @@ async def iter_ndjson(response: httpx.Response, upstream: Upstream) -> AsyncIter
 
 def join_url(base: str, path: str) -> str:
     return base.rstrip("/") + "/" + path.lstrip("/")
+
+
+def decode_json(decoder: msgspec.json.Decoder[T], data: bytes, upstream: Upstream) -> T:
+    """An upstream's JSON answer, or a retryable 502 if it is not what its API promises."""
+    try:
+        return decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise UpstreamError(
+            502, f"{upstream.provider} upstream sent invalid JSON: {exc}", retryable=True
+        ) from exc

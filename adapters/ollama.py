@@ -28,8 +28,8 @@ import httpx
 import msgspec
 from msgspec import Raw, Struct
 
-from adapters.http import build_request, iter_ndjson, join_url, send
-from adapters.tokens import estimate_prompt_tokens, estimate_text_tokens
+from adapters.http import build_request, decode_json, iter_ndjson, join_url, send
+from adapters.tokens import completion_text, estimate_text_tokens, usage_or_estimate
 from adapters.types import (
     ChatCall,
     ChatCompletion,
@@ -337,37 +337,6 @@ def _finish_reason(done_reason: str | None, called_tools: bool) -> str:
     return "length" if done_reason == "length" else "stop"
 
 
-def _completion_text(content: str, calls: list[ToolCall]) -> str:
-    """What the model wrote, for estimating its tokens."""
-    parts = [content]
-    for call in calls:
-        parts += [call.function.name or "", call.function.arguments or ""]
-    return "".join(parts)
-
-
-def _usage(
-    prompt_count: int | None, completion_count: int | None, call: ChatCall, completion_text: str
-) -> tuple[Usage, bool]:
-    """Ollama's counts, each estimated if missing; and whether any was."""
-    prompt = prompt_count
-    if prompt is None:
-        prompt = estimate_prompt_tokens(call.request.messages)
-    completion = completion_count
-    if completion is None:
-        completion = estimate_text_tokens(completion_text)
-    estimated = prompt_count is None or completion_count is None
-    return Usage(prompt, completion, prompt + completion), estimated
-
-
-def _decode(decoder: msgspec.json.Decoder[T], data: bytes, upstream: Upstream) -> T:
-    try:
-        return decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise UpstreamError(
-            502, f"{upstream.provider} upstream sent invalid JSON: {exc}", retryable=True
-        ) from exc
-
-
 def _failed(upstream: Upstream, message: str) -> UpstreamError:
     # An error reported in a 200 answer is the provider's trouble, like a 5xx: retryable, so
     # that a stream failing before its first byte can still fall back.
@@ -393,16 +362,16 @@ class OllamaAdapter:
 
     async def chat(self, call: ChatCall) -> ChatResult:
         response = await self._post("api/chat", chat_body(call, self.upstream, stream=False))
-        answer = _decode(_chat_decoder, response.content, self.upstream)
+        answer = decode_json(_chat_decoder, response.content, self.upstream)
         if answer.error is not None:
             raise _failed(self.upstream, answer.error)
         message = answer.message or _Message("assistant")
         calls = _openai_tool_calls(message.tool_calls, call.request_id, 0, streamed=False)
-        usage, estimated = _usage(
+        usage, estimated = usage_or_estimate(
             answer.prompt_eval_count,
             answer.eval_count,
             call,
-            _completion_text(message.content, calls),
+            completion_text(message.content, calls),
         )
         reply = ResponseMessage(
             # OpenAI's answers that call tools and say nothing have `content: null`.
@@ -431,7 +400,7 @@ class OllamaAdapter:
             dimensions=request.dimensions,
         )
         response = await self._post("api/embed", msgspec.json.encode(body))
-        answer = _decode(_embed_decoder, response.content, self.upstream)
+        answer = decode_json(_embed_decoder, response.content, self.upstream)
         if len(answer.embeddings) != len(texts):
             raise _failed(
                 self.upstream, f"{len(answer.embeddings)} embeddings for {len(texts)} inputs"
@@ -488,7 +457,7 @@ class OllamaStream:
         finally:
             if self.usage is None:
                 # Cut short (an error, or the client went away): count what did arrive.
-                self.usage, self.usage_estimated = _usage(
+                self.usage, self.usage_estimated = usage_or_estimate(
                     None, None, self._call, "".join(self._written)
                 )
 
@@ -497,7 +466,7 @@ class OllamaStream:
         calls_so_far = 0
         started = False
         async for line in iter_ndjson(self._response, self._upstream):
-            chunk = _decode(_chat_decoder, line, self._upstream)
+            chunk = decode_json(_chat_decoder, line, self._upstream)
             if chunk.error is not None:
                 raise _failed(self._upstream, chunk.error)
             if not started:
@@ -513,7 +482,7 @@ class OllamaStream:
                     message.tool_calls, request_id, calls_so_far, streamed=True
                 )
                 calls_so_far += len(calls)
-                self._written.append(_completion_text("", calls))
+                self._written.append(completion_text("", calls))
                 yield self._chunk(Delta(tool_calls=calls))
             if chunk.done:
                 yield self._finish(chunk, called_tools=calls_so_far > 0)
@@ -526,7 +495,7 @@ class OllamaStream:
         )
 
     def _finish(self, last: _ChatResponse, *, called_tools: bool) -> bytes:
-        self.usage, self.usage_estimated = _usage(
+        self.usage, self.usage_estimated = usage_or_estimate(
             last.prompt_eval_count, last.eval_count, self._call, "".join(self._written)
         )
         return self._chunk(Delta(), _finish_reason(last.done_reason, called_tools))

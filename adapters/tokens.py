@@ -6,7 +6,7 @@ an estimate is always marked as such in the usage record.
 
 from __future__ import annotations
 
-from adapters.types import ContentPart, Message
+from adapters.types import ChatCall, ContentPart, Message, ToolCall, Usage
 
 # Per-message framing tokens in chat templates (role markers, separators).
 MESSAGE_OVERHEAD = 4
@@ -34,3 +34,20 @@ def estimate_prompt_tokens(messages: list[Message]) -> int:
             total += estimate_text_tokens(call.function.name or "")
             total += estimate_text_tokens(call.function.arguments or "")
     return total
+
+
+def completion_text(content: str, calls: list[ToolCall]) -> str:
+    """What the model wrote, tool calls included, for estimating its tokens."""
+    parts = [content]
+    for call in calls:
+        parts += [call.function.name or "", call.function.arguments or ""]
+    return "".join(parts)
+
+
+def usage_or_estimate(
+    prompt_count: int | None, completion_count: int | None, call: ChatCall, completion: str
+) -> tuple[Usage, bool]:
+    """The provider's counts, each estimated if missing; and whether any was."""
+    prompt = estimate_prompt_tokens(call.request.messages) if prompt_count is None else prompt_count
+    output = estimate_text_tokens(completion) if completion_count is None else completion_count
+    return Usage(prompt, output, prompt + output), prompt_count is None or completion_count is None
