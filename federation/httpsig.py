@@ -1,0 +1,376 @@
+"""Request signatures between nodes: the subset of RFC 9421 (HTTP Message Signatures) aihub uses.
+
+A node signs every request it sends to a peer with its node key (Ed25519), covering
+
+    "@method" "@authority" "@path" "content-digest" "aihub-request-id"
+
+where `content-digest` is the RFC 9530 sha-256 digest of the body, and the parameters
+`created`, `expires`, `nonce`, `keyid` (the node id) and `alg="ed25519"`, under the label
+`aihub`:
+
+    Content-Digest: sha-256=:<base64>:
+    Signature-Input: aihub=("@method" "@authority" "@path" "content-digest" \
+        "aihub-request-id");created=1700000000;expires=1700000060;nonce="...";\
+        keyid="ed25519:...";alg="ed25519"
+    Signature: aihub=:<base64 of the 64-byte Ed25519 signature>:
+
+The receiver rebuilds the signature base (RFC 9421 §2.5) from the request it got, checks the
+time window, the body digest and the signature, and remembers the nonce until the signature
+expires, so that a captured request cannot be replayed.
+
+`@authority` and `@path` are derived from the URL the same way on both sides (parsed as httpx
+parses it, so what is signed is what goes on the wire): host lowercased, default ports (80 for
+http, 443 for https) omitted, path without query, empty path as "/", percent-encoding normalised
+(hex digits uppercased, unreserved characters decoded). A path that contains an encoded "/" or
+"?" is seen decoded by ASGI servers and will not verify; aihub's own paths never do.
+
+Signature-Input, Signature and Content-Digest are parsed as RFC 8941/9651 structured fields with
+`http-sf`, the maintained reference implementation by the specification's editor.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import http_sf
+import httpx
+import nacl.exceptions
+import nacl.signing
+
+from federation.identity import NodeIdentity
+from federation.nonces import NonceCache, NonceCacheFull
+
+LABEL = "aihub"
+ALG = "ed25519"
+REQUEST_ID_HEADER = "aihub-request-id"
+COVERED_COMPONENTS: tuple[str, ...] = (
+    "@method",
+    "@authority",
+    "@path",
+    "content-digest",
+    REQUEST_ID_HEADER,
+)
+_ALLOWED_PARAMS = frozenset({"created", "expires", "nonce", "keyid", "alg"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+# Field values allowed in a signature base: visible ASCII, space and tab. Anything else
+# (notably CR and LF, which would forge extra lines) is refused.
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*")
+_COMPONENT_NAME = re.compile(r"@?[a-z0-9!#$%&'*+.^_`|~-]+")
+_NONCE_MIN, _NONCE_MAX = 16, 128
+_ED25519_SIGNATURE_BYTES = 64
+
+
+class SignatureError(ValueError):
+    """A request signature is missing, malformed, stale, replayed or does not verify."""
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedSignature:
+    """One labelled signature from the Signature-Input and Signature fields."""
+
+    label: str
+    components: tuple[str, ...]
+    params: dict[str, Any]
+    # The inner list with its parameters, re-serialised canonically (RFC 9421 §2.3): the value
+    # of the "@signature-params" line of the signature base.
+    params_text: str
+    signature: bytes
+
+
+# --- building blocks --------------------------------------------------------------------------
+
+
+def content_digest(body: bytes) -> str:
+    """The RFC 9530 Content-Digest field value of `body`, with sha-256."""
+    digest = base64.b64encode(hashlib.sha256(body).digest()).decode("ascii")
+    return f"sha-256=:{digest}:"
+
+
+def signature_base(components: Sequence[tuple[str, str]], params: str) -> bytes:
+    """The RFC 9421 §2.5 signature base for `components` ((name, value) pairs, in the order
+    they are covered) and `params` (the serialised inner list, as in Signature-Input)."""
+    lines = []
+    for name, value in [*components, ("@signature-params", params)]:
+        if not _COMPONENT_NAME.fullmatch(name):
+            raise ValueError(f"invalid component name {name!r}")
+        if not _FIELD_VALUE.fullmatch(value):
+            raise ValueError(f"component {name} has a value that cannot be signed")
+        lines.append(f'"{name}": {value}')
+    return "\n".join(lines).encode("ascii")
+
+
+def serialize_params(components: Iterable[str], params: Mapping[str, int | str]) -> str:
+    """The Signature-Input member value: the covered components and their parameters."""
+    serialized = http_sf.ser({"x": ([(name, {}) for name in components], dict(params))})
+    return serialized.removeprefix("x=")
+
+
+def authority_and_path(url: str) -> tuple[str, str]:
+    """The RFC 9421 `@authority` and `@path` of an absolute URL."""
+    try:
+        parsed = httpx.URL(url)
+        host = parsed.raw_host.decode("ascii").lower()
+        port = parsed.port
+        raw_path = parsed.raw_path.decode("ascii")
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise ValueError(f"invalid URL: {exc}") from exc
+    if not host:
+        raise ValueError("URL has no host")
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    if port is not None and port != _DEFAULT_PORTS.get(parsed.scheme.lower()):
+        host = f"{host}:{port}"
+    path = raw_path.split("?", 1)[0] or "/"
+    return host, _PERCENT.sub(_normalize_percent, path)
+
+
+def _normalize_percent(match: re.Match[str]) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else "%" + match.group(1).upper()
+
+
+def field_values(headers: Mapping[str, str]) -> dict[str, str]:
+    """Header fields by lowercased name, each field's values trimmed and joined with ", "
+    (RFC 9421 §2.1). Works for plain dicts, httpx.Headers and Litestar's multi-dict headers."""
+    values: dict[str, list[str]] = {}
+    for name, value in headers.items():
+        values.setdefault(name.lower(), []).append(value.strip(" \t"))
+    return {name: ", ".join(parts) for name, parts in values.items()}
+
+
+def covered_components(
+    method: str, url: str, fields: Mapping[str, str], names: Iterable[str]
+) -> list[tuple[str, str]]:
+    """(name, value) of each covered component of a request; `fields` as from `field_values`.
+
+    Supports the derived components @method, @authority and @path, and header fields.
+    """
+    authority, path = authority_and_path(url)
+    components = []
+    for name in names:
+        if name == "@method":
+            value = method.upper()
+        elif name == "@authority":
+            value = authority
+        elif name == "@path":
+            value = path
+        elif name.startswith("@"):
+            raise ValueError(f"unsupported derived component {name}")
+        elif name in fields:
+            value = fields[name]
+        else:
+            raise ValueError(f"missing header {name}")
+        components.append((name, value))
+    return components
+
+
+def parse_signature(fields: Mapping[str, str], label: str) -> ParsedSignature:
+    """The signature labelled `label` in the Signature-Input and Signature fields."""
+    inputs = _parse_dictionary(fields, "signature-input")
+    signatures = _parse_dictionary(fields, "signature")
+    if label not in inputs or label not in signatures:
+        raise SignatureError(f"no signature labelled {label!r}")
+    member = inputs[label]
+    if not (isinstance(member, tuple) and isinstance(member[0], list)):
+        raise SignatureError("signature-input member is not an inner list")
+    items, params = member
+    components = []
+    for item in items:
+        if not isinstance(item, tuple):
+            raise SignatureError("malformed signature-input")
+        name, item_params = item
+        if type(name) is not str:
+            raise SignatureError("covered component names must be strings")
+        if item_params:
+            raise SignatureError(f"component parameters are not supported ({name})")
+        components.append(name)
+    signature = signatures[label]
+    if not (isinstance(signature, tuple) and type(signature[0]) is bytes) or signature[1]:
+        raise SignatureError("signature member is not a byte sequence")
+    try:
+        params_text = http_sf.ser({"x": member}).removeprefix("x=")
+    except Exception as exc:  # e.g. a parameter type that cannot be serialised back
+        raise SignatureError(f"malformed signature-input: {exc}") from exc
+    return ParsedSignature(label, tuple(components), dict(params), params_text, signature[0])
+
+
+def _parse_dictionary(fields: Mapping[str, str], name: str) -> dict[str, Any]:
+    value = fields.get(name)
+    if value is None:
+        raise SignatureError(f"missing header {name}")
+
+    def refuse_duplicate(key: str, context: str) -> None:
+        raise ValueError(f"duplicate {context} key {key!r}")
+
+    try:
+        parsed = http_sf.parse(
+            value.encode("ascii"), tltype="dictionary", on_duplicate_key=refuse_duplicate
+        )
+    # Hostile input reaches a third-party parser here: whatever it raises is a bad header.
+    except Exception as exc:
+        raise SignatureError(f"malformed {name}: {exc}") from exc
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+# --- signing ------------------------------------------------------------------------------------
+
+
+def sign_request(
+    identity: NodeIdentity,
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    now: int | None = None,
+    ttl: int = 60,
+    nonce: str | None = None,
+) -> dict[str, str]:
+    """The headers to add to a request so that its receiver can verify it came from `identity`:
+    `content-digest`, `signature-input` and `signature`. `headers` must carry an
+    `aihub-request-id`; raises ValueError if it does not, or if the request cannot be signed."""
+    if ttl <= 0:
+        raise ValueError("ttl must be positive")
+    created = int(time.time()) if now is None else now
+    fields = field_values(headers)
+    if not fields.get(REQUEST_ID_HEADER):
+        raise ValueError(f"a signed request needs an {REQUEST_ID_HEADER} header")
+    digest = content_digest(body)
+    fields["content-digest"] = digest
+    params: dict[str, int | str] = {
+        "created": created,
+        "expires": created + ttl,
+        "nonce": secrets.token_urlsafe(16) if nonce is None else nonce,
+        "keyid": identity.node_id,
+        "alg": ALG,
+    }
+    params_text = serialize_params(COVERED_COMPONENTS, params)
+    base = signature_base(covered_components(method, url, fields, COVERED_COMPONENTS), params_text)
+    return {
+        "content-digest": digest,
+        "signature-input": f"{LABEL}={params_text}",
+        "signature": http_sf.ser({LABEL: (identity.sign(base), {})}),
+    }
+
+
+# --- verifying ----------------------------------------------------------------------------------
+
+
+def verify_request(
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    public_key_for: Callable[[str], bytes | None],
+    nonces: NonceCache,
+    now: int | None = None,
+    max_ttl: int = 300,
+    skew: int = 300,
+) -> str:
+    """The keyid (node id) that signed this request; raises SignatureError otherwise.
+
+    `public_key_for(keyid)` returns the signer's 32-byte Ed25519 public key, or None if that
+    signer is not accepted here. The nonce is remembered only once the signature verifies, so
+    forged requests cannot fill `nonces`.
+    """
+    now = int(time.time()) if now is None else now
+    fields = field_values(headers)
+    signature = parse_signature(fields, LABEL)
+
+    if sorted(signature.components) != sorted(COVERED_COMPONENTS):
+        wanted, got = " ".join(COVERED_COMPONENTS), " ".join(signature.components)
+        raise SignatureError(f"the signature must cover exactly {wanted}, not ({got})")
+    params = signature.params
+    unknown = set(params) - _ALLOWED_PARAMS
+    if unknown:
+        raise SignatureError(f"unsupported signature parameters: {', '.join(sorted(unknown))}")
+    if "alg" in params and params["alg"] != ALG:
+        raise SignatureError(f"unsupported signature algorithm {params['alg']!r}")
+    created = _int_param(params, "created")
+    expires = _int_param(params, "expires")
+    nonce = _str_param(params, "nonce")
+    keyid = _str_param(params, "keyid")
+    if not _NONCE_MIN <= len(nonce) <= _NONCE_MAX:
+        raise SignatureError(f"nonce must be {_NONCE_MIN} to {_NONCE_MAX} characters")
+
+    if created > now + skew:
+        raise SignatureError("signature created in the future")
+    if expires <= created:
+        raise SignatureError("signature expires before it is created")
+    # The same allowance for clocks both ways (DESIGN: skew up to 5 min): a sender whose clock
+    # is slow must not see every short-lived signature refused as expired.
+    if expires + skew < now:
+        raise SignatureError("signature expired")
+    if expires - created > max_ttl:
+        raise SignatureError(f"signature valid for longer than {max_ttl} seconds")
+
+    _check_digest(fields.get("content-digest"), body)
+
+    public_key = public_key_for(keyid)
+    if public_key is None:
+        raise SignatureError(f"unknown signer {keyid}")
+    try:
+        components = covered_components(method, url, fields, signature.components)
+        base = signature_base(components, signature.params_text)
+    except ValueError as exc:
+        raise SignatureError(str(exc)) from exc
+    if len(signature.signature) != _ED25519_SIGNATURE_BYTES:
+        raise SignatureError("signature is not an Ed25519 signature")
+    try:
+        verify_key = nacl.signing.VerifyKey(public_key)
+    except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
+        raise SignatureError(f"the public key of {keyid} is not an Ed25519 key") from exc
+    try:
+        verify_key.verify(base, signature.signature)
+    except nacl.exceptions.BadSignatureError as exc:
+        raise SignatureError("signature does not verify") from exc
+
+    try:
+        # Kept as long as the signature could still be accepted, skew included.
+        fresh = nonces.remember(keyid, nonce, expires + skew, now)
+    except NonceCacheFull as exc:
+        raise SignatureError(f"cannot accept the request now: {exc}") from exc
+    if not fresh:
+        raise SignatureError("replay: this nonce was already used")
+    return keyid
+
+
+def _int_param(params: Mapping[str, Any], name: str) -> int:
+    value = params.get(name)
+    if type(value) is not int:  # not bool, which is an int in Python
+        raise SignatureError(f"signature parameter {name} missing or not an integer")
+    return value
+
+
+def _str_param(params: Mapping[str, Any], name: str) -> str:
+    value = params.get(name)
+    if type(value) is not str or not value:
+        raise SignatureError(f"signature parameter {name} missing or not a string")
+    return value
+
+
+def _check_digest(header: str | None, body: bytes) -> None:
+    if header is None:
+        raise SignatureError("missing header content-digest")
+    try:
+        digests = http_sf.parse(header.encode("ascii"), tltype="dictionary")
+    except Exception as exc:  # hostile input, third-party parser: see _parse_dictionary
+        raise SignatureError(f"malformed content-digest: {exc}") from exc
+    assert isinstance(digests, dict)
+    member = digests.get("sha-256")
+    if not (isinstance(member, tuple) and type(member[0]) is bytes):
+        raise SignatureError("content-digest has no sha-256 byte sequence")
+    if not hmac.compare_digest(member[0], hashlib.sha256(body).digest()):
+        raise SignatureError("content-digest does not match the body")
