@@ -15,8 +15,9 @@ from node import __version__
 from node.admin_api import ADMIN_ROUTES
 from node.config import data_dir, load_config
 from node.errors import EXCEPTION_HANDLERS
-from node.hub import Hub
-from node.openai_api import JSON, ROUTES, hub_of
+from node.federation_api import FEDERATION_ROUTES
+from node.hub import Hub, hub_of
+from node.openai_api import JSON, ROUTES
 
 
 class Health(msgspec.Struct):
@@ -61,7 +62,7 @@ def create_app(directory: Path | None = None) -> Litestar:
             await app.state.hub.stop()
 
     return Litestar(
-        route_handlers=[*ROUTES, *ADMIN_ROUTES, live, ready, metrics],
+        route_handlers=[*ROUTES, *ADMIN_ROUTES, *FEDERATION_ROUTES, live, ready, metrics],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=config.server.max_body_bytes,

@@ -9,16 +9,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from httpx_aiohttp import AiohttpTransport
+from litestar import Request
 
 from adapters import build_adapter
 from federation.identity import NodeIdentity
+from federation.nonces import NonceCache
 from node.alerts import BudgetAlerts
 from node.auth import KeyCache
 from node.budgets import Budgets
 from node.config import DATABASE_FILE, IDENTITY_FILE, Config, missing_secrets
 from node.keys import HASH_PURPOSE
 from node.metrics import Metrics
+from node.peering import Peering
 from node.ratelimit import RateLimiter
 from node.router import Route, Router
 from node.storage import Store
@@ -61,6 +65,9 @@ class Hub:
     alerts: BudgetAlerts
     limiter: RateLimiter
     metrics: Metrics
+    nonces: NonceCache
+    peering: Peering
+    scheduler: AsyncIOScheduler
     started_at: int
 
     @classmethod
@@ -79,24 +86,64 @@ class Hub:
         alerts = BudgetAlerts(config.alerts, store, client, config.node.name, usage.audit)
         usage.listeners.append(alerts.on_settled)
         usage.start()
+        router = build_router(config, client, env)
+        peering = Peering(config, identity, store, client, router, data_dir, keys.mark_stale)
+        await peering.start()
+        scheduler = _schedule(peering, config)
         return cls(
             config=config,
             data_dir=data_dir,
             identity=identity,
             store=store,
             keys=keys,
-            router=build_router(config, client, env),
+            router=router,
             client=client,
             usage=usage,
             budgets=budgets,
             alerts=alerts,
             limiter=RateLimiter(),
             metrics=Metrics(),
+            nonces=NonceCache(),
+            peering=peering,
+            scheduler=scheduler,
             started_at=int(time.time()),
         )
 
     async def stop(self) -> None:
+        self.scheduler.shutdown(wait=False)
+        await self.peering.stop()
         await self.usage.stop()
         await self.alerts.stop()
         await self.client.aclose()
         await self.store.close()
+
+
+def _schedule(peering: Peering, config: Config) -> AsyncIOScheduler:
+    """The node's periodic work: peers' adverts and health, and noticing peers that the CLI
+    added or revoked (through the epoch file) within a second."""
+    scheduler = AsyncIOScheduler()
+    federation = config.federation
+    scheduler.add_job(
+        peering.refresh_all,
+        "interval",
+        seconds=federation.health_interval,
+        max_instances=1,
+        coalesce=True,
+        id="peers.refresh",
+    )
+    scheduler.add_job(
+        peering.reload_if_stale,
+        "interval",
+        seconds=1,
+        max_instances=1,
+        coalesce=True,
+        id="peers.reload",
+    )
+    # At start (models may have changed with the config), then as the schedule says.
+    scheduler.add_job(peering.push_adverts, id="peers.push")
+    scheduler.start()
+    return scheduler
+
+
+def hub_of(request: Request) -> Hub:
+    return request.app.state.hub

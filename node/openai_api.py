@@ -33,11 +33,13 @@ from adapters.types import (
     Usage,
     sse_event,
 )
+from federation.transport import HOP_HEADER
 from node.auth import Principal
 from node.budgets import budget_scopes
 from node.errors import ApiError, ErrorDetail, error_bytes
-from node.hub import Hub
+from node.hub import Hub, hub_of
 from node.ids import new_request_id
+from node.peer_auth import check_peer
 from node.policy import model_allowed, worst_case_embedding_tokens, worst_case_prompt_tokens
 from node.ratelimit import Admission, RateLimited, ScopeLimits
 from node.router import NoRoute, Route
@@ -87,15 +89,12 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> tuple[T, dict[
     return typed, raw
 
 
-def hub_of(request: Request) -> Hub:
-    return request.app.state.hub
-
-
-def _plan(hub: Hub, model: str, kind: str) -> list[Route]:
+def _plan(hub: Hub, model: str, kind: str, local_only: bool) -> list[Route]:
     try:
-        return hub.router.plan(model, kind)
+        return hub.router.plan(model, kind, local_only=local_only)
     except NoRoute:
-        served = hub.router.serves(model, "embeddings" if kind == "chat" else "chat")
+        other = "embeddings" if kind == "chat" else "chat"
+        served = hub.router.serves(model, other, local_only=local_only)
         if served:
             message = f"The model `{model}` does not serve {kind}"
             raise ApiError(400, message, param="model", code="model_not_supported") from None
@@ -256,9 +255,10 @@ def rate_scopes(principal: Principal) -> list[ScopeLimits]:
 
 
 def _check_model(principal: Principal, model: str) -> None:
-    allowed = model_allowed(principal.key.limits.models, model)
+    name = model.partition("@")[0]  # `llama3@alice` is llama3, from one peer
+    allowed = model_allowed(principal.key.limits.models, name)
     if allowed and principal.tenant is not None:
-        allowed = model_allowed(principal.tenant.limits.models, model)
+        allowed = model_allowed(principal.tenant.limits.models, name)
     if not allowed:
         raise ApiError(
             403,
@@ -275,6 +275,20 @@ async def _authenticate(request: Request) -> Principal:
     )
 
 
+async def _read_body(request: Request, principal: Principal) -> bytes:
+    """The body, once its sender is known to be who the key says: a cross-node key counts only
+    with a signature over this very body by the peer it was issued to."""
+    body = await request.body()
+    check_peer(hub_of(request), request, body, principal)
+    return body
+
+
+def _local_only(request: Request, principal: Principal) -> bool:
+    """A peer's request is served from this node's own deployments: never passed on to
+    another peer (no loops, no reselling)."""
+    return principal.key.peer_id is not None or HOP_HEADER in request.headers
+
+
 async def _begin(
     request: Request,
     principal: Principal,
@@ -287,7 +301,7 @@ async def _begin(
     the request admitted under its limits and budgets?"""
     hub = hub_of(request)
     _check_model(principal, model)
-    plan = _plan(hub, model, kind)
+    plan = _plan(hub, model, kind, _local_only(request, principal))
     books = Accounting(hub, principal, request_id, model, kind)
     await books.admit(request, plan, worst(plan))
     return books, plan
@@ -325,7 +339,7 @@ def _chat_worst_case(chat: ChatRequest, plan: list[Route]) -> Usage:
 @post("/v1/chat/completions", status_code=200)
 async def chat_completions(request: Request) -> Response[bytes] | Stream:
     principal = await _authenticate(request)  # a bad key is told so before a bad body
-    chat, raw = decode_body(await request.body(), _chat_decoder)
+    chat, raw = decode_body(await _read_body(request, principal), _chat_decoder)
     call = ChatCall(chat, raw, new_request_id())
     books, plan = await _begin(
         request,
@@ -415,7 +429,7 @@ async def _relay(
 @post("/v1/embeddings", status_code=200)
 async def embeddings(request: Request) -> Response[bytes]:
     principal = await _authenticate(request)
-    embed, raw = decode_body(await request.body(), _embed_decoder)
+    embed, raw = decode_body(await _read_body(request, principal), _embed_decoder)
     call = EmbedCall(embed, raw, new_request_id())
     tokens = worst_case_embedding_tokens(embed)
     books, plan = await _begin(
@@ -435,27 +449,36 @@ async def embeddings(request: Request) -> Response[bytes]:
     return Response(result.body, media_type=JSON, headers=headers)
 
 
-def _card(hub: Hub, model: str) -> ModelCard:
-    return ModelCard(id=model, owned_by=hub.config.node.name, created=hub.started_at)
+def _cards(hub: Hub, local_only: bool) -> dict[str, ModelCard]:
+    """The models a client can ask for: this node's own (owned by this node), then those only
+    peers serve (owned by the first peer that advertises each)."""
+    cards = {
+        name: ModelCard(id=name, owned_by=hub.config.node.name, created=hub.started_at)
+        for name in hub.router.by_name
+    }
+    if not local_only:
+        for name, routes in hub.router.peer_by_name.items():
+            owner = routes[0].peer_name or "peer"
+            cards.setdefault(name, ModelCard(id=name, owned_by=owner, created=hub.started_at))
+    return cards
 
 
 @get("/v1/models")
 async def list_models(request: Request) -> Response[bytes]:
-    hub = hub_of(request)
-    await _authenticate(request)
-    cards = [_card(hub, model) for model in hub.router.models()]
-    return Response(msgspec.json.encode(ModelList(cards)), media_type=JSON)
+    principal = await _authenticate(request)
+    cards = _cards(hub_of(request), _local_only(request, principal))
+    return Response(msgspec.json.encode(ModelList(list(cards.values()))), media_type=JSON)
 
 
 @get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: FromPath[str]) -> Response[bytes]:
-    hub = hub_of(request)
-    await _authenticate(request)
+    principal = await _authenticate(request)
     model = model_id.lstrip("/")
-    if model not in hub.router.by_name:
+    card = _cards(hub_of(request), _local_only(request, principal)).get(model)
+    if card is None:
         message = f"The model `{model}` does not exist on this node"
         raise ApiError(404, message, param="model", code="model_not_found")
-    return Response(msgspec.json.encode(_card(hub, model)), media_type=JSON)
+    return Response(msgspec.json.encode(card), media_type=JSON)
 
 
 ROUTES = [chat_completions, embeddings, list_models, get_model]

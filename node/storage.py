@@ -127,6 +127,21 @@ MIGRATIONS: list[str] = [
         value INTEGER NOT NULL
     );
     """,
+    # 3: answers to approved join requests (the key inside is sealed to the joiner), and the
+    # health a node last saw of each peer (for `aihub peers list`)
+    """
+    CREATE TABLE join_answers (
+        node_id TEXT PRIMARY KEY,
+        answer TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE peer_health (
+        node_id TEXT PRIMARY KEY,
+        healthy INTEGER NOT NULL,
+        latency_ms INTEGER,
+        checked_at INTEGER NOT NULL
+    );
+    """,
 ]
 
 _json = msgspec.json.encode
@@ -537,6 +552,40 @@ class Store:
             "SELECT node_id, descriptor, received_at FROM join_requests ORDER BY received_at"
         )
         return [(row[0], row[1], row[2]) for row in rows]
+
+    async def join_request(self, node_id: str) -> str | None:
+        """The descriptor a pending join request came with."""
+        row = await self._fetchone(
+            "SELECT descriptor FROM join_requests WHERE node_id = ?", (node_id,)
+        )
+        return row[0] if row else None
+
+    async def save_join_answer(self, node_id: str, answer: str, now: int) -> None:
+        await self._exec(
+            "INSERT INTO join_answers VALUES (?, ?, ?) ON CONFLICT (node_id)"
+            " DO UPDATE SET answer = excluded.answer, created_at = excluded.created_at",
+            (node_id, answer, now),
+        )
+
+    async def join_answer(self, node_id: str) -> str | None:
+        row = await self._fetchone("SELECT answer FROM join_answers WHERE node_id = ?", (node_id,))
+        return row[0] if row else None
+
+    async def save_peer_health(
+        self, node_id: str, healthy: bool, latency_ms: int | None, now: int
+    ) -> None:
+        await self._exec(
+            "INSERT INTO peer_health VALUES (?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET"
+            " healthy = excluded.healthy, latency_ms = excluded.latency_ms,"
+            " checked_at = excluded.checked_at",
+            (node_id, int(healthy), latency_ms, now),
+        )
+
+    async def peer_health(self) -> dict[str, tuple[bool, int | None, int]]:
+        rows = await self._fetchall(
+            "SELECT node_id, healthy, latency_ms, checked_at FROM peer_health"
+        )
+        return {row[0]: (bool(row[1]), row[2], row[3]) for row in rows}
 
     async def next_counter(self, name: str) -> int:
         """Atomically increment and return a node-wide counter (e.g. the advert seq)."""

@@ -1,0 +1,125 @@
+"""The federation endpoints: what one node asks of another.
+
+Every request here but the public descriptor is signed by the calling node (RFC 9421); a
+peer's requests must be signed by its pinned key and, where they spend anything, carry the
+cross-node key issued to it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from litestar import Request, Response, get, post
+
+from federation.descriptors import public_key_of
+from node.auth import Principal
+from node.errors import ApiError
+from node.hub import hub_of
+from node.peer_auth import check_peer, verify_signed
+from node.peering import LISTED_HEADER, JoinRefused
+
+JSON = "application/json"
+
+MAX_FEDERATION_BODY = 64 * 1024
+
+
+def self_certifying(key_id: str) -> bytes | None:
+    """Any node may sign a join: its node id is its public key."""
+    try:
+        return public_key_of(key_id)
+    except ValueError:
+        return None
+
+
+async def authenticate_peer(request: Request, body: bytes) -> Principal:
+    """A peer's request: its cross-node key, signed by the node that key is bound to."""
+    hub = hub_of(request)
+    principal = await hub.keys.authenticate(
+        request.headers.get("authorization"), request.client.host if request.client else None
+    )
+    if principal.key.peer_id is None:
+        raise ApiError(403, "Not a peer's key", type="permission_error", code="not_a_peer")
+    check_peer(hub, request, body, principal)
+    return principal
+
+
+async def _small_body(request: Request) -> bytes:
+    """Federation objects are small: refuse a big body before verifying anything."""
+    length = request.headers.get("content-length", "0")
+    if length.isdigit() and int(length) > MAX_FEDERATION_BODY:
+        raise ApiError(413, "Request too large for a federation endpoint", code="request_too_large")
+    body = await request.body()
+    if len(body) > MAX_FEDERATION_BODY:
+        raise ApiError(413, "Request too large for a federation endpoint", code="request_too_large")
+    return body
+
+
+@get("/federation/node")
+async def node_descriptor(request: Request) -> Response[bytes]:
+    descriptor = hub_of(request).peering.descriptor()
+    return Response(msgspec.json.encode(descriptor), media_type=JSON)
+
+
+@post("/federation/join", status_code=200)
+async def join(request: Request) -> Response[bytes]:
+    hub = hub_of(request)
+    body = await _small_body(request)
+    signer = verify_signed(hub, request, body, self_certifying)
+    try:
+        answer = await hub.peering.accept_join(body, signer)
+    except JoinRefused as exc:
+        raise ApiError(exc.status, exc.message, code="join_refused") from exc
+    return Response(msgspec.json.encode(answer), media_type=JSON)
+
+
+@post("/federation/join-request", status_code=200)
+async def join_request(request: Request) -> Response[bytes]:
+    """A join without an invite: the body is the joiner's signed descriptor. 202 while the
+    admin has not approved it (`aihub peers approve`); the same answer as an invited join
+    once they have. Asking again is how the joiner learns the outcome."""
+    hub = hub_of(request)
+    body = await _small_body(request)
+    signer = verify_signed(hub, request, body, self_certifying)
+    try:
+        answer = await hub.peering.take_join_request(body, signer)
+    except JoinRefused as exc:
+        raise ApiError(exc.status, exc.message, code="join_refused") from exc
+    if answer is None:
+        pending = {"status": "pending", "message": "waiting for the admin's approval"}
+        return Response(msgspec.json.encode(pending), media_type=JSON, status_code=202)
+    return Response(msgspec.json.encode(answer), media_type=JSON)
+
+
+@get("/federation/advert")
+async def advert(request: Request) -> Response[bytes]:
+    """The advert of what the calling peer's key may use here, signed by this node."""
+    principal = await authenticate_peer(request, await request.body())
+    peering = hub_of(request).peering
+    await peering.note_listing(principal.key.peer_id or "", LISTED_HEADER in request.headers)
+    advert = peering.advert_for(principal.key.limits)
+    return Response(msgspec.json.encode(advert), media_type=JSON)
+
+
+@get("/federation/peers")
+async def exchange(request: Request) -> Response[bytes]:
+    """Peer exchange: the signed descriptors of our other peers that chose to be listed."""
+    principal = await authenticate_peer(request, await request.body())
+    listed = hub_of(request).peering.listed_descriptors(principal.key.peer_id or "")
+    return Response(msgspec.json.encode({"peers": listed}), media_type=JSON)
+
+
+@post("/federation/advert", status_code=202)
+async def pushed_advert(request: Request) -> Response[bytes]:
+    """A peer pushes its new advert: signed by its pinned key (no spending, so no key)."""
+    hub = hub_of(request)
+    body = await _small_body(request)
+
+    def known_peer(key_id: str) -> bytes | None:
+        return public_key_of(key_id) if key_id in hub.peering.peers else None
+
+    signer = verify_signed(hub, request, body, known_peer)
+    await hub.peering.note_listing(signer, LISTED_HEADER in request.headers)
+    accepted = await hub.peering.take_advert(signer, body)
+    return Response(msgspec.json.encode({"accepted": accepted}), media_type=JSON, status_code=202)
+
+
+FEDERATION_ROUTES = [node_descriptor, join, join_request, advert, exchange, pushed_advert]

@@ -1,0 +1,543 @@
+"""The node as a peer: its peers and their adverts, routes to their models, joins (both
+sides), and the periodic work that keeps adverts and health fresh.
+
+Trust comes only from an invite (or an approved join request): once joined, each side pins the
+other's node key, and only requests signed by that key, carrying the cross-node key issued to
+that peer, are served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import msgspec
+
+from federation.adverts import AdvertBook, AdvertModel, ModelAdvert, make_advert, verify_advert
+from federation.descriptors import NodeDescriptor, make_descriptor, verify_descriptor
+from federation.httpsig import sign_request
+from federation.identity import NodeIdentity
+from federation.invites import InviteRecord, JoinRequest, verify_join_request
+from federation.sealing import seal_for, unseal
+from federation.transport import REQUEST_ID_HEADER, PeerAdapter, peer_upstream
+from ledger.records import RecordError
+from node.auth import touch_epoch
+from node.config import Config, Deployment
+from node.ids import new_request_id
+from node.keys import HASH_PURPOSE, generate_key, hash_key
+from node.policy import Limits, model_allowed
+from node.router import Route, Router
+from node.storage import KeyRecord, PeerRecord, Store
+
+log = logging.getLogger("aihub.peering")
+
+PEERS_EPOCH_FILE = "peers.epoch"
+LISTED_HEADER = "aihub-listed"
+PEER_TIMEOUT = 10.0
+ADVERT_SEQ = "advert_seq"
+
+
+class JoinResponse(msgspec.Struct):
+    """What the issuer answers a successful join with."""
+
+    v: int
+    descriptor: dict
+    sealed_key: str
+    advert: dict | None = None
+
+
+class JoinRefused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Peer:
+    """A peer at run time."""
+
+    record: PeerRecord
+    descriptor: NodeDescriptor
+    key: str | None  # the cross-node key it issued us, unsealed
+    advert: ModelAdvert | None = None
+    healthy: bool = True
+    latency: float | None = None
+    last_seen: float | None = None
+    failures: int = 0
+    next_check: float = field(default=0.0)
+
+    @property
+    def node_id(self) -> str:
+        return self.record.node_id
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def url(self) -> str:
+        return self.descriptor.urls[0]
+
+
+class Peering:
+    def __init__(
+        self,
+        config: Config,
+        identity: NodeIdentity,
+        store: Store,
+        client: httpx.AsyncClient,
+        router: Router,
+        directory: Path,
+        on_keys_changed: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.store = store
+        self.client = client
+        self.router = router
+        self.directory = directory
+        self.on_keys_changed = on_keys_changed
+        self.peers: dict[str, Peer] = {}
+        self.book = AdvertBook()
+        self.advert_seq = 0
+        self._descriptor: NodeDescriptor | None = None
+        self._epoch = -1
+
+    # --- our own objects -------------------------------------------------------------------
+
+    def descriptor(self) -> NodeDescriptor:
+        now = time.time()
+        if self._descriptor is None or self._descriptor.exp - now < 86400:
+            self._descriptor = make_descriptor(
+                self.identity, self.config.node.name, self.config.public_urls()
+            )
+        return self._descriptor
+
+    async def start(self) -> None:
+        # A new seq at every start: the models may have changed with the config.
+        self.advert_seq = await self.store.next_counter(ADVERT_SEQ)
+        await self.load()
+
+    def local_models(self, limits: Limits | None) -> list[AdvertModel]:
+        """What a peer's key may use here: local deployments only, cheapest price per name."""
+        chosen: dict[str, Deployment] = {}
+        for route in self.router.routes:
+            spec = route.spec
+            if limits is not None and not model_allowed(limits.models, spec.name):
+                continue
+            best = chosen.get(spec.name)
+            if best is None or spec.price_in + spec.price_out < best.price_in + best.price_out:
+                chosen[spec.name] = spec
+        return [
+            AdvertModel(
+                id=spec.name,
+                kind=spec.kind,
+                context=spec.context,
+                price_in=spec.price_in,
+                price_out=spec.price_out,
+                stream=spec.kind == "chat",
+            )
+            for spec in chosen.values()
+        ]
+
+    def advert_for(self, limits: Limits | None) -> ModelAdvert:
+        return make_advert(
+            self.identity,
+            self.advert_seq,
+            self.local_models(limits),
+            self.config.federation.advert_ttl,
+        )
+
+    # --- loading peers ---------------------------------------------------------------------
+
+    def _epoch_path(self) -> Path:
+        return self.directory / PEERS_EPOCH_FILE
+
+    def stale(self) -> bool:
+        try:
+            epoch = self._epoch_path().stat().st_mtime_ns
+        except FileNotFoundError:
+            epoch = 0
+        return epoch != self._epoch
+
+    async def load(self) -> None:
+        try:
+            self._epoch = self._epoch_path().stat().st_mtime_ns
+        except FileNotFoundError:
+            self._epoch = 0
+        peers: dict[str, Peer] = {}
+        for record in await self.store.peers():
+            if record.status != "active":
+                continue
+            # Verified when it arrived; an old descriptor still says where the peer is.
+            descriptor = msgspec.json.decode(record.descriptor, type=NodeDescriptor)
+            if descriptor.node_id != record.node_id:
+                log.warning("peer %s: stored descriptor is another node's", record.node_id)
+                continue
+            key = None
+            if record.key_from_them:
+                key = unseal(self.identity, record.key_from_them).decode()
+            peer = Peer(record, descriptor, key)
+            old = self.peers.get(record.node_id)
+            if old is not None:
+                peer.healthy, peer.latency, peer.last_seen = old.healthy, old.latency, old.last_seen
+            if record.advert:
+                with contextlib.suppress(RecordError):
+                    advert = verify_advert(record.advert.encode(), pinned_node_id=record.node_id)
+                    self.book.accept(advert)
+            peer.advert = self.book.current(record.node_id, time.time())
+            peers[record.node_id] = peer
+        self.peers = peers
+        self.rebuild_routes()
+
+    def rebuild_routes(self) -> None:
+        routes: list[Route] = []
+        for peer in self.peers.values():
+            if peer.key is None or peer.advert is None:
+                continue
+            for model in peer.advert.models:
+                spec = Deployment(
+                    name=model.id,
+                    provider="peer",
+                    kind=model.kind,
+                    price_in=model.price_in,
+                    price_out=model.price_out,
+                    context=model.context,
+                )
+                upstream = peer_upstream(model.id, peer.url, peer.key)
+                adapter = PeerAdapter(upstream, self.client, self.identity, peer.node_id)
+                routes.append(Route(spec, adapter, -1, peer.node_id, peer.name))
+        self.router.set_peer_routes(routes)
+
+    def touch(self) -> None:
+        """Tell every process serving this node that keys and peers changed."""
+        touch_epoch(self.directory)
+        touch_epoch(self.directory, PEERS_EPOCH_FILE)
+
+    # --- the issuer's side of a join -------------------------------------------------------
+
+    async def accept_join(self, body: bytes, signer: str) -> JoinResponse:
+        """Check a join request (as received: its signatures are checked on these very
+        bytes) against the stored invite; issue and seal the peer's key."""
+        try:
+            request = msgspec.json.decode(body, type=JoinRequest)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+            raise JoinRefused(400, f"invalid join request: {exc}") from exc
+        invite = await self.store.invite(request.token_id)
+        if invite is None:
+            raise JoinRefused(404, "unknown invite")
+        record = InviteRecord(
+            token_id=invite.token_id,
+            invite_public_key=invite.public_key,
+            exp=invite.exp,
+            uses=invite.uses_left,
+            models=invite.models,
+            cap_micros=invite.cap_micros,
+            cap_period=invite.cap_period,  # type: ignore[arg-type]
+        )
+        try:
+            joiner = verify_join_request(body, record, self.identity.node_id)
+        except RecordError as exc:
+            raise JoinRefused(403, f"join refused: {exc}") from exc
+        if joiner.node_id != signer:
+            raise JoinRefused(403, "the join request is not signed by the joining node")
+        if joiner.node_id == self.identity.node_id:
+            raise JoinRefused(400, "a node cannot join itself")
+        limits = Limits(
+            models=invite.models or None,
+            budget_micros=invite.cap_micros,
+            budget_period=invite.cap_period,  # type: ignore[arg-type]
+        )
+        key = await admit_peer(self.store, self.identity, joiner, limits, invite.token_id)
+        if key is None:
+            raise JoinRefused(410, "this invite is used up or expired")
+        await self.changed()
+        return self.join_response(joiner.node_id, key, limits)
+
+    def join_response(self, node_id: str, key: str, limits: Limits) -> JoinResponse:
+        return JoinResponse(
+            v=1,
+            descriptor=msgspec.to_builtins(self.descriptor()),
+            sealed_key=seal_for(node_id, key.encode()),
+            advert=msgspec.to_builtins(self.advert_for(limits)),
+        )
+
+    async def take_join_request(self, body: bytes, signer: str) -> JoinResponse | None:
+        """A join request without an invite: its answer if the admin approved it, else None
+        (it waits in `aihub peers pending`). Asking again is how the joiner learns the
+        answer."""
+        try:
+            joiner = verify_descriptor(body)
+        except RecordError as exc:
+            raise JoinRefused(400, f"invalid join request: {exc}") from exc
+        if joiner.node_id != signer:
+            raise JoinRefused(403, "the join request is not signed by the joining node")
+        if joiner.node_id == self.identity.node_id:
+            raise JoinRefused(400, "a node cannot join itself")
+        peer = await self.store.peer(joiner.node_id)
+        if peer is not None and peer.status == "revoked":
+            raise JoinRefused(403, "this node was revoked here")
+        answer = await self.store.join_answer(joiner.node_id)
+        if answer is not None:
+            return msgspec.json.decode(answer, type=JoinResponse)
+        await self.store.add_join_request(joiner.node_id, body.decode(), int(time.time()))
+        return None
+
+    async def changed(self) -> None:
+        """Peers or their keys changed here: tell every process serving this node."""
+        self.touch()
+        self.on_keys_changed()
+        await self.load()
+
+    # --- the consumer's side: adverts and health -------------------------------------------
+
+    async def signed(
+        self, method: str, url: str, key: str | None, body: bytes = b""
+    ) -> httpx.Response:
+        return await signed_request(
+            self.client, self.identity, method, url, key, body, listed=self.config.federation.listed
+        )
+
+    async def refresh_advert(self, peer: Peer) -> bool:
+        """Fetch and verify the peer's advert for us; keep it if its seq is newer. This is
+        also the peer's health check."""
+        started = time.perf_counter()
+        try:
+            response = await self.signed("GET", peer.url + "/federation/advert", peer.key)
+        except httpx.HTTPError as exc:
+            await self._unhealthy(peer, type(exc).__name__)
+            return False
+        if response.status_code != 200:
+            await self._unhealthy(peer, f"status {response.status_code}")
+            return False
+        await self._healthy(peer, time.perf_counter() - started)
+        return await self.take_advert(peer.node_id, response.content)
+
+    async def take_advert(self, node_id: str, data: bytes) -> bool:
+        """A signed advert from a peer (fetched or pushed): keep it if valid and newer."""
+        peer = self.peers.get(node_id)
+        if peer is None:
+            return False
+        try:
+            advert = verify_advert(data, pinned_node_id=node_id)
+        except RecordError as exc:
+            log.warning("advert from %s refused: %s", peer.name, exc)
+            return False
+        if not self.book.accept(advert):
+            return False
+        peer.advert = advert
+        record = msgspec.structs.replace(peer.record, advert=data.decode())
+        await self.store.save_peer(record)
+        peer.record = record
+        self.rebuild_routes()
+        return True
+
+    async def note_listing(self, node_id: str, listed: bool) -> None:
+        """A peer said whether it wants to be named to our other peers (peer exchange)."""
+        peer = self.peers.get(node_id)
+        if peer is None or peer.record.listed == listed:
+            return
+        peer.record = msgspec.structs.replace(peer.record, listed=listed)
+        await self.store.save_peer(peer.record)
+
+    def listed_descriptors(self, asking: str) -> list[dict[str, object]]:
+        """What we tell a peer in peer exchange: the signed descriptors of our other peers
+        that chose to be listed, exactly as they signed them."""
+        return [
+            msgspec.json.decode(peer.record.descriptor)
+            for peer in self.peers.values()
+            if peer.record.listed and peer.node_id != asking
+        ]
+
+    async def _healthy(self, peer: Peer, seconds: float) -> None:
+        peer.healthy, peer.failures, peer.last_seen = True, 0, time.time()
+        peer.latency = seconds if peer.latency is None else peer.latency * 0.7 + seconds * 0.3
+        peer.next_check = 0.0
+        await self.store.save_peer_health(
+            peer.node_id, True, round(peer.latency * 1000), int(time.time())
+        )
+
+    async def _unhealthy(self, peer: Peer, reason: str) -> None:
+        peer.healthy = False
+        peer.failures += 1
+        # Back off exponentially from a failing peer: 2, 4, 8 … seconds, at most 5 minutes.
+        peer.next_check = time.monotonic() + min(2**peer.failures, 300)
+        log.info("peer %s unreachable (%s)", peer.name, reason)
+        await self.store.save_peer_health(peer.node_id, False, None, int(time.time()))
+
+    async def reload_if_stale(self) -> None:
+        if self.stale():
+            await self.load()
+
+    async def refresh_all(self) -> None:
+        await self.reload_if_stale()
+        now = time.monotonic()
+        due = [p for p in self.peers.values() if p.key is not None and p.next_check <= now]
+        await asyncio.gather(*(self.refresh_advert(peer) for peer in due))
+        await self.poll_join_requests()
+
+    async def push_adverts(self) -> None:
+        """Tell every peer we serve what it may use here now (at start: the models may have
+        changed with the config)."""
+        await asyncio.gather(*(self._push(peer) for peer in list(self.peers.values())))
+
+    async def _push(self, peer: Peer) -> None:
+        if peer.record.key_for_them is None:
+            return
+        issued = await self.store.key(peer.record.key_for_them)
+        if issued is None or issued.revoked_at is not None:
+            return
+        advert = msgspec.json.encode(self.advert_for(issued.limits))
+        try:
+            await self.signed("POST", peer.url + "/federation/advert", None, advert)
+        except httpx.HTTPError as exc:
+            log.info("could not push our advert to %s (%s)", peer.name, type(exc).__name__)
+
+    async def poll_join_requests(self) -> None:
+        """Ask the nodes we sent a join request to (without an invite) for their answer."""
+        for record in await self.store.peers():
+            if record.status != "requested":
+                continue
+            outcome = await ask_to_join(self.store, self.identity, self.client, record, self.config)
+            if outcome == "joined":
+                self.touch()
+                await self.load()
+                # The answer carries no advert: fetch it now rather than at the next check.
+                await self.refresh_advert(self.peers[record.node_id])
+
+    async def revoke(self, node_id: str) -> None:
+        await self.store.revoke_peer(node_id, int(time.time()))
+        await self.changed()
+
+    async def stop(self) -> None:
+        """Nothing to close: the client and the store belong to the hub."""
+
+
+async def admit_peer(
+    store: Store,
+    identity: NodeIdentity,
+    joiner: NodeDescriptor,
+    limits: Limits,
+    token_id: str | None,
+) -> str | None:
+    """Issue `joiner` a cross-node key with `limits` and record it as a peer, spending one use
+    of the invite `token_id` if there is one: the key, or None if the invite is used up."""
+    key, key_id = generate_key()
+    now = int(time.time())
+    record = KeyRecord(
+        id=key_id,
+        name=f"peer:{joiner.name}",
+        hash=hash_key(identity.derive_secret(HASH_PURPOSE), key),
+        is_admin=False,
+        created_at=now,
+        limits=limits,
+        peer_id=joiner.node_id,
+    )
+    existing = await store.peer(joiner.node_id)
+    peer = PeerRecord(
+        node_id=joiner.node_id,
+        name=joiner.name,
+        descriptor=msgspec.json.encode(joiner).decode(),
+        status="active",
+        created_at=existing.created_at if existing else now,
+        key_for_them=key_id,
+    )
+    if not await store.accept_join(token_id, now, record, peer):
+        return None
+    return key
+
+
+def joined_peer(identity: NodeIdentity, answer: bytes, issuer: str) -> PeerRecord:
+    """The peer record for the issuer's answer to our join; RecordError if it is not valid.
+
+    The key it sent is sealed to us; we keep it sealed at rest."""
+    try:
+        joined = msgspec.json.decode(answer, type=JoinResponse)
+        descriptor = verify_descriptor(joined.descriptor, pinned=issuer)
+        key = unseal(identity, joined.sealed_key)
+        advert = None
+        if joined.advert is not None:
+            verify_advert(joined.advert, pinned_node_id=issuer)
+            advert = msgspec.json.encode(joined.advert).decode()
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        raise RecordError(f"the answer to our join is not valid: {exc}") from exc
+    return PeerRecord(
+        node_id=descriptor.node_id,
+        name=descriptor.name,
+        descriptor=msgspec.json.encode(descriptor).decode(),
+        status="active",
+        created_at=int(time.time()),
+        key_from_them=seal_for(identity.node_id, key),
+        advert=advert,
+    )
+
+
+async def signed_request(
+    client: httpx.AsyncClient,
+    identity: NodeIdentity,
+    method: str,
+    url: str,
+    key: str | None,
+    body: bytes = b"",
+    *,
+    listed: bool = False,
+) -> httpx.Response:
+    """A request to another node, signed by ours (RFC 9421); with the key it issued us, if
+    any. The listing header tells the peer whether we want to be named to its peers."""
+    headers = {REQUEST_ID_HEADER: new_request_id()}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    if body:
+        headers["content-type"] = "application/json"
+    if listed:
+        headers[LISTED_HEADER] = "1"
+    headers.update(sign_request(identity, method, url, headers, body))
+    return await client.request(method, url, content=body, headers=headers, timeout=PEER_TIMEOUT)
+
+
+async def ask_to_join(
+    store: Store,
+    identity: NodeIdentity,
+    client: httpx.AsyncClient,
+    issuer: PeerRecord,
+    config: Config,
+) -> str:
+    """Send (or send again) our join request to `issuer`, a node we have no invite from:
+    "pending" until its admin approves, "joined" once the answer carries our key, or what
+    went wrong. The outcome is stored, so the running node keeps asking."""
+    descriptor = msgspec.json.decode(issuer.descriptor, type=NodeDescriptor)
+    ours = msgspec.json.encode(make_descriptor(identity, config.node.name, config.public_urls()))
+    problem = "no URL"
+    for url in descriptor.urls:
+        try:
+            response = await signed_request(
+                client,
+                identity,
+                "POST",
+                url + "/federation/join-request",
+                None,
+                ours,
+                listed=config.federation.listed,
+            )
+        except httpx.HTTPError as exc:
+            problem = f"{url}: {type(exc).__name__}"
+            continue
+        if response.status_code == 202:
+            await store.save_peer(msgspec.structs.replace(issuer, status="requested"))
+            return "pending"
+        if response.status_code != 200:
+            return f"{url} refused ({response.status_code}): {response.text[:300]}"
+        try:
+            record = joined_peer(identity, response.content, descriptor.node_id)
+        except RecordError as exc:
+            return str(exc)
+        await store.save_peer(msgspec.structs.replace(record, created_at=issuer.created_at))
+        return "joined"
+    return problem

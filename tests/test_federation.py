@@ -1,0 +1,230 @@
+"""Three real nodes on loopback ports, talking real HTTP: invites and joins, adverts, routed
+requests through the official `openai` SDK (plain and streaming), failover from a dead peer
+to a live one, revocation, and refusals of forged or replayed peer requests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import msgspec
+import openai
+import pytest
+from click.testing import CliRunner
+
+from node.cli import main
+from node.config import DATABASE_FILE
+from node.provision import create_node
+from node.storage import Store
+from tests.conftest import NodeDir, RunningNode, run_node
+from tests.mocks.server import free_port
+
+LLAMA = (
+    '[[models]]\nname = "llama3"\nprovider = "echo"\nprice_in = 1_000_000\nprice_out = 1_000_000'
+)
+MINI = '[[models]]\nname = "gpt-4o-mini"\nprovider = "echo"'
+
+
+class Peer:
+    def __init__(self, directory: NodeDir, port: int) -> None:
+        self.dir = directory
+        self.port = port
+
+    @property
+    def path(self) -> Path:
+        return self.dir.path
+
+    def run(self):  # type: ignore[no-untyped-def]
+        return run_node(self.dir, port=self.port)
+
+
+def make_peer(tmp_path: Path, name: str, *models: str) -> Peer:
+    _, key = create_node(tmp_path / name, name)
+    directory = NodeDir(tmp_path / name, key)
+    port = free_port()
+    directory.set_config("public_urls = []", f'public_urls = ["http://127.0.0.1:{port}"]')
+    directory.set_config("health_interval = 30", "health_interval = 1")
+    for model in models:
+        directory.add_config(model)
+    return Peer(directory, port)
+
+
+def cli(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def invite(issuer: Peer, *extra: str) -> str:
+    return cli("invite", "create", "--data-dir", str(issuer.path), *extra).strip()
+
+
+def wait_for(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def model_owners(node: RunningNode) -> dict[str, str]:
+    with node.client() as client:
+        return {m["id"]: m["owned_by"] for m in client.get("/v1/models").json()["data"]}
+
+
+def sdk(node: RunningNode) -> openai.OpenAI:
+    return openai.OpenAI(base_url=node.url + "/v1", api_key=node.key, max_retries=0)
+
+
+def usage_rows(path: Path) -> list:
+    async def read() -> list:
+        store = await Store.open(path / DATABASE_FILE)
+        try:
+            return await store.usage_since(0)
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+HI = [{"role": "user", "content": "hi there"}]
+
+
+def answers(node: RunningNode, model: str) -> bool:
+    with node.client() as client:
+        body = {"model": model, "messages": HI}
+        return client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_invite_join_route_stream_failover_and_revoke(tmp_path):
+    alice = make_peer(tmp_path, "alice", LLAMA, MINI)
+    bob = make_peer(tmp_path, "bob")
+    carol = make_peer(tmp_path, "carol", LLAMA)
+    with alice.run() as a, carol.run() as c, bob.run() as b:
+        token = invite(alice, "--models", "llama3*", "--cap", "1", "--uses", "1")
+        assert token.startswith("aihub1.")
+        cli("join", token, "--data-dir", str(bob.path))
+        # The token was for one use only.
+        refused = CliRunner().invoke(main, ["join", token, "--data-dir", str(carol.path)])
+        assert refused.exit_code != 0 and "used up" in refused.output
+
+        # Within seconds bob lists alice's shared model, and only that one.
+        assert wait_for(lambda: model_owners(b).get("llama3") == "alice")
+        assert "gpt-4o-mini" not in model_owners(b)
+
+        reply = sdk(b).chat.completions.create(model="llama3", messages=HI)
+        assert reply.choices[0].message.content == "echo: hi there"
+        stream = sdk(b).chat.completions.create(model="llama3", messages=HI, stream=True)
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        assert text == "echo: hi there"
+        pinned = sdk(b).chat.completions.create(model="llama3@alice", messages=HI)
+        assert pinned.choices[0].message.content == "echo: hi there"
+
+        # Alice served them under bob's cross-node key; bob recorded the peer hop.
+        assert wait_for(
+            lambda: len([r for r in usage_rows(alice.path) if r.model == "llama3"]) == 3
+        )
+        served = [r for r in usage_rows(alice.path) if r.model == "llama3"]
+        assert all(r.status == 200 and r.cost_micros > 0 for r in served)
+        assert len({r.key_id for r in served}) == 1
+        assert wait_for(lambda: any(r.deployment == "llama3@alice" for r in usage_rows(bob.path)))
+
+        # Bob also joins carol, who serves llama3 too.
+        cli("join", invite(carol), "--data-dir", str(bob.path))
+        assert wait_for(lambda: answers(b, "llama3@carol"))
+
+        # Alice revokes bob: her side refuses bob's key at once.
+        cli("peers", "revoke", "bob", "--data-dir", str(alice.path))
+        with pytest.raises(openai.APIStatusError):
+            sdk(b).chat.completions.create(model="llama3@alice", messages=HI)
+        # Unpinned, bob's request fails over to carol.
+        assert wait_for(lambda: "llama3" in model_owners(b))
+        reply = sdk(b).chat.completions.create(model="llama3", messages=HI)
+        assert reply.choices[0].message.content == "echo: hi there"
+    listed = cli("peers", "list", "--all", "--data-dir", str(alice.path))
+    assert "bob" in listed and "revoked" in listed
+
+
+def test_failover_from_a_dead_peer_to_a_live_one(tmp_path):
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    carol = make_peer(tmp_path, "carol", LLAMA)
+    with carol.run(), bob.run() as b:
+        with alice.run():
+            cli("join", invite(alice), "--data-dir", str(bob.path))
+            cli("join", invite(carol), "--data-dir", str(bob.path))
+            assert wait_for(lambda: "llama3" in model_owners(b))
+            stream = sdk(b).chat.completions.create(model="llama3", messages=HI, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        # Alice is gone: plain and streamed requests still succeed, through carol.
+        for _ in range(3):
+            reply = sdk(b).chat.completions.create(model="llama3", messages=HI)
+            assert reply.choices[0].message.content == "echo: hi there"
+        stream = sdk(b).chat.completions.create(model="llama3", messages=HI, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    served_by_carol = [r for r in usage_rows(carol.path) if r.model == "llama3"]
+    assert len(served_by_carol) >= 4
+
+
+def test_peer_requests_must_be_signed_by_the_pinned_node(tmp_path):
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    with alice.run() as a, bob.run():
+        cli("join", invite(alice), "--data-dir", str(bob.path))
+        peer_key = _bobs_key_at_alice(bob.path)
+        body = msgspec.json.encode({"model": "llama3", "messages": HI})
+        # The cross-node key alone is refused: it needs bob's signature.
+        bare = httpx.post(
+            a.url + "/v1/chat/completions",
+            content=body,
+            headers={"authorization": f"Bearer {peer_key}", "content-type": "application/json"},
+        )
+        assert bare.status_code == 401 and bare.json()["error"]["code"] == "bad_signature"
+        # A signed request works once; the same bytes again are a replay.
+        headers = _signed_by(bob.path, a.url + "/v1/chat/completions", body, peer_key)
+        first = httpx.post(a.url + "/v1/chat/completions", content=body, headers=headers)
+        again = httpx.post(a.url + "/v1/chat/completions", content=body, headers=headers)
+        assert first.status_code == 200
+        assert again.status_code == 401 and "replay" in again.json()["error"]["message"].lower()
+        # Signed by another node (carol's key) for bob's key id: refused.
+        carol = make_peer(tmp_path, "carol")
+        forged = _signed_by(carol.path, a.url + "/v1/chat/completions", body, peer_key)
+        response = httpx.post(a.url + "/v1/chat/completions", content=body, headers=forged)
+        assert response.status_code == 401
+
+
+def _bobs_key_at_alice(bob_path: Path) -> str:
+    from federation.identity import NodeIdentity
+    from federation.sealing import unseal
+    from node.config import IDENTITY_FILE
+
+    async def read() -> str:
+        store = await Store.open(bob_path / DATABASE_FILE)
+        try:
+            (peer,) = await store.peers()
+            assert peer.key_from_them
+            return unseal(NodeIdentity.load(bob_path / IDENTITY_FILE), peer.key_from_them).decode()
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+def _signed_by(path: Path, url: str, body: bytes, key: str) -> dict[str, str]:
+    from federation.httpsig import sign_request
+    from federation.identity import NodeIdentity
+    from node.config import IDENTITY_FILE
+    from node.ids import new_request_id
+
+    identity = NodeIdentity.load(path / IDENTITY_FILE)
+    headers = {
+        "authorization": f"Bearer {key}",
+        "content-type": "application/json",
+        "aihub-request-id": new_request_id(),
+    }
+    headers.update(sign_request(identity, "POST", url, headers, body))
+    return headers
