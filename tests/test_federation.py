@@ -94,9 +94,9 @@ def usage_rows(path: Path) -> list:
 HI = [{"role": "user", "content": "hi there"}]
 
 
-def answers(node: RunningNode, model: str) -> bool:
+def answers(node: RunningNode, model: str, **fields: object) -> bool:
     with node.client() as client:
-        body = {"model": model, "messages": HI}
+        body = {"model": model, "messages": HI, **fields}
         return client.post("/v1/chat/completions", json=body).status_code == 200
 
 
@@ -228,3 +228,155 @@ def _signed_by(path: Path, url: str, body: bytes, key: str) -> dict[str, str]:
     }
     headers.update(sign_request(identity, "POST", url, headers, body))
     return headers
+
+
+def test_join_by_approved_request_and_adverts_pushed_when_models_change(tmp_path):
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    carol = make_peer(tmp_path, "carol", LLAMA)
+    with carol.run(), bob.run() as b:
+        with alice.run() as a:
+            # Bob asks alice (pinning her node id) without an invite: nothing is granted yet.
+            seed = f"{alice_id(alice)}@{a.url}"
+            assert "waiting" in cli("peers", "request", seed, "--data-dir", str(bob.path))
+            assert not answers(b, "llama3")
+            pending = msgspec.json.decode(
+                cli("peers", "pending", "--json", "--data-dir", str(alice.path))
+            )
+            assert [entry[0]["name"] for entry in pending] == ["bob"]
+            # A pin that does not match the node is refused before anything is sent.
+            wrong = f"{alice_id(carol)}@{a.url}"
+            refused = CliRunner().invoke(
+                main, ["peers", "request", wrong, "--data-dir", str(bob.path)]
+            )
+            assert refused.exit_code == 1 and "pinned" in refused.output
+
+            cli(
+                "peers",
+                "approve",
+                "bob",
+                "--models",
+                "llama3",
+                "--cap",
+                "1",
+                "--data-dir",
+                str(alice.path),
+            )
+            # Bob's running node asks again by itself, joins, fetches the advert and routes.
+            assert wait_for(lambda: answers(b, "llama3@alice"))
+            assert model_owners(b)["llama3"] == "alice"
+            assert (
+                msgspec.json.decode(
+                    cli("peers", "pending", "--json", "--data-dir", str(alice.path))
+                )
+                == []
+            )
+            listed = msgspec.json.decode(
+                cli("peers", "list", "--json", "--data-dir", str(bob.path))
+            )
+            assert [(p["name"], p["status"], p["models"]) for p in listed] == [
+                ("alice", "active", ["llama3"])
+            ]
+
+        # Alice restarts with a new model (and new advert seq) and pushes her advert to bob at
+        # once, restricted to what bob's key may use: the invite-less key allows llama3 only.
+        alice.dir.add_config(MINI)
+        with alice.run():
+            assert wait_for(lambda: answers(b, "llama3@alice"))
+            assert "gpt-4o-mini" not in model_owners(b)
+
+
+def test_push_of_a_new_model_reaches_peers_without_waiting_for_a_refresh(tmp_path):
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    # Bob's scheduled refresh is far away: only alice's push can tell him in time.
+    bob.dir.set_config("health_interval = 1", "health_interval = 3600")
+    with bob.run() as b:
+        with alice.run():
+            cli("join", invite(alice), "--data-dir", str(bob.path))
+            assert wait_for(lambda: answers(b, "llama3"))
+            assert not answers(b, "gpt-4o-mini")
+        alice.dir.add_config(MINI)
+        with alice.run():
+            assert wait_for(lambda: answers(b, "gpt-4o-mini"))
+            assert model_owners(b)["gpt-4o-mini"] == "alice"
+
+
+def test_a_peer_request_is_never_forwarded_and_the_peer_cap_holds(tmp_path):
+    alice = make_peer(tmp_path, "alice")
+    bob = make_peer(tmp_path, "bob")
+    carol = make_peer(tmp_path, "carol", LLAMA)
+    with alice.run() as a, bob.run() as b, carol.run():
+        # Bob gets llama3 from carol; alice is bob's peer (bob shares everything with her).
+        cli("join", invite(carol, "--cap", "0.0002"), "--data-dir", str(bob.path))
+        cli("join", invite(bob), "--data-dir", str(alice.path))
+        assert wait_for(lambda: answers(b, "llama3", max_tokens=5))
+        # Bob serves alice from his own deployments only: carol's llama3 is not resold.
+        assert wait_for(lambda: alice_has_bob(alice.path) and "echo" in model_owners(a))
+        assert "llama3" not in model_owners(a)
+        response = a.client().post("/v1/chat/completions", json={"model": "llama3", "messages": HI})
+        assert response.status_code == 404
+        # Carol's cap for bob ($0.0002 at $1 per 1M tokens each way) runs out, and holds.
+        statuses = [
+            b.client()
+            .post("/v1/chat/completions", json={"model": "llama3", "messages": HI, "max_tokens": 5})
+            .status_code
+            for _ in range(25)
+        ]
+        assert statuses[0] == 200 and statuses[-1] == 429
+        spent = [r.cost_micros for r in usage_rows(carol.path) if r.status == 200]
+        assert 0 < sum(spent) <= 200
+
+
+def test_bad_input_from_peers_changes_nothing(tmp_path):
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    with alice.run() as a, bob.run():
+        token = invite(alice, "--expires", "1s")
+        time.sleep(1.5)
+        expired = CliRunner().invoke(main, ["join", token, "--data-dir", str(bob.path)])
+        assert expired.exit_code == 1 and "expired" in expired.output
+        # Garbage, unsigned or oversized bodies on every federation endpoint: 4xx, never 500.
+        for path in ("/federation/join", "/federation/join-request", "/federation/advert"):
+            for body in (b"", b"{}", b"\xff\xfe", b"[1,2", b"x" * 70_000):
+                response = httpx.post(a.url + path, content=body)
+                assert 400 <= response.status_code < 500, (path, body[:10], response.text)
+                assert "error" in response.json()
+        for path in ("/federation/advert", "/federation/peers"):
+            assert httpx.get(a.url + path).status_code == 401
+        # A signed body that is not a join request; a join request signed by someone else.
+        body = b'{"v": 1}'
+        url = a.url + "/federation/join"
+        assert (
+            httpx.post(url, content=body, headers=_signed_by(bob.path, url, body, "x")).status_code
+            == 400
+        )
+        # An advert pushed by a node that is not alice's peer is refused.
+        url = a.url + "/federation/advert"
+        advert = b'{"v": 1, "node_id": "x"}'
+        pushed = httpx.post(url, content=advert, headers=_signed_by(bob.path, url, advert, "x"))
+        assert pushed.status_code == 401
+    assert peers_of(alice.path) == []
+    assert peers_of(bob.path) == []
+
+
+def alice_id(peer: Peer) -> str:
+    from federation.identity import NodeIdentity
+    from node.config import IDENTITY_FILE
+
+    return NodeIdentity.load(peer.path / IDENTITY_FILE).node_id
+
+
+def peers_of(path: Path) -> list:
+    async def read() -> list:
+        store = await Store.open(path / DATABASE_FILE)
+        try:
+            return await store.peers(include_revoked=True)
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+def alice_has_bob(path: Path) -> bool:
+    return any(p.name == "bob" for p in peers_of(path))
