@@ -1,0 +1,143 @@
+"""`aihub peers discover`: nodes found over mDNS, through seeds and by peer exchange that are
+not yet peers of this node.
+
+Discovery only lists: every node shown proved its node id by a signed descriptor, but none of
+them is trusted or can use anything here until it joins through an invite or an approved join
+request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import click
+import httpx
+import msgspec
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from federation.discovery import Discovered, discover, exchange_descriptors, fingerprint
+from federation.identity import NodeIdentity
+from node.config import DATABASE_FILE, IDENTITY_FILE, Config
+from node.storage import PeerRecord, Store
+
+errors = Console(stderr=True)
+
+
+class DiscoveredView(msgspec.Struct):
+    node_id: str
+    fingerprint: str
+    name: str
+    urls: list[str]
+    via: str
+
+
+async def _active_peers(directory: Path) -> list[PeerRecord]:
+    store = await Store.open(directory / DATABASE_FILE)
+    try:
+        return [peer for peer in await store.peers() if peer.status == "active"]
+    finally:
+        await store.close()
+
+
+async def discover_for_node(
+    directory: Path,
+    config: Config,
+    identity: NodeIdentity,
+    *,
+    mdns: bool,
+    wait: float,
+    problems: list[str],
+) -> list[Discovered]:
+    """What `aihub peers discover` lists: every node found that is neither us nor a peer."""
+    peers = await _active_peers(directory)
+    async with httpx.AsyncClient(timeout=wait, follow_redirects=False) as client:
+        exchanged = await exchange_descriptors(
+            client, identity, peers, request_timeout=wait, on_problem=problems.append
+        )
+        return await discover(
+            client,
+            seeds=config.federation.seeds,
+            mdns=mdns,
+            interface=config.federation.mdns_interface or None,
+            timeout=wait,
+            exchange=exchanged,
+            self_id=identity.node_id,
+            exclude={peer.node_id for peer in peers},
+            on_problem=problems.append,
+        )
+
+
+def register(peers: click.Group, with_data_dir, require_config, console) -> None:  # type: ignore[no-untyped-def]
+    """Add `discover` to the `aihub peers` group."""
+
+    @peers.command("discover")
+    @click.option(
+        "--timeout",
+        "wait",
+        type=click.FloatRange(0.1, 60),
+        default=3.0,
+        show_default=True,
+        help="Seconds to listen for mDNS announcements, and to wait for each node",
+    )
+    @click.option(
+        "--mdns/--no-mdns",
+        default=None,
+        help="Browse the local network over mDNS [default: federation.mdns in the config]",
+    )
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON")
+    @with_data_dir
+    def peers_discover(directory: Path, wait: float, mdns: bool | None, as_json: bool) -> None:
+        """List nodes found over mDNS, through the config's seeds and from peers (peer
+        exchange) that are not yet peers. Listing grants nothing: a node becomes a peer only
+        through an invite or an approved join request."""
+        config = require_config(directory)
+        try:
+            identity = NodeIdentity.load(directory / IDENTITY_FILE)
+        except (OSError, ValueError) as exc:
+            errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+            sys.exit(1)
+        use_mdns = config.federation.mdns if mdns is None else mdns
+        problems: list[str] = []
+        found = asyncio.run(
+            discover_for_node(
+                directory, config, identity, mdns=use_mdns, wait=wait, problems=problems
+            )
+        )
+        for problem in problems:
+            errors.print(f"[yellow]warning:[/] {escape(problem)}", highlight=False)
+        if as_json:
+            views = [
+                DiscoveredView(d.node_id, fingerprint(d.node_id), d.name, list(d.urls), d.via)
+                for d in found
+            ]
+            click.echo(msgspec.json.encode(views).decode())
+            return
+        sources = ", ".join(
+            source
+            for source, used in (
+                ("mDNS", use_mdns),
+                ("seeds", bool(config.federation.seeds)),
+                ("peer exchange", True),
+            )
+            if used
+        )
+        table = Table(title=f"Discovered nodes, not yet peers (via {sources})")
+        table.add_column("name", overflow="fold")
+        table.add_column("node id", overflow="fold")
+        table.add_column("urls", overflow="fold")
+        table.add_column("via")
+        for node in found:
+            table.add_row(
+                Text(node.name),
+                Text(node.node_id),
+                Text("\n".join(node.urls)),
+                node.via,
+            )
+        console.print(table)
+        if not found:
+            console.print("No new nodes found.", highlight=False)
