@@ -524,6 +524,7 @@ class AnthropicStream:
     def __init__(self, call: ChatCall, upstream: Upstream, response: httpx.Response) -> None:
         self.usage: Usage | None = None
         self.usage_estimated = False
+        self.receipt: bytes | None = None
         self._call = call
         self._upstream = upstream
         self._response = response

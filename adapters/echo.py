@@ -135,6 +135,7 @@ class EchoStream:
     def __init__(self, call: ChatCall, upstream: Upstream, answer: _Answer) -> None:
         self.usage: Usage | None = None
         self.usage_estimated = False
+        self.receipt: bytes | None = None
         self._call = call
         self._upstream = upstream
         self._answer = answer

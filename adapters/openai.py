@@ -16,6 +16,8 @@ from msgspec import Raw
 from adapters.http import build_request, iter_sse, join_url, openai_error_message, send
 from adapters.tokens import estimate_prompt_tokens, estimate_text_tokens
 from adapters.types import (
+    RECEIPT_EVENT,
+    RECEIPT_HEADER,
     ChatCall,
     ChatResult,
     EmbedCall,
@@ -109,12 +111,15 @@ class OpenAIAdapter:
             raise UpstreamError(
                 502, f"{self.upstream.provider} upstream sent invalid JSON: {exc}", retryable=True
             ) from exc
+        receipt = _receipt_of(response)
         if peek.usage is not None:
-            return ChatResult(content, _usage(peek.usage))
+            return ChatResult(content, _usage(peek.usage), receipt=receipt)
         text = "".join(
             (choice.message.content or "") for choice in peek.choices or () if choice.message
         )
-        return ChatResult(content, _estimated_usage(call, text), usage_estimated=True)
+        return ChatResult(
+            content, _estimated_usage(call, text), usage_estimated=True, receipt=receipt
+        )
 
     async def open_stream(self, call: ChatCall) -> OpenAIStream:
         body = self._body(call.raw, stream=_TRUE, stream_options=_INCLUDE_USAGE)
@@ -133,16 +138,23 @@ class OpenAIAdapter:
             raise UpstreamError(
                 502, f"{self.upstream.provider} upstream sent invalid JSON: {exc}", retryable=True
             ) from exc
+        receipt = _receipt_of(response)
         if peek.usage is not None:
-            return EmbedResult(content, _usage(peek.usage))
+            return EmbedResult(content, _usage(peek.usage), receipt=receipt)
         tokens = sum(estimate_text_tokens(text) for text in call.request.texts())
-        return EmbedResult(content, Usage(tokens, 0, tokens), usage_estimated=True)
+        return EmbedResult(content, Usage(tokens, 0, tokens), usage_estimated=True, receipt=receipt)
+
+
+def _receipt_of(response: httpx.Response) -> bytes | None:
+    value = response.headers.get(RECEIPT_HEADER)
+    return value.encode() if value else None
 
 
 class OpenAIStream:
     def __init__(self, call: ChatCall, upstream: Upstream, response: httpx.Response) -> None:
         self.usage: Usage | None = None
         self.usage_estimated = False
+        self.receipt: bytes | None = None
         self._call = call
         self._upstream = upstream
         self._response = response
@@ -156,6 +168,9 @@ class OpenAIStream:
             if data == b"[DONE]":
                 finished = True
                 break
+            if event.event == RECEIPT_EVENT:
+                self.receipt = data
+                continue
             try:
                 peek = _peek.decode(data)
             except msgspec.DecodeError as exc:

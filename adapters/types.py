@@ -264,17 +264,20 @@ class EmbedCall(Struct):
 
 
 class ChatResult(Struct):
-    """A complete answer: the OpenAI-shaped JSON body to send, and its token usage."""
+    """A complete answer: the OpenAI-shaped JSON body to send, and its token usage; from an
+    upstream that signs what it charged (another aihub node), its receipt too."""
 
     body: bytes
     usage: Usage
     usage_estimated: bool = False
+    receipt: bytes | None = None
 
 
 class EmbedResult(Struct):
     body: bytes
     usage: Usage
     usage_estimated: bool = False
+    receipt: bytes | None = None
 
 
 class ChatStream(Protocol):
@@ -289,6 +292,9 @@ class ChatStream(Protocol):
 
     usage: Usage | None
     usage_estimated: bool
+    # A signed receipt the upstream sent as an event of its own (another aihub node), once
+    # the stream is exhausted; never passed to the client.
+    receipt: bytes | None
 
     def __aiter__(self) -> AsyncIterator[bytes]: ...
 
@@ -337,6 +343,10 @@ class UpstreamError(Exception):
         self.retryable = retryable
         self.retry_after = retry_after
         self.upstream_status = upstream_status
+
+
+RECEIPT_EVENT = b"aihub.receipt"
+RECEIPT_HEADER = "aihub-receipt"
 
 
 def sse_event(payload: bytes) -> bytes:

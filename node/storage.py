@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
@@ -140,6 +140,51 @@ MIGRATIONS: list[str] = [
         healthy INTEGER NOT NULL,
         latency_ms INTEGER,
         checked_at INTEGER NOT NULL
+    );
+    """,
+    # 4: the ledger. Receipts are append-only: one chain per (provider, consumer) pair; the
+    # only change a row ever gets is its countersignature, once. Settlement statements close
+    # a period between two nodes.
+    """
+    CREATE TABLE receipts (
+        provider TEXT NOT NULL,
+        consumer TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        id TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        amount INTEGER NOT NULL,
+        iat INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        csig TEXT,
+        csig_sent INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (provider, consumer, seq)
+    );
+    CREATE UNIQUE INDEX receipts_id ON receipts (provider, consumer, id);
+    CREATE INDEX receipts_iat ON receipts (iat);
+    CREATE TRIGGER receipts_no_delete BEFORE DELETE ON receipts
+    BEGIN SELECT RAISE(ABORT, 'receipts are append-only'); END;
+    CREATE TRIGGER receipts_no_rewrite BEFORE UPDATE OF provider, consumer, seq, id, hash,
+        amount, iat, body ON receipts
+    BEGIN SELECT RAISE(ABORT, 'receipts are append-only'); END;
+    CREATE TRIGGER receipts_csig_once BEFORE UPDATE OF csig ON receipts
+        WHEN OLD.csig IS NOT NULL AND NEW.csig IS NOT OLD.csig
+    BEGIN SELECT RAISE(ABORT, 'a countersignature is written once'); END;
+    CREATE TABLE equivocations (
+        provider TEXT NOT NULL,
+        consumer TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        ours TEXT NOT NULL,
+        theirs TEXT NOT NULL,
+        found_at INTEGER NOT NULL,
+        PRIMARY KEY (provider, consumer, seq)
+    );
+    CREATE TABLE settlements (
+        a TEXT NOT NULL,
+        b TEXT NOT NULL,
+        to_seq INTEGER NOT NULL,
+        iat INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (a, b, iat)
     );
     """,
 ]
@@ -680,35 +725,143 @@ class Store:
         )
         return claimed == 1
 
+    # --- ledger ----------------------------------------------------------------------------
+
+    async def settle_with_receipt(
+        self, settlement: Settlement, pair: tuple[str, str], make: ReceiptMaker
+    ) -> StoredReceipt:
+        """A request served for a peer: its usage record, its spend and its receipt (next in
+        the pair's chain, made by `make(seq, prev)`) in one transaction, so that a completed
+        request always has its receipt and a chain never has a gap, whatever the crash."""
+        provider, consumer = pair
+        async with self._transaction():
+            row = await self._fetchone(
+                "SELECT seq, hash FROM receipts WHERE provider = ? AND consumer = ?"
+                " ORDER BY seq DESC LIMIT 1",
+                (provider, consumer),
+            )
+            seq, prev = (row[0] + 1, row[1]) if row else (1, None)
+            receipt = make(seq, prev)
+            await self._insert_receipt(receipt)
+            for sql, rows in _settlement_statements([settlement], []):
+                if rows:
+                    await self._exec_many(sql, rows)
+        return receipt
+
+    async def _insert_receipt(self, receipt: StoredReceipt) -> None:
+        await self._exec(
+            "INSERT INTO receipts (provider, consumer, seq, id, hash, amount, iat, body, csig,"
+            " csig_sent) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            msgspec.structs.astuple(receipt),
+        )
+
+    async def add_receipt(self, receipt: StoredReceipt) -> StoredReceipt | None:
+        """Append a receipt another node signed (verified by the caller). None if it is new
+        or already known; the receipt already held at that place in the chain if it differs
+        (the provider signed two receipts for one seq: equivocation)."""
+        async with self._transaction():
+            row = await self._fetchone(
+                f"SELECT {_RECEIPT_COLUMNS} FROM receipts"
+                " WHERE provider = ? AND consumer = ? AND seq = ?",
+                (receipt.provider, receipt.consumer, receipt.seq),
+            )
+            if row is None:
+                await self._insert_receipt(receipt)
+                return None
+            held = StoredReceipt(*row)
+            if held.hash != receipt.hash:
+                return held
+            if held.csig is None and receipt.csig is not None:
+                await self._exec(
+                    "UPDATE receipts SET csig = ? WHERE provider = ? AND consumer = ? AND seq = ?",
+                    (receipt.csig, receipt.provider, receipt.consumer, receipt.seq),
+                )
+            return None
+
+    async def add_countersignature(self, provider: str, consumer: str, seq: int, csig: str) -> bool:
+        return (
+            await self._exec(
+                "UPDATE receipts SET csig = ? WHERE provider = ? AND consumer = ? AND seq = ?"
+                " AND csig IS NULL",
+                (csig, provider, consumer, seq),
+            )
+            == 1
+        )
+
+    async def receipts(
+        self,
+        provider: str,
+        consumer: str,
+        *,
+        after_seq: int = 0,
+        limit: int | None = None,
+    ) -> list[StoredReceipt]:
+        """One pair's chain in seq order, from after `after_seq` (a page if `limit`)."""
+        rows = await self._fetchall(
+            f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE provider = ? AND consumer = ?"
+            " AND seq > ? ORDER BY seq LIMIT ?",
+            (provider, consumer, after_seq, -1 if limit is None else limit),
+        )
+        return [StoredReceipt(*row) for row in rows]
+
+    async def receipt_pairs(self) -> list[tuple[str, str]]:
+        rows = await self._fetchall("SELECT DISTINCT provider, consumer FROM receipts")
+        return [(row[0], row[1]) for row in rows]
+
+    async def receipts_since(self, since: int) -> list[StoredReceipt]:
+        rows = await self._fetchall(
+            f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE iat >= ?"
+            " ORDER BY iat, provider, consumer, seq",
+            (since,),
+        )
+        return [StoredReceipt(*row) for row in rows]
+
+    async def unsent_countersignatures(self, consumer: str, limit: int) -> list[StoredReceipt]:
+        rows = await self._fetchall(
+            f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE consumer = ? AND csig IS NOT NULL"
+            " AND csig_sent = 0 ORDER BY provider, seq LIMIT ?",
+            (consumer, limit),
+        )
+        return [StoredReceipt(*row) for row in rows]
+
+    async def mark_countersignatures_sent(self, receipts: list[StoredReceipt]) -> None:
+        await self._exec_many(
+            "UPDATE receipts SET csig_sent = 1 WHERE provider = ? AND consumer = ? AND seq = ?",
+            [(r.provider, r.consumer, r.seq) for r in receipts],
+        )
+
+    async def add_equivocation(
+        self, provider: str, consumer: str, seq: int, ours: str, theirs: str
+    ) -> None:
+        await self._exec(
+            "INSERT OR IGNORE INTO equivocations VALUES (?, ?, ?, ?, ?, ?)",
+            (provider, consumer, seq, ours, theirs, int(time.time())),
+        )
+
+    async def equivocations(self) -> list[tuple[str, str, int, str, str, int]]:
+        rows = await self._fetchall("SELECT * FROM equivocations ORDER BY found_at")
+        return [tuple(row) for row in rows]  # type: ignore[misc]
+
+    async def add_settlement(self, a: str, b: str, to_seq: int, iat: int, body: str) -> None:
+        await self._exec(
+            "INSERT OR IGNORE INTO settlements VALUES (?, ?, ?, ?, ?)", (a, b, to_seq, iat, body)
+        )
+
+    async def settlements(self, a: str | None = None, b: str | None = None) -> list[str]:
+        """Settlement statements (JSON as signed by both), oldest first; of one pair if given."""
+        if a is None:
+            rows = await self._fetchall("SELECT body FROM settlements ORDER BY iat")
+        else:
+            rows = await self._fetchall(
+                "SELECT body FROM settlements WHERE a = ? AND b = ? ORDER BY iat", (a, b)
+            )
+        return [row[0] for row in rows]
+
     # --- usage and audit -------------------------------------------------------------------
 
     async def write_batch(self, settlements: list[Settlement], events: list[AuditEvent]) -> None:
         """Usage records, the spend they settle and audit events: one transaction."""
-        usage_rows = [msgspec.structs.astuple(s.record) for s in settlements]
-        spend_rows = [
-            (hold.amount, s.record.cost_micros, hold.scope, hold.period_start)
-            for s in settlements
-            for hold in s.holds
-        ]
-        audit_rows = [(e.ts_ms, e.actor, e.action, e.target, e.ip, _json(e.detail)) for e in events]
-        await self._write(
-            [
-                (
-                    "INSERT OR IGNORE INTO usage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    usage_rows,
-                ),
-                (
-                    "UPDATE spend SET reserved = MAX(reserved - ?, 0), spent = spent + ?"
-                    " WHERE scope = ? AND period_start = ?",
-                    spend_rows,
-                ),
-                (
-                    "INSERT INTO audit (ts_ms, actor, action, target, ip, detail)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    audit_rows,
-                ),
-            ]
-        )
+        await self._write(_settlement_statements(settlements, events))
 
     async def insert_usage(self, records: list[UsageRecord]) -> None:
         await self.write_batch([Settlement(record) for record in records], [])
@@ -779,3 +932,49 @@ def _peer_values(peer: PeerRecord) -> tuple:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _settlement_statements(
+    settlements: list[Settlement], events: list[AuditEvent]
+) -> list[tuple[str, list[tuple]]]:
+    """The statements that write usage records, settle their spend and log audit events."""
+    usage_rows = [msgspec.structs.astuple(s.record) for s in settlements]
+    spend_rows = [
+        (hold.amount, s.record.cost_micros, hold.scope, hold.period_start)
+        for s in settlements
+        for hold in s.holds
+    ]
+    audit_rows = [(e.ts_ms, e.actor, e.action, e.target, e.ip, _json(e.detail)) for e in events]
+    return [
+        ("INSERT OR IGNORE INTO usage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", usage_rows),
+        (
+            "UPDATE spend SET reserved = MAX(reserved - ?, 0), spent = spent + ?"
+            " WHERE scope = ? AND period_start = ?",
+            spend_rows,
+        ),
+        (
+            "INSERT INTO audit (ts_ms, actor, action, target, ip, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            audit_rows,
+        ),
+    ]
+
+
+class StoredReceipt(msgspec.Struct):
+    """A receipt as the ledger table holds it: the signed JSON (`body`, with `sig`, without
+    `csig`) and the columns it is found by."""
+
+    provider: str
+    consumer: str
+    seq: int
+    id: str
+    hash: str
+    amount: int
+    iat: int
+    body: str
+    csig: str | None = None
+    csig_sent: int = 0
+
+
+_RECEIPT_COLUMNS = "provider, consumer, seq, id, hash, amount, iat, body, csig, csig_sent"
+ReceiptMaker = Callable[[int, str | None], StoredReceipt]
