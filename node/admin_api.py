@@ -87,8 +87,10 @@ def _json(value: object, status: int = 200) -> Response[bytes]:
 _key_input = msgspec.json.Decoder(KeyInput)
 _tenant_input = msgspec.json.Decoder(TenantInput)
 _rotate_input = msgspec.json.Decoder(RotateInput)
-_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+# `… - at `$.rpm`` or, for a bad key of an object, `… - at `key` in `$.metadata``.
+_AT_PATH = re.compile(r" - at (?:`key` in )?`\$\.?([^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
+_LIMIT = re.compile(r"\d{1,4}", re.ASCII)
 
 
 def _decode(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
@@ -318,7 +320,8 @@ async def audit(request: Request) -> Response[bytes]:
     await _admin(request)
     since = _since(request)
     text = _query(request, "limit", "100")
-    if not text.isdigit() or not 1 <= int(text) <= AUDIT_LIMIT_MAX:
+    # ASCII digits only: str.isdigit() takes `²`, which int() refuses.
+    if not _LIMIT.fullmatch(text) or not 1 <= int(text) <= AUDIT_LIMIT_MAX:
         raise ApiError(400, f"`limit` is 1 to {AUDIT_LIMIT_MAX}, not {text!r}", param="limit")
     action = request.query_params.get("action") or None
     events = await (await _flushed(request)).audit(since, int(text), action)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import getpass
 import logging
@@ -23,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from node import __version__
+from node import __version__, cli_discovery, cli_federation
 from node.admin_api import (
     AUDIT_LIMIT_MAX,
     DEFAULT_SINCE,
@@ -43,6 +44,7 @@ from node.config import (
     missing_secrets,
 )
 from node.management import (
+    MAX_COUNT,
     CreatedKey,
     KeyInput,
     KeyView,
@@ -53,7 +55,7 @@ from node.management import (
     TenantInput,
     TenantView,
 )
-from node.policy import PERIODS, Limits
+from node.policy import PERIODS, Limits, parse_networks
 from node.provision import NodeExists, create_node, node_exists
 from node.storage import Store, UsageGroup
 from node.units import amount, money, parse_duration, parse_money, parse_since
@@ -63,7 +65,8 @@ errors = Console(stderr=True)
 
 
 def fail(message: str) -> None:
-    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    # The message may quote what the user typed: no markup, no `:emoji:` codes, taken literally.
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, emoji=False)
     sys.exit(1)
 
 
@@ -178,6 +181,25 @@ def serve(
         highlight=False,
     )
     console.print(f'  curl {url}/v1/models -H "Authorization: Bearer $AIHUB_KEY"', highlight=False)
+    with _announced(directory, config, port):
+        _run_server(server, host, port, workers)
+
+
+def _announced(
+    directory: Path, config: Config, port: int
+) -> contextlib.AbstractContextManager[Any]:
+    """Announce the node over mDNS while it serves, if the config says so (carries no trust:
+    it only lets `aihub peers discover` on the LAN find it)."""
+    if not config.federation.mdns:
+        return contextlib.nullcontext()
+    from federation.discovery import announce
+    from federation.identity import NodeIdentity
+
+    identity = NodeIdentity.load(directory / IDENTITY_FILE)
+    return announce(identity.node_id, port, config.federation.mdns_interface or None)
+
+
+def _run_server(server: str, host: str, port: int, workers: int) -> None:
     if server == "granian":
         from granian import Granian
         from granian.constants import Interfaces
@@ -298,9 +320,11 @@ def _count_option(_ctx: click.Context, _param: click.Parameter, value: str | Non
         return UNSET
     if _is_none(value):
         return None
-    if not value.strip().isdigit() or int(value) < 1:
-        raise click.BadParameter(f"a whole number of 1 or more, or none; not {value!r}")
-    return int(value)
+    text = value.strip()
+    # ASCII digits only: str.isdigit() takes `²`, which int() refuses.
+    if not re.fullmatch(r"\d{1,13}", text, re.ASCII) or not 1 <= int(text) <= MAX_COUNT:
+        raise click.BadParameter(f"a whole number from 1 to {MAX_COUNT}, or none; not {value!r}")
+    return int(text)
 
 
 def _split(value: str) -> list[str]:
@@ -321,7 +345,14 @@ def _globs_option(_ctx: click.Context, _param: click.Parameter, value: str | Non
 def _ips_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
     if value is None:
         return UNSET
-    return [] if _is_none(value) else _split(value)
+    if _is_none(value):
+        return []
+    ips = _split(value)
+    try:
+        parse_networks(ips)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    return ips
 
 
 def _tenant_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
@@ -441,7 +472,8 @@ def _spec(kind: type[T], fields: dict[str, Any]) -> T:
         return msgspec.convert(given, kind)
     except msgspec.ValidationError as exc:
         message = str(exc)
-        at = re.search(r" - at `\$\.(\w+)", message)
+        # `… - at `$.rpm`` or, for a metadata name, `… - at `key` in `$.metadata``.
+        at = re.search(r" - at (?:`key` in )?`\$\.(\w+)", message)
         if at is None:
             fail(message)
             raise
@@ -691,7 +723,7 @@ def keys_update(
 def keys_revoke(directory: Path, id_or_key: str) -> None:
     """Revoke a key: a running node refuses it from its next request."""
     view = _manage(directory, lambda m: m.revoke_key(id_or_key, _cli_actor()))
-    console.print(f"Revoked key {view.id} ({escape(view.name)})", highlight=False)
+    console.print(Text(f"Revoked key {view.id} ({view.name})"))
 
 
 @keys_group.command("rotate")
@@ -889,14 +921,17 @@ def audit_command(
         detail = ", ".join(f"{name}={value}" for name, value in event.detail.items())
         table.add_row(
             datetime.fromtimestamp(event.ts_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S"),
-            event.action,
+            Text(event.action),
             Text(event.actor or "-"),
             Text(event.target or "-"),
-            event.ip or "-",
+            Text(event.ip or "-"),
             Text(detail),
         )
     console.print(table)
 
+
+peers_group = cli_federation.register(main, with_data_dir, require_config, fail, console)
+cli_discovery.register(peers_group, with_data_dir, require_config, console)
 
 if __name__ == "__main__":
     main()

@@ -20,11 +20,20 @@ from node.config import DATABASE_FILE, IDENTITY_FILE
 from node.keys import HASH_PURPOSE, generate_key, hash_key, key_id_of
 from node.policy import Cidr, Glob, Limits, Period, parse_networks, period_end, period_start
 from node.storage import AuditEvent, KeyRecord, SpendRow, Store, TenantRecord, now_ms
+from node.units import MAX_DURATION, MAX_MONEY_MICROS, MAX_UNIX
 
+# Every number has an upper bound: the store keeps 64-bit integers, `datetime` stops at the
+# year 9999, and a value past either would be accepted here only to fail a later request.
+MAX_COUNT = 10**12
 Name = Annotated[str, Meta(min_length=1, max_length=128)]
-Metadata = Annotated[dict[str, Annotated[str, Meta(max_length=1024)]], Meta(max_length=64)]
-NonNeg = Annotated[int, Meta(ge=0)]
-Positive = Annotated[int, Meta(ge=1)]
+Metadata = Annotated[
+    dict[Annotated[str, Meta(min_length=1, max_length=128)], Annotated[str, Meta(max_length=1024)]],
+    Meta(max_length=64),
+]
+Micros = Annotated[int, Meta(ge=0, le=MAX_MONEY_MICROS)]
+Count = Annotated[int, Meta(ge=1, le=MAX_COUNT)]
+UnixTime = Annotated[int, Meta(ge=1, le=MAX_UNIX)]
+Seconds = Annotated[int, Meta(ge=1, le=MAX_DURATION)]
 
 
 class ManagementError(Exception):
@@ -37,18 +46,23 @@ class ManagementError(Exception):
         self.param = param
 
 
+def _shown(text: str, limit: int = 80) -> str:
+    """What was asked for, quoted, and cut short: an error message echoes no megabyte."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
 # --- inputs -------------------------------------------------------------------------------
 
 
 class LimitsInput(Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Limit fields as given: unset keeps the current value, null removes the limit."""
 
-    models: list[Glob] | UnsetType | None = UNSET
-    budget_micros: NonNeg | UnsetType | None = UNSET
+    models: Annotated[list[Glob], Meta(max_length=256)] | UnsetType | None = UNSET
+    budget_micros: Micros | UnsetType | None = UNSET
     budget_period: Period | UnsetType = UNSET
-    rpm: Positive | UnsetType | None = UNSET
-    tpm: Positive | UnsetType | None = UNSET
-    max_parallel: Positive | UnsetType | None = UNSET
+    rpm: Count | UnsetType | None = UNSET
+    tpm: Count | UnsetType | None = UNSET
+    max_parallel: Count | UnsetType | None = UNSET
 
     def apply(self, limits: Limits) -> Limits:
         changes = {
@@ -62,8 +76,8 @@ class LimitsInput(Struct, forbid_unknown_fields=True, omit_defaults=True):
 class KeyInput(LimitsInput, forbid_unknown_fields=True, omit_defaults=True):
     name: Name | UnsetType = UNSET
     tenant: str | UnsetType | None = UNSET
-    expires_at: Positive | UnsetType | None = UNSET
-    expires_in: Positive | UnsetType = UNSET
+    expires_at: UnixTime | UnsetType | None = UNSET
+    expires_in: Seconds | UnsetType = UNSET
     allowed_ips: Annotated[list[Cidr], Meta(max_length=256)] | UnsetType = UNSET
     metadata: Metadata | UnsetType = UNSET
 
@@ -124,8 +138,8 @@ class TenantView(Struct, omit_defaults=True):
     name: str
     created_at: int
     limits: Limits
+    keys: int  # always shown: a count of 0 is a value, not an absence
     metadata: dict[str, str] = {}
-    keys: int = 0
     spend: SpendView | None = None
 
 
@@ -185,7 +199,7 @@ class Management:
         key_id = key_id_of(id_or_key) or id_or_key
         record = await self.store.key(key_id)
         if record is None:
-            raise ManagementError(404, f"no key {key_id!r}")
+            raise ManagementError(404, f"no key {_shown(key_id)}")
         return record
 
     async def _tenant_id(self, tenant: str | None) -> str | None:
@@ -193,7 +207,7 @@ class Management:
             return None
         record = await self.store.tenant(tenant)
         if record is None:
-            raise ManagementError(404, f"no tenant {tenant!r}", "tenant")
+            raise ManagementError(404, f"no tenant {_shown(tenant)}", "tenant")
         return record.id
 
     @staticmethod
@@ -248,6 +262,13 @@ class Management:
 
     async def revoke_key(self, id_or_key: str, actor: str) -> KeyView:
         record = await self.find_key(id_or_key)
+        if record.revoked_at is None and record.is_admin:
+            admins = [k for k in await self.store.keys(include_revoked=False) if k.is_admin]
+            if len(admins) <= 1:
+                # Nothing (not even the CLI) can make another admin key: rotate it instead.
+                raise ManagementError(
+                    409, f"key {record.id} is the node's last admin key: rotate it instead"
+                )
         if record.revoked_at is None:
             record = msgspec.structs.replace(record, revoked_at=int(time.time()))
             await self.store.save_key(record)
@@ -305,7 +326,7 @@ class Management:
     async def find_tenant(self, id_or_name: str) -> TenantRecord:
         record = await self.store.tenant(id_or_name)
         if record is None:
-            raise ManagementError(404, f"no tenant {id_or_name!r}")
+            raise ManagementError(404, f"no tenant {_shown(id_or_name)}")
         return record
 
     async def create_tenant(self, spec: TenantInput, actor: str) -> TenantView:
@@ -358,6 +379,8 @@ class Management:
 
 
 def _expiry(spec: KeyInput, current: int | None) -> int | None:
+    if spec.expires_in is not UNSET and spec.expires_at is not UNSET:
+        raise ManagementError(400, "give expires_in or expires_at, not both", "expires_in")
     if spec.expires_in is not UNSET:
         return int(time.time()) + spec.expires_in
     if spec.expires_at is not UNSET:

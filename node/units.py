@@ -11,15 +11,29 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION_RE = re.compile(r"^(\d+)([smhdw]?)$")
+# ASCII digits only: `\d` and str.isdigit() also take other scripts' digits and `²`.
+_DURATION_RE = re.compile(r"^(\d+)([smhdw]?)$", re.ASCII)
+_UNIX_RE = re.compile(r"^\d+$", re.ASCII)
+# Bounds that keep every amount and moment within what the store (64-bit integers) and
+# `datetime` can hold: a duration of at most 100 years, a moment before the year 10000, an
+# amount of at most a billion currency units.
+MAX_DURATION = 100 * 365 * 86400
+MAX_UNIX = 253402300799  # 9999-12-31T23:59:59Z
+MAX_MONEY_MICROS = 10**15
 
 
 def parse_duration(text: str, *, allow_zero: bool = False) -> int:
-    """`30m`, `24h`, `7d`, `2w`, `45s` or plain seconds, as seconds; ValueError otherwise."""
+    """`30m`, `24h`, `7d`, `2w`, `45s` or plain seconds, as seconds, up to 100 years;
+    ValueError otherwise."""
     match = _DURATION_RE.fullmatch(text.strip().lower())
     if not match:
         raise ValueError(f"not a duration: {text!r} (e.g. 30m, 24h, 7d)")
-    seconds = int(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
+    digits, unit = match.groups()
+    if len(digits) > 12:
+        raise ValueError(f"a duration is at most 100 years: {text!r}")
+    seconds = int(digits) * DURATION_UNITS[unit or "s"]
+    if seconds > MAX_DURATION:
+        raise ValueError(f"a duration is at most 100 years: {text!r}")
     if seconds == 0 and not allow_zero:
         raise ValueError(f"a duration must be more than zero: {text!r}")
     return seconds
@@ -28,13 +42,15 @@ def parse_duration(text: str, *, allow_zero: bool = False) -> int:
 def parse_since(text: str, now: float | None = None) -> int:
     """The start of a report, in unix milliseconds, from a duration back from now (`7d`,
     `24h`, `30m`), an ISO 8601 date or date-time (UTC unless it says otherwise), or unix
-    seconds. ValueError on anything else."""
+    seconds before the year 10000. ValueError on anything else."""
     text = text.strip()
     now = time.time() if now is None else now
     match = _DURATION_RE.fullmatch(text.lower())
     if match and match.group(2):
         return int((now - parse_duration(text, allow_zero=True)) * 1000)
-    if text.isdigit():
+    if _UNIX_RE.fullmatch(text):
+        if len(text) > 12 or int(text) > MAX_UNIX:
+            raise ValueError(f"a unix time is before the year 10000: {text!r}")
         return int(text) * 1000
     try:
         moment = datetime.fromisoformat(text)
@@ -49,13 +65,19 @@ def parse_since(text: str, now: float | None = None) -> int:
 
 def parse_money(text: str) -> int:
     """Currency units (e.g. dollars) to integer micro-units, exactly: 20 -> 20_000_000,
-    0.000001 -> 1. ValueError for a negative amount or more than 6 decimals."""
+    0.000001 -> 1. ValueError for a negative amount, more than 6 decimals, or more than a
+    billion."""
     try:
         amount = Decimal(text.strip())
     except InvalidOperation:
         raise ValueError(f"not an amount: {text!r} (e.g. 20 or 0.5)") from None
-    if not amount.is_finite() or amount < 0:
+    if not amount.is_finite():
+        raise ValueError(f"not an amount: {text!r} (e.g. 20 or 0.5)")
+    if amount < 0:
         raise ValueError(f"an amount is zero or more: {text!r}")
+    # Compared before scaling: `1e999999999` must not become a billion-digit integer.
+    if amount > Decimal(MAX_MONEY_MICROS).scaleb(-6):
+        raise ValueError(f"an amount is at most {MAX_MONEY_MICROS // 10**6}: {text!r}")
     micros = amount.scaleb(6)
     if micros != micros.to_integral_value():
         raise ValueError(f"an amount has at most 6 decimals: {text!r}")
