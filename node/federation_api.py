@@ -20,6 +20,7 @@ from node.peering import LISTED_HEADER, JoinRefused
 JSON = "application/json"
 
 MAX_FEDERATION_BODY = 64 * 1024
+MAX_COUNTERSIGNATURE_BODY = 256 * 1024  # a batch of 500
 
 
 def self_certifying(key_id: str) -> bytes | None:
@@ -42,13 +43,13 @@ async def authenticate_peer(request: Request, body: bytes) -> Principal:
     return principal
 
 
-async def _small_body(request: Request) -> bytes:
+async def _small_body(request: Request, limit: int = MAX_FEDERATION_BODY) -> bytes:
     """Federation objects are small: refuse a big body before verifying anything."""
     length = request.headers.get("content-length", "0")
-    if length.isdigit() and int(length) > MAX_FEDERATION_BODY:
+    if length.isdigit() and int(length) > limit:
         raise ApiError(413, "Request too large for a federation endpoint", code="request_too_large")
     body = await request.body()
-    if len(body) > MAX_FEDERATION_BODY:
+    if len(body) > limit:
         raise ApiError(413, "Request too large for a federation endpoint", code="request_too_large")
     return body
 
@@ -122,4 +123,26 @@ async def pushed_advert(request: Request) -> Response[bytes]:
     return Response(msgspec.json.encode({"accepted": accepted}), media_type=JSON, status_code=202)
 
 
-FEDERATION_ROUTES = [node_descriptor, join, join_request, advert, exchange, pushed_advert]
+@post("/federation/countersignatures", status_code=200)
+async def countersignatures(request: Request) -> Response[bytes]:
+    """A consumer's countersignatures for receipts we issued it, in a batch."""
+    body = await _small_body(request, MAX_COUNTERSIGNATURE_BODY)
+    principal = await authenticate_peer(request, body)
+    try:
+        taken = await hub_of(request).ledger.take_countersignatures(
+            principal.key.peer_id or "", body
+        )
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"Invalid countersignatures: {exc}") from exc
+    return Response(msgspec.json.encode({"taken": taken}), media_type=JSON)
+
+
+FEDERATION_ROUTES = [
+    node_descriptor,
+    join,
+    join_request,
+    advert,
+    exchange,
+    pushed_advert,
+    countersignatures,
+]

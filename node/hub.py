@@ -24,11 +24,15 @@ from node.keys import HASH_PURPOSE
 from node.metrics import Metrics
 from node.peering import Peering
 from node.ratelimit import RateLimiter
+from node.receipts import Ledger
 from node.router import Route, Router
 from node.storage import Store
 from node.usage import UsageRecorder
 
 log = logging.getLogger("aihub")
+
+# Countersignatures go back to providers in batches, this often.
+COUNTERSIGN_INTERVAL = 2
 
 
 def http_client(config: Config) -> httpx.AsyncClient:
@@ -67,6 +71,7 @@ class Hub:
     metrics: Metrics
     nonces: NonceCache
     peering: Peering
+    ledger: Ledger
     scheduler: AsyncIOScheduler
     started_at: int
 
@@ -89,7 +94,8 @@ class Hub:
         router = build_router(config, client, env)
         peering = Peering(config, identity, store, client, router, data_dir, keys.mark_stale)
         await peering.start()
-        scheduler = _schedule(peering, config)
+        ledger = Ledger(identity, store, client, peering)
+        scheduler = _schedule(peering, ledger, config)
         return cls(
             config=config,
             data_dir=data_dir,
@@ -105,6 +111,7 @@ class Hub:
             metrics=Metrics(),
             nonces=NonceCache(),
             peering=peering,
+            ledger=ledger,
             scheduler=scheduler,
             started_at=int(time.time()),
         )
@@ -112,13 +119,14 @@ class Hub:
     async def stop(self) -> None:
         self.scheduler.shutdown(wait=False)
         await self.peering.stop()
+        await self.ledger.settle_tasks()
         await self.usage.stop()
         await self.alerts.stop()
         await self.client.aclose()
         await self.store.close()
 
 
-def _schedule(peering: Peering, config: Config) -> AsyncIOScheduler:
+def _schedule(peering: Peering, ledger: Ledger, config: Config) -> AsyncIOScheduler:
     """The node's periodic work: peers' adverts and health, and noticing peers that the CLI
     added or revoked (through the epoch file) within a second."""
     scheduler = AsyncIOScheduler()
@@ -138,6 +146,14 @@ def _schedule(peering: Peering, config: Config) -> AsyncIOScheduler:
         max_instances=1,
         coalesce=True,
         id="peers.reload",
+    )
+    scheduler.add_job(
+        ledger.send_countersignatures,
+        "interval",
+        seconds=COUNTERSIGN_INTERVAL,
+        max_instances=1,
+        coalesce=True,
+        id="ledger.countersign",
     )
     # At start (models may have changed with the config), then as the schedule says.
     scheduler.add_job(peering.push_adverts, id="peers.push")

@@ -19,7 +19,7 @@ from node.auth import touch_epoch
 from node.config import DATABASE_FILE, IDENTITY_FILE
 from node.keys import HASH_PURPOSE, generate_key, hash_key, key_id_of
 from node.policy import Cidr, Glob, Limits, Period, parse_networks, period_end, period_start
-from node.storage import AuditEvent, KeyRecord, SpendRow, Store, TenantRecord, now_ms
+from node.storage import AuditEvent, Conflict, KeyRecord, SpendRow, Store, TenantRecord, now_ms
 from node.units import MAX_DURATION, MAX_MONEY_MICROS, MAX_UNIX
 
 # Every number has an upper bound: the store keeps 64-bit integers, `datetime` stops at the
@@ -341,7 +341,10 @@ class Management:
             metadata={} if spec.metadata is UNSET else spec.metadata,
             created_at=int(time.time()),
         )
-        await self.store.insert_tenant(record)
+        try:
+            await self.store.insert_tenant(record)
+        except Conflict:  # another process took the name since the check above
+            raise ManagementError(409, f"a tenant named {spec.name!r} exists", "name") from None
         await self._changed(actor, "tenant.create", record.id, name=record.name)
         return await self.tenant_view(record)
 
@@ -355,7 +358,10 @@ class Management:
         if spec.metadata is not UNSET:
             changes["metadata"] = spec.metadata
         updated = msgspec.structs.replace(record, **changes)
-        await self.store.save_tenant(updated)
+        try:
+            await self.store.save_tenant(updated)
+        except Conflict:
+            raise ManagementError(409, f"a tenant named {updated.name!r} exists", "name") from None
         await self._changed(actor, "tenant.update", record.id)
         return await self.tenant_view(updated)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import re
 import time
@@ -24,16 +25,21 @@ from litestar.response import Stream
 
 from adapters.tokens import estimate_prompt_tokens
 from adapters.types import (
+    RECEIPT_EVENT,
+    RECEIPT_HEADER,
     ChatCall,
     ChatRequest,
+    ChatResult,
     ChatStream,
     EmbedCall,
     EmbeddingRequest,
+    EmbedResult,
     UpstreamError,
     Usage,
     sse_event,
 )
-from federation.transport import HOP_HEADER
+from federation.transport import HOP_HEADER, REQUEST_ID_HEADER
+from ledger.canonical import b64url
 from node.auth import Principal
 from node.budgets import budget_scopes
 from node.errors import ApiError, ErrorDetail, error_bytes
@@ -47,6 +53,9 @@ from node.storage import Hold, Settlement, UsageRecord, now_ms
 from node.usage import cost_micros
 
 T = TypeVar("T")
+log = logging.getLogger("aihub.gateway")
+# A request id a peer sends us, to name its receipt by.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 JSON = "application/json"
 DONE = b"data: [DONE]\n\n"
@@ -140,6 +149,10 @@ class Accounting:
         self.holds: list[Hold] = []
         self.headers: dict[str, str] = {"aihub-request-id": request_id}
         self._settled = False
+        # A peer's request is settled together with the receipt we sign for it.
+        self.for_peer = principal.key.peer_id is not None
+        self._for_receipt: Settlement | None = None
+        self.receipt_id = request_id
 
     async def admit(self, request: Request, plan: list[Route], worst: Usage) -> None:
         """Rate limits, then the worst-case cost reserved against every budget on the path."""
@@ -212,7 +225,11 @@ class Accounting:
             status=status,
             error=error,
         )
-        self.hub.usage.record(Settlement(record, self.holds))
+        settlement = Settlement(record, self.holds)
+        if self.for_peer and route is not None and status == 200:
+            self._for_receipt = settlement
+        else:
+            self.hub.usage.record(settlement)
         if self.admission is not None:
             self.hub.limiter.release(self.admission, usage.total_tokens)
         metrics = self.hub.metrics
@@ -224,6 +241,30 @@ class Accounting:
         if cost:
             metrics.cost.labels(self.model).inc(cost)
         return cost
+
+    async def issue_receipt(self) -> bytes | None:
+        """For a peer's request that was answered: write its usage record, spend and our
+        signed receipt together, before the answer completes; the receipt."""
+        settlement, self._for_receipt = self._for_receipt, None
+        if settlement is None:
+            return None
+        peer_id = self.principal.key.peer_id or ""
+        try:
+            receipt = await self.hub.ledger.issue(
+                settlement, peer_id, self.receipt_id, self.principal.key_id
+            )
+        except Exception:
+            # The answer is already paid for upstream: keep its usage record even so.
+            log.exception("could not issue a receipt to %s", peer_id)
+            self.hub.usage.record(settlement)
+            return None
+        await self.hub.usage.notify([settlement])
+        return receipt
+
+    def take_receipt(self, route: Route, receipt: bytes | None, cost: int) -> None:
+        """The receipt of the peer that served us, kept and countersigned off the path."""
+        if route.peer_id is not None and receipt is not None:
+            self.hub.ledger.take(route.peer_id, receipt, self.request_id, cost)
 
     def observe_latency(self) -> None:
         elapsed = time.perf_counter() - self.started
@@ -303,6 +344,9 @@ async def _begin(
     _check_model(principal, model)
     plan = _plan(hub, model, kind, _local_only(request, principal))
     books = Accounting(hub, principal, request_id, model, kind)
+    peer_request_id = request.headers.get(REQUEST_ID_HEADER, "")
+    if books.for_peer and _REQUEST_ID.fullmatch(peer_request_id):
+        books.receipt_id = peer_request_id
     await books.admit(request, plan, worst(plan))
     return books, plan
 
@@ -352,11 +396,21 @@ async def chat_completions(request: Request) -> Response[bytes] | Stream:
     if chat.stream:
         return await _stream_chat(request, call, plan, books)
     result, route = await _route(request, books, plan, lambda r: r.adapter.chat(call))
+    return await _answer(books, route, result)
+
+
+async def _answer(books: Accounting, route: Route, result: ChatResult | EmbedResult) -> Response:
+    """Settle a complete answer and send it: with our receipt if a peer asked, keeping the
+    receipt of the peer that served it if we asked one."""
     books.observe_latency()
     cost = books.finish(
         route, result.usage, estimated=result.usage_estimated, status=200, stream=False
     )
     headers = {**books.headers, "aihub-cost-micros": str(cost)}
+    receipt = await books.issue_receipt()
+    if receipt is not None:
+        headers[RECEIPT_HEADER] = b64url(receipt)
+    books.take_receipt(route, result.receipt, cost)
     return Response(result.body, media_type=JSON, headers=headers)
 
 
@@ -406,6 +460,13 @@ async def _relay(
         async for event in opened.events:
             yield event
             sent += 1
+        if books.for_peer:
+            # The receipt goes before [DONE], as an event of its own that the consumer keeps.
+            usage, estimated = _stream_usage(stream, call, sent)
+            books.finish(route, usage, estimated=estimated, status=200, stream=True)
+            receipt = await books.issue_receipt()
+            if receipt is not None:
+                yield b"event: " + RECEIPT_EVENT + b"\ndata: " + receipt + b"\n\n"
         yield DONE
     except UpstreamError as exc:
         # Too late to fall back: the client has bytes already. Tell it in OpenAI's way.
@@ -418,12 +479,21 @@ async def _relay(
     finally:
         with anyio.CancelScope(shield=True):
             await stream.aclose()
-        usage, estimated = stream.usage, stream.usage_estimated
-        if usage is None:
-            # Cut short: charge the prompt and roughly one token per event delivered.
-            prompt = estimate_prompt_tokens(call.request.messages)
-            usage, estimated = Usage(prompt, sent, prompt + sent), True
-        books.finish(route, usage, estimated=estimated, status=status, stream=True, error=error)
+        usage, estimated = _stream_usage(stream, call, sent)
+        cost = books.finish(
+            route, usage, estimated=estimated, status=status, stream=True, error=error
+        )
+        if status == 200:
+            books.take_receipt(route, stream.receipt, cost)
+
+
+def _stream_usage(stream: ChatStream, call: ChatCall, sent: int) -> tuple[Usage, bool]:
+    """What a stream used, as the upstream counted it, or estimated if it was cut short:
+    the prompt and roughly one token per event delivered."""
+    if stream.usage is not None:
+        return stream.usage, stream.usage_estimated
+    prompt = estimate_prompt_tokens(call.request.messages)
+    return Usage(prompt, sent, prompt + sent), True
 
 
 @post("/v1/embeddings", status_code=200)
@@ -441,12 +511,7 @@ async def embeddings(request: Request) -> Response[bytes]:
         lambda _: Usage(tokens, 0, tokens),
     )
     result, route = await _route(request, books, plan, lambda r: r.adapter.embed(call))
-    books.observe_latency()
-    cost = books.finish(
-        route, result.usage, estimated=result.usage_estimated, status=200, stream=False
-    )
-    headers = {**books.headers, "aihub-cost-micros": str(cost)}
-    return Response(result.body, media_type=JSON, headers=headers)
+    return await _answer(books, route, result)
 
 
 def _cards(hub: Hub, local_only: bool) -> dict[str, ModelCard]:

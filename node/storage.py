@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -159,7 +159,7 @@ MIGRATIONS: list[str] = [
         csig_sent INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (provider, consumer, seq)
     );
-    CREATE UNIQUE INDEX receipts_id ON receipts (provider, consumer, id);
+    CREATE INDEX receipts_id ON receipts (provider, consumer, id);
     CREATE INDEX receipts_iat ON receipts (iat);
     CREATE TRIGGER receipts_no_delete BEFORE DELETE ON receipts
     BEGIN SELECT RAISE(ABORT, 'receipts are append-only'); END;
@@ -376,6 +376,18 @@ def _scope_values(count: int) -> str:
     return ", ".join(["(?, ?)"] * count)
 
 
+class Conflict(Exception):
+    """A write that would break a uniqueness rule (a name already taken)."""
+
+
+@contextmanager
+def _conflicts() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        raise Conflict(str(exc)) from None
+
+
 class Store:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self.db = db
@@ -570,13 +582,14 @@ class Store:
         )
         return _peer_from_row(row) if row else None
 
-    async def revoke_peer(self, node_id: str, now: int) -> None:
-        """Cut a peer off: its status, and the key we issued to it, in one transaction."""
+    async def revoke_peer(self, node_id: str, now: int, status: str = "revoked") -> None:
+        """Cut a peer off (`revoked` by the admin, or `suspended` for cheating): its status,
+        and the key we issued to it, in one transaction."""
         await self._write(
             [
                 (
-                    "UPDATE peers SET status = 'revoked', revoked_at = ? WHERE node_id = ?",
-                    [(now, node_id)],
+                    "UPDATE peers SET status = ?, revoked_at = ? WHERE node_id = ?",
+                    [(status, now, node_id)],
                 ),
                 (
                     "UPDATE keys SET revoked_at = ? WHERE peer_id = ? AND revoked_at IS NULL",
@@ -645,6 +658,11 @@ class Store:
     # --- tenants ---------------------------------------------------------------------------
 
     async def insert_tenant(self, tenant: TenantRecord) -> None:
+        """Conflict if the name is taken."""
+        with _conflicts():
+            await self._insert_tenant(tenant)
+
+    async def _insert_tenant(self, tenant: TenantRecord) -> None:
         await self._exec(
             "INSERT INTO tenants (id, name, limits, metadata, created_at) VALUES (?,?,?,?,?)",
             (
@@ -657,10 +675,12 @@ class Store:
         )
 
     async def save_tenant(self, tenant: TenantRecord) -> None:
-        await self._exec(
-            "UPDATE tenants SET name = ?, limits = ?, metadata = ? WHERE id = ?",
-            (tenant.name, _json(tenant.limits), _json(tenant.metadata), tenant.id),
-        )
+        """Conflict if the (new) name is taken."""
+        with _conflicts():
+            await self._exec(
+                "UPDATE tenants SET name = ?, limits = ?, metadata = ? WHERE id = ?",
+                (tenant.name, _json(tenant.limits), _json(tenant.metadata), tenant.id),
+            )
 
     async def tenants(self) -> list[TenantRecord]:
         rows = await self._fetchall(

@@ -52,6 +52,15 @@ class UsageRecorder:
     def audit(self, event: AuditEvent) -> None:
         self._events.append(event)
 
+    async def notify(self, settlements: list[Settlement]) -> None:
+        """Tell the listeners of settlements written outside the batch (a peer's request,
+        written with its receipt)."""
+        for listener in self.listeners:
+            try:
+                await listener(settlements)
+            except Exception:
+                log.exception("a usage listener failed")
+
     async def flush(self) -> None:
         """Write everything queued so far (used at shutdown and by tests)."""
         async with self._lock:
@@ -65,11 +74,7 @@ class UsageRecorder:
                     self._settlements[:0] = settlements
                     self._events[:0] = events
                     raise
-                for listener in self.listeners:
-                    try:
-                        await listener(settlements)
-                    except Exception:
-                        log.exception("a usage listener failed")
+                await self.notify(settlements)
 
     async def _run(self) -> None:
         while True:

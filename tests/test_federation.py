@@ -104,7 +104,7 @@ def test_invite_join_route_stream_failover_and_revoke(tmp_path):
     alice = make_peer(tmp_path, "alice", LLAMA, MINI)
     bob = make_peer(tmp_path, "bob")
     carol = make_peer(tmp_path, "carol", LLAMA)
-    with alice.run() as a, carol.run() as c, bob.run() as b:
+    with alice.run(), carol.run(), bob.run() as b:
         token = invite(alice, "--models", "llama3*", "--cap", "1", "--uses", "1")
         assert token.startswith("aihub1.")
         cli("join", token, "--data-dir", str(bob.path))

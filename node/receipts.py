@@ -1,0 +1,207 @@
+"""The node's side of the ledger: receipts issued for peers, receipts taken from them, and the
+countersignatures that go back in batches.
+
+A provider writes each receipt in the same transaction as the request's usage record and spend,
+before the response is complete (`Store.settle_with_receipt`): a completed request always has
+its receipt, and a crash never leaves a gap in a chain. The consumer verifies what it gets,
+countersigns it and appends it to its own copy of the chain off the request path; if it loses
+one in a crash, reconciliation recovers it from the provider's signed copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+import msgspec
+
+from federation.descriptors import public_key_of
+from federation.identity import NodeIdentity
+from ledger.canonical import b64url_decode
+from ledger.receipts import (
+    GENESIS,
+    Receipt,
+    countersign,
+    make_receipt,
+    parse_receipt,
+    receipt_fields,
+    receipt_hash,
+    verify_countersignature,
+    verify_receipt,
+)
+from ledger.records import RecordError, signed_bytes
+from node.peering import Peering
+from node.storage import Settlement, Store, StoredReceipt
+
+log = logging.getLogger("aihub.ledger")
+
+COUNTERSIGNATURE_BATCH = 500
+
+
+class Countersignature(msgspec.Struct, frozen=True):
+    seq: int
+    id: str
+    csig: str
+
+
+class Countersignatures(msgspec.Struct, frozen=True):
+    csigs: list[Countersignature]
+
+
+def stored(receipt: Receipt) -> StoredReceipt:
+    """A receipt as the ledger table keeps it: the bytes its provider signed, and its csig."""
+    return StoredReceipt(
+        provider=receipt.provider,
+        consumer=receipt.consumer,
+        seq=receipt.seq,
+        id=receipt.id,
+        hash=receipt_hash(receipt),
+        amount=receipt.amount,
+        iat=receipt.iat,
+        body=signed_bytes(receipt_fields(receipt), "csig").decode(),
+        csig=receipt.csig or None,
+    )
+
+
+def loaded(row: StoredReceipt) -> Receipt:
+    """The receipt a stored row holds, with its countersignature if it has one."""
+    receipt = parse_receipt(row.body)
+    return msgspec.structs.replace(receipt, csig=row.csig) if row.csig else receipt
+
+
+class Ledger:
+    def __init__(
+        self, identity: NodeIdentity, store: Store, client: httpx.AsyncClient, peering: Peering
+    ) -> None:
+        self.identity = identity
+        self.store = store
+        self.client = client
+        self.peering = peering
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- the provider's side --------------------------------------------------------------
+
+    async def issue(
+        self, settlement: Settlement, consumer: str, receipt_id: str, key_id: str
+    ) -> bytes:
+        """Write a peer request's usage record, spend and receipt in one transaction; the
+        receipt's signed JSON, for the response."""
+        record = settlement.record
+        me = self.identity.node_id
+
+        def make(seq: int, prev: str | None) -> StoredReceipt:
+            return stored(
+                make_receipt(
+                    self.identity.sign,
+                    id=receipt_id,
+                    provider=me,
+                    consumer=consumer,
+                    key_id=key_id,
+                    model=record.model,
+                    tokens_in=record.tokens_in,
+                    tokens_out=record.tokens_out,
+                    amount=record.cost_micros,
+                    price_seq=self.peering.advert_seq,
+                    seq=seq,
+                    prev=prev or GENESIS,
+                )
+            )
+
+        row = await self.store.settle_with_receipt(settlement, (me, consumer), make)
+        return row.body.encode()
+
+    async def take_countersignatures(self, consumer: str, body: bytes) -> int:
+        """Countersignatures a consumer sends back for receipts we issued: each checked
+        against our copy and the consumer's key; the number stored."""
+        batch = msgspec.json.decode(body, type=Countersignatures)
+        key = public_key_of(consumer)
+        me = self.identity.node_id
+        taken = 0
+        for item in batch.csigs[:COUNTERSIGNATURE_BATCH]:
+            rows = await self.store.receipts(me, consumer, after_seq=item.seq - 1, limit=1)
+            if not rows or rows[0].seq != item.seq or rows[0].id != item.id:
+                continue
+            signed = msgspec.structs.replace(loaded(rows[0]), csig=item.csig)
+            try:
+                verify_countersignature(signed, key)
+            except RecordError:
+                log.warning("a bad countersignature from %s for seq %d", consumer, item.seq)
+                continue
+            taken += await self.store.add_countersignature(me, consumer, item.seq, item.csig)
+        return taken
+
+    # --- the consumer's side --------------------------------------------------------------
+
+    def take(self, provider: str, data: bytes, request_id: str, our_cost: int) -> None:
+        """A receipt that came with a peer's answer: checked, countersigned and kept off the
+        request path."""
+        task = asyncio.create_task(self._take(provider, data, request_id, our_cost))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _take(self, provider: str, data: bytes, request_id: str, our_cost: int) -> None:
+        try:
+            # In a header it is base64url (headers are ASCII); in a stream event, the JSON.
+            signed = data if data.startswith(b"{") else b64url_decode(data.decode())
+            receipt = verify_receipt(
+                signed, public_key_of(provider), consumer=self.identity.node_id
+            )
+        except (RecordError, ValueError) as exc:
+            log.warning("refused a receipt from %s: %s", provider, exc)
+            return
+        if receipt.id != request_id:
+            log.warning("receipt %s from %s names another request", receipt.seq, provider)
+        if receipt.amount > our_cost:
+            # Priced above its advert: kept (it is what they signed) but said, for the admin.
+            log.warning(
+                "receipt %d from %s charges %d, more than the advertised %d",
+                receipt.seq,
+                provider,
+                receipt.amount,
+                our_cost,
+            )
+        await self.keep(countersign(receipt, self.identity.sign))
+
+    async def keep(self, receipt: Receipt) -> bool:
+        """Append a verified receipt to our copy of its chain; False if the provider signed a
+        different receipt for that seq before (equivocation: proof of cheating, so the peer is
+        suspended)."""
+        row = stored(receipt)
+        held = await self.store.add_receipt(row)
+        if held is None:
+            return True
+        await self.store.add_equivocation(row.provider, row.consumer, row.seq, held.body, row.body)
+        log.error("peer %s signed two receipts for seq %d: suspended", row.provider, row.seq)
+        await self.peering.suspend(row.provider)
+        return False
+
+    async def send_countersignatures(self) -> None:
+        """Send our countersignatures to each provider, in batches, off the request path."""
+        rows = await self.store.unsent_countersignatures(
+            self.identity.node_id, COUNTERSIGNATURE_BATCH
+        )
+        by_provider: dict[str, list[StoredReceipt]] = {}
+        for row in rows:
+            by_provider.setdefault(row.provider, []).append(row)
+        for provider, batch in by_provider.items():
+            peer = self.peering.peers.get(provider)
+            if peer is None or peer.key is None:
+                continue
+            body = msgspec.json.encode(
+                Countersignatures([Countersignature(r.seq, r.id, r.csig or "") for r in batch])
+            )
+            try:
+                response = await self.peering.signed(
+                    "POST", peer.url + "/federation/countersignatures", peer.key, body
+                )
+            except httpx.HTTPError as exc:
+                log.info("countersignatures to %s not sent (%s)", peer.name, type(exc).__name__)
+                continue
+            if response.status_code == 200:
+                await self.store.mark_countersignatures_sent(batch)
+
+    async def settle_tasks(self) -> None:
+        """Wait for the receipts being taken (at shutdown, and in tests)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
