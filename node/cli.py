@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from node import __version__, cli_discovery, cli_federation
+from node import __version__, cli_discovery, cli_federation, cli_ledger
 from node.admin_api import (
     AUDIT_LIMIT_MAX,
     DEFAULT_SINCE,
@@ -932,6 +932,7 @@ def audit_command(
 
 peers_group = cli_federation.register(main, with_data_dir, require_config, fail, console)
 cli_discovery.register(peers_group, with_data_dir, require_config, console)
+cli_ledger.register(main, with_data_dir, require_config, fail, console)
 
 if __name__ == "__main__":
     main()

@@ -7,10 +7,14 @@ cross-node key issued to it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import msgspec
 from litestar import Request, Response, get, post
 
 from federation.descriptors import public_key_of
+from node import books
 from node.auth import Principal
 from node.errors import ApiError
 from node.hub import hub_of
@@ -21,6 +25,7 @@ JSON = "application/json"
 
 MAX_FEDERATION_BODY = 64 * 1024
 MAX_COUNTERSIGNATURE_BODY = 256 * 1024  # a batch of 500
+MAX_RECEIPTS_BODY = 2 * 1024 * 1024  # a page of 1000
 
 
 def self_certifying(key_id: str) -> bytes | None:
@@ -137,7 +142,61 @@ async def countersignatures(request: Request) -> Response[bytes]:
     return Response(msgspec.json.encode({"taken": taken}), media_type=JSON)
 
 
+@get("/federation/receipts")
+async def receipts(request: Request) -> Response[bytes]:
+    """A page of one of the chains between the calling peer and us, for reconciliation."""
+    principal = await authenticate_peer(request, await request.body())
+    hub = hub_of(request)
+    after = request.query_params.get("after_seq", "0")
+    if not after.isascii() or not after.isdigit() or len(after) > 15:
+        raise ApiError(400, "after_seq is a whole number", param="after_seq")
+    provider = request.query_params.get("provider", "")
+    with _books_errors():
+        page = await books.receipts_page(
+            hub.store, hub.identity.node_id, principal.key.peer_id or "", provider, int(after)
+        )
+    return Response(page, media_type=JSON)
+
+
+@post("/federation/receipts", status_code=200)
+async def missing_receipts(request: Request) -> Response[bytes]:
+    """Receipts the calling peer found missing in our books."""
+    body = await _small_body(request, MAX_RECEIPTS_BODY)
+    principal = await authenticate_peer(request, body)
+    hub = hub_of(request)
+    with _books_errors():
+        taken = await books.take_receipts(
+            hub.identity.node_id, principal.key.peer_id or "", body, hub.ledger.keep
+        )
+    return Response(msgspec.json.encode({"taken": taken}), media_type=JSON)
+
+
+@post("/federation/settlements", status_code=200)
+async def settlement(request: Request) -> Response[bytes]:
+    """A peer proposes a settlement statement: countersigned if our books agree."""
+    body = await _small_body(request)
+    principal = await authenticate_peer(request, body)
+    hub = hub_of(request)
+    with _books_errors():
+        both = await books.countersign_statement(
+            hub.store, hub.identity, principal.key.peer_id or "", body
+        )
+    answer = books.StatementBody(msgspec.to_builtins(both))
+    return Response(msgspec.json.encode(answer), media_type=JSON)
+
+
+@contextmanager
+def _books_errors() -> Iterator[None]:
+    try:
+        yield
+    except books.BooksError as exc:
+        raise ApiError(exc.status, exc.message, code="ledger_refused") from exc
+
+
 FEDERATION_ROUTES = [
+    receipts,
+    missing_receipts,
+    settlement,
     node_descriptor,
     join,
     join_request,

@@ -416,11 +416,6 @@ class Peering:
         await self.store.revoke_peer(node_id, int(time.time()))
         await self.changed()
 
-    async def suspend(self, node_id: str) -> None:
-        """Stop using and serving a peer caught cheating, until the admin decides."""
-        await self.store.revoke_peer(node_id, int(time.time()), status="suspended")
-        await self.changed()
-
     async def stop(self) -> None:
         """Nothing to close: the client and the store belong to the hub."""
 

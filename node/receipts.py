@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import httpx
 import msgspec
@@ -164,17 +165,11 @@ class Ledger:
         await self.keep(countersign(receipt, self.identity.sign))
 
     async def keep(self, receipt: Receipt) -> bool:
-        """Append a verified receipt to our copy of its chain; False if the provider signed a
-        different receipt for that seq before (equivocation: proof of cheating, so the peer is
-        suspended)."""
-        row = stored(receipt)
-        held = await self.store.add_receipt(row)
-        if held is None:
-            return True
-        await self.store.add_equivocation(row.provider, row.consumer, row.seq, held.body, row.body)
-        log.error("peer %s signed two receipts for seq %d: suspended", row.provider, row.seq)
-        await self.peering.suspend(row.provider)
-        return False
+        """Append a verified receipt to our copy of its chain (see `keep_receipt`)."""
+        kept = await keep_receipt(self.store, receipt)
+        if not kept:
+            await self.peering.changed()
+        return kept
 
     async def send_countersignatures(self) -> None:
         """Send our countersignatures to each provider, in batches, off the request path."""
@@ -205,3 +200,17 @@ class Ledger:
         """Wait for the receipts being taken (at shutdown, and in tests)."""
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def keep_receipt(store: Store, receipt: Receipt) -> bool:
+    """Append a verified receipt to our copy of its chain; False if its provider signed a
+    different receipt for that seq before: equivocation, proof of cheating, so the provider is
+    suspended (its routes and its key stop working)."""
+    row = stored(receipt)
+    held = await store.add_receipt(row)
+    if held is None:
+        return True
+    await store.add_equivocation(row.provider, row.consumer, row.seq, held.body, row.body)
+    log.error("peer %s signed two receipts for seq %d: suspended", row.provider, row.seq)
+    await store.revoke_peer(row.provider, int(time.time()), status="suspended")
+    return False

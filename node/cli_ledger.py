@@ -1,0 +1,221 @@
+"""`aihub ledger …`: what this node owes and is owed, checked, reconciled and settled with
+each peer. Works on the data folder directly and talks to peers with signed requests, like
+`aihub join`; a running node sees the result through the epoch files."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import httpx
+import msgspec
+from rich.table import Table
+from rich.text import Text
+
+from federation.identity import NodeIdentity
+from node import books
+from node.auth import touch_epoch
+from node.config import DATABASE_FILE, IDENTITY_FILE
+from node.peering import PEERS_EPOCH_FILE
+from node.receipts import keep_receipt
+from node.storage import Store
+from node.units import amount, parse_since
+
+T = TypeVar("T")
+
+
+def _since(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
+    try:
+        return parse_since(value) // 1000
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _signed_amount(micros: int) -> str:
+    return ("-" if micros < 0 else "") + amount(abs(micros))
+
+
+def register(
+    main: click.Group,
+    with_data_dir: Callable[..., Any],
+    require_config: Callable[[Path], Any],
+    fail: Callable[[str], None],
+    console: Any,
+) -> None:
+    """Add `aihub ledger` to the CLI."""
+
+    def run(directory: Path, work: Callable[[Store, NodeIdentity], Awaitable[T]]) -> T:
+        require_config(directory)
+        identity = NodeIdentity.load(directory / IDENTITY_FILE)
+
+        async def go() -> T:
+            store = await Store.open(directory / DATABASE_FILE)
+            try:
+                return await work(store, identity)
+            except books.BooksError as exc:
+                fail(exc.message)
+                raise
+            finally:
+                await store.close()
+
+        return asyncio.run(go())
+
+    def as_json(value: object) -> None:
+        click.echo(msgspec.json.encode(value).decode())
+
+    @main.group()
+    def ledger() -> None:
+        """The signed ledger: balances, verification, reconciliation, settlement."""
+
+    @ledger.command("balance")
+    @click.option("--json", "json_", is_flag=True, help="Print JSON")
+    @with_data_dir
+    def balance(directory: Path, json_: bool) -> None:
+        """Per peer: what each side used of the other since the last settlement, and the net
+        (positive: the peer owes us)."""
+        rows = run(directory, lambda store, me: books.balance(store, me.node_id))
+        if json_:
+            as_json(rows)
+            return
+        table = Table(title="Balances since the last settlement")
+        for column in ("peer", "we used", "they used", "net", "receipts"):
+            table.add_column(column, justify="left" if column == "peer" else "right")
+        for row in rows:
+            table.add_row(
+                Text(row.name),
+                amount(row.we_used),
+                amount(row.they_used),
+                _signed_amount(row.net),
+                str(row.receipts),
+            )
+        console.print(table)
+
+    @ledger.command("verify")
+    @click.option("--json", "json_", is_flag=True, help="Print JSON")
+    @with_data_dir
+    def verify(directory: Path, json_: bool) -> None:
+        """Re-verify every signature and hash link; report the first broken link of each
+        chain. Exit status 1 if any is broken."""
+        checks = run(directory, lambda store, _: books.verify(store))
+        if json_:
+            as_json(checks)
+        else:
+            for check in checks:
+                pair = f"{check.provider[:16]}… → {check.consumer[:16]}…"
+                verdict = "ok" if check.ok else f"BROKEN: {check.problem}"
+                console.print(f"{pair}  {check.receipts} receipts  {verdict}", markup=False)
+            if not checks:
+                console.print("No receipts yet.")
+        if not all(check.ok for check in checks):
+            raise SystemExit(1)
+
+    def with_peer(
+        directory: Path, peer: str, work: Callable[[Store, books.Link], Awaitable[T]]
+    ) -> T:
+        async def go(store: Store, identity: NodeIdentity) -> T:
+            async with httpx.AsyncClient(timeout=60) as client:
+                link = await books.link_to(store, identity, client, peer)
+                try:
+                    return await work(store, link)
+                except httpx.HTTPError as exc:
+                    raise books.BooksError(502, f"{link.url}: {type(exc).__name__}") from exc
+
+        result = run(directory, go)
+        touch_epoch(directory, PEERS_EPOCH_FILE)  # a suspended peer stops at once
+        return result
+
+    def reconciled(store: Store, link: books.Link) -> Awaitable[books.ReconcileReport]:
+        async def keep(receipt: Any) -> bool:
+            return await keep_receipt(store, receipt)
+
+        return books.reconcile_with(store, link, keep)
+
+    @ledger.command("reconcile")
+    @click.argument("peer")
+    @click.option("--json", "json_", is_flag=True, help="Print JSON")
+    @with_data_dir
+    def reconcile(directory: Path, peer: str, json_: bool) -> None:
+        """Compare our receipts with PEER's (name or node id): recover what we miss, send what
+        it misses, and report disputes, mismatches and equivocation."""
+        report = with_peer(directory, peer, reconciled)
+        if json_:
+            as_json(report)
+            return
+        table = Table(title="Reconciliation")
+        for column in ("", "receipts", "amount"):
+            table.add_column(column, justify="left" if not column else "right")
+        for label in (
+            "matched",
+            "missing_ours",
+            "missing_theirs",
+            "disputed",
+            "mismatched",
+            "equivocation",
+            "rejected",
+        ):
+            bucket = getattr(report, label)
+            table.add_row(label.replace("_", " "), str(bucket.count), amount(bucket.amount))
+        console.print(table)
+        if report.suspended:
+            console.print("The peer signed two receipts for one seq: it is suspended.")
+
+    @ledger.command("settle")
+    @click.argument("peer")
+    @click.option("--json", "json_", is_flag=True, help="Print JSON")
+    @with_data_dir
+    def settle(directory: Path, peer: str, json_: bool) -> None:
+        """Close the period with PEER: reconcile, then a statement both nodes sign."""
+
+        async def work(store: Store, link: books.Link) -> Any:
+            await reconciled(store, link)
+            return await books.settle_with(store, link)
+
+        statement = with_peer(directory, peer, work)
+        if json_:
+            as_json(statement)
+            return
+        me = NodeIdentity.load(directory / IDENTITY_FILE).node_id
+        net = statement.net if me == statement.b else -statement.net
+        console.print(
+            f"Settled: {amount(statement.a_owes_b)} owed by {statement.a[:16]}…, "
+            f"{amount(statement.b_owes_a)} by {statement.b[:16]}…; net for us "
+            f"{_signed_amount(net)}.",
+            markup=False,
+        )
+
+    @ledger.command("statements")
+    @with_data_dir
+    def statements(directory: Path) -> None:
+        """Our settlement statements, one JSON per line (to share for `ledger net`)."""
+        for body in run(directory, lambda store, _: store.settlements()):
+            click.echo(body)
+
+    @ledger.command("net")
+    @click.argument("files", nargs=-1, type=click.File("r"))
+    @click.option("--json", "json_", is_flag=True, help="Print JSON")
+    @with_data_dir
+    def net(directory: Path, files: tuple[Any, ...], json_: bool) -> None:
+        """A transfer plan that clears every balance (at most n-1 transfers), from our
+        statements and those in FILES (the group's, one JSON per line)."""
+        extra = [line for file in files for line in file.read().splitlines() if line.strip()]
+        plan = run(directory, lambda store, _: books.net(store, extra))
+        if json_:
+            as_json(plan)
+            return
+        for transfer in plan.transfers:
+            console.print(
+                f"{transfer.payer} pays {transfer.payee} {amount(transfer.amount)}", markup=False
+            )
+        if not plan.transfers:
+            console.print("Nothing to transfer.")
+
+    @ledger.command("export")
+    @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv")
+    @click.option("--since", default="30d", show_default=True, callback=_since)
+    @with_data_dir
+    def export(directory: Path, fmt: str, since: int) -> None:
+        """Receipts for accounting, as CSV or as the signed JSON."""
+        click.echo(run(directory, lambda store, _: books.export(store, since, fmt)), nl=False)
