@@ -113,13 +113,13 @@ def _decode(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
         raise ApiError(400, f"The request body is not valid JSON: {exc}") from exc
 
 
-def _query(request: Request, name: str, default: str) -> str:
+def query_param(request: Request, name: str, default: str) -> str:
     value = request.query_params.get(name)
     return default if value is None else value
 
 
 def _flag(request: Request, name: str) -> bool:
-    value = _query(request, name, "false").strip().lower()
+    value = query_param(request, name, "false").strip().lower()
     if value in ("1", "true", "yes"):
         return True
     if value in ("0", "false", "no", ""):
@@ -127,14 +127,14 @@ def _flag(request: Request, name: str) -> bool:
     raise ApiError(400, f"`{name}` is true or false, not {value!r}", param=name)
 
 
-def _since(request: Request) -> int:
+def since_param(request: Request) -> int:
     try:
-        return parse_since(_query(request, "since", DEFAULT_SINCE))
+        return parse_since(query_param(request, "since", DEFAULT_SINCE))
     except ValueError as exc:
         raise ApiError(400, str(exc), param="since") from exc
 
 
-async def _admin(request: Request) -> Principal:
+async def require_admin(request: Request) -> Principal:
     """The caller, who must hold an admin key."""
     principal = await _authenticate(request)
     if not principal.is_admin:
@@ -193,7 +193,7 @@ def _actor(principal: Principal) -> str:
 
 @post("/admin/keys", status_code=201)
 async def create_key(request: Request) -> Response[bytes]:
-    principal = await _admin(request)
+    principal = await require_admin(request)
     spec = _decode(await request.body(), _key_input)
     async with _management(request) as management:
         created = await management.create_key(spec, _actor(principal))
@@ -203,7 +203,7 @@ async def create_key(request: Request) -> Response[bytes]:
 
 @get("/admin/keys")
 async def list_keys(request: Request) -> Response[bytes]:
-    await _admin(request)
+    await require_admin(request)
     include_revoked = _flag(request, "include_revoked")
     async with _management(request) as management:
         keys = await management.list_keys(include_revoked=include_revoked)
@@ -212,7 +212,7 @@ async def list_keys(request: Request) -> Response[bytes]:
 
 @get("/admin/keys/{id_or_key:str}")
 async def show_key(request: Request, id_or_key: FromPath[str]) -> Response[bytes]:
-    await _admin(request)
+    await require_admin(request)
     async with _management(request) as management:
         view = await management.key_view(await management.find_key(id_or_key))
     return _json(view)
@@ -220,7 +220,7 @@ async def show_key(request: Request, id_or_key: FromPath[str]) -> Response[bytes
 
 @patch("/admin/keys/{id_or_key:str}")
 async def update_key(request: Request, id_or_key: FromPath[str]) -> Response[bytes]:
-    principal = await _admin(request)
+    principal = await require_admin(request)
     spec = _decode(await request.body(), _key_input)
     async with _management(request) as management:
         view = await management.update_key(id_or_key, spec, _actor(principal))
@@ -229,7 +229,7 @@ async def update_key(request: Request, id_or_key: FromPath[str]) -> Response[byt
 
 
 async def _revoke(request: Request, id_or_key: str) -> Response[bytes]:
-    principal = await _admin(request)
+    principal = await require_admin(request)
     async with _management(request) as management:
         view = await management.revoke_key(id_or_key, _actor(principal))
     await _changed(request)
@@ -248,7 +248,7 @@ async def delete_key(request: Request, id_or_key: FromPath[str]) -> Response[byt
 
 @post("/admin/keys/{id_or_key:str}/rotate", status_code=200)
 async def rotate_key(request: Request, id_or_key: FromPath[str]) -> Response[bytes]:
-    principal = await _admin(request)
+    principal = await require_admin(request)
     body = await request.body()
     spec = _decode(body, _rotate_input) if body.strip() else RotateInput()
     async with _management(request) as management:
@@ -262,7 +262,7 @@ async def rotate_key(request: Request, id_or_key: FromPath[str]) -> Response[byt
 
 @post("/admin/tenants", status_code=201)
 async def create_tenant(request: Request) -> Response[bytes]:
-    principal = await _admin(request)
+    principal = await require_admin(request)
     spec = _decode(await request.body(), _tenant_input)
     async with _management(request) as management:
         view = await management.create_tenant(spec, _actor(principal))
@@ -272,7 +272,7 @@ async def create_tenant(request: Request) -> Response[bytes]:
 
 @get("/admin/tenants")
 async def list_tenants(request: Request) -> Response[bytes]:
-    await _admin(request)
+    await require_admin(request)
     async with _management(request) as management:
         tenants = await management.list_tenants()
     return _json(TenantList(tenants))
@@ -280,7 +280,7 @@ async def list_tenants(request: Request) -> Response[bytes]:
 
 @get("/admin/tenants/{id_or_name:str}")
 async def show_tenant(request: Request, id_or_name: FromPath[str]) -> Response[bytes]:
-    await _admin(request)
+    await require_admin(request)
     async with _management(request) as management:
         view = await management.tenant_view(await management.find_tenant(id_or_name))
     return _json(view)
@@ -288,7 +288,7 @@ async def show_tenant(request: Request, id_or_name: FromPath[str]) -> Response[b
 
 @patch("/admin/tenants/{id_or_name:str}")
 async def update_tenant(request: Request, id_or_name: FromPath[str]) -> Response[bytes]:
-    principal = await _admin(request)
+    principal = await require_admin(request)
     spec = _decode(await request.body(), _tenant_input)
     async with _management(request) as management:
         view = await management.update_tenant(id_or_name, spec, _actor(principal))
@@ -301,14 +301,14 @@ async def update_tenant(request: Request, id_or_name: FromPath[str]) -> Response
 
 @get("/admin/usage")
 async def usage(request: Request) -> Response[bytes]:
-    await _admin(request)
-    by = _query(request, "by", "key")
+    await require_admin(request)
+    by = query_param(request, "by", "key")
     if by not in USAGE_BY:
         raise ApiError(400, f"`by` is one of key, tenant, model; not {by!r}", param="by")
-    output = _query(request, "format", "json")
+    output = query_param(request, "format", "json")
     if output not in ("json", "csv"):
         raise ApiError(400, f"`format` is json or csv; not {output!r}", param="format")
-    since = _since(request)
+    since = since_param(request)
     rows = await (await _flushed(request)).usage_report(by, since)
     if output == "csv":
         return Response(usage_csv(rows).encode(), media_type="text/csv; charset=utf-8")
@@ -317,9 +317,9 @@ async def usage(request: Request) -> Response[bytes]:
 
 @get("/admin/audit")
 async def audit(request: Request) -> Response[bytes]:
-    await _admin(request)
-    since = _since(request)
-    text = _query(request, "limit", "100")
+    await require_admin(request)
+    since = since_param(request)
+    text = query_param(request, "limit", "100")
     # ASCII digits only: str.isdigit() takes `²`, which int() refuses.
     if not _LIMIT.fullmatch(text) or not 1 <= int(text) <= AUDIT_LIMIT_MAX:
         raise ApiError(400, f"`limit` is 1 to {AUDIT_LIMIT_MAX}, not {text!r}", param="limit")

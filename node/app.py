@@ -17,6 +17,7 @@ from node.config import data_dir, load_config
 from node.errors import EXCEPTION_HANDLERS
 from node.federation_api import FEDERATION_ROUTES
 from node.hub import Hub, hub_of
+from node.ledger_api import LEDGER_ROUTES
 from node.openai_api import JSON, ROUTES
 
 
@@ -62,7 +63,15 @@ def create_app(directory: Path | None = None) -> Litestar:
             await app.state.hub.stop()
 
     return Litestar(
-        route_handlers=[*ROUTES, *ADMIN_ROUTES, *FEDERATION_ROUTES, live, ready, metrics],
+        route_handlers=[
+            *ROUTES,
+            *ADMIN_ROUTES,
+            *LEDGER_ROUTES,
+            *FEDERATION_ROUTES,
+            live,
+            ready,
+            metrics,
+        ],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=config.server.max_body_bytes,

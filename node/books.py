@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from ledger.settlement import (
 from node.peering import signed_request
 from node.receipts import loaded, stored
 from node.storage import PeerRecord, Store
+
+log = logging.getLogger("aihub.ledger")
 
 PAGE = 1000  # receipts per page when two nodes compare their books
 KeepReceipt = Callable[[Receipt], Awaitable[bool]]
@@ -473,3 +476,20 @@ def verify_statement_side(statement: Settlement, side: str) -> None:
     fields = msgspec.to_builtins(statement)
     node = statement.a if side == "a" else statement.b
     verify_fields(fields, public_key_of(node), f"sig_{side}")
+
+
+async def reconcile_all(
+    store: Store, identity: NodeIdentity, client: httpx.AsyncClient, keep: KeepReceipt
+) -> list[ReconcileReport]:
+    """Reconcile with every active peer we hold a key from (on a schedule); a peer that does
+    not answer is tried again next time."""
+    reports = []
+    for record in await store.peers():
+        if record.status != "active" or not record.key_from_them:
+            continue
+        try:
+            link = await link_to(store, identity, client, record.node_id)
+            reports.append(await reconcile_with(store, link, keep))
+        except (BooksError, httpx.HTTPError, RecordError) as exc:
+            log.info("reconciliation with %s failed: %s", record.name, exc)
+    return reports

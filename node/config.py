@@ -80,7 +80,8 @@ class FederationSection(Struct, forbid_unknown_fields=True):
     mdns: bool = False
     mdns_interface: str = ""
     advert_ttl: Annotated[int, Meta(ge=60, le=7 * 86400)] = 3600
-    advert_refresh: Annotated[int, Meta(ge=5, le=86400)] = 300
+    # Peers' adverts are fetched with each health check; books are compared less often.
+    reconcile_interval: Annotated[int, Meta(ge=10, le=7 * 86400)] = 3600
     health_interval: Annotated[int, Meta(ge=1, le=3600)] = 30
 
 
@@ -258,8 +259,8 @@ listed = false                      # let peers tell other peers about this node
 mdns = false                        # announce and discover nodes on the local network
 mdns_interface = ""                 # an interface's IPv4 address; empty: all
 advert_ttl = 3600                   # seconds a model advert stays valid
-advert_refresh = 300                # seconds between advert refreshes from peers
-health_interval = 30                # seconds between peer health checks
+health_interval = 30                # seconds between peer health checks (and advert fetches)
+reconcile_interval = 3600           # seconds between reconciliations of the ledger with peers
 
 # Each [[models]] entry is one deployment. Several may share a `name`: the router picks
 # among them by strategy and falls back in order.

@@ -16,6 +16,7 @@ from litestar import Request
 from adapters import build_adapter
 from federation.identity import NodeIdentity
 from federation.nonces import NonceCache
+from node import books
 from node.alerts import BudgetAlerts
 from node.auth import KeyCache
 from node.budgets import Budgets
@@ -155,10 +156,25 @@ def _schedule(peering: Peering, ledger: Ledger, config: Config) -> AsyncIOSchedu
         coalesce=True,
         id="ledger.countersign",
     )
+    scheduler.add_job(
+        _reconcile,
+        "interval",
+        args=(ledger, peering),
+        seconds=federation.reconcile_interval,
+        max_instances=1,
+        coalesce=True,
+        id="ledger.reconcile",
+    )
     # At start (models may have changed with the config), then as the schedule says.
     scheduler.add_job(peering.push_adverts, id="peers.push")
     scheduler.start()
     return scheduler
+
+
+async def _reconcile(ledger: Ledger, peering: Peering) -> None:
+    reports = await books.reconcile_all(ledger.store, ledger.identity, ledger.client, ledger.keep)
+    if any(report.suspended for report in reports):
+        await peering.changed()  # a peer that equivocated stops being routed to at once
 
 
 def hub_of(request: Request) -> Hub:

@@ -1,0 +1,113 @@
+"""The ledger through the admin API: the same operations as `aihub ledger …`, in the running
+node (admin key only)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.params import FromPath
+
+from node import books
+from node.admin_api import query_param, require_admin, since_param
+from node.errors import ApiError
+from node.hub import hub_of
+
+JSON = "application/json"
+MAX_NET_BODY = 1024 * 1024
+
+
+def _json(value: object) -> Response[bytes]:
+    return Response(msgspec.json.encode(value), media_type=JSON)
+
+
+@asynccontextmanager
+async def _books_errors() -> AsyncIterator[None]:
+    try:
+        yield
+    except books.BooksError as exc:
+        raise ApiError(exc.status, exc.message, code="ledger_error") from exc
+    except httpx.HTTPError as exc:
+        raise ApiError(
+            502, f"The peer did not answer ({type(exc).__name__})", code="peer_unreachable"
+        ) from exc
+
+
+@get("/admin/ledger/balance")
+async def balance(request: Request) -> Response[bytes]:
+    await require_admin(request)
+    hub = hub_of(request)
+    return _json(await books.balance(hub.store, hub.identity.node_id))
+
+
+@get("/admin/ledger/verify")
+async def verify(request: Request) -> Response[bytes]:
+    await require_admin(request)
+    checks = await books.verify(hub_of(request).store)
+    return _json({"ok": all(check.ok for check in checks), "chains": checks})
+
+
+@post("/admin/ledger/reconcile/{peer:str}", status_code=200)
+async def reconcile(request: Request, peer: FromPath[str]) -> Response[bytes]:
+    await require_admin(request)
+    hub = hub_of(request)
+    async with _books_errors():
+        link = await books.link_to(hub.store, hub.identity, hub.client, peer)
+        report = await books.reconcile_with(hub.store, link, hub.ledger.keep)
+    if report.suspended:
+        await hub.peering.changed()
+    return _json(report)
+
+
+@post("/admin/ledger/settle/{peer:str}", status_code=200)
+async def settle(request: Request, peer: FromPath[str]) -> Response[bytes]:
+    await require_admin(request)
+    hub = hub_of(request)
+    async with _books_errors():
+        link = await books.link_to(hub.store, hub.identity, hub.client, peer)
+        await books.reconcile_with(hub.store, link, hub.ledger.keep)
+        statement = await books.settle_with(hub.store, link)
+    return _json(statement)
+
+
+@get("/admin/ledger/statements")
+async def statements(request: Request) -> Response[bytes]:
+    await require_admin(request)
+    bodies = await hub_of(request).store.settlements()
+    return _json({"statements": [msgspec.json.decode(body) for body in bodies]})
+
+
+class NetRequest(msgspec.Struct, forbid_unknown_fields=True):
+    statements: list[dict[str, object]] = []
+
+
+@post("/admin/ledger/net", status_code=200)
+async def net(request: Request) -> Response[bytes]:
+    """A transfer plan over our statements and those posted (the group's)."""
+    await require_admin(request)
+    body = await request.body()
+    if len(body) > MAX_NET_BODY:
+        raise ApiError(413, "Too many statements at once", code="request_too_large")
+    try:
+        extra = msgspec.json.decode(body or b"{}", type=NetRequest).statements
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ApiError(400, f"Invalid request: {exc}", param="statements") from exc
+    async with _books_errors():
+        plan = await books.net(hub_of(request).store, [msgspec.json.encode(item) for item in extra])
+    return _json(plan)
+
+
+@get("/admin/ledger/export")
+async def export(request: Request) -> Response[bytes]:
+    await require_admin(request)
+    fmt = query_param(request, "format", "csv")
+    if fmt not in ("csv", "json"):
+        raise ApiError(400, "format is csv or json", param="format")
+    text = await books.export(hub_of(request).store, since_param(request) // 1000, fmt)
+    return Response(text.encode(), media_type="text/csv" if fmt == "csv" else JSON)
+
+
+LEDGER_ROUTES = [balance, verify, reconcile, settle, statements, net, export]
