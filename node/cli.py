@@ -174,6 +174,8 @@ def serve(
     # Workers are separate processes: they find the node through the environment.
     os.environ["AIHUB_HOME"] = str(directory)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Its jobs run every second (noticing CLI changes): only their failures are news.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
     url = f"http://{host}:{port}"
     console.print(
         f"aihub {__version__}: node [bold]{escape(config.node.name)}[/] serving "
