@@ -30,5 +30,10 @@ format: setup
 test: lint
 	$(BIN)/pytest
 
+# Benchmarks: not part of `make test` (nor CI). BENCH_ARGS=--quick for a run under a minute.
+bench: setup
+	@command -v wrk >/dev/null || echo "wrk not found (apt-get install wrk): using the Python load generator"
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -278,6 +278,15 @@ def test_join_by_approved_request_and_adverts_pushed_when_models_change(tmp_path
                 ("alice", "active", ["llama3"])
             ]
 
+            # Bob's scheduled health checks record alice as up, with a latency.
+            def alice_health() -> tuple:
+                (peer,) = msgspec.json.decode(
+                    cli("peers", "list", "--json", "--data-dir", str(bob.path))
+                )
+                return peer["healthy"], peer["latency_ms"] is not None
+
+            assert wait_for(lambda: alice_health() == (True, True))
+
         # Alice restarts with a new model (and new advert seq) and pushes her advert to bob at
         # once, restricted to what bob's key may use: the invite-less key allows llama3 only.
         alice.dir.add_config(MINI)
