@@ -1,0 +1,1 @@
+"""aihub's gateway benchmark: `python -m bench` (or `make bench`); see bench/README.md."""

@@ -1,0 +1,137 @@
+"""Summarise a py-spy profile (`py-spy record -f raw`: one collapsed stack per line, then its
+sample count) of the node into costs per request.
+
+Samples where the process only waits are dropped: the event loop's own frame (uvloop runs in C,
+so a thread blocked in epoll shows as `Runner.run`) and aiosqlite's worker waiting on its
+queue. The rest is split two ways, each share turned into microseconds per request with the
+CPU time per request measured over the same window:
+
+- by layer, from the file of the innermost Python frame (self time): ASGI server, framework,
+  HTTP client, SQLite, the node's own code…;
+- by step of the request, inclusive: the node functions a request passes through.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+IDLE = (
+    "Runner.run (asyncio/runners.py",
+    "run (uvloop/__init__.py",
+    "_connection_worker_thread (aiosqlite/core.py:59)",
+    "Thread.wait (threading.py",
+    "Condition.wait (threading.py",
+    "_worker (concurrent/futures/thread.py",
+)
+
+# (layer, path fragments): the first match wins, so the more specific come first.
+LAYERS = [
+    ("HTTP client: httpx layer", ("httpx/", "httpx_aiohttp/")),
+    ("HTTP client: aiohttp", ("aiohttp/", "yarl/", "multidict/", "aiohappyeyeballs/")),
+    ("ASGI server: uvicorn", ("uvicorn/", "httptools/")),
+    ("ASGI server: granian", ("granian/",)),
+    ("framework: Litestar", ("litestar/",)),
+    ("SQLite: aiosqlite + sqlite3", ("aiosqlite/", "sqlite3/")),
+    ("node: auth (keys)", ("node/auth.py", "node/keys.py", "node/peer_auth.py")),
+    ("node: rate limits", ("node/ratelimit.py",)),
+    ("node: budgets + storage", ("node/budgets.py", "node/storage.py", "node/policy.py")),
+    ("node: usage writer", ("node/usage.py",)),
+    ("node: metrics", ("node/metrics.py", "prometheus_client/")),
+    ("node: request path (openai_api)", ("node/openai_api.py", "node/errors.py", "node/ids.py")),
+    ("node: router", ("node/router.py",)),
+    ("node: other", ("node/",)),
+    ("adapters", ("adapters/",)),
+    ("federation + ledger", ("federation/", "ledger/", "nacl/")),
+    ("logging", ("logging/",)),
+    ("scheduler: apscheduler", ("apscheduler/",)),
+    ("asyncio (tasks, futures)", ("asyncio/",)),
+    ("anyio", ("anyio/",)),
+]
+
+# Steps of a request: a function name (as py-spy prints it, without the file) and its label.
+STEPS = [
+    ("HttpToolsProtocol.data_received", "uvicorn: reading and parsing requests (httptools)"),
+    ("RequestResponseCycle.run_asgi", "request task: uvicorn -> Litestar -> handler"),
+    ("chat_completions", "  handler: chat_completions"),
+    ("_authenticate", "    authenticate (key from memory, epoch stat)"),
+    ("_read_body", "    read body (+ peer signature check)"),
+    ("decode_body", "    decode body (msgspec, twice)"),
+    ("_begin", "    admit: model check, plan, limits, budget"),
+    ("RateLimiter.admit", "      rate limiter"),
+    ("Budgets.reserve", "      budget reservation (queued to aiosqlite's thread)"),
+    ("_route", "    route: start the upstream task, watch for disconnect"),
+    ("Accounting.finish", "    finish: usage record, metrics, release"),
+    ("Accounting.observe_latency", "    latency histogram"),
+    ("HTTPRouteHandler.to_response", "  Litestar: building the response"),
+    ("ASGIResponse.__call__", "  Litestar: sending the response"),
+    ("Router.run", "upstream task (own task): router + adapter"),
+    ("OpenAIAdapter.chat", "  OpenAI adapter: chat call"),
+    ("AsyncClient.send", "    httpx AsyncClient.send (all of it)"),
+    ("AiohttpTransport.handle_async_request", "      of which aiohttp below httpx"),
+    ("UsageRecorder._run", "usage writer task (batched, every 50 ms)"),
+    ("_connection_worker_thread", "aiosqlite worker thread (running SQL)"),
+    ("Logger.info", "logging.info calls (httpx logs every request at INFO)"),
+]
+
+
+def _function(frame: str) -> str:
+    return frame.split(" (", 1)[0]
+
+
+def _layer(frame: str) -> str:
+    where = frame.rsplit("(", 1)[-1]
+    for name, fragments in LAYERS:
+        if any(fragment in where for fragment in fragments):
+            return name
+    return "other (stdlib, C calls from Python)"
+
+
+def summarise(raw: str, cpu_us_per_request: float, top: int = 25) -> dict[str, object]:
+    layers: Counter[str] = Counter()
+    steps: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    active = idle = 0
+    for line in raw.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        leaf = frames[-1]
+        if leaf.startswith(IDLE):
+            idle += count
+            continue
+        active += count
+        layers[_layer(leaf)] += count
+        leaves[leaf] += count
+        names = {_function(frame) for frame in frames}
+        for function, _label in STEPS:
+            if function in names or any(name.startswith(function) for name in names):
+                steps[function] += count
+
+    def cost(count: int) -> dict[str, float]:
+        share = count / active if active else 0.0
+        return {"share": round(share, 4), "us_per_request": round(share * cpu_us_per_request, 1)}
+
+    return {
+        "samples_active": active,
+        "samples_idle": idle,
+        "cpu_us_per_request": round(cpu_us_per_request, 1),
+        "by_layer": {name: cost(n) for name, n in layers.most_common()},
+        "by_step": {label: cost(steps[fn]) for fn, label in STEPS if steps[fn]},
+        "top_self": {leaf: cost(n) for leaf, n in leaves.most_common(top)},
+    }
+
+
+def render(summary: dict[str, object]) -> str:
+    lines = [
+        f"profile: {summary['samples_active']} active samples; CPU per request "
+        f"{summary['cpu_us_per_request']} us"
+    ]
+    for title, key in (("by layer (self time)", "by_layer"), ("by step (inclusive)", "by_step")):
+        lines.append(f"  {title}:")
+        table = summary[key]
+        assert isinstance(table, dict)
+        for name, value in table.items():
+            lines.append(f"    {value['us_per_request']:8.1f} us  {value['share']:6.1%}  {name}")
+    return "\n".join(lines)
