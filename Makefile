@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 AIHUB_HOME ?= $(HOME)/.aihub
 export AIHUB_HOME
 
-.PHONY: setup run test lint format bench clean
+.PHONY: setup run test lint format bench network network-down clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,13 @@ test: lint
 bench: setup
 	@command -v wrk >/dev/null || echo "wrk not found (apt-get install wrk): using the Python load generator"
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Three nodes on loopback, joined together; a request routed to a peer, its receipt, balances.
+network: setup
+	$(BIN)/aihub network up
+
+network-down: setup
+	$(BIN)/aihub network down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from node import __version__, cli_discovery, cli_federation, cli_ledger
+from node import __version__, cli_discovery, cli_federation, cli_ledger, cli_network
 from node.admin_api import (
     AUDIT_LIMIT_MAX,
     DEFAULT_SINCE,
@@ -176,6 +176,8 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Its jobs run every second (noticing CLI changes): only their failures are news.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # httpx logs every upstream request at INFO: ~200 µs each, and the usage table has it all.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     url = f"http://{host}:{port}"
     console.print(
         f"aihub {__version__}: node [bold]{escape(config.node.name)}[/] serving "
@@ -935,6 +937,7 @@ def audit_command(
 peers_group = cli_federation.register(main, with_data_dir, require_config, fail, console)
 cli_discovery.register(peers_group, with_data_dir, require_config, console)
 cli_ledger.register(main, with_data_dir, require_config, fail, console)
+cli_network.register(main, console)
 
 if __name__ == "__main__":
     main()
