@@ -15,8 +15,17 @@ import msgspec
 _encoder = msgspec.json.Encoder(order="sorted")
 
 
+class RecordError(ValueError):
+    """A signed object that must be refused; the message says why."""
+
+
 def canonical(obj: Any) -> bytes:
-    return _encoder.encode(obj)
+    """The one byte string an object is signed as; RecordError for text that is not valid
+    Unicode (a lone surrogate, which JSON's `\\ud800` escapes can smuggle in)."""
+    try:
+        return _encoder.encode(obj)
+    except UnicodeEncodeError as exc:
+        raise RecordError("signed data must be valid Unicode") from exc
 
 
 def b64url(data: bytes) -> str:

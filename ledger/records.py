@@ -21,6 +21,7 @@ import msgspec
 import nacl.exceptions
 import nacl.signing
 
+from ledger.canonical import RecordError as RecordError  # raised by the encoding itself
 from ledger.canonical import b64url, b64url_decode, canonical
 
 MAX_SKEW = 300
@@ -31,10 +32,6 @@ COVERS: dict[str, tuple[str, ...]] = {"sig": (), "csig": ("sig",), "sig_a": (), 
 
 S = TypeVar("S", bound=msgspec.Struct)
 Signer = Callable[[bytes], bytes]
-
-
-class RecordError(ValueError):
-    """A signed object that must be refused; the message says why."""
 
 
 def _floats_in(value: Any) -> bool:
