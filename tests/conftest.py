@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,3 +76,19 @@ def run_node(directory: NodeDir, port: int = 0) -> Iterator[RunningNode]:
     """Serve the node in `directory` for real (uvicorn, lifespan, loopback port)."""
     with serve_app(create_app(directory.path), lifespan="on", port=port) as url:
         yield RunningNode(directory, url)
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
+    """Wait for a real `aihub serve` to answer /health/ready; fail with its stderr if it
+    exits first."""
+    for _ in range(400):
+        if process.poll() is not None:
+            stderr = process.stderr.read().decode() if process.stderr else ""
+            raise AssertionError(f"aihub serve exited with {process.returncode}: {stderr}")
+        try:
+            if httpx.get(url + "/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("aihub serve did not become ready")

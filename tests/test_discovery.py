@@ -747,8 +747,8 @@ def test_aihub_serve_announces_itself_and_discover_finds_it(tmp_path: Path) -> N
     """`aihub serve` with `mdns = true` announces the node; another node's `aihub peers
     discover` finds it over loopback mDNS and verifies its descriptor."""
     from node.cli import main
+    from tests.conftest import wait_ready
     from tests.mocks.server import free_port
-    from tests.test_openai_sdk import wait_ready
 
     served, served_identity = new_node(tmp_path, "lighthouse")
     other, _ = new_node(tmp_path, "sailor")

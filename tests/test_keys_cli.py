@@ -29,7 +29,7 @@ from node.policy import period_start
 from node.provision import create_node
 from node.storage import Hold, KeyRecord, Settlement, Store, UsageRecord
 from node.units import money
-from tests.conftest import NodeDir, run_node
+from tests.conftest import NodeDir, run_node, wait_ready
 from tests.mocks.server import free_port
 
 KEY_RE = re.compile(r"sk-hub-[0-9a-f]{12}_[A-Za-z0-9_-]{43}")
@@ -566,17 +566,3 @@ def test_serve_releases_reservations_left_by_a_crash(folder):
     finally:
         process.terminate()
         process.wait(timeout=15)
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
-    for _ in range(400):
-        if process.poll() is not None:
-            stderr = process.stderr.read().decode() if process.stderr else ""
-            raise AssertionError(f"aihub serve exited with {process.returncode}: {stderr}")
-        try:
-            if httpx.get(url + "/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("aihub serve did not become ready")

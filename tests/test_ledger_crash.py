@@ -16,8 +16,8 @@ from click.testing import CliRunner
 
 from node.cli import main
 from node.config import DATABASE_FILE
+from tests.conftest import wait_ready
 from tests.test_federation import HI, LLAMA, answers, cli, invite, make_peer, wait_for
-from tests.test_openai_sdk import wait_ready
 
 
 def serve(peer, log: Path) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]

@@ -6,15 +6,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
 from node.provision import create_node
+from tests.conftest import wait_ready
 from tests.mocks.openai_mock import OpenAIMock
 from tests.mocks.server import free_port, serve_app
 
@@ -37,20 +36,6 @@ class Served:
         self.url = url
         self.key = key
         self.mock = mock
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"aihub serve exited with {process.returncode}")
-        try:
-            if httpx.get(url + "/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError("aihub serve did not become ready")
 
 
 @pytest.fixture(scope="module")
