@@ -1,14 +1,22 @@
 """No overspend: reserve the worst-case cost before the upstream call, settle after.
 
-Each key and tenant with a budget has one `spend` row per budget period. A reservation is one
-atomic SQL statement over all the rows a request is charged to (`Store.reserve`), so any
-number of concurrent requests, in any number of worker processes, can never take a budget past
-its cap. The settlement (actual cost in, reservation out) is written in the same transaction
-as the request's usage record.
+Each key and tenant with a budget has one `spend` row per budget period. Budget is reserved in
+the database only by one atomic SQL statement (`Store.reserve`), so the processes serving a
+node can never, together, take a budget past its cap.
+
+A process does not go to the database for every request, though: it reserves a **lease** (a
+slice of what is left: a tenth, or sixteen requests' worth, whichever is less) and hands out
+reservations from it in memory, checking and taking in one step with no await between, so
+that concurrent requests in the process never promise more than it holds. When a request
+settles, its actual cost moves from reserved to spent in the database (in the same batched
+transaction as its usage record) and the rest of its reservation returns to the lease. Leases
+are given back when the process stops, when keys change, and at start-up (`aihub serve`
+releases anything a crashed process held).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from node.auth import Principal
@@ -25,15 +33,42 @@ def budget_scopes(principal: Principal) -> list[tuple[str, Limits]]:
     return scopes
 
 
+LEASE_REQUESTS = 16  # a lease covers this many requests like the one that takes it…
+LEASE_SHARE = 10  # …but at most a tenth of the cap, so that other processes get their share
+
+Scope = tuple[str, int]  # (scope, period start)
+
+
 class Budgets:
     def __init__(self, store: Store) -> None:
         self.store = store
         # (scope, period start, cap) rows known to exist with that cap: opened once a period.
         self._opened: set[tuple[str, int, int]] = set()
+        # Reserved in the database and not yet promised to a request, per scope and period.
+        self._leases: dict[Scope, int] = {}
+        self._refill = asyncio.Lock()
+        self._releases: set[asyncio.Task[None]] = set()
 
     def forget(self) -> None:
-        """Caps may have changed (keys reloaded): re-open rows on their next use."""
+        """Caps may have changed (keys reloaded): give the leases back and re-open rows on
+        their next use, so that new leases are taken under the new caps."""
         self._opened.clear()
+        leases, self._leases = self._leases, {}
+        task = asyncio.get_running_loop().create_task(self._release(leases))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, leases: dict[Scope, int]) -> None:
+        unused = [(amount, scope) for scope, amount in leases.items() if amount > 0]
+        if unused:
+            await self.store.release(unused)
+
+    async def release(self) -> None:
+        """Give every lease back (the process stops)."""
+        if self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
+        leases, self._leases = self._leases, {}
+        await self._release(leases)
 
     def periods(self, principal: Principal, now: float) -> list[tuple[str, int, int]]:
         return [
@@ -42,23 +77,67 @@ class Budgets:
             if limits.budget_micros is not None
         ]
 
+    def _take(self, scopes: list[Scope], amount: int) -> bool:
+        """Promise `amount` from every scope's lease, or from none. No await: atomic within
+        the process."""
+        leases = self._leases
+        if any(leases.get(scope, 0) < amount for scope in scopes):
+            return False
+        for scope in scopes:
+            leases[scope] -= amount
+        return True
+
     async def reserve(self, principal: Principal, amount: int) -> list[Hold]:
         """Hold `amount` in every budget on the request's path, or raise a 429."""
         rows = self.periods(principal, time.time())
         if not rows:
             return []
+        scopes = [(scope, start) for scope, start, _ in rows]
+        if not self._take(scopes, amount):
+            async with self._refill:
+                await self._lease(rows, amount)
+        return [Hold(scope, start, amount) for scope, start in scopes]
+
+    async def _lease(self, rows: list[tuple[str, int, int]], amount: int) -> None:
+        scopes = [(scope, start) for scope, start, _ in rows]
         fresh = [row for row in rows if row not in self._opened]
         if fresh:
             await self.store.open_periods(fresh)
             self._opened.update(fresh)
-        scopes = [(scope, start) for scope, start, _ in rows]
-        if not await self.store.reserve(amount, scopes):
-            raise ApiError(
-                429,
-                "Budget exceeded: this request could cost up to "
-                f"{amount} micro-units, more than is left in the budget of "
-                + " or ".join(scope for scope, _ in scopes),
-                type="insufficient_quota",
-                code="insufficient_quota",
-            )
-        return [Hold(scope, start, amount) for scope, start in scopes]
+        # Other requests of this process may take from a lease while we wait for the database:
+        # top up, then take in one step, until it holds or the database says no.
+        while not self._take(scopes, amount):
+            for scope, start, cap in rows:
+                short = amount - self._leases.get((scope, start), 0)
+                if short <= 0:
+                    continue
+                chunk = max(short, min(amount * LEASE_REQUESTS, cap // LEASE_SHARE))
+                if not await self.store.reserve(chunk, [(scope, start)]):
+                    if chunk == short or not await self.store.reserve(short, [(scope, start)]):
+                        raise _exceeded(amount, scopes)
+                    chunk = short
+                self._leases[(scope, start)] = self._leases.get((scope, start), 0) + chunk
+
+    def settle(self, holds: list[Hold], cost: int) -> list[Hold]:
+        """A request is done and cost `cost`: the holds whose amounts the database moves from
+        reserved to spent (the cost, up to each hold), while the rest of each hold returns to
+        its lease. A cost over the worst case (an estimate fell short) is added to spent
+        without touching what other requests hold."""
+        moved = []
+        for hold in holds:
+            used = min(cost, hold.amount)
+            scope = (hold.scope, hold.period_start)
+            self._leases[scope] = self._leases.get(scope, 0) + hold.amount - used
+            moved.append(Hold(hold.scope, hold.period_start, used))
+        return moved
+
+
+def _exceeded(amount: int, scopes: list[Scope]) -> ApiError:
+    return ApiError(
+        429,
+        "Budget exceeded: this request could cost up to "
+        f"{amount} micro-units, more than is left in the budget of "
+        + " or ".join(scope for scope, _ in scopes),
+        type="insufficient_quota",
+        code="insufficient_quota",
+    )

@@ -122,6 +122,7 @@ class Hub:
         await self.peering.stop()
         await self.ledger.settle_tasks()
         await self.usage.stop()
+        await self.budgets.release()  # after the last settlement is written
         await self.alerts.stop()
         await self.client.aclose()
         await self.store.close()

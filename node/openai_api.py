@@ -225,7 +225,7 @@ class Accounting:
             status=status,
             error=error,
         )
-        settlement = Settlement(record, self.holds)
+        settlement = Settlement(record, self.hub.budgets.settle(self.holds, cost))
         if self.for_peer and route is not None and status == 200:
             self._for_receipt = settlement
         else:

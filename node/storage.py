@@ -722,6 +722,13 @@ class Store:
         )
         return changed == len(scopes)
 
+    async def release(self, leases: list[tuple[int, tuple[str, int]]]) -> None:
+        """Give back reserved budget that no request will use: (amount, (scope, start))."""
+        await self._exec_many(
+            "UPDATE spend SET reserved = MAX(reserved - ?, 0) WHERE scope = ? AND period_start = ?",
+            [(amount, scope, start) for amount, (scope, start) in leases],
+        )
+
     async def release_all_reservations(self) -> None:
         """At start-up no request is in flight: what is still reserved was lost in a crash."""
         await self._exec("UPDATE spend SET reserved = 0 WHERE reserved != 0")
