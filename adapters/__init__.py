@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import httpx
-
+from adapters.http import UpstreamClient
 from adapters.types import Adapter, Upstream
 
 
-def build_adapter(upstream: Upstream, client: httpx.AsyncClient) -> Adapter:
+def build_adapter(upstream: Upstream, client: UpstreamClient) -> Adapter:
     provider = upstream.provider
     if provider == "echo":
         from adapters.echo import EchoAdapter

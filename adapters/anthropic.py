@@ -31,11 +31,18 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 from urllib.parse import unquote_to_bytes
 
-import httpx
 import msgspec
 from msgspec import Raw, Struct
 
-from adapters.http import build_request, decode_json, iter_sse, join_url, send
+from adapters.http import (
+    UpstreamClient,
+    UpstreamResponse,
+    build_request,
+    decode_json,
+    iter_sse,
+    join_url,
+    send,
+)
 from adapters.tokens import completion_text, estimate_text_tokens, usage_or_estimate
 from adapters.types import (
     ChatCall,
@@ -451,7 +458,7 @@ def _stream_error(upstream: Upstream, error: _ErrorDetail | None) -> UpstreamErr
 class AnthropicAdapter:
     """Speaks Anthropic's `/v1/messages` at `base_url` (default `https://api.anthropic.com`)."""
 
-    def __init__(self, upstream: Upstream, client: httpx.AsyncClient) -> None:
+    def __init__(self, upstream: Upstream, client: UpstreamClient) -> None:
         self.upstream = upstream
         self.client = client
 
@@ -460,12 +467,12 @@ class AnthropicAdapter:
         # Anthropic's SDKs take the base without `/v1`, OpenAI's with it: accept either.
         return join_url(base, "messages" if base.endswith("/v1") else "v1/messages")
 
-    async def _post(self, body: bytes, *, stream: bool = False) -> httpx.Response:
+    async def _post(self, body: bytes, *, stream: bool = False) -> UpstreamResponse:
         headers = {"anthropic-version": self.upstream.api_version or DEFAULT_API_VERSION}
         key = self.upstream.api_key
         if key:
             headers["x-api-key"] = key
-        request = build_request(self.client, self.upstream, self.url(), body, headers)
+        request = build_request(self.upstream, self.url(), body, headers)
         return await send(
             self.client, self.upstream, request, stream=stream, parse_error=anthropic_error_message
         )
@@ -521,7 +528,7 @@ class AnthropicStream:
     nothing has been yielded the router can still fall back to another deployment.
     """
 
-    def __init__(self, call: ChatCall, upstream: Upstream, response: httpx.Response) -> None:
+    def __init__(self, call: ChatCall, upstream: Upstream, response: UpstreamResponse) -> None:
         self.usage: Usage | None = None
         self.usage_estimated = False
         self.receipt: bytes | None = None

@@ -24,11 +24,18 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 from urllib.parse import unquote_to_bytes
 
-import httpx
 import msgspec
 from msgspec import Raw, Struct
 
-from adapters.http import build_request, decode_json, iter_ndjson, join_url, send
+from adapters.http import (
+    UpstreamClient,
+    UpstreamResponse,
+    build_request,
+    decode_json,
+    iter_ndjson,
+    join_url,
+    send,
+)
 from adapters.tokens import completion_text, estimate_text_tokens, usage_or_estimate
 from adapters.types import (
     ChatCall,
@@ -346,16 +353,16 @@ def _failed(upstream: Upstream, message: str) -> UpstreamError:
 class OllamaAdapter:
     """Speaks Ollama's native `/api/chat` and `/api/embed` at `base_url`."""
 
-    def __init__(self, upstream: Upstream, client: httpx.AsyncClient) -> None:
+    def __init__(self, upstream: Upstream, client: UpstreamClient) -> None:
         self.upstream = upstream
         self.client = client
 
-    async def _post(self, path: str, body: bytes, *, stream: bool = False) -> httpx.Response:
+    async def _post(self, path: str, body: bytes, *, stream: bool = False) -> UpstreamResponse:
         url = join_url(self.upstream.base_url or DEFAULT_BASE_URL, path)
         # Ollama itself has no keys; one is for a proxy in front of it, or for ollama.com.
         key = self.upstream.api_key
         headers = {"authorization": f"Bearer {key}"} if key else {}
-        request = build_request(self.client, self.upstream, url, body, headers)
+        request = build_request(self.upstream, url, body, headers)
         return await send(
             self.client, self.upstream, request, stream=stream, parse_error=ollama_error_message
         )
@@ -425,7 +432,7 @@ class OllamaStream:
     so that a failure at the start can still fall back to another deployment.
     """
 
-    def __init__(self, call: ChatCall, upstream: Upstream, response: httpx.Response) -> None:
+    def __init__(self, call: ChatCall, upstream: Upstream, response: UpstreamResponse) -> None:
         self.usage: Usage | None = None
         self.usage_estimated = False
         self.receipt: bytes | None = None

@@ -9,11 +9,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import httpx
 import msgspec
 from msgspec import Raw
 
-from adapters.http import build_request, iter_sse, join_url, openai_error_message, send
+from adapters.http import (
+    UpstreamClient,
+    UpstreamRequest,
+    UpstreamResponse,
+    build_request,
+    iter_sse,
+    join_url,
+    openai_error_message,
+    send,
+)
 from adapters.tokens import estimate_prompt_tokens, estimate_text_tokens
 from adapters.types import (
     RECEIPT_EVENT,
@@ -74,7 +82,7 @@ def _estimated_usage(call: ChatCall, completion_text: str) -> Usage:
 class OpenAIAdapter:
     """Speaks OpenAI's `/chat/completions` and `/embeddings` at `base_url`."""
 
-    def __init__(self, upstream: Upstream, client: httpx.AsyncClient) -> None:
+    def __init__(self, upstream: Upstream, client: UpstreamClient) -> None:
         self.upstream = upstream
         self.client = client
 
@@ -95,10 +103,10 @@ class OpenAIAdapter:
         """Headers for one call; a subclass may add to them (a peer signs the request)."""
         return self.auth_headers()
 
-    def _request(self, endpoint: str, body: bytes, request_id: str) -> httpx.Request:
+    def _request(self, endpoint: str, body: bytes, request_id: str) -> UpstreamRequest:
         url = self.url(endpoint)
         headers = self.request_headers(url, body, request_id)
-        return build_request(self.client, self.upstream, url, body, headers)
+        return build_request(self.upstream, url, body, headers)
 
     async def chat(self, call: ChatCall) -> ChatResult:
         body = self._body(call.raw, stream=_FALSE)
@@ -145,13 +153,13 @@ class OpenAIAdapter:
         return EmbedResult(content, Usage(tokens, 0, tokens), usage_estimated=True, receipt=receipt)
 
 
-def _receipt_of(response: httpx.Response) -> bytes | None:
+def _receipt_of(response: UpstreamResponse) -> bytes | None:
     value = response.headers.get(RECEIPT_HEADER)
     return value.encode() if value else None
 
 
 class OpenAIStream:
-    def __init__(self, call: ChatCall, upstream: Upstream, response: httpx.Response) -> None:
+    def __init__(self, call: ChatCall, upstream: Upstream, response: UpstreamResponse) -> None:
         self.usage: Usage | None = None
         self.usage_estimated = False
         self.receipt: bytes | None = None

@@ -9,8 +9,7 @@ reselling).
 
 from __future__ import annotations
 
-import httpx
-
+from adapters.http import UpstreamClient
 from adapters.openai import OpenAIAdapter
 from adapters.types import Upstream
 from federation.httpsig import sign_request
@@ -32,7 +31,7 @@ def peer_upstream(model: str, url: str, key: str, max_output_tokens: int = 4096)
 
 class PeerAdapter(OpenAIAdapter):
     def __init__(
-        self, upstream: Upstream, client: httpx.AsyncClient, identity: NodeIdentity, peer_id: str
+        self, upstream: Upstream, client: UpstreamClient, identity: NodeIdentity, peer_id: str
     ) -> None:
         super().__init__(upstream, client)
         self.identity = identity

@@ -14,6 +14,7 @@ from httpx_aiohttp import AiohttpTransport
 from litestar import Request
 
 from adapters import build_adapter
+from adapters.http import UpstreamClient
 from federation.identity import NodeIdentity
 from federation.nonces import NonceCache
 from node import books
@@ -48,7 +49,7 @@ def http_client(config: Config) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=AiohttpTransport(limits=limits), timeout=timeout)
 
 
-def build_router(config: Config, client: httpx.AsyncClient, env: dict[str, str]) -> Router:
+def build_router(config: Config, client: UpstreamClient, env: dict[str, str]) -> Router:
     routes = [
         Route(spec, build_adapter(spec.upstream(config.upstream, env), client), position)
         for position, spec in enumerate(config.models)
@@ -64,7 +65,8 @@ class Hub:
     store: Store
     keys: KeyCache
     router: Router
-    client: httpx.AsyncClient
+    client: httpx.AsyncClient  # node-to-node federation traffic and webhooks
+    upstreams: UpstreamClient  # providers, and peers as upstreams: the hot path
     usage: UsageRecorder
     budgets: Budgets
     alerts: BudgetAlerts
@@ -92,8 +94,11 @@ class Hub:
         alerts = BudgetAlerts(config.alerts, store, client, config.node.name, usage.audit)
         usage.listeners.append(alerts.on_settled)
         usage.start()
-        router = build_router(config, client, env)
-        peering = Peering(config, identity, store, client, router, data_dir, keys.mark_stale)
+        upstreams = UpstreamClient(max_connections=config.upstream.max_connections)
+        router = build_router(config, upstreams, env)
+        peering = Peering(
+            config, identity, store, client, upstreams, router, data_dir, keys.mark_stale
+        )
         await peering.start()
         ledger = Ledger(identity, store, client, peering)
         scheduler = _schedule(peering, ledger, config)
@@ -105,6 +110,7 @@ class Hub:
             keys=keys,
             router=router,
             client=client,
+            upstreams=upstreams,
             usage=usage,
             budgets=budgets,
             alerts=alerts,
@@ -125,6 +131,7 @@ class Hub:
         await self.budgets.release()  # after the last settlement is written
         await self.alerts.stop()
         await self.client.aclose()
+        await self.upstreams.aclose()
         await self.store.close()
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import msgspec
 
+from adapters.http import UpstreamClient
 from federation.adverts import AdvertBook, AdvertModel, ModelAdvert, make_advert, verify_advert
 from federation.descriptors import NodeDescriptor, make_descriptor, verify_descriptor
 from federation.httpsig import sign_request
@@ -93,6 +94,7 @@ class Peering:
         identity: NodeIdentity,
         store: Store,
         client: httpx.AsyncClient,
+        upstreams: UpstreamClient,
         router: Router,
         directory: Path,
         on_keys_changed: Callable[[], None],
@@ -100,7 +102,8 @@ class Peering:
         self.config = config
         self.identity = identity
         self.store = store
-        self.client = client
+        self.client = client  # for federation requests (adverts, joins, health)
+        self.upstreams = upstreams  # for requests routed to peers, like any upstream
         self.router = router
         self.directory = directory
         self.on_keys_changed = on_keys_changed
@@ -212,7 +215,7 @@ class Peering:
                     context=model.context,
                 )
                 upstream = peer_upstream(model.id, peer.url, peer.key)
-                adapter = PeerAdapter(upstream, self.client, self.identity, peer.node_id)
+                adapter = PeerAdapter(upstream, self.upstreams, self.identity, peer.node_id)
                 routes.append(Route(spec, adapter, -1, peer.node_id, peer.name))
         self.router.set_peer_routes(routes)
 

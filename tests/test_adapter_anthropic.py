@@ -12,6 +12,7 @@ import msgspec
 import pytest
 
 from adapters.anthropic import AnthropicAdapter
+from adapters.http import UpstreamClient
 from adapters.tokens import estimate_prompt_tokens, estimate_text_tokens
 from adapters.types import (
     ChatCall,
@@ -68,8 +69,8 @@ def fresh_mock(mock: AnthropicMock) -> None:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
+async def client() -> AsyncIterator[UpstreamClient]:
+    async with UpstreamClient() as client:
         yield client
 
 
@@ -93,7 +94,7 @@ def embed_call(**fields: object) -> EmbedCall:
 
 
 def anthropic(
-    base_url: str, client: httpx.AsyncClient, model: str = "claude-mock", **fields: Any
+    base_url: str, client: UpstreamClient, model: str = "claude-mock", **fields: Any
 ) -> AnthropicAdapter:
     fields.setdefault("api_key", KEY)
     return AnthropicAdapter(
@@ -738,29 +739,32 @@ async def test_usage_is_estimated_when_a_stream_dies_at_once(base_url, client, m
 # --- the mock itself --------------------------------------------------------------------------
 
 
-async def test_mock_is_as_strict_as_anthropic(base_url, client):
-    headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
-    url = base_url + "/v1/messages"
-    no_max = {"model": "claude-mock", "messages": [{"role": "user", "content": "hi"}]}
-    response = await client.post(url, json=no_max, headers=headers)
-    assert response.status_code == 400
-    assert response.json()["error"]["type"] == "invalid_request_error"
-    assert "max_tokens" in response.json()["error"]["message"]
-    unknown = {**no_max, "max_tokens": 5, "n": 2}
-    assert (await client.post(url, json=unknown, headers=headers)).status_code == 400
-    orphan = {
-        **no_max,
-        "max_tokens": 5,
-        "messages": [
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_x"}]}
-        ],
-    }
-    response = await client.post(url, json=orphan, headers=headers)
-    assert response.status_code == 400 and "toolu_x" in response.json()["error"]["message"]
-    response = await client.post(url, json={**no_max, "max_tokens": 5}, headers={"x-api-key": KEY})
-    assert response.status_code == 400
-    ok = await client.post(url, json={**no_max, "max_tokens": 5}, headers=headers)
-    assert ok.status_code == 200 and ok.json()["stop_reason"] == "end_turn"
+async def test_mock_is_as_strict_as_anthropic(base_url):
+    async with httpx.AsyncClient() as client:  # a plain client, to check the mock itself
+        headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
+        url = base_url + "/v1/messages"
+        no_max = {"model": "claude-mock", "messages": [{"role": "user", "content": "hi"}]}
+        response = await client.post(url, json=no_max, headers=headers)
+        assert response.status_code == 400
+        assert response.json()["error"]["type"] == "invalid_request_error"
+        assert "max_tokens" in response.json()["error"]["message"]
+        unknown = {**no_max, "max_tokens": 5, "n": 2}
+        assert (await client.post(url, json=unknown, headers=headers)).status_code == 400
+        orphan = {
+            **no_max,
+            "max_tokens": 5,
+            "messages": [
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_x"}]}
+            ],
+        }
+        response = await client.post(url, json=orphan, headers=headers)
+        assert response.status_code == 400 and "toolu_x" in response.json()["error"]["message"]
+        response = await client.post(
+            url, json={**no_max, "max_tokens": 5}, headers={"x-api-key": KEY}
+        )
+        assert response.status_code == 400
+        ok = await client.post(url, json={**no_max, "max_tokens": 5}, headers=headers)
+        assert ok.status_code == 200 and ok.json()["stop_reason"] == "end_turn"
 
 
 # --- through a real node ----------------------------------------------------------------------

@@ -12,6 +12,7 @@ import httpx
 import msgspec
 import pytest
 
+from adapters.http import UpstreamClient
 from adapters.ollama import OllamaAdapter
 from adapters.tokens import estimate_prompt_tokens, estimate_text_tokens
 from adapters.types import (
@@ -55,8 +56,8 @@ def fresh_mock(mock: OllamaMock) -> None:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
+async def client() -> AsyncIterator[UpstreamClient]:
+    async with UpstreamClient() as client:
         yield client
 
 
@@ -80,7 +81,7 @@ def embed_call(**fields: object) -> EmbedCall:
 
 
 def ollama(
-    base_url: str, client: httpx.AsyncClient, model: str = "llama3", **fields: Any
+    base_url: str, client: UpstreamClient, model: str = "llama3", **fields: Any
 ) -> OllamaAdapter:
     return OllamaAdapter(
         Upstream(provider="ollama", model=model, base_url=base_url, **fields), client
@@ -582,15 +583,16 @@ async def test_slow_ollama_times_out(base_url, client, mock):
 # --- the mock itself --------------------------------------------------------------------------
 
 
-async def test_mock_streams_unless_told_not_to_like_ollama(base_url, client):
-    body = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}
-    response = await client.post(base_url + "/api/chat", json=body)
-    assert response.headers["content-type"] == "application/x-ndjson"
-    lines = [msgspec.json.decode(line) for line in response.content.splitlines()]
-    assert [line["done"] for line in lines] == [False, False, False, True]
-    assert lines[-1]["done_reason"] == "stop" and lines[-1]["eval_count"] == 3
-    tags = (await client.get(base_url + "/api/tags")).json()
-    assert [model["name"] for model in tags["models"]] == [
-        "llama3:latest",
-        "nomic-embed-text:latest",
-    ]
+async def test_mock_streams_unless_told_not_to_like_ollama(base_url):
+    async with httpx.AsyncClient() as client:  # a plain client, to check the mock itself
+        body = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}
+        response = await client.post(base_url + "/api/chat", json=body)
+        assert response.headers["content-type"] == "application/x-ndjson"
+        lines = [msgspec.json.decode(line) for line in response.content.splitlines()]
+        assert [line["done"] for line in lines] == [False, False, False, True]
+        assert lines[-1]["done_reason"] == "stop" and lines[-1]["eval_count"] == 3
+        tags = (await client.get(base_url + "/api/tags")).json()
+        assert [model["name"] for model in tags["models"]] == [
+            "llama3:latest",
+            "nomic-embed-text:latest",
+        ]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
-import httpx
 import msgspec
 import pytest
 
+from adapters.http import UpstreamClient
 from adapters.openai import AzureOpenAIAdapter, OpenAIAdapter
 from adapters.types import (
     ChatCall,
@@ -34,8 +34,8 @@ def base_url(mock: OpenAIMock) -> Iterator[str]:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
+async def client() -> AsyncIterator[UpstreamClient]:
+    async with UpstreamClient() as client:
         yield client
 
 
@@ -49,7 +49,7 @@ def chat_call(**fields: object) -> ChatCall:
     )
 
 
-def openai(base_url: str, client: httpx.AsyncClient, key: str = "sk-mock") -> OpenAIAdapter:
+def openai(base_url: str, client: UpstreamClient, key: str = "sk-mock") -> OpenAIAdapter:
     upstream = Upstream(provider="openai", model="gpt-x", base_url=base_url + "/v1", api_key=key)
     return OpenAIAdapter(upstream, client)
 
