@@ -38,8 +38,9 @@ COUNTERSIGN_INTERVAL = 2
 
 
 def http_client(config: Config) -> httpx.AsyncClient:
-    """The node's one pooled client. aiohttp's connection pool under httpx's API: httpx's own
-    pool collapses under concurrency (encode/httpx#3215)."""
+    """The client for node-to-node federation traffic and webhooks (off the request path; the
+    request path uses `UpstreamClient`). aiohttp's connection pool under httpx's API: httpx's
+    own pool collapses under concurrency (encode/httpx#3215)."""
     limits = httpx.Limits(
         max_connections=config.upstream.max_connections,
         max_keepalive_connections=config.upstream.max_connections,
