@@ -464,7 +464,10 @@ async def _relay(
             # The receipt goes before [DONE], as an event of its own that the consumer keeps.
             usage, estimated = _stream_usage(stream, call, sent)
             books.finish(route, usage, estimated=estimated, status=200, stream=True)
-            receipt = await books.issue_receipt()
+            # The answer is complete: its records and receipt are written even if the peer
+            # goes away meanwhile (a cancelled transaction would lose the usage record).
+            with anyio.CancelScope(shield=True):
+                receipt = await books.issue_receipt()
             if receipt is not None:
                 yield b"event: " + RECEIPT_EVENT + b"\ndata: " + receipt + b"\n\n"
         yield DONE
