@@ -413,7 +413,9 @@ class Peering:
                 self.touch()
                 await self.load()
                 # The answer carries no advert: fetch it now rather than at the next check.
-                await self.refresh_advert(self.peers[record.node_id])
+                peer = self.peers.get(record.node_id)
+                if peer is not None:
+                    await self.refresh_advert(peer)
 
     async def revoke(self, node_id: str) -> None:
         await self.store.revoke_peer(node_id, int(time.time()))
