@@ -252,3 +252,22 @@ def _hash(receipt) -> str:  # type: ignore[no-untyped-def]
     from ledger.receipts import receipt_hash
 
     return receipt_hash(receipt)
+
+
+def test_reconciliation_runs_on_its_schedule(tmp_path: Path) -> None:
+    """With no one asking, bob's node reconciles with alice every `reconcile_interval` and
+    recovers the receipts it lost."""
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    bob.dir.set_config("reconcile_interval = 3600", "reconcile_interval = 10")
+    with alice.run(), bob.run() as b:
+        cli("join", invite(alice), "--data-dir", str(bob.path))
+        assert wait_for(lambda: answers(b, "llama3", max_tokens=3))
+        for tokens in (1, 2, 3):
+            chat(b, "llama3", tokens)
+        assert wait_for(lambda: len(receipts_at(bob)) == 4 and all_countersigned(alice, bob))
+        with sqlite3.connect(bob.path / DATABASE_FILE) as db:
+            db.execute("DROP TRIGGER receipts_no_delete")
+            db.execute("DELETE FROM receipts WHERE seq IN (2, 3)")
+        assert len(receipts_at(bob)) == 2
+        assert wait_for(lambda: receipts_at(bob) == receipts_at(alice), seconds=25)
