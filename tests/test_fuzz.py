@@ -490,7 +490,28 @@ def test_random_authorization_headers(node, bare_client):
     assert seen[401] >= 5 and (seen[200] + seen[400]) >= 5, seen
 
 
-KNOWN_PREFIXES = ["", "/v1", "/v1/models", "/v1/chat", "/v1/embeddings", "/health", "/schema"]
+KNOWN_PREFIXES = [
+    "",
+    "/v1",
+    "/v1/models",
+    "/v1/chat",
+    "/v1/embeddings",
+    "/health",
+    "/schema",
+    "/admin",
+    "/admin/keys",
+    "/admin/tenants",
+    "/admin/ledger",
+    "/admin/ledger/reconcile",
+    "/admin/ledger/settle",
+    "/federation",
+    "/federation/join",
+    "/federation/join-request",
+    "/federation/advert",
+    "/federation/receipts",
+    "/federation/countersignatures",
+    "/federation/settlements",
+]
 segments = st.text(
     alphabet=st.one_of(st.characters(exclude_categories=["Cs"]), st.sampled_from("./%?#")),
     min_size=1,
