@@ -20,8 +20,8 @@ run: setup
 	$(BIN)/aihub serve
 
 lint: setup
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check --no-cache .
+	$(BIN)/ruff format --no-cache --check .
 
 format: setup
 	$(BIN)/ruff check --fix .

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from federation.httpsig import SignatureError, verify_request
 from litestar import Request
 
 from federation.descriptors import public_key_of
+from federation.httpsig import SignatureError, verify_request
 from node.auth import Principal
 from node.errors import ApiError
 from node.hub import Hub
