@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
@@ -32,8 +31,9 @@ from ledger.settlement import (
     sign_statement,
     verify_statement,
 )
+from node.errors import ApiError
 from node.peering import signed_request
-from node.receipts import loaded, stored
+from node.receipts import loaded, record_equivocation, stored
 from node.storage import PeerRecord, Store
 
 log = logging.getLogger("aihub.ledger")
@@ -42,13 +42,16 @@ PAGE = 1000  # receipts per page when two nodes compare their books
 KeepReceipt = Callable[[Receipt], Awaitable[bool]]
 
 
-class BooksError(Exception):
-    """What stops a ledger operation, said plainly; `status` as HTTP would say it."""
+class BooksError(ApiError):
+    """What stops a ledger operation, said plainly; an OpenAI-shaped error where it reaches
+    the HTTP API (admin or federation), a plain message in the CLI."""
 
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+        super().__init__(status, message, code="ledger_error")
+
+    @property
+    def message(self) -> str:
+        return self.detail.message
 
 
 # --- wire types between nodes ---------------------------------------------------------------
@@ -314,16 +317,6 @@ async def _their_chain(link: Link, provider: str) -> list[Receipt]:
         after = receipts[-1].seq if receipts else after + len(page.receipts)
 
 
-def _bucket(items: Iterable[object]) -> Bucket:
-    items = list(items)
-    total = 0
-    for item in items:
-        receipt = item if isinstance(item, Receipt) else getattr(item, "ours", None)
-        receipt = receipt or getattr(item, "first", None) or getattr(item, "receipt", None)
-        total += receipt.amount if isinstance(receipt, Receipt) else 0
-    return Bucket(len(items), total)
-
-
 async def reconcile_with(store: Store, link: Link, keep: KeepReceipt) -> ReconcileReport:
     """Compare both chains with the peer's copies; recover what we miss (from their signed
     copies), send what they miss, and report every difference."""
@@ -338,33 +331,15 @@ async def reconcile_with(store: Store, link: Link, keep: KeepReceipt) -> Reconci
         await store.add_countersignature(
             receipt.provider, receipt.consumer, receipt.seq, receipt.csig
         )
-    suspended = False
     for equivocation in result.equivocation:
-        await store.add_equivocation(
-            equivocation.provider,
-            equivocation.consumer,
-            equivocation.seq,
-            stored(equivocation.first).body,
-            stored(equivocation.second).body,
-        )
-        if equivocation.provider == peer:
-            await store.revoke_peer(peer, int(time.time()), status="suspended")
-            suspended = True
+        await record_equivocation(store, stored(equivocation.first), stored(equivocation.second))
     send = [*result.missing_theirs, *result.csig_for_theirs]
     for start in range(0, len(send), PAGE):
         batch = ReceiptBatch([receipt_fields(r) for r in send[start : start + PAGE]])
         _answer(await link.post("/federation/receipts", msgspec.json.encode(batch)), "receipts")
-    return ReconcileReport(
-        peer=peer,
-        matched=_bucket(result.matched),
-        missing_ours=_bucket(result.missing_ours),
-        missing_theirs=_bucket(result.missing_theirs),
-        disputed=_bucket(result.disputed),
-        mismatched=_bucket(result.mismatched),
-        equivocation=_bucket(result.equivocation),
-        rejected=_bucket(result.rejected),
-        suspended=suspended,
-    )
+    buckets = {name: Bucket(*totals) for name, totals in result.totals().items()}
+    suspended = any(e.provider == peer for e in result.equivocation)
+    return ReconcileReport(peer=peer, suspended=suspended, **buckets)
 
 
 async def settle_with(store: Store, link: Link) -> Settlement:

@@ -7,9 +7,6 @@ cross-node key issued to it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import msgspec
 from litestar import Request, Response, get, post
 
@@ -151,10 +148,9 @@ async def receipts(request: Request) -> Response[bytes]:
     if not after.isascii() or not after.isdigit() or len(after) > 15:
         raise ApiError(400, "after_seq is a whole number", param="after_seq")
     provider = request.query_params.get("provider", "")
-    with _books_errors():
-        page = await books.receipts_page(
-            hub.store, hub.identity.node_id, principal.key.peer_id or "", provider, int(after)
-        )
+    page = await books.receipts_page(
+        hub.store, hub.identity.node_id, principal.key.peer_id or "", provider, int(after)
+    )
     return Response(page, media_type=JSON)
 
 
@@ -164,10 +160,9 @@ async def missing_receipts(request: Request) -> Response[bytes]:
     body = await _small_body(request, MAX_RECEIPTS_BODY)
     principal = await authenticate_peer(request, body)
     hub = hub_of(request)
-    with _books_errors():
-        taken = await books.take_receipts(
-            hub.identity.node_id, principal.key.peer_id or "", body, hub.ledger.keep
-        )
+    taken = await books.take_receipts(
+        hub.identity.node_id, principal.key.peer_id or "", body, hub.ledger.keep
+    )
     return Response(msgspec.json.encode({"taken": taken}), media_type=JSON)
 
 
@@ -177,20 +172,11 @@ async def settlement(request: Request) -> Response[bytes]:
     body = await _small_body(request)
     principal = await authenticate_peer(request, body)
     hub = hub_of(request)
-    with _books_errors():
-        both = await books.countersign_statement(
-            hub.store, hub.identity, principal.key.peer_id or "", body
-        )
+    both = await books.countersign_statement(
+        hub.store, hub.identity, principal.key.peer_id or "", body
+    )
     answer = books.StatementBody(msgspec.to_builtins(both))
     return Response(msgspec.json.encode(answer), media_type=JSON)
-
-
-@contextmanager
-def _books_errors() -> Iterator[None]:
-    try:
-        yield
-    except books.BooksError as exc:
-        raise ApiError(exc.status, exc.message, code="ledger_refused") from exc
 
 
 FEDERATION_ROUTES = [

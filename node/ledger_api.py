@@ -25,11 +25,9 @@ def _json(value: object) -> Response[bytes]:
 
 
 @asynccontextmanager
-async def _books_errors() -> AsyncIterator[None]:
+async def _peer_unreachable() -> AsyncIterator[None]:
     try:
         yield
-    except books.BooksError as exc:
-        raise ApiError(exc.status, exc.message, code="ledger_error") from exc
     except httpx.HTTPError as exc:
         raise ApiError(
             502, f"The peer did not answer ({type(exc).__name__})", code="peer_unreachable"
@@ -54,7 +52,7 @@ async def verify(request: Request) -> Response[bytes]:
 async def reconcile(request: Request, peer: FromPath[str]) -> Response[bytes]:
     await require_admin(request)
     hub = hub_of(request)
-    async with _books_errors():
+    async with _peer_unreachable():
         link = await books.link_to(hub.store, hub.identity, hub.client, peer)
         report = await books.reconcile_with(hub.store, link, hub.ledger.keep)
     if report.suspended:
@@ -66,7 +64,7 @@ async def reconcile(request: Request, peer: FromPath[str]) -> Response[bytes]:
 async def settle(request: Request, peer: FromPath[str]) -> Response[bytes]:
     await require_admin(request)
     hub = hub_of(request)
-    async with _books_errors():
+    async with _peer_unreachable():
         link = await books.link_to(hub.store, hub.identity, hub.client, peer)
         await books.reconcile_with(hub.store, link, hub.ledger.keep)
         statement = await books.settle_with(hub.store, link)
@@ -95,8 +93,7 @@ async def net(request: Request) -> Response[bytes]:
         extra = msgspec.json.decode(body or b"{}", type=NetRequest).statements
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ApiError(400, f"Invalid request: {exc}", param="statements") from exc
-    async with _books_errors():
-        plan = await books.net(hub_of(request).store, [msgspec.json.encode(item) for item in extra])
+    plan = await books.net(hub_of(request).store, [msgspec.json.encode(item) for item in extra])
     return _json(plan)
 
 

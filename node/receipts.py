@@ -210,7 +210,14 @@ async def keep_receipt(store: Store, receipt: Receipt) -> bool:
     held = await store.add_receipt(row)
     if held is None:
         return True
-    await store.add_equivocation(row.provider, row.consumer, row.seq, held.body, row.body)
-    log.error("peer %s signed two receipts for seq %d: suspended", row.provider, row.seq)
-    await store.revoke_peer(row.provider, int(time.time()), status="suspended")
+    await record_equivocation(store, held, row)
     return False
+
+
+async def record_equivocation(store: Store, first: StoredReceipt, second: StoredReceipt) -> None:
+    """Two different receipts signed by one provider for one seq of a chain: keep both as
+    proof, and suspend the provider (a node never holds a peer row for itself, so our own
+    id changes nothing)."""
+    await store.add_equivocation(first.provider, first.consumer, first.seq, first.body, second.body)
+    log.error("peer %s signed two receipts for seq %d: suspended", first.provider, first.seq)
+    await store.revoke_peer(first.provider, int(time.time()), status="suspended")
