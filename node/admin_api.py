@@ -21,7 +21,6 @@ from litestar import Request, Response, delete, get, patch, post
 from litestar.params import FromPath
 
 from node.auth import Principal
-from node.config import DATABASE_FILE
 from node.errors import ApiError
 from node.keys import HASH_PURPOSE
 from node.management import (
@@ -153,19 +152,15 @@ _CODES = {404: "not_found", 409: "conflict"}
 
 @asynccontextmanager
 async def _management(request: Request) -> AsyncIterator[Management]:
-    """The management operations, on a connection of their own: the node's shared connection
-    carries the usage writer's transactions, and a second transaction begun on it while one
-    is open fails (`cannot start a transaction within a transaction`)."""
+    """The management operations, on the node's own store (its lock keeps their statements
+    out of the usage writer's transactions)."""
     hub = hub_of(request)
-    store = await Store.open(hub.data_dir / DATABASE_FILE)
     try:
-        yield Management(store, hub.identity.derive_secret(HASH_PURPOSE), hub.data_dir)
+        yield Management(hub.store, hub.identity.derive_secret(HASH_PURPOSE), hub.data_dir)
     except ManagementError as exc:
         raise ApiError(
             exc.status, exc.message, code=_CODES.get(exc.status), param=exc.param
         ) from exc
-    finally:
-        await store.close()
 
 
 async def _changed(request: Request) -> None:

@@ -33,6 +33,7 @@ from node.admin_api import (
     UsageReport,
     usage_csv,
 )
+from node.cli_options import comma_list, parsed
 from node.config import (
     CONFIG_FILE,
     DATABASE_FILE,
@@ -236,11 +237,8 @@ def _run_server(server: str, host: str, port: int, workers: int) -> None:
 async def _release_reservations(directory: Path) -> None:
     """Before any worker starts, no request is in flight: a reservation still held was left by
     a node that stopped mid-request, and would shrink its budget for the rest of the period."""
-    store = await Store.open(directory / DATABASE_FILE)
-    try:
+    async with Store.opened(directory / DATABASE_FILE) as store:
         await store.release_all_reservations()
-    finally:
-        await store.close()
 
 
 @main.command()
@@ -331,16 +329,12 @@ def _count_option(_ctx: click.Context, _param: click.Parameter, value: str | Non
     return int(text)
 
 
-def _split(value: str) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()]
-
-
 def _globs_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
     if value is None:
         return UNSET
     if _is_none(value):
         return None
-    globs = _split(value)
+    globs = comma_list(value)
     if not globs:
         raise click.BadParameter("comma-separated model names or globs, or none for every model")
     return globs
@@ -351,7 +345,7 @@ def _ips_option(_ctx: click.Context, _param: click.Parameter, value: str | None)
         return UNSET
     if _is_none(value):
         return []
-    ips = _split(value)
+    ips = comma_list(value)
     try:
         parse_networks(ips)
     except ValueError as exc:
@@ -377,18 +371,8 @@ def _expires_option(_ctx: click.Context, _param: click.Parameter, value: str | N
         raise click.BadParameter(str(exc)) from exc
 
 
-def _duration_option(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
-    try:
-        return parse_duration(value, allow_zero=True)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
-
-
-def _since_option(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
-    try:
-        return parse_since(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
+_duration_option = parsed(functools.partial(parse_duration, allow_zero=True))
+_since_option = parsed(parse_since)
 
 
 def _meta_option(

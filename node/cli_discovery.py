@@ -37,11 +37,8 @@ class DiscoveredView(msgspec.Struct):
 
 
 async def _active_peers(directory: Path) -> list[PeerRecord]:
-    store = await Store.open(directory / DATABASE_FILE)
-    try:
+    async with Store.opened(directory / DATABASE_FILE) as store:
         return [peer for peer in await store.peers() if peer.status == "active"]
-    finally:
-        await store.close()
 
 
 async def discover_for_node(

@@ -24,6 +24,7 @@ from federation.invites import create_invite, make_join_request, parse_invite
 from federation.sealing import seal_for
 from ledger.records import RecordError
 from node.auth import touch_epoch
+from node.cli_options import comma_list, parsed
 from node.config import DATABASE_FILE, IDENTITY_FILE, Config
 from node.peering import (
     PEERS_EPOCH_FILE,
@@ -41,29 +42,12 @@ T = TypeVar("T")
 
 
 async def _with_store(directory: Path, work: Callable[[Store], Awaitable[T]]) -> T:
-    store = await Store.open(directory / DATABASE_FILE)
-    try:
+    async with Store.opened(directory / DATABASE_FILE) as store:
         return await work(store)
-    finally:
-        await store.close()
 
 
-def _money(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
-    try:
-        return None if value is None else parse_money(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
-
-
-def _duration(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
-
-
-def _globs(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+_money = parsed(parse_money)
+_duration = parsed(parse_duration)
 
 
 def _tell_node(directory: Path) -> None:
@@ -103,7 +87,7 @@ def register(
         token, record = create_invite(
             identity_of(directory),
             config.public_urls(),
-            _globs(models),
+            comma_list(models),
             cap,
             period,
             uses,
@@ -299,7 +283,7 @@ def register(
         config = require_config(directory)
         identity = identity_of(directory)
         limits = msgspec.convert(
-            {"models": _globs(models) or None, "budget_micros": cap, "budget_period": period},
+            {"models": comma_list(models) or None, "budget_micros": cap, "budget_period": period},
             Limits,
         )
 

@@ -18,6 +18,7 @@ from rich.text import Text
 from federation.identity import NodeIdentity
 from node import books
 from node.auth import touch_epoch
+from node.cli_options import parsed
 from node.config import DATABASE_FILE, IDENTITY_FILE
 from node.peering import PEERS_EPOCH_FILE
 from node.receipts import keep_receipt
@@ -27,11 +28,7 @@ from node.units import amount, parse_since
 T = TypeVar("T")
 
 
-def _since(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
-    try:
-        return parse_since(value) // 1000
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
+_since = parsed(lambda text: parse_since(text) // 1000)  # the ledger counts in seconds
 
 
 def _signed_amount(micros: int) -> str:
@@ -52,14 +49,12 @@ def register(
         identity = NodeIdentity.load(directory / IDENTITY_FILE)
 
         async def go() -> T:
-            store = await Store.open(directory / DATABASE_FILE)
-            try:
-                return await work(store, identity)
-            except books.BooksError as exc:
-                fail(exc.message)
-                raise
-            finally:
-                await store.close()
+            async with Store.opened(directory / DATABASE_FILE) as store:
+                try:
+                    return await work(store, identity)
+                except books.BooksError as exc:
+                    fail(exc.message)
+                    raise
 
         return asyncio.run(go())
 

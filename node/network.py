@@ -590,20 +590,14 @@ def _short(path: Path) -> str:
 async def _holds_key_from(joiner: Node, issuer_id: str) -> bool:
     """Whether `joiner` has joined `issuer`: it holds an active key the issuer gave it. (Each
     side lists the other as a peer after either joins; only the joiner holds a key from it.)"""
-    store = await Store.open(joiner.path / DATABASE_FILE)
-    try:
+    async with Store.opened(joiner.path / DATABASE_FILE) as store:
         peer = await store.peer(issuer_id)
-    finally:
-        await store.close()
     return peer is not None and peer.status == "active" and bool(peer.key_from_them)
 
 
 async def _deployment_of(node: Node, request_id: str) -> str:
-    store = await Store.open(node.path / DATABASE_FILE)
-    try:
+    async with Store.opened(node.path / DATABASE_FILE) as store:
         rows = await store.usage_since(int((time.time() - 3600) * 1000))
-    finally:
-        await store.close()
     for row in rows:
         if row.request_id == request_id:
             return row.deployment or "-"

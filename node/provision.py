@@ -40,16 +40,13 @@ def create_node(directory: Path, name: str) -> tuple[NodeIdentity, str]:
 
 async def _store_admin_key(directory: Path, identity: NodeIdentity, key: str, key_id: str) -> None:
     path = directory / DATABASE_FILE
-    store = await Store.open(path)
-    try:
-        record = KeyRecord(
-            id=key_id,
-            name="admin",
-            hash=hash_key(identity.derive_secret(HASH_PURPOSE), key),
-            is_admin=True,
-            created_at=int(time.time()),
-        )
+    record = KeyRecord(
+        id=key_id,
+        name="admin",
+        hash=hash_key(identity.derive_secret(HASH_PURPOSE), key),
+        is_admin=True,
+        created_at=int(time.time()),
+    )
+    async with Store.opened(path) as store:
         await store.insert_key(record)
-    finally:
-        await store.close()
     path.chmod(0o600)

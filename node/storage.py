@@ -413,6 +413,16 @@ class Store:
         await store.migrate()
         return store
 
+    @classmethod
+    @asynccontextmanager
+    async def opened(cls, path: Path) -> AsyncIterator[Store]:
+        """The store for the length of a block (a CLI command, a report), then closed."""
+        store = await cls.open(path)
+        try:
+            yield store
+        finally:
+            await store.close()
+
     async def close(self) -> None:
         async with self._lock:
             await self.db.close()
