@@ -249,10 +249,7 @@ class Peering:
             joiner = verify_join_request(body, record, self.identity.node_id)
         except RecordError as exc:
             raise JoinRefused(403, f"join refused: {exc}") from exc
-        if joiner.node_id != signer:
-            raise JoinRefused(403, "the join request is not signed by the joining node")
-        if joiner.node_id == self.identity.node_id:
-            raise JoinRefused(400, "a node cannot join itself")
+        self._check_joiner(joiner, signer)
         limits = Limits(
             models=invite.models or None,
             budget_micros=invite.cap_micros,
@@ -263,6 +260,13 @@ class Peering:
             raise JoinRefused(410, "this invite is used up or expired")
         await self.changed()
         return self.join_response(joiner.node_id, key, limits)
+
+    def _check_joiner(self, joiner: NodeDescriptor, signer: str) -> None:
+        """The node joining is the one that signed the request, and not this node."""
+        if joiner.node_id != signer:
+            raise JoinRefused(403, "the join request is not signed by the joining node")
+        if joiner.node_id == self.identity.node_id:
+            raise JoinRefused(400, "a node cannot join itself")
 
     def join_response(self, node_id: str, key: str, limits: Limits) -> JoinResponse:
         return JoinResponse(
@@ -280,10 +284,7 @@ class Peering:
             joiner = verify_descriptor(body)
         except RecordError as exc:
             raise JoinRefused(400, f"invalid join request: {exc}") from exc
-        if joiner.node_id != signer:
-            raise JoinRefused(403, "the join request is not signed by the joining node")
-        if joiner.node_id == self.identity.node_id:
-            raise JoinRefused(400, "a node cannot join itself")
+        self._check_joiner(joiner, signer)
         peer = await self.store.peer(joiner.node_id)
         if peer is not None and peer.status == "revoked":
             raise JoinRefused(403, "this node was revoked here")
