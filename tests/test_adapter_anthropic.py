@@ -15,14 +15,11 @@ from adapters.anthropic import AnthropicAdapter
 from adapters.http import UpstreamClient
 from adapters.tokens import estimate_prompt_tokens, estimate_text_tokens
 from adapters.types import (
-    ChatCall,
-    ChatRequest,
-    EmbedCall,
-    EmbeddingRequest,
     Upstream,
     UpstreamError,
     Usage,
 )
+from tests.calls import chat_call, chunks, embed_call, last_sent
 from tests.conftest import NodeDir, run_node
 from tests.mocks.anthropic_mock import (
     API_ERROR,
@@ -74,25 +71,6 @@ async def client() -> AsyncIterator[UpstreamClient]:
         yield client
 
 
-def chat_call(**fields: object) -> ChatCall:
-    body = {"model": "alias", "messages": [{"role": "user", "content": "hi there"}], **fields}
-    encoded = msgspec.json.encode(body)
-    return ChatCall(
-        msgspec.json.decode(encoded, type=ChatRequest),
-        msgspec.json.decode(encoded, type=dict[str, msgspec.Raw]),
-        "req-1",
-    )
-
-
-def embed_call(**fields: object) -> EmbedCall:
-    encoded = msgspec.json.encode({"model": "alias", **fields})
-    return EmbedCall(
-        msgspec.json.decode(encoded, type=EmbeddingRequest),
-        msgspec.json.decode(encoded, type=dict[str, msgspec.Raw]),
-        "req-2",
-    )
-
-
 def anthropic(
     base_url: str, client: UpstreamClient, model: str = "claude-mock", **fields: Any
 ) -> AnthropicAdapter:
@@ -100,16 +78,6 @@ def anthropic(
     return AnthropicAdapter(
         Upstream(provider="anthropic", model=model, base_url=base_url, **fields), client
     )
-
-
-def last_sent(mock: AnthropicMock) -> dict[str, Any]:
-    return msgspec.json.decode(mock.script.received[-1].body)
-
-
-def chunks(events: list[bytes]) -> list[dict[str, Any]]:
-    for event in events:
-        assert event.startswith(b"data: ") and event.endswith(b"\n\n")
-    return [msgspec.json.decode(event[6:-2]) for event in events]
 
 
 def streamed_text(parsed: list[dict[str, Any]]) -> str:

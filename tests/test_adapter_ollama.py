@@ -16,14 +16,11 @@ from adapters.http import UpstreamClient
 from adapters.ollama import OllamaAdapter
 from adapters.tokens import estimate_prompt_tokens, estimate_text_tokens
 from adapters.types import (
-    ChatCall,
-    ChatRequest,
-    EmbedCall,
-    EmbeddingRequest,
     Upstream,
     UpstreamError,
     Usage,
 )
+from tests.calls import chat_call, chunks, embed_call, last_sent
 from tests.mocks.ollama_mock import OVERLOADED, SERVER_ERROR, OllamaMock, mock_vector
 from tests.mocks.server import serve_app
 
@@ -61,41 +58,12 @@ async def client() -> AsyncIterator[UpstreamClient]:
         yield client
 
 
-def chat_call(**fields: object) -> ChatCall:
-    body = {"model": "alias", "messages": [{"role": "user", "content": "hi there"}], **fields}
-    encoded = msgspec.json.encode(body)
-    return ChatCall(
-        msgspec.json.decode(encoded, type=ChatRequest),
-        msgspec.json.decode(encoded, type=dict[str, msgspec.Raw]),
-        "req-1",
-    )
-
-
-def embed_call(**fields: object) -> EmbedCall:
-    encoded = msgspec.json.encode({"model": "alias", **fields})
-    return EmbedCall(
-        msgspec.json.decode(encoded, type=EmbeddingRequest),
-        msgspec.json.decode(encoded, type=dict[str, msgspec.Raw]),
-        "req-2",
-    )
-
-
 def ollama(
     base_url: str, client: UpstreamClient, model: str = "llama3", **fields: Any
 ) -> OllamaAdapter:
     return OllamaAdapter(
         Upstream(provider="ollama", model=model, base_url=base_url, **fields), client
     )
-
-
-def last_sent(mock: OllamaMock) -> dict[str, Any]:
-    return msgspec.json.decode(mock.script.received[-1].body)
-
-
-def chunks(events: list[bytes]) -> list[dict[str, Any]]:
-    for event in events:
-        assert event.startswith(b"data: ") and event.endswith(b"\n\n")
-    return [msgspec.json.decode(event[6:-2]) for event in events]
 
 
 def streamed_text(parsed: list[dict[str, Any]]) -> str:

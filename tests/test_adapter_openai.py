@@ -10,13 +10,12 @@ import pytest
 from adapters.http import UpstreamClient
 from adapters.openai import AzureOpenAIAdapter, OpenAIAdapter
 from adapters.types import (
-    ChatCall,
-    ChatRequest,
     EmbedCall,
     EmbeddingRequest,
     Upstream,
     UpstreamError,
 )
+from tests.calls import chat_call
 from tests.mocks.openai_mock import RATE_LIMITED, SERVER_ERROR, OpenAIMock
 from tests.mocks.script import Failure
 from tests.mocks.server import serve_app
@@ -37,16 +36,6 @@ def base_url(mock: OpenAIMock) -> Iterator[str]:
 async def client() -> AsyncIterator[UpstreamClient]:
     async with UpstreamClient() as client:
         yield client
-
-
-def chat_call(**fields: object) -> ChatCall:
-    body = {"model": "alias", "messages": [{"role": "user", "content": "hi there"}], **fields}
-    encoded = msgspec.json.encode(body)
-    return ChatCall(
-        msgspec.json.decode(encoded, type=ChatRequest),
-        msgspec.json.decode(encoded, type=dict[str, msgspec.Raw]),
-        "req-1",
-    )
 
 
 def openai(base_url: str, client: UpstreamClient, key: str = "sk-mock") -> OpenAIAdapter:
