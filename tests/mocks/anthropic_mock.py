@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from tests.mocks.script import Failure, MockScript, wait_or_disconnect
+from tests.mocks.script import Failure, MockScript, read_body, send_stream, wait_or_disconnect
 
 API_VERSION = "2023-06-01"
 
@@ -204,12 +204,7 @@ class AnthropicMock:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         path, method = scope["path"], scope["method"]
         self.script.record(path, headers, body)
@@ -372,15 +367,10 @@ class AnthropicMock:
             error_type, message, after = failure
             error = {"type": error_type, "message": message}
             events = [*events[:after], _event("error", error=error)]
-        for index, event in enumerate(events):
-            cut = self.script.cut_stream_after
-            if cut is not None and index >= cut:
-                break
-            if index and await wait_or_disconnect(receive, self.script.chunk_delay):
-                self.script.note_cancelled()
-                return
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        cut = self.script.cut_stream_after
+        if cut is not None:
+            events = events[:cut]
+        await send_stream(self.script, receive, send, events)
 
 
 def _output_tokens(answer: _Answer) -> int:

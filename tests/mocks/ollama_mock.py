@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from tests.mocks.script import Failure, MockScript, wait_or_disconnect
+from tests.mocks.script import Failure, MockScript, read_body, send_stream, wait_or_disconnect
 
 
 class _Function(msgspec.Struct):
@@ -123,12 +123,7 @@ class OllamaMock:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         path, method = scope["path"], scope["method"]
         self.script.record(path, headers, body)
@@ -263,15 +258,10 @@ class OllamaMock:
         else:
             last = {"role": "assistant", "content": ""}
             pieces.append(line(last, done_reason=done_reason, done=True, **counts))
-        for index, piece in enumerate(pieces):
-            cut = self.script.cut_stream_after
-            if cut is not None and index >= cut:
-                break
-            if index and await wait_or_disconnect(receive, self.script.chunk_delay):
-                self.script.note_cancelled()
-                return
-            await send({"type": "http.response.body", "body": piece, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        cut = self.script.cut_stream_after
+        if cut is not None:
+            pieces = pieces[:cut]
+        await send_stream(self.script, receive, send, pieces)
 
     async def _embed(self, body: bytes, send: Any) -> None:
         try:

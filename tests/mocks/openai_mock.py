@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from tests.mocks.script import Failure, MockScript, wait_or_disconnect
+from tests.mocks.script import Failure, MockScript, read_body, send_stream, wait_or_disconnect
 
 
 class _Msg(msgspec.Struct):
@@ -79,12 +79,7 @@ class OpenAIMock:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         path = scope["path"]
         self.script.record(path, headers, body)
@@ -228,15 +223,10 @@ class OpenAIMock:
             }
             pieces.append(b"data: " + msgspec.json.encode(body) + b"\n\n")
         pieces.append(b"data: [DONE]\n\n")
-        for index, piece in enumerate(pieces):
-            cut = self.script.cut_stream_after
-            if cut is not None and index > cut:
-                break
-            if index and await wait_or_disconnect(receive, self.script.chunk_delay):
-                self.script.note_cancelled()
-                return
-            await send({"type": "http.response.body", "body": piece, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        cut = self.script.cut_stream_after
+        if cut is not None:
+            pieces = pieces[: cut + 1]
+        await send_stream(self.script, receive, send, pieces)
 
     async def _embeddings(self, body: bytes, send: Any) -> None:
         try:

@@ -67,3 +67,24 @@ async def wait_or_disconnect(receive: Any, seconds: float) -> bool:
     except TimeoutError:
         return False
     return message.get("type") == "http.disconnect"
+
+
+async def read_body(receive: Any) -> bytes:
+    """The whole body of an ASGI request."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
+async def send_stream(script: MockScript, receive: Any, send: Any, pieces: list[bytes]) -> None:
+    """Send `pieces` as one streamed body, `script.chunk_delay` apart. If the client goes away
+    meanwhile, note it and stop without finishing the body."""
+    for index, piece in enumerate(pieces):
+        if index and await wait_or_disconnect(receive, script.chunk_delay):
+            script.note_cancelled()
+            return
+        await send({"type": "http.response.body", "body": piece, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
