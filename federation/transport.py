@@ -30,12 +30,9 @@ def peer_upstream(model: str, url: str, key: str, max_output_tokens: int = 4096)
 
 
 class PeerAdapter(OpenAIAdapter):
-    def __init__(
-        self, upstream: Upstream, client: UpstreamClient, identity: NodeIdentity, peer_id: str
-    ) -> None:
+    def __init__(self, upstream: Upstream, client: UpstreamClient, identity: NodeIdentity) -> None:
         super().__init__(upstream, client)
         self.identity = identity
-        self.peer_id = peer_id
 
     def request_headers(self, url: str, body: bytes, request_id: str) -> dict[str, str]:
         headers = {

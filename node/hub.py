@@ -126,7 +126,6 @@ class Hub:
 
     async def stop(self) -> None:
         self.scheduler.shutdown(wait=False)
-        await self.peering.stop()
         await self.ledger.settle_tasks()
         await self.usage.stop()
         await self.budgets.release()  # after the last settlement is written

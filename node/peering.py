@@ -215,7 +215,7 @@ class Peering:
                     context=model.context,
                 )
                 upstream = peer_upstream(model.id, peer.url, peer.key)
-                adapter = PeerAdapter(upstream, self.upstreams, self.identity, peer.node_id)
+                adapter = PeerAdapter(upstream, self.upstreams, self.identity)
                 routes.append(Route(spec, adapter, -1, peer.node_id, peer.name))
         self.router.set_peer_routes(routes)
 
@@ -421,9 +421,6 @@ class Peering:
     async def revoke(self, node_id: str) -> None:
         await self.store.revoke_peer(node_id, int(time.time()))
         await self.changed()
-
-    async def stop(self) -> None:
-        """Nothing to close: the client and the store belong to the hub."""
 
 
 async def admit_peer(

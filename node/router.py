@@ -83,11 +83,6 @@ class Router:
             by_name.setdefault(route.name, []).append(route)
         self.peer_by_name = by_name
 
-    def models(self, *, local_only: bool = False) -> list[str]:
-        if local_only:
-            return list(self.by_name)
-        return list(dict.fromkeys([*self.by_name, *self.peer_by_name]))
-
     def _candidates(self, model: str, kind: str, local_only: bool) -> list[Route]:
         """The routes serving `model` itself, unordered: local ones if there are any, else
         the peers advertising it."""
