@@ -47,7 +47,8 @@ def touch_epoch(directory: Path, name: str = EPOCH_FILE) -> None:
     os.replace(temporary, path)
 
 
-def _epoch(path: Path) -> int:
+def read_epoch(path: Path) -> int:
+    """When keys (or peers) last changed: the epoch file's mtime, 0 if never."""
     try:
         return path.stat().st_mtime_ns
     except FileNotFoundError:
@@ -89,7 +90,7 @@ class KeyCache:
         self._epoch = -1
 
     async def load(self) -> None:
-        epoch = _epoch(self._epoch_path)
+        epoch = read_epoch(self._epoch_path)
         keys = await self._store.keys()
         tenants = await self._store.tenants()
         self._keys = {k.id: k for k in keys if k.revoked_at is None}
@@ -101,7 +102,7 @@ class KeyCache:
             listener()
 
     async def authenticate(self, authorization: str | None, ip: str | None) -> Principal:
-        if _epoch(self._epoch_path) != self._epoch:
+        if read_epoch(self._epoch_path) != self._epoch:
             await self.load()
         token = bearer_token(authorization)
         if token is None:

@@ -28,7 +28,7 @@ from federation.invites import InviteRecord, JoinRequest, verify_join_request
 from federation.sealing import seal_for, unseal
 from federation.transport import REQUEST_ID_HEADER, PeerAdapter, peer_upstream
 from ledger.records import RecordError
-from node.auth import touch_epoch
+from node.auth import read_epoch, touch_epoch
 from node.config import Config, Deployment
 from node.ids import new_request_id
 from node.keys import HASH_PURPOSE, generate_key, hash_key
@@ -160,21 +160,11 @@ class Peering:
 
     # --- loading peers ---------------------------------------------------------------------
 
-    def _epoch_path(self) -> Path:
-        return self.directory / PEERS_EPOCH_FILE
-
     def stale(self) -> bool:
-        try:
-            epoch = self._epoch_path().stat().st_mtime_ns
-        except FileNotFoundError:
-            epoch = 0
-        return epoch != self._epoch
+        return read_epoch(self.directory / PEERS_EPOCH_FILE) != self._epoch
 
     async def load(self) -> None:
-        try:
-            self._epoch = self._epoch_path().stat().st_mtime_ns
-        except FileNotFoundError:
-            self._epoch = 0
+        self._epoch = read_epoch(self.directory / PEERS_EPOCH_FILE)
         peers: dict[str, Peer] = {}
         for record in await self.store.peers():
             if record.status != "active":
