@@ -77,7 +77,7 @@ class AuditList(msgspec.Struct, tag_field="object", tag="list"):
     data: list[AuditEvent]
 
 
-def _json(value: object, status: int = 200) -> Response[bytes]:
+def json_response(value: object, status: int = 200) -> Response[bytes]:
     return Response(msgspec.json.encode(value), media_type=JSON, status_code=status)
 
 
@@ -193,7 +193,7 @@ async def create_key(request: Request) -> Response[bytes]:
     async with _management(request) as management:
         created = await management.create_key(spec, _actor(principal))
     await _changed(request)
-    return _json(created, 201)
+    return json_response(created, 201)
 
 
 @get("/admin/keys")
@@ -202,7 +202,7 @@ async def list_keys(request: Request) -> Response[bytes]:
     include_revoked = _flag(request, "include_revoked")
     async with _management(request) as management:
         keys = await management.list_keys(include_revoked=include_revoked)
-    return _json(KeyList(keys))
+    return json_response(KeyList(keys))
 
 
 @get("/admin/keys/{id_or_key:str}")
@@ -210,7 +210,7 @@ async def show_key(request: Request, id_or_key: FromPath[str]) -> Response[bytes
     await require_admin(request)
     async with _management(request) as management:
         view = await management.key_view(await management.find_key(id_or_key))
-    return _json(view)
+    return json_response(view)
 
 
 @patch("/admin/keys/{id_or_key:str}")
@@ -220,7 +220,7 @@ async def update_key(request: Request, id_or_key: FromPath[str]) -> Response[byt
     async with _management(request) as management:
         view = await management.update_key(id_or_key, spec, _actor(principal))
     await _changed(request)
-    return _json(view)
+    return json_response(view)
 
 
 async def _revoke(request: Request, id_or_key: str) -> Response[bytes]:
@@ -228,7 +228,7 @@ async def _revoke(request: Request, id_or_key: str) -> Response[bytes]:
     async with _management(request) as management:
         view = await management.revoke_key(id_or_key, _actor(principal))
     await _changed(request)
-    return _json(view)
+    return json_response(view)
 
 
 @post("/admin/keys/{id_or_key:str}/revoke", status_code=200)
@@ -249,7 +249,7 @@ async def rotate_key(request: Request, id_or_key: FromPath[str]) -> Response[byt
     async with _management(request) as management:
         created = await management.rotate_key(id_or_key, spec.grace_seconds, _actor(principal))
     await _changed(request)
-    return _json(created)
+    return json_response(created)
 
 
 # --- tenants ------------------------------------------------------------------------------
@@ -262,7 +262,7 @@ async def create_tenant(request: Request) -> Response[bytes]:
     async with _management(request) as management:
         view = await management.create_tenant(spec, _actor(principal))
     await _changed(request)
-    return _json(view, 201)
+    return json_response(view, 201)
 
 
 @get("/admin/tenants")
@@ -270,7 +270,7 @@ async def list_tenants(request: Request) -> Response[bytes]:
     await require_admin(request)
     async with _management(request) as management:
         tenants = await management.list_tenants()
-    return _json(TenantList(tenants))
+    return json_response(TenantList(tenants))
 
 
 @get("/admin/tenants/{id_or_name:str}")
@@ -278,7 +278,7 @@ async def show_tenant(request: Request, id_or_name: FromPath[str]) -> Response[b
     await require_admin(request)
     async with _management(request) as management:
         view = await management.tenant_view(await management.find_tenant(id_or_name))
-    return _json(view)
+    return json_response(view)
 
 
 @patch("/admin/tenants/{id_or_name:str}")
@@ -288,7 +288,7 @@ async def update_tenant(request: Request, id_or_name: FromPath[str]) -> Response
     async with _management(request) as management:
         view = await management.update_tenant(id_or_name, spec, _actor(principal))
     await _changed(request)
-    return _json(view)
+    return json_response(view)
 
 
 # --- usage and audit ----------------------------------------------------------------------
@@ -307,7 +307,7 @@ async def usage(request: Request) -> Response[bytes]:
     rows = await (await _flushed(request)).usage_report(by, since)
     if output == "csv":
         return Response(usage_csv(rows).encode(), media_type="text/csv; charset=utf-8")
-    return _json(UsageReport(by, since, rows))
+    return json_response(UsageReport(by, since, rows))
 
 
 @get("/admin/audit")
@@ -320,7 +320,7 @@ async def audit(request: Request) -> Response[bytes]:
         raise ApiError(400, f"`limit` is 1 to {AUDIT_LIMIT_MAX}, not {text!r}", param="limit")
     action = request.query_params.get("action") or None
     events = await (await _flushed(request)).audit(since, int(text), action)
-    return _json(AuditList(events))
+    return json_response(AuditList(events))
 
 
 ADMIN_ROUTES = [

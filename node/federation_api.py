@@ -15,10 +15,9 @@ from node import books
 from node.auth import Principal
 from node.errors import ApiError
 from node.hub import hub_of
+from node.openai_api import JSON
 from node.peer_auth import check_peer, verify_signed
 from node.peering import LISTED_HEADER, JoinRefused
-
-JSON = "application/json"
 
 MAX_FEDERATION_BODY = 64 * 1024
 MAX_COUNTERSIGNATURE_BODY = 256 * 1024  # a batch of 500

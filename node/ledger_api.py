@@ -12,16 +12,12 @@ from litestar import Request, Response, get, post
 from litestar.params import FromPath
 
 from node import books
-from node.admin_api import query_param, require_admin, since_param
+from node.admin_api import json_response, query_param, require_admin, since_param
 from node.errors import ApiError
 from node.hub import hub_of
+from node.openai_api import JSON
 
-JSON = "application/json"
 MAX_NET_BODY = 1024 * 1024
-
-
-def _json(value: object) -> Response[bytes]:
-    return Response(msgspec.json.encode(value), media_type=JSON)
 
 
 @asynccontextmanager
@@ -38,14 +34,14 @@ async def _peer_unreachable() -> AsyncIterator[None]:
 async def balance(request: Request) -> Response[bytes]:
     await require_admin(request)
     hub = hub_of(request)
-    return _json(await books.balance(hub.store, hub.identity.node_id))
+    return json_response(await books.balance(hub.store, hub.identity.node_id))
 
 
 @get("/admin/ledger/verify")
 async def verify(request: Request) -> Response[bytes]:
     await require_admin(request)
     checks = await books.verify(hub_of(request).store)
-    return _json({"ok": all(check.ok for check in checks), "chains": checks})
+    return json_response({"ok": all(check.ok for check in checks), "chains": checks})
 
 
 @post("/admin/ledger/reconcile/{peer:str}", status_code=200)
@@ -57,7 +53,7 @@ async def reconcile(request: Request, peer: FromPath[str]) -> Response[bytes]:
         report = await books.reconcile_with(hub.store, link, hub.ledger.keep)
     if report.suspended:
         await hub.peering.changed()
-    return _json(report)
+    return json_response(report)
 
 
 @post("/admin/ledger/settle/{peer:str}", status_code=200)
@@ -68,14 +64,14 @@ async def settle(request: Request, peer: FromPath[str]) -> Response[bytes]:
         link = await books.link_to(hub.store, hub.identity, hub.client, peer)
         await books.reconcile_with(hub.store, link, hub.ledger.keep)
         statement = await books.settle_with(hub.store, link)
-    return _json(statement)
+    return json_response(statement)
 
 
 @get("/admin/ledger/statements")
 async def statements(request: Request) -> Response[bytes]:
     await require_admin(request)
     bodies = await hub_of(request).store.settlements()
-    return _json({"statements": [msgspec.json.decode(body) for body in bodies]})
+    return json_response({"statements": [msgspec.json.decode(body) for body in bodies]})
 
 
 class NetRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -94,7 +90,7 @@ async def net(request: Request) -> Response[bytes]:
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ApiError(400, f"Invalid request: {exc}", param="statements") from exc
     plan = await books.net(hub_of(request).store, [msgspec.json.encode(item) for item in extra])
-    return _json(plan)
+    return json_response(plan)
 
 
 @get("/admin/ledger/export")
