@@ -37,7 +37,10 @@ LAYERS = [
     ("node: budgets + storage", ("node/budgets.py", "node/storage.py", "node/policy.py")),
     ("node: usage writer", ("node/usage.py",)),
     ("node: metrics", ("node/metrics.py", "prometheus_client/")),
-    ("node: request path (openai_api)", ("node/openai_api.py", "node/errors.py", "node/ids.py")),
+    (
+        "node: request path (openai_api)",
+        ("node/openai_api.py", "node/errors.py", "federation/ids.py"),
+    ),
     ("node: router", ("node/router.py",)),
     ("node: other", ("node/",)),
     ("adapters", ("adapters/",)),

@@ -28,11 +28,9 @@ import contextlib
 import ipaddress
 import logging
 import re
-import secrets
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -60,6 +58,7 @@ from federation.descriptors import (
 from federation.descriptors import fingerprint as fingerprint
 from federation.httpsig import REQUEST_ID_HEADER, sign_request
 from federation.identity import NodeIdentity
+from federation.ids import new_request_id
 from federation.sealing import SealError, unseal
 from ledger.records import RecordError
 
@@ -564,11 +563,6 @@ async def discover(
 # --- peer exchange (client side) --------------------------------------------------------------
 
 
-def _request_id() -> str:
-    """Same form as node.ids.new_request_id (federation must not import node)."""
-    return f"req_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(8)}"
-
-
 class _ExchangeAnswer(msgspec.Struct):
     peers: list[Any]
 
@@ -584,7 +578,7 @@ async def _exchange_with(
     errors = []
     for base in urls:
         url = base.rstrip("/") + PEERS_PATH
-        headers = {"authorization": f"Bearer {key}", REQUEST_ID_HEADER: _request_id()}
+        headers = {"authorization": f"Bearer {key}", REQUEST_ID_HEADER: new_request_id()}
         headers.update(sign_request(identity, "GET", url, headers, b""))
         try:
             async with client.stream(

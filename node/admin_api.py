@@ -22,6 +22,7 @@ from litestar.params import FromPath
 
 from node.auth import Principal
 from node.errors import ApiError
+from node.hub import hub_of
 from node.keys import HASH_PURPOSE
 from node.management import (
     KeyInput,
@@ -32,7 +33,7 @@ from node.management import (
     TenantInput,
     TenantView,
 )
-from node.openai_api import JSON, _authenticate, client_ip, hub_of
+from node.openai_api import JSON, _authenticate, client_ip
 from node.storage import AuditEvent, Store, UsageGroup
 from node.units import parse_since
 

@@ -38,13 +38,13 @@ from adapters.types import (
     Usage,
     sse_event,
 )
+from federation.ids import new_request_id
 from federation.transport import HOP_HEADER, REQUEST_ID_HEADER
 from ledger.canonical import b64url
 from node.auth import Principal
 from node.budgets import budget_scopes
 from node.errors import ApiError, ErrorDetail, error_bytes
 from node.hub import Hub, hub_of
-from node.ids import new_request_id
 from node.peer_auth import check_peer
 from node.policy import model_allowed, worst_case_embedding_tokens, worst_case_prompt_tokens
 from node.ratelimit import Admission, RateLimited, ScopeLimits

@@ -24,13 +24,13 @@ from federation.adverts import AdvertBook, AdvertModel, ModelAdvert, make_advert
 from federation.descriptors import NodeDescriptor, make_descriptor, verify_descriptor
 from federation.httpsig import sign_request
 from federation.identity import NodeIdentity
+from federation.ids import new_request_id
 from federation.invites import InviteRecord, JoinRequest, verify_join_request
 from federation.sealing import seal_for, unseal
 from federation.transport import REQUEST_ID_HEADER, PeerAdapter, peer_upstream
 from ledger.records import RecordError
 from node.auth import read_epoch, touch_epoch
 from node.config import Config, Deployment
-from node.ids import new_request_id
 from node.keys import HASH_PURPOSE, generate_key, hash_key
 from node.policy import Limits, model_allowed
 from node.router import Route, Router

@@ -217,8 +217,8 @@ def _bobs_key_at_alice(bob_path: Path) -> str:
 def _signed_by(path: Path, url: str, body: bytes, key: str) -> dict[str, str]:
     from federation.httpsig import sign_request
     from federation.identity import NodeIdentity
+    from federation.ids import new_request_id
     from node.config import IDENTITY_FILE
-    from node.ids import new_request_id
 
     identity = NodeIdentity.load(path / IDENTITY_FILE)
     headers = {
