@@ -56,10 +56,9 @@ from federation.descriptors import (
     verify_descriptor,
 )
 from federation.descriptors import fingerprint as fingerprint
-from federation.httpsig import REQUEST_ID_HEADER, sign_request
 from federation.identity import NodeIdentity
-from federation.ids import new_request_id
 from federation.sealing import SealError, unseal
+from federation.transport import signed_headers
 from ledger.records import RecordError
 
 log = logging.getLogger(__name__)
@@ -578,8 +577,7 @@ async def _exchange_with(
     errors = []
     for base in urls:
         url = base.rstrip("/") + PEERS_PATH
-        headers = {"authorization": f"Bearer {key}", REQUEST_ID_HEADER: new_request_id()}
-        headers.update(sign_request(identity, "GET", url, headers, b""))
+        headers = signed_headers(identity, "GET", url, key=key)
         try:
             async with client.stream(
                 "GET", url, headers=headers, timeout=request_timeout

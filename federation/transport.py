@@ -12,11 +12,35 @@ from __future__ import annotations
 from adapters.http import UpstreamClient
 from adapters.openai import OpenAIAdapter
 from adapters.types import Upstream
-from federation.httpsig import sign_request
+from federation.httpsig import REQUEST_ID_HEADER, sign_request
 from federation.identity import NodeIdentity
+from federation.ids import new_request_id
 
 HOP_HEADER = "aihub-hop"
-REQUEST_ID_HEADER = "aihub-request-id"
+# On a node's signed requests: it wants to be named to the receiver's other peers.
+LISTED_HEADER = "aihub-listed"
+
+
+def signed_headers(
+    identity: NodeIdentity,
+    method: str,
+    url: str,
+    body: bytes = b"",
+    *,
+    key: str | None = None,
+    request_id: str | None = None,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The headers of a request from this node to another: a request id, the key the other
+    node issued us (if any), and our RFC 9421 signature over them and the body."""
+    headers = {REQUEST_ID_HEADER: request_id or new_request_id()}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    if body:
+        headers["content-type"] = "application/json"
+    headers.update(extra or {})
+    headers.update(sign_request(identity, method, url, headers, body))
+    return headers
 
 
 def peer_upstream(model: str, url: str, key: str, max_output_tokens: int = 4096) -> Upstream:
@@ -35,11 +59,12 @@ class PeerAdapter(OpenAIAdapter):
         self.identity = identity
 
     def request_headers(self, url: str, body: bytes, request_id: str) -> dict[str, str]:
-        headers = {
-            **self.auth_headers(),
-            REQUEST_ID_HEADER: request_id,
-            HOP_HEADER: "1",
-            "content-type": "application/json",
-        }
-        headers.update(sign_request(self.identity, "POST", url, headers, body))
-        return headers
+        return signed_headers(
+            self.identity,
+            "POST",
+            url,
+            body,
+            key=self.upstream.api_key,
+            request_id=request_id,
+            extra={HOP_HEADER: "1"},
+        )

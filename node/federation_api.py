@@ -11,13 +11,14 @@ import msgspec
 from litestar import Request, Response, get, post
 
 from federation.descriptors import public_key_of
+from federation.transport import LISTED_HEADER
 from node import books
 from node.auth import Principal
 from node.errors import ApiError
 from node.hub import hub_of
 from node.openai_api import JSON
 from node.peer_auth import check_peer, verify_signed
-from node.peering import LISTED_HEADER, JoinRefused
+from node.peering import JoinRefused
 
 MAX_FEDERATION_BODY = 64 * 1024
 MAX_COUNTERSIGNATURE_BODY = 256 * 1024  # a batch of 500

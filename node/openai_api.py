@@ -38,8 +38,9 @@ from adapters.types import (
     Usage,
     sse_event,
 )
+from federation.httpsig import REQUEST_ID_HEADER
 from federation.ids import new_request_id
-from federation.transport import HOP_HEADER, REQUEST_ID_HEADER
+from federation.transport import HOP_HEADER
 from ledger.canonical import b64url
 from node.auth import Principal
 from node.budgets import budget_scopes

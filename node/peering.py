@@ -22,12 +22,10 @@ import msgspec
 from adapters.http import UpstreamClient
 from federation.adverts import AdvertBook, AdvertModel, ModelAdvert, make_advert, verify_advert
 from federation.descriptors import NodeDescriptor, make_descriptor, verify_descriptor
-from federation.httpsig import sign_request
 from federation.identity import NodeIdentity
-from federation.ids import new_request_id
 from federation.invites import InviteRecord, JoinRequest, verify_join_request
 from federation.sealing import seal_for, unseal
-from federation.transport import REQUEST_ID_HEADER, PeerAdapter, peer_upstream
+from federation.transport import LISTED_HEADER, PeerAdapter, peer_upstream, signed_headers
 from ledger.records import RecordError
 from node.auth import read_epoch, touch_epoch
 from node.config import Config, Deployment
@@ -39,7 +37,6 @@ from node.storage import KeyRecord, PeerRecord, Store
 log = logging.getLogger("aihub.peering")
 
 PEERS_EPOCH_FILE = "peers.epoch"
-LISTED_HEADER = "aihub-listed"
 PEER_TIMEOUT = 10.0
 ADVERT_SEQ = "advert_seq"
 
@@ -484,14 +481,8 @@ async def signed_request(
 ) -> httpx.Response:
     """A request to another node, signed by ours (RFC 9421); with the key it issued us, if
     any. The listing header tells the peer whether we want to be named to its peers."""
-    headers = {REQUEST_ID_HEADER: new_request_id()}
-    if key:
-        headers["authorization"] = f"Bearer {key}"
-    if body:
-        headers["content-type"] = "application/json"
-    if listed:
-        headers[LISTED_HEADER] = "1"
-    headers.update(sign_request(identity, method, url, headers, body))
+    extra = {LISTED_HEADER: "1"} if listed else None
+    headers = signed_headers(identity, method, url, body, key=key, extra=extra)
     return await client.request(method, url, content=body, headers=headers, timeout=PEER_TIMEOUT)
 
 
