@@ -12,12 +12,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import aiosqlite
 import msgspec
 
 from node.policy import Limits
+
+T = TypeVar("T")
 
 MIGRATIONS: list[str] = [
     # 1: tenants, keys, spend, usage, alerts, audit
@@ -436,22 +438,29 @@ class Store:
         async with self._lock:
             yield
 
+    async def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` on the connection in aiosqlite's thread, in one round trip however many
+        statements it runs; its cursors are made, read and dropped there.
+
+        aiosqlite's public calls cost a round trip each (a statement, then closing its
+        cursor): its `_execute` queue is the one way to hand it a whole unit of work. It has
+        kept that name and signature from 0.17 to 0.22; the version is pinned below 1.
+        """
+        async with self._turn():
+            return await self.db._execute(work, self.db._conn)
+
     async def _exec(self, sql: str, params: Sequence[object] = ()) -> int:
         """Run one statement; the number of rows it changed."""
-        async with self._turn(), self.db.execute(sql, params) as cursor:
-            return cursor.rowcount
+        return await self._call(lambda db: db.execute(sql, params).rowcount)
 
     async def _exec_many(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
-        async with self._turn(), self.db.executemany(sql, rows):
-            pass
+        await self._call(lambda db: db.executemany(sql, rows).close())
 
     async def _fetchall(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
-        async with self._turn(), self.db.execute(sql, params) as cursor:
-            return list(await cursor.fetchall())
+        return await self._call(lambda db: db.execute(sql, params).fetchall())
 
     async def _fetchone(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Row | None:
-        async with self._turn(), self.db.execute(sql, params) as cursor:
-            return await cursor.fetchone()
+        return await self._call(lambda db: db.execute(sql, params).fetchone())
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:
@@ -469,6 +478,23 @@ class Store:
             finally:
                 self._owner = None
 
+    async def _atomic(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """A write transaction run whole in aiosqlite's thread: one round trip on the request
+        path, and no other coroutine's statement can run inside it. A caller cancelled
+        meanwhile leaves it to finish (or roll back) there on its own."""
+
+        def run(db: sqlite3.Connection) -> T:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+
+        return await self._call(run)
+
     async def migrate(self) -> None:
         """Apply the migrations not yet applied, each in its own transaction."""
         row = await self._fetchone("PRAGMA user_version")
@@ -484,10 +510,13 @@ class Store:
 
     async def _write(self, statements: list[tuple[str, list[tuple]]]) -> None:
         """Run several statements in one write transaction: all of them, or none."""
-        async with self._transaction():
+
+        def write(db: sqlite3.Connection) -> None:
             for sql, rows in statements:
                 if rows:
-                    await self._exec_many(sql, rows)
+                    db.executemany(sql, rows)
+
+        await self._atomic(write)
 
     # --- keys ------------------------------------------------------------------------------
 
@@ -771,49 +800,49 @@ class Store:
         the pair's chain, made by `make(seq, prev)`) in one transaction, so that a completed
         request always has its receipt and a chain never has a gap, whatever the crash."""
         provider, consumer = pair
-        async with self._transaction():
-            row = await self._fetchone(
+
+        def write(db: sqlite3.Connection) -> StoredReceipt:
+            row = db.execute(
                 "SELECT seq, hash FROM receipts WHERE provider = ? AND consumer = ?"
                 " ORDER BY seq DESC LIMIT 1",
                 (provider, consumer),
-            )
+            ).fetchone()
             seq, prev = (row[0] + 1, row[1]) if row else (1, None)
             receipt = make(seq, prev)
-            await self._insert_receipt(receipt)
+            db.execute(_INSERT_RECEIPT, msgspec.structs.astuple(receipt))
             for sql, rows in _settlement_statements([settlement], []):
                 if rows:
-                    await self._exec_many(sql, rows)
-        return receipt
+                    db.executemany(sql, rows)
+            return receipt
 
-    async def _insert_receipt(self, receipt: StoredReceipt) -> None:
-        await self._exec(
-            "INSERT INTO receipts (provider, consumer, seq, id, hash, amount, iat, body, csig,"
-            " csig_sent) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            msgspec.structs.astuple(receipt),
-        )
+        return await self._atomic(write)
 
     async def add_receipt(self, receipt: StoredReceipt) -> StoredReceipt | None:
         """Append a receipt another node signed (verified by the caller). None if it is new
         or already known; the receipt already held at that place in the chain if it differs
         (the provider signed two receipts for one seq: equivocation)."""
-        async with self._transaction():
-            row = await self._fetchone(
+        place = (receipt.provider, receipt.consumer, receipt.seq)
+
+        def write(db: sqlite3.Connection) -> StoredReceipt | None:
+            row = db.execute(
                 f"SELECT {_RECEIPT_COLUMNS} FROM receipts"
                 " WHERE provider = ? AND consumer = ? AND seq = ?",
-                (receipt.provider, receipt.consumer, receipt.seq),
-            )
+                place,
+            ).fetchone()
             if row is None:
-                await self._insert_receipt(receipt)
+                db.execute(_INSERT_RECEIPT, msgspec.structs.astuple(receipt))
                 return None
             held = StoredReceipt(*row)
             if held.hash != receipt.hash:
                 return held
             if held.csig is None and receipt.csig is not None:
-                await self._exec(
+                db.execute(
                     "UPDATE receipts SET csig = ? WHERE provider = ? AND consumer = ? AND seq = ?",
-                    (receipt.csig, receipt.provider, receipt.consumer, receipt.seq),
+                    (receipt.csig, *place),
                 )
             return None
+
+        return await self._atomic(write)
 
     async def add_countersignature(self, provider: str, consumer: str, seq: int, csig: str) -> bool:
         return (
@@ -940,6 +969,10 @@ class Store:
 
 
 _USAGE_FIELDS = UsageRecord.__struct_fields__
+_INSERT_RECEIPT = (
+    "INSERT INTO receipts (provider, consumer, seq, id, hash, amount, iat, body, csig,"
+    " csig_sent) VALUES (?,?,?,?,?,?,?,?,?,?)"
+)
 _INSERT_KEY = f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 _UPSERT_PEER = (
     f"INSERT INTO peers ({_PEER_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
