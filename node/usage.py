@@ -38,6 +38,7 @@ class UsageRecorder:
         self._settlements: list[Settlement] = []
         self._events: list[AuditEvent] = []
         self._wake = asyncio.Event()
+        self._due: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
@@ -46,11 +47,19 @@ class UsageRecorder:
 
     def record(self, settlement: Settlement) -> None:
         self._settlements.append(settlement)
-        if len(self._settlements) >= self.batch:
-            self._wake.set()
+        self._schedule()
 
     def audit(self, event: AuditEvent) -> None:
         self._events.append(event)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Flush `flush_interval` after the first record queued, or at once with a full batch:
+        an idle node never wakes for nothing."""
+        if len(self._settlements) >= self.batch:
+            self._wake.set()
+        elif self._due is None:
+            self._due = asyncio.get_running_loop().call_later(self.flush_interval, self._wake.set)
 
     async def notify(self, settlements: list[Settlement]) -> None:
         """Tell the listeners of settlements written outside the batch (a peer's request,
@@ -78,14 +87,17 @@ class UsageRecorder:
 
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.flush_interval)
+            await self._wake.wait()
             self._wake.clear()
+            if self._due is not None:
+                self._due.cancel()
+                self._due = None
             try:
                 await self.flush()
             except Exception:
                 log.exception("writing usage records failed; will retry")
                 await asyncio.sleep(1)
+                self._wake.set()
 
     async def stop(self) -> None:
         if self._task is not None:
