@@ -31,6 +31,7 @@ Signature-Input, Signature and Content-Digest are parsed as RFC 8941/9651 struct
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import re
@@ -115,8 +116,10 @@ def serialize_params(components: Iterable[str], params: Mapping[str, int | str])
     return serialized.removeprefix("x=")
 
 
+@functools.lru_cache(maxsize=1024)
 def authority_and_path(url: str) -> tuple[str, str]:
-    """The RFC 9421 `@authority` and `@path` of an absolute URL."""
+    """The RFC 9421 `@authority` and `@path` of an absolute URL. Cached: a node signs and
+    checks the same few URLs over and over, and parsing one costs more than the signature."""
     try:
         parsed = httpx.URL(url)
         host = parsed.raw_host.decode("ascii").lower()
