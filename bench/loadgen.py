@@ -256,7 +256,9 @@ async def generate(
                     await asyncio.sleep(due - now)
             elif now >= deadline:
                 return
-            begun = time.perf_counter()
+            # At a fixed rate, latency counts from when the request was due, not from when a
+            # late connection got round to sending it (no coordinated omission, as wrk2).
+            begun = due if rate else time.perf_counter()
             status = await conn.exchange(request)
             latencies.append((time.perf_counter() - begun) * 1000)
             sent += 1
