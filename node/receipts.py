@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import NamedTuple
 
 import httpx
 import msgspec
@@ -38,6 +39,15 @@ from node.storage import Settlement, Store, StoredReceipt
 log = logging.getLogger("aihub.ledger")
 
 COUNTERSIGNATURE_BATCH = 500
+# Receipts taken within this long of each other are kept in one transaction.
+TAKE_DELAY = 0.05
+
+
+class _Taken(NamedTuple):
+    provider: str
+    data: bytes
+    request_id: str
+    our_cost: int
 
 
 class Countersignature(msgspec.Struct, frozen=True):
@@ -79,7 +89,8 @@ class Ledger:
         self.store = store
         self.client = client
         self.peering = peering
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._taken: list[_Taken] = []
+        self._taker: asyncio.Task[None] | None = None
 
     # --- the provider's side --------------------------------------------------------------
 
@@ -118,55 +129,79 @@ class Ledger:
         batch = msgspec.json.decode(body, type=Countersignatures)
         key = public_key_of(consumer)
         me = self.identity.node_id
-        taken = 0
-        for item in batch.csigs[:COUNTERSIGNATURE_BATCH]:
-            rows = await self.store.receipts(me, consumer, after_seq=item.seq - 1, limit=1)
-            if not rows or rows[0].seq != item.seq or rows[0].id != item.id:
+        items = {item.seq: item for item in batch.csigs[:COUNTERSIGNATURE_BATCH]}
+        good = []
+        for row in await self.store.receipts_at(me, consumer, sorted(items)):
+            item = items[row.seq]
+            if row.id != item.id or row.csig is not None:
                 continue
-            signed = msgspec.structs.replace(loaded(rows[0]), csig=item.csig)
             try:
-                verify_countersignature(signed, key)
+                verify_countersignature(msgspec.structs.replace(loaded(row), csig=item.csig), key)
             except RecordError:
                 log.warning("a bad countersignature from %s for seq %d", consumer, item.seq)
                 continue
-            taken += await self.store.add_countersignature(me, consumer, item.seq, item.csig)
-        return taken
+            good.append((item.seq, item.csig))
+        return await self.store.add_countersignatures(me, consumer, good)
 
     # --- the consumer's side --------------------------------------------------------------
 
     def take(self, provider: str, data: bytes, request_id: str, our_cost: int) -> None:
         """A receipt that came with a peer's answer: checked, countersigned and kept off the
-        request path."""
-        task = asyncio.create_task(self._take(provider, data, request_id, our_cost))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        request path, with the others that came in the next few milliseconds."""
+        self._taken.append(_Taken(provider, data, request_id, our_cost))
+        if self._taker is None:
+            self._taker = asyncio.create_task(self._take_batches(), name="ledger-take")
 
-    async def _take(self, provider: str, data: bytes, request_id: str, our_cost: int) -> None:
+    async def _take_batches(self) -> None:
+        try:
+            while self._taken:
+                await asyncio.sleep(TAKE_DELAY)
+                batch, self._taken = self._taken, []
+                receipts = [r for r in map(self._checked, batch) if r is not None]
+                try:
+                    await self.keep_all(receipts)
+                except Exception:
+                    # Reconciliation recovers them from the provider's signed copies.
+                    log.exception("could not keep %d receipts", len(receipts))
+        finally:
+            self._taker = None
+
+    def _checked(self, taken: _Taken) -> Receipt | None:
+        """The receipt, verified and countersigned; None (and a warning) if it is refused."""
+        provider = taken.provider
         try:
             # In a header it is base64url (headers are ASCII); in a stream event, the JSON.
+            data = taken.data
             signed = data if data.startswith(b"{") else b64url_decode(data.decode())
             receipt = verify_receipt(
                 signed, public_key_of(provider), consumer=self.identity.node_id
             )
         except (RecordError, ValueError) as exc:
             log.warning("refused a receipt from %s: %s", provider, exc)
-            return
-        if receipt.id != request_id:
+            return None
+        if receipt.id != taken.request_id:
             log.warning("receipt %s from %s names another request", receipt.seq, provider)
-        if receipt.amount > our_cost:
+        if receipt.amount > taken.our_cost:
             # Priced above its advert: kept (it is what they signed) but said, for the admin.
             log.warning(
                 "receipt %d from %s charges %d, more than the advertised %d",
                 receipt.seq,
                 provider,
                 receipt.amount,
-                our_cost,
+                taken.our_cost,
             )
-        await self.keep(countersign(receipt, self.identity.sign))
+        return countersign(receipt, self.identity.sign)
 
     async def keep(self, receipt: Receipt) -> bool:
-        """Append a verified receipt to our copy of its chain (see `keep_receipt`)."""
-        kept = await keep_receipt(self.store, receipt)
+        """Append a verified receipt to our copy of its chain (see `keep_receipts`)."""
+        return await self.keep_all([receipt])
+
+    async def keep_all(self, receipts: list[Receipt]) -> bool:
+        """Append verified receipts to our copies of their chains; False if a provider
+        equivocated (and is now suspended)."""
+        if not receipts:
+            return True
+        kept = await keep_receipts(self.store, receipts)
         if not kept:
             await self.peering.changed()
         return kept
@@ -198,20 +233,23 @@ class Ledger:
 
     async def settle_tasks(self) -> None:
         """Wait for the receipts being taken (at shutdown, and in tests)."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._taker is not None:
+            await asyncio.wait([self._taker])
 
 
 async def keep_receipt(store: Store, receipt: Receipt) -> bool:
-    """Append a verified receipt to our copy of its chain; False if its provider signed a
-    different receipt for that seq before: equivocation, proof of cheating, so the provider is
-    suspended (its routes and its key stop working)."""
-    row = stored(receipt)
-    held = await store.add_receipt(row)
-    if held is None:
-        return True
-    await record_equivocation(store, held, row)
-    return False
+    """See `keep_receipts`."""
+    return await keep_receipts(store, [receipt])
+
+
+async def keep_receipts(store: Store, receipts: list[Receipt]) -> bool:
+    """Append verified receipts to our copies of their chains; False if a provider signed a
+    different receipt for one of those places before: equivocation, proof of cheating, so the
+    provider is suspended (its routes and its key stop working)."""
+    conflicts = await store.add_receipts([stored(receipt) for receipt in receipts])
+    for held, offered in conflicts:
+        await record_equivocation(store, held, offered)
+    return not conflicts
 
 
 async def record_equivocation(store: Store, first: StoredReceipt, second: StoredReceipt) -> None:

@@ -817,42 +817,54 @@ class Store:
 
         return await self._atomic(write)
 
-    async def add_receipt(self, receipt: StoredReceipt) -> StoredReceipt | None:
-        """Append a receipt another node signed (verified by the caller). None if it is new
-        or already known; the receipt already held at that place in the chain if it differs
-        (the provider signed two receipts for one seq: equivocation)."""
-        place = (receipt.provider, receipt.consumer, receipt.seq)
+    async def add_receipts(
+        self, receipts: list[StoredReceipt]
+    ) -> list[tuple[StoredReceipt, StoredReceipt]]:
+        """Append receipts other nodes signed (verified by the caller), in one transaction:
+        each new one is added, a known one gains the countersignature we lacked. The pairs
+        (held, offered) where the provider had signed a different receipt for that place in
+        its chain (equivocation) are answered, and the held one stays."""
 
-        def write(db: sqlite3.Connection) -> StoredReceipt | None:
-            row = db.execute(
-                f"SELECT {_RECEIPT_COLUMNS} FROM receipts"
-                " WHERE provider = ? AND consumer = ? AND seq = ?",
-                place,
-            ).fetchone()
-            if row is None:
-                db.execute(_INSERT_RECEIPT, msgspec.structs.astuple(receipt))
-                return None
-            held = StoredReceipt(*row)
-            if held.hash != receipt.hash:
-                return held
-            if held.csig is None and receipt.csig is not None:
-                db.execute(
-                    "UPDATE receipts SET csig = ? WHERE provider = ? AND consumer = ? AND seq = ?",
-                    (receipt.csig, *place),
-                )
-            return None
+        def write(db: sqlite3.Connection) -> list[tuple[StoredReceipt, StoredReceipt]]:
+            conflicts = []
+            for receipt in receipts:
+                held = _add_receipt(db, receipt)
+                if held is not None:
+                    conflicts.append((held, receipt))
+            return conflicts
 
         return await self._atomic(write)
 
-    async def add_countersignature(self, provider: str, consumer: str, seq: int, csig: str) -> bool:
-        return (
-            await self._exec(
-                "UPDATE receipts SET csig = ? WHERE provider = ? AND consumer = ? AND seq = ?"
-                " AND csig IS NULL",
-                (csig, provider, consumer, seq),
-            )
-            == 1
+    async def receipts_at(
+        self, provider: str, consumer: str, seqs: Sequence[int]
+    ) -> list[StoredReceipt]:
+        """The receipts of one pair's chain at these places (those it has)."""
+        if not seqs:
+            return []
+        rows = await self._fetchall(
+            f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE provider = ? AND consumer = ?"
+            f" AND seq IN ({','.join('?' * len(seqs))})",
+            (provider, consumer, *seqs),
         )
+        return [StoredReceipt(*row) for row in rows]
+
+    async def add_countersignatures(
+        self, provider: str, consumer: str, csigs: list[tuple[int, str]]
+    ) -> int:
+        """Countersignatures (seq, csig) for receipts that have none yet; how many were added."""
+        rows = [(csig, provider, consumer, seq) for seq, csig in csigs]
+        return await self._call(
+            lambda db: (
+                db.executemany(
+                    "UPDATE receipts SET csig = ? WHERE provider = ? AND consumer = ? AND seq = ?"
+                    " AND csig IS NULL",
+                    rows,
+                ).rowcount
+            )
+        )
+
+    async def add_countersignature(self, provider: str, consumer: str, seq: int, csig: str) -> bool:
+        return await self.add_countersignatures(provider, consumer, [(seq, csig)]) == 1
 
     async def receipts(
         self,
@@ -1002,6 +1014,27 @@ def _peer_values(peer: PeerRecord) -> tuple:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _add_receipt(db: sqlite3.Connection, receipt: StoredReceipt) -> StoredReceipt | None:
+    """See `Store.add_receipts`: the receipt held at that place if it differs, else None."""
+    place = (receipt.provider, receipt.consumer, receipt.seq)
+    row = db.execute(
+        f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE provider = ? AND consumer = ? AND seq = ?",
+        place,
+    ).fetchone()
+    if row is None:
+        db.execute(_INSERT_RECEIPT, msgspec.structs.astuple(receipt))
+        return None
+    held = StoredReceipt(*row)
+    if held.hash != receipt.hash:
+        return held
+    if held.csig is None and receipt.csig is not None:
+        db.execute(
+            "UPDATE receipts SET csig = ? WHERE provider = ? AND consumer = ? AND seq = ?",
+            (receipt.csig, *place),
+        )
+    return None
 
 
 def _settlement_statements(
