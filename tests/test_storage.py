@@ -1,0 +1,167 @@
+"""The store's write paths that the request path takes: a peer's receipt written at once on the
+event loop's thread when the database is free, queued to aiosqlite's thread when another
+writer holds it, and never a gap or a duplicate in a chain either way."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node.storage import ReceiptMaker, Settlement, Store, StoredReceipt, UsageRecord
+
+PAIR = ("provider-node", "consumer-node")
+
+
+def settlement(request_id: str, cost: int = 7) -> Settlement:
+    return Settlement(
+        UsageRecord(
+            request_id=request_id,
+            ts_ms=1,
+            key_id="k",
+            tenant_id=None,
+            model="m",
+            deployment="m",
+            provider="echo",
+            endpoint="chat",
+            stream=False,
+            tokens_in=1,
+            tokens_out=2,
+            estimated=False,
+            cost_micros=cost,
+            latency_ms=1,
+            status=200,
+        )
+    )
+
+
+def maker(request_id: str) -> ReceiptMaker:
+    def make(seq: int, prev: str | None) -> StoredReceipt:
+        # The hash names the place and the link, so that a chain can be checked below.
+        return StoredReceipt(*PAIR, seq, request_id, f"h{seq}<{prev}", 7, 1, "{}")
+
+    return make
+
+
+async def chain(store: Store) -> list[StoredReceipt]:
+    return await store.receipts(*PAIR)
+
+
+def assert_linked(receipts: list[StoredReceipt]) -> None:
+    assert [r.seq for r in receipts] == list(range(1, len(receipts) + 1))
+    for before, after in zip([None, *receipts], receipts, strict=False):
+        assert after.hash == f"h{after.seq}<{before.hash if before else None}"
+
+
+async def usage_ids(store: Store) -> set[str]:
+    return {row.request_id for row in await store.usage_since(0)}
+
+
+def test_receipt_usage_and_spend_are_written_together(tmp_path: Path) -> None:
+    async def run() -> None:
+        store = await Store.open(tmp_path / "db")
+        try:
+            for n in range(3):
+                await store.settle_with_receipt(settlement(f"r{n}"), PAIR, maker(f"r{n}"))
+            assert_linked(await chain(store))
+            assert await usage_ids(store) == {"r0", "r1", "r2"}
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_a_busy_database_queues_the_receipt_instead_of_failing(tmp_path: Path) -> None:
+    """Another writer (another worker process) holds the write lock: the inline attempt gives
+    way at once, the write waits in aiosqlite's thread and lands when the lock is freed."""
+
+    async def run() -> None:
+        store = await Store.open(tmp_path / "db")
+        other = sqlite3.connect(tmp_path / "db", isolation_level=None)
+        try:
+            await store.settle_with_receipt(settlement("first"), PAIR, maker("first"))
+            other.execute("BEGIN IMMEDIATE")
+            pending = asyncio.create_task(
+                store.settle_with_receipt(settlement("second"), PAIR, maker("second"))
+            )
+            await asyncio.sleep(0.3)
+            assert not pending.done()  # waiting for the lock, not failed
+            other.execute("COMMIT")
+            receipt = await asyncio.wait_for(pending, 10)
+            assert receipt.seq == 2
+            assert_linked(await chain(store))
+            assert await usage_ids(store) == {"first", "second"}
+        finally:
+            other.close()
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_a_failing_receipt_leaves_nothing_behind(tmp_path: Path) -> None:
+    async def run() -> None:
+        store = await Store.open(tmp_path / "db")
+        try:
+
+            def broken(seq: int, prev: str | None) -> StoredReceipt:
+                raise ValueError("cannot sign")
+
+            try:
+                await store.settle_with_receipt(settlement("lost"), PAIR, broken)
+            except ValueError:
+                pass
+            else:
+                raise AssertionError("the maker's error must reach the caller")
+            assert await chain(store) == []
+            assert await usage_ids(store) == set()
+            await store.settle_with_receipt(settlement("next"), PAIR, maker("next"))
+            assert [r.seq for r in await chain(store)] == [1]
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+@settings(max_examples=15, deadline=None)
+@given(per_worker=st.lists(st.integers(1, 15), min_size=2, max_size=3))
+def test_several_workers_never_fork_a_chain(tmp_path_factory, per_worker: list[int]) -> None:
+    """Workers (a thread, a loop and a store each, as worker processes have) issuing receipts
+    for one pair at once: one chain, every seq once, every link right, every usage kept."""
+    path = tmp_path_factory.mktemp("workers") / "db"
+
+    async def migrate() -> None:
+        await (await Store.open(path)).close()
+
+    asyncio.run(migrate())  # once, before the workers start
+    ids = [[f"w{w}-{n}" for n in range(count)] for w, count in enumerate(per_worker)]
+
+    async def worker(mine: list[str]) -> None:
+        store = await Store.open(path)
+        try:
+            await asyncio.gather(
+                *(store.settle_with_receipt(settlement(r), PAIR, maker(r)) for r in mine)
+            )
+        finally:
+            await store.close()
+
+    threads = [threading.Thread(target=asyncio.run, args=(worker(mine),)) for mine in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    async def check() -> None:
+        store = await Store.open(path)
+        try:
+            receipts = await chain(store)
+            assert len(receipts) == sum(per_worker)
+            assert_linked(receipts)
+            assert await usage_ids(store) == {r for mine in ids for r in mine}
+        finally:
+            await store.close()
+
+    asyncio.run(check())
