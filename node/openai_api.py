@@ -259,7 +259,7 @@ class Accounting:
             log.exception("could not issue a receipt to %s", peer_id)
             self.hub.usage.record(settlement)
             return None
-        await self.hub.usage.notify([settlement])
+        self.hub.usage.written([settlement])
         return receipt
 
     def take_receipt(self, route: Route, receipt: bytes | None, cost: int) -> None:

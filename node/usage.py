@@ -39,6 +39,7 @@ class UsageRecorder:
         self._events: list[AuditEvent] = []
         self._wake = asyncio.Event()
         self._due: asyncio.TimerHandle | None = None
+        self._notifying: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
@@ -61,9 +62,15 @@ class UsageRecorder:
         elif self._due is None:
             self._due = asyncio.get_running_loop().call_later(self.flush_interval, self._wake.set)
 
+    def written(self, settlements: list[Settlement]) -> None:
+        """Settlements written outside the batch (a peer's request, with its receipt): the
+        listeners hear of them from a task of their own, off the request path."""
+        task = asyncio.create_task(self.notify(settlements))
+        self._notifying.add(task)
+        task.add_done_callback(self._notifying.discard)
+
     async def notify(self, settlements: list[Settlement]) -> None:
-        """Tell the listeners of settlements written outside the batch (a peer's request,
-        written with its receipt)."""
+        """Tell the listeners of settlements written."""
         for listener in self.listeners:
             try:
                 await listener(settlements)
@@ -106,3 +113,4 @@ class UsageRecorder:
                 await self._task
             self._task = None
         await self.flush()
+        await asyncio.gather(*self._notifying)
