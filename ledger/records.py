@@ -35,6 +35,11 @@ Signer = Callable[[bytes], bytes]
 
 
 def _floats_in(value: Any) -> bool:
+    kind = type(value)
+    if kind is float:
+        return True
+    if kind is str or kind is int or value is None:  # most values: no ABC check needed
+        return False
     if isinstance(value, float):
         return True
     if isinstance(value, Mapping):
