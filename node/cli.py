@@ -44,6 +44,7 @@ from node.config import (
     load_config,
     missing_secrets,
 )
+from node.journal import JOURNAL_DIR, left_behind, replay
 from node.management import (
     MAX_COUNT,
     CreatedKey,
@@ -171,7 +172,6 @@ def serve(
     host = host or config.server.host
     port = port or config.server.port
     workers = workers or config.server.workers
-    asyncio.run(_release_reservations(directory))
     # Workers are separate processes: they find the node through the environment.
     os.environ["AIHUB_HOME"] = str(directory)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -179,6 +179,7 @@ def serve(
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     # httpx logs every upstream request at INFO: ~200 µs each, and the usage table has it all.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    asyncio.run(_recover(directory))
     url = f"http://{host}:{port}"
     console.print(
         f"aihub {__version__}: node [bold]{escape(config.node.name)}[/] serving "
@@ -234,11 +235,14 @@ def _run_server(server: str, host: str, port: int, workers: int) -> None:
     )
 
 
-async def _release_reservations(directory: Path) -> None:
+async def _recover(directory: Path) -> None:
     """Before any worker starts, no request is in flight: a reservation still held was left by
-    a node that stopped mid-request, and would shrink its budget for the rest of the period."""
+    a node that stopped mid-request, and would shrink its budget for the rest of the period;
+    usage a crash left in the journal is written."""
+    segments = left_behind(directory / JOURNAL_DIR)
     async with Store.opened(directory / DATABASE_FILE) as store:
         await store.release_all_reservations()
+        await replay(store, segments)
 
 
 @main.command()

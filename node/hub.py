@@ -22,6 +22,7 @@ from node.alerts import BudgetAlerts
 from node.auth import KeyCache
 from node.budgets import Budgets
 from node.config import DATABASE_FILE, IDENTITY_FILE, Config, missing_secrets
+from node.journal import JOURNAL_DIR, Journal
 from node.keys import HASH_PURPOSE
 from node.metrics import Metrics
 from node.peering import Peering
@@ -86,7 +87,7 @@ class Hub:
             log.warning("%s: its requests will fail until it is set", problem)
         identity = NodeIdentity.load(data_dir / IDENTITY_FILE)
         store = await Store.open(data_dir / DATABASE_FILE)
-        usage = UsageRecorder(store)
+        usage = UsageRecorder(store, Journal(data_dir / JOURNAL_DIR))
         keys = KeyCache(identity.derive_secret(HASH_PURPOSE), store, data_dir, usage.audit)
         budgets = Budgets(store)
         keys.listeners.append(budgets.forget)

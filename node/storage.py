@@ -831,9 +831,7 @@ class Store:
             seq, prev = (row[0] + 1, row[1]) if row else (1, None)
             receipt = make(seq, prev)
             db.execute(_INSERT_RECEIPT, msgspec.structs.astuple(receipt))
-            for sql, rows in _settlement_statements([settlement], []):
-                if rows:
-                    db.executemany(sql, rows)
+            _write_settlements(db, [settlement], [])
             return receipt
 
         return await self._atomic_now(write)
@@ -960,7 +958,7 @@ class Store:
 
     async def write_batch(self, settlements: list[Settlement], events: list[AuditEvent]) -> None:
         """Usage records, the spend they settle and audit events: one transaction."""
-        await self._write(_settlement_statements(settlements, events))
+        await self._atomic(lambda db: _write_settlements(db, settlements, events))
 
     async def insert_usage(self, records: list[UsageRecord]) -> None:
         await self.write_batch([Settlement(record) for record in records], [])
@@ -1077,30 +1075,29 @@ def _add_receipt(db: sqlite3.Connection, receipt: StoredReceipt) -> StoredReceip
     return None
 
 
-def _settlement_statements(
-    settlements: list[Settlement], events: list[AuditEvent]
-) -> list[tuple[str, list[tuple]]]:
-    """The statements that write usage records, settle their spend and log audit events."""
-    usage_rows = [msgspec.structs.astuple(s.record) for s in settlements]
-    spend_rows = [
-        (hold.amount, s.record.cost_micros, hold.scope, hold.period_start)
-        for s in settlements
-        for hold in s.holds
-    ]
-    audit_rows = [(e.ts_ms, e.actor, e.action, e.target, e.ip, _json(e.detail)) for e in events]
-    return [
-        ("INSERT OR IGNORE INTO usage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", usage_rows),
-        (
-            "UPDATE spend SET reserved = MAX(reserved - ?, 0), spent = spent + ?"
-            " WHERE scope = ? AND period_start = ?",
-            spend_rows,
-        ),
-        (
-            "INSERT INTO audit (ts_ms, actor, action, target, ip, detail)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            audit_rows,
-        ),
-    ]
+def _write_settlements(
+    db: sqlite3.Connection, settlements: list[Settlement], events: list[AuditEvent]
+) -> None:
+    """Write usage records, settle the spend they hold and log audit events. A record already
+    written (a journal replayed after a crash that came after its commit) is skipped together
+    with its spend, so that writing a settlement twice counts it once."""
+    for settlement in settlements:
+        inserted = db.execute(
+            "INSERT OR IGNORE INTO usage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            msgspec.structs.astuple(settlement.record),
+        ).rowcount
+        if inserted and settlement.holds:
+            cost = settlement.record.cost_micros
+            db.executemany(
+                "UPDATE spend SET reserved = MAX(reserved - ?, 0), spent = spent + ?"
+                " WHERE scope = ? AND period_start = ?",
+                [(hold.amount, cost, hold.scope, hold.period_start) for hold in settlement.holds],
+            )
+    if events:
+        db.executemany(
+            "INSERT INTO audit (ts_ms, actor, action, target, ip, detail) VALUES (?,?,?,?,?,?)",
+            [(e.ts_ms, e.actor, e.action, e.target, e.ip, _json(e.detail)) for e in events],
+        )
 
 
 class StoredReceipt(msgspec.Struct):

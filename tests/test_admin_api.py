@@ -274,8 +274,9 @@ def test_a_new_key_carries_every_field_and_is_shown_only_once(node):
     assert record in listed.json()["data"]
     assert secret not in str(audit(node))
     # Only a keyed hash is stored: the key is in no file of the data folder.
-    for path in node.dir.path.iterdir():
-        assert secret.encode() not in path.read_bytes(), path.name
+    for path in node.dir.path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path.name
 
     # The key works at once, for the models its globs allow and no other.
     answered = chat(node, key)

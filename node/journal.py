@@ -1,0 +1,118 @@
+"""The usage journal: each finished request's settlement appended to a file the moment it is
+queued, so that batching the database writes (every 50 ms) loses nothing to a crash.
+
+A `write(2)` to a file survives the process being killed: the kernel holds the data, the same
+promise as SQLite's `synchronous=NORMAL` that every commit of this node relies on. When a batch
+is committed, the segments that held it are deleted. Each process appends to segments of its
+own (named by its pid); `serve` replays whatever segments are left, before any worker starts.
+Replaying is idempotent: a usage record already in the database is skipped, and so is the
+spend it settled (`Store.write_batch`).
+
+Frames are length- and CRC-prefixed: a write torn by a crash (or a machine crash that lost
+part of the page cache) ends a segment's replay instead of corrupting it. Audit events are not
+journaled: they have no identity to make a replay idempotent, and are best-effort already.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+
+from node.storage import Settlement, Store
+
+log = logging.getLogger("aihub.journal")
+
+JOURNAL_DIR = "journal"
+SUFFIX = ".journal"
+_FRAME = struct.Struct("<II")  # payload length, CRC-32 of the payload
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Settlement)
+
+
+class Journal:
+    """This process's segments: one open for appends, and those sealed for a batch that is
+    being written to the database."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        self.folder = folder
+        self._number = 0
+        self._fd = -1
+        self._path = folder / "unopened"
+        self._written = 0
+        self._sealed: list[Path] = []
+        self._open()
+
+    def _open(self) -> None:
+        self._number += 1
+        self._path = self.folder / f"{os.getpid()}-{self._number}{SUFFIX}"
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._written = 0
+
+    def append(self, settlement: Settlement) -> None:
+        payload = _encoder.encode(settlement)
+        self._written += os.write(
+            self._fd, _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+        )
+
+    def seal(self) -> None:
+        """What was appended so far is about to be written to the database: later appends
+        go to a new segment."""
+        if self._written:
+            os.close(self._fd)
+            self._sealed.append(self._path)
+            self._open()
+
+    def committed(self) -> None:
+        """Everything in the sealed segments is in the database now."""
+        for path in self._sealed:
+            path.unlink(missing_ok=True)
+        self._sealed.clear()
+
+    def close(self) -> None:
+        """At a clean stop, after the last batch was committed: nothing is left to replay."""
+        os.close(self._fd)
+        if not self._written:
+            self._path.unlink(missing_ok=True)
+
+
+def read_segment(path: Path) -> Iterator[Settlement]:
+    """The settlements of one segment, up to the first frame that is torn or corrupt."""
+    data = path.read_bytes()
+    offset = 0
+    while offset + _FRAME.size <= len(data):
+        length, crc = _FRAME.unpack_from(data, offset)
+        payload = data[offset + _FRAME.size : offset + _FRAME.size + length]
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            log.warning("journal %s: torn or corrupt at byte %d; the rest is lost", path, offset)
+            return
+        try:
+            yield _decoder.decode(payload)
+        except msgspec.DecodeError:
+            log.warning("journal %s: undecodable record at %d; the rest is lost", path, offset)
+            return
+        offset += _FRAME.size + length
+
+
+def left_behind(folder: Path) -> list[tuple[Path, list[Settlement]]]:
+    """The segments in `folder` and what they hold, oldest process first."""
+    paths = sorted(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []
+    return [(path, list(read_segment(path))) for path in paths]
+
+
+async def replay(store: Store, segments: list[tuple[Path, list[Settlement]]]) -> int:
+    """Write what segments left behind by a crash hold (`left_behind`), then delete them; how
+    many records were replayed. Call it when no process of the node is serving."""
+    settlements = [settlement for _, held in segments for settlement in held]
+    if settlements:
+        await store.write_batch(settlements, [])
+        log.warning("replayed %d usage records from a crash's journal", len(settlements))
+    for path, _ in segments:
+        path.unlink()
+    return len(settlements)

@@ -1,0 +1,206 @@
+"""The usage journal: batched usage writes that lose nothing when the node is killed, and a
+replay that counts every request's spend exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node.config import DATABASE_FILE
+from node.journal import JOURNAL_DIR, Journal, left_behind, read_segment, replay
+from node.storage import Hold, Settlement, Store, UsageRecord
+from tests.conftest import NodeDir, wait_ready
+from tests.test_budgets import make_key, priced_echo, spend_of
+
+SCOPE = "key:k1"
+
+
+def settlement(request_id: str, cost: int, hold: int, start: int = 0) -> Settlement:
+    record = UsageRecord(
+        request_id=request_id,
+        ts_ms=1,
+        key_id="k1",
+        tenant_id=None,
+        model="m",
+        deployment="m",
+        provider="echo",
+        endpoint="chat",
+        stream=False,
+        tokens_in=1,
+        tokens_out=1,
+        estimated=False,
+        cost_micros=cost,
+        latency_ms=1,
+        status=200,
+    )
+    return Settlement(record, [Hold(SCOPE, start, hold)])
+
+
+def test_segments_hold_what_was_appended_until_committed(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j")
+    first = [settlement(f"a{n}", n, n) for n in range(3)]
+    for s in first:
+        journal.append(s)
+    journal.seal()
+    journal.append(settlement("b", 1, 1))
+    segments = left_behind(tmp_path / "j")
+    assert [held for _, held in segments] == [first, [settlement("b", 1, 1)]]
+    journal.committed()  # the first batch is in the database: its segment goes
+    assert [held for _, held in left_behind(tmp_path / "j")] == [[settlement("b", 1, 1)]]
+    journal.seal()
+    journal.committed()
+    journal.close()
+    assert list((tmp_path / "j").iterdir()) == []  # a clean stop leaves nothing to replay
+
+
+def test_a_torn_or_corrupt_tail_ends_the_segment_and_keeps_what_came_before(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path / "j")
+    kept = [settlement(f"r{n}", 1, 1) for n in range(4)]
+    for s in kept:
+        journal.append(s)
+    journal.append(settlement("torn", 1, 1))
+    (path,) = (tmp_path / "j").iterdir()
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-3])  # the last write cut short
+    assert list(read_segment(path)) == kept
+    flipped = bytearray(whole)
+    flipped[-1] ^= 0xFF  # the last record damaged
+    path.write_bytes(bytes(flipped))
+    assert list(read_segment(path)) == kept
+
+
+async def _spend(store: Store) -> tuple[int, int]:
+    (row,) = await store.spend([(SCOPE, 0)])
+    return row.spent, row.reserved
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    costs=st.lists(st.tuples(st.integers(0, 500), st.integers(0, 500)), min_size=1, max_size=20),
+    written=st.data(),
+)
+def test_replay_counts_each_request_once_whatever_was_already_written(
+    tmp_path_factory, costs: list[tuple[int, int]], written: st.DataObject
+) -> None:
+    """A crash may come before a batch's commit or after it (before its segment is deleted):
+    replaying the journal over either state gives the spend of every request, counted once."""
+    folder = tmp_path_factory.mktemp("replay")
+    settlements = [settlement(f"r{n}", cost, hold) for n, (cost, hold) in enumerate(costs)]
+    committed = written.draw(st.integers(0, len(settlements)), label="committed before crash")
+
+    async def run() -> None:
+        store = await Store.open(folder / "db")
+        try:
+            await store.open_periods([(SCOPE, 0, 10**9)])
+            await store.reserve(sum(hold for _, hold in costs), [(SCOPE, 0)])
+            journal = Journal(folder / JOURNAL_DIR)
+            for s in settlements:
+                journal.append(s)
+            await store.write_batch(settlements[:committed], [])
+            # The process dies here: the journal is not closed, its segment stays.
+            await store.release_all_reservations()  # what `serve` does first on restart
+            assert await replay(store, left_behind(folder / JOURNAL_DIR)) == len(settlements)
+            assert await _spend(store) == (sum(cost for cost, _ in costs), 0)
+            assert {u.request_id for u in await store.usage_since(0)} == {
+                s.record.request_id for s in settlements
+            }
+            assert left_behind(folder / JOURNAL_DIR) == []
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def _serve(node: NodeDir, port: int, log: Path) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "node.cli", "serve", "--port", str(port)]
+    process = subprocess.Popen(
+        [*command, "--data-dir", str(node.path)],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+    )
+    wait_ready(f"http://127.0.0.1:{port}", process)
+    return process
+
+
+def _usage(node: NodeDir, key_id: str) -> tuple[set[str], int]:
+    """The key's usage records in the database, and what they cost together."""
+    with sqlite3.connect(node.path / DATABASE_FILE) as db:
+        rows = db.execute("SELECT request_id, cost_micros FROM usage WHERE key_id = ?", (key_id,))
+        records = rows.fetchall()
+    return {row[0] for row in records}, sum(row[1] for row in records)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_sigkill_under_load_loses_no_usage_and_no_spend(node_dir: NodeDir, tmp_path: Path) -> None:
+    """Killed mid-load, the node has not yet written its last answers' usage to the database
+    (the writer batches every 50 ms); after a restart every answered request has its usage
+    record, and the key's spend is exactly what its records cost."""
+    priced_echo(node_dir)
+    node_dir.set_config("latency_ms = 30", "latency_ms = 0")
+    key, key_id = make_key(node_dir.path, name="killed", budget_micros=10**12)
+    port = _free_port()
+    answered: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+        headers = {"authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers) as client:
+            while not stop.is_set():
+                try:
+                    response = client.post("/v1/chat/completions", json=body)
+                except httpx.HTTPError:
+                    continue
+                if response.status_code == 200:
+                    answered.append(response.headers["aihub-request-id"])
+
+    process = _serve(node_dir, port, tmp_path / "first.log")
+    threads = [threading.Thread(target=load) for _ in range(6)]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while len(answered) < 300 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        seen = set(answered)  # every answer a client got before the kill
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=15)
+        if process.poll() is None:
+            process.kill()
+    assert len(seen) >= 300
+    written, _ = _usage(node_dir, key_id)
+    assert seen - written, "the kill came after the last batch: the test proves nothing"
+    assert os.listdir(node_dir.path / JOURNAL_DIR)
+
+    process = _serve(node_dir, port, tmp_path / "second.log")
+    try:
+        recorded, cost = _usage(node_dir, key_id)
+        assert seen <= recorded
+        assert spend_of(node_dir.path, f"key:{key_id}") == (cost, 0)
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+    assert "replayed" in (tmp_path / "second.log").read_text()
