@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import calendar
 import fnmatch
+import functools
 import ipaddress
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
@@ -60,9 +61,16 @@ def ip_allowed(networks: list[Network], ip: str | None) -> bool:
 
 def period_start(period: Period, now: float) -> int:
     """Unix seconds at which the budget period containing `now` began (UTC); 0 for total."""
+    # Every period begins at a UTC midnight, and a Unix day is exactly 86,400 s: the answer
+    # depends on the day alone, so it is worked out once a day, not on every request.
+    return _period_start_of_day(period, int(now // 86400))
+
+
+@functools.lru_cache(maxsize=64)
+def _period_start_of_day(period: Period, day_number: int) -> int:
     if period == "total":
         return 0
-    day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    day = datetime.fromtimestamp(day_number * 86400, UTC)
     if period == "weekly":
         day -= timedelta(days=day.weekday())
     elif period == "monthly":
