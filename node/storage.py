@@ -1080,19 +1080,31 @@ def _write_settlements(
 ) -> None:
     """Write usage records, settle the spend they hold and log audit events. A record already
     written (a journal replayed after a crash that came after its commit) is skipped together
-    with its spend, so that writing a settlement twice counts it once."""
-    for settlement in settlements:
-        inserted = db.execute(
-            "INSERT OR IGNORE INTO usage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            msgspec.structs.astuple(settlement.record),
-        ).rowcount
-        if inserted and settlement.holds:
-            cost = settlement.record.cost_micros
-            db.executemany(
-                "UPDATE spend SET reserved = MAX(reserved - ?, 0), spent = spent + ?"
-                " WHERE scope = ? AND period_start = ?",
-                [(hold.amount, cost, hold.scope, hold.period_start) for hold in settlement.holds],
-            )
+    with its spend, so that writing a settlement twice counts it once. Statements run as
+    `executemany`: a Python loop here holds the GIL against the event loop's thread."""
+    ids = [s.record.request_id for s in settlements]
+    known: set[str] = set()
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        rows = db.execute(
+            f"SELECT request_id FROM usage WHERE request_id IN ({','.join('?' * len(chunk))})",
+            chunk,
+        )
+        known.update(row[0] for row in rows)
+    fresh = [s for s in settlements if s.record.request_id not in known]
+    db.executemany(
+        "INSERT OR IGNORE INTO usage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        [msgspec.structs.astuple(s.record) for s in fresh],
+    )
+    db.executemany(
+        "UPDATE spend SET reserved = MAX(reserved - ?, 0), spent = spent + ?"
+        " WHERE scope = ? AND period_start = ?",
+        [
+            (hold.amount, s.record.cost_micros, hold.scope, hold.period_start)
+            for s in fresh
+            for hold in s.holds
+        ],
+    )
     if events:
         db.executemany(
             "INSERT INTO audit (ts_ms, actor, action, target, ip, detail) VALUES (?,?,?,?,?,?)",
