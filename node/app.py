@@ -18,7 +18,7 @@ from node.errors import EXCEPTION_HANDLERS
 from node.federation_api import FEDERATION_ROUTES
 from node.hub import Hub, hub_of
 from node.ledger_api import LEDGER_ROUTES
-from node.openai_api import JSON, ROUTES
+from node.openai_api import JSON, ROUTES, document
 
 
 class Health(msgspec.Struct):
@@ -62,7 +62,7 @@ def create_app(directory: Path | None = None) -> Litestar:
         finally:
             await app.state.hub.stop()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             *ROUTES,
             *ADMIN_ROUTES,
@@ -79,3 +79,5 @@ def create_app(directory: Path | None = None) -> Litestar:
         debug=False,
         logging_config=None,  # logging is the server's and the CLI's to configure
     )
+    document(app.openapi_schema)
+    return app

@@ -3,6 +3,7 @@ strategies, streams that fail before and after their first byte, and cancellatio
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -11,6 +12,7 @@ import httpx
 import msgspec
 import pytest
 
+from node.config import DATABASE_FILE
 from tests.conftest import NodeDir, RunningNode, run_node
 from tests.mocks.openai_mock import RATE_LIMITED, SERVER_ERROR, OpenAIMock, openai_error
 from tests.mocks.script import Failure
@@ -248,6 +250,8 @@ def test_client_disconnect_cancels_the_upstream_call(node_dir, upstreams):
         with pytest.raises(httpx.ReadTimeout), node.client(timeout=0.5) as client:
             client.post("/v1/chat/completions", json={"model": "m", "messages": HELLO})
         assert wait_for(lambda: script.cancelled == 1, 3.0)
+        # Settled as closed by the client, charged nothing.
+        assert wait_for(lambda: usage_statuses(node_dir) == [(499, 0, 0)], 3.0)
 
 
 def test_client_disconnect_mid_stream_cancels_the_upstream_stream(node_dir, upstreams):
@@ -267,3 +271,13 @@ def test_client_disconnect_mid_stream_cancels_the_upstream_stream(node_dir, upst
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
         assert wait_for(lambda: script.cancelled == 1, 3.0)
+        # Settled as closed by the client, with what was delivered estimated and charged.
+        assert wait_for(lambda: len(usage_statuses(node_dir)) == 1, 3.0)
+        ((status, tokens_out, estimated),) = usage_statuses(node_dir)
+        assert (status, estimated) == (499, 1) and tokens_out >= 1
+
+
+def usage_statuses(node_dir: NodeDir) -> list[tuple[int, int, int]]:
+    with sqlite3.connect(node_dir.path / DATABASE_FILE) as db:
+        query = "SELECT status, tokens_out, estimated FROM usage ORDER BY ts_ms"
+        return [tuple(row) for row in db.execute(query)]
