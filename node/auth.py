@@ -47,10 +47,10 @@ def touch_epoch(directory: Path, name: str = EPOCH_FILE) -> None:
     os.replace(temporary, path)
 
 
-def read_epoch(path: Path) -> int:
+def read_epoch(path: Path | str) -> int:
     """When keys (or peers) last changed: the epoch file's mtime, 0 if never."""
     try:
-        return path.stat().st_mtime_ns
+        return os.stat(path).st_mtime_ns
     except FileNotFoundError:
         return 0
 
@@ -75,7 +75,7 @@ class KeyCache:
     ) -> None:
         self._secret = secret
         self._store = store
-        self._epoch_path = directory / EPOCH_FILE
+        self._epoch_path = str(directory / EPOCH_FILE)  # a str: stat'ed on every request
         self._audit = audit
         self._epoch = -1
         self._keys: dict[str, KeyRecord] = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -41,6 +43,33 @@ class Metrics:
             ["deployment", "status"],
             registry=self.registry,
         )
+
+        # Labelled children by (metric, labels): prometheus_client's `labels()` validates and
+        # locks on every call, a few µs each, five times a request.
+        self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
+
+    def _child(self, name: str, metric: Counter | Histogram, *labels: str) -> Any:
+        key = (name, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def settled(
+        self, endpoint: str, model: str, status: int, tokens_in: int, tokens_out: int, cost: int
+    ) -> None:
+        """A request's end: counted, with the tokens and cost it was charged."""
+        self._child("requests", self.requests, endpoint, model, str(status)).inc()
+        if tokens_in:
+            self._child("tokens", self.tokens, model, "in").inc(tokens_in)
+        if tokens_out:
+            self._child("tokens", self.tokens, model, "out").inc(tokens_out)
+        if cost:
+            self._child("cost", self.cost, model).inc(cost)
+
+    def answered(self, endpoint: str, model: str, seconds: float) -> None:
+        """Time to the answer (to the first byte of a stream)."""
+        self._child("latency", self.latency, endpoint, model).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

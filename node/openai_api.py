@@ -254,14 +254,9 @@ class Accounting:
             self.hub.usage.record(settlement)
         if self.admission is not None:
             self.hub.limiter.release(self.admission, usage.total_tokens)
-        metrics = self.hub.metrics
-        metrics.requests.labels(self.endpoint, self.model, str(status)).inc()
-        if usage.prompt_tokens:
-            metrics.tokens.labels(self.model, "in").inc(usage.prompt_tokens)
-        if usage.completion_tokens:
-            metrics.tokens.labels(self.model, "out").inc(usage.completion_tokens)
-        if cost:
-            metrics.cost.labels(self.model).inc(cost)
+        self.hub.metrics.settled(
+            self.endpoint, self.model, status, usage.prompt_tokens, usage.completion_tokens, cost
+        )
         return cost
 
     async def issue_receipt(self) -> bytes | None:
@@ -290,7 +285,7 @@ class Accounting:
 
     def observe_latency(self) -> None:
         elapsed = time.perf_counter() - self.started
-        self.hub.metrics.latency.labels(self.endpoint, self.model).observe(elapsed)
+        self.hub.metrics.answered(self.endpoint, self.model, elapsed)
 
     def fail(self, exc: ApiError) -> NoReturn:
         """Settle a request that got no answer (nothing is charged) and raise its error."""
