@@ -2,9 +2,10 @@
 queued, so that batching the database writes (every 50 ms) loses nothing to a crash.
 
 A `write(2)` to a file survives the process being killed: the kernel holds the data, the same
-promise as SQLite's `synchronous=NORMAL` that every commit of this node relies on. When a batch
-is committed, the segments that held it are deleted. Each process appends to segments of its
-own (named by its pid); `serve` replays whatever segments are left, before any worker starts.
+promise as SQLite's `synchronous=NORMAL` that every commit of this node relies on. A segment
+that has grown past `SEGMENT_BYTES` is deleted once the batch that sealed it is committed. Each
+process appends to segments of its own (named by its pid); `serve` replays whatever segments are
+left, before any worker starts.
 Replaying is idempotent: a usage record already in the database is skipped, and so is the
 spend it settled (`Store.write_batch`).
 
@@ -30,6 +31,7 @@ log = logging.getLogger("aihub.journal")
 
 JOURNAL_DIR = "journal"
 SUFFIX = ".journal"
+SEGMENT_BYTES = 1 << 20  # about 5,000 requests' settlements
 _FRAME = struct.Struct("<II")  # payload length, CRC-32 of the payload
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Settlement)
@@ -62,9 +64,11 @@ class Journal:
         )
 
     def seal(self) -> None:
-        """What was appended so far is about to be written to the database: later appends
-        go to a new segment."""
-        if self._written:
+        """What was appended so far is about to be written to the database. Once the segment
+        is large, later appends go to a new one, and this one is deleted when the batch is
+        committed. A smaller one stays open: what it holds that is already in the database is
+        skipped by a replay, and a file per batch (20 a second) would cost more than that."""
+        if self._written >= SEGMENT_BYTES:
             os.close(self._fd)
             self._sealed.append(self._path)
             self._open()
@@ -78,8 +82,7 @@ class Journal:
     def close(self) -> None:
         """At a clean stop, after the last batch was committed: nothing is left to replay."""
         os.close(self._fd)
-        if not self._written:
-            self._path.unlink(missing_ok=True)
+        self._path.unlink(missing_ok=True)
 
 
 def read_segment(path: Path) -> Iterator[Settlement]:

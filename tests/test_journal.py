@@ -18,6 +18,7 @@ import httpx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from node import journal as journal_module
 from node.config import DATABASE_FILE
 from node.journal import JOURNAL_DIR, Journal, left_behind, read_segment, replay
 from node.storage import Hold, Settlement, Store, UsageRecord
@@ -48,7 +49,8 @@ def settlement(request_id: str, cost: int, hold: int, start: int = 0) -> Settlem
     return Settlement(record, [Hold(SCOPE, start, hold)])
 
 
-def test_segments_hold_what_was_appended_until_committed(tmp_path: Path) -> None:
+def test_segments_hold_what_was_appended_until_committed(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(journal_module, "SEGMENT_BYTES", 1)  # a new segment at every batch
     journal = Journal(tmp_path / "j")
     first = [settlement(f"a{n}", n, n) for n in range(3)]
     for s in first:
@@ -63,6 +65,24 @@ def test_segments_hold_what_was_appended_until_committed(tmp_path: Path) -> None
     journal.committed()
     journal.close()
     assert list((tmp_path / "j").iterdir()) == []  # a clean stop leaves nothing to replay
+
+
+def test_a_small_segment_stays_open_across_batches_and_goes_at_a_clean_stop(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path / "j")
+    journal.append(settlement("a", 1, 1))
+    journal.seal()
+    journal.committed()
+    journal.append(settlement("b", 1, 1))
+    # One file still: a replay would skip "a" (already written) and write "b".
+    assert [held for _, held in left_behind(tmp_path / "j")] == [
+        [settlement("a", 1, 1), settlement("b", 1, 1)]
+    ]
+    journal.seal()
+    journal.committed()
+    journal.close()
+    assert list((tmp_path / "j").iterdir()) == []
 
 
 def test_a_torn_or_corrupt_tail_ends_the_segment_and_keeps_what_came_before(
