@@ -21,32 +21,16 @@ from hypothesis import strategies as st
 from node import journal as journal_module
 from node.config import DATABASE_FILE
 from node.journal import JOURNAL_DIR, Journal, left_behind, read_segment, replay
-from node.storage import Hold, Settlement, Store, UsageRecord
+from node.storage import Hold, Settlement, Store
 from tests.conftest import NodeDir, wait_ready
 from tests.test_budgets import make_key, priced_echo, spend_of
+from tests.test_storage import settlement as usage_of
 
 SCOPE = "key:k1"
 
 
-def settlement(request_id: str, cost: int, hold: int, start: int = 0) -> Settlement:
-    record = UsageRecord(
-        request_id=request_id,
-        ts_ms=1,
-        key_id="k1",
-        tenant_id=None,
-        model="m",
-        deployment="m",
-        provider="echo",
-        endpoint="chat",
-        stream=False,
-        tokens_in=1,
-        tokens_out=1,
-        estimated=False,
-        cost_micros=cost,
-        latency_ms=1,
-        status=200,
-    )
-    return Settlement(record, [Hold(SCOPE, start, hold)])
+def settlement(request_id: str, cost: int, hold: int) -> Settlement:
+    return usage_of(request_id, cost, [Hold(SCOPE, 0, hold)])
 
 
 def test_segments_hold_what_was_appended_until_committed(tmp_path: Path, monkeypatch) -> None:

@@ -7,36 +7,37 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.storage import ReceiptMaker, Settlement, Store, StoredReceipt, UsageRecord
+from node.storage import Hold, ReceiptMaker, Settlement, Store, StoredReceipt, UsageRecord
 
 PAIR = ("provider-node", "consumer-node")
 
 
-def settlement(request_id: str, cost: int = 7) -> Settlement:
-    return Settlement(
-        UsageRecord(
-            request_id=request_id,
-            ts_ms=1,
-            key_id="k",
-            tenant_id=None,
-            model="m",
-            deployment="m",
-            provider="echo",
-            endpoint="chat",
-            stream=False,
-            tokens_in=1,
-            tokens_out=2,
-            estimated=False,
-            cost_micros=cost,
-            latency_ms=1,
-            status=200,
-        )
+def settlement(request_id: str, cost: int = 7, holds: Sequence[Hold] = ()) -> Settlement:
+    """A finished request of key k1 that cost `cost`, settling `holds`."""
+    record = UsageRecord(
+        request_id=request_id,
+        ts_ms=1,
+        key_id="k1",
+        tenant_id=None,
+        model="m",
+        deployment="m",
+        provider="echo",
+        endpoint="chat",
+        stream=False,
+        tokens_in=1,
+        tokens_out=2,
+        estimated=False,
+        cost_micros=cost,
+        latency_ms=1,
+        status=200,
     )
+    return Settlement(record, list(holds))
 
 
 def maker(request_id: str) -> ReceiptMaker:
