@@ -177,8 +177,49 @@ def covered_components(
     return components
 
 
+# The two fields as our own signers write them: one member each, single spaces, canonical
+# integers, strings without escapes. Parsed here with three regular expressions, at a fraction
+# of the general Structured Fields parser's cost (which was more than the Ed25519 check);
+# anything else at all goes to http-sf. By construction, what this accepts is canonical, so
+# the Signature-Input member as received is its own re-serialisation.
+_SF_STRING = r'"[\x20\x21\x23-\x5b\x5d-\x7e]*"'
+_SF_KEY = r"[a-z*][a-z0-9_.*-]*"
+_SF_INTEGER = r"(?:0|-?[1-9][0-9]{0,14})"
+_OUR_INPUT = re.compile(  # label=(member: (inner list) and parameters)
+    rf"({_SF_KEY})=(\(((?:{_SF_STRING}(?: {_SF_STRING})*)?)\)"
+    rf"((?:;{_SF_KEY}=(?:{_SF_INTEGER}|{_SF_STRING}))*))"
+)
+_OUR_PARAM = re.compile(rf";({_SF_KEY})=({_SF_INTEGER}|{_SF_STRING})")
+_OUR_STRING = re.compile(_SF_STRING)
+_OUR_SIGNATURE = re.compile(rf"({_SF_KEY})=:([A-Za-z0-9+/]*={{0,2}}):")
+
+
+def _parse_ours(fields: Mapping[str, str], label: str) -> ParsedSignature | None:
+    """`parse_signature` for fields in our own signers' form; None for any other form."""
+    found = _OUR_INPUT.fullmatch(fields.get("signature-input", ""))
+    signed = _OUR_SIGNATURE.fullmatch(fields.get("signature", ""))
+    if found is None or signed is None or found[1] != label or signed[1] != label:
+        return None
+    pairs = _OUR_PARAM.findall(found[4])
+    params: dict[str, Any] = {
+        key: value[1:-1] if value.startswith('"') else int(value) for key, value in pairs
+    }
+    try:
+        signature = base64.b64decode(signed[2], validate=True)
+    except ValueError:
+        return None
+    if len(params) != len(pairs) or base64.b64encode(signature).decode() != signed[2]:
+        return None  # a repeated parameter, or base64 not in canonical form
+    components = tuple(item[1:-1] for item in _OUR_STRING.findall(found[3]))
+    return ParsedSignature(label, components, params, found[2], signature)
+
+
 def parse_signature(fields: Mapping[str, str], label: str) -> ParsedSignature:
     """The signature labelled `label` in the Signature-Input and Signature fields."""
+    return _parse_ours(fields, label) or _parse_general(fields, label)
+
+
+def _parse_general(fields: Mapping[str, str], label: str) -> ParsedSignature:
     inputs = _parse_dictionary(fields, "signature-input")
     signatures = _parse_dictionary(fields, "signature")
     if label not in inputs or label not in signatures:

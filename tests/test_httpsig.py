@@ -21,9 +21,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from litestar.datastructures import Headers as LitestarHeaders
 
+from federation import httpsig
 from federation.httpsig import (
     COVERED_COMPONENTS,
     LABEL,
+    ParsedSignature,
     SignatureError,
     authority_and_path,
     content_digest,
@@ -793,3 +795,107 @@ def test_content_digest_must_be_a_byte_sequence() -> None:
     headers = custom() | {"content-digest": f'sha-256="{hexdigest}"'}
     with pytest.raises(SignatureError, match="sha-256"):
         verify(headers)
+
+
+# --- the parser for our own form, against the general Structured Fields parser -----------------
+
+sf_keys = st.from_regex(r"[a-z*][a-z0-9_.*-]{0,6}", fullmatch=True)
+sf_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=12)
+sf_params = st.dictionaries(sf_keys, st.integers(-(10**15) + 1, 10**15 - 1) | sf_text, max_size=6)
+
+
+def _general_or_none(fields: dict[str, str], label: str) -> ParsedSignature | None:
+    try:
+        return httpsig._parse_general(fields, label)
+    except SignatureError:
+        return None
+
+
+@settings(max_examples=300)
+@given(
+    components=st.lists(sf_text, max_size=6),
+    params=sf_params,
+    signature=st.binary(max_size=70),
+    label=st.sampled_from([LABEL, "sig1"]),
+)
+def test_our_form_parses_as_structured_fields_do(
+    components: list[str], params: dict[str, int | str], signature: bytes, label: str
+) -> None:
+    """Whatever the fast parser accepts, http-sf reads the same way; and it accepts every
+    well-formed field whose strings need no escapes."""
+    fields = {
+        "signature-input": f"{label}={serialize_params(components, params)}",
+        "signature": f"{label}=:{base64.b64encode(signature).decode()}:",
+    }
+    ours = httpsig._parse_ours(fields, LABEL)
+    assert ours is None or ours == _general_or_none(fields, LABEL)
+    plain = all('"' not in t and "\\" not in t for t in [*components, *map(str, params.values())])
+    if label == LABEL and plain:
+        assert ours is not None
+
+
+@settings(max_examples=500)
+@given(data=st.data())
+def test_a_mangled_field_is_never_read_differently(data: st.DataObject) -> None:
+    """Characters inserted, removed or changed anywhere: the fast parser either gives way to
+    http-sf or reads exactly what http-sf reads (never accepts what it refuses)."""
+    fields = {name: value for name, value in SIGNED.items() if name.startswith("signature")}
+    name = data.draw(st.sampled_from(sorted(fields)))
+    value = fields[name]
+    at = data.draw(st.integers(0, len(value)))
+    cut = data.draw(st.integers(0, 3))
+    insert = data.draw(st.text(st.sampled_from(' ()";=:-,0123456789az\\*+/'), max_size=3))
+    fields[name] = value[:at] + insert + value[at + cut :]
+    ours = httpsig._parse_ours(fields, LABEL)
+    assert ours is None or ours == _general_or_none(fields, LABEL)
+
+
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def _stray_bit(field: str) -> str:
+    """The same bytes with a padding bit set: the last character before `==` carries two bits
+    of the signature and four that must be zero."""
+    last = _B64.index(field[-4])
+    assert last & 0b1111 == 0
+    return field[:-4] + _B64[last | 1] + field[-3:]
+
+
+NOT_OURS: dict[str, Callable[[dict[str, str]], dict[str, str]]] = {
+    # Each is a form our signers never write; the fast parser must give way to http-sf.
+    "leading zero": lambda f: {
+        **f,
+        "signature-input": f["signature-input"].replace(";created=", ";created=0"),
+    },
+    "minus zero": lambda f: {**f, "signature-input": f["signature-input"] + ";x=-0"},
+    "repeated parameter": lambda f: {**f, "signature-input": f["signature-input"] + ';alg="x"'},
+    "unquoted token": lambda f: {**f, "signature-input": f["signature-input"] + ";x=token"},
+    "boolean parameter": lambda f: {**f, "signature-input": f["signature-input"] + ";x"},
+    "escaped string": lambda f: {**f, "signature-input": f["signature-input"] + ';x="a\\"b"'},
+    "two spaces": lambda f: {**f, "signature-input": f["signature-input"].replace(" ", "  ", 1)},
+    "space inside the list": lambda f: {
+        **f,
+        "signature-input": f["signature-input"].replace("(", "( ", 1),
+    },
+    "second member": lambda f: {**f, "signature-input": f["signature-input"] + ', b=("x")'},
+    "other label": lambda f: {
+        **f,
+        "signature-input": f["signature-input"].replace(LABEL, "sig1", 1),
+        "signature": f["signature"].replace(LABEL, "sig1", 1),
+    },
+    "unpadded base64": lambda f: {**f, "signature": f["signature"].replace("=:", ":")},
+    "base64 with stray bits": lambda f: {**f, "signature": _stray_bit(f["signature"])},
+    "urlsafe base64": lambda f: {
+        **f,
+        "signature": f["signature"].replace("/", "_").replace("+", "-"),
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_OURS))
+def test_forms_we_never_write_go_to_the_general_parser(case: str) -> None:
+    fields = {name: value for name, value in SIGNED.items() if name.startswith("signature")}
+    changed = NOT_OURS[case](fields)
+    assert changed != fields
+    assert httpsig._parse_ours(changed, LABEL) is None
+    assert httpsig._parse_ours(fields, LABEL) == httpsig._parse_general(fields, LABEL)
