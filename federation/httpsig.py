@@ -112,8 +112,34 @@ def signature_base(components: Sequence[tuple[str, str]], params: str) -> bytes:
 
 def serialize_params(components: Iterable[str], params: Mapping[str, int | str]) -> str:
     """The Signature-Input member value: the covered components and their parameters."""
-    serialized = http_sf.ser({"x": ([(name, {}) for name in components], dict(params))})
+    names = list(components)
+    plain = _plain_params(names, params)
+    if plain is not None:
+        return plain
+    serialized = http_sf.ser({"x": ([(name, {}) for name in names], dict(params))})
     return serialized.removeprefix("x=")
+
+
+def _plain_params(names: list[str], params: Mapping[str, int | str]) -> str | None:
+    """`serialize_params` written out directly when every value is a canonical integer or a
+    string that needs no escape (what we sign); None otherwise."""
+    parts = []
+    for key, value in params.items():
+        if type(value) is int:
+            text = str(value)
+            if not _SF_INTEGER_RE.fullmatch(text):
+                return None
+        elif type(value) is str and _SF_STRING_RE.fullmatch(f'"{value}"'):
+            text = f'"{value}"'
+        else:
+            return None
+        if not _SF_KEY_RE.fullmatch(key):
+            return None
+        parts.append(f";{key}={text}")
+    quoted = [f'"{name}"' for name in names]
+    if not all(_SF_STRING_RE.fullmatch(item) for item in quoted):
+        return None
+    return f"({' '.join(quoted)}){''.join(parts)}"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -189,6 +215,9 @@ _OUR_INPUT = re.compile(  # label=(member: (inner list) and parameters)
     rf"({_SF_KEY})=(\(((?:{_SF_STRING}(?: {_SF_STRING})*)?)\)"
     rf"((?:;{_SF_KEY}=(?:{_SF_INTEGER}|{_SF_STRING}))*))"
 )
+_SF_STRING_RE = re.compile(_SF_STRING)
+_SF_KEY_RE = re.compile(_SF_KEY)
+_SF_INTEGER_RE = re.compile(_SF_INTEGER)
 _OUR_PARAM = re.compile(rf";({_SF_KEY})=({_SF_INTEGER}|{_SF_STRING})")
 _OUR_STRING = re.compile(_SF_STRING)
 _OUR_SIGNATURE = re.compile(rf"({_SF_KEY})=:([A-Za-z0-9+/]*={{0,2}}):")

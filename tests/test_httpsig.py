@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, unquote
 
+import http_sf
 import httpx
 import nacl.signing
 import pytest
@@ -899,3 +900,12 @@ def test_forms_we_never_write_go_to_the_general_parser(case: str) -> None:
     assert changed != fields
     assert httpsig._parse_ours(changed, LABEL) is None
     assert httpsig._parse_ours(fields, LABEL) == httpsig._parse_general(fields, LABEL)
+
+
+@settings(max_examples=300)
+@given(components=st.lists(sf_text, max_size=6), params=sf_params)
+def test_signature_params_are_serialised_as_structured_fields_do(
+    components: list[str], params: dict[str, int | str]
+) -> None:
+    general = http_sf.ser({"x": ([(name, {}) for name in components], params)})
+    assert serialize_params(components, params) == general.removeprefix("x=")
