@@ -888,7 +888,7 @@ NOT_OURS: dict[str, Callable[[dict[str, str]], dict[str, str]]] = {
     "base64 with stray bits": lambda f: {**f, "signature": _stray_bit(f["signature"])},
     "urlsafe base64": lambda f: {
         **f,
-        "signature": f["signature"].replace("/", "_").replace("+", "-"),
+        "signature": f["signature"].replace("=:", "=:-", 1),  # `-`: base64url, not base64
     },
 }
 
