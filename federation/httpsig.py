@@ -75,6 +75,11 @@ class SignatureError(ValueError):
     """A request signature is missing, malformed, stale, replayed or does not verify."""
 
 
+class SignatureBusy(SignatureError):
+    """A signature that verifies, refused only because the nonce cache is full for now: the
+    sender should try again shortly, not conclude that its key is wrong."""
+
+
 @dataclass(frozen=True, slots=True)
 class ParsedSignature:
     """One labelled signature from the Signature-Input and Signature fields."""
@@ -414,7 +419,7 @@ def verify_request(
         # Kept as long as the signature could still be accepted, skew included.
         fresh = nonces.remember(keyid, nonce, expires + skew, now)
     except NonceCacheFull as exc:
-        raise SignatureError(f"cannot accept the request now: {exc}") from exc
+        raise SignatureBusy(f"cannot accept the request now: {exc}") from exc
     if not fresh:
         raise SignatureError("replay: this nonce was already used")
     return keyid

@@ -7,12 +7,14 @@ from collections.abc import Callable
 from litestar import Request
 
 from federation.descriptors import public_key_of
-from federation.httpsig import SignatureError, verify_request
+from federation.httpsig import SignatureBusy, SignatureError, verify_request
 from node.auth import Principal
 from node.errors import ApiError
 from node.hub import Hub
 
 KeyLookup = Callable[[str], bytes | None]
+# When the nonce cache is full: its oldest entries expire second by second.
+BUSY_RETRY_SECONDS = 2
 
 
 def verify_signed(hub: Hub, request: Request, body: bytes, key_for: KeyLookup) -> str:
@@ -26,6 +28,14 @@ def verify_signed(hub: Hub, request: Request, body: bytes, key_for: KeyLookup) -
             public_key_for=key_for,
             nonces=hub.nonces,
         )
+    except SignatureBusy as exc:
+        raise ApiError(
+            503,
+            "This node is checking too many signed requests to take another now; try again",
+            type="server_error",
+            code="signatures_busy",
+            headers={"retry-after": str(BUSY_RETRY_SECONDS)},
+        ) from exc
     except SignatureError as exc:
         raise ApiError(
             401,

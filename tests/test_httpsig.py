@@ -11,6 +11,7 @@ import base64
 import contextlib
 import hashlib
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -20,6 +21,7 @@ import nacl.signing
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from litestar import Request
 from litestar.datastructures import Headers as LitestarHeaders
 
 from federation import httpsig
@@ -27,6 +29,7 @@ from federation.httpsig import (
     COVERED_COMPONENTS,
     LABEL,
     ParsedSignature,
+    SignatureBusy,
     SignatureError,
     authority_and_path,
     content_digest,
@@ -40,6 +43,8 @@ from federation.httpsig import (
 )
 from federation.identity import NodeIdentity
 from federation.nonces import NonceCache, NonceCacheFull
+from node.errors import ApiError
+from node.peer_auth import pinned_to, verify_signed
 
 SETTINGS = settings(max_examples=200, deadline=None, database=None)
 
@@ -385,10 +390,11 @@ def test_full_nonce_cache_refuses_instead_of_forgetting() -> None:
     verify(first, nonces=nonces)
     verify(signed(ttl=1), nonces=nonces)
     headers = signed()
-    with pytest.raises(SignatureError, match="nonce cache"):
+    with pytest.raises(SignatureBusy, match="nonce cache"):
         verify(headers, nonces=nonces)
-    with pytest.raises(SignatureError, match="replay"):
+    with pytest.raises(SignatureError, match="replay") as replay:
         verify(first, nonces=nonces, now=NOW + 1)
+    assert not isinstance(replay.value, SignatureBusy)
     # Once the first two signatures have expired (the clock skew allowance included), there is
     # room again.
     assert verify(headers, nonces=nonces, now=NOW + 1 + 301) == ALICE.node_id
@@ -909,3 +915,39 @@ def test_signature_params_are_serialised_as_structured_fields_do(
 ) -> None:
     general = http_sf.ser({"x": ([(name, {}) for name in components], params)})
     assert serialize_params(components, params) == general.removeprefix("x=")
+
+
+def test_a_full_nonce_cache_tells_a_peer_to_retry_not_that_its_signature_is_bad() -> None:
+    """Through the node's check: 503 with retry-after (the consumer backs off and retries),
+    where a bad or replayed signature is a 401."""
+    url = "http://peer.example:8787/v1/chat/completions"
+    hub = SimpleNamespace(nonces=NonceCache(max_entries=1))
+
+    def check(headers: dict[str, str]) -> str:
+        raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "scheme": "http",
+            "server": ("peer.example", 8787),
+            "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"peer.example:8787"), *raw],
+        }
+        return verify_signed(hub, Request(scope), BODY, pinned_to(ALICE.node_id))  # type: ignore[arg-type]
+
+    def signed_now(request_id: str) -> dict[str, str]:
+        headers = {"aihub-request-id": request_id}
+        return headers | sign_request(ALICE, "POST", url, headers, BODY)
+
+    first = signed_now("req_1")
+    assert check(first) == ALICE.node_id
+    with pytest.raises(ApiError) as busy:
+        check(signed_now("req_2"))
+    assert busy.value.status == 503
+    assert busy.value.headers["retry-after"] == "2"
+    with pytest.raises(ApiError) as replayed:
+        check(first)
+    assert replayed.value.status == 401
