@@ -688,19 +688,19 @@ class Bench:
             "node_rate32_rps",
             [r.rps for r in runs["node"]],
             "req/s",
-            "node at 1,500 req/s x 32: served",
+            f"node at {TARGET_RPS:,} req/s x 32: served",
         )
         f.add(
             "node_rate32_added_p99_ms",
             [r.p99_ms - d.p99_ms for r, d in zip(runs["node"], runs["direct"], strict=True)],
             "ms",
-            "node at 1,500 req/s x 32 connections: added p99",
+            f"node at {TARGET_RPS:,} req/s x 32 connections: added p99",
         )
         f.add(
             "node_rate32_errors",
             float(sum(r.errors for r in runs["node"])),
             "",
-            "node at 1,500 req/s x 32: errors",
+            f"node at {TARGET_RPS:,} req/s x 32: errors",
         )
 
     def cpu(self) -> None:

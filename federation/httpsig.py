@@ -224,7 +224,6 @@ _SF_STRING_RE = re.compile(_SF_STRING)
 _SF_KEY_RE = re.compile(_SF_KEY)
 _SF_INTEGER_RE = re.compile(_SF_INTEGER)
 _OUR_PARAM = re.compile(rf";({_SF_KEY})=({_SF_INTEGER}|{_SF_STRING})")
-_OUR_STRING = re.compile(_SF_STRING)
 _OUR_SIGNATURE = re.compile(rf"({_SF_KEY})=:([A-Za-z0-9+/]*={{0,2}}):")
 
 
@@ -244,7 +243,7 @@ def _parse_ours(fields: Mapping[str, str], label: str) -> ParsedSignature | None
         return None
     if len(params) != len(pairs) or base64.b64encode(signature).decode() != signed[2]:
         return None  # a repeated parameter, or base64 not in canonical form
-    components = tuple(item[1:-1] for item in _OUR_STRING.findall(found[3]))
+    components = tuple(item[1:-1] for item in _SF_STRING_RE.findall(found[3]))
     return ParsedSignature(label, components, params, found[2], signature)
 
 

@@ -46,10 +46,10 @@ class Metrics:
 
         # Labelled children by (metric, labels): prometheus_client's `labels()` validates and
         # locks on every call, a few µs each, five times a request.
-        self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self._children: dict[tuple[Counter | Histogram, tuple[str, ...]], Any] = {}
 
-    def _child(self, name: str, metric: Counter | Histogram, *labels: str) -> Any:
-        key = (name, labels)
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        key = (metric, labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)
@@ -59,17 +59,17 @@ class Metrics:
         self, endpoint: str, model: str, status: int, tokens_in: int, tokens_out: int, cost: int
     ) -> None:
         """A request's end: counted, with the tokens and cost it was charged."""
-        self._child("requests", self.requests, endpoint, model, str(status)).inc()
+        self._child(self.requests, endpoint, model, str(status)).inc()
         if tokens_in:
-            self._child("tokens", self.tokens, model, "in").inc(tokens_in)
+            self._child(self.tokens, model, "in").inc(tokens_in)
         if tokens_out:
-            self._child("tokens", self.tokens, model, "out").inc(tokens_out)
+            self._child(self.tokens, model, "out").inc(tokens_out)
         if cost:
-            self._child("cost", self.cost, model).inc(cost)
+            self._child(self.cost, model).inc(cost)
 
     def answered(self, endpoint: str, model: str, seconds: float) -> None:
         """Time to the answer (to the first byte of a stream)."""
-        self._child("latency", self.latency, endpoint, model).observe(seconds)
+        self._child(self.latency, endpoint, model).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

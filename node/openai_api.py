@@ -652,27 +652,26 @@ embeddings = _post_endpoint("/v1/embeddings", _embeddings)
 def document(openapi: OpenAPI) -> None:
     """Describe the two ASGI endpoints in the app's OpenAPI schema (Litestar lists only the
     routes it answers itself). Their bodies are OpenAI's: its API reference is the spec."""
+    body = {JSON: OpenAPIMediaType(schema=Schema(type=OpenAPIType.OBJECT))}
+    paths = dict(openapi.paths or {})
     for path, operation_id, what in (
         ("/v1/chat/completions", "createChatCompletion", "a chat completion"),
         ("/v1/embeddings", "createEmbedding", "embeddings"),
     ):
-        body = {JSON: OpenAPIMediaType(schema=Schema(type=OpenAPIType.OBJECT))}
-        openapi.paths = {
-            **(openapi.paths or {}),
-            path: PathItem(
-                post=Operation(
-                    operation_id=operation_id,
-                    summary=f"Create {what} (OpenAI-compatible)",
-                    request_body=RequestBody(content=body, required=True),
-                    responses={
-                        "200": OpenAPIResponse(
-                            description=f"{what[0].upper()}{what[1:]}, OpenAI's format",
-                            content=body,
-                        )
-                    },
-                )
-            ),
-        }
+        paths[path] = PathItem(
+            post=Operation(
+                operation_id=operation_id,
+                summary=f"Create {what} (OpenAI-compatible)",
+                request_body=RequestBody(content=body, required=True),
+                responses={
+                    "200": OpenAPIResponse(
+                        description=f"{what[0].upper()}{what[1:]}, OpenAI's format",
+                        content=body,
+                    )
+                },
+            )
+        )
+    openapi.paths = paths
 
 
 ROUTES = [chat_completions, embeddings, list_models, get_model]

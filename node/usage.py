@@ -95,7 +95,9 @@ class UsageRecorder:
         async with self._lock:
             while self._settlements or self._events:
                 if self.journal is not None:
-                    self.journal.seal()  # no await until the swap: the segment is this batch
+                    # No await until the swap: a segment it seals holds nothing newer
+                    # than this batch.
+                    self.journal.seal()
                 settlements, self._settlements = self._settlements, []
                 events, self._events = self._events, []
                 try:
