@@ -30,7 +30,11 @@ def key_id_of(key: str) -> str | None:
 
 
 def hash_key(secret: bytes, key: str) -> bytes:
-    return hashlib.blake2b(key.encode(), key=secret, digest_size=32).digest()
+    # `surrogatepass`: a command-line argument can carry lone surrogates (undecodable bytes);
+    # such a key is never valid, but hashing it must not raise. Valid text encodes as before.
+    return hashlib.blake2b(
+        key.encode("utf-8", "surrogatepass"), key=secret, digest_size=32
+    ).digest()
 
 
 def hashes_match(stored: bytes, secret: bytes, key: str) -> bool:

@@ -50,6 +50,12 @@ def test_generated_keys_are_well_formed_unique_and_carry_their_id():
 
 @SETTINGS
 @given(keys_st, st.integers(0, 62), st.characters(), secrets_st)
+@example(
+    pair=("sk-hub-0123456789ab_" + "A" * 43, "0123456789ab"),
+    index=0,
+    char="\ud800",
+    secret=b"s" * 32,
+)
 def test_any_substitution_changes_the_hash_and_the_id_exactly_as_the_format_says(
     pair, index, char, secret
 ):
