@@ -205,3 +205,70 @@ def verify_countersignature(r: Receipt, consumer_key: bytes) -> None:
     if not r.csig:
         raise RecordError("receipt is not countersigned")
     verify_fields(receipt_fields(r), consumer_key, "csig")
+
+
+MICROS_PER_MILLION_TOKENS = 1_000_000
+
+
+class SentRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """What a consumer recorded of a request it routed to a peer: the only thing a receipt
+    may bill it for (DESIGN.md, "Who may hand a node a receipt")."""
+
+    id: str  # the `aihub-request-id` it sent
+    peer: str  # the provider's node id
+    model: str  # the model it asked that provider for
+    price_seq: int  # the advert seq of the provider's it was priced under
+    price_in: int  # that advert's prices, micros per 1M tokens
+    price_out: int
+    status: int = 200  # how the request ended at the consumer (200: the answer reached it)
+
+
+def price_of(tokens_in: int, tokens_out: int, price_in: int, price_out: int) -> int:
+    """Micro-units for the tokens at these prices, rounded up (as a provider bills them)."""
+    numerator = tokens_in * price_in + tokens_out * price_out
+    return -(-numerator // MICROS_PER_MILLION_TOKENS)
+
+
+def take_receipt(
+    data: bytes | str | Mapping[str, Any] | Receipt,
+    *,
+    me: str,
+    sender: str,
+    sent: SentRequest | None,
+    now: float | None = None,
+) -> Receipt:
+    """The receipt, if node `me` may take it from `sender`; RecordError saying why not.
+
+    A node takes a receipt only as its consumer, from the provider that signed it (the
+    sender is the provider), for a request it sent that provider (`sent`, found by the
+    receipt's id): the same model, priced under an advert no later than the one the request
+    was routed under (the provider cannot cite prices we never saw), and charging no more
+    than the receipt's tokens cost at that advert's prices."""
+    receipt = verify_receipt(data, public_key_of(sender), consumer=me, now=now)
+    check_billing(receipt, me=me, sender=sender, sent=sent)
+    return receipt
+
+
+def check_billing(receipt: Receipt, *, me: str, sender: str, sent: SentRequest | None) -> None:
+    """`take_receipt` but for the signatures: RecordError unless `receipt` bills `me` for
+    `sent`, a request it sent `sender`, as it asked and priced it. For receipts whose
+    signatures were checked on the way in."""
+    if receipt.consumer != me or receipt.provider != sender:
+        raise RecordError("receipt is not from this provider to us")
+    if sent is None:
+        raise RecordError(f"receipt {receipt.id!r} names no request we sent")
+    if sent.id != receipt.id or sent.peer != sender:
+        raise RecordError(f"receipt {receipt.id!r} names a request we sent another node")
+    if receipt.model != sent.model:
+        raise RecordError(f"receipt is for model {receipt.model!r}, we asked for {sent.model!r}")
+    if receipt.price_seq > sent.price_seq:
+        raise RecordError(
+            f"receipt is priced under advert seq {receipt.price_seq}, after the one we hold"
+            f" ({sent.price_seq})"
+        )
+    fair = price_of(receipt.tokens_in, receipt.tokens_out, sent.price_in, sent.price_out)
+    if receipt.amount > fair:
+        raise RecordError(
+            f"receipt charges {receipt.amount}, more than its tokens cost at the advertised"
+            f" prices ({fair})"
+        )

@@ -19,9 +19,16 @@ from federation.identity import NodeIdentity
 from federation.sealing import unseal
 from ledger.chain import verify_chain
 from ledger.netting import Transfer, transfer_plan
-from ledger.receipts import Receipt, receipt_fields, verify_receipt
+from ledger.receipts import (
+    GENESIS,
+    Receipt,
+    check_billing,
+    countersign,
+    receipt_fields,
+    verify_receipt,
+)
 from ledger.reconcile import reconcile
-from ledger.records import RecordError, verify_fields
+from ledger.records import MAX_SKEW, RecordError, verify_fields
 from ledger.settlement import (
     Settlement,
     balances,
@@ -33,8 +40,8 @@ from ledger.settlement import (
 )
 from node.errors import ApiError
 from node.peering import signed_request
-from node.receipts import loaded, record_equivocation, stored
-from node.storage import PeerRecord, Store
+from node.receipts import admissible, loaded, record_equivocation, sent_to, stored
+from node.storage import PeerRecord, Store, StoredReceipt, body_hash
 
 log = logging.getLogger("aihub.ledger")
 
@@ -82,14 +89,20 @@ class PairBalance(msgspec.Struct):
     they_used: int  # served by us: they owe it
     net: int  # positive: they owe us
     receipts: int
+    # Of `we_used`: billed for requests whose answers never reached us whole.
+    unanswered: int = 0
 
 
 class ChainCheck(msgspec.Struct):
+    """One chain (provider → consumer), or one settlement statement (`kind`; then provider
+    and consumer are its `a` and `b`, and `receipts` those of its period)."""
+
     provider: str
     consumer: str
     receipts: int
     ok: bool
     problem: str | None
+    kind: str = "chain"
 
 
 class Bucket(msgspec.Struct):
@@ -105,8 +118,10 @@ class ReconcileReport(msgspec.Struct):
     disputed: Bucket  # never countersigned
     mismatched: Bucket
     equivocation: Bucket
-    rejected: Bucket
+    rejected: Bucket  # refused: not signed right, not between us, or for no request of ours
     suspended: bool
+    # Receipts we took that bill requests whose answers never reached us whole.
+    unanswered: Bucket = msgspec.field(default_factory=lambda: Bucket(0, 0))
 
 
 class NetPlan(msgspec.Struct):
@@ -143,35 +158,52 @@ class Pair:
 
 
 async def last_statement(store: Store, me: str, peer: str) -> Settlement | None:
+    """The pair's statement that covers the most of its chains (not the newest by `iat`:
+    the two nodes' clocks differ, and a statement out of order must not reopen a period)."""
+    return (await _coverage(store, me, peer))[0]
+
+
+async def _coverage(
+    store: Store, me: str, peer: str
+) -> tuple[Settlement | None, dict[tuple[str, str], list[StoredReceipt]], dict[str, int]]:
+    """The last statement, both chains as stored (by (provider, consumer)), and the highest
+    seq of each chain the statements cover, by provider."""
     a, b = min(me, peer), max(me, peer)
-    bodies = await store.settlements(a, b)
-    return parse_statement(bodies[-1]) if bodies else None
+    chains = {(a, b): await store.receipts(a, b), (b, a): await store.receipts(b, a)}
+    best: tuple[tuple[int, int, int], Settlement] | None = None
+    for body in await store.settlements(a, b):
+        statement = parse_statement(body)
+        covered = (statement.to_seq, _settled_seq(chains[(b, a)], statement), statement.iat)
+        if best is None or covered > best[0]:
+            best = (covered, statement)
+    if best is None:
+        return None, chains, {a: 0, b: 0}
+    (ab_seq, ba_seq, _), statement = best
+    return statement, chains, {a: ab_seq, b: ba_seq}
 
 
-async def _chain_after(store: Store, provider: str, consumer: str, head: str | None) -> list:
-    rows = await store.receipts(provider, consumer)
-    if head is not None:
-        for index, row in enumerate(rows):
-            if row.hash == head:
-                rows = rows[index + 1 :]
-                break
-    return [loaded(row) for row in rows]
+def _settled_seq(b_to_a: list[StoredReceipt], statement: Settlement) -> int:
+    """The seq of the b→a receipt a statement's head names (the format gives that chain's
+    range by hash only). The hash is recomputed from each body; if no receipt we hold has
+    it (a damaged or moved head, which `verify` names), the receipts issued before the
+    statement, allowing for clock skew, count as covered: a period is never counted twice."""
+    if statement.head_b_to_a == GENESIS:
+        return 0
+    for row in b_to_a:
+        if body_hash(row.body) == statement.head_b_to_a:
+            return row.seq
+    issued = [row.seq for row in b_to_a if row.iat <= statement.iat + MAX_SKEW]
+    return max(issued, default=0)
 
 
 async def open_pair(store: Store, me: str, peer: str) -> Pair:
-    previous = await last_statement(store, me, peer)
-    head_ours = head_theirs = None
-    if previous is not None:
-        mine_is_a = me == previous.a
-        head_ours = previous.head_a_to_b if mine_is_a else previous.head_b_to_a
-        head_theirs = previous.head_b_to_a if mine_is_a else previous.head_a_to_b
-    return Pair(
-        me,
-        peer,
-        previous,
-        await _chain_after(store, me, peer, head_ours),
-        await _chain_after(store, peer, me, head_theirs),
-    )
+    previous, chains, settled = await _coverage(store, me, peer)
+
+    def after(provider: str, consumer: str) -> list[Receipt]:
+        rows = chains[(provider, consumer)]
+        return [loaded(row) for row in rows if row.seq > settled[provider]]
+
+    return Pair(me, peer, previous, after(me, peer), after(peer, me))
 
 
 async def _peer_ids(store: Store, me: str) -> dict[str, str]:
@@ -193,12 +225,17 @@ async def balance(store: Store, me: str) -> list[PairBalance]:
         we_used = sum(r.amount for r in pair.theirs)
         they_used = sum(r.amount for r in pair.ours)
         count = len(pair.ours) + len(pair.theirs)
-        result.append(PairBalance(peer, name, we_used, they_used, they_used - we_used, count))
+        unanswered = sum(r.amount for r in await _unanswered(store, peer, pair.theirs))
+        result.append(
+            PairBalance(peer, name, we_used, they_used, they_used - we_used, count, unanswered)
+        )
     return result
 
 
 async def verify(store: Store) -> list[ChainCheck]:
-    """Every signature and every link of every chain we hold; the first broken link of each."""
+    """Every signature and every link of every chain we hold, the first broken link of each;
+    then every settlement statement: both signatures, and its heads and totals against the
+    receipts of its period in our chains."""
     checks = []
     for provider, consumer in sorted(await store.receipt_pairs()):
         rows = await store.receipts(provider, consumer)
@@ -209,7 +246,58 @@ async def verify(store: Store) -> list[ChainCheck]:
             continue
         report = verify_chain(receipts, public_key_of(provider), public_key_of(consumer))
         problem = None if report.ok else str(report)
-        checks.append(ChainCheck(provider, consumer, len(rows), report.ok, problem))
+        if report.ok:
+            problem = _hash_column_problem(rows)
+        checks.append(ChainCheck(provider, consumer, len(rows), problem is None, problem))
+    pairs = {tuple(sorted(pair)) for pair in await store.receipt_pairs()}
+    for body in await store.settlements():
+        try:
+            statement = parse_statement(body)
+        except RecordError:
+            continue  # named below, under its pair, if it is one of ours
+        pairs.add((statement.a, statement.b))
+    for a, b in sorted(pairs):
+        checks += await _verify_statements(store, a, b)
+    return checks
+
+
+def _hash_column_problem(rows: list[StoredReceipt]) -> str | None:
+    """The `hash` column is derived from the body: name a row where it is not (the chain
+    itself is checked from the bodies, and links are always recomputed from them)."""
+    for row in rows:
+        if row.hash != body_hash(row.body):
+            return f"seq {row.seq}: the stored hash column is not the hash of its receipt"
+    return None
+
+
+async def _verify_statements(store: Store, a: str, b: str) -> list[ChainCheck]:
+    """Each statement of the pair (a, b), in the order they cover the chains: both
+    signatures, and exactly the totals and heads our receipts of its period give."""
+    ab = [loaded(row) for row in await store.receipts(a, b)]
+    ba_rows = await store.receipts(b, a)
+    ba = [loaded(row) for row in ba_rows]
+    checks, valid = [], []
+    for body in await store.settlements(a, b):
+        try:
+            statement = parse_statement(body)
+            verify_statement(statement, public_key_of(a), public_key_of(b))
+        except RecordError as exc:
+            checks.append(ChainCheck(a, b, 0, False, f"a statement: {exc}", kind="statement"))
+            continue
+        valid.append((statement.to_seq, _settled_seq(ba_rows, statement), statement.iat, statement))
+    previous: Settlement | None = None
+    ab_from = ba_from = 0
+    for ab_to, ba_to, _, statement in sorted(valid, key=lambda item: item[:3]):
+        ab_period = [r for r in ab if ab_from < r.seq <= ab_to]
+        ba_period = [r for r in ba if ba_from < r.seq <= ba_to]
+        try:
+            check_statement(statement, ab_period, ba_period, previous=previous)
+            problem = None
+        except RecordError as exc:
+            problem = f"statement of seq {statement.from_seq}..{statement.to_seq}: {exc}"
+        count = len(ab_period) + len(ba_period)
+        checks.append(ChainCheck(a, b, count, problem is None, problem, kind="statement"))
+        previous, ab_from, ba_from = statement, ab_to, ba_to
     return checks
 
 
@@ -325,21 +413,73 @@ async def reconcile_with(store: Store, link: Link, keep: KeepReceipt) -> Reconci
     ours += [loaded(r) for r in await store.receipts(peer, me)]
     theirs = await _their_chain(link, me) + await _their_chain(link, peer)
     result = reconcile(ours, theirs, between=(me, peer))
-    for receipt in result.missing_ours:
-        await keep(receipt)
+    recovered, refused = await _recoverable(store, link, result.missing_ours)
+    for receipt in recovered:
+        if not await keep(receipt):
+            refused.append(receipt)
     for receipt in result.csig_for_ours:
         await store.add_countersignature(
             receipt.provider, receipt.consumer, receipt.seq, receipt.csig
         )
+    signed = await _countersign_disputed(store, link, result.disputed)
     for equivocation in result.equivocation:
         await record_equivocation(store, stored(equivocation.first), stored(equivocation.second))
-    send = [*result.missing_theirs, *result.csig_for_theirs]
+    send = [*result.missing_theirs, *result.csig_for_theirs, *signed]
     for start in range(0, len(send), PAGE):
         batch = ReceiptBatch([receipt_fields(r) for r in send[start : start + PAGE]])
         _answer(await link.post("/federation/receipts", msgspec.json.encode(batch)), "receipts")
     buckets = {name: Bucket(*totals) for name, totals in result.totals().items()}
+    taken = [r for r in recovered if r not in refused]
+    buckets["missing_ours"] = _bucket(taken)
+    buckets["rejected"] = _bucket([*(x.receipt for x in result.rejected), *refused])
+    counted = [*taken, *(r for r in result.matched if r.consumer == me), *signed]
     suspended = any(e.provider == peer for e in result.equivocation)
-    return ReconcileReport(peer=peer, suspended=suspended, **buckets)
+    return ReconcileReport(
+        peer=peer,
+        suspended=suspended,
+        unanswered=_bucket(await _unanswered(store, peer, counted)),
+        **buckets,
+    )
+
+
+def _bucket(receipts: list[Receipt]) -> Bucket:
+    return Bucket(len(receipts), sum(r.amount for r in receipts))
+
+
+async def _recoverable(
+    store: Store, link: Link, missing: list[Receipt]
+) -> tuple[list[Receipt], list[Receipt]]:
+    """Of the receipts only the peer holds, those we may take back into our books, with our
+    countersignature where we are the consumer (a receipt lost in a crash is recovered
+    countersigned, not left disputed), and those refused: a receipt of theirs for a
+    request we never sent them, or not as we asked and priced it, is never taken."""
+    me, peer = link.identity.node_id, link.peer.node_id
+    own = [r for r in missing if r.provider == me]
+    taken, refused = await admissible(store, me, peer, [r for r in missing if r.provider == peer])
+    for receipt, why in refused:
+        log.warning("reconciliation: refused receipt %r of %s: %s", receipt.id, peer, why)
+    signed = [r if r.csig else countersign(r, link.identity.sign) for r in taken]
+    return [*own, *signed], [r for r, _ in refused]
+
+
+async def _countersign_disputed(store: Store, link: Link, disputed: list[Receipt]) -> list[Receipt]:
+    """Receipts both sides hold and neither countersigned (say, taken before a crash, or
+    without our signature): countersigned now where we are their consumer and they bill a
+    request we sent; the countersigned copies, to send back."""
+    me, peer = link.identity.node_id, link.peer.node_id
+    taken, _ = await admissible(store, me, peer, [r for r in disputed if r.consumer == me])
+    signed = [countersign(r, link.identity.sign) for r in taken]
+    for receipt in signed:
+        await store.add_countersignature(receipt.provider, me, receipt.seq, receipt.csig)
+    return signed
+
+
+async def _unanswered(store: Store, peer: str, receipts: list[Receipt]) -> list[Receipt]:
+    """Receipts that bill us for requests whose answer never reached us whole (our usage
+    record says the request did not end with a 200): we owe them, and it shows."""
+    theirs = [r for r in receipts if r.provider == peer]
+    sent = await sent_to(store, peer, theirs)
+    return [r for r in theirs if r.id in sent and sent[r.id].status != 200]
 
 
 async def settle_with(store: Store, link: Link) -> Settlement:
@@ -347,6 +487,7 @@ async def settle_with(store: Store, link: Link) -> Settlement:
     by us, countersigned by the peer after it checked the totals against its own books."""
     me, peer = link.identity.node_id, link.peer.node_id
     pair = await open_pair(store, me, peer)
+    await _check_billed(store, pair)
     try:
         statement = make_statement(
             pair.a_to_b(), pair.b_to_a(), pair.a, pair.b, previous=pair.previous
@@ -401,25 +542,32 @@ async def receipts_page(store: Store, me: str, peer: str, provider: str, after_s
     return msgspec.json.encode(page)
 
 
-async def take_receipts(me: str, peer: str, body: bytes, keep: KeepReceipt) -> int:
-    """Receipts a peer found missing in our books (or with a countersignature we lack): each
-    must be between us, signed by its provider (and its consumer, if countersigned)."""
+async def take_receipts(store: Store, me: str, peer: str, body: bytes, keep: KeepReceipt) -> int:
+    """Receipts a peer found missing in our books (or with a countersignature we lack).
+    Taken only as DESIGN.md's rule says: as their consumer, from `peer` as the provider
+    that signed them, for requests we sent it (`admissible`); or our own receipts to `peer`
+    coming back (signed by us, countersigned, if at all, by the peer). Anything else is
+    refused and never stored, counted or countersigned."""
     try:
         batch = msgspec.json.decode(body, type=ReceiptBatch)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BooksError(400, f"not a batch of receipts: {exc}") from exc
     if len(batch.receipts) > PAGE:
         raise BooksError(413, f"at most {PAGE} receipts at once")
-    taken = 0
+    ours, theirs = [], []
     for fields in batch.receipts:
+        provider = fields.get("provider")
         try:
-            receipt = verify_receipt(fields, public_key_of(str(fields.get("provider"))))
-        except (RecordError, ValueError):
-            continue
-        if {receipt.provider, receipt.consumer} != {me, peer}:
-            continue
-        taken += await keep(receipt)
-    return taken
+            if provider == me:
+                ours.append(verify_receipt(fields, public_key_of(me), consumer=peer))
+            else:
+                theirs.append(verify_receipt(fields, public_key_of(peer), consumer=me))
+        except (RecordError, ValueError) as exc:
+            log.warning("refused a receipt from %s: %s", peer, exc)
+    taken, refused = await admissible(store, me, peer, theirs)
+    for receipt, why in refused:
+        log.warning("refused receipt %r from %s: %s", receipt.id, peer, why)
+    return sum([await keep(receipt) for receipt in [*ours, *taken]])
 
 
 async def countersign_statement(
@@ -438,12 +586,33 @@ async def countersign_statement(
     try:
         verify_statement_side(proposed, their_side)
         pair = await open_pair(store, me, peer)
+        await _check_billed(store, pair)
         check_statement(proposed, pair.a_to_b(), pair.b_to_a(), previous=pair.previous)
     except RecordError as exc:
         raise BooksError(409, f"our books disagree: {exc}") from exc
     both = sign_statement(proposed, identity.sign, "b" if their_side == "a" else "a")
     await save_statement(store, both)
     return both
+
+
+async def _check_billed(store: Store, pair: Pair) -> None:
+    """A statement is signed only over amounts we can match, receipt by receipt, to requests
+    we sent the peer, as we asked and priced them (receipts in our books from before that
+    rule was kept, or put there by hand, stop the settlement: they are for an admin)."""
+    sent = await sent_to(store, pair.peer, pair.theirs)
+    refused = []
+    for receipt in pair.theirs:
+        try:
+            check_billing(receipt, me=pair.me, sender=pair.peer, sent=sent.get(receipt.id))
+        except RecordError as exc:
+            refused.append((receipt, str(exc)))
+    if refused:
+        receipt, why = refused[0]
+        raise BooksError(
+            409,
+            f"our books hold {len(refused)} receipt(s) of this peer that bill no request of"
+            f" ours as sent (seq {receipt.seq}: {why})",
+        )
 
 
 def verify_statement_side(statement: Settlement, side: str) -> None:

@@ -100,6 +100,8 @@ def register(
         else:
             for check in checks:
                 pair = f"{check.provider[:16]}… → {check.consumer[:16]}…"
+                if check.kind == "statement":
+                    pair = f"statement {check.provider[:16]}… / {check.consumer[:16]}…"
                 verdict = "ok" if check.ok else f"BROKEN: {check.problem}"
                 console.print(f"{pair}  {check.receipts} receipts  {verdict}", markup=False)
             if not checks:

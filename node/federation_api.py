@@ -161,7 +161,7 @@ async def missing_receipts(request: Request) -> Response[bytes]:
     principal = await authenticate_peer(request, body)
     hub = hub_of(request)
     taken = await books.take_receipts(
-        hub.identity.node_id, principal.key.peer_id or "", body, hub.ledger.keep
+        hub.store, hub.identity.node_id, principal.key.peer_id or "", body, hub.ledger.keep
     )
     return Response(msgspec.json.encode({"taken": taken}), media_type=JSON)
 

@@ -55,6 +55,7 @@ from federation.httpsig import REQUEST_ID_HEADER
 from federation.ids import new_request_id
 from federation.transport import HOP_HEADER
 from ledger.canonical import b64url
+from ledger.receipts import SentRequest
 from node.auth import Principal
 from node.budgets import budget_scopes
 from node.errors import ApiError, ErrorDetail, error_bytes
@@ -247,6 +248,13 @@ class Accounting:
             status=status,
             error=error,
         )
+        if route is not None and route.peer_id is not None:
+            # The durable record of what we asked the peer: its receipts are checked against it.
+            record.peer_id = route.peer_id
+            record.peer_model = route.spec.name
+            record.price_seq = route.price_seq
+            record.price_in = route.spec.price_in
+            record.price_out = route.spec.price_out
         settlement = Settlement(record, self.hub.budgets.settle(self.holds, cost))
         if self.for_peer and route is not None and status == 200:
             self._for_receipt = settlement
@@ -279,9 +287,18 @@ class Accounting:
         return receipt
 
     def take_receipt(self, route: Route, receipt: bytes | None, cost: int) -> None:
-        """The receipt of the peer that served us, kept and countersigned off the path."""
+        """The receipt of the peer that served us, kept and countersigned off the path if it
+        is for this very request, as we asked and priced it."""
         if route.peer_id is not None and receipt is not None:
-            self.hub.ledger.take(route.peer_id, receipt, self.request_id, cost)
+            sent = SentRequest(
+                id=self.request_id,
+                peer=route.peer_id,
+                model=route.spec.name,
+                price_seq=route.price_seq,
+                price_in=route.spec.price_in,
+                price_out=route.spec.price_out,
+            )
+            self.hub.ledger.take(sent, receipt, cost)
 
     def observe_latency(self) -> None:
         elapsed = time.perf_counter() - self.started

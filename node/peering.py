@@ -203,7 +203,9 @@ class Peering:
                 )
                 upstream = peer_upstream(model.id, peer.url, peer.key)
                 adapter = PeerAdapter(upstream, self.upstreams, self.identity)
-                routes.append(Route(spec, adapter, -1, peer.node_id, peer.name))
+                routes.append(
+                    Route(spec, adapter, -1, peer.node_id, peer.name, price_seq=peer.advert.seq)
+                )
         self.router.set_peer_routes(routes)
 
     def touch(self) -> None:

@@ -24,17 +24,18 @@ from ledger.canonical import b64url_decode
 from ledger.receipts import (
     GENESIS,
     Receipt,
+    SentRequest,
     countersign,
     make_receipt,
     parse_receipt,
     receipt_fields,
     receipt_hash,
+    take_receipt,
     verify_countersignature,
-    verify_receipt,
 )
 from ledger.records import RecordError, signed_bytes
 from node.peering import Peering
-from node.storage import Settlement, Store, StoredReceipt
+from node.storage import LinkedReceipt, Settlement, Store, StoredReceipt
 
 log = logging.getLogger("aihub.ledger")
 
@@ -44,10 +45,18 @@ TAKE_DELAY = 0.05
 
 
 class _Taken(NamedTuple):
-    provider: str
+    sent: SentRequest  # the request it must be the receipt of
     data: bytes
-    request_id: str
     our_cost: int
+
+
+class Kept(NamedTuple):
+    """What became of receipts offered to our chains: how many are in them now (new or
+    known), those refused (with why), and whether a provider was caught equivocating."""
+
+    kept: list[Receipt]
+    refused: list[tuple[Receipt, str]]
+    equivocated: bool
 
 
 class Countersignature(msgspec.Struct, frozen=True):
@@ -145,10 +154,10 @@ class Ledger:
 
     # --- the consumer's side --------------------------------------------------------------
 
-    def take(self, provider: str, data: bytes, request_id: str, our_cost: int) -> None:
-        """A receipt that came with a peer's answer: checked, countersigned and kept off the
-        request path, with the others that came in the next few milliseconds."""
-        self._taken.append(_Taken(provider, data, request_id, our_cost))
+    def take(self, sent: SentRequest, data: bytes, our_cost: int) -> None:
+        """A receipt that came with a peer's answer to `sent`: checked, countersigned and
+        kept off the request path, with the others that came in the next few milliseconds."""
+        self._taken.append(_Taken(sent, data, our_cost))
         if self._taker is None:
             self._taker = asyncio.create_task(self._take_batches(), name="ledger-take")
 
@@ -167,20 +176,19 @@ class Ledger:
             self._taker = None
 
     def _checked(self, taken: _Taken) -> Receipt | None:
-        """The receipt, verified and countersigned; None (and a warning) if it is refused."""
-        provider = taken.provider
+        """The receipt, verified against the request it answered and countersigned; None
+        (and a warning) if it is refused."""
+        provider = taken.sent.peer
         try:
             # In a header it is base64url (headers are ASCII); in a stream event, the JSON.
             data = taken.data
             signed = data if data.startswith(b"{") else b64url_decode(data.decode())
-            receipt = verify_receipt(
-                signed, public_key_of(provider), consumer=self.identity.node_id
+            receipt = take_receipt(
+                signed, me=self.identity.node_id, sender=provider, sent=taken.sent
             )
         except (RecordError, ValueError) as exc:
             log.warning("refused a receipt from %s: %s", provider, exc)
             return None
-        if receipt.id != taken.request_id:
-            log.warning("receipt %s from %s names another request", receipt.seq, provider)
         if receipt.amount > taken.our_cost:
             # Priced above its advert: kept (it is what they signed) but said, for the admin.
             log.warning(
@@ -193,16 +201,17 @@ class Ledger:
         return countersign(receipt, self.identity.sign)
 
     async def keep(self, receipt: Receipt) -> bool:
-        """Append a verified receipt to our copy of its chain (see `keep_receipts`)."""
-        return await self.keep_all([receipt])
+        """Append a receipt taken under the rule to our copy of its chain (see
+        `keep_receipts`); whether it is in the chain now."""
+        return bool((await self.keep_all([receipt])).kept)
 
-    async def keep_all(self, receipts: list[Receipt]) -> bool:
-        """Append verified receipts to our copies of their chains; False if a provider
-        equivocated (and is now suspended)."""
+    async def keep_all(self, receipts: list[Receipt]) -> Kept:
+        """Append receipts taken under the rule to our copies of their chains (see
+        `keep_receipts`); a provider caught equivocating stops being routed to at once."""
         if not receipts:
-            return True
+            return Kept([], [], False)
         kept = await keep_receipts(self.store, receipts)
-        if not kept:
+        if kept.equivocated:
             await self.peering.changed()
         return kept
 
@@ -238,18 +247,52 @@ class Ledger:
 
 
 async def keep_receipt(store: Store, receipt: Receipt) -> bool:
-    """See `keep_receipts`."""
-    return await keep_receipts(store, [receipt])
+    """See `keep_receipts`: whether the receipt is in its chain now."""
+    return bool((await keep_receipts(store, [receipt])).kept)
 
 
-async def keep_receipts(store: Store, receipts: list[Receipt]) -> bool:
-    """Append verified receipts to our copies of their chains; False if a provider signed a
-    different receipt for one of those places before: equivocation, proof of cheating, so the
-    provider is suspended (its routes and its key stop working)."""
-    conflicts = await store.add_receipts([stored(receipt) for receipt in receipts])
+async def keep_receipts(store: Store, receipts: list[Receipt]) -> Kept:
+    """Append receipts taken under the rule (`take_receipt`, or our own back from a peer) to
+    our copies of their chains. A receipt that does not link with the neighbours we hold,
+    or bills a request that has a receipt already, is refused. A provider that signed a
+    different receipt for one of those places before has equivocated: proof of cheating, so
+    it is suspended (its routes and its key stop working)."""
+    by_place = {(r.provider, r.consumer, r.seq): r for r in receipts}
+    conflicts, refused = await store.add_receipts(
+        [LinkedReceipt(stored(receipt), receipt.prev) for receipt in receipts]
+    )
     for held, offered in conflicts:
         await record_equivocation(store, held, offered)
-    return not conflicts
+    out = {(r.provider, r.consumer, r.seq) for r, _ in refused}
+    out |= {(r.provider, r.consumer, r.seq) for _, r in conflicts}
+    for row, why in refused:
+        log.warning("refused receipt seq %d from %s: %s", row.seq, row.provider, why)
+    return Kept(
+        [r for place, r in by_place.items() if place not in out],
+        [(by_place[(r.provider, r.consumer, r.seq)], why) for r, why in refused],
+        bool(conflicts),
+    )
+
+
+async def sent_to(store: Store, sender: str, receipts: list[Receipt]) -> dict[str, SentRequest]:
+    """Our records of the requests these receipts from `sender` name."""
+    return await store.sent_requests(sender, [r.id for r in receipts])
+
+
+async def admissible(
+    store: Store, me: str, sender: str, receipts: list[Receipt]
+) -> tuple[list[Receipt], list[tuple[Receipt, str]]]:
+    """Of receipts `sender` handed us as their consumer (say, in reconciliation), those the
+    rule lets us take (`take_receipt`: signed by the sender, for a request we sent it, as we
+    asked and priced it), and those refused with why."""
+    sent = await sent_to(store, sender, receipts)
+    taken, refused = [], []
+    for receipt in receipts:
+        try:
+            taken.append(take_receipt(receipt, me=me, sender=sender, sent=sent.get(receipt.id)))
+        except RecordError as exc:
+            refused.append((receipt, str(exc)))
+    return taken, refused
 
 
 async def record_equivocation(store: Store, first: StoredReceipt, second: StoredReceipt) -> None:

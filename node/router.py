@@ -36,6 +36,8 @@ class Route:
     # For a route to another node: its node id and name (as in `model@name`).
     peer_id: str | None = None
     peer_name: str | None = None
+    # For a route to another node: the seq of the advert it was built from (its prices).
+    price_seq: int = 0
     in_flight: int = 0
     latency: float | None = None
     failures: int = 0

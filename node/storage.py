@@ -7,6 +7,7 @@ node) can be added beside this one without touching the rest.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -17,6 +18,8 @@ from typing import Literal, TypeVar
 import aiosqlite
 import msgspec
 
+from ledger.canonical import b64url
+from ledger.receipts import GENESIS, SentRequest
 from node.policy import Limits
 
 T = TypeVar("T")
@@ -189,6 +192,16 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (a, b, iat)
     );
     """,
+    # 5 (books-intake): what a consumer routed to a peer, on the request's own usage record:
+    # the request a receipt from that peer may bill (DESIGN.md, "Who may hand a node a
+    # receipt"). Written where the usage record already is: no extra write per request.
+    """
+    ALTER TABLE usage ADD COLUMN peer_id TEXT;
+    ALTER TABLE usage ADD COLUMN peer_model TEXT;
+    ALTER TABLE usage ADD COLUMN price_seq INTEGER;
+    ALTER TABLE usage ADD COLUMN price_in INTEGER;
+    ALTER TABLE usage ADD COLUMN price_out INTEGER;
+    """,
 ]
 
 _json = msgspec.json.encode
@@ -263,6 +276,13 @@ class UsageRecord(msgspec.Struct):
     latency_ms: int
     status: int
     error: str | None = None
+    # For a request routed to a peer: the peer, the model asked of it, and the advert (seq
+    # and prices) it was priced under; what a receipt from that peer is checked against.
+    peer_id: str | None = None
+    peer_model: str | None = None
+    price_seq: int | None = None
+    price_in: int | None = None
+    price_out: int | None = None
 
 
 class Hold(msgspec.Struct, frozen=True):
@@ -824,11 +844,13 @@ class Store:
 
         def write(db: sqlite3.Connection) -> StoredReceipt:
             row = db.execute(
-                "SELECT seq, hash FROM receipts WHERE provider = ? AND consumer = ?"
+                "SELECT seq, body FROM receipts WHERE provider = ? AND consumer = ?"
                 " ORDER BY seq DESC LIMIT 1",
                 (provider, consumer),
             ).fetchone()
-            seq, prev = (row[0] + 1, row[1]) if row else (1, None)
+            # The link is the hash of what was signed, recomputed: a damaged `hash` column
+            # must not break the chain the consumer checks.
+            seq, prev = (row[0] + 1, body_hash(row[1])) if row else (1, None)
             receipt = make(seq, prev)
             db.execute(_INSERT_RECEIPT, msgspec.structs.astuple(receipt))
             _write_settlements(db, [settlement], [])
@@ -837,22 +859,53 @@ class Store:
         return await self._atomic_now(write)
 
     async def add_receipts(
-        self, receipts: list[StoredReceipt]
-    ) -> list[tuple[StoredReceipt, StoredReceipt]]:
+        self, receipts: list[LinkedReceipt]
+    ) -> tuple[list[tuple[StoredReceipt, StoredReceipt]], list[tuple[StoredReceipt, str]]]:
         """Append receipts other nodes signed (verified by the caller), in one transaction:
-        each new one is added, a known one gains the countersignature we lacked. The pairs
-        (held, offered) where the provider had signed a different receipt for that place in
-        its chain (equivocation) are answered, and the held one stays."""
+        each new one is added, a known one gains the countersignature we lacked. Answers the
+        pairs (held, offered) where the provider had signed a different receipt for that
+        place in its chain (equivocation: the held one stays), and the receipts refused, with
+        why: one that does not link with a neighbour we hold (its `prev` is not the hash of
+        the receipt before, or the receipt after does not name it), or a second receipt for
+        a request that has one already. Hashes are recomputed from the stored bodies, never
+        read from the `hash` column."""
 
-        def write(db: sqlite3.Connection) -> list[tuple[StoredReceipt, StoredReceipt]]:
-            conflicts = []
-            for receipt in receipts:
-                held = _add_receipt(db, receipt)
-                if held is not None:
-                    conflicts.append((held, receipt))
-            return conflicts
+        def write(
+            db: sqlite3.Connection,
+        ) -> tuple[list[tuple[StoredReceipt, StoredReceipt]], list[tuple[StoredReceipt, str]]]:
+            conflicts, refused = [], []
+            for linked in receipts:
+                held = _add_receipt(db, linked)
+                if isinstance(held, str):
+                    refused.append((linked.receipt, held))
+                elif held is not None:
+                    conflicts.append((held, linked.receipt))
+            return conflicts, refused
 
         return await self._atomic(write)
+
+    async def sent_requests(self, peer: str, ids: Sequence[str]) -> dict[str, SentRequest]:
+        """What we recorded of the requests with these ids that we routed to `peer`."""
+        found: dict[str, SentRequest] = {}
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start : start + 500])
+            rows = await self._fetchall(
+                "SELECT request_id, peer_id, peer_model, price_seq, price_in, price_out, status"
+                f" FROM usage WHERE request_id IN ({','.join('?' * len(chunk))})"
+                " AND peer_id = ?",
+                (*chunk, peer),
+            )
+            for row in rows:
+                found[row[0]] = SentRequest(
+                    id=row[0],
+                    peer=row[1],
+                    model=row[2] or "",
+                    price_seq=row[3] or 0,
+                    price_in=row[4] or 0,
+                    price_out=row[5] or 0,
+                    status=row[6],
+                )
+        return found
 
     async def receipts_at(
         self, provider: str, consumer: str, seqs: Sequence[int]
@@ -965,7 +1018,7 @@ class Store:
 
     async def usage_since(self, since_ms: int = 0) -> list[UsageRecord]:
         rows = await self._fetchall(
-            "SELECT * FROM usage WHERE ts_ms >= ? ORDER BY ts_ms", (since_ms,)
+            f"SELECT {_USAGE_COLUMNS} FROM usage WHERE ts_ms >= ? ORDER BY ts_ms", (since_ms,)
         )
         return [
             msgspec.convert(dict(zip(_USAGE_FIELDS, row, strict=True)), UsageRecord, strict=False)
@@ -1000,6 +1053,11 @@ class Store:
 
 
 _USAGE_FIELDS = UsageRecord.__struct_fields__
+# Named, not `*`: columns are found by name whatever order the migrations added them in.
+_USAGE_COLUMNS = ", ".join(_USAGE_FIELDS)
+_INSERT_USAGE = (
+    f"INSERT OR IGNORE INTO usage ({_USAGE_COLUMNS}) VALUES ({','.join('?' * len(_USAGE_FIELDS))})"
+)
 _INSERT_RECEIPT = (
     "INSERT INTO receipts (provider, consumer, seq, id, hash, amount, iat, body, csig,"
     " csig_sent) VALUES (?,?,?,?,?,?,?,?,?,?)"
@@ -1054,18 +1112,65 @@ def _in_transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection],
     return result
 
 
-def _add_receipt(db: sqlite3.Connection, receipt: StoredReceipt) -> StoredReceipt | None:
-    """See `Store.add_receipts`: the receipt held at that place if it differs, else None."""
+def body_hash(body: str) -> str:
+    """A stored receipt's chain hash, from its body (the bytes its provider signed, with
+    `sig`, without `csig`): what the next receipt's `prev` must be."""
+    return b64url(hashlib.sha256(body.encode()).digest())
+
+
+def _prev_of(body: str) -> str | None:
+    try:
+        prev = msgspec.json.decode(body).get("prev")
+    except (msgspec.DecodeError, AttributeError):
+        return None
+    return prev if isinstance(prev, str) else None
+
+
+def _misfit(db: sqlite3.Connection, linked: LinkedReceipt) -> str | None:
+    """Why a new receipt does not fit our copy of its chain, or None: its neighbours that we
+    hold must link with it, and its request must not have a receipt already."""
+    receipt = linked.receipt
+    pair = (receipt.provider, receipt.consumer)
+    twin = db.execute(
+        "SELECT seq FROM receipts WHERE provider = ? AND consumer = ? AND id = ? LIMIT 1",
+        (*pair, receipt.id),
+    ).fetchone()
+    if twin is not None:
+        return f"request {receipt.id} has a receipt already (seq {twin[0]})"
+    before = db.execute(
+        "SELECT body FROM receipts WHERE provider = ? AND consumer = ? AND seq = ?",
+        (*pair, receipt.seq - 1),
+    ).fetchone()
+    if before is not None and body_hash(before[0]) != linked.prev:
+        return f"prev is not the hash of seq {receipt.seq - 1}"
+    after = db.execute(
+        "SELECT body FROM receipts WHERE provider = ? AND consumer = ? AND seq = ?",
+        (*pair, receipt.seq + 1),
+    ).fetchone()
+    if after is not None and _prev_of(after[0]) != body_hash(receipt.body):
+        return f"seq {receipt.seq + 1} does not link to it"
+    return None
+
+
+def _add_receipt(db: sqlite3.Connection, linked: LinkedReceipt) -> StoredReceipt | str | None:
+    """See `Store.add_receipts`: the receipt held at that place if it differs, why the
+    receipt is refused, or None (taken, or known already)."""
+    receipt = linked.receipt
     place = (receipt.provider, receipt.consumer, receipt.seq)
     row = db.execute(
         f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE provider = ? AND consumer = ? AND seq = ?",
         place,
     ).fetchone()
     if row is None:
+        if receipt.seq == 1 and linked.prev != GENESIS:
+            return "seq 1 must start the chain"
+        misfit = _misfit(db, linked)
+        if misfit is not None:
+            return misfit
         db.execute(_INSERT_RECEIPT, msgspec.structs.astuple(receipt))
         return None
     held = StoredReceipt(*row)
-    if held.hash != receipt.hash:
+    if body_hash(held.body) != body_hash(receipt.body):
         return held
     if held.csig is None and receipt.csig is not None:
         db.execute(
@@ -1093,7 +1198,7 @@ def _write_settlements(
         known.update(row[0] for row in rows)
     fresh = [s for s in settlements if s.record.request_id not in known]
     db.executemany(
-        "INSERT OR IGNORE INTO usage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        _INSERT_USAGE,
         [msgspec.structs.astuple(s.record) for s in fresh],
     )
     db.executemany(
@@ -1126,6 +1231,13 @@ class StoredReceipt(msgspec.Struct):
     body: str
     csig: str | None = None
     csig_sent: int = 0
+
+
+class LinkedReceipt(msgspec.Struct, frozen=True):
+    """A receipt to add to our copy of its chain, with its `prev` (to check the link)."""
+
+    receipt: StoredReceipt
+    prev: str
 
 
 _RECEIPT_COLUMNS = "provider, consumer, seq, id, hash, amount, iat, body, csig, csig_sent"

@@ -10,10 +10,19 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.storage import Hold, ReceiptMaker, Settlement, Store, StoredReceipt, UsageRecord
+from node.storage import (
+    Hold,
+    ReceiptMaker,
+    Settlement,
+    Store,
+    StoredReceipt,
+    UsageRecord,
+    body_hash,
+)
 
 PAIR = ("provider-node", "consumer-node")
 
@@ -42,8 +51,9 @@ def settlement(request_id: str, cost: int = 7, holds: Sequence[Hold] = ()) -> Se
 
 def maker(request_id: str) -> ReceiptMaker:
     def make(seq: int, prev: str | None) -> StoredReceipt:
-        # The hash names the place and the link, so that a chain can be checked below.
-        return StoredReceipt(*PAIR, seq, request_id, f"h{seq}<{prev}", 7, 1, "{}")
+        # The body names the place and the link, so that a chain can be checked below.
+        body = msgspec.json.encode({"seq": seq, "prev": prev}).decode()
+        return StoredReceipt(*PAIR, seq, request_id, body_hash(body), 7, 1, body)
 
     return make
 
@@ -53,9 +63,12 @@ async def chain(store: Store) -> list[StoredReceipt]:
 
 
 def assert_linked(receipts: list[StoredReceipt]) -> None:
+    """Each receipt was made with `prev` = the hash of the one before, recomputed from its
+    body (seq 1 with None)."""
     assert [r.seq for r in receipts] == list(range(1, len(receipts) + 1))
     for before, after in zip([None, *receipts], receipts, strict=False):
-        assert after.hash == f"h{after.seq}<{before.hash if before else None}"
+        prev = msgspec.json.decode(after.body)["prev"]
+        assert prev == (body_hash(before.body) if before else None)
 
 
 async def usage_ids(store: Store) -> set[str]:
@@ -166,3 +179,24 @@ def test_several_workers_never_fork_a_chain(tmp_path_factory, per_worker: list[i
             await store.close()
 
     asyncio.run(check())
+
+
+def test_a_provider_links_to_the_hash_of_what_it_signed_not_a_stored_column(
+    tmp_path: Path,
+) -> None:
+    """A damaged `hash` column (a bad restore, a hand edit) must not break the chain: the next
+    receipt's `prev` is recomputed from the last receipt's body."""
+
+    async def run() -> None:
+        store = await Store.open(tmp_path / "db")
+        try:
+            await store.settle_with_receipt(settlement("r0"), PAIR, maker("r0"))
+            with sqlite3.connect(tmp_path / "db") as db:
+                db.execute("DROP TRIGGER receipts_no_rewrite")
+                db.execute("UPDATE receipts SET hash = 'damaged' WHERE seq = 1")
+            await store.settle_with_receipt(settlement("r1"), PAIR, maker("r1"))
+            assert_linked(await chain(store))
+        finally:
+            await store.close()
+
+    asyncio.run(run())
