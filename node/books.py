@@ -424,7 +424,9 @@ async def reconcile_with(store: Store, link: Link, keep: KeepReceipt) -> Reconci
     signed = await _countersign_disputed(store, link, result.disputed)
     for equivocation in result.equivocation:
         await record_equivocation(store, stored(equivocation.first), stored(equivocation.second))
-    send = [*result.missing_theirs, *result.csig_for_theirs, *signed]
+    # Our countersignatures of what we recovered or signed now go back with the rest.
+    countersigned = [r for r in recovered if r.consumer == me and r not in refused]
+    send = [*result.missing_theirs, *result.csig_for_theirs, *signed, *countersigned]
     for start in range(0, len(send), PAGE):
         batch = ReceiptBatch([receipt_fields(r) for r in send[start : start + PAGE]])
         _answer(await link.post("/federation/receipts", msgspec.json.encode(batch)), "receipts")

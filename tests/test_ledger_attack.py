@@ -1,0 +1,192 @@
+"""A peer that turned hostile cannot bill a node for what it never asked: through real nodes,
+mallory (joined both ways with bob) posts receipts naming herself provider of requests bob
+never sent her, of bob's requests to alice, for another model, under an advert seq bob never
+saw, or naming alice as provider; none is stored, counted in `ledger balance`, reconciled in or
+countersigned into a statement, and bob refuses her settlement over those amounts. Receipts
+bob lost in a crash come back countersigned; `ledger verify` checks statements, and a moved
+head never counts a settled receipt twice."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import httpx
+import msgspec
+from click.testing import CliRunner
+
+from federation.identity import NodeIdentity
+from ledger.receipts import Receipt, make_receipt, price_of, receipt_fields, receipt_hash
+from node.cli import main
+from node.config import DATABASE_FILE, IDENTITY_FILE
+from node.receipts import stored
+from tests.test_federation import LLAMA, _signed_by, answers, cli, invite, make_peer, wait_for
+from tests.test_ledger_nodes import (
+    _key_issued_to,
+    all_countersigned,
+    balance_with,
+    chat,
+    ledger,
+    node_id,
+    receipts_at,
+)
+
+PHI = '[[models]]\nname = "phi"\nprovider = "echo"\nprice_in = 500_000\nprice_out = 700_000'
+
+
+def rows(path: Path, sql: str, *params: object) -> list[tuple]:
+    with sqlite3.connect(path / DATABASE_FILE) as db:
+        return db.execute(sql, params).fetchall()
+
+
+def test_a_hostile_peer_cannot_bill_for_requests_never_sent(tmp_path: Path) -> None:
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    mallory = make_peer(tmp_path, "mallory", PHI)
+    bob = make_peer(tmp_path, "bob")
+    with alice.run(), mallory.run(), bob.run() as b:
+        cli("join", invite(alice), "--data-dir", str(bob.path))
+        cli("join", invite(mallory), "--data-dir", str(bob.path))
+        cli("join", invite(bob), "--data-dir", str(mallory.path))  # mallory holds a key of bob's
+        assert wait_for(lambda: answers(b, "llama3", max_tokens=2) and answers(b, "phi"))
+        chat(b, "llama3", 3)
+        assert wait_for(lambda: len(receipts_at(bob)) == 3 and all_countersigned(bob))
+        before = balance_with(bob, mallory)
+        bob_id, mallory_id, alice_id = node_id(bob), node_id(mallory), node_id(alice)
+        (to_alice,) = rows(bob.path, "SELECT id FROM receipts WHERE provider = ? LIMIT 1", alice_id)
+        (head_seq, head_body) = rows(
+            mallory.path,
+            "SELECT seq, body FROM receipts WHERE consumer = ? ORDER BY seq DESC LIMIT 1",
+            bob_id,
+        )[0]
+        head = msgspec.json.decode(head_body, type=Receipt)  # bob's real request to her
+        real = (head.id, head.price_seq)
+
+        # Mallory's receipts, chained on from her real head so that only the rule refuses them.
+        me = NodeIdentity.load(mallory.path / IDENTITY_FILE)
+        forged: list = []
+        prev = receipt_hash(head)
+        for seq, (request_id, model, price_seq, amount) in enumerate(
+            [
+                ("req_never_sent", "phi", real[1], 900_000),  # a request bob never sent
+                (to_alice[0], "phi", real[1], 900_000),  # bob's request to alice
+                (real[0] + "x", "phi", real[1], 900_000),  # another id
+                (real[0], "llama3", real[1], 1),  # bob's real request to her, other model
+                (real[0], "phi", real[1] + 1000, 1),  # an advert seq bob never saw
+            ],
+            start=head_seq + 1,
+        ):
+            receipt = make_receipt(
+                me.sign,
+                id=request_id,
+                provider=mallory_id,
+                consumer=bob_id,
+                key_id="k",
+                model=model,
+                tokens_in=10_000,
+                tokens_out=10_000,
+                amount=amount,
+                price_seq=price_seq,
+                seq=seq,
+                prev=prev,
+            )
+            forged.append(receipt)
+            prev = receipt_hash(receipt)
+        # Naming alice as provider, signed with mallory's key.
+        as_alice = make_receipt(
+            me.sign,
+            id=to_alice[0],
+            provider=alice_id,
+            consumer=bob_id,
+            key_id="k",
+            model="llama3",
+            tokens_in=1,
+            tokens_out=1,
+            amount=price_of(1, 1, 1_000_000, 1_000_000),
+            price_seq=1,
+            seq=99,
+            prev=prev,
+        )
+        url = b.url + "/federation/receipts"
+        key = _key_issued_to(mallory, bob)
+        for receipt in [*forged, as_alice]:
+            body = msgspec.json.encode({"receipts": [receipt_fields(receipt)]})
+            posted = httpx.post(url, content=body, headers=_signed_by(mallory.path, url, body, key))
+            assert posted.status_code == 200 and posted.json() == {"taken": 0}
+        held = {r[0] for r in rows(bob.path, "SELECT id FROM receipts")}
+        assert not held & {"req_never_sent", real[0] + "x"}
+        assert len(receipts_at(bob)) == 3
+        assert balance_with(bob, mallory) == before
+
+        # Mallory puts them in her own books; bob's reconciliation never imports them.
+        with sqlite3.connect(mallory.path / DATABASE_FILE) as db:
+            for receipt in forged:
+                row = stored(receipt)
+                db.execute(
+                    "INSERT INTO receipts VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    msgspec.structs.astuple(row),
+                )
+        report = ledger(bob, "reconcile", "mallory")
+        assert report["missing_ours"]["count"] == 0  # type: ignore[index]
+        assert report["rejected"]["count"] == len(forged)  # type: ignore[index]
+        assert len(receipts_at(bob)) == 3
+        assert balance_with(bob, mallory) == before
+        assert balance_with(mallory, bob)["they_used"] > before["we_used"]
+
+        # She proposes a settlement over them: refused, and bob holds no statement.
+        refused = CliRunner().invoke(
+            main, ["ledger", "settle", "bob", "--data-dir", str(mallory.path)]
+        )
+        assert refused.exit_code != 0 and "409" in refused.output
+        assert rows(bob.path, "SELECT * FROM settlements") == []
+
+
+def test_receipts_lost_in_a_crash_come_back_countersigned_and_settle(tmp_path: Path) -> None:
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    with alice.run(), bob.run() as b:
+        cli("join", invite(alice), "--data-dir", str(bob.path))
+        assert wait_for(lambda: answers(b, "llama3", max_tokens=2))
+        for tokens in (1, 2, 3):
+            chat(b, "llama3", tokens)
+        assert wait_for(lambda: len(receipts_at(bob)) == 4 and all_countersigned(alice, bob))
+        # Bob crashed before keeping two receipts (he had journaled the requests' usage):
+        # alice holds them countersigned by no one.
+        with sqlite3.connect(bob.path / DATABASE_FILE) as db:
+            db.execute("DROP TRIGGER receipts_no_delete")
+            db.execute("DELETE FROM receipts WHERE seq IN (2, 3)")
+        with sqlite3.connect(alice.path / DATABASE_FILE) as db:
+            db.execute("DROP TRIGGER receipts_csig_once")
+            db.execute("UPDATE receipts SET csig = NULL WHERE seq IN (2, 3)")
+        report = ledger(bob, "reconcile", "alice")
+        assert report["missing_ours"]["count"] == 2 and report["rejected"]["count"] == 0  # type: ignore[index]
+        # Countersigned on both sides: nothing is left disputed.
+        assert all_countersigned(alice, bob) and receipts_at(alice) == receipts_at(bob)
+        again = ledger(bob, "reconcile", "alice")
+        assert again["disputed"]["count"] == 0 and again["matched"]["count"] == 4  # type: ignore[index]
+
+        statement = ledger(bob, "settle", "alice")
+        assert statement["sig_a"] and statement["sig_b"]  # type: ignore[index]
+        assert all(check["ok"] for check in ledger(bob, "verify"))  # type: ignore[union-attr]
+        assert any(c["kind"] == "statement" for c in ledger(bob, "verify"))  # type: ignore[union-attr]
+        assert balance_with(bob, alice)["net"] == 0
+
+        # A damaged hash column at the settled head moves it out of reach: balance must
+        # still not count the settled receipts again.
+        with sqlite3.connect(bob.path / DATABASE_FILE) as db:
+            db.execute("DROP TRIGGER receipts_no_rewrite")
+            db.execute("UPDATE receipts SET hash = 'damaged' WHERE seq = 4")
+        assert balance_with(bob, alice)["net"] == 0
+        # `verify` names the damage, and a statement that was altered.
+        named = CliRunner().invoke(
+            main, ["ledger", "verify", "--json", "--data-dir", str(bob.path)]
+        )
+        assert named.exit_code == 1
+        checks = msgspec.json.decode(named.output)
+        assert [c["problem"] for c in checks if not c["ok"]] == [
+            "seq 4: the stored hash column is not the hash of its receipt"
+        ]
+        altered = dict(statement, b_owes_a=statement["b_owes_a"] + 1, net=statement["net"] - 1)  # type: ignore[index]
+        with sqlite3.connect(bob.path / DATABASE_FILE) as db:
+            db.execute("UPDATE settlements SET body = ?", (msgspec.json.encode(altered).decode(),))
+        broken = CliRunner().invoke(main, ["ledger", "verify", "--data-dir", str(bob.path)])
+        assert broken.exit_code == 1 and "statement" in broken.output and "sig" in broken.output
