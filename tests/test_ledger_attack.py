@@ -16,11 +16,11 @@ import msgspec
 from click.testing import CliRunner
 
 from federation.identity import NodeIdentity
-from ledger.receipts import Receipt, make_receipt, price_of, receipt_fields, receipt_hash
+from ledger.receipts import Receipt, make_receipt, receipt_fields, receipt_hash
 from node.cli import main
 from node.config import DATABASE_FILE, IDENTITY_FILE
 from node.receipts import stored
-from tests.test_federation import LLAMA, _signed_by, answers, cli, invite, make_peer, wait_for
+from tests.test_federation import LLAMA, Peer, _signed_by, answers, cli, invite, make_peer, wait_for
 from tests.test_ledger_nodes import (
     _key_issued_to,
     all_countersigned,
@@ -101,7 +101,7 @@ def test_a_hostile_peer_cannot_bill_for_requests_never_sent(tmp_path: Path) -> N
             model="llama3",
             tokens_in=1,
             tokens_out=1,
-            amount=price_of(1, 1, 1_000_000, 1_000_000),
+            amount=2,  # one token each way at alice's prices
             price_seq=1,
             seq=99,
             prev=prev,
@@ -166,27 +166,50 @@ def test_receipts_lost_in_a_crash_come_back_countersigned_and_settle(tmp_path: P
 
         statement = ledger(bob, "settle", "alice")
         assert statement["sig_a"] and statement["sig_b"]  # type: ignore[index]
-        assert all(check["ok"] for check in ledger(bob, "verify"))  # type: ignore[union-attr]
-        assert any(c["kind"] == "statement" for c in ledger(bob, "verify"))  # type: ignore[union-attr]
-        assert balance_with(bob, alice)["net"] == 0
 
-        # A damaged hash column at the settled head moves it out of reach: balance must
-        # still not count the settled receipts again.
-        with sqlite3.connect(bob.path / DATABASE_FILE) as db:
-            db.execute("DROP TRIGGER receipts_no_rewrite")
-            db.execute("UPDATE receipts SET hash = 'damaged' WHERE seq = 4")
-        assert balance_with(bob, alice)["net"] == 0
-        # `verify` names the damage, and a statement that was altered.
-        named = CliRunner().invoke(
-            main, ["ledger", "verify", "--json", "--data-dir", str(bob.path)]
-        )
-        assert named.exit_code == 1
-        checks = msgspec.json.decode(named.output)
-        assert [c["problem"] for c in checks if not c["ok"]] == [
-            "seq 4: the stored hash column is not the hash of its receipt"
-        ]
-        altered = dict(statement, b_owes_a=statement["b_owes_a"] + 1, net=statement["net"] - 1)  # type: ignore[index]
-        with sqlite3.connect(bob.path / DATABASE_FILE) as db:
-            db.execute("UPDATE settlements SET body = ?", (msgspec.json.encode(altered).decode(),))
-        broken = CliRunner().invoke(main, ["ledger", "verify", "--data-dir", str(bob.path)])
-        assert broken.exit_code == 1 and "statement" in broken.output and "sig" in broken.output
+
+def settled(tmp_path: Path) -> tuple[Peer, Peer, dict]:
+    """Alice served bob four requests, and they settled: (alice, bob, the statement)."""
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    with alice.run(), bob.run() as b:
+        cli("join", invite(alice), "--data-dir", str(bob.path))
+        assert wait_for(lambda: answers(b, "llama3", max_tokens=2))
+        for tokens in (1, 2, 3):
+            chat(b, "llama3", tokens)
+        assert wait_for(lambda: len(receipts_at(bob)) == 4 and all_countersigned(alice, bob))
+        statement = ledger(bob, "settle", "alice")
+    assert balance_with(bob, alice)["net"] == 0
+    return alice, bob, statement  # type: ignore[return-value]
+
+
+def verified(peer: Peer) -> tuple[int, list[dict]]:
+    result = CliRunner().invoke(main, ["ledger", "verify", "--json", "--data-dir", str(peer.path)])
+    return result.exit_code, msgspec.json.decode(result.output)
+
+
+def test_verify_checks_settlement_statements(tmp_path: Path) -> None:
+    _, bob, statement = settled(tmp_path)
+    code, checks = verified(bob)
+    assert code == 0 and [c["receipts"] for c in checks if c["kind"] == "statement"] == [4]
+    altered = dict(statement, b_owes_a=statement["b_owes_a"] + 1, net=statement["net"] - 1)
+    with sqlite3.connect(bob.path / DATABASE_FILE) as db:
+        db.execute("UPDATE settlements SET body = ?", (msgspec.json.encode(altered).decode(),))
+    code, checks = verified(bob)
+    (broken,) = [c for c in checks if not c["ok"]]
+    assert code == 1 and broken["kind"] == "statement" and "sig_" in broken["problem"]
+
+
+def test_a_moved_head_never_counts_a_settled_receipt_twice(tmp_path: Path) -> None:
+    """A damaged hash column at the settled head (a bad restore, a hand edit): the statement's
+    head is still found (hashes are recomputed from bodies), and `verify` names the damage."""
+    alice, bob, _ = settled(tmp_path)
+    with sqlite3.connect(bob.path / DATABASE_FILE) as db:
+        db.execute("DROP TRIGGER receipts_no_rewrite")
+        db.execute("UPDATE receipts SET hash = 'damaged' WHERE seq = 4")
+    assert balance_with(bob, alice)["net"] == 0 and balance_with(bob, alice)["receipts"] == 0
+    code, checks = verified(bob)
+    assert code == 1
+    assert [c["problem"] for c in checks if not c["ok"]] == [
+        "seq 4: the stored hash column is not the hash of its receipt"
+    ]

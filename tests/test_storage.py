@@ -5,6 +5,7 @@ writer holds it, and never a gap or a duplicate in a chain either way."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
 import threading
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ledger.canonical import b64url
 from node.storage import (
     Hold,
     ReceiptMaker,
@@ -21,10 +23,14 @@ from node.storage import (
     Store,
     StoredReceipt,
     UsageRecord,
-    body_hash,
 )
 
 PAIR = ("provider-node", "consumer-node")
+
+
+def body_hash(body: str) -> str:
+    """A receipt's chain hash: sha-256 of its stored body (what its provider signed)."""
+    return b64url(hashlib.sha256(body.encode()).digest())
 
 
 def settlement(request_id: str, cost: int = 7, holds: Sequence[Hold] = ()) -> Settlement:
