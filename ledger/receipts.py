@@ -210,7 +210,7 @@ def verify_countersignature(r: Receipt, consumer_key: bytes) -> None:
 MICROS_PER_MILLION_TOKENS = 1_000_000
 
 
-class SentRequest(msgspec.Struct, frozen=True, kw_only=True):
+class SentRequest(msgspec.Struct, frozen=True):
     """What a consumer recorded of a request it routed to a peer: the only thing a receipt
     may bill it for (DESIGN.md, "Who may hand a node a receipt")."""
 
@@ -229,27 +229,37 @@ def price_of(tokens_in: int, tokens_out: int, price_in: int, price_out: int) -> 
     return -(-numerator // MICROS_PER_MILLION_TOKENS)
 
 
+class UnseenAdvert(RecordError):
+    """A receipt priced under an advert seq of its provider's that we do not hold (yet: a
+    provider takes a new seq when it restarts; fetching its advert may show it)."""
+
+
 def take_receipt(
     data: bytes | str | Mapping[str, Any] | Receipt,
     *,
     me: str,
     sender: str,
     sent: SentRequest | None,
+    advert_seq: int = 0,
     now: float | None = None,
 ) -> Receipt:
     """The receipt, if node `me` may take it from `sender`; RecordError saying why not.
 
     A node takes a receipt only as its consumer, from the provider that signed it (the
     sender is the provider), for a request it sent that provider (`sent`, found by the
-    receipt's id): the same model, priced under an advert no later than the one the request
-    was routed under (the provider cannot cite prices we never saw), and charging no more
-    than the receipt's tokens cost at that advert's prices."""
+    receipt's id): the same model, priced under an advert seq of the provider's that it
+    holds (no later than the newest it holds, `advert_seq`, or the one the request was
+    routed under: a provider cannot cite an advert it never issued), and charging no more
+    than the receipt's tokens cost at the prices the request was routed under (what the
+    consumer agreed to when it sent it)."""
     receipt = verify_receipt(data, public_key_of(sender), consumer=me, now=now)
-    check_billing(receipt, me=me, sender=sender, sent=sent)
+    check_billing(receipt, me=me, sender=sender, sent=sent, advert_seq=advert_seq)
     return receipt
 
 
-def check_billing(receipt: Receipt, *, me: str, sender: str, sent: SentRequest | None) -> None:
+def check_billing(
+    receipt: Receipt, *, me: str, sender: str, sent: SentRequest | None, advert_seq: int = 0
+) -> None:
     """`take_receipt` but for the signatures: RecordError unless `receipt` bills `me` for
     `sent`, a request it sent `sender`, as it asked and priced it. For receipts whose
     signatures were checked on the way in."""
@@ -261,10 +271,11 @@ def check_billing(receipt: Receipt, *, me: str, sender: str, sent: SentRequest |
         raise RecordError(f"receipt {receipt.id!r} names a request we sent another node")
     if receipt.model != sent.model:
         raise RecordError(f"receipt is for model {receipt.model!r}, we asked for {sent.model!r}")
-    if receipt.price_seq > sent.price_seq:
-        raise RecordError(
-            f"receipt is priced under advert seq {receipt.price_seq}, after the one we hold"
-            f" ({sent.price_seq})"
+    held = max(sent.price_seq, advert_seq)
+    if receipt.price_seq > held:
+        raise UnseenAdvert(
+            f"receipt is priced under advert seq {receipt.price_seq}, after the newest we hold"
+            f" ({held})"
         )
     fair = price_of(receipt.tokens_in, receipt.tokens_out, sent.price_in, sent.price_out)
     if receipt.amount > fair:

@@ -40,7 +40,14 @@ from ledger.settlement import (
 )
 from node.errors import ApiError
 from node.peering import signed_request
-from node.receipts import admissible, loaded, record_equivocation, sent_to, stored
+from node.receipts import (
+    admissible,
+    held_advert_seq,
+    loaded,
+    record_equivocation,
+    sent_to,
+    stored,
+)
 from node.storage import PeerRecord, Store, StoredReceipt, body_hash
 
 log = logging.getLogger("aihub.ledger")
@@ -602,10 +609,13 @@ async def _check_billed(store: Store, pair: Pair) -> None:
     we sent the peer, as we asked and priced them (receipts in our books from before that
     rule was kept, or put there by hand, stop the settlement: they are for an admin)."""
     sent = await sent_to(store, pair.peer, pair.theirs)
+    seq = await held_advert_seq(store, pair.peer)
     refused = []
     for receipt in pair.theirs:
         try:
-            check_billing(receipt, me=pair.me, sender=pair.peer, sent=sent.get(receipt.id))
+            check_billing(
+                receipt, me=pair.me, sender=pair.peer, sent=sent.get(receipt.id), advert_seq=seq
+            )
         except RecordError as exc:
             refused.append((receipt, str(exc)))
     if refused:

@@ -76,7 +76,7 @@ def register(
             as_json(rows)
             return
         table = Table(title="Balances since the last settlement")
-        for column in ("peer", "we used", "they used", "net", "receipts"):
+        for column in ("peer", "we used", "they used", "net", "receipts", "unanswered"):
             table.add_column(column, justify="left" if column == "peer" else "right")
         for row in rows:
             table.add_row(
@@ -85,6 +85,7 @@ def register(
                 amount(row.they_used),
                 _signed_amount(row.net),
                 str(row.receipts),
+                amount(row.unanswered),
             )
         console.print(table)
 
@@ -152,6 +153,7 @@ def register(
             "mismatched",
             "equivocation",
             "rejected",
+            "unanswered",
         ):
             bucket = getattr(report, label)
             table.add_row(label.replace("_", " "), str(bucket.count), amount(bucket.amount))

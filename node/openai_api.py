@@ -248,14 +248,9 @@ class Accounting:
             status=status,
             error=error,
         )
-        if route is not None and route.peer_id is not None:
-            # The durable record of what we asked the peer: its receipts are checked against it.
-            record.peer_id = route.peer_id
-            record.peer_model = route.spec.name
-            record.price_seq = route.price_seq
-            record.price_in = route.spec.price_in
-            record.price_out = route.spec.price_out
-        settlement = Settlement(record, self.hub.budgets.settle(self.holds, cost))
+        settlement = Settlement(
+            record, self.hub.budgets.settle(self.holds, cost), _sent(self.request_id, route, status)
+        )
         if self.for_peer and route is not None and status == 200:
             self._for_receipt = settlement
         else:
@@ -289,15 +284,8 @@ class Accounting:
     def take_receipt(self, route: Route, receipt: bytes | None, cost: int) -> None:
         """The receipt of the peer that served us, kept and countersigned off the path if it
         is for this very request, as we asked and priced it."""
-        if route.peer_id is not None and receipt is not None:
-            sent = SentRequest(
-                id=self.request_id,
-                peer=route.peer_id,
-                model=route.spec.name,
-                price_seq=route.price_seq,
-                price_in=route.spec.price_in,
-                price_out=route.spec.price_out,
-            )
+        sent = _sent(self.request_id, route, 200)
+        if sent is not None and receipt is not None:
             self.hub.ledger.take(sent, receipt, cost)
 
     def observe_latency(self) -> None:
@@ -315,6 +303,17 @@ class Accounting:
             error=exc.detail.message[:500],
         )
         raise exc
+
+
+def _sent(request_id: str, route: Route | None, status: int) -> SentRequest | None:
+    """For a request routed to a peer, the durable record of what we asked it (journaled
+    with the usage record): the only request its receipt may bill."""
+    if route is None or route.peer_id is None:
+        return None
+    spec = route.spec
+    return SentRequest(
+        request_id, route.peer_id, spec.name, route.price_seq, spec.price_in, spec.price_out, status
+    )
 
 
 def client_ip(request: Request) -> str | None:

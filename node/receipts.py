@@ -25,6 +25,7 @@ from ledger.receipts import (
     GENESIS,
     Receipt,
     SentRequest,
+    UnseenAdvert,
     countersign,
     make_receipt,
     parse_receipt,
@@ -166,31 +167,56 @@ class Ledger:
             while self._taken:
                 await asyncio.sleep(TAKE_DELAY)
                 batch, self._taken = self._taken, []
-                receipts = [r for r in map(self._checked, batch) if r is not None]
                 try:
-                    await self.keep_all(receipts)
+                    await self.keep_all(await self._checked_all(batch))
                 except Exception:
                     # Reconciliation recovers them from the provider's signed copies.
-                    log.exception("could not keep %d receipts", len(receipts))
+                    log.exception("could not keep %d receipts", len(batch))
         finally:
             self._taker = None
 
-    def _checked(self, taken: _Taken) -> Receipt | None:
-        """The receipt, verified against the request it answered and countersigned; None
-        (and a warning) if it is refused."""
+    async def _checked_all(self, batch: list[_Taken]) -> list[Receipt]:
+        """The receipts of a batch that may be taken, countersigned. One priced under an
+        advert seq we do not hold yet is checked again once its provider's advert is fetched
+        (a provider takes a new seq at every start, and we may not have heard yet)."""
+        receipts, unseen = [], []
+        for taken in batch:
+            try:
+                receipts.append(self._checked(taken))
+            except UnseenAdvert:
+                unseen.append(taken)
+            except (RecordError, ValueError) as exc:
+                log.warning("refused a receipt from %s: %s", taken.sent.peer, exc)
+        for provider in {taken.sent.peer for taken in unseen}:
+            peer = self.peering.peers.get(provider)
+            if peer is not None:
+                await self.peering.refresh_advert(peer)
+        for taken in unseen:
+            try:
+                receipts.append(self._checked(taken))
+            except (RecordError, ValueError) as exc:
+                log.warning("refused a receipt from %s: %s", taken.sent.peer, exc)
+        return receipts
+
+    def _checked(self, taken: _Taken) -> Receipt:
+        """The receipt, verified against the request it answered, and countersigned;
+        RecordError (UnseenAdvert for an advert seq we do not hold) or ValueError if it is
+        refused."""
         provider = taken.sent.peer
-        try:
-            # In a header it is base64url (headers are ASCII); in a stream event, the JSON.
-            data = taken.data
-            signed = data if data.startswith(b"{") else b64url_decode(data.decode())
-            receipt = take_receipt(
-                signed, me=self.identity.node_id, sender=provider, sent=taken.sent
-            )
-        except (RecordError, ValueError) as exc:
-            log.warning("refused a receipt from %s: %s", provider, exc)
-            return None
+        # In a header it is base64url (headers are ASCII); in a stream event, the JSON.
+        data = taken.data
+        signed = data if data.startswith(b"{") else b64url_decode(data.decode())
+        peer = self.peering.peers.get(provider)
+        receipt = take_receipt(
+            signed,
+            me=self.identity.node_id,
+            sender=provider,
+            sent=taken.sent,
+            advert_seq=peer.advert.seq if peer is not None and peer.advert is not None else 0,
+        )
         if receipt.amount > taken.our_cost:
-            # Priced above its advert: kept (it is what they signed) but said, for the admin.
+            # Its tokens count more than the answer we got said: kept (it is within the
+            # advertised prices, and what they signed) but said, for the admin.
             log.warning(
                 "receipt %d from %s charges %d, more than the advertised %d",
                 receipt.seq,
@@ -279,17 +305,34 @@ async def sent_to(store: Store, sender: str, receipts: list[Receipt]) -> dict[st
     return await store.sent_requests(sender, [r.id for r in receipts])
 
 
+async def held_advert_seq(store: Store, peer: str) -> int:
+    """The seq of the newest advert of `peer`'s we hold (0 if none): verified when it came."""
+    record = await store.peer(peer)
+    if record is None or not record.advert:
+        return 0
+    try:
+        seq = msgspec.json.decode(record.advert).get("seq", 0)
+    except (msgspec.DecodeError, AttributeError):
+        return 0
+    return seq if type(seq) is int else 0
+
+
 async def admissible(
     store: Store, me: str, sender: str, receipts: list[Receipt]
 ) -> tuple[list[Receipt], list[tuple[Receipt, str]]]:
     """Of receipts `sender` handed us as their consumer (say, in reconciliation), those the
     rule lets us take (`take_receipt`: signed by the sender, for a request we sent it, as we
-    asked and priced it), and those refused with why."""
+    asked and priced it, under an advert seq we hold), and those refused with why."""
     sent = await sent_to(store, sender, receipts)
+    seq = await held_advert_seq(store, sender) if receipts else 0
     taken, refused = [], []
     for receipt in receipts:
         try:
-            taken.append(take_receipt(receipt, me=me, sender=sender, sent=sent.get(receipt.id)))
+            taken.append(
+                take_receipt(
+                    receipt, me=me, sender=sender, sent=sent.get(receipt.id), advert_seq=seq
+                )
+            )
         except RecordError as exc:
             refused.append((receipt, str(exc)))
     return taken, refused

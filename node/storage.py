@@ -192,15 +192,30 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (a, b, iat)
     );
     """,
-    # 5 (books-intake): what a consumer routed to a peer, on the request's own usage record:
-    # the request a receipt from that peer may bill (DESIGN.md, "Who may hand a node a
-    # receipt"). Written where the usage record already is: no extra write per request.
+    # 5 (books-intake): what a consumer routed to a peer: the request a receipt from that
+    # peer may bill (DESIGN.md, "Who may hand a node a receipt"), written in the batch that
+    # writes the request's usage record (a table of its own: local requests pay nothing).
     """
-    ALTER TABLE usage ADD COLUMN peer_id TEXT;
-    ALTER TABLE usage ADD COLUMN peer_model TEXT;
-    ALTER TABLE usage ADD COLUMN price_seq INTEGER;
-    ALTER TABLE usage ADD COLUMN price_in INTEGER;
-    ALTER TABLE usage ADD COLUMN price_out INTEGER;
+    CREATE TABLE peer_requests (
+        request_id TEXT PRIMARY KEY,
+        peer_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        price_seq INTEGER NOT NULL,
+        price_in INTEGER NOT NULL,
+        price_out INTEGER NOT NULL,
+        status INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    -- Receipts taken before this rule stay takeable (e.g. back from the peer after a restore):
+    -- their requests' records are filled in from the receipt of the peer the usage record
+    -- names (deployment `model@peer name`), with no price ceiling (2^53 - 1: the prices were
+    -- not recorded). Receipts naming requests we never routed to their provider get none.
+    INSERT OR IGNORE INTO peer_requests
+    SELECT u.request_id, r.provider, json_extract(r.body, '$.model'),
+        json_extract(r.body, '$.price_seq'), 9007199254740991, 9007199254740991, u.status
+    FROM usage u JOIN receipts r ON r.id = u.request_id
+        JOIN peers p ON p.node_id = r.provider
+    WHERE u.provider = 'peer'
+        AND u.deployment = json_extract(r.body, '$.model') || '@' || p.name;
     """,
 ]
 
@@ -276,13 +291,6 @@ class UsageRecord(msgspec.Struct):
     latency_ms: int
     status: int
     error: str | None = None
-    # For a request routed to a peer: the peer, the model asked of it, and the advert (seq
-    # and prices) it was priced under; what a receipt from that peer is checked against.
-    peer_id: str | None = None
-    peer_model: str | None = None
-    price_seq: int | None = None
-    price_in: int | None = None
-    price_out: int | None = None
 
 
 class Hold(msgspec.Struct, frozen=True):
@@ -298,6 +306,8 @@ class Settlement(msgspec.Struct):
 
     record: UsageRecord
     holds: list[Hold] = []
+    # A request routed to a peer: what we asked it (what its receipts are checked against).
+    sent: SentRequest | None = None
 
 
 class AuditEvent(msgspec.Struct):
@@ -890,21 +900,11 @@ class Store:
         for start in range(0, len(ids), 500):
             chunk = list(ids[start : start + 500])
             rows = await self._fetchall(
-                "SELECT request_id, peer_id, peer_model, price_seq, price_in, price_out, status"
-                f" FROM usage WHERE request_id IN ({','.join('?' * len(chunk))})"
-                " AND peer_id = ?",
+                f"SELECT {_SENT_COLUMNS} FROM peer_requests"
+                f" WHERE request_id IN ({','.join('?' * len(chunk))}) AND peer_id = ?",
                 (*chunk, peer),
             )
-            for row in rows:
-                found[row[0]] = SentRequest(
-                    id=row[0],
-                    peer=row[1],
-                    model=row[2] or "",
-                    price_seq=row[3] or 0,
-                    price_in=row[4] or 0,
-                    price_out=row[5] or 0,
-                    status=row[6],
-                )
+            found.update((row[0], SentRequest(*row)) for row in rows)
         return found
 
     async def receipts_at(
@@ -1058,6 +1058,8 @@ _USAGE_COLUMNS = ", ".join(_USAGE_FIELDS)
 _INSERT_USAGE = (
     f"INSERT OR IGNORE INTO usage ({_USAGE_COLUMNS}) VALUES ({','.join('?' * len(_USAGE_FIELDS))})"
 )
+_SENT_COLUMNS = "request_id, peer_id, model, price_seq, price_in, price_out, status"
+_INSERT_SENT = f"INSERT OR IGNORE INTO peer_requests ({_SENT_COLUMNS}) VALUES (?,?,?,?,?,?,?)"
 _INSERT_RECEIPT = (
     "INSERT INTO receipts (provider, consumer, seq, id, hash, amount, iat, body, csig,"
     " csig_sent) VALUES (?,?,?,?,?,?,?,?,?,?)"
@@ -1210,6 +1212,9 @@ def _write_settlements(
             for hold in s.holds
         ],
     )
+    sent = [s.sent for s in fresh if s.sent is not None]
+    if sent:
+        db.executemany(_INSERT_SENT, [msgspec.structs.astuple(request) for request in sent])
     if events:
         db.executemany(
             "INSERT INTO audit (ts_ms, actor, action, target, ip, detail) VALUES (?,?,?,?,?,?)",

@@ -28,7 +28,7 @@ from ledger.receipts import (
 from ledger.records import RecordError, Signer
 from node import books
 from node.receipts import keep_receipts, stored
-from node.storage import Store, UsageRecord
+from node.storage import Settlement, Store, UsageRecord
 
 
 class Node:
@@ -72,27 +72,41 @@ def receipt(
     return make_receipt(signer.sign, **terms)
 
 
-def take(r: Receipt, sender: str = PROVIDER.id, sent: SentRequest | None = SENT) -> Receipt:
-    return take_receipt(receipt_fields(r), me=CONSUMER.id, sender=sender, sent=sent)
+def take(
+    r: Receipt, sender: str = PROVIDER.id, sent: SentRequest | None = SENT, held: int = 0
+) -> Receipt:
+    return take_receipt(
+        receipt_fields(r), me=CONSUMER.id, sender=sender, sent=sent, advert_seq=held
+    )
 
 
 counts = st.integers(min_value=0, max_value=10**7)
 
 
 @settings(max_examples=60, deadline=None)
-@given(tokens_in=counts, tokens_out=counts, seq_back=st.integers(0, 5), discount=st.integers(0, 9))
+@given(
+    tokens_in=counts,
+    tokens_out=counts,
+    seq_shift=st.integers(-5, 5),
+    held=st.integers(0, 10),
+    discount=st.integers(0, 9),
+)
 def test_the_provider_s_receipt_for_our_request_as_priced_is_taken(
-    tokens_in: int, tokens_out: int, seq_back: int, discount: int
+    tokens_in: int, tokens_out: int, seq_shift: int, held: int, discount: int
 ) -> None:
-    """Priced under the advert the request was routed under (or an earlier one), at most
-    what its tokens cost at those prices: taken, exactly as signed."""
+    """Priced under an advert seq we hold (at most the newest we hold, or the one the
+    request was routed under), at most what its tokens cost at the routed prices: taken,
+    exactly as signed."""
     fair = price_of(tokens_in, tokens_out, SENT.price_in, SENT.price_out)
+    price_seq = max(0, SENT.price_seq + seq_shift)
     r = receipt(
-        tokens=(tokens_in, tokens_out),
-        price_seq=SENT.price_seq - seq_back,
-        amount=fair * (10 - discount) // 10,
+        tokens=(tokens_in, tokens_out), price_seq=price_seq, amount=fair * (10 - discount) // 10
     )
-    assert take(r) == r
+    if price_seq > max(SENT.price_seq, held):
+        with pytest.raises(RecordError):
+            take(r, held=held)
+    else:
+        assert take(r, held=held) == r
 
 
 # One way each that a receipt is not ours to take: (what changes, and how).
@@ -134,11 +148,13 @@ def misfit(kind: str, bump: int) -> tuple[Receipt, str, SentRequest | None]:
 
 
 @settings(max_examples=120, deadline=None)
-@given(kind=MISFITS, bump=st.integers(1, 10**6))
-def test_anything_else_is_refused(kind: str, bump: int) -> None:
+@given(kind=MISFITS, bump=st.integers(1, 10**6), held=st.integers(0, 10))
+def test_anything_else_is_refused(kind: str, bump: int, held: int) -> None:
+    """Whatever newer advert we hold (`held` above the routed seq, or none)."""
     r, sender, sent = misfit(kind, bump)
+    held = SENT.price_seq + held if kind != "price seq" else min(held, SENT.price_seq)
     with pytest.raises(RecordError):
-        take(r, sender, sent)
+        take(r, sender, sent, held)
 
 
 # --- the store: links and one receipt per request -------------------------------------------
@@ -184,8 +200,9 @@ def test_a_receipt_that_does_not_link_with_its_neighbours_is_refused(tmp_path: P
     asyncio.run(run())
 
 
-def usage(request_id: str, status: int, sent: SentRequest = SENT) -> UsageRecord:
-    return UsageRecord(
+def settled(request_id: str, status: int, sent: SentRequest = SENT) -> Settlement:
+    """Our usage record of a request routed to the provider, with what we asked it."""
+    record = UsageRecord(
         request_id=request_id,
         ts_ms=1,
         key_id="k",
@@ -201,12 +218,8 @@ def usage(request_id: str, status: int, sent: SentRequest = SENT) -> UsageRecord
         cost_micros=1,
         latency_ms=1,
         status=status,
-        peer_id=sent.peer,
-        peer_model=sent.model,
-        price_seq=sent.price_seq,
-        price_in=sent.price_in,
-        price_out=sent.price_out,
     )
+    return Settlement(record, [], msgspec.structs.replace(sent, id=request_id, status=status))
 
 
 def test_what_we_are_billed_for_answers_that_never_reached_us_shows(tmp_path: Path) -> None:
@@ -216,7 +229,7 @@ def test_what_we_are_billed_for_answers_that_never_reached_us_shows(tmp_path: Pa
 
     async def run() -> None:
         async with Store.opened(tmp_path / "db") as store:
-            await store.insert_usage([usage("req_1", 200), usage("req_2", 499)])
+            await store.write_batch([settled("req_1", 200), settled("req_2", 499)], [])
             sent = await store.sent_requests(PROVIDER.id, ["req_1", "req_2", "req_3"])
             assert sent["req_1"] == SENT and sent["req_2"].status == 499 and "req_3" not in sent
             one, two = chain(2)
@@ -238,19 +251,99 @@ def test_an_in_band_receipt_for_another_request_is_not_kept(tmp_path: Path) -> N
         def sign(self, data: bytes) -> bytes:
             return CONSUMER.sign(data)
 
-    ledger = Ledger(Identity(), None, None, None)  # type: ignore[arg-type]
+    class Peering:
+        peers: dict = {}
+
+    ledger = Ledger(Identity(), None, None, Peering())  # type: ignore[arg-type]
     good = receipt()
     data = msgspec.json.encode(receipt_fields(good))
-    assert ledger._checked(_Taken(SENT, data, good.amount)) is not None
+    assert ledger._checked(_Taken(SENT, data, good.amount)).csig
     for wrong in (
         receipt(id="req_other"),
         receipt(model="other"),
         receipt(price_seq=SENT.price_seq + 1),
     ):
         data = msgspec.json.encode(receipt_fields(wrong))
-        assert ledger._checked(_Taken(SENT, data, good.amount)) is None
+        with pytest.raises(RecordError):
+            ledger._checked(_Taken(SENT, data, good.amount))
 
 
 def test_stored_rows_round_trip() -> None:
     r = chain(1)[0]
     assert stored(r).hash == receipt_hash(r)
+
+
+def test_receipts_taken_before_the_rule_keep_a_record_of_their_request(tmp_path: Path) -> None:
+    """Upgrading: the migration fills in the routed-request record of each receipt already
+    held from the peer its usage record names, and of no other."""
+    import sqlite3
+
+    from node.storage import MIGRATIONS
+
+    db = sqlite3.connect(tmp_path / "db", isolation_level=None)
+    for number, script in enumerate(MIGRATIONS[:4], start=1):
+        db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+    db.execute(
+        "INSERT INTO peers (node_id, name, descriptor, status, created_at) VALUES (?,?,?,?,?)",
+        (PROVIDER.id, "alice", "{}", "active", 1),
+    )
+    old_usage = (
+        "INSERT INTO usage VALUES (?,1,'k',NULL,'llama3',?,'peer','chat',0,10,20,0,1,1,200,NULL)"
+    )
+    db.execute(old_usage, ("req_1", "llama3@alice"))
+    db.execute(old_usage, ("req_2", "llama3@bob"))  # routed to another peer than the receipt's
+    for r in (receipt(), receipt(seq=2, prev=receipt_hash(receipt()), id="req_2")):
+        db.execute(
+            "INSERT INTO receipts VALUES (?,?,?,?,?,?,?,?,?,?)", msgspec.structs.astuple(stored(r))
+        )
+    db.close()
+
+    async def run() -> None:
+        async with Store.opened(tmp_path / "db") as store:
+            sent = await store.sent_requests(PROVIDER.id, ["req_1", "req_2"])
+            assert list(sent) == ["req_1"]
+            assert (sent["req_1"].model, sent["req_1"].price_seq) == ("llama3", SENT.price_seq)
+            take(receipt(), sent=sent["req_1"])
+
+    asyncio.run(run())
+
+
+def test_a_statement_over_receipts_that_bill_no_request_of_ours_is_not_countersigned(
+    tmp_path: Path,
+) -> None:
+    """Receipts that reached our books without the rule (kept before it, or by hand) stop a
+    settlement: we sign only totals we can match, receipt by receipt, to requests we sent."""
+    from ledger.settlement import make_statement, sign_statement
+
+    class Identity:
+        node_id = CONSUMER.id
+
+        def sign(self, data: bytes) -> bytes:
+            return CONSUMER.sign(data)
+
+    one, two = chain(2)
+    a, b = sorted((PROVIDER, CONSUMER), key=lambda node: node.id)
+    a_to_b, b_to_a = ([one, two], []) if PROVIDER is a else ([], [one, two])
+    proposed = make_statement(a_to_b, b_to_a, a.id, b.id, previous=None)
+    side = "a" if PROVIDER is a else "b"
+    body = msgspec.json.encode(
+        {"statement": msgspec.to_builtins(sign_statement(proposed, PROVIDER.sign, side))}
+    )
+
+    async def run() -> None:
+        async with Store.opened(tmp_path / "db") as store:
+            for row in (stored(one), stored(two)):  # in our books, bypassing the rule
+                await store._exec(
+                    "INSERT INTO receipts VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    msgspec.structs.astuple(row),
+                )
+            await store.write_batch([settled("req_1", 200)], [])  # we sent req_1 only
+            with pytest.raises(books.BooksError) as refused:
+                await books.countersign_statement(store, Identity(), PROVIDER.id, body)  # type: ignore[arg-type]
+            assert refused.value.status == 409 and "req_2" in refused.value.message
+            assert await store.settlements() == []
+            await store.write_batch([settled("req_2", 200)], [])
+            both = await books.countersign_statement(store, Identity(), PROVIDER.id, body)  # type: ignore[arg-type]
+            assert both.sig_a and both.sig_b
+
+    asyncio.run(run())
