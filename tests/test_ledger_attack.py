@@ -16,10 +16,12 @@ import msgspec
 from click.testing import CliRunner
 
 from federation.identity import NodeIdentity
-from ledger.receipts import Receipt, make_receipt, receipt_fields, receipt_hash
+from ledger.receipts import Receipt, make_receipt, parse_receipt, receipt_fields, receipt_hash
+from node.app import create_app
 from node.cli import main
 from node.config import DATABASE_FILE, IDENTITY_FILE
 from node.receipts import stored
+from tests.mocks.server import serve_app
 from tests.test_federation import LLAMA, Peer, _signed_by, answers, cli, invite, make_peer, wait_for
 from tests.test_ledger_nodes import (
     _key_issued_to,
@@ -29,6 +31,7 @@ from tests.test_ledger_nodes import (
     ledger,
     node_id,
     receipts_at,
+    stream,
 )
 
 PHI = '[[models]]\nname = "phi"\nprovider = "echo"\nprice_in = 500_000\nprice_out = 700_000'
@@ -213,3 +216,47 @@ def test_a_moved_head_never_counts_a_settled_receipt_twice(tmp_path: Path) -> No
     assert [c["problem"] for c in checks if not c["ok"]] == [
         "seq 4: the stored hash column is not the hash of its receipt"
     ]
+
+
+def test_a_hostile_peer_s_receipt_in_its_answer_is_refused(tmp_path: Path) -> None:
+    """Mallory's node answers bob's requests but hands back, in the response header or the
+    stream's receipt event, receipts that are not for what bob asked: another request id,
+    another model, an advert seq she never issued, more than the advertised price. Bob keeps
+    none of them (her honest copies of those requests stay hers, for reconciliation)."""
+    mallory = make_peer(tmp_path, "mallory", PHI)
+    bob = make_peer(tmp_path, "bob")
+    app = create_app(mallory.path)
+    with serve_app(app, lifespan="on", port=mallory.port), bob.run() as b:
+        cli("join", invite(mallory), "--data-dir", str(bob.path))
+        assert wait_for(lambda: answers(b, "phi"))
+        assert wait_for(lambda: len(receipts_at(bob)) == 1)
+        hub = app.state.hub
+        honest = hub.ledger.issue
+        lies = [
+            {"id": "req_invented"},
+            {"model": "llama3"},
+            {"price_seq": 10**9},
+            {"amount": 10**9},
+        ]
+
+        async def hostile(settlement, consumer, receipt_id, key_id):  # type: ignore[no-untyped-def]
+            signed = parse_receipt(await honest(settlement, consumer, receipt_id, key_id))
+            fields = {**receipt_fields(signed), **lies.pop(0)}
+            for name in ("v", "sig", "csig", "iat"):
+                fields.pop(name)
+            return stored(make_receipt(hub.identity.sign, **fields)).body.encode()
+
+        hub.ledger.issue = hostile
+        chat(b, "phi", 3)
+        stream(b, "phi")
+        chat(b, "phi", 4)
+        stream(b, "phi")
+        assert lies == []
+        # She turns honest again: once bob holds that receipt, he has judged the ones before
+        # (receipts are taken off the request path, in order).
+        hub.ledger.issue = honest
+        chat(b, "phi", 2)
+        held = f"SELECT seq FROM receipts WHERE provider = '{node_id(mallory)}' ORDER BY seq"
+        assert wait_for(lambda: rows(bob.path, held) == [(1,), (6,)])
+        (row,) = ledger(bob, "balance")  # type: ignore[misc]
+        assert row["receipts"] == 2
