@@ -1018,7 +1018,7 @@ class Store:
 
     async def usage_since(self, since_ms: int = 0) -> list[UsageRecord]:
         rows = await self._fetchall(
-            f"SELECT {_USAGE_COLUMNS} FROM usage WHERE ts_ms >= ? ORDER BY ts_ms", (since_ms,)
+            "SELECT * FROM usage WHERE ts_ms >= ? ORDER BY ts_ms", (since_ms,)
         )
         return [
             msgspec.convert(dict(zip(_USAGE_FIELDS, row, strict=True)), UsageRecord, strict=False)
@@ -1053,11 +1053,6 @@ class Store:
 
 
 _USAGE_FIELDS = UsageRecord.__struct_fields__
-# Named, not `*`: columns are found by name whatever order the migrations added them in.
-_USAGE_COLUMNS = ", ".join(_USAGE_FIELDS)
-_INSERT_USAGE = (
-    f"INSERT OR IGNORE INTO usage ({_USAGE_COLUMNS}) VALUES ({','.join('?' * len(_USAGE_FIELDS))})"
-)
 _SENT_COLUMNS = "request_id, peer_id, model, price_seq, price_in, price_out, status"
 _INSERT_SENT = f"INSERT OR IGNORE INTO peer_requests ({_SENT_COLUMNS}) VALUES (?,?,?,?,?,?,?)"
 _INSERT_RECEIPT = (
@@ -1200,7 +1195,7 @@ def _write_settlements(
         known.update(row[0] for row in rows)
     fresh = [s for s in settlements if s.record.request_id not in known]
     db.executemany(
-        _INSERT_USAGE,
+        "INSERT OR IGNORE INTO usage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         [msgspec.structs.astuple(s.record) for s in fresh],
     )
     db.executemany(
