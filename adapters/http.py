@@ -17,7 +17,13 @@ from typing import NamedTuple, TypeVar
 import aiohttp
 import msgspec
 
-from adapters.types import Upstream, UpstreamError, error_status_for, parse_retry_after
+from adapters.types import (
+    Upstream,
+    UpstreamError,
+    error_status_for,
+    parse_retry_after,
+    parse_retry_after_ms,
+)
 
 T = TypeVar("T")
 
@@ -69,9 +75,16 @@ def upstream_error(
         type="invalid_request_error" if client_status in (400, 404, 413, 422) else "upstream_error",
         code=code,
         retryable=retryable,
-        retry_after=parse_retry_after(headers.get("retry-after")),
+        retry_after=retry_after_of(headers),
         upstream_status=status,
     )
+
+
+def retry_after_of(headers: Mapping[str, str]) -> float | None:
+    """The wait an upstream asks for: OpenAI's finer `retry-after-ms` if it is sane, else the
+    standard `Retry-After`; both untrusted, both clamped."""
+    precise = parse_retry_after_ms(headers.get("retry-after-ms"))
+    return precise if precise is not None else parse_retry_after(headers.get("retry-after"))
 
 
 # What aiohttp raises when the network or the peer fails (its own errors, and timeouts).
