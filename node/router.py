@@ -99,14 +99,23 @@ class Router:
     def serves(self, model: str, kind: str, *, local_only: bool = False) -> bool:
         return bool(self._candidates(model, kind, local_only))
 
-    def plan(self, model: str, kind: str, *, local_only: bool = False) -> list[Route]:
+    def plan(
+        self,
+        model: str,
+        kind: str,
+        *,
+        local_only: bool = False,
+        allowed: Callable[[str], bool] | None = None,
+    ) -> list[Route]:
         """Every route worth trying for `model`, best first, fallbacks after: local
         deployments, then peers that advertise the model (unless `local_only`, as for a
-        request that is itself from a peer)."""
+        request that is itself from a peer). Only the fallback models that `allowed` passes
+        are added: a key or invite for model X is never served model Y by way of a fallback."""
         if not self.serves(model, kind, local_only=local_only):
             raise NoRoute(model)
         now = time.monotonic()
-        names = [model, *self.settings.fallbacks.get(model, ())]
+        fallbacks = self.settings.fallbacks.get(model, ())
+        names = [model, *(name for name in fallbacks if allowed is None or allowed(name))]
         ordered: list[Route] = []
         for name in dict.fromkeys(names):
             ordered += self._order(self._candidates(name, kind, local_only))

@@ -17,10 +17,11 @@ from hypothesis import strategies as st
 
 from adapters.types import MAX_RETRY_AFTER, UpstreamError, parse_retry_after
 from tests.conftest import NodeDir, RunningNode, run_node
-from tests.mocks.openai_mock import RATE_LIMITED, OpenAIMock
+from tests.mocks.openai_mock import RATE_LIMITED, SERVER_ERROR, OpenAIMock
 from tests.mocks.script import Failure
 from tests.mocks.server import serve_app
 from tests.test_budgets import make_key, spend_of
+from tests.test_federation import cli, invite, make_peer, model_owners, usage_rows, wait_for
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -126,3 +127,44 @@ def test_retry_after_parsing_never_fails_and_stays_in_bounds(value):
     # Whoever builds an UpstreamError, its wait is bounded the same way.
     error = UpstreamError(429, "x", retry_after=float("inf"))
     assert error.retry_after is None
+
+
+# --- allowlists hold through fallbacks -------------------------------------------------------
+
+ECHO_Y = '[[models]]\nname = "y-model"\nprovider = "echo"'
+
+
+def failing_x_with_fallback_to_y(directory: NodeDir, upstream: OpenAIMock, url: str) -> None:
+    directory.set_config("retries = 2 ", "retries = 0 ")
+    directory.set_config("[router.fallbacks]\n", '[router.fallbacks]\nx-model = ["y-model"]\n')
+    directory.add_config(deployment("x-model", url) + "\n" + ECHO_Y)
+    upstream.script.fail_next(SERVER_ERROR, times=1000)
+
+
+def test_a_key_for_x_is_never_served_y_through_a_fallback(node_dir, mock):
+    upstream, url = mock
+    failing_x_with_fallback_to_y(node_dir, upstream, url)
+    only_x, _ = make_key(node_dir.path, name="only-x", models=["x-model"])
+    both, _ = make_key(node_dir.path, name="both", models=["x-model", "y-model"])
+    with run_node(node_dir) as node:
+        refused = post(node, only_x, "x-model")
+        served = post(node, both, "x-model")
+    assert_shaped(refused, 502)
+    # The fallback itself works: a key allowed both models is served by y.
+    assert served.status_code == 200 and served.json()["model"] == "y-model"
+
+
+def test_an_invite_for_x_is_never_served_y_through_the_providers_fallback(tmp_path, mock):
+    upstream, url = mock
+    alice = make_peer(tmp_path, "alice")
+    bob = make_peer(tmp_path, "bob")
+    failing_x_with_fallback_to_y(alice.dir, upstream, url)
+    with alice.run(), bob.run() as b:
+        cli("join", invite(alice, "--models", "x-model"), "--data-dir", str(bob.path))
+        assert wait_for(lambda: "x-model" in model_owners(b))
+        response = post(b, b.key, "x-model")
+    assert response.status_code in (502, 503), response.text
+    assert_shaped(response, response.status_code)
+    # Alice served her peer nothing: no answered request, and her echo y-model never ran.
+    assert all(row.status != 200 for row in usage_rows(alice.path))
+    assert len(upstream.script.received) >= 1
