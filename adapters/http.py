@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextvars import ContextVar
 from types import TracebackType
 from typing import NamedTuple, TypeVar
 
@@ -29,6 +30,12 @@ T = TypeVar("T")
 
 # An error body larger than this is not worth reading in full to find a message.
 MAX_ERROR_BODY = 64 * 1024
+
+# When the attempt running in this task must be over (the event loop's clock), set by the
+# router: every call to a provider, and every byte of its answer (a stream's too), is read
+# within it. A ContextVar so that the deadline follows the request through the adapters
+# without widening each adapter's signature; None: only the upstream's own timeouts apply.
+ATTEMPT_DEADLINE: ContextVar[float | None] = ContextVar("aihub_attempt_deadline", default=None)
 
 
 class _OpenAIErrorDetail(msgspec.Struct):
@@ -166,13 +173,70 @@ class UpstreamResponse:
             yield chunk
 
     async def aclose(self) -> None:
-        self._response.release()
+        finish(self._response)
+
+
+def finish(response: aiohttp.ClientResponse) -> None:
+    """Done with a response: its connection goes back to the pool if the body was read to
+    the end, and is closed if it was cut short (deadline, size limit, client gone)."""
+    if response.content.at_eof():
+        response.release()
+    else:
+        response.close()
 
 
 def timeout_for(upstream: Upstream) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(
         total=None, sock_connect=upstream.connect_timeout, sock_read=upstream.read_timeout
     )
+
+
+def deadline_error(upstream: Upstream) -> UpstreamError:
+    return UpstreamError(
+        504,
+        f"{upstream.provider} upstream did not answer within the attempt's deadline",
+        type="timeout",
+        code="deadline_exceeded",
+        retryable=True,
+    )
+
+
+def _within_deadline(upstream: Upstream, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:
+    """The request's timeout, with the attempt's deadline as aiohttp's `total`: one timer
+    per call that bounds the connection, the request and the whole answer, stream included."""
+    deadline = ATTEMPT_DEADLINE.get()
+    if deadline is None:
+        return timeout
+    left = deadline - asyncio.get_running_loop().time()
+    if left <= 0:
+        raise deadline_error(upstream)
+    return aiohttp.ClientTimeout(
+        total=left, sock_connect=timeout.sock_connect, sock_read=timeout.sock_read
+    )
+
+
+def too_large(upstream: Upstream, what: str, limit: int) -> UpstreamError:
+    # Not retryable on the same deployment (it would send the same again); the next one may.
+    return UpstreamError(
+        502,
+        f"{upstream.provider} upstream sent {what} larger than {limit} bytes",
+        code="upstream_response_too_large",
+    )
+
+
+async def _read_limited(response: aiohttp.ClientResponse, upstream: Upstream) -> bytes:
+    """The whole body, refused past `max_response_bytes` (announced or received)."""
+    limit = upstream.max_response_bytes
+    if response.content_length is not None and response.content_length > limit:
+        raise too_large(upstream, "an answer", limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(upstream, "an answer", limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def send(
@@ -187,9 +251,10 @@ async def send(
 
     With `stream=True` the body is left unread for the caller, who must close the response.
     """
+    timeout = _within_deadline(upstream, request.timeout)
     try:
         response = await client.session().post(
-            request.url, data=request.body, headers=request.headers, timeout=request.timeout
+            request.url, data=request.body, headers=request.headers, timeout=timeout
         )
     except TRANSPORT_ERRORS as exc:
         raise transport_error(upstream, exc) from exc
@@ -197,17 +262,21 @@ async def send(
         if stream:
             return UpstreamResponse(response)
         try:
-            return UpstreamResponse(response, await response.read())
+            body = await _read_limited(response, upstream)
         except TRANSPORT_ERRORS as exc:
+            response.close()
             raise transport_error(upstream, exc) from exc
-        finally:
-            response.release()
+        except BaseException:
+            response.close()  # too large, or cancelled: the rest of the body is not wanted
+            raise
+        response.release()
+        return UpstreamResponse(response, body)
     try:
         body = await response.content.read(MAX_ERROR_BODY)
     except TRANSPORT_ERRORS:
         body = b""
     finally:
-        response.release()
+        finish(response)
     raise upstream_error(upstream, response.status, body, response.headers, parse_error)
 
 
@@ -236,9 +305,11 @@ async def iter_sse(response: UpstreamResponse, upstream: Upstream) -> AsyncItera
     Hand-written rather than taken from httpx-sse because that library decodes every line to
     `str`; on the gateway's hottest loop staying in bytes is measurably cheaper.
     """
+    limit = upstream.max_event_bytes
     buffer = b""
     event = b""
     data: list[bytes] = []
+    size = 0  # of the event being read: its data lines so far
     try:
         async for chunk in response.aiter_bytes():
             buffer += chunk
@@ -252,7 +323,7 @@ async def iter_sse(response: UpstreamResponse, upstream: Upstream) -> AsyncItera
                 if not line:
                     if data:
                         yield SSEEvent(event or b"message", b"\n".join(data))
-                    event, data = b"", []
+                    event, data, size = b"", [], 0
                     continue
                 if line.startswith(b":"):
                     continue
@@ -260,9 +331,14 @@ async def iter_sse(response: UpstreamResponse, upstream: Upstream) -> AsyncItera
                 if value.startswith(b" "):
                     value = value[1:]
                 if field == b"data":
+                    size += len(value) + 1
+                    if size > limit:
+                        raise too_large(upstream, "a stream event", limit)
                     data.append(value)
                 elif field == b"event":
                     event = value
+            if len(buffer) > limit:  # one line, still unfinished, is already too long
+                raise too_large(upstream, "a stream event", limit)
     except TRANSPORT_ERRORS as exc:
         raise transport_error(upstream, exc) from exc
     if data:
@@ -282,14 +358,19 @@ def _line_end(buffer: bytes) -> tuple[int, int] | None:
 
 async def iter_ndjson(response: UpstreamResponse, upstream: Upstream) -> AsyncIterator[bytes]:
     """The non-empty lines of a newline-delimited JSON body."""
+    limit = upstream.max_event_bytes
     buffer = b""
     try:
         async for chunk in response.aiter_bytes():
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
+                if len(line) > limit:
+                    raise too_large(upstream, "a stream line", limit)
                 if line.strip():
                     yield line
+            if len(buffer) > limit:
+                raise too_large(upstream, "a stream line", limit)
     except TRANSPORT_ERRORS as exc:
         raise transport_error(upstream, exc) from exc
     if buffer.strip():

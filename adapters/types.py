@@ -248,6 +248,10 @@ class Upstream(Struct, omit_defaults=True, frozen=True):
     connect_timeout: float = 5.0
     read_timeout: float = 600.0
     max_output_tokens: int = 4096
+    # What the gateway reads from an untrusted upstream at most: a whole (non-streamed) answer,
+    # and one server-sent event or NDJSON line of a stream. Past either: a 502.
+    max_response_bytes: int = 64 * 1024 * 1024
+    max_event_bytes: int = 1024 * 1024
     # Demo-only knobs of the echo adapter.
     latency_ms: int = 0
     embedding_dims: int = 64

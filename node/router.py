@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from adapters.http import ATTEMPT_DEADLINE
 from adapters.types import Adapter, UpstreamError
 from node.config import Deployment, RouterSection
 
@@ -157,12 +158,16 @@ class Router:
         no other deployment would answer it differently.
         """
         last: UpstreamError | None = None
+        clock = asyncio.get_running_loop().time
+        ends = clock() + self.settings.request_timeout
         for route in plan:
             for retry in range(self.settings.retries + 1):
+                if clock() >= ends:
+                    raise request_deadline_error(self.settings.request_timeout)
                 started = time.perf_counter()
                 route.in_flight += 1
                 try:
-                    result = await attempt(route)
+                    result = await self._attempt(route, attempt, ends)
                 except UpstreamError as exc:
                     last = exc
                     self._failed(route, exc)
@@ -173,7 +178,7 @@ class Router:
                     if not exc.retryable or retry == self.settings.retries:
                         break
                     wait = self.backoff(retry, exc.retry_after)
-                    if wait > self.settings.max_retry_wait:
+                    if wait > self.settings.max_retry_wait or clock() + wait >= ends:
                         break
                     await asyncio.sleep(wait)
                     continue
@@ -184,6 +189,28 @@ class Router:
         if last is None:
             raise UpstreamError(503, "no deployment available", type="upstream_unavailable")
         raise last
+
+    async def _attempt(
+        self, route: Route, attempt: Callable[[Route], Awaitable[T]], request_ends: float
+    ) -> T:
+        """One try at one deployment, over by the attempt's deadline or the request's, whichever
+        comes first. The deadline also bounds the upstream's answer read after this returns
+        (a stream): the adapters' HTTP calls take it from ATTEMPT_DEADLINE."""
+        ends = min(asyncio.get_running_loop().time() + self.settings.attempt_timeout, request_ends)
+        token = ATTEMPT_DEADLINE.set(ends)
+        try:
+            async with asyncio.timeout_at(ends):
+                return await attempt(route)
+        except TimeoutError:
+            raise UpstreamError(
+                504,
+                f"{route.label} did not answer within the attempt's deadline",
+                type="timeout",
+                code="deadline_exceeded",
+                retryable=True,
+            ) from None
+        finally:
+            ATTEMPT_DEADLINE.reset(token)
 
     def _succeeded(self, route: Route, seconds: float) -> None:
         route.failures = 0
@@ -206,6 +233,15 @@ class Router:
             route.cooldown_until = max(route.cooldown_until, now + rest)
         elif route.failures >= self.settings.cooldown_failures:
             route.cooldown_until = max(route.cooldown_until, now + self.settings.cooldown_seconds)
+
+
+def request_deadline_error(seconds: float) -> UpstreamError:
+    return UpstreamError(
+        504,
+        f"The request's deadline ({seconds:g} s) passed before any deployment answered",
+        type="timeout",
+        code="deadline_exceeded",
+    )
 
 
 def _smooth_weighted_pick(routes: list[Route]) -> Route:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from adapters.types import MAX_RETRY_AFTER, UpstreamError, parse_retry_after
 from tests.conftest import NodeDir, RunningNode, run_node
+from tests.mocks.hostile import HostileUpstream
 from tests.mocks.openai_mock import RATE_LIMITED, SERVER_ERROR, OpenAIMock
 from tests.mocks.script import Failure
 from tests.mocks.server import serve_app
@@ -168,3 +169,124 @@ def test_an_invite_for_x_is_never_served_y_through_the_providers_fallback(tmp_pa
     # Alice served her peer nothing: no answered request, and her echo y-model never ran.
     assert all(row.status != 200 for row in usage_rows(alice.path))
     assert len(upstream.script.received) >= 1
+
+
+# --- deadlines and size limits ---------------------------------------------------------------
+
+LIMITS = 64 * 1024
+
+
+def hostile_node(node_dir: NodeDir, url: str, *, attempt: float, request: float) -> None:
+    node_dir.set_config("retries = 2 ", "retries = 1 ")
+    node_dir.set_config("backoff_base = 0.25 ", "backoff_base = 0.01 ")
+    node_dir.set_config("attempt_timeout = 300.0 ", f"attempt_timeout = {attempt} ")
+    node_dir.set_config("request_timeout = 600.0 ", f"request_timeout = {request} ")
+    node_dir.set_config("max_response_bytes = 67_108_864 ", f"max_response_bytes = {LIMITS} ")
+    node_dir.set_config("max_event_bytes = 1_048_576 ", f"max_event_bytes = {LIMITS} ")
+    node_dir.add_config(deployment("m", url))
+
+
+@pytest.fixture
+def hostile() -> Iterator[tuple[HostileUpstream, str]]:
+    upstream = HostileUpstream()
+    with serve_app(upstream) as url:
+        yield upstream, url
+
+
+def closed_by_the_gateway(upstream: HostileUpstream, count: int) -> bool:
+    return wait_for(lambda: upstream.closed >= count)
+
+
+def stream_events(node: RunningNode, key: str) -> list[bytes]:
+    headers = {"authorization": f"Bearer {key}"}
+    body = {"model": "m", "messages": HELLO, "stream": True}
+    with (
+        httpx.Client(base_url=node.url, headers=headers, timeout=30) as client,
+        client.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status_code == 200
+        return [line for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def stream_error(events: list[str]) -> dict[str, object]:
+    errors = [msgspec.json.decode(e[6:]) for e in events if e.startswith('data: {"error"')]
+    assert len(errors) == 1, events
+    return errors[0]["error"]
+
+
+@pytest.mark.parametrize("mode", ["hang", "drip"])
+def test_an_upstream_that_hangs_or_drips_gets_a_504_within_the_attempt_deadline(
+    node_dir, hostile, mode
+):
+    upstream, url = hostile
+    upstream.mode = mode
+    hostile_node(node_dir, url, attempt=0.5, request=30)
+    key, key_id = make_key(node_dir.path, name="one", budget_micros=10**9, max_parallel=1)
+    with run_node(node_dir) as node:
+        error = assert_shaped(post(node, key), 504)
+        assert error["type"] == "timeout" and error["code"] == "deadline_exceeded"
+        assert upstream.requests == 2  # the deployment was retried once, then given up
+        assert closed_by_the_gateway(upstream, 2)
+        upstream.mode = "huge_body"
+        upstream.size = 10
+        served = post(node, key)  # the parallel slot came back
+        assert served.status_code == 200, served.text
+    assert spend_of(node_dir.path, f"key:{key_id}") == (int(served.headers["aihub-cost-micros"]), 0)
+
+
+@pytest.mark.parametrize("mode", ["hang", "drip"])
+def test_a_stream_that_hangs_or_drips_after_its_first_event_ends_with_a_timeout_event(
+    node_dir, hostile, mode
+):
+    upstream, url = hostile
+    upstream.mode = mode
+    hostile_node(node_dir, url, attempt=0.5, request=30)
+    with run_node(node_dir) as node:
+        events = stream_events(node, node.key)
+        assert closed_by_the_gateway(upstream, 1)
+    assert events[0].startswith('data: {"id"')  # the good first event reached the client
+    error = stream_error(events)
+    assert error["type"] == "timeout"
+
+
+def test_the_request_deadline_bounds_retries_and_fallbacks(node_dir, hostile):
+    upstream, url = hostile
+    # Each attempt could take 20 s; the request as a whole may take 0.5 s.
+    hostile_node(node_dir, url, attempt=20, request=0.5)
+    node_dir.add_config(deployment("m", url))  # a second deployment to fall back to
+    with run_node(node_dir) as node:
+        error = assert_shaped(post(node, node.key), 504)
+        assert closed_by_the_gateway(upstream, 1)
+    assert error["code"] == "deadline_exceeded"
+    assert upstream.requests == 1  # nothing more was tried once the deadline had passed
+
+
+@pytest.mark.parametrize("mode", ["huge_body", "huge_chunked_body"])
+def test_an_answer_past_the_size_limit_is_a_502(node_dir, hostile, mode):
+    upstream, url = hostile
+    upstream.mode = mode
+    hostile_node(node_dir, url, attempt=30, request=30)
+    key, key_id = make_key(node_dir.path, name="one", budget_micros=10**9, max_parallel=1)
+    with run_node(node_dir) as node:
+        error = assert_shaped(post(node, key), 502)
+        assert error["code"] == "upstream_response_too_large"
+        upstream.size = 10
+        served = post(node, key)
+        assert served.status_code == 200, served.text
+    assert spend_of(node_dir.path, f"key:{key_id}") == (int(served.headers["aihub-cost-micros"]), 0)
+
+
+def test_a_single_stream_event_past_the_limit_is_a_502(node_dir, hostile):
+    upstream, url = hostile
+    upstream.mode = "huge_event"
+    upstream.good_events = 0  # the huge event comes first: a plain 502, not a stream
+    hostile_node(node_dir, url, attempt=30, request=30)
+    with run_node(node_dir) as node:
+        headers = {"authorization": f"Bearer {node.key}"}
+        body = {"model": "m", "messages": HELLO, "stream": True}
+        first = httpx.post(node.url + "/v1/chat/completions", json=body, headers=headers)
+        upstream.good_events = 1  # after a good event: the stream ends with an error event
+        events = stream_events(node, node.key)
+    error = assert_shaped(first, 502)
+    assert error["code"] == "upstream_response_too_large"
+    assert stream_error(events)["code"] == "upstream_response_too_large"
