@@ -418,7 +418,9 @@ async def _route(
 
 
 def _chat_worst_case(chat: ChatRequest, plan: list[Route]) -> Usage:
-    prompt = worst_case_prompt_tokens(chat)
+    prompt = worst_case_prompt_tokens(
+        chat, lambda: [(r.adapter.upstream.provider, r.adapter.upstream.model) for r in plan]
+    )
     ceiling = max(route.spec.max_output_tokens for route in plan)
     output = min(chat.output_limit or ceiling, ceiling) * (chat.n or 1)
     return Usage(prompt, output, prompt + output)
