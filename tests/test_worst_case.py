@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from adapters.echo import EchoAdapter
+from adapters.http import UpstreamClient
 from adapters.media import (
     OPENAI_IMAGE_RULES,
     PatchRule,
@@ -27,6 +28,7 @@ from adapters.media import (
     patch_tokens,
     tile_tokens,
 )
+from adapters.openai import AzureOpenAIAdapter, OpenAIAdapter
 from adapters.types import ChatCall, ChatRequest, Upstream
 from node.policy import worst_case_prompt_tokens
 from tests.calls import chat_call
@@ -238,3 +240,34 @@ def test_concurrent_image_requests_never_pass_the_cap(node_dir):
     spent, reserved = spend_of(node_dir.path, f"key:{key_id}")
     assert spent == charged <= CAP
     assert reserved == 0
+
+
+# --- the output cap the reservation assumed is the one the provider is held to ----------------
+
+
+async def test_openai_compatible_upstreams_are_held_to_the_reserved_output_cap():
+    mock = OpenAIMock(api_key=None)
+    with serve_app(mock) as url:
+        async with UpstreamClient() as client:
+            upstream = Upstream(
+                provider="openai", model="m", base_url=url + "/v1", max_output_tokens=64
+            )
+            adapter = OpenAIAdapter(upstream, client)
+            sent = []
+            for fields in ({}, {"max_tokens": 100_000}, {"max_tokens": 5}):
+                await adapter.chat(chat_call(**fields))
+                sent.append(msgspec.json.decode(mock.script.received[-1].body))
+            stream = await adapter.open_stream(chat_call(stream=True))
+            async for _ in stream:
+                pass
+            await stream.aclose()
+            sent.append(msgspec.json.decode(mock.script.received[-1].body))
+            # No cap from the client, or one above the deployment's: the deployment's.
+            assert [s.get("max_tokens") for s in sent] == [64, 64, 5, 64]
+            azure = AzureOpenAIAdapter(
+                Upstream(provider="azure", model="d", base_url=url, max_output_tokens=64), client
+            )
+            await azure.chat(chat_call(max_completion_tokens=10_000))
+            assert msgspec.json.decode(mock.script.received[-1].body)["max_completion_tokens"] == 64
+            await azure.chat(chat_call())
+            assert msgspec.json.decode(mock.script.received[-1].body)["max_completion_tokens"] == 64
