@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters.types import MAX_RETRY_AFTER, UpstreamError, parse_retry_after
+from adapters.http import iter_ndjson, iter_sse
+from adapters.types import MAX_RETRY_AFTER, Upstream, UpstreamError, parse_retry_after
 from tests.conftest import NodeDir, RunningNode, run_node
 from tests.mocks.hostile import HostileUpstream
 from tests.mocks.openai_mock import RATE_LIMITED, SERVER_ERROR, OpenAIMock
@@ -290,3 +291,50 @@ def test_a_single_stream_event_past_the_limit_is_a_502(node_dir, hostile):
     error = assert_shaped(first, 502)
     assert error["code"] == "upstream_response_too_large"
     assert stream_error(events)["code"] == "upstream_response_too_large"
+
+
+class _Dripped:
+    """An upstream body arriving in small chunks, as a slow or hostile provider sends it."""
+
+    def __init__(self, body: bytes, chunk: int = 1000) -> None:
+        self._pieces = [body[i : i + chunk] for i in range(0, len(body), chunk)]
+
+    async def aiter_bytes(self):  # type: ignore[no-untyped-def]
+        for piece in self._pieces:
+            yield piece
+
+
+SMALL = Upstream(provider="ollama", model="m", max_event_bytes=LIMITS)
+
+
+async def _drain(events) -> int:  # type: ignore[no-untyped-def]
+    count = 0
+    async for _ in events:
+        count += 1
+    return count
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"data: " + b"x" * (2 * LIMITS) + b"\n\n",  # one line, never ending in time
+        b"".join(b"data: " + b"x" * 1000 + b"\n" for _ in range(200)) + b"\n",  # many lines
+        b": " + b"x" * (2 * LIMITS) + b"\n",  # a comment is an event's line too
+    ],
+)
+async def test_sse_events_past_the_limit_are_refused_however_they_arrive(body):
+    with pytest.raises(UpstreamError) as caught:
+        await _drain(iter_sse(_Dripped(body), SMALL))  # type: ignore[arg-type]
+    assert caught.value.status == 502 and caught.value.code == "upstream_response_too_large"
+
+
+async def test_ndjson_lines_past_the_limit_are_refused_and_small_ones_pass():
+    huge = b'{"message": "' + b"x" * (2 * LIMITS) + b'"}\n'
+    with pytest.raises(UpstreamError):
+        await _drain(iter_ndjson(_Dripped(huge), SMALL))  # type: ignore[arg-type]
+    with pytest.raises(UpstreamError):
+        await _drain(iter_ndjson(_Dripped(huge, chunk=len(huge)), SMALL))  # type: ignore[arg-type]
+    fine = b'{"done": false}\n' * 5000  # far more than the limit in all, each line small
+    assert await _drain(iter_ndjson(_Dripped(fine), SMALL)) == 5000  # type: ignore[arg-type]
+    many = b"data: {}\n\n" * 20000
+    assert await _drain(iter_sse(_Dripped(many, chunk=LIMITS * 3), SMALL)) == 20000  # type: ignore[arg-type]
