@@ -10,6 +10,7 @@ Azure, Anthropic) and NDJSON (Ollama).
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
 from types import TracebackType
@@ -101,6 +102,9 @@ TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 def transport_error(upstream: Upstream, exc: BaseException) -> UpstreamError:
     """A connection failure or timeout: always retryable, never the client's fault."""
     if isinstance(exc, asyncio.TimeoutError):  # aiohttp's timeouts are TimeoutErrors too
+        deadline = ATTEMPT_DEADLINE.get()
+        if deadline is not None and asyncio.get_running_loop().time() >= deadline - 0.01:
+            return deadline_error(upstream)
         return UpstreamError(
             504,
             f"{upstream.provider} upstream timed out ({type(exc).__name__})",
@@ -202,17 +206,28 @@ def deadline_error(upstream: Upstream) -> UpstreamError:
 
 
 def _within_deadline(upstream: Upstream, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:
-    """The request's timeout, with the attempt's deadline as aiohttp's `total`: one timer
-    per call that bounds the connection, the request and the whole answer, stream included."""
+    """The request's timeout with the attempt's deadline as aiohttp's `total`: one timer per
+    call that bounds the connection, the request and the whole answer, a stream's included."""
     deadline = ATTEMPT_DEADLINE.get()
     if deadline is None:
         return timeout
     left = deadline - asyncio.get_running_loop().time()
     if left <= 0:
         raise deadline_error(upstream)
+    if left >= 1:
+        # Whole seconds (a little early, never late) so that the timeouts, immutable, are
+        # shared: building one costs more than the rest of this call.
+        return _total_timeout(int(left), timeout.sock_connect, timeout.sock_read)
     return aiohttp.ClientTimeout(
         total=left, sock_connect=timeout.sock_connect, sock_read=timeout.sock_read
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _total_timeout(
+    total: float, connect: float | None, read: float | None
+) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=total, sock_connect=connect, sock_read=read)
 
 
 def too_large(upstream: Upstream, what: str, limit: int) -> UpstreamError:

@@ -193,22 +193,14 @@ class Router:
     async def _attempt(
         self, route: Route, attempt: Callable[[Route], Awaitable[T]], request_ends: float
     ) -> T:
-        """One try at one deployment, over by the attempt's deadline or the request's, whichever
-        comes first. The deadline also bounds the upstream's answer read after this returns
-        (a stream): the adapters' HTTP calls take it from ATTEMPT_DEADLINE."""
+        """One try at one deployment, over by the attempt's deadline or the request's,
+        whichever comes first. The adapters' HTTP calls take it from ATTEMPT_DEADLINE as
+        their overall timeout, so that it bounds the answer read after this returns (a
+        stream) too, with one timer per call."""
         ends = min(asyncio.get_running_loop().time() + self.settings.attempt_timeout, request_ends)
         token = ATTEMPT_DEADLINE.set(ends)
         try:
-            async with asyncio.timeout_at(ends):
-                return await attempt(route)
-        except TimeoutError:
-            raise UpstreamError(
-                504,
-                f"{route.label} did not answer within the attempt's deadline",
-                type="timeout",
-                code="deadline_exceeded",
-                retryable=True,
-            ) from None
+            return await attempt(route)
         finally:
             ATTEMPT_DEADLINE.reset(token)
 
