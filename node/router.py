@@ -4,7 +4,9 @@ A model name maps to its deployments, ordered by the configured strategy, follow
 deployments of its fallback model names. Each deployment gets `retries` more tries on a
 retryable error (429, 5xx, timeouts, connection errors) with exponential backoff that honours
 `Retry-After`; a deployment that fails `cooldown_failures` times in a row rests for
-`cooldown_seconds` and is tried only after the rested ones.
+`cooldown_seconds` and is tried only after the rested ones. Whatever an upstream does, one
+attempt is over by `attempt_timeout` (its answer, a stream's included, read to the end) and
+the whole request by `request_timeout`: a 504 `deadline_exceeded`.
 """
 
 from __future__ import annotations
