@@ -271,3 +271,16 @@ async def test_openai_compatible_upstreams_are_held_to_the_reserved_output_cap()
             assert msgspec.json.decode(mock.script.received[-1].body)["max_completion_tokens"] == 64
             await azure.chat(chat_call())
             assert msgspec.json.decode(mock.script.received[-1].body)["max_completion_tokens"] == 64
+
+
+def test_tools_and_response_schemas_reserve_their_bytes():
+    description = "検索する" * 500  # 2,000 characters, 6,000 bytes of UTF-8
+    schema = {"type": "object", "properties": {"q": {"type": "string", "description": description}}}
+    tools = [{"type": "function", "function": {"name": "lookup", "description": description}}]
+    with_tools = request({"type": "text", "text": "hi"}, tools=tools)
+    structured = request(
+        {"type": "text", "text": "hi"},
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    )
+    assert worst_case_prompt_tokens(with_tools) >= 6000
+    assert worst_case_prompt_tokens(structured) >= 6000
