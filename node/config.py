@@ -61,8 +61,8 @@ class RouterSection(Struct, forbid_unknown_fields=True):
     # Overall deadlines, whatever an upstream does (hangs, drips bytes): one attempt at one
     # deployment, from its request to the last byte of its answer (a stream's included), and
     # the whole request across retries and fallbacks. Past either: a 504.
-    attempt_timeout: Seconds = 300.0
-    request_timeout: Seconds = 600.0
+    attempt_timeout: Seconds = 600.0
+    request_timeout: Seconds = 900.0
     fallbacks: dict[str, list[str]] = {}
 
 
@@ -254,8 +254,8 @@ backoff_max = 8.0
 max_retry_wait = 10.0               # a longer Retry-After moves on to the next deployment
 cooldown_failures = 3               # consecutive failures before a deployment rests
 cooldown_seconds = 30.0
-attempt_timeout = 300.0             # seconds for one try at one deployment, stream included
-request_timeout = 600.0             # seconds for a whole request, retries and fallbacks included
+attempt_timeout = 600.0             # seconds for one try at one deployment, stream included
+request_timeout = 900.0             # seconds for a whole request, retries and fallbacks included
 
 [router.fallbacks]
 # "gpt-4o" = ["claude-sonnet", "llama3"]

@@ -180,8 +180,8 @@ LIMITS = 64 * 1024
 def hostile_node(node_dir: NodeDir, url: str, *, attempt: float, request: float) -> None:
     node_dir.set_config("retries = 2 ", "retries = 1 ")
     node_dir.set_config("backoff_base = 0.25 ", "backoff_base = 0.01 ")
-    node_dir.set_config("attempt_timeout = 300.0 ", f"attempt_timeout = {attempt} ")
-    node_dir.set_config("request_timeout = 600.0 ", f"request_timeout = {request} ")
+    node_dir.set_config("attempt_timeout = 600.0 ", f"attempt_timeout = {attempt} ")
+    node_dir.set_config("request_timeout = 900.0 ", f"request_timeout = {request} ")
     node_dir.set_config("max_response_bytes = 67_108_864 ", f"max_response_bytes = {LIMITS} ")
     node_dir.set_config("max_event_bytes = 1_048_576 ", f"max_event_bytes = {LIMITS} ")
     node_dir.add_config(deployment("m", url))
