@@ -284,3 +284,14 @@ def test_tools_and_response_schemas_reserve_their_bytes():
     )
     assert worst_case_prompt_tokens(with_tools) >= 6000
     assert worst_case_prompt_tokens(structured) >= 6000
+
+
+@given(
+    st.binary(max_size=300),
+    st.sampled_from(["data:image/png;base64,", "data:;base64,", "data:image/png,", "https://x/"]),
+    st.sampled_from([None, "low", "high", "auto", "original"]),
+)
+def test_any_image_a_client_sends_reserves_a_bounded_positive_amount(data, prefix, detail):
+    url = prefix + base64.b64encode(data).decode()
+    tokens = worst_case_prompt_tokens(request(image(url, detail)), lambda: [("openai", "gpt-4o")])
+    assert 85 <= tokens - worst_case_prompt_tokens(request()) <= 85 + 8 * 170
