@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 import struct
 from typing import NamedTuple
 
@@ -50,19 +51,20 @@ class PatchRule(NamedTuple):
 ImageRule = TileRule | PatchRule
 
 _GPT_4O = TileRule(85, 170)
-# Checked in order: the first prefix that matches an OpenAI model name gives its rule.
-OPENAI_IMAGE_RULES: tuple[tuple[str, ImageRule], ...] = (
-    ("gpt-4o-mini", TileRule(2833, 5667)),
-    ("gpt-4.1-nano", PatchRule(2.46)),
-    ("gpt-4.1-mini", PatchRule(1.62)),
-    ("gpt-5-nano", PatchRule(2.46)),
-    ("gpt-5-mini", PatchRule(1.62)),
-    ("o4-mini", PatchRule(1.72)),
-    ("computer-use", TileRule(65, 129)),
-    ("o1", TileRule(75, 150)),
-    ("o3", TileRule(75, 150)),
-    ("gpt-", _GPT_4O),
-    ("chatgpt-", _GPT_4O),
+_DATED = r"(-\d{4}-\d{2}-\d{2}|-latest|-preview)?"
+# An OpenAI model name (a dated snapshot too) and the rule that bills its images. A name
+# matched by none (a new variant, another server's model) gets the largest rule of all.
+OPENAI_IMAGE_RULES: tuple[tuple[re.Pattern[str], ImageRule], ...] = tuple(
+    (re.compile(f"(?:{pattern}){_DATED}"), rule)
+    for pattern, rule in (
+        (r"gpt-4o-mini", TileRule(2833, 5667)),
+        (r"gpt-4\.1-nano|gpt-5-nano", PatchRule(2.46)),
+        (r"gpt-4\.1-mini|gpt-5-mini", PatchRule(1.62)),
+        (r"o4-mini", PatchRule(1.72)),
+        (r"computer-use-preview", TileRule(65, 129)),
+        (r"o1|o1-pro|o3|o3-pro", TileRule(75, 150)),
+        (r"gpt-4o|chatgpt-4o|gpt-4\.1|gpt-4\.5|gpt-4-turbo|gpt-5|gpt-5-chat", _GPT_4O),
+    )
 )
 MAX_PATCHES = 1536
 ANTHROPIC_IMAGE_MAX = 1600
@@ -76,8 +78,8 @@ class Size(NamedTuple):
 
 
 def openai_rule(model: str) -> ImageRule | None:
-    for prefix, rule in OPENAI_IMAGE_RULES:
-        if model.startswith(prefix):
+    for pattern, rule in OPENAI_IMAGE_RULES:
+        if pattern.fullmatch(model):
             return rule
     return None
 

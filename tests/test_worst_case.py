@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import struct
 import zlib
 from contextlib import ExitStack
@@ -295,3 +296,13 @@ def test_any_image_a_client_sends_reserves_a_bounded_positive_amount(data, prefi
     url = prefix + base64.b64encode(data).decode()
     tokens = worst_case_prompt_tokens(request(image(url, detail)), lambda: [("openai", "gpt-4o")])
     assert 85 <= tokens - worst_case_prompt_tokens(request()) <= 85 + 8 * 170
+
+
+def test_openai_models_get_their_rule_and_unknown_variants_the_largest():
+    largest = image_tokens("openai", "some-new-model", None, "high")
+    assert image_tokens("openai", "gpt-4o-2024-08-06", None, "high") == 85 + 8 * 170
+    assert image_tokens("openai", "gpt-4o-mini", None, "low") == 2833
+    assert image_tokens("azure", "gpt-4.1-mini", None, "high") == math.ceil(1536 * 1.62)
+    # A variant no rule names (gpt-5.1-mini might bill patches): the largest documented rule.
+    assert image_tokens("openai", "gpt-5.1-mini", None, "high") == largest
+    assert largest == 2833 + 8 * 5667
