@@ -4,9 +4,9 @@ It exists so that a fresh node answers at once and so that budgets, usage and th
 be tried and tested without a provider key. Chat answers `echo: <last user message>`, one
 word per token (so `max_tokens` cuts it and sets `finish_reason: "length"`); when the client
 forces a tool (`tool_choice` "required" or a named function) it calls that tool with the
-last user message as `{"input": …}`. Embeddings are unit vectors derived from a hash of the
-input. Usage is counted, never estimated: prompt tokens by the shared estimator, completion
-tokens as words.
+last user message as `{"input": …}`, cut off at `max_tokens` like any output. Embeddings
+are unit vectors derived from a hash of the input. Usage is counted, never estimated: prompt
+tokens by the shared estimator, completion tokens as words.
 """
 
 from __future__ import annotations
@@ -68,21 +68,38 @@ def _forced_tool(call: ChatCall) -> str | None:
     return None
 
 
+def _tool_answer(call: ChatCall, tool: str, text: str, limit: int, prompt: int) -> _Answer:
+    """A forced tool call, cut (finish_reason "length") where `max_tokens` runs out, as a
+    real model's would be: its arguments are then unfinished JSON."""
+    arguments = msgspec.json.encode({"input": text}).decode()
+    finish = "tool_calls"
+    room = limit - estimate_text_tokens(tool)
+    if estimate_text_tokens(arguments) > room:
+        arguments, finish = _cut_to_tokens(arguments, max(0, room)), "length"
+    completion = min(limit, estimate_text_tokens(tool) + estimate_text_tokens(arguments))
+    tool_call = ToolCall(
+        id="call_" + call.request_id[-24:],
+        function=FunctionCall(name=tool, arguments=arguments),
+    )
+    return _Answer([], tool_call, finish, Usage(prompt, completion, prompt + completion))
+
+
+def _cut_to_tokens(text: str, tokens: int) -> str:
+    """The longest prefix of `text` the estimator counts as at most `tokens` tokens."""
+    cut = text[: tokens * 4]
+    while cut and estimate_text_tokens(cut) > tokens:
+        cut = cut[: len(cut) - max(1, (len(cut.encode()) - tokens * 4 + 3) // 4)]
+    return cut
+
+
 def _answer(call: ChatCall, upstream: Upstream) -> _Answer:
     prompt_tokens = estimate_prompt_tokens(call.request.messages)
     text = _last_user_text(call)
     tool = _forced_tool(call)
-    if tool is not None:
-        arguments = msgspec.json.encode({"input": text}).decode()
-        tool_call = ToolCall(
-            id="call_" + call.request_id[-24:],
-            function=FunctionCall(name=tool, arguments=arguments),
-        )
-        completion = estimate_text_tokens(tool) + estimate_text_tokens(arguments)
-        usage = Usage(prompt_tokens, completion, prompt_tokens + completion)
-        return _Answer([], tool_call, "tool_calls", usage)
-    words = ("echo: " + text).split(" ")
     limit = min(call.request.output_limit or upstream.max_output_tokens, upstream.max_output_tokens)
+    if tool is not None:
+        return _tool_answer(call, tool, text, limit, prompt_tokens)
+    words = ("echo: " + text).split(" ")
     finish = "stop"
     if len(words) > limit:
         words, finish = words[:limit], "length"

@@ -10,19 +10,33 @@ Azure, Anthropic) and NDJSON (Ollama).
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextvars import ContextVar
 from types import TracebackType
 from typing import NamedTuple, TypeVar
 
 import aiohttp
 import msgspec
 
-from adapters.types import Upstream, UpstreamError, error_status_for, parse_retry_after
+from adapters.types import (
+    Upstream,
+    UpstreamError,
+    error_status_for,
+    parse_retry_after,
+    parse_retry_after_ms,
+)
 
 T = TypeVar("T")
 
 # An error body larger than this is not worth reading in full to find a message.
 MAX_ERROR_BODY = 64 * 1024
+
+# When the attempt running in this task must be over (the event loop's clock), set by the
+# router: every call to a provider, and every byte of its answer (a stream's too), is read
+# within it. A ContextVar so that the deadline follows the request through the adapters
+# without widening each adapter's signature; None: only the upstream's own timeouts apply.
+ATTEMPT_DEADLINE: ContextVar[float | None] = ContextVar("aihub_attempt_deadline", default=None)
 
 
 class _OpenAIErrorDetail(msgspec.Struct):
@@ -69,9 +83,16 @@ def upstream_error(
         type="invalid_request_error" if client_status in (400, 404, 413, 422) else "upstream_error",
         code=code,
         retryable=retryable,
-        retry_after=parse_retry_after(headers.get("retry-after")),
+        retry_after=retry_after_of(headers),
         upstream_status=status,
     )
+
+
+def retry_after_of(headers: Mapping[str, str]) -> float | None:
+    """The wait an upstream asks for: OpenAI's finer `retry-after-ms` if it is sane, else the
+    standard `Retry-After`; both untrusted, both clamped."""
+    precise = parse_retry_after_ms(headers.get("retry-after-ms"))
+    return precise if precise is not None else parse_retry_after(headers.get("retry-after"))
 
 
 # What aiohttp raises when the network or the peer fails (its own errors, and timeouts).
@@ -81,6 +102,9 @@ TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 def transport_error(upstream: Upstream, exc: BaseException) -> UpstreamError:
     """A connection failure or timeout: always retryable, never the client's fault."""
     if isinstance(exc, asyncio.TimeoutError):  # aiohttp's timeouts are TimeoutErrors too
+        deadline = ATTEMPT_DEADLINE.get()
+        if deadline is not None and asyncio.get_running_loop().time() >= deadline - 0.01:
+            return deadline_error(upstream)
         return UpstreamError(
             504,
             f"{upstream.provider} upstream timed out ({type(exc).__name__})",
@@ -153,13 +177,81 @@ class UpstreamResponse:
             yield chunk
 
     async def aclose(self) -> None:
-        self._response.release()
+        finish(self._response)
+
+
+def finish(response: aiohttp.ClientResponse) -> None:
+    """Done with a response: its connection goes back to the pool if the body was read to
+    the end, and is closed if it was cut short (deadline, size limit, client gone)."""
+    if response.content.at_eof():
+        response.release()
+    else:
+        response.close()
 
 
 def timeout_for(upstream: Upstream) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(
         total=None, sock_connect=upstream.connect_timeout, sock_read=upstream.read_timeout
     )
+
+
+def deadline_error(upstream: Upstream) -> UpstreamError:
+    return UpstreamError(
+        504,
+        f"{upstream.provider} upstream did not answer within the attempt's deadline",
+        type="timeout",
+        code="deadline_exceeded",
+        retryable=True,
+    )
+
+
+def _within_deadline(upstream: Upstream, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:
+    """The request's timeout with the attempt's deadline as aiohttp's `total`: one timer per
+    call that bounds the connection, the request and the whole answer, a stream's included."""
+    deadline = ATTEMPT_DEADLINE.get()
+    if deadline is None:
+        return timeout
+    left = deadline - asyncio.get_running_loop().time()
+    if left <= 0:
+        raise deadline_error(upstream)
+    if left >= 1:
+        # Whole seconds (a little early, never late) so that the timeouts, immutable, are
+        # shared: building one costs more than the rest of this call.
+        return _total_timeout(int(left), timeout.sock_connect, timeout.sock_read)
+    return aiohttp.ClientTimeout(
+        total=left, sock_connect=timeout.sock_connect, sock_read=timeout.sock_read
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _total_timeout(
+    total: float, connect: float | None, read: float | None
+) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=total, sock_connect=connect, sock_read=read)
+
+
+def too_large(upstream: Upstream, what: str, limit: int) -> UpstreamError:
+    # Not retryable on the same deployment (it would send the same again); the next one may.
+    return UpstreamError(
+        502,
+        f"{upstream.provider} upstream sent {what} larger than {limit} bytes",
+        code="upstream_response_too_large",
+    )
+
+
+async def _read_limited(response: aiohttp.ClientResponse, upstream: Upstream) -> bytes:
+    """The whole body, refused past `max_response_bytes` (announced or received)."""
+    limit = upstream.max_response_bytes
+    if response.content_length is not None and response.content_length > limit:
+        raise too_large(upstream, "an answer", limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(upstream, "an answer", limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def send(
@@ -174,9 +266,10 @@ async def send(
 
     With `stream=True` the body is left unread for the caller, who must close the response.
     """
+    timeout = _within_deadline(upstream, request.timeout)
     try:
         response = await client.session().post(
-            request.url, data=request.body, headers=request.headers, timeout=request.timeout
+            request.url, data=request.body, headers=request.headers, timeout=timeout
         )
     except TRANSPORT_ERRORS as exc:
         raise transport_error(upstream, exc) from exc
@@ -184,17 +277,21 @@ async def send(
         if stream:
             return UpstreamResponse(response)
         try:
-            return UpstreamResponse(response, await response.read())
+            body = await _read_limited(response, upstream)
         except TRANSPORT_ERRORS as exc:
+            response.close()
             raise transport_error(upstream, exc) from exc
-        finally:
-            response.release()
+        except BaseException:
+            response.close()  # too large, or cancelled: the rest of the body is not wanted
+            raise
+        response.release()
+        return UpstreamResponse(response, body)
     try:
         body = await response.content.read(MAX_ERROR_BODY)
     except TRANSPORT_ERRORS:
         body = b""
     finally:
-        response.release()
+        finish(response)
     raise upstream_error(upstream, response.status, body, response.headers, parse_error)
 
 
@@ -223,9 +320,11 @@ async def iter_sse(response: UpstreamResponse, upstream: Upstream) -> AsyncItera
     Hand-written rather than taken from httpx-sse because that library decodes every line to
     `str`; on the gateway's hottest loop staying in bytes is measurably cheaper.
     """
+    limit = upstream.max_event_bytes
     buffer = b""
     event = b""
     data: list[bytes] = []
+    size = 0  # of the event being read: its data lines so far
     try:
         async for chunk in response.aiter_bytes():
             buffer += chunk
@@ -239,7 +338,7 @@ async def iter_sse(response: UpstreamResponse, upstream: Upstream) -> AsyncItera
                 if not line:
                     if data:
                         yield SSEEvent(event or b"message", b"\n".join(data))
-                    event, data = b"", []
+                    event, data, size = b"", [], 0
                     continue
                 if line.startswith(b":"):
                     continue
@@ -247,9 +346,14 @@ async def iter_sse(response: UpstreamResponse, upstream: Upstream) -> AsyncItera
                 if value.startswith(b" "):
                     value = value[1:]
                 if field == b"data":
+                    size += len(value) + 1
+                    if size > limit:
+                        raise too_large(upstream, "a stream event", limit)
                     data.append(value)
                 elif field == b"event":
                     event = value
+            if len(buffer) > limit:  # one line, still unfinished, is already too long
+                raise too_large(upstream, "a stream event", limit)
     except TRANSPORT_ERRORS as exc:
         raise transport_error(upstream, exc) from exc
     if data:
@@ -269,14 +373,19 @@ def _line_end(buffer: bytes) -> tuple[int, int] | None:
 
 async def iter_ndjson(response: UpstreamResponse, upstream: Upstream) -> AsyncIterator[bytes]:
     """The non-empty lines of a newline-delimited JSON body."""
+    limit = upstream.max_event_bytes
     buffer = b""
     try:
         async for chunk in response.aiter_bytes():
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
+                if len(line) > limit:
+                    raise too_large(upstream, "a stream line", limit)
                 if line.strip():
                     yield line
+            if len(buffer) > limit:
+                raise too_large(upstream, "a stream line", limit)
     except TRANSPORT_ERRORS as exc:
         raise transport_error(upstream, exc) from exc
     if buffer.strip():

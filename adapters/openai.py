@@ -1,6 +1,7 @@
 """OpenAI-compatible upstreams: OpenAI, OpenRouter, vLLM, LM Studio, llama.cpp, LocalAI, Groq…
 
-The client's request is forwarded field for field (only `model` is replaced and, on streams,
+The client's request is forwarded field for field (only `model` is replaced, the output cap
+lowered to the deployment's `max_output_tokens` or added, and, on streams,
 `stream_options.include_usage` forced on so that usage is always counted), and the answer is
 passed back byte for byte; the gateway only peeks at each chunk for usage and errors.
 """
@@ -93,6 +94,27 @@ class OpenAIAdapter:
         key = self.upstream.api_key
         return {"authorization": f"Bearer {key}"} if key else {}
 
+    def _output_cap(self, call: ChatCall) -> dict[str, Raw]:
+        """The deployment's output cap, sent whenever the client asked for more or set none:
+        the budget reserved at most that many output tokens, so the provider must not be let
+        write more. A field the client sent is lowered as it is; with none, OpenAI's own API
+        and Azure get `max_completion_tokens` (reasoning models refuse `max_tokens`), other
+        OpenAI-compatible servers the `max_tokens` they all read."""
+        cap = self.upstream.max_output_tokens
+        request = call.request
+        if request.max_tokens is None and request.max_completion_tokens is None:
+            return {self._output_field(): Raw(str(cap).encode())}
+        overrides = {}
+        if request.max_tokens is not None and request.max_tokens > cap:
+            overrides["max_tokens"] = Raw(str(cap).encode())
+        if request.max_completion_tokens is not None and request.max_completion_tokens > cap:
+            overrides["max_completion_tokens"] = Raw(str(cap).encode())
+        return overrides
+
+    def _output_field(self) -> str:
+        official = not self.upstream.base_url or "://api.openai.com" in self.upstream.base_url
+        return "max_completion_tokens" if official else "max_tokens"
+
     def _body(self, raw: dict[str, Raw], **overrides: Raw) -> bytes:
         fields = dict(raw)
         fields["model"] = Raw(msgspec.json.encode(self.upstream.model))
@@ -109,7 +131,7 @@ class OpenAIAdapter:
         return build_request(self.upstream, url, body, headers)
 
     async def chat(self, call: ChatCall) -> ChatResult:
-        body = self._body(call.raw, stream=_FALSE)
+        body = self._body(call.raw, stream=_FALSE, **self._output_cap(call))
         request = self._request("chat/completions", body, call.request_id)
         response = await send(self.client, self.upstream, request)
         content = response.content
@@ -130,7 +152,9 @@ class OpenAIAdapter:
         )
 
     async def open_stream(self, call: ChatCall) -> OpenAIStream:
-        body = self._body(call.raw, stream=_TRUE, stream_options=_INCLUDE_USAGE)
+        body = self._body(
+            call.raw, stream=_TRUE, stream_options=_INCLUDE_USAGE, **self._output_cap(call)
+        )
         request = self._request("chat/completions", body, call.request_id)
         response = await send(self.client, self.upstream, request, stream=True)
         return OpenAIStream(call, self.upstream, response)
@@ -223,3 +247,6 @@ class AzureOpenAIAdapter(OpenAIAdapter):
     def auth_headers(self) -> dict[str, str]:
         key = self.upstream.api_key
         return {"api-key": key} if key else {}
+
+    def _output_field(self) -> str:
+        return "max_completion_tokens"  # since API version 2024-09-01, reasoning models too

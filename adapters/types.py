@@ -9,9 +9,13 @@ client sent, including ones this gateway does not know yet.
 from __future__ import annotations
 
 import base64
+import email.utils
+import math
+import re
 import struct
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC
 from typing import Annotated, Any, Literal, Protocol
 
 import msgspec
@@ -244,6 +248,10 @@ class Upstream(Struct, omit_defaults=True, frozen=True):
     connect_timeout: float = 5.0
     read_timeout: float = 600.0
     max_output_tokens: int = 4096
+    # What the gateway reads from an untrusted upstream at most: a whole (non-streamed) answer,
+    # and one server-sent event or NDJSON line of a stream. Past either: a 502.
+    max_response_bytes: int = 64 * 1024 * 1024
+    max_event_bytes: int = 1024 * 1024
     # Demo-only knobs of the echo adapter.
     latency_ms: int = 0
     embedding_dims: int = 64
@@ -341,7 +349,8 @@ class UpstreamError(Exception):
         self.type = type
         self.code = code
         self.retryable = retryable
-        self.retry_after = retry_after
+        # Whoever built the error, a wait from an upstream is only ever used clamped.
+        self.retry_after = sane_wait(retry_after)
         self.upstream_status = upstream_status
 
 
@@ -374,14 +383,45 @@ def error_status_for(upstream_status: int) -> tuple[int, bool]:
     return 502, False
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    if not value:
+# The longest wait an upstream's Retry-After can impose (on a retry or a cooldown); anything
+# beyond is the same as an hour, and an hour is already "move on to another deployment".
+MAX_RETRY_AFTER = 3600.0
+# Headers are untrusted text: bound what is looked at before any parsing.
+_MAX_HEADER_VALUE = 64
+_DELAY_SECONDS = re.compile(r"\d{1,12}(?:\.\d{1,9})?")
+
+
+def sane_wait(seconds: float | None) -> float | None:
+    """A wait in seconds that every caller can use as is: finite, in [0, MAX_RETRY_AFTER]."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
         return None
+    return min(seconds, MAX_RETRY_AFTER)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from an untrusted `Retry-After` (RFC 9110 §10.2.3): delay-seconds (a
+    decimal fraction is tolerated) or an HTTP-date, clamped to [0, MAX_RETRY_AFTER]; None for
+    anything else (`inf`, `1e400`, `-5`, `nan`, garbage), as if the header were absent."""
+    if not value or len(value) > _MAX_HEADER_VALUE:
+        return None
+    text = value.strip()
+    if _DELAY_SECONDS.fullmatch(text):
+        return sane_wait(float(text))
     try:
-        seconds = float(value)
-    except ValueError:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return max(0.0, seconds)
+    if when.tzinfo is None:  # "-0000": an HTTP-date is always UTC
+        when = when.replace(tzinfo=UTC)
+    seconds = when.timestamp() - (time.time() if now is None else now)
+    return sane_wait(max(0.0, seconds))
+
+
+def parse_retry_after_ms(value: str | None) -> float | None:
+    """OpenAI's `retry-after-ms` (milliseconds, as its own SDKs read it), in seconds."""
+    if not value or len(value) > _MAX_HEADER_VALUE or not _DELAY_SECONDS.fullmatch(value.strip()):
+        return None
+    return sane_wait(float(value) / 1000)
 
 
 def encode_embedding(vector: list[float], encoding_format: str) -> list[float] | str:

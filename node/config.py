@@ -44,6 +44,9 @@ class UpstreamSection(Struct, forbid_unknown_fields=True):
     connect_timeout: Seconds = 5.0
     read_timeout: Seconds = 600.0
     max_connections: Annotated[int, Meta(ge=1)] = 1000
+    # An upstream is untrusted: a larger answer, or a larger single stream event, is a 502.
+    max_response_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024 * 1024
+    max_event_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
 
 
 class RouterSection(Struct, forbid_unknown_fields=True):
@@ -55,6 +58,11 @@ class RouterSection(Struct, forbid_unknown_fields=True):
     max_retry_wait: Annotated[float, Meta(ge=0)] = 10.0
     cooldown_failures: Annotated[int, Meta(ge=1)] = 3
     cooldown_seconds: Annotated[float, Meta(ge=0)] = 30.0
+    # Overall deadlines, whatever an upstream does (hangs, drips bytes): one attempt at one
+    # deployment, from its request to the last byte of its answer (a stream's included), and
+    # the whole request across retries and fallbacks. Past either: a 504.
+    attempt_timeout: Seconds = 600.0
+    request_timeout: Seconds = 900.0
     fallbacks: dict[str, list[str]] = {}
 
 
@@ -118,6 +126,8 @@ class Deployment(Struct, forbid_unknown_fields=True):
             connect_timeout=self.connect_timeout or defaults.connect_timeout,
             read_timeout=self.read_timeout or defaults.read_timeout,
             max_output_tokens=self.max_output_tokens,
+            max_response_bytes=defaults.max_response_bytes,
+            max_event_bytes=defaults.max_event_bytes,
             latency_ms=self.latency_ms,
             embedding_dims=self.embedding_dims,
         )
@@ -233,6 +243,8 @@ max_body_bytes = 4_194_304          # larger requests get a 413
 connect_timeout = 5.0               # seconds
 read_timeout = 600.0
 max_connections = 1000              # pooled connections to all providers together
+max_response_bytes = 67_108_864     # a larger answer from a provider is a 502
+max_event_bytes = 1_048_576         # so is a larger single event of a stream
 
 [router]
 strategy = "priority"     # priority | lowest-cost | lowest-latency | least-busy | weighted
@@ -242,6 +254,8 @@ backoff_max = 8.0
 max_retry_wait = 10.0               # a longer Retry-After moves on to the next deployment
 cooldown_failures = 3               # consecutive failures before a deployment rests
 cooldown_seconds = 30.0
+attempt_timeout = 600.0             # seconds for one try at one deployment, stream included
+request_timeout = 900.0             # seconds for a whole request, retries and fallbacks included
 
 [router.fallbacks]
 # "gpt-4o" = ["claude-sonnet", "llama3"]

@@ -113,9 +113,11 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> tuple[T, dict[
     return typed, raw
 
 
-def _plan(hub: Hub, model: str, kind: str, local_only: bool) -> list[Route]:
+def _plan(hub: Hub, principal: Principal, model: str, kind: str, local_only: bool) -> list[Route]:
     try:
-        return hub.router.plan(model, kind, local_only=local_only)
+        return hub.router.plan(
+            model, kind, local_only=local_only, allowed=lambda name: _may_use(principal, name)
+        )
     except NoRoute:
         other = "embeddings" if kind == "chat" else "chat"
         served = hub.router.serves(model, other, local_only=local_only)
@@ -328,12 +330,17 @@ def rate_scopes(principal: Principal) -> list[ScopeLimits]:
     ]
 
 
-def _check_model(principal: Principal, model: str) -> None:
+def _may_use(principal: Principal, model: str) -> bool:
+    """Whether the key's (and its tenant's) allowlist lets it use `model`."""
     name = model.partition("@")[0]  # `llama3@alice` is llama3, from one peer
     allowed = model_allowed(principal.key.limits.models, name)
     if allowed and principal.tenant is not None:
         allowed = model_allowed(principal.tenant.limits.models, name)
-    if not allowed:
+    return allowed
+
+
+def _check_model(principal: Principal, model: str) -> None:
+    if not _may_use(principal, model):
         raise ApiError(
             403,
             f"This key may not use the model `{model}`",
@@ -396,7 +403,7 @@ async def _begin(
     the request admitted under its limits and budgets?"""
     hub = hub_of(request)
     _check_model(principal, model)
-    plan = _plan(hub, model, kind, _local_only(request, principal))
+    plan = _plan(hub, principal, model, kind, _local_only(request, principal))
     books = Accounting(hub, principal, request_id, model, kind)
     peer_request_id = request.headers.get(REQUEST_ID_HEADER, "")
     if books.for_peer and _REQUEST_ID.fullmatch(peer_request_id):
@@ -427,7 +434,9 @@ async def _route(
 
 
 def _chat_worst_case(chat: ChatRequest, plan: list[Route]) -> Usage:
-    prompt = worst_case_prompt_tokens(chat)
+    prompt = worst_case_prompt_tokens(
+        chat, lambda: [(r.adapter.upstream.provider, r.adapter.upstream.model) for r in plan]
+    )
     ceiling = max(route.spec.max_output_tokens for route in plan)
     output = min(chat.output_limit or ceiling, ceiling) * (chat.n or 1)
     return Usage(prompt, output, prompt + output)

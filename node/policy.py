@@ -7,11 +7,14 @@ import calendar
 import fnmatch
 import functools
 import ipaddress
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
+import msgspec
 from msgspec import Meta, Struct
 
+from adapters.media import request_media
 from adapters.tokens import MESSAGE_OVERHEAD, message_text
 from adapters.types import ChatRequest, EmbeddingRequest
 
@@ -91,18 +94,42 @@ def period_end(period: Period, start: int) -> int | None:
     return calendar.timegm(datetime(year, month, 1, tzinfo=UTC).timetuple())
 
 
-def worst_case_prompt_tokens(request: ChatRequest) -> int:
-    """An upper bound on prompt tokens: no tokenizer in use spends less than a byte a token."""
+Billers = Callable[[], Iterable[tuple[str, str]]]
+
+
+def unknown_biller() -> Iterable[tuple[str, str]]:
+    """No provider named: images, audio and files cost what the largest rule bills."""
+    return (("openai", ""),)
+
+
+def worst_case_prompt_tokens(request: ChatRequest, billers: Billers = unknown_biller) -> int:
+    """An upper bound on prompt tokens: no tokenizer in use spends less than a byte a token,
+    and images, audio and files cost what the most expensive of `billers()` (the (provider,
+    upstream model) pairs that may serve the request; asked only if there are such parts)
+    bills for them at most."""
     total = 0
+    parts = False  # any multi-part content (which may hold images, audio, files)?
     for message in request.messages:
+        parts = parts or isinstance(message.content, list)
         total += MESSAGE_OVERHEAD + len(message_text(message.content).encode())
+        if message.name or message.refusal:
+            total += len((message.name or "").encode()) + len((message.refusal or "").encode())
         for call in message.tool_calls or ():
             total += len((call.function.name or "").encode())
             total += len((call.function.arguments or "").encode())
+    # Tool definitions and a response schema are prompt too, as the JSON bytes sent (a name or
+    # description in a multi-byte script costs its bytes, not its characters).
     for tool in request.tools or ():
-        total += MESSAGE_OVERHEAD + len(tool.function.name) + len(tool.function.description or "")
-        total += len(repr(tool.function.parameters or {}))
+        total += MESSAGE_OVERHEAD + len(_json(tool.function))
+    if request.response_format is not None:
+        total += len(_json(request.response_format))
+    media = request_media(request.messages) if parts else None
+    if media is not None:
+        total += max(media.tokens(provider, model) for provider, model in billers())
     return total
+
+
+_json = msgspec.json.Encoder().encode
 
 
 def worst_case_embedding_tokens(request: EmbeddingRequest) -> int:

@@ -4,7 +4,9 @@ A model name maps to its deployments, ordered by the configured strategy, follow
 deployments of its fallback model names. Each deployment gets `retries` more tries on a
 retryable error (429, 5xx, timeouts, connection errors) with exponential backoff that honours
 `Retry-After`; a deployment that fails `cooldown_failures` times in a row rests for
-`cooldown_seconds` and is tried only after the rested ones.
+`cooldown_seconds` and is tried only after the rested ones. Whatever an upstream does, one
+attempt is over by `attempt_timeout` (its answer, a stream's included, read to the end) and
+the whole request by `request_timeout`: a 504 `deadline_exceeded`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from adapters.http import ATTEMPT_DEADLINE
 from adapters.types import Adapter, UpstreamError
 from node.config import Deployment, RouterSection
 
@@ -101,14 +104,23 @@ class Router:
     def serves(self, model: str, kind: str, *, local_only: bool = False) -> bool:
         return bool(self._candidates(model, kind, local_only))
 
-    def plan(self, model: str, kind: str, *, local_only: bool = False) -> list[Route]:
+    def plan(
+        self,
+        model: str,
+        kind: str,
+        *,
+        local_only: bool = False,
+        allowed: Callable[[str], bool] | None = None,
+    ) -> list[Route]:
         """Every route worth trying for `model`, best first, fallbacks after: local
         deployments, then peers that advertise the model (unless `local_only`, as for a
-        request that is itself from a peer)."""
+        request that is itself from a peer). Only the fallback models that `allowed` passes
+        are added: a key or invite for model X is never served model Y by way of a fallback."""
         if not self.serves(model, kind, local_only=local_only):
             raise NoRoute(model)
         now = time.monotonic()
-        names = [model, *self.settings.fallbacks.get(model, ())]
+        fallbacks = self.settings.fallbacks.get(model, ())
+        names = [model, *(name for name in fallbacks if allowed is None or allowed(name))]
         ordered: list[Route] = []
         for name in dict.fromkeys(names):
             ordered += self._order(self._candidates(name, kind, local_only))
@@ -150,12 +162,16 @@ class Router:
         no other deployment would answer it differently.
         """
         last: UpstreamError | None = None
+        clock = asyncio.get_running_loop().time
+        ends = clock() + self.settings.request_timeout
         for route in plan:
             for retry in range(self.settings.retries + 1):
+                if clock() >= ends:
+                    raise request_deadline_error(self.settings.request_timeout)
                 started = time.perf_counter()
                 route.in_flight += 1
                 try:
-                    result = await attempt(route)
+                    result = await self._attempt(route, attempt, ends)
                 except UpstreamError as exc:
                     last = exc
                     self._failed(route, exc)
@@ -166,7 +182,7 @@ class Router:
                     if not exc.retryable or retry == self.settings.retries:
                         break
                     wait = self.backoff(retry, exc.retry_after)
-                    if wait > self.settings.max_retry_wait:
+                    if wait > self.settings.max_retry_wait or clock() + wait >= ends:
                         break
                     await asyncio.sleep(wait)
                     continue
@@ -177,6 +193,20 @@ class Router:
         if last is None:
             raise UpstreamError(503, "no deployment available", type="upstream_unavailable")
         raise last
+
+    async def _attempt(
+        self, route: Route, attempt: Callable[[Route], Awaitable[T]], request_ends: float
+    ) -> T:
+        """One try at one deployment, over by the attempt's deadline or the request's,
+        whichever comes first. The adapters' HTTP calls take it from ATTEMPT_DEADLINE as
+        their overall timeout, so that it bounds the answer read after this returns (a
+        stream) too, with one timer per call."""
+        ends = min(asyncio.get_running_loop().time() + self.settings.attempt_timeout, request_ends)
+        token = ATTEMPT_DEADLINE.set(ends)
+        try:
+            return await attempt(route)
+        finally:
+            ATTEMPT_DEADLINE.reset(token)
 
     def _succeeded(self, route: Route, seconds: float) -> None:
         route.failures = 0
@@ -199,6 +229,15 @@ class Router:
             route.cooldown_until = max(route.cooldown_until, now + rest)
         elif route.failures >= self.settings.cooldown_failures:
             route.cooldown_until = max(route.cooldown_until, now + self.settings.cooldown_seconds)
+
+
+def request_deadline_error(seconds: float) -> UpstreamError:
+    return UpstreamError(
+        504,
+        f"The request's deadline ({seconds:g} s) passed before any deployment answered",
+        type="timeout",
+        code="deadline_exceeded",
+    )
 
 
 def _smooth_weighted_pick(routes: list[Route]) -> Route:

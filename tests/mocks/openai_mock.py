@@ -71,10 +71,23 @@ def _text(content: Any) -> str:
     return ""
 
 
+def _images(content: Any) -> int:
+    if not isinstance(content, list):
+        return 0
+    return sum(1 for part in content if isinstance(part, dict) and part.get("type") == "image_url")
+
+
 class OpenAIMock:
-    def __init__(self, api_key: str | None = "sk-mock", script: MockScript | None = None) -> None:
+    def __init__(
+        self,
+        api_key: str | None = "sk-mock",
+        script: MockScript | None = None,
+        image_tokens: int = 0,
+    ) -> None:
         self.api_key = api_key
         self.script = script or MockScript()
+        # Prompt tokens billed for each image part, as a vision model bills them.
+        self.image_tokens = image_tokens
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -126,6 +139,7 @@ class OpenAIMock:
         if chat.max_tokens:
             words = words[: chat.max_tokens]
         prompt_tokens = sum(len(_text(m.content).split()) + 3 for m in chat.messages)
+        prompt_tokens += self.image_tokens * sum(_images(m.content) for m in chat.messages)
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": len(words),
