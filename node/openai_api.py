@@ -64,7 +64,7 @@ from node.policy import model_allowed, worst_case_embedding_tokens, worst_case_p
 from node.ratelimit import Admission, RateLimited, ScopeLimits
 from node.router import NoRoute, Route
 from node.storage import Hold, Settlement, UsageRecord, now_ms
-from node.usage import cost_micros
+from node.usage import clamp_usage, cost_micros
 
 T = TypeVar("T")
 log = logging.getLogger("aihub.gateway")
@@ -175,6 +175,10 @@ class Accounting:
         self.for_peer = principal.key.peer_id is not None
         self._for_receipt: Settlement | None = None
         self.receipt_id = request_id
+        # The worst case admitted, and what was reserved for it: the bounds of what the
+        # request may be said to have used, and charged.
+        self.worst = Usage()
+        self.reserved = 0
 
     async def admit(self, request: Request, plan: list[Route], worst: Usage) -> None:
         """Rate limits, then the worst-case cost reserved against every budget on the path."""
@@ -197,10 +201,10 @@ class Accounting:
         self.headers.update(self.admission.headers)
         price_in = max(route.spec.price_in for route in plan)
         price_out = max(route.spec.price_out for route in plan)
+        self.worst = worst
+        self.reserved = cost_micros(worst, price_in, price_out)
         try:
-            self.holds = await hub.budgets.reserve(
-                principal, cost_micros(worst, price_in, price_out)
-            )
+            self.holds = await hub.budgets.reserve(principal, self.reserved)
         except ApiError as exc:
             hub.keys.note("limit.budget", principal.key_id, ip, {"reason": exc.detail.message})
             hub.alerts.exhausted(
@@ -222,12 +226,17 @@ class Accounting:
         stream: bool,
         error: str | None = None,
     ) -> int:
-        """Settle the request (once): cost, usage record, reservations, limits, metrics."""
+        """Settle the request (once): cost, usage record, reservations, limits, metrics. The
+        counts are clamped to what the request could have used, and the charge to what was
+        reserved for it: a budget never passes its cap, whatever the upstream reports; the
+        record keeps what it cost beyond the charge (`unbilled_micros`). The charge."""
         if self._settled:
             return 0
         self._settled = True
+        usage, clamped = clamp_usage(usage, self.worst)
         spec = route.spec if route else None
-        cost = cost_micros(usage, spec.price_in, spec.price_out) if spec else 0
+        actual = cost_micros(usage, spec.price_in, spec.price_out) if spec else 0
+        cost = min(actual, self.reserved)
         elapsed = time.perf_counter() - self.started
         record = UsageRecord(
             request_id=self.request_id,
@@ -246,6 +255,8 @@ class Accounting:
             latency_ms=round(elapsed * 1000),
             status=status,
             error=error,
+            unbilled_micros=actual - cost,
+            clamped=clamped,
         )
         settlement = Settlement(record, self.hub.budgets.settle(self.holds, cost))
         if self.for_peer and route is not None and status == 200:
@@ -257,6 +268,8 @@ class Accounting:
         self.hub.metrics.settled(
             self.endpoint, self.model, status, usage.prompt_tokens, usage.completion_tokens, cost
         )
+        if clamped or actual != cost:
+            self.hub.metrics.untrusted(self.model, clamped, actual - cost)
         return cost
 
     async def issue_receipt(self) -> bytes | None:

@@ -189,6 +189,12 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (a, b, iat)
     );
     """,
+    # 5 (branch pipeline-caps): what a request really cost beyond what was charged (the charge
+    # never passes the reservation), and whether its token counts were clamped (untrusted).
+    """
+    ALTER TABLE usage ADD COLUMN unbilled_micros INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN clamped INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 _json = msgspec.json.encode
@@ -263,6 +269,10 @@ class UsageRecord(msgspec.Struct):
     latency_ms: int
     status: int
     error: str | None = None
+    # What the request cost beyond `cost_micros` (its charge, capped at its reservation).
+    unbilled_micros: int = 0
+    # The upstream's token counts were out of what the request could have used, and clamped.
+    clamped: bool = False
 
 
 class Hold(msgspec.Struct, frozen=True):
@@ -1000,6 +1010,7 @@ class Store:
 
 
 _USAGE_FIELDS = UsageRecord.__struct_fields__
+_USAGE_PLACEHOLDERS = ",".join("?" * len(_USAGE_FIELDS))
 _INSERT_RECEIPT = (
     "INSERT INTO receipts (provider, consumer, seq, id, hash, amount, iat, body, csig,"
     " csig_sent) VALUES (?,?,?,?,?,?,?,?,?,?)"
@@ -1093,7 +1104,7 @@ def _write_settlements(
         known.update(row[0] for row in rows)
     fresh = [s for s in settlements if s.record.request_id not in known]
     db.executemany(
-        "INSERT OR IGNORE INTO usage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        f"INSERT OR IGNORE INTO usage VALUES ({_USAGE_PLACEHOLDERS})",
         [msgspec.structs.astuple(s.record) for s in fresh],
     )
     db.executemany(
