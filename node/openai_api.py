@@ -154,6 +154,32 @@ async def _cancelled_on_disconnect(receive: Receive) -> AsyncIterator[None]:
         watcher.cancel()
 
 
+def _gateway_error(exc: BaseException) -> ApiError:
+    """What a client is told of a failure nothing expected (a bug, or an upstream that broke
+    something no parser covers): an OpenAI-shaped 502, without the traceback (it is logged)."""
+    return ApiError(
+        502,
+        f"The gateway could not complete the request ({type(exc).__name__})",
+        type="upstream_error",
+        code="gateway_error",
+    )
+
+
+@contextlib.asynccontextmanager
+async def _settled_on_error(books: Accounting) -> AsyncIterator[None]:
+    """Whatever escapes the block while the request holds reservations and parallel slots,
+    they are released (the request is settled as failed) and the client gets a shaped 502,
+    never a 500 that strands its budget until a restart. Settling is once: a request that
+    was settled already is only answered."""
+    try:
+        yield
+    except ApiError:
+        raise  # shaped, and settled by `Accounting.fail`
+    except Exception as exc:
+        log.exception("request %s failed in the gateway", books.request_id)
+        books.fail(_gateway_error(exc))
+
+
 class Accounting:
     """One request's books: what it holds (rate-limit slots, budget reservations), what it
     finally costs, and the one usage record that settles it, however the request ends."""
@@ -398,7 +424,8 @@ async def _begin(
     peer_request_id = request.headers.get(REQUEST_ID_HEADER, "")
     if books.for_peer and _REQUEST_ID.fullmatch(peer_request_id):
         books.receipt_id = peer_request_id
-    await books.admit(request, plan, worst(plan))
+    async with _settled_on_error(books):
+        await books.admit(request, plan, worst(plan))
     return books, plan
 
 
@@ -413,9 +440,14 @@ async def _route(
         async with _cancelled_on_disconnect(request.receive):
             return await books.hub.router.run(plan, attempt, books.upstream_failed)
     except UpstreamError as exc:
-        books.fail(ApiError.from_upstream(exc))
+        async with _settled_on_error(books):
+            error = ApiError.from_upstream(exc)
+        books.fail(error)
     except ApiError as exc:
         books.fail(exc)
+    except Exception as exc:
+        log.exception("request %s failed in the gateway", books.request_id)
+        books.fail(_gateway_error(exc))
     except BaseException:
         books.finish(
             None, Usage(), estimated=False, status=CLIENT_CLOSED, stream=False, error="cancelled"
@@ -505,10 +537,11 @@ async def _chat(request: Request) -> Reply | StreamReply:
         call.request_id,
         lambda plan: _chat_worst_case(chat, plan),
     )
-    if chat.stream:
-        return await _stream_chat(request, call, plan, books)
-    result, route = await _route(request, books, plan, lambda r: r.adapter.chat(call))
-    return await _answer(books, route, result)
+    async with _settled_on_error(books):
+        if chat.stream:
+            return await _stream_chat(request, call, plan, books)
+        result, route = await _route(request, books, plan, lambda r: r.adapter.chat(call))
+        return await _answer(books, route, result)
 
 
 async def _answer(books: Accounting, route: Route, result: ChatResult | EmbedResult) -> Reply:
@@ -586,6 +619,12 @@ async def _relay(
         status, error = exc.status, exc.message
         detail = ErrorDetail(exc.message, exc.type, exc.code)
         yield sse_event(error_bytes(detail))
+    except Exception as exc:
+        # Nothing expected it (a bug, or an upstream event no parser covers): the same.
+        log.exception("stream %s failed in the gateway", books.request_id)
+        failure = _gateway_error(exc)
+        status, error = failure.status, failure.detail.message
+        yield sse_event(error_bytes(failure.detail))
     except BaseException:
         status, error = CLIENT_CLOSED, "client closed the stream"
         raise
@@ -622,8 +661,9 @@ async def _embeddings(request: Request) -> Reply:
         call.request_id,
         lambda _: Usage(tokens, 0, tokens),
     )
-    result, route = await _route(request, books, plan, lambda r: r.adapter.embed(call))
-    return await _answer(books, route, result)
+    async with _settled_on_error(books):
+        result, route = await _route(request, books, plan, lambda r: r.adapter.embed(call))
+        return await _answer(books, route, result)
 
 
 def _cards(hub: Hub, local_only: bool) -> dict[str, ModelCard]:
