@@ -34,11 +34,13 @@ def cost_micros(usage: Usage, price_in: int, price_out: int) -> int:
     return -(-numerator // MICROS_PER_MILLION_TOKENS)
 
 
-def _bounded(count: object, most: int) -> int:
-    """A count within [0, most]; anything that is not an int counts as the most it could be."""
+def _bounded(count: object, most: int) -> tuple[int, bool]:
+    """A count within [0, most] (anything that is not an int counts as the most it could be),
+    and whether it had to be changed."""
     if type(count) is not int:
-        return most
-    return min(max(count, 0), most)
+        return most, True
+    bounded = min(max(count, 0), most)
+    return bounded, bounded != count
 
 
 def clamp_usage(usage: Usage, worst: Usage) -> tuple[Usage, bool]:
@@ -46,10 +48,11 @@ def clamp_usage(usage: Usage, worst: Usage) -> tuple[Usage, bool]:
     completion tokens to its output bound (`max_tokens` or the model's limit, as reserved),
     prompt tokens to its worst case with a margin; the total is always their sum. Whether any
     count had to be changed (the record says so: the counts are untrusted)."""
-    prompt = _bounded(usage.prompt_tokens, worst.prompt_tokens * PROMPT_FACTOR + PROMPT_SLACK)
-    completion = _bounded(usage.completion_tokens, worst.completion_tokens)
-    clamped = prompt != usage.prompt_tokens or completion != usage.completion_tokens
-    return Usage(prompt, completion, prompt + completion), clamped
+    prompt, prompt_clamped = _bounded(
+        usage.prompt_tokens, worst.prompt_tokens * PROMPT_FACTOR + PROMPT_SLACK
+    )
+    completion, completion_clamped = _bounded(usage.completion_tokens, worst.completion_tokens)
+    return Usage(prompt, completion, prompt + completion), prompt_clamped or completion_clamped
 
 
 FlushListener = Callable[[list[Settlement]], Awaitable[None]]
