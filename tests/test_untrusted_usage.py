@@ -7,9 +7,13 @@ reports a record it cannot apply: the node still starts."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sqlite3
+import struct
 import subprocess
+import time
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,11 +32,11 @@ from adapters.openai import OpenAIAdapter
 from adapters.tokens import MAX_TOKEN_COUNT, token_count
 from adapters.types import Upstream, Usage
 from node.config import DATABASE_FILE
-from node.journal import JOURNAL_DIR, Journal, left_behind, replay
-from node.storage import Hold, Settlement, Store
+from node.journal import JOURNAL_DIR, Journal
+from node.storage import Hold
 from node.usage import PROMPT_FACTOR, PROMPT_SLACK, clamp_usage
 from tests.calls import chat_call, embed_call
-from tests.conftest import NodeDir, concurrent_client
+from tests.conftest import NodeDir, concurrent_client, run_node
 from tests.mocks.script import read_body
 from tests.mocks.server import free_port, serve_app
 from tests.test_budgets import make_key, spend_of
@@ -169,12 +173,15 @@ def _openai_chat(v: str) -> bytes:
 
 def _openai_stream(v: str) -> bytes:
     chunk = '{{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":{}}}'
-    return _sse(
-        chunk.format('[{"index":0,"delta":{"content":"hello there"}}]'),
-        chunk.format('[{"index":0,"delta":{},"finish_reason":"stop"}]'),
-        chunk.format("[]")[:-1]
-        + f',"usage":{{"prompt_tokens":{v},"completion_tokens":{v},"total_tokens":-3}}}}',
-    ) + b"data: [DONE]\n\n"
+    return (
+        _sse(
+            chunk.format('[{"index":0,"delta":{"content":"hello there"}}]'),
+            chunk.format('[{"index":0,"delta":{},"finish_reason":"stop"}]'),
+            chunk.format("[]")[:-1]
+            + f',"usage":{{"prompt_tokens":{v},"completion_tokens":{v},"total_tokens":-3}}}}',
+        )
+        + b"data: [DONE]\n\n"
+    )
 
 
 def _anthropic_chat(v: str) -> bytes:
@@ -273,3 +280,168 @@ async def test_any_count_in_embeddings_is_read_or_estimated(canned, client, text
     app.body = f'{{"embeddings":[[0.5]],"prompt_eval_count":{text}}}'.encode()
     result = await _adapter("ollama", url, client).embed(embed_call(input="hi"))
     _assert_sane(result.usage, result.usage_estimated, text, embedding=True)
+
+
+# --- through real nodes ----------------------------------------------------------------------
+
+PRICES = "price_in = 1_000_000\nprice_out = 1_000_000"
+HUGE = str(2**62)  # at $1/1M in and out, 2^63 micro-units: past SQLite's integers
+
+
+def _wild_model(node_dir: NodeDir, url: str, name: str = "wild", prices: str = PRICES) -> None:
+    node_dir.add_config(
+        f'[[models]]\nname = "{name}"\nprovider = "openai"\nmodel = "m"\n'
+        f'base_url = "{url}/v1"\n{prices}'
+    )
+
+
+def _rows(node_dir: NodeDir, sql: str, *params: object) -> list[tuple]:
+    with sqlite3.connect(node_dir.path / DATABASE_FILE) as db:
+        return db.execute(sql, params).fetchall()
+
+
+def _wait_for(predicate: Any, seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    process.send_signal(sig)
+    process.wait(timeout=15)
+
+
+def test_a_node_given_absurd_counts_keeps_writing_usage_and_restarts(
+    node_dir: NodeDir, canned, tmp_path: Path
+) -> None:
+    app, url = canned
+    _wild_model(node_dir, url)
+    port = free_port()
+    process = _serve(node_dir, port, tmp_path / "serve.log")
+    try:
+        headers = {"authorization": f"Bearer {node_dir.key}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers) as client:
+            hi = [{"role": "user", "content": "hello"}]
+            app.body, app.content_type = _openai_chat(HUGE), "application/json"
+            answer = client.post(
+                "/v1/chat/completions", json={"model": "wild", "messages": hi, "max_tokens": 8}
+            )
+            assert answer.status_code == 200, answer.text
+            app.body, app.content_type = _openai_stream(HUGE), "text/event-stream"
+            body = {"model": "wild", "messages": hi, "max_tokens": 8, "stream": True}
+            assert b"[DONE]" in client.post("/v1/chat/completions", json=body).content
+            for _ in range(3):  # ordinary requests after them are recorded as ever
+                assert client.post("/v1/chat/completions", json={"model": "echo", "messages": hi})
+            count = "SELECT COUNT(*) FROM usage"
+            assert _wait_for(lambda: _rows(node_dir, count) == [(5,)]), _rows(node_dir, count)
+            metrics = client.get("/metrics").text
+        wild = _rows(
+            node_dir,
+            "SELECT tokens_in, tokens_out, cost_micros, unbilled_micros, clamped FROM usage"
+            " WHERE model = 'wild'",
+        )
+        assert len(wild) == 2
+        for tokens_in, tokens_out, cost, unbilled, clamped in wild:
+            assert clamped == 1
+            assert tokens_out == 8  # max_tokens
+            assert 0 < tokens_in <= 9 * PROMPT_FACTOR + PROMPT_SLACK  # "hello" + framing
+            assert cost <= 9 + 8  # never more than was reserved: 9 prompt + 8 out, at $1/1M
+            assert unbilled == tokens_in + tokens_out - cost
+        assert 'aihub_usage_clamped_total{model="wild"} 2.0' in metrics
+        tokens_out = 'aihub_tokens_total{direction="out",model="wild"} 16.0'
+        assert tokens_out in metrics
+        _stop(process, signal.SIGKILL)
+        process = _serve(node_dir, port, tmp_path / "restarted.log")  # starts cleanly
+        assert _rows(node_dir, "SELECT COUNT(*) FROM usage") == [(5,)]
+    finally:
+        if process.poll() is None:
+            _stop(process)
+
+
+def _frame(payload: bytes) -> bytes:
+    return struct.pack("<II", len(payload), zlib.crc32(payload)) + payload
+
+
+def test_replay_skips_and_reports_what_it_cannot_apply_and_the_node_starts(
+    node_dir: NodeDir, tmp_path: Path
+) -> None:
+    """A journal left by a crash holds a record the database refuses (a cost past SQLite's
+    integers, as a version that trusted an upstream's counts wrote) and a whole frame that
+    does not decode: the node starts, the good records are written, the others reported."""
+    folder = node_dir.path / JOURNAL_DIR
+    journal = Journal(folder)
+    good = usage_of("good-1", 5, [Hold("key:k", 0, 5)])
+    journal.append(good)
+    journal.append(usage_of("absurd", 2**64 - 1, [Hold("key:k", 0, 5)]))
+    os.write(journal._fd, _frame(b"\xc1"))  # a checksum that holds over no Settlement
+    journal.append(usage_of("good-2", 7, []))
+    (path,) = folder.glob("*.journal")
+    port = free_port()
+    process = _serve(node_dir, port, tmp_path / "serve.log")
+    try:
+        ids = _rows(node_dir, "SELECT request_id FROM usage ORDER BY request_id")
+        assert ids == [("good-1",), ("good-2",)]
+        (event,) = _rows(
+            node_dir, "SELECT target, detail FROM audit WHERE action = ?", "usage.skipped"
+        )
+        detail = msgspec.json.decode(event[1])
+        assert event[0] == "journal" and detail["records"] == 2 and detail["ids"] == "absurd"
+        assert not path.exists()  # (the serving node has a segment of its own)
+        assert path.with_suffix(".rejected").exists()  # kept for a human to look at
+    finally:
+        _stop(process)
+    log = (tmp_path / "serve.log").read_text()
+    assert "skipped usage record absurd" in log and "2 records could not be applied" in log
+
+
+def test_the_charge_never_passes_the_reservation_under_concurrency(
+    node_dir: NodeDir, canned
+) -> None:
+    """Every upstream answer says it used far more prompt tokens than the request could be
+    estimated at (300 for "hello"): the budget still never passes its cap. Each charge is
+    capped at its reservation, and the record keeps what the answer really cost beside it."""
+    app, url = canned
+    app.body, app.content_type = (
+        _openai_chat("300").replace(b'"completion_tokens":300', b'"completion_tokens":5'),
+        "application/json",
+    )
+    _wild_model(node_dir, url, "dear", "price_in = 10_000_000\nprice_out = 1_000_000")
+    cap = 2_000  # one answer really costs 300 * 10 + 5 = 3,005
+    key, key_id = make_key(node_dir.path, name="capped", budget_micros=cap)
+    body = {"model": "dear", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}
+
+    async def wave(url: str) -> list[httpx.Response]:
+        async with concurrent_client(url, 100) as client:
+            headers = {"authorization": f"Bearer {key}"}
+            return await asyncio.gather(
+                *(
+                    client.post("/v1/chat/completions", json=body, headers=headers)
+                    for _ in range(200)
+                )
+            )
+
+    charged, served = 0, []
+    with run_node(node_dir) as node:
+        while not served or served[-1]:
+            responses = asyncio.run(wave(node.url))
+            assert {r.status_code for r in responses} <= {200, 429}
+            ok = [r for r in responses if r.status_code == 200]
+            charged += sum(int(r.headers["aihub-cost-micros"]) for r in ok)
+            served.append(len(ok))
+            assert len(served) < 30
+    spent, reserved = spend_of(node_dir.path, f"key:{key_id}")
+    assert spent == charged <= cap and reserved == 0
+    assert sum(served) > 1
+    rows = _rows(
+        node_dir,
+        "SELECT tokens_in, tokens_out, cost_micros, unbilled_micros, clamped FROM usage"
+        " WHERE key_id = ? AND status = 200",
+        key_id,
+    )
+    assert len(rows) == sum(served)
+    for tokens_in, tokens_out, cost, unbilled, clamped in rows:
+        assert (tokens_in, tokens_out, clamped) == (300, 5, 0)  # possible, so not clamped
+        assert cost + unbilled == 3_005 and 0 < cost < 3_005
