@@ -285,7 +285,9 @@ class Accounting:
             clamped=clamped,
         )
         settlement = Settlement(record, self.hub.budgets.settle(self.holds, cost))
-        if self.for_peer and route is not None and status == 200:
+        if self.for_peer and route is not None and (status == 200 or usage.total_tokens):
+            # Whatever was produced for a peer is receipted, whether or not the peer stayed
+            # to the end of the answer (`issue_receipt`).
             self._for_receipt = settlement
         else:
             self.hub.usage.record(settlement)
@@ -435,9 +437,13 @@ async def _route(
     plan: list[Route],
     attempt: Callable[[Route], Awaitable[T]],
 ) -> tuple[T, Route]:
-    """Run `attempt` along the plan; a failure is recorded and answered OpenAI's way."""
+    """Run `attempt` along the plan; a failure is recorded and answered OpenAI's way. A
+    client that goes away cancels the call; a peer's does not: the provider pays its upstream
+    for the answer either way, so the answer runs to its end and gets its receipt (the peer's
+    cap is charged for it) whether or not the peer is still there to read it."""
+    watch = _cancelled_on_disconnect(request.receive)
     try:
-        async with _cancelled_on_disconnect(request.receive):
+        async with contextlib.nullcontext() if books.for_peer else watch:
             return await books.hub.router.run(plan, attempt, books.upstream_failed)
     except UpstreamError as exc:
         async with _settled_on_error(books):
@@ -637,6 +643,11 @@ async def _relay(
         )
         if status == 200:
             books.take_receipt(route, stream.receipt, cost)
+        else:
+            # A peer that went away (or an upstream that failed) before the end still got
+            # what was sent: its receipt is written for that, and its cap charged.
+            with anyio.CancelScope(shield=True):
+                await books.issue_receipt()
 
 
 def _stream_usage(stream: ChatStream, call: ChatCall, sent: int) -> tuple[Usage, bool]:
