@@ -48,10 +48,19 @@ def clamp_usage(usage: Usage, worst: Usage) -> tuple[Usage, bool]:
     completion tokens to its output bound (`max_tokens` or the model's limit, as reserved),
     prompt tokens to its worst case with a margin; the total is always their sum. Whether any
     count had to be changed (the record says so: the counts are untrusted)."""
-    prompt, prompt_clamped = _bounded(
-        usage.prompt_tokens, worst.prompt_tokens * PROMPT_FACTOR + PROMPT_SLACK
-    )
-    completion, completion_clamped = _bounded(usage.completion_tokens, worst.completion_tokens)
+    prompt, completion = usage.prompt_tokens, usage.completion_tokens
+    most_prompt = worst.prompt_tokens * PROMPT_FACTOR + PROMPT_SLACK
+    if (
+        type(prompt) is int
+        and type(completion) is int
+        and 0 <= prompt <= most_prompt
+        and 0 <= completion <= worst.completion_tokens
+    ):  # the usual case, on every request: no new objects
+        if usage.total_tokens == prompt + completion:
+            return usage, False
+        return Usage(prompt, completion, prompt + completion), False
+    prompt, prompt_clamped = _bounded(prompt, most_prompt)
+    completion, completion_clamped = _bounded(completion, worst.completion_tokens)
     return Usage(prompt, completion, prompt + completion), prompt_clamped or completion_clamped
 
 
