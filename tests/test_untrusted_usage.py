@@ -33,8 +33,8 @@ from adapters.tokens import MAX_TOKEN_COUNT, token_count
 from adapters.types import Upstream, Usage
 from node.config import DATABASE_FILE
 from node.journal import JOURNAL_DIR, Journal
-from node.storage import Hold
-from node.usage import PROMPT_FACTOR, PROMPT_SLACK, clamp_usage
+from node.storage import Hold, Store
+from node.usage import PROMPT_FACTOR, PROMPT_SLACK, UsageRecorder, clamp_usage
 from tests.calls import chat_call, embed_call
 from tests.conftest import NodeDir, concurrent_client, run_node
 from tests.mocks.script import read_body
@@ -445,3 +445,25 @@ def test_the_charge_never_passes_the_reservation_under_concurrency(
     for tokens_in, tokens_out, cost, unbilled, clamped in rows:
         assert (tokens_in, tokens_out, clamped) == (300, 5, 0)  # possible, so not clamped
         assert cost + unbilled == 3_005 and 0 < cost < 3_005
+
+
+async def test_one_record_the_database_refuses_never_stops_the_writes_after_it(
+    tmp_path: Path,
+) -> None:
+    """The usage writer meets a record the database cannot hold (written by any path that
+    did not clamp): it is skipped and reported, and the records around it are written."""
+    store = await Store.open(tmp_path / "db")
+    recorder = UsageRecorder(store, Journal(tmp_path / JOURNAL_DIR))
+    try:
+        for request_id, cost in (("before", 3), ("absurd", 2**64 - 1), ("after", 4)):
+            recorder.record(usage_of(request_id, cost))
+        await recorder.flush()
+        recorder.record(usage_of("later", 5))
+        await recorder.flush()
+        written = {u.request_id for u in await store.usage_since(0)}
+        assert written == {"before", "after", "later"}
+        (event,) = await store.audit(action="usage.skipped")
+        assert event.target == "usage-writer" and event.detail["ids"] == "absurd"
+    finally:
+        await recorder.stop()
+        await store.close()
