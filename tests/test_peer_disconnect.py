@@ -152,3 +152,18 @@ def test_a_peer_that_goes_away_from_a_plain_answer_is_still_billed(provider, ups
         assert receipt["tokens_out"] == WORDS  # the whole answer, produced and paid for
         assert _charged(provider, attacker.identity.node_id) == receipt["amount"] > 0
         assert upstream.script.cancelled == 0
+
+
+def test_a_peer_that_leaves_while_its_stream_opens_is_settled(provider, upstream):
+    upstream.script.delay = 1.0  # the stream opens after the attacker has gone
+    with provider.run() as node:
+        attacker = Attacker(node.url, invite(provider, "--cap", "1"))
+        body = msgspec.json.encode({"model": "gpt-mock", "messages": HI, "stream": True})
+        request_id, headers = attacker.signed(body)
+        with (
+            httpx.Client(timeout=httpx.Timeout(30, read=0.2)) as client,
+            pytest.raises(httpx.ReadTimeout),
+        ):
+            client.post(node.url + "/v1/chat/completions", content=body, headers=headers)
+        receipt = _receipt_in_time(provider, request_id)
+        assert _charged(provider, attacker.identity.node_id) == receipt["amount"] > 0
