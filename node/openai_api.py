@@ -238,6 +238,10 @@ class Accounting:
             )
             self.fail(exc)
 
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
     def upstream_failed(self, route: Route, exc: UpstreamError) -> None:
         status = str(exc.upstream_status or 0)
         self.hub.metrics.upstream_errors.labels(route.label, status).inc()
@@ -480,6 +484,9 @@ class StreamReply(NamedTuple):
 
     events: AsyncGenerator[bytes, None]
     headers: dict[str, str]
+    # Settles the request if `events` never started (a generator closed before its first
+    # step runs none of its code, its `finally` included).
+    abandon: Callable[[], Awaitable[None]] | None = None
 
 
 def _post_endpoint(
@@ -519,16 +526,26 @@ async def _send_reply(send: Send, reply: Reply) -> None:
 async def _send_stream(send: Send, receive: Receive, reply: StreamReply) -> None:
     """Send the events as they come; a client that goes away cancels the stream (its relay
     then settles the request as closed by the client)."""
+    started = False
     try:
         async with _cancelled_on_disconnect(receive):
-            await send(_start(reply.headers, "text/event-stream"))
+            start = _start(reply.headers, "text/event-stream")
+            await send(start)
+            started = True
             async for event in reply.events:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
     except ApiError:
         pass  # the client went away: there is no one to tell
+    except Exception as exc:
+        if started:
+            raise
+        log.exception("stream failed in the gateway before its first byte")
+        raise _gateway_error(exc) from None  # answered as a shaped 502
     finally:
         await reply.events.aclose()  # settles a relay cut short while it waited to be sent
+        if reply.abandon is not None:
+            await reply.abandon()
 
 
 async def _chat(request: Request) -> Reply | StreamReply:
@@ -591,8 +608,17 @@ async def _stream_chat(
     opened, route = await _route(request, books, plan, lambda r: _open(r, call))
     books.observe_latency()
     return StreamReply(
-        _relay(opened, route, call, books), {**books.headers, "cache-control": "no-cache"}
+        _relay(opened, route, call, books),
+        {**books.headers, "cache-control": "no-cache"},
+        lambda: _abandon(opened, route, call, books),
     )
+
+
+async def _abandon(opened: _Opened, route: Route, call: ChatCall, books: Accounting) -> None:
+    """A stream whose relay never ran (it failed or was cancelled before its first event was
+    asked for): settled as its relay would have settled it."""
+    if not books.settled:
+        await _settle_stream(opened, route, call, books, 0, CLIENT_CLOSED, "stream not sent")
 
 
 async def _relay(
@@ -635,19 +661,31 @@ async def _relay(
         status, error = CLIENT_CLOSED, "client closed the stream"
         raise
     finally:
+        await _settle_stream(opened, route, call, books, sent, status, error)
+
+
+async def _settle_stream(
+    opened: _Opened,
+    route: Route,
+    call: ChatCall,
+    books: Accounting,
+    sent: int,
+    status: int,
+    error: str | None,
+) -> None:
+    """Close the upstream stream and settle what it used, however the stream ended."""
+    stream = opened.stream
+    with anyio.CancelScope(shield=True):
+        await stream.aclose()
+    usage, estimated = _stream_usage(stream, call, sent)
+    cost = books.finish(route, usage, estimated=estimated, status=status, stream=True, error=error)
+    if status == 200:
+        books.take_receipt(route, stream.receipt, cost)
+    else:
+        # A peer that went away (or an upstream that failed) before the end still got
+        # what was sent: its receipt is written for that, and its cap charged.
         with anyio.CancelScope(shield=True):
-            await stream.aclose()
-        usage, estimated = _stream_usage(stream, call, sent)
-        cost = books.finish(
-            route, usage, estimated=estimated, status=status, stream=True, error=error
-        )
-        if status == 200:
-            books.take_receipt(route, stream.receipt, cost)
-        else:
-            # A peer that went away (or an upstream that failed) before the end still got
-            # what was sent: its receipt is written for that, and its cap charged.
-            with anyio.CancelScope(shield=True):
-                await books.issue_receipt()
+            await books.issue_receipt()
 
 
 def _stream_usage(stream: ChatStream, call: ChatCall, sent: int) -> tuple[Usage, bool]:

@@ -91,15 +91,21 @@ async def _open_breaking(self: EchoAdapter, call: ChatCall) -> EchoStream:
     return stream
 
 
-@pytest.mark.parametrize("where", ["chat", "open_stream", "mid_stream", "reserve"])
+def _start_fails(*_: object) -> None:
+    raise ZeroDivisionError("fails before the stream's first byte, before its relay runs")
+
+
+@pytest.mark.parametrize("where", ["chat", "open_stream", "mid_stream", "reserve", "start"])
 def test_an_unexpected_exception_anywhere_releases_and_answers_502(
     node, monkeypatch, where: str
 ) -> None:
     running, key, _ = node
-    stream = where in ("open_stream", "mid_stream")
+    stream = where in ("open_stream", "mid_stream", "start")
     if where == "mid_stream":
         monkeypatch.setattr(EchoAdapter, "_real_open", EchoAdapter.open_stream, raising=False)
         monkeypatch.setattr(EchoAdapter, "open_stream", _open_breaking)
+    elif where == "start":
+        monkeypatch.setattr("node.openai_api._start", _start_fails)
     elif where == "reserve":
         monkeypatch.setattr("node.budgets.Budgets.reserve", _broken)
     else:
