@@ -3,7 +3,7 @@
 One request, one pass: authenticate from memory, validate with msgspec, let the router pick a
 deployment, answer, then queue one usage record. Streams fall back to another deployment only
 before their first byte has reached the client; a client that goes away cancels the upstream
-call.
+call (a peer's plain request runs to its end instead, for its receipt: see `_route`).
 """
 
 from __future__ import annotations
