@@ -43,7 +43,13 @@ from adapters.http import (
     join_url,
     send,
 )
-from adapters.tokens import completion_text, estimate_text_tokens, usage_or_estimate
+from adapters.tokens import (
+    NO_COUNT,
+    completion_text,
+    estimate_text_tokens,
+    token_count,
+    usage_or_estimate,
+)
 from adapters.types import (
     ChatCall,
     ChatCompletion,
@@ -153,11 +159,12 @@ class _MessagesRequest(Struct, omit_defaults=True):
 
 
 class _Usage(Struct):
-    # All optional: a `message_delta` event repeats only the counts that changed.
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cache_creation_input_tokens: int | None = None
-    cache_read_input_tokens: int | None = None
+    # All optional: a `message_delta` event repeats only the counts that changed. Untrusted:
+    # read by `token_count` (see `_prompt_tokens`, `_output_tokens`).
+    input_tokens: Raw = NO_COUNT
+    output_tokens: Raw = NO_COUNT
+    cache_creation_input_tokens: Raw = NO_COUNT
+    cache_read_input_tokens: Raw = NO_COUNT
 
 
 class _ContentBlock(Struct):
@@ -434,12 +441,19 @@ def _finish_reason(stop_reason: str | None, called_tools: bool) -> str:
     return "tool_calls" if called_tools and reason == "stop" else reason
 
 
+def _output_tokens(usage: _Usage) -> int | None:
+    return token_count(usage.output_tokens)
+
+
 def _prompt_tokens(usage: _Usage) -> int | None:
-    if usage.input_tokens is None:
+    input_tokens = token_count(usage.input_tokens)
+    if input_tokens is None:
         return None
     # Cached prompt tokens are reported beside `input_tokens`, not inside it.
-    cached = (usage.cache_creation_input_tokens or 0) + (usage.cache_read_input_tokens or 0)
-    return usage.input_tokens + cached
+    cached = (token_count(usage.cache_creation_input_tokens) or 0) + (
+        token_count(usage.cache_read_input_tokens) or 0
+    )
+    return input_tokens + cached
 
 
 def _stream_error(upstream: Upstream, error: _ErrorDetail | None) -> UpstreamError:
@@ -490,7 +504,7 @@ class AnthropicAdapter:
         ]
         usage, estimated = usage_or_estimate(
             _prompt_tokens(answer.usage),
-            answer.usage.output_tokens,
+            _output_tokens(answer.usage),
             call,
             completion_text(text, calls),
         )
@@ -586,9 +600,10 @@ class AnthropicStream:
         prompt = _prompt_tokens(usage)
         if prompt is not None:
             self._prompt_count = prompt
-        if usage.output_tokens is not None:
+        output = _output_tokens(usage)
+        if output is not None:
             # Anthropic's output count is cumulative: the last one seen is the total.
-            self._completion_count = usage.output_tokens
+            self._completion_count = output
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:

@@ -36,7 +36,13 @@ from adapters.http import (
     join_url,
     send,
 )
-from adapters.tokens import completion_text, estimate_text_tokens, usage_or_estimate
+from adapters.tokens import (
+    NO_COUNT,
+    completion_text,
+    estimate_text_tokens,
+    token_count,
+    usage_or_estimate,
+)
 from adapters.types import (
     ChatCall,
     ChatCompletion,
@@ -134,8 +140,9 @@ class _ChatResponse(Struct):
     message: _Message | None = None
     done: bool = False
     done_reason: str | None = None
-    prompt_eval_count: int | None = None
-    eval_count: int | None = None
+    # Untrusted: read by `token_count`.
+    prompt_eval_count: Raw = NO_COUNT
+    eval_count: Raw = NO_COUNT
     # A failure after the stream began: Ollama can only say so in a line of its own.
     error: str | None = None
 
@@ -148,7 +155,7 @@ class _EmbedRequest(Struct, omit_defaults=True):
 
 class _EmbedResponse(Struct):
     embeddings: list[list[float]]
-    prompt_eval_count: int | None = None
+    prompt_eval_count: Raw = NO_COUNT
 
 
 class _ErrorBody(Struct):
@@ -375,8 +382,8 @@ class OllamaAdapter:
         message = answer.message or _Message("assistant")
         calls = _openai_tool_calls(message.tool_calls, call.request_id, 0, streamed=False)
         usage, estimated = usage_or_estimate(
-            answer.prompt_eval_count,
-            answer.eval_count,
+            token_count(answer.prompt_eval_count),
+            token_count(answer.eval_count),
             call,
             completion_text(message.content, calls),
         )
@@ -416,7 +423,7 @@ class OllamaAdapter:
             Embedding(index, encode_embedding(vector, request.encoding_format))
             for index, vector in enumerate(answer.embeddings)
         ]
-        tokens = answer.prompt_eval_count
+        tokens = token_count(answer.prompt_eval_count)
         estimated = tokens is None
         if tokens is None:
             tokens = sum(estimate_text_tokens(text) for text in texts)
@@ -504,7 +511,10 @@ class OllamaStream:
 
     def _finish(self, last: _ChatResponse, *, called_tools: bool) -> bytes:
         self.usage, self.usage_estimated = usage_or_estimate(
-            last.prompt_eval_count, last.eval_count, self._call, "".join(self._written)
+            token_count(last.prompt_eval_count),
+            token_count(last.eval_count),
+            self._call,
+            "".join(self._written),
         )
         return self._chunk(Delta(), _finish_reason(last.done_reason, called_tools))
 

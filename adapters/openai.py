@@ -23,7 +23,13 @@ from adapters.http import (
     openai_error_message,
     send,
 )
-from adapters.tokens import estimate_prompt_tokens, estimate_text_tokens
+from adapters.tokens import (
+    NO_COUNT,
+    estimate_prompt_tokens,
+    estimate_text_tokens,
+    token_count,
+    usage_or_estimate,
+)
 from adapters.types import (
     RECEIPT_EVENT,
     RECEIPT_HEADER,
@@ -43,9 +49,9 @@ _FALSE = Raw(b"false")
 
 
 class _PeekUsage(msgspec.Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
+    # Untrusted: read by `token_count`, so that a count that is no count is estimated.
+    prompt_tokens: Raw = NO_COUNT
+    completion_tokens: Raw = NO_COUNT
 
 
 class _PeekMessage(msgspec.Struct):
@@ -69,15 +75,26 @@ class _Peek(msgspec.Struct):
 _peek = msgspec.json.Decoder(_Peek)
 
 
-def _usage(peek: _PeekUsage) -> Usage:
-    total = peek.total_tokens or peek.prompt_tokens + peek.completion_tokens
-    return Usage(peek.prompt_tokens, peek.completion_tokens, total)
+def _usage(peek: _PeekUsage, call: ChatCall, completion_text: str) -> tuple[Usage, bool]:
+    """The upstream's counts (the total is recomputed, never taken), each estimated if it is
+    missing or no count; and whether any was."""
+    return usage_or_estimate(
+        token_count(peek.prompt_tokens), token_count(peek.completion_tokens), call, completion_text
+    )
 
 
 def _estimated_usage(call: ChatCall, completion_text: str) -> Usage:
     prompt = estimate_prompt_tokens(call.request.messages)
     completion = estimate_text_tokens(completion_text)
     return Usage(prompt, completion, prompt + completion)
+
+
+def _embed_usage(peek: _PeekUsage | None, call: EmbedCall) -> tuple[Usage, bool]:
+    tokens = token_count(peek.prompt_tokens) if peek is not None else None
+    if tokens is not None:
+        return Usage(tokens, 0, tokens), False
+    tokens = sum(estimate_text_tokens(text) for text in call.request.texts())
+    return Usage(tokens, 0, tokens), True
 
 
 class OpenAIAdapter:
@@ -142,11 +159,12 @@ class OpenAIAdapter:
                 502, f"{self.upstream.provider} upstream sent invalid JSON: {exc}", retryable=True
             ) from exc
         receipt = _receipt_of(response)
-        if peek.usage is not None:
-            return ChatResult(content, _usage(peek.usage), receipt=receipt)
         text = "".join(
             (choice.message.content or "") for choice in peek.choices or () if choice.message
         )
+        if peek.usage is not None:
+            usage, estimated = _usage(peek.usage, call, text)
+            return ChatResult(content, usage, usage_estimated=estimated, receipt=receipt)
         return ChatResult(
             content, _estimated_usage(call, text), usage_estimated=True, receipt=receipt
         )
@@ -170,11 +188,8 @@ class OpenAIAdapter:
             raise UpstreamError(
                 502, f"{self.upstream.provider} upstream sent invalid JSON: {exc}", retryable=True
             ) from exc
-        receipt = _receipt_of(response)
-        if peek.usage is not None:
-            return EmbedResult(content, _usage(peek.usage), receipt=receipt)
-        tokens = sum(estimate_text_tokens(text) for text in call.request.texts())
-        return EmbedResult(content, Usage(tokens, 0, tokens), usage_estimated=True, receipt=receipt)
+        usage, estimated = _embed_usage(peek.usage, call)
+        return EmbedResult(content, usage, usage_estimated=estimated, receipt=_receipt_of(response))
 
 
 def _receipt_of(response: UpstreamResponse) -> bytes | None:
@@ -212,14 +227,14 @@ class OpenAIStream:
             if peek.error is not None:
                 message, _ = openai_error_message(data)
                 raise UpstreamError(502, f"{self._upstream.provider} upstream failed: {message}")
-            if peek.usage is not None:
-                self.usage = _usage(peek.usage)
-                if not peek.choices and not wants_usage:
-                    continue
             for choice in peek.choices or ():
                 finished = finished or choice.finish_reason is not None
                 if choice.delta is not None and choice.delta.content:
                     text.append(choice.delta.content)
+            if peek.usage is not None:
+                self.usage, self.usage_estimated = _usage(peek.usage, self._call, "".join(text))
+                if not peek.choices and not wants_usage:
+                    continue
             yield sse_event(data)
         if not finished:
             # No finish_reason and no [DONE]: the answer was cut off, not complete.

@@ -6,10 +6,32 @@ an estimate is always marked as such in the usage record.
 
 from __future__ import annotations
 
+import msgspec
+from msgspec import Raw
+
 from adapters.types import ChatCall, ContentPart, Message, ToolCall, Usage
 
 # Per-message framing tokens in chat templates (role markers, separators).
 MESSAGE_OVERHEAD = 4
+
+# A token count as an upstream sent it, read by `token_count`; this default means "not sent".
+NO_COUNT = Raw(b"null")
+# No count is believed past this (2^53: exact as a float in a metric, far inside SQLite's
+# integers); the gateway clamps each count further to what its request could have used.
+MAX_TOKEN_COUNT = 1 << 53
+_count = msgspec.json.Decoder(int)  # strict: a float, string, bool or null is no count
+
+
+def token_count(raw: Raw) -> int | None:
+    """An upstream's token count, or None where it is no count at all (missing, a float, a
+    string, a bool, a negative number, `1e400`): counts are untrusted input, and a bad one
+    must neither fail the answer nor reach the books as it is. Read lazily (`Raw`) so that
+    nothing an upstream puts in a count can fail the decoding of the whole answer."""
+    try:
+        value = _count.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    return min(value, MAX_TOKEN_COUNT) if value >= 0 else None
 
 
 def estimate_text_tokens(text: str) -> int:

@@ -121,8 +121,8 @@ class Budgets:
     def settle(self, holds: list[Hold], cost: int) -> list[Hold]:
         """A request is done and cost `cost`: the holds whose amounts the database moves from
         reserved to spent (the cost, up to each hold), while the rest of each hold returns to
-        its lease. A cost over the worst case (an estimate fell short) is added to spent
-        without touching what other requests hold."""
+        its lease. The pipeline never charges more than a hold (`Accounting.finish` caps
+        the charge at the reservation), so spent never passes a cap."""
         moved = []
         for hold in holds:
             used = min(cost, hold.amount)

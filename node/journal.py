@@ -10,14 +10,19 @@ Replaying is idempotent: a usage record already in the database is skipped, and 
 spend it settled (`Store.write_batch`).
 
 Frames are length- and CRC-prefixed: a write torn by a crash (or a machine crash that lost
-part of the page cache) ends a segment's replay instead of corrupting it. Audit events are not
-journaled: they have no identity to make a replay idempotent, and are best-effort already.
+part of the page cache) ends a segment's replay instead of corrupting it. A whole frame that
+does not decode, or a record the database refuses (numbers out of range, say, from a version
+that trusted an upstream's counts), is skipped and reported, never allowed to stop the node
+from starting; a segment that had one is kept aside as `*.rejected` for a human to look at.
+Audit events are not journaled: they have no identity to make a replay idempotent, and are
+best-effort already.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import struct
 import zlib
 from collections.abc import Iterator
@@ -25,7 +30,7 @@ from pathlib import Path
 
 import msgspec
 
-from node.storage import Settlement, Store
+from node.storage import AuditEvent, Settlement, Store, now_ms
 
 log = logging.getLogger("aihub.journal")
 
@@ -35,6 +40,10 @@ SEGMENT_BYTES = 1 << 20  # about 5,000 requests' settlements
 _FRAME = struct.Struct("<II")  # payload length, CRC-32 of the payload
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Settlement)
+REJECTED = ".rejected"
+# What a record can make the database refuse, as opposed to the database being unavailable:
+# an integer past SQLite's 64 bits, a value of the wrong type, a broken constraint.
+UNAPPLIABLE = (OverflowError, TypeError, ValueError, sqlite3.IntegrityError, sqlite3.InterfaceError)
 
 
 class Journal:
@@ -85,8 +94,17 @@ class Journal:
         self._path.unlink(missing_ok=True)
 
 
-def read_segment(path: Path) -> Iterator[Settlement]:
-    """The settlements of one segment, up to the first frame that is torn or corrupt."""
+class Segment(msgspec.Struct):
+    """One segment left behind: what it holds, and how many frames in it did not decode."""
+
+    path: Path
+    settlements: list[Settlement]
+    undecodable: int = 0
+
+
+def read_segment(path: Path) -> Iterator[Settlement | None]:
+    """The settlements of one segment, up to the first frame that is torn or corrupt; None
+    for a whole frame (its checksum good) that does not decode, which is skipped."""
     data = path.read_bytes()
     offset = 0
     while offset + _FRAME.size <= len(data):
@@ -98,24 +116,77 @@ def read_segment(path: Path) -> Iterator[Settlement]:
         try:
             yield _decoder.decode(payload)
         except msgspec.DecodeError:
-            log.warning("journal %s: undecodable record at %d; the rest is lost", path, offset)
-            return
+            log.warning("journal %s: undecodable record at byte %d, skipped", path, offset)
+            yield None
         offset += _FRAME.size + length
 
 
-def left_behind(folder: Path) -> list[tuple[Path, list[Settlement]]]:
+def _segment(path: Path) -> Segment:
+    held = list(read_segment(path))
+    kept = [settlement for settlement in held if settlement is not None]
+    return Segment(path, kept, len(held) - len(kept))
+
+
+def left_behind(folder: Path) -> list[Segment]:
     """The segments in `folder` and what they hold, oldest process first."""
     paths = sorted(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []
-    return [(path, list(read_segment(path))) for path in paths]
+    return [_segment(path) for path in paths]
 
 
-async def replay(store: Store, segments: list[tuple[Path, list[Settlement]]]) -> int:
-    """Write what segments left behind by a crash hold (`left_behind`), then delete them; how
-    many records were replayed. Call it when no process of the node is serving."""
-    settlements = [settlement for _, held in segments for settlement in held]
-    if settlements:
+async def apply(store: Store, settlements: list[Settlement]) -> list[tuple[Settlement, str]]:
+    """Write settlements in one transaction; if the database refuses one, each on its own,
+    so that one bad record costs only itself. Those refused, with why."""
+    try:
         await store.write_batch(settlements, [])
-        log.warning("replayed %d usage records from a crash's journal", len(settlements))
-    for path, _ in segments:
-        path.unlink()
-    return len(settlements)
+        return []
+    except UNAPPLIABLE:
+        pass
+    refused = []
+    for settlement in settlements:
+        try:
+            await store.write_batch([settlement], [])
+        except UNAPPLIABLE as exc:
+            refused.append((settlement, f"{type(exc).__name__}: {exc}"[:200]))
+    return refused
+
+
+def skipped_event(
+    where: str, refused: list[tuple[Settlement, str]], undecodable: int
+) -> AuditEvent:
+    """The audit event that reports records skipped (a few of their ids, and why)."""
+    ids = ",".join(settlement.record.request_id[:64] for settlement, _ in refused[:10])
+    reason = refused[0][1] if refused else "undecodable"
+    return AuditEvent(
+        now_ms(),
+        "usage.skipped",
+        target=where,
+        detail={"records": len(refused) + undecodable, "ids": ids, "reason": reason},
+    )
+
+
+async def replay(store: Store, segments: list[Segment]) -> int:
+    """Write what segments left behind by a crash hold (`left_behind`), then delete them; how
+    many records were replayed. A record that cannot be applied is skipped and reported (the
+    log and the audit log), and its segment kept as `*.rejected`. Call it when no process of
+    the node is serving."""
+    settlements = [settlement for segment in segments for settlement in segment.settlements]
+    refused = await apply(store, settlements) if settlements else []
+    undecodable = sum(segment.undecodable for segment in segments)
+    if settlements:
+        log.warning(
+            "replayed %d usage records from a crash's journal", len(settlements) - len(refused)
+        )
+    if refused or undecodable:
+        for settlement, reason in refused:
+            log.error("journal: skipped usage record %s: %s", settlement.record.request_id, reason)
+        log.error(
+            "journal: %d records could not be applied and were skipped", len(refused) + undecodable
+        )
+        await store.write_batch([], [skipped_event("journal", refused, undecodable)])
+    bad = {id(settlement) for settlement, _ in refused}
+    for segment in segments:
+        if segment.undecodable or any(id(s) in bad for s in segment.settlements):
+            segment.path.rename(segment.path.with_suffix(REJECTED))
+        else:
+            segment.path.unlink()
+    return len(settlements) - len(refused)

@@ -43,6 +43,18 @@ class Metrics:
             ["deployment", "status"],
             registry=self.registry,
         )
+        self.clamped = Counter(
+            "aihub_usage_clamped",
+            "Requests whose upstream token counts passed what the request could use (clamped)",
+            ["model"],
+            registry=self.registry,
+        )
+        self.unbilled = Counter(
+            "aihub_unbilled_micros",
+            "Cost beyond the reservation, not charged (the charge is capped at the reservation)",
+            ["model"],
+            registry=self.registry,
+        )
 
         # Labelled children by (metric, labels): prometheus_client's `labels()` validates and
         # locks on every call, a few µs each, five times a request.
@@ -66,6 +78,13 @@ class Metrics:
             self._child(self.tokens, model, "out").inc(tokens_out)
         if cost:
             self._child(self.cost, model).inc(cost)
+
+    def untrusted(self, model: str, clamped: bool, unbilled: int) -> None:
+        """A request whose counts were clamped, or whose cost passed its reservation."""
+        if clamped:
+            self._child(self.clamped, model).inc()
+        if unbilled:
+            self._child(self.unbilled, model).inc(unbilled)
 
     def answered(self, endpoint: str, model: str, seconds: float) -> None:
         """Time to the answer (to the first byte of a stream)."""

@@ -3,7 +3,7 @@
 One request, one pass: authenticate from memory, validate with msgspec, let the router pick a
 deployment, answer, then queue one usage record. Streams fall back to another deployment only
 before their first byte has reached the client; a client that goes away cancels the upstream
-call.
+call (a peer's plain request runs to its end instead, for its receipt: see `_route`).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from node.policy import model_allowed, worst_case_embedding_tokens, worst_case_p
 from node.ratelimit import Admission, RateLimited, ScopeLimits
 from node.router import NoRoute, Route
 from node.storage import Hold, Settlement, UsageRecord, now_ms
-from node.usage import cost_micros
+from node.usage import clamp_usage, cost_micros
 
 T = TypeVar("T")
 log = logging.getLogger("aihub.gateway")
@@ -157,6 +157,32 @@ async def _cancelled_on_disconnect(receive: Receive) -> AsyncIterator[None]:
         watcher.cancel()
 
 
+def _gateway_error(exc: BaseException) -> ApiError:
+    """What a client is told of a failure nothing expected (a bug, or an upstream that broke
+    something no parser covers): an OpenAI-shaped 502, without the traceback (it is logged)."""
+    return ApiError(
+        502,
+        f"The gateway could not complete the request ({type(exc).__name__})",
+        type="upstream_error",
+        code="gateway_error",
+    )
+
+
+@contextlib.asynccontextmanager
+async def _settled_on_error(books: Accounting) -> AsyncIterator[None]:
+    """Whatever escapes the block while the request holds reservations and parallel slots,
+    they are released (the request is settled as failed) and the client gets a shaped 502,
+    never a 500 that strands its budget until a restart. Settling is once: a request that
+    was settled already is only answered."""
+    try:
+        yield
+    except ApiError:
+        raise  # shaped, and settled by `Accounting.fail`
+    except Exception as exc:
+        log.exception("request %s failed in the gateway", books.request_id)
+        books.fail(_gateway_error(exc))
+
+
 class Accounting:
     """One request's books: what it holds (rate-limit slots, budget reservations), what it
     finally costs, and the one usage record that settles it, however the request ends."""
@@ -178,6 +204,10 @@ class Accounting:
         self.for_peer = principal.key.peer_id is not None
         self._for_receipt: Settlement | None = None
         self.receipt_id = request_id
+        # The worst case admitted, and what was reserved for it: the bounds of what the
+        # request may be said to have used, and charged.
+        self.worst = Usage()
+        self.reserved = 0
 
     async def admit(self, request: Request, plan: list[Route], worst: Usage) -> None:
         """Rate limits, then the worst-case cost reserved against every budget on the path."""
@@ -200,16 +230,20 @@ class Accounting:
         self.headers.update(self.admission.headers)
         price_in = max(route.spec.price_in for route in plan)
         price_out = max(route.spec.price_out for route in plan)
+        self.worst = worst
+        self.reserved = cost_micros(worst, price_in, price_out)
         try:
-            self.holds = await hub.budgets.reserve(
-                principal, cost_micros(worst, price_in, price_out)
-            )
+            self.holds = await hub.budgets.reserve(principal, self.reserved)
         except ApiError as exc:
             hub.keys.note("limit.budget", principal.key_id, ip, {"reason": exc.detail.message})
             hub.alerts.exhausted(
                 [(s, start) for s, start, _ in hub.budgets.periods(principal, time.time())]
             )
             self.fail(exc)
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
 
     def upstream_failed(self, route: Route, exc: UpstreamError) -> None:
         status = str(exc.upstream_status or 0)
@@ -225,12 +259,17 @@ class Accounting:
         stream: bool,
         error: str | None = None,
     ) -> int:
-        """Settle the request (once): cost, usage record, reservations, limits, metrics."""
+        """Settle the request (once): cost, usage record, reservations, limits, metrics. The
+        counts are clamped to what the request could have used, and the charge to what was
+        reserved for it: a budget never passes its cap, whatever the upstream reports; the
+        record keeps what it cost beyond the charge (`unbilled_micros`). The charge."""
         if self._settled:
             return 0
         self._settled = True
+        usage, clamped = clamp_usage(usage, self.worst)
         spec = route.spec if route else None
-        cost = cost_micros(usage, spec.price_in, spec.price_out) if spec else 0
+        actual = cost_micros(usage, spec.price_in, spec.price_out) if spec else 0
+        cost = min(actual, self.reserved)
         elapsed = time.perf_counter() - self.started
         record = UsageRecord(
             request_id=self.request_id,
@@ -249,11 +288,15 @@ class Accounting:
             latency_ms=round(elapsed * 1000),
             status=status,
             error=error,
+            unbilled_micros=actual - cost,
+            clamped=clamped,
         )
         settlement = Settlement(
             record, self.hub.budgets.settle(self.holds, cost), _sent(self.request_id, route, status)
         )
-        if self.for_peer and route is not None and status == 200:
+        if self.for_peer and route is not None and (status == 200 or usage.total_tokens):
+            # Whatever was produced for a peer is receipted, whether or not the peer stayed
+            # to the end of the answer (`issue_receipt`).
             self._for_receipt = settlement
         else:
             self.hub.usage.record(settlement)
@@ -262,6 +305,8 @@ class Accounting:
         self.hub.metrics.settled(
             self.endpoint, self.model, status, usage.prompt_tokens, usage.completion_tokens, cost
         )
+        if clamped or actual != cost:
+            self.hub.metrics.untrusted(self.model, clamped, actual - cost)
         return cost
 
     async def issue_receipt(self) -> bytes | None:
@@ -408,7 +453,8 @@ async def _begin(
     peer_request_id = request.headers.get(REQUEST_ID_HEADER, "")
     if books.for_peer and _REQUEST_ID.fullmatch(peer_request_id):
         books.receipt_id = peer_request_id
-    await books.admit(request, plan, worst(plan))
+    async with _settled_on_error(books):
+        await books.admit(request, plan, worst(plan))
     return books, plan
 
 
@@ -418,14 +464,23 @@ async def _route(
     plan: list[Route],
     attempt: Callable[[Route], Awaitable[T]],
 ) -> tuple[T, Route]:
-    """Run `attempt` along the plan; a failure is recorded and answered OpenAI's way."""
+    """Run `attempt` along the plan; a failure is recorded and answered OpenAI's way. A
+    client that goes away cancels the call; a peer's does not: the provider pays its upstream
+    for the answer either way, so the answer runs to its end and gets its receipt (the peer's
+    cap is charged for it) whether or not the peer is still there to read it."""
+    watch = _cancelled_on_disconnect(request.receive)
     try:
-        async with _cancelled_on_disconnect(request.receive):
+        async with contextlib.nullcontext() if books.for_peer else watch:
             return await books.hub.router.run(plan, attempt, books.upstream_failed)
     except UpstreamError as exc:
-        books.fail(ApiError.from_upstream(exc))
+        async with _settled_on_error(books):
+            error = ApiError.from_upstream(exc)
+        books.fail(error)
     except ApiError as exc:
         books.fail(exc)
+    except Exception as exc:
+        log.exception("request %s failed in the gateway", books.request_id)
+        books.fail(_gateway_error(exc))
     except BaseException:
         books.finish(
             None, Usage(), estimated=False, status=CLIENT_CLOSED, stream=False, error="cancelled"
@@ -454,6 +509,9 @@ class StreamReply(NamedTuple):
 
     events: AsyncGenerator[bytes, None]
     headers: dict[str, str]
+    # Settles the request if `events` never started (a generator closed before its first
+    # step runs none of its code, its `finally` included).
+    abandon: Callable[[], Awaitable[None]] | None = None
 
 
 def _post_endpoint(
@@ -493,16 +551,26 @@ async def _send_reply(send: Send, reply: Reply) -> None:
 async def _send_stream(send: Send, receive: Receive, reply: StreamReply) -> None:
     """Send the events as they come; a client that goes away cancels the stream (its relay
     then settles the request as closed by the client)."""
+    started = False
     try:
         async with _cancelled_on_disconnect(receive):
-            await send(_start(reply.headers, "text/event-stream"))
+            start = _start(reply.headers, "text/event-stream")
+            await send(start)
+            started = True
             async for event in reply.events:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
     except ApiError:
         pass  # the client went away: there is no one to tell
+    except Exception as exc:
+        if started:
+            raise
+        log.exception("stream failed in the gateway before its first byte")
+        raise _gateway_error(exc) from None  # answered as a shaped 502
     finally:
         await reply.events.aclose()  # settles a relay cut short while it waited to be sent
+        if reply.abandon is not None:
+            await reply.abandon()
 
 
 async def _chat(request: Request) -> Reply | StreamReply:
@@ -517,10 +585,11 @@ async def _chat(request: Request) -> Reply | StreamReply:
         call.request_id,
         lambda plan: _chat_worst_case(chat, plan),
     )
-    if chat.stream:
-        return await _stream_chat(request, call, plan, books)
-    result, route = await _route(request, books, plan, lambda r: r.adapter.chat(call))
-    return await _answer(books, route, result)
+    async with _settled_on_error(books):
+        if chat.stream:
+            return await _stream_chat(request, call, plan, books)
+        result, route = await _route(request, books, plan, lambda r: r.adapter.chat(call))
+        return await _answer(books, route, result)
 
 
 async def _answer(books: Accounting, route: Route, result: ChatResult | EmbedResult) -> Reply:
@@ -564,8 +633,17 @@ async def _stream_chat(
     opened, route = await _route(request, books, plan, lambda r: _open(r, call))
     books.observe_latency()
     return StreamReply(
-        _relay(opened, route, call, books), {**books.headers, "cache-control": "no-cache"}
+        _relay(opened, route, call, books),
+        {**books.headers, "cache-control": "no-cache"},
+        lambda: _abandon(opened, route, call, books),
     )
+
+
+async def _abandon(opened: _Opened, route: Route, call: ChatCall, books: Accounting) -> None:
+    """A stream whose relay never ran (it failed or was cancelled before its first event was
+    asked for): settled as its relay would have settled it."""
+    if not books.settled:
+        await _settle_stream(opened, route, call, books, 0, CLIENT_CLOSED, "stream not sent")
 
 
 async def _relay(
@@ -598,18 +676,41 @@ async def _relay(
         status, error = exc.status, exc.message
         detail = ErrorDetail(exc.message, exc.type, exc.code)
         yield sse_event(error_bytes(detail))
+    except Exception as exc:
+        # Nothing expected it (a bug, or an upstream event no parser covers): the same.
+        log.exception("stream %s failed in the gateway", books.request_id)
+        failure = _gateway_error(exc)
+        status, error = failure.status, failure.detail.message
+        yield sse_event(error_bytes(failure.detail))
     except BaseException:
         status, error = CLIENT_CLOSED, "client closed the stream"
         raise
     finally:
+        await _settle_stream(opened, route, call, books, sent, status, error)
+
+
+async def _settle_stream(
+    opened: _Opened,
+    route: Route,
+    call: ChatCall,
+    books: Accounting,
+    sent: int,
+    status: int,
+    error: str | None,
+) -> None:
+    """Close the upstream stream and settle what it used, however the stream ended."""
+    stream = opened.stream
+    with anyio.CancelScope(shield=True):
+        await stream.aclose()
+    usage, estimated = _stream_usage(stream, call, sent)
+    cost = books.finish(route, usage, estimated=estimated, status=status, stream=True, error=error)
+    if status == 200:
+        books.take_receipt(route, stream.receipt, cost)
+    else:
+        # A peer that went away (or an upstream that failed) before the end still got
+        # what was sent: its receipt is written for that, and its cap charged.
         with anyio.CancelScope(shield=True):
-            await stream.aclose()
-        usage, estimated = _stream_usage(stream, call, sent)
-        cost = books.finish(
-            route, usage, estimated=estimated, status=status, stream=True, error=error
-        )
-        if status == 200:
-            books.take_receipt(route, stream.receipt, cost)
+            await books.issue_receipt()
 
 
 def _stream_usage(stream: ChatStream, call: ChatCall, sent: int) -> tuple[Usage, bool]:
@@ -634,8 +735,9 @@ async def _embeddings(request: Request) -> Reply:
         call.request_id,
         lambda _: Usage(tokens, 0, tokens),
     )
-    result, route = await _route(request, books, plan, lambda r: r.adapter.embed(call))
-    return await _answer(books, route, result)
+    async with _settled_on_error(books):
+        result, route = await _route(request, books, plan, lambda r: r.adapter.embed(call))
+        return await _answer(books, route, result)
 
 
 def _cards(hub: Hub, local_only: bool) -> dict[str, ModelCard]:

@@ -217,6 +217,12 @@ MIGRATIONS: list[str] = [
     WHERE u.provider = 'peer'
         AND u.deployment = json_extract(r.body, '$.model') || '@' || p.name;
     """,
+    # 6 (branch pipeline-caps): what a request really cost beyond what was charged (the charge
+    # never passes the reservation), and whether its token counts were clamped (untrusted).
+    """
+    ALTER TABLE usage ADD COLUMN unbilled_micros INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN clamped INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 _json = msgspec.json.encode
@@ -291,6 +297,10 @@ class UsageRecord(msgspec.Struct):
     latency_ms: int
     status: int
     error: str | None = None
+    # What the request cost beyond `cost_micros` (its charge, capped at its reservation).
+    unbilled_micros: int = 0
+    # The upstream's token counts were out of what the request could have used, and clamped.
+    clamped: bool = False
 
 
 class Hold(msgspec.Struct, frozen=True):
@@ -1055,6 +1065,7 @@ class Store:
 _USAGE_FIELDS = UsageRecord.__struct_fields__
 _SENT_COLUMNS = "request_id, peer_id, model, price_seq, price_in, price_out, status"
 _INSERT_SENT = f"INSERT OR IGNORE INTO peer_requests ({_SENT_COLUMNS}) VALUES (?,?,?,?,?,?,?)"
+_USAGE_PLACEHOLDERS = ",".join("?" * len(_USAGE_FIELDS))
 _INSERT_RECEIPT = (
     "INSERT INTO receipts (provider, consumer, seq, id, hash, amount, iat, body, csig,"
     " csig_sent) VALUES (?,?,?,?,?,?,?,?,?,?)"
@@ -1195,7 +1206,7 @@ def _write_settlements(
         known.update(row[0] for row in rows)
     fresh = [s for s in settlements if s.record.request_id not in known]
     db.executemany(
-        "INSERT OR IGNORE INTO usage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        f"INSERT OR IGNORE INTO usage VALUES ({_USAGE_PLACEHOLDERS})",
         [msgspec.structs.astuple(s.record) for s in fresh],
     )
     db.executemany(

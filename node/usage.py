@@ -15,18 +15,53 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from adapters.types import Usage
-from node.journal import Journal
+from node.journal import UNAPPLIABLE, Journal, apply, skipped_event
 from node.storage import AuditEvent, Settlement, Store
 
 log = logging.getLogger("aihub.usage")
 
 MICROS_PER_MILLION_TOKENS = 1_000_000
+# How far an upstream's prompt count may pass the request's worst case (already a token per
+# byte) before it is clamped: twice it, plus what providers add unseen (chat templates, the
+# system prompt of tool use, image tiles an older estimate did not count).
+PROMPT_FACTOR = 2
+PROMPT_SLACK = 1024
 
 
 def cost_micros(usage: Usage, price_in: int, price_out: int) -> int:
     """Integer micro-units, rounded up: prices are micros per million tokens."""
     numerator = usage.prompt_tokens * price_in + usage.completion_tokens * price_out
     return -(-numerator // MICROS_PER_MILLION_TOKENS)
+
+
+def _bounded(count: object, most: int) -> tuple[int, bool]:
+    """A count within [0, most] (anything that is not an int counts as the most it could be),
+    and whether it had to be changed."""
+    if type(count) is not int:
+        return most, True
+    bounded = min(max(count, 0), most)
+    return bounded, bounded != count
+
+
+def clamp_usage(usage: Usage, worst: Usage) -> tuple[Usage, bool]:
+    """Token counts an upstream or peer reported, held to what the request could have used:
+    completion tokens to its output bound (`max_tokens` or the model's limit, as reserved),
+    prompt tokens to its worst case with a margin; the total is always their sum. Whether any
+    count had to be changed (the record says so: the counts are untrusted)."""
+    prompt, completion = usage.prompt_tokens, usage.completion_tokens
+    most_prompt = worst.prompt_tokens * PROMPT_FACTOR + PROMPT_SLACK
+    if (
+        type(prompt) is int
+        and type(completion) is int
+        and 0 <= prompt <= most_prompt
+        and 0 <= completion <= worst.completion_tokens
+    ):  # the usual case, on every request: no new objects
+        if usage.total_tokens == prompt + completion:
+            return usage, False
+        return Usage(prompt, completion, prompt + completion), False
+    prompt, prompt_clamped = _bounded(prompt, most_prompt)
+    completion, completion_clamped = _bounded(completion, worst.completion_tokens)
+    return Usage(prompt, completion, prompt + completion), prompt_clamped or completion_clamped
 
 
 FlushListener = Callable[[list[Settlement]], Awaitable[None]]
@@ -101,7 +136,7 @@ class UsageRecorder:
                 settlements, self._settlements = self._settlements, []
                 events, self._events = self._events, []
                 try:
-                    await self.store.write_batch(settlements, events)
+                    await self._write(settlements, events)
                 except Exception:
                     # Keep them for the next attempt rather than lose them.
                     self._settlements[:0] = settlements
@@ -110,6 +145,21 @@ class UsageRecorder:
                 if self.journal is not None:
                     self.journal.committed()
                 await self.notify(settlements)
+
+    async def _write(self, settlements: list[Settlement], events: list[AuditEvent]) -> None:
+        """One batch; a record the database refuses (not a database that is busy) is skipped
+        and reported, so that one bad record never stops every usage write after it."""
+        try:
+            await self.store.write_batch(settlements, events)
+            return
+        except UNAPPLIABLE:
+            pass
+        refused = await apply(self.store, settlements)
+        for settlement, reason in refused:
+            log.error("skipped usage record %s: %s", settlement.record.request_id, reason)
+        if refused:
+            events = [*events, skipped_event("usage-writer", refused, 0)]
+        await self.store.write_batch([], events)
 
     async def _run(self) -> None:
         while True:

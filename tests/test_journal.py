@@ -42,9 +42,9 @@ def test_segments_hold_what_was_appended_until_committed(tmp_path: Path, monkeyp
     journal.seal()
     journal.append(settlement("b", 1, 1))
     segments = left_behind(tmp_path / "j")
-    assert [held for _, held in segments] == [first, [settlement("b", 1, 1)]]
+    assert [s.settlements for s in segments] == [first, [settlement("b", 1, 1)]]
     journal.committed()  # the first batch is in the database: its segment goes
-    assert [held for _, held in left_behind(tmp_path / "j")] == [[settlement("b", 1, 1)]]
+    assert [s.settlements for s in left_behind(tmp_path / "j")] == [[settlement("b", 1, 1)]]
     journal.seal()
     journal.committed()
     journal.close()
@@ -60,7 +60,7 @@ def test_a_small_segment_stays_open_across_batches_and_goes_at_a_clean_stop(
     journal.committed()
     journal.append(settlement("b", 1, 1))
     # One file still: a replay would skip "a" (already written) and write "b".
-    assert [held for _, held in left_behind(tmp_path / "j")] == [
+    assert [s.settlements for s in left_behind(tmp_path / "j")] == [
         [settlement("a", 1, 1), settlement("b", 1, 1)]
     ]
     journal.seal()
