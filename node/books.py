@@ -10,6 +10,7 @@ import io
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 import msgspec
@@ -21,7 +22,7 @@ from ledger.chain import verify_chain
 from ledger.netting import Transfer, transfer_plan
 from ledger.receipts import Receipt, receipt_fields, verify_receipt
 from ledger.reconcile import reconcile
-from ledger.records import RecordError, verify_fields
+from ledger.records import MAX_SKEW, RecordError, verify_fields
 from ledger.settlement import (
     Settlement,
     balances,
@@ -40,6 +41,7 @@ log = logging.getLogger("aihub.ledger")
 
 PAGE = 1000  # receipts per page when two nodes compare their books
 KeepReceipt = Callable[[Receipt], Awaitable[bool]]
+T = TypeVar("T")
 
 
 class BooksError(ApiError):
@@ -68,6 +70,14 @@ class ReceiptBatch(msgspec.Struct):
 
 class StatementBody(msgspec.Struct):
     statement: dict[str, object]
+    # The proposer's last statement of the pair: a peer that lost it (say, to a restored
+    # backup) keeps it first, since it carries the peer's own signature.
+    previous: dict[str, object] | None = None
+
+
+class StatementPage(msgspec.Struct):
+    statements: list[dict[str, object]]
+    more: bool
 
 
 # --- views ----------------------------------------------------------------------------------
@@ -107,6 +117,7 @@ class ReconcileReport(msgspec.Struct):
     equivocation: Bucket
     rejected: Bucket
     suspended: bool
+    statements_recovered: int = 0  # both-signed statements of ours the peer still held
 
 
 class NetPlan(msgspec.Struct):
@@ -339,13 +350,19 @@ async def reconcile_with(store: Store, link: Link, keep: KeepReceipt) -> Reconci
         _answer(await link.post("/federation/receipts", msgspec.json.encode(batch)), "receipts")
     buckets = {name: Bucket(*totals) for name, totals in result.totals().items()}
     suspended = any(e.provider == peer for e in result.equivocation)
-    return ReconcileReport(peer=peer, suspended=suspended, **buckets)
+    recovered = await recover_statements(store, link)
+    return ReconcileReport(
+        peer=peer, suspended=suspended, statements_recovered=recovered, **buckets
+    )
 
 
 async def settle_with(store: Store, link: Link) -> Settlement:
     """Close the period with the peer: a statement of both chains since the last one, signed
     by us, countersigned by the peer after it checked the totals against its own books."""
     me, peer = link.identity.node_id, link.peer.node_id
+    # A statement the peer countersigned but whose answer we never got (or that a restored
+    # backup lost) is where this period starts, not a reason to disagree.
+    await recover_statements(store, link)
     pair = await open_pair(store, me, peer)
     try:
         statement = make_statement(
@@ -355,27 +372,93 @@ async def settle_with(store: Store, link: Link) -> Settlement:
         raise BooksError(409, f"our books with this peer are not in order: {exc}") from exc
     side = "a" if me == pair.a else "b"
     ours = sign_statement(statement, link.identity.sign, side)
-    body = msgspec.json.encode(StatementBody(msgspec.to_builtins(ours)))
+    previous = msgspec.to_builtins(pair.previous) if pair.previous is not None else None
+    body = msgspec.json.encode(StatementBody(msgspec.to_builtins(ours), previous))
     answer = _answer(await link.post("/federation/settlements", body), "the settlement")
     try:
         both = parse_statement(msgspec.json.decode(answer, type=StatementBody).statement)
         verify_statement(both, public_key_of(both.a), public_key_of(both.b))
     except (RecordError, msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BooksError(502, f"the peer's countersigned statement is not valid: {exc}") from exc
-    if msgspec.structs.replace(both, sig_a="", sig_b="") != statement:
+    if not same_period(both, statement):
         raise BooksError(502, "the peer signed a different statement")
+    # The peer may answer with the statement it signed for this period before (its `iat`).
     await save_statement(store, both)
     return both
 
 
-async def save_statement(store: Store, statement: Settlement) -> None:
+def same_period(one: Settlement, other: Settlement) -> bool:
+    """Two statements of one period with the same totals, whenever (`iat`) and by whom they
+    were signed: settling a period again is answered with the statement already signed."""
+    unsigned = {"iat": 0, "sig_a": "", "sig_b": ""}
+    return msgspec.structs.replace(one, **unsigned) == msgspec.structs.replace(other, **unsigned)
+
+
+def _ours(body: object, me: str, peer: str) -> Settlement | None:
+    """A statement between us carrying both signatures (ours among them), or None."""
+    try:
+        statement = parse_statement(body)  # type: ignore[arg-type]
+        if {statement.a, statement.b} != {me, peer}:
+            return None
+        verify_statement(statement, public_key_of(statement.a), public_key_of(statement.b))
+    except (RecordError, ValueError, TypeError):
+        return None
+    return statement
+
+
+async def recover_statements(store: Store, link: Link) -> int:
+    """Keep the statements of our pair that the peer holds and we do not (newer than our
+    last): each bears our own signature, so it is ours whatever the peer is. How many."""
+    me, peer = link.identity.node_id, link.peer.node_id
+    last = await last_statement(store, me, peer)
+    # From a little before our last: the two nodes' clocks (each proposer's `iat`) may differ.
+    after = last.iat - 2 * MAX_SKEW if last is not None else -1
+    kept = 0
+    while True:
+        page = _decoded(
+            _answer(await link.get(f"/federation/settlements?after_iat={after}"), "statements"),
+            StatementPage,
+        )
+        for body in page.statements:
+            statement = _ours(body, me, peer)
+            if statement is not None:
+                kept += await save_statement(store, statement)
+        if not page.more or not page.statements:
+            return kept
+        newest = max((s.get("iat") for s in page.statements), key=_as_int)
+        if _as_int(newest) <= after:
+            return kept  # a page that does not advance: stop rather than loop
+        after = _as_int(newest)
+
+
+def _as_int(value: object) -> int:
+    return value if type(value) is int else -1
+
+
+def _decoded(data: bytes, kind: type[T]) -> T:
+    try:
+        return msgspec.json.decode(data, type=kind)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise BooksError(502, f"the peer's answer is not valid: {exc}") from exc
+
+
+async def save_statement(store: Store, statement: Settlement) -> bool:
+    """Keep a both-signed statement; False if we held it already."""
     body = msgspec.json.encode(msgspec.to_builtins(statement)).decode()
-    await store.add_settlement(statement.a, statement.b, statement.to_seq, statement.iat, body)
+    return await store.add_settlement(
+        statement.a, statement.b, statement.to_seq, statement.iat, body
+    )
 
 
-async def net(store: Store, extra: Iterable[bytes | str]) -> NetPlan:
+async def net(store: Store, me: str, extra: Iterable[bytes | str]) -> NetPlan:
     """A transfer plan clearing every balance in our statements and in `extra` (statements of
-    other pairs of the group, as JSON): at most n - 1 transfers."""
+    other pairs of the group, as JSON): at most n - 1 transfers.
+
+    Only statements between parties we know count: two signatures prove only that two key
+    pairs agreed, and anyone can make key pairs. A statement naming a node that is neither us
+    nor a peer of ours (a sybil) is refused, and so is a second, different statement for a
+    period already stated: either would move money between real peers on a made-up debt."""
+    known = await _parties(store, me)
     statements: dict[tuple[str, str, int], Settlement] = {}
     for body in [*(await store.settlements()), *extra]:
         try:
@@ -383,9 +466,29 @@ async def net(store: Store, extra: Iterable[bytes | str]) -> NetPlan:
             verify_statement(statement, public_key_of(statement.a), public_key_of(statement.b))
         except (RecordError, ValueError) as exc:
             raise BooksError(400, f"a statement is not valid: {exc}") from exc
-        statements[(statement.a, statement.b, statement.iat)] = statement
+        strangers = [node for node in (statement.a, statement.b) if node not in known]
+        if strangers:
+            raise BooksError(
+                400,
+                f"a statement names {', '.join(strangers)}, not a peer of this node: statements"
+                " between nodes we do not know are refused (netting only counts real peers)",
+            )
+        period = (statement.a, statement.b, statement.from_seq)
+        held = statements.get(period)
+        if held is not None and not same_period(held, statement):
+            raise BooksError(
+                400, f"two different statements for one period of {statement.a} and {statement.b}"
+            )
+        statements[period] = statement
     owed = balances(statements.values())
     return NetPlan(owed, transfer_plan(owed))
+
+
+async def _parties(store: Store, me: str) -> set[str]:
+    """Us and every node we peered with (an invite or an approved join), revoked or
+    suspended ones included: their settled periods are still owed."""
+    peers = await store.peers(include_revoked=True)
+    return {me, *(p.node_id for p in peers if p.status in ("active", "revoked", "suspended"))}
 
 
 # --- the other side: answering a peer about our books -------------------------------------------
@@ -422,14 +525,25 @@ async def take_receipts(me: str, peer: str, body: bytes, keep: KeepReceipt) -> i
     return taken
 
 
+async def statements_page(store: Store, me: str, peer: str, after_iat: int) -> bytes:
+    """The statements between us and `peer` issued after `after_iat`, oldest first, a page."""
+    a, b = min(me, peer), max(me, peer)
+    bodies = await store.settlements(a, b, after_iat=after_iat, limit=PAGE + 1)
+    page = StatementPage([msgspec.json.decode(body) for body in bodies[:PAGE]], len(bodies) > PAGE)
+    return msgspec.json.encode(page)
+
+
 async def countersign_statement(
     store: Store, identity: NodeIdentity, peer: str, body: bytes
 ) -> Settlement:
     """A peer proposes to close the period: sign it only if our own books give the very same
-    statement, and keep it."""
+    statement, and keep it. A period we signed already is answered with that statement
+    (a lost answer is asked again), and the proposer's previous statement, ours too, is kept
+    first if we lost it."""
     me = identity.node_id
     try:
-        proposed = parse_statement(msgspec.json.decode(body, type=StatementBody).statement)
+        request = msgspec.json.decode(body, type=StatementBody)
+        proposed = parse_statement(request.statement)
     except (RecordError, msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BooksError(400, f"not a settlement statement: {exc}") from exc
     if {proposed.a, proposed.b} != {me, peer}:
@@ -437,6 +551,16 @@ async def countersign_statement(
     their_side = "a" if peer == proposed.a else "b"
     try:
         verify_statement_side(proposed, their_side)
+    except RecordError as exc:
+        raise BooksError(409, f"our books disagree: {exc}") from exc
+    a, b = min(me, peer), max(me, peer)
+    for held in map(parse_statement, await store.settlements(a, b)):
+        if same_period(held, proposed):
+            return held
+    previous = _ours(request.previous, me, peer) if request.previous is not None else None
+    if previous is not None:
+        await save_statement(store, previous)
+    try:
         pair = await open_pair(store, me, peer)
         check_statement(proposed, pair.a_to_b(), pair.b_to_a(), previous=pair.previous)
     except RecordError as exc:
@@ -460,8 +584,8 @@ async def reconcile_all(
     not answer is tried again next time."""
     reports = []
     for record in await store.peers():
-        if record.status != "active" or not record.key_from_them:
-            continue
+        if record.status != "active":
+            continue  # the side that only provides holds no key of the peer's: it signs
         try:
             link = await link_to(store, identity, client, record.node_id)
             reports.append(await reconcile_with(store, link, keep))

@@ -45,6 +45,22 @@ async def authenticate_peer(request: Request, body: bytes) -> Principal:
     return principal
 
 
+async def ledger_peer(request: Request, body: bytes) -> str:
+    """The peer asking about the books between us. Its pinned key's signature alone
+    authenticates it: the ledger endpoints spend nothing, and the provider side of a pair that
+    only consumes from it holds no key of the consumer's. A cross-node key, if sent, must still
+    be valid and bound to the signer."""
+    if request.headers.get("authorization"):
+        principal = await authenticate_peer(request, body)
+        return principal.key.peer_id or ""
+    hub = hub_of(request)
+
+    def active_peer(key_id: str) -> bytes | None:
+        return public_key_of(key_id) if key_id in hub.peering.peers else None
+
+    return verify_signed(hub, request, body, active_peer)
+
+
 async def _small_body(request: Request, limit: int = MAX_FEDERATION_BODY) -> bytes:
     """Federation objects are small: refuse a big body before verifying anything."""
     length = request.headers.get("content-length", "0")
@@ -142,15 +158,13 @@ async def countersignatures(request: Request) -> Response[bytes]:
 @get("/federation/receipts")
 async def receipts(request: Request) -> Response[bytes]:
     """A page of one of the chains between the calling peer and us, for reconciliation."""
-    principal = await authenticate_peer(request, await request.body())
+    peer = await ledger_peer(request, await request.body())
     hub = hub_of(request)
     after = request.query_params.get("after_seq", "0")
     if not after.isascii() or not after.isdigit() or len(after) > 15:
         raise ApiError(400, "after_seq is a whole number", param="after_seq")
     provider = request.query_params.get("provider", "")
-    page = await books.receipts_page(
-        hub.store, hub.identity.node_id, principal.key.peer_id or "", provider, int(after)
-    )
+    page = await books.receipts_page(hub.store, hub.identity.node_id, peer, provider, int(after))
     return Response(page, media_type=JSON)
 
 
@@ -158,23 +172,32 @@ async def receipts(request: Request) -> Response[bytes]:
 async def missing_receipts(request: Request) -> Response[bytes]:
     """Receipts the calling peer found missing in our books."""
     body = await _small_body(request, MAX_RECEIPTS_BODY)
-    principal = await authenticate_peer(request, body)
+    peer = await ledger_peer(request, body)
     hub = hub_of(request)
-    taken = await books.take_receipts(
-        hub.identity.node_id, principal.key.peer_id or "", body, hub.ledger.keep
-    )
+    taken = await books.take_receipts(hub.identity.node_id, peer, body, hub.ledger.keep)
     return Response(msgspec.json.encode({"taken": taken}), media_type=JSON)
+
+
+@get("/federation/settlements")
+async def statements(request: Request) -> Response[bytes]:
+    """The statements between the calling peer and us (both signed), for it to recover those
+    it lost: a lost answer to a settlement, or a restored backup."""
+    peer = await ledger_peer(request, await request.body())
+    hub = hub_of(request)
+    after = request.query_params.get("after_iat", "-1")
+    if not (after.isascii() and after.lstrip("-").isdigit() and len(after) <= 15):
+        raise ApiError(400, "after_iat is a whole number", param="after_iat")
+    page = await books.statements_page(hub.store, hub.identity.node_id, peer, int(after))
+    return Response(page, media_type=JSON)
 
 
 @post("/federation/settlements", status_code=200)
 async def settlement(request: Request) -> Response[bytes]:
     """A peer proposes a settlement statement: countersigned if our books agree."""
     body = await _small_body(request)
-    principal = await authenticate_peer(request, body)
+    peer = await ledger_peer(request, body)
     hub = hub_of(request)
-    both = await books.countersign_statement(
-        hub.store, hub.identity, principal.key.peer_id or "", body
-    )
+    both = await books.countersign_statement(hub.store, hub.identity, peer, body)
     answer = books.StatementBody(msgspec.to_builtins(both))
     return Response(msgspec.json.encode(answer), media_type=JSON)
 
@@ -183,6 +206,7 @@ FEDERATION_ROUTES = [
     receipts,
     missing_receipts,
     settlement,
+    statements,
     node_descriptor,
     join,
     join_request,
