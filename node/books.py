@@ -20,7 +20,7 @@ from federation.identity import NodeIdentity
 from federation.sealing import unseal
 from ledger.chain import verify_chain
 from ledger.netting import Transfer, transfer_plan
-from ledger.receipts import Receipt, receipt_fields, verify_receipt
+from ledger.receipts import GENESIS, Receipt, receipt_fields, receipt_hash, verify_receipt
 from ledger.reconcile import reconcile
 from ledger.records import MAX_SKEW, RecordError, verify_fields
 from ledger.settlement import (
@@ -354,6 +354,63 @@ async def reconcile_with(store: Store, link: Link, keep: KeepReceipt) -> Reconci
     return ReconcileReport(
         peer=peer, suspended=suspended, statements_recovered=recovered, **buckets
     )
+
+
+class Resync(msgspec.Struct):
+    peer: str
+    receipts: int  # of our own chain to the peer, recovered from its copy
+    statements: int
+    head: int  # the seq our chain to the peer continues after
+
+
+async def resync_with(store: Store, link: Link) -> Resync:
+    """Learn the head of our chain to the peer from the peer's copy before we issue it more
+    receipts: a node restored from a backup holds an older head, and issuing from there
+    would sign a second receipt for a seq the peer holds (equivocation). The receipts it
+    holds beyond our head carry our own signature, so they are ours whatever the peer is:
+    each that links onto our head is kept, as are the statements we lack. A copy that stops
+    linking ends the recovery there (and is named in the log)."""
+    me, peer = link.identity.node_id, link.peer.node_id
+    last = await store.chain_head(me, peer)
+    seq, prev = (0, GENESIS) if last is None else (last.seq, receipt_hash(loaded(last)))
+    recovered = 0
+    while True:
+        page = _decoded(
+            _answer(
+                await link.get(f"/federation/receipts?provider={me}&after_seq={seq}"),
+                "to show its receipts",
+            ),
+            ReceiptPage,
+        )
+        receipts = _receipts_of(page)
+        report = verify_chain(
+            receipts, public_key_of(me), public_key_of(peer), start_seq=seq + 1, start_prev=prev
+        )
+        good = receipts[: report.checked]
+        if good:
+            conflicts = await store.add_receipts([stored(r) for r in good])
+            if conflicts:
+                raise BooksError(409, f"our chain to {peer} differs from the peer's copy")
+            recovered += len(good)
+            seq, prev = report.head
+        if not report.ok:
+            log.warning("the copy of our chain held by %s stops linking: %s", peer, report)
+        if not report.ok or not page.more or not good:
+            break
+    statements = await recover_statements(store, link)
+    return Resync(peer, recovered, statements, seq)
+
+
+def _receipts_of(page: ReceiptPage) -> list[Receipt]:
+    """The receipts of a page as far as each is a receipt at all (the chain check names
+    what is wrong with the first that is not)."""
+    receipts = []
+    for fields in page.receipts:
+        try:
+            receipts.append(msgspec.convert(fields, Receipt))
+        except msgspec.ValidationError:
+            break
+    return receipts
 
 
 async def settle_with(store: Store, link: Link) -> Settlement:

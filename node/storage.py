@@ -901,6 +901,15 @@ class Store:
         )
         return [StoredReceipt(*row) for row in rows]
 
+    async def chain_head(self, provider: str, consumer: str) -> StoredReceipt | None:
+        """The last receipt of one pair's chain (highest seq), if any."""
+        row = await self._fetchone(
+            f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE provider = ? AND consumer = ?"
+            " ORDER BY seq DESC LIMIT 1",
+            (provider, consumer),
+        )
+        return StoredReceipt(*row) if row is not None else None
+
     async def receipt_pairs(self) -> list[tuple[str, str]]:
         rows = await self._fetchall("SELECT DISTINCT provider, consumer FROM receipts")
         return [(row[0], row[1]) for row in rows]
