@@ -89,6 +89,13 @@ def documented_restore_commands(node: Path, peer: str) -> list[list[str]]:
     return commands
 
 
+def advert_seq_held(peer: Peer) -> int:
+    """The seq of the advert `peer` holds from its one peer."""
+    with closing(sqlite3.connect(peer.path / DATABASE_FILE)) as db:
+        (advert,) = db.execute("SELECT advert FROM peers").fetchone()
+    return msgspec.json.decode(advert)["seq"]
+
+
 def equivocations(peer: Peer) -> list[tuple]:
     with sqlite3.connect(peer.path / DATABASE_FILE) as db:
         return db.execute("SELECT provider, consumer, seq FROM equivocations").fetchall()
@@ -118,8 +125,13 @@ def test_a_provider_restored_from_a_backup_is_not_suspended(tmp_path: Path) -> N
             for name in (IDENTITY_FILE, CONFIG_FILE):
                 shutil.copy(alice.path / name, saved / name)
 
-            # More traffic after it: receipts 4-6, a settlement, and receipts 7-8.
-            for tokens in (3, 4, 5):
+            # An upgrade restarts alice after the backup (a new advert seq), then more
+            # traffic: receipts 4-6, a settlement, and receipts 7-8.
+            process.terminate()
+            process.wait(timeout=15)
+            process = serve(alice, tmp_path / "alice-upgraded.log")
+            assert wait_for(lambda: answers(b, "llama3@alice", max_tokens=2), seconds=30)
+            for tokens in (3, 4):
                 chat(b, "llama3", tokens)
             assert wait_for(lambda: len(receipts_at(bob)) == 6 and all_countersigned(alice, bob))
             first = ledger(bob, "settle", "alice")
@@ -127,6 +139,7 @@ def test_a_provider_restored_from_a_backup_is_not_suspended(tmp_path: Path) -> N
                 chat(b, "llama3", tokens)
             assert wait_for(lambda: len(receipts_at(bob)) == 8 and all_countersigned(alice, bob))
             held_by_bob = receipts_at(bob)
+            advert_before = advert_seq_held(bob)
 
             # Alice's disk dies: stop, restore, start.
             process.terminate()
@@ -142,6 +155,9 @@ def test_a_provider_restored_from_a_backup_is_not_suspended(tmp_path: Path) -> N
                 result = CliRunner().invoke(main, command)
                 assert result.exit_code == 0, result.output
             assert "BROKEN" not in result.output
+
+            # Bob takes alice's new advert: its seq is above the one he saw after the upgrade.
+            assert wait_for(lambda: advert_seq_held(bob) > advert_before, seconds=15)
 
             # Traffic goes on.
             chat(b, "llama3@alice", 8)
