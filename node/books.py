@@ -40,6 +40,9 @@ from node.storage import PeerRecord, Store
 log = logging.getLogger("aihub.ledger")
 
 PAGE = 1000  # receipts per page when two nodes compare their books
+# A peer's answers that mean "not shown to you" (not "try again"): an older node without the
+# endpoint, or one that does not take our signature alone.
+REFUSALS = (401, 403, 404)
 KeepReceipt = Callable[[Receipt], Awaitable[bool]]
 T = TypeVar("T")
 
@@ -369,19 +372,19 @@ async def resync_with(store: Store, link: Link) -> Resync:
     would sign a second receipt for a seq the peer holds (equivocation). The receipts it
     holds beyond our head carry our own signature, so they are ours whatever the peer is:
     each that links onto our head is kept, as are the statements we lack. A copy that stops
-    linking ends the recovery there (and is named in the log)."""
+    linking ends the recovery there (and is named in the log). A peer that refuses to show
+    its copy (an older node, or one that will not) is served from our head: it could as well
+    show nothing, and a receipt it then holds twice only harms its own books."""
     me, peer = link.identity.node_id, link.peer.node_id
     last = await store.chain_head(me, peer)
     seq, prev = (0, GENESIS) if last is None else (last.seq, receipt_hash(loaded(last)))
     recovered = 0
     while True:
-        page = _decoded(
-            _answer(
-                await link.get(f"/federation/receipts?provider={me}&after_seq={seq}"),
-                "to show its receipts",
-            ),
-            ReceiptPage,
-        )
+        response = await link.get(f"/federation/receipts?provider={me}&after_seq={seq}")
+        if response.status_code in REFUSALS:
+            log.warning("%s does not show its copy of our chain (%d)", peer, response.status_code)
+            return Resync(peer, recovered, 0, seq)
+        page = _decoded(_answer(response, "to show its receipts"), ReceiptPage)
         receipts = _receipts_of(page)
         report = verify_chain(
             receipts, public_key_of(me), public_key_of(peer), start_seq=seq + 1, start_prev=prev
@@ -472,10 +475,10 @@ async def recover_statements(store: Store, link: Link) -> int:
     after = last.iat - 2 * MAX_SKEW if last is not None else -1
     kept = 0
     while True:
-        page = _decoded(
-            _answer(await link.get(f"/federation/settlements?after_iat={after}"), "statements"),
-            StatementPage,
-        )
+        response = await link.get(f"/federation/settlements?after_iat={after}")
+        if response.status_code in REFUSALS:
+            return kept  # a node older than statement recovery
+        page = _decoded(_answer(response, "statements"), StatementPage)
         for body in page.statements:
             statement = _ours(body, me, peer)
             if statement is not None:

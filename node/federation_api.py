@@ -7,6 +7,8 @@ cross-node key issued to it.
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 from litestar import Request, Response, get, post
 
@@ -20,6 +22,7 @@ from node.openai_api import JSON
 from node.peer_auth import check_peer, verify_signed
 from node.peering import JoinRefused
 
+WHOLE_NUMBER = re.compile(r"-?[0-9]{1,15}", re.ASCII)
 MAX_FEDERATION_BODY = 64 * 1024
 MAX_COUNTERSIGNATURE_BODY = 256 * 1024  # a batch of 500
 MAX_RECEIPTS_BODY = 2 * 1024 * 1024  # a page of 1000
@@ -188,7 +191,7 @@ async def statements(request: Request) -> Response[bytes]:
     peer = await ledger_peer(request, await request.body())
     hub = hub_of(request)
     after = request.query_params.get("after_iat", "-1")
-    if not (after.isascii() and after.lstrip("-").isdigit() and len(after) <= 15):
+    if not WHOLE_NUMBER.fullmatch(after):
         raise ApiError(400, "after_iat is a whole number", param="after_iat")
     page = await books.statements_page(hub.store, hub.identity.node_id, peer, int(after))
     return Response(page, media_type=JSON)

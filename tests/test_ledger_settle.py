@@ -14,6 +14,7 @@ import msgspec
 from click.testing import CliRunner
 
 from federation.identity import NodeIdentity
+from federation.transport import signed_headers
 from ledger.receipts import GENESIS
 from ledger.settlement import Settlement, make_statement, sign_statement
 from node import books
@@ -63,6 +64,21 @@ def test_the_provider_only_side_reconciles_and_settles(tmp_path: Path) -> None:
         assert statement["sig_a"] and statement["sig_b"]  # type: ignore[index]
         assert statements_of(bob) == statements_of(alice) == [statement]
         assert balance_with(alice, bob)["net"] == balance_with(bob, alice)["net"] == 0
+
+        # The signature alone is a pinned peer's only: a stranger's key pair is refused, and
+        # a bad query is a 400, never a 500.
+        alices = NodeIdentity.load(alice.path / IDENTITY_FILE)
+        stranger = NodeIdentity.generate()
+        for path in ("/federation/settlements", f"/federation/receipts?provider={node_id(bob)}"):
+            url = b.url + path
+            assert httpx.get(url, headers=signed_headers(alices, "GET", url)).status_code == 200
+            refused = httpx.get(url, headers=signed_headers(stranger, "GET", url))
+            assert refused.status_code == 401
+            assert refused.json()["error"]["code"] == "bad_signature"
+        for bad in ("--5", "1e3", "x", "9" * 16):
+            url = b.url + f"/federation/settlements?after_iat={bad}"
+            answer = httpx.get(url, headers=signed_headers(alices, "GET", url))
+            assert answer.status_code == 400 and answer.json()["error"]["param"] == "after_iat"
 
 
 def _proposal(proposer: Peer, other: Peer) -> bytes:
