@@ -516,8 +516,8 @@ async def net(store: Store, me: str, extra: Iterable[bytes | str]) -> NetPlan:
 
     Only statements between parties we know count: two signatures prove only that two key
     pairs agreed, and anyone can make key pairs. A statement naming a node that is neither us
-    nor a peer of ours (a sybil) is refused, and so is a second, different statement for a
-    period already stated: either would move money between real peers on a made-up debt."""
+    nor a peer of ours (a sybil) is refused: its made-up debt would move real peers' money
+    (the plan could have a real debtor pay a sybil, and the sybil "pay" the real creditor)."""
     known = await _parties(store, me)
     statements: dict[tuple[str, str, int], Settlement] = {}
     for body in [*(await store.settlements()), *extra]:
@@ -533,13 +533,7 @@ async def net(store: Store, me: str, extra: Iterable[bytes | str]) -> NetPlan:
                 f"a statement names {', '.join(strangers)}, not a peer of this node: statements"
                 " between nodes we do not know are refused (netting only counts real peers)",
             )
-        period = (statement.a, statement.b, statement.from_seq)
-        held = statements.get(period)
-        if held is not None and not same_period(held, statement):
-            raise BooksError(
-                400, f"two different statements for one period of {statement.a} and {statement.b}"
-            )
-        statements[period] = statement
+        statements[(statement.a, statement.b, statement.iat)] = statement
     owed = balances(statements.values())
     return NetPlan(owed, transfer_plan(owed))
 
@@ -614,8 +608,9 @@ async def countersign_statement(
     except RecordError as exc:
         raise BooksError(409, f"our books disagree: {exc}") from exc
     a, b = min(me, peer), max(me, peer)
-    for held in map(parse_statement, await store.settlements(a, b)):
-        if same_period(held, proposed):
+    for body in await store.settlements(a, b):
+        held = _ours(body, me, peer)
+        if held is not None and same_period(held, proposed):
             return held
     previous = _ours(request.previous, me, peer) if request.previous is not None else None
     if previous is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import httpx
 
@@ -43,6 +44,9 @@ class ChainResync:
         self.peering = peering
         self._synced: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
+        # After a failed attempt, the peer's requests are refused at once for a while rather
+        # than each waiting for another attempt to time out.
+        self._retry_at: dict[str, float] = {}
 
     def synced(self, peer: str) -> bool:
         return peer in self._synced
@@ -56,18 +60,14 @@ class ChainResync:
         async with lock:
             if peer in self._synced:
                 return
+            if time.monotonic() < self._retry_at.get(peer, 0.0):
+                raise _not_synced()
             try:
                 await self._resync(peer)
             except (books.BooksError, httpx.HTTPError, RecordError) as exc:
                 log.warning("could not re-sync our chain with %s: %s", peer, _said(exc))
-                raise ApiError(
-                    503,
-                    "This node has not yet re-synced its ledger with yours and cannot reach"
-                    " your node to do so; try again",
-                    type="server_error",
-                    code="ledger_not_synced",
-                    headers={"retry-after": str(RETRY_SECONDS)},
-                ) from exc
+                self._retry_at[peer] = time.monotonic() + RETRY_SECONDS
+                raise _not_synced() from exc
 
     async def _resync(self, peer: str) -> None:
         link = await books.link_to(self.store, self.identity, self.client, peer)
@@ -91,6 +91,17 @@ class ChainResync:
                 await self.ensure(peer)
             except ApiError:
                 continue
+
+
+def _not_synced() -> ApiError:
+    return ApiError(
+        503,
+        "This node has not yet re-synced its ledger with yours and cannot reach your node to"
+        " do so; try again",
+        type="server_error",
+        code="ledger_not_synced",
+        headers={"retry-after": str(RETRY_SECONDS)},
+    )
 
 
 def _said(exc: Exception) -> str:

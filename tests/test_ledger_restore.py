@@ -196,6 +196,9 @@ def test_a_peer_whose_chain_cannot_be_re_synced_is_not_issued_receipts(tmp_path:
         assert answer.status_code == 503, answer.text
         error = answer.json()["error"]
         assert error["code"] == "ledger_not_synced" and answer.headers["retry-after"]
+        # Asked again, still refused (at once, without another attempt timing out).
+        again = httpx.post(url, content=body, headers=_signed_by(mallory.path, url, body, key))
+        assert again.status_code == 503 and again.json()["error"]["code"] == "ledger_not_synced"
         assert receipts_at(alice) == []
         # Nothing was reserved against mallory's cap, nothing spent.
         with closing(sqlite3.connect(alice.path / DATABASE_FILE)) as db:
