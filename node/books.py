@@ -424,6 +424,8 @@ async def settle_with(store: Store, link: Link) -> Settlement:
     # backup lost) is where this period starts, not a reason to disagree.
     await recover_statements(store, link)
     pair = await open_pair(store, me, peer)
+    if pair.previous is not None and not pair.ours and not pair.theirs:
+        return pair.previous  # nothing since: settling again is the statement we have
     try:
         statement = make_statement(
             pair.a_to_b(), pair.b_to_a(), pair.a, pair.b, previous=pair.previous

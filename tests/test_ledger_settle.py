@@ -131,6 +131,10 @@ def test_a_lost_settlement_answer_leaves_the_pair_able_to_settle(tmp_path: Path)
         assert statement["a_owes_b"] + statement["b_owes_a"] == amounts[5] + amounts[6]  # type: ignore[index]
         assert statements_of(bob) == statements_of(alice) == [signed, statement]
         assert balance_with(alice, bob)["net"] == balance_with(bob, alice)["net"] == 0
+        # Settling again with nothing new is the same statement, on both sides.
+        assert ledger(bob, "settle", "alice") == statement
+        assert ledger(alice, "settle", "bob") == statement
+        assert statements_of(bob) == statements_of(alice) == [signed, statement]
         # Both books agree on the whole history.
         assert receipts_at(alice) == receipts_at(bob)
 
