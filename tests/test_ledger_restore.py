@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from node.cli import main
 from node.config import CONFIG_FILE, DATABASE_FILE, IDENTITY_FILE
+from tests.conftest import RunningNode
 from tests.test_federation import (
     HI,
     LLAMA,
@@ -34,6 +35,7 @@ from tests.test_federation import (
 )
 from tests.test_ledger_crash import serve
 from tests.test_ledger_nodes import (
+    MISTRAL,
     _key_issued_to,
     all_countersigned,
     balance_with,
@@ -205,3 +207,72 @@ def test_a_peer_whose_chain_cannot_be_re_synced_is_not_issued_receipts(tmp_path:
             assert db.execute(
                 "SELECT COALESCE(SUM(reserved + spent), 0) FROM spend"
             ).fetchone() == (0,)
+
+
+def test_a_node_restored_on_both_sides_of_a_pair_is_not_suspended(tmp_path: Path) -> None:
+    """Alice provides llama3 to bob and consumes bob's mistral; restored from a backup, she
+    lacks receipts of both chains and a statement. Traffic both ways resumes at once, the
+    documented commands recover the rest, and both books agree and verify."""
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob", MISTRAL)
+    saved = tmp_path / "backups"
+    saved.mkdir()
+    process = serve(alice, tmp_path / "alice-1.log")
+    a = RunningNode(alice.dir, f"http://127.0.0.1:{alice.port}")
+    try:
+        with bob.run() as b:
+            cli("join", invite(alice), "--data-dir", str(bob.path))
+            cli("join", invite(bob), "--data-dir", str(alice.path))
+            assert wait_for(lambda: answers(b, "llama3", max_tokens=2), seconds=20)
+            assert wait_for(lambda: answers(a, "mistral", max_tokens=2), seconds=20)
+
+            def both_ways(count: int) -> None:
+                for tokens in range(1, count + 1):
+                    chat(b, "llama3", tokens)
+                    chat(a, "mistral", tokens)
+
+            def agreed(total: int) -> bool:
+                return len(receipts_at(bob)) == len(
+                    receipts_at(alice)
+                ) == total and all_countersigned(alice, bob)
+
+            both_ways(2)
+            assert wait_for(lambda: agreed(6), seconds=15)
+            backup_as_documented(alice.path, saved / "backup.db")
+            for name in (IDENTITY_FILE, CONFIG_FILE):
+                shutil.copy(alice.path / name, saved / name)
+            both_ways(2)
+            assert wait_for(lambda: agreed(10), seconds=15)
+            first = ledger(bob, "settle", "alice")
+            both_ways(1)
+            assert wait_for(lambda: agreed(12), seconds=15)
+            held_by_bob = receipts_at(bob)
+
+            process.terminate()
+            process.wait(timeout=15)
+            restore_as_documented(alice.path, saved)
+            assert len(receipts_at(alice)) == 6
+            process = serve(alice, tmp_path / "alice-2.log")
+            # Both directions at once, before anyone runs a command.
+            assert wait_for(lambda: answers(b, "llama3@alice", max_tokens=2), seconds=30)
+            assert wait_for(lambda: answers(a, "mistral@bob", max_tokens=2), seconds=30)
+            for command in documented_restore_commands(alice.path, "bob"):
+                result = CliRunner().invoke(main, command)
+                assert result.exit_code == 0, result.output
+            both_ways(1)
+
+            assert wait_for(lambda: agreed(16), seconds=20), (receipts_at(alice), held_by_bob)
+            assert set(held_by_bob) <= set(receipts_at(bob)) and receipts_at(alice) == receipts_at(
+                bob
+            )
+            assert statuses(alice) == statuses(bob) == ["active"]
+            assert equivocations(alice) == equivocations(bob) == []
+            for peer in (alice, bob):
+                assert all(check["ok"] for check in ledger(peer, "verify"))  # type: ignore[union-attr]
+            assert statements_of(alice) == statements_of(bob) == [first]
+            second = ledger(alice, "settle", "bob")
+            assert statements_of(alice) == statements_of(bob) == [first, second]
+            assert balance_with(alice, bob)["net"] == balance_with(bob, alice)["net"] == 0
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
