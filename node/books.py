@@ -5,6 +5,7 @@ running node); both talk to peers with signed requests.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import logging
@@ -18,6 +19,7 @@ import msgspec
 from federation.descriptors import NodeDescriptor, public_key_of
 from federation.identity import NodeIdentity
 from federation.sealing import unseal
+from federation.transport import signed_headers
 from ledger.chain import verify_chain
 from ledger.netting import Transfer, transfer_plan
 from ledger.receipts import GENESIS, Receipt, receipt_fields, receipt_hash, verify_receipt
@@ -33,13 +35,15 @@ from ledger.settlement import (
     verify_statement,
 )
 from node.errors import ApiError
-from node.peering import signed_request
+from node.peering import PEER_TIMEOUT
 from node.receipts import loaded, record_equivocation, stored
 from node.storage import PeerRecord, Store
 
 log = logging.getLogger("aihub.ledger")
 
 PAGE = 1000  # receipts per page when two nodes compare their books
+MAX_ANSWER = 8 * 1024 * 1024  # a page of 1000 receipts with countersignatures is ~1 MB
+ANSWER_DEADLINE = 60.0  # seconds for one whole answer of a peer
 # A peer's answers that mean "not shown to you" (not "try again"): an older node without the
 # endpoint, or one that does not take our signature alone.
 REFUSALS = (401, 403, 404)
@@ -281,13 +285,51 @@ class Link:
     url: str
     key: str | None
 
-    async def get(self, path: str) -> httpx.Response:
-        return await signed_request(self.client, self.identity, "GET", self.url + path, self.key)
+    async def get(self, path: str) -> PeerAnswer:
+        return await self._ask("GET", path)
 
-    async def post(self, path: str, body: bytes) -> httpx.Response:
-        return await signed_request(
-            self.client, self.identity, "POST", self.url + path, self.key, body
-        )
+    async def post(self, path: str, body: bytes) -> PeerAnswer:
+        return await self._ask("POST", path, body)
+
+    async def _ask(self, method: str, path: str, body: bytes = b"") -> PeerAnswer:
+        """A signed request to the peer; its answer read up to `MAX_ANSWER` bytes (decoded)
+        within `ANSWER_DEADLINE`: a peer that sends without end, or drips, is cut off."""
+        url = self.url + path
+        headers = signed_headers(self.identity, method, url, body, key=self.key)
+        try:
+            async with asyncio.timeout(ANSWER_DEADLINE):
+                request = self.client.stream(
+                    method, url, content=body, headers=headers, timeout=PEER_TIMEOUT
+                )
+                async with request as response:
+                    return PeerAnswer(response.status_code, await _bounded(response))
+        except TimeoutError as exc:
+            raise BooksError(504, f"the peer took over {ANSWER_DEADLINE:.0f} s to answer") from exc
+
+
+@dataclass(frozen=True)
+class PeerAnswer:
+    status_code: int
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        """The start of the answer, fit to print: the peer chose every byte of it."""
+        text = self.content[:300].decode("utf-8", "replace")
+        return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+async def _bounded(response: httpx.Response) -> bytes:
+    announced = response.headers.get("content-length", "")
+    if announced.isdigit() and int(announced) > MAX_ANSWER:
+        raise BooksError(502, f"the peer's answer is too large (over {MAX_ANSWER} bytes)")
+    chunks, size = [], 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > MAX_ANSWER:
+            raise BooksError(502, f"the peer's answer is too large (over {MAX_ANSWER} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def link_to(
@@ -301,11 +343,9 @@ async def link_to(
     raise BooksError(404, f"no peer {peer!r}")
 
 
-def _answer(response: httpx.Response, what: str) -> bytes:
+def _answer(response: PeerAnswer, what: str) -> bytes:
     if response.status_code != 200:
-        raise BooksError(
-            502, f"the peer refused {what} ({response.status_code}): {response.text[:300]}"
-        )
+        raise BooksError(502, f"the peer refused {what} ({response.status_code}): {response.text}")
     return response.content
 
 
@@ -314,12 +354,12 @@ async def _their_chain(link: Link, provider: str) -> list[Receipt]:
     receipts: list[Receipt] = []
     after = 0
     while True:
-        page = msgspec.json.decode(
+        page = _decoded(
             _answer(
                 await link.get(f"/federation/receipts?provider={provider}&after_seq={after}"),
                 "to show its receipts",
             ),
-            type=ReceiptPage,
+            ReceiptPage,
         )
         for fields in page.receipts:
             try:

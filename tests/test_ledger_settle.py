@@ -21,7 +21,18 @@ from node import books
 from node.cli import main
 from node.config import DATABASE_FILE, IDENTITY_FILE
 from node.storage import Store
-from tests.test_federation import LLAMA, Peer, _signed_by, answers, cli, invite, make_peer, wait_for
+from tests.mocks.server import serve_app
+from tests.test_federation import (
+    HI,
+    LLAMA,
+    Peer,
+    _signed_by,
+    answers,
+    cli,
+    invite,
+    make_peer,
+    wait_for,
+)
 from tests.test_ledger_nodes import (
     _key_issued_to,
     all_countersigned,
@@ -194,3 +205,55 @@ def test_netting_refuses_statements_that_name_nodes_it_does_not_know(tmp_path: P
 
         # The honest plan is unchanged.
         assert ledger(alice, "net") == honest
+
+
+class HostilePeer:
+    """A hostile peer's node: every answer is 200 and either longer than any honest page
+    (`flood`) or a short JSON of the wrong shape."""
+
+    def __init__(self) -> None:
+        self.flood = True
+
+    async def __call__(self, scope: dict, receive: object, send) -> None:  # type: ignore[no-untyped-def]
+        if scope["type"] != "http":
+            return
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        chunks = [b"[" * 65536] * (12 * 16) if self.flood else [b'[1, "\x1b[2J"]']
+        for chunk in chunks:  # 12 MiB flooded, without a content-length
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def test_a_peer_answering_without_end_is_cut_off(tmp_path: Path) -> None:
+    """Mallory joined alice with a URL where a script answers every ledger question with
+    megabytes of brackets: alice reads no more than a page's worth, says so, and refuses to
+    serve mallory until its copy of the chain can be read."""
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    mallory = make_peer(tmp_path, "mallory")
+    hostile = HostilePeer()
+    with alice.run() as a, serve_app(hostile, port=mallory.port):
+        cli("join", invite(alice), "--data-dir", str(mallory.path))
+        refused = CliRunner().invoke(
+            main, ["ledger", "reconcile", "mallory", "--data-dir", str(alice.path)]
+        )
+        assert refused.exit_code == 1 and "too large" in refused.output, refused.output
+        assert "Traceback" not in refused.output
+        key = _key_issued_to(mallory, alice)
+        url = a.url + "/v1/chat/completions"
+        body = msgspec.json.encode({"model": "llama3", "messages": HI, "max_tokens": 2})
+        answer = httpx.post(url, content=body, headers=_signed_by(mallory.path, url, body, key))
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "ledger_not_synced"
+        assert receipts_at(alice) == []
+
+        # A short answer of the wrong shape: a clear error, by the CLI and the admin API.
+        hostile.flood = False
+        refused = CliRunner().invoke(
+            main, ["ledger", "reconcile", "mallory", "--data-dir", str(alice.path)]
+        )
+        assert refused.exit_code == 1 and "not valid" in refused.output, refused.output
+        with a.client() as admin:
+            for action in ("reconcile", "settle"):
+                answer = admin.post(f"/admin/ledger/{action}/mallory")
+                assert answer.status_code == 502, answer.text
+                assert answer.json()["error"]["code"] == "ledger_error"
