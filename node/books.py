@@ -5,11 +5,13 @@ running node); both talk to peers with signed requests.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 import msgspec
@@ -17,6 +19,7 @@ import msgspec
 from federation.descriptors import NodeDescriptor, public_key_of
 from federation.identity import NodeIdentity
 from federation.sealing import unseal
+from federation.transport import signed_headers
 from ledger.chain import verify_chain
 from ledger.netting import Transfer, transfer_plan
 from ledger.receipts import (
@@ -25,6 +28,7 @@ from ledger.receipts import (
     check_billing,
     countersign,
     receipt_fields,
+    receipt_hash,
     verify_receipt,
 )
 from ledger.reconcile import reconcile
@@ -39,7 +43,7 @@ from ledger.settlement import (
     verify_statement,
 )
 from node.errors import ApiError
-from node.peering import signed_request
+from node.peering import PEER_TIMEOUT
 from node.receipts import (
     admissible,
     held_advert_seq,
@@ -53,7 +57,13 @@ from node.storage import PeerRecord, Store, StoredReceipt, body_hash
 log = logging.getLogger("aihub.ledger")
 
 PAGE = 1000  # receipts per page when two nodes compare their books
+MAX_ANSWER = 8 * 1024 * 1024  # a page of 1000 receipts with countersignatures is ~1 MB
+ANSWER_DEADLINE = 60.0  # seconds for one whole answer of a peer
+# A peer's answers that mean "not shown to you" (not "try again"): an older node without the
+# endpoint, or one that does not take our signature alone.
+REFUSALS = (401, 403, 404)
 KeepReceipt = Callable[[Receipt], Awaitable[bool]]
+T = TypeVar("T")
 
 
 class BooksError(ApiError):
@@ -82,6 +92,14 @@ class ReceiptBatch(msgspec.Struct):
 
 class StatementBody(msgspec.Struct):
     statement: dict[str, object]
+    # The proposer's last statement of the pair: a peer that lost it (say, to a restored
+    # backup) keeps it first, since it carries the peer's own signature.
+    previous: dict[str, object] | None = None
+
+
+class StatementPage(msgspec.Struct):
+    statements: list[dict[str, object]]
+    more: bool
 
 
 # --- views ----------------------------------------------------------------------------------
@@ -129,6 +147,7 @@ class ReconcileReport(msgspec.Struct):
     suspended: bool
     # Receipts we took that bill requests whose answers never reached us whole.
     unanswered: Bucket = msgspec.field(default_factory=lambda: Bucket(0, 0))
+    statements_recovered: int = 0  # both-signed statements of ours the peer still held
 
 
 class NetPlan(msgspec.Struct):
@@ -362,13 +381,51 @@ class Link:
     url: str
     key: str | None
 
-    async def get(self, path: str) -> httpx.Response:
-        return await signed_request(self.client, self.identity, "GET", self.url + path, self.key)
+    async def get(self, path: str) -> PeerAnswer:
+        return await self._ask("GET", path)
 
-    async def post(self, path: str, body: bytes) -> httpx.Response:
-        return await signed_request(
-            self.client, self.identity, "POST", self.url + path, self.key, body
-        )
+    async def post(self, path: str, body: bytes) -> PeerAnswer:
+        return await self._ask("POST", path, body)
+
+    async def _ask(self, method: str, path: str, body: bytes = b"") -> PeerAnswer:
+        """A signed request to the peer; its answer read up to `MAX_ANSWER` bytes (decoded)
+        within `ANSWER_DEADLINE`: a peer that sends without end, or drips, is cut off."""
+        url = self.url + path
+        headers = signed_headers(self.identity, method, url, body, key=self.key)
+        try:
+            async with asyncio.timeout(ANSWER_DEADLINE):
+                request = self.client.stream(
+                    method, url, content=body, headers=headers, timeout=PEER_TIMEOUT
+                )
+                async with request as response:
+                    return PeerAnswer(response.status_code, await _bounded(response))
+        except TimeoutError as exc:
+            raise BooksError(504, f"the peer took over {ANSWER_DEADLINE:.0f} s to answer") from exc
+
+
+@dataclass(frozen=True)
+class PeerAnswer:
+    status_code: int
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        """The start of the answer, fit to print: the peer chose every byte of it."""
+        text = self.content[:300].decode("utf-8", "replace")
+        return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+async def _bounded(response: httpx.Response) -> bytes:
+    announced = response.headers.get("content-length", "")
+    if announced.isdigit() and int(announced) > MAX_ANSWER:
+        raise BooksError(502, f"the peer's answer is too large (over {MAX_ANSWER} bytes)")
+    chunks, size = [], 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > MAX_ANSWER:
+            raise BooksError(502, f"the peer's answer is too large (over {MAX_ANSWER} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def link_to(
@@ -382,11 +439,9 @@ async def link_to(
     raise BooksError(404, f"no peer {peer!r}")
 
 
-def _answer(response: httpx.Response, what: str) -> bytes:
+def _answer(response: PeerAnswer, what: str) -> bytes:
     if response.status_code != 200:
-        raise BooksError(
-            502, f"the peer refused {what} ({response.status_code}): {response.text[:300]}"
-        )
+        raise BooksError(502, f"the peer refused {what} ({response.status_code}): {response.text}")
     return response.content
 
 
@@ -395,12 +450,12 @@ async def _their_chain(link: Link, provider: str) -> list[Receipt]:
     receipts: list[Receipt] = []
     after = 0
     while True:
-        page = msgspec.json.decode(
+        page = _decoded(
             _answer(
                 await link.get(f"/federation/receipts?provider={provider}&after_seq={after}"),
                 "to show its receipts",
             ),
-            type=ReceiptPage,
+            ReceiptPage,
         )
         for fields in page.receipts:
             try:
@@ -443,9 +498,11 @@ async def reconcile_with(store: Store, link: Link, keep: KeepReceipt) -> Reconci
     buckets["rejected"] = _bucket([*(x.receipt for x in result.rejected), *refused])
     counted = [*taken, *(r for r in result.matched if r.consumer == me), *signed]
     suspended = any(e.provider == peer for e in result.equivocation)
+    statements_recovered = await recover_statements(store, link)
     return ReconcileReport(
         peer=peer,
         suspended=suspended,
+        statements_recovered=statements_recovered,
         unanswered=_bucket(await _unanswered(store, peer, counted)),
         **buckets,
     )
@@ -491,11 +548,73 @@ async def _unanswered(store: Store, peer: str, receipts: list[Receipt]) -> list[
     return [r for r in theirs if r.id in sent and sent[r.id].status != 200]
 
 
+class Resync(msgspec.Struct):
+    peer: str
+    receipts: int  # of our own chain to the peer, recovered from its copy
+    statements: int
+    head: int  # the seq our chain to the peer continues after
+
+
+async def resync_with(store: Store, link: Link) -> Resync:
+    """Learn the head of our chain to the peer from the peer's copy before we issue it more
+    receipts: a node restored from a backup holds an older head, and issuing from there
+    would sign a second receipt for a seq the peer holds (equivocation). The receipts it
+    holds beyond our head carry our own signature, so they are ours whatever the peer is:
+    each that links onto our head is kept, as are the statements we lack. A copy that stops
+    linking ends the recovery there (and is named in the log). A peer that refuses to show
+    its copy (an older node, or one that will not) is served from our head: it could as well
+    show nothing, and a receipt it then holds twice only harms its own books."""
+    me, peer = link.identity.node_id, link.peer.node_id
+    last = await store.chain_head(me, peer)
+    seq, prev = (0, GENESIS) if last is None else (last.seq, receipt_hash(loaded(last)))
+    recovered = 0
+    while True:
+        response = await link.get(f"/federation/receipts?provider={me}&after_seq={seq}")
+        if response.status_code in REFUSALS:
+            log.warning("%s does not show its copy of our chain (%d)", peer, response.status_code)
+            return Resync(peer, recovered, 0, seq)
+        page = _decoded(_answer(response, "to show its receipts"), ReceiptPage)
+        receipts = _receipts_of(page)
+        report = verify_chain(
+            receipts, public_key_of(me), public_key_of(peer), start_seq=seq + 1, start_prev=prev
+        )
+        good = receipts[: report.checked]
+        if good:
+            conflicts = await store.add_receipts([stored(r) for r in good])
+            if conflicts:
+                raise BooksError(409, f"our chain to {peer} differs from the peer's copy")
+            recovered += len(good)
+            seq, prev = report.head
+        if not report.ok:
+            log.warning("the copy of our chain held by %s stops linking: %s", peer, report)
+        if not report.ok or not page.more or not good:
+            break
+    statements = await recover_statements(store, link)
+    return Resync(peer, recovered, statements, seq)
+
+
+def _receipts_of(page: ReceiptPage) -> list[Receipt]:
+    """The receipts of a page as far as each is a receipt at all (the chain check names
+    what is wrong with the first that is not)."""
+    receipts = []
+    for fields in page.receipts:
+        try:
+            receipts.append(msgspec.convert(fields, Receipt))
+        except msgspec.ValidationError:
+            break
+    return receipts
+
+
 async def settle_with(store: Store, link: Link) -> Settlement:
     """Close the period with the peer: a statement of both chains since the last one, signed
     by us, countersigned by the peer after it checked the totals against its own books."""
     me, peer = link.identity.node_id, link.peer.node_id
+    # A statement the peer countersigned but whose answer we never got (or that a restored
+    # backup lost) is where this period starts, not a reason to disagree.
+    await recover_statements(store, link)
     pair = await open_pair(store, me, peer)
+    if pair.previous is not None and not pair.ours and not pair.theirs:
+        return pair.previous  # nothing since: settling again is the statement we have
     await _check_billed(store, pair)
     try:
         statement = make_statement(
@@ -505,27 +624,93 @@ async def settle_with(store: Store, link: Link) -> Settlement:
         raise BooksError(409, f"our books with this peer are not in order: {exc}") from exc
     side = "a" if me == pair.a else "b"
     ours = sign_statement(statement, link.identity.sign, side)
-    body = msgspec.json.encode(StatementBody(msgspec.to_builtins(ours)))
+    previous = msgspec.to_builtins(pair.previous) if pair.previous is not None else None
+    body = msgspec.json.encode(StatementBody(msgspec.to_builtins(ours), previous))
     answer = _answer(await link.post("/federation/settlements", body), "the settlement")
     try:
         both = parse_statement(msgspec.json.decode(answer, type=StatementBody).statement)
         verify_statement(both, public_key_of(both.a), public_key_of(both.b))
     except (RecordError, msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BooksError(502, f"the peer's countersigned statement is not valid: {exc}") from exc
-    if msgspec.structs.replace(both, sig_a="", sig_b="") != statement:
+    if not same_period(both, statement):
         raise BooksError(502, "the peer signed a different statement")
+    # The peer may answer with the statement it signed for this period before (its `iat`).
     await save_statement(store, both)
     return both
 
 
-async def save_statement(store: Store, statement: Settlement) -> None:
+def same_period(one: Settlement, other: Settlement) -> bool:
+    """Two statements of one period with the same totals, whenever (`iat`) and by whom they
+    were signed: settling a period again is answered with the statement already signed."""
+    unsigned = {"iat": 0, "sig_a": "", "sig_b": ""}
+    return msgspec.structs.replace(one, **unsigned) == msgspec.structs.replace(other, **unsigned)
+
+
+def _ours(body: object, me: str, peer: str) -> Settlement | None:
+    """A statement between us carrying both signatures (ours among them), or None."""
+    try:
+        statement = parse_statement(body)  # type: ignore[arg-type]
+        if {statement.a, statement.b} != {me, peer}:
+            return None
+        verify_statement(statement, public_key_of(statement.a), public_key_of(statement.b))
+    except (RecordError, ValueError, TypeError):
+        return None
+    return statement
+
+
+async def recover_statements(store: Store, link: Link) -> int:
+    """Keep the statements of our pair that the peer holds and we do not (newer than our
+    last): each bears our own signature, so it is ours whatever the peer is. How many."""
+    me, peer = link.identity.node_id, link.peer.node_id
+    last = await last_statement(store, me, peer)
+    # From a little before our last: the two nodes' clocks (each proposer's `iat`) may differ.
+    after = last.iat - 2 * MAX_SKEW if last is not None else -1
+    kept = 0
+    while True:
+        response = await link.get(f"/federation/settlements?after_iat={after}")
+        if response.status_code in REFUSALS:
+            return kept  # a node older than statement recovery
+        page = _decoded(_answer(response, "statements"), StatementPage)
+        for body in page.statements:
+            statement = _ours(body, me, peer)
+            if statement is not None:
+                kept += await save_statement(store, statement)
+        if not page.more or not page.statements:
+            return kept
+        newest = max((s.get("iat") for s in page.statements), key=_as_int)
+        if _as_int(newest) <= after:
+            return kept  # a page that does not advance: stop rather than loop
+        after = _as_int(newest)
+
+
+def _as_int(value: object) -> int:
+    return value if type(value) is int else -1
+
+
+def _decoded(data: bytes, kind: type[T]) -> T:
+    try:
+        return msgspec.json.decode(data, type=kind)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise BooksError(502, f"the peer's answer is not valid: {exc}") from exc
+
+
+async def save_statement(store: Store, statement: Settlement) -> bool:
+    """Keep a both-signed statement; False if we held it already."""
     body = msgspec.json.encode(msgspec.to_builtins(statement)).decode()
-    await store.add_settlement(statement.a, statement.b, statement.to_seq, statement.iat, body)
+    return await store.add_settlement(
+        statement.a, statement.b, statement.to_seq, statement.iat, body
+    )
 
 
-async def net(store: Store, extra: Iterable[bytes | str]) -> NetPlan:
+async def net(store: Store, me: str, extra: Iterable[bytes | str]) -> NetPlan:
     """A transfer plan clearing every balance in our statements and in `extra` (statements of
-    other pairs of the group, as JSON): at most n - 1 transfers."""
+    other pairs of the group, as JSON): at most n - 1 transfers.
+
+    Only statements between parties we know count: two signatures prove only that two key
+    pairs agreed, and anyone can make key pairs. A statement naming a node that is neither us
+    nor a peer of ours (a sybil) is refused: its made-up debt would move real peers' money
+    (the plan could have a real debtor pay a sybil, and the sybil "pay" the real creditor)."""
+    known = await _parties(store, me)
     statements: dict[tuple[str, str, int], Settlement] = {}
     for body in [*(await store.settlements()), *extra]:
         try:
@@ -533,9 +718,23 @@ async def net(store: Store, extra: Iterable[bytes | str]) -> NetPlan:
             verify_statement(statement, public_key_of(statement.a), public_key_of(statement.b))
         except (RecordError, ValueError) as exc:
             raise BooksError(400, f"a statement is not valid: {exc}") from exc
+        strangers = [node for node in (statement.a, statement.b) if node not in known]
+        if strangers:
+            raise BooksError(
+                400,
+                f"a statement names {', '.join(strangers)}, not a peer of this node: statements"
+                " between nodes we do not know are refused (netting only counts real peers)",
+            )
         statements[(statement.a, statement.b, statement.iat)] = statement
     owed = balances(statements.values())
     return NetPlan(owed, transfer_plan(owed))
+
+
+async def _parties(store: Store, me: str) -> set[str]:
+    """Us and every node we peered with (an invite or an approved join), revoked or
+    suspended ones included: their settled periods are still owed."""
+    peers = await store.peers(include_revoked=True)
+    return {me, *(p.node_id for p in peers if p.status in ("active", "revoked", "suspended"))}
 
 
 # --- the other side: answering a peer about our books -------------------------------------------
@@ -579,14 +778,25 @@ async def take_receipts(store: Store, me: str, peer: str, body: bytes, keep: Kee
     return sum([await keep(receipt) for receipt in [*ours, *taken]])
 
 
+async def statements_page(store: Store, me: str, peer: str, after_iat: int) -> bytes:
+    """The statements between us and `peer` issued after `after_iat`, oldest first, a page."""
+    a, b = min(me, peer), max(me, peer)
+    bodies = await store.settlements(a, b, after_iat=after_iat, limit=PAGE + 1)
+    page = StatementPage([msgspec.json.decode(body) for body in bodies[:PAGE]], len(bodies) > PAGE)
+    return msgspec.json.encode(page)
+
+
 async def countersign_statement(
     store: Store, identity: NodeIdentity, peer: str, body: bytes
 ) -> Settlement:
     """A peer proposes to close the period: sign it only if our own books give the very same
-    statement, and keep it."""
+    statement, and keep it. A period we signed already is answered with that statement
+    (a lost answer is asked again), and the proposer's previous statement, ours too, is kept
+    first if we lost it."""
     me = identity.node_id
     try:
-        proposed = parse_statement(msgspec.json.decode(body, type=StatementBody).statement)
+        request = msgspec.json.decode(body, type=StatementBody)
+        proposed = parse_statement(request.statement)
     except (RecordError, msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BooksError(400, f"not a settlement statement: {exc}") from exc
     if {proposed.a, proposed.b} != {me, peer}:
@@ -594,6 +804,17 @@ async def countersign_statement(
     their_side = "a" if peer == proposed.a else "b"
     try:
         verify_statement_side(proposed, their_side)
+    except RecordError as exc:
+        raise BooksError(409, f"our books disagree: {exc}") from exc
+    a, b = min(me, peer), max(me, peer)
+    for body in await store.settlements(a, b):
+        held = _ours(body, me, peer)
+        if held is not None and same_period(held, proposed):
+            return held
+    previous = _ours(request.previous, me, peer) if request.previous is not None else None
+    if previous is not None:
+        await save_statement(store, previous)
+    try:
         pair = await open_pair(store, me, peer)
         await _check_billed(store, pair)
         check_statement(proposed, pair.a_to_b(), pair.b_to_a(), previous=pair.previous)
@@ -641,8 +862,8 @@ async def reconcile_all(
     not answer is tried again next time."""
     reports = []
     for record in await store.peers():
-        if record.status != "active" or not record.key_from_them:
-            continue
+        if record.status != "active":
+            continue  # the side that only provides holds no key of the peer's: it signs
         try:
             link = await link_to(store, identity, client, record.node_id)
             reports.append(await reconcile_with(store, link, keep))

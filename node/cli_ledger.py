@@ -200,7 +200,7 @@ def register(
         """A transfer plan that clears every balance (at most n-1 transfers), from our
         statements and those in FILES (the group's, one JSON per line)."""
         extra = [line for file in files for line in file.read().splitlines() if line.strip()]
-        plan = run(directory, lambda store, _: books.net(store, extra))
+        plan = run(directory, lambda store, me: books.net(store, me.node_id, extra))
         if json_:
             as_json(plan)
             return

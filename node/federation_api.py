@@ -7,6 +7,8 @@ cross-node key issued to it.
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 from litestar import Request, Response, get, post
 
@@ -20,6 +22,7 @@ from node.openai_api import JSON
 from node.peer_auth import check_peer, verify_signed
 from node.peering import JoinRefused
 
+WHOLE_NUMBER = re.compile(r"-?[0-9]{1,15}", re.ASCII)
 MAX_FEDERATION_BODY = 64 * 1024
 MAX_COUNTERSIGNATURE_BODY = 256 * 1024  # a batch of 500
 MAX_RECEIPTS_BODY = 2 * 1024 * 1024  # a page of 1000
@@ -43,6 +46,25 @@ async def authenticate_peer(request: Request, body: bytes) -> Principal:
         raise ApiError(403, "Not a peer's key", type="permission_error", code="not_a_peer")
     check_peer(hub, request, body, principal)
     return principal
+
+
+async def ledger_peer(request: Request, body: bytes) -> str:
+    """The peer asking about the books between us. Its pinned key's signature alone
+    authenticates it: the ledger endpoints spend nothing, and the provider side of a pair that
+    only consumes from it holds no key of the consumer's. A cross-node key, if sent, must still
+    be valid and bound to the signer."""
+    if request.headers.get("authorization"):
+        principal = await authenticate_peer(request, body)
+        return principal.key.peer_id or ""
+    hub = hub_of(request)
+    # Read from the store, not this process's view of the peers (which follows a join made
+    # by the CLI up to a second late): the peer may ask the moment it joined.
+    peers = {p.node_id for p in await hub.store.peers() if p.status == "active"}
+
+    def active_peer(key_id: str) -> bytes | None:
+        return public_key_of(key_id) if key_id in peers else None
+
+    return verify_signed(hub, request, body, active_peer)
 
 
 async def _small_body(request: Request, limit: int = MAX_FEDERATION_BODY) -> bytes:
@@ -142,15 +164,13 @@ async def countersignatures(request: Request) -> Response[bytes]:
 @get("/federation/receipts")
 async def receipts(request: Request) -> Response[bytes]:
     """A page of one of the chains between the calling peer and us, for reconciliation."""
-    principal = await authenticate_peer(request, await request.body())
+    peer = await ledger_peer(request, await request.body())
     hub = hub_of(request)
     after = request.query_params.get("after_seq", "0")
     if not after.isascii() or not after.isdigit() or len(after) > 15:
         raise ApiError(400, "after_seq is a whole number", param="after_seq")
     provider = request.query_params.get("provider", "")
-    page = await books.receipts_page(
-        hub.store, hub.identity.node_id, principal.key.peer_id or "", provider, int(after)
-    )
+    page = await books.receipts_page(hub.store, hub.identity.node_id, peer, provider, int(after))
     return Response(page, media_type=JSON)
 
 
@@ -158,23 +178,32 @@ async def receipts(request: Request) -> Response[bytes]:
 async def missing_receipts(request: Request) -> Response[bytes]:
     """Receipts the calling peer found missing in our books."""
     body = await _small_body(request, MAX_RECEIPTS_BODY)
-    principal = await authenticate_peer(request, body)
+    peer = await ledger_peer(request, body)
     hub = hub_of(request)
-    taken = await books.take_receipts(
-        hub.store, hub.identity.node_id, principal.key.peer_id or "", body, hub.ledger.keep
-    )
+    taken = await books.take_receipts(hub.store, hub.identity.node_id, peer, body, hub.ledger.keep)
     return Response(msgspec.json.encode({"taken": taken}), media_type=JSON)
+
+
+@get("/federation/settlements")
+async def statements(request: Request) -> Response[bytes]:
+    """The statements between the calling peer and us (both signed), for it to recover those
+    it lost: a lost answer to a settlement, or a restored backup."""
+    peer = await ledger_peer(request, await request.body())
+    hub = hub_of(request)
+    after = request.query_params.get("after_iat", "-1")
+    if not WHOLE_NUMBER.fullmatch(after):
+        raise ApiError(400, "after_iat is a whole number", param="after_iat")
+    page = await books.statements_page(hub.store, hub.identity.node_id, peer, int(after))
+    return Response(page, media_type=JSON)
 
 
 @post("/federation/settlements", status_code=200)
 async def settlement(request: Request) -> Response[bytes]:
     """A peer proposes a settlement statement: countersigned if our books agree."""
     body = await _small_body(request)
-    principal = await authenticate_peer(request, body)
+    peer = await ledger_peer(request, body)
     hub = hub_of(request)
-    both = await books.countersign_statement(
-        hub.store, hub.identity, principal.key.peer_id or "", body
-    )
+    both = await books.countersign_statement(hub.store, hub.identity, peer, body)
     answer = books.StatementBody(msgspec.to_builtins(both))
     return Response(msgspec.json.encode(answer), media_type=JSON)
 
@@ -183,6 +212,7 @@ FEDERATION_ROUTES = [
     receipts,
     missing_receipts,
     settlement,
+    statements,
     node_descriptor,
     join,
     join_request,

@@ -28,6 +28,7 @@ from node.metrics import Metrics
 from node.peering import Peering
 from node.ratelimit import RateLimiter
 from node.receipts import Ledger
+from node.resync import ChainResync
 from node.router import Route, Router
 from node.storage import Store
 from node.usage import UsageRecorder
@@ -77,6 +78,7 @@ class Hub:
     nonces: NonceCache
     peering: Peering
     ledger: Ledger
+    resync: ChainResync  # our chain heads learnt from each peer before we issue it receipts
     scheduler: AsyncIOScheduler
     started_at: int
 
@@ -104,6 +106,8 @@ class Hub:
         await peering.start()
         ledger = Ledger(identity, store, client, peering)
         scheduler = _schedule(peering, ledger, config)
+        resync = ChainResync(store, identity, client, peering)
+        scheduler.add_job(resync.all, id="ledger.resync")  # at start, off the request path
         return cls(
             config=config,
             data_dir=data_dir,
@@ -121,6 +125,7 @@ class Hub:
             nonces=NonceCache(),
             peering=peering,
             ledger=ledger,
+            resync=resync,
             scheduler=scheduler,
             started_at=int(time.time()),
         )

@@ -89,7 +89,9 @@ async def net(request: Request) -> Response[bytes]:
         extra = msgspec.json.decode(body or b"{}", type=NetRequest).statements
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ApiError(400, f"Invalid request: {exc}", param="statements") from exc
-    plan = await books.net(hub_of(request).store, [msgspec.json.encode(item) for item in extra])
+    hub = hub_of(request)
+    bodies = [msgspec.json.encode(item) for item in extra]
+    plan = await books.net(hub.store, hub.identity.node_id, bodies)
     return json_response(plan)
 
 

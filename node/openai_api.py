@@ -453,6 +453,11 @@ async def _begin(
     peer_request_id = request.headers.get(REQUEST_ID_HEADER, "")
     if books.for_peer and _REQUEST_ID.fullmatch(peer_request_id):
         books.receipt_id = peer_request_id
+    if books.for_peer and not hub.resync.synced(principal.key.peer_id or ""):
+        try:  # before anything is spent: no receipt from a chain head the peer may be past
+            await hub.resync.ensure(principal.key.peer_id or "")
+        except ApiError as exc:
+            books.fail(exc)
     async with _settled_on_error(books):
         await books.admit(request, plan, worst(plan))
     return books, plan

@@ -121,8 +121,10 @@ class Peering:
         return self._descriptor
 
     async def start(self) -> None:
-        # A new seq at every start: the models may have changed with the config.
-        self.advert_seq = await self.store.next_counter(ADVERT_SEQ)
+        # A new seq at every start: the models may have changed with the config. Never below
+        # the clock: a database restored from a backup holds an older counter, and peers
+        # ignore an advert whose seq is not above the last one they saw.
+        self.advert_seq = max(await self.store.next_counter(ADVERT_SEQ), int(time.time()))
         await self.load()
 
     def local_models(self, limits: Limits | None) -> list[AdvertModel]:

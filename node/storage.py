@@ -964,6 +964,15 @@ class Store:
         )
         return [StoredReceipt(*row) for row in rows]
 
+    async def chain_head(self, provider: str, consumer: str) -> StoredReceipt | None:
+        """The last receipt of one pair's chain (highest seq), if any."""
+        row = await self._fetchone(
+            f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE provider = ? AND consumer = ?"
+            " ORDER BY seq DESC LIMIT 1",
+            (provider, consumer),
+        )
+        return StoredReceipt(*row) if row is not None else None
+
     async def receipt_pairs(self) -> list[tuple[str, str]]:
         rows = await self._fetchall("SELECT DISTINCT provider, consumer FROM receipts")
         return [(row[0], row[1]) for row in rows]
@@ -1002,18 +1011,30 @@ class Store:
         rows = await self._fetchall("SELECT * FROM equivocations ORDER BY found_at")
         return [tuple(row) for row in rows]  # type: ignore[misc]
 
-    async def add_settlement(self, a: str, b: str, to_seq: int, iat: int, body: str) -> None:
-        await self._exec(
+    async def add_settlement(self, a: str, b: str, to_seq: int, iat: int, body: str) -> bool:
+        """Keep a statement; False if the pair has one issued at `iat` already."""
+        added = await self._exec(
             "INSERT OR IGNORE INTO settlements VALUES (?, ?, ?, ?, ?)", (a, b, to_seq, iat, body)
         )
+        return added == 1
 
-    async def settlements(self, a: str | None = None, b: str | None = None) -> list[str]:
-        """Settlement statements (JSON as signed by both), oldest first; of one pair if given."""
+    async def settlements(
+        self,
+        a: str | None = None,
+        b: str | None = None,
+        *,
+        after_iat: int = -1,
+        limit: int | None = None,
+    ) -> list[str]:
+        """Settlement statements (JSON as signed by both), oldest first; of one pair if given,
+        issued after `after_iat` (a page if `limit`)."""
         if a is None:
             rows = await self._fetchall("SELECT body FROM settlements ORDER BY iat")
         else:
             rows = await self._fetchall(
-                "SELECT body FROM settlements WHERE a = ? AND b = ? ORDER BY iat", (a, b)
+                "SELECT body FROM settlements WHERE a = ? AND b = ? AND iat > ?"
+                " ORDER BY iat LIMIT ?",
+                (a, b, after_iat, -1 if limit is None else limit),
             )
         return [row[0] for row in rows]
 

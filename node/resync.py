@@ -1,0 +1,108 @@
+"""Chains re-synced with each peer before this process issues it a receipt.
+
+A node's database may be older than what its peers hold: restored from a backup, it lacks the
+receipts it signed since, and the next one it issued would carry a seq its consumer already
+holds with other contents, which the consumer rightly takes for equivocation and answers by
+suspending it. So, once per process and peer, before the first receipt to that peer, the
+node learns its chain head from the peer's copy (`books.resync_with`: the receipts beyond
+ours are signed by our own key, and statements by us too). At start-up every active peer is
+re-synced in the background; a peer whose first request comes before that (or whose re-sync
+failed) waits for it, and is refused with a 503 to retry if the node cannot reach it: better
+no answer than a receipt that gets the node suspended.
+
+Ordinary requests never come here, and a peer's request only tests a set once the pair is
+re-synced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import httpx
+
+from federation.identity import NodeIdentity
+from ledger.records import RecordError
+from node import books
+from node.errors import ApiError
+from node.peering import Peering
+from node.storage import Store
+
+log = logging.getLogger("aihub.ledger")
+
+RETRY_SECONDS = 5
+
+
+class ChainResync:
+    def __init__(
+        self, store: Store, identity: NodeIdentity, client: httpx.AsyncClient, peering: Peering
+    ) -> None:
+        self.store = store
+        self.identity = identity
+        self.client = client
+        self.peering = peering
+        self._synced: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        # After a failed attempt, the peer's requests are refused at once for a while rather
+        # than each waiting for another attempt to time out.
+        self._retry_at: dict[str, float] = {}
+
+    def synced(self, peer: str) -> bool:
+        return peer in self._synced
+
+    async def ensure(self, peer: str) -> None:
+        """Return once our chain to `peer` is re-synced in this process; a 503 if it cannot
+        be now (the peer retries)."""
+        if peer in self._synced:
+            return
+        lock = self._locks.setdefault(peer, asyncio.Lock())
+        async with lock:
+            if peer in self._synced:
+                return
+            if time.monotonic() < self._retry_at.get(peer, 0.0):
+                raise _not_synced()
+            try:
+                await self._resync(peer)
+            except (books.BooksError, httpx.HTTPError, RecordError) as exc:
+                log.warning("could not re-sync our chain with %s: %s", peer, _said(exc))
+                self._retry_at[peer] = time.monotonic() + RETRY_SECONDS
+                raise _not_synced() from exc
+
+    async def _resync(self, peer: str) -> None:
+        link = await books.link_to(self.store, self.identity, self.client, peer)
+        result = await books.resync_with(self.store, link)
+        if result.receipts or result.statements:
+            log.warning(
+                "re-synced with %s: recovered %d receipts and %d statements its copy held"
+                " (a restored backup?); our chain continues after seq %d",
+                link.peer.name,
+                result.receipts,
+                result.statements,
+                result.head,
+            )
+        self._synced.add(peer)
+
+    async def all(self) -> None:
+        """Re-sync with every active peer (at start-up, off the request path); one that
+        does not answer is re-synced on its first request."""
+        for peer in list(self.peering.peers):
+            try:
+                await self.ensure(peer)
+            except ApiError:
+                continue
+
+
+def _not_synced() -> ApiError:
+    return ApiError(
+        503,
+        "This node has not yet re-synced its ledger with yours and cannot reach your node to"
+        " do so; try again",
+        type="server_error",
+        code="ledger_not_synced",
+        headers={"retry-after": str(RETRY_SECONDS)},
+    )
+
+
+def _said(exc: Exception) -> str:
+    return exc.message if isinstance(exc, books.BooksError) else f"{type(exc).__name__}: {exc}"
