@@ -235,7 +235,7 @@ def test_a_hostile_peer_s_receipt_in_its_answer_is_refused(tmp_path: Path) -> No
         lies = [
             {"id": "req_invented"},
             {"model": "llama3"},
-            {"price_seq": 10**9},
+            {"price_seq": 2**53 - 1},  # beyond any advert seq (they are floored at the clock)
             {"amount": 10**9},
         ]
 
