@@ -207,6 +207,14 @@ def verify_countersignature(r: Receipt, consumer_key: bytes) -> None:
     verify_fields(receipt_fields(r), consumer_key, "csig")
 
 
+def _countersigned_by(r: Receipt, me: str) -> bool:
+    try:
+        verify_countersignature(r, public_key_of(me))
+    except (RecordError, ValueError):
+        return False
+    return True
+
+
 MICROS_PER_MILLION_TOKENS = 1_000_000
 
 
@@ -266,6 +274,10 @@ def check_billing(
     if receipt.consumer != me or receipt.provider != sender:
         raise RecordError("receipt is not from this provider to us")
     if sent is None:
+        if _countersigned_by(receipt, me):
+            # We took it before and countersigned it; a restored backup lost our record of
+            # the request. No one but us can make that signature: it is the record.
+            return
         raise RecordError(f"receipt {receipt.id!r} names no request we sent")
     if sent.id != receipt.id or sent.peer != sender:
         raise RecordError(f"receipt {receipt.id!r} names a request we sent another node")

@@ -52,7 +52,7 @@ from node.receipts import (
     sent_to,
     stored,
 )
-from node.storage import PeerRecord, Store, StoredReceipt, body_hash
+from node.storage import LinkedReceipt, PeerRecord, Store, StoredReceipt, body_hash
 
 log = logging.getLogger("aihub.ledger")
 
@@ -580,8 +580,10 @@ async def resync_with(store: Store, link: Link) -> Resync:
         )
         good = receipts[: report.checked]
         if good:
-            conflicts = await store.add_receipts([stored(r) for r in good])
-            if conflicts:
+            conflicts, refused = await store.add_receipts(
+                [LinkedReceipt(stored(r), r.prev) for r in good]
+            )
+            if conflicts or refused:
                 raise BooksError(409, f"our chain to {peer} differs from the peer's copy")
             recovered += len(good)
             seq, prev = report.head

@@ -347,3 +347,18 @@ def test_a_statement_over_receipts_that_bill_no_request_of_ours_is_not_countersi
             assert both.sig_a and both.sig_b
 
     asyncio.run(run())
+
+
+def test_our_own_countersignature_stands_for_a_lost_record_of_the_request() -> None:
+    """A consumer restored from a backup lost its record of requests it sent since then; the
+    provider still holds those receipts with our countersignature, which only we can make:
+    they are taken back. A countersignature by any other key (an attacker's) is not."""
+    from ledger.receipts import countersign
+
+    ours = countersign(receipt(), CONSUMER.sign)
+    assert take(ours, sent=None) == ours
+    forged = countersign(receipt(), OTHER.sign)
+    with pytest.raises(RecordError, match="csig"):
+        take(forged, sent=None)
+    with pytest.raises(RecordError, match="names no request we sent"):
+        take(receipt(), sent=None)
