@@ -67,7 +67,9 @@ def assert_released(node: RunningNode, key: str) -> None:
 def test_retry_after_inf_from_an_upstream_leaks_nothing(node, upstream) -> None:
     running, key, _ = node
     upstream.script.fail_next(
-        Failure(RATE_LIMITED.status, RATE_LIMITED.body, {"retry-after": "inf"})
+        # Every try the router makes (retries included) fails so, and the client sees it.
+        Failure(RATE_LIMITED.status, RATE_LIMITED.body, {"retry-after": "inf"}),
+        times=10,
     )
     assert_shaped(post(running, key, "flaky"), 429, 502)
     assert_released(running, key)
