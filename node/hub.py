@@ -107,6 +107,7 @@ class Hub:
         ledger = Ledger(identity, store, client, peering)
         scheduler = _schedule(peering, ledger, config)
         resync = ChainResync(store, identity, client, peering)
+        await resync.load(data_dir / DATABASE_FILE)
         scheduler.add_job(resync.all, id="ledger.resync")  # at start, off the request path
         return cls(
             config=config,

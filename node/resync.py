@@ -1,24 +1,28 @@
-"""Chains re-synced with each peer before this process issues it a receipt.
+"""Chains re-synced with each peer before this process issues it a receipt, after a restore.
 
 A node's database may be older than what its peers hold: restored from a backup, it lacks the
 receipts it signed since, and the next one it issued would carry a seq its consumer already
 holds with other contents, which the consumer rightly takes for equivocation and answers by
-suspending it. So, once per process and peer, before the first receipt to that peer, the
-node learns its chain head from the peer's copy (`books.resync_with`: the receipts beyond
-ours are signed by our own key, and statements by us too). At start-up every active peer is
-re-synced in the background; a peer whose first request comes before that (or whose re-sync
-failed) waits for it, and is refused with a 503 to retry if the node cannot reach it: better
-no answer than a receipt that gets the node suspended.
+suspending it. So the node notes which database file it runs on (device and inode: a restored
+backup is another file); when the file is not the one it last ran on, every peer is marked
+pending (durably), and before the first receipt to a pending peer the node learns its chain
+head from the peer's copy (`books.resync_with`: the receipts beyond ours are signed by our own
+key, and statements by us too). A pending peer whose first request comes before that waits
+for it, and is refused with a 503 to retry if the node cannot reach it: better no answer than
+a receipt that gets the node suspended. Every peer is also re-synced at start-up in the
+background (that recovers statements whose answers were lost), but a peer that is not pending
+never waits for it: a consumer the provider cannot reach (behind NAT) is served as before.
 
-Ordinary requests never come here, and a peer's request only tests a set once the pair is
-re-synced.
+Ordinary requests never come here, and a peer's request only tests two sets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from pathlib import Path
 
 import httpx
 
@@ -42,14 +46,31 @@ class ChainResync:
         self.identity = identity
         self.client = client
         self.peering = peering
+        # Peers whose chains need no re-sync before we serve them: all but those a restore
+        # left pending (`load`). The others are re-synced too, off the request path, but
+        # their requests never wait for it: a consumer we cannot reach (behind NAT) is
+        # served as before.
+        self._pending: set[str] = set()
         self._synced: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         # After a failed attempt, the peer's requests are refused at once for a while rather
         # than each waiting for another attempt to time out.
         self._retry_at: dict[str, float] = {}
 
+    async def load(self, database: Path) -> None:
+        """Note which database file this is; the peers a restore left to re-sync."""
+        info = os.stat(database)  # once, at start-up
+        file_id = f"{info.st_dev}:{info.st_ino}"
+        self._pending = await self.store.pending_resyncs(file_id, self.identity.node_id)
+        if self._pending:
+            log.warning(
+                "this database is not the file the node last ran on (a restored backup?):"
+                " %d peers' chains are re-synced from their copies before they are served",
+                len(self._pending),
+            )
+
     def synced(self, peer: str) -> bool:
-        return peer in self._synced
+        return peer not in self._pending or peer in self._synced
 
     async def ensure(self, peer: str) -> None:
         """Return once our chain to `peer` is re-synced in this process; a 503 if it cannot
@@ -82,6 +103,9 @@ class ChainResync:
                 result.head,
             )
         self._synced.add(peer)
+        if peer in self._pending:
+            await self.store.resynced(peer)
+            self._pending.discard(peer)
 
     async def all(self) -> None:
         """Re-sync with every active peer (at start-up, off the request path); one that

@@ -223,6 +223,13 @@ MIGRATIONS: list[str] = [
     ALTER TABLE usage ADD COLUMN unbilled_micros INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN clamped INTEGER NOT NULL DEFAULT 0;
     """,
+    # 7 (restore detection): which database file this is (device and inode: a restored backup
+    # is another file), and the peers whose chains must be re-synced from their copies before
+    # we issue them another receipt (filled in when the file is not the one we last ran on).
+    """
+    CREATE TABLE node_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    CREATE TABLE resync_pending (peer_id TEXT PRIMARY KEY) WITHOUT ROWID;
+    """,
 ]
 
 _json = msgspec.json.encode
@@ -963,6 +970,35 @@ class Store:
             (provider, consumer, after_seq, -1 if limit is None else limit),
         )
         return [StoredReceipt(*row) for row in rows]
+
+    async def pending_resyncs(self, file_id: str, me: str) -> set[str]:
+        """The peers whose chains must be re-synced before we issue them receipts. When this
+        database is not the file we last ran on (`file_id` differs: a restored backup, a copy
+        moved to another disk), or we have no note of that yet but have issued receipts,
+        every peer is added: our chain heads may be older than what the peers hold."""
+
+        def work(db: sqlite3.Connection) -> set[str]:
+            row = db.execute("SELECT value FROM node_meta WHERE name = 'file_id'").fetchone()
+            if row is None:
+                issued = db.execute(
+                    "SELECT 1 FROM receipts WHERE provider = ? LIMIT 1", (me,)
+                ).fetchone()
+                moved = issued is not None
+            else:
+                moved = row[0] != file_id
+            if moved:
+                db.execute("INSERT OR IGNORE INTO resync_pending SELECT node_id FROM peers")
+            db.execute(
+                "INSERT INTO node_meta (name, value) VALUES ('file_id', ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (file_id,),
+            )
+            return {r[0] for r in db.execute("SELECT peer_id FROM resync_pending")}
+
+        return await self._atomic(work)
+
+    async def resynced(self, peer: str) -> None:
+        await self._exec("DELETE FROM resync_pending WHERE peer_id = ?", (peer,))
 
     async def chain_head(self, provider: str, consumer: str) -> StoredReceipt | None:
         """The last receipt of one pair's chain (highest seq), if any."""

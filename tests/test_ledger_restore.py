@@ -185,28 +185,48 @@ def test_a_provider_restored_from_a_backup_is_not_suspended(tmp_path: Path) -> N
 
 
 def test_a_peer_whose_chain_cannot_be_re_synced_is_not_issued_receipts(tmp_path: Path) -> None:
-    """Mallory joined alice, but alice cannot reach the URL mallory gave: alice refuses to
-    serve it (503, retry) rather than sign a receipt from a head she could not check."""
+    """Mallory joined alice, but alice cannot reach the URL mallory gave (say, it sits behind
+    NAT). Alice serves it as any peer while her database is the one she ran on; restored from
+    a backup, she refuses to serve it (503, retry) rather than sign a receipt from a head she
+    could not check against mallory's copy."""
     alice = make_peer(tmp_path, "alice", LLAMA)
     mallory = make_peer(tmp_path, "mallory")  # never started: its URL answers nothing
+    saved = tmp_path / "backups"
+    saved.mkdir()
+    body = msgspec.json.encode({"model": "llama3", "messages": HI, "max_tokens": 2})
+
+    def ask(a: RunningNode) -> httpx.Response:
+        url = a.url + "/v1/chat/completions"
+        return httpx.post(url, content=body, headers=_signed_by(mallory.path, url, body, key))
+
     with alice.run() as a:
         cli("join", invite(alice), "--data-dir", str(mallory.path))
         key = _key_issued_to(mallory, alice)
-        url = a.url + "/v1/chat/completions"
-        body = msgspec.json.encode({"model": "llama3", "messages": HI, "max_tokens": 2})
-        answer = httpx.post(url, content=body, headers=_signed_by(mallory.path, url, body, key))
+        assert ask(a).status_code == 200
+        assert wait_for(lambda: len(receipts_at(alice)) == 1)
+        backup_as_documented(alice.path, saved / "backup.db")
+        for name in (IDENTITY_FILE, CONFIG_FILE):
+            shutil.copy(alice.path / name, saved / name)
+        assert ask(a).status_code == 200  # receipt 2: mallory holds it, the backup does not
+        assert wait_for(lambda: len(receipts_at(alice)) == 2)
+    with alice.run() as a:  # a restart is no restore: still served
+        assert ask(a).status_code == 200
+        assert wait_for(lambda: len(receipts_at(alice)) == 3)
+    restore_as_documented(alice.path, saved)
+    with alice.run() as a:
+        answer = ask(a)
         assert answer.status_code == 503, answer.text
         error = answer.json()["error"]
         assert error["code"] == "ledger_not_synced" and answer.headers["retry-after"]
         # Asked again, still refused (at once, without another attempt timing out).
-        again = httpx.post(url, content=body, headers=_signed_by(mallory.path, url, body, key))
+        again = ask(a)
         assert again.status_code == 503 and again.json()["error"]["code"] == "ledger_not_synced"
-        assert receipts_at(alice) == []
-        # Nothing was reserved against mallory's cap, nothing spent.
+        assert len(receipts_at(alice)) == 1  # the backup's one; nothing issued since
+        # Nothing was reserved against mallory's cap since the restore.
         with closing(sqlite3.connect(alice.path / DATABASE_FILE)) as db:
-            assert db.execute(
-                "SELECT COALESCE(SUM(reserved + spent), 0) FROM spend"
-            ).fetchone() == (0,)
+            assert db.execute("SELECT COALESCE(SUM(reserved), 0) FROM spend").fetchone() == (0,)
+    with alice.run() as a:  # and a restart does not forget that the restore is pending
+        assert ask(a).status_code == 503
 
 
 def test_a_node_restored_on_both_sides_of_a_pair_is_not_suspended(tmp_path: Path) -> None:
