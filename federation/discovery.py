@@ -59,6 +59,7 @@ from federation.descriptors import fingerprint as fingerprint
 from federation.identity import NodeIdentity
 from federation.sealing import SealError, unseal
 from federation.transport import signed_headers
+from ledger.nesting import bounded
 from ledger.records import RecordError
 
 log = logging.getLogger(__name__)
@@ -593,7 +594,7 @@ async def _exchange_with(
             errors.append(f"{url}: {exc}")
             continue
         try:
-            answer = msgspec.json.decode(body, type=_ExchangeAnswer)
+            answer = msgspec.json.decode(bounded(body), type=_ExchangeAnswer)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             raise DiscoveryError(f"peer {peer_id}: bad peer-exchange answer: {exc}") from exc
         return answer.peers

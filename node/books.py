@@ -18,6 +18,7 @@ from federation.descriptors import NodeDescriptor, public_key_of
 from federation.identity import NodeIdentity
 from federation.sealing import unseal
 from ledger.chain import verify_chain
+from ledger.nesting import bounded
 from ledger.netting import Transfer, transfer_plan
 from ledger.receipts import Receipt, receipt_fields, verify_receipt
 from ledger.reconcile import reconcile
@@ -301,9 +302,11 @@ async def _their_chain(link: Link, provider: str) -> list[Receipt]:
     after = 0
     while True:
         page = msgspec.json.decode(
-            _answer(
-                await link.get(f"/federation/receipts?provider={provider}&after_seq={after}"),
-                "to show its receipts",
+            bounded(
+                _answer(
+                    await link.get(f"/federation/receipts?provider={provider}&after_seq={after}"),
+                    "to show its receipts",
+                )
             ),
             type=ReceiptPage,
         )
@@ -358,7 +361,7 @@ async def settle_with(store: Store, link: Link) -> Settlement:
     body = msgspec.json.encode(StatementBody(msgspec.to_builtins(ours)))
     answer = _answer(await link.post("/federation/settlements", body), "the settlement")
     try:
-        both = parse_statement(msgspec.json.decode(answer, type=StatementBody).statement)
+        both = parse_statement(msgspec.json.decode(bounded(answer), type=StatementBody).statement)
         verify_statement(both, public_key_of(both.a), public_key_of(both.b))
     except (RecordError, msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BooksError(502, f"the peer's countersigned statement is not valid: {exc}") from exc

@@ -12,6 +12,7 @@ from litestar import Request, Response, get, post
 
 from federation.descriptors import public_key_of
 from federation.transport import LISTED_HEADER
+from ledger.nesting import NestingError, bounded
 from node import books
 from node.auth import Principal
 from node.errors import ApiError
@@ -53,7 +54,11 @@ async def _small_body(request: Request, limit: int = MAX_FEDERATION_BODY) -> byt
     body = await request.body()
     if len(body) > limit:
         raise ApiError(413, "Request too large for a federation endpoint", code="request_too_large")
-    return body
+    try:
+        # Before the signature is checked: any key pair can sign a join.
+        return bounded(body)
+    except NestingError as exc:
+        raise ApiError(400, f"The request body is not valid JSON: {exc}") from exc
 
 
 @get("/federation/node")

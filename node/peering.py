@@ -26,6 +26,7 @@ from federation.identity import NodeIdentity
 from federation.invites import InviteRecord, JoinRequest, verify_join_request
 from federation.sealing import seal_for, unseal
 from federation.transport import LISTED_HEADER, PeerAdapter, peer_upstream, signed_headers
+from ledger.nesting import bounded
 from ledger.records import RecordError
 from node.auth import read_epoch, touch_epoch
 from node.config import Config, Deployment
@@ -449,7 +450,7 @@ def joined_peer(identity: NodeIdentity, answer: bytes, issuer: str) -> PeerRecor
 
     The key it sent is sealed to us; we keep it sealed at rest."""
     try:
-        joined = msgspec.json.decode(answer, type=JoinResponse)
+        joined = msgspec.json.decode(bounded(answer), type=JoinResponse)
         descriptor = verify_descriptor(joined.descriptor, pinned=issuer)
         key = unseal(identity, joined.sealed_key)
         advert = None
