@@ -40,6 +40,7 @@ from node.config import (
     IDENTITY_FILE,
     Config,
     ConfigError,
+    ServerSection,
     data_dir,
     load_config,
     missing_secrets,
@@ -188,7 +189,7 @@ def serve(
     )
     console.print(f'  curl {url}/v1/models -H "Authorization: Bearer $AIHUB_KEY"', highlight=False)
     with _announced(directory, config, port):
-        _run_server(server, host, port, workers)
+        _run_server(server, host, port, workers, config.server)
 
 
 def _announced(
@@ -205,11 +206,13 @@ def _announced(
     return announce(identity.node_id, port, config.federation.mdns_interface or None)
 
 
-def _run_server(server: str, host: str, port: int, workers: int) -> None:
+def _run_server(server: str, host: str, port: int, workers: int, limits: ServerSection) -> None:
     if server == "granian":
         from granian import Granian
         from granian.constants import Interfaces
+        from granian.http import HTTP1Settings
 
+        # Granian has a head deadline and a bound on requests in flight, not the rest.
         Granian(
             "node.app:create_app",
             factory=True,
@@ -217,10 +220,17 @@ def _run_server(server: str, host: str, port: int, workers: int) -> None:
             port=port,
             workers=workers,
             interface=Interfaces.ASGI,
+            http1_settings=HTTP1Settings(header_read_timeout=int(limits.header_timeout * 1000)),
+            backpressure=limits.max_connections,
         ).serve()
         return
     import uvicorn
 
+    from node.connections import connection_limit, guarded_protocol
+
+    limits = msgspec.structs.replace(
+        limits, max_connections=connection_limit(limits.max_connections)
+    )
     uvicorn.run(
         "node.app:create_app",
         factory=True,
@@ -228,7 +238,8 @@ def _run_server(server: str, host: str, port: int, workers: int) -> None:
         port=port,
         workers=workers,
         loop="uvloop",
-        http="httptools",
+        http=guarded_protocol(limits),  # type: ignore[arg-type]
+        timeout_keep_alive=limits.keepalive_timeout,  # type: ignore[arg-type]
         access_log=False,
         log_level="info",
         timeout_graceful_shutdown=10,
