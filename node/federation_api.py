@@ -85,11 +85,21 @@ async def join_request(request: Request) -> Response[bytes]:
     admin has not approved it (`aihub peers approve`); the same answer as an invited join
     once they have. Asking again is how the joiner learns the outcome."""
     hub = hub_of(request)
+    # Kept as sent until the admin decides: at most max_join_requests of these 64 KB.
     body = await _small_body(request)
     signer = verify_signed(hub, request, body, self_certifying)
+    source = request.client.host if request.client else ""
     try:
-        answer = await hub.peering.take_join_request(body, signer)
+        answer = await hub.peering.take_join_request(body, signer, source)
     except JoinRefused as exc:
+        if exc.status == 429:
+            raise ApiError(
+                429,
+                exc.message,
+                type="rate_limit_error",
+                code="too_many_join_requests",
+                headers={"retry-after": "60"},
+            ) from exc
         raise ApiError(exc.status, exc.message, code="join_refused") from exc
     if answer is None:
         pending = {"status": "pending", "message": "waiting for the admin's approval"}

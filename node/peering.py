@@ -33,7 +33,7 @@ from node.config import Config, Deployment
 from node.keys import HASH_PURPOSE, generate_key, hash_key
 from node.policy import Limits, model_allowed
 from node.router import Route, Router
-from node.storage import KeyRecord, PeerRecord, Store
+from node.storage import JoinRequestBounds, KeyRecord, PeerRecord, Store
 
 log = logging.getLogger("aihub.peering")
 
@@ -264,10 +264,13 @@ class Peering:
             advert=msgspec.to_builtins(self.advert_for(limits)),
         )
 
-    async def take_join_request(self, body: bytes, signer: str) -> JoinResponse | None:
+    async def take_join_request(
+        self, body: bytes, signer: str, source: str = ""
+    ) -> JoinResponse | None:
         """A join request without an invite: its answer if the admin approved it, else None
         (it waits in `aihub peers pending`). Asking again is how the joiner learns the
-        answer."""
+        answer. `source` is the address it came from: one address holds only a few of the
+        pending places."""
         try:
             joiner = verify_descriptor(body)
         except RecordError as exc:
@@ -279,7 +282,20 @@ class Peering:
         answer = await self.store.join_answer(joiner.node_id)
         if answer is not None:
             return msgspec.json.decode(answer, type=JoinResponse)
-        await self.store.add_join_request(joiner.node_id, body.decode(), int(time.time()))
+        federation = self.config.federation
+        bounds = JoinRequestBounds(
+            source=source,
+            per_source=federation.max_join_requests_per_source,
+            total=federation.max_join_requests,
+            ttl=federation.join_request_ttl,
+        )
+        refused = await self.store.add_join_request(
+            joiner.node_id, body.decode(), int(time.time()), bounds
+        )
+        if refused == "source":
+            raise JoinRefused(429, "too many join requests from this address wait for approval")
+        if refused == "total":
+            raise JoinRefused(429, "too many join requests wait for approval; ask again later")
         return None
 
     async def changed(self) -> None:

@@ -1,0 +1,85 @@
+"""What a stranger (any key pair, any address) can make a node keep is bounded: join requests
+without an invite (per source address and in all, for a while), and the audit events its
+failed attempts write."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import msgspec
+
+from federation.descriptors import make_descriptor
+from federation.identity import NodeIdentity
+from federation.transport import signed_headers
+from tests.conftest import NodeDir, run_node
+from tests.test_cli import run_aihub
+from tests.test_fuzz import assert_openai_error
+
+TOTAL, PER_SOURCE = 6, 2
+DEADLINE = 60.0
+
+
+def _ask_to_join(url: str, identity: NodeIdentity, source: str) -> httpx.Response:
+    """What a node without an invite sends: its signed descriptor, signed as a request."""
+    target = url + "/federation/join-request"
+    body = msgspec.json.encode(make_descriptor(identity, "mallory", ["http://192.0.2.7:8787"]))
+    headers = signed_headers(identity, "POST", target, body)
+    # Each source address is its own client: loopback answers the whole of 127/8.
+    transport = httpx.HTTPTransport(local_address=source)
+    with httpx.Client(transport=transport, timeout=30) as client:
+        return client.post(target, content=body, headers=headers)
+
+
+def _pending(node_dir: NodeDir) -> list[object]:
+    completed = run_aihub("peers", "pending", "--json", "--data-dir", str(node_dir.path))
+    assert completed.returncode == 0, completed.stderr
+    return msgspec.json.decode(completed.stdout)
+
+
+def test_a_flood_of_join_requests_stays_bounded(node_dir: NodeDir) -> None:
+    node_dir.set_config(
+        "health_interval = 30",
+        "health_interval = 30\n"
+        f"max_join_requests = {TOTAL}\n"
+        f"max_join_requests_per_source = {PER_SOURCE}\n"
+        "join_request_ttl = 3600",
+    )
+    with run_node(node_dir) as node:
+        first = NodeIdentity.generate()
+        statuses: dict[int, int] = {}
+        kept_from: dict[int, int] = {}
+        for source in range(2, 12):
+            for n in range(3):
+                identity = first if (source, n) == (2, 0) else NodeIdentity.generate()
+                answer = _ask_to_join(node.url, identity, f"127.0.0.{source}")
+                statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
+                if answer.status_code == 429:
+                    error = assert_openai_error(answer)
+                    assert error["code"] == "too_many_join_requests"
+                    assert answer.headers["retry-after"].isdigit()
+                else:
+                    assert answer.status_code == 202, answer.text
+                    kept_from[source] = kept_from.get(source, 0) + 1
+        # Thirty strangers from ten addresses: six wait, the others were told 429.
+        assert statuses == {202: TOTAL, 429: 30 - TOTAL}, statuses
+        assert len(_pending(node_dir)) == TOTAL
+        # A node that already waits may ask again (it is how it learns the answer).
+        assert _ask_to_join(node.url, first, "127.0.0.2").status_code == 202
+        # One address alone cannot take every place.
+        assert max(kept_from.values()) == PER_SOURCE, kept_from
+        # A legitimate node after the flood is refused while the places are full...
+        honest = NodeIdentity.generate()
+        assert _ask_to_join(node.url, honest, "127.0.0.99").status_code == 429
+    # ... and let in once the flood's requests are older than the time a request may wait.
+    node_dir.set_config("join_request_ttl = 3600", "join_request_ttl = 1")
+    with run_node(node_dir) as node:
+        end = time.monotonic() + DEADLINE
+        while _ask_to_join(node.url, honest, "127.0.0.99").status_code != 202:
+            assert time.monotonic() < end, "the flood's join requests never expired"
+            time.sleep(0.2)
+    assert _pending_ids(node_dir) == {honest.node_id}
+
+
+def _pending_ids(node_dir: NodeDir) -> set[str]:
+    return {row[0]["node_id"] for row in _pending(node_dir)}  # type: ignore[index]
