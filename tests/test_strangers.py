@@ -5,13 +5,19 @@ failed attempts write."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import msgspec
+import pytest
 
 from federation.descriptors import make_descriptor
 from federation.identity import NodeIdentity
 from federation.transport import signed_headers
+from node import auth
+from node.auth import AUDIT_MAX_PER_PERIOD, AUDIT_QUIET_SECONDS
+from node.keys import generate_key
+from node.storage import AuditEvent
 from tests.conftest import NodeDir, run_node
 from tests.test_cli import run_aihub
 from tests.test_fuzz import assert_openai_error
@@ -83,3 +89,40 @@ def test_a_flood_of_join_requests_stays_bounded(node_dir: NodeDir) -> None:
 
 def _pending_ids(node_dir: NodeDir) -> set[str]:
     return {row[0]["node_id"] for row in _pending(node_dir)}  # type: ignore[index]
+
+
+def _unknown_key_events(client: httpx.Client) -> list[dict[str, object]]:
+    answer = client.get("/admin/audit", params={"limit": 1000, "action": "auth.unknown_key"})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["data"]
+
+
+def test_a_flood_of_made_up_keys_writes_few_audit_events(node_dir: NodeDir) -> None:
+    """Each made-up key id was its own audit subject: one row per request, forever."""
+    with run_node(node_dir) as node, node.client() as admin, httpx.Client(base_url=node.url) as c:
+        for _ in range(300):
+            made_up, _ = generate_key()
+            answer = c.get("/v1/models", headers={"authorization": f"Bearer {made_up}"})
+            assert answer.status_code == 401
+        # One address, one event per quiet period: a handful at most, not 300.
+        assert 1 <= len(_unknown_key_events(admin)) < 30
+
+
+def test_security_events_per_period_are_capped_and_the_rest_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Many addresses (a botnet, an IPv6 prefix) each a subject of their own: at most
+    AUDIT_MAX_PER_PERIOD events a period, then one event that counts the rest."""
+    clock = [1000.0]
+    monkeypatch.setattr(auth.time, "monotonic", lambda: clock[0])
+    events: list[AuditEvent] = []
+    cache = auth.KeyCache(b"s" * 32, None, Path("/nonexistent"), events.append)  # type: ignore[arg-type]
+    for n in range(5 * AUDIT_MAX_PER_PERIOD):
+        cache.note("auth.unknown_key", "0123456789ab", f"2001:db8::{n:x}")
+    assert len(events) == AUDIT_MAX_PER_PERIOD
+    clock[0] += AUDIT_QUIET_SECONDS
+    cache.note("auth.unknown_key", "0123456789ab", "2001:db8::ffff")
+    summary = events[AUDIT_MAX_PER_PERIOD]
+    assert summary.action == "audit.suppressed"
+    assert summary.detail == {"events": 4 * AUDIT_MAX_PER_PERIOD}
+    assert events[-1].ip == "2001:db8::ffff"
