@@ -73,6 +73,8 @@ PEERS_PATH = "/federation/peers"
 MAX_DESCRIPTOR_BYTES = 64 * 1024
 MAX_EXCHANGE_BYTES = 1024 * 1024
 MAX_EXCHANGE_DESCRIPTORS = 1000
+# Anyone on the LAN can announce services: a browse resolves this many names at most.
+MAX_MDNS_SERVICES = 256
 # How long browse_mdns waits, after its browsing window, for finds still being resolved.
 RESOLVE_GRACE = 1.0
 
@@ -358,6 +360,8 @@ async def browse_mdns(timeout: float, interface: str | None) -> list[Found]:  # 
             task = resolving.pop(name, None)
             if task is not None:
                 task.cancel()
+        elif name not in resolving and len(resolving) >= MAX_MDNS_SERVICES:
+            return
         elif name not in resolving or state_change is ServiceStateChange.Updated:
             old = resolving.get(name)
             if old is not None:
