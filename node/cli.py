@@ -22,8 +22,8 @@ from msgspec import UNSET, UnsetType
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from rich.text import Text
 
+from federation.printable import PrintableFormatter, printable
 from node import __version__, cli_discovery, cli_federation, cli_ledger, cli_network
 from node.admin_api import (
     AUDIT_LIMIT_MAX,
@@ -33,7 +33,7 @@ from node.admin_api import (
     UsageReport,
     usage_csv,
 )
-from node.cli_options import comma_list, parsed
+from node.cli_options import comma_list, parsed, shown
 from node.config import (
     CONFIG_FILE,
     DATABASE_FILE,
@@ -69,7 +69,7 @@ errors = Console(stderr=True)
 
 def fail(message: str) -> None:
     # The message may quote what the user typed: no markup, no `:emoji:` codes, taken literally.
-    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, emoji=False)
+    errors.print(f"[bold red]error:[/] {escape(printable(message))}", highlight=False, emoji=False)
     sys.exit(1)
 
 
@@ -169,13 +169,16 @@ def serve(
     if not (directory / IDENTITY_FILE).exists():
         fail(f"no identity at {directory / IDENTITY_FILE}: run `aihub init`")
     for problem in missing_secrets(config, dict(os.environ)):
-        errors.print(f"[yellow]warning:[/] {escape(problem)}", highlight=False)
+        errors.print(f"[yellow]warning:[/] {escape(printable(problem))}", highlight=False)
     host = host or config.server.host
     port = port or config.server.port
     workers = workers or config.server.workers
     # Workers are separate processes: they find the node through the environment.
     os.environ["AIHUB_HOME"] = str(directory)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Log lines quote peers' names, URLs and errors: control characters are shown escaped.
+    handler = logging.StreamHandler()
+    handler.setFormatter(PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     # Its jobs run every second (noticing CLI changes): only their failures are news.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     # httpx logs every upstream request at INFO: ~200 µs each, and the usage table has it all.
@@ -261,15 +264,15 @@ async def _recover(directory: Path) -> None:
 def models(directory: Path) -> None:
     """List the models this node serves."""
     config = require_config(directory)
-    table = Table(title=Text(f"Models of {config.node.name}"))
+    table = Table(title=shown(f"Models of {config.node.name}"))
     for column in ("name", "kind", "provider", "upstream model", "in $/1M", "out $/1M"):
         table.add_column(column)
     for d in config.models:
         table.add_row(
-            Text(d.name),
+            shown(d.name),
             d.kind,
             d.provider,
-            Text(d.model or d.name),
+            shown(d.model or d.name),
             f"{d.price_in / 1e6:g}",
             f"{d.price_out / 1e6:g}",
         )
@@ -288,7 +291,7 @@ def config_check(directory: Path) -> None:
     loaded = require_config(directory)
     problems = missing_secrets(loaded, dict(os.environ))
     for problem in problems:
-        errors.print(f"[bold red]error:[/] {escape(problem)}", highlight=False)
+        errors.print(f"[bold red]error:[/] {escape(printable(problem))}", highlight=False)
     if problems:
         sys.exit(1)
     console.print(
@@ -579,7 +582,7 @@ def _details(rows: list[tuple[str, str]]) -> None:
     grid.add_column(style="bold")
     grid.add_column()
     for label, value in rows:
-        grid.add_row(Text(label), Text(value))
+        grid.add_row(shown(label), shown(value))
     console.print(grid)
 
 
@@ -670,10 +673,10 @@ def keys_list(directory: Path, include_revoked: bool, as_json: bool) -> None:
     for view in views:
         table.add_row(
             view.id,
-            Text(view.name + (" (admin)" if view.is_admin else "")),
-            Text(view.tenant or "-"),
+            shown(view.name + (" (admin)" if view.is_admin else "")),
+            shown(view.tenant or "-"),
             view.status,
-            Text(_models_text(view.limits)),
+            shown(_models_text(view.limits)),
             _budget_text(view.limits, view.spend),
             _rate_text(view.limits),
             _when(view.expires_at)[:10],
@@ -726,7 +729,7 @@ def keys_update(
 def keys_revoke(directory: Path, id_or_key: str) -> None:
     """Revoke a key: a running node refuses it from its next request."""
     view = _manage(directory, lambda m: m.revoke_key(id_or_key, _cli_actor()))
-    console.print(Text(f"Revoked key {view.id} ({view.name})"))
+    console.print(shown(f"Revoked key {view.id} ({view.name})"))
 
 
 @keys_group.command("rotate")
@@ -785,9 +788,9 @@ def tenants_list(directory: Path, as_json: bool) -> None:
     for view in views:
         table.add_row(
             view.id,
-            Text(view.name),
+            shown(view.name),
             str(view.keys),
-            Text(_models_text(view.limits)),
+            shown(_models_text(view.limits)),
             _budget_text(view.limits, view.spend),
             _rate_text(view.limits),
             "-" if view.limits.max_parallel is None else str(view.limits.max_parallel),
@@ -875,7 +878,7 @@ def usage_command(directory: Path, by: UsageBy, since: int, as_csv: bool, as_jso
         if row.group in names:
             label = f"{row.group} ({names[row.group]})"
         table.add_row(
-            Text(label),
+            shown(label),
             str(row.requests),
             str(row.errors),
             str(row.tokens_in),
@@ -924,11 +927,11 @@ def audit_command(
         detail = ", ".join(f"{name}={value}" for name, value in event.detail.items())
         table.add_row(
             datetime.fromtimestamp(event.ts_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S"),
-            Text(event.action),
-            Text(event.actor or "-"),
-            Text(event.target or "-"),
-            Text(event.ip or "-"),
-            Text(detail),
+            shown(event.action),
+            shown(event.actor or "-"),
+            shown(event.target or "-"),
+            shown(event.ip or "-"),
+            shown(detail),
         )
     console.print(table)
 

@@ -4,6 +4,7 @@ failed attempts write."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from federation.descriptors import make_descriptor
 from federation.identity import NodeIdentity
+from federation.printable import PrintableFormatter
 from federation.transport import signed_headers
 from node import auth
 from node.auth import AUDIT_MAX_PER_PERIOD, AUDIT_QUIET_SECONDS
@@ -126,3 +128,46 @@ def test_security_events_per_period_are_capped_and_the_rest_counted(
     assert summary.action == "audit.suppressed"
     assert summary.detail == {"events": 4 * AUDIT_MAX_PER_PERIOD}
     assert events[-1].ip == "2001:db8::ffff"
+
+
+# A name that would colour the terminal, return the cursor to forge a line, start rich markup,
+# reverse what follows (bidi override) and clear the screen (C1 CSI), if printed raw.
+EVIL = "mallory\x1b[31m\r\n[red]x[/red]\u202eevil\x9b2J"
+RAW = ("\x1b", "\r", "\u202e", "\x9b")
+
+
+def _assert_escaped(output: str) -> None:
+    for character in RAW:
+        assert character not in output, (character, output)
+    assert "mallory\\x1b[31m\\x0d\\x0a[red]x[/red]\\u202eevil\\x9b2J" in output, output
+
+
+def _aihub(node_dir: NodeDir, *args: str) -> str:
+    completed = run_aihub(*args, "--data-dir", str(node_dir.path))
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout + completed.stderr
+
+
+def test_names_chosen_by_others_are_printed_escaped(node_dir: NodeDir) -> None:
+    """A key name (a tenant's admin may choose it) and a stranger's node name, through the
+    real CLI: control characters shown escaped, markup shown as typed."""
+    _aihub(node_dir, "keys", "create", "--name", EVIL)
+    _assert_escaped(_aihub(node_dir, "keys", "list"))
+    mallory = NodeIdentity.generate()
+    with run_node(node_dir) as node:
+        body = msgspec.json.encode(make_descriptor(mallory, EVIL, ["http://192.0.2.7:8787"]))
+        target = node.url + "/federation/join-request"
+        headers = signed_headers(mallory, "POST", target, body)
+        assert httpx.post(target, content=body, headers=headers).status_code == 202
+    _assert_escaped(_aihub(node_dir, "peers", "pending"))
+    _assert_escaped(_aihub(node_dir, "peers", "approve", mallory.node_id))
+    _assert_escaped(_aihub(node_dir, "peers", "list"))
+
+
+def test_log_lines_show_control_characters_escaped() -> None:
+    record = logging.LogRecord(
+        "aihub.peering", logging.INFO, __file__, 1, "peer %s unreachable", (EVIL,), None
+    )
+    line = PrintableFormatter("%(levelname)s %(name)s: %(message)s").format(record)
+    escaped = "mallory\\x1b[31m\\x0d\\x0a[red]x[/red]\\u202eevil\\x9b2J"
+    assert line == f"INFO aihub.peering: peer {escaped} unreachable"
