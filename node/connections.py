@@ -20,7 +20,7 @@ import logging
 import resource
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -61,17 +61,25 @@ def refusal(status: int, message: str, code: str) -> bytes:
 _TOO_MANY = refusal(503, "Too many open connections", "too_many_connections")
 
 
+Phase = Literal["idle", "head", "body"]
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
-    """One client connection: uvicorn's protocol plus a deadline for each request's head
-    and body, and a refusal past the connection limit."""
+    """One client connection: uvicorn's protocol plus a deadline while a request's head or
+    body is incomplete, and a refusal past the connection limit.
+
+    The deadline is set after each read, only if that read left a head or a body
+    incomplete: a request that arrives whole (the usual case) arms no timer."""
 
     def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
         self.refused = False
-        # A new head is due: at the start, and after each request's body.
-        self.awaiting_head = True
+        # What the connection is waiting for from the client: nothing ("idle": a response
+        # is being written, or uvicorn's keep-alive timer runs), the rest of a head or a body.
+        self.phase: Phase = "idle"
         self.deadline: asyncio.TimerHandle | None = None
+        self.deadline_for: Phase = "idle"
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.limits.max_connections:
@@ -82,25 +90,31 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             transport.close()
             return
         super().connection_made(transport)
-        self._arm(self.limits.header_timeout, self._head_too_slow)
+        # A connection that never sends a byte is a head that never arrives.
+        self.phase = "head"
+        self._arm("head")
 
     def data_received(self, data: bytes) -> None:
         if self.refused:
             return
-        # The idle keep-alive timer stops at the first byte (uvicorn); the head's starts.
-        if self.awaiting_head and self.deadline is None:
-            self._arm(self.limits.header_timeout, self._head_too_slow)
         super().data_received(data)
+        phase = self.phase
+        if phase == "idle" or self.transport.is_closing():
+            if self.deadline is not None:
+                self._disarm()
+        elif self.deadline_for != phase:
+            self._arm(phase)
+
+    def on_message_begin(self) -> None:
+        self.phase = "head"
+        super().on_message_begin()
 
     def on_headers_complete(self) -> None:
-        self.awaiting_head = False
-        self._disarm()
+        self.phase = "body"
         super().on_headers_complete()
-        self._arm(self.limits.body_timeout, self._body_too_slow)
 
     def on_message_complete(self) -> None:
-        self._disarm()
-        self.awaiting_head = True
+        self.phase = "idle"
         super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -112,33 +126,34 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.write(refusal(400, msg, "invalid_http"))
         self.transport.close()
 
-    def _arm(self, seconds: float, expired: Callable[[], None]) -> None:
+    def _arm(self, phase: Phase) -> None:
         self._disarm()
-        self.deadline = self.loop.call_later(seconds, expired)
+        seconds = self.limits.header_timeout if phase == "head" else self.limits.body_timeout
+        self.deadline = self.loop.call_later(seconds, self._expired)
+        self.deadline_for = phase
 
     def _disarm(self) -> None:
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
+        self.deadline_for = "idle"
 
-    def _head_too_slow(self) -> None:
-        self.deadline = None
-        busy = self.cycle is not None and not self.cycle.response_complete
-        self._cut("The request head took too long to arrive", answer=not busy)
-
-    def _body_too_slow(self) -> None:
-        self.deadline = None
-        cycle = self.cycle
-        answer = cycle is not None and not cycle.response_started
-        if cycle is not None:
-            # The app sees a disconnect (connection_lost wakes it), and anything it still
-            # sends is dropped: the answer is this 408.
-            cycle.disconnected = True
-        self._cut("The request body took too long to arrive", answer=answer)
-
-    def _cut(self, message: str, *, answer: bool) -> None:
+    def _expired(self) -> None:
+        phase = self.deadline_for
+        self.deadline, self.deadline_for = None, "idle"
         if self.transport.is_closing():
             return
+        cycle = self.cycle
+        if phase == "body" and cycle is not None:
+            # The app sees a disconnect (connection_lost wakes it), and whatever it still
+            # sends is dropped: the answer is this 408.
+            answer = not cycle.response_started
+            cycle.disconnected = True
+        else:
+            # A head: answered unless a response (to an earlier request) is being written.
+            answer = cycle is None or cycle.response_complete
+        what = "head" if phase == "head" else "body"
+        message = f"The request {what} took too long to arrive"
         log.debug("closing a connection from %s: %s", _peer(self.client), message.lower())
         if answer:
             self.transport.write(refusal(408, message, "request_timeout"))
