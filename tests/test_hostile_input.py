@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from federation.identity import NodeIdentity
 from federation.invites import create_invite
 from federation.transport import signed_headers
-from ledger.nesting import MAX_NESTING, NestingError, bounded, nesting_depth
+from ledger.nesting import MAX_NESTING, NestingError, bounded, deeper_than, nesting_depth
 from ledger.records import RecordError, decode_fields
 from node.cli import main
 from tests.conftest import NodeDir, run_node
@@ -40,12 +40,41 @@ def test_nesting_depth_counts_brackets_outside_strings_only() -> None:
         bounded(DEEP.decode())
 
 
-@given(st.recursive(st.none() | st.integers() | st.text(), lambda inner: st.lists(inner)))
-def test_nesting_depth_agrees_with_the_decoded_value(value: object) -> None:
-    def depth(item: object) -> int:
-        return 1 + max(map(depth, item), default=0) if isinstance(item, list) else 0
+JSON_VALUES = st.recursive(
+    st.none() | st.integers() | st.text(alphabet=st.sampled_from('ab"\\[]{}\n')),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=60,
+)
 
-    assert nesting_depth(msgspec.json.encode(value)) == depth(value)
+
+def _depth(item: object) -> int:
+    if isinstance(item, list):
+        return 1 + max(map(_depth, item), default=0)
+    if isinstance(item, dict):
+        return 1 + max(map(_depth, item.values()), default=0)
+    return 0
+
+
+@given(JSON_VALUES, st.integers(0, 12))
+def test_nesting_depth_agrees_with_the_decoded_value(value: object, limit: int) -> None:
+    """Strings full of brackets, quotes and backslashes count for nothing; the fast test and
+    the exact count agree on every well-formed body."""
+    data = msgspec.json.encode(value)
+    assert nesting_depth(data) == _depth(value)
+    assert deeper_than(data, limit) == (_depth(value) > limit)
+
+
+@given(
+    st.binary(max_size=200) | st.text(alphabet=st.sampled_from('"\\[]{}x,:')).map(str.encode),
+    st.integers(0, 8),
+)
+def test_the_fast_test_never_lets_deep_input_through(data: bytes, limit: int) -> None:
+    """Malformed input may be counted deeper than it is (the decoder refuses it anyway),
+    never shallower."""
+    if nesting_depth(data) > limit:
+        assert deeper_than(data, limit)
 
 
 def test_a_deep_signed_record_is_a_record_error() -> None:
