@@ -46,6 +46,8 @@ def served(node_dir: NodeDir, tmp_path: Path) -> Iterator[tuple[str, int, subpro
     finally:
         process.terminate()
         process.wait(timeout=30)
+    # Cut connections are no error of the node's: nothing in its log but the usual lines.
+    assert "Traceback" not in log.read_text()
 
 
 def _connect(port: int) -> socket.socket:
