@@ -400,7 +400,7 @@ def decode_json(decoder: msgspec.json.Decoder[T], data: bytes, upstream: Upstrea
     """An upstream's JSON answer, or a retryable 502 if it is not what its API promises."""
     try:
         return decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise UpstreamError(
             502, f"{upstream.provider} upstream sent invalid JSON: {exc}", retryable=True
         ) from exc

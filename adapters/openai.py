@@ -154,7 +154,7 @@ class OpenAIAdapter:
         content = response.content
         try:
             peek = _peek.decode(content)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise UpstreamError(
                 502, f"{self.upstream.provider} upstream sent invalid JSON: {exc}", retryable=True
             ) from exc
@@ -184,7 +184,7 @@ class OpenAIAdapter:
         content = response.content
         try:
             peek = _peek.decode(content)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise UpstreamError(
                 502, f"{self.upstream.provider} upstream sent invalid JSON: {exc}", retryable=True
             ) from exc
@@ -220,7 +220,7 @@ class OpenAIStream:
                 continue
             try:
                 peek = _peek.decode(data)
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, RecursionError) as exc:
                 raise UpstreamError(
                     502, f"{self._upstream.provider} upstream sent an invalid chunk: {exc}"
                 ) from exc

@@ -59,6 +59,7 @@ from federation.descriptors import fingerprint as fingerprint
 from federation.identity import NodeIdentity
 from federation.sealing import SealError, unseal
 from federation.transport import signed_headers
+from ledger.nesting import bounded
 from ledger.records import RecordError
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ PEERS_PATH = "/federation/peers"
 MAX_DESCRIPTOR_BYTES = 64 * 1024
 MAX_EXCHANGE_BYTES = 1024 * 1024
 MAX_EXCHANGE_DESCRIPTORS = 1000
+# Anyone on the LAN can announce services: a browse resolves this many names at most.
+MAX_MDNS_SERVICES = 256
 # How long browse_mdns waits, after its browsing window, for finds still being resolved.
 RESOLVE_GRACE = 1.0
 
@@ -357,6 +360,8 @@ async def browse_mdns(timeout: float, interface: str | None) -> list[Found]:  # 
             task = resolving.pop(name, None)
             if task is not None:
                 task.cancel()
+        elif name not in resolving and len(resolving) >= MAX_MDNS_SERVICES:
+            return
         elif name not in resolving or state_change is ServiceStateChange.Updated:
             old = resolving.get(name)
             if old is not None:
@@ -593,7 +598,7 @@ async def _exchange_with(
             errors.append(f"{url}: {exc}")
             continue
         try:
-            answer = msgspec.json.decode(body, type=_ExchangeAnswer)
+            answer = msgspec.json.decode(bounded(body), type=_ExchangeAnswer)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             raise DiscoveryError(f"peer {peer_id}: bad peer-exchange answer: {exc}") from exc
         return answer.peers

@@ -23,6 +23,7 @@ import nacl.signing
 
 from ledger.canonical import RecordError as RecordError  # raised by the encoding itself
 from ledger.canonical import b64url, b64url_decode, canonical
+from ledger.nesting import bounded
 
 MAX_SKEW = 300
 # Each signature field, and the other signature fields its bytes include: a receipt's
@@ -108,7 +109,7 @@ def sign_struct(obj: S, sign: Signer, field: str = "sig") -> S:
 
 def decode_fields(data: bytes | str) -> dict[str, Any]:
     try:
-        fields = msgspec.json.decode(data)
+        fields = msgspec.json.decode(bounded(data))
     except UnicodeDecodeError as exc:
         raise RecordError(f"not valid UTF-8 (byte {exc.start})") from exc
     except msgspec.DecodeError as exc:

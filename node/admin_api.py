@@ -20,6 +20,7 @@ import msgspec
 from litestar import Request, Response, delete, get, patch, post
 from litestar.params import FromPath
 
+from ledger.nesting import bounded
 from node.auth import Principal
 from node.errors import ApiError
 from node.hub import hub_of
@@ -98,7 +99,7 @@ def _decode(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
     if not body.strip():
         raise ApiError(400, "The request body is empty: send a JSON object")
     try:
-        return decoder.decode(body)
+        return decoder.decode(bounded(body))
     except msgspec.ValidationError as exc:
         message = str(exc)
         at = _AT_PATH.search(message)

@@ -10,7 +10,10 @@ from pathlib import Path
 import msgspec
 from litestar import Litestar, Request, Response, get
 from litestar.openapi import OpenAPIConfig
+from litestar.types import Message, Scope
 
+from federation.httpsig import REQUEST_ID_HEADER
+from federation.ids import new_request_id
 from node import __version__
 from node.admin_api import ADMIN_ROUTES
 from node.config import data_dir, load_config
@@ -49,6 +52,20 @@ async def metrics(request: Request) -> Response[bytes]:
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+_REQUEST_ID = REQUEST_ID_HEADER.encode()
+
+
+async def stamp_request_id(message: Message, scope: Scope) -> None:
+    """Every answer carries `aihub-request-id`: a handler that has one (the pipeline's, the
+    id its receipt and usage row name) keeps it; anything else (an error, a 404, /health)
+    gets a fresh one here, so a client can always quote it."""
+    if message["type"] != "http.response.start":
+        return
+    headers = message.get("headers", ())
+    if not any(name == _REQUEST_ID for name, _ in headers):
+        message["headers"] = [*headers, (_REQUEST_ID, new_request_id().encode())]
+
+
 def create_app(directory: Path | None = None) -> Litestar:
     """Build the app for the node in `directory` (default: `$AIHUB_HOME`, else ~/.aihub)."""
     folder = directory or data_dir(os.environ.get("AIHUB_HOME"))
@@ -74,6 +91,7 @@ def create_app(directory: Path | None = None) -> Litestar:
         ],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        before_send=[stamp_request_id],
         request_max_body_size=config.server.max_body_bytes,
         openapi_config=OpenAPIConfig(title="aihub", version=__version__, path="/schema"),
         debug=False,

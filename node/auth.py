@@ -24,6 +24,10 @@ EPOCH_FILE = "keys.epoch"
 # One audit entry per (event, key or address) per this many seconds: a flood of bad keys
 # must not flood the audit log.
 AUDIT_QUIET_SECONDS = 10.0
+# And at most this many security events in all per quiet period (a stranger chooses the key
+# ids and, with many addresses, the addresses): the rest are counted in one
+# `audit.suppressed` event.
+AUDIT_MAX_PER_PERIOD = 100
 
 
 class Principal(msgspec.Struct, frozen=True):
@@ -83,6 +87,9 @@ class KeyCache:
         self._tenants: dict[str, TenantRecord] = {}
         self._networks: dict[str, list[Network]] = {}
         self._quiet: dict[tuple[str, str], float] = {}
+        self._period_start = -AUDIT_QUIET_SECONDS
+        self._period_notes = 0
+        self._suppressed = 0
         self.listeners: list[Callable[[], None]] = []
 
     def mark_stale(self) -> None:
@@ -146,12 +153,27 @@ class KeyCache:
         ip: str | None,
         detail: dict[str, str | int | None] | None = None,
     ) -> None:
-        """Record a security event, at most once per quiet period for the same subject."""
+        """Record a security event, at most once per quiet period for the same subject, and
+        at most AUDIT_MAX_PER_PERIOD of them in a period."""
         now = time.monotonic()
-        subject = (action, f"{target}|{ip}")
+        if now - self._period_start >= AUDIT_QUIET_SECONDS:
+            self._new_period(now)
+        # An unknown key's id is whatever the caller made up: its address is the subject.
+        who = (ip or "-") if action == "auth.unknown_key" else f"{target}|{ip}"
+        subject = (action, who)
         if now - self._quiet.get(subject, -AUDIT_QUIET_SECONDS) < AUDIT_QUIET_SECONDS:
             return
+        if self._period_notes >= AUDIT_MAX_PER_PERIOD:
+            self._suppressed += 1
+            return
+        self._period_notes += 1
         if len(self._quiet) > 10_000:
             self._quiet.clear()
         self._quiet[subject] = now
         self._audit(AuditEvent(now_ms(), action, None, target, ip, detail or {}))
+
+    def _new_period(self, now: float) -> None:
+        if self._suppressed:
+            detail: dict[str, str | int | None] = {"events": self._suppressed}
+            self._audit(AuditEvent(now_ms(), "audit.suppressed", None, "-", None, detail))
+        self._period_start, self._period_notes, self._suppressed = now, 0, 0

@@ -21,6 +21,7 @@ from federation.identity import NodeIdentity
 from federation.sealing import unseal
 from federation.transport import signed_headers
 from ledger.chain import verify_chain
+from ledger.nesting import bounded
 from ledger.netting import Transfer, transfer_plan
 from ledger.receipts import (
     GENESIS,
@@ -630,7 +631,7 @@ async def settle_with(store: Store, link: Link) -> Settlement:
     body = msgspec.json.encode(StatementBody(msgspec.to_builtins(ours), previous))
     answer = _answer(await link.post("/federation/settlements", body), "the settlement")
     try:
-        both = parse_statement(msgspec.json.decode(answer, type=StatementBody).statement)
+        both = parse_statement(msgspec.json.decode(bounded(answer), type=StatementBody).statement)
         verify_statement(both, public_key_of(both.a), public_key_of(both.b))
     except (RecordError, msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BooksError(502, f"the peer's countersigned statement is not valid: {exc}") from exc
@@ -691,7 +692,7 @@ def _as_int(value: object) -> int:
 
 def _decoded(data: bytes, kind: type[T]) -> T:
     try:
-        return msgspec.json.decode(data, type=kind)
+        return msgspec.json.decode(bounded(data), type=kind)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BooksError(502, f"the peer's answer is not valid: {exc}") from exc
 

@@ -22,8 +22,8 @@ from msgspec import UNSET, UnsetType
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from rich.text import Text
 
+from federation.printable import PrintableFormatter, printable
 from node import __version__, cli_discovery, cli_federation, cli_ledger, cli_network
 from node.admin_api import (
     AUDIT_LIMIT_MAX,
@@ -33,13 +33,14 @@ from node.admin_api import (
     UsageReport,
     usage_csv,
 )
-from node.cli_options import comma_list, parsed
+from node.cli_options import comma_list, parsed, shown
 from node.config import (
     CONFIG_FILE,
     DATABASE_FILE,
     IDENTITY_FILE,
     Config,
     ConfigError,
+    ServerSection,
     data_dir,
     load_config,
     missing_secrets,
@@ -68,7 +69,7 @@ errors = Console(stderr=True)
 
 def fail(message: str) -> None:
     # The message may quote what the user typed: no markup, no `:emoji:` codes, taken literally.
-    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, emoji=False)
+    errors.print(f"[bold red]error:[/] {escape(printable(message))}", highlight=False, emoji=False)
     sys.exit(1)
 
 
@@ -168,13 +169,16 @@ def serve(
     if not (directory / IDENTITY_FILE).exists():
         fail(f"no identity at {directory / IDENTITY_FILE}: run `aihub init`")
     for problem in missing_secrets(config, dict(os.environ)):
-        errors.print(f"[yellow]warning:[/] {escape(problem)}", highlight=False)
+        errors.print(f"[yellow]warning:[/] {escape(printable(problem))}", highlight=False)
     host = host or config.server.host
     port = port or config.server.port
     workers = workers or config.server.workers
     # Workers are separate processes: they find the node through the environment.
     os.environ["AIHUB_HOME"] = str(directory)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Log lines quote peers' names, URLs and errors: control characters are shown escaped.
+    handler = logging.StreamHandler()
+    handler.setFormatter(PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     # Its jobs run every second (noticing CLI changes): only their failures are news.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     # httpx logs every upstream request at INFO: ~200 µs each, and the usage table has it all.
@@ -188,7 +192,7 @@ def serve(
     )
     console.print(f'  curl {url}/v1/models -H "Authorization: Bearer $AIHUB_KEY"', highlight=False)
     with _announced(directory, config, port):
-        _run_server(server, host, port, workers)
+        _run_server(server, host, port, workers, config.server)
 
 
 def _announced(
@@ -205,11 +209,13 @@ def _announced(
     return announce(identity.node_id, port, config.federation.mdns_interface or None)
 
 
-def _run_server(server: str, host: str, port: int, workers: int) -> None:
+def _run_server(server: str, host: str, port: int, workers: int, limits: ServerSection) -> None:
     if server == "granian":
         from granian import Granian
         from granian.constants import Interfaces
+        from granian.http import HTTP1Settings
 
+        # Granian has a head deadline and a bound on requests in flight, not the rest.
         Granian(
             "node.app:create_app",
             factory=True,
@@ -217,10 +223,17 @@ def _run_server(server: str, host: str, port: int, workers: int) -> None:
             port=port,
             workers=workers,
             interface=Interfaces.ASGI,
+            http1_settings=HTTP1Settings(header_read_timeout=int(limits.header_timeout * 1000)),
+            backpressure=limits.max_connections,
         ).serve()
         return
     import uvicorn
 
+    from node.connections import connection_limit, guarded_protocol
+
+    limits = msgspec.structs.replace(
+        limits, max_connections=connection_limit(limits.max_connections)
+    )
     uvicorn.run(
         "node.app:create_app",
         factory=True,
@@ -228,7 +241,8 @@ def _run_server(server: str, host: str, port: int, workers: int) -> None:
         port=port,
         workers=workers,
         loop="uvloop",
-        http="httptools",
+        http=guarded_protocol(limits),  # type: ignore[arg-type]
+        timeout_keep_alive=limits.keepalive_timeout,  # type: ignore[arg-type]
         access_log=False,
         log_level="info",
         timeout_graceful_shutdown=10,
@@ -250,15 +264,15 @@ async def _recover(directory: Path) -> None:
 def models(directory: Path) -> None:
     """List the models this node serves."""
     config = require_config(directory)
-    table = Table(title=Text(f"Models of {config.node.name}"))
+    table = Table(title=shown(f"Models of {config.node.name}"))
     for column in ("name", "kind", "provider", "upstream model", "in $/1M", "out $/1M"):
         table.add_column(column)
     for d in config.models:
         table.add_row(
-            Text(d.name),
+            shown(d.name),
             d.kind,
             d.provider,
-            Text(d.model or d.name),
+            shown(d.model or d.name),
             f"{d.price_in / 1e6:g}",
             f"{d.price_out / 1e6:g}",
         )
@@ -277,7 +291,7 @@ def config_check(directory: Path) -> None:
     loaded = require_config(directory)
     problems = missing_secrets(loaded, dict(os.environ))
     for problem in problems:
-        errors.print(f"[bold red]error:[/] {escape(problem)}", highlight=False)
+        errors.print(f"[bold red]error:[/] {escape(printable(problem))}", highlight=False)
     if problems:
         sys.exit(1)
     console.print(
@@ -568,7 +582,7 @@ def _details(rows: list[tuple[str, str]]) -> None:
     grid.add_column(style="bold")
     grid.add_column()
     for label, value in rows:
-        grid.add_row(Text(label), Text(value))
+        grid.add_row(shown(label), shown(value))
     console.print(grid)
 
 
@@ -659,10 +673,10 @@ def keys_list(directory: Path, include_revoked: bool, as_json: bool) -> None:
     for view in views:
         table.add_row(
             view.id,
-            Text(view.name + (" (admin)" if view.is_admin else "")),
-            Text(view.tenant or "-"),
+            shown(view.name + (" (admin)" if view.is_admin else "")),
+            shown(view.tenant or "-"),
             view.status,
-            Text(_models_text(view.limits)),
+            shown(_models_text(view.limits)),
             _budget_text(view.limits, view.spend),
             _rate_text(view.limits),
             _when(view.expires_at)[:10],
@@ -715,7 +729,7 @@ def keys_update(
 def keys_revoke(directory: Path, id_or_key: str) -> None:
     """Revoke a key: a running node refuses it from its next request."""
     view = _manage(directory, lambda m: m.revoke_key(id_or_key, _cli_actor()))
-    console.print(Text(f"Revoked key {view.id} ({view.name})"))
+    console.print(shown(f"Revoked key {view.id} ({view.name})"))
 
 
 @keys_group.command("rotate")
@@ -774,9 +788,9 @@ def tenants_list(directory: Path, as_json: bool) -> None:
     for view in views:
         table.add_row(
             view.id,
-            Text(view.name),
+            shown(view.name),
             str(view.keys),
-            Text(_models_text(view.limits)),
+            shown(_models_text(view.limits)),
             _budget_text(view.limits, view.spend),
             _rate_text(view.limits),
             "-" if view.limits.max_parallel is None else str(view.limits.max_parallel),
@@ -864,7 +878,7 @@ def usage_command(directory: Path, by: UsageBy, since: int, as_csv: bool, as_jso
         if row.group in names:
             label = f"{row.group} ({names[row.group]})"
         table.add_row(
-            Text(label),
+            shown(label),
             str(row.requests),
             str(row.errors),
             str(row.tokens_in),
@@ -913,11 +927,11 @@ def audit_command(
         detail = ", ".join(f"{name}={value}" for name, value in event.detail.items())
         table.add_row(
             datetime.fromtimestamp(event.ts_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S"),
-            Text(event.action),
-            Text(event.actor or "-"),
-            Text(event.target or "-"),
-            Text(event.ip or "-"),
-            Text(detail),
+            shown(event.action),
+            shown(event.actor or "-"),
+            shown(event.target or "-"),
+            shown(event.ip or "-"),
+            shown(detail),
         )
     console.print(table)
 

@@ -22,6 +22,8 @@ from rich.text import Text
 
 from federation.discovery import Discovered, discover, exchange_descriptors, fingerprint
 from federation.identity import NodeIdentity
+from federation.printable import printable
+from node.cli_options import shown
 from node.config import DATABASE_FILE, IDENTITY_FILE, Config
 from node.storage import PeerRecord, Store
 
@@ -96,7 +98,7 @@ def register(peers: click.Group, with_data_dir, require_config, console) -> None
         try:
             identity = NodeIdentity.load(directory / IDENTITY_FILE)
         except (OSError, ValueError) as exc:
-            errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+            errors.print(f"[bold red]error:[/] {escape(printable(str(exc)))}", highlight=False)
             sys.exit(1)
         use_mdns = config.federation.mdns if mdns is None else mdns
         problems: list[str] = []
@@ -106,7 +108,7 @@ def register(peers: click.Group, with_data_dir, require_config, console) -> None
             )
         )
         for problem in problems:
-            errors.print(f"[yellow]warning:[/] {escape(problem)}", highlight=False)
+            errors.print(f"[yellow]warning:[/] {escape(printable(problem))}", highlight=False)
         if as_json:
             views = [
                 DiscoveredView(d.node_id, fingerprint(d.node_id), d.name, list(d.urls), d.via)
@@ -130,9 +132,9 @@ def register(peers: click.Group, with_data_dir, require_config, console) -> None
         table.add_column("via")
         for node in found:
             table.add_row(
-                Text(node.name),
-                Text(node.node_id),
-                Text("\n".join(node.urls)),
+                shown(node.name),
+                shown(node.node_id),
+                Text("\n".join(printable(url) for url in node.urls)),
                 node.via,
             )
         console.print(table)

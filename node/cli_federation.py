@@ -16,15 +16,15 @@ import click
 import httpx
 import msgspec
 from rich.table import Table
-from rich.text import Text
 
 from federation.descriptors import NodeDescriptor, make_descriptor, verify_descriptor
 from federation.identity import NodeIdentity
 from federation.invites import create_invite, make_join_request, parse_invite
+from federation.printable import printable
 from federation.sealing import seal_for
 from ledger.records import RecordError
 from node.auth import touch_epoch
-from node.cli_options import comma_list, parsed
+from node.cli_options import comma_list, parsed, shown
 from node.config import DATABASE_FILE, IDENTITY_FILE, Config
 from node.peering import (
     PEERS_EPOCH_FILE,
@@ -150,8 +150,8 @@ def register(
         asyncio.run(_with_store(directory, lambda store: store.save_peer(outcome)))
         _tell_node(directory)
         console.print(
-            f"Joined {outcome.name} ({outcome.node_id}); its shared models are now available "
-            "through this node.",
+            f"Joined {printable(outcome.name)} ({outcome.node_id}); its shared models are now "
+            "available through this node.",
             highlight=False,
             markup=False,
         )
@@ -178,11 +178,11 @@ def register(
             if row.healthy is not None:
                 health = f"up, {row.latency_ms} ms" if row.healthy else "down"
             table.add_row(
-                Text(row.name),
+                shown(row.name),
                 row.node_id,
                 row.status,
                 health,
-                Text(", ".join(row.models) or "-"),
+                shown(", ".join(row.models) or "-"),
                 row.spent,
             )
         console.print(table)
@@ -205,7 +205,7 @@ def register(
             fail(f"no active peer {peer!r}")
             return
         _tell_node(directory)
-        console.print(f"Revoked {name}.", highlight=False, markup=False)
+        console.print(f"Revoked {printable(name)}.", highlight=False, markup=False)
 
     @peers.command("request")
     @click.argument("seed")
@@ -239,10 +239,12 @@ def register(
 
         outcome, name = asyncio.run(_with_store(directory, send))
         if outcome == "pending":
-            console.print(f"Asked {name} to make us a peer; waiting for its admin.", markup=False)
+            console.print(
+                f"Asked {printable(name)} to make us a peer; waiting for its admin.", markup=False
+            )
         elif outcome == "joined":
             _tell_node(directory)
-            console.print(f"Joined {name}.", markup=False)
+            console.print(f"Joined {printable(name)}.", markup=False)
         else:
             fail(outcome)
             return
@@ -262,9 +264,9 @@ def register(
             table.add_column(column, overflow="fold")
         for descriptor, received in pending:
             table.add_row(
-                Text(descriptor.name),
+                shown(descriptor.name),
                 descriptor.node_id,
-                Text(", ".join(descriptor.urls)),
+                shown(", ".join(descriptor.urls)),
                 time.strftime("%Y-%m-%d %H:%M", time.gmtime(received)),
             )
         console.print(table)
@@ -303,8 +305,8 @@ def register(
             return
         _tell_node(directory)
         console.print(
-            f"Approved {name}: it becomes a peer when it next asks (within seconds if its "
-            "node is running).",
+            f"Approved {printable(name)}: it becomes a peer when it next asks (within seconds if "
+            "its node is running).",
             markup=False,
             highlight=False,
         )

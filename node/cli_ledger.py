@@ -13,12 +13,12 @@ import click
 import httpx
 import msgspec
 from rich.table import Table
-from rich.text import Text
 
 from federation.identity import NodeIdentity
+from federation.printable import printable
 from node import books
 from node.auth import touch_epoch
-from node.cli_options import parsed
+from node.cli_options import parsed, shown
 from node.config import DATABASE_FILE, IDENTITY_FILE
 from node.peering import PEERS_EPOCH_FILE
 from node.receipts import keep_receipt
@@ -80,7 +80,7 @@ def register(
             table.add_column(column, justify="left" if column == "peer" else "right")
         for row in rows:
             table.add_row(
-                Text(row.name),
+                shown(row.name),
                 amount(row.we_used),
                 amount(row.they_used),
                 _signed_amount(row.net),
@@ -104,7 +104,9 @@ def register(
                 if check.kind == "statement":
                     pair = f"statement {check.provider[:16]}… / {check.consumer[:16]}…"
                 verdict = "ok" if check.ok else f"BROKEN: {check.problem}"
-                console.print(f"{pair}  {check.receipts} receipts  {verdict}", markup=False)
+                console.print(
+                    printable(f"{pair}  {check.receipts} receipts  {verdict}"), markup=False
+                )
             if not checks:
                 console.print("No receipts yet.")
         if not all(check.ok for check in checks):

@@ -38,6 +38,14 @@ class ServerSection(Struct, forbid_unknown_fields=True):
     port: Port = 8787
     workers: Annotated[int, Meta(ge=1, le=64)] = 1
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
+    # Client connections (conn-hardening): a request's head must arrive within header_timeout
+    # of its first byte, its body within body_timeout of its head (else 408); an idle kept-alive
+    # connection closes after keepalive_timeout; past max_connections (per worker process) a
+    # new connection is answered 503 and closed.
+    header_timeout: Seconds = 10.0
+    body_timeout: Seconds = 60.0
+    keepalive_timeout: Seconds = 5.0
+    max_connections: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000
 
 
 class UpstreamSection(Struct, forbid_unknown_fields=True):
@@ -91,6 +99,12 @@ class FederationSection(Struct, forbid_unknown_fields=True):
     # Peers' adverts are fetched with each health check; books are compared less often.
     reconcile_interval: Annotated[int, Meta(ge=10, le=7 * 86400)] = 3600
     health_interval: Annotated[int, Meta(ge=1, le=3600)] = 30
+    # Join requests without an invite (conn-hardening): strangers make them, so at most
+    # max_join_requests wait for approval, at most max_join_requests_per_source from one
+    # address, each for join_request_ttl seconds; past a bound the answer is 429.
+    max_join_requests: Annotated[int, Meta(ge=1, le=100_000)] = 100
+    max_join_requests_per_source: Annotated[int, Meta(ge=1, le=100_000)] = 5
+    join_request_ttl: Annotated[int, Meta(ge=1, le=365 * 86400)] = 7 * 86400
 
 
 class Deployment(Struct, forbid_unknown_fields=True):
@@ -238,6 +252,10 @@ host = "127.0.0.1"
 port = 8787
 workers = 1
 max_body_bytes = 4_194_304          # larger requests get a 413
+header_timeout = 10.0               # seconds for a request's head to arrive (else 408)
+body_timeout = 60.0                 # seconds for its body to arrive after the head (else 408)
+keepalive_timeout = 5.0             # idle seconds before a kept-alive connection is closed
+max_connections = 1000              # per worker process; past it a connection gets a 503
 
 [upstream]
 connect_timeout = 5.0               # seconds

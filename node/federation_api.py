@@ -14,6 +14,7 @@ from litestar import Request, Response, get, post
 
 from federation.descriptors import public_key_of
 from federation.transport import LISTED_HEADER
+from ledger.nesting import NestingError, bounded
 from node import books
 from node.auth import Principal
 from node.errors import ApiError
@@ -75,7 +76,11 @@ async def _small_body(request: Request, limit: int = MAX_FEDERATION_BODY) -> byt
     body = await request.body()
     if len(body) > limit:
         raise ApiError(413, "Request too large for a federation endpoint", code="request_too_large")
-    return body
+    try:
+        # Before the signature is checked: any key pair can sign a join.
+        return bounded(body)
+    except NestingError as exc:
+        raise ApiError(400, f"The request body is not valid JSON: {exc}") from exc
 
 
 @get("/federation/node")
@@ -102,11 +107,21 @@ async def join_request(request: Request) -> Response[bytes]:
     admin has not approved it (`aihub peers approve`); the same answer as an invited join
     once they have. Asking again is how the joiner learns the outcome."""
     hub = hub_of(request)
+    # Kept as sent until the admin decides: at most max_join_requests of these 64 KB.
     body = await _small_body(request)
     signer = verify_signed(hub, request, body, self_certifying)
+    source = request.client.host if request.client else ""
     try:
-        answer = await hub.peering.take_join_request(body, signer)
+        answer = await hub.peering.take_join_request(body, signer, source)
     except JoinRefused as exc:
+        if exc.status == 429:
+            raise ApiError(
+                429,
+                exc.message,
+                type="rate_limit_error",
+                code="too_many_join_requests",
+                headers={"retry-after": "60"},
+            ) from exc
         raise ApiError(exc.status, exc.message, code="join_refused") from exc
     if answer is None:
         pending = {"status": "pending", "message": "waiting for the admin's approval"}

@@ -11,6 +11,7 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.params import FromPath
 
+from ledger.nesting import bounded
 from node import books
 from node.admin_api import json_response, query_param, require_admin, since_param
 from node.errors import ApiError
@@ -86,7 +87,7 @@ async def net(request: Request) -> Response[bytes]:
     if len(body) > MAX_NET_BODY:
         raise ApiError(413, "Too many statements at once", code="request_too_large")
     try:
-        extra = msgspec.json.decode(body or b"{}", type=NetRequest).statements
+        extra = msgspec.json.decode(bounded(body or b"{}"), type=NetRequest).statements
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ApiError(400, f"Invalid request: {exc}", param="statements") from exc
     hub = hub_of(request)

@@ -55,6 +55,7 @@ from federation.httpsig import REQUEST_ID_HEADER
 from federation.ids import new_request_id
 from federation.transport import HOP_HEADER
 from ledger.canonical import b64url
+from ledger.nesting import bounded
 from ledger.receipts import SentRequest
 from node.auth import Principal
 from node.budgets import budget_scopes
@@ -103,7 +104,7 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> tuple[T, dict[
     if not body:
         raise ApiError(400, "The request body is empty: send a JSON object")
     try:
-        typed = decoder.decode(body)
+        typed = decoder.decode(bounded(body))
         raw = _raw_fields.decode(body)
     except msgspec.ValidationError as exc:
         message, param = _param(str(exc))

@@ -26,13 +26,14 @@ from federation.identity import NodeIdentity
 from federation.invites import InviteRecord, JoinRequest, verify_join_request
 from federation.sealing import seal_for, unseal
 from federation.transport import LISTED_HEADER, PeerAdapter, peer_upstream, signed_headers
+from ledger.nesting import bounded
 from ledger.records import RecordError
 from node.auth import read_epoch, touch_epoch
 from node.config import Config, Deployment
 from node.keys import HASH_PURPOSE, generate_key, hash_key
 from node.policy import Limits, model_allowed
 from node.router import Route, Router
-from node.storage import KeyRecord, PeerRecord, Store
+from node.storage import JoinRequestBounds, KeyRecord, PeerRecord, Store
 
 log = logging.getLogger("aihub.peering")
 
@@ -267,10 +268,13 @@ class Peering:
             advert=msgspec.to_builtins(self.advert_for(limits)),
         )
 
-    async def take_join_request(self, body: bytes, signer: str) -> JoinResponse | None:
+    async def take_join_request(
+        self, body: bytes, signer: str, source: str = ""
+    ) -> JoinResponse | None:
         """A join request without an invite: its answer if the admin approved it, else None
         (it waits in `aihub peers pending`). Asking again is how the joiner learns the
-        answer."""
+        answer. `source` is the address it came from: one address holds only a few of the
+        pending places."""
         try:
             joiner = verify_descriptor(body)
         except RecordError as exc:
@@ -282,7 +286,20 @@ class Peering:
         answer = await self.store.join_answer(joiner.node_id)
         if answer is not None:
             return msgspec.json.decode(answer, type=JoinResponse)
-        await self.store.add_join_request(joiner.node_id, body.decode(), int(time.time()))
+        federation = self.config.federation
+        bounds = JoinRequestBounds(
+            source=source,
+            per_source=federation.max_join_requests_per_source,
+            total=federation.max_join_requests,
+            ttl=federation.join_request_ttl,
+        )
+        refused = await self.store.add_join_request(
+            joiner.node_id, body.decode(), int(time.time()), bounds
+        )
+        if refused == "source":
+            raise JoinRefused(429, "too many join requests from this address wait for approval")
+        if refused == "total":
+            raise JoinRefused(429, "too many join requests wait for approval; ask again later")
         return None
 
     async def changed(self) -> None:
@@ -453,7 +470,7 @@ def joined_peer(identity: NodeIdentity, answer: bytes, issuer: str) -> PeerRecor
 
     The key it sent is sealed to us; we keep it sealed at rest."""
     try:
-        joined = msgspec.json.decode(answer, type=JoinResponse)
+        joined = msgspec.json.decode(bounded(answer), type=JoinResponse)
         descriptor = verify_descriptor(joined.descriptor, pinned=issuer)
         key = unseal(identity, joined.sealed_key)
         advert = None

@@ -230,6 +230,11 @@ MIGRATIONS: list[str] = [
     CREATE TABLE node_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
     CREATE TABLE resync_pending (peer_id TEXT PRIMARY KEY) WITHOUT ROWID;
     """,
+    # 8 (conn-hardening): where each join request without an invite came from, so that one
+    # address can hold only a few of the pending places
+    """
+    ALTER TABLE join_requests ADD COLUMN source TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 _json = msgspec.json.encode
@@ -325,6 +330,16 @@ class Settlement(msgspec.Struct):
     holds: list[Hold] = []
     # A request routed to a peer: what we asked it (what its receipts are checked against).
     sent: SentRequest | None = None
+
+
+class JoinRequestBounds(msgspec.Struct, frozen=True):
+    """How many join requests without an invite may wait (strangers make them): from one
+    source address, in all, and for how long (seconds)."""
+
+    source: str
+    per_source: int
+    total: int
+    ttl: int
 
 
 class AuditEvent(msgspec.Struct):
@@ -705,12 +720,35 @@ class Store:
             ]
         )
 
-    async def add_join_request(self, node_id: str, descriptor: str, now: int) -> None:
-        await self._exec(
-            "INSERT INTO join_requests VALUES (?, ?, ?) ON CONFLICT (node_id)"
-            " DO UPDATE SET descriptor = excluded.descriptor, received_at = excluded.received_at",
-            (node_id, descriptor, now),
-        )
+    async def add_join_request(
+        self, node_id: str, descriptor: str, now: int, bounds: JoinRequestBounds
+    ) -> Literal["source", "total"] | None:
+        """Keep a join request (a node asking again refreshes its descriptor, not its age);
+        None, or which bound refused it. Requests older than the bounds' ttl are dropped
+        first. One transaction: two workers cannot both take the last place."""
+
+        def add(db: sqlite3.Connection) -> Literal["source", "total"] | None:
+            db.execute("DELETE FROM join_requests WHERE received_at <= ?", (now - bounds.ttl,))
+            if db.execute(
+                "UPDATE join_requests SET descriptor = ? WHERE node_id = ?", (descriptor, node_id)
+            ).rowcount:
+                return None
+            (from_source,) = db.execute(
+                "SELECT COUNT(*) FROM join_requests WHERE source = ?", (bounds.source,)
+            ).fetchone()
+            if from_source >= bounds.per_source:
+                return "source"
+            (pending,) = db.execute("SELECT COUNT(*) FROM join_requests").fetchone()
+            if pending >= bounds.total:
+                return "total"
+            db.execute(
+                "INSERT INTO join_requests (node_id, descriptor, received_at, source)"
+                " VALUES (?, ?, ?, ?)",
+                (node_id, descriptor, now, bounds.source),
+            )
+            return None
+
+        return await self._atomic(add)
 
     async def join_requests(self) -> list[tuple[str, str, int]]:
         rows = await self._fetchall(

@@ -8,6 +8,7 @@ creates the namespaces and removes them, and never touches the host's own interf
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -783,3 +784,18 @@ def test_aihub_serve_announces_itself_and_discover_finds_it(tmp_path: Path) -> N
     finally:
         process.terminate()
         process.wait(timeout=15)
+
+
+async def test_a_lan_full_of_announcements_is_browsed_up_to_a_bound(monkeypatch) -> None:
+    """Anyone on the LAN can announce as many services as it likes: a browse resolves (and
+    holds in memory) a bounded number of them."""
+    monkeypatch.setattr(discovery, "MAX_MDNS_SERVICES", 2, raising=False)
+    flood = [NodeIdentity.generate() for _ in range(5)]
+    with contextlib.ExitStack() as stack:
+        for node in flood:
+            announcement = stack.enter_context(announce(node.node_id, free_port(), LOOPBACK))
+            assert announcement is not None
+            assert await asyncio.to_thread(announcement.wait, 10)
+        finds = await browse_mdns(BROWSE_SECONDS, LOOPBACK)
+    theirs = {fingerprint(node.node_id) for node in flood}
+    assert 1 <= len([f for f in finds if f.fingerprint in theirs]) <= 2
