@@ -227,8 +227,8 @@ class HostilePeer:
 
 def test_a_peer_answering_without_end_is_cut_off(tmp_path: Path) -> None:
     """Mallory joined alice with a URL where a script answers every ledger question with
-    megabytes of brackets: alice reads no more than a page's worth, says so, and refuses to
-    serve mallory until its copy of the chain can be read."""
+    megabytes of brackets: alice reads no more than a page's worth and says so; the CLI and
+    the admin API answer a clear error, never a traceback or a 500."""
     alice = make_peer(tmp_path, "alice", LLAMA)
     mallory = make_peer(tmp_path, "mallory")
     hostile = HostilePeer()
@@ -243,8 +243,9 @@ def test_a_peer_answering_without_end_is_cut_off(tmp_path: Path) -> None:
         url = a.url + "/v1/chat/completions"
         body = msgspec.json.encode({"model": "llama3", "messages": HI, "max_tokens": 2})
         answer = httpx.post(url, content=body, headers=_signed_by(mallory.path, url, body, key))
-        assert answer.status_code == 503 and answer.json()["error"]["code"] == "ledger_not_synced"
-        assert receipts_at(alice) == []
+        # Alice was not restored: her chain head is her own, and mallory is served as any
+        # peer is (what its copy of the chain says stops a request only after a restore).
+        assert answer.status_code == 200, answer.text
 
         # A short answer of the wrong shape: a clear error, by the CLI and the admin API.
         hostile.flood = False
