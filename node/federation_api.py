@@ -41,7 +41,7 @@ async def authenticate_peer(request: Request, body: bytes) -> Principal:
     )
     if principal.key.peer_id is None:
         raise ApiError(403, "Not a peer's key", type="permission_error", code="not_a_peer")
-    check_peer(hub, request, body, principal)
+    await check_peer(hub, request, body, principal)
     return principal
 
 
@@ -66,7 +66,7 @@ async def node_descriptor(request: Request) -> Response[bytes]:
 async def join(request: Request) -> Response[bytes]:
     hub = hub_of(request)
     body = await _small_body(request)
-    signer = verify_signed(hub, request, body, self_certifying)
+    signer = await verify_signed(hub, request, body, self_certifying)
     try:
         answer = await hub.peering.accept_join(body, signer)
     except JoinRefused as exc:
@@ -81,7 +81,7 @@ async def join_request(request: Request) -> Response[bytes]:
     once they have. Asking again is how the joiner learns the outcome."""
     hub = hub_of(request)
     body = await _small_body(request)
-    signer = verify_signed(hub, request, body, self_certifying)
+    signer = await verify_signed(hub, request, body, self_certifying)
     try:
         answer = await hub.peering.take_join_request(body, signer)
     except JoinRefused as exc:
@@ -119,7 +119,7 @@ async def pushed_advert(request: Request) -> Response[bytes]:
     def known_peer(key_id: str) -> bytes | None:
         return public_key_of(key_id) if key_id in hub.peering.peers else None
 
-    signer = verify_signed(hub, request, body, known_peer)
+    signer = await verify_signed(hub, request, body, known_peer)
     await hub.peering.note_listing(signer, LISTED_HEADER in request.headers)
     accepted = await hub.peering.take_advert(signer, body)
     return Response(msgspec.json.encode({"accepted": accepted}), media_type=JSON, status_code=202)
