@@ -95,18 +95,20 @@ def is_replay(response: httpx.Response) -> bool:
     return response.status_code in (401, 403) and "already used" in error.get("message", "")
 
 
-def test_a_captured_request_is_refused_by_another_process_and_after_a_restart(tmp_path):
+def _joined(tmp_path: Path):  # type: ignore[no-untyped-def]
     alice = make_peer(tmp_path, "alice", LLAMA)
     bob = make_peer(tmp_path, "bob")
-    log = tmp_path / "alice.log"
-    authority = f"127.0.0.1:{alice.port}"
+    return alice, bob, f"127.0.0.1:{alice.port}", tmp_path / "alice.log"
+
+
+def test_a_captured_request_is_refused_by_another_process_of_the_node(tmp_path):
+    alice, bob, authority, log = _joined(tmp_path)
     with serving(alice.path, alice.port, log) as url:
         cli("join", invite(alice), "--data-dir", str(bob.path))
         key = _bobs_key_at_alice(bob.path)
         captured = signed(bob.path, url + CHAT, BODY, key)
         assert post_as(url, authority, CHAT, BODY, captured).status_code == 200
         assert is_replay(post_as(url, authority, CHAT, BODY, captured))
-
         with serving(alice.path, free_port(), log) as other:
             # The other process serves bob's fresh requests sent to alice's address…
             fresh = signed(bob.path, url + CHAT, BODY, key)
@@ -114,12 +116,18 @@ def test_a_captured_request_is_refused_by_another_process_and_after_a_restart(tm
             # …and refuses the captured one, which it has never seen itself.
             assert is_replay(post_as(other, authority, CHAT, BODY, captured))
 
+
+def test_a_captured_request_is_refused_after_a_restart(tmp_path):
+    alice, bob, authority, log = _joined(tmp_path)
+    with serving(alice.path, alice.port, log) as url:
+        cli("join", invite(alice), "--data-dir", str(bob.path))
+        key = _bobs_key_at_alice(bob.path)
+        captured = signed(bob.path, url + CHAT, BODY, key)
+        assert post_as(url, authority, CHAT, BODY, captured).status_code == 200
     with serving(alice.path, alice.port, log) as url:  # restarted: nothing in memory
         assert is_replay(post_as(url, authority, CHAT, BODY, captured))
-        assert (
-            post_as(url, authority, CHAT, BODY, signed(bob.path, url + CHAT, BODY, key)).status_code
-            == 200
-        )
+        fresh = signed(bob.path, url + CHAT, BODY, key)
+        assert post_as(url, authority, CHAT, BODY, fresh).status_code == 200
 
 
 def _join(bob: Path, token: str) -> tuple[bytes, dict[str, str], str]:
@@ -132,34 +140,42 @@ def _join(bob: Path, token: str) -> tuple[bytes, dict[str, str], str]:
     return body, signed(bob, url, body), url
 
 
-def test_a_replayed_join_is_refused_and_the_joiners_key_keeps_working(tmp_path):
-    alice = make_peer(tmp_path, "alice", LLAMA)
-    bob = make_peer(tmp_path, "bob")
-    bob_identity = NodeIdentity.load(bob.path / IDENTITY_FILE)
-    log = tmp_path / "alice.log"
-    authority = f"127.0.0.1:{alice.port}"
+def _works(bob: Path, url: str, authority: str, key: str) -> bool:
+    response = post_as(url, authority, CHAT, BODY, signed(bob, url + CHAT, BODY, key))
+    return response.status_code == 200
 
-    def works(url: str, key: str) -> bool:
-        response = post_as(url, authority, CHAT, BODY, signed(bob.path, url + CHAT, BODY, key))
-        return response.status_code == 200
 
+def _first_join(bob: Path, alice_) -> tuple[bytes, dict[str, str], str, str]:  # type: ignore[no-untyped-def]
+    """Bob joins alice on an invite of two uses (so that only the replay check stands
+    between a replay and a second join); what he sent, and the key he got."""
+    body, headers, join_url = _join(bob, invite(alice_, "--uses", "2"))
+    joined = httpx.post(join_url, content=body, headers=headers, timeout=30)
+    assert joined.status_code == 200, joined.text
+    bob_identity = NodeIdentity.load(bob / IDENTITY_FILE)
+    key = unseal(bob_identity, joined.json()["sealed_key"]).decode()
+    return body, headers, join_url, key
+
+
+def test_a_join_proof_is_refused_a_second_time_and_the_joiners_key_keeps_working(tmp_path):
+    alice, bob, authority, log = _joined(tmp_path)
     with serving(alice.path, alice.port, log) as url:
-        # Two uses, so that only the replay check stands between a replay and a second join.
-        body, headers, join_url = _join(bob.path, invite(alice, "--uses", "2"))
-        joined = httpx.post(join_url, content=body, headers=headers, timeout=30)
-        assert joined.status_code == 200, joined.text
-        key = unseal(bob_identity, joined.json()["sealed_key"]).decode()
-        assert works(url, key)
-        # The same join proof under a new request signature (only bob could make one, but
-        # nothing about the proof may be used twice).
+        body, _, join_url, key = _first_join(bob.path, alice)
+        assert _works(bob.path, url, authority, key)
+        # The same join proof under a new request signature: nothing about a proof may be
+        # used twice, whatever carries it.
         again = httpx.post(join_url, content=body, headers=signed(bob.path, join_url, body))
         assert again.status_code == 403 and is_replay(again), again.text
-        assert works(url, key)
+        assert _works(bob.path, url, authority, key)
 
+
+def test_a_replayed_join_is_refused_after_a_restart_and_the_joiners_key_keeps_working(tmp_path):
+    alice, bob, authority, log = _joined(tmp_path)
+    with serving(alice.path, alice.port, log) as url:
+        body, headers, join_url, key = _first_join(bob.path, alice)
     with serving(alice.path, alice.port, log) as url:  # restarted: nothing in memory
         replayed = httpx.post(join_url, content=body, headers=headers, timeout=30)
         assert is_replay(replayed), replayed.text
-        assert works(url, key)
+        assert _works(bob.path, url, authority, key)
 
 
 def test_a_stolen_cross_node_key_alone_does_not_list_the_models(tmp_path):
