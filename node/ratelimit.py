@@ -133,13 +133,25 @@ class TokenLog:
     """Tokens of one scope: the store's per-second counts as last read, and what this process
     used since."""
 
-    synced: list[tuple[int, int]] = field(default_factory=list)
+    synced: MinuteLog = field(default_factory=lambda: MinuteLog())
     pending: int = 0
 
-    def log(self) -> MinuteLog:
-        minute = MinuteLog(deque([second, amount] for second, amount in self.synced))
-        minute.total = sum(amount for _, amount in self.synced)
-        return minute
+    def read(self, buckets: list[tuple[int, int]]) -> None:
+        self.synced = minute_of(buckets)
+
+    def wait(self, limit: int, now: float) -> float:
+        """`MinuteLog.wait_until_below` for the synced counts and what is pending."""
+        minute = minute_of([(second, amount) for second, amount in self.synced.buckets])
+        if self.pending:
+            minute.add(self.pending, now)
+        return minute.wait_until_below(limit, now)
+
+
+def minute_of(buckets: list[tuple[int, int]]) -> MinuteLog:
+    """A minute's log holding these (second, amount) counts, oldest first."""
+    minute = MinuteLog(deque([second, amount] for second, amount in buckets))
+    minute.total = sum(amount for _, amount in buckets)
+    return minute
 
 
 @dataclass
@@ -210,11 +222,8 @@ class RateLimiter:
     def _check_tokens(self, limits: ScopeLimits, now: float, headers: dict[str, str]) -> None:
         assert limits.tpm is not None
         tokens = self._tokens.setdefault(limits.scope, TokenLog())
-        minute = tokens.log()
-        if tokens.pending:
-            minute.add(tokens.pending, now)
-        used = minute.used(now)
-        wait = minute.wait_until_below(limits.tpm, now)
+        used = tokens.synced.used(now) + tokens.pending
+        wait = tokens.wait(limits.tpm, now) if used >= limits.tpm else 0.0
         _set_headers(headers, "tokens", limits.tpm, used, wait)
         if wait > 0:
             raise RateLimited(
@@ -283,7 +292,7 @@ class RateLimiter:
         answer = await self._store.rate_sync(sync)
         for scope in read:
             if scope in self._tokens:
-                self._tokens[scope].synced = answer.buckets.get(scope, [])
+                self._tokens[scope].read(answer.buckets.get(scope, []))
         return answer
 
     async def sync(self) -> None:
@@ -300,7 +309,7 @@ class RateLimiter:
             await self._sync(second, [])
         # A scope whose tokens have all left the window is read no more.
         for scope, tokens in list(self._tokens.items()):
-            if not tokens.synced and not tokens.pending:
+            if not tokens.synced.used(self._clock()) and not tokens.pending:
                 del self._tokens[scope]
 
     async def stop(self) -> None:
@@ -328,7 +337,7 @@ def _refusal(
         return RateLimited(
             f"Too many requests in flight for {take.scope} (max {take.limit})", 1.0, {}
         )
-    minute = TokenLog(synced=answer.buckets.get(take.scope, [])).log()
+    minute = minute_of(answer.buckets.get(take.scope, []))
     wait = minute.wait_until_below(take.limit, now) or 1.0
     headers: dict[str, str] = {}
     _set_headers(headers, "requests", take.limit, take.limit, wait)
