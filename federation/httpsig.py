@@ -15,8 +15,11 @@ where `content-digest` is the RFC 9530 sha-256 digest of the body, and the param
     Signature: aihub=:<base64 of the 64-byte Ed25519 signature>:
 
 The receiver rebuilds the signature base (RFC 9421 §2.5) from the request it got, checks the
-time window, the body digest and the signature, and remembers the nonce until the signature
-expires, so that a captured request cannot be replayed.
+time window, the body digest and the signature, and refuses a nonce it has seen for as long
+as the signature could be accepted (`expires` plus the allowed skew), so that a captured
+request cannot be replayed. `verify_request` keeps that memory in one process; a node records
+nonces in its store (`check_request`, then `node.peer_auth`), shared by all its processes and
+kept across restarts.
 
 `@authority` and `@path` are derived from the URL the same way on both sides (parsed as httpx
 parses it, so what is signed is what goes on the wire): host lowercased, default ports (80 for
