@@ -134,17 +134,20 @@ class TokenLog:
     used since."""
 
     synced: MinuteLog = field(default_factory=lambda: MinuteLog())
-    pending: int = 0
+    pending: MinuteLog = field(default_factory=lambda: MinuteLog())
 
     def read(self, buckets: list[tuple[int, int]]) -> None:
         self.synced = minute_of(buckets)
 
+    def used(self, now: float) -> int:
+        return self.synced.used(now) + self.pending.used(now)
+
     def wait(self, limit: int, now: float) -> float:
         """`MinuteLog.wait_until_below` for the synced counts and what is pending."""
-        minute = minute_of([(second, amount) for second, amount in self.synced.buckets])
-        if self.pending:
-            minute.add(self.pending, now)
-        return minute.wait_until_below(limit, now)
+        merged: dict[int, int] = {}
+        for second, amount in [*self.synced.buckets, *self.pending.buckets]:
+            merged[second] = merged.get(second, 0) + amount
+        return minute_of(sorted(merged.items())).wait_until_below(limit, now)
 
 
 def minute_of(buckets: list[tuple[int, int]]) -> MinuteLog:
@@ -222,7 +225,7 @@ class RateLimiter:
     def _check_tokens(self, limits: ScopeLimits, now: float, headers: dict[str, str]) -> None:
         assert limits.tpm is not None
         tokens = self._tokens.setdefault(limits.scope, TokenLog())
-        used = tokens.synced.used(now) + tokens.pending
+        used = tokens.used(now)
         wait = tokens.wait(limits.tpm, now) if used >= limits.tpm else 0.0
         _set_headers(headers, "tokens", limits.tpm, used, wait)
         if wait > 0:
@@ -278,9 +281,8 @@ class RateLimiter:
                     returns.append((scope, lease.second, lease.granted - lease.used))
         tokens = []
         for scope, log_ in self._tokens.items():
-            if log_.pending:
-                tokens.append((scope, log_.pending))
-                log_.pending = 0
+            tokens.extend((scope, second, amount) for second, amount in log_.pending.buckets)
+            log_.pending = MinuteLog()
         slots = []
         for scope, held in list(self._slots.items()):
             held.held = held.in_flight  # idle slots go back: other processes may need them
@@ -309,7 +311,7 @@ class RateLimiter:
             await self._sync(second, [])
         # A scope whose tokens have all left the window is read no more.
         for scope, tokens in list(self._tokens.items()):
-            if not tokens.synced.used(self._clock()) and not tokens.pending:
+            if not tokens.used(self._clock()):
                 del self._tokens[scope]
 
     async def stop(self) -> None:
@@ -321,9 +323,10 @@ class RateLimiter:
             log.exception("could not give back rate-limit leases")
 
     def release(self, admission: Admission, tokens: int) -> None:
+        now = self._clock()
         for limits in admission.scopes:
             if limits.tpm is not None and tokens:
-                self._tokens.setdefault(limits.scope, TokenLog()).pending += tokens
+                self._tokens.setdefault(limits.scope, TokenLog()).pending.add(tokens, now)
             if limits.max_parallel is not None:
                 slots = self._slots.get(limits.scope)
                 if slots is not None:

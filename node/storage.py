@@ -317,7 +317,7 @@ class RateSync(msgspec.Struct):
     """One process's rate-limit bookkeeping, written in one transaction with its takes.
 
     `returns`: requests leased for a past second and never used, (scope, second, amount);
-    `tokens`: tokens used since the last sync, (scope, amount), counted at `now`;
+    `tokens`: tokens used since the last sync, (scope, second, amount);
     `slots`: the parallel slots the process holds now, (scope, slots), renewed until
     `now + SLOT_TTL`; `read`: the scopes whose token counts of the last minute to read back."""
 
@@ -325,7 +325,7 @@ class RateSync(msgspec.Struct):
     now: int
     takes: list[RateTake] = []
     returns: list[tuple[str, int, int]] = []
-    tokens: list[tuple[str, int]] = []
+    tokens: list[tuple[str, int, int]] = []
     slots: list[tuple[str, int]] = []
     read: list[str] = []
 
@@ -1176,7 +1176,7 @@ def _rate_sync(db: sqlite3.Connection, sync: RateSync) -> RateAnswer:
         " WHERE scope = ? AND kind = 'requests' AND second = ?",
         [(amount, scope, second) for scope, second, amount in sync.returns],
     )
-    db.executemany(_ADD_RATE, [(scope, "tokens", now, amount) for scope, amount in sync.tokens])
+    db.executemany(_ADD_RATE, [(scope, "tokens", second, n) for scope, second, n in sync.tokens])
     db.executemany(
         "INSERT INTO parallel_slots VALUES (?, ?, ?, ?) ON CONFLICT (scope, holder)"
         " DO UPDATE SET slots = excluded.slots, expires = excluded.expires",
