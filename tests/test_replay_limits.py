@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +29,7 @@ from federation.identity import NodeIdentity
 from federation.ids import new_request_id
 from federation.invites import make_join_request, parse_invite
 from federation.sealing import unseal
-from node.config import IDENTITY_FILE
+from node.config import DATABASE_FILE, IDENTITY_FILE
 from tests.conftest import concurrent_client, wait_ready
 from tests.mocks.server import free_port
 from tests.test_federation import (
@@ -220,7 +222,8 @@ def test_rpm_holds_across_two_processes_of_one_node(tmp_path):
 
 def test_max_parallel_holds_across_two_processes_and_a_dead_ones_slots_come_back(tmp_path):
     alice = make_peer(tmp_path, "alice")
-    alice.dir.set_config('provider = "echo"', 'provider = "echo"\nlatency_ms = 1500')
+    alice.dir.set_config('provider = "echo"', 'provider = "echo"\nlatency_ms = 3000')
+    alice.dir.add_config('[[models]]\nname = "slow"\nprovider = "echo"\nlatency_ms = 30000')
     key = _limited_key(alice.path, "--max-parallel", "2")
     log = tmp_path / "alice.log"
     chat = {"model": "echo", "messages": HI, "max_tokens": 2}
@@ -244,15 +247,19 @@ def test_max_parallel_holds_across_two_processes_and_a_dead_ones_slots_come_back
 
         # A process killed while it holds both slots: they come back when their lease
         # expires, without anyone's help.
-        def hold() -> None:  # a slot of the first process in use, until it dies
-            with contextlib.suppress(httpx.HTTPError):
-                while True:
-                    httpx.post(one + CHAT, json=chat, headers=auth, timeout=30)
+        slow = {**chat, "model": "slow"}
+
+        def hold() -> None:  # a slot of the first process, held until it dies
+            with contextlib.suppress(httpx.HTTPError):  # it does die
+                # Refused while the other process has not yet given back its idle slot.
+                status = 429
+                while status == 429:
+                    status = httpx.post(one + CHAT, json=slow, headers=auth, timeout=60).status_code
 
         holders = [threading.Thread(target=hold) for _ in range(2)]
         for holder in holders:
             holder.start()
-        assert wait_for(lambda: _in_flight_somewhere(two, auth, chat), seconds=5)
+        assert wait_for(lambda: _slots_held(alice.path) == 2, seconds=30)
         first.kill()
         first.wait(timeout=10)
         for holder in holders:
@@ -263,6 +270,11 @@ def test_max_parallel_holds_across_two_processes_and_a_dead_ones_slots_come_back
         )
 
 
-def _in_flight_somewhere(url: str, auth: dict[str, str], chat: dict) -> bool:
-    """Both slots are taken (by the other process): this one refuses a third request."""
-    return httpx.post(url + CHAT, json=chat, headers=auth, timeout=30).status_code == 429
+def _slots_held(path: Path) -> int:
+    """Parallel slots the node's processes hold in its store, unexpired."""
+    with contextlib.closing(sqlite3.connect(path / DATABASE_FILE)) as db:
+        row = db.execute(
+            "SELECT COALESCE(SUM(slots), 0) FROM parallel_slots WHERE expires >= ?",
+            (int(time.time()),),
+        ).fetchone()
+    return int(row[0])
