@@ -15,8 +15,11 @@ where `content-digest` is the RFC 9530 sha-256 digest of the body, and the param
     Signature: aihub=:<base64 of the 64-byte Ed25519 signature>:
 
 The receiver rebuilds the signature base (RFC 9421 §2.5) from the request it got, checks the
-time window, the body digest and the signature, and remembers the nonce until the signature
-expires, so that a captured request cannot be replayed.
+time window, the body digest and the signature, and refuses a nonce it has seen for as long
+as the signature could be accepted (`expires` plus the allowed skew), so that a captured
+request cannot be replayed. `verify_request` keeps that memory in one process; a node records
+nonces in its store (`check_request`, then `node.peer_auth`), shared by all its processes and
+kept across restarts.
 
 `@authority` and `@path` are derived from the URL the same way on both sides (parsed as httpx
 parses it, so what is signed is what goes on the wire): host lowercased, default ports (80 for
@@ -344,6 +347,17 @@ def sign_request(
 # --- verifying ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class VerifiedSignature:
+    """A signature that verifies: who made it, its nonce, and the last second at which it
+    could still be accepted (`expires` plus the allowed skew), until which the nonce must be
+    refused."""
+
+    keyid: str
+    nonce: str
+    keep_until: int
+
+
 def verify_request(
     method: str,
     url: str,
@@ -360,9 +374,46 @@ def verify_request(
 
     `public_key_for(keyid)` returns the signer's 32-byte Ed25519 public key, or None if that
     signer is not accepted here. The nonce is remembered only once the signature verifies, so
-    forged requests cannot fill `nonces`.
+    forged requests cannot fill `nonces`. `nonces` is one process's memory: a node refuses
+    replays across restarts and processes with a durable record of `check_request`'s answer.
     """
     now = int(time.time()) if now is None else now
+    signed = check_request(
+        method,
+        url,
+        headers,
+        body,
+        public_key_for=public_key_for,
+        now=now,
+        max_ttl=max_ttl,
+        skew=skew,
+    )
+    remember_nonce(nonces, signed, now)
+    return signed.keyid
+
+
+def remember_nonce(nonces: NonceCache, signed: VerifiedSignature, now: int) -> None:
+    """Refuse `signed` if `nonces` has seen its nonce; else remember it while it is valid."""
+    try:
+        fresh = nonces.remember(signed.keyid, signed.nonce, signed.keep_until, now)
+    except NonceCacheFull as exc:
+        raise SignatureBusy(f"cannot accept the request now: {exc}") from exc
+    if not fresh:
+        raise SignatureError("replay: this nonce was already used")
+
+
+def check_request(
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    public_key_for: Callable[[str], bytes | None],
+    now: int,
+    max_ttl: int = 300,
+    skew: int = 300,
+) -> VerifiedSignature:
+    """`verify_request` without the replay check: the signature, its window, the digest."""
     fields = field_values(headers)
     signature = parse_signature(fields, LABEL)
 
@@ -414,14 +465,8 @@ def verify_request(
     except nacl.exceptions.BadSignatureError as exc:
         raise SignatureError("signature does not verify") from exc
 
-    try:
-        # Kept as long as the signature could still be accepted, skew included.
-        fresh = nonces.remember(keyid, nonce, expires + skew, now)
-    except NonceCacheFull as exc:
-        raise SignatureBusy(f"cannot accept the request now: {exc}") from exc
-    if not fresh:
-        raise SignatureError("replay: this nonce was already used")
-    return keyid
+    # Refused as long as the signature could still be accepted, skew included.
+    return VerifiedSignature(keyid, nonce, expires + skew)
 
 
 def _int_param(params: Mapping[str, Any], name: str) -> int:

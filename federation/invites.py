@@ -22,8 +22,10 @@ The seed never leaves the joiner, and a captured proof names one joiner and one 
 
 The issuer's side (`verify_join_request`) checks everything about one request; it cannot see
 how often the invite was used or which nonces it has seen, so the caller enforces `uses`
-(atomically, in storage) and keeps a nonce cache for `JOIN_WINDOW` seconds, raising
-`InviteUsedUp` or `JoinReplayed` — both `JoinError`s, so one handler refuses every bad join.
+(atomically, in storage) and records each join nonce durably (`join_nonce`: in the store,
+shared by every process of the node and kept across restarts) until the request could no
+longer be accepted, `iat + MAX_SKEW`, refusing a nonce already recorded. A replayed join
+must never get through: it would revoke the key the first one issued.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from federation.descriptors import (
     verify_descriptor,
 )
 from federation.identity import NodeIdentity
+from federation.nonces import nonce_digest
 from ledger.canonical import b64url, b64url_decode, canonical
 from ledger.records import (
     MAX_SKEW,
@@ -63,8 +66,10 @@ PROOF_CONTEXT = "aihub-join/1"
 SEED_BYTES = 32
 TOKEN_ID_BYTES = 16
 NONCE_BYTES = 16
-# A join request is valid for iat ± MAX_SKEW: a nonce cache must remember nonces this long.
+# A join request is valid for iat ± MAX_SKEW: a nonce record must remember nonces this long.
 JOIN_WINDOW = 2 * MAX_SKEW
+# What a join nonce is recorded for, in the issuer's durable nonce record.
+JOIN_CONTEXT = "join"
 # Tokens are pasted by people and parsed before their signature is known to be good: bound
 # the work a hostile one can cause.
 MAX_TOKEN_CHARS = 8192
@@ -241,6 +246,12 @@ def make_join_request(
         iat=iat,
         proof=b64url(invite_key.sign(message).signature),
     )
+
+
+def join_nonce(request: JoinRequest) -> tuple[bytes, int]:
+    """The key of a join request's nonce in the issuer's durable record, and the last second
+    it must be kept (the request is accepted up to MAX_SKEW after its `iat`)."""
+    return nonce_digest(JOIN_CONTEXT, request.token_id, request.nonce), request.iat + MAX_SKEW
 
 
 def verify_join_request(

@@ -14,6 +14,16 @@ import secrets
 import threading
 
 
+def nonce_digest(context: str, signer: str, nonce: str) -> bytes:
+    """The key of a nonce in a node's durable record: a 128-bit BLAKE2b digest of who used it
+    and for what (a request signature, a join proof), length-prefixed so that no two
+    different triples share an encoding. Unkeyed, unlike the cache's hash, because every
+    process of the node and every restart must compute the same one; 128 bits leave no
+    room to aim two nonces at one digest."""
+    pair = f"{len(context)}:{context}{len(signer)}:{signer}{nonce}".encode()
+    return hashlib.blake2b(pair, digest_size=16).digest()
+
+
 class NonceCacheFull(RuntimeError):
     """The cache holds `max_entries` unexpired nonces and cannot take another."""
 

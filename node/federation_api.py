@@ -45,7 +45,7 @@ async def authenticate_peer(request: Request, body: bytes) -> Principal:
     )
     if principal.key.peer_id is None:
         raise ApiError(403, "Not a peer's key", type="permission_error", code="not_a_peer")
-    check_peer(hub, request, body, principal)
+    await check_peer(hub, request, body, principal)
     return principal
 
 
@@ -65,7 +65,7 @@ async def ledger_peer(request: Request, body: bytes) -> str:
     def active_peer(key_id: str) -> bytes | None:
         return public_key_of(key_id) if key_id in peers else None
 
-    return verify_signed(hub, request, body, active_peer)
+    return await verify_signed(hub, request, body, active_peer)
 
 
 async def _small_body(request: Request, limit: int = MAX_FEDERATION_BODY) -> bytes:
@@ -93,7 +93,7 @@ async def node_descriptor(request: Request) -> Response[bytes]:
 async def join(request: Request) -> Response[bytes]:
     hub = hub_of(request)
     body = await _small_body(request)
-    signer = verify_signed(hub, request, body, self_certifying)
+    signer = await verify_signed(hub, request, body, self_certifying)
     try:
         answer = await hub.peering.accept_join(body, signer)
     except JoinRefused as exc:
@@ -109,7 +109,7 @@ async def join_request(request: Request) -> Response[bytes]:
     hub = hub_of(request)
     # Kept as sent until the admin decides: at most max_join_requests of these 64 KB.
     body = await _small_body(request)
-    signer = verify_signed(hub, request, body, self_certifying)
+    signer = await verify_signed(hub, request, body, self_certifying)
     source = request.client.host if request.client else ""
     try:
         answer = await hub.peering.take_join_request(body, signer, source)
@@ -156,7 +156,7 @@ async def pushed_advert(request: Request) -> Response[bytes]:
     def known_peer(key_id: str) -> bytes | None:
         return public_key_of(key_id) if key_id in hub.peering.peers else None
 
-    signer = verify_signed(hub, request, body, known_peer)
+    signer = await verify_signed(hub, request, body, known_peer)
     await hub.peering.note_listing(signer, LISTED_HEADER in request.headers)
     accepted = await hub.peering.take_advert(signer, body)
     return Response(msgspec.json.encode({"accepted": accepted}), media_type=JSON, status_code=202)

@@ -37,6 +37,8 @@ log = logging.getLogger("aihub")
 
 # Countersignatures go back to providers in batches, this often.
 COUNTERSIGN_INTERVAL = 2
+# Expired nonces and old rate counts are deleted this often (seconds).
+PRUNE_INTERVAL = 30
 
 
 def http_client(config: Config) -> httpx.AsyncClient:
@@ -105,10 +107,12 @@ class Hub:
         )
         await peering.start()
         ledger = Ledger(identity, store, client, peering)
+        limiter = RateLimiter(store)
         scheduler = _schedule(peering, ledger, config)
         resync = ChainResync(store, identity, client, peering)
         await resync.load(data_dir / DATABASE_FILE)
         scheduler.add_job(resync.all, id="ledger.resync")  # at start, off the request path
+        _schedule_limits(scheduler, store, limiter)
         return cls(
             config=config,
             data_dir=data_dir,
@@ -121,7 +125,7 @@ class Hub:
             usage=usage,
             budgets=budgets,
             alerts=alerts,
-            limiter=RateLimiter(),
+            limiter=limiter,
             metrics=Metrics(),
             nonces=NonceCache(),
             peering=peering,
@@ -136,6 +140,7 @@ class Hub:
         await self.ledger.settle_tasks()
         await self.usage.stop()
         await self.budgets.release()  # after the last settlement is written
+        await self.limiter.stop()
         await self.alerts.stop()
         await self.client.aclose()
         await self.upstreams.aclose()
@@ -184,6 +189,33 @@ def _schedule(peering: Peering, ledger: Ledger, config: Config) -> AsyncIOSchedu
     scheduler.add_job(peering.push_adverts, id="peers.push")
     scheduler.start()
     return scheduler
+
+
+def _schedule_limits(scheduler: AsyncIOScheduler, store: Store, limiter: RateLimiter) -> None:
+    """Rate-limit leases synced each second (unused requests and idle parallel slots given
+    back, tokens counted, slots renewed), and the store's nonce and rate records of the past
+    forgotten, off the request path."""
+    scheduler.add_job(
+        limiter.sync,
+        "interval",
+        seconds=1,
+        max_instances=1,
+        coalesce=True,
+        id="limits.sync",
+    )
+    scheduler.add_job(
+        _prune,
+        "interval",
+        args=(store,),
+        seconds=PRUNE_INTERVAL,
+        max_instances=1,
+        coalesce=True,
+        id="store.prune",
+    )
+
+
+async def _prune(store: Store) -> None:
+    await store.prune(int(time.time()))
 
 
 async def _reconcile(ledger: Ledger, peering: Peering) -> None:

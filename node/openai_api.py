@@ -215,7 +215,7 @@ class Accounting:
         principal, hub = self.principal, self.hub
         ip = client_ip(request)
         try:
-            self.admission = hub.limiter.admit(rate_scopes(principal))
+            self.admission = await hub.limiter.admit(rate_scopes(principal))
         except RateLimited as exc:
             hub.keys.note("limit.rate", principal.key_id, ip, {"reason": exc.message})
             headers = {**exc.headers, "retry-after": str(max(1, math.ceil(exc.retry_after)))}
@@ -407,7 +407,7 @@ async def _read_body(request: Request, principal: Principal) -> bytes:
     with a signature over this very body by the peer it was issued to."""
     hub = hub_of(request)
     body = await _receive_body(request, hub.config.server.max_body_bytes)
-    check_peer(hub, request, body, principal)
+    await check_peer(hub, request, body, principal)
     return body
 
 
@@ -760,16 +760,24 @@ def _cards(hub: Hub, local_only: bool) -> dict[str, ModelCard]:
     return cards
 
 
+async def _authenticate_listing(request: Request) -> Principal:
+    """A model listing's caller: a cross-node key counts only with its peer's signature, as
+    on every peer endpoint (a stolen key alone must not show what the peer may use)."""
+    principal = await _authenticate(request)
+    await check_peer(hub_of(request), request, await request.body(), principal)
+    return principal
+
+
 @get("/v1/models")
 async def list_models(request: Request) -> Response[bytes]:
-    principal = await _authenticate(request)
+    principal = await _authenticate_listing(request)
     cards = _cards(hub_of(request), _local_only(request, principal))
     return Response(msgspec.json.encode(ModelList(list(cards.values()))), media_type=JSON)
 
 
 @get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: FromPath[str]) -> Response[bytes]:
-    principal = await _authenticate(request)
+    principal = await _authenticate_listing(request)
     model = model_id.lstrip("/")
     card = _cards(hub_of(request), _local_only(request, principal)).get(model)
     if card is None:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from litestar import Request
 
 from federation.descriptors import public_key_of
-from federation.httpsig import SignatureBusy, SignatureError, verify_request
+from federation.httpsig import (
+    SignatureBusy,
+    SignatureError,
+    VerifiedSignature,
+    check_request,
+    remember_nonce,
+)
+from federation.nonces import nonce_digest
 from node.auth import Principal
 from node.errors import ApiError
 from node.hub import Hub
@@ -15,19 +23,29 @@ from node.hub import Hub
 KeyLookup = Callable[[str], bytes | None]
 # When the nonce cache is full: its oldest entries expire second by second.
 BUSY_RETRY_SECONDS = 2
+# What a request signature's nonce is recorded for, in the node's durable nonce record.
+SIGNATURE_CONTEXT = "httpsig"
 
 
-def verify_signed(hub: Hub, request: Request, body: bytes, key_for: KeyLookup) -> str:
-    """The node id that signed this request, or a 401 saying what is wrong."""
+async def verify_signed(hub: Hub, request: Request, body: bytes, key_for: KeyLookup) -> str:
+    """The node id that signed this request, or a 401 saying what is wrong.
+
+    A replay is refused twice over: by this process's nonce cache (in memory, bounded: it also
+    caps how many signed requests the process takes at once), then by the store, which every
+    process of the node shares and which outlives restarts, and which decides.
+    """
+    now = int(time.time())
     try:
-        return verify_request(
+        signed = check_request(
             request.method,
             str(request.url),
             dict(request.headers),
             body,
             public_key_for=key_for,
-            nonces=hub.nonces,
+            now=now,
         )
+        remember_nonce(hub.nonces, signed, now)
+        await _claim(hub, signed, now)
     except SignatureBusy as exc:
         raise ApiError(
             503,
@@ -43,6 +61,13 @@ def verify_signed(hub: Hub, request: Request, body: bytes, key_for: KeyLookup) -
             type="authentication_error",
             code="bad_signature",
         ) from exc
+    return signed.keyid
+
+
+async def _claim(hub: Hub, signed: VerifiedSignature, now: int) -> None:
+    pair = nonce_digest(SIGNATURE_CONTEXT, signed.keyid, signed.nonce)
+    if not await hub.store.claim_nonce(pair, signed.keep_until, now):
+        raise SignatureError("replay: this nonce was already used")
 
 
 def pinned_to(node_id: str) -> KeyLookup:
@@ -54,7 +79,7 @@ def pinned_to(node_id: str) -> KeyLookup:
     return lookup
 
 
-def check_peer(hub: Hub, request: Request, body: bytes, principal: Principal) -> None:
+async def check_peer(hub: Hub, request: Request, body: bytes, principal: Principal) -> None:
     """A cross-node key is valid only with a signature by the peer it is bound to."""
     if principal.key.peer_id is not None:
-        verify_signed(hub, request, body, pinned_to(principal.key.peer_id))
+        await verify_signed(hub, request, body, pinned_to(principal.key.peer_id))

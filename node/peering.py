@@ -23,7 +23,7 @@ from adapters.http import UpstreamClient
 from federation.adverts import AdvertBook, AdvertModel, ModelAdvert, make_advert, verify_advert
 from federation.descriptors import NodeDescriptor, make_descriptor, verify_descriptor
 from federation.identity import NodeIdentity
-from federation.invites import InviteRecord, JoinRequest, verify_join_request
+from federation.invites import InviteRecord, JoinRequest, join_nonce, verify_join_request
 from federation.sealing import seal_for, unseal
 from federation.transport import LISTED_HEADER, PeerAdapter, peer_upstream, signed_headers
 from ledger.nesting import bounded
@@ -242,6 +242,10 @@ class Peering:
         except RecordError as exc:
             raise JoinRefused(403, f"join refused: {exc}") from exc
         self._check_joiner(joiner, signer)
+        # Before anything is issued: a join that is let through again would revoke the key
+        # the first one issued (a peer that joins again gets a fresh key).
+        if not await self.store.claim_nonce(*join_nonce(request), int(time.time())):
+            raise JoinRefused(403, "join refused: this join proof was already used")
         limits = Limits(
             models=invite.models or None,
             budget_micros=invite.cap_micros,

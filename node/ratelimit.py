@@ -1,20 +1,44 @@
-"""Requests and tokens per minute, and requests in flight, per key and per tenant.
+"""Requests and tokens per minute, and requests in flight, per key and per tenant, held across
+every process that serves the node.
 
-Each limit counts what was admitted in one-second buckets over the last minute: at most 61
-buckets per scope, and exact to the second. The check is conservative (a bucket counts until
-the whole of it is more than a minute old), so no rolling minute ever holds more than the
-limit, and the `Retry-After` it gives is the exact wait until a bucket leaves the window.
-Counters live in the worker's memory; with several workers each enforces the limits on its
-own share of the traffic.
+Each limit counts what was admitted in one-second buckets over the last minute, exact to the
+second. The check is conservative (a bucket counts until the whole of it is more than a
+minute old), so no rolling minute ever holds more than the limit, and the `Retry-After` it
+gives is the wait until a bucket leaves the window.
+
+The store decides (DESIGN.md: what must hold across processes is decided in the store), but a
+process does not go to it for every request. It takes **leases**, as `node.budgets` does for
+budgets, in one transaction for all of a request's scopes:
+
+- requests per minute: a lease is a number of requests counted in the store's bucket of the
+  current second (a tenth of the limit, at most 64), handed out in memory during that second
+  only, so that each request is counted in the bucket of the second it was admitted in. What
+  a lease did not use is given back at the next sync (at most a second later);
+- parallel slots: a process holds slots per scope in the store, under an expiry it renews
+  every second; slots it no longer needs go back at the next sync, and the slots of a process
+  that died come back when their expiry passes (`SLOT_TTL`);
+- tokens per minute are counted after the fact (a request's tokens are known at its end), so
+  each process writes what its requests used and reads back the others' at every sync (each
+  second while it has any): a limit seen at most a second late by the other processes.
+
+On the single-process hot path this is one small transaction per scope and second (or per
+lease used up), not per request; a key without limits touches none of it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from node.storage import RateAnswer, RateSync, RateTake, Store
+
+log = logging.getLogger("aihub")
 
 WINDOW = 60.0
 _SPAN = int(WINDOW)
@@ -89,64 +113,242 @@ def format_reset(seconds: float) -> str:
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
-class RateLimiter:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._requests: dict[str, MinuteLog] = {}
-        self._tokens: dict[str, MinuteLog] = {}
-        self._in_flight: dict[str, int] = {}
+LEASE_SHARE = 10  # a lease of requests is at most a tenth of the limit…
+LEASE_MAX = 64  # …and at most this many requests
 
-    def admit(self, scopes: list[ScopeLimits]) -> Admission:
+
+@dataclass
+class RequestLease:
+    """Requests this process may admit in one second, for one scope."""
+
+    second: int
+    limit: int  # the limit it was taken under: a lease under another limit is not used
+    granted: int = 0
+    used: int = 0
+    base: int = 0  # what the other leases of the window held when this one was last topped up
+
+
+@dataclass
+class TokenLog:
+    """Tokens of one scope: the store's per-second counts as last read, and what this process
+    used since."""
+
+    synced: MinuteLog = field(default_factory=lambda: MinuteLog())
+    pending: MinuteLog = field(default_factory=lambda: MinuteLog())
+
+    def read(self, buckets: list[tuple[int, int]]) -> None:
+        self.synced = minute_of(buckets)
+
+    def used(self, now: float) -> int:
+        return self.synced.used(now) + self.pending.used(now)
+
+    def wait(self, limit: int, now: float) -> float:
+        """`MinuteLog.wait_until_below` for the synced counts and what is pending."""
+        merged: dict[int, int] = {}
+        for second, amount in [*self.synced.buckets, *self.pending.buckets]:
+            merged[second] = merged.get(second, 0) + amount
+        return minute_of(sorted(merged.items())).wait_until_below(limit, now)
+
+
+def minute_of(buckets: list[tuple[int, int]]) -> MinuteLog:
+    """A minute's log holding these (second, amount) counts, oldest first."""
+    minute = MinuteLog(deque([second, amount] for second, amount in buckets))
+    minute.total = sum(amount for _, amount in buckets)
+    return minute
+
+
+@dataclass
+class Slots:
+    """Parallel slots of one scope: held in the store by this process, and in use."""
+
+    held: int = 0
+    in_flight: int = 0
+
+
+class RateLimiter:
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._clock = clock  # wall clock: the processes of a node share it through the store
+        self.holder = secrets.token_hex(8)  # this process, in the store's parallel slots
+        self._requests: dict[str, RequestLease] = {}
+        self._tokens: dict[str, TokenLog] = {}
+        self._slots: dict[str, Slots] = {}
+        self._lock = asyncio.Lock()  # one store sync at a time per process
+
+    async def admit(self, scopes: list[ScopeLimits]) -> Admission:
         """Admit a request under every scope's limits, or raise `RateLimited` and hold nothing."""
-        now = self._clock()
+        admission = self._admit_here(scopes, self._clock())
+        if admission is not None:
+            return admission
+        async with self._lock:
+            while True:
+                now = self._clock()
+                admission = self._admit_here(scopes, now)
+                if admission is not None:
+                    return admission
+                await self._lease(scopes, now)
+
+    def _admit_here(self, scopes: list[ScopeLimits], now: float) -> Admission | None:
+        """Admit from this process's leases (no await: atomic within the process); None if a
+        lease is missing, RateLimited if the tokens of the last minute are over a limit."""
+        second = math.floor(now)
         headers: dict[str, str] = {}
         for limits in scopes:
-            self._check(limits, now, headers)
+            if limits.tpm is not None:
+                self._check_tokens(limits, now, headers)
+            if limits.rpm is not None and not self._has_request(limits, second):
+                return None
+            if limits.max_parallel is not None and not self._has_slot(limits):
+                return None
         for limits in scopes:
             if limits.rpm is not None:
-                self._requests.setdefault(limits.scope, MinuteLog()).add(1, now)
+                lease = self._requests[limits.scope]
+                lease.used += 1
+                _set_headers(headers, "requests", limits.rpm, lease.base + lease.used, 0)
             if limits.max_parallel is not None:
-                self._in_flight[limits.scope] = self._in_flight.get(limits.scope, 0) + 1
+                self._slots[limits.scope].in_flight += 1
         return Admission(scopes, headers)
 
-    def _check(self, limits: ScopeLimits, now: float, headers: dict[str, str]) -> None:
-        scope = limits.scope
-        if limits.max_parallel is not None and self._in_flight.get(scope, 0) >= limits.max_parallel:
+    def _has_request(self, limits: ScopeLimits, second: int) -> bool:
+        lease = self._requests.get(limits.scope)
+        return (
+            lease is not None
+            and lease.second == second
+            and lease.limit == limits.rpm
+            and lease.used < lease.granted
+        )
+
+    def _has_slot(self, limits: ScopeLimits) -> bool:
+        slots = self._slots.get(limits.scope)
+        return slots is not None and slots.in_flight < min(slots.held, limits.max_parallel or 0)
+
+    def _check_tokens(self, limits: ScopeLimits, now: float, headers: dict[str, str]) -> None:
+        assert limits.tpm is not None
+        tokens = self._tokens.setdefault(limits.scope, TokenLog())
+        used = tokens.used(now)
+        wait = tokens.wait(limits.tpm, now) if used >= limits.tpm else 0.0
+        _set_headers(headers, "tokens", limits.tpm, used, wait)
+        if wait > 0:
             raise RateLimited(
-                f"Too many requests in flight for {scope} (max {limits.max_parallel})",
-                1.0,
-                {},
+                f"Rate limit reached for {limits.scope}: {limits.tpm} tokens per minute",
+                wait,
+                headers,
             )
-        if limits.rpm is not None:
-            log = self._requests.setdefault(scope, MinuteLog())
-            used = log.used(now)
-            wait = log.wait_until_below(limits.rpm, now)
-            _set_headers(headers, "requests", limits.rpm, used + 1, wait)
-            if wait > 0:
-                raise RateLimited(
-                    f"Rate limit reached for {scope}: {limits.rpm} requests per minute",
-                    wait,
-                    headers,
-                )
-        if limits.tpm is not None:
-            log = self._tokens.setdefault(scope, MinuteLog())
-            used = log.used(now)
-            wait = log.wait_until_below(limits.tpm, now)
-            _set_headers(headers, "tokens", limits.tpm, used, wait)
-            if wait > 0:
-                raise RateLimited(
-                    f"Rate limit reached for {scope}: {limits.tpm} tokens per minute",
-                    wait,
-                    headers,
-                )
+
+    async def _lease(self, scopes: list[ScopeLimits], now: float) -> None:
+        """Take from the store what this request's scopes lack, or raise `RateLimited`."""
+        second = math.floor(now)
+        takes, returns = [], []
+        for limits in scopes:
+            if limits.rpm is not None and not self._has_request(limits, second):
+                lease = self._requests.get(limits.scope)
+                if lease is not None and lease.limit != limits.rpm:
+                    # Taken under another limit (the key changed): give back what is left.
+                    del self._requests[limits.scope]
+                    returns.append((limits.scope, lease.second, lease.granted - lease.used))
+                want = max(1, min(limits.rpm // LEASE_SHARE, LEASE_MAX))
+                takes.append(RateTake(limits.scope, "requests", limits.rpm, want))
+            if limits.max_parallel is not None and not self._has_slot(limits):
+                takes.append(RateTake(limits.scope, "parallel", limits.max_parallel, 1))
+        answer = await self._sync(second, takes, returns)
+        if answer.refused is not None:
+            raise _refusal(scopes, takes[answer.refused], answer, now)
+        for take, granted, used in zip(takes, answer.granted, answer.used, strict=True):
+            if take.kind == "parallel":
+                self._slots.setdefault(take.scope, Slots()).held += granted
+                continue
+            lease = self._requests.get(take.scope)
+            if lease is None or lease.second != second:
+                lease = self._requests[take.scope] = RequestLease(second, take.limit)
+            lease.base = used - lease.granted
+            lease.granted += granted
+
+    async def _sync(
+        self,
+        second: int,
+        takes: list[RateTake],
+        returns: list[tuple[str, int, int]] | None = None,
+    ) -> RateAnswer:
+        """One transaction: give back what leases of past seconds did not use, write the
+        tokens used, renew (or shrink to what is in use) the parallel slots held, read the
+        other processes' tokens, and grant `takes`. The bookkeeping is taken out of memory
+        before the await, so that requests admitted meanwhile are counted at the next sync."""
+        returns = returns or []
+        for scope, lease in list(self._requests.items()):
+            if lease.second != second:
+                del self._requests[scope]
+                if lease.granted > lease.used:
+                    returns.append((scope, lease.second, lease.granted - lease.used))
+        tokens = []
+        for scope, log_ in self._tokens.items():
+            tokens.extend((scope, second, amount) for second, amount in log_.pending.buckets)
+            log_.pending = MinuteLog()
+        slots = []
+        for scope, held in list(self._slots.items()):
+            held.held = held.in_flight  # idle slots go back: other processes may need them
+            slots.append((scope, held.held))
+            if not held.held:
+                del self._slots[scope]
+        read = list(self._tokens)
+        sync = RateSync(self.holder, second, takes, returns, tokens, slots, read)
+        answer = await self._store.rate_sync(sync)
+        for scope in read:
+            if scope in self._tokens:
+                self._tokens[scope].read(answer.buckets.get(scope, []))
+        return answer
+
+    async def sync(self) -> None:
+        """The per-second bookkeeping when there is any (a schedule calls this)."""
+        second = math.floor(self._clock())
+        busy = (
+            self._slots
+            or self._tokens
+            or any(lease.second != second for lease in self._requests.values())
+        )
+        if not busy:
+            return
+        async with self._lock:
+            await self._sync(second, [])
+        # A scope whose tokens have all left the window is read no more.
+        for scope, tokens in list(self._tokens.items()):
+            if not tokens.used(self._clock()):
+                del self._tokens[scope]
+
+    async def stop(self) -> None:
+        """The process stops: write what it owes and give back every slot at once."""
+        try:
+            await self.sync()
+            await self._store.release_slots(self.holder)
+        except Exception:  # the node is stopping: the slots' expiry gives them back anyway
+            log.exception("could not give back rate-limit leases")
 
     def release(self, admission: Admission, tokens: int) -> None:
         now = self._clock()
         for limits in admission.scopes:
             if limits.tpm is not None and tokens:
-                self._tokens.setdefault(limits.scope, MinuteLog()).add(tokens, now)
+                self._tokens.setdefault(limits.scope, TokenLog()).pending.add(tokens, now)
             if limits.max_parallel is not None:
-                self._in_flight[limits.scope] = max(0, self._in_flight.get(limits.scope, 0) - 1)
+                slots = self._slots.get(limits.scope)
+                if slots is not None:
+                    slots.in_flight = max(0, slots.in_flight - 1)
+
+
+def _refusal(
+    scopes: list[ScopeLimits], take: RateTake, answer: RateAnswer, now: float
+) -> RateLimited:
+    if take.kind == "parallel":
+        return RateLimited(
+            f"Too many requests in flight for {take.scope} (max {take.limit})", 1.0, {}
+        )
+    minute = minute_of(answer.buckets.get(take.scope, []))
+    wait = minute.wait_until_below(take.limit, now) or 1.0
+    headers: dict[str, str] = {}
+    _set_headers(headers, "requests", take.limit, take.limit, wait)
+    return RateLimited(
+        f"Rate limit reached for {take.scope}: {take.limit} requests per minute",
+        wait,
+        headers,
+    )
 
 
 def _set_headers(headers: dict[str, str], kind: str, limit: int, used: float, wait: float) -> None:

@@ -235,6 +235,33 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE join_requests ADD COLUMN source TEXT NOT NULL DEFAULT '';
     """,
+    # 9 (branch replay-limits): what must hold across restarts and every process of a node.
+    # Nonces seen (request signatures, join proofs), each kept until what carried it could no
+    # longer be accepted; requests admitted per scope and second (rpm) and tokens used (tpm);
+    # the parallel slots each live process holds per scope, with an expiry it keeps renewing,
+    # so that the slots of a process that died come back.
+    """
+    CREATE TABLE nonces (
+        pair BLOB PRIMARY KEY,
+        expires INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX nonces_expires ON nonces (expires);
+    CREATE TABLE rate_counts (
+        scope TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        second INTEGER NOT NULL,
+        amount INTEGER NOT NULL,
+        PRIMARY KEY (scope, kind, second)
+    ) WITHOUT ROWID;
+    CREATE INDEX rate_counts_second ON rate_counts (second);
+    CREATE TABLE parallel_slots (
+        scope TEXT NOT NULL,
+        holder TEXT NOT NULL,
+        slots INTEGER NOT NULL,
+        expires INTEGER NOT NULL,
+        PRIMARY KEY (scope, holder)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 _json = msgspec.json.encode
@@ -321,6 +348,54 @@ class Hold(msgspec.Struct, frozen=True):
     scope: str
     period_start: int
     amount: int
+
+
+RateKind = Literal["requests", "tokens", "parallel"]
+
+
+class RateTake(msgspec.Struct, frozen=True):
+    """A lease asked of a scope's limit: up to `want` requests of this second (`requests`) or
+    parallel slots (`parallel`), at least one, or none at all."""
+
+    scope: str
+    kind: RateKind
+    limit: int
+    want: int
+
+
+class RateSync(msgspec.Struct):
+    """One process's rate-limit bookkeeping, written in one transaction with its takes.
+
+    `returns`: requests leased for a past second and never used, (scope, second, amount);
+    `tokens`: tokens used since the last sync, (scope, second, amount);
+    `slots`: the parallel slots the process holds now, (scope, slots), renewed until
+    `now + SLOT_TTL`; `read`: the scopes whose token counts of the last minute to read back."""
+
+    holder: str
+    now: int
+    takes: list[RateTake] = []
+    returns: list[tuple[str, int, int]] = []
+    tokens: list[tuple[str, int, int]] = []
+    slots: list[tuple[str, int]] = []
+    read: list[str] = []
+
+
+class RateAnswer(msgspec.Struct):
+    """`granted[i]` for `takes[i]` (all at least 1, or all 0 when `refused` names the take
+    that could not be met), what each scope held before (`used`), and per-second counts of
+    the last minute (second, amount) for the refused scope and the scopes read."""
+
+    granted: list[int]
+    used: list[int]
+    refused: int | None = None
+    buckets: dict[str, list[tuple[int, int]]] = {}
+
+
+# A live process renews its parallel slots every second; a dead one's come back this long
+# after its last renewal.
+SLOT_TTL = 15
+# Rate counts older than this many seconds are no longer read (the window is a minute).
+RATE_WINDOW = 60
 
 
 class Settlement(msgspec.Struct):
@@ -800,6 +875,33 @@ class Store:
         assert row is not None
         return int(row[0])
 
+    # --- replay refusal and rate limits, across processes -------------------------------------
+
+    async def claim_nonce(self, pair: bytes, expires: int, now: int) -> bool:
+        """Record `pair` (a digest of who signed and the nonce) as used until `expires`: True
+        if it is new, False if it is already recorded and not expired (a replay). One
+        statement, so two processes cannot both see it new."""
+        return await self._atomic_now(lambda db: _claim_nonce(db, pair, expires, now))
+
+    async def rate_sync(self, sync: RateSync) -> RateAnswer:
+        """Apply one process's rate-limit bookkeeping and grant its takes, in one transaction:
+        every take gets at least one, or none does."""
+        return await self._atomic_now(lambda db: _rate_sync(db, sync))
+
+    async def prune(self, now: int) -> None:
+        """Forget nonces, rate counts and parallel slots that can no longer matter."""
+
+        def prune(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM nonces WHERE expires < ?", (now,))
+            db.execute("DELETE FROM rate_counts WHERE second < ?", (now - 2 * RATE_WINDOW,))
+            db.execute("DELETE FROM parallel_slots WHERE expires < ?", (now,))
+
+        await self._atomic(prune)
+
+    async def release_slots(self, holder: str) -> None:
+        """A process stops: the parallel slots it held come back at once."""
+        await self._exec("DELETE FROM parallel_slots WHERE holder = ?", (holder,))
+
     # --- tenants ---------------------------------------------------------------------------
 
     async def insert_tenant(self, tenant: TenantRecord) -> None:
@@ -1213,6 +1315,91 @@ def _in_transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection],
         raise
     db.execute("COMMIT")
     return result
+
+
+def _claim_nonce(db: sqlite3.Connection, pair: bytes, expires: int, now: int) -> bool:
+    # A row left by an expired nonce (not yet pruned) is taken over: the expiry check, not
+    # this table, refuses a signature that old.
+    return (
+        db.execute(
+            "INSERT INTO nonces (pair, expires) VALUES (?, ?) ON CONFLICT (pair)"
+            " DO UPDATE SET expires = excluded.expires WHERE nonces.expires < ?",
+            (pair, expires, now),
+        ).rowcount
+        == 1
+    )
+
+
+def _rate_sync(db: sqlite3.Connection, sync: RateSync) -> RateAnswer:
+    now, holder = sync.now, sync.holder
+    db.executemany(
+        "UPDATE rate_counts SET amount = MAX(amount - ?, 0)"
+        " WHERE scope = ? AND kind = 'requests' AND second = ?",
+        [(amount, scope, second) for scope, second, amount in sync.returns],
+    )
+    db.executemany(_ADD_RATE, [(scope, "tokens", second, n) for scope, second, n in sync.tokens])
+    db.executemany(
+        "INSERT INTO parallel_slots VALUES (?, ?, ?, ?) ON CONFLICT (scope, holder)"
+        " DO UPDATE SET slots = excluded.slots, expires = excluded.expires",
+        [(scope, holder, slots, now + SLOT_TTL) for scope, slots in sync.slots],
+    )
+    used = [_rate_used(db, take, now) for take in sync.takes]
+    refused = next(
+        (i for i, take in enumerate(sync.takes) if used[i] >= take.limit),
+        None,
+    )
+    answer = RateAnswer(granted=[0] * len(sync.takes), used=used, refused=refused)
+    if refused is None:
+        answer.granted = [
+            min(take.want, take.limit - held) for take, held in zip(sync.takes, used, strict=True)
+        ]
+        for take, granted in zip(sync.takes, answer.granted, strict=True):
+            _grant(db, take, granted, holder, now)
+    else:
+        take = sync.takes[refused]
+        answer.buckets[take.scope] = _buckets(db, take.scope, take.kind, now)
+    for scope in sync.read:
+        answer.buckets[scope] = _buckets(db, scope, "tokens", now)
+    return answer
+
+
+_ADD_RATE = (
+    "INSERT INTO rate_counts VALUES (?, ?, ?, ?) ON CONFLICT (scope, kind, second)"
+    " DO UPDATE SET amount = amount + excluded.amount"
+)
+
+
+def _rate_used(db: sqlite3.Connection, take: RateTake, now: int) -> int:
+    if take.kind == "parallel":
+        sql = "SELECT COALESCE(SUM(slots), 0) FROM parallel_slots WHERE scope = ? AND expires >= ?"
+        return int(db.execute(sql, (take.scope, now)).fetchone()[0])
+    sql = (
+        "SELECT COALESCE(SUM(amount), 0) FROM rate_counts"
+        " WHERE scope = ? AND kind = ? AND second >= ?"
+    )
+    return int(db.execute(sql, (take.scope, take.kind, now - RATE_WINDOW)).fetchone()[0])
+
+
+def _grant(db: sqlite3.Connection, take: RateTake, granted: int, holder: str, now: int) -> None:
+    if take.kind == "parallel":
+        # Slots of this holder's row that expired are no longer its: start again from none.
+        db.execute(
+            "INSERT INTO parallel_slots VALUES (?, ?, ?, ?) ON CONFLICT (scope, holder)"
+            " DO UPDATE SET slots = IIF(expires >= ?, slots, 0) + excluded.slots,"
+            " expires = excluded.expires",
+            (take.scope, holder, granted, now + SLOT_TTL, now),
+        )
+    else:
+        db.execute(_ADD_RATE, (take.scope, take.kind, now, granted))
+
+
+def _buckets(db: sqlite3.Connection, scope: str, kind: str, now: int) -> list[tuple[int, int]]:
+    rows = db.execute(
+        "SELECT second, amount FROM rate_counts WHERE scope = ? AND kind = ? AND second >= ?"
+        " AND amount > 0 ORDER BY second",
+        (scope, kind, now - RATE_WINDOW),
+    ).fetchall()
+    return [(int(second), int(amount)) for second, amount in rows]
 
 
 def body_hash(body: str) -> str:

@@ -7,6 +7,7 @@ goes unnoticed and that garbage headers only ever raise SignatureError.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -921,7 +922,13 @@ def test_a_full_nonce_cache_tells_a_peer_to_retry_not_that_its_signature_is_bad(
     """Through the node's check: 503 with retry-after (the consumer backs off and retries),
     where a bad or replayed signature is a 401."""
     url = "http://peer.example:8787/v1/chat/completions"
-    hub = SimpleNamespace(nonces=NonceCache(max_entries=1))
+
+    async def claim_nonce(pair: bytes, expires: int, now: int) -> bool:
+        return True  # this test is about the memory in front of the store
+
+    hub = SimpleNamespace(
+        nonces=NonceCache(max_entries=1), store=SimpleNamespace(claim_nonce=claim_nonce)
+    )
 
     def check(headers: dict[str, str]) -> str:
         raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
@@ -936,7 +943,8 @@ def test_a_full_nonce_cache_tells_a_peer_to_retry_not_that_its_signature_is_bad(
             "root_path": "",
             "headers": [(b"host", b"peer.example:8787"), *raw],
         }
-        return verify_signed(hub, Request(scope), BODY, pinned_to(ALICE.node_id))  # type: ignore[arg-type]
+        checked = verify_signed(hub, Request(scope), BODY, pinned_to(ALICE.node_id))  # type: ignore[arg-type]
+        return asyncio.run(checked)
 
     def signed_now(request_id: str) -> dict[str, str]:
         headers = {"aihub-request-id": request_id}

@@ -3,9 +3,13 @@ limits."""
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import ipaddress
+import tempfile
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from hypothesis import assume, given, settings
@@ -19,6 +23,7 @@ from node.policy import (
     period_start,
 )
 from node.ratelimit import WINDOW, MinuteLog, RateLimited, RateLimiter, ScopeLimits
+from node.storage import Store
 
 names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30)
 
@@ -117,67 +122,94 @@ class Clock:
         return self.now
 
 
-@settings(max_examples=200)
+def limited(clock: Clock, work: Callable[[RateLimiter], Awaitable[None]]) -> None:
+    """Run `work` with a rate limiter on a fresh store (what it takes its leases from)."""
+
+    async def run() -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            store = await Store.open(Path(folder) / "aihub.db")
+            try:
+                await work(RateLimiter(store, clock))
+            finally:
+                await store.close()
+
+    asyncio.run(run())
+
+
+@settings(max_examples=100, deadline=None)
 @given(
     limit=st.integers(1, 50),
     gaps=st.lists(st.floats(0, 30, allow_nan=False), min_size=1, max_size=120),
 )
 def test_admitted_requests_never_exceed_the_limit_in_any_window(limit, gaps):
     clock = Clock()
-    limiter = RateLimiter(clock)
     scope = ScopeLimits("key:k", rpm=limit)
     admitted: list[float] = []
-    for gap in gaps:
-        clock.now += gap
-        try:
-            limiter.release(limiter.admit([scope]), 0)
-        except RateLimited as refused:
-            assert refused.retry_after > 0
-            assert refused.headers["x-ratelimit-limit-requests"] == str(limit)
-            continue
-        admitted.append(clock.now)
+
+    async def work(limiter: RateLimiter) -> None:
+        for gap in gaps:
+            clock.now += gap
+            try:
+                limiter.release(await limiter.admit([scope]), 0)
+            except RateLimited as refused:
+                assert refused.retry_after > 0
+                assert refused.headers["x-ratelimit-limit-requests"] == str(limit)
+                continue
+            admitted.append(clock.now)
+
+    limited(clock, work)
     # The sliding estimate never undercounts requests in the last minute.
     for index, at in enumerate(admitted):
         recent = [t for t in admitted[: index + 1] if at - t < WINDOW]
         assert len(recent) <= limit
 
 
+@settings(deadline=None)
 @given(limit=st.integers(1, 20), extra=st.integers(1, 5))
 def test_retry_after_is_enough(limit, extra):
     clock = Clock()
-    limiter = RateLimiter(clock)
     scope = ScopeLimits("key:k", rpm=limit)
-    for _ in range(limit):
-        limiter.admit([scope])
-    with pytest.raises(RateLimited) as refused:
-        limiter.admit([scope])
-    clock.now += refused.value.retry_after + 1e-6
-    limiter.admit([scope])  # admitted once the advertised wait is over
+
+    async def work(limiter: RateLimiter) -> None:
+        for _ in range(limit):
+            await limiter.admit([scope])
+        with pytest.raises(RateLimited) as refused:
+            await limiter.admit([scope])
+        clock.now += refused.value.retry_after + 1e-6
+        await limiter.admit([scope])  # admitted once the advertised wait is over
+
+    limited(clock, work)
 
 
 def test_tokens_per_minute_count_actual_tokens():
     clock = Clock()
-    limiter = RateLimiter(clock)
     scope = ScopeLimits("key:k", tpm=100)
-    limiter.release(limiter.admit([scope]), 150)
-    with pytest.raises(RateLimited) as refused:
-        limiter.admit([scope])
-    assert refused.value.headers["x-ratelimit-remaining-tokens"] == "0"
-    clock.now += 2 * WINDOW
-    limiter.admit([scope])
+
+    async def work(limiter: RateLimiter) -> None:
+        limiter.release(await limiter.admit([scope]), 150)
+        with pytest.raises(RateLimited) as refused:
+            await limiter.admit([scope])
+        assert refused.value.headers["x-ratelimit-remaining-tokens"] == "0"
+        clock.now += 2 * WINDOW
+        await limiter.admit([scope])
+
+    limited(clock, work)
 
 
 def test_parallel_limit_and_all_or_nothing_admission():
-    limiter = RateLimiter(Clock())
     key = ScopeLimits("key:k", max_parallel=1)
     tenant = ScopeLimits("tenant:t", rpm=100)
-    held = limiter.admit([key, tenant])
-    with pytest.raises(RateLimited):
-        limiter.admit([key, tenant])
-    # The refused request took nothing from the tenant's minute.
-    assert limiter._requests["tenant:t"].total == 1
-    limiter.release(held, 0)
-    limiter.admit([key, tenant])
+
+    async def work(limiter: RateLimiter) -> None:
+        held = await limiter.admit([key, tenant])
+        with pytest.raises(RateLimited):
+            await limiter.admit([key, tenant])
+        # The refused request took nothing from the tenant's minute.
+        assert limiter._requests["tenant:t"].used == 1
+        limiter.release(held, 0)
+        await limiter.admit([key, tenant])
+
+    limited(Clock(), work)
 
 
 @given(
