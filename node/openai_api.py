@@ -269,7 +269,16 @@ class Accounting:
         self._settled = True
         usage, clamped = clamp_usage(usage, self.worst)
         spec = route.spec if route else None
-        actual = cost_micros(usage, spec.price_in, spec.price_out) if spec else 0
+        actual = 0
+        if spec is not None:
+            # A peer pays the price we advertised it (the cheapest deployment of the name),
+            # whichever deployment served: it agreed to that, and its books check it.
+            price_in, price_out = (
+                self.hub.peering.advertised_price(spec.name)
+                if self.for_peer
+                else (spec.price_in, spec.price_out)
+            )
+            actual = cost_micros(usage, price_in, price_out)
         cost = min(actual, self.reserved)
         elapsed = time.perf_counter() - self.started
         record = UsageRecord(

@@ -128,8 +128,7 @@ class Peering:
         self.advert_seq = max(await self.store.next_counter(ADVERT_SEQ), int(time.time()))
         await self.load()
 
-    def local_models(self, limits: Limits | None) -> list[AdvertModel]:
-        """What a peer's key may use here: local deployments only, cheapest price per name."""
+    def _cheapest(self, limits: Limits | None) -> dict[str, Deployment]:
         chosen: dict[str, Deployment] = {}
         for route in self.router.routes:
             spec = route.spec
@@ -138,6 +137,17 @@ class Peering:
             best = chosen.get(spec.name)
             if best is None or spec.price_in + spec.price_out < best.price_in + best.price_out:
                 chosen[spec.name] = spec
+        return chosen
+
+    def advertised_price(self, name: str) -> tuple[int, int]:
+        """The prices a peer is shown (and charged) for model `name`: its cheapest local
+        deployment's, per 1M tokens in and out."""
+        spec = self._cheapest(None).get(name)
+        return (spec.price_in, spec.price_out) if spec is not None else (0, 0)
+
+    def local_models(self, limits: Limits | None) -> list[AdvertModel]:
+        """What a peer's key may use here: local deployments only, cheapest price per name."""
+        chosen = self._cheapest(limits)
         return [
             AdvertModel(
                 id=spec.name,

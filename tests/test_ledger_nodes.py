@@ -271,3 +271,30 @@ def test_reconciliation_runs_on_its_schedule(tmp_path: Path) -> None:
             db.execute("DELETE FROM receipts WHERE seq IN (2, 3)")
         assert len(receipts_at(bob)) == 2
         assert wait_for(lambda: receipts_at(bob) == receipts_at(alice), seconds=25)
+
+
+def test_a_peer_pays_the_advertised_price_whichever_deployment_serves(tmp_path: Path) -> None:
+    """Alice advertises llama3 at its cheapest deployment's price; that deployment is down,
+    so a dearer one serves. Bob is billed the advertised price, so his books take the
+    receipt (one above the advert would be refused as more than he agreed to pay)."""
+    cheap_but_down = (
+        '[[models]]\nname = "llama3"\nprovider = "openai"\nmodel = "m"\n'
+        'base_url = "http://127.0.0.1:9/v1"\nprice_in = 1_000_000\nprice_out = 1_000_000'
+    )
+    dear = (
+        '[[models]]\nname = "llama3"\nprovider = "echo"\n'
+        "price_in = 9_000_000\nprice_out = 9_000_000"
+    )
+    alice = make_peer(tmp_path, "alice", cheap_but_down, dear)
+    bob = make_peer(tmp_path, "bob")
+    with alice.run(), bob.run() as b:
+        cli("join", invite(alice), "--data-dir", str(bob.path))
+        assert wait_for(lambda: answers(b, "llama3", max_tokens=3))
+        assert wait_for(lambda: len(receipts_at(bob)) == 1 and all_countersigned(alice, bob))
+        with sqlite3.connect(alice.path / DATABASE_FILE) as db:
+            (deployment, tokens_in, tokens_out, cost) = db.execute(
+                "SELECT deployment, tokens_in, tokens_out, cost_micros FROM usage"
+            ).fetchone()
+        assert deployment.startswith("llama3") and "echo" in deployment
+        assert cost == tokens_in + tokens_out  # at 1,000,000 micros per 1M tokens, both ways
+        assert receipts_at(bob)[0][3] == receipts_at(alice)[0][3] == cost
