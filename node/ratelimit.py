@@ -157,12 +157,20 @@ def minute_of(buckets: list[tuple[int, int]]) -> MinuteLog:
     return minute
 
 
+def _lease_size(limit: int) -> int:
+    return max(1, min(limit // LEASE_SHARE, LEASE_MAX))
+
+
 @dataclass
 class Slots:
     """Parallel slots of one scope: held in the store by this process, and in use."""
 
     held: int = 0
     in_flight: int = 0
+    # Idle slots kept beyond those in use at a sync: a tenth of the limit (none for a small
+    # one, so that other processes can have every slot), else each new concurrent request
+    # would wait for a store round trip, one at a time.
+    spare: int = 0
 
 
 class RateLimiter:
@@ -246,16 +254,19 @@ class RateLimiter:
                     # Taken under another limit (the key changed): give back what is left.
                     del self._requests[limits.scope]
                     returns.append((limits.scope, lease.second, lease.granted - lease.used))
-                want = max(1, min(limits.rpm // LEASE_SHARE, LEASE_MAX))
+                want = _lease_size(limits.rpm)
                 takes.append(RateTake(limits.scope, "requests", limits.rpm, want))
             if limits.max_parallel is not None and not self._has_slot(limits):
-                takes.append(RateTake(limits.scope, "parallel", limits.max_parallel, 1))
+                want = _lease_size(limits.max_parallel)
+                takes.append(RateTake(limits.scope, "parallel", limits.max_parallel, want))
         answer = await self._sync(second, takes, returns)
         if answer.refused is not None:
             raise _refusal(scopes, takes[answer.refused], answer, now)
         for take, granted, used in zip(takes, answer.granted, answer.used, strict=True):
             if take.kind == "parallel":
-                self._slots.setdefault(take.scope, Slots()).held += granted
+                slots = self._slots.setdefault(take.scope, Slots())
+                slots.held += granted
+                slots.spare = _lease_size(take.limit) - 1
                 continue
             lease = self._requests.get(take.scope)
             if lease is None or lease.second != second:
@@ -285,7 +296,9 @@ class RateLimiter:
             log_.pending = MinuteLog()
         slots = []
         for scope, held in list(self._slots.items()):
-            held.held = held.in_flight  # idle slots go back: other processes may need them
+            # Idle slots past the spare go back (all of them once none is in use: an idle
+            # node syncs nothing): other processes may need them.
+            held.held = min(held.held, held.in_flight + held.spare) if held.in_flight else 0
             slots.append((scope, held.held))
             if not held.held:
                 del self._slots[scope]
