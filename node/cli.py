@@ -871,7 +871,7 @@ def usage_command(directory: Path, by: UsageBy, since: int, as_csv: bool, as_jso
         return
     table = Table(title=f"Usage by {by} since {_when(since // 1000)}")
     table.add_column(by, overflow="fold")
-    for column in ("requests", "errors", "tokens in", "tokens out", "cost"):
+    for column in ("requests", "errors", "tokens in", "tokens out", "cost", "unbilled", "clamped"):
         table.add_column(column, justify="right", overflow="fold")
     for row in rows:
         label = "(none)" if row.group is None else row.group
@@ -884,6 +884,8 @@ def usage_command(directory: Path, by: UsageBy, since: int, as_csv: bool, as_jso
             str(row.tokens_in),
             str(row.tokens_out),
             money(row.cost_micros),
+            money(row.unbilled_micros),
+            str(row.clamped),
         )
     table.add_row(
         "total",
@@ -892,6 +894,8 @@ def usage_command(directory: Path, by: UsageBy, since: int, as_csv: bool, as_jso
         str(sum(r.tokens_in for r in rows)),
         str(sum(r.tokens_out for r in rows)),
         money(sum(r.cost_micros for r in rows)),
+        money(sum(r.unbilled_micros for r in rows)),
+        str(sum(r.clamped for r in rows)),
         style="bold",
     )
     console.print(table)

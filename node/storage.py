@@ -441,6 +441,10 @@ class UsageGroup(msgspec.Struct):
     tokens_in: int
     tokens_out: int
     cost_micros: int
+    # What requests cost beyond their charge (capped at their reservation), and how many had
+    # token counts clamped: an upstream or peer reporting what the request could not use.
+    unbilled_micros: int = 0
+    clamped: int = 0
 
 
 _KEY_COLUMNS = (
@@ -1238,7 +1242,8 @@ class Store:
         column = {"key": "key_id", "tenant": "tenant_id", "model": "model"}[by]
         rows = await self._fetchall(
             f"SELECT {column}, COUNT(*), SUM(status >= 400), SUM(tokens_in), SUM(tokens_out),"
-            f" SUM(cost_micros) FROM usage WHERE ts_ms >= ? GROUP BY {column}"
+            f" SUM(cost_micros), SUM(unbilled_micros), SUM(clamped)"
+            f" FROM usage WHERE ts_ms >= ? GROUP BY {column}"
             " ORDER BY SUM(cost_micros) DESC, COUNT(*) DESC",
             (since_ms,),
         )

@@ -23,7 +23,7 @@ from tests.conftest import NodeDir, RunningNode, run_node
 KEY_RE = re.compile(r"sk-hub-[0-9a-f]{12}_[A-Za-z0-9_-]{43}")
 HELLO = [{"role": "user", "content": "hello there"}]
 RESET_RE = re.compile(r"^(\d+m\d+s|\d+s|\d+ms)$")
-CSV_HEADER = "group,requests,errors,tokens_in,tokens_out,cost_micros"
+CSV_HEADER = "group,requests,errors,tokens_in,tokens_out,cost_micros,unbilled_micros,clamped"
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -492,9 +492,10 @@ def test_usage_groups_what_was_actually_served(fresh):
     chats, embeds = totals([served[0], served[1], served[3]]), totals([served[2]])
     assert a[2] > 0 and b[2] > 0 and a[1] == 3 + 1
     expected = {
-        "key": {record_a["id"]: [3, 0, *a], record_b["id"]: [2, 1, *b]},
-        "tenant": {tenant["id"]: [3, 0, *a], None: [2, 1, *b]},
-        "model": {"echo": [4, 1, *chats], "echo-embed": [1, 0, *embeds]},
+        # (… cost, unbilled, clamped): echo's counts are its own, never clamped or unbilled.
+        "key": {record_a["id"]: [3, 0, *a, 0, 0], record_b["id"]: [2, 1, *b, 0, 0]},
+        "tenant": {tenant["id"]: [3, 0, *a, 0, 0], None: [2, 1, *b, 0, 0]},
+        "model": {"echo": [4, 1, *chats, 0, 0], "echo-embed": [1, 0, *embeds, 0, 0]},
     }
     columns = CSV_HEADER.split(",")
     with admin(node) as client:
@@ -514,7 +515,7 @@ def test_usage_groups_what_was_actually_served(fresh):
             assert lines[0] == CSV_HEADER
             parsed = list(csv.reader(io.StringIO(exported.text)))[1:]
             assert {row[0] or None: [int(v) for v in row[1:]] for row in parsed} == groups
-            costs = [int(row[-1]) for row in parsed]
+            costs = [int(row[columns.index("cost_micros")]) for row in parsed]
             assert costs == sorted(costs, reverse=True)  # the costliest first
 
         # `since` cuts: a moment after the requests (ISO, unix seconds) shows nothing.

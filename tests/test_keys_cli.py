@@ -33,7 +33,7 @@ from tests.conftest import NodeDir, run_node, wait_ready
 from tests.mocks.server import free_port
 
 KEY_RE = re.compile(r"sk-hub-[0-9a-f]{12}_[A-Za-z0-9_-]{43}")
-CSV_HEADER = "group,requests,errors,tokens_in,tokens_out,cost_micros"
+CSV_HEADER = "group,requests,errors,tokens_in,tokens_out,cost_micros,unbilled_micros,clamped"
 # The command from the issue, word for word (as a shell would pass it).
 ISSUE_COMMAND = [
     *("keys", "create", "--name", "ci-bot", "--models", "gpt-4o*,llama3", "--budget", "20"),
@@ -323,6 +323,8 @@ def test_usage_reports_requests_served_by_a_running_node(node_dir, wide):
             sum(u["prompt_tokens"] for u in usage),
             sum(u.get("completion_tokens", 0) for u in usage),
             sum(int(r.headers["aihub-cost-micros"]) for r in responses),
+            0,  # unbilled: echo's counts are its own
+            0,  # clamped
         ]
 
     a, b = row(served_a), row(served_b)

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+from click.testing import CliRunner
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from msgspec import Raw
@@ -31,6 +32,7 @@ from adapters.ollama import OllamaAdapter
 from adapters.openai import OpenAIAdapter
 from adapters.tokens import MAX_TOKEN_COUNT, token_count
 from adapters.types import Upstream, Usage
+from node.cli import main
 from node.config import DATABASE_FILE
 from node.journal import JOURNAL_DIR, Journal
 from node.storage import Hold, Store
@@ -351,6 +353,14 @@ def test_a_node_given_absurd_counts_keeps_writing_usage_and_restarts(
             assert cost <= 9 + 8  # never more than was reserved: 9 prompt + 8 out, at $1/1M
             assert unbilled == tokens_in + tokens_out - cost
         assert 'aihub_usage_clamped_total{model="wild"} 2.0' in metrics
+        report = msgspec.json.decode(
+            CliRunner()
+            .invoke(main, ["usage", "--by", "model", "--json", "--data-dir", str(node_dir.path)])
+            .output
+        )
+        (by_wild,) = [row for row in report["data"] if row["group"] == "wild"]
+        assert by_wild["clamped"] == 2
+        assert by_wild["unbilled_micros"] == sum(row[3] for row in wild)
         tokens_out = 'aihub_tokens_total{direction="out",model="wild"} 16.0'
         assert tokens_out in metrics
         _stop(process, signal.SIGKILL)
