@@ -755,15 +755,19 @@ async def _embeddings(request: Request) -> Reply:
         return await _answer(books, route, result)
 
 
-def _cards(hub: Hub, local_only: bool) -> dict[str, ModelCard]:
-    """The models a client can ask for: this node's own (owned by this node), then those only
-    peers serve (owned by the first peer that advertises each)."""
+def _cards(hub: Hub, principal: Principal, local_only: bool) -> dict[str, ModelCard]:
+    """The models this client can ask for: this node's own (owned by this node), then those
+    only peers serve (owned by the first peer that advertises each); only those its key's
+    (and tenant's, or invite's) allowlist lets it use, as its advert shows a peer."""
     cards = {
         name: ModelCard(id=name, owned_by=hub.config.node.name, created=hub.started_at)
         for name in hub.router.by_name
+        if _may_use(principal, name)
     }
     if not local_only:
         for name, routes in hub.router.peer_by_name.items():
+            if not _may_use(principal, name):
+                continue
             owner = routes[0].peer_name or "peer"
             cards.setdefault(name, ModelCard(id=name, owned_by=owner, created=hub.started_at))
     return cards
@@ -780,7 +784,7 @@ async def _authenticate_listing(request: Request) -> Principal:
 @get("/v1/models")
 async def list_models(request: Request) -> Response[bytes]:
     principal = await _authenticate_listing(request)
-    cards = _cards(hub_of(request), _local_only(request, principal))
+    cards = _cards(hub_of(request), principal, _local_only(request, principal))
     return Response(msgspec.json.encode(ModelList(list(cards.values()))), media_type=JSON)
 
 
@@ -788,7 +792,7 @@ async def list_models(request: Request) -> Response[bytes]:
 async def get_model(request: Request, model_id: FromPath[str]) -> Response[bytes]:
     principal = await _authenticate_listing(request)
     model = model_id.lstrip("/")
-    card = _cards(hub_of(request), _local_only(request, principal)).get(model)
+    card = _cards(hub_of(request), principal, _local_only(request, principal)).get(model)
     if card is None:
         message = f"The model `{model}` does not exist on this node"
         raise ApiError(404, message, param="model", code="model_not_found")

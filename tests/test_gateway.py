@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+import httpx
 import msgspec
 import pytest
 
@@ -13,6 +14,7 @@ from node.storage import Store
 from tests.conftest import NodeDir, RunningNode, run_node
 from tests.mocks.openai_mock import OpenAIMock
 from tests.mocks.server import serve_app
+from tests.test_budgets import make_key
 
 HELLO = [{"role": "user", "content": "hello there"}]
 
@@ -189,6 +191,17 @@ def test_models_list_and_get(node):
     assert all(m["owned_by"] == "alice" and m["object"] == "model" for m in listed["data"])
     assert one.status_code == 200 and one.json()["id"] == "gpt-mock"
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_models_list_shows_only_what_the_key_may_use(node, node_dir):
+    """A key allowed only some models (as a peer's key is, by its invite) sees those alone,
+    and asking for another by id is a 404, as for a model that does not exist."""
+    key, _ = make_key(node_dir.path, name="narrow", models=["echo*"])
+    with httpx.Client(base_url=node.url, headers={"authorization": f"Bearer {key}"}) as client:
+        listed = client.get("/v1/models").json()
+        hidden = client.get("/v1/models/gpt-mock")
+    assert [m["id"] for m in listed["data"]] == ["echo", "echo-embed"]
+    assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "model_not_found"
 
 
 def test_embeddings_echo_float_and_base64(node):
