@@ -224,3 +224,43 @@ def test_a_changed_vector_is_refused() -> None:
             public_key_for=lambda key_id: public_key_of(bob),
             now=NOW,
         )
+
+
+# --- links: the documents stand alone ---------------------------------------------------------
+
+LINKED = ["README.md", "docs/protocol.md", "docs/architecture.md", "docs/deploy.md"]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation but hyphens dropped, spaces as
+    hyphens, a repeated anchor numbered."""
+    seen: dict[str, int] = {}
+    found = set()
+    text = re.sub(r"```.*?```", "", markdown, flags=re.S)
+    for heading in re.findall(r"^#+ (.+)$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        found.add(slug if count == 0 else f"{slug}-{count}")
+    return found
+
+
+@pytest.mark.parametrize("document", LINKED)
+def test_every_link_stays_in_the_repository_and_resolves(document: str) -> None:
+    path = ROOT / document
+    text = path.read_text()
+    for target in LINK.findall(text):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        assert linked.is_relative_to(ROOT), f"{document} links outside the repository: {target}"
+        assert linked.exists(), f"{document} links a missing file: {target}"
+        if anchor and linked.suffix == ".md":
+            assert anchor in anchors(linked.read_text()), f"{document}: no anchor {target}"
+
+
+def test_the_readme_links_the_protocol_and_the_architecture() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "(docs/protocol.md)" in readme and "(docs/architecture.md)" in readme
