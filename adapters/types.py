@@ -354,10 +354,6 @@ class UpstreamError(Exception):
         self.upstream_status = upstream_status
 
 
-RECEIPT_EVENT = b"aihub.receipt"
-RECEIPT_HEADER = "aihub-receipt"
-
-
 def sse_event(payload: bytes) -> bytes:
     """Frame one JSON payload as an SSE `data:` event."""
     return b"data: " + payload + b"\n\n"
