@@ -22,7 +22,6 @@ import msgspec
 from msgspec import Meta, Raw, Struct
 
 ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
-NonNegInt = Annotated[int, Meta(ge=0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
 
 # --- requests -----------------------------------------------------------------------------
