@@ -31,8 +31,6 @@ from adapters.tokens import (
     usage_or_estimate,
 )
 from adapters.types import (
-    RECEIPT_EVENT,
-    RECEIPT_HEADER,
     ChatCall,
     ChatResult,
     EmbedCall,
@@ -100,6 +98,13 @@ def _embed_usage(peek: _PeekUsage | None, call: EmbedCall) -> tuple[Usage, bool]
 class OpenAIAdapter:
     """Speaks OpenAI's `/chat/completions` and `/embeddings` at `base_url`."""
 
+    # Where an upstream that signs what it charged (another aihub node) sends its receipt: a
+    # response header, and on a stream an SSE event of its own, never passed on. Named by the
+    # subclass that reaches such an upstream (the node's peer adapter): the names are the
+    # federation protocol's, which adapters do not import.
+    receipt_header: str | None = None
+    receipt_event: bytes | None = None
+
     def __init__(self, upstream: Upstream, client: UpstreamClient) -> None:
         self.upstream = upstream
         self.client = client
@@ -158,7 +163,7 @@ class OpenAIAdapter:
             raise UpstreamError(
                 502, f"{self.upstream.provider} upstream sent invalid JSON: {exc}", retryable=True
             ) from exc
-        receipt = _receipt_of(response)
+        receipt = self._receipt_of(response)
         text = "".join(
             (choice.message.content or "") for choice in peek.choices or () if choice.message
         )
@@ -175,7 +180,7 @@ class OpenAIAdapter:
         )
         request = self._request("chat/completions", body, call.request_id)
         response = await send(self.client, self.upstream, request, stream=True)
-        return OpenAIStream(call, self.upstream, response)
+        return OpenAIStream(call, self.upstream, response, self.receipt_event)
 
     async def embed(self, call: EmbedCall) -> EmbedResult:
         body = self._body(call.raw)
@@ -189,25 +194,36 @@ class OpenAIAdapter:
                 502, f"{self.upstream.provider} upstream sent invalid JSON: {exc}", retryable=True
             ) from exc
         usage, estimated = _embed_usage(peek.usage, call)
-        return EmbedResult(content, usage, usage_estimated=estimated, receipt=_receipt_of(response))
+        return EmbedResult(
+            content, usage, usage_estimated=estimated, receipt=self._receipt_of(response)
+        )
 
-
-def _receipt_of(response: UpstreamResponse) -> bytes | None:
-    value = response.headers.get(RECEIPT_HEADER)
-    return value.encode() if value else None
+    def _receipt_of(self, response: UpstreamResponse) -> bytes | None:
+        if self.receipt_header is None:
+            return None
+        value = response.headers.get(self.receipt_header)
+        return value.encode() if value else None
 
 
 class OpenAIStream:
-    def __init__(self, call: ChatCall, upstream: Upstream, response: UpstreamResponse) -> None:
+    def __init__(
+        self,
+        call: ChatCall,
+        upstream: Upstream,
+        response: UpstreamResponse,
+        receipt_event: bytes | None = None,
+    ) -> None:
         self.usage: Usage | None = None
         self.usage_estimated = False
         self.receipt: bytes | None = None
         self._call = call
         self._upstream = upstream
         self._response = response
+        self._receipt_event = receipt_event
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         wants_usage = self._call.request.include_usage
+        receipt_event = self._receipt_event
         text: list[str] = []
         finished = False
         async for event in iter_sse(self._response, self._upstream):
@@ -215,7 +231,7 @@ class OpenAIStream:
             if data == b"[DONE]":
                 finished = True
                 break
-            if event.event == RECEIPT_EVENT:
+            if receipt_event is not None and event.event == receipt_event:
                 self.receipt = data
                 continue
             try:

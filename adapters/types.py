@@ -22,7 +22,6 @@ import msgspec
 from msgspec import Meta, Raw, Struct
 
 ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
-NonNegInt = Annotated[int, Meta(ge=0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
 
 # --- requests -----------------------------------------------------------------------------
@@ -352,10 +351,6 @@ class UpstreamError(Exception):
         # Whoever built the error, a wait from an upstream is only ever used clamped.
         self.retry_after = sane_wait(retry_after)
         self.upstream_status = upstream_status
-
-
-RECEIPT_EVENT = b"aihub.receipt"
-RECEIPT_HEADER = "aihub-receipt"
 
 
 def sse_event(payload: bytes) -> bytes:

@@ -21,7 +21,6 @@ from bench.mock import COMPLETION, _compact
 
 APPS = ["asgi", "asgi-forward", "litestar", "litestar-forward", "litestar-aiohttp"]
 BODY = _compact(COMPLETION)
-HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]
 
 
 def _client() -> Any:

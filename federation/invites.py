@@ -66,8 +66,6 @@ PROOF_CONTEXT = "aihub-join/1"
 SEED_BYTES = 32
 TOKEN_ID_BYTES = 16
 NONCE_BYTES = 16
-# A join request is valid for iat ± MAX_SKEW: a nonce record must remember nonces this long.
-JOIN_WINDOW = 2 * MAX_SKEW
 # What a join nonce is recorded for, in the issuer's durable nonce record.
 JOIN_CONTEXT = "join"
 # Tokens are pasted by people and parsed before their signature is known to be good: bound
@@ -83,14 +81,6 @@ ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 class JoinError(RecordError):
     """A join request that must be refused; the message says why."""
-
-
-class InviteUsedUp(JoinError):
-    """Raised by the caller when an invite has no uses left."""
-
-
-class JoinReplayed(JoinError):
-    """Raised by the caller when a join nonce was already seen within `JOIN_WINDOW`."""
 
 
 class Invite(msgspec.Struct, frozen=True, kw_only=True):

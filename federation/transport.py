@@ -1,17 +1,16 @@
-"""The peer transport: how the router reaches a model another node shares with us.
+"""The peer transport: what makes a request from this node to another a signed peer request.
 
-A peer speaks the same OpenAI-compatible API as any upstream, so this is the OpenAI adapter
-with three differences: it authenticates with the cross-node key the peer issued us, it signs
-every request with our node key (RFC 9421, see `federation.httpsig`), and it marks the request
-as one hop old so that the peer serves it from its own deployments only (no loops, no
-reselling).
+A peer speaks the same OpenAI-compatible API as any upstream; what differs is here: a request
+authenticates with the cross-node key the peer issued us, is signed with our node key (RFC
+9421, see `federation.httpsig`), and is marked as one hop old so that the peer serves it from
+its own deployments only (no loops, no reselling); the peer answers with a signed receipt, in a
+header or, on a stream, an event of its own. The adapter that speaks the API with these headers
+is the node's (`node.peer_adapter`): federation imports nothing of the adapters (imports point
+node → federation → ledger; adapters stand alone).
 """
 
 from __future__ import annotations
 
-from adapters.http import UpstreamClient
-from adapters.openai import OpenAIAdapter
-from adapters.types import Upstream
 from federation.httpsig import REQUEST_ID_HEADER, sign_request
 from federation.identity import NodeIdentity
 from federation.ids import new_request_id
@@ -19,6 +18,10 @@ from federation.ids import new_request_id
 HOP_HEADER = "aihub-hop"
 # On a node's signed requests: it wants to be named to the receiver's other peers.
 LISTED_HEADER = "aihub-listed"
+# A peer's receipt for a complete answer: a response header (unpadded base64url), or on a
+# stream an SSE event of this name before `[DONE]` whose data is the receipt.
+RECEIPT_HEADER = "aihub-receipt"
+RECEIPT_EVENT = b"aihub.receipt"
 
 
 def signed_headers(
@@ -43,28 +46,10 @@ def signed_headers(
     return headers
 
 
-def peer_upstream(model: str, url: str, key: str, max_output_tokens: int = 4096) -> Upstream:
-    return Upstream(
-        provider="peer",
-        model=model,
-        base_url=url.rstrip("/") + "/v1",
-        api_key=key,
-        max_output_tokens=max_output_tokens,
+def peer_call_headers(
+    identity: NodeIdentity, url: str, body: bytes, key: str | None, request_id: str
+) -> dict[str, str]:
+    """The headers of a model call routed to a peer: signed, with its key, one hop old."""
+    return signed_headers(
+        identity, "POST", url, body, key=key, request_id=request_id, extra={HOP_HEADER: "1"}
     )
-
-
-class PeerAdapter(OpenAIAdapter):
-    def __init__(self, upstream: Upstream, client: UpstreamClient, identity: NodeIdentity) -> None:
-        super().__init__(upstream, client)
-        self.identity = identity
-
-    def request_headers(self, url: str, body: bytes, request_id: str) -> dict[str, str]:
-        return signed_headers(
-            self.identity,
-            "POST",
-            url,
-            body,
-            key=self.upstream.api_key,
-            request_id=request_id,
-            extra={HOP_HEADER: "1"},
-        )

@@ -550,6 +550,11 @@ def _manage(directory: Path, work: Callable[[Management], Awaitable[T]]) -> T:
         raise
 
 
+def _currency(directory: Path) -> str:
+    """The currency the node's amounts are in, to show them in."""
+    return require_config(directory).node.currency
+
+
 def _print_json(value: object) -> None:
     click.echo(msgspec.json.format(msgspec.json.encode(value), indent=2).decode())
 
@@ -564,11 +569,12 @@ def _models_text(limits: Limits) -> str:
     return "all" if limits.models is None else ", ".join(limits.models) or "(none)"
 
 
-def _budget_text(limits: Limits, spend: SpendView | None) -> str:
+def _budget_text(limits: Limits, spend: SpendView | None, currency: str) -> str:
     if limits.budget_micros is None:
         return "-"
     spent = spend.spent_micros if spend else 0
-    return f"{amount(spent)} / {amount(limits.budget_micros)} {limits.budget_period}"
+    budget = amount(limits.budget_micros, currency)
+    return f"{amount(spent, currency)} / {budget} {limits.budget_period}"
 
 
 def _rate_text(limits: Limits) -> str:
@@ -586,27 +592,27 @@ def _details(rows: list[tuple[str, str]]) -> None:
     console.print(grid)
 
 
-def _limit_rows(limits: Limits, spend: SpendView | None) -> list[tuple[str, str]]:
+def _limit_rows(limits: Limits, spend: SpendView | None, currency: str) -> list[tuple[str, str]]:
     rows = [
         ("models", _models_text(limits)),
-        ("budget", _budget_text(limits, spend)),
+        ("budget", _budget_text(limits, spend, currency)),
         ("rpm / tpm", _rate_text(limits)),
         ("max parallel", "-" if limits.max_parallel is None else str(limits.max_parallel)),
     ]
     if spend is not None:
-        rows.append(("reserved", amount(spend.reserved_micros)))
+        rows.append(("reserved", amount(spend.reserved_micros, currency)))
         rows.append(("resets", _when(spend.resets_at)))
     return rows
 
 
-def _show_key(view: KeyView) -> None:
+def _show_key(view: KeyView, currency: str) -> None:
     rows = [
         ("id", view.id),
         ("name", view.name),
         ("status", view.status),
         ("admin", "yes" if view.is_admin else "no"),
         ("tenant", view.tenant or "-"),
-        *_limit_rows(view.limits, view.spend),
+        *_limit_rows(view.limits, view.spend, currency),
         ("allowed ips", ", ".join(view.allowed_ips) or "anywhere"),
         ("expires", _when(view.expires_at)),
         ("created", _when(view.created_at)),
@@ -619,25 +625,25 @@ def _show_key(view: KeyView) -> None:
     _details(rows)
 
 
-def _show_tenant(view: TenantView) -> None:
+def _show_tenant(view: TenantView, currency: str) -> None:
     rows = [
         ("id", view.id),
         ("name", view.name),
         ("keys", str(view.keys)),
-        *_limit_rows(view.limits, view.spend),
+        *_limit_rows(view.limits, view.spend, currency),
         ("created", _when(view.created_at)),
     ]
     rows.extend((f"meta {name}", value) for name, value in view.metadata.items())
     _details(rows)
 
 
-def _show_created(created: CreatedKey, as_json: bool, title: str) -> None:
+def _show_created(created: CreatedKey, as_json: bool, title: str, currency: str) -> None:
     if as_json:
         _print_json(created)
         return
     console.print(f"{title} (shown once, keep it safe):")
     console.print(f"  [bold green]{created.key}[/]\n", soft_wrap=True, highlight=False)
-    _show_key(created.record)
+    _show_key(created.record, currency)
 
 
 @main.group("keys")
@@ -653,7 +659,7 @@ def keys_create(directory: Path, name: str, as_json: bool, **options: Any) -> No
     """Create a key; the key itself is shown once, here."""
     spec = _spec(KeyInput, _key_fields(name, **options))
     created = _manage(directory, lambda m: m.create_key(spec, _cli_actor()))
-    _show_created(created, as_json, "New key")
+    _show_created(created, as_json, "New key", _currency(directory))
 
 
 @keys_group.command("list")
@@ -666,6 +672,7 @@ def keys_list(directory: Path, include_revoked: bool, as_json: bool) -> None:
     if as_json:
         _print_json(views)
         return
+    currency = _currency(directory)
     table = Table(title="Keys")
     table.add_column("id", no_wrap=True, min_width=12)
     for column in ("name", "tenant", "status", "models", "budget", "rpm / tpm", "expires"):
@@ -677,7 +684,7 @@ def keys_list(directory: Path, include_revoked: bool, as_json: bool) -> None:
             shown(view.tenant or "-"),
             view.status,
             shown(_models_text(view.limits)),
-            _budget_text(view.limits, view.spend),
+            _budget_text(view.limits, view.spend, currency),
             _rate_text(view.limits),
             _when(view.expires_at)[:10],
         )
@@ -698,7 +705,7 @@ def keys_show(directory: Path, id_or_key: str, as_json: bool) -> None:
     if as_json:
         _print_json(view)
     else:
-        _show_key(view)
+        _show_key(view, _currency(directory))
 
 
 @keys_group.command("update")
@@ -720,7 +727,7 @@ def keys_update(
         _print_json(view)
         return
     console.print(f"Updated key {view.id}")
-    _show_key(view)
+    _show_key(view, _currency(directory))
 
 
 @keys_group.command("revoke")
@@ -749,7 +756,7 @@ def keys_rotate(directory: Path, id_or_key: str, grace: int, as_json: bool) -> N
     created = _manage(
         directory, lambda m: m.rotate_key(id_or_key, spec.grace_seconds, _cli_actor())
     )
-    _show_created(created, as_json, "Rotated key")
+    _show_created(created, as_json, "Rotated key", _currency(directory))
 
 
 @main.group("tenants")
@@ -769,7 +776,7 @@ def tenants_create(directory: Path, name: str, meta: Any, as_json: bool, **limit
         _print_json(view)
         return
     console.print(f"Created tenant {view.id}")
-    _show_tenant(view)
+    _show_tenant(view, _currency(directory))
 
 
 @tenants_group.command("list")
@@ -781,6 +788,7 @@ def tenants_list(directory: Path, as_json: bool) -> None:
     if as_json:
         _print_json(views)
         return
+    currency = _currency(directory)
     table = Table(title="Tenants")
     table.add_column("id", no_wrap=True, min_width=15)
     for column in ("name", "keys", "models", "budget", "rpm / tpm", "max parallel"):
@@ -791,7 +799,7 @@ def tenants_list(directory: Path, as_json: bool) -> None:
             shown(view.name),
             str(view.keys),
             shown(_models_text(view.limits)),
-            _budget_text(view.limits, view.spend),
+            _budget_text(view.limits, view.spend, currency),
             _rate_text(view.limits),
             "-" if view.limits.max_parallel is None else str(view.limits.max_parallel),
         )
@@ -812,7 +820,7 @@ def tenants_show(directory: Path, id_or_name: str, as_json: bool) -> None:
     if as_json:
         _print_json(view)
     else:
-        _show_tenant(view)
+        _show_tenant(view, _currency(directory))
 
 
 @tenants_group.command("update")
@@ -833,7 +841,7 @@ def tenants_update(
         _print_json(view)
         return
     console.print(f"Updated tenant {view.id}")
-    _show_tenant(view)
+    _show_tenant(view, _currency(directory))
 
 
 @main.command("usage")
@@ -869,6 +877,7 @@ def usage_command(directory: Path, by: UsageBy, since: int, as_csv: bool, as_jso
     if as_json:
         _print_json(UsageReport(by, since, rows))
         return
+    currency = _currency(directory)
     table = Table(title=f"Usage by {by} since {_when(since // 1000)}")
     table.add_column(by, overflow="fold")
     for column in ("requests", "errors", "tokens in", "tokens out", "cost", "unbilled", "clamped"):
@@ -883,8 +892,8 @@ def usage_command(directory: Path, by: UsageBy, since: int, as_csv: bool, as_jso
             str(row.errors),
             str(row.tokens_in),
             str(row.tokens_out),
-            money(row.cost_micros),
-            money(row.unbilled_micros),
+            money(row.cost_micros, currency),
+            money(row.unbilled_micros, currency),
             str(row.clamped),
         )
     table.add_row(
@@ -893,8 +902,8 @@ def usage_command(directory: Path, by: UsageBy, since: int, as_csv: bool, as_jso
         str(sum(r.errors for r in rows)),
         str(sum(r.tokens_in for r in rows)),
         str(sum(r.tokens_out for r in rows)),
-        money(sum(r.cost_micros for r in rows)),
-        money(sum(r.unbilled_micros for r in rows)),
+        money(sum(r.cost_micros for r in rows), currency),
+        money(sum(r.unbilled_micros for r in rows), currency),
         str(sum(r.clamped for r in rows)),
         style="bold",
     )

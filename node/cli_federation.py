@@ -166,7 +166,8 @@ def register(
     @with_data_dir
     def peers_list(directory: Path, show_all: bool, as_json: bool) -> None:
         """Each peer: status, health and latency, its models, what it spent here."""
-        rows = asyncio.run(_with_store(directory, lambda s: _peer_views(s, show_all)))
+        currency = require_config(directory).node.currency
+        rows = asyncio.run(_with_store(directory, lambda s: _peer_views(s, show_all, currency)))
         if as_json:
             click.echo(msgspec.json.encode(rows).decode())
             return
@@ -324,7 +325,7 @@ class PeerView(msgspec.Struct):
     spent: str
 
 
-async def _peer_views(store: Store, show_all: bool) -> list[PeerView]:
+async def _peer_views(store: Store, show_all: bool, currency: str) -> list[PeerView]:
     health = await store.peer_health()
     views = []
     for record in await store.peers(include_revoked=show_all):
@@ -341,13 +342,13 @@ async def _peer_views(store: Store, show_all: bool) -> list[PeerView]:
                 healthy,
                 latency,
                 models,
-                await _spent_here(store, record),
+                await _spent_here(store, record, currency),
             )
         )
     return views
 
 
-async def _spent_here(store: Store, record: PeerRecord) -> str:
+async def _spent_here(store: Store, record: PeerRecord, currency: str) -> str:
     """What the peer has spent here this period, under the key we issued it."""
     if not record.key_for_them:
         return "-"
@@ -356,9 +357,11 @@ async def _spent_here(store: Store, record: PeerRecord) -> str:
         return "-"
     start = period_start(key.limits.budget_period, time.time())
     found = await store.spend([(f"key:{key.id}", start)])
-    used = amount(found[0].spent if found else 0)
+    used = amount(found[0].spent if found else 0, currency)
     cap = key.limits.budget_micros
-    return used if cap is None else f"{used} of {amount(cap)} {key.limits.budget_period}"
+    if cap is None:
+        return used
+    return f"{used} of {amount(cap, currency)} {key.limits.budget_period}"
 
 
 async def _pending(store: Store) -> list[tuple[NodeDescriptor, int]]:

@@ -31,8 +31,8 @@ T = TypeVar("T")
 _since = parsed(lambda text: parse_since(text) // 1000)  # the ledger counts in seconds
 
 
-def _signed_amount(micros: int) -> str:
-    return ("-" if micros < 0 else "") + amount(abs(micros))
+def _signed_amount(micros: int, currency: str) -> str:
+    return ("-" if micros < 0 else "") + amount(abs(micros), currency)
 
 
 def register(
@@ -58,6 +58,10 @@ def register(
 
         return asyncio.run(go())
 
+    def currency_of(directory: Path) -> str:
+        """The currency of the node's amounts, to show them in."""
+        return require_config(directory).node.currency
+
     def as_json(value: object) -> None:
         click.echo(msgspec.json.encode(value).decode())
 
@@ -75,17 +79,18 @@ def register(
         if json_:
             as_json(rows)
             return
+        currency = currency_of(directory)
         table = Table(title="Balances since the last settlement")
         for column in ("peer", "we used", "they used", "net", "receipts", "unanswered"):
             table.add_column(column, justify="left" if column == "peer" else "right")
         for row in rows:
             table.add_row(
                 shown(row.name),
-                amount(row.we_used),
-                amount(row.they_used),
-                _signed_amount(row.net),
+                amount(row.we_used, currency),
+                amount(row.they_used, currency),
+                _signed_amount(row.net, currency),
                 str(row.receipts),
-                amount(row.unanswered),
+                amount(row.unanswered, currency),
             )
         console.print(table)
 
@@ -144,6 +149,7 @@ def register(
         if json_:
             as_json(report)
             return
+        currency = currency_of(directory)
         table = Table(title="Reconciliation")
         for column in ("", "receipts", "amount"):
             table.add_column(column, justify="left" if not column else "right")
@@ -158,7 +164,9 @@ def register(
             "unanswered",
         ):
             bucket = getattr(report, label)
-            table.add_row(label.replace("_", " "), str(bucket.count), amount(bucket.amount))
+            table.add_row(
+                label.replace("_", " "), str(bucket.count), amount(bucket.amount, currency)
+            )
         console.print(table)
         if report.suspended:
             console.print("The peer signed two receipts for one seq: it is suspended.")
@@ -180,10 +188,11 @@ def register(
             return
         me = NodeIdentity.load(directory / IDENTITY_FILE).node_id
         net = statement.net if me == statement.b else -statement.net
+        currency = currency_of(directory)
         console.print(
-            f"Settled: {amount(statement.a_owes_b)} owed by {statement.a[:16]}…, "
-            f"{amount(statement.b_owes_a)} by {statement.b[:16]}…; net for us "
-            f"{_signed_amount(net)}.",
+            f"Settled: {amount(statement.a_owes_b, currency)} owed by {statement.a[:16]}…, "
+            f"{amount(statement.b_owes_a, currency)} by {statement.b[:16]}…; net for us "
+            f"{_signed_amount(net, currency)}.",
             markup=False,
         )
 
@@ -206,10 +215,10 @@ def register(
         if json_:
             as_json(plan)
             return
+        currency = currency_of(directory)
         for transfer in plan.transfers:
-            console.print(
-                f"{transfer.payer} pays {transfer.payee} {amount(transfer.amount)}", markup=False
-            )
+            paid = amount(transfer.amount, currency)
+            console.print(f"{transfer.payer} pays {transfer.payee} {paid}", markup=False)
         if not plan.transfers:
             console.print("Nothing to transfer.")
 

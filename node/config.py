@@ -30,6 +30,9 @@ Strategy = Literal["priority", "lowest-cost", "lowest-latency", "least-busy", "w
 
 class NodeSection(Struct, forbid_unknown_fields=True):
     name: Annotated[str, Meta(min_length=1, max_length=64)]
+    # The currency of every amount, which the CLI shows amounts in (`node.units.amount`). The
+    # amounts themselves, signed ones too, are plain micro-units: the nodes of a network agree
+    # on the currency among themselves.
     currency: Annotated[str, Meta(pattern=r"^[A-Z]{3}$")] = "USD"
 
 

@@ -38,8 +38,6 @@ from litestar.types import HTTPResponseStartEvent, Receive, Scope, Send
 
 from adapters.tokens import estimate_prompt_tokens
 from adapters.types import (
-    RECEIPT_EVENT,
-    RECEIPT_HEADER,
     ChatCall,
     ChatRequest,
     ChatResult,
@@ -53,7 +51,7 @@ from adapters.types import (
 )
 from federation.httpsig import REQUEST_ID_HEADER
 from federation.ids import new_request_id
-from federation.transport import HOP_HEADER
+from federation.transport import HOP_HEADER, RECEIPT_EVENT, RECEIPT_HEADER
 from ledger.canonical import b64url
 from ledger.nesting import bounded
 from ledger.receipts import SentRequest

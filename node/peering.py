@@ -25,12 +25,13 @@ from federation.descriptors import NodeDescriptor, make_descriptor, verify_descr
 from federation.identity import NodeIdentity
 from federation.invites import InviteRecord, JoinRequest, join_nonce, verify_join_request
 from federation.sealing import seal_for, unseal
-from federation.transport import LISTED_HEADER, PeerAdapter, peer_upstream, signed_headers
+from federation.transport import LISTED_HEADER, signed_headers
 from ledger.nesting import bounded
 from ledger.records import RecordError
 from node.auth import read_epoch, touch_epoch
 from node.config import Config, Deployment
 from node.keys import HASH_PURPOSE, generate_key, hash_key
+from node.peer_adapter import PeerAdapter, peer_upstream
 from node.policy import Limits, model_allowed
 from node.router import Route, Router
 from node.storage import JoinRequestBounds, KeyRecord, PeerRecord, Store

@@ -1187,10 +1187,6 @@ class Store:
             (provider, consumer, seq, ours, theirs, int(time.time())),
         )
 
-    async def equivocations(self) -> list[tuple[str, str, int, str, str, int]]:
-        rows = await self._fetchall("SELECT * FROM equivocations ORDER BY found_at")
-        return [tuple(row) for row in rows]  # type: ignore[misc]
-
     async def add_settlement(self, a: str, b: str, to_seq: int, iat: int, body: str) -> bool:
         """Keep a statement; False if the pair has one issued at `iat` already."""
         added = await self._exec(
@@ -1223,9 +1219,6 @@ class Store:
     async def write_batch(self, settlements: list[Settlement], events: list[AuditEvent]) -> None:
         """Usage records, the spend they settle and audit events: one transaction."""
         await self._atomic(lambda db: _write_settlements(db, settlements, events))
-
-    async def insert_usage(self, records: list[UsageRecord]) -> None:
-        await self.write_batch([Settlement(record) for record in records], [])
 
     async def usage_since(self, since_ms: int = 0) -> list[UsageRecord]:
         rows = await self._fetchall(

@@ -84,11 +84,21 @@ def parse_money(text: str) -> int:
     return int(micros)
 
 
-def money(micros: int) -> str:
-    """Micro-units as currency with all 6 decimals: 1500000 -> $1.500000."""
-    return f"${Decimal(micros).scaleb(-6):.6f}"
+# How an amount is shown in the node's currency (`node.currency`); another code follows it.
+_SYMBOLS = {"USD": "$", "EUR": "€", "GBP": "£"}
 
 
-def amount(micros: int) -> str:
+def _in(currency: str, number: str) -> str:
+    symbol = _SYMBOLS.get(currency)
+    return f"{symbol}{number}" if symbol else f"{number} {currency}"
+
+
+def money(micros: int, currency: str = "USD") -> str:
+    """Micro-units as currency with all 6 decimals: 1500000 -> $1.500000 (in EUR €1.500000,
+    in CHF 1.500000 CHF)."""
+    return _in(currency, f"{Decimal(micros).scaleb(-6):.6f}")
+
+
+def amount(micros: int, currency: str = "USD") -> str:
     """Micro-units as currency, without trailing zeros: 20000000 -> $20, 1 -> $0.000001."""
-    return f"${Decimal(micros).scaleb(-6).normalize():f}"
+    return _in(currency, f"{Decimal(micros).scaleb(-6).normalize():f}")

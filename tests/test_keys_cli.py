@@ -140,6 +140,20 @@ def test_the_issue_command_creates_a_key_shown_once(folder):
     assert (event["actor"], event["target"], event["detail"]) == (USER, key_id, {"name": "ci-bot"})
 
 
+@pytest.mark.parametrize(
+    ("currency", "shown_budget"), [("EUR", "€0 / €20 monthly"), ("CHF", "0 CHF / 20 CHF monthly")]
+)
+def test_amounts_are_shown_in_the_nodes_currency(folder, wide, currency, shown_budget):
+    config = folder / "config.toml"
+    text = config.read_text()
+    assert 'currency = "USD"' in text
+    config.write_text(text.replace('currency = "USD"', f'currency = "{currency}"'))
+    output = ok(folder, "keys", "create", "--name", "eu", "--budget", "20")
+    assert shown_budget in output and "$" not in output
+    assert shown_budget in ok(folder, "keys", "list")
+    assert "$" not in ok(folder, "usage")
+
+
 def test_update_changes_what_is_given_and_none_removes_a_limit(folder):
     key, record = create(folder, *ISSUE_COMMAND[2:])
     view = as_json(
