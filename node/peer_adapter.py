@@ -14,15 +14,29 @@ from adapters.openai import OpenAIAdapter
 from adapters.types import Upstream
 from federation.identity import NodeIdentity
 from federation.transport import RECEIPT_EVENT, RECEIPT_HEADER, peer_call_headers
+from node.config import UpstreamSection
 
 
-def peer_upstream(model: str, url: str, key: str, max_output_tokens: int = 4096) -> Upstream:
+def peer_upstream(
+    model: str,
+    url: str,
+    key: str,
+    limits: UpstreamSection | None = None,
+    max_output_tokens: int = 4096,
+) -> Upstream:
+    """A peer as an upstream, under the node's `[upstream]` timeouts and size limits: a peer
+    is as untrusted as any provider."""
+    limits = limits or UpstreamSection()
     return Upstream(
         provider="peer",
         model=model,
         base_url=url.rstrip("/") + "/v1",
         api_key=key,
         max_output_tokens=max_output_tokens,
+        connect_timeout=limits.connect_timeout,
+        read_timeout=limits.read_timeout,
+        max_response_bytes=limits.max_response_bytes,
+        max_event_bytes=limits.max_event_bytes,
     )
 
 

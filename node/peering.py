@@ -215,7 +215,7 @@ class Peering:
                     price_out=model.price_out,
                     context=model.context,
                 )
-                upstream = peer_upstream(model.id, peer.url, peer.key)
+                upstream = peer_upstream(model.id, peer.url, peer.key, self.config.upstream)
                 adapter = PeerAdapter(upstream, self.upstreams, self.identity)
                 routes.append(
                     Route(spec, adapter, -1, peer.node_id, peer.name, price_seq=peer.advert.seq)

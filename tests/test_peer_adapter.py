@@ -12,11 +12,12 @@ import pytest
 
 from adapters.http import UpstreamClient
 from adapters.openai import OpenAIAdapter
-from adapters.types import Upstream
+from adapters.types import Upstream, UpstreamError
 from federation.httpsig import verify_request
 from federation.identity import NodeIdentity
 from federation.nonces import NonceCache
 from federation.transport import HOP_HEADER, RECEIPT_EVENT, RECEIPT_HEADER
+from node.config import UpstreamSection
 from node.peer_adapter import PeerAdapter, peer_upstream
 from tests.calls import chat_call
 from tests.mocks.server import serve_app
@@ -111,3 +112,30 @@ async def test_a_plain_upstream_answer_is_not_read_for_a_receipt(url, client, pe
     assert result.receipt is None
     _, headers, _ = peer.received[-1]
     assert HOP_HEADER not in headers and "signature" not in headers
+
+
+async def _huge_answer(scope: dict, receive: Any, send: Any) -> None:
+    """A peer answering a completion of 64 KB (with a receipt, as an honest one would)."""
+    while (await receive()).get("more_body"):
+        pass
+    answer = {**COMPLETION, "choices": [{"index": 0, "message": {"content": "x" * 65536}}]}
+    start = [(b"content-type", b"application/json"), (RECEIPT_HEADER.encode(), b"cmVjZWlwdA")]
+    await send({"type": "http.response.start", "status": 200, "headers": start})
+    await send({"type": "http.response.body", "body": msgspec.json.encode(answer)})
+
+
+async def test_a_peer_answer_is_held_to_the_nodes_upstream_limits(client):
+    """A peer is as untrusted as any provider: its answers get the node's `[upstream]` size
+    limits and timeouts, not the built-in defaults."""
+    limits = UpstreamSection(
+        connect_timeout=2.0, read_timeout=30.0, max_response_bytes=4096, max_event_bytes=4096
+    )
+    upstream = peer_upstream("m", "http://127.0.0.1:9", "sk-peer", limits)
+    assert (upstream.connect_timeout, upstream.read_timeout) == (2.0, 30.0)
+    assert (upstream.max_response_bytes, upstream.max_event_bytes) == (4096, 4096)
+    with serve_app(_huge_answer) as huge_url:
+        upstream = peer_upstream("m", huge_url, "sk-peer", limits)
+        adapter = PeerAdapter(upstream, client, NodeIdentity.generate())
+        with pytest.raises(UpstreamError) as refused:
+            await adapter.chat(chat_call())
+    assert refused.value.code == "upstream_response_too_large"
