@@ -9,11 +9,12 @@ pending (durably), and before the first receipt to a pending peer the node learn
 head from the peer's copy (`books.resync_with`: the receipts beyond ours are signed by our own
 key, and statements by us too). A pending peer whose first request comes before that waits
 for it, and is refused with a 503 to retry if the node cannot reach it: better no answer than
-a receipt that gets the node suspended. Every peer is also re-synced at start-up in the
-background (that recovers statements whose answers were lost), but a peer that is not pending
-never waits for it: a consumer the provider cannot reach (behind NAT) is served as before.
+a receipt that gets the node suspended. Pending peers are also re-synced at start-up in the
+background. A peer that is not pending is never re-synced here (our chain head is our own, and
+statements whose answers were lost come back with `ledger reconcile` and `settle`): a consumer
+the provider cannot reach (behind NAT) is served as before.
 
-Ordinary requests never come here, and a peer's request only tests two sets.
+Ordinary requests never come here, and a peer's request only tests one set.
 """
 
 from __future__ import annotations
@@ -46,12 +47,10 @@ class ChainResync:
         self.identity = identity
         self.client = client
         self.peering = peering
-        # Peers whose chains need no re-sync before we serve them: all but those a restore
-        # left pending (`load`). The others are re-synced too, off the request path, but
-        # their requests never wait for it: a consumer we cannot reach (behind NAT) is
-        # served as before.
+        # The peers a restore left to re-sync (`load`); every other peer's chain head is
+        # ours already, and its requests never wait: a consumer we cannot reach (behind
+        # NAT) is served as before.
         self._pending: set[str] = set()
-        self._synced: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         # After a failed attempt, the peer's requests are refused at once for a while rather
         # than each waiting for another attempt to time out.
@@ -70,16 +69,16 @@ class ChainResync:
             )
 
     def synced(self, peer: str) -> bool:
-        return peer not in self._pending or peer in self._synced
+        return peer not in self._pending
 
     async def ensure(self, peer: str) -> None:
         """Return once our chain to `peer` is re-synced in this process; a 503 if it cannot
         be now (the peer retries)."""
-        if peer in self._synced:
+        if peer not in self._pending:
             return
         lock = self._locks.setdefault(peer, asyncio.Lock())
         async with lock:
-            if peer in self._synced:
+            if peer not in self._pending:
                 return
             if time.monotonic() < self._retry_at.get(peer, 0.0):
                 raise _not_synced()
@@ -102,15 +101,13 @@ class ChainResync:
                 result.statements,
                 result.head,
             )
-        self._synced.add(peer)
-        if peer in self._pending:
-            await self.store.resynced(peer)
-            self._pending.discard(peer)
+        await self.store.resynced(peer)
+        self._pending.discard(peer)
 
     async def all(self) -> None:
-        """Re-sync with every active peer (at start-up, off the request path); one that
-        does not answer is re-synced on its first request."""
-        for peer in list(self.peering.peers):
+        """Re-sync with every active peer a restore left pending (at start-up, off the
+        request path); one that does not answer is re-synced on its first request."""
+        for peer in [p for p in self._pending if p in self.peering.peers]:
             try:
                 await self.ensure(peer)
             except ApiError:
