@@ -129,26 +129,26 @@ class Peering:
         self.advert_seq = max(await self.store.next_counter(ADVERT_SEQ), int(time.time()))
         await self.load()
 
-    def _cheapest(self, limits: Limits | None) -> dict[str, Deployment]:
-        chosen: dict[str, Deployment] = {}
-        for route in self.router.routes:
-            spec = route.spec
-            if limits is not None and not model_allowed(limits.models, spec.name):
-                continue
-            best = chosen.get(spec.name)
-            if best is None or spec.price_in + spec.price_out < best.price_in + best.price_out:
-                chosen[spec.name] = spec
-        return chosen
+    def _cheapest(self, name: str) -> Deployment | None:
+        """The local deployment of `name` whose price is shown to peers: the cheapest (the
+        first of equals, in the config's order)."""
+        specs = (route.spec for route in self.router.by_name.get(name, ()))
+        return min(specs, key=lambda spec: spec.price_in + spec.price_out, default=None)
 
     def advertised_price(self, name: str) -> tuple[int, int]:
-        """The prices a peer is shown (and charged) for model `name`: its cheapest local
-        deployment's, per 1M tokens in and out."""
-        spec = self._cheapest(None).get(name)
+        """The prices a peer is shown (and charged) for model `name`, per 1M tokens in and
+        out: on a peer's request path, so one name's deployments are looked at, not all."""
+        spec = self._cheapest(name)
         return (spec.price_in, spec.price_out) if spec is not None else (0, 0)
 
     def local_models(self, limits: Limits | None) -> list[AdvertModel]:
         """What a peer's key may use here: local deployments only, cheapest price per name."""
-        chosen = self._cheapest(limits)
+        chosen = [
+            spec
+            for name in self.router.by_name
+            if limits is None or model_allowed(limits.models, name)
+            if (spec := self._cheapest(name)) is not None
+        ]
         return [
             AdvertModel(
                 id=spec.name,
@@ -158,7 +158,7 @@ class Peering:
                 price_out=spec.price_out,
                 stream=spec.kind == "chat",
             )
-            for spec in chosen.values()
+            for spec in chosen
         ]
 
     def advert_for(self, limits: Limits | None) -> ModelAdvert:
