@@ -26,7 +26,6 @@ from ledger.netting import Transfer, transfer_plan
 from ledger.receipts import (
     GENESIS,
     Receipt,
-    check_billing,
     countersign,
     receipt_fields,
     receipt_hash,
@@ -47,7 +46,6 @@ from node.errors import ApiError
 from node.peering import PEER_TIMEOUT
 from node.receipts import (
     admissible,
-    held_advert_seq,
     loaded,
     record_equivocation,
     sent_to,
@@ -832,16 +830,7 @@ async def _check_billed(store: Store, pair: Pair) -> None:
     """A statement is signed only over amounts we can match, receipt by receipt, to requests
     we sent the peer, as we asked and priced them (receipts in our books from before that
     rule was kept, or put there by hand, stop the settlement: they are for an admin)."""
-    sent = await sent_to(store, pair.peer, pair.theirs)
-    seq = await held_advert_seq(store, pair.peer)
-    refused = []
-    for receipt in pair.theirs:
-        try:
-            check_billing(
-                receipt, me=pair.me, sender=pair.peer, sent=sent.get(receipt.id), advert_seq=seq
-            )
-        except RecordError as exc:
-            refused.append((receipt, str(exc)))
+    _, refused = await admissible(store, pair.me, pair.peer, pair.theirs, signatures_checked=True)
     if refused:
         receipt, why = refused[0]
         raise BooksError(

@@ -26,6 +26,7 @@ from ledger.receipts import (
     Receipt,
     SentRequest,
     UnseenAdvert,
+    check_billing,
     countersign,
     make_receipt,
     parse_receipt,
@@ -318,21 +319,29 @@ async def held_advert_seq(store: Store, peer: str) -> int:
 
 
 async def admissible(
-    store: Store, me: str, sender: str, receipts: list[Receipt]
+    store: Store,
+    me: str,
+    sender: str,
+    receipts: list[Receipt],
+    *,
+    signatures_checked: bool = False,
 ) -> tuple[list[Receipt], list[tuple[Receipt, str]]]:
     """Of receipts `sender` handed us as their consumer (say, in reconciliation), those the
     rule lets us take (`take_receipt`: signed by the sender, for a request we sent it, as we
-    asked and priced it, under an advert seq we hold), and those refused with why."""
+    asked and priced it, under an advert seq we hold), and those refused with why. For
+    receipts in our books already (`signatures_checked`), only what they bill is checked
+    (`check_billing`)."""
     sent = await sent_to(store, sender, receipts)
     seq = await held_advert_seq(store, sender) if receipts else 0
     taken, refused = [], []
     for receipt in receipts:
+        terms = {"me": me, "sender": sender, "sent": sent.get(receipt.id), "advert_seq": seq}
         try:
-            taken.append(
-                take_receipt(
-                    receipt, me=me, sender=sender, sent=sent.get(receipt.id), advert_seq=seq
-                )
-            )
+            if signatures_checked:
+                check_billing(receipt, **terms)
+                taken.append(receipt)
+            else:
+                taken.append(take_receipt(receipt, **terms))
         except RecordError as exc:
             refused.append((receipt, str(exc)))
     return taken, refused
