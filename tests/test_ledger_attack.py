@@ -21,6 +21,7 @@ from node.app import create_app
 from node.cli import main
 from node.config import DATABASE_FILE, IDENTITY_FILE
 from node.receipts import stored
+from tests.conftest import RunningNode
 from tests.mocks.server import serve_app
 from tests.test_federation import LLAMA, Peer, _signed_by, answers, cli, invite, make_peer, wait_for
 from tests.test_ledger_nodes import (
@@ -35,6 +36,15 @@ from tests.test_ledger_nodes import (
 )
 
 PHI = '[[models]]\nname = "phi"\nprovider = "echo"\nprice_in = 500_000\nprice_out = 700_000'
+
+
+def served_four(alice: Peer, bob: Peer, b: RunningNode) -> None:
+    """Bob joins alice, and she serves him four requests, receipted and countersigned."""
+    cli("join", invite(alice), "--data-dir", str(bob.path))
+    assert wait_for(lambda: answers(b, "llama3", max_tokens=2))
+    for tokens in (1, 2, 3):
+        chat(b, "llama3", tokens)
+    assert wait_for(lambda: len(receipts_at(bob)) == 4 and all_countersigned(alice, bob))
 
 
 def rows(path: Path, sql: str, *params: object) -> list[tuple]:
@@ -147,11 +157,7 @@ def test_receipts_lost_in_a_crash_come_back_countersigned_and_settle(tmp_path: P
     alice = make_peer(tmp_path, "alice", LLAMA)
     bob = make_peer(tmp_path, "bob")
     with alice.run(), bob.run() as b:
-        cli("join", invite(alice), "--data-dir", str(bob.path))
-        assert wait_for(lambda: answers(b, "llama3", max_tokens=2))
-        for tokens in (1, 2, 3):
-            chat(b, "llama3", tokens)
-        assert wait_for(lambda: len(receipts_at(bob)) == 4 and all_countersigned(alice, bob))
+        served_four(alice, bob, b)
         # Bob crashed before keeping two receipts (he had journaled the requests' usage):
         # alice holds them countersigned by no one.
         with sqlite3.connect(bob.path / DATABASE_FILE) as db:
@@ -176,11 +182,7 @@ def settled(tmp_path: Path) -> tuple[Peer, Peer, dict]:
     alice = make_peer(tmp_path, "alice", LLAMA)
     bob = make_peer(tmp_path, "bob")
     with alice.run(), bob.run() as b:
-        cli("join", invite(alice), "--data-dir", str(bob.path))
-        assert wait_for(lambda: answers(b, "llama3", max_tokens=2))
-        for tokens in (1, 2, 3):
-            chat(b, "llama3", tokens)
-        assert wait_for(lambda: len(receipts_at(bob)) == 4 and all_countersigned(alice, bob))
+        served_four(alice, bob, b)
         statement = ledger(bob, "settle", "alice")
     assert balance_with(bob, alice)["net"] == 0
     return alice, bob, statement  # type: ignore[return-value]
