@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from node.storage import Store
+from node.storage.store import Store
 
 ROUNDS = 3000
 

@@ -38,7 +38,7 @@ from federation.invites import create_invite, join_proof_message, make_join_requ
 from ledger.canonical import b64url, canonical
 from ledger.receipts import GENESIS, Receipt, countersign, make_receipt, receipt_hash
 from ledger.records import signed_bytes
-from ledger.settlement import Settlement, make_statement, sign_statement
+from ledger.settlement import Statement, make_statement, sign_statement
 
 # 2027-01-15T08:00:00Z: every `iat`, `created` and clock below.
 NOW = 1_800_000_000
@@ -125,7 +125,7 @@ def receipts() -> tuple[Receipt, Receipt]:
     return countersign(first, BOB.sign), countersign(second, BOB.sign)
 
 
-def statement() -> Settlement:
+def statement() -> Statement:
     """The first statement of the pair over both receipts, signed by both nodes."""
     a, b = sorted([ALICE, BOB], key=lambda node: node.node_id)
     chain = list(receipts())

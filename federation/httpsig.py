@@ -18,7 +18,7 @@ The receiver rebuilds the signature base (RFC 9421 §2.5) from the request it go
 time window, the body digest and the signature, and refuses a nonce it has seen for as long
 as the signature could be accepted (`expires` plus the allowed skew), so that a captured
 request cannot be replayed. `verify_request` keeps that memory in one process; a node records
-nonces in its store (`check_request`, then `node.peer_auth`), shared by all its processes and
+nonces in its store (`check_request`, then `node.peers.auth`), shared by all its processes and
 kept across restarts.
 
 `@authority` and `@path` are derived from the URL the same way on both sides (parsed as httpx

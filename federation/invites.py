@@ -72,7 +72,7 @@ JOIN_CONTEXT = "join"
 # the work a hostile one can cause.
 MAX_TOKEN_CHARS = 8192
 
-# The budget periods of node.policy.Period, repeated here because federation may not import
+# The budget periods of node.gateway.policy.Period, repeated here because federation may not import
 # node (imports point node → federation → ledger).
 CapPeriod = Literal["daily", "weekly", "monthly", "total"]
 B64Id = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{16,128}$")]

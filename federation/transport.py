@@ -5,7 +5,7 @@ authenticates with the cross-node key the peer issued us, is signed with our nod
 9421, see `federation.httpsig`), and is marked as one hop old so that the peer serves it from
 its own deployments only (no loops, no reselling); the peer answers with a signed receipt, in a
 header or, on a stream, an event of its own. The adapter that speaks the API with these headers
-is the node's (`node.peer_adapter`): federation imports nothing of the adapters (imports point
+is the node's (`node.peers.adapter`): federation imports nothing of the adapters (imports point
 node → federation → ledger; adapters stand alone).
 """
 

@@ -1,6 +1,6 @@
-"""Settlement statements: both nodes of a pair sign the totals of a closed period (DESIGN.md).
+"""Statement statements: both nodes of a pair sign the totals of a closed period (DESIGN.md).
 
-`Settlement {v, a, b, from_seq, to_seq, head_a_to_b, head_b_to_a, a_owes_b, b_owes_a, net,
+`Statement {v, a, b, from_seq, to_seq, head_a_to_b, head_b_to_a, a_owes_b, b_owes_a, net,
 iat, sig_a, sig_b}`. The two nodes are ordered, `a < b` (node ids compared as strings), so
 that a pair has one statement form. "a→b" is the chain of receipts where `a` was the provider
 and `b` the consumer (`b` owes `a` for those); "b→a" the other way.
@@ -60,7 +60,7 @@ VERSION = 1
 Amount = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
 
 
-class Settlement(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Statement(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     v: int = VERSION
     a: NodeId
     b: NodeId
@@ -76,8 +76,8 @@ class Settlement(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     sig_b: str = ""
 
 
-def _fields(data: Settlement | bytes | str | Mapping[str, Any]) -> dict[str, Any]:
-    if isinstance(data, Settlement):
+def _fields(data: Statement | bytes | str | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(data, Statement):
         return msgspec.to_builtins(data)
     if isinstance(data, bytes | str):
         return decode_fields(data)
@@ -86,7 +86,7 @@ def _fields(data: Settlement | bytes | str | Mapping[str, Any]) -> dict[str, Any
     raise RecordError("a settlement statement must be a JSON object")
 
 
-def parse_statement(data: Settlement | bytes | str | Mapping[str, Any]) -> Settlement:
+def parse_statement(data: Statement | bytes | str | Mapping[str, Any]) -> Statement:
     """A statement checked for form only (version, types, no floats, no unknown fields,
     a < b, a consistent seq range and net); signatures are not checked."""
     fields = _fields(data)
@@ -96,7 +96,7 @@ def parse_statement(data: Settlement | bytes | str | Mapping[str, Any]) -> Settl
     # Flat objects: a float anywhere deeper fails the types below.
     if any(isinstance(value, float) for value in fields.values()):
         raise RecordError("signed data may not contain floats")
-    s = to_struct(fields, Settlement)
+    s = to_struct(fields, Statement)
     if not s.a < s.b:
         raise RecordError("a settlement's `a` must sort before its `b`")
     if s.to_seq < s.from_seq - 1:
@@ -112,9 +112,9 @@ def make_statement(
     a: str,
     b: str,
     *,
-    previous: Settlement | None,
+    previous: Statement | None,
     now: float | None = None,
-) -> Settlement:
+) -> Statement:
     """The unsigned statement of a period: `a_to_b` (a provided, b consumed) and `b_to_a`
     are the receipts of each chain after `previous` (the pair's last statement; None for the
     first), in seq order. ValueError if a >= b, if `previous` is of another pair, or if the
@@ -146,7 +146,7 @@ def make_statement(
             raise ValueError(f"receipts are not the continuation of the chain: {report}")
     a_owes_b = sum(r.amount for r in b_to_a)
     b_owes_a = sum(r.amount for r in a_to_b)
-    statement = Settlement(
+    statement = Statement(
         a=a,
         b=b,
         from_seq=from_seq,
@@ -166,11 +166,11 @@ def make_statement(
 
 
 def check_statement(
-    s: Settlement,
+    s: Statement,
     a_to_b: Sequence[Receipt],
     b_to_a: Sequence[Receipt],
     *,
-    previous: Settlement | None,
+    previous: Statement | None,
 ) -> None:
     """RecordError unless `s` (say, proposed by the peer) states exactly what our own
     receipts of the period say: the check to make before signing it."""
@@ -182,13 +182,13 @@ def check_statement(
     if unsigned != ours:
         differ = [
             name
-            for name in Settlement.__struct_fields__
+            for name in Statement.__struct_fields__
             if getattr(unsigned, name) != getattr(ours, name)
         ]
         raise RecordError(f"statement differs from our receipts in {', '.join(differ)}")
 
 
-def sign_statement(s: Settlement, sign: Signer, side: Literal["a", "b"]) -> Settlement:
+def sign_statement(s: Statement, sign: Signer, side: Literal["a", "b"]) -> Statement:
     """`s` with the signature of `side` added; ValueError if `sign` is not the key that side's
     node id names."""
     if side not in ("a", "b"):
@@ -207,7 +207,7 @@ def sign_statement(s: Settlement, sign: Signer, side: Literal["a", "b"]) -> Sett
 
 
 def verify_statement(
-    s: Settlement | bytes | str | Mapping[str, Any],
+    s: Statement | bytes | str | Mapping[str, Any],
     key_a: bytes,
     key_b: bytes,
     *,
@@ -227,7 +227,7 @@ def verify_statement(
         raise RecordError("statement issued in the future (clock skew over 5 minutes)")
 
 
-def balances(statements: Iterable[Settlement]) -> dict[str, int]:
+def balances(statements: Iterable[Statement]) -> dict[str, int]:
     """Each node's balance over the given statements (positive: it is owed), in micro-units.
     The caller verifies the statements and passes those of the periods still to be paid."""
     result: dict[str, int] = {}

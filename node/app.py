@@ -15,13 +15,13 @@ from litestar.types import Message, Scope
 from federation.httpsig import REQUEST_ID_HEADER
 from federation.ids import new_request_id
 from node import __version__
-from node.admin_api import ADMIN_ROUTES
+from node.admin.ledger import LEDGER_ROUTES
+from node.admin.routes import ADMIN_ROUTES
 from node.config import data_dir, load_config
-from node.errors import EXCEPTION_HANDLERS
-from node.federation_api import FEDERATION_ROUTES
 from node.hub import Hub, hub_of
-from node.ledger_api import LEDGER_ROUTES
-from node.openai_api import JSON, ROUTES, document
+from node.ingress.errors import EXCEPTION_HANDLERS
+from node.ingress.openai import JSON, ROUTES, document
+from node.peers.routes import FEDERATION_ROUTES
 
 
 class Health(msgspec.Struct):

@@ -17,21 +17,21 @@ from adapters import build_adapter
 from adapters.http import UpstreamClient
 from federation.identity import NodeIdentity
 from federation.nonces import NonceCache
-from node import books
-from node.alerts import BudgetAlerts
-from node.auth import KeyCache
-from node.budgets import Budgets
 from node.config import DATABASE_FILE, IDENTITY_FILE, Config, missing_secrets
-from node.journal import JOURNAL_DIR, Journal
-from node.keys import HASH_PURPOSE
-from node.metrics import Metrics
-from node.peering import Peering
-from node.ratelimit import RateLimiter
-from node.receipts import Ledger
-from node.resync import ChainResync
-from node.router import Route, Router
-from node.storage import Store
-from node.usage import UsageRecorder
+from node.gateway.alerts import BudgetAlerts
+from node.gateway.auth import KeyCache
+from node.gateway.budgets import Budgets
+from node.gateway.journal import JOURNAL_DIR, Journal
+from node.gateway.keys import HASH_PURPOSE
+from node.gateway.metrics import Metrics
+from node.gateway.ratelimit import RateLimiter
+from node.gateway.router import Route, Router
+from node.gateway.usage import UsageRecorder
+from node.peers import books
+from node.peers.peering import Peering
+from node.peers.receipts import Receipts
+from node.peers.resync import ChainResync
+from node.storage.store import Store
 
 log = logging.getLogger("aihub")
 
@@ -79,7 +79,7 @@ class Hub:
     metrics: Metrics
     nonces: NonceCache
     peering: Peering
-    ledger: Ledger
+    receipts: Receipts
     resync: ChainResync  # our chain heads learnt from each peer before we issue it receipts
     scheduler: AsyncIOScheduler
     started_at: int
@@ -106,9 +106,9 @@ class Hub:
             config, identity, store, client, upstreams, router, data_dir, keys.mark_stale
         )
         await peering.start()
-        ledger = Ledger(identity, store, client, peering)
+        receipts = Receipts(identity, store, client, peering)
         limiter = RateLimiter(store)
-        scheduler = _schedule(peering, ledger, config)
+        scheduler = _schedule(peering, receipts, config)
         resync = ChainResync(store, identity, client, peering)
         await resync.load(data_dir / DATABASE_FILE)
         scheduler.add_job(resync.all, id="ledger.resync")  # at start, off the request path
@@ -129,7 +129,7 @@ class Hub:
             metrics=Metrics(),
             nonces=NonceCache(),
             peering=peering,
-            ledger=ledger,
+            receipts=receipts,
             resync=resync,
             scheduler=scheduler,
             started_at=int(time.time()),
@@ -137,7 +137,7 @@ class Hub:
 
     async def stop(self) -> None:
         self.scheduler.shutdown(wait=False)
-        await self.ledger.settle_tasks()
+        await self.receipts.settle_tasks()
         await self.usage.stop()
         await self.budgets.release()  # after the last settlement is written
         await self.limiter.stop()
@@ -147,7 +147,7 @@ class Hub:
         await self.store.close()
 
 
-def _schedule(peering: Peering, ledger: Ledger, config: Config) -> AsyncIOScheduler:
+def _schedule(peering: Peering, receipts: Receipts, config: Config) -> AsyncIOScheduler:
     """The node's periodic work: peers' adverts and health, and noticing peers that the CLI
     added or revoked (through the epoch file) within a second."""
     scheduler = AsyncIOScheduler()
@@ -169,7 +169,7 @@ def _schedule(peering: Peering, ledger: Ledger, config: Config) -> AsyncIOSchedu
         id="peers.reload",
     )
     scheduler.add_job(
-        ledger.send_countersignatures,
+        receipts.send_countersignatures,
         "interval",
         seconds=COUNTERSIGN_INTERVAL,
         max_instances=1,
@@ -179,7 +179,7 @@ def _schedule(peering: Peering, ledger: Ledger, config: Config) -> AsyncIOSchedu
     scheduler.add_job(
         _reconcile,
         "interval",
-        args=(ledger, peering),
+        args=(receipts, peering),
         seconds=federation.reconcile_interval,
         max_instances=1,
         coalesce=True,
@@ -218,8 +218,10 @@ async def _prune(store: Store) -> None:
     await store.prune(int(time.time()))
 
 
-async def _reconcile(ledger: Ledger, peering: Peering) -> None:
-    reports = await books.reconcile_all(ledger.store, ledger.identity, ledger.client, ledger.keep)
+async def _reconcile(receipts: Receipts, peering: Peering) -> None:
+    reports = await books.reconcile_all(
+        receipts.store, receipts.identity, receipts.client, receipts.keep
+    )
     if any(report.suspended for report in reports):
         await peering.changed()  # a peer that equivocated stops being routed to at once
 

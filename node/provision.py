@@ -8,8 +8,8 @@ from pathlib import Path
 
 from federation.identity import NodeIdentity
 from node.config import CONFIG_FILE, DATABASE_FILE, IDENTITY_FILE, parse_config, render_template
-from node.keys import HASH_PURPOSE, generate_key, hash_key
-from node.storage import KeyRecord, Store
+from node.gateway.keys import HASH_PURPOSE, generate_key, hash_key
+from node.storage.store import KeyRecord, Store
 
 
 class NodeExists(Exception):

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from node.cli import main
+from node.cli.main import main
 from node.provision import create_node
 from tests.conftest import NodeDir, RunningNode, run_node
 

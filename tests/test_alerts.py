@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from node.config import DATABASE_FILE
-from node.storage import Store
+from node.storage.store import Store
 from tests.conftest import NodeDir, run_node
 from tests.mocks.server import serve_app
 from tests.test_budgets import make_key

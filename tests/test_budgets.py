@@ -11,10 +11,10 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from node.admin.management import KeyInput, Management, TenantInput
 from node.config import DATABASE_FILE
-from node.management import KeyInput, Management, TenantInput
-from node.policy import period_start
-from node.storage import Hold, Settlement, Store, UsageRecord
+from node.gateway.policy import period_start
+from node.storage.store import Charge, Hold, Store, UsageRecord
 from tests.conftest import NodeDir, concurrent_client, run_node
 
 CAP = 1000
@@ -164,7 +164,7 @@ def test_reservations_keep_every_scope_within_its_cap(tmp_path_factory, ops, key
                     reserved, scopes = held.pop(0)
                     record = _record(f"r{index}", min(cost, reserved))
                     holds = [Hold(scope, start, reserved) for scope, start in scopes]
-                    await store.write_batch([Settlement(record, holds)], [])
+                    await store.write_batch([Charge(record, holds)], [])
                 rows = await store.spend([("key:k", 0), ("tenant:t", 0)])
                 caps = {"key:k": key_cap, "tenant:t": tenant_cap}
                 for row in rows:
@@ -216,11 +216,11 @@ def test_leases_of_several_workers_never_pass_the_cap(tmp_path_factory, ops, cap
     interleaving, the database never shows more spent and reserved than the cap (beyond what
     requests cost over their own worst case), and once every worker has stopped nothing stays
     reserved."""
-    from node.auth import Principal
-    from node.budgets import Budgets
-    from node.errors import ApiError
-    from node.policy import Limits
-    from node.storage import KeyRecord
+    from node.gateway.auth import Principal
+    from node.gateway.budgets import Budgets
+    from node.gateway.policy import Limits
+    from node.ingress.errors import ApiError
+    from node.storage.store import KeyRecord
 
     path = tmp_path_factory.mktemp("leases") / DATABASE_FILE
     key = KeyRecord("k1", "k", b"", False, 0, limits=Limits(budget_micros=cap))
@@ -244,14 +244,12 @@ def test_leases_of_several_workers_never_pass_the_cap(tmp_path_factory, ops, cap
                     done, holds, cost = in_flight.pop(0)
                     overrun += max(0, cost - holds[0].amount)
                     moved = workers[done].settle(holds, cost)
-                    await stores[done].write_batch(
-                        [Settlement(_record(f"r{number}", cost), moved)], []
-                    )
+                    await stores[done].write_batch([Charge(_record(f"r{number}", cost), moved)], [])
                 (row,) = await stores[0].spend([("key:k1", start)])
                 assert row.spent + row.reserved <= cap + overrun
             for number, (done, holds, _) in enumerate(in_flight):
                 moved = workers[done].settle(holds, 0)
-                await stores[done].write_batch([Settlement(_record(f"f{number}", 0), moved)], [])
+                await stores[done].write_batch([Charge(_record(f"f{number}", 0), moved)], [])
             for worker in workers:
                 await worker.release()
             rows = await stores[0].spend([("key:k1", start)])

@@ -17,7 +17,7 @@ from click.testing import CliRunner, Result
 
 from federation.identity import NodeIdentity
 from node import __version__
-from node.cli import main
+from node.cli.main import main
 from node.config import (
     CONFIG_FILE,
     CONFIG_TEMPLATE,
@@ -25,9 +25,9 @@ from node.config import (
     IDENTITY_FILE,
     load_config,
 )
-from node.keys import HASH_PURPOSE, hashes_match, key_id_of
+from node.gateway.keys import HASH_PURPOSE, hashes_match, key_id_of
 from node.provision import create_node, node_exists
-from node.storage import Store
+from node.storage.store import Store
 
 AIHUB = Path(sys.executable).parent / "aihub"
 NODE_FILES = (CONFIG_FILE, DATABASE_FILE, IDENTITY_FILE)

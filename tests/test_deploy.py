@@ -31,7 +31,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from node.cli import main
+from node.cli.main import main
 from node.config import CONFIG_FILE, ServerSection, UpstreamSection, load_config
 from node.provision import create_node
 from tests.mocks.server import free_port, serve_app

@@ -50,11 +50,11 @@ from federation.httpsig import REQUEST_ID_HEADER, SignatureError, verify_request
 from federation.identity import NodeIdentity
 from federation.nonces import NonceCache
 from federation.sealing import seal_for
-from node.cli import console, require_config, with_data_dir
-from node.cli_discovery import register
+from node.cli.discovery import register
+from node.cli.main import console, require_config, with_data_dir
 from node.config import DATABASE_FILE, IDENTITY_FILE
 from node.provision import create_node
-from node.storage import PeerRecord, Store
+from node.storage.store import PeerRecord, Store
 from tests.conftest import NodeDir, run_node
 from tests.mocks.server import free_port, serve_app
 
@@ -747,7 +747,7 @@ def test_cli_needs_a_node(tmp_path: Path) -> None:
 def test_aihub_serve_announces_itself_and_discover_finds_it(tmp_path: Path) -> None:
     """`aihub serve` with `mdns = true` announces the node; another node's `aihub peers
     discover` finds it over loopback mDNS and verifies its descriptor."""
-    from node.cli import main
+    from node.cli.main import main
     from tests.conftest import wait_ready
     from tests.mocks.server import free_port
 
@@ -758,7 +758,7 @@ def test_aihub_serve_announces_itself_and_discover_finds_it(tmp_path: Path) -> N
         node.set_config("mdns = false", "mdns = true")
         node.set_config('mdns_interface = ""', 'mdns_interface = "127.0.0.1"')
     served.set_config("public_urls = []", f'public_urls = ["http://127.0.0.1:{port}"]')
-    command = [sys.executable, "-m", "node.cli", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "node.cli.main", "serve", "--port", str(port)]
     process = subprocess.Popen(
         [*command, "--data-dir", str(served.path)],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

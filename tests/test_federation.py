@@ -15,10 +15,10 @@ import openai
 import pytest
 from click.testing import CliRunner
 
-from node.cli import main
+from node.cli.main import main
 from node.config import DATABASE_FILE
 from node.provision import create_node
-from node.storage import Store
+from node.storage.store import Store
 from tests.conftest import NodeDir, RunningNode, run_node
 from tests.mocks.server import free_port
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from node.keys import bearer_token
+from node.gateway.keys import bearer_token
 from node.provision import create_node
 from tests.conftest import NodeDir, RunningNode, run_node
 

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from node.config import DATABASE_FILE
-from node.storage import Store
+from node.storage.store import Store
 from tests.conftest import NodeDir, RunningNode, run_node
 from tests.mocks.openai_mock import OpenAIMock
 from tests.mocks.server import serve_app

@@ -16,7 +16,7 @@ from federation.invites import create_invite
 from federation.transport import signed_headers
 from ledger.nesting import MAX_NESTING, NestingError, bounded, deeper_than, nesting_depth
 from ledger.records import RecordError, decode_fields
-from node.cli import main
+from node.cli.main import main
 from tests.conftest import NodeDir, run_node
 from tests.mocks.server import free_port, serve_app
 from tests.test_fuzz import assert_openai_error

@@ -44,8 +44,8 @@ from federation.httpsig import (
 )
 from federation.identity import NodeIdentity
 from federation.nonces import NonceCache, NonceCacheFull
-from node.errors import ApiError
-from node.peer_auth import pinned_to, verify_signed
+from node.ingress.errors import ApiError
+from node.peers.auth import pinned_to, verify_signed
 
 SETTINGS = settings(max_examples=200, deadline=None, database=None)
 

@@ -18,33 +18,33 @@ import httpx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node import journal as journal_module
 from node.config import DATABASE_FILE
-from node.journal import JOURNAL_DIR, Journal, left_behind, read_segment, replay
-from node.storage import Hold, Settlement, Store
+from node.gateway import journal as journal_module
+from node.gateway.journal import JOURNAL_DIR, Journal, left_behind, read_segment, replay
+from node.storage.store import Charge, Hold, Store
 from tests.conftest import NodeDir, wait_ready
 from tests.test_budgets import make_key, priced_echo, spend_of
-from tests.test_storage import settlement as usage_of
+from tests.test_storage import charge as usage_of
 
 SCOPE = "key:k1"
 
 
-def settlement(request_id: str, cost: int, hold: int) -> Settlement:
+def charge(request_id: str, cost: int, hold: int) -> Charge:
     return usage_of(request_id, cost, [Hold(SCOPE, 0, hold)])
 
 
 def test_segments_hold_what_was_appended_until_committed(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(journal_module, "SEGMENT_BYTES", 1)  # a new segment at every batch
     journal = Journal(tmp_path / "j")
-    first = [settlement(f"a{n}", n, n) for n in range(3)]
+    first = [charge(f"a{n}", n, n) for n in range(3)]
     for s in first:
         journal.append(s)
     journal.seal()
-    journal.append(settlement("b", 1, 1))
+    journal.append(charge("b", 1, 1))
     segments = left_behind(tmp_path / "j")
-    assert [s.settlements for s in segments] == [first, [settlement("b", 1, 1)]]
+    assert [s.charges for s in segments] == [first, [charge("b", 1, 1)]]
     journal.committed()  # the first batch is in the database: its segment goes
-    assert [s.settlements for s in left_behind(tmp_path / "j")] == [[settlement("b", 1, 1)]]
+    assert [s.charges for s in left_behind(tmp_path / "j")] == [[charge("b", 1, 1)]]
     journal.seal()
     journal.committed()
     journal.close()
@@ -55,13 +55,13 @@ def test_a_small_segment_stays_open_across_batches_and_goes_at_a_clean_stop(
     tmp_path: Path,
 ) -> None:
     journal = Journal(tmp_path / "j")
-    journal.append(settlement("a", 1, 1))
+    journal.append(charge("a", 1, 1))
     journal.seal()
     journal.committed()
-    journal.append(settlement("b", 1, 1))
+    journal.append(charge("b", 1, 1))
     # One file still: a replay would skip "a" (already written) and write "b".
-    assert [s.settlements for s in left_behind(tmp_path / "j")] == [
-        [settlement("a", 1, 1), settlement("b", 1, 1)]
+    assert [s.charges for s in left_behind(tmp_path / "j")] == [
+        [charge("a", 1, 1), charge("b", 1, 1)]
     ]
     journal.seal()
     journal.committed()
@@ -73,10 +73,10 @@ def test_a_torn_or_corrupt_tail_ends_the_segment_and_keeps_what_came_before(
     tmp_path: Path,
 ) -> None:
     journal = Journal(tmp_path / "j")
-    kept = [settlement(f"r{n}", 1, 1) for n in range(4)]
+    kept = [charge(f"r{n}", 1, 1) for n in range(4)]
     for s in kept:
         journal.append(s)
-    journal.append(settlement("torn", 1, 1))
+    journal.append(charge("torn", 1, 1))
     (path,) = (tmp_path / "j").iterdir()
     whole = path.read_bytes()
     path.write_bytes(whole[:-3])  # the last write cut short
@@ -103,8 +103,8 @@ def test_replay_counts_each_request_once_whatever_was_already_written(
     """A crash may come before a batch's commit or after it (before its segment is deleted):
     replaying the journal over either state gives the spend of every request, counted once."""
     folder = tmp_path_factory.mktemp("replay")
-    settlements = [settlement(f"r{n}", cost, hold) for n, (cost, hold) in enumerate(costs)]
-    committed = written.draw(st.integers(0, len(settlements)), label="committed before crash")
+    charges = [charge(f"r{n}", cost, hold) for n, (cost, hold) in enumerate(costs)]
+    committed = written.draw(st.integers(0, len(charges)), label="committed before crash")
 
     async def run() -> None:
         store = await Store.open(folder / "db")
@@ -112,15 +112,15 @@ def test_replay_counts_each_request_once_whatever_was_already_written(
             await store.open_periods([(SCOPE, 0, 10**9)])
             await store.reserve(sum(hold for _, hold in costs), [(SCOPE, 0)])
             journal = Journal(folder / JOURNAL_DIR)
-            for s in settlements:
+            for s in charges:
                 journal.append(s)
-            await store.write_batch(settlements[:committed], [])
+            await store.write_batch(charges[:committed], [])
             # The process dies here: the journal is not closed, its segment stays.
             await store.release_all_reservations()  # what `serve` does first on restart
-            assert await replay(store, left_behind(folder / JOURNAL_DIR)) == len(settlements)
+            assert await replay(store, left_behind(folder / JOURNAL_DIR)) == len(charges)
             assert await _spend(store) == (sum(cost for cost, _ in costs), 0)
             assert {u.request_id for u in await store.usage_since(0)} == {
-                s.record.request_id for s in settlements
+                s.record.request_id for s in charges
             }
             assert left_behind(folder / JOURNAL_DIR) == []
         finally:
@@ -130,7 +130,7 @@ def test_replay_counts_each_request_once_whatever_was_already_written(
 
 
 def _serve(node: NodeDir, port: int, log: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "node.cli", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "node.cli.main", "serve", "--port", str(port)]
     process = subprocess.Popen(
         [*command, "--data-dir", str(node.path)],
         stdout=subprocess.DEVNULL,

@@ -20,14 +20,14 @@ import httpx
 import pytest
 from click.testing import CliRunner, Result
 
-import node.cli
+import node.cli.main
 from federation.identity import NodeIdentity
-from node.cli import main
+from node.cli.main import main
 from node.config import DATABASE_FILE, IDENTITY_FILE
-from node.keys import HASH_PURPOSE, hashes_match
-from node.policy import period_start
+from node.gateway.keys import HASH_PURPOSE, hashes_match
+from node.gateway.policy import period_start
 from node.provision import create_node
-from node.storage import Hold, KeyRecord, Settlement, Store, UsageRecord
+from node.storage.store import Charge, Hold, KeyRecord, Store, UsageRecord
 from node.units import money
 from tests.conftest import NodeDir, run_node, wait_ready
 from tests.mocks.server import free_port
@@ -97,8 +97,8 @@ def folder(node_dir: NodeDir) -> Path:
 def wide(monkeypatch: pytest.MonkeyPatch) -> None:
     """A console wide enough that no table cell is folded over two lines (`_width`, which the
     `width` setter sets: monkeypatch then restores exactly what was there, usually None)."""
-    monkeypatch.setattr(node.cli.console, "_width", 300)
-    monkeypatch.setattr(node.cli.errors, "_width", 300)
+    monkeypatch.setattr(node.cli.main.console, "_width", 300)
+    monkeypatch.setattr(node.cli.main.errors, "_width", 300)
 
 
 def create(folder: Path, *args: str) -> tuple[str, dict[str, Any]]:
@@ -553,7 +553,7 @@ def test_serve_releases_reservations_left_by_a_crash(folder):
                 "req_settled", 0, "abandoned", None, "echo", None, None, "chat", False,
                 1, 1, False, 150, 1, 200,
             )  # fmt: skip
-            await store.write_batch([Settlement(record, [Hold(scope, start, 200)])], [])
+            await store.write_batch([Charge(record, [Hold(scope, start, 200)])], [])
         finally:
             await store.close()
 

@@ -36,7 +36,7 @@ from ledger.receipts import (
 from ledger.reconcile import BUCKETS, key_of, merge, reconcile
 from ledger.records import RecordError
 from ledger.settlement import (
-    Settlement,
+    Statement,
     balances,
     check_statement,
     make_statement,
@@ -575,7 +575,7 @@ def test_statement_form_is_enforced():
         with pytest.raises(RecordError, match=reason):
             parse_statement({**fields, **change})
     assert parse_statement(msgspec.json.encode(s)) == s
-    assert isinstance(parse_statement(fields), Settlement)
+    assert isinstance(parse_statement(fields), Statement)
 
 
 # --- netting --------------------------------------------------------------------------------

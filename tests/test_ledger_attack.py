@@ -18,9 +18,9 @@ from click.testing import CliRunner
 from federation.identity import NodeIdentity
 from ledger.receipts import Receipt, make_receipt, parse_receipt, receipt_fields, receipt_hash
 from node.app import create_app
-from node.cli import main
+from node.cli.main import main
 from node.config import DATABASE_FILE, IDENTITY_FILE
-from node.receipts import stored
+from node.peers.receipts import stored
 from tests.conftest import RunningNode
 from tests.mocks.server import serve_app
 from tests.test_federation import LLAMA, Peer, _signed_by, answers, cli, invite, make_peer, wait_for
@@ -233,7 +233,7 @@ def test_a_hostile_peer_s_receipt_in_its_answer_is_refused(tmp_path: Path) -> No
         assert wait_for(lambda: answers(b, "phi"))
         assert wait_for(lambda: len(receipts_at(bob)) == 1)
         hub = app.state.hub
-        honest = hub.ledger.issue
+        honest = hub.receipts.issue
         lies = [
             {"id": "req_invented"},
             {"model": "llama3"},
@@ -248,7 +248,7 @@ def test_a_hostile_peer_s_receipt_in_its_answer_is_refused(tmp_path: Path) -> No
                 fields.pop(name)
             return stored(make_receipt(hub.identity.sign, **fields)).body.encode()
 
-        hub.ledger.issue = hostile
+        hub.receipts.issue = hostile
         chat(b, "phi", 3)
         stream(b, "phi")
         chat(b, "phi", 4)
@@ -256,7 +256,7 @@ def test_a_hostile_peer_s_receipt_in_its_answer_is_refused(tmp_path: Path) -> No
         assert lies == []
         # She turns honest again: once bob holds that receipt, he has judged the ones before
         # (receipts are taken off the request path, in order).
-        hub.ledger.issue = honest
+        hub.receipts.issue = honest
         chat(b, "phi", 2)
         held = f"SELECT seq FROM receipts WHERE provider = '{node_id(mallory)}' ORDER BY seq"
         assert wait_for(lambda: rows(bob.path, held) == [(1,), (6,)])

@@ -14,14 +14,14 @@ from pathlib import Path
 import httpx
 from click.testing import CliRunner
 
-from node.cli import main
+from node.cli.main import main
 from node.config import DATABASE_FILE
 from tests.conftest import wait_ready
 from tests.test_federation import HI, LLAMA, answers, cli, invite, make_peer, wait_for
 
 
 def serve(peer, log: Path) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
-    command = [sys.executable, "-m", "node.cli", "serve", "--port", str(peer.port)]
+    command = [sys.executable, "-m", "node.cli.main", "serve", "--port", str(peer.port)]
     process = subprocess.Popen(
         [*command, "--data-dir", str(peer.path)],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

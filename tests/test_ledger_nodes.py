@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from federation.identity import NodeIdentity
 from ledger.receipts import make_receipt, receipt_fields
-from node.cli import main
+from node.cli.main import main
 from node.config import DATABASE_FILE, IDENTITY_FILE
 from tests.test_federation import (
     HI,
@@ -227,7 +227,7 @@ def test_tampering_is_found_and_an_equivocating_peer_is_suspended(tmp_path: Path
 
 def _key_issued_to(holder: Peer, issuer: Peer) -> str:
     from federation.sealing import unseal
-    from node.storage import Store
+    from node.storage.store import Store
 
     async def read() -> str:
         store = await Store.open(holder.path / DATABASE_FILE)
@@ -243,7 +243,7 @@ def _key_issued_to(holder: Peer, issuer: Peer) -> str:
 
 
 def _stored_body(receipt) -> str:  # type: ignore[no-untyped-def]
-    from node.receipts import stored
+    from node.peers.receipts import stored
 
     return stored(receipt).body
 

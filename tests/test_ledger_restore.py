@@ -19,7 +19,7 @@ import httpx
 import msgspec
 from click.testing import CliRunner
 
-from node.cli import main
+from node.cli.main import main
 from node.config import CONFIG_FILE, DATABASE_FILE, IDENTITY_FILE
 from tests.conftest import RunningNode
 from tests.test_federation import (

@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from federation.identity import NodeIdentity
 from federation.transport import signed_headers
 from ledger.receipts import GENESIS
-from ledger.settlement import Settlement, make_statement, sign_statement
-from node import books
-from node.cli import main
+from ledger.settlement import Statement, make_statement, sign_statement
+from node.cli.main import main
 from node.config import DATABASE_FILE, IDENTITY_FILE
-from node.storage import Store
+from node.peers import books
+from node.storage.store import Store
 from tests.mocks.server import serve_app
 from tests.test_federation import (
     HI,
@@ -154,7 +154,7 @@ def _sybil_statement(one: NodeIdentity, other: NodeIdentity, owed: int) -> dict:
     """A statement both of whose signatures are valid: `one` owes `other` `owed`."""
     a, b = sorted((one, other), key=lambda identity: identity.node_id)
     a_owes_b, b_owes_a = (owed, 0) if one is a else (0, owed)
-    statement = Settlement(
+    statement = Statement(
         a=a.node_id,
         b=b.node_id,
         from_seq=1,

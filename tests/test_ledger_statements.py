@@ -12,9 +12,9 @@ from nacl.signing import SigningKey
 
 from ledger.receipts import GENESIS, Receipt, make_receipt, node_id_of, receipt_hash
 from ledger.settlement import make_statement, sign_statement
-from node import books
-from node.receipts import keep_receipts
-from node.storage import Store
+from node.peers import books
+from node.peers.receipts import keep_receipts
+from node.storage.store import Store
 
 
 class Node:

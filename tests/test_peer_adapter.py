@@ -18,7 +18,7 @@ from federation.identity import NodeIdentity
 from federation.nonces import NonceCache
 from federation.transport import HOP_HEADER, RECEIPT_EVENT, RECEIPT_HEADER
 from node.config import UpstreamSection
-from node.peer_adapter import PeerAdapter, peer_upstream
+from node.peers.adapter import PeerAdapter, peer_upstream
 from tests.calls import chat_call
 from tests.mocks.server import serve_app
 

@@ -23,7 +23,7 @@ from federation.ids import new_request_id
 from federation.invites import make_join_request, parse_invite
 from federation.sealing import unseal
 from node.config import DATABASE_FILE
-from node.peering import JoinResponse, signed_request
+from node.peers.peering import JoinResponse, signed_request
 from tests.mocks.openai_mock import OpenAIMock
 from tests.mocks.server import serve_app
 from tests.test_federation import Peer, invite, make_peer

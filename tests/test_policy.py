@@ -15,15 +15,15 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from node.policy import (
+from node.gateway.policy import (
     ip_allowed,
     model_allowed,
     parse_networks,
     period_end,
     period_start,
 )
-from node.ratelimit import WINDOW, MinuteLog, RateLimited, RateLimiter, ScopeLimits
-from node.storage import Store
+from node.gateway.ratelimit import WINDOW, MinuteLog, RateLimited, RateLimiter, ScopeLimits
+from node.storage.store import Store
 
 names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30)
 

@@ -18,8 +18,15 @@ from hypothesis import strategies as st
 from adapters.types import EmbeddingRequest, Usage
 from ledger.canonical import b64url, b64url_decode, canonical
 from node.config import CONFIG_TEMPLATE, Config, ConfigError, parse_config, semantic_problems
-from node.keys import KEY_PREFIX, bearer_token, generate_key, hash_key, hashes_match, key_id_of
-from node.usage import cost_micros
+from node.gateway.keys import (
+    KEY_PREFIX,
+    bearer_token,
+    generate_key,
+    hash_key,
+    hashes_match,
+    key_id_of,
+)
+from node.gateway.usage import cost_micros
 
 SETTINGS = settings(max_examples=300, deadline=None, database=None)
 
@@ -35,7 +42,7 @@ secrets_st = st.binary(min_size=1, max_size=64)
 keys_st = st.from_regex(KEY_RE, fullmatch=True).map(lambda key: (key, key[ID_START:ID_END]))
 
 
-# --- node/keys.py -------------------------------------------------------------------------
+# --- node/gateway/keys.py -------------------------------------------------------------------------
 
 
 def test_generated_keys_are_well_formed_unique_and_carry_their_id():
@@ -239,7 +246,7 @@ def test_canonical_is_deterministic_sorted_and_compact(value, rng):
     assert msgspec.json.decode(encoded) == value
 
 
-# --- node/usage.py ------------------------------------------------------------------------
+# --- node/gateway/usage.py ------------------------------------------------------------------------
 
 tokens_st = st.integers(0, 10**9)
 prices_st = st.integers(0, 10**12)

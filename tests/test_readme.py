@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import pytest
 
-from node.cli import main
+from node.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

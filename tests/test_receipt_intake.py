@@ -26,9 +26,9 @@ from ledger.receipts import (
     take_receipt,
 )
 from ledger.records import RecordError, Signer
-from node import books
-from node.receipts import keep_receipts, stored
-from node.storage import Settlement, Store, UsageRecord
+from node.peers import books
+from node.peers.receipts import keep_receipts, stored
+from node.storage.store import Charge, Store, UsageRecord
 
 
 class Node:
@@ -200,7 +200,7 @@ def test_a_receipt_that_does_not_link_with_its_neighbours_is_refused(tmp_path: P
     asyncio.run(run())
 
 
-def settled(request_id: str, status: int, sent: SentRequest = SENT) -> Settlement:
+def settled(request_id: str, status: int, sent: SentRequest = SENT) -> Charge:
     """Our usage record of a request routed to the provider, with what we asked it."""
     record = UsageRecord(
         request_id=request_id,
@@ -219,7 +219,7 @@ def settled(request_id: str, status: int, sent: SentRequest = SENT) -> Settlemen
         latency_ms=1,
         status=status,
     )
-    return Settlement(record, [], msgspec.structs.replace(sent, id=request_id, status=status))
+    return Charge(record, [], msgspec.structs.replace(sent, id=request_id, status=status))
 
 
 def test_what_we_are_billed_for_answers_that_never_reached_us_shows(tmp_path: Path) -> None:
@@ -243,7 +243,7 @@ def test_what_we_are_billed_for_answers_that_never_reached_us_shows(tmp_path: Pa
 
 def test_an_in_band_receipt_for_another_request_is_not_kept(tmp_path: Path) -> None:
     """The receipt a peer returns with its answer must be for that very request, as asked."""
-    from node.receipts import Ledger, _Taken
+    from node.peers.receipts import Receipts, _Taken
 
     class Identity:
         node_id = CONSUMER.id
@@ -254,7 +254,7 @@ def test_an_in_band_receipt_for_another_request_is_not_kept(tmp_path: Path) -> N
     class Peering:
         peers: dict = {}
 
-    ledger = Ledger(Identity(), None, None, Peering())  # type: ignore[arg-type]
+    ledger = Receipts(Identity(), None, None, Peering())  # type: ignore[arg-type]
     good = receipt()
     data = msgspec.json.encode(receipt_fields(good))
     assert ledger._checked(_Taken(SENT, data, good.amount)).csig
@@ -278,7 +278,7 @@ def test_receipts_taken_before_the_rule_keep_a_record_of_their_request(tmp_path:
     held from the peer its usage record names, and of no other."""
     import sqlite3
 
-    from node.storage import MIGRATIONS
+    from node.storage.store import MIGRATIONS
 
     db = sqlite3.connect(tmp_path / "db", isolation_level=None)
     for number, script in enumerate(MIGRATIONS[:4], start=1):
@@ -312,8 +312,8 @@ def test_a_statement_over_receipts_that_bill_no_request_of_ours_is_not_countersi
     tmp_path: Path,
 ) -> None:
     """Receipts that reached our books without the rule (kept before it, or by hand) stop a
-    settlement: we sign only totals we can match, receipt by receipt, to requests we sent."""
-    from ledger.settlement import make_statement, sign_statement
+    charge: we sign only totals we can match, receipt by receipt, to requests we sent."""
+    from ledger.charge import make_statement, sign_statement
 
     class Identity:
         node_id = CONSUMER.id
@@ -341,7 +341,7 @@ def test_a_statement_over_receipts_that_bill_no_request_of_ours_is_not_countersi
             with pytest.raises(books.BooksError) as refused:
                 await books.countersign_statement(store, Identity(), PROVIDER.id, body)  # type: ignore[arg-type]
             assert refused.value.status == 409 and "req_2" in refused.value.message
-            assert await store.settlements() == []
+            assert await store.charges() == []
             await store.write_batch([settled("req_2", 200)], [])
             both = await books.countersign_statement(store, Identity(), PROVIDER.id, body)  # type: ignore[arg-type]
             assert both.sig_a and both.sig_b

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from federation.nonces import nonce_digest
-from node.ratelimit import Admission, RateLimited, RateLimiter, ScopeLimits
-from node.storage import Store
+from node.gateway.ratelimit import Admission, RateLimited, RateLimiter, ScopeLimits
+from node.storage.store import Store
 
 SETTINGS = settings(max_examples=60, deadline=None, database=None)
 T = TypeVar("T")

@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ledger.canonical import b64url
-from node.storage import (
+from node.storage.store import (
+    Charge,
     Hold,
     ReceiptMaker,
-    Settlement,
     Store,
     StoredReceipt,
     UsageRecord,
@@ -33,7 +33,7 @@ def body_hash(body: str) -> str:
     return b64url(hashlib.sha256(body.encode()).digest())
 
 
-def settlement(request_id: str, cost: int = 7, holds: Sequence[Hold] = ()) -> Settlement:
+def charge(request_id: str, cost: int = 7, holds: Sequence[Hold] = ()) -> Charge:
     """A finished request of key k1 that cost `cost`, settling `holds`."""
     record = UsageRecord(
         request_id=request_id,
@@ -52,7 +52,7 @@ def settlement(request_id: str, cost: int = 7, holds: Sequence[Hold] = ()) -> Se
         latency_ms=1,
         status=200,
     )
-    return Settlement(record, list(holds))
+    return Charge(record, list(holds))
 
 
 def maker(request_id: str) -> ReceiptMaker:
@@ -86,7 +86,7 @@ def test_receipt_usage_and_spend_are_written_together(tmp_path: Path) -> None:
         store = await Store.open(tmp_path / "db")
         try:
             for n in range(3):
-                await store.settle_with_receipt(settlement(f"r{n}"), PAIR, maker(f"r{n}"))
+                await store.settle_with_receipt(charge(f"r{n}"), PAIR, maker(f"r{n}"))
             assert_linked(await chain(store))
             assert await usage_ids(store) == {"r0", "r1", "r2"}
         finally:
@@ -103,10 +103,10 @@ def test_a_busy_database_queues_the_receipt_instead_of_failing(tmp_path: Path) -
         store = await Store.open(tmp_path / "db")
         other = sqlite3.connect(tmp_path / "db", isolation_level=None)
         try:
-            await store.settle_with_receipt(settlement("first"), PAIR, maker("first"))
+            await store.settle_with_receipt(charge("first"), PAIR, maker("first"))
             other.execute("BEGIN IMMEDIATE")
             pending = asyncio.create_task(
-                store.settle_with_receipt(settlement("second"), PAIR, maker("second"))
+                store.settle_with_receipt(charge("second"), PAIR, maker("second"))
             )
             await asyncio.sleep(0.3)
             assert not pending.done()  # waiting for the lock, not failed
@@ -131,14 +131,14 @@ def test_a_failing_receipt_leaves_nothing_behind(tmp_path: Path) -> None:
                 raise ValueError("cannot sign")
 
             try:
-                await store.settle_with_receipt(settlement("lost"), PAIR, broken)
+                await store.settle_with_receipt(charge("lost"), PAIR, broken)
             except ValueError:
                 pass
             else:
                 raise AssertionError("the maker's error must reach the caller")
             assert await chain(store) == []
             assert await usage_ids(store) == set()
-            await store.settle_with_receipt(settlement("next"), PAIR, maker("next"))
+            await store.settle_with_receipt(charge("next"), PAIR, maker("next"))
             assert [r.seq for r in await chain(store)] == [1]
         finally:
             await store.close()
@@ -163,7 +163,7 @@ def test_several_workers_never_fork_a_chain(tmp_path_factory, per_worker: list[i
         store = await Store.open(path)
         try:
             await asyncio.gather(
-                *(store.settle_with_receipt(settlement(r), PAIR, maker(r)) for r in mine)
+                *(store.settle_with_receipt(charge(r), PAIR, maker(r)) for r in mine)
             )
         finally:
             await store.close()
@@ -196,11 +196,11 @@ def test_a_provider_links_to_the_hash_of_what_it_signed_not_a_stored_column(
     async def run() -> None:
         store = await Store.open(tmp_path / "db")
         try:
-            await store.settle_with_receipt(settlement("r0"), PAIR, maker("r0"))
+            await store.settle_with_receipt(charge("r0"), PAIR, maker("r0"))
             with sqlite3.connect(tmp_path / "db") as db:
                 db.execute("DROP TRIGGER receipts_no_rewrite")
                 db.execute("UPDATE receipts SET hash = 'damaged' WHERE seq = 1")
-            await store.settle_with_receipt(settlement("r1"), PAIR, maker("r1"))
+            await store.settle_with_receipt(charge("r1"), PAIR, maker("r1"))
             assert_linked(await chain(store))
         finally:
             await store.close()

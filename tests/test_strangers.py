@@ -16,10 +16,10 @@ from federation.descriptors import make_descriptor
 from federation.identity import NodeIdentity
 from federation.printable import PrintableFormatter
 from federation.transport import signed_headers
-from node import auth
-from node.auth import AUDIT_MAX_PER_PERIOD, AUDIT_QUIET_SECONDS
-from node.keys import generate_key
-from node.storage import AuditEvent
+from node.gateway import auth
+from node.gateway.auth import AUDIT_MAX_PER_PERIOD, AUDIT_QUIET_SECONDS
+from node.gateway.keys import generate_key
+from node.storage.store import AuditEvent
 from tests.conftest import NodeDir, run_node
 from tests.test_cli import run_aihub
 from tests.test_fuzz import assert_openai_error

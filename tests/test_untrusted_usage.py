@@ -32,18 +32,18 @@ from adapters.ollama import OllamaAdapter
 from adapters.openai import OpenAIAdapter
 from adapters.tokens import MAX_TOKEN_COUNT, token_count
 from adapters.types import Upstream, Usage
-from node.cli import main
+from node.cli.main import main
 from node.config import DATABASE_FILE
-from node.journal import JOURNAL_DIR, Journal
-from node.storage import Hold, Store
-from node.usage import PROMPT_FACTOR, PROMPT_SLACK, UsageRecorder, clamp_usage
+from node.gateway.journal import JOURNAL_DIR, Journal
+from node.gateway.usage import PROMPT_FACTOR, PROMPT_SLACK, UsageRecorder, clamp_usage
+from node.storage.store import Hold, Store
 from tests.calls import chat_call, embed_call
 from tests.conftest import NodeDir, concurrent_client, run_node
 from tests.mocks.script import read_body
 from tests.mocks.server import free_port, serve_app
 from tests.test_budgets import make_key, spend_of
 from tests.test_journal import _serve
-from tests.test_storage import settlement as usage_of
+from tests.test_storage import charge as usage_of
 
 SETTINGS = settings(max_examples=300, deadline=None, database=None)
 
@@ -386,7 +386,7 @@ def test_replay_skips_and_reports_what_it_cannot_apply_and_the_node_starts(
     good = usage_of("good-1", 5, [Hold("key:k", 0, 5)])
     journal.append(good)
     journal.append(usage_of("absurd", 2**64 - 1, [Hold("key:k", 0, 5)]))
-    os.write(journal._fd, _frame(b"\xc1"))  # a checksum that holds over no Settlement
+    os.write(journal._fd, _frame(b"\xc1"))  # a checksum that holds over no Charge
     journal.append(usage_of("good-2", 7, []))
     (path,) = folder.glob("*.journal")
     port = free_port()

@@ -31,7 +31,7 @@ from adapters.media import (
 )
 from adapters.openai import AzureOpenAIAdapter, OpenAIAdapter
 from adapters.types import ChatCall, ChatRequest, Upstream
-from node.policy import worst_case_prompt_tokens
+from node.gateway.policy import worst_case_prompt_tokens
 from tests.calls import chat_call
 from tests.conftest import concurrent_client, run_node
 from tests.mocks.openai_mock import OpenAIMock

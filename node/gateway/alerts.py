@@ -14,7 +14,7 @@ import httpx
 import msgspec
 
 from node.config import AlertsSection
-from node.storage import AuditEvent, Settlement, SpendRow, Store, now_ms
+from node.storage.store import AuditEvent, Charge, SpendRow, Store, now_ms
 
 log = logging.getLogger("aihub.alerts")
 
@@ -53,8 +53,8 @@ class BudgetAlerts:
         self._tasks: set[asyncio.Task[None]] = set()
         self._claimed: set[tuple[str, int, int]] = set()
 
-    async def on_settled(self, settlements: list[Settlement]) -> None:
-        scopes = {(h.scope, h.period_start) for s in settlements for h in s.holds}
+    async def on_settled(self, charges: list[Charge]) -> None:
+        scopes = {(h.scope, h.period_start) for s in charges for h in s.holds}
         if scopes:
             await self.check(await self.store.spend(sorted(scopes)))
 

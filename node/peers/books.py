@@ -34,7 +34,7 @@ from ledger.receipts import (
 from ledger.reconcile import reconcile
 from ledger.records import MAX_SKEW, RecordError, verify_fields
 from ledger.settlement import (
-    Settlement,
+    Statement,
     balances,
     check_statement,
     make_statement,
@@ -42,16 +42,16 @@ from ledger.settlement import (
     sign_statement,
     verify_statement,
 )
-from node.errors import ApiError
-from node.peering import PEER_TIMEOUT
-from node.receipts import (
+from node.ingress.errors import ApiError
+from node.peers.peering import PEER_TIMEOUT
+from node.peers.receipts import (
     admissible,
     loaded,
     record_equivocation,
     sent_to,
     stored,
 )
-from node.storage import LinkedReceipt, PeerRecord, Store, StoredReceipt, body_hash
+from node.storage.store import LinkedReceipt, PeerRecord, Store, StoredReceipt, body_hash
 
 log = logging.getLogger("aihub.ledger")
 
@@ -163,7 +163,7 @@ class Pair:
 
     me: str
     peer: str
-    previous: Settlement | None
+    previous: Statement | None
     ours: list[Receipt]  # we provided (me -> peer)
     theirs: list[Receipt]  # they provided (peer -> me)
 
@@ -182,7 +182,7 @@ class Pair:
         return self.theirs if self.me == self.a else self.ours
 
 
-async def last_statement(store: Store, me: str, peer: str) -> Settlement | None:
+async def last_statement(store: Store, me: str, peer: str) -> Statement | None:
     """The pair's statement that covers the most of its chains (not the newest by `iat`:
     the two nodes' clocks differ, and a statement out of order must not reopen a period)."""
     return (await _coverage(store, me, peer))[0]
@@ -190,12 +190,12 @@ async def last_statement(store: Store, me: str, peer: str) -> Settlement | None:
 
 async def _coverage(
     store: Store, me: str, peer: str
-) -> tuple[Settlement | None, dict[tuple[str, str], list[StoredReceipt]], dict[str, int]]:
+) -> tuple[Statement | None, dict[tuple[str, str], list[StoredReceipt]], dict[str, int]]:
     """The last statement, both chains as stored (by (provider, consumer)), and the highest
     seq of each chain the statements cover, by provider."""
     a, b = min(me, peer), max(me, peer)
     chains = {(a, b): await store.receipts(a, b), (b, a): await store.receipts(b, a)}
-    best: tuple[tuple[int, int, int], Settlement] | None = None
+    best: tuple[tuple[int, int, int], Statement] | None = None
     for body in await store.settlements(a, b):
         statement = parse_statement(body)
         covered = (statement.to_seq, _settled_seq(chains[(b, a)], statement), statement.iat)
@@ -207,7 +207,7 @@ async def _coverage(
     return statement, chains, {a: ab_seq, b: ba_seq}
 
 
-def _settled_seq(b_to_a: list[StoredReceipt], statement: Settlement) -> int:
+def _settled_seq(b_to_a: list[StoredReceipt], statement: Statement) -> int:
     """The seq of the b→a receipt a statement's head names (the format gives that chain's
     range by hash only). The hash is recomputed from each body; if no receipt we hold has
     it (a damaged or moved head, which `verify` names), the receipts issued before the
@@ -310,7 +310,7 @@ async def _verify_statements(store: Store, a: str, b: str) -> list[ChainCheck]:
             checks.append(ChainCheck(a, b, 0, False, f"a statement: {exc}", kind="statement"))
             continue
         valid.append((statement.to_seq, _settled_seq(ba_rows, statement), statement.iat, statement))
-    previous: Settlement | None = None
+    previous: Statement | None = None
     ab_from = ba_from = 0
     for ab_to, ba_to, _, statement in sorted(valid, key=lambda item: item[:3]):
         ab_period = [r for r in ab if ab_from < r.seq <= ab_to]
@@ -606,7 +606,7 @@ def _receipts_of(page: ReceiptPage) -> list[Receipt]:
     return receipts
 
 
-async def settle_with(store: Store, link: Link) -> Settlement:
+async def settle_with(store: Store, link: Link) -> Statement:
     """Close the period with the peer: a statement of both chains since the last one, signed
     by us, countersigned by the peer after it checked the totals against its own books."""
     me, peer = link.identity.node_id, link.peer.node_id
@@ -640,14 +640,14 @@ async def settle_with(store: Store, link: Link) -> Settlement:
     return both
 
 
-def same_period(one: Settlement, other: Settlement) -> bool:
+def same_period(one: Statement, other: Statement) -> bool:
     """Two statements of one period with the same totals, whenever (`iat`) and by whom they
     were signed: settling a period again is answered with the statement already signed."""
     unsigned = {"iat": 0, "sig_a": "", "sig_b": ""}
     return msgspec.structs.replace(one, **unsigned) == msgspec.structs.replace(other, **unsigned)
 
 
-def _ours(body: object, me: str, peer: str) -> Settlement | None:
+def _ours(body: object, me: str, peer: str) -> Statement | None:
     """A statement between us carrying both signatures (ours among them), or None."""
     try:
         statement = parse_statement(body)  # type: ignore[arg-type]
@@ -695,7 +695,7 @@ def _decoded(data: bytes, kind: type[T]) -> T:
         raise BooksError(502, f"the peer's answer is not valid: {exc}") from exc
 
 
-async def save_statement(store: Store, statement: Settlement) -> bool:
+async def save_statement(store: Store, statement: Statement) -> bool:
     """Keep a both-signed statement; False if we held it already."""
     body = msgspec.json.encode(msgspec.to_builtins(statement)).decode()
     return await store.add_settlement(
@@ -712,7 +712,7 @@ async def net(store: Store, me: str, extra: Iterable[bytes | str]) -> NetPlan:
     nor a peer of ours (a sybil) is refused: its made-up debt would move real peers' money
     (the plan could have a real debtor pay a sybil, and the sybil "pay" the real creditor)."""
     known = await _parties(store, me)
-    statements: dict[tuple[str, str, int], Settlement] = {}
+    statements: dict[tuple[str, str, int], Statement] = {}
     for body in [*(await store.settlements()), *extra]:
         try:
             statement = parse_statement(body)
@@ -789,7 +789,7 @@ async def statements_page(store: Store, me: str, peer: str, after_iat: int) -> b
 
 async def countersign_statement(
     store: Store, identity: NodeIdentity, peer: str, body: bytes
-) -> Settlement:
+) -> Statement:
     """A peer proposes to close the period: sign it only if our own books give the very same
     statement, and keep it. A period we signed already is answered with that statement
     (a lost answer is asked again), and the proposer's previous statement, ours too, is kept
@@ -840,7 +840,7 @@ async def _check_billed(store: Store, pair: Pair) -> None:
         )
 
 
-def verify_statement_side(statement: Settlement, side: str) -> None:
+def verify_statement_side(statement: Statement, side: str) -> None:
     """The proposer's own signature on its side of a statement."""
     fields = msgspec.to_builtins(statement)
     node = statement.a if side == "a" else statement.b

@@ -1,7 +1,7 @@
 """The admin API: keys, tenants, usage and the audit log, for an admin key only.
 
 The same operations as `aihub keys …` and `aihub tenants …` (both go through
-`node.management`). Every change is written to the store, audited as `admin:<key id>`, and
+`node.admin.management`). Every change is written to the store, audited as `admin:<key id>`, and
 seen at once by this process (its key cache is reloaded before the answer) and by every other
 process serving the node (through the epoch file).
 """
@@ -21,11 +21,7 @@ from litestar import Request, Response, delete, get, patch, post
 from litestar.params import FromPath
 
 from ledger.nesting import bounded
-from node.auth import Principal
-from node.errors import ApiError
-from node.hub import hub_of
-from node.keys import HASH_PURPOSE
-from node.management import (
+from node.admin.management import (
     KeyInput,
     KeyView,
     Management,
@@ -34,8 +30,12 @@ from node.management import (
     TenantInput,
     TenantView,
 )
-from node.openai_api import JSON, _authenticate, client_ip
-from node.storage import AuditEvent, Store, UsageGroup
+from node.gateway.auth import Principal
+from node.gateway.keys import HASH_PURPOSE
+from node.hub import hub_of
+from node.ingress.errors import ApiError
+from node.ingress.openai import JSON, _authenticate, client_ip
+from node.storage.store import AuditEvent, Store, UsageGroup
 from node.units import parse_since
 
 T = TypeVar("T")

@@ -16,9 +16,9 @@ from federation.httpsig import (
     remember_nonce,
 )
 from federation.nonces import nonce_digest
-from node.auth import Principal
-from node.errors import ApiError
+from node.gateway.auth import Principal
 from node.hub import Hub
+from node.ingress.errors import ApiError
 
 KeyLookup = Callable[[str], bytes | None]
 # When the nonce cache is full: its oldest entries expire second by second.

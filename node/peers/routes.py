@@ -15,13 +15,13 @@ from litestar import Request, Response, get, post
 from federation.descriptors import public_key_of
 from federation.transport import LISTED_HEADER
 from ledger.nesting import NestingError, bounded
-from node import books
-from node.auth import Principal
-from node.errors import ApiError
+from node.gateway.auth import Principal
 from node.hub import hub_of
-from node.openai_api import JSON
-from node.peer_auth import check_peer, verify_signed
-from node.peering import JoinRefused
+from node.ingress.errors import ApiError
+from node.ingress.openai import JSON
+from node.peers import books
+from node.peers.auth import check_peer, verify_signed
+from node.peers.peering import JoinRefused
 
 WHOLE_NUMBER = re.compile(r"-?[0-9]{1,15}", re.ASCII)
 MAX_FEDERATION_BODY = 64 * 1024
@@ -168,7 +168,7 @@ async def countersignatures(request: Request) -> Response[bytes]:
     body = await _small_body(request, MAX_COUNTERSIGNATURE_BODY)
     principal = await authenticate_peer(request, body)
     try:
-        taken = await hub_of(request).ledger.take_countersignatures(
+        taken = await hub_of(request).receipts.take_countersignatures(
             principal.key.peer_id or "", body
         )
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
@@ -195,7 +195,9 @@ async def missing_receipts(request: Request) -> Response[bytes]:
     body = await _small_body(request, MAX_RECEIPTS_BODY)
     peer = await ledger_peer(request, body)
     hub = hub_of(request)
-    taken = await books.take_receipts(hub.store, hub.identity.node_id, peer, body, hub.ledger.keep)
+    taken = await books.take_receipts(
+        hub.store, hub.identity.node_id, peer, body, hub.receipts.keep
+    )
     return Response(msgspec.json.encode({"taken": taken}), media_type=JSON)
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import msgspec
 
-from node.errors import ApiError
-from node.keys import bearer_token, hashes_match, key_id_of
-from node.policy import Network, ip_allowed, parse_networks
-from node.storage import AuditEvent, KeyRecord, Store, TenantRecord, now_ms
+from node.gateway.keys import bearer_token, hashes_match, key_id_of
+from node.gateway.policy import Network, ip_allowed, parse_networks
+from node.ingress.errors import ApiError
+from node.storage.store import AuditEvent, KeyRecord, Store, TenantRecord, now_ms
 
 EPOCH_FILE = "keys.epoch"
 # One audit entry per (event, key or address) per this many seconds: a flood of bad keys

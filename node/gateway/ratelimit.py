@@ -7,7 +7,7 @@ minute old), so no rolling minute ever holds more than the limit, and the `Retry
 gives is the wait until a bucket leaves the window.
 
 The store decides (DESIGN.md: what must hold across processes is decided in the store), but a
-process does not go to it for every request. It takes **leases**, as `node.budgets` does for
+process does not go to it for every request. It takes **leases**, as `node.gateway.budgets` does for
 budgets, in one transaction for all of a request's scopes:
 
 - requests per minute: a lease is a number of requests counted in the store's bucket of the
@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from node.storage import RateAnswer, RateSync, RateTake, Store
+from node.storage.store import RateAnswer, RateSync, RateTake, Store
 
 log = logging.getLogger("aihub")
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from node.auth import Principal
-from node.errors import ApiError
-from node.policy import Limits, period_start
-from node.storage import Hold, Store
+from node.gateway.auth import Principal
+from node.gateway.policy import Limits, period_start
+from node.ingress.errors import ApiError
+from node.storage.store import Hold, Store
 
 
 def budget_scopes(principal: Principal) -> list[tuple[str, Limits]]:

@@ -20,7 +20,7 @@ import msgspec
 
 from ledger.canonical import b64url
 from ledger.receipts import GENESIS, SentRequest
-from node.policy import Limits
+from node.gateway.policy import Limits
 
 T = TypeVar("T")
 
@@ -148,7 +148,7 @@ MIGRATIONS: list[str] = [
     );
     """,
     # 4: the ledger. Receipts are append-only: one chain per (provider, consumer) pair; the
-    # only change a row ever gets is its countersignature, once. Settlement statements close
+    # only change a row ever gets is its countersignature, once. Charge statements close
     # a period between two nodes.
     """
     CREATE TABLE receipts (
@@ -398,7 +398,7 @@ SLOT_TTL = 15
 RATE_WINDOW = 60
 
 
-class Settlement(msgspec.Struct):
+class Charge(msgspec.Struct):
     """A finished request: its usage record and what its reservations turn into."""
 
     record: UsageRecord
@@ -1006,7 +1006,7 @@ class Store:
     # --- ledger ----------------------------------------------------------------------------
 
     async def settle_with_receipt(
-        self, settlement: Settlement, pair: tuple[str, str], make: ReceiptMaker
+        self, charge: Charge, pair: tuple[str, str], make: ReceiptMaker
     ) -> StoredReceipt:
         """A request served for a peer: its usage record, its spend and its receipt (next in
         the pair's chain, made by `make(seq, prev)`) in one transaction, so that a completed
@@ -1024,7 +1024,7 @@ class Store:
             seq, prev = (row[0] + 1, body_hash(row[1])) if row else (1, None)
             receipt = make(seq, prev)
             db.execute(_INSERT_RECEIPT, msgspec.structs.astuple(receipt))
-            _write_settlements(db, [settlement], [])
+            _write_charges(db, [charge], [])
             return receipt
 
         return await self._atomic_now(write)
@@ -1202,7 +1202,7 @@ class Store:
         after_iat: int = -1,
         limit: int | None = None,
     ) -> list[str]:
-        """Settlement statements (JSON as signed by both), oldest first; of one pair if given,
+        """Charge statements (JSON as signed by both), oldest first; of one pair if given,
         issued after `after_iat` (a page if `limit`)."""
         if a is None:
             rows = await self._fetchall("SELECT body FROM settlements ORDER BY iat")
@@ -1216,9 +1216,9 @@ class Store:
 
     # --- usage and audit -------------------------------------------------------------------
 
-    async def write_batch(self, settlements: list[Settlement], events: list[AuditEvent]) -> None:
+    async def write_batch(self, charges: list[Charge], events: list[AuditEvent]) -> None:
         """Usage records, the spend they settle and audit events: one transaction."""
-        await self._atomic(lambda db: _write_settlements(db, settlements, events))
+        await self._atomic(lambda db: _write_charges(db, charges, events))
 
     async def usage_since(self, since_ms: int = 0) -> list[UsageRecord]:
         rows = await self._fetchall(
@@ -1468,14 +1468,12 @@ def _add_receipt(db: sqlite3.Connection, linked: LinkedReceipt) -> StoredReceipt
     return None
 
 
-def _write_settlements(
-    db: sqlite3.Connection, settlements: list[Settlement], events: list[AuditEvent]
-) -> None:
+def _write_charges(db: sqlite3.Connection, charges: list[Charge], events: list[AuditEvent]) -> None:
     """Write usage records, settle the spend they hold and log audit events. A record already
     written (a journal replayed after a crash that came after its commit) is skipped together
-    with its spend, so that writing a settlement twice counts it once. Statements run as
+    with its spend, so that writing a charge twice counts it once. Statements run as
     `executemany`: a Python loop here holds the GIL against the event loop's thread."""
-    ids = [s.record.request_id for s in settlements]
+    ids = [s.record.request_id for s in charges]
     known: set[str] = set()
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
@@ -1484,7 +1482,7 @@ def _write_settlements(
             chunk,
         )
         known.update(row[0] for row in rows)
-    fresh = [s for s in settlements if s.record.request_id not in known]
+    fresh = [s for s in charges if s.record.request_id not in known]
     db.executemany(
         f"INSERT OR IGNORE INTO usage VALUES ({_USAGE_PLACEHOLDERS})",
         [msgspec.structs.astuple(s.record) for s in fresh],

@@ -1,5 +1,5 @@
 """`aihub network up` and `aihub network down`: a three-node network on this machine, and the
-story of one request across it (the logic is in `node.network`)."""
+story of one request across it (the logic is in `node.demo.network`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import click
 import msgspec
 from rich.markup import escape
 
-from node.network import (
+from node.demo.network import (
     DEFAULT_BASE_PORT,
     DEFAULT_DIR,
     Network,

@@ -12,11 +12,11 @@ from litestar import Request, Response, get, post
 from litestar.params import FromPath
 
 from ledger.nesting import bounded
-from node import books
-from node.admin_api import json_response, query_param, require_admin, since_param
-from node.errors import ApiError
+from node.admin.routes import json_response, query_param, require_admin, since_param
 from node.hub import hub_of
-from node.openai_api import JSON
+from node.ingress.errors import ApiError
+from node.ingress.openai import JSON
+from node.peers import books
 
 MAX_NET_BODY = 1024 * 1024
 
@@ -51,7 +51,7 @@ async def reconcile(request: Request, peer: FromPath[str]) -> Response[bytes]:
     hub = hub_of(request)
     async with _peer_unreachable():
         link = await books.link_to(hub.store, hub.identity, hub.client, peer)
-        report = await books.reconcile_with(hub.store, link, hub.ledger.keep)
+        report = await books.reconcile_with(hub.store, link, hub.receipts.keep)
     if report.suspended:
         await hub.peering.changed()
     return json_response(report)
@@ -63,7 +63,7 @@ async def settle(request: Request, peer: FromPath[str]) -> Response[bytes]:
     hub = hub_of(request)
     async with _peer_unreachable():
         link = await books.link_to(hub.store, hub.identity, hub.client, peer)
-        await books.reconcile_with(hub.store, link, hub.ledger.keep)
+        await books.reconcile_with(hub.store, link, hub.receipts.keep)
         statement = await books.settle_with(hub.store, link)
     return json_response(statement)
 

@@ -28,13 +28,13 @@ from federation.sealing import seal_for, unseal
 from federation.transport import LISTED_HEADER, signed_headers
 from ledger.nesting import bounded
 from ledger.records import RecordError
-from node.auth import read_epoch, touch_epoch
 from node.config import Config, Deployment
-from node.keys import HASH_PURPOSE, generate_key, hash_key
-from node.peer_adapter import PeerAdapter, peer_upstream
-from node.policy import Limits, model_allowed
-from node.router import Route, Router
-from node.storage import JoinRequestBounds, KeyRecord, PeerRecord, Store
+from node.gateway.auth import read_epoch, touch_epoch
+from node.gateway.keys import HASH_PURPOSE, generate_key, hash_key
+from node.gateway.policy import Limits, model_allowed
+from node.gateway.router import Route, Router
+from node.peers.adapter import PeerAdapter, peer_upstream
+from node.storage.store import JoinRequestBounds, KeyRecord, PeerRecord, Store
 
 log = logging.getLogger("aihub.peering")
 

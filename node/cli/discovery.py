@@ -23,9 +23,9 @@ from rich.text import Text
 from federation.discovery import Discovered, discover, exchange_descriptors, fingerprint
 from federation.identity import NodeIdentity
 from federation.printable import printable
-from node.cli_options import shown
+from node.cli.options import shown
 from node.config import DATABASE_FILE, IDENTITY_FILE, Config
-from node.storage import PeerRecord, Store
+from node.storage.store import PeerRecord, Store
 
 errors = Console(stderr=True)
 

@@ -16,13 +16,13 @@ from rich.table import Table
 
 from federation.identity import NodeIdentity
 from federation.printable import printable
-from node import books
-from node.auth import touch_epoch
-from node.cli_options import parsed, shown
+from node.cli.options import parsed, shown
 from node.config import DATABASE_FILE, IDENTITY_FILE
-from node.peering import PEERS_EPOCH_FILE
-from node.receipts import keep_receipt
-from node.storage import Store
+from node.gateway.auth import touch_epoch
+from node.peers import books
+from node.peers.peering import PEERS_EPOCH_FILE
+from node.peers.receipts import keep_receipt
+from node.storage.store import Store
 from node.units import amount, parse_since
 
 T = TypeVar("T")

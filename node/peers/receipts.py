@@ -36,8 +36,8 @@ from ledger.receipts import (
     verify_countersignature,
 )
 from ledger.records import RecordError, signed_bytes
-from node.peering import Peering
-from node.storage import LinkedReceipt, Settlement, Store, StoredReceipt
+from node.peers.peering import Peering
+from node.storage.store import Charge, LinkedReceipt, Store, StoredReceipt
 
 log = logging.getLogger("aihub.ledger")
 
@@ -92,7 +92,7 @@ def loaded(row: StoredReceipt) -> Receipt:
     return msgspec.structs.replace(receipt, csig=row.csig) if row.csig else receipt
 
 
-class Ledger:
+class Receipts:
     def __init__(
         self, identity: NodeIdentity, store: Store, client: httpx.AsyncClient, peering: Peering
     ) -> None:
@@ -105,12 +105,10 @@ class Ledger:
 
     # --- the provider's side --------------------------------------------------------------
 
-    async def issue(
-        self, settlement: Settlement, consumer: str, receipt_id: str, key_id: str
-    ) -> bytes:
+    async def issue(self, charge: Charge, consumer: str, receipt_id: str, key_id: str) -> bytes:
         """Write a peer request's usage record, spend and receipt in one transaction; the
         receipt's signed JSON, for the response."""
-        record = settlement.record
+        record = charge.record
         me = self.identity.node_id
 
         def make(seq: int, prev: str | None) -> StoredReceipt:
@@ -131,7 +129,7 @@ class Ledger:
                 )
             )
 
-        row = await self.store.settle_with_receipt(settlement, (me, consumer), make)
+        row = await self.store.settle_with_receipt(charge, (me, consumer), make)
         return row.body.encode()
 
     async def take_countersignatures(self, consumer: str, body: bytes) -> int:

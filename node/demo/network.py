@@ -37,7 +37,7 @@ import msgspec
 from federation.identity import NodeIdentity
 from node.config import CONFIG_FILE, DATABASE_FILE, IDENTITY_FILE, load_config, parse_config
 from node.provision import create_node, node_exists
-from node.storage import Store
+from node.storage.store import Store
 
 DEFAULT_DIR = "./.aihub-network"
 DEFAULT_BASE_PORT = 8801
@@ -102,7 +102,7 @@ def aihub_command() -> list[str]:
     script = Path(sys.executable).parent / "aihub"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "node.cli"]
+    return [sys.executable, "-m", "node.cli.main"]
 
 
 @dataclass

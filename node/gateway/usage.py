@@ -1,7 +1,7 @@
-"""Cost of a request and the batched writer of usage records, settlements and audit events.
+"""Cost of a request and the batched writer of usage records, charges and audit events.
 
-A finished request's usage record and the settlement of its budget reservations are appended
-to this process's journal (`node.journal`: one write(2), no fsync), queued in memory and
+A finished request's usage record and the charge of its budget reservations are appended
+to this process's journal (`node.gateway.journal`: one write(2), no fsync), queued in memory and
 written with others in one transaction a few milliseconds later, so that the request path
 never waits on the database and a crash loses none of them. A clean shutdown flushes what is
 queued.
@@ -15,8 +15,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from adapters.types import Usage
-from node.journal import UNAPPLIABLE, Journal, apply, skipped_event
-from node.storage import AuditEvent, Settlement, Store
+from node.gateway.journal import UNAPPLIABLE, Journal, apply, skipped_event
+from node.storage.store import AuditEvent, Charge, Store
 
 log = logging.getLogger("aihub.usage")
 
@@ -64,7 +64,7 @@ def clamp_usage(usage: Usage, worst: Usage) -> tuple[Usage, bool]:
     return Usage(prompt, completion, prompt + completion), prompt_clamped or completion_clamped
 
 
-FlushListener = Callable[[list[Settlement]], Awaitable[None]]
+FlushListener = Callable[[list[Charge]], Awaitable[None]]
 
 
 class UsageRecorder:
@@ -81,7 +81,7 @@ class UsageRecorder:
         self.flush_interval = flush_interval
         self.batch = batch
         self.listeners: list[FlushListener] = []
-        self._settlements: list[Settlement] = []
+        self._charges: list[Charge] = []
         self._events: list[AuditEvent] = []
         self._wake = asyncio.Event()
         self._due: asyncio.TimerHandle | None = None
@@ -92,10 +92,10 @@ class UsageRecorder:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="usage-writer")
 
-    def record(self, settlement: Settlement) -> None:
+    def record(self, charge: Charge) -> None:
         if self.journal is not None:
-            self.journal.append(settlement)
-        self._settlements.append(settlement)
+            self.journal.append(charge)
+        self._charges.append(charge)
         self._schedule()
 
     def audit(self, event: AuditEvent) -> None:
@@ -105,58 +105,58 @@ class UsageRecorder:
     def _schedule(self) -> None:
         """Flush `flush_interval` after the first record queued, or at once with a full batch:
         an idle node never wakes for nothing."""
-        if len(self._settlements) >= self.batch:
+        if len(self._charges) >= self.batch:
             self._wake.set()
         elif self._due is None:
             self._due = asyncio.get_running_loop().call_later(self.flush_interval, self._wake.set)
 
-    def written(self, settlements: list[Settlement]) -> None:
+    def written(self, charges: list[Charge]) -> None:
         """Settlements written outside the batch (a peer's request, with its receipt): the
         listeners hear of them from a task of their own, off the request path."""
-        task = asyncio.create_task(self.notify(settlements))
+        task = asyncio.create_task(self.notify(charges))
         self._notifying.add(task)
         task.add_done_callback(self._notifying.discard)
 
-    async def notify(self, settlements: list[Settlement]) -> None:
-        """Tell the listeners of settlements written."""
+    async def notify(self, charges: list[Charge]) -> None:
+        """Tell the listeners of charges written."""
         for listener in self.listeners:
             try:
-                await listener(settlements)
+                await listener(charges)
             except Exception:
                 log.exception("a usage listener failed")
 
     async def flush(self) -> None:
         """Write everything queued so far (used at shutdown and by tests)."""
         async with self._lock:
-            while self._settlements or self._events:
+            while self._charges or self._events:
                 if self.journal is not None:
                     # No await until the swap: a segment it seals holds nothing newer
                     # than this batch.
                     self.journal.seal()
-                settlements, self._settlements = self._settlements, []
+                charges, self._charges = self._charges, []
                 events, self._events = self._events, []
                 try:
-                    await self._write(settlements, events)
+                    await self._write(charges, events)
                 except Exception:
                     # Keep them for the next attempt rather than lose them.
-                    self._settlements[:0] = settlements
+                    self._charges[:0] = charges
                     self._events[:0] = events
                     raise
                 if self.journal is not None:
                     self.journal.committed()
-                await self.notify(settlements)
+                await self.notify(charges)
 
-    async def _write(self, settlements: list[Settlement], events: list[AuditEvent]) -> None:
+    async def _write(self, charges: list[Charge], events: list[AuditEvent]) -> None:
         """One batch; a record the database refuses (not a database that is busy) is skipped
         and reported, so that one bad record never stops every usage write after it."""
         try:
-            await self.store.write_batch(settlements, events)
+            await self.store.write_batch(charges, events)
             return
         except UNAPPLIABLE:
             pass
-        refused = await apply(self.store, settlements)
-        for settlement, reason in refused:
-            log.error("skipped usage record %s: %s", settlement.record.request_id, reason)
+        refused = await apply(self.store, charges)
+        for charge, reason in refused:
+            log.error("skipped usage record %s: %s", charge.record.request_id, reason)
         if refused:
             events = [*events, skipped_event("usage-writer", refused, 0)]
         await self.store.write_batch([], events)

@@ -28,7 +28,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from federation.httpsig import REQUEST_ID_HEADER
 from federation.ids import new_request_id
 from node.config import ServerSection
-from node.errors import ErrorDetail, error_bytes
+from node.ingress.errors import ErrorDetail, error_bytes
 
 log = logging.getLogger("aihub.connections")
 

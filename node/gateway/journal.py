@@ -1,4 +1,4 @@
-"""The usage journal: each finished request's settlement appended to a file the moment it is
+"""The usage journal: each finished request's charge appended to a file the moment it is
 queued, so that batching the database writes (every 50 ms) loses nothing to a crash.
 
 A `write(2)` to a file survives the process being killed: the kernel holds the data, the same
@@ -30,16 +30,16 @@ from pathlib import Path
 
 import msgspec
 
-from node.storage import AuditEvent, Settlement, Store, now_ms
+from node.storage.store import AuditEvent, Charge, Store, now_ms
 
 log = logging.getLogger("aihub.journal")
 
 JOURNAL_DIR = "journal"
 SUFFIX = ".journal"
-SEGMENT_BYTES = 1 << 20  # about 5,000 requests' settlements
+SEGMENT_BYTES = 1 << 20  # about 5,000 requests' charges
 _FRAME = struct.Struct("<II")  # payload length, CRC-32 of the payload
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Settlement)
+_decoder = msgspec.msgpack.Decoder(Charge)
 REJECTED = ".rejected"
 # What a record can make the database refuse, as opposed to the database being unavailable:
 # an integer past SQLite's 64 bits, a value of the wrong type, a broken constraint.
@@ -66,8 +66,8 @@ class Journal:
         self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._written = 0
 
-    def append(self, settlement: Settlement) -> None:
-        payload = _encoder.encode(settlement)
+    def append(self, charge: Charge) -> None:
+        payload = _encoder.encode(charge)
         self._written += os.write(
             self._fd, _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
         )
@@ -98,12 +98,12 @@ class Segment(msgspec.Struct):
     """One segment left behind: what it holds, and how many frames in it did not decode."""
 
     path: Path
-    settlements: list[Settlement]
+    charges: list[Charge]
     undecodable: int = 0
 
 
-def read_segment(path: Path) -> Iterator[Settlement | None]:
-    """The settlements of one segment, up to the first frame that is torn or corrupt; None
+def read_segment(path: Path) -> Iterator[Charge | None]:
+    """The charges of one segment, up to the first frame that is torn or corrupt; None
     for a whole frame (its checksum good) that does not decode, which is skipped."""
     data = path.read_bytes()
     offset = 0
@@ -123,7 +123,7 @@ def read_segment(path: Path) -> Iterator[Settlement | None]:
 
 def _segment(path: Path) -> Segment:
     held = list(read_segment(path))
-    kept = [settlement for settlement in held if settlement is not None]
+    kept = [charge for charge in held if charge is not None]
     return Segment(path, kept, len(held) - len(kept))
 
 
@@ -133,28 +133,26 @@ def left_behind(folder: Path) -> list[Segment]:
     return [_segment(path) for path in paths]
 
 
-async def apply(store: Store, settlements: list[Settlement]) -> list[tuple[Settlement, str]]:
-    """Write settlements in one transaction; if the database refuses one, each on its own,
+async def apply(store: Store, charges: list[Charge]) -> list[tuple[Charge, str]]:
+    """Write charges in one transaction; if the database refuses one, each on its own,
     so that one bad record costs only itself. Those refused, with why."""
     try:
-        await store.write_batch(settlements, [])
+        await store.write_batch(charges, [])
         return []
     except UNAPPLIABLE:
         pass
     refused = []
-    for settlement in settlements:
+    for charge in charges:
         try:
-            await store.write_batch([settlement], [])
+            await store.write_batch([charge], [])
         except UNAPPLIABLE as exc:
-            refused.append((settlement, f"{type(exc).__name__}: {exc}"[:200]))
+            refused.append((charge, f"{type(exc).__name__}: {exc}"[:200]))
     return refused
 
 
-def skipped_event(
-    where: str, refused: list[tuple[Settlement, str]], undecodable: int
-) -> AuditEvent:
+def skipped_event(where: str, refused: list[tuple[Charge, str]], undecodable: int) -> AuditEvent:
     """The audit event that reports records skipped (a few of their ids, and why)."""
-    ids = ",".join(settlement.record.request_id[:64] for settlement, _ in refused[:10])
+    ids = ",".join(charge.record.request_id[:64] for charge, _ in refused[:10])
     reason = refused[0][1] if refused else "undecodable"
     return AuditEvent(
         now_ms(),
@@ -169,24 +167,22 @@ async def replay(store: Store, segments: list[Segment]) -> int:
     many records were replayed. A record that cannot be applied is skipped and reported (the
     log and the audit log), and its segment kept as `*.rejected`. Call it when no process of
     the node is serving."""
-    settlements = [settlement for segment in segments for settlement in segment.settlements]
-    refused = await apply(store, settlements) if settlements else []
+    charges = [charge for segment in segments for charge in segment.charges]
+    refused = await apply(store, charges) if charges else []
     undecodable = sum(segment.undecodable for segment in segments)
-    if settlements:
-        log.warning(
-            "replayed %d usage records from a crash's journal", len(settlements) - len(refused)
-        )
+    if charges:
+        log.warning("replayed %d usage records from a crash's journal", len(charges) - len(refused))
     if refused or undecodable:
-        for settlement, reason in refused:
-            log.error("journal: skipped usage record %s: %s", settlement.record.request_id, reason)
+        for charge, reason in refused:
+            log.error("journal: skipped usage record %s: %s", charge.record.request_id, reason)
         log.error(
             "journal: %d records could not be applied and were skipped", len(refused) + undecodable
         )
         await store.write_batch([], [skipped_event("journal", refused, undecodable)])
-    bad = {id(settlement) for settlement, _ in refused}
+    bad = {id(charge) for charge, _ in refused}
     for segment in segments:
-        if segment.undecodable or any(id(s) in bad for s in segment.settlements):
+        if segment.undecodable or any(id(s) in bad for s in segment.charges):
             segment.path.rename(segment.path.with_suffix(REJECTED))
         else:
             segment.path.unlink()
-    return len(settlements) - len(refused)
+    return len(charges) - len(refused)

@@ -24,29 +24,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from federation.printable import PrintableFormatter, printable
-from node import __version__, cli_discovery, cli_federation, cli_ledger, cli_network
-from node.admin_api import (
-    AUDIT_LIMIT_MAX,
-    DEFAULT_SINCE,
-    USAGE_BY,
-    UsageBy,
-    UsageReport,
-    usage_csv,
-)
-from node.cli_options import comma_list, parsed, shown
-from node.config import (
-    CONFIG_FILE,
-    DATABASE_FILE,
-    IDENTITY_FILE,
-    Config,
-    ConfigError,
-    ServerSection,
-    data_dir,
-    load_config,
-    missing_secrets,
-)
-from node.journal import JOURNAL_DIR, left_behind, replay
-from node.management import (
+from node import __version__
+from node.admin.management import (
     MAX_COUNT,
     CreatedKey,
     KeyInput,
@@ -58,9 +37,34 @@ from node.management import (
     TenantInput,
     TenantView,
 )
-from node.policy import PERIODS, Limits, parse_networks
+from node.admin.routes import (
+    AUDIT_LIMIT_MAX,
+    DEFAULT_SINCE,
+    USAGE_BY,
+    UsageBy,
+    UsageReport,
+    usage_csv,
+)
+from node.cli import discovery as cli_discovery
+from node.cli import federation as cli_federation
+from node.cli import ledger as cli_ledger
+from node.cli import network as cli_network
+from node.cli.options import comma_list, parsed, shown
+from node.config import (
+    CONFIG_FILE,
+    DATABASE_FILE,
+    IDENTITY_FILE,
+    Config,
+    ConfigError,
+    ServerSection,
+    data_dir,
+    load_config,
+    missing_secrets,
+)
+from node.gateway.journal import JOURNAL_DIR, left_behind, replay
+from node.gateway.policy import PERIODS, Limits, parse_networks
 from node.provision import NodeExists, create_node, node_exists
-from node.storage import Store, UsageGroup
+from node.storage.store import Store, UsageGroup
 from node.units import amount, money, parse_duration, parse_money, parse_since
 
 console = Console()
@@ -229,7 +233,7 @@ def _run_server(server: str, host: str, port: int, workers: int, limits: ServerS
         return
     import uvicorn
 
-    from node.connections import connection_limit, guarded_protocol
+    from node.ingress.connections import connection_limit, guarded_protocol
 
     limits = msgspec.structs.replace(
         limits, max_connections=connection_limit(limits.max_connections)

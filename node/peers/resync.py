@@ -29,10 +29,10 @@ import httpx
 
 from federation.identity import NodeIdentity
 from ledger.records import RecordError
-from node import books
-from node.errors import ApiError
-from node.peering import Peering
-from node.storage import Store
+from node.ingress.errors import ApiError
+from node.peers import books
+from node.peers.peering import Peering
+from node.storage.store import Store
 
 log = logging.getLogger("aihub.ledger")
 

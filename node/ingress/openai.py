@@ -55,16 +55,16 @@ from federation.transport import HOP_HEADER, RECEIPT_EVENT, RECEIPT_HEADER
 from ledger.canonical import b64url
 from ledger.nesting import bounded
 from ledger.receipts import SentRequest
-from node.auth import Principal
-from node.budgets import budget_scopes
-from node.errors import ApiError, ErrorDetail, error_bytes
+from node.gateway.auth import Principal
+from node.gateway.budgets import budget_scopes
+from node.gateway.policy import model_allowed, worst_case_embedding_tokens, worst_case_prompt_tokens
+from node.gateway.ratelimit import Admission, RateLimited, ScopeLimits
+from node.gateway.router import NoRoute, Route
+from node.gateway.usage import clamp_usage, cost_micros
 from node.hub import Hub, hub_of
-from node.peer_auth import check_peer
-from node.policy import model_allowed, worst_case_embedding_tokens, worst_case_prompt_tokens
-from node.ratelimit import Admission, RateLimited, ScopeLimits
-from node.router import NoRoute, Route
-from node.storage import Hold, Settlement, UsageRecord, now_ms
-from node.usage import clamp_usage, cost_micros
+from node.ingress.errors import ApiError, ErrorDetail, error_bytes
+from node.peers.auth import check_peer
+from node.storage.store import Charge, Hold, UsageRecord, now_ms
 
 T = TypeVar("T")
 log = logging.getLogger("aihub.gateway")
@@ -201,7 +201,7 @@ class Accounting:
         self._settled = False
         # A peer's request is settled together with the receipt we sign for it.
         self.for_peer = principal.key.peer_id is not None
-        self._for_receipt: Settlement | None = None
+        self._for_receipt: Charge | None = None
         self.receipt_id = request_id
         # The worst case admitted, and what was reserved for it: the bounds of what the
         # request may be said to have used, and charged.
@@ -299,15 +299,15 @@ class Accounting:
             unbilled_micros=actual - cost,
             clamped=clamped,
         )
-        settlement = Settlement(
+        charge = Charge(
             record, self.hub.budgets.settle(self.holds, cost), _sent(self.request_id, route, status)
         )
         if self.for_peer and route is not None and (status == 200 or usage.total_tokens):
             # Whatever was produced for a peer is receipted, whether or not the peer stayed
             # to the end of the answer (`issue_receipt`).
-            self._for_receipt = settlement
+            self._for_receipt = charge
         else:
-            self.hub.usage.record(settlement)
+            self.hub.usage.record(charge)
         if self.admission is not None:
             self.hub.limiter.release(self.admission, usage.total_tokens)
         self.hub.metrics.settled(
@@ -320,20 +320,20 @@ class Accounting:
     async def issue_receipt(self) -> bytes | None:
         """For a peer's request that was answered: write its usage record, spend and our
         signed receipt together, before the answer completes; the receipt."""
-        settlement, self._for_receipt = self._for_receipt, None
-        if settlement is None:
+        charge, self._for_receipt = self._for_receipt, None
+        if charge is None:
             return None
         peer_id = self.principal.key.peer_id or ""
         try:
-            receipt = await self.hub.ledger.issue(
-                settlement, peer_id, self.receipt_id, self.principal.key_id
+            receipt = await self.hub.receipts.issue(
+                charge, peer_id, self.receipt_id, self.principal.key_id
             )
         except Exception:
             # The answer is already paid for upstream: keep its usage record even so.
             log.exception("could not issue a receipt to %s", peer_id)
-            self.hub.usage.record(settlement)
+            self.hub.usage.record(charge)
             return None
-        self.hub.usage.written([settlement])
+        self.hub.usage.written([charge])
         return receipt
 
     def take_receipt(self, route: Route, receipt: bytes | None, cost: int) -> None:
@@ -341,7 +341,7 @@ class Accounting:
         is for this very request, as we asked and priced it."""
         sent = _sent(self.request_id, route, 200)
         if sent is not None and receipt is not None:
-            self.hub.ledger.take(sent, receipt, cost)
+            self.hub.receipts.take(sent, receipt, cost)
 
     def observe_latency(self) -> None:
         elapsed = time.perf_counter() - self.started

@@ -1,7 +1,7 @@
 """Managing keys and tenants: the operations behind both the admin API and the CLI.
 
 Every change is written to the store, recorded in the audit log, and announced to every
-process serving the node by touching the epoch file (see `node.auth`).
+process serving the node by touching the epoch file (see `node.gateway.auth`).
 """
 
 from __future__ import annotations
@@ -15,11 +15,19 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from federation.identity import NodeIdentity
-from node.auth import touch_epoch
 from node.config import DATABASE_FILE, IDENTITY_FILE
-from node.keys import HASH_PURPOSE, generate_key, hash_key, key_id_of
-from node.policy import Cidr, Glob, Limits, Period, parse_networks, period_end, period_start
-from node.storage import AuditEvent, Conflict, KeyRecord, SpendRow, Store, TenantRecord, now_ms
+from node.gateway.auth import touch_epoch
+from node.gateway.keys import HASH_PURPOSE, generate_key, hash_key, key_id_of
+from node.gateway.policy import Cidr, Glob, Limits, Period, parse_networks, period_end, period_start
+from node.storage.store import (
+    AuditEvent,
+    Conflict,
+    KeyRecord,
+    SpendRow,
+    Store,
+    TenantRecord,
+    now_ms,
+)
 from node.units import MAX_DURATION, MAX_MONEY_MICROS, MAX_UNIX
 
 # Every number has an upper bound: the store keeps 64-bit integers, `datetime` stops at the

@@ -23,10 +23,11 @@ from federation.invites import create_invite, make_join_request, parse_invite
 from federation.printable import printable
 from federation.sealing import seal_for
 from ledger.records import RecordError
-from node.auth import touch_epoch
-from node.cli_options import comma_list, parsed, shown
+from node.cli.options import comma_list, parsed, shown
 from node.config import DATABASE_FILE, IDENTITY_FILE, Config
-from node.peering import (
+from node.gateway.auth import touch_epoch
+from node.gateway.policy import PERIODS, Limits, period_start
+from node.peers.peering import (
     PEERS_EPOCH_FILE,
     JoinResponse,
     admit_peer,
@@ -34,8 +35,7 @@ from node.peering import (
     joined_peer,
     signed_request,
 )
-from node.policy import PERIODS, Limits, period_start
-from node.storage import InviteRow, PeerRecord, Store
+from node.storage.store import InviteRow, PeerRecord, Store
 from node.units import amount, parse_duration, parse_money
 
 T = TypeVar("T")
