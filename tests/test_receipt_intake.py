@@ -312,8 +312,8 @@ def test_a_statement_over_receipts_that_bill_no_request_of_ours_is_not_countersi
     tmp_path: Path,
 ) -> None:
     """Receipts that reached our books without the rule (kept before it, or by hand) stop a
-    charge: we sign only totals we can match, receipt by receipt, to requests we sent."""
-    from ledger.charge import make_statement, sign_statement
+    settlement: we sign only totals we can match, receipt by receipt, to requests we sent."""
+    from ledger.settlement import make_statement, sign_statement
 
     class Identity:
         node_id = CONSUMER.id
@@ -341,7 +341,7 @@ def test_a_statement_over_receipts_that_bill_no_request_of_ours_is_not_countersi
             with pytest.raises(books.BooksError) as refused:
                 await books.countersign_statement(store, Identity(), PROVIDER.id, body)  # type: ignore[arg-type]
             assert refused.value.status == 409 and "req_2" in refused.value.message
-            assert await store.charges() == []
+            assert await store.settlements() == []
             await store.write_batch([settled("req_2", 200)], [])
             both = await books.countersign_statement(store, Identity(), PROVIDER.id, body)  # type: ignore[arg-type]
             assert both.sig_a and both.sig_b
