@@ -33,7 +33,7 @@ def served(node_dir: NodeDir, tmp_path: Path) -> Iterator[tuple[str, int, subpro
     ]:
         node_dir.set_config(setting, value)
     port = free_port()
-    command = [sys.executable, "-m", "node.cli.main", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "node.cli", "serve", "--port", str(port)]
     log = tmp_path / "serve.log"
     process = subprocess.Popen(
         [*command, "--data-dir", str(node_dir.path)],

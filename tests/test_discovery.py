@@ -50,8 +50,7 @@ from federation.httpsig import REQUEST_ID_HEADER, SignatureError, verify_request
 from federation.identity import NodeIdentity
 from federation.nonces import NonceCache
 from federation.sealing import seal_for
-from node.cli.discovery import register
-from node.cli.main import console, require_config, with_data_dir
+from node.cli.discovery import peers_discover
 from node.config import DATABASE_FILE, IDENTITY_FILE
 from node.provision import create_node
 from node.storage.store import PeerRecord, Store
@@ -692,7 +691,7 @@ def test_mdns_between_three_network_namespaces(namespaces: list[str]) -> None:
 
 def discover_command() -> click.Group:
     peers = click.Group("peers")
-    register(peers, with_data_dir, require_config, console)
+    peers.add_command(peers_discover)
     return peers
 
 
@@ -758,7 +757,7 @@ def test_aihub_serve_announces_itself_and_discover_finds_it(tmp_path: Path) -> N
         node.set_config("mdns = false", "mdns = true")
         node.set_config('mdns_interface = ""', 'mdns_interface = "127.0.0.1"')
     served.set_config("public_urls = []", f'public_urls = ["http://127.0.0.1:{port}"]')
-    command = [sys.executable, "-m", "node.cli.main", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "node.cli", "serve", "--port", str(port)]
     process = subprocess.Popen(
         [*command, "--data-dir", str(served.path)],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -130,7 +130,7 @@ def test_replay_counts_each_request_once_whatever_was_already_written(
 
 
 def _serve(node: NodeDir, port: int, log: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "node.cli.main", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "node.cli", "serve", "--port", str(port)]
     process = subprocess.Popen(
         [*command, "--data-dir", str(node.path)],
         stdout=subprocess.DEVNULL,

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from click.testing import CliRunner, Result
 
-import node.cli.main
+import node.cli.output
 from federation.identity import NodeIdentity
 from node.cli.main import main
 from node.config import DATABASE_FILE, IDENTITY_FILE
@@ -97,8 +97,8 @@ def folder(node_dir: NodeDir) -> Path:
 def wide(monkeypatch: pytest.MonkeyPatch) -> None:
     """A console wide enough that no table cell is folded over two lines (`_width`, which the
     `width` setter sets: monkeypatch then restores exactly what was there, usually None)."""
-    monkeypatch.setattr(node.cli.main.console, "_width", 300)
-    monkeypatch.setattr(node.cli.main.errors, "_width", 300)
+    monkeypatch.setattr(node.cli.output.console, "_width", 300)
+    monkeypatch.setattr(node.cli.output.errors, "_width", 300)
 
 
 def create(folder: Path, *args: str) -> tuple[str, dict[str, Any]]:

@@ -21,7 +21,7 @@ from tests.test_federation import HI, LLAMA, answers, cli, invite, make_peer, wa
 
 
 def serve(peer, log: Path) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
-    command = [sys.executable, "-m", "node.cli.main", "serve", "--port", str(peer.port)]
+    command = [sys.executable, "-m", "node.cli", "serve", "--port", str(peer.port)]
     process = subprocess.Popen(
         [*command, "--data-dir", str(peer.path)],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -16,7 +16,8 @@ from click.testing import CliRunner, Result
 
 from node.cli.main import main
 from node.config import CONFIG_FILE, DATABASE_FILE, IDENTITY_FILE, load_config
-from node.demo.network import DEMO_MODEL, KEY_FILE, PID_FILE
+from node.demo.network import DEMO_MODEL
+from node.demo.nodes import KEY_FILE, PID_FILE
 
 NODES = ("alice", "bob", "carol")
 

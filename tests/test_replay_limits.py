@@ -58,7 +58,7 @@ def serving_process(
     path: Path, port: int, log: Path
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`serving`, with the process itself (to kill it)."""
-    command = [sys.executable, "-m", "node.cli.main", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "node.cli", "serve", "--port", str(port)]
     process = subprocess.Popen(
         [*command, "--data-dir", str(path)],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

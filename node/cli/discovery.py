@@ -15,7 +15,6 @@ from pathlib import Path
 import click
 import httpx
 import msgspec
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -23,11 +22,11 @@ from rich.text import Text
 from federation.discovery import Discovered, discover, exchange_descriptors, fingerprint
 from federation.identity import NodeIdentity
 from federation.printable import printable
-from node.cli.options import shown
+from node.cli.folder import require_config
+from node.cli.options import with_data_dir
+from node.cli.output import console, echo_json, errors, shown, warn
 from node.config import DATABASE_FILE, IDENTITY_FILE, Config
 from node.storage.store import PeerRecord, Store
-
-errors = Console(stderr=True)
 
 
 class DiscoveredView(msgspec.Struct):
@@ -71,72 +70,76 @@ async def discover_for_node(
         )
 
 
-def register(peers: click.Group, with_data_dir, require_config, console) -> None:  # type: ignore[no-untyped-def]
-    """Add `discover` to the `aihub peers` group."""
-
-    @peers.command("discover")
-    @click.option(
-        "--timeout",
-        "wait",
-        type=click.FloatRange(0.1, 60),
-        default=3.0,
-        show_default=True,
-        help="Seconds to listen for mDNS announcements, and to wait for each node",
+@click.command("discover")
+@click.option(
+    "--timeout",
+    "wait",
+    type=click.FloatRange(0.1, 60),
+    default=3.0,
+    show_default=True,
+    help="Seconds to listen for mDNS announcements, and to wait for each node",
+)
+@click.option(
+    "--mdns/--no-mdns",
+    default=None,
+    help="Browse the local network over mDNS [default: federation.mdns in the config]",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON")
+@with_data_dir
+def peers_discover(directory: Path, wait: float, mdns: bool | None, as_json: bool) -> None:
+    """List nodes found over mDNS, through the config's seeds and from peers (peer
+    exchange) that are not yet peers. Listing grants nothing: a node becomes a peer only
+    through an invite or an approved join request."""
+    config = require_config(directory)
+    try:
+        identity = NodeIdentity.load(directory / IDENTITY_FILE)
+    except (OSError, ValueError) as exc:
+        errors.print(f"[bold red]error:[/] {escape(printable(str(exc)))}", highlight=False)
+        sys.exit(1)
+    use_mdns = config.federation.mdns if mdns is None else mdns
+    problems: list[str] = []
+    found = asyncio.run(
+        discover_for_node(directory, config, identity, mdns=use_mdns, wait=wait, problems=problems)
     )
-    @click.option(
-        "--mdns/--no-mdns",
-        default=None,
-        help="Browse the local network over mDNS [default: federation.mdns in the config]",
-    )
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON")
-    @with_data_dir
-    def peers_discover(directory: Path, wait: float, mdns: bool | None, as_json: bool) -> None:
-        """List nodes found over mDNS, through the config's seeds and from peers (peer
-        exchange) that are not yet peers. Listing grants nothing: a node becomes a peer only
-        through an invite or an approved join request."""
-        config = require_config(directory)
-        try:
-            identity = NodeIdentity.load(directory / IDENTITY_FILE)
-        except (OSError, ValueError) as exc:
-            errors.print(f"[bold red]error:[/] {escape(printable(str(exc)))}", highlight=False)
-            sys.exit(1)
-        use_mdns = config.federation.mdns if mdns is None else mdns
-        problems: list[str] = []
-        found = asyncio.run(
-            discover_for_node(
-                directory, config, identity, mdns=use_mdns, wait=wait, problems=problems
-            )
-        )
-        for problem in problems:
-            errors.print(f"[yellow]warning:[/] {escape(printable(problem))}", highlight=False)
-        if as_json:
-            views = [
+    for problem in problems:
+        warn(problem)
+    if as_json:
+        echo_json(
+            [
                 DiscoveredView(d.node_id, fingerprint(d.node_id), d.name, list(d.urls), d.via)
                 for d in found
             ]
-            click.echo(msgspec.json.encode(views).decode())
-            return
-        sources = ", ".join(
-            source
-            for source, used in (
-                ("mDNS", use_mdns),
-                ("seeds", bool(config.federation.seeds)),
-                ("peer exchange", True),
-            )
-            if used
         )
-        table = Table(title=f"Discovered nodes, not yet peers (via {sources})")
-        table.add_column("name", overflow="fold")
-        table.add_column("node id", overflow="fold")
-        table.add_column("urls", overflow="fold")
-        table.add_column("via")
-        for node in found:
-            table.add_row(
-                shown(node.name),
-                shown(node.node_id),
-                Text("\n".join(printable(url) for url in node.urls)),
-                node.via,
-            )
-        console.print(table)
-        if not found:
-            console.print("No new nodes found.", highlight=False)
+        return
+    console.print(_table(found, _sources(config, use_mdns)))
+    if not found:
+        console.print("No new nodes found.", highlight=False)
+
+
+def _sources(config: Config, use_mdns: bool) -> str:
+    """Where the command looked, for the table's title."""
+    return ", ".join(
+        source
+        for source, used in (
+            ("mDNS", use_mdns),
+            ("seeds", bool(config.federation.seeds)),
+            ("peer exchange", True),
+        )
+        if used
+    )
+
+
+def _table(found: list[Discovered], sources: str) -> Table:
+    table = Table(title=f"Discovered nodes, not yet peers (via {sources})")
+    table.add_column("name", overflow="fold")
+    table.add_column("node id", overflow="fold")
+    table.add_column("urls", overflow="fold")
+    table.add_column("via")
+    for node in found:
+        table.add_row(
+            shown(node.name),
+            shown(node.node_id),
+            Text("\n".join(printable(url) for url in node.urls)),
+            node.via,
+        )
+    return table

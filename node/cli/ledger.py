@@ -11,12 +11,13 @@ from typing import Any, TypeVar
 
 import click
 import httpx
-import msgspec
 from rich.table import Table
 
 from federation.identity import NodeIdentity
 from federation.printable import printable
-from node.cli.options import parsed, shown
+from node.cli.folder import currency_of, require_config
+from node.cli.options import parsed, with_data_dir
+from node.cli.output import console, echo_json, fail, shown
 from node.config import DATABASE_FILE, IDENTITY_FILE
 from node.gateway.auth import touch_epoch
 from node.peers import books
@@ -27,205 +28,198 @@ from node.units import amount, parse_since
 
 T = TypeVar("T")
 
-
 _since = parsed(lambda text: parse_since(text) // 1000)  # the ledger counts in seconds
+json_option = click.option("--json", "json_", is_flag=True, help="Print JSON")
+# The reconciliation report's buckets, in the order the table shows them.
+BUCKETS = (
+    "matched",
+    "missing_ours",
+    "missing_theirs",
+    "disputed",
+    "mismatched",
+    "equivocation",
+    "rejected",
+    "unanswered",
+)
 
 
 def _signed_amount(micros: int, currency: str) -> str:
     return ("-" if micros < 0 else "") + amount(abs(micros), currency)
 
 
-def register(
-    main: click.Group,
-    with_data_dir: Callable[..., Any],
-    require_config: Callable[[Path], Any],
-    fail: Callable[[str], None],
-    console: Any,
-) -> None:
-    """Add `aihub ledger` to the CLI."""
+def _run(directory: Path, work: Callable[[Store, NodeIdentity], Awaitable[T]]) -> T:
+    """Run `work` on the node's store with its identity; a BooksError fails the command."""
+    require_config(directory)
+    identity = NodeIdentity.load(directory / IDENTITY_FILE)
 
-    def run(directory: Path, work: Callable[[Store, NodeIdentity], Awaitable[T]]) -> T:
-        require_config(directory)
-        identity = NodeIdentity.load(directory / IDENTITY_FILE)
+    async def go() -> T:
+        async with Store.opened(directory / DATABASE_FILE) as store:
+            try:
+                return await work(store, identity)
+            except books.BooksError as exc:
+                fail(exc.message)
 
-        async def go() -> T:
-            async with Store.opened(directory / DATABASE_FILE) as store:
-                try:
-                    return await work(store, identity)
-                except books.BooksError as exc:
-                    fail(exc.message)
-                    raise
+    return asyncio.run(go())
 
-        return asyncio.run(go())
 
-    def currency_of(directory: Path) -> str:
-        """The currency of the node's amounts, to show them in."""
-        return require_config(directory).node.currency
+def _with_peer(directory: Path, peer: str, work: Callable[[Store, books.Link], Awaitable[T]]) -> T:
+    """Run `work` with a signed link to PEER (name or node id); a network failure is a 502
+    BooksError, as from the node's admin API."""
 
-    def as_json(value: object) -> None:
-        click.echo(msgspec.json.encode(value).decode())
+    async def go(store: Store, identity: NodeIdentity) -> T:
+        async with httpx.AsyncClient(timeout=60) as client:
+            link = await books.link_to(store, identity, client, peer)
+            try:
+                return await work(store, link)
+            except httpx.HTTPError as exc:
+                raise books.BooksError(502, f"{link.url}: {type(exc).__name__}") from exc
 
-    @main.group()
-    def ledger() -> None:
-        """The signed ledger: balances, verification, reconciliation, settlement."""
+    result = _run(directory, go)
+    touch_epoch(directory, PEERS_EPOCH_FILE)  # a suspended peer stops at once
+    return result
 
-    @ledger.command("balance")
-    @click.option("--json", "json_", is_flag=True, help="Print JSON")
-    @with_data_dir
-    def balance(directory: Path, json_: bool) -> None:
-        """Per peer: what each side used of the other since the last settlement, and the net
-        (positive: the peer owes us)."""
-        rows = run(directory, lambda store, me: books.balance(store, me.node_id))
-        if json_:
-            as_json(rows)
-            return
-        currency = currency_of(directory)
-        table = Table(title="Balances since the last settlement")
-        for column in ("peer", "we used", "they used", "net", "receipts", "unanswered"):
-            table.add_column(column, justify="left" if column == "peer" else "right")
-        for row in rows:
-            table.add_row(
-                shown(row.name),
-                amount(row.we_used, currency),
-                amount(row.they_used, currency),
-                _signed_amount(row.net, currency),
-                str(row.receipts),
-                amount(row.unanswered, currency),
-            )
-        console.print(table)
 
-    @ledger.command("verify")
-    @click.option("--json", "json_", is_flag=True, help="Print JSON")
-    @with_data_dir
-    def verify(directory: Path, json_: bool) -> None:
-        """Re-verify every signature and hash link; report the first broken link of each
-        chain. Exit status 1 if any is broken."""
-        checks = run(directory, lambda store, _: books.verify(store))
-        if json_:
-            as_json(checks)
-        else:
-            for check in checks:
-                pair = f"{check.provider[:16]}… → {check.consumer[:16]}…"
-                if check.kind == "statement":
-                    pair = f"statement {check.provider[:16]}… / {check.consumer[:16]}…"
-                verdict = "ok" if check.ok else f"BROKEN: {check.problem}"
-                console.print(
-                    printable(f"{pair}  {check.receipts} receipts  {verdict}"), markup=False
-                )
-            if not checks:
-                console.print("No receipts yet.")
-        if not all(check.ok for check in checks):
-            raise SystemExit(1)
+def _reconciled(store: Store, link: books.Link) -> Awaitable[books.ReconcileReport]:
+    async def keep(receipt: Any) -> bool:
+        return await keep_receipt(store, receipt)
 
-    def with_peer(
-        directory: Path, peer: str, work: Callable[[Store, books.Link], Awaitable[T]]
-    ) -> T:
-        async def go(store: Store, identity: NodeIdentity) -> T:
-            async with httpx.AsyncClient(timeout=60) as client:
-                link = await books.link_to(store, identity, client, peer)
-                try:
-                    return await work(store, link)
-                except httpx.HTTPError as exc:
-                    raise books.BooksError(502, f"{link.url}: {type(exc).__name__}") from exc
+    return books.reconcile_with(store, link, keep)
 
-        result = run(directory, go)
-        touch_epoch(directory, PEERS_EPOCH_FILE)  # a suspended peer stops at once
-        return result
 
-    def reconciled(store: Store, link: books.Link) -> Awaitable[books.ReconcileReport]:
-        async def keep(receipt: Any) -> bool:
-            return await keep_receipt(store, receipt)
+@click.group("ledger")
+def ledger() -> None:
+    """The signed ledger: balances, verification, reconciliation, settlement."""
 
-        return books.reconcile_with(store, link, keep)
 
-    @ledger.command("reconcile")
-    @click.argument("peer")
-    @click.option("--json", "json_", is_flag=True, help="Print JSON")
-    @with_data_dir
-    def reconcile(directory: Path, peer: str, json_: bool) -> None:
-        """Compare our receipts with PEER's (name or node id): recover what we miss, send what
-        it misses, and report disputes, mismatches and equivocation."""
-        report = with_peer(directory, peer, reconciled)
-        if json_:
-            as_json(report)
-            return
-        currency = currency_of(directory)
-        table = Table(title="Reconciliation")
-        for column in ("", "receipts", "amount"):
-            table.add_column(column, justify="left" if not column else "right")
-        for label in (
-            "matched",
-            "missing_ours",
-            "missing_theirs",
-            "disputed",
-            "mismatched",
-            "equivocation",
-            "rejected",
-            "unanswered",
-        ):
-            bucket = getattr(report, label)
-            table.add_row(
-                label.replace("_", " "), str(bucket.count), amount(bucket.amount, currency)
-            )
-        console.print(table)
-        if report.suspended:
-            console.print("The peer signed two receipts for one seq: it is suspended.")
-
-    @ledger.command("settle")
-    @click.argument("peer")
-    @click.option("--json", "json_", is_flag=True, help="Print JSON")
-    @with_data_dir
-    def settle(directory: Path, peer: str, json_: bool) -> None:
-        """Close the period with PEER: reconcile, then a statement both nodes sign."""
-
-        async def work(store: Store, link: books.Link) -> Any:
-            await reconciled(store, link)
-            return await books.settle_with(store, link)
-
-        statement = with_peer(directory, peer, work)
-        if json_:
-            as_json(statement)
-            return
-        me = NodeIdentity.load(directory / IDENTITY_FILE).node_id
-        net = statement.net if me == statement.b else -statement.net
-        currency = currency_of(directory)
-        console.print(
-            f"Settled: {amount(statement.a_owes_b, currency)} owed by {statement.a[:16]}…, "
-            f"{amount(statement.b_owes_a, currency)} by {statement.b[:16]}…; net for us "
-            f"{_signed_amount(net, currency)}.",
-            markup=False,
+@ledger.command("balance")
+@json_option
+@with_data_dir
+def balance(directory: Path, json_: bool) -> None:
+    """Per peer: what each side used of the other since the last settlement, and the net
+    (positive: the peer owes us)."""
+    rows = _run(directory, lambda store, me: books.balance(store, me.node_id))
+    if json_:
+        echo_json(rows)
+        return
+    currency = currency_of(directory)
+    table = Table(title="Balances since the last settlement")
+    for column in ("peer", "we used", "they used", "net", "receipts", "unanswered"):
+        table.add_column(column, justify="left" if column == "peer" else "right")
+    for row in rows:
+        table.add_row(
+            shown(row.name),
+            amount(row.we_used, currency),
+            amount(row.they_used, currency),
+            _signed_amount(row.net, currency),
+            str(row.receipts),
+            amount(row.unanswered, currency),
         )
+    console.print(table)
 
-    @ledger.command("statements")
-    @with_data_dir
-    def statements(directory: Path) -> None:
-        """Our settlement statements, one JSON per line (to share for `ledger net`)."""
-        for body in run(directory, lambda store, _: store.settlements()):
-            click.echo(body)
 
-    @ledger.command("net")
-    @click.argument("files", nargs=-1, type=click.File("r"))
-    @click.option("--json", "json_", is_flag=True, help="Print JSON")
-    @with_data_dir
-    def net(directory: Path, files: tuple[Any, ...], json_: bool) -> None:
-        """A transfer plan that clears every balance (at most n-1 transfers), from our
-        statements and those in FILES (the group's, one JSON per line)."""
-        extra = [line for file in files for line in file.read().splitlines() if line.strip()]
-        plan = run(directory, lambda store, me: books.net(store, me.node_id, extra))
-        if json_:
-            as_json(plan)
-            return
-        currency = currency_of(directory)
-        for transfer in plan.transfers:
-            paid = amount(transfer.amount, currency)
-            console.print(f"{transfer.payer} pays {transfer.payee} {paid}", markup=False)
-        if not plan.transfers:
-            console.print("Nothing to transfer.")
+@ledger.command("verify")
+@json_option
+@with_data_dir
+def verify(directory: Path, json_: bool) -> None:
+    """Re-verify every signature and hash link; report the first broken link of each
+    chain. Exit status 1 if any is broken."""
+    checks = _run(directory, lambda store, _: books.verify(store))
+    if json_:
+        echo_json(checks)
+    else:
+        for check in checks:
+            pair = f"{check.provider[:16]}… → {check.consumer[:16]}…"
+            if check.kind == "statement":
+                pair = f"statement {check.provider[:16]}… / {check.consumer[:16]}…"
+            verdict = "ok" if check.ok else f"BROKEN: {check.problem}"
+            console.print(printable(f"{pair}  {check.receipts} receipts  {verdict}"), markup=False)
+        if not checks:
+            console.print("No receipts yet.")
+    if not all(check.ok for check in checks):
+        raise SystemExit(1)
 
-    @ledger.command("export")
-    @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv")
-    @click.option("--since", default="30d", show_default=True, callback=_since)
-    @with_data_dir
-    def export(directory: Path, fmt: str, since: int) -> None:
-        """Receipts for accounting, as CSV or as the signed JSON."""
-        click.echo(run(directory, lambda store, _: books.export(store, since, fmt)), nl=False)
+
+@ledger.command("reconcile")
+@click.argument("peer")
+@json_option
+@with_data_dir
+def reconcile(directory: Path, peer: str, json_: bool) -> None:
+    """Compare our receipts with PEER's (name or node id): recover what we miss, send what
+    it misses, and report disputes, mismatches and equivocation."""
+    report = _with_peer(directory, peer, _reconciled)
+    if json_:
+        echo_json(report)
+        return
+    currency = currency_of(directory)
+    table = Table(title="Reconciliation")
+    for column in ("", "receipts", "amount"):
+        table.add_column(column, justify="left" if not column else "right")
+    for label in BUCKETS:
+        bucket = getattr(report, label)
+        table.add_row(label.replace("_", " "), str(bucket.count), amount(bucket.amount, currency))
+    console.print(table)
+    if report.suspended:
+        console.print("The peer signed two receipts for one seq: it is suspended.")
+
+
+@ledger.command("settle")
+@click.argument("peer")
+@json_option
+@with_data_dir
+def settle(directory: Path, peer: str, json_: bool) -> None:
+    """Close the period with PEER: reconcile, then a statement both nodes sign."""
+
+    async def work(store: Store, link: books.Link) -> Any:
+        await _reconciled(store, link)
+        return await books.settle_with(store, link)
+
+    statement = _with_peer(directory, peer, work)
+    if json_:
+        echo_json(statement)
+        return
+    me = NodeIdentity.load(directory / IDENTITY_FILE).node_id
+    net = statement.net if me == statement.b else -statement.net
+    currency = currency_of(directory)
+    console.print(
+        f"Settled: {amount(statement.a_owes_b, currency)} owed by {statement.a[:16]}…, "
+        f"{amount(statement.b_owes_a, currency)} by {statement.b[:16]}…; net for us "
+        f"{_signed_amount(net, currency)}.",
+        markup=False,
+    )
+
+
+@ledger.command("statements")
+@with_data_dir
+def statements(directory: Path) -> None:
+    """Our settlement statements, one JSON per line (to share for `ledger net`)."""
+    for body in _run(directory, lambda store, _: store.settlements()):
+        click.echo(body)
+
+
+@ledger.command("net")
+@click.argument("files", nargs=-1, type=click.File("r"))
+@json_option
+@with_data_dir
+def net(directory: Path, files: tuple[Any, ...], json_: bool) -> None:
+    """A transfer plan that clears every balance (at most n-1 transfers), from our
+    statements and those in FILES (the group's, one JSON per line)."""
+    extra = [line for file in files for line in file.read().splitlines() if line.strip()]
+    plan = _run(directory, lambda store, me: books.net(store, me.node_id, extra))
+    if json_:
+        echo_json(plan)
+        return
+    currency = currency_of(directory)
+    for transfer in plan.transfers:
+        paid = amount(transfer.amount, currency)
+        console.print(f"{transfer.payer} pays {transfer.payee} {paid}", markup=False)
+    if not plan.transfers:
+        console.print("Nothing to transfer.")
+
+
+@ledger.command("export")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv")
+@click.option("--since", default="30d", show_default=True, callback=_since)
+@with_data_dir
+def export(directory: Path, fmt: str, since: int) -> None:
+    """Receipts for accounting, as CSV or as the signed JSON."""
+    click.echo(_run(directory, lambda store, _: books.export(store, since, fmt)), nl=False)

@@ -25,8 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from contextlib import redirect_stderr, redirect_stdout, suppress
-from dataclasses import dataclass
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,10 @@ import click
 import httpx
 import msgspec
 
-from federation.identity import NodeIdentity
 from node.config import CONFIG_FILE, DATABASE_FILE, IDENTITY_FILE, load_config, parse_config
+from node.demo.nodes import NetworkError, Node
+from node.demo.processes import alive, kill_group, listening, ready, serves, wait_gone
+from node.demo.report import JoinState, NodeState, Report, Served, Stopped
 from node.provision import create_node, node_exists
 from node.storage.store import Store
 
@@ -56,9 +57,6 @@ provider = "echo"
 price_in = 1_000_000
 price_out = 2_000_000
 """
-PID_FILE = "aihub.pid"
-LOG_FILE = "aihub.log"
-KEY_FILE = "admin.key"
 HEALTH_INTERVAL = 2
 READY_TIMEOUT = 30.0
 SETTLE_TIMEOUT = 20.0
@@ -66,10 +64,6 @@ STOP_TIMEOUT = 10.0
 
 Say = Callable[[str], None]
 CommandRunner = Callable[[list[str]], str]
-
-
-class NetworkError(Exception):
-    """The network could not be brought up (or down); the message says what and where."""
 
 
 def in_process(main: click.Group) -> CommandRunner:
@@ -102,99 +96,7 @@ def aihub_command() -> list[str]:
     script = Path(sys.executable).parent / "aihub"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "node.cli.main"]
-
-
-@dataclass
-class Node:
-    name: str
-    path: Path
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.path / PID_FILE
-
-    @property
-    def log_file(self) -> Path:
-        return self.path / LOG_FILE
-
-    @property
-    def key_file(self) -> Path:
-        return self.path / KEY_FILE
-
-    def admin_key(self) -> str:
-        try:
-            return self.key_file.read_text().strip()
-        except FileNotFoundError:
-            raise NetworkError(
-                f"{self.key_file} is missing: this network's {self.name} was not made by "
-                f"`aihub network up`; remove {self.path.parent} to start afresh"
-            ) from None
-
-    def node_id(self) -> str:
-        return NodeIdentity.load(self.path / IDENTITY_FILE).node_id
-
-    def data_dir_args(self) -> list[str]:
-        return ["--data-dir", str(self.path)]
-
-
-# --- what `up` reports ------------------------------------------------------------------------
-
-
-class NodeState(msgspec.Struct):
-    name: str
-    url: str
-    node_id: str
-    data_dir: str
-    pid: int
-    state: str  # created and started | started | already running
-
-
-class JoinState(msgspec.Struct):
-    joiner: str
-    issuer: str
-    state: str  # joined | already joined
-
-
-class Served(msgspec.Struct):
-    status: int
-    model: str
-    asked: str  # the node the client asked
-    key_file: str  # the file holding that node's admin key, used for the request
-    content: str
-    request_id: str
-    cost_micros: int
-    owner: str  # who the asked node lists as the model's owner (`/v1/models` owned_by)
-    deployment: str  # the asked node's usage record: which deployment served it
-    provider_usage: dict[str, Any]  # `aihub usage --by model --json` row of the model, at alice
-    consumer_usage: dict[str, Any]  # the same at carol
-
-
-class Report(msgspec.Struct):
-    dir: str
-    provider: str  # the node that serves the demo model
-    consumer: str  # the node that was asked for it
-    nodes: list[NodeState]
-    joins: list[JoinState]
-    request: Served
-    # The receipt of that request as each side exports it (`aihub ledger export --format json`).
-    receipt_provider: dict[str, Any]
-    receipt_consumer: dict[str, Any]
-    # Each side's row for the other (`aihub ledger balance --json`).
-    balance_provider: dict[str, Any]
-    balance_consumer: dict[str, Any]
-    names: dict[str, str]  # node id -> name
-
-
-class Stopped(msgspec.Struct):
-    name: str
-    pid: int | None
-    state: str  # stopped | killed | not running | stale pid file
+    return [sys.executable, "-m", "node.cli"]
 
 
 # --- the network ------------------------------------------------------------------------------
@@ -287,7 +189,7 @@ class Network:
             pid = int(node.pid_file.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        if not _alive(pid) or not _serves(pid, node.path):
+        if not alive(pid) or not serves(pid, node.path):
             return None
         return pid
 
@@ -295,7 +197,7 @@ class Network:
         """Start every node that is not running, all at once; wait until each is ready."""
         stopped = [node for node in self.nodes if self._pid(node) is None]
         for node in stopped:
-            if _listening(node):
+            if listening(node):
                 raise NetworkError(
                     f"port {node.port} is taken by something that is not this network's "
                     f"{node.name}: stop it, or use another --dir / --base-port"
@@ -317,7 +219,7 @@ class Network:
         for name, process in starting.items():
             self._wait_ready(self.by_name[name], process)
         for node in self.nodes:
-            if node.name not in starting and not _ready(node):
+            if node.name not in starting and not ready(node):
                 self._wait_ready(node, None)
         return set(starting)
 
@@ -329,7 +231,7 @@ class Network:
                 raise NetworkError(
                     f"{node.name} exited with status {process.returncode}:\n" + _tail(node.log_file)
                 )
-            if _ready(node):
+            if ready(node):
                 return
             time.sleep(0.1)
         raise NetworkError(
@@ -472,116 +374,18 @@ class Network:
         deadline = time.monotonic() + STOP_TIMEOUT
         while running and time.monotonic() < deadline:
             for name, pid in list(running.items()):
-                if not _alive(pid):
+                if not alive(pid):
                     outcome[name] = Stopped(name, pid, "stopped")
                     del running[name]
             time.sleep(0.05)
         for name, pid in running.items():
             self.say(f"{name} (pid {pid}) did not stop within {STOP_TIMEOUT:g} s: SIGKILL")
-            _kill_group(pid)
-            _wait_gone(pid, 5.0)
+            kill_group(pid)
+            wait_gone(pid, 5.0)
             outcome[name] = Stopped(name, pid, "killed")
         for node in self.nodes:
             node.pid_file.unlink(missing_ok=True)
         return [outcome[node.name] for node in self.nodes]
-
-
-# --- processes --------------------------------------------------------------------------------
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` is a live process. A child of ours that has exited is reaped here (else
-    it would linger as a zombie and look alive)."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    except ChildProcessError:
-        pass  # not our child: ask the system
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, someone else's
-    return not _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[:1] == ["Z"]
-
-
-def _command_line(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except FileNotFoundError:
-        if Path("/proc/self").exists():
-            return None  # a Linux without this pid
-    except OSError:
-        return None
-    try:  # macOS and the BSDs
-        return subprocess.run(
-            ["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, check=False
-        ).stdout
-    except OSError:
-        return None
-
-
-def _serves(pid: int, path: Path) -> bool:
-    """Whether `pid` is an `aihub serve` of the node in `path` (a pid file may outlive its
-    process, and the pid be given to another)."""
-    command = _command_line(pid)
-    return bool(command) and " serve " in f" {command} " and str(path) in command  # type: ignore[operator]
-
-
-def _kill_group(pid: int) -> None:
-    """SIGKILL the node's process group (it was started in a session of its own: any worker
-    processes go with it)."""
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def _wait_gone(pid: int, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def _ready(node: Node) -> bool:
-    try:
-        return httpx.get(node.url + "/health/ready", timeout=1).is_success
-    except httpx.HTTPError:
-        return False
-
-
-def _listening(node: Node) -> bool:
-    """Whether something answers HTTP on the node's port."""
-    try:
-        httpx.get(node.url, timeout=1)
-    except httpx.HTTPError:
-        return False
-    return True
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
-
-
-def _short(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 # --- the node's own records -------------------------------------------------------------------
@@ -602,3 +406,20 @@ async def _deployment_of(node: Node, request_id: str) -> str:
         if row.request_id == request_id:
             return row.deployment or "-"
     return "-"
+
+
+# --- in messages ------------------------------------------------------------------------------
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def _short(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,126 @@
+"""What the key and tenant commands share: the limit and metadata options, validating them as
+the admin API validates a body, and showing limits with what was spent of them."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+import click
+import msgspec
+from msgspec import UNSET
+
+from node.admin.management import SpendView
+from node.cli.options import combined, count_or_none, globs_or_none, metadata, money_or_none
+from node.cli.output import fail, when
+from node.gateway.policy import PERIODS, Limits
+from node.units import amount
+
+T = TypeVar("T")
+
+# KeyInput/TenantInput fields by the option that sets them, for error messages.
+OPTION_OF_FIELD = {
+    "budget_micros": "--budget",
+    "budget_period": "--period",
+    "max_parallel": "--max-parallel",
+    "allowed_ips": "--ips",
+    "expires_in": "--expires",
+    "expires_at": "--expires",
+    "metadata": "--meta",
+    "grace_seconds": "--grace",
+}
+
+meta_option = click.option(
+    "--meta",
+    multiple=True,
+    callback=metadata,
+    metavar="KEY=VALUE",
+    help="Metadata (repeatable; replaces all metadata on update)",
+)
+limit_options = combined(
+    click.option(
+        "--models",
+        callback=globs_or_none,
+        help="Comma-separated model names or globs, e.g. 'gpt-4o*,llama3' (none: every model)",
+    ),
+    click.option(
+        "--budget",
+        callback=money_or_none,
+        help="Spend cap per period in currency units, e.g. 20 or 0.5 (none: no cap)",
+    ),
+    click.option("--period", type=click.Choice(PERIODS), help="Budget period [default: monthly]"),
+    click.option("--rpm", callback=count_or_none, help="Requests per minute (none: no limit)"),
+    click.option("--tpm", callback=count_or_none, help="Tokens per minute (none: no limit)"),
+    click.option(
+        "--max-parallel", callback=count_or_none, help="Requests in flight (none: no limit)"
+    ),
+)
+
+
+def limit_fields(
+    models: Any, budget: Any, period: str | None, rpm: Any, tpm: Any, max_parallel: Any
+) -> dict[str, Any]:
+    """The limit options as KeyInput / TenantInput fields."""
+    return {
+        "models": models,
+        "budget_micros": budget,
+        "budget_period": UNSET if period is None else period,
+        "rpm": rpm,
+        "tpm": tpm,
+        "max_parallel": max_parallel,
+    }
+
+
+def spec(kind: type[T], fields: dict[str, Any]) -> T:
+    """Validate options the way the admin API validates a body."""
+    given = {name: value for name, value in fields.items() if value is not UNSET}
+    try:
+        return msgspec.convert(given, kind)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        # `… - at `$.rpm`` or, for a metadata name, `… - at `key` in `$.metadata``.
+        at = re.search(r" - at (?:`key` in )?`\$\.(\w+)", message)
+        if at is None:
+            fail(message)
+        field = at.group(1)
+        option = OPTION_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+        fail(f"{option}: {message[: at.start()]}")
+
+
+def nothing_to_change(fields: dict[str, Any]) -> bool:
+    return all(value is UNSET for value in fields.values())
+
+
+def models_text(limits: Limits) -> str:
+    return "all" if limits.models is None else ", ".join(limits.models) or "(none)"
+
+
+def budget_text(limits: Limits, spend: SpendView | None, currency: str) -> str:
+    if limits.budget_micros is None:
+        return "-"
+    spent = spend.spent_micros if spend else 0
+    budget = amount(limits.budget_micros, currency)
+    return f"{amount(spent, currency)} / {budget} {limits.budget_period}"
+
+
+def rate_text(limits: Limits) -> str:
+    rpm = "-" if limits.rpm is None else str(limits.rpm)
+    tpm = "-" if limits.tpm is None else str(limits.tpm)
+    return f"{rpm} / {tpm}"
+
+
+def parallel_text(limits: Limits) -> str:
+    return "-" if limits.max_parallel is None else str(limits.max_parallel)
+
+
+def limit_rows(limits: Limits, spend: SpendView | None, currency: str) -> list[tuple[str, str]]:
+    rows = [
+        ("models", models_text(limits)),
+        ("budget", budget_text(limits, spend, currency)),
+        ("rpm / tpm", rate_text(limits)),
+        ("max parallel", parallel_text(limits)),
+    ]
+    if spend is not None:
+        rows.append(("reserved", amount(spend.reserved_micros, currency)))
+        rows.append(("resets", when(spend.resets_at)))
+    return rows

@@ -1,0 +1,141 @@
+"""`aihub serve`: start the node under uvicorn (or granian), after recovering what a node that
+stopped mid-request left behind, announced over mDNS if the config says so."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+import msgspec
+from rich.markup import escape
+
+from federation.printable import PrintableFormatter
+from node import __version__
+from node.cli.folder import require_config, require_identity
+from node.cli.options import with_data_dir
+from node.cli.output import console, warn
+from node.config import DATABASE_FILE, IDENTITY_FILE, Config, ServerSection, missing_secrets
+from node.gateway.journal import JOURNAL_DIR, left_behind, replay
+from node.storage.store import Store
+
+
+@click.command("serve")
+@click.option("--host", help="Interface to listen on [default: from the config]")
+@click.option("--port", type=click.IntRange(1, 65535), help="[default: from the config]")
+@click.option("--workers", type=click.IntRange(1, 64), help="[default: from the config]")
+@click.option(
+    "--server",
+    type=click.Choice(["uvicorn", "granian"]),
+    default="uvicorn",
+    show_default=True,
+    help="The ASGI server",
+)
+@with_data_dir
+def serve(
+    directory: Path, host: str | None, port: int | None, workers: int | None, server: str
+) -> None:
+    """Start the node."""
+    config = require_config(directory)
+    require_identity(directory)
+    for problem in missing_secrets(config, dict(os.environ)):
+        warn(problem)
+    host = host or config.server.host
+    port = port or config.server.port
+    workers = workers or config.server.workers
+    # Workers are separate processes: they find the node through the environment.
+    os.environ["AIHUB_HOME"] = str(directory)
+    _configure_logging()
+    asyncio.run(_recover(directory))
+    url = f"http://{host}:{port}"
+    console.print(
+        f"aihub {__version__}: node [bold]{escape(config.node.name)}[/] serving "
+        f"{escape(', '.join(d.name for d in config.models)) or 'no models'} at {url}/v1",
+        highlight=False,
+    )
+    console.print(f'  curl {url}/v1/models -H "Authorization: Bearer $AIHUB_KEY"', highlight=False)
+    with _announced(directory, config, port):
+        if server == "granian":
+            _run_granian(host, port, workers, config.server)
+        else:
+            _run_uvicorn(host, port, workers, config.server)
+
+
+def _configure_logging() -> None:
+    # Log lines quote peers' names, URLs and errors: control characters are shown escaped.
+    handler = logging.StreamHandler()
+    handler.setFormatter(PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    # Its jobs run every second (noticing CLI changes): only their failures are news.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # httpx logs every upstream request at INFO: ~200 µs each, and the usage table has it all.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+async def _recover(directory: Path) -> None:
+    """Before any worker starts, no request is in flight: a reservation still held was left by
+    a node that stopped mid-request, and would shrink its budget for the rest of the period;
+    usage a crash left in the journal is written."""
+    segments = left_behind(directory / JOURNAL_DIR)
+    async with Store.opened(directory / DATABASE_FILE) as store:
+        await store.release_all_reservations()
+        await replay(store, segments)
+
+
+def _announced(
+    directory: Path, config: Config, port: int
+) -> contextlib.AbstractContextManager[Any]:
+    """Announce the node over mDNS while it serves, if the config says so (carries no trust:
+    it only lets `aihub peers discover` on the LAN find it)."""
+    if not config.federation.mdns:
+        return contextlib.nullcontext()
+    from federation.discovery import announce
+    from federation.identity import NodeIdentity
+
+    identity = NodeIdentity.load(directory / IDENTITY_FILE)
+    return announce(identity.node_id, port, config.federation.mdns_interface or None)
+
+
+def _run_granian(host: str, port: int, workers: int, limits: ServerSection) -> None:
+    from granian import Granian
+    from granian.constants import Interfaces
+    from granian.http import HTTP1Settings
+
+    # Granian has a head deadline and a bound on requests in flight, not the rest.
+    Granian(
+        "node.app:create_app",
+        factory=True,
+        address=host,
+        port=port,
+        workers=workers,
+        interface=Interfaces.ASGI,
+        http1_settings=HTTP1Settings(header_read_timeout=int(limits.header_timeout * 1000)),
+        backpressure=limits.max_connections,
+    ).serve()
+
+
+def _run_uvicorn(host: str, port: int, workers: int, limits: ServerSection) -> None:
+    import uvicorn
+
+    from node.ingress.connections import connection_limit, guarded_protocol
+
+    limits = msgspec.structs.replace(
+        limits, max_connections=connection_limit(limits.max_connections)
+    )
+    uvicorn.run(
+        "node.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http=guarded_protocol(limits),  # type: ignore[arg-type]
+        timeout_keep_alive=limits.keepalive_timeout,  # type: ignore[arg-type]
+        access_log=False,
+        log_level="info",
+        timeout_graceful_shutdown=10,
+    )
