@@ -25,7 +25,6 @@ from node.admin.management import (
     KeyInput,
     KeyView,
     Management,
-    ManagementError,
     RotateInput,
     TenantInput,
     TenantView,
@@ -149,20 +148,13 @@ async def require_admin(request: Request) -> Principal:
     return principal
 
 
-_CODES = {404: "not_found", 409: "conflict"}
-
-
 @asynccontextmanager
 async def _management(request: Request) -> AsyncIterator[Management]:
     """The management operations, on the node's own store (its lock keeps their statements
-    out of the usage writer's transactions)."""
+    out of the usage writer's transactions). What they refuse (`ManagementError`) is a domain
+    error: the app's handler answers it in OpenAI's shape."""
     hub = hub_of(request)
-    try:
-        yield Management(hub.store, hub.identity.derive_secret(HASH_PURPOSE), hub.data_dir)
-    except ManagementError as exc:
-        raise ApiError(
-            exc.status, exc.message, code=_CODES.get(exc.status), param=exc.param
-        ) from exc
+    yield Management(hub.store, hub.identity.derive_secret(HASH_PURPOSE), hub.data_dir)
 
 
 async def _changed(request: Request) -> None:

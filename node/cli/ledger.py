@@ -18,6 +18,7 @@ from federation.identity import NodeIdentity
 from federation.printable import printable
 from node.cli.options import parsed, shown
 from node.config import DATABASE_FILE, IDENTITY_FILE
+from node.errors import Kind
 from node.gateway.auth import touch_epoch
 from node.peers import books
 from node.peers.peering import PEERS_EPOCH_FILE
@@ -126,7 +127,9 @@ def register(
                 try:
                     return await work(store, link)
                 except httpx.HTTPError as exc:
-                    raise books.BooksError(502, f"{link.url}: {type(exc).__name__}") from exc
+                    raise books.BooksError(
+                        Kind.PEER_FAILURE, f"{link.url}: {type(exc).__name__}"
+                    ) from exc
 
         result = run(directory, go)
         touch_epoch(directory, PEERS_EPOCH_FILE)  # a suspended peer stops at once

@@ -55,6 +55,7 @@ from federation.transport import HOP_HEADER, RECEIPT_EVENT, RECEIPT_HEADER
 from ledger.canonical import b64url
 from ledger.nesting import bounded
 from ledger.receipts import SentRequest
+from node.errors import HubError
 from node.gateway.auth import Principal
 from node.gateway.budgets import budget_scopes
 from node.gateway.policy import model_allowed, worst_case_embedding_tokens, worst_case_prompt_tokens
@@ -62,7 +63,7 @@ from node.gateway.ratelimit import Admission, RateLimited, ScopeLimits
 from node.gateway.router import NoRoute, Route
 from node.gateway.usage import clamp_usage, cost_micros
 from node.hub import Hub, hub_of
-from node.ingress.errors import ApiError, ErrorDetail, error_bytes
+from node.ingress.errors import ApiError, ErrorDetail, error_bytes, openai_error
 from node.peers.auth import check_peer
 from node.storage.store import Charge, Hold, UsageRecord, now_ms
 
@@ -233,12 +234,12 @@ class Accounting:
         self.reserved = cost_micros(worst, price_in, price_out)
         try:
             self.holds = await hub.budgets.reserve(principal, self.reserved)
-        except ApiError as exc:
-            hub.keys.note("limit.budget", principal.key_id, ip, {"reason": exc.detail.message})
+        except HubError as exc:
+            hub.keys.note("limit.budget", principal.key_id, ip, {"reason": exc.message})
             hub.alerts.exhausted(
                 [(s, start) for s, start, _ in hub.budgets.periods(principal, time.time())]
             )
-            self.fail(exc)
+            self.fail(openai_error(exc))
 
     @property
     def settled(self) -> bool:
@@ -464,8 +465,8 @@ async def _begin(
     if books.for_peer and not hub.resync.synced(principal.key.peer_id or ""):
         try:  # before anything is spent: no receipt from a chain head the peer may be past
             await hub.resync.ensure(principal.key.peer_id or "")
-        except ApiError as exc:
-            books.fail(exc)
+        except HubError as exc:
+            books.fail(openai_error(exc))
     async with _settled_on_error(books):
         await books.admit(request, plan, worst(plan))
     return books, plan
@@ -491,6 +492,8 @@ async def _route(
         books.fail(error)
     except ApiError as exc:
         books.fail(exc)
+    except HubError as exc:
+        books.fail(openai_error(exc))
     except Exception as exc:
         log.exception("request %s failed in the gateway", books.request_id)
         books.fail(_gateway_error(exc))
