@@ -32,8 +32,8 @@ from node.admin.management import (
 from node.gateway.auth import Principal
 from node.gateway.keys import HASH_PURPOSE
 from node.hub import hub_of
+from node.ingress.asgi import JSON, authenticate, client_ip
 from node.ingress.errors import ApiError
-from node.ingress.openai import JSON, _authenticate, client_ip
 from node.storage.store import AuditEvent, Store, UsageGroup
 from node.units import parse_since
 
@@ -136,7 +136,7 @@ def since_param(request: Request) -> int:
 
 async def require_admin(request: Request) -> Principal:
     """The caller, who must hold an admin key."""
-    principal = await _authenticate(request)
+    principal = await authenticate(request)
     if not principal.is_admin:
         hub_of(request).keys.note("auth.not_admin", principal.key_id, client_ip(request))
         raise ApiError(

@@ -17,8 +17,8 @@ from federation.transport import LISTED_HEADER
 from ledger.nesting import NestingError, bounded
 from node.gateway.auth import Principal
 from node.hub import hub_of
+from node.ingress.asgi import JSON
 from node.ingress.errors import ApiError
-from node.ingress.openai import JSON
 from node.peers import books
 from node.peers.auth import check_peer, verify_signed
 
