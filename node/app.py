@@ -19,8 +19,9 @@ from node.admin.ledger import LEDGER_ROUTES
 from node.admin.routes import ADMIN_ROUTES
 from node.config import data_dir, load_config
 from node.hub import Hub, hub_of
+from node.ingress.asgi import JSON
 from node.ingress.errors import EXCEPTION_HANDLERS
-from node.ingress.openai import JSON, ROUTES, document
+from node.ingress.openai import ROUTES, document
 from node.peers.routes import FEDERATION_ROUTES
 
 

@@ -7,11 +7,11 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from httpx_aiohttp import AiohttpTransport
-from litestar import Request
 
 from adapters import build_adapter
 from adapters.http import UpstreamClient
@@ -32,6 +32,9 @@ from node.peers.peering import Peering
 from node.peers.receipts import Receipts
 from node.peers.resync import ChainResync
 from node.storage.store import Store
+
+if TYPE_CHECKING:  # the hub is reached from a request; it needs no web framework to run
+    from litestar import Request
 
 log = logging.getLogger("aihub")
 

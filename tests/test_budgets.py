@@ -216,10 +216,11 @@ def test_leases_of_several_workers_never_pass_the_cap(tmp_path_factory, ops, cap
     interleaving, the database never shows more spent and reserved than the cap (beyond what
     requests cost over their own worst case), and once every worker has stopped nothing stays
     reserved."""
+    from node.errors import HubError
     from node.gateway.auth import Principal
     from node.gateway.budgets import Budgets
     from node.gateway.policy import Limits
-    from node.ingress.errors import ApiError
+    from node.ingress.errors import openai_status
     from node.storage.store import KeyRecord
 
     path = tmp_path_factory.mktemp("leases") / DATABASE_FILE
@@ -236,8 +237,8 @@ def test_leases_of_several_workers_never_pass_the_cap(tmp_path_factory, ops, cap
             for number, (worker, worst, cost, at_once) in enumerate(ops):
                 try:
                     holds = await workers[worker].reserve(principal, worst)
-                except ApiError as exc:
-                    assert exc.status == 429
+                except HubError as exc:
+                    assert openai_status(exc) == 429
                     continue
                 in_flight.append((worker, holds, cost))
                 if at_once or len(in_flight) > 4:

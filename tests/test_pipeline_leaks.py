@@ -107,7 +107,7 @@ def test_an_unexpected_exception_anywhere_releases_and_answers_502(
         monkeypatch.setattr(EchoAdapter, "_real_open", EchoAdapter.open_stream, raising=False)
         monkeypatch.setattr(EchoAdapter, "open_stream", _open_breaking)
     elif where == "start":
-        monkeypatch.setattr("node.ingress.openai._start", _start_fails)
+        monkeypatch.setattr("node.ingress.asgi._start", _start_fails)
     elif where == "reserve":
         monkeypatch.setattr("node.gateway.budgets.Budgets.reserve", _broken)
     else:

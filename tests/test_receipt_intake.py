@@ -26,6 +26,7 @@ from ledger.receipts import (
     take_receipt,
 )
 from ledger.records import RecordError, Signer
+from node.ingress.errors import openai_status
 from node.peers import books
 from node.peers.receipts import keep_receipts, stored
 from node.storage.store import Charge, Store, UsageRecord
@@ -340,7 +341,7 @@ def test_a_statement_over_receipts_that_bill_no_request_of_ours_is_not_countersi
             await store.write_batch([settled("req_1", 200)], [])  # we sent req_1 only
             with pytest.raises(books.BooksError) as refused:
                 await books.countersign_statement(store, Identity(), PROVIDER.id, body)  # type: ignore[arg-type]
-            assert refused.value.status == 409 and "req_2" in refused.value.message
+            assert openai_status(refused.value) == 409 and "req_2" in refused.value.message
             assert await store.settlements() == []
             await store.write_batch([settled("req_2", 200)], [])
             both = await books.countersign_statement(store, Identity(), PROVIDER.id, body)  # type: ignore[arg-type]

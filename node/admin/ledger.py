@@ -14,8 +14,8 @@ from litestar.params import FromPath
 from ledger.nesting import bounded
 from node.admin.routes import json_response, query_param, require_admin, since_param
 from node.hub import hub_of
+from node.ingress.asgi import JSON
 from node.ingress.errors import ApiError
-from node.ingress.openai import JSON
 from node.peers import books
 
 MAX_NET_BODY = 1024 * 1024

@@ -16,6 +16,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from federation.identity import NodeIdentity
 from node.config import DATABASE_FILE, IDENTITY_FILE
+from node.errors import HubError, Kind
 from node.gateway.auth import touch_epoch
 from node.gateway.keys import HASH_PURPOSE, generate_key, hash_key, key_id_of
 from node.gateway.policy import Cidr, Glob, Limits, Period, parse_networks, period_end, period_start
@@ -44,14 +45,14 @@ UnixTime = Annotated[int, Meta(ge=1, le=MAX_UNIX)]
 Seconds = Annotated[int, Meta(ge=1, le=MAX_DURATION)]
 
 
-class ManagementError(Exception):
-    """A request to change keys or tenants that cannot be done; `status` as HTTP would say."""
+_CODES = {Kind.NOT_FOUND: "not_found", Kind.CONFLICT: "conflict"}
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
+
+class ManagementError(HubError):
+    """A request to change keys or tenants that cannot be done, and why."""
+
+    def __init__(self, kind: Kind, message: str, param: str | None = None) -> None:
+        super().__init__(kind, message, code=_CODES.get(kind), param=param)
 
 
 def _shown(text: str, limit: int = 80) -> str:
@@ -207,7 +208,7 @@ class Management:
         key_id = key_id_of(id_or_key) or id_or_key
         record = await self.store.key(key_id)
         if record is None:
-            raise ManagementError(404, f"no key {_shown(key_id)}")
+            raise ManagementError(Kind.NOT_FOUND, f"no key {_shown(key_id)}")
         return record
 
     async def _tenant_id(self, tenant: str | None) -> str | None:
@@ -215,7 +216,7 @@ class Management:
             return None
         record = await self.store.tenant(tenant)
         if record is None:
-            raise ManagementError(404, f"no tenant {_shown(tenant)}", "tenant")
+            raise ManagementError(Kind.NOT_FOUND, f"no tenant {_shown(tenant)}", "tenant")
         return record.id
 
     @staticmethod
@@ -223,11 +224,13 @@ class Management:
         try:
             parse_networks(ips)
         except ValueError as exc:
-            raise ManagementError(400, f"allowed_ips: {exc}", "allowed_ips") from exc
+            raise ManagementError(
+                Kind.INVALID_REQUEST, f"allowed_ips: {exc}", "allowed_ips"
+            ) from exc
 
     async def create_key(self, spec: KeyInput, actor: str, *, is_admin: bool = False) -> CreatedKey:
         if spec.name is UNSET:
-            raise ManagementError(400, "a key needs a name", "name")
+            raise ManagementError(Kind.INVALID_REQUEST, "a key needs a name", "name")
         allowed_ips = [] if spec.allowed_ips is UNSET else spec.allowed_ips
         self._check_ips(allowed_ips)
         key, key_id = generate_key()
@@ -250,7 +253,7 @@ class Management:
     async def update_key(self, id_or_key: str, spec: KeyInput, actor: str) -> KeyView:
         record = await self.find_key(id_or_key)
         if record.revoked_at is not None:
-            raise ManagementError(409, f"key {record.id} is revoked")
+            raise ManagementError(Kind.CONFLICT, f"key {record.id} is revoked")
         changes: dict[str, object] = {"limits": _limits_part(spec).apply(record.limits)}
         if spec.name is not UNSET:
             changes["name"] = spec.name
@@ -275,7 +278,8 @@ class Management:
             if len(admins) <= 1:
                 # Nothing (not even the CLI) can make another admin key: rotate it instead.
                 raise ManagementError(
-                    409, f"key {record.id} is the node's last admin key: rotate it instead"
+                    Kind.CONFLICT,
+                    f"key {record.id} is the node's last admin key: rotate it instead",
                 )
         if record.revoked_at is None:
             record = msgspec.structs.replace(record, revoked_at=int(time.time()))
@@ -287,7 +291,7 @@ class Management:
         """A new secret for the same key id; the old one keeps working for the grace period."""
         record = await self.find_key(id_or_key)
         if record.revoked_at is not None:
-            raise ManagementError(409, f"key {record.id} is revoked")
+            raise ManagementError(Kind.CONFLICT, f"key {record.id} is revoked")
         key = f"sk-hub-{record.id}_{secrets.token_urlsafe(32)}"
         rotated = msgspec.structs.replace(
             record,
@@ -334,14 +338,14 @@ class Management:
     async def find_tenant(self, id_or_name: str) -> TenantRecord:
         record = await self.store.tenant(id_or_name)
         if record is None:
-            raise ManagementError(404, f"no tenant {_shown(id_or_name)}")
+            raise ManagementError(Kind.NOT_FOUND, f"no tenant {_shown(id_or_name)}")
         return record
 
     async def create_tenant(self, spec: TenantInput, actor: str) -> TenantView:
         if spec.name is UNSET:
-            raise ManagementError(400, "a tenant needs a name", "name")
+            raise ManagementError(Kind.INVALID_REQUEST, "a tenant needs a name", "name")
         if await self.store.tenant(spec.name) is not None:
-            raise ManagementError(409, f"a tenant named {spec.name!r} exists", "name")
+            raise ManagementError(Kind.CONFLICT, f"a tenant named {spec.name!r} exists", "name")
         record = TenantRecord(
             id="tn_" + secrets.token_hex(6),
             name=spec.name,
@@ -352,7 +356,9 @@ class Management:
         try:
             await self.store.insert_tenant(record)
         except Conflict:  # another process took the name since the check above
-            raise ManagementError(409, f"a tenant named {spec.name!r} exists", "name") from None
+            raise ManagementError(
+                Kind.CONFLICT, f"a tenant named {spec.name!r} exists", "name"
+            ) from None
         await self._changed(actor, "tenant.create", record.id, name=record.name)
         return await self.tenant_view(record)
 
@@ -361,7 +367,7 @@ class Management:
         changes: dict[str, object] = {"limits": _limits_part(spec).apply(record.limits)}
         if spec.name is not UNSET and spec.name != record.name:
             if await self.store.tenant(spec.name) is not None:
-                raise ManagementError(409, f"a tenant named {spec.name!r} exists", "name")
+                raise ManagementError(Kind.CONFLICT, f"a tenant named {spec.name!r} exists", "name")
             changes["name"] = spec.name
         if spec.metadata is not UNSET:
             changes["metadata"] = spec.metadata
@@ -369,7 +375,9 @@ class Management:
         try:
             await self.store.save_tenant(updated)
         except Conflict:
-            raise ManagementError(409, f"a tenant named {updated.name!r} exists", "name") from None
+            raise ManagementError(
+                Kind.CONFLICT, f"a tenant named {updated.name!r} exists", "name"
+            ) from None
         await self._changed(actor, "tenant.update", record.id)
         return await self.tenant_view(updated)
 
@@ -394,7 +402,9 @@ class Management:
 
 def _expiry(spec: KeyInput, current: int | None) -> int | None:
     if spec.expires_in is not UNSET and spec.expires_at is not UNSET:
-        raise ManagementError(400, "give expires_in or expires_at, not both", "expires_in")
+        raise ManagementError(
+            Kind.INVALID_REQUEST, "give expires_in or expires_at, not both", "expires_in"
+        )
     if spec.expires_in is not UNSET:
         return int(time.time()) + spec.expires_in
     if spec.expires_at is not UNSET:

@@ -25,7 +25,6 @@ from node.admin.management import (
     KeyInput,
     KeyView,
     Management,
-    ManagementError,
     RotateInput,
     TenantInput,
     TenantView,
@@ -33,8 +32,8 @@ from node.admin.management import (
 from node.gateway.auth import Principal
 from node.gateway.keys import HASH_PURPOSE
 from node.hub import hub_of
+from node.ingress.asgi import JSON, authenticate, client_ip
 from node.ingress.errors import ApiError
-from node.ingress.openai import JSON, _authenticate, client_ip
 from node.storage.store import AuditEvent, Store, UsageGroup
 from node.units import parse_since
 
@@ -137,7 +136,7 @@ def since_param(request: Request) -> int:
 
 async def require_admin(request: Request) -> Principal:
     """The caller, who must hold an admin key."""
-    principal = await _authenticate(request)
+    principal = await authenticate(request)
     if not principal.is_admin:
         hub_of(request).keys.note("auth.not_admin", principal.key_id, client_ip(request))
         raise ApiError(
@@ -149,20 +148,13 @@ async def require_admin(request: Request) -> Principal:
     return principal
 
 
-_CODES = {404: "not_found", 409: "conflict"}
-
-
 @asynccontextmanager
 async def _management(request: Request) -> AsyncIterator[Management]:
     """The management operations, on the node's own store (its lock keeps their statements
-    out of the usage writer's transactions)."""
+    out of the usage writer's transactions). What they refuse (`ManagementError`) is a domain
+    error: the app's handler answers it in OpenAI's shape."""
     hub = hub_of(request)
-    try:
-        yield Management(hub.store, hub.identity.derive_secret(HASH_PURPOSE), hub.data_dir)
-    except ManagementError as exc:
-        raise ApiError(
-            exc.status, exc.message, code=_CODES.get(exc.status), param=exc.param
-        ) from exc
+    yield Management(hub.store, hub.identity.derive_secret(HASH_PURPOSE), hub.data_dir)
 
 
 async def _changed(request: Request) -> None:

@@ -19,6 +19,7 @@ from node.cli.folder import currency_of, require_config
 from node.cli.options import parsed, with_data_dir
 from node.cli.output import console, echo_json, fail, shown
 from node.config import DATABASE_FILE, IDENTITY_FILE
+from node.errors import Kind
 from node.gateway.auth import touch_epoch
 from node.peers import books
 from node.peers.peering import PEERS_EPOCH_FILE
@@ -72,7 +73,9 @@ def _with_peer(directory: Path, peer: str, work: Callable[[Store, books.Link], A
             try:
                 return await work(store, link)
             except httpx.HTTPError as exc:
-                raise books.BooksError(502, f"{link.url}: {type(exc).__name__}") from exc
+                raise books.BooksError(
+                    Kind.PEER_FAILURE, f"{link.url}: {type(exc).__name__}"
+                ) from exc
 
     result = _run(directory, go)
     touch_epoch(directory, PEERS_EPOCH_FILE)  # a suspended peer stops at once

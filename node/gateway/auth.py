@@ -15,9 +15,9 @@ from pathlib import Path
 
 import msgspec
 
+from node.errors import HubError, Kind
 from node.gateway.keys import bearer_token, hashes_match, key_id_of
 from node.gateway.policy import Network, ip_allowed, parse_networks
-from node.ingress.errors import ApiError
 from node.storage.store import AuditEvent, KeyRecord, Store, TenantRecord, now_ms
 
 EPOCH_FILE = "keys.epoch"
@@ -59,14 +59,8 @@ def read_epoch(path: Path | str) -> int:
         return 0
 
 
-def _unauthorised(message: str) -> ApiError:
-    return ApiError(
-        401,
-        message,
-        type="authentication_error",
-        code="invalid_api_key",
-        headers={"www-authenticate": 'Bearer realm="aihub"'},
-    )
+def _unauthorised(message: str) -> HubError:
+    return HubError(Kind.UNAUTHENTICATED, message, code="invalid_api_key")
 
 
 class KeyCache:
@@ -126,10 +120,9 @@ class KeyCache:
             raise _unauthorised("This API key has expired")
         if not ip_allowed(self._networks.get(record.id, []), ip):
             self.note("auth.ip_refused", record.id, ip)
-            raise ApiError(
-                403,
+            raise HubError(
+                Kind.FORBIDDEN,
                 "This API key may not be used from this address",
-                type="permission_error",
                 code="ip_not_allowed",
             )
         tenant = self._tenants.get(record.tenant_id) if record.tenant_id else None

@@ -19,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+from node.errors import HubError, Kind
 from node.gateway.auth import Principal
 from node.gateway.policy import Limits, period_start
-from node.ingress.errors import ApiError
 from node.storage.store import Hold, Store
 
 
@@ -88,7 +88,7 @@ class Budgets:
         return True
 
     async def reserve(self, principal: Principal, amount: int) -> list[Hold]:
-        """Hold `amount` in every budget on the request's path, or raise a 429."""
+        """Hold `amount` in every budget on the request's path, or raise that it is over budget."""
         rows = self.periods(principal, time.time())
         if not rows:
             return []
@@ -132,12 +132,11 @@ class Budgets:
         return moved
 
 
-def _exceeded(amount: int, scopes: list[Scope]) -> ApiError:
-    return ApiError(
-        429,
+def _exceeded(amount: int, scopes: list[Scope]) -> HubError:
+    return HubError(
+        Kind.OVER_BUDGET,
         "Budget exceeded: this request could cost up to "
         f"{amount} micro-units, more than is left in the budget of "
         + " or ".join(scope for scope, _ in scopes),
-        type="insufficient_quota",
         code="insufficient_quota",
     )

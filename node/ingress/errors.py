@@ -1,4 +1,10 @@
-"""OpenAI-shaped errors: `{"error": {"message", "type", "code", "param"}}` on every failure."""
+"""OpenAI-shaped errors: `{"error": {"message", "type", "code", "param"}}` on every failure.
+
+The node's domain errors (`node.errors.HubError`) become OpenAI errors here (`openai_error`):
+the status and type for each kind, the `retry-after` and rate-limit headers from its facts.
+`ApiError` is the shape itself, for what the HTTP layer refuses on its own (a bad query
+parameter, a body that is no JSON).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
 from adapters.types import UpstreamError
+from node.errors import HubError, Kind, UpstreamFailed
 
 log = logging.getLogger("aihub.errors")
 
@@ -49,6 +56,51 @@ class ApiError(Exception):
         return cls(exc.status, exc.message, type=exc.type, code=code, headers=headers)
 
 
+# Each kind's status and OpenAI type, as clients have always been told.
+_KINDS: dict[Kind, tuple[int, str]] = {
+    Kind.INVALID_REQUEST: (400, "invalid_request_error"),
+    Kind.UNAUTHENTICATED: (401, "authentication_error"),
+    Kind.FORBIDDEN: (403, "permission_error"),
+    Kind.REFUSED: (403, "invalid_request_error"),
+    Kind.NOT_FOUND: (404, "invalid_request_error"),
+    Kind.CONFLICT: (409, "invalid_request_error"),
+    Kind.GONE: (410, "invalid_request_error"),
+    Kind.TOO_LARGE: (413, "invalid_request_error"),
+    Kind.RATE_LIMITED: (429, "rate_limit_error"),
+    Kind.OVER_BUDGET: (429, "insufficient_quota"),
+    Kind.CLIENT_CLOSED: (499, "invalid_request_error"),  # nginx's status for a client gone
+    Kind.INTERNAL: (500, "server_error"),
+    Kind.GATEWAY_FAILURE: (502, "upstream_error"),
+    Kind.PEER_FAILURE: (502, "invalid_request_error"),
+    Kind.UNAVAILABLE: (503, "server_error"),
+    Kind.PEER_TIMEOUT: (504, "invalid_request_error"),
+}
+# A missing or bad API key is answered with the scheme to use.
+_CHALLENGE = {"www-authenticate": 'Bearer realm="aihub"'}
+
+
+def openai_status(exc: HubError) -> int:
+    """The HTTP status an OpenAI client is told for a domain error."""
+    if isinstance(exc, UpstreamFailed):
+        return exc.upstream.status
+    return _KINDS[exc.kind][0]
+
+
+def openai_error(exc: HubError) -> ApiError:
+    """A domain error as OpenAI's API would answer it."""
+    if isinstance(exc, UpstreamFailed):
+        return ApiError.from_upstream(exc.upstream)
+    status, type_ = _KINDS[exc.kind]
+    headers = dict(exc.limits)
+    if exc.retry_after is not None:
+        headers["retry-after"] = str(exc.retry_after)
+    if exc.kind is Kind.UNAUTHENTICATED and exc.code == "invalid_api_key":
+        headers.update(_CHALLENGE)
+    return ApiError(
+        status, exc.message, type=type_, code=exc.code, param=exc.param, headers=headers
+    )
+
+
 def error_bytes(detail: ErrorDetail) -> bytes:
     return msgspec.json.encode(ErrorBody(detail))
 
@@ -76,6 +128,10 @@ def handle_api_error(_: Request, exc: ApiError) -> Response[bytes]:
     return error_response(exc)
 
 
+def handle_hub_error(_: Request, exc: HubError) -> Response[bytes]:
+    return error_response(openai_error(exc))
+
+
 def handle_http_exception(_: Request, exc: HTTPException) -> Response[bytes]:
     status = exc.status_code
     type_, code = _HTTP_TYPES.get(status, ("invalid_request_error", None))
@@ -95,6 +151,7 @@ def handle_unexpected(request: Request, exc: Exception) -> Response[bytes]:
 
 EXCEPTION_HANDLERS = {
     ApiError: handle_api_error,
+    HubError: handle_hub_error,
     HTTPException: handle_http_exception,
     Exception: handle_unexpected,
 }

@@ -16,9 +16,9 @@ from federation.httpsig import (
     remember_nonce,
 )
 from federation.nonces import nonce_digest
+from node.errors import HubError, Kind
 from node.gateway.auth import Principal
 from node.hub import Hub
-from node.ingress.errors import ApiError
 
 KeyLookup = Callable[[str], bytes | None]
 # When the nonce cache is full: its oldest entries expire second by second.
@@ -28,7 +28,7 @@ SIGNATURE_CONTEXT = "httpsig"
 
 
 async def verify_signed(hub: Hub, request: Request, body: bytes, key_for: KeyLookup) -> str:
-    """The node id that signed this request, or a 401 saying what is wrong.
+    """The node id that signed this request, or an unauthenticated error saying what is wrong.
 
     A replay is refused twice over: by this process's nonce cache (in memory, bounded: it also
     caps how many signed requests the process takes at once), then by the store, which every
@@ -47,19 +47,15 @@ async def verify_signed(hub: Hub, request: Request, body: bytes, key_for: KeyLoo
         remember_nonce(hub.nonces, signed, now)
         await _claim(hub, signed, now)
     except SignatureBusy as exc:
-        raise ApiError(
-            503,
+        raise HubError(
+            Kind.UNAVAILABLE,
             "This node is checking too many signed requests to take another now; try again",
-            type="server_error",
             code="signatures_busy",
-            headers={"retry-after": str(BUSY_RETRY_SECONDS)},
+            retry_after=BUSY_RETRY_SECONDS,
         ) from exc
     except SignatureError as exc:
-        raise ApiError(
-            401,
-            f"Bad request signature: {exc}",
-            type="authentication_error",
-            code="bad_signature",
+        raise HubError(
+            Kind.UNAUTHENTICATED, f"Bad request signature: {exc}", code="bad_signature"
         ) from exc
     return signed.keyid
 

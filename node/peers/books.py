@@ -42,7 +42,7 @@ from ledger.settlement import (
     sign_statement,
     verify_statement,
 )
-from node.ingress.errors import ApiError
+from node.errors import HubError, Kind
 from node.peers.peering import PEER_TIMEOUT
 from node.peers.receipts import (
     admissible,
@@ -65,16 +65,12 @@ KeepReceipt = Callable[[Receipt], Awaitable[bool]]
 T = TypeVar("T")
 
 
-class BooksError(ApiError):
+class BooksError(HubError):
     """What stops a ledger operation, said plainly; an OpenAI-shaped error where it reaches
     the HTTP API (admin or federation), a plain message in the CLI."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(status, message, code="ledger_error")
-
-    @property
-    def message(self) -> str:
-        return self.detail.message
+    def __init__(self, kind: Kind, message: str) -> None:
+        super().__init__(kind, message, code="ledger_error")
 
 
 # --- wire types between nodes ---------------------------------------------------------------
@@ -399,7 +395,9 @@ class Link:
                 async with request as response:
                     return PeerAnswer(response.status_code, await _bounded(response))
         except TimeoutError as exc:
-            raise BooksError(504, f"the peer took over {ANSWER_DEADLINE:.0f} s to answer") from exc
+            raise BooksError(
+                Kind.PEER_TIMEOUT, f"the peer took over {ANSWER_DEADLINE:.0f} s to answer"
+            ) from exc
 
 
 @dataclass(frozen=True)
@@ -417,12 +415,16 @@ class PeerAnswer:
 async def _bounded(response: httpx.Response) -> bytes:
     announced = response.headers.get("content-length", "")
     if announced.isdigit() and int(announced) > MAX_ANSWER:
-        raise BooksError(502, f"the peer's answer is too large (over {MAX_ANSWER} bytes)")
+        raise BooksError(
+            Kind.PEER_FAILURE, f"the peer's answer is too large (over {MAX_ANSWER} bytes)"
+        )
     chunks, size = [], 0
     async for chunk in response.aiter_bytes():
         size += len(chunk)
         if size > MAX_ANSWER:
-            raise BooksError(502, f"the peer's answer is too large (over {MAX_ANSWER} bytes)")
+            raise BooksError(
+                Kind.PEER_FAILURE, f"the peer's answer is too large (over {MAX_ANSWER} bytes)"
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -435,12 +437,14 @@ async def link_to(
             descriptor = msgspec.json.decode(record.descriptor, type=NodeDescriptor)
             key = unseal(identity, record.key_from_them).decode() if record.key_from_them else None
             return Link(identity, client, record, descriptor.urls[0], key)
-    raise BooksError(404, f"no peer {peer!r}")
+    raise BooksError(Kind.NOT_FOUND, f"no peer {peer!r}")
 
 
 def _answer(response: PeerAnswer, what: str) -> bytes:
     if response.status_code != 200:
-        raise BooksError(502, f"the peer refused {what} ({response.status_code}): {response.text}")
+        raise BooksError(
+            Kind.PEER_FAILURE, f"the peer refused {what} ({response.status_code}): {response.text}"
+        )
     return response.content
 
 
@@ -583,7 +587,7 @@ async def resync_with(store: Store, link: Link) -> Resync:
                 [LinkedReceipt(stored(r), r.prev) for r in good]
             )
             if conflicts or refused:
-                raise BooksError(409, f"our chain to {peer} differs from the peer's copy")
+                raise BooksError(Kind.CONFLICT, f"our chain to {peer} differs from the peer's copy")
             recovered += len(good)
             seq, prev = report.head
         if not report.ok:
@@ -622,7 +626,9 @@ async def settle_with(store: Store, link: Link) -> Statement:
             pair.a_to_b(), pair.b_to_a(), pair.a, pair.b, previous=pair.previous
         )
     except ValueError as exc:
-        raise BooksError(409, f"our books with this peer are not in order: {exc}") from exc
+        raise BooksError(
+            Kind.CONFLICT, f"our books with this peer are not in order: {exc}"
+        ) from exc
     side = "a" if me == pair.a else "b"
     ours = sign_statement(statement, link.identity.sign, side)
     previous = msgspec.to_builtins(pair.previous) if pair.previous is not None else None
@@ -632,9 +638,11 @@ async def settle_with(store: Store, link: Link) -> Statement:
         both = parse_statement(msgspec.json.decode(bounded(answer), type=StatementBody).statement)
         verify_statement(both, public_key_of(both.a), public_key_of(both.b))
     except (RecordError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise BooksError(502, f"the peer's countersigned statement is not valid: {exc}") from exc
+        raise BooksError(
+            Kind.PEER_FAILURE, f"the peer's countersigned statement is not valid: {exc}"
+        ) from exc
     if not same_period(both, statement):
-        raise BooksError(502, "the peer signed a different statement")
+        raise BooksError(Kind.PEER_FAILURE, "the peer signed a different statement")
     # The peer may answer with the statement it signed for this period before (its `iat`).
     await save_statement(store, both)
     return both
@@ -692,7 +700,7 @@ def _decoded(data: bytes, kind: type[T]) -> T:
     try:
         return msgspec.json.decode(bounded(data), type=kind)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise BooksError(502, f"the peer's answer is not valid: {exc}") from exc
+        raise BooksError(Kind.PEER_FAILURE, f"the peer's answer is not valid: {exc}") from exc
 
 
 async def save_statement(store: Store, statement: Statement) -> bool:
@@ -718,11 +726,11 @@ async def net(store: Store, me: str, extra: Iterable[bytes | str]) -> NetPlan:
             statement = parse_statement(body)
             verify_statement(statement, public_key_of(statement.a), public_key_of(statement.b))
         except (RecordError, ValueError) as exc:
-            raise BooksError(400, f"a statement is not valid: {exc}") from exc
+            raise BooksError(Kind.INVALID_REQUEST, f"a statement is not valid: {exc}") from exc
         strangers = [node for node in (statement.a, statement.b) if node not in known]
         if strangers:
             raise BooksError(
-                400,
+                Kind.INVALID_REQUEST,
                 f"a statement names {', '.join(strangers)}, not a peer of this node: statements"
                 " between nodes we do not know are refused (netting only counts real peers)",
             )
@@ -744,7 +752,7 @@ async def _parties(store: Store, me: str) -> set[str]:
 async def receipts_page(store: Store, me: str, peer: str, provider: str, after_seq: int) -> bytes:
     """A page of one of the two chains between us and `peer`, with countersignatures."""
     if provider not in (me, peer):
-        raise BooksError(403, "only the chains between us are shown")
+        raise BooksError(Kind.REFUSED, "only the chains between us are shown")
     consumer = peer if provider == me else me
     rows = await store.receipts(provider, consumer, after_seq=after_seq, limit=PAGE + 1)
     page = ReceiptPage([receipt_fields(loaded(row)) for row in rows[:PAGE]], len(rows) > PAGE)
@@ -760,9 +768,9 @@ async def take_receipts(store: Store, me: str, peer: str, body: bytes, keep: Kee
     try:
         batch = msgspec.json.decode(body, type=ReceiptBatch)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise BooksError(400, f"not a batch of receipts: {exc}") from exc
+        raise BooksError(Kind.INVALID_REQUEST, f"not a batch of receipts: {exc}") from exc
     if len(batch.receipts) > PAGE:
-        raise BooksError(413, f"at most {PAGE} receipts at once")
+        raise BooksError(Kind.TOO_LARGE, f"at most {PAGE} receipts at once")
     ours, theirs = [], []
     for fields in batch.receipts:
         provider = fields.get("provider")
@@ -799,14 +807,14 @@ async def countersign_statement(
         request = msgspec.json.decode(body, type=StatementBody)
         proposed = parse_statement(request.statement)
     except (RecordError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise BooksError(400, f"not a settlement statement: {exc}") from exc
+        raise BooksError(Kind.INVALID_REQUEST, f"not a settlement statement: {exc}") from exc
     if {proposed.a, proposed.b} != {me, peer}:
-        raise BooksError(403, "a statement between us only")
+        raise BooksError(Kind.REFUSED, "a statement between us only")
     their_side = "a" if peer == proposed.a else "b"
     try:
         verify_statement_side(proposed, their_side)
     except RecordError as exc:
-        raise BooksError(409, f"our books disagree: {exc}") from exc
+        raise BooksError(Kind.CONFLICT, f"our books disagree: {exc}") from exc
     a, b = min(me, peer), max(me, peer)
     for body in await store.settlements(a, b):
         held = _ours(body, me, peer)
@@ -820,7 +828,7 @@ async def countersign_statement(
         await _check_billed(store, pair)
         check_statement(proposed, pair.a_to_b(), pair.b_to_a(), previous=pair.previous)
     except RecordError as exc:
-        raise BooksError(409, f"our books disagree: {exc}") from exc
+        raise BooksError(Kind.CONFLICT, f"our books disagree: {exc}") from exc
     both = sign_statement(proposed, identity.sign, "b" if their_side == "a" else "a")
     await save_statement(store, both)
     return both
@@ -834,7 +842,7 @@ async def _check_billed(store: Store, pair: Pair) -> None:
     if refused:
         receipt, why = refused[0]
         raise BooksError(
-            409,
+            Kind.CONFLICT,
             f"our books hold {len(refused)} receipt(s) of this peer that bill no request of"
             f" ours as sent (seq {receipt.seq}: {why})",
         )

@@ -29,6 +29,7 @@ from federation.transport import LISTED_HEADER, signed_headers
 from ledger.nesting import bounded
 from ledger.records import RecordError
 from node.config import Config, Deployment
+from node.errors import HubError, Kind
 from node.gateway.auth import read_epoch, touch_epoch
 from node.gateway.keys import HASH_PURPOSE, generate_key, hash_key
 from node.gateway.policy import Limits, model_allowed
@@ -52,11 +53,14 @@ class JoinResponse(msgspec.Struct):
     advert: dict | None = None
 
 
-class JoinRefused(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class JoinRefused(HubError):
+    """A join (with or without an invite) that is not let through."""
+
+    def __init__(self, kind: Kind, message: str) -> None:
+        if kind is Kind.RATE_LIMITED:  # too many joins wait for approval: ask again later
+            super().__init__(kind, message, code="too_many_join_requests", retry_after=60)
+        else:
+            super().__init__(kind, message, code="join_refused")
 
 
 @dataclass
@@ -235,10 +239,10 @@ class Peering:
         try:
             request = msgspec.json.decode(body, type=JoinRequest)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-            raise JoinRefused(400, f"invalid join request: {exc}") from exc
+            raise JoinRefused(Kind.INVALID_REQUEST, f"invalid join request: {exc}") from exc
         invite = await self.store.invite(request.token_id)
         if invite is None:
-            raise JoinRefused(404, "unknown invite")
+            raise JoinRefused(Kind.NOT_FOUND, "unknown invite")
         record = InviteRecord(
             token_id=invite.token_id,
             invite_public_key=invite.public_key,
@@ -251,12 +255,12 @@ class Peering:
         try:
             joiner = verify_join_request(body, record, self.identity.node_id)
         except RecordError as exc:
-            raise JoinRefused(403, f"join refused: {exc}") from exc
+            raise JoinRefused(Kind.REFUSED, f"join refused: {exc}") from exc
         self._check_joiner(joiner, signer)
         # Before anything is issued: a join that is let through again would revoke the key
         # the first one issued (a peer that joins again gets a fresh key).
         if not await self.store.claim_nonce(*join_nonce(request), int(time.time())):
-            raise JoinRefused(403, "join refused: this join proof was already used")
+            raise JoinRefused(Kind.REFUSED, "join refused: this join proof was already used")
         limits = Limits(
             models=invite.models or None,
             budget_micros=invite.cap_micros,
@@ -264,16 +268,16 @@ class Peering:
         )
         key = await admit_peer(self.store, self.identity, joiner, limits, invite.token_id)
         if key is None:
-            raise JoinRefused(410, "this invite is used up or expired")
+            raise JoinRefused(Kind.GONE, "this invite is used up or expired")
         await self.changed()
         return self.join_response(joiner.node_id, key, limits)
 
     def _check_joiner(self, joiner: NodeDescriptor, signer: str) -> None:
         """The node joining is the one that signed the request, and not this node."""
         if joiner.node_id != signer:
-            raise JoinRefused(403, "the join request is not signed by the joining node")
+            raise JoinRefused(Kind.REFUSED, "the join request is not signed by the joining node")
         if joiner.node_id == self.identity.node_id:
-            raise JoinRefused(400, "a node cannot join itself")
+            raise JoinRefused(Kind.INVALID_REQUEST, "a node cannot join itself")
 
     def join_response(self, node_id: str, key: str, limits: Limits) -> JoinResponse:
         return JoinResponse(
@@ -293,11 +297,11 @@ class Peering:
         try:
             joiner = verify_descriptor(body)
         except RecordError as exc:
-            raise JoinRefused(400, f"invalid join request: {exc}") from exc
+            raise JoinRefused(Kind.INVALID_REQUEST, f"invalid join request: {exc}") from exc
         self._check_joiner(joiner, signer)
         peer = await self.store.peer(joiner.node_id)
         if peer is not None and peer.status == "revoked":
-            raise JoinRefused(403, "this node was revoked here")
+            raise JoinRefused(Kind.REFUSED, "this node was revoked here")
         answer = await self.store.join_answer(joiner.node_id)
         if answer is not None:
             return msgspec.json.decode(answer, type=JoinResponse)
@@ -312,9 +316,13 @@ class Peering:
             joiner.node_id, body.decode(), int(time.time()), bounds
         )
         if refused == "source":
-            raise JoinRefused(429, "too many join requests from this address wait for approval")
+            raise JoinRefused(
+                Kind.RATE_LIMITED, "too many join requests from this address wait for approval"
+            )
         if refused == "total":
-            raise JoinRefused(429, "too many join requests wait for approval; ask again later")
+            raise JoinRefused(
+                Kind.RATE_LIMITED, "too many join requests wait for approval; ask again later"
+            )
         return None
 
     async def changed(self) -> None:

@@ -29,7 +29,7 @@ import httpx
 
 from federation.identity import NodeIdentity
 from ledger.records import RecordError
-from node.ingress.errors import ApiError
+from node.errors import HubError, Kind
 from node.peers import books
 from node.peers.peering import Peering
 from node.storage.store import Store
@@ -72,8 +72,8 @@ class ChainResync:
         return peer not in self._pending
 
     async def ensure(self, peer: str) -> None:
-        """Return once our chain to `peer` is re-synced in this process; a 503 if it cannot
-        be now (the peer retries)."""
+        """Return once our chain to `peer` is re-synced in this process; unavailable if it
+        cannot be now (the peer retries)."""
         if peer not in self._pending:
             return
         lock = self._locks.setdefault(peer, asyncio.Lock())
@@ -110,18 +110,17 @@ class ChainResync:
         for peer in [p for p in self._pending if p in self.peering.peers]:
             try:
                 await self.ensure(peer)
-            except ApiError:
+            except HubError:
                 continue
 
 
-def _not_synced() -> ApiError:
-    return ApiError(
-        503,
+def _not_synced() -> HubError:
+    return HubError(
+        Kind.UNAVAILABLE,
         "This node has not yet re-synced its ledger with yours and cannot reach your node to"
         " do so; try again",
-        type="server_error",
         code="ledger_not_synced",
-        headers={"retry-after": str(RETRY_SECONDS)},
+        retry_after=RETRY_SECONDS,
     )
 
 

@@ -17,11 +17,10 @@ from federation.transport import LISTED_HEADER
 from ledger.nesting import NestingError, bounded
 from node.gateway.auth import Principal
 from node.hub import hub_of
+from node.ingress.asgi import JSON
 from node.ingress.errors import ApiError
-from node.ingress.openai import JSON
 from node.peers import books
 from node.peers.auth import check_peer, verify_signed
-from node.peers.peering import JoinRefused
 
 WHOLE_NUMBER = re.compile(r"-?[0-9]{1,15}", re.ASCII)
 MAX_FEDERATION_BODY = 64 * 1024
@@ -94,10 +93,7 @@ async def join(request: Request) -> Response[bytes]:
     hub = hub_of(request)
     body = await _small_body(request)
     signer = await verify_signed(hub, request, body, self_certifying)
-    try:
-        answer = await hub.peering.accept_join(body, signer)
-    except JoinRefused as exc:
-        raise ApiError(exc.status, exc.message, code="join_refused") from exc
+    answer = await hub.peering.accept_join(body, signer)  # a JoinRefused is answered as it is
     return Response(msgspec.json.encode(answer), media_type=JSON)
 
 
@@ -111,18 +107,7 @@ async def join_request(request: Request) -> Response[bytes]:
     body = await _small_body(request)
     signer = await verify_signed(hub, request, body, self_certifying)
     source = request.client.host if request.client else ""
-    try:
-        answer = await hub.peering.take_join_request(body, signer, source)
-    except JoinRefused as exc:
-        if exc.status == 429:
-            raise ApiError(
-                429,
-                exc.message,
-                type="rate_limit_error",
-                code="too_many_join_requests",
-                headers={"retry-after": "60"},
-            ) from exc
-        raise ApiError(exc.status, exc.message, code="join_refused") from exc
+    answer = await hub.peering.take_join_request(body, signer, source)
     if answer is None:
         pending = {"status": "pending", "message": "waiting for the admin's approval"}
         return Response(msgspec.json.encode(pending), media_type=JSON, status_code=202)

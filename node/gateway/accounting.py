@@ -1,0 +1,256 @@
+"""One request's books: what it holds, what it costs, the one usage record that settles it.
+
+`Accounting` is the request pipeline's ledger of a single request (`node/gateway/pipeline.py`
+drives it): the rate-limit slots and budget reservations it was admitted with, the charge once
+it ends, the usage record, our receipt if a peer asked, and the receipt of the peer that served
+it if we asked one. Whatever way a request ends, it is settled exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import NoReturn
+
+from adapters.types import UpstreamError, Usage
+from ledger.receipts import SentRequest
+from node.errors import HubError, Kind, UpstreamFailed
+from node.gateway.auth import Principal
+from node.gateway.budgets import budget_scopes
+from node.gateway.ratelimit import Admission, RateLimited, ScopeLimits
+from node.gateway.router import Route
+from node.gateway.usage import clamp_usage, cost_micros
+from node.hub import Hub
+from node.storage.store import Charge, Hold, UsageRecord, now_ms
+
+log = logging.getLogger("aihub.gateway")
+
+# The usage record's `status` (and the status of what we sent a peer, in the ledger's
+# `SentRequest`) speaks HTTP's numbers, as the records always have: what the request's outcome
+# was, not how an ingress answers it.
+OK = 200
+CLIENT_CLOSED = 499
+_RECORDED: dict[Kind, int] = {
+    Kind.INVALID_REQUEST: 400,
+    Kind.UNAUTHENTICATED: 401,
+    Kind.FORBIDDEN: 403,
+    Kind.REFUSED: 403,
+    Kind.NOT_FOUND: 404,
+    Kind.CONFLICT: 409,
+    Kind.GONE: 410,
+    Kind.TOO_LARGE: 413,
+    Kind.RATE_LIMITED: 429,
+    Kind.OVER_BUDGET: 429,
+    Kind.CLIENT_CLOSED: CLIENT_CLOSED,
+    Kind.INTERNAL: 500,
+    Kind.GATEWAY_FAILURE: 502,
+    Kind.PEER_FAILURE: 502,
+    Kind.UNAVAILABLE: 503,
+    Kind.PEER_TIMEOUT: 504,
+}
+
+
+def recorded_status(exc: HubError) -> int:
+    """The status a failed request's usage record keeps."""
+    if isinstance(exc, UpstreamFailed):
+        return exc.upstream.status
+    return _RECORDED[exc.kind]
+
+
+class Accounting:
+    """One request's books: what it holds (rate-limit slots, budget reservations), what it
+    finally costs, and the one usage record that settles it, however the request ends."""
+
+    def __init__(
+        self, hub: Hub, principal: Principal, request_id: str, model: str, endpoint: str
+    ) -> None:
+        self.hub = hub
+        self.principal = principal
+        self.request_id = request_id
+        self.model = model
+        self.endpoint = endpoint
+        self.started = time.perf_counter()
+        self.admission: Admission | None = None
+        self.holds: list[Hold] = []
+        self._settled = False
+        # A peer's request is settled together with the receipt we sign for it.
+        self.for_peer = principal.key.peer_id is not None
+        self._for_receipt: Charge | None = None
+        self.receipt_id = request_id
+        # The worst case admitted, and what was reserved for it: the bounds of what the
+        # request may be said to have used, and charged.
+        self.worst = Usage()
+        self.reserved = 0
+
+    @property
+    def limits(self) -> dict[str, str]:
+        """The rate-limit figures the request was admitted under (`x-ratelimit-*`)."""
+        return self.admission.headers if self.admission is not None else {}
+
+    async def admit(self, ip: str | None, plan: list[Route], worst: Usage) -> None:
+        """Rate limits, then the worst-case cost reserved against every budget on the path."""
+        principal, hub = self.principal, self.hub
+        try:
+            self.admission = await hub.limiter.admit(rate_scopes(principal))
+        except RateLimited as exc:
+            hub.keys.note("limit.rate", principal.key_id, ip, {"reason": exc.message})
+            self.fail(
+                HubError(
+                    Kind.RATE_LIMITED,
+                    exc.message,
+                    code="rate_limit_exceeded",
+                    retry_after=max(1, math.ceil(exc.retry_after)),
+                    limits=exc.headers,
+                )
+            )
+        price_in = max(route.spec.price_in for route in plan)
+        price_out = max(route.spec.price_out for route in plan)
+        self.worst = worst
+        self.reserved = cost_micros(worst, price_in, price_out)
+        try:
+            self.holds = await hub.budgets.reserve(principal, self.reserved)
+        except HubError as exc:
+            hub.keys.note("limit.budget", principal.key_id, ip, {"reason": exc.message})
+            hub.alerts.exhausted(
+                [(s, start) for s, start, _ in hub.budgets.periods(principal, time.time())]
+            )
+            self.fail(exc)
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    def upstream_failed(self, route: Route, exc: UpstreamError) -> None:
+        status = str(exc.upstream_status or 0)
+        self.hub.metrics.upstream_errors.labels(route.label, status).inc()
+
+    def finish(
+        self,
+        route: Route | None,
+        usage: Usage,
+        *,
+        estimated: bool,
+        status: int,
+        stream: bool,
+        error: str | None = None,
+    ) -> int:
+        """Settle the request (once): cost, usage record, reservations, limits, metrics. The
+        counts are clamped to what the request could have used, and the charge to what was
+        reserved for it: a budget never passes its cap, whatever the upstream reports; the
+        record keeps what it cost beyond the charge (`unbilled_micros`). The charge."""
+        if self._settled:
+            return 0
+        self._settled = True
+        usage, clamped = clamp_usage(usage, self.worst)
+        spec = route.spec if route else None
+        actual = 0
+        if spec is not None:
+            # A peer pays the price we advertised it (the cheapest deployment of the name),
+            # whichever deployment served: it agreed to that, and its books check it.
+            price_in, price_out = (
+                self.hub.peering.advertised_price(spec.name)
+                if self.for_peer
+                else (spec.price_in, spec.price_out)
+            )
+            actual = cost_micros(usage, price_in, price_out)
+        cost = min(actual, self.reserved)
+        elapsed = time.perf_counter() - self.started
+        record = UsageRecord(
+            request_id=self.request_id,
+            ts_ms=now_ms(),
+            key_id=self.principal.key_id,
+            tenant_id=self.principal.key.tenant_id,
+            model=self.model,
+            deployment=route.label if route else None,
+            provider=spec.provider if spec else None,
+            endpoint=self.endpoint,
+            stream=stream,
+            tokens_in=usage.prompt_tokens,
+            tokens_out=usage.completion_tokens,
+            estimated=estimated,
+            cost_micros=cost,
+            latency_ms=round(elapsed * 1000),
+            status=status,
+            error=error,
+            unbilled_micros=actual - cost,
+            clamped=clamped,
+        )
+        charge = Charge(
+            record, self.hub.budgets.settle(self.holds, cost), _sent(self.request_id, route, status)
+        )
+        if self.for_peer and route is not None and (status == OK or usage.total_tokens):
+            # Whatever was produced for a peer is receipted, whether or not the peer stayed
+            # to the end of the answer (`issue_receipt`).
+            self._for_receipt = charge
+        else:
+            self.hub.usage.record(charge)
+        if self.admission is not None:
+            self.hub.limiter.release(self.admission, usage.total_tokens)
+        self.hub.metrics.settled(
+            self.endpoint, self.model, status, usage.prompt_tokens, usage.completion_tokens, cost
+        )
+        if clamped or actual != cost:
+            self.hub.metrics.untrusted(self.model, clamped, actual - cost)
+        return cost
+
+    async def issue_receipt(self) -> bytes | None:
+        """For a peer's request that was answered: write its usage record, spend and our
+        signed receipt together, before the answer completes; the receipt."""
+        charge, self._for_receipt = self._for_receipt, None
+        if charge is None:
+            return None
+        peer_id = self.principal.key.peer_id or ""
+        try:
+            receipt = await self.hub.receipts.issue(
+                charge, peer_id, self.receipt_id, self.principal.key_id
+            )
+        except Exception:
+            # The answer is already paid for upstream: keep its usage record even so.
+            log.exception("could not issue a receipt to %s", peer_id)
+            self.hub.usage.record(charge)
+            return None
+        self.hub.usage.written([charge])
+        return receipt
+
+    def take_receipt(self, route: Route, receipt: bytes | None, cost: int) -> None:
+        """The receipt of the peer that served us, kept and countersigned off the path if it
+        is for this very request, as we asked and priced it."""
+        sent = _sent(self.request_id, route, OK)
+        if sent is not None and receipt is not None:
+            self.hub.receipts.take(sent, receipt, cost)
+
+    def observe_latency(self) -> None:
+        elapsed = time.perf_counter() - self.started
+        self.hub.metrics.answered(self.endpoint, self.model, elapsed)
+
+    def fail(self, exc: HubError) -> NoReturn:
+        """Settle a request that got no answer (nothing is charged) and raise its error."""
+        self.finish(
+            None,
+            Usage(),
+            estimated=False,
+            status=recorded_status(exc),
+            stream=False,
+            error=exc.message[:500],
+        )
+        raise exc
+
+
+def _sent(request_id: str, route: Route | None, status: int) -> SentRequest | None:
+    """For a request routed to a peer, the durable record of what we asked it (journaled
+    with the usage record): the only request its receipt may bill."""
+    if route is None or route.peer_id is None:
+        return None
+    spec = route.spec
+    return SentRequest(
+        request_id, route.peer_id, spec.name, route.price_seq, spec.price_in, spec.price_out, status
+    )
+
+
+def rate_scopes(principal: Principal) -> list[ScopeLimits]:
+    return [
+        ScopeLimits(scope, limits.rpm, limits.tpm, limits.max_parallel)
+        for scope, limits in budget_scopes(principal)
+        if limits.rpm or limits.tpm or limits.max_parallel
+    ]

@@ -1,0 +1,373 @@
+"""The request pipeline: one request from its caller to its settlement, whatever API it came by.
+
+An ingress (`node/ingress/openai.py` today) decodes its request into the adapters' internal
+call (`ChatCall`, `EmbedCall`), builds the `Caller` from HTTP, and hands both here:
+
+- `begin`: the model allowlist, the plan (which deployments, in order), the re-sync of our chain
+  with a peer that asks, and admission (rate limits, the worst case reserved in every budget);
+- `complete`: the upstream call along the plan (fallback on failures, each one recorded), the
+  answer settled, our receipt issued for a peer, the serving peer's receipt taken;
+- `stream`: the stream opened with fallback before its first event, then relayed: the adapter's
+  events are passed on as they are, with the pipeline's own `ReceiptIssued`, `StreamFailed`
+  and `StreamEnd` among them; it is settled however it ends.
+
+What comes back is typed (`Answer`, `Streamed`, `Facts`); failures are domain errors
+(`node.errors.HubError`). The ingress renders both in its own format: nothing here knows HTTP.
+A client that goes away cancels the upstream call through the ingress's watcher (`Watch`); a
+peer's plain request runs to its end instead, for its receipt (see `_route`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, NamedTuple, TypeVar
+
+import anyio
+import msgspec
+
+from adapters.tokens import estimate_prompt_tokens
+from adapters.types import (
+    ChatCall,
+    ChatRequest,
+    ChatResult,
+    ChatStream,
+    EmbedResult,
+    UpstreamError,
+    Usage,
+)
+from node.errors import HubError, Kind, UpstreamFailed, gateway_failure
+from node.gateway.accounting import CLIENT_CLOSED, OK, Accounting, recorded_status
+from node.gateway.auth import Principal
+from node.gateway.policy import model_allowed, worst_case_prompt_tokens
+from node.gateway.router import NoRoute, Route
+from node.hub import Hub
+
+T = TypeVar("T")
+log = logging.getLogger("aihub.gateway")
+# A request id a peer sends us, to name its receipt by.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+# The ingress's watcher of its client: an async context manager that cancels its block if the
+# client goes away first (a `HubError` of kind CLIENT_CLOSED then comes out of it).
+Watch = Callable[[], AbstractAsyncContextManager[None]]
+
+
+class Caller(msgspec.Struct, frozen=True):
+    """Who asks, as the ingress found out from HTTP, once the key (and, for a peer, its
+    signature over the body) checked out."""
+
+    principal: Principal
+    ip: str | None
+    # Served from this node's own deployments only: a peer's request, or one that already
+    # went through a node (no loops, no reselling).
+    local_only: bool
+    # The id a peer names its request by (its receipt is named by it), as sent: unchecked.
+    peer_request_id: str = ""
+
+
+class Facts(msgspec.Struct):
+    """What the ingress may tell its client of a request, besides the answer."""
+
+    request_id: str
+    # The rate-limit figures of the tightest scope (`x-ratelimit-*` names).
+    limits: dict[str, str]
+    cost_micros: int | None = None
+    # Our signed receipt, for a peer's request.
+    receipt: bytes | None = None
+
+
+class Answer(msgspec.Struct):
+    """A complete answer, settled: the adapter's result, as it returned it."""
+
+    result: ChatResult | EmbedResult
+    facts: Facts
+
+
+class Signal(msgspec.Struct, tag_field="signal"):
+    """An item of a stream that is the pipeline's own, not one of the adapter's events."""
+
+
+class ReceiptIssued(Signal, tag="receipt"):
+    """Our signed receipt for a peer's stream, before its end: the consumer keeps it."""
+
+    receipt: bytes
+
+
+class StreamFailed(Signal, tag="failed"):
+    """The stream broke after its first event: too late to fall back or answer otherwise."""
+
+    error: HubError
+
+
+class StreamEnd(Signal, tag="end"):
+    """The stream is complete."""
+
+
+class Streamed(NamedTuple):
+    """A stream, opened: its items (the adapter's events and the pipeline's `Signal`s)."""
+
+    items: AsyncGenerator[Any, None]
+    facts: Facts
+    # Settles the request if `items` never started (a generator closed before its first
+    # step runs none of its code, its `finally` included).
+    abandon: Callable[[], Awaitable[None]]
+
+
+class Admitted(NamedTuple):
+    """A request let through: its books, and the deployments to try, in order."""
+
+    books: Accounting
+    plan: list[Route]
+
+
+def may_use(principal: Principal, model: str) -> bool:
+    """Whether the key's (and its tenant's) allowlist lets it use `model`."""
+    name = model.partition("@")[0]  # `llama3@alice` is llama3, from one peer
+    allowed = model_allowed(principal.key.limits.models, name)
+    if allowed and principal.tenant is not None:
+        allowed = model_allowed(principal.tenant.limits.models, name)
+    return allowed
+
+
+def _check_model(principal: Principal, model: str) -> None:
+    if not may_use(principal, model):
+        raise HubError(
+            Kind.FORBIDDEN,
+            f"This key may not use the model `{model}`",
+            code="model_not_allowed",
+            param="model",
+        )
+
+
+def _plan(hub: Hub, principal: Principal, model: str, kind: str, local_only: bool) -> list[Route]:
+    try:
+        return hub.router.plan(
+            model, kind, local_only=local_only, allowed=lambda name: may_use(principal, name)
+        )
+    except NoRoute:
+        other = "embeddings" if kind == "chat" else "chat"
+        served = hub.router.serves(model, other, local_only=local_only)
+        if served:
+            message = f"The model `{model}` does not serve {kind}"
+            raise HubError(
+                Kind.INVALID_REQUEST, message, param="model", code="model_not_supported"
+            ) from None
+        message = f"The model `{model}` does not exist on this node"
+        raise HubError(Kind.NOT_FOUND, message, param="model", code="model_not_found") from None
+
+
+def chat_worst_case(chat: ChatRequest, plan: list[Route]) -> Usage:
+    """The most a chat request may use on this plan: its prompt, and the output it may ask."""
+    prompt = worst_case_prompt_tokens(
+        chat, lambda: [(r.adapter.upstream.provider, r.adapter.upstream.model) for r in plan]
+    )
+    ceiling = max(route.spec.max_output_tokens for route in plan)
+    output = min(chat.output_limit or ceiling, ceiling) * (chat.n or 1)
+    return Usage(prompt, output, prompt + output)
+
+
+@contextlib.asynccontextmanager
+async def _settled_on_error(books: Accounting) -> AsyncIterator[None]:
+    """Whatever escapes the block while the request holds reservations and parallel slots,
+    they are released (the request is settled as failed) and the client is told of a gateway
+    failure, never left with a budget stranded until a restart. Settling is once: a request
+    that was settled already is only answered."""
+    try:
+        yield
+    except HubError:
+        raise  # settled by `Accounting.fail`
+    except Exception as exc:
+        log.exception("request %s failed in the gateway", books.request_id)
+        books.fail(gateway_failure(exc))
+
+
+async def begin(
+    hub: Hub,
+    caller: Caller,
+    model: str,
+    kind: str,
+    request_id: str,
+    worst: Callable[[list[Route]], Usage],
+) -> Admitted:
+    """Everything between the key and the upstream call: which model, which routes, and is
+    the request admitted under its limits and budgets?"""
+    principal = caller.principal
+    _check_model(principal, model)
+    plan = _plan(hub, principal, model, kind, caller.local_only)
+    books = Accounting(hub, principal, request_id, model, kind)
+    if books.for_peer and _REQUEST_ID.fullmatch(caller.peer_request_id):
+        books.receipt_id = caller.peer_request_id
+    if books.for_peer and not hub.resync.synced(principal.key.peer_id or ""):
+        try:  # before anything is spent: no receipt from a chain head the peer may be past
+            await hub.resync.ensure(principal.key.peer_id or "")
+        except HubError as exc:
+            books.fail(exc)
+    async with _settled_on_error(books):
+        await books.admit(caller.ip, plan, worst(plan))
+    return Admitted(books, plan)
+
+
+async def _route(
+    books: Accounting,
+    plan: list[Route],
+    attempt: Callable[[Route], Awaitable[T]],
+    watch: Watch,
+) -> tuple[T, Route]:
+    """Run `attempt` along the plan; a failure is recorded and raised as a domain error. A
+    client that goes away cancels the call; a peer's does not: the provider pays its upstream
+    for the answer either way, so the answer runs to its end and gets its receipt (the peer's
+    cap is charged for it) whether or not the peer is still there to read it."""
+    try:
+        async with contextlib.nullcontext() if books.for_peer else watch():
+            return await books.hub.router.run(plan, attempt, books.upstream_failed)
+    except UpstreamError as exc:
+        books.fail(UpstreamFailed(exc))
+    except HubError as exc:
+        books.fail(exc)
+    except Exception as exc:
+        log.exception("request %s failed in the gateway", books.request_id)
+        books.fail(gateway_failure(exc))
+    except BaseException:
+        books.finish(
+            None, Usage(), estimated=False, status=CLIENT_CLOSED, stream=False, error="cancelled"
+        )
+        raise
+
+
+async def complete(
+    admitted: Admitted,
+    attempt: Callable[[Route], Awaitable[ChatResult | EmbedResult]],
+    watch: Watch,
+) -> Answer:
+    """The upstream call, then the answer settled: with our receipt if a peer asked, keeping
+    the receipt of the peer that served it if we asked one."""
+    books, plan = admitted
+    async with _settled_on_error(books):
+        result, route = await _route(books, plan, attempt, watch)
+        books.observe_latency()
+        cost = books.finish(
+            route, result.usage, estimated=result.usage_estimated, status=OK, stream=False
+        )
+        receipt = await books.issue_receipt()
+        books.take_receipt(route, result.receipt, cost)
+        return Answer(result, Facts(books.request_id, books.limits, cost, receipt))
+
+
+class _Opened(msgspec.Struct):
+    stream: ChatStream
+    events: AsyncIterator[Any]
+    first: Any | None
+
+
+async def _open(route: Route, call: ChatCall) -> _Opened:
+    """Open a stream and read its first event, so that a failure before the first byte can
+    still fall back to the next deployment."""
+    stream = await route.adapter.open_stream(call)
+    events = aiter(stream)
+    try:
+        first = await anext(events, None)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+        raise
+    return _Opened(stream, events, first)
+
+
+async def stream(admitted: Admitted, call: ChatCall, watch: Watch) -> Streamed:
+    """Open the stream along the plan; its relay settles it however it ends (`abandon`
+    settles it if the relay never runs)."""
+    books, plan = admitted
+    async with _settled_on_error(books):
+        opened, route = await _route(books, plan, lambda r: _open(r, call), watch)
+        books.observe_latency()
+        return Streamed(
+            _relay(opened, route, call, books),
+            Facts(books.request_id, books.limits),
+            lambda: _abandon(opened, route, call, books),
+        )
+
+
+async def _abandon(opened: _Opened, route: Route, call: ChatCall, books: Accounting) -> None:
+    """A stream whose relay never ran (it failed or was cancelled before its first event was
+    asked for): settled as its relay would have settled it."""
+    if not books.settled:
+        await _settle_stream(opened, route, call, books, 0, CLIENT_CLOSED, "stream not sent")
+
+
+async def _relay(
+    opened: _Opened, route: Route, call: ChatCall, books: Accounting
+) -> AsyncGenerator[Any, None]:
+    """Pass the upstream's events on; account for them however the stream ends."""
+    stream = opened.stream
+    sent = 0
+    status, error = OK, None
+    try:
+        if opened.first is not None:
+            yield opened.first
+            sent += 1
+        async for event in opened.events:
+            yield event
+            sent += 1
+        if books.for_peer:
+            # The receipt goes before the end, as an item of its own that the consumer keeps.
+            usage, estimated = _stream_usage(stream, call, sent)
+            books.finish(route, usage, estimated=estimated, status=OK, stream=True)
+            # The answer is complete: its records and receipt are written even if the peer
+            # goes away meanwhile (a cancelled transaction would lose the usage record).
+            with anyio.CancelScope(shield=True):
+                receipt = await books.issue_receipt()
+            if receipt is not None:
+                yield ReceiptIssued(receipt)
+        yield StreamEnd()
+    except UpstreamError as exc:
+        # Too late to fall back: the client has events already. The ingress tells it.
+        status, error = exc.status, exc.message
+        yield StreamFailed(UpstreamFailed(exc))
+    except Exception as exc:
+        # Nothing expected it (a bug, or an upstream event no parser covers): the same.
+        log.exception("stream %s failed in the gateway", books.request_id)
+        failure = gateway_failure(exc)
+        status, error = recorded_status(failure), failure.message
+        yield StreamFailed(failure)
+    except BaseException:
+        status, error = CLIENT_CLOSED, "client closed the stream"
+        raise
+    finally:
+        await _settle_stream(opened, route, call, books, sent, status, error)
+
+
+async def _settle_stream(
+    opened: _Opened,
+    route: Route,
+    call: ChatCall,
+    books: Accounting,
+    sent: int,
+    status: int,
+    error: str | None,
+) -> None:
+    """Close the upstream stream and settle what it used, however the stream ended."""
+    stream = opened.stream
+    with anyio.CancelScope(shield=True):
+        await stream.aclose()
+    usage, estimated = _stream_usage(stream, call, sent)
+    cost = books.finish(route, usage, estimated=estimated, status=status, stream=True, error=error)
+    if status == OK:
+        books.take_receipt(route, stream.receipt, cost)
+    else:
+        # A peer that went away (or an upstream that failed) before the end still got
+        # what was sent: its receipt is written for that, and its cap charged.
+        with anyio.CancelScope(shield=True):
+            await books.issue_receipt()
+
+
+def _stream_usage(stream: ChatStream, call: ChatCall, sent: int) -> tuple[Usage, bool]:
+    """What a stream used, as the upstream counted it, or estimated if it was cut short:
+    the prompt and roughly one token per event delivered."""
+    if stream.usage is not None:
+        return stream.usage, stream.usage_estimated
+    prompt = estimate_prompt_tokens(call.request.messages)
+    return Usage(prompt, sent, prompt + sent), True

@@ -1,0 +1,200 @@
+"""What every API surface's hot endpoints share: bare ASGI POST endpoints.
+
+Reading the body under its limit, the caller (its key, a peer's signature over the body), the
+watcher that cancels the work when the client goes away, and sending a complete reply or a
+stream straight to the server. What the reply holds and how a stream's items become bytes is
+the ingress's (`node/ingress/openai.py`); what happens in between is the pipeline's
+(`node/gateway/pipeline.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, NamedTuple
+
+from litestar import Request, asgi
+from litestar.exceptions import MethodNotAllowedException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+from litestar.handlers import ASGIRouteHandler
+from litestar.types import HTTPResponseStartEvent, Receive, Scope, Send
+
+from federation.httpsig import REQUEST_ID_HEADER
+from federation.transport import HOP_HEADER
+from node.errors import HubError, client_closed, gateway_failure
+from node.gateway.auth import Principal
+from node.gateway.pipeline import Caller
+from node.hub import hub_of
+from node.peers.auth import check_peer
+
+log = logging.getLogger("aihub.gateway")
+
+JSON = "application/json"
+
+
+class Reply(NamedTuple):
+    """A complete answer: sent as it is, with its headers."""
+
+    body: bytes
+    headers: dict[str, str]
+
+
+class StreamReply(NamedTuple):
+    """An answer streamed as server-sent events: each item rendered to bytes as it comes."""
+
+    items: AsyncGenerator[Any, None]
+    headers: dict[str, str]
+    render: Callable[[Any], bytes]
+    # Settles the request if `items` never started (a generator closed before its first
+    # step runs none of its code, its `finally` included).
+    abandon: Callable[[], Awaitable[None]] | None = None
+
+
+def client_ip(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+async def authenticate(request: Request) -> Principal:
+    return await hub_of(request).keys.authenticate(
+        request.headers.get("authorization"), client_ip(request)
+    )
+
+
+async def read_body(request: Request, principal: Principal) -> bytes:
+    """The body, once its sender is known to be who the key says: a cross-node key counts only
+    with a signature over this very body by the peer it was issued to."""
+    hub = hub_of(request)
+    body = await receive_body(request, hub.config.server.max_body_bytes)
+    await check_peer(hub, request, body, principal)
+    return body
+
+
+async def receive_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused with a 413 past `limit` bytes (announced or received)."""
+    announced = request.headers.get("content-length", "")
+    if announced.isdigit() and int(announced) > limit:
+        raise RequestEntityTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise client_closed()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestEntityTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def local_only(request: Request, principal: Principal) -> bool:
+    """A peer's request (or one a node passed on) is served from this node's own deployments:
+    never passed on to another peer (no loops, no reselling)."""
+    return principal.key.peer_id is not None or HOP_HEADER in request.headers
+
+
+def caller_of(request: Request, principal: Principal) -> Caller:
+    """The pipeline's caller, once its key and (for a peer) its signature checked out."""
+    peer_request_id = request.headers.get(REQUEST_ID_HEADER, "")
+    return Caller(principal, client_ip(request), local_only(request, principal), peer_request_id)
+
+
+@contextlib.asynccontextmanager
+async def cancelled_on_disconnect(receive: Receive) -> AsyncIterator[None]:
+    """Run the block in this very task, cancelled if the client disconnects first (then a
+    client-closed HubError comes out of it). One watcher task per request, and no hand-off of
+    the work to a task of its own: on a busy core each task switch is latency before the first
+    byte."""
+    task = asyncio.current_task()
+    assert task is not None
+    state = {"running": True, "gone": False}
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if state["running"]:  # else the block is done: nothing left to cancel
+            state["gone"] = True
+            task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not state["gone"]:
+            raise
+        task.uncancel()
+        raise client_closed() from None
+    finally:
+        state["running"] = False
+        watcher.cancel()
+
+
+def watcher_of(request: Request) -> Callable[[], contextlib.AbstractAsyncContextManager[None]]:
+    """The pipeline's watcher of this request's client."""
+    return lambda: cancelled_on_disconnect(request.receive)
+
+
+def post_endpoint(
+    path: str, answer: Callable[[Request], Awaitable[Reply | StreamReply]]
+) -> ASGIRouteHandler:
+    """A hot endpoint as a bare ASGI handler: Litestar still routes the request and turns
+    whatever it raises into a shaped error (the app's exception handlers), but the answer is
+    sent straight to the server, without building a Litestar response (its resolution and
+    encoding of a response cost about as much CPU per request as the rest of Litestar's
+    work)."""
+
+    async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        request: Request = Request(scope, receive, send)
+        if request.method != "POST":
+            raise MethodNotAllowedException(headers={"allow": "POST"})
+        reply = await answer(request)
+        if isinstance(reply, Reply):
+            await _send_reply(send, reply)
+        else:
+            await _send_stream(send, receive, reply)
+
+    return asgi(path, copy_scope=False, name=answer.__name__)(endpoint)
+
+
+def _start(headers: dict[str, str], media_type: str) -> HTTPResponseStartEvent:
+    raw = [(b"content-type", media_type.encode())]
+    raw += [(name.encode(), value.encode("latin-1")) for name, value in headers.items()]
+    return {"type": "http.response.start", "status": 200, "headers": raw}
+
+
+async def _send_reply(send: Send, reply: Reply) -> None:
+    start = _start(reply.headers, JSON)
+    start["headers"].append((b"content-length", str(len(reply.body)).encode()))
+    await send(start)
+    await send({"type": "http.response.body", "body": reply.body, "more_body": False})
+
+
+async def _send_stream(send: Send, receive: Receive, reply: StreamReply) -> None:
+    """Send the items as they come; a client that goes away cancels the stream (its relay
+    then settles the request as closed by the client). A failure before the first byte is
+    answered as a gateway failure (a shaped 502)."""
+    started = False
+    render = reply.render
+    try:
+        async with cancelled_on_disconnect(receive):
+            start = _start(reply.headers, "text/event-stream")
+            await send(start)
+            started = True
+            async for item in reply.items:
+                await send({"type": "http.response.body", "body": render(item), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except HubError:
+        pass  # the client went away: there is no one to tell
+    except Exception as exc:
+        if started:
+            raise
+        log.exception("stream failed in the gateway before its first byte")
+        raise gateway_failure(exc) from None
+    finally:
+        await reply.items.aclose()  # settles a relay cut short while it waited to be sent
+        if reply.abandon is not None:
+            await reply.abandon()

@@ -1,0 +1,83 @@
+"""The request pipeline on its own, without HTTP: a caller and the adapters' call in, typed
+answers, stream items and domain errors out (what every ingress builds on)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from adapters.types import ChatCall, ChatRequest
+from node.config import load_config
+from node.errors import HubError, Kind
+from node.gateway import pipeline
+from node.gateway.pipeline import Caller, ReceiptIssued, Signal, StreamEnd, chat_worst_case
+from node.hub import Hub
+from node.provision import create_node
+
+
+@contextlib.asynccontextmanager
+async def _client_stays() -> AsyncIterator[None]:
+    yield
+
+
+def _call(model: str, stream: bool = False) -> ChatCall:
+    body = msgspec.json.encode(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    )
+    raw = msgspec.json.decode(body, type=dict[str, msgspec.Raw])
+    return ChatCall(msgspec.json.decode(body, type=ChatRequest), raw, "req_pipeline")
+
+
+async def _served(folder: Path, key: str, model: str, stream: bool) -> object:
+    hub = await Hub.start(folder, load_config(folder))
+    try:
+        principal = await hub.keys.authenticate(f"Bearer {key}", "127.0.0.1")
+        caller = Caller(principal, "127.0.0.1", local_only=False)
+        call = _call(model, stream)
+        admitted = await pipeline.begin(
+            hub,
+            caller,
+            model,
+            "chat",
+            call.request_id,
+            lambda plan: chat_worst_case(call.request, plan),
+        )
+        if not stream:
+            return await pipeline.complete(admitted, lambda r: r.adapter.chat(call), _client_stays)
+        streamed = await pipeline.stream(admitted, call, _client_stays)
+        items = [item async for item in streamed.items]
+        return streamed.facts, items
+    finally:
+        await hub.stop()
+
+
+def test_an_answer_is_typed_and_settled(tmp_path: Path) -> None:
+    _, key = create_node(tmp_path / "alice", "alice")
+    answer = anyio.run(_served, tmp_path / "alice", key, "echo", False)
+    assert isinstance(answer, pipeline.Answer)
+    assert answer.facts.request_id == "req_pipeline"
+    assert answer.facts.cost_micros is not None and answer.facts.receipt is None
+    assert answer.result.usage.total_tokens > 0
+
+
+def test_a_stream_relays_then_ends(tmp_path: Path) -> None:
+    _, key = create_node(tmp_path / "alice", "alice")
+    facts, items = anyio.run(_served, tmp_path / "alice", key, "echo", True)
+    assert facts.request_id == "req_pipeline" and facts.cost_micros is None
+    *events, end = items
+    assert isinstance(end, StreamEnd)
+    assert events and not any(isinstance(event, Signal) for event in events)
+    assert not any(isinstance(item, ReceiptIssued) for item in items)  # not a peer's request
+
+
+def test_an_unknown_model_is_a_domain_error(tmp_path: Path) -> None:
+    _, key = create_node(tmp_path / "alice", "alice")
+    with pytest.raises(HubError) as refused:
+        anyio.run(_served, tmp_path / "alice", key, "no-such-model", False)
+    assert refused.value.kind is Kind.NOT_FOUND
+    assert (refused.value.code, refused.value.param) == ("model_not_found", "model")
