@@ -15,7 +15,8 @@ Requests are translated from OpenAI's format and answers back into it. What diff
 - Usage is `input_tokens`/`output_tokens`; tokens read from or written to the prompt cache are
   counted apart by Anthropic and added to the prompt tokens here, since they are input too.
 - A stream is a sequence of typed events (`message_start`, `content_block_*`, `message_delta`,
-  `message_stop`, `ping`, `error`), re-framed here as OpenAI's `chat.completion.chunk`s.
+  `message_stop`, `ping`, `error`), translated here into the gateway's neutral stream events
+  (`adapters.events`), with no OpenAI JSON in between.
 
 Fields Anthropic has no equivalent for (`n`, `seed`, the penalties, `response_format`, …) are
 dropped, and a thinking model's `thinking` blocks are not passed on: OpenAI's chat format has no
@@ -34,6 +35,15 @@ from urllib.parse import unquote_to_bytes
 import msgspec
 from msgspec import Raw, Struct
 
+from adapters.events import (
+    Event,
+    Finish,
+    Start,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallFragment,
+    UsageReport,
+)
 from adapters.http import (
     UpstreamClient,
     UpstreamResponse,
@@ -53,13 +63,10 @@ from adapters.tokens import (
 from adapters.types import (
     ChatCall,
     ChatCompletion,
-    ChatCompletionChunk,
     ChatRequest,
     ChatResult,
     Choice,
-    ChunkChoice,
     ContentPart,
-    Delta,
     EmbedCall,
     EmbedResult,
     FunctionCall,
@@ -71,7 +78,6 @@ from adapters.types import (
     UpstreamError,
     Usage,
     error_status_for,
-    sse_chunk,
 )
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -519,7 +525,7 @@ class AnthropicAdapter:
             choices=[Choice(0, reply, _finish_reason(answer.stop_reason, bool(calls)))],
             usage=usage,
         )
-        return ChatResult(msgspec.json.encode(completion), usage, usage_estimated=estimated)
+        return ChatResult(completion=completion, usage=usage, usage_estimated=estimated)
 
     async def open_stream(self, call: ChatCall) -> AnthropicStream:
         response = await self._post(chat_body(call, self.upstream, stream=True), stream=True)
@@ -535,9 +541,9 @@ class AnthropicAdapter:
 
 
 class AnthropicStream:
-    """Anthropic's stream events, re-framed as OpenAI's `chat.completion.chunk` SSE events.
+    """Anthropic's stream events, translated into neutral stream events.
 
-    The first chunk (the assistant role) waits for the first content, not for `message_start`:
+    The `Start` event waits for the first content, not for `message_start`:
     Anthropic reports overload as an `error` event right after `message_start`, and as long as
     nothing has been yielded the router can still fall back to another deployment.
     """
@@ -562,37 +568,21 @@ class AnthropicStream:
         self._tool_index: dict[int, int] = {}
         self._tool_has_arguments: dict[int, bool] = {}
 
-    def _chunk(self, delta: Delta, finish: str | None = None) -> bytes:
-        return sse_chunk(self._envelope([ChunkChoice(0, delta, finish)]))
-
-    def _envelope(
-        self, choices: list[ChunkChoice], usage: Usage | None = None
-    ) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            id=self._call.request_id,
-            model=self._upstream.model,
-            created=self._created,
-            choices=choices,
-            usage=usage,
-        )
-
-    def _start(self) -> list[bytes]:
+    def _start(self) -> list[Event]:
         if self._started:
             return []
         self._started = True
-        return [self._chunk(Delta(role="assistant", content=""))]
+        return [Start(self._call.request_id, self._upstream.model, self._created)]
 
     def _tool_delta(
         self, block: int, arguments: str, *, first: _ContentBlock | None = None
-    ) -> bytes:
+    ) -> ToolCallDelta:
         index = self._tool_index[block]
         if first is None:
-            call = ToolCall(FunctionCall(arguments=arguments), index=index)
-        else:
-            # The call's first chunk names it; the arguments follow in fragments.
-            call_id = first.id or f"call_{self._call.request_id}_{index}"
-            call = ToolCall(FunctionCall(first.name or "", arguments), id=call_id, index=index)
-        return self._chunk(Delta(tool_calls=[call]))
+            return ToolCallDelta([ToolCallFragment(index, arguments=arguments)])
+        # The call's first piece names it; the arguments follow in fragments.
+        call_id = first.id or f"call_{self._call.request_id}_{index}"
+        return ToolCallDelta([ToolCallFragment(index, call_id, first.name or "", arguments)])
 
     def _note_usage(self, usage: _Usage | None) -> None:
         if usage is None:
@@ -605,7 +595,7 @@ class AnthropicStream:
             # Anthropic's output count is cumulative: the last one seen is the total.
             self._completion_count = output
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def __aiter__(self) -> AsyncIterator[Event]:
         try:
             async for event in self._events():
                 yield event
@@ -623,7 +613,7 @@ class AnthropicStream:
                 )
                 self.usage_estimated = True
 
-    async def _events(self) -> AsyncIterator[bytes]:
+    async def _events(self) -> AsyncIterator[Event]:
         async for sse in iter_sse(self._response, self._upstream):
             event = decode_json(_event_decoder, sse.data, self._upstream)
             kind = event.type
@@ -632,11 +622,11 @@ class AnthropicStream:
             if kind == "message_start" and event.message is not None:
                 self._note_usage(event.message.usage)
             elif kind == "content_block_start" and event.content_block is not None:
-                for chunk in self._block_start(event.index or 0, event.content_block):
-                    yield chunk
+                for step in self._block_start(event.index or 0, event.content_block):
+                    yield step
             elif kind == "content_block_delta" and event.delta is not None:
-                for chunk in self._block_delta(event.index or 0, event.delta):
-                    yield chunk
+                for step in self._block_delta(event.index or 0, event.delta):
+                    yield step
             elif kind == "content_block_stop":
                 block = event.index or 0
                 if block in self._tool_index and not self._tool_has_arguments[block]:
@@ -649,8 +639,8 @@ class AnthropicStream:
                 self._note_usage(event.usage)
                 self._completion_final = self._completion_count is not None
             elif kind == "message_stop":
-                for chunk in self._finish():
-                    yield chunk
+                for step in self._finish():
+                    yield step
                 return
             # `ping`, and event types added after this adapter was written, are skipped:
             # Anthropic says clients must tolerate new ones.
@@ -659,12 +649,12 @@ class AnthropicStream:
             502, f"{self._upstream.provider} upstream stream ended early", retryable=True
         )
 
-    def _block_start(self, block: int, content: _ContentBlock) -> list[bytes]:
+    def _block_start(self, block: int, content: _ContentBlock) -> list[Event]:
         if content.type == "text":
             if not content.text:
                 return []
             self._written.append(content.text)
-            return [*self._start(), self._chunk(Delta(content=content.text))]
+            return [*self._start(), TextDelta(content.text)]
         if content.type == "tool_use":
             self._tool_index[block] = len(self._tool_index)
             self._tool_has_arguments[block] = False
@@ -673,26 +663,26 @@ class AnthropicStream:
         # Thinking and server-tool blocks have no place in OpenAI's chat format.
         return []
 
-    def _block_delta(self, block: int, delta: _EventDelta) -> list[bytes]:
+    def _block_delta(self, block: int, delta: _EventDelta) -> list[Event]:
         if delta.type == "text_delta" and delta.text:
             self._written.append(delta.text)
-            return [*self._start(), self._chunk(Delta(content=delta.text))]
+            return [*self._start(), TextDelta(delta.text)]
         if delta.type == "input_json_delta" and delta.partial_json and block in self._tool_index:
             self._tool_has_arguments[block] = True
             self._written.append(delta.partial_json)
             return [*self._start(), self._tool_delta(block, delta.partial_json)]
         return []
 
-    def _finish(self) -> list[bytes]:
+    def _finish(self) -> list[Event]:
         written = "".join(self._written)
         self.usage, self.usage_estimated = usage_or_estimate(
             self._prompt_count, self._completion_count, self._call, written
         )
         reason = _finish_reason(self._stop_reason, bool(self._tool_index))
-        chunks = [*self._start(), self._chunk(Delta(), reason)]
+        events = [*self._start(), Finish(reason)]
         if self._call.request.include_usage:
-            chunks.append(sse_chunk(self._envelope([], self.usage)))
-        return chunks
+            events.append(UsageReport(self.usage))
+        return events
 
     async def aclose(self) -> None:
         await self._response.aclose()

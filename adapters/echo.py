@@ -18,15 +18,21 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
+from adapters.events import (
+    Event,
+    Finish,
+    Start,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallFragment,
+    UsageReport,
+)
 from adapters.tokens import estimate_prompt_tokens, estimate_text_tokens, message_text
 from adapters.types import (
     ChatCall,
     ChatCompletion,
-    ChatCompletionChunk,
     ChatResult,
     Choice,
-    ChunkChoice,
-    Delta,
     EmbedCall,
     Embedding,
     EmbeddingList,
@@ -39,7 +45,6 @@ from adapters.types import (
     Upstream,
     Usage,
     encode_embedding,
-    sse_chunk,
 )
 
 
@@ -128,7 +133,7 @@ class EchoAdapter:
             choices=[Choice(0, message, answer.finish_reason)],
             usage=answer.usage,
         )
-        return ChatResult(msgspec.json.encode(completion), answer.usage)
+        return ChatResult(completion=completion, usage=answer.usage)
 
     async def open_stream(self, call: ChatCall) -> EchoStream:
         await self._pause()
@@ -145,7 +150,7 @@ class EchoAdapter:
             data.append(Embedding(index, encode_embedding(vector, request.encoding_format)))
         tokens = sum(estimate_text_tokens(text) for text in texts)
         body = EmbeddingList(data, self.upstream.model, EmbeddingUsage(tokens, tokens))
-        return EmbedResult(msgspec.json.encode(body), Usage(tokens, 0, tokens))
+        return EmbedResult(embeddings=body, usage=Usage(tokens, 0, tokens))
 
 
 class EchoStream:
@@ -157,36 +162,19 @@ class EchoStream:
         self._upstream = upstream
         self._answer = answer
 
-    def _chunk(self, delta: Delta, finish: str | None = None) -> bytes:
-        return sse_chunk(
-            ChatCompletionChunk(
-                id=self._call.request_id,
-                model=self._upstream.model,
-                created=self._created,
-                choices=[ChunkChoice(0, delta, finish)],
-            )
-        )
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        self._created = int(time.time())
+    async def __aiter__(self) -> AsyncIterator[Event]:
         answer = self._answer
-        yield self._chunk(Delta(role="assistant", content=""))
+        yield Start(self._call.request_id, self._upstream.model, int(time.time()))
         if answer.tool_call is not None:
-            call = msgspec.structs.replace(answer.tool_call, index=0)
-            yield self._chunk(Delta(tool_calls=[call]))
+            function = answer.tool_call.function
+            call = ToolCallFragment(0, answer.tool_call.id, function.name, function.arguments)
+            yield ToolCallDelta([call])
         for position, word in enumerate(answer.words):
-            yield self._chunk(Delta(content=word if position == 0 else " " + word))
-        yield self._chunk(Delta(), answer.finish_reason)
+            yield TextDelta(word if position == 0 else " " + word)
+        yield Finish(answer.finish_reason)
         self.usage = answer.usage
         if self._call.request.include_usage:
-            usage_chunk = ChatCompletionChunk(
-                id=self._call.request_id,
-                model=self._upstream.model,
-                created=self._created,
-                choices=[],
-                usage=answer.usage,
-            )
-            yield sse_chunk(usage_chunk)
+            yield UsageReport(answer.usage)
 
     async def aclose(self) -> None:
         return None

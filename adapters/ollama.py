@@ -27,6 +27,15 @@ from urllib.parse import unquote_to_bytes
 import msgspec
 from msgspec import Raw, Struct
 
+from adapters.events import (
+    Event,
+    Finish,
+    Start,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallFragment,
+    UsageReport,
+)
 from adapters.http import (
     UpstreamClient,
     UpstreamResponse,
@@ -46,13 +55,10 @@ from adapters.tokens import (
 from adapters.types import (
     ChatCall,
     ChatCompletion,
-    ChatCompletionChunk,
     ChatRequest,
     ChatResult,
     Choice,
-    ChunkChoice,
     ContentPart,
-    Delta,
     EmbedCall,
     Embedding,
     EmbeddingList,
@@ -68,7 +74,6 @@ from adapters.types import (
     UpstreamError,
     Usage,
     encode_embedding,
-    sse_chunk,
 )
 
 DEFAULT_BASE_URL = "http://127.0.0.1:11434"
@@ -344,6 +349,11 @@ def _openai_tool_calls(
     return translated
 
 
+def _fragment(call: ToolCall) -> ToolCallFragment:
+    """A whole streamed call (numbered by `_openai_tool_calls`) as one fragment."""
+    return ToolCallFragment(call.index or 0, call.id, call.function.name, call.function.arguments)
+
+
 def _finish_reason(done_reason: str | None, called_tools: bool) -> str:
     # Ollama also says `load` and `unload`, which only answers without messages give.
     if called_tools:
@@ -398,7 +408,7 @@ class OllamaAdapter:
             choices=[Choice(0, reply, _finish_reason(answer.done_reason, bool(calls)))],
             usage=usage,
         )
-        return ChatResult(msgspec.json.encode(completion), usage, usage_estimated=estimated)
+        return ChatResult(completion=completion, usage=usage, usage_estimated=estimated)
 
     async def open_stream(self, call: ChatCall) -> OllamaStream:
         body = chat_body(call, self.upstream, stream=True)
@@ -429,11 +439,11 @@ class OllamaAdapter:
             tokens = sum(estimate_text_tokens(text) for text in texts)
         result = EmbeddingList(data, self.upstream.model, EmbeddingUsage(tokens, tokens))
         usage = Usage(tokens, 0, tokens)
-        return EmbedResult(msgspec.json.encode(result), usage, usage_estimated=estimated)
+        return EmbedResult(embeddings=result, usage=usage, usage_estimated=estimated)
 
 
 class OllamaStream:
-    """Ollama's NDJSON lines, re-framed as OpenAI's `chat.completion.chunk` SSE events.
+    """Ollama's NDJSON lines, translated into neutral stream events.
 
     Nothing is yielded before Ollama's first line has arrived and proved not to be an error,
     so that a failure at the start can still fall back to another deployment.
@@ -450,22 +460,7 @@ class OllamaStream:
         # What the model wrote so far, for an estimate if Ollama's counts never come.
         self._written: list[str] = []
 
-    def _chunk(self, delta: Delta, finish: str | None = None) -> bytes:
-        choice = ChunkChoice(0, delta, finish)
-        return sse_chunk(self._envelope([choice]))
-
-    def _envelope(
-        self, choices: list[ChunkChoice], usage: Usage | None = None
-    ) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            id=self._call.request_id,
-            model=self._upstream.model,
-            created=self._created,
-            choices=choices,
-            usage=usage,
-        )
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def __aiter__(self) -> AsyncIterator[Event]:
         try:
             async for event in self._events():
                 yield event
@@ -476,7 +471,7 @@ class OllamaStream:
                     None, None, self._call, "".join(self._written)
                 )
 
-    async def _events(self) -> AsyncIterator[bytes]:
+    async def _events(self) -> AsyncIterator[Event]:
         request_id = self._call.request_id
         calls_so_far = 0
         started = False
@@ -486,11 +481,11 @@ class OllamaStream:
                 raise _failed(self._upstream, chunk.error)
             if not started:
                 started = True
-                yield self._chunk(Delta(role="assistant", content=""))
+                yield Start(request_id, self._upstream.model, self._created)
             message = chunk.message
             if message is not None and message.content:
                 self._written.append(message.content)
-                yield self._chunk(Delta(content=message.content))
+                yield TextDelta(message.content)
             if message is not None and message.tool_calls:
                 # Ollama sends each call whole, so one delta carries its name and arguments.
                 calls = _openai_tool_calls(
@@ -498,25 +493,25 @@ class OllamaStream:
                 )
                 calls_so_far += len(calls)
                 self._written.append(completion_text("", calls))
-                yield self._chunk(Delta(tool_calls=calls))
+                yield ToolCallDelta([_fragment(call) for call in calls])
             if chunk.done:
                 yield self._finish(chunk, called_tools=calls_so_far > 0)
                 if self._call.request.include_usage:
-                    yield sse_chunk(self._envelope([], self.usage))
+                    yield UsageReport(self.usage)
                 return
         # No `done` line: the answer was cut off, not complete.
         raise UpstreamError(
             502, f"{self._upstream.provider} upstream stream ended early", retryable=True
         )
 
-    def _finish(self, last: _ChatResponse, *, called_tools: bool) -> bytes:
+    def _finish(self, last: _ChatResponse, *, called_tools: bool) -> Finish:
         self.usage, self.usage_estimated = usage_or_estimate(
             token_count(last.prompt_eval_count),
             token_count(last.eval_count),
             self._call,
             "".join(self._written),
         )
-        return self._chunk(Delta(), _finish_reason(last.done_reason, called_tools))
+        return Finish(_finish_reason(last.done_reason, called_tools))
 
     async def aclose(self) -> None:
         await self._response.aclose()

@@ -3,7 +3,8 @@
 The client's request is forwarded field for field (only `model` is replaced, the output cap
 lowered to the deployment's `max_output_tokens` or added, and, on streams,
 `stream_options.include_usage` forced on so that usage is always counted), and the answer is
-passed back byte for byte; the gateway only peeks at each chunk for usage and errors.
+passed back byte for byte (`ChatResult.wire`, each chunk an `OpenAIChunk`); the gateway only
+peeks at each chunk for usage and errors, and decodes it only for a client of another format.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator
 import msgspec
 from msgspec import Raw
 
+from adapters.events import OpenAIChunk
 from adapters.http import (
     UpstreamClient,
     UpstreamRequest,
@@ -169,10 +171,9 @@ class OpenAIAdapter:
         )
         if peek.usage is not None:
             usage, estimated = _usage(peek.usage, call, text)
-            return ChatResult(content, usage, usage_estimated=estimated, receipt=receipt)
-        return ChatResult(
-            content, _estimated_usage(call, text), usage_estimated=True, receipt=receipt
-        )
+            return ChatResult(wire=content, usage=usage, usage_estimated=estimated, receipt=receipt)
+        usage = _estimated_usage(call, text)
+        return ChatResult(wire=content, usage=usage, usage_estimated=True, receipt=receipt)
 
     async def open_stream(self, call: ChatCall) -> OpenAIStream:
         body = self._body(
@@ -195,7 +196,7 @@ class OpenAIAdapter:
             ) from exc
         usage, estimated = _embed_usage(peek.usage, call)
         return EmbedResult(
-            content, usage, usage_estimated=estimated, receipt=self._receipt_of(response)
+            wire=content, usage=usage, usage_estimated=estimated, receipt=self._receipt_of(response)
         )
 
     def _receipt_of(self, response: UpstreamResponse) -> bytes | None:
@@ -221,7 +222,7 @@ class OpenAIStream:
         self._response = response
         self._receipt_event = receipt_event
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def __aiter__(self) -> AsyncIterator[OpenAIChunk]:
         wants_usage = self._call.request.include_usage
         receipt_event = self._receipt_event
         text: list[str] = []
@@ -251,7 +252,7 @@ class OpenAIStream:
                 self.usage, self.usage_estimated = _usage(peek.usage, self._call, "".join(text))
                 if not peek.choices and not wants_usage:
                     continue
-            yield sse_event(data)
+            yield OpenAIChunk(sse_event(data))
         if not finished:
             # No finish_reason and no [DONE]: the answer was cut off, not complete.
             raise UpstreamError(502, f"{self._upstream.provider} upstream stream ended early")

@@ -1,9 +1,12 @@
 """The gateway's wire types (OpenAI's chat and embeddings formats) and the adapter contract.
 
-Every adapter turns a `ChatCall`/`EmbedCall` into its provider's wire format and answers in
-OpenAI's format. Requests are validated into these Structs; the raw top-level fields are kept
-beside them (`ChatCall.raw`) so that an OpenAI-compatible upstream receives every field the
-client sent, including ones this gateway does not know yet.
+Every adapter turns a `ChatCall`/`EmbedCall` into its provider's wire format and answers with
+typed results (`ChatResult` holds a `ChatCompletion`, `EmbedResult` an `EmbeddingList`) and,
+streamed, the neutral events of `adapters.events`: no adapter writes an ingress's bytes. An
+OpenAI-compatible upstream's answer is kept as the bytes it sent (`wire`), decoded only when
+asked, so that an OpenAI client gets them untouched. Requests are validated into these Structs;
+the raw top-level fields are kept beside them (`ChatCall.raw`) so that an OpenAI-compatible
+upstream receives every field the client sent, including ones this gateway does not know yet.
 """
 
 from __future__ import annotations
@@ -16,13 +19,17 @@ import struct
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC
-from typing import Annotated, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeVar
 
 import msgspec
 from msgspec import Meta, Raw, Struct
 
+if TYPE_CHECKING:
+    from adapters.events import Event
+
 ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
 PositiveInt = Annotated[int, Meta(ge=1)]
+_T = TypeVar("_T")
 
 # --- requests -----------------------------------------------------------------------------
 
@@ -270,31 +277,62 @@ class EmbedCall(Struct):
     request_id: str
 
 
-class ChatResult(Struct):
-    """A complete answer: the OpenAI-shaped JSON body to send, and its token usage; from an
-    upstream that signs what it charged (another aihub node), its receipt too."""
+class ChatResult(Struct, kw_only=True):
+    """A complete answer and its token usage; from an upstream that signs what it charged
+    (another aihub node), its receipt too.
 
-    body: bytes
+    The answer is typed (`completion`), or, from an OpenAI-compatible upstream, the JSON it
+    sent (`wire`), passed on untouched to an OpenAI client; `chat_completion()` has it typed
+    either way.
+    """
+
+    completion: ChatCompletion | None = None
+    wire: bytes | None = None
     usage: Usage
     usage_estimated: bool = False
     receipt: bytes | None = None
 
+    def chat_completion(self) -> ChatCompletion:
+        if self.completion is None:
+            self.completion = _decode_wire(self.wire, ChatCompletion)
+        return self.completion
 
-class EmbedResult(Struct):
-    body: bytes
+
+class EmbedResult(Struct, kw_only=True):
+    """Embeddings and their usage: typed (`embeddings`), or an OpenAI-compatible upstream's
+    JSON (`wire`); `embedding_list()` has them typed either way."""
+
+    embeddings: EmbeddingList | None = None
+    wire: bytes | None = None
     usage: Usage
     usage_estimated: bool = False
     receipt: bytes | None = None
+
+    def embedding_list(self) -> EmbeddingList:
+        if self.embeddings is None:
+            self.embeddings = _decode_wire(self.wire, EmbeddingList)
+        return self.embeddings
+
+
+def _decode_wire(wire: bytes | None, kind: type[_T]) -> _T:
+    """An upstream's answer, typed: a shape we cannot read is the upstream's fault (502)."""
+    try:
+        return msgspec.json.decode(wire or b"", type=kind)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise UpstreamError(502, f"upstream sent an answer that is not OpenAI's: {exc}") from exc
 
 
 class ChatStream(Protocol):
     """An upstream stream, opened: the status was good when `open_stream` returned.
 
-    Iterating yields complete SSE events in OpenAI's chunk format (`b"data: {...}\\n\\n"`),
-    without the closing `data: [DONE]`, which the gateway writes itself. A final usage-only
-    chunk is yielded only when the client asked for it (`stream_options.include_usage`);
-    either way `usage` holds the totals once the stream is exhausted, and
-    `usage_estimated` says whether they were counted by the upstream or estimated.
+    Iterating yields the answer's events (`adapters.events.Event`): neutral events, or from an
+    OpenAI-compatible upstream its chunks as they came (`OpenAIChunk`), without the closing
+    `data: [DONE]`, which the ingress writes itself. Every event is one chunk of OpenAI's
+    stream, as the OpenAI ingress renders it. A final `UsageReport` is yielded only when the
+    client asked for it (`stream_options.include_usage`); either way `usage` holds the totals
+    once the stream is exhausted, and `usage_estimated` says whether they were counted by the
+    upstream or estimated. An upstream that fails mid-stream raises `UpstreamError` from the
+    iteration.
     """
 
     usage: Usage | None
@@ -303,7 +341,7 @@ class ChatStream(Protocol):
     # the stream is exhausted; never passed to the client.
     receipt: bytes | None
 
-    def __aiter__(self) -> AsyncIterator[bytes]: ...
+    def __aiter__(self) -> AsyncIterator[Event]: ...
 
     async def aclose(self) -> None: ...
 
@@ -356,10 +394,6 @@ class UpstreamError(Exception):
 def sse_event(payload: bytes) -> bytes:
     """Frame one JSON payload as an SSE `data:` event."""
     return b"data: " + payload + b"\n\n"
-
-
-def sse_chunk(chunk: ChatCompletionChunk) -> bytes:
-    return sse_event(msgspec.json.encode(chunk))
 
 
 def error_status_for(upstream_status: int) -> tuple[int, bool]:

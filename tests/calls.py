@@ -1,5 +1,5 @@
 """What adapter tests send and read: internal calls built as the gateway builds them from a
-client's JSON, and streamed chunks parsed back."""
+client's JSON, and results and streamed events rendered as the OpenAI ingress renders them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ from typing import Any
 
 import msgspec
 
-from adapters.types import ChatCall, ChatRequest, EmbedCall, EmbeddingRequest
+from adapters.types import (
+    ChatCall,
+    ChatRequest,
+    ChatResult,
+    EmbedCall,
+    EmbeddingRequest,
+    EmbedResult,
+    UpstreamError,
+)
+from node.ingress.openai_render import ChunkRenderer, result_body
 
 
 def chat_call(**fields: object) -> ChatCall:
@@ -27,6 +36,29 @@ def embed_call(**fields: object) -> EmbedCall:
         msgspec.json.decode(encoded, type=dict[str, msgspec.Raw]),
         "req-2",
     )
+
+
+def body_of(result: ChatResult | EmbedResult) -> bytes:
+    """The JSON body an OpenAI client gets for a complete answer."""
+    return result_body(result)
+
+
+async def rendered(stream: Any) -> list[bytes]:
+    """The SSE events an OpenAI client gets for a stream's events (without `[DONE]`)."""
+    render = ChunkRenderer().render
+    return [render(event) async for event in stream]
+
+
+async def collect(stream: Any) -> tuple[list[bytes], UpstreamError | None]:
+    """The SSE events an OpenAI client gets for a stream, up to the upstream's error if any."""
+    render = ChunkRenderer().render
+    events: list[bytes] = []
+    try:
+        async for event in stream:
+            events.append(render(event))
+    except UpstreamError as exc:
+        return events, exc
+    return events, None
 
 
 def chunks(events: list[bytes]) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from adapters.types import (
     UpstreamError,
     Usage,
 )
-from tests.calls import chat_call, chunks, embed_call, last_sent
+from tests.calls import body_of, chat_call, chunks, collect, embed_call, last_sent
 from tests.conftest import NodeDir, run_node
 from tests.mocks.anthropic_mock import (
     API_ERROR,
@@ -82,16 +82,6 @@ def anthropic(
 
 def streamed_text(parsed: list[dict[str, Any]]) -> str:
     return "".join(c["choices"][0]["delta"].get("content") or "" for c in parsed if c["choices"])
-
-
-async def collect(stream: Any) -> tuple[list[bytes], UpstreamError | None]:
-    events: list[bytes] = []
-    try:
-        async for event in stream:
-            events.append(event)
-    except UpstreamError as exc:
-        return events, exc
-    return events, None
 
 
 def text(value: str) -> dict[str, str]:
@@ -313,7 +303,7 @@ async def test_tool_round_trip_merges_results_into_one_user_turn(base_url, clien
             ],
         },
     ]
-    answer = msgspec.json.decode(result.body)["choices"][0]
+    answer = msgspec.json.decode(body_of(result))["choices"][0]
     assert answer["message"]["content"] == "mock says: 18 degrees noon and so?"
     assert answer["finish_reason"] == "stop"
 
@@ -394,7 +384,7 @@ async def test_what_anthropic_cannot_take_is_refused_before_sending(
 
 async def test_plain_answer(base_url, client):
     result = await anthropic(base_url, client).chat(chat_call())
-    body = msgspec.json.decode(result.body)
+    body = msgspec.json.decode(body_of(result))
     assert body["id"] == "req-1"
     assert body["object"] == "chat.completion"
     assert body["model"] == "claude-mock"
@@ -425,7 +415,7 @@ async def test_cached_prompt_tokens_count_as_prompt_tokens(base_url, client, moc
 
 async def test_max_tokens_finish_is_length(base_url, client):
     result = await anthropic(base_url, client).chat(chat_call(max_tokens=2))
-    choice = msgspec.json.decode(result.body)["choices"][0]
+    choice = msgspec.json.decode(body_of(result))["choices"][0]
     assert choice["message"]["content"] == "mock says:"
     assert choice["finish_reason"] == "length"
     assert result.usage.completion_tokens == 2
@@ -433,7 +423,7 @@ async def test_max_tokens_finish_is_length(base_url, client):
 
 async def test_stop_sequence_finish_is_stop(base_url, client, mock):
     result = await anthropic(base_url, client).chat(chat_call(stop=["there"]))
-    choice = msgspec.json.decode(result.body)["choices"][0]
+    choice = msgspec.json.decode(body_of(result))["choices"][0]
     assert last_sent(mock)["stop_sequences"] == ["there"]
     assert choice["message"]["content"] == "mock says: hi"
     assert choice["finish_reason"] == "stop"
@@ -441,7 +431,7 @@ async def test_stop_sequence_finish_is_stop(base_url, client, mock):
 
 async def test_tool_call_answer(base_url, client):
     result = await anthropic(base_url, client).chat(chat_call(tools=[WEATHER_TOOL, CLOCK_TOOL]))
-    choice = msgspec.json.decode(result.body)["choices"][0]
+    choice = msgspec.json.decode(body_of(result))["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     assert choice["message"]["content"] == "Let me check."
     assert choice["message"]["tool_calls"] == [
@@ -464,7 +454,7 @@ async def test_forced_tool_call_has_null_content(base_url, client):
     result = await anthropic(base_url, client).chat(
         chat_call(tools=[WEATHER_TOOL, CLOCK_TOOL], tool_choice=named)
     )
-    message = msgspec.json.decode(result.body)["choices"][0]["message"]
+    message = msgspec.json.decode(body_of(result))["choices"][0]["message"]
     assert message.get("content") is None
     assert [call["function"]["name"] for call in message["tool_calls"]] == ["get_time"]
 

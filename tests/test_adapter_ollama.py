@@ -20,7 +20,7 @@ from adapters.types import (
     UpstreamError,
     Usage,
 )
-from tests.calls import chat_call, chunks, embed_call, last_sent
+from tests.calls import body_of, chat_call, chunks, collect, embed_call, last_sent
 from tests.mocks.ollama_mock import OVERLOADED, SERVER_ERROR, OllamaMock, mock_vector
 from tests.mocks.server import serve_app
 
@@ -68,16 +68,6 @@ def ollama(
 
 def streamed_text(parsed: list[dict[str, Any]]) -> str:
     return "".join(c["choices"][0]["delta"].get("content") or "" for c in parsed if c["choices"])
-
-
-async def collect(stream: Any) -> tuple[list[bytes], UpstreamError | None]:
-    events: list[bytes] = []
-    try:
-        async for event in stream:
-            events.append(event)
-    except UpstreamError as exc:
-        return events, exc
-    return events, None
 
 
 # --- request translation --------------------------------------------------------------------
@@ -170,7 +160,7 @@ async def test_tool_choice_none_and_named(base_url, client, mock):
     adapter = ollama(base_url, client)
     result = await adapter.chat(chat_call(tools=[WEATHER_TOOL], tool_choice="none"))
     assert "tools" not in last_sent(mock)
-    assert msgspec.json.decode(result.body)["choices"][0]["finish_reason"] == "stop"
+    assert msgspec.json.decode(body_of(result))["choices"][0]["finish_reason"] == "stop"
     named = {"type": "function", "function": {"name": "get_time"}}
     await adapter.chat(chat_call(tools=[WEATHER_TOOL, CLOCK_TOOL], tool_choice=named))
     assert [tool["function"]["name"] for tool in last_sent(mock)["tools"]] == ["get_time"]
@@ -209,7 +199,7 @@ async def test_tool_round_trip(base_url, client, mock):
         "tool_name": "get_weather",
         "tool_call_id": "call_abc",
     }
-    answer = msgspec.json.decode(result.body)["choices"][0]
+    answer = msgspec.json.decode(body_of(result))["choices"][0]
     assert answer["message"]["content"] == "mock says: 18 degrees"
     assert answer["finish_reason"] == "stop"
 
@@ -263,7 +253,7 @@ async def test_api_key_is_sent_as_a_bearer_token(base_url, client, mock):
 
 async def test_plain_answer(base_url, client):
     result = await ollama(base_url, client).chat(chat_call())
-    body = msgspec.json.decode(result.body)
+    body = msgspec.json.decode(body_of(result))
     assert body["id"] == "req-1"
     assert body["object"] == "chat.completion"
     assert body["model"] == "llama3"
@@ -283,7 +273,7 @@ async def test_plain_answer(base_url, client):
 
 async def test_length_finish(base_url, client):
     result = await ollama(base_url, client).chat(chat_call(max_tokens=2))
-    choice = msgspec.json.decode(result.body)["choices"][0]
+    choice = msgspec.json.decode(body_of(result))["choices"][0]
     assert choice["message"]["content"] == "mock says:"
     assert choice["finish_reason"] == "length"
     assert result.usage.completion_tokens == 2
@@ -291,7 +281,7 @@ async def test_length_finish(base_url, client):
 
 async def test_tool_call_answer(base_url, client):
     result = await ollama(base_url, client).chat(chat_call(tools=[WEATHER_TOOL]))
-    choice = msgspec.json.decode(result.body)["choices"][0]
+    choice = msgspec.json.decode(body_of(result))["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     assert choice["message"].get("content") is None
     assert choice["message"]["tool_calls"] == [
@@ -307,7 +297,7 @@ async def test_tool_call_answer(base_url, client):
 async def test_ollamas_own_tool_call_ids_are_kept(base_url, client, mock):
     mock.tool_call_ids = True
     result = await ollama(base_url, client).chat(chat_call(tools=[WEATHER_TOOL]))
-    calls = msgspec.json.decode(result.body)["choices"][0]["message"]["tool_calls"]
+    calls = msgspec.json.decode(body_of(result))["choices"][0]["message"]["tool_calls"]
     assert [call["id"] for call in calls] == ["call_mock0001"]
 
 
@@ -461,7 +451,7 @@ async def test_embeddings_float(base_url, client, mock):
         "input": "the sky is blue",
         "dimensions": 4,
     }
-    body = msgspec.json.decode(result.body)
+    body = msgspec.json.decode(body_of(result))
     assert body["object"] == "list" and body["model"] == "nomic-embed-text"
     assert body["data"] == [
         {"object": "embedding", "index": 0, "embedding": mock_vector("the sky is blue", 0, 4)}
@@ -475,7 +465,7 @@ async def test_embeddings_base64(base_url, client, mock):
     adapter = ollama(base_url, client, model="nomic-embed-text")
     result = await adapter.embed(embed_call(input=["a b", "c"], encoding_format="base64"))
     assert last_sent(mock)["input"] == ["a b", "c"]
-    data = msgspec.json.decode(result.body)["data"]
+    data = msgspec.json.decode(body_of(result))["data"]
     assert [item["index"] for item in data] == [0, 1]
     for item, text in zip(data, ["a b", "c"], strict=True):
         vector = struct.unpack("<8f", base64.b64decode(item["embedding"]))

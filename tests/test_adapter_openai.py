@@ -15,7 +15,7 @@ from adapters.types import (
     Upstream,
     UpstreamError,
 )
-from tests.calls import chat_call
+from tests.calls import body_of, chat_call, rendered
 from tests.mocks.openai_mock import RATE_LIMITED, SERVER_ERROR, OpenAIMock
 from tests.mocks.script import Failure
 from tests.mocks.server import serve_app
@@ -49,7 +49,7 @@ async def test_chat_passes_unknown_fields_and_replaces_model(base_url, client, m
     assert sent["model"] == "gpt-x"
     assert sent["service_tier"] == "flex"
     assert sent["temperature"] == 0.5
-    body = msgspec.json.decode(result.body)
+    body = msgspec.json.decode(body_of(result))
     assert body["choices"][0]["message"]["content"] == "mock says: hi there"
     assert body["system_fingerprint"] == "fp_mock"
     assert result.usage.completion_tokens == 4
@@ -58,7 +58,7 @@ async def test_chat_passes_unknown_fields_and_replaces_model(base_url, client, m
 
 async def test_stream_forces_usage_but_hides_it_unless_asked(base_url, client, mock):
     stream = await openai(base_url, client).open_stream(chat_call(stream=True))
-    events = [event async for event in stream]
+    events = await rendered(stream)
     sent = msgspec.json.decode(mock.script.received[-1].body)
     assert sent["stream_options"] == {"include_usage": True}
     assert all(b'"usage"' not in event for event in events)
@@ -72,7 +72,7 @@ async def test_stream_forces_usage_but_hides_it_unless_asked(base_url, client, m
 async def test_stream_passes_usage_when_asked(base_url, client):
     call = chat_call(stream=True, stream_options={"include_usage": True})
     stream = await openai(base_url, client).open_stream(call)
-    events = [event async for event in stream]
+    events = await rendered(stream)
     assert b'"usage"' in events[-1]
 
 
@@ -113,7 +113,7 @@ async def test_embeddings_base64(base_url, client):
         "req-2",
     )
     result = await openai(base_url, client).embed(call)
-    data = msgspec.json.decode(result.body)["data"]
+    data = msgspec.json.decode(body_of(result))["data"]
     assert len(data) == 2 and isinstance(data[0]["embedding"], str)
     assert result.usage.prompt_tokens == 3
 

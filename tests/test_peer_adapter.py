@@ -19,7 +19,7 @@ from federation.nonces import NonceCache
 from federation.transport import HOP_HEADER, RECEIPT_EVENT, RECEIPT_HEADER
 from node.config import UpstreamSection
 from node.peers.adapter import PeerAdapter, peer_upstream
-from tests.calls import chat_call
+from tests.calls import chat_call, rendered
 from tests.mocks.server import serve_app
 
 RECEIPT = "cmVjZWlwdA"  # what the peer signed, as it travels (base64url)
@@ -101,7 +101,7 @@ async def test_a_peer_call_is_signed_one_hop_old_and_its_receipt_kept(url, clien
     assert keyid == me.node_id
 
     stream = await adapter.open_stream(chat_call(stream=True))
-    events = [event async for event in stream]
+    events = await rendered(stream)
     assert stream.receipt == RECEIPT.encode()
     assert all(RECEIPT.encode() not in event for event in events)  # never passed on
 

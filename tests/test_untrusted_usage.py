@@ -37,7 +37,7 @@ from node.config import DATABASE_FILE
 from node.gateway.journal import JOURNAL_DIR, Journal
 from node.gateway.usage import PROMPT_FACTOR, PROMPT_SLACK, UsageRecorder, clamp_usage
 from node.storage.store import Hold, Store
-from tests.calls import chat_call, embed_call
+from tests.calls import chat_call, embed_call, rendered
 from tests.conftest import NodeDir, concurrent_client, run_node
 from tests.mocks.script import read_body
 from tests.mocks.server import free_port, serve_app
@@ -261,7 +261,7 @@ async def test_any_count_in_an_answer_is_read_or_estimated(canned, client, provi
     app.body, app.content_type = streamed(text), media
     stream = await adapter.open_stream(chat_call(stream=True))
     try:
-        events = [event async for event in stream]
+        events = await rendered(stream)
     finally:
         await stream.aclose()
     assert events

@@ -32,7 +32,7 @@ from adapters.media import (
 from adapters.openai import AzureOpenAIAdapter, OpenAIAdapter
 from adapters.types import ChatCall, ChatRequest, Upstream
 from node.gateway.policy import worst_case_prompt_tokens
-from tests.calls import chat_call
+from tests.calls import body_of, chat_call
 from tests.conftest import concurrent_client, run_node
 from tests.mocks.openai_mock import OpenAIMock
 from tests.mocks.server import serve_app
@@ -161,7 +161,7 @@ def test_echo_tool_calls_respect_max_tokens():
         max_tokens=7,
     )
     result = asyncio.run(EchoAdapter(Upstream(provider="echo", model="echo")).chat(call))
-    body = msgspec.json.decode(result.body)
+    body = msgspec.json.decode(body_of(result))
     assert result.usage.completion_tokens <= 7
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "lookup"

@@ -11,6 +11,7 @@ and errors as OpenAI errors (in the stream too). The bare ASGI endpoints they ru
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -67,6 +68,7 @@ from node.ingress.asgi import (
     watcher_of,
 )
 from node.ingress.errors import ApiError, ErrorDetail, error_bytes, openai_error
+from node.ingress.openai_render import ChunkRenderer, result_body
 from node.peers.auth import check_peer
 
 T = TypeVar("T")
@@ -114,13 +116,8 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> tuple[T, dict[
 
 
 def _render_result(result: ChatResult | EmbedResult) -> bytes:
-    """A complete answer's body, as the adapter produced it."""
-    return result.body
-
-
-def _render_event(event: Any) -> bytes:
-    """One of the adapter's stream events, as it produced it (an SSE chunk event)."""
-    return event
+    """A complete answer's body: an OpenAI-compatible upstream's as it came, else encoded."""
+    return result_body(result)
 
 
 def _stream_error(error: HubError) -> ErrorDetail:
@@ -142,11 +139,17 @@ def _render_signal(signal: Signal) -> bytes:
     return sse_event(error_bytes(_stream_error(signal.error)))
 
 
-def _render_item(item: Any) -> bytes:
-    """One item of the pipeline's stream: the adapter's events pass as they are."""
-    if isinstance(item, Signal):
-        return _render_signal(item)
-    return _render_event(item)
+def _item_renderer() -> Callable[[Any], bytes]:
+    """How one stream's items are rendered: the adapter's events as OpenAI chunks (an
+    OpenAI-compatible upstream's as they came), the pipeline's signals as OpenAI's events."""
+    render_event = ChunkRenderer().render
+
+    def render(item: Any) -> bytes:
+        if isinstance(item, Signal):
+            return _render_signal(item)
+        return render_event(item)
+
+    return render
 
 
 def _headers(facts: Facts) -> dict[str, str]:
@@ -176,7 +179,7 @@ async def _chat(request: Request) -> Reply | StreamReply:
     if chat.stream:
         streamed = await pipeline.stream(admitted, call, watcher_of(request))
         headers = {**_headers(streamed.facts), "cache-control": "no-cache"}
-        return StreamReply(streamed.items, headers, _render_item, streamed.abandon)
+        return StreamReply(streamed.items, headers, _item_renderer(), streamed.abandon)
     answer = await pipeline.complete(
         admitted, lambda route: route.adapter.chat(call), watcher_of(request)
     )
