@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from adapters.echo import EchoAdapter, EchoStream
+from adapters.events import Event
 from adapters.types import ChatCall
 from tests.conftest import NodeDir, RunningNode, run_node
 from tests.mocks.openai_mock import RATE_LIMITED, OpenAIMock
@@ -81,7 +82,7 @@ async def _broken(*_: object) -> None:
 
 
 class _BreaksMidStream(EchoStream):
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def __aiter__(self) -> AsyncIterator[Event]:
         async for event in super().__aiter__():
             yield event
             raise KeyError("an upstream event nothing expected")

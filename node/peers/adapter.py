@@ -3,7 +3,9 @@
 A peer speaks the same OpenAI-compatible API as any upstream, so this is the OpenAI adapter
 with the peer protocol's headers (`federation.transport`): each call carries the cross-node key
 the peer issued us, is signed with our node key and marked one hop old, and the peer's signed
-receipt is read from its answer. It lives in the node because it joins the two: the adapters
+receipt is read from its answer. Its answers are the OpenAI adapter's too: the peer's bytes as
+they came (`ChatResult.wire`, a stream's `OpenAIChunk`s), decoded only for a client of another
+API, and never its receipt event. It lives in the node because it joins the two: the adapters
 import nothing of ours, and federation imports no adapter.
 """
 
