@@ -38,7 +38,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-OLD_REV = "9cad858"  # "layout: node/ in folders per concern", the last commit before the seam
+# "layout: node/ in folders per concern", the last commit before the seam.
+OLD_REV = "9cad85876a092002623c64b04dde61e15eb1caa4"
 EVENTS = 200  # text chunks per canned stream
 ROOT = Path(__file__).resolve().parent.parent
 
