@@ -12,6 +12,20 @@ One member is not neutral, on purpose: `OpenAIChunk` is a chunk exactly as an Op
 upstream sent it. An OpenAI ingress passes its bytes on untouched (the fast path: no decode, no
 encode); any other ingress asks it for its neutral events (`OpenAIChunk.events`), decoded once.
 
+How each format is rendered from them (one renderer per stream, which keeps the message's
+envelope from the first `Start`):
+
+- `Start`: OpenAI's `delta.role`; Anthropic's `message_start`; Responses' `response.created`.
+- `TextDelta`: `delta.content`; a text block's `text_delta` (a new block after a tool call);
+  `response.output_text.delta`.
+- `RefusalDelta`: `delta.refusal`; text with the `refusal` stop reason; `response.refusal.delta`.
+- `ToolCallDelta`: `delta.tool_calls`; a fragment with an `id` opens a `tool_use` block, the
+  rest are its `input_json_delta`s; an output item per call and its
+  `response.function_call_arguments.delta`s.
+- `Finish`: `finish_reason`; `content_block_stop` and `message_delta`'s `stop_reason`;
+  `response.completed` (`response.incomplete` for `length`).
+- `UsageReport`: the usage-only chunk; `message_delta`'s `usage`; `response.completed`'s.
+
 The union is tagged (`type`), so a stream's events can be encoded and decoded as they are by
 msgspec (`Event` is the type to decode).
 """
