@@ -25,7 +25,8 @@ from federation.identity import NodeIdentity
 from federation.printable import printable
 from node.cli.options import shown
 from node.config import DATABASE_FILE, IDENTITY_FILE, Config
-from node.storage.store import PeerRecord, Store
+from node.storage import opened
+from node.storage.records import PeerRecord
 
 errors = Console(stderr=True)
 
@@ -39,8 +40,8 @@ class DiscoveredView(msgspec.Struct):
 
 
 async def _active_peers(directory: Path) -> list[PeerRecord]:
-    async with Store.opened(directory / DATABASE_FILE) as store:
-        return [peer for peer in await store.peers() if peer.status == "active"]
+    async with opened(directory / DATABASE_FILE) as store:
+        return [peer for peer in await store.peers.peers() if peer.status == "active"]
 
 
 async def discover_for_node(

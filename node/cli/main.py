@@ -64,7 +64,8 @@ from node.config import (
 from node.gateway.journal import JOURNAL_DIR, left_behind, replay
 from node.gateway.policy import PERIODS, Limits, parse_networks
 from node.provision import NodeExists, create_node, node_exists
-from node.storage.store import Store, UsageGroup
+from node.storage import opened
+from node.storage.records import UsageGroup
 from node.units import amount, money, parse_duration, parse_money, parse_since
 
 console = Console()
@@ -258,8 +259,8 @@ async def _recover(directory: Path) -> None:
     a node that stopped mid-request, and would shrink its budget for the rest of the period;
     usage a crash left in the journal is written."""
     segments = left_behind(directory / JOURNAL_DIR)
-    async with Store.opened(directory / DATABASE_FILE) as store:
-        await store.release_all_reservations()
+    async with opened(directory / DATABASE_FILE) as store:
+        await store.spend.release_all_reservations()
         await replay(store, segments)
 
 
@@ -866,12 +867,12 @@ def usage_command(directory: Path, by: UsageBy, since: int, as_csv: bool, as_jso
     """Requests, tokens and cost, grouped by key, tenant or model."""
 
     async def work(m: Management) -> tuple[list[UsageGroup], dict[str, str]]:
-        rows = await m.store.usage_report(by, since)
+        rows = await m.store.usage.usage_report(by, since)
         names: dict[str, str] = {}
         if by == "key":
-            names = {k.id: k.name for k in await m.store.keys()}
+            names = {k.id: k.name for k in await m.store.keys.keys()}
         elif by == "tenant":
-            names = {t.id: t.name for t in await m.store.tenants()}
+            names = {t.id: t.name for t in await m.store.keys.tenants()}
         return rows, names
 
     rows, names = _manage(directory, work)
@@ -931,7 +932,7 @@ def audit_command(
 ) -> None:
     """Who changed what, and the security events (bad keys, refused addresses), newest
     first."""
-    events = _manage(directory, lambda m: m.store.audit(since, limit, action))
+    events = _manage(directory, lambda m: m.store.audit.audit(since, limit, action))
     if as_json:
         _print_json(events)
         return

@@ -37,7 +37,7 @@ import msgspec
 from federation.identity import NodeIdentity
 from node.config import CONFIG_FILE, DATABASE_FILE, IDENTITY_FILE, load_config, parse_config
 from node.provision import create_node, node_exists
-from node.storage.store import Store
+from node.storage import opened
 
 DEFAULT_DIR = "./.aihub-network"
 DEFAULT_BASE_PORT = 8801
@@ -590,14 +590,14 @@ def _short(path: Path) -> str:
 async def _holds_key_from(joiner: Node, issuer_id: str) -> bool:
     """Whether `joiner` has joined `issuer`: it holds an active key the issuer gave it. (Each
     side lists the other as a peer after either joins; only the joiner holds a key from it.)"""
-    async with Store.opened(joiner.path / DATABASE_FILE) as store:
-        peer = await store.peer(issuer_id)
+    async with opened(joiner.path / DATABASE_FILE) as store:
+        peer = await store.peers.peer(issuer_id)
     return peer is not None and peer.status == "active" and bool(peer.key_from_them)
 
 
 async def _deployment_of(node: Node, request_id: str) -> str:
-    async with Store.opened(node.path / DATABASE_FILE) as store:
-        rows = await store.usage_since(int((time.time() - 3600) * 1000))
+    async with opened(node.path / DATABASE_FILE) as store:
+        rows = await store.usage.usage_since(int((time.time() - 3600) * 1000))
     for row in rows:
         if row.request_id == request_id:
             return row.deployment or "-"

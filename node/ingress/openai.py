@@ -64,7 +64,7 @@ from node.gateway.usage import clamp_usage, cost_micros
 from node.hub import Hub, hub_of
 from node.ingress.errors import ApiError, ErrorDetail, error_bytes
 from node.peers.auth import check_peer
-from node.storage.store import Charge, Hold, UsageRecord, now_ms
+from node.storage.records import Charge, Hold, UsageRecord, now_ms
 
 T = TypeVar("T")
 log = logging.getLogger("aihub.gateway")
