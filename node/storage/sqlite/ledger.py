@@ -221,7 +221,7 @@ class SqliteLedger:
         after_iat: int = -1,
         limit: int | None = None,
     ) -> list[str]:
-        """Charge statements (JSON as signed by both), oldest first; of one pair if given,
+        """Statements (JSON as signed by both), oldest first; of one pair if given,
         issued after `after_iat` (a page if `limit`)."""
         if a is None:
             rows = await self._db.fetchall("SELECT body FROM settlements ORDER BY iat")

@@ -129,8 +129,8 @@ MIGRATIONS: list[str] = [
     );
     """,
     # 4: the ledger. Receipts are append-only: one chain per (provider, consumer) pair; the
-    # only change a row ever gets is its countersignature, once. Charge statements close
-    # a period between two nodes.
+    # only change a row ever gets is its countersignature, once. Statements (the
+    # `settlements` table) close a period between two nodes.
     """
     CREATE TABLE receipts (
         provider TEXT NOT NULL,
