@@ -1,4 +1,4 @@
-"""What durable replay refusal costs: one `Store.claim_nonce` (the signed request's nonce
+"""What durable replay refusal costs: one `store.peers.claim_nonce` (the signed request's nonce
 recorded in the node's database, refused if seen) on a fresh database, pinned to one core.
 
     taskset -c 0 .venv/bin/python -m bench.nonces
@@ -12,27 +12,27 @@ import tempfile
 import time
 from pathlib import Path
 
-from node.storage.store import Store
+from node.storage import open_store
 
 ROUNDS = 3000
 
 
 async def _measure() -> None:
     with tempfile.TemporaryDirectory() as folder:
-        store = await Store.open(Path(folder) / "aihub.db")
+        store = await open_store(Path(folder) / "aihub.db")
         now = int(time.time())
         for _ in range(200):  # warm the page cache and the connections
-            await store.claim_nonce(os.urandom(16), now + 600, now)
+            await store.peers.claim_nonce(os.urandom(16), now + 600, now)
         wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(ROUNDS):
-            await store.claim_nonce(os.urandom(16), now + 600, now)
+            await store.peers.claim_nonce(os.urandom(16), now + 600, now)
         fresh = (time.perf_counter() - wall) / ROUNDS * 1e6
         fresh_cpu = (time.process_time() - cpu) / ROUNDS * 1e6
         pair = os.urandom(16)
-        await store.claim_nonce(pair, now + 600, now)
+        await store.peers.claim_nonce(pair, now + 600, now)
         wall = time.perf_counter()
         for _ in range(ROUNDS):
-            if await store.claim_nonce(pair, now + 600, now):
+            if await store.peers.claim_nonce(pair, now + 600, now):
                 raise SystemExit("a replayed nonce was accepted")
         replay = (time.perf_counter() - wall) / ROUNDS * 1e6
         await store.close()

@@ -2,7 +2,7 @@
 sample count) of the node into costs per request.
 
 Samples where the process only waits are dropped: the event loop's own frame (uvloop runs in C,
-so a thread blocked in epoll shows as `Runner.run`) and aiosqlite's worker waiting on its
+so a thread blocked in epoll shows as `Runner.run`) and the store's thread waiting on its
 queue. The rest is split two ways, each share turned into microseconds per request with the
 CPU time per request measured over the same window:
 
@@ -18,7 +18,9 @@ from collections import Counter
 IDLE = (
     "Runner.run (asyncio/runners.py",
     "run (uvloop/__init__.py",
-    "_connection_worker_thread (aiosqlite/core.py:59)",
+    # The store's thread (node/storage/sqlite/connection.py) waiting for a job: its SQL runs
+    # in the frames of the work it is handed, never in this one's own.
+    "_serve_jobs (",
     "Thread.wait (threading.py",
     "Condition.wait (threading.py",
     "_worker (concurrent/futures/thread.py",
@@ -31,12 +33,12 @@ LAYERS = [
     ("ASGI server: uvicorn", ("uvicorn/", "httptools/")),
     ("ASGI server: granian", ("granian/",)),
     ("framework: Litestar", ("litestar/",)),
-    ("SQLite: aiosqlite + sqlite3", ("aiosqlite/", "sqlite3/")),
+    ("SQLite: sqlite3 + the store's thread", ("node/storage/sqlite/connection.py", "sqlite3/")),
     ("node: auth (keys)", ("node/gateway/auth.py", "node/gateway/keys.py", "node/peers/auth.py")),
     ("node: rate limits", ("node/gateway/ratelimit.py",)),
     (
         "node: budgets + storage",
-        ("node/gateway/budgets.py", "node/storage/store.py", "node/gateway/policy.py"),
+        ("node/gateway/budgets.py", "node/storage/", "node/gateway/policy.py"),
     ),
     ("node: usage writer", ("node/gateway/usage.py",)),
     ("node: metrics", ("node/gateway/metrics.py", "prometheus_client/")),
@@ -82,7 +84,7 @@ STEPS = [
     ("_send_reply", "  sending the answer"),
     ("_send_stream", "  sending a stream"),
     ("UsageRecorder._run", "usage writer task (batched, every 50 ms)"),
-    ("_connection_worker_thread", "aiosqlite worker thread (running SQL)"),
+    ("_serve_jobs", "the store's thread (running SQL)"),
 ]
 
 

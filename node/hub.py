@@ -31,7 +31,8 @@ from node.peers import books
 from node.peers.peering import Peering
 from node.peers.receipts import Receipts
 from node.peers.resync import ChainResync
-from node.storage.store import Store
+from node.storage import open_store
+from node.storage.base import Store
 
 if TYPE_CHECKING:  # the hub is reached from a request; it needs no web framework to run
     from litestar import Request
@@ -93,7 +94,7 @@ class Hub:
         for problem in missing_secrets(config, env):
             log.warning("%s: its requests will fail until it is set", problem)
         identity = NodeIdentity.load(data_dir / IDENTITY_FILE)
-        store = await Store.open(data_dir / DATABASE_FILE)
+        store = await open_store(data_dir / DATABASE_FILE)
         usage = UsageRecorder(store, Journal(data_dir / JOURNAL_DIR))
         keys = KeyCache(identity.derive_secret(HASH_PURPOSE), store, data_dir, usage.audit)
         budgets = Budgets(store)

@@ -9,7 +9,8 @@ from pathlib import Path
 from federation.identity import NodeIdentity
 from node.config import CONFIG_FILE, DATABASE_FILE, IDENTITY_FILE, parse_config, render_template
 from node.gateway.keys import HASH_PURPOSE, generate_key, hash_key
-from node.storage.store import KeyRecord, Store
+from node.storage import opened
+from node.storage.records import KeyRecord
 
 
 class NodeExists(Exception):
@@ -47,6 +48,6 @@ async def _store_admin_key(directory: Path, identity: NodeIdentity, key: str, ke
         is_admin=True,
         created_at=int(time.time()),
     )
-    async with Store.opened(path) as store:
-        await store.insert_key(record)
+    async with opened(path) as store:
+        await store.keys.insert_key(record)
     path.chmod(0o600)

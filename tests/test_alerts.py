@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from node.config import DATABASE_FILE
-from node.storage.store import Store
+from node.storage import open_store
 from tests.conftest import NodeDir, run_node
 from tests.mocks.server import serve_app
 from tests.test_budgets import make_key
@@ -83,9 +83,9 @@ def chat(node, key: str) -> int:
 
 def audit_actions(node_dir: NodeDir) -> list[str]:
     async def read() -> list[str]:
-        store = await Store.open(node_dir.path / DATABASE_FILE)
+        store = await open_store(node_dir.path / DATABASE_FILE)
         try:
-            return [event.action for event in await store.audit(limit=1000)]
+            return [event.action for event in await store.audit.audit(limit=1000)]
         finally:
             await store.close()
 

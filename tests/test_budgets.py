@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from node.admin.management import KeyInput, Management, TenantInput
 from node.config import DATABASE_FILE
 from node.gateway.policy import period_start
-from node.storage.store import Charge, Hold, Store, UsageRecord
+from node.storage import open_store
+from node.storage.records import Charge, Hold, UsageRecord
 from tests.conftest import NodeDir, concurrent_client, run_node
 
 CAP = 1000
@@ -37,9 +38,9 @@ def make_key(directory: Path, **fields: object) -> tuple[str, str]:
 
 def spend_of(directory: Path, scope: str) -> tuple[int, int]:
     async def read() -> tuple[int, int]:
-        store = await Store.open(directory / DATABASE_FILE)
+        store = await open_store(directory / DATABASE_FILE)
         try:
-            rows = await store.spend([(scope, period_start("monthly", time.time()))])
+            rows = await store.spend.spend([(scope, period_start("monthly", time.time()))])
         finally:
             await store.close()
         return (rows[0].spent, rows[0].reserved) if rows else (0, 0)
@@ -123,9 +124,9 @@ def test_tenant_budget_is_shared_by_its_keys(node_dir):
 
 
 async def _tenant_id(directory: Path, name: str) -> str:
-    store = await Store.open(directory / DATABASE_FILE)
+    store = await open_store(directory / DATABASE_FILE)
     try:
-        tenant = await store.tenant(name)
+        tenant = await store.keys.tenant(name)
         assert tenant is not None
         return tenant.id
     finally:
@@ -151,21 +152,21 @@ def test_reservations_keep_every_scope_within_its_cap(tmp_path_factory, ops, key
     path = tmp_path_factory.mktemp("budget") / DATABASE_FILE
 
     async def run() -> None:
-        store = await Store.open(path)
+        store = await open_store(path)
         try:
-            await store.open_periods([("key:k", 0, key_cap), ("tenant:t", 0, tenant_cap)])
+            await store.spend.open_periods([("key:k", 0, key_cap), ("tenant:t", 0, tenant_cap)])
             held: list[tuple[int, list[tuple[str, int]]]] = []
             for index, (op, amount, cost, _) in enumerate(ops):
                 scopes = [("key:k", 0), ("tenant:t", 0)]
                 if op == "reserve":
-                    if await store.reserve(amount, scopes):
+                    if await store.spend.reserve(amount, scopes):
                         held.append((amount, scopes))
                 elif held:
                     reserved, scopes = held.pop(0)
                     record = _record(f"r{index}", min(cost, reserved))
                     holds = [Hold(scope, start, reserved) for scope, start in scopes]
-                    await store.write_batch([Charge(record, holds)], [])
-                rows = await store.spend([("key:k", 0), ("tenant:t", 0)])
+                    await store.usage.write_batch([Charge(record, holds)], [])
+                rows = await store.spend.spend([("key:k", 0), ("tenant:t", 0)])
                 caps = {"key:k": key_cap, "tenant:t": tenant_cap}
                 for row in rows:
                     assert row.spent + row.reserved <= caps[row.scope]
@@ -221,7 +222,7 @@ def test_leases_of_several_workers_never_pass_the_cap(tmp_path_factory, ops, cap
     from node.gateway.budgets import Budgets
     from node.gateway.policy import Limits
     from node.ingress.errors import openai_status
-    from node.storage.store import KeyRecord
+    from node.storage.records import KeyRecord
 
     path = tmp_path_factory.mktemp("leases") / DATABASE_FILE
     key = KeyRecord("k1", "k", b"", False, 0, limits=Limits(budget_micros=cap))
@@ -229,7 +230,7 @@ def test_leases_of_several_workers_never_pass_the_cap(tmp_path_factory, ops, cap
     start = period_start("monthly", time.time())
 
     async def run() -> None:
-        stores = [await Store.open(path) for _ in range(3)]
+        stores = [await open_store(path) for _ in range(3)]
         workers = [Budgets(store) for store in stores]
         in_flight: list[tuple[int, list[Hold], int]] = []
         overrun = 0  # what requests cost beyond their own worst case
@@ -245,15 +246,17 @@ def test_leases_of_several_workers_never_pass_the_cap(tmp_path_factory, ops, cap
                     done, holds, cost = in_flight.pop(0)
                     overrun += max(0, cost - holds[0].amount)
                     moved = workers[done].settle(holds, cost)
-                    await stores[done].write_batch([Charge(_record(f"r{number}", cost), moved)], [])
-                (row,) = await stores[0].spend([("key:k1", start)])
+                    await stores[done].usage.write_batch(
+                        [Charge(_record(f"r{number}", cost), moved)], []
+                    )
+                (row,) = await stores[0].spend.spend([("key:k1", start)])
                 assert row.spent + row.reserved <= cap + overrun
             for number, (done, holds, _) in enumerate(in_flight):
                 moved = workers[done].settle(holds, 0)
-                await stores[done].write_batch([Charge(_record(f"f{number}", 0), moved)], [])
+                await stores[done].usage.write_batch([Charge(_record(f"f{number}", 0), moved)], [])
             for worker in workers:
                 await worker.release()
-            rows = await stores[0].spend([("key:k1", start)])
+            rows = await stores[0].spend.spend([("key:k1", start)])
             assert not rows or rows[0].reserved == 0
         finally:
             for store in stores:

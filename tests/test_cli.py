@@ -27,7 +27,7 @@ from node.config import (
 )
 from node.gateway.keys import HASH_PURPOSE, hashes_match, key_id_of
 from node.provision import create_node, node_exists
-from node.storage.store import Store
+from node.storage import open_store
 
 AIHUB = Path(sys.executable).parent / "aihub"
 NODE_FILES = (CONFIG_FILE, DATABASE_FILE, IDENTITY_FILE)
@@ -78,9 +78,9 @@ def admin_key_is_stored(folder: Path, key: str) -> bool:
     secret = identity.derive_secret(HASH_PURPOSE)
 
     async def read():
-        store = await Store.open(folder / DATABASE_FILE)
+        store = await open_store(folder / DATABASE_FILE)
         try:
-            return await store.active_keys()
+            return await store.keys.active_keys()
         finally:
             await store.close()
 

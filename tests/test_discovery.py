@@ -53,7 +53,8 @@ from federation.sealing import seal_for
 from node.cli.discovery import peers_discover
 from node.config import DATABASE_FILE, IDENTITY_FILE
 from node.provision import create_node
-from node.storage.store import PeerRecord, Store
+from node.storage import open_store
+from node.storage.records import PeerRecord
 from tests.conftest import NodeDir, run_node
 from tests.mocks.server import free_port, serve_app
 
@@ -704,9 +705,9 @@ def test_cli_lists_new_nodes_only(nodes, tmp_path: Path) -> None:
         alice_dir.set_config("seeds = []", f"seeds = {json.dumps(seeds)}")
 
         async def make_carol_a_peer() -> None:
-            store = await Store.open(alice_dir.path / DATABASE_FILE)
+            store = await open_store(alice_dir.path / DATABASE_FILE)
             try:
-                await store.save_peer(peer_record(alice_id, carol_id, carol.url, "sk-carol"))
+                await store.peers.save_peer(peer_record(alice_id, carol_id, carol.url, "sk-carol"))
             finally:
                 await store.close()
 

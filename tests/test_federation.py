@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from node.cli.main import main
 from node.config import DATABASE_FILE
 from node.provision import create_node
-from node.storage.store import Store
+from node.storage import open_store
 from tests.conftest import NodeDir, RunningNode, run_node
 from tests.mocks.server import free_port
 
@@ -82,9 +82,9 @@ def sdk(node: RunningNode) -> openai.OpenAI:
 
 def usage_rows(path: Path) -> list:
     async def read() -> list:
-        store = await Store.open(path / DATABASE_FILE)
+        store = await open_store(path / DATABASE_FILE)
         try:
-            return await store.usage_since(0)
+            return await store.usage.usage_since(0)
         finally:
             await store.close()
 
@@ -203,9 +203,9 @@ def _bobs_key_at_alice(bob_path: Path) -> str:
     from node.config import IDENTITY_FILE
 
     async def read() -> str:
-        store = await Store.open(bob_path / DATABASE_FILE)
+        store = await open_store(bob_path / DATABASE_FILE)
         try:
-            (peer,) = await store.peers()
+            (peer,) = await store.peers.peers()
             assert peer.key_from_them
             return unseal(NodeIdentity.load(bob_path / IDENTITY_FILE), peer.key_from_them).decode()
         finally:
@@ -378,9 +378,9 @@ def alice_id(peer: Peer) -> str:
 
 def peers_of(path: Path) -> list:
     async def read() -> list:
-        store = await Store.open(path / DATABASE_FILE)
+        store = await open_store(path / DATABASE_FILE)
         try:
-            return await store.peers(include_revoked=True)
+            return await store.peers.peers(include_revoked=True)
         finally:
             await store.close()
 

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from node.config import DATABASE_FILE
-from node.storage.store import Store
+from node.storage import open_store
 from tests.conftest import NodeDir, RunningNode, run_node
 from tests.mocks.openai_mock import OpenAIMock
 from tests.mocks.server import serve_app
@@ -48,9 +48,9 @@ price_out = 2_000_000
 
 def usage_rows(node: RunningNode):
     async def read():
-        store = await Store.open(node.dir.path / DATABASE_FILE)
+        store = await open_store(node.dir.path / DATABASE_FILE)
         try:
-            return await store.usage_since(0)
+            return await store.usage.usage_since(0)
         finally:
             await store.close()
 

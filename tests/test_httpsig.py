@@ -928,7 +928,8 @@ def test_a_full_nonce_cache_tells_a_peer_to_retry_not_that_its_signature_is_bad(
         return True  # this test is about the memory in front of the store
 
     hub = SimpleNamespace(
-        nonces=NonceCache(max_entries=1), store=SimpleNamespace(claim_nonce=claim_nonce)
+        nonces=NonceCache(max_entries=1),
+        store=SimpleNamespace(peers=SimpleNamespace(claim_nonce=claim_nonce)),
     )
 
     def check(headers: dict[str, str]) -> str:

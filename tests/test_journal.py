@@ -21,7 +21,9 @@ from hypothesis import strategies as st
 from node.config import DATABASE_FILE
 from node.gateway import journal as journal_module
 from node.gateway.journal import JOURNAL_DIR, Journal, left_behind, read_segment, replay
-from node.storage.store import Charge, Hold, Store
+from node.storage import open_store
+from node.storage.base import Store
+from node.storage.records import Charge, Hold
 from tests.conftest import NodeDir, wait_ready
 from tests.test_budgets import make_key, priced_echo, spend_of
 from tests.test_storage import charge as usage_of
@@ -88,7 +90,7 @@ def test_a_torn_or_corrupt_tail_ends_the_segment_and_keeps_what_came_before(
 
 
 async def _spend(store: Store) -> tuple[int, int]:
-    (row,) = await store.spend([(SCOPE, 0)])
+    (row,) = await store.spend.spend([(SCOPE, 0)])
     return row.spent, row.reserved
 
 
@@ -107,19 +109,19 @@ def test_replay_counts_each_request_once_whatever_was_already_written(
     committed = written.draw(st.integers(0, len(charges)), label="committed before crash")
 
     async def run() -> None:
-        store = await Store.open(folder / "db")
+        store = await open_store(folder / "db")
         try:
-            await store.open_periods([(SCOPE, 0, 10**9)])
-            await store.reserve(sum(hold for _, hold in costs), [(SCOPE, 0)])
+            await store.spend.open_periods([(SCOPE, 0, 10**9)])
+            await store.spend.reserve(sum(hold for _, hold in costs), [(SCOPE, 0)])
             journal = Journal(folder / JOURNAL_DIR)
             for s in charges:
                 journal.append(s)
-            await store.write_batch(charges[:committed], [])
+            await store.usage.write_batch(charges[:committed], [])
             # The process dies here: the journal is not closed, its segment stays.
-            await store.release_all_reservations()  # what `serve` does first on restart
+            await store.spend.release_all_reservations()  # what `serve` does first on restart
             assert await replay(store, left_behind(folder / JOURNAL_DIR)) == len(charges)
             assert await _spend(store) == (sum(cost for cost, _ in costs), 0)
-            assert {u.request_id for u in await store.usage_since(0)} == {
+            assert {u.request_id for u in await store.usage.usage_since(0)} == {
                 s.record.request_id for s in charges
             }
             assert left_behind(folder / JOURNAL_DIR) == []

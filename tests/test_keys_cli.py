@@ -27,7 +27,8 @@ from node.config import DATABASE_FILE, IDENTITY_FILE
 from node.gateway.keys import HASH_PURPOSE, hashes_match
 from node.gateway.policy import period_start
 from node.provision import create_node
-from node.storage.store import Charge, Hold, KeyRecord, Store, UsageRecord
+from node.storage import open_store
+from node.storage.records import Charge, Hold, KeyRecord, UsageRecord
 from node.units import money
 from tests.conftest import NodeDir, run_node, wait_ready
 from tests.mocks.server import free_port
@@ -65,9 +66,9 @@ def as_json(folder: Path, *args: str) -> Any:
 
 def stored_keys(folder: Path) -> list[KeyRecord]:
     async def read() -> list[KeyRecord]:
-        store = await Store.open(folder / DATABASE_FILE)
+        store = await open_store(folder / DATABASE_FILE)
         try:
-            return await store.keys()
+            return await store.keys.keys()
         finally:
             await store.close()
 
@@ -543,24 +544,24 @@ def test_serve_releases_reservations_left_by_a_crash(folder):
     scope, start = "key:abandoned", period_start("monthly", time.time())
 
     async def crash() -> None:
-        store = await Store.open(folder / DATABASE_FILE)
+        store = await open_store(folder / DATABASE_FILE)
         try:
-            await store.open_periods([(scope, start, 10_000)])
-            assert await store.reserve(700, [(scope, start)])
+            await store.spend.open_periods([(scope, start, 10_000)])
+            assert await store.spend.reserve(700, [(scope, start)])
             # One request settled (200 held, 150 spent); 500 stays held by requests that
             # never finished: the node stopped mid-request.
             record = UsageRecord(
                 "req_settled", 0, "abandoned", None, "echo", None, None, "chat", False,
                 1, 1, False, 150, 1, 200,
             )  # fmt: skip
-            await store.write_batch([Charge(record, [Hold(scope, start, 200)])], [])
+            await store.usage.write_batch([Charge(record, [Hold(scope, start, 200)])], [])
         finally:
             await store.close()
 
     async def spend() -> tuple[int, int, int]:
-        store = await Store.open(folder / DATABASE_FILE)
+        store = await open_store(folder / DATABASE_FILE)
         try:
-            [row] = await store.spend([(scope, start)])
+            [row] = await store.spend.spend([(scope, start)])
             return row.cap, row.spent, row.reserved
         finally:
             await store.close()

@@ -16,6 +16,7 @@ from federation.identity import NodeIdentity
 from ledger.receipts import make_receipt, receipt_fields
 from node.cli.main import main
 from node.config import DATABASE_FILE, IDENTITY_FILE
+from node.storage import open_store
 from tests.test_federation import (
     HI,
     LLAMA,
@@ -227,12 +228,11 @@ def test_tampering_is_found_and_an_equivocating_peer_is_suspended(tmp_path: Path
 
 def _key_issued_to(holder: Peer, issuer: Peer) -> str:
     from federation.sealing import unseal
-    from node.storage.store import Store
 
     async def read() -> str:
-        store = await Store.open(holder.path / DATABASE_FILE)
+        store = await open_store(holder.path / DATABASE_FILE)
         try:
-            (peer,) = [p for p in await store.peers() if p.node_id == node_id(issuer)]
+            (peer,) = [p for p in await store.peers.peers() if p.node_id == node_id(issuer)]
             assert peer.key_from_them
             identity = NodeIdentity.load(holder.path / IDENTITY_FILE)
             return unseal(identity, peer.key_from_them).decode()

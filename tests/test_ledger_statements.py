@@ -14,7 +14,7 @@ from ledger.receipts import GENESIS, Receipt, make_receipt, node_id_of, receipt_
 from ledger.settlement import make_statement, sign_statement
 from node.peers import books
 from node.peers.receipts import keep_receipts
-from node.storage.store import Store
+from node.storage import opened
 
 
 class Node:
@@ -65,11 +65,11 @@ def test_a_statement_with_an_earlier_iat_does_not_reopen_a_settled_period(
     second = statement(receipts[2:], first, now=1_999_999_000)
 
     async def run() -> None:
-        async with Store.opened(tmp_path / "db") as store:
+        async with opened(tmp_path / "db") as store:
             await keep_receipts(store, receipts)
             for s in (first, second):
                 body = msgspec.json.encode(msgspec.to_builtins(s)).decode()
-                await store.add_settlement(s.a, s.b, s.to_seq, s.iat, body)
+                await store.ledger.add_settlement(s.a, s.b, s.to_seq, s.iat, body)
             rows = await books.balance(store, consumer.id)
             assert [(row.we_used, row.receipts) for row in rows] == [(0, 0)]
             pair = await books.open_pair(store, consumer.id, provider.id)
@@ -94,10 +94,10 @@ def test_verify_names_a_statement_both_signed_over_totals_our_receipts_do_not_gi
     signed = sign_statement(sign_statement(padded, a.sign, "a"), b.sign, "b")
 
     async def run() -> None:
-        async with Store.opened(tmp_path / "db") as store:
+        async with opened(tmp_path / "db") as store:
             await keep_receipts(store, receipts)
             body = msgspec.json.encode(msgspec.to_builtins(signed)).decode()
-            await store.add_settlement(signed.a, signed.b, signed.to_seq, signed.iat, body)
+            await store.ledger.add_settlement(signed.a, signed.b, signed.to_seq, signed.iat, body)
             checks = await books.verify(store)
             assert [c.ok for c in checks] == [True, False]
             assert "differs from our receipts in" in (checks[1].problem or "")

@@ -23,7 +23,7 @@ from node.gateway.policy import (
     period_start,
 )
 from node.gateway.ratelimit import WINDOW, MinuteLog, RateLimited, RateLimiter, ScopeLimits
-from node.storage.store import Store
+from node.storage import open_store
 
 names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30)
 
@@ -127,7 +127,7 @@ def limited(clock: Clock, work: Callable[[RateLimiter], Awaitable[None]]) -> Non
 
     async def run() -> None:
         with tempfile.TemporaryDirectory() as folder:
-            store = await Store.open(Path(folder) / "aihub.db")
+            store = await open_store(Path(folder) / "aihub.db")
             try:
                 await work(RateLimiter(store, clock))
             finally:

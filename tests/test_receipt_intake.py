@@ -29,7 +29,8 @@ from ledger.records import RecordError, Signer
 from node.ingress.errors import openai_status
 from node.peers import books
 from node.peers.receipts import keep_receipts, stored
-from node.storage.store import Charge, Store, UsageRecord
+from node.storage import opened
+from node.storage.records import Charge, UsageRecord
 
 
 class Node:
@@ -172,7 +173,7 @@ def chain(n: int, start: int = 1, prev: str = GENESIS) -> list[Receipt]:
 
 def test_a_receipt_that_does_not_link_with_its_neighbours_is_refused(tmp_path: Path) -> None:
     async def run() -> None:
-        async with Store.opened(tmp_path / "db") as store:
+        async with opened(tmp_path / "db") as store:
             one, two, three = chain(3)
             # Arriving out of order is fine: each links with the neighbours we hold.
             kept = await keep_receipts(store, [three, one])
@@ -192,10 +193,14 @@ def test_a_receipt_that_does_not_link_with_its_neighbours_is_refused(tmp_path: P
             other = Node(4)
             late = receipt(other, provider=other.id, seq=1, prev=receipt_hash(one))
             assert (await keep_receipts(store, [late])).refused
-            assert [r.seq for r in await store.receipts(PROVIDER.id, CONSUMER.id)] == [1, 3]
+            assert [r.seq for r in await store.ledger.receipts(PROVIDER.id, CONSUMER.id)] == [1, 3]
             # The real seq 2 fills the gap.
             assert len((await keep_receipts(store, [two])).kept) == 1
-            assert [r.seq for r in await store.receipts(PROVIDER.id, CONSUMER.id)] == [1, 2, 3]
+            assert [r.seq for r in await store.ledger.receipts(PROVIDER.id, CONSUMER.id)] == [
+                1,
+                2,
+                3,
+            ]
             assert all(check.ok for check in await books.verify(store))
 
     asyncio.run(run())
@@ -229,9 +234,9 @@ def test_what_we_are_billed_for_answers_that_never_reached_us_shows(tmp_path: Pa
     provider produced it) and shown as unanswered."""
 
     async def run() -> None:
-        async with Store.opened(tmp_path / "db") as store:
-            await store.write_batch([settled("req_1", 200), settled("req_2", 499)], [])
-            sent = await store.sent_requests(PROVIDER.id, ["req_1", "req_2", "req_3"])
+        async with opened(tmp_path / "db") as store:
+            await store.usage.write_batch([settled("req_1", 200), settled("req_2", 499)], [])
+            sent = await store.ledger.sent_requests(PROVIDER.id, ["req_1", "req_2", "req_3"])
             assert sent["req_1"] == SENT and sent["req_2"].status == 499 and "req_3" not in sent
             one, two = chain(2)
             await keep_receipts(store, [one, two])
@@ -279,7 +284,7 @@ def test_receipts_taken_before_the_rule_keep_a_record_of_their_request(tmp_path:
     held from the peer its usage record names, and of no other."""
     import sqlite3
 
-    from node.storage.store import MIGRATIONS
+    from node.storage.sqlite.migrations import MIGRATIONS
 
     db = sqlite3.connect(tmp_path / "db", isolation_level=None)
     for number, script in enumerate(MIGRATIONS[:4], start=1):
@@ -300,8 +305,8 @@ def test_receipts_taken_before_the_rule_keep_a_record_of_their_request(tmp_path:
     db.close()
 
     async def run() -> None:
-        async with Store.opened(tmp_path / "db") as store:
-            sent = await store.sent_requests(PROVIDER.id, ["req_1", "req_2"])
+        async with opened(tmp_path / "db") as store:
+            sent = await store.ledger.sent_requests(PROVIDER.id, ["req_1", "req_2"])
             assert list(sent) == ["req_1"]
             assert (sent["req_1"].model, sent["req_1"].price_seq) == ("llama3", SENT.price_seq)
             take(receipt(), sent=sent["req_1"])
@@ -332,18 +337,18 @@ def test_a_statement_over_receipts_that_bill_no_request_of_ours_is_not_countersi
     )
 
     async def run() -> None:
-        async with Store.opened(tmp_path / "db") as store:
+        async with opened(tmp_path / "db") as store:
             for row in (stored(one), stored(two)):  # in our books, bypassing the rule
-                await store._exec(
+                await store.db.execute(
                     "INSERT INTO receipts VALUES (?,?,?,?,?,?,?,?,?,?)",
                     msgspec.structs.astuple(row),
                 )
-            await store.write_batch([settled("req_1", 200)], [])  # we sent req_1 only
+            await store.usage.write_batch([settled("req_1", 200)], [])  # we sent req_1 only
             with pytest.raises(books.BooksError) as refused:
                 await books.countersign_statement(store, Identity(), PROVIDER.id, body)  # type: ignore[arg-type]
             assert openai_status(refused.value) == 409 and "req_2" in refused.value.message
-            assert await store.settlements() == []
-            await store.write_batch([settled("req_2", 200)], [])
+            assert await store.ledger.settlements() == []
+            await store.usage.write_batch([settled("req_2", 200)], [])
             both = await books.countersign_statement(store, Identity(), PROVIDER.id, body)  # type: ignore[arg-type]
             assert both.sig_a and both.sig_b
 

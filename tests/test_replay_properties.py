@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from federation.nonces import nonce_digest
 from node.gateway.ratelimit import Admission, RateLimited, RateLimiter, ScopeLimits
-from node.storage.store import Store
+from node.storage import open_store
+from node.storage.base import Store
 
 SETTINGS = settings(max_examples=60, deadline=None, database=None)
 T = TypeVar("T")
@@ -38,7 +39,7 @@ def with_stores(work: Callable[[list[Store]], Awaitable[T]]) -> T:
     async def run() -> T:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "aihub.db"
-            stores = [await Store.open(path), await Store.open(path)]
+            stores = [await open_store(path), await open_store(path)]
             try:
                 return await work(stores)
             finally:
@@ -59,7 +60,7 @@ def test_a_nonce_is_accepted_at_most_once_while_unexpired(ops) -> None:
         kept: dict[bytes, int] = {}  # pair -> expiry of its accepted claim
         for keyid, nonce, ttl, now, which in ops:
             pair = nonce_digest("httpsig", keyid, nonce)
-            fresh = await stores[which].claim_nonce(pair, now + ttl, now)
+            fresh = await stores[which].peers.claim_nonce(pair, now + ttl, now)
             assert fresh == (pair not in kept or kept[pair] < now)
             if fresh:
                 kept[pair] = now + ttl
@@ -80,7 +81,7 @@ def test_pruning_never_forgets_a_nonce_that_could_still_be_replayed(ops, prunes)
             if prune:
                 await stores[1 - which].prune(now)
             pair = nonce_digest("httpsig", keyid, nonce)
-            fresh = await stores[which].claim_nonce(pair, now + ttl, now)
+            fresh = await stores[which].peers.claim_nonce(pair, now + ttl, now)
             assert fresh == (pair not in kept or kept[pair] < now)
             if fresh:
                 kept[pair] = now + ttl

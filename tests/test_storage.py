@@ -1,5 +1,5 @@
 """The store's write paths that the request path takes: a peer's receipt written at once on the
-event loop's thread when the database is free, queued to aiosqlite's thread when another
+event loop's thread when the database is free, queued to the store's thread when another
 writer holds it, and never a gap or a duplicate in a chain either way."""
 
 from __future__ import annotations
@@ -16,14 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ledger.canonical import b64url
-from node.storage.store import (
-    Charge,
-    Hold,
-    ReceiptMaker,
-    Store,
-    StoredReceipt,
-    UsageRecord,
-)
+from node.storage import open_store
+from node.storage.base import Store
+from node.storage.records import Charge, Hold, ReceiptMaker, StoredReceipt, UsageRecord
 
 PAIR = ("provider-node", "consumer-node")
 
@@ -65,7 +60,7 @@ def maker(request_id: str) -> ReceiptMaker:
 
 
 async def chain(store: Store) -> list[StoredReceipt]:
-    return await store.receipts(*PAIR)
+    return await store.ledger.receipts(*PAIR)
 
 
 def assert_linked(receipts: list[StoredReceipt]) -> None:
@@ -78,15 +73,15 @@ def assert_linked(receipts: list[StoredReceipt]) -> None:
 
 
 async def usage_ids(store: Store) -> set[str]:
-    return {row.request_id for row in await store.usage_since(0)}
+    return {row.request_id for row in await store.usage.usage_since(0)}
 
 
 def test_receipt_usage_and_spend_are_written_together(tmp_path: Path) -> None:
     async def run() -> None:
-        store = await Store.open(tmp_path / "db")
+        store = await open_store(tmp_path / "db")
         try:
             for n in range(3):
-                await store.settle_with_receipt(charge(f"r{n}"), PAIR, maker(f"r{n}"))
+                await store.ledger.settle_with_receipt(charge(f"r{n}"), PAIR, maker(f"r{n}"))
             assert_linked(await chain(store))
             assert await usage_ids(store) == {"r0", "r1", "r2"}
         finally:
@@ -97,16 +92,16 @@ def test_receipt_usage_and_spend_are_written_together(tmp_path: Path) -> None:
 
 def test_a_busy_database_queues_the_receipt_instead_of_failing(tmp_path: Path) -> None:
     """Another writer (another worker process) holds the write lock: the inline attempt gives
-    way at once, the write waits in aiosqlite's thread and lands when the lock is freed."""
+    way at once, the write waits on the store's thread and lands when the lock is freed."""
 
     async def run() -> None:
-        store = await Store.open(tmp_path / "db")
+        store = await open_store(tmp_path / "db")
         other = sqlite3.connect(tmp_path / "db", isolation_level=None)
         try:
-            await store.settle_with_receipt(charge("first"), PAIR, maker("first"))
+            await store.ledger.settle_with_receipt(charge("first"), PAIR, maker("first"))
             other.execute("BEGIN IMMEDIATE")
             pending = asyncio.create_task(
-                store.settle_with_receipt(charge("second"), PAIR, maker("second"))
+                store.ledger.settle_with_receipt(charge("second"), PAIR, maker("second"))
             )
             await asyncio.sleep(0.3)
             assert not pending.done()  # waiting for the lock, not failed
@@ -124,21 +119,21 @@ def test_a_busy_database_queues_the_receipt_instead_of_failing(tmp_path: Path) -
 
 def test_a_failing_receipt_leaves_nothing_behind(tmp_path: Path) -> None:
     async def run() -> None:
-        store = await Store.open(tmp_path / "db")
+        store = await open_store(tmp_path / "db")
         try:
 
             def broken(seq: int, prev: str | None) -> StoredReceipt:
                 raise ValueError("cannot sign")
 
             try:
-                await store.settle_with_receipt(charge("lost"), PAIR, broken)
+                await store.ledger.settle_with_receipt(charge("lost"), PAIR, broken)
             except ValueError:
                 pass
             else:
                 raise AssertionError("the maker's error must reach the caller")
             assert await chain(store) == []
             assert await usage_ids(store) == set()
-            await store.settle_with_receipt(charge("next"), PAIR, maker("next"))
+            await store.ledger.settle_with_receipt(charge("next"), PAIR, maker("next"))
             assert [r.seq for r in await chain(store)] == [1]
         finally:
             await store.close()
@@ -154,16 +149,16 @@ def test_several_workers_never_fork_a_chain(tmp_path_factory, per_worker: list[i
     path = tmp_path_factory.mktemp("workers") / "db"
 
     async def migrate() -> None:
-        await (await Store.open(path)).close()
+        await (await open_store(path)).close()
 
     asyncio.run(migrate())  # once, before the workers start
     ids = [[f"w{w}-{n}" for n in range(count)] for w, count in enumerate(per_worker)]
 
     async def worker(mine: list[str]) -> None:
-        store = await Store.open(path)
+        store = await open_store(path)
         try:
             await asyncio.gather(
-                *(store.settle_with_receipt(charge(r), PAIR, maker(r)) for r in mine)
+                *(store.ledger.settle_with_receipt(charge(r), PAIR, maker(r)) for r in mine)
             )
         finally:
             await store.close()
@@ -175,7 +170,7 @@ def test_several_workers_never_fork_a_chain(tmp_path_factory, per_worker: list[i
         thread.join(60)
 
     async def check() -> None:
-        store = await Store.open(path)
+        store = await open_store(path)
         try:
             receipts = await chain(store)
             assert len(receipts) == sum(per_worker)
@@ -194,13 +189,13 @@ def test_a_provider_links_to_the_hash_of_what_it_signed_not_a_stored_column(
     receipt's `prev` is recomputed from the last receipt's body."""
 
     async def run() -> None:
-        store = await Store.open(tmp_path / "db")
+        store = await open_store(tmp_path / "db")
         try:
-            await store.settle_with_receipt(charge("r0"), PAIR, maker("r0"))
+            await store.ledger.settle_with_receipt(charge("r0"), PAIR, maker("r0"))
             with sqlite3.connect(tmp_path / "db") as db:
                 db.execute("DROP TRIGGER receipts_no_rewrite")
                 db.execute("UPDATE receipts SET hash = 'damaged' WHERE seq = 1")
-            await store.settle_with_receipt(charge("r1"), PAIR, maker("r1"))
+            await store.ledger.settle_with_receipt(charge("r1"), PAIR, maker("r1"))
             assert_linked(await chain(store))
         finally:
             await store.close()

@@ -19,7 +19,7 @@ from federation.transport import signed_headers
 from node.gateway import auth
 from node.gateway.auth import AUDIT_MAX_PER_PERIOD, AUDIT_QUIET_SECONDS
 from node.gateway.keys import generate_key
-from node.storage.store import AuditEvent
+from node.storage.records import AuditEvent
 from tests.conftest import NodeDir, run_node
 from tests.test_cli import run_aihub
 from tests.test_fuzz import assert_openai_error

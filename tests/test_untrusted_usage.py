@@ -36,7 +36,8 @@ from node.cli.main import main
 from node.config import DATABASE_FILE
 from node.gateway.journal import JOURNAL_DIR, Journal
 from node.gateway.usage import PROMPT_FACTOR, PROMPT_SLACK, UsageRecorder, clamp_usage
-from node.storage.store import Hold, Store
+from node.storage import open_store
+from node.storage.records import Hold
 from tests.calls import chat_call, embed_call, rendered
 from tests.conftest import NodeDir, concurrent_client, run_node
 from tests.mocks.script import read_body
@@ -462,7 +463,7 @@ async def test_one_record_the_database_refuses_never_stops_the_writes_after_it(
 ) -> None:
     """The usage writer meets a record the database cannot hold (written by any path that
     did not clamp): it is skipped and reported, and the records around it are written."""
-    store = await Store.open(tmp_path / "db")
+    store = await open_store(tmp_path / "db")
     recorder = UsageRecorder(store, Journal(tmp_path / JOURNAL_DIR))
     try:
         for request_id, cost in (("before", 3), ("absurd", 2**64 - 1), ("after", 4)):
@@ -470,9 +471,9 @@ async def test_one_record_the_database_refuses_never_stops_the_writes_after_it(
         await recorder.flush()
         recorder.record(usage_of("later", 5))
         await recorder.flush()
-        written = {u.request_id for u in await store.usage_since(0)}
+        written = {u.request_id for u in await store.usage.usage_since(0)}
         assert written == {"before", "after", "later"}
-        (event,) = await store.audit(action="usage.skipped")
+        (event,) = await store.audit.audit(action="usage.skipped")
         assert event.target == "usage-writer" and event.detail["ids"] == "absurd"
     finally:
         await recorder.stop()

@@ -71,7 +71,7 @@ async def settle(request: Request, peer: FromPath[str]) -> Response[bytes]:
 @get("/admin/ledger/statements")
 async def statements(request: Request) -> Response[bytes]:
     await require_admin(request)
-    bodies = await hub_of(request).store.settlements()
+    bodies = await hub_of(request).store.ledger.settlements()
     return json_response({"statements": [msgspec.json.decode(body) for body in bodies]})
 
 

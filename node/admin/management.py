@@ -20,15 +20,9 @@ from node.errors import HubError, Kind
 from node.gateway.auth import touch_epoch
 from node.gateway.keys import HASH_PURPOSE, generate_key, hash_key, key_id_of
 from node.gateway.policy import Cidr, Glob, Limits, Period, parse_networks, period_end, period_start
-from node.storage.store import (
-    AuditEvent,
-    Conflict,
-    KeyRecord,
-    SpendRow,
-    Store,
-    TenantRecord,
-    now_ms,
-)
+from node.storage import open_store
+from node.storage.base import Store
+from node.storage.records import AuditEvent, Conflict, KeyRecord, SpendRow, TenantRecord, now_ms
 from node.units import MAX_DURATION, MAX_MONEY_MICROS, MAX_UNIX
 
 # Every number has an upper bound: the store keeps 64-bit integers, `datetime` stops at the
@@ -188,7 +182,7 @@ class Management:
     async def open(cls, directory: Path) -> Management:
         """For the CLI: the node's store and key secret, straight from its data folder."""
         identity = NodeIdentity.load(directory / IDENTITY_FILE)
-        store = await Store.open(directory / DATABASE_FILE)
+        store = await open_store(directory / DATABASE_FILE)
         return cls(store, identity.derive_secret(HASH_PURPOSE), directory)
 
     async def close(self) -> None:
@@ -198,7 +192,7 @@ class Management:
         self, actor: str, action: str, target: str, **detail: str | int | None
     ) -> None:
         event = AuditEvent(now_ms(), action, actor, target, None, detail)
-        await self.store.write_batch([], [event])
+        await self.store.usage.write_batch([], [event])
         touch_epoch(self.directory)
 
     # --- keys ------------------------------------------------------------------------------
@@ -206,7 +200,7 @@ class Management:
     async def find_key(self, id_or_key: str) -> KeyRecord:
         """A key by its id or by the key itself (which is never stored, only its id read)."""
         key_id = key_id_of(id_or_key) or id_or_key
-        record = await self.store.key(key_id)
+        record = await self.store.keys.key(key_id)
         if record is None:
             raise ManagementError(Kind.NOT_FOUND, f"no key {_shown(key_id)}")
         return record
@@ -214,7 +208,7 @@ class Management:
     async def _tenant_id(self, tenant: str | None) -> str | None:
         if tenant is None:
             return None
-        record = await self.store.tenant(tenant)
+        record = await self.store.keys.tenant(tenant)
         if record is None:
             raise ManagementError(Kind.NOT_FOUND, f"no tenant {_shown(tenant)}", "tenant")
         return record.id
@@ -246,7 +240,7 @@ class Management:
             metadata={} if spec.metadata is UNSET else spec.metadata,
             expires_at=_expiry(spec, None),
         )
-        await self.store.insert_key(record)
+        await self.store.keys.insert_key(record)
         await self._changed(actor, "key.create", key_id, name=record.name)
         return CreatedKey(key, await self.key_view(record))
 
@@ -266,7 +260,7 @@ class Management:
             changes["metadata"] = spec.metadata
         changes["expires_at"] = _expiry(spec, record.expires_at)
         updated = msgspec.structs.replace(record, **changes)
-        await self.store.save_key(updated)
+        await self.store.keys.save_key(updated)
         fields = ",".join(f for f in spec.__struct_fields__ if getattr(spec, f) is not UNSET)
         await self._changed(actor, "key.update", record.id, fields=fields)
         return await self.key_view(updated)
@@ -274,7 +268,7 @@ class Management:
     async def revoke_key(self, id_or_key: str, actor: str) -> KeyView:
         record = await self.find_key(id_or_key)
         if record.revoked_at is None and record.is_admin:
-            admins = [k for k in await self.store.keys(include_revoked=False) if k.is_admin]
+            admins = [k for k in await self.store.keys.keys(include_revoked=False) if k.is_admin]
             if len(admins) <= 1:
                 # Nothing (not even the CLI) can make another admin key: rotate it instead.
                 raise ManagementError(
@@ -283,7 +277,7 @@ class Management:
                 )
         if record.revoked_at is None:
             record = msgspec.structs.replace(record, revoked_at=int(time.time()))
-            await self.store.save_key(record)
+            await self.store.keys.save_key(record)
             await self._changed(actor, "key.revoke", record.id)
         return await self.key_view(record)
 
@@ -299,15 +293,17 @@ class Management:
             prev_hash=record.hash if grace_seconds else None,
             prev_valid_until=int(time.time()) + grace_seconds if grace_seconds else None,
         )
-        await self.store.save_key(rotated)
+        await self.store.keys.save_key(rotated)
         await self._changed(actor, "key.rotate", record.id, grace_seconds=grace_seconds)
         return CreatedKey(key, await self.key_view(rotated))
 
     async def key_view(self, record: KeyRecord) -> KeyView:
-        tenant = await self.store.tenant(record.tenant_id) if record.tenant_id else None
+        tenant = await self.store.keys.tenant(record.tenant_id) if record.tenant_id else None
         scope = f"key:{record.id}"
         start = period_start(record.limits.budget_period, time.time())
-        rows = {(r.scope, r.period_start): r for r in await self.store.spend([(scope, start)])}
+        rows = {
+            (r.scope, r.period_start): r for r in await self.store.spend.spend([(scope, start)])
+        }
         now = time.time()
         grace = record.prev_valid_until
         return KeyView(
@@ -330,13 +326,13 @@ class Management:
     async def list_keys(self, include_revoked: bool = False) -> list[KeyView]:
         return [
             await self.key_view(record)
-            for record in await self.store.keys(include_revoked=include_revoked)
+            for record in await self.store.keys.keys(include_revoked=include_revoked)
         ]
 
     # --- tenants ---------------------------------------------------------------------------
 
     async def find_tenant(self, id_or_name: str) -> TenantRecord:
-        record = await self.store.tenant(id_or_name)
+        record = await self.store.keys.tenant(id_or_name)
         if record is None:
             raise ManagementError(Kind.NOT_FOUND, f"no tenant {_shown(id_or_name)}")
         return record
@@ -344,7 +340,7 @@ class Management:
     async def create_tenant(self, spec: TenantInput, actor: str) -> TenantView:
         if spec.name is UNSET:
             raise ManagementError(Kind.INVALID_REQUEST, "a tenant needs a name", "name")
-        if await self.store.tenant(spec.name) is not None:
+        if await self.store.keys.tenant(spec.name) is not None:
             raise ManagementError(Kind.CONFLICT, f"a tenant named {spec.name!r} exists", "name")
         record = TenantRecord(
             id="tn_" + secrets.token_hex(6),
@@ -354,7 +350,7 @@ class Management:
             created_at=int(time.time()),
         )
         try:
-            await self.store.insert_tenant(record)
+            await self.store.keys.insert_tenant(record)
         except Conflict:  # another process took the name since the check above
             raise ManagementError(
                 Kind.CONFLICT, f"a tenant named {spec.name!r} exists", "name"
@@ -366,14 +362,14 @@ class Management:
         record = await self.find_tenant(id_or_name)
         changes: dict[str, object] = {"limits": _limits_part(spec).apply(record.limits)}
         if spec.name is not UNSET and spec.name != record.name:
-            if await self.store.tenant(spec.name) is not None:
+            if await self.store.keys.tenant(spec.name) is not None:
                 raise ManagementError(Kind.CONFLICT, f"a tenant named {spec.name!r} exists", "name")
             changes["name"] = spec.name
         if spec.metadata is not UNSET:
             changes["metadata"] = spec.metadata
         updated = msgspec.structs.replace(record, **changes)
         try:
-            await self.store.save_tenant(updated)
+            await self.store.keys.save_tenant(updated)
         except Conflict:
             raise ManagementError(
                 Kind.CONFLICT, f"a tenant named {updated.name!r} exists", "name"
@@ -384,8 +380,12 @@ class Management:
     async def tenant_view(self, record: TenantRecord) -> TenantView:
         scope = f"tenant:{record.id}"
         start = period_start(record.limits.budget_period, time.time())
-        rows = {(r.scope, r.period_start): r for r in await self.store.spend([(scope, start)])}
-        keys = [k for k in await self.store.keys(include_revoked=False) if k.tenant_id == record.id]
+        rows = {
+            (r.scope, r.period_start): r for r in await self.store.spend.spend([(scope, start)])
+        }
+        keys = [
+            k for k in await self.store.keys.keys(include_revoked=False) if k.tenant_id == record.id
+        ]
         return TenantView(
             id=record.id,
             name=record.name,
@@ -397,7 +397,7 @@ class Management:
         )
 
     async def list_tenants(self) -> list[TenantView]:
-        return [await self.tenant_view(record) for record in await self.store.tenants()]
+        return [await self.tenant_view(record) for record in await self.store.keys.tenants()]
 
 
 def _expiry(spec: KeyInput, current: int | None) -> int | None:

@@ -34,7 +34,8 @@ from node.gateway.keys import HASH_PURPOSE
 from node.hub import hub_of
 from node.ingress.asgi import JSON, authenticate, client_ip
 from node.ingress.errors import ApiError
-from node.storage.store import AuditEvent, Store, UsageGroup
+from node.storage.base import Store
+from node.storage.records import AuditEvent, UsageGroup
 from node.units import parse_since
 
 T = TypeVar("T")
@@ -298,7 +299,7 @@ async def usage(request: Request) -> Response[bytes]:
     if output not in ("json", "csv"):
         raise ApiError(400, f"`format` is json or csv; not {output!r}", param="format")
     since = since_param(request)
-    rows = await (await _flushed(request)).usage_report(by, since)
+    rows = await (await _flushed(request)).usage.usage_report(by, since)
     if output == "csv":
         return Response(usage_csv(rows).encode(), media_type="text/csv; charset=utf-8")
     return json_response(UsageReport(by, since, rows))
@@ -313,7 +314,7 @@ async def audit(request: Request) -> Response[bytes]:
     if not _LIMIT.fullmatch(text) or not 1 <= int(text) <= AUDIT_LIMIT_MAX:
         raise ApiError(400, f"`limit` is 1 to {AUDIT_LIMIT_MAX}, not {text!r}", param="limit")
     action = request.query_params.get("action") or None
-    events = await (await _flushed(request)).audit(since, int(text), action)
+    events = await (await _flushed(request)).audit.audit(since, int(text), action)
     return json_response(AuditList(events))
 
 

@@ -26,7 +26,8 @@ from node.cli.folder import require_config
 from node.cli.options import with_data_dir
 from node.cli.output import console, echo_json, errors, shown, warn
 from node.config import DATABASE_FILE, IDENTITY_FILE, Config
-from node.storage.store import PeerRecord, Store
+from node.storage import opened
+from node.storage.records import PeerRecord
 
 
 class DiscoveredView(msgspec.Struct):
@@ -38,8 +39,8 @@ class DiscoveredView(msgspec.Struct):
 
 
 async def _active_peers(directory: Path) -> list[PeerRecord]:
-    async with Store.opened(directory / DATABASE_FILE) as store:
-        return [peer for peer in await store.peers() if peer.status == "active"]
+    async with opened(directory / DATABASE_FILE) as store:
+        return [peer for peer in await store.peers.peers() if peer.status == "active"]
 
 
 async def discover_for_node(

@@ -37,7 +37,9 @@ from node.peers.peering import (
     joined_peer,
     signed_request,
 )
-from node.storage.store import InviteRow, PeerRecord, Store
+from node.storage import opened
+from node.storage.base import Store
+from node.storage.records import InviteRow, PeerRecord
 from node.units import amount
 
 T = TypeVar("T")
@@ -54,7 +56,7 @@ period_option = click.option(
 
 
 async def _with_store(directory: Path, work: Callable[[Store], Awaitable[T]]) -> T:
-    async with Store.opened(directory / DATABASE_FILE) as store:
+    async with opened(directory / DATABASE_FILE) as store:
         return await work(store)
 
 
@@ -107,7 +109,7 @@ def invite_create(
         cap_period=record.cap_period,
         created_at=int(time.time()),
     )
-    asyncio.run(_with_store(directory, lambda store: store.insert_invite(row)))
+    asyncio.run(_with_store(directory, lambda store: store.peers.insert_invite(row)))
     console.print(token, highlight=False, soft_wrap=True, markup=False)
 
 
@@ -127,7 +129,7 @@ def join(directory: Path, token: str) -> None:
     outcome = asyncio.run(_send_join(identity, invite, body))
     if isinstance(outcome, str):
         fail(outcome)
-    asyncio.run(_with_store(directory, lambda store: store.save_peer(outcome)))
+    asyncio.run(_with_store(directory, lambda store: store.peers.save_peer(outcome)))
     _tell_node(directory)
     console.print(
         f"Joined {printable(outcome.name)} ({outcome.node_id}); its shared models are now "
@@ -207,9 +209,9 @@ def peers_list(directory: Path, show_all: bool, as_json: bool) -> None:
 
 
 async def _peer_views(store: Store, show_all: bool, currency: str) -> list[PeerView]:
-    health = await store.peer_health()
+    health = await store.peers.peer_health()
     views = []
-    for record in await store.peers(include_revoked=show_all):
+    for record in await store.peers.peers(include_revoked=show_all):
         models: list[str] = []
         if record.advert:
             advert = msgspec.json.decode(record.advert)
@@ -233,11 +235,11 @@ async def _spent_here(store: Store, record: PeerRecord, currency: str) -> str:
     """What the peer has spent here this period, under the key we issued it."""
     if not record.key_for_them:
         return "-"
-    key = await store.key(record.key_for_them)
+    key = await store.keys.key(record.key_for_them)
     if key is None:
         return "-"
     start = period_start(key.limits.budget_period, time.time())
-    found = await store.spend([(f"key:{key.id}", start)])
+    found = await store.spend.spend([(f"key:{key.id}", start)])
     used = amount(found[0].spent if found else 0, currency)
     cap = key.limits.budget_micros
     if cap is None:
@@ -259,9 +261,9 @@ def peers_revoke(directory: Path, peer: str) -> None:
 
 async def _revoke(store: Store, peer: str) -> str | None:
     """Revoke the active peer named or numbered `peer`; its name, or None if there is none."""
-    for record in await store.peers():
+    for record in await store.peers.peers():
         if peer in (record.name, record.node_id):
-            await store.revoke_peer(record.node_id, int(time.time()))
+            await store.peers.revoke_peer(record.node_id, int(time.time()))
             return record.name
     return None
 
@@ -342,7 +344,7 @@ def peers_pending(directory: Path, as_json: bool) -> None:
 
 async def _pending(store: Store) -> list[tuple[NodeDescriptor, int]]:
     pending = []
-    for _, descriptor, received in await store.join_requests():
+    for _, descriptor, received in await store.peers.join_requests():
         pending.append((msgspec.json.decode(descriptor, type=NodeDescriptor), received))
     return pending
 
@@ -386,7 +388,7 @@ async def _approve(
             key = await admit_peer(store, identity, descriptor, limits, None)
             assert key is not None  # no invite to be used up
             answer = _approval(identity, config, descriptor, key)
-            await store.save_join_answer(descriptor.node_id, answer, int(time.time()))
+            await store.peers.save_join_answer(descriptor.node_id, answer, int(time.time()))
             return descriptor.name
     return None
 

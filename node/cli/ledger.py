@@ -24,7 +24,8 @@ from node.gateway.auth import touch_epoch
 from node.peers import books
 from node.peers.peering import PEERS_EPOCH_FILE
 from node.peers.receipts import keep_receipt
-from node.storage.store import Store
+from node.storage import opened
+from node.storage.base import Store
 from node.units import amount, parse_since
 
 T = TypeVar("T")
@@ -54,7 +55,7 @@ def _run(directory: Path, work: Callable[[Store, NodeIdentity], Awaitable[T]]) -
     identity = NodeIdentity.load(directory / IDENTITY_FILE)
 
     async def go() -> T:
-        async with Store.opened(directory / DATABASE_FILE) as store:
+        async with opened(directory / DATABASE_FILE) as store:
             try:
                 return await work(store, identity)
             except books.BooksError as exc:
@@ -195,7 +196,7 @@ def settle(directory: Path, peer: str, json_: bool) -> None:
 @with_data_dir
 def statements(directory: Path) -> None:
     """Our settlement statements, one JSON per line (to share for `ledger net`)."""
-    for body in _run(directory, lambda store, _: store.settlements()):
+    for body in _run(directory, lambda store, _: store.ledger.settlements()):
         click.echo(body)
 
 

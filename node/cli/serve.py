@@ -21,7 +21,7 @@ from node.cli.options import with_data_dir
 from node.cli.output import console, warn
 from node.config import DATABASE_FILE, IDENTITY_FILE, Config, ServerSection, missing_secrets
 from node.gateway.journal import JOURNAL_DIR, left_behind, replay
-from node.storage.store import Store
+from node.storage import opened
 
 
 @click.command("serve")
@@ -81,8 +81,8 @@ async def _recover(directory: Path) -> None:
     a node that stopped mid-request, and would shrink its budget for the rest of the period;
     usage a crash left in the journal is written."""
     segments = left_behind(directory / JOURNAL_DIR)
-    async with Store.opened(directory / DATABASE_FILE) as store:
-        await store.release_all_reservations()
+    async with opened(directory / DATABASE_FILE) as store:
+        await store.spend.release_all_reservations()
         await replay(store, segments)
 
 

@@ -20,7 +20,7 @@ from node.admin.routes import (
 from node.cli.folder import currency_of, manage
 from node.cli.options import json_option, since_option, with_data_dir
 from node.cli.output import console, print_json, shown, when
-from node.storage.store import AuditEvent, UsageGroup
+from node.storage.records import AuditEvent, UsageGroup
 from node.units import money
 
 SINCE_HELP = "A duration back from now (30m, 24h, 7d), a date (2025-01-31) or unix seconds"
@@ -44,12 +44,12 @@ def usage_command(directory: Path, by: UsageBy, since: int, as_csv: bool, as_jso
     """Requests, tokens and cost, grouped by key, tenant or model."""
 
     async def work(m: Management) -> tuple[list[UsageGroup], dict[str, str]]:
-        rows = await m.store.usage_report(by, since)
+        rows = await m.store.usage.usage_report(by, since)
         names: dict[str, str] = {}
         if by == "key":
-            names = {k.id: k.name for k in await m.store.keys()}
+            names = {k.id: k.name for k in await m.store.keys.keys()}
         elif by == "tenant":
-            names = {t.id: t.name for t in await m.store.tenants()}
+            names = {t.id: t.name for t in await m.store.keys.tenants()}
         return rows, names
 
     rows, names = manage(directory, work)
@@ -114,7 +114,7 @@ def audit_command(
 ) -> None:
     """Who changed what, and the security events (bad keys, refused addresses), newest
     first."""
-    events = manage(directory, lambda m: m.store.audit(since, limit, action))
+    events = manage(directory, lambda m: m.store.audit.audit(since, limit, action))
     if as_json:
         print_json(events)
     else:

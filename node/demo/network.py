@@ -38,7 +38,7 @@ from node.demo.nodes import NetworkError, Node
 from node.demo.processes import alive, kill_group, listening, ready, serves, wait_gone
 from node.demo.report import JoinState, NodeState, Report, Served, Stopped
 from node.provision import create_node, node_exists
-from node.storage.store import Store
+from node.storage import opened
 
 DEFAULT_DIR = "./.aihub-network"
 DEFAULT_BASE_PORT = 8801
@@ -394,14 +394,14 @@ class Network:
 async def _holds_key_from(joiner: Node, issuer_id: str) -> bool:
     """Whether `joiner` has joined `issuer`: it holds an active key the issuer gave it. (Each
     side lists the other as a peer after either joins; only the joiner holds a key from it.)"""
-    async with Store.opened(joiner.path / DATABASE_FILE) as store:
-        peer = await store.peer(issuer_id)
+    async with opened(joiner.path / DATABASE_FILE) as store:
+        peer = await store.peers.peer(issuer_id)
     return peer is not None and peer.status == "active" and bool(peer.key_from_them)
 
 
 async def _deployment_of(node: Node, request_id: str) -> str:
-    async with Store.opened(node.path / DATABASE_FILE) as store:
-        rows = await store.usage_since(int((time.time() - 3600) * 1000))
+    async with opened(node.path / DATABASE_FILE) as store:
+        rows = await store.usage.usage_since(int((time.time() - 3600) * 1000))
     for row in rows:
         if row.request_id == request_id:
             return row.deployment or "-"

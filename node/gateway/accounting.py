@@ -22,7 +22,7 @@ from node.gateway.ratelimit import Admission, RateLimited, ScopeLimits
 from node.gateway.router import Route
 from node.gateway.usage import clamp_usage, cost_micros
 from node.hub import Hub
-from node.storage.store import Charge, Hold, UsageRecord, now_ms
+from node.storage.records import Charge, Hold, UsageRecord, now_ms
 
 log = logging.getLogger("aihub.gateway")
 

@@ -14,7 +14,8 @@ import httpx
 import msgspec
 
 from node.config import AlertsSection
-from node.storage.store import AuditEvent, Charge, SpendRow, Store, now_ms
+from node.storage.base import Store
+from node.storage.records import AuditEvent, Charge, SpendRow, now_ms
 
 log = logging.getLogger("aihub.alerts")
 
@@ -56,7 +57,7 @@ class BudgetAlerts:
     async def on_settled(self, charges: list[Charge]) -> None:
         scopes = {(h.scope, h.period_start) for s in charges for h in s.holds}
         if scopes:
-            await self.check(await self.store.spend(sorted(scopes)))
+            await self.check(await self.store.spend.spend(sorted(scopes)))
 
     def exhausted(self, scopes: list[tuple[str, int]]) -> None:
         """A request was refused for budget: whatever is left counts as 100 %."""
@@ -67,7 +68,7 @@ class BudgetAlerts:
             self._background(self._exhausted(fresh))
 
     async def _exhausted(self, scopes: list[tuple[str, int]]) -> None:
-        for row in await self.store.spend(scopes):
+        for row in await self.store.spend.spend(scopes):
             await self._raise(row, 100)
 
     def _background(self, work: Coroutine[None, None, None]) -> None:
@@ -86,7 +87,7 @@ class BudgetAlerts:
             return
         # Remembered here so that a flood of refused requests costs no database work.
         self._claimed.add(claim)
-        if not await self.store.claim_alert(*claim):
+        if not await self.store.spend.claim_alert(*claim):
             return
         alert = BudgetAlert(
             node=self.node_name,

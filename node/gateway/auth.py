@@ -18,7 +18,8 @@ import msgspec
 from node.errors import HubError, Kind
 from node.gateway.keys import bearer_token, hashes_match, key_id_of
 from node.gateway.policy import Network, ip_allowed, parse_networks
-from node.storage.store import AuditEvent, KeyRecord, Store, TenantRecord, now_ms
+from node.storage.base import Store
+from node.storage.records import AuditEvent, KeyRecord, TenantRecord, now_ms
 
 EPOCH_FILE = "keys.epoch"
 # One audit entry per (event, key or address) per this many seconds: a flood of bad keys
@@ -92,8 +93,8 @@ class KeyCache:
 
     async def load(self) -> None:
         epoch = read_epoch(self._epoch_path)
-        keys = await self._store.keys()
-        tenants = await self._store.tenants()
+        keys = await self._store.keys.keys()
+        tenants = await self._store.keys.tenants()
         self._keys = {k.id: k for k in keys if k.revoked_at is None}
         self._revoked = {k.id for k in keys if k.revoked_at is not None}
         self._tenants = {t.id: t for t in tenants}

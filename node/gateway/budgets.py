@@ -1,7 +1,7 @@
 """No overspend: reserve the worst-case cost before the upstream call, settle after.
 
 Each key and tenant with a budget has one `spend` row per budget period. Budget is reserved in
-the database only by one atomic SQL statement (`Store.reserve`), so the processes serving a
+the database only by one atomic SQL statement (`store.spend.reserve`), so the processes serving a
 node can never, together, take a budget past its cap.
 
 A process does not go to the database for every request, though: it reserves a **lease** (a
@@ -22,7 +22,8 @@ import time
 from node.errors import HubError, Kind
 from node.gateway.auth import Principal
 from node.gateway.policy import Limits, period_start
-from node.storage.store import Hold, Store
+from node.storage.base import Store
+from node.storage.records import Hold
 
 
 def budget_scopes(principal: Principal) -> list[tuple[str, Limits]]:
@@ -61,7 +62,7 @@ class Budgets:
     async def _release(self, leases: dict[Scope, int]) -> None:
         unused = [(amount, scope) for scope, amount in leases.items() if amount > 0]
         if unused:
-            await self.store.release(unused)
+            await self.store.spend.release(unused)
 
     async def release(self) -> None:
         """Give every lease back (the process stops)."""
@@ -102,7 +103,7 @@ class Budgets:
         scopes = [(scope, start) for scope, start, _ in rows]
         fresh = [row for row in rows if row not in self._opened]
         if fresh:
-            await self.store.open_periods(fresh)
+            await self.store.spend.open_periods(fresh)
             self._opened.update(fresh)
         # Other requests of this process may take from a lease while we wait for the database:
         # top up, then take in one step, until it holds or the database says no.
@@ -112,8 +113,10 @@ class Budgets:
                 if short <= 0:
                     continue
                 chunk = max(short, min(amount * LEASE_REQUESTS, cap // LEASE_SHARE))
-                if not await self.store.reserve(chunk, [(scope, start)]):
-                    if chunk == short or not await self.store.reserve(short, [(scope, start)]):
+                if not await self.store.spend.reserve(chunk, [(scope, start)]):
+                    if chunk == short or not await self.store.spend.reserve(
+                        short, [(scope, start)]
+                    ):
                         raise _exceeded(amount, scopes)
                     chunk = short
                 self._leases[(scope, start)] = self._leases.get((scope, start), 0) + chunk

@@ -7,7 +7,7 @@ that has grown past `SEGMENT_BYTES` is deleted once the batch that sealed it is 
 process appends to segments of its own (named by its pid); `serve` replays whatever segments are
 left, before any worker starts.
 Replaying is idempotent: a usage record already in the database is skipped, and so is the
-spend it settled (`Store.write_batch`).
+spend it settled (`store.usage.write_batch`).
 
 Frames are length- and CRC-prefixed: a write torn by a crash (or a machine crash that lost
 part of the page cache) ends a segment's replay instead of corrupting it. A whole frame that
@@ -30,7 +30,8 @@ from pathlib import Path
 
 import msgspec
 
-from node.storage.store import AuditEvent, Charge, Store, now_ms
+from node.storage.base import Store
+from node.storage.records import AuditEvent, Charge, now_ms
 
 log = logging.getLogger("aihub.journal")
 
@@ -137,14 +138,14 @@ async def apply(store: Store, charges: list[Charge]) -> list[tuple[Charge, str]]
     """Write charges in one transaction; if the database refuses one, each on its own,
     so that one bad record costs only itself. Those refused, with why."""
     try:
-        await store.write_batch(charges, [])
+        await store.usage.write_batch(charges, [])
         return []
     except UNAPPLIABLE:
         pass
     refused = []
     for charge in charges:
         try:
-            await store.write_batch([charge], [])
+            await store.usage.write_batch([charge], [])
         except UNAPPLIABLE as exc:
             refused.append((charge, f"{type(exc).__name__}: {exc}"[:200]))
     return refused
@@ -178,7 +179,7 @@ async def replay(store: Store, segments: list[Segment]) -> int:
         log.error(
             "journal: %d records could not be applied and were skipped", len(refused) + undecodable
         )
-        await store.write_batch([], [skipped_event("journal", refused, undecodable)])
+        await store.usage.write_batch([], [skipped_event("journal", refused, undecodable)])
     bad = {id(charge) for charge, _ in refused}
     for segment in segments:
         if segment.undecodable or any(id(s) in bad for s in segment.charges):

@@ -9,31 +9,23 @@ import functools
 import ipaddress
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import Meta
 
 from adapters.media import request_media
 from adapters.tokens import MESSAGE_OVERHEAD, message_text
 from adapters.types import ChatRequest, EmbeddingRequest
 
-Period = Literal["daily", "weekly", "monthly", "total"]
+# The limits are stored with keys and tenants: their shape is the store's record.
+from node.storage.records import Glob as Glob
+from node.storage.records import Limits as Limits
+from node.storage.records import Period as Period
+
 PERIODS: tuple[Period, ...] = ("daily", "weekly", "monthly", "total")
-Glob = Annotated[str, Meta(min_length=1, max_length=256)]
 Cidr = Annotated[str, Meta(min_length=1, max_length=64)]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class Limits(Struct, omit_defaults=True, forbid_unknown_fields=True):
-    """Limits shared by keys and tenants; None means no limit."""
-
-    models: list[Glob] | None = None
-    budget_micros: Annotated[int, Meta(ge=0)] | None = None
-    budget_period: Period = "monthly"
-    rpm: Annotated[int, Meta(ge=1)] | None = None
-    tpm: Annotated[int, Meta(ge=1)] | None = None
-    max_parallel: Annotated[int, Meta(ge=1)] | None = None
 
 
 def model_allowed(patterns: list[str] | None, model: str) -> bool:

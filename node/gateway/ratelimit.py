@@ -36,7 +36,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from node.storage.store import RateAnswer, RateSync, RateTake, Store
+from node.storage.base import Store
+from node.storage.records import RateAnswer, RateSync, RateTake
 
 log = logging.getLogger("aihub")
 
@@ -304,7 +305,7 @@ class RateLimiter:
                 del self._slots[scope]
         read = list(self._tokens)
         sync = RateSync(self.holder, second, takes, returns, tokens, slots, read)
-        answer = await self._store.rate_sync(sync)
+        answer = await self._store.spend.rate_sync(sync)
         for scope in read:
             if scope in self._tokens:
                 self._tokens[scope].read(answer.buckets.get(scope, []))
@@ -331,7 +332,7 @@ class RateLimiter:
         """The process stops: write what it owes and give back every slot at once."""
         try:
             await self.sync()
-            await self._store.release_slots(self.holder)
+            await self._store.spend.release_slots(self.holder)
         except Exception:  # the node is stopping: the slots' expiry gives them back anyway
             log.exception("could not give back rate-limit leases")
 

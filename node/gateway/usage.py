@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable
 
 from adapters.types import Usage
 from node.gateway.journal import UNAPPLIABLE, Journal, apply, skipped_event
-from node.storage.store import AuditEvent, Charge, Store
+from node.storage.base import Store
+from node.storage.records import AuditEvent, Charge
 
 log = logging.getLogger("aihub.usage")
 
@@ -150,7 +151,7 @@ class UsageRecorder:
         """One batch; a record the database refuses (not a database that is busy) is skipped
         and reported, so that one bad record never stops every usage write after it."""
         try:
-            await self.store.write_batch(charges, events)
+            await self.store.usage.write_batch(charges, events)
             return
         except UNAPPLIABLE:
             pass
@@ -159,7 +160,7 @@ class UsageRecorder:
             log.error("skipped usage record %s: %s", charge.record.request_id, reason)
         if refused:
             events = [*events, skipped_event("usage-writer", refused, 0)]
-        await self.store.write_batch([], events)
+        await self.store.usage.write_batch([], events)
 
     async def _run(self) -> None:
         while True:

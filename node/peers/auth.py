@@ -62,7 +62,7 @@ async def verify_signed(hub: Hub, request: Request, body: bytes, key_for: KeyLoo
 
 async def _claim(hub: Hub, signed: VerifiedSignature, now: int) -> None:
     pair = nonce_digest(SIGNATURE_CONTEXT, signed.keyid, signed.nonce)
-    if not await hub.store.claim_nonce(pair, signed.keep_until, now):
+    if not await hub.store.peers.claim_nonce(pair, signed.keep_until, now):
         raise SignatureError("replay: this nonce was already used")
 
 

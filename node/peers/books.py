@@ -51,7 +51,8 @@ from node.peers.receipts import (
     sent_to,
     stored,
 )
-from node.storage.store import LinkedReceipt, PeerRecord, Store, StoredReceipt, body_hash
+from node.storage.base import Store
+from node.storage.records import LinkedReceipt, PeerRecord, StoredReceipt, body_hash
 
 log = logging.getLogger("aihub.ledger")
 
@@ -190,9 +191,9 @@ async def _coverage(
     """The last statement, both chains as stored (by (provider, consumer)), and the highest
     seq of each chain the statements cover, by provider."""
     a, b = min(me, peer), max(me, peer)
-    chains = {(a, b): await store.receipts(a, b), (b, a): await store.receipts(b, a)}
+    chains = {(a, b): await store.ledger.receipts(a, b), (b, a): await store.ledger.receipts(b, a)}
     best: tuple[tuple[int, int, int], Statement] | None = None
-    for body in await store.settlements(a, b):
+    for body in await store.ledger.settlements(a, b):
         statement = parse_statement(body)
         covered = (statement.to_seq, _settled_seq(chains[(b, a)], statement), statement.iat)
         if best is None or covered > best[0]:
@@ -229,8 +230,8 @@ async def open_pair(store: Store, me: str, peer: str) -> Pair:
 
 async def _peer_ids(store: Store, me: str) -> dict[str, str]:
     """Every node we keep books with, by id, with its name."""
-    names = {p.node_id: p.name for p in await store.peers(include_revoked=True)}
-    for provider, consumer in await store.receipt_pairs():
+    names = {p.node_id: p.name for p in await store.peers.peers(include_revoked=True)}
+    for provider, consumer in await store.ledger.receipt_pairs():
         other = consumer if provider == me else provider
         names.setdefault(other, other[:20] + "…")
     return names
@@ -258,8 +259,8 @@ async def verify(store: Store) -> list[ChainCheck]:
     then every settlement statement: both signatures, and its heads and totals against the
     receipts of its period in our chains."""
     checks = []
-    for provider, consumer in sorted(await store.receipt_pairs()):
-        rows = await store.receipts(provider, consumer)
+    for provider, consumer in sorted(await store.ledger.receipt_pairs()):
+        rows = await store.ledger.receipts(provider, consumer)
         try:
             receipts = [loaded(row) for row in rows]
         except RecordError as exc:
@@ -270,8 +271,8 @@ async def verify(store: Store) -> list[ChainCheck]:
         if report.ok:
             problem = _hash_column_problem(rows)
         checks.append(ChainCheck(provider, consumer, len(rows), problem is None, problem))
-    pairs = {tuple(sorted(pair)) for pair in await store.receipt_pairs()}
-    for body in await store.settlements():
+    pairs = {tuple(sorted(pair)) for pair in await store.ledger.receipt_pairs()}
+    for body in await store.ledger.settlements():
         try:
             statement = parse_statement(body)
         except RecordError:
@@ -294,11 +295,11 @@ def _hash_column_problem(rows: list[StoredReceipt]) -> str | None:
 async def _verify_statements(store: Store, a: str, b: str) -> list[ChainCheck]:
     """Each statement of the pair (a, b), in the order they cover the chains: both
     signatures, and exactly the totals and heads our receipts of its period give."""
-    ab = [loaded(row) for row in await store.receipts(a, b)]
-    ba_rows = await store.receipts(b, a)
+    ab = [loaded(row) for row in await store.ledger.receipts(a, b)]
+    ba_rows = await store.ledger.receipts(b, a)
     ba = [loaded(row) for row in ba_rows]
     checks, valid = [], []
-    for body in await store.settlements(a, b):
+    for body in await store.ledger.settlements(a, b):
         try:
             statement = parse_statement(body)
             verify_statement(statement, public_key_of(a), public_key_of(b))
@@ -338,7 +339,7 @@ EXPORT_COLUMNS = (
 
 async def export(store: Store, since: int, fmt: str) -> str:
     """Receipts issued since `since` (unix seconds) as CSV or JSON (the signed receipts)."""
-    rows = await store.receipts_since(since)
+    rows = await store.ledger.receipts_since(since)
     receipts = [loaded(row) for row in rows]
     if fmt == "json":
         return msgspec.json.encode([receipt_fields(r) for r in receipts]).decode()
@@ -432,7 +433,7 @@ async def _bounded(response: httpx.Response) -> bytes:
 async def link_to(
     store: Store, identity: NodeIdentity, client: httpx.AsyncClient, peer: str
 ) -> Link:
-    for record in await store.peers(include_revoked=True):
+    for record in await store.peers.peers(include_revoked=True):
         if peer in (record.node_id, record.name):
             descriptor = msgspec.json.decode(record.descriptor, type=NodeDescriptor)
             key = unseal(identity, record.key_from_them).decode() if record.key_from_them else None
@@ -474,8 +475,8 @@ async def reconcile_with(store: Store, link: Link, keep: KeepReceipt) -> Reconci
     """Compare both chains with the peer's copies; recover what we miss (from their signed
     copies), send what they miss, and report every difference."""
     me, peer = link.identity.node_id, link.peer.node_id
-    ours = [loaded(r) for r in await store.receipts(me, peer)]
-    ours += [loaded(r) for r in await store.receipts(peer, me)]
+    ours = [loaded(r) for r in await store.ledger.receipts(me, peer)]
+    ours += [loaded(r) for r in await store.ledger.receipts(peer, me)]
     theirs = await _their_chain(link, me) + await _their_chain(link, peer)
     result = reconcile(ours, theirs, between=(me, peer))
     recovered, refused = await _recoverable(store, link, result.missing_ours)
@@ -483,7 +484,7 @@ async def reconcile_with(store: Store, link: Link, keep: KeepReceipt) -> Reconci
         if not await keep(receipt):
             refused.append(receipt)
     for receipt in result.csig_for_ours:
-        await store.add_countersignature(
+        await store.ledger.add_countersignature(
             receipt.provider, receipt.consumer, receipt.seq, receipt.csig
         )
     signed = await _countersign_disputed(store, link, result.disputed)
@@ -539,7 +540,7 @@ async def _countersign_disputed(store: Store, link: Link, disputed: list[Receipt
     taken, _ = await admissible(store, me, peer, [r for r in disputed if r.consumer == me])
     signed = [countersign(r, link.identity.sign) for r in taken]
     for receipt in signed:
-        await store.add_countersignature(receipt.provider, me, receipt.seq, receipt.csig)
+        await store.ledger.add_countersignature(receipt.provider, me, receipt.seq, receipt.csig)
     return signed
 
 
@@ -568,7 +569,7 @@ async def resync_with(store: Store, link: Link) -> Resync:
     its copy (an older node, or one that will not) is served from our head: it could as well
     show nothing, and a receipt it then holds twice only harms its own books."""
     me, peer = link.identity.node_id, link.peer.node_id
-    last = await store.chain_head(me, peer)
+    last = await store.ledger.chain_head(me, peer)
     seq, prev = (0, GENESIS) if last is None else (last.seq, receipt_hash(loaded(last)))
     recovered = 0
     while True:
@@ -583,7 +584,7 @@ async def resync_with(store: Store, link: Link) -> Resync:
         )
         good = receipts[: report.checked]
         if good:
-            conflicts, refused = await store.add_receipts(
+            conflicts, refused = await store.ledger.add_receipts(
                 [LinkedReceipt(stored(r), r.prev) for r in good]
             )
             if conflicts or refused:
@@ -706,7 +707,7 @@ def _decoded(data: bytes, kind: type[T]) -> T:
 async def save_statement(store: Store, statement: Statement) -> bool:
     """Keep a both-signed statement; False if we held it already."""
     body = msgspec.json.encode(msgspec.to_builtins(statement)).decode()
-    return await store.add_settlement(
+    return await store.ledger.add_settlement(
         statement.a, statement.b, statement.to_seq, statement.iat, body
     )
 
@@ -721,7 +722,7 @@ async def net(store: Store, me: str, extra: Iterable[bytes | str]) -> NetPlan:
     (the plan could have a real debtor pay a sybil, and the sybil "pay" the real creditor)."""
     known = await _parties(store, me)
     statements: dict[tuple[str, str, int], Statement] = {}
-    for body in [*(await store.settlements()), *extra]:
+    for body in [*(await store.ledger.settlements()), *extra]:
         try:
             statement = parse_statement(body)
             verify_statement(statement, public_key_of(statement.a), public_key_of(statement.b))
@@ -742,7 +743,7 @@ async def net(store: Store, me: str, extra: Iterable[bytes | str]) -> NetPlan:
 async def _parties(store: Store, me: str) -> set[str]:
     """Us and every node we peered with (an invite or an approved join), revoked or
     suspended ones included: their settled periods are still owed."""
-    peers = await store.peers(include_revoked=True)
+    peers = await store.peers.peers(include_revoked=True)
     return {me, *(p.node_id for p in peers if p.status in ("active", "revoked", "suspended"))}
 
 
@@ -754,7 +755,7 @@ async def receipts_page(store: Store, me: str, peer: str, provider: str, after_s
     if provider not in (me, peer):
         raise BooksError(Kind.REFUSED, "only the chains between us are shown")
     consumer = peer if provider == me else me
-    rows = await store.receipts(provider, consumer, after_seq=after_seq, limit=PAGE + 1)
+    rows = await store.ledger.receipts(provider, consumer, after_seq=after_seq, limit=PAGE + 1)
     page = ReceiptPage([receipt_fields(loaded(row)) for row in rows[:PAGE]], len(rows) > PAGE)
     return msgspec.json.encode(page)
 
@@ -790,7 +791,7 @@ async def take_receipts(store: Store, me: str, peer: str, body: bytes, keep: Kee
 async def statements_page(store: Store, me: str, peer: str, after_iat: int) -> bytes:
     """The statements between us and `peer` issued after `after_iat`, oldest first, a page."""
     a, b = min(me, peer), max(me, peer)
-    bodies = await store.settlements(a, b, after_iat=after_iat, limit=PAGE + 1)
+    bodies = await store.ledger.settlements(a, b, after_iat=after_iat, limit=PAGE + 1)
     page = StatementPage([msgspec.json.decode(body) for body in bodies[:PAGE]], len(bodies) > PAGE)
     return msgspec.json.encode(page)
 
@@ -816,7 +817,7 @@ async def countersign_statement(
     except RecordError as exc:
         raise BooksError(Kind.CONFLICT, f"our books disagree: {exc}") from exc
     a, b = min(me, peer), max(me, peer)
-    for body in await store.settlements(a, b):
+    for body in await store.ledger.settlements(a, b):
         held = _ours(body, me, peer)
         if held is not None and same_period(held, proposed):
             return held
@@ -861,7 +862,7 @@ async def reconcile_all(
     """Reconcile with every active peer we hold a key from (on a schedule); a peer that does
     not answer is tried again next time."""
     reports = []
-    for record in await store.peers():
+    for record in await store.peers.peers():
         if record.status != "active":
             continue  # the side that only provides holds no key of the peer's: it signs
         try:

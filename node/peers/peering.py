@@ -35,7 +35,8 @@ from node.gateway.keys import HASH_PURPOSE, generate_key, hash_key
 from node.gateway.policy import Limits, model_allowed
 from node.gateway.router import Route, Router
 from node.peers.adapter import PeerAdapter, peer_upstream
-from node.storage.store import JoinRequestBounds, KeyRecord, PeerRecord, Store
+from node.storage.base import Store
+from node.storage.records import JoinRequestBounds, KeyRecord, PeerRecord
 
 log = logging.getLogger("aihub.peering")
 
@@ -130,7 +131,7 @@ class Peering:
         # A new seq at every start: the models may have changed with the config. Never below
         # the clock: a database restored from a backup holds an older counter, and peers
         # ignore an advert whose seq is not above the last one they saw.
-        self.advert_seq = max(await self.store.next_counter(ADVERT_SEQ), int(time.time()))
+        self.advert_seq = max(await self.store.peers.next_counter(ADVERT_SEQ), int(time.time()))
         await self.load()
 
     def _cheapest(self, name: str) -> Deployment | None:
@@ -181,7 +182,7 @@ class Peering:
     async def load(self) -> None:
         self._epoch = read_epoch(self.directory / PEERS_EPOCH_FILE)
         peers: dict[str, Peer] = {}
-        for record in await self.store.peers():
+        for record in await self.store.peers.peers():
             if record.status != "active":
                 continue
             # Verified when it arrived; an old descriptor still says where the peer is.
@@ -240,7 +241,7 @@ class Peering:
             request = msgspec.json.decode(body, type=JoinRequest)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             raise JoinRefused(Kind.INVALID_REQUEST, f"invalid join request: {exc}") from exc
-        invite = await self.store.invite(request.token_id)
+        invite = await self.store.peers.invite(request.token_id)
         if invite is None:
             raise JoinRefused(Kind.NOT_FOUND, "unknown invite")
         record = InviteRecord(
@@ -259,7 +260,7 @@ class Peering:
         self._check_joiner(joiner, signer)
         # Before anything is issued: a join that is let through again would revoke the key
         # the first one issued (a peer that joins again gets a fresh key).
-        if not await self.store.claim_nonce(*join_nonce(request), int(time.time())):
+        if not await self.store.peers.claim_nonce(*join_nonce(request), int(time.time())):
             raise JoinRefused(Kind.REFUSED, "join refused: this join proof was already used")
         limits = Limits(
             models=invite.models or None,
@@ -299,10 +300,10 @@ class Peering:
         except RecordError as exc:
             raise JoinRefused(Kind.INVALID_REQUEST, f"invalid join request: {exc}") from exc
         self._check_joiner(joiner, signer)
-        peer = await self.store.peer(joiner.node_id)
+        peer = await self.store.peers.peer(joiner.node_id)
         if peer is not None and peer.status == "revoked":
             raise JoinRefused(Kind.REFUSED, "this node was revoked here")
-        answer = await self.store.join_answer(joiner.node_id)
+        answer = await self.store.peers.join_answer(joiner.node_id)
         if answer is not None:
             return msgspec.json.decode(answer, type=JoinResponse)
         federation = self.config.federation
@@ -312,7 +313,7 @@ class Peering:
             total=federation.max_join_requests,
             ttl=federation.join_request_ttl,
         )
-        refused = await self.store.add_join_request(
+        refused = await self.store.peers.add_join_request(
             joiner.node_id, body.decode(), int(time.time()), bounds
         )
         if refused == "source":
@@ -369,7 +370,7 @@ class Peering:
             return False
         peer.advert = advert
         record = msgspec.structs.replace(peer.record, advert=data.decode())
-        await self.store.save_peer(record)
+        await self.store.peers.save_peer(record)
         peer.record = record
         self.rebuild_routes()
         return True
@@ -380,7 +381,7 @@ class Peering:
         if peer is None or peer.record.listed == listed:
             return
         peer.record = msgspec.structs.replace(peer.record, listed=listed)
-        await self.store.save_peer(peer.record)
+        await self.store.peers.save_peer(peer.record)
 
     def listed_descriptors(self, asking: str) -> list[dict[str, object]]:
         """What we tell a peer in peer exchange: the signed descriptors of our other peers
@@ -395,7 +396,7 @@ class Peering:
         peer.healthy, peer.failures, peer.last_seen = True, 0, time.time()
         peer.latency = seconds if peer.latency is None else peer.latency * 0.7 + seconds * 0.3
         peer.next_check = 0.0
-        await self.store.save_peer_health(
+        await self.store.peers.save_peer_health(
             peer.node_id, True, round(peer.latency * 1000), int(time.time())
         )
 
@@ -405,7 +406,7 @@ class Peering:
         # Back off exponentially from a failing peer: 2, 4, 8 … seconds, at most 5 minutes.
         peer.next_check = time.monotonic() + min(2**peer.failures, 300)
         log.info("peer %s unreachable (%s)", peer.name, reason)
-        await self.store.save_peer_health(peer.node_id, False, None, int(time.time()))
+        await self.store.peers.save_peer_health(peer.node_id, False, None, int(time.time()))
 
     async def reload_if_stale(self) -> None:
         if self.stale():
@@ -426,7 +427,7 @@ class Peering:
     async def _push(self, peer: Peer) -> None:
         if peer.record.key_for_them is None:
             return
-        issued = await self.store.key(peer.record.key_for_them)
+        issued = await self.store.keys.key(peer.record.key_for_them)
         if issued is None or issued.revoked_at is not None:
             return
         advert = msgspec.json.encode(self.advert_for(issued.limits))
@@ -437,7 +438,7 @@ class Peering:
 
     async def poll_join_requests(self) -> None:
         """Ask the nodes we sent a join request to (without an invite) for their answer."""
-        for record in await self.store.peers():
+        for record in await self.store.peers.peers():
             if record.status != "requested":
                 continue
             outcome = await ask_to_join(self.store, self.identity, self.client, record, self.config)
@@ -450,7 +451,7 @@ class Peering:
                     await self.refresh_advert(peer)
 
     async def revoke(self, node_id: str) -> None:
-        await self.store.revoke_peer(node_id, int(time.time()))
+        await self.store.peers.revoke_peer(node_id, int(time.time()))
         await self.changed()
 
 
@@ -474,7 +475,7 @@ async def admit_peer(
         limits=limits,
         peer_id=joiner.node_id,
     )
-    existing = await store.peer(joiner.node_id)
+    existing = await store.peers.peer(joiner.node_id)
     peer = PeerRecord(
         node_id=joiner.node_id,
         name=joiner.name,
@@ -483,7 +484,7 @@ async def admit_peer(
         created_at=existing.created_at if existing else now,
         key_for_them=key_id,
     )
-    if not await store.accept_join(token_id, now, record, peer):
+    if not await store.peers.accept_join(token_id, now, record, peer):
         return None
     return key
 
@@ -558,7 +559,7 @@ async def ask_to_join(
             problem = f"{url}: {type(exc).__name__}"
             continue
         if response.status_code == 202:
-            await store.save_peer(msgspec.structs.replace(issuer, status="requested"))
+            await store.peers.save_peer(msgspec.structs.replace(issuer, status="requested"))
             return "pending"
         if response.status_code != 200:
             return f"{url} refused ({response.status_code}): {response.text[:300]}"
@@ -566,6 +567,6 @@ async def ask_to_join(
             record = joined_peer(identity, response.content, descriptor.node_id)
         except RecordError as exc:
             return str(exc)
-        await store.save_peer(msgspec.structs.replace(record, created_at=issuer.created_at))
+        await store.peers.save_peer(msgspec.structs.replace(record, created_at=issuer.created_at))
         return "joined"
     return problem

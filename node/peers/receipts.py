@@ -2,7 +2,7 @@
 countersignatures that go back in batches.
 
 A provider writes each receipt in the same transaction as the request's usage record and spend,
-before the response is complete (`Store.settle_with_receipt`): a completed request always has
+before the response is complete (`store.ledger.settle_with_receipt`): a completed request always has
 its receipt, and a crash never leaves a gap in a chain. The consumer verifies what it gets,
 countersigns it and appends it to its own copy of the chain off the request path; if it loses
 one in a crash, reconciliation recovers it from the provider's signed copy.
@@ -37,7 +37,8 @@ from ledger.receipts import (
 )
 from ledger.records import RecordError, signed_bytes
 from node.peers.peering import Peering
-from node.storage.store import Charge, LinkedReceipt, Store, StoredReceipt
+from node.storage.base import Store
+from node.storage.records import Charge, LinkedReceipt, StoredReceipt
 
 log = logging.getLogger("aihub.ledger")
 
@@ -129,7 +130,7 @@ class Receipts:
                 )
             )
 
-        row = await self.store.settle_with_receipt(charge, (me, consumer), make)
+        row = await self.store.ledger.settle_with_receipt(charge, (me, consumer), make)
         return row.body.encode()
 
     async def take_countersignatures(self, consumer: str, body: bytes) -> int:
@@ -140,7 +141,7 @@ class Receipts:
         me = self.identity.node_id
         items = {item.seq: item for item in batch.csigs[:COUNTERSIGNATURE_BATCH]}
         good = []
-        for row in await self.store.receipts_at(me, consumer, sorted(items)):
+        for row in await self.store.ledger.receipts_at(me, consumer, sorted(items)):
             item = items[row.seq]
             if row.id != item.id or row.csig is not None:
                 continue
@@ -150,7 +151,7 @@ class Receipts:
                 log.warning("a bad countersignature from %s for seq %d", consumer, item.seq)
                 continue
             good.append((item.seq, item.csig))
-        return await self.store.add_countersignatures(me, consumer, good)
+        return await self.store.ledger.add_countersignatures(me, consumer, good)
 
     # --- the consumer's side --------------------------------------------------------------
 
@@ -242,7 +243,7 @@ class Receipts:
 
     async def send_countersignatures(self) -> None:
         """Send our countersignatures to each provider, in batches, off the request path."""
-        rows = await self.store.unsent_countersignatures(
+        rows = await self.store.ledger.unsent_countersignatures(
             self.identity.node_id, COUNTERSIGNATURE_BATCH
         )
         by_provider: dict[str, list[StoredReceipt]] = {}
@@ -263,7 +264,7 @@ class Receipts:
                 log.info("countersignatures to %s not sent (%s)", peer.name, type(exc).__name__)
                 continue
             if response.status_code == 200:
-                await self.store.mark_countersignatures_sent(batch)
+                await self.store.ledger.mark_countersignatures_sent(batch)
 
     async def settle_tasks(self) -> None:
         """Wait for the receipts being taken (at shutdown, and in tests)."""
@@ -283,7 +284,7 @@ async def keep_receipts(store: Store, receipts: list[Receipt]) -> Kept:
     different receipt for one of those places before has equivocated: proof of cheating, so
     it is suspended (its routes and its key stop working)."""
     by_place = {(r.provider, r.consumer, r.seq): r for r in receipts}
-    conflicts, refused = await store.add_receipts(
+    conflicts, refused = await store.ledger.add_receipts(
         [LinkedReceipt(stored(receipt), receipt.prev) for receipt in receipts]
     )
     for held, offered in conflicts:
@@ -301,12 +302,12 @@ async def keep_receipts(store: Store, receipts: list[Receipt]) -> Kept:
 
 async def sent_to(store: Store, sender: str, receipts: list[Receipt]) -> dict[str, SentRequest]:
     """Our records of the requests these receipts from `sender` name."""
-    return await store.sent_requests(sender, [r.id for r in receipts])
+    return await store.ledger.sent_requests(sender, [r.id for r in receipts])
 
 
 async def held_advert_seq(store: Store, peer: str) -> int:
     """The seq of the newest advert of `peer`'s we hold (0 if none): verified when it came."""
-    record = await store.peer(peer)
+    record = await store.peers.peer(peer)
     if record is None or not record.advert:
         return 0
     try:
@@ -349,6 +350,8 @@ async def record_equivocation(store: Store, first: StoredReceipt, second: Stored
     """Two different receipts signed by one provider for one seq of a chain: keep both as
     proof, and suspend the provider (a node never holds a peer row for itself, so our own
     id changes nothing)."""
-    await store.add_equivocation(first.provider, first.consumer, first.seq, first.body, second.body)
+    await store.ledger.add_equivocation(
+        first.provider, first.consumer, first.seq, first.body, second.body
+    )
     log.error("peer %s signed two receipts for seq %d: suspended", first.provider, first.seq)
-    await store.revoke_peer(first.provider, int(time.time()), status="suspended")
+    await store.peers.revoke_peer(first.provider, int(time.time()), status="suspended")

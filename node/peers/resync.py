@@ -32,7 +32,7 @@ from ledger.records import RecordError
 from node.errors import HubError, Kind
 from node.peers import books
 from node.peers.peering import Peering
-from node.storage.store import Store
+from node.storage.base import Store
 
 log = logging.getLogger("aihub.ledger")
 
@@ -60,7 +60,7 @@ class ChainResync:
         """Note which database file this is; the peers a restore left to re-sync."""
         info = os.stat(database)  # once, at start-up
         file_id = f"{info.st_dev}:{info.st_ino}"
-        self._pending = await self.store.pending_resyncs(file_id, self.identity.node_id)
+        self._pending = await self.store.ledger.pending_resyncs(file_id, self.identity.node_id)
         if self._pending:
             log.warning(
                 "this database is not the file the node last ran on (a restored backup?):"
@@ -101,7 +101,7 @@ class ChainResync:
                 result.statements,
                 result.head,
             )
-        await self.store.resynced(peer)
+        await self.store.ledger.resynced(peer)
         self._pending.discard(peer)
 
     async def all(self) -> None:

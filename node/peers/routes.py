@@ -59,7 +59,7 @@ async def ledger_peer(request: Request, body: bytes) -> str:
     hub = hub_of(request)
     # Read from the store, not this process's view of the peers (which follows a join made
     # by the CLI up to a second late): the peer may ask the moment it joined.
-    peers = {p.node_id for p in await hub.store.peers() if p.status == "active"}
+    peers = {p.node_id for p in await hub.store.peers.peers() if p.status == "active"}
 
     def active_peer(key_id: str) -> bytes | None:
         return public_key_of(key_id) if key_id in peers else None

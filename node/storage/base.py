@@ -1,0 +1,303 @@
+"""What a storage backend offers: one `Protocol` per aggregate, and the `Store` that holds one
+of each (`store.keys`, `store.spend`, `store.usage`, `store.peers`, `store.ledger`,
+`store.audit`). The node is written against these; `sqlite/` implements them, and another
+backend (PostgreSQL, for several gateway processes of one node) would sit beside it.
+
+Unless a method says otherwise, a write is atomic (all of it, or none) and safe against every
+other process that serves the same node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+from ledger.receipts import SentRequest
+from node.storage.records import (
+    AuditEvent,
+    Charge,
+    InviteRow,
+    JoinRequestBounds,
+    KeyRecord,
+    LinkedReceipt,
+    PeerRecord,
+    RateAnswer,
+    RateSync,
+    ReceiptMaker,
+    SpendRow,
+    StoredReceipt,
+    TenantRecord,
+    UsageGroup,
+    UsageRecord,
+)
+
+
+class KeyStore(Protocol):
+    """API keys (a cross-node key names its peer) and the tenants they belong to."""
+
+    async def insert_key(self, key: KeyRecord) -> None: ...
+
+    async def save_key(self, key: KeyRecord) -> None:
+        """Write every mutable field of an existing key."""
+        ...
+
+    async def keys(self, *, include_revoked: bool = True) -> list[KeyRecord]:
+        """Oldest first."""
+        ...
+
+    async def key(self, key_id: str) -> KeyRecord | None: ...
+
+    async def active_keys(self) -> list[KeyRecord]: ...
+
+    async def insert_tenant(self, tenant: TenantRecord) -> None:
+        """Raises `records.Conflict` if the name is taken."""
+        ...
+
+    async def save_tenant(self, tenant: TenantRecord) -> None:
+        """Raises `records.Conflict` if the (new) name is taken."""
+        ...
+
+    async def tenants(self) -> list[TenantRecord]:
+        """By name."""
+        ...
+
+    async def tenant(self, id_or_name: str) -> TenantRecord | None: ...
+
+
+class SpendStore(Protocol):
+    """Budgets and leases: spend and reservations per (scope, period start), alert claims, and
+    the rate counts and parallel slots every process of the node shares."""
+
+    async def open_periods(self, rows: list[tuple[str, int, int]]) -> None:
+        """Make sure each (scope, period start, cap) row exists and carries the current cap."""
+        ...
+
+    async def reserve(self, amount: int, scopes: list[tuple[str, int]]) -> bool:
+        """Reserve `amount` in every (scope, period start), or in none if any would pass its
+        cap: atomic against every other reservation, so that concurrent requests can never
+        take a budget past its cap."""
+        ...
+
+    async def release(self, leases: list[tuple[int, tuple[str, int]]]) -> None:
+        """Give back reserved budget that no request will use: (amount, (scope, start))."""
+        ...
+
+    async def release_all_reservations(self) -> None:
+        """At start-up no request is in flight: what is still reserved was lost in a crash."""
+        ...
+
+    async def spend(self, scopes: list[tuple[str, int]]) -> list[SpendRow]: ...
+
+    async def claim_alert(self, scope: str, period_start: int, threshold: int) -> bool:
+        """True the first time a threshold is reached in a period, False ever after."""
+        ...
+
+    async def rate_sync(self, sync: RateSync) -> RateAnswer:
+        """Apply one process's rate-limit bookkeeping and grant its takes, in one
+        transaction: every take gets at least one, or none does. On the request path."""
+        ...
+
+    async def release_slots(self, holder: str) -> None:
+        """A process stops: the parallel slots it held come back at once."""
+        ...
+
+
+class UsageStore(Protocol):
+    """Finished requests (what the journal drains into)."""
+
+    async def write_batch(self, charges: list[Charge], events: list[AuditEvent]) -> None:
+        """Usage records, the spend their holds settle, the requests they routed to peers,
+        and audit events: one transaction. Idempotent per request id: a charge written
+        again (a journal replayed after a crash) is skipped together with its spend."""
+        ...
+
+    async def usage_since(self, since_ms: int = 0) -> list[UsageRecord]:
+        """Oldest first."""
+        ...
+
+    async def usage_report(
+        self, by: Literal["key", "tenant", "model"], since_ms: int
+    ) -> list[UsageGroup]:
+        """Totals per key, tenant or model, costliest first."""
+        ...
+
+
+class PeerStore(Protocol):
+    """The nodes we peer with, the invites and join requests that make peers, their health,
+    the nonces their signed requests carried, and node-wide counters."""
+
+    async def insert_invite(self, invite: InviteRow) -> None: ...
+
+    async def invite(self, token_id: str) -> InviteRow | None: ...
+
+    async def accept_join(
+        self, token_id: str | None, now: int, key: KeyRecord, peer: PeerRecord
+    ) -> bool:
+        """Spend one use of an invite (if any), issue the peer's key (revoking the one it had)
+        and record the peer, in one transaction: a used-up or expired invite changes
+        nothing and answers False."""
+        ...
+
+    async def save_peer(self, peer: PeerRecord) -> None:
+        """Insert or update; None in a key or advert field keeps the one stored."""
+        ...
+
+    async def peers(self, *, include_revoked: bool = False) -> list[PeerRecord]: ...
+
+    async def peer(self, node_id: str) -> PeerRecord | None: ...
+
+    async def revoke_peer(self, node_id: str, now: int, status: str = "revoked") -> None:
+        """Cut a peer off: its status and the key we issued to it, in one transaction."""
+        ...
+
+    async def add_join_request(
+        self, node_id: str, descriptor: str, now: int, bounds: JoinRequestBounds
+    ) -> Literal["source", "total"] | None:
+        """Keep a join request (asking again refreshes its descriptor, not its age); None, or
+        which bound refused it. Atomic: two processes cannot both take the last place."""
+        ...
+
+    async def join_requests(self) -> list[tuple[str, str, int]]:
+        """(node id, descriptor, received at), oldest first."""
+        ...
+
+    async def join_request(self, node_id: str) -> str | None:
+        """The descriptor a pending join request came with."""
+        ...
+
+    async def save_join_answer(self, node_id: str, answer: str, now: int) -> None: ...
+
+    async def join_answer(self, node_id: str) -> str | None: ...
+
+    async def save_peer_health(
+        self, node_id: str, healthy: bool, latency_ms: int | None, now: int
+    ) -> None: ...
+
+    async def peer_health(self) -> dict[str, tuple[bool, int | None, int]]: ...
+
+    async def next_counter(self, name: str) -> int:
+        """Atomically increment and return a node-wide counter (e.g. the advert seq)."""
+        ...
+
+    async def claim_nonce(self, pair: bytes, expires: int, now: int) -> bool:
+        """Record `pair` as used until `expires`: True if it is new, False if it is recorded
+        and not expired (a replay). Atomic across processes. On the request path."""
+        ...
+
+
+class LedgerStore(Protocol):
+    """Our copy of the receipt chains we are a party to (append-only: a receipt only ever
+    gains its countersignature, once), the requests we routed to peers, the statements
+    that close periods between two nodes, equivocations found and re-sync state."""
+
+    async def settle_with_receipt(
+        self, charge: Charge, pair: tuple[str, str], make: ReceiptMaker
+    ) -> StoredReceipt:
+        """A request served for a peer: its charge (as `UsageStore.write_batch`) and its
+        receipt, next in the pair's chain, made by `make(seq, prev)`, in one transaction: a
+        completed request always has its receipt and a chain never has a gap. On the
+        request path."""
+        ...
+
+    async def add_receipts(
+        self, receipts: list[LinkedReceipt]
+    ) -> tuple[list[tuple[StoredReceipt, StoredReceipt]], list[tuple[StoredReceipt, str]]]:
+        """Append receipts other nodes signed (verified by the caller), in one transaction.
+        Idempotent: a known one only gains the countersignature we lacked. Answers the
+        pairs (held, offered) where another receipt holds that place (the held one stays),
+        and the receipts refused with why (not linking with a neighbour we hold, or a second
+        receipt for one request)."""
+        ...
+
+    async def sent_requests(self, peer: str, ids: Sequence[str]) -> dict[str, SentRequest]:
+        """What we recorded of the requests with these ids that we routed to `peer`."""
+        ...
+
+    async def receipts_at(
+        self, provider: str, consumer: str, seqs: Sequence[int]
+    ) -> list[StoredReceipt]: ...
+
+    async def add_countersignatures(
+        self, provider: str, consumer: str, csigs: list[tuple[int, str]]
+    ) -> int:
+        """Countersignatures (seq, csig) for receipts that have none yet; how many were added."""
+        ...
+
+    async def add_countersignature(
+        self, provider: str, consumer: str, seq: int, csig: str
+    ) -> bool: ...
+
+    async def receipts(
+        self, provider: str, consumer: str, *, after_seq: int = 0, limit: int | None = None
+    ) -> list[StoredReceipt]:
+        """One pair's chain in seq order, from after `after_seq` (a page if `limit`)."""
+        ...
+
+    async def pending_resyncs(self, file_id: str, me: str) -> set[str]:
+        """The peers whose chains must be re-synced before we issue them receipts; every peer
+        is added when this database is not the file (`file_id`) we last ran on."""
+        ...
+
+    async def resynced(self, peer: str) -> None: ...
+
+    async def chain_head(self, provider: str, consumer: str) -> StoredReceipt | None: ...
+
+    async def receipt_pairs(self) -> list[tuple[str, str]]: ...
+
+    async def receipts_since(self, since: int) -> list[StoredReceipt]: ...
+
+    async def unsent_countersignatures(self, consumer: str, limit: int) -> list[StoredReceipt]: ...
+
+    async def mark_countersignatures_sent(self, receipts: list[StoredReceipt]) -> None: ...
+
+    async def add_equivocation(
+        self, provider: str, consumer: str, seq: int, ours: str, theirs: str
+    ) -> None:
+        """Idempotent: the first one found at a place is kept."""
+        ...
+
+    async def add_settlement(self, a: str, b: str, to_seq: int, iat: int, body: str) -> bool:
+        """Keep a statement; False if the pair has one issued at `iat` already."""
+        ...
+
+    async def settlements(
+        self,
+        a: str | None = None,
+        b: str | None = None,
+        *,
+        after_iat: int = -1,
+        limit: int | None = None,
+    ) -> list[str]:
+        """Statements (JSON as signed by both), oldest first; of one pair if given."""
+        ...
+
+
+class AuditStore(Protocol):
+    """Who did what (written with usage, by `UsageStore.write_batch`)."""
+
+    async def audit(
+        self, since_ms: int = 0, limit: int = 100, action: str | None = None
+    ) -> list[AuditEvent]:
+        """Newest first; `action` may end in `*`."""
+        ...
+
+
+class Store(Protocol):
+    """One of each aggregate, over one database."""
+
+    keys: KeyStore
+    spend: SpendStore
+    usage: UsageStore
+    peers: PeerStore
+    ledger: LedgerStore
+    audit: AuditStore
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> bool:
+        """The database answers (for the health check)."""
+        ...
+
+    async def prune(self, now: int) -> None:
+        """Forget nonces, rate counts and parallel slots that can no longer matter."""
+        ...

@@ -1,0 +1,250 @@
+"""The records every storage backend reads and writes, and the backend-neutral helpers that
+go with them: what the rest of the node hands the store and gets back from it."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from ledger.canonical import b64url
+from ledger.receipts import SentRequest
+
+Period = Literal["daily", "weekly", "monthly", "total"]
+Glob = Annotated[str, Meta(min_length=1, max_length=256)]
+
+
+# Stored with each key and tenant (as JSON), hence here; `node.gateway.policy` applies it.
+class Limits(Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """Limits shared by keys and tenants; None means no limit."""
+
+    models: list[Glob] | None = None
+    budget_micros: Annotated[int, Meta(ge=0)] | None = None
+    budget_period: Period = "monthly"
+    rpm: Annotated[int, Meta(ge=1)] | None = None
+    tpm: Annotated[int, Meta(ge=1)] | None = None
+    max_parallel: Annotated[int, Meta(ge=1)] | None = None
+
+
+class TenantRecord(msgspec.Struct):
+    id: str
+    name: str
+    limits: Limits
+    metadata: dict[str, str]
+    created_at: int
+
+
+class KeyRecord(msgspec.Struct):
+    id: str
+    name: str
+    hash: bytes
+    is_admin: bool
+    created_at: int
+    tenant_id: str | None = None
+    limits: Limits = msgspec.field(default_factory=Limits)
+    allowed_ips: list[str] = []
+    metadata: dict[str, str] = {}
+    expires_at: int | None = None
+    revoked_at: int | None = None
+    prev_hash: bytes | None = None
+    prev_valid_until: int | None = None
+    # A cross-node key: only this peer (by its pinned node key) may use it.
+    peer_id: str | None = None
+
+
+class PeerRecord(msgspec.Struct):
+    node_id: str
+    name: str
+    descriptor: str
+    status: Literal["active", "revoked"]
+    created_at: int
+    key_for_them: str | None = None
+    # The key the peer issued to us, sealed to our own identity: a leaked database alone
+    # does not let anyone spend it.
+    key_from_them: str | None = None
+    advert: str | None = None
+    listed: bool = False
+    revoked_at: int | None = None
+
+
+class InviteRow(msgspec.Struct):
+    token_id: str
+    public_key: bytes
+    exp: int
+    uses_left: int
+    models: list[str]
+    cap_micros: int | None
+    cap_period: str
+    created_at: int
+
+
+class UsageRecord(msgspec.Struct):
+    request_id: str
+    ts_ms: int
+    key_id: str | None
+    tenant_id: str | None
+    model: str
+    deployment: str | None
+    provider: str | None
+    endpoint: str
+    stream: bool
+    tokens_in: int
+    tokens_out: int
+    estimated: bool
+    cost_micros: int
+    latency_ms: int
+    status: int
+    error: str | None = None
+    # What the request cost beyond `cost_micros` (its charge, capped at its reservation).
+    unbilled_micros: int = 0
+    # The upstream's token counts were out of what the request could have used, and clamped.
+    clamped: bool = False
+
+
+class Hold(msgspec.Struct, frozen=True):
+    """Part of a budget reserved for one request, in one scope and period."""
+
+    scope: str
+    period_start: int
+    amount: int
+
+
+RateKind = Literal["requests", "tokens", "parallel"]
+
+
+class RateTake(msgspec.Struct, frozen=True):
+    """A lease asked of a scope's limit: up to `want` requests of this second (`requests`) or
+    parallel slots (`parallel`), at least one, or none at all."""
+
+    scope: str
+    kind: RateKind
+    limit: int
+    want: int
+
+
+class RateSync(msgspec.Struct):
+    """One process's rate-limit bookkeeping, written in one transaction with its takes.
+
+    `returns`: requests leased for a past second and never used, (scope, second, amount);
+    `tokens`: tokens used since the last sync, (scope, second, amount);
+    `slots`: the parallel slots the process holds now, (scope, slots), renewed until
+    `now + SLOT_TTL`; `read`: the scopes whose token counts of the last minute to read back."""
+
+    holder: str
+    now: int
+    takes: list[RateTake] = []
+    returns: list[tuple[str, int, int]] = []
+    tokens: list[tuple[str, int, int]] = []
+    slots: list[tuple[str, int]] = []
+    read: list[str] = []
+
+
+class RateAnswer(msgspec.Struct):
+    """`granted[i]` for `takes[i]` (all at least 1, or all 0 when `refused` names the take
+    that could not be met), what each scope held before (`used`), and per-second counts of
+    the last minute (second, amount) for the refused scope and the scopes read."""
+
+    granted: list[int]
+    used: list[int]
+    refused: int | None = None
+    buckets: dict[str, list[tuple[int, int]]] = {}
+
+
+# A live process renews its parallel slots every second; a dead one's come back this long
+# after its last renewal.
+SLOT_TTL = 15
+# Rate counts older than this many seconds are no longer read (the window is a minute).
+RATE_WINDOW = 60
+
+
+class Charge(msgspec.Struct):
+    """A finished request: its usage record and what its reservations turn into."""
+
+    record: UsageRecord
+    holds: list[Hold] = []
+    # A request routed to a peer: what we asked it (what its receipts are checked against).
+    sent: SentRequest | None = None
+
+
+class JoinRequestBounds(msgspec.Struct, frozen=True):
+    """How many join requests without an invite may wait (strangers make them): from one
+    source address, in all, and for how long (seconds)."""
+
+    source: str
+    per_source: int
+    total: int
+    ttl: int
+
+
+class AuditEvent(msgspec.Struct):
+    ts_ms: int
+    action: str
+    actor: str | None = None
+    target: str | None = None
+    ip: str | None = None
+    detail: dict[str, str | int | None] = {}
+
+
+class SpendRow(msgspec.Struct):
+    scope: str
+    period_start: int
+    cap: int
+    spent: int
+    reserved: int
+
+
+class UsageGroup(msgspec.Struct):
+    group: str | None
+    requests: int
+    errors: int
+    tokens_in: int
+    tokens_out: int
+    cost_micros: int
+    # What requests cost beyond their charge (capped at their reservation), and how many had
+    # token counts clamped: an upstream or peer reporting what the request could not use.
+    unbilled_micros: int = 0
+    clamped: int = 0
+
+
+class StoredReceipt(msgspec.Struct):
+    """A receipt as the ledger table holds it: the signed JSON (`body`, with `sig`, without
+    `csig`) and the columns it is found by."""
+
+    provider: str
+    consumer: str
+    seq: int
+    id: str
+    hash: str
+    amount: int
+    iat: int
+    body: str
+    csig: str | None = None
+    csig_sent: int = 0
+
+
+class LinkedReceipt(msgspec.Struct, frozen=True):
+    """A receipt to add to our copy of its chain, with its `prev` (to check the link)."""
+
+    receipt: StoredReceipt
+    prev: str
+
+
+ReceiptMaker = Callable[[int, str | None], StoredReceipt]
+
+
+class Conflict(Exception):
+    """A write that would break a uniqueness rule (a name already taken)."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def body_hash(body: str) -> str:
+    """A stored receipt's chain hash, from its body (the bytes its provider signed, with
+    `sig`, without `csig`): what the next receipt's `prev` must be."""
+    return b64url(hashlib.sha256(body.encode()).digest())

@@ -1,0 +1,253 @@
+"""The schema, as numbered migrations: `PRAGMA user_version` is the number of those applied.
+Append only: existing databases open by applying the ones they lack, in order."""
+
+from __future__ import annotations
+
+import sqlite3
+
+MIGRATIONS: list[str] = [
+    # 1: tenants, keys, spend, usage, alerts, audit
+    """
+    CREATE TABLE tenants (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        limits TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE keys (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        hash BLOB NOT NULL,
+        is_admin INTEGER NOT NULL DEFAULT 0,
+        tenant_id TEXT REFERENCES tenants (id),
+        limits TEXT NOT NULL DEFAULT '{}',
+        allowed_ips TEXT NOT NULL DEFAULT '[]',
+        metadata TEXT NOT NULL DEFAULT '{}',
+        expires_at INTEGER,
+        created_at INTEGER NOT NULL,
+        revoked_at INTEGER,
+        prev_hash BLOB,
+        prev_valid_until INTEGER
+    );
+    CREATE TABLE spend (
+        scope TEXT NOT NULL,
+        period_start INTEGER NOT NULL,
+        cap INTEGER NOT NULL,
+        spent INTEGER NOT NULL DEFAULT 0,
+        reserved INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (scope, period_start)
+    ) WITHOUT ROWID;
+    CREATE TABLE usage (
+        request_id TEXT PRIMARY KEY,
+        ts_ms INTEGER NOT NULL,
+        key_id TEXT,
+        tenant_id TEXT,
+        model TEXT NOT NULL,
+        deployment TEXT,
+        provider TEXT,
+        endpoint TEXT NOT NULL,
+        stream INTEGER NOT NULL,
+        tokens_in INTEGER NOT NULL,
+        tokens_out INTEGER NOT NULL,
+        estimated INTEGER NOT NULL,
+        cost_micros INTEGER NOT NULL,
+        latency_ms INTEGER NOT NULL,
+        status INTEGER NOT NULL,
+        error TEXT
+    ) WITHOUT ROWID;
+    CREATE INDEX usage_ts ON usage (ts_ms);
+    CREATE INDEX usage_key_ts ON usage (key_id, ts_ms);
+    CREATE TABLE alerts (
+        scope TEXT NOT NULL,
+        period_start INTEGER NOT NULL,
+        threshold INTEGER NOT NULL,
+        ts_ms INTEGER NOT NULL,
+        PRIMARY KEY (scope, period_start, threshold)
+    ) WITHOUT ROWID;
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts_ms INTEGER NOT NULL,
+        actor TEXT,
+        action TEXT NOT NULL,
+        target TEXT,
+        ip TEXT,
+        detail TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX audit_ts ON audit (ts_ms);
+    """,
+    # 2: federation: peers, invites, join requests awaiting approval, node-wide counters
+    """
+    ALTER TABLE keys ADD COLUMN peer_id TEXT;
+    CREATE UNIQUE INDEX keys_peer ON keys (peer_id) WHERE peer_id IS NOT NULL
+        AND revoked_at IS NULL;
+    CREATE TABLE peers (
+        node_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        descriptor TEXT NOT NULL,
+        status TEXT NOT NULL,
+        key_for_them TEXT,
+        key_from_them TEXT,
+        advert TEXT,
+        listed INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        revoked_at INTEGER
+    );
+    CREATE TABLE invites (
+        token_id TEXT PRIMARY KEY,
+        public_key BLOB NOT NULL,
+        exp INTEGER NOT NULL,
+        uses_left INTEGER NOT NULL,
+        models TEXT NOT NULL,
+        cap_micros INTEGER,
+        cap_period TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE join_requests (
+        node_id TEXT PRIMARY KEY,
+        descriptor TEXT NOT NULL,
+        received_at INTEGER NOT NULL
+    );
+    CREATE TABLE counters (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );
+    """,
+    # 3: answers to approved join requests (the key inside is sealed to the joiner), and the
+    # health a node last saw of each peer (for `aihub peers list`)
+    """
+    CREATE TABLE join_answers (
+        node_id TEXT PRIMARY KEY,
+        answer TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE peer_health (
+        node_id TEXT PRIMARY KEY,
+        healthy INTEGER NOT NULL,
+        latency_ms INTEGER,
+        checked_at INTEGER NOT NULL
+    );
+    """,
+    # 4: the ledger. Receipts are append-only: one chain per (provider, consumer) pair; the
+    # only change a row ever gets is its countersignature, once. Statements (the
+    # `settlements` table) close a period between two nodes.
+    """
+    CREATE TABLE receipts (
+        provider TEXT NOT NULL,
+        consumer TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        id TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        amount INTEGER NOT NULL,
+        iat INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        csig TEXT,
+        csig_sent INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (provider, consumer, seq)
+    );
+    CREATE INDEX receipts_id ON receipts (provider, consumer, id);
+    CREATE INDEX receipts_iat ON receipts (iat);
+    CREATE TRIGGER receipts_no_delete BEFORE DELETE ON receipts
+    BEGIN SELECT RAISE(ABORT, 'receipts are append-only'); END;
+    CREATE TRIGGER receipts_no_rewrite BEFORE UPDATE OF provider, consumer, seq, id, hash,
+        amount, iat, body ON receipts
+    BEGIN SELECT RAISE(ABORT, 'receipts are append-only'); END;
+    CREATE TRIGGER receipts_csig_once BEFORE UPDATE OF csig ON receipts
+        WHEN OLD.csig IS NOT NULL AND NEW.csig IS NOT OLD.csig
+    BEGIN SELECT RAISE(ABORT, 'a countersignature is written once'); END;
+    CREATE TABLE equivocations (
+        provider TEXT NOT NULL,
+        consumer TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        ours TEXT NOT NULL,
+        theirs TEXT NOT NULL,
+        found_at INTEGER NOT NULL,
+        PRIMARY KEY (provider, consumer, seq)
+    );
+    CREATE TABLE settlements (
+        a TEXT NOT NULL,
+        b TEXT NOT NULL,
+        to_seq INTEGER NOT NULL,
+        iat INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (a, b, iat)
+    );
+    """,
+    # 5 (books-intake): what a consumer routed to a peer: the request a receipt from that
+    # peer may bill (DESIGN.md, "Who may hand a node a receipt"), written in the batch that
+    # writes the request's usage record (a table of its own: local requests pay nothing).
+    """
+    CREATE TABLE peer_requests (
+        request_id TEXT PRIMARY KEY,
+        peer_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        price_seq INTEGER NOT NULL,
+        price_in INTEGER NOT NULL,
+        price_out INTEGER NOT NULL,
+        status INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    -- Receipts taken before this rule stay takeable (e.g. back from the peer after a restore):
+    -- their requests' records are filled in from the receipt of the peer the usage record
+    -- names (deployment `model@peer name`), with no price ceiling (2^53 - 1: the prices were
+    -- not recorded). Receipts naming requests we never routed to their provider get none.
+    INSERT OR IGNORE INTO peer_requests
+    SELECT u.request_id, r.provider, json_extract(r.body, '$.model'),
+        json_extract(r.body, '$.price_seq'), 9007199254740991, 9007199254740991, u.status
+    FROM usage u JOIN receipts r ON r.id = u.request_id
+        JOIN peers p ON p.node_id = r.provider
+    WHERE u.provider = 'peer'
+        AND u.deployment = json_extract(r.body, '$.model') || '@' || p.name;
+    """,
+    # 6 (branch pipeline-caps): what a request really cost beyond what was charged (the charge
+    # never passes the reservation), and whether its token counts were clamped (untrusted).
+    """
+    ALTER TABLE usage ADD COLUMN unbilled_micros INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN clamped INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 7 (restore detection): which database file this is (device and inode: a restored backup
+    # is another file), and the peers whose chains must be re-synced from their copies before
+    # we issue them another receipt (filled in when the file is not the one we last ran on).
+    """
+    CREATE TABLE node_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    CREATE TABLE resync_pending (peer_id TEXT PRIMARY KEY) WITHOUT ROWID;
+    """,
+    # 8 (conn-hardening): where each join request without an invite came from, so that one
+    # address can hold only a few of the pending places
+    """
+    ALTER TABLE join_requests ADD COLUMN source TEXT NOT NULL DEFAULT '';
+    """,
+    # 9 (branch replay-limits): what must hold across restarts and every process of a node.
+    # Nonces seen (request signatures, join proofs), each kept until what carried it could no
+    # longer be accepted; requests admitted per scope and second (rpm) and tokens used (tpm);
+    # the parallel slots each live process holds per scope, with an expiry it keeps renewing,
+    # so that the slots of a process that died come back.
+    """
+    CREATE TABLE nonces (
+        pair BLOB PRIMARY KEY,
+        expires INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX nonces_expires ON nonces (expires);
+    CREATE TABLE rate_counts (
+        scope TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        second INTEGER NOT NULL,
+        amount INTEGER NOT NULL,
+        PRIMARY KEY (scope, kind, second)
+    ) WITHOUT ROWID;
+    CREATE INDEX rate_counts_second ON rate_counts (second);
+    CREATE TABLE parallel_slots (
+        scope TEXT NOT NULL,
+        holder TEXT NOT NULL,
+        slots INTEGER NOT NULL,
+        expires INTEGER NOT NULL,
+        PRIMARY KEY (scope, holder)
+    ) WITHOUT ROWID;
+    """,
+]
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Apply the migrations not yet applied, each in its own transaction."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")

@@ -1,0 +1,253 @@
+"""Peers and invites, in SQLite: join requests and answers, peer health, nonces seen and
+node-wide counters."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Literal
+
+import msgspec
+
+from node.storage.records import InviteRow, JoinRequestBounds, KeyRecord, PeerRecord
+from node.storage.sqlite.connection import Database
+from node.storage.sqlite.keys import INSERT_KEY, decode_strings, key_values
+
+_json = msgspec.json.encode
+
+_PEER_COLUMNS = (
+    "node_id, name, descriptor, status, created_at, key_for_them, key_from_them, advert,"
+    " listed, revoked_at"
+)
+
+_INVITE_COLUMNS = "token_id, public_key, exp, uses_left, models, cap_micros, cap_period, created_at"
+
+_UPSERT_PEER = (
+    f"INSERT INTO peers ({_PEER_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT (node_id) DO UPDATE SET name = excluded.name,"
+    " descriptor = excluded.descriptor, status = excluded.status,"
+    " key_for_them = COALESCE(excluded.key_for_them, key_for_them),"
+    " key_from_them = COALESCE(excluded.key_from_them, key_from_them),"
+    " advert = COALESCE(excluded.advert, advert), listed = excluded.listed,"
+    " revoked_at = excluded.revoked_at"
+)
+
+
+def _peer_from_row(row: tuple) -> PeerRecord:
+    return PeerRecord(*row[:8], listed=bool(row[8]), revoked_at=row[9])
+
+
+def _invite_from_row(row: tuple) -> InviteRow:
+    return InviteRow(
+        row[0], row[1], row[2], row[3], decode_strings.decode(row[4]), row[5], row[6], row[7]
+    )
+
+
+def _peer_values(peer: PeerRecord) -> tuple:
+    return (
+        peer.node_id,
+        peer.name,
+        peer.descriptor,
+        peer.status,
+        peer.created_at,
+        peer.key_for_them,
+        peer.key_from_them,
+        peer.advert,
+        int(peer.listed),
+        peer.revoked_at,
+    )
+
+
+class SqlitePeers:
+    """The nodes we peer with, the invites and join requests that make peers, and the nonces
+    their signed requests must not repeat."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def insert_invite(self, invite: InviteRow) -> None:
+        await self._db.execute(
+            f"INSERT INTO invites ({_INVITE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+            (
+                invite.token_id,
+                invite.public_key,
+                invite.exp,
+                invite.uses_left,
+                _json(invite.models),
+                invite.cap_micros,
+                invite.cap_period,
+                invite.created_at,
+            ),
+        )
+
+    async def invite(self, token_id: str) -> InviteRow | None:
+        row = await self._db.fetchone(
+            f"SELECT {_INVITE_COLUMNS} FROM invites WHERE token_id = ?", (token_id,)
+        )
+        return _invite_from_row(row) if row else None
+
+    async def accept_join(
+        self, token_id: str | None, now: int, key: KeyRecord, peer: PeerRecord
+    ) -> bool:
+        """Spend one use of an invite (if any), issue the peer's key and record the peer, in
+        one transaction: a used-up or expired invite changes nothing."""
+
+        def join(db: sqlite3.Connection) -> bool:
+            if token_id is not None:
+                spent = db.execute(
+                    "UPDATE invites SET uses_left = uses_left - 1"
+                    " WHERE token_id = ? AND uses_left > 0 AND exp > ?",
+                    (token_id, now),
+                ).rowcount
+                if spent != 1:
+                    return False
+            # A peer that joins again gets a fresh key; the old one stops working.
+            db.execute(
+                "UPDATE keys SET revoked_at = ? WHERE peer_id = ? AND revoked_at IS NULL",
+                (now, key.peer_id),
+            )
+            db.execute(INSERT_KEY, key_values(key))
+            db.execute(_UPSERT_PEER, _peer_values(peer))
+            db.execute("DELETE FROM join_requests WHERE node_id = ?", (peer.node_id,))
+            return True
+
+        return await self._db.atomic(join)
+
+    async def save_peer(self, peer: PeerRecord) -> None:
+        await self._db.execute(_UPSERT_PEER, _peer_values(peer))
+
+    async def peers(self, *, include_revoked: bool = False) -> list[PeerRecord]:
+        where = "" if include_revoked else " WHERE status != 'revoked'"
+        rows = await self._db.fetchall(
+            f"SELECT {_PEER_COLUMNS} FROM peers{where} ORDER BY name, node_id"
+        )
+        return [_peer_from_row(row) for row in rows]
+
+    async def peer(self, node_id: str) -> PeerRecord | None:
+        row = await self._db.fetchone(
+            f"SELECT {_PEER_COLUMNS} FROM peers WHERE node_id = ?", (node_id,)
+        )
+        return _peer_from_row(row) if row else None
+
+    async def revoke_peer(self, node_id: str, now: int, status: str = "revoked") -> None:
+        """Cut a peer off (`revoked` by the admin, or `suspended` for cheating): its status,
+        and the key we issued to it, in one transaction."""
+
+        def revoke(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE peers SET status = ?, revoked_at = ? WHERE node_id = ?",
+                (status, now, node_id),
+            )
+            db.execute(
+                "UPDATE keys SET revoked_at = ? WHERE peer_id = ? AND revoked_at IS NULL",
+                (now, node_id),
+            )
+
+        await self._db.atomic(revoke)
+
+    async def add_join_request(
+        self, node_id: str, descriptor: str, now: int, bounds: JoinRequestBounds
+    ) -> Literal["source", "total"] | None:
+        """Keep a join request (a node asking again refreshes its descriptor, not its age);
+        None, or which bound refused it. Requests older than the bounds' ttl are dropped
+        first. One transaction: two workers cannot both take the last place."""
+
+        def add(db: sqlite3.Connection) -> Literal["source", "total"] | None:
+            db.execute("DELETE FROM join_requests WHERE received_at <= ?", (now - bounds.ttl,))
+            if db.execute(
+                "UPDATE join_requests SET descriptor = ? WHERE node_id = ?", (descriptor, node_id)
+            ).rowcount:
+                return None
+            (from_source,) = db.execute(
+                "SELECT COUNT(*) FROM join_requests WHERE source = ?", (bounds.source,)
+            ).fetchone()
+            if from_source >= bounds.per_source:
+                return "source"
+            (pending,) = db.execute("SELECT COUNT(*) FROM join_requests").fetchone()
+            if pending >= bounds.total:
+                return "total"
+            db.execute(
+                "INSERT INTO join_requests (node_id, descriptor, received_at, source)"
+                " VALUES (?, ?, ?, ?)",
+                (node_id, descriptor, now, bounds.source),
+            )
+            return None
+
+        return await self._db.atomic(add)
+
+    async def join_requests(self) -> list[tuple[str, str, int]]:
+        rows = await self._db.fetchall(
+            "SELECT node_id, descriptor, received_at FROM join_requests ORDER BY received_at"
+        )
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    async def join_request(self, node_id: str) -> str | None:
+        """The descriptor a pending join request came with."""
+        row = await self._db.fetchone(
+            "SELECT descriptor FROM join_requests WHERE node_id = ?", (node_id,)
+        )
+        return row[0] if row else None
+
+    async def save_join_answer(self, node_id: str, answer: str, now: int) -> None:
+        await self._db.execute(
+            "INSERT INTO join_answers VALUES (?, ?, ?) ON CONFLICT (node_id)"
+            " DO UPDATE SET answer = excluded.answer, created_at = excluded.created_at",
+            (node_id, answer, now),
+        )
+
+    async def join_answer(self, node_id: str) -> str | None:
+        row = await self._db.fetchone(
+            "SELECT answer FROM join_answers WHERE node_id = ?", (node_id,)
+        )
+        return row[0] if row else None
+
+    async def save_peer_health(
+        self, node_id: str, healthy: bool, latency_ms: int | None, now: int
+    ) -> None:
+        await self._db.execute(
+            "INSERT INTO peer_health VALUES (?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET"
+            " healthy = excluded.healthy, latency_ms = excluded.latency_ms,"
+            " checked_at = excluded.checked_at",
+            (node_id, int(healthy), latency_ms, now),
+        )
+
+    async def peer_health(self) -> dict[str, tuple[bool, int | None, int]]:
+        rows = await self._db.fetchall(
+            "SELECT node_id, healthy, latency_ms, checked_at FROM peer_health"
+        )
+        return {row[0]: (bool(row[1]), row[2], row[3]) for row in rows}
+
+    async def next_counter(self, name: str) -> int:
+        """Atomically increment and return a node-wide counter (e.g. the advert seq)."""
+        return await self._db.atomic(
+            lambda db: int(
+                db.execute(
+                    "INSERT INTO counters VALUES (?, 1) ON CONFLICT (name)"
+                    " DO UPDATE SET value = value + 1 RETURNING value",
+                    (name,),
+                ).fetchone()[0]
+            )
+        )
+
+    async def claim_nonce(self, pair: bytes, expires: int, now: int) -> bool:
+        """Record `pair` (a digest of who signed and the nonce) as used until `expires`: True
+        if it is new, False if it is already recorded and not expired (a replay). One
+        statement, so two processes cannot both see it new."""
+        return await self._db.atomic(lambda db: _claim_nonce(db, pair, expires, now), inline=True)
+
+
+def _claim_nonce(db: sqlite3.Connection, pair: bytes, expires: int, now: int) -> bool:
+    # A row left by an expired nonce (not yet pruned) is taken over: the expiry check, not
+    # this table, refuses a signature that old.
+    return (
+        db.execute(
+            "INSERT INTO nonces (pair, expires) VALUES (?, ?) ON CONFLICT (pair)"
+            " DO UPDATE SET expires = excluded.expires WHERE nonces.expires < ?",
+            (pair, expires, now),
+        ).rowcount
+        == 1
+    )
+
+
+def prune_nonces(db: sqlite3.Connection, now: int) -> None:
+    """Forget the nonces whose signatures could no longer be accepted anyway."""
+    db.execute("DELETE FROM nonces WHERE expires < ?", (now,))

@@ -1,0 +1,171 @@
+"""Budgets and leases, in SQLite: spend per scope and period, reservations, alert claims, rate
+counts and parallel slots."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from node.storage.records import (
+    RATE_WINDOW,
+    SLOT_TTL,
+    RateAnswer,
+    RateSync,
+    RateTake,
+    SpendRow,
+    now_ms,
+)
+from node.storage.sqlite.connection import Database
+
+
+def _scope_values(count: int) -> str:
+    return ", ".join(["(?, ?)"] * count)
+
+
+class SqliteSpend:
+    """What each scope spent and holds reserved per period, the alerts claimed, and the
+    rate-limit leases shared by every process."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def open_periods(self, rows: list[tuple[str, int, int]]) -> None:
+        """Make sure each (scope, period start) row exists and carries the current cap."""
+        await self._db.execute_many(
+            "INSERT INTO spend (scope, period_start, cap) VALUES (?, ?, ?)"
+            " ON CONFLICT (scope, period_start) DO UPDATE SET cap = excluded.cap",
+            rows,
+        )
+
+    async def reserve(self, amount: int, scopes: list[tuple[str, int]]) -> bool:
+        """Reserve `amount` in every scope, or in none if any would pass its cap.
+
+        One statement, so that it is atomic against every other reservation, in this process
+        or another: concurrent requests can never take a budget past its cap.
+        """
+        values = _scope_values(len(scopes))
+        flat = [part for scope in scopes for part in scope]
+        changed = await self._db.execute(
+            f"UPDATE spend SET reserved = reserved + ?"
+            f" WHERE (scope, period_start) IN (VALUES {values})"
+            f" AND NOT EXISTS (SELECT 1 FROM spend WHERE (scope, period_start) IN"
+            f" (VALUES {values}) AND spent + reserved + ? > cap)",
+            [amount, *flat, *flat, amount],
+        )
+        return changed == len(scopes)
+
+    async def release(self, leases: list[tuple[int, tuple[str, int]]]) -> None:
+        """Give back reserved budget that no request will use: (amount, (scope, start))."""
+        await self._db.execute_many(
+            "UPDATE spend SET reserved = MAX(reserved - ?, 0) WHERE scope = ? AND period_start = ?",
+            [(amount, scope, start) for amount, (scope, start) in leases],
+        )
+
+    async def release_all_reservations(self) -> None:
+        """At start-up no request is in flight: what is still reserved was lost in a crash."""
+        await self._db.execute("UPDATE spend SET reserved = 0 WHERE reserved != 0")
+
+    async def spend(self, scopes: list[tuple[str, int]]) -> list[SpendRow]:
+        if not scopes:
+            return []
+        values = _scope_values(len(scopes))
+        rows = await self._db.fetchall(
+            "SELECT scope, period_start, cap, spent, reserved FROM spend"
+            f" WHERE (scope, period_start) IN (VALUES {values})",
+            [part for scope in scopes for part in scope],
+        )
+        return [SpendRow(*row) for row in rows]
+
+    async def claim_alert(self, scope: str, period_start: int, threshold: int) -> bool:
+        """True the first time a threshold is reached in a period, False ever after."""
+        claimed = await self._db.execute(
+            "INSERT OR IGNORE INTO alerts VALUES (?, ?, ?, ?)",
+            (scope, period_start, threshold, now_ms()),
+        )
+        return claimed == 1
+
+    async def rate_sync(self, sync: RateSync) -> RateAnswer:
+        """Apply one process's rate-limit bookkeeping and grant its takes, in one transaction:
+        every take gets at least one, or none does."""
+        return await self._db.atomic(lambda db: _rate_sync(db, sync), inline=True)
+
+    async def release_slots(self, holder: str) -> None:
+        """A process stops: the parallel slots it held come back at once."""
+        await self._db.execute("DELETE FROM parallel_slots WHERE holder = ?", (holder,))
+
+
+def _rate_sync(db: sqlite3.Connection, sync: RateSync) -> RateAnswer:
+    now, holder = sync.now, sync.holder
+    db.executemany(
+        "UPDATE rate_counts SET amount = MAX(amount - ?, 0)"
+        " WHERE scope = ? AND kind = 'requests' AND second = ?",
+        [(amount, scope, second) for scope, second, amount in sync.returns],
+    )
+    db.executemany(_ADD_RATE, [(scope, "tokens", second, n) for scope, second, n in sync.tokens])
+    db.executemany(
+        "INSERT INTO parallel_slots VALUES (?, ?, ?, ?) ON CONFLICT (scope, holder)"
+        " DO UPDATE SET slots = excluded.slots, expires = excluded.expires",
+        [(scope, holder, slots, now + SLOT_TTL) for scope, slots in sync.slots],
+    )
+    used = [_rate_used(db, take, now) for take in sync.takes]
+    refused = next(
+        (i for i, take in enumerate(sync.takes) if used[i] >= take.limit),
+        None,
+    )
+    answer = RateAnswer(granted=[0] * len(sync.takes), used=used, refused=refused)
+    if refused is None:
+        answer.granted = [
+            min(take.want, take.limit - held) for take, held in zip(sync.takes, used, strict=True)
+        ]
+        for take, granted in zip(sync.takes, answer.granted, strict=True):
+            _grant(db, take, granted, holder, now)
+    else:
+        take = sync.takes[refused]
+        answer.buckets[take.scope] = _buckets(db, take.scope, take.kind, now)
+    for scope in sync.read:
+        answer.buckets[scope] = _buckets(db, scope, "tokens", now)
+    return answer
+
+
+_ADD_RATE = (
+    "INSERT INTO rate_counts VALUES (?, ?, ?, ?) ON CONFLICT (scope, kind, second)"
+    " DO UPDATE SET amount = amount + excluded.amount"
+)
+
+
+def _rate_used(db: sqlite3.Connection, take: RateTake, now: int) -> int:
+    if take.kind == "parallel":
+        sql = "SELECT COALESCE(SUM(slots), 0) FROM parallel_slots WHERE scope = ? AND expires >= ?"
+        return int(db.execute(sql, (take.scope, now)).fetchone()[0])
+    sql = (
+        "SELECT COALESCE(SUM(amount), 0) FROM rate_counts"
+        " WHERE scope = ? AND kind = ? AND second >= ?"
+    )
+    return int(db.execute(sql, (take.scope, take.kind, now - RATE_WINDOW)).fetchone()[0])
+
+
+def _grant(db: sqlite3.Connection, take: RateTake, granted: int, holder: str, now: int) -> None:
+    if take.kind == "parallel":
+        # Slots of this holder's row that expired are no longer its: start again from none.
+        db.execute(
+            "INSERT INTO parallel_slots VALUES (?, ?, ?, ?) ON CONFLICT (scope, holder)"
+            " DO UPDATE SET slots = IIF(expires >= ?, slots, 0) + excluded.slots,"
+            " expires = excluded.expires",
+            (take.scope, holder, granted, now + SLOT_TTL, now),
+        )
+    else:
+        db.execute(_ADD_RATE, (take.scope, take.kind, now, granted))
+
+
+def _buckets(db: sqlite3.Connection, scope: str, kind: str, now: int) -> list[tuple[int, int]]:
+    rows = db.execute(
+        "SELECT second, amount FROM rate_counts WHERE scope = ? AND kind = ? AND second >= ?"
+        " AND amount > 0 ORDER BY second",
+        (scope, kind, now - RATE_WINDOW),
+    ).fetchall()
+    return [(int(second), int(amount)) for second, amount in rows]
+
+
+def prune_leases(db: sqlite3.Connection, now: int) -> None:
+    """Forget rate counts older than any window reads, and parallel slots that expired."""
+    db.execute("DELETE FROM rate_counts WHERE second < ?", (now - 2 * RATE_WINDOW,))
+    db.execute("DELETE FROM parallel_slots WHERE expires < ?", (now,))

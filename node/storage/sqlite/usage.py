@@ -1,0 +1,93 @@
+"""Usage records (the journal drains into them), in SQLite."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Literal
+
+import msgspec
+
+from node.storage.records import AuditEvent, Charge, UsageGroup, UsageRecord
+from node.storage.sqlite.connection import Database
+
+_json = msgspec.json.encode
+
+
+class SqliteUsage:
+    """Finished requests: their usage records, written with the spend they settle."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def write_batch(self, charges: list[Charge], events: list[AuditEvent]) -> None:
+        """Usage records, the spend they settle and audit events: one transaction."""
+        await self._db.atomic(lambda db: write_charges(db, charges, events))
+
+    async def usage_since(self, since_ms: int = 0) -> list[UsageRecord]:
+        rows = await self._db.fetchall(
+            "SELECT * FROM usage WHERE ts_ms >= ? ORDER BY ts_ms", (since_ms,)
+        )
+        return [
+            msgspec.convert(dict(zip(_USAGE_FIELDS, row, strict=True)), UsageRecord, strict=False)
+            for row in rows
+        ]
+
+    async def usage_report(
+        self, by: Literal["key", "tenant", "model"], since_ms: int
+    ) -> list[UsageGroup]:
+        column = {"key": "key_id", "tenant": "tenant_id", "model": "model"}[by]
+        rows = await self._db.fetchall(
+            f"SELECT {column}, COUNT(*), SUM(status >= 400), SUM(tokens_in), SUM(tokens_out),"
+            f" SUM(cost_micros), SUM(unbilled_micros), SUM(clamped)"
+            f" FROM usage WHERE ts_ms >= ? GROUP BY {column}"
+            " ORDER BY SUM(cost_micros) DESC, COUNT(*) DESC",
+            (since_ms,),
+        )
+        return [UsageGroup(*row) for row in rows]
+
+
+_USAGE_FIELDS = UsageRecord.__struct_fields__
+
+SENT_COLUMNS = "request_id, peer_id, model, price_seq, price_in, price_out, status"
+
+_INSERT_SENT = f"INSERT OR IGNORE INTO peer_requests ({SENT_COLUMNS}) VALUES (?,?,?,?,?,?,?)"
+
+_USAGE_PLACEHOLDERS = ",".join("?" * len(_USAGE_FIELDS))
+
+
+def write_charges(db: sqlite3.Connection, charges: list[Charge], events: list[AuditEvent]) -> None:
+    """Write usage records, settle the spend they hold and log audit events. A record already
+    written (a journal replayed after a crash that came after its commit) is skipped together
+    with its spend, so that writing a charge twice counts it once. Statements run as
+    `executemany`: a Python loop here holds the GIL against the event loop's thread."""
+    ids = [s.record.request_id for s in charges]
+    known: set[str] = set()
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        rows = db.execute(
+            f"SELECT request_id FROM usage WHERE request_id IN ({','.join('?' * len(chunk))})",
+            chunk,
+        )
+        known.update(row[0] for row in rows)
+    fresh = [s for s in charges if s.record.request_id not in known]
+    db.executemany(
+        f"INSERT OR IGNORE INTO usage VALUES ({_USAGE_PLACEHOLDERS})",
+        [msgspec.structs.astuple(s.record) for s in fresh],
+    )
+    db.executemany(
+        "UPDATE spend SET reserved = MAX(reserved - ?, 0), spent = spent + ?"
+        " WHERE scope = ? AND period_start = ?",
+        [
+            (hold.amount, s.record.cost_micros, hold.scope, hold.period_start)
+            for s in fresh
+            for hold in s.holds
+        ],
+    )
+    sent = [s.sent for s in fresh if s.sent is not None]
+    if sent:
+        db.executemany(_INSERT_SENT, [msgspec.structs.astuple(request) for request in sent])
+    if events:
+        db.executemany(
+            "INSERT INTO audit (ts_ms, actor, action, target, ip, detail) VALUES (?,?,?,?,?,?)",
+            [(e.ts_ms, e.actor, e.action, e.target, e.ip, _json(e.detail)) for e in events],
+        )
