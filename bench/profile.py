@@ -18,9 +18,9 @@ from collections import Counter
 IDLE = (
     "Runner.run (asyncio/runners.py",
     "run (uvloop/__init__.py",
-    # The store's thread (node/storage/sqlite/connection.py) waiting for a job: its SQL runs
-    # in the frames of the work it is handed, never in this one's own.
-    "_serve_jobs (",
+    # aiosqlite's thread (node/storage/sqlite/connection.py) waiting for a job: its SQL runs
+    # in the frames of the work it is handed.
+    "_connection_worker_thread (aiosqlite/core.py",
     "Thread.wait (threading.py",
     "Condition.wait (threading.py",
     "_worker (concurrent/futures/thread.py",
@@ -33,7 +33,10 @@ LAYERS = [
     ("ASGI server: uvicorn", ("uvicorn/", "httptools/")),
     ("ASGI server: granian", ("granian/",)),
     ("framework: Litestar", ("litestar/",)),
-    ("SQLite: sqlite3 + the store's thread", ("node/storage/sqlite/connection.py", "sqlite3/")),
+    (
+        "SQLite: aiosqlite + sqlite3",
+        ("aiosqlite/", "node/storage/sqlite/connection.py", "sqlite3/"),
+    ),
     ("node: auth (keys)", ("node/gateway/auth.py", "node/gateway/keys.py", "node/peers/auth.py")),
     ("node: rate limits", ("node/gateway/ratelimit.py",)),
     (
@@ -84,7 +87,7 @@ STEPS = [
     ("_send_reply", "  sending the answer"),
     ("_send_stream", "  sending a stream"),
     ("UsageRecorder._run", "usage writer task (batched, every 50 ms)"),
-    ("_serve_jobs", "the store's thread (running SQL)"),
+    ("_connection_worker_thread", "the store's thread (aiosqlite, running SQL)"),
 ]
 
 

@@ -68,7 +68,7 @@ LABELS = {
     "hop": "federated hop: beta -> alpha",
 }
 PACKAGES = ["aihub", "litestar", "uvicorn", "granian", "uvloop", "httptools", "httpx"]
-PACKAGES += ["httpx-aiohttp", "aiohttp", "msgspec"]
+PACKAGES += ["httpx-aiohttp", "aiohttp", "msgspec", "aiosqlite"]
 FLOOR_APPS = {
     "floor_asgi": "asgi",
     "floor_litestar": "litestar",

@@ -1,6 +1,8 @@
 """The store's one transaction mechanism (`Database.atomic`): work runs whole or not at all, on
 the store's thread or, inline, on the event loop's; its value and its exception reach the
-caller; a cancelled caller's work still finishes."""
+caller; a cancelled caller's work still finishes. These pin what the store relies on in
+aiosqlite's private `Connection._execute` (see node/storage/sqlite/connection.py): a version of
+aiosqlite that changed it fails here."""
 
 from __future__ import annotations
 
@@ -55,7 +57,6 @@ def test_work_answers_its_value_from_its_thread(tmp_path: Path, inline: bool) ->
             name = await db.atomic(lambda c: threading.current_thread().name, inline=inline)
             # Inline: on the event loop's thread; else on the thread that owns the connection.
             assert (name == threading.current_thread().name) is inline
-            assert (name == "sqlite") is not inline
         finally:
             await db.close()
 
@@ -83,7 +84,7 @@ def test_a_busy_database_sends_inline_work_to_the_thread(tmp_path: Path) -> None
             await asyncio.sleep(0.2)
             assert not where.done()
             other.execute("COMMIT")
-            assert await asyncio.wait_for(where, 10) == "sqlite"
+            assert await asyncio.wait_for(where, 10) != threading.current_thread().name
             assert await _rows(db) == [1]
         finally:
             other.close()
@@ -124,5 +125,32 @@ def test_a_closed_database_refuses_work(tmp_path: Path) -> None:
         await db.close()
         with pytest.raises(sqlite3.ProgrammingError):
             await db.fetchone("SELECT 1")
+
+    asyncio.run(run())
+
+
+def test_aiosqlite_runs_a_queued_function_on_its_own_thread() -> None:
+    """The one private call the store makes, `aiosqlite.Connection._execute(fn, *args)`: `fn`
+    runs on aiosqlite's thread with the arguments given, and its value and its exception come
+    back to the awaiting coroutine."""
+    import aiosqlite
+
+    async def run() -> None:
+        connection = await aiosqlite.connect(":memory:", isolation_level=None)
+        try:
+            raw = connection._conn
+            seen = await connection._execute(
+                lambda db, n: (db is raw, n, threading.current_thread().name), raw, 7
+            )
+            assert seen[:2] == (True, 7)
+            assert seen[2] != threading.current_thread().name
+
+            def fail(_: sqlite3.Connection) -> None:
+                raise Boom
+
+            with pytest.raises(Boom):
+                await connection._execute(fail, raw)
+        finally:
+            await connection.close()
 
     asyncio.run(run())

@@ -1,27 +1,27 @@
-"""The one SQLite connection of a store, the thread that owns it, and the one way to run work
-on it: `await db.atomic(work)`, where `work(sqlite3.Connection)` runs whole, in a transaction.
+"""The one SQLite connection of a store, aiosqlite's thread that owns it, and the one way to
+run work on it: `await db.atomic(work)`, where `work(sqlite3.Connection)` runs whole, in a
+transaction.
 
-Why our own thread and not aiosqlite (which this replaced): aiosqlite's public calls cost a
-round trip to its thread each (a statement, then closing its cursor); the one way to hand it
-a whole unit of work is its private `_execute` queue. A thread of our own that owns the
-connection does the same in a few lines, with no private API, at the same cost: a round trip
-is one queue put and one `call_soon_threadsafe` either way. Measured on the shared 2-core
-development machine (loaded by other work, so noisy), 10,000 calls each on a fresh database,
-per call, three runs: `ping` 101/203/282 us through aiosqlite's `_execute`, 120/236/456 us
-here; a one-record `write_batch` 202/353/517 us there, 185/361/570 us here. The one thing
-added per call is the BEGIN/COMMIT of a read transaction, 1.5 us measured alone.
+Why aiosqlite's private `Connection._execute`: its public calls cost a round trip to its thread
+each (a statement, then closing its cursor), and a transaction of several statements would be
+several round trips with other coroutines' statements able to land in between; `_execute(fn,
+*args)` queues one function to its thread and is the one way to hand it a whole unit of work.
+It has kept that name, signature and behaviour from 0.17 to 0.22 (the version is pinned below
+1 in pyproject.toml), and `tests/test_storage_connection.py` pins what we rely on: the function
+runs on aiosqlite's thread, its value and its exception come back, and it runs to its end when
+its caller is cancelled. A thread of our own doing the same was measured at the same cost per
+call (10,000 `ping`s and one-record `write_batch`es, on a loaded 2-core machine: within noise
+either way), so the stack's library stays.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import queue
 import sqlite3
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
+
+import aiosqlite
 
 T = TypeVar("T")
 Work = Callable[[sqlite3.Connection], T]
@@ -32,53 +32,11 @@ _PRAGMAS = ("synchronous=NORMAL", "foreign_keys=ON")
 # Another writer holds the database (the primary result codes, under any extended code).
 _BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
-_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[object]", Callable[[], object]]
 
-
-def _serve_jobs(jobs: queue.SimpleQueue[_Job | None]) -> None:
-    """The store's thread: run jobs one after another, in the order queued, until None. A
-    job whose caller was cancelled still runs to its end (a transaction commits or rolls
-    back whole); only its answer is dropped. (`bench/profile.py` knows this function's name:
-    waiting here is idle time.)"""
-    while (job := jobs.get()) is not None:
-        loop, future, call = job
-        try:
-            result, error = call(), None
-        except BaseException as exc:
-            result, error = None, exc
-        # A closed loop (RuntimeError) has nobody waiting any more.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_settle, future, result, error)
-
-
-class _Worker:
-    """The thread that owns a connection, and the queue of jobs it runs."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        # A daemon: a store left open must not keep the process from exiting.
-        self._thread = threading.Thread(
-            target=_serve_jobs, args=(self._jobs,), name="sqlite", daemon=True
-        )
-        self._thread.start()
-
-    async def submit(self, call: Callable[[], T]) -> T:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((loop, future, call))  # type: ignore[arg-type]
-        return await future
-
-    def stop(self) -> None:
-        self._jobs.put(None)
-
-
-def _settle(future: asyncio.Future[object], result: object, error: BaseException | None) -> None:
-    if future.done():  # cancelled meanwhile
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+async def _run(connection: aiosqlite.Connection, work: Work[T]) -> T:
+    """`work` on aiosqlite's thread, given the sqlite3 connection that thread owns (see the
+    module's docstring for why `_execute`)."""
+    return await connection._execute(work, connection._conn)
 
 
 def _in_transaction(db: sqlite3.Connection, work: Work[T], begin: str) -> T:
@@ -98,43 +56,33 @@ class Database:
     process. Work runs whole on that thread, so no coroutine's statement ever lands inside
     another's transaction, and no lock is needed on the event loop's side."""
 
-    def __init__(self, path: Path, worker: _Worker, connection: sqlite3.Connection) -> None:
+    def __init__(self, path: Path, connection: aiosqlite.Connection) -> None:
         self.path = path
-        self._worker = worker
-        self._connection: sqlite3.Connection | None = connection
+        self._connection: aiosqlite.Connection | None = connection
         # The event loop thread's own connection, for `atomic(..., inline=True)`.
         self._inline: sqlite3.Connection | None = None
 
     @classmethod
     async def open(cls, path: Path, prepare: Callable[[sqlite3.Connection], None]) -> Database:
         """Connect (in WAL mode) and run `prepare` (the migrations) before any other work."""
-        worker = _Worker()
+        connection = await aiosqlite.connect(path, isolation_level=None)
 
-        def connect() -> sqlite3.Connection:
-            db = sqlite3.connect(path, isolation_level=None)
-            try:
-                for pragma in ("journal_mode=WAL", *_PRAGMAS, "busy_timeout=10000"):
-                    db.execute(f"PRAGMA {pragma}")
-                prepare(db)
-            except BaseException:
-                db.close()
-                raise
-            return db
+        def connect(db: sqlite3.Connection) -> None:
+            for pragma in ("journal_mode=WAL", *_PRAGMAS, "busy_timeout=10000"):
+                db.execute(f"PRAGMA {pragma}")
+            prepare(db)
 
         try:
-            connection = await worker.submit(connect)
+            await _run(connection, connect)
         except BaseException:
-            worker.stop()
+            await connection.close()
             raise
-        return cls(path, worker, connection)
+        return cls(path, connection)
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
-            try:
-                await self._worker.submit(connection.close)
-            finally:
-                self._worker.stop()
+            await connection.close()
         if self._inline is not None:
             self._inline.close()
             self._inline = None
@@ -166,7 +114,7 @@ class Database:
         connection = self._connection
         if connection is None:
             raise sqlite3.ProgrammingError("the store is closed")
-        return await self._worker.submit(lambda: _in_transaction(connection, work, begin))
+        return await _run(connection, lambda db: _in_transaction(db, work, begin))
 
     def _inline_connection(self) -> sqlite3.Connection:
         if self._inline is None:
