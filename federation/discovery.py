@@ -613,7 +613,7 @@ async def exchange_descriptors(
     request_timeout: float = 5.0,
     on_problem: Callable[[str], None] | None = None,
 ) -> list[NodeDescriptor]:
-    """Ask every active peer (`node.storage.store.PeerRecord`s) for the descriptors of its listed
+    """Ask every active peer (`node.storage.records.PeerRecord`s) for the descriptors of its listed
     peers: a signed `GET /federation/peers` with the cross-node key it issued us. Each
     descriptor is verified; one per node id (the newest). Problems go to `on_problem`."""
     report = on_problem or _log_problem
