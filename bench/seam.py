@@ -210,7 +210,7 @@ OLLAMA_TOOLS = [
 ]
 
 
-class _Response:
+class CannedResponse:
     """An `UpstreamResponse` answered from memory: the body whole, or piece by piece."""
 
     status_code = 200
@@ -284,8 +284,8 @@ class Version:
     ) -> Any:
         """The provider's adapter, its `send` answering `stream` to a stream, else `answer`."""
 
-        async def send(*_: Any, stream: bool = False, **__: Any) -> _Response:
-            return _Response(pieces if stream else [answer])
+        async def send(*_: Any, stream: bool = False, **__: Any) -> CannedResponse:
+            return CannedResponse(pieces if stream else [answer])
 
         pieces = stream
         module.send = send  # type: ignore[attr-defined]

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -36,6 +35,7 @@ from adapters.types import (
     UpstreamError,
     Usage,
 )
+from bench.seam import CannedResponse
 from node.ingress.openai_render import ChunkRenderer, result_body
 from tests.calls import chat_call
 
@@ -269,22 +269,6 @@ def _anthropic_sse(*events: dict[str, Any]) -> list[bytes]:
     return [f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode() for event in events]
 
 
-class _Response:
-    status_code = 200
-    headers: dict[str, str] = {}
-
-    def __init__(self, pieces: list[bytes]) -> None:
-        self._pieces = pieces
-        self.content = b"".join(pieces)
-
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        for piece in self._pieces:
-            yield piece
-
-    async def aclose(self) -> None:
-        return None
-
-
 ANTHROPIC_STREAM = _anthropic_sse(
     {
         "type": "message_start",
@@ -315,8 +299,8 @@ ANTHROPIC_STREAM = _anthropic_sse(
 
 
 async def test_an_anthropic_stream_yields_neutral_events(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def send(*_: Any, **__: Any) -> _Response:
-        return _Response(ANTHROPIC_STREAM)
+    async def send(*_: Any, **__: Any) -> CannedResponse:
+        return CannedResponse(ANTHROPIC_STREAM)
 
     monkeypatch.setattr(adapters.anthropic, "send", send)
     upstream = Upstream(provider="anthropic", model="claude-x", base_url="http://anthropic")
