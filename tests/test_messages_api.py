@@ -22,6 +22,7 @@ from tests.conftest import NodeDir, RunningNode, run_node
 from tests.mocks.anthropic_mock import AnthropicMock
 from tests.mocks.openai_mock import OpenAIMock
 from tests.mocks.server import serve_app
+from tests.test_federation import LLAMA, cli, invite, make_peer, model_owners, usage_rows, wait_for
 
 ANTHROPIC_KEY = "sk-ant-mock"
 WEATHER = {
@@ -430,3 +431,31 @@ def test_a_messages_request_is_charged_to_its_key(served):
     assert row["tokens_out"] == 2 * reply.usage.output_tokens
     assert row["cost_micros"] == 2 * cost
     assert spent["spent_micros"] == 2 * cost
+
+
+# --- through a peer ----------------------------------------------------------------------------
+
+
+def test_messages_through_a_peer(tmp_path):
+    """Bob's Messages client uses a model only alice serves: bob calls alice through chat
+    completions (peers speak that), and renders her answer in Anthropic's format; alice
+    charges bob's cross-node key for both."""
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    with alice.run(), bob.run() as b:
+        cli("join", invite(alice, "--models", "llama3"), "--data-dir", str(bob.path))
+        assert wait_for(lambda: model_owners(b).get("llama3") == "alice")
+        with anthropic.Anthropic(base_url=b.url, api_key=b.key, max_retries=0) as client:
+            reply = client.messages.create(model="llama3", max_tokens=32, messages=HELLO)
+            with client.messages.stream(model="llama3", max_tokens=32, messages=HELLO) as stream:
+                text = "".join(stream.text_stream)
+                final = stream.get_final_message()
+        assert reply.content[0].text == text == "echo: Hello, hub"
+        assert reply.stop_reason == final.stop_reason == "end_turn"
+        assert final.usage.output_tokens == reply.usage.output_tokens == 3
+        assert wait_for(lambda: len([r for r in usage_rows(alice.path) if r.status == 200]) == 2)
+        served = [r for r in usage_rows(alice.path) if r.model == "llama3"]
+        assert len({r.key_id for r in served}) == 1 and all(r.cost_micros > 0 for r in served)
+        assert wait_for(
+            lambda: len([r for r in usage_rows(bob.path) if r.deployment == "llama3@alice"]) == 2
+        )
