@@ -101,4 +101,5 @@ def create_app(directory: Path | None = None) -> Litestar:
         logging_config=None,  # logging is the server's and the CLI's to configure
     )
     document(app.openapi_schema)
+    anthropic.document(app.openapi_schema)
     return app

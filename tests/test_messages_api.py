@@ -383,6 +383,21 @@ def test_errors_are_anthropic_errors_the_sdk_raises(served, client):
         sdk(served, key).messages.create(model="echo", max_tokens=8, messages=HELLO)
 
 
+def test_a_tool_choice_of_no_tool_and_the_schema(client, served):
+    with pytest.raises(anthropic.BadRequestError) as unnamed:
+        client.messages.create(
+            model="echo",
+            max_tokens=8,
+            messages=HELLO,
+            tools=[WEATHER],
+            tool_choice={"type": "tool"},
+        )
+    assert "names its tool" in unnamed.value.body["error"]["message"]
+    schema = httpx.get(served.url + "/schema/openapi.json").json()
+    assert schema["paths"]["/v1/messages"]["post"]["operationId"] == "createMessage"
+    assert "/v1/messages/count_tokens" in schema["paths"]
+
+
 def test_over_budget_key_is_a_rate_limit_error(served):
     key, _ = new_key(served, budget_micros=1)
     with pytest.raises(anthropic.RateLimitError) as refused:

@@ -14,6 +14,16 @@ from __future__ import annotations
 
 import msgspec
 from litestar import Request
+from litestar.openapi.spec import (
+    OpenAPI,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Operation,
+    PathItem,
+    RequestBody,
+    Schema,
+)
 
 from adapters.tokens import MESSAGE_OVERHEAD, estimate_prompt_tokens, estimate_text_tokens
 from adapters.types import ChatCall, ChatRequest, NamedToolChoice
@@ -27,6 +37,7 @@ from node.ingress import anthropic_errors
 from node.ingress.anthropic_render import MessageStreamRenderer, message_body
 from node.ingress.anthropic_request import CountTokensRequest, MessagesRequest, chat_request
 from node.ingress.asgi import (
+    JSON,
     Reply,
     StreamReply,
     caller_of,
@@ -137,3 +148,23 @@ count_tokens = post_endpoint(
 )
 
 ROUTES = [messages, count_tokens]
+
+
+def document(openapi: OpenAPI) -> None:
+    """Describe the two ASGI endpoints in the app's OpenAPI schema (Litestar lists only the
+    routes it answers itself). Their bodies are Anthropic's: its API reference is the spec."""
+    body = {JSON: OpenAPIMediaType(schema=Schema(type=OpenAPIType.OBJECT))}
+    paths = dict(openapi.paths or {})
+    for path, operation_id, summary, answer in (
+        ("/v1/messages", "createMessage", "Create a message", "A message, or its SSE events"),
+        ("/v1/messages/count_tokens", "countTokens", "Count a message's input tokens", "The count"),
+    ):
+        paths[path] = PathItem(
+            post=Operation(
+                operation_id=operation_id,
+                summary=f"{summary} (Anthropic Messages API)",
+                request_body=RequestBody(content=body, required=True),
+                responses={"200": OpenAPIResponse(description=answer, content=body)},
+            )
+        )
+    openapi.paths = paths

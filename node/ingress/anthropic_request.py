@@ -103,6 +103,10 @@ class MessagesToolChoice(Struct):
     name: str | None = None
     disable_parallel_tool_use: bool | None = None
 
+    def __post_init__(self) -> None:
+        if self.type == "tool" and not self.name:
+            raise ValueError("a `tool` choice names its tool (`name`)")
+
 
 class Metadata(Struct):
     user_id: str | None = None
@@ -230,6 +234,6 @@ def _tool(tool: ToolDefinition) -> Tool:
 
 
 def _tool_choice(choice: MessagesToolChoice) -> ToolChoice:
-    if choice.type == "tool" and choice.name:
+    if choice.type == "tool" and choice.name:  # always named (`__post_init__`)
         return NamedToolChoice(NamedFunction(choice.name))
     return {"auto": "auto", "any": "required", "none": "none"}.get(choice.type, "auto")  # type: ignore[return-value]
