@@ -7,6 +7,7 @@ the same keys, budgets and usage records) as chat completions.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import Iterator
@@ -157,6 +158,25 @@ def test_create_through_an_openai_upstream_sends_it_openai_fields_only(client, s
     assert sent["max_tokens"] == 50 and sent["stop"] == ["END"] and sent["user"] == "u-1"
     assert sent["temperature"] == 0.5
     assert not {"system", "stop_sequences", "top_k", "metadata"} & set(sent)
+
+
+def test_an_image_block_reaches_an_openai_upstream_as_an_image_part(client, served):
+    pixel = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(16)).decode()
+    image = {
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": pixel},
+    }
+    reply = client.messages.create(
+        model="gpt-mock",
+        max_tokens=20,
+        messages=[{"role": "user", "content": [image, {"type": "text", "text": "what is it"}]}],
+    )
+    assert reply.content[0].text == "mock says: what is it"
+    sent = json.loads(served.openai_mock.script.received[-1].body)
+    assert sent["messages"][0]["content"] == [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{pixel}"}},
+        {"type": "text", "text": "what is it"},
+    ]
 
 
 def test_max_tokens_is_the_stop_reason_when_the_answer_is_cut(client):
