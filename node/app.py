@@ -19,6 +19,7 @@ from node.admin.ledger import LEDGER_ROUTES
 from node.admin.routes import ADMIN_ROUTES
 from node.config import data_dir, load_config
 from node.hub import Hub, hub_of
+from node.ingress import anthropic
 from node.ingress.asgi import JSON
 from node.ingress.errors import EXCEPTION_HANDLERS
 from node.ingress.openai import ROUTES, document
@@ -83,6 +84,7 @@ def create_app(directory: Path | None = None) -> Litestar:
     app = Litestar(
         route_handlers=[
             *ROUTES,
+            *anthropic.ROUTES,
             *ADMIN_ROUTES,
             *LEDGER_ROUTES,
             *FEDERATION_ROUTES,
@@ -99,4 +101,5 @@ def create_app(directory: Path | None = None) -> Litestar:
         logging_config=None,  # logging is the server's and the CLI's to configure
     )
     document(app.openapi_schema)
+    anthropic.document(app.openapi_schema)
     return app

@@ -55,6 +55,22 @@ def bare_client(node: RunningNode) -> Iterator[httpx.Client]:
 # --- what every answer must look like -----------------------------------------------------
 
 
+def assert_anthropic_error(response: httpx.Response) -> dict:
+    """The Messages API's error shape: `{"type": "error", "error": {"type", "message"}}`."""
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    body = response.json()
+    assert isinstance(body, dict) and body.get("type") == "error" and set(body) == {"type", "error"}
+    error = body["error"]
+    assert set(error) == {"type", "message"}, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str) and error["type"]
+    return error
+
+
+# The routes that answer in Anthropic's shape, not OpenAI's.
+ANTHROPIC_PATHS = {"/v1/messages", "/v1/messages/count_tokens"}
+
+
 def assert_openai_error(response: httpx.Response) -> dict:
     assert response.headers["content-type"].startswith("application/json"), response.headers
     body = response.json()
@@ -496,6 +512,7 @@ KNOWN_PREFIXES = [
     "/v1/models",
     "/v1/chat",
     "/v1/embeddings",
+    "/v1/messages",
     "/health",
     "/schema",
     "/admin",
@@ -530,6 +547,8 @@ segments = st.text(
 @example(method="GET", prefix="/v1/models", tail=["%00"], query="", body=b"")
 @example(method="GET", prefix="/v1/models", tail=["echo"], query="", body=b"")
 @example(method="DELETE", prefix="/v1", tail=["chat", "completions"], query="", body=b"")
+@example(method="GET", prefix="/v1/messages", tail=[], query="?beta=true", body=b"")
+@example(method="POST", prefix="/v1/messages", tail=["count_tokens"], query="", body=b"{")
 @example(method="GET", prefix="/schema", tail=["openapi.json"], query="", body=b"")
 @example(method="GET", prefix="/schema", tail=["%2e%2e", "x"], query="", body=b"")
 def test_random_paths_and_methods_never_500(client, method, prefix, tail, query, body):
@@ -542,4 +561,7 @@ def test_random_paths_and_methods_never_500(client, method, prefix, tail, query,
     # people in a browser, not for API clients, and are left as they are.
     schema_page = path.startswith("/schema/") and path.count("/") == 2
     if response.status_code >= 400 and method != "HEAD" and not schema_page:
-        assert_openai_error(response)
+        if path.rstrip("/") in ANTHROPIC_PATHS:
+            assert_anthropic_error(response)
+        else:
+            assert_openai_error(response)

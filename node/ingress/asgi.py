@@ -19,7 +19,7 @@ from litestar import Request, asgi
 from litestar.exceptions import MethodNotAllowedException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.handlers import ASGIRouteHandler
-from litestar.types import HTTPResponseStartEvent, Receive, Scope, Send
+from litestar.types import ExceptionHandlersMap, HTTPResponseStartEvent, Receive, Scope, Send
 
 from federation.httpsig import REQUEST_ID_HEADER
 from federation.transport import HOP_HEADER
@@ -139,10 +139,14 @@ def watcher_of(request: Request) -> Callable[[], contextlib.AbstractAsyncContext
 
 
 def post_endpoint(
-    path: str, answer: Callable[[Request], Awaitable[Reply | StreamReply]]
+    path: str,
+    answer: Callable[[Request], Awaitable[Reply | StreamReply]],
+    *,
+    exception_handlers: ExceptionHandlersMap | None = None,
 ) -> ASGIRouteHandler:
     """A hot endpoint as a bare ASGI handler: Litestar still routes the request and turns
-    whatever it raises into a shaped error (the app's exception handlers), but the answer is
+    whatever it raises into a shaped error (the app's exception handlers, or the route's own
+    `exception_handlers` for a surface whose errors have another shape), but the answer is
     sent straight to the server, without building a Litestar response (its resolution and
     encoding of a response cost about as much CPU per request as the rest of Litestar's
     work)."""
@@ -157,7 +161,10 @@ def post_endpoint(
         else:
             await _send_stream(send, receive, reply)
 
-    return asgi(path, copy_scope=False, name=answer.__name__)(endpoint)
+    handler = asgi(
+        path, copy_scope=False, name=answer.__name__, exception_handlers=exception_handlers
+    )
+    return handler(endpoint)
 
 
 def _start(headers: dict[str, str], media_type: str) -> HTTPResponseStartEvent:
