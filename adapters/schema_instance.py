@@ -13,9 +13,12 @@ numbers within `minimum`/`maximum` (exclusive too) and `multipleOf`, strings wit
 repeats, groups and alternatives. A plain string is the `text` it is given (the echo model
 echoes the user's message into it).
 
-Libraries that generate instances (hypothesis-jsonschema, jsf) draw them at random, by design,
-and bring a generator framework (hypothesis, faker) into a runtime that needs neither; this
-needs one walk over the schema, so it is written here.
+Libraries that generate instances draw them at random, by design, and bring a generator
+framework into a runtime that needs none: measured on a pydantic model (nested, list, enum,
+optional, pattern), jsf (with Faker) gave 20 different valid instances in 20 calls at ~0.5 ms
+each, hypothesis-jsonschema is a hypothesis strategy (its `.example()` is for interactive use
+only); this one walk gives the same valid instance every time in ~0.1 ms, so it is written
+here.
 
 The schema is the client's, so the walk is bounded: past `MAX_DEPTH` nested values, or once
 `MAX_VALUES` values are made, each value is the smallest of its type, and no array is longer
