@@ -93,19 +93,11 @@ def assert_usage(usage: dict, *, chat: bool) -> None:
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage.get("completion_tokens", 0)
 
 
-def assert_completion(response: httpx.Response, request: dict) -> None:
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert body["object"] == "chat.completion"
-    assert isinstance(body["id"], str) and body["id"] == response.headers["aihub-request-id"]
-    assert body["model"] == request["model"]
-    assert isinstance(body["created"], int)
-    [choice] = body["choices"]
-    assert choice["index"] == 0
+def assert_choice(choice: dict, request: dict) -> None:
     assert choice["finish_reason"] in ("stop", "length", "tool_calls")
     message = choice["message"]
     assert message["role"] == "assistant"
-    if choice["finish_reason"] == "tool_calls":
+    if message.get("tool_calls"):
         [call] = message["tool_calls"]
         # A missing `type` is its own test (test_forced_tool_calls_are_openai_shaped).
         assert call.get("type", "function") == "function"
@@ -113,8 +105,29 @@ def assert_completion(response: httpx.Response, request: dict) -> None:
         assert isinstance(call["function"]["name"], str)
         assert isinstance(call["function"]["arguments"], str)
         assert message.get("content") is None
+        return
+    assert choice["finish_reason"] != "tool_calls"
+    content = message["content"]
+    assert isinstance(content, str)
+    if (request.get("response_format") or {}).get("type") in ("json_object", "json_schema"):
+        # Structured output: JSON, unless `max_tokens` cut it.
+        if choice["finish_reason"] != "length":
+            json.loads(content)
     else:
-        assert isinstance(message["content"], str) and message["content"].startswith("echo:")
+        assert content.startswith("echo:")
+
+
+def assert_completion(response: httpx.Response, request: dict) -> None:
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert isinstance(body["id"], str) and body["id"] == response.headers["aihub-request-id"]
+    assert body["model"] == request["model"]
+    assert isinstance(body["created"], int)
+    # `n` choices, each indexed (the echo model answers every one).
+    assert [choice["index"] for choice in body["choices"]] == list(range(request.get("n") or 1))
+    for choice in body["choices"]:
+        assert_choice(choice, request)
     assert_usage(body["usage"], chat=True)
     assert int(response.headers["aihub-cost-micros"]) >= 0
 

@@ -175,7 +175,8 @@ def test_echo_forced_tool_call(client):
     )
     call = reply.choices[0].message.tool_calls[0]
     assert call.function.name == "get_weather"
-    assert json.loads(call.function.arguments) == {"input": "Lyon"}
+    # The arguments are an instance of the tool's parameters, its strings the user's message.
+    assert json.loads(call.function.arguments) == {"city": "Lyon"}
 
 
 def test_embeddings_default_base64_and_float(client):

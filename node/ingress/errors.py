@@ -3,7 +3,8 @@
 The node's domain errors (`node.errors.HubError`) become OpenAI errors here (`openai_error`):
 the status and type for each kind, the `retry-after` and rate-limit headers from its facts.
 `ApiError` is the shape itself, for what the HTTP layer refuses on its own (a bad query
-parameter, a body that is no JSON).
+parameter, a body that is no JSON). A path under `/v1/` that no route serves is answered as an
+`unsupported_endpoint` naming it (OpenAI's API has more endpoints than the node serves).
 """
 
 from __future__ import annotations
@@ -132,7 +133,24 @@ def handle_hub_error(_: Request, exc: HubError) -> Response[bytes]:
     return error_response(openai_error(exc))
 
 
-def handle_http_exception(_: Request, exc: HTTPException) -> Response[bytes]:
+def unsupported_endpoint(request: Request) -> ApiError:
+    """What OpenAI's API surface asks of the node that it does not serve (`/v1/audio/…`,
+    `/v1/files`, …): an OpenAI-shaped 404 that names the endpoint, so the client's user
+    learns the node lacks it rather than that a bare `Not Found` came from somewhere."""
+    endpoint = f"{request.method} {request.url.path}"
+    message = f"The endpoint {endpoint} is not supported by this node"
+    return ApiError(404, message, code="unsupported_endpoint")
+
+
+def _no_route(request: Request, exc: HTTPException) -> bool:
+    # The router sets the scope's handler once a path matches: a 404 without one is a path
+    # that no route serves (a handler's own 404 has one).
+    return exc.status_code == 404 and request.scope.get("route_handler") is None
+
+
+def handle_http_exception(request: Request, exc: HTTPException) -> Response[bytes]:
+    if _no_route(request, exc) and request.url.path.startswith("/v1/"):
+        return error_response(unsupported_endpoint(request))
     status = exc.status_code
     type_, code = _HTTP_TYPES.get(status, ("invalid_request_error", None))
     if status >= 500:
