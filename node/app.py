@@ -22,6 +22,7 @@ from node.hub import Hub, hub_of
 from node.ingress.asgi import JSON
 from node.ingress.errors import EXCEPTION_HANDLERS
 from node.ingress.openai import ROUTES, document
+from node.ingress.responses import ROUTES as RESPONSES_ROUTES
 from node.peers.routes import FEDERATION_ROUTES
 
 
@@ -83,6 +84,7 @@ def create_app(directory: Path | None = None) -> Litestar:
     app = Litestar(
         route_handlers=[
             *ROUTES,
+            *RESPONSES_ROUTES,
             *ADMIN_ROUTES,
             *LEDGER_ROUTES,
             *FEDERATION_ROUTES,

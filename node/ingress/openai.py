@@ -152,7 +152,7 @@ def _item_renderer() -> Callable[[Any], bytes]:
     return render
 
 
-def _headers(facts: Facts) -> dict[str, str]:
+def response_headers(facts: Facts) -> dict[str, str]:
     headers = {"aihub-request-id": facts.request_id, **facts.limits}
     if facts.cost_micros is not None:
         headers["aihub-cost-micros"] = str(facts.cost_micros)
@@ -178,12 +178,12 @@ async def _chat(request: Request) -> Reply | StreamReply:
     )
     if chat.stream:
         streamed = await pipeline.stream(admitted, call, watcher_of(request))
-        headers = {**_headers(streamed.facts), "cache-control": "no-cache"}
+        headers = {**response_headers(streamed.facts), "cache-control": "no-cache"}
         return StreamReply(streamed.items, headers, _item_renderer(), streamed.abandon)
     answer = await pipeline.complete(
         admitted, lambda route: route.adapter.chat(call), watcher_of(request)
     )
-    return Reply(_render_result(answer.result), _headers(answer.facts))
+    return Reply(_render_result(answer.result), response_headers(answer.facts))
 
 
 async def _embeddings(request: Request) -> Reply:
@@ -202,7 +202,7 @@ async def _embeddings(request: Request) -> Reply:
     answer = await pipeline.complete(
         admitted, lambda route: route.adapter.embed(call), watcher_of(request)
     )
-    return Reply(_render_result(answer.result), _headers(answer.facts))
+    return Reply(_render_result(answer.result), response_headers(answer.facts))
 
 
 def _cards(hub: Hub, principal: Principal, local_only: bool) -> dict[str, ModelCard]:
