@@ -357,3 +357,33 @@ def test_wire_shapes_validate_strictly(served):
         frames = [frame for frame in reply.text.split("\n\n") if frame]
         for frame in frames:
             _STREAM_EVENT.validate_json(frame.split("\n")[1].removeprefix("data: "))
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"", None),
+        (b"{not json", None),
+        (b'{"model": "echo"}', None),
+        (b'{"model": "echo", "input": []}', "input"),
+        (b'{"model": "echo", "input": [1]}', "input[0]"),
+        (b'{"model": "echo", "input": [{"type": "message"}]}', "input[0]"),
+        (b'{"model": "echo", "input": [{"role": "robot", "content": "x"}]}', "input[0].role"),
+        (
+            b'{"model": "echo", "input": [{"role": "user", "content": [{"type": "input_image"}]}]}',
+            "input",
+        ),
+        (b'{"model": "echo", "input": [{"type": "function_call", "name": "f"}]}', "input[0]"),
+        (b'{"model": "echo", "input": "x", "tools": [{"type": "web_search"}]}', "tools[0].type"),
+        (b'{"model": "echo", "input": "x", "text": {"format": {"type": "json_schema"}}}', None),
+        (b'{"model": "echo", "input": "x", "max_output_tokens": 0}', "max_output_tokens"),
+    ],
+)
+def test_bad_bodies_are_400s(served, body, param):
+    headers = {"authorization": f"Bearer {served.node.key}", "content-type": "application/json"}
+    reply = httpx.post(served.node.url + "/v1/responses", content=body, headers=headers)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    if param is not None:
+        assert error["param"] == param

@@ -254,13 +254,14 @@ embeddings = post_endpoint("/v1/embeddings", _embeddings)
 
 
 def document(openapi: OpenAPI) -> None:
-    """Describe the two ASGI endpoints in the app's OpenAPI schema (Litestar lists only the
+    """Describe the ASGI endpoints in the app's OpenAPI schema (Litestar lists only the
     routes it answers itself). Their bodies are OpenAI's: its API reference is the spec."""
     body = {JSON: OpenAPIMediaType(schema=Schema(type=OpenAPIType.OBJECT))}
     paths = dict(openapi.paths or {})
     for path, operation_id, what in (
         ("/v1/chat/completions", "createChatCompletion", "a chat completion"),
         ("/v1/embeddings", "createEmbedding", "embeddings"),
+        ("/v1/responses", "createResponse", "a response"),
     ):
         paths[path] = PathItem(
             post=Operation(

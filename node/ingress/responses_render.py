@@ -117,7 +117,7 @@ class Shell(msgspec.Struct):
             temperature=request.temperature,
             top_p=request.top_p,
             reasoning=request.reasoning,
-            store=bool(request.store),
+            store=False,  # this node keeps no responses (`previous_response_id` is refused)
             user=request.user,
         )
 
@@ -207,9 +207,7 @@ class StreamRenderer:
         return b"event: " + str(name).encode() + b"\ndata: " + _encode(event) + b"\n\n"
 
     def _snapshot(self, kind: type[Any], **fields: Any) -> StreamEvent:
-        status = {Created: "in_progress", InProgress: "in_progress", Completed: "completed"}
-        status |= {Incomplete: "incomplete", Failed: "failed"}
-        response = self._shell.response(status[kind], list(self._output), **fields)
+        response = self._shell.response(_STATUS[kind], list(self._output), **fields)
         return kind(0, response=response)  # type: ignore[no-any-return]
 
     # --- the answer's steps -------------------------------------------------------------
@@ -327,6 +325,16 @@ class StreamRenderer:
         else:
             events.append(self._snapshot(Completed, usage=usage))
         return events
+
+
+# The response's status as each of its snapshots tells it.
+_STATUS: dict[type[Any], str] = {
+    Created: "in_progress",
+    InProgress: "in_progress",
+    Completed: "completed",
+    Incomplete: "incomplete",
+    Failed: "failed",
+}
 
 
 def _neutral(event: Event) -> list[NeutralEvent]:
