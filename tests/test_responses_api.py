@@ -18,6 +18,7 @@ from node.provision import create_node
 from tests.conftest import NodeDir, RunningNode, run_node
 from tests.mocks.openai_mock import OpenAIMock, openai_error
 from tests.mocks.server import serve_app
+from tests.test_budgets import make_key
 
 WEATHER_TOOL = {
     "type": "function",
@@ -36,9 +37,10 @@ _STREAM_EVENT: TypeAdapter[ResponseStreamEvent] = TypeAdapter(ResponseStreamEven
 
 
 class Served:
-    def __init__(self, node: RunningNode, mock: OpenAIMock) -> None:
+    def __init__(self, node: RunningNode, mock: OpenAIMock, other_key: str) -> None:
         self.node = node
         self.mock = mock
+        self.other_key = other_key  # another client's key, of the same node
 
     def sent(self) -> dict:
         """The chat completion request the upstream got last."""
@@ -63,8 +65,9 @@ price_in = 1_000_000
 price_out = 2_000_000
 """
         )
+        other_key, _ = make_key(folder, name="other")
         with run_node(directory) as node:
-            yield Served(node, mock)
+            yield Served(node, mock, other_key)
 
 
 @pytest.fixture
@@ -317,9 +320,9 @@ def test_errors_are_the_sdks_exceptions(client, served):
     with pytest.raises(openai.BadRequestError) as unknown:
         client.responses.create(model="echo", input=[{"type": "reasoning", "summary": []}])
     assert unknown.value.param == "input[0]"
-    with pytest.raises(openai.BadRequestError) as stored:
+    with pytest.raises(openai.NotFoundError) as gone:
         client.responses.create(model="echo", input="x", previous_response_id="resp_1")
-    assert stored.value.param == "previous_response_id"
+    assert gone.value.param == "previous_response_id"
 
 
 def test_upstream_failures(client, served):
@@ -387,3 +390,83 @@ def test_bad_bodies_are_400s(served, body, param):
     assert error["type"] == "invalid_request_error" and error["message"]
     if param is not None:
         assert error["param"] == param
+
+
+def test_kept_responses_are_read_listed_and_deleted_by_their_key(client, served):
+    created = client.responses.create(
+        model="echo", input=[{"role": "user", "content": "keep me"}], metadata={"n": "1"}
+    )
+    assert created.store is True
+    kept = client.responses.retrieve(created.id)
+    assert kept.id == created.id and kept.output_text == "echo: keep me"
+    assert kept.metadata == {"n": "1"} and kept.usage.output_tokens == 3
+    items = client.responses.input_items.list(created.id)
+    assert [(item.type, item.role) for item in items.data] == [("message", "user")]
+    assert items.data[0].id and items.first_id == items.last_id == items.data[0].id
+
+    other = openai.OpenAI(base_url=served.node.url + "/v1", api_key=served.other_key, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(created.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.create(model="echo", input="x", previous_response_id=created.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.delete(created.id)
+
+    client.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(created.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list(created.id)
+
+
+def test_store_false_keeps_nothing(client):
+    response = client.responses.create(model="echo", input="forget me", store=False)
+    assert response.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(response.id)
+
+
+def test_previous_response_id_continues_a_tool_round_trip(client, served):
+    first = client.responses.create(
+        model="gpt-mock", input="weather in Paris?", tools=[WEATHER_TOOL]
+    )
+    call = first.output[0]
+    assert call.type == "function_call"
+    answer = client.responses.create(
+        model="gpt-mock",
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "21C"}],
+        tools=[WEATHER_TOOL],
+        tool_choice="none",
+    )
+    assert answer.previous_response_id == first.id
+    assert answer.output_text == "mock says: weather in Paris?"
+    assert served.sent()["messages"] == [
+        {"role": "user", "content": "weather in Paris?"},
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {
+                    "type": "function",
+                    "id": "call_mock1",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "content": "21C", "tool_call_id": "call_mock1"},
+    ]
+    # A third turn sees the whole chain: both earlier turns' inputs and outputs.
+    client.responses.create(model="gpt-mock", previous_response_id=answer.id, input="thanks")
+    messages = served.sent()["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant", "user"]
+    assert messages[3]["content"] == "mock says: weather in Paris?"
+
+
+def test_a_streamed_response_is_kept_before_its_stream_ends(client):
+    with client.responses.stream(model="echo", input="streamed and kept") as stream:
+        final = stream.get_final_response()
+    kept = client.responses.retrieve(final.id)
+    assert kept.status == "completed" and kept.output_text == "echo: streamed and kept"
+    follow = client.responses.create(model="echo", previous_response_id=final.id, input="next")
+    assert follow.output_text == "echo: next"
+    assert follow.usage.input_tokens > final.usage.input_tokens

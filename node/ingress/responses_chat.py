@@ -54,15 +54,13 @@ _encode = msgspec.json.encode
 _raw_fields = msgspec.json.Decoder(dict[str, Raw])
 
 
-def chat_call(request: ResponsesRequest, request_id: str) -> ChatCall:
-    """The chat call a Responses request asks for (400 for what cannot be translated)."""
-    if request.previous_response_id is not None:
-        raise ApiError(
-            400,
-            "This node does not store responses: send the whole conversation as `input`",
-            param="previous_response_id",
-        )
-    messages = _messages(request)
+def chat_call(
+    request: ResponsesRequest, earlier: list[Raw], inputs: list[Raw], request_id: str
+) -> ChatCall:
+    """The chat call a Responses request asks for: its instructions, the `earlier` items of
+    the conversation (those a `previous_response_id` names), then its `inputs`; 400 for what
+    cannot be translated."""
+    messages = _messages(request.instructions, earlier, inputs)
     if not messages:
         raise ApiError(400, "The request has no input: send `input`", param="input")
     chat = ChatRequest(
@@ -92,14 +90,20 @@ def chat_call(request: ResponsesRequest, request_id: str) -> ChatCall:
     return ChatCall(chat, raw, request_id)
 
 
-def _messages(request: ResponsesRequest) -> list[Message]:
-    messages: list[Message] = []
-    if request.instructions:
-        messages.append(Message(role="system", content=request.instructions))
+def input_items(request: ResponsesRequest) -> list[Raw]:
+    """The request's input as items: a string is one user message."""
     if isinstance(request.input, str):
-        messages.append(Message(role="user", content=request.input))
-        return messages
-    for index, raw in enumerate(request.input):
+        return [Raw(_encode({"type": "message", "role": "user", "content": request.input}))]
+    return request.input
+
+
+def _messages(instructions: str | None, earlier: list[Raw], inputs: list[Raw]) -> list[Message]:
+    messages: list[Message] = []
+    if instructions:
+        messages.append(Message(role="system", content=instructions))
+    for raw in earlier:  # items this node wrote itself
+        _append(messages, input_item(raw))
+    for index, raw in enumerate(inputs):
         _append(messages, _decode_item(raw, index))
     return messages
 

@@ -117,7 +117,8 @@ class Shell(msgspec.Struct):
             temperature=request.temperature,
             top_p=request.top_p,
             reasoning=request.reasoning,
-            store=False,  # this node keeps no responses (`previous_response_id` is refused)
+            store=request.store is not False,  # OpenAI's default: kept
+            previous_response_id=request.previous_response_id,
             user=request.user,
         )
 
@@ -125,7 +126,7 @@ class Shell(msgspec.Struct):
 # --- a complete answer ---------------------------------------------------------------------
 
 
-def complete_body(shell: Shell, result: ChatResult) -> bytes:
+def complete_response(shell: Shell, result: ChatResult) -> Response:
     completion = result.chat_completion()
     choice = completion.choices[0] if completion.choices else None
     output: list[OutputItem] = []
@@ -152,7 +153,7 @@ def complete_body(shell: Shell, result: ChatResult) -> bytes:
             )
         reason = _INCOMPLETE.get(choice.finish_reason or "")
     status = "incomplete" if reason else "completed"
-    return _encode(shell.response(status, output, usage_of(result.usage), reason))
+    return shell.response(status, output, usage_of(result.usage), reason)
 
 
 # --- a stream -----------------------------------------------------------------------------
@@ -187,6 +188,8 @@ class StreamRenderer:
         self._reason: str | None = None
         self._usage: Usage | None = None
         self._started = False
+        # The last snapshot (completed, incomplete or failed), once the stream ended.
+        self.final: Response | None = None
 
     def render(self, item: Any) -> bytes:
         events: list[StreamEvent] = []
@@ -208,6 +211,8 @@ class StreamRenderer:
 
     def _snapshot(self, kind: type[Any], **fields: Any) -> StreamEvent:
         response = self._shell.response(_STATUS[kind], list(self._output), **fields)
+        if kind in (Completed, Incomplete, Failed):
+            self.final = response
         return kind(0, response=response)  # type: ignore[no-any-return]
 
     # --- the answer's steps -------------------------------------------------------------
