@@ -23,6 +23,7 @@ from node.ingress import anthropic
 from node.ingress.asgi import JSON
 from node.ingress.errors import EXCEPTION_HANDLERS
 from node.ingress.openai import ROUTES, document
+from node.ingress.responses import ROUTES as RESPONSES_ROUTES
 from node.peers.routes import FEDERATION_ROUTES
 
 
@@ -85,6 +86,7 @@ def create_app(directory: Path | None = None) -> Litestar:
         route_handlers=[
             *ROUTES,
             *anthropic.ROUTES,
+            *RESPONSES_ROUTES,
             *ADMIN_ROUTES,
             *LEDGER_ROUTES,
             *FEDERATION_ROUTES,

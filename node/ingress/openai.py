@@ -152,7 +152,7 @@ def _item_renderer() -> Callable[[Any], bytes]:
     return render
 
 
-def _headers(facts: Facts) -> dict[str, str]:
+def response_headers(facts: Facts) -> dict[str, str]:
     headers = {"aihub-request-id": facts.request_id, **facts.limits}
     if facts.cost_micros is not None:
         headers["aihub-cost-micros"] = str(facts.cost_micros)
@@ -178,12 +178,12 @@ async def _chat(request: Request) -> Reply | StreamReply:
     )
     if chat.stream:
         streamed = await pipeline.stream(admitted, call, watcher_of(request))
-        headers = {**_headers(streamed.facts), "cache-control": "no-cache"}
+        headers = {**response_headers(streamed.facts), "cache-control": "no-cache"}
         return StreamReply(streamed.items, headers, _item_renderer(), streamed.abandon)
     answer = await pipeline.complete(
         admitted, lambda route: route.adapter.chat(call), watcher_of(request)
     )
-    return Reply(_render_result(answer.result), _headers(answer.facts))
+    return Reply(_render_result(answer.result), response_headers(answer.facts))
 
 
 async def _embeddings(request: Request) -> Reply:
@@ -202,7 +202,7 @@ async def _embeddings(request: Request) -> Reply:
     answer = await pipeline.complete(
         admitted, lambda route: route.adapter.embed(call), watcher_of(request)
     )
-    return Reply(_render_result(answer.result), _headers(answer.facts))
+    return Reply(_render_result(answer.result), response_headers(answer.facts))
 
 
 def _cards(hub: Hub, principal: Principal, local_only: bool) -> dict[str, ModelCard]:
@@ -254,13 +254,14 @@ embeddings = post_endpoint("/v1/embeddings", _embeddings)
 
 
 def document(openapi: OpenAPI) -> None:
-    """Describe the two ASGI endpoints in the app's OpenAPI schema (Litestar lists only the
+    """Describe the ASGI endpoints in the app's OpenAPI schema (Litestar lists only the
     routes it answers itself). Their bodies are OpenAI's: its API reference is the spec."""
     body = {JSON: OpenAPIMediaType(schema=Schema(type=OpenAPIType.OBJECT))}
     paths = dict(openapi.paths or {})
     for path, operation_id, what in (
         ("/v1/chat/completions", "createChatCompletion", "a chat completion"),
         ("/v1/embeddings", "createEmbedding", "embeddings"),
+        ("/v1/responses", "createResponse", "a response"),
     ):
         paths[path] = PathItem(
             post=Operation(

@@ -26,6 +26,7 @@ from node.storage.records import (
     ReceiptMaker,
     SpendRow,
     StoredReceipt,
+    StoredResponse,
     TenantRecord,
     UsageGroup,
     UsageRecord,
@@ -282,6 +283,20 @@ class AuditStore(Protocol):
         ...
 
 
+class ResponseStore(Protocol):
+    """Responses API answers kept (`store`), each readable only with the key that made it."""
+
+    async def put(self, response: StoredResponse) -> None: ...
+
+    async def get(self, key_id: str, response_id: str) -> StoredResponse | None:
+        """None when there is none of that id for that key."""
+        ...
+
+    async def delete(self, key_id: str, response_id: str) -> bool:
+        """Whether there was one to delete."""
+        ...
+
+
 class Store(Protocol):
     """One of each aggregate, over one database."""
 
@@ -291,6 +306,7 @@ class Store(Protocol):
     peers: PeerStore
     ledger: LedgerStore
     audit: AuditStore
+    responses: ResponseStore
 
     async def close(self) -> None: ...
 

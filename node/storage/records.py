@@ -189,6 +189,19 @@ class AuditEvent(msgspec.Struct):
     detail: dict[str, str | int | None] = {}
 
 
+class StoredResponse(msgspec.Struct):
+    """A Responses API answer kept for its key: the `response` object, the request's own
+    input items, and the conversation so far (every earlier item, then these inputs), all as
+    JSON, as the Responses API wrote them."""
+
+    id: str
+    key_id: str
+    created_ms: int
+    response: bytes
+    input_items: bytes
+    context: bytes
+
+
 class SpendRow(msgspec.Struct):
     scope: str
     period_start: int

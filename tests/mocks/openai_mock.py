@@ -1,6 +1,7 @@
 """A mock OpenAI (and Azure OpenAI) server speaking the real wire format.
 
-Plain and streamed chat completions (SSE, `stream_options.include_usage`, tool-call deltas),
+Plain and streamed chat completions (SSE, `stream_options.include_usage`, tool-call deltas;
+with a `response_format`, the answer is the last user message itself),
 embeddings (float and base64), `/v1/models`, and OpenAI's error bodies. Azure's
 `/openai/deployments/{name}/…?api-version=…` paths with the `api-key` header are served too.
 A raw ASGI app so that benchmarks measure the gateway, not the mock.
@@ -43,6 +44,7 @@ class _Chat(msgspec.Struct):
     tools: list[_Tool] | None = None
     tool_choice: Any = None
     max_tokens: int | None = None
+    response_format: Any = None
 
 
 class _Embed(msgspec.Struct):
@@ -136,6 +138,9 @@ class OpenAIMock:
             return await self._send_failure(send, failure)
         last = next((m for m in reversed(chat.messages) if m.role == "user"), None)
         words = ("mock says: " + _text(last.content if last else "")).split(" ")
+        if chat.response_format:
+            # Structured output: the user's own text, which a test writes as the JSON it wants.
+            words = _text(last.content if last else "").split(" ")
         if chat.max_tokens:
             words = words[: chat.max_tokens]
         prompt_tokens = sum(len(_text(m.content).split()) + 3 for m in chat.messages)

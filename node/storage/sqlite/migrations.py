@@ -243,6 +243,17 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (scope, holder)
     ) WITHOUT ROWID;
     """,
+    # 10 (branch responses): Responses API answers kept for the key that made them.
+    """
+    CREATE TABLE responses (
+        id TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        response BLOB NOT NULL,
+        input_items BLOB NOT NULL,
+        context BLOB NOT NULL
+    ) WITHOUT ROWID;
+    """,
 ]
 
 

@@ -12,6 +12,7 @@ from node.storage.sqlite.keys import SqliteKeys
 from node.storage.sqlite.ledger import SqliteLedger
 from node.storage.sqlite.migrations import migrate
 from node.storage.sqlite.peers import SqlitePeers, prune_nonces
+from node.storage.sqlite.responses import SqliteResponses
 from node.storage.sqlite.spend import SqliteSpend, prune_leases
 from node.storage.sqlite.usage import SqliteUsage
 
@@ -27,6 +28,7 @@ class SqliteStore:
         self.peers = SqlitePeers(db)
         self.ledger = SqliteLedger(db)
         self.audit = SqliteAudit(db)
+        self.responses = SqliteResponses(db)
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:

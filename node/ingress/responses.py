@@ -1,0 +1,104 @@
+"""The OpenAI Responses API endpoint: `POST /v1/responses`, plain and streamed.
+
+Decode the body (`responses_wire`), translate it into the chat call every adapter takes
+(`responses_chat`), after the conversation a `previous_response_id` names
+(`responses_stored`), run it through the request pipeline as a chat request (admission,
+routing, budgets, usage and receipts are the pipeline's, as for chat completions), render
+what comes back as a `response` object or the Responses stream's typed events
+(`responses_render`), and keep it for its key. Errors are OpenAI's, as on every OpenAI
+surface.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+from litestar import Request
+
+from adapters.types import ChatResult
+from federation.ids import new_request_id
+from node.gateway import pipeline
+from node.gateway.pipeline import chat_worst_case
+from node.hub import hub_of
+from node.ingress.asgi import (
+    Reply,
+    StreamReply,
+    authenticate,
+    caller_of,
+    post_endpoint,
+    read_body,
+    watcher_of,
+)
+from node.ingress.openai import decode_body, response_headers
+from node.ingress.responses_chat import chat_call, input_items
+from node.ingress.responses_render import Shell, StreamRenderer, complete_response
+from node.ingress.responses_stored import ROUTES as STORED_ROUTES
+from node.ingress.responses_stored import earlier_items, keep
+from node.ingress.responses_wire import Response, ResponsesRequest
+
+log = logging.getLogger("aihub.gateway")
+
+_decoder = msgspec.json.Decoder(ResponsesRequest)
+
+
+async def _responses(request: Request) -> Reply | StreamReply:
+    principal = await authenticate(request)  # a bad key is told so before a bad body
+    body, _ = decode_body(await read_body(request, principal), _decoder)
+    hub = hub_of(request)
+    earlier = await earlier_items(hub, principal, body.previous_response_id)
+    inputs = input_items(body)
+    call = chat_call(body, earlier, inputs, new_request_id())
+    chat = call.request
+    admitted = await pipeline.begin(
+        hub,
+        caller_of(request, principal),
+        chat.model,
+        "chat",
+        call.request_id,
+        lambda plan: chat_worst_case(chat, plan),
+    )
+    shell = Shell.of(body, call.request_id)
+
+    def kept(response: Response) -> Awaitable[None]:
+        return keep(hub, principal, response, earlier, inputs)
+
+    if chat.stream:
+        streamed = await pipeline.stream(admitted, call, watcher_of(request))
+        headers = {**response_headers(streamed.facts), "cache-control": "no-cache"}
+        renderer = StreamRenderer(shell)
+        items = _kept_at_end(streamed.items, renderer, kept)
+        return StreamReply(items, headers, renderer.render, streamed.abandon)
+    answer = await pipeline.complete(
+        admitted, lambda route: route.adapter.chat(call), watcher_of(request)
+    )
+    assert isinstance(answer.result, ChatResult)
+    response = complete_response(shell, answer.result)
+    await kept(response)
+    return Reply(msgspec.json.encode(response), response_headers(answer.facts))
+
+
+async def _kept_at_end(
+    items: AsyncGenerator[Any, None],
+    renderer: StreamRenderer,
+    kept: Callable[[Response], Awaitable[None]],
+) -> AsyncGenerator[Any, None]:
+    """The stream's items; once the last is rendered, the response is kept, before the body
+    ends, so that a client that read the stream to its end can follow up on it at once."""
+    try:
+        async for item in items:
+            yield item
+        if renderer.final is not None:
+            try:
+                await kept(renderer.final)
+            except Exception:  # the client has its answer: a follow-up will be told it is gone
+                log.exception("keeping response %s failed", renderer.final.id)
+    finally:
+        await items.aclose()
+
+
+responses = post_endpoint("/v1/responses", _responses)
+
+ROUTES = [responses, *STORED_ROUTES]
