@@ -3,7 +3,9 @@
 Requests are translated from OpenAI's format and answers back into it. What differs:
 
 - The key travels as `x-api-key`, and every call names the API version it speaks
-  (`anthropic-version`; a deployment's `api_version` overrides the default).
+  (`anthropic-version`): a deployment's `api_version` if set, else the one a Messages client
+  sent (the call's `forward_headers`), else the default. A client's `anthropic-beta` (the
+  features it opts into) is passed on too.
 - `max_tokens` is required, so the deployment's output cap is sent when the client set none.
 - System (and `developer`) messages become the top-level `system` text; the rest must alternate
   user/assistant, so consecutive messages of one role are merged into one.
@@ -487,8 +489,20 @@ class AnthropicAdapter:
         # Anthropic's SDKs take the base without `/v1`, OpenAI's with it: accept either.
         return join_url(base, "messages" if base.endswith("/v1") else "v1/messages")
 
-    async def _post(self, body: bytes, *, stream: bool = False) -> UpstreamResponse:
-        headers = {"anthropic-version": self.upstream.api_version or DEFAULT_API_VERSION}
+    def _headers(self, call: ChatCall) -> dict[str, str]:
+        """The API version and beta features: the deployment's pinned version wins over the
+        client's, which wins over the default; other adapters never see these."""
+        forwarded = call.forward_headers
+        version = (
+            self.upstream.api_version or forwarded.get("anthropic-version") or DEFAULT_API_VERSION
+        )
+        headers = {"anthropic-version": version}
+        if "anthropic-beta" in forwarded:
+            headers["anthropic-beta"] = forwarded["anthropic-beta"]
+        return headers
+
+    async def _post(self, call: ChatCall, body: bytes, *, stream: bool = False) -> UpstreamResponse:
+        headers = self._headers(call)
         key = self.upstream.api_key
         if key:
             headers["x-api-key"] = key
@@ -498,7 +512,7 @@ class AnthropicAdapter:
         )
 
     async def chat(self, call: ChatCall) -> ChatResult:
-        response = await self._post(chat_body(call, self.upstream, stream=False))
+        response = await self._post(call, chat_body(call, self.upstream, stream=False))
         answer = decode_json(_response_decoder, response.content, self.upstream)
         text = "".join(block.text or "" for block in answer.content if block.type == "text")
         calls = [
@@ -528,7 +542,7 @@ class AnthropicAdapter:
         return ChatResult(completion=completion, usage=usage, usage_estimated=estimated)
 
     async def open_stream(self, call: ChatCall) -> AnthropicStream:
-        response = await self._post(chat_body(call, self.upstream, stream=True), stream=True)
+        response = await self._post(call, chat_body(call, self.upstream, stream=True), stream=True)
         return AnthropicStream(call, self.upstream, response)
 
     async def embed(self, call: EmbedCall) -> EmbedResult:

@@ -264,11 +264,17 @@ class Upstream(Struct, omit_defaults=True, frozen=True):
 
 
 class ChatCall(Struct):
-    """One chat call to one deployment."""
+    """One chat call to one deployment.
+
+    `forward_headers` are client headers an ingress passes on to one provider's upstream
+    (today the Messages ingress's `anthropic-version` and `anthropic-beta`, read only by the
+    Anthropic adapter); every other adapter ignores them.
+    """
 
     request: ChatRequest
     raw: dict[str, Raw]
     request_id: str
+    forward_headers: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class EmbedCall(Struct):

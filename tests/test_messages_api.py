@@ -322,6 +322,34 @@ def test_streamed_tool_round_trip_through_an_anthropic_upstream(client):
     assert answered.content[0].text == "mock says: sunny"
 
 
+def test_anthropic_version_and_beta_reach_an_anthropic_upstream(served):
+    """What the client opts into is what the upstream is asked for, plain and streamed;
+    other headers the client sends stay at the node."""
+    sent = {"anthropic-version": "2023-01-01", "anthropic-beta": "prompt-caching-2024-07-31"}
+    headers = {**sent, "x-secret": "not for upstreams"}
+    with anthropic.Anthropic(
+        base_url=served.url, api_key=served.key, max_retries=0, default_headers=headers
+    ) as client:
+        client.messages.create(model="claude", max_tokens=16, messages=HELLO)
+        plain = served.claude.script.received[-1].headers
+        with client.messages.stream(model="claude", max_tokens=16, messages=HELLO) as stream:
+            stream.get_final_message()
+        streamed = served.claude.script.received[-1].headers
+    for got in (plain, streamed):
+        assert {name: got.get(name) for name in sent} == sent
+        assert "x-secret" not in got
+
+
+def test_without_anthropic_headers_the_adapter_default_version_is_sent(served):
+    body = {"model": "claude", "max_tokens": 16, "messages": HELLO}
+    headers = {"authorization": f"Bearer {served.key}", "anthropic-beta": "x" * 300}
+    response = httpx.post(f"{served.url}/v1/messages", json=body, headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
+    got = served.claude.script.received[-1].headers
+    assert got["anthropic-version"] == "2023-06-01"
+    assert "anthropic-beta" not in got  # an unbounded value is not passed on
+
+
 def test_streamed_tool_call_events(served):
     body = {
         "model": "gpt-mock",

@@ -7,10 +7,13 @@ decode a Messages body and translate it into the adapters' call
 exactly as the OpenAI ingress does, and render what comes back as Anthropic's `message` or its
 SSE events (`node/ingress/anthropic_render.py`), failures as Anthropic's errors
 (`node/ingress/anthropic_errors.py`). Any deployment serves it through its adapter; there is
-no native pass-through to an Anthropic upstream (its request is translated like any other).
+no native pass-through to an Anthropic upstream (its request is translated like any other);
+only the client's `anthropic-version` and `anthropic-beta` reach one, as sent.
 """
 
 from __future__ import annotations
+
+import re
 
 import msgspec
 from litestar import Request
@@ -69,7 +72,24 @@ async def authenticate(request: Request) -> Principal:
     return await hub_of(request).keys.authenticate(authorization, client_ip(request))
 
 
-def _call(chat: ChatRequest) -> ChatCall:
+# Client headers an Anthropic upstream is told (the API version, beta features); nothing else
+# a client sends reaches a provider. A value is bounded and plain (`2023-06-01`,
+# `prompt-caching-2024-07-31,…`): anything else is not passed on.
+FORWARDED = ("anthropic-version", "anthropic-beta")
+_FORWARDABLE = re.compile(r"[A-Za-z0-9._,= -]{1,256}")
+
+
+def forward_headers(request: Request) -> dict[str, str]:
+    """The whitelisted Anthropic headers of a Messages request, for the Anthropic adapter."""
+    found = {}
+    for name in FORWARDED:
+        value = request.headers.get(name)
+        if value is not None and _FORWARDABLE.fullmatch(value):
+            found[name] = value
+    return found
+
+
+def _call(chat: ChatRequest, forwarded: dict[str, str]) -> ChatCall:
     """The adapters' call. Its raw fields, what an OpenAI-compatible upstream is sent, are
     the translated request's: none of Anthropic's own fields. A tool's and a named tool
     choice's `type` is a default the Structs omit, but OpenAI's API requires it."""
@@ -80,7 +100,7 @@ def _call(chat: ChatRequest) -> ChatCall:
     if isinstance(chat.tool_choice, NamedToolChoice):
         choice = {"type": "function", "function": chat.tool_choice.function}
         raw["tool_choice"] = msgspec.Raw(_encode(choice))
-    return ChatCall(chat, raw, new_request_id())
+    return ChatCall(chat, raw, new_request_id(), forwarded)
 
 
 def _headers(facts: Facts) -> dict[str, str]:
@@ -94,7 +114,7 @@ async def _messages(request: Request) -> Reply | StreamReply:
     principal = await authenticate(request)  # a bad key is told so before a bad body
     messages, _ = decode_body(await read_body(request, principal), _messages_decoder)
     chat = chat_request(messages)
-    call = _call(chat)
+    call = _call(chat, forward_headers(request))
     admitted = await pipeline.begin(
         hub_of(request),
         caller_of(request, principal),

@@ -27,6 +27,9 @@ from msgspec import Meta, Struct
 from tests.mocks.script import Failure, MockScript, read_body, send_stream, wait_or_disconnect
 
 API_VERSION = "2023-06-01"
+# The versions the mock answers (the official SDK of late 2026 sends the last, which a node
+# passes on); like the API it refuses any other. Its wire is the same for all of them.
+API_VERSIONS = ("2023-01-01", "2023-06-01", "2026-10-21")
 
 # --- the request, as strictly as Anthropic reads it -------------------------------------------
 
@@ -218,7 +221,7 @@ class AnthropicMock:
             return await _send_failure(send, anthropic_error(404, "not_found_error", "Not Found"))
         if self.api_key is not None and headers.get("x-api-key") != self.api_key:
             return await _send_failure(send, AUTHENTICATION)
-        if headers.get("anthropic-version") != API_VERSION:
+        if headers.get("anthropic-version") not in API_VERSIONS:
             refusal = anthropic_error(
                 400, "invalid_request_error", "anthropic-version: header is required"
             )
