@@ -5,6 +5,7 @@ completions) for tool calls and structured output."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,11 +15,13 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import BaseModel, TypeAdapter
 
+from node.config import DATABASE_FILE
 from node.provision import create_node
 from tests.conftest import NodeDir, RunningNode, run_node
 from tests.mocks.openai_mock import OpenAIMock, openai_error
 from tests.mocks.server import serve_app
 from tests.test_budgets import make_key
+from tests.test_federation import LLAMA, cli, invite, make_peer, model_owners, usage_rows, wait_for
 
 WEATHER_TOOL = {
     "type": "function",
@@ -471,3 +474,56 @@ def test_a_streamed_response_is_kept_before_its_stream_ends(client):
     follow = client.responses.create(model="echo", previous_response_id=final.id, input="next")
     assert follow.output_text == "echo: next"
     assert follow.usage.input_tokens > final.usage.input_tokens
+
+
+# --- through a peer ----------------------------------------------------------------------------
+
+
+def test_responses_through_a_peer_keep_their_receipts_and_the_cap(tmp_path: Path) -> None:
+    """Bob's Responses client uses a model only alice serves: bob calls alice through chat
+    completions (peers speak that) and renders her answer as a Response, plain and streamed.
+    Both nodes record each call, bob keeps alice's receipt for each, and the cap alice gave
+    bob ($0.0002 at $1 per 1M tokens each way) runs out and holds."""
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    with alice.run(), bob.run() as b:
+        token = invite(alice, "--models", "llama3", "--cap", "0.0002")
+        cli("join", token, "--data-dir", str(bob.path))
+        assert wait_for(lambda: model_owners(b).get("llama3") == "alice")
+        with openai.OpenAI(base_url=b.url + "/v1", api_key=b.key, max_retries=0) as client:
+            # A cap admits only what it could pay at worst: the output cap is part of that.
+            ask = {"model": "llama3", "input": "Hello, hub", "max_output_tokens": 16}
+            plain = client.responses.create(**ask)
+            with client.responses.stream(**ask) as stream:
+                streamed = stream.get_final_response()
+            assert plain.output_text == streamed.output_text == "echo: Hello, hub"
+            assert plain.status == streamed.status == "completed"
+            assert plain.usage.output_tokens == streamed.usage.output_tokens == 3
+            assert wait_for(lambda: _served(alice.path) == 2 and _consumed(bob.path) == 2)
+            assert wait_for(lambda: _receipts(bob.path) == 2)
+            refused = None
+            for _ in range(25):
+                try:
+                    client.responses.create(model="llama3", input="Hello, hub", max_output_tokens=5)
+                except openai.RateLimitError as error:
+                    refused = error
+                    break
+            assert refused is not None
+            with pytest.raises(openai.RateLimitError):
+                client.responses.create(model="llama3", input="Hello, hub", max_output_tokens=5)
+    spent = [r.cost_micros for r in usage_rows(alice.path) if r.status == 200]
+    assert 0 < sum(spent) <= 200
+    assert _receipts(bob.path) == len(spent)
+
+
+def _served(path: Path) -> int:
+    return len([r for r in usage_rows(path) if r.status == 200])
+
+
+def _consumed(path: Path) -> int:
+    return len([r for r in usage_rows(path) if r.deployment == "llama3@alice"])
+
+
+def _receipts(path: Path) -> int:
+    with sqlite3.connect(path / DATABASE_FILE) as db:
+        return db.execute("SELECT count(*) FROM receipts").fetchone()[0]
