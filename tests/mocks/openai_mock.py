@@ -74,7 +74,10 @@ class _ImageGen(msgspec.Struct):
 
 
 # A 1x1 transparent PNG, as OpenAI's `b64_json`.
-PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+PNG_B64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAA"
+    "AABJRU5ErkJggg=="
+)
 
 
 def openai_error(status: int, message: str, type_: str, code: str | None = None) -> Failure:
