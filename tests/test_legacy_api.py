@@ -7,6 +7,7 @@ records and cost headers as for chat; an upstream's counts are untrusted.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,17 @@ import msgspec
 import openai
 import pytest
 
+from adapters.anthropic import AnthropicAdapter
+from adapters.echo import EchoAdapter
+from adapters.ollama import OllamaAdapter
+from adapters.types import (
+    CompletionCall,
+    CompletionRequest,
+    ImageCall,
+    ImageRequest,
+    Upstream,
+    UpstreamError,
+)
 from node.config import ConfigError, load_config
 from node.provision import create_node
 from tests.conftest import NodeDir, RunningNode, run_node
@@ -248,3 +260,19 @@ def test_config_refuses_what_no_upstream_serves(tmp_path, deployment, problem):
         config.write(f'\n[[models]]\nname = "odd"\n{deployment}\n')
     with pytest.raises(ConfigError, match=problem):
         load_config(folder)
+
+
+@pytest.mark.parametrize("provider", ["echo", "anthropic", "ollama"])
+def test_other_adapters_say_they_do_not_serve_them(provider):
+    upstream = Upstream(provider=provider, model="m")
+    adapter = (
+        EchoAdapter(upstream)
+        if provider == "echo"
+        else {"anthropic": AnthropicAdapter, "ollama": OllamaAdapter}[provider](upstream, None)  # type: ignore[arg-type]
+    )
+    completion = CompletionCall(CompletionRequest(model="m", prompt="x"), {}, "r1")
+    image = ImageCall(ImageRequest(model="m", prompt="x"), {}, "r2")
+    for call in (adapter.complete(completion), adapter.images(image)):
+        with pytest.raises(UpstreamError) as refused:
+            asyncio.run(call)
+        assert refused.value.status == 400 and refused.value.code == "model_not_supported"
