@@ -45,7 +45,7 @@ BUSY_ARMS = ("direct", "proxy", "node", "node_responses", "node_messages")
 BUSY_ARMS += ("floor_asgi", "floor_litestar")
 # The other API surfaces' arms (same node, key, mock and prompt as "node") and the target for
 # their figures as a multiple of the chat completions arm's.
-SURFACE_ARMS = {"node_responses": "responses", "node_messages": "messages"}
+SURFACE_ARMS: dict[str, Name] = {"node_responses": "responses", "node_messages": "messages"}
 SURFACE_TARGET = 1.3
 ROOT = HERE.parent
 AIHUB = Path(sys.executable).parent / "aihub"
@@ -435,7 +435,7 @@ class Bench:
             }
         )
         for arm, surface in SURFACE_ARMS.items():
-            self.targets[arm] = self.a.target(arm, self.key, surface=surface)  # type: ignore[arg-type]
+            self.targets[arm] = self.a.target(arm, self.key, surface=surface)
         if s.extras:
             self.targets.update(
                 {
@@ -553,7 +553,7 @@ class Bench:
             "hop": self.b.target("hop", self.b_key, stream=True),
         }
         for arm, surface in SURFACE_ARMS.items():
-            targets[arm] = self.a.target(arm, self.key, stream=True, surface=surface)  # type: ignore[arg-type]
+            targets[arm] = self.a.target(arm, self.key, stream=True, surface=surface)
         expected = {
             arm: s.chunks + SURFACES[SURFACE_ARMS.get(arm, "chat")].stream_events for arm in targets
         }

@@ -24,10 +24,10 @@ class Surface:
     path: str
     marker: bytes  # in every complete, non-streamed answer
     stream_events: int  # SSE events of a stream of `chunks` content deltas, beyond those deltas
+    anthropic_auth: bool = False  # the key as Anthropic's SDK sends it, not as a bearer token
 
     def headers(self, key: str) -> dict[str, str]:
-        if self is SURFACES["messages"]:
-            # As Anthropic's SDK sends them.
+        if self.anthropic_auth:
             return {"x-api-key": key, "anthropic-version": "2023-06-01"}
         return {"authorization": f"Bearer {key}"}
 
@@ -40,7 +40,7 @@ SURFACES: dict[str, Surface] = {
     "responses": Surface("/v1/responses", b'"object":"response"', 8),
     # message_start, ping, content_block_start, deltas…, content_block_stop, message_delta,
     # message_stop
-    "messages": Surface("/v1/messages", b'"type":"message"', 6),
+    "messages": Surface("/v1/messages", b'"type":"message"', 6, anthropic_auth=True),
 }
 
 
