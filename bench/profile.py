@@ -69,13 +69,14 @@ LAYERS = [
     ("anyio", ("anyio/",)),
 ]
 
-# Steps of a request: a function name (as py-spy prints it, without the file) and its label.
+# Steps of a request: a function name (as py-spy prints it, without the file, or with a part
+# of its path after " (" where two modules share the name) and its label.
 STEPS = [
     ("HttpToolsProtocol.data_received", "uvicorn: reading and parsing requests (httptools)"),
     ("RequestResponseCycle.run_asgi", "request task: uvicorn -> Litestar -> handler"),
     ("_chat", "  handler: chat completions"),
-    ("_responses", "  handler: Responses API"),
-    ("_messages", "  handler: Anthropic Messages API"),
+    ("_responses (node/ingress/responses.py", "  handler: Responses API"),
+    ("_messages (node/ingress/anthropic.py", "  handler: Anthropic Messages API"),
     ("authenticate", "    authenticate (key from memory, epoch stat)"),
     ("read_body", "    read body (+ peer signature check)"),
     ("decode_body", "    decode body (msgspec, twice)"),
@@ -109,6 +110,14 @@ def _layer(frame: str) -> str:
     return "other (stdlib, C calls from Python)"
 
 
+def _passes(step: str, names: set[str], frames: list[str]) -> bool:
+    """Whether a stack passes through `step` (see STEPS)."""
+    function, _, where = step.partition(" (")
+    if where:
+        return any(_function(frame) == function and where in frame for frame in frames)
+    return function in names or any(name.startswith(function) for name in names)
+
+
 def summarise(raw: str, cpu_us_per_request: float, top: int = 25) -> dict[str, object]:
     layers: Counter[str] = Counter()
     steps: Counter[str] = Counter()
@@ -128,9 +137,9 @@ def summarise(raw: str, cpu_us_per_request: float, top: int = 25) -> dict[str, o
         layers[_layer(leaf)] += count
         leaves[leaf] += count
         names = {_function(frame) for frame in frames}
-        for function, _label in STEPS:
-            if function in names or any(name.startswith(function) for name in names):
-                steps[function] += count
+        for step, _label in STEPS:
+            if _passes(step, names, frames):
+                steps[step] += count
 
     def cost(count: int) -> dict[str, float]:
         share = count / active if active else 0.0
