@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 AIHUB_HOME ?= $(HOME)/.aihub
 export AIHUB_HOME
 
-.PHONY: setup run test lint format bench network network-down clean
+.PHONY: setup run test lint format bench network network-down clean agents
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,19 @@ format: setup
 
 test: lint
 	$(BIN)/pytest
+
+# Coding agents for tests/test_coding_agents.py (Codex CLI, Claude Code), pinned, from npm,
+# into .cache/agents (not global). Needs npm; the tests skip with that reason without it.
+AGENTS_DIR ?= .cache/agents
+CODEX_VERSION ?= 0.171.0
+CLAUDE_CODE_VERSION ?= 2.1.332
+
+agents: $(AGENTS_DIR)/.installed
+
+$(AGENTS_DIR)/.installed: Makefile
+	npm install --prefix $(AGENTS_DIR) --no-audit --no-fund --no-save --loglevel=error \
+		@openai/codex@$(CODEX_VERSION) @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION)
+	touch $@
 
 # Benchmarks: not part of `make test` (nor CI). BENCH_ARGS=--quick for a run under a minute.
 bench: setup

@@ -68,10 +68,12 @@ from adapters.types import (
     ChatRequest,
     ChatResult,
     Choice,
+    CompletionCall,
     ContentPart,
     EmbedCall,
     EmbedResult,
     FunctionCall,
+    ImageCall,
     Message,
     NamedToolChoice,
     ResponseMessage,
@@ -79,6 +81,8 @@ from adapters.types import (
     Upstream,
     UpstreamError,
     Usage,
+    WireResult,
+    does_not_serve,
     error_status_for,
 )
 
@@ -544,6 +548,12 @@ class AnthropicAdapter:
     async def open_stream(self, call: ChatCall) -> AnthropicStream:
         response = await self._post(call, chat_body(call, self.upstream, stream=True), stream=True)
         return AnthropicStream(call, self.upstream, response)
+
+    async def complete(self, call: CompletionCall) -> WireResult:
+        raise does_not_serve(self.upstream.provider, "legacy text completions")
+
+    async def images(self, call: ImageCall) -> WireResult:
+        raise does_not_serve(self.upstream.provider, "image generations")
 
     async def embed(self, call: EmbedCall) -> EmbedResult:
         raise UpstreamError(

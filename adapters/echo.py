@@ -47,6 +47,7 @@ from adapters.types import (
     ChatCompletion,
     ChatResult,
     Choice,
+    CompletionCall,
     EmbedCall,
     Embedding,
     EmbeddingList,
@@ -54,11 +55,14 @@ from adapters.types import (
     EmbedResult,
     FunctionCall,
     FunctionDef,
+    ImageCall,
     NamedToolChoice,
     ResponseMessage,
     ToolCall,
     Upstream,
     Usage,
+    WireResult,
+    does_not_serve,
     encode_embedding,
 )
 
@@ -216,6 +220,12 @@ class EchoAdapter:
     async def open_stream(self, call: ChatCall) -> EchoStream:
         await self._pause()
         return EchoStream(call, self.upstream, _answer(call, self.upstream))
+
+    async def complete(self, call: CompletionCall) -> WireResult:
+        raise does_not_serve(self.upstream.provider, "legacy text completions")
+
+    async def images(self, call: ImageCall) -> WireResult:
+        raise does_not_serve(self.upstream.provider, "image generations")
 
     async def embed(self, call: EmbedCall) -> EmbedResult:
         await self._pause()

@@ -58,6 +58,7 @@ from adapters.types import (
     ChatRequest,
     ChatResult,
     Choice,
+    CompletionCall,
     ContentPart,
     EmbedCall,
     Embedding,
@@ -65,6 +66,7 @@ from adapters.types import (
     EmbeddingUsage,
     EmbedResult,
     FunctionCall,
+    ImageCall,
     Message,
     NamedToolChoice,
     ResponseFormat,
@@ -73,6 +75,8 @@ from adapters.types import (
     Upstream,
     UpstreamError,
     Usage,
+    WireResult,
+    does_not_serve,
     encode_embedding,
 )
 
@@ -414,6 +418,12 @@ class OllamaAdapter:
         body = chat_body(call, self.upstream, stream=True)
         response = await self._post("api/chat", body, stream=True)
         return OllamaStream(call, self.upstream, response)
+
+    async def complete(self, call: CompletionCall) -> WireResult:
+        raise does_not_serve(self.upstream.provider, "legacy text completions")
+
+    async def images(self, call: ImageCall) -> WireResult:
+        raise does_not_serve(self.upstream.provider, "image generations")
 
     async def embed(self, call: EmbedCall) -> EmbedResult:
         request = call.request

@@ -35,11 +35,14 @@ from adapters.tokens import (
 from adapters.types import (
     ChatCall,
     ChatResult,
+    CompletionCall,
     EmbedCall,
     EmbedResult,
+    ImageCall,
     Upstream,
     UpstreamError,
     Usage,
+    WireResult,
     sse_event,
 )
 
@@ -75,6 +78,30 @@ class _Peek(msgspec.Struct):
 _peek = msgspec.json.Decoder(_Peek)
 
 
+class _PeekText(msgspec.Struct):
+    text: str | None = None
+
+
+class _PeekCompletion(msgspec.Struct):
+    """What the gateway reads of a legacy text completion."""
+
+    choices: list[_PeekText] | None = None
+    usage: _PeekUsage | None = None
+
+
+class _PeekImages(msgspec.Struct):
+    """What the gateway reads of generated images: how many there are (each item is
+    skipped, not decoded: a base64 image is megabytes)."""
+
+    data: list[Raw] | None = None
+
+
+_peek_completion = msgspec.json.Decoder(_PeekCompletion)
+_peek_images = msgspec.json.Decoder(_PeekImages)
+# OpenAI's documented default for a legacy completion's `max_tokens`.
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+
+
 def _usage(peek: _PeekUsage, call: ChatCall, completion_text: str) -> tuple[Usage, bool]:
     """The upstream's counts (the total is recomputed, never taken), each estimated if it is
     missing or no count; and whether any was."""
@@ -97,8 +124,34 @@ def _embed_usage(peek: _PeekUsage | None, call: EmbedCall) -> tuple[Usage, bool]
     return Usage(tokens, 0, tokens), True
 
 
+def _completion_prompt_tokens(call: CompletionCall) -> int:
+    """An estimate of a completion's prompt, when the upstream did not count it."""
+    prompt = call.request.prompt
+    if isinstance(prompt, str):
+        return estimate_text_tokens(prompt)
+    if all(isinstance(item, str) for item in prompt):
+        return sum(estimate_text_tokens(item) for item in prompt)
+    return len(msgspec.json.encode(prompt)) // 4 + 1  # token ids: a rough guess
+
+
+def _completion_usage(peek: _PeekCompletion, call: CompletionCall) -> tuple[Usage, bool]:
+    """The upstream's counts, untrusted (the total recomputed; each estimated if it is
+    missing or no count); the pipeline clamps them to the worst case reserved."""
+    counted = peek.usage
+    prompt = token_count(counted.prompt_tokens) if counted is not None else None
+    completion = token_count(counted.completion_tokens) if counted is not None else None
+    estimated = prompt is None or completion is None
+    if prompt is None:
+        prompt = _completion_prompt_tokens(call)
+    if completion is None:
+        text = "".join(choice.text or "" for choice in peek.choices or ())
+        completion = estimate_text_tokens(text)
+    return Usage(prompt, completion, prompt + completion), estimated
+
+
 class OpenAIAdapter:
-    """Speaks OpenAI's `/chat/completions` and `/embeddings` at `base_url`."""
+    """Speaks OpenAI's `/chat/completions`, `/embeddings`, `/completions` and
+    `/images/generations` at `base_url`."""
 
     # Where an upstream that signs what it charged (another aihub node) sends its receipt: a
     # response header, and on a stream an SSE event of its own, never passed on. Named by the
@@ -197,6 +250,55 @@ class OpenAIAdapter:
         usage, estimated = _embed_usage(peek.usage, call)
         return EmbedResult(
             wire=content, usage=usage, usage_estimated=estimated, receipt=self._receipt_of(response)
+        )
+
+    def _completion_cap(self, call: CompletionCall) -> dict[str, Raw]:
+        """`max_tokens` held to the deployment's cap, and sent as OpenAI's default (16) when
+        the client set none: the upstream writes no more than the budget reserved."""
+        cap = self.upstream.max_output_tokens
+        asked = call.request.max_tokens
+        if asked is None:
+            return {"max_tokens": Raw(str(min(COMPLETION_DEFAULT_MAX_TOKENS, cap)).encode())}
+        return {"max_tokens": Raw(str(cap).encode())} if asked > cap else {}
+
+    async def _post(self, endpoint: str, body: bytes, request_id: str) -> UpstreamResponse:
+        request = self._request(endpoint, body, request_id)
+        return await send(self.client, self.upstream, request)
+
+    def _invalid_json(self, exc: Exception) -> UpstreamError:
+        message = f"{self.upstream.provider} upstream sent invalid JSON: {exc}"
+        return UpstreamError(502, message, retryable=True)
+
+    async def complete(self, call: CompletionCall) -> WireResult:
+        """A legacy text completion, passed through (not streamed) and answered as it came."""
+        body = self._body(call.raw, stream=_FALSE, **self._completion_cap(call))
+        response = await self._post("completions", body, call.request_id)
+        try:
+            peek = _peek_completion.decode(response.content)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise self._invalid_json(exc) from exc
+        usage, estimated = _completion_usage(peek, call)
+        return WireResult(
+            wire=response.content,
+            usage=usage,
+            usage_estimated=estimated,
+            receipt=self._receipt_of(response),
+        )
+
+    async def images(self, call: ImageCall) -> WireResult:
+        """Generated images, passed through and answered as they came; counted as the
+        `data` items sent, never more than the `n` asked (and reserved)."""
+        body = self._body(call.raw, stream=_FALSE)
+        response = await self._post("images/generations", body, call.request_id)
+        try:
+            peek = _peek_images.decode(response.content)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise self._invalid_json(exc) from exc
+        count = min(len(peek.data or ()), call.request.n)
+        return WireResult(
+            wire=response.content,
+            usage=Usage(0, count, count),
+            receipt=self._receipt_of(response),
         )
 
     def _receipt_of(self, response: UpstreamResponse) -> bytes | None:

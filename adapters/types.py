@@ -171,6 +171,32 @@ class EmbeddingRequest(Struct, omit_defaults=True):
 # --- responses ----------------------------------------------------------------------------
 
 
+class CompletionRequest(Struct, omit_defaults=True):
+    """A legacy text completion (`POST /v1/completions`): what the gateway reads of it to
+    route and reserve; every other field passes through untouched."""
+
+    model: str
+    # A string, a list of strings, or token ids (a list of ints, or of lists of ints): read
+    # only for its size, so any JSON list is let through to the upstream to judge.
+    prompt: str | list[Any] = ""
+    # OpenAI's default is 16: the gateway sends it explicitly when the client set none.
+    max_tokens: Annotated[int, Meta(ge=0)] | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] = 1
+    # The upstream writes `best_of` completions and bills them all, returning `n`.
+    best_of: Annotated[int, Meta(ge=1, le=128)] | None = None
+    stream: bool = False
+
+
+class ImageRequest(Struct, omit_defaults=True):
+    """An image generation (`POST /v1/images/generations`): priced per image, so only the
+    count asked for is read; the rest (size, quality, response_format…) passes through."""
+
+    model: str
+    prompt: str
+    n: Annotated[int, Meta(ge=1, le=10)] = 1
+    stream: bool = False
+
+
 class Usage(Struct, omit_defaults=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -283,6 +309,30 @@ class EmbedCall(Struct):
     request_id: str
 
 
+class CompletionCall(Struct):
+    request: CompletionRequest
+    raw: dict[str, Raw]
+    request_id: str
+
+
+class ImageCall(Struct):
+    request: ImageRequest
+    raw: dict[str, Raw]
+    request_id: str
+
+
+class WireResult(Struct, kw_only=True):
+    """An OpenAI-compatible upstream's answer that only OpenAI's own surface serves (a text
+    completion, generated images): its JSON as it came, passed on byte for byte, and what it
+    used. For images, `usage.completion_tokens` counts the images (one unit each, priced per
+    image by the deployment)."""
+
+    wire: bytes
+    usage: Usage
+    usage_estimated: bool = False
+    receipt: bytes | None = None
+
+
 class ChatResult(Struct, kw_only=True):
     """A complete answer and its token usage; from an upstream that signs what it charged
     (another aihub node), its receipt too.
@@ -360,6 +410,22 @@ class Adapter(Protocol):
     async def open_stream(self, call: ChatCall) -> ChatStream: ...
 
     async def embed(self, call: EmbedCall) -> EmbedResult: ...
+
+    # OpenAI-compatible upstreams only; the others raise `does_not_serve`.
+    async def complete(self, call: CompletionCall) -> WireResult: ...
+
+    async def images(self, call: ImageCall) -> WireResult: ...
+
+
+def does_not_serve(provider: str, what: str) -> UpstreamError:
+    """The request's own fault, answered at once: no deployment of this provider serves it
+    (the config refuses such a deployment; this guards a call that slips by)."""
+    return UpstreamError(
+        400,
+        f"The {provider} provider does not serve {what}",
+        type="invalid_request_error",
+        code="model_not_supported",
+    )
 
 
 # --- errors -------------------------------------------------------------------------------

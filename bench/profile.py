@@ -57,6 +57,8 @@ LAYERS = [
             "federation/ids.py",
         ),
     ),
+    ("node: Responses surface (decode, render)", ("node/ingress/responses",)),
+    ("node: Messages surface (decode, render)", ("node/ingress/anthropic",)),
     ("node: router", ("node/gateway/router.py",)),
     ("node: other", ("node/",)),
     ("adapters", ("adapters/",)),
@@ -67,11 +69,14 @@ LAYERS = [
     ("anyio", ("anyio/",)),
 ]
 
-# Steps of a request: a function name (as py-spy prints it, without the file) and its label.
+# Steps of a request: a function name (as py-spy prints it, without the file, or with a part
+# of its path after " (" where two modules share the name) and its label.
 STEPS = [
     ("HttpToolsProtocol.data_received", "uvicorn: reading and parsing requests (httptools)"),
     ("RequestResponseCycle.run_asgi", "request task: uvicorn -> Litestar -> handler"),
     ("_chat", "  handler: chat completions"),
+    ("_responses (node/ingress/responses.py", "  handler: Responses API"),
+    ("_messages (node/ingress/anthropic.py", "  handler: Anthropic Messages API"),
     ("authenticate", "    authenticate (key from memory, epoch stat)"),
     ("read_body", "    read body (+ peer signature check)"),
     ("decode_body", "    decode body (msgspec, twice)"),
@@ -84,6 +89,8 @@ STEPS = [
     ("complete", "    answer: settle, receipts"),
     ("Accounting.finish", "      finish: usage record (journal), metrics, release"),
     ("Accounting.issue_receipt", "      our receipt for a peer (one transaction)"),
+    ("complete_response", "    render: a Responses `response`"),
+    ("message_body", "    render: an Anthropic `message`"),
     ("_send_reply", "  sending the answer"),
     ("_send_stream", "  sending a stream"),
     ("UsageRecorder._run", "usage writer task (batched, every 50 ms)"),
@@ -101,6 +108,14 @@ def _layer(frame: str) -> str:
         if any(fragment in where for fragment in fragments):
             return name
     return "other (stdlib, C calls from Python)"
+
+
+def _passes(step: str, names: set[str], frames: list[str]) -> bool:
+    """Whether a stack passes through `step` (see STEPS)."""
+    function, _, where = step.partition(" (")
+    if where:
+        return any(_function(frame) == function and where in frame for frame in frames)
+    return function in names or any(name.startswith(function) for name in names)
 
 
 def summarise(raw: str, cpu_us_per_request: float, top: int = 25) -> dict[str, object]:
@@ -122,9 +137,9 @@ def summarise(raw: str, cpu_us_per_request: float, top: int = 25) -> dict[str, o
         layers[_layer(leaf)] += count
         leaves[leaf] += count
         names = {_function(frame) for frame in frames}
-        for function, _label in STEPS:
-            if function in names or any(name.startswith(function) for name in names):
-                steps[function] += count
+        for step, _label in STEPS:
+            if _passes(step, names, frames):
+                steps[step] += count
 
     def cost(count: int) -> dict[str, float]:
         share = count / active if active else 0.0

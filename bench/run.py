@@ -36,18 +36,20 @@ from bench.loadgen import (
     wrk_path,
     wrk_version,
 )
+from bench.surfaces import SURFACES, Name, body
 
 HERE = Path(__file__).resolve().parent
 # The throughput target's rate, and the arms measured again at the busy CPU rate.
 TARGET_RPS = 1500
-BUSY_ARMS = ("direct", "proxy", "node", "floor_asgi", "floor_litestar")
+BUSY_ARMS = ("direct", "proxy", "node", "node_responses", "node_messages")
+BUSY_ARMS += ("floor_asgi", "floor_litestar")
+# The other API surfaces' arms (same node, key, mock and prompt as "node") and the target for
+# their figures as a multiple of the chat completions arm's.
+SURFACE_ARMS: dict[str, Name] = {"node_responses": "responses", "node_messages": "messages"}
+SURFACE_TARGET = 1.3
 ROOT = HERE.parent
 AIHUB = Path(sys.executable).parent / "aihub"
 UPSTREAM_KEY_ENV = "BENCH_UPSTREAM_KEY"
-MESSAGES = [
-    {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "Say hello to the benchmark, briefly."},
-]
 # Limits that every request passes through (and none reaches).
 RATE_LIMITS = ["--rpm", "1000000000", "--tpm", "1000000000000", "--max-parallel", "100000"]
 BUDGET = ["--budget", "1000000"]
@@ -63,6 +65,8 @@ LABELS = {
     "node_plainkey": "node, key without limits",
     "node_ratekey": "node, key with rate limits only",
     "node": "node (virtual key: budget + limits)",
+    "node_responses": "node, Responses API",
+    "node_messages": "node, Anthropic Messages API",
     "node_granian": "node on granian",
     "node_workers": "node, several workers",
     "hop": "federated hop: beta -> alpha",
@@ -161,17 +165,9 @@ def once(target: Target, request: bytes | None = None, timeout: float = 10.0) ->
     return status, bytes(buffer)
 
 
-def chat_body(model: str, *, stream: bool = False) -> bytes:
-    body: dict[str, object] = {"model": model, "messages": MESSAGES, "max_tokens": 16}
-    if stream:
-        body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
 def plain_target(name: str, port: int, *, stream: bool = False) -> Target:
-    body = chat_body("mock-model", stream=stream)
-    return Target(name, "127.0.0.1", port, "/v1/chat/completions", body)
+    request = body("chat", "mock-model", stream=stream)
+    return Target(name, "127.0.0.1", port, "/v1/chat/completions", request)
 
 
 def spread(values: Sequence[float]) -> dict[str, object]:
@@ -214,15 +210,17 @@ class Node:
     port: int
     process: subprocess.Popen[bytes] | None = None
 
-    def target(self, name: str, key: str, model: str = "mock", stream: bool = False) -> Target:
-        return Target(
-            name,
-            "127.0.0.1",
-            self.port,
-            "/v1/chat/completions",
-            chat_body(model, stream=stream),
-            {"authorization": f"Bearer {key}"},
-        )
+    def target(
+        self,
+        name: str,
+        key: str,
+        model: str = "mock",
+        stream: bool = False,
+        surface: Name = "chat",
+    ) -> Target:
+        api = SURFACES[surface]
+        request = body(surface, model, stream=stream)
+        return Target(name, "127.0.0.1", self.port, api.path, request, api.headers(key))
 
 
 @dataclass
@@ -436,6 +434,8 @@ class Bench:
                 "hop": self.b.target("hop", self.b_key),
             }
         )
+        for arm, surface in SURFACE_ARMS.items():
+            self.targets[arm] = self.a.target(arm, self.key, surface=surface)
         if s.extras:
             self.targets.update(
                 {
@@ -447,7 +447,8 @@ class Bench:
             )
         for name, target in self.targets.items():
             status, answer = once(target)
-            if status != 200 or b"chat.completion" not in answer:
+            marker = SURFACES[SURFACE_ARMS.get(name, "chat")].marker
+            if status != 200 or marker not in answer:
                 raise RuntimeError(f"{name} answered {status}: {answer[-300:]!r}")
 
     def _configure(self, node: Node, *, with_mock: bool) -> None:
@@ -493,7 +494,8 @@ class Bench:
         """Sequential requests (concurrency 1) through each arm, in shuffled order each round;
         each added latency is taken against the direct run of the same round."""
         s = self.settings
-        arms = ["direct", "proxy", *FLOOR_APPS, "node", "node_plainkey", "node_granian"]
+        arms = ["direct", "proxy", *FLOOR_APPS, "node", *SURFACE_ARMS, "node_plainkey"]
+        arms.append("node_granian")
         arms = self.present([*arms, "node_workers", "hop"])
         self.say(f"latency: {len(arms)} arms x {s.latency_rounds} rounds x {s.latency_seconds} s")
         self.seq: dict[str, list[Run]] = {arm: [] for arm in arms}
@@ -529,6 +531,15 @@ class Bench:
             for n, p, d in zip(self.seq["node"], self.seq["proxy"], direct, strict=True)
         ]
         f.add("node_over_proxy_p50", ratio, "x", "node's added p50 / bare proxy's added p50")
+        for arm in SURFACE_ARMS:
+            for q in ("p50", "p99"):
+                ratio = [
+                    (getattr(r, f"{q}_ms") - getattr(d, f"{q}_ms"))
+                    / max(getattr(n, f"{q}_ms") - getattr(d, f"{q}_ms"), 1e-6)
+                    for r, n, d in zip(self.seq[arm], self.seq["node"], direct, strict=True)
+                ]
+                label = f"{LABELS[arm]}: added {q} / chat completions' added {q}"
+                f.add(f"{arm}_over_chat_{q}", ratio, "x", label)
         errors = sum(r.errors for runs in self.seq.values() for r in runs)
         f.add("latency_errors", float(errors), "", "errors in the latency runs")
 
@@ -541,10 +552,14 @@ class Bench:
             "node": self.a.target("node", self.key, stream=True),
             "hop": self.b.target("hop", self.b_key, stream=True),
         }
-        expected = s.chunks + 4  # role, content…, finish, usage, [DONE]
+        for arm, surface in SURFACE_ARMS.items():
+            targets[arm] = self.a.target(arm, self.key, stream=True, surface=surface)
+        expected = {
+            arm: s.chunks + SURFACES[SURFACE_ARMS.get(arm, "chat")].stream_events for arm in targets
+        }
         self.say(
             f"streaming: {len(targets)} arms x {s.stream_rounds} rounds x {s.streams_per_round} "
-            f"streams of {expected} events, {s.chunk_gap_ms:g} ms apart"
+            f"streams of {s.chunks} deltas, {s.chunk_gap_ms:g} ms apart"
         )
         per_round: dict[str, list[tuple[float, float, int, int]]] = {arm: [] for arm in targets}
         for order in self.rounds(s.stream_rounds, list(targets)):
@@ -561,7 +576,7 @@ class Bench:
                         continue
                     firsts.append(timing.first_event_ms)
                     gaps.extend(timing.gaps_ms)
-                    lost += max(0, expected - timing.events)
+                    lost += max(0, expected[str(arm)] - timing.events)
                 client.close()
                 firsts.sort()
                 gaps.sort()
@@ -572,22 +587,31 @@ class Bench:
         direct = per_round["direct"]
         f.add("direct_ttfb_ms", [d[0] for d in direct], "ms", "stream direct: first event p50")
         f.add("direct_gap_p99_ms", [d[1] for d in direct], "ms", "stream direct: gap p99")
-        for arm in ("proxy", "node", "hop"):
+        for arm in ("proxy", "node", *SURFACE_ARMS, "hop"):
             runs = per_round[arm]
+            label = LABELS[arm] if arm in SURFACE_ARMS else arm
             f.add(
                 f"{arm}_stream_added_ttfb_ms",
                 [r[0] - d[0] for r, d in zip(runs, direct, strict=True)],
                 "ms",
-                f"stream {arm}: added time to first event (p50)",
+                f"stream {label}: added time to first event (p50)",
             )
             f.add(
                 f"{arm}_stream_added_gap_p99_ms",
                 [r[1] - d[1] for r, d in zip(runs, direct, strict=True)],
                 "ms",
-                f"stream {arm}: added gap between events (p99)",
+                f"stream {label}: added gap between events (p99)",
             )
-            lost = float(sum(r[2] for r in runs) + sum(r[3] for r in runs) * expected)
-            f.add(f"{arm}_stream_events_lost", lost, "", f"stream {arm}: events lost")
+            lost = float(sum(r[2] for r in runs) + sum(r[3] for r in runs) * expected[arm])
+            f.add(f"{arm}_stream_events_lost", lost, "", f"stream {label}: events lost")
+        node = per_round["node"]
+        for arm in SURFACE_ARMS:
+            ratio = [
+                (r[0] - d[0]) / max(n[0] - d[0], 1e-6)
+                for r, n, d in zip(per_round[arm], node, direct, strict=True)
+            ]
+            label = f"stream {LABELS[arm]}: added time to first event / chat completions'"
+            f.add(f"{arm}_stream_over_chat_ttfb", ratio, "x", label)
 
     def throughput(self) -> None:
         """Closed-loop load at each concurrency, arms and concurrencies shuffled per round;
@@ -712,6 +736,7 @@ class Bench:
             "direct": [self.mock.pid],
             "proxy": [self.proxy.pid],
             "node": [alpha],
+            **{arm: [alpha] for arm in SURFACE_ARMS},
             "node_plainkey": [alpha],
             "hop": [self.b.process.pid, alpha],  # type: ignore[union-attr]
         }
@@ -888,6 +913,16 @@ class Bench:
             ("node_cpu_us", "<=", 400, "CPU per request at 100 req/s"),
             ("node_cpu_busy_us", "<=", 400, "CPU per request at 1,000 req/s"),
             ("hop_over_node_p50", "<=", 2.0, "hop adds <= 2x the node's overhead"),
+            *(
+                (f"{arm}_{figure}", "<=", target, f"{LABELS[arm]}: {what}")
+                for arm in SURFACE_ARMS
+                for figure, target, what in (
+                    ("over_chat_p50", SURFACE_TARGET, "added p50 / chat's"),
+                    ("over_chat_p99", SURFACE_TARGET, "added p99 / chat's"),
+                    ("stream_over_chat_ttfb", SURFACE_TARGET, "added first event / chat's"),
+                    ("stream_events_lost", 0, "stream: no event lost"),
+                )
+            ),
             ("rss_idle_mb", "<=", 100, "RSS idle"),
             ("rss_after_soak_mb", "<=", 150, "RSS steady"),
             ("rss_growth_mb", "<=", 5, "no growth (noise: 5 MB)"),
@@ -1045,7 +1080,10 @@ def parse(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
     )
     parser.add_argument("--profile", type=float, default=0, metavar="SECONDS", help="py-spy")
     parser.add_argument(
-        "--profile-arm", choices=["node", "hop"], default="node", help="what --profile drives"
+        "--profile-arm",
+        choices=["node", "hop", *SURFACE_ARMS],
+        default="node",
+        help="what --profile drives",
     )
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--seed", type=int, default=None)

@@ -23,6 +23,7 @@ from node.ingress import anthropic
 from node.ingress.asgi import JSON
 from node.ingress.errors import EXCEPTION_HANDLERS
 from node.ingress.openai import ROUTES, document
+from node.ingress.openai_more import ROUTES as OPENAI_MORE_ROUTES
 from node.ingress.responses import ROUTES as RESPONSES_ROUTES
 from node.peers.routes import FEDERATION_ROUTES
 
@@ -87,6 +88,7 @@ def create_app(directory: Path | None = None) -> Litestar:
             *ROUTES,
             *anthropic.ROUTES,
             *RESPONSES_ROUTES,
+            *OPENAI_MORE_ROUTES,
             *ADMIN_ROUTES,
             *LEDGER_ROUTES,
             *FEDERATION_ROUTES,

@@ -25,6 +25,8 @@ Port = Annotated[int, Meta(ge=1, le=65535)]
 Seconds = Annotated[float, Meta(gt=0, le=86400)]
 Micros = Annotated[int, Meta(ge=0)]
 Provider = Literal["openai", "azure", "anthropic", "ollama", "echo"]
+# Kinds of request that only an OpenAI-compatible upstream serves.
+OPENAI_ONLY_KINDS = ("completions", "images")
 Strategy = Literal["priority", "lowest-cost", "lowest-latency", "least-busy", "weighted"]
 
 
@@ -116,13 +118,17 @@ class Deployment(Struct, forbid_unknown_fields=True):
     name: Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\s@]+$")]
     provider: Provider
     model: str | None = None
-    kind: Literal["chat", "embeddings"] = "chat"
+    # What the deployment serves: chat, embeddings, or (OpenAI-compatible providers only)
+    # legacy text completions and image generations.
+    kind: Literal["chat", "embeddings", "completions", "images"] = "chat"
     base_url: str | None = None
     api_key_env: Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
     api_version: str | None = None
     headers: dict[str, str] = {}
     price_in: Micros = 0
     price_out: Micros = 0
+    # Micros per image generated (a deployment of kind "images"; its token prices are unused).
+    price_per_image: Micros = 0
     priority: int = 0
     weight: Annotated[int, Meta(ge=1, le=1000)] = 1
     context: Annotated[int, Meta(ge=1)] | None = None
@@ -131,6 +137,13 @@ class Deployment(Struct, forbid_unknown_fields=True):
     read_timeout: Seconds | None = None
     latency_ms: Annotated[int, Meta(ge=0, le=60_000)] = 0
     embedding_dims: Annotated[int, Meta(ge=1, le=8192)] = 64
+
+    def unit_prices(self) -> tuple[int, int]:
+        """Micros per million units in and out, as the usage's counts are priced: tokens,
+        or for images one unit out per image (`price_per_image` each)."""
+        if self.kind == "images":
+            return 0, self.price_per_image * 1_000_000
+        return self.price_in, self.price_out
 
     def upstream(self, defaults: UpstreamSection, env: dict[str, str]) -> Upstream:
         return Upstream(
@@ -216,6 +229,10 @@ def semantic_problems(config: Config) -> list[str]:
             problems.append(f"{where}: azure needs base_url (the resource URL) and model")
         if deployment.provider == "anthropic" and deployment.kind == "embeddings":
             problems.append(f"{where}: anthropic serves no embeddings")
+        if deployment.kind in OPENAI_ONLY_KINDS and deployment.provider not in ("openai", "azure"):
+            problems.append(f"{where}: {deployment.provider} serves no {deployment.kind}")
+        if deployment.price_per_image and deployment.kind != "images":
+            problems.append(f"{where}: price_per_image is for a deployment of kind images")
         if deployment.base_url and not deployment.base_url.startswith(("http://", "https://")):
             problems.append(f"{where}: base_url must start with http:// or https://")
     return problems

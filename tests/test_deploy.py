@@ -568,7 +568,15 @@ def test_entrypoint_steps_make_two_peers_on_loopback(tmp_path: Path, started: St
     )
     assert [(p["name"], p["status"]) for p in peers] == [("alice", "active")]
 
-    # Restarted, both reuse their nodes: no second model entry, no second join.
+    # Restarted, both reuse their nodes: no second model entry, no second join. Bob's
+    # entrypoint marks the join once `aihub join` has returned, which can be after alice's
+    # model shows up: stopping him before that would leave no mark to find.
+    wait_until(
+        lambda: "peering done" in started.log("bob"),
+        60,
+        "bob's entrypoint did not finish peering",
+        lambda: started.log("bob"),
+    )
     started.stop("alice")
     started.stop("bob")
     started.start("alice", ["sh", str(ENTRYPOINT)], alice_env)

@@ -160,6 +160,21 @@ def test_create_through_an_openai_upstream_sends_it_openai_fields_only(client, s
     assert not {"system", "stop_sequences", "top_k", "metadata"} & set(sent)
 
 
+def test_a_system_message_among_the_turns_is_a_system_message(client, served):
+    """Claude Code sends its environment as a message of role `system` after the first turn."""
+    turns = [
+        {"role": "user", "content": [{"type": "text", "text": "hi there"}]},
+        {"role": "system", "content": [{"type": "text", "text": "# Environment"}]},
+    ]
+    reply = client.messages.create(model="gpt-mock", max_tokens=20, messages=turns)
+    assert reply.content[0].text == "mock says: hi there"
+    sent = json.loads(served.openai_mock.script.received[-1].body)
+    assert sent["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "hi there"}]},
+        {"role": "system", "content": "# Environment"},
+    ]
+
+
 def test_an_image_block_reaches_an_openai_upstream_as_an_image_part(client, served):
     pixel = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(16)).decode()
     image = {

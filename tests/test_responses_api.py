@@ -246,6 +246,39 @@ def test_streamed_function_call(client):
     assert json.loads(call.arguments) == {"city": "Paris"}
 
 
+# The tools Codex CLI sends besides its functions: run by its own runtime (or OpenAI's), which
+# chat completions cannot offer. The gateway drops them rather than refuse the request.
+CODEX_TOOLS = [
+    {"type": "local_shell"},
+    {"type": "custom", "name": "apply_patch", "description": "Edit files", "format": {}},
+    {"type": "namespace", "name": "mcp", "tools": []},
+    {"type": "web_search", "external_web_access": False},
+]
+
+
+def test_tools_a_coding_agent_runs_itself_are_dropped(client, served):
+    response = client.responses.create(
+        model="gpt-mock",
+        input="hi agent",
+        tools=[*CODEX_TOOLS, WEATHER_TOOL],
+        tool_choice="none",
+        parallel_tool_calls=False,
+        store=False,
+        include=["reasoning.encrypted_content"],
+        reasoning={"effort": "low"},
+    )
+    assert response.output_text == "mock says: hi agent"
+    assert [tool.name for tool in response.tools] == ["get_weather"]
+    sent = served.sent()
+    assert [tool["function"]["name"] for tool in sent["tools"]] == ["get_weather"]
+
+
+def test_a_tool_type_nobody_runs_is_refused(client):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.responses.create(model="echo", input="hi", tools=[{"type": "teleport"}])
+    assert raised.value.body["param"] == "tools[0].type"
+
+
 def test_echo_forced_tool_by_name(client):
     response = client.responses.create(
         model="echo",
@@ -254,7 +287,7 @@ def test_echo_forced_tool_by_name(client):
         tool_choice={"type": "function", "name": "get_weather"},
     )
     call = response.output[0]
-    # Echo's arguments are an instance of the tool's parameters, its strings the message.
+    # Echo's arguments are an instance of the tool's parameters (adapters/schema_instance.py).
     assert call.type == "function_call" and json.loads(call.arguments) == {"city": "Lyon"}
 
 
@@ -381,7 +414,7 @@ def test_wire_shapes_validate_strictly(served):
             "input",
         ),
         (b'{"model": "echo", "input": [{"type": "function_call", "name": "f"}]}', "input[0]"),
-        (b'{"model": "echo", "input": "x", "tools": [{"type": "web_search"}]}', "tools[0].type"),
+        (b'{"model": "echo", "input": "x", "tools": [{"type": "file_search"}]}', "tools[0].type"),
         (b'{"model": "echo", "input": "x", "text": {"format": {"type": "json_schema"}}}', None),
         (b'{"model": "echo", "input": "x", "max_output_tokens": 0}', "max_output_tokens"),
     ],

@@ -104,8 +104,8 @@ class Accounting:
                     limits=exc.headers,
                 )
             )
-        price_in = max(route.spec.price_in for route in plan)
-        price_out = max(route.spec.price_out for route in plan)
+        price_in = max(route.spec.unit_prices()[0] for route in plan)
+        price_out = max(route.spec.unit_prices()[1] for route in plan)
         self.worst = worst
         self.reserved = cost_micros(worst, price_in, price_out)
         try:
@@ -151,7 +151,7 @@ class Accounting:
             price_in, price_out = (
                 self.hub.peering.advertised_price(spec.name)
                 if self.for_peer
-                else (spec.price_in, spec.price_out)
+                else spec.unit_prices()
             )
             actual = cost_micros(usage, price_in, price_out)
         cost = min(actual, self.reserved)

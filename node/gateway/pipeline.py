@@ -1,7 +1,8 @@
 """The request pipeline: one request from its caller to its settlement, whatever API it came by.
 
-An ingress (`node/ingress/openai.py` today) decodes its request into the adapters' internal
-call (`ChatCall`, `EmbedCall`), builds the `Caller` from HTTP, and hands both here:
+An ingress (`node/ingress/openai.py` is the model) decodes its request into the adapters'
+internal call (`ChatCall`, `EmbedCall`, `CompletionCall`, `ImageCall`), builds the `Caller`
+from HTTP, and hands both here:
 
 - `begin`: the model allowlist, the plan (which deployments, in order), the re-sync of our chain
   with a peer that asks, and admission (rate limits, the worst case reserved in every budget);
@@ -38,6 +39,7 @@ from adapters.types import (
     EmbedResult,
     UpstreamError,
     Usage,
+    WireResult,
 )
 from node.errors import HubError, Kind, UpstreamFailed, gateway_failure
 from node.gateway.accounting import CLIENT_CLOSED, OK, Accounting, recorded_status
@@ -50,6 +52,8 @@ T = TypeVar("T")
 log = logging.getLogger("aihub.gateway")
 # A request id a peer sends us, to name its receipt by.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# The kinds of request a deployment serves (`Deployment.kind`).
+KINDS = ("chat", "embeddings", "completions", "images")
 
 # The ingress's watcher of its client: an async context manager that cancels its block if the
 # client goes away first (a `HubError` of kind CLIENT_CLOSED then comes out of it).
@@ -83,7 +87,7 @@ class Facts(msgspec.Struct):
 class Answer(msgspec.Struct):
     """A complete answer, settled: the adapter's result, as it returned it."""
 
-    result: ChatResult | EmbedResult
+    result: ChatResult | EmbedResult | WireResult
     facts: Facts
 
 
@@ -149,9 +153,8 @@ def _plan(hub: Hub, principal: Principal, model: str, kind: str, local_only: boo
             model, kind, local_only=local_only, allowed=lambda name: may_use(principal, name)
         )
     except NoRoute:
-        other = "embeddings" if kind == "chat" else "chat"
-        served = hub.router.serves(model, other, local_only=local_only)
-        if served:
+        others = [other for other in KINDS if other != kind]
+        if any(hub.router.serves(model, other, local_only=local_only) for other in others):
             message = f"The model `{model}` does not serve {kind}"
             raise HubError(
                 Kind.INVALID_REQUEST, message, param="model", code="model_not_supported"
@@ -240,7 +243,7 @@ async def _route(
 
 async def complete(
     admitted: Admitted,
-    attempt: Callable[[Route], Awaitable[ChatResult | EmbedResult]],
+    attempt: Callable[[Route], Awaitable[ChatResult | EmbedResult | WireResult]],
     watch: Watch,
 ) -> Answer:
     """The upstream call, then the answer settled: with our receipt if a peer asked, keeping

@@ -132,7 +132,7 @@ class Router:
         if len(routes) < 2:
             return routes
         if strategy == "lowest-cost":
-            return sorted(routes, key=lambda r: (r.spec.price_in + r.spec.price_out, r.position))
+            return sorted(routes, key=lambda r: (sum(r.spec.unit_prices()), r.position))
         if strategy == "lowest-latency":
             # Untried deployments first, so that every one gets measured.
             return sorted(routes, key=lambda r: (r.latency is not None, r.latency or 0.0))

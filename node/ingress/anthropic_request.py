@@ -4,7 +4,8 @@ The pipeline and the adapters speak one internal request (`ChatRequest`, OpenAI'
 format): a Messages request is translated into it once, here, and every deployment serves it
 as it serves a chat completion. What maps and how:
 
-- `system` (a string or text blocks) is the first message, of role `system`;
+- `system` (a string or text blocks) is the first message, of role `system`; a message of
+  role `system` among the turns (Claude Code sends one) is a `system` message there;
 - a user turn's `tool_result` blocks become `tool` messages (first: OpenAI wants them right
   after the assistant's calls), its text and `image` blocks one user message of parts (an
   image's base64 source as a `data:` URL);
@@ -21,6 +22,7 @@ blocks a client sends back), a tool result's `is_error`, `cache_control`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -88,7 +90,8 @@ Block = (
 
 
 class InputMessage(Struct):
-    role: Literal["user", "assistant"]
+    # `system` mid-conversation: Claude Code sends its environment so, after the first turn.
+    role: Literal["user", "assistant", "system"]
     content: str | list[Block]
 
 
@@ -152,7 +155,7 @@ def chat_request(request: MessagesRequest | CountTokensRequest) -> ChatRequest:
     """The Messages request as the gateway's chat request."""
     messages = _system(request.system)
     for message in request.messages:
-        messages += _user(message.content) if message.role == "user" else _assistant(message)
+        messages += _TURNS[message.role](message)
     tools = [_tool(tool) for tool in request.tools] if request.tools else None
     choice = request.tool_choice
     chat = ChatRequest(
@@ -179,6 +182,21 @@ def _system(system: str | list[TextBlock] | None) -> list[Message]:
         return []
     text = system if isinstance(system, str) else "".join(block.text for block in system)
     return [Message(role="system", content=text)]
+
+
+def _system_turn(message: InputMessage) -> list[Message]:
+    """A system message among the turns: its text, as a chat `system` message."""
+    content = message.content
+    text = content if isinstance(content, str) else "".join(_texts(content))
+    return [Message(role="system", content=text)]
+
+
+def _texts(blocks: list[Block]) -> list[str]:
+    return [block.text for block in blocks if isinstance(block, TextBlock)]
+
+
+def _user_turn(message: InputMessage) -> list[Message]:
+    return _user(message.content)
 
 
 def _user(content: str | list[Block]) -> list[Message]:
@@ -227,6 +245,13 @@ def _assistant(message: InputMessage) -> list[Message]:
         if isinstance(block, ToolUseBlock)
     ]
     return [Message(role="assistant", content=text or None, tool_calls=calls or None)]
+
+
+_TURNS: dict[str, Callable[[InputMessage], list[Message]]] = {
+    "user": _user_turn,
+    "assistant": _assistant,
+    "system": _system_turn,
+}
 
 
 def _tool(tool: ToolDefinition) -> Tool:

@@ -75,7 +75,7 @@ def chat_call(
         temperature=request.temperature,
         top_p=request.top_p,
         user=request.user,
-        tools=[_tool(tool) for tool in request.tools] if request.tools else None,
+        tools=[_tool(tool) for tool in request.function_tools()] or None,
         tool_choice=_tool_choice(request.tool_choice),
         parallel_tool_calls=request.parallel_tool_calls,
         response_format=_response_format(request.text),

@@ -104,7 +104,7 @@ class Shell(msgspec.Struct):
             status=status,
             model=request.model,
             output=output,
-            tools=request.tools or [],
+            tools=request.function_tools(),
             tool_choice=request.tool_choice or "auto",
             parallel_tool_calls=request.parallel_tool_calls is not False,
             text=request.text or TextConfig(),

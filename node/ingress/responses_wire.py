@@ -100,6 +100,34 @@ class FunctionTool(Struct, tag_field="type", tag="function", omit_defaults=True)
     strict: bool | None = None
 
 
+class _HostedTool(Struct, tag_field="type"):
+    """A tool the gateway cannot offer through chat completions: OpenAI runs it itself (web
+    search) or the client's own runtime does (Codex's shell, freeform patch and namespaced
+    agent tools). Codex CLI sends them with every request; the gateway drops them, so that
+    the model is offered the `function` tools alone, rather than refuse the request. Other
+    hosted tools (`file_search`, `computer_use_preview`, …) are still refused: a client that
+    asks for them expects them run."""
+
+
+class CustomTool(_HostedTool, tag="custom"):
+    pass
+
+
+class LocalShellTool(_HostedTool, tag="local_shell"):
+    pass
+
+
+class NamespaceTool(_HostedTool, tag="namespace"):
+    pass
+
+
+class WebSearchTool(_HostedTool, tag="web_search"):
+    pass
+
+
+Tool = FunctionTool | CustomTool | LocalShellTool | NamespaceTool | WebSearchTool
+
+
 class NamedFunction(Struct, tag_field="type", tag="function"):
     name: str
 
@@ -138,7 +166,7 @@ class ResponsesRequest(Struct, omit_defaults=True):
     model: ModelName
     input: str | list[Raw]
     instructions: str | None = None
-    tools: list[FunctionTool] | None = None
+    tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
@@ -151,6 +179,10 @@ class ResponsesRequest(Struct, omit_defaults=True):
     previous_response_id: str | None = None
     user: str | None = None
     stream: bool = False
+
+    def function_tools(self) -> list[FunctionTool]:
+        """The tools the model is offered: the `function` ones (see `_HostedTool`)."""
+        return [tool for tool in self.tools or [] if isinstance(tool, FunctionTool)]
 
 
 # --- the response -------------------------------------------------------------------------

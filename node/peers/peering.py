@@ -153,6 +153,8 @@ class Peering:
             for name in self.router.by_name
             if limits is None or model_allowed(limits.models, name)
             if (spec := self._cheapest(name)) is not None
+            # Adverts carry chat and embeddings (`federation/adverts.py`): others stay local.
+            if spec.kind in ("chat", "embeddings")
         ]
         return [
             AdvertModel(

@@ -2,7 +2,10 @@
 
 Plain and streamed chat completions (SSE, `stream_options.include_usage`, tool-call deltas;
 with a `response_format`, the answer is the last user message itself),
-embeddings (float and base64), `/v1/models`, and OpenAI's error bodies. Azure's
+embeddings (float and base64), legacy text completions (`/v1/completions`), image
+generations (`/v1/images/generations`, b64_json or url), `/v1/models`, and OpenAI's error
+bodies. Hostile knobs: `extra_images` sends that many images more than asked, and
+`completion_usage` replaces a completion's usage object with what a test gives. Azure's
 `/openai/deployments/{name}/…?api-version=…` paths with the `api-key` header are served too.
 A raw ASGI app so that benchmarks measure the gateway, not the mock.
 """
@@ -54,6 +57,29 @@ class _Embed(msgspec.Struct):
     dimensions: int | None = None
 
 
+class _Completion(msgspec.Struct):
+    model: str
+    prompt: Any = ""
+    max_tokens: int = 16
+    n: int = 1
+    best_of: int | None = None
+
+
+class _ImageGen(msgspec.Struct):
+    prompt: str
+    model: str = "dall-e-2"
+    n: int = 1
+    size: str = "1024x1024"
+    response_format: str = "url"
+
+
+# A 1x1 transparent PNG, as OpenAI's `b64_json`.
+PNG_B64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAA"
+    "AABJRU5ErkJggg=="
+)
+
+
 def openai_error(status: int, message: str, type_: str, code: str | None = None) -> Failure:
     body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
     return Failure(status, msgspec.json.encode(body))
@@ -85,11 +111,15 @@ class OpenAIMock:
         api_key: str | None = "sk-mock",
         script: MockScript | None = None,
         image_tokens: int = 0,
+        extra_images: int = 0,
+        completion_usage: Any = None,
     ) -> None:
         self.api_key = api_key
         self.script = script or MockScript()
         # Prompt tokens billed for each image part, as a vision model bills them.
         self.image_tokens = image_tokens
+        self.extra_images = extra_images
+        self.completion_usage = completion_usage
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -111,6 +141,10 @@ class OpenAIMock:
             return None
         if path.endswith("/chat/completions"):
             return await self._chat(body, send, receive)
+        if path.endswith("/completions"):
+            return await self._completion(body, send)
+        if path.endswith("/images/generations"):
+            return await self._image_generation(body, send)
         if path.endswith("/embeddings"):
             return await self._embeddings(body, send)
         if path.endswith("/models") and scope["method"] == "GET":
@@ -246,6 +280,50 @@ class OpenAIMock:
         if cut is not None:
             pieces = pieces[: cut + 1]
         await send_stream(self.script, receive, send, pieces)
+
+    async def _completion(self, body: bytes, send: Any) -> None:
+        try:
+            request = msgspec.json.decode(body, type=_Completion)
+        except msgspec.ValidationError as exc:
+            failure = openai_error(400, str(exc), "invalid_request_error")
+            return await self._send_failure(send, failure)
+        prompt = request.prompt if isinstance(request.prompt, str) else str(request.prompt)
+        words = ("mock completes: " + prompt).split(" ")[: request.max_tokens]
+        choices = [
+            {"text": " ".join(words), "index": index, "logprobs": None, "finish_reason": "length"}
+            for index in range(request.n)
+        ]
+        prompt_tokens = len(prompt.split())
+        completion_tokens = len(words) * max(request.n, request.best_of or 1)
+        usage = self.completion_usage or {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        answer = {
+            "id": "cmpl-mock",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": request.model,
+            "system_fingerprint": "fp_mock",
+            "choices": choices,
+            "usage": usage,
+        }
+        await _send_json(send, 200, msgspec.json.encode(answer))
+
+    async def _image_generation(self, body: bytes, send: Any) -> None:
+        try:
+            request = msgspec.json.decode(body, type=_ImageGen)
+        except msgspec.ValidationError as exc:
+            failure = openai_error(400, str(exc), "invalid_request_error")
+            return await self._send_failure(send, failure)
+        image: dict[str, Any] = {"revised_prompt": request.prompt}
+        if request.response_format == "b64_json":
+            image["b64_json"] = PNG_B64
+        else:
+            image["url"] = "https://images.example/mock.png"
+        answer = {"created": int(time.time()), "data": [image] * (request.n + self.extra_images)}
+        await _send_json(send, 200, msgspec.json.encode(answer))
 
     async def _embeddings(self, body: bytes, send: Any) -> None:
         try:
