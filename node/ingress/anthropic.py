@@ -34,7 +34,7 @@ from federation.ids import new_request_id
 from node.errors import HubError, Kind
 from node.gateway import pipeline
 from node.gateway.auth import Principal
-from node.gateway.pipeline import Facts, chat_worst_case, may_use
+from node.gateway.pipeline import Facts, may_use
 from node.hub import hub_of
 from node.ingress import anthropic_errors
 from node.ingress.anthropic_render import MessageStreamRenderer, message_body
@@ -43,7 +43,7 @@ from node.ingress.asgi import (
     JSON,
     Reply,
     StreamReply,
-    caller_of,
+    begin_chat,
     client_ip,
     local_only,
     post_endpoint,
@@ -115,14 +115,7 @@ async def _messages(request: Request) -> Reply | StreamReply:
     messages, _ = decode_body(await read_body(request, principal), _messages_decoder)
     chat = chat_request(messages)
     call = _call(chat, forward_headers(request))
-    admitted = await pipeline.begin(
-        hub_of(request),
-        caller_of(request, principal),
-        chat.model,
-        "chat",
-        call.request_id,
-        lambda plan: chat_worst_case(chat, plan),
-    )
+    admitted = await begin_chat(request, principal, call)
     if chat.stream:
         streamed = await pipeline.stream(admitted, call, watcher_of(request))
         headers = {**_headers(streamed.facts), "cache-control": "no-cache"}

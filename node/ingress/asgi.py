@@ -21,11 +21,13 @@ from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.handlers import ASGIRouteHandler
 from litestar.types import ExceptionHandlersMap, HTTPResponseStartEvent, Receive, Scope, Send
 
+from adapters.types import ChatCall
 from federation.httpsig import REQUEST_ID_HEADER
 from federation.transport import HOP_HEADER
 from node.errors import HubError, client_closed, gateway_failure
+from node.gateway import pipeline
 from node.gateway.auth import Principal
-from node.gateway.pipeline import Caller
+from node.gateway.pipeline import Admitted, Caller, chat_worst_case
 from node.hub import hub_of
 from node.peers.auth import check_peer
 
@@ -101,6 +103,20 @@ def caller_of(request: Request, principal: Principal) -> Caller:
     """The pipeline's caller, once its key and (for a peer) its signature checked out."""
     peer_request_id = request.headers.get(REQUEST_ID_HEADER, "")
     return Caller(principal, client_ip(request), local_only(request, principal), peer_request_id)
+
+
+async def begin_chat(request: Request, principal: Principal, call: ChatCall) -> Admitted:
+    """The pipeline's admission of a chat call, however its surface spelled it (chat
+    completions, Responses, Messages): the same model, kind and worst case for all of them."""
+    chat = call.request
+    return await pipeline.begin(
+        hub_of(request),
+        caller_of(request, principal),
+        chat.model,
+        "chat",
+        call.request_id,
+        lambda plan: chat_worst_case(chat, plan),
+    )
 
 
 @contextlib.asynccontextmanager

@@ -51,7 +51,6 @@ from node.gateway.pipeline import (
     Signal,
     StreamEnd,
     StreamFailed,
-    chat_worst_case,
     may_use,
 )
 from node.gateway.policy import worst_case_embedding_tokens
@@ -61,6 +60,7 @@ from node.ingress.asgi import (
     Reply,
     StreamReply,
     authenticate,
+    begin_chat,
     caller_of,
     local_only,
     post_endpoint,
@@ -168,14 +168,7 @@ async def _chat(request: Request) -> Reply | StreamReply:
     principal = await authenticate(request)  # a bad key is told so before a bad body
     chat, raw = decode_body(await read_body(request, principal), _chat_decoder)
     call = ChatCall(chat, raw, new_request_id())
-    admitted = await pipeline.begin(
-        hub_of(request),
-        caller_of(request, principal),
-        chat.model,
-        "chat",
-        call.request_id,
-        lambda plan: chat_worst_case(chat, plan),
-    )
+    admitted = await begin_chat(request, principal, call)
     if chat.stream:
         streamed = await pipeline.stream(admitted, call, watcher_of(request))
         headers = {**response_headers(streamed.facts), "cache-control": "no-cache"}

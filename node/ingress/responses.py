@@ -21,13 +21,12 @@ from litestar import Request
 from adapters.types import ChatResult
 from federation.ids import new_request_id
 from node.gateway import pipeline
-from node.gateway.pipeline import chat_worst_case
 from node.hub import hub_of
 from node.ingress.asgi import (
     Reply,
     StreamReply,
     authenticate,
-    caller_of,
+    begin_chat,
     post_endpoint,
     read_body,
     watcher_of,
@@ -52,14 +51,7 @@ async def _responses(request: Request) -> Reply | StreamReply:
     inputs = input_items(body)
     call = chat_call(body, earlier, inputs, new_request_id())
     chat = call.request
-    admitted = await pipeline.begin(
-        hub,
-        caller_of(request, principal),
-        chat.model,
-        "chat",
-        call.request_id,
-        lambda plan: chat_worst_case(chat, plan),
-    )
+    admitted = await begin_chat(request, principal, call)
     shell = Shell.of(body, call.request_id)
 
     def kept(response: Response) -> Awaitable[None]:
