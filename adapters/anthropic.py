@@ -37,6 +37,7 @@ from urllib.parse import unquote_to_bytes
 import msgspec
 from msgspec import Raw, Struct
 
+from adapters.anthropic_blocks import Base64Source, ImageBlock, TextBlock, UrlSource
 from adapters.events import (
     Event,
     Finish,
@@ -99,23 +100,6 @@ _EMPTY_OBJECT = Raw(b"{}")
 _NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 
-class _TextBlock(Struct, tag_field="type", tag="text"):
-    text: str
-
-
-class _Base64Source(Struct, tag_field="type", tag="base64"):
-    media_type: str
-    data: str
-
-
-class _UrlSource(Struct, tag_field="type", tag="url"):
-    url: str
-
-
-class _ImageBlock(Struct, tag_field="type", tag="image"):
-    source: _Base64Source | _UrlSource
-
-
 class _ToolUseBlock(Struct, tag_field="type", tag="tool_use"):
     id: str
     name: str
@@ -128,7 +112,7 @@ class _ToolResultBlock(Struct, tag_field="type", tag="tool_result"):
     content: str
 
 
-_Block = _TextBlock | _ImageBlock | _ToolUseBlock | _ToolResultBlock
+_Block = TextBlock | ImageBlock | _ToolUseBlock | _ToolResultBlock
 
 
 class _Message(Struct):
@@ -282,10 +266,10 @@ def _bad_request(message: str) -> UpstreamError:
     return UpstreamError(400, message, type="invalid_request_error")
 
 
-def _image_source(url: str) -> _Base64Source | _UrlSource:
+def _image_source(url: str) -> Base64Source | UrlSource:
     if url.startswith(("https://", "http://")):
         # Anthropic fetches the image itself, so the gateway never fetches what clients name.
-        return _UrlSource(url)
+        return UrlSource(url)
     if not url.startswith("data:"):
         raise _bad_request("image_url must be an http(s) URL or a data: URL")
     header, comma, data = url.partition(",")
@@ -293,8 +277,8 @@ def _image_source(url: str) -> _Base64Source | _UrlSource:
         raise _bad_request("malformed data: URL in image_url")
     media_type = header[len("data:") :].split(";", 1)[0] or "application/octet-stream"
     if header.endswith(";base64"):
-        return _Base64Source(media_type, data)
-    return _Base64Source(media_type, base64.b64encode(unquote_to_bytes(data)).decode())
+        return Base64Source(media_type, data)
+    return Base64Source(media_type, base64.b64encode(unquote_to_bytes(data)).decode())
 
 
 def _content_blocks(content: str | list[ContentPart] | None) -> list[_Block]:
@@ -302,14 +286,14 @@ def _content_blocks(content: str | list[ContentPart] | None) -> list[_Block]:
         return []
     if isinstance(content, str):
         # Anthropic refuses empty text blocks, and an empty message says nothing anyway.
-        return [_TextBlock(content)] if content else []
+        return [TextBlock(content)] if content else []
     blocks: list[_Block] = []
     for part in content:
         if part.type == "text":
             if part.text:
-                blocks.append(_TextBlock(part.text))
+                blocks.append(TextBlock(part.text))
         elif part.type == "image_url" and part.image_url is not None:
-            blocks.append(_ImageBlock(_image_source(part.image_url.url)))
+            blocks.append(ImageBlock(_image_source(part.image_url.url)))
         else:
             raise _bad_request(f"an Anthropic model cannot take {part.type!r} content")
     return blocks

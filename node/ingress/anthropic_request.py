@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from adapters.anthropic_blocks import Base64Source, ImageBlock, TextBlock, UrlSource
 from adapters.types import (
     ChatRequest,
     ContentPart,
@@ -44,23 +45,6 @@ from adapters.types import (
     ToolCall,
     ToolChoice,
 )
-
-
-class TextBlock(Struct, tag_field="type", tag="text"):
-    text: str
-
-
-class Base64Source(Struct, tag_field="type", tag="base64"):
-    media_type: str
-    data: str
-
-
-class UrlSource(Struct, tag_field="type", tag="url"):
-    url: str
-
-
-class ImageBlock(Struct, tag_field="type", tag="image"):
-    source: Base64Source | UrlSource
 
 
 class ToolUseBlock(Struct, tag_field="type", tag="tool_use"):
