@@ -16,6 +16,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from adapters.types import Upstream
+from adapters.vertex import is_anthropic_model  # gemini / vertex (issue 18)
 
 CONFIG_FILE = "config.toml"
 DATABASE_FILE = "aihub.db"
@@ -24,7 +25,17 @@ IDENTITY_FILE = "identity.key"
 Port = Annotated[int, Meta(ge=1, le=65535)]
 Seconds = Annotated[float, Meta(gt=0, le=86400)]
 Micros = Annotated[int, Meta(ge=0)]
-Provider = Literal["openai", "azure", "anthropic", "ollama", "echo"]
+Provider = Literal[
+    "openai",
+    "azure",
+    "anthropic",
+    "ollama",
+    "echo",
+    # --- gemini / vertex (issue 18)
+    "gemini",
+    "vertex",
+    # --- end gemini / vertex
+]
 # Kinds of request that only an OpenAI-compatible upstream serves.
 OPENAI_ONLY_KINDS = ("completions", "images")
 Strategy = Literal["priority", "lowest-cost", "lowest-latency", "least-busy", "weighted"]
@@ -137,6 +148,14 @@ class Deployment(Struct, forbid_unknown_fields=True):
     read_timeout: Seconds | None = None
     latency_ms: Annotated[int, Meta(ge=0, le=60_000)] = 0
     embedding_dims: Annotated[int, Meta(ge=1, le=8192)] = 64
+    # --- gemini / vertex (issue 18): Vertex AI's Google Cloud project and region ("global"
+    # too), and the service account's JSON key file; without one, Google's Application
+    # Default Credentials (GOOGLE_APPLICATION_CREDENTIALS, gcloud's login, the metadata
+    # server of a Google Cloud machine).
+    project: Annotated[str, Meta(pattern=r"^[A-Za-z0-9.:-]{1,128}$")] | None = None
+    location: Annotated[str, Meta(pattern=r"^[a-z0-9-]{1,64}$")] | None = None
+    credentials_file: str | None = None
+    # --- end gemini / vertex
 
     def unit_prices(self) -> tuple[int, int]:
         """Micros per million units in and out, as the usage's counts are priced: tokens,
@@ -160,6 +179,13 @@ class Deployment(Struct, forbid_unknown_fields=True):
             max_event_bytes=defaults.max_event_bytes,
             latency_ms=self.latency_ms,
             embedding_dims=self.embedding_dims,
+            # --- gemini / vertex (issue 18)
+            project=self.project,
+            location=self.location,
+            credentials_file=(
+                str(Path(self.credentials_file).expanduser()) if self.credentials_file else None
+            ),
+            # --- end gemini / vertex
         )
 
 
@@ -235,7 +261,33 @@ def semantic_problems(config: Config) -> list[str]:
             problems.append(f"{where}: price_per_image is for a deployment of kind images")
         if deployment.base_url and not deployment.base_url.startswith(("http://", "https://")):
             problems.append(f"{where}: base_url must start with http:// or https://")
+        problems += _google_problems(where, deployment)
     return problems
+
+
+# --- gemini / vertex (issue 18) ---------------------------------------------------------------
+
+
+def _google_problems(where: str, deployment: Deployment) -> list[str]:
+    """What a Gemini API or Vertex AI deployment needs; Vertex's fields belong to it alone."""
+    problems: list[str] = []
+    vertex_fields = [
+        name for name in ("project", "location", "credentials_file") if getattr(deployment, name)
+    ]
+    if deployment.provider == "gemini" and not deployment.api_key_env:
+        problems.append(f"{where}: gemini needs api_key_env (the variable holding the API key)")
+    if deployment.provider != "vertex" and vertex_fields:
+        problems.append(f"{where}: {', '.join(vertex_fields)} are for provider vertex only")
+    if deployment.provider == "vertex":
+        if not (deployment.project and deployment.location):
+            problems.append(f"{where}: vertex needs project and location")
+        model = deployment.model or deployment.name
+        if deployment.kind == "embeddings" and is_anthropic_model(model):
+            problems.append(f"{where}: Anthropic models on vertex serve no embeddings")
+    return problems
+
+
+# --- end gemini / vertex ----------------------------------------------------------------------
 
 
 def missing_secrets(config: Config, env: dict[str, str]) -> list[str]:
