@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -13,8 +14,19 @@ import httpx
 import msgspec
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from adapters.gemini import GeminiAdapter, call_id_with_signature, signature_of
+from adapters.events import Finish, TextDelta, ToolCallDelta
+from adapters.gemini import (
+    GeminiAdapter,
+    GeminiStream,
+    call_id_with_signature,
+    chat_body,
+    completion_of,
+    signature_of,
+)
+from adapters.gemini_wire import GenerateContentResponse
 from adapters.http import UpstreamClient
 from adapters.tokens import estimate_prompt_tokens, estimate_text_tokens
 from adapters.types import Upstream, UpstreamError, Usage
@@ -34,6 +46,7 @@ from tests.mocks.gemini_mock import (
     UNAVAILABLE,
     GeminiMock,
 )
+from tests.mocks.gemini_mock import _Request as MockRequest
 from tests.mocks.script import Failure
 from tests.mocks.server import serve_app
 
@@ -1092,3 +1105,236 @@ def test_a_gemini_deployment_served_across_a_peer(tmp_path, base_url, monkeypatc
             "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
             == "mock says: hi there"
         )
+
+
+# --- properties: translation both ways --------------------------------------------------------
+
+words = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12)
+names = st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True)
+json_objects = st.dictionaries(
+    names, st.one_of(st.integers(-5, 5), words, st.booleans(), st.none()), max_size=3
+)
+
+
+@st.composite
+def conversations(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """OpenAI conversations: system words anywhere, user turns of text or parts, assistant
+    turns with text and calls, and results answering calls made before them."""
+    messages: list[dict[str, Any]] = []
+    open_calls: list[str] = []
+    for turn in range(draw(st.integers(1, 8))):
+        kind = draw(st.sampled_from(["system", "user", "user_parts", "assistant", "tool"]))
+        if kind == "system":
+            messages.append({"role": "system", "content": draw(words)})
+        elif kind == "user":
+            messages.append({"role": "user", "content": draw(words)})
+        elif kind == "user_parts":
+            parts = [
+                {"type": "text", "text": t} for t in draw(st.lists(words, min_size=1, max_size=3))
+            ]
+            messages.append({"role": "user", "content": parts})
+        elif kind == "assistant":
+            calls = [
+                {
+                    "id": f"call_{turn}_{n}",
+                    "type": "function",
+                    "function": {
+                        "name": draw(names),
+                        "arguments": msgspec.json.encode(args).decode(),
+                    },
+                }
+                for n, args in enumerate(draw(st.lists(json_objects, max_size=3)))
+            ]
+            message: dict[str, Any] = {"role": "assistant", "content": draw(st.none() | words)}
+            if calls:
+                message["tool_calls"] = calls
+                open_calls += [call["id"] for call in calls]
+            messages.append(message)
+        elif open_calls:
+            content = draw(words | json_objects.map(lambda o: msgspec.json.encode(o).decode()))
+            messages.append({"role": "tool", "tool_call_id": open_calls.pop(0), "content": content})
+    # The user has the last word (and so there is always one that says something).
+    messages.append({"role": "user", "content": draw(words)})
+    return messages
+
+
+def _texts_of(message: dict[str, Any]) -> list[str]:
+    content = message.get("content")
+    if isinstance(content, str):
+        return [content] if content else []
+    return [part["text"] for part in content or () if part["text"]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(conversations())
+def test_any_conversation_becomes_a_request_gemini_accepts(messages):
+    call = chat_call(messages=messages)
+    upstream = Upstream(provider="gemini", model="gemini-mock")
+    body = chat_body(call, upstream)
+    # As strict as Google reads it (unknown fields, empty parts, roles).
+    request = msgspec.json.decode(body, type=MockRequest)
+    contents = request.contents
+    assert all(a.role != b.role for a, b in itertools.pairwise(contents))
+    # Every text, in order, in its role; the system's beside the conversation.
+    system = [t for m in messages if m["role"] == "system" for t in _texts_of(m)]
+    sent_system = (
+        [p.text for p in request.system_instruction.parts] if request.system_instruction else []
+    )
+    assert sent_system == system
+    spoken = [t for m in messages if m["role"] in ("user", "assistant") for t in _texts_of(m)]
+    assert [p.text for c in contents for p in c.parts if p.text is not None] == spoken
+    # Calls keep their arguments; each result names the function of the call it answers.
+    calls = {c["id"]: c["function"] for m in messages for c in m.get("tool_calls", ())}
+    sent_calls = [p.function_call for c in contents for p in c.parts if p.function_call]
+    assert [(f.name, f.args) for f in sent_calls] == [
+        (f["name"], msgspec.json.decode(f["arguments"])) for f in calls.values()
+    ]
+    results = [p.function_response for c in contents for p in c.parts if p.function_response]
+    answered = [m for m in messages if m["role"] == "tool"]
+    assert [r.name for r in results] == [calls[m["tool_call_id"]]["name"] for m in answered]
+    for result, message in zip(results, answered, strict=True):
+        try:
+            expected = msgspec.json.decode(message["content"], type=dict[str, Any])
+        except msgspec.DecodeError:
+            expected = {"output": message["content"]}
+        assert result.response == expected
+
+
+FINISHES = [
+    "STOP",
+    "MAX_TOKENS",
+    "SAFETY",
+    "RECITATION",
+    "OTHER",
+    "MALFORMED_FUNCTION_CALL",
+    "NEW_ONE",
+]
+EXPECTED_FINISH = {
+    "MAX_TOKENS": "length",
+    "SAFETY": "content_filter",
+    "RECITATION": "content_filter",
+}
+
+
+@st.composite
+def answers(draw: st.DrawFn) -> dict[str, Any]:
+    """Gemini answers: parts of text, thoughts and function calls, a finish reason, counts."""
+    parts: list[dict[str, Any]] = []
+    for _ in range(draw(st.integers(0, 6))):
+        kind = draw(st.sampled_from(["text", "thought", "call"]))
+        if kind == "text":
+            parts.append({"text": draw(words)})
+        elif kind == "thought":
+            parts.append({"text": draw(words), "thought": True})
+        else:
+            call: dict[str, Any] = {
+                "functionCall": {"name": draw(names), "args": draw(json_objects)}
+            }
+            if draw(st.booleans()):
+                call["thoughtSignature"] = base64.b64encode(
+                    draw(st.binary(min_size=1, max_size=40))
+                ).decode()
+            parts.append(call)
+    usage = {
+        key: draw(st.integers(0, 10_000))
+        for key in (
+            "promptTokenCount",
+            "candidatesTokenCount",
+            "thoughtsTokenCount",
+            "toolUsePromptTokenCount",
+        )
+        if draw(st.booleans())
+    }
+    candidate: dict[str, Any] = {"finishReason": draw(st.sampled_from(FINISHES))}
+    if parts:
+        candidate["content"] = {"role": "model", "parts": parts}
+    return {"candidates": [candidate], "usageMetadata": usage}
+
+
+def _expected_reply(answer: dict[str, Any]) -> tuple[str, list[tuple[str, Any, str | None]], str]:
+    candidate = answer["candidates"][0]
+    parts = candidate.get("content", {}).get("parts", [])
+    text_ = "".join(p["text"] for p in parts if "text" in p and not p.get("thought"))
+    calls = [
+        (p["functionCall"]["name"], p["functionCall"]["args"], p.get("thoughtSignature"))
+        for p in parts
+        if "functionCall" in p
+    ]
+    reason = EXPECTED_FINISH.get(candidate["finishReason"], "tool_calls" if calls else "stop")
+    return text_, calls, reason
+
+
+class _Body:
+    """An upstream's streamed body, cut into the given pieces."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        for piece in self.pieces:
+            yield piece
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _cut(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(c, len(data)) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True) if a < b]
+
+
+@settings(max_examples=150, deadline=None)
+@given(answers(), st.lists(st.integers(0, 4000), max_size=8), st.randoms(use_true_random=False))
+async def test_any_answer_whole_or_streamed_reads_the_same(answer, cuts, random):
+    upstream = Upstream(provider="gemini", model="gemini-mock")
+    text_, calls, reason = _expected_reply(answer)
+    usage = answer["usageMetadata"]
+    prompt = usage.get("promptTokenCount")
+    expected_prompt = None if prompt is None else prompt + usage.get("toolUsePromptTokenCount", 0)
+    expected_output = usage.get("candidatesTokenCount", 0) + usage.get("thoughtsTokenCount", 0)
+
+    call = chat_call()
+    whole = completion_of(
+        call,
+        upstream,
+        msgspec.json.decode(msgspec.json.encode(answer), type=GenerateContentResponse),
+    )
+    message = whole.chat_completion().choices[0].message
+    assert message.content == (text_ or (None if calls else ""))
+    got = [
+        (c.function.name, msgspec.json.decode(c.function.arguments), signature_of(c.id))
+        for c in message.tool_calls or ()
+    ]
+    assert got == calls
+    assert whole.chat_completion().choices[0].finish_reason == reason
+    if expected_prompt is not None:
+        assert whole.usage == Usage(
+            expected_prompt, expected_output, expected_prompt + expected_output
+        )
+        assert not whole.usage_estimated
+    else:
+        assert whole.usage_estimated
+
+    # The same answer streamed: its parts spread over events, the events over random reads.
+    candidate = answer["candidates"][0]
+    parts = candidate.get("content", {}).get("parts", [])
+    events = []
+    for part in parts:
+        events.append({"candidates": [{"content": {"role": "model", "parts": [part]}}]})
+    events.append(
+        {"candidates": [{"finishReason": candidate["finishReason"]}], "usageMetadata": usage}
+    )
+    sse = b"".join(
+        b"data: " + msgspec.json.encode(e) + random.choice([b"\n\n", b"\r\n\r\n"]) for e in events
+    )
+    stream = GeminiStream(chat_call(stream=True), upstream, _Body(_cut(sse, cuts)))  # type: ignore[arg-type]
+    streamed = [event async for event in stream]
+    streamed_text_ = "".join(e.text for e in streamed if isinstance(e, TextDelta))
+    fragments = [f for e in streamed if isinstance(e, ToolCallDelta) for f in e.calls]
+    assert streamed_text_ == text_
+    assert [
+        (f.name, msgspec.json.decode(f.arguments or ""), signature_of(f.id)) for f in fragments
+    ] == calls
+    assert [f.index for f in fragments] == list(range(len(calls)))
+    assert [e.reason for e in streamed if isinstance(e, Finish)] == [reason]
+    assert stream.usage == whole.usage
