@@ -46,6 +46,7 @@ from tests.mocks.script import Failure, MockScript, read_body, send_stream, wait
 SIGNATURE = base64.b64encode(b"mock thought signature \x00\xff").decode()
 VERTEX_ANTHROPIC_VERSION = "vertex-2023-10-16"
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"
 
 # --- the request, as strictly as Google reads it ---------------------------------------------
 
@@ -386,7 +387,10 @@ class GeminiMock:
         try:
             if grant != "urn:ietf:params:oauth:grant-type:jwt-bearer" or self.public_key is None:
                 raise ValueError(f"unsupported grant {grant!r}")
-            claims = jwt.decode(assertion, certs=self.public_key, audience=self.token_uri)
+            # google-auth names Google's own token endpoint as the audience, wherever the
+            # key's token_uri points.
+            audience = [self.token_uri, GOOGLE_TOKEN_AUDIENCE]
+            claims = jwt.decode(assertion, certs=self.public_key, audience=audience)
             # `decode` checked the signature, the audience and the times (iat, exp).
             if claims.get("iss") != self.client_email or SCOPE not in claims.get("scope", ""):
                 raise ValueError("wrong issuer or scope")
