@@ -428,4 +428,45 @@ price_in = 20_000
 # provider = "ollama"
 # model = "llama3.1:8b"
 # base_url = "http://127.0.0.1:11434"
+
+# --- Google Gemini API (an API key from Google AI Studio) ---
+# [[models]]
+# name = "gemini-flash"
+# provider = "gemini"
+# model = "gemini-2.5-flash"
+# api_key_env = "GEMINI_API_KEY"
+# max_output_tokens = 8192
+# price_in = 300_000
+# price_out = 2_500_000
+
+# [[models]]
+# name = "gemini-embedding"
+# provider = "gemini"
+# kind = "embeddings"
+# model = "gemini-embedding-001"
+# api_key_env = "GEMINI_API_KEY"
+# price_in = 150_000
+
+# --- Vertex AI: Gemini and Claude models in a Google Cloud project, with a service
+# account's JSON key (without credentials_file: Application Default Credentials) ---
+# [[models]]
+# name = "gemini-pro"
+# provider = "vertex"
+# model = "gemini-2.5-pro"
+# project = "my-project"
+# location = "us-central1"            # or "global"
+# credentials_file = "/etc/aihub/vertex-sa.json"
+# price_in = 1_250_000
+# price_out = 10_000_000
+
+# [[models]]
+# name = "claude-sonnet-vertex"
+# provider = "vertex"
+# model = "claude-sonnet-4-5@20250929"  # a claude… model is Anthropic's, on rawPredict
+# project = "my-project"
+# location = "global"
+# credentials_file = "/etc/aihub/vertex-sa.json"
+# max_output_tokens = 8192
+# price_in = 3_000_000
+# price_out = 15_000_000
 """

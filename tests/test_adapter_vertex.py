@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -438,3 +439,21 @@ price_out = 15_000_000
         assert response.output_text == "mock says: hello there"
     # One token per deployment, each fetched once and reused.
     assert len(mock.tokens_issued) == 2 and mock.token_refusals == 0
+
+
+def test_the_templates_google_examples_parse_uncommented():
+    from node.config import render_template
+
+    template = render_template("n")
+    start = template.index("# --- Google Gemini API")
+    lines = [line.removeprefix("# ") for line in template[start:].splitlines()]
+    toml = [line for line in lines if re.match(r"(\[\[models\]\]$|[a-z_]+ = )", line)]
+    uncommented = template[:start] + "\n".join(toml)
+    config = parse_config(uncommented.encode())
+    google = [(d.name, d.provider) for d in config.models if d.provider in ("gemini", "vertex")]
+    assert google == [
+        ("gemini-flash", "gemini"),
+        ("gemini-embedding", "gemini"),
+        ("gemini-pro", "vertex"),
+        ("claude-sonnet-vertex", "vertex"),
+    ]
