@@ -575,7 +575,21 @@ def _no_answer(upstream: Upstream) -> UpstreamError:
 
 
 def _arguments_text(args: Raw) -> str:
-    return bytes(args).decode() or "{}"
+    # Google sends an object; anything else (null, a list) is no arguments an OpenAI or
+    # Anthropic client could read as such.
+    text = bytes(args).strip()
+    return text.decode() if text.startswith(b"{") else "{}"
+
+
+def _asked_for(candidates: list[Candidate], request: ChatRequest) -> list[Candidate]:
+    """The candidates the client asked for, once each, in order: an upstream's indices are
+    untrusted, and every surface's renderer counts on choices 0 to n - 1."""
+    wanted = request.n or 1
+    by_index: dict[int, Candidate] = {}
+    for candidate in candidates:
+        if 0 <= candidate.index < wanted:
+            by_index.setdefault(candidate.index, candidate)
+    return [by_index[index] for index in sorted(by_index)]
 
 
 class _Reply(msgspec.Struct):
@@ -618,7 +632,10 @@ def completion_of(
         raise _no_answer(upstream)
     choices: list[Choice] = []
     written: list[str] = []
-    for candidate in sorted(answer.candidates, key=lambda c: c.index):
+    candidates = _asked_for(answer.candidates, call.request)
+    if not candidates:
+        raise _no_answer(upstream)
+    for candidate in candidates:
         reply = _reply(candidate, call.request_id)
         written.append(completion_text(reply.text, reply.calls))
         message = ResponseMessage(
@@ -725,8 +742,8 @@ class GeminiStream:
 
     def _candidate_events(self, candidate: Candidate) -> list[Event]:
         choice = candidate.index
-        if choice < 0 or choice in self._finished:
-            return []  # nothing follows a finish; a negative index is no candidate
+        if not 0 <= choice < (self._call.request.n or 1) or choice in self._finished:
+            return []  # a choice the client did not ask for; nothing follows a finish
         first = self._calls.get(choice, 0)
         reply = _reply(candidate, self._call.request_id, first)
         events: list[Event] = []

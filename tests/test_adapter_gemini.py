@@ -1338,3 +1338,59 @@ async def test_any_answer_whole_or_streamed_reads_the_same(answer, cuts, random)
     assert [f.index for f in fragments] == list(range(len(calls)))
     assert [e.reason for e in streamed if isinstance(e, Finish)] == [reason]
     assert stream.usage == whole.usage
+
+
+def test_the_routers_rules_hold_for_geminis_errors(gemini_node, mock):
+    gemini_node.set_router("retries = 2\nbackoff_base = 0.01\nbackoff_max = 0.05")
+    # A second deployment of the same name, tried after Gemini.
+    gemini_node.add_config('[[models]]\nname = "gemini"\nprovider = "echo"\npriority = 1')
+    hi = [{"role": "user", "content": "hi there"}]
+    with run_node(gemini_node) as node:
+        sdk = openai.OpenAI(base_url=node.url + "/v1", api_key=node.key, max_retries=0)
+        # Quota: retried on the same deployment after the wait Google's RetryInfo asks.
+        quota = msgspec.json.decode(RESOURCE_EXHAUSTED.body)
+        quota["error"]["details"][1]["retryDelay"] = "0.05s"
+        mock.script.fail_next(Failure(429, msgspec.json.encode(quota)))
+        reply = sdk.chat.completions.create(model="gemini", messages=hi)
+        assert reply.choices[0].message.content == "mock says: hi there"
+        assert len(mock.script.received) == 2
+        # A safety block: the client's 400 at once, neither retried nor sent elsewhere.
+        with pytest.raises(openai.BadRequestError) as caught:
+            sdk.chat.completions.create(
+                model="gemini", messages=[{"role": "user", "content": "BLOCKME"}]
+            )
+        assert caught.value.code == "content_policy_violation"
+        assert len(mock.script.received) == 3
+        # The deployment's own trouble (region, billing): not retried, the next one serves.
+        mock.script.fail_next(FAILED_PRECONDITION)
+        reply = sdk.chat.completions.create(model="gemini", messages=hi)
+        assert reply.choices[0].message.content == "echo: hi there"
+        assert len(mock.script.received) == 4
+
+
+async def test_candidates_and_arguments_past_what_was_asked_are_ignored(base_url, client, mock):
+    hostile = {
+        "candidates": [
+            {"index": 7, "content": {"parts": [{"text": "stray"}]}, "finishReason": "STOP"},
+            {"index": -1, "content": {"parts": [{"text": "negative"}]}, "finishReason": "STOP"},
+            {
+                "content": {
+                    "parts": [{"text": "mine"}, {"functionCall": {"name": "f", "args": [1]}}]
+                },
+                "finishReason": "STOP",
+            },
+            {"content": {"parts": [{"text": "again"}]}, "finishReason": "STOP"},
+        ]
+    }
+    answer = msgspec.json.encode(hostile)
+    mock.script.fail_next(Failure(200, answer))
+    result = await gemini(base_url, client).chat(chat_call())
+    choices = msgspec.json.decode(body_of(result))["choices"]
+    assert [c["message"]["content"] for c in choices] == ["mine"]
+    assert choices[0]["message"]["tool_calls"][0]["function"]["arguments"] == "{}"
+    mock.script.fail_next(Failure(200, b"data: " + answer + b"\n\n"))
+    stream = await gemini(base_url, client).open_stream(chat_call(stream=True))
+    events, error = await collect(stream)
+    assert error is None
+    assert {c["choices"][0]["index"] for c in chunks(events)} == {0}
+    assert streamed_text(chunks(events)) == "mine"
