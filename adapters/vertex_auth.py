@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from adapters.http import ATTEMPT_DEADLINE
 from adapters.types import UpstreamError
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
@@ -75,8 +76,13 @@ class AccessTokens:
     async def _in_thread(self, work: Any, *args: Any) -> Any:
         from google.auth import exceptions
 
+        deadline = ATTEMPT_DEADLINE.get()
+        left = None if deadline is None else deadline - asyncio.get_running_loop().time()
         try:
-            return await asyncio.to_thread(work, *args)
+            # The attempt's deadline bounds the wait for a token as it bounds the call.
+            return await asyncio.wait_for(asyncio.to_thread(work, *args), left)
+        except TimeoutError as exc:
+            raise self._failed(exc, retryable=True) from exc
         except exceptions.TransportError as exc:
             # The token endpoint could not be reached: Google's trouble, worth a retry.
             raise self._failed(exc, retryable=True) from exc

@@ -457,3 +457,22 @@ def test_the_templates_google_examples_parse_uncommented():
         ("gemini-pro", "vertex"),
         ("claude-sonnet-vertex", "vertex"),
     ]
+
+
+async def test_a_hanging_token_endpoint_is_bounded_by_the_attempts_deadline(client, tmp_path):
+    from adapters.http import ATTEMPT_DEADLINE
+
+    async def never_answers(scope: dict, receive: Any, send: Any) -> None:
+        await asyncio.sleep(3600)
+
+    with serve_app(never_answers) as url:
+        path, _, _ = write_key(tmp_path, url + "/token")
+        adapter = vertex(url, path, client)
+        token = ATTEMPT_DEADLINE.set(asyncio.get_running_loop().time() + 0.5)
+        try:
+            with pytest.raises(UpstreamError) as caught:
+                await adapter.chat(chat_call())
+        finally:
+            ATTEMPT_DEADLINE.reset(token)
+    assert (caught.value.status, caught.value.retryable) == (502, True)
+    assert "TimeoutError" in caught.value.message
