@@ -1,58 +1,35 @@
 """Google's Gemini API (`generativelanguage`): `models/{model}:generateContent`,
 `:streamGenerateContent?alt=sse`, `:embedContent` and `:batchEmbedContents`.
 
-Requests are translated from OpenAI's format and answers back into it (the wire types are in
-`adapters.gemini_wire`); Vertex AI takes the same body on its own URL (`adapters.vertex`).
-What differs from OpenAI:
+The request is translated in `adapters.gemini_request`, errors are read in
+`adapters.gemini_errors`, the wire types are in `adapters.gemini_wire`; this module reads the
+answers and streams back into OpenAI's terms and holds the adapter, which Vertex AI reuses with
+its own URL and credentials (`adapters.vertex`). What differs from OpenAI in the answers:
 
-- The key travels as `x-goog-api-key`. The API version is a path segment (`v1beta` unless the
-  deployment's `api_version` says otherwise).
-- Messages are `contents` with roles `user` and `model`, each a list of `parts`; system (and
-  `developer`) messages become `systemInstruction`. Consecutive contents of one role are
-  merged, so that the answers to parallel calls travel together as Gemini wants them.
-- An assistant's tool calls are `functionCall` parts whose `args` is a JSON object; a tool's
-  result is a `functionResponse` part, paired with its call by the function's name (found from
-  the `tool_call_id`), whose `response` is the result's JSON object, or `{"output": text}`.
-- A thinking model signs its function calls (`thoughtSignature`) and refuses a later turn
-  whose calls come back unsigned: the signature is carried inside the tool call's id
-  (`…__ts__<base64url>`), which OpenAI's clients send back untouched.
-- Images, audio and files go inline (`inlineData`) from `data:` URLs; an http(s) or `gs://`
-  URL is passed as `fileData` for Google to fetch (the gateway never fetches what clients
-  name), its MIME type guessed from its name.
-- `generationConfig` holds the sampling fields, the output cap (`maxOutputTokens`, always
-  sent, bounded by the deployment's), `stopSequences`, `candidateCount` (`n`) and JSON output
-  (`responseMimeType`, with `responseJsonSchema` for a `json_schema`). Tools are
-  `functionDeclarations` with their JSON Schema; `tool_choice` is `toolConfig`'s mode
-  (`AUTO`, `ANY`, `NONE`, `ANY` limited to one name).
+- The key travels as `x-goog-api-key`, never in the URL. The API version is a path segment
+  (`v1beta` unless the deployment's `api_version` says otherwise).
 - A prompt Google blocks (`promptFeedback.blockReason`) is the client's 400
   (`content_policy_violation`), never retried; an answer stopped for safety, recitation or a
-  blocklist ends with `content_filter`.
+  blocklist ends with `content_filter`. A thinking model's thought summaries are left out.
 - Usage is `usageMetadata`: the prompt's count (which includes cached tokens) plus tokens
   tools added; the candidates' count plus a thinking model's thoughts.
-- A stream is a sequence of whole answers-so-far, one per SSE event, with no closing event: it
-  is complete when every candidate has a finish reason.
-- Errors are Google's `{"error": {"code", "message", "status", "details"}}`: a 429's
-  `RetryInfo.retryDelay` is honoured as a Retry-After; a bad key (`API_KEY_INVALID`) and a
-  `FAILED_PRECONDITION` (billing, region) are the deployment's fault, not the client's.
-
-Fields Gemini has no place for (`user`, `parallel_tool_calls`, logprobs, …) are dropped.
+- A stream is a sequence of answers' next parts, one per SSE event, with no closing event: it
+  is complete when every candidate has a finish reason. Each function call arrives whole, in
+  the event that carries it.
+- Candidates are OpenAI's choices (`n`); those past what the client asked for are ignored.
+- Embeddings carry no token counts: they are estimated.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import mimetypes
 import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import unquote_to_bytes, urlsplit
 
 import msgspec
 from msgspec import Raw
 
-from adapters.anthropic import max_tokens_for
 from adapters.events import (
     Event,
     Finish,
@@ -62,38 +39,27 @@ from adapters.events import (
     ToolCallFragment,
     UsageReport,
 )
+from adapters.gemini_errors import error_event, send_to_google
+from adapters.gemini_request import call_id_with_signature, chat_body
 from adapters.gemini_wire import (
     BatchEmbedContentsRequest,
     BatchEmbedContentsResponse,
-    Blob,
     Candidate,
     Content,
     EmbedContentRequest,
     EmbedContentResponse,
     ErrorBody,
-    ErrorStatus,
-    FileRef,
-    FunctionCall,
-    FunctionCallingConfig,
-    FunctionDeclaration,
-    FunctionResponse,
-    GenerateContentRequest,
     GenerateContentResponse,
-    GenerationConfig,
     Part,
     PromptFeedback,
-    Tool,
-    ToolConfig,
     UsageMetadata,
 )
 from adapters.http import (
     UpstreamClient,
     UpstreamResponse,
-    build_request,
     decode_json,
     iter_sse,
     join_url,
-    send,
 )
 from adapters.tokens import (
     completion_text,
@@ -108,15 +74,12 @@ from adapters.types import (
     ChatResult,
     Choice,
     CompletionCall,
-    ContentPart,
     EmbedCall,
     Embedding,
     EmbeddingList,
     EmbeddingUsage,
     EmbedResult,
     ImageCall,
-    Message,
-    NamedToolChoice,
     ResponseMessage,
     ToolCall,
     Upstream,
@@ -125,8 +88,6 @@ from adapters.types import (
     WireResult,
     does_not_serve,
     encode_embedding,
-    error_status_for,
-    sane_wait,
 )
 from adapters.types import FunctionCall as OpenAIFunctionCall
 
@@ -140,380 +101,6 @@ _error_decoder = msgspec.json.Decoder(ErrorBody)
 _embed_decoder = msgspec.json.Decoder(EmbedContentResponse)
 _batch_decoder = msgspec.json.Decoder(BatchEmbedContentsResponse)
 _object_decoder = msgspec.json.Decoder(dict[str, Any])
-
-# --- errors -----------------------------------------------------------------------------------
-
-# The HTTP status Google gives each canonical code, for an error that arrives inside a stream
-# (which has already answered 200) with only its `status`.
-_STATUS_OF_CODE = {
-    "INVALID_ARGUMENT": 400,
-    "FAILED_PRECONDITION": 400,
-    "OUT_OF_RANGE": 400,
-    "UNAUTHENTICATED": 401,
-    "PERMISSION_DENIED": 403,
-    "NOT_FOUND": 404,
-    "ABORTED": 409,
-    "RESOURCE_EXHAUSTED": 429,
-    "CANCELLED": 499,
-    "INTERNAL": 500,
-    "UNKNOWN": 500,
-    "UNAVAILABLE": 503,
-    "DEADLINE_EXCEEDED": 504,
-}
-# Reasons (ErrorInfo) and codes that say the deployment's key, billing or region is wrong:
-# Google answers them 400, but no client can fix them, and another deployment may serve.
-_DEPLOYMENT_REASONS = frozenset({"API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED", "SERVICE_DISABLED"})
-_DEPLOYMENT_CODES = frozenset({"FAILED_PRECONDITION", "UNAUTHENTICATED", "PERMISSION_DENIED"})
-# `The input token count (1234567) exceeds the maximum number of tokens allowed (1048576).`
-_TOO_LONG = re.compile(r"input token count.*exceeds the maximum", re.IGNORECASE)
-# A protobuf Duration in JSON: `37s`, `1.5s`.
-_DURATION = re.compile(r"(\d{1,9}(?:\.\d{1,9})?)s")
-
-
-def google_error(body: bytes) -> ErrorStatus | None:
-    """Google's error (`{"error": {...}}`) in `body`, or None if the body is not one."""
-    try:
-        status = _error_decoder.decode(body).error
-    except (msgspec.DecodeError, RecursionError):
-        return None
-    if status is None or not (status.status or status.code):
-        return None
-    return status
-
-
-def retry_delay(status: ErrorStatus) -> float | None:
-    """The wait a `RetryInfo` detail asks for, in seconds (untrusted: bounded)."""
-    for detail in status.details:
-        if detail.type.endswith("google.rpc.RetryInfo") and detail.retry_delay:
-            text = detail.retry_delay.strip()
-            if len(text) <= 24 and _DURATION.fullmatch(text):
-                return sane_wait(float(text[:-1]))
-    return None
-
-
-def _openai_code(status: ErrorStatus) -> str | None:
-    """OpenAI's code for the same failure where it has one, else Google's own, lower-cased."""
-    if status.status == "RESOURCE_EXHAUSTED":
-        return "rate_limit_exceeded"
-    if status.status == "NOT_FOUND" and "model" in status.message.lower():
-        return "model_not_found"
-    if _TOO_LONG.search(status.message):
-        return "context_length_exceeded"
-    reason = next((d.reason for d in status.details if d.reason), None)
-    return (reason or status.status).lower() or None
-
-
-def _deployment_fault(status: ErrorStatus) -> bool:
-    reasons = {detail.reason for detail in status.details}
-    return bool(reasons & _DEPLOYMENT_REASONS) or status.status in _DEPLOYMENT_CODES
-
-
-def google_failure(upstream: Upstream, http_status: int, status: ErrorStatus) -> UpstreamError:
-    """Google's error (an answer's or a stream event's) as the gateway's error."""
-    client_status, retryable = error_status_for(http_status)
-    if _deployment_fault(status) and client_status < 500:
-        client_status, retryable = 502, False
-    where = f"{upstream.provider} upstream answered {http_status}"
-    detail = status.message or status.status
-    return UpstreamError(
-        client_status,
-        f"{where}: {detail}" if detail else where,
-        type="invalid_request_error" if client_status in (400, 404, 413, 422) else "upstream_error",
-        code=_openai_code(status),
-        retryable=retryable,
-        retry_after=retry_delay(status),
-        upstream_status=http_status,
-    )
-
-
-class ErrorReader:
-    """`send`'s error parser that keeps Google's decoded error, so that the adapter can then
-    read what a message and a code cannot carry (RetryInfo, ErrorInfo)."""
-
-    def __init__(self) -> None:
-        self.status: ErrorStatus | None = None
-
-    def __call__(self, body: bytes) -> tuple[str, str | None]:
-        self.status = google_error(body)
-        if self.status is None or not self.status.message:
-            return body[:500].decode(errors="replace").strip(), None
-        return self.status.message, _openai_code(self.status)
-
-    def refine(self, upstream: Upstream, error: UpstreamError) -> UpstreamError:
-        if self.status is None or error.upstream_status is None:
-            return error
-        refined = google_failure(upstream, error.upstream_status, self.status)
-        if refined.retry_after is None:
-            refined.retry_after = error.retry_after  # a Retry-After header, if Google sent one
-        return refined
-
-
-async def send_to_google(
-    client: UpstreamClient,
-    upstream: Upstream,
-    url: str,
-    body: bytes,
-    headers: dict[str, str],
-    *,
-    stream: bool = False,
-    reader: ErrorReader | None = None,
-) -> UpstreamResponse:
-    """POST to a Google API; its error answers read as Google's (by `reader`)."""
-    reader = reader or ErrorReader()
-    request = build_request(upstream, url, body, headers)
-    try:
-        return await send(client, upstream, request, stream=stream, parse_error=reader)
-    except UpstreamError as exc:
-        raise reader.refine(upstream, exc) from exc
-
-
-# --- OpenAI request -> Gemini request ---------------------------------------------------------
-
-
-def _bad_request(message: str) -> UpstreamError:
-    return UpstreamError(400, message, type="invalid_request_error")
-
-
-# Between a tool call's own id and its thought signature (base64url: never two underscores
-# around `ts`, which ids made here never hold either).
-SIGNATURE_MARK = "__ts__"
-
-
-def call_id_with_signature(call_id: str, signature: str | None) -> str:
-    if not signature:
-        return call_id
-    try:
-        raw = base64.b64decode(signature, validate=True)
-    except (binascii.Error, ValueError):
-        return call_id  # not base64: nothing Google would take back anyway
-    return call_id + SIGNATURE_MARK + base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def signature_of(call_id: str | None) -> str | None:
-    """The thought signature a tool call's id carries, as Google sent it (standard base64)."""
-    if not call_id or SIGNATURE_MARK not in call_id:
-        return None
-    encoded = call_id.partition(SIGNATURE_MARK)[2]
-    try:
-        raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
-    except (binascii.Error, ValueError):
-        return None
-    return base64.b64encode(raw).decode() if raw else None
-
-
-def _data_url_blob(url: str) -> Blob:
-    header, comma, data = url.partition(",")
-    if not comma:
-        raise _bad_request("malformed data: URL")
-    mime_type = header[len("data:") :].split(";", 1)[0] or "application/octet-stream"
-    if header.endswith(";base64"):
-        return Blob(mime_type, data)
-    return Blob(mime_type, base64.b64encode(unquote_to_bytes(data)).decode())
-
-
-def _file_ref(url: str) -> FileRef:
-    # Google needs the type of what it fetches; a URL's name is all the gateway knows of it.
-    mime_type, _ = mimetypes.guess_type(urlsplit(url).path)
-    if mime_type is None:
-        raise _bad_request(
-            "a Gemini model takes a URL only if its name tells the file's type "
-            "(e.g. .png, .jpg, .pdf); send the image inline as a data: URL instead"
-        )
-    return FileRef(mime_type, url)
-
-
-def _media_part(url: str) -> Part:
-    if url.startswith("data:"):
-        return Part(inline_data=_data_url_blob(url))
-    if url.startswith(("https://", "http://", "gs://")):
-        return Part(file_data=_file_ref(url))
-    raise _bad_request("image_url must be an http(s) or gs:// URL or a data: URL")
-
-
-def _audio_part(audio: dict[str, Any]) -> Part:
-    data, kind = audio.get("data"), audio.get("format")
-    if not isinstance(data, str) or not isinstance(kind, str) or not kind.isalnum():
-        raise _bad_request("input_audio needs base64 `data` and a `format` (wav, mp3, …)")
-    return Part(inline_data=Blob(f"audio/{kind.lower()}", data))
-
-
-def _file_part(file: dict[str, Any]) -> Part:
-    data = file.get("file_data")
-    if not isinstance(data, str):
-        raise _bad_request("a Gemini model takes a file only inline, as `file_data`")
-    if data.startswith("data:"):
-        return Part(inline_data=_data_url_blob(data))
-    name = file.get("filename")
-    mime_type = mimetypes.guess_type(name)[0] if isinstance(name, str) else None
-    return Part(inline_data=Blob(mime_type or "application/pdf", data))
-
-
-def _parts(content: str | list[ContentPart] | None) -> list[Part]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        # Gemini refuses a part without data, and an empty text says nothing anyway.
-        return [Part(text=content)] if content else []
-    parts: list[Part] = []
-    for item in content:
-        if item.type == "text":
-            if item.text:
-                parts.append(Part(text=item.text))
-        elif item.type == "image_url" and item.image_url is not None:
-            parts.append(_media_part(item.image_url.url))
-        elif item.type == "input_audio" and item.input_audio is not None:
-            parts.append(_audio_part(item.input_audio))
-        elif item.type == "file" and item.file is not None:
-            parts.append(_file_part(item.file))
-        elif item.type != "refusal":  # an assistant's refusal, echoed back: nothing to send
-            raise _bad_request(f"a Gemini model cannot take {item.type!r} content")
-    return parts
-
-
-def _system_text(content: str | list[ContentPart] | None) -> list[Part]:
-    if isinstance(content, list) and any(part.type != "text" for part in content):
-        raise _bad_request("a Gemini system instruction can hold text only")
-    return _parts(content)
-
-
-def _arguments(call: ToolCall) -> Raw:
-    text = call.function.arguments or "{}"
-    try:
-        _object_decoder.decode(text)
-    except msgspec.DecodeError as exc:
-        raise _bad_request(
-            f"tool call {call.id or call.function.name!r}: arguments must be a JSON object"
-        ) from exc
-    return Raw(text.encode())
-
-
-def _function_call_part(call: ToolCall) -> Part:
-    if not call.function.name:
-        raise _bad_request("every assistant tool call needs a function name")
-    return Part(
-        function_call=FunctionCall(call.function.name, _arguments(call)),
-        thought_signature=signature_of(call.id),
-    )
-
-
-def _tool_output(content: str | list[ContentPart] | None) -> Raw:
-    """A tool result as the JSON object Gemini wants: the result itself if it is one, else the
-    text under `output` (Google's documented key)."""
-    if isinstance(content, list):
-        if any(part.type != "text" for part in content):
-            raise _bad_request("a Gemini tool result can hold text only")
-        text = "\n".join(part.text or "" for part in content)
-    else:
-        text = content or ""
-    try:
-        _object_decoder.decode(text)
-    except msgspec.DecodeError:
-        return Raw(msgspec.json.encode({"output": text}))
-    return Raw(text.encode())
-
-
-def _function_response_part(message: Message, names: dict[str, str]) -> Part:
-    name = names.get(message.tool_call_id or "") or message.name
-    if not name:
-        raise _bad_request(
-            "a tool message must answer a tool call of an earlier assistant message "
-            "(its tool_call_id), since Gemini pairs results with calls by function name"
-        )
-    return Part(function_response=FunctionResponse(name, _tool_output(message.content)))
-
-
-def gemini_contents(messages: list[Message]) -> tuple[Content | None, list[Content]]:
-    """The `systemInstruction` and the `contents` for OpenAI's `messages`."""
-    system: list[Part] = []
-    contents: list[Content] = []
-    # OpenAI pairs a result with its call by id, Gemini by function name: remember the names.
-    names: dict[str, str] = {}
-    for message in messages:
-        if message.role in ("system", "developer"):
-            system += _system_text(message.content)
-            continue
-        if message.role == "assistant":
-            role, parts = "model", _parts(message.content)
-            for call in message.tool_calls or ():
-                parts.append(_function_call_part(call))
-                if call.id and call.function.name:
-                    names[call.id] = call.function.name
-        elif message.role in ("tool", "function"):
-            # A function's result is what the user side tells the model.
-            role, parts = "user", [_function_response_part(message, names)]
-        else:
-            role, parts = "user", _parts(message.content)
-        if not parts:
-            continue
-        if contents and contents[-1].role == role:
-            contents[-1].parts.extend(parts)
-        else:
-            contents.append(Content(parts, role))
-    if not contents:
-        raise _bad_request("a Gemini model needs at least one user or assistant message")
-    return (Content(system) if system else None), contents
-
-
-def _tools(request: ChatRequest) -> tuple[list[Tool] | None, ToolConfig | None]:
-    if not request.tools:
-        return None, None
-    declarations = [
-        FunctionDeclaration(tool.function.name, tool.function.description, tool.function.parameters)
-        for tool in request.tools
-    ]
-    tools = [Tool(declarations)]
-    choice = request.tool_choice
-    if choice is None:
-        return tools, None
-    if isinstance(choice, NamedToolChoice):
-        config = FunctionCallingConfig("ANY", [choice.function.name])
-    else:
-        # `none` keeps the tools offered, so that earlier calls in the history make sense.
-        config = FunctionCallingConfig({"auto": "AUTO", "required": "ANY", "none": "NONE"}[choice])
-    return tools, ToolConfig(config)
-
-
-def _generation_config(request: ChatRequest, upstream: Upstream) -> GenerationConfig:
-    stop = [request.stop] if isinstance(request.stop, str) else request.stop
-    mime_type = schema = None
-    response_format = request.response_format
-    if response_format is not None and response_format.type != "text":
-        mime_type = "application/json"
-        if response_format.type == "json_schema":
-            # OpenAI wraps the schema: {"name": ..., "schema": {...}, "strict": ...}.
-            inner = (response_format.json_schema or {}).get("schema")
-            schema = inner if isinstance(inner, dict) else None
-    return GenerationConfig(
-        stop_sequences=stop or None,
-        response_mime_type=mime_type,
-        response_json_schema=schema,
-        candidate_count=request.n if request.n and request.n > 1 else None,
-        max_output_tokens=max_tokens_for(request, upstream),
-        temperature=request.temperature,
-        top_p=request.top_p,
-        seed=request.seed,
-        presence_penalty=request.presence_penalty,
-        frequency_penalty=request.frequency_penalty,
-    )
-
-
-def gemini_request(call: ChatCall, upstream: Upstream) -> GenerateContentRequest:
-    request = call.request
-    system, contents = gemini_contents(request.messages)
-    tools, tool_config = _tools(request)
-    return GenerateContentRequest(
-        contents=contents,
-        system_instruction=system,
-        tools=tools,
-        tool_config=tool_config,
-        generation_config=_generation_config(request, upstream),
-    )
-
-
-def chat_body(call: ChatCall, upstream: Upstream) -> bytes:
-    """The `generateContent` (and `streamGenerateContent`) body for `call`."""
-    return msgspec.json.encode(gemini_request(call, upstream))
-
 
 # --- Gemini answer -> OpenAI answer -----------------------------------------------------------
 
@@ -653,14 +240,6 @@ def completion_of(
     return ChatResult(completion=completion_body, usage=usage, usage_estimated=estimated)
 
 
-def _stream_error(upstream: Upstream, status: ErrorStatus) -> UpstreamError:
-    http_status = status.code if 400 <= status.code <= 599 else 0
-    http_status = http_status or _STATUS_OF_CODE.get(status.status, 500)
-    error = google_failure(upstream, http_status, status)
-    error.message = f"{upstream.provider} upstream failed mid-stream: {status.message}"
-    return error
-
-
 class GeminiStream:
     """Gemini's SSE events (each a `GenerateContentResponse` with the next parts), translated
     into neutral stream events.
@@ -706,7 +285,7 @@ class GeminiStream:
         async for sse in iter_sse(self._response, self._upstream):
             chunk = decode_json(_response_decoder, sse.data, self._upstream)
             if chunk.error is not None:
-                raise _stream_error(self._upstream, chunk.error)
+                raise error_event(self._upstream, chunk.error)
             self._note_usage(chunk.usage_metadata)
             feedback = chunk.prompt_feedback
             if not chunk.candidates and feedback is not None and feedback.block_reason:
@@ -807,7 +386,7 @@ class GeminiAdapter:
         response = await self._post("generateContent", chat_body(call, self.upstream))
         answer = decode_json(_response_decoder, response.content, self.upstream)
         if answer.error is not None:
-            raise _stream_error(self.upstream, answer.error)
+            raise error_event(self.upstream, answer.error)
         return completion_of(call, self.upstream, answer)
 
     async def open_stream(self, call: ChatCall) -> GeminiStream:

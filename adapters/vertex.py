@@ -24,7 +24,8 @@ from __future__ import annotations
 import msgspec
 
 from adapters.anthropic import AnthropicAdapter, anthropic_error_message, messages_request
-from adapters.gemini import ErrorReader, GeminiAdapter, embed_result, google_error, send_to_google
+from adapters.gemini import GeminiAdapter, embed_result
+from adapters.gemini_errors import ErrorReader, google_error, send_to_google
 from adapters.http import UpstreamClient, UpstreamResponse, decode_json, join_url
 from adapters.tokens import token_count
 from adapters.types import ChatCall, EmbedCall, EmbedResult, Upstream, UpstreamError

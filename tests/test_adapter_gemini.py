@@ -18,14 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters.events import Finish, TextDelta, ToolCallDelta
-from adapters.gemini import (
-    GeminiAdapter,
-    GeminiStream,
-    call_id_with_signature,
-    chat_body,
-    completion_of,
-    signature_of,
-)
+from adapters.gemini import GeminiAdapter, GeminiStream, completion_of
+from adapters.gemini_request import call_id_with_signature, chat_body, signature_of
 from adapters.gemini_wire import GenerateContentResponse
 from adapters.http import UpstreamClient
 from adapters.tokens import estimate_prompt_tokens, estimate_text_tokens

@@ -17,7 +17,8 @@ import openai
 import pytest
 
 from adapters import build_adapter
-from adapters.gemini import GeminiAdapter, chat_body
+from adapters.gemini import GeminiAdapter
+from adapters.gemini_request import chat_body
 from adapters.http import UpstreamClient
 from adapters.types import Upstream, UpstreamError, Usage
 from adapters.vertex import VertexAnthropicAdapter, VertexGeminiAdapter, model_url
