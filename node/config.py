@@ -291,11 +291,19 @@ def _google_problems(where: str, deployment: Deployment) -> list[str]:
 
 
 def missing_secrets(config: Config, env: dict[str, str]) -> list[str]:
-    return [
+    missing = [
         f"models[{index}] ({d.name}): environment variable {d.api_key_env} is not set"
         for index, d in enumerate(config.models)
         if d.api_key_env and not env.get(d.api_key_env)
     ]
+    # --- gemini / vertex (issue 18): a service account's key file that is not there
+    missing += [
+        f"models[{index}] ({d.name}): credentials_file {d.credentials_file} is not a file"
+        for index, d in enumerate(config.models)
+        if d.credentials_file and not Path(d.credentials_file).expanduser().is_file()
+    ]
+    # --- end gemini / vertex
+    return missing
 
 
 def load_config(directory: Path) -> Config:

@@ -43,6 +43,7 @@ from tests.mocks.gemini_mock import (
 from tests.mocks.gemini_mock import _Request as MockRequest
 from tests.mocks.script import Failure
 from tests.mocks.server import serve_app
+from tests.test_federation import cli, invite, make_peer, model_owners, usage_rows, wait_for
 
 KEY = "gm-mock-key"
 WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}}
@@ -1079,8 +1080,6 @@ def test_messages_and_responses_surfaces(gemini_node, mock):
 
 
 def test_a_gemini_deployment_served_across_a_peer(tmp_path, base_url, monkeypatch):
-    from tests.test_federation import cli, invite, make_peer, model_owners, wait_for
-
     monkeypatch.setenv("GEMINI_MOCK_KEY", KEY)
     server = make_peer(tmp_path, "server", DEPLOYMENT.format(url=base_url))
     consumer = make_peer(tmp_path, "consumer")
@@ -1388,3 +1387,23 @@ async def test_candidates_and_arguments_past_what_was_asked_are_ignored(base_url
     assert error is None
     assert {c["choices"][0]["index"] for c in chunks(events)} == {0}
     assert streamed_text(chunks(events)) == "mine"
+
+
+def test_a_stream_cut_short_through_a_node(gemini_node, mock):
+    mock.script.cut_stream_after = 2  # two words, then the connection closes
+    with run_node(gemini_node) as node:
+        sdk = openai.OpenAI(base_url=node.url + "/v1", api_key=node.key, max_retries=0)
+        stream = sdk.chat.completions.create(
+            model="gemini", messages=[{"role": "user", "content": "hi there"}], stream=True
+        )
+        pieces: list[str] = []
+        with pytest.raises(openai.APIError) as caught:
+            for chunk in stream:
+                pieces += [chunk.choices[0].delta.content or ""] if chunk.choices else []
+        assert "ended early" in caught.value.message
+        assert "".join(pieces) == "mock says:"
+    # What arrived was charged, by estimate, and the record says the stream failed.
+    assert wait_for(lambda: any(r.model == "gemini" for r in usage_rows(gemini_node.path)))
+    (row,) = [r for r in usage_rows(gemini_node.path) if r.model == "gemini"]
+    assert row.stream and row.estimated and row.tokens_out > 0 and row.cost_micros > 0
+    assert row.provider == "gemini" and row.status == 502

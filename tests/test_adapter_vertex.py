@@ -477,3 +477,19 @@ async def test_a_hanging_token_endpoint_is_bounded_by_the_attempts_deadline(clie
             ATTEMPT_DEADLINE.reset(token)
     assert (caught.value.status, caught.value.retryable) == (502, True)
     assert "TimeoutError" in caught.value.message
+
+
+def test_config_check_names_a_missing_key_file(tmp_path, key_file):
+    from node.config import missing_secrets
+
+    config = parse_config(
+        (
+            HEAD + f'[[models]]\nname = "a"\nprovider = "vertex"\nproject = "p"\nlocation = "l"\n'
+            f'credentials_file = "{key_file}"\n'
+            + f'[[models]]\nname = "b"\nprovider = "vertex"\nproject = "p"\nlocation = "l"\n'
+            f'credentials_file = "{tmp_path / "gone.json"}"\n'
+        ).encode()
+    )
+    assert missing_secrets(config, {}) == [
+        f"models[1] (b): credentials_file {tmp_path / 'gone.json'} is not a file"
+    ]
