@@ -18,6 +18,7 @@ from typing import NamedTuple, TypeVar
 
 import aiohttp
 import msgspec
+import yarl
 
 from adapters.types import (
     Upstream,
@@ -156,7 +157,8 @@ class UpstreamClient:
 
 
 class UpstreamRequest(NamedTuple):
-    url: str
+    # A `yarl.URL` built with `encoded=True` goes out exactly as given (a signed path must).
+    url: str | yarl.URL
     body: bytes
     headers: dict[str, str]
     timeout: aiohttp.ClientTimeout
