@@ -306,6 +306,33 @@ def _output_tokens(usage: wire.TokenUsage) -> int | None:
     return token_count(usage.output_tokens)
 
 
+def chat_result(answer: wire.ConverseResponse, call: ChatCall, upstream: Upstream) -> ChatResult:
+    """A Converse answer as the gateway's typed result."""
+    blocks = answer.output.message.content if answer.output.message else []
+    text = "".join(block.text for block in blocks if block.text is not None)
+    uses = [block.tool_use for block in blocks if block.tool_use is not None]
+    calls = [
+        ToolCall(
+            FunctionCall(use.name, bytes(use.input).decode()),
+            id=use.tool_use_id or f"call_{call.request_id}_{number}",
+        )
+        for number, use in enumerate(uses)
+    ]
+    usage = answer.usage or wire.TokenUsage()
+    counted, estimated = usage_or_estimate(
+        _prompt_tokens(usage), _output_tokens(usage), call, completion_text(text, calls)
+    )
+    # OpenAI's answers that call tools and say nothing have `content: null`.
+    reply = ResponseMessage(content=text or (None if calls else ""), tool_calls=calls or None)
+    completion = ChatCompletion(
+        id=call.request_id,
+        model=upstream.model,
+        choices=[Choice(0, reply, finish_reason(answer.stop_reason, bool(calls)))],
+        usage=counted,
+    )
+    return ChatResult(completion=completion, usage=counted, usage_estimated=estimated)
+
+
 # --- errors ---------------------------------------------------------------------------------
 
 # The HTTP status AWS gives each exception that can arrive inside a stream (which has already
@@ -414,28 +441,7 @@ class BedrockAdapter:
     async def chat(self, call: ChatCall) -> ChatResult:
         response = await self._post(call, stream=False)
         answer = decode_json(wire.response_decoder, response.content, self.upstream)
-        blocks = answer.output.message.content if answer.output.message else []
-        text = "".join(block.text or "" for block in blocks if block.text is not None)
-        uses = [block.tool_use for block in blocks if block.tool_use is not None]
-        calls = [
-            ToolCall(
-                FunctionCall(use.name, bytes(use.input).decode()),
-                id=use.tool_use_id or f"call_{call.request_id}_{number}",
-            )
-            for number, use in enumerate(uses)
-        ]
-        usage = answer.usage or wire.TokenUsage()
-        counted, estimated = usage_or_estimate(
-            _prompt_tokens(usage), _output_tokens(usage), call, completion_text(text, calls)
-        )
-        reply = ResponseMessage(content=text or (None if calls else ""), tool_calls=calls or None)
-        completion = ChatCompletion(
-            id=call.request_id,
-            model=self.upstream.model,
-            choices=[Choice(0, reply, finish_reason(answer.stop_reason, bool(calls)))],
-            usage=counted,
-        )
-        return ChatResult(completion=completion, usage=counted, usage_estimated=estimated)
+        return chat_result(answer, call, self.upstream)
 
     async def open_stream(self, call: ChatCall) -> BedrockStream:
         response = await self._post(call, stream=True)

@@ -23,7 +23,6 @@ import botocore.session
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials, ReadOnlyCredentials, RefreshableCredentials
-from botocore.exceptions import BotoCoreError
 
 from adapters.types import UpstreamError
 
@@ -53,7 +52,7 @@ def _resolve(profile: str | None) -> _Resolved:
         session = botocore.session.Session(profile=profile)
         credentials = session.get_credentials()
         region = session.get_config_variable("region")
-    except BotoCoreError as exc:  # an unknown profile, a broken config file, …
+    except Exception as exc:  # an unknown profile, a broken config file, a failing provider
         raise _credentials_error(f"bedrock: AWS credentials could not be loaded: {exc}") from exc
     return _Resolved(credentials, region)
 
@@ -61,7 +60,8 @@ def _resolve(profile: str | None) -> _Resolved:
 def _refresh(credentials: Credentials) -> ReadOnlyCredentials:
     try:
         return credentials.get_frozen_credentials()
-    except BotoCoreError as exc:
+    except Exception as exc:  # botocore's refreshers raise whatever their source raised
+        raise _credentials_error(f"bedrock: AWS credentials could not be refreshed: {exc}") from exc
         raise _credentials_error(f"bedrock: AWS credentials could not be refreshed: {exc}") from exc
 
 
