@@ -27,7 +27,7 @@ from adapters import bedrock_wire as wire
 from adapters.bedrock import BedrockAdapter, BedrockStream, chat_result, converse_body
 from adapters.http import UpstreamClient
 from adapters.types import Upstream, UpstreamError
-from node.config import ConfigError, parse_config
+from node.config import CONFIG_TEMPLATE, ConfigError, parse_config, render_template
 from tests.calls import chat_call, chunks, collect, embed_call, last_sent
 from tests.conftest import NodeDir, run_node
 from tests.mocks import bedrock_mock as mocked
@@ -1044,6 +1044,15 @@ async def test_the_mock_checks_signatures_itself(base_url):
 # --- config -----------------------------------------------------------------------------------
 
 
+def test_the_templates_bedrock_example_is_a_valid_deployment():
+    start = CONFIG_TEMPLATE.index('# [[models]]\n# name = "claude-bedrock"')
+    block = CONFIG_TEMPLATE[start:].split("\n\n")[0]
+    uncommented = "\n".join(line.removeprefix("# ") for line in block.splitlines())
+    config = parse_config(render_template("n").encode() + b"\n" + uncommented.encode())
+    [deployment] = [d for d in config.models if d.provider == "bedrock"]
+    assert (deployment.region, deployment.profile) == ("us-east-1", "default")
+
+
 def test_config_takes_bedrock_deployments_and_refuses_what_does_not_fit():
     base = '[node]\nname = "n"\n[[models]]\nname = "c"\nprovider = "bedrock"\n'
     config = parse_config(
@@ -1145,8 +1154,25 @@ def test_a_throttled_bedrock_is_retried_then_a_wrong_secret_is_a_502(
         assert reply.choices[0].message.content == "mock says: hello there"
         assert len(mock.script.received) == 3
         mock.script.fail_next(VALIDATION)
-        with pytest.raises(openai.BadRequestError):
+        with pytest.raises(openai.BadRequestError) as refused:
             sdk.chat.completions.create(model="claude-bedrock", messages=HELLO)
+        assert len(mock.script.received) == 4  # the client's own fault: never retried
+        assert "Malformed input request" in refused.value.message
+        # Throttled inside the stream, before any content: retried, and the client sees
+        # only the answer.
+        mock.fail_stream_next("throttlingException", "Too many tokens, please wait.", after=1)
+        streamed = list(
+            sdk.chat.completions.create(model="claude-bedrock", messages=HELLO, stream=True)
+        )
+        assert len(mock.script.received) == 6
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == (
+            "mock says: hello there"
+        )
+        # The model fails after content was sent: an error in the stream, in OpenAI's shape.
+        mock.fail_stream_next("modelStreamErrorException", "The model broke.", after=3)
+        with pytest.raises(openai.APIError) as broken:
+            list(sdk.chat.completions.create(model="claude-bedrock", messages=HELLO, stream=True))
+        assert "The model broke." in broken.value.message
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
         # A new node process would resolve the chain again; this one keeps what it resolved.
     with run_node(node_dir) as node:
