@@ -37,8 +37,9 @@ Fields Bedrock's Converse has no equivalent for (`n`, `seed`, the penalties, `us
 from __future__ import annotations
 
 import base64
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
@@ -97,7 +98,6 @@ from adapters.types import (
     Usage,
     WireResult,
     does_not_serve,
-    error_status_for,
 )
 
 _NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
@@ -335,15 +335,25 @@ def chat_result(answer: wire.ConverseResponse, call: ChatCall, upstream: Upstrea
 
 # --- errors ---------------------------------------------------------------------------------
 
-# The HTTP status AWS gives each exception that can arrive inside a stream (which has already
-# answered 200), so that it is classed as the same error would be as a request's answer.
-_STATUS_OF_EXCEPTION = {
-    "throttlingException": 429,
-    "validationException": 400,
-    "modelStreamErrorException": 424,
-    "internalServerException": 500,
-    "serviceUnavailableException": 503,
+# AWS's exceptions by name (`x-amzn-ErrorType` on an answer, `:exception-type` on a stream's
+# frame): the status the client sees, whether the router retries, and OpenAI's code where it
+# has one (else AWS's name). Throttling is retried with backoff; a quota spent is not, but the
+# router falls back from it (a 429); the model's own trouble is retried or fallen back from;
+# a request Bedrock finds invalid is the client's (400, never retried); AWS's other refusals
+# (access denied, bad signatures, expired tokens) are the node's setup: a 502, by status.
+_EXCEPTIONS: dict[str, tuple[int, bool, str | None]] = {
+    "ThrottlingException": (429, True, "rate_limit_exceeded"),
+    "ModelNotReadyException": (429, True, "rate_limit_exceeded"),
+    "ServiceQuotaExceededException": (429, False, "insufficient_quota"),
+    "ValidationException": (400, False, None),
+    "ResourceNotFoundException": (404, False, "model_not_found"),
+    "ModelTimeoutException": (504, True, None),
+    "ModelErrorException": (502, True, None),
+    "ModelStreamErrorException": (502, True, None),
+    "InternalServerException": (502, True, None),
+    "ServiceUnavailableException": (502, True, None),
 }
+_EXCEPTION_NAME = re.compile(r"[A-Za-z]{1,64}")
 _TOO_LONG = ("too long", "too many tokens", "context length", "context window")
 
 
@@ -359,44 +369,51 @@ def bedrock_error_message(body: bytes) -> tuple[str, str | None]:
     return text[:2000], None
 
 
-def classify(error: UpstreamError) -> UpstreamError:
-    """A Bedrock error in the node's terms, from AWS's status: ThrottlingException and
-    ModelNotReadyException (429) are retried with backoff; ModelErrorException (424), like a
-    5xx or ModelTimeoutException (408), is the model's trouble, retried or fallen back from;
-    ValidationException (400) is the request's own fault, with OpenAI's code when the prompt
-    is too long; AccessDenied and bad signatures (403) are the node's setup, a 502."""
-    status = error.upstream_status
-    if status == 429:
-        error.code = "rate_limit_exceeded"
-    elif status == 424:
-        error.status, error.retryable = 502, True
-    elif status == 404:
-        error.code = "model_not_found"
-    elif status == 400 and any(words in error.message.lower() for words in _TOO_LONG):
+def exception_name(value: object) -> str | None:
+    """AWS's exception name from an untrusted header (`ThrottlingException:http://…`, or a
+    stream's `throttlingException`), capitalised; None if it is not a name."""
+    if not isinstance(value, str):
+        return None
+    name = value.split(":", 1)[0].strip()
+    if not _EXCEPTION_NAME.fullmatch(name):
+        return None
+    return name[0].upper() + name[1:]
+
+
+def classify(error: UpstreamError, name: str | None) -> UpstreamError:
+    """`error` (classed by its HTTP status) in the node's terms for AWS's exception `name`."""
+    known = _EXCEPTIONS.get(name or "")
+    if known is not None:
+        error.status, error.retryable, error.code = known
+        error.code = error.code or name
+        error.type = "invalid_request_error" if error.status in (400, 404) else "upstream_error"
+    elif name:
+        error.code = name
+    if error.status == 400 and any(words in error.message.lower() for words in _TOO_LONG):
         error.code = "context_length_exceeded"
     return error
+
+
+def _refine(error: UpstreamError, headers: Mapping[str, str]) -> UpstreamError:
+    return classify(error, exception_name(headers.get("x-amzn-errortype")))
 
 
 def _stream_exception(upstream: Upstream, message: EventStreamMessage) -> UpstreamError:
     """An `exception` frame (or an event-stream `error` frame): failed as the same error would
     fail the request."""
     headers = message.headers
-    name = str(headers.get(":exception-type") or headers.get(":error-code") or "exception")
-    text = ""
+    name = exception_name(headers.get(":exception-type") or headers.get(":error-code"))
     try:
         text = wire.payload_decoder.decode(message.payload).message or ""
     except msgspec.DecodeError:
-        text = str(headers.get(":error-message") or "")
-    aws_status = _STATUS_OF_EXCEPTION.get(name, 500)
-    status, retryable = error_status_for(aws_status)
+        text = str(headers.get(":error-message") or "")[:2000]
     error = UpstreamError(
-        status,
-        f"{upstream.provider} upstream failed mid-stream ({name}): {text[:2000] or 'no message'}",
-        type="invalid_request_error" if status == 400 else "upstream_error",
-        retryable=retryable,
-        upstream_status=aws_status,
+        502,
+        f"{upstream.provider} upstream failed mid-stream ({name or 'unnamed'}): "
+        f"{text[:2000] or 'no message'}",
+        retryable=True,
     )
-    return classify(error)
+    return classify(error, name)
 
 
 # --- the adapter ----------------------------------------------------------------------------
@@ -427,16 +444,14 @@ class BedrockAdapter:
         signed = await self.auth.headers(url, body, headers)
         # `encoded=True`: the path goes out exactly as signed (yarl would decode `%3A`).
         request = UpstreamRequest(URL(url, encoded=True), body, signed, timeout_for(self.upstream))
-        try:
-            return await send(
-                self.client,
-                self.upstream,
-                request,
-                stream=stream,
-                parse_error=bedrock_error_message,
-            )
-        except UpstreamError as exc:
-            raise classify(exc) from None
+        return await send(
+            self.client,
+            self.upstream,
+            request,
+            stream=stream,
+            parse_error=bedrock_error_message,
+            refine_error=_refine,
+        )
 
     async def chat(self, call: ChatCall) -> ChatResult:
         response = await self._post(call, stream=False)

@@ -701,7 +701,9 @@ async def test_exception_frame_mid_stream(base_url, client, mock, name, status, 
     stream = await bedrock(base_url, client).open_stream(chat_call(stream=True))
     events, error = await collect(stream)
     assert error is not None and (error.status, error.retryable) == (status, retryable)
-    assert name in error.message and "The model stream failed." in error.message
+    # AWS's exception, named as its HTTP answer names it.
+    assert f"({name[0].upper()}{name[1:]})" in error.message
+    assert "The model stream failed." in error.message
     assert streamed_text(chunks(events)) == "mock says:"
     # What did arrive is counted, estimated.
     assert stream.usage is not None and stream.usage.completion_tokens >= 1
@@ -800,15 +802,16 @@ async def test_aclose_hangs_up_on_bedrock(base_url, client, mock):
     [
         (THROTTLING, 429, True, "rate_limit_exceeded"),
         (MODEL_NOT_READY, 429, True, "rate_limit_exceeded"),
-        (VALIDATION, 400, False, None),
+        (VALIDATION, 400, False, "ValidationException"),
         (TOO_LONG, 400, False, "context_length_exceeded"),
-        (QUOTA, 400, False, None),
-        (ACCESS_DENIED, 502, False, None),
+        # Not retried, but fallen back from: another account's quota may be left.
+        (QUOTA, 429, False, "insufficient_quota"),
+        (ACCESS_DENIED, 502, False, "AccessDeniedException"),
         (NOT_FOUND, 404, False, "model_not_found"),
-        (MODEL_TIMEOUT, 504, True, None),
-        (MODEL_ERROR, 502, True, None),
-        (INTERNAL, 502, True, None),
-        (UNAVAILABLE, 502, True, None),
+        (MODEL_TIMEOUT, 504, True, "ModelTimeoutException"),
+        (MODEL_ERROR, 502, True, "ModelErrorException"),
+        (INTERNAL, 502, True, "InternalServerException"),
+        (UNAVAILABLE, 502, True, "ServiceUnavailableException"),
     ],
 )
 async def test_error_answers(base_url, client, mock, failure, status, retryable, code):
@@ -819,6 +822,18 @@ async def test_error_answers(base_url, client, mock, failure, status, retryable,
     assert (error.status, error.retryable, error.code) == (status, retryable, code)
     assert error.upstream_status == failure.status
     assert msgspec.json.decode(failure.body)["message"] in error.message
+
+
+@pytest.mark.parametrize(
+    "header", ["x" * 100, "Throttling Exception<script>", "", ":http://internal", "Ü"]
+)
+async def test_a_hostile_error_type_header_is_ignored_for_the_status(
+    base_url, client, mock, header
+):
+    mock.script.fail_next(Failure(429, b'{"message": "slow"}', {"x-amzn-ErrorType": header}))
+    with pytest.raises(UpstreamError) as failed:
+        await bedrock(base_url, client).chat(chat_call())
+    assert (failed.value.status, failed.value.retryable, failed.value.code) == (429, True, None)
 
 
 async def test_errors_opening_a_stream_are_the_same(base_url, client, mock):
@@ -1181,6 +1196,23 @@ def test_a_throttled_bedrock_is_retried_then_a_wrong_secret_is_a_502(
             sdk.chat.completions.create(model="claude-bedrock", messages=HELLO)
     assert failed.value.status_code == 502
     assert "signature" in failed.value.message
+
+
+def test_a_spent_quota_falls_back_and_a_guardrail_does_not(node_dir: NodeDir, base_url, mock):
+    node_dir.add_config(_deployment(base_url))
+    node_dir.add_config('[[models]]\nname = "claude-bedrock"\nprovider = "echo"\npriority = 1')
+    with run_node(node_dir) as node:
+        sdk = openai.OpenAI(base_url=node.url + "/v1", api_key=node.key, max_retries=0)
+        mock.script.fail_next(QUOTA)
+        reply = sdk.chat.completions.create(model="claude-bedrock", messages=HELLO)
+        # Tried once (a quota is not retried), then the next deployment answered.
+        assert len(mock.script.received) == 1
+        assert reply.choices[0].message.content == "echo: hello there"
+        # A guardrail's block is an answer, not a failure: no fallback.
+        mock.stop_reason = "guardrail_intervened"
+        blocked = sdk.chat.completions.create(model="claude-bedrock", messages=HELLO)
+        assert blocked.choices[0].finish_reason == "content_filter"
+        assert len(mock.script.received) == 2
 
 
 def test_messages_and_responses_clients_through_a_node(node_dir: NodeDir, base_url, mock):
