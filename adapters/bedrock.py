@@ -29,6 +29,9 @@ Requests are translated from OpenAI's format and answers back into it. What diff
   `contentBlockDelta`, `contentBlockStop`, `messageStop`, `metadata`) and its payload is JSON.
   An `exception` frame (`modelStreamErrorException`, `throttlingException`, …) fails the
   stream as the same error would fail a request.
+- AWS names its exception in the `x-amzn-ErrorType` header (a frame's `:exception-type` in a
+  stream), not in the `{"message": …}` body; each is classed for the router's retry and
+  fallback rules by that name (`_EXCEPTIONS`), else by its status.
 
 Fields Bedrock's Converse has no equivalent for (`n`, `seed`, the penalties, `user`,
 `response_format`, `parallel_tool_calls`) are dropped. Converse serves no embeddings.
