@@ -110,6 +110,9 @@ class AwsAuth:
     async def _frozen(self) -> ReadOnlyCredentials:
         credentials = (await self._resolution()).credentials
         if credentials is None:
+            # Looked for again on the next request: credentials set up after the node started
+            # (a credentials file written, a role attached) are found without a restart.
+            self._resolved = None
             raise _credentials_error(
                 "bedrock: no AWS credentials found (environment, shared files, SSO, "
                 "container or instance role)"

@@ -949,7 +949,7 @@ async def test_credentials_and_region_from_a_profile_file(
 
 
 async def test_an_unknown_profile_and_no_credentials_are_clear_errors(
-    base_url, client, mock, monkeypatch
+    base_url, client, mock, monkeypatch, tmp_path
 ):
     with pytest.raises(UpstreamError) as unknown:
         await bedrock(base_url, client, profile="nobody").chat(chat_call())
@@ -959,10 +959,17 @@ async def test_an_unknown_profile_and_no_credentials_are_clear_errors(
     assert "no AWS region" in no_region.value.message
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    adapter = bedrock(base_url, client)
     with pytest.raises(UpstreamError) as none:
-        await bedrock(base_url, client).chat(chat_call())
+        await adapter.chat(chat_call())
     assert none.value.status == 502 and "no AWS credentials" in none.value.message
     assert mock.script.received == []
+    # Set up after the first failure (the node still running): found on the next request.
+    (tmp_path / "aws-credentials").write_text(
+        f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+    )
+    await adapter.chat(chat_call())
+    assert len(mock.script.received) == 1
 
 
 async def test_expiring_credentials_are_refreshed_in_a_thread(
