@@ -28,6 +28,12 @@ def build_adapter(upstream: Upstream, client: UpstreamClient) -> Adapter:
         from adapters.ollama import OllamaAdapter
 
         return OllamaAdapter(upstream, client)
+    # --- bedrock ---
+    if provider == "bedrock":
+        from adapters.bedrock import BedrockAdapter
+
+        return BedrockAdapter(upstream, client)
+    # --- end bedrock ---
     # --- gemini / vertex (issue 18)
     if provider == "gemini":
         from adapters.gemini import GeminiAdapter

@@ -140,10 +140,14 @@ async def send_to_google(
     """POST to a Google API; its error answers read as Google's (by `reader`)."""
     reader = reader or ErrorReader()
     request = build_request(upstream, url, body, headers)
-    try:
-        return await send(client, upstream, request, stream=stream, parse_error=reader)
-    except UpstreamError as exc:
-        raise reader.refine(upstream, exc) from exc
+    return await send(
+        client,
+        upstream,
+        request,
+        stream=stream,
+        parse_error=reader,
+        refine_error=lambda error, _headers: reader.refine(upstream, error),
+    )
 
 
 def error_event(upstream: Upstream, status: ErrorStatus) -> UpstreamError:

@@ -278,6 +278,7 @@ class Upstream(Struct, omit_defaults=True, frozen=True):
         "ollama",
         "echo",
         "peer",
+        "bedrock",
         # --- gemini / vertex (issue 18)
         "gemini",
         "vertex",
@@ -298,6 +299,10 @@ class Upstream(Struct, omit_defaults=True, frozen=True):
     # Demo-only knobs of the echo adapter.
     latency_ms: int = 0
     embedding_dims: int = 64
+    # --- bedrock: the AWS region (None: the credential chain's) and shared-config profile ---
+    region: str | None = None
+    profile: str | None = None
+    # --- end bedrock ---
     # --- gemini / vertex (issue 18): Vertex AI's project and region, and the service
     # account's JSON key file (None: Google's Application Default Credentials).
     project: str | None = None

@@ -31,6 +31,7 @@ Provider = Literal[
     "anthropic",
     "ollama",
     "echo",
+    "bedrock",
     # --- gemini / vertex (issue 18)
     "gemini",
     "vertex",
@@ -38,6 +39,10 @@ Provider = Literal[
 ]
 # Kinds of request that only an OpenAI-compatible upstream serves.
 OPENAI_ONLY_KINDS = ("completions", "images")
+# --- bedrock ---
+# `us-east-1`, `eu-central-2`, `us-gov-west-1`: a region becomes part of a host name.
+AWS_REGION = r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$"
+# --- end bedrock ---
 Strategy = Literal["priority", "lowest-cost", "lowest-latency", "least-busy", "weighted"]
 
 
@@ -148,6 +153,11 @@ class Deployment(Struct, forbid_unknown_fields=True):
     read_timeout: Seconds | None = None
     latency_ms: Annotated[int, Meta(ge=0, le=60_000)] = 0
     embedding_dims: Annotated[int, Meta(ge=1, le=8192)] = 64
+    # --- bedrock: the AWS region (else the credential chain's: AWS_REGION, the profile's)
+    # and the profile of the shared AWS config files whose credentials sign the requests ---
+    region: Annotated[str, Meta(pattern=AWS_REGION)] | None = None
+    profile: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.@+=,-]{1,128}$")] | None = None
+    # --- end bedrock ---
     # --- gemini / vertex (issue 18): Vertex AI's Google Cloud project and region ("global"
     # too), and the service account's JSON key file; without one, Google's Application
     # Default Credentials (GOOGLE_APPLICATION_CREDENTIALS, gcloud's login, the metadata
@@ -179,6 +189,8 @@ class Deployment(Struct, forbid_unknown_fields=True):
             max_event_bytes=defaults.max_event_bytes,
             latency_ms=self.latency_ms,
             embedding_dims=self.embedding_dims,
+            region=self.region,
+            profile=self.profile,
             # --- gemini / vertex (issue 18)
             project=self.project,
             location=self.location,
@@ -261,8 +273,24 @@ def semantic_problems(config: Config) -> list[str]:
             problems.append(f"{where}: price_per_image is for a deployment of kind images")
         if deployment.base_url and not deployment.base_url.startswith(("http://", "https://")):
             problems.append(f"{where}: base_url must start with http:// or https://")
+        problems += _bedrock_problems(deployment, where)
         problems += _google_problems(where, deployment)
     return problems
+
+
+# --- bedrock ---
+def _bedrock_problems(deployment: Deployment, where: str) -> list[str]:
+    if deployment.provider != "bedrock":
+        if deployment.region or deployment.profile:
+            return [f"{where}: region and profile are for a bedrock deployment"]
+        return []
+    if deployment.kind == "embeddings":
+        # Bedrock's embedding models answer InvokeModel in each model's own format, not Converse.
+        return [f"{where}: bedrock serves no embeddings"]
+    return []
+
+
+# --- end bedrock ---
 
 
 # --- gemini / vertex (issue 18) ---------------------------------------------------------------
@@ -436,6 +464,20 @@ price_in = 20_000
 # provider = "ollama"
 # model = "llama3.1:8b"
 # base_url = "http://127.0.0.1:11434"
+
+# --- AWS Bedrock, Converse API: model is a model id or an inference profile; credentials
+# come from the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the shared
+# files' `profile`, SSO, an instance or container role), or set api_key_env to a Bedrock
+# API key; region defaults to the chain's (AWS_REGION) ---
+# [[models]]
+# name = "claude-bedrock"
+# provider = "bedrock"
+# model = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+# region = "us-east-1"
+# profile = "default"
+# max_output_tokens = 8192
+# price_in = 3_000_000
+# price_out = 15_000_000
 
 # --- Google Gemini API (an API key from Google AI Studio) ---
 # [[models]]
