@@ -493,3 +493,11 @@ def test_config_check_names_a_missing_key_file(tmp_path, key_file):
     assert missing_secrets(config, {}) == [
         f"models[1] (b): credentials_file {tmp_path / 'gone.json'} is not a file"
     ]
+
+
+def test_the_readmes_google_example_parses():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Google Gemini API and Vertex AI") :]
+    example = section[section.index("```toml\n") + 8 : section.index("```\n", 8)]
+    config = parse_config((HEAD + example).encode())
+    assert [d.provider for d in config.models] == ["gemini", "vertex"]
