@@ -1407,3 +1407,32 @@ def test_a_stream_cut_short_through_a_node(gemini_node, mock):
     (row,) = [r for r in usage_rows(gemini_node.path) if r.model == "gemini"]
     assert row.stream and row.estimated and row.tokens_out > 0 and row.cost_micros > 0
     assert row.provider == "gemini" and row.status == 502
+
+
+def test_what_gemini_cannot_take_is_refused_in_each_surfaces_shape(gemini_node, mock):
+    ftp = {"type": "image_url", "image_url": {"url": "ftp://x.test/a.png"}}
+    with run_node(gemini_node) as node:
+        sdk = openai.OpenAI(base_url=node.url + "/v1", api_key=node.key, max_retries=0)
+        with pytest.raises(openai.BadRequestError) as caught:
+            sdk.chat.completions.create(
+                model="gemini", messages=[{"role": "user", "content": [ftp]}]
+            )
+        assert "data: URL" in caught.value.message
+        orphan = [
+            {"role": "user", "content": "hi"},
+            {"role": "tool", "tool_call_id": "call_nowhere", "content": "18"},
+        ]
+        with pytest.raises(openai.BadRequestError) as caught:
+            sdk.chat.completions.create(model="gemini", messages=orphan, stream=True)
+        assert "tool_call_id" in caught.value.message
+        claude = anthropic.Anthropic(base_url=node.url, api_key=node.key, max_retries=0)
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            claude.messages.create(
+                model="gemini",
+                max_tokens=10,
+                messages=[{"role": "user", "content": "BLOCKME"}],
+            )
+        assert refused.value.body["type"] == "error"
+        assert "blocked the prompt" in refused.value.body["error"]["message"]
+    # None of them cost Gemini a call but the blocked prompt, which Gemini itself refused.
+    assert len(mock.script.received) == 1
