@@ -21,6 +21,8 @@ The deployment's `api_version` names the URL's version (`v1` unless set, e.g. `v
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 
 from adapters.anthropic import AnthropicAdapter, anthropic_error_message, messages_request
@@ -37,6 +39,7 @@ ANTHROPIC_VERSION = "vertex-2023-10-16"
 # Inputs one `:predict` call takes: Google's gemini-embedding models take one at a time, its
 # text-embedding models up to 250.
 _PREDICT_BATCH = 250
+_PREDICT_CONCURRENCY = 8
 
 
 def is_anthropic_model(model: str) -> bool:
@@ -115,29 +118,33 @@ class VertexGeminiAdapter(GeminiAdapter):
         request = call.request
         texts = request.texts()
         batch = 1 if self.upstream.model.startswith("gemini-embedding") else _PREDICT_BATCH
-        vectors: list[list[float]] = []
-        counts: list[int | None] = []
-        for start in range(0, len(texts), batch):
-            body = _PredictRequest(
-                [_PredictInstance(text) for text in texts[start : start + batch]],
-                _PredictParameters(request.dimensions),
-            )
-            response = await self._post("predict", msgspec.json.encode(body))
-            answer = decode_json(_predict_decoder, response.content, self.upstream)
-            for prediction in answer.predictions:
-                embedding = prediction.embeddings or _PredictEmbedding()
-                vectors.append(embedding.values)
-                statistics = embedding.statistics
-                counts.append(token_count(statistics.token_count) if statistics else None)
-        if len(vectors) != len(texts):
+        # Google's gemini-embedding models take one input a call: a few calls at a time.
+        gate = asyncio.Semaphore(_PREDICT_CONCURRENCY)
+
+        async def predict(chunk: list[str]) -> list[_PredictEmbedding]:
+            async with gate:
+                return await self._predict(chunk, request.dimensions)
+
+        chunks = [texts[start : start + batch] for start in range(0, len(texts), batch)]
+        embeddings = [e for answer in await asyncio.gather(*map(predict, chunks)) for e in answer]
+        counts = [
+            token_count(e.statistics.token_count) if e.statistics else None for e in embeddings
+        ]
+        tokens = None if None in counts else sum(c or 0 for c in counts)
+        return embed_result(self.upstream, call, [e.values for e in embeddings], tokens)
+
+    async def _predict(self, texts: list[str], dimensions: int | None) -> list[_PredictEmbedding]:
+        body = _PredictRequest([_PredictInstance(t) for t in texts], _PredictParameters(dimensions))
+        response = await self._post("predict", msgspec.json.encode(body))
+        answer = decode_json(_predict_decoder, response.content, self.upstream)
+        if len(answer.predictions) != len(texts):
             raise UpstreamError(
                 502,
-                f"{self.upstream.provider} upstream sent {len(vectors)} embeddings "
+                f"{self.upstream.provider} upstream sent {len(answer.predictions)} embeddings "
                 f"for {len(texts)} inputs",
                 retryable=True,
             )
-        tokens = None if None in counts else sum(c or 0 for c in counts)
-        return embed_result(self.upstream, call, vectors, tokens)
+        return [prediction.embeddings or _PredictEmbedding() for prediction in answer.predictions]
 
 
 # --- Anthropic on Vertex ----------------------------------------------------------------------

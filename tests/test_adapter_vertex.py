@@ -31,6 +31,8 @@ from tests.mocks.gemini_mock import (
     GeminiMock,
     fake_service_account,
 )
+from tests.mocks.gemini_mock import _vector as _mock_vector
+from tests.mocks.script import Failure
 from tests.mocks.server import free_port, serve_app
 
 PROJECT, LOCATION = "mock-project", "us-central1"
@@ -501,3 +503,20 @@ def test_the_readmes_google_example_parses():
     example = section[section.index("```toml\n") + 8 : section.index("```\n", 8)]
     config = parse_config((HEAD + example).encode())
     assert [d.provider for d in config.models] == ["gemini", "vertex"]
+
+
+async def test_gemini_embedding_models_take_one_input_a_call(base_url, key_file, client, mock):
+    adapter = vertex(base_url, key_file, client, model="gemini-embedding-mock")
+    texts = [f"text {n}" for n in range(20)]
+    result = await adapter.embed(embed_call(input=texts))
+    sent = [msgspec.json.decode(r.body)["instances"] for r in mock.script.received]
+    assert len(sent) == 20 and all(len(instances) == 1 for instances in sent)
+    assert sorted(i[0]["content"] for i in sent) == sorted(texts)
+    # In the inputs' order, whatever order the calls were answered in.
+    vectors = [e.embedding for e in result.embedding_list().data]
+    assert vectors == [_mock_vector(text, None) for text in texts]
+    assert result.usage.prompt_tokens == 40 and not result.usage_estimated
+    mock.script.fail_next(Failure(200, b'{"predictions": []}'))
+    with pytest.raises(UpstreamError) as caught:
+        await adapter.embed(embed_call(input=["a"]))
+    assert caught.value.status == 502 and "0 embeddings for 1 inputs" in caught.value.message

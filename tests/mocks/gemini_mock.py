@@ -285,7 +285,7 @@ class GeminiMock:
     def __init__(
         self,
         script: MockScript | None = None,
-        models: tuple[str, ...] = ("gemini-mock", "gemini-embed-mock"),
+        models: tuple[str, ...] = ("gemini-mock", "gemini-embed-mock", "gemini-embedding-mock"),
         api_key: str | None = "gm-mock-key",
         project: str = "mock-project",
         location: str = "us-central1",
