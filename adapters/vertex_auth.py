@@ -86,8 +86,12 @@ class AccessTokens:
         except exceptions.TransportError as exc:
             # The token endpoint could not be reached: Google's trouble, worth a retry.
             raise self._failed(exc, retryable=True) from exc
+        except exceptions.RefreshError as exc:
+            # Refused (a bad key: no retry mends it), unless google-auth says the endpoint's
+            # trouble may pass (its 5xx and 429).
+            raise self._failed(exc, retryable=bool(getattr(exc, "retryable", False))) from exc
         except (exceptions.GoogleAuthError, ValueError, OSError) as exc:
-            # A refused or unreadable key: the deployment's fault, and no retry mends it.
+            # An unreadable or unusable key file: the deployment's fault.
             raise self._failed(exc, retryable=False) from exc
 
     def _failed(self, exc: BaseException, *, retryable: bool) -> UpstreamError:

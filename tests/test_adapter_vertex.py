@@ -520,3 +520,20 @@ async def test_gemini_embedding_models_take_one_input_a_call(base_url, key_file,
     with pytest.raises(UpstreamError) as caught:
         await adapter.embed(embed_call(input=["a"]))
     assert caught.value.status == 502 and "0 embeddings for 1 inputs" in caught.value.message
+
+
+async def test_a_token_endpoint_in_trouble_is_retryable(base_url, client, mock, tmp_path):
+    async def overloaded(scope: dict, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 503, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"error": "temporarily_unavailable"}'})
+
+    with serve_app(overloaded) as url:
+        path, _, _ = write_key(tmp_path, url + "/token")
+        with pytest.raises(UpstreamError) as caught:
+            await vertex(base_url, path, client).chat(chat_call())
+    assert (caught.value.status, caught.value.code, caught.value.retryable) == (
+        502,
+        "upstream_credentials",
+        True,
+    )
+    assert mock.script.received == []
