@@ -284,9 +284,25 @@ class Upstream(Struct, omit_defaults=True, frozen=True):
     # and one server-sent event or NDJSON line of a stream. Past either: a 502.
     max_response_bytes: int = 64 * 1024 * 1024
     max_event_bytes: int = 1024 * 1024
+    # An OpenAI or Azure upstream that serves OpenAI's Responses API (`{base_url}/responses`):
+    # a Responses client's request is passed through to it (`ChatCall.native`).
+    responses: bool = False
     # Demo-only knobs of the echo adapter.
     latency_ms: int = 0
     embedding_dims: int = 64
+
+
+# The client APIs an upstream may speak natively: Anthropic's Messages, OpenAI's Responses.
+NativeApi = Literal["anthropic.messages", "openai.responses"]
+
+
+class NativeRequest(Struct):
+    """The client's request in its own API, for an upstream that speaks that API: its
+    top-level fields as the ingress wants them sent (the adapter replaces only `model`, bounds
+    the output cap and sets `stream`)."""
+
+    api: NativeApi
+    fields: dict[str, Raw]
 
 
 class ChatCall(Struct):
@@ -295,12 +311,23 @@ class ChatCall(Struct):
     `forward_headers` are client headers an ingress passes on to one provider's upstream
     (today the Messages ingress's `anthropic-version` and `anthropic-beta`, read only by the
     Anthropic adapter); every other adapter ignores them.
+
+    `native`, when set, is the client's own request for an adapter whose upstream speaks the
+    same API (an Anthropic upstream for a Messages client, a `responses` deployment for a
+    Responses client): that adapter sends it instead of translating `request`, and answers in
+    that API (`ChatResult.native`, `NativeEvent`s). Every other adapter ignores it.
     """
 
     request: ChatRequest
     raw: dict[str, Raw]
     request_id: str
     forward_headers: dict[str, str] = msgspec.field(default_factory=dict)
+    native: NativeRequest | None = None
+
+    def native_for(self, api: NativeApi) -> dict[str, Raw] | None:
+        """The client's own fields, if it spoke `api`."""
+        native = self.native
+        return native.fields if native is not None and native.api == api else None
 
 
 class EmbedCall(Struct):
@@ -339,14 +366,20 @@ class ChatResult(Struct, kw_only=True):
 
     The answer is typed (`completion`), or, from an OpenAI-compatible upstream, the JSON it
     sent (`wire`), passed on untouched to an OpenAI client; `chat_completion()` has it typed
-    either way.
+    either way. An upstream that was sent the call's `native` request answers in the client's
+    own API instead (`native`: its JSON as it came, which only that ingress reads).
+
+    `stop_sequence` is the client's stop sequence that ended the answer (choice 0), when the
+    upstream said which (Anthropic does; so does vLLM, as a choice's `stop_reason`).
     """
 
     completion: ChatCompletion | None = None
     wire: bytes | None = None
+    native: bytes | None = None
     usage: Usage
     usage_estimated: bool = False
     receipt: bytes | None = None
+    stop_sequence: str | None = None
 
     def chat_completion(self) -> ChatCompletion:
         if self.completion is None:

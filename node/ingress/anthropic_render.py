@@ -9,6 +9,13 @@ reason and usage) and `message_stop` once the pipeline says the stream is comple
 OpenAI-compatible upstream reports the usage after its finish reason. A failure mid-stream is
 an `error` event. Our receipt for a peer is not sent on this surface (peers call each other
 through chat completions).
+
+An Anthropic upstream that was sent the client's own request answers in this very format: its
+`message` (`ChatResult.native`) and its events (`NativeEvent`s, its own `message_delta` and
+`message_stop` among them) are passed on as they came.
+
+A stop sequence that ended the answer is Anthropic's `stop_sequence` stop reason, with the
+sequence named, when the upstream said which one it was and it is one of the client's.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from msgspec import Struct
 from adapters.events import (
     Event,
     Finish,
+    NativeEvent,
     OpenAIChunk,
     RefusalDelta,
     Start,
@@ -100,8 +108,19 @@ def tool_input(arguments: str | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"arguments": arguments}
 
 
-def message_body(result: ChatResult, request_id: str, model: str) -> bytes:
-    """A complete answer as Anthropic's `message` object."""
+def matched_stop(sequence: str | None, stop_sequences: list[str] | None) -> str | None:
+    """An upstream's word for the stop sequence that ended the answer, if it is the
+    client's."""
+    return sequence if sequence is not None and sequence in (stop_sequences or ()) else None
+
+
+def message_body(
+    result: ChatResult, request_id: str, model: str, stop_sequences: list[str] | None = None
+) -> bytes:
+    """A complete answer as Anthropic's `message` object (an Anthropic upstream's, as it
+    came)."""
+    if result.native is not None:
+        return result.native
     completion = result.chat_completion()
     choice = completion.choices[0] if completion.choices else None
     content: list[TextContent | ToolUseContent] = []
@@ -121,7 +140,17 @@ def message_body(result: ChatResult, request_id: str, model: str) -> bytes:
         if message.tool_calls and reason == "end_turn":
             reason = "tool_use"
     usage = MessageUsage(result.usage.prompt_tokens, result.usage.completion_tokens)
-    body = MessageBody(message_id(request_id), completion.model or model, content, reason, usage)
+    matched = matched_stop(result.stop_sequence, stop_sequences) if reason == "end_turn" else None
+    if matched is not None:
+        reason = "stop_sequence"
+    body = MessageBody(
+        message_id(request_id),
+        completion.model or model,
+        content,
+        reason,
+        usage,
+        stop_sequence=matched,
+    )
     return _encode(body)
 
 
@@ -144,8 +173,18 @@ class MessageStreamRenderer:
     open (text, or the tool call of which index), and the stop reason and usage that the
     closing `message_delta` tells."""
 
-    def __init__(self, request_id: str, model: str, input_tokens: int) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        input_tokens: int,
+        stop_sequences: list[str] | None = None,
+    ) -> None:
         self._id = message_id(request_id)
+        self._stop_sequences = stop_sequences
+        self._stop_sequence: str | None = None
+        # An Anthropic upstream's own events, passed on: they close the message themselves.
+        self._native = False
         self._model = model
         self._usage = Usage(input_tokens, 0, input_tokens)
         self._usage_reported = False
@@ -157,6 +196,9 @@ class MessageStreamRenderer:
         self._called = False  # any tool call yet?
 
     def render(self, item: Any) -> bytes:
+        if type(item) is NativeEvent:
+            self._native = True
+            return item.sse()
         if isinstance(item, Signal):
             return self._signal(item)
         if type(item) is OpenAIChunk:
@@ -165,6 +207,8 @@ class MessageStreamRenderer:
 
     def _signal(self, signal: Signal) -> bytes:
         if isinstance(signal, StreamEnd):
+            if self._native:
+                return b""
             return self._start() + self._close() + self._end()
         if isinstance(signal, ReceiptIssued):
             return b""  # peers do not call each other on this surface
@@ -188,6 +232,9 @@ class MessageStreamRenderer:
             if self._reason != "refusal":
                 reason = stop_reason(event.reason)
                 self._reason = "tool_use" if self._called and reason == "end_turn" else reason
+                matched = matched_stop(event.stop_sequence, self._stop_sequences)
+                if self._reason == "end_turn" and matched is not None:
+                    self._reason, self._stop_sequence = "stop_sequence", matched
             return self._start() + self._close()
         if type(event) is UsageReport:
             self._usage = event.usage
@@ -267,7 +314,10 @@ class MessageStreamRenderer:
         output = usage.completion_tokens if self._usage_reported else self._deltas
         delta = {
             "type": "message_delta",
-            "delta": {"stop_reason": self._reason or self._fallback(), "stop_sequence": None},
+            "delta": {
+                "stop_reason": self._reason or self._fallback(),
+                "stop_sequence": self._stop_sequence,
+            },
             "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": output},
         }
         return sse("message_delta", delta) + sse("message_stop", {"type": "message_stop"})

@@ -14,7 +14,9 @@ as it serves a chat completion. What maps and how:
 - `tools` are functions (`input_schema` is the parameters' schema), `tool_choice`
   `auto`/`any`/`tool`/`none` is `auto`/`required`/the named function/`none`, and
   `disable_parallel_tool_use` is `parallel_tool_calls: false`;
-- `stop_sequences` is `stop`, `metadata.user_id` is `user`, `max_tokens` stays itself.
+- `stop_sequences` is `stop`, `metadata.user_id` is `user`, `max_tokens` stays itself;
+- a `document` block is a text part (its title, then its text) for a plain-text document, a
+  `file` part for a base64 one (a PDF), and its URL as text for one Anthropic would fetch.
 
 What OpenAI's format has no place for is dropped: `top_k`, `thinking` (and the `thinking`
 blocks a client sends back), a tool result's `is_error`, `cache_control`.
@@ -68,8 +70,22 @@ class RedactedThinkingBlock(Struct, tag_field="type", tag="redacted_thinking"):
     data: str = ""
 
 
+class DocumentBlock(Struct, tag_field="type", tag="document"):
+    """A document to read (and cite, with `citations`): its source is Anthropic's to judge
+    (plain text, base64 PDF, a URL, content blocks), so it is kept as sent."""
+
+    source: dict[str, Any]
+    title: str | None = None
+
+
 Block = (
-    TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock
+    TextBlock
+    | ImageBlock
+    | DocumentBlock
+    | ToolUseBlock
+    | ToolResultBlock
+    | ThinkingBlock
+    | RedactedThinkingBlock
 )
 
 
@@ -204,7 +220,26 @@ def _part(block: Block) -> ContentPart | None:
         return ContentPart(type="text", text=block.text)
     if isinstance(block, ImageBlock):
         return ContentPart(type="image_url", image_url=ImageUrl(_image_url(block.source)))
+    if isinstance(block, DocumentBlock):
+        return _document(block)
     return None  # tool results are messages of their own; thinking has no place
+
+
+def _document(block: DocumentBlock) -> ContentPart:
+    """A document as chat reads one: its text, a file, or where it is."""
+    source = block.source
+    kind, data = source.get("type"), source.get("data")
+    title = f"{block.title}\n\n" if block.title else ""
+    if kind == "text" and isinstance(data, str):
+        return ContentPart(type="text", text=title + data)
+    if kind == "base64" and isinstance(data, str):
+        media_type = source.get("media_type", "application/pdf")
+        file = {
+            "filename": block.title or "document",
+            "file_data": f"data:{media_type};base64,{data}",
+        }
+        return ContentPart(type="file", file=file)
+    return ContentPart(type="text", text=title + str(source.get("url", "")))
 
 
 def _image_url(source: Base64Source | UrlSource) -> str:

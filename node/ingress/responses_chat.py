@@ -101,11 +101,22 @@ def _messages(instructions: str | None, earlier: list[Raw], inputs: list[Raw]) -
     messages: list[Message] = []
     if instructions:
         messages.append(Message(role="system", content=instructions))
-    for raw in earlier:  # items this node wrote itself
-        _append(messages, input_item(raw))
+    for raw in earlier:  # items this node kept (an upstream's own output among them)
+        item = _earlier_item(raw)
+        if item is not None:
+            _append(messages, item)
     for index, raw in enumerate(inputs):
         _append(messages, _decode_item(raw, index))
     return messages
+
+
+def _earlier_item(raw: Raw) -> InputItem | None:
+    """An item of the conversation so far, or None for one chat has no place for (a
+    reasoning item a Responses upstream wrote: chat models do not read them back)."""
+    try:
+        return input_item(raw)
+    except msgspec.ValidationError:
+        return None
 
 
 def _decode_item(raw: Raw, index: int) -> InputItem:

@@ -3,7 +3,10 @@ object from a chat result, and a stream's typed events from its neutral events.
 
 Both read the chat answer of choice 0 (a Responses request has one choice). A stream's
 renderer keeps the output items as they grow, so that each `.done` event and the final
-`response.completed` (or `.incomplete`, `.failed`) carry them whole, with the usage.
+`response.completed` (or `.incomplete`, `.failed`) carry them whole, with the usage. An
+upstream that speaks the Responses API itself answers in this format already: its events are
+passed on (`responses_native.NativeStream`), and a failure after them is a
+`response.failed`, as here.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import msgspec
 from adapters.events import (
     Event,
     Finish,
+    NativeEvent,
     NeutralEvent,
     OpenAIChunk,
     RefusalDelta,
@@ -29,6 +33,7 @@ from adapters.types import ChatResult, Usage
 from node.errors import HubError, UpstreamFailed
 from node.gateway.pipeline import ReceiptIssued, Signal, StreamEnd, StreamFailed
 from node.ingress.errors import openai_error
+from node.ingress.responses_native import NativeStream
 from node.ingress.responses_wire import (
     ArgumentsDelta,
     ArgumentsDone,
@@ -182,6 +187,8 @@ class StreamRenderer:
 
     def __init__(self, shell: Shell) -> None:
         self._shell = shell
+        self._native = NativeStream(shell.id, shell.request)
+        self._passed_on = False  # an upstream's own Responses events
         self._sequence = 0
         self._output: list[OutputItem] = []
         self._open: _Open | None = None
@@ -191,7 +198,18 @@ class StreamRenderer:
         # The last snapshot (completed, incomplete or failed), once the stream ended.
         self.final: Response | None = None
 
+    def final_body(self) -> bytes | None:
+        """The last snapshot's response, to keep: an upstream's as passed on, or ours."""
+        if self._passed_on:
+            return self._native.final
+        return _encode(self.final) if self.final is not None else None
+
     def render(self, item: Any) -> bytes:
+        if type(item) is NativeEvent:
+            self._passed_on = True
+            return self._native.render(item)
+        if self._passed_on:
+            return self._native_signal(item)
         events: list[StreamEvent] = []
         if not self._started:
             self._started = True
@@ -202,6 +220,13 @@ class StreamRenderer:
             for event in _neutral(item):
                 events += self._step(event)
         return b"".join(self._sse(event) for event in events)
+
+    def _native_signal(self, signal: Signal) -> bytes:
+        """The end of a passed-on stream: the upstream ended it itself, unless it failed."""
+        if not isinstance(signal, StreamFailed):
+            return b""
+        error = _error(signal.error)
+        return self._native.failed(error.code, error.message)
 
     def _sse(self, event: StreamEvent) -> bytes:
         event.sequence_number = self._sequence
