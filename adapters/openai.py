@@ -29,6 +29,7 @@ from adapters.http import (
     openai_error_message,
     send,
 )
+from adapters.openai_completions import CompletionStream
 from adapters.openai_responses import NATIVE as RESPONSES
 from adapters.openai_responses import ResponsesStream, responses_body, responses_result
 from adapters.tokens import (
@@ -331,6 +332,16 @@ class OpenAIAdapter:
             usage_estimated=estimated,
             receipt=self._receipt_of(response),
         )
+
+    async def open_completion_stream(self, call: CompletionCall) -> CompletionStream:
+        """A legacy text completion, streamed: its chunks passed through as they came."""
+        body = self._body(
+            call.raw, stream=_TRUE, stream_options=_INCLUDE_USAGE, **self._completion_cap(call)
+        )
+        request = self._request("completions", body, call.request_id)
+        response = await send(self.client, self.upstream, request, stream=True)
+        prompt = _completion_prompt_tokens(call)
+        return CompletionStream(call, self.upstream, response, prompt, self.receipt_event)
 
     async def images(self, call: ImageCall) -> WireResult:
         """Generated images, passed through and answered as they came; counted as the

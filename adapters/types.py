@@ -19,7 +19,7 @@ import struct
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 from msgspec import Meta, Raw, Struct
@@ -185,6 +185,11 @@ class CompletionRequest(Struct, omit_defaults=True):
     # The upstream writes `best_of` completions and bills them all, returning `n`.
     best_of: Annotated[int, Meta(ge=1, le=128)] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class ImageRequest(Struct, omit_defaults=True):
@@ -448,6 +453,16 @@ class Adapter(Protocol):
     async def complete(self, call: CompletionCall) -> WireResult: ...
 
     async def images(self, call: ImageCall) -> WireResult: ...
+
+
+@runtime_checkable
+class CompletionStreamer(Protocol):
+    """An adapter that also streams legacy text completions (the OpenAI-compatible ones):
+    `open_completion_stream` yields the upstream's `text_completion` chunks as `OpenAIChunk`s.
+    Apart from the `Adapter` contract, so that an adapter that serves no completions need not
+    say so."""
+
+    async def open_completion_stream(self, call: CompletionCall) -> ChatStream: ...
 
 
 def does_not_serve(provider: str, what: str) -> UpstreamError:

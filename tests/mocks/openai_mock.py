@@ -68,6 +68,8 @@ class _Completion(msgspec.Struct):
     max_tokens: int = 16
     n: int = 1
     best_of: int | None = None
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
 
 
 class _ImageGen(msgspec.Struct):
@@ -157,7 +159,7 @@ class OpenAIMock:
         if path.endswith("/responses") and scope["method"] == "POST":
             return await self._responses(body, send, receive)
         if path.endswith("/completions"):
-            return await self._completion(body, send)
+            return await self._completion(body, send, receive)
         if path.endswith("/images/generations"):
             return await self._image_generation(body, send)
         if path.endswith("/embeddings"):
@@ -337,7 +339,7 @@ class OpenAIMock:
         )
         await _send_json(send, 200, msgspec.json.encode(response))
 
-    async def _completion(self, body: bytes, send: Any) -> None:
+    async def _completion(self, body: bytes, send: Any, receive: Any) -> None:
         try:
             request = msgspec.json.decode(body, type=_Completion)
         except msgspec.ValidationError as exc:
@@ -365,7 +367,48 @@ class OpenAIMock:
             "choices": choices,
             "usage": usage,
         }
+        if request.stream:
+            return await self._completion_stream(request, answer, words, send, receive)
         await _send_json(send, 200, msgspec.json.encode(answer))
+
+    async def _completion_stream(
+        self,
+        request: _Completion,
+        answer: dict[str, Any],
+        words: list[str],
+        send: Any,
+        receive: Any,
+    ) -> None:
+        """OpenAI's streamed completion: a chunk per word per choice, each choice's last with
+        its finish reason, the usage chunk if asked, `[DONE]`."""
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+            body = {**answer, "choices": choices, **extra}
+            del body["usage"]
+            body.update(extra)
+            return b"data: " + msgspec.json.encode(body) + b"\n\n"
+
+        pieces = []
+        for index in range(request.n):
+            for number, word in enumerate(words):
+                text = word if number == 0 else " " + word
+                done = "length" if number == len(words) - 1 else None
+                piece = {"text": text, "index": index, "logprobs": None, "finish_reason": done}
+                pieces.append(chunk([piece]))
+        if request.stream_options and request.stream_options.include_usage:
+            pieces.append(chunk([], usage=answer["usage"]))
+        pieces.append(b"data: [DONE]\n\n")
+        cut = self.script.cut_stream_after
+        if cut is not None:
+            pieces = pieces[:cut]
+        await send_stream(self.script, receive, send, pieces)
 
     async def _image_generation(self, body: bytes, send: Any) -> None:
         try:
