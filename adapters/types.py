@@ -421,12 +421,13 @@ class ChatStream(Protocol):
 
     Iterating yields the answer's events (`adapters.events.Event`): neutral events, or from an
     OpenAI-compatible upstream its chunks as they came (`OpenAIChunk`), without the closing
-    `data: [DONE]`, which the ingress writes itself. Every event is one chunk of OpenAI's
-    stream, as the OpenAI ingress renders it. A final `UsageReport` is yielded only when the
-    client asked for it (`stream_options.include_usage`); either way `usage` holds the totals
-    once the stream is exhausted, and `usage_estimated` says whether they were counted by the
-    upstream or estimated. An upstream that fails mid-stream raises `UpstreamError` from the
-    iteration.
+    `data: [DONE]`, which the ingress writes itself; or, for a call's `native` request, the
+    upstream's own events (`NativeEvent`), its closing ones included. Every other event is one
+    chunk of OpenAI's stream, as the OpenAI ingress renders it. A final `UsageReport` is
+    yielded only when the client asked for it (`stream_options.include_usage`); either way
+    `usage` holds the totals once the stream is exhausted, and `usage_estimated` says whether
+    they were counted by the upstream or estimated. An upstream that fails mid-stream raises
+    `UpstreamError` from the iteration.
     """
 
     usage: Usage | None

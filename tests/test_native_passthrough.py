@@ -338,7 +338,7 @@ def test_a_responses_request_reaches_a_responses_upstream(gpt, served):
         reasoning={"effort": "low"},
         max_output_tokens=50,
         metadata={"trace": "t9"},
-        extra_body={"truncation": "auto"},
+        extra_body={"truncation": "auto", "background": True, "conversation": "conv_other"},
     )
     response = raw.parse()
     request_id = raw.headers["aihub-request-id"]
@@ -352,6 +352,7 @@ def test_a_responses_request_reaches_a_responses_upstream(gpt, served):
     assert sent["model"] == "gpt-mock-large" and sent["store"] is False
     assert sent["max_output_tokens"] == 50 and sent["truncation"] == "auto"
     assert sent["reasoning"] == {"effort": "low"} and sent["instructions"] == "be brief"
+    assert "background" not in sent and "conversation" not in sent
     row = served.row(request_id)
     assert (row.tokens_in, row.tokens_out) == (
         response.usage.input_tokens,

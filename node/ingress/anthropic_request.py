@@ -19,7 +19,9 @@ as it serves a chat completion. What maps and how:
   `file` part for a base64 one (a PDF), and its URL as text for one Anthropic would fetch.
 
 What OpenAI's format has no place for is dropped: `top_k`, `thinking` (and the `thinking`
-blocks a client sends back), a tool result's `is_error`, `cache_control`.
+blocks a client sends back), a tool result's `is_error`, `cache_control`, citations. An
+Anthropic deployment reads none of this translation: it is sent the client's own body
+(`node/ingress/anthropic.py`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,10 @@ deployment with `responses = true`), and its answer made this node's.
 The conversation stays with the node: a `previous_response_id` is expanded here into the
 items it names (as for a translated request, `responses_stored.earlier_items`), and the
 upstream is sent the whole `input` with `store: false`, so that it keeps nothing and the same
-conversation continues on any deployment, a fallback or a peer. What the upstream could not
+conversation continues on any deployment, a fallback or a peer. What would make the upstream
+keep or run anything beyond this one answer is not sent either: `conversation` (state kept
+upstream, in the node's account) and `background` (an answer generated after this request
+ends, which the node could not count). What the upstream could not
 take back under `store: false` is left out of the expanded history: the ids of items it never
 kept, and reasoning items without their `encrypted_content`.
 
@@ -31,6 +34,8 @@ _FALSE = Raw(b"false")
 _TRUE = Raw(b"true")
 _NULL = Raw(b"null")
 SNAPSHOTS = OPENING | TERMINAL
+# The node keeps the conversation, and counts what each request writes while it runs.
+_NOT_SENT = ("previous_response_id", "conversation", "background")
 
 
 class _Kind(msgspec.Struct):
@@ -48,7 +53,8 @@ def native_request(
     if not any(route.adapter.upstream.responses for route in plan):
         return None
     fields = dict(raw)
-    fields.pop("previous_response_id", None)
+    for name in _NOT_SENT:
+        fields.pop(name, None)
     fields["store"] = _FALSE
     if earlier:
         fields["input"] = Raw(_encode([*_resendable(earlier), *inputs]))
