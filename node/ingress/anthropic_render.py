@@ -84,6 +84,24 @@ class MessageBody(Struct, tag_field="type", tag="message"):
     stop_sequence: str | None = None
 
 
+class TextDeltaBody(Struct, tag_field="type", tag="text_delta"):
+    text: str
+
+
+class JsonDeltaBody(Struct, tag_field="type", tag="input_json_delta"):
+    partial_json: str
+
+
+class BlockDelta(Struct, tag_field="type", tag="content_block_delta"):
+    """`content_block_delta`, the event a stream sends most: encoded from a Struct."""
+
+    index: int
+    delta: TextDeltaBody | JsonDeltaBody
+
+
+_BLOCK_DELTA = b"event: content_block_delta\ndata: "
+
+
 def message_id(request_id: str) -> str:
     """The message's id: the request's (`aihub-request-id`, the usage row's), as `msg_…`."""
     return "msg_" + request_id.removeprefix("req_")
@@ -202,7 +220,10 @@ class MessageStreamRenderer:
         if isinstance(item, Signal):
             return self._signal(item)
         if type(item) is OpenAIChunk:
-            return b"".join(self._event(event) for event in item.events())
+            out = b""
+            for event in item.events():
+                out += self._event(event)
+            return out
         return self._event(item)
 
     def _signal(self, signal: Signal) -> bytes:
@@ -275,18 +296,17 @@ class MessageStreamRenderer:
         stop = {"type": "content_block_stop", "index": self._blocks - 1}
         return sse("content_block_stop", stop)
 
-    def _delta(self, delta: dict[str, Any]) -> bytes:
+    def _delta(self, delta: TextDeltaBody | JsonDeltaBody) -> bytes:
         self._deltas += 1
-        payload = {"type": "content_block_delta", "index": self._blocks - 1, "delta": delta}
-        return sse("content_block_delta", payload)
+        return _BLOCK_DELTA + _encode(BlockDelta(self._blocks - 1, delta)) + b"\n\n"
 
     def _text(self, text: str) -> bytes:
         if not text:
             return b""
-        opened = b""
-        if self._open != "text":
-            opened = self._open_block("text", {"type": "text", "text": ""})
-        return opened + self._delta({"type": "text_delta", "text": text})
+        if self._open == "text":  # the hot path: one more piece of the open text block
+            return self._delta(TextDeltaBody(text))
+        opened = self._open_block("text", {"type": "text", "text": ""})
+        return opened + self._delta(TextDeltaBody(text))
 
     def _tool(self, fragment: ToolCallFragment) -> bytes:
         opened = b""
@@ -301,9 +321,7 @@ class MessageStreamRenderer:
             self._called = True
         if not fragment.arguments:
             return opened
-        return opened + self._delta(
-            {"type": "input_json_delta", "partial_json": fragment.arguments}
-        )
+        return opened + self._delta(JsonDeltaBody(fragment.arguments))
 
     def _fallback(self) -> str:
         """The stop reason of a stream that ended without a finish reason."""

@@ -172,6 +172,8 @@ class _Open(msgspec.Struct):
     item: OutputItem
     text: list[str]
     tool_index: int = -1
+    # The type of a message's part (text or refusal); None for a function call.
+    part: type[Any] | None = None
 
     def where(self) -> dict[str, Any]:
         return {"item_id": self.item.id, "output_index": self.index, "content_index": 0}
@@ -210,6 +212,13 @@ class StreamRenderer:
             return self._native.render(item)
         if self._passed_on:
             return self._native_signal(item)
+        if self._started and type(item) is OpenAIChunk:
+            # The hot path, a chunk of text or arguments: no list of lists, no generator.
+            out = b""
+            for event in item.events():
+                for step in self._step(event):
+                    out += self._sse(step)
+            return out
         events: list[StreamEvent] = []
         if not self._started:
             self._started = True
@@ -231,8 +240,7 @@ class StreamRenderer:
     def _sse(self, event: StreamEvent) -> bytes:
         event.sequence_number = self._sequence
         self._sequence += 1
-        name = type(event).__struct_config__.tag
-        return b"event: " + str(name).encode() + b"\ndata: " + _encode(event) + b"\n\n"
+        return _PREFIX[type(event)] + _encode(event) + b"\n\n"
 
     def _snapshot(self, kind: type[Any], **fields: Any) -> StreamEvent:
         response = self._shell.response(_STATUS[kind], list(self._output), **fields)
@@ -259,10 +267,16 @@ class StreamRenderer:
         return []  # a `Start`: the response was created with the first item
 
     def _text(self, text: str) -> list[StreamEvent]:
-        events = self._message(OutputTextPart(""))
-        current = self._current()
+        current = self._open
+        events: list[StreamEvent] = []
+        if current is None or current.part is not OutputTextPart:
+            events = self._message(OutputTextPart(""))
+            current = self._current()
         current.text.append(text)
-        events.append(TextDeltaEvent(0, **current.where(), delta=text))
+        delta = TextDeltaEvent(
+            0, item_id=current.item.id, output_index=current.index, content_index=0, delta=text
+        )
+        events.append(delta)
         return events
 
     def _refusal(self, text: str) -> list[StreamEvent]:
@@ -283,7 +297,7 @@ class StreamRenderer:
             return []
         events = self._close()
         item = OutputMessage(_item_id("msg"), "in_progress", [part])
-        opened = self._begin(_Open(len(self._output), item, []))
+        opened = self._begin(_Open(len(self._output), item, [], part=type(part)))
         where = opened.where()
         events += [opened.added(), PartAdded(0, **where, part=part)]
         return events
@@ -356,6 +370,12 @@ class StreamRenderer:
             events.append(self._snapshot(Completed, usage=usage))
         return events
 
+
+# Each event's SSE lines up to its data, by its type: named for the event.
+_PREFIX: dict[type[Any], bytes] = {
+    kind: b"event: " + str(kind.__struct_config__.tag).encode() + b"\ndata: "
+    for kind in StreamEvent.__args__  # type: ignore[attr-defined]
+}
 
 # The response's status as each of its snapshots tells it.
 _STATUS: dict[type[Any], str] = {
