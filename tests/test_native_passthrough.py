@@ -23,8 +23,8 @@ import pytest
 from node.config import Config, semantic_problems
 from node.provision import create_node
 from tests.conftest import NodeDir, RunningNode, run_node
+from tests.mocks.anthropic_mock import API_ERROR, SIGNATURE, THOUGHT, AnthropicMock
 from tests.mocks.anthropic_mock import OVERLOADED as CLAUDE_OVERLOADED
-from tests.mocks.anthropic_mock import SIGNATURE, THOUGHT, AnthropicMock
 from tests.mocks.openai_mock import OpenAIMock, openai_error
 from tests.mocks.server import serve_app
 from tests.test_federation import usage_rows, wait_for
@@ -104,6 +104,23 @@ max_output_tokens = {RESPONSES_CAP}
 price_in = 1_000_000
 price_out = 2_000_000
 
+# One name, two deployments: Anthropic first, an OpenAI-compatible one behind it.
+[[models]]
+name = "mixed"
+provider = "anthropic"
+model = "claude-mock"
+base_url = "{claude_url}"
+api_key_env = "NATIVE_TEST_CLAUDE_KEY"
+priority = 0
+
+[[models]]
+name = "mixed"
+provider = "openai"
+model = "gpt-mock-large"
+base_url = "{gpt_url}/v1"
+api_key_env = "NATIVE_TEST_OPENAI_KEY"
+priority = 1
+
 [[models]]
 name = "gpt-chat"
 provider = "openai"
@@ -153,6 +170,7 @@ def raw_events(served: Served, path: str, body: dict[str, Any]) -> list[tuple[st
     return found
 
 
+THINKING = {"type": "enabled", "budget_tokens": 1024}
 THINKING_REQUEST: dict[str, Any] = {
     "model": "claude",
     "max_tokens": 2000,
@@ -267,6 +285,24 @@ def test_an_overload_before_the_first_content_is_retried_unseen(claude, served):
     names = [name for name, _ in seen]
     assert names.count("message_start") == 1 and names[-1] == "message_stop"
     assert "error" not in names
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_plan_mixes_pass_through_and_translation(claude, served, stream):
+    """The Anthropic deployment fails on every try (and then rests a while): the next
+    deployment of the name, an OpenAI-compatible one, serves the same Messages request,
+    translated, and the client cannot tell but for what chat has no place for."""
+    served.claude.script.fail_next(API_ERROR, times=3)  # the first try and its two retries
+    ask = {"model": "mixed", "max_tokens": 64, "messages": HELLO, "thinking": THINKING}
+    if stream:
+        with claude.messages.stream(**ask) as events:
+            reply = events.get_final_message()
+    else:
+        reply = claude.messages.create(**ask)
+    assert [block.type for block in reply.content] == ["text"]
+    assert reply.content[0].text == "mock says: Hello, hub"
+    path, sent = served.gpt_sent()
+    assert path == "/v1/chat/completions" and "thinking" not in sent
 
 
 @pytest.mark.parametrize("stream", [False, True])
