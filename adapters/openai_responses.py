@@ -13,6 +13,7 @@ written (for an estimate if a stream is cut short or counts are missing) and err
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 from msgspec import Raw, Struct
@@ -54,20 +55,17 @@ class _PeekResponse(Struct):
     usage: _PeekUsage | None = None
 
 
-class _PeekError(Struct):
-    message: str = ""
-    code: str | None = None
-
-
 class _PeekEvent(Struct):
     """What the gateway reads of a stream event; everything else passes untouched."""
 
     type: str = ""
-    delta: str | None = None
+    # Text and arguments arrive as strings; other deltas (of event types added later) may be
+    # anything, and are only passed on.
+    delta: Any = None
     response: _PeekResponse | None = None
     # An `error` event says what failed at the top level.
-    message: str | None = None
-    code: str | None = None
+    message: Any = None
+    code: Any = None
 
 
 _response_decoder = msgspec.json.Decoder(_PeekResponse)
@@ -145,11 +143,11 @@ class ResponsesStream:
             peek = decode_json(_event_decoder, sse.data, self._upstream)
             kind = peek.type
             if kind == "error":
-                failure = peek.message or peek.code or "unknown error"
+                failure = str(peek.message or peek.code or "unknown error")[:500]
                 raise UpstreamError(
                     502, f"{self._upstream.provider} upstream failed mid-stream: {failure}"
                 )
-            if peek.delta:
+            if isinstance(peek.delta, str):
                 self._written.append(peek.delta)
             event = native_event(sse.event, sse.data)
             if not started and kind in OPENING:
