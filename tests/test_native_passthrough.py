@@ -104,6 +104,14 @@ max_output_tokens = {RESPONSES_CAP}
 price_in = 1_000_000
 price_out = 2_000_000
 
+[[models]]
+name = "azure-resp"
+provider = "azure"
+model = "my-gpt-deployment"
+base_url = "{gpt_url}"
+api_key_env = "NATIVE_TEST_OPENAI_KEY"
+responses = true
+
 # One name, two deployments: Anthropic first, an OpenAI-compatible one behind it.
 [[models]]
 name = "mixed"
@@ -452,6 +460,16 @@ def test_a_stream_is_the_upstreams_own_events_and_is_kept(gpt, served):
     assert seen[-1][1]["response"]["store"] is True
     follow = gpt.responses.create(model="gpt-resp", previous_response_id=final.id, input="more")
     assert follow.output_text == "mock says: more"
+
+
+def test_an_azure_deployment_is_reached_at_its_v1_responses(gpt, served):
+    with gpt.responses.stream(model="azure-resp", input="Hello, azure") as stream:
+        final = stream.get_final_response()
+    assert final.output_text == "mock says: Hello, azure"
+    last = served.gpt.script.received[-1]
+    assert last.path == "/openai/v1/responses"
+    assert last.headers["api-key"] == OPENAI_KEY and "authorization" not in last.headers
+    assert json.loads(last.body)["model"] == "my-gpt-deployment"
 
 
 def test_an_incomplete_answer_passes_through(gpt):
