@@ -28,4 +28,10 @@ def build_adapter(upstream: Upstream, client: UpstreamClient) -> Adapter:
         from adapters.ollama import OllamaAdapter
 
         return OllamaAdapter(upstream, client)
+    # --- bedrock ---
+    if provider == "bedrock":
+        from adapters.bedrock import BedrockAdapter
+
+        return BedrockAdapter(upstream, client)
+    # --- end bedrock ---
     raise ValueError(f"unknown provider {provider!r}")

@@ -276,7 +276,7 @@ class EmbeddingList(Struct, tag_field="object", tag="list"):
 class Upstream(Struct, omit_defaults=True, frozen=True):
     """Where and how one deployment reaches its provider (secrets already resolved)."""
 
-    provider: Literal["openai", "azure", "anthropic", "ollama", "echo", "peer"]
+    provider: Literal["openai", "azure", "anthropic", "ollama", "echo", "peer", "bedrock"]
     model: str
     base_url: str = ""
     api_key: str | None = None
@@ -295,6 +295,10 @@ class Upstream(Struct, omit_defaults=True, frozen=True):
     # Demo-only knobs of the echo adapter.
     latency_ms: int = 0
     embedding_dims: int = 64
+    # --- bedrock: the AWS region (None: the credential chain's) and shared-config profile ---
+    region: str | None = None
+    profile: str | None = None
+    # --- end bedrock ---
 
 
 # The client APIs an upstream may speak natively: Anthropic's Messages, OpenAI's Responses.

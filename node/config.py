@@ -24,9 +24,13 @@ IDENTITY_FILE = "identity.key"
 Port = Annotated[int, Meta(ge=1, le=65535)]
 Seconds = Annotated[float, Meta(gt=0, le=86400)]
 Micros = Annotated[int, Meta(ge=0)]
-Provider = Literal["openai", "azure", "anthropic", "ollama", "echo"]
+Provider = Literal["openai", "azure", "anthropic", "ollama", "echo", "bedrock"]
 # Kinds of request that only an OpenAI-compatible upstream serves.
 OPENAI_ONLY_KINDS = ("completions", "images")
+# --- bedrock ---
+# `us-east-1`, `eu-central-2`, `us-gov-west-1`: a region becomes part of a host name.
+AWS_REGION = r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$"
+# --- end bedrock ---
 Strategy = Literal["priority", "lowest-cost", "lowest-latency", "least-busy", "weighted"]
 
 
@@ -141,6 +145,11 @@ class Deployment(Struct, forbid_unknown_fields=True):
     responses: bool = False
     latency_ms: Annotated[int, Meta(ge=0, le=60_000)] = 0
     embedding_dims: Annotated[int, Meta(ge=1, le=8192)] = 64
+    # --- bedrock: the AWS region (else the credential chain's: AWS_REGION, the profile's)
+    # and the profile of the shared AWS config files whose credentials sign the requests ---
+    region: Annotated[str, Meta(pattern=AWS_REGION)] | None = None
+    profile: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.@+=,-]{1,128}$")] | None = None
+    # --- end bedrock ---
 
     def unit_prices(self) -> tuple[int, int]:
         """Micros per million units in and out, as the usage's counts are priced: tokens,
@@ -165,6 +174,8 @@ class Deployment(Struct, forbid_unknown_fields=True):
             responses=self.responses,
             latency_ms=self.latency_ms,
             embedding_dims=self.embedding_dims,
+            region=self.region,
+            profile=self.profile,
         )
 
 
@@ -244,7 +255,23 @@ def semantic_problems(config: Config) -> list[str]:
             problems.append(f"{where}: price_per_image is for a deployment of kind images")
         if deployment.base_url and not deployment.base_url.startswith(("http://", "https://")):
             problems.append(f"{where}: base_url must start with http:// or https://")
+        problems += _bedrock_problems(deployment, where)
     return problems
+
+
+# --- bedrock ---
+def _bedrock_problems(deployment: Deployment, where: str) -> list[str]:
+    if deployment.provider != "bedrock":
+        if deployment.region or deployment.profile:
+            return [f"{where}: region and profile are for a bedrock deployment"]
+        return []
+    if deployment.kind == "embeddings":
+        # Bedrock's embedding models answer InvokeModel in each model's own format, not Converse.
+        return [f"{where}: bedrock serves no embeddings"]
+    return []
+
+
+# --- end bedrock ---
 
 
 def missing_secrets(config: Config, env: dict[str, str]) -> list[str]:
@@ -386,4 +413,18 @@ price_in = 20_000
 # provider = "ollama"
 # model = "llama3.1:8b"
 # base_url = "http://127.0.0.1:11434"
+
+# --- AWS Bedrock, Converse API: model is a model id or an inference profile; credentials
+# come from the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the shared
+# files' `profile`, SSO, an instance or container role), or set api_key_env to a Bedrock
+# API key; region defaults to the chain's (AWS_REGION) ---
+# [[models]]
+# name = "claude-bedrock"
+# provider = "bedrock"
+# model = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+# region = "us-east-1"
+# profile = "default"
+# max_output_tokens = 8192
+# price_in = 3_000_000
+# price_out = 15_000_000
 """
