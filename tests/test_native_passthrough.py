@@ -462,6 +462,37 @@ def test_a_stream_is_the_upstreams_own_events_and_is_kept(gpt, served):
     assert follow.output_text == "mock says: more"
 
 
+def test_a_stateless_client_hands_its_reasoning_back_as_it_got_it(gpt, served):
+    """Codex's way: `store: false`, `include` the encrypted reasoning, and the whole
+    conversation each turn, its reasoning items among it: they reach the upstream untouched
+    (a translated model would have no place for them)."""
+    first = gpt.responses.create(
+        model="gpt-resp",
+        input="plan it",
+        reasoning={"effort": "low"},
+        include=["reasoning.encrypted_content"],
+        store=False,
+    )
+    reasoning = first.output[0]
+    assert reasoning.type == "reasoning" and reasoning.encrypted_content == "gAAAAmock"
+    history = [item.model_dump(exclude_none=True) for item in first.output]
+    for item in history:
+        if item["type"] == "message":
+            del item["id"]  # OpenAI cannot find what it never kept; the client knows that
+    follow = gpt.responses.create(
+        model="gpt-resp",
+        input=[{"role": "user", "content": "plan it"}, *history, {"role": "user", "content": "go"}],
+        reasoning={"effort": "low"},
+        include=["reasoning.encrypted_content"],
+        store=False,
+    )
+    assert follow.output_text == "mock says: go" and follow.store is False
+    _, sent = served.gpt_sent()
+    assert sent["input"][1] == history[0]  # the reasoning item, id and encrypted content
+    with pytest.raises(openai.NotFoundError):
+        gpt.responses.retrieve(follow.id)  # `store: false`: the node kept nothing either
+
+
 def test_an_azure_deployment_is_reached_at_its_v1_responses(gpt, served):
     with gpt.responses.stream(model="azure-resp", input="Hello, azure") as stream:
         final = stream.get_final_response()

@@ -52,7 +52,10 @@ async def _responses(request: Request) -> Reply | StreamReply:
     hub = hub_of(request)
     earlier = await earlier_items(hub, principal, body.previous_response_id)
     inputs = input_items(body)
-    call = chat_call(body, earlier, inputs, new_request_id())
+    native = any(
+        route.adapter.upstream.responses for route in hub.router.by_name.get(body.model, ())
+    )
+    call = chat_call(body, earlier, inputs, new_request_id(), lenient=native)
     chat = call.request
     admitted = await begin_chat(request, principal, call)
     call.native = native_request(admitted.plan, raw, earlier, inputs)
