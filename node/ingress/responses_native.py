@@ -95,8 +95,8 @@ class _Failure(msgspec.Struct):
 class NativeStream:
     """A passed-through stream's events, each snapshot's `response` made the node's; the last
     snapshot is kept (`final`), and events are counted, so that a failure after them
-    (`failed`) is a `response.failed` of the response so far, with the next
-    `sequence_number`, as a translated stream's failure is."""
+    (`failed`) is a `response.failed` of the response as its last snapshot told it, with the
+    next `sequence_number`, as a translated stream's failure is."""
 
     def __init__(self, response_id: str, request: ResponsesRequest) -> None:
         self._id = response_id
