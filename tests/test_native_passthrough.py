@@ -26,6 +26,7 @@ from tests.conftest import NodeDir, RunningNode, run_node
 from tests.mocks.anthropic_mock import API_ERROR, SIGNATURE, THOUGHT, AnthropicMock
 from tests.mocks.anthropic_mock import OVERLOADED as CLAUDE_OVERLOADED
 from tests.mocks.openai_mock import OpenAIMock, openai_error
+from tests.mocks.script import Failure
 from tests.mocks.server import serve_app
 from tests.test_federation import usage_rows, wait_for
 
@@ -357,6 +358,17 @@ def test_an_oversized_event_and_a_cut_stream_end_in_an_error_event(served):
     seen = raw_events(served, "/v1/messages", body)
     assert seen[-1][0] == "error" and seen[-1][1]["error"]["message"].endswith("ended early")
     assert all(name != "message_stop" for name, _ in seen)
+
+
+@pytest.mark.parametrize("answer", [b"not json", b"[1, 2]", b'{"usage": "none"}'])
+def test_an_answer_that_is_no_message_is_a_502_in_anthropics_shape(served, answer):
+    served.claude.script.fail_next(Failure(200, answer), times=3)
+    body = {"model": "claude", "max_tokens": 16, "messages": HELLO}
+    headers = {"x-api-key": served.key}
+    response = httpx.post(f"{served.url}/v1/messages", json=body, headers=headers, timeout=30)
+    assert response.status_code == 502, response.text
+    assert response.json()["type"] == "error"
+    assert response.json()["error"]["type"] == "api_error"
 
 
 def test_an_anthropic_error_is_the_clients_error(claude, served):
