@@ -25,7 +25,13 @@ import asyncio
 
 import msgspec
 
-from adapters.anthropic import AnthropicAdapter, anthropic_error_message, messages_request
+from adapters.anthropic import (
+    MESSAGES_API,
+    AnthropicAdapter,
+    anthropic_error_message,
+    messages_request,
+    native_body,
+)
 from adapters.gemini import GeminiAdapter, embed_result
 from adapters.gemini_errors import ErrorReader, google_error, send_to_google
 from adapters.http import UpstreamClient, UpstreamResponse, decode_json, join_url
@@ -173,6 +179,11 @@ class VertexAnthropicAdapter(AnthropicAdapter):
         return model_url(self.upstream, "anthropic", method)
 
     def body(self, call: ChatCall, *, stream: bool) -> bytes:
+        native = call.native_for(MESSAGES_API)
+        if native is not None:
+            return native_body(
+                native, call, self.upstream, stream=stream, vertex_version=ANTHROPIC_VERSION
+            )
         body = messages_request(call, self.upstream, stream=stream)
         body.anthropic_version = ANTHROPIC_VERSION
         return msgspec.json.encode(body)

@@ -151,6 +151,10 @@ class Deployment(Struct, forbid_unknown_fields=True):
     max_output_tokens: Annotated[int, Meta(ge=1)] = 4096
     connect_timeout: Seconds | None = None
     read_timeout: Seconds | None = None
+    # An openai or azure chat deployment whose upstream serves OpenAI's Responses API (OpenAI's
+    # own does; most OpenAI-compatible servers do not): a /v1/responses request is passed to
+    # its `/responses` as the client wrote it, rather than translated into chat completions.
+    responses: bool = False
     latency_ms: Annotated[int, Meta(ge=0, le=60_000)] = 0
     embedding_dims: Annotated[int, Meta(ge=1, le=8192)] = 64
     # --- bedrock: the AWS region (else the credential chain's: AWS_REGION, the profile's)
@@ -187,6 +191,7 @@ class Deployment(Struct, forbid_unknown_fields=True):
             max_output_tokens=self.max_output_tokens,
             max_response_bytes=defaults.max_response_bytes,
             max_event_bytes=defaults.max_event_bytes,
+            responses=self.responses,
             latency_ms=self.latency_ms,
             embedding_dims=self.embedding_dims,
             region=self.region,
@@ -269,6 +274,10 @@ def semantic_problems(config: Config) -> list[str]:
             problems.append(f"{where}: anthropic serves no embeddings")
         if deployment.kind in OPENAI_ONLY_KINDS and deployment.provider not in ("openai", "azure"):
             problems.append(f"{where}: {deployment.provider} serves no {deployment.kind}")
+        if deployment.responses and (
+            deployment.provider not in ("openai", "azure") or deployment.kind != "chat"
+        ):
+            problems.append(f"{where}: responses is for an openai or azure chat deployment")
         if deployment.price_per_image and deployment.kind != "images":
             problems.append(f"{where}: price_per_image is for a deployment of kind images")
         if deployment.base_url and not deployment.base_url.startswith(("http://", "https://")):
@@ -429,6 +438,7 @@ price_in = 20_000
 # api_key_env = "OPENAI_API_KEY"
 # price_in = 150_000
 # price_out = 600_000
+# responses = true                  # the upstream serves /v1/responses: passed through as sent
 
 # [[models]]
 # name = "text-embedding-3-small"

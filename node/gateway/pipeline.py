@@ -36,6 +36,7 @@ from adapters.types import (
     ChatRequest,
     ChatResult,
     ChatStream,
+    CompletionCall,
     EmbedResult,
     UpstreamError,
     Usage,
@@ -266,10 +267,19 @@ class _Opened(msgspec.Struct):
     first: Any | None
 
 
-async def _open(route: Route, call: ChatCall) -> _Opened:
+# How a stream is opened at one deployment: a chat stream (`Adapter.open_stream`) unless the
+# ingress says otherwise (a legacy completion's).
+Opener = Callable[[Route], Awaitable[ChatStream]]
+
+
+def _chat_opener(call: ChatCall) -> Opener:
+    return lambda route: route.adapter.open_stream(call)
+
+
+async def _open(route: Route, opener: Opener) -> _Opened:
     """Open a stream and read its first event, so that a failure before the first byte can
     still fall back to the next deployment."""
-    stream = await route.adapter.open_stream(call)
+    stream = await opener(route)
     events = aiter(stream)
     try:
         first = await anext(events, None)
@@ -280,12 +290,19 @@ async def _open(route: Route, call: ChatCall) -> _Opened:
     return _Opened(stream, events, first)
 
 
-async def stream(admitted: Admitted, call: ChatCall, watch: Watch) -> Streamed:
-    """Open the stream along the plan; its relay settles it however it ends (`abandon`
-    settles it if the relay never runs)."""
+async def stream(
+    admitted: Admitted, call: ChatCall | CompletionCall, watch: Watch, opener: Opener | None = None
+) -> Streamed:
+    """Open the stream along the plan (a chat call's, unless `opener` opens another kind,
+    whose stream then always holds its `usage`); its relay settles it however it ends
+    (`abandon` settles it if the relay never runs)."""
     books, plan = admitted
+    if opener is None:
+        assert isinstance(call, ChatCall)
+        opener = _chat_opener(call)
+    opening = opener
     async with _settled_on_error(books):
-        opened, route = await _route(books, plan, lambda r: _open(r, call), watch)
+        opened, route = await _route(books, plan, lambda r: _open(r, opening), watch)
         books.observe_latency()
         return Streamed(
             _relay(opened, route, call, books),
@@ -294,7 +311,9 @@ async def stream(admitted: Admitted, call: ChatCall, watch: Watch) -> Streamed:
         )
 
 
-async def _abandon(opened: _Opened, route: Route, call: ChatCall, books: Accounting) -> None:
+async def _abandon(
+    opened: _Opened, route: Route, call: ChatCall | CompletionCall, books: Accounting
+) -> None:
     """A stream whose relay never ran (it failed or was cancelled before its first event was
     asked for): settled as its relay would have settled it."""
     if not books.settled:
@@ -302,7 +321,7 @@ async def _abandon(opened: _Opened, route: Route, call: ChatCall, books: Account
 
 
 async def _relay(
-    opened: _Opened, route: Route, call: ChatCall, books: Accounting
+    opened: _Opened, route: Route, call: ChatCall | CompletionCall, books: Accounting
 ) -> AsyncGenerator[Any, None]:
     """Pass the upstream's events on; account for them however the stream ends."""
     stream = opened.stream
@@ -346,7 +365,7 @@ async def _relay(
 async def _settle_stream(
     opened: _Opened,
     route: Route,
-    call: ChatCall,
+    call: ChatCall | CompletionCall,
     books: Accounting,
     sent: int,
     status: int,
@@ -367,10 +386,13 @@ async def _settle_stream(
             await books.issue_receipt()
 
 
-def _stream_usage(stream: ChatStream, call: ChatCall, sent: int) -> tuple[Usage, bool]:
+def _stream_usage(
+    stream: ChatStream, call: ChatCall | CompletionCall, sent: int
+) -> tuple[Usage, bool]:
     """What a stream used, as the upstream counted it, or estimated if it was cut short:
     the prompt and roughly one token per event delivered."""
-    if stream.usage is not None:
+    if stream.usage is not None or not isinstance(call, ChatCall):
+        assert stream.usage is not None  # a stream of another kind always holds its usage
         return stream.usage, stream.usage_estimated
     prompt = estimate_prompt_tokens(call.request.messages)
     return Usage(prompt, sent, prompt + sent), True

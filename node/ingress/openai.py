@@ -139,7 +139,7 @@ def _render_signal(signal: Signal) -> bytes:
     return sse_event(error_bytes(_stream_error(signal.error)))
 
 
-def _item_renderer() -> Callable[[Any], bytes]:
+def item_renderer() -> Callable[[Any], bytes]:
     """How one stream's items are rendered: the adapter's events as OpenAI chunks (an
     OpenAI-compatible upstream's as they came), the pipeline's signals as OpenAI's events."""
     render_event = ChunkRenderer().render
@@ -172,7 +172,7 @@ async def _chat(request: Request) -> Reply | StreamReply:
     if chat.stream:
         streamed = await pipeline.stream(admitted, call, watcher_of(request))
         headers = {**response_headers(streamed.facts), "cache-control": "no-cache"}
-        return StreamReply(streamed.items, headers, _item_renderer(), streamed.abandon)
+        return StreamReply(streamed.items, headers, item_renderer(), streamed.abandon)
     answer = await pipeline.complete(
         admitted, lambda route: route.adapter.chat(call), watcher_of(request)
     )
