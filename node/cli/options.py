@@ -22,6 +22,12 @@ Callback = Callable[[click.Context, click.Parameter, str | None], T | None]
 Decorator = Callable[[Any], Any]
 
 NONE_WORDS = ("none", "null")
+# What the duration, time and amount options take, said once for every command's help.
+SINCE_HELP = (
+    "From when: a duration back from now (30m, 24h, 7d), a UTC date (2025-01-31) or unix seconds"
+)
+DURATION_HELP = "a number with s, m, h, d or w (90s, 30m, 12h, 30d, 2w)"
+MONEY_HELP = "an amount in the node's currency, e.g. 20 or 0.5"
 
 
 def with_data_dir(command: Callable[..., Any]) -> Callable[..., Any]:
