@@ -7,15 +7,16 @@ node sees every change on its next request, through the epoch files.
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from node.admin.management import Management, ManagementError
 from node.cli.output import fail
 from node.config import IDENTITY_FILE, Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from node.admin.management import Management
 
 T = TypeVar("T")
 
@@ -48,6 +49,12 @@ def cli_actor() -> str:
 
 def manage(directory: Path, work: Callable[[Management], Awaitable[T]]) -> T:
     """Run `work` on the node's data folder; a refused change fails the command."""
+    # Imported here: the store and the key hashing are for the commands that change keys,
+    # not for `config check` or a command's --help.
+    import asyncio
+
+    from node.admin.management import Management, ManagementError
+
     require_config(directory)
     require_identity(directory)
 

@@ -18,7 +18,6 @@ from node.cli.folder import require_config
 from node.cli.options import with_data_dir
 from node.cli.output import aihub_invocation, console, errors, fail, shown, venv_hint
 from node.config import CONFIG_FILE, Config, ConfigError, data_dir, missing_secrets
-from node.provision import NodeExists, create_node, node_exists
 
 
 @click.command("init")
@@ -27,6 +26,8 @@ from node.provision import NodeExists, create_node, node_exists
 @with_data_dir
 def init(directory: Path, name: str | None, if_missing: bool) -> None:
     """Create a node: config, database, Ed25519 identity and an admin key (shown once)."""
+    from node.provision import NodeExists, create_node, node_exists
+
     if if_missing and node_exists(directory):
         console.print(f"Using the node at {escape(str(directory))}")
         return

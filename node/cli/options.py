@@ -12,9 +12,7 @@ from typing import Any, TypeVar
 import click
 from msgspec import UNSET, UnsetType
 
-from node.admin.management import MAX_COUNT
 from node.config import data_dir
-from node.gateway.policy import parse_networks
 from node.units import parse_duration, parse_money, parse_since
 
 T = TypeVar("T")
@@ -107,6 +105,8 @@ def count_or_none(_ctx: click.Context, _param: click.Parameter, value: str | Non
         return UNSET
     if is_none(value):
         return None
+    from node.admin.management import MAX_COUNT
+
     text = value.strip()
     # ASCII digits only: str.isdigit() takes `²`, which int() refuses.
     if not re.fullmatch(r"\d{1,13}", text, re.ASCII) or not 1 <= int(text) <= MAX_COUNT:
@@ -130,6 +130,8 @@ def ips_or_none(_ctx: click.Context, _param: click.Parameter, value: str | None)
         return UNSET
     if is_none(value):
         return []
+    from node.gateway.policy import parse_networks
+
     ips = comma_list(value)
     try:
         parse_networks(ips)

@@ -20,8 +20,6 @@ from node.cli.folder import require_config, require_identity
 from node.cli.options import with_data_dir
 from node.cli.output import console, warn
 from node.config import DATABASE_FILE, IDENTITY_FILE, Config, ServerSection, missing_secrets
-from node.gateway.journal import JOURNAL_DIR, left_behind, replay
-from node.storage import opened
 
 
 @click.command("serve")
@@ -80,6 +78,9 @@ async def _recover(directory: Path) -> None:
     """Before any worker starts, no request is in flight: a reservation still held was left by
     a node that stopped mid-request, and would shrink its budget for the rest of the period;
     usage a crash left in the journal is written."""
+    from node.gateway.journal import JOURNAL_DIR, left_behind, replay
+    from node.storage import opened
+
     segments = left_behind(directory / JOURNAL_DIR)
     async with opened(directory / DATABASE_FILE) as store:
         await store.spend.release_all_reservations()
