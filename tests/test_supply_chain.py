@@ -1,0 +1,103 @@
+"""The environment the suite runs in is the locked one: every dependency at its locked version
+(requirements/, with hashes), the lock no older than pyproject.toml's dependencies, and no
+`.pth` file but the known ones (a `.pth` line that starts with `import` runs at every start
+of Python: the way a compromised package keeps itself running, as one did in 2026)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import site
+import sys
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCKS = ROOT / "requirements"
+REQUIREMENT = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)", re.M)
+# `.pth` files that may be in the environment, and why:
+ALLOWED_PTH = {
+    # setuptools' editable install of aihub itself (make setup's `pip install -e .`): it
+    # installs a finder that maps aihub's packages to this checkout.
+    re.compile(r"__editable__\.aihub-[\w.]+\.pth"),
+    # setuptools' own: prefers its bundled distutils when SETUPTOOLS_USE_DISTUTILS says so.
+    re.compile(r"distutils-precedence\.pth"),
+    # virtualenv-made environments (not `python -m venv`) carry this one.
+    re.compile(r"_virtualenv\.pth"),
+}
+# Distributions that are in the environment without being in the lock: the installer that
+# `python -m venv` brings, and aihub itself.
+UNLOCKED = {"pip", "aihub"}
+
+
+def lockfile() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("lockfile", LOCKS / "lockfile.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pinned(lock: Path) -> dict[str, str]:
+    return {normalized(name): version for name, version in REQUIREMENT.findall(lock.read_text())}
+
+
+def site_folders() -> list[Path]:
+    folders = [Path(p) for p in site.getsitepackages()]
+    if site.ENABLE_USER_SITE:
+        folders.append(Path(site.getusersitepackages()))
+    return [folder for folder in folders if folder.is_dir()]
+
+
+def test_no_pth_file_but_the_known_ones() -> None:
+    found = [path for folder in site_folders() for path in folder.glob("*.pth")]
+    unexpected = [p for p in found if not any(rule.fullmatch(p.name) for rule in ALLOWED_PTH)]
+    assert not unexpected, f"unexpected .pth files (code that runs at every start): {unexpected}"
+
+
+def test_the_editable_install_points_at_this_checkout_only() -> None:
+    for folder in site_folders():
+        for path in folder.glob("__editable__.aihub-*.pth"):
+            text = path.read_text()
+            assert re.fullmatch(r"import __editable___aihub_[\w]+_finder; [^\n]+\n?", text), text
+
+
+def test_the_lock_is_as_fresh_as_pyproject() -> None:
+    assert lockfile().stale() == []
+
+
+def test_every_requirement_is_pinned_with_hashes() -> None:
+    for name in ("dev.txt", "runtime.txt", "uv.txt"):
+        text = (LOCKS / name).read_text()
+        entries = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 2)[2])
+        assert entries, name
+        for entry in entries:
+            assert REQUIREMENT.match(entry), (name, entry[:80])
+            assert "--hash=sha256:" in entry, (name, entry[:80])
+
+
+def test_the_runtime_lock_is_the_dev_lock_without_the_dev_tools() -> None:
+    runtime, dev = pinned(LOCKS / "runtime.txt"), pinned(LOCKS / "dev.txt")
+    assert {"litestar", "msgspec", "pynacl", "setuptools"} <= set(runtime)
+    assert "pytest" not in runtime and "pytest" in dev
+    assert {name: dev.get(name) for name in runtime} == runtime
+
+
+def test_every_installed_distribution_is_the_locked_version() -> None:
+    locked = pinned(LOCKS / "dev.txt")
+    installed = {
+        normalized(dist.metadata["Name"]): dist.version
+        for dist in metadata.distributions()
+        if dist.metadata["Name"]
+    }
+    wrong = {
+        name: (version, locked.get(name, "not locked"))
+        for name, version in installed.items()
+        if name not in UNLOCKED and locked.get(name) != version
+    }
+    assert not wrong, f"installed (version, locked) that differ, in {sys.prefix}: {wrong}"
