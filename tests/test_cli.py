@@ -488,3 +488,90 @@ def test_serve_with_a_broken_config_exits_without_starting(node_folder):
     assert completed.returncode == 1
     assert "server.port: Expected `int`, got `str`" in completed.stderr
     assert "serving" not in completed.stdout
+
+
+def test_serve_refuses_a_missing_provider_key_as_config_check_does(node_folder):
+    """A deployment whose key is not in the environment was only warned about, then called
+    without a key; `serve` now refuses to start with the same errors as `config check`."""
+    append_config(
+        node_folder, f'[[models]]\nname = "o"\nprovider = "openai"\napi_key_env = "{UNSET_VAR}"'
+    )
+    served = run_aihub("serve", "--data-dir", str(node_folder), "--port", "1", timeout=20)
+    checked = run_aihub("config", "check", "--data-dir", str(node_folder))
+    assert served.returncode == checked.returncode == 1
+    missing = f"models[2] (o): environment variable {UNSET_VAR} is not set"
+    assert missing in served.stderr and missing in checked.stderr
+    assert served.stderr == checked.stderr
+    assert "serving" not in served.stdout
+
+
+# --- config errors a person can act on ----------------------------------------------------
+
+
+def _line_of(folder: Path, text: str) -> int:
+    lines = (folder / CONFIG_FILE).read_text().splitlines()
+    return next(number for number, line in enumerate(lines, 1) if line.startswith(text))
+
+
+READABLE_ERRORS = {
+    "an unknown provider lists the valid ones": (
+        '[[models]]\nname = "m"\nprovider = "nope"',
+        'provider = "nope"',
+        "models[2].provider: 'nope' is not one of openai, azure, anthropic, ollama, echo",
+    ),
+    "an unknown strategy lists the valid ones": (
+        '[router]\nstrategy = "fastest"',
+        None,
+        "'fastest' is not one of priority, lowest-cost, lowest-latency, least-busy, weighted",
+    ),
+    "an unknown kind lists the valid ones": (
+        '[[models]]\nname = "m"\nprovider = "echo"\nkind = "audio"',
+        'kind = "audio"',
+        "models[2].kind: 'audio' is not one of chat, embeddings, completions, images",
+    ),
+    "a model name's rule in words": (
+        '[[models]]\nname = "my model"\nprovider = "echo"',
+        'name = "my model"',
+        "models[2].name: Expected `str`: a model name is 1 to 256 characters with no spaces "
+        "and no `@`",
+    ),
+    "an environment variable's rule in words": (
+        '[[models]]\nname = "m"\nprovider = "openai"\napi_key_env = "1-KEY"',
+        'api_key_env = "1-KEY"',
+        "letters, digits and `_`, not starting with a digit",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(READABLE_ERRORS))
+def test_config_errors_say_what_is_allowed_and_on_which_line(node_folder, case):
+    toml, line_text, expected = READABLE_ERRORS[case]
+    if toml.startswith("[router]"):
+        edit_config(node_folder, 'strategy = "priority"', 'strategy = "fastest"')
+        line_text = 'strategy = "fastest"'
+    else:
+        append_config(node_folder, toml)
+    result = invoke("config", "check", "--data-dir", str(node_folder))
+    line = _line_of(node_folder, line_text)
+    assert_clean_failure(result, f"line {line}:", expected)
+
+
+def test_an_unknown_key_is_named_with_its_line(node_folder):
+    edit_config(node_folder, "retries = 2 ", "retry = 5\nretries = 2 ")
+    result = invoke("config", "check", "--data-dir", str(node_folder))
+    line = _line_of(node_folder, "retry = 5")
+    assert_clean_failure(result, f"line {line}: router: Object contains unknown field `retry`")
+
+
+def test_an_unknown_section_is_named_with_its_header_line(node_folder):
+    edit_config(node_folder, "[upstream]", "[upstreams]\n[upstream]")
+    result = invoke("config", "check", "--data-dir", str(node_folder))
+    line = _line_of(node_folder, "[upstreams]")
+    assert_clean_failure(result, f"line {line}: (top level): Object contains unknown field")
+
+
+def test_an_unknown_key_in_the_third_deployment_is_found_in_that_one(node_folder):
+    append_config(node_folder, '[[models]]\nname = "m"\nprovider = "echo"\nprise_in = 5')
+    result = invoke("config", "check", "--data-dir", str(node_folder))
+    line = _line_of(node_folder, "prise_in = 5")
+    assert_clean_failure(result, f"line {line}: models[2]: Object contains unknown field")

@@ -12,7 +12,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from node.cli.output import fail
+from rich.markup import escape
+
+from federation.printable import printable
+from node.cli.output import errors, fail
 from node.config import IDENTITY_FILE, Config, ConfigError, load_config
 
 if TYPE_CHECKING:
@@ -27,6 +30,24 @@ def require_config(directory: Path) -> Config:
         return load_config(directory)
     except ConfigError as exc:
         fail(str(exc))
+
+
+def require_secrets(config: Config) -> None:
+    """Every provider key the config names is in the environment, or the command fails
+    listing each one missing: `config check` and `serve` refuse alike, so that no
+    deployment is ever called without its key."""
+    import os
+
+    from node.config import missing_secrets
+
+    problems = missing_secrets(config, dict(os.environ))
+    for problem in problems:
+        errors.print(f"[bold red]error:[/] {escape(printable(problem))}", highlight=False)
+    if problems:
+        fail(
+            "set the provider keys above in the environment, or comment out the deployments "
+            "that need them in config.toml"
+        )
 
 
 def require_identity(directory: Path) -> None:

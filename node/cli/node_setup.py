@@ -4,7 +4,6 @@ config."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import socket
 import sys
 from pathlib import Path
@@ -13,11 +12,10 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from federation.printable import printable
-from node.cli.folder import require_config
+from node.cli.folder import require_config, require_secrets
 from node.cli.options import with_data_dir
-from node.cli.output import aihub_invocation, console, errors, fail, shown, venv_hint
-from node.config import CONFIG_FILE, Config, ConfigError, data_dir, missing_secrets
+from node.cli.output import aihub_invocation, console, fail, shown, venv_hint
+from node.config import CONFIG_FILE, Config, ConfigError, data_dir
 
 
 @click.command("init")
@@ -126,11 +124,7 @@ def config() -> None:
 def config_check(directory: Path) -> None:
     """Validate the config; say exactly what is wrong and where."""
     loaded = require_config(directory)
-    problems = missing_secrets(loaded, dict(os.environ))
-    for problem in problems:
-        errors.print(f"[bold red]error:[/] {escape(printable(problem))}", highlight=False)
-    if problems:
-        sys.exit(1)
+    require_secrets(loaded)
     console.print(
         f"{escape(str(directory / CONFIG_FILE))}: ok ({len(loaded.models)} deployments, "
         f"{len({d.name for d in loaded.models})} models)",

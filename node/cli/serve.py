@@ -16,10 +16,10 @@ from rich.markup import escape
 
 from federation.printable import PrintableFormatter
 from node import __version__
-from node.cli.folder import require_config, require_identity
+from node.cli.folder import require_config, require_identity, require_secrets
 from node.cli.options import with_data_dir
-from node.cli.output import console, warn
-from node.config import DATABASE_FILE, IDENTITY_FILE, Config, ServerSection, missing_secrets
+from node.cli.output import console
+from node.config import DATABASE_FILE, IDENTITY_FILE, Config, ServerSection
 
 
 @click.command("serve")
@@ -40,8 +40,7 @@ def serve(
     """Start the node."""
     config = require_config(directory)
     require_identity(directory)
-    for problem in missing_secrets(config, dict(os.environ)):
-        warn(problem)
+    require_secrets(config)
     host = host or config.server.host
     port = port or config.server.port
     workers = workers or config.server.workers
