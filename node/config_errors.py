@@ -60,8 +60,7 @@ def describe(error: msgspec.ValidationError, text: str, root: type) -> str:
 def parse_path(json_path: str) -> list[str | int]:
     """`$.models[1].provider` -> ["models", 1, "provider"]."""
     return [
-        name if name else int(index)
-        for name, index in _PART.findall(json_path.removeprefix("$"))
+        name if name else int(index) for name, index in _PART.findall(json_path.removeprefix("$"))
     ]
 
 

@@ -575,3 +575,86 @@ def test_an_unknown_key_in_the_third_deployment_is_found_in_that_one(node_folder
     result = invoke("config", "check", "--data-dir", str(node_folder))
     line = _line_of(node_folder, "prise_in = 5")
     assert_clean_failure(result, f"line {line}: models[2]: Object contains unknown field")
+
+
+# --- commands printed for the shell they are typed in -------------------------------------
+
+
+def test_init_prints_commands_that_run_where_aihub_is_not_on_the_path(tmp_path):
+    """After `make run`, `aihub` is .venv/bin/aihub, not on the PATH: what init prints must
+    run as printed, so it names the script (and how to activate the virtualenv); the Python
+    example is a here-document that runs as pasted."""
+    folder = tmp_path / "n"
+    env = {k: v for k, v in os.environ.items() if k not in ("AIHUB_HOME", UNSET_VAR)}
+    env["PATH"] = "/usr/bin:/bin"  # not the virtualenv's bin
+    env["COLUMNS"] = "400"
+    done = subprocess.run(
+        [str(AIHUB), "init", "--name", "n", "--data-dir", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    (key,) = set(KEY_RE.findall(done.stdout))
+    assert f"  {AIHUB} keys create --name my-app --budget 5 --data-dir {folder}" in done.stdout
+    assert f". {AIHUB.parent / 'activate'}" in done.stdout
+    # The printed here-document, run exactly as printed, reaches the openai package.
+    start = done.stdout.index(" - <<'EOF'\n")
+    python = done.stdout[:start].rsplit("\n", 1)[1].strip()
+    assert Path(python).parent == AIHUB.parent  # the virtualenv's, which has openai
+    script = done.stdout[start:].split("\n", 1)[1].split("\nEOF\n", 1)[0]
+    compile(script, "printed", "exec")
+    assert f'api_key="{key}"' in script and "from openai import OpenAI" in script
+
+
+def test_init_prints_plain_aihub_where_the_path_finds_this_one(tmp_path):
+    folder = tmp_path / "n"
+    env = {k: v for k, v in os.environ.items() if k not in ("AIHUB_HOME", UNSET_VAR)}
+    env["PATH"] = f"{AIHUB.parent}{os.pathsep}/usr/bin:/bin"
+    done = subprocess.run(
+        [str(AIHUB), "init", "--name", "n", "--data-dir", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "COLUMNS": "400"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"  aihub keys create --name my-app --budget 5 --data-dir {folder}" in done.stdout
+    assert "activate" not in done.stdout
+
+
+def test_network_takes_data_dir_like_every_command_and_dir_still_works():
+    from node.cli.network import network
+
+    for command in network.commands.values():
+        names = {name for param in command.params for name in getattr(param, "opts", [])}
+        assert {"--data-dir", "--dir"} <= names, command.name
+    helped = invoke("network", "up", "--help")
+    assert "--data-dir, --dir" in helped.output
+
+
+def test_make_network_takes_a_port():
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    assert "aihub network up --base-port $(PORT)" in makefile
+    assert re.search(r"^PORT \?= 8801$", makefile, re.M)
+
+
+def test_update_help_says_that_options_not_given_keep_their_values():
+    for group in ("keys", "tenants"):
+        helped = squash(invoke(group, "update", "--help").output)
+        assert squash("only the options given change, the others keep their values") in helped
+        assert helped.count("[notgiven:unchanged]") >= 6, group
+        assert "[default:monthly]" not in helped  # a default would be a lie on update
+    created = squash(invoke("keys", "create", "--help").output)
+    assert "[default:monthly]" in created and "[default:never]" in created
+    assert squash("a number with s, m, h, d or w (90s, 30m, 12h, 30d, 2w)") in created
+
+
+def test_help_gives_the_format_and_default_of_since_and_format():
+    export = squash(invoke("ledger", "export", "--help").output)
+    assert "[csv|json]" in export and "[default:csv]" in export and "[default:30d]" in export
+    assert squash("a UTC date (2025-01-31) or unix seconds") in export
+    usage = squash(invoke("usage", "--help").output)
+    assert "[default:7d]" in usage and squash("(30m, 24h, 7d)") in usage
