@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from federation.identity import NodeIdentity
 from node import __version__
@@ -23,8 +25,11 @@ from node.config import (
     CONFIG_TEMPLATE,
     DATABASE_FILE,
     IDENTITY_FILE,
+    ConfigError,
     load_config,
+    parse_config,
 )
+from node.config_errors import find_line
 from node.gateway.keys import HASH_PURPOSE, hashes_match, key_id_of
 from node.provision import create_node, node_exists
 from node.storage import open_store
@@ -658,3 +663,49 @@ def test_help_gives_the_format_and_default_of_since_and_format():
     assert squash("a UTC date (2025-01-31) or unix seconds") in export
     usage = squash(invoke("usage", "--help").output)
     assert "[default:7d]" in usage and squash("(30m, 24h, 7d)") in usage
+
+
+# --- hostile configs: any text gives a ConfigError, never a crash --------------------------
+
+TOML_PIECES = st.sampled_from(
+    [
+        "[node]\n",
+        'name = "n"\n',
+        "[[models]]\n",
+        'provider = "nope"\n',
+        'name = "a b"\n',
+        "[router]\n",
+        'strategy = "x"\n',
+        "retry = 1\n",
+        '"quoted.key" = 1\n',
+        "a.b.c = 2\n",
+        "[ weird . 'header' ]\n",
+        "[[ models ]]  # comment\n",
+        "x = [\n1,\n2]\n",
+        "y = {z = 1}\n",
+        "= = =\n",
+        "[\n",
+        "\x00\n",
+        "\u202e = 1\n",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(TOML_PIECES | st.text(max_size=30), max_size=25))
+def test_any_config_text_is_a_config_error_or_a_config(pieces):
+    text = "".join(pieces)
+    try:
+        parse_config(text.encode("utf-8", "surrogatepass"), "config.toml")
+    except ConfigError as exc:
+        assert str(exc).startswith("config.toml")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(max_size=400),
+    st.lists(st.one_of(st.text(max_size=10), st.integers(0, 5)), max_size=4),
+)
+def test_finding_a_line_never_fails(text, target):
+    line = find_line(text, target)
+    assert line is None or 1 <= line <= len(text.splitlines())
