@@ -15,7 +15,9 @@ from rich.table import Table
 from node.cli.folder import require_config, require_secrets
 from node.cli.options import with_data_dir
 from node.cli.output import aihub_invocation, console, fail, shown, venv_hint
-from node.config import CONFIG_FILE, Config, ConfigError, data_dir
+from node.config import CONFIG_FILE, Config, ConfigError
+
+DEFAULT_HOME = Path("~/.aihub").expanduser()
 
 
 @click.command("init")
@@ -54,7 +56,8 @@ def examples(config: Config, key: str, directory: Path) -> str:
     python = _python_with_openai()
     aihub = aihub_invocation()
     hint = venv_hint()
-    folder = "" if directory == data_dir(None) else f" --data-dir {directory}"
+    # Another terminal has no AIHUB_HOME of make's: name any folder but the default.
+    folder = "" if directory.absolute() == DEFAULT_HOME.absolute() else f" --data-dir {directory}"
     lines = [
         "Try it with curl:",
         f"  curl {url}/v1/chat/completions \\",
