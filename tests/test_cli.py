@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 from hypothesis import HealthCheck, given, settings
@@ -709,3 +710,28 @@ def test_any_config_text_is_a_config_error_or_a_config(pieces):
 def test_finding_a_line_never_fails(text, target):
     line = find_line(text, target)
     assert line is None or 1 <= line <= len(text.splitlines())
+
+
+def _leaf_commands(command, path):
+    if isinstance(command, click.Group):
+        ctx = click.Context(command)
+        for name in command.list_commands(ctx):
+            yield from _leaf_commands(command.get_command(ctx, name), [*path, name])
+    else:
+        yield path, command
+
+
+def test_every_option_says_what_it_takes():
+    """`--help` everywhere gives each option's meaning (and, through click, its default).
+    The invite and peer commands (node/cli/federation.py) are the federation side's."""
+    from node.cli.main import COMMANDS, load
+
+    missing = [
+        (" ".join(path), param.opts[0])
+        for name in COMMANDS
+        for path, command in _leaf_commands(load(name), [name])
+        if command.callback and command.callback.__module__ != "node.cli.federation"
+        for param in command.params
+        if isinstance(param, click.Option) and not param.help
+    ]
+    assert not missing

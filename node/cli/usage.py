@@ -103,8 +103,18 @@ def _usage_table(
     callback=since_option,
     help=SINCE_HELP,
 )
-@click.option("--action", help="Only these actions; * matches anything, e.g. 'auth.*'")
-@click.option("--limit", type=click.IntRange(1, AUDIT_LIMIT_MAX), default=50, show_default=True)
+@click.option(
+    "--action",
+    help="Only these actions; * matches anything, e.g. 'auth.*', 'key.*', 'admin_key.reset' "
+    "[default: every action]",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, AUDIT_LIMIT_MAX),
+    default=50,
+    show_default=True,
+    help=f"At most this many events, the newest (1 to {AUDIT_LIMIT_MAX})",
+)
 @json_option
 @with_data_dir
 def audit_command(
