@@ -101,3 +101,32 @@ def test_every_installed_distribution_is_the_locked_version() -> None:
         if name not in UNLOCKED and locked.get(name) != version
     }
     assert not wrong, f"installed (version, locked) that differ, in {sys.prefix}: {wrong}"
+
+
+def test_building_aihub_warns_of_nothing(tmp_path: Path) -> None:
+    """setuptools deprecated `project.license` as a table (and warned on every install):
+    building the package from a copy of its sources, with the locked setuptools and nothing
+    fetched, prints no warning."""
+    import shutil
+    import subprocess
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for package in ("adapters", "federation", "ledger", "node"):
+        shutil.copytree(
+            ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    # -v: pip shows what the build backend prints (its warnings) only when verbose.
+    wheel = [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation"]
+    built = subprocess.run(
+        [*wheel, "--no-index", "--wheel-dir", str(tmp_path / "wheels"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    output = (built.stdout + built.stderr).lower()
+    assert "deprecat" not in output and "backendwarning" not in output, output
+    assert list((tmp_path / "wheels").glob("aihub-*.whl"))
