@@ -24,6 +24,8 @@ $(VENV)/.installed: pyproject.toml requirements/dev.txt
 	@echo "Installed: $(BIN)/aihub (or put it on your PATH: . $(BIN)/activate)"
 	touch $@
 
+# dev.txt: every extra (dev tools, optional backends) for make setup and CI; runtime.txt: the
+# runtime dependencies alone, at the same versions, for the Docker image.
 # Re-resolve the locks after a change to pyproject.toml's dependencies (or requirements/*.in):
 # what is locked stays as it is unless the change needs it moved; `make lock-upgrade` moves
 # everything to the newest versions allowed. uv (itself pinned in requirements/uv.txt) writes
@@ -37,7 +39,7 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install --quiet --require-hashes --no-deps -r requirements/uv.txt
 	$(COMPILE) requirements/uv.in -o requirements/uv.txt
-	$(COMPILE) pyproject.toml requirements/build.in --extra dev -o requirements/dev.txt
+	$(COMPILE) pyproject.toml requirements/build.in --all-extras -o requirements/dev.txt
 	$(COMPILE) pyproject.toml requirements/build.in -c requirements/dev.txt \
 		-o requirements/runtime.txt
 	$(PYTHON) requirements/lockfile.py stamp
