@@ -5,19 +5,23 @@ BIN := $(VENV)/bin
 AIHUB_HOME ?= $(HOME)/.aihub
 export AIHUB_HOME
 
-.PHONY: setup run test lint format bench network network-down clean agents lock lock-upgrade
+.PHONY: setup check-lock run test lint format bench network network-down clean agents lock \
+	lock-upgrade
 
 # Every dependency, runtime and dev, is installed from requirements/: exact versions with their
 # hashes (pip --require-hashes), resolved by `make lock` from pyproject.toml. A lock older than
 # pyproject.toml's dependencies stops `make setup` with what to run.
 LOCK := requirements/dev.txt
 
-setup: $(VENV)/.installed
+setup: check-lock $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements/dev.txt
+check-lock:
 	@$(PYTHON) requirements/lockfile.py check
+
+# A new lock rebuilds the virtualenv from scratch (--clear), so nothing outside the lock stays.
+$(VENV)/.installed: pyproject.toml requirements/dev.txt | check-lock
 	@echo "Installing aihub and its locked dependencies into $(VENV) (a few minutes the first time)"
-	$(PYTHON) -m venv --clear $(VENV)
+	$(PYTHON) -m venv $(if $(filter requirements/dev.txt,$?),--clear) $(VENV)
 	$(BIN)/pip install --require-hashes --no-deps --progress-bar on -r $(LOCK)
 	$(BIN)/pip install --no-deps --no-build-isolation --quiet -e .
 	$(BIN)/pip check

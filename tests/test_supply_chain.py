@@ -130,3 +130,28 @@ def test_building_aihub_warns_of_nothing(tmp_path: Path) -> None:
     output = (built.stdout + built.stderr).lower()
     assert "deprecat" not in output and "backendwarning" not in output, output
     assert list((tmp_path / "wheels").glob("aihub-*.whl"))
+
+
+def test_a_lock_older_than_the_dependencies_fails_clearly(tmp_path: Path) -> None:
+    """What the lead meets after merging a branch that adds a dependency: `make setup` (and
+    CI's first step) stops, saying to run `make lock`. Other edits to pyproject.toml do not."""
+    import shutil
+    import subprocess
+
+    shutil.copytree(LOCKS, tmp_path / "requirements")
+    pyproject = tmp_path / "pyproject.toml"
+    text = (ROOT / "pyproject.toml").read_text()
+
+    def check() -> subprocess.CompletedProcess[str]:
+        script = tmp_path / "requirements" / "lockfile.py"
+        return subprocess.run(
+            [sys.executable, str(script), "check"], capture_output=True, text=True, timeout=30
+        )
+
+    pyproject.write_text(text + "\n[tool.someone-elses-tool]\nsetting = 1\n")
+    assert check().returncode == 0
+    pyproject.write_text(text.replace('    "rich>=13",\n', '    "rich>=13",\n    "asyncpg>=0.29",\n'))
+    stale = check()
+    assert stale.returncode == 1
+    assert "the dependency lock is stale: run `make lock`" in stale.stderr
+    assert "requirements/dev.txt" in stale.stderr
