@@ -150,7 +150,9 @@ def test_a_lock_older_than_the_dependencies_fails_clearly(tmp_path: Path) -> Non
 
     pyproject.write_text(text + "\n[tool.someone-elses-tool]\nsetting = 1\n")
     assert check().returncode == 0
-    pyproject.write_text(text.replace('    "rich>=13",\n', '    "rich>=13",\n    "asyncpg>=0.29",\n'))
+    added = text.replace('    "rich>=13",\n', '    "rich>=13",\n    "asyncpg>=0.29",\n')
+    assert added != text
+    pyproject.write_text(added)
     stale = check()
     assert stale.returncode == 1
     assert "the dependency lock is stale: run `make lock`" in stale.stderr
