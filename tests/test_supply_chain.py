@@ -157,3 +157,27 @@ def test_a_lock_older_than_the_dependencies_fails_clearly(tmp_path: Path) -> Non
     assert stale.returncode == 1
     assert "the dependency lock is stale: run `make lock`" in stale.stderr
     assert "requirements/dev.txt" in stale.stderr
+
+
+def test_the_docker_image_installs_from_the_lock_it_is_given() -> None:
+    """deploy/Dockerfile installs requirements/runtime.txt with hashes checked, and its
+    build context (deploy/Dockerfile.dockerignore: nothing but what is let in) carries every
+    file the Dockerfile copies, the lock included."""
+    deploy = ROOT / "deploy"
+    dockerfile = (deploy / "Dockerfile").read_text()
+    assert "pip install --require-hashes --no-deps -r requirements/runtime.txt" in dockerfile
+    assert "pip install --no-deps --no-build-isolation ." in dockerfile
+    allowed = [
+        line[1:].rstrip("/")
+        for line in (deploy / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    ]
+    copied = [
+        source
+        for line in dockerfile.splitlines()
+        if line.startswith("COPY ") and "--from=" not in line
+        for source in line.split()[1:-1]
+    ]
+    assert "requirements/runtime.txt" in copied
+    for source in copied:
+        assert any(source.rstrip("/") == a or source.startswith(a + "/") for a in allowed), source
