@@ -15,7 +15,6 @@ import msgspec
 from msgspec import Meta, Struct
 
 from adapters.types import Upstream
-from adapters.vertex import is_anthropic_model  # gemini / vertex (issue 18)
 
 CONFIG_FILE = "config.toml"
 DATABASE_FILE = "aihub.db"
@@ -300,6 +299,10 @@ def _google_problems(where: str, deployment: Deployment) -> list[str]:
     if deployment.provider == "vertex":
         if not (deployment.project and deployment.location):
             problems.append(f"{where}: vertex needs project and location")
+        # Imported here: adapters.vertex brings aiohttp and google-auth, which `aihub config
+        # check` and every other command that reads the config have no use for.
+        from adapters.vertex import is_anthropic_model  # gemini / vertex (issue 18)
+
         model = deployment.model or deployment.name
         if deployment.kind == "embeddings" and is_anthropic_model(model):
             problems.append(f"{where}: Anthropic models on vertex serve no embeddings")

@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import click
@@ -18,6 +19,7 @@ from click.testing import CliRunner, Result
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import node.config
 from federation.identity import NodeIdentity
 from node import __version__
 from node.cli.main import main
@@ -523,7 +525,9 @@ READABLE_ERRORS = {
     "an unknown provider lists the valid ones": (
         '[[models]]\nname = "m"\nprovider = "nope"',
         'provider = "nope"',
-        "models[2].provider: 'nope' is not one of openai, azure, anthropic, ollama, echo",
+        # Every provider, in the order node/config.py declares them (more come with adapters).
+        "models[2].provider: 'nope' is not one of "
+        + ", ".join(typing.get_args(node.config.Provider)),
     ),
     "an unknown strategy lists the valid ones": (
         '[router]\nstrategy = "fastest"',
