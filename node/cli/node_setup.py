@@ -14,7 +14,7 @@ from rich.table import Table
 
 from node.cli.folder import require_config, require_secrets
 from node.cli.options import with_data_dir
-from node.cli.output import aihub_invocation, console, fail, shown, venv_hint
+from node.cli.output import aihub_invocation, console, fail, shown, typed_path, venv_hint
 from node.config import CONFIG_FILE, Config, ConfigError
 
 DEFAULT_HOME = Path("~/.aihub").expanduser()
@@ -86,15 +86,7 @@ def _python_with_openai() -> str:
     does), else `python3` (after `pip install openai`)."""
     if importlib.util.find_spec("openai") is None:
         return "python3  # pip install openai first;"
-    return _relative_python()
-
-
-def _relative_python() -> str:
-    executable = Path(sys.executable)
-    try:
-        return str(executable.absolute().relative_to(Path.cwd()))
-    except ValueError:
-        return str(executable)
+    return typed_path(Path(sys.executable))
 
 
 @click.command("models")

@@ -31,14 +31,15 @@ def aihub_invocation() -> str:
     after `make run`), else `python -m node.cli` with this interpreter."""
     script = Path(sys.executable).parent / "aihub"
     if not script.exists():
-        return f"{_relative(Path(sys.executable))} -m node.cli"
+        return f"{typed_path(Path(sys.executable))} -m node.cli"
     found = shutil.which("aihub")
     if found and Path(found).absolute() == script.absolute():
         return "aihub"
-    return _relative(script)
+    return typed_path(script)
 
 
-def _relative(path: Path) -> str:
+def typed_path(path: Path) -> str:
+    """A path as the user would type it here: relative to the working directory when under it."""
     try:
         return str(path.absolute().relative_to(Path.cwd()))
     except ValueError:
@@ -52,7 +53,7 @@ def venv_hint() -> str | None:
     activate = Path(sys.prefix) / "bin" / "activate"
     if not activate.exists() or os.name == "nt":
         return None
-    return f"(or put it on your PATH: . {_relative(activate)})"
+    return f"(or put it on your PATH: . {typed_path(activate)})"
 
 
 def fail(message: str) -> NoReturn:
