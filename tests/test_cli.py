@@ -739,3 +739,32 @@ def test_every_option_says_what_it_takes():
         if isinstance(param, click.Option) and not param.help
     ]
     assert not missing
+
+
+def test_without_the_openai_package_init_says_to_install_it_and_prints_runnable_python(
+    tmp_path,
+):
+    """A server installed from the runtime lock has no openai package: the example names a
+    plain python3 and says to install openai, and the here-document still runs as printed."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class NoOpenAI(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'openai' or name.startswith('openai.'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, NoOpenAI())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("AIHUB_HOME", UNSET_VAR)}
+    env.update(PYTHONPATH=str(blocker), COLUMNS="400")
+    done = subprocess.run(
+        [str(AIHUB), "init", "--name", "n", "--data-dir", str(tmp_path / "n")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Or with the openai Python package (pip install openai first):" in done.stdout
+    assert "\n  python3 - <<'EOF'\n" in done.stdout

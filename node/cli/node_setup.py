@@ -65,7 +65,9 @@ def examples(config: Config, key: str, directory: Path) -> str:
         "    -H 'Content-Type: application/json' \\",
         f"    -d '{body}'",
         "",
-        "Or with the openai Python package:",
+        "Or with the openai Python package"
+        + ("" if python != "python3" else " (pip install openai first)")
+        + ":",
         f"  {python} - <<'EOF'",
         "from openai import OpenAI",
         f'client = OpenAI(base_url="{url}/v1", api_key="{key}")',
@@ -84,8 +86,12 @@ def examples(config: Config, key: str, directory: Path) -> str:
 def _python_with_openai() -> str:
     """A Python that has the openai package: this one if it has it (make run's virtualenv
     does), else `python3` (after `pip install openai`)."""
-    if importlib.util.find_spec("openai") is None:
-        return "python3  # pip install openai first;"
+    try:
+        found = importlib.util.find_spec("openai") is not None
+    except (ImportError, ValueError):  # a broken or blocked package is as good as none
+        found = False
+    if not found:
+        return "python3"
     return typed_path(Path(sys.executable))
 
 
