@@ -8,7 +8,6 @@ that holds its key (`api_key_env`).
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,7 +15,6 @@ import msgspec
 from msgspec import Meta, Struct
 
 from adapters.types import Upstream
-from adapters.vertex import is_anthropic_model  # gemini / vertex (issue 18)
 
 CONFIG_FILE = "config.toml"
 DATABASE_FILE = "aihub.db"
@@ -229,11 +227,6 @@ def data_dir(option: str | None) -> Path:
     return Path(option or os.environ.get("AIHUB_HOME") or Path.home() / ".aihub").expanduser()
 
 
-def _toml_path(json_path: str) -> str:
-    """`$.models[1].provider` -> `models[1].provider`, the way a TOML reader names it."""
-    return re.sub(r"^\$\.?", "", json_path) or "(top level)"
-
-
 def parse_config(text: bytes, source: str = CONFIG_FILE) -> Config:
     try:
         text.decode()
@@ -242,12 +235,9 @@ def parse_config(text: bytes, source: str = CONFIG_FILE) -> Config:
     try:
         config = msgspec.toml.decode(text, type=Config)
     except msgspec.ValidationError as exc:
-        message = str(exc)
-        match = re.search(r" - at `([^`]*)`$", message)
-        if match:
-            where = _toml_path(match.group(1))
-            message = f"{where}: {message[: match.start()]}"
-        raise ConfigError(f"{source}: {message}") from exc
+        from node.config_errors import describe
+
+        raise ConfigError(f"{source}: {describe(exc, text.decode(), Config)}") from exc
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
     problems = semantic_problems(config)
@@ -318,6 +308,10 @@ def _google_problems(where: str, deployment: Deployment) -> list[str]:
     if deployment.provider == "vertex":
         if not (deployment.project and deployment.location):
             problems.append(f"{where}: vertex needs project and location")
+        # Imported here: adapters.vertex brings aiohttp and google-auth, which `aihub config
+        # check` and every other command that reads the config have no use for.
+        from adapters.vertex import is_anthropic_model  # gemini / vertex (issue 18)
+
         model = deployment.model or deployment.name
         if deployment.kind == "embeddings" and is_anthropic_model(model):
             problems.append(f"{where}: Anthropic models on vertex serve no embeddings")
