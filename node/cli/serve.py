@@ -21,6 +21,7 @@ from node.cli.options import with_data_dir
 from node.cli.output import console, warn
 from node.config import DATABASE_FILE, IDENTITY_FILE, Config, ServerSection, missing_secrets
 from node.gateway.journal import JOURNAL_DIR, left_behind, replay
+from node.peers.address import recorded
 from node.storage import opened
 
 
@@ -58,7 +59,9 @@ def serve(
         highlight=False,
     )
     console.print(f'  curl {url}/v1/models -H "Authorization: Bearer $AIHUB_KEY"', highlight=False)
-    with _announced(directory, config, port):
+    # Invites and the node's descriptor carry the address it really serves on (`--port`
+    # may differ from the config): `node.peers.address` reads it back.
+    with _announced(directory, config, port), recorded(directory, host, port):
         if server == "granian":
             _run_granian(host, port, workers, config.server)
         else:

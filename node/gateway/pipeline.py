@@ -159,6 +159,13 @@ def _plan(hub: Hub, principal: Principal, model: str, kind: str, local_only: boo
             raise HubError(
                 Kind.INVALID_REQUEST, message, param="model", code="model_not_supported"
             ) from None
+        revoked_by = None if local_only else hub.router.revoked_by(model)
+        if revoked_by is not None:
+            message = (
+                f"The peer `{revoked_by}` revoked this node's access: `{model}` is no longer "
+                "served here"
+            )
+            raise HubError(Kind.REFUSED, message, param="model", code="peer_revoked") from None
         message = f"The model `{model}` does not exist on this node"
         raise HubError(Kind.NOT_FOUND, message, param="model", code="model_not_found") from None
 

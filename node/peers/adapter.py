@@ -11,9 +11,12 @@ import nothing of ours, and federation imports no adapter.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Awaitable, Callable
+
 from adapters.http import UpstreamClient
-from adapters.openai import OpenAIAdapter
-from adapters.types import Upstream
+from adapters.openai import OpenAIAdapter, OpenAIStream
+from adapters.types import ChatCall, ChatResult, EmbedCall, EmbedResult, Upstream, UpstreamError
 from federation.identity import NodeIdentity
 from federation.transport import RECEIPT_EVENT, RECEIPT_HEADER, peer_call_headers
 from node.config import UpstreamSection
@@ -42,13 +45,96 @@ def peer_upstream(
     )
 
 
+# The codes a peer refuses with that no retry changes: its cap for us is used up (or the
+# request is over what is left of it).
+CAP_CODES = ("insufficient_quota",)
+# What an upstream error's message says after "peer upstream answered N: ", and the class
+# of a connection failure: kept; the rest names the peer's address, which is not shown.
+_ANSWERED = re.compile(r"^peer upstream answered \d+: ?")
+_FAILURE_CLASS = re.compile(r"\(([A-Za-z_][A-Za-z0-9_.]*)")
+
+
 class PeerAdapter(OpenAIAdapter):
+    """The OpenAI adapter towards a peer; its errors name the peer by its name (never its
+    address), a refusal of its cap is not retried, and a refusal of our key is checked with
+    the peer (`confirm_revoked`): a peer that revoked us is reported as `peer_revoked`."""
+
     receipt_header = RECEIPT_HEADER
     receipt_event = RECEIPT_EVENT
 
-    def __init__(self, upstream: Upstream, client: UpstreamClient, identity: NodeIdentity) -> None:
+    def __init__(
+        self,
+        upstream: Upstream,
+        client: UpstreamClient,
+        identity: NodeIdentity,
+        peer_name: str = "peer",
+        confirm_revoked: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
         super().__init__(upstream, client)
         self.identity = identity
+        self.peer_name = peer_name
+        self.confirm_revoked = confirm_revoked
+
+    async def chat(self, call: ChatCall) -> ChatResult:
+        try:
+            return await super().chat(call)
+        except UpstreamError as exc:
+            raise await self.peer_error(exc) from exc
+
+    async def open_stream(self, call: ChatCall) -> OpenAIStream:
+        try:
+            return await super().open_stream(call)
+        except UpstreamError as exc:
+            raise await self.peer_error(exc) from exc
+
+    async def embed(self, call: EmbedCall) -> EmbedResult:
+        try:
+            return await super().embed(call)
+        except UpstreamError as exc:
+            raise await self.peer_error(exc) from exc
+
+    async def peer_error(self, exc: UpstreamError) -> UpstreamError:
+        """The error as this node's client should read it: about the peer, by its name."""
+        name = f"The peer `{self.peer_name}`"
+        said = _ANSWERED.sub("", exc.message)[:300] if exc.upstream_status else ""
+        if exc.upstream_status in (401, 403):
+            if self.confirm_revoked is not None and await self.confirm_revoked():
+                return UpstreamError(
+                    403,
+                    f"{name} revoked this node's access",
+                    type="permission_error",
+                    code="peer_revoked",
+                )
+            return _renamed(exc, f"{name} refused this node's key ({exc.upstream_status}): {said}")
+        if exc.upstream_status == 429 and exc.code in CAP_CODES:
+            # Its cap for this node: used up until its period ends, whoever retries.
+            return UpstreamError(
+                429,
+                f"{name} refused: this node's spend cap there is used up ({said})",
+                type="insufficient_quota",
+                code="peer_cap_exceeded",
+                retryable=False,
+                upstream_status=429,
+            )
+        if exc.upstream_status:
+            return _renamed(exc, f"{name} answered {exc.upstream_status}: {said}")
+        if exc.type == "upstream_unreachable":
+            failure = _FAILURE_CLASS.search(exc.message)
+            why = f" ({failure.group(1)})" if failure else ""
+            return _renamed(exc, f"{name} could not be reached{why}")
+        return _renamed(exc, exc.message.replace("peer upstream", name, 1))
 
     def request_headers(self, url: str, body: bytes, request_id: str) -> dict[str, str]:
         return peer_call_headers(self.identity, url, body, self.upstream.api_key, request_id)
+
+
+def _renamed(exc: UpstreamError, message: str) -> UpstreamError:
+    return UpstreamError(
+        exc.status,
+        message,
+        type=exc.type,
+        code=exc.code,
+        retryable=exc.retryable,
+        retry_after=exc.retry_after,
+        upstream_status=exc.upstream_status,
+    )
