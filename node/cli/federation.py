@@ -277,12 +277,16 @@ def peers_list(directory: Path, show_all: bool, as_json: bool, fmt: str, wide: b
         table.add_row(
             shown(row.name),
             row.node_id if wide else short_id(row.node_id),
-            row.status.replace("_", " "),
+            STATUS_WORDS.get(row.status, row.status),
             row.health,
             shown(", ".join(row.models) or "-"),
             row.spent,
         )
     console.print(table)
+
+
+# A status as the table says it (JSON keeps the stored word).
+STATUS_WORDS = {"revoked_by_peer": "revoked us", "requested": "asked to join"}
 
 
 def short_id(node_id: str) -> str:

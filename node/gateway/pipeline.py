@@ -82,6 +82,8 @@ class Facts(msgspec.Struct):
     cost_micros: int | None = None
     # Our signed receipt, for a peer's request.
     receipt: bytes | None = None
+    # The name of the peer that served the answer, if a peer did.
+    served_by: str | None = None
 
 
 class Answer(msgspec.Struct):
@@ -264,7 +266,8 @@ async def complete(
         )
         receipt = await books.issue_receipt()
         books.take_receipt(route, result.receipt, cost)
-        return Answer(result, Facts(books.request_id, books.limits, cost, receipt))
+        facts = Facts(books.request_id, books.limits, cost, receipt, route.peer_name)
+        return Answer(result, facts)
 
 
 class _Opened(msgspec.Struct):
@@ -296,7 +299,7 @@ async def stream(admitted: Admitted, call: ChatCall, watch: Watch) -> Streamed:
         books.observe_latency()
         return Streamed(
             _relay(opened, route, call, books),
-            Facts(books.request_id, books.limits),
+            Facts(books.request_id, books.limits, served_by=route.peer_name),
             lambda: _abandon(opened, route, call, books),
         )
 

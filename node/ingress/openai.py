@@ -39,7 +39,12 @@ from adapters.types import (
     sse_event,
 )
 from federation.ids import new_request_id
-from federation.transport import RECEIPT_EVENT, RECEIPT_HEADER
+from federation.transport import (
+    RECEIPT_EVENT,
+    RECEIPT_HEADER,
+    SERVED_BY_HEADER,
+    served_by_value,
+)
 from ledger.canonical import b64url
 from ledger.nesting import bounded
 from node.errors import HubError, Kind, UpstreamFailed
@@ -158,6 +163,8 @@ def response_headers(facts: Facts) -> dict[str, str]:
         headers["aihub-cost-micros"] = str(facts.cost_micros)
     if facts.receipt is not None:
         headers[RECEIPT_HEADER] = b64url(facts.receipt)
+    if facts.served_by is not None:
+        headers[SERVED_BY_HEADER] = served_by_value(facts.served_by)
     return headers
 
 

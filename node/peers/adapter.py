@@ -12,11 +12,23 @@ import nothing of ours, and federation imports no adapter.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import msgspec
+
+from adapters.events import OpenAIChunk
 from adapters.http import UpstreamClient
 from adapters.openai import OpenAIAdapter, OpenAIStream
-from adapters.types import ChatCall, ChatResult, EmbedCall, EmbedResult, Upstream, UpstreamError
+from adapters.types import (
+    ChatCall,
+    ChatResult,
+    EmbedCall,
+    EmbedResult,
+    Upstream,
+    UpstreamError,
+    Usage,
+    sse_event,
+)
 from federation.identity import NodeIdentity
 from federation.transport import RECEIPT_EVENT, RECEIPT_HEADER, peer_call_headers
 from node.config import UpstreamSection
@@ -43,6 +55,50 @@ def peer_upstream(
         max_response_bytes=limits.max_response_bytes,
         max_event_bytes=limits.max_event_bytes,
     )
+
+
+_object = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+
+def with_id(data: bytes, request_id: str) -> bytes:
+    """A chat completion (or chunk) from a peer with our request id as its `id`, every other
+    field as the peer sent it; what is not a JSON object with an id is left alone (the
+    OpenAI adapter has checked it already)."""
+    try:
+        fields = _object.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        return data
+    if "id" not in fields:
+        return data
+    fields["id"] = msgspec.Raw(msgspec.json.encode(request_id))
+    return msgspec.json.encode(fields)
+
+
+class PeerStream:
+    """A peer's stream, its chunks carrying our request id (as `with_id`)."""
+
+    def __init__(self, inner: OpenAIStream, request_id: str) -> None:
+        self._inner = inner
+        self._id = request_id
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._inner.usage
+
+    @property
+    def usage_estimated(self) -> bool:
+        return self._inner.usage_estimated
+
+    @property
+    def receipt(self) -> bytes | None:
+        return self._inner.receipt
+
+    async def __aiter__(self) -> AsyncIterator[OpenAIChunk]:
+        async for chunk in self._inner:
+            yield OpenAIChunk(sse_event(with_id(chunk.sse[6:-2], self._id)))
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 # The codes a peer refuses with that no retry changes: its cap for us is used up (or the
@@ -77,15 +133,20 @@ class PeerAdapter(OpenAIAdapter):
 
     async def chat(self, call: ChatCall) -> ChatResult:
         try:
-            return await super().chat(call)
+            result = await super().chat(call)
         except UpstreamError as exc:
             raise await self.peer_error(exc) from exc
+        if result.wire is None:
+            return result
+        # The answer's id is ours (the client's `aihub-request-id`), not the peer's own.
+        return msgspec.structs.replace(result, wire=with_id(result.wire, call.request_id))
 
-    async def open_stream(self, call: ChatCall) -> OpenAIStream:
+    async def open_stream(self, call: ChatCall) -> PeerStream:
         try:
-            return await super().open_stream(call)
+            stream = await super().open_stream(call)
         except UpstreamError as exc:
             raise await self.peer_error(exc) from exc
+        return PeerStream(stream, call.request_id)
 
     async def embed(self, call: EmbedCall) -> EmbedResult:
         try:
@@ -105,7 +166,9 @@ class PeerAdapter(OpenAIAdapter):
                     type="permission_error",
                     code="peer_revoked",
                 )
-            return _renamed(exc, f"{name} refused this node's key ({exc.upstream_status}): {said}")
+            # Unconfirmed: whatever code it sent, this node's key was refused, not revoked.
+            refused = f"{name} refused this node's key ({exc.upstream_status}): {said}"
+            return _renamed(exc, refused, code="peer_refused_key")
         if exc.upstream_status == 429 and exc.code in CAP_CODES:
             # Its cap for this node: used up until its period ends, whoever retries.
             return UpstreamError(
@@ -128,12 +191,12 @@ class PeerAdapter(OpenAIAdapter):
         return peer_call_headers(self.identity, url, body, self.upstream.api_key, request_id)
 
 
-def _renamed(exc: UpstreamError, message: str) -> UpstreamError:
+def _renamed(exc: UpstreamError, message: str, code: str | None = None) -> UpstreamError:
     return UpstreamError(
         exc.status,
         message,
         type=exc.type,
-        code=exc.code,
+        code=code or exc.code,
         retryable=exc.retryable,
         retry_after=exc.retry_after,
         upstream_status=exc.upstream_status,
