@@ -376,3 +376,53 @@ def _failed_attempts(node, deployment: str, status: str) -> float:  # type: igno
     label = f'aihub_upstream_errors_total{{deployment="{deployment}",status="{status}"}}'
     lines = [line for line in text.splitlines() if line.startswith(label)]
     return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def peers_table(peer: Peer, *extra: str, columns: int = 80) -> str:
+    result = CliRunner().invoke(
+        main,
+        ["peers", "list", *extra, "--data-dir", str(peer.path)],
+        env={"COLUMNS": str(columns)},
+    )
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def health_of(peer: Peer, name: str) -> bool | None:
+    listed = msgspec.json.decode(
+        cli("peers", "list", "--format", "json", "--data-dir", str(peer.path))
+    )
+    return {row["name"]: row["healthy"] for row in listed}[name]
+
+
+def test_peers_list_reads_well_at_80_columns_and_a_peer_that_answers_is_up(tmp_path):
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    with bob.run() as b:
+        with alice.run():
+            cli("join", invite(alice), "--data-dir", str(bob.path))
+            assert wait_for(lambda: health_of(bob, "alice") is True)
+            table = peers_table(bob)
+            # No line wider than the terminal: the node id is shortened, and it and the health
+            # stay on the peer's first line.
+            assert all(len(line) <= 80 for line in table.splitlines())
+            (row,) = [line for line in table.splitlines() if "alice" in line]
+            assert "up, " in row and " ms (" in row and "ago)" in row
+            assert node_id(alice)[:14] in row and node_id(alice) not in row
+            assert node_id(alice) in peers_table(bob, "--wide", columns=200)
+            assert node_id(alice) in cli("peers", "list", "--json", "--data-dir", str(bob.path))
+        # Alice stops: bob's checks find her down, and say since when.
+        assert wait_for(lambda: health_of(bob, "alice") is False)
+        (row,) = [line for line in peers_table(bob).splitlines() if "alice" in line]
+        assert "down (" in row
+        # She is back: the first request she serves shows her up, without waiting for bob's
+        # next check (which backs off from a peer that failed).
+        with alice.run():
+            assert wait_for(lambda: answers_ok(b, "llama3@alice"))
+            assert wait_for(lambda: health_of(bob, "alice") is True)
+
+
+def answers_ok(node, model: str) -> bool:  # type: ignore[no-untyped-def]
+    with node.client() as client:
+        response = client.post("/v1/chat/completions", json={"model": model, "messages": HI})
+    return response.status_code == 200

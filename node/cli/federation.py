@@ -271,8 +271,13 @@ def peers_list(directory: Path, show_all: bool, as_json: bool, fmt: str, wide: b
         echo_json(rows)
         return
     table = Table(title="Peers")
-    for column in ("name", "node id", "status", "health", "their models", "spent here"):
-        table.add_column(column, overflow="fold")
+    # The short id, status and health stay on one line; names, models and amounts fold.
+    table.add_column("name", overflow="fold")
+    table.add_column("node id", no_wrap=not wide, overflow="fold")
+    table.add_column("status", no_wrap=True)
+    table.add_column("health", no_wrap=True)
+    table.add_column("their models", overflow="fold")
+    table.add_column("spent here", overflow="fold")
     for row in rows:
         table.add_row(
             shown(row.name),

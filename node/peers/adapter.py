@@ -125,17 +125,21 @@ class PeerAdapter(OpenAIAdapter):
         identity: NodeIdentity,
         peer_name: str = "peer",
         confirm_revoked: Callable[[], Awaitable[bool]] | None = None,
+        answered: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(upstream, client)
         self.identity = identity
         self.peer_name = peer_name
         self.confirm_revoked = confirm_revoked
+        # Told of each answer: a peer that answers is up, whatever its last health check said.
+        self.answered = answered or (lambda: None)
 
     async def chat(self, call: ChatCall) -> ChatResult:
         try:
             result = await super().chat(call)
         except UpstreamError as exc:
             raise await self.peer_error(exc) from exc
+        self.answered()
         if result.wire is None:
             return result
         # The answer's id is ours (the client's `aihub-request-id`), not the peer's own.
@@ -146,13 +150,16 @@ class PeerAdapter(OpenAIAdapter):
             stream = await super().open_stream(call)
         except UpstreamError as exc:
             raise await self.peer_error(exc) from exc
+        self.answered()
         return PeerStream(stream, call.request_id)
 
     async def embed(self, call: EmbedCall) -> EmbedResult:
         try:
-            return await super().embed(call)
+            result = await super().embed(call)
         except UpstreamError as exc:
             raise await self.peer_error(exc) from exc
+        self.answered()
+        return result
 
     async def peer_error(self, exc: UpstreamError) -> UpstreamError:
         """The error as this node's client should read it: about the peer, by its name."""

@@ -124,6 +124,7 @@ class Peering:
         # Peers that revoked our access (told us so, signed): no longer routed, still named.
         self.revoked_us: dict[str, PeerRecord] = {}
         self._checks: dict[str, asyncio.Lock] = {}
+        self._saving: set[asyncio.Task[None]] = set()
 
     # --- our own objects -------------------------------------------------------------------
 
@@ -233,7 +234,12 @@ class Peering:
                 )
                 upstream = peer_upstream(model.id, peer.url, peer.key, self.config.upstream)
                 adapter = PeerAdapter(
-                    upstream, self.upstreams, self.identity, peer.name, self._confirmer(peer)
+                    upstream,
+                    self.upstreams,
+                    self.identity,
+                    peer.name,
+                    self._confirmer(peer),
+                    lambda node_id=peer.node_id: self.answered(node_id),
                 )
                 routes.append(
                     Route(spec, adapter, -1, peer.node_id, peer.name, price_seq=peer.advert.seq)
@@ -256,6 +262,22 @@ class Peering:
     def _confirmer(self, peer: Peer) -> Callable[[], Awaitable[bool]]:
         """For the peer's routes: whether a refusal of our key means the peer revoked us."""
         return lambda: self.confirm_revoked(peer.node_id)
+
+    def answered(self, node_id: str) -> None:
+        """A peer answered a request: it is up. Recorded (off the request path) only when
+        that changes what its last health check said, so `peers list` does not show a peer
+        `down` that just served requests, nor back off from it."""
+        peer = self.peers.get(node_id)
+        if peer is None or peer.healthy:
+            return
+        peer.healthy, peer.failures, peer.next_check = True, 0, 0.0
+        peer.last_seen = time.time()
+        latency = None if peer.latency is None else round(peer.latency * 1000)
+        task = asyncio.get_running_loop().create_task(
+            self.store.peers.save_peer_health(node_id, True, latency, int(peer.last_seen))
+        )
+        self._saving.add(task)
+        task.add_done_callback(self._saving.discard)
 
     async def confirm_revoked(self, node_id: str) -> bool:
         """A peer refused our key: ask it (a signed health check, whose answer to a node it
