@@ -173,12 +173,19 @@ def _plan(hub: Hub, principal: Principal, model: str, kind: str, local_only: boo
 
 
 def chat_worst_case(chat: ChatRequest, plan: list[Route]) -> Usage:
-    """The most a chat request may use on this plan: its prompt, and the output it may ask."""
+    """The most a chat request may use on this plan: its prompt, and the output it may ask
+    (its max_tokens, else the deployments' `reserve_output_tokens`, at most their
+    `max_output_tokens`)."""
     prompt = worst_case_prompt_tokens(
         chat, lambda: [(r.adapter.upstream.provider, r.adapter.upstream.model) for r in plan]
     )
     ceiling = max(route.spec.max_output_tokens for route in plan)
-    output = min(chat.output_limit or ceiling, ceiling) * (chat.n or 1)
+    if not chat.output_limit:
+        # No max_tokens: what the deployments say such a request reserves.
+        asked = max(route.spec.reserve_output_tokens or ceiling for route in plan)
+    else:
+        asked = chat.output_limit
+    output = min(asked, ceiling) * (chat.n or 1)
     return Usage(prompt, output, prompt + output)
 
 
