@@ -142,6 +142,14 @@ def test_peers_models_are_listed_as_model_at_peer_and_answers_say_who_served_the
         assert owners["llama3@alice"] == "alice"
         assert owners["gpt-4o-mini"] == "alice" and owners["gpt-4o-mini@alice"] == "alice"
         assert sdk(b).models.retrieve("llama3@alice").owned_by == "alice"
+        listed = (
+            CliRunner()
+            .invoke(main, ["models", "--data-dir", str(bob.path)], env={"COLUMNS": "200"})
+            .stdout
+        )
+        rows = {line.split("│")[1].strip(): line for line in listed.splitlines() if "│" in line}
+        assert "peer alice" in rows["llama3@alice"] and "peer alice" in rows["gpt-4o-mini"]
+        assert "peer" not in rows["llama3"]  # bob's own
 
         # Bob's own llama3 answers as his: no served-by header.
         local = sdk(b).chat.completions.with_raw_response.create(model="llama3", messages=HI)
@@ -426,3 +434,24 @@ def answers_ok(node, model: str) -> bool:  # type: ignore[no-untyped-def]
     with node.client() as client:
         response = client.post("/v1/chat/completions", json={"model": model, "messages": HI})
     return response.status_code == 200
+
+
+def test_federation_admin_actions_are_audited(tmp_path):
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    with alice.run() as a, bob.run() as b:
+        cli("peers", "request", f"{node_id(alice)}@{a.url}", "--data-dir", str(bob.path))
+        cli("peers", "approve", "bob", "--models", "llama3", "--data-dir", str(alice.path))
+        assert wait_for(lambda: answers_ok(b, "llama3@alice"))
+        assert wait_for(
+            lambda: (
+                "settled"
+                in run("ledger", "settle", "alice", "--data-dir", str(bob.path))[1].lower()
+            )
+        )
+    assert ("peer.approve", node_id(bob)) in audit_actions(alice.path)
+    assert ("peer.request", node_id(alice)) in audit_actions(bob.path)
+    assert ("ledger.settle", node_id(alice)) in audit_actions(bob.path)
+    # And `aihub audit` shows them, as every admin action.
+    shown = cli("audit", "--data-dir", str(alice.path))
+    assert "peer.approve" in shown
