@@ -455,3 +455,33 @@ def test_federation_admin_actions_are_audited(tmp_path):
     # And `aihub audit` shows them, as every admin action.
     shown = cli("audit", "--data-dir", str(alice.path))
     assert "peer.approve" in shown
+
+
+def test_hostile_input_to_the_revocation_endpoint_and_a_peer_named_oddly(tmp_path):
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    # A peer chooses its own name: it reaches a header only percent-encoded.
+    odd = "Zoë's\nhub"
+    alice.dir.set_config('name = "alice"', 'name = "Zoë\'s\\nhub"')
+    bob = make_peer(tmp_path, "bob")
+    with alice.run(), bob.run() as b:
+        cli("join", invite(alice), "--data-dir", str(bob.path))
+        assert wait_for(lambda: f"llama3@{odd}" in model_owners(b))
+        raw = sdk(b).chat.completions.with_raw_response.create(model="llama3", messages=HI)
+        assert raw.headers["aihub-served-by"] == "Zo%C3%AB's%0Ahub"
+        url = b.url + NOTICE_PATH
+        for body in (b"", b"{}", b"\xff\xfe", b"[1,2", b"x" * 70_000, b"[" * 100 + b"]" * 100):
+            response = httpx.post(url, content=body)
+            assert 400 <= response.status_code < 500, (body[:10], response.text)
+            assert "error" in response.json()
+        # Signed by alice, bob's peer, but not a notice (or not one about bob): 400.
+        identity = NodeIdentity.load(alice.path / IDENTITY_FILE)
+        for body in (b'{"v": 1}', b'{"v": 2, "issuer": 1}', b"[]", b'"x"'):
+
+            async def post(body: bytes = body) -> httpx.Response:
+                async with httpx.AsyncClient() as client:
+                    return await signed_request(client, identity, "POST", url, None, body)
+
+            response = asyncio.run(post())
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["code"] == "invalid_revocation"
+        assert peer_statuses(bob) == {odd: "active"}
