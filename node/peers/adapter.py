@@ -75,11 +75,13 @@ def with_id(data: bytes, request_id: str) -> bytes:
 
 
 class PeerStream:
-    """A peer's stream, its chunks carrying our request id (as `with_id`)."""
+    """A peer's stream, its chunks carrying our request id (as `with_id`), its failures the
+    peer's name (`named_failure`)."""
 
-    def __init__(self, inner: OpenAIStream, request_id: str) -> None:
+    def __init__(self, inner: OpenAIStream, request_id: str, peer_name: str) -> None:
         self._inner = inner
         self._id = request_id
+        self._peer = peer_name
 
     @property
     def usage(self) -> Usage | None:
@@ -94,8 +96,11 @@ class PeerStream:
         return self._inner.receipt
 
     async def __aiter__(self) -> AsyncIterator[OpenAIChunk]:
-        async for chunk in self._inner:
-            yield OpenAIChunk(sse_event(with_id(chunk.sse[6:-2], self._id)))
+        try:
+            async for chunk in self._inner:
+                yield OpenAIChunk(sse_event(with_id(chunk.sse[6:-2], self._id)))
+        except UpstreamError as exc:  # mid-stream: named, as before its first event
+            raise named_failure(exc, self._peer) from exc
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -151,7 +156,7 @@ class PeerAdapter(OpenAIAdapter):
         except UpstreamError as exc:
             raise await self.peer_error(exc) from exc
         self.answered()
-        return PeerStream(stream, call.request_id)
+        return PeerStream(stream, call.request_id, self.peer_name)
 
     async def embed(self, call: EmbedCall) -> EmbedResult:
         try:
@@ -162,9 +167,9 @@ class PeerAdapter(OpenAIAdapter):
         return result
 
     async def peer_error(self, exc: UpstreamError) -> UpstreamError:
-        """The error as this node's client should read it: about the peer, by its name."""
+        """The error as this node's client should read it: about the peer, by its name; a
+        refusal of our key checked with the peer first."""
         name = f"The peer `{self.peer_name}`"
-        said = _ANSWERED.sub("", exc.message)[:300] if exc.upstream_status else ""
         if exc.upstream_status in (401, 403):
             if self.confirm_revoked is not None and await self.confirm_revoked():
                 return UpstreamError(
@@ -173,29 +178,40 @@ class PeerAdapter(OpenAIAdapter):
                     type="permission_error",
                     code="peer_revoked",
                 )
+            said = _ANSWERED.sub("", exc.message)[:300]
+            if exc.upstream_status == 403:  # the key is good; this request is not allowed
+                return _renamed(exc, f"{name} refused the request (403): {said}")
             # Unconfirmed: whatever code it sent, this node's key was refused, not revoked.
-            refused = f"{name} refused this node's key ({exc.upstream_status}): {said}"
+            refused = f"{name} refused this node's key (401): {said}"
             return _renamed(exc, refused, code="peer_refused_key")
-        if exc.upstream_status == 429 and exc.code in CAP_CODES:
-            # Its cap for this node: used up until its period ends, whoever retries.
-            return UpstreamError(
-                429,
-                f"{name} refused: this node's spend cap there is used up ({said})",
-                type="insufficient_quota",
-                code="peer_cap_exceeded",
-                retryable=False,
-                upstream_status=429,
-            )
-        if exc.upstream_status:
-            return _renamed(exc, f"{name} answered {exc.upstream_status}: {said}")
-        if exc.type == "upstream_unreachable":
-            failure = _FAILURE_CLASS.search(exc.message)
-            why = f" ({failure.group(1)})" if failure else ""
-            return _renamed(exc, f"{name} could not be reached{why}")
-        return _renamed(exc, exc.message.replace("peer upstream", name, 1))
+        return named_failure(exc, self.peer_name)
 
     def request_headers(self, url: str, body: bytes, request_id: str) -> dict[str, str]:
         return peer_call_headers(self.identity, url, body, self.upstream.api_key, request_id)
+
+
+def named_failure(exc: UpstreamError, peer_name: str) -> UpstreamError:
+    """A peer's failure (other than a refused key) by the peer's name, never its address;
+    a used-up cap marked as no retry can change it."""
+    name = f"The peer `{peer_name}`"
+    said = _ANSWERED.sub("", exc.message)[:300] if exc.upstream_status else ""
+    if exc.upstream_status == 429 and exc.code in CAP_CODES:
+        # Its cap for this node: used up until its period ends, whoever retries.
+        return UpstreamError(
+            429,
+            f"{name} refused: this node's spend cap there is used up ({said})",
+            type="insufficient_quota",
+            code="peer_cap_exceeded",
+            retryable=False,
+            upstream_status=429,
+        )
+    if exc.upstream_status:
+        return _renamed(exc, f"{name} answered {exc.upstream_status}: {said}")
+    if exc.type == "upstream_unreachable":
+        failure = _FAILURE_CLASS.search(exc.message)
+        why = f" ({failure.group(1)})" if failure else ""
+        return _renamed(exc, f"{name} could not be reached{why}")
+    return _renamed(exc, exc.message.replace("peer upstream", name, 1))
 
 
 def _renamed(exc: UpstreamError, message: str, code: str | None = None) -> UpstreamError:
