@@ -75,3 +75,17 @@ def test_a_deployment_chooses_what_a_request_without_max_tokens_reserves(node_di
     (alert,) = [a for a in alerts(node_dir) if a["threshold"] == 100]
     assert alert["basis"] == "refused"
     assert 0 < alert["spent_micros"] < 300 and "reserved_micros" in alert
+
+
+def test_a_tenants_refusal_names_the_tenant(node_dir):
+    node_dir.set_config(ECHO, PRICED)
+    key, _ = make_key(
+        node_dir.path,
+        name="worker",
+        tenant="acme",
+        tenant_fields={"name": "acme", "budget_micros": 500},
+    )
+    with run_node(node_dir) as node, pytest.raises(openai.RateLimitError) as refused:
+        client(node, key).chat.completions.create(model="echo", messages=HI)
+    message = refused.value.body["message"]  # type: ignore[index]
+    assert "tenant `acme`" in message and "$0.0005" in message

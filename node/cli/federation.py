@@ -219,6 +219,13 @@ async def _send_join(identity: NodeIdentity, invite: Invite, body: bytes) -> Pee
             except httpx.HTTPError as exc:
                 problem = f"{url}: {type(exc).__name__}"
                 continue
+            if response.status_code == 404:
+                # Whatever answers there is not the node that made the invite (any more).
+                return (
+                    f"the node at {url} does not know this invite (404): an invite carries "
+                    "the address its node was served on when it was made; ask for a new one "
+                    "if that node now runs elsewhere"
+                )
             if response.status_code != 200:
                 return f"{url} refused the join ({response.status_code}): " + (response.text[:300])
             try:
