@@ -3,7 +3,9 @@ sides), and the periodic work that keeps adverts and health fresh.
 
 Trust comes only from an invite (or an approved join request): once joined, each side pins the
 other's node key, and only requests signed by that key, carrying the cross-node key issued to
-that peer, are served.
+that peer, are served. A peer that revoked us says so with a signed notice (posted to us, or in
+its answer to our health check); once it checks out, the peer is no longer listed or routed,
+and its models' names are kept to tell clients why (`take_revocation`, `Router.revoked_by`).
 """
 
 from __future__ import annotations
