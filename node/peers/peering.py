@@ -433,12 +433,12 @@ class Peering:
         try:
             response = await self.signed("GET", peer.url + "/federation/advert", peer.key)
         except httpx.HTTPError as exc:
-            await self._unhealthy(peer, type(exc).__name__)
+            await self._unhealthy(peer, f"unreachable: {type(exc).__name__}")
             return False
         if response.status_code == 401 and await self._revoked_answer(peer, response):
             return False
         if response.status_code != 200:
-            await self._unhealthy(peer, f"status {response.status_code}")
+            await self._unhealthy(peer, f"it answered {response.status_code}")
             return False
         await self._healthy(peer, time.perf_counter() - started)
         return await self.take_advert(peer.node_id, response.content)
@@ -501,7 +501,7 @@ class Peering:
         peer.failures += 1
         # Back off exponentially from a failing peer: 2, 4, 8 … seconds, at most 5 minutes.
         peer.next_check = time.monotonic() + min(2**peer.failures, 300)
-        log.info("peer %s unreachable (%s)", peer.name, reason)
+        log.info("peer %s failed its health check (%s)", peer.name, reason)
         await self.store.peers.save_peer_health(peer.node_id, False, None, int(time.time()))
 
     async def reload_if_stale(self) -> None:
