@@ -28,4 +28,20 @@ def build_adapter(upstream: Upstream, client: UpstreamClient) -> Adapter:
         from adapters.ollama import OllamaAdapter
 
         return OllamaAdapter(upstream, client)
+    # --- bedrock ---
+    if provider == "bedrock":
+        from adapters.bedrock import BedrockAdapter
+
+        return BedrockAdapter(upstream, client)
+    # --- end bedrock ---
+    # --- gemini / vertex (issue 18)
+    if provider == "gemini":
+        from adapters.gemini import GeminiAdapter
+
+        return GeminiAdapter(upstream, client)
+    if provider == "vertex":
+        from adapters.vertex import vertex_adapter
+
+        return vertex_adapter(upstream, client)
+    # --- end gemini / vertex
     raise ValueError(f"unknown provider {provider!r}")

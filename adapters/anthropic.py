@@ -136,8 +136,12 @@ class _Metadata(Struct):
     user_id: str
 
 
-class _MessagesRequest(Struct, omit_defaults=True):
-    model: str
+class MessagesRequest(Struct, omit_defaults=True, kw_only=True):
+    """The Messages body. `model` is in the body on Anthropic's own API and in the URL on
+    Vertex AI (`adapters.vertex`), which names its API version in the body instead."""
+
+    model: str | None = None
+    anthropic_version: str | None = None
     # No default, so always encoded: Anthropic refuses a request without it.
     max_tokens: int
     messages: list[_Message]
@@ -393,6 +397,14 @@ def max_tokens_for(request: ChatRequest, upstream: Upstream) -> int:
 
 def chat_body(call: ChatCall, upstream: Upstream, *, stream: bool) -> bytes:
     """The `/v1/messages` request body for `call`."""
+    body = messages_request(call, upstream, stream=stream)
+    body.model = upstream.model
+    return msgspec.json.encode(body)
+
+
+def messages_request(call: ChatCall, upstream: Upstream, *, stream: bool) -> MessagesRequest:
+    """`call` in Anthropic's Messages format, without the model (which Vertex AI names in its
+    URL, Anthropic's own API in the body)."""
     request = call.request
     system, messages = _anthropic_messages(request.messages)
     tools, tool_choice = _anthropic_tools(request)
@@ -401,8 +413,7 @@ def chat_body(call: ChatCall, upstream: Upstream, *, stream: bool) -> bytes:
     if temperature is not None:
         # OpenAI's range is 0-2, Anthropic's 0-1: above 1 asks for the most random there is.
         temperature = min(temperature, 1.0)
-    body = _MessagesRequest(
-        model=upstream.model,
+    return MessagesRequest(
         max_tokens=max_tokens_for(request, upstream),
         messages=messages,
         system=system,
@@ -414,7 +425,6 @@ def chat_body(call: ChatCall, upstream: Upstream, *, stream: bool) -> bytes:
         metadata=_Metadata(request.user) if request.user else None,
         stream=stream,
     )
-    return msgspec.json.encode(body)
 
 
 # --- Anthropic answer -> OpenAI answer --------------------------------------------------------
@@ -466,18 +476,26 @@ def _stream_error(upstream: Upstream, error: _ErrorDetail | None) -> UpstreamErr
 
 
 class AnthropicAdapter:
-    """Speaks Anthropic's `/v1/messages` at `base_url` (default `https://api.anthropic.com`)."""
+    """Speaks Anthropic's `/v1/messages` at `base_url` (default `https://api.anthropic.com`).
+
+    `adapters.vertex` reuses it for Anthropic's models on Vertex AI: the translation both
+    ways and the stream are the same; the URL (`url`), the body (`body`), the credentials
+    and the error bodies (`_send`) are Vertex's.
+    """
 
     def __init__(self, upstream: Upstream, client: UpstreamClient) -> None:
         self.upstream = upstream
         self.client = client
 
-    def url(self) -> str:
+    def url(self, *, stream: bool = False) -> str:
         base = (self.upstream.base_url or DEFAULT_BASE_URL).rstrip("/")
         # Anthropic's SDKs take the base without `/v1`, OpenAI's with it: accept either.
         return join_url(base, "messages" if base.endswith("/v1") else "v1/messages")
 
-    def _headers(self, call: ChatCall) -> dict[str, str]:
+    def body(self, call: ChatCall, *, stream: bool) -> bytes:
+        return chat_body(call, self.upstream, stream=stream)
+
+    def headers(self, call: ChatCall) -> dict[str, str]:
         """The API version and beta features: the deployment's pinned version wins over the
         client's, which wins over the default; other adapters never see these."""
         forwarded = call.forward_headers
@@ -489,18 +507,23 @@ class AnthropicAdapter:
             headers["anthropic-beta"] = forwarded["anthropic-beta"]
         return headers
 
-    async def _post(self, call: ChatCall, body: bytes, *, stream: bool = False) -> UpstreamResponse:
-        headers = self._headers(call)
+    async def _send(
+        self, url: str, body: bytes, headers: dict[str, str], *, stream: bool
+    ) -> UpstreamResponse:
         key = self.upstream.api_key
         if key:
             headers["x-api-key"] = key
-        request = build_request(self.upstream, self.url(), body, headers)
+        request = build_request(self.upstream, url, body, headers)
         return await send(
             self.client, self.upstream, request, stream=stream, parse_error=anthropic_error_message
         )
 
+    async def _post(self, call: ChatCall, *, stream: bool = False) -> UpstreamResponse:
+        body = self.body(call, stream=stream)
+        return await self._send(self.url(stream=stream), body, self.headers(call), stream=stream)
+
     async def chat(self, call: ChatCall) -> ChatResult:
-        response = await self._post(call, chat_body(call, self.upstream, stream=False))
+        response = await self._post(call)
         answer = decode_json(_response_decoder, response.content, self.upstream)
         text = "".join(block.text or "" for block in answer.content if block.type == "text")
         calls = [
@@ -530,7 +553,7 @@ class AnthropicAdapter:
         return ChatResult(completion=completion, usage=usage, usage_estimated=estimated)
 
     async def open_stream(self, call: ChatCall) -> AnthropicStream:
-        response = await self._post(call, chat_body(call, self.upstream, stream=True), stream=True)
+        response = await self._post(call, stream=True)
         return AnthropicStream(call, self.upstream, response)
 
     async def complete(self, call: CompletionCall) -> WireResult:

@@ -271,7 +271,19 @@ class EmbeddingList(Struct, tag_field="object", tag="list"):
 class Upstream(Struct, omit_defaults=True, frozen=True):
     """Where and how one deployment reaches its provider (secrets already resolved)."""
 
-    provider: Literal["openai", "azure", "anthropic", "ollama", "echo", "peer"]
+    provider: Literal[
+        "openai",
+        "azure",
+        "anthropic",
+        "ollama",
+        "echo",
+        "peer",
+        "bedrock",
+        # --- gemini / vertex (issue 18)
+        "gemini",
+        "vertex",
+        # --- end gemini / vertex
+    ]
     model: str
     base_url: str = ""
     api_key: str | None = None
@@ -287,6 +299,16 @@ class Upstream(Struct, omit_defaults=True, frozen=True):
     # Demo-only knobs of the echo adapter.
     latency_ms: int = 0
     embedding_dims: int = 64
+    # --- bedrock: the AWS region (None: the credential chain's) and shared-config profile ---
+    region: str | None = None
+    profile: str | None = None
+    # --- end bedrock ---
+    # --- gemini / vertex (issue 18): Vertex AI's project and region, and the service
+    # account's JSON key file (None: Google's Application Default Credentials).
+    project: str | None = None
+    location: str | None = None
+    credentials_file: str | None = None
+    # --- end gemini / vertex
 
 
 class ChatCall(Struct):
