@@ -125,6 +125,7 @@ def test_an_invite_carries_the_address_the_node_serves_on_and_join_says_what_it_
     assert running_url(alice.path) is None
     issuer = [action for action, _ in audit_actions(alice.path)]
     assert issuer.count("invite.create") == 2
+    assert ("peer.joined", node_id(bob)) in audit_actions(alice.path)
     assert ("peer.join", NodeIdentity.load(alice.path / IDENTITY_FILE).node_id) in audit_actions(
         bob.path
     )

@@ -355,6 +355,14 @@ class Peering:
         key = await admit_peer(self.store, self.identity, joiner, limits, invite.token_id)
         if key is None:
             raise JoinRefused(Kind.GONE, "this invite is used up or expired")
+        await audit.record(
+            self.store,
+            joiner.node_id,
+            "peer.joined",
+            joiner.node_id,
+            name=joiner.name,
+            invite=invite.token_id,
+        )
         await self.changed()
         return self.join_response(joiner.node_id, key, limits)
 
