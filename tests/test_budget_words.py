@@ -49,7 +49,7 @@ def test_a_refusal_speaks_money_and_names_the_key_and_no_alert_fires_with_nothin
         message = body["message"]
         assert "key `team-app`" in message and "€0.001" in message and "monthly" in message
         assert key_id not in message and "micro" not in message
-        assert "max_tokens" in message
+        assert "4,096 output tokens" in message and "max_tokens" in message
         # With max_tokens the worst case fits.
         reply = client(node, key).chat.completions.create(model="echo", messages=HI, max_tokens=8)
         assert reply.choices[0].message.content

@@ -160,7 +160,6 @@ def _exceeded(amount: int, scope: str, cap: int, currency: str, principal: Princ
     return HubError(
         Kind.OVER_BUDGET,
         f"Budget exceeded: this request could cost up to {units.amount(amount, currency)}, "
-        f"more than is left of the {period}budget of {units.amount(cap, currency)} of {name}. "
-        "A request reserves its worst case: a lower max_tokens reserves less.",
+        f"more than is left of the {period}budget of {units.amount(cap, currency)} of {name}",
         code="insufficient_quota",
     )
