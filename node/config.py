@@ -147,6 +147,11 @@ class Deployment(Struct, forbid_unknown_fields=True):
     weight: Annotated[int, Meta(ge=1, le=1000)] = 1
     context: Annotated[int, Meta(ge=1)] | None = None
     max_output_tokens: Annotated[int, Meta(ge=1)] = 4096
+    # What a request that sets no max_tokens reserves of every budget for its output (unset:
+    # max_output_tokens). Lower, fewer requests are refused while budget is left; an answer
+    # longer than this is charged only up to what was reserved (the rest is recorded as
+    # unbilled), so a budget still never passes its cap.
+    reserve_output_tokens: Annotated[int, Meta(ge=1)] | None = None
     connect_timeout: Seconds | None = None
     read_timeout: Seconds | None = None
     # An openai or azure chat deployment whose upstream serves OpenAI's Responses API (OpenAI's
@@ -459,6 +464,7 @@ price_in = 20_000
 # model = "claude-sonnet-4-5"
 # api_key_env = "ANTHROPIC_API_KEY"
 # max_output_tokens = 8192
+# reserve_output_tokens = 1024   # reserved when a request sets no max_tokens [max_output_tokens]
 # price_in = 3_000_000
 # price_out = 15_000_000
 

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from federation.identity import NodeIdentity
 from federation.printable import printable
-from node.cli.folder import currency_of, require_config
+from node.cli.folder import cli_actor, currency_of, require_config
 from node.cli.options import SINCE_HELP, parsed, with_data_dir
 from node.cli.output import console, echo_json, fail, shown
 from node.config import DATABASE_FILE, IDENTITY_FILE
@@ -194,7 +194,7 @@ def settle(directory: Path, peer: str, json_: bool) -> None:
 
     async def work(store: Store, link: books_module.Link) -> Any:
         await _reconciled(store, link)
-        return await _books().settle_with(store, link)
+        return await _books().settle_with(store, link, cli_actor())
 
     statement = _with_peer(directory, peer, work)
     if json_:

@@ -98,7 +98,7 @@ def _python_with_openai() -> str:
 @click.command("models")
 @with_data_dir
 def models(directory: Path) -> None:
-    """List the models this node serves."""
+    """List the models this node serves: its own, then its peers' (`model@peer`)."""
     config = require_config(directory)
     table = Table(title=shown(f"Models of {config.node.name}"))
     for column in ("name", "kind", "provider", "upstream model", "in $/1M", "out $/1M"):
@@ -111,6 +111,18 @@ def models(directory: Path) -> None:
             shown(d.model or d.name),
             f"{d.price_in / 1e6:g}",
             f"{d.price_out / 1e6:g}",
+        )
+    # Peers' models, as clients ask for them: `model@peer`, and bare where none of ours is.
+    from node.cli.federation import peer_models
+
+    for m in peer_models(directory, {d.name for d in config.models}):
+        table.add_row(
+            shown(m.name),
+            m.kind,
+            shown(f"peer {m.peer}"),
+            shown(m.model),
+            f"{m.price_in / 1e6:g}",
+            f"{m.price_out / 1e6:g}",
         )
     console.print(table)
 

@@ -20,6 +20,7 @@ from node.cli.folder import require_config, require_identity, require_secrets
 from node.cli.options import with_data_dir
 from node.cli.output import console
 from node.config import DATABASE_FILE, IDENTITY_FILE, Config, ServerSection
+from node.peers.address import recorded
 
 
 @click.command("serve")
@@ -55,7 +56,9 @@ def serve(
         highlight=False,
     )
     console.print(f'  curl {url}/v1/models -H "Authorization: Bearer $AIHUB_KEY"', highlight=False)
-    with _announced(directory, config, port):
+    # Invites and the node's descriptor carry the address it really serves on (`--port`
+    # may differ from the config): `node.peers.address` reads it back.
+    with _announced(directory, config, port), recorded(directory, host, port):
         if server == "granian":
             _run_granian(host, port, workers, config.server)
         else:

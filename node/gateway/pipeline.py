@@ -83,6 +83,8 @@ class Facts(msgspec.Struct):
     cost_micros: int | None = None
     # Our signed receipt, for a peer's request.
     receipt: bytes | None = None
+    # The name of the peer that served the answer, if a peer did.
+    served_by: str | None = None
 
 
 class Answer(msgspec.Struct):
@@ -160,17 +162,31 @@ def _plan(hub: Hub, principal: Principal, model: str, kind: str, local_only: boo
             raise HubError(
                 Kind.INVALID_REQUEST, message, param="model", code="model_not_supported"
             ) from None
+        revoked_by = None if local_only else hub.router.revoked_by(model)
+        if revoked_by is not None:
+            message = (
+                f"The peer `{revoked_by}` revoked this node's access: `{model}` is no longer "
+                "served here"
+            )
+            raise HubError(Kind.REFUSED, message, param="model", code="peer_revoked") from None
         message = f"The model `{model}` does not exist on this node"
         raise HubError(Kind.NOT_FOUND, message, param="model", code="model_not_found") from None
 
 
 def chat_worst_case(chat: ChatRequest, plan: list[Route]) -> Usage:
-    """The most a chat request may use on this plan: its prompt, and the output it may ask."""
+    """The most a chat request may use on this plan: its prompt, and the output it may ask
+    (its max_tokens, else the deployments' `reserve_output_tokens`, at most their
+    `max_output_tokens`)."""
     prompt = worst_case_prompt_tokens(
         chat, lambda: [(r.adapter.upstream.provider, r.adapter.upstream.model) for r in plan]
     )
     ceiling = max(route.spec.max_output_tokens for route in plan)
-    output = min(chat.output_limit or ceiling, ceiling) * (chat.n or 1)
+    if not chat.output_limit:
+        # No max_tokens: what the deployments say such a request reserves.
+        asked = max(route.spec.reserve_output_tokens or ceiling for route in plan)
+    else:
+        asked = chat.output_limit
+    output = min(asked, ceiling) * (chat.n or 1)
     return Usage(prompt, output, prompt + output)
 
 
@@ -258,7 +274,8 @@ async def complete(
         )
         receipt = await books.issue_receipt()
         books.take_receipt(route, result.receipt, cost)
-        return Answer(result, Facts(books.request_id, books.limits, cost, receipt))
+        facts = Facts(books.request_id, books.limits, cost, receipt, route.peer_name)
+        return Answer(result, facts)
 
 
 class _Opened(msgspec.Struct):
@@ -306,7 +323,7 @@ async def stream(
         books.observe_latency()
         return Streamed(
             _relay(opened, route, call, books),
-            Facts(books.request_id, books.limits),
+            Facts(books.request_id, books.limits, served_by=route.peer_name),
             lambda: _abandon(opened, route, call, books),
         )
 

@@ -34,6 +34,7 @@ from litestar.openapi.spec import (
 from adapters.tokens import MESSAGE_OVERHEAD, estimate_prompt_tokens, estimate_text_tokens
 from adapters.types import ChatCall, ChatRequest, ChatResult, NamedToolChoice, NativeRequest
 from federation.ids import new_request_id
+from federation.transport import SERVED_BY_HEADER, served_by_value
 from node.errors import HubError, Kind
 from node.gateway import pipeline
 from node.gateway.auth import Principal
@@ -111,6 +112,8 @@ def _headers(facts: Facts) -> dict[str, str]:
     headers = {"aihub-request-id": facts.request_id, **facts.limits}
     if facts.cost_micros is not None:
         headers["aihub-cost-micros"] = str(facts.cost_micros)
+    if facts.served_by is not None:
+        headers[SERVED_BY_HEADER] = served_by_value(facts.served_by)
     return headers
 
 
