@@ -21,6 +21,7 @@ from node.config import DATABASE_FILE, IDENTITY_FILE, Config, missing_secrets
 from node.gateway.alerts import BudgetAlerts
 from node.gateway.auth import KeyCache
 from node.gateway.budgets import Budgets
+from node.gateway.guardrails.stage import Guardrails
 from node.gateway.journal import JOURNAL_DIR, Journal
 from node.gateway.keys import HASH_PURPOSE
 from node.gateway.metrics import Metrics
@@ -87,6 +88,7 @@ class Hub:
     resync: ChainResync  # our chain heads learnt from each peer before we issue it receipts
     scheduler: AsyncIOScheduler
     started_at: int
+    guardrails: Guardrails
 
     @classmethod
     async def start(cls, data_dir: Path, config: Config) -> Hub:
@@ -117,6 +119,7 @@ class Hub:
         await resync.load(data_dir / DATABASE_FILE)
         scheduler.add_job(resync.all, id="ledger.resync")  # at start, off the request path
         _schedule_limits(scheduler, store, limiter)
+        metrics = Metrics()
         return cls(
             config=config,
             data_dir=data_dir,
@@ -130,13 +133,14 @@ class Hub:
             budgets=budgets,
             alerts=alerts,
             limiter=limiter,
-            metrics=Metrics(),
+            metrics=metrics,
             nonces=NonceCache(),
             peering=peering,
             receipts=receipts,
             resync=resync,
             scheduler=scheduler,
             started_at=int(time.time()),
+            guardrails=Guardrails(config.guardrails, metrics.registry, usage.audit),
         )
 
     async def stop(self) -> None:

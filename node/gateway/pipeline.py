@@ -6,6 +6,9 @@ from HTTP, and hands both here:
 
 - `begin`: the model allowlist, the plan (which deployments, in order), the re-sync of our chain
   with a peer that asks, and admission (rate limits, the worst case reserved in every budget);
+- `complete` and `stream` first run the caller's guardrails (`node/gateway/guardrails/`) on
+  the call as it will be sent, native request included: a block settles it as refused, a
+  redaction rewrites it; their output checks then redact the answer, streamed or not;
 - `complete`: the upstream call along the plan (fallback on failures, each one recorded), the
   answer settled, our receipt issued for a peer, the serving peer's receipt taken;
 - `stream`: the stream opened with fallback before its first event, then relayed: the adapter's
@@ -45,6 +48,7 @@ from adapters.types import (
 from node.errors import HubError, Kind, UpstreamFailed, gateway_failure
 from node.gateway.accounting import CLIENT_CLOSED, OK, Accounting, recorded_status
 from node.gateway.auth import Principal
+from node.gateway.guardrails.checks import Profile
 from node.gateway.policy import model_allowed, worst_case_prompt_tokens
 from node.gateway.router import NoRoute, Route
 from node.hub import Hub
@@ -258,16 +262,36 @@ async def _route(
         raise
 
 
+async def _guard_input(books: Accounting, call: ChatCall | CompletionCall | None) -> Profile | None:
+    """The caller's guardrail profile, its input checks run on the call (nothing to do, and
+    nothing imported, when no profile applies)."""
+    guardrails = books.hub.guardrails
+    profile = None if call is None else guardrails.profile_for(books.principal)
+    if profile is not None and call is not None:
+        try:
+            await guardrails.screen_input(profile, call, books.principal, None)
+        except HubError as exc:
+            books.fail(exc)
+    return profile
+
+
 async def complete(
     admitted: Admitted,
     attempt: Callable[[Route], Awaitable[ChatResult | EmbedResult | WireResult]],
     watch: Watch,
+    call: ChatCall | CompletionCall | None = None,
 ) -> Answer:
     """The upstream call, then the answer settled: with our receipt if a peer asked, keeping
-    the receipt of the peer that served it if we asked one."""
+    the receipt of the peer that served it if we asked one. `call` is what `attempt` sends,
+    for the guardrails (an embedding's is not read)."""
     books, plan = admitted
     async with _settled_on_error(books):
+        profile = await _guard_input(books, call)
         result, route = await _route(books, plan, attempt, watch)
+        if profile is not None and not isinstance(result, EmbedResult):
+            result = books.hub.guardrails.screen_result(
+                profile, result, books.principal, books.request_id
+            )
         books.observe_latency()
         cost = books.finish(
             route, result.usage, estimated=result.usage_estimated, status=OK, stream=False
@@ -319,10 +343,14 @@ async def stream(
         opener = _chat_opener(call)
     opening = opener
     async with _settled_on_error(books):
+        profile = await _guard_input(books, call)
         opened, route = await _route(books, plan, lambda r: _open(r, opening), watch)
         books.observe_latency()
+        items = _relay(opened, route, call, books)
+        if profile is not None and profile.output and isinstance(call, ChatCall):
+            items = books.hub.guardrails.guard_stream(profile, items, books)
         return Streamed(
-            _relay(opened, route, call, books),
+            items,
             Facts(books.request_id, books.limits, served_by=route.peer_name),
             lambda: _abandon(opened, route, call, books),
         )

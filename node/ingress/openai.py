@@ -181,7 +181,7 @@ async def _chat(request: Request) -> Reply | StreamReply:
         headers = {**response_headers(streamed.facts), "cache-control": "no-cache"}
         return StreamReply(streamed.items, headers, item_renderer(), streamed.abandon)
     answer = await pipeline.complete(
-        admitted, lambda route: route.adapter.chat(call), watcher_of(request)
+        admitted, lambda route: route.adapter.chat(call), watcher_of(request), call
     )
     return Reply(_render_result(answer.result), response_headers(answer.facts))
 

@@ -1,0 +1,85 @@
+"""A profile's checks, built once at start: each kind of check behind one small interface."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+from node.config import (
+    BannedCheck,
+    Check,
+    GuardrailProfile,
+    InjectionCheck,
+    PiiCheck,
+    SecretsCheck,
+    SizeCheck,
+)
+from node.gateway.guardrails.findings import Span
+
+
+class Detector(Protocol):
+    def find(self, text: str) -> list[Span]:
+        """What the check finds in one text (a span of 0 length: found, not redactable)."""
+        ...
+
+
+class Built(NamedTuple):
+    name: str
+    action: str
+    detector: Detector | None
+    # The most text a request holds, for a size check (which reads every text together).
+    max_chars: int | None = None
+    output: bool = False
+    input: bool = True
+
+
+def _detector(check: Check) -> Detector | None:
+    # Each kind's module is imported only when a profile has it (Presidio takes a second).
+    if isinstance(check, PiiCheck):
+        from node.gateway.guardrails.pii import Pii
+
+        return Pii(check)
+    if isinstance(check, SecretsCheck):
+        from node.gateway.guardrails.secrets import Secrets
+
+        return Secrets(check)
+    if isinstance(check, BannedCheck):
+        from node.gateway.guardrails.words import BannedWords
+
+        return BannedWords(check)
+    if isinstance(check, InjectionCheck):
+        from node.gateway.guardrails.injection import Injection
+
+        return Injection(check)
+    return None
+
+
+def _kind(check: Check) -> str:
+    return type(check).__struct_config__.tag  # type: ignore[return-value]
+
+
+class Profile(NamedTuple):
+    name: str
+    checks: list[Built]
+    hold_back: int
+
+    @property
+    def input(self) -> list[Built]:
+        return [check for check in self.checks if check.input]
+
+    @property
+    def output(self) -> list[Built]:
+        return [check for check in self.checks if check.output]
+
+
+def build_profile(name: str, profile: GuardrailProfile) -> Profile:
+    built: list[Built] = []
+    for check in profile.checks:
+        both = isinstance(check, PiiCheck | SecretsCheck)
+        output = both and check.output  # type: ignore[union-attr]
+        on_input = not both or check.input  # type: ignore[union-attr]
+        max_chars = check.max_chars if isinstance(check, SizeCheck) else None
+        name = check.name or _kind(check)
+        built.append(Built(name, check.action, _detector(check), max_chars, output, on_input))
+    # The size check first: it is the cheapest, and it keeps a huge text from the others.
+    built.sort(key=lambda check: check.max_chars is None)
+    return Profile(name, built, profile.hold_back)
