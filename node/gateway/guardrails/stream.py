@@ -14,6 +14,8 @@ from contextlib import aclosing
 from typing import Any
 
 from adapters.events import Finish, OpenAIChunk, Start, TextDelta, ToolCallDelta
+from adapters.types import UpstreamError
+from node.errors import UpstreamFailed
 from node.gateway.guardrails.checks import Built
 from node.gateway.guardrails.findings import Finding, Span, placeholder
 
@@ -36,6 +38,9 @@ class HoldBack:
     def __init__(self, checks: list[Built], window: int, seen: Callable[[Finding], None]):
         self.checks = checks
         self.window = window
+        # The checks run once this much text is past the window, not on every delta (a
+        # delta is a few characters; each run reads the whole window).
+        self.step = max(1, window // 4)
         self.pending = ""
         self._seen = seen
 
@@ -64,7 +69,7 @@ class HoldBack:
         """Take a delta; what may be sent now (maybe nothing)."""
         self.pending += text
         cut = len(self.pending) - self.window
-        if cut <= 0:
+        if cut < self.step:
             return ""
         found = self._spans(self.pending)
         for spans in found.values():
@@ -102,7 +107,17 @@ async def guarded(
 
     async with aclosing(items):
         async for item in items:
-            for event in item.events() if isinstance(item, OpenAIChunk) else (item,):
+            try:
+                events = item.events() if isinstance(item, OpenAIChunk) else (item,)
+            except UpstreamError as exc:
+                # A chunk no parser reads: the stream ends as the relay ends a broken one.
+                from node.gateway.pipeline import StreamFailed  # the pipeline imports us
+
+                for delta in flushed(None):
+                    yield delta
+                yield StreamFailed(UpstreamFailed(exc))
+                return
+            for event in events:
                 if isinstance(event, TextDelta):
                     hold = held.setdefault(event.choice, HoldBack(checks, window, seen))
                     text = hold.feed(event.text)
