@@ -173,7 +173,17 @@ class InjectionCheck(_Check, tag="injection"):
     threshold: Annotated[float, Meta(gt=0, le=1)] = 0.5
 
 
-Check = PiiCheck | SecretsCheck | BannedCheck | SizeCheck | InjectionCheck
+class WebhookCheck(_Check, tag="webhook"):
+    """An external guardrail: POSTed the request's texts, it answers allow, block or the texts
+    redacted. `action = "log"` makes it advisory (what it says is only recorded)."""
+
+    url: Annotated[str, Meta(pattern=r"^https?://.+")]
+    timeout: Annotated[float, Meta(gt=0, le=60)] = 2.0
+    # What an unreachable, slow or garbled hook means: "allow" (fail open) or "block" (closed).
+    on_error: Literal["allow", "block"] = "block"
+
+
+Check = PiiCheck | SecretsCheck | BannedCheck | SizeCheck | InjectionCheck | WebhookCheck
 
 
 class GuardrailProfile(Struct, forbid_unknown_fields=True):
@@ -214,11 +224,10 @@ def _guardrails_problems(section: GuardrailsSection) -> list[str]:
             output = isinstance(check, PiiCheck | SecretsCheck) and check.output
             if output and check.action == "block":
                 problems.append(f"{where}.checks[{index}]: an output check redacts or logs")
-            if isinstance(check, SizeCheck | InjectionCheck) and check.action == "redact":
-                problems.append(
-                    f"{where}.checks[{index}]: a {check.__struct_config__.tag} "
-                    "check blocks or logs (it finds nothing to redact)"
-                )
+            if isinstance(check, SizeCheck | InjectionCheck | WebhookCheck):
+                kind = check.__struct_config__.tag
+                if check.action == "redact":  # a webhook enforces what it answers, or logs it
+                    problems.append(f"{where}.checks[{index}]: a {kind} check blocks or logs")
             if isinstance(check, PiiCheck | SecretsCheck) and not (check.input or check.output):
                 problems.append(f"{where}.checks[{index}]: neither input nor output")
     return problems

@@ -140,7 +140,7 @@ class Hub:
             resync=resync,
             scheduler=scheduler,
             started_at=int(time.time()),
-            guardrails=Guardrails(config.guardrails, metrics.registry, usage.audit),
+            guardrails=Guardrails(config.guardrails, metrics.registry, usage.audit, client),
         )
 
     async def stop(self) -> None:

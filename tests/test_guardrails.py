@@ -4,7 +4,9 @@ surface; output redaction streamed and not; hostile input never a 500."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +30,35 @@ GPT_KEY = "sk-upstream-gr"
 CLAUDE_KEY = "sk-ant-upstream-gr"
 
 
-def _config(gpt_url: str, claude_url: str) -> str:
+async def guard_hook(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """An external guardrail service: refuses `forbidden`, redacts order numbers, stalls on
+    `slow` (past the node's timeout) and answers garbage to `garbage`."""
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    texts = json.loads(body)["texts"]
+    joined = " ".join(texts)
+    status, answer = 200, {"verdict": "allow"}
+    if "forbidden" in joined:
+        answer = {"verdict": "block", "reason": "off-policy topic"}
+    elif "ACME-" in joined:
+        answer = {"verdict": "redact", "texts": [re.sub(r"ACME-\d+", "[ORDER]", t) for t in texts]}
+    elif "slow" in joined:
+        await asyncio.sleep(30)  # a stalled service: the node's 0.5 s deadline passes first
+    elif "garbage" in joined:
+        status, answer = 200, None
+    payload = b"<html>oops" if answer is None else json.dumps(answer).encode()
+    headers = [(b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _config(gpt_url: str, claude_url: str, hook_url: str) -> str:
     return f"""
 [[models]]
 name = "gpt-mock"
@@ -53,7 +83,7 @@ api_key_env = "GUARDRAILS_TEST_CLAUDE_KEY"
 [guardrails]
 default = "standard"
 tenants = {{ acme = "strict" }}
-keys = {{ answers = "answers", logger = "logger" }}
+keys = {{ answers = "answers", logger = "logger", hooked = "hooked", hook-open = "hook-open" }}
 
 [guardrails.profiles.standard]
 checks = [
@@ -73,6 +103,15 @@ checks = [{{ kind = "pii", action = "redact", input = false, output = true }}]
 
 [guardrails.profiles.logger]
 checks = [{{ kind = "pii", action = "log" }}]
+
+[guardrails.profiles.hooked]
+checks = [
+  {{ kind = "pii", action = "redact" }},
+  {{ kind = "webhook", url = "{hook_url}/check", timeout = 0.5, on_error = "block" }},
+]
+
+[guardrails.profiles.hook-open]
+checks = [{{ kind = "webhook", url = "{hook_url}/check", timeout = 0.5, on_error = "allow" }}]
 """
 
 
@@ -113,9 +152,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     claude = AnthropicMock(models=("claude-mock",), api_key=CLAUDE_KEY)
     os.environ["GUARDRAILS_TEST_GPT_KEY"] = GPT_KEY
     os.environ["GUARDRAILS_TEST_CLAUDE_KEY"] = CLAUDE_KEY
-    with serve_app(gpt) as gpt_url, serve_app(claude) as claude_url:
+    with (
+        serve_app(gpt) as gpt_url,
+        serve_app(claude) as claude_url,
+        serve_app(guard_hook) as hook_url,
+    ):
         directory = NodeDir(folder, key)
-        directory.add_config(_config(gpt_url, claude_url))
+        directory.add_config(_config(gpt_url, claude_url, hook_url))
         with run_node(directory) as node:
             yield Served(node, gpt, claude)
 
@@ -361,3 +404,36 @@ def test_a_random_key_has_no_secret_in_the_audit(served: Served) -> None:
         blocked = admin.get("/admin/audit", params={"action": "guardrail.blocked"}).text
         assert "GitHub Token" in blocked
         assert token not in admin.get("/admin/audit").text
+
+
+# --- the external guardrail hook -------------------------------------------------------------
+
+
+def test_the_webhook_blocks_with_its_reason(served: Served) -> None:
+    client = served.openai(served.key("hooked"))
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="echo", messages=_user("a forbidden subject"))
+    assert "`webhook`" in str(caught.value) and "off-policy topic" in str(caught.value)
+
+
+def test_the_webhook_redacts_after_the_node_s_own_checks(served: Served) -> None:
+    client = served.openai(served.key("hooked"))
+    reply = client.chat.completions.create(
+        model="gpt-mock", messages=_user(f"order ACME-1234 for {EMAIL}")
+    )
+    sent = json.dumps(served.gpt_sent())
+    assert "ACME-1234" not in sent and EMAIL not in sent
+    assert reply.choices[0].message.content == "mock says: order [ORDER] for [EMAIL_REDACTED]"
+
+
+@pytest.mark.parametrize("text", ["slow please", "garbage please"])
+def test_a_failing_webhook_fails_closed_or_open_as_configured(served: Served, text: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        served.openai(served.key("hooked")).chat.completions.create(
+            model="echo", messages=_user(text)
+        )
+    assert "did not answer" in str(caught.value)
+    reply = served.openai(served.key("hook-open")).chat.completions.create(
+        model="echo", messages=_user(text)
+    )
+    assert reply.choices[0].message.content == f"echo: {text}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from node.config import (
     BannedCheck,
@@ -12,8 +12,14 @@ from node.config import (
     PiiCheck,
     SecretsCheck,
     SizeCheck,
+    WebhookCheck,
 )
 from node.gateway.guardrails.findings import Span
+
+if TYPE_CHECKING:
+    import httpx
+
+    from node.gateway.guardrails.webhook import Webhook
 
 
 class Detector(Protocol):
@@ -30,6 +36,7 @@ class Built(NamedTuple):
     max_chars: int | None = None
     output: bool = False
     input: bool = True
+    hook: Webhook | None = None
 
 
 def _detector(check: Check) -> Detector | None:
@@ -64,14 +71,32 @@ class Profile(NamedTuple):
 
     @property
     def input(self) -> list[Built]:
-        return [check for check in self.checks if check.input]
+        """The checks run in-process on a request (webhooks are asked after them)."""
+        return [check for check in self.checks if check.input and check.hook is None]
+
+    @property
+    def hooks(self) -> list[Built]:
+        return [check for check in self.checks if check.hook is not None]
 
     @property
     def output(self) -> list[Built]:
         return [check for check in self.checks if check.output]
 
 
-def build_profile(name: str, profile: GuardrailProfile) -> Profile:
+def _hook(check: Check, client: httpx.AsyncClient | None) -> Webhook | None:
+    if not isinstance(check, WebhookCheck):
+        return None
+    from node.gateway.guardrails.webhook import Webhook
+
+    if client is None:
+        raise ValueError("a webhook check needs the node's HTTP client")
+    return Webhook(check, client)
+
+
+def build_profile(
+    name: str, profile: GuardrailProfile, client: httpx.AsyncClient | None = None
+) -> Profile:
+    """The profile's checks built (`client` POSTs to its webhooks)."""
     built: list[Built] = []
     for check in profile.checks:
         both = isinstance(check, PiiCheck | SecretsCheck)
@@ -79,7 +104,8 @@ def build_profile(name: str, profile: GuardrailProfile) -> Profile:
         on_input = not both or check.input  # type: ignore[union-attr]
         max_chars = check.max_chars if isinstance(check, SizeCheck) else None
         name = check.name or _kind(check)
-        built.append(Built(name, check.action, _detector(check), max_chars, output, on_input))
+        hook = _hook(check, client)
+        built.append(Built(name, check.action, _detector(check), max_chars, output, on_input, hook))
     # The size check first: it is the cheapest, and it keeps a huge text from the others.
     built.sort(key=lambda check: check.max_chars is None)
     return Profile(name, built, profile.hold_back)

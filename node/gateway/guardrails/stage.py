@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import httpx
 from prometheus_client import CollectorRegistry, Counter
 
 from adapters.types import ChatCall, ChatResult, CompletionCall, WireResult
@@ -67,13 +68,38 @@ def judge(checks: list[Built], texts: list[str]) -> Verdict:
     return verdict
 
 
-def blocked_error(finding: Finding) -> HubError:
-    """The client's error: the check and what kind of thing it found, never the thing."""
-    message = (
-        f"This request was blocked by the guardrail `{finding.check}`: "
-        f"it holds {', '.join(finding.kinds)}"
-    )
+def blocked_error(finding: Finding, reason: str = "") -> HubError:
+    """The client's error: the check and what kind of thing it found, never the thing (or,
+    from a webhook, the reason it gave)."""
+    said = reason or f"it holds {', '.join(finding.kinds)}"
+    message = f"This request was blocked by the guardrail `{finding.check}`: {said}"
     return HubError(Kind.INVALID_REQUEST, message, code="guardrail_blocked")
+
+
+async def ask_hooks(
+    checks: list[Built], texts: list[str], request_id: str, verdict: Verdict
+) -> tuple[dict[str, str], str]:
+    """The profile's webhooks, in order, on the texts (as the checks before left them):
+    what they redact (whole texts, old → new), and the reason of a block (which ends it)."""
+    replaced: dict[str, str] = {}
+    for check in checks:
+        if check.hook is None:
+            continue
+        answer = await check.hook.ask(check.name, request_id, texts)
+        if answer.verdict == "allow":
+            continue
+        kind = "WEBHOOK_BLOCK" if answer.verdict == "block" else "WEBHOOK_REDACTION"
+        action = "log" if check.action == "log" else answer.verdict
+        finding = Finding(check.name, action, (kind,))
+        verdict.findings.append(finding)
+        if action == "block":
+            verdict.blocked = finding
+            return replaced, answer.reason
+        if action == "redact":
+            changed = {old: new for old, new in zip(texts, answer.texts, strict=True) if old != new}
+            replaced.update(changed)
+            texts = [changed.get(text, text) for text in texts]
+    return replaced, ""
 
 
 class Guardrails:
@@ -85,9 +111,12 @@ class Guardrails:
         section: GuardrailsSection,
         registry: CollectorRegistry,
         audit: Callable[[AuditEvent], None],
+        client: httpx.AsyncClient | None = None,
     ) -> None:
         self.section = section
-        self.profiles = {name: build_profile(name, p) for name, p in section.profiles.items()}
+        self.profiles = {
+            name: build_profile(name, profile, client) for name, profile in section.profiles.items()
+        }
         self._audit = audit
         self.findings = Counter(
             "aihub_guardrail_findings",
@@ -136,19 +165,28 @@ class Guardrails:
         principal: Principal,
         ip: str | None,
     ) -> None:
-        """The input checks: a block raises the client's error, a redaction rewrites the call
-        before any upstream sees it. With output checks, the answer is asked in the neutral
-        form (not a native passthrough) so that the node can read and redact it."""
+        """The input checks, then the webhooks: a block raises the client's error, a
+        redaction rewrites the call before any upstream sees it. With output checks, the
+        answer is asked in the neutral form (not a native passthrough) so that the node can
+        read and redact it."""
         texts = call_texts(call)
         if sum(len(text) for text in texts) > _THREAD_FROM:
             verdict = await anyio.to_thread.run_sync(judge, profile.input, texts)
         else:
             verdict = judge(profile.input, texts)
+        hooked: dict[str, str] = {}
+        reason = ""
+        if verdict.blocked is None and profile.hooks:
+            # The webhooks read the texts as the checks before them left them.
+            replace = Replacer(verdict.literals)
+            texts = [replace(text) for text in texts]
+            hooked, reason = await ask_hooks(profile.hooks, texts, call.request_id, verdict)
         self.record(verdict, principal, "input", call.request_id, ip)
         if verdict.blocked is not None:
-            raise blocked_error(verdict.blocked)
-        if verdict.literals:
-            rewrite_call(call, Replacer(verdict.literals))
+            raise blocked_error(verdict.blocked, reason)
+        for literals in (verdict.literals, hooked):
+            if literals:
+                rewrite_call(call, Replacer(literals))
         if profile.output and isinstance(call, ChatCall):
             call.native = None
 
