@@ -37,6 +37,7 @@ class Built(NamedTuple):
     output: bool = False
     input: bool = True
     hook: Webhook | None = None
+    kind: str = ""
 
 
 def _detector(check: Check) -> Detector | None:

@@ -13,7 +13,7 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter
 
 from adapters.types import ChatCall, ChatResult, CompletionCall, WireResult
-from node.config import GuardrailsSection
+from node.config import GuardrailProfile, GuardrailsSection, InjectionCheck
 from node.errors import HubError, Kind
 from node.gateway.auth import Principal
 from node.gateway.guardrails.checks import Built, Profile, build_profile
@@ -118,6 +118,9 @@ class Guardrails:
             name: build_profile(name, profile, client) for name, profile in section.profiles.items()
         }
         self._audit = audit
+        # What `/v1/moderations` assesses a caller with no profile by.
+        moderation = GuardrailProfile(checks=[InjectionCheck(action="log")])
+        self.fallback = build_profile("moderation", moderation).checks
         self.findings = Counter(
             "aihub_guardrail_findings",
             "Guardrail findings, by check, action, tenant and stage (input|output)",
