@@ -487,3 +487,14 @@ def test_bad_moderation_requests_are_400s(served: Served, body: dict[str, Any]) 
         )
     assert response.status_code == 400, response.text
     assert set(response.json()["error"]) >= {"message", "type"}
+
+
+def test_a_pii_check_without_presidio_is_a_clear_config_error(monkeypatch: Any) -> None:
+    import sys
+
+    from node.config import ConfigError, GuardrailProfile, PiiCheck
+    from node.gateway.guardrails.checks import build_profile
+
+    monkeypatch.setitem(sys.modules, "presidio_analyzer", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"a pii check needs presidio_analyzer: pip install"):
+        build_profile("p", GuardrailProfile(checks=[PiiCheck()]))

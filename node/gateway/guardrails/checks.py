@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 from node.config import (
     BannedCheck,
     Check,
+    ConfigError,
     GuardrailProfile,
     InjectionCheck,
     PiiCheck,
@@ -41,6 +42,15 @@ class Built(NamedTuple):
 
 
 def _detector(check: Check) -> Detector | None:
+    try:
+        return _import_detector(check)
+    except ImportError as exc:
+        raise ConfigError(
+            f"guardrails: a {_kind(check)} check needs {exc.name}: pip install 'aihub[guardrails]'"
+        ) from exc
+
+
+def _import_detector(check: Check) -> Detector | None:
     # Each kind's module is imported only when a profile has it (Presidio takes a second).
     if isinstance(check, PiiCheck):
         from node.gateway.guardrails.pii import Pii
