@@ -68,14 +68,21 @@ def main() -> None:
     output = build_profile("out", GuardrailProfile(checks=[PiiCheck(action="redact", output=True)]))
 
     def stream() -> None:
-        hold = HoldBack(output.output, 256, lambda _: None)
+        hold = HoldBack(output.output, 128, lambda _: None)
         for word in PROMPT[:1024].split(" "):
             hold.feed(word + " ")
         hold.flush()
 
     deltas = len(PROMPT[:1024].split(" "))
     per = _median_us(stream, 20) / deltas
-    print(f"streamed pii, per delta (~5 chars, window 256): {per:8.1f} µs")
+    print(f"streamed pii, per delta (~5 chars, window 128): {per:8.1f} µs")
+    hold = HoldBack(output.output, 128, lambda _: None)
+    sent = 0
+    for word in PROMPT.split(" "):
+        sent += len(word) + 1
+        if hold.feed(word + " "):
+            break
+    print(f"first text sent after {sent} characters of the answer (window 128)")
 
 
 if __name__ == "__main__":

@@ -188,8 +188,10 @@ Check = PiiCheck | SecretsCheck | BannedCheck | SizeCheck | InjectionCheck | Web
 
 class GuardrailProfile(Struct, forbid_unknown_fields=True):
     checks: Annotated[list[Check], Meta(min_length=1)]
-    # Characters of a streamed answer held back so that what spans chunks is still caught.
-    hold_back: Annotated[int, Meta(ge=16, le=4096)] = 256
+    # Characters of a streamed answer held back so that what spans chunks is still caught:
+    # longer than the PII it catches (an IBAN is 34, an IPv6 address 39, most emails under
+    # 64), short enough that the first text waits for ~40 tokens, not 100.
+    hold_back: Annotated[int, Meta(ge=16, le=4096)] = 128
 
 
 class GuardrailsSection(Struct, forbid_unknown_fields=True):

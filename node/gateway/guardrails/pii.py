@@ -1,6 +1,6 @@
 """PII through Microsoft Presidio's analyzer, offline: its pattern recognizers (emails, phone
-numbers, credit cards checked by Luhn, IBANs checked by their mod-97, IP addresses) over a
-blank spaCy pipeline, which tokenizes (for Presidio's context words) but needs no model.
+numbers, credit cards checked by Luhn, IBANs checked by their mod-97, IP addresses) with an
+NLP engine that needs no model (and reads no tokens: see `_patterns_only_engine`).
 
 Imported only when a profile has a `pii` check: Presidio and spaCy take a second to import.
 """
@@ -13,16 +13,15 @@ from node.config import PiiCheck
 from node.gateway.guardrails.findings import Span
 
 
-def _blank_engine() -> Any:
-    """A Presidio NLP engine over `spacy.blank("en")`: tokens, lemmas as the words themselves,
-    no named entities (Presidio's SpacyNlpEngine would download a model)."""
-    import spacy
+def _patterns_only_engine() -> Any:
+    """A Presidio NLP engine that reads nothing: no tokens, no named entities. Presidio's
+    SpacyNlpEngine needs a downloaded model, and the tokens of a blank spaCy pipeline would
+    only serve its context words (a score raised near "email" or "phone"), at about 60 % of
+    the check's cost on a 1 KB prompt; so a finding's score is its pattern's and validator's
+    (a Luhn-valid card, a checksum-valid IBAN: 1.0)."""
     from presidio_analyzer.nlp_engine import NlpArtifacts, NlpEngine
 
-    class BlankNlpEngine(NlpEngine):
-        def __init__(self) -> None:
-            self.nlp = spacy.blank("en")
-
+    class PatternsOnlyNlpEngine(NlpEngine):
         def load(self) -> None:
             pass
 
@@ -30,12 +29,11 @@ def _blank_engine() -> Any:
             return True
 
         def process_text(self, text: str, language: str) -> NlpArtifacts:
-            doc = self.nlp(text)
             return NlpArtifacts(
                 entities=[],
-                tokens=doc,
-                tokens_indices=[token.idx for token in doc],
-                lemmas=[token.lower_ for token in doc],
+                tokens=[],  # type: ignore[arg-type]
+                tokens_indices=[],
+                lemmas=[],
                 nlp_engine=self,
                 language=language,
             )
@@ -45,10 +43,10 @@ def _blank_engine() -> Any:
                 yield text, self.process_text(text, language)
 
         def is_stopword(self, word: str, language: str) -> bool:
-            return self.nlp.vocab[word].is_stop
+            return False
 
         def is_punct(self, word: str, language: str) -> bool:
-            return self.nlp.vocab[word].is_punct
+            return False
 
         def get_supported_entities(self) -> list[str]:
             return []
@@ -56,7 +54,7 @@ def _blank_engine() -> Any:
         def get_supported_languages(self) -> list[str]:
             return ["en"]
 
-    return BlankNlpEngine()
+    return PatternsOnlyNlpEngine()
 
 
 def _offline_email() -> Any:
@@ -90,7 +88,9 @@ def _analyzer(regions: list[str]) -> Any:
     registry.add_recognizer(PhoneRecognizer(supported_regions=regions))
     for recognizer in (CreditCardRecognizer, IbanRecognizer, IpRecognizer):
         registry.add_recognizer(recognizer())
-    return AnalyzerEngine(registry=registry, nlp_engine=_blank_engine(), supported_languages=["en"])
+    return AnalyzerEngine(
+        registry=registry, nlp_engine=_patterns_only_engine(), supported_languages=["en"]
+    )
 
 
 class Pii:
