@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from adapters.types import ChatCall, ChatRequest, ChatResult, CompletionCall, WireResult
+from node.errors import HubError, Kind
 from node.gateway.guardrails.findings import Replacer
 
 # The top-level fields of a request that hold what the client wrote (every other field is
@@ -64,8 +65,13 @@ def replaced(value: Any, replace: Replacer) -> Any:
 def _raw_fields(fields: dict[str, msgspec.Raw], replace: Replacer) -> dict[str, msgspec.Raw]:
     out = dict(fields)
     for name in _TEXT_FIELDS.intersection(fields):
-        value = replaced(msgspec.json.decode(fields[name]), replace)
-        out[name] = msgspec.Raw(msgspec.json.encode(value))
+        try:
+            value = msgspec.json.decode(fields[name])
+        except (msgspec.DecodeError, RecursionError):
+            # Never passed on unredacted: a field the node cannot read is refused.
+            message = f"`{name}` is nested too deeply to be checked"
+            raise HubError(Kind.INVALID_REQUEST, message, param=name) from None
+        out[name] = msgspec.Raw(msgspec.json.encode(replaced(value, replace)))
     return out
 
 
