@@ -16,6 +16,8 @@ import anthropic
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from node.provision import create_node
 from tests.conftest import NodeDir, RunningNode, run_node
@@ -498,3 +500,29 @@ def test_a_pii_check_without_presidio_is_a_clear_config_error(monkeypatch: Any) 
     monkeypatch.setitem(sys.modules, "presidio_analyzer", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"a pii check needs presidio_analyzer: pip install"):
         build_profile("p", GuardrailProfile(checks=[PiiCheck()]))
+
+
+PII_SAMPLES = {
+    EMAIL: "[EMAIL_REDACTED]",
+    CARD: "[CREDIT_CARD_REDACTED]",
+    "DE89 3704 0044 0532 0130 00": "[IBAN_REDACTED]",
+    "10.20.30.40": "[IP_ADDRESS_REDACTED]",
+}
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    before=st.lists(st.sampled_from(["so", "the", "answer", "is", "here,", "mail"]), max_size=40),
+    after=st.lists(st.sampled_from(["and", "then", "we", "go", "on."]), max_size=40),
+    pii=st.sampled_from(sorted(PII_SAMPLES)),
+)
+def test_pii_anywhere_in_a_real_stream_never_leaves(
+    served: Served, before: list[str], after: list[str], pii: str
+) -> None:
+    # The mock streams the answer a word per chunk, so the PII is split over its words.
+    text = " ".join([*before, pii, *after])
+    client = served.openai(served.key("answers"))
+    stream = client.chat.completions.create(model="gpt-mock", messages=_user(text), stream=True)
+    said = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert pii not in said and PII_SAMPLES[pii] in said
+    assert said == "mock says: " + text.replace(pii, PII_SAMPLES[pii])
