@@ -130,6 +130,8 @@ class FederationSection(Struct, forbid_unknown_fields=True):
 Action = Literal["block", "redact", "log"]
 # Presidio's names for what its pattern recognizers find offline.
 PII_ENTITIES = ("EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS")
+# What Presidio's spaCy recognizer finds, with an NER pipeline installed (`ner_model`).
+NER_ENTITIES = ("PERSON", "LOCATION", "ORGANIZATION", "NRP", "DATE_TIME")
 Region = Annotated[str, Meta(pattern="^[A-Z]{2}$")]
 CheckName = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
 
@@ -144,6 +146,9 @@ class PiiCheck(_Check, tag="pii"):
     entities: list[str] = msgspec.field(default_factory=lambda: list(PII_ENTITIES))
     # Presidio's confidence from which a finding counts (its patterns score 0.05 to 1.0).
     min_score: Annotated[float, Meta(ge=0, le=1)] = 0.4
+    # An installed spaCy pipeline (a package name such as `en_core_web_sm`, or a folder) for
+    # names and places (NER_ENTITIES); never downloaded. Empty: patterns only.
+    ner_model: str = ""
     # Where phone numbers written without a country code are read as from (ISO codes).
     phone_regions: Annotated[list[Region], Meta(max_length=8)] = msgspec.field(
         default_factory=lambda: ["US", "GB"]
@@ -217,11 +222,13 @@ def _guardrails_problems(section: GuardrailsSection) -> list[str]:
         where = f"guardrails.profiles.{name}"
         for index, check in enumerate(profile.checks):
             if isinstance(check, PiiCheck):
-                unknown = sorted(set(check.entities) - set(PII_ENTITIES))
+                known = PII_ENTITIES + NER_ENTITIES if check.ner_model else PII_ENTITIES
+                unknown = sorted(set(check.entities) - set(known))
                 if unknown:
                     problems.append(
                         f"{where}.checks[{index}]: unknown entities {unknown}; "
-                        f"known: {list(PII_ENTITIES)}"
+                        f"known: {list(known)}"
+                        + ("" if check.ner_model else f" ({list(NER_ENTITIES)} with ner_model)")
                     )
             output = isinstance(check, PiiCheck | SecretsCheck) and check.output
             if output and check.action == "block":

@@ -69,6 +69,11 @@ _LABELS = {
     "IBAN_CODE": "IBAN",
     "IP_ADDRESS": "IP_ADDRESS",
     "BANNED": "BANNED",
+    "PERSON": "PERSON",
+    "LOCATION": "LOCATION",
+    "ORGANIZATION": "ORGANIZATION",
+    "NRP": "NRP",
+    "DATE_TIME": "DATE_TIME",
 }
 
 

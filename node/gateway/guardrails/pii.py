@@ -1,60 +1,18 @@
 """PII through Microsoft Presidio's analyzer, offline: its pattern recognizers (emails, phone
 numbers, credit cards checked by Luhn, IBANs checked by their mod-97, IP addresses) with an
-NLP engine that needs no model (and reads no tokens: see `_patterns_only_engine`).
+NLP engine that needs no model (and reads no tokens: see `_analyzer`).
 
-Imported only when a profile has a `pii` check: Presidio and spaCy take a second to import.
+With `ner_model` (an installed spaCy pipeline), Presidio's spaCy recognizer adds names,
+places and organisations. Imported only when a profile has a `pii` check: Presidio takes a
+second to import.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from node.config import PiiCheck
+from node.config import ConfigError, PiiCheck
 from node.gateway.guardrails.findings import Span
-
-
-def _patterns_only_engine() -> Any:
-    """A Presidio NLP engine that reads nothing: no tokens, no named entities. Presidio's
-    SpacyNlpEngine needs a downloaded model, and the tokens of a blank spaCy pipeline would
-    only serve its context words (a score raised near "email" or "phone"), at about 60 % of
-    the check's cost on a 1 KB prompt; so a finding's score is its pattern's and validator's
-    (a Luhn-valid card, a checksum-valid IBAN: 1.0)."""
-    from presidio_analyzer.nlp_engine import NlpArtifacts, NlpEngine
-
-    class PatternsOnlyNlpEngine(NlpEngine):
-        def load(self) -> None:
-            pass
-
-        def is_loaded(self) -> bool:
-            return True
-
-        def process_text(self, text: str, language: str) -> NlpArtifacts:
-            return NlpArtifacts(
-                entities=[],
-                tokens=[],  # type: ignore[arg-type]
-                tokens_indices=[],
-                lemmas=[],
-                nlp_engine=self,
-                language=language,
-            )
-
-        def process_batch(self, texts: Any, language: str, **kwargs: Any) -> Any:
-            for text in texts:
-                yield text, self.process_text(text, language)
-
-        def is_stopword(self, word: str, language: str) -> bool:
-            return False
-
-        def is_punct(self, word: str, language: str) -> bool:
-            return False
-
-        def get_supported_entities(self) -> list[str]:
-            return []
-
-        def get_supported_languages(self) -> list[str]:
-            return ["en"]
-
-    return PatternsOnlyNlpEngine()
 
 
 def _offline_email() -> Any:
@@ -72,8 +30,31 @@ def _offline_email() -> Any:
     return OfflineEmailRecognizer()
 
 
-def _analyzer(regions: list[str]) -> Any:
+def _ner_engine(model: str) -> Any:
+    """Presidio's spaCy engine over an installed pipeline (never a download: Presidio's own
+    engine downloads a model it does not find)."""
+    from pathlib import Path
+
+    import spacy
+    from presidio_analyzer.nlp_engine import SpacyNlpEngine
+
+    if not (spacy.util.is_package(model) or Path(model).exists()):
+        raise ConfigError(
+            f"guardrails: the pii check's ner_model {model!r} is not installed "
+            "(a spaCy pipeline's package name or folder; the node downloads none)"
+        )
+    engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": model}])
+    engine.load()
+    return engine
+
+
+def _analyzer(regions: list[str], ner_model: str) -> Any:
+    """Presidio's analyzer with its pattern recognizers and, with `ner_model`, its spaCy
+    recognizer. Without one, Presidio's no-op NLP engine: no model, no tokens (so no context
+    words raise a score: a finding scores by its pattern and validator, a Luhn-valid card or
+    a checksum-valid IBAN 1.0), at half the cost of tokenizing with a blank spaCy pipeline."""
     from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+    from presidio_analyzer.nlp_engine import NoOpNlpEngine
     from presidio_analyzer.predefined_recognizers import (
         CreditCardRecognizer,
         IbanRecognizer,
@@ -81,6 +62,8 @@ def _analyzer(regions: list[str]) -> Any:
         PhoneRecognizer,
     )
 
+    no_op = [{"lang_code": "en", "model_name": "none"}]
+    engine = _ner_engine(ner_model) if ner_model else NoOpNlpEngine(models=no_op)
     registry = RecognizerRegistry(supported_languages=["en"])
     registry.add_recognizer(_offline_email())
     # Each region is a pass of libphonenumber's matcher over the text (most of the cost):
@@ -88,9 +71,9 @@ def _analyzer(regions: list[str]) -> Any:
     registry.add_recognizer(PhoneRecognizer(supported_regions=regions))
     for recognizer in (CreditCardRecognizer, IbanRecognizer, IpRecognizer):
         registry.add_recognizer(recognizer())
-    return AnalyzerEngine(
-        registry=registry, nlp_engine=_patterns_only_engine(), supported_languages=["en"]
-    )
+    if ner_model:
+        registry.add_nlp_recognizer(nlp_engine=engine)
+    return AnalyzerEngine(registry=registry, nlp_engine=engine, supported_languages=["en"])
 
 
 class Pii:
@@ -99,7 +82,7 @@ class Pii:
     def __init__(self, check: PiiCheck) -> None:
         self.entities = list(check.entities)
         self.min_score = check.min_score
-        self._engine = _analyzer(check.phone_regions)
+        self._engine = _analyzer(check.phone_regions, check.ner_model)
 
     def find(self, text: str) -> list[Span]:
         if not text.strip():
