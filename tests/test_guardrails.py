@@ -526,3 +526,24 @@ def test_pii_anywhere_in_a_real_stream_never_leaves(
     said = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert pii not in said and PII_SAMPLES[pii] in said
     assert said == "mock says: " + text.replace(pii, PII_SAMPLES[pii])
+
+
+def test_without_pii_or_secrets_checks_their_libraries_are_never_imported() -> None:
+    import subprocess
+    import sys
+
+    program = """
+import sys
+from prometheus_client import CollectorRegistry
+import node.app
+from node.config import GuardrailProfile, GuardrailsSection, InjectionCheck, SizeCheck
+from node.gateway.guardrails.stage import Guardrails
+profile = GuardrailProfile(checks=[SizeCheck(max_chars=10), InjectionCheck()])
+Guardrails(GuardrailsSection(profiles={"p": profile}), CollectorRegistry(), lambda _: None)
+Guardrails(GuardrailsSection(), CollectorRegistry(), lambda _: None)
+print(sorted(m for m in ("presidio_analyzer", "detect_secrets", "spacy") if m in sys.modules))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
