@@ -114,7 +114,7 @@ class Hub:
         limiter = RateLimiter(store)
         scheduler = _schedule(peering, receipts, config)
         resync = ChainResync(store, identity, client, peering)
-        await resync.load(data_dir / DATABASE_FILE)
+        await resync.load()
         scheduler.add_job(resync.all, id="ledger.resync")  # at start, off the request path
         _schedule_limits(scheduler, store, limiter)
         return cls(

@@ -314,6 +314,12 @@ class Store(Protocol):
         """The database answers (for the health check)."""
         ...
 
+    async def database_id(self) -> str:
+        """Which database this is (a SQLite file's device and inode; a PostgreSQL cluster's
+        system identifier and the database's oid): a restored backup is another, and its
+        chain heads may be older than the peers' (`LedgerStore.pending_resyncs`)."""
+        ...
+
     async def prune(self, now: int) -> None:
         """Forget nonces, rate counts and parallel slots that can no longer matter."""
         ...

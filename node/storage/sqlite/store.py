@@ -3,6 +3,7 @@ object per aggregate over it."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -40,6 +41,11 @@ class SqliteStore:
 
     async def ping(self) -> bool:
         return (await self.db.fetchone("SELECT 1")) == (1,)
+
+    async def database_id(self) -> str:
+        """Which file this is (device and inode): a restored backup is another file."""
+        info = os.stat(self.db.path)
+        return f"{info.st_dev}:{info.st_ino}"
 
     async def prune(self, now: int) -> None:
         """Forget nonces, rate counts and parallel slots that can no longer matter."""

@@ -1,0 +1,132 @@
+"""Usage records (the journal drains into them), in PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import asyncpg
+import msgspec
+
+from node.storage.postgres.connection import Database
+from node.storage.records import AuditEvent, Charge, UsageGroup, UsageRecord
+from node.storage.rows import json_text
+
+_USAGE_FIELDS = UsageRecord.__struct_fields__
+
+SENT_COLUMNS = "request_id, peer_id, model, price_seq, price_in, price_out, status"
+
+# Each column's type, in UsageRecord's order: the batch goes in as one array per column.
+_USAGE_TYPES = {
+    "request_id": "text",
+    "ts_ms": "bigint",
+    "key_id": "text",
+    "tenant_id": "text",
+    "model": "text",
+    "deployment": "text",
+    "provider": "text",
+    "endpoint": "text",
+    "stream": "bigint",
+    "tokens_in": "bigint",
+    "tokens_out": "bigint",
+    "estimated": "bigint",
+    "cost_micros": "bigint",
+    "latency_ms": "bigint",
+    "status": "bigint",
+    "error": "text",
+    "unbilled_micros": "bigint",
+    "clamped": "bigint",
+}
+assert tuple(_USAGE_TYPES) == _USAGE_FIELDS
+
+_INSERT_USAGE = (
+    f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) SELECT * FROM unnest("
+    + ", ".join(f"${n}::{kind}[]" for n, kind in enumerate(_USAGE_TYPES.values(), start=1))
+    + ") ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
+)
+
+_INSERT_SENT = (
+    f"INSERT INTO peer_requests ({SENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+    " ON CONFLICT DO NOTHING"
+)
+
+
+def usage_values(record: UsageRecord) -> tuple:
+    """A usage record as its row (flags as 0 or 1)."""
+    return tuple(
+        int(value) if isinstance(value, bool) else value
+        for value in msgspec.structs.astuple(record)
+    )
+
+
+class PostgresUsage:
+    """Finished requests: their usage records, written with the spend they settle."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def write_batch(self, charges: list[Charge], events: list[AuditEvent]) -> None:
+        """Usage records, the spend they settle and audit events: one transaction."""
+        await self._db.atomic(lambda db: write_charges(db, charges, events))
+
+    async def usage_since(self, since_ms: int = 0) -> list[UsageRecord]:
+        rows = await self._db.fetch(
+            f"SELECT {', '.join(_USAGE_FIELDS)} FROM usage WHERE ts_ms >= $1 ORDER BY ts_ms",
+            since_ms,
+        )
+        return [
+            msgspec.convert(dict(zip(_USAGE_FIELDS, row, strict=True)), UsageRecord, strict=False)
+            for row in rows
+        ]
+
+    async def usage_report(
+        self, by: Literal["key", "tenant", "model"], since_ms: int
+    ) -> list[UsageGroup]:
+        column = {"key": "key_id", "tenant": "tenant_id", "model": "model"}[by]
+        rows = await self._db.fetch(
+            f"SELECT {column}, COUNT(*), SUM((status >= 400)::int), SUM(tokens_in),"
+            f" SUM(tokens_out), SUM(cost_micros), SUM(unbilled_micros), SUM(clamped)"
+            f" FROM usage WHERE ts_ms >= $1 GROUP BY {column}"
+            " ORDER BY SUM(cost_micros) DESC, COUNT(*) DESC",
+            since_ms,
+        )
+        return [UsageGroup(row[0], *(int(value) for value in row[1:])) for row in rows]
+
+
+async def write_charges(
+    db: asyncpg.Connection, charges: list[Charge], events: list[AuditEvent]
+) -> None:
+    """Write usage records, settle the spend they hold and log audit events. A record already
+    written (a journal replayed after a crash that came after its commit, or another process's
+    copy) is skipped together with its spend: the insert answers which records are new, so
+    that writing a charge twice counts it once. The spend rows are updated in one order, the
+    order a reservation locks them in, so that the two never wait on each other."""
+    if charges:
+        columns = list(zip(*(usage_values(charge.record) for charge in charges), strict=True))
+        fresh_ids = {row[0] for row in await db.fetch(_INSERT_USAGE, *map(list, columns))}
+        fresh = [c for c in charges if c.record.request_id in fresh_ids]
+        settle: dict[tuple[str, int], list[int]] = {}
+        for charge in fresh:
+            for hold in charge.holds:
+                sums = settle.setdefault((hold.scope, hold.period_start), [0, 0])
+                sums[0] += hold.amount
+                sums[1] += charge.record.cost_micros
+        if settle:
+            await db.executemany(
+                "UPDATE spend SET reserved = GREATEST(reserved - $1, 0), spent = spent + $2"
+                " WHERE scope = $3 AND period_start = $4",
+                [
+                    (held, cost, scope, start)
+                    for (scope, start), (held, cost) in sorted(settle.items())
+                ],
+            )
+        sent = [c.sent for c in fresh if c.sent is not None]
+        if sent:
+            await db.executemany(
+                _INSERT_SENT, [msgspec.structs.astuple(request) for request in sent]
+            )
+    if events:
+        await db.executemany(
+            "INSERT INTO audit (ts_ms, actor, action, target, ip, detail)"
+            " VALUES ($1, $2, $3, $4, $5, $6)",
+            [(e.ts_ms, e.actor, e.action, e.target, e.ip, json_text(e.detail)) for e in events],
+        )
