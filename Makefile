@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 AIHUB_HOME ?= $(HOME)/.aihub
 export AIHUB_HOME
 
-.PHONY: setup run test lint format bench network network-down clean agents
+.PHONY: setup run test lint format bench network network-down clean agents postgres
 
 setup: $(VENV)/.installed
 
@@ -28,8 +28,16 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint
+test: lint postgres
 	$(BIN)/pytest
+
+# PostgreSQL's server binaries, which the storage and multi-process tests start on loopback
+# (tests/postgres.py): Debian's `postgresql` package, installed only when they are missing.
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		echo "installing PostgreSQL (apt-get install postgresql)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends postgresql >/dev/null; }
 
 # Coding agents for tests/test_coding_agents.py (Codex CLI, Claude Code), pinned, from npm,
 # into .cache/agents (not global). Needs npm; the tests skip with that reason without it.
