@@ -25,7 +25,7 @@ from federation.printable import printable
 from node.cli.folder import require_config
 from node.cli.options import with_data_dir
 from node.cli.output import console, echo_json, errors, shown, warn
-from node.config import DATABASE_FILE, IDENTITY_FILE, Config
+from node.config import IDENTITY_FILE, Config, store_target
 from node.storage import opened
 from node.storage.records import PeerRecord
 
@@ -39,7 +39,7 @@ class DiscoveredView(msgspec.Struct):
 
 
 async def _active_peers(directory: Path) -> list[PeerRecord]:
-    async with opened(directory / DATABASE_FILE) as store:
+    async with opened(**store_target(directory)._asdict()) as store:
         return [peer for peer in await store.peers.peers() if peer.status == "active"]
 
 

@@ -26,7 +26,7 @@ from ledger.records import RecordError
 from node.cli.folder import currency_of, require_config
 from node.cli.options import comma_list, duration_option, money_option, with_data_dir
 from node.cli.output import console, echo_json, fail, shown
-from node.config import DATABASE_FILE, IDENTITY_FILE, Config
+from node.config import IDENTITY_FILE, Config, store_target
 from node.gateway.auth import touch_epoch
 from node.gateway.policy import PERIODS, Limits, period_start
 from node.peers.peering import (
@@ -56,7 +56,7 @@ period_option = click.option(
 
 
 async def _with_store(directory: Path, work: Callable[[Store], Awaitable[T]]) -> T:
-    async with opened(directory / DATABASE_FILE) as store:
+    async with opened(**store_target(directory)._asdict()) as store:
         return await work(store)
 
 

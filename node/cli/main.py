@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from node import __version__
+from node.cli.db import db_group
 from node.cli.discovery import peers_discover
 from node.cli.federation import invite_group, join, peers_group
 from node.cli.keys import keys_group
@@ -36,6 +37,7 @@ for command in (
     join,
     peers_group,
     ledger,
+    db_group,
     network,
 ):
     main.add_command(command)

@@ -96,6 +96,11 @@ def config_check(directory: Path) -> None:
     """Validate the config; say exactly what is wrong and where."""
     loaded = require_config(directory)
     problems = missing_secrets(loaded, dict(os.environ))
+    storage = loaded.storage
+    if storage.password_env and not os.environ.get(storage.password_env):
+        problems.append(
+            f"storage.password_env: environment variable {storage.password_env} is not set"
+        )
     for problem in problems:
         errors.print(f"[bold red]error:[/] {escape(printable(problem))}", highlight=False)
     if problems:

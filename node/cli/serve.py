@@ -19,9 +19,15 @@ from node import __version__
 from node.cli.folder import require_config, require_identity
 from node.cli.options import with_data_dir
 from node.cli.output import console, warn
-from node.config import DATABASE_FILE, IDENTITY_FILE, Config, ServerSection, missing_secrets
+from node.config import (
+    IDENTITY_FILE,
+    Config,
+    ServerSection,
+    missing_secrets,
+    store_target,
+)
 from node.gateway.journal import JOURNAL_DIR, left_behind, replay
-from node.storage import opened
+from node.storage import is_postgres, opened
 
 
 @click.command("serve")
@@ -77,12 +83,17 @@ def _configure_logging() -> None:
 
 
 async def _recover(directory: Path) -> None:
-    """Before any worker starts, no request is in flight: a reservation still held was left by
-    a node that stopped mid-request, and would shrink its budget for the rest of the period;
-    usage a crash left in the journal is written."""
+    """Before any worker starts, no request of this node's folder is in flight: usage a crash
+    left in the journal is written. On the SQLite file, no other process serves the node
+    either, so a reservation still held was left by a node that stopped mid-request (it
+    would shrink its budget for the rest of the period) and is given back. On PostgreSQL,
+    other processes (other hosts) serve the same budgets: what is reserved may be theirs, in
+    flight, and is left alone (releasing it would let them pass a cap)."""
     segments = left_behind(directory / JOURNAL_DIR)
-    async with opened(directory / DATABASE_FILE) as store:
-        await store.spend.release_all_reservations()
+    target = store_target(directory)
+    async with opened(**target._asdict()) as store:
+        if not is_postgres(target.url):
+            await store.spend.release_all_reservations()
         await replay(store, segments)
 
 

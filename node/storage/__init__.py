@@ -87,6 +87,17 @@ async def open_store(
     return await SqliteStore.open(sqlite_path(url))
 
 
+async def apply_migrations(
+    url: str | Path, *, password: str | None = None
+) -> tuple[int, list[int]]:
+    """Bring the schema of the store at `url` up to date: (the version it had, the numbers of
+    the migrations applied now, none if it was up to date)."""
+    if is_postgres(url):
+        check_postgres_url(str(url))
+        return await PostgresStore.migrate(str(url), password)
+    return await SqliteStore.migrate(sqlite_path(url))
+
+
 @asynccontextmanager
 async def opened(
     url: str | Path, *, password: str | None = None, pool_size: int = 10

@@ -61,6 +61,17 @@ async def schema_version(db: asyncpg.Connection) -> int:
     return int(await db.fetchval("SELECT version FROM aihub_schema")) if exists else 0
 
 
+async def database_id(db: asyncpg.Connection) -> str:
+    """Which database this is: the cluster's system identifier and the database's oid. A
+    dump restored (into another database, or another cluster) has another."""
+    row = await db.fetchrow(
+        "SELECT (SELECT system_identifier FROM pg_control_system()),"
+        " (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    assert row is not None
+    return f"pg:{row[0]}:{row[1]}"
+
+
 class Database:
     """A pool of connections to one PostgreSQL database, shared by every coroutine of the
     process (other processes have pools of their own)."""
@@ -93,6 +104,12 @@ class Database:
 
     async def close(self) -> None:
         await self._pool.close()
+
+    async def migrate(self) -> tuple[int, list[int]]:
+        """(the schema version found, the migrations applied now)."""
+        async with self._pool.acquire() as db:
+            found = await schema_version(db)
+            return found, await migrate(db)
 
     async def atomic(self, work: Work[T]) -> T:
         """Run `work` whole, in one transaction on one connection of the pool: all of its
@@ -134,3 +151,7 @@ class Database:
 
     async def fetchval(self, sql: str, *args: object) -> object:
         return await self._one(lambda db: db.fetchval(sql, *args))
+
+    async def run(self, call: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """`call` on one connection of the pool, outside a transaction."""
+        return await self._one(call)

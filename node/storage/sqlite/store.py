@@ -3,10 +3,13 @@ object per aggregate over it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
+from node.storage.migrations import MIGRATIONS
 from node.storage.sqlite.audit import SqliteAudit
 from node.storage.sqlite.connection import Database
 from node.storage.sqlite.keys import SqliteKeys
@@ -36,11 +39,23 @@ class SqliteStore:
         """Open (or create) the database at `path` and bring its schema up to date."""
         return cls(await Database.open(path, migrate))
 
+    @classmethod
+    async def migrate(cls, path: Path) -> tuple[int, list[int]]:
+        """(the schema version found, the migrations applied now)."""
+        found = _user_version(path)
+        store = await cls.open(path)
+        await store.close()
+        return found, list(range(found + 1, len(MIGRATIONS) + 1))
+
     async def close(self) -> None:
         await self.db.close()
 
     async def ping(self) -> bool:
         return (await self.db.fetchone("SELECT 1")) == (1,)
+
+    async def watch(self, changed: Callable[[str], None]) -> None:
+        """Nothing to hear: every process of a SQLite node shares its data folder, whose epoch
+        files tell them of changes."""
 
     async def database_id(self) -> str:
         """Which file this is (device and inode): a restored backup is another file."""
@@ -55,3 +70,11 @@ class SqliteStore:
             prune_leases(db, now)
 
         await self.db.atomic(prune)
+
+
+def _user_version(path: Path) -> int:
+    """How many migrations the file at `path` has (0: no file yet)."""
+    if not path.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
