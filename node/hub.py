@@ -17,7 +17,7 @@ from adapters import build_adapter
 from adapters.http import UpstreamClient
 from federation.identity import NodeIdentity
 from federation.nonces import NonceCache
-from node.config import DATABASE_FILE, IDENTITY_FILE, Config, missing_secrets
+from node.config import IDENTITY_FILE, Config, missing_secrets, store_target
 from node.gateway.alerts import BudgetAlerts
 from node.gateway.auth import KeyCache
 from node.gateway.budgets import Budgets
@@ -94,7 +94,7 @@ class Hub:
         for problem in missing_secrets(config, env):
             log.warning("%s: its requests will fail until it is set", problem)
         identity = NodeIdentity.load(data_dir / IDENTITY_FILE)
-        store = await open_store(data_dir / DATABASE_FILE)
+        store = await open_store(**store_target(data_dir, config)._asdict())
         usage = UsageRecorder(store, Journal(data_dir / JOURNAL_DIR))
         keys = KeyCache(identity.derive_secret(HASH_PURPOSE), store, data_dir, usage.audit)
         budgets = Budgets(store)
@@ -110,6 +110,9 @@ class Hub:
             config, identity, store, client, upstreams, router, data_dir, keys.mark_stale
         )
         await peering.start()
+        # Keys and peers changed by another process on another host (PostgreSQL): the file
+        # epochs above only tell the processes that share this data folder.
+        await store.watch(lambda changed: _stale(changed, keys, peering))
         receipts = Receipts(identity, store, client, peering)
         limiter = RateLimiter(store)
         scheduler = _schedule(peering, receipts, config)
@@ -216,6 +219,14 @@ def _schedule_limits(scheduler: AsyncIOScheduler, store: Store, limiter: RateLim
         coalesce=True,
         id="store.prune",
     )
+
+
+def _stale(changed: str, keys: KeyCache, peering: Peering) -> None:
+    """Another process changed keys (or tenants), or peers: reload them."""
+    if changed == "keys":
+        keys.mark_stale()
+    elif changed == "peers":
+        peering.mark_stale()
 
 
 async def _prune(store: Store) -> None:

@@ -66,7 +66,7 @@ def test_each_store_offers_every_method_of_each_interface(store_url: str) -> Non
                     assert inspect.signature(getattr(implementation, name)) == inspect.signature(
                         method.__get__(implementation)
                     ), f"store.{attribute}.{name}"
-            for name in ("close", "ping", "database_id", "prune"):
+            for name in ("close", "ping", "watch", "database_id", "prune"):
                 assert inspect.signature(getattr(store, name)) == inspect.signature(
                     getattr(base.Store, name).__get__(store)
                 )

@@ -9,7 +9,7 @@ other process that serves the same node.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
 from ledger.receipts import SentRequest
@@ -312,6 +312,12 @@ class Store(Protocol):
 
     async def ping(self) -> bool:
         """The database answers (for the health check)."""
+        ...
+
+    async def watch(self, changed: Callable[[str], None]) -> None:
+        """From now on, call `changed("keys")` (keys or tenants) or `changed("peers")` when
+        another process, on any host, changes them; the SQLite store never does (the data
+        folder's epoch files tell its processes)."""
         ...
 
     async def database_id(self) -> str:

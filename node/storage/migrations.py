@@ -523,4 +523,25 @@ MIGRATIONS: list[Migration] = [
         );
         """,
     ),
+    # 11 (postgres): every process of the node hears at once that keys, tenants or peers
+    # changed, whoever changed them (another host, the CLI): a notification at each commit
+    # that changes them. SQLite: nothing (one host: the data folder's epoch files tell).
+    Migration(
+        sqlite="""
+        SELECT 1;
+        """,
+        postgres="""
+        CREATE FUNCTION aihub_notify_change() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('aihub_changes', TG_ARGV[0]);
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER keys_changed AFTER INSERT OR UPDATE OR DELETE ON keys
+            FOR EACH STATEMENT EXECUTE FUNCTION aihub_notify_change('keys');
+        CREATE TRIGGER tenants_changed AFTER INSERT OR UPDATE OR DELETE ON tenants
+            FOR EACH STATEMENT EXECUTE FUNCTION aihub_notify_change('keys');
+        CREATE TRIGGER peers_changed AFTER INSERT OR UPDATE OR DELETE ON peers
+            FOR EACH STATEMENT EXECUTE FUNCTION aihub_notify_change('peers');
+        """,
+    ),
 ]

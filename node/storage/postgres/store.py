@@ -3,10 +3,13 @@ one object per aggregate over it. Every process of the node opens its own."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import asyncpg
 
 from node.storage.postgres.audit import PostgresAudit
-from node.storage.postgres.connection import Database
+from node.storage.postgres.changes import ChangeWatch
+from node.storage.postgres.connection import Database, database_id
 from node.storage.postgres.keys import PostgresKeys
 from node.storage.postgres.ledger import PostgresLedger
 from node.storage.postgres.peers import PostgresPeers, prune_nonces
@@ -18,8 +21,11 @@ from node.storage.postgres.usage import PostgresUsage
 class PostgresStore:
     """`node.storage.base.Store` over one PostgreSQL database."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, url: str, password: str | None) -> None:
         self.db = db
+        self._url = url
+        self._password = password
+        self._watch: ChangeWatch | None = None
         self.keys = PostgresKeys(db)
         self.spend = PostgresSpend(db)
         self.usage = PostgresUsage(db)
@@ -33,23 +39,36 @@ class PostgresStore:
         cls, url: str, password: str | None, *, pool_size: int = 10, migrate: bool = True
     ) -> PostgresStore:
         """Connect to the database at `url` and bring its schema up to date."""
-        return cls(await Database.open(url, password, pool_size=pool_size, migrate_now=migrate))
+        database = await Database.open(url, password, pool_size=pool_size, migrate_now=migrate)
+        return cls(database, url, password)
+
+    @classmethod
+    async def migrate(cls, url: str, password: str | None) -> tuple[int, list[int]]:
+        """(the schema version found, the migrations applied now)."""
+        db = await Database.open(url, password, pool_size=1, migrate_now=False)
+        try:
+            return await db.migrate()
+        finally:
+            await db.close()
 
     async def close(self) -> None:
+        if self._watch is not None:
+            await self._watch.stop()
         await self.db.close()
+
+    async def watch(self, changed: Callable[[str], None]) -> None:
+        """From now on, `changed("keys")` or `changed("peers")` whenever any process (another
+        host, the CLI) commits a change to them (`changes.ChangeWatch`)."""
+        if self._watch is None:
+            self._watch = ChangeWatch(self._url, self._password, changed)
+            await self._watch.start()
 
     async def ping(self) -> bool:
         return (await self.db.fetchval("SELECT 1")) == 1
 
     async def database_id(self) -> str:
-        """Which database this is: the cluster's system identifier and the database's oid.
-        A dump restored (into another database, or another cluster) has another."""
-        row = await self.db.fetchrow(
-            "SELECT (SELECT system_identifier FROM pg_control_system()),"
-            " (SELECT oid FROM pg_database WHERE datname = current_database())"
-        )
-        assert row is not None
-        return f"pg:{row[0]}:{row[1]}"
+        """Which database this is (`connection.database_id`)."""
+        return await self.db.run(database_id)
 
     async def prune(self, now: int) -> None:
         """Forget nonces, rate counts and parallel slots that can no longer matter."""

@@ -1,0 +1,123 @@
+"""One node on two processes, as on two hosts behind a load balancer: two `aihub serve`
+processes, each with a data folder of its own (the same identity and config, different ports),
+sharing one PostgreSQL database. What must hold: a budget is never passed by requests spread
+over both, a key created or revoked through one is honoured by the other on its next request,
+and one pair's receipt chain never forks or gaps when both issue receipts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+
+from node.admin.management import Management
+from node.gateway.journal import JOURNAL_DIR
+from node.gateway.policy import period_start
+from node.storage import opened
+from tests.conftest import NodeDir
+from tests.postgres import PASSWORD_ENV
+from tests.test_budgets import CAP, WORST, fire, make_key, priced_echo
+from tests.test_postgres_node import moved_to_postgres, serving
+
+
+def second_host(node: NodeDir, tmp_path: Path) -> Path:
+    """Another host's data folder for the same node: its identity and config, nothing else
+    of the first's (no journal, no epoch files, no SQLite file)."""
+    other = tmp_path / "second-host"
+    shutil.copytree(
+        node.path,
+        other,
+        ignore=shutil.ignore_patterns(JOURNAL_DIR, "*.epoch", "aihub.db*", "*.log"),
+    )
+    return other
+
+
+@contextmanager
+def two_processes(node: NodeDir, url: str, tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
+    """The node moved to PostgreSQL at `url`, served by two processes on two folders: their
+    URLs and the second folder."""
+    moved_to_postgres(node, url)
+    other = second_host(node, tmp_path)
+    with ExitStack() as stack:
+        first, _ = stack.enter_context(serving(node.path, tmp_path / "first.log"))
+        second, _ = stack.enter_context(serving(other, tmp_path / "second.log"))
+        yield first, second, other
+    for log in ("first.log", "second.log"):
+        assert "Traceback" not in (tmp_path / log).read_text()
+
+
+def spend_in(url: str, scope: str) -> tuple[int, int]:
+    async def read() -> tuple[int, int]:
+        async with opened(url, password=os.environ[PASSWORD_ENV]) as store:
+            rows = await store.spend.spend([(scope, period_start("monthly", time.time()))])
+        return (rows[0].spent, rows[0].reserved) if rows else (0, 0)
+
+    return asyncio.run(read())
+
+
+def test_a_budget_is_never_passed_across_two_processes(
+    node_dir: NodeDir, postgres_url: str, tmp_path: Path
+) -> None:
+    priced_echo(node_dir)
+    charged = 0
+    rounds: list[int] = []
+    with two_processes(node_dir, postgres_url, tmp_path) as (first, second, _):
+        key, key_id = make_key(node_dir.path, name="small", budget_micros=CAP)
+
+        async def wave() -> list[httpx.Response]:
+            a, b = await asyncio.gather(fire(first, key, 150), fire(second, key, 150))
+            return a + b
+
+        # Waves of 300 concurrent requests, half to each process, until one gets nothing.
+        while not rounds or rounds[-1]:
+            responses = asyncio.run(wave())
+            statuses = [r.status_code for r in responses]
+            assert set(statuses) <= {200, 429}, statuses
+            served = [r for r in responses if r.status_code == 200]
+            charged += sum(int(r.headers["aihub-cost-micros"]) for r in served)
+            rounds.append(len(served))
+            assert len(rounds) < 50
+    spent, reserved = spend_in(postgres_url, f"key:{key_id}")
+    assert spent == charged <= CAP
+    assert reserved == 0
+    # Used up, not stranded: each process refuses once its own lease (`node/gateway/budgets.py`)
+    # holds less than a request's worst case and the database has less than that left too.
+    assert CAP - spent < 3 * WORST
+    assert rounds[0] >= CAP // WORST and rounds[-1] == 0
+
+
+def chat(url: str, key: str) -> int:
+    body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    headers = {"authorization": f"Bearer {key}"}
+    return httpx.post(
+        url + "/v1/chat/completions", json=body, headers=headers, timeout=30
+    ).status_code
+
+
+async def revoke(folder: Path, key_id: str) -> None:
+    admin = await Management.open(folder)
+    try:
+        await admin.revoke_key(key_id, "test")
+    finally:
+        await admin.close()
+
+
+def test_a_key_created_or_revoked_on_one_is_honoured_on_the_other(
+    node_dir: NodeDir, postgres_url: str, tmp_path: Path
+) -> None:
+    with two_processes(node_dir, postgres_url, tmp_path) as (first, second, other):
+        for _ in range(3):
+            # Made through the second host's folder, used at once on the first, and back.
+            key, key_id = make_key(other, name="fresh")
+            assert chat(first, key) == 200
+            assert chat(second, key) == 200
+
+            asyncio.run(revoke(other, key_id))
+            assert chat(first, key) == 401
+            assert chat(second, key) == 401
