@@ -7,6 +7,7 @@ and one pair's receipt chain never forks or gaps when both issue receipts."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import time
@@ -15,15 +16,19 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
+import msgspec
 
 from node.admin.management import Management
 from node.gateway.journal import JOURNAL_DIR
 from node.gateway.policy import period_start
 from node.storage import opened
-from tests.conftest import NodeDir
+from node.storage.records import StoredReceipt, body_hash
+from tests.conftest import NodeDir, concurrent_client
 from tests.postgres import PASSWORD_ENV
 from tests.test_budgets import CAP, WORST, fire, make_key, priced_echo
+from tests.test_federation import LLAMA, _bobs_key_at_alice, cli, invite, make_peer
 from tests.test_postgres_node import moved_to_postgres, serving
+from tests.test_replay_limits import BODY, CHAT, signed
 
 
 def second_host(node: NodeDir, tmp_path: Path) -> Path:
@@ -121,3 +126,51 @@ def test_a_key_created_or_revoked_on_one_is_honoured_on_the_other(
             asyncio.run(revoke(other, key_id))
             assert chat(first, key) == 401
             assert chat(second, key) == 401
+
+
+def test_one_pairs_chain_never_forks_or_gaps_when_both_issue_receipts(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """Bob's node sends requests to both of alice's processes at once (signed for alice's
+    address, as a load balancer in front of both would pass them on): every one is served
+    with a receipt, and alice's chain for bob is one chain, every seq once, each linked to
+    the one before, as `aihub ledger verify` checks."""
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    moved_to_postgres(alice.dir, postgres_url)
+    authority = f"127.0.0.1:{alice.port}"
+    with serving(alice.path, tmp_path / "first.log", alice.port) as (first, _):
+        cli("join", invite(alice), "--data-dir", str(bob.path))
+        key = _bobs_key_at_alice(bob.path)
+        with serving(second_host(alice.dir, tmp_path), tmp_path / "second.log") as (second, _):
+
+            async def burst() -> list[int]:
+                async with concurrent_client(first, 40) as client:
+                    answers = await asyncio.gather(
+                        *(
+                            client.post(
+                                url + CHAT,
+                                content=BODY,
+                                headers={
+                                    **signed(bob.path, first + CHAT, BODY, key),
+                                    "host": authority,
+                                },
+                            )
+                            for url in [first, second] * 20
+                        )
+                    )
+                return [answer.status_code for answer in answers]
+
+            assert asyncio.run(burst()) == [200] * 40
+
+    async def chain() -> list[StoredReceipt]:
+        async with opened(postgres_url, password=os.environ[PASSWORD_ENV]) as store:
+            (pair,) = await store.ledger.receipt_pairs()
+            return await store.ledger.receipts(*pair)
+
+    receipts = asyncio.run(chain())
+    assert [r.seq for r in receipts] == list(range(1, 41))
+    for before, after in itertools.pairwise(receipts):
+        assert msgspec.json.decode(after.body)["prev"] == body_hash(before.body)
+    checks = msgspec.json.decode(cli("ledger", "verify", "--json", "--data-dir", str(alice.path)))
+    assert checks and all(check["ok"] for check in checks), checks
