@@ -5,21 +5,26 @@ database the test suite started."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import msgspec
 import openai
 from click.testing import CliRunner, Result
 
 from node.cli.main import main
+from node.config import DATABASE_FILE
 from node.storage import opened
 from tests.conftest import NodeDir, wait_ready
 from tests.mocks.server import free_port
 from tests.postgres import PASSWORD_ENV
+from tests.test_federation import LLAMA, answers, cli, invite, make_peer, wait_for
 
 STORAGE_DEFAULT = 'url = ""'
 
@@ -131,3 +136,73 @@ def test_a_node_serves_from_postgres(node_dir: NodeDir, postgres_url: str, tmp_p
     # Written to PostgreSQL (drained from the journal when the process stopped at the latest).
     assert asyncio.run(usage()) == ["echo"], request_id
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+def test_db_copy_moves_a_sqlite_node_with_its_books(postgres_url: str, tmp_path: Path) -> None:
+    """Alice served bob on SQLite (usage, spend, peers, receipts both countersigned); her
+    store copied to PostgreSQL holds all of it, `aihub ledger verify` finds every chain whole,
+    and she serves from the copy, the chain going on where it stopped."""
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    with alice.run() as a, bob.run() as b:
+        cli("join", invite(alice), "--data-dir", str(bob.path))
+        assert wait_for(lambda: answers(b, "llama3", max_tokens=3))
+        for _ in range(3):
+            assert answers(b, "llama3", max_tokens=3)
+        assert answers(a, "echo")
+    before = ledger_rows(alice.path)
+    assert before["receipts"] >= 4
+
+    copied = aihub(
+        "db",
+        "copy",
+        "--to",
+        postgres_url,
+        "--password-env",
+        PASSWORD_ENV,
+        "--data-dir",
+        str(alice.path),
+    )
+    assert copied.exit_code == 0, copied.output
+    assert f"receipts: {before['receipts']}" in said(copied)
+    again = aihub(
+        "db",
+        "copy",
+        "--to",
+        postgres_url,
+        "--password-env",
+        PASSWORD_ENV,
+        "--data-dir",
+        str(alice.path),
+    )
+    assert again.exit_code == 1 and "holds records already" in said(again)
+    use_postgres(alice.dir, postgres_url)
+
+    checks = msgspec.json.decode(cli("ledger", "verify", "--json", "--data-dir", str(alice.path)))
+    assert checks and all(check["ok"] for check in checks), checks
+
+    async def counts() -> dict[str, int]:
+        async with opened(postgres_url, password=os.environ[PASSWORD_ENV]) as store:
+            (pair,) = await store.ledger.receipt_pairs()
+            return {
+                "receipts": len(await store.ledger.receipts(*pair)),
+                "usage": len(await store.usage.usage_since(0)),
+                "peers": len(await store.peers.peers()),
+                "keys": len(await store.keys.keys()),
+            }
+
+    assert asyncio.run(counts()) == before
+    with alice.run(), bob.run() as b:
+        assert answers(b, "llama3", max_tokens=3)
+    assert asyncio.run(counts())["receipts"] == before["receipts"] + 1
+    checks = msgspec.json.decode(cli("ledger", "verify", "--json", "--data-dir", str(alice.path)))
+    assert all(check["ok"] for check in checks), checks
+
+
+def ledger_rows(path: Path) -> dict[str, int]:
+    """What the SQLite file holds, counted straight from its tables."""
+    with contextlib.closing(sqlite3.connect(path / DATABASE_FILE)) as db:
+        return {
+            table: db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+            for table in ("receipts", "usage", "peers", "keys")
+        }
