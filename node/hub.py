@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +35,7 @@ from node.peers.receipts import Receipts
 from node.peers.resync import ChainResync
 from node.storage import open_store
 from node.storage.base import Store
+from node.storage.records import StoreUnavailable
 
 if TYPE_CHECKING:  # the hub is reached from a request; it needs no web framework to run
     from litestar import Request
@@ -160,7 +163,7 @@ def _schedule(peering: Peering, receipts: Receipts, config: Config) -> AsyncIOSc
     scheduler = AsyncIOScheduler()
     federation = config.federation
     scheduler.add_job(
-        peering.refresh_all,
+        _while_store_answers(peering.refresh_all),
         "interval",
         seconds=federation.health_interval,
         max_instances=1,
@@ -168,7 +171,7 @@ def _schedule(peering: Peering, receipts: Receipts, config: Config) -> AsyncIOSc
         id="peers.refresh",
     )
     scheduler.add_job(
-        peering.reload_if_stale,
+        _while_store_answers(peering.reload_if_stale),
         "interval",
         seconds=1,
         max_instances=1,
@@ -176,7 +179,7 @@ def _schedule(peering: Peering, receipts: Receipts, config: Config) -> AsyncIOSc
         id="peers.reload",
     )
     scheduler.add_job(
-        receipts.send_countersignatures,
+        _while_store_answers(receipts.send_countersignatures),
         "interval",
         seconds=COUNTERSIGN_INTERVAL,
         max_instances=1,
@@ -184,7 +187,7 @@ def _schedule(peering: Peering, receipts: Receipts, config: Config) -> AsyncIOSc
         id="ledger.countersign",
     )
     scheduler.add_job(
-        _reconcile,
+        _while_store_answers(_reconcile),
         "interval",
         args=(receipts, peering),
         seconds=federation.reconcile_interval,
@@ -203,7 +206,7 @@ def _schedule_limits(scheduler: AsyncIOScheduler, store: Store, limiter: RateLim
     back, tokens counted, slots renewed), and the store's nonce and rate records of the past
     forgotten, off the request path."""
     scheduler.add_job(
-        limiter.sync,
+        _while_store_answers(limiter.sync),
         "interval",
         seconds=1,
         max_instances=1,
@@ -211,7 +214,7 @@ def _schedule_limits(scheduler: AsyncIOScheduler, store: Store, limiter: RateLim
         id="limits.sync",
     )
     scheduler.add_job(
-        _prune,
+        _while_store_answers(_prune),
         "interval",
         args=(store,),
         seconds=PRUNE_INTERVAL,
@@ -219,6 +222,20 @@ def _schedule_limits(scheduler: AsyncIOScheduler, store: Store, limiter: RateLim
         coalesce=True,
         id="store.prune",
     )
+
+
+def _while_store_answers(job: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """A scheduled job that skips its turn while the database cannot be reached (it runs
+    again on its schedule), with a warning instead of a traceback each time."""
+
+    @functools.wraps(job)
+    async def run(*args: object) -> None:
+        try:
+            await job(*args)
+        except StoreUnavailable as exc:
+            log.warning("%s skipped: %s", getattr(job, "__qualname__", job), exc)
+
+    return run
 
 
 def _stale(changed: str, keys: KeyCache, peering: Peering) -> None:

@@ -11,6 +11,7 @@ Unix socket, and asks every client for a password (scram-sha-256), so that the n
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -80,6 +81,24 @@ class PostgresServer:
     def drop_database(self, name: str) -> None:
         self.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
+    def pg_ctl(self, *args: str) -> None:
+        """Run pg_ctl on this server's folder, as the user the server runs as."""
+        options = (
+            f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories=''"
+            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+            " -c max_connections=200"
+        )
+        command = [self.folder / "bin" / "pg_ctl", "-D", self.folder / "data", "-w"]
+        command += ["-l", self.folder / "log", "-o", options, *args]
+        subprocess.run(command, check=True, capture_output=True, **_as_user(self.run_as))
+
+    def stop(self) -> None:
+        """Stop the server at once (every client connection is cut)."""
+        self.pg_ctl("-m", "immediate", "stop")
+
+    def start(self) -> None:
+        self.pg_ctl("start")
+
 
 # Passwords over TCP for everyone; a test cluster needs no locale and no fsync.
 _INITDB = ("--auth=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync")
@@ -119,26 +138,13 @@ def postgres_server() -> Iterator[PostgresServer]:
             capture_output=True,
             **_as_user(run_as),
         )
-        port = _free_port()
-        options = (
-            f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories=''"
-            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-            " -c max_connections=200"
-        )
-        subprocess.run(
-            [bindir / "pg_ctl", "-D", data, "-l", folder / "log", "-w", "-o", options, "start"],
-            check=True,
-            capture_output=True,
-            **_as_user(run_as),
-        )
+        server = PostgresServer(folder, _free_port(), password, run_as)
+        server.start()
         try:
-            yield PostgresServer(folder, port, password, run_as)
+            yield server
         finally:
-            subprocess.run(
-                [bindir / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"],
-                capture_output=True,
-                **_as_user(run_as),
-            )
+            with contextlib.suppress(subprocess.CalledProcessError):
+                server.stop()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import msgspec
 import openai
 from click.testing import CliRunner, Result
@@ -23,7 +24,8 @@ from node.config import DATABASE_FILE
 from node.storage import opened
 from tests.conftest import NodeDir, wait_ready
 from tests.mocks.server import free_port
-from tests.postgres import PASSWORD_ENV
+from tests.postgres import PASSWORD_ENV, postgres_server
+from tests.test_budgets import make_key
 from tests.test_federation import LLAMA, answers, cli, invite, make_peer, wait_for
 
 STORAGE_DEFAULT = 'url = ""'
@@ -206,3 +208,36 @@ def ledger_rows(path: Path) -> dict[str, int]:
             table: db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
             for table in ("receipts", "usage", "peers", "keys")
         }
+
+
+def test_a_database_that_goes_away_is_a_503_and_comes_back_without_a_restart(
+    node_dir: NodeDir, tmp_path: Path
+) -> None:
+    """PostgreSQL stopped under a running node: a request that needs it (a budgeted key's
+    reservation) is a clear 503 with Retry-After, the readiness check says unavailable, and
+    once the database is back the same process serves again, nothing restarted."""
+    with postgres_server() as server:
+        os.environ[PASSWORD_ENV] = server.password
+        url = server.url(server.create_database())
+        moved_to_postgres(node_dir, url)
+        key, _ = make_key(node_dir.path, name="budgeted", budget_micros=10**9)
+        with serving(node_dir.path, tmp_path / "serve.log") as (base, process):
+            client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+            chat = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+            assert client.chat.completions.create(**chat).choices  # type: ignore[call-overload]
+            server.stop()
+            try:
+                client.chat.completions.create(**chat)  # type: ignore[call-overload]
+            except openai.APIStatusError as refused:
+                assert refused.status_code == 503
+                assert refused.response.headers["retry-after"] == "1"
+                assert refused.body["code"] == "store_unavailable"  # type: ignore[index]
+            else:
+                raise AssertionError("a request needing the database must be refused")
+            assert httpx.get(base + "/health/ready").status_code == 503
+            server.start()
+            assert wait_for(lambda: httpx.get(base + "/health/ready").status_code == 200)
+            assert client.chat.completions.create(**chat).choices  # type: ignore[call-overload]
+            assert process.poll() is None
+    log = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in log, log

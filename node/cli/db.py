@@ -17,9 +17,16 @@ from node.cli.output import console, fail
 from node.config import ConfigError, store_target
 from node.storage import apply_migrations, check_postgres_url, is_postgres, redacted
 from node.storage.copy import CopyRefused, copy_sqlite_to_postgres
+from node.storage.records import StoreUnavailable
 
 # What a database that cannot be reached, or refuses us, raises: said, never a traceback.
-_UNREACHABLE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_UNREACHABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    StoreUnavailable,
+)
 
 
 @click.group("db")

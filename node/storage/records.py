@@ -253,6 +253,17 @@ class Conflict(Exception):
     """A write that would break a uniqueness rule (a name already taken)."""
 
 
+class StoreUnavailable(Exception):
+    """The database cannot be reached now (a PostgreSQL server gone away, restarting, out of
+    connections): nothing was written, and the same call may succeed shortly. The node answers
+    its clients 503 meanwhile."""
+
+
+class Refused(ValueError):
+    """The database refuses a record as it is (a value out of range, a broken constraint):
+    writing it again will not help."""
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 

@@ -12,13 +12,15 @@ each other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 import asyncpg
 
 from node.storage.migrations import MIGRATIONS
+from node.storage.records import Refused, StoreUnavailable
 
 T = TypeVar("T")
 Work = Callable[[asyncpg.Connection], Awaitable[T]]
@@ -72,6 +74,33 @@ async def database_id(db: asyncpg.Connection) -> str:
     return f"pg:{row[0]}:{row[1]}"
 
 
+# The server cannot be reached, went away, or is shutting down or starting: try again later.
+UNREACHABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+# A record the database refuses as it is.
+REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """The driver's errors as the store's own (`records.StoreUnavailable`, `Refused`)."""
+    try:
+        yield
+    except asyncpg.UniqueViolationError:
+        raise  # a Conflict where the caller knows what is unique (keys.py)
+    except REFUSED as exc:
+        raise Refused(str(exc)) from exc
+    except UNREACHABLE as exc:
+        raise StoreUnavailable(f"the database cannot be reached: {exc}") from exc
+
+
 class Database:
     """A pool of connections to one PostgreSQL database, shared by every coroutine of the
     process (other processes have pools of their own)."""
@@ -87,7 +116,9 @@ class Database:
         pool = await asyncpg.create_pool(
             url,
             password=password,
-            min_size=1,
+            # None kept open when idle: a pool that must keep one reconnects in the background
+            # while the server is away, logging each failure; ours reconnect on use.
+            min_size=0,
             max_size=pool_size,
             command_timeout=60,
             # The node's own name in pg_stat_activity, for whoever runs the database.
@@ -119,15 +150,17 @@ class Database:
         return await asyncio.shield(self._atomic(work))
 
     async def _atomic(self, work: Work[T]) -> T:
-        async with self._pool.acquire() as db, db.transaction():
-            return await work(db)
+        with _translated():
+            async with self._pool.acquire() as db, db.transaction():
+                return await work(db)
 
     async def _one(self, call: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """One statement, on its own (autocommit): no BEGIN and COMMIT round trips."""
 
         async def run() -> T:
-            async with self._pool.acquire() as db:
-                return await call(db)
+            with _translated():
+                async with self._pool.acquire() as db:
+                    return await call(db)
 
         return await asyncio.shield(run())
 
