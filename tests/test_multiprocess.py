@@ -28,7 +28,7 @@ from tests.postgres import PASSWORD_ENV
 from tests.test_budgets import CAP, WORST, fire, make_key, priced_echo
 from tests.test_federation import LLAMA, _bobs_key_at_alice, cli, invite, make_peer
 from tests.test_postgres_node import moved_to_postgres, serving
-from tests.test_replay_limits import BODY, CHAT, signed
+from tests.test_replay_limits import BODY, CHAT, _join, is_replay, post_as, signed
 
 
 def second_host(node: NodeDir, tmp_path: Path) -> Path:
@@ -174,3 +174,50 @@ def test_one_pairs_chain_never_forks_or_gaps_when_both_issue_receipts(
         assert msgspec.json.decode(after.body)["prev"] == body_hash(before.body)
     checks = msgspec.json.decode(cli("ledger", "verify", "--json", "--data-dir", str(alice.path)))
     assert checks and all(check["ok"] for check in checks), checks
+
+
+def test_rpm_holds_across_two_hosts(node_dir: NodeDir, postgres_url: str, tmp_path: Path) -> None:
+    with two_processes(node_dir, postgres_url, tmp_path) as (first, second, _):
+        output = cli("keys", "create", "--name", "limited", "--rpm", "6", "--json",
+                     "--data-dir", str(node_dir.path))  # fmt: skip
+        key = msgspec.json.decode(output)["key"]
+        statuses = [chat(url, key) for _ in range(6) for url in (first, second)]
+    assert statuses.count(200) == 6, statuses
+    assert statuses.count(429) == 6, statuses
+
+
+def test_a_captured_request_is_refused_by_the_other_host_and_an_invite_is_used_once(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    carol, dave = make_peer(tmp_path, "carol"), make_peer(tmp_path, "dave")
+    moved_to_postgres(alice.dir, postgres_url)
+    authority = f"127.0.0.1:{alice.port}"
+    with serving(alice.path, tmp_path / "first.log", alice.port) as (first, _):
+        cli("join", invite(alice), "--data-dir", str(bob.path))
+        key = _bobs_key_at_alice(bob.path)
+        with serving(second_host(alice.dir, tmp_path), tmp_path / "second.log") as (second, _):
+            captured = signed(bob.path, first + CHAT, BODY, key)
+            assert post_as(first, authority, CHAT, BODY, captured).status_code == 200
+            assert is_replay(post_as(second, authority, CHAT, BODY, captured))
+            # One use left of an invite, two joiners, one at each host at once: one joins.
+            token = invite(alice, "--uses", "1")
+            joins = [_join(carol.path, token), _join(dave.path, token)]
+
+            async def both() -> list[int]:
+                async with httpx.AsyncClient(timeout=30) as client:
+                    answers = await asyncio.gather(
+                        *(
+                            client.post(
+                                url + "/federation/join",
+                                content=body,
+                                headers={**headers, "host": authority},
+                            )
+                            for url, (body, headers, _) in zip((first, second), joins, strict=True)
+                        )
+                    )
+                return sorted(answer.status_code for answer in answers)
+
+            statuses = asyncio.run(both())
+            assert statuses[0] == 200 and statuses[1] != 200, statuses
