@@ -53,9 +53,10 @@ $(AGENTS_DIR)/.installed: Makefile
 	touch $@
 
 # Benchmarks: not part of `make test` (nor CI). BENCH_ARGS=--quick for a run under a minute.
-bench: setup
+bench: setup postgres
 	@command -v wrk >/dev/null || echo "wrk not found (apt-get install wrk): using the Python load generator"
 	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.postgres  # the PostgreSQL arm (bench/README.md)
 
 # Three nodes on loopback, joined together; a request routed to a peer, its receipt, balances.
 network: setup
