@@ -46,6 +46,8 @@ log = logging.getLogger("aihub")
 COUNTERSIGN_INTERVAL = 2
 # Expired nonces and old rate counts are deleted this often (seconds).
 PRUNE_INTERVAL = 30
+# Each process renews its budget holds this often (they expire after HOLD_TTL, 15 s).
+HOLD_RENEW_INTERVAL = 5
 
 
 def http_client(config: Config) -> httpx.AsyncClient:
@@ -123,6 +125,14 @@ class Hub:
         await resync.load()
         scheduler.add_job(resync.all, id="ledger.resync")  # at start, off the request path
         _schedule_limits(scheduler, store, limiter)
+        scheduler.add_job(
+            _while_store_answers(budgets.renew),
+            "interval",
+            seconds=HOLD_RENEW_INTERVAL,
+            max_instances=1,
+            coalesce=True,
+            id="budgets.renew",
+        )
         return cls(
             config=config,
             data_dir=data_dir,

@@ -26,7 +26,7 @@ from node.storage.records import StoredReceipt, body_hash
 from tests.conftest import NodeDir, concurrent_client
 from tests.postgres import PASSWORD_ENV
 from tests.test_budgets import CAP, WORST, fire, make_key, priced_echo
-from tests.test_federation import LLAMA, _bobs_key_at_alice, cli, invite, make_peer
+from tests.test_federation import LLAMA, _bobs_key_at_alice, cli, invite, make_peer, wait_for
 from tests.test_postgres_node import moved_to_postgres, serving
 from tests.test_replay_limits import BODY, CHAT, _join, is_replay, post_as, signed
 
@@ -221,3 +221,33 @@ def test_a_captured_request_is_refused_by_the_other_host_and_an_invite_is_used_o
 
             statuses = asyncio.run(both())
             assert statuses[0] == 200 and statuses[1] != 200, statuses
+
+
+def test_a_killed_processs_budget_lease_comes_back_and_its_usage_is_kept(
+    node_dir: NodeDir, postgres_url: str, tmp_path: Path
+) -> None:
+    """A process killed with SIGKILL while it holds a lease of a budget: the other process
+    gives the lease back once it expires, nobody restarted; the killed process's completed
+    request is in the books (written, or replayed from its journal when its host restarts)."""
+    priced_echo(node_dir)
+    moved_to_postgres(node_dir, postgres_url)
+    other = second_host(node_dir, tmp_path)
+    key, key_id = make_key(node_dir.path, name="small", budget_micros=CAP)
+    scope = f"key:{key_id}"
+    with serving(other, tmp_path / "second.log"):
+        with serving(node_dir.path, tmp_path / "first.log") as (first, killed):
+            assert chat(first, key) == 200
+            assert spend_in(postgres_url, scope)[1] > 0  # its lease, reserved
+            killed.kill()
+            killed.wait(timeout=10)
+        assert wait_for(lambda: spend_in(postgres_url, scope)[1] == 0, seconds=120)
+        with serving(node_dir.path, tmp_path / "first.log"):  # its host back: journal replayed
+            pass
+    spent, reserved = spend_in(postgres_url, scope)
+    assert reserved == 0 and 0 < spent <= WORST
+
+    async def usage() -> int:
+        async with opened(postgres_url, password=os.environ[PASSWORD_ENV]) as store:
+            return len(await store.usage.usage_since(0))
+
+    assert asyncio.run(usage()) == 1

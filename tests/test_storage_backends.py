@@ -5,11 +5,13 @@ reads, run against SQLite and a real PostgreSQL alike, with what must hold under
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 from ledger.receipts import GENESIS
 from node.storage.base import Store
 from node.storage.records import (
+    HOLD_TTL,
     AuditEvent,
     Conflict,
     Hold,
@@ -206,5 +208,36 @@ def test_responses_are_kept_per_key(store_url: str) -> None:
         assert not await store.responses.delete("k2", "resp1")
         assert await store.responses.delete("k1", "resp1")
         assert isinstance(await store.database_id(), str)
+
+    on(store_url, test)
+
+
+def test_a_dead_holders_budget_holds_are_given_back(store_url: str) -> None:
+    """A process's reservations are its own while it renews them; once it stops (killed),
+    a prune gives them back, and its completed requests, written later (its journal
+    replayed), add their spend without taking another process's reservation."""
+
+    async def test(store: Store) -> None:
+        scope = [("key:k1", 0)]
+        await store.spend.open_periods([("key:k1", 0, 1000)])
+        assert await store.spend.reserve(300, scope, "dead")
+        assert await store.spend.reserve(200, scope, "alive")
+        now = int(time.time())
+        assert await store.spend.renew_holds("alive", now + HOLD_TTL) == 1
+        await store.prune(now + HOLD_TTL + 1)  # "dead" expired, "alive" renewed
+        (row,) = await store.spend.spend(scope)
+        assert (row.spent, row.reserved) == (0, 200)
+        assert await store.spend.renew_holds("dead", now) == 0  # given back: nothing left
+        # The dead process's request of 50 (of its 300) is written from its journal: spend
+        # only. The live one's of 20 (of its 200) settles its own reservation.
+        late, live = charge("late", cost=50), charge("live", cost=20)
+        late.holds = [Hold("key:k1", 0, 50, "dead")]
+        live.holds = [Hold("key:k1", 0, 20, "alive")]
+        await store.usage.write_batch([late, live], [])
+        (row,) = await store.spend.spend(scope)
+        assert (row.spent, row.reserved) == (70, 180)
+        await store.spend.release([(180, ("key:k1", 0))], "alive")
+        (row,) = await store.spend.spend(scope)
+        assert row.reserved == 0
 
     on(store_url, test)

@@ -11,12 +11,16 @@ that concurrent requests in the process never promise more than it holds. When a
 settles, its actual cost moves from reserved to spent in the database (in the same batched
 transaction as its usage record) and the rest of its reservation returns to the lease. Leases
 are given back when the process stops, when keys change, and at start-up (`aihub serve`
-releases anything a crashed process held).
+on SQLite releases anything a crashed process held). What a process reserves is noted as its
+own (`holder`), and it renews that every few seconds (`renew`): when a process is killed, the
+others give back what it held once its holds expire (`HOLD_TTL`), without a restart, on
+PostgreSQL as on SQLite.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 
 from node.errors import HubError, Kind
@@ -43,6 +47,8 @@ Scope = tuple[str, int]  # (scope, period start)
 class Budgets:
     def __init__(self, store: Store) -> None:
         self.store = store
+        # This process, in the store's budget holds.
+        self.holder = secrets.token_hex(8)
         # (scope, period start, cap) rows known to exist with that cap: opened once a period.
         self._opened: set[tuple[str, int, int]] = set()
         # Reserved in the database and not yet promised to a request, per scope and period.
@@ -62,7 +68,15 @@ class Budgets:
     async def _release(self, leases: dict[Scope, int]) -> None:
         unused = [(amount, scope) for scope, amount in leases.items() if amount > 0]
         if unused:
-            await self.store.spend.release(unused)
+            await self.store.spend.release(unused, self.holder)
+
+    async def renew(self) -> None:
+        """Tell the store this process is alive (every few seconds). If what it held was
+        given back meanwhile (it could not renew for `HOLD_TTL`: the database was away), its
+        leases are reserved no more: it drops them and takes new ones."""
+        renewed = await self.store.spend.renew_holds(self.holder, int(time.time()))
+        if renewed == 0 and any(amount > 0 for amount in self._leases.values()):
+            self._leases = {}
 
     async def release(self) -> None:
         """Give every lease back (the process stops)."""
@@ -97,7 +111,7 @@ class Budgets:
         if not self._take(scopes, amount):
             async with self._refill:
                 await self._lease(rows, amount)
-        return [Hold(scope, start, amount) for scope, start in scopes]
+        return [Hold(scope, start, amount, self.holder) for scope, start in scopes]
 
     async def _lease(self, rows: list[tuple[str, int, int]], amount: int) -> None:
         scopes = [(scope, start) for scope, start, _ in rows]
@@ -113,9 +127,9 @@ class Budgets:
                 if short <= 0:
                     continue
                 chunk = max(short, min(amount * LEASE_REQUESTS, cap // LEASE_SHARE))
-                if not await self.store.spend.reserve(chunk, [(scope, start)]):
+                if not await self.store.spend.reserve(chunk, [(scope, start)], self.holder):
                     if chunk == short or not await self.store.spend.reserve(
-                        short, [(scope, start)]
+                        short, [(scope, start)], self.holder
                     ):
                         raise _exceeded(amount, scopes)
                     chunk = short
@@ -131,7 +145,7 @@ class Budgets:
             used = min(cost, hold.amount)
             scope = (hold.scope, hold.period_start)
             self._leases[scope] = self._leases.get(scope, 0) + hold.amount - used
-            moved.append(Hold(hold.scope, hold.period_start, used))
+            moved.append(Hold(hold.scope, hold.period_start, used, hold.holder))
         return moved
 
 

@@ -73,14 +73,20 @@ class SpendStore(Protocol):
         """Make sure each (scope, period start, cap) row exists and carries the current cap."""
         ...
 
-    async def reserve(self, amount: int, scopes: list[tuple[str, int]]) -> bool:
+    async def reserve(self, amount: int, scopes: list[tuple[str, int]], holder: str = "") -> bool:
         """Reserve `amount` in every (scope, period start), or in none if any would pass its
         cap: atomic against every other reservation, so that concurrent requests can never
-        take a budget past its cap."""
+        take a budget past its cap. A `holder` (a process) holds it until it releases or
+        settles it, or stops renewing its holds (`renew_holds`) for `HOLD_TTL` seconds."""
         ...
 
-    async def release(self, leases: list[tuple[int, tuple[str, int]]]) -> None:
+    async def release(self, leases: list[tuple[int, tuple[str, int]]], holder: str = "") -> None:
         """Give back reserved budget that no request will use: (amount, (scope, start))."""
+        ...
+
+    async def renew_holds(self, holder: str, now: int) -> int:
+        """The holder is alive: what it holds stays its own until `now + HOLD_TTL`; how many
+        holds it has (none: it holds nothing, or what it held was given back)."""
         ...
 
     async def release_all_reservations(self) -> None:
@@ -327,5 +333,6 @@ class Store(Protocol):
         ...
 
     async def prune(self, now: int) -> None:
-        """Forget nonces, rate counts and parallel slots that can no longer matter."""
+        """Forget nonces, rate counts and parallel slots that can no longer matter, and give
+        back the budget holds of processes that stopped renewing them (killed)."""
         ...

@@ -544,4 +544,31 @@ MIGRATIONS: list[Migration] = [
             FOR EACH STATEMENT EXECUTE FUNCTION aihub_notify_change('peers');
         """,
     ),
+    # 12: what each process holds reserved of each budget, with an expiry it keeps
+    # renewing, so that what a killed process held is given back by the others (its
+    # completed requests, replayed from its journal later, then add their spend only).
+    Migration(
+        sqlite="""
+        CREATE TABLE budget_holds (
+            scope TEXT NOT NULL,
+            period_start INTEGER NOT NULL,
+            holder TEXT NOT NULL,
+            amount INTEGER NOT NULL,
+            expires INTEGER NOT NULL,
+            PRIMARY KEY (scope, period_start, holder)
+        ) WITHOUT ROWID;
+        CREATE INDEX budget_holds_expires ON budget_holds (expires);
+        """,
+        postgres="""
+        CREATE TABLE budget_holds (
+            scope TEXT NOT NULL,
+            period_start BIGINT NOT NULL,
+            holder TEXT NOT NULL,
+            amount BIGINT NOT NULL,
+            expires BIGINT NOT NULL,
+            PRIMARY KEY (scope, period_start, holder)
+        );
+        CREATE INDEX budget_holds_expires ON budget_holds (expires);
+        """,
+    ),
 ]

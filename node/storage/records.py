@@ -106,11 +106,13 @@ class UsageRecord(msgspec.Struct):
 
 
 class Hold(msgspec.Struct, frozen=True):
-    """Part of a budget reserved for one request, in one scope and period."""
+    """Part of a budget reserved for one request, in one scope and period, by the process
+    `holder` (empty: a hold of no process's, as journals written before holders were)."""
 
     scope: str
     period_start: int
     amount: int
+    holder: str = ""
 
 
 RateKind = Literal["requests", "tokens", "parallel"]
@@ -157,6 +159,9 @@ class RateAnswer(msgspec.Struct):
 # A live process renews its parallel slots every second; a dead one's come back this long
 # after its last renewal.
 SLOT_TTL = 15
+# What a process holds reserved of a budget is its own until this many seconds pass without
+# it renewing them (`SpendStore.renew_holds`); then any process gives it back (`Store.prune`).
+HOLD_TTL = 15
 # Rate counts older than this many seconds are no longer read (the window is a minute).
 RATE_WINDOW = 60
 

@@ -3,10 +3,13 @@ rate counts and parallel slots."""
 
 from __future__ import annotations
 
+import time
+
 import asyncpg
 
 from node.storage.postgres.connection import Database, changed, lock_key
 from node.storage.records import (
+    HOLD_TTL,
     RATE_WINDOW,
     SLOT_TTL,
     RateAnswer,
@@ -28,6 +31,13 @@ _RESERVE = (
     " WHERE spend.scope = held.scope AND spend.period_start = held.period_start"
     " AND NOT EXISTS (SELECT 1 FROM held"
     " WHERE held.spent::numeric + held.reserved + $1 > held.cap)"
+)
+
+_HOLD = (
+    "INSERT INTO budget_holds SELECT scope, period_start, $3, $4, $5"
+    " FROM unnest($1::text[], $2::bigint[]) AS given (scope, period_start)"
+    " ON CONFLICT (scope, period_start, holder) DO UPDATE"
+    " SET amount = budget_holds.amount + excluded.amount, expires = excluded.expires"
 )
 
 _ADD_RATE = (
@@ -55,24 +65,64 @@ class PostgresSpend:
             sorted(rows),
         )
 
-    async def reserve(self, amount: int, scopes: list[tuple[str, int]]) -> bool:
+    async def reserve(self, amount: int, scopes: list[tuple[str, int]], holder: str = "") -> bool:
         """Reserve `amount` in every scope, or in none if any would pass its cap: one
-        statement, atomic against every other reservation of every process."""
+        statement decides, atomic against every other reservation of every process; then
+        it is noted as the holder's (the spend rows stay locked until then)."""
         scope_names, starts = _columns(scopes)
-        count = await self._db.execute(_RESERVE, amount, scope_names, starts)
-        return count == len(set(scopes))
+        ordered = sorted(scopes)
 
-    async def release(self, leases: list[tuple[int, tuple[str, int]]]) -> None:
+        async def work(db: asyncpg.Connection) -> bool:
+            count = changed(await db.execute(_RESERVE, amount, scope_names, starts))
+            if count == len(scopes) and holder:
+                await db.execute(
+                    _HOLD,
+                    [scope for scope, _ in ordered],
+                    [start for _, start in ordered],
+                    holder,
+                    amount,
+                    int(time.time()) + HOLD_TTL,
+                )
+            return count == len(scopes)
+
+        return await self._db.atomic(work)
+
+    async def release(self, leases: list[tuple[int, tuple[str, int]]], holder: str = "") -> None:
         """Give back reserved budget that no request will use: (amount, (scope, start))."""
-        await self._db.execute_many(
-            "UPDATE spend SET reserved = GREATEST(reserved - $1, 0)"
-            " WHERE scope = $2 AND period_start = $3",
-            sorted((amount, scope, start) for amount, (scope, start) in leases),
+        rows = sorted((scope, start, amount) for amount, (scope, start) in leases)
+
+        async def work(db: asyncpg.Connection) -> None:
+            await db.executemany(
+                "UPDATE spend SET reserved = GREATEST(reserved - $3, 0)"
+                " WHERE scope = $1 AND period_start = $2",
+                rows,
+            )
+            if holder:
+                await db.executemany(
+                    "UPDATE budget_holds SET amount = GREATEST(amount - $3, 0)"
+                    " WHERE scope = $1 AND period_start = $2 AND holder = $4",
+                    [(*row, holder) for row in rows],
+                )
+
+        if rows:
+            await self._db.atomic(work)
+
+    async def renew_holds(self, holder: str, now: int) -> int:
+        """The holder is alive: what it holds stays its own until `now + HOLD_TTL`; how many
+        holds it has (none: it holds nothing, or what it held was given back)."""
+        return await self._db.execute(
+            "UPDATE budget_holds SET expires = $1 WHERE holder = $2", now + HOLD_TTL, holder
         )
 
     async def release_all_reservations(self) -> None:
-        """At start-up no request is in flight: what is still reserved was lost in a crash."""
-        await self._db.execute("UPDATE spend SET reserved = 0 WHERE reserved != 0")
+        """No request of any process is in flight (the SQLite node's start; on PostgreSQL,
+        `aihub serve` never calls this: other hosts may be serving)."""
+
+        async def work(db: asyncpg.Connection) -> None:
+            await db.execute("UPDATE spend SET reserved = 0 WHERE reserved != 0")
+            await db.execute("DELETE FROM budget_holds")
+
+        await self._db.atomic(work)
 
     async def spend(self, scopes: list[tuple[str, int]]) -> list[SpendRow]:
         if not scopes:
@@ -194,9 +244,26 @@ async def _buckets(
 
 
 async def prune_leases(db: asyncpg.Connection, now: int) -> None:
-    """Forget rate counts older than any window reads, and parallel slots that expired."""
+    """Forget rate counts older than any window reads, and parallel slots that expired; give
+    back what processes that stopped renewing their budget holds held. The spend rows are
+    locked first, in the order every writer locks them, then the expired holds deleted (a
+    hold renewed meanwhile is no longer expired, and stays), then their sums given back."""
     await db.execute("DELETE FROM rate_counts WHERE second < $1", now - 2 * RATE_WINDOW)
     await db.execute("DELETE FROM parallel_slots WHERE expires < $1", now)
+    await db.execute(
+        "SELECT 1 FROM spend WHERE (scope, period_start) IN (SELECT scope, period_start"
+        " FROM budget_holds WHERE expires < $1) ORDER BY scope, period_start FOR UPDATE",
+        now,
+    )
+    await db.execute(
+        "WITH gone AS (DELETE FROM budget_holds WHERE expires < $1"
+        " RETURNING scope, period_start, amount),"
+        " sums AS (SELECT scope, period_start, SUM(amount) AS amount FROM gone"
+        " GROUP BY scope, period_start)"
+        " UPDATE spend SET reserved = GREATEST(spend.reserved - sums.amount, 0) FROM sums"
+        " WHERE spend.scope = sums.scope AND spend.period_start = sums.period_start",
+        now,
+    )
 
 
 __all__ = ["PostgresSpend", "changed", "prune_leases"]

@@ -8,7 +8,7 @@ import asyncpg
 import msgspec
 
 from node.storage.postgres.connection import Database
-from node.storage.records import AuditEvent, Charge, UsageGroup, UsageRecord
+from node.storage.records import AuditEvent, Charge, Hold, UsageGroup, UsageRecord
 from node.storage.rows import json_text
 
 _USAGE_FIELDS = UsageRecord.__struct_fields__
@@ -92,6 +92,57 @@ class PostgresUsage:
         return [UsageGroup(row[0], *(int(value) for value in row[1:])) for row in rows]
 
 
+async def _settle(db: asyncpg.Connection, holds: list[tuple[int, Hold]]) -> None:
+    """Move each hold from reserved to spent (its request's cost): the spend rows in the order
+    a reservation locks them, then the holders' holds. A hold whose holder's holds were given
+    back (it was killed, and this is its journal replayed) is reserved no more: its request
+    adds its spend only."""
+    if not holds:
+        return
+    ordered = sorted(holds, key=lambda item: (item[1].scope, item[1].period_start, item[1].holder))
+    scopes = [h.scope for _, h in ordered], [h.period_start for _, h in ordered]
+    # Locked before the holds are read: a prune giving back a killed holder's holds locks
+    # these rows first too, so it cannot give one back between this read and the update.
+    await db.execute(
+        "SELECT 1 FROM spend WHERE (scope, period_start) IN"
+        " (SELECT * FROM unnest($1::text[], $2::bigint[]))"
+        " ORDER BY scope, period_start FOR UPDATE",
+        *scopes,
+    )
+    held = {
+        (row[0], row[1], row[2])
+        for row in await db.fetch(
+            "SELECT scope, period_start, holder FROM budget_holds"
+            " WHERE (scope, period_start, holder) IN"
+            " (SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[]))",
+            *scopes,
+            [h.holder for _, h in ordered],
+        )
+    }
+    await db.executemany(
+        "UPDATE spend SET reserved = GREATEST(reserved - $1, 0), spent = spent + $2"
+        " WHERE scope = $3 AND period_start = $4",
+        [
+            (
+                hold.amount
+                if not hold.holder or (hold.scope, hold.period_start, hold.holder) in held
+                else 0,
+                cost,
+                hold.scope,
+                hold.period_start,
+            )
+            for cost, hold in ordered
+        ],
+    )
+    mine = [(h.amount, h.scope, h.period_start, h.holder) for _, h in ordered if h.holder]
+    if mine:
+        await db.executemany(
+            "UPDATE budget_holds SET amount = GREATEST(amount - $1, 0)"
+            " WHERE scope = $2 AND period_start = $3 AND holder = $4",
+            mine,
+        )
+
+
 async def write_charges(
     db: asyncpg.Connection, charges: list[Charge], events: list[AuditEvent]
 ) -> None:
@@ -104,21 +155,7 @@ async def write_charges(
         columns = list(zip(*(usage_values(charge.record) for charge in charges), strict=True))
         fresh_ids = {row[0] for row in await db.fetch(_INSERT_USAGE, *map(list, columns))}
         fresh = [c for c in charges if c.record.request_id in fresh_ids]
-        settle: dict[tuple[str, int], list[int]] = {}
-        for charge in fresh:
-            for hold in charge.holds:
-                sums = settle.setdefault((hold.scope, hold.period_start), [0, 0])
-                sums[0] += hold.amount
-                sums[1] += charge.record.cost_micros
-        if settle:
-            await db.executemany(
-                "UPDATE spend SET reserved = GREATEST(reserved - $1, 0), spent = spent + $2"
-                " WHERE scope = $3 AND period_start = $4",
-                [
-                    (held, cost, scope, start)
-                    for (scope, start), (held, cost) in sorted(settle.items())
-                ],
-            )
+        await _settle(db, [(c.record.cost_micros, hold) for c in fresh for hold in c.holds])
         sent = [c.sent for c in fresh if c.sent is not None]
         if sent:
             await db.executemany(

@@ -74,14 +74,23 @@ def write_charges(db: sqlite3.Connection, charges: list[Charge], events: list[Au
         f"INSERT OR IGNORE INTO usage VALUES ({_USAGE_PLACEHOLDERS})",
         [msgspec.structs.astuple(s.record) for s in fresh],
     )
+    holds = [(s.record.cost_micros, hold) for s in fresh for hold in s.holds]
+    # A hold whose holder's holds were given back (it was killed, and this is its journal
+    # replayed) is reserved no more: its request adds its spend only.
     db.executemany(
-        "UPDATE spend SET reserved = MAX(reserved - ?, 0), spent = spent + ?"
+        "UPDATE spend SET reserved = MAX(reserved - CASE WHEN ? = '' OR EXISTS (SELECT 1"
+        " FROM budget_holds h WHERE h.scope = spend.scope AND h.period_start ="
+        " spend.period_start AND h.holder = ?) THEN ? ELSE 0 END, 0), spent = spent + ?"
         " WHERE scope = ? AND period_start = ?",
         [
-            (hold.amount, s.record.cost_micros, hold.scope, hold.period_start)
-            for s in fresh
-            for hold in s.holds
+            (hold.holder, hold.holder, hold.amount, cost, hold.scope, hold.period_start)
+            for cost, hold in holds
         ],
+    )
+    db.executemany(
+        "UPDATE budget_holds SET amount = MAX(amount - ?, 0)"
+        " WHERE scope = ? AND period_start = ? AND holder = ?",
+        [(h.amount, h.scope, h.period_start, h.holder) for _, h in holds if h.holder],
     )
     sent = [s.sent for s in fresh if s.sent is not None]
     if sent:
