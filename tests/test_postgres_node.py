@@ -243,3 +243,23 @@ def test_a_database_that_goes_away_is_a_503_and_comes_back_without_a_restart(
             assert process.poll() is None
     log = (tmp_path / "serve.log").read_text()
     assert "Traceback" not in log, log
+
+
+def test_db_copy_refuses_what_it_cannot_use(node_dir: NodeDir, postgres_url: str) -> None:
+    """A password in --to, a URL that is no PostgreSQL's, a password variable that is not set,
+    a node already on PostgreSQL: each refused in words, nothing echoed of a password."""
+    folder = str(node_dir.path)
+    cases = [
+        (["--to", "postgresql://aihub:hunter2@127.0.0.1/x"], "holds a password"),
+        (["--to", "mysql://db/x"], "not a PostgreSQL URL"),
+        (["--to", "postgresql://aihub@127.0.0.1:99999999/x"], "not a PostgreSQL URL"),
+        (["--to", postgres_url, "--password-env", "AIHUB_SURELY_UNSET_PW"], "is not set"),
+    ]
+    for args, why in cases:
+        result = aihub("db", "copy", *args, "--data-dir", folder)
+        assert result.exit_code == 1, (args, result.output)
+        assert why in said(result) and "hunter2" not in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+    use_postgres(node_dir, postgres_url)
+    result = aihub("db", "copy", "--to", postgres_url, "--data-dir", folder)
+    assert result.exit_code == 1 and "PostgreSQL already" in said(result)

@@ -52,6 +52,8 @@ def check_postgres_url(url: str) -> None:
         parts.port  # noqa: B018 (raises on a port that is not a number)
     except ValueError as exc:
         raise ValueError(f"not a PostgreSQL URL: {exc}") from None
+    if parts.scheme not in POSTGRES_SCHEMES:
+        raise ValueError(f"not a PostgreSQL URL (postgresql://…): {redacted(url)!r}")
     if parts.password is not None:
         raise ValueError(
             "the PostgreSQL URL holds a password: remove it and name the environment"
@@ -65,10 +67,14 @@ def check_postgres_url(url: str) -> None:
 
 def redacted(url: str | Path) -> str:
     """The URL as it may be shown: any password replaced."""
-    if not is_postgres(url):
+    if isinstance(url, Path) or "://" not in url:
         return str(url)
-    parts = urlsplit(str(url))
-    if parts.password is None:
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "(a URL that does not parse)"
+    if password is None:
         return str(url)
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return parts._replace(netloc=netloc).geturl()
