@@ -251,3 +251,30 @@ def test_a_killed_processs_budget_lease_comes_back_and_its_usage_is_kept(
             return len(await store.usage.usage_since(0))
 
     assert asyncio.run(usage()) == 1
+
+
+def test_max_parallel_holds_across_two_hosts(
+    node_dir: NodeDir, postgres_url: str, tmp_path: Path
+) -> None:
+    node_dir.set_config('provider = "echo"', 'provider = "echo"\nlatency_ms = 3000')
+    with two_processes(node_dir, postgres_url, tmp_path) as (first, second, _):
+        output = cli("keys", "create", "--name", "narrow", "--max-parallel", "2", "--json",
+                     "--data-dir", str(node_dir.path))  # fmt: skip
+        key = msgspec.json.decode(output)["key"]
+        body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+        async def burst() -> list[int]:
+            async with concurrent_client(first, 8) as client:
+                answers = await asyncio.gather(
+                    *(
+                        client.post(
+                            url + CHAT, json=body, headers={"authorization": f"Bearer {key}"}
+                        )
+                        for url in [first, second] * 3
+                    )
+                )
+            return [answer.status_code for answer in answers]
+
+        statuses = asyncio.run(burst())
+    assert statuses.count(200) == 2, statuses
+    assert statuses.count(429) == 4, statuses
