@@ -263,3 +263,14 @@ def test_db_copy_refuses_what_it_cannot_use(node_dir: NodeDir, postgres_url: str
     use_postgres(node_dir, postgres_url)
     result = aihub("db", "copy", "--to", postgres_url, "--data-dir", folder)
     assert result.exit_code == 1 and "PostgreSQL already" in said(result)
+
+
+def test_serve_on_a_database_it_cannot_reach_says_so(node_dir: NodeDir, monkeypatch) -> None:
+    monkeypatch.setenv(PASSWORD_ENV, "x")
+    use_postgres(node_dir, f"postgresql://aihub@127.0.0.1:{free_port()}/aihub")
+    result = aihub("serve", "--port", str(free_port()), "--data-dir", str(node_dir.path))
+    assert result.exit_code == 1, result.output
+    assert "the store cannot be reached" in said(result) and "Traceback" not in result.output
+    monkeypatch.delenv(PASSWORD_ENV)
+    result = aihub("serve", "--port", str(free_port()), "--data-dir", str(node_dir.path))
+    assert result.exit_code == 1 and f"{PASSWORD_ENV} is not set" in said(result)

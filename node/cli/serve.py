@@ -18,16 +18,17 @@ from federation.printable import PrintableFormatter
 from node import __version__
 from node.cli.folder import require_config, require_identity
 from node.cli.options import with_data_dir
-from node.cli.output import console, warn
+from node.cli.output import console, fail, warn
 from node.config import (
     IDENTITY_FILE,
     Config,
+    ConfigError,
     ServerSection,
     missing_secrets,
     store_target,
 )
 from node.gateway.journal import JOURNAL_DIR, left_behind, replay
-from node.storage import is_postgres, opened
+from node.storage import UNREACHABLE, is_postgres, opened
 
 
 @click.command("serve")
@@ -56,7 +57,12 @@ def serve(
     # Workers are separate processes: they find the node through the environment.
     os.environ["AIHUB_HOME"] = str(directory)
     _configure_logging()
-    asyncio.run(_recover(directory))
+    try:
+        asyncio.run(_recover(directory))
+    except ConfigError as exc:
+        fail(str(exc))
+    except UNREACHABLE as exc:
+        fail(f"the store cannot be reached: {exc}")
     url = f"http://{host}:{port}"
     console.print(
         f"aihub {__version__}: node [bold]{escape(config.node.name)}[/] serving "

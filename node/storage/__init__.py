@@ -11,10 +11,15 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from node.storage.base import Store
+from node.storage.postgres.connection import UNREACHABLE as POSTGRES_UNREACHABLE
 from node.storage.postgres.store import PostgresStore
+from node.storage.records import StoreUnavailable
 from node.storage.sqlite.store import SqliteStore
 
 SCHEMES = ("sqlite", "postgresql")
+# What opening a store that cannot be reached raises (a PostgreSQL server down or refusing):
+# the commands say so in words.
+UNREACHABLE = (OSError, TimeoutError, StoreUnavailable, *POSTGRES_UNREACHABLE)
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 

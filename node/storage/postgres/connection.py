@@ -83,6 +83,9 @@ UNREACHABLE = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+    asyncpg.exceptions.InvalidPasswordError,
+    asyncpg.exceptions.InvalidCatalogNameError,
 )
 # A record the database refuses as it is.
 REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
