@@ -264,6 +264,3 @@ async def prune_leases(db: asyncpg.Connection, now: int) -> None:
         " WHERE spend.scope = sums.scope AND spend.period_start = sums.period_start",
         now,
     )
-
-
-__all__ = ["PostgresSpend", "changed", "prune_leases"]

@@ -36,7 +36,8 @@ _USAGE_TYPES = {
     "unbilled_micros": "bigint",
     "clamped": "bigint",
 }
-assert tuple(_USAGE_TYPES) == _USAGE_FIELDS
+if tuple(_USAGE_TYPES) != _USAGE_FIELDS:  # a field added to UsageRecord must be typed here
+    raise ImportError("postgres/usage.py: _USAGE_TYPES does not match UsageRecord's fields")
 
 _INSERT_USAGE = (
     f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) SELECT * FROM unnest("
