@@ -1,6 +1,7 @@
 """One node on two processes, as on two hosts behind a load balancer: two `aihub serve`
 processes, each with a data folder of its own (the same identity and config, different ports),
-sharing one PostgreSQL database. What must hold: a budget is never passed by requests spread
+sharing one PostgreSQL database (and, for what a killed process held, two processes on one
+SQLite file, as `--workers` runs). What must hold: a budget is never passed by requests spread
 over both, a key created or revoked through one is honoured by the other on its next request,
 and one pair's receipt chain never forks or gaps when both issue receipts."""
 
@@ -25,7 +26,7 @@ from node.storage import opened
 from node.storage.records import StoredReceipt, body_hash
 from tests.conftest import NodeDir, concurrent_client
 from tests.postgres import PASSWORD_ENV
-from tests.test_budgets import CAP, WORST, fire, make_key, priced_echo
+from tests.test_budgets import CAP, WORST, fire, make_key, priced_echo, spend_of
 from tests.test_federation import LLAMA, _bobs_key_at_alice, cli, invite, make_peer, wait_for
 from tests.test_postgres_node import moved_to_postgres, serving
 from tests.test_replay_limits import BODY, CHAT, _join, is_replay, post_as, signed
@@ -278,3 +279,19 @@ def test_max_parallel_holds_across_two_hosts(
         statuses = asyncio.run(burst())
     assert statuses.count(200) == 2, statuses
     assert statuses.count(429) == 4, statuses
+
+
+def test_a_killed_workers_budget_lease_comes_back_on_sqlite(
+    node_dir: NodeDir, tmp_path: Path
+) -> None:
+    """The same on one host's SQLite file, as `--workers` has it: two processes on one data
+    folder, one killed while it holds a lease, the other gives it back."""
+    priced_echo(node_dir)
+    key, key_id = make_key(node_dir.path, name="small", budget_micros=CAP)
+    with serving(node_dir.path, tmp_path / "second.log"):
+        with serving(node_dir.path, tmp_path / "first.log") as (first, killed):
+            assert chat(first, key) == 200
+            assert spend_of(node_dir.path, f"key:{key_id}")[1] > 0
+            killed.kill()
+            killed.wait(timeout=10)
+        assert wait_for(lambda: spend_of(node_dir.path, f"key:{key_id}")[1] == 0, seconds=120)
