@@ -102,7 +102,7 @@ class Hub:
         store = await open_store(**store_target(data_dir, config)._asdict())
         usage = UsageRecorder(store, Journal(data_dir / JOURNAL_DIR))
         keys = KeyCache(identity.derive_secret(HASH_PURPOSE), store, data_dir, usage.audit)
-        budgets = Budgets(store)
+        budgets = Budgets(store, config.node.currency)
         keys.listeners.append(budgets.forget)
         await keys.load()
         client = http_client(config)

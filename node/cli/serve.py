@@ -16,19 +16,11 @@ from rich.markup import escape
 
 from federation.printable import PrintableFormatter
 from node import __version__
-from node.cli.folder import require_config, require_identity
+from node.cli.folder import require_config, require_identity, require_secrets
 from node.cli.options import with_data_dir
-from node.cli.output import console, fail, warn
-from node.config import (
-    IDENTITY_FILE,
-    Config,
-    ConfigError,
-    ServerSection,
-    missing_secrets,
-    store_target,
-)
-from node.gateway.journal import JOURNAL_DIR, left_behind, replay
-from node.storage import UNREACHABLE, is_postgres, opened
+from node.cli.output import console, fail
+from node.config import IDENTITY_FILE, Config, ConfigError, ServerSection, store_target
+from node.peers.address import recorded
 
 
 @click.command("serve")
@@ -49,19 +41,20 @@ def serve(
     """Start the node."""
     config = require_config(directory)
     require_identity(directory)
-    for problem in missing_secrets(config, dict(os.environ)):
-        warn(problem)
+    require_secrets(config)
     host = host or config.server.host
     port = port or config.server.port
     workers = workers or config.server.workers
     # Workers are separate processes: they find the node through the environment.
     os.environ["AIHUB_HOME"] = str(directory)
     _configure_logging()
+    from node.storage import unreachable_errors
+
     try:
         asyncio.run(_recover(directory))
     except ConfigError as exc:
         fail(str(exc))
-    except UNREACHABLE as exc:
+    except unreachable_errors() as exc:  # evaluated only when something was raised
         fail(f"the store cannot be reached: {exc}")
     url = f"http://{host}:{port}"
     console.print(
@@ -70,7 +63,9 @@ def serve(
         highlight=False,
     )
     console.print(f'  curl {url}/v1/models -H "Authorization: Bearer $AIHUB_KEY"', highlight=False)
-    with _announced(directory, config, port):
+    # Invites and the node's descriptor carry the address it really serves on (`--port`
+    # may differ from the config): `node.peers.address` reads it back.
+    with _announced(directory, config, port), recorded(directory, host, port):
         if server == "granian":
             _run_granian(host, port, workers, config.server)
         else:
@@ -95,6 +90,9 @@ async def _recover(directory: Path) -> None:
     would shrink its budget for the rest of the period) and is given back. On PostgreSQL,
     other processes (other hosts) serve the same budgets: what is reserved may be theirs, in
     flight, and is left alone (releasing it would let them pass a cap)."""
+    from node.gateway.journal import JOURNAL_DIR, left_behind, replay
+    from node.storage import is_postgres, opened
+
     segments = left_behind(directory / JOURNAL_DIR)
     target = store_target(directory)
     async with opened(**target._asdict()) as store:

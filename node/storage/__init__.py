@@ -11,16 +11,21 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from node.storage.base import Store
-from node.storage.postgres.connection import UNREACHABLE as POSTGRES_UNREACHABLE
-from node.storage.postgres.store import PostgresStore
 from node.storage.records import StoreUnavailable
 from node.storage.sqlite.store import SqliteStore
 
 SCHEMES = ("sqlite", "postgresql")
-# What opening a store that cannot be reached raises (a PostgreSQL server down or refusing):
-# the commands say so in words.
-UNREACHABLE = (OSError, TimeoutError, StoreUnavailable, *POSTGRES_UNREACHABLE)
+
 POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def unreachable_errors() -> tuple[type[BaseException], ...]:
+    """What opening a store that cannot be reached raises (a PostgreSQL server down, refusing
+    us, or without the database), for the commands to say so in words. A function: the
+    PostgreSQL driver is imported only by a node that uses it."""
+    from node.storage.postgres.connection import UNREACHABLE
+
+    return (OSError, TimeoutError, StoreUnavailable, *UNREACHABLE)
 
 
 def is_postgres(url: str | Path) -> bool:
@@ -93,6 +98,8 @@ async def open_store(
     forms). The schema is brought up to date unless `migrate` is False (PostgreSQL: `aihub db
     migrate` may have done it); an unknown scheme is a ValueError naming the schemes known."""
     if is_postgres(url):
+        from node.storage.postgres.store import PostgresStore
+
         check_postgres_url(str(url))
         return await PostgresStore.open(str(url), password, pool_size=pool_size, migrate=migrate)
     return await SqliteStore.open(sqlite_path(url))
@@ -104,6 +111,8 @@ async def apply_migrations(
     """Bring the schema of the store at `url` up to date: (the version it had, the numbers of
     the migrations applied now, none if it was up to date)."""
     if is_postgres(url):
+        from node.storage.postgres.store import PostgresStore
+
         check_postgres_url(str(url))
         return await PostgresStore.migrate(str(url), password)
     return await SqliteStore.migrate(sqlite_path(url))
