@@ -16,7 +16,9 @@ from federation.httpsig import REQUEST_ID_HEADER
 from federation.ids import new_request_id
 from node import __version__
 from node.admin.ledger import LEDGER_ROUTES
+from node.admin.peers import PEER_ROUTES
 from node.admin.routes import ADMIN_ROUTES
+from node.admin.stats import STATS_ROUTES
 from node.config import data_dir, load_config
 from node.hub import Hub, hub_of
 from node.ingress import anthropic
@@ -26,6 +28,8 @@ from node.ingress.openai import ROUTES, document
 from node.ingress.openai_more import ROUTES as OPENAI_MORE_ROUTES
 from node.ingress.responses import ROUTES as RESPONSES_ROUTES
 from node.peers.routes import FEDERATION_ROUTES
+from node.ui.routes import UI_ROUTES
+from node.ui.security import ui_security_headers
 
 
 class Health(msgspec.Struct):
@@ -92,13 +96,17 @@ def create_app(directory: Path | None = None) -> Litestar:
             *ADMIN_ROUTES,
             *LEDGER_ROUTES,
             *FEDERATION_ROUTES,
+            # The dashboard (issue 16): its pages, and the admin endpoints it reads.
+            *PEER_ROUTES,
+            *STATS_ROUTES,
+            *UI_ROUTES,
             live,
             ready,
             metrics,
         ],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-        before_send=[stamp_request_id],
+        before_send=[stamp_request_id, ui_security_headers],
         request_max_body_size=config.server.max_body_bytes,
         openapi_config=OpenAPIConfig(title="aihub", version=__version__, path="/schema"),
         debug=False,

@@ -254,6 +254,19 @@ MIGRATIONS: list[str] = [
         context BLOB NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 11 (branch dashboard): the dashboard's sign-in sessions, by the hash of their cookie
+    # (a leaked database holds no cookie), each with its CSRF token and an expiry; a session
+    # names the admin key it was opened with, so revoking the key ends it.
+    """
+    CREATE TABLE ui_sessions (
+        id_hash BLOB PRIMARY KEY,
+        key_id TEXT NOT NULL,
+        csrf TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX ui_sessions_expires ON ui_sessions (expires_ms);
+    """,
 ]
 
 
