@@ -126,9 +126,7 @@ def test_session_cookie_csrf_and_sign_out(node: RunningNode) -> None:
         without = client.post("/admin/keys", json={"name": "no-token"})
         assert without.status_code == 403
         assert without.json()["error"]["code"] == "csrf_token_invalid"
-        wrong = client.post(
-            "/admin/keys", json={"name": "bad"}, headers={"x-csrf-token": "x" * 43}
-        )
+        wrong = client.post("/admin/keys", json={"name": "bad"}, headers={"x-csrf-token": "x" * 43})
         assert wrong.status_code == 403
         assert client.delete(f"/admin/keys/{key_id}").status_code == 403
         csrf = csrf_of(client)

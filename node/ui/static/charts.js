@@ -9,14 +9,17 @@
   const text = (id, value) => { document.getElementById(id).textContent = value; };
   const number = (n) => n.toLocaleString("en");
 
-  function chart(id, data, series) {
+  // Small amounts (a request costs micro-units) keep three significant digits on the axis.
+  const small = (u, splits) => splits.map((v) => v === null ? "" : v.toLocaleString("en", { maximumSignificantDigits: 3 }));
+
+  function chart(id, data, series, values) {
     const box = document.getElementById(id);
     const options = {
       width: Math.max(320, box.clientWidth),
       height: 200,
       legend: { live: false },
       scales: { x: { time: true } },
-      axes: [{}, { size: 60 }],
+      axes: [{}, values ? { size: 90, values: values } : { size: 60 }],
       series: [{}].concat(series),
     };
     return new window.uPlot(options, data, box);
@@ -44,10 +47,11 @@
     ]);
     chart("chart-cost", [x, points.map((p) => p.cost_micros / 1e6)], [
       { label: currency, stroke: "#059669", fill: "rgba(5,150,105,0.1)" },
-    ]);
+    ], small);
     chart("chart-latency", [x, col("p50_ms"), col("p95_ms")], [
-      { label: "p50", stroke: "#2563eb", spanGaps: true },
-      { label: "p95", stroke: "#ea580c", spanGaps: true },
+      // A bucket without requests has no latency: points, so that a lone bucket shows.
+      { label: "p50", stroke: "#2563eb", spanGaps: true, points: { show: true, size: 6 } },
+      { label: "p95", stroke: "#ea580c", spanGaps: true, points: { show: true, size: 6 } },
     ]);
     totals.dataset.loaded = "true";
   }
