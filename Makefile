@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 AIHUB_HOME ?= $(HOME)/.aihub
 export AIHUB_HOME
 
-.PHONY: setup run test lint format bench network network-down clean agents
+.PHONY: setup run test lint format bench network network-down clean agents browser
 
 setup: $(VENV)/.installed
 
@@ -28,8 +28,18 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint
+test: lint browser
 	$(BIN)/pytest
+
+# Debian's Chromium, which the dashboard's browser tests drive (tests/test_dashboard_browser.py):
+# installed when missing (root only: apt-get), quietly.
+CHROMIUM ?= /usr/bin/chromium
+
+browser:
+	@test -x $(CHROMIUM) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq >/dev/null \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+		|| { test -x $(CHROMIUM) || echo "chromium not found: apt-get install chromium (the browser tests need it)"; }
 
 # Coding agents for tests/test_coding_agents.py (Codex CLI, Claude Code), pinned, from npm,
 # into .cache/agents (not global). Needs npm; the tests skip with that reason without it.
