@@ -27,6 +27,7 @@ from node.ingress.errors import EXCEPTION_HANDLERS
 from node.ingress.openai import ROUTES, document
 from node.ingress.openai_more import ROUTES as OPENAI_MORE_ROUTES
 from node.ingress.responses import ROUTES as RESPONSES_ROUTES
+from node.observe.access import AccessLog
 from node.peers.routes import FEDERATION_ROUTES
 from node.ui.routes import UI_ROUTES
 from node.ui.security import ui_security_headers
@@ -114,4 +115,6 @@ def create_app(directory: Path | None = None) -> Litestar:
     )
     document(app.openapi_schema)
     anthropic.document(app.openapi_schema)
+    # Outermost, so that it sees every answer (404s and errors too) with its request id.
+    app.asgi_handler = AccessLog(app.asgi_handler)
     return app

@@ -163,6 +163,14 @@ class Deployment(Struct, forbid_unknown_fields=True):
         )
 
 
+class LogSection(Struct, forbid_unknown_fields=True):
+    # What `aihub serve` writes to stderr: this level and up (`--log-level` overrides it), as
+    # text or as JSON lines, with an access-log line per request (`node.observe.access`).
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    json: bool = False
+    access: bool = True
+
+
 class Config(Struct, forbid_unknown_fields=True):
     node: NodeSection
     server: ServerSection = msgspec.field(default_factory=ServerSection)
@@ -170,6 +178,7 @@ class Config(Struct, forbid_unknown_fields=True):
     router: RouterSection = msgspec.field(default_factory=RouterSection)
     alerts: AlertsSection = msgspec.field(default_factory=AlertsSection)
     federation: FederationSection = msgspec.field(default_factory=FederationSection)
+    log: LogSection = msgspec.field(default_factory=LogSection)
     models: list[Deployment] = []
 
     def public_urls(self) -> list[str]:
@@ -313,6 +322,11 @@ mdns_interface = ""                 # an interface's IPv4 address; empty: all
 advert_ttl = 3600                   # seconds a model advert stays valid
 health_interval = 30                # seconds between peer health checks (and advert fetches)
 reconcile_interval = 3600           # seconds between reconciliations of the ledger with peers
+
+[log]
+level = "info"                      # debug | info | warning | error (`aihub serve --log-level`)
+json = false                        # true: one JSON object per line
+access = true                       # a line per request: method, path, status, latency, key, model
 
 # Each [[models]] entry is one deployment. Several may share a `name`: the router picks
 # among them by strategy and falls back in order.

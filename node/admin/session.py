@@ -22,6 +22,7 @@ from node.gateway.auth import Principal
 from node.hub import hub_of
 from node.ingress.asgi import authenticate, client_ip
 from node.ingress.errors import ApiError
+from node.observe import access
 from node.storage.records import AuditEvent, SessionRecord, now_ms
 
 SESSION_COOKIE = "aihub_session"
@@ -108,7 +109,9 @@ async def admin_caller(request: Request) -> Principal:
     """Who calls the admin API: the bearer key when there is an `Authorization` header, else
     the session of the cookie (a change with it carrying its CSRF token), else a 401."""
     if "authorization" in request.headers or session_cookie(request) is None:
-        return await authenticate(request)
+        principal = await authenticate(request)
+        access.note(request.scope, key_id=principal.key_id)
+        return principal
     found = await current_session(request)
     if found is None:
         raise HubError(
@@ -125,4 +128,5 @@ async def admin_caller(request: Request) -> Principal:
             "A change made with a dashboard session must carry its CSRF token in X-CSRF-Token",
             "csrf_token_invalid",
         )
+    access.note(request.scope, key_id=principal.key_id)
     return principal

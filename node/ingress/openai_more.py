@@ -32,6 +32,7 @@ from node.gateway.router import Route
 from node.hub import hub_of
 from node.ingress.asgi import Reply, authenticate, caller_of, post_endpoint, read_body, watcher_of
 from node.ingress.openai import decode_body, response_headers
+from node.observe import access
 
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
 _image_decoder = msgspec.json.Decoder(ImageRequest)
@@ -78,6 +79,7 @@ async def _completions(request: Request) -> Reply:
     body, raw = decode_body(await read_body(request, principal), _completion_decoder)
     _refuse_stream(body.stream)
     call = CompletionCall(body, raw, new_request_id())
+    access.note(request.scope, model=body.model)
     admitted = await pipeline.begin(
         hub_of(request),
         caller_of(request, principal),
@@ -98,6 +100,7 @@ async def _images(request: Request) -> Reply:
     body, raw = decode_body(await read_body(request, principal), _image_decoder)
     _refuse_stream(body.stream)
     call = ImageCall(body, raw, new_request_id())
+    access.note(request.scope, model=body.model)
     admitted = await pipeline.begin(
         hub_of(request),
         caller_of(request, principal),
