@@ -15,7 +15,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, Route, expect, sync_playwright
 
 from tests.conftest import RunningNode
 from tests.test_federation import LLAMA, cli, invite, make_peer, model_owners, wait_for
@@ -248,3 +248,35 @@ def _sign_out(watched: Watched) -> None:
     watched.go("/ui/keys")
     expect(page).to_have_url(watched.base + "/ui/sign-in")
     watched.shot("signed-out")
+
+
+def test_the_api_docs_page_works_offline(tmp_path: Path, shots: Path) -> None:
+    """Swagger UI renders every operation with every request outside the node refused: its
+    assets come from the node itself."""
+    alice = make_peer(tmp_path, "alice")
+    with alice.run() as node:
+        in_a_thread(lambda: _browse_docs(node, shots))
+
+
+def _browse_docs(node: RunningNode, shots: Path) -> None:
+    with chromium() as browser:
+        context = browser.new_context(viewport={"width": 1400, "height": 900})
+        elsewhere: list[str] = []
+
+        def only_the_node(route: Route) -> None:
+            if route.request.url.startswith(node.url):
+                route.continue_()
+            else:
+                elsewhere.append(route.request.url)
+                route.abort()
+
+        context.route("**/*", only_the_node)
+        watched = Watched(context.new_page(), node.url, shots)
+        watched.go("/schema/swagger")
+        page = watched.page
+        expect(page.locator(".opblock").first).to_be_visible()
+        assert page.locator(".opblock").count() >= 40
+        expect(page.locator(".swagger-ui .info .title")).to_contain_text("aihub")
+        watched.shot("api-docs")
+        assert elsewhere == []
+        assert watched.problems == []
