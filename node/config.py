@@ -171,6 +171,13 @@ class LogSection(Struct, forbid_unknown_fields=True):
     access: bool = True
 
 
+class TracingSection(Struct, forbid_unknown_fields=True):
+    # Where OTLP/HTTP traces go (e.g. "http://127.0.0.1:4318/v1/traces"); empty: no tracing,
+    # and nothing of OpenTelemetry is loaded (`pip install 'aihub[otel]'` to use it).
+    otlp_endpoint: Annotated[str, Meta(pattern=r"^(https?://.+)?$")] = ""
+    service_name: Annotated[str, Meta(min_length=1, max_length=64)] = "aihub"
+
+
 class Config(Struct, forbid_unknown_fields=True):
     node: NodeSection
     server: ServerSection = msgspec.field(default_factory=ServerSection)
@@ -179,6 +186,7 @@ class Config(Struct, forbid_unknown_fields=True):
     alerts: AlertsSection = msgspec.field(default_factory=AlertsSection)
     federation: FederationSection = msgspec.field(default_factory=FederationSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
+    tracing: TracingSection = msgspec.field(default_factory=TracingSection)
     models: list[Deployment] = []
 
     def public_urls(self) -> list[str]:
@@ -327,6 +335,10 @@ reconcile_interval = 3600           # seconds between reconciliations of the led
 level = "info"                      # debug | info | warning | error (`aihub serve --log-level`)
 json = false                        # true: one JSON object per line
 access = true                       # a line per request: method, path, status, latency, key, model
+
+[tracing]
+otlp_endpoint = ""                  # OTLP/HTTP, e.g. "http://127.0.0.1:4318/v1/traces"; empty: off
+service_name = "aihub"
 
 # Each [[models]] entry is one deployment. Several may share a `name`: the router picks
 # among them by strategy and falls back in order.

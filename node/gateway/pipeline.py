@@ -226,7 +226,7 @@ async def _route(
     cap is charged for it) whether or not the peer is still there to read it."""
     try:
         async with contextlib.nullcontext() if books.for_peer else watch():
-            return await books.hub.router.run(plan, attempt, books.upstream_failed)
+            return await books.hub.router.run(plan, attempt, books.upstream_failed, books.attempts)
     except UpstreamError as exc:
         books.fail(UpstreamFailed(exc))
     except HubError as exc:
