@@ -176,6 +176,15 @@ def _overview_shows_the_requests(watched: Watched) -> None:
 def _keys_created_seen_and_revoked(watched: Watched) -> None:
     page = watched.page
     watched.go("/ui/keys")
+    # A change the page's script did not make (no CSRF token) is refused by the admin API,
+    # though the browser sends the session cookie with it.
+    status = page.evaluate(
+        """async () => (await fetch("/admin/keys", {
+            method: "POST", headers: {"content-type": "application/json"},
+            body: JSON.stringify({name: "forged"})})).status"""
+    )
+    assert status == 403
+    watched.problems = [p for p in watched.problems if "403" not in p]
     page.click("#create-key-panel summary")
     form = page.locator("#create-key")
     form.locator("input[name=name]").fill("browser-made")
@@ -204,6 +213,7 @@ def _keys_created_seen_and_revoked(watched: Watched) -> None:
     expect(row).to_have_count(0)
     watched.go("/ui/keys?revoked=1")
     expect(row.locator(".key-status")).to_have_text("revoked")
+    expect(page.locator("#keys")).not_to_contain_text("forged")
 
 
 def _tenants_usage_and_audit(watched: Watched) -> None:

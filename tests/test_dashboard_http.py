@@ -53,7 +53,7 @@ def audit_actions(node: RunningNode, action: str) -> list[dict]:
 
 def test_pages_need_a_session_and_carry_strict_headers(node: RunningNode) -> None:
     with browser(node) as client:
-        for path in ("/", "/ui", "/ui/keys", "/ui/ledger", "/ui/audit"):
+        for path in ("/", "/admin", "/ui", "/ui/keys", "/ui/ledger", "/ui/audit"):
             answer = client.get(path)
             assert answer.status_code == 303, path
             assert answer.headers["location"] in ("/ui", "/ui/sign-in")

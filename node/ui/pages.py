@@ -181,8 +181,9 @@ async def _audit(request: Request, hub: Hub) -> Context:
 # --- the routes -------------------------------------------------------------------------------
 
 
-@get("/", include_in_schema=False)
+@get(["/", "/admin"], include_in_schema=False)
 async def root() -> Redirect:
+    """A person who opens the node, or its admin API, in a browser finds the dashboard."""
     return Redirect("/ui", status_code=303)
 
 
