@@ -22,6 +22,7 @@ from tests.mocks.server import serve_app
 from tests.test_federation import LLAMA, cli, invite, make_peer, model_owners, wait_for
 
 HI = [{"role": "user", "content": "hi"}]
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 class Collector:
@@ -75,7 +76,7 @@ class Collector:
             return [
                 s
                 for s in self.spans
-                if s["attributes"].get("gen_ai.request.model") == model and s["parent"] == ""
+                if s["attributes"].get("gen_ai.request.model") == model and s["kind"] == 2
             ]
 
     def children(self, span: dict[str, Any]) -> list[dict[str, Any]]:
@@ -112,9 +113,17 @@ def test_a_span_per_request_with_a_child_per_attempt(node_dir: NodeDir) -> None:
         node_dir.add_config(BROKEN)
         with run_node(node_dir) as node:
             sdk = openai.OpenAI(base_url=node.url + "/v1", api_key=node.key, max_retries=0)
-            raw = sdk.chat.completions.with_raw_response.create(model="echo", messages=HI)
+            raw = sdk.chat.completions.with_raw_response.create(
+                model="echo", messages=HI, extra_headers={"traceparent": TRACEPARENT}
+            )
             request_id = raw.headers["aihub-request-id"]
-            stream = sdk.chat.completions.create(model="echo", messages=HI, stream=True)
+            # A malformed trace context is ignored: the request starts a trace of its own.
+            stream = sdk.chat.completions.create(
+                model="echo",
+                messages=HI,
+                stream=True,
+                extra_headers={"traceparent": "00-" + "z" * 200},
+            )
             assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
             sdk.embeddings.create(model="echo-embed", input="hi")
             with suppress(openai.APIStatusError):
@@ -126,6 +135,9 @@ def test_a_span_per_request_with_a_child_per_attempt(node_dir: NodeDir) -> None:
         )
         attributes = span["attributes"]
         assert span["name"] == "chat echo" and span["kind"] == 2  # SERVER
+        # The caller's trace is continued: its trace id, its span as the parent.
+        assert span["trace_id"] == TRACEPARENT.split("-")[1]
+        assert span["parent"] == TRACEPARENT.split("-")[2]
         assert attributes["gen_ai.operation.name"] == "chat"
         assert attributes["gen_ai.usage.input_tokens"] > 0
         assert attributes["gen_ai.usage.output_tokens"] > 0

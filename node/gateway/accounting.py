@@ -75,6 +75,7 @@ class Accounting:
         # Traced (only when tracing is on): when it began, and each attempt the router made.
         self.started_ns = time.time_ns() if hub.tracing is not None else 0
         self.attempts: list[AttemptTrace] | None = [] if hub.tracing is not None else None
+        self.traceparent = ""
         self.admission: Admission | None = None
         self.holds: list[Hold] = []
         self._settled = False
@@ -218,6 +219,7 @@ class Accounting:
                 for_peer=self.for_peer,
                 attempts=self.attempts or [],
                 error=record.error,
+                traceparent=self.traceparent,
             )
         )
 

@@ -71,6 +71,8 @@ class Caller(msgspec.Struct, frozen=True):
     local_only: bool
     # The id a peer names its request by (its receipt is named by it), as sent: unchecked.
     peer_request_id: str = ""
+    # The caller's W3C `traceparent`, as sent (unchecked), when the node traces requests.
+    traceparent: str = ""
 
 
 class Facts(msgspec.Struct):
@@ -202,6 +204,7 @@ async def begin(
     _check_model(principal, model)
     plan = _plan(hub, principal, model, kind, caller.local_only)
     books = Accounting(hub, principal, request_id, model, kind)
+    books.traceparent = caller.traceparent
     if books.for_peer and _REQUEST_ID.fullmatch(caller.peer_request_id):
         books.receipt_id = caller.peer_request_id
     if books.for_peer and not hub.resync.synced(principal.key.peer_id or ""):

@@ -37,6 +37,7 @@ class RequestTrace(msgspec.Struct):
     for_peer: bool
     attempts: list[AttemptTrace]
     error: str | None = None
+    traceparent: str = ""  # the caller's, as sent: its trace is continued
 
 
 class Tracer(Protocol):

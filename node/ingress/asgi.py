@@ -104,7 +104,10 @@ def caller_of(request: Request, principal: Principal) -> Caller:
     """The pipeline's caller, once its key and (for a peer) its signature checked out."""
     peer_request_id = request.headers.get(REQUEST_ID_HEADER, "")
     access.note(request.scope, key_id=principal.key_id)
-    return Caller(principal, client_ip(request), local_only(request, principal), peer_request_id)
+    traceparent = request.headers.get("traceparent", "")[:128] if hub_of(request).tracing else ""
+    return Caller(
+        principal, client_ip(request), local_only(request, principal), peer_request_id, traceparent
+    )
 
 
 async def begin_chat(request: Request, principal: Principal, call: ChatCall) -> Admitted:

@@ -36,11 +36,13 @@ class Tracing:
 
     def __init__(self, provider: TracerProvider) -> None:
         from opentelemetry.trace import SpanKind, Status, StatusCode
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self._provider = provider
         self._tracer = provider.get_tracer("aihub", __version__)
         self._kinds = SpanKind
         self._status = (Status, StatusCode)
+        self._propagator = TraceContextTextMapPropagator()
 
     def record(self, trace: RequestTrace) -> None:
         try:
@@ -52,8 +54,15 @@ class Tracing:
         from opentelemetry import trace as otel
 
         operation = OPERATIONS.get(trace.kind, trace.kind)
+        # A caller's W3C trace context is continued (a malformed one is ignored: a new trace).
+        caller = (
+            self._propagator.extract({"traceparent": trace.traceparent})
+            if (trace.traceparent)
+            else None
+        )
         span = self._tracer.start_span(
             f"{operation} {trace.model}",
+            context=caller,
             kind=self._kinds.SERVER,
             start_time=trace.start_ns,
             attributes=request_attributes(trace, operation),
