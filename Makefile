@@ -5,15 +5,52 @@ BIN := $(VENV)/bin
 AIHUB_HOME ?= $(HOME)/.aihub
 export AIHUB_HOME
 
-.PHONY: setup run test lint format bench network network-down clean agents browser
+.PHONY: setup check-lock run test lint format bench network network-down clean agents lock \
+	lock-upgrade browser
 
-setup: $(VENV)/.installed
+# Every dependency, runtime and dev, is installed from requirements/: exact versions with their
+# hashes (pip --require-hashes), resolved by `make lock` from pyproject.toml. A lock older than
+# pyproject.toml's dependencies stops `make setup` with what to run.
+LOCK := requirements/dev.txt
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+setup: check-lock $(VENV)/.installed
+
+check-lock:
+	@$(PYTHON) requirements/lockfile.py check
+
+# A new lock rebuilds the virtualenv from scratch (--clear), so nothing outside the lock stays.
+$(VENV)/.installed: pyproject.toml requirements/dev.txt | check-lock
+	@echo "Installing aihub and its locked dependencies into $(VENV) (a few minutes the first time)"
+	$(PYTHON) -m venv $(if $(filter requirements/dev.txt,$?),--clear) $(VENV)
+	$(BIN)/pip install --require-hashes --no-deps --progress-bar on -r $(LOCK)
+	$(BIN)/pip install --no-deps --no-build-isolation --quiet -e .
+	$(BIN)/pip check
+	@echo "Installed: $(BIN)/aihub (or put it on your PATH: . $(BIN)/activate)"
 	touch $@
+
+# dev.txt: every extra (dev tools, optional backends) for make setup and CI; runtime.txt: the
+# runtime dependencies alone, at the same versions, for the Docker image.
+# Re-resolve the locks after a change to pyproject.toml's dependencies (or requirements/*.in):
+# what is locked stays as it is unless the change needs it moved; `make lock-upgrade` moves
+# everything to the newest versions allowed. uv (itself pinned in requirements/uv.txt) writes
+# hashes for every platform and Python 3.11+, so one lock serves Linux, macOS and Docker.
+LOCK_VENV := .cache/lock
+UV := $(LOCK_VENV)/bin/uv
+COMPILE = $(UV) pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+	--no-header --index-url https://pypi.org/simple $(UPGRADE)
+
+lock:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --require-hashes --no-deps -r requirements/uv.txt
+	$(COMPILE) requirements/uv.in -o requirements/uv.txt
+	$(COMPILE) pyproject.toml requirements/build.in --all-extras -o requirements/dev.txt
+	$(COMPILE) pyproject.toml requirements/build.in -c requirements/dev.txt \
+		-o requirements/runtime.txt
+	$(PYTHON) requirements/lockfile.py stamp
+	@echo "Locked: requirements/dev.txt, runtime.txt, uv.txt; commit them with pyproject.toml"
+
+lock-upgrade:
+	$(MAKE) lock UPGRADE=--upgrade
 
 run: setup
 	$(BIN)/aihub init --if-missing
@@ -60,11 +97,13 @@ bench: setup
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # Three nodes on loopback, joined together; a request routed to a peer, its receipt, balances.
+# `make network PORT=9801`: alice on 9801, bob and carol on the next two.
+PORT ?= 8801
 network: setup
-	$(BIN)/aihub network up
+	$(BIN)/aihub network up --base-port $(PORT)
 
 network-down: setup
 	$(BIN)/aihub network down
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache .ruff_cache .hypothesis

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from adapters.http import UpstreamClient
-from adapters.types import Adapter, Upstream
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # importing aiohttp takes ~0.25 s: the CLI reads adapters.types without it
+    from adapters.http import UpstreamClient
+    from adapters.types import Adapter, Upstream
 
 
 def build_adapter(upstream: Upstream, client: UpstreamClient) -> Adapter:
@@ -28,4 +31,20 @@ def build_adapter(upstream: Upstream, client: UpstreamClient) -> Adapter:
         from adapters.ollama import OllamaAdapter
 
         return OllamaAdapter(upstream, client)
+    # --- bedrock ---
+    if provider == "bedrock":
+        from adapters.bedrock import BedrockAdapter
+
+        return BedrockAdapter(upstream, client)
+    # --- end bedrock ---
+    # --- gemini / vertex (issue 18)
+    if provider == "gemini":
+        from adapters.gemini import GeminiAdapter
+
+        return GeminiAdapter(upstream, client)
+    if provider == "vertex":
+        from adapters.vertex import vertex_adapter
+
+        return vertex_adapter(upstream, client)
+    # --- end gemini / vertex
     raise ValueError(f"unknown provider {provider!r}")

@@ -23,6 +23,13 @@ Requests are translated from OpenAI's format and answers back into it. What diff
 Fields Anthropic has no equivalent for (`n`, `seed`, the penalties, `response_format`, …) are
 dropped, and a thinking model's `thinking` blocks are not passed on: OpenAI's chat format has no
 place for them. Anthropic serves no embeddings.
+
+A Messages client's own request (`ChatCall.native`, API `anthropic.messages`) is not
+translated: it is sent as the client wrote it (`native_body`: only `model`, `max_tokens` and
+`stream` set here), and Anthropic's answer comes back as it came (`ChatResult.native`, each
+stream event a `NativeEvent`), so that `thinking`, `top_k`, `cache_control`, citations and
+whatever Anthropic adds next reach the client. Its usage and errors are read exactly as in a
+translated answer (the same Structs, the same untrusted counts).
 """
 
 from __future__ import annotations
@@ -41,11 +48,13 @@ from adapters.anthropic_blocks import Base64Source, ImageBlock, TextBlock, UrlSo
 from adapters.events import (
     Event,
     Finish,
+    NativeEvent,
     Start,
     TextDelta,
     ToolCallDelta,
     ToolCallFragment,
     UsageReport,
+    native_event,
 )
 from adapters.http import (
     UpstreamClient,
@@ -77,6 +86,7 @@ from adapters.types import (
     ImageCall,
     Message,
     NamedToolChoice,
+    NativeApi,
     ResponseMessage,
     ToolCall,
     Upstream,
@@ -96,6 +106,9 @@ T = TypeVar("T")
 # --- Anthropic's wire types: the request ------------------------------------------------------
 
 _EMPTY_OBJECT = Raw(b"{}")
+_TRUE = Raw(b"true")
+_FALSE = Raw(b"false")
+MESSAGES_API: NativeApi = "anthropic.messages"
 # Anthropic requires a schema for every tool; a tool without parameters takes an empty object.
 _NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
@@ -136,8 +149,12 @@ class _Metadata(Struct):
     user_id: str
 
 
-class _MessagesRequest(Struct, omit_defaults=True):
-    model: str
+class MessagesRequest(Struct, omit_defaults=True, kw_only=True):
+    """The Messages body. `model` is in the body on Anthropic's own API and in the URL on
+    Vertex AI (`adapters.vertex`), which names its API version in the body instead."""
+
+    model: str | None = None
+    anthropic_version: str | None = None
     # No default, so always encoded: Anthropic refuses a request without it.
     max_tokens: int
     messages: list[_Message]
@@ -169,6 +186,7 @@ class _ContentBlock(Struct):
 
     type: str
     text: str | None = None
+    thinking: str | None = None
     id: str | None = None
     name: str | None = None
     input: Raw = _EMPTY_OBJECT
@@ -178,6 +196,9 @@ class _MessagesResponse(Struct):
     id: str = ""
     content: list[_ContentBlock] = []
     stop_reason: str | None = None
+    # The stop sequence that ended the answer; untrusted, so any shape is read, and only a
+    # string kept (`_matched`).
+    stop_sequence: Any = None
     usage: _Usage = msgspec.field(default_factory=_Usage)
 
 
@@ -192,7 +213,9 @@ class _EventDelta(Struct):
     type: str | None = None
     text: str | None = None
     partial_json: str | None = None
+    thinking: str | None = None
     stop_reason: str | None = None
+    stop_sequence: Any = None
 
 
 class _Event(Struct):
@@ -393,6 +416,14 @@ def max_tokens_for(request: ChatRequest, upstream: Upstream) -> int:
 
 def chat_body(call: ChatCall, upstream: Upstream, *, stream: bool) -> bytes:
     """The `/v1/messages` request body for `call`."""
+    body = messages_request(call, upstream, stream=stream)
+    body.model = upstream.model
+    return msgspec.json.encode(body)
+
+
+def messages_request(call: ChatCall, upstream: Upstream, *, stream: bool) -> MessagesRequest:
+    """`call` in Anthropic's Messages format, without the model (which Vertex AI names in its
+    URL, Anthropic's own API in the body)."""
     request = call.request
     system, messages = _anthropic_messages(request.messages)
     tools, tool_choice = _anthropic_tools(request)
@@ -401,8 +432,7 @@ def chat_body(call: ChatCall, upstream: Upstream, *, stream: bool) -> bytes:
     if temperature is not None:
         # OpenAI's range is 0-2, Anthropic's 0-1: above 1 asks for the most random there is.
         temperature = min(temperature, 1.0)
-    body = _MessagesRequest(
-        model=upstream.model,
+    return MessagesRequest(
         max_tokens=max_tokens_for(request, upstream),
         messages=messages,
         system=system,
@@ -414,7 +444,6 @@ def chat_body(call: ChatCall, upstream: Upstream, *, stream: bool) -> bytes:
         metadata=_Metadata(request.user) if request.user else None,
         stream=stream,
     )
-    return msgspec.json.encode(body)
 
 
 # --- Anthropic answer -> OpenAI answer --------------------------------------------------------
@@ -429,6 +458,36 @@ _FINISH_REASONS = {
     "tool_use": "tool_calls",
     "refusal": "content_filter",
 }
+
+
+def _matched(stop_reason: str | None, stop_sequence: Any) -> str | None:
+    """The stop sequence Anthropic says ended the answer, if it says so as a string."""
+    if stop_reason == "stop_sequence" and isinstance(stop_sequence, str):
+        return stop_sequence
+    return None
+
+
+def native_body(
+    fields: dict[str, Raw],
+    call: ChatCall,
+    upstream: Upstream,
+    *,
+    stream: bool,
+    vertex_version: str | None = None,
+) -> bytes:
+    """A Messages client's own request, as its upstream gets it: the deployment's model, the
+    output cap the budget reserved (`max_tokens_for`), and whether it streams; every other
+    field as the client sent it. Vertex AI (`vertex_version`) names the model in its URL and
+    wants the API version in the body instead."""
+    body = dict(fields)
+    if vertex_version is None:
+        body["model"] = Raw(msgspec.json.encode(upstream.model))
+    else:
+        body.pop("model", None)
+        body["anthropic_version"] = Raw(msgspec.json.encode(vertex_version))
+    body["max_tokens"] = Raw(str(max_tokens_for(call.request, upstream)).encode())
+    body["stream"] = _TRUE if stream else _FALSE
+    return msgspec.json.encode(body)
 
 
 def _finish_reason(stop_reason: str | None, called_tools: bool) -> str:
@@ -466,18 +525,29 @@ def _stream_error(upstream: Upstream, error: _ErrorDetail | None) -> UpstreamErr
 
 
 class AnthropicAdapter:
-    """Speaks Anthropic's `/v1/messages` at `base_url` (default `https://api.anthropic.com`)."""
+    """Speaks Anthropic's `/v1/messages` at `base_url` (default `https://api.anthropic.com`).
+
+    `adapters.vertex` reuses it for Anthropic's models on Vertex AI: the translation both
+    ways and the stream are the same; the URL (`url`), the body (`body`), the credentials
+    and the error bodies (`_send`) are Vertex's.
+    """
 
     def __init__(self, upstream: Upstream, client: UpstreamClient) -> None:
         self.upstream = upstream
         self.client = client
 
-    def url(self) -> str:
+    def url(self, *, stream: bool = False) -> str:
         base = (self.upstream.base_url or DEFAULT_BASE_URL).rstrip("/")
         # Anthropic's SDKs take the base without `/v1`, OpenAI's with it: accept either.
         return join_url(base, "messages" if base.endswith("/v1") else "v1/messages")
 
-    def _headers(self, call: ChatCall) -> dict[str, str]:
+    def body(self, call: ChatCall, *, stream: bool) -> bytes:
+        native = call.native_for(MESSAGES_API)
+        if native is not None:
+            return native_body(native, call, self.upstream, stream=stream)
+        return chat_body(call, self.upstream, stream=stream)
+
+    def headers(self, call: ChatCall) -> dict[str, str]:
         """The API version and beta features: the deployment's pinned version wins over the
         client's, which wins over the default; other adapters never see these."""
         forwarded = call.forward_headers
@@ -489,19 +559,26 @@ class AnthropicAdapter:
             headers["anthropic-beta"] = forwarded["anthropic-beta"]
         return headers
 
-    async def _post(self, call: ChatCall, body: bytes, *, stream: bool = False) -> UpstreamResponse:
-        headers = self._headers(call)
+    async def _send(
+        self, url: str, body: bytes, headers: dict[str, str], *, stream: bool
+    ) -> UpstreamResponse:
         key = self.upstream.api_key
         if key:
             headers["x-api-key"] = key
-        request = build_request(self.upstream, self.url(), body, headers)
+        request = build_request(self.upstream, url, body, headers)
         return await send(
             self.client, self.upstream, request, stream=stream, parse_error=anthropic_error_message
         )
 
+    async def _post(self, call: ChatCall, *, stream: bool = False) -> UpstreamResponse:
+        body = self.body(call, stream=stream)
+        return await self._send(self.url(stream=stream), body, self.headers(call), stream=stream)
+
     async def chat(self, call: ChatCall) -> ChatResult:
-        response = await self._post(call, chat_body(call, self.upstream, stream=False))
+        response = await self._post(call)
         answer = decode_json(_response_decoder, response.content, self.upstream)
+        if call.native_for(MESSAGES_API) is not None:
+            return self._native_result(call, answer, response.content)
         text = "".join(block.text or "" for block in answer.content if block.type == "text")
         calls = [
             ToolCall(
@@ -527,10 +604,27 @@ class AnthropicAdapter:
             choices=[Choice(0, reply, _finish_reason(answer.stop_reason, bool(calls)))],
             usage=usage,
         )
-        return ChatResult(completion=completion, usage=usage, usage_estimated=estimated)
+        return ChatResult(
+            completion=completion,
+            usage=usage,
+            usage_estimated=estimated,
+            stop_sequence=_matched(answer.stop_reason, answer.stop_sequence),
+        )
+
+    def _native_result(
+        self, call: ChatCall, answer: _MessagesResponse, content: bytes
+    ) -> ChatResult:
+        """Anthropic's answer as it came, for a Messages client; its usage read as always."""
+        written = "".join(
+            block.text or block.thinking or bytes(block.input).decode() for block in answer.content
+        )
+        usage, estimated = usage_or_estimate(
+            _prompt_tokens(answer.usage), _output_tokens(answer.usage), call, written
+        )
+        return ChatResult(native=content, usage=usage, usage_estimated=estimated)
 
     async def open_stream(self, call: ChatCall) -> AnthropicStream:
-        response = await self._post(call, chat_body(call, self.upstream, stream=True), stream=True)
+        response = await self._post(call, stream=True)
         return AnthropicStream(call, self.upstream, response)
 
     async def complete(self, call: CompletionCall) -> WireResult:
@@ -549,11 +643,13 @@ class AnthropicAdapter:
 
 
 class AnthropicStream:
-    """Anthropic's stream events, translated into neutral stream events.
+    """Anthropic's stream events, translated into neutral stream events, or for a Messages
+    client's own request (`ChatCall.native`) passed on as they came (`NativeEvent`s).
 
-    The `Start` event waits for the first content, not for `message_start`:
-    Anthropic reports overload as an `error` event right after `message_start`, and as long as
-    nothing has been yielded the router can still fall back to another deployment.
+    Nothing is yielded before the first content (the `Start` event, or the native
+    `message_start` and `ping`, wait for it): Anthropic reports overload as an `error` event
+    right after `message_start`, and as long as nothing has been yielded the router can still
+    fall back to another deployment.
     """
 
     def __init__(self, call: ChatCall, upstream: Upstream, response: UpstreamResponse) -> None:
@@ -571,6 +667,7 @@ class AnthropicStream:
         # Whether the output count is `message_delta`'s final one, not `message_start`'s.
         self._completion_final = False
         self._stop_reason: str | None = None
+        self._stop_sequence: Any = None
         self._started = False
         # Anthropic numbers all content blocks; OpenAI numbers tool calls only.
         self._tool_index: dict[int, int] = {}
@@ -604,8 +701,9 @@ class AnthropicStream:
             self._completion_count = output
 
     async def __aiter__(self) -> AsyncIterator[Event]:
+        native = self._call.native_for(MESSAGES_API) is not None
         try:
-            async for event in self._events():
+            async for event in self._native_events() if native else self._events():
                 yield event
         finally:
             if self.usage is None:
@@ -642,10 +740,7 @@ class AnthropicStream:
                     self._tool_has_arguments[block] = True
                     yield self._tool_delta(block, "{}")
             elif kind == "message_delta":
-                if event.delta is not None and event.delta.stop_reason is not None:
-                    self._stop_reason = event.delta.stop_reason
-                self._note_usage(event.usage)
-                self._completion_final = self._completion_count is not None
+                self._note_end(event)
             elif kind == "message_stop":
                 for step in self._finish():
                     yield step
@@ -656,6 +751,59 @@ class AnthropicStream:
         raise UpstreamError(
             502, f"{self._upstream.provider} upstream stream ended early", retryable=True
         )
+
+    def _note_end(self, event: _Event) -> None:
+        """`message_delta`: the stop reason, and the final output count."""
+        if event.delta is not None and event.delta.stop_reason is not None:
+            self._stop_reason = event.delta.stop_reason
+            self._stop_sequence = event.delta.stop_sequence
+        if event.usage is None or _output_tokens(event.usage) is None:
+            # The final count is missing or no count: `message_start`'s is not the total.
+            self._completion_count = None
+        self._note_usage(event.usage)
+        self._completion_final = self._completion_count is not None
+
+    async def _native_events(self) -> AsyncIterator[NativeEvent]:
+        """Anthropic's events as they came, read only for the usage, the stop and errors;
+        `message_start` and `ping` held back until content follows them (see the class)."""
+        held: list[NativeEvent] = []
+        async for sse in iter_sse(self._response, self._upstream):
+            event = decode_json(_event_decoder, sse.data, self._upstream)
+            kind = event.type
+            if kind == "error":
+                raise _stream_error(self._upstream, event.error)
+            self._note_native(event)
+            native = native_event(sse.event, sse.data)
+            if not self._started and kind in ("message_start", "ping"):
+                held.append(native)
+                continue
+            self._started = True
+            for early in held:
+                yield early
+            held = []
+            yield native
+            if kind == "message_stop":
+                self._settle()
+                return
+        raise UpstreamError(
+            502, f"{self._upstream.provider} upstream stream ended early", retryable=True
+        )
+
+    def _note_native(self, event: _Event) -> None:
+        """What a passed-on event tells the books: counts, the stop, what was written (for an
+        estimate if the stream is cut short)."""
+        kind = event.type
+        if kind == "message_start" and event.message is not None:
+            self._note_usage(event.message.usage)
+        elif kind == "content_block_delta" and event.delta is not None:
+            delta = event.delta
+            written = delta.text or delta.partial_json or delta.thinking
+            if written:
+                self._written.append(written)
+        elif kind == "content_block_start" and event.content_block is not None:
+            self._written.append(event.content_block.text or event.content_block.name or "")
+        elif kind == "message_delta":
+            self._note_end(event)
 
     def _block_start(self, block: int, content: _ContentBlock) -> list[Event]:
         if content.type == "text":
@@ -672,6 +820,10 @@ class AnthropicStream:
         return []
 
     def _block_delta(self, block: int, delta: _EventDelta) -> list[Event]:
+        if delta.type == "thinking_delta" and delta.thinking:
+            # Not shown to an OpenAI client, but written (and billed) all the same.
+            self._written.append(delta.thinking)
+            return []
         if delta.type == "text_delta" and delta.text:
             self._written.append(delta.text)
             return [*self._start(), TextDelta(delta.text)]
@@ -681,13 +833,19 @@ class AnthropicStream:
             return [*self._start(), self._tool_delta(block, delta.partial_json)]
         return []
 
-    def _finish(self) -> list[Event]:
+    def _settle(self) -> None:
+        """The stream is complete: its usage is Anthropic's counts (each estimated if
+        missing)."""
         written = "".join(self._written)
         self.usage, self.usage_estimated = usage_or_estimate(
             self._prompt_count, self._completion_count, self._call, written
         )
+
+    def _finish(self) -> list[Event]:
+        self._settle()
         reason = _finish_reason(self._stop_reason, bool(self._tool_index))
-        events = [*self._start(), Finish(reason)]
+        matched = _matched(self._stop_reason, self._stop_sequence)
+        events = [*self._start(), Finish(reason, stop_sequence=matched)]
         if self._call.request.include_usage:
             events.append(UsageReport(self.usage))
         return events

@@ -8,9 +8,12 @@ time), text, refusal text and tool-call fragments arrive, a choice finishes for 
 is counted. Events that belong to one choice carry its index, for OpenAI's `n > 1`; the other
 two formats have one choice (0).
 
-One member is not neutral, on purpose: `OpenAIChunk` is a chunk exactly as an OpenAI-compatible
-upstream sent it. An OpenAI ingress passes its bytes on untouched (the fast path: no decode, no
-encode); any other ingress asks it for its neutral events (`OpenAIChunk.events`), decoded once.
+Two members are not neutral, on purpose: `OpenAIChunk` is a chunk exactly as an
+OpenAI-compatible upstream sent it. An OpenAI ingress passes its bytes on untouched (the fast
+path: no decode, no encode); any other ingress asks it for its neutral events
+(`OpenAIChunk.events`), decoded once. `NativeEvent` is an event of an upstream that speaks the
+client's own API (`ChatCall.native`: Anthropic's events to a Messages client, the Responses
+API's to a Responses client), which only that ingress is ever given, and passes on as it came.
 
 How each format is rendered from them (one renderer per stream, which keeps the message's
 envelope from the first `Start`):
@@ -22,8 +25,9 @@ envelope from the first `Start`):
 - `ToolCallDelta`: `delta.tool_calls`; a fragment with an `id` opens a `tool_use` block, the
   rest are its `input_json_delta`s; an output item per call and its
   `response.function_call_arguments.delta`s.
-- `Finish`: `finish_reason`; `content_block_stop` and `message_delta`'s `stop_reason`;
-  `response.completed` (`response.incomplete` for `length`).
+- `Finish`: `finish_reason`; `content_block_stop` and `message_delta`'s `stop_reason` (with
+  its `stop_sequence`, when the upstream said which one ended the answer); `response.completed`
+  (`response.incomplete` for `length`).
 - `UsageReport`: the usage-only chunk; `message_delta`'s `usage`; `response.completed`'s.
 
 The union is tagged (`type`), so a stream's events can be encoded and decoded as they are by
@@ -31,6 +35,8 @@ msgspec (`Event` is the type to decode).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import msgspec
 from msgspec import Raw, Struct
@@ -88,10 +94,14 @@ class ToolCallDelta(_Event, tag="tool_calls"):
 
 class Finish(_Event, tag="finish"):
     """A choice ended, for OpenAI's reason: `stop`, `length`, `tool_calls` or
-    `content_filter` (adapters map their provider's reasons onto these)."""
+    `content_filter` (adapters map their provider's reasons onto these). A `stop` that one of
+    the client's stop sequences caused names it in `stop_sequence`, when the upstream said
+    which (Anthropic does; vLLM's chunks do, as `stop_reason`); untrusted, so an ingress
+    reports it only if it is one of the client's."""
 
     reason: str
     choice: int = 0
+    stop_sequence: str | None = None
 
 
 class UsageReport(_Event, tag="usage"):
@@ -123,8 +133,27 @@ class OpenAIChunk(_Event, tag="openai_chunk"):
         return events
 
 
+class NativeEvent(_Event, tag="native"):
+    """One server-sent event of an upstream that speaks the client's own API, as it came:
+    its name (`message_start`, `response.output_text.delta`, …) and its data (one line)."""
+
+    event: str
+    data: bytes
+
+    def sse(self) -> bytes:
+        return b"event: " + self.event.encode() + b"\ndata: " + self.data + b"\n\n"
+
+
+def native_event(event: bytes, data: bytes) -> NativeEvent:
+    """An upstream's SSE event, kept as one `data:` line: a JSON text split over several lines
+    is the same text with spaces for the breaks (JSON strings hold no raw line breaks)."""
+    if b"\n" in data:
+        data = data.replace(b"\n", b" ")
+    return NativeEvent(event.decode(errors="replace"), data)
+
+
 NeutralEvent = Start | TextDelta | RefusalDelta | ToolCallDelta | Finish | UsageReport
-Event = NeutralEvent | OpenAIChunk
+Event = NeutralEvent | OpenAIChunk | NativeEvent
 
 
 # --- OpenAI's chunk, read leniently (what an upstream leaves out is absent, not an error) -----
@@ -152,6 +181,9 @@ class _WireChoice(Struct):
     index: int = 0
     delta: _WireDelta = msgspec.field(default_factory=_WireDelta)
     finish_reason: str | None = None
+    # vLLM's extension: the stop string that ended the choice (or a stop token's id); any
+    # other shape is ignored, not an error.
+    stop_reason: Any = None
 
 
 class _WireUsage(Struct):
@@ -184,7 +216,8 @@ def _choice_events(chunk: _WireChunk, choice: _WireChoice) -> list[NeutralEvent]
         calls = [_fragment(call) for call in delta.tool_calls]
         events.append(ToolCallDelta(calls, index))
     if choice.finish_reason is not None:
-        events.append(Finish(choice.finish_reason, index))
+        matched = choice.stop_reason if isinstance(choice.stop_reason, str) else None
+        events.append(Finish(choice.finish_reason, index, matched))
     return events
 
 

@@ -18,6 +18,7 @@ from typing import NamedTuple, TypeVar
 
 import aiohttp
 import msgspec
+import yarl
 
 from adapters.types import (
     Upstream,
@@ -65,6 +66,9 @@ def openai_error_message(body: bytes) -> tuple[str, str | None]:
 
 
 ErrorParser = Callable[[bytes], tuple[str, str | None]]
+# Refines an error from what only the answer's headers say (AWS names its exception in
+# `x-amzn-ErrorType`, not in the body).
+ErrorRefiner = Callable[[UpstreamError, Mapping[str, str]], UpstreamError]
 
 
 def upstream_error(
@@ -156,7 +160,8 @@ class UpstreamClient:
 
 
 class UpstreamRequest(NamedTuple):
-    url: str
+    # A `yarl.URL` built with `encoded=True` goes out exactly as given (a signed path must).
+    url: str | yarl.URL
     body: bytes
     headers: dict[str, str]
     timeout: aiohttp.ClientTimeout
@@ -261,6 +266,7 @@ async def send(
     *,
     stream: bool = False,
     parse_error: ErrorParser = openai_error_message,
+    refine_error: ErrorRefiner | None = None,
 ) -> UpstreamResponse:
     """Send a request; answer the response if its status is 2xx, else raise `UpstreamError`.
 
@@ -292,7 +298,8 @@ async def send(
         body = b""
     finally:
         finish(response)
-    raise upstream_error(upstream, response.status, body, response.headers, parse_error)
+    error = upstream_error(upstream, response.status, body, response.headers, parse_error)
+    raise error if refine_error is None else refine_error(error, response.headers)
 
 
 def build_request(

@@ -5,11 +5,15 @@ lowered to the deployment's `max_output_tokens` or added, and, on streams,
 `stream_options.include_usage` forced on so that usage is always counted), and the answer is
 passed back byte for byte (`ChatResult.wire`, each chunk an `OpenAIChunk`); the gateway only
 peeks at each chunk for usage and errors, and decodes it only for a client of another format.
+
+A deployment that serves OpenAI's Responses API (`responses = true`) is sent a Responses
+client's own request instead, at `/responses` (`adapters/openai_responses.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 from msgspec import Raw
@@ -25,6 +29,9 @@ from adapters.http import (
     openai_error_message,
     send,
 )
+from adapters.openai_completions import CompletionStream
+from adapters.openai_responses import NATIVE as RESPONSES
+from adapters.openai_responses import ResponsesStream, responses_body, responses_result
 from adapters.tokens import (
     NO_COUNT,
     estimate_prompt_tokens,
@@ -65,6 +72,9 @@ class _PeekChoice(msgspec.Struct):
     message: _PeekMessage | None = None
     delta: _PeekMessage | None = None
     finish_reason: str | None = None
+    # vLLM's extension: the stop string that ended the choice (or a stop token's id); any
+    # other shape is ignored.
+    stop_reason: Any = None
 
 
 class _Peek(msgspec.Struct):
@@ -108,6 +118,13 @@ def _usage(peek: _PeekUsage, call: ChatCall, completion_text: str) -> tuple[Usag
     return usage_or_estimate(
         token_count(peek.prompt_tokens), token_count(peek.completion_tokens), call, completion_text
     )
+
+
+def _stop_sequence(choice: _PeekChoice | None) -> str | None:
+    """The stop string that ended a `stop`, where the server says (vLLM's `stop_reason`)."""
+    if choice is None or choice.finish_reason != "stop":
+        return None
+    return choice.stop_reason if isinstance(choice.stop_reason, str) else None
 
 
 def _estimated_usage(call: ChatCall, completion_text: str) -> Usage:
@@ -207,7 +224,27 @@ class OpenAIAdapter:
         headers = self.request_headers(url, body, request_id)
         return build_request(self.upstream, url, body, headers)
 
+    def responses_url(self) -> str:
+        return self.url("responses")
+
+    def _responses_fields(self, call: ChatCall) -> dict[str, Raw] | None:
+        """A Responses client's own request, if this deployment serves that API."""
+        return call.native_for(RESPONSES) if self.upstream.responses else None
+
+    async def _responses_post(
+        self, call: ChatCall, fields: dict[str, Raw], *, stream: bool
+    ) -> UpstreamResponse:
+        body = responses_body(fields, call, self.upstream, stream=stream)
+        url = self.responses_url()
+        headers = self.request_headers(url, body, call.request_id)
+        request = build_request(self.upstream, url, body, headers)
+        return await send(self.client, self.upstream, request, stream=stream)
+
     async def chat(self, call: ChatCall) -> ChatResult:
+        native = self._responses_fields(call)
+        if native is not None:
+            response = await self._responses_post(call, native, stream=False)
+            return responses_result(call, self.upstream, response.content)
         body = self._body(call.raw, stream=_FALSE, **self._output_cap(call))
         request = self._request("chat/completions", body, call.request_id)
         response = await send(self.client, self.upstream, request)
@@ -222,13 +259,24 @@ class OpenAIAdapter:
         text = "".join(
             (choice.message.content or "") for choice in peek.choices or () if choice.message
         )
+        matched = _stop_sequence(peek.choices[0] if peek.choices else None)
         if peek.usage is not None:
             usage, estimated = _usage(peek.usage, call, text)
-            return ChatResult(wire=content, usage=usage, usage_estimated=estimated, receipt=receipt)
-        usage = _estimated_usage(call, text)
-        return ChatResult(wire=content, usage=usage, usage_estimated=True, receipt=receipt)
+        else:
+            usage, estimated = _estimated_usage(call, text), True
+        return ChatResult(
+            wire=content,
+            usage=usage,
+            usage_estimated=estimated,
+            receipt=receipt,
+            stop_sequence=matched,
+        )
 
-    async def open_stream(self, call: ChatCall) -> OpenAIStream:
+    async def open_stream(self, call: ChatCall) -> OpenAIStream | ResponsesStream:
+        native = self._responses_fields(call)
+        if native is not None:
+            response = await self._responses_post(call, native, stream=True)
+            return ResponsesStream(call, self.upstream, response)
         body = self._body(
             call.raw, stream=_TRUE, stream_options=_INCLUDE_USAGE, **self._output_cap(call)
         )
@@ -284,6 +332,16 @@ class OpenAIAdapter:
             usage_estimated=estimated,
             receipt=self._receipt_of(response),
         )
+
+    async def open_completion_stream(self, call: CompletionCall) -> CompletionStream:
+        """A legacy text completion, streamed: its chunks passed through as they came."""
+        body = self._body(
+            call.raw, stream=_TRUE, stream_options=_INCLUDE_USAGE, **self._completion_cap(call)
+        )
+        request = self._request("completions", body, call.request_id)
+        response = await send(self.client, self.upstream, request, stream=True)
+        prompt = _completion_prompt_tokens(call)
+        return CompletionStream(call, self.upstream, response, prompt, self.receipt_event)
 
     async def images(self, call: ImageCall) -> WireResult:
         """Generated images, passed through and answered as they came; counted as the
@@ -381,6 +439,10 @@ class AzureOpenAIAdapter(OpenAIAdapter):
     def auth_headers(self) -> dict[str, str]:
         key = self.upstream.api_key
         return {"api-key": key} if key else {}
+
+    def responses_url(self) -> str:
+        # Azure's v1 API: one path for the resource, the deployment named by `model`.
+        return join_url(self.upstream.base_url, "openai/v1/responses")
 
     def _output_field(self) -> str:
         return "max_completion_tokens"  # since API version 2024-09-01, reasoning models too

@@ -19,7 +19,7 @@ import struct
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 from msgspec import Meta, Raw, Struct
@@ -185,6 +185,11 @@ class CompletionRequest(Struct, omit_defaults=True):
     # The upstream writes `best_of` completions and bills them all, returning `n`.
     best_of: Annotated[int, Meta(ge=1, le=128)] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class ImageRequest(Struct, omit_defaults=True):
@@ -271,7 +276,19 @@ class EmbeddingList(Struct, tag_field="object", tag="list"):
 class Upstream(Struct, omit_defaults=True, frozen=True):
     """Where and how one deployment reaches its provider (secrets already resolved)."""
 
-    provider: Literal["openai", "azure", "anthropic", "ollama", "echo", "peer"]
+    provider: Literal[
+        "openai",
+        "azure",
+        "anthropic",
+        "ollama",
+        "echo",
+        "peer",
+        "bedrock",
+        # --- gemini / vertex (issue 18)
+        "gemini",
+        "vertex",
+        # --- end gemini / vertex
+    ]
     model: str
     base_url: str = ""
     api_key: str | None = None
@@ -284,9 +301,35 @@ class Upstream(Struct, omit_defaults=True, frozen=True):
     # and one server-sent event or NDJSON line of a stream. Past either: a 502.
     max_response_bytes: int = 64 * 1024 * 1024
     max_event_bytes: int = 1024 * 1024
+    # An OpenAI or Azure upstream that serves OpenAI's Responses API (`{base_url}/responses`):
+    # a Responses client's request is passed through to it (`ChatCall.native`).
+    responses: bool = False
     # Demo-only knobs of the echo adapter.
     latency_ms: int = 0
     embedding_dims: int = 64
+    # --- bedrock: the AWS region (None: the credential chain's) and shared-config profile ---
+    region: str | None = None
+    profile: str | None = None
+    # --- end bedrock ---
+    # --- gemini / vertex (issue 18): Vertex AI's project and region, and the service
+    # account's JSON key file (None: Google's Application Default Credentials).
+    project: str | None = None
+    location: str | None = None
+    credentials_file: str | None = None
+    # --- end gemini / vertex
+
+
+# The client APIs an upstream may speak natively: Anthropic's Messages, OpenAI's Responses.
+NativeApi = Literal["anthropic.messages", "openai.responses"]
+
+
+class NativeRequest(Struct):
+    """The client's request in its own API, for an upstream that speaks that API: its
+    top-level fields as the ingress wants them sent (the adapter replaces only `model`, bounds
+    the output cap and sets `stream`)."""
+
+    api: NativeApi
+    fields: dict[str, Raw]
 
 
 class ChatCall(Struct):
@@ -295,12 +338,23 @@ class ChatCall(Struct):
     `forward_headers` are client headers an ingress passes on to one provider's upstream
     (today the Messages ingress's `anthropic-version` and `anthropic-beta`, read only by the
     Anthropic adapter); every other adapter ignores them.
+
+    `native`, when set, is the client's own request for an adapter whose upstream speaks the
+    same API (an Anthropic upstream for a Messages client, a `responses` deployment for a
+    Responses client): that adapter sends it instead of translating `request`, and answers in
+    that API (`ChatResult.native`, `NativeEvent`s). Every other adapter ignores it.
     """
 
     request: ChatRequest
     raw: dict[str, Raw]
     request_id: str
     forward_headers: dict[str, str] = msgspec.field(default_factory=dict)
+    native: NativeRequest | None = None
+
+    def native_for(self, api: NativeApi) -> dict[str, Raw] | None:
+        """The client's own fields, if it spoke `api`."""
+        native = self.native
+        return native.fields if native is not None and native.api == api else None
 
 
 class EmbedCall(Struct):
@@ -339,14 +393,20 @@ class ChatResult(Struct, kw_only=True):
 
     The answer is typed (`completion`), or, from an OpenAI-compatible upstream, the JSON it
     sent (`wire`), passed on untouched to an OpenAI client; `chat_completion()` has it typed
-    either way.
+    either way. An upstream that was sent the call's `native` request answers in the client's
+    own API instead (`native`: its JSON as it came, which only that ingress reads).
+
+    `stop_sequence` is the client's stop sequence that ended the answer (choice 0), when the
+    upstream said which (Anthropic does; so does vLLM, as a choice's `stop_reason`).
     """
 
     completion: ChatCompletion | None = None
     wire: bytes | None = None
+    native: bytes | None = None
     usage: Usage
     usage_estimated: bool = False
     receipt: bytes | None = None
+    stop_sequence: str | None = None
 
     def chat_completion(self) -> ChatCompletion:
         if self.completion is None:
@@ -383,12 +443,13 @@ class ChatStream(Protocol):
 
     Iterating yields the answer's events (`adapters.events.Event`): neutral events, or from an
     OpenAI-compatible upstream its chunks as they came (`OpenAIChunk`), without the closing
-    `data: [DONE]`, which the ingress writes itself. Every event is one chunk of OpenAI's
-    stream, as the OpenAI ingress renders it. A final `UsageReport` is yielded only when the
-    client asked for it (`stream_options.include_usage`); either way `usage` holds the totals
-    once the stream is exhausted, and `usage_estimated` says whether they were counted by the
-    upstream or estimated. An upstream that fails mid-stream raises `UpstreamError` from the
-    iteration.
+    `data: [DONE]`, which the ingress writes itself; or, for a call's `native` request, the
+    upstream's own events (`NativeEvent`), its closing ones included. Every other event is one
+    chunk of OpenAI's stream, as the OpenAI ingress renders it. A final `UsageReport` is
+    yielded only when the client asked for it (`stream_options.include_usage`); either way
+    `usage` holds the totals once the stream is exhausted, and `usage_estimated` says whether
+    they were counted by the upstream or estimated. An upstream that fails mid-stream raises
+    `UpstreamError` from the iteration.
     """
 
     usage: Usage | None
@@ -415,6 +476,16 @@ class Adapter(Protocol):
     async def complete(self, call: CompletionCall) -> WireResult: ...
 
     async def images(self, call: ImageCall) -> WireResult: ...
+
+
+@runtime_checkable
+class CompletionStreamer(Protocol):
+    """An adapter that also streams legacy text completions (the OpenAI-compatible ones):
+    `open_completion_stream` yields the upstream's `text_completion` chunks as `OpenAIChunk`s.
+    Apart from the `Adapter` contract, so that an adapter that serves no completions need not
+    say so."""
+
+    async def open_completion_stream(self, call: CompletionCall) -> ChatStream: ...
 
 
 def does_not_serve(provider: str, what: str) -> UpstreamError:

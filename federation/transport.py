@@ -11,6 +11,8 @@ node → federation → ledger; adapters stand alone).
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from federation.httpsig import REQUEST_ID_HEADER, sign_request
 from federation.identity import NodeIdentity
 from federation.ids import new_request_id
@@ -21,6 +23,9 @@ LISTED_HEADER = "aihub-listed"
 # A peer's receipt for a complete answer: a response header (unpadded base64url), or on a
 # stream an SSE event of this name before `[DONE]` whose data is the receipt.
 RECEIPT_HEADER = "aihub-receipt"
+# Names the peer that served an answer (to this node's own client); percent-encoded, since a
+# peer chooses its own name (`served_by_value`).
+SERVED_BY_HEADER = "aihub-served-by"
 RECEIPT_EVENT = b"aihub.receipt"
 
 
@@ -53,3 +58,8 @@ def peer_call_headers(
     return signed_headers(
         identity, "POST", url, body, key=key, request_id=request_id, extra={HOP_HEADER: "1"}
     )
+
+
+def served_by_value(name: str) -> str:
+    """A peer's name as a header value: printable ASCII, anything else percent-encoded."""
+    return quote(name[:128], safe=" !#$&'()*+,-./:;=?@[]^_`{|}~")

@@ -8,7 +8,6 @@ that holds its key (`api_key_env`).
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -24,9 +23,24 @@ IDENTITY_FILE = "identity.key"
 Port = Annotated[int, Meta(ge=1, le=65535)]
 Seconds = Annotated[float, Meta(gt=0, le=86400)]
 Micros = Annotated[int, Meta(ge=0)]
-Provider = Literal["openai", "azure", "anthropic", "ollama", "echo"]
+Provider = Literal[
+    "openai",
+    "azure",
+    "anthropic",
+    "ollama",
+    "echo",
+    "bedrock",
+    # --- gemini / vertex (issue 18)
+    "gemini",
+    "vertex",
+    # --- end gemini / vertex
+]
 # Kinds of request that only an OpenAI-compatible upstream serves.
 OPENAI_ONLY_KINDS = ("completions", "images")
+# --- bedrock ---
+# `us-east-1`, `eu-central-2`, `us-gov-west-1`: a region becomes part of a host name.
+AWS_REGION = r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$"
+# --- end bedrock ---
 Strategy = Literal["priority", "lowest-cost", "lowest-latency", "least-busy", "weighted"]
 
 
@@ -133,10 +147,32 @@ class Deployment(Struct, forbid_unknown_fields=True):
     weight: Annotated[int, Meta(ge=1, le=1000)] = 1
     context: Annotated[int, Meta(ge=1)] | None = None
     max_output_tokens: Annotated[int, Meta(ge=1)] = 4096
+    # What a request that sets no max_tokens reserves of every budget for its output (unset:
+    # max_output_tokens). Lower, fewer requests are refused while budget is left; an answer
+    # longer than this is charged only up to what was reserved (the rest is recorded as
+    # unbilled), so a budget still never passes its cap.
+    reserve_output_tokens: Annotated[int, Meta(ge=1)] | None = None
     connect_timeout: Seconds | None = None
     read_timeout: Seconds | None = None
+    # An openai or azure chat deployment whose upstream serves OpenAI's Responses API (OpenAI's
+    # own does; most OpenAI-compatible servers do not): a /v1/responses request is passed to
+    # its `/responses` as the client wrote it, rather than translated into chat completions.
+    responses: bool = False
     latency_ms: Annotated[int, Meta(ge=0, le=60_000)] = 0
     embedding_dims: Annotated[int, Meta(ge=1, le=8192)] = 64
+    # --- bedrock: the AWS region (else the credential chain's: AWS_REGION, the profile's)
+    # and the profile of the shared AWS config files whose credentials sign the requests ---
+    region: Annotated[str, Meta(pattern=AWS_REGION)] | None = None
+    profile: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.@+=,-]{1,128}$")] | None = None
+    # --- end bedrock ---
+    # --- gemini / vertex (issue 18): Vertex AI's Google Cloud project and region ("global"
+    # too), and the service account's JSON key file; without one, Google's Application
+    # Default Credentials (GOOGLE_APPLICATION_CREDENTIALS, gcloud's login, the metadata
+    # server of a Google Cloud machine).
+    project: Annotated[str, Meta(pattern=r"^[A-Za-z0-9.:-]{1,128}$")] | None = None
+    location: Annotated[str, Meta(pattern=r"^[a-z0-9-]{1,64}$")] | None = None
+    credentials_file: str | None = None
+    # --- end gemini / vertex
 
     def unit_prices(self) -> tuple[int, int]:
         """Micros per million units in and out, as the usage's counts are priced: tokens,
@@ -158,8 +194,18 @@ class Deployment(Struct, forbid_unknown_fields=True):
             max_output_tokens=self.max_output_tokens,
             max_response_bytes=defaults.max_response_bytes,
             max_event_bytes=defaults.max_event_bytes,
+            responses=self.responses,
             latency_ms=self.latency_ms,
             embedding_dims=self.embedding_dims,
+            region=self.region,
+            profile=self.profile,
+            # --- gemini / vertex (issue 18)
+            project=self.project,
+            location=self.location,
+            credentials_file=(
+                str(Path(self.credentials_file).expanduser()) if self.credentials_file else None
+            ),
+            # --- end gemini / vertex
         )
 
 
@@ -203,11 +249,6 @@ def data_dir(option: str | None) -> Path:
     return Path(option or os.environ.get("AIHUB_HOME") or Path.home() / ".aihub").expanduser()
 
 
-def _toml_path(json_path: str) -> str:
-    """`$.models[1].provider` -> `models[1].provider`, the way a TOML reader names it."""
-    return re.sub(r"^\$\.?", "", json_path) or "(top level)"
-
-
 def parse_config(text: bytes, source: str = CONFIG_FILE) -> Config:
     try:
         text.decode()
@@ -216,12 +257,9 @@ def parse_config(text: bytes, source: str = CONFIG_FILE) -> Config:
     try:
         config = msgspec.toml.decode(text, type=Config)
     except msgspec.ValidationError as exc:
-        message = str(exc)
-        match = re.search(r" - at `([^`]*)`$", message)
-        if match:
-            where = _toml_path(match.group(1))
-            message = f"{where}: {message[: match.start()]}"
-        raise ConfigError(f"{source}: {message}") from exc
+        from node.config_errors import describe
+
+        raise ConfigError(f"{source}: {describe(exc, text.decode(), Config)}") from exc
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
     problems = semantic_problems(config)
@@ -248,19 +286,77 @@ def semantic_problems(config: Config) -> list[str]:
             problems.append(f"{where}: anthropic serves no embeddings")
         if deployment.kind in OPENAI_ONLY_KINDS and deployment.provider not in ("openai", "azure"):
             problems.append(f"{where}: {deployment.provider} serves no {deployment.kind}")
+        if deployment.responses and (
+            deployment.provider not in ("openai", "azure") or deployment.kind != "chat"
+        ):
+            problems.append(f"{where}: responses is for an openai or azure chat deployment")
         if deployment.price_per_image and deployment.kind != "images":
             problems.append(f"{where}: price_per_image is for a deployment of kind images")
         if deployment.base_url and not deployment.base_url.startswith(("http://", "https://")):
             problems.append(f"{where}: base_url must start with http:// or https://")
+        problems += _bedrock_problems(deployment, where)
+        problems += _google_problems(where, deployment)
     return problems
 
 
+# --- bedrock ---
+def _bedrock_problems(deployment: Deployment, where: str) -> list[str]:
+    if deployment.provider != "bedrock":
+        if deployment.region or deployment.profile:
+            return [f"{where}: region and profile are for a bedrock deployment"]
+        return []
+    if deployment.kind == "embeddings":
+        # Bedrock's embedding models answer InvokeModel in each model's own format, not Converse.
+        return [f"{where}: bedrock serves no embeddings"]
+    return []
+
+
+# --- end bedrock ---
+
+
+# --- gemini / vertex (issue 18) ---------------------------------------------------------------
+
+
+def _google_problems(where: str, deployment: Deployment) -> list[str]:
+    """What a Gemini API or Vertex AI deployment needs; Vertex's fields belong to it alone."""
+    problems: list[str] = []
+    vertex_fields = [
+        name for name in ("project", "location", "credentials_file") if getattr(deployment, name)
+    ]
+    if deployment.provider == "gemini" and not deployment.api_key_env:
+        problems.append(f"{where}: gemini needs api_key_env (the variable holding the API key)")
+    if deployment.provider != "vertex" and vertex_fields:
+        problems.append(f"{where}: {', '.join(vertex_fields)} are for provider vertex only")
+    if deployment.provider == "vertex":
+        if not (deployment.project and deployment.location):
+            problems.append(f"{where}: vertex needs project and location")
+        # Imported here: adapters.vertex brings aiohttp and google-auth, which `aihub config
+        # check` and every other command that reads the config have no use for.
+        from adapters.vertex import is_anthropic_model  # gemini / vertex (issue 18)
+
+        model = deployment.model or deployment.name
+        if deployment.kind == "embeddings" and is_anthropic_model(model):
+            problems.append(f"{where}: Anthropic models on vertex serve no embeddings")
+    return problems
+
+
+# --- end gemini / vertex ----------------------------------------------------------------------
+
+
 def missing_secrets(config: Config, env: dict[str, str]) -> list[str]:
-    return [
+    missing = [
         f"models[{index}] ({d.name}): environment variable {d.api_key_env} is not set"
         for index, d in enumerate(config.models)
         if d.api_key_env and not env.get(d.api_key_env)
     ]
+    # --- gemini / vertex (issue 18): a service account's key file that is not there
+    missing += [
+        f"models[{index}] ({d.name}): credentials_file {d.credentials_file} is not a file"
+        for index, d in enumerate(config.models)
+        if d.credentials_file and not Path(d.credentials_file).expanduser().is_file()
+    ]
+    # --- end gemini / vertex
+    return missing
 
 
 def load_config(directory: Path) -> Config:
@@ -367,6 +463,7 @@ price_in = 20_000
 # api_key_env = "OPENAI_API_KEY"
 # price_in = 150_000
 # price_out = 600_000
+# responses = true                  # the upstream serves /v1/responses: passed through as sent
 
 # [[models]]
 # name = "text-embedding-3-small"
@@ -393,6 +490,7 @@ price_in = 20_000
 # model = "claude-sonnet-4-5"
 # api_key_env = "ANTHROPIC_API_KEY"
 # max_output_tokens = 8192
+# reserve_output_tokens = 1024   # reserved when a request sets no max_tokens [max_output_tokens]
 # price_in = 3_000_000
 # price_out = 15_000_000
 
@@ -402,4 +500,59 @@ price_in = 20_000
 # provider = "ollama"
 # model = "llama3.1:8b"
 # base_url = "http://127.0.0.1:11434"
+
+# --- AWS Bedrock, Converse API: model is a model id or an inference profile; credentials
+# come from the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the shared
+# files' `profile`, SSO, an instance or container role), or set api_key_env to a Bedrock
+# API key; region defaults to the chain's (AWS_REGION) ---
+# [[models]]
+# name = "claude-bedrock"
+# provider = "bedrock"
+# model = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+# region = "us-east-1"
+# profile = "default"
+# max_output_tokens = 8192
+# price_in = 3_000_000
+# price_out = 15_000_000
+
+# --- Google Gemini API (an API key from Google AI Studio) ---
+# [[models]]
+# name = "gemini-flash"
+# provider = "gemini"
+# model = "gemini-2.5-flash"
+# api_key_env = "GEMINI_API_KEY"
+# max_output_tokens = 8192
+# price_in = 300_000
+# price_out = 2_500_000
+
+# [[models]]
+# name = "gemini-embedding"
+# provider = "gemini"
+# kind = "embeddings"
+# model = "gemini-embedding-001"
+# api_key_env = "GEMINI_API_KEY"
+# price_in = 150_000
+
+# --- Vertex AI: Gemini and Claude models in a Google Cloud project, with a service
+# account's JSON key (without credentials_file: Application Default Credentials) ---
+# [[models]]
+# name = "gemini-pro"
+# provider = "vertex"
+# model = "gemini-2.5-pro"
+# project = "my-project"
+# location = "us-central1"            # or "global"
+# credentials_file = "/etc/aihub/vertex-sa.json"
+# price_in = 1_250_000
+# price_out = 10_000_000
+
+# [[models]]
+# name = "claude-sonnet-vertex"
+# provider = "vertex"
+# model = "claude-sonnet-4-5@20250929"  # a claude… model is Anthropic's, on rawPredict
+# project = "my-project"
+# location = "global"
+# credentials_file = "/etc/aihub/vertex-sa.json"
+# max_output_tokens = 8192
+# price_in = 3_000_000
+# price_out = 15_000_000
 """

@@ -101,7 +101,7 @@ class Hub:
         store = await open_store(data_dir / DATABASE_FILE)
         usage = UsageRecorder(store, Journal(data_dir / JOURNAL_DIR))
         keys = KeyCache(identity.derive_secret(HASH_PURPOSE), store, data_dir, usage.audit)
-        budgets = Budgets(store)
+        budgets = Budgets(store, config.node.currency)
         keys.listeners.append(budgets.forget)
         await keys.load()
         client = http_client(config)

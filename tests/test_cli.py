@@ -10,11 +10,16 @@ import socket
 import stat
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+import node.config
 from federation.identity import NodeIdentity
 from node import __version__
 from node.cli.main import main
@@ -23,8 +28,11 @@ from node.config import (
     CONFIG_TEMPLATE,
     DATABASE_FILE,
     IDENTITY_FILE,
+    ConfigError,
     load_config,
+    parse_config,
 )
+from node.config_errors import find_line
 from node.gateway.keys import HASH_PURPOSE, hashes_match, key_id_of
 from node.provision import create_node, node_exists
 from node.storage import open_store
@@ -488,3 +496,275 @@ def test_serve_with_a_broken_config_exits_without_starting(node_folder):
     assert completed.returncode == 1
     assert "server.port: Expected `int`, got `str`" in completed.stderr
     assert "serving" not in completed.stdout
+
+
+def test_serve_refuses_a_missing_provider_key_as_config_check_does(node_folder):
+    """A deployment whose key is not in the environment was only warned about, then called
+    without a key; `serve` now refuses to start with the same errors as `config check`."""
+    append_config(
+        node_folder, f'[[models]]\nname = "o"\nprovider = "openai"\napi_key_env = "{UNSET_VAR}"'
+    )
+    served = run_aihub("serve", "--data-dir", str(node_folder), "--port", "1", timeout=20)
+    checked = run_aihub("config", "check", "--data-dir", str(node_folder))
+    assert served.returncode == checked.returncode == 1
+    missing = f"models[2] (o): environment variable {UNSET_VAR} is not set"
+    assert missing in served.stderr and missing in checked.stderr
+    assert served.stderr == checked.stderr
+    assert "serving" not in served.stdout
+
+
+# --- config errors a person can act on ----------------------------------------------------
+
+
+def _line_of(folder: Path, text: str) -> int:
+    lines = (folder / CONFIG_FILE).read_text().splitlines()
+    return next(number for number, line in enumerate(lines, 1) if line.startswith(text))
+
+
+READABLE_ERRORS = {
+    "an unknown provider lists the valid ones": (
+        '[[models]]\nname = "m"\nprovider = "nope"',
+        'provider = "nope"',
+        # Every provider, in the order node/config.py declares them (more come with adapters).
+        "models[2].provider: 'nope' is not one of "
+        + ", ".join(typing.get_args(node.config.Provider)),
+    ),
+    "an unknown strategy lists the valid ones": (
+        '[router]\nstrategy = "fastest"',
+        None,
+        "'fastest' is not one of priority, lowest-cost, lowest-latency, least-busy, weighted",
+    ),
+    "an unknown kind lists the valid ones": (
+        '[[models]]\nname = "m"\nprovider = "echo"\nkind = "audio"',
+        'kind = "audio"',
+        "models[2].kind: 'audio' is not one of chat, embeddings, completions, images",
+    ),
+    "a model name's rule in words": (
+        '[[models]]\nname = "my model"\nprovider = "echo"',
+        'name = "my model"',
+        "models[2].name: Expected `str`: a model name is 1 to 256 characters with no spaces "
+        "and no `@`",
+    ),
+    "an environment variable's rule in words": (
+        '[[models]]\nname = "m"\nprovider = "openai"\napi_key_env = "1-KEY"',
+        'api_key_env = "1-KEY"',
+        "letters, digits and `_`, not starting with a digit",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(READABLE_ERRORS))
+def test_config_errors_say_what_is_allowed_and_on_which_line(node_folder, case):
+    toml, line_text, expected = READABLE_ERRORS[case]
+    if toml.startswith("[router]"):
+        edit_config(node_folder, 'strategy = "priority"', 'strategy = "fastest"')
+        line_text = 'strategy = "fastest"'
+    else:
+        append_config(node_folder, toml)
+    result = invoke("config", "check", "--data-dir", str(node_folder))
+    line = _line_of(node_folder, line_text)
+    assert_clean_failure(result, f"line {line}:", expected)
+
+
+def test_an_unknown_key_is_named_with_its_line(node_folder):
+    edit_config(node_folder, "retries = 2 ", "retry = 5\nretries = 2 ")
+    result = invoke("config", "check", "--data-dir", str(node_folder))
+    line = _line_of(node_folder, "retry = 5")
+    assert_clean_failure(result, f"line {line}: router: Object contains unknown field `retry`")
+
+
+def test_an_unknown_section_is_named_with_its_header_line(node_folder):
+    edit_config(node_folder, "[upstream]", "[upstreams]\n[upstream]")
+    result = invoke("config", "check", "--data-dir", str(node_folder))
+    line = _line_of(node_folder, "[upstreams]")
+    assert_clean_failure(result, f"line {line}: (top level): Object contains unknown field")
+
+
+def test_an_unknown_key_in_the_third_deployment_is_found_in_that_one(node_folder):
+    append_config(node_folder, '[[models]]\nname = "m"\nprovider = "echo"\nprise_in = 5')
+    result = invoke("config", "check", "--data-dir", str(node_folder))
+    line = _line_of(node_folder, "prise_in = 5")
+    assert_clean_failure(result, f"line {line}: models[2]: Object contains unknown field")
+
+
+# --- commands printed for the shell they are typed in -------------------------------------
+
+
+def test_init_prints_commands_that_run_where_aihub_is_not_on_the_path(tmp_path):
+    """After `make run`, `aihub` is .venv/bin/aihub, not on the PATH: what init prints must
+    run as printed, so it names the script (and how to activate the virtualenv); the Python
+    example is a here-document that runs as pasted."""
+    folder = tmp_path / "n"
+    env = {k: v for k, v in os.environ.items() if k not in ("AIHUB_HOME", UNSET_VAR)}
+    env["PATH"] = "/usr/bin:/bin"  # not the virtualenv's bin
+    env["COLUMNS"] = "400"
+    done = subprocess.run(
+        [str(AIHUB), "init", "--name", "n", "--data-dir", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    (key,) = set(KEY_RE.findall(done.stdout))
+    assert f"  {AIHUB} keys create --name my-app --budget 5 --data-dir {folder}" in done.stdout
+    assert f". {AIHUB.parent / 'activate'}" in done.stdout
+    # The printed here-document, run exactly as printed, reaches the openai package.
+    start = done.stdout.index(" - <<'EOF'\n")
+    python = done.stdout[:start].rsplit("\n", 1)[1].strip()
+    assert Path(python).parent == AIHUB.parent  # the virtualenv's, which has openai
+    script = done.stdout[start:].split("\n", 1)[1].split("\nEOF\n", 1)[0]
+    compile(script, "printed", "exec")
+    assert f'api_key="{key}"' in script and "from openai import OpenAI" in script
+
+
+def test_init_prints_plain_aihub_where_the_path_finds_this_one(tmp_path):
+    folder = tmp_path / "n"
+    env = {k: v for k, v in os.environ.items() if k not in ("AIHUB_HOME", UNSET_VAR)}
+    env["PATH"] = f"{AIHUB.parent}{os.pathsep}/usr/bin:/bin"
+    done = subprocess.run(
+        [str(AIHUB), "init", "--name", "n", "--data-dir", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "COLUMNS": "400"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"  aihub keys create --name my-app --budget 5 --data-dir {folder}" in done.stdout
+    assert "activate" not in done.stdout
+
+
+def test_network_takes_data_dir_like_every_command_and_dir_still_works():
+    from node.cli.network import network
+
+    for command in network.commands.values():
+        names = {name for param in command.params for name in getattr(param, "opts", [])}
+        assert {"--data-dir", "--dir"} <= names, command.name
+    helped = invoke("network", "up", "--help")
+    assert "--data-dir, --dir" in helped.output
+
+
+def test_make_network_takes_a_port():
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    assert "aihub network up --base-port $(PORT)" in makefile
+    assert re.search(r"^PORT \?= 8801$", makefile, re.M)
+
+
+def test_update_help_says_that_options_not_given_keep_their_values():
+    for group in ("keys", "tenants"):
+        helped = squash(invoke(group, "update", "--help").output)
+        assert squash("only the options given change, the others keep their values") in helped
+        assert helped.count("[notgiven:unchanged]") >= 6, group
+        assert "[default:monthly]" not in helped  # a default would be a lie on update
+    created = squash(invoke("keys", "create", "--help").output)
+    assert "[default:monthly]" in created and "[default:never]" in created
+    assert squash("a number with s, m, h, d or w (90s, 30m, 12h, 30d, 2w)") in created
+
+
+def test_help_gives_the_format_and_default_of_since_and_format():
+    export = squash(invoke("ledger", "export", "--help").output)
+    assert "[csv|json]" in export and "[default:csv]" in export and "[default:30d]" in export
+    assert squash("a UTC date (2025-01-31) or unix seconds") in export
+    usage = squash(invoke("usage", "--help").output)
+    assert "[default:7d]" in usage and squash("(30m, 24h, 7d)") in usage
+
+
+# --- hostile configs: any text gives a ConfigError, never a crash --------------------------
+
+TOML_PIECES = st.sampled_from(
+    [
+        "[node]\n",
+        'name = "n"\n',
+        "[[models]]\n",
+        'provider = "nope"\n',
+        'name = "a b"\n',
+        "[router]\n",
+        'strategy = "x"\n',
+        "retry = 1\n",
+        '"quoted.key" = 1\n',
+        "a.b.c = 2\n",
+        "[ weird . 'header' ]\n",
+        "[[ models ]]  # comment\n",
+        "x = [\n1,\n2]\n",
+        "y = {z = 1}\n",
+        "= = =\n",
+        "[\n",
+        "\x00\n",
+        "\u202e = 1\n",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(TOML_PIECES | st.text(max_size=30), max_size=25))
+def test_any_config_text_is_a_config_error_or_a_config(pieces):
+    text = "".join(pieces)
+    try:
+        parse_config(text.encode("utf-8", "surrogatepass"), "config.toml")
+    except ConfigError as exc:
+        assert str(exc).startswith("config.toml")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(max_size=400),
+    st.lists(st.one_of(st.text(max_size=10), st.integers(0, 5)), max_size=4),
+)
+def test_finding_a_line_never_fails(text, target):
+    line = find_line(text, target)
+    assert line is None or 1 <= line <= len(text.splitlines())
+
+
+def _leaf_commands(command, path):
+    if isinstance(command, click.Group):
+        ctx = click.Context(command)
+        for name in command.list_commands(ctx):
+            yield from _leaf_commands(command.get_command(ctx, name), [*path, name])
+    else:
+        yield path, command
+
+
+def test_every_option_says_what_it_takes():
+    """`--help` everywhere gives each option's meaning (and, through click, its default).
+    The invite and peer commands (node/cli/federation.py) are the federation side's."""
+    from node.cli.main import COMMANDS, load
+
+    missing = [
+        (" ".join(path), param.opts[0])
+        for name in COMMANDS
+        for path, command in _leaf_commands(load(name), [name])
+        if command.callback and command.callback.__module__ != "node.cli.federation"
+        for param in command.params
+        if isinstance(param, click.Option) and not param.help
+    ]
+    assert not missing
+
+
+def test_without_the_openai_package_init_says_to_install_it_and_prints_runnable_python(
+    tmp_path,
+):
+    """A server installed from the runtime lock has no openai package: the example names a
+    plain python3 and says to install openai, and the here-document still runs as printed."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class NoOpenAI(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'openai' or name.startswith('openai.'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, NoOpenAI())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("AIHUB_HOME", UNSET_VAR)}
+    env.update(PYTHONPATH=str(blocker), COLUMNS="400")
+    done = subprocess.run(
+        [str(AIHUB), "init", "--name", "n", "--data-dir", str(tmp_path / "n")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Or with the openai Python package (pip install openai first):" in done.stdout
+    assert "\n  python3 - <<'EOF'\n" in done.stdout

@@ -225,9 +225,15 @@ def _resolve(words: list[str]) -> tuple[list[str], click.Command]:
     command: click.Command = main
     path: list[str] = []
     for word in words:
-        if not isinstance(command, click.Group) or word not in command.commands:
+        # get_command, not .commands: the top-level group imports a command when asked for it.
+        found = (
+            command.get_command(click.Context(command), word)
+            if isinstance(command, click.Group)
+            else None
+        )
+        if found is None:
             break
-        command = command.commands[word]
+        command = found
         path.append(word)
     return path, command
 

@@ -583,3 +583,41 @@ def test_serve_releases_reservations_left_by_a_crash(folder):
     finally:
         process.terminate()
         process.wait(timeout=15)
+
+
+# --- a lost admin key ---------------------------------------------------------------------
+
+
+def test_admin_key_reset_gives_a_running_node_a_new_admin_key(node_dir):
+    """The README's recovery: `aihub admin-key reset` on the data folder. The new key works
+    on the running node at once, the old one is refused at once, and the audit log says who
+    reset it."""
+    folder = node_dir.path
+    with run_node(node_dir) as running, httpx.Client(base_url=running.url) as client:
+
+        def status(key: str) -> int:
+            return client.get("/admin/keys", headers={"authorization": f"Bearer {key}"}).status_code
+
+        assert status(node_dir.key) == 200
+        output = ok(folder, "admin-key", "reset")
+        (new_key,) = KEY_RE.findall(output)
+        assert "The old admin key no longer works" in output
+        assert status(new_key) == 200
+        assert status(node_dir.key) == 401
+    events = as_json(folder, "audit", "--action", "admin_key.*")
+    assert [(e["action"], e["actor"]) for e in events] == [("admin_key.reset", USER)]
+    assert events[0]["target"] == new_key.split("_")[0].removeprefix("sk-hub-")
+
+
+def test_admin_key_reset_refuses_an_id_that_is_no_admin_key(node_dir):
+    folder = node_dir.path
+    ok(folder, "admin-key", "reset")
+    unknown = invoke(folder, "admin-key", "reset", "0123456789ab")
+    assert unknown.exit_code == 1
+    assert "namesnoactiveadminkey" in squash(unknown.output)
+    # Hostile input: no traceback, no change.
+    for junk in ("'; drop table keys; --", "\x1b[31mred", "a" * 5000):
+        result = invoke(folder, "admin-key", "reset", junk)
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert "\x1b" not in result.output
+    assert len([r for r in stored_keys(folder) if r.is_admin and r.revoked_at is None]) == 1

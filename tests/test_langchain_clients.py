@@ -4,7 +4,7 @@ deployment and through a peer.
 
 Through a peer the consumer (bob) has no deployment of the model: he calls alice, who serves it
 with echo. Every call is accounted as any other: both nodes record its usage and bob keeps
-alice's signed receipt.
+alice's signed receipt; the cap alice gave bob holds for both clients.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+import anthropic
+import openai
 import pytest
 from langchain_anthropic import ChatAnthropic
 from langchain_core.language_models import BaseChatModel
@@ -192,3 +194,60 @@ def test_with_structured_output_over_responses(target: Target) -> None:
     weather = responses_model(target).with_structured_output(Weather).invoke("Paris, warm")
     assert isinstance(weather, Weather)
     target.assert_accounted(before, 1)
+
+
+def test_the_peers_cap_holds_for_both_clients(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Alice's cap for bob ($0.002 at $1 per 1M tokens each way) is one cap whatever API bob's
+    clients speak: both work within it, with their receipts, and both are refused past it."""
+    folder = tmp_path_factory.mktemp("langchain-cap")
+    alice = make_peer(folder, "alice", LLAMA)
+    bob = make_peer(folder, "bob")
+    with ExitStack() as stack:
+        stack.enter_context(alice.run())
+        b = stack.enter_context(bob.run())
+        token = invite(alice, "--models", "llama3", "--cap", "0.002")
+        cli("join", token, "--data-dir", str(bob.path))
+        assert wait_for(lambda: model_owners(b).get("llama3") == "alice")
+        target = Target(b, "llama3", alice)
+        # An output cap each: a cap admits only what it could pay at worst.
+        clients = [
+            ChatOpenAI(
+                base_url=b.url + "/v1",
+                api_key=b.key,
+                model="llama3",
+                use_responses_api=True,
+                max_tokens=64,
+                max_retries=0,
+            ),
+            ChatAnthropic(
+                base_url=b.url, api_key=b.key, model="llama3", max_tokens=64, max_retries=0
+            ),
+        ]
+        before = target.counts()
+        for client in clients:
+            assert client.invoke(PROMPT).text == f"echo: {PROMPT}"
+        target.assert_accounted(before, 2)
+        long = " ".join(["word"] * 200)
+        for client, refusal in zip(
+            clients, (openai.RateLimitError, anthropic.RateLimitError), strict=True
+        ):
+            assert _refused_within(client, long, refusal)
+    spent = [r.cost_micros for r in usage_rows(alice.path) if r.status == 200]
+    assert 0 < sum(spent) <= 2000
+    assert _receipts(b) == len(spent)
+
+
+def _refused_within(client: BaseChatModel, prompt: str, refusal: type[Exception]) -> bool:
+    """Whether the client is refused by the cap within a few calls (then again at once)."""
+    for _ in range(20):
+        try:
+            client.invoke(prompt)
+        except refusal:
+            break
+    else:
+        return False
+    try:
+        client.invoke(prompt)
+    except refusal:
+        return True
+    return False

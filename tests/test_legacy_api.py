@@ -163,10 +163,77 @@ def test_a_completion_without_max_tokens_gets_openais_default_and_a_cap(served):
         assert last_body(served.mock, "/v1/completions")["max_tokens"] == 64
 
 
-def test_a_streamed_completion_is_refused_plainly(served):
-    with sdk(served) as client, pytest.raises(openai.BadRequestError) as refused:
-        client.completions.create(model="text-mock", prompt="x", stream=True)
-    assert refused.value.body["param"] == "stream"
+def test_a_streamed_completion_is_openais_chunks_and_charged_per_token(served):
+    key, key_id = new_key(served, budget_micros=1_000_000)
+    with sdk(served, key) as client:
+        chunks = list(
+            client.completions.create(
+                model="text-mock",
+                prompt="Say this",
+                max_tokens=5,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+    assert all(chunk.object == "text_completion" for chunk in chunks)
+    text = "".join(choice.text for chunk in chunks for choice in chunk.choices)
+    assert text == "mock completes: Say this"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (2, 4)
+    assert spend_of(served, key_id) == 10  # as for the same completion not streamed
+    sent = last_body(served.mock, "/v1/completions")
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+
+
+def test_a_streamed_completion_without_include_usage_is_counted_all_the_same(served):
+    key, key_id = new_key(served, budget_micros=1_000_000)
+    with sdk(served, key) as client:
+        chunks = list(client.completions.create(model="text-mock", prompt="Say this", stream=True))
+    assert all(chunk.usage is None for chunk in chunks)  # not asked for: not sent
+    assert "".join(c.choices[0].text for c in chunks) == "mock completes: Say this"
+    assert spend_of(served, key_id) == 10
+
+
+def test_a_streamed_completion_cut_short_is_an_error_event_and_charged(served):
+    key, key_id = new_key(served, budget_micros=1_000_000)
+    served.mock.script.cut_stream_after = 2
+    try:
+        body = {"model": "text-mock", "prompt": "Say this", "stream": True}
+        headers = {"authorization": f"Bearer {key}"}
+        with httpx.stream(
+            "POST", f"{served.url}/v1/completions", json=body, headers=headers, timeout=30
+        ) as response:
+            assert response.status_code == 200
+            text = response.read().decode()
+    finally:
+        served.mock.script.cut_stream_after = None
+    events = [block for block in text.strip().split("\n\n")]
+    assert len(events) == 3 and "ended early" in events[-1] and "[DONE]" not in text
+    assert spend_of(served, key_id) > 0  # what it wrote, estimated
+
+
+def test_huge_counts_in_a_streamed_completion_are_charged_at_most_the_worst_case(served):
+    key, key_id = new_key(served, budget_micros=1_000_000)
+    with sdk(served, key) as client:
+        list(
+            client.completions.create(
+                model="text-greedy",
+                prompt="hi",
+                max_tokens=5,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+    assert 0 < spend_of(served, key_id) <= 15
+
+
+def test_streamed_images_are_refused_plainly(served):
+    body = {"model": "image-mock", "prompt": "a fox", "stream": True}
+    headers = {"authorization": f"Bearer {served.key}"}
+    response = httpx.post(f"{served.url}/v1/images/generations", json=body, headers=headers)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "stream"
 
 
 def test_huge_upstream_counts_are_charged_at_most_the_worst_case(served):

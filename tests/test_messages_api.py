@@ -537,3 +537,41 @@ def test_messages_through_a_peer(tmp_path):
         assert wait_for(
             lambda: len([r for r in usage_rows(bob.path) if r.deployment == "llama3@alice"]) == 2
         )
+
+
+def test_blocks_chat_has_no_place_for_are_left_out_and_bad_blocks_are_400s(client, served):
+    """A server tool's blocks (Anthropic ran a web search) in an earlier turn reach a
+    non-Anthropic model as the turn's text alone; a block that is not what its type says is
+    a 400 that names it."""
+    turns = [
+        {"role": "user", "content": "search the weather"},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}},
+                {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []},
+                {"type": "text", "text": "It is sunny."},
+            ],
+        },
+        {"role": "user", "content": "thanks"},
+    ]
+    reply = client.messages.create(model="gpt-mock", max_tokens=20, messages=turns)
+    assert reply.content[0].text == "mock says: thanks"
+    sent = json.loads(served.openai_mock.script.received[-1].body)
+    assert sent["messages"][1] == {"role": "assistant", "content": "It is sunny."}
+    headers = {"x-api-key": served.key}
+    for bad, param in (
+        ({"type": "image", "source": {"type": "base64"}}, "messages[0].content[0].source"),
+        ("just a string", "messages[0].content[0]"),
+        ({"no": "type"}, "messages[0].content[0]"),
+    ):
+        body = {
+            "model": "gpt-mock",
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": [bad]}],
+        }
+        response = httpx.post(f"{served.url}/v1/messages", json=body, headers=headers)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error"
+        assert error["message"].startswith(param), error["message"]

@@ -1,11 +1,17 @@
 """The README cannot drift from the code: every `aihub` command in its shell blocks parses
 with the real CLI (command, options and their values), every `make` target exists, every URL
-it curls is a route of the app, and its Python blocks compile."""
+it curls is a route of the app, its Python blocks compile, and its stories (the quick start,
+keys, a node on a server, the two-node join, a peer's model, the books) run as written against
+real nodes (below: the substitutions that lets them run on one machine)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import click
@@ -60,6 +66,11 @@ def test_every_aihub_command_in_the_readme_parses(
     args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    if "--help" in args:  # click prints the help and exits 0, having parsed the line
+        with pytest.raises(click.exceptions.Exit) as exit_:
+            parse(args)
+        assert exit_.value.exit_code == 0
+        return
     for arg in args:  # files a command reads, as the reader would have them
         if arg.endswith(".jsonl"):
             (tmp_path / arg).write_text("")
@@ -98,3 +109,251 @@ def test_a_wrong_command_would_be_caught() -> None:
         parse(["keys", "create", "--name", "x", "--budgte", "3"])
     with pytest.raises(click.BadParameter):
         parse(["keys", "create", "--name", "x", "--budget", "-3"])
+
+
+# --- the stories, run as written ---------------------------------------------------------
+#
+# The README's stories are run for real: its shell blocks by bash, its Python blocks by this
+# interpreter, against two real `aihub serve` processes side by side, alice and bob, each in
+# its own data folder (the `$AIHUB_HOME` of the shell its lines run in) on its own port, with
+# `aihub` on the PATH. The only changes to the README's text are these substitutions:
+#
+# - `127.0.0.1:8787`, `bob.example:8787` and `--port 8787`: the node's own free loopback port,
+#   and `--host 0.0.0.0`: 127.0.0.1 (nothing listens beyond this machine);
+# - `sk-hub-…`: the admin key the node's `aihub init` printed; the invite token
+#   `aihub1.eyJ2…`: the one `aihub invite create` printed the step before; `KEY_ID` and
+#   `ci-bot-key-id-or-the-key-itself`: the id `aihub keys create` printed;
+# - `.venv/bin/activate`: this virtualenv's;
+# - lines that install or fetch (`git clone`, `make run`, `pip install`) are the test
+#   environment's own: `make run` is what it runs, `aihub init --if-missing` and `aihub serve`;
+# - "Add your providers": alice's config gets a `llama3` deployment of the echo provider (the
+#   story's models would need provider keys); `carol-statements.jsonl`, which Carol would send,
+#   is an empty file.
+#
+# Section 1 is run for alice and, as "Bob's server" does, for bob (`--name bob`).
+
+SECTIONS = dict(re.findall(r"^## (.+?)\n(.*?)(?=^## |\Z)", README, re.S | re.M))
+KEY_PATTERN = re.compile(r"sk-hub-[0-9a-f]{12}_[A-Za-z0-9_-]{43}")
+TOKEN_PATTERN = re.compile(r"aihub1\.[A-Za-z0-9_.-]{40,}")
+KEY_ID_PATTERN = re.compile(r"^\s*id\s+([0-9a-f]{12})\s*$", re.M)
+ECHO_LLAMA3 = '\n[[models]]\nname = "llama3"\nprovider = "echo"\nprice_in = 1_000_000\n'
+STEP_TIMEOUT = 120
+
+
+def squashed(text: str) -> str:
+    return "".join(text.split())
+
+
+def blocks_of(section: str, language: str) -> list[str]:
+    heading = next(name for name in SECTIONS if name.startswith(section))
+    return re.findall(rf"```{language}\n(.*?)```", SECTIONS[heading], re.S)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Story:
+    """Alice's and Bob's shells, their nodes, and what earlier steps printed."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.work = root / "work"
+        self.work.mkdir()
+        self.ports = {"alice": free_port(), "bob": free_port()}
+        self.keys: dict[str, str] = {}
+        self.found: dict[str, str] = {}
+        self.servers: dict[str, subprocess.Popen[bytes]] = {}
+
+    def url(self, node: str) -> str:
+        return f"http://127.0.0.1:{self.ports[node]}"
+
+    def env(self, node: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AIHUB_")}
+        env["AIHUB_HOME"] = str(self.root / node)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env["COLUMNS"] = "200"
+        if node in self.keys:
+            env["AIHUB_KEY"] = self.keys[node]
+        return env
+
+    def substituted(self, text: str, node: str) -> str:
+        port = self.ports[node]
+        text = text.replace("127.0.0.1:8787", f"127.0.0.1:{port}")
+        text = text.replace("bob.example:8787", f"127.0.0.1:{self.ports['bob']}")
+        text = text.replace("--port 8787", f"--port {port}").replace("0.0.0.0", "127.0.0.1")
+        text = text.replace(".venv/bin/activate", str(Path(sys.executable).parent / "activate"))
+        if node in self.keys:
+            text = text.replace("sk-hub-…", self.keys[node])
+        text = re.sub(r"aihub1\.eyJ2\S*…", self.found.get("token", "NO-TOKEN-YET"), text)
+        for placeholder in ("ci-bot-key-id-or-the-key-itself", "KEY_ID"):
+            text = text.replace(placeholder, self.found.get("key_id", "NO-KEY-YET"))
+        return text
+
+    def shell(self, node: str, text: str) -> str:
+        """Run README lines in `node`'s shell; `aihub serve` starts in the background."""
+        lines = [line for line in text.replace("\\\n", " ").splitlines() if line.strip()]
+        output = ""
+        for line in lines:
+            words = shlex.split(line, comments=True)
+            if not words or words[0] in ("git", "pip"):
+                continue
+            if words[:2] == ["make", "run"]:
+                output += self.run(node, "aihub init --if-missing")
+                if node not in self.servers:
+                    self.serve(node, "aihub serve")
+            elif words[:2] == ["aihub", "serve"]:
+                self.serve(node, line)
+            else:
+                output += self.run(node, line)
+        return output
+
+    def run(self, node: str, line: str) -> str:
+        result = subprocess.run(
+            ["bash", "-e", "-o", "pipefail", "-c", self.substituted(line, node)],
+            cwd=self.work,
+            env=self.env(node),
+            capture_output=True,
+            text=True,
+            timeout=STEP_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        assert result.returncode == 0, (node, line, result.stdout, result.stderr)
+        output = result.stdout + result.stderr
+        if (key := KEY_PATTERN.search(output)) and line.startswith("aihub init"):
+            self.keys[node] = key.group(0)
+        if token := TOKEN_PATTERN.search(output):
+            self.found["token"] = token.group(0)
+        if (key_id := KEY_ID_PATTERN.search(output)) and line.startswith("aihub keys create"):
+            self.found.setdefault("key_id", key_id.group(1))
+        return output
+
+    def serve(self, node: str, line: str) -> None:
+        if node == "alice":  # "Add your providers to config.toml"
+            with (self.root / node / "config.toml").open("a") as config:
+                config.write(ECHO_LLAMA3)
+        log = (self.root / f"{node}.log").open("wb")
+        self.servers[node] = subprocess.Popen(
+            ["bash", "-c", "exec " + self.substituted(line, node)],
+            cwd=self.work,
+            env=self.env(node),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        self.wait(lambda: self._ready(node), f"{node} ready", lambda: self.log(node), process=node)
+
+    def _ready(self, node: str) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(self.url(node) + "/health/ready", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def log(self, node: str) -> str:
+        return (self.root / f"{node}.log").read_text(errors="replace")[-3000:]
+
+    def wait(self, condition, what: str, detail, process: str | None = None) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while not condition():
+            server = self.servers.get(process or "")
+            assert server is None or server.poll() is None, f"{what}: exited\n{detail()}"
+            assert time.monotonic() < deadline, f"not {what} after {STEP_TIMEOUT} s\n{detail()}"
+            time.sleep(0.1)
+
+    def python(self, node: str, text: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-"],
+            input=self.substituted(text, node),
+            cwd=self.work,
+            env=self.env(node),
+            capture_output=True,
+            text=True,
+            timeout=STEP_TIMEOUT,
+        )
+        assert result.returncode == 0, (node, text, result.stdout, result.stderr)
+        return result.stdout
+
+    def lists(self, node: str, model: str) -> bool:
+        import httpx
+
+        headers = {"authorization": f"Bearer {self.keys[node]}"}
+        answer = httpx.get(self.url(node) + "/v1/models", headers=headers, timeout=5)
+        return answer.status_code == 200 and model in {m["id"] for m in answer.json()["data"]}
+
+    def stop(self) -> None:
+        for process in self.servers.values():
+            process.terminate()
+        for process in self.servers.values():
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+def story(tmp_path: Path):  # type: ignore[no-untyped-def]
+    told = Story(tmp_path)
+    try:
+        yield told
+    finally:
+        told.stop()
+
+
+def test_the_quick_start_and_the_keys_story_run_as_written(story: Story) -> None:
+    # 1. Run a node on your own server: alice.
+    (run_a_node,) = blocks_of("1. Run a node", "sh")
+    story.shell("alice", run_a_node)
+    assert "alice" in story.keys
+
+    # Quick start, on alice's node: curl, then the Python example in the same terminal.
+    make_run, curl, activate = blocks_of("Quick start", "sh")
+    story.shell("alice", make_run)  # `make run` again: uses the node that is there
+    assert squashed('"content": "echo: Hello, hub"') in squashed(story.shell("alice", curl))
+    (hello,) = blocks_of("Quick start", "python")
+    assert story.python("alice", hello).strip() == "echo: Hello, hub"
+    assert "Usage: aihub" in story.shell("alice", activate)
+
+    # Keys, tenants, budgets and rate limits, on alice's node.
+    (keys,) = blocks_of("Keys, tenants", "sh")
+    output = story.shell("alice", keys)
+    assert "ci-bot" in output and "acme" in output
+    audit = story.run("alice", "aihub audit --json")
+    for action in ("key.create", "key.update", "key.rotate", "key.revoke", "tenant.create"):
+        assert f'"action": "{action}"' in audit, action
+
+
+def test_the_two_node_stories_run_as_written(story: Story) -> None:
+    """Alice invites bob; bob's client streams alice's model through bob's node; bob's books.
+
+    Depends on the federation half of issue 17 (peers17): an invite must carry the address
+    the node serves on (`aihub serve --port`), not config.toml's port 8787; until then
+    `aihub join` fails with `http://127.0.0.1:8787: ConnectError`."""
+    (run_a_node,) = blocks_of("1. Run a node", "sh")
+    story.shell("alice", run_a_node)
+    story.shell("bob", run_a_node.replace("--name alice", "--name bob"))  # "Bob's server"
+
+    # 2. Join peers with an invite.
+    invite, join, _without_an_invite = blocks_of("2. Join peers", "sh")
+    story.shell("alice", invite)
+    assert "token" in story.found
+    joined = story.shell("bob", join)
+    assert "alice" in joined
+
+    # 3. Use a peer's models through your own endpoint: bob's client streams alice's llama3.
+    story.wait(lambda: story.lists("bob", "llama3"), "llama3 listed at bob", lambda: joined)
+    (stream,) = blocks_of("3. Use a peer", "python")
+    assert story.python("bob", stream) == "echo: Hi"
+
+    # 4. Reconcile shared costs, on bob's node: what bob used of alice, settled by both.
+    (books,) = blocks_of("4. Reconcile", "sh")
+    (story.work / "carol-statements.jsonl").write_text("")
+    output = story.shell("bob", books)
+    assert "Settled:" in output
+    assert (story.work / "bob-statements.jsonl").read_text().strip()

@@ -64,12 +64,12 @@ async def reconcile(request: Request, peer: FromPath[str]) -> Response[bytes]:
 
 @post("/admin/ledger/settle/{peer:str}", status_code=200)
 async def settle(request: Request, peer: FromPath[str]) -> Response[bytes]:
-    await require_admin(request)
+    principal = await require_admin(request)
     hub = hub_of(request)
     async with _peer_unreachable():
         link = await books.link_to(hub.store, hub.identity, hub.client, peer)
         await books.reconcile_with(hub.store, link, hub.receipts.keep)
-        statement = await books.settle_with(hub.store, link)
+        statement = await books.settle_with(hub.store, link, f"admin:{principal.key_id}")
     return json_response(statement)
 
 

@@ -8,13 +8,11 @@ process serving the node (through the epoch file).
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import msgspec
 from litestar import Request, Response, delete, get, patch, post
@@ -29,6 +27,13 @@ from node.admin.management import (
     TenantInput,
     TenantView,
 )
+from node.admin.reports import (
+    AUDIT_LIMIT_MAX,
+    DEFAULT_SINCE,
+    USAGE_BY,
+    UsageReport,
+    usage_csv,
+)
 from node.admin.session import admin_caller
 from node.gateway.auth import Principal
 from node.gateway.keys import HASH_PURPOSE
@@ -36,28 +41,11 @@ from node.hub import hub_of
 from node.ingress.asgi import JSON, client_ip
 from node.ingress.errors import ApiError
 from node.storage.base import Store
-from node.storage.records import AuditEvent, UsageGroup
+from node.storage.records import AuditEvent
 from node.units import parse_since
 
 T = TypeVar("T")
 log = logging.getLogger("aihub.admin")
-
-UsageBy = Literal["key", "tenant", "model", "peer"]
-USAGE_BY: tuple[UsageBy, ...] = ("key", "tenant", "model", "peer")
-USAGE_COLUMNS = UsageGroup.__struct_fields__
-DEFAULT_SINCE = "7d"
-AUDIT_LIMIT_MAX = 1000
-
-
-def usage_csv(rows: list[UsageGroup]) -> str:
-    """A usage report as CSV, with a header line."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(USAGE_COLUMNS)
-    for row in rows:
-        writer.writerow(["" if value is None else value for value in msgspec.structs.astuple(row)])
-    return out.getvalue()
-
 
 # --- responses ----------------------------------------------------------------------------
 
@@ -68,12 +56,6 @@ class KeyList(msgspec.Struct, tag_field="object", tag="list"):
 
 class TenantList(msgspec.Struct, tag_field="object", tag="list"):
     data: list[TenantView]
-
-
-class UsageReport(msgspec.Struct, tag_field="object", tag="list"):
-    by: str
-    since: int
-    data: list[UsageGroup]
 
 
 class AuditList(msgspec.Struct, tag_field="object", tag="list"):

@@ -11,7 +11,15 @@ import msgspec
 from msgspec import UNSET
 
 from node.admin.management import SpendView
-from node.cli.options import combined, count_or_none, globs_or_none, metadata, money_or_none
+from node.cli.options import (
+    MONEY_HELP,
+    Decorator,
+    combined,
+    count_or_none,
+    globs_or_none,
+    metadata,
+    money_or_none,
+)
 from node.cli.output import fail, when
 from node.gateway.policy import PERIODS, Limits
 from node.units import amount
@@ -30,31 +38,64 @@ OPTION_OF_FIELD = {
     "grace_seconds": "--grace",
 }
 
-meta_option = click.option(
-    "--meta",
-    multiple=True,
-    callback=metadata,
-    metavar="KEY=VALUE",
-    help="Metadata (repeatable; replaces all metadata on update)",
-)
-limit_options = combined(
-    click.option(
-        "--models",
-        callback=globs_or_none,
-        help="Comma-separated model names or globs, e.g. 'gpt-4o*,llama3' (none: every model)",
-    ),
-    click.option(
-        "--budget",
-        callback=money_or_none,
-        help="Spend cap per period in currency units, e.g. 20 or 0.5 (none: no cap)",
-    ),
-    click.option("--period", type=click.Choice(PERIODS), help="Budget period [default: monthly]"),
-    click.option("--rpm", callback=count_or_none, help="Requests per minute (none: no limit)"),
-    click.option("--tpm", callback=count_or_none, help="Tokens per minute (none: no limit)"),
-    click.option(
-        "--max-parallel", callback=count_or_none, help="Requests in flight (none: no limit)"
-    ),
-)
+UNCHANGED = "[not given: unchanged]"
+
+
+def meta_option(*, on_update: bool = False) -> Decorator:
+    what = "replaces all metadata" if on_update else "repeatable"
+    return click.option(
+        "--meta",
+        multiple=True,
+        callback=metadata,
+        metavar="KEY=VALUE",
+        help=f"Metadata, repeatable ({what})" + (f" {UNCHANGED}" if on_update else ""),
+    )
+
+
+def limit_options(*, on_update: bool = False) -> Decorator:
+    """The limit options of `keys create` / `tenants create`, or of their `update`, where an
+    option not given leaves its value as it is (help says so instead of a default)."""
+
+    def default(text: str) -> str:
+        return UNCHANGED if on_update else f"[default: {text}]"
+
+    return combined(
+        click.option(
+            "--models",
+            callback=globs_or_none,
+            help="Comma-separated model names or globs, e.g. 'gpt-4o*,llama3'; none: every "
+            f"model {default('every model')}",
+        ),
+        click.option(
+            "--budget",
+            callback=money_or_none,
+            metavar="AMOUNT",
+            help=f"Spend cap per period: {MONEY_HELP}; none: no cap {default('no cap')}",
+        ),
+        click.option(
+            "--period",
+            type=click.Choice(PERIODS),
+            help=f"Budget period {default('monthly')}",
+        ),
+        click.option(
+            "--rpm",
+            callback=count_or_none,
+            metavar="N",
+            help=f"Requests per minute; none: no limit {default('no limit')}",
+        ),
+        click.option(
+            "--tpm",
+            callback=count_or_none,
+            metavar="N",
+            help=f"Tokens per minute; none: no limit {default('no limit')}",
+        ),
+        click.option(
+            "--max-parallel",
+            callback=count_or_none,
+            metavar="N",
+            help=f"Requests in flight at once; none: no limit {default('no limit')}",
+        ),
+    )
 
 
 def limit_fields(

@@ -23,12 +23,14 @@ from federation.invites import Invite, create_invite, make_join_request, parse_i
 from federation.printable import printable
 from federation.sealing import seal_for
 from ledger.records import RecordError
-from node.cli.folder import currency_of, require_config
+from node.cli.folder import cli_actor, currency_of, require_config
 from node.cli.options import comma_list, duration_option, money_option, with_data_dir
-from node.cli.output import console, echo_json, fail, shown
+from node.cli.output import console, echo_json, fail, shown, warn
 from node.config import DATABASE_FILE, IDENTITY_FILE, Config
 from node.gateway.auth import touch_epoch
-from node.gateway.policy import PERIODS, Limits, period_start
+from node.gateway.policy import PERIODS, Limits, model_allowed, period_start
+from node.peers import audit, revocation
+from node.peers.address import advertised_urls, reachability_warning
 from node.peers.peering import (
     PEERS_EPOCH_FILE,
     JoinResponse,
@@ -82,22 +84,30 @@ def invite_group() -> None:
 @models_option
 @cap_option
 @period_option
-@click.option("--expires", default="24h", show_default=True, callback=duration_option)
+@click.option(
+    "--expires",
+    default="24h",
+    show_default=True,
+    callback=duration_option,
+    help="How long the token can be used: a number and s, m, h or d (e.g. 30m, 7d)",
+)
 @click.option("--uses", type=click.IntRange(1, 1000), default=1, show_default=True)
 @with_data_dir
 def invite_create(
     directory: Path, models: str, cap: int | None, period: str, expires: int, uses: int
 ) -> None:
-    """Print an invite token (`aihub1.…`) for another node's `aihub join`."""
+    """Print an invite token (`aihub1.…`) for another node's `aihub join`.
+
+    The token carries the address this node is served on now (`[federation] public_urls`
+    if set); a warning says when another server could not reach it, or when a --models
+    pattern matches none of this node's models."""
     config = require_config(directory)
+    patterns = comma_list(models)
+    urls = advertised_urls(config, directory)
+    for problem in _invite_problems(config, urls, patterns):
+        warn(problem)
     token, record = create_invite(
-        _identity_of(directory),
-        config.public_urls(),
-        comma_list(models),
-        cap,
-        period,
-        uses,
-        expires,
+        _identity_of(directory), urls, patterns, cap, period, uses, expires
     )
     row = InviteRow(
         token_id=record.token_id,
@@ -109,8 +119,48 @@ def invite_create(
         cap_period=record.cap_period,
         created_at=int(time.time()),
     )
-    asyncio.run(_with_store(directory, lambda store: store.peers.insert_invite(row)))
+
+    async def keep(store: Store) -> None:
+        await store.peers.insert_invite(row)
+        await audit.record(
+            store,
+            cli_actor(),
+            "invite.create",
+            record.token_id,
+            models=",".join(patterns) or "*",
+            cap_micros=cap,
+            uses=uses,
+            exp=record.exp,
+        )
+
+    asyncio.run(_with_store(directory, keep))
     console.print(token, highlight=False, soft_wrap=True, markup=False)
+
+
+def _shared(config: Config) -> list[str]:
+    """The model names this node can share with a peer (adverts carry chat and embeddings)."""
+    return [d.name for d in config.models if d.kind in ("chat", "embeddings")]
+
+
+def _invite_problems(config: Config, urls: list[str], patterns: list[str]) -> list[str]:
+    """What would make the invite useless as given: an address others cannot reach, a
+    pattern that matches no model, no model to share at all."""
+    problems = []
+    unreachable = reachability_warning(urls)
+    if unreachable is not None:
+        problems.append(unreachable)
+    shared = _shared(config)
+    if not shared:
+        problems.append(
+            "this node has no chat or embeddings model to share ([[models]] in config.toml)"
+        )
+    for pattern in patterns:
+        if shared and not any(model_allowed([pattern], name) for name in shared):
+            problems.append(
+                f"--models pattern {pattern!r} matches none of this node's models "
+                f"({', '.join(shared)}); patterns are case-sensitive globs such as llama3*"
+            )
+    return problems
 
 
 @click.command("join")
@@ -124,19 +174,36 @@ def join(directory: Path, token: str) -> None:
         invite = parse_invite(token.strip())
     except RecordError as exc:
         fail(f"invalid invite: {exc}")
-    descriptor = make_descriptor(identity, config.node.name, config.public_urls())
+    urls = advertised_urls(config, directory)
+    descriptor = make_descriptor(identity, config.node.name, urls)
     body = msgspec.json.encode(make_join_request(invite, identity, descriptor))
     outcome = asyncio.run(_send_join(identity, invite, body))
     if isinstance(outcome, str):
         fail(outcome)
-    asyncio.run(_with_store(directory, lambda store: store.peers.save_peer(outcome)))
+
+    async def keep(store: Store) -> None:
+        await store.peers.save_peer(outcome)
+        await audit.record(store, cli_actor(), "peer.join", outcome.node_id, name=outcome.name)
+
+    asyncio.run(_with_store(directory, keep))
     _tell_node(directory)
-    console.print(
-        f"Joined {printable(outcome.name)} ({outcome.node_id}); its shared models are now "
-        "available through this node.",
-        highlight=False,
-        markup=False,
-    )
+    local = [d.name for d in config.models]
+    console.print(_joined_message(outcome, local), highlight=False, markup=False)
+
+
+def _joined_message(peer: PeerRecord, local: list[str]) -> str:
+    """What a join got: the models the peer shares with us, or plainly that there are none;
+    a bare name this node serves itself stays local (the peer's is MODEL@peer)."""
+    models = advertised_models(peer)
+    joined = f"Joined {printable(peer.name)} ({short_id(peer.node_id)})"
+    if not models:
+        return (
+            f"{joined}, but it shares no models with this node: its invite allows none of "
+            "the models it serves. Ask its admin for an invite with --models that match them."
+        )
+    at = "@" + printable(peer.name)
+    names = ", ".join(printable(m) + (at if m in local else "") for m in models)
+    return f"{joined}. Its models available through this node: {names} (each also as MODEL{at})."
 
 
 async def _send_join(identity: NodeIdentity, invite: Invite, body: bytes) -> PeerRecord | str:
@@ -152,6 +219,13 @@ async def _send_join(identity: NodeIdentity, invite: Invite, body: bytes) -> Pee
             except httpx.HTTPError as exc:
                 problem = f"{url}: {type(exc).__name__}"
                 continue
+            if response.status_code == 404:
+                # Whatever answers there is not the node that made the invite (any more).
+                return (
+                    f"the node at {url} does not know this invite (404): an invite carries "
+                    "the address its node was served on when it was made; ask for a new one "
+                    "if that node now runs elsewhere"
+                )
             if response.status_code != 200:
                 return f"{url} refused the join ({response.status_code}): " + (response.text[:300])
             try:
@@ -177,55 +251,147 @@ class PeerView(msgspec.Struct):
     latency_ms: int | None
     models: list[str]
     spent: str
+    # When its health was last checked (unix seconds), and that check in words.
+    checked_at: int | None = None
+    health: str = "-"
 
 
 @peers_group.command("list")
-@click.option("--all", "show_all", is_flag=True, help="Include revoked peers")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON")
+@click.option("--all", "show_all", is_flag=True, help="Include peers revoked here")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the same as --format json)")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="A table, or one JSON array with full node ids",
+)
+@click.option("--wide", is_flag=True, help="Full node ids in the table (wider than 80 columns)")
 @with_data_dir
-def peers_list(directory: Path, show_all: bool, as_json: bool) -> None:
+def peers_list(directory: Path, show_all: bool, as_json: bool, fmt: str, wide: bool) -> None:
     """Each peer: status, health and latency, its models, what it spent here."""
     currency = currency_of(directory)
-    rows = asyncio.run(_with_store(directory, lambda s: _peer_views(s, show_all, currency)))
-    if as_json:
+    now = int(time.time())
+    rows = asyncio.run(_with_store(directory, lambda s: _peer_views(s, show_all, currency, now)))
+    if as_json or fmt == "json":
         echo_json(rows)
         return
     table = Table(title="Peers")
-    for column in ("name", "node id", "status", "health", "their models", "spent here"):
-        table.add_column(column, overflow="fold")
+    # The short id, status and health stay on one line; names, models and amounts fold.
+    table.add_column("name", overflow="fold")
+    table.add_column("node id", no_wrap=not wide, overflow="fold")
+    table.add_column("status", no_wrap=True)
+    table.add_column("health", no_wrap=True)
+    table.add_column("their models", overflow="fold")
+    table.add_column("spent here", overflow="fold")
     for row in rows:
-        health = "-"
-        if row.healthy is not None:
-            health = f"up, {row.latency_ms} ms" if row.healthy else "down"
         table.add_row(
             shown(row.name),
-            row.node_id,
-            row.status,
-            health,
+            row.node_id if wide else short_id(row.node_id),
+            STATUS_WORDS.get(row.status, row.status),
+            row.health,
             shown(", ".join(row.models) or "-"),
             row.spent,
         )
     console.print(table)
 
 
-async def _peer_views(store: Store, show_all: bool, currency: str) -> list[PeerView]:
+# A status as the table says it (JSON keeps the stored word).
+STATUS_WORDS = {"revoked_by_peer": "revoked us", "requested": "asked to join"}
+
+
+def short_id(node_id: str) -> str:
+    """A node id cut to what tells peers apart in a table (`--wide` or JSON: in full)."""
+    prefix, _, key = node_id.partition(":")
+    return f"{prefix}:{key[:8]}…" if len(key) > 8 else node_id
+
+
+def health_words(healthy: bool | None, latency: int | None, checked: int | None, now: int) -> str:
+    """A peer's health as a person reads it: up or down, and as of when."""
+    if healthy is None or checked is None:
+        return "not checked yet"
+    ago = _ago(now - checked)
+    if healthy:
+        return f"up, {latency} ms ({ago})" if latency is not None else f"up ({ago})"
+    return f"down ({ago})"
+
+
+def _ago(seconds: int) -> str:
+    if seconds < 60:
+        return f"{max(seconds, 0)}s ago"
+    if seconds < 3600:
+        return f"{seconds // 60}m ago"
+    if seconds < 86400:
+        return f"{seconds // 3600}h ago"
+    return f"{seconds // 86400}d ago"
+
+
+def advertised_models(record: PeerRecord) -> list[str]:
+    """The model ids of the peer's advert we hold (what it lets us use)."""
+    if not record.advert:
+        return []
+    try:
+        advert = msgspec.json.decode(record.advert)
+        return [str(model["id"]) for model in advert.get("models", [])]
+    except (msgspec.DecodeError, TypeError, KeyError, AttributeError):
+        return []
+
+
+class PeerModel(msgspec.Struct):
+    """A model a peer lets us use, as `aihub models` lists it."""
+
+    name: str  # `model@peer`, or the bare name where no model of ours shadows it
+    kind: str
+    peer: str
+    model: str
+    price_in: int
+    price_out: int
+
+
+def peer_models(directory: Path, local: set[str]) -> list[PeerModel]:
+    """Each active peer's models from the adverts we hold: as `model@peer`, and under the bare
+    name too where `local` (this node's own names) and no earlier peer has it."""
+    records = asyncio.run(_with_store(directory, lambda store: store.peers.peers()))
+    rows: list[PeerModel] = []
+    taken = set(local)
+    for record in records:
+        if record.status != "active" or not record.advert:
+            continue
+        for model in _advert_entries(record.advert):
+            kind, name = str(model.get("kind", "chat")), str(model.get("id", ""))
+            prices = int(model.get("price_in", 0)), int(model.get("price_out", 0))
+            names = [f"{name}@{record.name}"] + ([name] if name not in taken else [])
+            taken.add(name)
+            rows += [PeerModel(shown_as, kind, record.name, name, *prices) for shown_as in names]
+    return rows
+
+
+def _advert_entries(advert: str) -> list[dict]:
+    try:
+        models = msgspec.json.decode(advert).get("models", [])
+    except (msgspec.DecodeError, AttributeError):
+        return []
+    return [model for model in models if isinstance(model, dict)]
+
+
+async def _peer_views(store: Store, show_all: bool, currency: str, now: int) -> list[PeerView]:
     health = await store.peers.peer_health()
     views = []
     for record in await store.peers.peers(include_revoked=show_all):
-        models: list[str] = []
-        if record.advert:
-            advert = msgspec.json.decode(record.advert)
-            models = [model["id"] for model in advert.get("models", [])]
-        healthy, latency, _ = health.get(record.node_id, (None, None, 0))
+        healthy, latency, checked = health.get(record.node_id, (None, None, None))
+        cut = record.status != "active"
         views.append(
             PeerView(
                 record.name,
                 record.node_id,
                 record.status,
-                healthy,
-                latency,
-                models,
+                None if cut else healthy,
+                None if cut else latency,
+                advertised_models(record),
                 await _spent_here(store, record, currency),
+                checked,
+                "-" if cut else health_words(healthy, latency, checked, now),
             )
         )
     return views
@@ -251,21 +417,30 @@ async def _spent_here(store: Store, record: PeerRecord, currency: str) -> str:
 @click.argument("peer")
 @with_data_dir
 def peers_revoke(directory: Path, peer: str) -> None:
-    """Cut PEER (name or node id) off: its key and pinned identity stop working."""
-    name = asyncio.run(_with_store(directory, lambda store: _revoke(store, peer)))
-    if name is None:
+    """Cut PEER (name or node id) off: its key and pinned identity stop working here, and
+    it is told (a signed notice), so that it stops offering this node's models at once."""
+    identity = _identity_of(directory)
+
+    async def work(store: Store) -> tuple[PeerRecord | None, str | None]:
+        record = await revocation.revoke(store, peer, cli_actor())
+        if record is None:
+            return None, None
+        _tell_node(directory)
+        async with httpx.AsyncClient() as client:
+            return record, await revocation.tell_revoked(client, identity, record)
+
+    record, problem = asyncio.run(_with_store(directory, work))
+    if record is None:
         fail(f"no active peer {peer!r}")
-    _tell_node(directory)
-    console.print(f"Revoked {printable(name)}.", highlight=False, markup=False)
-
-
-async def _revoke(store: Store, peer: str) -> str | None:
-    """Revoke the active peer named or numbered `peer`; its name, or None if there is none."""
-    for record in await store.peers.peers():
-        if peer in (record.name, record.node_id):
-            await store.peers.revoke_peer(record.node_id, int(time.time()))
-            return record.name
-    return None
+    name = printable(record.name)
+    if problem is None:
+        console.print(f"Revoked {name}; it was told.", highlight=False, markup=False)
+    else:
+        console.print(
+            f"Revoked {name}; {problem}, so it learns at its next health check.",
+            highlight=False,
+            markup=False,
+        )
 
 
 # --- join requests without an invite ---------------------------------------------------------
@@ -283,7 +458,12 @@ def peers_request(directory: Path, seed: str) -> None:
     pinned, _, url = seed.rpartition("@")
     url = url.rstrip("/")
     outcome, name = asyncio.run(
-        _with_store(directory, lambda store: _ask(store, identity, config, url, pinned))
+        _with_store(
+            directory,
+            lambda store: _ask(
+                store, identity, config, advertised_urls(config, directory), url, pinned
+            ),
+        )
     )
     if outcome == "pending":
         console.print(
@@ -298,7 +478,12 @@ def peers_request(directory: Path, seed: str) -> None:
 
 
 async def _ask(
-    store: Store, identity: NodeIdentity, config: Config, url: str, pinned: str
+    store: Store,
+    identity: NodeIdentity,
+    config: Config,
+    urls: list[str],
+    url: str,
+    pinned: str,
 ) -> tuple[str, str]:
     """Identify the node at `url` (by its signed descriptor, pinned if given) and ask it to
     make us a peer: (pending | joined | what went wrong, its name)."""
@@ -317,7 +502,12 @@ async def _ask(
             status="requested",
             created_at=int(time.time()),
         )
-        return await ask_to_join(store, identity, client, record, config), issuer.name
+        ours = make_descriptor(identity, config.node.name, urls)
+        outcome = await ask_to_join(
+            store, identity, client, record, ours, listed=config.federation.listed
+        )
+        await audit.record(store, cli_actor(), "peer.request", issuer.node_id, name=issuer.name)
+        return outcome, issuer.name
 
 
 @peers_group.command("pending")
@@ -364,8 +554,9 @@ def peers_approve(directory: Path, node: str, models: str, cap: int | None, peri
         {"models": comma_list(models) or None, "budget_micros": cap, "budget_period": period},
         Limits,
     )
+    urls = advertised_urls(config, directory)
     name = asyncio.run(
-        _with_store(directory, lambda store: _approve(store, identity, config, node, limits))
+        _with_store(directory, lambda store: _approve(store, identity, config, urls, node, limits))
     )
     if name is None:
         fail(f"no pending join request from {node!r} (see `aihub peers pending`)")
@@ -379,7 +570,12 @@ def peers_approve(directory: Path, node: str, models: str, cap: int | None, peri
 
 
 async def _approve(
-    store: Store, identity: NodeIdentity, config: Config, node: str, limits: Limits
+    store: Store,
+    identity: NodeIdentity,
+    config: Config,
+    urls: list[str],
+    node: str,
+    limits: Limits,
 ) -> str | None:
     """Admit the pending joiner named or numbered `node` and keep its answer for when it next
     asks; its name, or None if no such request is pending."""
@@ -387,21 +583,30 @@ async def _approve(
         if node in (descriptor.node_id, descriptor.name):
             key = await admit_peer(store, identity, descriptor, limits, None)
             assert key is not None  # no invite to be used up
-            answer = _approval(identity, config, descriptor, key)
+            answer = _approval(identity, config, urls, descriptor, key)
             await store.peers.save_join_answer(descriptor.node_id, answer, int(time.time()))
+            await audit.record(
+                store,
+                cli_actor(),
+                "peer.approve",
+                descriptor.node_id,
+                name=descriptor.name,
+                models=",".join(limits.models or ()) or "*",
+                cap_micros=limits.budget_micros,
+            )
             return descriptor.name
     return None
 
 
-def _approval(identity: NodeIdentity, config: Config, joiner: NodeDescriptor, key: str) -> str:
+def _approval(
+    identity: NodeIdentity, config: Config, urls: list[str], joiner: NodeDescriptor, key: str
+) -> str:
     """The answer the joiner gets when it next asks: as for an invited join, our descriptor
     and its key sealed to it (so the answer is safe at rest here). No advert: only the running
     node knows its advert seq; the joiner fetches the advert as soon as it has joined."""
     answer = JoinResponse(
         v=1,
-        descriptor=msgspec.to_builtins(
-            make_descriptor(identity, config.node.name, config.public_urls())
-        ),
+        descriptor=msgspec.to_builtins(make_descriptor(identity, config.node.name, urls)),
         sealed_key=seal_for(joiner.node_id, key.encode()),
     )
     return msgspec.json.encode(answer).decode()

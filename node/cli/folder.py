@@ -7,15 +7,19 @@ node sees every change on its next request, through the epoch files.
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from node.admin.management import Management, ManagementError
-from node.cli.output import fail
+from rich.markup import escape
+
+from federation.printable import printable
+from node.cli.output import errors, fail
 from node.config import IDENTITY_FILE, Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from node.admin.management import Management
 
 T = TypeVar("T")
 
@@ -26,6 +30,24 @@ def require_config(directory: Path) -> Config:
         return load_config(directory)
     except ConfigError as exc:
         fail(str(exc))
+
+
+def require_secrets(config: Config) -> None:
+    """Every provider key the config names is in the environment, or the command fails
+    listing each one missing: `config check` and `serve` refuse alike, so that no
+    deployment is ever called without its key."""
+    import os
+
+    from node.config import missing_secrets
+
+    problems = missing_secrets(config, dict(os.environ))
+    for problem in problems:
+        errors.print(f"[bold red]error:[/] {escape(printable(problem))}", highlight=False)
+    if problems:
+        fail(
+            "set the provider keys above in the environment, or comment out the deployments "
+            "that need them in config.toml"
+        )
 
 
 def require_identity(directory: Path) -> None:
@@ -48,6 +70,12 @@ def cli_actor() -> str:
 
 def manage(directory: Path, work: Callable[[Management], Awaitable[T]]) -> T:
     """Run `work` on the node's data folder; a refused change fails the command."""
+    # Imported here: the store and the key hashing are for the commands that change keys,
+    # not for `config check` or a command's --help.
+    import asyncio
+
+    from node.admin.management import Management, ManagementError
+
     require_config(directory)
     require_identity(directory)
 

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from node.admin.management import CreatedKey, KeyInput, KeyView, Management, RotateInput
 from node.cli.access import (
+    UNCHANGED,
     budget_text,
     limit_fields,
     limit_options,
@@ -23,6 +24,8 @@ from node.cli.access import (
 )
 from node.cli.folder import cli_actor, currency_of, manage
 from node.cli.options import (
+    DURATION_HELP,
+    Decorator,
     combined,
     duration_or_zero_option,
     expiry,
@@ -33,22 +36,34 @@ from node.cli.options import (
 )
 from node.cli.output import console, details, fail, print_json, shown, when
 
-key_options = combined(
-    click.option("--tenant", callback=text_or_none, help="Tenant (name or id) the key belongs to"),
-    limit_options,
-    click.option(
-        "--expires",
-        callback=expiry,
-        help="Expire after a duration (30d, 12h) or never [default: never]",
-    ),
-    click.option(
-        "--ips",
-        callback=ips_or_none,
-        help="Comma-separated addresses or CIDRs the key may be used from (none: anywhere)",
-    ),
-    meta_option,
-    json_option,
-)
+
+def key_options(*, on_update: bool = False) -> Decorator:
+    """The options of `keys create`, or of `keys update` (an option not given: unchanged)."""
+    unchanged = f" {UNCHANGED}" if on_update else ""
+    return combined(
+        click.option(
+            "--tenant",
+            callback=text_or_none,
+            help="Tenant (name or id) the key belongs to; none: no tenant"
+            + (unchanged or " [default: none]"),
+        ),
+        limit_options(on_update=on_update),
+        click.option(
+            "--expires",
+            callback=expiry,
+            metavar="DURATION",
+            help=f"Expire this long from now: {DURATION_HELP}; never: no expiry"
+            + (unchanged or " [default: never]"),
+        ),
+        click.option(
+            "--ips",
+            callback=ips_or_none,
+            help="Comma-separated addresses or CIDRs the key may be used from, e.g. "
+            "'10.0.0.0/8,192.0.2.7'; none: anywhere" + (unchanged or " [default: anywhere]"),
+        ),
+        meta_option(on_update=on_update),
+        json_option,
+    )
 
 
 def key_fields(
@@ -109,7 +124,7 @@ def keys_group() -> None:
 
 @keys_group.command("create")
 @click.option("--name", required=True, help="A name for the key, e.g. ci-bot")
-@key_options
+@key_options()
 @with_data_dir
 def keys_create(directory: Path, name: str, as_json: bool, **options: Any) -> None:
     """Create a key; the key itself is shown once, here."""
@@ -166,14 +181,15 @@ def keys_show(directory: Path, id_or_key: str, as_json: bool) -> None:
 
 @keys_group.command("update")
 @click.argument("id_or_key")
-@click.option("--name", help="A new name")
-@key_options
+@click.option("--name", help=f"A new name {UNCHANGED}")
+@key_options(on_update=True)
 @with_data_dir
 def keys_update(
     directory: Path, id_or_key: str, name: str | None, as_json: bool, **options: Any
 ) -> None:
-    """Change a key's limits, tenant, expiry, addresses or metadata; `none` removes a limit
-    (e.g. --budget none, --rpm none, --models none, --tenant none, --expires never)."""
+    """Change a key's limits, tenant, expiry, addresses or metadata: only the options given
+    change, the others keep their values. `none` removes a limit (--budget none, --rpm none,
+    --models none, --tenant none, --ips none); --expires never removes the expiry."""
     fields = key_fields(name, **options)
     if nothing_to_change(fields):
         fail("nothing to change: give at least one option (see --help)")

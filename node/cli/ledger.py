@@ -7,26 +7,23 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import httpx
 from rich.table import Table
 
 from federation.identity import NodeIdentity
 from federation.printable import printable
-from node.cli.folder import currency_of, require_config
-from node.cli.options import parsed, with_data_dir
+from node.cli.folder import cli_actor, currency_of, require_config
+from node.cli.options import SINCE_HELP, parsed, with_data_dir
 from node.cli.output import console, echo_json, fail, shown
 from node.config import DATABASE_FILE, IDENTITY_FILE
-from node.errors import Kind
-from node.gateway.auth import touch_epoch
-from node.peers import books
-from node.peers.peering import PEERS_EPOCH_FILE
-from node.peers.receipts import keep_receipt
-from node.storage import opened
-from node.storage.base import Store
 from node.units import amount, parse_since
+
+if TYPE_CHECKING:
+    from node.peers import books as books_module
+    from node.storage.base import Store
 
 T = TypeVar("T")
 
@@ -45,14 +42,25 @@ BUCKETS = (
 )
 
 
+def _books() -> ModuleType:
+    """The node's side of the books, imported when a command runs: it brings the peer
+    transport (aiohttp, httpx), which `aihub ledger --help` has no use for."""
+    from node.peers import books
+
+    return books
+
+
 def _signed_amount(micros: int, currency: str) -> str:
     return ("-" if micros < 0 else "") + amount(abs(micros), currency)
 
 
 def _run(directory: Path, work: Callable[[Store, NodeIdentity], Awaitable[T]]) -> T:
     """Run `work` on the node's store with its identity; a BooksError fails the command."""
+    from node.storage import opened
+
     require_config(directory)
     identity = NodeIdentity.load(directory / IDENTITY_FILE)
+    books = _books()
 
     async def go() -> T:
         async with opened(directory / DATABASE_FILE) as store:
@@ -64,9 +72,18 @@ def _run(directory: Path, work: Callable[[Store, NodeIdentity], Awaitable[T]]) -
     return asyncio.run(go())
 
 
-def _with_peer(directory: Path, peer: str, work: Callable[[Store, books.Link], Awaitable[T]]) -> T:
+def _with_peer(
+    directory: Path, peer: str, work: Callable[[Store, books_module.Link], Awaitable[T]]
+) -> T:
     """Run `work` with a signed link to PEER (name or node id); a network failure is a 502
     BooksError, as from the node's admin API."""
+    import httpx
+
+    from node.errors import Kind
+    from node.gateway.auth import touch_epoch
+    from node.peers.peering import PEERS_EPOCH_FILE
+
+    books = _books()
 
     async def go(store: Store, identity: NodeIdentity) -> T:
         async with httpx.AsyncClient(timeout=60) as client:
@@ -83,11 +100,13 @@ def _with_peer(directory: Path, peer: str, work: Callable[[Store, books.Link], A
     return result
 
 
-def _reconciled(store: Store, link: books.Link) -> Awaitable[books.ReconcileReport]:
+def _reconciled(store: Store, link: books_module.Link) -> Awaitable[books_module.ReconcileReport]:
+    from node.peers.receipts import keep_receipt
+
     async def keep(receipt: Any) -> bool:
         return await keep_receipt(store, receipt)
 
-    return books.reconcile_with(store, link, keep)
+    return _books().reconcile_with(store, link, keep)
 
 
 @click.group("ledger")
@@ -101,7 +120,7 @@ def ledger() -> None:
 def balance(directory: Path, json_: bool) -> None:
     """Per peer: what each side used of the other since the last settlement, and the net
     (positive: the peer owes us)."""
-    rows = _run(directory, lambda store, me: books.balance(store, me.node_id))
+    rows = _run(directory, lambda store, me: _books().balance(store, me.node_id))
     if json_:
         echo_json(rows)
         return
@@ -127,7 +146,7 @@ def balance(directory: Path, json_: bool) -> None:
 def verify(directory: Path, json_: bool) -> None:
     """Re-verify every signature and hash link; report the first broken link of each
     chain. Exit status 1 if any is broken."""
-    checks = _run(directory, lambda store, _: books.verify(store))
+    checks = _run(directory, lambda store, _: _books().verify(store))
     if json_:
         echo_json(checks)
     else:
@@ -173,9 +192,9 @@ def reconcile(directory: Path, peer: str, json_: bool) -> None:
 def settle(directory: Path, peer: str, json_: bool) -> None:
     """Close the period with PEER: reconcile, then a statement both nodes sign."""
 
-    async def work(store: Store, link: books.Link) -> Any:
+    async def work(store: Store, link: books_module.Link) -> Any:
         await _reconciled(store, link)
-        return await books.settle_with(store, link)
+        return await _books().settle_with(store, link, cli_actor())
 
     statement = _with_peer(directory, peer, work)
     if json_:
@@ -208,7 +227,7 @@ def net(directory: Path, files: tuple[Any, ...], json_: bool) -> None:
     """A transfer plan that clears every balance (at most n-1 transfers), from our
     statements and those in FILES (the group's, one JSON per line)."""
     extra = [line for file in files for line in file.read().splitlines() if line.strip()]
-    plan = _run(directory, lambda store, me: books.net(store, me.node_id, extra))
+    plan = _run(directory, lambda store, me: _books().net(store, me.node_id, extra))
     if json_:
         echo_json(plan)
         return
@@ -221,9 +240,16 @@ def net(directory: Path, files: tuple[Any, ...], json_: bool) -> None:
 
 
 @ledger.command("export")
-@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv")
-@click.option("--since", default="30d", show_default=True, callback=_since)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "json"]),
+    default="csv",
+    show_default=True,
+    help="csv: one line per receipt, for a spreadsheet; json: the signed receipts as they are",
+)
+@click.option("--since", default="30d", show_default=True, callback=_since, help=SINCE_HELP)
 @with_data_dir
 def export(directory: Path, fmt: str, since: int) -> None:
     """Receipts for accounting, as CSV or as the signed JSON."""
-    click.echo(_run(directory, lambda store, _: books.export(store, since, fmt)), nl=False)
+    click.echo(_run(directory, lambda store, _: _books().export(store, since, fmt)), nl=False)

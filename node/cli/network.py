@@ -1,26 +1,26 @@
 """`aihub network up` and `aihub network down`: a three-node network on this machine, and the
 story of one request across it. This module only parses the options and prints; the demo is
-`node.demo.network`, the story it tells `node.demo.story`."""
+`node.demo.network` (imported when a command runs), the story it tells `node.demo.story`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
-import msgspec
 from rich.markup import escape
 
-from node.cli.output import console
-from node.demo.network import DEFAULT_BASE_PORT, DEFAULT_DIR, Network, NetworkError, in_process
-from node.demo.story import story
+from node.cli.output import aihub_invocation, console
+from node.demo import DEFAULT_BASE_PORT, DEFAULT_DIR
 
+# `--data-dir`, as every command has; `--dir`, its first name, still works.
 dir_option = click.option(
+    "--data-dir",
     "--dir",
     "root",
     default=DEFAULT_DIR,
     show_default=True,
     type=click.Path(file_okay=False),
-    help="The network's folder: one data folder per node",
+    help="The network's folder: one data folder per node (alice/, bob/, carol/)",
 )
 
 
@@ -58,15 +58,21 @@ def up(root: str, base_port: int, as_json: bool) -> None:
     """Start alice, bob and carol on loopback (or reuse them), have bob and carol join alice
     and alice join carol by invite, ask carol for a model only alice serves, and show who
     served it, the receipt both keep and the balances on each side."""
+    import msgspec
+
+    from node.demo.network import Network, NetworkError, in_process
+    from node.demo.story import story
+
     try:
-        net = Network(Path(root), base_port, in_process(_aihub()), _quiet if as_json else _say)
+        say = _quiet if as_json else _say
+        net = Network(Path(root), base_port, in_process(_aihub()), say, aihub_invocation())
         report = net.up()
     except NetworkError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(msgspec.json.encode(report).decode())
         return
-    for text, style in story(report, root):
+    for text, style in story(report, root, aihub_invocation()):
         _say(text, style)
 
 
@@ -74,12 +80,17 @@ def up(root: str, base_port: int, as_json: bool) -> None:
 @dir_option
 def down(root: str) -> None:
     """Stop the network's nodes (SIGTERM, then SIGKILL after 10 s); keep their data."""
+    from node.demo.network import Network, NetworkError, in_process
+
     try:
-        net = Network(Path(root), DEFAULT_BASE_PORT, in_process(_aihub()), _say)
+        net = Network(Path(root), DEFAULT_BASE_PORT, in_process(_aihub()), _say, aihub_invocation())
         stopped = net.down()
     except NetworkError as exc:
         raise click.ClickException(str(exc)) from exc
     for entry in stopped:
         pid = f" (pid {entry.pid})" if entry.pid else ""
         _say(f"{entry.name}: {entry.state}{pid}")
-    _say(f"The data is kept in {net.root}; `aihub network up --dir {root}` starts it again.")
+    _say(
+        f"The data is kept in {net.root}; `{aihub_invocation()} network up --data-dir {root}` "
+        "starts it again."
+    )

@@ -12,9 +12,7 @@ from typing import Any, TypeVar
 import click
 from msgspec import UNSET, UnsetType
 
-from node.admin.management import MAX_COUNT
 from node.config import data_dir
-from node.gateway.policy import parse_networks
 from node.units import parse_duration, parse_money, parse_since
 
 T = TypeVar("T")
@@ -22,6 +20,12 @@ Callback = Callable[[click.Context, click.Parameter, str | None], T | None]
 Decorator = Callable[[Any], Any]
 
 NONE_WORDS = ("none", "null")
+# What the duration, time and amount options take, said once for every command's help.
+SINCE_HELP = (
+    "From when: a duration back from now (30m, 24h, 7d), a UTC date (2025-01-31) or unix seconds"
+)
+DURATION_HELP = "a number with s, m, h, d or w (90s, 30m, 12h, 30d, 2w)"
+MONEY_HELP = "an amount in the node's currency, e.g. 20 or 0.5"
 
 
 def with_data_dir(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -101,6 +105,8 @@ def count_or_none(_ctx: click.Context, _param: click.Parameter, value: str | Non
         return UNSET
     if is_none(value):
         return None
+    from node.admin.management import MAX_COUNT
+
     text = value.strip()
     # ASCII digits only: str.isdigit() takes `²`, which int() refuses.
     if not re.fullmatch(r"\d{1,13}", text, re.ASCII) or not 1 <= int(text) <= MAX_COUNT:
@@ -124,6 +130,8 @@ def ips_or_none(_ctx: click.Context, _param: click.Parameter, value: str | None)
         return UNSET
     if is_none(value):
         return []
+    from node.gateway.policy import parse_networks
+
     ips = comma_list(value)
     try:
         parse_networks(ips)

@@ -3,8 +3,11 @@ others chose made safe to show."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import NoReturn
 
 import click
@@ -19,6 +22,38 @@ from federation.printable import printable
 # One of each for every command: tests (and a wide terminal) set their width in one place.
 console = Console()
 errors = Console(stderr=True)
+
+
+def aihub_invocation() -> str:
+    """How to type this installation's `aihub` in the user's shell, so that the commands a
+    command prints work as printed: `aihub` where the PATH finds this very script, else the
+    script's path (relative to the working directory when it is under it, as `.venv/bin/aihub`
+    after `make run`), else `python -m node.cli` with this interpreter."""
+    script = Path(sys.executable).parent / "aihub"
+    if not script.exists():
+        return f"{typed_path(Path(sys.executable))} -m node.cli"
+    found = shutil.which("aihub")
+    if found and Path(found).absolute() == script.absolute():
+        return "aihub"
+    return typed_path(script)
+
+
+def typed_path(path: Path) -> str:
+    """A path as the user would type it here: relative to the working directory when under it."""
+    try:
+        return str(path.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def venv_hint() -> str | None:
+    """How to put `aihub` on the PATH, where it is not: activating its virtualenv."""
+    if aihub_invocation() == "aihub" or sys.prefix == sys.base_prefix:
+        return None
+    activate = Path(sys.prefix) / "bin" / "activate"
+    if not activate.exists() or os.name == "nt":
+        return None
+    return f"(or put it on your PATH: . {typed_path(activate)})"
 
 
 def fail(message: str) -> NoReturn:

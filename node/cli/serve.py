@@ -16,13 +16,12 @@ import msgspec
 from rich.markup import escape
 
 from node import __version__
-from node.cli.folder import require_config, require_identity
+from node.cli.folder import require_config, require_identity, require_secrets
 from node.cli.options import with_data_dir
-from node.cli.output import console, warn
-from node.config import DATABASE_FILE, IDENTITY_FILE, Config, ServerSection, missing_secrets
-from node.gateway.journal import JOURNAL_DIR, left_behind, replay
+from node.cli.output import console
+from node.config import DATABASE_FILE, IDENTITY_FILE, Config, ServerSection
 from node.observe.logs import LEVELS, Level, log_config
-from node.storage import opened
+from node.peers.address import recorded
 
 
 @click.command("serve")
@@ -51,8 +50,7 @@ def serve(
     """Start the node."""
     config = require_config(directory)
     require_identity(directory)
-    for problem in missing_secrets(config, dict(os.environ)):
-        warn(problem)
+    require_secrets(config)
     host = host or config.server.host
     port = port or config.server.port
     workers = workers or config.server.workers
@@ -68,7 +66,9 @@ def serve(
         highlight=False,
     )
     console.print(f'  curl {url}/v1/models -H "Authorization: Bearer $AIHUB_KEY"', highlight=False)
-    with _announced(directory, config, port):
+    # Invites and the node's descriptor carry the address it really serves on (`--port`
+    # may differ from the config): `node.peers.address` reads it back.
+    with _announced(directory, config, port), recorded(directory, host, port):
         if server == "granian":
             _run_granian(host, port, workers, config.server, logging_config)
         else:
@@ -79,6 +79,9 @@ async def _recover(directory: Path) -> None:
     """Before any worker starts, no request is in flight: a reservation still held was left by
     a node that stopped mid-request, and would shrink its budget for the rest of the period;
     usage a crash left in the journal is written."""
+    from node.gateway.journal import JOURNAL_DIR, left_behind, replay
+    from node.storage import opened
+
     segments = left_behind(directory / JOURNAL_DIR)
     async with opened(directory / DATABASE_FILE) as store:
         await store.spend.release_all_reservations()

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from node.admin.management import Management, TenantInput, TenantView
 from node.cli.access import (
+    UNCHANGED,
     budget_text,
     limit_fields,
     limit_options,
@@ -24,10 +25,15 @@ from node.cli.access import (
     spec,
 )
 from node.cli.folder import cli_actor, currency_of, manage
-from node.cli.options import combined, json_option, with_data_dir
+from node.cli.options import Decorator, combined, json_option, with_data_dir
 from node.cli.output import console, details, fail, print_json, shown, when
 
-tenant_options = combined(limit_options, meta_option, json_option)
+
+def tenant_options(*, on_update: bool = False) -> Decorator:
+    """The options of `tenants create`, or of `tenants update` (not given: unchanged)."""
+    return combined(
+        limit_options(on_update=on_update), meta_option(on_update=on_update), json_option
+    )
 
 
 def show_tenant(view: TenantView, currency: str) -> None:
@@ -49,7 +55,7 @@ def tenants_group() -> None:
 
 @tenants_group.command("create")
 @click.option("--name", required=True, help="A unique name, e.g. acme")
-@tenant_options
+@tenant_options()
 @with_data_dir
 def tenants_create(directory: Path, name: str, meta: Any, as_json: bool, **limits: Any) -> None:
     """Create a tenant."""
@@ -108,13 +114,14 @@ def tenants_show(directory: Path, id_or_name: str, as_json: bool) -> None:
 
 @tenants_group.command("update")
 @click.argument("id_or_name")
-@click.option("--name", help="A new name")
-@tenant_options
+@click.option("--name", help=f"A new name {UNCHANGED}")
+@tenant_options(on_update=True)
 @with_data_dir
 def tenants_update(
     directory: Path, id_or_name: str, name: str | None, meta: Any, as_json: bool, **limits: Any
 ) -> None:
-    """Change a tenant's name, limits or metadata; `none` removes a limit."""
+    """Change a tenant's name, limits or metadata: only the options given change, the others
+    keep their values. `none` removes a limit (--budget none, --rpm none, --models none)."""
     fields = {"name": UNSET if name is None else name, "metadata": meta, **limit_fields(**limits)}
     if nothing_to_change(fields):
         fail("nothing to change: give at least one option (see --help)")

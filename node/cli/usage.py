@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from node.admin.management import Management
-from node.admin.routes import (
+from node.admin.reports import (
     AUDIT_LIMIT_MAX,
     DEFAULT_SINCE,
     USAGE_BY,
@@ -18,12 +18,10 @@ from node.admin.routes import (
     usage_csv,
 )
 from node.cli.folder import currency_of, manage
-from node.cli.options import json_option, since_option, with_data_dir
+from node.cli.options import SINCE_HELP, json_option, since_option, with_data_dir
 from node.cli.output import console, print_json, shown, when
 from node.storage.records import AuditEvent, UsageGroup
 from node.units import money
-
-SINCE_HELP = "A duration back from now (30m, 24h, 7d), a date (2025-01-31) or unix seconds"
 
 
 @click.command("usage")
@@ -105,8 +103,18 @@ def _usage_table(
     callback=since_option,
     help=SINCE_HELP,
 )
-@click.option("--action", help="Only these actions; * matches anything, e.g. 'auth.*'")
-@click.option("--limit", type=click.IntRange(1, AUDIT_LIMIT_MAX), default=50, show_default=True)
+@click.option(
+    "--action",
+    help="Only these actions; * matches anything, e.g. 'auth.*', 'key.*', 'admin_key.reset' "
+    "[default: every action]",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, AUDIT_LIMIT_MAX),
+    default=50,
+    show_default=True,
+    help=f"At most this many events, the newest (1 to {AUDIT_LIMIT_MAX})",
+)
 @json_option
 @with_data_dir
 def audit_command(

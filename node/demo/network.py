@@ -34,14 +34,14 @@ import httpx
 import msgspec
 
 from node.config import CONFIG_FILE, DATABASE_FILE, IDENTITY_FILE, load_config, parse_config
+from node.demo import DEFAULT_BASE_PORT as DEFAULT_BASE_PORT
+from node.demo import DEFAULT_DIR as DEFAULT_DIR
 from node.demo.nodes import NetworkError, Node
 from node.demo.processes import alive, kill_group, listening, ready, serves, wait_gone
 from node.demo.report import JoinState, NodeState, Report, Served, Stopped
 from node.provision import create_node, node_exists
 from node.storage import opened
 
-DEFAULT_DIR = "./.aihub-network"
-DEFAULT_BASE_PORT = 8801
 NODES = ("alice", "bob", "carol")
 # (joiner, issuer): bob and carol join alice by invite; alice joins carol.
 JOINS = (("bob", "alice"), ("carol", "alice"), ("alice", "carol"))
@@ -103,8 +103,12 @@ def aihub_command() -> list[str]:
 
 
 class Network:
-    def __init__(self, root: Path, base_port: int, cli: CommandRunner, say: Say) -> None:
+    def __init__(
+        self, root: Path, base_port: int, cli: CommandRunner, say: Say, aihub: str = "aihub"
+    ) -> None:
+        """`aihub`: how the commands it shows are to be typed in this shell."""
         self.root = root.expanduser().absolute()
+        self.aihub = aihub
         self.base_port = base_port
         self.cli = cli
         self.say = say
@@ -200,7 +204,7 @@ class Network:
             if listening(node):
                 raise NetworkError(
                     f"port {node.port} is taken by something that is not this network's "
-                    f"{node.name}: stop it, or use another --dir / --base-port"
+                    f"{node.name}: stop it, or use another --data-dir / --base-port"
                 )
         starting: dict[str, subprocess.Popen[bytes]] = {}
         for node in stopped:
@@ -235,16 +239,17 @@ class Network:
                 return
             time.sleep(0.1)
         raise NetworkError(
-            f"{node.name} is not ready at {node.url} after {READY_TIMEOUT:g} s (`aihub network "
-            f"down --dir {_short(self.root)}` stops what is running):\n" + _tail(node.log_file)
+            f"{node.name} is not ready at {node.url} after {READY_TIMEOUT:g} s (`{self.aihub} "
+            f"network down --data-dir {_short(self.root)}` stops what is running):\n"
+            + _tail(node.log_file)
         )
 
     def _join(self, joiner: Node, issuer: Node) -> JoinState:
         if asyncio.run(_holds_key_from(joiner, issuer.node_id())):
             return JoinState(joiner.name, issuer.name, "already joined")
-        self.say(f"$ aihub invite create --data-dir {_short(issuer.path)}")
+        self.say(f"$ {self.aihub} invite create --data-dir {_short(issuer.path)}")
         token = self.cli(["invite", "create", *issuer.data_dir_args()]).strip()
-        self.say(f"$ aihub join {token[:16]}… --data-dir {_short(joiner.path)}")
+        self.say(f"$ {self.aihub} join {token[:16]}… --data-dir {_short(joiner.path)}")
         self.say("  " + " ".join(self.cli(["join", token, *joiner.data_dir_args()]).split()))
         return JoinState(joiner.name, issuer.name, "joined")
 
@@ -310,7 +315,7 @@ class Network:
             if time.monotonic() > deadline:
                 raise NetworkError(
                     f"{consumer.name} does not list {DEMO_MODEL} after {READY_TIMEOUT:g} s: is "
-                    f"{PROVIDER} its peer? (aihub peers list --data-dir {consumer.path})"
+                    f"{PROVIDER} its peer? ({self.aihub} peers list --data-dir {consumer.path})"
                 )
             time.sleep(0.1)
 

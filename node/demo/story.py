@@ -12,13 +12,15 @@ from node.units import amount
 Line = tuple[str, str | None]
 
 
-def story(report: Report, root: str) -> list[Line]:
+def story(report: Report, root: str, aihub: str = "aihub") -> list[Line]:
+    """`aihub`: how to type the command in the shell it prints for (a path where the
+    script is not on the PATH), so that the commands it shows work as printed."""
     return [
         *_nodes(report),
         *_request(report),
         *_receipt(report),
         *_balances(report),
-        *_try_it(report, root),
+        *_try_it(report, root, aihub),
     ]
 
 
@@ -114,7 +116,7 @@ def _balances(report: Report) -> list[Line]:
     return lines
 
 
-def _try_it(report: Report, root: str) -> list[Line]:
+def _try_it(report: Report, root: str, aihub: str) -> list[Line]:
     request = report.request
     consumer = next(n for n in report.nodes if n.name == request.asked)
     body = f'{{"model": "{request.model}", "messages": [{{"role": "user", "content": "hi"}}]}}'
@@ -127,8 +129,8 @@ def _try_it(report: Report, root: str) -> list[Line]:
             f"-H 'Content-Type: application/json' -d '{body}'",
             None,
         ),
-        (f"  aihub ledger balance --data-dir {consumer.data_dir}", None),
-        (f"  aihub network down --dir {root}", None),
+        (f"  {aihub} ledger balance --data-dir {consumer.data_dir}", None),
+        (f"  {aihub} network down --data-dir {root}", None),
     ]
 
 

@@ -115,7 +115,9 @@ class Accounting:
         self.reserved = cost_micros(worst, price_in, price_out)
         try:
             self.holds = await hub.budgets.reserve(principal, self.reserved)
-        except HubError as exc:
+        except HubError as refused:
+            message = f"{refused.message}. {_reserved_words(worst)}"
+            exc = HubError(refused.kind, message, code=refused.code)
             hub.keys.note("limit.budget", principal.key_id, ip, {"reason": exc.message})
             hub.alerts.exhausted(
                 [(s, start) for s, start, _ in hub.budgets.periods(principal, time.time())]
@@ -264,6 +266,16 @@ class Accounting:
             error=exc.message[:500],
         )
         raise exc
+
+
+def _reserved_words(worst: Usage) -> str:
+    """What a refusal for budget adds: what the request reserved, and how to reserve less."""
+    if worst.completion_tokens == 0:
+        return "A request reserves its worst case"
+    return (
+        f"A request reserves its worst case: this one {worst.completion_tokens:,} output "
+        "tokens; a lower max_tokens (or the model's reserve_output_tokens) reserves less"
+    )
 
 
 def _sent(request_id: str, route: Route | None, status: int) -> SentRequest | None:

@@ -1,7 +1,13 @@
 """Budget alerts: when a key or tenant passes a threshold of its budget (50, 80, 100 % by
 default), once per budget period, an event goes to the audit log and to the configured
 webhook, retried with doubling backoff. All of it runs after usage is written, off the
-request path."""
+request path.
+
+An alert says what it is based on (`basis`): `spent`, what was actually spent reached the
+threshold; `refused`, a request was refused because what is spent and reserved (by requests
+in flight) leaves too little for it, so the budget is used up for practical purposes although
+less than all of it is spent: the alert carries both figures. A request refused while nothing
+is spent or reserved (one request larger than the whole budget) raises no alert at all."""
 
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ class BudgetAlert(msgspec.Struct, tag_field="event", tag="budget.threshold"):
     cap_micros: int
     period_start: int
     ts: int
+    basis: str = "spent"
+    reserved_micros: int = 0
 
 
 def thresholds_passed(row: SpendRow, thresholds: list[int]) -> list[int]:
@@ -60,7 +68,8 @@ class BudgetAlerts:
             await self.check(await self.store.spend.spend(sorted(scopes)))
 
     def exhausted(self, scopes: list[tuple[str, int]]) -> None:
-        """A request was refused for budget: whatever is left counts as 100 %."""
+        """A request was refused for budget: 100 % on the `refused` basis, if anything is
+        spent or reserved (`_exhausted`)."""
         if 100 not in self.settings.thresholds:
             return
         fresh = [scope for scope in scopes if (*scope, 100) not in self._claimed]
@@ -69,7 +78,8 @@ class BudgetAlerts:
 
     async def _exhausted(self, scopes: list[tuple[str, int]]) -> None:
         for row in await self.store.spend.spend(scopes):
-            await self._raise(row, 100)
+            if row.spent + row.reserved > 0:
+                await self._raise(row, 100, "refused")
 
     def _background(self, work: Coroutine[None, None, None]) -> None:
         task = asyncio.create_task(work)
@@ -81,7 +91,7 @@ class BudgetAlerts:
             for threshold in thresholds_passed(row, self.settings.thresholds):
                 await self._raise(row, threshold)
 
-    async def _raise(self, row: SpendRow, threshold: int) -> None:
+    async def _raise(self, row: SpendRow, threshold: int, basis: str = "spent") -> None:
         claim = (row.scope, row.period_start, threshold)
         if threshold not in self.settings.thresholds or claim in self._claimed:
             return
@@ -97,6 +107,8 @@ class BudgetAlerts:
             cap_micros=row.cap,
             period_start=row.period_start,
             ts=int(time.time()),
+            basis=basis,
+            reserved_micros=row.reserved,
         )
         self.audit(
             AuditEvent(
@@ -105,7 +117,13 @@ class BudgetAlerts:
                 None,
                 row.scope,
                 None,
-                {"threshold": threshold, "spent_micros": row.spent, "cap_micros": row.cap},
+                {
+                    "threshold": threshold,
+                    "basis": basis,
+                    "spent_micros": row.spent,
+                    "reserved_micros": row.reserved,
+                    "cap_micros": row.cap,
+                },
             )
         )
         if self.settings.webhook_url:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from node import units
 from node.errors import HubError, Kind
 from node.gateway.auth import Principal
 from node.gateway.policy import Limits, period_start
@@ -34,6 +35,15 @@ def budget_scopes(principal: Principal) -> list[tuple[str, Limits]]:
     return scopes
 
 
+def scope_names(principal: Principal) -> dict[str, str]:
+    """Each budget scope as a person knows it: the key or tenant by its name (a peer's key is
+    named `peer:NAME`), not by its internal id."""
+    names = {f"key:{principal.key.id}": f"key `{principal.key.name}`"}
+    if principal.tenant is not None:
+        names[f"tenant:{principal.tenant.id}"] = f"tenant `{principal.tenant.name}`"
+    return names
+
+
 LEASE_REQUESTS = 16  # a lease covers this many requests like the one that takes it…
 LEASE_SHARE = 10  # …but at most a tenth of the cap, so that other processes get their share
 
@@ -41,8 +51,9 @@ Scope = tuple[str, int]  # (scope, period start)
 
 
 class Budgets:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, currency: str = "USD") -> None:
         self.store = store
+        self.currency = currency  # what a refusal states amounts in
         # (scope, period start, cap) rows known to exist with that cap: opened once a period.
         self._opened: set[tuple[str, int, int]] = set()
         # Reserved in the database and not yet promised to a request, per scope and period.
@@ -96,10 +107,15 @@ class Budgets:
         scopes = [(scope, start) for scope, start, _ in rows]
         if not self._take(scopes, amount):
             async with self._refill:
-                await self._lease(rows, amount)
+                refused = await self._lease(rows, amount)
+            if refused is not None:
+                scope, cap = refused
+                raise _exceeded(amount, scope, cap, self.currency, principal)
         return [Hold(scope, start, amount) for scope, start in scopes]
 
-    async def _lease(self, rows: list[tuple[str, int, int]], amount: int) -> None:
+    async def _lease(self, rows: list[tuple[str, int, int]], amount: int) -> tuple[str, int] | None:
+        """Top the leases up until `amount` can be taken from each; None once it is, else
+        the (scope, cap) that has not that much left."""
         scopes = [(scope, start) for scope, start, _ in rows]
         fresh = [row for row in rows if row not in self._opened]
         if fresh:
@@ -117,9 +133,10 @@ class Budgets:
                     if chunk == short or not await self.store.spend.reserve(
                         short, [(scope, start)]
                     ):
-                        raise _exceeded(amount, scopes)
+                        return scope, cap
                     chunk = short
                 self._leases[(scope, start)] = self._leases.get((scope, start), 0) + chunk
+        return None
 
     def settle(self, holds: list[Hold], cost: int) -> list[Hold]:
         """A request is done and cost `cost`: the holds whose amounts the database moves from
@@ -135,11 +152,14 @@ class Budgets:
         return moved
 
 
-def _exceeded(amount: int, scopes: list[Scope]) -> HubError:
+def _exceeded(amount: int, scope: str, cap: int, currency: str, principal: Principal) -> HubError:
+    """The refusal, in the node's currency, naming the budget that has not enough left."""
+    limits = dict(budget_scopes(principal)).get(scope)
+    period = f"{limits.budget_period} " if limits is not None else ""
+    name = scope_names(principal).get(scope, scope)
     return HubError(
         Kind.OVER_BUDGET,
-        "Budget exceeded: this request could cost up to "
-        f"{amount} micro-units, more than is left in the budget of "
-        + " or ".join(scope for scope, _ in scopes),
+        f"Budget exceeded: this request could cost up to {units.amount(amount, currency)}, "
+        f"more than is left of the {period}budget of {units.amount(cap, currency)} of {name}",
         code="insufficient_quota",
     )

@@ -36,6 +36,7 @@ from adapters.types import (
     ChatRequest,
     ChatResult,
     ChatStream,
+    CompletionCall,
     EmbedResult,
     UpstreamError,
     Usage,
@@ -84,6 +85,8 @@ class Facts(msgspec.Struct):
     cost_micros: int | None = None
     # Our signed receipt, for a peer's request.
     receipt: bytes | None = None
+    # The name of the peer that served the answer, if a peer did.
+    served_by: str | None = None
 
 
 class Answer(msgspec.Struct):
@@ -161,17 +164,31 @@ def _plan(hub: Hub, principal: Principal, model: str, kind: str, local_only: boo
             raise HubError(
                 Kind.INVALID_REQUEST, message, param="model", code="model_not_supported"
             ) from None
+        revoked_by = None if local_only else hub.router.revoked_by(model)
+        if revoked_by is not None:
+            message = (
+                f"The peer `{revoked_by}` revoked this node's access: `{model}` is no longer "
+                "served here"
+            )
+            raise HubError(Kind.REFUSED, message, param="model", code="peer_revoked") from None
         message = f"The model `{model}` does not exist on this node"
         raise HubError(Kind.NOT_FOUND, message, param="model", code="model_not_found") from None
 
 
 def chat_worst_case(chat: ChatRequest, plan: list[Route]) -> Usage:
-    """The most a chat request may use on this plan: its prompt, and the output it may ask."""
+    """The most a chat request may use on this plan: its prompt, and the output it may ask
+    (its max_tokens, else the deployments' `reserve_output_tokens`, at most their
+    `max_output_tokens`)."""
     prompt = worst_case_prompt_tokens(
         chat, lambda: [(r.adapter.upstream.provider, r.adapter.upstream.model) for r in plan]
     )
     ceiling = max(route.spec.max_output_tokens for route in plan)
-    output = min(chat.output_limit or ceiling, ceiling) * (chat.n or 1)
+    if not chat.output_limit:
+        # No max_tokens: what the deployments say such a request reserves.
+        asked = max(route.spec.reserve_output_tokens or ceiling for route in plan)
+    else:
+        asked = chat.output_limit
+    output = min(asked, ceiling) * (chat.n or 1)
     return Usage(prompt, output, prompt + output)
 
 
@@ -260,7 +277,8 @@ async def complete(
         )
         receipt = await books.issue_receipt()
         books.take_receipt(route, result.receipt, cost)
-        return Answer(result, Facts(books.request_id, books.limits, cost, receipt))
+        facts = Facts(books.request_id, books.limits, cost, receipt, route.peer_name)
+        return Answer(result, facts)
 
 
 class _Opened(msgspec.Struct):
@@ -269,10 +287,19 @@ class _Opened(msgspec.Struct):
     first: Any | None
 
 
-async def _open(route: Route, call: ChatCall) -> _Opened:
+# How a stream is opened at one deployment: a chat stream (`Adapter.open_stream`) unless the
+# ingress says otherwise (a legacy completion's).
+Opener = Callable[[Route], Awaitable[ChatStream]]
+
+
+def _chat_opener(call: ChatCall) -> Opener:
+    return lambda route: route.adapter.open_stream(call)
+
+
+async def _open(route: Route, opener: Opener) -> _Opened:
     """Open a stream and read its first event, so that a failure before the first byte can
     still fall back to the next deployment."""
-    stream = await route.adapter.open_stream(call)
+    stream = await opener(route)
     events = aiter(stream)
     try:
         first = await anext(events, None)
@@ -283,21 +310,30 @@ async def _open(route: Route, call: ChatCall) -> _Opened:
     return _Opened(stream, events, first)
 
 
-async def stream(admitted: Admitted, call: ChatCall, watch: Watch) -> Streamed:
-    """Open the stream along the plan; its relay settles it however it ends (`abandon`
-    settles it if the relay never runs)."""
+async def stream(
+    admitted: Admitted, call: ChatCall | CompletionCall, watch: Watch, opener: Opener | None = None
+) -> Streamed:
+    """Open the stream along the plan (a chat call's, unless `opener` opens another kind,
+    whose stream then always holds its `usage`); its relay settles it however it ends
+    (`abandon` settles it if the relay never runs)."""
     books, plan = admitted
+    if opener is None:
+        assert isinstance(call, ChatCall)
+        opener = _chat_opener(call)
+    opening = opener
     async with _settled_on_error(books):
-        opened, route = await _route(books, plan, lambda r: _open(r, call), watch)
+        opened, route = await _route(books, plan, lambda r: _open(r, opening), watch)
         books.observe_latency()
         return Streamed(
             _relay(opened, route, call, books),
-            Facts(books.request_id, books.limits),
+            Facts(books.request_id, books.limits, served_by=route.peer_name),
             lambda: _abandon(opened, route, call, books),
         )
 
 
-async def _abandon(opened: _Opened, route: Route, call: ChatCall, books: Accounting) -> None:
+async def _abandon(
+    opened: _Opened, route: Route, call: ChatCall | CompletionCall, books: Accounting
+) -> None:
     """A stream whose relay never ran (it failed or was cancelled before its first event was
     asked for): settled as its relay would have settled it."""
     if not books.settled:
@@ -305,7 +341,7 @@ async def _abandon(opened: _Opened, route: Route, call: ChatCall, books: Account
 
 
 async def _relay(
-    opened: _Opened, route: Route, call: ChatCall, books: Accounting
+    opened: _Opened, route: Route, call: ChatCall | CompletionCall, books: Accounting
 ) -> AsyncGenerator[Any, None]:
     """Pass the upstream's events on; account for them however the stream ends."""
     stream = opened.stream
@@ -349,7 +385,7 @@ async def _relay(
 async def _settle_stream(
     opened: _Opened,
     route: Route,
-    call: ChatCall,
+    call: ChatCall | CompletionCall,
     books: Accounting,
     sent: int,
     status: int,
@@ -370,10 +406,13 @@ async def _settle_stream(
             await books.issue_receipt()
 
 
-def _stream_usage(stream: ChatStream, call: ChatCall, sent: int) -> tuple[Usage, bool]:
+def _stream_usage(
+    stream: ChatStream, call: ChatCall | CompletionCall, sent: int
+) -> tuple[Usage, bool]:
     """What a stream used, as the upstream counted it, or estimated if it was cut short:
     the prompt and roughly one token per event delivered."""
-    if stream.usage is not None:
+    if stream.usage is not None or not isinstance(call, ChatCall):
+        assert stream.usage is not None  # a stream of another kind always holds its usage
         return stream.usage, stream.usage_estimated
     prompt = estimate_prompt_tokens(call.request.messages)
     return Usage(prompt, sent, prompt + sent), True

@@ -75,10 +75,14 @@ class Router:
         for route in routes:
             self.by_name.setdefault(route.name, []).append(route)
         self.peer_by_name: dict[str, list[Route]] = {}
+        # Model names (and `@peer` suffixes) that only a peer which revoked us served, and
+        # that peer's name: what a client asking for them is told.
+        self.revoked: dict[str, str] = {}
 
-    def set_peer_routes(self, routes: list[Route]) -> None:
+    def set_peer_routes(self, routes: list[Route], revoked: dict[str, str] | None = None) -> None:
         """Replace the routes to peers' models (from their adverts), keeping what was learnt
-        about routes that stay."""
+        about routes that stay; `revoked` as in `revoked_by`."""
+        self.revoked = revoked or {}
         known = {(r.peer_id, r.name): r for rs in self.peer_by_name.values() for r in rs}
         by_name: dict[str, list[Route]] = {}
         for route in routes:
@@ -101,6 +105,15 @@ class Router:
         if local or local_only:
             return local
         return [r for r in self.peer_by_name.get(model, ()) if r.spec.kind == kind]
+
+    def revoked_by(self, model: str) -> str | None:
+        """The peer that revoked our access, if `model` (or `model@peer`) was its alone."""
+        _, at, peer = model.rpartition("@")
+        if at:
+            return self.revoked.get("@" + peer)
+        if model in self.by_name or model in self.peer_by_name:
+            return None
+        return self.revoked.get(model)
 
     def serves(self, model: str, kind: str, *, local_only: bool = False) -> bool:
         return bool(self._candidates(model, kind, local_only))

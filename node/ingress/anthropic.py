@@ -6,9 +6,12 @@ decode a Messages body and translate it into the adapters' call
 (`node/gateway/pipeline.py`: admission, budgets, routing, the upstream call, settlement, usage)
 exactly as the OpenAI ingress does, and render what comes back as Anthropic's `message` or its
 SSE events (`node/ingress/anthropic_render.py`), failures as Anthropic's errors
-(`node/ingress/anthropic_errors.py`). Any deployment serves it through its adapter; there is
-no native pass-through to an Anthropic upstream (its request is translated like any other);
-only the client's `anthropic-version` and `anthropic-beta` reach one, as sent.
+(`node/ingress/anthropic_errors.py`). Any deployment serves it through its adapter, the
+request translated; an Anthropic deployment instead gets the client's own request
+(`ChatCall.native`: `thinking`, `top_k`, `cache_control`, documents and citations reach it
+untouched, only `model` and the output cap set) and its answer and events come back as they
+came. The client's `anthropic-version` and `anthropic-beta` reach an Anthropic upstream either
+way, as sent. Through a peer the request is translated (peers speak chat completions).
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ from litestar.openapi.spec import (
 )
 
 from adapters.tokens import MESSAGE_OVERHEAD, estimate_prompt_tokens, estimate_text_tokens
-from adapters.types import ChatCall, ChatRequest, NamedToolChoice
+from adapters.types import ChatCall, ChatRequest, ChatResult, NamedToolChoice, NativeRequest
 from federation.ids import new_request_id
+from federation.transport import SERVED_BY_HEADER, served_by_value
 from node.errors import HubError, Kind
 from node.gateway import pipeline
 from node.gateway.auth import Principal
 from node.gateway.pipeline import Facts, may_use
+from node.gateway.router import Route
 from node.hub import hub_of
 from node.ingress import anthropic_errors
 from node.ingress.anthropic_render import MessageStreamRenderer, message_body
@@ -107,25 +112,37 @@ def _headers(facts: Facts) -> dict[str, str]:
     headers = {"aihub-request-id": facts.request_id, **facts.limits}
     if facts.cost_micros is not None:
         headers["aihub-cost-micros"] = str(facts.cost_micros)
+    if facts.served_by is not None:
+        headers[SERVED_BY_HEADER] = served_by_value(facts.served_by)
     return headers
+
+
+def _native(plan: list[Route], raw: dict[str, msgspec.Raw]) -> NativeRequest | None:
+    """The client's own request, if an Anthropic deployment may serve it."""
+    if any(route.adapter.upstream.provider == "anthropic" for route in plan):
+        return NativeRequest("anthropic.messages", raw)
+    return None
 
 
 async def _messages(request: Request) -> Reply | StreamReply:
     principal = await authenticate(request)  # a bad key is told so before a bad body
-    messages, _ = decode_body(await read_body(request, principal), _messages_decoder)
+    messages, raw = decode_body(await read_body(request, principal), _messages_decoder)
     chat = chat_request(messages)
     call = _call(chat, forward_headers(request))
     admitted = await begin_chat(request, principal, call)
+    call.native = _native(admitted.plan, raw)
+    stops = messages.stop_sequences
     if chat.stream:
         streamed = await pipeline.stream(admitted, call, watcher_of(request))
         headers = {**_headers(streamed.facts), "cache-control": "no-cache"}
         prompt = estimate_prompt_tokens(chat.messages)
-        renderer = MessageStreamRenderer(call.request_id, chat.model, prompt)
+        renderer = MessageStreamRenderer(call.request_id, chat.model, prompt, stops)
         return StreamReply(streamed.items, headers, renderer.render, streamed.abandon)
     answer = await pipeline.complete(
         admitted, lambda route: route.adapter.chat(call), watcher_of(request)
     )
-    body = message_body(answer.result, call.request_id, chat.model)
+    assert isinstance(answer.result, ChatResult)
+    body = message_body(answer.result, call.request_id, chat.model, stops)
     return Reply(body, _headers(answer.facts))
 
 

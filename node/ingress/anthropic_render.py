@@ -9,6 +9,13 @@ reason and usage) and `message_stop` once the pipeline says the stream is comple
 OpenAI-compatible upstream reports the usage after its finish reason. A failure mid-stream is
 an `error` event. Our receipt for a peer is not sent on this surface (peers call each other
 through chat completions).
+
+An Anthropic upstream that was sent the client's own request answers in this very format: its
+`message` (`ChatResult.native`) and its events (`NativeEvent`s, its own `message_delta` and
+`message_stop` among them) are passed on as they came.
+
+A stop sequence that ended the answer is Anthropic's `stop_sequence` stop reason, with the
+sequence named, when the upstream said which one it was and it is one of the client's.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from msgspec import Struct
 from adapters.events import (
     Event,
     Finish,
+    NativeEvent,
     OpenAIChunk,
     RefusalDelta,
     Start,
@@ -76,6 +84,24 @@ class MessageBody(Struct, tag_field="type", tag="message"):
     stop_sequence: str | None = None
 
 
+class TextDeltaBody(Struct, tag_field="type", tag="text_delta"):
+    text: str
+
+
+class JsonDeltaBody(Struct, tag_field="type", tag="input_json_delta"):
+    partial_json: str
+
+
+class BlockDelta(Struct, tag_field="type", tag="content_block_delta"):
+    """`content_block_delta`, the event a stream sends most: encoded from a Struct."""
+
+    index: int
+    delta: TextDeltaBody | JsonDeltaBody
+
+
+_BLOCK_DELTA = b"event: content_block_delta\ndata: "
+
+
 def message_id(request_id: str) -> str:
     """The message's id: the request's (`aihub-request-id`, the usage row's), as `msg_…`."""
     return "msg_" + request_id.removeprefix("req_")
@@ -100,8 +126,19 @@ def tool_input(arguments: str | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"arguments": arguments}
 
 
-def message_body(result: ChatResult, request_id: str, model: str) -> bytes:
-    """A complete answer as Anthropic's `message` object."""
+def matched_stop(sequence: str | None, stop_sequences: list[str] | None) -> str | None:
+    """An upstream's word for the stop sequence that ended the answer, if it is the
+    client's."""
+    return sequence if sequence is not None and sequence in (stop_sequences or ()) else None
+
+
+def message_body(
+    result: ChatResult, request_id: str, model: str, stop_sequences: list[str] | None = None
+) -> bytes:
+    """A complete answer as Anthropic's `message` object (an Anthropic upstream's, as it
+    came)."""
+    if result.native is not None:
+        return result.native
     completion = result.chat_completion()
     choice = completion.choices[0] if completion.choices else None
     content: list[TextContent | ToolUseContent] = []
@@ -121,7 +158,17 @@ def message_body(result: ChatResult, request_id: str, model: str) -> bytes:
         if message.tool_calls and reason == "end_turn":
             reason = "tool_use"
     usage = MessageUsage(result.usage.prompt_tokens, result.usage.completion_tokens)
-    body = MessageBody(message_id(request_id), completion.model or model, content, reason, usage)
+    matched = matched_stop(result.stop_sequence, stop_sequences) if reason == "end_turn" else None
+    if matched is not None:
+        reason = "stop_sequence"
+    body = MessageBody(
+        message_id(request_id),
+        completion.model or model,
+        content,
+        reason,
+        usage,
+        stop_sequence=matched,
+    )
     return _encode(body)
 
 
@@ -144,8 +191,18 @@ class MessageStreamRenderer:
     open (text, or the tool call of which index), and the stop reason and usage that the
     closing `message_delta` tells."""
 
-    def __init__(self, request_id: str, model: str, input_tokens: int) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        input_tokens: int,
+        stop_sequences: list[str] | None = None,
+    ) -> None:
         self._id = message_id(request_id)
+        self._stop_sequences = stop_sequences
+        self._stop_sequence: str | None = None
+        # An Anthropic upstream's own events, passed on: they close the message themselves.
+        self._native = False
         self._model = model
         self._usage = Usage(input_tokens, 0, input_tokens)
         self._usage_reported = False
@@ -157,14 +214,22 @@ class MessageStreamRenderer:
         self._called = False  # any tool call yet?
 
     def render(self, item: Any) -> bytes:
+        if type(item) is NativeEvent:
+            self._native = True
+            return item.sse()
         if isinstance(item, Signal):
             return self._signal(item)
         if type(item) is OpenAIChunk:
-            return b"".join(self._event(event) for event in item.events())
+            out = b""
+            for event in item.events():
+                out += self._event(event)
+            return out
         return self._event(item)
 
     def _signal(self, signal: Signal) -> bytes:
         if isinstance(signal, StreamEnd):
+            if self._native:
+                return b""
             return self._start() + self._close() + self._end()
         if isinstance(signal, ReceiptIssued):
             return b""  # peers do not call each other on this surface
@@ -188,6 +253,9 @@ class MessageStreamRenderer:
             if self._reason != "refusal":
                 reason = stop_reason(event.reason)
                 self._reason = "tool_use" if self._called and reason == "end_turn" else reason
+                matched = matched_stop(event.stop_sequence, self._stop_sequences)
+                if self._reason == "end_turn" and matched is not None:
+                    self._reason, self._stop_sequence = "stop_sequence", matched
             return self._start() + self._close()
         if type(event) is UsageReport:
             self._usage = event.usage
@@ -228,18 +296,17 @@ class MessageStreamRenderer:
         stop = {"type": "content_block_stop", "index": self._blocks - 1}
         return sse("content_block_stop", stop)
 
-    def _delta(self, delta: dict[str, Any]) -> bytes:
+    def _delta(self, delta: TextDeltaBody | JsonDeltaBody) -> bytes:
         self._deltas += 1
-        payload = {"type": "content_block_delta", "index": self._blocks - 1, "delta": delta}
-        return sse("content_block_delta", payload)
+        return _BLOCK_DELTA + _encode(BlockDelta(self._blocks - 1, delta)) + b"\n\n"
 
     def _text(self, text: str) -> bytes:
         if not text:
             return b""
-        opened = b""
-        if self._open != "text":
-            opened = self._open_block("text", {"type": "text", "text": ""})
-        return opened + self._delta({"type": "text_delta", "text": text})
+        if self._open == "text":  # the hot path: one more piece of the open text block
+            return self._delta(TextDeltaBody(text))
+        opened = self._open_block("text", {"type": "text", "text": ""})
+        return opened + self._delta(TextDeltaBody(text))
 
     def _tool(self, fragment: ToolCallFragment) -> bytes:
         opened = b""
@@ -254,9 +321,7 @@ class MessageStreamRenderer:
             self._called = True
         if not fragment.arguments:
             return opened
-        return opened + self._delta(
-            {"type": "input_json_delta", "partial_json": fragment.arguments}
-        )
+        return opened + self._delta(JsonDeltaBody(fragment.arguments))
 
     def _fallback(self) -> str:
         """The stop reason of a stream that ended without a finish reason."""
@@ -267,7 +332,10 @@ class MessageStreamRenderer:
         output = usage.completion_tokens if self._usage_reported else self._deltas
         delta = {
             "type": "message_delta",
-            "delta": {"stop_reason": self._reason or self._fallback(), "stop_sequence": None},
+            "delta": {
+                "stop_reason": self._reason or self._fallback(),
+                "stop_sequence": self._stop_sequence,
+            },
             "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": output},
         }
         return sse("message_delta", delta) + sse("message_stop", {"type": "message_stop"})

@@ -14,10 +14,14 @@ as it serves a chat completion. What maps and how:
 - `tools` are functions (`input_schema` is the parameters' schema), `tool_choice`
   `auto`/`any`/`tool`/`none` is `auto`/`required`/the named function/`none`, and
   `disable_parallel_tool_use` is `parallel_tool_calls: false`;
-- `stop_sequences` is `stop`, `metadata.user_id` is `user`, `max_tokens` stays itself.
+- `stop_sequences` is `stop`, `metadata.user_id` is `user`, `max_tokens` stays itself;
+- a `document` block is a text part (its title, then its text) for a plain-text document, a
+  `file` part for a base64 one (a PDF), and its URL as text for one Anthropic would fetch.
 
 What OpenAI's format has no place for is dropped: `top_k`, `thinking` (and the `thinking`
-blocks a client sends back), a tool result's `is_error`, `cache_control`.
+blocks a client sends back), a tool result's `is_error`, `cache_control`, citations. An
+Anthropic deployment reads none of this translation: it is sent the client's own body
+(`node/ingress/anthropic.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import Meta, Raw, Struct
 
 from adapters.anthropic_blocks import Base64Source, ImageBlock, TextBlock, UrlSource
 from adapters.types import (
@@ -45,6 +49,7 @@ from adapters.types import (
     ToolCall,
     ToolChoice,
 )
+from node.ingress.errors import ApiError
 
 
 class ToolUseBlock(Struct, tag_field="type", tag="tool_use"):
@@ -55,7 +60,8 @@ class ToolUseBlock(Struct, tag_field="type", tag="tool_use"):
 
 class ToolResultBlock(Struct, tag_field="type", tag="tool_result"):
     tool_use_id: str
-    content: str | list[TextBlock | ImageBlock] = ""
+    # Blocks of any type (text, images, search results, documents): only text is read.
+    content: str | list[Raw] = ""
     is_error: bool = False
 
 
@@ -68,15 +74,67 @@ class RedactedThinkingBlock(Struct, tag_field="type", tag="redacted_thinking"):
     data: str = ""
 
 
+class DocumentBlock(Struct, tag_field="type", tag="document"):
+    """A document to read (and cite, with `citations`): its source is Anthropic's to judge
+    (plain text, base64 PDF, a URL, content blocks), so it is kept as sent."""
+
+    source: dict[str, Any]
+    title: str | None = None
+
+
 Block = (
-    TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock
+    TextBlock
+    | ImageBlock
+    | DocumentBlock
+    | ToolUseBlock
+    | ToolResultBlock
+    | ThinkingBlock
+    | RedactedThinkingBlock
 )
 
 
 class InputMessage(Struct):
     # `system` mid-conversation: Claude Code sends its environment so, after the first turn.
     role: Literal["user", "assistant", "system"]
-    content: str | list[Block]
+    # Each block is decoded by its type (`blocks_of`): a type this node does not translate
+    # (server tool use and results, search results, what Anthropic adds next) is no error.
+    content: str | list[Raw]
+
+
+class _BlockType(Struct):
+    type: str
+
+
+_block_type = msgspec.json.Decoder(_BlockType)
+_block_decoders: dict[str, msgspec.json.Decoder[Any]] = {
+    kind.__struct_config__.tag: msgspec.json.Decoder(kind)  # type: ignore[attr-defined]
+    for kind in (
+        TextBlock,
+        ImageBlock,
+        DocumentBlock,
+        ToolUseBlock,
+        ToolResultBlock,
+        ThinkingBlock,
+        RedactedThinkingBlock,
+    )
+}
+
+
+def blocks_of(content: list[Raw], where: str) -> list[Block]:
+    """A turn's blocks, typed; those of a type chat has no place for are left out (an
+    Anthropic deployment gets them all, in the client's own body). A block that is not what
+    its type says is the client's 400, named by where it is."""
+    blocks: list[Block] = []
+    for index, raw in enumerate(content):
+        try:
+            decoder = _block_decoders.get(_block_type.decode(raw).type)
+            if decoder is not None:
+                blocks.append(decoder.decode(raw))
+        except msgspec.ValidationError as exc:
+            message, _, at = str(exc).partition(" - at `$")
+            param = f"{where}[{index}]{at.rstrip('`')}"
+            raise ApiError(400, f"Invalid request: {message}", param=param) from exc
+    return blocks
 
 
 class ToolDefinition(Struct):
@@ -136,10 +194,14 @@ _encode = msgspec.json.Encoder().encode
 
 
 def chat_request(request: MessagesRequest | CountTokensRequest) -> ChatRequest:
-    """The Messages request as the gateway's chat request."""
+    """The Messages request as the gateway's chat request; 400 for a block that is not what
+    its type says."""
     messages = _system(request.system)
-    for message in request.messages:
-        messages += _TURNS[message.role](message)
+    for index, message in enumerate(request.messages):
+        content = message.content
+        if not isinstance(content, str):
+            content = blocks_of(content, f"messages[{index}].content")
+        messages += _TURNS[message.role](content)
     tools = [_tool(tool) for tool in request.tools] if request.tools else None
     choice = request.tool_choice
     chat = ChatRequest(
@@ -168,19 +230,14 @@ def _system(system: str | list[TextBlock] | None) -> list[Message]:
     return [Message(role="system", content=text)]
 
 
-def _system_turn(message: InputMessage) -> list[Message]:
+def _system_turn(content: str | list[Block]) -> list[Message]:
     """A system message among the turns: its text, as a chat `system` message."""
-    content = message.content
     text = content if isinstance(content, str) else "".join(_texts(content))
     return [Message(role="system", content=text)]
 
 
 def _texts(blocks: list[Block]) -> list[str]:
     return [block.text for block in blocks if isinstance(block, TextBlock)]
-
-
-def _user_turn(message: InputMessage) -> list[Message]:
-    return _user(message.content)
 
 
 def _user(content: str | list[Block]) -> list[Message]:
@@ -204,7 +261,26 @@ def _part(block: Block) -> ContentPart | None:
         return ContentPart(type="text", text=block.text)
     if isinstance(block, ImageBlock):
         return ContentPart(type="image_url", image_url=ImageUrl(_image_url(block.source)))
+    if isinstance(block, DocumentBlock):
+        return _document(block)
     return None  # tool results are messages of their own; thinking has no place
+
+
+def _document(block: DocumentBlock) -> ContentPart:
+    """A document as chat reads one: its text, a file, or where it is."""
+    source = block.source
+    kind, data = source.get("type"), source.get("data")
+    title = f"{block.title}\n\n" if block.title else ""
+    if kind == "text" and isinstance(data, str):
+        return ContentPart(type="text", text=title + data)
+    if kind == "base64" and isinstance(data, str):
+        media_type = source.get("media_type", "application/pdf")
+        file = {
+            "filename": block.title or "document",
+            "file_data": f"data:{media_type};base64,{data}",
+        }
+        return ContentPart(type="file", file=file)
+    return ContentPart(type="text", text=title + str(source.get("url", "")))
 
 
 def _image_url(source: Base64Source | UrlSource) -> str:
@@ -216,23 +292,23 @@ def _image_url(source: Base64Source | UrlSource) -> str:
 def _result_text(block: ToolResultBlock) -> str:
     if isinstance(block.content, str):
         return block.content
-    return "".join(part.text for part in block.content if isinstance(part, TextBlock))
+    return "".join(_texts(blocks_of(block.content, "tool_result.content")))
 
 
-def _assistant(message: InputMessage) -> list[Message]:
-    if isinstance(message.content, str):
-        return [Message(role="assistant", content=message.content)]
-    text = "".join(block.text for block in message.content if isinstance(block, TextBlock))
+def _assistant(content: str | list[Block]) -> list[Message]:
+    if isinstance(content, str):
+        return [Message(role="assistant", content=content)]
+    text = "".join(_texts(content))
     calls = [
         ToolCall(FunctionCall(block.name, _encode(block.input).decode()), id=block.id)
-        for block in message.content
+        for block in content
         if isinstance(block, ToolUseBlock)
     ]
     return [Message(role="assistant", content=text or None, tool_calls=calls or None)]
 
 
-_TURNS: dict[str, Callable[[InputMessage], list[Message]]] = {
-    "user": _user_turn,
+_TURNS: dict[str, Callable[[str | list[Block]], list[Message]]] = {
+    "user": _user,
     "assistant": _assistant,
     "system": _system_turn,
 }

@@ -39,7 +39,12 @@ from adapters.types import (
     sse_event,
 )
 from federation.ids import new_request_id
-from federation.transport import RECEIPT_EVENT, RECEIPT_HEADER
+from federation.transport import (
+    RECEIPT_EVENT,
+    RECEIPT_HEADER,
+    SERVED_BY_HEADER,
+    served_by_value,
+)
 from ledger.canonical import b64url
 from ledger.nesting import bounded
 from node.errors import HubError, Kind, UpstreamFailed
@@ -140,7 +145,7 @@ def _render_signal(signal: Signal) -> bytes:
     return sse_event(error_bytes(_stream_error(signal.error)))
 
 
-def _item_renderer() -> Callable[[Any], bytes]:
+def item_renderer() -> Callable[[Any], bytes]:
     """How one stream's items are rendered: the adapter's events as OpenAI chunks (an
     OpenAI-compatible upstream's as they came), the pipeline's signals as OpenAI's events."""
     render_event = ChunkRenderer().render
@@ -159,6 +164,8 @@ def response_headers(facts: Facts) -> dict[str, str]:
         headers["aihub-cost-micros"] = str(facts.cost_micros)
     if facts.receipt is not None:
         headers[RECEIPT_HEADER] = b64url(facts.receipt)
+    if facts.served_by is not None:
+        headers[SERVED_BY_HEADER] = served_by_value(facts.served_by)
     return headers
 
 
@@ -173,7 +180,7 @@ async def _chat(request: Request) -> Reply | StreamReply:
     if chat.stream:
         streamed = await pipeline.stream(admitted, call, watcher_of(request))
         headers = {**response_headers(streamed.facts), "cache-control": "no-cache"}
-        return StreamReply(streamed.items, headers, _item_renderer(), streamed.abandon)
+        return StreamReply(streamed.items, headers, item_renderer(), streamed.abandon)
     answer = await pipeline.complete(
         admitted, lambda route: route.adapter.chat(call), watcher_of(request)
     )
@@ -201,21 +208,28 @@ async def _embeddings(request: Request) -> Reply:
 
 
 def _cards(hub: Hub, principal: Principal, local_only: bool) -> dict[str, ModelCard]:
-    """The models this client can ask for: this node's own (owned by this node), then those
-    only peers serve (owned by the first peer that advertises each); only those its key's
+    """The models this client can ask for: this node's own (owned by this node); then each
+    peer's as `model@peer` (owned by that peer), and under its bare name where no model of
+    this node shadows it (owned by the first peer that advertises it); only those its key's
     (and tenant's, or invite's) allowlist lets it use, as its advert shows a peer."""
+    created = hub.started_at
     cards = {
-        name: ModelCard(id=name, owned_by=hub.config.node.name, created=hub.started_at)
+        name: ModelCard(id=name, owned_by=hub.config.node.name, created=created)
         for name in hub.router.by_name
         if may_use(principal, name)
     }
-    if not local_only:
-        for name, routes in hub.router.peer_by_name.items():
-            if not may_use(principal, name):
-                continue
-            owner = routes[0].peer_name or "peer"
-            cards.setdefault(name, ModelCard(id=name, owned_by=owner, created=hub.started_at))
-    return cards
+    if local_only:
+        return cards
+    pinned: dict[str, ModelCard] = {}
+    for name, routes in hub.router.peer_by_name.items():
+        if not may_use(principal, name):
+            continue
+        for route in routes:
+            owner = route.peer_name or "peer"
+            cards.setdefault(name, ModelCard(id=name, owned_by=owner, created=created))
+            label = f"{name}@{owner}"
+            pinned.setdefault(label, ModelCard(id=label, owned_by=owner, created=created))
+    return {**cards, **pinned}
 
 
 async def _authenticate_listing(request: Request) -> Principal:

@@ -6,8 +6,11 @@ through the one pipeline (`node/gateway/pipeline.py`) with its own kind, so keys
 rate limits, budgets, usage and metrics apply as for chat, and answered with the upstream's
 JSON byte for byte. The worst case reserved first: a completion's prompt at a token per byte
 plus its output cap for each completion written (`max(n, best_of)`); images `n` at the
-deployment's `price_per_image`. Not streamed (a `stream: true` is refused with a 400), and
-not offered to peers: adverts carry chat and embeddings only.
+deployment's `price_per_image`. A completion may be streamed (`stream: true`: OpenAI's
+`text_completion` chunks as the upstream sent them, the usage chunk for
+`stream_options.include_usage`, then `[DONE]`, settled however the stream ends, as a chat
+stream is); images are not (a `stream: true` is refused with a 400). Neither is offered to
+peers: adverts carry chat and embeddings only.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ from litestar import Request
 
 from adapters.openai import COMPLETION_DEFAULT_MAX_TOKENS
 from adapters.types import (
+    ChatStream,
     CompletionCall,
     CompletionRequest,
+    CompletionStreamer,
     ImageCall,
     ImageRequest,
     Usage,
     WireResult,
+    does_not_serve,
 )
 from federation.ids import new_request_id
 from node.errors import HubError, Kind
@@ -30,8 +36,16 @@ from node.gateway import pipeline
 from node.gateway.auth import Principal
 from node.gateway.router import Route
 from node.hub import hub_of
-from node.ingress.asgi import Reply, authenticate, caller_of, post_endpoint, read_body, watcher_of
-from node.ingress.openai import decode_body, response_headers
+from node.ingress.asgi import (
+    Reply,
+    StreamReply,
+    authenticate,
+    caller_of,
+    post_endpoint,
+    read_body,
+    watcher_of,
+)
+from node.ingress.openai import decode_body, item_renderer, response_headers
 from node.observe import access
 
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
@@ -73,11 +87,17 @@ def _reply(answer: pipeline.Answer) -> Reply:
     return Reply(answer.result.wire, response_headers(answer.facts))
 
 
-async def _completions(request: Request) -> Reply:
+async def _open_completion_stream(route: Route, call: CompletionCall) -> ChatStream:
+    adapter = route.adapter
+    if not isinstance(adapter, CompletionStreamer):  # the config lets no other adapter serve it
+        raise does_not_serve(adapter.upstream.provider, "legacy text completions")
+    return await adapter.open_completion_stream(call)
+
+
+async def _completions(request: Request) -> Reply | StreamReply:
     principal = await authenticate(request)  # a bad key is told so before a bad body
     _refuse_peer(principal)
     body, raw = decode_body(await read_body(request, principal), _completion_decoder)
-    _refuse_stream(body.stream)
     call = CompletionCall(body, raw, new_request_id())
     access.note(request.scope, model=body.model)
     admitted = await pipeline.begin(
@@ -88,6 +108,15 @@ async def _completions(request: Request) -> Reply:
         call.request_id,
         lambda plan: completion_worst_case(body, plan),
     )
+    if body.stream:
+        streamed = await pipeline.stream(
+            admitted,
+            call,
+            watcher_of(request),
+            lambda route: _open_completion_stream(route, call),
+        )
+        headers = {**response_headers(streamed.facts), "cache-control": "no-cache"}
+        return StreamReply(streamed.items, headers, item_renderer(), streamed.abandon)
     answer = await pipeline.complete(
         admitted, lambda route: route.adapter.complete(call), watcher_of(request)
     )

@@ -5,8 +5,10 @@ Decode the body (`responses_wire`), translate it into the chat call every adapte
 (`responses_stored`), run it through the request pipeline as a chat request (admission,
 routing, budgets, usage and receipts are the pipeline's, as for chat completions), render
 what comes back as a `response` object or the Responses stream's typed events
-(`responses_render`), and keep it for its key. Errors are OpenAI's, as on every OpenAI
-surface.
+(`responses_render`), and keep it for its key. A deployment whose upstream speaks the
+Responses API (`responses = true`) is sent the request itself instead, its history expanded
+by the node (`responses_native`), and its answer is passed on. Errors are OpenAI's, as on
+every OpenAI surface.
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ from node.ingress.asgi import (
 )
 from node.ingress.openai import decode_body, response_headers
 from node.ingress.responses_chat import chat_call, input_items
+from node.ingress.responses_native import native_request, own_response
 from node.ingress.responses_render import Shell, StreamRenderer, complete_response
 from node.ingress.responses_stored import ROUTES as STORED_ROUTES
 from node.ingress.responses_stored import earlier_items, keep
-from node.ingress.responses_wire import Response, ResponsesRequest
+from node.ingress.responses_wire import ResponsesRequest
 
 log = logging.getLogger("aihub.gateway")
 
@@ -45,17 +48,23 @@ _decoder = msgspec.json.Decoder(ResponsesRequest)
 
 async def _responses(request: Request) -> Reply | StreamReply:
     principal = await authenticate(request)  # a bad key is told so before a bad body
-    body, _ = decode_body(await read_body(request, principal), _decoder)
+    body, raw = decode_body(await read_body(request, principal), _decoder)
     hub = hub_of(request)
     earlier = await earlier_items(hub, principal, body.previous_response_id)
     inputs = input_items(body)
-    call = chat_call(body, earlier, inputs, new_request_id())
+    native = any(
+        route.adapter.upstream.responses for route in hub.router.by_name.get(body.model, ())
+    )
+    call = chat_call(body, earlier, inputs, new_request_id(), lenient=native)
     chat = call.request
     admitted = await begin_chat(request, principal, call)
+    call.native = native_request(admitted.plan, raw, earlier, inputs)
     shell = Shell.of(body, call.request_id)
+    store = body.store is not False  # OpenAI's default: kept
 
-    def kept(response: Response) -> Awaitable[None]:
-        return keep(hub, principal, response, earlier, inputs)
+    async def kept(response: bytes) -> None:
+        if store:
+            await keep(hub, principal, shell.id, response, earlier, inputs)
 
     if chat.stream:
         streamed = await pipeline.stream(admitted, call, watcher_of(request))
@@ -67,26 +76,30 @@ async def _responses(request: Request) -> Reply | StreamReply:
         admitted, lambda route: route.adapter.chat(call), watcher_of(request)
     )
     assert isinstance(answer.result, ChatResult)
-    response = complete_response(shell, answer.result)
-    await kept(response)
-    return Reply(msgspec.json.encode(response), response_headers(answer.facts))
+    if answer.result.native is not None:
+        reply = own_response(answer.result.native, shell.id, body)
+    else:
+        reply = msgspec.json.encode(complete_response(shell, answer.result))
+    await kept(reply)
+    return Reply(reply, response_headers(answer.facts))
 
 
 async def _kept_at_end(
     items: AsyncGenerator[Any, None],
     renderer: StreamRenderer,
-    kept: Callable[[Response], Awaitable[None]],
+    kept: Callable[[bytes], Awaitable[None]],
 ) -> AsyncGenerator[Any, None]:
     """The stream's items; once the last is rendered, the response is kept, before the body
     ends, so that a client that read the stream to its end can follow up on it at once."""
     try:
         async for item in items:
             yield item
-        if renderer.final is not None:
+        final = renderer.final_body()
+        if final is not None:
             try:
-                await kept(renderer.final)
+                await kept(final)
             except Exception:  # the client has its answer: a follow-up will be told it is gone
-                log.exception("keeping response %s failed", renderer.final.id)
+                log.exception("keeping a streamed response failed")
     finally:
         await items.aclose()
 

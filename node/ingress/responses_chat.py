@@ -48,6 +48,7 @@ from node.ingress.responses_wire import (
     TextFormatJsonObject,
     TextFormatJsonSchema,
     input_item,
+    translatable,
 )
 
 _encode = msgspec.json.encode
@@ -55,12 +56,19 @@ _raw_fields = msgspec.json.Decoder(dict[str, Raw])
 
 
 def chat_call(
-    request: ResponsesRequest, earlier: list[Raw], inputs: list[Raw], request_id: str
+    request: ResponsesRequest,
+    earlier: list[Raw],
+    inputs: list[Raw],
+    request_id: str,
+    *,
+    lenient: bool = False,
 ) -> ChatCall:
     """The chat call a Responses request asks for: its instructions, the `earlier` items of
     the conversation (those a `previous_response_id` names), then its `inputs`; 400 for what
-    cannot be translated."""
-    messages = _messages(request.instructions, earlier, inputs)
+    cannot be translated. `lenient` (the model has a deployment that speaks the Responses API
+    itself, which reads the client's own items) leaves out input items of types chat has no
+    place for (reasoning items, say) instead of refusing them."""
+    messages = _messages(request.instructions, earlier, inputs, lenient)
     if not messages:
         raise ApiError(400, "The request has no input: send `input`", param="input")
     chat = ChatRequest(
@@ -97,15 +105,30 @@ def input_items(request: ResponsesRequest) -> list[Raw]:
     return request.input
 
 
-def _messages(instructions: str | None, earlier: list[Raw], inputs: list[Raw]) -> list[Message]:
+def _messages(
+    instructions: str | None, earlier: list[Raw], inputs: list[Raw], lenient: bool
+) -> list[Message]:
     messages: list[Message] = []
     if instructions:
         messages.append(Message(role="system", content=instructions))
-    for raw in earlier:  # items this node wrote itself
-        _append(messages, input_item(raw))
+    for raw in earlier:  # items this node kept (an upstream's own output among them)
+        item = _earlier_item(raw)
+        if item is not None:
+            _append(messages, item)
     for index, raw in enumerate(inputs):
+        if lenient and not translatable(raw):
+            continue
         _append(messages, _decode_item(raw, index))
     return messages
+
+
+def _earlier_item(raw: Raw) -> InputItem | None:
+    """An item of the conversation so far, or None for one chat has no place for (a
+    reasoning item a Responses upstream wrote: chat models do not read them back)."""
+    try:
+        return input_item(raw)
+    except msgspec.ValidationError:
+        return None
 
 
 def _decode_item(raw: Raw, index: int) -> InputItem:

@@ -3,7 +3,10 @@ object from a chat result, and a stream's typed events from its neutral events.
 
 Both read the chat answer of choice 0 (a Responses request has one choice). A stream's
 renderer keeps the output items as they grow, so that each `.done` event and the final
-`response.completed` (or `.incomplete`, `.failed`) carry them whole, with the usage.
+`response.completed` (or `.incomplete`, `.failed`) carry them whole, with the usage. An
+upstream that speaks the Responses API itself answers in this format already: its events are
+passed on (`responses_native.NativeStream`), and a failure after them is a
+`response.failed`, as here.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import msgspec
 from adapters.events import (
     Event,
     Finish,
+    NativeEvent,
     NeutralEvent,
     OpenAIChunk,
     RefusalDelta,
@@ -29,6 +33,7 @@ from adapters.types import ChatResult, Usage
 from node.errors import HubError, UpstreamFailed
 from node.gateway.pipeline import ReceiptIssued, Signal, StreamEnd, StreamFailed
 from node.ingress.errors import openai_error
+from node.ingress.responses_native import NativeStream
 from node.ingress.responses_wire import (
     ArgumentsDelta,
     ArgumentsDone,
@@ -167,6 +172,8 @@ class _Open(msgspec.Struct):
     item: OutputItem
     text: list[str]
     tool_index: int = -1
+    # The type of a message's part (text or refusal); None for a function call.
+    part: type[Any] | None = None
 
     def where(self) -> dict[str, Any]:
         return {"item_id": self.item.id, "output_index": self.index, "content_index": 0}
@@ -182,6 +189,8 @@ class StreamRenderer:
 
     def __init__(self, shell: Shell) -> None:
         self._shell = shell
+        self._native = NativeStream(shell.id, shell.request)
+        self._passed_on = False  # an upstream's own Responses events
         self._sequence = 0
         self._output: list[OutputItem] = []
         self._open: _Open | None = None
@@ -191,7 +200,25 @@ class StreamRenderer:
         # The last snapshot (completed, incomplete or failed), once the stream ended.
         self.final: Response | None = None
 
+    def final_body(self) -> bytes | None:
+        """The last snapshot's response, to keep: an upstream's as passed on, or ours."""
+        if self._passed_on:
+            return self._native.final
+        return _encode(self.final) if self.final is not None else None
+
     def render(self, item: Any) -> bytes:
+        if type(item) is NativeEvent:
+            self._passed_on = True
+            return self._native.render(item)
+        if self._passed_on:
+            return self._native_signal(item)
+        if self._started and type(item) is OpenAIChunk:
+            # The hot path, a chunk of text or arguments: no list of lists, no generator.
+            out = b""
+            for event in item.events():
+                for step in self._step(event):
+                    out += self._sse(step)
+            return out
         events: list[StreamEvent] = []
         if not self._started:
             self._started = True
@@ -203,11 +230,17 @@ class StreamRenderer:
                 events += self._step(event)
         return b"".join(self._sse(event) for event in events)
 
+    def _native_signal(self, signal: Signal) -> bytes:
+        """The end of a passed-on stream: the upstream ended it itself, unless it failed."""
+        if not isinstance(signal, StreamFailed):
+            return b""
+        error = _error(signal.error)
+        return self._native.failed(error.code, error.message)
+
     def _sse(self, event: StreamEvent) -> bytes:
         event.sequence_number = self._sequence
         self._sequence += 1
-        name = type(event).__struct_config__.tag
-        return b"event: " + str(name).encode() + b"\ndata: " + _encode(event) + b"\n\n"
+        return _PREFIX[type(event)] + _encode(event) + b"\n\n"
 
     def _snapshot(self, kind: type[Any], **fields: Any) -> StreamEvent:
         response = self._shell.response(_STATUS[kind], list(self._output), **fields)
@@ -234,10 +267,16 @@ class StreamRenderer:
         return []  # a `Start`: the response was created with the first item
 
     def _text(self, text: str) -> list[StreamEvent]:
-        events = self._message(OutputTextPart(""))
-        current = self._current()
+        current = self._open
+        events: list[StreamEvent] = []
+        if current is None or current.part is not OutputTextPart:
+            events = self._message(OutputTextPart(""))
+            current = self._current()
         current.text.append(text)
-        events.append(TextDeltaEvent(0, **current.where(), delta=text))
+        delta = TextDeltaEvent(
+            0, item_id=current.item.id, output_index=current.index, content_index=0, delta=text
+        )
+        events.append(delta)
         return events
 
     def _refusal(self, text: str) -> list[StreamEvent]:
@@ -258,7 +297,7 @@ class StreamRenderer:
             return []
         events = self._close()
         item = OutputMessage(_item_id("msg"), "in_progress", [part])
-        opened = self._begin(_Open(len(self._output), item, []))
+        opened = self._begin(_Open(len(self._output), item, [], part=type(part)))
         where = opened.where()
         events += [opened.added(), PartAdded(0, **where, part=part)]
         return events
@@ -331,6 +370,12 @@ class StreamRenderer:
             events.append(self._snapshot(Completed, usage=usage))
         return events
 
+
+# Each event's SSE lines up to its data, by its type: named for the event.
+_PREFIX: dict[type[Any], bytes] = {
+    kind: b"event: " + str(kind.__struct_config__.tag).encode() + b"\ndata: "
+    for kind in StreamEvent.__args__  # type: ignore[attr-defined]
+}
 
 # The response's status as each of its snapshots tells it.
 _STATUS: dict[type[Any], str] = {

@@ -24,7 +24,6 @@ from node.gateway.auth import Principal
 from node.hub import Hub, hub_of
 from node.ingress.asgi import JSON, authenticate
 from node.ingress.errors import ApiError
-from node.ingress.responses_wire import Response
 from node.peers.auth import check_peer
 from node.storage.records import StoredResponse
 
@@ -70,17 +69,21 @@ async def earlier_items(hub: Hub, principal: Principal, previous: str | None) ->
 
 
 async def keep(
-    hub: Hub, principal: Principal, response: Response, earlier: list[Raw], inputs: list[Raw]
+    hub: Hub,
+    principal: Principal,
+    response_id: str,
+    body: bytes,
+    earlier: list[Raw],
+    inputs: list[Raw],
 ) -> None:
-    """Keep an answer for its key, unless the request said `store: false`."""
-    if not response.store:
-        return
+    """Keep an answer (its `response` object's JSON: ours, or a Responses upstream's made
+    ours) for its key; the caller leaves out one the request said `store: false` for."""
     identified = [_identified(item) for item in inputs]
     stored = StoredResponse(
-        response.id,
+        response_id,
         principal.key_id,
         int(time.time() * 1000),
-        _encode(response),
+        body,
         _encode(identified),
         _encode(earlier + identified),
     )

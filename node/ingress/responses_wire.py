@@ -78,6 +78,14 @@ _item_decoders: dict[str, msgspec.json.Decoder[Any]] = {
 }
 
 
+def translatable(raw: Raw) -> bool:
+    """Whether an input item is of a type the chat translation reads (`input_item`)."""
+    try:
+        return _item_type.decode(raw).type in _item_decoders
+    except msgspec.ValidationError:
+        return True  # not even an item: `input_item` says what is wrong with it
+
+
 def input_item(raw: Raw) -> InputItem:
     """One input item, typed by its `type` (a message when it has none). Raises
     `msgspec.ValidationError` for an item of a type the gateway does not translate."""

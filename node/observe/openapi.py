@@ -40,7 +40,8 @@ from node.admin.management import (
     TenantView,
 )
 from node.admin.peers import PeerList
-from node.admin.routes import AuditList, KeyList, TenantList, UsageReport
+from node.admin.reports import UsageReport
+from node.admin.routes import AuditList, KeyList, TenantList
 from node.admin.stats import Series
 from node.ingress.anthropic import TokenCount
 from node.ingress.anthropic_errors import AnthropicError

@@ -43,6 +43,7 @@ from ledger.settlement import (
     verify_statement,
 )
 from node.errors import HubError, Kind
+from node.peers import audit
 from node.peers.peering import PEER_TIMEOUT
 from node.peers.receipts import (
     admissible,
@@ -611,9 +612,10 @@ def _receipts_of(page: ReceiptPage) -> list[Receipt]:
     return receipts
 
 
-async def settle_with(store: Store, link: Link) -> Statement:
+async def settle_with(store: Store, link: Link, actor: str | None = None) -> Statement:
     """Close the period with the peer: a statement of both chains since the last one, signed
-    by us, countersigned by the peer after it checked the totals against its own books."""
+    by us, countersigned by the peer after it checked the totals against its own books. The
+    settlement is audited as `ledger.settle`, naming `actor` (who asked for it)."""
     me, peer = link.identity.node_id, link.peer.node_id
     # A statement the peer countersigned but whose answer we never got (or that a restored
     # backup lost) is where this period starts, not a reason to disagree.
@@ -646,6 +648,16 @@ async def settle_with(store: Store, link: Link) -> Statement:
         raise BooksError(Kind.PEER_FAILURE, "the peer signed a different statement")
     # The peer may answer with the statement it signed for this period before (its `iat`).
     await save_statement(store, both)
+    await audit.record(
+        store,
+        actor,
+        "ledger.settle",
+        peer,
+        from_seq=both.from_seq,
+        to_seq=both.to_seq,
+        a_owes_b=both.a_owes_b,
+        b_owes_a=both.b_owes_a,
+    )
     return both
 
 

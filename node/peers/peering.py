@@ -3,7 +3,9 @@ sides), and the periodic work that keeps adverts and health fresh.
 
 Trust comes only from an invite (or an approved join request): once joined, each side pins the
 other's node key, and only requests signed by that key, carrying the cross-node key issued to
-that peer, are served.
+that peer, are served. A peer that revoked us says so with a signed notice (posted to us, or in
+its answer to our health check); once it checks out, the peer is no longer listed or routed,
+and its models' names are kept to tell clients why (`take_revocation`, `Router.revoked_by`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,17 +26,20 @@ from federation.adverts import AdvertBook, AdvertModel, ModelAdvert, make_advert
 from federation.descriptors import NodeDescriptor, make_descriptor, verify_descriptor
 from federation.identity import NodeIdentity
 from federation.invites import InviteRecord, JoinRequest, join_nonce, verify_join_request
+from federation.revocations import NOTICE_FIELD, verify_revocation
 from federation.sealing import seal_for, unseal
 from federation.transport import LISTED_HEADER, signed_headers
-from ledger.nesting import bounded
+from ledger.nesting import NestingError, bounded
 from ledger.records import RecordError
 from node.config import Config, Deployment
 from node.errors import HubError, Kind
 from node.gateway.auth import read_epoch, touch_epoch
-from node.gateway.keys import HASH_PURPOSE, generate_key, hash_key
+from node.gateway.keys import HASH_PURPOSE, generate_key, hash_key, key_id_of
 from node.gateway.policy import Limits, model_allowed
 from node.gateway.router import Route, Router
+from node.peers import audit
 from node.peers.adapter import PeerAdapter, peer_upstream
+from node.peers.address import advertised_urls
 from node.storage.base import Store
 from node.storage.records import JoinRequestBounds, KeyRecord, PeerRecord
 
@@ -43,6 +48,8 @@ log = logging.getLogger("aihub.peering")
 PEERS_EPOCH_FILE = "peers.epoch"
 PEER_TIMEOUT = 10.0
 ADVERT_SEQ = "advert_seq"
+# A peer's status here once it told us (signed) that it revoked our access.
+REVOKED_BY_PEER = "revoked_by_peer"
 
 
 class JoinResponse(msgspec.Struct):
@@ -116,15 +123,18 @@ class Peering:
         self.advert_seq = 0
         self._descriptor: NodeDescriptor | None = None
         self._epoch = -1
+        # Peers that revoked our access (told us so, signed): no longer routed, still named.
+        self.revoked_us: dict[str, PeerRecord] = {}
+        self._checks: dict[str, asyncio.Lock] = {}
+        self._saving: set[asyncio.Task[None]] = set()
 
     # --- our own objects -------------------------------------------------------------------
 
     def descriptor(self) -> NodeDescriptor:
         now = time.time()
         if self._descriptor is None or self._descriptor.exp - now < 86400:
-            self._descriptor = make_descriptor(
-                self.identity, self.config.node.name, self.config.public_urls()
-            )
+            urls = advertised_urls(self.config, self.directory)
+            self._descriptor = make_descriptor(self.identity, self.config.node.name, urls)
         return self._descriptor
 
     async def start(self) -> None:
@@ -184,7 +194,9 @@ class Peering:
     async def load(self) -> None:
         self._epoch = read_epoch(self.directory / PEERS_EPOCH_FILE)
         peers: dict[str, Peer] = {}
-        for record in await self.store.peers.peers():
+        records = await self.store.peers.peers()
+        self.revoked_us = {r.node_id: r for r in records if r.status == REVOKED_BY_PEER}
+        for record in records:
             if record.status != "active":
                 continue
             # Verified when it arrived; an old descriptor still says where the peer is.
@@ -223,11 +235,82 @@ class Peering:
                     context=model.context,
                 )
                 upstream = peer_upstream(model.id, peer.url, peer.key, self.config.upstream)
-                adapter = PeerAdapter(upstream, self.upstreams, self.identity)
+                adapter = PeerAdapter(
+                    upstream,
+                    self.upstreams,
+                    self.identity,
+                    peer.name,
+                    self._confirmer(peer),
+                    lambda node_id=peer.node_id: self.answered(node_id),
+                )
                 routes.append(
                     Route(spec, adapter, -1, peer.node_id, peer.name, price_seq=peer.advert.seq)
                 )
-        self.router.set_peer_routes(routes)
+        self.router.set_peer_routes(routes, self._revoked_models())
+
+    def _revoked_models(self) -> dict[str, str]:
+        """Each model name or `model@peer` that only a peer which revoked us served, and
+        that peer's name: its clients are told why it is gone."""
+        gone: dict[str, str] = {}
+        for record in self.revoked_us.values():
+            gone[f"@{record.name}"] = record.name
+            gone[f"@{record.node_id}"] = record.name
+            if record.advert:
+                with contextlib.suppress(msgspec.DecodeError, TypeError, AttributeError):
+                    for model in msgspec.json.decode(record.advert).get("models", []):
+                        gone.setdefault(str(model["id"]), record.name)
+        return gone
+
+    def _confirmer(self, peer: Peer) -> Callable[[], Awaitable[bool]]:
+        """For the peer's routes: whether a refusal of our key means the peer revoked us."""
+        return lambda: self.confirm_revoked(peer.node_id)
+
+    def answered(self, node_id: str) -> None:
+        """A peer answered a request: it is up. Recorded (off the request path) only when
+        that changes what its last health check said, so `peers list` does not show a peer
+        `down` that just served requests, nor back off from it."""
+        peer = self.peers.get(node_id)
+        if peer is None or peer.healthy:
+            return
+        peer.healthy, peer.failures, peer.next_check = True, 0, 0.0
+        peer.last_seen = time.time()
+        latency = None if peer.latency is None else round(peer.latency * 1000)
+        task = asyncio.get_running_loop().create_task(
+            self.store.peers.save_peer_health(node_id, True, latency, int(peer.last_seen))
+        )
+        self._saving.add(task)
+        task.add_done_callback(self._saving.discard)
+
+    async def confirm_revoked(self, node_id: str) -> bool:
+        """A peer refused our key: ask it (a signed health check, whose answer to a node it
+        cut off carries a signed notice) rather than believe an unsigned status. One check
+        at a time per peer: the requests that failed together wait for the same answer."""
+        lock = self._checks.setdefault(node_id, asyncio.Lock())
+        async with lock:
+            peer = self.peers.get(node_id)
+            if peer is not None and node_id not in self.revoked_us:
+                await self.refresh_advert(peer)
+        return node_id in self.revoked_us
+
+    async def take_revocation(self, node_id: str, notice: bytes | dict) -> bool:
+        """A peer's notice that it revoked us (posted to us, or in its answer to our health
+        check): acted on only if it checks out (`federation.revocations`). The peer then
+        stops being listed and routed at once, and shows as `revoked_by_peer`."""
+        peer = self.peers.get(node_id)
+        if peer is None or peer.key is None:
+            return False
+        key_id = key_id_of(peer.key)
+        try:
+            verify_revocation(notice, issuer=node_id, me=self.identity.node_id, key_id=key_id or "")
+        except RecordError as exc:
+            log.warning("revocation notice from %s refused: %s", peer.name, exc)
+            return False
+        await self.store.peers.revoke_peer(node_id, int(time.time()), status=REVOKED_BY_PEER)
+        await audit.record(self.store, node_id, "peer.revoked_us", node_id, name=peer.name)
+        log.warning("peer %s revoked this node's access", peer.name)
+        self.book.forget(node_id)
+        await self.changed()
+        return True
 
     def touch(self) -> None:
         """Tell every process serving this node that keys and peers changed."""
@@ -272,6 +355,14 @@ class Peering:
         key = await admit_peer(self.store, self.identity, joiner, limits, invite.token_id)
         if key is None:
             raise JoinRefused(Kind.GONE, "this invite is used up or expired")
+        await audit.record(
+            self.store,
+            joiner.node_id,
+            "peer.joined",
+            joiner.node_id,
+            name=joiner.name,
+            invite=invite.token_id,
+        )
         await self.changed()
         return self.join_response(joiner.node_id, key, limits)
 
@@ -350,13 +441,24 @@ class Peering:
         try:
             response = await self.signed("GET", peer.url + "/federation/advert", peer.key)
         except httpx.HTTPError as exc:
-            await self._unhealthy(peer, type(exc).__name__)
+            await self._unhealthy(peer, f"unreachable: {type(exc).__name__}")
+            return False
+        if response.status_code == 401 and await self._revoked_answer(peer, response):
             return False
         if response.status_code != 200:
-            await self._unhealthy(peer, f"status {response.status_code}")
+            await self._unhealthy(peer, f"it answered {response.status_code}")
             return False
         await self._healthy(peer, time.perf_counter() - started)
         return await self.take_advert(peer.node_id, response.content)
+
+    async def _revoked_answer(self, peer: Peer, response: httpx.Response) -> bool:
+        """Whether a refusal carries a notice that the peer revoked us (and it checked out)."""
+        try:
+            fields = msgspec.json.decode(bounded(response.content))
+        except (msgspec.DecodeError, NestingError, UnicodeDecodeError):
+            return False
+        notice = fields.get(NOTICE_FIELD) if isinstance(fields, dict) else None
+        return isinstance(notice, dict) and await self.take_revocation(peer.node_id, notice)
 
     async def take_advert(self, node_id: str, data: bytes) -> bool:
         """A signed advert from a peer (fetched or pushed): keep it if valid and newer."""
@@ -407,7 +509,7 @@ class Peering:
         peer.failures += 1
         # Back off exponentially from a failing peer: 2, 4, 8 … seconds, at most 5 minutes.
         peer.next_check = time.monotonic() + min(2**peer.failures, 300)
-        log.info("peer %s unreachable (%s)", peer.name, reason)
+        log.info("peer %s failed its health check (%s)", peer.name, reason)
         await self.store.peers.save_peer_health(peer.node_id, False, None, int(time.time()))
 
     async def reload_if_stale(self) -> None:
@@ -443,7 +545,14 @@ class Peering:
         for record in await self.store.peers.peers():
             if record.status != "requested":
                 continue
-            outcome = await ask_to_join(self.store, self.identity, self.client, record, self.config)
+            outcome = await ask_to_join(
+                self.store,
+                self.identity,
+                self.client,
+                record,
+                self.descriptor(),
+                listed=self.config.federation.listed,
+            )
             if outcome == "joined":
                 self.touch()
                 await self.load()
@@ -451,10 +560,6 @@ class Peering:
                 peer = self.peers.get(record.node_id)
                 if peer is not None:
                     await self.refresh_advert(peer)
-
-    async def revoke(self, node_id: str) -> None:
-        await self.store.peers.revoke_peer(node_id, int(time.time()))
-        await self.changed()
 
 
 async def admit_peer(
@@ -525,12 +630,13 @@ async def signed_request(
     body: bytes = b"",
     *,
     listed: bool = False,
+    seconds: float = PEER_TIMEOUT,
 ) -> httpx.Response:
     """A request to another node, signed by ours (RFC 9421); with the key it issued us, if
     any. The listing header tells the peer whether we want to be named to its peers."""
     extra = {LISTED_HEADER: "1"} if listed else None
     headers = signed_headers(identity, method, url, body, key=key, extra=extra)
-    return await client.request(method, url, content=body, headers=headers, timeout=PEER_TIMEOUT)
+    return await client.request(method, url, content=body, headers=headers, timeout=seconds)
 
 
 async def ask_to_join(
@@ -538,13 +644,15 @@ async def ask_to_join(
     identity: NodeIdentity,
     client: httpx.AsyncClient,
     issuer: PeerRecord,
-    config: Config,
+    ours: NodeDescriptor,
+    *,
+    listed: bool,
 ) -> str:
     """Send (or send again) our join request to `issuer`, a node we have no invite from:
     "pending" until its admin approves, "joined" once the answer carries our key, or what
     went wrong. The outcome is stored, so the running node keeps asking."""
     descriptor = msgspec.json.decode(issuer.descriptor, type=NodeDescriptor)
-    ours = msgspec.json.encode(make_descriptor(identity, config.node.name, config.public_urls()))
+    body = msgspec.json.encode(ours)
     problem = "no URL"
     for url in descriptor.urls:
         try:
@@ -554,8 +662,8 @@ async def ask_to_join(
                 "POST",
                 url + "/federation/join-request",
                 None,
-                ours,
-                listed=config.federation.listed,
+                body,
+                listed=listed,
             )
         except httpx.HTTPError as exc:
             problem = f"{url}: {type(exc).__name__}"

@@ -13,14 +13,18 @@ import msgspec
 from litestar import Request, Response, get, post
 
 from federation.descriptors import public_key_of
+from federation.printable import printable
+from federation.revocations import NOTICE_FIELD, NOTICE_PATH, make_revocation
 from federation.transport import LISTED_HEADER
 from ledger.nesting import NestingError, bounded
 from node.gateway.auth import Principal
-from node.hub import hub_of
+from node.gateway.keys import bearer_token, key_id_of
+from node.hub import Hub, hub_of
 from node.ingress.asgi import JSON
 from node.ingress.errors import ApiError
 from node.peers import books
-from node.peers.auth import check_peer, verify_signed
+from node.peers.auth import check_peer, pinned_to, verify_signed
+from node.peers.revocation import CUT_OFF
 
 WHOLE_NUMBER = re.compile(r"-?[0-9]{1,15}", re.ASCII)
 MAX_FEDERATION_BODY = 64 * 1024
@@ -114,10 +118,41 @@ async def join_request(request: Request) -> Response[bytes]:
     return Response(msgspec.json.encode(answer), media_type=JSON)
 
 
+async def revoked_refusal(hub: Hub, request: Request, body: bytes) -> Response[bytes] | None:
+    """The answer to a signed request from a peer we cut off, with a fresh notice for it;
+    None if the request is not one (it is then authenticated as usual). The signature is
+    checked first: only the peer itself is told, and a replay is refused as any other."""
+    key_id = key_id_of(bearer_token(request.headers.get("authorization")) or "")
+    if key_id is None:
+        return None
+    key = await hub.store.keys.key(key_id)
+    if key is None or key.revoked_at is None or key.peer_id is None:
+        return None
+    peer = await hub.store.peers.peer(key.peer_id)
+    if peer is None or peer.status not in CUT_OFF or peer.key_for_them != key.id:
+        return None
+    await verify_signed(hub, request, body, pinned_to(peer.node_id))
+    notice = make_revocation(hub.identity, peer.node_id, key.id)
+    name = printable(hub.config.node.name)
+    error = {
+        "message": f"The node {name} revoked this node's access",
+        "type": "authentication_error",
+        "code": "peer_revoked",
+        "param": None,
+    }
+    content = msgspec.json.encode({"error": error, NOTICE_FIELD: notice})
+    return Response(content, media_type=JSON, status_code=401)
+
+
 @get("/federation/advert")
 async def advert(request: Request) -> Response[bytes]:
-    """The advert of what the calling peer's key may use here, signed by this node."""
-    principal = await authenticate_peer(request, await request.body())
+    """The advert of what the calling peer's key may use here, signed by this node. This is
+    the peer's health check: a peer we cut off is told so here (`revoked_refusal`)."""
+    body = await request.body()
+    refused = await revoked_refusal(hub_of(request), request, body)
+    if refused is not None:
+        return refused
+    principal = await authenticate_peer(request, body)
     peering = hub_of(request).peering
     await peering.note_listing(principal.key.peer_id or "", LISTED_HEADER in request.headers)
     advert = peering.advert_for(principal.key.limits)
@@ -145,6 +180,22 @@ async def pushed_advert(request: Request) -> Response[bytes]:
     await hub.peering.note_listing(signer, LISTED_HEADER in request.headers)
     accepted = await hub.peering.take_advert(signer, body)
     return Response(msgspec.json.encode({"accepted": accepted}), media_type=JSON, status_code=202)
+
+
+@post(NOTICE_PATH, status_code=200)
+async def revoked(request: Request) -> Response[bytes]:
+    """A peer tells us it revoked our access: signed by its pinned key, the notice naming us
+    and the key it gave us (anything else changes nothing)."""
+    hub = hub_of(request)
+    body = await _small_body(request)
+
+    def known_peer(key_id: str) -> bytes | None:
+        return public_key_of(key_id) if key_id in hub.peering.peers else None
+
+    signer = await verify_signed(hub, request, body, known_peer)
+    if not await hub.peering.take_revocation(signer, body):
+        raise ApiError(400, "Not a revocation notice for this node", code="invalid_revocation")
+    return Response(msgspec.json.encode({"accepted": True}), media_type=JSON)
 
 
 @post("/federation/countersignatures", status_code=200)
@@ -221,5 +272,6 @@ FEDERATION_ROUTES = [
     advert,
     exchange,
     pushed_advert,
+    revoked,
     countersignatures,
 ]

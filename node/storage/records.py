@@ -60,7 +60,9 @@ class PeerRecord(msgspec.Struct):
     node_id: str
     name: str
     descriptor: str
-    status: Literal["active", "revoked"]
+    # "requested": we asked it to join us and wait; "suspended": it cheated (two receipts for
+    # one seq); "revoked_by_peer": it told us, signed, that it revoked our access.
+    status: Literal["active", "requested", "revoked", "suspended", "revoked_by_peer"]
     created_at: int
     key_for_them: str | None = None
     # The key the peer issued to us, sealed to our own identity: a leaked database alone

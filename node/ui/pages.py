@@ -20,7 +20,8 @@ from ledger.records import RecordError
 from ledger.settlement import parse_statement
 from node.admin.management import Management
 from node.admin.peers import peer_views
-from node.admin.routes import AUDIT_LIMIT_MAX, USAGE_BY, flushed_store
+from node.admin.reports import AUDIT_LIMIT_MAX, USAGE_BY
+from node.admin.routes import flushed_store
 from node.admin.session import current_session
 from node.admin.stats import WINDOWS
 from node.gateway.keys import HASH_PURPOSE

@@ -10,6 +10,12 @@ otherwise. With `"stream": true` it sends Anthropic's SSE events (`message_start
 `content_block_*`, tool input in `input_json_delta` fragments, `message_delta`,
 `message_stop`).
 
+With `thinking` enabled it thinks first, as Claude does: a `thinking` block with its
+`signature` (streamed as `thinking_delta` and `signature_delta`), and it takes thinking blocks
+back in an assistant turn. `document` blocks are read; with `citations` enabled on one, the
+answer's text cites it (`citations`, streamed as a `citations_delta`). `cache_control` is
+taken on every block. Hostile knob: `usage` replaces the counts of every answer's usage.
+
 Like the real API it checks the `x-api-key` and `anthropic-version` headers, refuses unknown
 fields and a missing `max_tokens`, refuses a `tool_result` that answers no `tool_use` of the
 message before it, and answers an unknown model with `not_found_error`. Every request is
@@ -37,6 +43,8 @@ API_VERSIONS = ("2023-01-01", "2023-06-01", "2026-10-21")
 class _Text(Struct, tag_field="type", tag="text", forbid_unknown_fields=True):
     text: Annotated[str, Meta(min_length=1)]
     cache_control: dict[str, Any] | None = None
+    # An earlier answer's citations, handed back with its text.
+    citations: list[dict[str, Any]] | None = None
 
 
 class _Base64(Struct, tag_field="type", tag="base64", forbid_unknown_fields=True):
@@ -51,6 +59,33 @@ class _Url(Struct, tag_field="type", tag="url", forbid_unknown_fields=True):
 class _Image(Struct, tag_field="type", tag="image", forbid_unknown_fields=True):
     source: _Base64 | _Url
     cache_control: dict[str, Any] | None = None
+
+
+class _TextSource(Struct, tag_field="type", tag="text", forbid_unknown_fields=True):
+    media_type: Literal["text/plain"]
+    data: str
+
+
+class _Citations(Struct, forbid_unknown_fields=True):
+    enabled: bool = False
+
+
+class _Document(Struct, tag_field="type", tag="document", forbid_unknown_fields=True):
+    source: _TextSource | _Base64 | _Url
+    title: str | None = None
+    context: str | None = None
+    citations: _Citations | None = None
+    cache_control: dict[str, Any] | None = None
+
+
+class _Thinking(Struct, tag_field="type", tag="thinking", forbid_unknown_fields=True):
+    thinking: str
+    signature: str
+
+
+class _ThinkingConfig(Struct, forbid_unknown_fields=True):
+    type: Literal["enabled", "disabled"]
+    budget_tokens: Annotated[int, Meta(ge=1024)] | None = None
 
 
 class _ToolUse(Struct, tag_field="type", tag="tool_use", forbid_unknown_fields=True):
@@ -68,7 +103,7 @@ class _ToolResult(Struct, tag_field="type", tag="tool_result", forbid_unknown_fi
     cache_control: dict[str, Any] | None = None
 
 
-_Block = _Text | _Image | _ToolUse | _ToolResult
+_Block = _Text | _Image | _Document | _Thinking | _ToolUse | _ToolResult
 
 
 class _Message(Struct, forbid_unknown_fields=True):
@@ -105,7 +140,13 @@ class _Request(Struct, forbid_unknown_fields=True):
     top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
     top_k: Annotated[int, Meta(ge=0)] | None = None
     metadata: _Metadata | None = None
+    thinking: _ThinkingConfig | None = None
     stream: bool = False
+
+    def __post_init__(self) -> None:
+        budget = self.thinking.budget_tokens if self.thinking else None
+        if budget is not None and budget >= self.max_tokens:
+            raise ValueError("`max_tokens` must be greater than `thinking.budget_tokens`")
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -141,12 +182,19 @@ PROMPT_TOO_LONG = anthropic_error(
 # --- the mock ---------------------------------------------------------------------------------
 
 
+THOUGHT = "Let me think."
+SIGNATURE = "sig-mock-1"
+
+
 class _Answer(Struct):
     words: list[str]
     calls: list[dict[str, Any]]
     stop_reason: str
     stop_sequence: str | None
     input_tokens: int
+    thinks: bool = False
+    # A cited document's text (its index 0), when one asked for citations.
+    cited: str | None = None
 
 
 def _text_of(content: str | list[Any]) -> str:
@@ -192,6 +240,8 @@ class AnthropicMock:
         self.cache_write = 0
         self._stream_error: tuple[str, str, int] | None = None
         self._messages = 0
+        # Replaces the counts of every answer's usage (a hostile upstream's lies).
+        self.usage: dict[str, Any] | None = None
 
     def fail_stream_next(self, error_type: str, message: str, after: int) -> None:
         """Make the next stream send `after` events, then `event: error` with this error."""
@@ -203,6 +253,7 @@ class AnthropicMock:
         self.cache_read = self.cache_write = 0
         self._stream_error = None
         self._messages = 0
+        self.usage = None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -254,8 +305,13 @@ class AnthropicMock:
         if request.stream:
             return await self._stream(request, answer, message_id, send, receive)
         content: list[dict[str, Any]] = []
+        if answer.thinks:
+            content.append({"type": "thinking", "thinking": THOUGHT, "signature": SIGNATURE})
         if answer.words:
-            content.append({"type": "text", "text": " ".join(answer.words)})
+            text: dict[str, Any] = {"type": "text", "text": " ".join(answer.words)}
+            if answer.cited is not None:
+                text["citations"] = [_citation(answer.cited)]
+            content.append(text)
         content += answer.calls
         reply = {
             "id": message_id,
@@ -269,11 +325,25 @@ class AnthropicMock:
                 **self._input_usage(answer),
                 "output_tokens": _output_tokens(answer),
                 "service_tier": "standard",
+                **(self.usage or {}),
             },
         }
         await _send(send, 200, msgspec.json.encode(reply), b"application/json", message_id)
 
     def _answer(self, request: _Request) -> _Answer:
+        answer = self._plain_answer(request)
+        answer.thinks = request.thinking is not None and request.thinking.type == "enabled"
+        documents = [
+            block
+            for message in request.messages
+            for block in _blocks(message)
+            if isinstance(block, _Document) and block.citations and block.citations.enabled
+        ]
+        if documents and isinstance(documents[0].source, _TextSource):
+            answer.cited = documents[0].source.data
+        return answer
+
+    def _plain_answer(self, request: _Request) -> _Answer:
         system = _text_of(request.system) if request.system else ""
         input_tokens = len(system.split()) + sum(
             len(_text_of(m.content).split()) + 3 for m in request.messages
@@ -343,9 +413,22 @@ class AnthropicMock:
         }
         events = [_event("message_start", message=start), _event("ping")]
         block = 0
+        if answer.thinks:
+            thinking = {"type": "thinking", "thinking": "", "signature": ""}
+            events.append(_event("content_block_start", index=block, content_block=thinking))
+            for delta in (
+                {"type": "thinking_delta", "thinking": THOUGHT},
+                {"type": "signature_delta", "signature": SIGNATURE},
+            ):
+                events.append(_event("content_block_delta", index=block, delta=delta))
+            events.append(_event("content_block_stop", index=block))
+            block += 1
         if answer.words:
             text = {"type": "text", "text": ""}
             events.append(_event("content_block_start", index=block, content_block=text))
+            if answer.cited is not None:
+                delta = {"type": "citations_delta", "citation": _citation(answer.cited)}
+                events.append(_event("content_block_delta", index=block, delta=delta))
             for i, word in enumerate(answer.words):
                 delta = {"type": "text_delta", "text": word if i == 0 else " " + word}
                 events.append(_event("content_block_delta", index=block, delta=delta))
@@ -363,7 +446,7 @@ class AnthropicMock:
             events.append(_event("content_block_stop", index=block))
             block += 1
         final = {"stop_reason": answer.stop_reason, "stop_sequence": answer.stop_sequence}
-        usage = {"output_tokens": _output_tokens(answer)}
+        usage = {"output_tokens": _output_tokens(answer), **(self.usage or {})}
         events += [_event("message_delta", delta=final, usage=usage), _event("message_stop")]
         failure, self._stream_error = self._stream_error, None
         if failure is not None:
@@ -377,7 +460,18 @@ class AnthropicMock:
 
 
 def _output_tokens(answer: _Answer) -> int:
-    return len(answer.words) + 10 * len(answer.calls)
+    return len(answer.words) + 10 * len(answer.calls) + (3 if answer.thinks else 0)
+
+
+def _citation(document: str) -> dict[str, Any]:
+    return {
+        "type": "char_location",
+        "cited_text": document,
+        "document_index": 0,
+        "document_title": None,
+        "start_char_index": 0,
+        "end_char_index": len(document),
+    }
 
 
 def _event(kind: str, **fields: Any) -> bytes:

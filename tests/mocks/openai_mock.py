@@ -1,7 +1,10 @@
 """A mock OpenAI (and Azure OpenAI) server speaking the real wire format.
 
 Plain and streamed chat completions (SSE, `stream_options.include_usage`, tool-call deltas;
-with a `response_format`, the answer is the last user message itself),
+with a `response_format`, the answer is the last user message itself; a word of the answer
+that is one of the `stop` sequences ends it, and with `reports_stop` the choice names it in
+`stop_reason`, as vLLM does), the Responses API (`/v1/responses`, plain and streamed, as
+`tests/mocks/responses_mock.py` says; not for Azure's deployment paths),
 embeddings (float and base64), legacy text completions (`/v1/completions`), image
 generations (`/v1/images/generations`, b64_json or url), `/v1/models`, and OpenAI's error
 bodies. Hostile knobs: `extra_images` sends that many images more than asked, and
@@ -19,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from tests.mocks import responses_mock
 from tests.mocks.script import Failure, MockScript, read_body, send_stream, wait_or_disconnect
 
 
@@ -48,6 +52,7 @@ class _Chat(msgspec.Struct):
     tool_choice: Any = None
     max_tokens: int | None = None
     response_format: Any = None
+    stop: str | list[str] | None = None
 
 
 class _Embed(msgspec.Struct):
@@ -63,6 +68,8 @@ class _Completion(msgspec.Struct):
     max_tokens: int = 16
     n: int = 1
     best_of: int | None = None
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
 
 
 class _ImageGen(msgspec.Struct):
@@ -113,6 +120,9 @@ class OpenAIMock:
         image_tokens: int = 0,
         extra_images: int = 0,
         completion_usage: Any = None,
+        reports_stop: bool = False,
+        responses_usage: Any = None,
+        responses_padding: int = 0,
     ) -> None:
         self.api_key = api_key
         self.script = script or MockScript()
@@ -120,6 +130,11 @@ class OpenAIMock:
         self.image_tokens = image_tokens
         self.extra_images = extra_images
         self.completion_usage = completion_usage
+        # vLLM's `stop_reason`: the stop string that ended a choice.
+        self.reports_stop = reports_stop
+        # Hostile knobs of the Responses API: its usage object, a padded text delta.
+        self.responses_usage = responses_usage
+        self.responses_padding = responses_padding
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -141,8 +156,10 @@ class OpenAIMock:
             return None
         if path.endswith("/chat/completions"):
             return await self._chat(body, send, receive)
+        if path.endswith("/responses") and scope["method"] == "POST":
+            return await self._responses(body, send, receive)
         if path.endswith("/completions"):
-            return await self._completion(body, send)
+            return await self._completion(body, send, receive)
         if path.endswith("/images/generations"):
             return await self._image_generation(body, send)
         if path.endswith("/embeddings"):
@@ -157,7 +174,7 @@ class OpenAIMock:
     def _authorised(self, path: str, headers: dict[str, str]) -> bool:
         if self.api_key is None:
             return True
-        if path.startswith("/openai/deployments/"):
+        if path.startswith("/openai/"):
             return headers.get("api-key") == self.api_key
         return headers.get("authorization") == f"Bearer {self.api_key}"
 
@@ -175,8 +192,13 @@ class OpenAIMock:
         if chat.response_format:
             # Structured output: the user's own text, which a test writes as the JSON it wants.
             words = _text(last.content if last else "").split(" ")
+        stops = [chat.stop] if isinstance(chat.stop, str) else chat.stop or []
+        matched = next((word for word in words if word in stops), None)
+        if matched is not None:
+            words = words[: words.index(matched)]
         if chat.max_tokens:
             words = words[: chat.max_tokens]
+        stop_reason = {"stop_reason": matched} if self.reports_stop else {}
         prompt_tokens = sum(len(_text(m.content).split()) + 3 for m in chat.messages)
         prompt_tokens += self.image_tokens * sum(_images(m.content) for m in chat.messages)
         usage = {
@@ -188,7 +210,7 @@ class OpenAIMock:
         if chat.tools and chat.tool_choice != "none":
             tool = chat.tools[0].function.name
         if chat.stream:
-            return await self._stream(chat, words, tool, usage, send, receive)
+            return await self._stream(chat, words, tool, usage, send, receive, stop_reason)
         message: dict[str, Any] = {"role": "assistant", "content": " ".join(words)}
         finish = "stop"
         if tool:
@@ -211,7 +233,13 @@ class OpenAIMock:
             "model": chat.model,
             "system_fingerprint": "fp_mock",
             "choices": [
-                {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": finish,
+                    **stop_reason,
+                }
             ],
             "usage": usage,
         }
@@ -225,6 +253,7 @@ class OpenAIMock:
         usage: dict[str, int],
         send: Any,
         receive: Any,
+        stop_reason: dict[str, Any],
     ) -> None:
         await send(
             {
@@ -236,7 +265,8 @@ class OpenAIMock:
         created = int(time.time())
 
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-            choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choices = [{**choice, **stop_reason} if finish else choice]
             body = {
                 "id": "chatcmpl-mock",
                 "object": "chat.completion.chunk",
@@ -281,7 +311,35 @@ class OpenAIMock:
             pieces = pieces[: cut + 1]
         await send_stream(self.script, receive, send, pieces)
 
-    async def _completion(self, body: bytes, send: Any) -> None:
+    async def _responses(self, body: bytes, send: Any, receive: Any) -> None:
+        try:
+            request = responses_mock.decode_request(body)
+        except msgspec.ValidationError as exc:
+            failure = openai_error(400, str(exc), "invalid_request_error")
+            return await self._send_failure(send, failure)
+        refused = responses_mock.refusal(request)
+        if refused is not None:
+            return await self._send_failure(send, refused)
+        answer = responses_mock.answer(request, self.responses_usage)
+        if request.stream:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")],
+                }
+            )
+            events = responses_mock.stream_events(answer, self.responses_padding)
+            cut = self.script.cut_stream_after
+            if cut is not None:
+                events = events[:cut]
+            return await send_stream(self.script, receive, send, events)
+        response = responses_mock.response_object(
+            answer, "resp_mock", answer.status, answer.output, answer.usage
+        )
+        await _send_json(send, 200, msgspec.json.encode(response))
+
+    async def _completion(self, body: bytes, send: Any, receive: Any) -> None:
         try:
             request = msgspec.json.decode(body, type=_Completion)
         except msgspec.ValidationError as exc:
@@ -309,7 +367,48 @@ class OpenAIMock:
             "choices": choices,
             "usage": usage,
         }
+        if request.stream:
+            return await self._completion_stream(request, answer, words, send, receive)
         await _send_json(send, 200, msgspec.json.encode(answer))
+
+    async def _completion_stream(
+        self,
+        request: _Completion,
+        answer: dict[str, Any],
+        words: list[str],
+        send: Any,
+        receive: Any,
+    ) -> None:
+        """OpenAI's streamed completion: a chunk per word per choice, each choice's last with
+        its finish reason, the usage chunk if asked, `[DONE]`."""
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+            body = {**answer, "choices": choices, **extra}
+            del body["usage"]
+            body.update(extra)
+            return b"data: " + msgspec.json.encode(body) + b"\n\n"
+
+        pieces = []
+        for index in range(request.n):
+            for number, word in enumerate(words):
+                text = word if number == 0 else " " + word
+                done = "length" if number == len(words) - 1 else None
+                piece = {"text": text, "index": index, "logprobs": None, "finish_reason": done}
+                pieces.append(chunk([piece]))
+        if request.stream_options and request.stream_options.include_usage:
+            pieces.append(chunk([], usage=answer["usage"]))
+        pieces.append(b"data: [DONE]\n\n")
+        cut = self.script.cut_stream_after
+        if cut is not None:
+            pieces = pieces[:cut]
+        await send_stream(self.script, receive, send, pieces)
 
     async def _image_generation(self, body: bytes, send: Any) -> None:
         try:
