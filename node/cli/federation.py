@@ -338,43 +338,6 @@ def advertised_models(record: PeerRecord) -> list[str]:
         return []
 
 
-class PeerModel(msgspec.Struct):
-    """A model a peer lets us use, as `aihub models` lists it."""
-
-    name: str  # `model@peer`, or the bare name where no model of ours shadows it
-    kind: str
-    peer: str
-    model: str
-    price_in: int
-    price_out: int
-
-
-def peer_models(directory: Path, local: set[str]) -> list[PeerModel]:
-    """Each active peer's models from the adverts we hold: as `model@peer`, and under the bare
-    name too where `local` (this node's own names) and no earlier peer has it."""
-    records = asyncio.run(_with_store(directory, lambda store: store.peers.peers()))
-    rows: list[PeerModel] = []
-    taken = set(local)
-    for record in records:
-        if record.status != "active" or not record.advert:
-            continue
-        for model in _advert_entries(record.advert):
-            kind, name = str(model.get("kind", "chat")), str(model.get("id", ""))
-            prices = int(model.get("price_in", 0)), int(model.get("price_out", 0))
-            names = [f"{name}@{record.name}"] + ([name] if name not in taken else [])
-            taken.add(name)
-            rows += [PeerModel(shown_as, kind, record.name, name, *prices) for shown_as in names]
-    return rows
-
-
-def _advert_entries(advert: str) -> list[dict]:
-    try:
-        models = msgspec.json.decode(advert).get("models", [])
-    except (msgspec.DecodeError, AttributeError):
-        return []
-    return [model for model in models if isinstance(model, dict)]
-
-
 async def _peer_views(store: Store, show_all: bool, currency: str, now: int) -> list[PeerView]:
     health = await store.peers.peer_health()
     views = []

@@ -32,7 +32,11 @@ COMMANDS: dict[str, Entry] = {
         "Create a node: config, database, Ed25519 identity and an admin key (shown once).",
     ),
     "serve": Entry("node.cli.serve", "serve", "Start the node."),
-    "models": Entry("node.cli.node_setup", "models", "List the models this node serves."),
+    "models": Entry(
+        "node.cli.node_setup",
+        "models",
+        "List the models this node serves: its own, then its peers' (`model@peer`).",
+    ),
     "config": Entry("node.cli.node_setup", "config", "Inspect the node's config."),
     "admin-key": Entry(
         "node.cli.admin_key", "admin_key", "Recover access to a node whose admin key is lost."

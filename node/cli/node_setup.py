@@ -113,7 +113,7 @@ def models(directory: Path) -> None:
             f"{d.price_out / 1e6:g}",
         )
     # Peers' models, as clients ask for them: `model@peer`, and bare where none of ours is.
-    from node.cli.federation import peer_models
+    from node.cli.peer_models import peer_models
 
     for m in peer_models(directory, {d.name for d in config.models}):
         table.add_row(
