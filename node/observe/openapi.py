@@ -290,6 +290,7 @@ for _method, _path, _summary in (
     ("post", "/federation/advert", "A peer pushes its newest advert"),
     ("get", "/federation/peers", "Peers that chose to be listed (peer exchange)"),
     ("post", "/federation/countersignatures", "Countersignatures for receipts we issued"),
+    ("post", "/federation/revoked", "A peer's signed notice that it revoked us"),
     ("get", "/federation/receipts", "A page of one chain's receipts"),
     ("post", "/federation/receipts", "Receipts the caller misses"),
     ("get", "/federation/settlements", "Settlement statements between the caller and us"),
