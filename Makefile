@@ -75,7 +75,7 @@ CHROMIUM ?= /usr/bin/chromium
 browser:
 	@test -x $(CHROMIUM) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& apt-get update -qq >/dev/null \
-		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| { test -x $(CHROMIUM) || echo "chromium not found: apt-get install chromium (the browser tests need it)"; }
 
 # Coding agents for tests/test_coding_agents.py (Codex CLI, Claude Code), pinned, from npm,
