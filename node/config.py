@@ -221,6 +221,21 @@ class StorageSection(Struct, forbid_unknown_fields=True):
     pool_size: Annotated[int, Meta(ge=1, le=1000)] = 10
 
 
+class LogSection(Struct, forbid_unknown_fields=True):
+    # What `aihub serve` writes to stderr: this level and up (`--log-level` overrides it), as
+    # text or as JSON lines, with an access-log line per request (`node.observe.access`).
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    json: bool = False
+    access: bool = True
+
+
+class TracingSection(Struct, forbid_unknown_fields=True):
+    # Where OTLP/HTTP traces go (e.g. "http://127.0.0.1:4318/v1/traces"); empty: no tracing,
+    # and nothing of OpenTelemetry is loaded (`pip install 'aihub[otel]'` to use it).
+    otlp_endpoint: Annotated[str, Meta(pattern=r"^(https?://.+)?$")] = ""
+    service_name: Annotated[str, Meta(min_length=1, max_length=64)] = "aihub"
+
+
 class Config(Struct, forbid_unknown_fields=True):
     node: NodeSection
     server: ServerSection = msgspec.field(default_factory=ServerSection)
@@ -228,6 +243,8 @@ class Config(Struct, forbid_unknown_fields=True):
     router: RouterSection = msgspec.field(default_factory=RouterSection)
     alerts: AlertsSection = msgspec.field(default_factory=AlertsSection)
     federation: FederationSection = msgspec.field(default_factory=FederationSection)
+    log: LogSection = msgspec.field(default_factory=LogSection)
+    tracing: TracingSection = msgspec.field(default_factory=TracingSection)
     models: list[Deployment] = []
     storage: StorageSection = msgspec.field(default_factory=StorageSection)
 
@@ -492,6 +509,15 @@ mdns_interface = ""                 # an interface's IPv4 address; empty: all
 advert_ttl = 3600                   # seconds a model advert stays valid
 health_interval = 30                # seconds between peer health checks (and advert fetches)
 reconcile_interval = 3600           # seconds between reconciliations of the ledger with peers
+
+[log]
+level = "info"                      # debug | info | warning | error (`aihub serve --log-level`)
+json = false                        # true: one JSON object per line
+access = true                       # a line per request: method, path, status, latency, key, model
+
+[tracing]
+otlp_endpoint = ""                  # OTLP/HTTP, e.g. "http://127.0.0.1:4318/v1/traces"; empty: off
+service_name = "aihub"
 
 # Each [[models]] entry is one deployment. Several may share a `name`: the router picks
 # among them by strategy and falls back in order.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -29,6 +30,7 @@ from node.gateway.metrics import Metrics
 from node.gateway.ratelimit import RateLimiter
 from node.gateway.router import Route, Router
 from node.gateway.usage import UsageRecorder
+from node.observe.tracing import Tracing, start_tracing
 from node.peers import books
 from node.peers.peering import Peering
 from node.peers.receipts import Receipts
@@ -92,6 +94,8 @@ class Hub:
     resync: ChainResync  # our chain heads learnt from each peer before we issue it receipts
     scheduler: AsyncIOScheduler
     started_at: int
+    # Traces over OTLP, when `[tracing] otlp_endpoint` is set; None costs nothing.
+    tracing: Tracing | None = None
 
     @classmethod
     async def start(cls, data_dir: Path, config: Config) -> Hub:
@@ -153,6 +157,7 @@ class Hub:
             resync=resync,
             scheduler=scheduler,
             started_at=int(time.time()),
+            tracing=start_tracing(config, identity.node_id),
         )
 
     async def stop(self) -> None:
@@ -165,6 +170,8 @@ class Hub:
         await self.client.aclose()
         await self.upstreams.aclose()
         await self.store.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # what is batched is sent
 
 
 def _schedule(peering: Peering, receipts: Receipts, config: Config) -> AsyncIOScheduler:

@@ -20,6 +20,7 @@ from node.gateway.auth import Principal
 from node.gateway.budgets import budget_scopes
 from node.gateway.ratelimit import Admission, RateLimited, ScopeLimits
 from node.gateway.router import Route
+from node.gateway.traces import AttemptTrace, RequestTrace
 from node.gateway.usage import clamp_usage, cost_micros
 from node.hub import Hub
 from node.storage.records import Charge, Hold, UsageRecord, now_ms
@@ -71,6 +72,10 @@ class Accounting:
         self.model = model
         self.endpoint = endpoint
         self.started = time.perf_counter()
+        # Traced (only when tracing is on): when it began, and each attempt the router made.
+        self.started_ns = time.time_ns() if hub.tracing is not None else 0
+        self.attempts: list[AttemptTrace] | None = [] if hub.tracing is not None else None
+        self.traceparent = ""
         self.admission: Admission | None = None
         self.holds: list[Hold] = []
         self._settled = False
@@ -194,7 +199,31 @@ class Accounting:
         )
         if clamped or actual != cost:
             self.hub.metrics.untrusted(self.model, clamped, actual - cost)
+        if self.hub.tracing is not None:
+            self._trace(record)
         return cost
+
+    def _trace(self, record: UsageRecord) -> None:
+        assert self.hub.tracing is not None
+        self.hub.tracing.record(
+            RequestTrace(
+                request_id=self.request_id,
+                kind=self.endpoint,
+                model=self.model,
+                key_id=self.principal.key_id,
+                start_ns=self.started_ns,
+                end_ns=time.time_ns(),
+                status=record.status,
+                stream=record.stream,
+                tokens_in=record.tokens_in,
+                tokens_out=record.tokens_out,
+                cost_micros=record.cost_micros,
+                for_peer=self.for_peer,
+                attempts=self.attempts or [],
+                error=record.error,
+                traceparent=self.traceparent,
+            )
+        )
 
     async def issue_receipt(self) -> bytes | None:
         """For a peer's request that was answered: write its usage record, spend and our

@@ -72,6 +72,8 @@ class Caller(msgspec.Struct, frozen=True):
     local_only: bool
     # The id a peer names its request by (its receipt is named by it), as sent: unchecked.
     peer_request_id: str = ""
+    # The caller's W3C `traceparent`, as sent (unchecked), when the node traces requests.
+    traceparent: str = ""
 
 
 class Facts(msgspec.Struct):
@@ -219,6 +221,7 @@ async def begin(
     _check_model(principal, model)
     plan = _plan(hub, principal, model, kind, caller.local_only)
     books = Accounting(hub, principal, request_id, model, kind)
+    books.traceparent = caller.traceparent
     if books.for_peer and _REQUEST_ID.fullmatch(caller.peer_request_id):
         books.receipt_id = caller.peer_request_id
     if books.for_peer and not hub.resync.synced(principal.key.peer_id or ""):
@@ -243,7 +246,7 @@ async def _route(
     cap is charged for it) whether or not the peer is still there to read it."""
     try:
         async with contextlib.nullcontext() if books.for_peer else watch():
-            return await books.hub.router.run(plan, attempt, books.upstream_failed)
+            return await books.hub.router.run(plan, attempt, books.upstream_failed, books.attempts)
     except UpstreamError as exc:
         books.fail(UpstreamFailed(exc))
     except HubError as exc:

@@ -29,6 +29,7 @@ from node.gateway import pipeline
 from node.gateway.auth import Principal
 from node.gateway.pipeline import Admitted, Caller, chat_worst_case
 from node.hub import hub_of
+from node.observe import access
 from node.peers.auth import check_peer
 
 log = logging.getLogger("aihub.gateway")
@@ -102,13 +103,18 @@ def local_only(request: Request, principal: Principal) -> bool:
 def caller_of(request: Request, principal: Principal) -> Caller:
     """The pipeline's caller, once its key and (for a peer) its signature checked out."""
     peer_request_id = request.headers.get(REQUEST_ID_HEADER, "")
-    return Caller(principal, client_ip(request), local_only(request, principal), peer_request_id)
+    access.note(request.scope, key_id=principal.key_id)
+    traceparent = request.headers.get("traceparent", "")[:128] if hub_of(request).tracing else ""
+    return Caller(
+        principal, client_ip(request), local_only(request, principal), peer_request_id, traceparent
+    )
 
 
 async def begin_chat(request: Request, principal: Principal, call: ChatCall) -> Admitted:
     """The pipeline's admission of a chat call, however its surface spelled it (chat
     completions, Responses, Messages): the same model, kind and worst case for all of them."""
     chat = call.request
+    access.note(request.scope, model=chat.model)
     return await pipeline.begin(
         hub_of(request),
         caller_of(request, principal),

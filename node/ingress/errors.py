@@ -159,7 +159,9 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response[byte
     message = exc.detail if isinstance(exc.detail, str) and exc.detail else "request failed"
     if status == 413:
         message = "Request body too large"
-    return error_response(ApiError(status, message, type=type_, code=code))
+    # A 405 names the methods the path takes (`Allow`, RFC 9110): Litestar's router sets it.
+    headers = {k: v for k, v in (exc.headers or {}).items() if k.lower() == "allow"}
+    return error_response(ApiError(status, message, type=type_, code=code, headers=headers))
 
 
 def store_unavailable(exc: StoreUnavailable) -> HubError:

@@ -74,6 +74,7 @@ from node.ingress.asgi import (
 )
 from node.ingress.errors import ApiError, ErrorDetail, error_bytes, openai_error
 from node.ingress.openai_render import ChunkRenderer, result_body
+from node.observe import access
 from node.peers.auth import check_peer
 
 T = TypeVar("T")
@@ -190,6 +191,7 @@ async def _embeddings(request: Request) -> Reply:
     principal = await authenticate(request)
     embed, raw = decode_body(await read_body(request, principal), _embed_decoder)
     call = EmbedCall(embed, raw, new_request_id())
+    access.note(request.scope, model=embed.model)
     tokens = worst_case_embedding_tokens(embed)
     admitted = await pipeline.begin(
         hub_of(request),

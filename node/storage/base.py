@@ -1,6 +1,7 @@
 """What a storage backend offers: one `Protocol` per aggregate, and the `Store` that holds one
 of each (`store.keys`, `store.spend`, `store.usage`, `store.peers`, `store.ledger`,
-`store.audit`). The node is written against these; `sqlite/` implements them, and another
+`store.audit`, `store.responses`, `store.sessions`). The node is written against these;
+`sqlite/` implements them, and another
 backend (PostgreSQL, for several gateway processes of one node) would sit beside it.
 
 Unless a method says otherwise, a write is atomic (all of it, or none) and safe against every
@@ -24,6 +25,8 @@ from node.storage.records import (
     RateAnswer,
     RateSync,
     ReceiptMaker,
+    SeriesPoint,
+    SessionRecord,
     SpendRow,
     StoredReceipt,
     StoredResponse,
@@ -123,9 +126,16 @@ class UsageStore(Protocol):
         ...
 
     async def usage_report(
-        self, by: Literal["key", "tenant", "model"], since_ms: int
+        self, by: Literal["key", "tenant", "model", "peer"], since_ms: int
     ) -> list[UsageGroup]:
-        """Totals per key, tenant or model, costliest first."""
+        """Totals per key, tenant or model, or per peer for the requests we routed to peers
+        (by node id), costliest first."""
+        ...
+
+    async def usage_series(self, since_ms: int, bucket_ms: int) -> list[SeriesPoint]:
+        """The requests finished since `since_ms` in buckets of `bucket_ms` (the n-th from
+        `since_ms + n * bucket_ms`), oldest first, only the buckets that have any; each with
+        its latency p50 and p95 (nearest rank)."""
         ...
 
 
@@ -289,6 +299,20 @@ class AuditStore(Protocol):
         ...
 
 
+class SessionStore(Protocol):
+    """The dashboard's sign-in sessions (`node.admin.session`), by the hash of their cookie."""
+
+    async def insert_session(self, session: SessionRecord) -> None: ...
+
+    async def session(self, id_hash: bytes, now_ms: int) -> SessionRecord | None:
+        """The session, unless it has expired by `now_ms`."""
+        ...
+
+    async def delete_session(self, id_hash: bytes) -> bool:
+        """Whether there was one to delete."""
+        ...
+
+
 class ResponseStore(Protocol):
     """Responses API answers kept (`store`), each readable only with the key that made it."""
 
@@ -313,6 +337,7 @@ class Store(Protocol):
     ledger: LedgerStore
     audit: AuditStore
     responses: ResponseStore
+    sessions: SessionStore
 
     async def close(self) -> None: ...
 
@@ -333,6 +358,7 @@ class Store(Protocol):
         ...
 
     async def prune(self, now: int) -> None:
-        """Forget nonces, rate counts and parallel slots that can no longer matter, and give
-        back the budget holds of processes that stopped renewing them (killed)."""
+        """Forget nonces, rate counts, parallel slots and dashboard sessions that can no longer
+        matter, and give back the budget holds of processes that stopped renewing them
+        (killed)."""
         ...

@@ -571,4 +571,29 @@ MIGRATIONS: list[Migration] = [
         CREATE INDEX budget_holds_expires ON budget_holds (expires);
         """,
     ),
+    # 13: the dashboard's sign-in sessions, by the hash of their cookie (a leaked database
+    # holds no cookie), each with its CSRF token and an expiry; a session names the admin key
+    # it was opened with, so revoking the key ends it.
+    Migration(
+        sqlite="""
+        CREATE TABLE ui_sessions (
+            id_hash BLOB PRIMARY KEY,
+            key_id TEXT NOT NULL,
+            csrf TEXT NOT NULL,
+            created_ms INTEGER NOT NULL,
+            expires_ms INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX ui_sessions_expires ON ui_sessions (expires_ms);
+        """,
+        postgres="""
+        CREATE TABLE ui_sessions (
+            id_hash BYTEA PRIMARY KEY,
+            key_id TEXT NOT NULL,
+            csrf TEXT NOT NULL,
+            created_ms BIGINT NOT NULL,
+            expires_ms BIGINT NOT NULL
+        );
+        CREATE INDEX ui_sessions_expires ON ui_sessions (expires_ms);
+        """,
+    ),
 ]

@@ -271,6 +271,31 @@ class Refused(ValueError):
     writing it again will not help."""
 
 
+class SeriesPoint(msgspec.Struct):
+    """One bucket of a usage time series: the requests that finished in it (from `start_ms`
+    for the series' bucket length), and their latency percentiles (nearest rank)."""
+
+    start_ms: int
+    requests: int
+    errors: int
+    tokens_in: int
+    tokens_out: int
+    cost_micros: int
+    p50_ms: int | None
+    p95_ms: int | None
+
+
+class SessionRecord(msgspec.Struct):
+    """A dashboard sign-in: the hash of its cookie, the admin key it was opened with, the CSRF
+    token every change it makes must carry, and when it ends."""
+
+    id_hash: bytes
+    key_id: str
+    csrf: str
+    created_ms: int
+    expires_ms: int
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 

@@ -14,6 +14,7 @@ from node.storage.postgres.keys import PostgresKeys
 from node.storage.postgres.ledger import PostgresLedger
 from node.storage.postgres.peers import PostgresPeers, prune_nonces
 from node.storage.postgres.responses import PostgresResponses
+from node.storage.postgres.sessions import PostgresSessions, prune_sessions
 from node.storage.postgres.spend import PostgresSpend, prune_leases
 from node.storage.postgres.usage import PostgresUsage
 
@@ -33,6 +34,7 @@ class PostgresStore:
         self.ledger = PostgresLedger(db)
         self.audit = PostgresAudit(db)
         self.responses = PostgresResponses(db)
+        self.sessions = PostgresSessions(db)
 
     @classmethod
     async def open(
@@ -71,10 +73,12 @@ class PostgresStore:
         return await self.db.run(database_id)
 
     async def prune(self, now: int) -> None:
-        """Forget nonces, rate counts and parallel slots that can no longer matter."""
+        """Forget nonces, rate counts, parallel slots and dashboard sessions that can no longer
+        matter."""
 
         async def prune(db: asyncpg.Connection) -> None:
             await prune_nonces(db, now)
             await prune_leases(db, now)
+            await prune_sessions(db, now)
 
         await self.db.atomic(prune)

@@ -8,7 +8,14 @@ import asyncpg
 import msgspec
 
 from node.storage.postgres.connection import Database
-from node.storage.records import AuditEvent, Charge, Hold, UsageGroup, UsageRecord
+from node.storage.records import (
+    AuditEvent,
+    Charge,
+    Hold,
+    SeriesPoint,
+    UsageGroup,
+    UsageRecord,
+)
 from node.storage.rows import json_text
 
 _USAGE_FIELDS = UsageRecord.__struct_fields__
@@ -80,17 +87,41 @@ class PostgresUsage:
         ]
 
     async def usage_report(
-        self, by: Literal["key", "tenant", "model"], since_ms: int
+        self, by: Literal["key", "tenant", "model", "peer"], since_ms: int
     ) -> list[UsageGroup]:
-        column = {"key": "key_id", "tenant": "tenant_id", "model": "model"}[by]
+        if by == "peer":
+            # The requests we routed to a peer are those with a `peer_requests` row.
+            source = "usage u JOIN peer_requests p ON p.request_id = u.request_id"
+            column = "p.peer_id"
+        else:
+            source = "usage u"
+            column = {"key": "u.key_id", "tenant": "u.tenant_id", "model": "u.model"}[by]
         rows = await self._db.fetch(
-            f"SELECT {column}, COUNT(*), SUM((status >= 400)::int), SUM(tokens_in),"
-            f" SUM(tokens_out), SUM(cost_micros), SUM(unbilled_micros), SUM(clamped)"
-            f" FROM usage WHERE ts_ms >= $1 GROUP BY {column}"
-            " ORDER BY SUM(cost_micros) DESC, COUNT(*) DESC",
+            f"SELECT {column}, COUNT(*), SUM((u.status >= 400)::int), SUM(u.tokens_in),"
+            f" SUM(u.tokens_out), SUM(u.cost_micros), SUM(u.unbilled_micros), SUM(u.clamped)"
+            f" FROM {source} WHERE u.ts_ms >= $1 GROUP BY {column}"
+            " ORDER BY SUM(u.cost_micros) DESC, COUNT(*) DESC",
             since_ms,
         )
         return [UsageGroup(row[0], *(int(value) for value in row[1:])) for row in rows]
+
+    async def usage_series(self, since_ms: int, bucket_ms: int) -> list[SeriesPoint]:
+        # Nearest-rank percentiles, as SQLite's: percentile_disc is the smallest latency whose
+        # cumulative share reaches p, the ceil(p * n)-th; no latency leaves the database.
+        rows = await self._db.fetch(
+            "SELECT $1::bigint + slot * $2::bigint, COUNT(*), SUM((status >= 400)::int),"
+            " SUM(tokens_in), SUM(tokens_out), SUM(cost_micros),"
+            " percentile_disc(0.5) WITHIN GROUP (ORDER BY latency_ms),"
+            " percentile_disc(0.95) WITHIN GROUP (ORDER BY latency_ms)"
+            " FROM (SELECT (ts_ms - $1::bigint) / $2::bigint AS slot, status, tokens_in,"
+            " tokens_out, cost_micros, latency_ms FROM usage WHERE ts_ms >= $1::bigint) AS b"
+            " GROUP BY slot ORDER BY slot",
+            since_ms,
+            bucket_ms,
+        )
+        return [
+            SeriesPoint(*(None if value is None else int(value) for value in row)) for row in rows
+        ]
 
 
 async def _settle(db: asyncpg.Connection, holds: list[tuple[int, Hold]]) -> None:

@@ -17,6 +17,7 @@ from node.storage.sqlite.ledger import SqliteLedger
 from node.storage.sqlite.migrations import migrate
 from node.storage.sqlite.peers import SqlitePeers, prune_nonces
 from node.storage.sqlite.responses import SqliteResponses
+from node.storage.sqlite.sessions import SqliteSessions, prune_sessions
 from node.storage.sqlite.spend import SqliteSpend, prune_leases
 from node.storage.sqlite.usage import SqliteUsage
 
@@ -33,6 +34,7 @@ class SqliteStore:
         self.ledger = SqliteLedger(db)
         self.audit = SqliteAudit(db)
         self.responses = SqliteResponses(db)
+        self.sessions = SqliteSessions(db)
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
@@ -63,11 +65,13 @@ class SqliteStore:
         return f"{info.st_dev}:{info.st_ino}"
 
     async def prune(self, now: int) -> None:
-        """Forget nonces, rate counts and parallel slots that can no longer matter."""
+        """Forget nonces, rate counts, parallel slots and sessions that can no longer
+        matter."""
 
         def prune(db: sqlite3.Connection) -> None:
             prune_nonces(db, now)
             prune_leases(db, now)
+            prune_sessions(db, now)
 
         await self.db.atomic(prune)
 
