@@ -26,7 +26,7 @@ from adapters.http import (
     build_request,
     iter_sse,
     join_url,
-    openai_error_message,
+    openai_chunk,
     send,
 )
 from adapters.openai_completions import CompletionStream
@@ -395,15 +395,7 @@ class OpenAIStream:
             if receipt_event is not None and event.event == receipt_event:
                 self.receipt = data
                 continue
-            try:
-                peek = _peek.decode(data)
-            except (msgspec.DecodeError, RecursionError) as exc:
-                raise UpstreamError(
-                    502, f"{self._upstream.provider} upstream sent an invalid chunk: {exc}"
-                ) from exc
-            if peek.error is not None:
-                message, _ = openai_error_message(data)
-                raise UpstreamError(502, f"{self._upstream.provider} upstream failed: {message}")
+            peek = openai_chunk(_peek, data, self._upstream)
             for choice in peek.choices or ():
                 finished = finished or choice.finish_reason is not None
                 if choice.delta is not None and choice.delta.content:
