@@ -27,13 +27,16 @@ from federation.transport import HOP_HEADER
 from node.errors import HubError, client_closed, gateway_failure
 from node.gateway import pipeline
 from node.gateway.auth import Principal
-from node.gateway.pipeline import Admitted, Caller, chat_worst_case
+from node.gateway.pipeline import Admitted, Caller
 from node.hub import hub_of
 from node.peers.auth import check_peer
 
 log = logging.getLogger("aihub.gateway")
 
 JSON = "application/json"
+# On an answer the budget left capped (a request without max_tokens): the output tokens per
+# choice it was allowed (`pipeline.begin_chat`).
+OUTPUT_CAP_HEADER = "aihub-output-capped"
 
 
 class Reply(NamedTuple):
@@ -107,16 +110,9 @@ def caller_of(request: Request, principal: Principal) -> Caller:
 
 async def begin_chat(request: Request, principal: Principal, call: ChatCall) -> Admitted:
     """The pipeline's admission of a chat call, however its surface spelled it (chat
-    completions, Responses, Messages): the same model, kind and worst case for all of them."""
-    chat = call.request
-    return await pipeline.begin(
-        hub_of(request),
-        caller_of(request, principal),
-        chat.model,
-        "chat",
-        call.request_id,
-        lambda plan: chat_worst_case(chat, plan),
-    )
+    completions, Responses, Messages): the same model, kind and worst case for all of them
+    (and the same output cap when the budget left is less than that)."""
+    return await pipeline.begin_chat(hub_of(request), caller_of(request, principal), call)
 
 
 @contextlib.asynccontextmanager
