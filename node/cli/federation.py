@@ -560,8 +560,8 @@ def peers_approve(directory: Path, node: str, models: str, cap: int | None, peri
         fail(f"no pending join request from {node!r} (see `aihub peers pending`)")
     _tell_node(directory)
     console.print(
-        f"Approved {printable(name)}: it becomes a peer when it next asks (within seconds if "
-        "its node is running).",
+        f"Approved {printable(name)}: it becomes a peer when its node next asks (a running "
+        "node asks at each health check: every 30 s by default).",
         markup=False,
         highlight=False,
     )
