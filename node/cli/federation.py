@@ -295,7 +295,7 @@ class PeerView(msgspec.Struct):
 @click.option("--wide", is_flag=True, help="Full node ids in the table (wider than 80 columns)")
 @with_data_dir
 def peers_list(directory: Path, show_all: bool, as_json: bool, fmt: str, wide: bool) -> None:
-    """Each peer: status, health and latency, its models, what it spent here."""
+    """Each peer: status, health and latency, the models it lets us use, what it spent here."""
     currency = currency_of(directory)
     now = int(time.time())
     rows = asyncio.run(_with_store(directory, lambda s: _peer_views(s, show_all, currency, now)))
@@ -308,7 +308,7 @@ def peers_list(directory: Path, show_all: bool, as_json: bool, fmt: str, wide: b
     table.add_column("node id", no_wrap=not wide, overflow="fold")
     table.add_column("status", no_wrap=True)
     table.add_column("health", no_wrap=True)
-    table.add_column("their models", overflow="fold")
+    table.add_column("models", overflow="fold")  # what it lets us use
     table.add_column("spent here", overflow="fold")
     for row in rows:
         table.add_row(
@@ -369,6 +369,8 @@ async def _peer_views(store: Store, show_all: bool, currency: str, now: int) -> 
     for record in await store.peers.peers(include_revoked=show_all):
         healthy, latency, checked = health.get(record.node_id, (None, None, None))
         cut = record.status != "active"
+        # A peer that lets us use none of its models (it only uses ours) is never checked.
+        words = "uses ours only" if record.key_from_them is None else None
         views.append(
             PeerView(
                 record.name,
@@ -379,7 +381,7 @@ async def _peer_views(store: Store, show_all: bool, currency: str, now: int) -> 
                 advertised_models(record),
                 await _spent_here(store, record, currency),
                 checked,
-                "-" if cut else health_words(healthy, latency, checked, now),
+                "-" if cut else words or health_words(healthy, latency, checked, now),
             )
         )
     return views
