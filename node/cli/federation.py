@@ -34,7 +34,7 @@ from node.cli.options import (
     money_option,
     with_data_dir,
 )
-from node.cli.output import console, echo_json, fail, shown, warn
+from node.cli.output import console, echo_json, fail, short_id, shown, warn
 from node.config import DATABASE_FILE, IDENTITY_FILE, Config
 from node.gateway.auth import touch_epoch
 from node.gateway.policy import PERIODS, Limits, model_allowed, period_start
@@ -324,12 +324,6 @@ def peers_list(directory: Path, show_all: bool, as_json: bool, fmt: str, wide: b
 
 # A status as the table says it (JSON keeps the stored word).
 STATUS_WORDS = {"revoked_by_peer": "revoked us", "requested": "asked to join"}
-
-
-def short_id(node_id: str) -> str:
-    """A node id cut to what tells peers apart in a table (`--wide` or JSON: in full)."""
-    prefix, _, key = node_id.partition(":")
-    return f"{prefix}:{key[:8]}…" if len(key) > 8 else node_id
 
 
 def health_words(healthy: bool | None, latency: int | None, checked: int | None, now: int) -> str:
