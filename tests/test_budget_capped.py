@@ -7,17 +7,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import msgspec
 import openai
 import pytest
 
+from node.config import DATABASE_FILE
 from node.gateway.pipeline import LEAST_OUTPUT_TOKENS
+from node.storage import open_store
 from tests.conftest import NodeDir, RunningNode, concurrent_client, run_node
 from tests.mocks.openai_mock import OpenAIMock
 from tests.mocks.server import serve_app
 from tests.test_budgets import make_key, spend_of
+from tests.test_federation import HI as FEDERATION_HI
+from tests.test_federation import LLAMA, cli, invite, make_peer, model_owners, wait_for
+from tests.test_federation import sdk as federation_sdk
 
 HI = [{"role": "user", "content": "hi there"}]
 CAP = 1000  # micro-units; each deployment below costs 1 per token, in and out
@@ -205,3 +211,41 @@ def test_concurrent_requests_without_max_tokens_never_pass_the_cap(node_dir):
     spent, reserved = spend_of(node_dir.path, f"key:{key_id}")
     assert spent == charged <= CAP and reserved == 0
     assert sum(rounds) >= 5  # the budget was used, several answers' worth
+
+
+def test_a_peers_cap_with_less_left_than_the_worst_case_serves_its_requests_capped(tmp_path):
+    """Bob's client sets no max_tokens; bob's node sends alice its own bound (4,096) marked
+    as one she may lower: alice serves it capped at what her cap for bob has left, instead of
+    refusing while the cap still has room, and refuses only once not even the floor fits."""
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    with alice.run(), bob.run() as b:
+        # $0.001 at 1 micro-unit a token: a quarter of the 4,096-token worst case.
+        cli("join", invite(alice, "--cap", "0.001"), "--data-dir", str(bob.path))
+        assert wait_for(lambda: "llama3" in model_owners(b))
+        client = federation_sdk(b)
+        served = 0
+        with pytest.raises(openai.RateLimitError) as refused:
+            for _ in range(200):
+                reply = client.chat.completions.create(model="llama3", messages=FEDERATION_HI)
+                assert reply.choices[0].message.content
+                served += 1
+        assert served > 10  # refused only when the cap was used up, not at the first request
+        body = refused.value.body
+        assert isinstance(body, dict) and body["code"] == "peer_cap_exceeded"
+        assert "alice" in body["message"]
+        bob_key = next(k for k in keys_of(alice.path) if k.peer_id is not None)
+    spent, reserved = spend_of(alice.path, f"key:{bob_key.id}")
+    assert 0 < spent <= 1000 and reserved == 0
+    assert 1000 - spent < LEAST_OUTPUT_TOKENS + 20  # the cap was used, not refused with room
+
+
+def keys_of(path: Path) -> list:
+    async def read() -> list:
+        store = await open_store(path / DATABASE_FILE)
+        try:
+            return await store.keys.keys()
+        finally:
+            await store.close()
+
+    return asyncio.run(read())

@@ -72,6 +72,9 @@ class Caller(msgspec.Struct, frozen=True):
     local_only: bool
     # The id a peer names its request by (its receipt is named by it), as sent: unchecked.
     peer_request_id: str = ""
+    # A peer's chat call whose `max_tokens` is the peer's own bound, not its client's: it
+    # may be served capped lower, like a request without max_tokens (`begin_chat`).
+    output_elastic: bool = False
 
 
 class Facts(msgspec.Struct):
@@ -200,11 +203,14 @@ LEAST_OUTPUT_TOKENS = 64
 
 async def begin_chat(hub: Hub, caller: Caller, call: ChatCall) -> Admitted:
     """`begin` for a chat call, whichever surface spelled it. A call without an output limit
-    that was admitted capped (less budget left than its worst case) gets that cap as its
+    (or a peer's whose limit is the peer's own bound: `Caller.output_elastic`) that was
+    admitted capped (less budget left than its worst case) gets that cap as its
     `max_tokens`, so that every adapter tells its upstream to write no more than was
     reserved; the raw fields lose any null limit the client sent, for the same reason."""
     chat = call.request
-    elastic = None if chat.output_limit else Elastic(LEAST_OUTPUT_TOKENS, chat.n or 1)
+    elastic = None
+    if not chat.output_limit or caller.output_elastic:
+        elastic = Elastic(LEAST_OUTPUT_TOKENS, chat.n or 1)
     admitted = await begin(
         hub,
         caller,

@@ -23,7 +23,7 @@ from litestar.types import ExceptionHandlersMap, HTTPResponseStartEvent, Receive
 
 from adapters.types import ChatCall
 from federation.httpsig import REQUEST_ID_HEADER
-from federation.transport import HOP_HEADER
+from federation.transport import HOP_HEADER, OUTPUT_ELASTIC_HEADER
 from node.errors import HubError, client_closed, gateway_failure
 from node.gateway import pipeline
 from node.gateway.auth import Principal
@@ -105,7 +105,12 @@ def local_only(request: Request, principal: Principal) -> bool:
 def caller_of(request: Request, principal: Principal) -> Caller:
     """The pipeline's caller, once its key and (for a peer) its signature checked out."""
     peer_request_id = request.headers.get(REQUEST_ID_HEADER, "")
-    return Caller(principal, client_ip(request), local_only(request, principal), peer_request_id)
+    elastic = principal.key.peer_id is not None and (
+        request.headers.get(OUTPUT_ELASTIC_HEADER) == "1"
+    )
+    return Caller(
+        principal, client_ip(request), local_only(request, principal), peer_request_id, elastic
+    )
 
 
 async def begin_chat(request: Request, principal: Principal, call: ChatCall) -> Admitted:
