@@ -193,9 +193,14 @@ class OpenAIAdapter:
         the budget reserved at most that many output tokens, so the provider must not be let
         write more. A field the client sent is lowered as it is; with none, OpenAI's own API
         and Azure get `max_completion_tokens` (reasoning models refuse `max_tokens`), other
-        OpenAI-compatible servers the `max_tokens` they all read."""
+        OpenAI-compatible servers the `max_tokens` they all read. A limit the gateway set
+        (the budget left capped the call) is in `call.request` but not in the client's raw
+        fields: it is sent the same way."""
         cap = self.upstream.max_output_tokens
         request = call.request
+        if "max_tokens" not in call.raw and "max_completion_tokens" not in call.raw:
+            limit = min(request.output_limit or cap, cap)
+            return {self._output_field(): Raw(str(limit).encode())}
         if request.max_tokens is None and request.max_completion_tokens is None:
             return {self._output_field(): Raw(str(cap).encode())}
         overrides = {}

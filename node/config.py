@@ -149,9 +149,10 @@ class Deployment(Struct, forbid_unknown_fields=True):
     context: Annotated[int, Meta(ge=1)] | None = None
     max_output_tokens: Annotated[int, Meta(ge=1)] = 4096
     # What a request that sets no max_tokens reserves of every budget for its output (unset:
-    # max_output_tokens). Lower, fewer requests are refused while budget is left; an answer
-    # longer than this is charged only up to what was reserved (the rest is recorded as
-    # unbilled), so a budget still never passes its cap.
+    # max_output_tokens; less, down to a floor, with the upstream's output capped to match,
+    # when a budget has less left: `pipeline.begin_chat`). An answer longer than this is
+    # charged only up to what was reserved (the rest is recorded as unbilled), so a budget
+    # still never passes its cap.
     reserve_output_tokens: Annotated[int, Meta(ge=1)] | None = None
     connect_timeout: Seconds | None = None
     read_timeout: Seconds | None = None

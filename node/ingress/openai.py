@@ -62,6 +62,7 @@ from node.gateway.policy import worst_case_embedding_tokens
 from node.hub import Hub, hub_of
 from node.ingress.asgi import (
     JSON,
+    OUTPUT_CAP_HEADER,
     Reply,
     StreamReply,
     authenticate,
@@ -166,6 +167,8 @@ def response_headers(facts: Facts) -> dict[str, str]:
         headers[RECEIPT_HEADER] = b64url(facts.receipt)
     if facts.served_by is not None:
         headers[SERVED_BY_HEADER] = served_by_value(facts.served_by)
+    if facts.output_cap is not None:
+        headers[OUTPUT_CAP_HEADER] = str(facts.output_cap)
     return headers
 
 
