@@ -6,7 +6,7 @@ AIHUB_HOME ?= $(HOME)/.aihub
 export AIHUB_HOME
 
 .PHONY: setup check-lock run test lint format bench network network-down clean agents lock \
-	lock-upgrade
+	lock-upgrade postgres browser
 
 # Every dependency, runtime and dev, is installed from requirements/: exact versions with their
 # hashes (pip --require-hashes), resolved by `make lock` from pyproject.toml. A lock older than
@@ -65,8 +65,26 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint
+test: lint postgres browser
 	$(BIN)/pytest
+
+# PostgreSQL's server binaries, which the storage and multi-process tests start on loopback
+# (tests/postgres.py): Debian's `postgresql` package, installed only when they are missing.
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		echo "installing PostgreSQL (apt-get install postgresql)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends postgresql >/dev/null; }
+
+# Debian's Chromium, which the dashboard's browser tests drive (tests/test_dashboard_browser.py):
+# installed when missing (root only: apt-get), quietly.
+CHROMIUM ?= /usr/bin/chromium
+
+browser:
+	@test -x $(CHROMIUM) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq >/dev/null \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| { test -x $(CHROMIUM) || echo "chromium not found: apt-get install chromium (the browser tests need it)"; }
 
 # Coding agents for tests/test_coding_agents.py (Codex CLI, Claude Code), pinned, from npm,
 # into .cache/agents (not global). Needs npm; the tests skip with that reason without it.
@@ -82,9 +100,10 @@ $(AGENTS_DIR)/.installed: Makefile
 	touch $@
 
 # Benchmarks: not part of `make test` (nor CI). BENCH_ARGS=--quick for a run under a minute.
-bench: setup
+bench: setup postgres
 	@command -v wrk >/dev/null || echo "wrk not found (apt-get install wrk): using the Python load generator"
 	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.postgres  # the PostgreSQL arm (bench/README.md)
 
 # Three nodes on loopback, joined together; a request routed to a peer, its receipt, balances.
 # `make network PORT=9801`: alice on 9801, bob and carol on the next two.

@@ -7,55 +7,29 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import msgspec
-from litestar import Litestar, Request, Response, get
-from litestar.openapi import OpenAPIConfig
+from litestar import Litestar
 from litestar.types import Message, Scope
 
 from federation.httpsig import REQUEST_ID_HEADER
 from federation.ids import new_request_id
-from node import __version__
 from node.admin.ledger import LEDGER_ROUTES
+from node.admin.peers import PEER_ROUTES
 from node.admin.routes import ADMIN_ROUTES
+from node.admin.stats import STATS_ROUTES
 from node.config import data_dir, load_config
-from node.hub import Hub, hub_of
+from node.hub import Hub
 from node.ingress import anthropic
-from node.ingress.asgi import JSON
 from node.ingress.errors import EXCEPTION_HANDLERS
 from node.ingress.moderations import ROUTES as MODERATION_ROUTES
 from node.ingress.openai import ROUTES, document
 from node.ingress.openai_more import ROUTES as OPENAI_MORE_ROUTES
 from node.ingress.responses import ROUTES as RESPONSES_ROUTES
+from node.observe.access import AccessLog
+from node.observe.health import HEALTH_ROUTES
+from node.observe.openapi import ASSETS_ROUTER, document_api, openapi_config
 from node.peers.routes import FEDERATION_ROUTES
-
-
-class Health(msgspec.Struct):
-    status: str
-    node: str | None = None
-    version: str = __version__
-
-
-@get("/health/live")
-async def live() -> Response[bytes]:
-    return Response(msgspec.json.encode(Health("ok")), media_type=JSON)
-
-
-@get("/health/ready")
-async def ready(request: Request) -> Response[bytes]:
-    hub = hub_of(request)
-    try:
-        ok = await hub.store.ping()
-    except Exception:
-        ok = False
-    health = Health("ready" if ok else "unavailable", hub.config.node.name)
-    return Response(msgspec.json.encode(health), media_type=JSON, status_code=200 if ok else 503)
-
-
-@get("/metrics")
-async def metrics(request: Request) -> Response[bytes]:
-    body = hub_of(request).metrics.render()
-    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
-
+from node.ui.routes import UI_ROUTES
+from node.ui.security import ui_security_headers
 
 _REQUEST_ID = REQUEST_ID_HEADER.encode()
 
@@ -94,18 +68,25 @@ def create_app(directory: Path | None = None) -> Litestar:
             *ADMIN_ROUTES,
             *LEDGER_ROUTES,
             *FEDERATION_ROUTES,
-            live,
-            ready,
-            metrics,
+            # The dashboard (issue 16): its pages, and the admin endpoints it reads; health,
+            # metrics and the API docs' assets.
+            *PEER_ROUTES,
+            *STATS_ROUTES,
+            *UI_ROUTES,
+            *HEALTH_ROUTES,
+            ASSETS_ROUTER,
         ],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-        before_send=[stamp_request_id],
+        before_send=[stamp_request_id, ui_security_headers],
         request_max_body_size=config.server.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="aihub", version=__version__, path="/schema"),
+        openapi_config=openapi_config(),
         debug=False,
         logging_config=None,  # logging is the server's and the CLI's to configure
     )
     document(app.openapi_schema)
     anthropic.document(app.openapi_schema)
+    document_api(app.openapi_schema)
+    # Outermost, so that it sees every answer (404s and errors too) with its request id.
+    app.asgi_handler = AccessLog(app.asgi_handler)
     return app

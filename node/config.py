@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta, Struct
@@ -267,9 +268,10 @@ class Deployment(Struct, forbid_unknown_fields=True):
     context: Annotated[int, Meta(ge=1)] | None = None
     max_output_tokens: Annotated[int, Meta(ge=1)] = 4096
     # What a request that sets no max_tokens reserves of every budget for its output (unset:
-    # max_output_tokens). Lower, fewer requests are refused while budget is left; an answer
-    # longer than this is charged only up to what was reserved (the rest is recorded as
-    # unbilled), so a budget still never passes its cap.
+    # max_output_tokens; less, down to a floor, with the upstream's output capped to match,
+    # when a budget has less left: `pipeline.begin_chat`). An answer longer than this is
+    # charged only up to what was reserved (the rest is recorded as unbilled), so a budget
+    # still never passes its cap.
     reserve_output_tokens: Annotated[int, Meta(ge=1)] | None = None
     connect_timeout: Seconds | None = None
     read_timeout: Seconds | None = None
@@ -328,6 +330,32 @@ class Deployment(Struct, forbid_unknown_fields=True):
         )
 
 
+class StorageSection(Struct, forbid_unknown_fields=True):
+    # Where the node keeps its state: empty for the SQLite file in the data folder (nothing
+    # to run), or `postgresql://user@host:port/database` for a node on several processes or
+    # hosts sharing one database. The password is never in this file: `password_env` names
+    # the environment variable that holds it.
+    url: Annotated[str, Meta(max_length=2048)] = ""
+    password_env: Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    # Connections each process keeps open to PostgreSQL (at most).
+    pool_size: Annotated[int, Meta(ge=1, le=1000)] = 10
+
+
+class LogSection(Struct, forbid_unknown_fields=True):
+    # What `aihub serve` writes to stderr: this level and up (`--log-level` overrides it), as
+    # text or as JSON lines, with an access-log line per request (`node.observe.access`).
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    json: bool = False
+    access: bool = True
+
+
+class TracingSection(Struct, forbid_unknown_fields=True):
+    # Where OTLP/HTTP traces go (e.g. "http://127.0.0.1:4318/v1/traces"); empty: no tracing,
+    # and nothing of OpenTelemetry is loaded (`pip install 'aihub[otel]'` to use it).
+    otlp_endpoint: Annotated[str, Meta(pattern=r"^(https?://.+)?$")] = ""
+    service_name: Annotated[str, Meta(min_length=1, max_length=64)] = "aihub"
+
+
 class Config(Struct, forbid_unknown_fields=True):
     node: NodeSection
     server: ServerSection = msgspec.field(default_factory=ServerSection)
@@ -335,8 +363,11 @@ class Config(Struct, forbid_unknown_fields=True):
     router: RouterSection = msgspec.field(default_factory=RouterSection)
     alerts: AlertsSection = msgspec.field(default_factory=AlertsSection)
     federation: FederationSection = msgspec.field(default_factory=FederationSection)
+    log: LogSection = msgspec.field(default_factory=LogSection)
+    tracing: TracingSection = msgspec.field(default_factory=TracingSection)
     guardrails: GuardrailsSection = msgspec.field(default_factory=GuardrailsSection)
     models: list[Deployment] = []
+    storage: StorageSection = msgspec.field(default_factory=StorageSection)
 
     def public_urls(self) -> list[str]:
         if self.federation.public_urls:
@@ -365,7 +396,7 @@ def parse_config(text: bytes, source: str = CONFIG_FILE) -> Config:
         raise ConfigError(f"{source}: {describe(exc, text.decode(), Config)}") from exc
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
-    problems = semantic_problems(config)
+    problems = semantic_problems(config) + storage_problems(config.storage)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     return config
@@ -460,7 +491,71 @@ def missing_secrets(config: Config, env: dict[str, str]) -> list[str]:
         if d.credentials_file and not Path(d.credentials_file).expanduser().is_file()
     ]
     # --- end gemini / vertex
+    password_env = config.storage.password_env
+    if password_env and not env.get(password_env):
+        missing.append(f"storage.password_env: environment variable {password_env} is not set")
     return missing
+
+
+def storage_problems(storage: StorageSection) -> list[str]:
+    """What is wrong with `[storage]`: a URL of a kind the node cannot open, or one that
+    holds a password (a URL is shown in logs and process lists: the password comes from
+    `password_env`)."""
+    if not storage.url:
+        if storage.password_env:
+            return ["storage.password_env: only for a postgresql:// url"]
+        return []
+    scheme = storage.url.partition(":")[0]
+    if scheme not in ("postgresql", "postgres", "sqlite"):
+        return [f"storage.url: {scheme!r} is not postgresql:// or sqlite:"]
+    if scheme == "sqlite":
+        return []
+    try:
+        parts = urlsplit(storage.url)
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError as exc:
+        return [f"storage.url: not a PostgreSQL URL ({exc})"]
+    problems = []
+    if parts.password is not None:
+        problems.append(
+            "storage.url: holds a password; remove it, and name the environment variable"
+            " that holds it in storage.password_env"
+        )
+    if not parts.hostname:
+        problems.append("storage.url: names no host")
+    if not parts.path.strip("/"):
+        problems.append("storage.url: names no database")
+    return problems
+
+
+class StoreTarget(NamedTuple):
+    """Where a node's store is and how to open it (`node.storage.opened(**target._asdict())`)."""
+
+    url: str | Path
+    password: str | None
+    pool_size: int
+
+
+def store_target(directory: Path, config: Config | None = None) -> StoreTarget:
+    """The store of the node in `directory`, as its config names it: the SQLite file in the
+    folder unless `[storage] url` says otherwise (a node without a config yet, mid-`aihub
+    init`, has the file). ConfigError when a PostgreSQL password is named but not set."""
+    if config is None and (directory / CONFIG_FILE).exists():
+        config = load_config(directory)
+    storage = config.storage if config is not None else StorageSection()
+    if not storage.url:
+        return StoreTarget(directory / DATABASE_FILE, None, storage.pool_size)
+    password = None
+    if storage.password_env:
+        password = os.environ.get(storage.password_env)
+        if not password:
+            raise ConfigError(
+                f"storage.password_env: environment variable {storage.password_env} is not set"
+            )
+    url: str | Path = storage.url
+    if storage.url.startswith("sqlite:") and not storage.url.startswith("sqlite:///"):
+        url = directory / storage.url.removeprefix("sqlite:")  # relative to the data folder
+    return StoreTarget(url, password, storage.pool_size)
 
 
 def load_config(directory: Path) -> Config:
@@ -483,6 +578,12 @@ CONFIG_TEMPLATE = """\
 [node]
 name = {name}
 currency = "USD"
+
+[storage]
+url = ""                            # empty: aihub.db in this folder; or for several processes
+                                    # or hosts, "postgresql://aihub@db.internal:5432/aihub"
+# password_env = "AIHUB_DB_PASSWORD"  # the environment variable holding its password
+pool_size = 10                      # PostgreSQL connections per process, at most
 
 [server]
 host = "127.0.0.1"
@@ -530,6 +631,15 @@ mdns_interface = ""                 # an interface's IPv4 address; empty: all
 advert_ttl = 3600                   # seconds a model advert stays valid
 health_interval = 30                # seconds between peer health checks (and advert fetches)
 reconcile_interval = 3600           # seconds between reconciliations of the ledger with peers
+
+[log]
+level = "info"                      # debug | info | warning | error (`aihub serve --log-level`)
+json = false                        # true: one JSON object per line
+access = true                       # a line per request: method, path, status, latency, key, model
+
+[tracing]
+otlp_endpoint = ""                  # OTLP/HTTP, e.g. "http://127.0.0.1:4318/v1/traces"; empty: off
+service_name = "aihub"
 
 # Each [[models]] entry is one deployment. Several may share a `name`: the router picks
 # among them by strategy and falls back in order.

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +20,7 @@ from adapters import build_adapter
 from adapters.http import UpstreamClient
 from federation.identity import NodeIdentity
 from federation.nonces import NonceCache
-from node.config import DATABASE_FILE, IDENTITY_FILE, Config, missing_secrets
+from node.config import IDENTITY_FILE, Config, missing_secrets, store_target
 from node.gateway.alerts import BudgetAlerts
 from node.gateway.auth import KeyCache
 from node.gateway.budgets import Budgets
@@ -28,12 +31,14 @@ from node.gateway.metrics import Metrics
 from node.gateway.ratelimit import RateLimiter
 from node.gateway.router import Route, Router
 from node.gateway.usage import UsageRecorder
+from node.observe.tracing import Tracing, start_tracing
 from node.peers import books
 from node.peers.peering import Peering
 from node.peers.receipts import Receipts
 from node.peers.resync import ChainResync
 from node.storage import open_store
 from node.storage.base import Store
+from node.storage.records import StoreUnavailable
 
 if TYPE_CHECKING:  # the hub is reached from a request; it needs no web framework to run
     from litestar import Request
@@ -44,6 +49,8 @@ log = logging.getLogger("aihub")
 COUNTERSIGN_INTERVAL = 2
 # Expired nonces and old rate counts are deleted this often (seconds).
 PRUNE_INTERVAL = 30
+# Each process renews its budget holds this often (they expire after HOLD_TTL, 15 s).
+HOLD_RENEW_INTERVAL = 5
 
 
 def http_client(config: Config) -> httpx.AsyncClient:
@@ -89,6 +96,8 @@ class Hub:
     scheduler: AsyncIOScheduler
     started_at: int
     guardrails: Guardrails
+    # Traces over OTLP, when `[tracing] otlp_endpoint` is set; None costs nothing.
+    tracing: Tracing | None = None
 
     @classmethod
     async def start(cls, data_dir: Path, config: Config) -> Hub:
@@ -96,7 +105,7 @@ class Hub:
         for problem in missing_secrets(config, env):
             log.warning("%s: its requests will fail until it is set", problem)
         identity = NodeIdentity.load(data_dir / IDENTITY_FILE)
-        store = await open_store(data_dir / DATABASE_FILE)
+        store = await open_store(**store_target(data_dir, config)._asdict())
         usage = UsageRecorder(store, Journal(data_dir / JOURNAL_DIR))
         keys = KeyCache(identity.derive_secret(HASH_PURPOSE), store, data_dir, usage.audit)
         budgets = Budgets(store, config.node.currency)
@@ -112,13 +121,24 @@ class Hub:
             config, identity, store, client, upstreams, router, data_dir, keys.mark_stale
         )
         await peering.start()
+        # Keys and peers changed by another process on another host (PostgreSQL): the file
+        # epochs above only tell the processes that share this data folder.
+        await store.watch(lambda changed: _stale(changed, keys, peering))
         receipts = Receipts(identity, store, client, peering)
         limiter = RateLimiter(store)
         scheduler = _schedule(peering, receipts, config)
         resync = ChainResync(store, identity, client, peering)
-        await resync.load(data_dir / DATABASE_FILE)
+        await resync.load()
         scheduler.add_job(resync.all, id="ledger.resync")  # at start, off the request path
         _schedule_limits(scheduler, store, limiter)
+        scheduler.add_job(
+            _while_store_answers(budgets.renew),
+            "interval",
+            seconds=HOLD_RENEW_INTERVAL,
+            max_instances=1,
+            coalesce=True,
+            id="budgets.renew",
+        )
         metrics = Metrics()
         return cls(
             config=config,
@@ -141,6 +161,7 @@ class Hub:
             scheduler=scheduler,
             started_at=int(time.time()),
             guardrails=Guardrails(config.guardrails, metrics.registry, usage.audit, client),
+            tracing=start_tracing(config, identity.node_id),
         )
 
     async def stop(self) -> None:
@@ -153,6 +174,8 @@ class Hub:
         await self.client.aclose()
         await self.upstreams.aclose()
         await self.store.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # what is batched is sent
 
 
 def _schedule(peering: Peering, receipts: Receipts, config: Config) -> AsyncIOScheduler:
@@ -161,7 +184,7 @@ def _schedule(peering: Peering, receipts: Receipts, config: Config) -> AsyncIOSc
     scheduler = AsyncIOScheduler()
     federation = config.federation
     scheduler.add_job(
-        peering.refresh_all,
+        _while_store_answers(peering.refresh_all),
         "interval",
         seconds=federation.health_interval,
         max_instances=1,
@@ -169,7 +192,7 @@ def _schedule(peering: Peering, receipts: Receipts, config: Config) -> AsyncIOSc
         id="peers.refresh",
     )
     scheduler.add_job(
-        peering.reload_if_stale,
+        _while_store_answers(peering.reload_if_stale),
         "interval",
         seconds=1,
         max_instances=1,
@@ -177,7 +200,7 @@ def _schedule(peering: Peering, receipts: Receipts, config: Config) -> AsyncIOSc
         id="peers.reload",
     )
     scheduler.add_job(
-        receipts.send_countersignatures,
+        _while_store_answers(receipts.send_countersignatures),
         "interval",
         seconds=COUNTERSIGN_INTERVAL,
         max_instances=1,
@@ -185,7 +208,7 @@ def _schedule(peering: Peering, receipts: Receipts, config: Config) -> AsyncIOSc
         id="ledger.countersign",
     )
     scheduler.add_job(
-        _reconcile,
+        _while_store_answers(_reconcile),
         "interval",
         args=(receipts, peering),
         seconds=federation.reconcile_interval,
@@ -204,7 +227,7 @@ def _schedule_limits(scheduler: AsyncIOScheduler, store: Store, limiter: RateLim
     back, tokens counted, slots renewed), and the store's nonce and rate records of the past
     forgotten, off the request path."""
     scheduler.add_job(
-        limiter.sync,
+        _while_store_answers(limiter.sync),
         "interval",
         seconds=1,
         max_instances=1,
@@ -212,7 +235,7 @@ def _schedule_limits(scheduler: AsyncIOScheduler, store: Store, limiter: RateLim
         id="limits.sync",
     )
     scheduler.add_job(
-        _prune,
+        _while_store_answers(_prune),
         "interval",
         args=(store,),
         seconds=PRUNE_INTERVAL,
@@ -220,6 +243,28 @@ def _schedule_limits(scheduler: AsyncIOScheduler, store: Store, limiter: RateLim
         coalesce=True,
         id="store.prune",
     )
+
+
+def _while_store_answers(job: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """A scheduled job that skips its turn while the database cannot be reached (it runs
+    again on its schedule), with a warning instead of a traceback each time."""
+
+    @functools.wraps(job)
+    async def run(*args: object) -> None:
+        try:
+            await job(*args)
+        except StoreUnavailable as exc:
+            log.warning("%s skipped: %s", getattr(job, "__qualname__", job), exc)
+
+    return run
+
+
+def _stale(changed: str, keys: KeyCache, peering: Peering) -> None:
+    """Another process changed keys (or tenants), or peers: reload them."""
+    if changed == "keys":
+        keys.mark_stale()
+    elif changed == "peers":
+        peering.mark_stale()
 
 
 async def _prune(store: Store) -> None:

@@ -18,6 +18,10 @@ from node.config import CONFIG_FILE
 from node.provision import create_node
 from tests.mocks.server import serve_app
 
+# PostgreSQL for the storage tests and the multi-process tests: `postgres`, `postgres_url`,
+# `store_url` (each backend in turn).
+pytest_plugins = ["tests.postgres"]
+
 
 @dataclass
 class NodeDir:

@@ -284,11 +284,11 @@ def test_receipts_taken_before_the_rule_keep_a_record_of_their_request(tmp_path:
     held from the peer its usage record names, and of no other."""
     import sqlite3
 
-    from node.storage.sqlite.migrations import MIGRATIONS
+    from node.storage.migrations import MIGRATIONS
 
     db = sqlite3.connect(tmp_path / "db", isolation_level=None)
-    for number, script in enumerate(MIGRATIONS[:4], start=1):
-        db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+    for number, migration in enumerate(MIGRATIONS[:4], start=1):
+        db.executescript(f"BEGIN; {migration.sqlite}; PRAGMA user_version = {number}; COMMIT;")
     db.execute(
         "INSERT INTO peers (node_id, name, descriptor, status, created_at) VALUES (?,?,?,?,?)",
         (PROVIDER.id, "alice", "{}", "active", 1),

@@ -1,6 +1,7 @@
-"""The store's write paths that the request path takes: a peer's receipt written at once on the
-event loop's thread when the database is free, queued to the store's thread when another
-writer holds it, and never a gap or a duplicate in a chain either way."""
+"""The store's write paths that the request path takes, on each backend: a peer's receipt
+written with its usage, never a gap or a duplicate in a chain however many processes write;
+on SQLite, at once on the event loop's thread when the database is free, queued to the store's
+thread when another writer holds it."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ledger.canonical import b64url
-from node.storage import open_store
+from node.storage import open_store, sqlite_path
 from node.storage.base import Store
 from node.storage.records import Charge, Hold, ReceiptMaker, StoredReceipt, UsageRecord
+from tests.postgres import PostgresServer, open_test_store
 
 PAIR = ("provider-node", "consumer-node")
 
@@ -76,9 +79,9 @@ async def usage_ids(store: Store) -> set[str]:
     return {row.request_id for row in await store.usage.usage_since(0)}
 
 
-def test_receipt_usage_and_spend_are_written_together(tmp_path: Path) -> None:
+def test_receipt_usage_and_spend_are_written_together(store_url: str) -> None:
     async def run() -> None:
-        store = await open_store(tmp_path / "db")
+        store = await open_test_store(store_url)
         try:
             for n in range(3):
                 await store.ledger.settle_with_receipt(charge(f"r{n}"), PAIR, maker(f"r{n}"))
@@ -117,9 +120,9 @@ def test_a_busy_database_queues_the_receipt_instead_of_failing(tmp_path: Path) -
     asyncio.run(run())
 
 
-def test_a_failing_receipt_leaves_nothing_behind(tmp_path: Path) -> None:
+def test_a_failing_receipt_leaves_nothing_behind(store_url: str) -> None:
     async def run() -> None:
-        store = await open_store(tmp_path / "db")
+        store = await open_test_store(store_url)
         try:
 
             def broken(seq: int, prev: str | None) -> StoredReceipt:
@@ -143,19 +146,39 @@ def test_a_failing_receipt_leaves_nothing_behind(tmp_path: Path) -> None:
 
 @settings(max_examples=15, deadline=None)
 @given(per_worker=st.lists(st.integers(1, 15), min_size=2, max_size=3))
-def test_several_workers_never_fork_a_chain(tmp_path_factory, per_worker: list[int]) -> None:
+def test_several_workers_never_fork_a_chain_on_sqlite(
+    tmp_path_factory, per_worker: list[int]
+) -> None:
     """Workers (a thread, a loop and a store each, as worker processes have) issuing receipts
     for one pair at once: one chain, every seq once, every link right, every usage kept."""
-    path = tmp_path_factory.mktemp("workers") / "db"
+    workers_never_fork_a_chain(str(tmp_path_factory.mktemp("workers") / "db"), per_worker)
 
+
+@settings(max_examples=5, deadline=None)
+@given(per_worker=st.lists(st.integers(1, 15), min_size=2, max_size=3))
+def test_several_workers_never_fork_a_chain_on_postgres(
+    postgres: PostgresServer, per_worker: list[int]
+) -> None:
+    """The same on PostgreSQL: each worker a pool of its own, the chain head locked in the
+    database."""
+    name = postgres.create_database()
+    try:
+        workers_never_fork_a_chain(postgres.url(name), per_worker, postgres.password)
+    finally:
+        postgres.drop_database(name)
+
+
+def workers_never_fork_a_chain(
+    url: str, per_worker: list[int], password: str | None = None
+) -> None:
     async def migrate() -> None:
-        await (await open_store(path)).close()
+        await (await open_store(url, password=password)).close()
 
     asyncio.run(migrate())  # once, before the workers start
     ids = [[f"w{w}-{n}" for n in range(count)] for w, count in enumerate(per_worker)]
 
     async def worker(mine: list[str]) -> None:
-        store = await open_store(path)
+        store = await open_store(url, password=password)
         try:
             await asyncio.gather(
                 *(store.ledger.settle_with_receipt(charge(r), PAIR, maker(r)) for r in mine)
@@ -170,7 +193,7 @@ def test_several_workers_never_fork_a_chain(tmp_path_factory, per_worker: list[i
         thread.join(60)
 
     async def check() -> None:
-        store = await open_store(path)
+        store = await open_store(url, password=password)
         try:
             receipts = await chain(store)
             assert len(receipts) == sum(per_worker)
@@ -183,18 +206,29 @@ def test_several_workers_never_fork_a_chain(tmp_path_factory, per_worker: list[i
 
 
 def test_a_provider_links_to_the_hash_of_what_it_signed_not_a_stored_column(
-    tmp_path: Path,
+    store_url: str, request: pytest.FixtureRequest
 ) -> None:
     """A damaged `hash` column (a bad restore, a hand edit) must not break the chain: the next
     receipt's `prev` is recomputed from the last receipt's body."""
 
-    async def run() -> None:
-        store = await open_store(tmp_path / "db")
-        try:
-            await store.ledger.settle_with_receipt(charge("r0"), PAIR, maker("r0"))
-            with sqlite3.connect(tmp_path / "db") as db:
+    def damage() -> None:
+        if store_url.startswith("sqlite"):
+            with sqlite3.connect(sqlite_path(store_url)) as db:
                 db.execute("DROP TRIGGER receipts_no_rewrite")
                 db.execute("UPDATE receipts SET hash = 'damaged' WHERE seq = 1")
+        else:
+            server: PostgresServer = request.getfixturevalue("postgres")
+            server.psql(
+                "ALTER TABLE receipts DISABLE TRIGGER receipts_append_only;"
+                " UPDATE receipts SET hash = 'damaged' WHERE seq = 1",
+                store_url.rpartition("/")[2],
+            )
+
+    async def run() -> None:
+        store = await open_test_store(store_url)
+        try:
+            await store.ledger.settle_with_receipt(charge("r0"), PAIR, maker("r0"))
+            damage()
             await store.ledger.settle_with_receipt(charge("r1"), PAIR, maker("r1"))
             assert_linked(await chain(store))
         finally:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 from pathlib import Path
 
 import pytest
 
 from node.storage import SCHEMES, base, open_store, opened, sqlite_path
+from tests.postgres import PASSWORD_ENV
 
 
 def test_sqlite_urls_and_paths_name_files() -> None:
@@ -26,9 +28,9 @@ def test_a_sqlite_url_without_a_file_is_refused(url: str) -> None:
 
 def test_an_unknown_scheme_names_the_schemes_known() -> None:
     with pytest.raises(ValueError) as refused:
-        asyncio.run(open_store("postgresql://db.internal/aihub"))
+        asyncio.run(open_store("mysql://db.internal/aihub"))
     message = str(refused.value)
-    assert "'postgresql'" in message
+    assert "'mysql'" in message
     assert all(scheme in message for scheme in SCHEMES)
 
 
@@ -50,12 +52,12 @@ def test_each_form_opens_the_same_database(tmp_path: Path, monkeypatch: pytest.M
     asyncio.run(run())
 
 
-def test_the_sqlite_store_offers_every_method_of_each_interface(tmp_path: Path) -> None:
-    """No type checker runs in `make test`: this pins the SQLite backend to `base`, method by
-    method and signature by signature, as another backend would be pinned."""
+def test_each_store_offers_every_method_of_each_interface(store_url: str) -> None:
+    """No type checker runs in `make test`: this pins each backend to `base`, method by
+    method and signature by signature."""
 
     async def run() -> None:
-        async with opened(tmp_path / "db") as store:
+        async with opened(store_url, password=os.environ.get(PASSWORD_ENV)) as store:
             for attribute, interface in inspect.get_annotations(base.Store).items():
                 implementation = getattr(store, attribute)
                 for name, method in vars(resolve(interface)).items():
@@ -64,7 +66,7 @@ def test_the_sqlite_store_offers_every_method_of_each_interface(tmp_path: Path) 
                     assert inspect.signature(getattr(implementation, name)) == inspect.signature(
                         method.__get__(implementation)
                     ), f"store.{attribute}.{name}"
-            for name in ("close", "ping", "prune"):
+            for name in ("close", "ping", "watch", "database_id", "prune"):
                 assert inspect.signature(getattr(store, name)) == inspect.signature(
                     getattr(base.Store, name).__get__(store)
                 )
@@ -74,3 +76,18 @@ def test_the_sqlite_store_offers_every_method_of_each_interface(tmp_path: Path) 
 
 def resolve(annotation: object) -> type:
     return getattr(base, annotation) if isinstance(annotation, str) else annotation  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("postgresql://aihub:secret@db.internal/aihub", "holds a password"),
+        ("postgresql:///aihub", "names a host"),
+        ("postgresql://aihub@db.internal", "names a database"),
+        ("postgresql://aihub@db.internal:port/aihub", "not a PostgreSQL URL"),
+    ],
+)
+def test_a_postgres_url_is_checked_before_connecting(url: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why) as refused:
+        asyncio.run(open_store(url))
+    assert "secret" not in str(refused.value)

@@ -15,7 +15,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from federation.identity import NodeIdentity
-from node.config import DATABASE_FILE, IDENTITY_FILE
+from node.config import IDENTITY_FILE, store_target
 from node.errors import HubError, Kind
 from node.gateway.auth import touch_epoch
 from node.gateway.keys import HASH_PURPOSE, generate_key, hash_key, key_id_of
@@ -182,7 +182,7 @@ class Management:
     async def open(cls, directory: Path) -> Management:
         """For the CLI: the node's store and key secret, straight from its data folder."""
         identity = NodeIdentity.load(directory / IDENTITY_FILE)
-        store = await open_store(directory / DATABASE_FILE)
+        store = await open_store(**store_target(directory)._asdict())
         return cls(store, identity.derive_secret(HASH_PURPOSE), directory)
 
     async def close(self) -> None:

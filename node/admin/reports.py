@@ -14,8 +14,8 @@ import msgspec
 
 from node.storage.records import UsageGroup
 
-UsageBy = Literal["key", "tenant", "model"]
-USAGE_BY: tuple[UsageBy, ...] = ("key", "tenant", "model")
+UsageBy = Literal["key", "tenant", "model", "peer"]
+USAGE_BY: tuple[UsageBy, ...] = ("key", "tenant", "model", "peer")
 USAGE_COLUMNS = UsageGroup.__struct_fields__
 DEFAULT_SINCE = "7d"
 AUDIT_LIMIT_MAX = 1000

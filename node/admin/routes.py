@@ -34,10 +34,11 @@ from node.admin.reports import (
     UsageReport,
     usage_csv,
 )
+from node.admin.session import admin_caller
 from node.gateway.auth import Principal
 from node.gateway.keys import HASH_PURPOSE
 from node.hub import hub_of
-from node.ingress.asgi import JSON, authenticate, client_ip
+from node.ingress.asgi import JSON, client_ip
 from node.ingress.errors import ApiError
 from node.storage.base import Store
 from node.storage.records import AuditEvent
@@ -101,7 +102,7 @@ def query_param(request: Request, name: str, default: str) -> str:
     return default if value is None else value
 
 
-def _flag(request: Request, name: str) -> bool:
+def flag_param(request: Request, name: str) -> bool:
     value = query_param(request, name, "false").strip().lower()
     if value in ("1", "true", "yes"):
         return True
@@ -118,8 +119,9 @@ def since_param(request: Request) -> int:
 
 
 async def require_admin(request: Request) -> Principal:
-    """The caller, who must hold an admin key."""
-    principal = await authenticate(request)
+    """The caller, who must hold an admin key (its bearer key, or a dashboard session opened
+    with one: `node.admin.session`)."""
+    principal = await admin_caller(request)
     if not principal.is_admin:
         hub_of(request).keys.note("auth.not_admin", principal.key_id, client_ip(request))
         raise ApiError(
@@ -145,7 +147,7 @@ async def _changed(request: Request) -> None:
     await hub_of(request).keys.load()
 
 
-async def _flushed(request: Request) -> Store:
+async def flushed_store(request: Request) -> Store:
     """The node's store, once what this process has queued for it (usage records, audit
     events) is written: a report shows every request answered before it was asked for."""
     hub = hub_of(request)
@@ -176,7 +178,7 @@ async def create_key(request: Request) -> Response[bytes]:
 @get("/admin/keys")
 async def list_keys(request: Request) -> Response[bytes]:
     await require_admin(request)
-    include_revoked = _flag(request, "include_revoked")
+    include_revoked = flag_param(request, "include_revoked")
     async with _management(request) as management:
         keys = await management.list_keys(include_revoked=include_revoked)
     return json_response(KeyList(keys))
@@ -276,14 +278,18 @@ async def usage(request: Request) -> Response[bytes]:
     await require_admin(request)
     by = query_param(request, "by", "key")
     if by not in USAGE_BY:
-        raise ApiError(400, f"`by` is one of key, tenant, model; not {by!r}", param="by")
+        raise ApiError(400, f"`by` is one of key, tenant, model, peer; not {by!r}", param="by")
     output = query_param(request, "format", "json")
     if output not in ("json", "csv"):
         raise ApiError(400, f"`format` is json or csv; not {output!r}", param="format")
     since = since_param(request)
-    rows = await (await _flushed(request)).usage.usage_report(by, since)
+    rows = await (await flushed_store(request)).usage.usage_report(by, since)
     if output == "csv":
-        return Response(usage_csv(rows).encode(), media_type="text/csv; charset=utf-8")
+        return Response(
+            usage_csv(rows).encode(),
+            media_type="text/csv",  # Litestar adds `; charset=utf-8` to text types
+            headers={"content-disposition": f'attachment; filename="usage-by-{by}.csv"'},
+        )
     return json_response(UsageReport(by, since, rows))
 
 
@@ -296,7 +302,7 @@ async def audit(request: Request) -> Response[bytes]:
     if not _LIMIT.fullmatch(text) or not 1 <= int(text) <= AUDIT_LIMIT_MAX:
         raise ApiError(400, f"`limit` is 1 to {AUDIT_LIMIT_MAX}, not {text!r}", param="limit")
     action = request.query_params.get("action") or None
-    events = await (await _flushed(request)).audit.audit(since, int(text), action)
+    events = await (await flushed_store(request)).audit.audit(since, int(text), action)
     return json_response(AuditList(events))
 
 

@@ -18,7 +18,7 @@ from federation.printable import printable
 from node.cli.folder import cli_actor, currency_of, require_config
 from node.cli.options import SINCE_HELP, parsed, with_data_dir
 from node.cli.output import console, echo_json, fail, shown
-from node.config import DATABASE_FILE, IDENTITY_FILE
+from node.config import IDENTITY_FILE, store_target
 from node.units import amount, parse_since
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def _run(directory: Path, work: Callable[[Store, NodeIdentity], Awaitable[T]]) -
     books = _books()
 
     async def go() -> T:
-        async with opened(directory / DATABASE_FILE) as store:
+        async with opened(**store_target(directory)._asdict()) as store:
             try:
                 return await work(store, identity)
             except books.BooksError as exc:

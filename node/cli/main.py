@@ -77,6 +77,9 @@ COMMANDS: dict[str, Entry] = {
         "ledger",
         "The signed ledger: balances, verification, reconciliation, settlement.",
     ),
+    "db": Entry(
+        "node.cli.db", "db_group", "The node's store: its schema, and moving it to PostgreSQL."
+    ),
     "network": Entry(
         "node.cli.network",
         "network",

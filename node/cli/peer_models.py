@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from node.config import DATABASE_FILE
+from node.config import store_target
 
 if TYPE_CHECKING:
     from node.storage.records import PeerRecord
@@ -62,5 +62,5 @@ def _advert_entries(advert: str) -> list[dict]:
 async def _peers(directory: Path) -> list[PeerRecord]:
     from node.storage import opened
 
-    async with opened(directory / DATABASE_FILE) as store:
+    async with opened(**store_target(directory)._asdict()) as store:
         return await store.peers.peers()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import logging.config
 import os
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,12 @@ import click
 import msgspec
 from rich.markup import escape
 
-from federation.printable import PrintableFormatter
 from node import __version__
 from node.cli.folder import require_config, require_identity, require_secrets
 from node.cli.options import with_data_dir
-from node.cli.output import console
-from node.config import DATABASE_FILE, IDENTITY_FILE, Config, ServerSection
+from node.cli.output import console, fail
+from node.config import IDENTITY_FILE, Config, ConfigError, ServerSection, store_target
+from node.observe.logs import LEVELS, Level, log_config
 from node.peers.address import recorded
 
 
@@ -34,9 +35,17 @@ from node.peers.address import recorded
     show_default=True,
     help="The ASGI server",
 )
+@click.option(
+    "--log-level", type=click.Choice(LEVELS), help="[default: from the config's [log] level]"
+)
 @with_data_dir
 def serve(
-    directory: Path, host: str | None, port: int | None, workers: int | None, server: str
+    directory: Path,
+    host: str | None,
+    port: int | None,
+    workers: int | None,
+    server: str,
+    log_level: Level | None,
 ) -> None:
     """Start the node."""
     config = require_config(directory)
@@ -47,8 +56,16 @@ def serve(
     workers = workers or config.server.workers
     # Workers are separate processes: they find the node through the environment.
     os.environ["AIHUB_HOME"] = str(directory)
-    _configure_logging()
-    asyncio.run(_recover(directory))
+    logging_config = log_config(log_level or config.log.level, config.log.json, config.log.access)
+    logging.config.dictConfig(logging_config)
+    from node.storage import unreachable_errors
+
+    try:
+        asyncio.run(_recover(directory))
+    except ConfigError as exc:
+        fail(str(exc))
+    except unreachable_errors() as exc:  # evaluated only when something was raised
+        fail(f"the store cannot be reached: {exc}")
     url = f"http://{host}:{port}"
     console.print(
         f"aihub {__version__}: node [bold]{escape(config.node.name)}[/] serving "
@@ -60,32 +77,26 @@ def serve(
     # may differ from the config): `node.peers.address` reads it back.
     with _announced(directory, config, port), recorded(directory, host, port):
         if server == "granian":
-            _run_granian(host, port, workers, config.server)
+            _run_granian(host, port, workers, config.server, logging_config)
         else:
-            _run_uvicorn(host, port, workers, config.server)
-
-
-def _configure_logging() -> None:
-    # Log lines quote peers' names, URLs and errors: control characters are shown escaped.
-    handler = logging.StreamHandler()
-    handler.setFormatter(PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-    # Its jobs run every second (noticing CLI changes): only their failures are news.
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    # httpx logs every upstream request at INFO: ~200 µs each, and the usage table has it all.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+            _run_uvicorn(host, port, workers, config.server, logging_config)
 
 
 async def _recover(directory: Path) -> None:
-    """Before any worker starts, no request is in flight: a reservation still held was left by
-    a node that stopped mid-request, and would shrink its budget for the rest of the period;
-    usage a crash left in the journal is written."""
+    """Before any worker starts, no request of this node's folder is in flight: usage a crash
+    left in the journal is written. On the SQLite file, no other process serves the node
+    either, so a reservation still held was left by a node that stopped mid-request (it
+    would shrink its budget for the rest of the period) and is given back. On PostgreSQL,
+    other processes (other hosts) serve the same budgets: what is reserved may be theirs, in
+    flight, and is left alone (releasing it would let them pass a cap)."""
     from node.gateway.journal import JOURNAL_DIR, left_behind, replay
-    from node.storage import opened
+    from node.storage import is_postgres, opened
 
     segments = left_behind(directory / JOURNAL_DIR)
-    async with opened(directory / DATABASE_FILE) as store:
-        await store.spend.release_all_reservations()
+    target = store_target(directory)
+    async with opened(**target._asdict()) as store:
+        if not is_postgres(target.url):
+            await store.spend.release_all_reservations()
         await replay(store, segments)
 
 
@@ -103,7 +114,9 @@ def _announced(
     return announce(identity.node_id, port, config.federation.mdns_interface or None)
 
 
-def _run_granian(host: str, port: int, workers: int, limits: ServerSection) -> None:
+def _run_granian(
+    host: str, port: int, workers: int, limits: ServerSection, logging_config: dict[str, Any]
+) -> None:
     from granian import Granian
     from granian.constants import Interfaces
     from granian.http import HTTP1Settings
@@ -118,10 +131,14 @@ def _run_granian(host: str, port: int, workers: int, limits: ServerSection) -> N
         interface=Interfaces.ASGI,
         http1_settings=HTTP1Settings(header_read_timeout=int(limits.header_timeout * 1000)),
         backpressure=limits.max_connections,
+        log_dictconfig=logging_config,
+        log_access=False,
     ).serve()
 
 
-def _run_uvicorn(host: str, port: int, workers: int, limits: ServerSection) -> None:
+def _run_uvicorn(
+    host: str, port: int, workers: int, limits: ServerSection, logging_config: dict[str, Any]
+) -> None:
     import uvicorn
 
     from node.ingress.connections import connection_limit, guarded_protocol
@@ -138,7 +155,8 @@ def _run_uvicorn(host: str, port: int, workers: int, limits: ServerSection) -> N
         loop="uvloop",
         http=guarded_protocol(limits),  # type: ignore[arg-type]
         timeout_keep_alive=limits.keepalive_timeout,  # type: ignore[arg-type]
+        # Each worker process applies the same logging config; the access log is ours.
+        log_config=logging_config,
         access_log=False,
-        log_level="info",
         timeout_graceful_shutdown=10,
     )

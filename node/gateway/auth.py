@@ -129,6 +129,19 @@ class KeyCache:
         tenant = self._tenants.get(record.tenant_id) if record.tenant_id else None
         return Principal(record, tenant)
 
+    async def principal_of(self, key_id: str, ip: str | None) -> Principal | None:
+        """The principal of a key known by its id alone (a dashboard session names the admin
+        key it was opened with): None once the key is revoked, expired, or refused at `ip`."""
+        if read_epoch(self._epoch_path) != self._epoch:
+            await self.load()
+        record = self._keys.get(key_id)
+        if record is None or (record.expires_at is not None and record.expires_at <= time.time()):
+            return None
+        if not ip_allowed(self._networks.get(record.id, []), ip):
+            return None
+        tenant = self._tenants.get(record.tenant_id) if record.tenant_id else None
+        return Principal(record, tenant)
+
     def _matches(self, record: KeyRecord, token: str, now: float) -> bool:
         if hashes_match(record.hash, self._secret, token):
             return True

@@ -11,12 +11,16 @@ that concurrent requests in the process never promise more than it holds. When a
 settles, its actual cost moves from reserved to spent in the database (in the same batched
 transaction as its usage record) and the rest of its reservation returns to the lease. Leases
 are given back when the process stops, when keys change, and at start-up (`aihub serve`
-releases anything a crashed process held).
+on SQLite releases anything a crashed process held). What a process reserves is noted as its
+own (`holder`), and it renews that every few seconds (`renew`): when a process is killed, the
+others give back what it held once its holds expire (`HOLD_TTL`), without a restart, on
+PostgreSQL as on SQLite.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 
 from node import units
@@ -54,6 +58,8 @@ class Budgets:
     def __init__(self, store: Store, currency: str = "USD") -> None:
         self.store = store
         self.currency = currency  # what a refusal states amounts in
+        # This process, in the store's budget holds.
+        self.holder = secrets.token_hex(8)
         # (scope, period start, cap) rows known to exist with that cap: opened once a period.
         self._opened: set[tuple[str, int, int]] = set()
         # Reserved in the database and not yet promised to a request, per scope and period.
@@ -73,7 +79,15 @@ class Budgets:
     async def _release(self, leases: dict[Scope, int]) -> None:
         unused = [(amount, scope) for scope, amount in leases.items() if amount > 0]
         if unused:
-            await self.store.spend.release(unused)
+            await self.store.spend.release(unused, self.holder)
+
+    async def renew(self) -> None:
+        """Tell the store this process is alive (every few seconds). If what it held was
+        given back meanwhile (it could not renew for `HOLD_TTL`: the database was away), its
+        leases are reserved no more: it drops them and takes new ones."""
+        renewed = await self.store.spend.renew_holds(self.holder, int(time.time()))
+        if renewed == 0 and any(amount > 0 for amount in self._leases.values()):
+            self._leases = {}
 
     async def release(self) -> None:
         """Give every lease back (the process stops)."""
@@ -111,7 +125,29 @@ class Budgets:
             if refused is not None:
                 scope, cap = refused
                 raise _exceeded(amount, scope, cap, self.currency, principal)
-        return [Hold(scope, start, amount) for scope, start in scopes]
+        return [Hold(scope, start, amount, self.holder) for scope, start in scopes]
+
+    async def left(self, principal: Principal) -> int | None:
+        """The least that any budget on the principal's path has left to reserve (what the
+        database holds neither spent nor reserved, and this process's lease of it), or None
+        if none has a cap. A figure of the moment: only `reserve` takes it, atomically."""
+        rows = self.periods(principal, time.time())
+        if not rows:
+            return None
+        scopes = [(scope, start) for scope, start, _ in rows]
+        async with self._refill:
+            fresh = [row for row in rows if row not in self._opened]
+            if fresh:
+                await self.store.spend.open_periods(fresh)
+                self._opened.update(fresh)
+            found = {(r.scope, r.period_start): r for r in await self.store.spend.spend(scopes)}
+        least = None
+        for scope, start, cap in rows:
+            row = found.get((scope, start))
+            free = cap if row is None else row.cap - row.spent - row.reserved
+            free += self._leases.get((scope, start), 0)
+            least = free if least is None else min(least, free)
+        return max(least or 0, 0)
 
     async def _lease(self, rows: list[tuple[str, int, int]], amount: int) -> tuple[str, int] | None:
         """Top the leases up until `amount` can be taken from each; None once it is, else
@@ -129,9 +165,9 @@ class Budgets:
                 if short <= 0:
                     continue
                 chunk = max(short, min(amount * LEASE_REQUESTS, cap // LEASE_SHARE))
-                if not await self.store.spend.reserve(chunk, [(scope, start)]):
+                if not await self.store.spend.reserve(chunk, [(scope, start)], self.holder):
                     if chunk == short or not await self.store.spend.reserve(
-                        short, [(scope, start)]
+                        short, [(scope, start)], self.holder
                     ):
                         return scope, cap
                     chunk = short
@@ -148,7 +184,7 @@ class Budgets:
             used = min(cost, hold.amount)
             scope = (hold.scope, hold.period_start)
             self._leases[scope] = self._leases.get(scope, 0) + hold.amount - used
-            moved.append(Hold(hold.scope, hold.period_start, used))
+            moved.append(Hold(hold.scope, hold.period_start, used, hold.holder))
         return moved
 
 

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# At most this many keys and tenants get budget series (the most spent first): every series
+# is a time series a scraper keeps, and keys are made by the thousand.
+MAX_BUDGET_SERIES = 200
+
+
+class PeerGauge(NamedTuple):
+    name: str
+    up: bool | None  # None: not checked yet
+    latency_ms: int | None
+
+
+class BudgetGauge(NamedTuple):
+    kind: str  # key | tenant
+    id: str
+    cap: int
+    spent: int
+    reserved: int
 
 
 class Metrics:
@@ -56,6 +73,44 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Read from the store when scraped (`set_peers`, `set_budgets`).
+        self.peer_up = Gauge(
+            "aihub_peer_up",
+            "1 if the peer answered its last health check, 0 if not",
+            ["peer"],
+            registry=self.registry,
+        )
+        self.peer_latency = Gauge(
+            "aihub_peer_latency_seconds",
+            "The latency of the peer's last health check",
+            ["peer"],
+            registry=self.registry,
+        )
+        budget_labels = ["kind", "id"]
+        self.budget_cap = Gauge(
+            "aihub_budget_cap_micros",
+            "The budget of a key or tenant for its current period",
+            budget_labels,
+            registry=self.registry,
+        )
+        self.budget_spent = Gauge(
+            "aihub_budget_spent_micros",
+            "Spent of it this period",
+            budget_labels,
+            registry=self.registry,
+        )
+        self.budget_reserved = Gauge(
+            "aihub_budget_reserved_micros",
+            "Reserved of it by requests in flight",
+            budget_labels,
+            registry=self.registry,
+        )
+        self.budget_omitted = Gauge(
+            "aihub_budget_series_omitted",
+            f"Keys and tenants with a budget beyond the {MAX_BUDGET_SERIES} shown",
+            registry=self.registry,
+        )
+
         # Labelled children by (metric, labels): prometheus_client's `labels()` validates and
         # locks on every call, a few µs each, five times a request.
         self._children: dict[tuple[Counter | Histogram, tuple[str, ...]], Any] = {}
@@ -89,6 +144,30 @@ class Metrics:
     def answered(self, endpoint: str, model: str, seconds: float) -> None:
         """Time to the answer (to the first byte of a stream)."""
         self._child(self.latency, endpoint, model).observe(seconds)
+
+    def set_peers(self, peers: list[PeerGauge]) -> None:
+        """Each peer's health as last checked (a peer gone since is dropped)."""
+        self.peer_up.clear()
+        self.peer_latency.clear()
+        for peer in peers:
+            if peer.up is None:
+                continue
+            self.peer_up.labels(peer.name).set(1 if peer.up else 0)
+            if peer.up and peer.latency_ms is not None:
+                self.peer_latency.labels(peer.name).set(peer.latency_ms / 1000)
+
+    def set_budgets(self, budgets: list[BudgetGauge]) -> None:
+        """Budgets and what is spent and reserved of them, the most spent first, at most
+        MAX_BUDGET_SERIES of them."""
+        for gauge in (self.budget_cap, self.budget_spent, self.budget_reserved):
+            gauge.clear()
+        ranked = sorted(budgets, key=lambda b: (-b.spent, -b.reserved, b.kind, b.id))
+        for budget in ranked[:MAX_BUDGET_SERIES]:
+            labels = (budget.kind, budget.id)
+            self.budget_cap.labels(*labels).set(budget.cap)
+            self.budget_spent.labels(*labels).set(budget.spent)
+            self.budget_reserved.labels(*labels).set(budget.reserved)
+        self.budget_omitted.set(max(0, len(ranked) - MAX_BUDGET_SERIES))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

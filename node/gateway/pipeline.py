@@ -46,7 +46,7 @@ from adapters.types import (
     WireResult,
 )
 from node.errors import HubError, Kind, UpstreamFailed, gateway_failure
-from node.gateway.accounting import CLIENT_CLOSED, OK, Accounting, recorded_status
+from node.gateway.accounting import CLIENT_CLOSED, OK, Accounting, Elastic, recorded_status
 from node.gateway.auth import Principal
 from node.gateway.guardrails.checks import Profile
 from node.gateway.policy import model_allowed, worst_case_prompt_tokens
@@ -76,6 +76,11 @@ class Caller(msgspec.Struct, frozen=True):
     local_only: bool
     # The id a peer names its request by (its receipt is named by it), as sent: unchecked.
     peer_request_id: str = ""
+    # The caller's W3C `traceparent`, as sent (unchecked), when the node traces requests.
+    traceparent: str = ""
+    # A peer's chat call whose `max_tokens` is the peer's own bound, not its client's: it
+    # may be served capped lower, like a request without max_tokens (`begin_chat`).
+    output_elastic: bool = False
 
 
 class Facts(msgspec.Struct):
@@ -89,6 +94,9 @@ class Facts(msgspec.Struct):
     receipt: bytes | None = None
     # The name of the peer that served the answer, if a peer did.
     served_by: str | None = None
+    # The output tokens (per choice) the answer was capped at: a request without max_tokens
+    # whose budget had less left than its full worst case (`begin_chat`).
+    output_cap: int | None = None
 
 
 class Answer(msgspec.Struct):
@@ -194,6 +202,40 @@ def chat_worst_case(chat: ChatRequest, plan: list[Route]) -> Usage:
     return Usage(prompt, output, prompt + output)
 
 
+# A chat request without max_tokens whose budget has less left than its full worst case is
+# served capped at what is left, down to this many output tokens per choice; below, refused.
+LEAST_OUTPUT_TOKENS = 64
+
+
+async def begin_chat(hub: Hub, caller: Caller, call: ChatCall) -> Admitted:
+    """`begin` for a chat call, whichever surface spelled it. A call without an output limit
+    (or a peer's whose limit is the peer's own bound: `Caller.output_elastic`) that was
+    admitted capped (less budget left than its worst case) gets that cap as its
+    `max_tokens`, so that every adapter tells its upstream to write no more than was
+    reserved; the raw fields lose any null limit the client sent, for the same reason."""
+    chat = call.request
+    elastic = None
+    if not chat.output_limit or caller.output_elastic:
+        elastic = Elastic(LEAST_OUTPUT_TOKENS, chat.n or 1)
+    admitted = await begin(
+        hub,
+        caller,
+        chat.model,
+        "chat",
+        call.request_id,
+        lambda plan: chat_worst_case(chat, plan),
+        elastic,
+    )
+    cap = admitted.books.output_cap
+    if cap is not None:
+        call.request = msgspec.structs.replace(chat, max_tokens=cap, max_completion_tokens=None)
+        call.raw = {k: v for k, v in call.raw.items() if k not in _OUTPUT_LIMIT_FIELDS}
+    return admitted
+
+
+_OUTPUT_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
 @contextlib.asynccontextmanager
 async def _settled_on_error(books: Accounting) -> AsyncIterator[None]:
     """Whatever escapes the block while the request holds reservations and parallel slots,
@@ -216,13 +258,15 @@ async def begin(
     kind: str,
     request_id: str,
     worst: Callable[[list[Route]], Usage],
+    elastic: Elastic | None = None,
 ) -> Admitted:
     """Everything between the key and the upstream call: which model, which routes, and is
-    the request admitted under its limits and budgets?"""
+    the request admitted under its limits and budgets (an `elastic` one perhaps capped)?"""
     principal = caller.principal
     _check_model(principal, model)
     plan = _plan(hub, principal, model, kind, caller.local_only)
     books = Accounting(hub, principal, request_id, model, kind)
+    books.traceparent = caller.traceparent
     if books.for_peer and _REQUEST_ID.fullmatch(caller.peer_request_id):
         books.receipt_id = caller.peer_request_id
     if books.for_peer and not hub.resync.synced(principal.key.peer_id or ""):
@@ -231,7 +275,7 @@ async def begin(
         except HubError as exc:
             books.fail(exc)
     async with _settled_on_error(books):
-        await books.admit(caller.ip, plan, worst(plan))
+        await books.admit(caller.ip, plan, worst(plan), elastic)
     return Admitted(books, plan)
 
 
@@ -247,7 +291,7 @@ async def _route(
     cap is charged for it) whether or not the peer is still there to read it."""
     try:
         async with contextlib.nullcontext() if books.for_peer else watch():
-            return await books.hub.router.run(plan, attempt, books.upstream_failed)
+            return await books.hub.router.run(plan, attempt, books.upstream_failed, books.attempts)
     except UpstreamError as exc:
         books.fail(UpstreamFailed(exc))
     except HubError as exc:
@@ -298,7 +342,9 @@ async def complete(
         )
         receipt = await books.issue_receipt()
         books.take_receipt(route, result.receipt, cost)
-        facts = Facts(books.request_id, books.limits, cost, receipt, route.peer_name)
+        facts = Facts(
+            books.request_id, books.limits, cost, receipt, route.peer_name, books.output_cap
+        )
         return Answer(result, facts)
 
 
@@ -351,7 +397,12 @@ async def stream(
             items = books.hub.guardrails.guard_stream(profile, items, books)
         return Streamed(
             items,
-            Facts(books.request_id, books.limits, served_by=route.peer_name),
+            Facts(
+                books.request_id,
+                books.limits,
+                served_by=route.peer_name,
+                output_cap=books.output_cap,
+            ),
             lambda: _abandon(opened, route, call, books),
         )
 

@@ -21,6 +21,7 @@ from typing import TypeVar
 from adapters.http import ATTEMPT_DEADLINE
 from adapters.types import Adapter, UpstreamError
 from node.config import Deployment, RouterSection
+from node.gateway.traces import AttemptTrace
 
 T = TypeVar("T")
 
@@ -168,11 +169,13 @@ class Router:
         plan: list[Route],
         attempt: Callable[[Route], Awaitable[T]],
         on_failure: Callable[[Route, UpstreamError], None] | None = None,
+        attempts: list[AttemptTrace] | None = None,
     ) -> tuple[T, Route]:
         """Try `attempt` along `plan` until one succeeds; raise the last error if none does.
 
         An error that is the request's own fault (a 400 from the provider) is raised at once:
-        no other deployment would answer it differently.
+        no other deployment would answer it differently. Each try is added to `attempts` when
+        the request is traced.
         """
         last: UpstreamError | None = None
         clock = asyncio.get_running_loop().time
@@ -182,11 +185,14 @@ class Router:
                 if clock() >= ends:
                     raise request_deadline_error(self.settings.request_timeout)
                 started = time.perf_counter()
+                begun = time.time_ns() if attempts is not None else 0
                 route.in_flight += 1
                 try:
                     result = await self._attempt(route, attempt, ends)
                 except UpstreamError as exc:
                     last = exc
+                    if attempts is not None:
+                        attempts.append(_traced(route, begun, exc.status, exc.type))
                     self._failed(route, exc)
                     if on_failure is not None:
                         on_failure(route, exc)
@@ -202,6 +208,8 @@ class Router:
                 finally:
                     route.in_flight -= 1
                 self._succeeded(route, time.perf_counter() - started)
+                if attempts is not None:
+                    attempts.append(_traced(route, begun, 200))
                 return result, route
         if last is None:
             raise UpstreamError(503, "no deployment available", type="upstream_unavailable")
@@ -264,3 +272,17 @@ def _smooth_weighted_pick(routes: list[Route]) -> Route:
             best = route
     best.wrr_current -= total
     return best
+
+
+def _traced(route: Route, begun: int, status: int, error: str | None = None) -> AttemptTrace:
+    spec = route.spec
+    return AttemptTrace(
+        deployment=route.label,
+        provider="aihub" if route.peer_id is not None else spec.provider,
+        upstream_model=spec.model or spec.name,
+        peer=route.peer_name,
+        start_ns=begun,
+        end_ns=time.time_ns(),
+        status=status,
+        error=error,
+    )

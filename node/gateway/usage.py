@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from adapters.types import Usage
 from node.gateway.journal import UNAPPLIABLE, Journal, apply, skipped_event
 from node.storage.base import Store
-from node.storage.records import AuditEvent, Charge
+from node.storage.records import AuditEvent, Charge, StoreUnavailable
 
 log = logging.getLogger("aihub.usage")
 
@@ -171,6 +171,10 @@ class UsageRecorder:
                 self._due = None
             try:
                 await self.flush()
+            except StoreUnavailable as exc:  # the journal keeps them meanwhile
+                log.warning("usage records wait for the database: %s", exc)
+                await asyncio.sleep(1)
+                self._wake.set()
             except Exception:
                 log.exception("writing usage records failed; will retry")
                 await asyncio.sleep(1)

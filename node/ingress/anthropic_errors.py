@@ -17,7 +17,8 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
 from node.errors import HubError, Kind, UpstreamFailed
-from node.ingress.errors import ApiError
+from node.ingress.errors import ApiError, store_unavailable
+from node.storage.records import StoreUnavailable
 
 log = logging.getLogger("aihub.errors")
 
@@ -134,9 +135,14 @@ def _unexpected(request: Request, exc: Exception) -> Response[bytes]:
     return _response(Shaped(500, AnthropicErrorDetail("api_error", "Internal error")))
 
 
+def _store_unavailable(request: Request, exc: StoreUnavailable) -> Response[bytes]:
+    return _hub_error(request, store_unavailable(exc))
+
+
 EXCEPTION_HANDLERS = {
     ApiError: _api_error,
     HubError: _hub_error,
+    StoreUnavailable: _store_unavailable,
     HTTPException: _http_exception,
     Exception: _unexpected,
 }

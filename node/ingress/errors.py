@@ -17,6 +17,7 @@ from litestar.exceptions import HTTPException
 
 from adapters.types import UpstreamError
 from node.errors import HubError, Kind, UpstreamFailed
+from node.storage.records import StoreUnavailable
 
 log = logging.getLogger("aihub.errors")
 
@@ -158,7 +159,25 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response[byte
     message = exc.detail if isinstance(exc.detail, str) and exc.detail else "request failed"
     if status == 413:
         message = "Request body too large"
-    return error_response(ApiError(status, message, type=type_, code=code))
+    # A 405 names the methods the path takes (`Allow`, RFC 9110): Litestar's router sets it.
+    headers = {k: v for k, v in (exc.headers or {}).items() if k.lower() == "allow"}
+    return error_response(ApiError(status, message, type=type_, code=code, headers=headers))
+
+
+def store_unavailable(exc: StoreUnavailable) -> HubError:
+    """The database went away (PostgreSQL restarting, unreachable): a 503 the client retries;
+    the store reconnects on its own."""
+    log.warning("the store is unavailable: %s", exc)
+    return HubError(
+        Kind.UNAVAILABLE,
+        "The node's database cannot be reached now; try again shortly",
+        code="store_unavailable",
+        retry_after=1,
+    )
+
+
+def handle_store_unavailable(request: Request, exc: StoreUnavailable) -> Response[bytes]:
+    return handle_hub_error(request, store_unavailable(exc))
 
 
 def handle_unexpected(request: Request, exc: Exception) -> Response[bytes]:
@@ -170,6 +189,7 @@ def handle_unexpected(request: Request, exc: Exception) -> Response[bytes]:
 EXCEPTION_HANDLERS = {
     ApiError: handle_api_error,
     HubError: handle_hub_error,
+    StoreUnavailable: handle_store_unavailable,
     HTTPException: handle_http_exception,
     Exception: handle_unexpected,
 }

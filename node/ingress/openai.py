@@ -62,6 +62,7 @@ from node.gateway.policy import worst_case_embedding_tokens
 from node.hub import Hub, hub_of
 from node.ingress.asgi import (
     JSON,
+    OUTPUT_CAP_HEADER,
     Reply,
     StreamReply,
     authenticate,
@@ -74,6 +75,7 @@ from node.ingress.asgi import (
 )
 from node.ingress.errors import ApiError, ErrorDetail, error_bytes, openai_error
 from node.ingress.openai_render import ChunkRenderer, result_body
+from node.observe import access
 from node.peers.auth import check_peer
 
 T = TypeVar("T")
@@ -165,6 +167,8 @@ def response_headers(facts: Facts) -> dict[str, str]:
         headers[RECEIPT_HEADER] = b64url(facts.receipt)
     if facts.served_by is not None:
         headers[SERVED_BY_HEADER] = served_by_value(facts.served_by)
+    if facts.output_cap is not None:
+        headers[OUTPUT_CAP_HEADER] = str(facts.output_cap)
     return headers
 
 
@@ -190,6 +194,7 @@ async def _embeddings(request: Request) -> Reply:
     principal = await authenticate(request)
     embed, raw = decode_body(await read_body(request, principal), _embed_decoder)
     call = EmbedCall(embed, raw, new_request_id())
+    access.note(request.scope, model=embed.model)
     tokens = worst_case_embedding_tokens(embed)
     admitted = await pipeline.begin(
         hub_of(request),

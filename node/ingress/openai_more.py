@@ -46,6 +46,7 @@ from node.ingress.asgi import (
     watcher_of,
 )
 from node.ingress.openai import decode_body, item_renderer, response_headers
+from node.observe import access
 
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
 _image_decoder = msgspec.json.Decoder(ImageRequest)
@@ -98,6 +99,7 @@ async def _completions(request: Request) -> Reply | StreamReply:
     _refuse_peer(principal)
     body, raw = decode_body(await read_body(request, principal), _completion_decoder)
     call = CompletionCall(body, raw, new_request_id())
+    access.note(request.scope, model=body.model)
     admitted = await pipeline.begin(
         hub_of(request),
         caller_of(request, principal),
@@ -127,6 +129,7 @@ async def _images(request: Request) -> Reply:
     body, raw = decode_body(await read_body(request, principal), _image_decoder)
     _refuse_stream(body.stream)
     call = ImageCall(body, raw, new_request_id())
+    access.note(request.scope, model=body.model)
     admitted = await pipeline.begin(
         hub_of(request),
         caller_of(request, principal),

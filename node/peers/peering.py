@@ -191,6 +191,10 @@ class Peering:
     def stale(self) -> bool:
         return read_epoch(self.directory / PEERS_EPOCH_FILE) != self._epoch
 
+    def mark_stale(self) -> None:
+        """Reload within a second (another process, perhaps on another host, changed peers)."""
+        self._epoch = -1
+
     async def load(self) -> None:
         self._epoch = read_epoch(self.directory / PEERS_EPOCH_FILE)
         peers: dict[str, Peer] = {}

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
-from pathlib import Path
 
 import httpx
 
@@ -56,10 +54,9 @@ class ChainResync:
         # than each waiting for another attempt to time out.
         self._retry_at: dict[str, float] = {}
 
-    async def load(self, database: Path) -> None:
-        """Note which database file this is; the peers a restore left to re-sync."""
-        info = os.stat(database)  # once, at start-up
-        file_id = f"{info.st_dev}:{info.st_ino}"
+    async def load(self) -> None:
+        """Note which database this is; the peers a restore left to re-sync."""
+        file_id = await self.store.database_id()  # once, at start-up
         self._pending = await self.store.ledger.pending_resyncs(file_id, self.identity.node_id)
         if self._pending:
             log.warning(

@@ -1,6 +1,7 @@
 """What a storage backend offers: one `Protocol` per aggregate, and the `Store` that holds one
 of each (`store.keys`, `store.spend`, `store.usage`, `store.peers`, `store.ledger`,
-`store.audit`). The node is written against these; `sqlite/` implements them, and another
+`store.audit`, `store.responses`, `store.sessions`). The node is written against these;
+`sqlite/` implements them, and another
 backend (PostgreSQL, for several gateway processes of one node) would sit beside it.
 
 Unless a method says otherwise, a write is atomic (all of it, or none) and safe against every
@@ -9,7 +10,7 @@ other process that serves the same node.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
 from ledger.receipts import SentRequest
@@ -24,6 +25,8 @@ from node.storage.records import (
     RateAnswer,
     RateSync,
     ReceiptMaker,
+    SeriesPoint,
+    SessionRecord,
     SpendRow,
     StoredReceipt,
     StoredResponse,
@@ -73,14 +76,20 @@ class SpendStore(Protocol):
         """Make sure each (scope, period start, cap) row exists and carries the current cap."""
         ...
 
-    async def reserve(self, amount: int, scopes: list[tuple[str, int]]) -> bool:
+    async def reserve(self, amount: int, scopes: list[tuple[str, int]], holder: str = "") -> bool:
         """Reserve `amount` in every (scope, period start), or in none if any would pass its
         cap: atomic against every other reservation, so that concurrent requests can never
-        take a budget past its cap."""
+        take a budget past its cap. A `holder` (a process) holds it until it releases or
+        settles it, or stops renewing its holds (`renew_holds`) for `HOLD_TTL` seconds."""
         ...
 
-    async def release(self, leases: list[tuple[int, tuple[str, int]]]) -> None:
+    async def release(self, leases: list[tuple[int, tuple[str, int]]], holder: str = "") -> None:
         """Give back reserved budget that no request will use: (amount, (scope, start))."""
+        ...
+
+    async def renew_holds(self, holder: str, now: int) -> int:
+        """The holder is alive: what it holds stays its own until `now + HOLD_TTL`; how many
+        holds it has (none: it holds nothing, or what it held was given back)."""
         ...
 
     async def release_all_reservations(self) -> None:
@@ -117,9 +126,16 @@ class UsageStore(Protocol):
         ...
 
     async def usage_report(
-        self, by: Literal["key", "tenant", "model"], since_ms: int
+        self, by: Literal["key", "tenant", "model", "peer"], since_ms: int
     ) -> list[UsageGroup]:
-        """Totals per key, tenant or model, costliest first."""
+        """Totals per key, tenant or model, or per peer for the requests we routed to peers
+        (by node id), costliest first."""
+        ...
+
+    async def usage_series(self, since_ms: int, bucket_ms: int) -> list[SeriesPoint]:
+        """The requests finished since `since_ms` in buckets of `bucket_ms` (the n-th from
+        `since_ms + n * bucket_ms`), oldest first, only the buckets that have any; each with
+        its latency p50 and p95 (nearest rank)."""
         ...
 
 
@@ -283,6 +299,20 @@ class AuditStore(Protocol):
         ...
 
 
+class SessionStore(Protocol):
+    """The dashboard's sign-in sessions (`node.admin.session`), by the hash of their cookie."""
+
+    async def insert_session(self, session: SessionRecord) -> None: ...
+
+    async def session(self, id_hash: bytes, now_ms: int) -> SessionRecord | None:
+        """The session, unless it has expired by `now_ms`."""
+        ...
+
+    async def delete_session(self, id_hash: bytes) -> bool:
+        """Whether there was one to delete."""
+        ...
+
+
 class ResponseStore(Protocol):
     """Responses API answers kept (`store`), each readable only with the key that made it."""
 
@@ -307,6 +337,7 @@ class Store(Protocol):
     ledger: LedgerStore
     audit: AuditStore
     responses: ResponseStore
+    sessions: SessionStore
 
     async def close(self) -> None: ...
 
@@ -314,6 +345,20 @@ class Store(Protocol):
         """The database answers (for the health check)."""
         ...
 
+    async def watch(self, changed: Callable[[str], None]) -> None:
+        """From now on, call `changed("keys")` (keys or tenants) or `changed("peers")` when
+        another process, on any host, changes them; the SQLite store never does (the data
+        folder's epoch files tell its processes)."""
+        ...
+
+    async def database_id(self) -> str:
+        """Which database this is (a SQLite file's device and inode; a PostgreSQL cluster's
+        system identifier and the database's oid): a restored backup is another, and its
+        chain heads may be older than the peers' (`LedgerStore.pending_resyncs`)."""
+        ...
+
     async def prune(self, now: int) -> None:
-        """Forget nonces, rate counts and parallel slots that can no longer matter."""
+        """Forget nonces, rate counts, parallel slots and dashboard sessions that can no longer
+        matter, and give back the budget holds of processes that stopped renewing them
+        (killed)."""
         ...

@@ -108,11 +108,13 @@ class UsageRecord(msgspec.Struct):
 
 
 class Hold(msgspec.Struct, frozen=True):
-    """Part of a budget reserved for one request, in one scope and period."""
+    """Part of a budget reserved for one request, in one scope and period, by the process
+    `holder` (empty: a hold of no process's, as journals written before holders were)."""
 
     scope: str
     period_start: int
     amount: int
+    holder: str = ""
 
 
 RateKind = Literal["requests", "tokens", "parallel"]
@@ -159,6 +161,9 @@ class RateAnswer(msgspec.Struct):
 # A live process renews its parallel slots every second; a dead one's come back this long
 # after its last renewal.
 SLOT_TTL = 15
+# What a process holds reserved of a budget is its own until this many seconds pass without
+# it renewing them (`SpendStore.renew_holds`); then any process gives it back (`Store.prune`).
+HOLD_TTL = 15
 # Rate counts older than this many seconds are no longer read (the window is a minute).
 RATE_WINDOW = 60
 
@@ -253,6 +258,42 @@ ReceiptMaker = Callable[[int, str | None], StoredReceipt]
 
 class Conflict(Exception):
     """A write that would break a uniqueness rule (a name already taken)."""
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached now (a PostgreSQL server gone away, restarting, out of
+    connections): nothing was written, and the same call may succeed shortly. The node answers
+    its clients 503 meanwhile."""
+
+
+class Refused(ValueError):
+    """The database refuses a record as it is (a value out of range, a broken constraint):
+    writing it again will not help."""
+
+
+class SeriesPoint(msgspec.Struct):
+    """One bucket of a usage time series: the requests that finished in it (from `start_ms`
+    for the series' bucket length), and their latency percentiles (nearest rank)."""
+
+    start_ms: int
+    requests: int
+    errors: int
+    tokens_in: int
+    tokens_out: int
+    cost_micros: int
+    p50_ms: int | None
+    p95_ms: int | None
+
+
+class SessionRecord(msgspec.Struct):
+    """A dashboard sign-in: the hash of its cookie, the admin key it was opened with, the CSRF
+    token every change it makes must carry, and when it ends."""
+
+    id_hash: bytes
+    key_id: str
+    csrf: str
+    created_ms: int
+    expires_ms: int
 
 
 def now_ms() -> int:

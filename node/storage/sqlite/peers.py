@@ -6,23 +6,21 @@ from __future__ import annotations
 import sqlite3
 from typing import Literal
 
-import msgspec
-
 from node.storage.records import InviteRow, JoinRequestBounds, KeyRecord, PeerRecord
-from node.storage.sqlite.connection import Database
-from node.storage.sqlite.keys import INSERT_KEY, decode_strings, key_values
-
-_json = msgspec.json.encode
-
-_PEER_COLUMNS = (
-    "node_id, name, descriptor, status, created_at, key_for_them, key_from_them, advert,"
-    " listed, revoked_at"
+from node.storage.rows import (
+    INVITE_COLUMNS,
+    PEER_COLUMNS,
+    invite_from_row,
+    invite_values,
+    key_values,
+    peer_from_row,
+    peer_values,
 )
-
-_INVITE_COLUMNS = "token_id, public_key, exp, uses_left, models, cap_micros, cap_period, created_at"
+from node.storage.sqlite.connection import Database
+from node.storage.sqlite.keys import INSERT_KEY
 
 _UPSERT_PEER = (
-    f"INSERT INTO peers ({_PEER_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
+    f"INSERT INTO peers ({PEER_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
     " ON CONFLICT (node_id) DO UPDATE SET name = excluded.name,"
     " descriptor = excluded.descriptor, status = excluded.status,"
     " key_for_them = COALESCE(excluded.key_for_them, key_for_them),"
@@ -30,31 +28,6 @@ _UPSERT_PEER = (
     " advert = COALESCE(excluded.advert, advert), listed = excluded.listed,"
     " revoked_at = excluded.revoked_at"
 )
-
-
-def _peer_from_row(row: tuple) -> PeerRecord:
-    return PeerRecord(*row[:8], listed=bool(row[8]), revoked_at=row[9])
-
-
-def _invite_from_row(row: tuple) -> InviteRow:
-    return InviteRow(
-        row[0], row[1], row[2], row[3], decode_strings.decode(row[4]), row[5], row[6], row[7]
-    )
-
-
-def _peer_values(peer: PeerRecord) -> tuple:
-    return (
-        peer.node_id,
-        peer.name,
-        peer.descriptor,
-        peer.status,
-        peer.created_at,
-        peer.key_for_them,
-        peer.key_from_them,
-        peer.advert,
-        int(peer.listed),
-        peer.revoked_at,
-    )
 
 
 class SqlitePeers:
@@ -66,24 +39,15 @@ class SqlitePeers:
 
     async def insert_invite(self, invite: InviteRow) -> None:
         await self._db.execute(
-            f"INSERT INTO invites ({_INVITE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
-            (
-                invite.token_id,
-                invite.public_key,
-                invite.exp,
-                invite.uses_left,
-                _json(invite.models),
-                invite.cap_micros,
-                invite.cap_period,
-                invite.created_at,
-            ),
+            f"INSERT INTO invites ({INVITE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+            invite_values(invite),
         )
 
     async def invite(self, token_id: str) -> InviteRow | None:
         row = await self._db.fetchone(
-            f"SELECT {_INVITE_COLUMNS} FROM invites WHERE token_id = ?", (token_id,)
+            f"SELECT {INVITE_COLUMNS} FROM invites WHERE token_id = ?", (token_id,)
         )
-        return _invite_from_row(row) if row else None
+        return invite_from_row(row) if row else None
 
     async def accept_join(
         self, token_id: str | None, now: int, key: KeyRecord, peer: PeerRecord
@@ -106,27 +70,27 @@ class SqlitePeers:
                 (now, key.peer_id),
             )
             db.execute(INSERT_KEY, key_values(key))
-            db.execute(_UPSERT_PEER, _peer_values(peer))
+            db.execute(_UPSERT_PEER, peer_values(peer))
             db.execute("DELETE FROM join_requests WHERE node_id = ?", (peer.node_id,))
             return True
 
         return await self._db.atomic(join)
 
     async def save_peer(self, peer: PeerRecord) -> None:
-        await self._db.execute(_UPSERT_PEER, _peer_values(peer))
+        await self._db.execute(_UPSERT_PEER, peer_values(peer))
 
     async def peers(self, *, include_revoked: bool = False) -> list[PeerRecord]:
         where = "" if include_revoked else " WHERE status != 'revoked'"
         rows = await self._db.fetchall(
-            f"SELECT {_PEER_COLUMNS} FROM peers{where} ORDER BY name, node_id"
+            f"SELECT {PEER_COLUMNS} FROM peers{where} ORDER BY name, node_id"
         )
-        return [_peer_from_row(row) for row in rows]
+        return [peer_from_row(row) for row in rows]
 
     async def peer(self, node_id: str) -> PeerRecord | None:
         row = await self._db.fetchone(
-            f"SELECT {_PEER_COLUMNS} FROM peers WHERE node_id = ?", (node_id,)
+            f"SELECT {PEER_COLUMNS} FROM peers WHERE node_id = ?", (node_id,)
         )
-        return _peer_from_row(row) if row else None
+        return peer_from_row(row) if row else None
 
     async def revoke_peer(self, node_id: str, now: int, status: str = "revoked") -> None:
         """Cut a peer off (`revoked` by the admin, or `suspended` for cheating): its status,

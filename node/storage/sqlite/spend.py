@@ -4,8 +4,10 @@ counts and parallel slots."""
 from __future__ import annotations
 
 import sqlite3
+import time
 
 from node.storage.records import (
+    HOLD_TTL,
     RATE_WINDOW,
     SLOT_TTL,
     RateAnswer,
@@ -36,33 +38,69 @@ class SqliteSpend:
             rows,
         )
 
-    async def reserve(self, amount: int, scopes: list[tuple[str, int]]) -> bool:
-        """Reserve `amount` in every scope, or in none if any would pass its cap.
+    async def reserve(self, amount: int, scopes: list[tuple[str, int]], holder: str = "") -> bool:
+        """Reserve `amount` in every scope, or in none if any would pass its cap, and note it
+        as the holder's.
 
-        One statement, so that it is atomic against every other reservation, in this process
-        or another: concurrent requests can never take a budget past its cap.
+        One statement decides, so that it is atomic against every other reservation, in this
+        process or another: concurrent requests can never take a budget past its cap.
         """
         values = _scope_values(len(scopes))
         flat = [part for scope in scopes for part in scope]
-        changed = await self._db.execute(
-            f"UPDATE spend SET reserved = reserved + ?"
-            f" WHERE (scope, period_start) IN (VALUES {values})"
-            f" AND NOT EXISTS (SELECT 1 FROM spend WHERE (scope, period_start) IN"
-            f" (VALUES {values}) AND spent + reserved + ? > cap)",
-            [amount, *flat, *flat, amount],
-        )
-        return changed == len(scopes)
 
-    async def release(self, leases: list[tuple[int, tuple[str, int]]]) -> None:
+        def work(db: sqlite3.Connection) -> bool:
+            changed = db.execute(
+                f"UPDATE spend SET reserved = reserved + ?"
+                f" WHERE (scope, period_start) IN (VALUES {values})"
+                f" AND NOT EXISTS (SELECT 1 FROM spend WHERE (scope, period_start) IN"
+                f" (VALUES {values}) AND spent + reserved + ? > cap)",
+                [amount, *flat, *flat, amount],
+            ).rowcount
+            if changed == len(scopes) and holder:
+                expires = int(time.time()) + HOLD_TTL
+                db.executemany(
+                    "INSERT INTO budget_holds VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT (scope, period_start, holder) DO UPDATE"
+                    " SET amount = amount + excluded.amount, expires = excluded.expires",
+                    [(scope, start, holder, amount, expires) for scope, start in scopes],
+                )
+            return changed == len(scopes)
+
+        return await self._db.atomic(work)
+
+    async def release(self, leases: list[tuple[int, tuple[str, int]]], holder: str = "") -> None:
         """Give back reserved budget that no request will use: (amount, (scope, start))."""
-        await self._db.execute_many(
-            "UPDATE spend SET reserved = MAX(reserved - ?, 0) WHERE scope = ? AND period_start = ?",
-            [(amount, scope, start) for amount, (scope, start) in leases],
+
+        def work(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "UPDATE spend SET reserved = MAX(reserved - ?, 0)"
+                " WHERE scope = ? AND period_start = ?",
+                [(amount, scope, start) for amount, (scope, start) in leases],
+            )
+            if holder:
+                db.executemany(
+                    "UPDATE budget_holds SET amount = MAX(amount - ?, 0)"
+                    " WHERE scope = ? AND period_start = ? AND holder = ?",
+                    [(amount, scope, start, holder) for amount, (scope, start) in leases],
+                )
+
+        await self._db.atomic(work)
+
+    async def renew_holds(self, holder: str, now: int) -> int:
+        """The holder is alive: what it holds stays its own until `now + HOLD_TTL`; how many
+        holds it has (none: it holds nothing, or what it held was given back)."""
+        return await self._db.execute(
+            "UPDATE budget_holds SET expires = ? WHERE holder = ?", (now + HOLD_TTL, holder)
         )
 
     async def release_all_reservations(self) -> None:
         """At start-up no request is in flight: what is still reserved was lost in a crash."""
-        await self._db.execute("UPDATE spend SET reserved = 0 WHERE reserved != 0")
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE spend SET reserved = 0 WHERE reserved != 0")
+            db.execute("DELETE FROM budget_holds")
+
+        await self._db.atomic(work)
 
     async def spend(self, scopes: list[tuple[str, int]]) -> list[SpendRow]:
         if not scopes:
@@ -166,6 +204,16 @@ def _buckets(db: sqlite3.Connection, scope: str, kind: str, now: int) -> list[tu
 
 
 def prune_leases(db: sqlite3.Connection, now: int) -> None:
-    """Forget rate counts older than any window reads, and parallel slots that expired."""
+    """Forget rate counts older than any window reads, and parallel slots that expired; give
+    back what processes that stopped renewing their budget holds held."""
     db.execute("DELETE FROM rate_counts WHERE second < ?", (now - 2 * RATE_WINDOW,))
     db.execute("DELETE FROM parallel_slots WHERE expires < ?", (now,))
+    db.execute(
+        "UPDATE spend SET reserved = MAX(reserved - (SELECT SUM(amount) FROM budget_holds h"
+        " WHERE h.scope = spend.scope AND h.period_start = spend.period_start"
+        " AND h.expires < ?), 0)"
+        " WHERE EXISTS (SELECT 1 FROM budget_holds h WHERE h.scope = spend.scope"
+        " AND h.period_start = spend.period_start AND h.expires < ?)",
+        (now, now),
+    )
+    db.execute("DELETE FROM budget_holds WHERE expires < ?", (now,))

@@ -7,7 +7,7 @@ from typing import Literal
 
 import msgspec
 
-from node.storage.records import AuditEvent, Charge, UsageGroup, UsageRecord
+from node.storage.records import AuditEvent, Charge, SeriesPoint, UsageGroup, UsageRecord
 from node.storage.sqlite.connection import Database
 
 _json = msgspec.json.encode
@@ -33,17 +33,46 @@ class SqliteUsage:
         ]
 
     async def usage_report(
-        self, by: Literal["key", "tenant", "model"], since_ms: int
+        self, by: Literal["key", "tenant", "model", "peer"], since_ms: int
     ) -> list[UsageGroup]:
-        column = {"key": "key_id", "tenant": "tenant_id", "model": "model"}[by]
+        if by == "peer":
+            # The requests we routed to a peer are those with a `peer_requests` row.
+            source = "usage u JOIN peer_requests p ON p.request_id = u.request_id"
+            column = "p.peer_id"
+        else:
+            source = "usage u"
+            column = {"key": "u.key_id", "tenant": "u.tenant_id", "model": "u.model"}[by]
         rows = await self._db.fetchall(
-            f"SELECT {column}, COUNT(*), SUM(status >= 400), SUM(tokens_in), SUM(tokens_out),"
-            f" SUM(cost_micros), SUM(unbilled_micros), SUM(clamped)"
-            f" FROM usage WHERE ts_ms >= ? GROUP BY {column}"
-            " ORDER BY SUM(cost_micros) DESC, COUNT(*) DESC",
+            f"SELECT {column}, COUNT(*), SUM(u.status >= 400), SUM(u.tokens_in),"
+            f" SUM(u.tokens_out), SUM(u.cost_micros), SUM(u.unbilled_micros), SUM(u.clamped)"
+            f" FROM {source} WHERE u.ts_ms >= ? GROUP BY {column}"
+            " ORDER BY SUM(u.cost_micros) DESC, COUNT(*) DESC",
             (since_ms,),
         )
         return [UsageGroup(*row) for row in rows]
+
+    async def usage_series(self, since_ms: int, bucket_ms: int) -> list[SeriesPoint]:
+        # Nearest-rank percentiles (the ceil(p * n)-th latency of a bucket), by window
+        # functions: no latency leaves the database.
+        rows = await self._db.fetchall(
+            """
+            WITH ranked AS (
+                SELECT (ts_ms - :since) / :bucket AS slot, status, tokens_in, tokens_out,
+                    cost_micros, latency_ms,
+                    ROW_NUMBER() OVER (PARTITION BY (ts_ms - :since) / :bucket
+                        ORDER BY latency_ms) AS rank,
+                    COUNT(*) OVER (PARTITION BY (ts_ms - :since) / :bucket) AS n
+                FROM usage WHERE ts_ms >= :since
+            )
+            SELECT :since + slot * :bucket, COUNT(*), SUM(status >= 400), SUM(tokens_in),
+                SUM(tokens_out), SUM(cost_micros),
+                MIN(CASE WHEN rank >= (n * 50 + 99) / 100 THEN latency_ms END),
+                MIN(CASE WHEN rank >= (n * 95 + 99) / 100 THEN latency_ms END)
+            FROM ranked GROUP BY slot ORDER BY slot
+            """,
+            {"since": since_ms, "bucket": bucket_ms},
+        )
+        return [SeriesPoint(*row) for row in rows]
 
 
 _USAGE_FIELDS = UsageRecord.__struct_fields__
@@ -74,14 +103,23 @@ def write_charges(db: sqlite3.Connection, charges: list[Charge], events: list[Au
         f"INSERT OR IGNORE INTO usage VALUES ({_USAGE_PLACEHOLDERS})",
         [msgspec.structs.astuple(s.record) for s in fresh],
     )
+    holds = [(s.record.cost_micros, hold) for s in fresh for hold in s.holds]
+    # A hold whose holder's holds were given back (it was killed, and this is its journal
+    # replayed) is reserved no more: its request adds its spend only.
     db.executemany(
-        "UPDATE spend SET reserved = MAX(reserved - ?, 0), spent = spent + ?"
+        "UPDATE spend SET reserved = MAX(reserved - CASE WHEN ? = '' OR EXISTS (SELECT 1"
+        " FROM budget_holds h WHERE h.scope = spend.scope AND h.period_start ="
+        " spend.period_start AND h.holder = ?) THEN ? ELSE 0 END, 0), spent = spent + ?"
         " WHERE scope = ? AND period_start = ?",
         [
-            (hold.amount, s.record.cost_micros, hold.scope, hold.period_start)
-            for s in fresh
-            for hold in s.holds
+            (hold.holder, hold.holder, hold.amount, cost, hold.scope, hold.period_start)
+            for cost, hold in holds
         ],
+    )
+    db.executemany(
+        "UPDATE budget_holds SET amount = MAX(amount - ?, 0)"
+        " WHERE scope = ? AND period_start = ? AND holder = ?",
+        [(h.amount, h.scope, h.period_start, h.holder) for _, h in holds if h.holder],
     )
     sent = [s.sent for s in fresh if s.sent is not None]
     if sent:

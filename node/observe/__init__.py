@@ -1,0 +1,1 @@
+"""The node seen from outside: its access log and how its log lines are written."""

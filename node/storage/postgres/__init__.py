@@ -1,0 +1,1 @@
+"""The PostgreSQL backend: one database shared by every process (and host) of a node."""

@@ -1,0 +1,266 @@
+"""Budgets and leases, in PostgreSQL: spend per scope and period, reservations, alert claims,
+rate counts and parallel slots."""
+
+from __future__ import annotations
+
+import time
+
+import asyncpg
+
+from node.storage.postgres.connection import Database, changed, lock_key
+from node.storage.records import (
+    HOLD_TTL,
+    RATE_WINDOW,
+    SLOT_TTL,
+    RateAnswer,
+    RateSync,
+    RateTake,
+    SpendRow,
+    now_ms,
+)
+
+# The scopes' rows are locked first, in one order (so that two reservations, or a
+# reservation and a settlement, never wait on each other), and read as they are once locked:
+# READ COMMITTED hands `FOR UPDATE` the row's newest version. Then all are reserved or none.
+# The sum is taken as numeric: a cap near 2^63 must not overflow into an error.
+_RESERVE = (
+    "WITH held AS (SELECT scope, period_start, cap, spent, reserved FROM spend"
+    " WHERE (scope, period_start) IN (SELECT * FROM unnest($2::text[], $3::bigint[]))"
+    " ORDER BY scope, period_start FOR UPDATE)"
+    " UPDATE spend SET reserved = spend.reserved + $1 FROM held"
+    " WHERE spend.scope = held.scope AND spend.period_start = held.period_start"
+    " AND NOT EXISTS (SELECT 1 FROM held"
+    " WHERE held.spent::numeric + held.reserved + $1 > held.cap)"
+)
+
+_HOLD = (
+    "INSERT INTO budget_holds SELECT scope, period_start, $3, $4, $5"
+    " FROM unnest($1::text[], $2::bigint[]) AS given (scope, period_start)"
+    " ON CONFLICT (scope, period_start, holder) DO UPDATE"
+    " SET amount = budget_holds.amount + excluded.amount, expires = excluded.expires"
+)
+
+_ADD_RATE = (
+    "INSERT INTO rate_counts VALUES ($1, $2, $3, $4) ON CONFLICT (scope, kind, second)"
+    " DO UPDATE SET amount = rate_counts.amount + excluded.amount"
+)
+
+
+def _columns(scopes: list[tuple[str, int]]) -> tuple[list[str], list[int]]:
+    return [scope for scope, _ in scopes], [start for _, start in scopes]
+
+
+class PostgresSpend:
+    """What each scope spent and holds reserved per period, the alerts claimed, and the
+    rate-limit leases shared by every process."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def open_periods(self, rows: list[tuple[str, int, int]]) -> None:
+        """Make sure each (scope, period start) row exists and carries the current cap."""
+        await self._db.execute_many(
+            "INSERT INTO spend (scope, period_start, cap) VALUES ($1, $2, $3)"
+            " ON CONFLICT (scope, period_start) DO UPDATE SET cap = excluded.cap",
+            sorted(rows),
+        )
+
+    async def reserve(self, amount: int, scopes: list[tuple[str, int]], holder: str = "") -> bool:
+        """Reserve `amount` in every scope, or in none if any would pass its cap: one
+        statement decides, atomic against every other reservation of every process; then
+        it is noted as the holder's (the spend rows stay locked until then)."""
+        scope_names, starts = _columns(scopes)
+        ordered = sorted(scopes)
+
+        async def work(db: asyncpg.Connection) -> bool:
+            count = changed(await db.execute(_RESERVE, amount, scope_names, starts))
+            if count == len(scopes) and holder:
+                await db.execute(
+                    _HOLD,
+                    [scope for scope, _ in ordered],
+                    [start for _, start in ordered],
+                    holder,
+                    amount,
+                    int(time.time()) + HOLD_TTL,
+                )
+            return count == len(scopes)
+
+        return await self._db.atomic(work)
+
+    async def release(self, leases: list[tuple[int, tuple[str, int]]], holder: str = "") -> None:
+        """Give back reserved budget that no request will use: (amount, (scope, start))."""
+        rows = sorted((scope, start, amount) for amount, (scope, start) in leases)
+
+        async def work(db: asyncpg.Connection) -> None:
+            await db.executemany(
+                "UPDATE spend SET reserved = GREATEST(reserved - $3, 0)"
+                " WHERE scope = $1 AND period_start = $2",
+                rows,
+            )
+            if holder:
+                await db.executemany(
+                    "UPDATE budget_holds SET amount = GREATEST(amount - $3, 0)"
+                    " WHERE scope = $1 AND period_start = $2 AND holder = $4",
+                    [(*row, holder) for row in rows],
+                )
+
+        if rows:
+            await self._db.atomic(work)
+
+    async def renew_holds(self, holder: str, now: int) -> int:
+        """The holder is alive: what it holds stays its own until `now + HOLD_TTL`; how many
+        holds it has (none: it holds nothing, or what it held was given back)."""
+        return await self._db.execute(
+            "UPDATE budget_holds SET expires = $1 WHERE holder = $2", now + HOLD_TTL, holder
+        )
+
+    async def release_all_reservations(self) -> None:
+        """No request of any process is in flight (the SQLite node's start; on PostgreSQL,
+        `aihub serve` never calls this: other hosts may be serving)."""
+
+        async def work(db: asyncpg.Connection) -> None:
+            await db.execute("UPDATE spend SET reserved = 0 WHERE reserved != 0")
+            await db.execute("DELETE FROM budget_holds")
+
+        await self._db.atomic(work)
+
+    async def spend(self, scopes: list[tuple[str, int]]) -> list[SpendRow]:
+        if not scopes:
+            return []
+        rows = await self._db.fetch(
+            "SELECT scope, period_start, cap, spent, reserved FROM spend"
+            " WHERE (scope, period_start) IN (SELECT * FROM unnest($1::text[], $2::bigint[]))",
+            *_columns(scopes),
+        )
+        return [SpendRow(*row) for row in rows]
+
+    async def claim_alert(self, scope: str, period_start: int, threshold: int) -> bool:
+        """True the first time a threshold is reached in a period, False ever after."""
+        claimed = await self._db.execute(
+            "INSERT INTO alerts VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            scope,
+            period_start,
+            threshold,
+            now_ms(),
+        )
+        return claimed == 1
+
+    async def rate_sync(self, sync: RateSync) -> RateAnswer:
+        """Apply one process's rate-limit bookkeeping and grant its takes, in one transaction:
+        every take gets at least one, or none does. The scopes taken from are locked (an
+        advisory lock each, in one order) for the length of it, so that two processes never
+        both grant the last of a limit."""
+        return await self._db.atomic(lambda db: _rate_sync(db, sync))
+
+    async def release_slots(self, holder: str) -> None:
+        """A process stops: the parallel slots it held come back at once."""
+        await self._db.execute("DELETE FROM parallel_slots WHERE holder = $1", holder)
+
+
+async def _rate_sync(db: asyncpg.Connection, sync: RateSync) -> RateAnswer:
+    now, holder = sync.now, sync.holder
+    locks = sorted({lock_key("rate", take.scope, take.kind) for take in sync.takes})
+    if locks:
+        await db.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) k", locks)
+    if sync.returns:
+        await db.executemany(
+            "UPDATE rate_counts SET amount = GREATEST(amount - $1, 0)"
+            " WHERE scope = $2 AND kind = 'requests' AND second = $3",
+            sorted((amount, scope, second) for scope, second, amount in sync.returns),
+        )
+    if sync.tokens:
+        await db.executemany(
+            _ADD_RATE, sorted((scope, "tokens", second, n) for scope, second, n in sync.tokens)
+        )
+    if sync.slots:
+        await db.executemany(
+            "INSERT INTO parallel_slots VALUES ($1, $2, $3, $4) ON CONFLICT (scope, holder)"
+            " DO UPDATE SET slots = excluded.slots, expires = excluded.expires",
+            sorted((scope, holder, slots, now + SLOT_TTL) for scope, slots in sync.slots),
+        )
+    used = [await _rate_used(db, take, now) for take in sync.takes]
+    refused = next(
+        (i for i, take in enumerate(sync.takes) if used[i] >= take.limit),
+        None,
+    )
+    answer = RateAnswer(granted=[0] * len(sync.takes), used=used, refused=refused)
+    if refused is None:
+        answer.granted = [
+            min(take.want, take.limit - held) for take, held in zip(sync.takes, used, strict=True)
+        ]
+        for take, granted in zip(sync.takes, answer.granted, strict=True):
+            await _grant(db, take, granted, holder, now)
+    else:
+        take = sync.takes[refused]
+        answer.buckets[take.scope] = await _buckets(db, take.scope, take.kind, now)
+    for scope in sync.read:
+        answer.buckets[scope] = await _buckets(db, scope, "tokens", now)
+    return answer
+
+
+async def _rate_used(db: asyncpg.Connection, take: RateTake, now: int) -> int:
+    if take.kind == "parallel":
+        sql = (
+            "SELECT COALESCE(SUM(slots), 0) FROM parallel_slots WHERE scope = $1 AND expires >= $2"
+        )
+        return int(await db.fetchval(sql, take.scope, now))
+    sql = (
+        "SELECT COALESCE(SUM(amount), 0) FROM rate_counts"
+        " WHERE scope = $1 AND kind = $2 AND second >= $3"
+    )
+    return int(await db.fetchval(sql, take.scope, take.kind, now - RATE_WINDOW))
+
+
+async def _grant(
+    db: asyncpg.Connection, take: RateTake, granted: int, holder: str, now: int
+) -> None:
+    if take.kind == "parallel":
+        # Slots of this holder's row that expired are no longer its: start again from none.
+        await db.execute(
+            "INSERT INTO parallel_slots VALUES ($1, $2, $3, $4) ON CONFLICT (scope, holder)"
+            " DO UPDATE SET slots = CASE WHEN parallel_slots.expires >= $5"
+            " THEN parallel_slots.slots ELSE 0 END + excluded.slots, expires = excluded.expires",
+            take.scope,
+            holder,
+            granted,
+            now + SLOT_TTL,
+            now,
+        )
+    else:
+        await db.execute(_ADD_RATE, take.scope, take.kind, now, granted)
+
+
+async def _buckets(
+    db: asyncpg.Connection, scope: str, kind: str, now: int
+) -> list[tuple[int, int]]:
+    rows = await db.fetch(
+        "SELECT second, amount FROM rate_counts WHERE scope = $1 AND kind = $2"
+        " AND second >= $3 AND amount > 0 ORDER BY second",
+        scope,
+        kind,
+        now - RATE_WINDOW,
+    )
+    return [(int(second), int(amount)) for second, amount in rows]
+
+
+async def prune_leases(db: asyncpg.Connection, now: int) -> None:
+    """Forget rate counts older than any window reads, and parallel slots that expired; give
+    back what processes that stopped renewing their budget holds held. The spend rows are
+    locked first, in the order every writer locks them, then the expired holds deleted (a
+    hold renewed meanwhile is no longer expired, and stays), then their sums given back."""
+    await db.execute("DELETE FROM rate_counts WHERE second < $1", now - 2 * RATE_WINDOW)
+    await db.execute("DELETE FROM parallel_slots WHERE expires < $1", now)
+    await db.execute(
+        "SELECT 1 FROM spend WHERE (scope, period_start) IN (SELECT scope, period_start"
+        " FROM budget_holds WHERE expires < $1) ORDER BY scope, period_start FOR UPDATE",
+        now,
+    )
+    await db.execute(
+        "WITH gone AS (DELETE FROM budget_holds WHERE expires < $1"
+        " RETURNING scope, period_start, amount),"
+        " sums AS (SELECT scope, period_start, SUM(amount) AS amount FROM gone"
+        " GROUP BY scope, period_start)"
+        " UPDATE spend SET reserved = GREATEST(spend.reserved - sums.amount, 0) FROM sums"
+        " WHERE spend.scope = sums.scope AND spend.period_start = sums.period_start",
+        now,
+    )

@@ -1,0 +1,162 @@
+"""The access log and the log settings, read from the stderr of a real `aihub serve`: a line
+per request with method, path, status, latency, key id, model and request id; never a
+secret; JSON lines when `[log] json = true`; `--log-level` honoured."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+
+from node.provision import create_node
+from tests.conftest import wait_ready
+from tests.mocks.server import free_port
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+class Served:
+    def __init__(self, url: str, key: str, log: Path) -> None:
+        self.url = url
+        self.key = key
+        self.log = log
+
+    def lines(self) -> list[str]:
+        return self.log.read_text(errors="replace").splitlines()
+
+    def wait_for_line(self, found: Callable[[str], bool], seconds: float = 20) -> str:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for line in self.lines():
+                if found(line):
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no such line in the log:\n{self.log.read_text()}")
+
+    def sdk(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.key, max_retries=0)
+
+
+@contextmanager
+def served(tmp_path: Path, *flags: str, json_lines: bool = False) -> Iterator[Served]:
+    folder = tmp_path / "node"
+    _, key = create_node(folder, "logged")
+    if json_lines:
+        text = (folder / "config.toml").read_text()
+        assert "json = false" in text
+        (folder / "config.toml").write_text(text.replace("json = false", "json = true", 1))
+    log = tmp_path / "stderr.log"
+    port = free_port()
+    aihub = Path(sys.executable).parent / "aihub"
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(
+            [str(aihub), "serve", "--data-dir", str(folder), "--port", str(port), *flags],
+            env=dict(os.environ),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, process)
+            yield Served(url, key, log)
+        finally:
+            process.terminate()
+            process.wait(timeout=15)
+
+
+def key_id(key: str) -> str:
+    return key[len("sk-hub-") : len("sk-hub-") + 12]
+
+
+def test_a_line_per_request_and_no_secret(tmp_path: Path) -> None:
+    with served(tmp_path) as node:
+        raw = node.sdk().chat.completions.with_raw_response.create(model="echo", messages=HI)
+        request_id = raw.headers["aihub-request-id"]
+        line = node.wait_for_line(lambda text: request_id in text)
+        assert line.startswith("INFO aihub.access: POST /v1/chat/completions 200 ")
+        assert f"key={key_id(node.key)}" in line and "model=echo" in line
+        assert f"id={request_id}" in line
+        latency = line.split(" 200 ")[1].split("ms")[0]
+        assert float(latency) >= 0
+
+        stream = node.sdk().chat.completions.create(model="echo", messages=HI, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        chats = lambda: [t for t in node.lines() if "POST /v1/chat/completions 200" in t]  # noqa: E731
+        node.wait_for_line(lambda _: len(chats()) == 2)
+
+        with httpx.Client(base_url=node.url) as client:
+            # The admin API takes a key itself in the path: only its public id is logged.
+            shown = client.get(
+                f"/admin/keys/{node.key}", headers={"authorization": f"Bearer {node.key}"}
+            )
+            assert shown.status_code == 200
+            missing = client.get("/no/such/page")
+            refused = client.post(
+                "/v1/chat/completions",
+                json={"model": "echo", "messages": HI},
+                headers={"authorization": "Bearer sk-hub-000000000000_" + "y" * 43},
+            )
+            forged = client.get("/health/live%0aINFO aihub.access: forged")
+        secret = node.key.split("_", 1)[1]
+        node.wait_for_line(lambda text: f"GET /admin/keys/sk-hub-{key_id(node.key)}_… 200" in text)
+        node.wait_for_line(
+            lambda text: (
+                "GET /no/such/page 404" in text and missing.headers["aihub-request-id"] in text
+            )
+        )
+        assert refused.status_code == 401
+        node.wait_for_line(lambda text: "POST /v1/chat/completions 401" in text and "key=-" in text)
+        assert forged.status_code == 404
+        node.wait_for_line(lambda text: "/health/live\\x0aINFO aihub.access: forged 404" in text)
+        log = node.log.read_text()
+        assert secret not in log and "y" * 43 not in log
+        assert "Bearer" not in log
+
+
+def test_json_lines_when_the_config_says_so(tmp_path: Path) -> None:
+    with served(tmp_path, json_lines=True) as node:
+        raw = node.sdk().embeddings.with_raw_response.create(model="echo-embed", input="hi")
+        request_id = raw.headers["aihub-request-id"]
+        line = node.wait_for_line(lambda text: request_id in text)
+        entry = json.loads(line)
+        assert entry["logger"] == "aihub.access" and entry["level"] == "info"
+        assert entry["method"] == "POST" and entry["path"] == "/v1/embeddings"
+        assert entry["status"] == 200 and entry["latency_ms"] >= 0
+        assert entry["key_id"] == key_id(node.key)
+        assert entry["model"] == "echo-embed"
+        assert entry["request_id"] == request_id
+        assert entry["ts"].endswith("Z")
+        # Every line of a node in JSON mode is JSON, the server's own included.
+        for text in node.lines():
+            assert isinstance(json.loads(text), dict), text
+
+
+def test_log_level_from_the_command_line(tmp_path: Path) -> None:
+    with served(tmp_path, "--log-level", "warning") as node:
+        node.sdk().chat.completions.create(model="echo", messages=HI)
+        with httpx.Client(base_url=node.url) as client:
+            # A request answered after the chat: once it is, the chat's line would be there.
+            assert client.get("/health/live").status_code == 200
+        assert not [line for line in node.lines() if "aihub.access" in line]
+        assert not [line for line in node.lines() if line.startswith("INFO")]
+
+
+def test_a_bad_log_level_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "node"
+    create_node(folder, "logged")
+    aihub = Path(sys.executable).parent / "aihub"
+    result = subprocess.run(
+        [str(aihub), "serve", "--data-dir", str(folder), "--log-level", "loud"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "loud" in result.stderr
