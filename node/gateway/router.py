@@ -96,7 +96,9 @@ class Router:
     def _candidates(self, model: str, kind: str, local_only: bool) -> list[Route]:
         """The routes serving `model` itself, unordered: local ones if there are any, else
         the peers advertising it."""
-        name, at, peer = model.rpartition("@")
+        # At the first `@`: a model's name has none (config and adverts alike), a peer's
+        # name may (it chooses its own), so `model@a@b` is `model` of the peer `a@b`.
+        name, at, peer = model.partition("@")
         if at and not local_only:
             # `model@peer` pins one peer's route.
             pinned = self.peer_by_name.get(name, ())
@@ -108,7 +110,7 @@ class Router:
 
     def revoked_by(self, model: str) -> str | None:
         """The peer that revoked our access, if `model` (or `model@peer`) was its alone."""
-        _, at, peer = model.rpartition("@")
+        _, at, peer = model.partition("@")
         if at:
             return self.revoked.get("@" + peer)
         if model in self.by_name or model in self.peer_by_name:

@@ -230,6 +230,8 @@ class Peering:
             if peer.key is None or peer.advert is None:
                 continue
             for model in peer.advert.models:
+                if not _nameable(model.id):
+                    continue
                 spec = Deployment(
                     name=model.id,
                     provider="peer",
@@ -684,3 +686,10 @@ async def ask_to_join(
         await store.peers.save_peer(msgspec.structs.replace(record, created_at=issuer.created_at))
         return "joined"
     return problem
+
+
+def _nameable(model: str) -> bool:
+    """Whether a peer's advertised model can be asked for: a name as our own models have
+    (no `@`, which ends a model's name in `model@peer`, and no whitespace). An advert is the
+    peer's word; a model it names otherwise is not routed, the rest of its advert is."""
+    return "@" not in model and not any(c.isspace() for c in model)
