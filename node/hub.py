@@ -24,6 +24,7 @@ from node.config import IDENTITY_FILE, Config, missing_secrets, store_target
 from node.gateway.alerts import BudgetAlerts
 from node.gateway.auth import KeyCache
 from node.gateway.budgets import Budgets
+from node.gateway.cache import ResponseCache
 from node.gateway.journal import JOURNAL_DIR, Journal
 from node.gateway.keys import HASH_PURPOSE
 from node.gateway.metrics import Metrics
@@ -50,6 +51,8 @@ COUNTERSIGN_INTERVAL = 2
 PRUNE_INTERVAL = 30
 # Each process renews its budget holds this often (they expire after HOLD_TTL, 15 s).
 HOLD_RENEW_INTERVAL = 5
+# Expired cached answers are forgotten this often (seconds); a read never returns one anyway.
+CACHE_PRUNE_INTERVAL = 60
 
 
 def http_client(config: Config) -> httpx.AsyncClient:
@@ -94,6 +97,7 @@ class Hub:
     resync: ChainResync  # our chain heads learnt from each peer before we issue it receipts
     scheduler: AsyncIOScheduler
     started_at: int
+    cache: ResponseCache  # answers kept per tenant, for keys, tenants or models that opt in
     # Traces over OTLP, when `[tracing] otlp_endpoint` is set; None costs nothing.
     tracing: Tracing | None = None
 
@@ -137,6 +141,15 @@ class Hub:
             coalesce=True,
             id="budgets.renew",
         )
+        cache = ResponseCache(store.cache, config.cache)
+        scheduler.add_job(
+            _while_store_answers(cache.prune),
+            "interval",
+            seconds=CACHE_PRUNE_INTERVAL,
+            max_instances=1,
+            coalesce=True,
+            id="cache.prune",
+        )
         return cls(
             config=config,
             data_dir=data_dir,
@@ -157,6 +170,7 @@ class Hub:
             resync=resync,
             scheduler=scheduler,
             started_at=int(time.time()),
+            cache=cache,
             tracing=start_tracing(config, identity.node_id),
         )
 

@@ -13,6 +13,7 @@ from node.storage.base import Store
 from node.storage.records import (
     HOLD_TTL,
     AuditEvent,
+    CachedAnswer,
     Conflict,
     Hold,
     InviteRow,
@@ -239,5 +240,37 @@ def test_a_dead_holders_budget_holds_are_given_back(store_url: str) -> None:
         await store.spend.release([(180, ("key:k1", 0))], "alive")
         (row,) = await store.spend.spend(scope)
         assert row.reserved == 0
+
+    on(store_url, test)
+
+
+def test_cached_answers_are_kept_per_scope_until_they_expire(store_url: str) -> None:
+    async def test(store: Store) -> None:
+        digest = b"\x01" * 32
+        await store.cache.keep(CachedAnswer("tenant:t1", digest, 1000, 5000, b"answer"), 1000, 10)
+        assert await store.cache.cached("tenant:t2", digest, 2000) is None  # never another's
+        found = await store.cache.cached("tenant:t1", digest, 2000)
+        assert found is not None and found.answer == b"answer" and found.expires_ms == 5000
+        assert await store.cache.cached("tenant:t1", digest, 5000) is None  # expired
+        # Kept again: replaced, with its new expiry.
+        await store.cache.keep(CachedAnswer("tenant:t1", digest, 6000, 9000, b"newer"), 6000, 10)
+        assert (await store.cache.cached("tenant:t1", digest, 7000)).answer == b"newer"  # type: ignore[union-attr]
+        assert await store.cache.prune_cache(9000) == 1
+        assert await store.cache.cached("tenant:t1", digest, 1) is None
+
+    on(store_url, test)
+
+
+def test_the_least_recently_used_answers_go_first(store_url: str) -> None:
+    async def test(store: Store) -> None:
+        def answer(n: int) -> CachedAnswer:
+            return CachedAnswer("key:k1", bytes([n]) * 32, n, 10**12, b"%d" % n)
+
+        for n in range(1, 4):
+            await store.cache.keep(answer(n), n, 3)
+        assert await store.cache.cached("key:k1", bytes([1]) * 32, 10) is not None  # used
+        await store.cache.keep(answer(4), 11, 3)  # one too many: 2 was used least recently
+        kept = [n for n in range(1, 5) if await store.cache.cached("key:k1", bytes([n]) * 32, 12)]
+        assert kept == [1, 3, 4]
 
     on(store_url, test)

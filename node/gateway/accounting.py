@@ -141,11 +141,15 @@ class Accounting:
         status: int,
         stream: bool,
         error: str | None = None,
+        cache_hit: bool = False,
     ) -> int:
         """Settle the request (once): cost, usage record, reservations, limits, metrics. The
         counts are clamped to what the request could have used, and the charge to what was
         reserved for it: a budget never passes its cap, whatever the upstream reports; the
-        record keeps what it cost beyond the charge (`unbilled_micros`). The charge."""
+        record keeps what it cost beyond the charge (`unbilled_micros`). The charge.
+
+        A cache hit (`cache_hit`) was served by no deployment: `route`, if given, only prices
+        it (`[cache] bill_hits`), and nothing was asked of a peer."""
         if self._settled:
             return 0
         self._settled = True
@@ -169,8 +173,8 @@ class Accounting:
             key_id=self.principal.key_id,
             tenant_id=self.principal.key.tenant_id,
             model=self.model,
-            deployment=route.label if route else None,
-            provider=spec.provider if spec else None,
+            deployment=route.label if route and not cache_hit else None,
+            provider=spec.provider if spec and not cache_hit else None,
             endpoint=self.endpoint,
             stream=stream,
             tokens_in=usage.prompt_tokens,
@@ -182,10 +186,10 @@ class Accounting:
             error=error,
             unbilled_micros=actual - cost,
             clamped=clamped,
+            cache_hit=cache_hit,
         )
-        charge = Charge(
-            record, self.hub.budgets.settle(self.holds, cost), _sent(self.request_id, route, status)
-        )
+        sent = None if cache_hit else _sent(self.request_id, route, status)
+        charge = Charge(record, self.hub.budgets.settle(self.holds, cost), sent)
         if self.for_peer and route is not None and (status == OK or usage.total_tokens):
             # Whatever was produced for a peer is receipted, whether or not the peer stayed
             # to the end of the answer (`issue_receipt`).

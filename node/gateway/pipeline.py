@@ -45,6 +45,7 @@ from adapters.types import (
 from node.errors import HubError, Kind, UpstreamFailed, gateway_failure
 from node.gateway.accounting import CLIENT_CLOSED, OK, Accounting, recorded_status
 from node.gateway.auth import Principal
+from node.gateway.cache import CacheSlot, Kept, event_bytes, kept_result
 from node.gateway.policy import model_allowed, worst_case_prompt_tokens
 from node.gateway.router import NoRoute, Route
 from node.hub import Hub
@@ -87,6 +88,8 @@ class Facts(msgspec.Struct):
     receipt: bytes | None = None
     # The name of the peer that served the answer, if a peer did.
     served_by: str | None = None
+    # "hit" (answered from the response cache) or "miss" (asked, and kept); None: not cached.
+    cache: str | None = None
 
 
 class Answer(msgspec.Struct):
@@ -265,11 +268,16 @@ async def complete(
     admitted: Admitted,
     attempt: Callable[[Route], Awaitable[ChatResult | EmbedResult | WireResult]],
     watch: Watch,
+    cache: CacheSlot | None = None,
 ) -> Answer:
     """The upstream call, then the answer settled: with our receipt if a peer asked, keeping
-    the receipt of the peer that served it if we asked one."""
+    the receipt of the peer that served it if we asked one. With a `cache` slot, a kept
+    answer is the answer, and a fresh one is kept."""
     books, plan = admitted
     async with _settled_on_error(books):
+        kept = await _cached(books, cache)
+        if kept is not None and kept.result is not None:
+            return _cached_answer(books, plan, kept.result)
         result, route = await _route(books, plan, attempt, watch)
         books.observe_latency()
         cost = books.finish(
@@ -277,8 +285,92 @@ async def complete(
         )
         receipt = await books.issue_receipt()
         books.take_receipt(route, result.receipt, cost)
+        await _keep_result(books, cache, result)
         facts = Facts(books.request_id, books.limits, cost, receipt, route.peer_name)
+        facts.cache = "miss" if cache is not None else None
         return Answer(result, facts)
+
+
+# --- the response cache's hooks (`node/gateway/cache.py`) ----------------------------------
+
+
+async def _cached(books: Accounting, cache: CacheSlot | None) -> Kept | None:
+    return await books.hub.cache.get(cache) if cache is not None else None
+
+
+async def _keep_result(
+    books: Accounting, cache: CacheSlot | None, result: ChatResult | EmbedResult | WireResult
+) -> None:
+    if cache is not None and isinstance(result, ChatResult):
+        await books.hub.cache.keep(cache, kept_result(result))
+
+
+def _settle_hit(
+    books: Accounting, plan: list[Route], usage: Usage, estimated: bool, stream: bool, status: int
+) -> int:
+    """A hit's usage record: what the kept answer used, charged only if the config says
+    so (at the plan's first deployment's price), and marked as a hit."""
+    pricing = plan[0] if books.hub.cache.config.bill_hits else None
+    return books.finish(
+        pricing, usage, estimated=estimated, status=status, stream=stream, cache_hit=True
+    )
+
+
+def _cached_answer(books: Accounting, plan: list[Route], result: ChatResult) -> Answer:
+    books.observe_latency()
+    cost = _settle_hit(books, plan, result.usage, result.usage_estimated, False, OK)
+    return Answer(result, Facts(books.request_id, books.limits, cost, cache="hit"))
+
+
+def _cached_stream(books: Accounting, plan: list[Route], kept: Kept) -> Streamed:
+    books.observe_latency()
+
+    async def abandon() -> None:
+        if not books.settled:
+            _settle_hit(books, plan, Usage(), False, True, CLIENT_CLOSED)
+
+    facts = Facts(books.request_id, books.limits, cache="hit")
+    return Streamed(_replay(books, plan, kept), facts, abandon)
+
+
+async def _replay(books: Accounting, plan: list[Route], kept: Kept) -> AsyncGenerator[Any, None]:
+    """A kept stream's events as the upstream sent them, then its end."""
+    status = CLIENT_CLOSED
+    try:
+        for event in kept.events or []:
+            yield event
+        status = OK
+        yield StreamEnd()
+    finally:
+        _settle_hit(books, plan, kept.usage, kept.usage_estimated, True, status)
+
+
+class _Recording:
+    """A stream's events as they pass, for the cache, until they outgrow what it keeps."""
+
+    def __init__(self, limit: int) -> None:
+        self.events: list[Any] | None = []
+        self._left = limit
+
+    def add(self, event: Any) -> None:
+        if self.events is None:
+            return
+        self._left -= event_bytes(event)
+        if self._left < 0:
+            self.events = None
+        else:
+            self.events.append(event)
+
+
+async def _keep_stream(
+    books: Accounting,
+    cache: CacheSlot | None,
+    recording: _Recording | None,
+    usage: Usage,
+    estimated: bool,
+) -> None:
+    if cache is not None and recording is not None and recording.events is not None:
+        await books.hub.cache.keep(cache, Kept(usage, estimated, events=recording.events))
 
 
 class _Opened(msgspec.Struct):
@@ -311,22 +403,32 @@ async def _open(route: Route, opener: Opener) -> _Opened:
 
 
 async def stream(
-    admitted: Admitted, call: ChatCall | CompletionCall, watch: Watch, opener: Opener | None = None
+    admitted: Admitted,
+    call: ChatCall | CompletionCall,
+    watch: Watch,
+    opener: Opener | None = None,
+    cache: CacheSlot | None = None,
 ) -> Streamed:
     """Open the stream along the plan (a chat call's, unless `opener` opens another kind,
     whose stream then always holds its `usage`); its relay settles it however it ends
-    (`abandon` settles it if the relay never runs)."""
+    (`abandon` settles it if the relay never runs). With a `cache` slot, kept events are
+    replayed, and a fresh stream that completes is kept."""
     books, plan = admitted
     if opener is None:
         assert isinstance(call, ChatCall)
         opener = _chat_opener(call)
     opening = opener
     async with _settled_on_error(books):
+        kept = await _cached(books, cache)
+        if kept is not None and kept.events is not None:
+            return _cached_stream(books, plan, kept)
         opened, route = await _route(books, plan, lambda r: _open(r, opening), watch)
         books.observe_latency()
+        facts = Facts(books.request_id, books.limits, served_by=route.peer_name)
+        facts.cache = "miss" if cache is not None else None
         return Streamed(
-            _relay(opened, route, call, books),
-            Facts(books.request_id, books.limits, served_by=route.peer_name),
+            _relay(opened, route, call, books, cache),
+            facts,
             lambda: _abandon(opened, route, call, books),
         )
 
@@ -341,19 +443,31 @@ async def _abandon(
 
 
 async def _relay(
-    opened: _Opened, route: Route, call: ChatCall | CompletionCall, books: Accounting
+    opened: _Opened,
+    route: Route,
+    call: ChatCall | CompletionCall,
+    books: Accounting,
+    cache: CacheSlot | None = None,
 ) -> AsyncGenerator[Any, None]:
-    """Pass the upstream's events on; account for them however the stream ends."""
+    """Pass the upstream's events on; account for them however the stream ends (and keep
+    them, with a cache slot, if it ends complete)."""
     stream = opened.stream
     sent = 0
     status, error = OK, None
+    recording = None if cache is None else _Recording(books.hub.cache.config.max_answer_bytes)
     try:
         if opened.first is not None:
+            if recording is not None:
+                recording.add(opened.first)
             yield opened.first
             sent += 1
         async for event in opened.events:
+            if recording is not None:
+                recording.add(event)
             yield event
             sent += 1
+        if recording is not None:
+            await _keep_stream(books, cache, recording, *_stream_usage(stream, call, sent))
         if books.for_peer:
             # The receipt goes before the end, as an item of its own that the consumer keeps.
             usage, estimated = _stream_usage(stream, call, sent)

@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 from ledger.receipts import SentRequest
 from node.storage.records import (
     AuditEvent,
+    CachedAnswer,
     Charge,
     InviteRow,
     JoinRequestBounds,
@@ -327,6 +328,24 @@ class ResponseStore(Protocol):
         ...
 
 
+class CacheStore(Protocol):
+    """The response cache's answers (`node.gateway.cache`), each under its scope: a read
+    names the scope, so another tenant's answer is as absent as one never kept."""
+
+    async def cached(self, scope: str, digest: bytes, now_ms: int) -> CachedAnswer | None:
+        """The answer, unless it expired by `now_ms`; a hit counts as a use (for LRU)."""
+        ...
+
+    async def keep(self, answer: CachedAnswer, now_ms: int, max_entries: int) -> None:
+        """Keep (or replace) the answer, then forget the least recently used beyond
+        `max_entries` in all."""
+        ...
+
+    async def prune_cache(self, now_ms: int) -> int:
+        """Forget expired answers; how many."""
+        ...
+
+
 class Store(Protocol):
     """One of each aggregate, over one database."""
 
@@ -338,6 +357,7 @@ class Store(Protocol):
     audit: AuditStore
     responses: ResponseStore
     sessions: SessionStore
+    cache: CacheStore
 
     async def close(self) -> None: ...
 

@@ -596,4 +596,37 @@ MIGRATIONS: list[Migration] = [
         CREATE INDEX ui_sessions_expires ON ui_sessions (expires_ms);
         """,
     ),
+    # 14: the response cache's answers, per scope (a tenant's or a key's) and digest of the
+    # canonical request, with their expiry and last use (LRU); and whether a usage record was
+    # answered from it.
+    Migration(
+        sqlite="""
+        CREATE TABLE response_cache (
+            scope TEXT NOT NULL,
+            digest BLOB NOT NULL,
+            created_ms INTEGER NOT NULL,
+            expires_ms INTEGER NOT NULL,
+            used_ms INTEGER NOT NULL,
+            answer BLOB NOT NULL,
+            PRIMARY KEY (scope, digest)
+        );
+        CREATE INDEX response_cache_used ON response_cache (used_ms);
+        CREATE INDEX response_cache_expires ON response_cache (expires_ms);
+        ALTER TABLE usage ADD COLUMN cache_hit INTEGER NOT NULL DEFAULT 0;
+        """,
+        postgres="""
+        CREATE TABLE response_cache (
+            scope TEXT NOT NULL,
+            digest BYTEA NOT NULL,
+            created_ms BIGINT NOT NULL,
+            expires_ms BIGINT NOT NULL,
+            used_ms BIGINT NOT NULL,
+            answer BYTEA NOT NULL,
+            PRIMARY KEY (scope, digest)
+        );
+        CREATE INDEX response_cache_used ON response_cache (used_ms);
+        CREATE INDEX response_cache_expires ON response_cache (expires_ms);
+        ALTER TABLE usage ADD COLUMN cache_hit BIGINT NOT NULL DEFAULT 0;
+        """,
+    ),
 ]

@@ -28,6 +28,9 @@ class Limits(Struct, omit_defaults=True, forbid_unknown_fields=True):
     rpm: Annotated[int, Meta(ge=1)] | None = None
     tpm: Annotated[int, Meta(ge=1)] | None = None
     max_parallel: Annotated[int, Meta(ge=1)] | None = None
+    # The response cache (`node.gateway.cache`): True on, False off; None leaves it to the
+    # tenant, then to the config's `[cache] models`.
+    cache: bool | None = None
 
 
 class TenantRecord(msgspec.Struct):
@@ -105,6 +108,8 @@ class UsageRecord(msgspec.Struct):
     unbilled_micros: int = 0
     # The upstream's token counts were out of what the request could have used, and clamped.
     clamped: bool = False
+    # Answered from the response cache (`node.gateway.cache`), not by an upstream.
+    cache_hit: bool = False
 
 
 class Hold(msgspec.Struct, frozen=True):
@@ -194,6 +199,18 @@ class AuditEvent(msgspec.Struct):
     target: str | None = None
     ip: str | None = None
     detail: dict[str, str | int | None] = {}
+
+
+class CachedAnswer(msgspec.Struct):
+    """An answer kept by the response cache: under its scope (a tenant's or a key's, never
+    shared) and the digest of its canonical request, until `expires_ms`; `answer` is opaque
+    to the store (`node.gateway.cache` encodes it)."""
+
+    scope: str
+    digest: bytes
+    created_ms: int
+    expires_ms: int
+    answer: bytes
 
 
 class StoredResponse(msgspec.Struct):

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import asyncpg
 
 from node.storage.postgres.audit import PostgresAudit
+from node.storage.postgres.cache import PostgresCache
 from node.storage.postgres.changes import ChangeWatch
 from node.storage.postgres.connection import Database, database_id
 from node.storage.postgres.keys import PostgresKeys
@@ -34,6 +35,7 @@ class PostgresStore:
         self.ledger = PostgresLedger(db)
         self.audit = PostgresAudit(db)
         self.responses = PostgresResponses(db)
+        self.cache = PostgresCache(db)
         self.sessions = PostgresSessions(db)
 
     @classmethod

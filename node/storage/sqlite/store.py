@@ -11,6 +11,7 @@ from pathlib import Path
 
 from node.storage.migrations import MIGRATIONS
 from node.storage.sqlite.audit import SqliteAudit
+from node.storage.sqlite.cache import SqliteCache
 from node.storage.sqlite.connection import Database
 from node.storage.sqlite.keys import SqliteKeys
 from node.storage.sqlite.ledger import SqliteLedger
@@ -34,6 +35,7 @@ class SqliteStore:
         self.ledger = SqliteLedger(db)
         self.audit = SqliteAudit(db)
         self.responses = SqliteResponses(db)
+        self.cache = SqliteCache(db)
         self.sessions = SqliteSessions(db)
 
     @classmethod
