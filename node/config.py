@@ -255,6 +255,17 @@ class CacheSection(Struct, forbid_unknown_fields=True):
     bill_hits: bool = False
 
 
+class InteractionLogSection(Struct, forbid_unknown_fields=True):
+    """Interaction logs (`node/gateway/interaction_log.py`), for keys or tenants that opt in."""
+
+    retention_days: Annotated[int, Meta(ge=1, le=3650)] = 30
+    # All entries' bodies together: past this, the oldest go at the next prune.
+    max_bytes: Annotated[int, Meta(ge=1024, le=1 << 40)] = 256 * 1024 * 1024
+    # Each body (request, answer) is cut here.
+    max_body_bytes: Annotated[int, Meta(ge=256, le=64 * 1024 * 1024)] = 64 * 1024
+    prune_interval: Annotated[int, Meta(ge=1, le=86400)] = 3600
+
+
 class Config(Struct, forbid_unknown_fields=True):
     node: NodeSection
     server: ServerSection = msgspec.field(default_factory=ServerSection)
@@ -265,6 +276,7 @@ class Config(Struct, forbid_unknown_fields=True):
     log: LogSection = msgspec.field(default_factory=LogSection)
     tracing: TracingSection = msgspec.field(default_factory=TracingSection)
     cache: CacheSection = msgspec.field(default_factory=CacheSection)
+    interaction_logs: InteractionLogSection = msgspec.field(default_factory=InteractionLogSection)
     models: list[Deployment] = []
     storage: StorageSection = msgspec.field(default_factory=StorageSection)
 
@@ -546,6 +558,12 @@ max_entries = 10000                 # answers kept in all (least recently used g
 memory_entries = 256                # of them also in each process's memory
 max_answer_bytes = 1048576          # a larger answer (or stream) is not kept
 bill_hits = false                   # true: a hit is charged as if the model had answered
+
+[interaction_logs]                  # bodies of the requests of keys or tenants with `log` on
+retention_days = 30                 # entries older than this are forgotten
+max_bytes = 268435456               # all bodies together; the oldest go first
+max_body_bytes = 65536              # each request or answer body is cut here
+prune_interval = 3600               # seconds between prunes
 
 # Each [[models]] entry is one deployment. Several may share a `name`: the router picks
 # among them by strategy and falls back in order.

@@ -25,6 +25,7 @@ from node.gateway.alerts import BudgetAlerts
 from node.gateway.auth import KeyCache
 from node.gateway.budgets import Budgets
 from node.gateway.cache import ResponseCache
+from node.gateway.interaction_log import InteractionLogger
 from node.gateway.journal import JOURNAL_DIR, Journal
 from node.gateway.keys import HASH_PURPOSE
 from node.gateway.metrics import Metrics
@@ -98,6 +99,7 @@ class Hub:
     scheduler: AsyncIOScheduler
     started_at: int
     cache: ResponseCache  # answers kept per tenant, for keys, tenants or models that opt in
+    logs: InteractionLogger  # requests and answers of the keys and tenants that opt in
     # Traces over OTLP, when `[tracing] otlp_endpoint` is set; None costs nothing.
     tracing: Tracing | None = None
 
@@ -150,6 +152,15 @@ class Hub:
             coalesce=True,
             id="cache.prune",
         )
+        logs = InteractionLogger(store.logs, config.interaction_logs)
+        scheduler.add_job(
+            _while_store_answers(logs.prune),
+            "interval",
+            seconds=config.interaction_logs.prune_interval,
+            max_instances=1,
+            coalesce=True,
+            id="logs.prune",
+        )
         return cls(
             config=config,
             data_dir=data_dir,
@@ -171,12 +182,14 @@ class Hub:
             scheduler=scheduler,
             started_at=int(time.time()),
             cache=cache,
+            logs=logs,
             tracing=start_tracing(config, identity.node_id),
         )
 
     async def stop(self) -> None:
         self.scheduler.shutdown(wait=False)
         await self.receipts.settle_tasks()
+        await self.logs.flush()
         await self.usage.stop()
         await self.budgets.release()  # after the last settlement is written
         await self.limiter.stop()

@@ -84,6 +84,7 @@ LOCAL = [
     ["tenants", "list"],
     ["usage"],
     ["audit"],
+    ["logs"],
     ["ledger", "--help"],
     ["ledger", "export", "--help"],
 ]

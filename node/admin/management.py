@@ -68,6 +68,8 @@ class LimitsInput(Struct, forbid_unknown_fields=True, omit_defaults=True):
     max_parallel: Count | UnsetType | None = UNSET
     # The response cache: true on, false off, null leaves it to the tenant (or the config).
     cache: bool | UnsetType | None = UNSET
+    # Interaction logs: true on, false off, null leaves it to the tenant.
+    log: bool | UnsetType | None = UNSET
 
     def apply(self, limits: Limits) -> Limits:
         changes = {

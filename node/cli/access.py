@@ -39,7 +39,7 @@ OPTION_OF_FIELD = {
 }
 
 UNCHANGED = "[not given: unchanged]"
-# `--cache`'s words, as the limit's value.
+# `--cache`'s and `--log`'s words, as the limit's value.
 CACHE_CHOICES: dict[str, bool | None] = {"on": True, "off": False, "inherit": None}
 
 
@@ -103,6 +103,12 @@ def limit_options(*, on_update: bool = False) -> Decorator:
             help="The response cache: on, off, or inherit (the tenant's, else the config's "
             f"[cache] models) {default('inherit')}",
         ),
+        click.option(
+            "--log",
+            type=click.Choice(CACHE_CHOICES),
+            help="Interaction logs (request and answer bodies): on, off, or inherit (the "
+            f"tenant's; off if it says nothing) {default('inherit')}",
+        ),
     )
 
 
@@ -114,6 +120,7 @@ def limit_fields(
     tpm: Any,
     max_parallel: Any,
     cache: str | None = None,
+    log: str | None = None,
 ) -> dict[str, Any]:
     """The limit options as KeyInput / TenantInput fields."""
     return {
@@ -124,6 +131,7 @@ def limit_fields(
         "tpm": tpm,
         "max_parallel": max_parallel,
         "cache": UNSET if cache is None else CACHE_CHOICES[cache],
+        "log": UNSET if log is None else CACHE_CHOICES[log],
     }
 
 
@@ -180,6 +188,7 @@ def limit_rows(limits: Limits, spend: SpendView | None, currency: str) -> list[t
         ("rpm / tpm", rate_text(limits)),
         ("max parallel", parallel_text(limits)),
         ("cache", cache_text(limits)),
+        ("interaction log", {True: "on", False: "off", None: "inherit"}[limits.log]),
     ]
     if spend is not None:
         rows.append(("reserved", amount(spend.reserved_micros, currency)))

@@ -18,6 +18,7 @@ from ledger.receipts import SentRequest
 from node.errors import HubError, Kind, UpstreamFailed
 from node.gateway.auth import Principal
 from node.gateway.budgets import budget_scopes
+from node.gateway.interaction_log import LogDraft
 from node.gateway.ratelimit import Admission, RateLimited, ScopeLimits
 from node.gateway.router import Route
 from node.gateway.traces import AttemptTrace, RequestTrace
@@ -87,6 +88,8 @@ class Accounting:
         # request may be said to have used, and charged.
         self.worst = Usage()
         self.reserved = 0
+        # The request's interaction log while it runs, if its key or tenant logs requests.
+        self.log: LogDraft | None = None
 
     @property
     def limits(self) -> dict[str, str]:
@@ -187,7 +190,10 @@ class Accounting:
             unbilled_micros=actual - cost,
             clamped=clamped,
             cache_hit=cache_hit,
+            log_id=self.request_id if self.log is not None else None,
         )
+        if self.log is not None:
+            self.hub.logs.settled(self.log, record, route.peer_name if route else None)
         sent = None if cache_hit else _sent(self.request_id, route, status)
         charge = Charge(record, self.hub.budgets.settle(self.holds, cost), sent)
         if self.for_peer and route is not None and (status == OK or usage.total_tokens):

@@ -280,6 +280,7 @@ async def complete(
             return _cached_answer(books, plan, kept.result)
         result, route = await _route(books, plan, attempt, watch)
         books.observe_latency()
+        _log_answer(books, result)
         cost = books.finish(
             route, result.usage, estimated=result.usage_estimated, status=OK, stream=False
         )
@@ -289,6 +290,19 @@ async def complete(
         facts = Facts(books.request_id, books.limits, cost, receipt, route.peer_name)
         facts.cache = "miss" if cache is not None else None
         return Answer(result, facts)
+
+
+# --- the interaction log's hooks (`node/gateway/interaction_log.py`) --------------------------
+
+
+def _log_answer(books: Accounting, result: ChatResult | EmbedResult | WireResult) -> None:
+    if books.log is not None and isinstance(result, ChatResult):
+        books.log.answered(result)
+
+
+def _log_event(books: Accounting, event: Any) -> None:
+    if books.log is not None:
+        books.log.streamed(event)
 
 
 # --- the response cache's hooks (`node/gateway/cache.py`) ----------------------------------
@@ -318,6 +332,7 @@ def _settle_hit(
 
 def _cached_answer(books: Accounting, plan: list[Route], result: ChatResult) -> Answer:
     books.observe_latency()
+    _log_answer(books, result)
     cost = _settle_hit(books, plan, result.usage, result.usage_estimated, False, OK)
     return Answer(result, Facts(books.request_id, books.limits, cost, cache="hit"))
 
@@ -338,6 +353,7 @@ async def _replay(books: Accounting, plan: list[Route], kept: Kept) -> AsyncGene
     status = CLIENT_CLOSED
     try:
         for event in kept.events or []:
+            _log_event(books, event)
             yield event
         status = OK
         yield StreamEnd()
@@ -459,11 +475,13 @@ async def _relay(
         if opened.first is not None:
             if recording is not None:
                 recording.add(opened.first)
+            _log_event(books, opened.first)
             yield opened.first
             sent += 1
         async for event in opened.events:
             if recording is not None:
                 recording.add(event)
+            _log_event(books, event)
             yield event
             sent += 1
         if recording is not None:

@@ -177,11 +177,14 @@ def response_headers(facts: Facts) -> dict[str, str]:
 
 async def _chat(request: Request) -> Reply | StreamReply:
     principal = await authenticate(request)  # a bad key is told so before a bad body
-    chat, raw = decode_body(await read_body(request, principal), _chat_decoder)
+    body = await read_body(request, principal)
+    chat, raw = decode_body(body, _chat_decoder)
     bypass = cache_bypass(request, raw)
     call = ChatCall(chat, raw, new_request_id())
     admitted = await begin_chat(request, principal, call)
-    slot = hub_of(request).cache.slot(principal, call, "openai.chat", bypass)
+    hub = hub_of(request)
+    admitted.books.log = hub.logs.draft(principal, body)
+    slot = hub.cache.slot(principal, call, "openai.chat", bypass)
     if chat.stream:
         streamed = await pipeline.stream(admitted, call, watcher_of(request), cache=slot)
         headers = {**response_headers(streamed.facts), "cache-control": "no-cache"}

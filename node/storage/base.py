@@ -18,10 +18,12 @@ from node.storage.records import (
     AuditEvent,
     CachedAnswer,
     Charge,
+    InteractionLog,
     InviteRow,
     JoinRequestBounds,
     KeyRecord,
     LinkedReceipt,
+    LogFilter,
     PeerRecord,
     RateAnswer,
     RateSync,
@@ -346,6 +348,25 @@ class CacheStore(Protocol):
         ...
 
 
+class LogStore(Protocol):
+    """Interaction logs (`node.gateway.interaction_log`), by request id."""
+
+    async def insert_log(self, entry: InteractionLog) -> None:
+        """Write it (a second with the same request id is ignored)."""
+        ...
+
+    async def logs(self, which: LogFilter) -> list[InteractionLog]:
+        """The newest first, at most `which.limit`."""
+        ...
+
+    async def log(self, request_id: str) -> InteractionLog | None: ...
+
+    async def prune_logs(self, before_ms: int, max_bytes: int) -> int:
+        """Forget entries older than `before_ms`, then the oldest until the rest hold at most
+        `max_bytes` of bodies; how many."""
+        ...
+
+
 class Store(Protocol):
     """One of each aggregate, over one database."""
 
@@ -358,6 +379,7 @@ class Store(Protocol):
     responses: ResponseStore
     sessions: SessionStore
     cache: CacheStore
+    logs: LogStore
 
     async def close(self) -> None: ...
 

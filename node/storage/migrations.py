@@ -629,4 +629,66 @@ MIGRATIONS: list[Migration] = [
         ALTER TABLE usage ADD COLUMN cache_hit BIGINT NOT NULL DEFAULT 0;
         """,
     ),
+    # 15: interaction logs, one per logged request (its bodies, what served it, what it cost,
+    # the guardrails' findings), by request id, which the usage record names (`log_id`).
+    Migration(
+        sqlite="""
+        CREATE TABLE interaction_logs (
+            request_id TEXT PRIMARY KEY,
+            ts_ms INTEGER NOT NULL,
+            key_id TEXT,
+            tenant_id TEXT,
+            model TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            deployment TEXT,
+            peer TEXT,
+            stream INTEGER NOT NULL,
+            status INTEGER NOT NULL,
+            tokens_in INTEGER NOT NULL,
+            tokens_out INTEGER NOT NULL,
+            cost_micros INTEGER NOT NULL,
+            latency_ms INTEGER NOT NULL,
+            cache_hit INTEGER NOT NULL,
+            error TEXT,
+            request BLOB NOT NULL,
+            response BLOB NOT NULL,
+            findings BLOB NOT NULL,
+            truncated INTEGER NOT NULL,
+            size INTEGER NOT NULL
+        );
+        CREATE INDEX interaction_logs_ts ON interaction_logs (ts_ms);
+        CREATE INDEX interaction_logs_key ON interaction_logs (key_id, ts_ms);
+        CREATE INDEX interaction_logs_tenant ON interaction_logs (tenant_id, ts_ms);
+        ALTER TABLE usage ADD COLUMN log_id TEXT;
+        """,
+        postgres="""
+        CREATE TABLE interaction_logs (
+            request_id TEXT PRIMARY KEY,
+            ts_ms BIGINT NOT NULL,
+            key_id TEXT,
+            tenant_id TEXT,
+            model TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            deployment TEXT,
+            peer TEXT,
+            stream BIGINT NOT NULL,
+            status BIGINT NOT NULL,
+            tokens_in BIGINT NOT NULL,
+            tokens_out BIGINT NOT NULL,
+            cost_micros BIGINT NOT NULL,
+            latency_ms BIGINT NOT NULL,
+            cache_hit BIGINT NOT NULL,
+            error TEXT,
+            request BYTEA NOT NULL,
+            response BYTEA NOT NULL,
+            findings BYTEA NOT NULL,
+            truncated BIGINT NOT NULL,
+            size BIGINT NOT NULL
+        );
+        CREATE INDEX interaction_logs_ts ON interaction_logs (ts_ms);
+        CREATE INDEX interaction_logs_key ON interaction_logs (key_id, ts_ms);
+        CREATE INDEX interaction_logs_tenant ON interaction_logs (tenant_id, ts_ms);
+        ALTER TABLE usage ADD COLUMN log_id TEXT;
+        """,
+    ),
 ]

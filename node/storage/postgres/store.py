@@ -13,6 +13,7 @@ from node.storage.postgres.changes import ChangeWatch
 from node.storage.postgres.connection import Database, database_id
 from node.storage.postgres.keys import PostgresKeys
 from node.storage.postgres.ledger import PostgresLedger
+from node.storage.postgres.logs import PostgresLogs
 from node.storage.postgres.peers import PostgresPeers, prune_nonces
 from node.storage.postgres.responses import PostgresResponses
 from node.storage.postgres.sessions import PostgresSessions, prune_sessions
@@ -36,6 +37,7 @@ class PostgresStore:
         self.audit = PostgresAudit(db)
         self.responses = PostgresResponses(db)
         self.cache = PostgresCache(db)
+        self.logs = PostgresLogs(db)
         self.sessions = PostgresSessions(db)
 
     @classmethod

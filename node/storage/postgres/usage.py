@@ -43,6 +43,7 @@ _USAGE_TYPES = {
     "unbilled_micros": "bigint",
     "clamped": "bigint",
     "cache_hit": "bigint",
+    "log_id": "text",
 }
 if tuple(_USAGE_TYPES) != _USAGE_FIELDS:  # a field added to UsageRecord must be typed here
     raise ImportError("postgres/usage.py: _USAGE_TYPES does not match UsageRecord's fields")
