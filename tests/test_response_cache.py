@@ -9,6 +9,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import httpx
 import msgspec
 import openai
@@ -266,3 +267,36 @@ def test_a_hit_leaves_a_budget_untouched(cached: Cached) -> None:
     for _ in range(3):
         assert ask(client).headers["aihub-cache"] == "hit"
     assert spent() == before
+
+
+def test_the_messages_and_responses_surfaces_are_cached_too(cached: Cached) -> None:
+    messages = anthropic.Anthropic(
+        base_url=cached.node.url, api_key=cached.node.key, max_retries=0
+    ).messages.with_raw_response
+
+    def message() -> Any:
+        return messages.create(model="cached-gpt", max_tokens=50, messages=HELLO)  # type: ignore[arg-type]
+
+    first, second = message(), message()
+    assert (first.headers["aihub-cache"], second.headers["aihub-cache"]) == ("miss", "hit")
+    assert second.parse().content[0].text == first.parse().content[0].text  # type: ignore[union-attr]
+    assert cached.upstream.calls == 1
+
+    sdk = anthropic.Anthropic(base_url=cached.node.url, api_key=cached.node.key, max_retries=0)
+
+    def streamed() -> list[str]:
+        with sdk.messages.stream(model="cached-gpt", max_tokens=50, messages=HELLO) as stream:  # type: ignore[arg-type]
+            return [event.type for event in stream]
+
+    kinds = streamed()
+    assert cached.upstream.calls == 2
+    assert streamed() == kinds  # the same events, replayed
+    assert cached.upstream.calls == 2 and "message_stop" in kinds
+
+    responses = cached.client().responses.with_raw_response
+    one = responses.create(model="cached-gpt", input="what is the capital of France")
+    two = responses.create(model="cached-gpt", input="what is the capital of France")
+    assert (one.headers["aihub-cache"], two.headers["aihub-cache"]) == ("miss", "hit")
+    assert two.parse().output_text == one.parse().output_text
+    assert two.parse().id != one.parse().id  # each answer is a response of its own
+    assert cached.upstream.calls == 3

@@ -133,14 +133,20 @@ class ResponseCache:
         self._memory: OrderedDict[CacheSlot, tuple[int, Kept]] = OrderedDict()
 
     def slot(
-        self, principal: Principal, call: ChatCall, surface: str, bypass: bool
+        self,
+        principal: Principal,
+        surface: str,
+        call: ChatCall,
+        raw: dict[str, Raw],
+        bypass: bool,
     ) -> CacheSlot | None:
-        """Where this request's answer is kept, if the cache is on for it."""
+        """Where this request's answer is kept, if the cache is on for it: `raw` is the
+        client's body as its surface spelled it (`surface` names that API)."""
         if bypass or principal.key.peer_id is not None:
             return None
         if not enabled_for(principal, call.request.model, self.config):
             return None
-        digest = canonical_digest(surface, call.raw, bool(call.request.stream))
+        digest = canonical_digest(surface, raw, bool(call.request.stream))
         return CacheSlot(scope_of(principal), digest)
 
     async def get(self, slot: CacheSlot) -> Kept | None:

@@ -184,7 +184,7 @@ async def _chat(request: Request) -> Reply | StreamReply:
     admitted = await begin_chat(request, principal, call)
     hub = hub_of(request)
     admitted.books.log = hub.logs.draft(principal, body)
-    slot = hub.cache.slot(principal, call, "openai.chat", bypass)
+    slot = hub.cache.slot(principal, "openai.chat", call, raw, bypass)
     if chat.stream:
         streamed = await pipeline.stream(admitted, call, watcher_of(request), cache=slot)
         headers = {**response_headers(streamed.facts), "cache-control": "no-cache"}
