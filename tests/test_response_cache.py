@@ -15,8 +15,12 @@ import msgspec
 import openai
 import pytest
 
+from adapters.types import ChatCall, ChatRequest
+from node.config import CacheSection
+from node.gateway.auth import Principal
+from node.gateway.cache import ResponseCache, canonical_digest, header_bypass
 from node.storage import open_store
-from node.storage.records import UsageRecord
+from node.storage.records import KeyRecord, Limits, UsageRecord
 from tests.conftest import NodeDir, RunningNode, run_node
 from tests.mocks.openai_mock import OpenAIMock
 from tests.mocks.server import serve_app
@@ -300,3 +304,64 @@ def test_the_messages_and_responses_surfaces_are_cached_too(cached: Cached) -> N
     assert two.parse().output_text == one.parse().output_text
     assert two.parse().id != one.parse().id  # each answer is a response of its own
     assert cached.upstream.calls == 3
+
+
+def _principal(**key_fields: Any) -> Principal:
+    return Principal(KeyRecord("k1", "app", b"h", False, 1, **key_fields))
+
+
+def _call(body: dict[str, Any]) -> tuple[ChatCall, dict[str, msgspec.Raw]]:
+    raw = msgspec.json.decode(json.dumps(body).encode(), type=dict[str, msgspec.Raw])
+    chat = msgspec.json.decode(json.dumps(body).encode(), type=ChatRequest)
+    return ChatCall(chat, raw, "req_1"), raw
+
+
+class _NoStore:
+    async def cached(self, *_: object) -> None:
+        raise AssertionError("not asked")
+
+
+def test_a_peer_s_requests_are_never_cached() -> None:
+    cache = ResponseCache(_NoStore(), CacheSection(models=["*"]))  # type: ignore[arg-type]
+    call, raw = _call({"model": "m", "messages": HELLO})
+    assert cache.slot(_principal(), "openai.chat", call, raw, False) is not None
+    peer = _principal(peer_id="ed25519:abc", limits=Limits(cache=True))
+    assert cache.slot(peer, "openai.chat", call, raw, False) is None
+    assert cache.slot(_principal(), "openai.chat", call, raw, True) is None  # bypassed
+
+
+def test_the_digest_is_of_what_changes_the_answer() -> None:
+    base = {"model": "m", "messages": HELLO, "temperature": 0}
+    digest = canonical_digest("openai.chat", _call(base)[1], False)
+    same = {"user": "someone", "metadata": {"a": "b"}, **dict(reversed(base.items()))}
+    assert canonical_digest("openai.chat", _call(same)[1], False) == digest
+    assert canonical_digest("openai.chat", _call({**base, "seed": 1})[1], False) != digest
+    assert canonical_digest("anthropic.messages", _call(base)[1], False) != digest
+    assert canonical_digest("openai.chat", _call(base)[1], True) != digest
+
+
+@pytest.mark.parametrize(
+    ("header", "bypassed"),
+    [("no-cache", True), ("max-age=0, No-Store", True), ("no-transform", False), ("", False)],
+)
+def test_cache_control_words(header: str, bypassed: bool) -> None:
+    assert header_bypass(header) is bypassed
+
+
+def test_the_messages_surface_takes_the_bypass_too(cached: Cached) -> None:
+    sdk = anthropic.Anthropic(base_url=cached.node.url, api_key=cached.node.key, max_retries=0)
+
+    def message(**extra: Any) -> Any:
+        return sdk.messages.with_raw_response.create(
+            model="cached-gpt",
+            max_tokens=50,
+            messages=HELLO,  # type: ignore[arg-type]
+            **extra,
+        )
+
+    message()
+    assert "aihub-cache" not in message(extra_body={"cache": False}).headers
+    assert cached.upstream.calls == 2
+    assert all("cache" not in body for body in cached.upstream.bodies)
+    with pytest.raises(anthropic.BadRequestError):
+        message(extra_body={"cache": "maybe"})
