@@ -365,3 +365,28 @@ def test_the_messages_surface_takes_the_bypass_too(cached: Cached) -> None:
     assert all("cache" not in body for body in cached.upstream.bodies)
     with pytest.raises(anthropic.BadRequestError):
         message(extra_body={"cache": "maybe"})
+
+
+def test_hits_are_charged_when_the_config_says_so(node_dir: NodeDir) -> None:
+    upstream = Counted()
+    with serve_app(upstream) as upstream_url:
+        cache_models(node_dir, '["cached-gpt"]')
+        node_dir.set_config("bill_hits = false ", "bill_hits = true ")
+        node_dir.add_config(
+            f"""
+[[models]]
+name = "cached-gpt"
+provider = "openai"
+base_url = "{upstream_url}/v1"
+price_in = 1000
+price_out = 2000
+"""
+        )
+        with run_node(node_dir) as node:
+            client = Cached(node, upstream).client()
+            miss, hit = ask(client), ask(client)
+    assert hit.headers["aihub-cache"] == "hit"
+    assert hit.headers["aihub-cost-micros"] == miss.headers["aihub-cost-micros"] != "0"
+    assert upstream.calls == 1
+    replayed = {r.request_id: r for r in usage_records(node_dir)}[hit.headers["aihub-request-id"]]
+    assert replayed.cache_hit and replayed.cost_micros > 0 and replayed.deployment is None

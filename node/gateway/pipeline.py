@@ -485,7 +485,9 @@ async def _relay(
             yield event
             sent += 1
         if recording is not None:
-            await _keep_stream(books, cache, recording, *_stream_usage(stream, call, sent))
+            # Complete: kept even if the client goes away meanwhile.
+            with anyio.CancelScope(shield=True):
+                await _keep_stream(books, cache, recording, *_stream_usage(stream, call, sent))
         if books.for_peer:
             # The receipt goes before the end, as an item of its own that the consumer keeps.
             usage, estimated = _stream_usage(stream, call, sent)
