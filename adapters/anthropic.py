@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import base64
 import re
-import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 from urllib.parse import unquote_to_bytes
@@ -65,10 +64,10 @@ from adapters.http import (
     join_url,
     send,
 )
+from adapters.streams import CountedStream
 from adapters.tokens import (
     NO_COUNT,
     completion_text,
-    estimate_text_tokens,
     token_count,
     usage_or_estimate,
 )
@@ -91,7 +90,6 @@ from adapters.types import (
     ToolCall,
     Upstream,
     UpstreamError,
-    Usage,
     WireResult,
     does_not_serve,
     error_status_for,
@@ -642,7 +640,7 @@ class AnthropicAdapter:
         )
 
 
-class AnthropicStream:
+class AnthropicStream(CountedStream):
     """Anthropic's stream events, translated into neutral stream events, or for a Messages
     client's own request (`ChatCall.native`) passed on as they came (`NativeEvent`s).
 
@@ -653,17 +651,7 @@ class AnthropicStream:
     """
 
     def __init__(self, call: ChatCall, upstream: Upstream, response: UpstreamResponse) -> None:
-        self.usage: Usage | None = None
-        self.usage_estimated = False
-        self.receipt: bytes | None = None
-        self._call = call
-        self._upstream = upstream
-        self._response = response
-        self._created = int(time.time())
-        # What the model wrote so far, for an estimate if the stream is cut short.
-        self._written: list[str] = []
-        self._prompt_count: int | None = None
-        self._completion_count: int | None = None
+        super().__init__(call, upstream, response)
         # Whether the output count is `message_delta`'s final one, not `message_start`'s.
         self._completion_final = False
         self._stop_reason: str | None = None
@@ -700,24 +688,15 @@ class AnthropicStream:
             # Anthropic's output count is cumulative: the last one seen is the total.
             self._completion_count = output
 
-    async def __aiter__(self) -> AsyncIterator[Event]:
+    def _stream(self) -> AsyncIterator[Event]:
         native = self._call.native_for(MESSAGES_API) is not None
-        try:
-            async for event in self._native_events() if native else self._events():
-                yield event
-        finally:
-            if self.usage is None:
-                # Cut short (an error, or the client went away): count what did arrive, by
-                # Anthropic's final count if it came, else by estimate but never less than
-                # Anthropic's count so far.
-                written = "".join(self._written)
-                completion = self._completion_count or 0
-                if not self._completion_final:
-                    completion = max(completion, estimate_text_tokens(written))
-                self.usage, _ = usage_or_estimate(
-                    self._prompt_count, completion, self._call, written
-                )
-                self.usage_estimated = True
+        return self._native_events() if native else self._events()
+
+    def _completion_so_far(self, written: str) -> int:
+        # Anthropic's final count, if it came, is the count: no estimate overrides it.
+        if self._completion_final:
+            return self._completion_count or 0
+        return super()._completion_so_far(written)
 
     async def _events(self) -> AsyncIterator[Event]:
         async for sse in iter_sse(self._response, self._upstream):

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import base64
 import re
-import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
@@ -74,9 +73,9 @@ from adapters.http import (
     too_large,
     transport_error,
 )
+from adapters.streams import CountedStream
 from adapters.tokens import (
     completion_text,
-    estimate_text_tokens,
     token_count,
     usage_or_estimate,
 )
@@ -98,7 +97,6 @@ from adapters.types import (
     ToolCall,
     Upstream,
     UpstreamError,
-    Usage,
     WireResult,
     does_not_serve,
 )
@@ -505,7 +503,7 @@ async def iter_frames(
         )
 
 
-class BedrockStream:
+class BedrockStream(CountedStream):
     """ConverseStream's events, translated into neutral stream events.
 
     The `Start` event waits for the first content, not for `messageStart`: Bedrock reports a
@@ -514,37 +512,13 @@ class BedrockStream:
     """
 
     def __init__(self, call: ChatCall, upstream: Upstream, response: UpstreamResponse) -> None:
-        self.usage: Usage | None = None
-        self.usage_estimated = False
-        self.receipt: bytes | None = None
-        self._call = call
-        self._upstream = upstream
-        self._response = response
-        self._created = int(time.time())
-        # What the model wrote so far, for an estimate if the stream is cut short.
-        self._written: list[str] = []
-        self._prompt_count: int | None = None
-        self._completion_count: int | None = None
+        super().__init__(call, upstream, response)
         self._stop_reason: str | None = None
         self._stopped = False
         self._started = False
         # Bedrock numbers all content blocks; OpenAI numbers tool calls only.
         self._tool_index: dict[int, int] = {}
         self._tool_has_arguments: dict[int, bool] = {}
-
-    async def __aiter__(self) -> AsyncIterator[Event]:
-        try:
-            async for event in self._events():
-                yield event
-        finally:
-            if self.usage is None:
-                # Cut short (an error, or the client went away): count what did arrive.
-                written = "".join(self._written)
-                completion = max(self._completion_count or 0, estimate_text_tokens(written))
-                self.usage, _ = usage_or_estimate(
-                    self._prompt_count, completion, self._call, written
-                )
-                self.usage_estimated = True
 
     async def _events(self) -> AsyncIterator[Event]:
         async for frame in iter_frames(self._response, self._upstream):

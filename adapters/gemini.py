@@ -23,7 +23,6 @@ its own URL and credentials (`adapters.vertex`). What differs from OpenAI in the
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -61,6 +60,7 @@ from adapters.http import (
     iter_sse,
     join_url,
 )
+from adapters.streams import CountedStream
 from adapters.tokens import (
     completion_text,
     estimate_text_tokens,
@@ -240,7 +240,7 @@ def completion_of(
     return ChatResult(completion=completion_body, usage=usage, usage_estimated=estimated)
 
 
-class GeminiStream:
+class GeminiStream(CountedStream):
     """Gemini's SSE events (each a `GenerateContentResponse` with the next parts), translated
     into neutral stream events.
 
@@ -251,35 +251,11 @@ class GeminiStream:
     """
 
     def __init__(self, call: ChatCall, upstream: Upstream, response: UpstreamResponse) -> None:
-        self.usage: Usage | None = None
-        self.usage_estimated = False
-        self.receipt: bytes | None = None
-        self._call = call
-        self._upstream = upstream
-        self._response = response
-        self._created = int(time.time())
-        self._written: list[str] = []
-        self._prompt_count: int | None = None
-        self._completion_count: int | None = None
+        super().__init__(call, upstream, response)
         # Per choice: whether it began, how many tool calls it made, whether it finished.
         self._started: set[int] = set()
         self._calls: dict[int, int] = {}
         self._finished: set[int] = set()
-
-    async def __aiter__(self) -> AsyncIterator[Event]:
-        try:
-            async for event in self._events():
-                yield event
-        finally:
-            if self.usage is None:
-                # Cut short (an error, or the client went away): count what did arrive, by
-                # Gemini's count so far but never less than the estimate of what was written.
-                written = "".join(self._written)
-                completion = max(self._completion_count or 0, estimate_text_tokens(written))
-                self.usage, _ = usage_or_estimate(
-                    self._prompt_count, completion, self._call, written
-                )
-                self.usage_estimated = True
 
     async def _events(self) -> AsyncIterator[Event]:
         async for sse in iter_sse(self._response, self._upstream):

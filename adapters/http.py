@@ -14,7 +14,7 @@ import functools
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
 from types import TracebackType
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 import aiohttp
 import msgspec
@@ -63,6 +63,28 @@ def openai_error_message(body: bytes) -> tuple[str, str | None]:
     if isinstance(parsed.error, str):
         return parsed.error, None
     return parsed.message or body[:500].decode(errors="replace").strip(), None
+
+
+class _Chunk(Protocol):
+    error: object
+
+
+C = TypeVar("C", bound=_Chunk)
+
+
+def openai_chunk(decoder: msgspec.json.Decoder[C], data: bytes, upstream: Upstream) -> C:
+    """A chunk of an OpenAI-compatible stream, as `decoder` reads it: one that does not read,
+    or that carries an `error`, is the upstream failing mid-stream (502)."""
+    try:
+        chunk = decoder.decode(data)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise UpstreamError(
+            502, f"{upstream.provider} upstream sent an invalid chunk: {exc}"
+        ) from exc
+    if chunk.error is not None:
+        message, _ = openai_error_message(data)
+        raise UpstreamError(502, f"{upstream.provider} upstream failed: {message}")
+    return chunk
 
 
 ErrorParser = Callable[[bytes], tuple[str, str | None]]

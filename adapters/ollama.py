@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import re
-import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 from urllib.parse import unquote_to_bytes
@@ -45,6 +44,7 @@ from adapters.http import (
     join_url,
     send,
 )
+from adapters.streams import CountedStream
 from adapters.tokens import (
     NO_COUNT,
     completion_text,
@@ -452,7 +452,7 @@ class OllamaAdapter:
         return EmbedResult(embeddings=result, usage=usage, usage_estimated=estimated)
 
 
-class OllamaStream:
+class OllamaStream(CountedStream):
     """Ollama's NDJSON lines, translated into neutral stream events.
 
     Nothing is yielded before Ollama's first line has arrived and proved not to be an error,
@@ -460,26 +460,7 @@ class OllamaStream:
     """
 
     def __init__(self, call: ChatCall, upstream: Upstream, response: UpstreamResponse) -> None:
-        self.usage: Usage | None = None
-        self.usage_estimated = False
-        self.receipt: bytes | None = None
-        self._call = call
-        self._upstream = upstream
-        self._response = response
-        self._created = int(time.time())
-        # What the model wrote so far, for an estimate if Ollama's counts never come.
-        self._written: list[str] = []
-
-    async def __aiter__(self) -> AsyncIterator[Event]:
-        try:
-            async for event in self._events():
-                yield event
-        finally:
-            if self.usage is None:
-                # Cut short (an error, or the client went away): count what did arrive.
-                self.usage, self.usage_estimated = usage_or_estimate(
-                    None, None, self._call, "".join(self._written)
-                )
+        super().__init__(call, upstream, response)
 
     async def _events(self) -> AsyncIterator[Event]:
         request_id = self._call.request_id

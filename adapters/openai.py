@@ -26,7 +26,7 @@ from adapters.http import (
     build_request,
     iter_sse,
     join_url,
-    openai_error_message,
+    openai_chunk,
     send,
 )
 from adapters.openai_completions import CompletionStream
@@ -193,9 +193,14 @@ class OpenAIAdapter:
         the budget reserved at most that many output tokens, so the provider must not be let
         write more. A field the client sent is lowered as it is; with none, OpenAI's own API
         and Azure get `max_completion_tokens` (reasoning models refuse `max_tokens`), other
-        OpenAI-compatible servers the `max_tokens` they all read."""
+        OpenAI-compatible servers the `max_tokens` they all read. A limit the gateway set
+        (the budget left capped the call) is in `call.request` but not in the client's raw
+        fields: it is sent the same way."""
         cap = self.upstream.max_output_tokens
         request = call.request
+        if "max_tokens" not in call.raw and "max_completion_tokens" not in call.raw:
+            limit = min(request.output_limit or cap, cap)
+            return {self._output_field(): Raw(str(limit).encode())}
         if request.max_tokens is None and request.max_completion_tokens is None:
             return {self._output_field(): Raw(str(cap).encode())}
         overrides = {}
@@ -395,15 +400,7 @@ class OpenAIStream:
             if receipt_event is not None and event.event == receipt_event:
                 self.receipt = data
                 continue
-            try:
-                peek = _peek.decode(data)
-            except (msgspec.DecodeError, RecursionError) as exc:
-                raise UpstreamError(
-                    502, f"{self._upstream.provider} upstream sent an invalid chunk: {exc}"
-                ) from exc
-            if peek.error is not None:
-                message, _ = openai_error_message(data)
-                raise UpstreamError(502, f"{self._upstream.provider} upstream failed: {message}")
+            peek = openai_chunk(_peek, data, self._upstream)
             for choice in peek.choices or ():
                 finished = finished or choice.finish_reason is not None
                 if choice.delta is not None and choice.delta.content:

@@ -16,7 +16,7 @@ import msgspec
 from msgspec import Raw
 
 from adapters.events import OpenAIChunk
-from adapters.http import UpstreamResponse, iter_sse, openai_error_message
+from adapters.http import UpstreamResponse, iter_sse, openai_chunk
 from adapters.tokens import NO_COUNT, estimate_text_tokens, token_count
 from adapters.types import CompletionCall, Upstream, UpstreamError, Usage, sse_event
 
@@ -86,15 +86,7 @@ class CompletionStream:
             if self._receipt_event is not None and event.event == self._receipt_event:
                 self.receipt = data
                 continue
-            try:
-                peek = _chunk_decoder.decode(data)
-            except (msgspec.DecodeError, RecursionError) as exc:
-                raise UpstreamError(
-                    502, f"{self._upstream.provider} upstream sent an invalid chunk: {exc}"
-                ) from exc
-            if peek.error is not None:
-                message, _ = openai_error_message(data)
-                raise UpstreamError(502, f"{self._upstream.provider} upstream failed: {message}")
+            peek = openai_chunk(_chunk_decoder, data, self._upstream)
             for choice in peek.choices or ():
                 finished = finished or choice.finish_reason is not None
                 if choice.text:

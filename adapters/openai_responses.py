@@ -20,7 +20,8 @@ from msgspec import Raw, Struct
 
 from adapters.events import NativeEvent, native_event
 from adapters.http import UpstreamResponse, decode_json, iter_sse
-from adapters.tokens import NO_COUNT, estimate_text_tokens, token_count, usage_or_estimate
+from adapters.streams import CountedStream
+from adapters.tokens import NO_COUNT, token_count, usage_or_estimate
 from adapters.types import ChatCall, ChatResult, Upstream, UpstreamError, Usage
 
 NATIVE = "openai.responses"
@@ -110,31 +111,13 @@ def responses_result(call: ChatCall, upstream: Upstream, content: bytes) -> Chat
     return ChatResult(native=content, usage=usage, usage_estimated=estimated)
 
 
-class ResponsesStream:
+class ResponsesStream(CountedStream):
     """A Responses stream's events, passed on as they came (`NativeEvent`s) and read for the
     usage of its last snapshot; an `error` event, or an end before a last snapshot, is the
     upstream failing (`UpstreamError`)."""
 
     def __init__(self, call: ChatCall, upstream: Upstream, response: UpstreamResponse) -> None:
-        self.usage: Usage | None = None
-        self.usage_estimated = False
-        self.receipt: bytes | None = None
-        self._call = call
-        self._upstream = upstream
-        self._response = response
-        self._written: list[str] = []
-
-    async def __aiter__(self) -> AsyncIterator[NativeEvent]:
-        try:
-            async for event in self._events():
-                yield event
-        finally:
-            if self.usage is None:
-                # Cut short: what was written so far, estimated.
-                written = "".join(self._written)
-                completion = estimate_text_tokens(written)
-                self.usage, _ = usage_or_estimate(None, completion, self._call, written)
-                self.usage_estimated = True
+        super().__init__(call, upstream, response)
 
     async def _events(self) -> AsyncIterator[NativeEvent]:
         held: list[NativeEvent] = []

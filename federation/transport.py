@@ -18,6 +18,10 @@ from federation.identity import NodeIdentity
 from federation.ids import new_request_id
 
 HOP_HEADER = "aihub-hop"
+# On a model call whose client set no output limit: the `max_tokens` in the body is the
+# consumer's own bound, and the provider may serve it capped lower (what its cap for the
+# consumer has left) rather than refuse it.
+OUTPUT_ELASTIC_HEADER = "aihub-output-elastic"
 # On a node's signed requests: it wants to be named to the receiver's other peers.
 LISTED_HEADER = "aihub-listed"
 # A peer's receipt for a complete answer: a response header (unpadded base64url), or on a
@@ -52,12 +56,18 @@ def signed_headers(
 
 
 def peer_call_headers(
-    identity: NodeIdentity, url: str, body: bytes, key: str | None, request_id: str
+    identity: NodeIdentity,
+    url: str,
+    body: bytes,
+    key: str | None,
+    request_id: str,
+    *,
+    elastic: bool = False,
 ) -> dict[str, str]:
-    """The headers of a model call routed to a peer: signed, with its key, one hop old."""
-    return signed_headers(
-        identity, "POST", url, body, key=key, request_id=request_id, extra={HOP_HEADER: "1"}
-    )
+    """The headers of a model call routed to a peer: signed, with its key, one hop old (and
+    `aihub-output-elastic` if its output limit may be lowered)."""
+    extra = {HOP_HEADER: "1", OUTPUT_ELASTIC_HEADER: "1"} if elastic else {HOP_HEADER: "1"}
+    return signed_headers(identity, "POST", url, body, key=key, request_id=request_id, extra=extra)
 
 
 def served_by_value(name: str) -> str:

@@ -21,6 +21,7 @@ from node.config import data_dir, load_config
 from node.hub import Hub
 from node.ingress import anthropic
 from node.ingress.errors import EXCEPTION_HANDLERS
+from node.ingress.moderations import ROUTES as MODERATION_ROUTES
 from node.ingress.openai import ROUTES, document
 from node.ingress.openai_more import ROUTES as OPENAI_MORE_ROUTES
 from node.ingress.responses import ROUTES as RESPONSES_ROUTES
@@ -64,6 +65,7 @@ def create_app(directory: Path | None = None) -> Litestar:
             *anthropic.ROUTES,
             *RESPONSES_ROUTES,
             *OPENAI_MORE_ROUTES,
+            *MODERATION_ROUTES,
             *ADMIN_ROUTES,
             *LOG_ROUTES,
             *LEDGER_ROUTES,

@@ -127,6 +127,125 @@ class FederationSection(Struct, forbid_unknown_fields=True):
     join_request_ttl: Annotated[int, Meta(ge=1, le=365 * 86400)] = 7 * 86400
 
 
+# --- guardrails (issue 15): profiles of checks on the request path (node/gateway/guardrails/) --
+Action = Literal["block", "redact", "log"]
+# Presidio's names for what its pattern recognizers find offline.
+PII_ENTITIES = ("EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS")
+# What Presidio's spaCy recognizer finds, with an NER pipeline installed (`ner_model`).
+NER_ENTITIES = ("PERSON", "LOCATION", "ORGANIZATION", "NRP", "DATE_TIME")
+Region = Annotated[str, Meta(pattern="^[A-Z]{2}$")]
+CheckName = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+
+
+class _Check(Struct, forbid_unknown_fields=True, tag_field="kind", kw_only=True):
+    action: Action = "block"
+    # What errors, audit events and metrics call it; empty: its kind.
+    name: CheckName | None = None
+
+
+class PiiCheck(_Check, tag="pii"):
+    entities: list[str] = msgspec.field(default_factory=lambda: list(PII_ENTITIES))
+    # Presidio's confidence from which a finding counts (its patterns score 0.05 to 1.0).
+    min_score: Annotated[float, Meta(ge=0, le=1)] = 0.4
+    # An installed spaCy pipeline (a package name such as `en_core_web_sm`, or a folder) for
+    # names and places (NER_ENTITIES); never downloaded. Empty: patterns only.
+    ner_model: str = ""
+    # Where phone numbers written without a country code are read as from (ISO codes).
+    phone_regions: Annotated[list[Region], Meta(max_length=8)] = msgspec.field(
+        default_factory=lambda: ["US", "GB"]
+    )
+    # On requests; also on answers (`redact` or `log` only: an answer is never refused half
+    # sent).
+    input: bool = True
+    output: bool = False
+
+
+class SecretsCheck(_Check, tag="secrets"):
+    input: bool = True
+    output: bool = False
+
+
+class BannedCheck(_Check, tag="banned"):
+    # Words or phrases, matched whole and case-blind after Unicode folding.
+    words: Annotated[list[Annotated[str, Meta(min_length=1, max_length=200)]], Meta(min_length=1)]
+
+
+class SizeCheck(_Check, tag="size"):
+    max_chars: Annotated[int, Meta(ge=1)]
+
+
+class InjectionCheck(_Check, tag="injection"):
+    # The score (0 to 1) from which a text counts as a prompt injection or jailbreak.
+    threshold: Annotated[float, Meta(gt=0, le=1)] = 0.5
+
+
+class WebhookCheck(_Check, tag="webhook"):
+    """An external guardrail: POSTed the request's texts, it answers allow, block or the texts
+    redacted. `action = "log"` makes it advisory (what it says is only recorded)."""
+
+    url: Annotated[str, Meta(pattern=r"^https?://.+")]
+    timeout: Annotated[float, Meta(gt=0, le=60)] = 2.0
+    # What an unreachable, slow or garbled hook means: "allow" (fail open) or "block" (closed).
+    on_error: Literal["allow", "block"] = "block"
+
+
+Check = PiiCheck | SecretsCheck | BannedCheck | SizeCheck | InjectionCheck | WebhookCheck
+
+
+class GuardrailProfile(Struct, forbid_unknown_fields=True):
+    checks: Annotated[list[Check], Meta(min_length=1)]
+    # Characters of a streamed answer held back so that what spans chunks is still caught:
+    # longer than the PII it catches (an IBAN is 34, an IPv6 address 39, most emails under
+    # 64), short enough that the first text waits for ~40 tokens, not 100.
+    hold_back: Annotated[int, Meta(ge=16, le=4096)] = 128
+
+
+class GuardrailsSection(Struct, forbid_unknown_fields=True):
+    profiles: dict[str, GuardrailProfile] = {}
+    # Which profile applies: a key's (by name or id), else its tenant's (by name), else, for
+    # a peer's request, `peers` (the provider's own profile for what peers send), else
+    # `default`. Empty: none.
+    keys: dict[str, str] = {}
+    tenants: dict[str, str] = {}
+    peers: str = ""
+    default: str = ""
+
+
+def _guardrails_problems(section: GuardrailsSection) -> list[str]:
+    problems: list[str] = []
+    named = [("guardrails.default", section.default), ("guardrails.peers", section.peers)]
+    named += [(f"guardrails.keys.{k}", v) for k, v in section.keys.items()]
+    named += [(f"guardrails.tenants.{k}", v) for k, v in section.tenants.items()]
+    for where, profile in named:
+        if profile and profile not in section.profiles:
+            problems.append(f"{where}: {profile!r} is not a profile in [guardrails.profiles]")
+    for name, profile in section.profiles.items():
+        where = f"guardrails.profiles.{name}"
+        for index, check in enumerate(profile.checks):
+            if isinstance(check, PiiCheck):
+                known = PII_ENTITIES + NER_ENTITIES if check.ner_model else PII_ENTITIES
+                unknown = sorted(set(check.entities) - set(known))
+                if unknown:
+                    problems.append(
+                        f"{where}.checks[{index}]: unknown entities {unknown}; "
+                        f"known: {list(known)}"
+                        + ("" if check.ner_model else f" ({list(NER_ENTITIES)} with ner_model)")
+                    )
+            output = isinstance(check, PiiCheck | SecretsCheck) and check.output
+            if output and check.action == "block":
+                problems.append(f"{where}.checks[{index}]: an output check redacts or logs")
+            if isinstance(check, SizeCheck | InjectionCheck | WebhookCheck):
+                kind = check.__struct_config__.tag
+                if check.action == "redact":  # a webhook enforces what it answers, or logs it
+                    problems.append(f"{where}.checks[{index}]: a {kind} check blocks or logs")
+            if isinstance(check, PiiCheck | SecretsCheck) and not (check.input or check.output):
+                problems.append(f"{where}.checks[{index}]: neither input nor output")
+    return problems
+
+
+# --- end guardrails
+
+
 class Deployment(Struct, forbid_unknown_fields=True):
     """One way of serving a model name: a provider, its upstream model and its price."""
 
@@ -149,9 +268,10 @@ class Deployment(Struct, forbid_unknown_fields=True):
     context: Annotated[int, Meta(ge=1)] | None = None
     max_output_tokens: Annotated[int, Meta(ge=1)] = 4096
     # What a request that sets no max_tokens reserves of every budget for its output (unset:
-    # max_output_tokens). Lower, fewer requests are refused while budget is left; an answer
-    # longer than this is charged only up to what was reserved (the rest is recorded as
-    # unbilled), so a budget still never passes its cap.
+    # max_output_tokens; less, down to a floor, with the upstream's output capped to match,
+    # when a budget has less left: `pipeline.begin_chat`). An answer longer than this is
+    # charged only up to what was reserved (the rest is recorded as unbilled), so a budget
+    # still never passes its cap.
     reserve_output_tokens: Annotated[int, Meta(ge=1)] | None = None
     connect_timeout: Seconds | None = None
     read_timeout: Seconds | None = None
@@ -275,6 +395,7 @@ class Config(Struct, forbid_unknown_fields=True):
     federation: FederationSection = msgspec.field(default_factory=FederationSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
     tracing: TracingSection = msgspec.field(default_factory=TracingSection)
+    guardrails: GuardrailsSection = msgspec.field(default_factory=GuardrailsSection)
     cache: CacheSection = msgspec.field(default_factory=CacheSection)
     interaction_logs: InteractionLogSection = msgspec.field(default_factory=InteractionLogSection)
     models: list[Deployment] = []
@@ -341,6 +462,7 @@ def semantic_problems(config: Config) -> list[str]:
             problems.append(f"{where}: base_url must start with http:// or https://")
         problems += _bedrock_problems(deployment, where)
         problems += _google_problems(where, deployment)
+    problems += _guardrails_problems(config.guardrails)
     return problems
 
 

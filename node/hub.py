@@ -25,6 +25,7 @@ from node.gateway.alerts import BudgetAlerts
 from node.gateway.auth import KeyCache
 from node.gateway.budgets import Budgets
 from node.gateway.cache import ResponseCache
+from node.gateway.guardrails.stage import Guardrails
 from node.gateway.interaction_log import InteractionLogger
 from node.gateway.journal import JOURNAL_DIR, Journal
 from node.gateway.keys import HASH_PURPOSE
@@ -98,6 +99,7 @@ class Hub:
     resync: ChainResync  # our chain heads learnt from each peer before we issue it receipts
     scheduler: AsyncIOScheduler
     started_at: int
+    guardrails: Guardrails
     cache: ResponseCache  # answers kept per tenant, for keys, tenants or models that opt in
     logs: InteractionLogger  # requests and answers of the keys and tenants that opt in
     # Traces over OTLP, when `[tracing] otlp_endpoint` is set; None costs nothing.
@@ -143,6 +145,7 @@ class Hub:
             coalesce=True,
             id="budgets.renew",
         )
+        metrics = Metrics()
         cache = ResponseCache(store.cache, config.cache)
         scheduler.add_job(
             _while_store_answers(cache.prune),
@@ -174,13 +177,14 @@ class Hub:
             budgets=budgets,
             alerts=alerts,
             limiter=limiter,
-            metrics=Metrics(),
+            metrics=metrics,
             nonces=NonceCache(),
             peering=peering,
             receipts=receipts,
             resync=resync,
             scheduler=scheduler,
             started_at=int(time.time()),
+            guardrails=Guardrails(config.guardrails, metrics.registry, usage.audit, client),
             cache=cache,
             logs=logs,
             tracing=start_tracing(config, identity.node_id),

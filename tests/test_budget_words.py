@@ -1,7 +1,8 @@
 """Budget refusals and alerts as a person reads them, on a real node: amounts in the node's
 currency, the key by its name, a reservation for requests without max_tokens that the
 deployment chooses (`reserve_output_tokens`), and a 100 % alert only when something was
-spent (or reserved), saying which."""
+spent (or reserved), saying which. (A request without max_tokens is served capped while its
+budget has room for the floor: tests/test_budget_capped.py.)"""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import openai
 import pytest
 
 from node.config import DATABASE_FILE
+from node.gateway.pipeline import LEAST_OUTPUT_TOKENS
 from node.storage import open_store
 from tests.conftest import NodeDir, run_node
 from tests.test_budgets import make_key
@@ -39,17 +41,19 @@ def client(node, key: str) -> openai.OpenAI:  # type: ignore[no-untyped-def]
 def test_a_refusal_speaks_money_and_names_the_key_and_no_alert_fires_with_nothing_spent(node_dir):
     node_dir.set_config('currency = "USD"', 'currency = "EUR"')
     node_dir.set_config(ECHO, PRICED)
-    key, key_id = make_key(node_dir.path, name="team-app", budget_micros=1000)
+    key, key_id = make_key(node_dir.path, name="team-app", budget_micros=50)
     with run_node(node_dir) as node:
-        # No max_tokens: 4,096 output tokens at €1/1M are reserved, more than the €0.001 cap.
+        # No max_tokens: 4,096 output tokens at €1/1M would be reserved, more than the
+        # €0.00005 cap, and not even the floor it may be capped at fits.
         with pytest.raises(openai.RateLimitError) as refused:
             client(node, key).chat.completions.create(model="echo", messages=HI)
         body = refused.value.body
         assert isinstance(body, dict) and body["code"] == "insufficient_quota"
         message = body["message"]
-        assert "key `team-app`" in message and "€0.001" in message and "monthly" in message
+        assert "key `team-app`" in message and "€0.00005" in message and "monthly" in message
         assert key_id not in message and "micro" not in message
-        assert "4,096 output tokens" in message and "max_tokens" in message
+        assert f"down to {LEAST_OUTPUT_TOKENS} output tokens" in message
+        assert "max_tokens" in message
         # With max_tokens the worst case fits.
         reply = client(node, key).chat.completions.create(model="echo", messages=HI, max_tokens=8)
         assert reply.choices[0].message.content
@@ -83,9 +87,9 @@ def test_a_tenants_refusal_names_the_tenant(node_dir):
         node_dir.path,
         name="worker",
         tenant="acme",
-        tenant_fields={"name": "acme", "budget_micros": 500},
+        tenant_fields={"name": "acme", "budget_micros": 50},
     )
     with run_node(node_dir) as node, pytest.raises(openai.RateLimitError) as refused:
         client(node, key).chat.completions.create(model="echo", messages=HI)
     message = refused.value.body["message"]  # type: ignore[index]
-    assert "tenant `acme`" in message and "$0.0005" in message
+    assert "tenant `acme`" in message and "$0.00005" in message

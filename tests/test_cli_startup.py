@@ -87,6 +87,13 @@ LOCAL = [
     ["logs"],
     ["ledger", "--help"],
     ["ledger", "export", "--help"],
+    ["ledger", "balance"],  # the books are read from the store; no peer is asked
+    ["peers", "list"],
+    ["peers", "pending"],
+    ["peers", "approve", "--help"],
+    ["peers", "discover", "--help"],  # mDNS and the HTTP client only when it looks
+    ["invite", "create", "--help"],
+    ["join", "--help"],
 ]
 
 

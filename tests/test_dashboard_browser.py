@@ -255,6 +255,9 @@ def _ledger_page(watched: Watched) -> None:
     expect(page.locator("#balances")).to_contain_text("they owe us")
     page.click("#verify")
     expect(page.locator("#result-body")).to_contain_text('"ok": true')
+    expect(page.locator("#result-summary")).to_have_text(
+        "Every chain verified: 1 chain(s), 1 receipt(s)."
+    )
     watched.shot("ledger")
     page.locator("#result button").click()
 

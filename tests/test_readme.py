@@ -6,6 +6,7 @@ real nodes (below: the substitutions that lets them run on one machine)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -128,7 +129,10 @@ def test_a_wrong_command_would_be_caught() -> None:
 #   environment's own: `make run` is what it runs, `aihub init --if-missing` and `aihub serve`;
 # - "Add your providers": alice's config gets a `llama3` deployment of the echo provider (the
 #   story's models would need provider keys); `carol-statements.jsonl`, which Carol would send,
-#   is an empty file.
+#   is an empty file;
+# - the join without an invite: bob's `seeds` name alice's URL (on a LAN mDNS would find her;
+#   these tests announce nothing), `ed25519:QWxp…` is the node id `aihub peers discover` listed
+#   and `http://192.168.1.20:8787` alice's URL; each line runs on the node its comment names.
 #
 # Section 1 is run for alice and, as "Bob's server" does, for bob (`--name bob`).
 
@@ -136,6 +140,7 @@ SECTIONS = dict(re.findall(r"^## (.+?)\n(.*?)(?=^## |\Z)", README, re.S | re.M))
 KEY_PATTERN = re.compile(r"sk-hub-[0-9a-f]{12}_[A-Za-z0-9_-]{43}")
 TOKEN_PATTERN = re.compile(r"aihub1\.[A-Za-z0-9_.-]{40,}")
 KEY_ID_PATTERN = re.compile(r"^\s*id\s+([0-9a-f]{12})\s*$", re.M)
+NODE_ID_PATTERN = re.compile(r"ed25519:[A-Za-z0-9_-]{43}")
 ECHO_LLAMA3 = '\n[[models]]\nname = "llama3"\nprovider = "echo"\nprice_in = 1_000_000\n'
 STEP_TIMEOUT = 120
 
@@ -192,7 +197,8 @@ class Story:
         text = re.sub(r"aihub1\.eyJ2\S*…", self.found.get("token", "NO-TOKEN-YET"), text)
         for placeholder in ("ci-bot-key-id-or-the-key-itself", "KEY_ID"):
             text = text.replace(placeholder, self.found.get("key_id", "NO-KEY-YET"))
-        return text
+        text = text.replace("ed25519:QWxp…", self.found.get("node_id", "NO-NODE-ID-YET"))
+        return text.replace("http://192.168.1.20:8787", self.url("alice"))
 
     def shell(self, node: str, text: str) -> str:
         """Run README lines in `node`'s shell; `aihub serve` starts in the background."""
@@ -230,7 +236,20 @@ class Story:
             self.found["token"] = token.group(0)
         if (key_id := KEY_ID_PATTERN.search(output)) and line.startswith("aihub keys create"):
             self.found.setdefault("key_id", key_id.group(1))
+        if (node_id := NODE_ID_PATTERN.search(output)) and line.startswith("aihub peers discover"):
+            self.found["node_id"] = node_id.group(0)
         return output
+
+    def shell_as_commented(self, text: str) -> dict[str, str]:
+        """Run each line on the node its comment names (`# on Bob's node`); what each printed."""
+        printed = {}
+        for line in text.replace("\\\n", " ").splitlines():
+            if not line.strip():
+                continue
+            node = next((n for n in ("alice", "bob") if f"# on {n.title()}'s node" in line), None)
+            assert node is not None, f"no node named for {line!r}"
+            printed[shlex.split(line, comments=True)[2]] = self.run(node, line)
+        return printed
 
     def serve(self, node: str, line: str) -> None:
         if node == "alice":  # "Add your providers to config.toml"
@@ -357,3 +376,29 @@ def test_the_two_node_stories_run_as_written(story: Story) -> None:
     output = story.shell("bob", books)
     assert "Settled:" in output
     assert (story.work / "bob-statements.jsonl").read_text().strip()
+
+
+def test_the_join_without_an_invite_runs_as_written(story: Story) -> None:
+    """Bob finds alice, asks her node to make his a peer; alice sees the request and approves
+    it; bob's running node completes the join by itself and lists her model."""
+    (run_a_node,) = blocks_of("1. Run a node", "sh")
+    story.shell("alice", run_a_node)
+    story.shell("bob", run_a_node.replace("--name alice", "--name bob"))
+    config = story.root / "bob" / "config.toml"
+    text = config.read_text()
+    assert "seeds = []" in text
+    config.write_text(text.replace("seeds = []", f'seeds = ["{story.url("alice")}"]', 1))
+
+    _invite, _join, without_an_invite = blocks_of("2. Join peers", "sh")
+    printed = story.shell_as_commented(without_an_invite)
+    assert "alice" in printed["discover"] and "node_id" in story.found
+    assert "Asked alice to make us a peer" in " ".join(printed["request"].split())
+    assert "bob" in printed["pending"]
+    assert "Approved bob" in printed["approve"]
+
+    story.wait(
+        lambda: story.lists("bob", "llama3"), "llama3 listed at bob", lambda: story.log("bob")
+    )
+    (peer,) = json.loads(story.run("alice", "aihub peers list --format json"))
+    assert (peer["name"], peer["status"]) == ("bob", "active")
+    assert peer["spent"] == "$0 of $5 monthly"  # the cap `peers approve --cap 5` set

@@ -11,15 +11,15 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import httpx
 import msgspec
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from federation.discovery import Discovered, discover, exchange_descriptors, fingerprint
+from federation.descriptors import fingerprint
 from federation.identity import NodeIdentity
 from federation.printable import printable
 from node.cli.folder import require_config
@@ -28,6 +28,9 @@ from node.cli.output import console, echo_json, errors, shown, warn
 from node.config import IDENTITY_FILE, Config, store_target
 from node.storage import opened
 from node.storage.records import PeerRecord
+
+if TYPE_CHECKING:
+    from federation.discovery import Discovered
 
 
 class DiscoveredView(msgspec.Struct):
@@ -52,7 +55,13 @@ async def discover_for_node(
     wait: float,
     problems: list[str],
 ) -> list[Discovered]:
-    """What `aihub peers discover` lists: every node found that is neither us nor a peer."""
+    """What `aihub peers discover` lists: every node found that is neither us nor a peer.
+    The discovery stack (httpx, zeroconf) is imported here, when it is used: `aihub peers
+    list` shares this module's group and has no use for it."""
+    import httpx
+
+    from federation.discovery import discover, exchange_descriptors
+
     peers = await _active_peers(directory)
     async with httpx.AsyncClient(timeout=wait, follow_redirects=False) as client:
         exchanged = await exchange_descriptors(

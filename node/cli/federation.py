@@ -1,7 +1,10 @@
 """`aihub invite`, `aihub join` and `aihub peers`: making and managing peers from the shell.
 
 Like the key commands, these work on the node's data folder directly (access to it is the
-admin's credential) and tell a running node through the epoch files.
+admin's credential) and tell a running node through the epoch files. The peer transport
+(httpx, and `node.peers.peering` with aiohttp behind it) is imported by the commands that talk
+to another node, when they run: `aihub peers list` or `aihub invite create --help` read only
+the data folder (tests/test_cli_startup.py holds them to that).
 """
 
 from __future__ import annotations
@@ -10,10 +13,9 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
-import httpx
 import msgspec
 from rich.table import Table
 
@@ -24,36 +26,47 @@ from federation.printable import printable
 from federation.sealing import seal_for
 from ledger.records import RecordError
 from node.cli.folder import cli_actor, currency_of, require_config
-from node.cli.options import comma_list, duration_option, money_option, with_data_dir
-from node.cli.output import console, echo_json, fail, shown, warn
+from node.cli.options import (
+    DURATION_HELP,
+    MONEY_HELP,
+    comma_list,
+    duration_option,
+    money_option,
+    with_data_dir,
+)
+from node.cli.output import console, echo_json, fail, short_id, shown, warn
 from node.config import IDENTITY_FILE, Config, store_target
 from node.gateway.auth import touch_epoch
 from node.gateway.policy import PERIODS, Limits, model_allowed, period_start
-from node.peers import audit, revocation
+from node.peers import audit
 from node.peers.address import advertised_urls, reachability_warning
-from node.peers.peering import (
-    PEERS_EPOCH_FILE,
-    JoinResponse,
-    admit_peer,
-    ask_to_join,
-    joined_peer,
-    signed_request,
-)
 from node.storage import opened
-from node.storage.base import Store
 from node.storage.records import InviteRow, PeerRecord
 from node.units import amount
+
+if TYPE_CHECKING:
+    from node.storage.base import Store
 
 T = TypeVar("T")
 
 models_option = click.option(
-    "--models", default="", help="Comma-separated globs the peer may use [all]"
+    "--models",
+    default="",
+    help="Comma-separated, case-sensitive globs of this node's models the peer may use "
+    "(e.g. llama3*,gpt-4o) [default: all it shares]",
 )
 cap_option = click.option(
-    "--cap", callback=money_option, help="Spend cap in currency units, e.g. 10"
+    "--cap",
+    callback=money_option,
+    help=f"What the peer may spend here per --period: {MONEY_HELP} [default: no cap]",
 )
 period_option = click.option(
-    "--period", type=click.Choice(PERIODS), default="monthly", show_default=True
+    "--period",
+    type=click.Choice(PERIODS),
+    default="monthly",
+    show_default=True,
+    help="The period the --cap is for: daily, weekly (from Monday) and monthly (from the 1st) "
+    "begin at 00:00 UTC; total never resets",
 )
 
 
@@ -68,6 +81,8 @@ def _identity_of(directory: Path) -> NodeIdentity:
 
 def _tell_node(directory: Path) -> None:
     """A running node reloads its keys and peers on its next request / within a second."""
+    from node.peers.peering import PEERS_EPOCH_FILE
+
     touch_epoch(directory)
     touch_epoch(directory, PEERS_EPOCH_FILE)
 
@@ -89,9 +104,15 @@ def invite_group() -> None:
     default="24h",
     show_default=True,
     callback=duration_option,
-    help="How long the token can be used: a number and s, m, h or d (e.g. 30m, 7d)",
+    help=f"How long the token can be used: {DURATION_HELP}",
 )
-@click.option("--uses", type=click.IntRange(1, 1000), default=1, show_default=True)
+@click.option(
+    "--uses",
+    type=click.IntRange(1, 1000),
+    default=1,
+    show_default=True,
+    help="How many nodes may join with the token (1 to 1000)",
+)
 @with_data_dir
 def invite_create(
     directory: Path, models: str, cap: int | None, period: str, expires: int, uses: int
@@ -209,6 +230,10 @@ def _joined_message(peer: PeerRecord, local: list[str]) -> str:
 async def _send_join(identity: NodeIdentity, invite: Invite, body: bytes) -> PeerRecord | str:
     """Send the join request to each of the invite's URLs until one answers: the peer it
     makes us, or what went wrong."""
+    import httpx
+
+    from node.peers.peering import joined_peer, signed_request
+
     problem = "no URL in the invite"
     async with httpx.AsyncClient() as client:
         for url in invite.urls:
@@ -270,7 +295,7 @@ class PeerView(msgspec.Struct):
 @click.option("--wide", is_flag=True, help="Full node ids in the table (wider than 80 columns)")
 @with_data_dir
 def peers_list(directory: Path, show_all: bool, as_json: bool, fmt: str, wide: bool) -> None:
-    """Each peer: status, health and latency, its models, what it spent here."""
+    """Each peer: status, health and latency, the models it lets us use, what it spent here."""
     currency = currency_of(directory)
     now = int(time.time())
     rows = asyncio.run(_with_store(directory, lambda s: _peer_views(s, show_all, currency, now)))
@@ -283,7 +308,7 @@ def peers_list(directory: Path, show_all: bool, as_json: bool, fmt: str, wide: b
     table.add_column("node id", no_wrap=not wide, overflow="fold")
     table.add_column("status", no_wrap=True)
     table.add_column("health", no_wrap=True)
-    table.add_column("their models", overflow="fold")
+    table.add_column("models", overflow="fold")  # what it lets us use
     table.add_column("spent here", overflow="fold")
     for row in rows:
         table.add_row(
@@ -299,12 +324,6 @@ def peers_list(directory: Path, show_all: bool, as_json: bool, fmt: str, wide: b
 
 # A status as the table says it (JSON keeps the stored word).
 STATUS_WORDS = {"revoked_by_peer": "revoked us", "requested": "asked to join"}
-
-
-def short_id(node_id: str) -> str:
-    """A node id cut to what tells peers apart in a table (`--wide` or JSON: in full)."""
-    prefix, _, key = node_id.partition(":")
-    return f"{prefix}:{key[:8]}…" if len(key) > 8 else node_id
 
 
 def health_words(healthy: bool | None, latency: int | None, checked: int | None, now: int) -> str:
@@ -344,6 +363,8 @@ async def _peer_views(store: Store, show_all: bool, currency: str, now: int) -> 
     for record in await store.peers.peers(include_revoked=show_all):
         healthy, latency, checked = health.get(record.node_id, (None, None, None))
         cut = record.status != "active"
+        # A peer that lets us use none of its models (it only uses ours) is never checked.
+        words = "uses ours only" if record.key_from_them is None else None
         views.append(
             PeerView(
                 record.name,
@@ -354,7 +375,7 @@ async def _peer_views(store: Store, show_all: bool, currency: str, now: int) -> 
                 advertised_models(record),
                 await _spent_here(store, record, currency),
                 checked,
-                "-" if cut else health_words(healthy, latency, checked, now),
+                "-" if cut else words or health_words(healthy, latency, checked, now),
             )
         )
     return views
@@ -382,6 +403,10 @@ async def _spent_here(store: Store, record: PeerRecord, currency: str) -> str:
 def peers_revoke(directory: Path, peer: str) -> None:
     """Cut PEER (name or node id) off: its key and pinned identity stop working here, and
     it is told (a signed notice), so that it stops offering this node's models at once."""
+    import httpx
+
+    from node.peers import revocation
+
     identity = _identity_of(directory)
 
     async def work(store: Store) -> tuple[PeerRecord | None, str | None]:
@@ -450,6 +475,10 @@ async def _ask(
 ) -> tuple[str, str]:
     """Identify the node at `url` (by its signed descriptor, pinned if given) and ask it to
     make us a peer: (pending | joined | what went wrong, its name)."""
+    import httpx
+
+    from node.peers.peering import ask_to_join
+
     async with httpx.AsyncClient() as client:
         try:
             response = await client.get(url + "/federation/node", timeout=10)
@@ -474,7 +503,9 @@ async def _ask(
 
 
 @peers_group.command("pending")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON: [descriptor, received unix seconds] pairs"
+)
 @with_data_dir
 def peers_pending(directory: Path, as_json: bool) -> None:
     """Join requests from nodes without an invite, waiting for approval."""
@@ -525,8 +556,8 @@ def peers_approve(directory: Path, node: str, models: str, cap: int | None, peri
         fail(f"no pending join request from {node!r} (see `aihub peers pending`)")
     _tell_node(directory)
     console.print(
-        f"Approved {printable(name)}: it becomes a peer when it next asks (within seconds if "
-        "its node is running).",
+        f"Approved {printable(name)}: it becomes a peer when its node next asks (a running "
+        "node asks at each health check: every 30 s by default).",
         markup=False,
         highlight=False,
     )
@@ -542,6 +573,8 @@ async def _approve(
 ) -> str | None:
     """Admit the pending joiner named or numbered `node` and keep its answer for when it next
     asks; its name, or None if no such request is pending."""
+    from node.peers.peering import admit_peer
+
     for descriptor, _ in await _pending(store):
         if node in (descriptor.node_id, descriptor.name):
             key = await admit_peer(store, identity, descriptor, limits, None)
@@ -567,6 +600,8 @@ def _approval(
     """The answer the joiner gets when it next asks: as for an invited join, our descriptor
     and its key sealed to it (so the answer is safe at rest here). No advert: only the running
     node knows its advert seq; the joiner fetches the advert as soon as it has joined."""
+    from node.peers.peering import JoinResponse
+
     answer = JoinResponse(
         v=1,
         descriptor=msgspec.to_builtins(make_descriptor(identity, config.node.name, urls)),

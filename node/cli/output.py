@@ -73,6 +73,13 @@ def shown(value: str) -> Text:
     return Text(printable(value))
 
 
+def short_id(node_id: str) -> str:
+    """A node id cut to what tells nodes apart in a table or a line (`--wide` or JSON: in
+    full), so that an 80-column table keeps a row on one line."""
+    prefix, _, key = node_id.partition(":")
+    return f"{prefix}:{key[:8]}…" if len(key) > 8 else node_id
+
+
 def print_json(value: object) -> None:
     """Indented JSON, for the key, tenant, usage and audit commands."""
     click.echo(msgspec.json.format(msgspec.json.encode(value), indent=2).decode())

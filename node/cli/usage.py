@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from federation.identity import NODE_ID_PREFIX
 from node.admin.management import Management
 from node.admin.reports import (
     AUDIT_LIMIT_MAX,
@@ -19,7 +20,7 @@ from node.admin.reports import (
 )
 from node.cli.folder import currency_of, manage
 from node.cli.options import SINCE_HELP, json_option, since_option, with_data_dir
-from node.cli.output import console, print_json, shown, when
+from node.cli.output import console, print_json, short_id, shown, when
 from node.storage.records import AuditEvent, UsageGroup
 from node.units import money
 
@@ -95,6 +96,10 @@ def _usage_table(
     return table
 
 
+def _short(value: str) -> str:
+    return short_id(value) if value.startswith(NODE_ID_PREFIX) else value
+
+
 @click.command("audit")
 @click.option(
     "--since",
@@ -130,6 +135,7 @@ def audit_command(
 
 
 def _audit_table(events: list[AuditEvent]) -> Table:
+    """The events, a node id (a peer acting or acted on) shortened: `--json` has it whole."""
     table = Table(title="Audit log")
     table.add_column("time (UTC)", no_wrap=True)
     table.add_column("action", no_wrap=True)
@@ -140,9 +146,13 @@ def _audit_table(events: list[AuditEvent]) -> Table:
         table.add_row(
             datetime.fromtimestamp(event.ts_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S"),
             shown(event.action),
-            shown(event.actor or "-"),
-            shown(event.target or "-"),
+            shown(_short(event.actor or "-")),
+            shown(_short(event.target or "-")),
             shown(event.ip or "-"),
             shown(detail),
         )
     return table
+
+
+def _short(value: str) -> str:
+    return short_id(value) if value.startswith(NODE_ID_PREFIX) else value

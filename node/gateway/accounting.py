@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 from adapters.types import UpstreamError, Usage
 from ledger.receipts import SentRequest
@@ -22,7 +22,7 @@ from node.gateway.interaction_log import LogDraft
 from node.gateway.ratelimit import Admission, RateLimited, ScopeLimits
 from node.gateway.router import Route
 from node.gateway.traces import AttemptTrace, RequestTrace
-from node.gateway.usage import clamp_usage, cost_micros
+from node.gateway.usage import MICROS_PER_MILLION_TOKENS, clamp_usage, cost_micros
 from node.hub import Hub
 from node.storage.records import Charge, Hold, UsageRecord, now_ms
 
@@ -51,6 +51,16 @@ _RECORDED: dict[Kind, int] = {
     Kind.UNAVAILABLE: 503,
     Kind.PEER_TIMEOUT: 504,
 }
+
+
+class Elastic(NamedTuple):
+    """A chat request that set no output limit: when its budget has less left than its full
+    worst case, it may be served capped at fewer output tokens per choice, down to `least`,
+    instead of refused. Its answer is then cut at that cap (the upstream is told it), so
+    what it is charged never passes what was reserved."""
+
+    least: int
+    choices: int
 
 
 def recorded_status(exc: HubError) -> int:
@@ -88,6 +98,9 @@ class Accounting:
         # request may be said to have used, and charged.
         self.worst = Usage()
         self.reserved = 0
+        # Output tokens per choice the upstream call is capped at, when the budget left was
+        # less than the full worst case of a request without max_tokens (`Elastic`).
+        self.output_cap: int | None = None
         # The request's interaction log while it runs, if its key or tenant logs requests.
         self.log: LogDraft | None = None
 
@@ -96,8 +109,11 @@ class Accounting:
         """The rate-limit figures the request was admitted under (`x-ratelimit-*`)."""
         return self.admission.headers if self.admission is not None else {}
 
-    async def admit(self, ip: str | None, plan: list[Route], worst: Usage) -> None:
-        """Rate limits, then the worst-case cost reserved against every budget on the path."""
+    async def admit(
+        self, ip: str | None, plan: list[Route], worst: Usage, elastic: Elastic | None = None
+    ) -> None:
+        """Rate limits, then the worst-case cost reserved against every budget on the path
+        (for an `elastic` request, what is left of it if that is less)."""
         principal, hub = self.principal, self.hub
         try:
             self.admission = await hub.limiter.admit(rate_scopes(principal))
@@ -119,13 +135,44 @@ class Accounting:
         try:
             self.holds = await hub.budgets.reserve(principal, self.reserved)
         except HubError as refused:
-            message = f"{refused.message}. {_reserved_words(worst)}"
-            exc = HubError(refused.kind, message, code=refused.code)
-            hub.keys.note("limit.budget", principal.key_id, ip, {"reason": exc.message})
-            hub.alerts.exhausted(
-                [(s, start) for s, start, _ in hub.budgets.periods(principal, time.time())]
+            if elastic is None or price_out == 0:
+                self._refuse_for_budget(refused, ip, _reserved_words(worst))
+            await self._reserve_what_is_left(ip, elastic, price_in, price_out)
+
+    async def _reserve_what_is_left(
+        self, ip: str | None, elastic: Elastic, price_in: int, price_out: int
+    ) -> None:
+        """The full worst case did not fit: reserve the most output the budgets have left
+        (whole tokens per choice), or refuse if not even `elastic.least` fits."""
+        worst = self.worst
+        prompt = worst.prompt_tokens
+        left = await self.hub.budgets.left(self.principal) or 0
+        # The most output tokens t with cost_micros(prompt, t) <= left (costs round up).
+        affordable = (left * MICROS_PER_MILLION_TOKENS - prompt * price_in) // price_out
+        per_choice = min(affordable // elastic.choices, worst.completion_tokens // elastic.choices)
+        # Below the floor, ask for the floor anyway: the refusal then says what it costs.
+        per_choice = max(per_choice, min(elastic.least, worst.completion_tokens))
+        output = per_choice * elastic.choices
+        capped = Usage(prompt, output, prompt + output)
+        reserved = cost_micros(capped, price_in, price_out)
+        try:
+            self.holds = await self.hub.budgets.reserve(self.principal, reserved)
+        except HubError as refused:
+            words = (
+                "A request without max_tokens is served capped at what its budget has left, "
+                f"down to {per_choice:,} output tokens"
             )
-            self.fail(exc)
+            self._refuse_for_budget(refused, ip, words)
+        self.worst, self.reserved, self.output_cap = capped, reserved, per_choice
+
+    def _refuse_for_budget(self, refused: HubError, ip: str | None, words: str) -> NoReturn:
+        principal, hub = self.principal, self.hub
+        exc = HubError(refused.kind, f"{refused.message}. {words}", code=refused.code)
+        hub.keys.note("limit.budget", principal.key_id, ip, {"reason": exc.message})
+        hub.alerts.exhausted(
+            [(s, start) for s, start, _ in hub.budgets.periods(principal, time.time())]
+        )
+        self.fail(exc)
 
     @property
     def settled(self) -> bool:

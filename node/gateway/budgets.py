@@ -127,6 +127,28 @@ class Budgets:
                 raise _exceeded(amount, scope, cap, self.currency, principal)
         return [Hold(scope, start, amount, self.holder) for scope, start in scopes]
 
+    async def left(self, principal: Principal) -> int | None:
+        """The least that any budget on the principal's path has left to reserve (what the
+        database holds neither spent nor reserved, and this process's lease of it), or None
+        if none has a cap. A figure of the moment: only `reserve` takes it, atomically."""
+        rows = self.periods(principal, time.time())
+        if not rows:
+            return None
+        scopes = [(scope, start) for scope, start, _ in rows]
+        async with self._refill:
+            fresh = [row for row in rows if row not in self._opened]
+            if fresh:
+                await self.store.spend.open_periods(fresh)
+                self._opened.update(fresh)
+            found = {(r.scope, r.period_start): r for r in await self.store.spend.spend(scopes)}
+        least = None
+        for scope, start, cap in rows:
+            row = found.get((scope, start))
+            free = cap if row is None else row.cap - row.spent - row.reserved
+            free += self._leases.get((scope, start), 0)
+            least = free if least is None else min(least, free)
+        return max(least or 0, 0)
+
     async def _lease(self, rows: list[tuple[str, int, int]], amount: int) -> tuple[str, int] | None:
         """Top the leases up until `amount` can be taken from each; None once it is, else
         the (scope, cap) that has not that much left."""

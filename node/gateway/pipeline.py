@@ -6,6 +6,9 @@ from HTTP, and hands both here:
 
 - `begin`: the model allowlist, the plan (which deployments, in order), the re-sync of our chain
   with a peer that asks, and admission (rate limits, the worst case reserved in every budget);
+- `complete` and `stream` first run the caller's guardrails (`node/gateway/guardrails/`) on
+  the call as it will be sent, native request included: a block settles it as refused, a
+  redaction rewrites it; their output checks then redact the answer, streamed or not;
 - `complete`: the upstream call along the plan (fallback on failures, each one recorded), the
   answer settled, our receipt issued for a peer, the serving peer's receipt taken;
 - `stream`: the stream opened with fallback before its first event, then relayed: the adapter's
@@ -43,9 +46,10 @@ from adapters.types import (
     WireResult,
 )
 from node.errors import HubError, Kind, UpstreamFailed, gateway_failure
-from node.gateway.accounting import CLIENT_CLOSED, OK, Accounting, recorded_status
+from node.gateway.accounting import CLIENT_CLOSED, OK, Accounting, Elastic, recorded_status
 from node.gateway.auth import Principal
 from node.gateway.cache import CacheSlot, Kept, event_bytes, kept_result
+from node.gateway.guardrails.checks import Profile
 from node.gateway.policy import model_allowed, worst_case_prompt_tokens
 from node.gateway.router import NoRoute, Route
 from node.hub import Hub
@@ -75,6 +79,9 @@ class Caller(msgspec.Struct, frozen=True):
     peer_request_id: str = ""
     # The caller's W3C `traceparent`, as sent (unchecked), when the node traces requests.
     traceparent: str = ""
+    # A peer's chat call whose `max_tokens` is the peer's own bound, not its client's: it
+    # may be served capped lower, like a request without max_tokens (`begin_chat`).
+    output_elastic: bool = False
 
 
 class Facts(msgspec.Struct):
@@ -88,6 +95,9 @@ class Facts(msgspec.Struct):
     receipt: bytes | None = None
     # The name of the peer that served the answer, if a peer did.
     served_by: str | None = None
+    # The output tokens (per choice) the answer was capped at: a request without max_tokens
+    # whose budget had less left than its full worst case (`begin_chat`).
+    output_cap: int | None = None
     # "hit" (answered from the response cache) or "miss" (asked, and kept); None: not cached.
     cache: str | None = None
 
@@ -195,6 +205,40 @@ def chat_worst_case(chat: ChatRequest, plan: list[Route]) -> Usage:
     return Usage(prompt, output, prompt + output)
 
 
+# A chat request without max_tokens whose budget has less left than its full worst case is
+# served capped at what is left, down to this many output tokens per choice; below, refused.
+LEAST_OUTPUT_TOKENS = 64
+
+
+async def begin_chat(hub: Hub, caller: Caller, call: ChatCall) -> Admitted:
+    """`begin` for a chat call, whichever surface spelled it. A call without an output limit
+    (or a peer's whose limit is the peer's own bound: `Caller.output_elastic`) that was
+    admitted capped (less budget left than its worst case) gets that cap as its
+    `max_tokens`, so that every adapter tells its upstream to write no more than was
+    reserved; the raw fields lose any null limit the client sent, for the same reason."""
+    chat = call.request
+    elastic = None
+    if not chat.output_limit or caller.output_elastic:
+        elastic = Elastic(LEAST_OUTPUT_TOKENS, chat.n or 1)
+    admitted = await begin(
+        hub,
+        caller,
+        chat.model,
+        "chat",
+        call.request_id,
+        lambda plan: chat_worst_case(chat, plan),
+        elastic,
+    )
+    cap = admitted.books.output_cap
+    if cap is not None:
+        call.request = msgspec.structs.replace(chat, max_tokens=cap, max_completion_tokens=None)
+        call.raw = {k: v for k, v in call.raw.items() if k not in _OUTPUT_LIMIT_FIELDS}
+    return admitted
+
+
+_OUTPUT_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
 @contextlib.asynccontextmanager
 async def _settled_on_error(books: Accounting) -> AsyncIterator[None]:
     """Whatever escapes the block while the request holds reservations and parallel slots,
@@ -217,9 +261,10 @@ async def begin(
     kind: str,
     request_id: str,
     worst: Callable[[list[Route]], Usage],
+    elastic: Elastic | None = None,
 ) -> Admitted:
     """Everything between the key and the upstream call: which model, which routes, and is
-    the request admitted under its limits and budgets?"""
+    the request admitted under its limits and budgets (an `elastic` one perhaps capped)?"""
     principal = caller.principal
     _check_model(principal, model)
     plan = _plan(hub, principal, model, kind, caller.local_only)
@@ -233,7 +278,7 @@ async def begin(
         except HubError as exc:
             books.fail(exc)
     async with _settled_on_error(books):
-        await books.admit(caller.ip, plan, worst(plan))
+        await books.admit(caller.ip, plan, worst(plan), elastic)
     return Admitted(books, plan)
 
 
@@ -264,21 +309,41 @@ async def _route(
         raise
 
 
+async def _guard_input(books: Accounting, call: ChatCall | CompletionCall | None) -> Profile | None:
+    """The caller's guardrail profile, its input checks run on the call (nothing to do, and
+    nothing imported, when no profile applies)."""
+    guardrails = books.hub.guardrails
+    profile = None if call is None else guardrails.profile_for(books.principal)
+    if profile is not None and call is not None:
+        try:
+            await guardrails.screen_input(profile, call, books.principal, None)
+        except HubError as exc:
+            books.fail(exc)
+    return profile
+
+
 async def complete(
     admitted: Admitted,
     attempt: Callable[[Route], Awaitable[ChatResult | EmbedResult | WireResult]],
     watch: Watch,
+    call: ChatCall | CompletionCall | None = None,
     cache: CacheSlot | None = None,
 ) -> Answer:
     """The upstream call, then the answer settled: with our receipt if a peer asked, keeping
-    the receipt of the peer that served it if we asked one. With a `cache` slot, a kept
-    answer is the answer, and a fresh one is kept."""
+    the receipt of the peer that served it if we asked one. `call` is what `attempt` sends,
+    for the guardrails (an embedding's is not read). With a `cache` slot, a kept answer is
+    the answer (once the input passed the guardrails), and a fresh one is kept (as screened)."""
     books, plan = admitted
     async with _settled_on_error(books):
+        profile = await _guard_input(books, call)
         kept = await _cached(books, cache)
         if kept is not None and kept.result is not None:
             return _cached_answer(books, plan, kept.result)
         result, route = await _route(books, plan, attempt, watch)
+        if profile is not None and not isinstance(result, EmbedResult):
+            result = books.hub.guardrails.screen_result(
+                profile, result, books.principal, books.request_id
+            )
         books.observe_latency()
         _log_answer(books, result)
         cost = books.finish(
@@ -287,7 +352,9 @@ async def complete(
         receipt = await books.issue_receipt()
         books.take_receipt(route, result.receipt, cost)
         await _keep_result(books, cache, result)
-        facts = Facts(books.request_id, books.limits, cost, receipt, route.peer_name)
+        facts = Facts(
+            books.request_id, books.limits, cost, receipt, route.peer_name, books.output_cap
+        )
         facts.cache = "miss" if cache is not None else None
         return Answer(result, facts)
 
@@ -300,9 +367,14 @@ def _log_answer(books: Accounting, result: ChatResult | EmbedResult | WireResult
         books.log.answered(result)
 
 
-def _log_event(books: Accounting, event: Any) -> None:
-    if books.log is not None:
-        books.log.streamed(event)
+async def _logged(books: Accounting, items: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+    """A stream's items passed on, the adapter's events noted in its interaction log."""
+    assert books.log is not None
+    async with contextlib.aclosing(items):
+        async for item in items:
+            if not isinstance(item, Signal):
+                books.log.streamed(item)
+            yield item
 
 
 # --- the response cache's hooks (`node/gateway/cache.py`) ----------------------------------
@@ -334,7 +406,8 @@ def _cached_answer(books: Accounting, plan: list[Route], result: ChatResult) -> 
     books.observe_latency()
     _log_answer(books, result)
     cost = _settle_hit(books, plan, result.usage, result.usage_estimated, False, OK)
-    return Answer(result, Facts(books.request_id, books.limits, cost, cache="hit"))
+    facts = Facts(books.request_id, books.limits, cost, output_cap=books.output_cap, cache="hit")
+    return Answer(result, facts)
 
 
 def _cached_stream(books: Accounting, plan: list[Route], kept: Kept) -> Streamed:
@@ -344,7 +417,7 @@ def _cached_stream(books: Accounting, plan: list[Route], kept: Kept) -> Streamed
         if not books.settled:
             _settle_hit(books, plan, Usage(), False, True, CLIENT_CLOSED)
 
-    facts = Facts(books.request_id, books.limits, cache="hit")
+    facts = Facts(books.request_id, books.limits, output_cap=books.output_cap, cache="hit")
     return Streamed(_replay(books, plan, kept), facts, abandon)
 
 
@@ -353,7 +426,6 @@ async def _replay(books: Accounting, plan: list[Route], kept: Kept) -> AsyncGene
     status = CLIENT_CLOSED
     try:
         for event in kept.events or []:
-            _log_event(books, event)
             yield event
         status = OK
         yield StreamEnd()
@@ -435,18 +507,51 @@ async def stream(
         opener = _chat_opener(call)
     opening = opener
     async with _settled_on_error(books):
+        profile = await _guard_input(books, call)
         kept = await _cached(books, cache)
         if kept is not None and kept.events is not None:
-            return _cached_stream(books, plan, kept)
-        opened, route = await _route(books, plan, lambda r: _open(r, opening), watch)
-        books.observe_latency()
-        facts = Facts(books.request_id, books.limits, served_by=route.peer_name)
-        facts.cache = "miss" if cache is not None else None
-        return Streamed(
-            _relay(opened, route, call, books, cache),
-            facts,
-            lambda: _abandon(opened, route, call, books),
-        )
+            streamed = _cached_stream(books, plan, kept)
+        else:
+            streamed = await _fresh_stream(books, plan, call, opening, watch, cache)
+        return _screened(books, profile, call, streamed)
+
+
+async def _fresh_stream(
+    books: Accounting,
+    plan: list[Route],
+    call: ChatCall | CompletionCall,
+    opener: Opener,
+    watch: Watch,
+    cache: CacheSlot | None,
+) -> Streamed:
+    """The stream opened along the plan, relayed (and kept, with a cache slot)."""
+    opened, route = await _route(books, plan, lambda r: _open(r, opener), watch)
+    books.observe_latency()
+    facts = Facts(
+        books.request_id,
+        books.limits,
+        served_by=route.peer_name,
+        output_cap=books.output_cap,
+        cache="miss" if cache is not None else None,
+    )
+    return Streamed(
+        _relay(opened, route, call, books, cache),
+        facts,
+        lambda: _abandon(opened, route, call, books),
+    )
+
+
+def _screened(
+    books: Accounting, profile: Profile | None, call: ChatCall | CompletionCall, streamed: Streamed
+) -> Streamed:
+    """A stream's items as they leave: through the guardrails' output checks if its profile
+    has any (a replayed stream too), then logged as the client sees them."""
+    items = streamed.items
+    if profile is not None and profile.output and isinstance(call, ChatCall):
+        items = books.hub.guardrails.guard_stream(profile, items, books)
+    if books.log is not None:
+        items = _logged(books, items)
+    return streamed._replace(items=items)
 
 
 async def _abandon(
@@ -475,13 +580,11 @@ async def _relay(
         if opened.first is not None:
             if recording is not None:
                 recording.add(opened.first)
-            _log_event(books, opened.first)
             yield opened.first
             sent += 1
         async for event in opened.events:
             if recording is not None:
                 recording.add(event)
-            _log_event(books, event)
             yield event
             sent += 1
         if recording is not None:

@@ -147,7 +147,7 @@ async def _messages(request: Request) -> Reply | StreamReply:
         renderer = MessageStreamRenderer(call.request_id, chat.model, prompt, stops)
         return StreamReply(streamed.items, headers, renderer.render, streamed.abandon)
     answer = await pipeline.complete(
-        admitted, lambda route: route.adapter.chat(call), watcher_of(request), slot
+        admitted, lambda route: route.adapter.chat(call), watcher_of(request), call, slot
     )
     assert isinstance(answer.result, ChatResult)
     reply = message_body(answer.result, call.request_id, chat.model, stops)

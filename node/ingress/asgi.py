@@ -23,11 +23,11 @@ from litestar.types import ExceptionHandlersMap, HTTPResponseStartEvent, Receive
 
 from adapters.types import ChatCall
 from federation.httpsig import REQUEST_ID_HEADER
-from federation.transport import HOP_HEADER
+from federation.transport import HOP_HEADER, OUTPUT_ELASTIC_HEADER
 from node.errors import HubError, client_closed, gateway_failure
 from node.gateway import pipeline
 from node.gateway.auth import Principal
-from node.gateway.pipeline import Admitted, Caller, chat_worst_case
+from node.gateway.pipeline import Admitted, Caller
 from node.hub import hub_of
 from node.observe import access
 from node.peers.auth import check_peer
@@ -35,6 +35,9 @@ from node.peers.auth import check_peer
 log = logging.getLogger("aihub.gateway")
 
 JSON = "application/json"
+# On an answer the budget left capped (a request without max_tokens): the output tokens per
+# choice it was allowed (`pipeline.begin_chat`).
+OUTPUT_CAP_HEADER = "aihub-output-capped"
 
 
 class Reply(NamedTuple):
@@ -105,24 +108,25 @@ def caller_of(request: Request, principal: Principal) -> Caller:
     peer_request_id = request.headers.get(REQUEST_ID_HEADER, "")
     access.note(request.scope, key_id=principal.key_id)
     traceparent = request.headers.get("traceparent", "")[:128] if hub_of(request).tracing else ""
+    elastic = principal.key.peer_id is not None and (
+        request.headers.get(OUTPUT_ELASTIC_HEADER) == "1"
+    )
     return Caller(
-        principal, client_ip(request), local_only(request, principal), peer_request_id, traceparent
+        principal,
+        client_ip(request),
+        local_only(request, principal),
+        peer_request_id,
+        traceparent,
+        elastic,
     )
 
 
 async def begin_chat(request: Request, principal: Principal, call: ChatCall) -> Admitted:
     """The pipeline's admission of a chat call, however its surface spelled it (chat
-    completions, Responses, Messages): the same model, kind and worst case for all of them."""
-    chat = call.request
-    access.note(request.scope, model=chat.model)
-    return await pipeline.begin(
-        hub_of(request),
-        caller_of(request, principal),
-        chat.model,
-        "chat",
-        call.request_id,
-        lambda plan: chat_worst_case(chat, plan),
-    )
+    completions, Responses, Messages): the same model, kind and worst case for all of them
+    (and the same output cap when the budget left is less than that)."""
+    access.note(request.scope, model=call.request.model)
+    return await pipeline.begin_chat(hub_of(request), caller_of(request, principal), call)
 
 
 @contextlib.asynccontextmanager

@@ -62,6 +62,7 @@ from node.gateway.policy import worst_case_embedding_tokens
 from node.hub import Hub, hub_of
 from node.ingress.asgi import (
     JSON,
+    OUTPUT_CAP_HEADER,
     Reply,
     StreamReply,
     authenticate,
@@ -167,6 +168,8 @@ def response_headers(facts: Facts) -> dict[str, str]:
         headers[RECEIPT_HEADER] = b64url(facts.receipt)
     if facts.served_by is not None:
         headers[SERVED_BY_HEADER] = served_by_value(facts.served_by)
+    if facts.output_cap is not None:
+        headers[OUTPUT_CAP_HEADER] = str(facts.output_cap)
     if facts.cache is not None:
         headers[CACHE_HEADER] = facts.cache
     return headers
@@ -190,7 +193,7 @@ async def _chat(request: Request) -> Reply | StreamReply:
         headers = {**response_headers(streamed.facts), "cache-control": "no-cache"}
         return StreamReply(streamed.items, headers, item_renderer(), streamed.abandon)
     answer = await pipeline.complete(
-        admitted, lambda route: route.adapter.chat(call), watcher_of(request), slot
+        admitted, lambda route: route.adapter.chat(call), watcher_of(request), call, slot
     )
     return Reply(_render_result(answer.result), response_headers(answer.facts))
 

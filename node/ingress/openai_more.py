@@ -118,7 +118,7 @@ async def _completions(request: Request) -> Reply | StreamReply:
         headers = {**response_headers(streamed.facts), "cache-control": "no-cache"}
         return StreamReply(streamed.items, headers, item_renderer(), streamed.abandon)
     answer = await pipeline.complete(
-        admitted, lambda route: route.adapter.complete(call), watcher_of(request)
+        admitted, lambda route: route.adapter.complete(call), watcher_of(request), call
     )
     return _reply(answer)
 

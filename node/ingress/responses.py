@@ -78,7 +78,7 @@ async def _responses(request: Request) -> Reply | StreamReply:
         items = _kept_at_end(streamed.items, renderer, kept)
         return StreamReply(items, headers, renderer.render, streamed.abandon)
     answer = await pipeline.complete(
-        admitted, lambda route: route.adapter.chat(call), watcher_of(request), slot
+        admitted, lambda route: route.adapter.chat(call), watcher_of(request), call, slot
     )
     assert isinstance(answer.result, ChatResult)
     if answer.result.native is not None:

@@ -44,11 +44,13 @@ from node.admin.peers import PeerList
 from node.admin.reports import UsageReport
 from node.admin.routes import AuditList, KeyList, TenantList
 from node.admin.stats import Series
+from node.gateway.guardrails.moderation import Moderation
 from node.ingress.anthropic import TokenCount
 from node.ingress.anthropic_errors import AnthropicError
 from node.ingress.anthropic_render import MessageBody
 from node.ingress.anthropic_request import CountTokensRequest, MessagesRequest
 from node.ingress.errors import ErrorBody
+from node.ingress.moderations import ModerationRequest
 from node.ingress.openai import ModelCard, ModelList
 from node.ingress.responses_stored import ItemList
 from node.ingress.responses_wire import Response as ResponseObject
@@ -139,6 +141,13 @@ DOCS: dict[tuple[str, str], Doc] = {
         {"type": "object", "description": "The upstream's answer as it came"},
         ImageRequest,
         errors=(400, 401, 403, 404, 413, 429, 502, 503, 504),
+        security="key",
+    ),
+    ("post", "/v1/moderations"): Doc(
+        "Classify texts by the node's own guardrail checks (OpenAI's moderation shape)",
+        Moderation,
+        ModerationRequest,
+        errors=(400, 401, 413),
         security="key",
     ),
     ("post", "/v1/responses"): Doc(

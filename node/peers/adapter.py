@@ -11,6 +11,7 @@ import nothing of ours, and federation imports no adapter.
 
 from __future__ import annotations
 
+import contextvars
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -140,10 +141,13 @@ class PeerAdapter(OpenAIAdapter):
         self.answered = answered or (lambda: None)
 
     async def chat(self, call: ChatCall) -> ChatResult:
+        marked = _elastic.set(_output_elastic(call))
         try:
             result = await super().chat(call)
         except UpstreamError as exc:
             raise await self.peer_error(exc) from exc
+        finally:
+            _elastic.reset(marked)
         self.answered()
         if result.wire is None:
             return result
@@ -151,10 +155,13 @@ class PeerAdapter(OpenAIAdapter):
         return msgspec.structs.replace(result, wire=with_id(result.wire, call.request_id))
 
     async def open_stream(self, call: ChatCall) -> PeerStream:
+        marked = _elastic.set(_output_elastic(call))
         try:
             stream = await super().open_stream(call)
         except UpstreamError as exc:
             raise await self.peer_error(exc) from exc
+        finally:
+            _elastic.reset(marked)
         self.answered()
         return PeerStream(stream, call.request_id, self.peer_name)
 
@@ -187,7 +194,24 @@ class PeerAdapter(OpenAIAdapter):
         return named_failure(exc, self.peer_name)
 
     def request_headers(self, url: str, body: bytes, request_id: str) -> dict[str, str]:
-        return peer_call_headers(self.identity, url, body, self.upstream.api_key, request_id)
+        key = self.upstream.api_key
+        return peer_call_headers(self.identity, url, body, key, request_id, elastic=_elastic.get())
+
+
+# Whether the chat call being sent (in this task) may be capped lower by the peer: the
+# OpenAI adapter builds the request's headers without the call, and one adapter serves many
+# requests at once, so the call's mark rides in a context variable, not on the adapter.
+_elastic: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "peer_output_elastic", default=False
+)
+
+
+def _output_elastic(call: ChatCall) -> bool:
+    """The client set no output limit (and this node did not cap it: then the raw fields
+    hold none either, `pipeline.begin_chat`): the `max_tokens` sent is ours to bound the
+    answer, and the peer may lower it rather than refuse a request its cap cannot fully
+    cover."""
+    return "max_tokens" not in call.raw and "max_completion_tokens" not in call.raw
 
 
 def named_failure(exc: UpstreamError, peer_name: str) -> UpstreamError:

@@ -11,15 +11,13 @@ import io
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import httpx
 import msgspec
 
 from federation.descriptors import NodeDescriptor, public_key_of
 from federation.identity import NodeIdentity
 from federation.sealing import unseal
-from federation.transport import signed_headers
 from ledger.chain import verify_chain
 from ledger.nesting import bounded
 from ledger.netting import Transfer, transfer_plan
@@ -44,7 +42,6 @@ from ledger.settlement import (
 )
 from node.errors import HubError, Kind
 from node.peers import audit
-from node.peers.peering import PEER_TIMEOUT
 from node.peers.receipts import (
     admissible,
     loaded,
@@ -54,6 +51,9 @@ from node.peers.receipts import (
 )
 from node.storage.base import Store
 from node.storage.records import LinkedReceipt, PeerRecord, StoredReceipt, body_hash
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("aihub.ledger")
 
@@ -387,6 +387,11 @@ class Link:
     async def _ask(self, method: str, path: str, body: bytes = b"") -> PeerAnswer:
         """A signed request to the peer; its answer read up to `MAX_ANSWER` bytes (decoded)
         within `ANSWER_DEADLINE`: a peer that sends without end, or drips, is cut off."""
+        # Imported here: `aihub ledger balance` reads the books without the peer transport
+        # (request signatures parse URLs with httpx; peering brings aiohttp).
+        from federation.transport import signed_headers
+        from node.peers.peering import PEER_TIMEOUT
+
         url = self.url + path
         headers = signed_headers(self.identity, method, url, body, key=self.key)
         try:
@@ -873,6 +878,8 @@ async def reconcile_all(
 ) -> list[ReconcileReport]:
     """Reconcile with every active peer we hold a key from (on a schedule); a peer that does
     not answer is tried again next time."""
+    import httpx
+
     reports = []
     for record in await store.peers.peers():
         if record.status != "active":

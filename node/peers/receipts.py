@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import httpx
 import msgspec
 
 from federation.descriptors import public_key_of
@@ -36,9 +35,15 @@ from ledger.receipts import (
     verify_countersignature,
 )
 from ledger.records import RecordError, signed_bytes
-from node.peers.peering import Peering
 from node.storage.base import Store
 from node.storage.records import Charge, LinkedReceipt, StoredReceipt
+
+if TYPE_CHECKING:
+    # Types only: the ledger's commands use this module's reading of receipts, not the
+    # peer transport that the running node's `Receipts` sends countersignatures with.
+    import httpx
+
+    from node.peers.peering import Peering
 
 log = logging.getLogger("aihub.ledger")
 
@@ -243,6 +248,8 @@ class Receipts:
 
     async def send_countersignatures(self) -> None:
         """Send our countersignatures to each provider, in batches, off the request path."""
+        import httpx
+
         rows = await self.store.ledger.unsent_countersignatures(
             self.identity.node_id, COUNTERSIGNATURE_BATCH
         )

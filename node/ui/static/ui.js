@@ -90,8 +90,18 @@
     dialog.showModal();
   }
 
+  // What a person reads first: the verdict of a verification in words; the record follows.
+  function summaryOf(data) {
+    if (!data || !Array.isArray(data.chains)) return "";
+    const receipts = data.chains.reduce((n, chain) => n + (chain.receipts || 0), 0);
+    const broken = data.chains.filter((chain) => !chain.ok).length;
+    if (data.ok) return `Every chain verified: ${data.chains.length} chain(s), ${receipts} receipt(s).`;
+    return `${broken} of ${data.chains.length} chain(s) failed verification: see each chain's problem below.`;
+  }
+
   function showResult(title, data) {
     document.getElementById("result-title").textContent = title || "Result";
+    document.getElementById("result-summary").textContent = summaryOf(data);
     document.getElementById("result-body").textContent = JSON.stringify(data, null, 2);
     document.getElementById("result").showModal();
   }

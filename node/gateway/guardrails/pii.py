@@ -1,0 +1,93 @@
+"""PII through Microsoft Presidio's analyzer, offline: its pattern recognizers (emails, phone
+numbers, credit cards checked by Luhn, IBANs checked by their mod-97, IP addresses) with an
+NLP engine that needs no model (and reads no tokens: see `_analyzer`).
+
+With `ner_model` (an installed spaCy pipeline), Presidio's spaCy recognizer adds names,
+places and organisations. Imported only when a profile has a `pii` check: Presidio takes a
+second to import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from node.config import ConfigError, PiiCheck
+from node.gateway.guardrails.findings import Span
+
+
+def _offline_email() -> Any:
+    """Presidio's email recognizer with its domain check on tldextract's bundled suffix list:
+    the default extractor fetches the list from the network first."""
+    import tldextract
+    from presidio_analyzer.predefined_recognizers import EmailRecognizer
+
+    extract = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+
+    class OfflineEmailRecognizer(EmailRecognizer):
+        def validate_result(self, pattern_text: str) -> bool:
+            return extract(pattern_text).fqdn != ""
+
+    return OfflineEmailRecognizer()
+
+
+def _ner_engine(model: str) -> Any:
+    """Presidio's spaCy engine over an installed pipeline (never a download: Presidio's own
+    engine downloads a model it does not find)."""
+    from pathlib import Path
+
+    import spacy
+    from presidio_analyzer.nlp_engine import SpacyNlpEngine
+
+    if not (spacy.util.is_package(model) or Path(model).exists()):
+        raise ConfigError(
+            f"guardrails: the pii check's ner_model {model!r} is not installed "
+            "(a spaCy pipeline's package name or folder; the node downloads none)"
+        )
+    engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": model}])
+    engine.load()
+    return engine
+
+
+def _analyzer(regions: list[str], ner_model: str) -> Any:
+    """Presidio's analyzer with its pattern recognizers and, with `ner_model`, its spaCy
+    recognizer. Without one, Presidio's no-op NLP engine: no model, no tokens (so no context
+    words raise a score: a finding scores by its pattern and validator, a Luhn-valid card or
+    a checksum-valid IBAN 1.0), at half the cost of tokenizing with a blank spaCy pipeline."""
+    from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+    from presidio_analyzer.nlp_engine import NoOpNlpEngine
+    from presidio_analyzer.predefined_recognizers import (
+        CreditCardRecognizer,
+        IbanRecognizer,
+        IpRecognizer,
+        PhoneRecognizer,
+    )
+
+    no_op = [{"lang_code": "en", "model_name": "none"}]
+    engine = _ner_engine(ner_model) if ner_model else NoOpNlpEngine(models=no_op)
+    registry = RecognizerRegistry(supported_languages=["en"])
+    registry.add_recognizer(_offline_email())
+    # Each region is a pass of libphonenumber's matcher over the text (most of the cost):
+    # numbers in international form (+49 …) are found whatever the regions.
+    registry.add_recognizer(PhoneRecognizer(supported_regions=regions))
+    for recognizer in (CreditCardRecognizer, IbanRecognizer, IpRecognizer):
+        registry.add_recognizer(recognizer())
+    if ner_model:
+        registry.add_nlp_recognizer(nlp_engine=engine)
+    return AnalyzerEngine(registry=registry, nlp_engine=engine, supported_languages=["en"])
+
+
+class Pii:
+    """One analyzer per check (its recognizers compiled once, at start)."""
+
+    def __init__(self, check: PiiCheck) -> None:
+        self.entities = list(check.entities)
+        self.min_score = check.min_score
+        self._engine = _analyzer(check.phone_regions, check.ner_model)
+
+    def find(self, text: str) -> list[Span]:
+        if not text.strip():
+            return []
+        results = self._engine.analyze(
+            text=text, language="en", entities=self.entities, score_threshold=self.min_score
+        )
+        return [Span(r.entity_type, r.start, r.end) for r in results]
