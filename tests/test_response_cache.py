@@ -390,3 +390,59 @@ price_out = 2000
     assert upstream.calls == 1
     replayed = {r.request_id: r for r in usage_records(node_dir)}[hit.headers["aihub-request-id"]]
     assert replayed.cache_hit and replayed.cost_micros > 0 and replayed.deployment is None
+
+
+def test_a_kept_answer_is_no_way_around_the_guardrails(node_dir: NodeDir) -> None:
+    """Two keys of one tenant share the cache; the one whose profile bans a word is refused
+    the answer the other had kept, and the kept answer a profile redacts is redacted."""
+    upstream = Counted()
+    with serve_app(upstream) as upstream_url:
+        cache_models(node_dir, '["cached-gpt"]')
+        node_dir.add_config(
+            f"""
+[[models]]
+name = "cached-gpt"
+provider = "openai"
+base_url = "{upstream_url}/v1"
+
+[guardrails]
+keys = {{ guarded = "strict", redacted = "answers" }}
+
+[guardrails.profiles.strict]
+checks = [{{ kind = "banned", action = "block", words = ["zeus"], name = "no-zeus" }}]
+
+[guardrails.profiles.answers]
+checks = [{{ kind = "pii", action = "redact", input = false, output = true }}]
+"""
+        )
+        with run_node(node_dir) as node:
+            tenant = create_tenant(node)["id"]
+            free, _ = create_key(node, tenant=tenant, name="free")
+            guarded, _ = create_key(node, tenant=tenant, name="guarded")
+            redacted, _ = create_key(node, tenant=tenant, name="redacted")
+            zeus = [{"role": "user", "content": "write to zeus@example.com"}]
+
+            def asked(key: str, stream: bool = False) -> Any:
+                return (
+                    Cached(node, upstream)
+                    .client(key)
+                    .chat.completions.with_raw_response.create(
+                        model="cached-gpt", messages=zeus, stream=stream
+                    )
+                )
+
+            assert asked(free).headers["aihub-cache"] == "miss"
+            with pytest.raises(openai.BadRequestError) as refused:
+                asked(guarded)
+            assert "no-zeus" in refused.value.message
+            hit = asked(redacted)
+            assert hit.headers["aihub-cache"] == "hit"
+            answer = hit.parse().choices[0].message.content or ""
+            assert "[EMAIL_ADDRESS_REDACTED]" in answer or "REDACTED" in answer, answer
+            assert "zeus@example.com" not in answer
+            assert asked(free, stream=True).headers["aihub-cache"] == "miss"
+            replay = asked(redacted, stream=True)
+            assert replay.headers["aihub-cache"] == "hit"
+            text = "".join(c.choices[0].delta.content or "" for c in replay.parse() if c.choices)
+            assert "mock says" in text and "zeus@example.com" not in text
+            assert upstream.calls == 2

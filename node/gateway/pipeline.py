@@ -332,18 +332,15 @@ async def complete(
     """The upstream call, then the answer settled: with our receipt if a peer asked, keeping
     the receipt of the peer that served it if we asked one. `call` is what `attempt` sends,
     for the guardrails (an embedding's is not read). With a `cache` slot, a kept answer is
-    the answer (once the input passed the guardrails), and a fresh one is kept (as screened)."""
+    the answer (once the input passed the guardrails, and screened as a fresh one is)."""
     books, plan = admitted
     async with _settled_on_error(books):
         profile = await _guard_input(books, call)
         kept = await _cached(books, cache)
         if kept is not None and kept.result is not None:
-            return _cached_answer(books, plan, kept.result)
+            return _cached_answer(books, plan, _screen(books, profile, kept.result))
         result, route = await _route(books, plan, attempt, watch)
-        if profile is not None and not isinstance(result, EmbedResult):
-            result = books.hub.guardrails.screen_result(
-                profile, result, books.principal, books.request_id
-            )
+        result = _screen(books, profile, result)
         books.observe_latency()
         _log_answer(books, result)
         cost = books.finish(
@@ -357,6 +354,17 @@ async def complete(
         )
         facts.cache = "miss" if cache is not None else None
         return Answer(result, facts)
+
+
+R = TypeVar("R", ChatResult, EmbedResult, WireResult)
+
+
+def _screen(books: Accounting, profile: Profile | None, result: R) -> R:
+    """An answer through the guardrails' output checks, if a profile applies (a kept one
+    too: the profile of the key that asks now, not of the one that was answered)."""
+    if profile is None or isinstance(result, EmbedResult):
+        return result
+    return books.hub.guardrails.screen_result(profile, result, books.principal, books.request_id)
 
 
 # --- the interaction log's hooks (`node/gateway/interaction_log.py`) --------------------------
