@@ -13,6 +13,7 @@ from litestar.types import Message, Scope
 from federation.httpsig import REQUEST_ID_HEADER
 from federation.ids import new_request_id
 from node.admin.ledger import LEDGER_ROUTES
+from node.admin.logs import LOG_ROUTES
 from node.admin.peers import PEER_ROUTES
 from node.admin.routes import ADMIN_ROUTES
 from node.admin.stats import STATS_ROUTES
@@ -66,6 +67,7 @@ def create_app(directory: Path | None = None) -> Litestar:
             *OPENAI_MORE_ROUTES,
             *MODERATION_ROUTES,
             *ADMIN_ROUTES,
+            *LOG_ROUTES,
             *LEDGER_ROUTES,
             *FEDERATION_ROUTES,
             # The dashboard (issue 16): its pages, and the admin endpoints it reads; health,

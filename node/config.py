@@ -356,6 +356,36 @@ class TracingSection(Struct, forbid_unknown_fields=True):
     service_name: Annotated[str, Meta(min_length=1, max_length=64)] = "aihub"
 
 
+CacheGlob = Annotated[str, Meta(min_length=1, max_length=256)]
+
+
+class CacheSection(Struct, forbid_unknown_fields=True):
+    """The response cache (`node/gateway/cache.py`): off unless a key, its tenant or one of
+    `models` turns it on."""
+
+    # Models (globs) whose answers are cached for every key that does not say otherwise.
+    models: Annotated[list[CacheGlob], Meta(max_length=256)] = []
+    ttl: Annotated[int, Meta(ge=1, le=30 * 86400)] = 3600
+    max_entries: Annotated[int, Meta(ge=1, le=10_000_000)] = 10_000
+    # Kept in each process's memory too, in front of the store.
+    memory_entries: Annotated[int, Meta(ge=0, le=100_000)] = 256
+    # An answer (or a stream's events) larger than this is not kept.
+    max_answer_bytes: Annotated[int, Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    # A hit costs nothing unless this says to charge it as the model's price would.
+    bill_hits: bool = False
+
+
+class InteractionLogSection(Struct, forbid_unknown_fields=True):
+    """Interaction logs (`node/gateway/interaction_log.py`), for keys or tenants that opt in."""
+
+    retention_days: Annotated[int, Meta(ge=1, le=3650)] = 30
+    # All entries' bodies together: past this, the oldest go at the next prune.
+    max_bytes: Annotated[int, Meta(ge=1024, le=1 << 40)] = 256 * 1024 * 1024
+    # Each body (request, answer) is cut here.
+    max_body_bytes: Annotated[int, Meta(ge=256, le=64 * 1024 * 1024)] = 64 * 1024
+    prune_interval: Annotated[int, Meta(ge=1, le=86400)] = 3600
+
+
 class Config(Struct, forbid_unknown_fields=True):
     node: NodeSection
     server: ServerSection = msgspec.field(default_factory=ServerSection)
@@ -366,6 +396,8 @@ class Config(Struct, forbid_unknown_fields=True):
     log: LogSection = msgspec.field(default_factory=LogSection)
     tracing: TracingSection = msgspec.field(default_factory=TracingSection)
     guardrails: GuardrailsSection = msgspec.field(default_factory=GuardrailsSection)
+    cache: CacheSection = msgspec.field(default_factory=CacheSection)
+    interaction_logs: InteractionLogSection = msgspec.field(default_factory=InteractionLogSection)
     models: list[Deployment] = []
     storage: StorageSection = msgspec.field(default_factory=StorageSection)
 
@@ -640,6 +672,20 @@ access = true                       # a line per request: method, path, status, 
 [tracing]
 otlp_endpoint = ""                  # OTLP/HTTP, e.g. "http://127.0.0.1:4318/v1/traces"; empty: off
 service_name = "aihub"
+
+[cache]                             # exact-match response cache, per tenant (or key); off unless
+models = []                         # these models (globs), a tenant or a key turn it on
+ttl = 3600                          # seconds an answer is kept
+max_entries = 10000                 # answers kept in all (least recently used go first)
+memory_entries = 256                # of them also in each process's memory
+max_answer_bytes = 1048576          # a larger answer (or stream) is not kept
+bill_hits = false                   # true: a hit is charged as if the model had answered
+
+[interaction_logs]                  # bodies of the requests of keys or tenants with `log` on
+retention_days = 30                 # entries older than this are forgotten
+max_bytes = 268435456               # all bodies together; the oldest go first
+max_body_bytes = 65536              # each request or answer body is cut here
+prune_interval = 3600               # seconds between prunes
 
 # Each [[models]] entry is one deployment. Several may share a `name`: the router picks
 # among them by strategy and falls back in order.

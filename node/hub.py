@@ -24,7 +24,9 @@ from node.config import IDENTITY_FILE, Config, missing_secrets, store_target
 from node.gateway.alerts import BudgetAlerts
 from node.gateway.auth import KeyCache
 from node.gateway.budgets import Budgets
+from node.gateway.cache import ResponseCache
 from node.gateway.guardrails.stage import Guardrails
+from node.gateway.interaction_log import InteractionLogger
 from node.gateway.journal import JOURNAL_DIR, Journal
 from node.gateway.keys import HASH_PURPOSE
 from node.gateway.metrics import Metrics
@@ -51,6 +53,8 @@ COUNTERSIGN_INTERVAL = 2
 PRUNE_INTERVAL = 30
 # Each process renews its budget holds this often (they expire after HOLD_TTL, 15 s).
 HOLD_RENEW_INTERVAL = 5
+# Expired cached answers are forgotten this often (seconds); a read never returns one anyway.
+CACHE_PRUNE_INTERVAL = 60
 
 
 def http_client(config: Config) -> httpx.AsyncClient:
@@ -96,6 +100,8 @@ class Hub:
     scheduler: AsyncIOScheduler
     started_at: int
     guardrails: Guardrails
+    cache: ResponseCache  # answers kept per tenant, for keys, tenants or models that opt in
+    logs: InteractionLogger  # requests and answers of the keys and tenants that opt in
     # Traces over OTLP, when `[tracing] otlp_endpoint` is set; None costs nothing.
     tracing: Tracing | None = None
 
@@ -140,6 +146,24 @@ class Hub:
             id="budgets.renew",
         )
         metrics = Metrics()
+        cache = ResponseCache(store.cache, config.cache)
+        scheduler.add_job(
+            _while_store_answers(cache.prune),
+            "interval",
+            seconds=CACHE_PRUNE_INTERVAL,
+            max_instances=1,
+            coalesce=True,
+            id="cache.prune",
+        )
+        logs = InteractionLogger(store.logs, config.interaction_logs)
+        scheduler.add_job(
+            _while_store_answers(logs.prune),
+            "interval",
+            seconds=config.interaction_logs.prune_interval,
+            max_instances=1,
+            coalesce=True,
+            id="logs.prune",
+        )
         return cls(
             config=config,
             data_dir=data_dir,
@@ -161,12 +185,15 @@ class Hub:
             scheduler=scheduler,
             started_at=int(time.time()),
             guardrails=Guardrails(config.guardrails, metrics.registry, usage.audit, client),
+            cache=cache,
+            logs=logs,
             tracing=start_tracing(config, identity.node_id),
         )
 
     async def stop(self) -> None:
         self.scheduler.shutdown(wait=False)
         await self.receipts.settle_tasks()
+        await self.logs.flush()
         await self.usage.stop()
         await self.budgets.release()  # after the last settlement is written
         await self.limiter.stop()

@@ -84,6 +84,7 @@ LOCAL = [
     ["tenants", "list"],
     ["usage"],
     ["audit"],
+    ["logs"],
     ["ledger", "--help"],
     ["ledger", "export", "--help"],
     ["ledger", "balance"],  # the books are read from the store; no peer is asked

@@ -13,12 +13,15 @@ from node.storage.base import Store
 from node.storage.records import (
     HOLD_TTL,
     AuditEvent,
+    CachedAnswer,
     Conflict,
     Hold,
+    InteractionLog,
     InviteRow,
     JoinRequestBounds,
     KeyRecord,
     LinkedReceipt,
+    LogFilter,
     PeerRecord,
     RateSync,
     RateTake,
@@ -239,5 +242,87 @@ def test_a_dead_holders_budget_holds_are_given_back(store_url: str) -> None:
         await store.spend.release([(180, ("key:k1", 0))], "alive")
         (row,) = await store.spend.spend(scope)
         assert row.reserved == 0
+
+    on(store_url, test)
+
+
+def test_cached_answers_are_kept_per_scope_until_they_expire(store_url: str) -> None:
+    async def test(store: Store) -> None:
+        digest = b"\x01" * 32
+        await store.cache.keep(CachedAnswer("tenant:t1", digest, 1000, 5000, b"answer"), 1000, 10)
+        assert await store.cache.cached("tenant:t2", digest, 2000) is None  # never another's
+        found = await store.cache.cached("tenant:t1", digest, 2000)
+        assert found is not None and found.answer == b"answer" and found.expires_ms == 5000
+        assert await store.cache.cached("tenant:t1", digest, 5000) is None  # expired
+        # Kept again: replaced, with its new expiry.
+        await store.cache.keep(CachedAnswer("tenant:t1", digest, 6000, 9000, b"newer"), 6000, 10)
+        assert (await store.cache.cached("tenant:t1", digest, 7000)).answer == b"newer"  # type: ignore[union-attr]
+        assert await store.cache.prune_cache(9000) == 1
+        assert await store.cache.cached("tenant:t1", digest, 1) is None
+
+    on(store_url, test)
+
+
+def test_the_least_recently_used_answers_go_first(store_url: str) -> None:
+    async def test(store: Store) -> None:
+        def answer(n: int) -> CachedAnswer:
+            return CachedAnswer("key:k1", bytes([n]) * 32, n, 10**12, b"%d" % n)
+
+        for n in range(1, 4):
+            await store.cache.keep(answer(n), n, 3)
+        assert await store.cache.cached("key:k1", bytes([1]) * 32, 10) is not None  # used
+        await store.cache.keep(answer(4), 11, 3)  # one too many: 2 was used least recently
+        kept = [n for n in range(1, 5) if await store.cache.cached("key:k1", bytes([n]) * 32, 12)]
+        assert kept == [1, 3, 4]
+
+    on(store_url, test)
+
+
+def _logged(request_id: str, ts_ms: int, **fields: object) -> InteractionLog:
+    values: dict[str, object] = {
+        "key_id": "k1",
+        "tenant_id": "t1",
+        "model": "m",
+        "endpoint": "chat",
+        "deployment": "m#0",
+        "peer": None,
+        "stream": False,
+        "status": 200,
+        "tokens_in": 3,
+        "tokens_out": 4,
+        "cost_micros": 5,
+        "latency_ms": 6,
+        "cache_hit": False,
+        "error": None,
+        "request": b'{"q":1}',
+        "response": b'{"a":2}',
+    }
+    values.update(fields)
+    return InteractionLog(request_id, ts_ms, **values)  # type: ignore[arg-type]
+
+
+def test_interaction_logs_are_filtered_and_pruned(store_url: str) -> None:
+    async def test(store: Store) -> None:
+        await store.logs.insert_log(_logged("r1", 1000))
+        await store.logs.insert_log(_logged("r2", 2000, key_id="k2", status=429, stream=True))
+        await store.logs.insert_log(_logged("r3", 3000, tenant_id="t2", model="other"))
+        await store.logs.insert_log(_logged("r1", 9000, model="again"))  # ignored: the same id
+        everything = await store.logs.logs(LogFilter())
+        assert [entry.request_id for entry in everything] == ["r3", "r2", "r1"]
+        assert everything[1].stream is True and everything[0].cache_hit is False
+        assert everything[2].request == b'{"q":1}' and everything[2].findings == b"[]"
+        assert [e.request_id for e in await store.logs.logs(LogFilter(key_id="k2"))] == ["r2"]
+        assert [e.request_id for e in await store.logs.logs(LogFilter(tenant_id="t2"))] == ["r3"]
+        assert [e.request_id for e in await store.logs.logs(LogFilter(model="m"))] == ["r2", "r1"]
+        assert [e.request_id for e in await store.logs.logs(LogFilter(status=429))] == ["r2"]
+        window = LogFilter(since_ms=1500, until_ms=3000)
+        assert [e.request_id for e in await store.logs.logs(window)] == ["r2"]
+        assert len(await store.logs.logs(LogFilter(limit=1))) == 1
+        assert (await store.logs.log("r2")).key_id == "k2"  # type: ignore[union-attr]
+        assert await store.logs.log("nope") is None
+        # Older than the retention, then beyond the size cap (each entry holds 16 bytes).
+        assert await store.logs.prune_logs(1500, 10**9) == 1
+        assert await store.logs.prune_logs(0, 20) == 1  # the newest that fit stay
+        assert [e.request_id for e in await store.logs.logs(LogFilter())] == ["r3"]
 
     on(store_url, test)

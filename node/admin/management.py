@@ -66,6 +66,10 @@ class LimitsInput(Struct, forbid_unknown_fields=True, omit_defaults=True):
     rpm: Count | UnsetType | None = UNSET
     tpm: Count | UnsetType | None = UNSET
     max_parallel: Count | UnsetType | None = UNSET
+    # The response cache: true on, false off, null leaves it to the tenant (or the config).
+    cache: bool | UnsetType | None = UNSET
+    # Interaction logs: true on, false off, null leaves it to the tenant.
+    log: bool | UnsetType | None = UNSET
 
     def apply(self, limits: Limits) -> Limits:
         changes = {

@@ -39,6 +39,8 @@ OPTION_OF_FIELD = {
 }
 
 UNCHANGED = "[not given: unchanged]"
+# `--cache`'s and `--log`'s words, as the limit's value.
+CACHE_CHOICES: dict[str, bool | None] = {"on": True, "off": False, "inherit": None}
 
 
 def meta_option(*, on_update: bool = False) -> Decorator:
@@ -95,11 +97,30 @@ def limit_options(*, on_update: bool = False) -> Decorator:
             metavar="N",
             help=f"Requests in flight at once; none: no limit {default('no limit')}",
         ),
+        click.option(
+            "--cache",
+            type=click.Choice(CACHE_CHOICES),
+            help="The response cache: on, off, or inherit (the tenant's, else the config's "
+            f"[cache] models) {default('inherit')}",
+        ),
+        click.option(
+            "--log",
+            type=click.Choice(CACHE_CHOICES),
+            help="Interaction logs (request and answer bodies): on, off, or inherit (the "
+            f"tenant's; off if it says nothing) {default('inherit')}",
+        ),
     )
 
 
 def limit_fields(
-    models: Any, budget: Any, period: str | None, rpm: Any, tpm: Any, max_parallel: Any
+    models: Any,
+    budget: Any,
+    period: str | None,
+    rpm: Any,
+    tpm: Any,
+    max_parallel: Any,
+    cache: str | None = None,
+    log: str | None = None,
 ) -> dict[str, Any]:
     """The limit options as KeyInput / TenantInput fields."""
     return {
@@ -109,6 +130,8 @@ def limit_fields(
         "rpm": rpm,
         "tpm": tpm,
         "max_parallel": max_parallel,
+        "cache": UNSET if cache is None else CACHE_CHOICES[cache],
+        "log": UNSET if log is None else CACHE_CHOICES[log],
     }
 
 
@@ -154,12 +177,18 @@ def parallel_text(limits: Limits) -> str:
     return "-" if limits.max_parallel is None else str(limits.max_parallel)
 
 
+def cache_text(limits: Limits) -> str:
+    return {True: "on", False: "off", None: "inherit"}[limits.cache]
+
+
 def limit_rows(limits: Limits, spend: SpendView | None, currency: str) -> list[tuple[str, str]]:
     rows = [
         ("models", models_text(limits)),
         ("budget", budget_text(limits, spend, currency)),
         ("rpm / tpm", rate_text(limits)),
         ("max parallel", parallel_text(limits)),
+        ("cache", cache_text(limits)),
+        ("interaction log", {True: "on", False: "off", None: "inherit"}[limits.log]),
     ]
     if spend is not None:
         rows.append(("reserved", amount(spend.reserved_micros, currency)))

@@ -59,6 +59,12 @@ COMMANDS: dict[str, Entry] = {
         "audit_command",
         "Who changed what, and the security events (bad keys, refused addresses), newest first.",
     ),
+    "logs": Entry(
+        "node.cli.logs",
+        "logs_command",
+        "The requests and answers of the keys and tenants that log them, newest first; with "
+        "REQUEST_ID, that one whole.",
+    ),
     "invite": Entry(
         "node.cli.federation", "invite_group", "Invite another node to use this node's models."
     ),

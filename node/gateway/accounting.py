@@ -18,6 +18,7 @@ from ledger.receipts import SentRequest
 from node.errors import HubError, Kind, UpstreamFailed
 from node.gateway.auth import Principal
 from node.gateway.budgets import budget_scopes
+from node.gateway.interaction_log import LogDraft
 from node.gateway.ratelimit import Admission, RateLimited, ScopeLimits
 from node.gateway.router import Route
 from node.gateway.traces import AttemptTrace, RequestTrace
@@ -100,6 +101,8 @@ class Accounting:
         # Output tokens per choice the upstream call is capped at, when the budget left was
         # less than the full worst case of a request without max_tokens (`Elastic`).
         self.output_cap: int | None = None
+        # The request's interaction log while it runs, if its key or tenant logs requests.
+        self.log: LogDraft | None = None
 
     @property
     def limits(self) -> dict[str, str]:
@@ -188,11 +191,15 @@ class Accounting:
         status: int,
         stream: bool,
         error: str | None = None,
+        cache_hit: bool = False,
     ) -> int:
         """Settle the request (once): cost, usage record, reservations, limits, metrics. The
         counts are clamped to what the request could have used, and the charge to what was
         reserved for it: a budget never passes its cap, whatever the upstream reports; the
-        record keeps what it cost beyond the charge (`unbilled_micros`). The charge."""
+        record keeps what it cost beyond the charge (`unbilled_micros`). The charge.
+
+        A cache hit (`cache_hit`) was served by no deployment: `route`, if given, only prices
+        it (`[cache] bill_hits`), and nothing was asked of a peer."""
         if self._settled:
             return 0
         self._settled = True
@@ -216,8 +223,8 @@ class Accounting:
             key_id=self.principal.key_id,
             tenant_id=self.principal.key.tenant_id,
             model=self.model,
-            deployment=route.label if route else None,
-            provider=spec.provider if spec else None,
+            deployment=route.label if route and not cache_hit else None,
+            provider=spec.provider if spec and not cache_hit else None,
             endpoint=self.endpoint,
             stream=stream,
             tokens_in=usage.prompt_tokens,
@@ -229,10 +236,13 @@ class Accounting:
             error=error,
             unbilled_micros=actual - cost,
             clamped=clamped,
+            cache_hit=cache_hit,
+            log_id=self.request_id if self.log is not None else None,
         )
-        charge = Charge(
-            record, self.hub.budgets.settle(self.holds, cost), _sent(self.request_id, route, status)
-        )
+        if self.log is not None:
+            self.hub.logs.settled(self.log, record, route.peer_name if route else None)
+        sent = None if cache_hit else _sent(self.request_id, route, status)
+        charge = Charge(record, self.hub.budgets.settle(self.holds, cost), sent)
         if self.for_peer and route is not None and (status == OK or usage.total_tokens):
             # Whatever was produced for a peer is receipted, whether or not the peer stayed
             # to the end of the answer (`issue_receipt`).

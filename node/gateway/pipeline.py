@@ -48,6 +48,7 @@ from adapters.types import (
 from node.errors import HubError, Kind, UpstreamFailed, gateway_failure
 from node.gateway.accounting import CLIENT_CLOSED, OK, Accounting, Elastic, recorded_status
 from node.gateway.auth import Principal
+from node.gateway.cache import CacheSlot, Kept, event_bytes, kept_result
 from node.gateway.guardrails.checks import Profile
 from node.gateway.policy import model_allowed, worst_case_prompt_tokens
 from node.gateway.router import NoRoute, Route
@@ -97,6 +98,8 @@ class Facts(msgspec.Struct):
     # The output tokens (per choice) the answer was capped at: a request without max_tokens
     # whose budget had less left than its full worst case (`begin_chat`).
     output_cap: int | None = None
+    # "hit" (answered from the response cache) or "miss" (asked, and kept); None: not cached.
+    cache: str | None = None
 
 
 class Answer(msgspec.Struct):
@@ -324,28 +327,146 @@ async def complete(
     attempt: Callable[[Route], Awaitable[ChatResult | EmbedResult | WireResult]],
     watch: Watch,
     call: ChatCall | CompletionCall | None = None,
+    cache: CacheSlot | None = None,
 ) -> Answer:
     """The upstream call, then the answer settled: with our receipt if a peer asked, keeping
     the receipt of the peer that served it if we asked one. `call` is what `attempt` sends,
-    for the guardrails (an embedding's is not read)."""
+    for the guardrails (an embedding's is not read). With a `cache` slot, a kept answer is
+    the answer (once the input passed the guardrails, and screened as a fresh one is)."""
     books, plan = admitted
     async with _settled_on_error(books):
         profile = await _guard_input(books, call)
+        kept = await _cached(books, cache)
+        if kept is not None and kept.result is not None:
+            return _cached_answer(books, plan, _screen(books, profile, kept.result))
         result, route = await _route(books, plan, attempt, watch)
-        if profile is not None and not isinstance(result, EmbedResult):
-            result = books.hub.guardrails.screen_result(
-                profile, result, books.principal, books.request_id
-            )
+        result = _screen(books, profile, result)
         books.observe_latency()
+        _log_answer(books, result)
         cost = books.finish(
             route, result.usage, estimated=result.usage_estimated, status=OK, stream=False
         )
         receipt = await books.issue_receipt()
         books.take_receipt(route, result.receipt, cost)
+        await _keep_result(books, cache, result)
         facts = Facts(
             books.request_id, books.limits, cost, receipt, route.peer_name, books.output_cap
         )
+        facts.cache = "miss" if cache is not None else None
         return Answer(result, facts)
+
+
+R = TypeVar("R", ChatResult, EmbedResult, WireResult)
+
+
+def _screen(books: Accounting, profile: Profile | None, result: R) -> R:
+    """An answer through the guardrails' output checks, if a profile applies (a kept one
+    too: the profile of the key that asks now, not of the one that was answered)."""
+    if profile is None or isinstance(result, EmbedResult):
+        return result
+    return books.hub.guardrails.screen_result(profile, result, books.principal, books.request_id)
+
+
+# --- the interaction log's hooks (`node/gateway/interaction_log.py`) --------------------------
+
+
+def _log_answer(books: Accounting, result: ChatResult | EmbedResult | WireResult) -> None:
+    if books.log is not None and isinstance(result, ChatResult):
+        books.log.answered(result)
+
+
+async def _logged(books: Accounting, items: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+    """A stream's items passed on, the adapter's events noted in its interaction log."""
+    assert books.log is not None
+    async with contextlib.aclosing(items):
+        async for item in items:
+            if not isinstance(item, Signal):
+                books.log.streamed(item)
+            yield item
+
+
+# --- the response cache's hooks (`node/gateway/cache.py`) ----------------------------------
+
+
+async def _cached(books: Accounting, cache: CacheSlot | None) -> Kept | None:
+    return await books.hub.cache.get(cache) if cache is not None else None
+
+
+async def _keep_result(
+    books: Accounting, cache: CacheSlot | None, result: ChatResult | EmbedResult | WireResult
+) -> None:
+    if cache is not None and isinstance(result, ChatResult):
+        await books.hub.cache.keep(cache, kept_result(result))
+
+
+def _settle_hit(
+    books: Accounting, plan: list[Route], usage: Usage, estimated: bool, stream: bool, status: int
+) -> int:
+    """A hit's usage record: what the kept answer used, charged only if the config says
+    so (at the plan's first deployment's price), and marked as a hit."""
+    pricing = plan[0] if books.hub.cache.config.bill_hits else None
+    return books.finish(
+        pricing, usage, estimated=estimated, status=status, stream=stream, cache_hit=True
+    )
+
+
+def _cached_answer(books: Accounting, plan: list[Route], result: ChatResult) -> Answer:
+    books.observe_latency()
+    _log_answer(books, result)
+    cost = _settle_hit(books, plan, result.usage, result.usage_estimated, False, OK)
+    facts = Facts(books.request_id, books.limits, cost, output_cap=books.output_cap, cache="hit")
+    return Answer(result, facts)
+
+
+def _cached_stream(books: Accounting, plan: list[Route], kept: Kept) -> Streamed:
+    books.observe_latency()
+
+    async def abandon() -> None:
+        if not books.settled:
+            _settle_hit(books, plan, Usage(), False, True, CLIENT_CLOSED)
+
+    facts = Facts(books.request_id, books.limits, output_cap=books.output_cap, cache="hit")
+    return Streamed(_replay(books, plan, kept), facts, abandon)
+
+
+async def _replay(books: Accounting, plan: list[Route], kept: Kept) -> AsyncGenerator[Any, None]:
+    """A kept stream's events as the upstream sent them, then its end."""
+    status = CLIENT_CLOSED
+    try:
+        for event in kept.events or []:
+            yield event
+        status = OK
+        yield StreamEnd()
+    finally:
+        _settle_hit(books, plan, kept.usage, kept.usage_estimated, True, status)
+
+
+class _Recording:
+    """A stream's events as they pass, for the cache, until they outgrow what it keeps."""
+
+    def __init__(self, limit: int) -> None:
+        self.events: list[Any] | None = []
+        self._left = limit
+
+    def add(self, event: Any) -> None:
+        if self.events is None:
+            return
+        self._left -= event_bytes(event)
+        if self._left < 0:
+            self.events = None
+        else:
+            self.events.append(event)
+
+
+async def _keep_stream(
+    books: Accounting,
+    cache: CacheSlot | None,
+    recording: _Recording | None,
+    usage: Usage,
+    estimated: bool,
+) -> None:
+    if cache is not None and recording is not None and recording.events is not None:
+        await books.hub.cache.keep(cache, Kept(usage, estimated, events=recording.events))
 
 
 class _Opened(msgspec.Struct):
@@ -378,11 +499,16 @@ async def _open(route: Route, opener: Opener) -> _Opened:
 
 
 async def stream(
-    admitted: Admitted, call: ChatCall | CompletionCall, watch: Watch, opener: Opener | None = None
+    admitted: Admitted,
+    call: ChatCall | CompletionCall,
+    watch: Watch,
+    opener: Opener | None = None,
+    cache: CacheSlot | None = None,
 ) -> Streamed:
     """Open the stream along the plan (a chat call's, unless `opener` opens another kind,
     whose stream then always holds its `usage`); its relay settles it however it ends
-    (`abandon` settles it if the relay never runs)."""
+    (`abandon` settles it if the relay never runs). With a `cache` slot, kept events are
+    replayed, and a fresh stream that completes is kept."""
     books, plan = admitted
     if opener is None:
         assert isinstance(call, ChatCall)
@@ -390,21 +516,50 @@ async def stream(
     opening = opener
     async with _settled_on_error(books):
         profile = await _guard_input(books, call)
-        opened, route = await _route(books, plan, lambda r: _open(r, opening), watch)
-        books.observe_latency()
-        items = _relay(opened, route, call, books)
-        if profile is not None and profile.output and isinstance(call, ChatCall):
-            items = books.hub.guardrails.guard_stream(profile, items, books)
-        return Streamed(
-            items,
-            Facts(
-                books.request_id,
-                books.limits,
-                served_by=route.peer_name,
-                output_cap=books.output_cap,
-            ),
-            lambda: _abandon(opened, route, call, books),
-        )
+        kept = await _cached(books, cache)
+        if kept is not None and kept.events is not None:
+            streamed = _cached_stream(books, plan, kept)
+        else:
+            streamed = await _fresh_stream(books, plan, call, opening, watch, cache)
+        return _screened(books, profile, call, streamed)
+
+
+async def _fresh_stream(
+    books: Accounting,
+    plan: list[Route],
+    call: ChatCall | CompletionCall,
+    opener: Opener,
+    watch: Watch,
+    cache: CacheSlot | None,
+) -> Streamed:
+    """The stream opened along the plan, relayed (and kept, with a cache slot)."""
+    opened, route = await _route(books, plan, lambda r: _open(r, opener), watch)
+    books.observe_latency()
+    facts = Facts(
+        books.request_id,
+        books.limits,
+        served_by=route.peer_name,
+        output_cap=books.output_cap,
+        cache="miss" if cache is not None else None,
+    )
+    return Streamed(
+        _relay(opened, route, call, books, cache),
+        facts,
+        lambda: _abandon(opened, route, call, books),
+    )
+
+
+def _screened(
+    books: Accounting, profile: Profile | None, call: ChatCall | CompletionCall, streamed: Streamed
+) -> Streamed:
+    """A stream's items as they leave: through the guardrails' output checks if its profile
+    has any (a replayed stream too), then logged as the client sees them."""
+    items = streamed.items
+    if profile is not None and profile.output and isinstance(call, ChatCall):
+        items = books.hub.guardrails.guard_stream(profile, items, books)
+    if books.log is not None:
+        items = _logged(books, items)
+    return streamed._replace(items=items)
 
 
 async def _abandon(
@@ -417,19 +572,33 @@ async def _abandon(
 
 
 async def _relay(
-    opened: _Opened, route: Route, call: ChatCall | CompletionCall, books: Accounting
+    opened: _Opened,
+    route: Route,
+    call: ChatCall | CompletionCall,
+    books: Accounting,
+    cache: CacheSlot | None = None,
 ) -> AsyncGenerator[Any, None]:
-    """Pass the upstream's events on; account for them however the stream ends."""
+    """Pass the upstream's events on; account for them however the stream ends (and keep
+    them, with a cache slot, if it ends complete)."""
     stream = opened.stream
     sent = 0
     status, error = OK, None
+    recording = None if cache is None else _Recording(books.hub.cache.config.max_answer_bytes)
     try:
         if opened.first is not None:
+            if recording is not None:
+                recording.add(opened.first)
             yield opened.first
             sent += 1
         async for event in opened.events:
+            if recording is not None:
+                recording.add(event)
             yield event
             sent += 1
+        if recording is not None:
+            # Complete: kept even if the client goes away meanwhile.
+            with anyio.CancelScope(shield=True):
+                await _keep_stream(books, cache, recording, *_stream_usage(stream, call, sent))
         if books.for_peer:
             # The receipt goes before the end, as an item of its own that the consumer keeps.
             usage, estimated = _stream_usage(stream, call, sent)

@@ -55,6 +55,7 @@ from node.ingress.asgi import (
     read_body,
     watcher_of,
 )
+from node.ingress.cache import CACHE_HEADER, cache_bypass
 from node.ingress.openai import decode_body
 
 _messages_decoder = msgspec.json.Decoder(MessagesRequest)
@@ -114,6 +115,8 @@ def _headers(facts: Facts) -> dict[str, str]:
         headers["aihub-cost-micros"] = str(facts.cost_micros)
     if facts.served_by is not None:
         headers[SERVED_BY_HEADER] = served_by_value(facts.served_by)
+    if facts.cache is not None:
+        headers[CACHE_HEADER] = facts.cache
     return headers
 
 
@@ -126,24 +129,29 @@ def _native(plan: list[Route], raw: dict[str, msgspec.Raw]) -> NativeRequest | N
 
 async def _messages(request: Request) -> Reply | StreamReply:
     principal = await authenticate(request)  # a bad key is told so before a bad body
-    messages, raw = decode_body(await read_body(request, principal), _messages_decoder)
+    body = await read_body(request, principal)
+    messages, raw = decode_body(body, _messages_decoder)
+    bypass = cache_bypass(request, raw)
     chat = chat_request(messages)
     call = _call(chat, forward_headers(request))
     admitted = await begin_chat(request, principal, call)
     call.native = _native(admitted.plan, raw)
+    hub = hub_of(request)
+    admitted.books.log = hub.logs.draft(principal, body)
+    slot = hub.cache.slot(principal, "anthropic.messages", call, raw, bypass)
     stops = messages.stop_sequences
     if chat.stream:
-        streamed = await pipeline.stream(admitted, call, watcher_of(request))
+        streamed = await pipeline.stream(admitted, call, watcher_of(request), cache=slot)
         headers = {**_headers(streamed.facts), "cache-control": "no-cache"}
         prompt = estimate_prompt_tokens(chat.messages)
         renderer = MessageStreamRenderer(call.request_id, chat.model, prompt, stops)
         return StreamReply(streamed.items, headers, renderer.render, streamed.abandon)
     answer = await pipeline.complete(
-        admitted, lambda route: route.adapter.chat(call), watcher_of(request), call
+        admitted, lambda route: route.adapter.chat(call), watcher_of(request), call, slot
     )
     assert isinstance(answer.result, ChatResult)
-    body = message_body(answer.result, call.request_id, chat.model, stops)
-    return Reply(body, _headers(answer.facts))
+    reply = message_body(answer.result, call.request_id, chat.model, stops)
+    return Reply(reply, _headers(answer.facts))
 
 
 def _count(chat: ChatRequest) -> int:

@@ -73,6 +73,7 @@ from node.ingress.asgi import (
     read_body,
     watcher_of,
 )
+from node.ingress.cache import CACHE_HEADER, cache_bypass
 from node.ingress.errors import ApiError, ErrorDetail, error_bytes, openai_error
 from node.ingress.openai_render import ChunkRenderer, result_body
 from node.observe import access
@@ -169,6 +170,8 @@ def response_headers(facts: Facts) -> dict[str, str]:
         headers[SERVED_BY_HEADER] = served_by_value(facts.served_by)
     if facts.output_cap is not None:
         headers[OUTPUT_CAP_HEADER] = str(facts.output_cap)
+    if facts.cache is not None:
+        headers[CACHE_HEADER] = facts.cache
     return headers
 
 
@@ -177,15 +180,20 @@ def response_headers(facts: Facts) -> dict[str, str]:
 
 async def _chat(request: Request) -> Reply | StreamReply:
     principal = await authenticate(request)  # a bad key is told so before a bad body
-    chat, raw = decode_body(await read_body(request, principal), _chat_decoder)
+    body = await read_body(request, principal)
+    chat, raw = decode_body(body, _chat_decoder)
+    bypass = cache_bypass(request, raw)
     call = ChatCall(chat, raw, new_request_id())
     admitted = await begin_chat(request, principal, call)
+    hub = hub_of(request)
+    admitted.books.log = hub.logs.draft(principal, body)
+    slot = hub.cache.slot(principal, "openai.chat", call, raw, bypass)
     if chat.stream:
-        streamed = await pipeline.stream(admitted, call, watcher_of(request))
+        streamed = await pipeline.stream(admitted, call, watcher_of(request), cache=slot)
         headers = {**response_headers(streamed.facts), "cache-control": "no-cache"}
         return StreamReply(streamed.items, headers, item_renderer(), streamed.abandon)
     answer = await pipeline.complete(
-        admitted, lambda route: route.adapter.chat(call), watcher_of(request), call
+        admitted, lambda route: route.adapter.chat(call), watcher_of(request), call, slot
     )
     return Reply(_render_result(answer.result), response_headers(answer.facts))
 

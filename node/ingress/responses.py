@@ -33,6 +33,7 @@ from node.ingress.asgi import (
     read_body,
     watcher_of,
 )
+from node.ingress.cache import cache_bypass
 from node.ingress.openai import decode_body, response_headers
 from node.ingress.responses_chat import chat_call, input_items
 from node.ingress.responses_native import native_request, own_response
@@ -48,7 +49,9 @@ _decoder = msgspec.json.Decoder(ResponsesRequest)
 
 async def _responses(request: Request) -> Reply | StreamReply:
     principal = await authenticate(request)  # a bad key is told so before a bad body
-    body, raw = decode_body(await read_body(request, principal), _decoder)
+    sent = await read_body(request, principal)
+    body, raw = decode_body(sent, _decoder)
+    bypass = cache_bypass(request, raw)
     hub = hub_of(request)
     earlier = await earlier_items(hub, principal, body.previous_response_id)
     inputs = input_items(body)
@@ -59,6 +62,8 @@ async def _responses(request: Request) -> Reply | StreamReply:
     chat = call.request
     admitted = await begin_chat(request, principal, call)
     call.native = native_request(admitted.plan, raw, earlier, inputs)
+    admitted.books.log = hub.logs.draft(principal, sent)
+    slot = hub.cache.slot(principal, "openai.responses", call, raw, bypass)
     shell = Shell.of(body, call.request_id)
     store = body.store is not False  # OpenAI's default: kept
 
@@ -67,13 +72,13 @@ async def _responses(request: Request) -> Reply | StreamReply:
             await keep(hub, principal, shell.id, response, earlier, inputs)
 
     if chat.stream:
-        streamed = await pipeline.stream(admitted, call, watcher_of(request))
+        streamed = await pipeline.stream(admitted, call, watcher_of(request), cache=slot)
         headers = {**response_headers(streamed.facts), "cache-control": "no-cache"}
         renderer = StreamRenderer(shell)
         items = _kept_at_end(streamed.items, renderer, kept)
         return StreamReply(items, headers, renderer.render, streamed.abandon)
     answer = await pipeline.complete(
-        admitted, lambda route: route.adapter.chat(call), watcher_of(request), call
+        admitted, lambda route: route.adapter.chat(call), watcher_of(request), call, slot
     )
     assert isinstance(answer.result, ChatResult)
     if answer.result.native is not None:

@@ -31,6 +31,7 @@ from adapters.types import (
 from ledger.settlement import Statement
 from node import __version__
 from node.admin.ledger import NetRequest, VerifyReport
+from node.admin.log_views import LogEntry, LogList
 from node.admin.management import (
     CreatedKey,
     KeyInput,
@@ -243,6 +244,24 @@ DOCS: dict[tuple[str, str], Doc] = {
     ),
     ("get", "/admin/peers"): Doc(
         "Peers: status, health, adverts, caps, spend", PeerList, params=(INCLUDE_REVOKED,)
+    ),
+    ("get", "/admin/logs"): Doc(
+        "Interaction logs of the keys and tenants that log requests, newest first",
+        LogList,
+        params=(
+            Param("key", "Only this key's (its id)", _string()),
+            Param("tenant", "Only this tenant's (its id)", _string()),
+            Param("model", "Only this model's", _string()),
+            Param("status", "Only this HTTP status", {"type": "integer", "minimum": 100}),
+            SINCE,
+            Param("until", "Only before this (the forms of `since`)", _string()),
+            Param("limit", "How many", {"type": "integer", "minimum": 1, "maximum": 1000}),
+        ),
+    ),
+    ("get", "/admin/logs/{request_id}"): Doc(
+        "One interaction log whole: its request and answer bodies, its guardrail findings",
+        LogEntry,
+        errors=(401, 403, 404),
     ),
     ("get", "/admin/stats/series"): Doc(
         "Usage per bucket of the last hour, day, week or month",

@@ -16,11 +16,14 @@ from typing import Literal, Protocol
 from ledger.receipts import SentRequest
 from node.storage.records import (
     AuditEvent,
+    CachedAnswer,
     Charge,
+    InteractionLog,
     InviteRow,
     JoinRequestBounds,
     KeyRecord,
     LinkedReceipt,
+    LogFilter,
     PeerRecord,
     RateAnswer,
     RateSync,
@@ -327,6 +330,43 @@ class ResponseStore(Protocol):
         ...
 
 
+class CacheStore(Protocol):
+    """The response cache's answers (`node.gateway.cache`), each under its scope: a read
+    names the scope, so another tenant's answer is as absent as one never kept."""
+
+    async def cached(self, scope: str, digest: bytes, now_ms: int) -> CachedAnswer | None:
+        """The answer, unless it expired by `now_ms`; a hit counts as a use (for LRU)."""
+        ...
+
+    async def keep(self, answer: CachedAnswer, now_ms: int, max_entries: int) -> None:
+        """Keep (or replace) the answer, then forget the least recently used beyond
+        `max_entries` in all."""
+        ...
+
+    async def prune_cache(self, now_ms: int) -> int:
+        """Forget expired answers; how many."""
+        ...
+
+
+class LogStore(Protocol):
+    """Interaction logs (`node.gateway.interaction_log`), by request id."""
+
+    async def insert_log(self, entry: InteractionLog) -> None:
+        """Write it (a second with the same request id is ignored)."""
+        ...
+
+    async def logs(self, which: LogFilter) -> list[InteractionLog]:
+        """The newest first, at most `which.limit`."""
+        ...
+
+    async def log(self, request_id: str) -> InteractionLog | None: ...
+
+    async def prune_logs(self, before_ms: int, max_bytes: int) -> int:
+        """Forget entries older than `before_ms`, then the oldest until the rest hold at most
+        `max_bytes` of bodies; how many."""
+        ...
+
+
 class Store(Protocol):
     """One of each aggregate, over one database."""
 
@@ -338,6 +378,8 @@ class Store(Protocol):
     audit: AuditStore
     responses: ResponseStore
     sessions: SessionStore
+    cache: CacheStore
+    logs: LogStore
 
     async def close(self) -> None: ...
 

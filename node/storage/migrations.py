@@ -596,4 +596,99 @@ MIGRATIONS: list[Migration] = [
         CREATE INDEX ui_sessions_expires ON ui_sessions (expires_ms);
         """,
     ),
+    # 14: the response cache's answers, per scope (a tenant's or a key's) and digest of the
+    # canonical request, with their expiry and last use (LRU); and whether a usage record was
+    # answered from it.
+    Migration(
+        sqlite="""
+        CREATE TABLE response_cache (
+            scope TEXT NOT NULL,
+            digest BLOB NOT NULL,
+            created_ms INTEGER NOT NULL,
+            expires_ms INTEGER NOT NULL,
+            used_ms INTEGER NOT NULL,
+            answer BLOB NOT NULL,
+            PRIMARY KEY (scope, digest)
+        );
+        CREATE INDEX response_cache_used ON response_cache (used_ms);
+        CREATE INDEX response_cache_expires ON response_cache (expires_ms);
+        ALTER TABLE usage ADD COLUMN cache_hit INTEGER NOT NULL DEFAULT 0;
+        """,
+        postgres="""
+        CREATE TABLE response_cache (
+            scope TEXT NOT NULL,
+            digest BYTEA NOT NULL,
+            created_ms BIGINT NOT NULL,
+            expires_ms BIGINT NOT NULL,
+            used_ms BIGINT NOT NULL,
+            answer BYTEA NOT NULL,
+            PRIMARY KEY (scope, digest)
+        );
+        CREATE INDEX response_cache_used ON response_cache (used_ms);
+        CREATE INDEX response_cache_expires ON response_cache (expires_ms);
+        ALTER TABLE usage ADD COLUMN cache_hit BIGINT NOT NULL DEFAULT 0;
+        """,
+    ),
+    # 15: interaction logs, one per logged request (its bodies, what served it, what it cost,
+    # the guardrails' findings), by request id, which the usage record names (`log_id`).
+    Migration(
+        sqlite="""
+        CREATE TABLE interaction_logs (
+            request_id TEXT PRIMARY KEY,
+            ts_ms INTEGER NOT NULL,
+            key_id TEXT,
+            tenant_id TEXT,
+            model TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            deployment TEXT,
+            peer TEXT,
+            stream INTEGER NOT NULL,
+            status INTEGER NOT NULL,
+            tokens_in INTEGER NOT NULL,
+            tokens_out INTEGER NOT NULL,
+            cost_micros INTEGER NOT NULL,
+            latency_ms INTEGER NOT NULL,
+            cache_hit INTEGER NOT NULL,
+            error TEXT,
+            request BLOB NOT NULL,
+            response BLOB NOT NULL,
+            findings BLOB NOT NULL,
+            truncated INTEGER NOT NULL,
+            size INTEGER NOT NULL
+        );
+        CREATE INDEX interaction_logs_ts ON interaction_logs (ts_ms);
+        CREATE INDEX interaction_logs_key ON interaction_logs (key_id, ts_ms);
+        CREATE INDEX interaction_logs_tenant ON interaction_logs (tenant_id, ts_ms);
+        ALTER TABLE usage ADD COLUMN log_id TEXT;
+        """,
+        postgres="""
+        CREATE TABLE interaction_logs (
+            request_id TEXT PRIMARY KEY,
+            ts_ms BIGINT NOT NULL,
+            key_id TEXT,
+            tenant_id TEXT,
+            model TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            deployment TEXT,
+            peer TEXT,
+            stream BIGINT NOT NULL,
+            status BIGINT NOT NULL,
+            tokens_in BIGINT NOT NULL,
+            tokens_out BIGINT NOT NULL,
+            cost_micros BIGINT NOT NULL,
+            latency_ms BIGINT NOT NULL,
+            cache_hit BIGINT NOT NULL,
+            error TEXT,
+            request BYTEA NOT NULL,
+            response BYTEA NOT NULL,
+            findings BYTEA NOT NULL,
+            truncated BIGINT NOT NULL,
+            size BIGINT NOT NULL
+        );
+        CREATE INDEX interaction_logs_ts ON interaction_logs (ts_ms);
+        CREATE INDEX interaction_logs_key ON interaction_logs (key_id, ts_ms);
+        CREATE INDEX interaction_logs_tenant ON interaction_logs (tenant_id, ts_ms);
+        ALTER TABLE usage ADD COLUMN log_id TEXT;
+        """,
+    ),
 ]

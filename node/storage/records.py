@@ -28,6 +28,12 @@ class Limits(Struct, omit_defaults=True, forbid_unknown_fields=True):
     rpm: Annotated[int, Meta(ge=1)] | None = None
     tpm: Annotated[int, Meta(ge=1)] | None = None
     max_parallel: Annotated[int, Meta(ge=1)] | None = None
+    # The response cache (`node.gateway.cache`): True on, False off; None leaves it to the
+    # tenant, then to the config's `[cache] models`.
+    cache: bool | None = None
+    # Interaction logs (`node.gateway.interaction_log`): True on, False off; None leaves it
+    # to the tenant (off if neither says).
+    log: bool | None = None
 
 
 class TenantRecord(msgspec.Struct):
@@ -105,6 +111,10 @@ class UsageRecord(msgspec.Struct):
     unbilled_micros: int = 0
     # The upstream's token counts were out of what the request could have used, and clamped.
     clamped: bool = False
+    # Answered from the response cache (`node.gateway.cache`), not by an upstream.
+    cache_hit: bool = False
+    # The request's interaction log entry (`InteractionLog.request_id`), if it was logged.
+    log_id: str | None = None
 
 
 class Hold(msgspec.Struct, frozen=True):
@@ -194,6 +204,61 @@ class AuditEvent(msgspec.Struct):
     target: str | None = None
     ip: str | None = None
     detail: dict[str, str | int | None] = {}
+
+
+class CachedAnswer(msgspec.Struct):
+    """An answer kept by the response cache: under its scope (a tenant's or a key's, never
+    shared) and the digest of its canonical request, until `expires_ms`; `answer` is opaque
+    to the store (`node.gateway.cache` encodes it)."""
+
+    scope: str
+    digest: bytes
+    created_ms: int
+    expires_ms: int
+    answer: bytes
+
+
+class InteractionLog(msgspec.Struct):
+    """One request as it was asked and answered (`node.gateway.interaction_log`): its bodies
+    (truncated to a bound, never a header), what served it and what it cost. `findings` is
+    the guardrails' JSON list of what they found (empty until they run)."""
+
+    request_id: str
+    ts_ms: int
+    key_id: str | None
+    tenant_id: str | None
+    model: str
+    endpoint: str
+    deployment: str | None
+    peer: str | None
+    stream: bool
+    status: int
+    tokens_in: int
+    tokens_out: int
+    cost_micros: int
+    latency_ms: int
+    cache_hit: bool
+    error: str | None
+    request: bytes
+    response: bytes
+    findings: bytes = b"[]"
+    truncated: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.request) + len(self.response) + len(self.findings)
+
+
+class LogFilter(msgspec.Struct, frozen=True):
+    """Which interaction logs to list: each field given narrows it."""
+
+    key_id: str | None = None
+    tenant_id: str | None = None
+    model: str | None = None
+    status: int | None = None
+    since_ms: int = 0
+    until_ms: int | None = None
+    limit: int = 100
 
 
 class StoredResponse(msgspec.Struct):

@@ -8,10 +8,12 @@ from collections.abc import Callable
 import asyncpg
 
 from node.storage.postgres.audit import PostgresAudit
+from node.storage.postgres.cache import PostgresCache
 from node.storage.postgres.changes import ChangeWatch
 from node.storage.postgres.connection import Database, database_id
 from node.storage.postgres.keys import PostgresKeys
 from node.storage.postgres.ledger import PostgresLedger
+from node.storage.postgres.logs import PostgresLogs
 from node.storage.postgres.peers import PostgresPeers, prune_nonces
 from node.storage.postgres.responses import PostgresResponses
 from node.storage.postgres.sessions import PostgresSessions, prune_sessions
@@ -34,6 +36,8 @@ class PostgresStore:
         self.ledger = PostgresLedger(db)
         self.audit = PostgresAudit(db)
         self.responses = PostgresResponses(db)
+        self.cache = PostgresCache(db)
+        self.logs = PostgresLogs(db)
         self.sessions = PostgresSessions(db)
 
     @classmethod

@@ -42,6 +42,8 @@ _USAGE_TYPES = {
     "error": "text",
     "unbilled_micros": "bigint",
     "clamped": "bigint",
+    "cache_hit": "bigint",
+    "log_id": "text",
 }
 if tuple(_USAGE_TYPES) != _USAGE_FIELDS:  # a field added to UsageRecord must be typed here
     raise ImportError("postgres/usage.py: _USAGE_TYPES does not match UsageRecord's fields")

@@ -11,9 +11,11 @@ from pathlib import Path
 
 from node.storage.migrations import MIGRATIONS
 from node.storage.sqlite.audit import SqliteAudit
+from node.storage.sqlite.cache import SqliteCache
 from node.storage.sqlite.connection import Database
 from node.storage.sqlite.keys import SqliteKeys
 from node.storage.sqlite.ledger import SqliteLedger
+from node.storage.sqlite.logs import SqliteLogs
 from node.storage.sqlite.migrations import migrate
 from node.storage.sqlite.peers import SqlitePeers, prune_nonces
 from node.storage.sqlite.responses import SqliteResponses
@@ -34,6 +36,8 @@ class SqliteStore:
         self.ledger = SqliteLedger(db)
         self.audit = SqliteAudit(db)
         self.responses = SqliteResponses(db)
+        self.cache = SqliteCache(db)
+        self.logs = SqliteLogs(db)
         self.sessions = SqliteSessions(db)
 
     @classmethod
