@@ -33,7 +33,7 @@ from ledger.nesting import NestingError, bounded
 from ledger.records import RecordError
 from node.config import Config, Deployment
 from node.errors import HubError, Kind
-from node.gateway.auth import read_epoch, touch_epoch
+from node.gateway.auth import EPOCH_FILE, read_epoch, touch_epoch
 from node.gateway.keys import HASH_PURPOSE, generate_key, hash_key, key_id_of
 from node.gateway.policy import Limits, model_allowed
 from node.gateway.router import Route, Router
@@ -127,6 +127,10 @@ class Peering:
         self.revoked_us: dict[str, PeerRecord] = {}
         self._checks: dict[str, asyncio.Lock] = {}
         self._saving: set[asyncio.Task[None]] = set()
+        # What each peer was last told it may use here, and the keys epoch it was read at:
+        # a change to a peer's key (its model list) bumps the advert and pushes it.
+        self._offered: dict[str, list[AdvertModel]] = {}
+        self._keys_epoch = -1
 
     # --- our own objects -------------------------------------------------------------------
 
@@ -141,8 +145,14 @@ class Peering:
         # A new seq at every start: the models may have changed with the config. Never below
         # the clock: a database restored from a backup holds an older counter, and peers
         # ignore an advert whose seq is not above the last one they saw.
-        self.advert_seq = max(await self.store.peers.next_counter(ADVERT_SEQ), int(time.time()))
+        await self._next_seq()
         await self.load()
+        await self._offers_changed()  # what each peer is told at start, the base of changes
+
+    async def _next_seq(self) -> None:
+        """A new advert seq: above the stored counter, the clock and the one before."""
+        counter = await self.store.peers.next_counter(ADVERT_SEQ)
+        self.advert_seq = max(counter, int(time.time()), self.advert_seq + 1)
 
     def _cheapest(self, name: str) -> Deployment | None:
         """The local deployment of `name` whose price is shown to peers: the cheapest (the
@@ -519,6 +529,33 @@ class Peering:
     async def reload_if_stale(self) -> None:
         if self.stale():
             await self.load()
+        if await self._offers_changed():
+            # One seq for all peers: each is told (a peer whose offer did not change learns
+            # the new seq now rather than from a receipt priced under it).
+            await self._next_seq()
+            await self.push_adverts()
+
+    async def _offers_changed(self) -> bool:
+        """Whether what some peer may use here changed since it was last told (a key's
+        model list, after `keys update`, or a peer's key revoked). Read only when keys
+        changed (the keys epoch): one `stat` a second otherwise."""
+        epoch = read_epoch(self.directory / EPOCH_FILE)
+        if epoch == self._keys_epoch:
+            return False
+        self._keys_epoch = epoch
+        offered: dict[str, list[AdvertModel]] = {}
+        for peer in list(self.peers.values()):
+            if peer.record.key_for_them is None:
+                continue
+            issued = await self.store.keys.key(peer.record.key_for_them)
+            if issued is not None and issued.revoked_at is None:
+                offered[peer.node_id] = self.local_models(issued.limits)
+        changed = any(
+            node_id in self._offered and self._offered[node_id] != models
+            for node_id, models in offered.items()
+        )
+        self._offered = offered
+        return changed
 
     async def refresh_all(self) -> None:
         await self.reload_if_stale()
@@ -529,7 +566,7 @@ class Peering:
 
     async def push_adverts(self) -> None:
         """Tell every peer we serve what it may use here now (at start: the models may have
-        changed with the config)."""
+        changed with the config; after a change to what a peer's key may use)."""
         await asyncio.gather(*(self._push(peer) for peer in list(self.peers.values())))
 
     async def _push(self, peer: Peer) -> None:
