@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,12 @@ PEER_TIMEOUT = 10.0
 ADVERT_SEQ = "advert_seq"
 # A peer's status here once it told us (signed) that it revoked our access.
 REVOKED_BY_PEER = "revoked_by_peer"
+# Each peer's health check (its advert fetch) comes round after the health interval times a
+# factor drawn in this range, and its first one at a random point of the first interval: many
+# peers checked from one node (and many nodes checking one peer) do not line up into bursts.
+JITTER = (0.75, 1.25)
+# How often `refresh_all` looks for peers whose check is due (seconds): the scheduler's tick.
+REFRESH_TICK = 1
 
 
 class JoinResponse(msgspec.Struct):
@@ -131,6 +138,7 @@ class Peering:
         # a change to a peer's key (its model list) bumps the advert and pushes it.
         self._offered: dict[str, list[AdvertModel]] = {}
         self._keys_epoch = -1
+        self._next_poll = 0.0  # when `refresh_all` next asks after our join requests
 
     # --- our own objects -------------------------------------------------------------------
 
@@ -225,6 +233,10 @@ class Peering:
             old = self.peers.get(record.node_id)
             if old is not None:
                 peer.healthy, peer.latency, peer.last_seen = old.healthy, old.latency, old.last_seen
+                peer.failures, peer.next_check = old.failures, old.next_check
+            else:
+                interval = self.config.federation.health_interval
+                peer.next_check = time.monotonic() + random.uniform(0, interval)
             if record.advert:
                 with contextlib.suppress(RecordError):
                     advert = verify_advert(record.advert.encode(), pinned_node_id=record.node_id)
@@ -513,7 +525,7 @@ class Peering:
     async def _healthy(self, peer: Peer, seconds: float) -> None:
         peer.healthy, peer.failures, peer.last_seen = True, 0, time.time()
         peer.latency = seconds if peer.latency is None else peer.latency * 0.7 + seconds * 0.3
-        peer.next_check = 0.0
+        peer.next_check = time.monotonic() + self._jittered(self.config.federation.health_interval)
         await self.store.peers.save_peer_health(
             peer.node_id, True, round(peer.latency * 1000), int(time.time())
         )
@@ -522,7 +534,7 @@ class Peering:
         peer.healthy = False
         peer.failures += 1
         # Back off exponentially from a failing peer: 2, 4, 8 … seconds, at most 5 minutes.
-        peer.next_check = time.monotonic() + min(2**peer.failures, 300)
+        peer.next_check = time.monotonic() + self._jittered(min(2**peer.failures, 300))
         log.info("peer %s failed its health check (%s)", peer.name, reason)
         await self.store.peers.save_peer_health(peer.node_id, False, None, int(time.time()))
 
@@ -557,12 +569,19 @@ class Peering:
         self._offered = offered
         return changed
 
+    @staticmethod
+    def _jittered(seconds: float) -> float:
+        return seconds * random.uniform(*JITTER)
+
     async def refresh_all(self) -> None:
-        await self.reload_if_stale()
+        """Each tick (`REFRESH_TICK`): check the peers whose check is due (each on its own
+        jittered schedule), and once a health interval ask after our join requests."""
         now = time.monotonic()
         due = [p for p in self.peers.values() if p.key is not None and p.next_check <= now]
         await asyncio.gather(*(self.refresh_advert(peer) for peer in due))
-        await self.poll_join_requests()
+        if now >= self._next_poll:
+            self._next_poll = now + self.config.federation.health_interval
+            await self.poll_join_requests()
 
     async def push_adverts(self) -> None:
         """Tell every peer we serve what it may use here now (at start: the models may have
