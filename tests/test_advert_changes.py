@@ -65,3 +65,30 @@ def countersigned(path: str, request_id: str) -> bool:
         cli("ledger", "export", "--format", "json", "--data-dir", path) or "[]"
     )
     return any(r.get("id") == request_id and r.get("csig") for r in exported)
+
+
+def health(node, of: str) -> tuple[bool | None, int | None]:  # type: ignore[no-untyped-def]
+    with node.client() as client:
+        peers = client.get("/admin/peers").json()["data"]
+    peer = next(peer for peer in peers if peer["name"] == of)
+    return peer["healthy"], peer["checked_at"]
+
+
+def test_a_peer_back_from_a_restart_is_up_at_once_not_after_the_backoff(tmp_path):
+    """The advert a peer pushes when it starts again is signed by it: it is up. Its consumer
+    marks it so at once instead of at its next check, which backs off from a dead peer."""
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    with bob.run() as b:
+        with alice.run():
+            cli("join", invite(alice), "--data-dir", str(bob.path))
+            assert wait_for(lambda: health(b, "alice")[0] is True)
+        assert wait_for(lambda: health(b, "alice")[0] is False)
+        # Three more failed checks (2, 4 and 8 s apart): the next is 12 to 20 s away.
+        for _ in range(3):
+            last = health(b, "alice")[1] or 0
+            assert wait_for(lambda last=last: (health(b, "alice")[1] or 0) > last, 15)
+        assert health(b, "alice")[0] is False
+        with alice.run():
+            assert wait_for(lambda: health(b, "alice")[0] is True, 6)
+            assert sdk(b).chat.completions.create(model="llama3", messages=HI).choices

@@ -496,6 +496,9 @@ class Peering:
         except RecordError as exc:
             log.warning("advert from %s refused: %s", peer.name, exc)
             return False
+        # Signed by the peer just now (a push at its start, or our fetch): it is up, whatever
+        # its last check said; a peer back from a restart need not wait out our backoff.
+        self.answered(node_id)
         if not self.book.accept(advert):
             return False
         peer.advert = advert
