@@ -92,3 +92,20 @@ def test_a_peer_back_from_a_restart_is_up_at_once_not_after_the_backoff(tmp_path
         with alice.run():
             assert wait_for(lambda: health(b, "alice")[0] is True, 6)
             assert sdk(b).chat.completions.create(model="llama3", messages=HI).choices
+
+
+def test_a_peer_that_cannot_be_reached_is_checked_and_marked_down_at_once(tmp_path):
+    """Bob's own health checks of alice are an hour apart; a request that cannot reach her
+    has her checked at once, so she is shown down (and the router knows) within a tick."""
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    bob.dir.set_config("health_interval = 1", "health_interval = 3600")
+    with bob.run() as b:
+        with alice.run():
+            cli("join", invite(alice), "--data-dir", str(bob.path))
+            assert wait_for(lambda: "llama3" in listed(b))
+        assert health(b, "alice")[0] is not False
+        with pytest.raises(openai.APIError) as failed:
+            sdk(b).chat.completions.create(model="llama3@alice", messages=HI)
+        assert "alice" in str(failed.value) and "could not be reached" in str(failed.value)
+        assert wait_for(lambda: health(b, "alice")[0] is False)

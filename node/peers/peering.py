@@ -268,6 +268,7 @@ class Peering:
                     peer.name,
                     self._confirmer(peer),
                     lambda node_id=peer.node_id: self.answered(node_id),
+                    lambda node_id=peer.node_id: self.unreachable(node_id),
                 )
                 routes.append(
                     Route(spec, adapter, -1, peer.node_id, peer.name, price_seq=peer.advert.seq)
@@ -306,6 +307,14 @@ class Peering:
         )
         self._saving.add(task)
         task.add_done_callback(self._saving.discard)
+
+    def unreachable(self, node_id: str) -> None:
+        """A request could not reach the peer: check its health at the next tick rather than
+        at its next turn (the check, signed and answered, is what marks it down; once it is
+        down its backoff decides, so failing requests do not add checks)."""
+        peer = self.peers.get(node_id)
+        if peer is not None and peer.healthy:
+            peer.next_check = 0.0
 
     async def confirm_revoked(self, node_id: str) -> bool:
         """A peer refused our key: ask it (a signed health check, whose answer to a node it
