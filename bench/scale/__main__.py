@@ -93,11 +93,16 @@ def main() -> None:
         say(f"ledger ({args.requests} requests per consumer)")
         payers = [c for c in consumers if c != revoked]
         results["ledger"] = scenarios.ledger(cluster, payers, args.requests, args.concurrency)
+    except BaseException:
+        args.keep = True  # the nodes' logs say what went wrong
+        say(f"failed: the nodes' folders and logs are kept in {root}")
+        raise
     finally:
         cluster.stop()
         if not args.keep and args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+        # What was measured is kept even if a later step failed.
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     print(f"\nwritten: {args.out}")
 

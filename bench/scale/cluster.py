@@ -166,7 +166,8 @@ class Cluster:
         deadline = time.monotonic() + READY_TIMEOUT
         while not ready(node):
             if process.poll() is not None:
-                raise NetworkError(f"{node.name} exited: see {node.log_file}")
+                tail = node.log_file.read_text(errors="replace").splitlines()[-5:]
+                raise NetworkError(f"{node.name} exited ({node.log_file}):\n" + "\n".join(tail))
             if time.monotonic() > deadline:
                 raise NetworkError(f"{node.name} not ready after {READY_TIMEOUT:g} s")
             time.sleep(0.1)
