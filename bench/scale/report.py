@@ -47,6 +47,10 @@ def table(r: dict[str, Any]) -> str:
             "idle traffic per node per peer",
             f"{d['bytes_per_node_peer_s']} B/s, {d['requests_per_node_peer_s']} req/s",
         ),
+        (
+            f"idle traffic served by the provider ({d['provider_peers']} peers)",
+            f"{d['provider_bytes_s']} B/s, {d['provider_bytes_peer_s']} B/s per peer",
+        ),
         ("idle: requests by path", ", ".join(f"{p} {n}" for p, n in sorted(d["by_path"].items()))),
         (
             f"provider ({d['provider_peers']} peers) idle",

@@ -147,7 +147,12 @@ def idle_traffic(cluster: Cluster, seconds: float, degree: dict[int, int]) -> Re
     per_node_bytes = 2 * moved / cluster.count / elapsed
     per_node_requests = 2 * requests / cluster.count / elapsed
     mean_degree = sum(degree.values()) / cluster.count
+    # What the provider's peers ask of it and it answers (its relay's bytes): in a star, where
+    # it holds no peer's key and so asks nothing, that is all of its traffic.
+    provider = sum(after[PROVIDER][:2]) - sum(before[PROVIDER][:2])
     return {
+        "provider_bytes_s": round(provider / elapsed, 1),
+        "provider_bytes_peer_s": round(provider / elapsed / degree[PROVIDER], 1),
         "seconds": round(elapsed, 1),
         "bytes_per_node_s": round(per_node_bytes, 1),
         "bytes_per_node_peer_s": round(per_node_bytes / mean_degree, 1),
