@@ -52,7 +52,9 @@ def main() -> None:
     cluster = Cluster(root, args.nodes, args.base_port, intervals)
     pairs = joins_for(args.topology, args.nodes, args.seed)
     consumers = sorted({j for j, i in pairs if i == scenarios.PROVIDER})
-    fallback = [c for c in consumers if c != scenarios.BACKUP][:DEAD_PEER_CONSUMERS]
+    # In a chain only node 1 (the backup itself) joined node 0: it is watched, with nothing
+    # to fall back to.
+    fallback = [c for c in consumers if c != scenarios.BACKUP][:DEAD_PEER_CONSUMERS] or consumers
     pairs += [(c, scenarios.BACKUP) for c in fallback if (c, scenarios.BACKUP) not in pairs]
     results: dict[str, object] = {
         "nodes": args.nodes,
@@ -63,7 +65,11 @@ def main() -> None:
         "machine": f"{platform.node()}: {os.cpu_count()} cores, shared with other work",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    # Peers of each node: a pair that joined each other both ways is one pair of peers.
     degree = {i: 0 for i in range(args.nodes)}
+    for pair in {frozenset(pair) for pair in pairs}:
+        for node in pair:
+            degree[node] += 1
     try:
         say(f"creating {args.nodes} nodes in {root}")
         cluster.create()
@@ -75,8 +81,6 @@ def main() -> None:
         started = time.monotonic()
         for joiner, issuer in pairs:
             cluster.join(joiner, issuer)
-            degree[joiner] += 1
-            degree[issuer] += 1
         results["join_all_s"] = round(time.monotonic() - started, 2)
         watchers = consumers
         say("idle traffic")
@@ -87,12 +91,10 @@ def main() -> None:
         results["convergence"] = scenarios.convergence(cluster, watchers, args.timeout)
         say("a dead peer")
         results["dead_peer"] = scenarios.dead_peer(cluster, fallback, args.timeout)
-        say("revocation")
-        revoked = watchers[-1]
-        results["revocation"] = scenarios.revocation(cluster, revoked, args.timeout)
         say(f"ledger ({args.requests} requests per consumer)")
-        payers = [c for c in consumers if c != revoked]
-        results["ledger"] = scenarios.ledger(cluster, payers, args.requests, args.concurrency)
+        results["ledger"] = scenarios.ledger(cluster, consumers, args.requests, args.concurrency)
+        say("revocation")  # last: the revoked peer is one of the ledger's consumers
+        results["revocation"] = scenarios.revocation(cluster, watchers[-1], args.timeout)
     except BaseException:
         args.keep = True  # the nodes' logs say what went wrong
         say(f"failed: the nodes' folders and logs are kept in {root}")
