@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 AIHUB_HOME ?= $(HOME)/.aihub
 export AIHUB_HOME
 
-.PHONY: setup check-lock run test lint format bench network network-down clean agents lock \
+.PHONY: setup check-lock run test lint format bench scale network network-down clean agents lock \
 	lock-upgrade postgres browser
 
 # Every dependency, runtime and dev, is installed from requirements/: exact versions with their
@@ -104,6 +104,12 @@ bench: setup postgres
 	@command -v wrk >/dev/null || echo "wrk not found (apt-get install wrk): using the Python load generator"
 	$(BIN)/python -m bench $(BENCH_ARGS)
 	$(BIN)/python -m bench.postgres  # the PostgreSQL arm (bench/README.md)
+
+# N real nodes on loopback joined by invites, measured (bench/README.md): not part of `make test`.
+# `make scale SCALE_ARGS="--nodes 10 --topology random --health-interval 5"`.
+SCALE_ARGS ?=
+scale: setup
+	$(BIN)/python -m bench.scale $(SCALE_ARGS)
 
 # Three nodes on loopback, joined together; a request routed to a peer, its receipt, balances.
 # `make network PORT=9801`: alice on 9801, bob and carol on the next two.

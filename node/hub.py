@@ -35,7 +35,7 @@ from node.gateway.router import Route, Router
 from node.gateway.usage import UsageRecorder
 from node.observe.tracing import Tracing, start_tracing
 from node.peers import books
-from node.peers.peering import Peering
+from node.peers.peering import REFRESH_TICK, Peering
 from node.peers.receipts import Receipts
 from node.peers.resync import ChainResync
 from node.storage import open_store
@@ -206,14 +206,15 @@ class Hub:
 
 
 def _schedule(peering: Peering, receipts: Receipts, config: Config) -> AsyncIOScheduler:
-    """The node's periodic work: peers' adverts and health, and noticing peers that the CLI
-    added or revoked (through the epoch file) within a second."""
+    """The node's periodic work: peers' adverts and health (each peer on its own jittered
+    schedule, looked at each second), and noticing peers that the CLI added or revoked
+    (through the epoch file) within a second."""
     scheduler = AsyncIOScheduler()
     federation = config.federation
     scheduler.add_job(
         _while_store_answers(peering.refresh_all),
         "interval",
-        seconds=federation.health_interval,
+        seconds=REFRESH_TICK,  # each peer on its own jittered schedule (`Peering.refresh_all`)
         max_instances=1,
         coalesce=True,
         id="peers.refresh",

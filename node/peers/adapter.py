@@ -132,6 +132,7 @@ class PeerAdapter(OpenAIAdapter):
         peer_name: str = "peer",
         confirm_revoked: Callable[[], Awaitable[bool]] | None = None,
         answered: Callable[[], None] | None = None,
+        unreachable: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(upstream, client)
         self.identity = identity
@@ -139,6 +140,9 @@ class PeerAdapter(OpenAIAdapter):
         self.confirm_revoked = confirm_revoked
         # Told of each answer: a peer that answers is up, whatever its last health check said.
         self.answered = answered or (lambda: None)
+        # Told when the peer could not be reached: its health is checked at once, not at the
+        # next interval, so that it is shown (and known) down within a second.
+        self.unreachable = unreachable or (lambda: None)
 
     async def chat(self, call: ChatCall) -> ChatResult:
         marked = _elastic.set(_output_elastic(call))
@@ -191,6 +195,8 @@ class PeerAdapter(OpenAIAdapter):
             # Unconfirmed: whatever code it sent, this node's key was refused, not revoked.
             refused = f"{name} refused this node's key (401): {said}"
             return _renamed(exc, refused, code="peer_refused_key")
+        if exc.type == "upstream_unreachable":
+            self.unreachable()
         return named_failure(exc, self.peer_name)
 
     def request_headers(self, url: str, body: bytes, request_id: str) -> dict[str, str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from ledger.nesting import NestingError, bounded
 from ledger.records import RecordError
 from node.config import Config, Deployment
 from node.errors import HubError, Kind
-from node.gateway.auth import read_epoch, touch_epoch
+from node.gateway.auth import EPOCH_FILE, read_epoch, touch_epoch
 from node.gateway.keys import HASH_PURPOSE, generate_key, hash_key, key_id_of
 from node.gateway.policy import Limits, model_allowed
 from node.gateway.router import Route, Router
@@ -50,6 +51,12 @@ PEER_TIMEOUT = 10.0
 ADVERT_SEQ = "advert_seq"
 # A peer's status here once it told us (signed) that it revoked our access.
 REVOKED_BY_PEER = "revoked_by_peer"
+# Each peer's health check (its advert fetch) comes round after the health interval times a
+# factor drawn in this range, and its first one at a random point of the first interval: many
+# peers checked from one node (and many nodes checking one peer) do not line up into bursts.
+JITTER = (0.75, 1.25)
+# How often `refresh_all` looks for peers whose check is due (seconds): the scheduler's tick.
+REFRESH_TICK = 1
 
 
 class JoinResponse(msgspec.Struct):
@@ -127,6 +134,11 @@ class Peering:
         self.revoked_us: dict[str, PeerRecord] = {}
         self._checks: dict[str, asyncio.Lock] = {}
         self._saving: set[asyncio.Task[None]] = set()
+        # What each peer was last told it may use here, and the keys epoch it was read at:
+        # a change to a peer's key (its model list) bumps the advert and pushes it.
+        self._offered: dict[str, list[AdvertModel]] = {}
+        self._keys_epoch = -1
+        self._next_poll = 0.0  # when `refresh_all` next asks after our join requests
 
     # --- our own objects -------------------------------------------------------------------
 
@@ -141,8 +153,14 @@ class Peering:
         # A new seq at every start: the models may have changed with the config. Never below
         # the clock: a database restored from a backup holds an older counter, and peers
         # ignore an advert whose seq is not above the last one they saw.
-        self.advert_seq = max(await self.store.peers.next_counter(ADVERT_SEQ), int(time.time()))
+        await self._next_seq()
         await self.load()
+        await self._offers_changed()  # what each peer is told at start, the base of changes
+
+    async def _next_seq(self) -> None:
+        """A new advert seq: above the stored counter, the clock and the one before."""
+        counter = await self.store.peers.next_counter(ADVERT_SEQ)
+        self.advert_seq = max(counter, int(time.time()), self.advert_seq + 1)
 
     def _cheapest(self, name: str) -> Deployment | None:
         """The local deployment of `name` whose price is shown to peers: the cheapest (the
@@ -215,6 +233,10 @@ class Peering:
             old = self.peers.get(record.node_id)
             if old is not None:
                 peer.healthy, peer.latency, peer.last_seen = old.healthy, old.latency, old.last_seen
+                peer.failures, peer.next_check = old.failures, old.next_check
+            else:
+                interval = self.config.federation.health_interval
+                peer.next_check = time.monotonic() + random.uniform(0, interval)
             if record.advert:
                 with contextlib.suppress(RecordError):
                     advert = verify_advert(record.advert.encode(), pinned_node_id=record.node_id)
@@ -248,6 +270,7 @@ class Peering:
                     peer.name,
                     self._confirmer(peer),
                     lambda node_id=peer.node_id: self.answered(node_id),
+                    lambda node_id=peer.node_id: self.unreachable(node_id),
                 )
                 routes.append(
                     Route(spec, adapter, -1, peer.node_id, peer.name, price_seq=peer.advert.seq)
@@ -286,6 +309,14 @@ class Peering:
         )
         self._saving.add(task)
         task.add_done_callback(self._saving.discard)
+
+    def unreachable(self, node_id: str) -> None:
+        """A request could not reach the peer: check its health at the next tick rather than
+        at its next turn (the check, signed and answered, is what marks it down; once it is
+        down its backoff decides, so failing requests do not add checks)."""
+        peer = self.peers.get(node_id)
+        if peer is not None and peer.healthy:
+            peer.next_check = 0.0
 
     async def confirm_revoked(self, node_id: str) -> bool:
         """A peer refused our key: ask it (a signed health check, whose answer to a node it
@@ -476,6 +507,9 @@ class Peering:
         except RecordError as exc:
             log.warning("advert from %s refused: %s", peer.name, exc)
             return False
+        # Signed by the peer just now (a push at its start, or our fetch): it is up, whatever
+        # its last check said; a peer back from a restart need not wait out our backoff.
+        self.answered(node_id)
         if not self.book.accept(advert):
             return False
         peer.advert = advert
@@ -505,7 +539,7 @@ class Peering:
     async def _healthy(self, peer: Peer, seconds: float) -> None:
         peer.healthy, peer.failures, peer.last_seen = True, 0, time.time()
         peer.latency = seconds if peer.latency is None else peer.latency * 0.7 + seconds * 0.3
-        peer.next_check = 0.0
+        peer.next_check = time.monotonic() + self._jittered(self.config.federation.health_interval)
         await self.store.peers.save_peer_health(
             peer.node_id, True, round(peer.latency * 1000), int(time.time())
         )
@@ -514,24 +548,58 @@ class Peering:
         peer.healthy = False
         peer.failures += 1
         # Back off exponentially from a failing peer: 2, 4, 8 … seconds, at most 5 minutes.
-        peer.next_check = time.monotonic() + min(2**peer.failures, 300)
+        peer.next_check = time.monotonic() + self._jittered(min(2**peer.failures, 300))
         log.info("peer %s failed its health check (%s)", peer.name, reason)
         await self.store.peers.save_peer_health(peer.node_id, False, None, int(time.time()))
 
     async def reload_if_stale(self) -> None:
         if self.stale():
             await self.load()
+        if await self._offers_changed():
+            # One seq for all peers: each is told (a peer whose offer did not change learns
+            # the new seq now rather than from a receipt priced under it).
+            await self._next_seq()
+            await self.push_adverts()
+
+    async def _offers_changed(self) -> bool:
+        """Whether what some peer may use here changed since it was last told (a key's
+        model list, after `keys update`, or a peer's key revoked). Read only when keys
+        changed (the keys epoch): one `stat` a second otherwise."""
+        epoch = read_epoch(self.directory / EPOCH_FILE)
+        if epoch == self._keys_epoch:
+            return False
+        self._keys_epoch = epoch
+        offered: dict[str, list[AdvertModel]] = {}
+        for peer in list(self.peers.values()):
+            if peer.record.key_for_them is None:
+                continue
+            issued = await self.store.keys.key(peer.record.key_for_them)
+            if issued is not None and issued.revoked_at is None:
+                offered[peer.node_id] = self.local_models(issued.limits)
+        changed = any(
+            node_id in self._offered and self._offered[node_id] != models
+            for node_id, models in offered.items()
+        )
+        self._offered = offered
+        return changed
+
+    @staticmethod
+    def _jittered(seconds: float) -> float:
+        return seconds * random.uniform(*JITTER)
 
     async def refresh_all(self) -> None:
-        await self.reload_if_stale()
+        """Each tick (`REFRESH_TICK`): check the peers whose check is due (each on its own
+        jittered schedule), and once a health interval ask after our join requests."""
         now = time.monotonic()
         due = [p for p in self.peers.values() if p.key is not None and p.next_check <= now]
         await asyncio.gather(*(self.refresh_advert(peer) for peer in due))
-        await self.poll_join_requests()
+        if now >= self._next_poll:
+            self._next_poll = now + self.config.federation.health_interval
+            await self.poll_join_requests()
 
     async def push_adverts(self) -> None:
         """Tell every peer we serve what it may use here now (at start: the models may have
-        changed with the config)."""
+        changed with the config; after a change to what a peer's key may use)."""
         await asyncio.gather(*(self._push(peer) for peer in list(self.peers.values())))
 
     async def _push(self, peer: Peer) -> None:

@@ -1,0 +1,111 @@
+"""A change to what a peer may use (its key's model list) reaches it at once: the advert gets
+a new seq and is pushed, with no restart and no wait for the peer's next health check. Real
+nodes on loopback ports, the change made with the real CLI, the effect seen through the
+official `openai` SDK."""
+
+from __future__ import annotations
+
+import msgspec
+import openai
+import pytest
+
+from tests.test_federation import LLAMA, MINI, cli, invite, make_peer, sdk, wait_for
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def peer_key_id(issuer_path: str, joiner: str) -> str:
+    keys = msgspec.json.decode(cli("keys", "list", "--json", "--data-dir", issuer_path))
+    return next(key["id"] for key in keys if key["name"] == f"peer:{joiner}")
+
+
+def listed(node) -> set[str]:  # type: ignore[no-untyped-def]
+    return {model.id for model in sdk(node).models.list()}
+
+
+def advert_seq(node, of: str) -> int:  # type: ignore[no-untyped-def]
+    with node.client() as client:
+        peers = client.get("/admin/peers").json()["data"]
+    return next(peer["advert"]["seq"] for peer in peers if peer["name"] == of)
+
+
+def test_a_key_narrowed_and_widened_reaches_the_peer_without_a_restart(tmp_path):
+    alice = make_peer(tmp_path, "alice", LLAMA, MINI)
+    bob, carol = make_peer(tmp_path, "bob"), make_peer(tmp_path, "carol")
+    for peer in (bob, carol):  # their own refresh is an hour away: only a push can tell them
+        peer.dir.set_config("health_interval = 1", "health_interval = 3600")
+    with alice.run(), bob.run() as b, carol.run() as c:
+        cli("join", invite(alice), "--data-dir", str(bob.path))
+        cli("join", invite(alice), "--data-dir", str(carol.path))
+        assert wait_for(lambda: {"llama3", "gpt-4o-mini"} <= listed(b))
+        before = advert_seq(b, "alice")
+        key_id = peer_key_id(str(alice.path), "bob")
+
+        cli("keys", "update", key_id, "--models", "llama3", "--data-dir", str(alice.path))
+        assert wait_for(lambda: "gpt-4o-mini" not in listed(b))
+        assert "llama3" in listed(b)
+        assert advert_seq(b, "alice") > before
+        with pytest.raises(openai.NotFoundError):  # not offered: refused here, not at alice
+            sdk(b).chat.completions.create(model="gpt-4o-mini", messages=HI)
+        # Carol's key did not change: she keeps both models, is told the new seq too, and
+        # her requests' receipts (priced under it) are taken and countersigned.
+        assert wait_for(lambda: advert_seq(c, "alice") > before)
+        assert {"llama3", "gpt-4o-mini"} <= listed(c)
+        answer = sdk(c).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HI)
+        request_id = answer.headers["aihub-request-id"]
+        assert wait_for(lambda: countersigned(str(carol.path), request_id))
+
+        cli("keys", "update", key_id, "--models", "none", "--data-dir", str(alice.path))
+        assert wait_for(lambda: "gpt-4o-mini" in listed(b))
+        assert sdk(b).chat.completions.create(model="gpt-4o-mini", messages=HI).choices
+
+
+def countersigned(path: str, request_id: str) -> bool:
+    exported = msgspec.json.decode(
+        cli("ledger", "export", "--format", "json", "--data-dir", path) or "[]"
+    )
+    return any(r.get("id") == request_id and r.get("csig") for r in exported)
+
+
+def health(node, of: str) -> tuple[bool | None, int | None]:  # type: ignore[no-untyped-def]
+    with node.client() as client:
+        peers = client.get("/admin/peers").json()["data"]
+    peer = next(peer for peer in peers if peer["name"] == of)
+    return peer["healthy"], peer["checked_at"]
+
+
+def test_a_peer_back_from_a_restart_is_up_at_once_not_after_the_backoff(tmp_path):
+    """The advert a peer pushes when it starts again is signed by it: it is up. Its consumer
+    marks it so at once instead of at its next check, which backs off from a dead peer."""
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    with bob.run() as b:
+        with alice.run():
+            cli("join", invite(alice), "--data-dir", str(bob.path))
+            assert wait_for(lambda: health(b, "alice")[0] is True)
+        assert wait_for(lambda: health(b, "alice")[0] is False)
+        # Three more failed checks (2, 4 and 8 s apart): the next is 12 to 20 s away.
+        for _ in range(3):
+            last = health(b, "alice")[1] or 0
+            assert wait_for(lambda last=last: (health(b, "alice")[1] or 0) > last, 15)
+        assert health(b, "alice")[0] is False
+        with alice.run():
+            assert wait_for(lambda: health(b, "alice")[0] is True, 6)
+            assert sdk(b).chat.completions.create(model="llama3", messages=HI).choices
+
+
+def test_a_peer_that_cannot_be_reached_is_checked_and_marked_down_at_once(tmp_path):
+    """Bob's own health checks of alice are an hour apart; a request that cannot reach her
+    has her checked at once, so she is shown down (and the router knows) within a tick."""
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    bob.dir.set_config("health_interval = 1", "health_interval = 3600")
+    with bob.run() as b:
+        with alice.run():
+            cli("join", invite(alice), "--data-dir", str(bob.path))
+            assert wait_for(lambda: "llama3" in listed(b))
+        assert health(b, "alice")[0] is not False
+        with pytest.raises(openai.APIError) as failed:
+            sdk(b).chat.completions.create(model="llama3@alice", messages=HI)
+        assert "alice" in str(failed.value) and "could not be reached" in str(failed.value)
+        assert wait_for(lambda: health(b, "alice")[0] is False)
