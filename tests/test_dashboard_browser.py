@@ -236,6 +236,10 @@ def _tenants_usage_and_audit(watched: Watched) -> None:
     expect(page.locator("#audit")).to_contain_text("ui.sign_in")
     expect(page.locator("#audit")).to_contain_text("key.revoke")
     watched.shot("audit")
+    # No key here opted in to logging: the page says so, under the same CSP.
+    watched.go("/ui/logs")
+    expect(page.locator("#logs")).to_contain_text("Nothing logged in this period.")
+    watched.shot("logs")
 
 
 def _peers_page_shows_bob(watched: Watched) -> None:

@@ -226,3 +226,34 @@ def test_hostile_sign_in_forms(node: RunningNode) -> None:
             assert forged.get("/admin/keys").status_code == 401
             assert forged.get("/ui").status_code == 303
             assert forged.post("/ui/sign-out", data={"csrf": "x"}).status_code == 303
+
+
+def test_the_interaction_logs_pages_show_what_was_asked_escaped(node: RunningNode) -> None:
+    from tests.test_admin_api import create_key
+
+    key, _ = create_key(node, log=True)
+    prompt = "<script>alert('x')</script> remember 42"
+    sdk = openai.OpenAI(base_url=node.url + "/v1", api_key=key, max_retries=0)
+    answer = sdk.chat.completions.with_raw_response.create(
+        model="echo", messages=[{"role": "user", "content": prompt}]
+    )
+    request_id = answer.headers["aihub-request-id"]
+    with browser(node) as client:
+        assert client.get("/ui/logs").status_code == 303  # no session, no logs
+        assert sign_in(client, node.key).status_code == 303
+        listed = client.get("/ui/logs")
+        assert listed.status_code == 200
+        assert f'href="/ui/logs/{request_id}"' in listed.text
+        shown = client.get(f"/ui/logs/{request_id}")
+        assert shown.status_code == 200
+        assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; remember 42" in shown.text
+        assert "<script>alert" not in shown.text
+        assert key not in shown.text and key not in listed.text
+        # Filters a person types: a status that is no status is said, never a 500.
+        bad = client.get("/ui/logs", params={"status": "abc"})
+        assert bad.status_code == 200 and 'id="logs-problem"' in bad.text
+        assert request_id not in bad.text
+        other = client.get("/ui/logs", params={"model": "not-echo"})
+        assert other.status_code == 200 and request_id not in other.text
+        missing = client.get("/ui/logs/" + "x" * 500)
+        assert missing.status_code == 200 and 'id="log-missing"' in missing.text

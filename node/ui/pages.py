@@ -18,6 +18,7 @@ from litestar.response import Redirect
 
 from ledger.records import RecordError
 from ledger.settlement import parse_statement
+from node.admin.log_views import log_filter, whole
 from node.admin.management import Management
 from node.admin.peers import peer_views
 from node.admin.reports import AUDIT_LIMIT_MAX, USAGE_BY
@@ -28,6 +29,7 @@ from node.gateway.keys import HASH_PURPOSE
 from node.hub import Hub, hub_of
 from node.peers import books
 from node.peers.books import BooksError
+from node.storage.records import InteractionLog
 from node.ui.render import page
 from node.ui.signin import SIGN_IN_PATH
 from node.units import parse_since
@@ -45,6 +47,7 @@ NAV = (
     ("peers", "/ui/peers", "Peers"),
     ("ledger", "/ui/ledger", "Ledger"),
     ("audit", "/ui/audit", "Audit log"),
+    ("logs", "/ui/logs", "Interaction logs"),
 )
 
 
@@ -179,6 +182,52 @@ async def _audit(request: Request, hub: Hub) -> Context:
     }
 
 
+async def _logs(request: Request, hub: Hub) -> Context:
+    since = choice(request, "since", SINCE_CHOICES, "24h")
+    model = (request.query_params.get("model") or "").strip()[:256] or None
+    status = (request.query_params.get("status") or "").strip()
+    try:
+        which = log_filter(
+            key=None,
+            tenant=None,
+            model=model,
+            status=status or None,
+            since=since,
+            until=None,
+            limit="200",
+        )
+    except ValueError as exc:  # a status that is no status: say so, show nothing
+        return _logs_context([], since, model, status, str(exc), await _names(hub))
+    await hub.logs.flush()
+    entries = await hub.store.logs.logs(which)
+    return _logs_context(entries, since, model, status, None, await _names(hub))
+
+
+def _logs_context(
+    entries: list[InteractionLog],
+    since: str,
+    model: str | None,
+    status: str,
+    problem: str | None,
+    names: dict[str, str],
+) -> Context:
+    return {
+        "entries": entries,
+        "since": since,
+        "since_choices": SINCE_CHOICES,
+        "model": model or "",
+        "status_text": status,  # not `status`: that is the page's own HTTP status in `page()`
+        "problem": problem,
+        "names": names,
+    }
+
+
+async def _log(request: Request, hub: Hub) -> Context:
+    await hub.logs.flush()
+    entry = await hub.store.logs.log(request.path_params["request_id"][:128])
+    return {"entry": whole(entry) if entry is not None else None, "names": await _names(hub)}
+
+
 # --- the routes -------------------------------------------------------------------------------
 
 
@@ -223,6 +272,16 @@ async def audit_page(request: Request) -> Response:
     return await render(request, "audit", "audit.html", _audit)
 
 
+@get("/ui/logs", include_in_schema=False)
+async def logs_page(request: Request) -> Response:
+    return await render(request, "logs", "logs.html", _logs)
+
+
+@get("/ui/logs/{request_id:str}", include_in_schema=False)
+async def log_page(request: Request) -> Response:
+    return await render(request, "logs", "log.html", _log)
+
+
 PAGE_ROUTES = [
     root,
     overview,
@@ -232,4 +291,6 @@ PAGE_ROUTES = [
     peers_page,
     ledger_page,
     audit_page,
+    logs_page,
+    log_page,
 ]
