@@ -146,7 +146,7 @@ class Hub:
             id="budgets.renew",
         )
         metrics = Metrics()
-        cache = ResponseCache(store.cache, config.cache)
+        cache = ResponseCache(store.cache, config.cache, metrics)
         scheduler.add_job(
             _while_store_answers(cache.prune),
             "interval",

@@ -19,6 +19,7 @@ from adapters.types import ChatCall, ChatRequest
 from node.config import CacheSection
 from node.gateway.auth import Principal
 from node.gateway.cache import ResponseCache, canonical_digest, header_bypass
+from node.gateway.metrics import Metrics
 from node.storage import open_store
 from node.storage.records import KeyRecord, Limits, UsageRecord
 from tests.conftest import NodeDir, RunningNode, run_node
@@ -145,6 +146,11 @@ def test_a_repeated_request_is_answered_from_the_cache_for_nothing(
     other = ask(client, temperature=0.5)
     assert other.headers["aihub-cache"] == "miss"
     assert cached.upstream.calls == 2
+
+    # And Prometheus counts them: two hits, two misses.
+    metrics = httpx.get(cached.node.url + "/metrics", headers=headers).text
+    assert 'aihub_cache_lookups_total{result="hit"} 2.0' in metrics
+    assert 'aihub_cache_lookups_total{result="miss"} 2.0' in metrics
 
 
 def test_usage_records_mark_hits(node_dir: NodeDir) -> None:
@@ -322,7 +328,7 @@ class _NoStore:
 
 
 def test_a_peer_s_requests_are_never_cached() -> None:
-    cache = ResponseCache(_NoStore(), CacheSection(models=["*"]))  # type: ignore[arg-type]
+    cache = ResponseCache(_NoStore(), CacheSection(models=["*"]), Metrics())  # type: ignore[arg-type]
     call, raw = _call({"model": "m", "messages": HELLO})
     assert cache.slot(_principal(), "openai.chat", call, raw, False) is not None
     peer = _principal(peer_id="ed25519:abc", limits=Limits(cache=True))

@@ -32,6 +32,7 @@ from adapters.events import Event
 from adapters.types import ChatCall, ChatResult, Usage
 from node.config import CacheSection
 from node.gateway.auth import Principal
+from node.gateway.metrics import Metrics
 from node.gateway.policy import model_allowed
 from node.storage.base import CacheStore
 from node.storage.records import CachedAnswer
@@ -127,9 +128,10 @@ def event_bytes(event: object) -> int:
 class ResponseCache:
     """The cache of one node process: its store's answers, the latest also in memory."""
 
-    def __init__(self, store: CacheStore, config: CacheSection) -> None:
+    def __init__(self, store: CacheStore, config: CacheSection, metrics: Metrics) -> None:
         self._store = store
         self.config = config
+        self._metrics = metrics
         self._memory: OrderedDict[CacheSlot, tuple[int, Kept]] = OrderedDict()
 
     def slot(
@@ -150,6 +152,11 @@ class ResponseCache:
         return CacheSlot(scope_of(principal), digest)
 
     async def get(self, slot: CacheSlot) -> Kept | None:
+        kept = await self._lookup(slot)
+        self._metrics.cache_lookup(kept is not None)
+        return kept
+
+    async def _lookup(self, slot: CacheSlot) -> Kept | None:
         now = _now_ms()
         held = self._memory.get(slot)
         if held is not None:

@@ -73,6 +73,13 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.cache_lookups = Counter(
+            "aihub_cache_lookups",
+            "Response cache lookups of requests the cache is on for, by result (hit|miss)",
+            ["result"],
+            registry=self.registry,
+        )
+
         # Read from the store when scraped (`set_peers`, `set_budgets`).
         self.peer_up = Gauge(
             "aihub_peer_up",
@@ -121,6 +128,9 @@ class Metrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+    def cache_lookup(self, hit: bool) -> None:
+        self._child(self.cache_lookups, "hit" if hit else "miss").inc()
 
     def settled(
         self, endpoint: str, model: str, status: int, tokens_in: int, tokens_out: int, cost: int
