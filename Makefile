@@ -65,8 +65,11 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The suite in parallel, a test file per worker process and as many workers as cores: files
+# share module-scoped nodes and mocks, so a file stays whole. TEST_WORKERS=0 runs it serially.
+TEST_WORKERS ?= auto
 test: lint postgres browser
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 # PostgreSQL's server binaries, which the storage and multi-process tests start on loopback
 # (tests/postgres.py): Debian's `postgresql` package, installed only when they are missing.

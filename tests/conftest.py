@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,6 +22,11 @@ from tests.mocks.server import serve_app
 # PostgreSQL for the storage tests and the multi-process tests: `postgres`, `postgres_url`,
 # `store_url` (each backend in turn).
 pytest_plugins = ["tests.postgres"]
+
+# pytest-xdist's workers inherit COLUMNS=80 from the controller, where a serial run has none;
+# rich fixes a console's width from COLUMNS once, when the console is made, so the CLI's
+# consoles would stay 80 wide in every later CliRunner call that sets its own COLUMNS.
+os.environ.pop("COLUMNS", None)
 
 
 @dataclass
