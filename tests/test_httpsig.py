@@ -961,3 +961,31 @@ def test_a_full_nonce_cache_tells_a_peer_to_retry_not_that_its_signature_is_bad(
     with pytest.raises(HubError) as replayed:
         check(first)
     assert openai_status(replayed.value) == 401
+
+
+# --- the digest as our signers write it, and as anyone else may -------------------------------
+
+
+@SETTINGS
+@given(body=st.binary(max_size=512))
+def test_the_digest_reads_the_same_in_our_form_and_in_the_general_parser_s(body: bytes) -> None:
+    ours = content_digest(body)
+    httpsig._check_digest(ours, body)  # our form, read without the general parser
+    # The same member among others, or with a parameter: the general parser reads it.
+    digest = base64.b64encode(hashlib.sha256(body).digest()).decode()
+    for spelling in (f"sha-512=:AAAA:, {ours}", f"sha-256=:{digest}:;p=1", f" {ours}"):
+        assert httpsig._OUR_DIGEST.fullmatch(spelling) is None
+        httpsig._check_digest(spelling, body)
+    with pytest.raises(SignatureError, match="does not match"):
+        httpsig._check_digest(ours, body + b"x")
+
+
+def test_a_digest_in_a_spelling_that_is_not_canonical_is_not_read_as_ours() -> None:
+    # 32 bytes end in a base64 character whose two low bits are zero: any other last
+    # character spells the same bytes another way, left to the general parser to judge.
+    canonical = content_digest(b"")
+    assert canonical[-3] == "U"
+    other = canonical[:-3] + "V=:"
+    assert httpsig._OUR_DIGEST.fullmatch(other) is None
+    with pytest.raises(SignatureError):
+        httpsig._check_digest(other, b"x")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -70,9 +71,16 @@ def pinned_to(node_id: str) -> KeyLookup:
     """Only `node_id`'s own key may sign (its node id is its public key)."""
 
     def lookup(key_id: str) -> bytes | None:
-        return public_key_of(node_id) if key_id == node_id else None
+        return _public_key(node_id) if key_id == node_id else None
 
     return lookup
+
+
+@functools.lru_cache(maxsize=1024)
+def _public_key(node_id: str) -> bytes:
+    """A peer's key from its id, decoded once per peer rather than on each of its requests
+    (the ids are those of the peers this node holds; a malformed one raises, uncached)."""
+    return public_key_of(node_id)
 
 
 async def check_peer(hub: Hub, request: Request, body: bytes, principal: Principal) -> None:
