@@ -16,6 +16,7 @@ import msgspec
 from click.testing import CliRunner
 
 from federation.identity import NodeIdentity
+from ledger.canonical import b64url_decode
 from ledger.receipts import Receipt, make_receipt, parse_receipt, receipt_fields, receipt_hash
 from node.app import create_app
 from node.cli.main import main
@@ -262,3 +263,49 @@ def test_a_hostile_peer_s_receipt_in_its_answer_is_refused(tmp_path: Path) -> No
         assert wait_for(lambda: rows(bob.path, held) == [(1,), (6,)])
         (row,) = ledger(bob, "balance")  # type: ignore[misc]
         assert row["receipts"] == 2
+
+
+def test_a_countersignature_that_is_not_the_consumer_s_over_our_receipt_is_not_kept(
+    tmp_path: Path,
+) -> None:
+    """The provider keeps a countersignature only if it is its consumer's signature over the
+    very receipt it issued: bob (acting here by hand, his node not running, so nothing else
+    countersigns) posts csigs made by another key, over other bytes, and for another request
+    id; alice keeps none of them, then keeps his real one."""
+    from ledger.receipts import countersign
+
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    with alice.run() as a:
+        cli("join", invite(alice), "--data-dir", str(bob.path))
+        key = _key_issued_to(bob, alice)
+        url = a.url + "/v1/chat/completions"
+        body = msgspec.json.encode(
+            {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}
+        )
+        answer = httpx.post(url, content=body, headers=_signed_by(bob.path, url, body, key))
+        assert answer.status_code == 200
+        issued = parse_receipt(b64url_decode(answer.headers["aihub-receipt"]))
+        bob_id = NodeIdentity.load(bob.path / IDENTITY_FILE)
+        real = countersign(issued, bob_id.sign).csig
+        other_key = countersign(issued, NodeIdentity.generate().sign).csig
+        other_bytes = countersign(
+            msgspec.structs.replace(issued, tokens_out=issued.tokens_out + 1), bob_id.sign
+        ).csig
+        csig_at = f"SELECT csig FROM receipts WHERE seq = {issued.seq}"
+
+        def post(csig: str, request_id: str = issued.id) -> int:
+            target = a.url + "/federation/countersignatures"
+            batch = {"csigs": [{"seq": issued.seq, "id": request_id, "csig": csig}]}
+            data = msgspec.json.encode(batch)
+            sent = httpx.post(target, content=data, headers=_signed_by(bob.path, target, data, key))
+            assert sent.status_code == 200, sent.text
+            return sent.json()["taken"]
+
+        for forged in (other_key, other_bytes, "A" * 86, "not base64url"):
+            assert post(forged) == 0
+        assert post(real, request_id="req_another") == 0
+        assert rows(alice.path, csig_at) == [(None,)]
+        assert post(real) == 1
+        assert rows(alice.path, csig_at) == [(real,)]
+        assert post(real) == 0  # kept once
