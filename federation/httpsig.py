@@ -108,14 +108,24 @@ def content_digest(body: bytes) -> str:
 def signature_base(components: Sequence[tuple[str, str]], params: str) -> bytes:
     """The RFC 9421 §2.5 signature base for `components` ((name, value) pairs, in the order
     they are covered) and `params` (the serialised inner list, as in Signature-Input)."""
-    lines = []
-    for name, value in [*components, ("@signature-params", params)]:
+    pairs = [*components, ("@signature-params", params)]
+    # The usual case in two checks: every name valid (the few names there are, cached), and
+    # no value with a character outside the class (their concatenation has none).
+    if all(_valid_name(name) for name, _ in pairs) and _FIELD_VALUE.fullmatch(
+        "".join(value for _, value in pairs)
+    ):
+        return "\n".join(f'"{name}": {value}' for name, value in pairs).encode("ascii")
+    for name, value in pairs:  # which line cannot be signed, in order
         if not _COMPONENT_NAME.fullmatch(name):
             raise ValueError(f"invalid component name {name!r}")
         if not _FIELD_VALUE.fullmatch(value):
             raise ValueError(f"component {name} has a value that cannot be signed")
-        lines.append(f'"{name}": {value}')
-    return "\n".join(lines).encode("ascii")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@functools.lru_cache(maxsize=256)
+def _valid_name(name: str) -> bool:
+    return _COMPONENT_NAME.fullmatch(name) is not None
 
 
 def serialize_params(components: Iterable[str], params: Mapping[str, int | str]) -> str:
@@ -141,13 +151,26 @@ def _plain_params(names: list[str], params: Mapping[str, int | str]) -> str | No
             text = f'"{value}"'
         else:
             return None
-        if not _SF_KEY_RE.fullmatch(key):
+        if not _plain_key(key):
             return None
         parts.append(f";{key}={text}")
+    inner = _plain_list(tuple(names))
+    return None if inner is None else inner + "".join(parts)
+
+
+# What a signer covers and names its parameters by is the same few strings every time.
+@functools.lru_cache(maxsize=64)
+def _plain_key(key: str) -> bool:
+    return _SF_KEY_RE.fullmatch(key) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_list(names: tuple[str, ...]) -> str | None:
+    """The inner list of `names` as strings without escapes, or None if one needs one."""
     quoted = [f'"{name}"' for name in names]
     if not all(_SF_STRING_RE.fullmatch(item) for item in quoted):
         return None
-    return f"({' '.join(quoted)}){''.join(parts)}"
+    return f"({' '.join(quoted)})"
 
 
 @functools.lru_cache(maxsize=1024)
