@@ -30,7 +30,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from ledger.canonical import b64url, b64url_decode
+from ledger.canonical import b64url, b64url_decode, canonical
 from ledger.records import (
     MAX_SKEW,
     RecordError,
@@ -168,7 +168,8 @@ def make_receipt(
 ) -> Receipt:
     """A receipt signed by the provider (`sign` is the provider's signer). ValueError for a
     receipt a receiver would refuse (negative amount, float, seq 0, ...)."""
-    receipt = Receipt(
+    return signed_receipt(
+        sign,
         id=id,
         provider=provider,
         consumer=consumer,
@@ -178,15 +179,25 @@ def make_receipt(
         tokens_out=tokens_out,
         amount=amount,
         price_seq=price_seq,
-        iat=int(time.time()) if iat is None else iat,
         seq=seq,
         prev=prev,
-    )
+        iat=iat,
+    )[0]
+
+
+def signed_receipt(sign: Signer, *, iat: int | None = None, **terms: Any) -> tuple[Receipt, bytes]:
+    """`make_receipt`, and the receipt's bytes as sent and stored (canonical, with `sig`,
+    without `csig`: what its hash and a countersignature cover), made from one conversion of
+    its fields rather than one per use."""
+    receipt = Receipt(**terms, iat=int(time.time()) if iat is None else iat)
+    fields = receipt_fields(receipt)
     try:
-        parse_receipt(receipt)  # never sign what a receiver would refuse
+        parse_receipt(fields)  # never sign what a receiver would refuse
     except RecordError as exc:
         raise ValueError(str(exc)) from exc
-    return sign_struct(receipt, sign, "sig")
+    del fields["csig"]
+    fields["sig"] = b64url(sign(signed_bytes(fields, "sig")))
+    return msgspec.structs.replace(receipt, sig=fields["sig"]), canonical(fields)
 
 
 def countersign(r: Receipt, sign: Signer) -> Receipt:

@@ -27,9 +27,9 @@ from ledger.receipts import (
     UnseenAdvert,
     check_billing,
     countersign,
-    make_receipt,
     parse_receipt,
     receipt_fields,
+    signed_receipt,
     take_receipt,
 )
 from ledger.records import RecordError, signed_bytes, verify_bytes
@@ -75,10 +75,13 @@ class Countersignatures(msgspec.Struct, frozen=True):
     csigs: list[Countersignature]
 
 
-def stored(receipt: Receipt) -> StoredReceipt:
-    """A receipt as the ledger table keeps it: the bytes its provider signed, and its csig.
-    Its hash is of those very bytes (`receipt_hash`, without encoding them a second time)."""
-    body = signed_bytes(receipt_fields(receipt), "csig").decode()
+def stored(receipt: Receipt, signed: bytes | None = None) -> StoredReceipt:
+    """A receipt as the ledger table keeps it: the bytes its provider signed (`signed`, if
+    they are at hand: `signed_receipt`), and its csig. Its hash is of those very bytes
+    (`receipt_hash`, without encoding them a second time)."""
+    if signed is None:
+        signed = signed_bytes(receipt_fields(receipt), "csig")
+    body = signed.decode()
     return StoredReceipt(
         provider=receipt.provider,
         consumer=receipt.consumer,
@@ -118,22 +121,21 @@ class Receipts:
         me = self.identity.node_id
 
         def make(seq: int, prev: str | None) -> StoredReceipt:
-            return stored(
-                make_receipt(
-                    self.identity.sign,
-                    id=receipt_id,
-                    provider=me,
-                    consumer=consumer,
-                    key_id=key_id,
-                    model=record.model,
-                    tokens_in=record.tokens_in,
-                    tokens_out=record.tokens_out,
-                    amount=record.cost_micros,
-                    price_seq=self.peering.advert_seq,
-                    seq=seq,
-                    prev=prev or GENESIS,
-                )
+            receipt, signed = signed_receipt(
+                self.identity.sign,
+                id=receipt_id,
+                provider=me,
+                consumer=consumer,
+                key_id=key_id,
+                model=record.model,
+                tokens_in=record.tokens_in,
+                tokens_out=record.tokens_out,
+                amount=record.cost_micros,
+                price_seq=self.peering.advert_seq,
+                seq=seq,
+                prev=prev or GENESIS,
             )
+            return stored(receipt, signed)
 
         row = await self.store.ledger.settle_with_receipt(charge, (me, consumer), make)
         return row.body.encode()
