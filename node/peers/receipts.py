@@ -4,8 +4,10 @@ countersignatures that go back in batches.
 A provider writes each receipt in the same transaction as the request's usage record and spend,
 before the response is complete (`store.ledger.settle_with_receipt`): a completed request always has
 its receipt, and a crash never leaves a gap in a chain. The consumer verifies what it gets,
-countersigns it and appends it to its own copy of the chain off the request path; if it loses
-one in a crash, reconciliation recovers it from the provider's signed copy.
+countersigns it and appends it to its own copy of the chain off the request path (the
+signatures of a batch on a worker thread, so that they hold no request in flight); if it loses
+one in a crash, reconciliation recovers it from the provider's signed copy. The provider
+checks the countersignatures that come back the same way, against its stored bytes.
 """
 
 from __future__ import annotations
