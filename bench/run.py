@@ -1088,7 +1088,14 @@ def parse(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--only", help=f"comma-separated phases of: {', '.join(PHASES)}")
-    parser.add_argument("--output", type=Path, default=HERE / "results.json")
+    parser.add_argument(
+        "--unpinned",
+        action="store_true",
+        help="the unpinned mode (bench/unpinned.py): nothing pinned, nginx as the floor",
+    )
+    parser.add_argument(
+        "--output", type=Path, help="[default: bench/results.json, unpinned: results-unpinned.json]"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir and its logs")
     args = parser.parse_args(argv)
     settings = Settings(**asdict(QUICK if args.quick else FULL))
@@ -1122,8 +1129,14 @@ PHASES = ("latency", "streaming", "throughput", "cpu", "soak", "cold_start", "pr
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings, args = parse(argv)
+    command = " ".join(["python -m bench", *(argv or sys.argv[1:])])
+    if args.unpinned:
+        from bench.unpinned import run
+
+        run(settings, args.output or HERE / "results-unpinned.json", args.keep, command)
+        return
     os.chdir(ROOT)
-    bench = Bench(settings, args.output, args.keep)
+    bench = Bench(settings, args.output or HERE / "results.json", args.keep)
     only = set(args.only.split(",")) if args.only else set(PHASES)
     if only & {"throughput", "soak"}:
         only.add("latency")  # concurrency 1 (and the soak's pace) come from there
@@ -1144,7 +1157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if name in only and (name != "profile" or settings.profile_seconds > 0):
                 with bench.phase(name):
                     step()
-        bench.write(" ".join(["python -m bench", *(argv or sys.argv[1:])]))
+        bench.write(command)
     finally:
         bench.close()
 
