@@ -33,6 +33,7 @@ from bench.run import (
     Settings,
     _dd,
     _version,
+    default_workers,
     free_port,
     plain_target,
 )
@@ -170,8 +171,7 @@ class Unpinned(Bench):
         )
         self.key, b_key = json.loads(key_a)["key"], json.loads(key_b)["key"]
         workers, granian = self._copy(self.a, "alpha-workers"), self._copy(self.a, "alpha-granian")
-        config = (workers.directory / "config.toml").read_text()
-        self.default_workers = _workers_line(config)
+        self.default_workers = default_workers(workers.directory)
         self._serve(self.a, None, "--workers", "1")
         self._serve(self.b, None, "--workers", "1")
         self._serve(workers, None)  # the config's default
@@ -359,13 +359,6 @@ def _streamed(body: bytes) -> bytes:
     data = json.loads(body)
     data |= {"stream": True, "stream_options": {"include_usage": True}}
     return json.dumps(data, separators=(",", ":")).encode()
-
-
-def _workers_line(config: str) -> int | str:
-    for line in config.splitlines():
-        if line.startswith("workers"):
-            return line.split("=", 1)[1].split("#")[0].strip()
-    return "the default"
 
 
 def _nginx_version() -> str | None:

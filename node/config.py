@@ -53,10 +53,24 @@ class NodeSection(Struct, forbid_unknown_fields=True):
     currency: Annotated[str, Meta(pattern=r"^[A-Z]{3}$")] = "USD"
 
 
+MAX_WORKERS = 64
+
+
+def cores() -> int:
+    """The cores this process may run on (its affinity mask: a container's or `taskset`'s
+    limit, not the machine's count), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity on this platform (macOS)
+        return max(1, os.cpu_count() or 1)
+
+
 class ServerSection(Struct, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Port = 8787
-    workers: Annotated[int, Meta(ge=1, le=64)] = 1
+    # Worker processes; unset: one per core (`worker_count`). Rate limits, max_parallel,
+    # replay refusal and budget leases are decided in the store, so they hold across them.
+    workers: Annotated[int, Meta(ge=1, le=MAX_WORKERS)] | None = None
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
     # Client connections (conn-hardening): a request's head must arrive within header_timeout
     # of its first byte, its body within body_timeout of its head (else 408); an idle kept-alive
@@ -66,6 +80,16 @@ class ServerSection(Struct, forbid_unknown_fields=True):
     body_timeout: Seconds = 60.0
     keepalive_timeout: Seconds = 5.0
     max_connections: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000
+
+    def worker_count(self) -> int:
+        """`workers` if the config names it, else $WEB_CONCURRENCY (the convention uvicorn and
+        gunicorn read), else one per core, at most MAX_WORKERS."""
+        if self.workers is not None:
+            return self.workers
+        named = os.environ.get("WEB_CONCURRENCY", "").strip()
+        if named.isdigit() and int(named) >= 1:
+            return min(int(named), MAX_WORKERS)
+        return min(cores(), MAX_WORKERS)
 
 
 class UpstreamSection(Struct, forbid_unknown_fields=True):
@@ -620,7 +644,7 @@ pool_size = 10                      # PostgreSQL connections per process, at mos
 [server]
 host = "127.0.0.1"
 port = 8787
-workers = 1
+# workers = 2                       # processes; unset: one per core (or $WEB_CONCURRENCY)
 max_body_bytes = 4_194_304          # larger requests get a 413
 header_timeout = 10.0               # seconds for a request's head to arrive (else 408)
 body_timeout = 60.0                 # seconds for its body to arrive after the head (else 408)
