@@ -56,13 +56,34 @@ class NodeSection(Struct, forbid_unknown_fields=True):
 MAX_WORKERS = 64
 
 
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
 def cores() -> int:
-    """The cores this process may run on (its affinity mask: a container's or `taskset`'s
-    limit, not the machine's count), at least 1."""
+    """The cores this process may use, at least 1: its affinity mask (`taskset`, a container's
+    cpuset), not the machine's count, and no more than its cgroup's CPU quota (`docker run
+    --cpus`, systemd's `CPUQuota=`), rounded up."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        count = len(os.sched_getaffinity(0))
     except AttributeError:  # no affinity on this platform (macOS)
-        return max(1, os.cpu_count() or 1)
+        count = os.cpu_count() or 1
+    try:
+        quota = quota_cpus(CPU_MAX.read_text())
+    except OSError:
+        quota = None
+    return max(1, min(count, quota) if quota else count)
+
+
+def quota_cpus(cpu_max: str) -> int | None:
+    """The CPUs a cgroup v2 `cpu.max` ("QUOTA PERIOD", or "max PERIOD" for none) allows,
+    rounded up; None for no quota or a line that does not read."""
+    fields = cpu_max.split()
+    if len(fields) != 2 or not fields[0].isdigit() or not fields[1].isdigit():
+        return None
+    quota, period = int(fields[0]), int(fields[1])
+    if quota <= 0 or period <= 0:
+        return None
+    return -(-quota // period)
 
 
 class ServerSection(Struct, forbid_unknown_fields=True):

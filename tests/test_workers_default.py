@@ -1,6 +1,7 @@
 """`[server] workers` defaults to one worker process per core: what the config names wins, then
-$WEB_CONCURRENCY, then the cores this process may run on. A real `aihub serve` on a node made
-by `aihub init` (whose config leaves `workers` unset) starts that many workers and answers."""
+$WEB_CONCURRENCY, then the cores this process may use (affinity, bounded by a cgroup quota).
+A real `aihub serve` on a node made by `aihub init` (whose config leaves `workers` unset)
+starts that many workers and answers."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import msgspec
 import openai
 import pytest
 
-from node.config import MAX_WORKERS, ServerSection, cores
+from node.config import MAX_WORKERS, ServerSection, cores, quota_cpus
 from node.provision import create_node
 from tests.conftest import wait_ready
 from tests.mocks.server import free_port
@@ -34,7 +35,17 @@ def test_the_config_wins_then_web_concurrency_then_the_cores(monkeypatch) -> Non
         monkeypatch.setenv("WEB_CONCURRENCY", unusable)
         assert section().worker_count() == min(cores(), MAX_WORKERS)
     monkeypatch.delenv("WEB_CONCURRENCY")
-    assert section().worker_count() == min(cores(), MAX_WORKERS) == len(os.sched_getaffinity(0))
+    assert section().worker_count() == min(cores(), MAX_WORKERS)
+    assert 1 <= cores() <= len(os.sched_getaffinity(0))
+
+
+def test_a_cgroup_cpu_quota_bounds_the_cores() -> None:
+    assert quota_cpus("max 100000") is None  # no quota
+    assert quota_cpus("100000 100000") == 1
+    assert quota_cpus("150000 100000") == 2  # 1.5 CPUs: rounded up
+    assert quota_cpus("400000 100000\n") == 4
+    for unreadable in ("", "max", "0 100000", "100000 0", "-1 100000", "1.5 1", "a b", "1 2 3"):
+        assert quota_cpus(unreadable) is None
 
 
 def test_a_worker_count_out_of_range_is_refused() -> None:
