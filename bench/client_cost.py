@@ -1,7 +1,8 @@
 """What the node's upstream client costs per request, by way of calling it: CPU time (this
 process's, `time.process_time`) per chat completion against the raw mock (bench/mock.py, in its
-own process), `--connections` requests in flight, the ways interleaved in rounds. How
-adapters/http.py's `send` was chosen.
+own process), `--connections` requests in flight, the ways interleaved in rounds. How a client
+for adapters/http.py is chosen (bench/README.md, "Unpinned results", has the numbers and why
+pyreqwest, the cheapest, is not used yet).
 
     taskset -c 0 .venv/bin/python -m bench.client_cost [--requests 4000] [--rounds 5]
 
