@@ -77,7 +77,9 @@ def host_copy(folder: Path, name: str) -> Path:
 
 
 def serve(folder: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    command = [str(AIHUB), "serve", "--port", str(port), "--data-dir", str(folder)]
+    # One worker each (the default is one per core): the arm compares one process with two.
+    command = [str(AIHUB), "serve", "--workers", "1", "--port", str(port)]
+    command += ["--data-dir", str(folder)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("ab"))
 
 
