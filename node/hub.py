@@ -184,7 +184,13 @@ class Hub:
             resync=resync,
             scheduler=scheduler,
             started_at=int(time.time()),
-            guardrails=Guardrails(config.guardrails, metrics.registry, usage.audit, client),
+            guardrails=Guardrails(
+                config.guardrails,
+                metrics.registry,
+                usage.audit,
+                client,
+                lambda name: router.by_name[name][0].adapter.upstream,  # moderation deployments
+            ),
             cache=cache,
             logs=logs,
             tracing=start_tracing(config, identity.node_id),
