@@ -107,6 +107,7 @@ bench: setup postgres
 	@command -v wrk >/dev/null || echo "wrk not found (apt-get install wrk): using the Python load generator"
 	$(BIN)/python -m bench $(BENCH_ARGS)
 	$(BIN)/python -m bench.postgres  # the PostgreSQL arm (bench/README.md)
+	$(BIN)/python -m bench.governance  # guardrails and the response cache (bench/README.md)
 
 # N real nodes on loopback joined by invites, measured (bench/README.md): not part of `make test`.
 # `make scale SCALE_ARGS="--nodes 10 --topology random --health-interval 5"`.
