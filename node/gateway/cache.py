@@ -6,9 +6,12 @@ canonical form: the API surface, whether it streams, and every field of the clie
 those that cannot change the answer (`NEUTRAL_FIELDS`), each value decoded and re-encoded by
 msgspec with sorted keys, so that spacing and key order do not make two requests differ.
 
-What is kept (`Kept`) is the adapter's typed result, or a stream's events as the adapter
-yielded them (their tagged union encodes as it is), with the usage they reported: a hit is
-rendered by the ingress as if it came from the upstream, a stream with its original events.
+What is kept (`Kept`) is the typed result, or a stream's events (their tagged union encodes as
+it is), as the client that asked first was sent them (after its key's output guardrails), with
+the usage they reported: a hit is rendered by the ingress as if it came from the upstream, a
+stream with its original event structure, and passes the asking key's own output checks. The
+pipeline looks a slot up in `begin`, once the rate limits let the request through: a hit that
+is not billed (`[cache] bill_hits` off) reserves nothing, so a spent budget still gets it.
 
 It is on for a key whose limits say `cache = true`, else its tenant's, else for the models in
 `[cache] models`; `Cache-Control: no-cache` (or `no-store`) or a body's `"cache": false`

@@ -5,7 +5,8 @@ internal call (`ChatCall`, `EmbedCall`, `CompletionCall`, `ImageCall`), builds t
 from HTTP, and hands both here:
 
 - `begin`: the model allowlist, the plan (which deployments, in order), the re-sync of our chain
-  with a peer that asks, and admission (rate limits, the worst case reserved in every budget);
+  with a peer that asks, and admission (rate limits, the response cache's kept answer looked
+  up, the worst case reserved in every budget unless that answer is served for nothing);
 - `complete` and `stream` first run the caller's guardrails (`node/gateway/guardrails/`) on
   the call as it will be sent, native request included: a block settles it as refused, a
   redaction rewrites it; their output checks then redact the answer, streamed or not;
