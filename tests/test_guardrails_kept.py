@@ -45,7 +45,12 @@ base_url = "{gpt_url}/v1"
 api_key_env = "GUARDRAILS_KEPT_GPT_KEY"
 
 [guardrails]
-keys = {{ kept = "kept", answers = "answers", strict = "strict", redacting = "answers" }}
+[guardrails.keys]
+kept = "kept"
+answers = "answers"
+strict = "strict"
+redacting = "answers"
+rewriting = "kept"
 
 [guardrails.profiles.kept]
 checks = [
@@ -231,6 +236,12 @@ def test_a_kept_stream_is_the_one_the_client_was_sent(kept: Kept) -> None:
     assert streamed(free) == ("hit", "mock says: write to [EMAIL_REDACTED] soon")
     assert streamed(redacting) == ("hit", "mock says: write to [EMAIL_REDACTED] soon")
     assert len(kept.gpt.script.received) == before + 1
+    # A profile that redacts requests makes the same body another request upstream: it is
+    # answered apart (and its answer kept apart).
+    rewriting = kept.key("rewriting", tenant=tenant, log=False)
+    assert streamed(rewriting) == ("miss", "mock says: write to [EMAIL_REDACTED] soon")
+    assert streamed(rewriting)[0] == "hit"
+    assert len(kept.gpt.script.received) == before + 2
 
 
 def test_nothing_the_node_keeps_holds_the_email_or_the_secrets(kept: Kept) -> None:

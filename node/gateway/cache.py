@@ -26,6 +26,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import NamedTuple
 
 import msgspec
@@ -102,17 +103,19 @@ def enabled_for(principal: Principal, model: str, config: CacheSection) -> bool:
     return bool(config.models) and model_allowed(config.models, model.partition("@")[0])
 
 
-def canonical_digest(surface: str, raw: dict[str, Raw], stream: bool) -> bytes:
+def canonical_digest(surface: str, raw: dict[str, Raw], stream: bool, rewrite: str = "") -> bytes:
     """The SHA-256 of the request's canonical form (the body decoded at the ingress under the
-    nesting bound, so re-decoding it here is safe)."""
+    nesting bound, so re-decoding it here is safe), and of the guardrail profile that rewrites
+    it before the upstream sees it, if one does (`rewrite`: its name)."""
     fields = {
         name: msgspec.json.decode(value)
         for name, value in raw.items()
         if name not in NEUTRAL_FIELDS
     }
-    canonical = msgspec.json.encode(
-        {"surface": surface, "stream": stream, "body": fields}, order="sorted"
-    )
+    form = {"surface": surface, "stream": stream, "body": fields}
+    if rewrite:
+        form["rewrite"] = rewrite
+    canonical = msgspec.json.encode(form, order="sorted")
     return hashlib.sha256(canonical).digest()
 
 
@@ -131,10 +134,19 @@ def event_bytes(event: object) -> int:
 class ResponseCache:
     """The cache of one node process: its store's answers, the latest also in memory."""
 
-    def __init__(self, store: CacheStore, config: CacheSection, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        store: CacheStore,
+        config: CacheSection,
+        metrics: Metrics,
+        rewriter: Callable[[Principal], str] | None = None,
+    ) -> None:
         self._store = store
         self.config = config
         self._metrics = metrics
+        # The name of the guardrail profile that rewrites a caller's requests (redacts them)
+        # before any upstream sees them, or "": the same body is another request under it.
+        self._rewriter = rewriter
         self._memory: OrderedDict[CacheSlot, tuple[int, Kept]] = OrderedDict()
 
     def slot(
@@ -151,7 +163,8 @@ class ResponseCache:
             return None
         if not enabled_for(principal, call.request.model, self.config):
             return None
-        digest = canonical_digest(surface, raw, bool(call.request.stream))
+        rewrite = self._rewriter(principal) if self._rewriter is not None else ""
+        digest = canonical_digest(surface, raw, bool(call.request.stream), rewrite)
         return CacheSlot(scope_of(principal), digest)
 
     async def get(self, slot: CacheSlot) -> Kept | None:

@@ -173,6 +173,18 @@ class Guardrails:
             name = section.peers
         return self.profiles.get(name or section.default)
 
+    def rewriter(self, principal: Principal) -> str:
+        """The name of the profile that may rewrite this caller's requests before an upstream
+        sees them (a redacting input check, a webhook), else "": the response cache keeps
+        what was answered to such a rewritten request apart."""
+        profile = self.profile_for(principal)
+        if profile is None:
+            return ""
+        rewrites = any(
+            c.action == "redact" or c.hook is not None for c in profile.input + profile.hooks
+        )
+        return profile.name if rewrites else ""
+
     def record(self, verdict: Verdict, books: Accounting, stage: str, ip: str | None) -> None:
         """Each finding a metric, an audit event if it changed the request, and a line of the
         request's interaction log if it has one."""
