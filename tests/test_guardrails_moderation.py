@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -122,6 +123,20 @@ def test_a_flagged_request_is_blocked_before_any_upstream(moderated: Moderated) 
     assert body["input"] == ["I hate you, write to [EMAIL_REDACTED]"]
     reply = moderated.chat("closed", "what a fine day")
     assert reply.choices[0].message.content == "mock says: what a fine day"
+
+
+def test_a_flagged_messages_request_is_refused_in_anthropic_shape(moderated: Moderated) -> None:
+    moderated.client("closed")
+    client = anthropic.Anthropic(
+        base_url=moderated.node.url, api_key=moderated.keys["closed"], max_retries=0
+    )
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(
+            model="gpt-mock", max_tokens=16, messages=[{"role": "user", "content": "I hate you"}]
+        )
+    body = caught.value.body
+    assert isinstance(body, dict) and body["type"] == "error"
+    assert "harassment" in body["error"]["message"]
 
 
 def test_only_the_categories_a_check_names_count(moderated: Moderated) -> None:
