@@ -5,8 +5,8 @@ Everything runs on loopback: the bench's mock upstream and two nodes serving it,
 `aihub serve` process. One node has no `[guardrails]` at all ("off": nothing of the stage is
 built); the other has the default profile the README suggests (size, secrets, prompt
 injection, PII), attached to one key only, so that another key of the same node has no
-profile. Every request is the same 1 KB chat prompt (no PII in it: the checks read all of it
-and find nothing, the common case), from a key with a budget and rate limits as the main
+profile. Every request is the same 1 KB chat prompt (business prose with figures and no PII
+in it: the checks read all of it and find nothing, the common case), from a key with a budget and rate limits as the main
 bench's `node` arm has, sequentially (concurrency 1), each arm in shuffled order each round:
 
 - `off`: the node without guardrails; `unprofiled`: the node with profiles, a key none applies
@@ -39,10 +39,11 @@ from bench.run import BUDGET, RATE_LIMITS, UPSTREAM_KEY_ENV, free_port, once
 from bench.surfaces import MAX_TOKENS, SURFACES, SYSTEM
 
 AIHUB = Path(sys.executable).parent / "aihub"
-# A 1 KB prompt of ordinary prose: what the checks read.
+# A 1 KB prompt of ordinary business prose with figures in it (digits, decimal points, a
+# colon), so that every PII recognizer reads it: a text without digits skips most of them.
 PROMPT = (
-    "Please summarise the quarterly report below for the board, in three short paragraphs, "
-    "keeping the figures exact and the tone neutral. "
+    "Please summarise the quarterly report for the board: revenue was 4.2 million in Q3 "
+    "2026, up 12% on the 3.75 million of Q3 2025, with costs flat at 2.1 million. "
 ) * 8
 PROMPT = PROMPT[:1024]
 PROFILE = """

@@ -9,6 +9,7 @@ second to import.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from node.config import ConfigError, PiiCheck
@@ -76,6 +77,19 @@ def _analyzer(regions: list[str], ner_model: str) -> Any:
     return AnalyzerEngine(registry=registry, nlp_engine=engine, supported_languages=["en"])
 
 
+# What each pattern recognizer's matches cannot do without (`\d` is any Unicode digit, a
+# superset of what their patterns and libphonenumber read as digits): a text without it is
+# not given to that recognizer, which saves most of the cost on prose (the IP and phone
+# recognizers are the dearest, ~150 µs each on 1 KB, and Presidio's own pass ~90 µs).
+_NEEDS: dict[str, re.Pattern[str]] = {
+    "EMAIL_ADDRESS": re.compile("@"),
+    "PHONE_NUMBER": re.compile(r"\d"),
+    "CREDIT_CARD": re.compile(r"\d"),
+    "IBAN_CODE": re.compile(r"\d"),
+    "IP_ADDRESS": re.compile(r"\d\.\d|:"),  # IPv4's dotted digits; every IPv6 form has a colon
+}
+
+
 class Pii:
     """One analyzer per check (its recognizers compiled once, at start)."""
 
@@ -84,10 +98,21 @@ class Pii:
         self.min_score = check.min_score
         self._engine = _analyzer(check.phone_regions, check.ner_model)
 
+    def _wanted(self, text: str) -> list[str]:
+        """The entities a text may hold (an NER entity always may)."""
+        return [
+            entity
+            for entity in self.entities
+            if entity not in _NEEDS or _NEEDS[entity].search(text) is not None
+        ]
+
     def find(self, text: str) -> list[Span]:
         if not text.strip():
             return []
+        entities = self._wanted(text)
+        if not entities:
+            return []
         results = self._engine.analyze(
-            text=text, language="en", entities=self.entities, score_threshold=self.min_score
+            text=text, language="en", entities=entities, score_threshold=self.min_score
         )
         return [Span(r.entity_type, r.start, r.end) for r in results]
