@@ -6,8 +6,9 @@ Everything runs on loopback: the bench's mock upstream and two nodes serving it,
 built); the other has the default profile the README suggests (size, secrets, prompt
 injection, PII), attached to one key only, so that another key of the same node has no
 profile. Every request is the same 1 KB chat prompt (business prose with figures and no PII
-in it: the checks read all of it and find nothing, the common case), from a key with a budget and rate limits as the main
-bench's `node` arm has, sequentially (concurrency 1), each arm in shuffled order each round:
+in it: the checks read all of it and find nothing, the common case), from a key with a
+budget and rate limits as the main bench's `node` arm has, sequentially (concurrency 1), each
+arm in shuffled order each round:
 
 - `off`: the node without guardrails; `unprofiled`: the node with profiles, a key none applies
   to (target: no difference from `off` within noise);
