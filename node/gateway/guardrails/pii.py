@@ -2,6 +2,11 @@
 numbers, credit cards checked by Luhn, IBANs checked by their mod-97, IP addresses) with an
 NLP engine that needs no model (and reads no tokens: see `_analyzer`).
 
+Two things keep its cost down on ordinary text, neither deciding what is found: a recognizer
+is not run on a text that lacks what every match of it holds (`_NEEDS`), and libphonenumber's
+matcher, the dearest part, reads only the stretches around runs of digits
+(`_phone_windows`; `tests/test_guardrails_phones.py` holds it to Presidio's own result).
+
 With `ner_model` (an installed spaCy pipeline), Presidio's spaCy recognizer adds names,
 places and organisations. Imported only when a profile has a `pii` check: Presidio takes a
 second to import.
