@@ -109,6 +109,7 @@ bench: setup postgres bench-tools
 	$(BIN)/python -m bench $(BENCH_ARGS)
 	$(BIN)/python -m bench --unpinned $(BENCH_ARGS)
 	$(BIN)/python -m bench.postgres  # the PostgreSQL arm (bench/README.md)
+	$(BIN)/python -m bench.governance  # guardrails and the response cache (bench/README.md)
 
 # The unpinned mode's load generator and floor: Debian's `wrk` and `nginx-light`, installed
 # only when they are missing (nginx is run by the bench from a generated config, never as a

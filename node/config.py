@@ -37,7 +37,7 @@ Provider = Literal[
     # --- end gemini / vertex
 ]
 # Kinds of request that only an OpenAI-compatible upstream serves.
-OPENAI_ONLY_KINDS = ("completions", "images")
+OPENAI_ONLY_KINDS = ("completions", "images", "moderations")
 # --- bedrock ---
 # `us-east-1`, `eu-central-2`, `us-gov-west-1`: a region becomes part of a host name.
 AWS_REGION = r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$"
@@ -234,7 +234,32 @@ class WebhookCheck(_Check, tag="webhook"):
     on_error: Literal["allow", "block"] = "block"
 
 
-Check = PiiCheck | SecretsCheck | BannedCheck | SizeCheck | InjectionCheck | WebhookCheck
+class ModerationCheck(_Check, tag="moderation"):
+    """A `/v1/moderations`-compatible deployment (a `[[models]]` entry of kind
+    "moderations") is sent the request's texts (and, with `output`, a complete answer's):
+    what it flags blocks or is logged."""
+
+    deployment: Annotated[str, Meta(min_length=1, max_length=256)]
+    # Only these of its categories count (OpenAI's: "harassment", "violence/graphic", …);
+    # empty: any it flags.
+    categories: Annotated[list[str], Meta(max_length=64)] = []
+    timeout: Annotated[float, Meta(gt=0, le=60)] = 5.0
+    # What an unreachable, slow or garbled deployment means: "allow" (fail open) or "block".
+    on_error: Literal["allow", "block"] = "block"
+    input: bool = True
+    # A complete answer too (a streamed one is not held for a remote call).
+    output: bool = False
+
+
+Check = (
+    PiiCheck
+    | SecretsCheck
+    | BannedCheck
+    | SizeCheck
+    | InjectionCheck
+    | WebhookCheck
+    | ModerationCheck
+)
 
 
 class GuardrailProfile(Struct, forbid_unknown_fields=True):
@@ -256,7 +281,9 @@ class GuardrailsSection(Struct, forbid_unknown_fields=True):
     default: str = ""
 
 
-def _guardrails_problems(section: GuardrailsSection) -> list[str]:
+def _guardrails_problems(
+    section: GuardrailsSection, deployments: dict[str, Deployment] | None = None
+) -> list[str]:
     problems: list[str] = []
     named = [("guardrails.default", section.default), ("guardrails.peers", section.peers)]
     named += [(f"guardrails.keys.{k}", v) for k, v in section.keys.items()]
@@ -283,9 +310,25 @@ def _guardrails_problems(section: GuardrailsSection) -> list[str]:
                 kind = check.__struct_config__.tag
                 if check.action == "redact":  # a webhook enforces what it answers, or logs it
                     problems.append(f"{where}.checks[{index}]: a {kind} check blocks or logs")
-            if isinstance(check, PiiCheck | SecretsCheck) and not (check.input or check.output):
+            both = PiiCheck | SecretsCheck | ModerationCheck
+            if isinstance(check, both) and not (check.input or check.output):
                 problems.append(f"{where}.checks[{index}]: neither input nor output")
+            if isinstance(check, ModerationCheck):
+                problems += _moderation_problems(check, f"{where}.checks[{index}]", deployments)
     return problems
+
+
+def _moderation_problems(
+    check: ModerationCheck, where: str, deployments: dict[str, Deployment] | None
+) -> list[str]:
+    if check.action == "redact":
+        return [f"{where}: a moderation check blocks or logs"]
+    if deployments is None:
+        return []
+    deployment = deployments.get(check.deployment)
+    if deployment is None or deployment.kind != "moderations":
+        return [f"{where}: {check.deployment!r} is not a [[models]] entry of kind moderations"]
+    return []
 
 
 # --- end guardrails
@@ -298,8 +341,9 @@ class Deployment(Struct, forbid_unknown_fields=True):
     provider: Provider
     model: str | None = None
     # What the deployment serves: chat, embeddings, or (OpenAI-compatible providers only)
-    # legacy text completions and image generations.
-    kind: Literal["chat", "embeddings", "completions", "images"] = "chat"
+    # legacy text completions, image generations and moderations (the last only for the
+    # guardrails' moderation checks: `ModerationCheck`).
+    kind: Literal["chat", "embeddings", "completions", "images", "moderations"] = "chat"
     base_url: str | None = None
     api_key_env: Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
     api_version: str | None = None
@@ -507,7 +551,8 @@ def semantic_problems(config: Config) -> list[str]:
             problems.append(f"{where}: base_url must start with http:// or https://")
         problems += _bedrock_problems(deployment, where)
         problems += _google_problems(where, deployment)
-    problems += _guardrails_problems(config.guardrails)
+    deployments = {deployment.name: deployment for deployment in config.models}
+    problems += _guardrails_problems(config.guardrails, deployments)
     return problems
 
 

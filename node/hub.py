@@ -146,7 +146,15 @@ class Hub:
             id="budgets.renew",
         )
         metrics = Metrics()
-        cache = ResponseCache(store.cache, config.cache, metrics)
+        guardrails = Guardrails(
+            config.guardrails,
+            metrics.registry,
+            usage.audit,
+            client,
+            lambda name: router.by_name[name][0].adapter.upstream,  # moderation deployments
+        )
+        rewriter = guardrails.rewriter if guardrails.profiles else None
+        cache = ResponseCache(store.cache, config.cache, metrics, rewriter)
         scheduler.add_job(
             _while_store_answers(cache.prune),
             "interval",
@@ -184,7 +192,7 @@ class Hub:
             resync=resync,
             scheduler=scheduler,
             started_at=int(time.time()),
-            guardrails=Guardrails(config.guardrails, metrics.registry, usage.audit, client),
+            guardrails=guardrails,
             cache=cache,
             logs=logs,
             tracing=start_tracing(config, identity.node_id),
