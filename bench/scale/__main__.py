@@ -55,7 +55,12 @@ def main() -> None:
     # In a chain only node 1 (the backup itself) joined node 0: it is watched, with nothing
     # to fall back to.
     fallback = [c for c in consumers if c != scenarios.BACKUP][:DEAD_PEER_CONSUMERS] or consumers
-    pairs += [(c, scenarios.BACKUP) for c in fallback if (c, scenarios.BACKUP) not in pairs]
+    # (A node never joins itself: in a chain the backup is its own only watcher.)
+    pairs += [
+        (c, scenarios.BACKUP)
+        for c in fallback
+        if c != scenarios.BACKUP and (c, scenarios.BACKUP) not in pairs
+    ]
     results: dict[str, object] = {
         "nodes": args.nodes,
         "topology": args.topology,
