@@ -9,7 +9,7 @@ import asyncio
 import csv
 import io
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -29,7 +29,8 @@ from ledger.receipts import (
     receipt_hash,
     verify_receipt,
 )
-from ledger.reconcile import reconcile
+from ledger.reconcile import BUCKETS, Reconciliation, reconcile
+from ledger.reconcile_pages import windows
 from ledger.records import MAX_SKEW, RecordError, verify_fields
 from ledger.settlement import (
     Statement,
@@ -186,47 +187,67 @@ async def last_statement(store: Store, me: str, peer: str) -> Statement | None:
     return (await _coverage(store, me, peer))[0]
 
 
-async def _coverage(
-    store: Store, me: str, peer: str
-) -> tuple[Statement | None, dict[tuple[str, str], list[StoredReceipt]], dict[str, int]]:
-    """The last statement, both chains as stored (by (provider, consumer)), and the highest
-    seq of each chain the statements cover, by provider."""
+async def _coverage(store: Store, me: str, peer: str) -> tuple[Statement | None, dict[str, int]]:
+    """The last statement, and the highest seq of each chain the statements cover, by
+    provider. The chains are read a page at a time, never whole."""
     a, b = min(me, peer), max(me, peer)
-    chains = {(a, b): await store.ledger.receipts(a, b), (b, a): await store.ledger.receipts(b, a)}
-    best: tuple[tuple[int, int, int], Statement] | None = None
-    for body in await store.ledger.settlements(a, b):
-        statement = parse_statement(body)
-        covered = (statement.to_seq, _settled_seq(chains[(b, a)], statement), statement.iat)
-        if best is None or covered > best[0]:
-            best = (covered, statement)
-    if best is None:
-        return None, chains, {a: 0, b: 0}
-    (ab_seq, ba_seq, _), statement = best
-    return statement, chains, {a: ab_seq, b: ba_seq}
+    statements = [parse_statement(body) for body in await store.ledger.settlements(a, b)]
+    if not statements:
+        return None, {a: 0, b: 0}
+    settled = await _settled_seqs(store, a, b, statements)
+    covered = [((s.to_seq, seq, s.iat), s) for s, seq in zip(statements, settled, strict=True)]
+    (ab_seq, ba_seq, _), statement = max(covered, key=lambda item: item[0])
+    return statement, {a: ab_seq, b: ba_seq}
 
 
-def _settled_seq(b_to_a: list[StoredReceipt], statement: Statement) -> int:
-    """The seq of the b→a receipt a statement's head names (the format gives that chain's
-    range by hash only). The hash is recomputed from each body; if no receipt we hold has
-    it (a damaged or moved head, which `verify` names), the receipts issued before the
-    statement, allowing for clock skew, count as covered: a period is never counted twice."""
-    if statement.head_b_to_a == GENESIS:
-        return 0
-    for row in b_to_a:
-        if body_hash(row.body) == statement.head_b_to_a:
-            return row.seq
-    issued = [row.seq for row in b_to_a if row.iat <= statement.iat + MAX_SKEW]
-    return max(issued, default=0)
+async def _settled_seqs(store: Store, a: str, b: str, statements: list[Statement]) -> list[int]:
+    """The seq of the b→a receipt each statement's head names (the format gives that
+    chain's range by hash only). The hash is recomputed from each body; if no receipt we
+    hold has it (a damaged or moved head, which `verify` names), the receipts issued before
+    the statement, allowing for clock skew, count as covered: a period is never counted
+    twice. One pass over the chain for the heads, a second only for heads not found."""
+    heads = {s.head_b_to_a for s in statements} - {GENESIS}
+    found: dict[str, int] = {GENESIS: 0}
+    async for rows in _stored_pages(store, b, a):
+        for row in rows:
+            digest = body_hash(row.body)
+            if digest in heads:
+                found.setdefault(digest, row.seq)
+    lost = [s for s in statements if s.head_b_to_a not in found]
+    issued: dict[int, int] = dict.fromkeys((s.iat + MAX_SKEW for s in lost), 0)
+    if issued:
+        async for rows in _stored_pages(store, b, a):
+            for row in rows:
+                for bound, seq in issued.items():
+                    if row.iat <= bound and row.seq > seq:
+                        issued[bound] = row.seq
+    return [
+        found[s.head_b_to_a] if s.head_b_to_a in found else issued[s.iat + MAX_SKEW]
+        for s in statements
+    ]
+
+
+async def _stored_pages(
+    store: Store, provider: str, consumer: str, size: int = PAGE
+) -> AsyncIterator[list[StoredReceipt]]:
+    """One chain as stored, a page at a time, in seq order."""
+    after = 0
+    while True:
+        rows = await store.ledger.receipts(provider, consumer, after_seq=after, limit=size)
+        if not rows:
+            return
+        yield rows
+        after = rows[-1].seq
 
 
 async def open_pair(store: Store, me: str, peer: str) -> Pair:
-    previous, chains, settled = await _coverage(store, me, peer)
+    previous, settled = await _coverage(store, me, peer)
 
-    def after(provider: str, consumer: str) -> list[Receipt]:
-        rows = chains[(provider, consumer)]
-        return [loaded(row) for row in rows if row.seq > settled[provider]]
+    async def after(provider: str, consumer: str) -> list[Receipt]:
+        rows = await store.ledger.receipts(provider, consumer, after_seq=settled[provider])
+        return [loaded(row) for row in rows]
 
-    return Pair(me, peer, previous, after(me, peer), after(peer, me))
+    return Pair(me, peer, previous, await after(me, peer), await after(peer, me))
 
 
 async def _peer_ids(store: Store, me: str) -> dict[str, str]:
@@ -297,9 +318,8 @@ async def _verify_statements(store: Store, a: str, b: str) -> list[ChainCheck]:
     """Each statement of the pair (a, b), in the order they cover the chains: both
     signatures, and exactly the totals and heads our receipts of its period give."""
     ab = [loaded(row) for row in await store.ledger.receipts(a, b)]
-    ba_rows = await store.ledger.receipts(b, a)
-    ba = [loaded(row) for row in ba_rows]
-    checks, valid = [], []
+    ba = [loaded(row) for row in await store.ledger.receipts(b, a)]
+    checks, statements = [], []
     for body in await store.ledger.settlements(a, b):
         try:
             statement = parse_statement(body)
@@ -307,7 +327,9 @@ async def _verify_statements(store: Store, a: str, b: str) -> list[ChainCheck]:
         except RecordError as exc:
             checks.append(ChainCheck(a, b, 0, False, f"a statement: {exc}", kind="statement"))
             continue
-        valid.append((statement.to_seq, _settled_seq(ba_rows, statement), statement.iat, statement))
+        statements.append(statement)
+    settled = await _settled_seqs(store, a, b, statements)
+    valid = [(s.to_seq, seq, s.iat, s) for s, seq in zip(statements, settled, strict=True)]
     previous: Statement | None = None
     ab_from = ba_from = 0
     for ab_to, ba_to, _, statement in sorted(valid, key=lambda item: item[:3]):
@@ -455,36 +477,125 @@ def _answer(response: PeerAnswer, what: str) -> bytes:
     return response.content
 
 
-async def _their_chain(link: Link, provider: str) -> list[Receipt]:
-    """The peer's copy of one of our two chains, page by page."""
-    receipts: list[Receipt] = []
+async def _their_pages(link: Link, provider: str, size: int) -> AsyncIterator[list[Receipt]]:
+    """The peer's copy of one of our two chains, a page at a time (up to `size` receipts,
+    which a node older than `limit` ignores: it answers pages of its own size). Its pages
+    must move forward: one that does not end the chain, so a peer cannot keep us asking."""
     after = 0
     while True:
         page = _decoded(
             _answer(
-                await link.get(f"/federation/receipts?provider={provider}&after_seq={after}"),
+                await link.get(
+                    f"/federation/receipts?provider={provider}&after_seq={after}&limit={size}"
+                ),
                 "to show its receipts",
             ),
             ReceiptPage,
         )
+        receipts = []
         for fields in page.receipts:
             try:
                 receipts.append(msgspec.convert(fields, Receipt))
             except msgspec.ValidationError:
                 continue  # reconcile would refuse it anyway; a bad one must not stop the rest
-        if not page.more or not page.receipts:
-            return receipts
-        after = receipts[-1].seq if receipts else after + len(page.receipts)
+        yield receipts
+        top = max((r.seq for r in receipts), default=after)
+        if not page.more or top <= after:
+            return
+        after = top
 
 
-async def reconcile_with(store: Store, link: Link, keep: KeepReceipt) -> ReconcileReport:
+async def _our_pages(
+    store: Store, provider: str, consumer: str, size: int
+) -> AsyncIterator[list[Receipt]]:
+    """Our copy of one chain, a page at a time from the store, in seq order."""
+    async for rows in _stored_pages(store, provider, consumer, size):
+        yield [loaded(row) for row in rows]
+
+
+@dataclass
+class _Tally:
+    """A reconciliation's report as its windows add up: totals only, never the receipts."""
+
+    buckets: dict[str, Bucket]
+    unanswered: Bucket
+    suspended: bool = False
+
+    @classmethod
+    def empty(cls) -> _Tally:
+        return cls({name: Bucket(0, 0) for name in BUCKETS}, Bucket(0, 0))
+
+    def add(self, name: str, extra: Bucket) -> None:
+        self.buckets[name] = _sum(self.buckets[name], extra)
+
+    def add_unanswered(self, receipts: list[Receipt]) -> None:
+        self.unanswered = _sum(self.unanswered, _bucket(receipts))
+
+
+@dataclass
+class _Outbox:
+    """Receipts to send the peer (`POST /federation/receipts`), in batches of `PAGE` as they
+    are found, so that what waits to go is never more than a batch."""
+
+    link: Link
+    waiting: list[Receipt]
+
+    async def add(self, receipts: list[Receipt]) -> None:
+        self.waiting += receipts
+        while len(self.waiting) >= PAGE:
+            await self._send(self.waiting[:PAGE])
+            self.waiting = self.waiting[PAGE:]
+
+    async def flush(self) -> None:
+        if self.waiting:
+            await self._send(self.waiting)
+            self.waiting = []
+
+    async def _send(self, receipts: list[Receipt]) -> None:
+        batch = ReceiptBatch([receipt_fields(r) for r in receipts])
+        body = msgspec.json.encode(batch)
+        _answer(await self.link.post("/federation/receipts", body), "receipts")
+
+
+async def reconcile_with(
+    store: Store, link: Link, keep: KeepReceipt, *, page: int = PAGE
+) -> ReconcileReport:
     """Compare both chains with the peer's copies; recover what we miss (from their signed
-    copies), send what they miss, and report every difference."""
+    copies), send what they miss, and report every difference. The chains are read page by
+    page on both sides (`page` receipts at most) and compared a window of seqs at a time
+    (`ledger.reconcile_pages`), so the memory it takes does not grow with the chains."""
     me, peer = link.identity.node_id, link.peer.node_id
-    ours = [loaded(r) for r in await store.ledger.receipts(me, peer)]
-    ours += [loaded(r) for r in await store.ledger.receipts(peer, me)]
-    theirs = await _their_chain(link, me) + await _their_chain(link, peer)
-    result = reconcile(ours, theirs, between=(me, peer))
+    tally, outbox = _Tally.empty(), _Outbox(link, [])
+    for provider, consumer in ((me, peer), (peer, me)):
+        ours = _our_pages(store, provider, consumer, page)
+        theirs = _their_pages(link, provider, page)
+        async for window in windows((provider, consumer), ours, theirs):
+            result = reconcile(window.ours, window.theirs, between=(me, peer))
+            result.rejected += window.rejected
+            await _settle_window(store, link, keep, result, tally, outbox)
+    await outbox.flush()
+    statements_recovered = await recover_statements(store, link)
+    return ReconcileReport(
+        peer=peer,
+        suspended=tally.suspended,
+        statements_recovered=statements_recovered,
+        unanswered=tally.unanswered,
+        **tally.buckets,
+    )
+
+
+async def _settle_window(
+    store: Store,
+    link: Link,
+    keep: KeepReceipt,
+    result: Reconciliation,
+    tally: _Tally,
+    outbox: _Outbox,
+) -> None:
+    """Act on one window's reconciliation and add it to the tally: keep what we recover
+    (as the acceptance rule allows), take countersignatures, countersign what we owe,
+    record equivocations, and queue what the peer misses."""
+    me, peer = link.identity.node_id, link.peer.node_id
     recovered, refused = await _recoverable(store, link, result.missing_ours)
     for receipt in recovered:
         if not await keep(receipt):
@@ -498,28 +609,24 @@ async def reconcile_with(store: Store, link: Link, keep: KeepReceipt) -> Reconci
         await record_equivocation(store, stored(equivocation.first), stored(equivocation.second))
     # Our countersignatures of what we recovered or signed now go back with the rest.
     countersigned = [r for r in recovered if r.consumer == me and r not in refused]
-    send = [*result.missing_theirs, *result.csig_for_theirs, *signed, *countersigned]
-    for start in range(0, len(send), PAGE):
-        batch = ReceiptBatch([receipt_fields(r) for r in send[start : start + PAGE]])
-        _answer(await link.post("/federation/receipts", msgspec.json.encode(batch)), "receipts")
-    buckets = {name: Bucket(*totals) for name, totals in result.totals().items()}
+    await outbox.add([*result.missing_theirs, *result.csig_for_theirs, *signed, *countersigned])
+    for name, totals in result.totals().items():
+        if name not in ("missing_ours", "rejected"):
+            tally.add(name, Bucket(*totals))
     taken = [r for r in recovered if r not in refused]
-    buckets["missing_ours"] = _bucket(taken)
-    buckets["rejected"] = _bucket([*(x.receipt for x in result.rejected), *refused])
+    tally.add("missing_ours", _bucket(taken))
+    tally.add("rejected", _bucket([*(x.receipt for x in result.rejected), *refused]))
     counted = [*taken, *(r for r in result.matched if r.consumer == me), *signed]
-    suspended = any(e.provider == peer for e in result.equivocation)
-    statements_recovered = await recover_statements(store, link)
-    return ReconcileReport(
-        peer=peer,
-        suspended=suspended,
-        statements_recovered=statements_recovered,
-        unanswered=_bucket(await _unanswered(store, peer, counted)),
-        **buckets,
-    )
+    tally.add_unanswered(await _unanswered(store, peer, counted))
+    tally.suspended |= any(e.provider == peer for e in result.equivocation)
 
 
 def _bucket(receipts: list[Receipt]) -> Bucket:
     return Bucket(len(receipts), sum(r.amount for r in receipts))
+
+
+def _sum(one: Bucket, other: Bucket) -> Bucket:
+    return Bucket(one.count + other.count, one.amount + other.amount)
 
 
 async def _recoverable(
@@ -767,13 +874,17 @@ async def _parties(store: Store, me: str) -> set[str]:
 # --- the other side: answering a peer about our books -------------------------------------------
 
 
-async def receipts_page(store: Store, me: str, peer: str, provider: str, after_seq: int) -> bytes:
-    """A page of one of the two chains between us and `peer`, with countersignatures."""
+async def receipts_page(
+    store: Store, me: str, peer: str, provider: str, after_seq: int, limit: int = PAGE
+) -> bytes:
+    """A page of one of the two chains between us and `peer`, with countersignatures: up to
+    `limit` receipts (at most `PAGE`, whatever is asked)."""
     if provider not in (me, peer):
         raise BooksError(Kind.REFUSED, "only the chains between us are shown")
     consumer = peer if provider == me else me
-    rows = await store.ledger.receipts(provider, consumer, after_seq=after_seq, limit=PAGE + 1)
-    page = ReceiptPage([receipt_fields(loaded(row)) for row in rows[:PAGE]], len(rows) > PAGE)
+    size = max(1, min(limit, PAGE))
+    rows = await store.ledger.receipts(provider, consumer, after_seq=after_seq, limit=size + 1)
+    page = ReceiptPage([receipt_fields(loaded(row)) for row in rows[:size]], len(rows) > size)
     return msgspec.json.encode(page)
 
 

@@ -1,0 +1,258 @@
+"""Paged reconciliation with a real peer: bob's books (SQLite, or PostgreSQL) reconciled with
+alice's running node over real HTTP, seven receipts a page on both sides, give the answers
+reconciling the whole chains gives (agreed, disputed on a page boundary, missing on either
+side, a countersignature only one side has, an altered copy), and leave both books holding
+what can be agreed. A page size out of bounds is refused in OpenAI's error shape. And the
+memory a pair's reconciliation takes does not grow with its chains (tracemalloc, 1,000 and
+10,000 receipts, 200 a page)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import tracemalloc
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import msgspec
+import pytest
+
+from bench.scale import chains
+from federation.identity import NodeIdentity
+from ledger.receipts import GENESIS, Receipt, countersign, make_receipt, receipt_hash
+from ledger.reconcile import reconcile
+from node.config import DATABASE_FILE, IDENTITY_FILE
+from node.peers import books
+from node.peers.receipts import keep_receipt, stored
+from node.storage import open_store
+from node.storage.base import Store
+from node.storage.copy import copy_sqlite_to_postgres
+from node.storage.records import PeerRecord
+from tests.postgres import PASSWORD_ENV, open_test_store
+from tests.test_federation import LLAMA, cli, invite, make_peer
+
+PAGE = 7
+MEMORY_PAGE = 200
+ALICE_TO_BOB, BOB_TO_ALICE = 50, 30
+
+
+def signed_chain(provider: NodeIdentity, consumer: NodeIdentity, count: int) -> list[Receipt]:
+    chain, prev = [], GENESIS
+    for seq in range(1, count + 1):
+        r = make_receipt(
+            provider.sign,
+            id=f"req-pages-{provider.node_id[8:14]}-{seq}",
+            provider=provider.node_id,
+            consumer=consumer.node_id,
+            key_id="k-pages",
+            model="llama3",
+            tokens_in=seq,
+            tokens_out=2 * seq,
+            amount=100 + seq,
+            price_seq=1,
+            seq=seq,
+            prev=prev,
+        )
+        prev = receipt_hash(r)
+        chain.append(countersign(r, consumer.sign))
+    return chain
+
+
+def plain(r: Receipt) -> Receipt:
+    return msgspec.structs.replace(r, csig="")
+
+
+def copies(alice: NodeIdentity, bob: NodeIdentity) -> tuple[list[Receipt], list[Receipt]]:
+    """Bob's and alice's copies of both chains, differing as a long-lived pair's might."""
+    ab, ba = signed_chain(alice, bob, ALICE_TO_BOB), signed_chain(bob, alice, BOB_TO_ALICE)
+    bobs = {r.seq: r for r in ab}
+    alices = dict(bobs)
+    for seq in (7, 8):  # never countersigned: the last of a page and the first of the next
+        bobs[seq] = alices[seq] = plain(ab[seq - 1])
+    bobs[14] = plain(ab[13])  # alice has bob's countersignature, bob lost it
+    alices[20] = plain(ab[19])  # bob's countersignature never reached alice
+    for seq in (30, 31, 32):
+        del alices[seq]  # lost by alice
+    del bobs[40], bobs[41]  # lost by bob: 41 comes back (bob's countersignature is its record)
+    alices[40] = plain(ab[39])  # and 40 is refused: it bills no request bob holds
+    alices[45] = msgspec.structs.replace(ab[44], amount=ab[44].amount + 1)  # altered
+    bobs_ba = {r.seq: r for r in ba}
+    alices_ba = dict(bobs_ba)
+    del bobs_ba[5], bobs_ba[6]  # bob's own, lost: recovered from alice's copy
+    del alices_ba[21]
+    bobs_ba[28] = alices_ba[28] = plain(ba[27])
+    return [*bobs.values(), *bobs_ba.values()], [*alices.values(), *alices_ba.values()]
+
+
+def insert(database: Path, receipts: list[Receipt]) -> None:
+    rows = [stored(r) for r in receipts]
+    chains.write(database, rows)
+
+
+def held(database: Path) -> set[tuple]:
+    with sqlite3.connect(database) as db:
+        return set(
+            db.execute("SELECT provider, consumer, seq, hash, csig IS NOT NULL FROM receipts")
+        )
+
+
+async def held_in(store: Store, me: str, peer: str) -> set[tuple]:
+    rows = [*await store.ledger.receipts(me, peer), *await store.ledger.receipts(peer, me)]
+    return {(r.provider, r.consumer, r.seq, r.hash, r.csig is not None) for r in rows}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def test_long_chains_reconcile_page_by_page_with_a_real_peer(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    alice_node, bob_node = make_peer(tmp_path, "alice", LLAMA), make_peer(tmp_path, "bob")
+    with alice_node.run(), bob_node.run():
+        cli("join", invite(alice_node), "--data-dir", str(bob_node.path))
+    alice = NodeIdentity.load(alice_node.path / IDENTITY_FILE)
+    bob = NodeIdentity.load(bob_node.path / IDENTITY_FILE)
+    ours, theirs = copies(alice, bob)
+    insert(alice_node.path / DATABASE_FILE, theirs)
+    insert(bob_node.path / DATABASE_FILE, ours)
+    url = str(bob_node.path / DATABASE_FILE)
+    if backend == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+        asyncio.run(
+            copy_sqlite_to_postgres(bob_node.path / DATABASE_FILE, url, os.environ[PASSWORD_ENV])
+        )
+    whole = reconcile(ours, theirs, between=(bob.node_id, alice.node_id)).totals()
+
+    async def reconciled(store: Store, client: httpx.AsyncClient) -> books.ReconcileReport:
+        link = await books.link_to(store, bob, client, alice.node_id)
+
+        async def keep(receipt: Receipt) -> bool:
+            return await keep_receipt(store, receipt)
+
+        return await books.reconcile_with(store, link, keep, page=PAGE)
+
+    async def run() -> tuple[books.ReconcileReport, books.ReconcileReport, set[tuple], list]:
+        store = await open_test_store(url)
+        try:
+            async with httpx.AsyncClient() as client:
+                link = await books.link_to(store, bob, client, alice.node_id)
+                refusals = [
+                    await link.get(f"/federation/receipts?provider={alice.node_id}&limit={bad}")
+                    for bad in ("0", "1001", "abc", "99999999999999999999", "-1", "7.5")
+                ]
+                small = await link.get(f"/federation/receipts?provider={alice.node_id}&limit=7")
+                first = await reconciled(store, client)
+                second = await reconciled(store, client)
+            return (
+                first,
+                second,
+                await held_in(store, bob.node_id, alice.node_id),
+                [
+                    *refusals,
+                    small,
+                ],
+            )
+        finally:
+            await store.close()
+
+    with alice_node.run():
+        first, second, bobs, answers = asyncio.run(run())
+    *refusals, small = answers
+    for answer in refusals:
+        assert answer.status_code == 400
+        assert msgspec.json.decode(answer.content)["error"]["param"] == "limit"
+    page = msgspec.json.decode(small.content)
+    assert len(page["receipts"]) == PAGE and page["more"] is True
+
+    def counts(report: books.ReconcileReport) -> dict[str, int]:
+        return {name: getattr(report, name).count for name in whole}
+
+    # What the whole chains give, page by page: alice's receipt 40 bills no request of bob's
+    # (refused, not recovered); bob's own 5 and 6, and 41 he countersigned, come back.
+    assert counts(first) == {
+        "matched": 50 + 30 - 3 - 4 - 4 - 1,
+        "disputed": 3,
+        "missing_ours": 3,
+        "missing_theirs": 4,
+        "mismatched": 1,
+        "equivocation": 0,
+        "rejected": 1,
+    }
+    for name in ("matched", "disputed", "missing_theirs", "mismatched", "equivocation"):
+        assert getattr(first, name) == books.Bucket(*whole[name]), name
+    assert whole["missing_ours"].count == 4 and not first.suspended
+    # Both books now hold what could be agreed, countersignatures too: all but alice's
+    # altered 45 (each keeps its own) and her 40 that bills no request of bob's (bob's 21,
+    # which alice lost, came back: her own countersignature is its record).
+    alices = held(alice_node.path / DATABASE_FILE)
+    ab = (alice.node_id, bob.node_id)
+    assert {k[:3] for k in bobs ^ alices} == {(*ab, 40), (*ab, 45)}
+    assert counts(second) == dict(counts(first), matched=68 + 7, missing_ours=0, missing_theirs=0)
+
+
+@dataclass
+class InProcessPeer(books.Link):
+    """Bob's link to alice, answered in this process by the functions alice's federation
+    routes call (`receipts_page`, `statements_page`): the same pages, without the HTTP
+    around them, so that tracemalloc sees both sides and 10,000 receipts take seconds."""
+
+    books_of_peer: Store | None = None
+
+    async def _ask(self, method: str, path: str, body: bytes = b"") -> books.PeerAnswer:
+        assert self.books_of_peer is not None and method == "GET"
+        me, peer = self.identity.node_id, self.peer.node_id
+        query = {name: values[0] for name, values in parse_qs(urlsplit(path).query).items()}
+        if path.startswith("/federation/receipts"):
+            after, limit = int(query["after_seq"]), int(query["limit"])
+            content = await books.receipts_page(
+                self.books_of_peer, peer, me, query["provider"], after, limit
+            )
+        else:
+            content = await books.statements_page(
+                self.books_of_peer, peer, me, int(query["after_iat"])
+            )
+        return books.PeerAnswer(200, content)
+
+
+async def _peak_reconciling(tmp_path: Path, receipts: int) -> tuple[int, books.ReconcileReport]:
+    """Peak traced memory of bob reconciling with alice, who hold the same `receipts`-long
+    chain alice → bob (written straight into both stores)."""
+    alice, bob = NodeIdentity.generate(), NodeIdentity.generate()
+    folder = tmp_path / str(receipts)
+    folder.mkdir()
+    stores = {}
+    for name in ("alice", "bob"):
+        stores[name] = await open_store(folder / f"{name}.db")
+        chains.write(folder / f"{name}.db", chains.chain(alice.node_id, bob.node_id, receipts))
+    record = PeerRecord(alice.node_id, "alice", "{}", "active", 0)
+    link = InProcessPeer(bob, httpx.AsyncClient(), record, "", None, stores["alice"])
+
+    async def keep(receipt: Receipt) -> bool:
+        raise AssertionError("nothing is missing")
+
+    try:
+        tracemalloc.start()
+        report = await books.reconcile_with(stores["bob"], link, keep, page=MEMORY_PAGE)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        for store in stores.values():
+            await store.close()
+    return peak, report
+
+
+def test_reconciling_a_pair_takes_memory_that_does_not_grow_with_its_chains(
+    tmp_path: Path,
+) -> None:
+    small, small_report = asyncio.run(_peak_reconciling(tmp_path, 1_000))
+    large, large_report = asyncio.run(_peak_reconciling(tmp_path, 10_000))
+    assert small_report.matched.count == 1_000 and large_report.matched.count == 10_000
+    assert large_report.missing_ours.count == large_report.missing_theirs.count == 0
+    print(f"peak traced memory: {small / 1e6:.1f} MB (1,000), {large / 1e6:.1f} MB (10,000)")
+    # Ten times the receipts; the whole chains would take ten times the memory.
+    assert large < 1.25 * small
