@@ -12,25 +12,22 @@ import asyncio
 import os
 import sqlite3
 import tracemalloc
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import msgspec
 import pytest
 
 from bench.scale import chains
+from bench.scale import reconcile as reconcile_bench
 from federation.identity import NodeIdentity
 from ledger.receipts import GENESIS, Receipt, countersign, make_receipt, receipt_hash
 from ledger.reconcile import reconcile
 from node.config import DATABASE_FILE, IDENTITY_FILE
 from node.peers import books
 from node.peers.receipts import keep_receipt, stored
-from node.storage import open_store
 from node.storage.base import Store
 from node.storage.copy import copy_sqlite_to_postgres
-from node.storage.records import PeerRecord
 from tests.postgres import PASSWORD_ENV, open_test_store
 from tests.test_federation import LLAMA, cli, invite, make_peer
 
@@ -195,54 +192,21 @@ def test_long_chains_reconcile_page_by_page_with_a_real_peer(
     assert counts(second) == dict(counts(first), matched=68 + 7, missing_ours=0, missing_theirs=0)
 
 
-@dataclass
-class InProcessPeer(books.Link):
-    """Bob's link to alice, answered in this process by the functions alice's federation
-    routes call (`receipts_page`, `statements_page`): the same pages, without the HTTP
-    around them, so that tracemalloc sees both sides and 10,000 receipts take seconds."""
-
-    books_of_peer: Store | None = None
-
-    async def _ask(self, method: str, path: str, body: bytes = b"") -> books.PeerAnswer:
-        assert self.books_of_peer is not None and method == "GET"
-        me, peer = self.identity.node_id, self.peer.node_id
-        query = {name: values[0] for name, values in parse_qs(urlsplit(path).query).items()}
-        if path.startswith("/federation/receipts"):
-            after, limit = int(query["after_seq"]), int(query["limit"])
-            content = await books.receipts_page(
-                self.books_of_peer, peer, me, query["provider"], after, limit
-            )
-        else:
-            content = await books.statements_page(
-                self.books_of_peer, peer, me, int(query["after_iat"])
-            )
-        return books.PeerAnswer(200, content)
-
-
 async def _peak_reconciling(tmp_path: Path, receipts: int) -> tuple[int, books.ReconcileReport]:
     """Peak traced memory of bob reconciling with alice, who hold the same `receipts`-long
-    chain alice → bob (written straight into both stores)."""
-    alice, bob = NodeIdentity.generate(), NodeIdentity.generate()
+    chain alice → bob (written straight into both stores); alice answers in this process by
+    the functions her routes call (`bench.scale.reconcile.InProcessPeer`), so that
+    tracemalloc sees both sides and 10,000 receipts take seconds."""
     folder = tmp_path / str(receipts)
     folder.mkdir()
-    stores = {}
-    for name in ("alice", "bob"):
-        stores[name] = await open_store(folder / f"{name}.db")
-        chains.write(folder / f"{name}.db", chains.chain(alice.node_id, bob.node_id, receipts))
-    record = PeerRecord(alice.node_id, "alice", "{}", "active", 0)
-    link = InProcessPeer(bob, httpx.AsyncClient(), record, "", None, stores["alice"])
-
-    async def keep(receipt: Receipt) -> bool:
-        raise AssertionError("nothing is missing")
-
+    pair = await reconcile_bench.open_pair(folder, receipts)
     try:
         tracemalloc.start()
-        report = await books.reconcile_with(stores["bob"], link, keep, page=MEMORY_PAGE)
+        report = await reconcile_bench.reconciled(pair, MEMORY_PAGE)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-        for store in stores.values():
-            await store.close()
+        await pair.close()
     return peak, report
 
 

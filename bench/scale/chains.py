@@ -11,6 +11,7 @@ against the ledger's own encoding on the first receipt, so the two cannot drift 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -75,7 +76,7 @@ def write(database: Path, rows: Iterable[StoredReceipt], batch: int = 10_000) ->
     written = 0
     # The columns in StoredReceipt's order.
     columns = "provider, consumer, seq, id, hash, amount, iat, body, csig, csig_sent"
-    with sqlite3.connect(database) as db:
+    with contextlib.closing(sqlite3.connect(database)) as db:
         rows = iter(rows)
         while part := list(islice(rows, batch)):
             db.executemany(
@@ -83,4 +84,7 @@ def write(database: Path, rows: Iterable[StoredReceipt], batch: int = 10_000) ->
                 [msgspec.structs.astuple(r) for r in part],
             )
             written += len(part)
+        db.commit()
+        # Into the main file (the node runs in WAL mode), so that a copy of it holds them.
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return written
