@@ -70,6 +70,8 @@ def main() -> None:
         "machine": f"{platform.node()}: {os.cpu_count()} cores, shared with other work",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    # What else ran on the machine shows in its load: the figures are read against it.
+    load_at_start = os.getloadavg()[0]
     # Peers of each node: a pair that joined each other both ways is one pair of peers.
     degree = {i: 0 for i in range(args.nodes)}
     for pair in {frozenset(pair) for pair in pairs}:
@@ -108,6 +110,7 @@ def main() -> None:
         cluster.stop()
         if not args.keep and args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
+        results["load_average"] = f"{load_at_start:.1f} / {os.getloadavg()[0]:.1f}"
         # What was measured is kept even if a later step failed.
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
