@@ -208,11 +208,14 @@ async def _settled_seqs(store: Store, a: str, b: str, statements: list[Statement
     twice. One pass over the chain for the heads, a second only for heads not found."""
     heads = {s.head_b_to_a for s in statements} - {GENESIS}
     found: dict[str, int] = {GENESIS: 0}
-    async for rows in _stored_pages(store, b, a):
-        for row in rows:
-            digest = body_hash(row.body)
-            if digest in heads:
-                found.setdefault(digest, row.seq)
+    if heads:
+        async for rows in _stored_pages(store, b, a):
+            for row in rows:
+                digest = body_hash(row.body)
+                if digest in heads:
+                    found.setdefault(digest, row.seq)
+            if heads <= found.keys():
+                break
     lost = [s for s in statements if s.head_b_to_a not in found]
     issued: dict[int, int] = dict.fromkeys((s.iat + MAX_SKEW for s in lost), 0)
     if issued:
