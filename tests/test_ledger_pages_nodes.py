@@ -12,6 +12,7 @@ import asyncio
 import os
 import sqlite3
 import tracemalloc
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -21,11 +22,18 @@ import pytest
 from bench.scale import chains
 from bench.scale import reconcile as reconcile_bench
 from federation.identity import NodeIdentity
-from ledger.receipts import GENESIS, Receipt, countersign, make_receipt, receipt_hash
+from ledger.receipts import (
+    GENESIS,
+    Receipt,
+    countersign,
+    make_receipt,
+    receipt_fields,
+    receipt_hash,
+)
 from ledger.reconcile import reconcile
 from node.config import DATABASE_FILE, IDENTITY_FILE
 from node.peers import books
-from node.peers.receipts import keep_receipt, stored
+from node.peers.receipts import keep_receipt, loaded, stored
 from node.storage.base import Store
 from node.storage.copy import copy_sqlite_to_postgres
 from tests.postgres import PASSWORD_ENV, open_test_store
@@ -220,3 +228,51 @@ def test_reconciling_a_pair_takes_memory_that_does_not_grow_with_its_chains(
     print(f"peak traced memory: {small / 1e6:.1f} MB (1,000), {large / 1e6:.1f} MB (10,000)")
     # Ten times the receipts; the whole chains would take ten times the memory.
     assert large < 1.25 * small
+
+
+@dataclass
+class StuckPeer(books.Link):
+    """A peer that answers every page of its chain with the same three receipts and
+    `more: true`, and takes nothing it is sent."""
+
+    receipts: list[dict] = field(default_factory=list)
+    asked: int = 0
+
+    async def _ask(self, method: str, path: str, body: bytes = b"") -> books.PeerAnswer:
+        if method == "POST":
+            return books.PeerAnswer(200, b'{"taken": 0}')
+        if path.startswith("/federation/settlements"):
+            return books.PeerAnswer(200, b'{"statements": [], "more": false}')
+        self.asked += 1
+        assert self.asked < 10, "the peer kept bob asking"
+        return books.PeerAnswer(200, msgspec.json.encode({"receipts": self.receipts, "more": True}))
+
+
+def test_a_peer_whose_pages_do_not_move_forward_ends_its_chain(tmp_path: Path) -> None:
+    async def run() -> tuple[books.ReconcileReport, int]:
+        pair = await reconcile_bench.open_pair(tmp_path, 5)
+        rows = await pair.alice.ledger.receipts(pair.link.peer.node_id, pair.link.identity.node_id)
+        stuck = StuckPeer(
+            pair.link.identity,
+            pair.link.client,
+            pair.link.peer,
+            "",
+            None,
+            [receipt_fields(loaded(row)) for row in rows[:3]],
+        )
+        try:
+            return await books.reconcile_with(pair.bob, stuck, keep=_nothing), stuck.asked
+        finally:
+            await pair.close()
+
+    report, asked = asyncio.run(run())
+    # Each chain ends at the page that repeats the last: two pages each. Asked for bob's
+    # chain it shows alice's receipts (not of the chain asked for: rejected, twice); of
+    # alice's, the repeated page's copies are rejected too, never compared again.
+    assert asked == 2 + 2
+    assert report.matched.count == 3 and report.missing_theirs.count == 2
+    assert report.rejected.count == 3 + 3 + 3
+
+
+async def _nothing(receipt: Receipt) -> bool:
+    raise AssertionError("nothing is recovered from a stuck peer")
