@@ -14,6 +14,7 @@ import sqlite3
 import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import msgspec
@@ -200,34 +201,62 @@ def test_long_chains_reconcile_page_by_page_with_a_real_peer(
     assert counts(second) == dict(counts(first), matched=68 + 7, missing_ours=0, missing_theirs=0)
 
 
-async def _peak_reconciling(tmp_path: Path, receipts: int) -> tuple[int, books.ReconcileReport]:
+class Peaks(NamedTuple):
+    reconcile: int  # bytes of traced memory at most
+    period: int
+    report: books.ReconcileReport
+    opened: books.OpenPeriod
+    balance: books.PairBalance
+
+
+async def _peaks(tmp_path: Path, receipts: int) -> Peaks:
     """Peak traced memory of bob reconciling with alice, who hold the same `receipts`-long
-    chain alice → bob (written straight into both stores); alice answers in this process by
-    the functions her routes call (`bench.scale.reconcile.InProcessPeer`), so that
-    tracemalloc sees both sides and 10,000 receipts take seconds."""
+    chain alice → bob (written straight into both stores), and of bob reading the open
+    period (what settling reads; `ledger balance` sums the same pages). Alice answers in
+    this process by the functions her routes call (`bench.scale.reconcile.InProcessPeer`),
+    so that tracemalloc sees both sides and 10,000 receipts take seconds."""
     folder = tmp_path / str(receipts)
     folder.mkdir()
     pair = await reconcile_bench.open_pair(folder, receipts)
+    me, peer = pair.link.identity.node_id, pair.link.peer.node_id
     try:
         tracemalloc.start()
         report = await reconcile_bench.reconciled(pair, MEMORY_PAGE)
-        _, peak = tracemalloc.get_traced_memory()
+        _, reconciling = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        opened = await books.open_period(pair.bob, me, peer, page=MEMORY_PAGE)
+        _, reading = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        (balance,) = await books.balance(pair.bob, me)
     finally:
         tracemalloc.stop()
         await pair.close()
-    return peak, report
+    return Peaks(reconciling, reading, report, opened, balance)
 
 
 def test_reconciling_a_pair_takes_memory_that_does_not_grow_with_its_chains(
     tmp_path: Path,
 ) -> None:
-    small, small_report = asyncio.run(_peak_reconciling(tmp_path, 1_000))
-    large, large_report = asyncio.run(_peak_reconciling(tmp_path, 10_000))
-    assert small_report.matched.count == 1_000 and large_report.matched.count == 10_000
-    assert large_report.missing_ours.count == large_report.missing_theirs.count == 0
-    print(f"peak traced memory: {small / 1e6:.1f} MB (1,000), {large / 1e6:.1f} MB (10,000)")
+    small = asyncio.run(_peaks(tmp_path, 1_000))
+    large = asyncio.run(_peaks(tmp_path, 10_000))
+    assert small.report.matched.count == 1_000 and large.report.matched.count == 10_000
+    assert large.report.missing_ours.count == large.report.missing_theirs.count == 0
+    print(
+        f"peak traced memory: reconciling {small.reconcile / 1e6:.1f} MB (1,000),"
+        f" {large.reconcile / 1e6:.1f} MB (10,000); the open period {small.period / 1e6:.1f} MB,"
+        f" {large.period / 1e6:.1f} MB"
+    )
     # Ten times the receipts; the whole chains would take ten times the memory.
-    assert large < 1.25 * small
+    assert large.reconcile < 1.25 * small.reconcile
+    assert large.period < 1.25 * small.period
+    # The period's totals and head, page by page, are the whole chain's.
+    amount = sum(10 + seq % 7 for seq in range(1, 10_001))  # as bench/scale/chains.py bills
+    alice_to_bob = large.opened.a_to_b if large.opened.a != large.opened.me else large.opened.b_to_a
+    assert (alice_to_bob.count, alice_to_bob.amount) == (10_000, amount)
+    assert alice_to_bob.head[0] == 10_000 and large.opened.broken is None
+    assert (large.balance.we_used, large.balance.receipts) == (amount, 10_000)
+    # Bob holds no request these placeholder receipts bill: settling would be refused.
+    assert large.opened.unbilled == 10_000
 
 
 @dataclass

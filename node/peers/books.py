@@ -33,11 +33,14 @@ from ledger.reconcile import BUCKETS, Reconciliation, reconcile
 from ledger.reconcile_pages import windows
 from ledger.records import MAX_SKEW, RecordError, verify_fields
 from ledger.settlement import (
+    Period,
     Statement,
     balances,
     check_statement,
-    make_statement,
+    open_periods,
     parse_statement,
+    period_statement,
+    same_statement,
     sign_statement,
     verify_statement,
 )
@@ -158,7 +161,8 @@ class NetPlan(msgspec.Struct):
 
 @dataclass
 class Pair:
-    """Our books with one peer: the two chains, from after the last settlement."""
+    """Our books with one peer: the two chains, from after the last settlement, whole (to
+    look at its receipts; the node itself reads a period a page at a time: `open_period`)."""
 
     me: str
     peer: str
@@ -231,10 +235,9 @@ async def _settled_seqs(store: Store, a: str, b: str, statements: list[Statement
 
 
 async def _stored_pages(
-    store: Store, provider: str, consumer: str, size: int = PAGE
+    store: Store, provider: str, consumer: str, size: int = PAGE, *, after: int = 0
 ) -> AsyncIterator[list[StoredReceipt]]:
-    """One chain as stored, a page at a time, in seq order."""
-    after = 0
+    """One chain as stored after seq `after`, a page at a time, in seq order."""
     while True:
         rows = await store.ledger.receipts(provider, consumer, after_seq=after, limit=size)
         if not rows:
@@ -253,6 +256,81 @@ async def open_pair(store: Store, me: str, peer: str) -> Pair:
     return Pair(me, peer, previous, await after(me, peer), await after(peer, me))
 
 
+@dataclass
+class OpenPeriod:
+    """Our books with one peer since the last statement, read a page at a time and never
+    whole: each chain's period (`ledger.settlement.Period`: its totals and head), the first
+    break in a chain, and the receipts of the peer's that bill no request we sent."""
+
+    me: str
+    peer: str
+    previous: Statement | None
+    a_to_b: Period
+    b_to_a: Period
+    broken: str | None = None
+    unbilled: int = 0
+    first_unbilled: tuple[int, str] | None = None  # (seq, why)
+
+    @property
+    def a(self) -> str:
+        return min(self.me, self.peer)
+
+    @property
+    def b(self) -> str:
+        return max(self.me, self.peer)
+
+    @property
+    def empty(self) -> bool:
+        return self.a_to_b.count == 0 and self.b_to_a.count == 0
+
+    def statement(self, now: float | None = None) -> Statement:
+        """The unsigned statement of the period; ValueError if our chains are not in order."""
+        if self.broken is not None:
+            raise ValueError(self.broken)
+        return period_statement(self.a_to_b, self.b_to_a, self.a, self.b, now=now)
+
+    def check_billed(self) -> None:
+        """A statement is signed only over amounts we can match, receipt by receipt, to
+        requests we sent the peer, as we asked and priced them (receipts in our books from
+        before that rule was kept, or put there by hand, stop the settlement: they are for
+        an admin)."""
+        if self.first_unbilled is not None:
+            seq, why = self.first_unbilled
+            raise BooksError(
+                Kind.CONFLICT,
+                f"our books hold {self.unbilled} receipt(s) of this peer that bill no request"
+                f" of ours as sent (seq {seq}: {why})",
+            )
+
+
+async def open_period(store: Store, me: str, peer: str, *, page: int = PAGE) -> OpenPeriod:
+    """Both chains since the last statement, a page (`page` receipts) at a time: each page
+    added to its chain's period, and the peer's receipts checked against the requests we
+    sent."""
+    previous, settled = await _coverage(store, me, peer)
+    a, b = min(me, peer), max(me, peer)
+    try:
+        a_to_b, b_to_a = open_periods(a, b, previous=previous)
+    except ValueError as exc:
+        raise BooksError(Kind.CONFLICT, f"our statements with this peer: {exc}") from exc
+    period = OpenPeriod(me, peer, previous, a_to_b, b_to_a)
+    for provider, consumer, chain in ((a, b, a_to_b), (b, a, b_to_a)):
+        pages = _stored_pages(store, provider, consumer, page, after=settled[provider])
+        async for rows in pages:
+            receipts = [loaded(row) for row in rows]
+            if period.broken is None:
+                try:
+                    chain.add(receipts)
+                except ValueError as exc:
+                    period.broken = str(exc)
+            if provider == peer:
+                _, refused = await admissible(store, me, peer, receipts, signatures_checked=True)
+                period.unbilled += len(refused)
+                if refused and period.first_unbilled is None:
+                    period.first_unbilled = (refused[0][0].seq, refused[0][1])
+    return period
+
+
 async def _peer_ids(store: Store, me: str) -> dict[str, str]:
     """Every node we keep books with, by id, with its name."""
     names = {p.node_id: p.name for p in await store.peers.peers(include_revoked=True)}
@@ -266,17 +344,26 @@ async def _peer_ids(store: Store, me: str) -> dict[str, str]:
 
 
 async def balance(store: Store, me: str) -> list[PairBalance]:
-    result = []
-    for peer, name in (await _peer_ids(store, me)).items():
-        pair = await open_pair(store, me, peer)
-        we_used = sum(r.amount for r in pair.theirs)
-        they_used = sum(r.amount for r in pair.ours)
-        count = len(pair.ours) + len(pair.theirs)
-        unanswered = sum(r.amount for r in await _unanswered(store, peer, pair.theirs))
-        result.append(
-            PairBalance(peer, name, we_used, they_used, they_used - we_used, count, unanswered)
-        )
-    return result
+    return [
+        await _balance_with(store, me, peer, name)
+        for peer, name in (await _peer_ids(store, me)).items()
+    ]
+
+
+async def _balance_with(store: Store, me: str, peer: str, name: str) -> PairBalance:
+    """What each side used since the last statement, summed a page at a time."""
+    _, settled = await _coverage(store, me, peer)
+    used = {me: 0, peer: 0}  # by provider
+    count = unanswered = 0
+    for provider, consumer in ((me, peer), (peer, me)):
+        async for rows in _stored_pages(store, provider, consumer, after=settled[provider]):
+            receipts = [loaded(row) for row in rows]
+            used[provider] += sum(r.amount for r in receipts)
+            count += len(receipts)
+            if provider == peer:
+                unanswered += sum(r.amount for r in await _unanswered(store, peer, receipts))
+    we_used, they_used = used[peer], used[me]
+    return PairBalance(peer, name, we_used, they_used, they_used - we_used, count, unanswered)
 
 
 async def verify(store: Store) -> list[ChainCheck]:
@@ -735,21 +822,19 @@ async def settle_with(store: Store, link: Link, actor: str | None = None) -> Sta
     # A statement the peer countersigned but whose answer we never got (or that a restored
     # backup lost) is where this period starts, not a reason to disagree.
     await recover_statements(store, link)
-    pair = await open_pair(store, me, peer)
-    if pair.previous is not None and not pair.ours and not pair.theirs:
-        return pair.previous  # nothing since: settling again is the statement we have
-    await _check_billed(store, pair)
+    period = await open_period(store, me, peer)
+    if period.previous is not None and period.empty:
+        return period.previous  # nothing since: settling again is the statement we have
+    period.check_billed()
     try:
-        statement = make_statement(
-            pair.a_to_b(), pair.b_to_a(), pair.a, pair.b, previous=pair.previous
-        )
+        statement = period.statement()
     except ValueError as exc:
         raise BooksError(
             Kind.CONFLICT, f"our books with this peer are not in order: {exc}"
         ) from exc
-    side = "a" if me == pair.a else "b"
+    side = "a" if me == period.a else "b"
     ours = sign_statement(statement, link.identity.sign, side)
-    previous = msgspec.to_builtins(pair.previous) if pair.previous is not None else None
+    previous = msgspec.to_builtins(period.previous) if period.previous is not None else None
     body = msgspec.json.encode(StatementBody(msgspec.to_builtins(ours), previous))
     answer = _answer(await link.post("/federation/settlements", body), "the settlement")
     try:
@@ -955,29 +1040,19 @@ async def countersign_statement(
     previous = _ours(request.previous, me, peer) if request.previous is not None else None
     if previous is not None:
         await save_statement(store, previous)
+    period = await open_period(store, me, peer)
+    period.check_billed()
     try:
-        pair = await open_pair(store, me, peer)
-        await _check_billed(store, pair)
-        check_statement(proposed, pair.a_to_b(), pair.b_to_a(), previous=pair.previous)
+        same_statement(proposed, period.statement(now=proposed.iat))
+    except ValueError as exc:
+        raise BooksError(
+            Kind.CONFLICT, f"our books disagree: cannot check the statement: {exc}"
+        ) from exc
     except RecordError as exc:
         raise BooksError(Kind.CONFLICT, f"our books disagree: {exc}") from exc
     both = sign_statement(proposed, identity.sign, "b" if their_side == "a" else "a")
     await save_statement(store, both)
     return both
-
-
-async def _check_billed(store: Store, pair: Pair) -> None:
-    """A statement is signed only over amounts we can match, receipt by receipt, to requests
-    we sent the peer, as we asked and priced them (receipts in our books from before that
-    rule was kept, or put there by hand, stop the settlement: they are for an admin)."""
-    _, refused = await admissible(store, pair.me, pair.peer, pair.theirs, signatures_checked=True)
-    if refused:
-        receipt, why = refused[0]
-        raise BooksError(
-            Kind.CONFLICT,
-            f"our books hold {len(refused)} receipt(s) of this peer that bill no request of"
-            f" ours as sent (seq {receipt.seq}: {why})",
-        )
 
 
 def verify_statement_side(statement: Statement, side: str) -> None:
