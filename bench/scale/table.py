@@ -39,7 +39,8 @@ def main() -> None:
             print(f"=== {title}", flush=True)
             out = ["--out", str(RESULTS / f"{name}.json")]
             command = [sys.executable, "-m", "bench.scale", *arguments, *out, *extra]
-            subprocess.run(command, check=False)
+            # A run that fails keeps what it measured; the next one runs all the same.
+            subprocess.run(command, check=False, cwd=BENCH.parent)
     runs = [
         (title, json.loads((RESULTS / f"{name}.json").read_text()))
         for title, name, _ in RUNS
