@@ -2,9 +2,10 @@
 alice's running node over real HTTP, seven receipts a page on both sides, give the answers
 reconciling the whole chains gives (agreed, disputed on a page boundary, missing on either
 side, a countersignature only one side has, an altered copy), and leave both books holding
-what can be agreed. A page size out of bounds is refused in OpenAI's error shape. And the
-memory a pair's reconciliation takes does not grow with its chains (tracemalloc, 1,000 and
-10,000 receipts, 200 a page)."""
+what can be agreed. A page size out of bounds is refused in OpenAI's error shape. The memory
+a pair's reconciliation takes, and reading its open period (settlement, balance), does not
+grow with its chains (tracemalloc, 1,000 and 10,000 receipts, 200 a page). A peer whose pages
+do not move forward ends its chain instead of keeping bob asking."""
 
 from __future__ import annotations
 
