@@ -5,7 +5,8 @@ side, a countersignature only one side has, an altered copy), and leave both boo
 what can be agreed. A page size out of bounds is refused in OpenAI's error shape. The memory
 a pair's reconciliation takes, and reading its open period (settlement, balance), does not
 grow with its chains (tracemalloc, 1,000 and 10,000 receipts, 200 a page). A peer whose pages
-do not move forward ends its chain instead of keeping bob asking."""
+do not move forward ends its chain instead of keeping bob asking. `ledger verify` names a
+break past the first page where it is in the chain."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from ledger.reconcile import reconcile
 from node.config import DATABASE_FILE, IDENTITY_FILE
 from node.peers import books
 from node.peers.receipts import keep_receipt, loaded, stored
+from node.storage import open_store
 from node.storage.base import Store
 from node.storage.copy import copy_sqlite_to_postgres
 from tests.postgres import PASSWORD_ENV, open_test_store
@@ -306,3 +308,26 @@ def test_a_peer_whose_pages_do_not_move_forward_ends_its_chain(tmp_path: Path) -
 
 async def _nothing(receipt: Receipt) -> bool:
     raise AssertionError("nothing is recovered from a stuck peer")
+
+
+def test_ledger_verify_reads_a_chain_page_by_page_and_names_where_it_breaks(
+    tmp_path: Path,
+) -> None:
+    alice, bob = NodeIdentity.generate(), NodeIdentity.generate()
+    chain = signed_chain(alice, bob, books.PAGE + 500)
+    tampered = [stored(r) for r in chain]
+    tampered[1199] = stored(msgspec.structs.replace(chain[1199], amount=1))  # seq 1200
+
+    async def checks(database: Path, rows: list) -> list[books.ChainCheck]:
+        store = await open_store(database)
+        try:
+            chains.write(database, rows)
+            return await books.verify(store)
+        finally:
+            await store.close()
+
+    (whole,) = asyncio.run(checks(tmp_path / "whole.db", [stored(r) for r in chain]))
+    assert whole.ok and whole.receipts == books.PAGE + 500
+    (broken,) = asyncio.run(checks(tmp_path / "tampered.db", tampered))
+    assert not broken.ok and broken.receipts == books.PAGE + 500
+    assert broken.problem is not None and "receipt #1199 (seq 1200)" in broken.problem

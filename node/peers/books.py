@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import io
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import msgspec
 
@@ -36,7 +37,6 @@ from ledger.settlement import (
     Period,
     Statement,
     balances,
-    check_statement,
     open_periods,
     parse_statement,
     period_statement,
@@ -370,19 +370,10 @@ async def verify(store: Store) -> list[ChainCheck]:
     """Every signature and every link of every chain we hold, the first broken link of each;
     then every settlement statement: both signatures, and its heads and totals against the
     receipts of its period in our chains."""
-    checks = []
-    for provider, consumer in sorted(await store.ledger.receipt_pairs()):
-        rows = await store.ledger.receipts(provider, consumer)
-        try:
-            receipts = [loaded(row) for row in rows]
-        except RecordError as exc:
-            checks.append(ChainCheck(provider, consumer, len(rows), False, f"unreadable: {exc}"))
-            continue
-        report = verify_chain(receipts, public_key_of(provider), public_key_of(consumer))
-        problem = None if report.ok else str(report)
-        if report.ok:
-            problem = _hash_column_problem(rows)
-        checks.append(ChainCheck(provider, consumer, len(rows), problem is None, problem))
+    checks = [
+        await _check_chain(store, provider, consumer)
+        for provider, consumer in sorted(await store.ledger.receipt_pairs())
+    ]
     pairs = {tuple(sorted(pair)) for pair in await store.ledger.receipt_pairs()}
     for body in await store.ledger.settlements():
         try:
@@ -393,6 +384,33 @@ async def verify(store: Store) -> list[ChainCheck]:
     for a, b in sorted(pairs):
         checks += await _verify_statements(store, a, b)
     return checks
+
+
+async def _check_chain(store: Store, provider: str, consumer: str) -> ChainCheck:
+    """One chain, a page at a time, each page checked to continue the last. What is named,
+    as for the whole chain at once: a receipt that cannot be read, else the first broken
+    link, else the first row whose `hash` column is not its body's."""
+    count, head = 0, (0, GENESIS)
+    unreadable = broken = column = None
+    keys = public_key_of(provider), public_key_of(consumer)
+    async for rows in _stored_pages(store, provider, consumer):
+        offset, count = count, count + len(rows)
+        if unreadable is not None:
+            continue  # counted, not checked: the chain is not in order past it anyway
+        try:
+            receipts = [loaded(row) for row in rows]
+        except RecordError as exc:
+            unreadable = f"unreadable: {exc}"
+            continue
+        if broken is None:
+            report = verify_chain(receipts, *keys, start_seq=head[0] + 1, start_prev=head[1])
+            if report.ok:
+                head = report.head
+            else:
+                broken = str(dataclasses.replace(report, index=offset + (report.index or 0)))
+        column = column or _hash_column_problem(rows)
+    problem = unreadable or broken or column
+    return ChainCheck(provider, consumer, count, problem is None, problem)
 
 
 def _hash_column_problem(rows: list[StoredReceipt]) -> str | None:
@@ -406,9 +424,8 @@ def _hash_column_problem(rows: list[StoredReceipt]) -> str | None:
 
 async def _verify_statements(store: Store, a: str, b: str) -> list[ChainCheck]:
     """Each statement of the pair (a, b), in the order they cover the chains: both
-    signatures, and exactly the totals and heads our receipts of its period give."""
-    ab = [loaded(row) for row in await store.ledger.receipts(a, b)]
-    ba = [loaded(row) for row in await store.ledger.receipts(b, a)]
+    signatures, and exactly the totals and heads our receipts of its period give (read a
+    page at a time)."""
     checks, statements = [], []
     for body in await store.ledger.settlements(a, b):
         try:
@@ -423,17 +440,56 @@ async def _verify_statements(store: Store, a: str, b: str) -> list[ChainCheck]:
     previous: Statement | None = None
     ab_from = ba_from = 0
     for ab_to, ba_to, _, statement in sorted(valid, key=lambda item: item[:3]):
-        ab_period = [r for r in ab if ab_from < r.seq <= ab_to]
-        ba_period = [r for r in ba if ba_from < r.seq <= ba_to]
-        try:
-            check_statement(statement, ab_period, ba_period, previous=previous)
-            problem = None
-        except RecordError as exc:
-            problem = f"statement of seq {statement.from_seq}..{statement.to_seq}: {exc}"
-        count = len(ab_period) + len(ba_period)
+        span = Span((ab_from, ab_to), (ba_from, ba_to))
+        problem, count = await _check_period(store, statement, previous, span)
         checks.append(ChainCheck(a, b, count, problem is None, problem, kind="statement"))
         previous, ab_from, ba_from = statement, ab_to, ba_to
     return checks
+
+
+async def _check_period(
+    store: Store, statement: Statement, previous: Statement | None, span: Span
+) -> tuple[str | None, int]:
+    """What is wrong with one statement against our receipts of its period, if anything,
+    and how many receipts the period holds."""
+    a, b = statement.a, statement.b
+    count, broken = 0, None
+    try:
+        a_to_b, b_to_a = open_periods(a, b, previous=previous)
+    except ValueError as exc:
+        where = f"statement of seq {statement.from_seq}..{statement.to_seq}"
+        return f"{where}: cannot check the statement: {exc}", 0
+    for provider, consumer, period, (after, upto) in (
+        (a, b, a_to_b, span.a_to_b),
+        (b, a, b_to_a, span.b_to_a),
+    ):
+        async for rows in _stored_pages(store, provider, consumer, after=after):
+            inside = [row for row in rows if row.seq <= upto]
+            count += len(inside)
+            if broken is None:
+                try:
+                    period.add([loaded(row) for row in inside])
+                except (ValueError, RecordError) as exc:
+                    broken = str(exc)
+            if rows[-1].seq >= upto:
+                break
+    try:
+        if broken is not None:
+            raise ValueError(broken)
+        same_statement(statement, period_statement(a_to_b, b_to_a, a, b, now=statement.iat))
+        return None, count
+    except ValueError as exc:
+        problem = f"cannot check the statement: {exc}"
+    except RecordError as exc:
+        problem = str(exc)
+    return f"statement of seq {statement.from_seq}..{statement.to_seq}: {problem}", count
+
+
+class Span(NamedTuple):
+    """A statement's period: the seqs (after, up to) of each chain it covers."""
+
+    a_to_b: tuple[int, int]
+    b_to_a: tuple[int, int]
 
 
 EXPORT_COLUMNS = (
