@@ -26,6 +26,7 @@ from tests.conftest import NodeDir, RunningNode, run_node
 from tests.mocks.openai_mock import OpenAIMock
 from tests.mocks.server import serve_app
 from tests.test_admin_api import create_key, create_tenant, patch_key
+from tests.test_routing import wait_for
 
 HELLO = [{"role": "user", "content": "what is the capital of France"}]
 
@@ -304,9 +305,12 @@ def test_a_free_hit_is_served_on_a_spent_budget_but_not_past_a_rate_limit(
         ask(client)
     assert limited.value.code == "rate_limit_exceeded"
     assert cached.upstream.calls == calls
-    mine = [r for r in usage_records(node_dir) if r.key_id == record["id"]]
-    served = {r.request_id: r for r in mine}[hits[0].headers["aihub-request-id"]]
-    assert served.cache_hit and served.cost_micros == 0 and served.status == 200
+    # The usage record is written after the answer, so the node is still writing it now.
+    hit_id = hits[0].headers["aihub-request-id"]
+    assert wait_for(lambda: any(r.request_id == hit_id for r in usage_records(node_dir)))
+    served = {r.request_id: r for r in usage_records(node_dir)}[hit_id]
+    assert served.key_id == record["id"] and served.cache_hit
+    assert served.cost_micros == 0 and served.status == 200
 
 
 def test_the_messages_and_responses_surfaces_are_cached_too(cached: Cached) -> None:
