@@ -403,8 +403,9 @@ def served_pid(folder: Path) -> int:
 def test_a_revoked_peer_is_refused_by_the_other_host_on_its_next_request(
     postgres_url: str, tmp_path: Path
 ) -> None:
-    """`aihub peers revoke` on one of alice's hosts, the other host's notification cut first:
-    bob's very next request to the other host is refused."""
+    """`aihub peers revoke` on one of alice's hosts, the other host's notifications cut first:
+    bob's very next request to the other host is refused (before, it was served from the
+    keys that host held)."""
     alice = make_peer(tmp_path, "alice", LLAMA)
     bob = make_peer(tmp_path, "bob")
     moved_to_postgres(alice.dir, postgres_url)
@@ -414,9 +415,10 @@ def test_a_revoked_peer_is_refused_by_the_other_host_on_its_next_request(
         key = _bobs_key_at_alice(bob.path)
         other = second_host(alice.dir, tmp_path)
         with serving(other, tmp_path / "second.log"):
+            asyncio.run(_listeners_cut(postgres_url))
+            # Served still: the first host reloaded what it may have missed while cut off.
             headers = signed(bob.path, first + CHAT, BODY, key)
             assert post_as(first, authority, CHAT, BODY, headers).status_code == 200
-            asyncio.run(_listeners_cut(postgres_url))
             result = CliRunner().invoke(main, ["peers", "revoke", "bob", "--data-dir", str(other)])
             assert result.exit_code == 0 and "Revoked bob" in result.output, result.output
             assert "has not confirmed" not in result.output
