@@ -6,7 +6,7 @@ AIHUB_HOME ?= $(HOME)/.aihub
 export AIHUB_HOME
 
 .PHONY: setup check-lock run test lint format bench scale network network-down clean agents lock \
-	lock-upgrade postgres browser
+	lock-upgrade postgres browser wrk
 
 # Every dependency, runtime and dev, is installed from requirements/: exact versions with their
 # hashes (pip --require-hashes), resolved by `make lock` from pyproject.toml. A lock older than
@@ -103,8 +103,16 @@ $(AGENTS_DIR)/.installed: Makefile
 	touch $@
 
 # Benchmarks: not part of `make test` (nor CI). BENCH_ARGS=--quick for a run under a minute.
-bench: setup postgres
-	@command -v wrk >/dev/null || echo "wrk not found (apt-get install wrk): using the Python load generator"
+# wrk, the compiled load generator the benches prefer (a Python one takes the cores the node
+# needs): Debian's package when it is missing.
+wrk:
+	@command -v wrk >/dev/null || { \
+		echo "installing wrk (apt-get install wrk)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends wrk >/dev/null; } || \
+		echo "wrk could not be installed: using the Python load generator"
+
+bench: setup postgres wrk
 	$(BIN)/python -m bench $(BENCH_ARGS)
 	$(BIN)/python -m bench.postgres  # the PostgreSQL arm (bench/README.md)
 
