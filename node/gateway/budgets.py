@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Callable
 
 from node import units
 from node.errors import HubError, Kind
@@ -68,9 +69,12 @@ Scope = tuple[str, int]  # (scope, period start)
 
 
 class Budgets:
-    def __init__(self, store: Store, currency: str = "USD") -> None:
+    def __init__(
+        self, store: Store, currency: str = "USD", clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.store = store
         self.currency = currency  # what a refusal states amounts in
+        self._clock = clock  # for LEASE_FRESH (a test moves it)
         # This process, in the store's budget holds.
         self.holder = secrets.token_hex(8)
         # (scope, period start, cap) rows known to exist with that cap: opened once a period.
@@ -79,7 +83,7 @@ class Budgets:
         self._leases: dict[Scope, int] = {}
         self._refill = asyncio.Lock()
         self._releases: set[asyncio.Task[None]] = set()
-        # Until when (time.monotonic()) the leases may be promised from (LEASE_FRESH).
+        # Until when (by the clock) the leases may be promised from (LEASE_FRESH).
         self._fresh_until = 0.0
 
     def forget(self) -> None:
@@ -89,7 +93,7 @@ class Budgets:
         were not) when their holds expire."""
         self._opened.clear()
         leases, self._leases = self._leases, {}
-        if time.monotonic() >= self._fresh_until:
+        if self._clock() >= self._fresh_until:
             return
         task = asyncio.get_running_loop().create_task(self._release(leases))
         self._releases.add(task)
@@ -109,7 +113,7 @@ class Budgets:
             await self._renew()
 
     async def _renew(self) -> None:
-        started = time.monotonic()
+        started = self._clock()
         held = await self.store.spend.renew_holds(self.holder, int(time.time()))
         self._leases = {scope: amount for scope, amount in self._leases.items() if scope in held}
         self._fresh_until = started + LEASE_FRESH
@@ -132,7 +136,7 @@ class Budgets:
         """Promise `amount` from every scope's lease, or from none (and from none while the
         leases are not fresh). No await: atomic within the process."""
         leases = self._leases
-        if time.monotonic() >= self._fresh_until:
+        if self._clock() >= self._fresh_until:
             return False
         if any(leases.get(scope, 0) < amount for scope in scopes):
             return False
@@ -187,7 +191,7 @@ class Budgets:
         # Other requests of this process may take from a lease while we wait for the database:
         # top up, then take in one step, until it holds or the database says no.
         while not self._take(scopes, amount):
-            if time.monotonic() >= self._fresh_until:
+            if self._clock() >= self._fresh_until:
                 await self._renew()  # which leases are still ours, before any is promised
                 continue
             for scope, start, cap in rows:
