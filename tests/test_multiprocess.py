@@ -384,8 +384,18 @@ def test_a_host_that_does_not_confirm_a_change_is_named(
                 main,
                 ["keys", "create", "--name", "late", "--json", "--data-dir", str(node_dir.path)],
             )
+            # The admin API of the first host says the same in its answer.
+            answer = httpx.post(
+                first + "/admin/keys",
+                json={"name": "late-too"},
+                headers={"authorization": f"Bearer {node_dir.key}"},
+                timeout=30,
+            )
         finally:
             os.kill(stopped, signal.SIGCONT)
+        assert answer.status_code == 201, answer.text
+        (named,) = answer.json()["unconfirmed"]
+        assert f"process {stopped} on" in named, named
         assert result.exit_code == 0, result.output
         created = msgspec.json.decode(result.stdout)
         warning = " ".join(result.stderr.split())
