@@ -6,7 +6,7 @@ AIHUB_HOME ?= $(HOME)/.aihub
 export AIHUB_HOME
 
 .PHONY: setup check-lock run test lint format bench scale network network-down clean agents lock \
-	lock-upgrade postgres browser
+	lock-upgrade postgres browser bench-tools
 
 # Every dependency, runtime and dev, is installed from requirements/: exact versions with their
 # hashes (pip --require-hashes), resolved by `make lock` from pyproject.toml. A lock older than
@@ -103,10 +103,22 @@ $(AGENTS_DIR)/.installed: Makefile
 	touch $@
 
 # Benchmarks: not part of `make test` (nor CI). BENCH_ARGS=--quick for a run under a minute.
-bench: setup postgres
-	@command -v wrk >/dev/null || echo "wrk not found (apt-get install wrk): using the Python load generator"
+# Both modes in one run: pinned (the node alone on a core), then unpinned (everything sharing
+# every core, nginx as the floor), each with its own table and results file.
+bench: setup postgres bench-tools
 	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench --unpinned $(BENCH_ARGS)
 	$(BIN)/python -m bench.postgres  # the PostgreSQL arm (bench/README.md)
+	$(BIN)/python -m bench.governance  # guardrails and the response cache (bench/README.md)
+
+# The unpinned mode's load generator and floor: Debian's `wrk` and `nginx-light`, installed
+# only when they are missing (nginx is run by the bench from a generated config, never as a
+# service).
+bench-tools:
+	@{ command -v wrk >/dev/null && { command -v nginx >/dev/null || test -x /usr/sbin/nginx; }; } || { \
+		echo "installing wrk and nginx (apt-get install wrk nginx-light)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends wrk nginx-light >/dev/null; }
 
 # N real nodes on loopback joined by invites, measured (bench/README.md): not part of `make test`.
 # `make scale SCALE_ARGS="--nodes 10 --topology random --health-interval 5"`.

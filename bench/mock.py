@@ -57,6 +57,11 @@ def _chunk(data: bytes) -> bytes:
 
 def stream_events(chunks: int, include_usage: bool) -> list[bytes]:
     """The SSE events of one streamed answer, each already framed as an HTTP chunk."""
+    return [_chunk(data) for data in sse_data(chunks, include_usage)]
+
+
+def sse_data(chunks: int, include_usage: bool) -> list[bytes]:
+    """The `data:` payloads of one streamed answer's SSE events (bench/mock_aiohttp.py too)."""
     base = {
         "id": "chatcmpl-bench",
         "object": "chat.completion.chunk",
@@ -67,15 +72,15 @@ def stream_events(chunks: int, include_usage: bool) -> list[bytes]:
 
     def event(delta: dict, finish: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return _chunk(_compact({**base, "choices": [choice]}))
+        return _compact({**base, "choices": [choice]})
 
     events = [event({"role": "assistant", "content": ""})]
     events += [event({"content": f"word{i} "}) for i in range(chunks)]
     events.append(event({}, "stop"))
     if include_usage:
         usage = {"prompt_tokens": 14, "completion_tokens": chunks, "total_tokens": 14 + chunks}
-        events.append(_chunk(_compact({**base, "choices": [], "usage": usage})))
-    events.append(_chunk(b"[DONE]"))
+        events.append(_compact({**base, "choices": [], "usage": usage}))
+    events.append(b"[DONE]")
     return events
 
 

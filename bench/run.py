@@ -12,7 +12,6 @@ import math
 import os
 import platform
 import random
-import re
 import shutil
 import socket
 import statistics
@@ -53,6 +52,7 @@ UPSTREAM_KEY_ENV = "BENCH_UPSTREAM_KEY"
 # Limits that every request passes through (and none reaches).
 RATE_LIMITS = ["--rpm", "1000000000", "--tpm", "1000000000000", "--max-parallel", "100000"]
 BUDGET = ["--budget", "1000000"]
+ONE = ["--workers", "1"]
 
 LABELS = {
     "direct": "direct to the mock",
@@ -384,21 +384,21 @@ class Bench:
         self.key, self.plain_key, self.b_key = keys[:3]
         self.rate_key = keys[3] if s.extras else None
         self.say("created the virtual keys and an invite (aihub keys create, invite create)")
-        config = (self.a.directory / "config.toml").read_text()
-        found = re.search(r"^workers = (\d+)", config, re.MULTILINE)
-        self.default_workers = int(found[1]) if found else 1
-        self.many_workers = max(2, len(self.all_cpus)) if self.default_workers == 1 else 1
+        # The node's default (one per core unless the config says): the pinned arms run one
+        # process on their one core (`--workers 1`), the workers arm the default, on every core.
+        self.default_workers = default_workers(self.a.directory)
+        self.many_workers = max(2, self.default_workers)
         # Copies of alpha made before it ever runs: same identity and keys, own database.
         self.cold = self._copy(self.a, "alpha-cold")
         starting: list[tuple[Target, subprocess.Popen]] = []
-        self.a.process = self._serve(self.a, self.node_cpus)
-        self.b.process = self._serve(self.b, self.node_cpus)
+        self.a.process = self._serve(self.a, self.node_cpus, *ONE)
+        self.b.process = self._serve(self.b, self.node_cpus, *ONE)
         starting.append((self.a.target("alpha", self.key), self.a.process))
         starting.append((self.b.target("beta", self.b_key, "echo"), self.b.process))
         if s.extras:
             self.granian = self._copy(self.a, "alpha-granian")
             self.workers = self._copy(self.a, "alpha-workers")
-            self._serve(self.granian, self.node_cpus, "--server", "granian")
+            self._serve(self.granian, self.node_cpus, *ONE, "--server", "granian")
             workers = ["--workers", str(self.many_workers)]
             self._serve(self.workers, self.all_cpus, *workers)
             for node in (self.granian, self.workers):
@@ -838,7 +838,7 @@ class Bench:
         target = self.cold.target("cold", self.key)
         for _ in range(s.cold_starts):
             started = time.perf_counter()
-            process = self._serve(self.cold, self.node_cpus)
+            process = self._serve(self.cold, self.node_cpus, *ONE)
             self.wait_answer(target, process, 60)
             times.append(time.perf_counter() - started)
             rss.append(self.rss(process))
@@ -1029,6 +1029,14 @@ class Bench:
         self.say(f"wrote {self.output}")
 
 
+def default_workers(directory: Path) -> int:
+    """How many workers `aihub serve` starts for the node in `directory` (its config's
+    `workers`, else one per core)."""
+    from node.config import load_config
+
+    return load_config(directory).server.worker_count()
+
+
 def _dd(node: Node) -> list[str]:
     return ["--data-dir", str(node.directory)]
 
@@ -1088,7 +1096,14 @@ def parse(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--only", help=f"comma-separated phases of: {', '.join(PHASES)}")
-    parser.add_argument("--output", type=Path, default=HERE / "results.json")
+    parser.add_argument(
+        "--unpinned",
+        action="store_true",
+        help="the unpinned mode (bench/unpinned.py): nothing pinned, nginx as the floor",
+    )
+    parser.add_argument(
+        "--output", type=Path, help="[default: bench/results.json, unpinned: results-unpinned.json]"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir and its logs")
     args = parser.parse_args(argv)
     settings = Settings(**asdict(QUICK if args.quick else FULL))
@@ -1122,8 +1137,14 @@ PHASES = ("latency", "streaming", "throughput", "cpu", "soak", "cold_start", "pr
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings, args = parse(argv)
+    command = " ".join(["python -m bench", *(argv or sys.argv[1:])])
+    if args.unpinned:
+        from bench.unpinned import run
+
+        run(settings, args.output or HERE / "results-unpinned.json", args.keep, command)
+        return
     os.chdir(ROOT)
-    bench = Bench(settings, args.output, args.keep)
+    bench = Bench(settings, args.output or HERE / "results.json", args.keep)
     only = set(args.only.split(",")) if args.only else set(PHASES)
     if only & {"throughput", "soak"}:
         only.add("latency")  # concurrency 1 (and the soak's pace) come from there
@@ -1144,7 +1165,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if name in only and (name != "profile" or settings.profile_seconds > 0):
                 with bench.phase(name):
                     step()
-        bench.write(" ".join(["python -m bench", *(argv or sys.argv[1:])]))
+        bench.write(command)
     finally:
         bench.close()
 

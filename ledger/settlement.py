@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -43,7 +44,6 @@ from ledger.receipts import (
     NodeId,
     Receipt,
     public_key_of,
-    receipt_hash,
 )
 from ledger.records import (
     MAX_SKEW,
@@ -106,6 +106,89 @@ def parse_statement(data: Statement | bytes | str | Mapping[str, Any]) -> Statem
     return s
 
 
+@dataclass
+class Period:
+    """One chain's receipts of a period, taken a page at a time (`add`, in seq order): each
+    page checked to continue the last (form and links; signatures are not checked), the
+    amounts summed, and only the head kept, so a period of any length takes the memory of a
+    page. `start_seq` None: the period starts wherever its first receipt is (the b→a chain
+    after a previous head, whose seq the format does not carry)."""
+
+    provider_key: bytes
+    consumer_key: bytes
+    start_seq: int | None
+    head: tuple[int, str]  # (seq, hash) of the last receipt taken, or where the period starts
+    count: int = 0
+    amount: int = 0
+
+    def add(self, receipts: Sequence[Receipt]) -> None:
+        """ValueError if `receipts` are not the unbroken continuation of the chain."""
+        if not receipts:
+            return
+        start = self.start_seq if self.count == 0 else self.head[0] + 1
+        report = verify_chain(
+            receipts,
+            self.provider_key,
+            self.consumer_key,
+            start_seq=receipts[0].seq if start is None else start,
+            start_prev=self.head[1],
+            check_signatures=False,
+        )
+        if not report:
+            raise ValueError(
+                "receipts are not the continuation of the chain: receipt"
+                f" #{self.count + (report.index or 0)} (seq {report.seq}): {report.problem}:"
+                f" {report.detail}"
+            )
+        self.count += len(receipts)
+        self.amount += sum(r.amount for r in receipts)
+        self.head = report.head
+
+
+def open_periods(a: str, b: str, *, previous: Statement | None) -> tuple[Period, Period]:
+    """The a→b and b→a periods after `previous` (the pair's last statement; None for the
+    first), empty: add each chain's receipts after it, then make the statement
+    (`period_statement`). ValueError if a >= b or `previous` is of another pair."""
+    if not a < b:
+        raise ValueError("`a` must sort before `b` (node ids compared as strings)")
+    if previous is not None and (previous.a, previous.b) != (a, b):
+        raise ValueError("the previous statement is of another pair")
+    from_seq = previous.to_seq + 1 if previous is not None else 1
+    start_ab = previous.head_a_to_b if previous is not None else GENESIS
+    start_ba = previous.head_b_to_a if previous is not None else GENESIS
+    key_a, key_b = public_key_of(a), public_key_of(b)
+    # The b→a range starts wherever the previous head left it; the prev link fixes it.
+    ba_start: int | None = 1 if start_ba == GENESIS else None
+    return (
+        Period(key_a, key_b, from_seq, (from_seq - 1, start_ab)),
+        Period(key_b, key_a, ba_start, (0, start_ba)),
+    )
+
+
+def period_statement(
+    a_to_b: Period, b_to_a: Period, a: str, b: str, *, now: float | None = None
+) -> Statement:
+    """The unsigned statement of a period whose receipts were all added to `a_to_b` and
+    `b_to_a` (from `open_periods`). ValueError if it would not be a valid statement."""
+    statement = Statement(
+        a=a,
+        b=b,
+        from_seq=a_to_b.start_seq if a_to_b.start_seq is not None else 1,
+        to_seq=a_to_b.head[0],
+        head_a_to_b=a_to_b.head[1],
+        head_b_to_a=b_to_a.head[1],
+        a_owes_b=b_to_a.amount,
+        b_owes_a=a_to_b.amount,
+        net=b_to_a.amount - a_to_b.amount,
+        iat=int(time.time() if now is None else now),
+    )
+    try:
+        parse_statement(statement)
+    except RecordError as exc:
+        raise ValueError(str(exc)) from exc
+    return statement
+
+
 def make_statement(
     a_to_b: Sequence[Receipt],
     b_to_a: Sequence[Receipt],
@@ -119,50 +202,12 @@ def make_statement(
     are the receipts of each chain after `previous` (the pair's last statement; None for the
     first), in seq order. ValueError if a >= b, if `previous` is of another pair, or if the
     receipts are not the unbroken continuation of each chain (form and links are checked;
-    signatures are not: pass receipts as verified on the way in)."""
-    if not a < b:
-        raise ValueError("`a` must sort before `b` (node ids compared as strings)")
-    if previous is not None and (previous.a, previous.b) != (a, b):
-        raise ValueError("the previous statement is of another pair")
-    from_seq = previous.to_seq + 1 if previous is not None else 1
-    start_ab = previous.head_a_to_b if previous is not None else GENESIS
-    start_ba = previous.head_b_to_a if previous is not None else GENESIS
-    key_a, key_b = public_key_of(a), public_key_of(b)
-    # The b→a range starts wherever the previous head left it; the prev link fixes it.
-    ba_start_seq = b_to_a[0].seq if b_to_a and start_ba != GENESIS else 1
-    for receipts, provider, consumer, start_seq, start_prev in (
-        (a_to_b, key_a, key_b, from_seq, start_ab),
-        (b_to_a, key_b, key_a, ba_start_seq, start_ba),
-    ):
-        report = verify_chain(
-            receipts,
-            provider,
-            consumer,
-            start_seq=start_seq,
-            start_prev=start_prev,
-            check_signatures=False,
-        )
-        if not report:
-            raise ValueError(f"receipts are not the continuation of the chain: {report}")
-    a_owes_b = sum(r.amount for r in b_to_a)
-    b_owes_a = sum(r.amount for r in a_to_b)
-    statement = Statement(
-        a=a,
-        b=b,
-        from_seq=from_seq,
-        to_seq=a_to_b[-1].seq if a_to_b else from_seq - 1,
-        head_a_to_b=receipt_hash(a_to_b[-1]) if a_to_b else start_ab,
-        head_b_to_a=receipt_hash(b_to_a[-1]) if b_to_a else start_ba,
-        a_owes_b=a_owes_b,
-        b_owes_a=b_owes_a,
-        net=a_owes_b - b_owes_a,
-        iat=int(time.time() if now is None else now),
-    )
-    try:
-        parse_statement(statement)
-    except RecordError as exc:
-        raise ValueError(str(exc)) from exc
-    return statement
+    signatures are not: pass receipts as verified on the way in). `Period` takes them a page
+    at a time."""
+    ab, ba = open_periods(a, b, previous=previous)
+    ab.add(a_to_b)
+    ba.add(b_to_a)
+    return period_statement(ab, ba, a, b, now=now)
 
 
 def check_statement(
@@ -178,6 +223,11 @@ def check_statement(
         ours = make_statement(a_to_b, b_to_a, s.a, s.b, previous=previous, now=s.iat)
     except ValueError as exc:
         raise RecordError(f"cannot check the statement: {exc}") from exc
+    same_statement(s, ours)
+
+
+def same_statement(s: Statement, ours: Statement) -> None:
+    """RecordError unless `s`, signatures aside, is `ours` (made from our own receipts)."""
     unsigned = msgspec.structs.replace(s, sig_a="", sig_b="")
     if unsigned != ours:
         differ = [

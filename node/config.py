@@ -37,7 +37,7 @@ Provider = Literal[
     # --- end gemini / vertex
 ]
 # Kinds of request that only an OpenAI-compatible upstream serves.
-OPENAI_ONLY_KINDS = ("completions", "images")
+OPENAI_ONLY_KINDS = ("completions", "images", "moderations")
 # --- bedrock ---
 # `us-east-1`, `eu-central-2`, `us-gov-west-1`: a region becomes part of a host name.
 AWS_REGION = r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$"
@@ -53,10 +53,45 @@ class NodeSection(Struct, forbid_unknown_fields=True):
     currency: Annotated[str, Meta(pattern=r"^[A-Z]{3}$")] = "USD"
 
 
+MAX_WORKERS = 64
+
+
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def cores() -> int:
+    """The cores this process may use, at least 1: its affinity mask (`taskset`, a container's
+    cpuset), not the machine's count, and no more than its cgroup's CPU quota (`docker run
+    --cpus`, systemd's `CPUQuota=`), rounded up."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform (macOS)
+        count = os.cpu_count() or 1
+    try:
+        quota = quota_cpus(CPU_MAX.read_text())
+    except OSError:
+        quota = None
+    return max(1, min(count, quota) if quota else count)
+
+
+def quota_cpus(cpu_max: str) -> int | None:
+    """The CPUs a cgroup v2 `cpu.max` ("QUOTA PERIOD", or "max PERIOD" for none) allows,
+    rounded up; None for no quota or a line that does not read."""
+    fields = cpu_max.split()
+    if len(fields) != 2 or not fields[0].isdigit() or not fields[1].isdigit():
+        return None
+    quota, period = int(fields[0]), int(fields[1])
+    if quota <= 0 or period <= 0:
+        return None
+    return -(-quota // period)
+
+
 class ServerSection(Struct, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Port = 8787
-    workers: Annotated[int, Meta(ge=1, le=64)] = 1
+    # Worker processes; unset: one per core (`worker_count`). Rate limits, max_parallel,
+    # replay refusal and budget leases are decided in the store, so they hold across them.
+    workers: Annotated[int, Meta(ge=1, le=MAX_WORKERS)] | None = None
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
     # Client connections (conn-hardening): a request's head must arrive within header_timeout
     # of its first byte, its body within body_timeout of its head (else 408); an idle kept-alive
@@ -66,6 +101,16 @@ class ServerSection(Struct, forbid_unknown_fields=True):
     body_timeout: Seconds = 60.0
     keepalive_timeout: Seconds = 5.0
     max_connections: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000
+
+    def worker_count(self) -> int:
+        """`workers` if the config names it, else $WEB_CONCURRENCY (the convention uvicorn and
+        gunicorn read), else one per core, at most MAX_WORKERS."""
+        if self.workers is not None:
+            return self.workers
+        named = os.environ.get("WEB_CONCURRENCY", "").strip()
+        if named.isdigit() and int(named) >= 1:
+            return min(int(named), MAX_WORKERS)
+        return min(cores(), MAX_WORKERS)
 
 
 class UpstreamSection(Struct, forbid_unknown_fields=True):
@@ -189,7 +234,32 @@ class WebhookCheck(_Check, tag="webhook"):
     on_error: Literal["allow", "block"] = "block"
 
 
-Check = PiiCheck | SecretsCheck | BannedCheck | SizeCheck | InjectionCheck | WebhookCheck
+class ModerationCheck(_Check, tag="moderation"):
+    """A `/v1/moderations`-compatible deployment (a `[[models]]` entry of kind
+    "moderations") is sent the request's texts (and, with `output`, a complete answer's):
+    what it flags blocks or is logged."""
+
+    deployment: Annotated[str, Meta(min_length=1, max_length=256)]
+    # Only these of its categories count (OpenAI's: "harassment", "violence/graphic", …);
+    # empty: any it flags.
+    categories: Annotated[list[str], Meta(max_length=64)] = []
+    timeout: Annotated[float, Meta(gt=0, le=60)] = 5.0
+    # What an unreachable, slow or garbled deployment means: "allow" (fail open) or "block".
+    on_error: Literal["allow", "block"] = "block"
+    input: bool = True
+    # A complete answer too (a streamed one is not held for a remote call).
+    output: bool = False
+
+
+Check = (
+    PiiCheck
+    | SecretsCheck
+    | BannedCheck
+    | SizeCheck
+    | InjectionCheck
+    | WebhookCheck
+    | ModerationCheck
+)
 
 
 class GuardrailProfile(Struct, forbid_unknown_fields=True):
@@ -211,7 +281,9 @@ class GuardrailsSection(Struct, forbid_unknown_fields=True):
     default: str = ""
 
 
-def _guardrails_problems(section: GuardrailsSection) -> list[str]:
+def _guardrails_problems(
+    section: GuardrailsSection, deployments: dict[str, Deployment] | None = None
+) -> list[str]:
     problems: list[str] = []
     named = [("guardrails.default", section.default), ("guardrails.peers", section.peers)]
     named += [(f"guardrails.keys.{k}", v) for k, v in section.keys.items()]
@@ -238,9 +310,25 @@ def _guardrails_problems(section: GuardrailsSection) -> list[str]:
                 kind = check.__struct_config__.tag
                 if check.action == "redact":  # a webhook enforces what it answers, or logs it
                     problems.append(f"{where}.checks[{index}]: a {kind} check blocks or logs")
-            if isinstance(check, PiiCheck | SecretsCheck) and not (check.input or check.output):
+            both = PiiCheck | SecretsCheck | ModerationCheck
+            if isinstance(check, both) and not (check.input or check.output):
                 problems.append(f"{where}.checks[{index}]: neither input nor output")
+            if isinstance(check, ModerationCheck):
+                problems += _moderation_problems(check, f"{where}.checks[{index}]", deployments)
     return problems
+
+
+def _moderation_problems(
+    check: ModerationCheck, where: str, deployments: dict[str, Deployment] | None
+) -> list[str]:
+    if check.action == "redact":
+        return [f"{where}: a moderation check blocks or logs"]
+    if deployments is None:
+        return []
+    deployment = deployments.get(check.deployment)
+    if deployment is None or deployment.kind != "moderations":
+        return [f"{where}: {check.deployment!r} is not a [[models]] entry of kind moderations"]
+    return []
 
 
 # --- end guardrails
@@ -253,8 +341,9 @@ class Deployment(Struct, forbid_unknown_fields=True):
     provider: Provider
     model: str | None = None
     # What the deployment serves: chat, embeddings, or (OpenAI-compatible providers only)
-    # legacy text completions and image generations.
-    kind: Literal["chat", "embeddings", "completions", "images"] = "chat"
+    # legacy text completions, image generations and moderations (the last only for the
+    # guardrails' moderation checks: `ModerationCheck`).
+    kind: Literal["chat", "embeddings", "completions", "images", "moderations"] = "chat"
     base_url: str | None = None
     api_key_env: Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
     api_version: str | None = None
@@ -462,7 +551,8 @@ def semantic_problems(config: Config) -> list[str]:
             problems.append(f"{where}: base_url must start with http:// or https://")
         problems += _bedrock_problems(deployment, where)
         problems += _google_problems(where, deployment)
-    problems += _guardrails_problems(config.guardrails)
+    deployments = {deployment.name: deployment for deployment in config.models}
+    problems += _guardrails_problems(config.guardrails, deployments)
     return problems
 
 
@@ -620,7 +710,7 @@ pool_size = 10                      # PostgreSQL connections per process, at mos
 [server]
 host = "127.0.0.1"
 port = 8787
-workers = 1
+# workers = 2                       # processes; unset: one per core (or $WEB_CONCURRENCY)
 max_body_bytes = 4_194_304          # larger requests get a 413
 header_timeout = 10.0               # seconds for a request's head to arrive (else 408)
 body_timeout = 60.0                 # seconds for its body to arrive after the head (else 408)

@@ -30,6 +30,7 @@ from node.gateway.interaction_log import InteractionLogger
 from node.gateway.journal import JOURNAL_DIR, Journal
 from node.gateway.keys import HASH_PURPOSE
 from node.gateway.metrics import Metrics
+from node.gateway.propagation import HEARTBEAT_SECONDS, Heartbeat
 from node.gateway.ratelimit import RateLimiter
 from node.gateway.router import Route, Router
 from node.gateway.usage import UsageRecorder
@@ -102,6 +103,7 @@ class Hub:
     guardrails: Guardrails
     cache: ResponseCache  # answers kept per tenant, for keys, tenants or models that opt in
     logs: InteractionLogger  # requests and answers of the keys and tenants that opt in
+    heartbeat: Heartbeat  # this process in the store's processes, and the keys it holds
     # Traces over OTLP, when `[tracing] otlp_endpoint` is set; None costs nothing.
     tracing: Tracing | None = None
 
@@ -127,9 +129,11 @@ class Hub:
             config, identity, store, client, upstreams, router, data_dir, keys.mark_stale
         )
         await peering.start()
+        heartbeat = Heartbeat(store, keys, budgets.holder, data_dir)
+        await heartbeat.beat()  # live, and trusting its keys, before the first request
         # Keys and peers changed by another process on another host (PostgreSQL): the file
         # epochs above only tell the processes that share this data folder.
-        await store.watch(lambda changed: _stale(changed, keys, peering))
+        await store.watch(lambda changed: _stale(changed, heartbeat, peering))
         receipts = Receipts(identity, store, client, peering)
         limiter = RateLimiter(store)
         scheduler = _schedule(peering, receipts, config)
@@ -137,6 +141,14 @@ class Hub:
         await resync.load()
         scheduler.add_job(resync.all, id="ledger.resync")  # at start, off the request path
         _schedule_limits(scheduler, store, limiter)
+        scheduler.add_job(
+            _while_store_answers(heartbeat.beat),
+            "interval",
+            seconds=HEARTBEAT_SECONDS,
+            max_instances=1,
+            coalesce=True,
+            id="processes.beat",
+        )
         scheduler.add_job(
             _while_store_answers(budgets.renew),
             "interval",
@@ -146,7 +158,15 @@ class Hub:
             id="budgets.renew",
         )
         metrics = Metrics()
-        cache = ResponseCache(store.cache, config.cache, metrics)
+        guardrails = Guardrails(
+            config.guardrails,
+            metrics.registry,
+            usage.audit,
+            client,
+            lambda name: router.by_name[name][0].adapter.upstream,  # moderation deployments
+        )
+        rewriter = guardrails.rewriter if guardrails.profiles else None
+        cache = ResponseCache(store.cache, config.cache, metrics, rewriter)
         scheduler.add_job(
             _while_store_answers(cache.prune),
             "interval",
@@ -184,9 +204,10 @@ class Hub:
             resync=resync,
             scheduler=scheduler,
             started_at=int(time.time()),
-            guardrails=Guardrails(config.guardrails, metrics.registry, usage.audit, client),
+            guardrails=guardrails,
             cache=cache,
             logs=logs,
+            heartbeat=heartbeat,
             tracing=start_tracing(config, identity.node_id),
         )
 
@@ -198,6 +219,10 @@ class Hub:
         await self.budgets.release()  # after the last settlement is written
         await self.limiter.stop()
         await self.alerts.stop()
+        try:
+            await self.heartbeat.leave()
+        except StoreUnavailable as exc:  # it is forgotten once its heartbeat is stale
+            log.warning("could not say this process stops: %s", exc)
         await self.client.aclose()
         await self.upstreams.aclose()
         await self.store.close()
@@ -275,7 +300,9 @@ def _schedule_limits(scheduler: AsyncIOScheduler, store: Store, limiter: RateLim
 
 def _while_store_answers(job: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
     """A scheduled job that skips its turn while the database cannot be reached (it runs
-    again on its schedule), with a warning instead of a traceback each time."""
+    again on its schedule), with a warning instead of a traceback each time. A job still
+    running when the node stops is cancelled by the scheduler's shutdown: it ends quietly
+    (the scheduler would log the cancellation as a failure with its traceback)."""
 
     @functools.wraps(job)
     async def run(*args: object) -> None:
@@ -283,14 +310,16 @@ def _while_store_answers(job: Callable[..., Awaitable[None]]) -> Callable[..., A
             await job(*args)
         except StoreUnavailable as exc:
             log.warning("%s skipped: %s", getattr(job, "__qualname__", job), exc)
+        except asyncio.CancelledError:
+            log.debug("%s stopped with the node", getattr(job, "__qualname__", job))
 
     return run
 
 
-def _stale(changed: str, keys: KeyCache, peering: Peering) -> None:
+def _stale(changed: str, heartbeat: Heartbeat, peering: Peering) -> None:
     """Another process changed keys (or tenants), or peers: reload them."""
     if changed == "keys":
-        keys.mark_stale()
+        heartbeat.heard()
     elif changed == "peers":
         peering.mark_stale()
 

@@ -28,6 +28,11 @@ pytest_plugins = ["tests.postgres"]
 # consoles would stay 80 wide in every later CliRunner call that sets its own COLUMNS.
 os.environ.pop("COLUMNS", None)
 
+# `aihub serve` runs one worker per core unless the config names `workers`: the nodes the tests
+# start serve one process each (the suite runs a test file per core already), and the tests
+# of several processes say `--workers` themselves. What a child process inherits.
+os.environ["WEB_CONCURRENCY"] = "1"
+
 
 @dataclass
 class NodeDir:

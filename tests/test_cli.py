@@ -406,7 +406,7 @@ def test_config_check_reports_a_config_that_is_not_utf8(node_folder):
 def test_config_errors_print_user_text_literally(node_folder):
     """Messages quote the config's own text, which rich must not read as markup: an unknown
     key `"[/oops]"` crashed `config check` with rich.errors.MarkupError."""
-    edit_config(node_folder, "workers = 1", 'workers = 1\n"[/oops]" = 3')
+    edit_config(node_folder, "port = 8787", 'port = 8787\n"[/oops]" = 3')
     result = invoke("config", "check", "--data-dir", str(node_folder))
     assert_clean_failure(result, "server:", "unknown field `[/oops]`")
 

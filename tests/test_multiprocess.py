@@ -11,15 +11,19 @@ import asyncio
 import itertools
 import os
 import shutil
+import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import asyncpg
 import httpx
 import msgspec
+from click.testing import CliRunner
 
-from node.admin.management import Management
+from node.admin.management import KeyInput, Management
+from node.cli.main import main
 from node.gateway.journal import JOURNAL_DIR
 from node.gateway.policy import period_start
 from node.storage import opened
@@ -295,3 +299,153 @@ def test_a_killed_workers_budget_lease_comes_back_on_sqlite(
             killed.kill()
             killed.wait(timeout=10)
         assert wait_for(lambda: spend_of(node_dir.path, f"key:{key_id}")[1] == 0, seconds=120)
+
+
+# --- a change of keys, honoured by the other host on its very next request ---------------------
+
+
+async def _listeners_cut(url: str) -> int:
+    """Every process's connection that listens for changes, terminated by the server (as a
+    network fault or a restart of a proxy would): how many there were."""
+    db = await asyncpg.connect(url, password=os.environ[PASSWORD_ENV])
+    try:
+        rows = await db.fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE query ILIKE 'LISTEN%' AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await db.close()
+    return len(rows)
+
+
+async def _churn(
+    folder: Path, target: str, rounds: int, cut: Callable[[], Awaitable[int]] | None = None
+) -> list[str]:
+    """`rounds` times: a key made through `folder` is used at once on `target`, then revoked
+    through `folder`, and the very next request on `target` must be refused; what each
+    change's wait said of processes that had not applied it."""
+    admin = await Management.open(folder)
+    said: list[str] = []
+    try:
+        async with httpx.AsyncClient(base_url=target, timeout=30) as client:
+            for round_ in range(rounds):
+                if cut is not None:
+                    await cut()
+                created = await admin.create_key(KeyInput(name=f"churn-{round_}"), "test")
+                said += created.unconfirmed
+                headers = {"authorization": f"Bearer {created.key}"}
+                answer = await client.post(CHAT, json=TINY_CHAT, headers=headers)
+                assert answer.status_code == 200, (round_, answer.text)
+                if cut is not None:
+                    await cut()
+                said += (await admin.revoke_key(created.record.id, "test")).unconfirmed
+                answer = await client.post(CHAT, json=TINY_CHAT, headers=headers)
+                assert answer.status_code == 401, (round_, answer.text)
+    finally:
+        await admin.close()
+    return said
+
+
+TINY_CHAT = {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def test_keys_changed_on_one_host_are_honoured_by_the_other_on_its_next_request(
+    node_dir: NodeDir, postgres_url: str, tmp_path: Path
+) -> None:
+    """Many times over, with nothing waited for in the test: the change's own call returns
+    once the other host applied it (`node/gateway/propagation.py`)."""
+    with two_processes(node_dir, postgres_url, tmp_path) as (first, second, other):
+        assert asyncio.run(_churn(other, first, 40)) == []
+        assert asyncio.run(_churn(node_dir.path, second, 40)) == []
+
+
+def test_keys_changed_are_honoured_when_the_other_host_missed_the_notification(
+    node_dir: NodeDir, postgres_url: str, tmp_path: Path
+) -> None:
+    """The connection on which the other host hears of changes is cut before each change: it
+    reloads on its heartbeat instead, and the change's call waits for that. (Before, such a
+    host checked the next request against the keys as they were: a revoked key was served.)"""
+    with two_processes(node_dir, postgres_url, tmp_path) as (first, _, other):
+        said = asyncio.run(_churn(other, first, 4, lambda: _listeners_cut(postgres_url)))
+    assert said == []
+
+
+def test_a_host_that_does_not_confirm_a_change_is_named(
+    node_dir: NodeDir, postgres_url: str, tmp_path: Path
+) -> None:
+    """A host stopped (SIGSTOP: alive, not answering) while a key is made elsewhere: the
+    command still succeeds, after its bounded wait, and names that host's process; once the
+    host runs again it serves the key."""
+    with two_processes(node_dir, postgres_url, tmp_path) as (first, second, other):
+        stopped = served_pid(other)
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            result = CliRunner().invoke(
+                main,
+                ["keys", "create", "--name", "late", "--json", "--data-dir", str(node_dir.path)],
+            )
+            # The admin API of the first host says the same in its answer.
+            answer = httpx.post(
+                first + "/admin/keys",
+                json={"name": "late-too"},
+                headers={"authorization": f"Bearer {node_dir.key}"},
+                timeout=30,
+            )
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        assert answer.status_code == 201, answer.text
+        (named,) = answer.json()["unconfirmed"]
+        assert f"process {stopped} on" in named, named
+        assert result.exit_code == 0, result.output
+        created = msgspec.json.decode(result.stdout)
+        warning = " ".join(result.stderr.split())
+        assert f"process {stopped} on" in warning and "has not confirmed" in warning, warning
+        assert created["unconfirmed"] and "Traceback" not in result.output
+        assert chat(first, created["key"]) == 200
+        assert wait_for(lambda: chat(second, created["key"]) == 200)
+
+
+def served_pid(folder: Path) -> int:
+    """The process id `aihub serve` wrote into its data folder's `served.json`."""
+    return int(msgspec.json.decode((folder / "served.json").read_bytes())["pid"])
+
+
+def test_a_revoked_peer_is_refused_by_the_other_host_on_its_next_request(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """`aihub peers revoke` on one of alice's hosts, the other host's notifications cut first:
+    bob's very next request to the other host is refused (before, it was served from the
+    keys that host held)."""
+    alice = make_peer(tmp_path, "alice", LLAMA)
+    bob = make_peer(tmp_path, "bob")
+    moved_to_postgres(alice.dir, postgres_url)
+    authority = f"127.0.0.1:{alice.port}"
+    with serving(alice.path, tmp_path / "first.log", alice.port) as (first, _):
+        cli("join", invite(alice), "--data-dir", str(bob.path))
+        key = _bobs_key_at_alice(bob.path)
+        other = second_host(alice.dir, tmp_path)
+        with serving(other, tmp_path / "second.log"):
+            asyncio.run(_listeners_cut(postgres_url))
+            # Served still: the first host reloaded what it may have missed while cut off.
+            headers = signed(bob.path, first + CHAT, BODY, key)
+            assert post_as(first, authority, CHAT, BODY, headers).status_code == 200
+            result = CliRunner().invoke(main, ["peers", "revoke", "bob", "--data-dir", str(other)])
+            assert result.exit_code == 0 and "Revoked bob" in result.output, result.output
+            assert "has not confirmed" not in result.output
+            refused = post_as(
+                first, authority, CHAT, BODY, signed(bob.path, first + CHAT, BODY, key)
+            )
+            assert refused.status_code == 401, refused.text
+
+
+def test_keys_changed_are_honoured_by_the_other_worker_on_sqlite(
+    node_dir: NodeDir, tmp_path: Path
+) -> None:
+    """Two processes on one SQLite data folder, as `--workers` runs: each reads the folder's
+    `keys.epoch` on every request, so the change's call has nobody to wait for."""
+    with (
+        serving(node_dir.path, tmp_path / "first.log") as (first, _),
+        serving(node_dir.path, tmp_path / "second.log") as (second, _),
+    ):
+        assert asyncio.run(_churn(node_dir.path, second, 40)) == []
+        assert asyncio.run(_churn(node_dir.path, first, 10)) == []

@@ -10,6 +10,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,12 +22,14 @@ from click.testing import CliRunner, Result
 
 from node.cli.main import main
 from node.config import DATABASE_FILE
+from node.gateway.policy import period_start
 from node.storage import opened
 from node.storage.migrations import MIGRATIONS
+from node.storage.records import HOLD_TTL
 from tests.conftest import NodeDir, wait_ready
 from tests.mocks.server import free_port
 from tests.postgres import PASSWORD_ENV, postgres_server
-from tests.test_budgets import make_key
+from tests.test_budgets import make_key, priced_echo
 from tests.test_federation import LLAMA, answers, cli, invite, make_peer, wait_for
 
 STORAGE_DEFAULT = 'url = ""'
@@ -274,3 +277,59 @@ def test_serve_on_a_database_it_cannot_reach_says_so(node_dir: NodeDir, monkeypa
     monkeypatch.delenv(PASSWORD_ENV)
     result = aihub("serve", "--port", str(free_port()), "--data-dir", str(node_dir.path))
     assert result.exit_code == 1 and f"{PASSWORD_ENV} is not set" in said(result)
+
+
+def test_after_an_outage_longer_than_a_hold_lives_no_lease_is_spent_twice(
+    node_dir: NodeDir, tmp_path: Path, monkeypatch
+) -> None:
+    """PostgreSQL stopped for longer than a budget hold lives (HOLD_TTL) under a node that
+    holds a lease: once the database is back, another host (the test, here) gives the
+    node's expired holds back and reserves all that is left of the budget. The node's next
+    request must not be served from its old lease, which is no longer reserved (that would
+    spend past the cap): it renews first, finds its holds gone, and is refused for budget."""
+    with postgres_server() as server:
+        monkeypatch.setenv(PASSWORD_ENV, server.password)
+        url = server.url(server.create_database())
+        moved_to_postgres(node_dir, url)
+        priced_echo(node_dir)
+        key, key_id = make_key(node_dir.path, name="budgeted", budget_micros=OUTAGE_CAP)
+        scope = [(f"key:{key_id}", period_start("monthly", time.time()))]
+        with serving(node_dir.path, tmp_path / "serve.log") as (base, _):
+            client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+            chat = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+            assert client.chat.completions.create(**chat, max_tokens=3).choices  # type: ignore[call-overload]
+            # The test server commits asynchronously and stops as in a crash: what the node
+            # has committed (its lease) is made to outlive the stop, as it would on a real one.
+            server.psql("CHECKPOINT", database=url.rsplit("/", 1)[1])
+            server.stop()
+            time.sleep(HOLD_TTL + 1)  # the outage itself: longer than a hold lives
+            server.start()
+            assert wait_for(lambda: httpx.get(base + "/health/ready").status_code == 200)
+
+            async def take_the_rest() -> None:
+                async with opened(url, password=server.password) as store:
+                    await store.prune(int(time.time()))  # the node's holds have expired
+                    (row,) = await store.spend.spend(scope)
+                    assert row.reserved == 0  # given back, all of it
+                    assert await store.spend.reserve(row.cap - row.spent, scope, "other-host")
+
+            asyncio.run(take_the_rest())
+            try:
+                client.chat.completions.create(**chat, max_tokens=3)  # type: ignore[call-overload]
+            except openai.RateLimitError as refused:
+                assert refused.body["code"] == "insufficient_quota"  # type: ignore[index]
+            else:
+                raise AssertionError("served from a lease that was given back")
+
+            async def row_now() -> tuple[int, int, int]:
+                async with opened(url, password=server.password) as store:
+                    (row,) = await store.spend.spend(scope)
+                return row.spent, row.reserved, row.cap
+
+            spent, reserved, cap = asyncio.run(row_now())
+            assert spent + reserved <= cap
+    log = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in log, log
+
+
+OUTAGE_CAP = 1_000_000  # a lease of sixteen requests' worth (`node/gateway/budgets.py`)

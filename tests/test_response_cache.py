@@ -25,7 +25,8 @@ from node.storage.records import KeyRecord, Limits, UsageRecord
 from tests.conftest import NodeDir, RunningNode, run_node
 from tests.mocks.openai_mock import OpenAIMock
 from tests.mocks.server import serve_app
-from tests.test_admin_api import create_key, create_tenant
+from tests.test_admin_api import create_key, create_tenant, patch_key
+from tests.test_routing import wait_for
 
 HELLO = [{"role": "user", "content": "what is the capital of France"}]
 
@@ -279,6 +280,39 @@ def test_a_hit_leaves_a_budget_untouched(cached: Cached) -> None:
     assert spent() == before
 
 
+def test_a_free_hit_is_served_on_a_spent_budget_but_not_past_a_rate_limit(
+    cached: Cached, node_dir: NodeDir
+) -> None:
+    """With `bill_hits` off a hit costs nothing, so a key whose budget is spent still gets
+    it (a fresh request is refused); its rate limit still counts it; its usage record says
+    it was a hit that cost nothing."""
+    key, record = create_key(cached.node, budget_micros=10**9)
+    client = cached.client(key)
+    ask(client)
+    patch_key(cached.node, record["id"], budget_micros=1)  # spent: 1 micro, less than used
+    for fresh in ({"temperature": 0.3}, {"stream": True}):  # misses: refused for budget
+        with pytest.raises(openai.RateLimitError) as refused:
+            ask(client, **fresh)
+        assert "budget" in refused.value.message.lower()
+    hits = [ask(client) for _ in range(2)]
+    assert [hit.headers["aihub-cache"] for hit in hits] == ["hit", "hit"]
+    assert all(hit.headers["aihub-cost-micros"] == "0" for hit in hits)
+    calls = cached.upstream.calls
+
+    patch_key(cached.node, record["id"], rpm=2)  # counted from the next request on
+    assert [ask(client).headers["aihub-cache"] for _ in range(2)] == ["hit", "hit"]
+    with pytest.raises(openai.RateLimitError) as limited:
+        ask(client)
+    assert limited.value.code == "rate_limit_exceeded"
+    assert cached.upstream.calls == calls
+    # The usage record is written after the answer, so the node is still writing it now.
+    hit_id = hits[0].headers["aihub-request-id"]
+    assert wait_for(lambda: any(r.request_id == hit_id for r in usage_records(node_dir)))
+    served = {r.request_id: r for r in usage_records(node_dir)}[hit_id]
+    assert served.key_id == record["id"] and served.cache_hit
+    assert served.cost_micros == 0 and served.status == 200
+
+
 def test_the_messages_and_responses_surfaces_are_cached_too(cached: Cached) -> None:
     messages = anthropic.Anthropic(
         base_url=cached.node.url, api_key=cached.node.key, max_retries=0
@@ -391,9 +425,17 @@ price_out = 2000
         with run_node(node_dir) as node:
             client = Cached(node, upstream).client()
             miss, hit = ask(client), ask(client)
+            assert upstream.calls == 1
+            # A hit that is billed needs its budget like any request (this key's answers
+            # are its own: no tenant).
+            key, record = create_key(node, budget_micros=10**9)
+            assert ask(Cached(node, upstream).client(key)).headers["aihub-cache"] == "miss"
+            patch_key(node, record["id"], budget_micros=1)
+            with pytest.raises(openai.RateLimitError) as refused:
+                ask(Cached(node, upstream).client(key))
+            assert "budget" in refused.value.message.lower()
     assert hit.headers["aihub-cache"] == "hit"
     assert hit.headers["aihub-cost-micros"] == miss.headers["aihub-cost-micros"] != "0"
-    assert upstream.calls == 1
     replayed = {r.request_id: r for r in usage_records(node_dir)}[hit.headers["aihub-request-id"]]
     assert replayed.cache_hit and replayed.cost_micros > 0 and replayed.deployment is None
 

@@ -226,11 +226,11 @@ def test_a_dead_holders_budget_holds_are_given_back(store_url: str) -> None:
         assert await store.spend.reserve(300, scope, "dead")
         assert await store.spend.reserve(200, scope, "alive")
         now = int(time.time())
-        assert await store.spend.renew_holds("alive", now + HOLD_TTL) == 1
+        assert len(await store.spend.renew_holds("alive", now + HOLD_TTL)) == 1
         await store.prune(now + HOLD_TTL + 1)  # "dead" expired, "alive" renewed
         (row,) = await store.spend.spend(scope)
         assert (row.spent, row.reserved) == (0, 200)
-        assert await store.spend.renew_holds("dead", now) == 0  # given back: nothing left
+        assert not await store.spend.renew_holds("dead", now)  # given back: nothing left
         # The dead process's request of 50 (of its 300) is written from its journal: spend
         # only. The live one's of 20 (of its 200) settles its own reservation.
         late, live = charge("late", cost=50), charge("live", cost=20)

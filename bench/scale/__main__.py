@@ -55,7 +55,12 @@ def main() -> None:
     # In a chain only node 1 (the backup itself) joined node 0: it is watched, with nothing
     # to fall back to.
     fallback = [c for c in consumers if c != scenarios.BACKUP][:DEAD_PEER_CONSUMERS] or consumers
-    pairs += [(c, scenarios.BACKUP) for c in fallback if (c, scenarios.BACKUP) not in pairs]
+    # (A node never joins itself: in a chain the backup is its own only watcher.)
+    pairs += [
+        (c, scenarios.BACKUP)
+        for c in fallback
+        if c != scenarios.BACKUP and (c, scenarios.BACKUP) not in pairs
+    ]
     results: dict[str, object] = {
         "nodes": args.nodes,
         "topology": args.topology,
@@ -65,6 +70,8 @@ def main() -> None:
         "machine": f"{platform.node()}: {os.cpu_count()} cores, shared with other work",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    # What else ran on the machine shows in its load: the figures are read against it.
+    load_at_start = os.getloadavg()[0]
     # Peers of each node: a pair that joined each other both ways is one pair of peers.
     degree = {i: 0 for i in range(args.nodes)}
     for pair in {frozenset(pair) for pair in pairs}:
@@ -103,6 +110,7 @@ def main() -> None:
         cluster.stop()
         if not args.keep and args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
+        results["load_average"] = f"{load_at_start:.1f} / {os.getloadavg()[0]:.1f}"
         # What was measured is kept even if a later step failed.
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))

@@ -150,8 +150,9 @@ class Cluster:
         for index in chosen:
             node = self.nodes[index]
             with node.log_file.open("ab") as log:
+                # One worker per node (the default is one per core): N nodes share the machine.
                 self.processes[index] = subprocess.Popen(
-                    [*aihub_command(), "serve", *node.data_dir_args()],
+                    [*aihub_command(), "serve", "--workers", "1", *node.data_dir_args()],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,

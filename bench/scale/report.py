@@ -10,12 +10,52 @@ def _s(value: object) -> str:
 
 
 def table(r: dict[str, Any]) -> str:
-    i, c = r["intervals"], r["convergence"]
+    labelled = rows(r)
+    width = max(len(label) for label, _ in labelled)
+    return "\n".join(f"| {label.ljust(width)} | {value} |" for label, value in labelled)
+
+
+def columns(runs: list[tuple[str, dict[str, Any]]]) -> str:
+    """Several runs side by side: a row per figure, a column per run (bench/README.md's
+    table). A figure a run lacks (it failed before it) is shown as `-`."""
+    cells = [dict(rows(r)) for _, r in runs]
+    labels = list(dict.fromkeys(label for one in cells for label in one))
+    lines = [
+        "| figure | " + " | ".join(title for title, _ in runs) + " |",
+        "|---" * (len(runs) + 1) + "|",
+    ]
+    for label in labels:
+        values = [one.get(label, "-").replace("|", "/") for one in cells]
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """The figures of one run, labelled; those of the steps it did not reach are left out."""
+    labelled: list[tuple[str, str]] = []
+    for part in (_setup, _convergence, _revocation, _idle, _load, _dead_peer, _ledger):
+        try:
+            labelled += part(r)
+        except KeyError:
+            continue
+    return labelled
+
+
+def _setup(r: dict[str, Any]) -> list[tuple[str, str]]:
+    i = r["intervals"]
     rows = [
         ("nodes / topology / joins", f"{r['nodes']} / {r['topology']} / {r['joins']}"),
         ("intervals", f"health {i['health_s']} s, reconcile {i['reconcile_s']} s"),
         ("start all / join all", f"{r['start_all_s']} s / {r['join_all_s']} s"),
     ]
+    if "load_average" in r:
+        rows.append(("load average (1 min) at start / end", r["load_average"]))
+    return rows
+
+
+def _convergence(r: dict[str, Any]) -> list[tuple[str, str]]:
+    c = r["convergence"]
+    rows = []
     for step in ("add", "price", "remove"):
         s = c[step]
         rows.append(
@@ -29,15 +69,22 @@ def table(r: dict[str, Any]) -> str:
         rows.append(
             (f"key's models {step} (live)", f"{_s(s['p100_s'])} ({s['reached']}/{s['peers']})")
         )
+    return rows
+
+
+def _revocation(r: dict[str, Any]) -> list[tuple[str, str]]:
     v = r["revocation"]
-    rows.append(
+    return [
         (
             "revocation: request refused / unlisted",
             f"{_s(v['request_refused_s'])} / {_s(v['unlisted_s'])}",
         )
-    )
+    ]
+
+
+def _idle(r: dict[str, Any]) -> list[tuple[str, str]]:
     d = r["idle"]
-    rows += [
+    return [
         (
             "idle traffic per node",
             f"{d['bytes_per_node_s']} B/s, {d['requests_per_node_s']} req/s "
@@ -57,17 +104,23 @@ def table(r: dict[str, Any]) -> str:
             f"CPU {d['provider_cpu_pct']} %, RSS {d['provider_rss_mib']} MiB",
         ),
     ]
+
+
+def _load(r: dict[str, Any]) -> list[tuple[str, str]]:
     load = r["load"]
-    rows.append(
+    return [
         (
             "provider under load",
             f"{load['requests_s']} req/s at {load['concurrency']} parallel, "
             f"CPU {load['cpu_pct']} %, RSS {load['rss_mib']} MiB, {load['failed']} failed",
         )
-    )
+    ]
+
+
+def _dead_peer(r: dict[str, Any]) -> list[tuple[str, str]]:
     p = r["dead_peer"]
     up = p["marked_up_after_ready"]
-    rows += [
+    return [
         (
             "dead peer: failed requests per consumer",
             f"max {p['max_failed_per_consumer']} "
@@ -82,8 +135,11 @@ def table(r: dict[str, Any]) -> str:
             f"{p['restart_s']} s, then p50 {_s(up['p50_s'])}, p100 {_s(up['p100_s'])}",
         ),
     ]
+
+
+def _ledger(r: dict[str, Any]) -> list[tuple[str, str]]:
     g = r["ledger"]
-    rows += [
+    return [
         (
             "ledger: requests",
             f"{g['requests']} from {g['consumers']} consumers, {g['requests_s']} req/s, "
@@ -95,5 +151,3 @@ def table(r: dict[str, Any]) -> str:
         ),
         ("ledger net", f"{g['net_s']} s, {g['transfers']} transfers"),
     ]
-    width = max(len(label) for label, _ in rows)
-    return "\n".join(f"| {label.ljust(width)} | {value} |" for label, value in rows)

@@ -1,7 +1,9 @@
 """Managing keys and tenants: the operations behind both the admin API and the CLI.
 
 Every change is written to the store, recorded in the audit log, and announced to every
-process serving the node by touching the epoch file (see `node.gateway.auth`).
+process serving the node by touching the epoch file (see `node.gateway.auth`); a change
+returns once every live process on another host has applied it too, or says which did not
+(`unconfirmed`: `node.gateway.propagation`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import secrets
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -20,6 +22,7 @@ from node.errors import HubError, Kind
 from node.gateway.auth import touch_epoch
 from node.gateway.keys import HASH_PURPOSE, generate_key, hash_key, key_id_of
 from node.gateway.policy import Cidr, Glob, Limits, Period, parse_networks, period_end, period_start
+from node.gateway.propagation import confirm
 from node.storage import open_store
 from node.storage.base import Store
 from node.storage.records import AuditEvent, Conflict, KeyRecord, SpendRow, TenantRecord, now_ms
@@ -38,6 +41,8 @@ Count = Annotated[int, Meta(ge=1, le=MAX_COUNT)]
 UnixTime = Annotated[int, Meta(ge=1, le=MAX_UNIX)]
 Seconds = Annotated[int, Meta(ge=1, le=MAX_DURATION)]
 
+
+V = TypeVar("V", "KeyView", "TenantView", "CreatedKey")
 
 _CODES = {Kind.NOT_FOUND: "not_found", Kind.CONFLICT: "conflict"}
 
@@ -133,11 +138,14 @@ class KeyView(Struct, omit_defaults=True):
     revoked_at: int | None = None
     previous_key_valid_until: int | None = None
     spend: SpendView | None = None
+    # After a change: the node's processes that had not applied it when it returned.
+    unconfirmed: list[str] = []
 
 
-class CreatedKey(Struct):
+class CreatedKey(Struct, omit_defaults=True):
     key: str
     record: KeyView
+    unconfirmed: list[str] = []
 
 
 class TenantView(Struct, omit_defaults=True):
@@ -148,6 +156,7 @@ class TenantView(Struct, omit_defaults=True):
     keys: int  # always shown: a count of 0 is a value, not an absence
     metadata: dict[str, str] = {}
     spend: SpendView | None = None
+    unconfirmed: list[str] = []
 
 
 def key_status(record: KeyRecord, now: float) -> str:
@@ -181,6 +190,8 @@ class Management:
         self.store = store
         self.secret = secret
         self.directory = directory
+        # What the last change's wait said of processes that had not applied it.
+        self.unconfirmed: list[str] = []
 
     @classmethod
     async def open(cls, directory: Path) -> Management:
@@ -198,6 +209,13 @@ class Management:
         event = AuditEvent(now_ms(), action, actor, target, None, detail)
         await self.store.usage.write_batch([], [event])
         touch_epoch(self.directory)
+        self.unconfirmed = await confirm(self.store, self.directory)
+
+    def _told(self, view: V) -> V:
+        """The view of what was changed, with what the wait said."""
+        if not self.unconfirmed:
+            return view
+        return msgspec.structs.replace(view, unconfirmed=self.unconfirmed)
 
     # --- keys ------------------------------------------------------------------------------
 
@@ -246,7 +264,7 @@ class Management:
         )
         await self.store.keys.insert_key(record)
         await self._changed(actor, "key.create", key_id, name=record.name)
-        return CreatedKey(key, await self.key_view(record))
+        return self._told(CreatedKey(key, await self.key_view(record)))
 
     async def update_key(self, id_or_key: str, spec: KeyInput, actor: str) -> KeyView:
         record = await self.find_key(id_or_key)
@@ -267,7 +285,7 @@ class Management:
         await self.store.keys.save_key(updated)
         fields = ",".join(f for f in spec.__struct_fields__ if getattr(spec, f) is not UNSET)
         await self._changed(actor, "key.update", record.id, fields=fields)
-        return await self.key_view(updated)
+        return self._told(await self.key_view(updated))
 
     async def revoke_key(self, id_or_key: str, actor: str) -> KeyView:
         record = await self.find_key(id_or_key)
@@ -283,6 +301,7 @@ class Management:
             record = msgspec.structs.replace(record, revoked_at=int(time.time()))
             await self.store.keys.save_key(record)
             await self._changed(actor, "key.revoke", record.id)
+            return self._told(await self.key_view(record))
         return await self.key_view(record)
 
     async def rotate_key(self, id_or_key: str, grace_seconds: int, actor: str) -> CreatedKey:
@@ -299,7 +318,7 @@ class Management:
         )
         await self.store.keys.save_key(rotated)
         await self._changed(actor, "key.rotate", record.id, grace_seconds=grace_seconds)
-        return CreatedKey(key, await self.key_view(rotated))
+        return self._told(CreatedKey(key, await self.key_view(rotated)))
 
     async def key_view(self, record: KeyRecord) -> KeyView:
         tenant = await self.store.keys.tenant(record.tenant_id) if record.tenant_id else None
@@ -360,7 +379,7 @@ class Management:
                 Kind.CONFLICT, f"a tenant named {spec.name!r} exists", "name"
             ) from None
         await self._changed(actor, "tenant.create", record.id, name=record.name)
-        return await self.tenant_view(record)
+        return self._told(await self.tenant_view(record))
 
     async def update_tenant(self, id_or_name: str, spec: TenantInput, actor: str) -> TenantView:
         record = await self.find_tenant(id_or_name)
@@ -379,7 +398,7 @@ class Management:
                 Kind.CONFLICT, f"a tenant named {updated.name!r} exists", "name"
             ) from None
         await self._changed(actor, "tenant.update", record.id)
-        return await self.tenant_view(updated)
+        return self._told(await self.tenant_view(updated))
 
     async def tenant_view(self, record: TenantRecord) -> TenantView:
         scope = f"tenant:{record.id}"

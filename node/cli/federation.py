@@ -405,21 +405,27 @@ def peers_revoke(directory: Path, peer: str) -> None:
     it is told (a signed notice), so that it stops offering this node's models at once."""
     import httpx
 
+    from node.gateway.propagation import confirm
     from node.peers import revocation
 
     identity = _identity_of(directory)
+    unconfirmed: list[str] = []
 
     async def work(store: Store) -> tuple[PeerRecord | None, str | None]:
         record = await revocation.revoke(store, peer, cli_actor())
         if record is None:
             return None, None
         _tell_node(directory)
+        # Its key refused by every process of this node before it is told.
+        unconfirmed.extend(await confirm(store, directory))
         async with httpx.AsyncClient() as client:
             return record, await revocation.tell_revoked(client, identity, record)
 
     record, problem = asyncio.run(_with_store(directory, work))
     if record is None:
         fail(f"no active peer {peer!r}")
+    for line in unconfirmed:
+        warn(line)
     name = printable(record.name)
     if problem is None:
         console.print(f"Revoked {name}; it was told.", highlight=False, markup=False)
@@ -549,12 +555,23 @@ def peers_approve(directory: Path, node: str, models: str, cap: int | None, peri
         Limits,
     )
     urls = advertised_urls(config, directory)
-    name = asyncio.run(
-        _with_store(directory, lambda store: _approve(store, identity, config, urls, node, limits))
-    )
+    unconfirmed: list[str] = []
+
+    async def approve(store: Store) -> str | None:
+        from node.gateway.propagation import confirm
+
+        name = await _approve(store, identity, config, urls, node, limits)
+        if name is not None:
+            _tell_node(directory)
+            # The key it was issued works on every host of this node when it first asks.
+            unconfirmed.extend(await confirm(store, directory))
+        return name
+
+    name = asyncio.run(_with_store(directory, approve))
     if name is None:
         fail(f"no pending join request from {node!r} (see `aihub peers pending`)")
-    _tell_node(directory)
+    for line in unconfirmed:
+        warn(line)
     console.print(
         f"Approved {printable(name)}: it becomes a peer when its node next asks (a running "
         "node asks at each health check: every 30 s by default).",

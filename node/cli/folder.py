@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, TypeVar
 from rich.markup import escape
 
 from federation.printable import printable
-from node.cli.output import errors, fail
+from node.cli.output import errors, fail, warn
 from node.config import IDENTITY_FILE, Config, ConfigError, load_config
 
 if TYPE_CHECKING:
@@ -69,7 +69,8 @@ def cli_actor() -> str:
 
 
 def manage(directory: Path, work: Callable[[Management], Awaitable[T]]) -> T:
-    """Run `work` on the node's data folder; a refused change fails the command."""
+    """Run `work` on the node's data folder; a refused change fails the command, and the
+    node's processes that did not confirm a change in time are named (on stderr)."""
     # Imported here: the store and the key hashing are for the commands that change keys,
     # not for `config check` or a command's --help.
     import asyncio
@@ -82,9 +83,12 @@ def manage(directory: Path, work: Callable[[Management], Awaitable[T]]) -> T:
     async def run() -> T:
         management = await Management.open(directory)
         try:
-            return await work(management)
+            done = await work(management)
         finally:
             await management.close()
+        for problem in management.unconfirmed:
+            warn(problem)
+        return done
 
     try:
         return asyncio.run(run())

@@ -27,7 +27,11 @@ from node.peers.address import recorded
 @click.command("serve")
 @click.option("--host", help="Interface to listen on [default: from the config]")
 @click.option("--port", type=click.IntRange(1, 65535), help="[default: from the config]")
-@click.option("--workers", type=click.IntRange(1, 64), help="[default: from the config]")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    help="Worker processes [default: the config's, else one per core]",
+)
 @click.option(
     "--server",
     type=click.Choice(["uvicorn", "granian"]),
@@ -53,7 +57,7 @@ def serve(
     require_secrets(config)
     host = host or config.server.host
     port = port or config.server.port
-    workers = workers or config.server.workers
+    workers = workers or config.server.worker_count()
     # Workers are separate processes: they find the node through the environment.
     os.environ["AIHUB_HOME"] = str(directory)
     logging_config = log_config(log_level or config.log.level, config.log.json, config.log.access)

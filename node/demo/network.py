@@ -210,8 +210,10 @@ class Network:
         for node in stopped:
             self.say(f"Starting {node.name} at {node.url} (log: {node.log_file})")
             with node.log_file.open("ab") as log:
+                # One worker each: three demo nodes share one machine (the default is a worker
+                # per core, for a node that has the machine to itself).
                 process = subprocess.Popen(
-                    [*aihub_command(), "serve", *node.data_dir_args()],
+                    [*aihub_command(), "serve", "--workers", "1", *node.data_dir_args()],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,

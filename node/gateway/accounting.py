@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import NamedTuple, NoReturn
 
 from adapters.types import UpstreamError, Usage
@@ -103,6 +104,9 @@ class Accounting:
         self.output_cap: int | None = None
         # The request's interaction log while it runs, if its key or tenant logs requests.
         self.log: LogDraft | None = None
+        # What the guardrails replaced in the request (`guardrails/stage.py`), for what the
+        # node keeps of it: applied to any text, it gives the text as the upstream saw it.
+        self.redaction: Callable[[str], str] | None = None
 
     @property
     def limits(self) -> dict[str, str]:
@@ -114,6 +118,11 @@ class Accounting:
     ) -> None:
         """Rate limits, then the worst-case cost reserved against every budget on the path
         (for an `elastic` request, what is left of it if that is less)."""
+        await self.admit_rates(ip)
+        await self.reserve(ip, plan, worst, elastic)
+
+    async def admit_rates(self, ip: str | None) -> None:
+        """The rate limits of every scope on the path (refused: settled and raised)."""
         principal, hub = self.principal, self.hub
         try:
             self.admission = await hub.limiter.admit(rate_scopes(principal))
@@ -128,6 +137,22 @@ class Accounting:
                     limits=exc.headers,
                 )
             )
+
+    async def reserve(
+        self,
+        ip: str | None,
+        plan: list[Route],
+        worst: Usage,
+        elastic: Elastic | None = None,
+        free: bool = False,
+    ) -> None:
+        """The worst-case cost reserved against every budget on the path (for an `elastic`
+        request, what is left of it if that is less); nothing for a `free` one (a cached
+        answer that costs nothing), whose worst case only bounds what it may be said to use."""
+        principal, hub = self.principal, self.hub
+        if free:
+            self.worst = worst
+            return
         price_in = max(route.spec.unit_prices()[0] for route in plan)
         price_out = max(route.spec.unit_prices()[1] for route in plan)
         self.worst = worst

@@ -3,7 +3,15 @@
 Keys are checked against an in-memory cache of the key and tenant records (no database read on
 the request path). Whoever changes keys (the admin API, the CLI, another worker) touches the
 data folder's `keys.epoch` file; every request compares its mtime (one `stat`) and reloads the
-cache when it moved, so that a revoked key is refused on the very next request.
+cache when it moved, so that a revoked key is refused on the very next request. Processes on
+other hosts (PostgreSQL) hear of a change from the database instead, and the change's command
+returns only once each of them has applied it (`node/gateway/propagation.py`).
+
+The cache is trusted only while this process's heartbeat says it is up to date
+(`trust_until`): a process cut off from the database, which whoever changes a key stops
+waiting for once its heartbeat is stale, checks each request against the store instead (and,
+while the store is away, refuses it as unavailable) rather than against keys that may have
+been revoked meanwhile.
 """
 
 from __future__ import annotations
@@ -77,6 +85,10 @@ class KeyCache:
         self._epoch_path = str(directory / EPOCH_FILE)  # a str: stat'ed on every request
         self._audit = audit
         self._epoch = -1
+        # The change epoch of keys and tenants held (`ProcessStore.epoch`), and until when
+        # (time.monotonic()) the cache may be used without asking the store.
+        self.applied = 0
+        self._trusted_until = 0.0
         self._keys: dict[str, KeyRecord] = {}
         self._revoked: set[str] = set()
         self._tenants: dict[str, TenantRecord] = {}
@@ -91,8 +103,20 @@ class KeyCache:
         """Reload on the next request (this process changed keys itself)."""
         self._epoch = -1
 
+    def trust_until(self, deadline: float) -> None:
+        """The heartbeat found the cache up to date: use it without asking the store until
+        `deadline` (time.monotonic())."""
+        self._trusted_until = max(self._trusted_until, deadline)
+
+    def _stale(self) -> bool:
+        return (
+            read_epoch(self._epoch_path) != self._epoch or time.monotonic() >= self._trusted_until
+        )
+
     async def load(self) -> None:
         epoch = read_epoch(self._epoch_path)
+        # The change epoch first: the keys read after it hold every change up to it.
+        applied = await self._store.processes.epoch()
         keys = await self._store.keys.keys()
         tenants = await self._store.keys.tenants()
         self._keys = {k.id: k for k in keys if k.revoked_at is None}
@@ -100,11 +124,12 @@ class KeyCache:
         self._tenants = {t.id: t for t in tenants}
         self._networks = {k.id: parse_networks(k.allowed_ips) for k in self._keys.values()}
         self._epoch = epoch
+        self.applied = applied
         for listener in self.listeners:
             listener()
 
     async def authenticate(self, authorization: str | None, ip: str | None) -> Principal:
-        if read_epoch(self._epoch_path) != self._epoch:
+        if self._stale():
             await self.load()
         token = bearer_token(authorization)
         if token is None:
@@ -132,7 +157,7 @@ class KeyCache:
     async def principal_of(self, key_id: str, ip: str | None) -> Principal | None:
         """The principal of a key known by its id alone (a dashboard session names the admin
         key it was opened with): None once the key is revoked, expired, or refused at `ip`."""
-        if read_epoch(self._epoch_path) != self._epoch:
+        if self._stale():
             await self.load()
         record = self._keys.get(key_id)
         if record is None or (record.expires_at is not None and record.expires_at <= time.time()):

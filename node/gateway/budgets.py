@@ -15,6 +15,13 @@ on SQLite releases anything a crashed process held). What a process reserves is 
 own (`holder`), and it renews that every few seconds (`renew`): when a process is killed, the
 others give back what it held once its holds expire (`HOLD_TTL`), without a restart, on
 PostgreSQL as on SQLite.
+
+A lease is used only while this process's last successful renewal began less than
+`LEASE_FRESH` seconds ago, a margin below `HOLD_TTL`: a process that cannot renew (the
+database away, or this process cut off from it) stops promising from its leases before any
+other process may give them back. Past that, a request asks the database (a renewal first,
+which says which holds are still this process's: the leases of the others are dropped), and
+is refused as unavailable while the database cannot be reached.
 """
 
 from __future__ import annotations
@@ -22,13 +29,14 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Callable
 
 from node import units
 from node.errors import HubError, Kind
 from node.gateway.auth import Principal
 from node.gateway.policy import Limits, period_start
 from node.storage.base import Store
-from node.storage.records import Hold
+from node.storage.records import HOLD_TTL, Hold
 
 
 def budget_scopes(principal: Principal) -> list[tuple[str, Limits]]:
@@ -48,6 +56,12 @@ def scope_names(principal: Principal) -> dict[str, str]:
     return names
 
 
+# Leases are promised from for this long after the start of the last renewal that found
+# them held: HOLD_TTL (15 s, after which others may give them back) less a margin for the
+# renewal's own round trip and a busy event loop. Renewals run every 5 s (`node/hub.py`).
+LEASE_FRESH = 10.0
+assert LEASE_FRESH < HOLD_TTL
+
 LEASE_REQUESTS = 16  # a lease covers this many requests like the one that takes it…
 LEASE_SHARE = 10  # …but at most a tenth of the cap, so that other processes get their share
 
@@ -55,9 +69,12 @@ Scope = tuple[str, int]  # (scope, period start)
 
 
 class Budgets:
-    def __init__(self, store: Store, currency: str = "USD") -> None:
+    def __init__(
+        self, store: Store, currency: str = "USD", clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.store = store
         self.currency = currency  # what a refusal states amounts in
+        self._clock = clock  # for LEASE_FRESH (a test moves it)
         # This process, in the store's budget holds.
         self.holder = secrets.token_hex(8)
         # (scope, period start, cap) rows known to exist with that cap: opened once a period.
@@ -66,12 +83,18 @@ class Budgets:
         self._leases: dict[Scope, int] = {}
         self._refill = asyncio.Lock()
         self._releases: set[asyncio.Task[None]] = set()
+        # Until when (by the clock) the leases may be promised from (LEASE_FRESH).
+        self._fresh_until = 0.0
 
     def forget(self) -> None:
         """Caps may have changed (keys reloaded): give the leases back and re-open rows on
-        their next use, so that new leases are taken under the new caps."""
+        their next use, so that new leases are taken under the new caps. Leases no longer
+        fresh may have been given back already: they are dropped, and come back (if they
+        were not) when their holds expire."""
         self._opened.clear()
         leases, self._leases = self._leases, {}
+        if self._clock() >= self._fresh_until:
+            return
         task = asyncio.get_running_loop().create_task(self._release(leases))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
@@ -82,12 +105,18 @@ class Budgets:
             await self.store.spend.release(unused, self.holder)
 
     async def renew(self) -> None:
-        """Tell the store this process is alive (every few seconds). If what it held was
-        given back meanwhile (it could not renew for `HOLD_TTL`: the database was away), its
-        leases are reserved no more: it drops them and takes new ones."""
-        renewed = await self.store.spend.renew_holds(self.holder, int(time.time()))
-        if renewed == 0 and any(amount > 0 for amount in self._leases.values()):
-            self._leases = {}
+        """Tell the store this process is alive (every few seconds), and promise from the
+        leases for LEASE_FRESH seconds from now. A lease whose hold was given back meanwhile
+        (the process could not renew for `HOLD_TTL`: the database was away) is reserved no
+        more: it is dropped, and a new one taken when needed."""
+        async with self._refill:  # no lease is taken meanwhile, so none is lost
+            await self._renew()
+
+    async def _renew(self) -> None:
+        started = self._clock()
+        held = await self.store.spend.renew_holds(self.holder, int(time.time()))
+        self._leases = {scope: amount for scope, amount in self._leases.items() if scope in held}
+        self._fresh_until = started + LEASE_FRESH
 
     async def release(self) -> None:
         """Give every lease back (the process stops)."""
@@ -104,9 +133,11 @@ class Budgets:
         ]
 
     def _take(self, scopes: list[Scope], amount: int) -> bool:
-        """Promise `amount` from every scope's lease, or from none. No await: atomic within
-        the process."""
+        """Promise `amount` from every scope's lease, or from none (and from none while the
+        leases are not fresh). No await: atomic within the process."""
         leases = self._leases
+        if self._clock() >= self._fresh_until:
+            return False
         if any(leases.get(scope, 0) < amount for scope in scopes):
             return False
         for scope in scopes:
@@ -160,6 +191,9 @@ class Budgets:
         # Other requests of this process may take from a lease while we wait for the database:
         # top up, then take in one step, until it holds or the database says no.
         while not self._take(scopes, amount):
+            if self._clock() >= self._fresh_until:
+                await self._renew()  # which leases are still ours, before any is promised
+                continue
             for scope, start, cap in rows:
                 short = amount - self._leases.get((scope, start), 0)
                 if short <= 0:

@@ -6,9 +6,12 @@ canonical form: the API surface, whether it streams, and every field of the clie
 those that cannot change the answer (`NEUTRAL_FIELDS`), each value decoded and re-encoded by
 msgspec with sorted keys, so that spacing and key order do not make two requests differ.
 
-What is kept (`Kept`) is the adapter's typed result, or a stream's events as the adapter
-yielded them (their tagged union encodes as it is), with the usage they reported: a hit is
-rendered by the ingress as if it came from the upstream, a stream with its original events.
+What is kept (`Kept`) is the typed result, or a stream's events (their tagged union encodes as
+it is), as the client that asked first was sent them (after its key's output guardrails), with
+the usage they reported: a hit is rendered by the ingress as if it came from the upstream, a
+stream with its original event structure, and passes the asking key's own output checks. The
+pipeline looks a slot up in `begin`, once the rate limits let the request through: a hit that
+is not billed (`[cache] bill_hits` off) reserves nothing, so a spent budget still gets it.
 
 It is on for a key whose limits say `cache = true`, else its tenant's, else for the models in
 `[cache] models`; `Cache-Control: no-cache` (or `no-store`) or a body's `"cache": false`
@@ -23,6 +26,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import NamedTuple
 
 import msgspec
@@ -99,17 +103,19 @@ def enabled_for(principal: Principal, model: str, config: CacheSection) -> bool:
     return bool(config.models) and model_allowed(config.models, model.partition("@")[0])
 
 
-def canonical_digest(surface: str, raw: dict[str, Raw], stream: bool) -> bytes:
+def canonical_digest(surface: str, raw: dict[str, Raw], stream: bool, rewrite: str = "") -> bytes:
     """The SHA-256 of the request's canonical form (the body decoded at the ingress under the
-    nesting bound, so re-decoding it here is safe)."""
+    nesting bound, so re-decoding it here is safe), and of the guardrail profile that rewrites
+    it before the upstream sees it, if one does (`rewrite`: its name)."""
     fields = {
         name: msgspec.json.decode(value)
         for name, value in raw.items()
         if name not in NEUTRAL_FIELDS
     }
-    canonical = msgspec.json.encode(
-        {"surface": surface, "stream": stream, "body": fields}, order="sorted"
-    )
+    form = {"surface": surface, "stream": stream, "body": fields}
+    if rewrite:
+        form["rewrite"] = rewrite
+    canonical = msgspec.json.encode(form, order="sorted")
     return hashlib.sha256(canonical).digest()
 
 
@@ -128,10 +134,19 @@ def event_bytes(event: object) -> int:
 class ResponseCache:
     """The cache of one node process: its store's answers, the latest also in memory."""
 
-    def __init__(self, store: CacheStore, config: CacheSection, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        store: CacheStore,
+        config: CacheSection,
+        metrics: Metrics,
+        rewriter: Callable[[Principal], str] | None = None,
+    ) -> None:
         self._store = store
         self.config = config
         self._metrics = metrics
+        # The name of the guardrail profile that rewrites a caller's requests (redacts them)
+        # before any upstream sees them, or "": the same body is another request under it.
+        self._rewriter = rewriter
         self._memory: OrderedDict[CacheSlot, tuple[int, Kept]] = OrderedDict()
 
     def slot(
@@ -148,7 +163,8 @@ class ResponseCache:
             return None
         if not enabled_for(principal, call.request.model, self.config):
             return None
-        digest = canonical_digest(surface, raw, bool(call.request.stream))
+        rewrite = self._rewriter(principal) if self._rewriter is not None else ""
+        digest = canonical_digest(surface, raw, bool(call.request.stream), rewrite)
         return CacheSlot(scope_of(principal), digest)
 
     async def get(self, slot: CacheSlot) -> Kept | None:

@@ -1,13 +1,16 @@
 """Interaction logs: what a key (or a tenant's keys) asked and was answered, kept for a while.
 
 Off unless a key's limits say `log = true` (else its tenant's). A logged request carries a
-`LogDraft` in its books (`Accounting.log`) from the ingress on: the client's body as it came
-(never a header: no Authorization, no key), then the answer (a complete one's JSON, or a
+`LogDraft` in its books (`Accounting.log`) from the ingress on: the client's body (never a
+header: no Authorization, no key) as the upstream was sent it, that is with what the
+guardrails redacted replaced (and, for a request they blocked, without what blocked it), then
+the answer as the client got it, after the output checks (a complete one's JSON, or a
 stream's text as it passed); when the request settles, its usage record and the draft become
 one `InteractionLog`, written off the request path, and the usage record names it (`log_id`).
-Each body is cut at `[interaction_logs] max_body_bytes` (`truncated` says so); a scheduled
-prune forgets entries past `retention_days`, then the oldest beyond `max_bytes` in all.
-`findings` is where the guardrails' findings go (an empty JSON list until they run).
+`findings` is the guardrails' findings, a JSON list of `{stage, check, action, kind, count}`
+(what kind of thing, how many: never the thing). Each body is cut at `[interaction_logs]
+max_body_bytes` (`truncated` says so); a scheduled prune forgets entries past
+`retention_days`, then the oldest beyond `max_bytes` in all.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -25,6 +29,9 @@ from node.config import InteractionLogSection
 from node.gateway.auth import Principal
 from node.storage.base import LogStore
 from node.storage.records import InteractionLog, UsageRecord
+
+if TYPE_CHECKING:
+    from node.gateway.guardrails.findings import Finding
 
 log = logging.getLogger("aihub.logs")
 
@@ -38,17 +45,56 @@ def enabled_for(principal: Principal) -> bool:
     return principal.tenant is not None and bool(principal.tenant.limits.log)
 
 
+class LoggedFinding(msgspec.Struct):
+    """One line of an entry's `findings`: a check found `count` things of one `kind`."""
+
+    stage: str  # input | output
+    check: str
+    action: str
+    kind: str
+    count: int
+
+
 class LogDraft:
-    """A logged request's bodies while it runs, each bounded."""
+    """A logged request's bodies while it runs, each bounded when the entry is made (the
+    request's whole until then, so that a redaction can still be applied to it)."""
 
     def __init__(self, request: bytes, limit: int) -> None:
         self._limit = limit
-        self.truncated = len(request) > limit
-        self.request = request[:limit]
+        self.truncated = False
+        self._request = request
         self.response = b""
         self._text: list[str] = []
         self._text_bytes = 0
-        self.findings = b"[]"
+        self._found: dict[tuple[str, str, str, str], int] = {}
+
+    @property
+    def request(self) -> bytes:
+        return self._request[: self._limit]
+
+    @property
+    def cut(self) -> bool:
+        """Whether a body was cut at the bound."""
+        return self.truncated or len(self._request) > self._limit
+
+    def redact(self, replace: Callable[[str], str]) -> None:
+        """The request body as the guardrails left it (`replace` applied to its strings)."""
+        from node.gateway.guardrails.texts import redacted_json  # only with a profile
+
+        self._request = redacted_json(self._request, replace)
+
+    def found(self, stage: str, findings: Iterable[Finding]) -> None:
+        """The guardrails' findings, counted by stage, check, action and kind."""
+        for finding in findings:
+            counts = finding.counts or (1,) * len(finding.kinds)
+            for kind, count in zip(finding.kinds, counts, strict=True):
+                line = (stage, finding.check, finding.action, kind)
+                self._found[line] = self._found.get(line, 0) + count
+
+    @property
+    def findings(self) -> bytes:
+        lines = [LoggedFinding(*line, count) for line, count in self._found.items()]
+        return msgspec.json.encode(lines)
 
     def answered(self, result: ChatResult) -> None:
         """A complete answer, as the JSON it was (or would be) sent in."""
@@ -101,7 +147,7 @@ def entry_of(record: UsageRecord, draft: LogDraft, peer: str | None) -> Interact
         request=draft.request,
         response=draft.response_body(),
         findings=draft.findings,
-        truncated=draft.truncated,
+        truncated=draft.cut,
     )
 
 

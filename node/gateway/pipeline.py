@@ -5,7 +5,8 @@ internal call (`ChatCall`, `EmbedCall`, `CompletionCall`, `ImageCall`), builds t
 from HTTP, and hands both here:
 
 - `begin`: the model allowlist, the plan (which deployments, in order), the re-sync of our chain
-  with a peer that asks, and admission (rate limits, the worst case reserved in every budget);
+  with a peer that asks, and admission (rate limits, the response cache's kept answer looked
+  up, the worst case reserved in every budget unless that answer is served for nothing);
 - `complete` and `stream` first run the caller's guardrails (`node/gateway/guardrails/`) on
   the call as it will be sent, native request included: a block settles it as refused, a
   redaction rewrites it; their output checks then redact the answer, streamed or not;
@@ -59,7 +60,7 @@ log = logging.getLogger("aihub.gateway")
 # A request id a peer sends us, to name its receipt by.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # The kinds of request a deployment serves (`Deployment.kind`).
-KINDS = ("chat", "embeddings", "completions", "images")
+KINDS = ("chat", "embeddings", "completions", "images", "moderations")
 
 # The ingress's watcher of its client: an async context manager that cancels its block if the
 # client goes away first (a `HubError` of kind CLIENT_CLOSED then comes out of it).
@@ -140,10 +141,13 @@ class Streamed(NamedTuple):
 
 
 class Admitted(NamedTuple):
-    """A request let through: its books, and the deployments to try, in order."""
+    """A request let through: its books, and the deployments to try, in order; with the
+    cache slot it was admitted with, the answer kept there (`begin`)."""
 
     books: Accounting
     plan: list[Route]
+    cache: CacheSlot | None = None
+    kept: Kept | None = None
 
 
 def may_use(principal: Principal, model: str) -> bool:
@@ -210,12 +214,15 @@ def chat_worst_case(chat: ChatRequest, plan: list[Route]) -> Usage:
 LEAST_OUTPUT_TOKENS = 64
 
 
-async def begin_chat(hub: Hub, caller: Caller, call: ChatCall) -> Admitted:
+async def begin_chat(
+    hub: Hub, caller: Caller, call: ChatCall, cache: CacheSlot | None = None
+) -> Admitted:
     """`begin` for a chat call, whichever surface spelled it. A call without an output limit
     (or a peer's whose limit is the peer's own bound: `Caller.output_elastic`) that was
     admitted capped (less budget left than its worst case) gets that cap as its
     `max_tokens`, so that every adapter tells its upstream to write no more than was
-    reserved; the raw fields lose any null limit the client sent, for the same reason."""
+    reserved; the raw fields lose any null limit the client sent, for the same reason. With
+    a `cache` slot, an answer kept there that costs nothing needs no budget (`begin`)."""
     chat = call.request
     elastic = None
     if not chat.output_limit or caller.output_elastic:
@@ -228,6 +235,8 @@ async def begin_chat(hub: Hub, caller: Caller, call: ChatCall) -> Admitted:
         call.request_id,
         lambda plan: chat_worst_case(chat, plan),
         elastic,
+        cache,
+        bool(chat.stream),
     )
     cap = admitted.books.output_cap
     if cap is not None:
@@ -262,9 +271,14 @@ async def begin(
     request_id: str,
     worst: Callable[[list[Route]], Usage],
     elastic: Elastic | None = None,
+    cache: CacheSlot | None = None,
+    streamed: bool = False,
 ) -> Admitted:
     """Everything between the key and the upstream call: which model, which routes, and is
-    the request admitted under its limits and budgets (an `elastic` one perhaps capped)?"""
+    the request admitted under its limits and budgets (an `elastic` one perhaps capped)?
+    With a `cache` slot, the kept answer is looked up once the rate limits let it through:
+    a hit that is not billed (`[cache] bill_hits` off) reserves nothing, so that a spent
+    budget still gets what costs it nothing."""
     principal = caller.principal
     _check_model(principal, model)
     plan = _plan(hub, principal, model, kind, caller.local_only)
@@ -278,8 +292,11 @@ async def begin(
         except HubError as exc:
             books.fail(exc)
     async with _settled_on_error(books):
-        await books.admit(caller.ip, plan, worst(plan), elastic)
-    return Admitted(books, plan)
+        await books.admit_rates(caller.ip)
+        kept = await _cached(books, cache, streamed)
+        free = kept is not None and not hub.cache.config.bill_hits
+        await books.reserve(caller.ip, plan, worst(plan), elastic, free)
+    return Admitted(books, plan, cache, kept)
 
 
 async def _route(
@@ -316,7 +333,7 @@ async def _guard_input(books: Accounting, call: ChatCall | CompletionCall | None
     profile = None if call is None else guardrails.profile_for(books.principal)
     if profile is not None and call is not None:
         try:
-            await guardrails.screen_input(profile, call, books.principal, None)
+            await guardrails.screen_input(profile, call, books)
         except HubError as exc:
             books.fail(exc)
     return profile
@@ -333,14 +350,18 @@ async def complete(
     the receipt of the peer that served it if we asked one. `call` is what `attempt` sends,
     for the guardrails (an embedding's is not read). With a `cache` slot, a kept answer is
     the answer (once the input passed the guardrails, and screened as a fresh one is)."""
-    books, plan = admitted
+    books, plan = admitted.books, admitted.plan
     async with _settled_on_error(books):
         profile = await _guard_input(books, call)
-        kept = await _cached(books, cache)
-        if kept is not None and kept.result is not None:
-            return _cached_answer(books, plan, _screen(books, profile, kept.result))
+        kept = await _kept_for(admitted, cache, False)
+        if kept is not None:
+            assert kept.result is not None
+            replayed = _screen(books, profile, kept.result)
+            await _moderate(books, profile, replayed, None)
+            return _cached_answer(books, plan, replayed)
         result, route = await _route(books, plan, attempt, watch)
         result = _screen(books, profile, result)
+        await _moderate(books, profile, result, route)
         books.observe_latency()
         _log_answer(books, result)
         cost = books.finish(
@@ -364,7 +385,27 @@ def _screen(books: Accounting, profile: Profile | None, result: R) -> R:
     too: the profile of the key that asks now, not of the one that was answered)."""
     if profile is None or isinstance(result, EmbedResult):
         return result
-    return books.hub.guardrails.screen_result(profile, result, books.principal, books.request_id)
+    return books.hub.guardrails.screen_result(profile, result, books)
+
+
+async def _moderate(
+    books: Accounting,
+    profile: Profile | None,
+    result: ChatResult | EmbedResult | WireResult,
+    route: Route | None,
+) -> None:
+    """A complete answer through the profile's moderation deployments, if it has any: one
+    that blocks it settles the request (what `route` produced is paid for) and raises."""
+    if profile is None or not profile.moderated or isinstance(result, EmbedResult):
+        return
+    blocked = await books.hub.guardrails.moderate_answer(profile, result, books)
+    if blocked is not None:
+        estimated, error = result.usage_estimated, blocked.message[:500]
+        status = recorded_status(blocked)
+        books.finish(
+            route, result.usage, estimated=estimated, status=status, stream=False, error=error
+        )
+        raise blocked
 
 
 # --- the interaction log's hooks (`node/gateway/interaction_log.py`) --------------------------
@@ -388,8 +429,20 @@ async def _logged(books: Accounting, items: AsyncGenerator[Any, None]) -> AsyncG
 # --- the response cache's hooks (`node/gateway/cache.py`) ----------------------------------
 
 
-async def _cached(books: Accounting, cache: CacheSlot | None) -> Kept | None:
-    return await books.hub.cache.get(cache) if cache is not None else None
+async def _cached(books: Accounting, cache: CacheSlot | None, streamed: bool) -> Kept | None:
+    """The answer kept in the slot, if it is of the form asked (a stream's events, or a
+    complete result)."""
+    kept = await books.hub.cache.get(cache) if cache is not None else None
+    if kept is None or (kept.events is not None if streamed else kept.result is not None):
+        return kept
+    return None
+
+
+async def _kept_for(admitted: Admitted, cache: CacheSlot | None, streamed: bool) -> Kept | None:
+    """The kept answer `begin` found in the slot (looked up only once), else in this one."""
+    if cache is not None and cache == admitted.cache:
+        return admitted.kept
+    return await _cached(admitted.books, cache, streamed)
 
 
 async def _keep_result(
@@ -442,11 +495,14 @@ async def _replay(books: Accounting, plan: list[Route], kept: Kept) -> AsyncGene
 
 
 class _Recording:
-    """A stream's events as they pass, for the cache, until they outgrow what it keeps."""
+    """A stream's events as the client is sent them (after the output guardrails), for the
+    cache, until they outgrow what it keeps; its usage once the relay saw it complete."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, slot: CacheSlot, limit: int) -> None:
+        self.slot = slot
         self.events: list[Any] | None = []
         self._left = limit
+        self.usage: tuple[Usage, bool] | None = None
 
     def add(self, event: Any) -> None:
         if self.events is None:
@@ -458,15 +514,20 @@ class _Recording:
             self.events.append(event)
 
 
-async def _keep_stream(
-    books: Accounting,
-    cache: CacheSlot | None,
-    recording: _Recording | None,
-    usage: Usage,
-    estimated: bool,
-) -> None:
-    if cache is not None and recording is not None and recording.events is not None:
-        await books.hub.cache.keep(cache, Kept(usage, estimated, events=recording.events))
+async def _recorded(
+    books: Accounting, recording: _Recording, items: AsyncGenerator[Any, None]
+) -> AsyncGenerator[Any, None]:
+    """A stream's items passed on, its events recorded as they leave; kept at its end if
+    the relay saw it complete (even if the client goes away meanwhile)."""
+    async with contextlib.aclosing(items):
+        async for item in items:
+            if not isinstance(item, Signal):
+                recording.add(item)
+            elif isinstance(item, StreamEnd) and recording.usage and recording.events is not None:
+                kept = Kept(*recording.usage, events=recording.events)
+                with anyio.CancelScope(shield=True):
+                    await books.hub.cache.keep(recording.slot, kept)
+            yield item
 
 
 class _Opened(msgspec.Struct):
@@ -509,19 +570,22 @@ async def stream(
     whose stream then always holds its `usage`); its relay settles it however it ends
     (`abandon` settles it if the relay never runs). With a `cache` slot, kept events are
     replayed, and a fresh stream that completes is kept."""
-    books, plan = admitted
+    books, plan = admitted.books, admitted.plan
     if opener is None:
         assert isinstance(call, ChatCall)
         opener = _chat_opener(call)
     opening = opener
     async with _settled_on_error(books):
         profile = await _guard_input(books, call)
-        kept = await _cached(books, cache)
-        if kept is not None and kept.events is not None:
+        kept = await _kept_for(admitted, cache, True)
+        recording = None
+        if kept is not None:
             streamed = _cached_stream(books, plan, kept)
         else:
-            streamed = await _fresh_stream(books, plan, call, opening, watch, cache)
-        return _screened(books, profile, call, streamed)
+            if cache is not None:
+                recording = _Recording(cache, books.hub.cache.config.max_answer_bytes)
+            streamed = await _fresh_stream(books, plan, call, opening, watch, recording)
+        return _screened(books, profile, call, streamed, recording)
 
 
 async def _fresh_stream(
@@ -530,9 +594,10 @@ async def _fresh_stream(
     call: ChatCall | CompletionCall,
     opener: Opener,
     watch: Watch,
-    cache: CacheSlot | None,
+    recording: _Recording | None,
 ) -> Streamed:
-    """The stream opened along the plan, relayed (and kept, with a cache slot)."""
+    """The stream opened along the plan, relayed (and its usage given to `recording`, to be
+    kept with a cache slot)."""
     opened, route = await _route(books, plan, lambda r: _open(r, opener), watch)
     books.observe_latency()
     facts = Facts(
@@ -540,23 +605,30 @@ async def _fresh_stream(
         books.limits,
         served_by=route.peer_name,
         output_cap=books.output_cap,
-        cache="miss" if cache is not None else None,
+        cache="miss" if recording is not None else None,
     )
     return Streamed(
-        _relay(opened, route, call, books, cache),
+        _relay(opened, route, call, books, recording),
         facts,
         lambda: _abandon(opened, route, call, books),
     )
 
 
 def _screened(
-    books: Accounting, profile: Profile | None, call: ChatCall | CompletionCall, streamed: Streamed
+    books: Accounting,
+    profile: Profile | None,
+    call: ChatCall | CompletionCall,
+    streamed: Streamed,
+    recording: _Recording | None = None,
 ) -> Streamed:
     """A stream's items as they leave: through the guardrails' output checks if its profile
-    has any (a replayed stream too), then logged as the client sees them."""
+    has any (a replayed stream too, with the profile of the key that asks now), then kept
+    for the cache and logged as the client sees them."""
     items = streamed.items
     if profile is not None and profile.output and isinstance(call, ChatCall):
         items = books.hub.guardrails.guard_stream(profile, items, books)
+    if recording is not None:
+        items = _recorded(books, recording, items)
     if books.log is not None:
         items = _logged(books, items)
     return streamed._replace(items=items)
@@ -576,29 +648,22 @@ async def _relay(
     route: Route,
     call: ChatCall | CompletionCall,
     books: Accounting,
-    cache: CacheSlot | None = None,
+    recording: _Recording | None = None,
 ) -> AsyncGenerator[Any, None]:
-    """Pass the upstream's events on; account for them however the stream ends (and keep
-    them, with a cache slot, if it ends complete)."""
+    """Pass the upstream's events on; account for them however the stream ends (and, with
+    a `recording`, tell it what the stream used if it ends complete: it is kept then)."""
     stream = opened.stream
     sent = 0
     status, error = OK, None
-    recording = None if cache is None else _Recording(books.hub.cache.config.max_answer_bytes)
     try:
         if opened.first is not None:
-            if recording is not None:
-                recording.add(opened.first)
             yield opened.first
             sent += 1
         async for event in opened.events:
-            if recording is not None:
-                recording.add(event)
             yield event
             sent += 1
         if recording is not None:
-            # Complete: kept even if the client goes away meanwhile.
-            with anyio.CancelScope(shield=True):
-                await _keep_stream(books, cache, recording, *_stream_usage(stream, call, sent))
+            recording.usage = _stream_usage(stream, call, sent)
         if books.for_peer:
             # The receipt goes before the end, as an item of its own that the consumer keeps.
             usage, estimated = _stream_usage(stream, call, sent)

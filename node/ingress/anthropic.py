@@ -134,11 +134,11 @@ async def _messages(request: Request) -> Reply | StreamReply:
     bypass = cache_bypass(request, raw)
     chat = chat_request(messages)
     call = _call(chat, forward_headers(request))
-    admitted = await begin_chat(request, principal, call)
-    call.native = _native(admitted.plan, raw)
     hub = hub_of(request)
-    admitted.books.log = hub.logs.draft(principal, body)
     slot = hub.cache.slot(principal, "anthropic.messages", call, raw, bypass)
+    admitted = await begin_chat(request, principal, call, slot)
+    call.native = _native(admitted.plan, raw)
+    admitted.books.log = hub.logs.draft(principal, body)
     stops = messages.stop_sequences
     if chat.stream:
         streamed = await pipeline.stream(admitted, call, watcher_of(request), cache=slot)

@@ -27,6 +27,7 @@ from federation.transport import HOP_HEADER, OUTPUT_ELASTIC_HEADER
 from node.errors import HubError, client_closed, gateway_failure
 from node.gateway import pipeline
 from node.gateway.auth import Principal
+from node.gateway.cache import CacheSlot
 from node.gateway.pipeline import Admitted, Caller
 from node.hub import hub_of
 from node.observe import access
@@ -121,12 +122,16 @@ def caller_of(request: Request, principal: Principal) -> Caller:
     )
 
 
-async def begin_chat(request: Request, principal: Principal, call: ChatCall) -> Admitted:
+async def begin_chat(
+    request: Request, principal: Principal, call: ChatCall, cache: CacheSlot | None = None
+) -> Admitted:
     """The pipeline's admission of a chat call, however its surface spelled it (chat
     completions, Responses, Messages): the same model, kind and worst case for all of them
-    (and the same output cap when the budget left is less than that)."""
+    (and the same output cap when the budget left is less than that); with its response
+    cache slot, a hit that costs nothing needs no budget."""
     access.note(request.scope, model=call.request.model)
-    return await pipeline.begin_chat(hub_of(request), caller_of(request, principal), call)
+    caller = caller_of(request, principal)
+    return await pipeline.begin_chat(hub_of(request), caller, call, cache)
 
 
 @contextlib.asynccontextmanager

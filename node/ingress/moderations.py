@@ -1,5 +1,6 @@
 """OpenAI's `POST /v1/moderations`, answered by the node's own guardrail checks
-(`node/gateway/guardrails/moderation.py`): no upstream is called and nothing is charged."""
+(`node/gateway/guardrails/moderation.py`) and the moderation deployments of the caller's
+profile, if it has any; nothing is charged."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import msgspec
 from litestar import Request
 
 from federation.ids import new_request_id
-from node.gateway.guardrails.moderation import moderate
+from node.errors import HubError, Kind
+from node.gateway.guardrails.moderation import moderate, with_deployments
+from node.gateway.guardrails.moderator import ModerationFailed
 from node.hub import hub_of
 from node.ingress.asgi import Reply, authenticate, post_endpoint, read_body
 from node.ingress.errors import ApiError
@@ -56,6 +59,12 @@ async def _moderations(request: Request) -> Reply:
     profile = guardrails.profile_for(principal)
     # Off the event loop: a body of megabytes is read by every check.
     result = await anyio.to_thread.run_sync(moderate, profile, guardrails.fallback, texts)
+    if profile is not None:
+        try:
+            await with_deployments(result, profile, texts)
+        except ModerationFailed:
+            message = "The moderation deployment did not answer; try again later"
+            raise HubError(Kind.UNAVAILABLE, message, code="moderation_unavailable") from None
     return Reply(msgspec.json.encode(result), {"aihub-request-id": new_request_id()})
 
 

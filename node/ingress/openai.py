@@ -184,10 +184,10 @@ async def _chat(request: Request) -> Reply | StreamReply:
     chat, raw = decode_body(body, _chat_decoder)
     bypass = cache_bypass(request, raw)
     call = ChatCall(chat, raw, new_request_id())
-    admitted = await begin_chat(request, principal, call)
     hub = hub_of(request)
-    admitted.books.log = hub.logs.draft(principal, body)
     slot = hub.cache.slot(principal, "openai.chat", call, raw, bypass)
+    admitted = await begin_chat(request, principal, call, slot)
+    admitted.books.log = hub.logs.draft(principal, body)
     if chat.stream:
         streamed = await pipeline.stream(admitted, call, watcher_of(request), cache=slot)
         headers = {**response_headers(streamed.facts), "cache-control": "no-cache"}

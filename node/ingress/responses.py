@@ -60,16 +60,17 @@ async def _responses(request: Request) -> Reply | StreamReply:
     )
     call = chat_call(body, earlier, inputs, new_request_id(), lenient=native)
     chat = call.request
-    admitted = await begin_chat(request, principal, call)
+    slot = hub.cache.slot(principal, "openai.responses", call, raw, bypass)
+    admitted = await begin_chat(request, principal, call, slot)
     call.native = native_request(admitted.plan, raw, earlier, inputs)
     admitted.books.log = hub.logs.draft(principal, sent)
-    slot = hub.cache.slot(principal, "openai.responses", call, raw, bypass)
     shell = Shell.of(body, call.request_id)
     store = body.store is not False  # OpenAI's default: kept
 
     async def kept(response: bytes) -> None:
         if store:
-            await keep(hub, principal, shell.id, response, earlier, inputs)
+            redaction = admitted.books.redaction
+            await keep(hub, principal, shell.id, response, earlier, inputs, redaction)
 
     if chat.stream:
         streamed = await pipeline.stream(admitted, call, watcher_of(request), cache=slot)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import msgspec
@@ -75,9 +76,17 @@ async def keep(
     body: bytes,
     earlier: list[Raw],
     inputs: list[Raw],
+    redaction: Callable[[str], str] | None = None,
 ) -> None:
     """Keep an answer (its `response` object's JSON: ours, or a Responses upstream's made
-    ours) for its key; the caller leaves out one the request said `store: false` for."""
+    ours) for its key; the caller leaves out one the request said `store: false` for. With
+    the guardrails' `redaction` of the request, its inputs (and the instructions the
+    response repeats) are kept as the upstream saw them."""
+    if redaction is not None:
+        from node.gateway.guardrails.texts import redacted_json  # only with a profile
+
+        body = redacted_json(body, redaction)
+        inputs = [Raw(redacted_json(item, redaction)) for item in inputs]
     identified = [_identified(item) for item in inputs]
     stored = StoredResponse(
         response_id,

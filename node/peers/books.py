@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import io
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import msgspec
 
@@ -29,14 +30,17 @@ from ledger.receipts import (
     receipt_hash,
     verify_receipt,
 )
-from ledger.reconcile import reconcile
+from ledger.reconcile import BUCKETS, Reconciliation, reconcile
+from ledger.reconcile_pages import windows
 from ledger.records import MAX_SKEW, RecordError, verify_fields
 from ledger.settlement import (
+    Period,
     Statement,
     balances,
-    check_statement,
-    make_statement,
+    open_periods,
     parse_statement,
+    period_statement,
+    same_statement,
     sign_statement,
     verify_statement,
 )
@@ -157,7 +161,8 @@ class NetPlan(msgspec.Struct):
 
 @dataclass
 class Pair:
-    """Our books with one peer: the two chains, from after the last settlement."""
+    """Our books with one peer: the two chains, from after the last settlement, whole (to
+    look at its receipts; the node itself reads a period a page at a time: `open_period`)."""
 
     me: str
     peer: str
@@ -186,47 +191,144 @@ async def last_statement(store: Store, me: str, peer: str) -> Statement | None:
     return (await _coverage(store, me, peer))[0]
 
 
-async def _coverage(
-    store: Store, me: str, peer: str
-) -> tuple[Statement | None, dict[tuple[str, str], list[StoredReceipt]], dict[str, int]]:
-    """The last statement, both chains as stored (by (provider, consumer)), and the highest
-    seq of each chain the statements cover, by provider."""
+async def _coverage(store: Store, me: str, peer: str) -> tuple[Statement | None, dict[str, int]]:
+    """The last statement, and the highest seq of each chain the statements cover, by
+    provider. The chains are read a page at a time, never whole."""
     a, b = min(me, peer), max(me, peer)
-    chains = {(a, b): await store.ledger.receipts(a, b), (b, a): await store.ledger.receipts(b, a)}
-    best: tuple[tuple[int, int, int], Statement] | None = None
-    for body in await store.ledger.settlements(a, b):
-        statement = parse_statement(body)
-        covered = (statement.to_seq, _settled_seq(chains[(b, a)], statement), statement.iat)
-        if best is None or covered > best[0]:
-            best = (covered, statement)
-    if best is None:
-        return None, chains, {a: 0, b: 0}
-    (ab_seq, ba_seq, _), statement = best
-    return statement, chains, {a: ab_seq, b: ba_seq}
+    statements = [parse_statement(body) for body in await store.ledger.settlements(a, b)]
+    if not statements:
+        return None, {a: 0, b: 0}
+    settled = await _settled_seqs(store, a, b, statements)
+    covered = [((s.to_seq, seq, s.iat), s) for s, seq in zip(statements, settled, strict=True)]
+    (ab_seq, ba_seq, _), statement = max(covered, key=lambda item: item[0])
+    return statement, {a: ab_seq, b: ba_seq}
 
 
-def _settled_seq(b_to_a: list[StoredReceipt], statement: Statement) -> int:
-    """The seq of the b→a receipt a statement's head names (the format gives that chain's
-    range by hash only). The hash is recomputed from each body; if no receipt we hold has
-    it (a damaged or moved head, which `verify` names), the receipts issued before the
-    statement, allowing for clock skew, count as covered: a period is never counted twice."""
-    if statement.head_b_to_a == GENESIS:
-        return 0
-    for row in b_to_a:
-        if body_hash(row.body) == statement.head_b_to_a:
-            return row.seq
-    issued = [row.seq for row in b_to_a if row.iat <= statement.iat + MAX_SKEW]
-    return max(issued, default=0)
+async def _settled_seqs(store: Store, a: str, b: str, statements: list[Statement]) -> list[int]:
+    """The seq of the b→a receipt each statement's head names (the format gives that
+    chain's range by hash only). The hash is recomputed from each body; if no receipt we
+    hold has it (a damaged or moved head, which `verify` names), the receipts issued before
+    the statement, allowing for clock skew, count as covered: a period is never counted
+    twice. One pass over the chain for the heads, a second only for heads not found."""
+    heads = {s.head_b_to_a for s in statements} - {GENESIS}
+    found: dict[str, int] = {GENESIS: 0}
+    if heads:
+        async for rows in _stored_pages(store, b, a):
+            for row in rows:
+                digest = body_hash(row.body)
+                if digest in heads:
+                    found.setdefault(digest, row.seq)
+            if heads <= found.keys():
+                break
+    lost = [s for s in statements if s.head_b_to_a not in found]
+    issued: dict[int, int] = dict.fromkeys((s.iat + MAX_SKEW for s in lost), 0)
+    if issued:
+        async for rows in _stored_pages(store, b, a):
+            for row in rows:
+                for bound, seq in issued.items():
+                    if row.iat <= bound and row.seq > seq:
+                        issued[bound] = row.seq
+    return [
+        found[s.head_b_to_a] if s.head_b_to_a in found else issued[s.iat + MAX_SKEW]
+        for s in statements
+    ]
+
+
+async def _stored_pages(
+    store: Store, provider: str, consumer: str, size: int = PAGE, *, after: int = 0
+) -> AsyncIterator[list[StoredReceipt]]:
+    """One chain as stored after seq `after`, a page at a time, in seq order."""
+    while True:
+        rows = await store.ledger.receipts(provider, consumer, after_seq=after, limit=size)
+        if not rows:
+            return
+        yield rows
+        after = rows[-1].seq
 
 
 async def open_pair(store: Store, me: str, peer: str) -> Pair:
-    previous, chains, settled = await _coverage(store, me, peer)
+    previous, settled = await _coverage(store, me, peer)
 
-    def after(provider: str, consumer: str) -> list[Receipt]:
-        rows = chains[(provider, consumer)]
-        return [loaded(row) for row in rows if row.seq > settled[provider]]
+    async def after(provider: str, consumer: str) -> list[Receipt]:
+        rows = await store.ledger.receipts(provider, consumer, after_seq=settled[provider])
+        return [loaded(row) for row in rows]
 
-    return Pair(me, peer, previous, after(me, peer), after(peer, me))
+    return Pair(me, peer, previous, await after(me, peer), await after(peer, me))
+
+
+@dataclass
+class OpenPeriod:
+    """Our books with one peer since the last statement, read a page at a time and never
+    whole: each chain's period (`ledger.settlement.Period`: its totals and head), the first
+    break in a chain, and the receipts of the peer's that bill no request we sent."""
+
+    me: str
+    peer: str
+    previous: Statement | None
+    a_to_b: Period
+    b_to_a: Period
+    broken: str | None = None
+    unbilled: int = 0
+    first_unbilled: tuple[int, str] | None = None  # (seq, why)
+
+    @property
+    def a(self) -> str:
+        return min(self.me, self.peer)
+
+    @property
+    def b(self) -> str:
+        return max(self.me, self.peer)
+
+    @property
+    def empty(self) -> bool:
+        return self.a_to_b.count == 0 and self.b_to_a.count == 0
+
+    def statement(self, now: float | None = None) -> Statement:
+        """The unsigned statement of the period; ValueError if our chains are not in order."""
+        if self.broken is not None:
+            raise ValueError(self.broken)
+        return period_statement(self.a_to_b, self.b_to_a, self.a, self.b, now=now)
+
+    def check_billed(self) -> None:
+        """A statement is signed only over amounts we can match, receipt by receipt, to
+        requests we sent the peer, as we asked and priced them (receipts in our books from
+        before that rule was kept, or put there by hand, stop the settlement: they are for
+        an admin)."""
+        if self.first_unbilled is not None:
+            seq, why = self.first_unbilled
+            raise BooksError(
+                Kind.CONFLICT,
+                f"our books hold {self.unbilled} receipt(s) of this peer that bill no request"
+                f" of ours as sent (seq {seq}: {why})",
+            )
+
+
+async def open_period(store: Store, me: str, peer: str, *, page: int = PAGE) -> OpenPeriod:
+    """Both chains since the last statement, a page (`page` receipts) at a time: each page
+    added to its chain's period, and the peer's receipts checked against the requests we
+    sent."""
+    previous, settled = await _coverage(store, me, peer)
+    a, b = min(me, peer), max(me, peer)
+    try:
+        a_to_b, b_to_a = open_periods(a, b, previous=previous)
+    except ValueError as exc:
+        raise BooksError(Kind.CONFLICT, f"our statements with this peer: {exc}") from exc
+    period = OpenPeriod(me, peer, previous, a_to_b, b_to_a)
+    for provider, consumer, chain in ((a, b, a_to_b), (b, a, b_to_a)):
+        pages = _stored_pages(store, provider, consumer, page, after=settled[provider])
+        async for rows in pages:
+            receipts = [loaded(row) for row in rows]
+            if period.broken is None:
+                try:
+                    chain.add(receipts)
+                except ValueError as exc:
+                    period.broken = str(exc)
+            if provider == peer:
+                _, refused = await admissible(store, me, peer, receipts, signatures_checked=True)
+                period.unbilled += len(refused)
+                if refused and period.first_unbilled is None:
+                    period.first_unbilled = (refused[0][0].seq, refused[0][1])
+    return period
 
 
 async def _peer_ids(store: Store, me: str) -> dict[str, str]:
@@ -242,36 +344,36 @@ async def _peer_ids(store: Store, me: str) -> dict[str, str]:
 
 
 async def balance(store: Store, me: str) -> list[PairBalance]:
-    result = []
-    for peer, name in (await _peer_ids(store, me)).items():
-        pair = await open_pair(store, me, peer)
-        we_used = sum(r.amount for r in pair.theirs)
-        they_used = sum(r.amount for r in pair.ours)
-        count = len(pair.ours) + len(pair.theirs)
-        unanswered = sum(r.amount for r in await _unanswered(store, peer, pair.theirs))
-        result.append(
-            PairBalance(peer, name, we_used, they_used, they_used - we_used, count, unanswered)
-        )
-    return result
+    return [
+        await _balance_with(store, me, peer, name)
+        for peer, name in (await _peer_ids(store, me)).items()
+    ]
+
+
+async def _balance_with(store: Store, me: str, peer: str, name: str) -> PairBalance:
+    """What each side used since the last statement, summed a page at a time."""
+    _, settled = await _coverage(store, me, peer)
+    used = {me: 0, peer: 0}  # by provider
+    count = unanswered = 0
+    for provider, consumer in ((me, peer), (peer, me)):
+        async for rows in _stored_pages(store, provider, consumer, after=settled[provider]):
+            receipts = [loaded(row) for row in rows]
+            used[provider] += sum(r.amount for r in receipts)
+            count += len(receipts)
+            if provider == peer:
+                unanswered += sum(r.amount for r in await _unanswered(store, peer, receipts))
+    we_used, they_used = used[peer], used[me]
+    return PairBalance(peer, name, we_used, they_used, they_used - we_used, count, unanswered)
 
 
 async def verify(store: Store) -> list[ChainCheck]:
     """Every signature and every link of every chain we hold, the first broken link of each;
     then every settlement statement: both signatures, and its heads and totals against the
     receipts of its period in our chains."""
-    checks = []
-    for provider, consumer in sorted(await store.ledger.receipt_pairs()):
-        rows = await store.ledger.receipts(provider, consumer)
-        try:
-            receipts = [loaded(row) for row in rows]
-        except RecordError as exc:
-            checks.append(ChainCheck(provider, consumer, len(rows), False, f"unreadable: {exc}"))
-            continue
-        report = verify_chain(receipts, public_key_of(provider), public_key_of(consumer))
-        problem = None if report.ok else str(report)
-        if report.ok:
-            problem = _hash_column_problem(rows)
-        checks.append(ChainCheck(provider, consumer, len(rows), problem is None, problem))
+    checks = [
+        await _check_chain(store, provider, consumer)
+        for provider, consumer in sorted(await store.ledger.receipt_pairs())
+    ]
     pairs = {tuple(sorted(pair)) for pair in await store.ledger.receipt_pairs()}
     for body in await store.ledger.settlements():
         try:
@@ -282,6 +384,33 @@ async def verify(store: Store) -> list[ChainCheck]:
     for a, b in sorted(pairs):
         checks += await _verify_statements(store, a, b)
     return checks
+
+
+async def _check_chain(store: Store, provider: str, consumer: str) -> ChainCheck:
+    """One chain, a page at a time, each page checked to continue the last. What is named,
+    as for the whole chain at once: a receipt that cannot be read, else the first broken
+    link, else the first row whose `hash` column is not its body's."""
+    count, head = 0, (0, GENESIS)
+    unreadable = broken = column = None
+    keys = public_key_of(provider), public_key_of(consumer)
+    async for rows in _stored_pages(store, provider, consumer):
+        offset, count = count, count + len(rows)
+        if unreadable is not None:
+            continue  # counted, not checked: the chain is not in order past it anyway
+        try:
+            receipts = [loaded(row) for row in rows]
+        except RecordError as exc:
+            unreadable = f"unreadable: {exc}"
+            continue
+        if broken is None:
+            report = verify_chain(receipts, *keys, start_seq=head[0] + 1, start_prev=head[1])
+            if report.ok:
+                head = report.head
+            else:
+                broken = str(dataclasses.replace(report, index=offset + (report.index or 0)))
+        column = column or _hash_column_problem(rows)
+    problem = unreadable or broken or column
+    return ChainCheck(provider, consumer, count, problem is None, problem)
 
 
 def _hash_column_problem(rows: list[StoredReceipt]) -> str | None:
@@ -295,11 +424,9 @@ def _hash_column_problem(rows: list[StoredReceipt]) -> str | None:
 
 async def _verify_statements(store: Store, a: str, b: str) -> list[ChainCheck]:
     """Each statement of the pair (a, b), in the order they cover the chains: both
-    signatures, and exactly the totals and heads our receipts of its period give."""
-    ab = [loaded(row) for row in await store.ledger.receipts(a, b)]
-    ba_rows = await store.ledger.receipts(b, a)
-    ba = [loaded(row) for row in ba_rows]
-    checks, valid = [], []
+    signatures, and exactly the totals and heads our receipts of its period give (read a
+    page at a time)."""
+    checks, statements = [], []
     for body in await store.ledger.settlements(a, b):
         try:
             statement = parse_statement(body)
@@ -307,21 +434,62 @@ async def _verify_statements(store: Store, a: str, b: str) -> list[ChainCheck]:
         except RecordError as exc:
             checks.append(ChainCheck(a, b, 0, False, f"a statement: {exc}", kind="statement"))
             continue
-        valid.append((statement.to_seq, _settled_seq(ba_rows, statement), statement.iat, statement))
+        statements.append(statement)
+    settled = await _settled_seqs(store, a, b, statements)
+    valid = [(s.to_seq, seq, s.iat, s) for s, seq in zip(statements, settled, strict=True)]
     previous: Statement | None = None
     ab_from = ba_from = 0
     for ab_to, ba_to, _, statement in sorted(valid, key=lambda item: item[:3]):
-        ab_period = [r for r in ab if ab_from < r.seq <= ab_to]
-        ba_period = [r for r in ba if ba_from < r.seq <= ba_to]
-        try:
-            check_statement(statement, ab_period, ba_period, previous=previous)
-            problem = None
-        except RecordError as exc:
-            problem = f"statement of seq {statement.from_seq}..{statement.to_seq}: {exc}"
-        count = len(ab_period) + len(ba_period)
+        span = Span((ab_from, ab_to), (ba_from, ba_to))
+        problem, count = await _check_period(store, statement, previous, span)
         checks.append(ChainCheck(a, b, count, problem is None, problem, kind="statement"))
         previous, ab_from, ba_from = statement, ab_to, ba_to
     return checks
+
+
+async def _check_period(
+    store: Store, statement: Statement, previous: Statement | None, span: Span
+) -> tuple[str | None, int]:
+    """What is wrong with one statement against our receipts of its period, if anything,
+    and how many receipts the period holds."""
+    a, b = statement.a, statement.b
+    count, broken = 0, None
+    try:
+        a_to_b, b_to_a = open_periods(a, b, previous=previous)
+    except ValueError as exc:
+        where = f"statement of seq {statement.from_seq}..{statement.to_seq}"
+        return f"{where}: cannot check the statement: {exc}", 0
+    for provider, consumer, period, (after, upto) in (
+        (a, b, a_to_b, span.a_to_b),
+        (b, a, b_to_a, span.b_to_a),
+    ):
+        async for rows in _stored_pages(store, provider, consumer, after=after):
+            inside = [row for row in rows if row.seq <= upto]
+            count += len(inside)
+            if broken is None:
+                try:
+                    period.add([loaded(row) for row in inside])
+                except (ValueError, RecordError) as exc:
+                    broken = str(exc)
+            if rows[-1].seq >= upto:
+                break
+    try:
+        if broken is not None:
+            raise ValueError(broken)
+        same_statement(statement, period_statement(a_to_b, b_to_a, a, b, now=statement.iat))
+        return None, count
+    except ValueError as exc:
+        problem = f"cannot check the statement: {exc}"
+    except RecordError as exc:
+        problem = str(exc)
+    return f"statement of seq {statement.from_seq}..{statement.to_seq}: {problem}", count
+
+
+class Span(NamedTuple):
+    """A statement's period: the seqs (after, up to) of each chain it covers."""
+
+    a_to_b: tuple[int, int]
+    b_to_a: tuple[int, int]
 
 
 EXPORT_COLUMNS = (
@@ -455,36 +623,125 @@ def _answer(response: PeerAnswer, what: str) -> bytes:
     return response.content
 
 
-async def _their_chain(link: Link, provider: str) -> list[Receipt]:
-    """The peer's copy of one of our two chains, page by page."""
-    receipts: list[Receipt] = []
+async def _their_pages(link: Link, provider: str, size: int) -> AsyncIterator[list[Receipt]]:
+    """The peer's copy of one of our two chains, a page at a time (up to `size` receipts,
+    which a node older than `limit` ignores: it answers pages of its own size). Its pages
+    must move forward: one that does not end the chain, so a peer cannot keep us asking."""
     after = 0
     while True:
         page = _decoded(
             _answer(
-                await link.get(f"/federation/receipts?provider={provider}&after_seq={after}"),
+                await link.get(
+                    f"/federation/receipts?provider={provider}&after_seq={after}&limit={size}"
+                ),
                 "to show its receipts",
             ),
             ReceiptPage,
         )
+        receipts = []
         for fields in page.receipts:
             try:
                 receipts.append(msgspec.convert(fields, Receipt))
             except msgspec.ValidationError:
                 continue  # reconcile would refuse it anyway; a bad one must not stop the rest
-        if not page.more or not page.receipts:
-            return receipts
-        after = receipts[-1].seq if receipts else after + len(page.receipts)
+        yield receipts
+        top = max((r.seq for r in receipts), default=after)
+        if not page.more or top <= after:
+            return
+        after = top
 
 
-async def reconcile_with(store: Store, link: Link, keep: KeepReceipt) -> ReconcileReport:
+async def _our_pages(
+    store: Store, provider: str, consumer: str, size: int
+) -> AsyncIterator[list[Receipt]]:
+    """Our copy of one chain, a page at a time from the store, in seq order."""
+    async for rows in _stored_pages(store, provider, consumer, size):
+        yield [loaded(row) for row in rows]
+
+
+@dataclass
+class _Tally:
+    """A reconciliation's report as its windows add up: totals only, never the receipts."""
+
+    buckets: dict[str, Bucket]
+    unanswered: Bucket
+    suspended: bool = False
+
+    @classmethod
+    def empty(cls) -> _Tally:
+        return cls({name: Bucket(0, 0) for name in BUCKETS}, Bucket(0, 0))
+
+    def add(self, name: str, extra: Bucket) -> None:
+        self.buckets[name] = _sum(self.buckets[name], extra)
+
+    def add_unanswered(self, receipts: list[Receipt]) -> None:
+        self.unanswered = _sum(self.unanswered, _bucket(receipts))
+
+
+@dataclass
+class _Outbox:
+    """Receipts to send the peer (`POST /federation/receipts`), in batches of `PAGE` as they
+    are found, so that what waits to go is never more than a batch."""
+
+    link: Link
+    waiting: list[Receipt]
+
+    async def add(self, receipts: list[Receipt]) -> None:
+        self.waiting += receipts
+        while len(self.waiting) >= PAGE:
+            await self._send(self.waiting[:PAGE])
+            self.waiting = self.waiting[PAGE:]
+
+    async def flush(self) -> None:
+        if self.waiting:
+            await self._send(self.waiting)
+            self.waiting = []
+
+    async def _send(self, receipts: list[Receipt]) -> None:
+        batch = ReceiptBatch([receipt_fields(r) for r in receipts])
+        body = msgspec.json.encode(batch)
+        _answer(await self.link.post("/federation/receipts", body), "receipts")
+
+
+async def reconcile_with(
+    store: Store, link: Link, keep: KeepReceipt, *, page: int = PAGE
+) -> ReconcileReport:
     """Compare both chains with the peer's copies; recover what we miss (from their signed
-    copies), send what they miss, and report every difference."""
+    copies), send what they miss, and report every difference. The chains are read page by
+    page on both sides (`page` receipts at most) and compared a window of seqs at a time
+    (`ledger.reconcile_pages`), so the memory it takes does not grow with the chains."""
     me, peer = link.identity.node_id, link.peer.node_id
-    ours = [loaded(r) for r in await store.ledger.receipts(me, peer)]
-    ours += [loaded(r) for r in await store.ledger.receipts(peer, me)]
-    theirs = await _their_chain(link, me) + await _their_chain(link, peer)
-    result = reconcile(ours, theirs, between=(me, peer))
+    tally, outbox = _Tally.empty(), _Outbox(link, [])
+    for provider, consumer in ((me, peer), (peer, me)):
+        ours = _our_pages(store, provider, consumer, page)
+        theirs = _their_pages(link, provider, page)
+        async for window in windows((provider, consumer), ours, theirs):
+            result = reconcile(window.ours, window.theirs, between=(me, peer))
+            result.rejected += window.rejected
+            await _settle_window(store, link, keep, result, tally, outbox)
+    await outbox.flush()
+    statements_recovered = await recover_statements(store, link)
+    return ReconcileReport(
+        peer=peer,
+        suspended=tally.suspended,
+        statements_recovered=statements_recovered,
+        unanswered=tally.unanswered,
+        **tally.buckets,
+    )
+
+
+async def _settle_window(
+    store: Store,
+    link: Link,
+    keep: KeepReceipt,
+    result: Reconciliation,
+    tally: _Tally,
+    outbox: _Outbox,
+) -> None:
+    """Act on one window's reconciliation and add it to the tally: keep what we recover
+    (as the acceptance rule allows), take countersignatures, countersign what we owe,
+    record equivocations, and queue what the peer misses."""
+    me, peer = link.identity.node_id, link.peer.node_id
     recovered, refused = await _recoverable(store, link, result.missing_ours)
     for receipt in recovered:
         if not await keep(receipt):
@@ -498,28 +755,24 @@ async def reconcile_with(store: Store, link: Link, keep: KeepReceipt) -> Reconci
         await record_equivocation(store, stored(equivocation.first), stored(equivocation.second))
     # Our countersignatures of what we recovered or signed now go back with the rest.
     countersigned = [r for r in recovered if r.consumer == me and r not in refused]
-    send = [*result.missing_theirs, *result.csig_for_theirs, *signed, *countersigned]
-    for start in range(0, len(send), PAGE):
-        batch = ReceiptBatch([receipt_fields(r) for r in send[start : start + PAGE]])
-        _answer(await link.post("/federation/receipts", msgspec.json.encode(batch)), "receipts")
-    buckets = {name: Bucket(*totals) for name, totals in result.totals().items()}
+    await outbox.add([*result.missing_theirs, *result.csig_for_theirs, *signed, *countersigned])
+    for name, totals in result.totals().items():
+        if name not in ("missing_ours", "rejected"):
+            tally.add(name, Bucket(*totals))
     taken = [r for r in recovered if r not in refused]
-    buckets["missing_ours"] = _bucket(taken)
-    buckets["rejected"] = _bucket([*(x.receipt for x in result.rejected), *refused])
+    tally.add("missing_ours", _bucket(taken))
+    tally.add("rejected", _bucket([*(x.receipt for x in result.rejected), *refused]))
     counted = [*taken, *(r for r in result.matched if r.consumer == me), *signed]
-    suspended = any(e.provider == peer for e in result.equivocation)
-    statements_recovered = await recover_statements(store, link)
-    return ReconcileReport(
-        peer=peer,
-        suspended=suspended,
-        statements_recovered=statements_recovered,
-        unanswered=_bucket(await _unanswered(store, peer, counted)),
-        **buckets,
-    )
+    tally.add_unanswered(await _unanswered(store, peer, counted))
+    tally.suspended |= any(e.provider == peer for e in result.equivocation)
 
 
 def _bucket(receipts: list[Receipt]) -> Bucket:
     return Bucket(len(receipts), sum(r.amount for r in receipts))
+
+
+def _sum(one: Bucket, other: Bucket) -> Bucket:
+    return Bucket(one.count + other.count, one.amount + other.amount)
 
 
 async def _recoverable(
@@ -625,21 +878,19 @@ async def settle_with(store: Store, link: Link, actor: str | None = None) -> Sta
     # A statement the peer countersigned but whose answer we never got (or that a restored
     # backup lost) is where this period starts, not a reason to disagree.
     await recover_statements(store, link)
-    pair = await open_pair(store, me, peer)
-    if pair.previous is not None and not pair.ours and not pair.theirs:
-        return pair.previous  # nothing since: settling again is the statement we have
-    await _check_billed(store, pair)
+    period = await open_period(store, me, peer)
+    if period.previous is not None and period.empty:
+        return period.previous  # nothing since: settling again is the statement we have
+    period.check_billed()
     try:
-        statement = make_statement(
-            pair.a_to_b(), pair.b_to_a(), pair.a, pair.b, previous=pair.previous
-        )
+        statement = period.statement()
     except ValueError as exc:
         raise BooksError(
             Kind.CONFLICT, f"our books with this peer are not in order: {exc}"
         ) from exc
-    side = "a" if me == pair.a else "b"
+    side = "a" if me == period.a else "b"
     ours = sign_statement(statement, link.identity.sign, side)
-    previous = msgspec.to_builtins(pair.previous) if pair.previous is not None else None
+    previous = msgspec.to_builtins(period.previous) if period.previous is not None else None
     body = msgspec.json.encode(StatementBody(msgspec.to_builtins(ours), previous))
     answer = _answer(await link.post("/federation/settlements", body), "the settlement")
     try:
@@ -767,13 +1018,17 @@ async def _parties(store: Store, me: str) -> set[str]:
 # --- the other side: answering a peer about our books -------------------------------------------
 
 
-async def receipts_page(store: Store, me: str, peer: str, provider: str, after_seq: int) -> bytes:
-    """A page of one of the two chains between us and `peer`, with countersignatures."""
+async def receipts_page(
+    store: Store, me: str, peer: str, provider: str, after_seq: int, limit: int = PAGE
+) -> bytes:
+    """A page of one of the two chains between us and `peer`, with countersignatures: up to
+    `limit` receipts (at most `PAGE`, whatever is asked)."""
     if provider not in (me, peer):
         raise BooksError(Kind.REFUSED, "only the chains between us are shown")
     consumer = peer if provider == me else me
-    rows = await store.ledger.receipts(provider, consumer, after_seq=after_seq, limit=PAGE + 1)
-    page = ReceiptPage([receipt_fields(loaded(row)) for row in rows[:PAGE]], len(rows) > PAGE)
+    size = max(1, min(limit, PAGE))
+    rows = await store.ledger.receipts(provider, consumer, after_seq=after_seq, limit=size + 1)
+    page = ReceiptPage([receipt_fields(loaded(row)) for row in rows[:size]], len(rows) > size)
     return msgspec.json.encode(page)
 
 
@@ -841,29 +1096,19 @@ async def countersign_statement(
     previous = _ours(request.previous, me, peer) if request.previous is not None else None
     if previous is not None:
         await save_statement(store, previous)
+    period = await open_period(store, me, peer)
+    period.check_billed()
     try:
-        pair = await open_pair(store, me, peer)
-        await _check_billed(store, pair)
-        check_statement(proposed, pair.a_to_b(), pair.b_to_a(), previous=pair.previous)
+        same_statement(proposed, period.statement(now=proposed.iat))
+    except ValueError as exc:
+        raise BooksError(
+            Kind.CONFLICT, f"our books disagree: cannot check the statement: {exc}"
+        ) from exc
     except RecordError as exc:
         raise BooksError(Kind.CONFLICT, f"our books disagree: {exc}") from exc
     both = sign_statement(proposed, identity.sign, "b" if their_side == "a" else "a")
     await save_statement(store, both)
     return both
-
-
-async def _check_billed(store: Store, pair: Pair) -> None:
-    """A statement is signed only over amounts we can match, receipt by receipt, to requests
-    we sent the peer, as we asked and priced them (receipts in our books from before that
-    rule was kept, or put there by hand, stop the settlement: they are for an admin)."""
-    _, refused = await admissible(store, pair.me, pair.peer, pair.theirs, signatures_checked=True)
-    if refused:
-        receipt, why = refused[0]
-        raise BooksError(
-            Kind.CONFLICT,
-            f"our books hold {len(refused)} receipt(s) of this peer that bill no request of"
-            f" ours as sent (seq {receipt.seq}: {why})",
-        )
 
 
 def verify_statement_side(statement: Statement, side: str) -> None:

@@ -220,8 +220,16 @@ async def receipts(request: Request) -> Response[bytes]:
     after = request.query_params.get("after_seq", "0")
     if not after.isascii() or not after.isdigit() or len(after) > 15:
         raise ApiError(400, "after_seq is a whole number", param="after_seq")
+    # `limit` (1..1000) is newer than the endpoint: an older consumer asks without it.
+    limit = request.query_params.get("limit", str(books.PAGE))
+    if not (
+        limit.isascii() and limit.isdigit() and len(limit) <= 4 and 1 <= int(limit) <= books.PAGE
+    ):
+        raise ApiError(400, f"limit is a whole number from 1 to {books.PAGE}", param="limit")
     provider = request.query_params.get("provider", "")
-    page = await books.receipts_page(hub.store, hub.identity.node_id, peer, provider, int(after))
+    page = await books.receipts_page(
+        hub.store, hub.identity.node_id, peer, provider, int(after), int(limit)
+    )
     return Response(page, media_type=JSON)
 
 

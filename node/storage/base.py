@@ -25,6 +25,8 @@ from node.storage.records import (
     LinkedReceipt,
     LogFilter,
     PeerRecord,
+    ProcessBeat,
+    ProcessRecord,
     RateAnswer,
     RateSync,
     ReceiptMaker,
@@ -87,12 +89,16 @@ class SpendStore(Protocol):
         ...
 
     async def release(self, leases: list[tuple[int, tuple[str, int]]], holder: str = "") -> None:
-        """Give back reserved budget that no request will use: (amount, (scope, start))."""
+        """Give back reserved budget that no request will use: (amount, (scope, start)). A
+        holder gives back at most what its hold still has: what was given back for it
+        already (it could not renew in time) is not given back twice."""
         ...
 
-    async def renew_holds(self, holder: str, now: int) -> int:
-        """The holder is alive: what it holds stays its own until `now + HOLD_TTL`; how many
-        holds it has (none: it holds nothing, or what it held was given back)."""
+    async def renew_holds(self, holder: str, now: int) -> set[tuple[str, int]]:
+        """The holder is alive: what it holds stays its own for `HOLD_TTL` seconds more
+        (from `now`; PostgreSQL counts in the database's own clock, which every host shares);
+        the (scope, period start) of every hold it still has. A hold missing was given back
+        (it could not renew in time): its lease is reserved no more."""
         ...
 
     async def release_all_reservations(self) -> None:
@@ -367,6 +373,35 @@ class LogStore(Protocol):
         ...
 
 
+class ProcessStore(Protocol):
+    """The processes serving the node, their heartbeats, and the change epoch of keys and
+    tenants: the database counts each change (whoever makes it), each process says which
+    epoch it checks requests against, and whoever changes a key can wait for every live
+    process to have applied it (`node/gateway/propagation.py`)."""
+
+    async def epoch(self) -> int:
+        """The change epoch of keys and tenants now (0 before any change). Read before the
+        keys themselves: keys read afterwards hold every change up to it."""
+        ...
+
+    async def beat(self, process: ProcessBeat) -> int:
+        """The process is alive (its row written, seen now in the database's clock); the
+        change epoch now."""
+        ...
+
+    async def applied(self, holder: str, epoch: int) -> None:
+        """The process checks requests against the keys of `epoch` (or a later one)."""
+        ...
+
+    async def live(self) -> list[ProcessRecord]:
+        """The processes whose last heartbeat is younger than `PROCESS_FRESH_MS`."""
+        ...
+
+    async def leave(self, holder: str) -> None:
+        """The process stops: nobody waits for it any more."""
+        ...
+
+
 class Store(Protocol):
     """One of each aggregate, over one database."""
 
@@ -380,6 +415,7 @@ class Store(Protocol):
     sessions: SessionStore
     cache: CacheStore
     logs: LogStore
+    processes: ProcessStore
 
     async def close(self) -> None: ...
 

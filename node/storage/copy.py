@@ -19,8 +19,9 @@ import asyncpg
 from node.storage.migrations import MIGRATIONS
 from node.storage.postgres.connection import Database, database_id, lock_key
 
-# The schema's own bookkeeping, not the node's records: never copied.
-_NOT_COPIED = {"aihub_schema", "sqlite_sequence"}
+# The schema's own bookkeeping, and the processes that served the file (they serve it no
+# more), not the node's records: never copied.
+_NOT_COPIED = {"aihub_schema", "sqlite_sequence", "processes"}
 # Which database this is: the target's own, never the source's.
 _META_FILE_ID = "file_id"
 

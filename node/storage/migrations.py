@@ -691,4 +691,69 @@ MIGRATIONS: list[Migration] = [
         ALTER TABLE usage ADD COLUMN log_id TEXT;
         """,
     ),
+    # 16: the processes serving the node, each with its heartbeat (in the database's clock)
+    # and the change epoch of keys and tenants it checks requests against, so that a command
+    # that changes a key returns once every live process has applied it; the epoch is
+    # counted by the database at each change (`counters` row `changes`), whoever made it.
+    Migration(
+        sqlite="""
+        CREATE TABLE processes (
+            holder TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            folder TEXT NOT NULL,
+            path TEXT NOT NULL,
+            seen_ms INTEGER NOT NULL,
+            applied INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TRIGGER keys_epoch_insert AFTER INSERT ON keys BEGIN
+            INSERT INTO counters VALUES ('changes', 1)
+                ON CONFLICT (name) DO UPDATE SET value = value + 1;
+        END;
+        CREATE TRIGGER keys_epoch_update AFTER UPDATE ON keys BEGIN
+            INSERT INTO counters VALUES ('changes', 1)
+                ON CONFLICT (name) DO UPDATE SET value = value + 1;
+        END;
+        CREATE TRIGGER keys_epoch_delete AFTER DELETE ON keys BEGIN
+            INSERT INTO counters VALUES ('changes', 1)
+                ON CONFLICT (name) DO UPDATE SET value = value + 1;
+        END;
+        CREATE TRIGGER tenants_epoch_insert AFTER INSERT ON tenants BEGIN
+            INSERT INTO counters VALUES ('changes', 1)
+                ON CONFLICT (name) DO UPDATE SET value = value + 1;
+        END;
+        CREATE TRIGGER tenants_epoch_update AFTER UPDATE ON tenants BEGIN
+            INSERT INTO counters VALUES ('changes', 1)
+                ON CONFLICT (name) DO UPDATE SET value = value + 1;
+        END;
+        CREATE TRIGGER tenants_epoch_delete AFTER DELETE ON tenants BEGIN
+            INSERT INTO counters VALUES ('changes', 1)
+                ON CONFLICT (name) DO UPDATE SET value = value + 1;
+        END;
+        """,
+        postgres="""
+        CREATE TABLE processes (
+            holder TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid BIGINT NOT NULL,
+            folder TEXT NOT NULL,
+            path TEXT NOT NULL,
+            seen_ms BIGINT NOT NULL,
+            applied BIGINT NOT NULL
+        );
+        CREATE FUNCTION aihub_keys_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO counters VALUES ('changes', 1)
+                ON CONFLICT (name) DO UPDATE SET value = counters.value + 1;
+            PERFORM pg_notify('aihub_changes', 'keys');
+            RETURN NULL;
+        END $$;
+        DROP TRIGGER keys_changed ON keys;
+        DROP TRIGGER tenants_changed ON tenants;
+        CREATE TRIGGER keys_changed AFTER INSERT OR UPDATE OR DELETE ON keys
+            FOR EACH STATEMENT EXECUTE FUNCTION aihub_keys_changed();
+        CREATE TRIGGER tenants_changed AFTER INSERT OR UPDATE OR DELETE ON tenants
+            FOR EACH STATEMENT EXECUTE FUNCTION aihub_keys_changed();
+        """,
+    ),
 ]

@@ -178,6 +178,41 @@ HOLD_TTL = 15
 RATE_WINDOW = 60
 
 
+# A process is live while its last heartbeat (`ProcessStore.beat`, each second) is younger
+# than this, in the database's clock: a change of keys waits for every live process to
+# apply it. A process that stopped without saying so (killed) is waited for no more after it.
+PROCESS_FRESH_MS = 15_000
+# A process's row is forgotten this long after its last heartbeat.
+PROCESS_FORGET_MS = 86_400_000
+
+
+class ProcessBeat(msgspec.Struct, frozen=True):
+    """What a serving process says of itself at each heartbeat. `folder` names its data
+    folder (host, device and inode: `path` is only for people), whose `keys.epoch` file the
+    process reads on every request; `applied` is the change epoch of keys and tenants it
+    checks requests against."""
+
+    holder: str
+    host: str
+    pid: int
+    folder: str
+    path: str
+    applied: int
+
+
+class ProcessRecord(msgspec.Struct, frozen=True):
+    """A process as the store knows it: its last heartbeat `age_ms` ago (the database's
+    clock), and the change epoch it applied."""
+
+    holder: str
+    host: str
+    pid: int
+    folder: str
+    path: str
+    age_ms: int
+    applied: int
+
+
 class Charge(msgspec.Struct):
     """A finished request: its usage record and what its reservations turn into."""
 

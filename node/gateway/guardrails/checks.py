@@ -10,6 +10,7 @@ from node.config import (
     ConfigError,
     GuardrailProfile,
     InjectionCheck,
+    ModerationCheck,
     PiiCheck,
     SecretsCheck,
     SizeCheck,
@@ -18,8 +19,12 @@ from node.config import (
 from node.gateway.guardrails.findings import Span
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import httpx
 
+    from adapters.types import Upstream
+    from node.gateway.guardrails.moderator import Moderator
     from node.gateway.guardrails.webhook import Webhook
 
 
@@ -39,6 +44,12 @@ class Built(NamedTuple):
     input: bool = True
     hook: Webhook | None = None
     kind: str = ""
+    moderator: Moderator | None = None
+
+    @property
+    def remote(self) -> bool:
+        """Asked over HTTP (a webhook, a moderation deployment), after the in-process checks."""
+        return self.hook is not None or self.moderator is not None
 
 
 def _detector(check: Check) -> Detector | None:
@@ -82,16 +93,23 @@ class Profile(NamedTuple):
 
     @property
     def input(self) -> list[Built]:
-        """The checks run in-process on a request (webhooks are asked after them)."""
-        return [check for check in self.checks if check.input and check.hook is None]
+        """The checks run in-process on a request (the remote ones are asked after them)."""
+        return [check for check in self.checks if check.input and not check.remote]
 
     @property
     def hooks(self) -> list[Built]:
-        return [check for check in self.checks if check.hook is not None]
+        """The remote checks of a request, in order: webhooks and moderation deployments."""
+        return [check for check in self.checks if check.input and check.remote]
 
     @property
     def output(self) -> list[Built]:
-        return [check for check in self.checks if check.output]
+        """The in-process checks of an answer (streamed or not)."""
+        return [check for check in self.checks if check.output and not check.remote]
+
+    @property
+    def moderated(self) -> list[Built]:
+        """The moderation deployments a complete answer is sent to."""
+        return [check for check in self.checks if check.output and check.moderator is not None]
 
 
 def _hook(check: Check, client: httpx.AsyncClient | None) -> Webhook | None:
@@ -104,19 +122,51 @@ def _hook(check: Check, client: httpx.AsyncClient | None) -> Webhook | None:
     return Webhook(check, client)
 
 
+def _moderator(
+    check: Check,
+    client: httpx.AsyncClient | None,
+    upstream_of: Callable[[str], Upstream] | None,
+) -> Moderator | None:
+    if not isinstance(check, ModerationCheck):
+        return None
+    from node.gateway.guardrails.moderator import Moderator
+
+    if client is None or upstream_of is None:
+        raise ValueError("a moderation check needs the node's HTTP client and deployments")
+    return Moderator(check, upstream_of(check.deployment), client)
+
+
 def build_profile(
-    name: str, profile: GuardrailProfile, client: httpx.AsyncClient | None = None
+    name: str,
+    profile: GuardrailProfile,
+    client: httpx.AsyncClient | None = None,
+    upstream_of: Callable[[str], Upstream] | None = None,
 ) -> Profile:
-    """The profile's checks built (`client` POSTs to its webhooks)."""
+    """The profile's checks built (`client` POSTs to its webhooks and moderation
+    deployments, whose upstreams `upstream_of` names)."""
     built: list[Built] = []
     for check in profile.checks:
-        both = isinstance(check, PiiCheck | SecretsCheck)
+        both = isinstance(check, PiiCheck | SecretsCheck | ModerationCheck)
         output = both and check.output  # type: ignore[union-attr]
         on_input = not both or check.input  # type: ignore[union-attr]
         max_chars = check.max_chars if isinstance(check, SizeCheck) else None
         name = check.name or _kind(check)
         hook = _hook(check, client)
-        built.append(Built(name, check.action, _detector(check), max_chars, output, on_input, hook))
+        detector = _detector(check)
+        moderator = _moderator(check, client, upstream_of)
+        built.append(
+            Built(
+                name,
+                check.action,
+                detector,
+                max_chars,
+                output,
+                on_input,
+                hook,
+                _kind(check),
+                moderator,
+            )
+        )
     # The size check first: it is the cheapest, and it keeps a huge text from the others.
     built.sort(key=lambda check: check.max_chars is None)
     return Profile(name, built, profile.hold_back)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 
 import msgspec
 
@@ -26,12 +27,19 @@ class Span(msgspec.Struct, frozen=True):
 
 
 class Finding(msgspec.Struct, frozen=True):
-    """One check's verdict on a request or an answer: what kinds of thing it found, never
-    the things themselves."""
+    """One check's verdict on a request or an answer: what kinds of thing it found and how
+    many of each (`counts[i]` of `kinds[i]`), never the things themselves."""
 
     check: str
     action: str
     kinds: tuple[str, ...]
+    counts: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, check: str, action: str, spans: Iterable[Span]) -> Finding:
+        counted = Counter(span.kind for span in spans)
+        kinds = tuple(sorted(counted))
+        return cls(check, action, kinds, tuple(counted[kind] for kind in kinds))
 
 
 def folded(text: str) -> str:
@@ -54,6 +62,26 @@ class Replacer:
         if not self.literals:
             return text
         return self._pattern.sub(lambda match: self.literals[match.group()], text)
+
+
+class Redaction:
+    """What the guardrails replaced in a request, in order (the checks' literals, then a
+    webhook's texts): applied to what the node keeps of it (its interaction log, a stored
+    Responses conversation), so that nothing kept holds what no upstream was sent."""
+
+    def __init__(self) -> None:
+        self.steps: list[Callable[[str], str]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.steps)
+
+    def add(self, replace: Callable[[str], str]) -> None:
+        self.steps.append(replace)
+
+    def __call__(self, text: str) -> str:
+        for step in self.steps:
+            text = step(text)
+        return text
 
 
 def placeholder(kind: str) -> str:

@@ -12,12 +12,13 @@ import anyio
 import httpx
 from prometheus_client import CollectorRegistry, Counter
 
-from adapters.types import ChatCall, ChatResult, CompletionCall, WireResult
+from adapters.types import ChatCall, ChatResult, CompletionCall, Upstream, WireResult
 from node.config import GuardrailProfile, GuardrailsSection, InjectionCheck
 from node.errors import HubError, Kind
 from node.gateway.auth import Principal
 from node.gateway.guardrails.checks import Built, Profile, build_profile
-from node.gateway.guardrails.findings import Finding, Replacer, Span, literals_of
+from node.gateway.guardrails.findings import Finding, Redaction, Replacer, Span, literals_of
+from node.gateway.guardrails.moderator import ModerationFailed
 from node.gateway.guardrails.stream import guarded
 from node.gateway.guardrails.texts import call_texts, result_texts, rewrite_call, rewrite_result
 from node.storage.records import AuditEvent
@@ -36,10 +37,8 @@ class Verdict:
         self.findings: list[Finding] = []
         self.literals: dict[str, str] = {}
         self.blocked: Finding | None = None
-
-
-def _kinds(spans: list[Span]) -> tuple[str, ...]:
-    return tuple(sorted({span.kind for span in spans}))
+        # What the check that blocked found: never sent anywhere, and never kept either.
+        self.withheld: dict[str, str] = {}
 
 
 def judge(checks: list[Built], texts: list[str]) -> Verdict:
@@ -58,10 +57,11 @@ def judge(checks: list[Built], texts: list[str]) -> Verdict:
                 literals.update(literals_of(text, (s for s in found if s.end > s.start)))
         if not spans:
             continue
-        finding = Finding(check.name, check.action, _kinds(spans))
+        finding = Finding.of(check.name, check.action, spans)
         verdict.findings.append(finding)
         if check.action == "block":
             verdict.blocked = finding
+            verdict.withheld = literals
             return verdict
         if check.action == "redact":
             verdict.literals.update(literals)
@@ -76,13 +76,43 @@ def blocked_error(finding: Finding, reason: str = "") -> HubError:
     return HubError(Kind.INVALID_REQUEST, message, code="guardrail_blocked")
 
 
+async def moderated(check: Built, texts: list[str], verdict: Verdict) -> str:
+    """A moderation deployment's say on the texts, a finding if it flags any: the reason of
+    a block ("" if it does not block)."""
+    moderator = check.moderator
+    assert moderator is not None
+    try:
+        assessed = await moderator.assess(texts)
+    except ModerationFailed:
+        if moderator.on_error == "allow":
+            return ""
+        finding = Finding(check.name, "block", ("MODERATION_UNAVAILABLE",), (1,))
+        verdict.findings.append(finding)
+        verdict.blocked = finding
+        return "the moderation deployment did not answer"
+    flagged = [category for assessment in assessed for category in assessment.flagged]
+    if not flagged:
+        return ""
+    finding = Finding.of(check.name, check.action, (Span(name, 0, 0) for name in flagged))
+    verdict.findings.append(finding)
+    if check.action != "block":
+        return ""
+    verdict.blocked = finding
+    return f"flagged as {', '.join(finding.kinds)}"
+
+
 async def ask_hooks(
     checks: list[Built], texts: list[str], request_id: str, verdict: Verdict
 ) -> tuple[dict[str, str], str]:
-    """The profile's webhooks, in order, on the texts (as the checks before left them):
-    what they redact (whole texts, old → new), and the reason of a block (which ends it)."""
+    """The profile's remote checks, in order, on the texts (as the checks before left them):
+    what webhooks redact (whole texts, old → new), and the reason of a block (which ends it)."""
     replaced: dict[str, str] = {}
     for check in checks:
+        if check.moderator is not None:
+            reason = await moderated(check, texts, verdict)
+            if verdict.blocked is not None:
+                return replaced, reason
+            continue
         if check.hook is None:
             continue
         answer = await check.hook.ask(check.name, request_id, texts)
@@ -90,7 +120,7 @@ async def ask_hooks(
             continue
         kind = "WEBHOOK_BLOCK" if answer.verdict == "block" else "WEBHOOK_REDACTION"
         action = "log" if check.action == "log" else answer.verdict
-        finding = Finding(check.name, action, (kind,))
+        finding = Finding(check.name, action, (kind,), (1,))
         verdict.findings.append(finding)
         if action == "block":
             verdict.blocked = finding
@@ -112,10 +142,12 @@ class Guardrails:
         registry: CollectorRegistry,
         audit: Callable[[AuditEvent], None],
         client: httpx.AsyncClient | None = None,
+        upstream_of: Callable[[str], Upstream] | None = None,
     ) -> None:
         self.section = section
         self.profiles = {
-            name: build_profile(name, profile, client) for name, profile in section.profiles.items()
+            name: build_profile(name, profile, client, upstream_of)
+            for name, profile in section.profiles.items()
         }
         self._audit = audit
         # What `/v1/moderations` assesses a caller with no profile by.
@@ -141,9 +173,24 @@ class Guardrails:
             name = section.peers
         return self.profiles.get(name or section.default)
 
-    def record(
-        self, verdict: Verdict, principal: Principal, stage: str, request_id: str, ip: str | None
-    ) -> None:
+    def rewriter(self, principal: Principal) -> str:
+        """The name of the profile that may rewrite this caller's requests before an upstream
+        sees them (a redacting input check, a webhook), else "": the response cache keeps
+        what was answered to such a rewritten request apart."""
+        profile = self.profile_for(principal)
+        if profile is None:
+            return ""
+        rewrites = any(
+            c.action == "redact" or c.hook is not None for c in profile.input + profile.hooks
+        )
+        return profile.name if rewrites else ""
+
+    def record(self, verdict: Verdict, books: Accounting, stage: str, ip: str | None) -> None:
+        """Each finding a metric, an audit event if it changed the request, and a line of the
+        request's interaction log if it has one."""
+        principal, request_id = books.principal, books.request_id
+        if books.log is not None:
+            books.log.found(stage, verdict.findings)
         tenant = principal.tenant.name if principal.tenant is not None else ""
         for finding in verdict.findings:
             self.findings.labels(finding.check, finding.action, tenant, stage).inc()
@@ -165,44 +212,52 @@ class Guardrails:
         self,
         profile: Profile,
         call: ChatCall | CompletionCall,
-        principal: Principal,
-        ip: str | None,
+        books: Accounting,
+        ip: str | None = None,
     ) -> None:
         """The input checks, then the webhooks: a block raises the client's error, a
-        redaction rewrites the call before any upstream sees it. With output checks, the
-        answer is asked in the neutral form (not a native passthrough) so that the node can
-        read and redact it."""
+        redaction rewrites the call before any upstream sees it, and is kept in the books
+        (`Accounting.redaction`) for what the node keeps of the request: its interaction log
+        holds the body as the upstream was sent it (a blocked one without what blocked it).
+        With output checks, the answer is asked in the neutral form (not a native
+        passthrough) so that the node can read and redact it."""
         texts = call_texts(call)
         if sum(len(text) for text in texts) > _THREAD_FROM:
             verdict = await anyio.to_thread.run_sync(judge, profile.input, texts)
         else:
             verdict = judge(profile.input, texts)
-        hooked: dict[str, str] = {}
+        redaction = Redaction()
+        if verdict.literals:
+            redaction.add(Replacer(verdict.literals))
         reason = ""
         if verdict.blocked is None and profile.hooks:
             # The webhooks read the texts as the checks before them left them.
-            replace = Replacer(verdict.literals)
-            texts = [replace(text) for text in texts]
+            texts = [redaction(text) for text in texts]
             hooked, reason = await ask_hooks(profile.hooks, texts, call.request_id, verdict)
-        self.record(verdict, principal, "input", call.request_id, ip)
+            if hooked:
+                redaction.add(Replacer(hooked))
+        self.record(verdict, books, "input", ip)
         if verdict.blocked is not None:
+            if books.log is not None:
+                books.log.redact(Replacer({**verdict.literals, **verdict.withheld}))
             raise blocked_error(verdict.blocked, reason)
-        for literals in (verdict.literals, hooked):
-            if literals:
-                rewrite_call(call, Replacer(literals))
-        if profile.output and isinstance(call, ChatCall):
+        if redaction:
+            rewrite_call(call, redaction)
+            books.redaction = redaction
+            if books.log is not None:
+                books.log.redact(redaction)
+        if (profile.output or profile.moderated) and isinstance(call, ChatCall):
             call.native = None
 
     def guard_stream(
         self, profile: Profile, items: AsyncGenerator[Any, None], books: Accounting
     ) -> AsyncGenerator[Any, None]:
         """A chat stream's items through the profile's output checks (`stream.py`)."""
-        principal, request_id = books.principal, books.request_id
 
         def seen(finding: Finding) -> None:
             verdict = Verdict()
             verdict.findings.append(finding)
-            self.record(verdict, principal, "output", request_id, None)
+            self.record(verdict, books, "output", None)
 
         return guarded(items, profile.output, profile.hold_back, seen)
 
@@ -210,8 +265,7 @@ class Guardrails:
         self,
         profile: Profile,
         result: ChatResult | WireResult,
-        principal: Principal,
-        request_id: str,
+        books: Accounting,
     ) -> ChatResult | WireResult:
         """The output checks on a complete answer: what they find is redacted (or logged)."""
         checks = profile.output
@@ -221,7 +275,27 @@ class Guardrails:
         if not texts:
             return result
         verdict = judge(checks, texts)
-        self.record(verdict, principal, "output", request_id, None)
+        self.record(verdict, books, "output", None)
         if not verdict.literals:
             return result
         return rewrite_result(result, document, Replacer(verdict.literals))
+
+    async def moderate_answer(
+        self, profile: Profile, result: ChatResult | WireResult, books: Accounting
+    ) -> HubError | None:
+        """A complete answer sent to the profile's output moderation deployments: the
+        client's error if one of them blocks it (the caller settles the request)."""
+        texts, _ = result_texts(result)
+        if not texts:
+            return None
+        verdict = Verdict()
+        reason = ""
+        for check in profile.moderated:
+            reason = await moderated(check, texts, verdict)
+            if verdict.blocked is not None:
+                break
+        self.record(verdict, books, "output", None)
+        if verdict.blocked is None:
+            return None
+        message = f"The answer was withheld by the guardrail `{verdict.blocked.check}`: {reason}"
+        return HubError(Kind.INVALID_REQUEST, message, code="guardrail_blocked")

@@ -60,7 +60,7 @@ class HoldBack:
             spans = [s for s in found.get(check.name, []) if s.end <= cut]
             if not spans:
                 continue
-            self._seen(Finding(check.name, check.action, tuple(sorted({s.kind for s in spans}))))
+            self._seen(Finding.of(check.name, check.action, spans))
             if check.action == "redact":
                 redacted += spans
         return redact_spans(text, redacted)

@@ -8,6 +8,7 @@ request, so that no upstream sees it, whichever form it is sent.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -45,7 +46,7 @@ def call_texts(call: ChatCall | CompletionCall) -> list[str]:
     return texts
 
 
-def replaced(value: Any, replace: Replacer) -> Any:
+def replaced(value: Any, replace: Callable[[str], str]) -> Any:
     """`value` (decoded JSON) with `replace` applied to every string in it, in place where it
     is a container. Iterative: a hostile nesting depth costs no recursion."""
     if isinstance(value, str):
@@ -62,7 +63,9 @@ def replaced(value: Any, replace: Replacer) -> Any:
     return value
 
 
-def _raw_fields(fields: dict[str, msgspec.Raw], replace: Replacer) -> dict[str, msgspec.Raw]:
+def _raw_fields(
+    fields: dict[str, msgspec.Raw], replace: Callable[[str], str]
+) -> dict[str, msgspec.Raw]:
     out = dict(fields)
     for name in _TEXT_FIELDS.intersection(fields):
         try:
@@ -75,7 +78,7 @@ def _raw_fields(fields: dict[str, msgspec.Raw], replace: Replacer) -> dict[str, 
     return out
 
 
-def rewrite_call(call: ChatCall | CompletionCall, replace: Replacer) -> None:
+def rewrite_call(call: ChatCall | CompletionCall, replace: Callable[[str], str]) -> None:
     """Replace what was found everywhere the call holds the client's texts."""
     typed = replaced(msgspec.to_builtins(call.request), replace)
     call.request = msgspec.convert(typed, type(call.request))  # type: ignore[assignment]
@@ -119,3 +122,14 @@ def rewrite_result(
         completion = msgspec.convert(document, type(result.completion))
         return msgspec.structs.replace(result, completion=completion)
     return msgspec.structs.replace(result, wire=msgspec.json.encode(document))
+
+
+def redacted_json(body: bytes, replace: Callable[[str], str]) -> bytes:
+    """A JSON body (one the node decoded already, under its nesting bound) with `replace`
+    applied to every string in it; one that does not decode is kept as nothing rather than
+    as it was."""
+    try:
+        value = msgspec.json.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return b""
+    return msgspec.json.encode(replaced(value, replace))

@@ -34,6 +34,7 @@ class ChangeWatch:
         self._changed = changed
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self._stopping = False
 
     async def start(self) -> None:
         """Listen; return once the first connection listens (or has failed once)."""
@@ -41,6 +42,7 @@ class ChangeWatch:
         await self._ready.wait()
 
     async def stop(self) -> None:
+        self._stopping = True  # the connection closed now is no change missed
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -82,6 +84,7 @@ class ChangeWatch:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("listening for changes failed: %s", exc)
         finally:
-            self._all_changed()
+            if not self._stopping:
+                self._all_changed()
             with contextlib.suppress(Exception):
                 await connection.close(timeout=1)

@@ -33,11 +33,29 @@ _RESERVE = (
     " WHERE held.spent::numeric + held.reserved + $1 > held.cap)"
 )
 
+# A hold's expiry is kept in the database's clock, which every host shares (two hosts' clocks
+# may differ by more than the margin a process keeps below HOLD_TTL: `node/gateway/budgets.py`).
+# A time a caller gives is in its own clock: what is kept is the database's now plus the
+# caller's offset from its own now (none, unless a test moves time).
+DB_NOW = "extract(epoch FROM clock_timestamp())::bigint"
+
 _HOLD = (
-    "INSERT INTO budget_holds SELECT scope, period_start, $3, $4, $5"
+    "INSERT INTO budget_holds SELECT scope, period_start, $3, $4, " + DB_NOW + " + $5"
     " FROM unnest($1::text[], $2::bigint[]) AS given (scope, period_start)"
     " ON CONFLICT (scope, period_start, holder) DO UPDATE"
     " SET amount = budget_holds.amount + excluded.amount, expires = excluded.expires"
+)
+
+# What a holder gives back of a lease: at most what its hold still has (nothing, if its holds
+# were given back for it: it could not renew in time). The spend row is locked first, in the
+# order every writer locks it.
+_RELEASE_HELD = (
+    "WITH held AS (SELECT LEAST(amount, $3) AS amount FROM budget_holds"
+    " WHERE scope = $1 AND period_start = $2 AND holder = $4 FOR UPDATE),"
+    " taken AS (UPDATE budget_holds SET amount = budget_holds.amount - held.amount FROM held"
+    " WHERE scope = $1 AND period_start = $2 AND holder = $4)"
+    " UPDATE spend SET reserved = GREATEST(reserved - held.amount, 0) FROM held"
+    " WHERE scope = $1 AND period_start = $2"
 )
 
 _ADD_RATE = (
@@ -81,7 +99,7 @@ class PostgresSpend:
                     [start for _, start in ordered],
                     holder,
                     amount,
-                    int(time.time()) + HOLD_TTL,
+                    HOLD_TTL,
                 )
             return count == len(scopes)
 
@@ -92,27 +110,36 @@ class PostgresSpend:
         rows = sorted((scope, start, amount) for amount, (scope, start) in leases)
 
         async def work(db: asyncpg.Connection) -> None:
-            await db.executemany(
-                "UPDATE spend SET reserved = GREATEST(reserved - $3, 0)"
-                " WHERE scope = $1 AND period_start = $2",
-                rows,
-            )
-            if holder:
+            if not holder:
                 await db.executemany(
-                    "UPDATE budget_holds SET amount = GREATEST(amount - $3, 0)"
-                    " WHERE scope = $1 AND period_start = $2 AND holder = $4",
-                    [(*row, holder) for row in rows],
+                    "UPDATE spend SET reserved = GREATEST(reserved - $3, 0)"
+                    " WHERE scope = $1 AND period_start = $2",
+                    rows,
                 )
+                return
+            await db.execute(
+                "SELECT 1 FROM spend WHERE (scope, period_start) IN"
+                " (SELECT * FROM unnest($1::text[], $2::bigint[]))"
+                " ORDER BY scope, period_start FOR UPDATE",
+                [scope for scope, _, _ in rows],
+                [start for _, start, _ in rows],
+            )
+            await db.executemany(_RELEASE_HELD, [(*row, holder) for row in rows])
 
         if rows:
             await self._db.atomic(work)
 
-    async def renew_holds(self, holder: str, now: int) -> int:
-        """The holder is alive: what it holds stays its own until `now + HOLD_TTL`; how many
-        holds it has (none: it holds nothing, or what it held was given back)."""
-        return await self._db.execute(
-            "UPDATE budget_holds SET expires = $1 WHERE holder = $2", now + HOLD_TTL, holder
+    async def renew_holds(self, holder: str, now: int) -> set[tuple[str, int]]:
+        """The holder is alive: what it holds stays its own for HOLD_TTL seconds from `now`
+        (kept in the database's clock); the (scope, period start) of each hold it still
+        has (one missing was given back: the holder could not renew in time)."""
+        rows = await self._db.fetch(
+            "UPDATE budget_holds SET expires = " + DB_NOW + " + $1 WHERE holder = $2"
+            " RETURNING scope, period_start",
+            now + HOLD_TTL - int(time.time()),
+            holder,
         )
+        return {(row[0], row[1]) for row in rows}
 
     async def release_all_reservations(self) -> None:
         """No request of any process is in flight (the SQLite node's start; on PostgreSQL,
@@ -250,17 +277,20 @@ async def prune_leases(db: asyncpg.Connection, now: int) -> None:
     hold renewed meanwhile is no longer expired, and stays), then their sums given back."""
     await db.execute("DELETE FROM rate_counts WHERE second < $1", now - 2 * RATE_WINDOW)
     await db.execute("DELETE FROM parallel_slots WHERE expires < $1", now)
+    # Holds expire in the database's clock (`_HOLD`); `now`, the caller's, is an offset.
+    expired = DB_NOW + " + $1"
+    offset = now - int(time.time())
     await db.execute(
         "SELECT 1 FROM spend WHERE (scope, period_start) IN (SELECT scope, period_start"
-        " FROM budget_holds WHERE expires < $1) ORDER BY scope, period_start FOR UPDATE",
-        now,
+        f" FROM budget_holds WHERE expires < {expired}) ORDER BY scope, period_start FOR UPDATE",
+        offset,
     )
     await db.execute(
-        "WITH gone AS (DELETE FROM budget_holds WHERE expires < $1"
+        f"WITH gone AS (DELETE FROM budget_holds WHERE expires < {expired}"
         " RETURNING scope, period_start, amount),"
         " sums AS (SELECT scope, period_start, SUM(amount) AS amount FROM gone"
         " GROUP BY scope, period_start)"
         " UPDATE spend SET reserved = GREATEST(spend.reserved - sums.amount, 0) FROM sums"
         " WHERE spend.scope = sums.scope AND spend.period_start = sums.period_start",
-        now,
+        offset,
     )

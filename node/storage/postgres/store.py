@@ -15,6 +15,7 @@ from node.storage.postgres.keys import PostgresKeys
 from node.storage.postgres.ledger import PostgresLedger
 from node.storage.postgres.logs import PostgresLogs
 from node.storage.postgres.peers import PostgresPeers, prune_nonces
+from node.storage.postgres.processes import PostgresProcesses, prune_processes
 from node.storage.postgres.responses import PostgresResponses
 from node.storage.postgres.sessions import PostgresSessions, prune_sessions
 from node.storage.postgres.spend import PostgresSpend, prune_leases
@@ -39,6 +40,7 @@ class PostgresStore:
         self.cache = PostgresCache(db)
         self.logs = PostgresLogs(db)
         self.sessions = PostgresSessions(db)
+        self.processes = PostgresProcesses(db)
 
     @classmethod
     async def open(
@@ -77,12 +79,13 @@ class PostgresStore:
         return await self.db.run(database_id)
 
     async def prune(self, now: int) -> None:
-        """Forget nonces, rate counts, parallel slots and dashboard sessions that can no longer
-        matter."""
+        """Forget nonces, rate counts, parallel slots, dashboard sessions and processes that
+        can no longer matter."""
 
         async def prune(db: asyncpg.Connection) -> None:
             await prune_nonces(db, now)
             await prune_leases(db, now)
             await prune_sessions(db, now)
+            await prune_processes(db)
 
         await self.db.atomic(prune)

@@ -153,27 +153,29 @@ async def _settle(db: asyncpg.Connection, holds: list[tuple[int, Hold]]) -> None
             [h.holder for _, h in ordered],
         )
     }
+    # One update per row however many of the batch's requests it settles (a busy key's row
+    # would otherwise get a new version per request): the sums, which come to the same
+    # (max(max(r - a, 0) - b, 0) = max(r - a - b, 0) for amounts that are not negative).
+    rows: dict[tuple[str, int], list[int]] = {}
+    mine: dict[tuple[str, int, str], int] = {}
+    for cost, hold in ordered:
+        row = rows.setdefault((hold.scope, hold.period_start), [0, 0])
+        if not hold.holder or (hold.scope, hold.period_start, hold.holder) in held:
+            row[0] += hold.amount
+        row[1] += cost
+        if hold.holder:
+            key = (hold.scope, hold.period_start, hold.holder)
+            mine[key] = mine.get(key, 0) + hold.amount
     await db.executemany(
         "UPDATE spend SET reserved = GREATEST(reserved - $1, 0), spent = spent + $2"
         " WHERE scope = $3 AND period_start = $4",
-        [
-            (
-                hold.amount
-                if not hold.holder or (hold.scope, hold.period_start, hold.holder) in held
-                else 0,
-                cost,
-                hold.scope,
-                hold.period_start,
-            )
-            for cost, hold in ordered
-        ],
+        [(reserved, spent, scope, start) for (scope, start), (reserved, spent) in rows.items()],
     )
-    mine = [(h.amount, h.scope, h.period_start, h.holder) for _, h in ordered if h.holder]
     if mine:
         await db.executemany(
             "UPDATE budget_holds SET amount = GREATEST(amount - $1, 0)"
             " WHERE scope = $2 AND period_start = $3 AND holder = $4",
-            mine,
+            [(amount, *key) for key, amount in mine.items()],
         )
 
 

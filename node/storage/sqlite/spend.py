@@ -72,26 +72,43 @@ class SqliteSpend:
         """Give back reserved budget that no request will use: (amount, (scope, start))."""
 
         def work(db: sqlite3.Connection) -> None:
-            db.executemany(
-                "UPDATE spend SET reserved = MAX(reserved - ?, 0)"
-                " WHERE scope = ? AND period_start = ?",
-                [(amount, scope, start) for amount, (scope, start) in leases],
-            )
-            if holder:
-                db.executemany(
-                    "UPDATE budget_holds SET amount = MAX(amount - ?, 0)"
-                    " WHERE scope = ? AND period_start = ? AND holder = ?",
-                    [(amount, scope, start, holder) for amount, (scope, start) in leases],
+            for amount, (scope, start) in leases:
+                if holder:
+                    # At most what the hold still has: what was given back for the holder
+                    # already (it could not renew in time) is not given back twice.
+                    row = db.execute(
+                        "SELECT amount FROM budget_holds"
+                        " WHERE scope = ? AND period_start = ? AND holder = ?",
+                        (scope, start, holder),
+                    ).fetchone()
+                    amount = min(amount, row[0]) if row else 0
+                    db.execute(
+                        "UPDATE budget_holds SET amount = amount - ?"
+                        " WHERE scope = ? AND period_start = ? AND holder = ?",
+                        (amount, scope, start, holder),
+                    )
+                db.execute(
+                    "UPDATE spend SET reserved = MAX(reserved - ?, 0)"
+                    " WHERE scope = ? AND period_start = ?",
+                    (amount, scope, start),
                 )
 
         await self._db.atomic(work)
 
-    async def renew_holds(self, holder: str, now: int) -> int:
-        """The holder is alive: what it holds stays its own until `now + HOLD_TTL`; how many
-        holds it has (none: it holds nothing, or what it held was given back)."""
-        return await self._db.execute(
-            "UPDATE budget_holds SET expires = ? WHERE holder = ?", (now + HOLD_TTL, holder)
-        )
+    async def renew_holds(self, holder: str, now: int) -> set[tuple[str, int]]:
+        """The holder is alive: what it holds stays its own until `now + HOLD_TTL`; the
+        (scope, period start) of each hold it still has (one missing was given back: the
+        holder could not renew in time)."""
+
+        def work(db: sqlite3.Connection) -> set[tuple[str, int]]:
+            rows = db.execute(
+                "UPDATE budget_holds SET expires = ? WHERE holder = ?"
+                " RETURNING scope, period_start",
+                (now + HOLD_TTL, holder),
+            ).fetchall()
+            return {(scope, start) for scope, start in rows}
+
+        return await self._db.atomic(work)
 
     async def release_all_reservations(self) -> None:
         """At start-up no request is in flight: what is still reserved was lost in a crash."""

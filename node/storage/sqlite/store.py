@@ -18,6 +18,7 @@ from node.storage.sqlite.ledger import SqliteLedger
 from node.storage.sqlite.logs import SqliteLogs
 from node.storage.sqlite.migrations import migrate
 from node.storage.sqlite.peers import SqlitePeers, prune_nonces
+from node.storage.sqlite.processes import SqliteProcesses, prune_processes
 from node.storage.sqlite.responses import SqliteResponses
 from node.storage.sqlite.sessions import SqliteSessions, prune_sessions
 from node.storage.sqlite.spend import SqliteSpend, prune_leases
@@ -39,6 +40,7 @@ class SqliteStore:
         self.cache = SqliteCache(db)
         self.logs = SqliteLogs(db)
         self.sessions = SqliteSessions(db)
+        self.processes = SqliteProcesses(db)
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
@@ -69,13 +71,14 @@ class SqliteStore:
         return f"{info.st_dev}:{info.st_ino}"
 
     async def prune(self, now: int) -> None:
-        """Forget nonces, rate counts, parallel slots and sessions that can no longer
-        matter."""
+        """Forget nonces, rate counts, parallel slots, sessions and processes that can no
+        longer matter."""
 
         def prune(db: sqlite3.Connection) -> None:
             prune_nonces(db, now)
             prune_leases(db, now)
             prune_sessions(db, now)
+            prune_processes(db, now * 1000)
 
         await self.db.atomic(prune)
 

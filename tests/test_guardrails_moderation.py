@@ -1,0 +1,249 @@
+"""Moderation through a configured deployment (issue 15) on a real node over real HTTP, with
+the official `openai` SDK and a mock of OpenAI's `/v1/moderations`: what it flags in a
+request (or a complete answer) blocks or is logged, `/v1/moderations` adds its categories to
+the node's own checks, and a deployment that stalls, trickles, floods or garbles its answer
+gives the configured fail mode, never a 500 or a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from node.provision import create_node
+from tests.conftest import NodeDir, RunningNode, run_node
+from tests.mocks.moderation_mock import ModerationMock
+from tests.mocks.openai_mock import OpenAIMock
+from tests.mocks.server import serve_app
+
+MOD_KEY = "sk-moderation-upstream"
+GPT_KEY = "sk-gpt-upstream-mod"
+
+
+def _config(gpt_url: str, mod_url: str) -> str:
+    return f"""
+[[models]]
+name = "gpt-mock"
+provider = "openai"
+base_url = "{gpt_url}/v1"
+api_key_env = "MODERATION_TEST_GPT_KEY"
+
+[[models]]
+name = "moderator"
+provider = "openai"
+kind = "moderations"
+model = "omni-moderation-latest"
+base_url = "{mod_url}/v1"
+api_key_env = "MODERATION_TEST_MOD_KEY"
+
+[guardrails]
+[guardrails.keys]
+closed = "closed"
+open = "open"
+logged = "logged"
+violence = "violence"
+answers = "answers"
+
+[guardrails.profiles.closed]
+checks = [
+  {{ kind = "pii", action = "redact" }},
+  {{ kind = "moderation", deployment = "moderator", timeout = 1, on_error = "block" }},
+]
+
+[guardrails.profiles.open]
+checks = [{{ kind = "moderation", deployment = "moderator", timeout = 1, on_error = "allow" }}]
+
+[guardrails.profiles.logged]
+checks = [{{ kind = "moderation", deployment = "moderator", action = "log" }}]
+
+[guardrails.profiles.violence]
+checks = [{{ kind = "moderation", deployment = "moderator", categories = ["violence"] }}]
+
+[guardrails.profiles.answers]
+checks = [{{ kind = "moderation", deployment = "moderator", input = false, output = true }}]
+"""
+
+
+class Moderated:
+    def __init__(self, node: RunningNode, gpt: OpenAIMock, mod: ModerationMock) -> None:
+        self.node = node
+        self.gpt = gpt
+        self.mod = mod
+        self.keys: dict[str, str] = {}
+
+    def client(self, name: str, **fields: Any) -> openai.OpenAI:
+        if name not in self.keys:
+            with self.node.client() as admin:
+                response = admin.post("/admin/keys", json={"name": name, **fields})
+                assert response.status_code == 201, response.text
+                self.keys[name] = response.json()["key"]
+        return openai.OpenAI(
+            base_url=self.node.url + "/v1", api_key=self.keys[name], max_retries=0, timeout=30
+        )
+
+    def chat(self, name: str, text: str) -> Any:
+        return self.client(name).chat.completions.create(
+            model="gpt-mock", messages=[{"role": "user", "content": text}]
+        )
+
+
+@pytest.fixture(scope="module")
+def moderated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moderated]:
+    folder: Path = tmp_path_factory.mktemp("moderation") / "node"
+    _, key = create_node(folder, "moderated")
+    gpt, mod = OpenAIMock(api_key=GPT_KEY), ModerationMock(api_key=MOD_KEY)
+    os.environ["MODERATION_TEST_GPT_KEY"] = GPT_KEY
+    os.environ["MODERATION_TEST_MOD_KEY"] = MOD_KEY
+    with serve_app(gpt) as gpt_url, serve_app(mod) as mod_url:
+        directory = NodeDir(folder, key)
+        directory.add_config(_config(gpt_url, mod_url))
+        with run_node(directory) as node:
+            yield Moderated(node, gpt, mod)
+
+
+def test_a_flagged_request_is_blocked_before_any_upstream(moderated: Moderated) -> None:
+    asked = len(moderated.gpt.script.received)
+    with pytest.raises(openai.BadRequestError) as caught:
+        moderated.chat("closed", "I hate you, write to jane@example.com")
+    assert caught.value.code == "guardrail_blocked"
+    assert "`moderation`" in caught.value.message and "harassment" in caught.value.message
+    assert len(moderated.gpt.script.received) == asked
+    # The deployment was asked in OpenAI's format, with its key, the text already redacted.
+    sent = moderated.mod.script.received[-1]
+    assert sent.path == "/v1/moderations" and sent.headers["authorization"] == f"Bearer {MOD_KEY}"
+    body = json.loads(sent.body)
+    assert body["model"] == "omni-moderation-latest"
+    assert body["input"] == ["I hate you, write to [EMAIL_REDACTED]"]
+    reply = moderated.chat("closed", "what a fine day")
+    assert reply.choices[0].message.content == "mock says: what a fine day"
+
+
+def test_a_flagged_messages_request_is_refused_in_anthropic_shape(moderated: Moderated) -> None:
+    moderated.client("closed")
+    client = anthropic.Anthropic(
+        base_url=moderated.node.url, api_key=moderated.keys["closed"], max_retries=0
+    )
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(
+            model="gpt-mock", max_tokens=16, messages=[{"role": "user", "content": "I hate you"}]
+        )
+    body = caught.value.body
+    assert isinstance(body, dict) and body["type"] == "error"
+    assert "harassment" in body["error"]["message"]
+
+
+def test_only_the_categories_a_check_names_count(moderated: Moderated) -> None:
+    assert moderated.chat("violence", "I hate you").choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as caught:
+        moderated.chat("violence", "go hurt them")
+    assert "violence" in caught.value.message and "harassment" not in caught.value.message
+
+
+def test_a_log_check_only_records_what_it_flags(moderated: Moderated) -> None:
+    client = moderated.client("logged", log=True)
+    reply = client.chat.completions.with_raw_response.create(
+        model="gpt-mock", messages=[{"role": "user", "content": "I hate you"}]
+    )
+    assert reply.parse().choices[0].message.content == "mock says: I hate you"
+    with moderated.node.client() as admin:
+        entry = admin.get(f"/admin/logs/{reply.headers['aihub-request-id']}").json()
+        metrics = admin.get("/metrics").text
+    assert entry["findings"] == [
+        {
+            "stage": "input",
+            "check": "moderation",
+            "action": "log",
+            "kind": "harassment",
+            "count": 1,
+        }
+    ]
+    assert 'action="log",check="moderation",stage="input"' in metrics
+
+
+def test_a_flagged_answer_is_withheld(moderated: Moderated) -> None:
+    # This profile moderates answers only: the mock repeats the question in its answer.
+    with pytest.raises(openai.BadRequestError) as caught:
+        moderated.chat("answers", "say I hate you")
+    assert "answer was withheld" in caught.value.message
+    assert "harassment" in caught.value.message
+    assert moderated.chat("answers", "say hello").choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    "word", ["stall", "trickle", "huge", "garbage", "miscount", "oops", "weird"]
+)
+def test_a_failing_deployment_fails_closed_or_open(moderated: Moderated, word: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        moderated.chat("closed", f"please {word} now")
+    assert "moderation deployment did not answer" in caught.value.message
+    assert "<b>" not in caught.value.message
+    assert moderated.chat("open", f"please {word} now").choices[0].message.content
+
+
+def test_moderations_add_the_deployment_s_categories(moderated: Moderated) -> None:
+    result = moderated.client("closed").moderations.create(
+        input=["I hate you", "mail jane@example.com", "a fine day"]
+    )
+    hate, email, fine = result.results
+    assert hate.flagged and hate.categories.harassment and not hate.categories.violence
+    assert hate.category_scores.harassment == pytest.approx(0.97)
+    assert email.flagged and email.model_dump()["categories"]["pii"]
+    assert not email.categories.harassment
+    assert not fine.flagged
+
+
+def test_moderations_fail_closed_in_openai_shape(moderated: Moderated) -> None:
+    closed, open_ = (
+        {"authorization": f"Bearer {moderated.keys.get(name) or _key(moderated, name)}"}
+        for name in ("closed", "open")
+    )
+    with httpx.Client(base_url=moderated.node.url, timeout=30) as http:
+        refused = http.post("/v1/moderations", headers=closed, json={"input": "oops"})
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "moderation_unavailable"
+        # Failing open: the node's own checks alone.
+        answered = http.post("/v1/moderations", headers=open_, json={"input": "oops"})
+        assert answered.status_code == 200 and not answered.json()["results"][0]["flagged"]
+
+
+def _key(moderated: Moderated, name: str) -> str:
+    moderated.client(name)
+    return moderated.keys[name]
+
+
+def test_the_moderation_deployment_serves_no_chat(moderated: Moderated) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        moderated.client("open").chat.completions.create(
+            model="moderator", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert caught.value.code == "model_not_supported"
+
+
+def test_a_moderation_check_needs_a_moderations_deployment(tmp_path: Path) -> None:
+    from node.config import ConfigError, load_config
+
+    create_node(tmp_path / "n", "n")
+    directory = NodeDir(tmp_path / "n", "")
+    directory.add_config(
+        """
+[[models]]
+name = "chatty"
+provider = "openai"
+
+[guardrails.profiles.p]
+checks = [{ kind = "moderation", deployment = "chatty" },
+          { kind = "moderation", deployment = "nowhere", action = "redact" }]
+"""
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "n")
+    message = str(caught.value)
+    assert "'chatty' is not a [[models]] entry of kind moderations" in message
+    assert "a moderation check blocks or logs" in message
