@@ -328,6 +328,8 @@ def run_python(
     seconds = 0.0
     for process in running:
         out, _ = process.communicate(timeout=duration + 60)
+        if process.returncode:
+            raise RuntimeError(f"the load generator exited {process.returncode}: {out[-300:]!r}")
         data = json.loads(out)
         requests += data["requests"]
         errors += data["errors"]
