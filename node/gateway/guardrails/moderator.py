@@ -22,10 +22,10 @@ import msgspec
 
 from adapters.types import Upstream
 from node.config import ModerationCheck
+from node.gateway.guardrails.exchange import ServiceFailed, post_bounded
 
 log = logging.getLogger("aihub.guardrails")
 
-_MAX_ANSWER = 1 << 20
 # OpenAI's category names (`self-harm/intent`, `violence/graphic`): what else a deployment
 # names a category is not shown to anyone.
 _CATEGORY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_/.-]{0,63}")
@@ -71,20 +71,6 @@ class Moderator:
         self.counted = frozenset(check.categories)
         self.client = client
 
-    async def _post(self, body: bytes) -> bytes:
-        async with self.client.stream(
-            "POST", self.url, content=body, headers=self.headers, timeout=self.timeout
-        ) as response:
-            if response.status_code != 200:
-                raise ModerationFailed(f"status {response.status_code}")
-            chunks, size = [], 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > _MAX_ANSWER:
-                    raise ModerationFailed("answer larger than 1 MiB")
-                chunks.append(chunk)
-            return b"".join(chunks)
-
     async def assess(self, texts: list[str]) -> list[Assessment]:
         """Each text's assessment, in order (a `ModerationFailed` if there is none)."""
         if not texts:
@@ -94,10 +80,12 @@ class Moderator:
             # The whole exchange's deadline: httpx's timeout is per read, which a deployment
             # that trickles bytes would pass.
             with anyio.fail_after(self.timeout):
-                answer = _decoder.decode(await self._post(body))
-        except ModerationFailed as exc:
+                answer = _decoder.decode(
+                    await post_bounded(self.client, self.url, body, self.headers, self.timeout)
+                )
+        except ServiceFailed as exc:
             log.warning("moderation deployment %s failed: %s", self.url, exc)
-            raise
+            raise ModerationFailed(str(exc)) from None
         except Exception as exc:  # a timeout, a refused connection, a body not JSON
             log.warning("moderation deployment %s failed: %s", self.url, type(exc).__name__)
             raise ModerationFailed(type(exc).__name__) from None

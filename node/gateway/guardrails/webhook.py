@@ -21,9 +21,10 @@ import httpx
 import msgspec
 
 from node.config import WebhookCheck
+from node.gateway.guardrails.exchange import post_bounded
 
 log = logging.getLogger("aihub.guardrails")
-_MAX_ANSWER = 1 << 20
+_HEADERS = {"content-type": "application/json"}
 _REASON_MAX = 200
 
 
@@ -56,28 +57,15 @@ class Webhook:
         self.on_error = check.on_error
         self.client = client
 
-    async def _post(self, body: bytes) -> bytes:
-        headers = {"content-type": "application/json"}
-        async with self.client.stream(
-            "POST", self.url, content=body, headers=headers, timeout=self.timeout
-        ) as response:
-            if response.status_code != 200:
-                raise ValueError(f"status {response.status_code}")
-            chunks, size = [], 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > _MAX_ANSWER:
-                    raise ValueError("answer larger than 1 MiB")
-                chunks.append(chunk)
-            return b"".join(chunks)
-
     async def ask(self, name: str, request_id: str, texts: list[str]) -> HookVerdict:
         body = msgspec.json.encode(_Ask(name, "input", request_id, texts))
         try:
             # The whole exchange's deadline: httpx's timeout is per read, which a hook that
             # trickles bytes would pass.
             with anyio.fail_after(self.timeout):
-                answer = _decoder.decode(await self._post(body))
+                answer = _decoder.decode(
+                    await post_bounded(self.client, self.url, body, _HEADERS, self.timeout)
+                )
             if answer.verdict == "redact" and (
                 answer.texts is None or len(answer.texts) != len(texts)
             ):
