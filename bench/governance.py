@@ -32,14 +32,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench.loadgen import Target, run_python
-from bench.run import BUDGET, RATE_LIMITS, UPSTREAM_KEY_ENV, free_port, once
+from bench.nodes import make_key, make_node, serve, wait_answer
+from bench.run import UPSTREAM_KEY_ENV, free_port
 from bench.surfaces import MAX_TOKENS, SURFACES, SYSTEM
 
-AIHUB = Path(sys.executable).parent / "aihub"
 # A 1 KB prompt of ordinary business prose with figures in it (digits, decimal points, a
 # colon), so that every PII recognizer reads it: a text without digits skips most of them.
 PROMPT = (
@@ -62,31 +61,6 @@ checks = [
 ARMS = ("direct", "off", "unprofiled", "profiled", "cache_hit")
 
 
-def aihub(*args: str) -> str:
-    done = subprocess.run([str(AIHUB), *args], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"aihub {' '.join(args)}: {done.stdout}{done.stderr}")
-    return done.stdout
-
-
-def make_node(folder: Path, mock_port: int, extra: str) -> None:
-    aihub("init", "--name", folder.name, "--data-dir", str(folder))
-    with (folder / "config.toml").open("a") as config:
-        config.write(
-            '\n[[models]]\nname = "mock"\nprovider = "openai"\nmodel = "mock-model"\n'
-            f'base_url = "http://127.0.0.1:{mock_port}/v1"\napi_key_env = "{UPSTREAM_KEY_ENV}"\n'
-            "price_in = 150_000\nprice_out = 600_000\n" + extra
-        )
-
-
-def make_key(folder: Path, name: str, *extra: str) -> str:
-    created = aihub(
-        "keys", "create", "--name", name, *BUDGET, *RATE_LIMITS, *extra, "--json",
-        "--data-dir", str(folder),
-    )  # fmt: skip
-    return json.loads(created)["key"]
-
-
 def request_body() -> bytes:
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}]
     data = {"model": "mock", "messages": messages, "max_tokens": MAX_TOKENS}
@@ -97,23 +71,6 @@ def target(name: str, port: int, key: str | None) -> Target:
     chat = SURFACES["chat"]
     headers = chat.headers(key) if key else {}
     return Target(name, "127.0.0.1", port, chat.path, request_body(), headers)
-
-
-def wait_answer(arm: Target, limit: float = 90) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        try:
-            if once(arm)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{arm.name} does not answer")
-
-
-def serve(folder: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    command = [str(AIHUB), "serve", "--port", str(port), "--data-dir", str(folder)]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("ab"))
 
 
 def measure(work: Path, rounds: int, seconds: float) -> dict[str, float]:
@@ -127,8 +84,8 @@ def measure(work: Path, rounds: int, seconds: float) -> dict[str, float]:
     processes = [mock]
     try:
         off, guarded = work / "off", work / "guarded"
-        make_node(off, mock_port, "")
-        make_node(guarded, mock_port, PROFILE)
+        make_node(off, off.name, mock_port)
+        make_node(guarded, guarded.name, mock_port, PROFILE)
         plain = make_key(off, "plain")
         cached = make_key(off, "cached", "--cache", "on")
         unprofiled = make_key(guarded, "unprofiled")

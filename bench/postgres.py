@@ -22,7 +22,6 @@ bench's `node` arm does), so that each one reserves, takes its limits and settle
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -32,42 +31,18 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import NamedTuple
 
 from bench.loadgen import Run, Target, run_python, run_wrk, wrk_path
+from bench.nodes import aihub, make_key, make_node, serve, wait_answer
 from bench.procs import CpuMeter
-from bench.run import BUDGET, RATE_LIMITS, UPSTREAM_KEY_ENV, free_port, once, plain_target
+from bench.run import UPSTREAM_KEY_ENV, free_port, plain_target
 from bench.surfaces import SURFACES, body
 from tests.postgres import PostgresServer, postgres_server
 
-AIHUB = Path(sys.executable).parent / "aihub"
 HERE = Path(__file__).parent
 PASSWORD_ENV = "AIHUB_BENCH_PG_PASSWORD"
-
-
-def aihub(*args: str) -> str:
-    done = subprocess.run([str(AIHUB), *args], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"aihub {' '.join(args)}: {done.stdout}{done.stderr}")
-    return done.stdout
-
-
-def make_node(folder: Path, mock_port: int) -> str:
-    """A node serving the mock as `mock`; the key every arm uses."""
-    aihub("init", "--name", "bench", "--data-dir", str(folder))
-    with (folder / "config.toml").open("a") as config:
-        config.write(
-            '\n[[models]]\nname = "mock"\nprovider = "openai"\nmodel = "mock-model"\n'
-            f'base_url = "http://127.0.0.1:{mock_port}/v1"\napi_key_env = "{UPSTREAM_KEY_ENV}"\n'
-            "price_in = 150_000\nprice_out = 600_000\n"
-        )
-    created = aihub(
-        "keys", "create", "--name", "bench", *BUDGET, *RATE_LIMITS, "--json",
-        "--data-dir", str(folder),
-    )  # fmt: skip
-    return json.loads(created)["key"]
 
 
 def on_postgres(folder: Path, url: str) -> None:
@@ -85,28 +60,9 @@ def host_copy(folder: Path, name: str) -> Path:
     return other
 
 
-def serve(folder: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    # One worker each (the default is one per core): the arm compares one process with two.
-    command = [str(AIHUB), "serve", "--workers", "1", "--port", str(port)]
-    command += ["--data-dir", str(folder)]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("ab"))
-
-
 def target(name: str, port: int, key: str) -> Target:
     chat = SURFACES["chat"]
     return Target(name, "127.0.0.1", port, chat.path, body("chat", "mock"), chat.headers(key))
-
-
-def wait_answer(arm: Target, limit: float = 90) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        try:
-            if once(arm)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{arm.name} does not answer")
 
 
 def load(arm: Target, connections: int, seconds: float, work: Path) -> Run:
@@ -147,7 +103,8 @@ def measure(work: Path, rounds: int, seconds: float, profile: float) -> dict[str
             database = server.create_database()
             url = server.url(database)
             lite = work / "sqlite-node"
-            key = make_node(lite, mock_port)
+            make_node(lite, "bench", mock_port)
+            key = make_key(lite, "bench")
             first = work / "postgres-node"
             shutil.copytree(lite, first)  # the same node, its store then copied over
             on_postgres(first, url)
