@@ -12,6 +12,7 @@ events from `_events()`.
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 
 from adapters.events import Event
@@ -20,7 +21,7 @@ from adapters.tokens import estimate_text_tokens, usage_or_estimate
 from adapters.types import ChatCall, Upstream, Usage
 
 
-class CountedStream:
+class CountedStream(ABC):
     """An upstream's stream as neutral events, with `usage` set once it ends, however it
     ends."""
 
@@ -48,8 +49,9 @@ class CountedStream:
     def _stream(self) -> AsyncIterator[Event]:
         return self._events()
 
+    @abstractmethod
     def _events(self) -> AsyncIterator[Event]:
-        raise NotImplementedError
+        """The provider's events, translated: each adapter's stream writes its own."""
 
     def _completion_so_far(self, written: str) -> int:
         """The output tokens of a stream cut short: the upstream's count so far, never less

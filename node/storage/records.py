@@ -256,7 +256,8 @@ class CachedAnswer(msgspec.Struct):
 class InteractionLog(msgspec.Struct):
     """One request as it was asked and answered (`node.gateway.interaction_log`): its bodies
     (truncated to a bound, never a header), what served it and what it cost. `findings` is
-    the guardrails' JSON list of what they found (empty until they run)."""
+    the guardrails' JSON list of what they found (stage, check, action, kind and count, never
+    the text found)."""
 
     request_id: str
     ts_ms: int
