@@ -81,25 +81,22 @@ def cached(node_dir: NodeDir) -> Iterator[Cached]:
     upstream = Counted()
     with serve_app(upstream) as upstream_url:
         cache_models(node_dir, '["cached-*"]')
-        node_dir.add_config(
-            f"""
-[[models]]
-name = "cached-gpt"
-provider = "openai"
-base_url = "{upstream_url}/v1"
-price_in = 1000
-price_out = 2000
+        node_dir.add_config(priced_model("cached-gpt", upstream_url))
+        node_dir.add_config(priced_model("plain-gpt", upstream_url))
+        with run_node(node_dir) as node:
+            yield Cached(node, upstream)
 
+
+def priced_model(name: str, upstream_url: str) -> str:
+    """A `[[models]]` entry for the counting upstream, priced so that a miss costs something."""
+    return f"""
 [[models]]
-name = "plain-gpt"
+name = "{name}"
 provider = "openai"
 base_url = "{upstream_url}/v1"
 price_in = 1000
 price_out = 2000
 """
-        )
-        with run_node(node_dir) as node:
-            yield Cached(node, upstream)
 
 
 def cache_models(node_dir: NodeDir, models: str) -> None:
@@ -158,16 +155,7 @@ def test_usage_records_mark_hits(node_dir: NodeDir) -> None:
     upstream = Counted()
     with serve_app(upstream) as upstream_url:
         cache_models(node_dir, '["cached-gpt"]')
-        node_dir.add_config(
-            f"""
-[[models]]
-name = "cached-gpt"
-provider = "openai"
-base_url = "{upstream_url}/v1"
-price_in = 1000
-price_out = 2000
-"""
-        )
+        node_dir.add_config(priced_model("cached-gpt", upstream_url))
         with run_node(node_dir) as node:
             client = Cached(node, upstream).client()
             miss, hit = ask(client), ask(client)
@@ -412,16 +400,7 @@ def test_hits_are_charged_when_the_config_says_so(node_dir: NodeDir) -> None:
     with serve_app(upstream) as upstream_url:
         cache_models(node_dir, '["cached-gpt"]')
         node_dir.set_config("bill_hits = false ", "bill_hits = true ")
-        node_dir.add_config(
-            f"""
-[[models]]
-name = "cached-gpt"
-provider = "openai"
-base_url = "{upstream_url}/v1"
-price_in = 1000
-price_out = 2000
-"""
-        )
+        node_dir.add_config(priced_model("cached-gpt", upstream_url))
         with run_node(node_dir) as node:
             client = Cached(node, upstream).client()
             miss, hit = ask(client), ask(client)
