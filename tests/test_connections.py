@@ -167,8 +167,10 @@ def test_idle_connections_past_the_limit_are_refused_and_reaped(served) -> None:
     idle = [_connect(port) for _ in range(LIMIT * 3)]
     try:
         # The node holds at most LIMIT of them; the rest were answered 503 and closed.
+        # Polled, not sampled once more after: a connection past the limit is accepted before
+        # it is answered 503 and closed, so a second sample can catch one in between (CI saw 7
+        # against a limit of 6 once).
         _poll(lambda: _client_sockets(process.pid, port) <= LIMIT, "at most LIMIT sockets")
-        assert _client_sockets(process.pid, port) <= LIMIT
         refused = 0
         for sock in idle:
             answer = _read_until_closed(sock)
