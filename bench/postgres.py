@@ -36,6 +36,18 @@ from typing import NamedTuple
 
 from bench.loadgen import Run, Target, run_python, run_wrk, wrk_path
 from bench.nodes import aihub, make_key, make_node, serve, wait_answer
+from bench.pg_meter import (
+    SETTINGS,
+    CpuSplit,
+    Split,
+    Statement,
+    Waits,
+    WaitSampler,
+    enable_statements,
+    load_average,
+    read_statements,
+    reset_statements,
+)
 from bench.procs import CpuMeter
 from bench.run import UPSTREAM_KEY_ENV, free_port, plain_target
 from bench.surfaces import SURFACES, body
@@ -88,7 +100,15 @@ def together(arms: list[Target], connections: int, seconds: float, work: Path) -
     return sum(run.rps for run in runs)
 
 
-def measure(work: Path, rounds: int, seconds: float, profile: float) -> dict[str, float | str]:
+class Settings(NamedTuple):
+    rounds: int  # of the latency phase (0: none)
+    throughput_rounds: int  # of one process and two, alternated
+    seconds: float
+    profile: float
+
+
+def measure(work: Path, settings: Settings) -> tuple[dict[str, float | str], str]:
+    """Every figure, and the report of what the throughput phase cost each part."""
     os.environ.setdefault(UPSTREAM_KEY_ENV, "sk-bench-upstream")
     mock_port = free_port()
     mock = subprocess.Popen(
@@ -96,11 +116,12 @@ def measure(work: Path, rounds: int, seconds: float, profile: float) -> dict[str
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    processes = [mock]
+    processes = {"mock": mock}
     try:
-        with postgres_server() as server:
+        with postgres_server(SETTINGS) as server:
             os.environ[PASSWORD_ENV] = server.password
             database = server.create_database()
+            enable_statements(server, database)
             url = server.url(database)
             lite = work / "sqlite-node"
             make_node(lite, "bench", mock_port)
@@ -110,29 +131,32 @@ def measure(work: Path, rounds: int, seconds: float, profile: float) -> dict[str
             on_postgres(first, url)
             second = host_copy(first, "postgres-node-2")
             ports = {name: free_port() for name in ("sqlite", "postgres", "postgres_2")}
-            nodes: dict[str, subprocess.Popen[bytes]] = {}
             for name, folder in (("sqlite", lite), ("postgres", first), ("postgres_2", second)):
-                nodes[name] = serve(folder, ports[name], work / f"{name}.log")
-                processes.append(nodes[name])
+                processes[name] = serve(folder, ports[name], work / f"{name}.log")
             arms = {
                 "direct": plain_target("direct", mock_port),
                 **{name: target(name, port, key) for name, port in ports.items()},
             }
             for arm in arms.values():
                 wait_answer(arm)
-            figures = _figures(arms, rounds, seconds, work)
-            figures.update(_two_processes(arms, nodes, seconds, work, server, database, profile))
-            return figures
+            figures = _figures(arms, settings.rounds, settings.seconds) if settings.rounds else {}
+            throughput, report = _two_processes(
+                arms, processes, settings.seconds, work, server, database,
+                settings.throughput_rounds,
+            )  # fmt: skip
+            figures.update(throughput)
+            if settings.profile > 0:
+                pg = [processes["postgres"], processes["postgres_2"]]
+                report += "\n" + _profile(arms, pg, settings.profile, work)
+            return figures, report
     finally:
-        for process in processes:
+        for process in processes.values():
             process.terminate()
-        for process in processes:
+        for process in processes.values():
             process.wait(timeout=30)
 
 
-def _figures(
-    arms: dict[str, Target], rounds: int, seconds: float, work: Path
-) -> dict[str, float | str]:
+def _figures(arms: dict[str, Target], rounds: int, seconds: float) -> dict[str, float | str]:
     p50: dict[str, list[float]] = {name: [] for name in ("direct", "sqlite", "postgres")}
     for _ in range(rounds):
         order = list(p50)
@@ -156,41 +180,46 @@ def _figures(
 
 def _two_processes(
     arms: dict[str, Target],
-    nodes: dict[str, subprocess.Popen[bytes]],
+    processes: dict[str, subprocess.Popen[bytes]],
     seconds: float,
     work: Path,
     server: PostgresServer,
     database: str,
-    profile: float,
-) -> dict[str, float | str]:
-    """One PostgreSQL process at concurrency 32, then both at 16 each: requests per second,
-    the node processes' CPU per request, and the database's transactions per request."""
-    pg = [nodes["postgres"], nodes["postgres_2"]]
-    figures: dict[str, float | str] = {"load_before": os.getloadavg()[0]}
-    one = _metered([arms["postgres"]], 32, seconds * 2, work, pg[:1], server)
-    two = _metered([arms["postgres"], arms["postgres_2"]], 16, seconds * 2, work, pg, server)
-    figures.update(
-        {
-            "postgres_one_process_rps_c32": one.rps,
-            "postgres_two_processes_rps_c32": two.rps,
-            "two_over_one": two.rps / one.rps if one.rps else 0.0,
-            # What the node processes got of the cores, and what each request cost them: with
-            # the cost per request the same for two as for one, the ratio above is the share
-            # of the machine the two got, not a limit of the store.
-            "node_cores_used_one": one.node_cores,
-            "node_cores_used_two": two.node_cores,
-            "node_cpu_us_per_request_one": one.node_us,
-            "node_cpu_us_per_request_two": two.node_us,
-            "db_cpu_us_per_request_one": one.db_us,
-            "db_cpu_us_per_request_two": two.db_us,
-            "db_transactions_per_request_one": one.transactions,
-            "db_transactions_per_request_two": two.transactions,
-            "load_after": os.getloadavg()[0],
-        }
-    )
-    if profile > 0:
-        figures["profile"] = _profile(arms, pg, profile, work)
-    return figures
+    rounds: int,
+) -> tuple[dict[str, float | str], str]:
+    """One PostgreSQL process at concurrency 32 and both at 16 each, alternated for `rounds`
+    rounds (one first in even rounds, two first in odd ones), so that both arms see the
+    same load: requests per second of each, the median of the rounds' ratios, and what a
+    request cost every part of the machine and the database (the report's text)."""
+    pg = [processes["postgres"], processes["postgres_2"]]
+    one_arm, two_arms = [arms["postgres"]], [arms["postgres"], arms["postgres_2"]]
+    meter = {"server": server, "database": database, "mock": processes["mock"], "work": work}
+    load_before = load_average()
+    ones: list[Metered] = []
+    twos: list[Metered] = []
+    for round_ in range(rounds):
+        for arm in ("one", "two") if round_ % 2 == 0 else ("two", "one"):
+            if arm == "one":
+                ones.append(_metered(one_arm, 32, seconds * 2, pg[:1], **meter))
+            else:
+                twos.append(_metered(two_arms, 16, seconds * 2, pg, **meter))
+    ratios = [two.rps / one.rps if one.rps else 0.0 for one, two in zip(ones, twos, strict=True)]
+    figures: dict[str, float | str] = {
+        "load_before": load_before,
+        "postgres_one_process_rps_c32": statistics.median(one.rps for one in ones),
+        "postgres_two_processes_rps_c32": statistics.median(two.rps for two in twos),
+        "two_over_one": statistics.median(ratios),
+        "two_over_one_rounds": " ".join(f"{ratio:.2f}" for ratio in ratios),
+        # What the node processes got of the cores, and what each request cost them: with
+        # the cost per request the same for two as for one, the ratio above is the share
+        # of the machine the two got, not a limit of the store.
+        "node_cores_used_one": statistics.median(one.split.cores()["nodes"] for one in ones),
+        "node_cores_used_two": statistics.median(two.split.cores()["nodes"] for two in twos),
+        "db_transactions_per_request_one": statistics.median(one.transactions for one in ones),
+        "db_transactions_per_request_two": statistics.median(two.transactions for two in twos),
+        "load_after": load_average(),
+    }
+    return figures, _report(ones, twos)
 
 
 def _committed(server: PostgresServer) -> int:
@@ -201,35 +230,75 @@ def _committed(server: PostgresServer) -> int:
 
 class Metered(NamedTuple):
     rps: float
-    node_cores: float  # CPU seconds the node processes used per second of the run
-    node_us: float  # node CPU per request
-    db_us: float  # PostgreSQL's CPU (every backend) per request
+    requests: float
+    split: Split  # CPU of every part of the machine over the run
     transactions: float  # committed by the database per request
+    statements: list[Statement]  # what the database ran over the run
+    waits: Waits  # what the node's backends were doing, sampled
 
 
 def _metered(
     arms: list[Target],
     connections: int,
     seconds: float,
-    work: Path,
     nodes: list[subprocess.Popen[bytes]],
+    *,
     server: PostgresServer,
+    database: str,
+    mock: subprocess.Popen[bytes],
+    work: Path,
 ) -> Metered:
-    """Load on `arms`, and what it cost the node processes and the database."""
+    """Load on `arms`, and what it cost each part of the machine and the database."""
     postmaster = int((server.folder / "data" / "postmaster.pid").read_text().split()[0])
-    meters = [CpuMeter(node.pid) for node in nodes]
-    database = CpuMeter(postmaster)
+    split = CpuSplit([node.pid for node in nodes], postmaster, mock.pid)
+    reset_statements(server, database)
     before = _committed(server)
-    for meter in (*meters, database):
-        meter.start()
+    sampler = WaitSampler(server, database)
+    sampler.start()
+    split.start()
     rps = together(arms, connections, seconds, work)
-    used = sum(meter.stop()[0] for meter in meters)
-    db_used = database.stop()[0]
+    used = split.stop()
+    waits = sampler.stop()
     committed = _committed(server) - before
+    statements = read_statements(server, database)
     requests = max(rps * seconds, 1)
-    return Metered(
-        rps, used / seconds, used / requests * 1e6, db_used / requests * 1e6, committed / requests
-    )
+    return Metered(rps, requests, used, committed / requests, statements, waits)
+
+
+def _report(ones: list[Metered], twos: list[Metered]) -> str:
+    """The CPU split and the statements per request, one arm beside the other (medians of
+    the rounds), and the lock waits seen."""
+    lines = ["", "CPU per request (µs, median of rounds)      one process   two processes"]
+    names = list(twos[0].split.per_request(1))
+    for name in names:
+        one = [m.split.per_request(m.requests).get(name) for m in ones]
+        two = [m.split.per_request(m.requests)[name] for m in twos]
+        shown = f"{statistics.median(one):12.0f}" if None not in one else f"{'-':>12}"
+        lines.append(f"  {name:40} {shown} {statistics.median(two):15.0f}")
+    lines.append("cores taken (median of rounds)")
+    for name in ones[0].split.cores():
+        one = statistics.median(m.split.cores()[name] for m in ones)
+        two = statistics.median(m.split.cores()[name] for m in twos)
+        lines.append(f"  {name:40} {one:12.2f} {two:15.2f}")
+    lines.append("statements per request (the last round of each; calls, exec µs per call)")
+    one_calls = {s.query: s for s in ones[-1].statements}
+    for statement in twos[-1].statements[:25]:
+        mine = one_calls.get(statement.query)
+        per_one = f"{mine.calls / ones[-1].requests:6.3f}" if mine else f"{'-':>6}"
+        per_two = statement.calls / twos[-1].requests
+        exec_us = statement.exec_ms * 1000 / max(statement.calls, 1)
+        lines.append(f"  {per_one} {per_two:6.3f} {exec_us:7.1f}  {statement.query[:110]}")
+    total_one = sum(s.calls for s in ones[-1].statements) / ones[-1].requests
+    total_two = sum(s.calls for s in twos[-1].statements) / twos[-1].requests
+    lines.append(f"  {total_one:6.3f} {total_two:6.3f}  in all")
+    for label, runs in (("one", ones), ("two", twos)):
+        waits = runs[-1].waits
+        locks = ", ".join(f"{event} {n}" for event, n in waits.locks.most_common()) or "none"
+        lines.append(
+            f"backends sampled ({label}, {waits.samples} samples): running {waits.active},"
+            f" idle in a transaction {waits.idle_in_transaction}, waiting on a lock: {locks}"
+        )
+    return "\n".join(lines)
 
 
 def _profile(
@@ -265,21 +334,24 @@ def _profile(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="of the latency phase (0: none)")
+    parser.add_argument(
+        "--throughput-rounds", type=int, default=3,
+        help="rounds of one process and of two, alternated (the figure: the median ratio)",
+    )  # fmt: skip
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument(
         "--profile", type=float, default=0.0, metavar="SECONDS",
         help="py-spy both PostgreSQL node processes for this long under load",
     )  # fmt: skip
     args = parser.parse_args()
+    settings = Settings(args.rounds, max(args.throughput_rounds, 1), args.seconds, args.profile)
     with tempfile.TemporaryDirectory(prefix="aihub-bench-pg-") as work:
-        figures = measure(Path(work), args.rounds, args.seconds, args.profile)
-    profile = figures.pop("profile", None)
+        figures, report = measure(Path(work), settings)
     for name, value in figures.items():
         shown = f"{value:10.3f}" if isinstance(value, float) else f"{value:>10}"
         print(f"{name:34} {shown}")
-    if profile:
-        print(profile)
+    print(report)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ class PostgresServer:
     port: int
     password: str
     run_as: str | None
+    settings: str = ""  # more `-c name=value` options for the server (the bench's)
 
     def url(self, database: str = "postgres") -> str:
         """A URL without the password (the node reads that from `password_env`)."""
@@ -88,6 +89,8 @@ class PostgresServer:
             " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
             " -c max_connections=200"
         )
+        if self.settings:
+            options += " " + self.settings
         command = [self.folder / "bin" / "pg_ctl", "-D", self.folder / "data", "-w"]
         command += ["-l", self.folder / "log", "-o", options, *args]
         subprocess.run(command, check=True, capture_output=True, **_as_user(self.run_as))
@@ -113,8 +116,9 @@ def _as_user(user: str | None) -> dict:
 
 
 @contextmanager
-def postgres_server() -> Iterator[PostgresServer]:
-    """Start a server in a new temporary folder; stop it and remove the folder after."""
+def postgres_server(settings: str = "") -> Iterator[PostgresServer]:
+    """Start a server in a new temporary folder (with `settings`, more `-c name=value`
+    options); stop it and remove the folder after."""
     bindir = binaries()
     if bindir is None:
         raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql")
@@ -138,7 +142,7 @@ def postgres_server() -> Iterator[PostgresServer]:
             capture_output=True,
             **_as_user(run_as),
         )
-        server = PostgresServer(folder, _free_port(), password, run_as)
+        server = PostgresServer(folder, _free_port(), password, run_as, settings)
         server.start()
         try:
             yield server

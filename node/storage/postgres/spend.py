@@ -7,7 +7,7 @@ import time
 
 import asyncpg
 
-from node.storage.postgres.connection import Database, changed, lock_key
+from node.storage.postgres.connection import Database, lock_key
 from node.storage.records import (
     HOLD_TTL,
     RATE_WINDOW,
@@ -33,17 +33,27 @@ _RESERVE = (
     " WHERE held.spent::numeric + held.reserved + $1 > held.cap)"
 )
 
+# The reservation and its holder's note of it, in one statement: no BEGIN or COMMIT round trip,
+# and no spend row stays locked while a round trip to the node is under way. The spend rows are
+# locked first (`held` is whole before anything is updated: the `NOT EXISTS` reads all of it),
+# then the holds, as every writer locks them; the holds are noted only for rows reserved, which
+# are all of them or none.
+_RESERVE_COUNTED = "WITH reserved AS (" + _RESERVE + " RETURNING 1) SELECT count(*) FROM reserved"
+
 # A hold's expiry is kept in the database's clock, which every host shares (two hosts' clocks
 # may differ by more than the margin a process keeps below HOLD_TTL: `node/gateway/budgets.py`).
 # A time a caller gives is in its own clock: what is kept is the database's now plus the
 # caller's offset from its own now (none, unless a test moves time).
 DB_NOW = "extract(epoch FROM clock_timestamp())::bigint"
 
-_HOLD = (
-    "INSERT INTO budget_holds SELECT scope, period_start, $3, $4, " + DB_NOW + " + $5"
-    " FROM unnest($1::text[], $2::bigint[]) AS given (scope, period_start)"
+_RESERVE_NOTED = (
+    "WITH reserved AS (" + _RESERVE + " RETURNING spend.scope, spend.period_start),"
+    " noted AS (INSERT INTO budget_holds"
+    " SELECT scope, period_start, $4, $1, " + DB_NOW + " + $5 FROM reserved"
+    " ORDER BY scope, period_start"
     " ON CONFLICT (scope, period_start, holder) DO UPDATE"
-    " SET amount = budget_holds.amount + excluded.amount, expires = excluded.expires"
+    " SET amount = budget_holds.amount + excluded.amount, expires = excluded.expires)"
+    " SELECT count(*) FROM reserved"
 )
 
 # What a holder gives back of a lease: at most what its hold still has (nothing, if its holds
@@ -84,26 +94,18 @@ class PostgresSpend:
         )
 
     async def reserve(self, amount: int, scopes: list[tuple[str, int]], holder: str = "") -> bool:
-        """Reserve `amount` in every scope, or in none if any would pass its cap: one
-        statement decides, atomic against every other reservation of every process; then
-        it is noted as the holder's (the spend rows stay locked until then)."""
+        """Reserve `amount` in every scope, or in none if any would pass its cap, and note it
+        as the holder's: one statement (autocommit) decides, atomic against every other
+        reservation of every process, and its row locks last only as long as it runs."""
         scope_names, starts = _columns(scopes)
-        ordered = sorted(scopes)
-
-        async def work(db: asyncpg.Connection) -> bool:
-            count = changed(await db.execute(_RESERVE, amount, scope_names, starts))
-            if count == len(scopes) and holder:
-                await db.execute(
-                    _HOLD,
-                    [scope for scope, _ in ordered],
-                    [start for _, start in ordered],
-                    holder,
-                    amount,
-                    HOLD_TTL,
-                )
-            return count == len(scopes)
-
-        return await self._db.atomic(work)
+        reserved = await self._db.fetchval(
+            _RESERVE_NOTED if holder else _RESERVE_COUNTED,
+            amount,
+            scope_names,
+            starts,
+            *((holder, HOLD_TTL) if holder else ()),
+        )
+        return reserved == len(scopes)
 
     async def release(self, leases: list[tuple[int, tuple[str, int]]], holder: str = "") -> None:
         """Give back reserved budget that no request will use: (amount, (scope, start))."""
@@ -277,7 +279,7 @@ async def prune_leases(db: asyncpg.Connection, now: int) -> None:
     hold renewed meanwhile is no longer expired, and stays), then their sums given back."""
     await db.execute("DELETE FROM rate_counts WHERE second < $1", now - 2 * RATE_WINDOW)
     await db.execute("DELETE FROM parallel_slots WHERE expires < $1", now)
-    # Holds expire in the database's clock (`_HOLD`); `now`, the caller's, is an offset.
+    # Holds expire in the database's clock (`_RESERVE_NOTED`); `now`, the caller's, is an offset.
     expired = DB_NOW + " + $1"
     offset = now - int(time.time())
     await db.execute(

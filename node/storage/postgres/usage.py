@@ -126,57 +126,61 @@ class PostgresUsage:
         ]
 
 
+# The batch's holds, one array per column: each hold's scope, period, holder, amount reserved
+# and the cost its request settles.
+_HOLDS = (
+    "given AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[],"
+    " $5::bigint[]) AS g (scope, period_start, holder, amount, cost))"
+)
+
+# Each spend row settled by one update however many of the batch's requests it settles (a
+# busy key's row would otherwise get a new version per request): the sums, which come to the
+# same (max(max(r - a, 0) - b, 0) = max(r - a - b, 0) for amounts that are not negative). A
+# hold's amount leaves `reserved` only while its holder's hold is there: one given back (its
+# holder was killed, and this is its journal replayed) is reserved no more, and its request
+# adds its spend only. Then the holders' holds shrink by what was theirs. One statement, run
+# once the spend rows are locked, so that its snapshot sees every hold a prune gave back.
+_SETTLE = (
+    "WITH " + _HOLDS + ","
+    " rows AS (SELECT scope, period_start, SUM(cost) AS spent, SUM(amount) FILTER (WHERE"
+    " holder = '' OR EXISTS (SELECT 1 FROM budget_holds h WHERE h.scope = given.scope"
+    " AND h.period_start = given.period_start AND h.holder = given.holder)) AS reserved"
+    " FROM given GROUP BY scope, period_start),"
+    " settled AS (UPDATE spend SET reserved = GREATEST(spend.reserved"
+    " - COALESCE(rows.reserved, 0), 0), spent = spend.spent + rows.spent FROM rows"
+    " WHERE spend.scope = rows.scope AND spend.period_start = rows.period_start),"
+    " mine AS (SELECT scope, period_start, holder, SUM(amount) AS amount FROM given"
+    " WHERE holder != '' GROUP BY scope, period_start, holder)"
+    " UPDATE budget_holds SET amount = GREATEST(budget_holds.amount - mine.amount, 0) FROM mine"
+    " WHERE budget_holds.scope = mine.scope AND budget_holds.period_start = mine.period_start"
+    " AND budget_holds.holder = mine.holder"
+)
+
+
 async def _settle(db: asyncpg.Connection, holds: list[tuple[int, Hold]]) -> None:
-    """Move each hold from reserved to spent (its request's cost): the spend rows in the order
-    a reservation locks them, then the holders' holds. A hold whose holder's holds were given
-    back (it was killed, and this is its journal replayed) is reserved no more: its request
-    adds its spend only."""
+    """Move each hold from reserved to spent (its request's cost): the spend rows locked in
+    the order a reservation locks them, then settled with the holders' holds (`_SETTLE`), two
+    round trips whatever the batch holds."""
     if not holds:
         return
     ordered = sorted(holds, key=lambda item: (item[1].scope, item[1].period_start, item[1].holder))
-    scopes = [h.scope for _, h in ordered], [h.period_start for _, h in ordered]
     # Locked before the holds are read: a prune giving back a killed holder's holds locks
     # these rows first too, so it cannot give one back between this read and the update.
     await db.execute(
         "SELECT 1 FROM spend WHERE (scope, period_start) IN"
         " (SELECT * FROM unnest($1::text[], $2::bigint[]))"
         " ORDER BY scope, period_start FOR UPDATE",
-        *scopes,
+        [h.scope for _, h in ordered],
+        [h.period_start for _, h in ordered],
     )
-    held = {
-        (row[0], row[1], row[2])
-        for row in await db.fetch(
-            "SELECT scope, period_start, holder FROM budget_holds"
-            " WHERE (scope, period_start, holder) IN"
-            " (SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[]))",
-            *scopes,
-            [h.holder for _, h in ordered],
-        )
-    }
-    # One update per row however many of the batch's requests it settles (a busy key's row
-    # would otherwise get a new version per request): the sums, which come to the same
-    # (max(max(r - a, 0) - b, 0) = max(r - a - b, 0) for amounts that are not negative).
-    rows: dict[tuple[str, int], list[int]] = {}
-    mine: dict[tuple[str, int, str], int] = {}
-    for cost, hold in ordered:
-        row = rows.setdefault((hold.scope, hold.period_start), [0, 0])
-        if not hold.holder or (hold.scope, hold.period_start, hold.holder) in held:
-            row[0] += hold.amount
-        row[1] += cost
-        if hold.holder:
-            key = (hold.scope, hold.period_start, hold.holder)
-            mine[key] = mine.get(key, 0) + hold.amount
-    await db.executemany(
-        "UPDATE spend SET reserved = GREATEST(reserved - $1, 0), spent = spent + $2"
-        " WHERE scope = $3 AND period_start = $4",
-        [(reserved, spent, scope, start) for (scope, start), (reserved, spent) in rows.items()],
+    await db.execute(
+        _SETTLE,
+        [h.scope for _, h in ordered],
+        [h.period_start for _, h in ordered],
+        [h.holder for _, h in ordered],
+        [h.amount for _, h in ordered],
+        [cost for cost, _ in ordered],
     )
-    if mine:
-        await db.executemany(
-            "UPDATE budget_holds SET amount = GREATEST(amount - $1, 0)"
-            " WHERE scope = $2 AND period_start = $3 AND holder = $4",
-            [(amount, *key) for key, amount in mine.items()],
-        )
 
 
 async def write_charges(
