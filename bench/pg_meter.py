@@ -30,14 +30,17 @@ SETTINGS = "-c shared_preload_libraries=pg_stat_statements -c pg_stat_statements
 
 
 def _ticks(pid: int) -> tuple[int, int, str]:
-    """(own utime + stime, waited-for children's cutime + cstime, command line) of a pid."""
+    """(nanoseconds on a CPU, by the scheduler's own accounting: exact where the ticks of
+    /proc/…/stat are 10 ms samples of processes that run for tens of microseconds at a time;
+    the waited-for children's utime + stime, in ticks; the command line) of a pid."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
+        ran = int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
         line = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return 0, 0, ""
     fields = text[text.rindex(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14]), line
+    return ran, int(fields[13]) + int(fields[14]), line
 
 
 class PostgresMeter:
@@ -53,28 +56,28 @@ class PostgresMeter:
 
     def _snapshot(self) -> dict[int, tuple[int, str]]:
         return {
-            pid: (own, line)
+            pid: (ran, line)
             for pid in procs.tree(self.postmaster)
-            for own, _, line in [_ticks(pid)]
+            for ran, _, line in [_ticks(pid)]
             if line
         }
 
     def start(self) -> None:
-        self._before = {pid: own for pid, (own, _) in self._snapshot().items()}
+        self._before = {pid: ran for pid, (ran, _) in self._snapshot().items()}
         self._reaped = _ticks(self.postmaster)[1]
 
     def stop(self) -> tuple[float, float]:
         """(CPU seconds of the backends, of the server's own processes)."""
-        backends = server = 0
-        for pid, (own, line) in self._snapshot().items():
-            used = own - self._before.get(pid, 0)
+        backends = server = 0.0
+        for pid, (ran, line) in self._snapshot().items():
+            used = (ran - self._before.get(pid, 0)) / 1e9
             # A client's backend names its user: "postgres: aihub DB 127.0.0.1(port) idle".
             if line.startswith("postgres: aihub "):
                 backends += used
             else:
                 server += used
-        server += _ticks(self.postmaster)[1] - self._reaped
-        return backends / procs.CLOCK_TICKS, server / procs.CLOCK_TICKS
+        server += (_ticks(self.postmaster)[1] - self._reaped) / procs.CLOCK_TICKS
+        return backends, server
 
 
 def children_seconds() -> float:
@@ -218,7 +221,7 @@ class WaitSampler:
     """Samples `pg_stat_activity` every `interval` seconds on a connection of its own, in a
     thread, until `stop`."""
 
-    def __init__(self, server: PostgresServer, database: str, interval: float = 0.05) -> None:
+    def __init__(self, server: PostgresServer, database: str, interval: float = 0.1) -> None:
         self._dsn = server.url(database)
         self._password = server.password
         self._interval = interval

@@ -5,9 +5,11 @@ the database only by one atomic SQL statement (`store.spend.reserve`), so the pr
 node can never, together, take a budget past its cap.
 
 A process does not go to the database for every request, though: it reserves a **lease** (a
-slice of what is left: a tenth, or sixteen requests' worth, whichever is less) and hands out
+slice of what is left: a tenth, or 64 requests' worth, whichever is less) and hands out
 reservations from it in memory, checking and taking in one step with no await between, so
-that concurrent requests in the process never promise more than it holds. When a request
+that concurrent requests in the process never promise more than it holds. A lease that runs
+low is topped up in the background while requests keep taking from what is left, so that a
+busy process's requests seldom wait on the database for one. When a request
 settles, its actual cost moves from reserved to spent in the database (in the same batched
 transaction as its usage record) and the rest of its reservation returns to the lease. Leases
 are given back when the process stops, when keys change, and at start-up (`aihub serve`
@@ -27,6 +29,7 @@ is refused as unavailable while the database cannot be reached.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -37,6 +40,8 @@ from node.gateway.auth import Principal
 from node.gateway.policy import Limits, period_start
 from node.storage.base import Store
 from node.storage.records import HOLD_TTL, Hold
+
+log = logging.getLogger("aihub.budgets")
 
 
 def budget_scopes(principal: Principal) -> list[tuple[str, Limits]]:
@@ -62,8 +67,12 @@ def scope_names(principal: Principal) -> dict[str, str]:
 LEASE_FRESH = 10.0
 assert LEASE_FRESH < HOLD_TTL
 
-LEASE_REQUESTS = 16  # a lease covers this many requests like the one that takes it…
+LEASE_REQUESTS = 64  # a lease covers this many requests like the one that takes it…
 LEASE_SHARE = 10  # …but at most a tenth of the cap, so that other processes get their share
+# Once a lease holds less than a quarter of what a new one would, it is topped up in the
+# background: requests keep taking from what is left meanwhile, and seldom wait on the
+# database (where another process may hold the scope's spend row locked) for a lease.
+LEASE_LOW = 4
 
 Scope = tuple[str, int]  # (scope, period start)
 
@@ -83,6 +92,7 @@ class Budgets:
         self._leases: dict[Scope, int] = {}
         self._refill = asyncio.Lock()
         self._releases: set[asyncio.Task[None]] = set()
+        self._topping: asyncio.Task[None] | None = None  # the background top-up, if one runs
         # Until when (by the clock) the leases may be promised from (LEASE_FRESH).
         self._fresh_until = 0.0
 
@@ -120,6 +130,8 @@ class Budgets:
 
     async def release(self) -> None:
         """Give every lease back (the process stops)."""
+        if self._topping is not None:
+            await asyncio.gather(self._topping, return_exceptions=True)
         if self._releases:
             await asyncio.gather(*self._releases, return_exceptions=True)
         leases, self._leases = self._leases, {}
@@ -156,7 +168,42 @@ class Budgets:
             if refused is not None:
                 scope, cap = refused
                 raise _exceeded(amount, scope, cap, self.currency, principal)
+        self._top_up_if_low(rows, amount)
         return [Hold(scope, start, amount, self.holder) for scope, start in scopes]
+
+    def _top_up_if_low(self, rows: list[tuple[str, int, int]], amount: int) -> None:
+        """Start topping the leases up in the background once one runs low (LEASE_LOW), unless
+        a top-up or a refill is under way already."""
+        if self._topping is not None or self._refill.locked():
+            return
+        if not any(self._low(scope, start, cap, amount) for scope, start, cap in rows):
+            return
+        self._topping = asyncio.get_running_loop().create_task(self._top_up(rows, amount))
+        self._topping.add_done_callback(self._topped)
+
+    def _low(self, scope: str, start: int, cap: int, amount: int) -> bool:
+        chunk = _chunk(amount, cap)
+        return chunk >= amount and self._leases.get((scope, start), 0) < chunk // LEASE_LOW
+
+    def _topped(self, task: asyncio.Task[None]) -> None:
+        self._topping = None
+        if not task.cancelled() and task.exception() is not None:
+            # The request path asks the database itself when the lease runs out, and says why.
+            log.debug("topping up a budget lease failed: %s", task.exception())
+
+    async def _top_up(self, rows: list[tuple[str, int, int]], amount: int) -> None:
+        """A new lease on each scope that runs low, of the size `_lease` takes; nothing near
+        a cap (a lease of that size is refused: the request path then takes what it needs, no
+        more), and nothing once the leases are not fresh (the request path renews first)."""
+        async with self._refill:
+            for scope, start, cap in rows:
+                if self._clock() >= self._fresh_until:
+                    return
+                if not self._low(scope, start, cap, amount):
+                    continue
+                chunk = _chunk(amount, cap)
+                if await self.store.spend.reserve(chunk, [(scope, start)], self.holder):
+                    self._leases[(scope, start)] = self._leases.get((scope, start), 0) + chunk
 
     async def left(self, principal: Principal) -> int | None:
         """The least that any budget on the principal's path has left to reserve (what the
@@ -198,7 +245,7 @@ class Budgets:
                 short = amount - self._leases.get((scope, start), 0)
                 if short <= 0:
                     continue
-                chunk = max(short, min(amount * LEASE_REQUESTS, cap // LEASE_SHARE))
+                chunk = max(short, _chunk(amount, cap))
                 if not await self.store.spend.reserve(chunk, [(scope, start)], self.holder):
                     if chunk == short or not await self.store.spend.reserve(
                         short, [(scope, start)], self.holder
@@ -220,6 +267,11 @@ class Budgets:
             self._leases[scope] = self._leases.get(scope, 0) + hold.amount - used
             moved.append(Hold(hold.scope, hold.period_start, used, hold.holder))
         return moved
+
+
+def _chunk(amount: int, cap: int) -> int:
+    """The lease a request of `amount` takes under `cap`, when that much is left."""
+    return min(amount * LEASE_REQUESTS, cap // LEASE_SHARE)
 
 
 def _exceeded(amount: int, scope: str, cap: int, currency: str, principal: Principal) -> HubError:

@@ -115,7 +115,7 @@ def format_reset(seconds: float) -> str:
 
 
 LEASE_SHARE = 10  # a lease of requests is at most a tenth of the limit…
-LEASE_MAX = 64  # …and at most this many requests
+LEASE_MAX = 256  # …and at most this many requests (a busy process syncs a few times a second)
 
 
 @dataclass
