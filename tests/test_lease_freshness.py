@@ -1,7 +1,9 @@
 """A process promises budget from its leases only while its last renewal is fresh
 (`node/gateway/budgets.py`: LEASE_FRESH, below HOLD_TTL, after which other processes give a
-silent process's holds back). Run on both backends, with the process's clock moved by the test
-and the store's prune told a later time, as a process whose renewals failed would see it."""
+silent process's holds back), and admits from its parallel slots only while its last sync is
+(`node/gateway/ratelimit.py`: SLOTS_FRESH, below SLOT_TTL). Run on both backends, with the
+process's clock moved by the test and the store's prune told a later time, as a process whose
+renewals failed would see it."""
 
 from __future__ import annotations
 
@@ -14,8 +16,16 @@ from node.errors import HubError
 from node.gateway.auth import Principal
 from node.gateway.budgets import LEASE_FRESH, Budgets
 from node.gateway.policy import Limits, period_start
+from node.gateway.ratelimit import RateLimited, RateLimiter, ScopeLimits
 from node.storage.base import Store
-from node.storage.records import HOLD_TTL, KeyRecord, StoreUnavailable
+from node.storage.records import (
+    HOLD_TTL,
+    SLOT_TTL,
+    KeyRecord,
+    RateAnswer,
+    RateSync,
+    StoreUnavailable,
+)
 from tests.postgres import open_test_store
 
 CAP = 10_000
@@ -106,3 +116,49 @@ def test_a_lease_given_back_by_others_is_dropped_not_spent(store_url: str) -> No
             await budgets.reserve(who, CAP)
 
     run(store_url, test)
+
+
+def test_parallel_slots_are_not_used_once_others_may_count_them_free(store_url: str) -> None:
+    """A process cut off from the store for longer than SLOT_TTL: the others count its
+    slots free and take them. It stops admitting from its own after SLOTS_FRESH (the request
+    syncs first: unavailable while the store is away), and once back it finds its slots
+    expired and takes new ones under the limit, counting what is in flight everywhere."""
+
+    async def test(store: Store) -> None:
+        other = await open_test_store(store_url)  # another process's connection
+        try:
+            await _cut_off_process(store, other)
+        finally:
+            await other.close()
+
+    run(store_url, test)
+
+
+async def _cut_off_process(store: Store, other: Store) -> None:
+    wall, fresh = Clock(), Clock()
+    wall.now = time.time()
+    scope = ScopeLimits("key:k1", max_parallel=4)
+    cut = RateLimiter(store, clock=wall, fresh_clock=fresh)
+    first = await cut.admit([scope])
+    second = await cut.admit([scope])
+    cut.release(second, 0)  # one in flight, one slot held idle
+
+    async def away(sync: RateSync) -> RateAnswer:
+        raise StoreUnavailable("the database cannot be reached: test")
+
+    sync, store.spend.rate_sync = store.spend.rate_sync, away  # type: ignore[method-assign]
+    wall.now += SLOT_TTL + 1
+    fresh.now += SLOT_TTL + 1
+    others = RateLimiter(other, clock=wall)
+    # The cut process's slots expired: the others count them free, and take three of four.
+    taken = [await others.admit([scope]) for _ in range(3)]
+    with pytest.raises(StoreUnavailable):  # not from its idle slot, which they count free
+        await cut.admit([scope])
+    store.spend.rate_sync = sync  # type: ignore[method-assign]
+    with pytest.raises(RateLimited):  # back: its slots had expired, and 3 + 1 are in flight
+        await cut.admit([scope])
+    for admission in taken:
+        others.release(admission, 0)
+    await others.sync()
+    cut.release(await cut.admit([scope]), 0)  # a slot freed by the others: taken anew
+    cut.release(first, 0)

@@ -16,7 +16,11 @@ budgets, in one transaction for all of a request's scopes:
   a lease did not use is given back at the next sync (at most a second later);
 - parallel slots: a process holds slots per scope in the store, under an expiry it renews
   every second; slots it no longer needs go back at the next sync, and the slots of a process
-  that died come back when their expiry passes (`SLOT_TTL`);
+  that died come back when their expiry passes (`SLOT_TTL`). A process admits from its slots
+  only for `SLOTS_FRESH` seconds (less than `SLOT_TTL`) after the start of its last sync:
+  one cut off from the store stops using them before the others may count them free, and
+  syncs first (a 503 while the store is away); a renewal that finds its slots expired holds
+  again only those of its requests still in flight, and takes new ones under the limit;
 - tokens per minute are counted after the fact (a request's tokens are known at its end), so
   each process writes what its requests used and reads back the others' at every sync (each
   second while it has any): a limit seen at most a second late by the other processes.
@@ -37,12 +41,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from node.storage.base import Store
-from node.storage.records import RateAnswer, RateSync, RateTake
+from node.storage.records import SLOT_TTL, RateAnswer, RateSync, RateTake
 
 log = logging.getLogger("aihub")
 
 WINDOW = 60.0
 _SPAN = int(WINDOW)
+# Parallel slots are admitted from for this long after the start of the last sync that
+# renewed them: SLOT_TTL (after which the others count them free) less a margin for the sync's
+# own round trip and a busy event loop, as budget leases keep (`budgets.LEASE_FRESH`).
+SLOTS_FRESH = 10.0
+assert SLOTS_FRESH < SLOT_TTL
 
 
 @dataclass
@@ -175,9 +184,16 @@ class Slots:
 
 
 class RateLimiter:
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Callable[[], float] = time.time,
+        fresh_clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._store = store
         self._clock = clock  # wall clock: the processes of a node share it through the store
+        self._fresh_clock = fresh_clock  # for SLOTS_FRESH (a test moves it)
+        self._slots_fresh_until = 0.0
         self.holder = secrets.token_hex(8)  # this process, in the store's parallel slots
         self._requests: dict[str, RequestLease] = {}
         self._tokens: dict[str, TokenLog] = {}
@@ -228,6 +244,10 @@ class RateLimiter:
         )
 
     def _has_slot(self, limits: ScopeLimits) -> bool:
+        return self._slot_free(limits) and self._fresh_clock() < self._slots_fresh_until
+
+    def _slot_free(self, limits: ScopeLimits) -> bool:
+        """A slot held and not in use (fresh or not: a sync renews what is held)."""
         slots = self._slots.get(limits.scope)
         return slots is not None and slots.in_flight < min(slots.held, limits.max_parallel or 0)
 
@@ -257,7 +277,7 @@ class RateLimiter:
                     returns.append((limits.scope, lease.second, lease.granted - lease.used))
                 want = _lease_size(limits.rpm)
                 takes.append(RateTake(limits.scope, "requests", limits.rpm, want))
-            if limits.max_parallel is not None and not self._has_slot(limits):
+            if limits.max_parallel is not None and not self._slot_free(limits):
                 want = _lease_size(limits.max_parallel)
                 takes.append(RateTake(limits.scope, "parallel", limits.max_parallel, want))
         answer = await self._sync(second, takes, returns)
@@ -300,12 +320,20 @@ class RateLimiter:
             # Idle slots past the spare go back (all of them once none is in use: an idle
             # node syncs nothing): other processes may need them.
             held.held = min(held.held, held.in_flight + held.spare) if held.in_flight else 0
-            slots.append((scope, held.held))
-            if not held.held:
+            slots.append((scope, held.held, held.in_flight))
+            if not held.held and not held.in_flight:
                 del self._slots[scope]
         read = list(self._tokens)
         sync = RateSync(self.holder, second, takes, returns, tokens, slots, read)
+        started = self._fresh_clock()
         answer = await self._store.spend.rate_sync(sync)
+        self._slots_fresh_until = started + SLOTS_FRESH
+        for scope in answer.lost:
+            # Expired, and perhaps taken by others meanwhile: the store holds the requests in
+            # flight again (they run), the idle slots are gone, and new requests take slots
+            # anew under the limit, counting everyone's.
+            if scope in self._slots:
+                self._slots[scope].held = min(self._slots[scope].held, self._slots[scope].in_flight)
         for scope in read:
             if scope in self._tokens:
                 self._tokens[scope].read(answer.buckets.get(scope, []))

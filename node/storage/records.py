@@ -145,27 +145,32 @@ class RateSync(msgspec.Struct):
 
     `returns`: requests leased for a past second and never used, (scope, second, amount);
     `tokens`: tokens used since the last sync, (scope, second, amount);
-    `slots`: the parallel slots the process holds now, (scope, slots), renewed until
-    `now + SLOT_TTL`; `read`: the scopes whose token counts of the last minute to read back."""
+    `slots`: the parallel slots the process holds now, (scope, slots, in flight), renewed
+    until `now + SLOT_TTL` where they are still its own; where they expired (the process could
+    not renew them for SLOT_TTL seconds, and others may have taken them) it holds again only
+    those of its requests in flight, which run (`RateAnswer.lost`);
+    `read`: the scopes whose token counts of the last minute to read back."""
 
     holder: str
     now: int
     takes: list[RateTake] = []
     returns: list[tuple[str, int, int]] = []
     tokens: list[tuple[str, int, int]] = []
-    slots: list[tuple[str, int]] = []
+    slots: list[tuple[str, int, int]] = []
     read: list[str] = []
 
 
 class RateAnswer(msgspec.Struct):
     """`granted[i]` for `takes[i]` (all at least 1, or all 0 when `refused` names the take
-    that could not be met), what each scope held before (`used`), and per-second counts of
-    the last minute (second, amount) for the refused scope and the scopes read."""
+    that could not be met), what each scope held before (`used`), per-second counts of the
+    last minute (second, amount) for the refused scope and the scopes read, and the scopes
+    whose parallel slots the process found it no longer held (`lost`)."""
 
     granted: list[int]
     used: list[int]
     refused: int | None = None
     buckets: dict[str, list[tuple[int, int]]] = {}
+    lost: list[str] = []  # scopes of `RateSync.slots` whose slots had expired
 
 
 # A live process renews its parallel slots every second; a dead one's come back this long

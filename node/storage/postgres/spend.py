@@ -201,18 +201,13 @@ async def _rate_sync(db: asyncpg.Connection, sync: RateSync) -> RateAnswer:
         await db.executemany(
             _ADD_RATE, sorted((scope, "tokens", second, n) for scope, second, n in sync.tokens)
         )
-    if sync.slots:
-        await db.executemany(
-            "INSERT INTO parallel_slots VALUES ($1, $2, $3, $4) ON CONFLICT (scope, holder)"
-            " DO UPDATE SET slots = excluded.slots, expires = excluded.expires",
-            sorted((scope, holder, slots, now + SLOT_TTL) for scope, slots in sync.slots),
-        )
+    lost = await _renew_slots(db, holder, sorted(sync.slots), now) if sync.slots else []
     used = [await _rate_used(db, take, now) for take in sync.takes]
     refused = next(
         (i for i, take in enumerate(sync.takes) if used[i] >= take.limit),
         None,
     )
-    answer = RateAnswer(granted=[0] * len(sync.takes), used=used, refused=refused)
+    answer = RateAnswer(granted=[0] * len(sync.takes), used=used, refused=refused, lost=lost)
     if refused is None:
         answer.granted = [
             min(take.want, take.limit - held) for take, held in zip(sync.takes, used, strict=True)
@@ -225,6 +220,36 @@ async def _rate_sync(db: asyncpg.Connection, sync: RateSync) -> RateAnswer:
     for scope in sync.read:
         answer.buckets[scope] = await _buckets(db, scope, "tokens", now)
     return answer
+
+
+async def _renew_slots(
+    db: asyncpg.Connection, holder: str, slots: list[tuple[str, int, int]], now: int
+) -> list[str]:
+    """The holder's slots set to what it holds now and renewed where they are still its own
+    (not expired); where they are not, it holds again those in flight. The scopes where they
+    were not (and it held some)."""
+    expires = now + SLOT_TTL
+    renewed = await db.fetch(
+        "UPDATE parallel_slots p SET slots = g.slots, expires = $3::bigint"
+        " FROM unnest($1::text[], $2::bigint[]) AS g (scope, slots)"
+        " WHERE p.scope = g.scope AND p.holder = $4::text AND p.expires >= $5::bigint"
+        " RETURNING p.scope",
+        [scope for scope, _, _ in slots],
+        [count for _, count, _ in slots],
+        expires,
+        holder,
+        now,
+    )
+    kept = {row[0] for row in renewed}
+    again = [(scope, holder, running, expires) for scope, _, running in slots if running]
+    again = [row for row in again if row[0] not in kept]
+    if again:
+        await db.executemany(
+            "INSERT INTO parallel_slots VALUES ($1, $2, $3, $4) ON CONFLICT (scope, holder)"
+            " DO UPDATE SET slots = excluded.slots, expires = excluded.expires",
+            again,
+        )
+    return [scope for scope, count, _ in slots if count and scope not in kept]
 
 
 async def _rate_used(db: asyncpg.Connection, take: RateTake, now: int) -> int:

@@ -156,17 +156,13 @@ def _rate_sync(db: sqlite3.Connection, sync: RateSync) -> RateAnswer:
         [(amount, scope, second) for scope, second, amount in sync.returns],
     )
     db.executemany(_ADD_RATE, [(scope, "tokens", second, n) for scope, second, n in sync.tokens])
-    db.executemany(
-        "INSERT INTO parallel_slots VALUES (?, ?, ?, ?) ON CONFLICT (scope, holder)"
-        " DO UPDATE SET slots = excluded.slots, expires = excluded.expires",
-        [(scope, holder, slots, now + SLOT_TTL) for scope, slots in sync.slots],
-    )
+    lost = [scope for scope, *held in sync.slots if not _renew_slots(db, holder, scope, *held, now)]
     used = [_rate_used(db, take, now) for take in sync.takes]
     refused = next(
         (i for i, take in enumerate(sync.takes) if used[i] >= take.limit),
         None,
     )
-    answer = RateAnswer(granted=[0] * len(sync.takes), used=used, refused=refused)
+    answer = RateAnswer(granted=[0] * len(sync.takes), used=used, refused=refused, lost=lost)
     if refused is None:
         answer.granted = [
             min(take.want, take.limit - held) for take, held in zip(sync.takes, used, strict=True)
@@ -179,6 +175,28 @@ def _rate_sync(db: sqlite3.Connection, sync: RateSync) -> RateAnswer:
     for scope in sync.read:
         answer.buckets[scope] = _buckets(db, scope, "tokens", now)
     return answer
+
+
+def _renew_slots(
+    db: sqlite3.Connection, holder: str, scope: str, slots: int, in_flight: int, now: int
+) -> bool:
+    """The holder's slots of `scope` set to `slots` and renewed if they are still its own
+    (not expired), and whether they were; else it holds again those in flight."""
+    expires = now + SLOT_TTL
+    renewed = db.execute(
+        "UPDATE parallel_slots SET slots = ?, expires = ?"
+        " WHERE scope = ? AND holder = ? AND expires >= ?",
+        (slots, expires, scope, holder, now),
+    ).rowcount
+    if renewed:
+        return True
+    if in_flight:
+        db.execute(
+            "INSERT INTO parallel_slots VALUES (?, ?, ?, ?) ON CONFLICT (scope, holder)"
+            " DO UPDATE SET slots = excluded.slots, expires = excluded.expires",
+            (scope, holder, in_flight, expires),
+        )
+    return slots == 0
 
 
 _ADD_RATE = (
