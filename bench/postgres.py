@@ -216,6 +216,11 @@ def _two_processes(
         "postgres_two_processes_rps_c32": statistics.median(two.rps for two in twos),
         "two_over_one": statistics.median(ratios),
         "two_over_one_rounds": " ".join(f"{ratio:.2f}" for ratio in ratios),
+        # Derived, not measured: the ratio the rounds' CPU costs give on a machine nobody else
+        # uses (`_alone`), for runs that shared it (the `others` below say how much).
+        "two_over_one_alone": statistics.median(
+            _alone(one, two) for one, two in zip(ones, twos, strict=True)
+        ),
         # What the node processes got of the cores, and what each request cost them: with
         # the cost per request the same for two as for one, the ratio above is the share
         # of the machine the two got, not a limit of the store.
@@ -226,6 +231,17 @@ def _two_processes(
         "load_after": load_average(),
     }
     return figures, _report(ones, twos)
+
+
+def _alone(one: Metered, two: Metered) -> float:
+    """What two over one would be if the bench had the machine to itself: one process can use
+    at most one core, so it serves a request per its own CPU per request; two processes share
+    every core with PostgreSQL, the mock, the load generators and the bench, so they serve
+    the machine's cores over everything a request costs them all."""
+    costs = two.split.per_request(two.requests)
+    ours = sum(us for name, us in costs.items() if name != "others")
+    node_one = one.split.per_request(one.requests)["node_1"]
+    return len(os.sched_getaffinity(0)) * node_one / ours if ours else 0.0
 
 
 def _committed(server: PostgresServer) -> int:
