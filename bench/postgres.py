@@ -10,13 +10,15 @@ bench's `node` arm does), so that each one reserves, takes its limits and settle
 
 - latency: sequential requests (concurrency 1) to the mock directly, to the SQLite node and to
   the PostgreSQL node, in shuffled order each round; the added p50 of each over the mock's;
-- throughput: closed-loop load at concurrency 32 on one PostgreSQL process, then on both at once
-  (16 connections each), requests per second, by `wrk` (one process per node, compiled: the
-  load generator must not take the cores the nodes need; the Python generator where wrk is
-  missing), with the machine's load average before and after (others' work shares the cores);
+- throughput: closed-loop load at concurrency 32 on one PostgreSQL process, and on both at
+  once (16 connections each), by `wrk` (one process per node, compiled: the load generator
+  must not take the cores the nodes need; the Python generator where wrk is missing), after a
+  warm-up of each, then alternated for `--throughput-rounds` rounds; requests per second, the
+  median of the rounds' ratios, and what each request cost every part of the machine, the
+  statements the database ran for it and its lock waits (`bench/pg_meter.py`), with the
+  machine's load average before and after (others' work shares the cores);
 - `--profile SECONDS`: py-spy on both node processes while they take that load, summarised per
-  request by layer (`bench/profile.py`), and the store's round trips per request counted from
-  PostgreSQL's own statistics (`pg_stat_statements`-free: `pg_stat_database`'s transactions).
+  request by layer (`bench/profile.py`).
 """
 
 from __future__ import annotations
