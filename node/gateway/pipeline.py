@@ -621,12 +621,15 @@ def _screened(
     streamed: Streamed,
     recording: _Recording | None = None,
 ) -> Streamed:
-    """A stream's items as they leave: through the guardrails' output checks if its profile
-    has any (a replayed stream too, with the profile of the key that asks now), then kept
-    for the cache and logged as the client sees them."""
+    """A stream's items as they leave: through the guardrails' output checks and moderation
+    deployments if its profile has any (a replayed stream too, with the profile of the key
+    that asks now), then kept for the cache and logged as the client sees them."""
     items = streamed.items
     if profile is not None and profile.output and isinstance(call, ChatCall):
         items = books.hub.guardrails.guard_stream(profile, items, books)
+    if profile is not None and profile.moderated and isinstance(call, ChatCall):
+        # After the in-process checks: the deployment reads what the client was sent.
+        items = books.hub.guardrails.moderate_stream(profile, items, books)
     if recording is not None:
         items = _recorded(books, recording, items)
     if books.log is not None:
@@ -706,7 +709,11 @@ async def _settle_stream(
     with anyio.CancelScope(shield=True):
         await stream.aclose()
     usage, estimated = _stream_usage(stream, call, sent)
-    cost = books.finish(route, usage, estimated=estimated, status=status, stream=True, error=error)
+    recorded, why = status, error
+    if status == OK and books.withheld is not None:
+        # Answered, paid for, and withheld by the guardrails' moderation at its end.
+        recorded, why = recorded_status(books.withheld), books.withheld.message[:500]
+    cost = books.finish(route, usage, estimated=estimated, status=recorded, stream=True, error=why)
     if status == OK:
         books.take_receipt(route, stream.receipt, cost)
     else:
