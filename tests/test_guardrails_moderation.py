@@ -276,6 +276,19 @@ def test_a_flagged_streamed_messages_answer_ends_with_anthropic_s_error(
     assert final.stop_reason == "end_turn" and final.content[0].text == "mock says: hello"
 
 
+def test_a_flagged_streamed_response_ends_failed(moderated: Moderated) -> None:
+    client = moderated.client("answers")
+    events = list(client.responses.create(model="gpt-mock", input="I hate you", stream=True))
+    said = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert said == "mock says: I hate you"
+    last = events[-1]
+    assert last.type == "response.failed" and last.response.error is not None
+    assert "answer was withheld" in last.response.error.message
+    assert not any(e.type == "response.completed" for e in events)
+    clean = list(client.responses.create(model="gpt-mock", input="hello", stream=True))
+    assert clean[-1].type == "response.completed"
+
+
 def test_the_moderator_reads_a_stream_as_the_client_was_sent_it(moderated: Moderated) -> None:
     said, _, error = _streamed(moderated.client("answers_redacted"), "mail jane@example.com")
     assert error is None and said == "mock says: mail [EMAIL_REDACTED]"
