@@ -42,6 +42,13 @@ base_url = "{gpt_url}/v1"
 api_key_env = "MODERATION_TEST_GPT_KEY"
 
 [[models]]
+name = "gpt-cached"
+provider = "openai"
+model = "gpt-mock"
+base_url = "{gpt_url}/v1"
+api_key_env = "MODERATION_TEST_GPT_KEY"
+
+[[models]]
 name = "moderator"
 provider = "openai"
 kind = "moderations"
@@ -57,6 +64,7 @@ logged = "logged"
 violence = "violence"
 answers = "answers"
 answers_logged = "answers"
+tenant_answers = "answers"
 answers_closed = "answers_closed"
 answers_open = "answers_open"
 answers_redacted = "answers_redacted"
@@ -126,6 +134,9 @@ def moderated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moderated]:
     with serve_app(gpt) as gpt_url, serve_app(mod) as mod_url:
         directory = NodeDir(folder, key)
         directory.add_config(_config(gpt_url, mod_url))
+        directory.set_config(
+            "models = []                         # these", 'models = ["gpt-cached"] #'
+        )
         with run_node(directory) as node:
             yield Moderated(node, gpt, mod)
 
@@ -274,6 +285,31 @@ def test_a_flagged_streamed_messages_answer_ends_with_anthropic_s_error(
     ) as stream:
         final = stream.get_final_message()
     assert final.stop_reason == "end_turn" and final.content[0].text == "mock says: hello"
+
+
+def test_a_kept_stream_replayed_to_a_moderated_key_is_withheld(moderated: Moderated) -> None:
+    # Two keys of one tenant share its cache (the profile rewrites nothing): the one with no
+    # profile asks first and its answer is kept; the moderated one's hit is the same stream,
+    # read by the moderator as a fresh one is.
+    with moderated.node.client() as admin:
+        created = admin.post("/admin/tenants", json={"name": "mod-shared"})
+        assert created.status_code == 201, created.text
+    question = [{"role": "user", "content": "I hate you, kept"}]
+    plain = moderated.client("tenant_plain", tenant="mod-shared")
+    first = plain.chat.completions.create(model="gpt-cached", messages=question, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in first if c.choices)
+    guarded = moderated.client("tenant_answers", tenant="mod-shared", log=True)
+    raw = guarded.chat.completions.with_raw_response.create(
+        model="gpt-cached", messages=question, stream=True
+    )
+    assert raw.headers["aihub-cache"] == "hit"
+    with pytest.raises(openai.APIError) as caught:
+        for _ in raw.parse():
+            pass
+    assert "answer was withheld" in caught.value.message
+    with moderated.node.client() as admin:
+        entry = admin.get(f"/admin/logs/{raw.headers['aihub-request-id']}").json()
+    assert entry["status"] == 400, entry
 
 
 def test_a_flagged_streamed_response_ends_failed(moderated: Moderated) -> None:

@@ -458,9 +458,19 @@ def _settle_hit(
     """A hit's usage record: what the kept answer used, charged only if the config says
     so (at the plan's first deployment's price), and marked as a hit."""
     pricing = plan[0] if books.hub.cache.config.bill_hits else None
+    status, error = _withheld(books, status, None)
     return books.finish(
-        pricing, usage, estimated=estimated, status=status, stream=stream, cache_hit=True
-    )
+        pricing, usage, estimated=estimated, status=status, stream=stream, error=error,
+        cache_hit=True,
+    )  # fmt: skip
+
+
+def _withheld(books: Accounting, status: int, error: str | None) -> tuple[int, str | None]:
+    """What the usage record of a stream that ended well says: the guardrails' block if
+    their moderation withheld it at its end (`books.withheld`), though it was answered."""
+    if status == OK and books.withheld is not None:
+        return recorded_status(books.withheld), books.withheld.message[:500]
+    return status, error
 
 
 def _cached_answer(books: Accounting, plan: list[Route], result: ChatResult) -> Answer:
@@ -709,10 +719,7 @@ async def _settle_stream(
     with anyio.CancelScope(shield=True):
         await stream.aclose()
     usage, estimated = _stream_usage(stream, call, sent)
-    recorded, why = status, error
-    if status == OK and books.withheld is not None:
-        # Answered, paid for, and withheld by the guardrails' moderation at its end.
-        recorded, why = recorded_status(books.withheld), books.withheld.message[:500]
+    recorded, why = _withheld(books, status, error)  # answered and paid for, maybe withheld
     cost = books.finish(route, usage, estimated=estimated, status=recorded, stream=True, error=why)
     if status == OK:
         books.take_receipt(route, stream.receipt, cost)
