@@ -13,7 +13,6 @@ import getpass
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -24,17 +23,15 @@ from pathlib import Path
 import httpx
 
 from bench.cores import Meter, Split, place
-from bench.loadgen import Run, Target, percentile, run_wrk, wrk_path, wrk_version
+from bench.loadgen import Run, Target, percentile, run_wrk, wrk_path
 from bench.run import (
     BUDGET,
     HERE,
-    PACKAGES,
     RATE_LIMITS,
     Bench,
     Node,
     Settings,
     _dd,
-    _version,
     default_workers,
     free_port,
     plain_target,
@@ -443,48 +440,25 @@ class Unpinned(Bench):
 
     def write(self, command: str) -> None:
         background = max(self.background.values(), default=0.0)
-        verdicts = self.verdicts()
-        table = self.table(verdicts)
-        print()
-        print(table)
-        print()
-        if getattr(self, "cores_text", ""):
-            print("where the cores went at c=32 (per round):")
-            print(self.cores_text)
-            print()
         load = os.getloadavg()
-        note = f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-        self.notes.append(note)
+        self.notes.append(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
         if background > 0.15:
             self.notes.append(f"other programs used up to {background:.2f} cores during a phase")
-        for line in self.notes:
-            print("note:", line)
-        versions = {name: _version(name) for name in PACKAGES}
-        versions |= {
-            "python": platform.python_version(),
-            "wrk": wrk_version(),
-            "nginx": _nginx_version(),
-        }
-        result = {
-            "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": command,
+        fields = {
             "mode": "unpinned",
             "machine": {"cores": os.cpu_count(), "cores_available": len(self.all_cpus)},
-            "versions": versions,
             "default_workers": self.default_workers,
-            "background_cpu_cores": {k: round(v, 3) for k, v in self.background.items()},
-            "figures": self.figures.values,
-            "targets": verdicts,
-            "notes": self.notes,
-            "table": table,
             "cores": {
                 arm: [sp.as_dict() for sp in splits]
                 for arm, splits in getattr(self, "splits", {}).items()
             },
-            "seconds": round(time.perf_counter() - self.started, 1),
         }
-        self.output.write_text(json.dumps(result, indent=2) + "\n")
-        self.say(f"wrote {self.output}")
+        cores = getattr(self, "cores_text", "")
+        texts = [f"where the cores went at c=32 (per round):\n{cores}"] if cores else []
+        self.publish(command, fields, texts)
+
+    def versions(self) -> dict[str, str | None]:
+        return super().versions() | {"nginx": _nginx_version()}
 
 
 def _arm(node: Node) -> str:
