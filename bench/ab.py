@@ -60,11 +60,14 @@ class AB(Bench):
         b = self._copy(a, "alpha-b")
         self.nodes = {"A": a, "B": b}
         for build, node in self.nodes.items():
+            # `python -m` puts its working folder first on sys.path, before PYTHONPATH: each
+            # build runs in its own tree, or A would import the checkout's modules.
             env = self.env() | ({"PYTHONPATH": str(old)} if build == "A" else {})
             command = [sys.executable, "-m", "node.cli", "serve", *_dd(node)]
             command += ["--port", str(node.port), "--workers", "1"]
             log = self.work / f"{build}.log"
-            node.process = procs.spawn(command, cpus=None, log=log, env=env)
+            tree = old if build == "A" else HERE.parent
+            node.process = procs.spawn(command, cpus=None, log=log, env=env, cwd=tree)
             self.processes.append(node.process)
         self.targets = {build: node.target(build, key) for build, node in self.nodes.items()}
         for build, node in self.nodes.items():
