@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 from bench import procs
-from bench.loadgen import percentile
+from bench.loadgen import percentile, run_wrk
 from bench.run import (
     BUDGET,
     QUICK,
@@ -105,6 +105,28 @@ class LiveHop(Bench):
         figures = _figures(seq, cpu)
         figures |= self.idle(seconds)
         return figures
+
+    def throughput(self, rounds: int, seconds: float) -> dict[str, object]:
+        """wrk at 32 connections on one node and on the hop, alternately: req/s, and each
+        node's CPU per request."""
+        rps: dict[str, list[float]] = {"node": [], "hop": []}
+        cpu: dict[str, list[float]] = {"alpha": [], "beta": [], "node": []}
+        for order in self.rounds(rounds, ("node", "hop")):
+            for arm in map(str, order):
+                meters = self._meters(arm)
+                run = run_wrk(self.targets[arm], 32, seconds, None, self.work)
+                if run.errors:
+                    raise RuntimeError(f"{arm}: {run.errors} errors at c=32")
+                for name, meter in meters.items():
+                    cpu[name].append(meter.stop()[0] / max(run.requests, 1) * 1e6)
+                rps[arm].append(run.rps)
+        ratio = [h / n for h, n in zip(rps["hop"], rps["node"], strict=True)]
+        out: dict[str, object] = {f"{arm}: req/s at c=32": _spread(v) for arm, v in rps.items()}
+        out["hop's req/s / one node's, c=32"] = _spread(ratio)
+        for name, values in cpu.items():
+            arm = "one node's" if name == "node" else "hop"
+            out[f"{name}: CPU us per {arm} request, c=32"] = _spread(values)
+        return out
 
     def idle(self, seconds: float) -> dict[str, object]:
         """What each node spends with nothing asked of it (its scheduled jobs, heartbeats):
@@ -195,6 +217,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--profile", type=float, default=0, metavar="SECONDS")
+    parser.add_argument(
+        "--c32", type=float, default=0, metavar="SECONDS", help="and wrk at c=32, rounds of"
+    )
     args = parser.parse_args()
     os.chdir(Path(__file__).parent.parent)
     bench = LiveHop(Settings(**asdict(QUICK)), Path(os.devnull), keep=False)
@@ -202,6 +227,8 @@ def main() -> None:
         bench.setup()
         load = os.getloadavg()[0]
         figures = bench.measure(args.rounds, args.seconds)
+        if args.c32:
+            figures |= bench.throughput(args.rounds, args.c32)
         code = os.environ.get("PYTHONPATH") or "this checkout"
         print(f"the hop, live, code {code} (load {load:.2f} -> {os.getloadavg()[0]:.2f}):")
         for name, value in figures.items():
