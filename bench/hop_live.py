@@ -147,14 +147,15 @@ class LiveHop(Bench):
             meter.start()
         return meters
 
-    def profile(self, seconds: float) -> None:
+    def profile(self, seconds: float, connections: int) -> None:
         """py-spy on alpha while it serves one node's requests, then on both nodes while the
-        hop is asked, sequentially: bench/profile-hop-live-*.txt, the first to subtract."""
-        self._profile("node", {"alpha-node": self.a.process.pid}, seconds)  # type: ignore[union-attr]
-        pids = {"beta": self.b.process.pid, "alpha": self.a.process.pid}  # type: ignore[union-attr]
-        self._profile("hop", pids, seconds)
+        hop is asked, sequentially (or by wrk on `connections`): bench/profile-hop-live-*.txt,
+        the first to subtract from the others."""
+        alpha, beta = self.a.process.pid, self.b.process.pid  # type: ignore[union-attr]
+        self._profile("node", {"alpha-node": alpha}, seconds, connections)
+        self._profile("hop", {"beta": beta, "alpha": alpha}, seconds, connections)
 
-    def _profile(self, arm: str, pids: dict[str, int], seconds: float) -> None:
+    def _profile(self, arm: str, pids: dict[str, int], seconds: float, connections: int) -> None:
         from bench.profile import render, summarise
 
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -168,8 +169,11 @@ class LiveHop(Bench):
         meters = {name: procs.CpuMeter(pid) for name, pid in pids.items()}
         for meter in meters.values():
             meter.start()
-        with httpx.Client(timeout=30) as client:
-            count = len(sequential(client, self.targets[arm], seconds))
+        if connections > 1:
+            count = run_wrk(self.targets[arm], connections, seconds, None, self.work).requests
+        else:
+            with httpx.Client(timeout=30) as client:
+                count = len(sequential(client, self.targets[arm], seconds))
         used = {name: meter.stop()[0] for name, meter in meters.items()}
         for name, (out, spy_process) in spies.items():
             spy_process.wait(timeout=120)
@@ -218,6 +222,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--profile", type=float, default=0, metavar="SECONDS")
     parser.add_argument(
+        "--profile-connections", type=int, default=1, help="1: sequential; more: wrk"
+    )
+    parser.add_argument(
         "--c32", type=float, default=0, metavar="SECONDS", help="and wrk at c=32, rounds of"
     )
     args = parser.parse_args()
@@ -234,7 +241,7 @@ def main() -> None:
         for name, value in figures.items():
             print(f"  {name}: {value:.3f}" if isinstance(value, float) else f"  {name}: {value}")
         if args.profile:
-            bench.profile(args.profile)
+            bench.profile(args.profile, args.profile_connections)
     finally:
         bench.close()
 
