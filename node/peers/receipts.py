@@ -129,7 +129,7 @@ class Receipts:
         self._taken: list[_Taken] = []
         self._taker: asyncio.Task[None] | None = None
         self._issuing: list[_Issue] = []
-        self._issuer: asyncio.Task[None] | None = None
+        self._handed_off: set[asyncio.Task[None]] = set()
 
     # --- the provider's side --------------------------------------------------------------
 
@@ -137,25 +137,33 @@ class Receipts:
         """Write a peer request's usage record, spend and receipt in one transaction; the
         receipt's signed JSON, for the response. The receipts asked for in the same turn of
         the event loop (peers' answers that came in together) share that transaction: one
-        commit for all of them, which costs about as much as the rest of a receipt."""
-        done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._issuing.append(_Issue(charge, consumer, receipt_id, key_id, done))
-        if self._issuer is None:
-            self._issuer = asyncio.create_task(self._issue_queued(), name="ledger-issue")
-        return await done
-
-    async def _issue_queued(self) -> None:
-        batch: list[_Issue] = []
+        commit for all of them, which costs about as much as the rest of a receipt. The
+        first to ask waits that one turn, then writes them all; the others wait for it."""
+        item = _Issue(
+            charge, consumer, receipt_id, key_id, asyncio.get_running_loop().create_future()
+        )
+        self._issuing.append(item)
+        if len(self._issuing) > 1:  # the first of this turn's is gathering them: ours too
+            return await item.done
         try:
-            while self._issuing:
-                batch, self._issuing = self._issuing, []
-                await self._issue_batch(batch)
+            await asyncio.sleep(0)  # one turn: the answers that came in with this one
+        except BaseException:
+            # Cancelled (the node stopping): the batch is still written, by a task of its own.
+            batch, self._issuing = self._issuing, []
+            task = asyncio.create_task(self._issue_batch(batch), name="ledger-issue")
+            self._handed_off.add(task)
+            task.add_done_callback(self._handed_off.discard)
+            raise
+        batch, self._issuing = self._issuing, []
+        try:
+            await self._issue_batch(batch)
         finally:
-            self._issuer = None
-            # Cancelled (the node stopping): no request waits for a receipt never written.
-            for item in batch:
-                if not item.done.done():
-                    item.done.cancel()
+            # Cancelled while its transaction waited for another writer: whether it was
+            # written cannot be known here, so no one waits for it forever.
+            for other in batch:
+                if not other.done.done():
+                    other.done.cancel()
+        return item.done.result()
 
     async def _issue_batch(self, batch: list[_Issue]) -> None:
         """Receipts for `batch`, in one transaction; if it fails, each alone, so that one
@@ -354,8 +362,8 @@ class Receipts:
 
     async def settle_tasks(self) -> None:
         """Wait for the receipts being issued and taken (at shutdown, and in tests)."""
-        while self._issuer is not None or self._taker is not None:
-            await asyncio.wait([task for task in (self._issuer, self._taker) if task])
+        while self._handed_off or self._taker is not None:
+            await asyncio.wait([*self._handed_off, *([self._taker] if self._taker else [])])
 
 
 def _countersigned(
