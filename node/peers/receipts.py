@@ -145,8 +145,14 @@ class Receipts:
         self._issuing.append(item)
         if len(self._issuing) > 1:  # the first of this turn's is gathering them: ours too
             return await item.done
+        await self._issue_turn()
+        return item.done.result()
+
+    async def _issue_turn(self) -> None:
+        """One turn of the event loop (the answers that came in with this one ask for their
+        receipts meanwhile), then the receipts asked for, in one transaction."""
         try:
-            await asyncio.sleep(0)  # one turn: the answers that came in with this one
+            await asyncio.sleep(0)
         except BaseException:
             # Cancelled (the node stopping): the batch is still written, by a task of its own.
             batch, self._issuing = self._issuing, []
@@ -163,7 +169,6 @@ class Receipts:
             for other in batch:
                 if not other.done.done():
                     other.done.cancel()
-        return item.done.result()
 
     async def _issue_batch(self, batch: list[_Issue]) -> None:
         """Receipts for `batch`, in one transaction; if it fails, each alone, so that one
