@@ -29,7 +29,8 @@ $(VENV)/.installed: pyproject.toml requirements/dev.txt | check-lock
 	touch $@
 
 # dev.txt: every extra (dev tools, optional backends) for make setup and CI; runtime.txt: the
-# runtime dependencies alone, at the same versions, for the Docker image.
+# runtime dependencies alone, at the same versions, for the Docker image; guardrails.txt: those
+# and the guardrails extra (Presidio, detect-secrets), for the image built with GUARDRAILS=1.
 # Re-resolve the locks after a change to pyproject.toml's dependencies (or requirements/*.in):
 # what is locked stays as it is unless the change needs it moved; `make lock-upgrade` moves
 # everything to the newest versions allowed. uv (itself pinned in requirements/uv.txt) writes
@@ -46,8 +47,10 @@ lock:
 	$(COMPILE) pyproject.toml requirements/build.in --all-extras -o requirements/dev.txt
 	$(COMPILE) pyproject.toml requirements/build.in -c requirements/dev.txt \
 		-o requirements/runtime.txt
+	$(COMPILE) pyproject.toml requirements/build.in --extra guardrails -c requirements/dev.txt \
+		-o requirements/guardrails.txt
 	$(PYTHON) requirements/lockfile.py stamp
-	@echo "Locked: requirements/dev.txt, runtime.txt, uv.txt; commit them with pyproject.toml"
+	@echo "Locked: requirements/dev.txt, runtime.txt, guardrails.txt, uv.txt; commit them with pyproject.toml"
 
 lock-upgrade:
 	$(MAKE) lock UPGRADE=--upgrade

@@ -1,6 +1,7 @@
 """What the guardrails stage costs per request, in-process: the input checks on a 1 KB chat
-prompt (no profile; each kind of check alone; a default profile of them all), and the
-hold-back window per streamed delta.
+prompt of plain prose and on the governance arm's (prose with figures, `bench/governance.py`)
+and on the latter with an email, a card and a key in it (no profile; each kind of check
+alone; a default profile of them all), and the hold-back window per streamed delta.
 
     taskset -c 0 .venv/bin/python -m bench.guardrails
 """
@@ -46,9 +47,14 @@ def _median_us(run: Callable[[], object], rounds: int = ROUNDS) -> float:
 
 
 def main() -> None:
-    request = ChatRequest(model="m", messages=[Message("user", PROMPT[:1024])])
-    texts = chat_texts(request)
-    print(f"prompt: {sum(len(t) for t in texts)} characters")
+    from bench.governance import PROMPT as FIGURES
+
+    found = " Mail jane.doe@example.com, card 4111 1111 1111 1111, key AKIAIOSFODNN7EXAMPLE."
+    prompts = [
+        ("plain prose", PROMPT[:1024]),
+        ("prose with figures", FIGURES),
+        ("figures, PII and a key", FIGURES[: 1024 - len(found)] + found),
+    ]
     section = GuardrailsSection()
     print(
         f"no profile (a dict lookup): {_median_us(lambda: section.profiles.get(''), 2000):8.2f} µs"
@@ -60,11 +66,20 @@ def main() -> None:
         ("secrets", SecretsCheck()),
         ("pii (US, GB phone regions)", PiiCheck()),
     ]
-    for name, check in kinds:
-        profile = build_profile(name, GuardrailProfile(checks=[check]))
-        print(f"{name:28}: {_median_us(lambda p=profile: judge(p.input, texts)):8.1f} µs")
-    everything = build_profile("all", GuardrailProfile(checks=[check for _, check in kinds]))
-    print(f"{'all of them':28}: {_median_us(lambda: judge(everything.input, texts)):8.1f} µs")
+    profiles = [(name, build_profile(name, GuardrailProfile(checks=[c]))) for name, c in kinds]
+    profiles.append(
+        ("all of them", build_profile("all", GuardrailProfile(checks=[*dict(kinds).values()])))
+    )
+    for name, prompt in prompts:
+        request = ChatRequest(model="m", messages=[Message("user", prompt)])
+        texts = chat_texts(request)
+        print(f"\n{name}: {len(prompt)} characters")
+        for check, profile in profiles:
+            print(f"{check:28}: {_median_us(lambda p=profile, t=texts: judge(p.input, t)):8.1f} µs")
+    _stream()
+
+
+def _stream() -> None:
     output = build_profile("out", GuardrailProfile(checks=[PiiCheck(action="redact", output=True)]))
 
     def stream() -> None:

@@ -1,9 +1,10 @@
 """What the federated hop adds per request, step by step, measured in one process on the real
 code (no HTTP, no upstream): the consumer's request signature, the provider's check of it and
 its durable nonce record, the provider's receipt (usage record, spend and receipt in one
-transaction), the consumer's check and countersignature of that receipt, and the provider's
-check of the countersignatures that come back in batches, with the event loop's longest stall
-while a batch of them is checked (what a request in flight meanwhile waits).
+transaction; and eight asked for at once, which share one), the consumer's check and
+countersignature of that receipt, and the provider's check of the countersignatures that come
+back in batches, with the event loop's longest stall while a batch of them is checked (what a
+request in flight meanwhile waits).
 
     taskset -c 0 .venv/bin/python -m bench.hop
 
@@ -167,6 +168,16 @@ async def _ledger(
     for request_id in ids[50 : ROUNDS + 50]:
         issued.append(await ours.issue(_charge(request_id, "k"), consumer.node_id, request_id, "k"))
     figures["provider: receipt (one transaction)"] = (time.process_time() - started) / ROUNDS * 1e6
+    # Eight asked for at once, as peers' answers that arrive together are (concurrency 8+).
+    together = [new_request_id() for _ in range(ROUNDS)]
+    started = time.process_time()
+    for at in range(0, ROUNDS, 8):
+        await asyncio.gather(
+            *(ours.issue(_charge(r, "k"), consumer.node_id, r, "k") for r in together[at : at + 8])
+        )
+    figures["provider: receipt, eight asked at once (each)"] = (
+        (time.process_time() - started) / ROUNDS * 1e6
+    )
     for request_id in ids[ROUNDS + 50 :]:
         issued.append(await ours.issue(_charge(request_id, "k"), consumer.node_id, request_id, "k"))
 

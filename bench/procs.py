@@ -34,9 +34,10 @@ def spawn(
     cpus: set[int] | None,
     log: Path,
     env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start `command` in its own process group, pinned to `cpus` (as `taskset -c` would:
-    children and threads inherit the mask), output to `log`."""
+    children and threads inherit the mask), output to `log`, in `cwd` if given."""
 
     def pin() -> None:
         if cpus:
@@ -49,6 +50,7 @@ def spawn(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
+            cwd=cwd,
             preexec_fn=pin,
             start_new_session=True,
         )

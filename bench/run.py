@@ -989,22 +989,8 @@ class Bench:
                 f"other programs used up to {background:.2f} cores during a phase: latency and "
                 "throughput are disturbed; CPU per request much less so"
             )
-        verdicts = self.verdicts()
-        table = self.table(verdicts)
-        print()
-        print(table)
-        print()
-        if "profile_text" in self.extra:
-            print(self.extra["profile_text"])
-            print()
-        for note in self.notes:
-            print("note:", note)
-        versions = {name: _version(name) for name in PACKAGES}
-        versions["python"] = platform.python_version()
-        versions["wrk"] = wrk_version()
-        result = {
-            "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": command,
+        profile = self.extra.get("profile_text")
+        fields = {
             "machine": {
                 "cores": os.cpu_count(),
                 "cores_available": len(self.all_cpus),
@@ -1013,10 +999,36 @@ class Bench:
                 "kernel": platform.release(),
                 "cpu": _cpu_model(),
             },
-            "versions": versions,
             "load_generator": self.loadgen,
             "settings": asdict(self.settings),
             "workers": {"default": self.default_workers, "several": self.many_workers},
+        }
+        self.publish(command, fields, [str(profile)] if profile else [])
+
+    def versions(self) -> dict[str, str | None]:
+        versions = {name: _version(name) for name in PACKAGES}
+        versions["python"] = platform.python_version()
+        versions["wrk"] = wrk_version()
+        return versions
+
+    def publish(self, command: str, fields: dict[str, object], texts: Sequence[str]) -> None:
+        """Print the table (then `texts`, then the notes) and write the results file: what
+        every mode's file holds, and the mode's own `fields`."""
+        verdicts = self.verdicts()
+        table = self.table(verdicts)
+        print()
+        print(table)
+        print()
+        for text in texts:
+            print(text)
+            print()
+        for note in self.notes:
+            print("note:", note)
+        result = {
+            "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": command,
+            **fields,
+            "versions": self.versions(),
             "background_cpu_cores": {k: round(v, 3) for k, v in self.background.items()},
             "figures": self.figures.values,
             "targets": verdicts,

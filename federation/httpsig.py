@@ -202,8 +202,13 @@ def _normalize_percent(match: re.Match[str]) -> str:
 def field_values(headers: Mapping[str, str]) -> dict[str, str]:
     """Header fields by lowercased name, each field's values trimmed and joined with ", "
     (RFC 9421 §2.1). Works for plain dicts, httpx.Headers and Litestar's multi-dict headers."""
+    items = list(headers.items())
+    # The usual case, on every signed request: no field given twice (nothing to join).
+    single = {name.lower(): value.strip(" \t") for name, value in items}
+    if len(single) == len(items):
+        return single
     values: dict[str, list[str]] = {}
-    for name, value in headers.items():
+    for name, value in items:
         values.setdefault(name.lower(), []).append(value.strip(" \t"))
     return {name: ", ".join(parts) for name, parts in values.items()}
 

@@ -189,12 +189,19 @@ def signed_receipt(sign: Signer, *, iat: int | None = None, **terms: Any) -> tup
     """`make_receipt`, and the receipt's bytes as sent and stored (canonical, with `sig`,
     without `csig`: what its hash and a countersignature cover), made from one conversion of
     its fields rather than one per use."""
-    receipt = Receipt(**terms, iat=int(time.time()) if iat is None else iat)
-    fields = receipt_fields(receipt)
+    terms["iat"] = int(time.time()) if iat is None else iat
+    # Never sign what a receiver would refuse: converted (not constructed), the terms meet
+    # every type and bound `parse_receipt` checks (an int field takes no float or bool), in
+    # the one conversion the receipt is made by.
     try:
-        parse_receipt(fields)  # never sign what a receiver would refuse
+        receipt = to_struct(terms, Receipt)
     except RecordError as exc:
         raise ValueError(str(exc)) from exc
+    if receipt.v != VERSION:
+        raise ValueError(f"unsupported receipt version {receipt.v!r}")
+    if receipt.provider == receipt.consumer:
+        raise ValueError("a receipt's provider and consumer must differ")
+    fields = receipt_fields(receipt)
     del fields["csig"]
     fields["sig"] = b64url(sign(signed_bytes(fields, "sig")))
     return msgspec.structs.replace(receipt, sig=fields["sig"]), canonical(fields)

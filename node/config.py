@@ -236,8 +236,8 @@ class WebhookCheck(_Check, tag="webhook"):
 
 class ModerationCheck(_Check, tag="moderation"):
     """A `/v1/moderations`-compatible deployment (a `[[models]]` entry of kind
-    "moderations") is sent the request's texts (and, with `output`, a complete answer's):
-    what it flags blocks or is logged."""
+    "moderations") is sent the request's texts (and, with `output`, an answer's, a streamed
+    one's whole before its end): what it flags blocks or is logged."""
 
     deployment: Annotated[str, Meta(min_length=1, max_length=256)]
     # Only these of its categories count (OpenAI's: "harassment", "violence/graphic", …);
@@ -247,7 +247,7 @@ class ModerationCheck(_Check, tag="moderation"):
     # What an unreachable, slow or garbled deployment means: "allow" (fail open) or "block".
     on_error: Literal["allow", "block"] = "block"
     input: bool = True
-    # A complete answer too (a streamed one is not held for a remote call).
+    # Answers too: a complete one before it is returned, a streamed one whole before its end.
     output: bool = False
 
 

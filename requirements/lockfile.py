@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PYPROJECT = HERE.parent / "pyproject.toml"
-LOCKS = ("dev.txt", "runtime.txt", "uv.txt")
+LOCKS = ("dev.txt", "runtime.txt", "guardrails.txt", "uv.txt")
 MARK = "# inputs-sha256: "
 HEADER = "# Written by `make lock` (uv pip compile) from pyproject.toml and requirements/*.in."
 

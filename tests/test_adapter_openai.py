@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import msgspec
@@ -132,3 +133,28 @@ async def test_azure_uses_deployment_url_and_api_key(base_url, client, mock):
     assert received.headers["api-key"] == "sk-mock"
     assert "authorization" not in received.headers
     assert result.usage.total_tokens > 0
+
+
+async def test_a_complete_call_cancelled_hangs_up_on_the_provider(base_url, client, mock):
+    """A client gone before a complete (non-streamed) answer cancels the call: the provider
+    sees its connection close (it would go on generating, and billing, otherwise). aiohttp
+    does; pyreqwest 0.15 did not (bench/README.md): whatever client complete answers take."""
+    before, seen = mock.script.cancelled, len(mock.script.received)
+    mock.script.delay = 60.0
+    try:
+        call = asyncio.ensure_future(openai(base_url, client).chat(chat_call()))
+        for _ in range(500):
+            if len(mock.script.received) > seen:
+                break
+            await asyncio.sleep(0.01)
+        assert len(mock.script.received) > seen, "the request never reached the provider"
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        for _ in range(500):
+            if mock.script.cancelled > before:
+                break
+            await asyncio.sleep(0.01)
+        assert mock.script.cancelled == before + 1
+    finally:
+        mock.script.delay = 0.0

@@ -88,6 +88,24 @@ def test_the_runtime_lock_is_the_dev_lock_without_the_dev_tools() -> None:
     assert {name: dev.get(name) for name in runtime} == runtime
 
 
+def test_the_guardrails_lock_is_the_runtime_lock_and_the_extra_at_the_dev_versions() -> None:
+    """requirements/guardrails.txt (the Docker image built with GUARDRAILS=1): every runtime
+    pin as it is, the guardrails extra's libraries, no dev tool, each pinned with hashes."""
+    runtime, dev = pinned(LOCKS / "runtime.txt"), pinned(LOCKS / "dev.txt")
+    guarded = pinned(LOCKS / "guardrails.txt")
+    assert {name: guarded.get(name) for name in runtime} == runtime
+    assert {"presidio-analyzer", "detect-secrets", "spacy"} <= set(guarded)
+    assert "pytest" not in guarded
+    assert {name: dev.get(name) for name in guarded} == guarded
+    text = (LOCKS / "guardrails.txt").read_text()
+    for entry in re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 2)[2]):
+        assert REQUIREMENT.match(entry) and "--hash=sha256:" in entry, entry[:80]
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert "pip install --require-hashes --no-deps -r requirements/guardrails.txt" in dockerfile
+    ignore = (ROOT / "deploy" / "Dockerfile.dockerignore").read_text().splitlines()
+    assert "!requirements/guardrails.txt" in ignore
+
+
 def test_every_installed_distribution_is_the_locked_version() -> None:
     locked = pinned(LOCKS / "dev.txt")
     installed = {

@@ -107,6 +107,9 @@ class Accounting:
         # What the guardrails replaced in the request (`guardrails/stage.py`), for what the
         # node keeps of it: applied to any text, it gives the text as the upstream saw it.
         self.redaction: Callable[[str], str] | None = None
+        # A streamed answer the guardrails' moderation withheld at its end (the client was
+        # sent this error instead): what its usage record says, though the upstream answered.
+        self.withheld: HubError | None = None
 
     @property
     def limits(self) -> dict[str, str]:

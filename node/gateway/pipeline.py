@@ -458,9 +458,19 @@ def _settle_hit(
     """A hit's usage record: what the kept answer used, charged only if the config says
     so (at the plan's first deployment's price), and marked as a hit."""
     pricing = plan[0] if books.hub.cache.config.bill_hits else None
+    status, error = _withheld(books, status, None)
     return books.finish(
-        pricing, usage, estimated=estimated, status=status, stream=stream, cache_hit=True
-    )
+        pricing, usage, estimated=estimated, status=status, stream=stream, error=error,
+        cache_hit=True,
+    )  # fmt: skip
+
+
+def _withheld(books: Accounting, status: int, error: str | None) -> tuple[int, str | None]:
+    """What the usage record of a stream that ended well says: the guardrails' block if
+    their moderation withheld it at its end (`books.withheld`), though it was answered."""
+    if status == OK and books.withheld is not None:
+        return recorded_status(books.withheld), books.withheld.message[:500]
+    return status, error
 
 
 def _cached_answer(books: Accounting, plan: list[Route], result: ChatResult) -> Answer:
@@ -621,12 +631,15 @@ def _screened(
     streamed: Streamed,
     recording: _Recording | None = None,
 ) -> Streamed:
-    """A stream's items as they leave: through the guardrails' output checks if its profile
-    has any (a replayed stream too, with the profile of the key that asks now), then kept
-    for the cache and logged as the client sees them."""
+    """A stream's items as they leave: through the guardrails' output checks and moderation
+    deployments if its profile has any (a replayed stream too, with the profile of the key
+    that asks now), then kept for the cache and logged as the client sees them."""
     items = streamed.items
     if profile is not None and profile.output and isinstance(call, ChatCall):
         items = books.hub.guardrails.guard_stream(profile, items, books)
+    if profile is not None and profile.moderated and isinstance(call, ChatCall):
+        # After the in-process checks: the deployment reads what the client was sent.
+        items = books.hub.guardrails.moderate_stream(profile, items, books)
     if recording is not None:
         items = _recorded(books, recording, items)
     if books.log is not None:
@@ -706,7 +719,8 @@ async def _settle_stream(
     with anyio.CancelScope(shield=True):
         await stream.aclose()
     usage, estimated = _stream_usage(stream, call, sent)
-    cost = books.finish(route, usage, estimated=estimated, status=status, stream=True, error=error)
+    recorded, why = _withheld(books, status, error)  # answered and paid for, maybe withheld
+    cost = books.finish(route, usage, estimated=estimated, status=recorded, stream=True, error=why)
     if status == OK:
         books.take_receipt(route, stream.receipt, cost)
     else:

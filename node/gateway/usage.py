@@ -86,7 +86,10 @@ class UsageRecorder:
         self._events: list[AuditEvent] = []
         self._wake = asyncio.Event()
         self._due: asyncio.TimerHandle | None = None
-        self._notifying: set[asyncio.Task[None]] = set()
+        # Settlements written with their receipts, heard of by the listeners in batches.
+        self._written: list[Charge] = []
+        self._notifier: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
@@ -113,10 +116,22 @@ class UsageRecorder:
 
     def written(self, charges: list[Charge]) -> None:
         """Settlements written outside the batch (a peer's request, with its receipt): the
-        listeners hear of them from a task of their own, off the request path."""
-        task = asyncio.create_task(self.notify(charges))
-        self._notifying.add(task)
-        task.add_done_callback(self._notifying.discard)
+        listeners hear of them off the request path, those of `flush_interval` together as
+        the batch's are (the budget alerts read the spend of a batch's scopes once: one read
+        per peer request was a database round trip each)."""
+        self._written.extend(charges)
+        if self._notifier is None:
+            self._notifier = asyncio.create_task(self._notify_written(), name="usage-written")
+
+    async def _notify_written(self) -> None:
+        try:
+            while self._written:
+                with contextlib.suppress(TimeoutError):  # at once when stopping
+                    await asyncio.wait_for(self._stopping.wait(), self.flush_interval)
+                charges, self._written = self._written, []
+                await self.notify(charges)
+        finally:
+            self._notifier = None
 
     async def notify(self, charges: list[Charge]) -> None:
         """Tell the listeners of charges written."""
@@ -187,6 +202,8 @@ class UsageRecorder:
                 await self._task
             self._task = None
         await self.flush()
-        await asyncio.gather(*self._notifying)
+        self._stopping.set()
+        if self._notifier is not None:
+            await self._notifier
         if self.journal is not None:
             self.journal.close()

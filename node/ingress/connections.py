@@ -10,7 +10,9 @@ exhaust the file limit and the node stops answering. Here:
 - a request head must be complete `header_timeout` seconds after its first byte (or after the
   connection opens); a body `body_timeout` seconds after its head: else 408 and close;
 - past `max_connections` open connections, a new one is answered 503 and closed at once, so the
-  node never holds more sockets than that (per worker process).
+  node never holds more sockets than that (per worker process);
+- what is written during one turn of the event loop leaves in one write (`coalesce.py`): a
+  response's head and body are one system call, not two.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from federation.httpsig import REQUEST_ID_HEADER
 from federation.ids import new_request_id
 from node.config import ServerSection
+from node.ingress.coalesce import CoalescingTransport
 from node.ingress.errors import ErrorDetail, error_bytes
 
 log = logging.getLogger("aihub.connections")
@@ -90,6 +93,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             transport.close()
             return
         super().connection_made(transport)
+        # The request cycles write through this: a response's head and body in one write.
+        self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
         # A connection that never sends a byte is a head that never arrives.
         self.phase = "head"
         self._arm("head")

@@ -1,9 +1,10 @@
 """How the node's log lines are written: the level, and plain text or JSON lines (`[log]` in
 the config, `aihub serve --log-level`), as a `logging.config.dictConfig` that the server
-applies in every worker process."""
+applies in every worker process; and the handler that writes them (`TurnStreamHandler`)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, Literal
@@ -37,6 +38,62 @@ class JsonFormatter(logging.Formatter):
         return msgspec.json.encode(line).decode()
 
 
+class TurnStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that writes the lines the event loop's thread logs during one turn
+    of the loop together, at the end of that turn, in one write: under load several requests
+    end in one turn, and the access log's line each was a system call of its own.
+
+    Nothing waits longer than the current turn (no timer, no size threshold). A WARNING or
+    worse, and a line from any other thread or from outside a running loop, is written at
+    once, after what is held, so the order of lines is kept; `flush` and `close` (and so
+    logging's own shutdown at exit) write what is held."""
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self._held: list[str] = []
+        self._held_on: asyncio.AbstractEventLoop | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:  # logging's own contract: report, never raise
+            self.handleError(record)
+            return
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None and record.levelno < logging.WARNING:
+            if self._held_on is loop:
+                self._held.append(line)
+                return
+            if not self._held:
+                self._held.append(line)
+                self._held_on = loop
+                loop.call_soon(self._write_held)
+                return
+        self._write_held_locked(line)
+
+    def _write_held(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write_held_locked()
+
+    def _write_held_locked(self, line: str = "") -> None:
+        text = "".join(self._held) + line
+        self._held, self._held_on = [], None
+        if text:
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except Exception:  # a closed or broken stream must not break a request
+                self.handleError(logging.makeLogRecord({"msg": text}))
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write_held_locked()
+        super().flush()
+
+
 def log_config(level: Level = "info", json: bool = False, access: bool = True) -> dict[str, Any]:
     """The logging config of a serving node. Uvicorn's own access log stays off: ours
     (`node.observe.access`) knows the key, the model and the request id."""
@@ -54,7 +111,7 @@ def log_config(level: Level = "info", json: bool = False, access: bool = True) -
         "formatters": {"node": formatter},
         "handlers": {
             "stderr": {
-                "class": "logging.StreamHandler",
+                "()": TurnStreamHandler,
                 "formatter": "node",
                 "stream": "ext://sys.stderr",
             }

@@ -2,12 +2,13 @@
 countersignatures that go back in batches.
 
 A provider writes each receipt in the same transaction as the request's usage record and spend,
-before the response is complete (`store.ledger.settle_with_receipt`): a completed request always has
-its receipt, and a crash never leaves a gap in a chain. The consumer verifies what it gets,
-countersigns it and appends it to its own copy of the chain off the request path (the
-signatures of a batch on a worker thread, so that they hold no request in flight); if it loses
-one in a crash, reconciliation recovers it from the provider's signed copy. The provider
-checks the countersignatures that come back the same way, against its stored bytes.
+before the response is complete (`store.ledger.settle_with_receipts`, the receipts asked for
+together in one transaction): a completed request always has its receipt, and a crash never
+leaves a gap in a chain. The consumer verifies what it gets, countersigns it and appends it to
+its own copy of the chain off the request path (the signatures of a batch on a worker thread,
+so that they hold no request in flight); if it loses one in a crash, reconciliation recovers it
+from the provider's signed copy. The provider checks the countersignatures that come back the
+same way, against its stored bytes.
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ from ledger.receipts import (
 )
 from ledger.records import RecordError, signed_bytes, verify_bytes
 from node.storage.base import Store
-from node.storage.records import Charge, LinkedReceipt, StoredReceipt, body_hash
+from node.storage.records import (
+    Charge,
+    LinkedReceipt,
+    ReceiptMaker,
+    StoredReceipt,
+    body_hash,
+)
 
 if TYPE_CHECKING:
     # Types only: the ledger's commands use this module's reading of receipts, not the
@@ -56,6 +63,14 @@ class _Taken(NamedTuple):
     sent: SentRequest  # the request it must be the receipt of
     data: bytes
     our_cost: int
+
+
+class _Issue(NamedTuple):
+    charge: Charge
+    consumer: str
+    receipt_id: str
+    key_id: str
+    done: asyncio.Future[bytes]  # the receipt's signed JSON
 
 
 class Kept(NamedTuple):
@@ -113,22 +128,77 @@ class Receipts:
         self.peering = peering
         self._taken: list[_Taken] = []
         self._taker: asyncio.Task[None] | None = None
+        self._issuing: list[_Issue] = []
+        self._handed_off: set[asyncio.Task[None]] = set()
 
     # --- the provider's side --------------------------------------------------------------
 
     async def issue(self, charge: Charge, consumer: str, receipt_id: str, key_id: str) -> bytes:
         """Write a peer request's usage record, spend and receipt in one transaction; the
-        receipt's signed JSON, for the response."""
-        record = charge.record
+        receipt's signed JSON, for the response. The receipts asked for in the same turn of
+        the event loop (peers' answers that came in together) share that transaction: one
+        commit for all of them, which costs about as much as the rest of a receipt. The
+        first to ask waits that one turn, then writes them all; the others wait for it."""
+        item = _Issue(
+            charge, consumer, receipt_id, key_id, asyncio.get_running_loop().create_future()
+        )
+        self._issuing.append(item)
+        if len(self._issuing) > 1:  # the first of this turn's is gathering them: ours too
+            return await item.done
+        await self._issue_turn()
+        return item.done.result()
+
+    async def _issue_turn(self) -> None:
+        """One turn of the event loop (the answers that came in with this one ask for their
+        receipts meanwhile), then the receipts asked for, in one transaction."""
+        try:
+            await asyncio.sleep(0)
+        except BaseException:
+            # Cancelled (the node stopping): the batch is still written, by a task of its own.
+            batch, self._issuing = self._issuing, []
+            task = asyncio.create_task(self._issue_batch(batch), name="ledger-issue")
+            self._handed_off.add(task)
+            task.add_done_callback(self._handed_off.discard)
+            raise
+        batch, self._issuing = self._issuing, []
+        try:
+            await self._issue_batch(batch)
+        finally:
+            # Cancelled while its transaction waited for another writer: whether it was
+            # written cannot be known here, so no one waits for it forever.
+            for other in batch:
+                if not other.done.done():
+                    other.done.cancel()
+
+    async def _issue_batch(self, batch: list[_Issue]) -> None:
+        """Receipts for `batch`, in one transaction; if it fails, each alone, so that one
+        request's bad charge costs no other request its receipt. A request that went away
+        meanwhile still has its receipt written: its answer was paid for."""
+        issued = [(i.charge, (self.identity.node_id, i.consumer), self._maker(i)) for i in batch]
+        try:
+            rows = await self.store.ledger.settle_with_receipts(issued)
+        except Exception as exc:
+            if len(batch) > 1:
+                for item in batch:
+                    await self._issue_batch([item])
+            elif not batch[0].done.done():
+                batch[0].done.set_exception(exc)
+            return
+        for item, row in zip(batch, rows, strict=True):
+            if not item.done.done():
+                item.done.set_result(row.body.encode())
+
+    def _maker(self, item: _Issue) -> ReceiptMaker:
+        record = item.charge.record
         me = self.identity.node_id
 
         def make(seq: int, prev: str | None) -> StoredReceipt:
             receipt, signed = signed_receipt(
                 self.identity.sign,
-                id=receipt_id,
+                id=item.receipt_id,
                 provider=me,
-                consumer=consumer,
-                key_id=key_id,
+                consumer=item.consumer,
+                key_id=item.key_id,
                 model=record.model,
                 tokens_in=record.tokens_in,
                 tokens_out=record.tokens_out,
@@ -139,8 +209,7 @@ class Receipts:
             )
             return stored(receipt, signed)
 
-        row = await self.store.ledger.settle_with_receipt(charge, (me, consumer), make)
-        return row.body.encode()
+        return make
 
     async def take_countersignatures(self, consumer: str, body: bytes) -> int:
         """Countersignatures a consumer sends back for receipts we issued: each checked
@@ -297,9 +366,9 @@ class Receipts:
                 await self.store.ledger.mark_countersignatures_sent(batch)
 
     async def settle_tasks(self) -> None:
-        """Wait for the receipts being taken (at shutdown, and in tests)."""
-        while self._taker is not None:
-            await asyncio.wait([self._taker])
+        """Wait for the receipts being issued and taken (at shutdown, and in tests)."""
+        while self._handed_off or self._taker is not None:
+            await asyncio.wait([*self._handed_off, *([self._taker] if self._taker else [])])
 
 
 def _countersigned(

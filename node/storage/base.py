@@ -225,6 +225,14 @@ class LedgerStore(Protocol):
         request path."""
         ...
 
+    async def settle_with_receipts(
+        self, issued: Sequence[tuple[Charge, tuple[str, str], ReceiptMaker]]
+    ) -> list[StoredReceipt]:
+        """`settle_with_receipt` for several requests (charge, pair, maker) at once, in one
+        transaction and one commit (a provider's group commit): each receipt next in its
+        pair's chain, in the order given; all or none. On the request path."""
+        ...
+
     async def add_receipts(
         self, receipts: list[LinkedReceipt]
     ) -> tuple[list[tuple[StoredReceipt, StoredReceipt]], list[tuple[StoredReceipt, str]]]:

@@ -1,6 +1,6 @@
 """The guardrails stage of the pipeline: which profile applies to a caller, the input checks
-(after admission, before routing) and the output checks on a complete answer; every block and
-redaction an audit event and a metric."""
+(after admission, before routing), the output checks on a complete or streamed answer and its
+moderation deployments; every block and redaction an audit event and a metric."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from node.gateway.guardrails.checks import Built, Profile, build_profile
 from node.gateway.guardrails.findings import Finding, Redaction, Replacer, Span, literals_of
 from node.gateway.guardrails.moderator import ModerationFailed
 from node.gateway.guardrails.stream import guarded
+from node.gateway.guardrails.stream_moderation import moderated_stream
 from node.gateway.guardrails.texts import call_texts, result_texts, rewrite_call, rewrite_result
 from node.storage.records import AuditEvent
 
@@ -280,12 +281,12 @@ class Guardrails:
             return result
         return rewrite_result(result, document, Replacer(verdict.literals))
 
-    async def moderate_answer(
-        self, profile: Profile, result: ChatResult | WireResult, books: Accounting
+    async def _moderate_texts(
+        self, profile: Profile, texts: list[str], books: Accounting
     ) -> HubError | None:
-        """A complete answer sent to the profile's output moderation deployments: the
-        client's error if one of them blocks it (the caller settles the request)."""
-        texts, _ = result_texts(result)
+        """An answer's texts sent to the profile's output moderation deployments: the
+        client's error if one of them blocks it."""
+        texts = [text for text in texts if text]
         if not texts:
             return None
         verdict = Verdict()
@@ -299,3 +300,25 @@ class Guardrails:
             return None
         message = f"The answer was withheld by the guardrail `{verdict.blocked.check}`: {reason}"
         return HubError(Kind.INVALID_REQUEST, message, code="guardrail_blocked")
+
+    async def moderate_answer(
+        self, profile: Profile, result: ChatResult | WireResult, books: Accounting
+    ) -> HubError | None:
+        """A complete answer sent to the profile's output moderation deployments: the
+        client's error if one of them blocks it (the caller settles the request)."""
+        texts, _ = result_texts(result)
+        return await self._moderate_texts(profile, texts, books)
+
+    def moderate_stream(
+        self, profile: Profile, items: AsyncGenerator[Any, None], books: Accounting
+    ) -> AsyncGenerator[Any, None]:
+        """A chat stream's whole text sent to the profile's output moderation deployments
+        before its end (`stream_moderation.py`); a block ends it with the client's error, and
+        is what the usage record says of it (`Accounting.withheld`)."""
+
+        async def judge(texts: list[str]) -> HubError | None:
+            blocked = await self._moderate_texts(profile, texts, books)
+            books.withheld = blocked
+            return blocked
+
+        return moderated_stream(items, judge)

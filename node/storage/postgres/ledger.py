@@ -50,23 +50,35 @@ class PostgresLedger:
         the pair's chain, made by `make(seq, prev)`) in one transaction, under the chain's
         lock: a completed request always has its receipt, and a chain never forks or has a
         gap, however many processes issue receipts for the pair."""
-        provider, consumer = pair
+        return (await self.settle_with_receipts([(charge, pair, make)]))[0]
 
-        async def write(db: asyncpg.Connection) -> StoredReceipt:
-            await lock_chains(db, {pair})
-            row = await db.fetchrow(
-                "SELECT seq, body FROM receipts WHERE provider = $1 AND consumer = $2"
-                " ORDER BY seq DESC LIMIT 1",
-                provider,
-                consumer,
-            )
-            # The link is the hash of what was signed, recomputed: a damaged `hash` column
-            # must not break the chain the consumer checks.
-            seq, prev = (row[0] + 1, body_hash(row[1])) if row else (1, None)
-            receipt = make(seq, prev)
-            await db.execute(_INSERT_RECEIPT, *msgspec.structs.astuple(receipt))
-            await write_charges(db, [charge], [])
-            return receipt
+    async def settle_with_receipts(
+        self, issued: Sequence[tuple[Charge, tuple[str, str], ReceiptMaker]]
+    ) -> list[StoredReceipt]:
+        """`settle_with_receipt` for several requests, in one transaction under all their
+        chains' locks (taken in one order): one commit for all."""
+
+        async def write(db: asyncpg.Connection) -> list[StoredReceipt]:
+            await lock_chains(db, {pair for _, pair, _ in issued})
+            heads: dict[tuple[str, str], tuple[int, str | None]] = {}
+            receipts = []
+            for _, pair, make in issued:
+                if pair not in heads:
+                    row = await db.fetchrow(
+                        "SELECT seq, body FROM receipts WHERE provider = $1 AND consumer = $2"
+                        " ORDER BY seq DESC LIMIT 1",
+                        *pair,
+                    )
+                    heads[pair] = (row[0], row[1]) if row else (0, None)
+                # The link is the hash of what was signed (the last body), recomputed: a
+                # damaged `hash` column must not break the chain the consumer checks.
+                seq, last = heads[pair]
+                receipt = make(seq + 1, body_hash(last) if last is not None else None)
+                await db.execute(_INSERT_RECEIPT, *msgspec.structs.astuple(receipt))
+                heads[pair] = (seq + 1, receipt.body)
+                receipts.append(receipt)
+            await write_charges(db, [charge for charge, _, _ in issued], [])
+            return receipts
 
         return await self._db.atomic(write)
 

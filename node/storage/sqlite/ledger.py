@@ -34,21 +34,34 @@ class SqliteLedger:
         """A request served for a peer: its usage record, its spend and its receipt (next in
         the pair's chain, made by `make(seq, prev)`) in one transaction, so that a completed
         request always has its receipt and a chain never has a gap, whatever the crash."""
-        provider, consumer = pair
+        return (await self.settle_with_receipts([(charge, pair, make)]))[0]
 
-        def write(db: sqlite3.Connection) -> StoredReceipt:
-            row = db.execute(
-                "SELECT seq, body FROM receipts WHERE provider = ? AND consumer = ?"
-                " ORDER BY seq DESC LIMIT 1",
-                (provider, consumer),
-            ).fetchone()
-            # The link is the hash of what was signed, recomputed: a damaged `hash` column
-            # must not break the chain the consumer checks.
-            seq, prev = (row[0] + 1, body_hash(row[1])) if row else (1, None)
-            receipt = make(seq, prev)
-            db.execute(_INSERT_RECEIPT, msgspec.structs.astuple(receipt))
-            write_charges(db, [charge], [])
-            return receipt
+    async def settle_with_receipts(
+        self, issued: Sequence[tuple[Charge, tuple[str, str], ReceiptMaker]]
+    ) -> list[StoredReceipt]:
+        """`settle_with_receipt` for several requests, in one transaction: one commit (the
+        WAL frames of the chain's and the usage tables' pages written once for all)."""
+
+        def write(db: sqlite3.Connection) -> list[StoredReceipt]:
+            heads: dict[tuple[str, str], tuple[int, str | None]] = {}
+            receipts = []
+            for _, pair, make in issued:
+                if pair not in heads:
+                    row = db.execute(
+                        "SELECT seq, body FROM receipts WHERE provider = ? AND consumer = ?"
+                        " ORDER BY seq DESC LIMIT 1",
+                        pair,
+                    ).fetchone()
+                    heads[pair] = (row[0], row[1]) if row else (0, None)
+                # The link is the hash of what was signed (the last body), recomputed: a
+                # damaged `hash` column must not break the chain the consumer checks.
+                seq, last = heads[pair]
+                receipt = make(seq + 1, body_hash(last) if last is not None else None)
+                db.execute(_INSERT_RECEIPT, msgspec.structs.astuple(receipt))
+                heads[pair] = (seq + 1, receipt.body)
+                receipts.append(receipt)
+            write_charges(db, [charge for charge, _, _ in issued], [])
+            return receipts
 
         return await self._db.atomic(write, inline=True)
 

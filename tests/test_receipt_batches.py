@@ -1,0 +1,116 @@
+"""A provider's receipts asked for together (peers' answers that came in at once) are written
+in one transaction, on each backend: the chain stays whole and linked, every request gets its
+own receipt, one bad request costs no other its receipt, and a request that went away still
+has its receipt written."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from federation.identity import NodeIdentity
+from ledger.chain import verify_chain
+from ledger.receipts import parse_receipt, public_key_of
+from node.peers.receipts import Receipts, loaded
+from node.storage.base import Store
+from tests.postgres import open_test_store
+from tests.test_storage import charge, usage_ids
+
+PROVIDER, CONSUMER, OTHER = (NodeIdentity.generate() for _ in range(3))
+
+
+class _Peering:
+    """What `Receipts` reads of the peering when it issues: the advert seq it prices under."""
+
+    advert_seq = 1
+    peers: dict[str, Any] = {}
+
+
+def counting(store: Store) -> list[int]:
+    """The size of each transaction the store's ledger is asked to issue receipts in."""
+    sizes: list[int] = []
+    write = store.ledger.settle_with_receipts
+
+    async def counted(issued):  # type: ignore[no-untyped-def]
+        sizes.append(len(issued))
+        return await write(issued)
+
+    store.ledger.settle_with_receipts = counted  # type: ignore[method-assign]
+    return sizes
+
+
+async def whole(store: Store, consumer: NodeIdentity, count: int) -> None:
+    rows = await store.ledger.receipts(PROVIDER.node_id, consumer.node_id)
+    receipts = [loaded(row) for row in rows]
+    report = verify_chain(receipts, public_key_of(PROVIDER.node_id))
+    assert report.ok, report
+    assert len(receipts) == count
+
+
+async def test_receipts_asked_for_together_share_one_transaction(store_url: str) -> None:
+    store = await open_test_store(store_url)
+    sizes = counting(store)
+    receipts = Receipts(PROVIDER, store, None, _Peering())  # type: ignore[arg-type]
+    try:
+        ids = [f"req-{n}" for n in range(20)]
+        consumers = [CONSUMER if n % 3 else OTHER for n in range(20)]  # two chains at once
+        bodies = await asyncio.gather(
+            *(
+                receipts.issue(charge(i), who.node_id, i, "k1")
+                for i, who in zip(ids, consumers, strict=True)
+            )
+        )
+        # Each request has its own receipt, for its consumer; fewer commits than receipts.
+        assert [parse_receipt(b).id for b in bodies] == ids
+        assert [parse_receipt(b).consumer for b in bodies] == [c.node_id for c in consumers]
+        assert sum(sizes) == 20 and len(sizes) < 20
+        await whole(store, CONSUMER, consumers.count(CONSUMER))
+        await whole(store, OTHER, consumers.count(OTHER))
+        assert await usage_ids(store) == set(ids)
+        # And then one alone, linked to the batch's last.
+        await receipts.issue(charge("after"), CONSUMER.node_id, "after", "k1")
+        await whole(store, CONSUMER, consumers.count(CONSUMER) + 1)
+    finally:
+        await receipts.settle_tasks()
+        await store.close()
+
+
+async def test_one_bad_request_costs_no_other_its_receipt(store_url: str) -> None:
+    """A receipt that cannot be signed (a key id over the bound a receiver enforces) fails its
+    own request only: the batch it was in is written again without it."""
+    store = await open_test_store(store_url)
+    receipts = Receipts(PROVIDER, store, None, _Peering())  # type: ignore[arg-type]
+    try:
+        keys = ["k1", "k" * 300, "k1", "k1"]
+        results = await asyncio.gather(
+            *(
+                receipts.issue(charge(f"r{n}"), CONSUMER.node_id, f"r{n}", key)
+                for n, key in enumerate(keys)
+            ),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], ValueError)
+        assert [parse_receipt(results[n]).id for n in (0, 2, 3)] == ["r0", "r2", "r3"]
+        await whole(store, CONSUMER, 3)
+        assert await usage_ids(store) == {"r0", "r2", "r3"}
+    finally:
+        await receipts.settle_tasks()
+        await store.close()
+
+
+async def test_a_request_gone_meanwhile_still_has_its_receipt(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store = await open_test_store(f"sqlite://{tmp_path / 'aihub.db'}")
+    receipts = Receipts(PROVIDER, store, None, _Peering())  # type: ignore[arg-type]
+    try:
+        gone = asyncio.ensure_future(receipts.issue(charge("gone"), CONSUMER.node_id, "gone", "k1"))
+        await asyncio.sleep(0)  # it has asked; then its task is cancelled
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        await receipts.settle_tasks()
+        await whole(store, CONSUMER, 1)
+        assert await usage_ids(store) == {"gone"}
+    finally:
+        await store.close()
