@@ -145,10 +145,17 @@ def transport_error(upstream: Upstream, exc: BaseException) -> UpstreamError:
     )
 
 
+# How long an idle pooled connection is kept for reuse. It must stay below the idle timeout
+# of the servers it reaches, a peer's `[server] keepalive_timeout` above all: a client that
+# keeps a connection longer than its server does reuses it as the server closes it, and the
+# request on it fails, or pays a new connection (and TLS handshake) after every pause.
+POOL_IDLE_SECONDS = 30.0
+
+
 class UpstreamClient:
     """The node's one pooled client for providers (and peers, as upstreams)."""
 
-    def __init__(self, *, max_connections: int = 100, keepalive: float = 30.0) -> None:
+    def __init__(self, *, max_connections: int = 100, keepalive: float = POOL_IDLE_SECONDS) -> None:
         self._max_connections = max_connections
         self._keepalive = keepalive
         self._session: aiohttp.ClientSession | None = None

@@ -96,10 +96,14 @@ class ServerSection(Struct, forbid_unknown_fields=True):
     # Client connections (conn-hardening): a request's head must arrive within header_timeout
     # of its first byte, its body within body_timeout of its head (else 408); an idle kept-alive
     # connection closes after keepalive_timeout; past max_connections (per worker process) a
-    # new connection is answered 503 and closed.
+    # new connection is answered 503 and closed. The idle timeout is nginx's 75 s, above the
+    # 30 s for which a node's own pool keeps a peer's connection (adapters/http.py): with
+    # uvicorn's 5 s a peer reused a connection this node was closing, or, after any pause of
+    # more than 5 s, opened a new one (and its TLS handshake) for the next hop; SDK clients
+    # that pause between calls (a coding agent) likewise.
     header_timeout: Seconds = 10.0
     body_timeout: Seconds = 60.0
-    keepalive_timeout: Seconds = 5.0
+    keepalive_timeout: Seconds = 75.0
     max_connections: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000
 
     def worker_count(self) -> int:
@@ -714,7 +718,7 @@ port = 8787
 max_body_bytes = 4_194_304          # larger requests get a 413
 header_timeout = 10.0               # seconds for a request's head to arrive (else 408)
 body_timeout = 60.0                 # seconds for its body to arrive after the head (else 408)
-keepalive_timeout = 5.0             # idle seconds before a kept-alive connection is closed
+keepalive_timeout = 75.0            # idle seconds before a kept-alive connection is closed
 max_connections = 1000              # per worker process; past it a connection gets a 503
 
 [upstream]

@@ -17,7 +17,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from httpx_aiohttp import AiohttpTransport
 
 from adapters import build_adapter
-from adapters.http import UpstreamClient
+from adapters.http import POOL_IDLE_SECONDS, UpstreamClient
 from federation.identity import NodeIdentity
 from federation.nonces import NonceCache
 from node.config import IDENTITY_FILE, Config, missing_secrets, store_target
@@ -65,7 +65,7 @@ def http_client(config: Config) -> httpx.AsyncClient:
     limits = httpx.Limits(
         max_connections=config.upstream.max_connections,
         max_keepalive_connections=config.upstream.max_connections,
-        keepalive_expiry=30,
+        keepalive_expiry=POOL_IDLE_SECONDS,
     )
     timeout = httpx.Timeout(config.upstream.read_timeout, connect=config.upstream.connect_timeout)
     return httpx.AsyncClient(transport=AiohttpTransport(limits=limits), timeout=timeout)

@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from adapters.http import POOL_IDLE_SECONDS
+from node.config import ServerSection, load_config
 from tests.conftest import NodeDir, wait_ready
 from tests.mocks.server import free_port
 
@@ -28,7 +30,7 @@ def served(node_dir: NodeDir, tmp_path: Path) -> Iterator[tuple[str, int, subpro
     for setting, value in [
         ("header_timeout = 10.0", "header_timeout = 1"),
         ("body_timeout = 60.0", "body_timeout = 1"),
-        ("keepalive_timeout = 5.0", "keepalive_timeout = 1"),
+        ("keepalive_timeout = 75.0", "keepalive_timeout = 1"),
         ("max_connections = 1000", f"max_connections = {LIMIT}"),
     ]:
         node_dir.set_config(setting, value)
@@ -185,3 +187,13 @@ def test_idle_connections_past_the_limit_are_refused_and_reaped(served) -> None:
     answer = httpx.get(url + "/health/live", timeout=DEADLINE)
     assert answer.status_code == 200
     assert process.poll() is None
+
+
+def test_a_node_keeps_an_idle_connection_longer_than_its_peers_pool_does(node_dir: NodeDir):
+    """A peer's pool (adapters/http.py) reuses an idle connection for POOL_IDLE_SECONDS; were
+    this node to close it sooner (uvicorn's 5 s), the peer's next hop after a pause would be
+    sent on a connection being closed, or pay a new one. The written config and the built-in
+    default both keep it longer."""
+    written = load_config(node_dir.path).server.keepalive_timeout
+    assert written == ServerSection().keepalive_timeout
+    assert written > POOL_IDLE_SECONDS
