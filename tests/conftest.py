@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -91,6 +92,25 @@ def run_node(directory: NodeDir, port: int = 0) -> Iterator[RunningNode]:
     """Serve the node in `directory` for real (uvicorn, lifespan, loopback port)."""
     with serve_app(create_app(directory.path), lifespan="on", port=port) as url:
         yield RunningNode(directory, url)
+
+
+@contextmanager
+def serve_process(
+    directory: Path, port: int, log: Path, *args: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A real `aihub serve --port PORT` (not the config's port; `args` after it) in its own
+    process, its stderr in `log`; ready when entered, terminated on leaving."""
+    command = [sys.executable, "-m", "node.cli", "serve", "--port", str(port), *args]
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(
+            [*command, "--data-dir", str(directory)], stdout=subprocess.DEVNULL, stderr=stderr
+        )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", process)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:

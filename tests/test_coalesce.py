@@ -9,8 +9,6 @@ import asyncio
 import json
 import select
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import httpx
 import pytest
 
 from node.ingress.coalesce import CoalescingTransport
-from tests.conftest import NodeDir, wait_ready
+from tests.conftest import NodeDir, serve_process
 from tests.mocks.server import free_port
 
 
@@ -102,18 +100,8 @@ def test_abort_drops_what_is_held_and_the_rest_is_the_real_transport() -> None:
 def served(node_dir: NodeDir, tmp_path: Path) -> Iterator[int]:
     port = free_port()
     log = tmp_path / "serve.log"
-    command = [sys.executable, "-m", "node.cli", "serve", "--port", str(port), "--workers", "1"]
-    process = subprocess.Popen(
-        [*command, "--data-dir", str(node_dir.path)],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-    )
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", process)
+    with serve_process(node_dir.path, port, log, "--workers", "1"):
         yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
     assert "Traceback" not in log.read_text()
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import select
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from adapters.http import POOL_IDLE_SECONDS
 from node.config import ServerSection, load_config
-from tests.conftest import NodeDir, wait_ready
+from tests.conftest import NodeDir, serve_process
 from tests.mocks.server import free_port
 
 LIMIT = 6
@@ -35,19 +34,9 @@ def served(node_dir: NodeDir, tmp_path: Path) -> Iterator[tuple[str, int, subpro
     ]:
         node_dir.set_config(setting, value)
     port = free_port()
-    command = [sys.executable, "-m", "node.cli", "serve", "--port", str(port)]
     log = tmp_path / "serve.log"
-    process = subprocess.Popen(
-        [*command, "--data-dir", str(node_dir.path)],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-    )
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", process)
+    with serve_process(node_dir.path, port, log) as process:
         yield f"http://127.0.0.1:{port}", port, process
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
     # Cut connections are no error of the node's: nothing in its log but the usual lines.
     assert "Traceback" not in log.read_text()
 

@@ -7,8 +7,6 @@ person can read, and the audit log of federation actions."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +28,7 @@ from node.peers.address import running_url
 from node.peers.peering import signed_request
 from node.provision import create_node
 from node.storage import open_store
-from tests.conftest import NodeDir, wait_ready
+from tests.conftest import NodeDir, serve_process
 from tests.mocks.server import free_port, serve_app
 from tests.test_federation import (
     HI,
@@ -78,18 +76,8 @@ def peer_statuses(peer: Peer) -> dict[str, str]:
 @contextmanager
 def served(directory: NodeDir, port: int, log: Path) -> Iterator[str]:
     """A real `aihub serve --port PORT` (not the config's port) in its own process."""
-    command = [sys.executable, "-m", "node.cli", "serve", "--port", str(port)]
-    process = subprocess.Popen(
-        [*command, "--data-dir", str(directory.path)],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-    )
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", process)
+    with serve_process(directory.path, port, log):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_an_invite_carries_the_address_the_node_serves_on_and_join_says_what_it_got(tmp_path):
