@@ -36,7 +36,6 @@ from bench.run import (
     QUICK,
     RATE_LIMITS,
     Bench,
-    Node,
     Settings,
     _dd,
     free_port,
@@ -54,16 +53,7 @@ class LiveHop(Bench):
         self.mock_port = free_port()
         mock = [sys.executable, "-m", "bench.mock_aiohttp", "--port", str(self.mock_port)]
         self.mock = self.spawn("mock", mock, None)
-        self.a = Node("alpha", self.work / "alpha", free_port())
-        self.b = Node("beta", self.work / "beta", free_port())
-        self.finish(
-            *(
-                self.cli("init", "--name", n.name, "--data-dir", str(n.directory))
-                for n in (self.a, self.b)
-            )
-        )
-        self._configure(self.a, with_mock=True)
-        self._configure(self.b, with_mock=False)
+        self._make_pair()
         limits = [*BUDGET, *RATE_LIMITS]
         key_a, key_b, token = self.finish(
             self.cli("keys", "create", "--name", "bench", *limits, "--json", *_dd(self.a)),

@@ -352,17 +352,8 @@ class Bench:
             "proxy": plain_target("proxy", self.proxy_port),
         }
 
-        self.a = Node("alpha", self.work / "alpha", free_port())
-        self.b = Node("beta", self.work / "beta", free_port())
-        self.finish(
-            *(
-                self.cli("init", "--name", n.name, "--data-dir", str(n.directory))
-                for n in (self.a, self.b)
-            )
-        )
+        self._make_pair()
         self.say("created alpha and beta (aihub init)")
-        self._configure(self.a, with_mock=True)
-        self._configure(self.b, with_mock=False)
         requests = [
             ("alpha", "bench", [*BUDGET, *RATE_LIMITS]),
             ("alpha", "plain", []),
@@ -450,6 +441,20 @@ class Bench:
             marker = SURFACES[SURFACE_ARMS.get(name, "chat")].marker
             if status != 200 or marker not in answer:
                 raise RuntimeError(f"{name} answered {status}: {answer[-300:]!r}")
+
+    def _make_pair(self) -> None:
+        """alpha (the mock as its model `mock`) and beta (no model of its own: it reaches
+        alpha's as a peer once it joins), made with `aihub init` and configured, not served."""
+        self.a = Node("alpha", self.work / "alpha", free_port())
+        self.b = Node("beta", self.work / "beta", free_port())
+        self.finish(
+            *(
+                self.cli("init", "--name", n.name, "--data-dir", str(n.directory))
+                for n in (self.a, self.b)
+            )
+        )
+        self._configure(self.a, with_mock=True)
+        self._configure(self.b, with_mock=False)
 
     def _configure(self, node: Node, *, with_mock: bool) -> None:
         path = node.directory / "config.toml"

@@ -160,16 +160,7 @@ class Unpinned(Bench):
         nginx = self.spawn(
             "nginx", [nginx_path() or "nginx", "-p", str(conf.parent), "-c", str(conf)], None
         )
-        self.a = Node("alpha", self.work / "alpha", free_port())
-        self.b = Node("beta", self.work / "beta", free_port())
-        self.finish(
-            *(
-                self.cli("init", "--name", n.name, "--data-dir", str(n.directory))
-                for n in (self.a, self.b)
-            )
-        )
-        self._configure(self.a, with_mock=True)
-        self._configure(self.b, with_mock=False)
+        self._make_pair()
         invite = self.cli("invite", "create", "--cap", "1000000", "--uses", "1", *_dd(self.a))
         limits = [*BUDGET, *RATE_LIMITS]
         key_a, key_b, token = self.finish(
