@@ -114,3 +114,42 @@ async def test_a_request_gone_meanwhile_still_has_its_receipt(tmp_path) -> None:
         assert await usage_ids(store) == {"gone"}
     finally:
         await store.close()
+
+
+async def test_the_gatherer_cancelled_mid_write_costs_the_others_nothing(store_url: str) -> None:
+    """The first request of a turn writes the turn's receipts. If it is cancelled while the
+    transaction runs (its peer hung up on a stream, whose receipt comes at its end: a hostile
+    peer can time that), the batch is still written and every other request still gets its
+    own receipt, where it used to get a CancelledError and, on PostgreSQL, lose its usage
+    record with the rolled-back transaction though its answer was already sent."""
+    store = await open_test_store(store_url)
+    writing, release = asyncio.Event(), asyncio.Event()
+    write = store.ledger.settle_with_receipts
+
+    async def slow(issued):  # type: ignore[no-untyped-def]
+        writing.set()
+        await release.wait()
+        return await write(issued)
+
+    store.ledger.settle_with_receipts = slow  # type: ignore[method-assign]
+    receipts = Receipts(PROVIDER, store, None, _Peering())  # type: ignore[arg-type]
+    try:
+        first = asyncio.ensure_future(receipts.issue(charge("g0"), CONSUMER.node_id, "g0", "k1"))
+        others = [
+            asyncio.ensure_future(receipts.issue(charge(f"g{n}"), CONSUMER.node_id, f"g{n}", "k1"))
+            for n in (1, 2, 3)
+        ]
+        await writing.wait()
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        release.set()
+        bodies = await asyncio.gather(*others)
+        assert [parse_receipt(b).id for b in bodies] == ["g1", "g2", "g3"]
+        await receipts.settle_tasks()
+        await whole(store, CONSUMER, 4)
+        assert await usage_ids(store) == {"g0", "g1", "g2", "g3"}
+    finally:
+        release.set()
+        await receipts.settle_tasks()
+        await store.close()

@@ -150,25 +150,28 @@ class Receipts:
 
     async def _issue_turn(self) -> None:
         """One turn of the event loop (the answers that came in with this one ask for their
-        receipts meanwhile), then the receipts asked for, in one transaction."""
+        receipts meanwhile), then the receipts asked for, in one transaction, by a task of
+        their own: the first requester cancelled at any point (its peer hung up on a stream,
+        the node stopping) neither stops the batch nor costs the others their receipts."""
         try:
             await asyncio.sleep(0)
-        except BaseException:
-            # Cancelled (the node stopping): the batch is still written, by a task of its own.
+        finally:
             batch, self._issuing = self._issuing, []
-            task = asyncio.create_task(self._issue_batch(batch), name="ledger-issue")
+            task = asyncio.create_task(self._issue_all(batch), name="ledger-issue")
             self._handed_off.add(task)
             task.add_done_callback(self._handed_off.discard)
-            raise
-        batch, self._issuing = self._issuing, []
+        await asyncio.shield(task)
+
+    async def _issue_all(self, batch: list[_Issue]) -> None:
+        """`_issue_batch`, then an error for any request left without an answer (the task
+        cancelled at the loop's end), so that no one waits for its receipt forever and its
+        usage record is kept without one (`Accounting.issue_receipt`)."""
         try:
             await self._issue_batch(batch)
         finally:
-            # Cancelled while its transaction waited for another writer: whether it was
-            # written cannot be known here, so no one waits for it forever.
-            for other in batch:
-                if not other.done.done():
-                    other.done.cancel()
+            for item in batch:
+                if not item.done.done():
+                    item.done.set_exception(RuntimeError("the receipt was not written"))
 
     async def _issue_batch(self, batch: list[_Issue]) -> None:
         """Receipts for `batch`, in one transaction; if it fails, each alone, so that one
