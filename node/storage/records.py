@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
-from typing import Annotated, Literal
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -410,3 +410,27 @@ def body_hash(body: str) -> str:
     """A stored receipt's chain hash, from its body (the bytes its provider signed, with
     `sig`, without `csig`): what the next receipt's `prev` must be."""
     return b64url(hashlib.sha256(body.encode()).digest())
+
+
+class ChainHeads:
+    """Where each pair's chain ends while one transaction issues receipts on it, for every
+    backend: seeded from the chain's last stored row (seq, body), then moved by each receipt
+    issued. The link is the hash of what was signed (the last body), recomputed: a damaged
+    `hash` column must not break the chain the consumer checks."""
+
+    def __init__(self) -> None:
+        self._heads: dict[tuple[str, str], tuple[int, str | None]] = {}
+
+    def __contains__(self, pair: tuple[str, str]) -> bool:
+        return pair in self._heads
+
+    def seed(self, pair: tuple[str, str], last: Sequence[Any] | None) -> None:
+        """The chain's last row as stored, (seq, body), or None for an empty chain."""
+        self._heads[pair] = (last[0], last[1]) if last else (0, None)
+
+    def issue(self, pair: tuple[str, str], make: ReceiptMaker) -> StoredReceipt:
+        """The pair's next receipt, made by `make(seq, prev)`; the chain's head moves to it."""
+        seq, last = self._heads[pair]
+        receipt = make(seq + 1, body_hash(last) if last is not None else None)
+        self._heads[pair] = (seq + 1, receipt.body)
+        return receipt

@@ -18,7 +18,14 @@ import msgspec
 from ledger.receipts import GENESIS, SentRequest
 from node.storage.postgres.connection import Database, lock_key
 from node.storage.postgres.usage import SENT_COLUMNS, write_charges
-from node.storage.records import Charge, LinkedReceipt, ReceiptMaker, StoredReceipt, body_hash
+from node.storage.records import (
+    ChainHeads,
+    Charge,
+    LinkedReceipt,
+    ReceiptMaker,
+    StoredReceipt,
+    body_hash,
+)
 
 _RECEIPT_COLUMNS = "provider, consumer, seq, id, hash, amount, iat, body, csig, csig_sent"
 
@@ -60,22 +67,18 @@ class PostgresLedger:
 
         async def write(db: asyncpg.Connection) -> list[StoredReceipt]:
             await lock_chains(db, {pair for _, pair, _ in issued})
-            heads: dict[tuple[str, str], tuple[int, str | None]] = {}
+            heads = ChainHeads()
             receipts = []
             for _, pair, make in issued:
                 if pair not in heads:
-                    row = await db.fetchrow(
+                    last = await db.fetchrow(
                         "SELECT seq, body FROM receipts WHERE provider = $1 AND consumer = $2"
                         " ORDER BY seq DESC LIMIT 1",
                         *pair,
                     )
-                    heads[pair] = (row[0], row[1]) if row else (0, None)
-                # The link is the hash of what was signed (the last body), recomputed: a
-                # damaged `hash` column must not break the chain the consumer checks.
-                seq, last = heads[pair]
-                receipt = make(seq + 1, body_hash(last) if last is not None else None)
+                    heads.seed(pair, last)
+                receipt = heads.issue(pair, make)
                 await db.execute(_INSERT_RECEIPT, *msgspec.structs.astuple(receipt))
-                heads[pair] = (seq + 1, receipt.body)
                 receipts.append(receipt)
             await write_charges(db, [charge for charge, _, _ in issued], [])
             return receipts

@@ -10,7 +10,14 @@ from collections.abc import Sequence
 import msgspec
 
 from ledger.receipts import GENESIS, SentRequest
-from node.storage.records import Charge, LinkedReceipt, ReceiptMaker, StoredReceipt, body_hash
+from node.storage.records import (
+    ChainHeads,
+    Charge,
+    LinkedReceipt,
+    ReceiptMaker,
+    StoredReceipt,
+    body_hash,
+)
 from node.storage.sqlite.connection import Database
 from node.storage.sqlite.usage import SENT_COLUMNS, write_charges
 
@@ -43,22 +50,18 @@ class SqliteLedger:
         WAL frames of the chain's and the usage tables' pages written once for all)."""
 
         def write(db: sqlite3.Connection) -> list[StoredReceipt]:
-            heads: dict[tuple[str, str], tuple[int, str | None]] = {}
+            heads = ChainHeads()
             receipts = []
             for _, pair, make in issued:
                 if pair not in heads:
-                    row = db.execute(
+                    last = db.execute(
                         "SELECT seq, body FROM receipts WHERE provider = ? AND consumer = ?"
                         " ORDER BY seq DESC LIMIT 1",
                         pair,
                     ).fetchone()
-                    heads[pair] = (row[0], row[1]) if row else (0, None)
-                # The link is the hash of what was signed (the last body), recomputed: a
-                # damaged `hash` column must not break the chain the consumer checks.
-                seq, last = heads[pair]
-                receipt = make(seq + 1, body_hash(last) if last is not None else None)
+                    heads.seed(pair, last)
+                receipt = heads.issue(pair, make)
                 db.execute(_INSERT_RECEIPT, msgspec.structs.astuple(receipt))
-                heads[pair] = (seq + 1, receipt.body)
                 receipts.append(receipt)
             write_charges(db, [charge for charge, _, _ in issued], [])
             return receipts
