@@ -138,7 +138,8 @@ class Receipts:
         receipt's signed JSON, for the response. The receipts asked for in the same turn of
         the event loop (peers' answers that came in together) share that transaction: one
         commit for all of them, which costs about as much as the rest of a receipt. The
-        first to ask waits that one turn, then writes them all; the others wait for it."""
+        first to ask waits that one turn, then has them all written by a task of their own
+        (`_issue_turn`); the others wait for it."""
         item = _Issue(
             charge, consumer, receipt_id, key_id, asyncio.get_running_loop().create_future()
         )
