@@ -310,6 +310,10 @@ def run_python(
             str(share),
             "--duration",
             str(duration),
+            # A file, not the pipe: a result over 64 KiB (a latency per request) came back cut
+            # at 65,536 bytes through stdout, the pipe's size, once the loop was done with it.
+            "--out",
+            f"{body_file}.{index}.out",
         ]
         for name, value in target.headers.items():
             command += ["--header", f"{name}: {value}"]
@@ -326,11 +330,13 @@ def run_python(
     latencies: list[float] = []
     requests = errors = 0
     seconds = 0.0
-    for process in running:
+    for index, process in enumerate(running):
         out, _ = process.communicate(timeout=duration + 60)
         if process.returncode:
             raise RuntimeError(f"the load generator exited {process.returncode}: {out[-300:]!r}")
-        data = json.loads(out)
+        result = Path(f"{body_file}.{index}.out")
+        data = json.loads(result.read_text())
+        result.unlink()
         requests += data["requests"]
         errors += data["errors"]
         seconds = max(seconds, data["seconds"])
@@ -429,6 +435,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--rate", type=float, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here, not stdout")
     args = parser.parse_args()
     headers = dict(h.split(": ", 1) for h in args.header)
     target = Target("cli", args.host, args.port, args.path, Path(args.body_file).read_bytes())
@@ -442,7 +449,10 @@ def main() -> None:
         result = uvloop.run(coroutine)
     except ImportError:
         result = asyncio.run(coroutine)
-    print(json.dumps(result))
+    if args.out:
+        args.out.write_text(json.dumps(result))
+    else:
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":
