@@ -10,6 +10,10 @@ streamed ones (time to the first byte). The figures are B's over A's within each
 medians over the rounds: on a shared machine compare these ratios, not the times.
 
     python -m bench.ab --base acdd6bb [--rounds 6] [--seconds 3]
+
+`--python-a` and `--python-b` run each build's node on another interpreter (a virtualenv made
+from the same lock), so that `--base HEAD --python-b /path/venv313/bin/python` measures an
+interpreter's upgrade alone.
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ BUILDS = ("A", "B")
 
 
 class AB(Bench):
-    def __init__(self, base: str, output: Path) -> None:
+    def __init__(self, base: str, output: Path, pythons: dict[str, str]) -> None:
         super().__init__(FULL, output, keep=False)
         self.base = base
+        self.pythons = pythons
         self.node_cpus = self.client_cpus = None
 
     def setup(self) -> None:
@@ -63,7 +68,7 @@ class AB(Bench):
             # `python -m` puts its working folder first on sys.path, before PYTHONPATH: each
             # build runs in its own tree, or A would import the checkout's modules.
             env = self.env() | ({"PYTHONPATH": str(old)} if build == "A" else {})
-            command = [sys.executable, "-m", "node.cli", "serve", *_dd(node)]
+            command = [self.pythons[build], "-m", "node.cli", "serve", *_dd(node)]
             command += ["--port", str(node.port), "--workers", "1"]
             log = self.work / f"{build}.log"
             tree = old if build == "A" else HERE.parent
@@ -72,7 +77,7 @@ class AB(Bench):
         self.targets = {build: node.target(build, key) for build, node in self.nodes.items()}
         for build, node in self.nodes.items():
             self.wait_answer(self.targets[build], node.process, 90)
-        self.say(f"A = {self.base} (git archive), B = the checkout; both answer")
+        self.say(f"A = {self.base} (git archive), B = the checkout; both answer; {self.pythons}")
 
     def compare(self, rounds: int, seconds: float) -> dict[str, list[float]]:
         found: dict[str, dict[str, list[float]]] = {b: {} for b in BUILDS}
@@ -126,9 +131,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=3)
     parser.add_argument("--output", type=Path, default=HERE / "results-ab.json")
+    for build in BUILDS:
+        parser.add_argument(
+            f"--python-{build.lower()}",
+            default=sys.executable,
+            help=f"the interpreter of build {build}'s node",
+        )
     args = parser.parse_args()
     os.chdir(HERE.parent)
-    bench = AB(args.base, args.output)
+    pythons = {build: getattr(args, f"python_{build.lower()}") for build in BUILDS}
+    bench = AB(args.base, args.output, pythons)
     try:
         load = os.getloadavg()
         bench.setup()
@@ -138,6 +150,7 @@ def main() -> None:
     finally:
         bench.close()
     lines = [f"A = {args.base}, B = the checkout; medians over {args.rounds} rounds"]
+    lines += [f"  {build}'s interpreter: {python}" for build, python in pythons.items()]
     for name, values in figures.items():
         lines.append(
             f"  {name}: {statistics.median(values):.3f} ({min(values):.3f}..{max(values):.3f})"
@@ -152,6 +165,7 @@ def main() -> None:
             {
                 "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "base": args.base,
+                "pythons": pythons,
                 "figures": {k: [round(v, 4) for v in vs] for k, vs in figures.items()},
                 "background_cpu_cores": round(bench.background["compare"], 3),
                 "load": [round(load[0], 2), round(after[0], 2)],
