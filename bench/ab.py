@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -68,7 +69,7 @@ class AB(Bench):
             # `python -m` puts its working folder first on sys.path, before PYTHONPATH: each
             # build runs in its own tree, or A would import the checkout's modules.
             env = self.env() | ({"PYTHONPATH": str(old)} if build == "A" else {})
-            command = [self.pythons[build], "-m", "node.cli", "serve", *_dd(node)]
+            command = [*shlex.split(self.pythons[build]), "-m", "node.cli", "serve", *_dd(node)]
             command += ["--port", str(node.port), "--workers", "1"]
             log = self.work / f"{build}.log"
             tree = old if build == "A" else HERE.parent
@@ -135,7 +136,7 @@ def main() -> None:
         parser.add_argument(
             f"--python-{build.lower()}",
             default=sys.executable,
-            help=f"the interpreter of build {build}'s node",
+            help=f"the interpreter of build {build}'s node (a command: bench/gc_watch.py says why)",
         )
     args = parser.parse_args()
     os.chdir(HERE.parent)

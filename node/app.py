@@ -17,6 +17,7 @@ from node.admin.logs import LOG_ROUTES
 from node.admin.peers import PEER_ROUTES
 from node.admin.routes import ADMIN_ROUTES
 from node.admin.stats import STATS_ROUTES
+from node.collector import settle_collector
 from node.config import data_dir, load_config
 from node.hub import Hub
 from node.ingress import anthropic
@@ -46,7 +47,14 @@ async def stamp_request_id(message: Message, scope: Scope) -> None:
         message["headers"] = [*headers, (_REQUEST_ID, new_request_id().encode())]
 
 
-def create_app(directory: Path | None = None) -> Litestar:
+def create_served_app() -> Litestar:
+    """What `aihub serve` runs in each worker process: the app, with the garbage collector
+    settled once the node has started (node/collector.py). An app built for a test in the
+    test's own process is not: freezing there would keep every earlier test's objects."""
+    return create_app(serving=True)
+
+
+def create_app(directory: Path | None = None, *, serving: bool = False) -> Litestar:
     """Build the app for the node in `directory` (default: `$AIHUB_HOME`, else ~/.aihub)."""
     folder = directory or data_dir(os.environ.get("AIHUB_HOME"))
     config = load_config(folder)
@@ -54,6 +62,9 @@ def create_app(directory: Path | None = None) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         app.state.hub = await Hub.start(folder, config)
+        if serving:
+            # What startup made lives as long as the process: out of the collector's walks.
+            settle_collector()
         try:
             yield
         finally:

@@ -127,7 +127,7 @@ def _run_granian(
 
     # Granian has a head deadline and a bound on requests in flight, not the rest.
     Granian(
-        "node.app:create_app",
+        "node.app:create_served_app",
         factory=True,
         address=host,
         port=port,
@@ -151,7 +151,7 @@ def _run_uvicorn(
         limits, max_connections=connection_limit(limits.max_connections)
     )
     uvicorn.run(
-        "node.app:create_app",
+        "node.app:create_served_app",
         factory=True,
         host=host,
         port=port,

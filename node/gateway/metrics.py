@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any, NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    generate_latest,
+)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # At most this many keys and tenants get budget series (the most spent first): every series
@@ -117,6 +125,15 @@ class Metrics:
             f"Keys and tenants with a budget beyond the {MAX_BUDGET_SERIES} shown",
             registry=self.registry,
         )
+        # The collector's own counts (python_gc_*), and what node/collector.py froze at startup:
+        # a frozen count of 0 on a running node means the collector walks startup's objects.
+        GCCollector(registry=self.registry)
+        frozen = Gauge(
+            "aihub_gc_frozen_objects",
+            "Objects moved out of the garbage collector's walks when the node started",
+            registry=self.registry,
+        )
+        frozen.set_function(gc.get_freeze_count)
 
         # Labelled children by (metric, labels): prometheus_client's `labels()` validates and
         # locks on every call, a few µs each, five times a request.
