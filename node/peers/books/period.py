@@ -20,15 +20,12 @@ from node.storage.records import StoredReceipt, body_hash
 
 
 @dataclass
-class Pair:
-    """Our books with one peer: the two chains, from after the last settlement, whole (to
-    look at its receipts; the node itself reads a period a page at a time: `open_period`)."""
+class _Between:
+    """Us and one peer, and the two sides as the pair's statements name them: `a` the lower
+    node id, `b` the higher."""
 
     me: str
     peer: str
-    previous: Statement | None
-    ours: list[Receipt]  # we provided (me -> peer)
-    theirs: list[Receipt]  # they provided (peer -> me)
 
     @property
     def a(self) -> str:
@@ -37,6 +34,16 @@ class Pair:
     @property
     def b(self) -> str:
         return max(self.me, self.peer)
+
+
+@dataclass
+class Pair(_Between):
+    """Our books with one peer: the two chains, from after the last settlement, whole (to
+    look at its receipts; the node itself reads a period a page at a time: `open_period`)."""
+
+    previous: Statement | None
+    ours: list[Receipt]  # we provided (me -> peer)
+    theirs: list[Receipt]  # they provided (peer -> me)
 
     def a_to_b(self) -> list[Receipt]:
         return self.ours if self.me == self.a else self.theirs
@@ -117,27 +124,17 @@ async def open_pair(store: Store, me: str, peer: str) -> Pair:
 
 
 @dataclass
-class OpenPeriod:
+class OpenPeriod(_Between):
     """Our books with one peer since the last statement, read a page at a time and never
     whole: each chain's period (`ledger.settlement.Period`: its totals and head), the first
     break in a chain, and the receipts of the peer's that bill no request we sent."""
 
-    me: str
-    peer: str
     previous: Statement | None
     a_to_b: Period
     b_to_a: Period
     broken: str | None = None
     unbilled: int = 0
     first_unbilled: tuple[int, str] | None = None  # (seq, why)
-
-    @property
-    def a(self) -> str:
-        return min(self.me, self.peer)
-
-    @property
-    def b(self) -> str:
-        return max(self.me, self.peer)
 
     @property
     def empty(self) -> bool:
