@@ -4,7 +4,7 @@ long chain takes to reconcile, and the memory it takes (bench/README.md has the 
 Two SQLite stores, alice's and bob's, hold the same chain alice → bob of `--receipts`
 countersigned receipts (`chains.py`, written straight into the files); bob reconciles with
 alice through `InProcessPeer`: alice's pages made by the very functions her federation routes
-call (`receipts_page`, encoded as JSON, decoded by bob as from the wire), without the
+call (`books.served.receipts_page`, encoded as JSON, decoded by bob as from the wire), without the
 HTTP around them. Printed: the time and CPU time, the peak RSS of the process, and with
 `--trace` the peak of tracemalloc (slower: every allocation is traced).
 """

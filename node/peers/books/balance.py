@@ -1,5 +1,6 @@
 """What each peer and we used of each other since our last statement (`aihub ledger
-balance`, the admin API, the UI). Apart because it only reads our own books."""
+balance`, the admin API, the dashboard). Apart because it reads our own books only, and
+`aihub ledger balance` imports it without the reconciliation, settlement or the link."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """What stops a ledger operation. Apart because every module of the books raises it, and
-the CLI, the admin API and the peer routes catch it without needing the rest."""
+the CLI, the re-sync and the dashboard catch it without importing the rest."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Our receipts as CSV or as the signed JSON (`aihub ledger export`). Apart because it
-only reads our own books and knows the export's columns."""
+reads our own receipts only, as they are, and holds the export's columns."""
 
 from __future__ import annotations
 

@@ -52,6 +52,8 @@ class ReconcileReport(msgspec.Struct):
     statements_recovered: int = 0  # both-signed statements of ours the peer still held
 
 
+# How a receipt taken from a peer joins our copy of its chain (the node's `Receipts.keep`):
+# whether it is in the chain now. `served.take_receipts` takes one too.
 KeepReceipt = Callable[[Receipt], Awaitable[bool]]
 
 

@@ -1,6 +1,7 @@
 """Our chain to a peer re-synced from the peer's copy after a restore, before we issue it
-more receipts (what `node.peers.resync` runs). Apart because it is the one exchange that
-takes receipts signed by ourselves back from a peer."""
+more receipts (what `node.peers.resync` runs, when it decides to). Apart because it walks our
+own chain only, from our head on, and runs on the request path's schedule rather than an
+admin's or the reconciliation's."""
 
 from __future__ import annotations
 
