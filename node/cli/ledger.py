@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# Each command imports the books (`node.peers.books`) when it runs: they bring the peer
-# transport (aiohttp, httpx), which `aihub ledger --help` has no use for.
+# Each command imports the module of the books (`node.peers.books`) it runs, when it runs:
+# those that talk to a peer bring the peer transport (aiohttp, httpx), and all of them the
+# store and the ledger, which `aihub ledger --help` has no use for.
 
 _since = parsed(lambda text: parse_since(text) // 1000)  # the ledger counts in seconds
 json_option = click.option("--json", "json_", is_flag=True, help="Print JSON")
