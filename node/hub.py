@@ -35,7 +35,7 @@ from node.gateway.ratelimit import RateLimiter
 from node.gateway.router import Route, Router
 from node.gateway.usage import UsageRecorder
 from node.observe.tracing import Tracing, start_tracing
-from node.peers import books
+from node.peers.books.reconciliation import reconcile_all
 from node.peers.peering import REFRESH_TICK, Peering
 from node.peers.receipts import Receipts
 from node.peers.resync import ChainResync
@@ -329,9 +329,7 @@ async def _prune(store: Store) -> None:
 
 
 async def _reconcile(receipts: Receipts, peering: Peering) -> None:
-    reports = await books.reconcile_all(
-        receipts.store, receipts.identity, receipts.client, receipts.keep
-    )
+    reports = await reconcile_all(receipts.store, receipts.identity, receipts.client, receipts.keep)
     if any(report.suspended for report in reports):
         await peering.changed()  # a peer that equivocated stops being routed to at once
 

@@ -35,7 +35,14 @@ from ledger.receipts import (
 )
 from ledger.reconcile import reconcile
 from node.config import DATABASE_FILE, IDENTITY_FILE
-from node.peers import books
+from node.peers.books.balance import PairBalance
+from node.peers.books.balance import balance as books_balance
+from node.peers.books.link import Link, PeerAnswer, link_to
+from node.peers.books.period import OpenPeriod, open_period
+from node.peers.books.reconciliation import Bucket, ReconcileReport, reconcile_with
+from node.peers.books.verify import ChainCheck
+from node.peers.books.verify import verify as books_verify
+from node.peers.books.wire import PAGE as BOOKS_PAGE
 from node.peers.receipts import keep_receipt, loaded, stored
 from node.storage import open_store
 from node.storage.base import Store
@@ -137,19 +144,19 @@ def test_long_chains_reconcile_page_by_page_with_a_real_peer(
         )
     whole = reconcile(ours, theirs, between=(bob.node_id, alice.node_id)).totals()
 
-    async def reconciled(store: Store, client: httpx.AsyncClient) -> books.ReconcileReport:
-        link = await books.link_to(store, bob, client, alice.node_id)
+    async def reconciled(store: Store, client: httpx.AsyncClient) -> ReconcileReport:
+        link = await link_to(store, bob, client, alice.node_id)
 
         async def keep(receipt: Receipt) -> bool:
             return await keep_receipt(store, receipt)
 
-        return await books.reconcile_with(store, link, keep, page=PAGE)
+        return await reconcile_with(store, link, keep, page=PAGE)
 
-    async def run() -> tuple[books.ReconcileReport, books.ReconcileReport, set[tuple], list]:
+    async def run() -> tuple[ReconcileReport, ReconcileReport, set[tuple], list]:
         store = await open_test_store(url)
         try:
             async with httpx.AsyncClient() as client:
-                link = await books.link_to(store, bob, client, alice.node_id)
+                link = await link_to(store, bob, client, alice.node_id)
                 refusals = [
                     await link.get(f"/federation/receipts?provider={alice.node_id}&limit={bad}")
                     for bad in ("0", "1001", "abc", "99999999999999999999", "-1", "7.5")
@@ -178,7 +185,7 @@ def test_long_chains_reconcile_page_by_page_with_a_real_peer(
     page = msgspec.json.decode(small.content)
     assert len(page["receipts"]) == PAGE and page["more"] is True
 
-    def counts(report: books.ReconcileReport) -> dict[str, int]:
+    def counts(report: ReconcileReport) -> dict[str, int]:
         return {name: getattr(report, name).count for name in whole}
 
     # What the whole chains give, page by page: alice's receipt 40 bills no request of bob's
@@ -193,7 +200,7 @@ def test_long_chains_reconcile_page_by_page_with_a_real_peer(
         "rejected": 1,
     }
     for name in ("matched", "disputed", "missing_theirs", "mismatched", "equivocation"):
-        assert getattr(first, name) == books.Bucket(*whole[name]), name
+        assert getattr(first, name) == Bucket(*whole[name]), name
     assert whole["missing_ours"].count == 4 and not first.suspended
     # Both books now hold what could be agreed, countersignatures too: all but alice's
     # altered 45 (each keeps its own) and her 40 that bills no request of bob's (bob's 21,
@@ -207,9 +214,9 @@ def test_long_chains_reconcile_page_by_page_with_a_real_peer(
 class Peaks(NamedTuple):
     reconcile: int  # bytes of traced memory at most
     period: int
-    report: books.ReconcileReport
-    opened: books.OpenPeriod
-    balance: books.PairBalance
+    report: ReconcileReport
+    opened: OpenPeriod
+    balance: PairBalance
 
 
 async def _peaks(tmp_path: Path, receipts: int) -> Peaks:
@@ -227,10 +234,10 @@ async def _peaks(tmp_path: Path, receipts: int) -> Peaks:
         report = await reconcile_bench.reconciled(pair, MEMORY_PAGE)
         _, reconciling = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
-        opened = await books.open_period(pair.bob, me, peer, page=MEMORY_PAGE)
+        opened = await open_period(pair.bob, me, peer, page=MEMORY_PAGE)
         _, reading = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        (balance,) = await books.balance(pair.bob, me)
+        (balance,) = await books_balance(pair.bob, me)
     finally:
         tracemalloc.stop()
         await pair.close()
@@ -263,25 +270,25 @@ def test_reconciling_a_pair_takes_memory_that_does_not_grow_with_its_chains(
 
 
 @dataclass
-class StuckPeer(books.Link):
+class StuckPeer(Link):
     """A peer that answers every page of its chain with the same three receipts and
     `more: true`, and takes nothing it is sent."""
 
     receipts: list[dict] = field(default_factory=list)
     asked: int = 0
 
-    async def _ask(self, method: str, path: str, body: bytes = b"") -> books.PeerAnswer:
+    async def _ask(self, method: str, path: str, body: bytes = b"") -> PeerAnswer:
         if method == "POST":
-            return books.PeerAnswer(200, b'{"taken": 0}')
+            return PeerAnswer(200, b'{"taken": 0}')
         if path.startswith("/federation/settlements"):
-            return books.PeerAnswer(200, b'{"statements": [], "more": false}')
+            return PeerAnswer(200, b'{"statements": [], "more": false}')
         self.asked += 1
         assert self.asked < 10, "the peer kept bob asking"
-        return books.PeerAnswer(200, msgspec.json.encode({"receipts": self.receipts, "more": True}))
+        return PeerAnswer(200, msgspec.json.encode({"receipts": self.receipts, "more": True}))
 
 
 def test_a_peer_whose_pages_do_not_move_forward_ends_its_chain(tmp_path: Path) -> None:
-    async def run() -> tuple[books.ReconcileReport, int]:
+    async def run() -> tuple[ReconcileReport, int]:
         pair = await reconcile_bench.open_pair(tmp_path, 5)
         rows = await pair.alice.ledger.receipts(pair.link.peer.node_id, pair.link.identity.node_id)
         stuck = StuckPeer(
@@ -293,7 +300,7 @@ def test_a_peer_whose_pages_do_not_move_forward_ends_its_chain(tmp_path: Path) -
             [receipt_fields(loaded(row)) for row in rows[:3]],
         )
         try:
-            return await books.reconcile_with(pair.bob, stuck, keep=_nothing), stuck.asked
+            return await reconcile_with(pair.bob, stuck, keep=_nothing), stuck.asked
         finally:
             await pair.close()
 
@@ -314,20 +321,20 @@ def test_ledger_verify_reads_a_chain_page_by_page_and_names_where_it_breaks(
     tmp_path: Path,
 ) -> None:
     alice, bob = NodeIdentity.generate(), NodeIdentity.generate()
-    chain = signed_chain(alice, bob, books.PAGE + 500)
+    chain = signed_chain(alice, bob, BOOKS_PAGE + 500)
     tampered = [stored(r) for r in chain]
     tampered[1199] = stored(msgspec.structs.replace(chain[1199], amount=1))  # seq 1200
 
-    async def checks(database: Path, rows: list) -> list[books.ChainCheck]:
+    async def checks(database: Path, rows: list) -> list[ChainCheck]:
         store = await open_store(database)
         try:
             chains.write(database, rows)
-            return await books.verify(store)
+            return await books_verify(store)
         finally:
             await store.close()
 
     (whole,) = asyncio.run(checks(tmp_path / "whole.db", [stored(r) for r in chain]))
-    assert whole.ok and whole.receipts == books.PAGE + 500
+    assert whole.ok and whole.receipts == BOOKS_PAGE + 500
     (broken,) = asyncio.run(checks(tmp_path / "tampered.db", tampered))
-    assert not broken.ok and broken.receipts == books.PAGE + 500
+    assert not broken.ok and broken.receipts == BOOKS_PAGE + 500
     assert broken.problem is not None and "receipt #1199 (seq 1200)" in broken.problem

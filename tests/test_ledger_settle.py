@@ -19,7 +19,7 @@ from ledger.receipts import GENESIS
 from ledger.settlement import Statement, make_statement, sign_statement
 from node.cli.main import main
 from node.config import DATABASE_FILE, IDENTITY_FILE
-from node.peers import books
+from node.peers.books.period import open_pair
 from node.storage import opened
 from tests.mocks.server import serve_app
 from tests.test_federation import (
@@ -99,7 +99,7 @@ def _proposal(proposer: Peer, other: Peer) -> bytes:
     async def build() -> bytes:
         identity = NodeIdentity.load(proposer.path / IDENTITY_FILE)
         async with opened(proposer.path / DATABASE_FILE) as store:
-            pair = await books.open_pair(store, identity.node_id, node_id(other))
+            pair = await open_pair(store, identity.node_id, node_id(other))
         statement = make_statement(
             pair.a_to_b(), pair.b_to_a(), pair.a, pair.b, previous=pair.previous
         )

@@ -12,7 +12,9 @@ from nacl.signing import SigningKey
 
 from ledger.receipts import GENESIS, Receipt, make_receipt, node_id_of, receipt_hash
 from ledger.settlement import make_statement, sign_statement
-from node.peers import books
+from node.peers.books.balance import balance as books_balance
+from node.peers.books.period import open_pair
+from node.peers.books.verify import verify as books_verify
 from node.peers.receipts import keep_receipts
 from node.storage import opened
 
@@ -70,9 +72,9 @@ def test_a_statement_with_an_earlier_iat_does_not_reopen_a_settled_period(
             for s in (first, second):
                 body = msgspec.json.encode(msgspec.to_builtins(s)).decode()
                 await store.ledger.add_settlement(s.a, s.b, s.to_seq, s.iat, body)
-            rows = await books.balance(store, consumer.id)
+            rows = await books_balance(store, consumer.id)
             assert [(row.we_used, row.receipts) for row in rows] == [(0, 0)]
-            pair = await books.open_pair(store, consumer.id, provider.id)
+            pair = await open_pair(store, consumer.id, provider.id)
             assert pair.previous == second and pair.theirs == []
 
     asyncio.run(run())
@@ -98,7 +100,7 @@ def test_verify_names_a_statement_both_signed_over_totals_our_receipts_do_not_gi
             await keep_receipts(store, receipts)
             body = msgspec.json.encode(msgspec.to_builtins(signed)).decode()
             await store.ledger.add_settlement(signed.a, signed.b, signed.to_seq, signed.iat, body)
-            checks = await books.verify(store)
+            checks = await books_verify(store)
             assert [c.ok for c in checks] == [True, False]
             assert "differs from our receipts in" in (checks[1].problem or "")
 

@@ -27,7 +27,10 @@ from ledger.receipts import (
 )
 from ledger.records import RecordError, Signer
 from node.ingress.errors import openai_status
-from node.peers import books
+from node.peers.books.balance import balance as books_balance
+from node.peers.books.errors import BooksError
+from node.peers.books.settlement import countersign_statement
+from node.peers.books.verify import verify as books_verify
 from node.peers.receipts import keep_receipts, stored
 from node.storage import opened
 from node.storage.records import Charge, UsageRecord
@@ -201,7 +204,7 @@ def test_a_receipt_that_does_not_link_with_its_neighbours_is_refused(tmp_path: P
                 2,
                 3,
             ]
-            assert all(check.ok for check in await books.verify(store))
+            assert all(check.ok for check in await books_verify(store))
 
     asyncio.run(run())
 
@@ -240,7 +243,7 @@ def test_what_we_are_billed_for_answers_that_never_reached_us_shows(tmp_path: Pa
             assert sent["req_1"] == SENT and sent["req_2"].status == 499 and "req_3" not in sent
             one, two = chain(2)
             await keep_receipts(store, [one, two])
-            (row,) = await books.balance(store, CONSUMER.id)
+            (row,) = await books_balance(store, CONSUMER.id)
             assert row.we_used == one.amount + two.amount
             assert row.unanswered == two.amount
 
@@ -344,12 +347,12 @@ def test_a_statement_over_receipts_that_bill_no_request_of_ours_is_not_countersi
                     msgspec.structs.astuple(row),
                 )
             await store.usage.write_batch([settled("req_1", 200)], [])  # we sent req_1 only
-            with pytest.raises(books.BooksError) as refused:
-                await books.countersign_statement(store, Identity(), PROVIDER.id, body)  # type: ignore[arg-type]
+            with pytest.raises(BooksError) as refused:
+                await countersign_statement(store, Identity(), PROVIDER.id, body)  # type: ignore[arg-type]
             assert openai_status(refused.value) == 409 and "req_2" in refused.value.message
             assert await store.ledger.settlements() == []
             await store.usage.write_batch([settled("req_2", 200)], [])
-            both = await books.countersign_statement(store, Identity(), PROVIDER.id, body)  # type: ignore[arg-type]
+            both = await countersign_statement(store, Identity(), PROVIDER.id, body)  # type: ignore[arg-type]
             assert both.sig_a and both.sig_b
 
     asyncio.run(run())

@@ -4,7 +4,7 @@ long chain takes to reconcile, and the memory it takes (bench/README.md has the 
 Two SQLite stores, alice's and bob's, hold the same chain alice → bob of `--receipts`
 countersigned receipts (`chains.py`, written straight into the files); bob reconciles with
 alice through `InProcessPeer`: alice's pages made by the very functions her federation routes
-call (`books.receipts_page`, encoded as JSON, decoded by bob as from the wire), without the
+call (`books.served.receipts_page`, encoded as JSON, decoded by bob as from the wire), without the
 HTTP around them. Printed: the time and CPU time, the peak RSS of the process, and with
 `--trace` the peak of tracemalloc (slower: every allocation is traced).
 """
@@ -27,34 +27,35 @@ import httpx
 from bench.scale import chains
 from federation.identity import NodeIdentity
 from ledger.receipts import Receipt
-from node.peers import books
+from node.peers.books.link import Link, PeerAnswer
+from node.peers.books.reconciliation import ReconcileReport, reconcile_with
+from node.peers.books.served import receipts_page, statements_page
+from node.peers.books.wire import PAGE
 from node.storage import open_store
 from node.storage.base import Store
 from node.storage.records import PeerRecord
 
 
 @dataclass
-class InProcessPeer(books.Link):
+class InProcessPeer(Link):
     """A link to a peer whose books are `books_of_peer`, answered in this process by the
     functions its federation routes call: the same pages, without HTTP."""
 
     books_of_peer: Store | None = None
 
-    async def _ask(self, method: str, path: str, body: bytes = b"") -> books.PeerAnswer:
+    async def _ask(self, method: str, path: str, body: bytes = b"") -> PeerAnswer:
         if self.books_of_peer is None or method != "GET":
             raise ValueError("an in-process peer answers its ledger pages only")
         me, peer = self.identity.node_id, self.peer.node_id
         query = {name: values[0] for name, values in parse_qs(urlsplit(path).query).items()}
         if path.startswith("/federation/receipts"):
-            after, limit = int(query["after_seq"]), int(query.get("limit", books.PAGE))
-            content = await books.receipts_page(
+            after, limit = int(query["after_seq"]), int(query.get("limit", PAGE))
+            content = await receipts_page(
                 self.books_of_peer, peer, me, query["provider"], after, limit
             )
         else:
-            content = await books.statements_page(
-                self.books_of_peer, peer, me, int(query["after_iat"])
-            )
-        return books.PeerAnswer(200, content)
+            content = await statements_page(self.books_of_peer, peer, me, int(query["after_iat"]))
+        return PeerAnswer(200, content)
 
 
 @dataclass
@@ -92,8 +93,8 @@ async def _nothing_missing(receipt: Receipt) -> bool:
     raise AssertionError("both sides hold the same chain: nothing is missing")
 
 
-async def reconciled(pair: Pair, page: int) -> books.ReconcileReport:
-    return await books.reconcile_with(pair.bob, pair.link, _nothing_missing, page=page)
+async def reconciled(pair: Pair, page: int) -> ReconcileReport:
+    return await reconcile_with(pair.bob, pair.link, _nothing_missing, page=page)
 
 
 async def run(receipts: int, page: int, trace: bool) -> None:
@@ -125,7 +126,7 @@ async def run(receipts: int, page: int, trace: bool) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _in_sync(report: books.ReconcileReport) -> bool:
+def _in_sync(report: ReconcileReport) -> bool:
     others = ("missing_ours", "missing_theirs", "disputed", "mismatched", "equivocation")
     return all(getattr(report, name).count == 0 for name in (*others, "rejected"))
 
@@ -133,7 +134,7 @@ def _in_sync(report: books.ReconcileReport) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.scale.reconcile", description=__doc__)
     parser.add_argument("--receipts", type=int, default=1_000_000)
-    parser.add_argument("--page", type=int, default=books.PAGE, help="receipts a page")
+    parser.add_argument("--page", type=int, default=PAGE, help="receipts a page")
     parser.add_argument("--trace", action="store_true", help="also tracemalloc's peak")
     args = parser.parse_args()
     asyncio.run(run(args.receipts, args.page, args.trace))

@@ -16,7 +16,14 @@ from node.admin.routes import json_response, query_param, require_admin, since_p
 from node.hub import hub_of
 from node.ingress.asgi import JSON
 from node.ingress.errors import ApiError
-from node.peers import books
+from node.peers.books.balance import balance as books_balance
+from node.peers.books.export import export as books_export
+from node.peers.books.link import link_to
+from node.peers.books.netting import net as books_net
+from node.peers.books.reconciliation import reconcile_with
+from node.peers.books.settlement import settle_with
+from node.peers.books.verify import ChainCheck
+from node.peers.books.verify import verify as books_verify
 
 MAX_NET_BODY = 1024 * 1024
 
@@ -35,18 +42,18 @@ async def _peer_unreachable() -> AsyncIterator[None]:
 async def balance(request: Request) -> Response[bytes]:
     await require_admin(request)
     hub = hub_of(request)
-    return json_response(await books.balance(hub.store, hub.identity.node_id))
+    return json_response(await books_balance(hub.store, hub.identity.node_id))
 
 
 class VerifyReport(msgspec.Struct):
     ok: bool  # every chain and statement checked out
-    chains: list[books.ChainCheck]
+    chains: list[ChainCheck]
 
 
 @get("/admin/ledger/verify")
 async def verify(request: Request) -> Response[bytes]:
     await require_admin(request)
-    checks = await books.verify(hub_of(request).store)
+    checks = await books_verify(hub_of(request).store)
     return json_response(VerifyReport(all(check.ok for check in checks), checks))
 
 
@@ -55,8 +62,8 @@ async def reconcile(request: Request, peer: FromPath[str]) -> Response[bytes]:
     await require_admin(request)
     hub = hub_of(request)
     async with _peer_unreachable():
-        link = await books.link_to(hub.store, hub.identity, hub.client, peer)
-        report = await books.reconcile_with(hub.store, link, hub.receipts.keep)
+        link = await link_to(hub.store, hub.identity, hub.client, peer)
+        report = await reconcile_with(hub.store, link, hub.receipts.keep)
     if report.suspended:
         await hub.peering.changed()
     return json_response(report)
@@ -67,9 +74,9 @@ async def settle(request: Request, peer: FromPath[str]) -> Response[bytes]:
     principal = await require_admin(request)
     hub = hub_of(request)
     async with _peer_unreachable():
-        link = await books.link_to(hub.store, hub.identity, hub.client, peer)
-        await books.reconcile_with(hub.store, link, hub.receipts.keep)
-        statement = await books.settle_with(hub.store, link, f"admin:{principal.key_id}")
+        link = await link_to(hub.store, hub.identity, hub.client, peer)
+        await reconcile_with(hub.store, link, hub.receipts.keep)
+        statement = await settle_with(hub.store, link, f"admin:{principal.key_id}")
     return json_response(statement)
 
 
@@ -97,7 +104,7 @@ async def net(request: Request) -> Response[bytes]:
         raise ApiError(400, f"Invalid request: {exc}", param="statements") from exc
     hub = hub_of(request)
     bodies = [msgspec.json.encode(item) for item in extra]
-    plan = await books.net(hub.store, hub.identity.node_id, bodies)
+    plan = await books_net(hub.store, hub.identity.node_id, bodies)
     return json_response(plan)
 
 
@@ -107,7 +114,7 @@ async def export(request: Request) -> Response[bytes]:
     fmt = query_param(request, "format", "csv")
     if fmt not in ("csv", "json"):
         raise ApiError(400, "format is csv or json", param="format")
-    text = await books.export(hub_of(request).store, since_param(request) // 1000, fmt)
+    text = await books_export(hub_of(request).store, since_param(request) // 1000, fmt)
     return Response(text.encode(), media_type="text/csv" if fmt == "csv" else JSON)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -22,10 +21,15 @@ from node.config import IDENTITY_FILE, store_target
 from node.units import amount, parse_since
 
 if TYPE_CHECKING:
-    from node.peers import books as books_module
+    from node.peers.books.link import Link
+    from node.peers.books.reconciliation import ReconcileReport
     from node.storage.base import Store
 
 T = TypeVar("T")
+
+# Each command imports the module of the books (`node.peers.books`) it runs, when it runs:
+# those that talk to a peer bring the peer transport (aiohttp, httpx), and all of them the
+# store and the ledger, which `aihub ledger --help` has no use for.
 
 _since = parsed(lambda text: parse_since(text) // 1000)  # the ledger counts in seconds
 json_option = click.option("--json", "json_", is_flag=True, help="Print JSON")
@@ -42,71 +46,60 @@ BUCKETS = (
 )
 
 
-def _books() -> ModuleType:
-    """The node's side of the books, imported when a command runs: it brings the peer
-    transport (aiohttp, httpx), which `aihub ledger --help` has no use for."""
-    from node.peers import books
-
-    return books
-
-
 def _signed_amount(micros: int, currency: str) -> str:
     return ("-" if micros < 0 else "") + amount(abs(micros), currency)
 
 
 def _run(directory: Path, work: Callable[[Store, NodeIdentity], Awaitable[T]]) -> T:
     """Run `work` on the node's store with its identity; a BooksError fails the command."""
+    from node.peers.books.errors import BooksError
     from node.storage import opened
 
     require_config(directory)
     identity = NodeIdentity.load(directory / IDENTITY_FILE)
-    books = _books()
 
     async def go() -> T:
         async with opened(**store_target(directory)._asdict()) as store:
             try:
                 return await work(store, identity)
-            except books.BooksError as exc:
+            except BooksError as exc:
                 fail(exc.message)
 
     return asyncio.run(go())
 
 
-def _with_peer(
-    directory: Path, peer: str, work: Callable[[Store, books_module.Link], Awaitable[T]]
-) -> T:
+def _with_peer(directory: Path, peer: str, work: Callable[[Store, Link], Awaitable[T]]) -> T:
     """Run `work` with a signed link to PEER (name or node id); a network failure is a 502
     BooksError, as from the node's admin API."""
     import httpx
 
     from node.errors import Kind
     from node.gateway.auth import touch_epoch
+    from node.peers.books.errors import BooksError
+    from node.peers.books.link import link_to
     from node.peers.peering import PEERS_EPOCH_FILE
-
-    books = _books()
 
     async def go(store: Store, identity: NodeIdentity) -> T:
         async with httpx.AsyncClient(timeout=60) as client:
-            link = await books.link_to(store, identity, client, peer)
+            link = await link_to(store, identity, client, peer)
             try:
                 return await work(store, link)
             except httpx.HTTPError as exc:
-                raise books.BooksError(
-                    Kind.PEER_FAILURE, f"{link.url}: {type(exc).__name__}"
-                ) from exc
+                raise BooksError(Kind.PEER_FAILURE, f"{link.url}: {type(exc).__name__}") from exc
 
     result = _run(directory, go)
     touch_epoch(directory, PEERS_EPOCH_FILE)  # a suspended peer stops at once
     return result
 
 
-def _reconciled(store: Store, link: books_module.Link) -> Awaitable[books_module.ReconcileReport]:
+def _reconciled(store: Store, link: Link) -> Awaitable[ReconcileReport]:
+    from node.peers.books.reconciliation import reconcile_with
     from node.peers.receipts import keep_receipt
 
     async def keep(receipt: Any) -> bool:
         return await keep_receipt(store, receipt)
 
-    return _books().reconcile_with(store, link, keep)
+    return reconcile_with(store, link, keep)
 
 
 @click.group("ledger")
@@ -120,7 +113,9 @@ def ledger() -> None:
 def balance(directory: Path, json_: bool) -> None:
     """Per peer: what each side used of the other since the last settlement, and the net
     (positive: the peer owes us)."""
-    rows = _run(directory, lambda store, me: _books().balance(store, me.node_id))
+    from node.peers.books.balance import balance as books_balance
+
+    rows = _run(directory, lambda store, me: books_balance(store, me.node_id))
     if json_:
         echo_json(rows)
         return
@@ -146,7 +141,9 @@ def balance(directory: Path, json_: bool) -> None:
 def verify(directory: Path, json_: bool) -> None:
     """Re-verify every signature and hash link; report the first broken link of each
     chain. Exit status 1 if any is broken."""
-    checks = _run(directory, lambda store, _: _books().verify(store))
+    from node.peers.books.verify import verify as books_verify
+
+    checks = _run(directory, lambda store, _: books_verify(store))
     if json_:
         echo_json(checks)
     else:
@@ -191,10 +188,11 @@ def reconcile(directory: Path, peer: str, json_: bool) -> None:
 @with_data_dir
 def settle(directory: Path, peer: str, json_: bool) -> None:
     """Close the period with PEER: reconcile, then a statement both nodes sign."""
+    from node.peers.books.settlement import settle_with
 
-    async def work(store: Store, link: books_module.Link) -> Any:
+    async def work(store: Store, link: Link) -> Any:
         await _reconciled(store, link)
-        return await _books().settle_with(store, link, cli_actor())
+        return await settle_with(store, link, cli_actor())
 
     statement = _with_peer(directory, peer, work)
     if json_:
@@ -226,8 +224,10 @@ def statements(directory: Path) -> None:
 def net(directory: Path, files: tuple[Any, ...], json_: bool) -> None:
     """A transfer plan that clears every balance (at most n-1 transfers), from our
     statements and those in FILES (the group's, one JSON per line)."""
+    from node.peers.books.netting import net as books_net
+
     extra = [line for file in files for line in file.read().splitlines() if line.strip()]
-    plan = _run(directory, lambda store, me: _books().net(store, me.node_id, extra))
+    plan = _run(directory, lambda store, me: books_net(store, me.node_id, extra))
     if json_:
         echo_json(plan)
         return
@@ -252,4 +252,6 @@ def net(directory: Path, files: tuple[Any, ...], json_: bool) -> None:
 @with_data_dir
 def export(directory: Path, fmt: str, since: int) -> None:
     """Receipts for accounting, as CSV or as the signed JSON."""
-    click.echo(_run(directory, lambda store, _: _books().export(store, since, fmt)), nl=False)
+    from node.peers.books.export import export as books_export
+
+    click.echo(_run(directory, lambda store, _: books_export(store, since, fmt)), nl=False)

@@ -56,7 +56,9 @@ from node.ingress.responses_stored import ItemList
 from node.ingress.responses_wire import Response as ResponseObject
 from node.ingress.responses_wire import ResponsesRequest
 from node.observe.health import Health
-from node.peers.books import NetPlan, PairBalance, ReconcileReport
+from node.peers.books.balance import PairBalance
+from node.peers.books.netting import NetPlan
+from node.peers.books.reconciliation import ReconcileReport
 
 JSON = "application/json"
 SCHEMA_PATH = "/schema"

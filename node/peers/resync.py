@@ -6,7 +6,7 @@ holds with other contents, which the consumer rightly takes for equivocation and
 suspending it. So the node notes which database file it runs on (device and inode: a restored
 backup is another file); when the file is not the one it last ran on, every peer is marked
 pending (durably), and before the first receipt to a pending peer the node learns its chain
-head from the peer's copy (`books.resync_with`: the receipts beyond ours are signed by our own
+head from the peer's copy (`books.resync`: the receipts beyond ours are signed by our own
 key, and statements by us too). A pending peer whose first request comes before that waits
 for it, and is refused with a 503 to retry if the node cannot reach it: better no answer than
 a receipt that gets the node suspended. Pending peers are also re-synced at start-up in the
@@ -28,7 +28,9 @@ import httpx
 from federation.identity import NodeIdentity
 from ledger.records import RecordError
 from node.errors import HubError, Kind
-from node.peers import books
+from node.peers.books.errors import BooksError
+from node.peers.books.link import link_to
+from node.peers.books.resync import resync_with
 from node.peers.peering import Peering
 from node.storage.base import Store
 
@@ -81,14 +83,14 @@ class ChainResync:
                 raise _not_synced()
             try:
                 await self._resync(peer)
-            except (books.BooksError, httpx.HTTPError, RecordError) as exc:
+            except (BooksError, httpx.HTTPError, RecordError) as exc:
                 log.warning("could not re-sync our chain with %s: %s", peer, _said(exc))
                 self._retry_at[peer] = time.monotonic() + RETRY_SECONDS
                 raise _not_synced() from exc
 
     async def _resync(self, peer: str) -> None:
-        link = await books.link_to(self.store, self.identity, self.client, peer)
-        result = await books.resync_with(self.store, link)
+        link = await link_to(self.store, self.identity, self.client, peer)
+        result = await resync_with(self.store, link)
         if result.receipts or result.statements:
             log.warning(
                 "re-synced with %s: recovered %d receipts and %d statements its copy held"
@@ -122,4 +124,4 @@ def _not_synced() -> HubError:
 
 
 def _said(exc: Exception) -> str:
-    return exc.message if isinstance(exc, books.BooksError) else f"{type(exc).__name__}: {exc}"
+    return exc.message if isinstance(exc, BooksError) else f"{type(exc).__name__}: {exc}"

@@ -22,8 +22,10 @@ from node.gateway.keys import bearer_token, key_id_of
 from node.hub import Hub, hub_of
 from node.ingress.asgi import JSON
 from node.ingress.errors import ApiError
-from node.peers import books
 from node.peers.auth import check_peer, pinned_to, verify_signed
+from node.peers.books.served import receipts_page, statements_page, take_receipts
+from node.peers.books.settlement import countersign_statement
+from node.peers.books.wire import PAGE, StatementBody
 from node.peers.revocation import CUT_OFF
 
 WHOLE_NUMBER = re.compile(r"-?[0-9]{1,15}", re.ASCII)
@@ -221,13 +223,11 @@ async def receipts(request: Request) -> Response[bytes]:
     if not after.isascii() or not after.isdigit() or len(after) > 15:
         raise ApiError(400, "after_seq is a whole number", param="after_seq")
     # `limit` (1..1000) is newer than the endpoint: an older consumer asks without it.
-    limit = request.query_params.get("limit", str(books.PAGE))
-    if not (
-        limit.isascii() and limit.isdigit() and len(limit) <= 4 and 1 <= int(limit) <= books.PAGE
-    ):
-        raise ApiError(400, f"limit is a whole number from 1 to {books.PAGE}", param="limit")
+    limit = request.query_params.get("limit", str(PAGE))
+    if not (limit.isascii() and limit.isdigit() and len(limit) <= 4 and 1 <= int(limit) <= PAGE):
+        raise ApiError(400, f"limit is a whole number from 1 to {PAGE}", param="limit")
     provider = request.query_params.get("provider", "")
-    page = await books.receipts_page(
+    page = await receipts_page(
         hub.store, hub.identity.node_id, peer, provider, int(after), int(limit)
     )
     return Response(page, media_type=JSON)
@@ -239,9 +239,7 @@ async def missing_receipts(request: Request) -> Response[bytes]:
     body = await _small_body(request, MAX_RECEIPTS_BODY)
     peer = await ledger_peer(request, body)
     hub = hub_of(request)
-    taken = await books.take_receipts(
-        hub.store, hub.identity.node_id, peer, body, hub.receipts.keep
-    )
+    taken = await take_receipts(hub.store, hub.identity.node_id, peer, body, hub.receipts.keep)
     return Response(msgspec.json.encode({"taken": taken}), media_type=JSON)
 
 
@@ -254,7 +252,7 @@ async def statements(request: Request) -> Response[bytes]:
     after = request.query_params.get("after_iat", "-1")
     if not WHOLE_NUMBER.fullmatch(after):
         raise ApiError(400, "after_iat is a whole number", param="after_iat")
-    page = await books.statements_page(hub.store, hub.identity.node_id, peer, int(after))
+    page = await statements_page(hub.store, hub.identity.node_id, peer, int(after))
     return Response(page, media_type=JSON)
 
 
@@ -264,8 +262,8 @@ async def settlement(request: Request) -> Response[bytes]:
     body = await _small_body(request)
     peer = await ledger_peer(request, body)
     hub = hub_of(request)
-    both = await books.countersign_statement(hub.store, hub.identity, peer, body)
-    answer = books.StatementBody(msgspec.to_builtins(both))
+    both = await countersign_statement(hub.store, hub.identity, peer, body)
+    answer = StatementBody(msgspec.to_builtins(both))
     return Response(msgspec.json.encode(answer), media_type=JSON)
 
 

@@ -27,8 +27,9 @@ from node.admin.session import current_session
 from node.admin.stats import WINDOWS
 from node.gateway.keys import HASH_PURPOSE
 from node.hub import Hub, hub_of
-from node.peers import books
-from node.peers.books import BooksError
+from node.peers.books.balance import balance
+from node.peers.books.errors import BooksError
+from node.peers.books.netting import net
 from node.storage.records import InteractionLog
 from node.ui.render import page
 from node.ui.signin import SIGN_IN_PATH
@@ -157,11 +158,11 @@ async def _ledger(request: Request, hub: Hub) -> Context:
     names = {peer.node_id: peer.name for peer in await hub.store.peers.peers(include_revoked=True)}
     names[me] = f"{hub.config.node.name} (this node)"
     try:
-        plan, plan_error = await books.net(hub.store, me, []), None
+        plan, plan_error = await net(hub.store, me, []), None
     except BooksError as exc:  # a statement we hold is bad: `verify` says which
         plan, plan_error = None, exc.message
     return {
-        "balances": await books.balance(hub.store, me),
+        "balances": await balance(hub.store, me),
         "statements": statements[::-1],
         "plan": plan,
         "plan_error": plan_error,
