@@ -104,18 +104,23 @@ def nginx_conf(root: Path, port: int, upstream: int) -> Path:
     return path
 
 
+def _timed(client: httpx.Client, target: Target) -> float:
+    """One request's milliseconds. A failed request is an error, not a latency."""
+    started = time.perf_counter()
+    response = client.post(target.url, content=target.body, headers=target.headers)
+    elapsed = (time.perf_counter() - started) * 1000
+    if response.status_code != 200:
+        raise RuntimeError(f"{target.name} answered {response.status_code}: {response.text}")
+    return elapsed
+
+
 def sequential(client: httpx.Client, target: Target, seconds: float) -> list[float]:
     """Requests one after another on one keep-alive connection for `seconds`: each one's
-    milliseconds, sorted. A failed request is an error, not a latency."""
+    milliseconds, sorted."""
     times: list[float] = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        started = time.perf_counter()
-        response = client.post(target.url, content=target.body, headers=target.headers)
-        elapsed = (time.perf_counter() - started) * 1000
-        if response.status_code != 200:
-            raise RuntimeError(f"{target.name} answered {response.status_code}: {response.text}")
-        times.append(elapsed)
+        times.append(_timed(client, target))
     return sorted(times)
 
 
@@ -127,12 +132,7 @@ def after_idle(client: httpx.Client, target: Target, count: int, idle: float) ->
     times: list[float] = []
     for _ in range(count):
         time.sleep(idle)
-        started = time.perf_counter()
-        response = client.post(target.url, content=target.body, headers=target.headers)
-        elapsed = (time.perf_counter() - started) * 1000
-        if response.status_code != 200:
-            raise RuntimeError(f"{target.name} answered {response.status_code}: {response.text}")
-        times.append(elapsed)
+        times.append(_timed(client, target))
     return sorted(times)
 
 
