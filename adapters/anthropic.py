@@ -721,6 +721,7 @@ class AnthropicStream(CountedStream):
             elif kind == "message_delta":
                 self._note_end(event)
             elif kind == "message_stop":
+                self._response.complete()
                 for step in self._finish():
                     yield step
                 return
@@ -762,6 +763,7 @@ class AnthropicStream(CountedStream):
             held = []
             yield native
             if kind == "message_stop":
+                self._response.complete()
                 self._settle()
                 return
         raise UpstreamError(

@@ -196,6 +196,12 @@ class UpstreamRequest(NamedTuple):
     timeout: aiohttp.ClientTimeout
 
 
+# How long a complete stream's end of body is waited for when it is closed, and how much of
+# it is read: as long as OpenAI's own SDK waits for it; more than any chunked encoding's end.
+DRAIN_SECONDS = 0.1
+DRAIN_BYTES = 64 * 1024
+
+
 class UpstreamResponse:
     """A provider's answer: its status and headers; its body read (`content`), or left to be
     streamed (`aiter_bytes`) and then closed."""
@@ -205,13 +211,38 @@ class UpstreamResponse:
         self.status_code = response.status
         self.headers: Mapping[str, str] = response.headers
         self.content = content
+        self._complete = False
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         async for chunk in self._response.content.iter_any():
             yield chunk
 
+    def complete(self) -> None:
+        """The stream's last event is read (`[DONE]`, `message_stop`, …): what is left of the
+        body is only its end, which closing reads (`aclose`)."""
+        self._complete = True
+
     async def aclose(self) -> None:
+        if self._complete:
+            await _drain(self._response)
         finish(self._response)
+
+
+async def _drain(response: aiohttp.ClientResponse) -> None:
+    """Read the end of a complete stream's body (a chunked body's last chunk comes after the
+    last event, often in a segment of its own), so that its connection goes back to the pool:
+    aiohttp keeps only a connection whose response was read to the end, and otherwise the
+    next request pays a new connection (a TLS handshake, with a real provider) before its first
+    byte. Bounded in time and bytes: an upstream that keeps its body open or goes on sending
+    after its last event loses the connection instead (`finish` closes it), as before."""
+    content = response.content
+    read = 0
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while not content.at_eof() and read <= DRAIN_BYTES:
+                read += len(await content.readany())
+    except TRANSPORT_ERRORS:  # a timeout among them: the answer is complete all the same
+        pass
 
 
 def finish(response: aiohttp.ClientResponse) -> None:

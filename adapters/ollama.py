@@ -486,6 +486,7 @@ class OllamaStream(CountedStream):
                 self._written.append(completion_text("", calls))
                 yield ToolCallDelta([_fragment(call) for call in calls])
             if chunk.done:
+                self._response.complete()
                 yield self._finish(chunk, called_tools=calls_so_far > 0)
                 if self._call.request.include_usage:
                     yield UsageReport(self.usage)

@@ -396,6 +396,7 @@ class OpenAIStream:
             data = event.data
             if data == b"[DONE]":
                 finished = True
+                self._response.complete()
                 break
             if receipt_event is not None and event.event == receipt_event:
                 self.receipt = data

@@ -82,6 +82,7 @@ class CompletionStream:
             data = event.data
             if data == b"[DONE]":
                 finished = True
+                self._response.complete()
                 break
             if self._receipt_event is not None and event.event == self._receipt_event:
                 self.receipt = data

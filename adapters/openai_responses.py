@@ -142,6 +142,7 @@ class ResponsesStream(CountedStream):
             held = []
             yield event
             if kind in TERMINAL:
+                self._response.complete()
                 written = _written(peek.response) or "".join(self._written)
                 usage = peek.response.usage if peek.response is not None else None
                 self.usage, self.usage_estimated = _usage(self._call, usage, written)

@@ -6,8 +6,10 @@ as in the unpinned mode; every request carries the virtual key with a budget and
 
 Each round, in shuffled order: wrk at concurrency 32 (req/s, and the node's CPU per request
 from bench/cores.py), then sequential requests from httpx (p50 and p99 of the latency), then
-streamed ones (time to the first byte). The figures are B's over A's within each round,
-medians over the rounds: on a shared machine compare these ratios, not the times.
+streamed ones (time to the first byte), then complete ones each asked after the idle that a
+stream's events leave between them (p50: what a first byte is to be read against). The
+figures are B's over A's within each round, medians over the rounds: on a shared machine
+compare these ratios, not the times.
 
     python -m bench.ab --base acdd6bb [--rounds 6] [--seconds 3]
 
@@ -34,7 +36,7 @@ from bench import procs
 from bench.cores import Meter
 from bench.loadgen import Target, percentile, run_wrk
 from bench.run import BUDGET, FULL, HERE, RATE_LIMITS, Bench, Node, _dd, free_port
-from bench.unpinned import _streamed, first_bytes, sequential
+from bench.unpinned import _streamed, after_idle, first_bytes, sequential
 
 BUILDS = ("A", "B")
 
@@ -99,12 +101,14 @@ class AB(Bench):
                         split.requests = run.requests
                     times = sequential(clients[b], self.targets[b], seconds)
                     firsts = first_bytes(clients[b], streams[b], 20)
+                    idle = after_idle(clients[b], self.targets[b], 20, FULL.chunk_gap_ms / 1000)
                     for name, value in (
                         ("rps", run.rps),
                         ("cpu_us", split.groups["node"].cpu_us),
                         ("p50_ms", percentile(times, 0.5)),
                         ("p99_ms", percentile(times, 0.99)),
                         ("ttfb_ms", percentile(firsts, 0.5)),
+                        ("idle_p50_ms", percentile(idle, 0.5)),
                     ):
                         found[b].setdefault(name, []).append(value)
                 self.say(

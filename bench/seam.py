@@ -224,6 +224,9 @@ class CannedResponse:
         for piece in self._pieces:
             yield piece
 
+    def complete(self) -> None:
+        return None  # nothing to read on closing: the body was all in memory
+
     async def aclose(self) -> None:
         return None
 

@@ -104,18 +104,35 @@ def nginx_conf(root: Path, port: int, upstream: int) -> Path:
     return path
 
 
+def _timed(client: httpx.Client, target: Target) -> float:
+    """One request's milliseconds. A failed request is an error, not a latency."""
+    started = time.perf_counter()
+    response = client.post(target.url, content=target.body, headers=target.headers)
+    elapsed = (time.perf_counter() - started) * 1000
+    if response.status_code != 200:
+        raise RuntimeError(f"{target.name} answered {response.status_code}: {response.text}")
+    return elapsed
+
+
 def sequential(client: httpx.Client, target: Target, seconds: float) -> list[float]:
     """Requests one after another on one keep-alive connection for `seconds`: each one's
-    milliseconds, sorted. A failed request is an error, not a latency."""
+    milliseconds, sorted."""
     times: list[float] = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        started = time.perf_counter()
-        response = client.post(target.url, content=target.body, headers=target.headers)
-        elapsed = (time.perf_counter() - started) * 1000
-        if response.status_code != 200:
-            raise RuntimeError(f"{target.name} answered {response.status_code}: {response.text}")
-        times.append(elapsed)
+        times.append(_timed(client, target))
+    return sorted(times)
+
+
+def after_idle(client: httpx.Client, target: Target, count: int, idle: float) -> list[float]:
+    """`count` complete answers, each asked after `idle` seconds with nothing to do: what a
+    stream's first byte is measured after (a stream's events come `--chunk-gap-ms` apart, the
+    node idles in between, and the next stream starts on cold caches), where back-to-back
+    requests (`sequential`) keep every process hot. Milliseconds, sorted."""
+    times: list[float] = []
+    for _ in range(count):
+        time.sleep(idle)
+        times.append(_timed(client, target))
     return sorted(times)
 
 
@@ -244,16 +261,19 @@ class Unpinned(Bench):
         s = self.settings
         self.say(f"streams (httpx): {len(ARMS)} arms x {s.stream_rounds} rounds")
         firsts: dict[str, list[float]] = {arm: [] for arm in ARMS}
+        idles: dict[str, list[float]] = {arm: [] for arm in ARMS}
         clients = {arm: httpx.Client(timeout=30) for arm in ARMS}
+        idle = s.chunk_gap_ms / 1000
         try:
             for arm in ARMS:
                 first_bytes(clients[arm], self.streams[arm], 2)
             for order in self.rounds(s.stream_rounds, ARMS):
                 for arm in order:
-                    times = first_bytes(
-                        clients[str(arm)], self.streams[str(arm)], s.streams_per_round
-                    )
-                    firsts[str(arm)].append(percentile(times, 0.5))
+                    client, a = clients[str(arm)], str(arm)
+                    times = first_bytes(client, self.streams[a], s.streams_per_round)
+                    firsts[a].append(percentile(times, 0.5))
+                    times = after_idle(client, self.targets[a], s.streams_per_round, idle)
+                    idles[a].append(percentile(times, 0.5))
         finally:
             for client in clients.values():
                 client.close()
@@ -266,6 +286,13 @@ class Unpinned(Bench):
                 added,
                 "ms",
                 f"stream {LABELS[arm]}: added first byte p50",
+            )
+            added = [r - d for r, d in zip(idles[arm], idles["direct"], strict=True)]
+            f.add(
+                f"u_{arm}_idle_added_p50_ms",
+                added,
+                "ms",
+                f"{LABELS[arm]}: added p50, each request after {s.chunk_gap_ms:g} ms idle",
             )
 
     def throughput(self) -> None:

@@ -52,3 +52,38 @@ async def test_stop_delivers_what_was_written_last(tmp_path: Path) -> None:
     await recorder.stop()
     await store.close()
     assert heard == ["last"]
+
+
+async def test_records_that_come_in_while_a_batch_is_written_wait_for_their_own(
+    tmp_path: Path,
+) -> None:
+    """A busy node writes a batch per `flush_interval` (or per full batch), not one per
+    write's duration: what comes in while a batch is being written is not written on at
+    once, alone, but with what follows it."""
+    store = await open_store(tmp_path / "db")
+    recorder = UsageRecorder(store, flush_interval=3600, batch=2)
+    heard: list[list[str]] = []
+    entered, gate, done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def listener(charges: list[Charge]) -> None:
+        heard.append([c.record.request_id for c in charges])
+        if len(heard) == 1:  # the first batch, held until the test has queued one more
+            entered.set()
+            await gate.wait()
+            done.set()
+
+    recorder.listeners.append(listener)
+    recorder.start()
+    try:
+        recorder.record(charge("a"))
+        recorder.record(charge("b"))  # a full batch: written at once
+        await asyncio.wait_for(entered.wait(), 10)
+        recorder.record(charge("c"))  # while [a, b] is being written
+        gate.set()
+        await asyncio.wait_for(done.wait(), 10)
+        recorder.record(charge("d"))
+        await recorder.flush()
+        assert heard == [["a", "b"], ["c", "d"]]
+    finally:
+        await recorder.stop()
+        await store.close()
