@@ -1,5 +1,7 @@
 """What durable replay refusal costs: one `store.peers.claim_nonce` (the signed request's nonce
-recorded in the node's database, refused if seen) on a fresh database, pinned to one core.
+recorded in the node's database, refused if seen) on a fresh database, pinned to one core; and
+the claims of requests that come in together, each in its own transaction (as before issue 20's
+hop work) against `NonceClaims`, which claims a turn's in one, alternated in the same minute.
 
     taskset -c 0 .venv/bin/python -m bench.nonces
 """
@@ -8,18 +10,34 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import uvloop
+
+from node.peers.nonce_claims import NonceClaims
 from node.storage import open_store
 
 ROUNDS = 3000
+TOGETHER = 8  # claims asked for in one turn (peers' requests that came in together)
+ALTERNATIONS = 5
+
+
+async def _cpu_per_claim(runs: int, each: int, run: Callable[[], Awaitable[object]]) -> float:
+    """CPU µs a claim over `runs` calls of `run`, which claims `each`."""
+    cpu = time.process_time()
+    for _ in range(runs):
+        await run()
+    return (time.process_time() - cpu) / (runs * each) * 1e6
 
 
 async def _measure() -> None:
     with tempfile.TemporaryDirectory() as folder:
         store = await open_store(Path(folder) / "aihub.db")
+        batches = NonceClaims(store)
         now = int(time.time())
         for _ in range(200):  # warm the page cache and the connections
             await store.peers.claim_nonce(os.urandom(16), now + 600, now)
@@ -35,12 +53,44 @@ async def _measure() -> None:
             if await store.peers.claim_nonce(pair, now + 600, now):
                 raise SystemExit("a replayed nonce was accepted")
         replay = (time.perf_counter() - wall) / ROUNDS * 1e6
+
+        def each_alone() -> Awaitable[object]:
+            return asyncio.gather(
+                *(store.peers.claim_nonce(os.urandom(16), now + 600, now) for _ in range(TOGETHER))
+            )
+
+        def in_one_turn() -> Awaitable[object]:
+            return asyncio.gather(
+                *(batches.claim(os.urandom(16), now + 600, now) for _ in range(TOGETHER))
+            )
+
+        def one_batched() -> Awaitable[object]:
+            return batches.claim(os.urandom(16), now + 600, now)
+
+        def one_alone() -> Awaitable[object]:
+            return store.peers.claim_nonce(os.urandom(16), now + 600, now)
+
+        figures: dict[str, list[float]] = {}
+        arms = {
+            f"{TOGETHER} at once, each its own transaction": (each_alone, TOGETHER),
+            f"{TOGETHER} at once, through NonceClaims": (in_one_turn, TOGETHER),
+            "one alone, claim_nonce": (one_alone, 1),
+            "one alone, through NonceClaims": (one_batched, 1),
+        }
+        for turn in range(ALTERNATIONS):
+            order = list(arms.items()) if turn % 2 == 0 else list(arms.items())[::-1]
+            for name, (run, each) in order:
+                runs = ROUNDS // 4 // each  # the same number of claims in every arm
+                figures.setdefault(name, []).append(await _cpu_per_claim(runs, each, run))
+        await batches.settle()
         await store.close()
     print(
         f"new nonce recorded: {fresh:.1f} us ({fresh_cpu:.1f} us CPU);"
         f" replay refused: {replay:.1f} us"
     )
+    for name, values in figures.items():
+        print(f"{name}: {statistics.median(values):.1f} us CPU a claim (median of {len(values)})")
 
 
 if __name__ == "__main__":
-    asyncio.run(_measure())
+    uvloop.run(_measure())  # the loop the node serves on

@@ -37,7 +37,7 @@ from ledger.receipts import (
     take_receipt,
 )
 from ledger.records import RecordError, signed_bytes, verify_bytes
-from node.peers.turns import TurnBatch
+from node.peers.batches import TurnBatch
 from node.storage.base import Store
 from node.storage.records import (
     Charge,
