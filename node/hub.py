@@ -96,7 +96,7 @@ class Hub:
     limiter: RateLimiter
     metrics: Metrics
     nonces: NonceCache
-    nonce_claims: NonceClaims  # the durable record that refuses a replay, in turn batches
+    nonce_claims: NonceClaims  # the durable record that refuses a replay (group commit)
     peering: Peering
     receipts: Receipts
     resync: ChainResync  # our chain heads learnt from each peer before we issue it receipts

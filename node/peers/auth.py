@@ -33,8 +33,8 @@ async def verify_signed(hub: Hub, request: Request, body: bytes, key_for: KeyLoo
 
     A replay is refused twice over: by this process's nonce cache (in memory, bounded: it also
     caps how many signed requests the process takes at once), then by the store, which every
-    process of the node shares and which outlives restarts, and which decides (the claims of
-    requests that came in together in one transaction: `NonceClaims`).
+    process of the node shares and which outlives restarts, and which decides (the claims
+    asked for while one is being written, together in one transaction: `NonceClaims`).
     """
     now = int(time.time())
     try:
