@@ -36,6 +36,7 @@ from node.gateway.router import Route, Router
 from node.gateway.usage import UsageRecorder
 from node.observe.tracing import Tracing, start_tracing
 from node.peers.books.reconciliation import reconcile_all
+from node.peers.nonce_claims import NonceClaims
 from node.peers.peering import REFRESH_TICK, Peering
 from node.peers.receipts import Receipts
 from node.peers.resync import ChainResync
@@ -95,6 +96,7 @@ class Hub:
     limiter: RateLimiter
     metrics: Metrics
     nonces: NonceCache
+    nonce_claims: NonceClaims  # the durable record that refuses a replay (group commit)
     peering: Peering
     receipts: Receipts
     resync: ChainResync  # our chain heads learnt from each peer before we issue it receipts
@@ -199,6 +201,7 @@ class Hub:
             limiter=limiter,
             metrics=metrics,
             nonces=NonceCache(),
+            nonce_claims=NonceClaims(store),
             peering=peering,
             receipts=receipts,
             resync=resync,
@@ -214,6 +217,7 @@ class Hub:
     async def stop(self) -> None:
         self.scheduler.shutdown(wait=False)
         await self.receipts.settle_tasks()
+        await self.nonce_claims.settle()
         await self.logs.flush()
         await self.usage.stop()
         await self.budgets.release()  # after the last settlement is written

@@ -924,12 +924,11 @@ def test_a_full_nonce_cache_tells_a_peer_to_retry_not_that_its_signature_is_bad(
     where a bad or replayed signature is a 401."""
     url = "http://peer.example:8787/v1/chat/completions"
 
-    async def claim_nonce(pair: bytes, expires: int, now: int) -> bool:
+    async def claim(pair: bytes, expires: int, now: int) -> bool:
         return True  # this test is about the memory in front of the store
 
     hub = SimpleNamespace(
-        nonces=NonceCache(max_entries=1),
-        store=SimpleNamespace(peers=SimpleNamespace(claim_nonce=claim_nonce)),
+        nonces=NonceCache(max_entries=1), nonce_claims=SimpleNamespace(claim=claim)
     )
 
     def check(headers: dict[str, str]) -> str:

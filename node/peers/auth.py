@@ -33,7 +33,8 @@ async def verify_signed(hub: Hub, request: Request, body: bytes, key_for: KeyLoo
 
     A replay is refused twice over: by this process's nonce cache (in memory, bounded: it also
     caps how many signed requests the process takes at once), then by the store, which every
-    process of the node shares and which outlives restarts, and which decides.
+    process of the node shares and which outlives restarts, and which decides (the claims
+    asked for while one is being written, together in one transaction: `NonceClaims`).
     """
     now = int(time.time())
     try:
@@ -63,7 +64,7 @@ async def verify_signed(hub: Hub, request: Request, body: bytes, key_for: KeyLoo
 
 async def _claim(hub: Hub, signed: VerifiedSignature, now: int) -> None:
     pair = nonce_digest(SIGNATURE_CONTEXT, signed.keyid, signed.nonce)
-    if not await hub.store.peers.claim_nonce(pair, signed.keep_until, now):
+    if not await hub.nonce_claims.claim(pair, signed.keep_until, now):
         raise SignatureError("replay: this nonce was already used")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
@@ -36,6 +37,7 @@ from ledger.receipts import (
     take_receipt,
 )
 from ledger.records import RecordError, signed_bytes, verify_bytes
+from node.peers.batches import TurnBatch
 from node.storage.base import Store
 from node.storage.records import (
     Charge,
@@ -70,7 +72,6 @@ class _Issue(NamedTuple):
     consumer: str
     receipt_id: str
     key_id: str
-    done: asyncio.Future[bytes]  # the receipt's signed JSON
 
 
 class Kept(NamedTuple):
@@ -128,8 +129,7 @@ class Receipts:
         self.peering = peering
         self._taken: list[_Taken] = []
         self._taker: asyncio.Task[None] | None = None
-        self._issuing: list[_Issue] = []
-        self._handed_off: set[asyncio.Task[None]] = set()
+        self._issuing = TurnBatch(self._issue_batch, "ledger-issue")
 
     # --- the provider's side --------------------------------------------------------------
 
@@ -137,60 +137,16 @@ class Receipts:
         """Write a peer request's usage record, spend and receipt in one transaction; the
         receipt's signed JSON, for the response. The receipts asked for in the same turn of
         the event loop (peers' answers that came in together) share that transaction: one
-        commit for all of them, which costs about as much as the rest of a receipt. The
-        first to ask waits that one turn, then has them all written by a task of their own
-        (`_issue_turn`); the others wait for it."""
-        item = _Issue(
-            charge, consumer, receipt_id, key_id, asyncio.get_running_loop().create_future()
-        )
-        self._issuing.append(item)
-        if len(self._issuing) > 1:  # the first of this turn's is gathering them: ours too
-            return await item.done
-        await self._issue_turn()
-        return item.done.result()
+        commit for all of them, which costs about as much as the rest of a receipt
+        (`TurnBatch`: written by a task of their own, one by one if the batch fails). A
+        request that went away meanwhile still has its receipt written: its answer was paid
+        for."""
+        return await self._issuing.ask(_Issue(charge, consumer, receipt_id, key_id))
 
-    async def _issue_turn(self) -> None:
-        """One turn of the event loop (the answers that came in with this one ask for their
-        receipts meanwhile), then the receipts asked for, in one transaction, by a task of
-        their own: the first requester cancelled at any point (its peer hung up on a stream,
-        the node stopping) neither stops the batch nor costs the others their receipts."""
-        try:
-            await asyncio.sleep(0)
-        finally:
-            batch, self._issuing = self._issuing, []
-            task = asyncio.create_task(self._issue_all(batch), name="ledger-issue")
-            self._handed_off.add(task)
-            task.add_done_callback(self._handed_off.discard)
-        await asyncio.shield(task)
-
-    async def _issue_all(self, batch: list[_Issue]) -> None:
-        """`_issue_batch`, then an error for any request left without an answer (the task
-        cancelled at the loop's end), so that no one waits for its receipt forever and its
-        usage record is kept without one (`Accounting.issue_receipt`)."""
-        try:
-            await self._issue_batch(batch)
-        finally:
-            for item in batch:
-                if not item.done.done():
-                    item.done.set_exception(RuntimeError("the receipt was not written"))
-
-    async def _issue_batch(self, batch: list[_Issue]) -> None:
-        """Receipts for `batch`, in one transaction; if it fails, each alone, so that one
-        request's bad charge costs no other request its receipt. A request that went away
-        meanwhile still has its receipt written: its answer was paid for."""
+    async def _issue_batch(self, batch: Sequence[_Issue]) -> list[bytes]:
         issued = [(i.charge, (self.identity.node_id, i.consumer), self._maker(i)) for i in batch]
-        try:
-            rows = await self.store.ledger.settle_with_receipts(issued)
-        except Exception as exc:
-            if len(batch) > 1:
-                for item in batch:
-                    await self._issue_batch([item])
-            elif not batch[0].done.done():
-                batch[0].done.set_exception(exc)
-            return
-        for item, row in zip(batch, rows, strict=True):
-            if not item.done.done():
-                item.done.set_result(row.body.encode())
+        rows = await self.store.ledger.settle_with_receipts(issued)
+        return [row.body.encode() for row in rows]
 
     def _maker(self, item: _Issue) -> ReceiptMaker:
         record = item.charge.record
@@ -371,8 +327,9 @@ class Receipts:
 
     async def settle_tasks(self) -> None:
         """Wait for the receipts being issued and taken (at shutdown, and in tests)."""
-        while self._handed_off or self._taker is not None:
-            await asyncio.wait([*self._handed_off, *([self._taker] if self._taker else [])])
+        await self._issuing.settle()
+        while self._taker is not None:
+            await asyncio.wait([self._taker])
 
 
 def _countersigned(

@@ -210,6 +210,11 @@ class PeerStore(Protocol):
         and not expired (a replay). Atomic across processes. On the request path."""
         ...
 
+    async def claim_nonces(self, claims: Sequence[tuple[bytes, int]], now: int) -> list[bool]:
+        """`claim_nonce` for each of `claims` (pair, expires), in one transaction: one answer
+        each, in order; a pair that appears twice is new at most once. Raising claims none."""
+        ...
+
 
 class LedgerStore(Protocol):
     """Our copy of the receipt chains we are a party to (append-only: a receipt only ever

@@ -3,6 +3,7 @@ node-wide counters."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import asyncpg
@@ -211,18 +212,38 @@ class PostgresPeers:
 
     async def claim_nonce(self, pair: bytes, expires: int, now: int) -> bool:
         """Record `pair` (a digest of who signed and the nonce) as used until `expires`: True
-        if it is new, False if it is already recorded and not expired (a replay). One
-        statement: the row's lock decides between two processes that see it at once. A row
-        left by an expired nonce (not yet pruned) is taken over: the expiry check, not this
-        table, refuses a signature that old."""
-        claimed = await self._db.execute(
-            "INSERT INTO nonces (pair, expires) VALUES ($1, $2) ON CONFLICT (pair)"
-            " DO UPDATE SET expires = excluded.expires WHERE nonces.expires < $3",
-            pair,
-            expires,
+        if it is new, False if it is already recorded and not expired (a replay)."""
+        return (await self.claim_nonces([(pair, expires)], now))[0]
+
+    async def claim_nonces(self, claims: Sequence[tuple[bytes, int]], now: int) -> list[bool]:
+        """`claim_nonce` for each of `claims` (pair, expires), in one statement: each row's
+        lock decides between two processes that claim it at once, and the pairs that came
+        out new are those the statement returns. A pair twice in `claims` is new at most
+        once: only its first claim goes into the statement (which could not insert one row
+        twice anyway), the later ones are replays of it. A row left by an expired nonce (not
+        yet pruned) is taken over: the expiry check, not this table, refuses a signature
+        that old."""
+        first: dict[bytes, int] = {}
+        for pair, expires in claims:
+            first.setdefault(pair, expires)
+        # In one order, so that two processes claiming overlapping batches wait for each
+        # other's rows rather than deadlock.
+        pairs = sorted(first)
+        rows = await self._db.fetch(
+            "INSERT INTO nonces (pair, expires)"
+            " SELECT * FROM unnest($1::bytea[], $2::bigint[]) ORDER BY 1"
+            " ON CONFLICT (pair) DO UPDATE SET expires = excluded.expires"
+            " WHERE nonces.expires < $3 RETURNING pair",
+            pairs,
+            [first[pair] for pair in pairs],
             now,
         )
-        return claimed == 1
+        new = {row[0] for row in rows}
+        answers = []
+        for pair, _ in claims:
+            answers.append(pair in new)
+            new.discard(pair)  # a second claim of a pair in this batch is its replay
+        return answers
 
 
 async def prune_nonces(db: asyncpg.Connection, now: int) -> None:

@@ -4,6 +4,7 @@ node-wide counters."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from typing import Literal
 
 from node.storage.records import InviteRow, JoinRequestBounds, KeyRecord, PeerRecord
@@ -194,22 +195,34 @@ class SqlitePeers:
 
     async def claim_nonce(self, pair: bytes, expires: int, now: int) -> bool:
         """Record `pair` (a digest of who signed and the nonce) as used until `expires`: True
-        if it is new, False if it is already recorded and not expired (a replay). One
-        statement, so two processes cannot both see it new."""
-        return await self._db.atomic(lambda db: _claim_nonce(db, pair, expires, now), inline=True)
+        if it is new, False if it is already recorded and not expired (a replay)."""
+        return (await self.claim_nonces([(pair, expires)], now))[0]
+
+    async def claim_nonces(self, claims: Sequence[tuple[bytes, int]], now: int) -> list[bool]:
+        """`claim_nonce` for each of `claims` (pair, expires), in one transaction: a
+        statement each, so that two processes cannot both see a pair new. A pair twice in
+        `claims` is new at most once: its later claims are replays of the first."""
+        return await self._db.atomic(lambda db: _claim_nonces(db, claims, now), inline=True)
 
 
-def _claim_nonce(db: sqlite3.Connection, pair: bytes, expires: int, now: int) -> bool:
-    # A row left by an expired nonce (not yet pruned) is taken over: the expiry check, not
-    # this table, refuses a signature that old.
-    return (
-        db.execute(
-            "INSERT INTO nonces (pair, expires) VALUES (?, ?) ON CONFLICT (pair)"
-            " DO UPDATE SET expires = excluded.expires WHERE nonces.expires < ?",
-            (pair, expires, now),
-        ).rowcount
-        == 1
-    )
+def _claim_nonces(
+    db: sqlite3.Connection, claims: Sequence[tuple[bytes, int]], now: int
+) -> list[bool]:
+    answers, seen = [], set()
+    for pair, expires in claims:
+        # A row left by an expired nonce (not yet pruned) is taken over: the expiry check,
+        # not this table, refuses a signature that old.
+        answers.append(
+            pair not in seen
+            and db.execute(
+                "INSERT INTO nonces (pair, expires) VALUES (?, ?) ON CONFLICT (pair)"
+                " DO UPDATE SET expires = excluded.expires WHERE nonces.expires < ?",
+                (pair, expires, now),
+            ).rowcount
+            == 1
+        )
+        seen.add(pair)
+    return answers
 
 
 def prune_nonces(db: sqlite3.Connection, now: int) -> None:
