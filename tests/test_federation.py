@@ -67,7 +67,9 @@ def invite(issuer: Peer, *extra: str) -> str:
     return result.stdout.strip()
 
 
-def wait_for(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
+def wait_for(predicate: Callable[[], bool], seconds: float = 30.0) -> bool:
+    # A deadline only a broken node reaches: on a loaded 2-core machine one poll that runs the
+    # CLI (`ledger export`) took seconds, and 10 s was seen to run out in a passing test.
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if predicate():
