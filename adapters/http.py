@@ -223,9 +223,11 @@ class UpstreamResponse:
         self._complete = True
 
     async def aclose(self) -> None:
-        if self._complete:
-            await _drain(self._response)
-        finish(self._response)
+        try:
+            if self._complete:
+                await _drain(self._response)
+        finally:  # cancelled while draining (the client gone): the connection is still let go
+            finish(self._response)
 
 
 async def _drain(response: aiohttp.ClientResponse) -> None:
