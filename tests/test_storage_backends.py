@@ -153,6 +153,16 @@ def test_nonces_invites_and_join_requests(store_url: str) -> None:
         assert (await store.peers.peer_health())["node0"] == (True, 12, 5)
         counts = await asyncio.gather(*(store.peers.next_counter("seq") for _ in range(10)))
         assert sorted(counts) == list(range(1, 11))
+        # The advert seq: the clock's second as a floor, and strictly above the last value
+        # even when the clock has not moved (a restart within the second) or went back.
+        assert await store.peers.next_counter("advert", 1_000) == 1_000
+        assert await store.peers.next_counter("advert", 1_000) == 1_001
+        assert await store.peers.next_counter("advert", 900) == 1_002
+        assert await store.peers.next_counter("advert", 5_000) == 5_000
+        floors = await asyncio.gather(
+            *(store.peers.next_counter("advert", 5_000) for _ in range(5))
+        )
+        assert sorted(floors) == list(range(5_001, 5_006))
         joined = [p.node_id for p in await store.peers.peers()]
         await store.peers.revoke_peer(joined[0], 20)
         assert [p.node_id for p in await store.peers.peers()] == joined[1:]

@@ -158,9 +158,13 @@ class Peering:
         await self._offers_changed()  # what each peer is told at start, the base of changes
 
     async def _next_seq(self) -> None:
-        """A new advert seq: above the stored counter, the clock and the one before."""
-        counter = await self.store.peers.next_counter(ADVERT_SEQ)
-        self.advert_seq = max(counter, int(time.time()), self.advert_seq + 1)
+        """A new advert seq: the clock's second, or above every seq this node issued before,
+        in any process and before any restart (the store's counter holds the last one). A
+        node restarted within the second of its last seq had issued the same seq again,
+        which its peers refused as not newer: they kept the old advert until their next
+        refresh, an hour later by default."""
+        counter = await self.store.peers.next_counter(ADVERT_SEQ, int(time.time()))
+        self.advert_seq = max(counter, self.advert_seq + 1)
 
     def _cheapest(self, name: str) -> Deployment | None:
         """The local deployment of `name` whose price is shown to peers: the cheapest (the

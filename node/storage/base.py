@@ -201,8 +201,10 @@ class PeerStore(Protocol):
 
     async def peer_health(self) -> dict[str, tuple[bool, int | None, int]]: ...
 
-    async def next_counter(self, name: str) -> int:
-        """Atomically increment and return a node-wide counter (e.g. the advert seq)."""
+    async def next_counter(self, name: str, floor: int = 1) -> int:
+        """Atomically move a node-wide counter (e.g. the advert seq) past its last value, and
+        to at least `floor`, and return it: strictly above every value it returned before,
+        in any process and across restarts."""
         ...
 
     async def claim_nonce(self, pair: bytes, expires: int, now: int) -> bool:

@@ -201,12 +201,14 @@ class PostgresPeers:
         )
         return {row[0]: (bool(row[1]), row[2], row[3]) for row in rows}
 
-    async def next_counter(self, name: str) -> int:
-        """Atomically increment and return a node-wide counter (e.g. the advert seq)."""
+    async def next_counter(self, name: str, floor: int = 1) -> int:
+        """Atomically move a node-wide counter past its last value, to at least `floor`."""
         value = await self._db.fetchval(
-            "INSERT INTO counters VALUES ($1, 1) ON CONFLICT (name)"
-            " DO UPDATE SET value = counters.value + 1 RETURNING value",
+            "INSERT INTO counters VALUES ($1, GREATEST($2::bigint, 1)) ON CONFLICT (name)"
+            " DO UPDATE SET value = GREATEST(counters.value + 1, EXCLUDED.value)"
+            " RETURNING value",
             name,
+            floor,
         )
         return int(value)
 

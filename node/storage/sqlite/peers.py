@@ -181,14 +181,14 @@ class SqlitePeers:
         )
         return {row[0]: (bool(row[1]), row[2], row[3]) for row in rows}
 
-    async def next_counter(self, name: str) -> int:
-        """Atomically increment and return a node-wide counter (e.g. the advert seq)."""
+    async def next_counter(self, name: str, floor: int = 1) -> int:
+        """Atomically move a node-wide counter past its last value, to at least `floor`."""
         return await self._db.atomic(
             lambda db: int(
                 db.execute(
-                    "INSERT INTO counters VALUES (?, 1) ON CONFLICT (name)"
-                    " DO UPDATE SET value = value + 1 RETURNING value",
-                    (name,),
+                    "INSERT INTO counters VALUES (?, max(?, 1)) ON CONFLICT (name)"
+                    " DO UPDATE SET value = max(value + 1, excluded.value) RETURNING value",
+                    (name, floor),
                 ).fetchone()[0]
             )
         )
