@@ -42,10 +42,11 @@ BUILDS = ("A", "B")
 
 
 class AB(Bench):
-    def __init__(self, base: str, output: Path, pythons: dict[str, str]) -> None:
+    def __init__(self, base: str, output: Path, pythons: dict[str, str] | None = None) -> None:
         super().__init__(FULL, output, keep=False)
         self.base = base
-        self.pythons = pythons
+        # Each build's interpreter, a command (`--python-a`, `--python-b`): this one's unless told.
+        self.pythons = pythons or dict.fromkeys(BUILDS, sys.executable)
         self.node_cpus = self.client_cpus = None
 
     def setup(self) -> None:
