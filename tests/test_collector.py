@@ -5,7 +5,6 @@ test's process is left alone, and garbage with cycles is still collected after t
 from __future__ import annotations
 
 import gc
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,15 +16,10 @@ from litestar.testing import TestClient
 from node.app import create_app
 from tests.conftest import NodeDir, serve_process
 from tests.mocks.server import free_port
+from tests.test_metrics_gauges import samples_in
 
 # A started node holds far more than this; a worker that did not freeze reports 0.
 STARTUP_OBJECTS = 10_000
-
-
-def _gauge(text: str, name: str) -> float:
-    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    assert match, f"{name} missing from /metrics"
-    return float(match.group(1))
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -38,9 +32,10 @@ def test_every_served_worker_freezes_what_startup_made(
         for _ in range(10 * workers):
             answer = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"connection": "close"})
             assert answer.status_code == 200
-            assert _gauge(answer.text, "aihub_gc_frozen_objects") > STARTUP_OBJECTS
-            for generation in (0, 1, 2):
-                assert f'python_gc_collections_total{{generation="{generation}"}}' in answer.text
+            (frozen,) = samples_in(answer.text, "aihub_gc_frozen_objects").values()
+            assert frozen > STARTUP_OBJECTS
+            collections = samples_in(answer.text, "python_gc_collections_total")
+            assert set(collections) == {(("generation", str(g)),) for g in (0, 1, 2)}
 
 
 def test_an_app_in_the_tests_own_process_is_left_alone(node_dir: NodeDir) -> None:

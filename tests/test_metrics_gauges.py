@@ -20,8 +20,13 @@ HI = [{"role": "user", "content": "hi"}]
 def samples(node: RunningNode, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     answer = httpx.get(node.url + "/metrics")
     assert answer.status_code == 200
+    return samples_in(answer.text, name)
+
+
+def samples_in(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The samples of `name` in a scrape, by their sorted labels."""
     found = {}
-    for family in text_string_to_metric_families(answer.text):
+    for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == name:
                 found[tuple(sorted(sample.labels.items()))] = sample.value
