@@ -23,10 +23,7 @@ from node.storage.sqlite.usage import SENT_COLUMNS, write_charges
 
 _RECEIPT_COLUMNS = "provider, consumer, seq, id, hash, amount, iat, body, csig, csig_sent"
 
-_INSERT_RECEIPT = (
-    "INSERT INTO receipts (provider, consumer, seq, id, hash, amount, iat, body, csig,"
-    " csig_sent) VALUES (?,?,?,?,?,?,?,?,?,?)"
-)
+_INSERT_RECEIPT = f"INSERT INTO receipts ({_RECEIPT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
 
 
 class SqliteLedger:
