@@ -5,6 +5,7 @@ names for them; the docs page loads its assets from the node; a 405 carries `All
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from jsonschema import Draft202012Validator
 from litestar.routes import HTTPRoute
 
 from node.app import create_app
+from node.ui.security import CONTENT_SECURITY_POLICY
 from tests.conftest import NodeDir, RunningNode, run_node
 
 METHODS = ("get", "post", "patch", "delete", "put")
@@ -239,6 +241,26 @@ def test_docs_page_loads_from_the_node(node: RunningNode) -> None:
             assert f"/schema/assets/{asset}" in page.text
             assert client.get(f"/schema/assets/{asset}").status_code == 200
         assert client.get("/schema").status_code == 200
+
+
+def test_docs_page_runs_under_the_dashboards_policy(node: RunningNode) -> None:
+    """The docs page is on the node's own origin, beside the dashboard's session: it carries
+    the dashboard's content security policy, and needs nothing that policy refuses (no inline
+    script or style; Swagger UI is started by an asset and fetches the document itself)."""
+    with httpx.Client(base_url=node.url) as client:
+        for path in ("/schema", "/schema/swagger", "/schema/assets/docs-init.js"):
+            answer = client.get(path)
+            assert answer.status_code == 200, path
+            assert answer.headers["content-security-policy"] == CONTENT_SECURITY_POLICY, path
+            assert answer.headers["x-frame-options"] == "DENY", path
+        page = client.get("/schema/swagger").text
+        scripts = re.findall(r"<script([^>]*)>(.*?)</script>", page, re.S)
+        assert scripts and all("src=" in attrs and not body.strip() for attrs, body in scripts)
+        assert "<style" not in page and " style=" not in page
+        assert "/schema/openapi.json" in client.get("/schema/assets/docs-init.js").text
+        assert client.get("/schema/openapi.json").json()["info"]["title"] == "aihub"
+        # The answers of the API itself are not pages: no policy of the dashboard's there.
+        assert "content-security-policy" not in client.get("/health/live").headers
 
 
 def test_a_405_names_the_methods_allowed(node: RunningNode) -> None:

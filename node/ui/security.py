@@ -1,6 +1,8 @@
-"""What every answer under `/ui` carries: a strict content security policy (scripts, styles
-and images from this origin only, no inline script or style, no framing, forms posting only
-here) and the headers that keep a browser from sniffing, leaking referrers or embedding."""
+"""What every answer under `/ui` (the dashboard) and `/schema` (the API docs page and its
+assets) carries: a strict content security policy (scripts, styles and images from this origin
+only, no inline script or style, no framing, forms posting only here) and the headers that keep
+a browser from sniffing, leaking referrers or embedding. Both are pages of the node's own
+origin, where the dashboard's session lives: a script injected into either could use it."""
 
 from __future__ import annotations
 
@@ -23,15 +25,18 @@ SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
 ]
 _NAMES = {name for name, _ in SECURITY_HEADERS}
 UI_PREFIX = "/ui"
+# The pages a browser opens: the dashboard, and the API docs (node/observe/docs_page.py).
+_PREFIXES = (UI_PREFIX, "/schema")
+_UNDER = tuple(prefix + "/" for prefix in _PREFIXES)
 
 
 async def ui_security_headers(message: Message, scope: Scope) -> None:
-    """A `before_send` hook: the headers above on every answer of the dashboard (pages, its
-    assets, redirects and errors alike), replacing any of the same name."""
+    """A `before_send` hook: the headers above on every answer of the dashboard and the docs
+    (pages, their assets, redirects and errors alike), replacing any of the same name."""
     if message["type"] != "http.response.start":
         return
     path = scope.get("path", "")
-    if path != UI_PREFIX and not path.startswith(UI_PREFIX + "/"):
+    if path not in _PREFIXES and not path.startswith(_UNDER):
         return
     headers = [(n, v) for n, v in message.get("headers", ()) if n.lower() not in _NAMES]
     message["headers"] = [*headers, *SECURITY_HEADERS]
