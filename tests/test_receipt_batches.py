@@ -162,8 +162,10 @@ async def test_the_gatherer_cancelled_mid_write_costs_the_others_nothing(store_u
 @contextlib.asynccontextmanager
 async def chain_held(store_url: str) -> AsyncIterator[Callable[[], Awaitable[None]]]:
     """Another process holding what a receipt's transaction must wait for (SQLite: the
-    database's write lock; PostgreSQL: the chain's lock), until the function yielded is called;
-    that function returns once the write that waited for it is done."""
+    database's write lock; PostgreSQL: the chain's lock), until the function yielded is
+    called. On PostgreSQL that function returns once the write that waited for it is done; on
+    SQLite that write is on the store's thread, and the store's next statement comes after
+    it."""
     if store_url.startswith("sqlite://"):
         holder = sqlite3.connect(store_url.removeprefix("sqlite://"), isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")

@@ -74,7 +74,8 @@ class _Batches(Generic[Item, Result]):
                 done.set_result(result)
 
     async def settle(self) -> None:
-        """Wait for the batches being written (at shutdown, and in tests)."""
+        """Wait for the batches being written (at shutdown, and in tests); an item written
+        alone is its requester's own write, which that requester awaits."""
         while self._writing:
             await asyncio.wait(list(self._writing))
 
@@ -84,10 +85,10 @@ class TurnBatch(_Batches[Item, Result]):
 
     An item that no other joined in its turn (a request alone, as at concurrency 1) is
     written by its requester itself, without a task: the task and the shield around it cost
-    as much CPU again as the turn's wait (~40 µs a receipt, `bench/hop.py`), and three turns
-    of the loop on the answer's path. That is safe because a write of the store runs to its
-    end when its caller is cancelled (`Store`: both backends' `atomic`), which is all the
-    task was for when there is no one else's item to finish."""
+    15-25 µs a receipt (`bench/turn_batch.py`) and three turns of the loop on the answer's
+    path. That is safe because a write of the store runs to its end when its caller is
+    cancelled (both backends' `atomic`), which is all the task was for when there is no one
+    else's item to finish."""
 
     async def ask(self, item: Item) -> Result:
         """`item` written with the others asked for in this turn; its own result. The first
