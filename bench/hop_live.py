@@ -1,7 +1,9 @@
 """The federated hop through real running nodes, nothing pinned, for an A/B of a change to it:
 the aiohttp mock, alpha serving it and beta joined to alpha (as the unpinned mode starts
-them), and three arms in shuffled rounds: direct to the mock, one node (client → alpha →
-mock) and the hop (client → beta → alpha → mock), sequential requests from httpx over
+them), and four arms in shuffled rounds: direct to the mock, one node (client → alpha →
+mock), the hop (client → beta → alpha → mock) and the chain (the same two nodes with no
+federation between them: beta serving alpha as an ordinary OpenAI-compatible upstream, so
+that hop - chain is what the federation itself adds), sequential requests from httpx over
 keep-alive. Alongside the latencies, the CPU each node spent per hop request (every thread,
 from the scheduler), which the machine's load disturbs far less than latency.
 
@@ -43,11 +45,21 @@ from bench.run import (
 )
 from bench.unpinned import sequential
 
-ARMS = ("direct", "node", "hop")
+ARMS = ("direct", "node", "chain", "hop")
+# The chain arm: beta serves a model of its own, `chain`, whose upstream is alpha's
+# OpenAI-compatible endpoint under an ordinary virtual key of alpha's (this variable holds it):
+# the hop's two node passes and process crossings without the federation (no signature, no
+# nonce, no receipt), so that hop - chain is what the federation itself adds to the latency.
+CHAIN_KEY_ENV = "BENCH_CHAIN_KEY"
 
 
 class LiveHop(Bench):
     """The mock, alpha and beta, unpinned; Bench's plumbing."""
+
+    chain_key = ""
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), CHAIN_KEY_ENV: self.chain_key}
 
     def setup(self) -> None:
         self.mock_port = free_port()
@@ -60,6 +72,13 @@ class LiveHop(Bench):
             self.cli("keys", "create", "--name", "bench", *limits, "--json", *_dd(self.b)),
             self.cli("invite", "create", "--cap", "1000000", "--uses", "1", *_dd(self.a)),
         )
+        self.chain_key = json.loads(key_a)["key"]
+        with (self.b.directory / "config.toml").open("a") as config:
+            config.write(
+                '\n[[models]]\nname = "chain"\nprovider = "openai"\nmodel = "mock"\n'
+                f'base_url = "http://127.0.0.1:{self.a.port}/v1"\n'
+                f'api_key_env = "{CHAIN_KEY_ENV}"\nprice_in = 150_000\nprice_out = 600_000\n'
+            )
         self._serve(self.a, None, "--workers", "1")
         self._serve(self.b, None, "--workers", "1")
         b_key = json.loads(key_b)["key"]
@@ -70,6 +89,8 @@ class LiveHop(Bench):
         self.wait_answer(self.targets["direct"], self.mock, 30)
         self.wait_answer(self.targets["node"], self.a.process, 90)
         self.wait_answer(self.b.target("beta", b_key, "echo"), self.b.process, 90)
+        self.targets["chain"] = self.b.target("chain", b_key, "chain")
+        self.wait_answer(self.targets["chain"], self.b.process, 30)
         self.finish(self.cli("join", token.strip(), *_dd(self.b)))
         self.targets["hop"] = self.b.target("hop", b_key)
         self.wait_answer(self.targets["hop"], self.b.process, 30)
@@ -77,7 +98,13 @@ class LiveHop(Bench):
     def measure(self, rounds: int, seconds: float) -> dict[str, object]:
         """Each arm's (p50, p99) per round, and each node's CPU per hop request per round."""
         seq: dict[str, list[tuple[float, float]]] = {arm: [] for arm in ARMS}
-        cpu: dict[str, list[float]] = {"alpha": [], "beta": [], "node": []}
+        cpu: dict[str, list[float]] = {
+            "alpha": [],
+            "beta": [],
+            "node": [],
+            "alpha (chain)": [],
+            "beta (chain)": [],
+        }
         clients = {arm: httpx.Client(timeout=30) for arm in ARMS}
         try:
             for arm in ARMS:
@@ -131,7 +158,11 @@ class LiveHop(Bench):
     def _meters(self, arm: str) -> dict[str, procs.CpuMeter]:
         """CPU meters, started: alpha and beta for the hop, alpha as "node" for the node."""
         alpha, beta = self.a.process.pid, self.b.process.pid  # type: ignore[union-attr]
-        pids = {"hop": {"alpha": alpha, "beta": beta}, "node": {"node": alpha}}.get(arm, {})
+        pids = {
+            "hop": {"alpha": alpha, "beta": beta},
+            "node": {"node": alpha},
+            "chain": {"alpha (chain)": alpha, "beta (chain)": beta},
+        }.get(arm, {})
         meters = {name: procs.CpuMeter(pid) for name, pid in pids.items()}
         for meter in meters.values():
             meter.start()
@@ -139,10 +170,11 @@ class LiveHop(Bench):
 
     def profile(self, seconds: float, connections: int) -> None:
         """py-spy on alpha while it serves one node's requests, then on both nodes while the
-        hop is asked, sequentially (or by wrk on `connections`): bench/profile-hop-live-*.txt,
-        the first to subtract from the others."""
+        chain and then the hop are asked, sequentially (or by wrk on `connections`):
+        bench/profile-hop-live-*.txt; the chain's to subtract from the hop's."""
         alpha, beta = self.a.process.pid, self.b.process.pid  # type: ignore[union-attr]
         self._profile("node", {"alpha-node": alpha}, seconds, connections)
+        self._profile("chain", {"beta-chain": beta, "alpha-chain": alpha}, seconds, connections)
         self._profile("hop", {"beta": beta, "alpha": alpha}, seconds, connections)
 
     def _profile(self, arm: str, pids: dict[str, int], seconds: float, connections: int) -> None:
@@ -180,13 +212,21 @@ def _figures(
     def added(arm: str, q: int) -> list[float]:
         return [r[q] - d[q] for r, d in zip(seq[arm], direct, strict=True)]
 
-    node, hop = added("node", 0), added("hop", 0)
+    node, hop, chain = added("node", 0), added("hop", 0), added("chain", 0)
     out: dict[str, object] = {
         "direct p50 ms": statistics.median(d[0] for d in direct),
         "node added p50 ms": statistics.median(node),
         "node added p99 ms": statistics.median(added("node", 1)),
         "hop added p50 ms": statistics.median(hop),
         "hop added p99 ms": statistics.median(added("hop", 1)),
+        "chain added p50 ms": statistics.median(chain),
+        "chain added p99 ms": statistics.median(added("chain", 1)),
+        # What the federation itself adds (signature, nonce, receipt), in ms at p50.
+        "hop - chain p50 ms": statistics.median([h - c for h, c in zip(hop, chain, strict=True)]),
+        # Two plain node passes in a row, over one node's: the hop's floor under this reading.
+        "(chain - direct) / (node - direct), p50": _spread(
+            [c / max(n, 1e-3) for c, n in zip(chain, node, strict=True)]
+        ),
         # The unpinned mode's reading: the hop's whole added latency over one node's.
         "(hop - direct) / (node - direct), p50": _spread(
             [h / max(n, 1e-3) for h, n in zip(hop, node, strict=True)]
@@ -197,8 +237,8 @@ def _figures(
         ),
     }
     for name, values in cpu.items():
-        arm = "one node's" if name == "node" else "hop"
-        out[f"{name}: CPU us per {arm} request"] = _spread(values)
+        arm = {"node": "one node's", "alpha (chain)": "chain", "beta (chain)": "chain"}
+        out[f"{name}: CPU us per {arm.get(name, 'hop')} request"] = _spread(values)
     return out
 
 

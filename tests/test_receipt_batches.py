@@ -6,6 +6,9 @@ has its receipt written."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -15,6 +18,7 @@ from ledger.chain import verify_chain
 from ledger.receipts import parse_receipt, public_key_of
 from node.peers.receipts import Receipts, loaded
 from node.storage.base import Store
+from node.storage.postgres.connection import lock_key
 from tests.postgres import open_test_store
 from tests.test_storage import charge, usage_ids
 
@@ -151,5 +155,79 @@ async def test_the_gatherer_cancelled_mid_write_costs_the_others_nothing(store_u
         assert await usage_ids(store) == {"g0", "g1", "g2", "g3"}
     finally:
         release.set()
+        await receipts.settle_tasks()
+        await store.close()
+
+
+@contextlib.asynccontextmanager
+async def chain_held(store_url: str) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Another process holding what a receipt's transaction must wait for (SQLite: the
+    database's write lock; PostgreSQL: the chain's lock), until the function yielded is
+    called. On PostgreSQL that function returns once the write that waited for it is done; on
+    SQLite that write is on the store's thread, and the store's next statement comes after
+    it."""
+    if store_url.startswith("sqlite://"):
+        holder = sqlite3.connect(store_url.removeprefix("sqlite://"), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+
+        async def release_sqlite() -> None:
+            holder.execute("ROLLBACK")
+            holder.close()
+
+        try:
+            yield release_sqlite
+        finally:
+            holder.close()
+        return
+    other = await open_test_store(store_url)
+    key = lock_key("chain", PROVIDER.node_id, CONSUMER.node_id)
+    connection = await other.ledger._db._pool.acquire()  # type: ignore[attr-defined]
+    holding = connection.transaction()
+    await holding.start()
+    await connection.execute("SELECT pg_advisory_xact_lock($1)", key)
+
+    async def release_postgres() -> None:
+        await holding.commit()
+        # Lock waits are granted in order: ours again comes after the writer's commit.
+        async with connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", key)
+
+    try:
+        yield release_postgres
+    finally:
+        await other.ledger._db._pool.release(connection)  # type: ignore[attr-defined]
+        await other.close()
+
+
+async def test_a_request_alone_gone_mid_write_still_has_its_receipt(store_url: str) -> None:
+    """A receipt alone in its turn is written by its requester itself, not by a task: if the
+    requester is cancelled while the store writes it (waiting for another process's lock),
+    the write still runs to its end, usage record included."""
+    store = await open_test_store(store_url)
+    writing = asyncio.Event()
+    write = store.ledger.settle_with_receipts
+
+    async def seen(issued):  # type: ignore[no-untyped-def]
+        writing.set()
+        return await write(issued)
+
+    store.ledger.settle_with_receipts = seen  # type: ignore[method-assign]
+    receipts = Receipts(PROVIDER, store, None, _Peering())  # type: ignore[arg-type]
+    try:
+        await receipts.issue(charge("before"), CONSUMER.node_id, "before", "k1")
+        writing.clear()
+        async with chain_held(store_url) as release:
+            gone = asyncio.ensure_future(
+                receipts.issue(charge("gone"), CONSUMER.node_id, "gone", "k1")
+            )
+            await writing.wait()  # in the store's write, which waits for the lock
+            gone.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+            await release()
+        await receipts.settle_tasks()
+        await whole(store, CONSUMER, 2)
+        assert await usage_ids(store) == {"before", "gone"}
+    finally:
         await receipts.settle_tasks()
         await store.close()

@@ -138,9 +138,9 @@ class Receipts:
         receipt's signed JSON, for the response. The receipts asked for in the same turn of
         the event loop (peers' answers that came in together) share that transaction: one
         commit for all of them, which costs about as much as the rest of a receipt
-        (`TurnBatch`: written by a task of their own, one by one if the batch fails). A
-        request that went away meanwhile still has its receipt written: its answer was paid
-        for."""
+        (`TurnBatch`: written by a task of their own, one by one if the batch fails; one
+        alone in its turn by its requester). A request that went away meanwhile still has
+        its receipt written: its answer was paid for."""
         return await self._issuing.ask(_Issue(charge, consumer, receipt_id, key_id))
 
     async def _issue_batch(self, batch: Sequence[_Issue]) -> list[bytes]:
