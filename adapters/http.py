@@ -257,9 +257,7 @@ def finish(response: aiohttp.ClientResponse) -> None:
 
 
 def timeout_for(upstream: Upstream) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(
-        total=None, sock_connect=upstream.connect_timeout, sock_read=upstream.read_timeout
-    )
+    return _timeout(None, upstream.connect_timeout, upstream.read_timeout)
 
 
 def deadline_error(upstream: Upstream) -> UpstreamError:
@@ -281,18 +279,24 @@ def _within_deadline(upstream: Upstream, timeout: aiohttp.ClientTimeout) -> aioh
     left = deadline - asyncio.get_running_loop().time()
     if left <= 0:
         raise deadline_error(upstream)
-    if left >= 1:
-        # Whole seconds (a little early, never late) so that the timeouts, immutable, are
-        # shared: building one costs more than the rest of this call.
-        return _total_timeout(int(left), timeout.sock_connect, timeout.sock_read)
-    return aiohttp.ClientTimeout(
-        total=left, sock_connect=timeout.sock_connect, sock_read=timeout.sock_read
-    )
+    # Whole seconds (a little early, never late) so that the timeouts, immutable, are shared:
+    # building one costs more than the rest of this call.
+    total = int(left) if left >= 1 else left
+    read = timeout.sock_read
+    if read is not None and total + 1 <= read:
+        # aiohttp's total fires by `total` (rounded up to the next second at most), and the
+        # read timeout no sooner than `read` after any byte: it can never fire first, so it is
+        # not armed. Armed, aiohttp cancels and makes a timer on every segment received, a
+        # stream's every event (the default attempt and read timeouts are both 600 s).
+        read = None
+    if total < 1:
+        return aiohttp.ClientTimeout(total=total, sock_connect=timeout.sock_connect, sock_read=read)
+    return _timeout(total, timeout.sock_connect, read)
 
 
 @functools.lru_cache(maxsize=1024)
-def _total_timeout(
-    total: float, connect: float | None, read: float | None
+def _timeout(
+    total: float | None, connect: float | None, read: float | None
 ) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=total, sock_connect=connect, sock_read=read)
 
