@@ -20,6 +20,7 @@ import aiohttp
 import msgspec
 import yarl
 
+from adapters.aiohttp_post import post
 from adapters.types import (
     Upstream,
     UpstreamError,
@@ -340,8 +341,8 @@ async def send(
     """
     timeout = _within_deadline(upstream, request.timeout)
     try:
-        response = await client.session().post(
-            request.url, data=request.body, headers=request.headers, timeout=timeout
+        response = await post(
+            client.session(), _as_url(request.url), request.body, request.headers, timeout
         )
     except TRANSPORT_ERRORS as exc:
         raise transport_error(upstream, exc) from exc
@@ -366,6 +367,16 @@ async def send(
         finish(response)
     error = upstream_error(upstream, response.status, body, response.headers, parse_error)
     raise error if refine_error is None else refine_error(error, response.headers)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed(url: str) -> yarl.URL:
+    return yarl.URL(url)
+
+
+def _as_url(url: str | yarl.URL) -> yarl.URL:
+    # A deployment's few URLs, parsed once (a yarl.URL is immutable); a signed one as given.
+    return url if isinstance(url, yarl.URL) else _parsed(url)
 
 
 def build_request(
