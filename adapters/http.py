@@ -214,9 +214,9 @@ class UpstreamResponse:
         self.content = content
         self._complete = False
 
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        async for chunk in self._response.content.iter_any():
-            yield chunk
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        # aiohttp's own iterator, not a generator around it: one frame less on every chunk.
+        return self._response.content.iter_any()
 
     def complete(self) -> None:
         """The stream's last event is read (`[DONE]`, `message_stop`, …): what is left of the
@@ -239,6 +239,8 @@ async def _drain(response: aiohttp.ClientResponse) -> None:
     byte. Bounded in time and bytes: an upstream that keeps its body open or goes on sending
     after its last event loses the connection instead (`finish` closes it), as before."""
     content = response.content
+    if content.at_eof():
+        return  # the end came with the last event: no timer to arm
     read = 0
     try:
         async with asyncio.timeout(DRAIN_SECONDS):
