@@ -27,6 +27,7 @@ import httpx
 import msgspec
 import yarl
 
+from adapters import aiohttp_post
 from adapters.http import ATTEMPT_DEADLINE, UpstreamClient, build_request, send
 from adapters.openai import OpenAIAdapter
 from adapters.types import ChatCall, ChatRequest, Upstream
@@ -91,6 +92,20 @@ def ways(url: str, data: bytes) -> dict[str, Callable[[], Awaitable[tuple[Call, 
             async with s.post(built, data=data, headers=HEADERS, timeout=timeout) as r:
                 await r.read()
                 return r.status
+
+        return call, s.close
+
+    async def aiohttp_below() -> tuple[Call, Callable]:
+        # The same call on the same session a level below ClientSession.request, as the node
+        # makes it since 2026-12-02 (adapters/aiohttp_post.py).
+        s = await session()
+        built = yarl.URL(url)
+
+        async def call() -> int:
+            r = await aiohttp_post.post(s, built, data, HEADERS, timeout)
+            await r.read()
+            r.release()
+            return r.status
 
         return call, s.close
 
@@ -185,8 +200,9 @@ def ways(url: str, data: bytes) -> dict[str, Callable[[], Awaitable[tuple[Call, 
         return call, client.aclose
 
     found = {
-        "aiohttp, str URL (the node's before)": aiohttp_str,
+        "aiohttp, str URL (the node's before 2026-12-02)": aiohttp_str,
         "aiohttp, prebuilt yarl.URL": aiohttp_url,
+        "aiohttp below ClientSession.request (adapters/aiohttp_post.py)": aiohttp_below,
         "aiohttp, prebuilt URL, session defaults": aiohttp_lean,
         "httpx (h11)": httpx_h11,
         "the node's send() (adapters/http.py)": node_send,
