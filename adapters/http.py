@@ -373,7 +373,10 @@ async def send(
 
 @functools.lru_cache(maxsize=1024)
 def _parsed(url: str) -> yarl.URL:
-    return yarl.URL(url)
+    try:
+        return yarl.URL(url)
+    except ValueError as exc:  # a peer's URL is untrusted: a transport error, as aiohttp's
+        raise aiohttp.InvalidUrlClientError(url) from exc
 
 
 def _as_url(url: str | yarl.URL) -> yarl.URL:

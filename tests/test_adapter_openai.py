@@ -164,6 +164,20 @@ async def test_the_read_timeout_and_the_attempt_deadline_whichever_is_first(
     assert (caught.value.status, caught.value.type, caught.value.code) == (504, "timeout", code)
 
 
+@pytest.mark.parametrize("base", ["http://[::1/v1", "ftp://127.0.0.1/v1", "http:///v1"])
+async def test_a_url_that_is_no_http_url_is_an_unreachable_upstream(client, base):
+    """A base URL that does not parse, or names no HTTP host (a peer's comes from its
+    advert), is the upstream failing, a retryable 502, not the node's own error."""
+    upstream = Upstream(provider="openai", model="gpt-x", base_url=base, api_key="sk-mock")
+    with pytest.raises(UpstreamError) as caught:
+        await OpenAIAdapter(upstream, client).chat(chat_call())
+    assert (caught.value.status, caught.value.type, caught.value.retryable) == (
+        502,
+        "upstream_unreachable",
+        True,
+    )
+
+
 async def test_a_complete_call_cancelled_hangs_up_on_the_provider(base_url, client, mock):
     """A client gone before a complete (non-streamed) answer cancels the call: the provider
     sees its connection close (it would go on generating, and billing, otherwise). aiohttp
