@@ -20,6 +20,7 @@ import aiohttp
 import msgspec
 import yarl
 
+from adapters.aiohttp_post import post
 from adapters.types import (
     Upstream,
     UpstreamError,
@@ -213,9 +214,9 @@ class UpstreamResponse:
         self.content = content
         self._complete = False
 
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        async for chunk in self._response.content.iter_any():
-            yield chunk
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        # aiohttp's own iterator, not a generator around it: one frame less on every chunk.
+        return self._response.content.iter_any()
 
     def complete(self) -> None:
         """The stream's last event is read (`[DONE]`, `message_stop`, …): what is left of the
@@ -238,6 +239,8 @@ async def _drain(response: aiohttp.ClientResponse) -> None:
     byte. Bounded in time and bytes: an upstream that keeps its body open or goes on sending
     after its last event loses the connection instead (`finish` closes it), as before."""
     content = response.content
+    if content.at_eof():
+        return  # the end came with the last event: no timer to arm
     read = 0
     try:
         async with asyncio.timeout(DRAIN_SECONDS):
@@ -257,9 +260,7 @@ def finish(response: aiohttp.ClientResponse) -> None:
 
 
 def timeout_for(upstream: Upstream) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(
-        total=None, sock_connect=upstream.connect_timeout, sock_read=upstream.read_timeout
-    )
+    return _timeout(None, upstream.connect_timeout, upstream.read_timeout)
 
 
 def deadline_error(upstream: Upstream) -> UpstreamError:
@@ -281,18 +282,24 @@ def _within_deadline(upstream: Upstream, timeout: aiohttp.ClientTimeout) -> aioh
     left = deadline - asyncio.get_running_loop().time()
     if left <= 0:
         raise deadline_error(upstream)
-    if left >= 1:
-        # Whole seconds (a little early, never late) so that the timeouts, immutable, are
-        # shared: building one costs more than the rest of this call.
-        return _total_timeout(int(left), timeout.sock_connect, timeout.sock_read)
-    return aiohttp.ClientTimeout(
-        total=left, sock_connect=timeout.sock_connect, sock_read=timeout.sock_read
-    )
+    # Whole seconds (a little early, never late) so that the timeouts, immutable, are shared:
+    # building one costs more than the rest of this call.
+    total = int(left) if left >= 1 else left
+    read = timeout.sock_read
+    if read is not None and total + 1 <= read:
+        # aiohttp's total fires by `total` (rounded up to the next second at most), and the
+        # read timeout no sooner than `read` after any byte: it can never fire first, so it is
+        # not armed. Armed, aiohttp cancels and makes a timer on every segment received, a
+        # stream's every event (the default attempt and read timeouts are both 600 s).
+        read = None
+    if total < 1:
+        return aiohttp.ClientTimeout(total=total, sock_connect=timeout.sock_connect, sock_read=read)
+    return _timeout(total, timeout.sock_connect, read)
 
 
 @functools.lru_cache(maxsize=1024)
-def _total_timeout(
-    total: float, connect: float | None, read: float | None
+def _timeout(
+    total: float | None, connect: float | None, read: float | None
 ) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=total, sock_connect=connect, sock_read=read)
 
@@ -336,8 +343,8 @@ async def send(
     """
     timeout = _within_deadline(upstream, request.timeout)
     try:
-        response = await client.session().post(
-            request.url, data=request.body, headers=request.headers, timeout=timeout
+        response = await post(
+            client.session(), _as_url(request.url), request.body, request.headers, timeout
         )
     except TRANSPORT_ERRORS as exc:
         raise transport_error(upstream, exc) from exc
@@ -362,6 +369,19 @@ async def send(
         finish(response)
     error = upstream_error(upstream, response.status, body, response.headers, parse_error)
     raise error if refine_error is None else refine_error(error, response.headers)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed(url: str) -> yarl.URL:
+    try:
+        return yarl.URL(url)
+    except ValueError as exc:  # a peer's URL is untrusted: a transport error, as aiohttp's
+        raise aiohttp.InvalidUrlClientError(url) from exc
+
+
+def _as_url(url: str | yarl.URL) -> yarl.URL:
+    # A deployment's few URLs, parsed once (a yarl.URL is immutable); a signed one as given.
+    return url if isinstance(url, yarl.URL) else _parsed(url)
 
 
 def build_request(

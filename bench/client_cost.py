@@ -13,24 +13,57 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import os
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import aiohttp
 import httpx
+import msgspec
 import yarl
 
+from adapters import aiohttp_post
+from adapters.http import ATTEMPT_DEADLINE, UpstreamClient, build_request, send
+from adapters.openai import OpenAIAdapter
+from adapters.types import ChatCall, ChatRequest, Upstream
 from bench import procs
 from bench.run import free_port
 from bench.surfaces import body
 
 HEADERS = {"content-type": "application/json", "authorization": "Bearer sk-bench-upstream"}
 Call = Callable[[], Awaitable[int]]
+
+
+def _upstream(url: str) -> Upstream:
+    return Upstream(
+        provider="openai",
+        model="mock-model",
+        base_url=url.removesuffix("/chat/completions"),
+        api_key=HEADERS["authorization"].removeprefix("Bearer "),
+    )
+
+
+def _chat_call(data: bytes) -> ChatCall:
+    return ChatCall(
+        msgspec.json.decode(data, type=ChatRequest),
+        msgspec.json.decode(data, type=dict[str, msgspec.Raw]),
+        "req-bench",
+    )
+
+
+@contextlib.contextmanager
+def _attempt() -> Iterator[None]:
+    """The attempt's deadline, as the router sets it around every adapter call."""
+    token = ATTEMPT_DEADLINE.set(asyncio.get_running_loop().time() + 600)
+    try:
+        yield
+    finally:
+        ATTEMPT_DEADLINE.reset(token)
 
 
 def ways(url: str, data: bytes) -> dict[str, Callable[[], Awaitable[tuple[Call, Callable]]]]:
@@ -59,6 +92,20 @@ def ways(url: str, data: bytes) -> dict[str, Callable[[], Awaitable[tuple[Call, 
             async with s.post(built, data=data, headers=HEADERS, timeout=timeout) as r:
                 await r.read()
                 return r.status
+
+        return call, s.close
+
+    async def aiohttp_below() -> tuple[Call, Callable]:
+        # The same call on the same session a level below ClientSession.request, as the node
+        # makes it since 2026-12-02 (adapters/aiohttp_post.py).
+        s = await session()
+        built = yarl.URL(url)
+
+        async def call() -> int:
+            r = await aiohttp_post.post(s, built, data, HEADERS, timeout)
+            await r.read()
+            r.release()
+            return r.status
 
         return call, s.close
 
@@ -105,11 +152,62 @@ def ways(url: str, data: bytes) -> dict[str, Callable[[], Awaitable[tuple[Call, 
 
         return call, client.close
 
+    async def node_send() -> tuple[Call, Callable]:
+        # adapters/http.py's send() as the OpenAI adapter calls it, within an attempt's
+        # deadline as the router sets it: the node's own code around aiohttp included.
+        client = UpstreamClient()
+        upstream = _upstream(url)
+
+        async def call() -> int:
+            request = build_request(
+                upstream, url, data, {"authorization": HEADERS["authorization"]}
+            )
+            with _attempt():
+                response = await send(client, upstream, request)
+            return response.status_code
+
+        return call, client.aclose
+
+    async def node_chat() -> tuple[Call, Callable]:
+        # The OpenAI adapter's chat(): the body encoded, sent, the answer peeked at for usage.
+        client = UpstreamClient()
+        adapter = OpenAIAdapter(_upstream(url), client)
+        call_ = _chat_call(data)
+
+        async def call() -> int:
+            with _attempt():
+                result = await adapter.chat(call_)
+            return 200 if result.wire else 500
+
+        return call, client.aclose
+
+    async def node_stream() -> tuple[Call, Callable]:
+        # The OpenAI adapter's stream, read to its end and closed as the pipeline does (the
+        # body's end drained, the connection kept).
+        client = UpstreamClient()
+        adapter = OpenAIAdapter(_upstream(url), client)
+        call_ = _chat_call(body("chat", "mock-model", stream=True))
+
+        async def call() -> int:
+            with _attempt():
+                stream = await adapter.open_stream(call_)
+                try:
+                    events = [event async for event in stream]
+                finally:
+                    await stream.aclose()
+            return 200 if events else 500
+
+        return call, client.aclose
+
     found = {
-        "aiohttp, str URL (the node's before)": aiohttp_str,
+        "aiohttp, str URL (the node's before 2026-12-02)": aiohttp_str,
         "aiohttp, prebuilt yarl.URL": aiohttp_url,
+        "aiohttp below ClientSession.request (adapters/aiohttp_post.py)": aiohttp_below,
         "aiohttp, prebuilt URL, session defaults": aiohttp_lean,
         "httpx (h11)": httpx_h11,
+        "the node's send() (adapters/http.py)": node_send,
+        "the OpenAI adapter's chat()": node_chat,
+        "the OpenAI adapter's stream, read and closed": node_stream,
     }
     if importlib.util.find_spec("pyreqwest") is not None:
         found["pyreqwest"] = pyreqwest_client
@@ -145,9 +243,12 @@ async def compare(args: argparse.Namespace, port: int) -> None:
         except aiohttp.ClientError:
             await asyncio.sleep(0.05)
     data = body("chat", "mock-model")
-    found: dict[str, list[float]] = {name: [] for name in ways(url, data)}
+    chosen = [name for name in ways(url, data) if args.only in name]
+    found: dict[str, list[float]] = {name: [] for name in chosen}
     for _ in range(args.rounds):
         for name, make in ways(url, data).items():
+            if name not in found:
+                continue
             found[name].append(await measure(make, args.requests, args.connections))
     print(
         f"CPU per request, {args.requests} requests x {args.rounds} rounds, "
@@ -163,6 +264,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument(
+        "--only", default="", help="the ways whose name holds this text (e.g. node, aiohttp)"
+    )
     args = parser.parse_args()
     port = free_port()
     _, others = procs.split_cores()

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 import msgspec
 import pytest
 
-from adapters.http import UpstreamClient
+from adapters.http import ATTEMPT_DEADLINE, UpstreamClient
 from adapters.openai import AzureOpenAIAdapter, OpenAIAdapter
 from adapters.types import (
     EmbedCall,
@@ -133,6 +133,49 @@ async def test_azure_uses_deployment_url_and_api_key(base_url, client, mock):
     assert received.headers["api-key"] == "sk-mock"
     assert "authorization" not in received.headers
     assert result.usage.total_tokens > 0
+
+
+@pytest.mark.parametrize(
+    ("attempt", "read", "code"), [(600.0, 0.2, None), (0.3, 600.0, "deadline_exceeded")]
+)
+async def test_the_read_timeout_and_the_attempt_deadline_whichever_is_first(
+    base_url, client, mock, attempt, read, code
+):
+    """Within an attempt's deadline (as the router sets it), a provider silent for longer than
+    the deployment's read timeout is cut at the read timeout, and one within it at the
+    deadline (the provider would answer after 5 s): the read timer is left unarmed only
+    where the deadline always comes first."""
+    upstream = Upstream(
+        provider="openai",
+        model="gpt-x",
+        base_url=base_url + "/v1",
+        api_key="sk-mock",
+        read_timeout=read,
+    )
+    mock.script.delay = 5.0
+    loop = asyncio.get_running_loop()
+    token = ATTEMPT_DEADLINE.set(loop.time() + attempt)
+    try:
+        with pytest.raises(UpstreamError) as caught:
+            await OpenAIAdapter(upstream, client).chat(chat_call())
+    finally:
+        ATTEMPT_DEADLINE.reset(token)
+        mock.script.delay = 0.0
+    assert (caught.value.status, caught.value.type, caught.value.code) == (504, "timeout", code)
+
+
+@pytest.mark.parametrize("base", ["http://[::1/v1", "ftp://127.0.0.1/v1", "http:///v1"])
+async def test_a_url_that_is_no_http_url_is_an_unreachable_upstream(client, base):
+    """A base URL that does not parse, or names no HTTP host (a peer's comes from its
+    advert), is the upstream failing, a retryable 502, not the node's own error."""
+    upstream = Upstream(provider="openai", model="gpt-x", base_url=base, api_key="sk-mock")
+    with pytest.raises(UpstreamError) as caught:
+        await OpenAIAdapter(upstream, client).chat(chat_call())
+    assert (caught.value.status, caught.value.type, caught.value.retryable) == (
+        502,
+        "upstream_unreachable",
+        True,
+    )
 
 
 async def test_a_complete_call_cancelled_hangs_up_on_the_provider(base_url, client, mock):

@@ -75,6 +75,46 @@ def served_then_books_free(node_dir: NodeDir, key: str, key_id: str) -> None:
     assert spend_of(node_dir.path, f"key:{key_id}") == (charged, 0)
 
 
+# --- Redirects ------------------------------------------------------------------------------
+
+
+def redirecting_to(target: str, status: int) -> object:
+    """An upstream that answers every request with a redirect to `target`'s same path."""
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        location = (target + scope["path"]).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"location", location), (b"content-length", b"0")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b""})
+
+    return app
+
+
+@pytest.mark.parametrize("status", [307, 308, 302])
+def test_a_redirect_is_not_followed_to_another_host(node_dir, status):
+    """An upstream that redirects elsewhere gets no second request sent there: on a 307 or
+    308 aiohttp would resend the prompt, and every header but `Authorization` (an Azure
+    `api-key`, an Anthropic `x-api-key`, a deployment's own headers) to whatever host the
+    upstream names. The client gets a shaped 502 and nothing is charged."""
+    with ExitStack() as stack:
+        elsewhere = OpenAIMock(api_key=None)
+        target = stack.enter_context(serve_app(elsewhere))
+        url = stack.enter_context(serve_app(redirecting_to(target, status)))
+        node_dir.set_config("retries = 2 ", "retries = 0 ")
+        node_dir.add_config(deployment("m", url) + 'headers = { x-secret = "sk-deployment" }\n')
+        key, key_id = make_key(node_dir.path, name="one", budget_micros=10**9)
+        with run_node(node_dir) as node:
+            error = assert_shaped(post(node, key), 502)
+        assert elsewhere.script.received == []
+    assert f"answered {status}" in str(error["message"])
+    assert spend_of(node_dir.path, f"key:{key_id}") == (0, 0)
+
+
 # --- Retry-After and other header values ---------------------------------------------------
 
 BAD_RETRY_AFTER = [
