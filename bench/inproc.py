@@ -142,7 +142,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         created = _aihub(
             "keys", "create", "--name", "b", *limits, "--json", "--data-dir", str(folder)
         )
-        driver = Driver(create_app(folder), json.loads(created)["key"])
+        # `serving`: the collector settled as in `aihub serve` (node/collector.py).
+        driver = Driver(create_app(folder, serving=True), json.loads(created)["key"])
         await driver.start()
         try:
             for _ in range(args.warmup):
