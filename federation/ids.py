@@ -7,8 +7,8 @@ import threading
 import time
 
 # Random bytes are drawn from the OS this many at a time: `secrets.token_hex(8)` per id was a
-# `getrandom` system call on every request (~1 µs warm, several at 100 requests a second). The
-# bytes are the same CSPRNG's, each used once.
+# `getrandom` system call on every request (~1 µs warm). The bytes are the same CSPRNG's, each
+# used once.
 _POOL_BYTES = 4096
 _ID_BYTES = 8
 
@@ -21,7 +21,8 @@ class _RandomPool:
     def __init__(self) -> None:
         self._bytes = b""
         self._at = 0
-        self._lock = threading.Lock()  # a thread between two others' read and move of `_at`
+        # Two threads must not both read `_at` before either moves it past their slice.
+        self._lock = threading.Lock()
 
     def clear(self) -> None:
         self._bytes, self._at = b"", 0

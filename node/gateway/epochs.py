@@ -6,8 +6,8 @@ what it stands for, after the change is committed. A reader that checks on every
 maps the file (`EpochView`) and reads the number from memory: the page is the kernel's page
 cache, shared by every process that maps or writes the file, so a write by the admin API,
 the CLI or another worker is seen by the very next read, without a system call. The `stat`
-per request it replaces cost ~2 µs warm and ~20 µs at 100 requests a second (cold caches),
-the largest share of `authenticate`.
+per request it replaces cost ~2 µs warm, and several times that at 100 requests a second,
+where each request runs from cold caches (bench/README.md, issue 20).
 
 The write also moves the file's mtime, which readers that check rarely (`read_epoch`, once a
 second) compare instead.
@@ -85,8 +85,3 @@ class EpochView:
         """The number the file holds now."""
         assert self._map is not None
         return _NUMBER.unpack_from(self._map)[0]
-
-    def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
