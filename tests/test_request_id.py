@@ -3,6 +3,7 @@ client can always quote the id of the answer it got."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import httpx
@@ -71,3 +72,27 @@ def test_every_route_answers_with_a_request_id_good_or_bad(node_dir: NodeDir) ->
             stream.read()
     # The walk met successes and every kind of refusal, not one status over and over.
     assert {200, 400, 401, 404, 405, 413} <= statuses, statuses
+
+
+def test_ids_are_unique_in_a_process_and_never_shared_with_a_forked_child() -> None:
+    """The random part is drawn from the OS in bulk (`federation/ids.py`): each slice is
+    handed out once, and a child forked with bytes left in its parent's pool draws its own,
+    so that the two never name two requests alike."""
+    from federation.ids import new_request_id
+
+    ids = [new_request_id() for _ in range(5_000)]  # past one pool's worth (512 ids)
+    assert len(set(ids)) == len(ids) and all(REQUEST_ID.fullmatch(i) for i in ids)
+    assert len({i[-16:] for i in ids}) == len(ids)
+    new_request_id()  # the pool is part-used now: a fork copies what is left of it
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child's side)
+        os.close(read)
+        os.write(write, "\n".join(new_request_id()[-16:] for _ in range(600)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        theirs = pipe.read().split("\n")
+    os.waitpid(child, 0)
+    ours = [new_request_id()[-16:] for _ in range(600)]
+    assert len(theirs) == 600 and not set(theirs) & set(ours)

@@ -86,10 +86,14 @@ def test_no_budget_is_passed_by_concurrent_reservations(store_url: str) -> None:
         held = [charge(f"r{n}", cost=10) for n in range(3)]
         for c in held:
             c.holds = [Hold("key:k1", 0, 30)]
-        await store.usage.write_batch(held, [AuditEvent(1, "key.use", "k1")])
-        await store.usage.write_batch(held, [])
+        first = await store.usage.write_batch(held, [AuditEvent(1, "key.use", "k1")])
+        again = await store.usage.write_batch(held, [])
         row = (await store.spend.spend(scopes[:1]))[0]
         assert (row.spent, row.reserved) == (30, 30 * (1000 // 30) - 90)
+        # The batch answers the spend it settled, as its transaction left it (the alerts'
+        # read), the second time too; a batch that settles nothing reads nothing.
+        assert first == again == [row]
+        assert await store.usage.write_batch([], []) == []
         await store.spend.release([(30, ("key:k1", 0))])
         await store.spend.release_all_reservations()
         assert (await store.spend.spend(scopes[:1]))[0].reserved == 0

@@ -111,14 +111,15 @@ def test_a_flood_of_made_up_keys_writes_few_audit_events(node_dir: NodeDir) -> N
 
 
 def test_security_events_per_period_are_capped_and_the_rest_counted(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Many addresses (a botnet, an IPv6 prefix) each a subject of their own: at most
     AUDIT_MAX_PER_PERIOD events a period, then one event that counts the rest."""
     clock = [1000.0]
     monkeypatch.setattr(auth.time, "monotonic", lambda: clock[0])
     events: list[AuditEvent] = []
-    cache = auth.KeyCache(b"s" * 32, None, Path("/nonexistent"), events.append)  # type: ignore[arg-type]
+    # A data folder of its own: the cache maps its `keys.epoch` when it is made.
+    cache = auth.KeyCache(b"s" * 32, None, tmp_path, events.append)  # type: ignore[arg-type]
     for n in range(5 * AUDIT_MAX_PER_PERIOD):
         cache.note("auth.unknown_key", "0123456789ab", f"2001:db8::{n:x}")
     assert len(events) == AUDIT_MAX_PER_PERIOD

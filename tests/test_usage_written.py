@@ -8,7 +8,7 @@ from pathlib import Path
 
 from node.gateway.usage import UsageRecorder
 from node.storage import open_store
-from node.storage.records import Charge
+from node.storage.records import Charge, SpendRow
 from tests.test_storage import charge
 
 
@@ -18,7 +18,7 @@ async def test_written_settlements_reach_the_listeners_together(tmp_path: Path) 
     heard: list[list[str]] = []
     all_heard, later_heard = asyncio.Event(), asyncio.Event()
 
-    async def listener(charges: list[Charge]) -> None:
+    async def listener(charges: list[Charge], _spend: list[SpendRow] | None) -> None:
         heard.append([c.record.request_id for c in charges])
         if sum(map(len, heard)) == 50:
             all_heard.set()
@@ -44,7 +44,7 @@ async def test_stop_delivers_what_was_written_last(tmp_path: Path) -> None:
     recorder = UsageRecorder(store, flush_interval=5)
     heard: list[str] = []
 
-    async def listener(charges: list[Charge]) -> None:
+    async def listener(charges: list[Charge], _spend: list[SpendRow] | None) -> None:
         heard.extend(c.record.request_id for c in charges)
 
     recorder.listeners.append(listener)
@@ -65,7 +65,7 @@ async def test_records_that_come_in_while_a_batch_is_written_wait_for_their_own(
     heard: list[list[str]] = []
     entered, gate, done = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
-    async def listener(charges: list[Charge]) -> None:
+    async def listener(charges: list[Charge], _spend: list[SpendRow] | None) -> None:
         heard.append([c.record.request_id for c in charges])
         if len(heard) == 1:  # the first batch, held until the test has queued one more
             entered.set()

@@ -21,7 +21,7 @@ import msgspec
 
 from node.config import AlertsSection
 from node.storage.base import Store
-from node.storage.records import AuditEvent, Charge, SpendRow, now_ms
+from node.storage.records import AuditEvent, Charge, SpendRow, now_ms, settled_scopes
 
 log = logging.getLogger("aihub.alerts")
 
@@ -62,10 +62,12 @@ class BudgetAlerts:
         self._tasks: set[asyncio.Task[None]] = set()
         self._claimed: set[tuple[str, int, int]] = set()
 
-    async def on_settled(self, charges: list[Charge]) -> None:
-        scopes = {(h.scope, h.period_start) for s in charges for h in s.holds}
-        if scopes:
-            await self.check(await self.store.spend.spend(sorted(scopes)))
+    async def on_settled(self, charges: list[Charge], spend: list[SpendRow] | None) -> None:
+        """Charges written: the thresholds their scopes passed, from the spend rows the
+        batch's transaction read (`UsageStore.write_batch`), else read now."""
+        if spend is None:
+            spend = await self.store.spend.spend(settled_scopes(charges))
+        await self.check(spend)
 
     def exhausted(self, scopes: list[tuple[str, int]]) -> None:
         """A request was refused for budget: 100 % on the `refused` basis, if anything is

@@ -2,8 +2,9 @@
 
 Keys are checked against an in-memory cache of the key and tenant records (no database read on
 the request path). Whoever changes keys (the admin API, the CLI, another worker) touches the
-data folder's `keys.epoch` file; every request compares its mtime (one `stat`) and reloads the
-cache when it moved, so that a revoked key is refused on the very next request. Processes on
+data folder's `keys.epoch` file; every request compares the number it holds (mapped into
+memory, no system call: `node/gateway/epochs.py`) and reloads the cache when it moved, so
+that a revoked key is refused on the very next request, in every process. Processes on
 other hosts (PostgreSQL) hear of a change from the database instead, and the change's command
 returns only once each of them has applied it (`node/gateway/propagation.py`).
 
@@ -16,7 +17,6 @@ been revoked meanwhile.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,12 +24,14 @@ from pathlib import Path
 import msgspec
 
 from node.errors import HubError, Kind
+from node.gateway.epochs import EPOCH_FILE, EpochView
+from node.gateway.epochs import read_epoch as read_epoch  # where node/peers imports them from
+from node.gateway.epochs import touch_epoch as touch_epoch
 from node.gateway.keys import bearer_token, hashes_match, key_id_of
 from node.gateway.policy import Network, ip_allowed, parse_networks
 from node.storage.base import Store
 from node.storage.records import AuditEvent, KeyRecord, TenantRecord, now_ms
 
-EPOCH_FILE = "keys.epoch"
 # One audit entry per (event, key or address) per this many seconds: a flood of bad keys
 # must not flood the audit log.
 AUDIT_QUIET_SECONDS = 10.0
@@ -52,22 +54,6 @@ class Principal(msgspec.Struct, frozen=True):
         return self.key.is_admin
 
 
-def touch_epoch(directory: Path, name: str = EPOCH_FILE) -> None:
-    """Tell every process serving this node that keys (or, by name, peers) changed."""
-    path = directory / name
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(str(time.time_ns()))
-    os.replace(temporary, path)
-
-
-def read_epoch(path: Path | str) -> int:
-    """When keys (or peers) last changed: the epoch file's mtime, 0 if never."""
-    try:
-        return os.stat(path).st_mtime_ns
-    except FileNotFoundError:
-        return 0
-
-
 def _unauthorised(message: str) -> HubError:
     return HubError(Kind.UNAUTHENTICATED, message, code="invalid_api_key")
 
@@ -82,7 +68,7 @@ class KeyCache:
     ) -> None:
         self._secret = secret
         self._store = store
-        self._epoch_path = str(directory / EPOCH_FILE)  # a str: stat'ed on every request
+        self._epoch_file = EpochView(directory / EPOCH_FILE)  # read on every request
         self._audit = audit
         self._epoch = -1
         # The change epoch of keys and tenants held (`ProcessStore.epoch`), and until when
@@ -108,13 +94,15 @@ class KeyCache:
         `deadline` (time.monotonic())."""
         self._trusted_until = max(self._trusted_until, deadline)
 
+    def recheck_epoch_file(self) -> None:
+        """Map `keys.epoch` anew if the file was replaced (the heartbeat, once a second)."""
+        self._epoch_file.remap()
+
     def _stale(self) -> bool:
-        return (
-            read_epoch(self._epoch_path) != self._epoch or time.monotonic() >= self._trusted_until
-        )
+        return self._epoch_file.read() != self._epoch or time.monotonic() >= self._trusted_until
 
     async def load(self) -> None:
-        epoch = read_epoch(self._epoch_path)
+        epoch = self._epoch_file.read()
         # The change epoch first: the keys read after it hold every change up to it.
         applied = await self._store.processes.epoch()
         keys = await self._store.keys.keys()

@@ -83,6 +83,7 @@ class Heartbeat:
         """Say this process is alive and which keys it holds; reload them if the database's
         epoch is another; then trust the cache for TRUST_SECONDS from this beat's start."""
         started = time.monotonic()
+        self._keys.recheck_epoch_file()  # a `keys.epoch` replaced is heard of from now on
         applied = self._keys.applied
         epoch = await self._store.processes.beat(msgspec.structs.replace(self._me, applied=applied))
         if epoch != self._keys.applied:

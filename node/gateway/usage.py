@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from adapters.types import Usage
 from node.gateway.journal import UNAPPLIABLE, Journal, apply, skipped_event
 from node.storage.base import Store
-from node.storage.records import AuditEvent, Charge, StoreUnavailable
+from node.storage.records import AuditEvent, Charge, SpendRow, StoreUnavailable
 
 log = logging.getLogger("aihub.usage")
 
@@ -65,7 +65,9 @@ def clamp_usage(usage: Usage, worst: Usage) -> tuple[Usage, bool]:
     return Usage(prompt, completion, prompt + completion), prompt_clamped or completion_clamped
 
 
-FlushListener = Callable[[list[Charge]], Awaitable[None]]
+# A listener hears of charges written, with the spend rows of the scopes they settled as the
+# batch's own transaction read them (None when it did not: the listener reads them itself).
+FlushListener = Callable[[list[Charge], list[SpendRow] | None], Awaitable[None]]
 
 
 class UsageRecorder:
@@ -133,11 +135,11 @@ class UsageRecorder:
         finally:
             self._notifier = None
 
-    async def notify(self, charges: list[Charge]) -> None:
-        """Tell the listeners of charges written."""
+    async def notify(self, charges: list[Charge], spend: list[SpendRow] | None = None) -> None:
+        """Tell the listeners of charges written (and the spend they settled, if read)."""
         for listener in self.listeners:
             try:
-                await listener(charges)
+                await listener(charges, spend)
             except Exception:
                 log.exception("a usage listener failed")
 
@@ -164,7 +166,7 @@ class UsageRecorder:
         charges, self._charges = self._charges, []
         events, self._events = self._events, []
         try:
-            await self._write(charges, events)
+            spend = await self._write(charges, events)
         except Exception:
             # Keep them for the next attempt rather than lose them.
             self._charges[:0] = charges
@@ -172,14 +174,16 @@ class UsageRecorder:
             raise
         if self.journal is not None:
             self.journal.committed()
-        await self.notify(charges)
+        await self.notify(charges, spend)
 
-    async def _write(self, charges: list[Charge], events: list[AuditEvent]) -> None:
-        """One batch; a record the database refuses (not a database that is busy) is skipped
-        and reported, so that one bad record never stops every usage write after it."""
+    async def _write(
+        self, charges: list[Charge], events: list[AuditEvent]
+    ) -> list[SpendRow] | None:
+        """One batch, and the spend it settled; a record the database refuses (not a
+        database that is busy) is skipped and reported, so that one bad record never stops
+        every usage write after it (the spend is not read then: None)."""
         try:
-            await self.store.usage.write_batch(charges, events)
-            return
+            return await self.store.usage.write_batch(charges, events)
         except UNAPPLIABLE:
             pass
         refused = await apply(self.store, charges)
@@ -188,6 +192,7 @@ class UsageRecorder:
         if refused:
             events = [*events, skipped_event("usage-writer", refused, 0)]
         await self.store.usage.write_batch([], events)
+        return None
 
     async def _run(self) -> None:
         while True:

@@ -124,10 +124,12 @@ class SpendStore(Protocol):
 class UsageStore(Protocol):
     """Finished requests (what the journal drains into)."""
 
-    async def write_batch(self, charges: list[Charge], events: list[AuditEvent]) -> None:
+    async def write_batch(self, charges: list[Charge], events: list[AuditEvent]) -> list[SpendRow]:
         """Usage records, the spend their holds settle, the requests they routed to peers,
         and audit events: one transaction. Idempotent per request id: a charge written
-        again (a journal replayed after a crash) is skipped together with its spend."""
+        again (a journal replayed after a crash) is skipped together with its spend. The
+        spend rows of the scopes the charges hold, as the transaction left them: the budget
+        alerts read them there, where a read of their own was a transaction per batch."""
         ...
 
     async def usage_since(self, since_ms: int = 0) -> list[UsageRecord]:

@@ -323,6 +323,11 @@ class SpendRow(msgspec.Struct):
     reserved: int
 
 
+def settled_scopes(charges: list[Charge]) -> list[tuple[str, int]]:
+    """The (scope, period start) pairs whose spend the charges settle, in order."""
+    return sorted({(hold.scope, hold.period_start) for c in charges for hold in c.holds})
+
+
 class UsageGroup(msgspec.Struct):
     group: str | None
     requests: int

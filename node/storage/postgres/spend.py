@@ -78,6 +78,18 @@ def _columns(scopes: list[tuple[str, int]]) -> tuple[list[str], list[int]]:
     return [scope for scope, _ in scopes], [start for _, start in scopes]
 
 
+async def read_spend(db: asyncpg.Connection, scopes: list[tuple[str, int]]) -> list[SpendRow]:
+    """The spend rows of `scopes`, in the transaction `db` is in."""
+    if not scopes:
+        return []
+    rows = await db.fetch(
+        "SELECT scope, period_start, cap, spent, reserved FROM spend"
+        " WHERE (scope, period_start) IN (SELECT * FROM unnest($1::text[], $2::bigint[]))",
+        *_columns(scopes),
+    )
+    return [SpendRow(*row) for row in rows]
+
+
 class PostgresSpend:
     """What each scope spent and holds reserved per period, the alerts claimed, and the
     rate-limit leases shared by every process."""
@@ -156,12 +168,7 @@ class PostgresSpend:
     async def spend(self, scopes: list[tuple[str, int]]) -> list[SpendRow]:
         if not scopes:
             return []
-        rows = await self._db.fetch(
-            "SELECT scope, period_start, cap, spent, reserved FROM spend"
-            " WHERE (scope, period_start) IN (SELECT * FROM unnest($1::text[], $2::bigint[]))",
-            *_columns(scopes),
-        )
-        return [SpendRow(*row) for row in rows]
+        return await self._db.run(lambda db: read_spend(db, scopes))  # one statement
 
     async def claim_alert(self, scope: str, period_start: int, threshold: int) -> bool:
         """True the first time a threshold is reached in a period, False ever after."""

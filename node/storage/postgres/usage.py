@@ -8,13 +8,16 @@ import asyncpg
 import msgspec
 
 from node.storage.postgres.connection import Database
+from node.storage.postgres.spend import read_spend
 from node.storage.records import (
     AuditEvent,
     Charge,
     Hold,
     SeriesPoint,
+    SpendRow,
     UsageGroup,
     UsageRecord,
+    settled_scopes,
 )
 from node.storage.rows import json_text
 
@@ -74,9 +77,15 @@ class PostgresUsage:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def write_batch(self, charges: list[Charge], events: list[AuditEvent]) -> None:
-        """Usage records, the spend they settle and audit events: one transaction."""
-        await self._db.atomic(lambda db: write_charges(db, charges, events))
+    async def write_batch(self, charges: list[Charge], events: list[AuditEvent]) -> list[SpendRow]:
+        """Usage records, the spend they settle and audit events: one transaction, which
+        reads the spend rows it settled too (`UsageStore.write_batch`)."""
+
+        async def work(db: asyncpg.Connection) -> list[SpendRow]:
+            await write_charges(db, charges, events)
+            return await read_spend(db, settled_scopes(charges))
+
+        return await self._db.atomic(work)
 
     async def usage_since(self, since_ms: int = 0) -> list[UsageRecord]:
         rows = await self._db.fetch(

@@ -23,6 +23,18 @@ def _scope_values(count: int) -> str:
     return ", ".join(["(?, ?)"] * count)
 
 
+def read_spend(db: sqlite3.Connection, scopes: list[tuple[str, int]]) -> list[SpendRow]:
+    """The spend rows of `scopes`, in the transaction `db` is in."""
+    if not scopes:
+        return []
+    rows = db.execute(
+        "SELECT scope, period_start, cap, spent, reserved FROM spend"
+        f" WHERE (scope, period_start) IN (VALUES {_scope_values(len(scopes))})",
+        [part for scope in scopes for part in scope],
+    )
+    return [SpendRow(*row) for row in rows]
+
+
 class SqliteSpend:
     """What each scope spent and holds reserved per period, the alerts claimed, and the
     rate-limit leases shared by every process."""
@@ -122,13 +134,7 @@ class SqliteSpend:
     async def spend(self, scopes: list[tuple[str, int]]) -> list[SpendRow]:
         if not scopes:
             return []
-        values = _scope_values(len(scopes))
-        rows = await self._db.fetchall(
-            "SELECT scope, period_start, cap, spent, reserved FROM spend"
-            f" WHERE (scope, period_start) IN (VALUES {values})",
-            [part for scope in scopes for part in scope],
-        )
-        return [SpendRow(*row) for row in rows]
+        return await self._db.atomic(lambda db: read_spend(db, scopes), write=False)
 
     async def claim_alert(self, scope: str, period_start: int, threshold: int) -> bool:
         """True the first time a threshold is reached in a period, False ever after."""

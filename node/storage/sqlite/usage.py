@@ -7,8 +7,17 @@ from typing import Literal
 
 import msgspec
 
-from node.storage.records import AuditEvent, Charge, SeriesPoint, UsageGroup, UsageRecord
+from node.storage.records import (
+    AuditEvent,
+    Charge,
+    SeriesPoint,
+    SpendRow,
+    UsageGroup,
+    UsageRecord,
+    settled_scopes,
+)
 from node.storage.sqlite.connection import Database
+from node.storage.sqlite.spend import read_spend
 
 _json = msgspec.json.encode
 
@@ -19,9 +28,15 @@ class SqliteUsage:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def write_batch(self, charges: list[Charge], events: list[AuditEvent]) -> None:
-        """Usage records, the spend they settle and audit events: one transaction."""
-        await self._db.atomic(lambda db: write_charges(db, charges, events))
+    async def write_batch(self, charges: list[Charge], events: list[AuditEvent]) -> list[SpendRow]:
+        """Usage records, the spend they settle and audit events: one transaction, which
+        reads the spend rows it settled too (`UsageStore.write_batch`)."""
+
+        def work(db: sqlite3.Connection) -> list[SpendRow]:
+            write_charges(db, charges, events)
+            return read_spend(db, settled_scopes(charges))
+
+        return await self._db.atomic(work)
 
     async def usage_since(self, since_ms: int = 0) -> list[UsageRecord]:
         rows = await self._db.fetchall(
