@@ -150,17 +150,28 @@ def _run_uvicorn(
     limits = msgspec.structs.replace(
         limits, max_connections=connection_limit(limits.max_connections)
     )
-    uvicorn.run(
-        "node.app:create_served_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        loop="uvloop",
-        http=guarded_protocol(limits),  # type: ignore[arg-type]
-        timeout_keep_alive=limits.keepalive_timeout,  # type: ignore[arg-type]
+    settings: dict[str, Any] = {
+        "factory": True,
+        "host": host,
+        "port": port,
+        "workers": workers,
+        "loop": "uvloop",
+        "http": guarded_protocol(limits),
+        "timeout_keep_alive": limits.keepalive_timeout,
         # Each worker process applies the same logging config; the access log is ours.
-        log_config=logging_config,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+        "log_config": logging_config,
+        "access_log": False,
+        "timeout_graceful_shutdown": 10,
+    }
+    if workers == 1:
+        uvicorn.run("node.app:create_served_app", **settings)
+        return
+    from node.cli.workers import SpreadWorkers, listening_sockets
+
+    # A socket per worker, so that new connections are spread over the workers
+    # (node/cli/workers.py says why uvicorn's one shared socket is not).
+    try:
+        sockets = listening_sockets(host, port, workers)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    SpreadWorkers(uvicorn.Config("node.app:create_served_app", **settings), sockets).run()
