@@ -19,6 +19,7 @@ from adapters.http import POOL_IDLE_SECONDS
 from node.config import ServerSection, load_config
 from tests.conftest import NodeDir, serve_process
 from tests.mocks.server import free_port
+from tests.procfs import client_sockets
 
 LIMIT = 6
 DEADLINE = 60.0  # far beyond the 1 s timeouts: only a node that never closes reaches it
@@ -86,27 +87,6 @@ def _endless_headers() -> Iterator[bytes]:
         yield b"x-drip-%d: a\r\n" % n
 
 
-def _client_sockets(pid: int, port: int) -> int:
-    """How many accepted connections on `port` the process holds (its socket fds whose
-    inode is a non-listening TCP socket on that local port)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = fd.readlink().as_posix()
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    held = 0
-    for table in ("tcp", "tcp6"):
-        for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-            fields = row.split()
-            local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            if local_port == port and fields[3] != "0A" and fields[9] in inodes:
-                held += 1
-    return held
-
-
 def _poll(condition, what: str) -> None:  # type: ignore[no-untyped-def]
     end = time.monotonic() + DEADLINE
     while time.monotonic() < end:
@@ -161,7 +141,7 @@ def test_idle_connections_past_the_limit_are_refused_and_reaped(served) -> None:
         # Polled, not sampled once more after: a connection past the limit is accepted before
         # it is answered 503 and closed, so a second sample can catch one in between (CI saw 7
         # against a limit of 6 once).
-        _poll(lambda: _client_sockets(process.pid, port) <= LIMIT, "at most LIMIT sockets")
+        _poll(lambda: client_sockets(process.pid, port) <= LIMIT, "at most LIMIT sockets")
         refused = 0
         for sock in idle:
             answer = _read_until_closed(sock)
@@ -172,7 +152,7 @@ def test_idle_connections_past_the_limit_are_refused_and_reaped(served) -> None:
         for sock in idle:
             sock.close()
     # Once the idle ones are reaped, an ordinary request is served again.
-    _poll(lambda: _client_sockets(process.pid, port) == 0, "idle connections reaped")
+    _poll(lambda: client_sockets(process.pid, port) == 0, "idle connections reaped")
     answer = httpx.get(url + "/health/live", timeout=DEADLINE)
     assert answer.status_code == 200
     assert process.poll() is None

@@ -19,6 +19,7 @@ from node.config import MAX_WORKERS, ServerSection, cores, quota_cpus
 from node.provision import create_node
 from tests.conftest import wait_ready
 from tests.mocks.server import free_port
+from tests.procfs import workers_of
 
 
 def section(**fields: object) -> ServerSection:
@@ -52,20 +53,6 @@ def test_a_worker_count_out_of_range_is_refused() -> None:
     for wrong in (0, -1, MAX_WORKERS + 1):
         with pytest.raises(msgspec.ValidationError, match="workers"):
             section(workers=wrong)
-
-
-def workers_of(pid: int) -> list[int]:
-    """The worker processes uvicorn's supervisor `pid` spawned (not its resource tracker)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    found = []
-    for child in children:
-        try:
-            command = Path(f"/proc/{child}/cmdline").read_bytes()
-        except FileNotFoundError:
-            continue
-        if b"spawn_main" in command:
-            found.append(int(child))
-    return found
 
 
 def test_a_new_node_serves_on_every_core(tmp_path: Path) -> None:

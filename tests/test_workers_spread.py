@@ -18,49 +18,18 @@ from pathlib import Path
 
 from tests.conftest import NodeDir, serve_process
 from tests.mocks.server import free_port
+from tests.procfs import client_sockets, listens, workers_of
 
 CONNECTIONS = 32
 # Spread by the kernel's hash, fewer than this many of 32 on one of two workers has a chance
 # of about 1 in 50,000; a burst that one worker took whole leaves the other none.
 AT_LEAST = 5
-LISTEN, ESTABLISHED = "0A", "01"
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(child) for child in (task / "children").read_text().split()]
-    return found
-
-
-def _socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:  # closed meanwhile
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
-    return inodes
-
-
-def _tcp(port: int, state: str) -> set[str]:
-    """Inodes of the IPv4 sockets on local `port` in `state`."""
-    inodes = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if int(fields[1].split(":")[1], 16) == port and fields[3] == state:
-            inodes.add(fields[9])
-    return inodes
 
 
 def _workers_listening(serve: subprocess.Popen[bytes], port: int, count: int) -> list[int]:
     """The worker processes once each listens on the port (its app started)."""
     for _ in range(600):
-        workers = [pid for pid in _children(serve.pid) if _socket_inodes(pid)]
-        listening = _tcp(port, LISTEN)
-        ready = [pid for pid in workers if _socket_inodes(pid) & listening]
+        ready = [pid for pid in workers_of(serve.pid) if listens(pid, port)]
         if len(ready) == count:
             return ready
         time.sleep(0.05)
@@ -93,8 +62,7 @@ def test_a_burst_of_connections_is_spread_over_the_workers(
                 client.sendall(b"GET /health/live HTTP/1.1\r\nhost: node\r\n\r\n")
             for client in clients:
                 assert client.recv(65536).startswith(b"HTTP/1.1 200")
-            established = _tcp(port, ESTABLISHED)
-            held = {pid: len(_socket_inodes(pid) & established) for pid in workers}
+            held = {pid: client_sockets(pid, port) for pid in workers}
         finally:
             for client in clients:
                 client.close()

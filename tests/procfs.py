@@ -1,0 +1,56 @@
+"""What a served node's processes hold, read from Linux's /proc: its worker processes, and the
+TCP sockets each holds on the node's port (listening, or connections it accepted)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+LISTEN = "0A"  # /proc/net/tcp's state of a listening socket
+
+
+def workers_of(pid: int) -> list[int]:
+    """The worker processes uvicorn's supervisor `pid` spawned (not its resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    found = []
+    for child in children:
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if b"spawn_main" in command:
+            found.append(int(child))
+    return found
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().as_posix()
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+def _states(pid: int, port: int) -> Iterator[str]:
+    """The state of each TCP socket on local `port` that the process holds."""
+    inodes = _socket_inodes(pid)
+    for table in ("tcp", "tcp6"):
+        for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = row.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                yield fields[3]
+
+
+def client_sockets(pid: int, port: int) -> int:
+    """How many accepted connections on `port` the process holds (its socket fds whose
+    inode is a non-listening TCP socket on that local port)."""
+    return sum(1 for state in _states(pid, port) if state != LISTEN)
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether the process holds a socket listening on `port` (its server has started)."""
+    return LISTEN in _states(pid, port)
