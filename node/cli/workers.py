@@ -84,6 +84,8 @@ class SpreadWorkers(Multiprocess):
                 log.error("Child process [%s] failed to start, stopping.", process.pid)
                 self.should_exit.set()
                 return
+            if self.should_exit.is_set():
+                return  # stopping: it died with the others
             log.info("Child process [%s] died", process.pid)
             self.processes[slot] = self._start(slot)
 
