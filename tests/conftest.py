@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -88,9 +89,12 @@ def node_dir(tmp_path: Path) -> NodeDir:
 
 
 @contextmanager
-def run_node(directory: NodeDir, port: int = 0) -> Iterator[RunningNode]:
-    """Serve the node in `directory` for real (uvicorn, lifespan, loopback port)."""
-    with serve_app(create_app(directory.path), lifespan="on", port=port) as url:
+def run_node(
+    directory: NodeDir, port: int = 0, sock: socket.socket | None = None
+) -> Iterator[RunningNode]:
+    """Serve the node in `directory` for real (uvicorn, lifespan, loopback port or `sock`)."""
+    app = create_app(directory.path)
+    with serve_app(app, lifespan="on", port=port, sock=sock) as url:
         yield RunningNode(directory, url)
 
 

@@ -5,6 +5,7 @@ to a live one, revocation, and refusals of forged or replayed peer requests."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from node.config import DATABASE_FILE
 from node.provision import create_node
 from node.storage import open_store
 from tests.conftest import NodeDir, RunningNode, run_node
-from tests.mocks.server import free_port
+from tests.mocks.server import free_socket
 
 LLAMA = (
     '[[models]]\nname = "llama3"\nprovider = "echo"\nprice_in = 1_000_000\nprice_out = 1_000_000'
@@ -30,27 +31,34 @@ MINI = '[[models]]\nname = "gpt-4o-mini"\nprovider = "echo"'
 
 
 class Peer:
-    def __init__(self, directory: NodeDir, port: int) -> None:
+    """A node's folder and the loopback port its invites name. The port stays bound (not
+    listening) from the moment it is picked until the node is first served on it: a port
+    merely found free could be taken in between by another test's server (EADDRINUSE)."""
+
+    def __init__(self, directory: NodeDir, reserved: socket.socket) -> None:
         self.dir = directory
-        self.port = port
+        self.port: int = reserved.getsockname()[1]
+        self._reserved: socket.socket | None = reserved
 
     @property
     def path(self) -> Path:
         return self.dir.path
 
     def run(self):  # type: ignore[no-untyped-def]
-        return run_node(self.dir, port=self.port)
+        sock, self._reserved = self._reserved, None  # served once; a restart binds anew
+        return run_node(self.dir, port=self.port, sock=sock)
 
 
 def make_peer(tmp_path: Path, name: str, *models: str) -> Peer:
     _, key = create_node(tmp_path / name, name)
     directory = NodeDir(tmp_path / name, key)
-    port = free_port()
+    reserved = free_socket()
+    port = reserved.getsockname()[1]
     directory.set_config("public_urls = []", f'public_urls = ["http://127.0.0.1:{port}"]')
     directory.set_config("health_interval = 30", "health_interval = 1")
     for model in models:
         directory.add_config(model)
-    return Peer(directory, port)
+    return Peer(directory, reserved)
 
 
 def cli(*args: str) -> str:
