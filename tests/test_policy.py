@@ -15,6 +15,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from node.gateway import ratelimit
 from node.gateway.policy import (
     ip_allowed,
     model_allowed,
@@ -192,6 +193,31 @@ def test_tokens_per_minute_count_actual_tokens():
         assert refused.value.headers["x-ratelimit-remaining-tokens"] == "0"
         clock.now += 2 * WINDOW
         await limiter.admit([scope])
+
+    limited(clock, work)
+
+
+def test_a_scopes_token_log_is_made_once_not_per_request(monkeypatch):
+    """Admission and release use the scope's one token log: none is built (and thrown away)
+    per request, and what each request used adds up in it."""
+    clock = Clock()
+    scope = ScopeLimits("key:k", tpm=1000)
+    made: list[object] = []
+
+    class Counted(ratelimit.TokenLog):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(ratelimit, "TokenLog", Counted)
+
+    async def work(limiter: RateLimiter) -> None:
+        for _ in range(5):
+            clock.now += 1
+            limiter.release(await limiter.admit([scope]), 10)
+        assert len(made) == 1
+        assert limiter._tokens["key:k"] is made[0]
+        assert limiter._tokens["key:k"].used(clock.now) == 50
 
     limited(clock, work)
 

@@ -253,7 +253,7 @@ class RateLimiter:
 
     def _check_tokens(self, limits: ScopeLimits, now: float, headers: dict[str, str]) -> None:
         assert limits.tpm is not None
-        tokens = self._tokens.setdefault(limits.scope, TokenLog())
+        tokens = self._token_log(limits.scope)
         used = tokens.used(now)
         wait = tokens.wait(limits.tpm, now) if used >= limits.tpm else 0.0
         _set_headers(headers, "tokens", limits.tpm, used, wait)
@@ -263,6 +263,15 @@ class RateLimiter:
                 wait,
                 headers,
             )
+
+    def _token_log(self, scope: str) -> TokenLog:
+        """The scope's token log, made on first use: `setdefault(scope, TokenLog())` built a
+        log (two minute logs, two deques) on every admission and release, twice a request,
+        only to throw it away."""
+        tokens = self._tokens.get(scope)
+        if tokens is None:
+            tokens = self._tokens[scope] = TokenLog()
+        return tokens
 
     async def _lease(self, scopes: list[ScopeLimits], now: float) -> None:
         """Take from the store what this request's scopes lack, or raise `RateLimited`."""
@@ -368,7 +377,7 @@ class RateLimiter:
         now = self._clock()
         for limits in admission.scopes:
             if limits.tpm is not None and tokens:
-                self._tokens.setdefault(limits.scope, TokenLog()).pending.add(tokens, now)
+                self._token_log(limits.scope).pending.add(tokens, now)
             if limits.max_parallel is not None:
                 slots = self._slots.get(limits.scope)
                 if slots is not None:
