@@ -222,6 +222,24 @@ def test_a_scopes_token_log_is_made_once_not_per_request(monkeypatch):
     limited(clock, work)
 
 
+def test_an_admission_states_each_limit_in_openais_headers():
+    """Both kinds of limit, under their exact header names, with the room left."""
+    scope = ScopeLimits("key:k", rpm=100, tpm=1000)
+
+    async def work(limiter: RateLimiter) -> None:
+        admitted = await limiter.admit([scope])
+        assert admitted.headers == {
+            "x-ratelimit-limit-tokens": "1000",
+            "x-ratelimit-remaining-tokens": "1000",
+            "x-ratelimit-reset-tokens": "0ms",
+            "x-ratelimit-limit-requests": "100",
+            "x-ratelimit-remaining-requests": "99",
+            "x-ratelimit-reset-requests": "600ms",
+        }
+
+    limited(Clock(), work)
+
+
 def test_parallel_limit_and_all_or_nothing_admission():
     key = ScopeLimits("key:k", max_parallel=1)
     tenant = ScopeLimits("tenant:t", rpm=100)

@@ -402,12 +402,24 @@ def _refusal(
     )
 
 
+def _header_names(kind: str) -> tuple[str, str, str]:
+    return (
+        f"x-ratelimit-limit-{kind}",
+        f"x-ratelimit-remaining-{kind}",
+        f"x-ratelimit-reset-{kind}",
+    )
+
+
+# The headers' names, built once: formatted anew they were six strings a request.
+_HEADER_NAMES = {kind: _header_names(kind) for kind in ("requests", "tokens")}
+
+
 def _set_headers(headers: dict[str, str], kind: str, limit: int, used: float, wait: float) -> None:
     """Keep the tightest scope's figures: the one with the least room left."""
     remaining = max(0, math.floor(limit - used))
-    key = f"x-ratelimit-remaining-{kind}"
+    limit_name, key, reset_name = _HEADER_NAMES[kind]
     if key in headers and int(headers[key]) <= remaining:
         return
-    headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+    headers[limit_name] = str(limit)
     headers[key] = str(remaining)
-    headers[f"x-ratelimit-reset-{kind}"] = format_reset(wait if wait > 0 else WINDOW * used / limit)
+    headers[reset_name] = format_reset(wait if wait > 0 else WINDOW * used / limit)
