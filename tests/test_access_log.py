@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 
+from federation.printable import printable
 from node.provision import create_node
 from tests.conftest import wait_ready
 from tests.mocks.server import free_port
@@ -160,3 +161,18 @@ def test_a_bad_log_level_is_refused(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 2 and "loud" in result.stderr
+
+
+def test_a_model_is_logged_cut_and_escaped_and_cleaned_once() -> None:
+    """The model as logged has no control character and at most MAX_MODEL characters, and a
+    name seen before is not cleaned again (`str.translate` on every request)."""
+    from node.observe import access
+
+    access._shown_model.cache_clear()
+    hostile = "gpt\x1b[2J\nINFO forged" + "x" * 500
+    shown = access.shown_model(hostile)
+    assert shown == printable(hostile[: access.MAX_MODEL])
+    assert "\x1b" not in shown and "\n" not in shown
+    assert access.shown_model(hostile) == shown
+    assert access._shown_model.cache_info().hits == 1
+    assert access.shown_model("echo") == "echo"

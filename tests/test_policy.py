@@ -15,6 +15,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from node.gateway import ratelimit
 from node.gateway.policy import (
     ip_allowed,
     model_allowed,
@@ -194,6 +195,49 @@ def test_tokens_per_minute_count_actual_tokens():
         await limiter.admit([scope])
 
     limited(clock, work)
+
+
+def test_a_scopes_token_log_is_made_once_not_per_request(monkeypatch):
+    """Admission and release use the scope's one token log: none is built (and thrown away)
+    per request, and what each request used adds up in it."""
+    clock = Clock()
+    scope = ScopeLimits("key:k", tpm=1000)
+    made: list[object] = []
+
+    class Counted(ratelimit.TokenLog):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(ratelimit, "TokenLog", Counted)
+
+    async def work(limiter: RateLimiter) -> None:
+        for _ in range(5):
+            clock.now += 1
+            limiter.release(await limiter.admit([scope]), 10)
+        assert len(made) == 1
+        assert limiter._tokens["key:k"] is made[0]
+        assert limiter._tokens["key:k"].used(clock.now) == 50
+
+    limited(clock, work)
+
+
+def test_an_admission_states_each_limit_in_openais_headers():
+    """Both kinds of limit, under their exact header names, with the room left."""
+    scope = ScopeLimits("key:k", rpm=100, tpm=1000)
+
+    async def work(limiter: RateLimiter) -> None:
+        admitted = await limiter.admit([scope])
+        assert admitted.headers == {
+            "x-ratelimit-limit-tokens": "1000",
+            "x-ratelimit-remaining-tokens": "1000",
+            "x-ratelimit-reset-tokens": "0ms",
+            "x-ratelimit-limit-requests": "100",
+            "x-ratelimit-remaining-requests": "99",
+            "x-ratelimit-reset-requests": "600ms",
+        }
+
+    limited(Clock(), work)
 
 
 def test_parallel_limit_and_all_or_nothing_admission():

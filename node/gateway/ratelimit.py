@@ -253,7 +253,7 @@ class RateLimiter:
 
     def _check_tokens(self, limits: ScopeLimits, now: float, headers: dict[str, str]) -> None:
         assert limits.tpm is not None
-        tokens = self._tokens.setdefault(limits.scope, TokenLog())
+        tokens = self._token_log(limits.scope)
         used = tokens.used(now)
         wait = tokens.wait(limits.tpm, now) if used >= limits.tpm else 0.0
         _set_headers(headers, "tokens", limits.tpm, used, wait)
@@ -263,6 +263,15 @@ class RateLimiter:
                 wait,
                 headers,
             )
+
+    def _token_log(self, scope: str) -> TokenLog:
+        """The scope's token log, made on first use: `setdefault(scope, TokenLog())` built a
+        log (two minute logs, two deques) on every admission and release, twice a request,
+        only to throw it away."""
+        tokens = self._tokens.get(scope)
+        if tokens is None:
+            tokens = self._tokens[scope] = TokenLog()
+        return tokens
 
     async def _lease(self, scopes: list[ScopeLimits], now: float) -> None:
         """Take from the store what this request's scopes lack, or raise `RateLimited`."""
@@ -368,7 +377,7 @@ class RateLimiter:
         now = self._clock()
         for limits in admission.scopes:
             if limits.tpm is not None and tokens:
-                self._tokens.setdefault(limits.scope, TokenLog()).pending.add(tokens, now)
+                self._token_log(limits.scope).pending.add(tokens, now)
             if limits.max_parallel is not None:
                 slots = self._slots.get(limits.scope)
                 if slots is not None:
@@ -393,12 +402,24 @@ def _refusal(
     )
 
 
+def _header_names(kind: str) -> tuple[str, str, str]:
+    return (
+        f"x-ratelimit-limit-{kind}",
+        f"x-ratelimit-remaining-{kind}",
+        f"x-ratelimit-reset-{kind}",
+    )
+
+
+# The headers' names, built once: formatted anew they were six strings a request.
+_HEADER_NAMES = {kind: _header_names(kind) for kind in ("requests", "tokens")}
+
+
 def _set_headers(headers: dict[str, str], kind: str, limit: int, used: float, wait: float) -> None:
     """Keep the tightest scope's figures: the one with the least room left."""
     remaining = max(0, math.floor(limit - used))
-    key = f"x-ratelimit-remaining-{kind}"
+    limit_name, key, reset_name = _HEADER_NAMES[kind]
     if key in headers and int(headers[key]) <= remaining:
         return
-    headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+    headers[limit_name] = str(limit)
     headers[key] = str(remaining)
-    headers[f"x-ratelimit-reset-{kind}"] = format_reset(wait if wait > 0 else WINDOW * used / limit)
+    headers[reset_name] = format_reset(wait if wait > 0 else WINDOW * used / limit)

@@ -74,6 +74,19 @@ def _clean(path: str) -> str:
     return text if len(text) <= MAX_PATH else text[:MAX_PATH] + "…"
 
 
+def shown_model(model: str) -> str:
+    """The model as logged: no control character, at most MAX_MODEL characters. Cached as
+    paths are: a node serves a handful of names, and `str.translate` of one is a walk of
+    each character on every request; the key is cut first, so the cache holds at most
+    512 names of MAX_MODEL characters."""
+    return _shown_model(model[:MAX_MODEL])
+
+
+@functools.lru_cache(maxsize=512)
+def _shown_model(model: str) -> str:
+    return printable(model)
+
+
 def entry_line(entry: AccessEntry) -> str:
     return (
         f"{entry.method} {entry.path} {entry.status} {entry.latency_ms:.1f}ms"
@@ -117,7 +130,7 @@ class AccessLog:
             status=answer["status"],
             latency_ms=round(latency_ms, 1),
             key_id=scope.get(_KEY_ID),  # type: ignore[call-overload]
-            model=printable(model[:MAX_MODEL]) if isinstance(model, str) else None,
+            model=shown_model(model) if isinstance(model, str) else None,
             request_id=answer["id"],
         )
         # The record made directly: `Logger.info` would walk the stack for the caller's file
