@@ -52,13 +52,12 @@ class Peer:
 def make_peer(tmp_path: Path, name: str, *models: str) -> Peer:
     _, key = create_node(tmp_path / name, name)
     directory = NodeDir(tmp_path / name, key)
-    reserved = free_socket()
-    port = reserved.getsockname()[1]
-    directory.set_config("public_urls = []", f'public_urls = ["http://127.0.0.1:{port}"]')
+    peer = Peer(directory, free_socket())
+    directory.set_config("public_urls = []", f'public_urls = ["http://127.0.0.1:{peer.port}"]')
     directory.set_config("health_interval = 30", "health_interval = 1")
     for model in models:
         directory.add_config(model)
-    return Peer(directory, reserved)
+    return peer
 
 
 def cli(*args: str) -> str:
