@@ -8,10 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from litestar import Litestar
-from litestar.types import Message, Scope
 
-from federation.httpsig import REQUEST_ID_HEADER
-from federation.ids import new_request_id
 from node.admin.ledger import LEDGER_ROUTES
 from node.admin.logs import LOG_ROUTES
 from node.admin.peers import PEER_ROUTES
@@ -21,30 +18,16 @@ from node.collector import settle_collector
 from node.config import data_dir, load_config
 from node.hub import Hub
 from node.ingress import anthropic
+from node.ingress.edge import Edge
 from node.ingress.errors import EXCEPTION_HANDLERS
 from node.ingress.moderations import ROUTES as MODERATION_ROUTES
 from node.ingress.openai import ROUTES, document
 from node.ingress.openai_more import ROUTES as OPENAI_MORE_ROUTES
 from node.ingress.responses import ROUTES as RESPONSES_ROUTES
-from node.observe.access import AccessLog
 from node.observe.health import HEALTH_ROUTES
 from node.observe.openapi import ASSETS_ROUTER, document_api, openapi_config
 from node.peers.routes import FEDERATION_ROUTES
 from node.ui.routes import UI_ROUTES
-from node.ui.security import ui_security_headers
-
-_REQUEST_ID = REQUEST_ID_HEADER.encode()
-
-
-async def stamp_request_id(message: Message, scope: Scope) -> None:
-    """Every answer carries `aihub-request-id`: a handler that has one (the pipeline's, the
-    id its receipt and usage row name) keeps it; anything else (an error, a 404, /health)
-    gets a fresh one here, so a client can always quote it."""
-    if message["type"] != "http.response.start":
-        return
-    headers = message.get("headers", ())
-    if not any(name == _REQUEST_ID for name, _ in headers):
-        message["headers"] = [*headers, (_REQUEST_ID, new_request_id().encode())]
 
 
 def create_served_app() -> Litestar:
@@ -91,7 +74,6 @@ def create_app(directory: Path | None = None, *, serving: bool = False) -> Lites
         ],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-        before_send=[stamp_request_id, ui_security_headers],
         request_max_body_size=config.server.max_body_bytes,
         openapi_config=openapi_config(),
         debug=False,
@@ -100,6 +82,7 @@ def create_app(directory: Path | None = None, *, serving: bool = False) -> Lites
     document(app.openapi_schema)
     anthropic.document(app.openapi_schema)
     document_api(app.openapi_schema)
-    # Outermost, so that it sees every answer (404s and errors too) with its request id.
-    app.asgi_handler = AccessLog(app.asgi_handler)
+    # Outermost, so that it sees every answer (404s and errors too): it stamps each with its
+    # request id, logs it, and hands the hot endpoints their requests (node/ingress/edge.py).
+    app.asgi_handler = Edge(app)
     return app

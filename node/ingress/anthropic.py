@@ -56,6 +56,7 @@ from node.ingress.asgi import (
     watcher_of,
 )
 from node.ingress.cache import CACHE_HEADER, cache_bypass
+from node.ingress.headers import headers_of
 from node.ingress.openai import decode_body
 
 _messages_decoder = msgspec.json.Decoder(MessagesRequest)
@@ -71,8 +72,9 @@ class TokenCount(msgspec.Struct):
 async def authenticate(request: Request) -> Principal:
     """The caller's key, sent as Anthropic's clients send it (`x-api-key`) or as a bearer
     token (the SDK's `auth_token`, and every other surface's way)."""
-    authorization = request.headers.get("authorization")
-    api_key = request.headers.get("x-api-key")
+    headers = headers_of(request)
+    authorization = headers.get("authorization")
+    api_key = headers.get("x-api-key")
     if authorization is None and api_key:
         authorization = f"Bearer {api_key}"
     return await hub_of(request).keys.authenticate(authorization, client_ip(request))
@@ -88,8 +90,9 @@ _FORWARDABLE = re.compile(r"[A-Za-z0-9._,= -]{1,256}")
 def forward_headers(request: Request) -> dict[str, str]:
     """The whitelisted Anthropic headers of a Messages request, for the Anthropic adapter."""
     found = {}
+    headers = headers_of(request)
     for name in FORWARDED:
-        value = request.headers.get(name)
+        value = headers.get(name)
         if value is not None and _FORWARDABLE.fullmatch(value):
             found[name] = value
     return found

@@ -30,6 +30,8 @@ from node.gateway.auth import Principal
 from node.gateway.cache import CacheSlot
 from node.gateway.pipeline import Admitted, Caller
 from node.hub import hub_of
+from node.ingress.edge import HOT
+from node.ingress.headers import headers_of
 from node.observe import access
 from node.peers.auth import check_peer
 
@@ -60,12 +62,14 @@ class StreamReply(NamedTuple):
 
 
 def client_ip(request: Request) -> str | None:
-    return request.client.host if request.client else None
+    # The scope's own pair: `request.client` builds an `Address` on every call.
+    client = request.scope.get("client")
+    return client[0] if client else None
 
 
 async def authenticate(request: Request) -> Principal:
     return await hub_of(request).keys.authenticate(
-        request.headers.get("authorization"), client_ip(request)
+        headers_of(request).get("authorization"), client_ip(request)
     )
 
 
@@ -80,7 +84,7 @@ async def read_body(request: Request, principal: Principal) -> bytes:
 
 async def receive_body(request: Request, limit: int) -> bytes:
     """The request's body, refused with a 413 past `limit` bytes (announced or received)."""
-    announced = request.headers.get("content-length", "")
+    announced = headers_of(request).get("content-length", "")
     if announced.isdigit() and int(announced) > limit:
         raise RequestEntityTooLarge
     chunks: list[bytes] = []
@@ -101,17 +105,16 @@ async def receive_body(request: Request, limit: int) -> bytes:
 def local_only(request: Request, principal: Principal) -> bool:
     """A peer's request (or one a node passed on) is served from this node's own deployments:
     never passed on to another peer (no loops, no reselling)."""
-    return principal.key.peer_id is not None or HOP_HEADER in request.headers
+    return principal.key.peer_id is not None or HOP_HEADER in headers_of(request)
 
 
 def caller_of(request: Request, principal: Principal) -> Caller:
     """The pipeline's caller, once its key and (for a peer) its signature checked out."""
-    peer_request_id = request.headers.get(REQUEST_ID_HEADER, "")
+    headers = headers_of(request)
+    peer_request_id = headers.get(REQUEST_ID_HEADER, "")
     access.note(request.scope, key_id=principal.key_id)
-    traceparent = request.headers.get("traceparent", "")[:128] if hub_of(request).tracing else ""
-    elastic = principal.key.peer_id is not None and (
-        request.headers.get(OUTPUT_ELASTIC_HEADER) == "1"
-    )
+    traceparent = headers.get("traceparent", "")[:128] if hub_of(request).tracing else ""
+    elastic = principal.key.peer_id is not None and headers.get(OUTPUT_ELASTIC_HEADER) == "1"
     return Caller(
         principal,
         client_ip(request),
@@ -175,12 +178,12 @@ def post_endpoint(
     *,
     exception_handlers: ExceptionHandlersMap | None = None,
 ) -> ASGIRouteHandler:
-    """A hot endpoint as a bare ASGI handler: Litestar still routes the request and turns
+    """A hot endpoint as a bare ASGI handler: the app's edge hands it its POSTs and turns
     whatever it raises into a shaped error (the app's exception handlers, or the route's own
-    `exception_handlers` for a surface whose errors have another shape), but the answer is
-    sent straight to the server, without building a Litestar response (its resolution and
-    encoding of a response cost about as much CPU per request as the rest of Litestar's
-    work)."""
+    `exception_handlers` for a surface whose errors have another shape); Litestar routes
+    anything else to it. The answer is sent straight to the server, without building a
+    Litestar response (its resolution and encoding of a response cost about as much CPU per
+    request as the rest of Litestar's work)."""
 
     async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
         request: Request = Request(scope, receive, send)
@@ -193,7 +196,11 @@ def post_endpoint(
             await _send_stream(send, receive, reply)
 
     handler = asgi(
-        path, copy_scope=False, name=answer.__name__, exception_handlers=exception_handlers
+        path,
+        copy_scope=False,
+        name=answer.__name__,
+        exception_handlers=exception_handlers,
+        opt={HOT: True},  # a POST to it skips Litestar's router (node/ingress/edge.py)
     )
     return handler(endpoint)
 

@@ -10,6 +10,7 @@ from litestar import Request
 
 from node.gateway.cache import BODY_FIELD, body_bypass, header_bypass
 from node.ingress.errors import ApiError
+from node.ingress.headers import headers_of
 
 # How an answer says where it came from: "hit" (the cache) or "miss" (asked, and kept).
 CACHE_HEADER = "aihub-cache"
@@ -21,4 +22,4 @@ def cache_bypass(request: Request, raw: dict[str, Any]) -> bool:
         from_body = body_bypass(raw.pop(BODY_FIELD, None))
     except ValueError as exc:
         raise ApiError(400, str(exc), param=BODY_FIELD) from None
-    return from_body or header_bypass(request.headers.get("cache-control", ""))
+    return from_body or header_bypass(headers_of(request).get("cache-control", ""))

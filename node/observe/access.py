@@ -1,9 +1,9 @@
 """The access log: one line per HTTP request, when its answer is done (a stream's last byte
 included): method, path, status, latency, key id, model and request id.
 
-An ASGI wrapper around the app's handler (`AccessLog`) times the request and reads the
-status and the `aihub-request-id` its answer carries; the endpoints that know more write it
-into the request's scope (`note`): the key id once the key checked out, the model once the
+The app's edge (`node/ingress/edge.py`) times the request and reads the status and the
+`aihub-request-id` its answer carries; the endpoints that know more write it into the
+request's scope (`note`): the key id once the key checked out, the model once the
 request is decoded. Nothing secret is written: no header, no query string, no body, and a key
 that appears in a path (`/admin/keys/{id_or_key}` takes the key itself) is cut to its public id.
 """
@@ -13,20 +13,17 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import time
 from collections.abc import MutableMapping
 from typing import Any
 
 import msgspec
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import Scope
 
-from federation.httpsig import REQUEST_ID_HEADER
 from federation.printable import printable
 
 ACCESS_LOGGER = "aihub.access"
 _KEY_ID = "aihub.key_id"
 _MODEL = "aihub.model"
-_REQUEST_ID = REQUEST_ID_HEADER.encode()
 # A key's secret half, wherever a path holds one: `sk-hub-<id>_<secret>` -> `sk-hub-<id>_…`.
 _SECRET = re.compile(r"(sk-hub-[0-9A-Za-z]*)_[A-Za-z0-9_-]+")
 MAX_PATH = 256
@@ -94,55 +91,33 @@ def entry_line(entry: AccessEntry) -> str:
     )
 
 
-class AccessLog:
-    """Wraps an ASGI app: one access-log line per HTTP request, at INFO on `aihub.access`
-    (nothing is measured while that level is off)."""
+class Answer:
+    """What the edge saw of a request's answer: its status (0 until its head is sent: the
+    client went away first) and its request id."""
 
-    def __init__(self, app: ASGIApp, logger: logging.Logger | None = None) -> None:
-        self.app = app
-        self.log = logger or logging.getLogger(ACCESS_LOGGER)
+    __slots__ = ("request_id", "status")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.log.isEnabledFor(logging.INFO):
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        answer: dict[str, Any] = {"status": 0, "id": None}
+    def __init__(self) -> None:
+        self.status = 0
+        self.request_id: str | None = None
 
-        async def sending(message: Message) -> None:
-            await send(message)  # the app's before-send hooks stamp the request id first
-            if message["type"] == "http.response.start":
-                answer["status"] = message["status"]
-                for name, value in message.get("headers", ()):
-                    if name == _REQUEST_ID:
-                        answer["id"] = value.decode("latin-1")[:64]
 
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            self._write(scope, answer, (time.perf_counter() - started) * 1000)
-
-    def _write(self, scope: Scope, answer: dict[str, Any], latency_ms: float) -> None:
-        model = scope.get(_MODEL)  # type: ignore[call-overload]
-        entry = AccessEntry(
-            method=scope.get("method", "-")[:16],  # type: ignore[call-overload]
-            path=shown_path(scope.get("path", "")),  # type: ignore[call-overload]
-            status=answer["status"],
-            latency_ms=round(latency_ms, 1),
-            key_id=scope.get(_KEY_ID),  # type: ignore[call-overload]
-            model=shown_model(model) if isinstance(model, str) else None,
-            request_id=answer["id"],
-        )
-        # The record made directly: `Logger.info` would walk the stack for the caller's file
-        # and line (a third of the cost of a line), which an access line does not name.
-        record = self.log.makeRecord(
-            self.log.name,
-            logging.INFO,
-            "",
-            0,
-            entry_line(entry),
-            None,
-            None,
-            extra={"access": entry},
-        )
-        self.log.handle(record)
+def write_entry(log: logging.Logger, scope: Scope, answer: Answer, latency_ms: float) -> None:
+    """The request's line, at INFO on `log` (the edge writes one per HTTP request, when its
+    answer is done, while that level is on)."""
+    model = scope.get(_MODEL)  # type: ignore[call-overload]
+    entry = AccessEntry(
+        method=scope.get("method", "-")[:16],  # type: ignore[call-overload]
+        path=shown_path(scope.get("path", "")),  # type: ignore[call-overload]
+        status=answer.status,
+        latency_ms=round(latency_ms, 1),
+        key_id=scope.get(_KEY_ID),  # type: ignore[call-overload]
+        model=shown_model(model) if isinstance(model, str) else None,
+        request_id=answer.request_id,
+    )
+    # The record made directly: `Logger.info` would walk the stack for the caller's file
+    # and line (a third of the cost of a line), which an access line does not name.
+    record = log.makeRecord(
+        log.name, logging.INFO, "", 0, entry_line(entry), None, None, extra={"access": entry}
+    )
+    log.handle(record)

@@ -20,6 +20,7 @@ from federation.nonces import nonce_digest
 from node.errors import HubError, Kind
 from node.gateway.auth import Principal
 from node.hub import Hub
+from node.ingress.headers import headers_of
 
 KeyLookup = Callable[[str], bytes | None]
 # When the nonce cache is full: its oldest entries expire second by second.
@@ -41,7 +42,7 @@ async def verify_signed(hub: Hub, request: Request, body: bytes, key_for: KeyLoo
         signed = check_request(
             request.method,
             str(request.url),
-            dict(request.headers),
+            headers_of(request),
             body,
             public_key_for=key_for,
             now=now,

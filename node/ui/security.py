@@ -6,8 +6,6 @@ origin, where the dashboard's session lives: a script injected into either could
 
 from __future__ import annotations
 
-from litestar.types import Message, Scope
-
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; font-src 'self'; form-action 'self'; frame-ancestors 'none'; "
@@ -30,13 +28,13 @@ _PREFIXES = (UI_PREFIX, "/schema")
 _UNDER = tuple(prefix + "/" for prefix in _PREFIXES)
 
 
-async def ui_security_headers(message: Message, scope: Scope) -> None:
-    """A `before_send` hook: the headers above on every answer of the dashboard and the docs
-    (pages, their assets, redirects and errors alike), replacing any of the same name."""
-    if message["type"] != "http.response.start":
-        return
-    path = scope.get("path", "")
+def with_security_headers(
+    path: str, headers: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """An answer's head as sent: under the dashboard and the docs (pages, their assets,
+    redirects and errors alike) the headers above, replacing any of the same name; elsewhere
+    as it is. The app's edge (`node/ingress/edge.py`) applies it to every answer."""
     if path not in _PREFIXES and not path.startswith(_UNDER):
-        return
-    headers = [(n, v) for n, v in message.get("headers", ()) if n.lower() not in _NAMES]
-    message["headers"] = [*headers, *SECURITY_HEADERS]
+        return headers
+    kept = [(n, v) for n, v in headers if n.lower() not in _NAMES]
+    return [*kept, *SECURITY_HEADERS]
