@@ -11,13 +11,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from httpx_aiohttp import AiohttpTransport
 
 from node.app import create_app
-from node.config import CONFIG_FILE
+from node.config import CONFIG_FILE, load_config
+from node.ingress.connections import guarded_protocol
 from node.provision import create_node
 from tests.mocks.server import serve_app
 
@@ -90,11 +92,14 @@ def node_dir(tmp_path: Path) -> NodeDir:
 
 @contextmanager
 def run_node(
-    directory: NodeDir, port: int = 0, sock: socket.socket | None = None
+    directory: NodeDir, port: int = 0, sock: socket.socket | None = None, http: Any = None
 ) -> Iterator[RunningNode]:
-    """Serve the node in `directory` for real (uvicorn, lifespan, loopback port or `sock`)."""
+    """Serve the node in `directory` for real (uvicorn, lifespan, loopback port or `sock`), on
+    the connection protocol `aihub serve` runs (`node/ingress/connections.py`) unless `http`
+    names another."""
     app = create_app(directory.path)
-    with serve_app(app, lifespan="on", port=port, sock=sock) as url:
+    protocol = http or guarded_protocol(load_config(directory.path).server)
+    with serve_app(app, lifespan="on", port=port, sock=sock, http=protocol) as url:
         yield RunningNode(directory, url)
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from adapters.http import POOL_IDLE_SECONDS
 from node.config import ServerSection, load_config
+from node.ingress.client_gone import ClientGone
 from tests.conftest import NodeDir, serve_process
 from tests.mocks.server import free_port
 from tests.procfs import client_sockets
@@ -166,3 +167,24 @@ def test_a_node_keeps_an_idle_connection_longer_than_its_peers_pool_does(node_di
     written = load_config(node_dir.path).server.keepalive_timeout
     assert written == ServerSection().keepalive_timeout
     assert written > POOL_IDLE_SECONDS
+
+
+def test_client_gone_cancels_each_watcher_once_resumes_reading_and_forgets_the_finished() -> None:
+    """The protocol's word that a client left (`node/ingress/client_gone.py`): each watch is
+    cancelled once when it fires, a watch begun after it fired at once, a finished one never;
+    and each watch resumes reading the socket, which the server pauses while a large body
+    waits for the app (a socket not read never tells that its client left)."""
+    resumed: list[None] = []
+    gone = ClientGone(lambda: resumed.append(None))
+    cancelled: list[str] = []
+    stop_a = gone.watch(lambda: cancelled.append("a"))
+    stop_b = gone.watch(lambda: cancelled.append("b"))
+    stop_b()  # b's block finished first
+    assert len(resumed) == 2 and cancelled == []
+    gone.fire()
+    assert cancelled == ["a"]
+    gone.fire()
+    stop_a()
+    assert cancelled == ["a"]
+    gone.watch(lambda: cancelled.append("late"))
+    assert cancelled == ["a", "late"]

@@ -13,6 +13,7 @@ import msgspec
 import pytest
 
 from node.config import DATABASE_FILE
+from node.ingress import asgi
 from tests.conftest import NodeDir, RunningNode, run_node
 from tests.mocks.openai_mock import RATE_LIMITED, SERVER_ERROR, OpenAIMock, openai_error
 from tests.mocks.script import Failure
@@ -242,11 +243,34 @@ def wait_for(predicate, seconds: float = 5.0) -> bool:
     return predicate()
 
 
-def test_client_disconnect_cancels_the_upstream_call(node_dir, upstreams):
+# How the node learns that a client went: from `aihub serve`'s connection protocol
+# (`node/ingress/client_gone.py`), or from a watcher task on `receive()` under any other
+# server. Each run refuses the other way, so that neither passes on the other's work.
+SERVERS = {"aihub's protocol": None, "plain uvicorn": "httptools"}
+
+
+@pytest.fixture(params=list(SERVERS))
+def server(request, monkeypatch):
+    http = SERVERS[request.param]
+    watchers: list[object] = []
+    real = asgi._watcher_task
+
+    def counted(receive, watch):
+        watchers.append(watch)
+        if http is None:
+            raise AssertionError("a watcher task under aihub's own protocol")
+        return real(receive, watch)
+
+    monkeypatch.setattr(asgi, "_watcher_task", counted)
+    yield http
+    assert bool(watchers) == (http is not None)
+
+
+def test_client_disconnect_cancels_the_upstream_call(node_dir, upstreams, server):
     configure(node_dir, FAST, [upstreams.deployment("p", "m")])
     script = upstreams.mocks["p"].script
     script.delay = 5.0
-    with run_node(node_dir) as node:
+    with run_node(node_dir, http=server) as node:
         with pytest.raises(httpx.ReadTimeout), node.client(timeout=0.5) as client:
             client.post("/v1/chat/completions", json={"model": "m", "messages": HELLO})
         assert wait_for(lambda: script.cancelled == 1, 3.0)
@@ -254,7 +278,7 @@ def test_client_disconnect_cancels_the_upstream_call(node_dir, upstreams):
         assert wait_for(lambda: usage_statuses(node_dir) == [(499, 0, 0)], 3.0)
 
 
-def test_client_disconnect_mid_stream_cancels_the_upstream_stream(node_dir, upstreams):
+def test_client_disconnect_mid_stream_cancels_the_upstream_stream(node_dir, upstreams, server):
     configure(node_dir, FAST, [upstreams.deployment("p", "m")])
     script = upstreams.mocks["p"].script
     script.chunk_delay = 0.2
@@ -263,7 +287,7 @@ def test_client_disconnect_mid_stream_cancels_the_upstream_stream(node_dir, upst
         "messages": [{"role": "user", "content": "a b c d e f g h i j k"}],
         "stream": True,
     }
-    with run_node(node_dir) as node:
+    with run_node(node_dir, http=server) as node:
         with (
             node.client() as client,
             client.stream("POST", "/v1/chat/completions", json=body) as response,

@@ -30,6 +30,7 @@ from node.gateway.auth import Principal
 from node.gateway.cache import CacheSlot
 from node.gateway.pipeline import Admitted, Caller
 from node.hub import hub_of
+from node.ingress.client_gone import CLIENT_GONE, ClientGone
 from node.ingress.edge import HOT
 from node.ingress.headers import headers_of
 from node.observe import access
@@ -137,39 +138,58 @@ async def begin_chat(
     return await pipeline.begin_chat(hub_of(request), caller, call, cache)
 
 
+class _Watch:
+    """One block's watch: cancels its task once, if the client goes while it runs."""
+
+    __slots__ = ("gone", "running", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.running = True
+        self.gone = False
+
+    def cancel(self) -> None:
+        if self.running:  # else the block is done: nothing left to cancel
+            self.gone = True
+            self.task.cancel()
+
+
 @contextlib.asynccontextmanager
-async def cancelled_on_disconnect(receive: Receive) -> AsyncIterator[None]:
+async def cancelled_on_disconnect(receive: Receive, scope: Scope) -> AsyncIterator[None]:
     """Run the block in this very task, cancelled if the client disconnects first (then a
-    client-closed HubError comes out of it). One watcher task per request, and no hand-off of
-    the work to a task of its own: on a busy core each task switch is latency before the first
-    byte."""
+    client-closed HubError comes out of it). No hand-off of the work to a task of its own: on
+    a busy core each task switch is latency before the first byte. The server's own word
+    that the client went (`node/ingress/client_gone.py`) where it gives one, else one watcher
+    task per block."""
     task = asyncio.current_task()
     assert task is not None
-    state = {"running": True, "gone": False}
-
-    async def watch() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        if state["running"]:  # else the block is done: nothing left to cancel
-            state["gone"] = True
-            task.cancel()
-
-    watcher = asyncio.ensure_future(watch())
+    watch = _Watch(task)
+    gone: ClientGone | None = scope.get(CLIENT_GONE)  # type: ignore[call-overload]
+    stop = gone.watch(watch.cancel) if gone is not None else _watcher_task(receive, watch)
     try:
         yield
     except asyncio.CancelledError:
-        if not state["gone"]:
+        if not watch.gone:
             raise
         task.uncancel()
         raise client_closed() from None
     finally:
-        state["running"] = False
-        watcher.cancel()
+        watch.running = False
+        stop()
+
+
+def _watcher_task(receive: Receive, watch: _Watch) -> Callable[[], Any]:
+    async def wait() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        watch.cancel()
+
+    return asyncio.ensure_future(wait()).cancel
 
 
 def watcher_of(request: Request) -> Callable[[], contextlib.AbstractAsyncContextManager[None]]:
     """The pipeline's watcher of this request's client."""
-    return lambda: cancelled_on_disconnect(request.receive)
+    return lambda: cancelled_on_disconnect(request.receive, request.scope)
 
 
 def post_endpoint(
@@ -193,7 +213,7 @@ def post_endpoint(
         if isinstance(reply, Reply):
             await _send_reply(send, reply)
         else:
-            await _send_stream(send, receive, reply)
+            await _send_stream(scope, receive, send, reply)
 
     handler = asgi(
         path,
@@ -218,14 +238,14 @@ async def _send_reply(send: Send, reply: Reply) -> None:
     await send({"type": "http.response.body", "body": reply.body, "more_body": False})
 
 
-async def _send_stream(send: Send, receive: Receive, reply: StreamReply) -> None:
+async def _send_stream(scope: Scope, receive: Receive, send: Send, reply: StreamReply) -> None:
     """Send the items as they come; a client that goes away cancels the stream (its relay
     then settles the request as closed by the client). A failure before the first byte is
     answered as a gateway failure (a shaped 502)."""
     started = False
     render = reply.render
     try:
-        async with cancelled_on_disconnect(receive):
+        async with cancelled_on_disconnect(receive, scope):
             start = _start(reply.headers, "text/event-stream")
             await send(start)
             started = True

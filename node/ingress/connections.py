@@ -12,7 +12,9 @@ exhaust the file limit and the node stops answering. Here:
 - past `max_connections` open connections, a new one is answered 503 and closed at once, so the
   node never holds more sockets than that (per worker process);
 - what is written during one turn of the event loop leaves in one write (`coalesce.py`): a
-  response's head and body are one system call, not two.
+  response's head and body are one system call, not two;
+- a request whose connection is lost before its answer is complete is told so at once
+  (`client_gone.py`), without a task of its own waiting on `receive()` for it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from federation.httpsig import REQUEST_ID_HEADER
 from federation.ids import new_request_id
 from node.config import ServerSection
+from node.ingress.client_gone import CLIENT_GONE, ClientGone
 from node.ingress.coalesce import CoalescingTransport
 from node.ingress.errors import ErrorDetail, error_bytes
 
@@ -116,6 +119,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self.phase = "body"
+        # Fired by connection_lost: the request's watchers need no task of their own.
+        gone = ClientGone(self.flow.resume_reading)
+        self.scope[CLIENT_GONE] = gone  # type: ignore[literal-required]
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -124,7 +130,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        cycle = self.cycle
         super().connection_lost(exc)
+        if cycle is not None and not cycle.response_complete:
+            gone = cycle.scope.get(CLIENT_GONE)  # type: ignore[call-overload]
+            if gone is not None:
+                gone.fire()
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn's own answer to bytes that are not HTTP is plain text without a request id.

@@ -28,14 +28,25 @@ def free_port() -> int:
 
 @contextmanager
 def serve_app(
-    app: Any, *, lifespan: str = "off", port: int = 0, sock: socket.socket | None = None
+    app: Any,
+    *,
+    lifespan: str = "off",
+    port: int = 0,
+    sock: socket.socket | None = None,
+    http: Any = "auto",
 ) -> Iterator[str]:
     """Serve `app` on 127.0.0.1 at `port` (default: a free one), or on `sock` (a socket the
-    caller bound earlier, `free_socket`); yield its base URL; stop it afterwards."""
+    caller bound earlier, `free_socket`), with uvicorn's `http` protocol (a name or a
+    protocol class); yield its base URL; stop it afterwards."""
     sock = sock or free_socket(port)
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, lifespan=lifespan, log_level="warning", loop="asyncio", timeout_graceful_shutdown=1
+        app,
+        lifespan=lifespan,
+        log_level="warning",
+        loop="asyncio",
+        timeout_graceful_shutdown=1,
+        http=http,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
