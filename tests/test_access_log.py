@@ -5,6 +5,7 @@ secret; JSON lines when `[log] json = true`; `--log-level` honoured."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 
 from federation.printable import printable
 from node.provision import create_node
@@ -176,3 +178,47 @@ def test_a_model_is_logged_cut_and_escaped_and_cleaned_once() -> None:
     assert access.shown_model(hostile) == shown
     assert access._shown_model.cache_info().hits == 1
     assert access.shown_model("echo") == "echo"
+
+
+def test_access_records_are_made_from_one_template_and_are_what_logging_makes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each line's record carries what `makeRecord` would give it (its own message, time and
+    fields, the formatters' every attribute), but only the first is built by
+    `LogRecord.__init__`, which works out per line what never changes for these."""
+    from node.observe import access
+
+    log = logging.getLogger("aihub.test.access")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    log.addHandler(handler)
+    built: list[str] = []
+    real_init = logging.LogRecord.__init__
+
+    def counted(self: logging.LogRecord, *args: object, **kwargs: object) -> None:
+        built.append(str(args[4]))
+        real_init(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(logging.LogRecord, "__init__", counted)
+    writer = access.AccessLog(log)
+    for n in range(3):
+        answer = access.Answer()
+        answer.status, answer.request_id = 200 + n, f"req_{n}"
+        scope = {"method": "POST", "path": f"/v1/p{n}", "aihub.key_id": "k1"}
+        writer.write(scope, answer, 1.5)  # type: ignore[arg-type]
+    assert len(built) == 1 and len(seen) == 3
+    made = log.makeRecord(log.name, logging.INFO, "", 0, "x", None, None)
+    timed = {"msg", "created", "msecs", "relativeCreated", "access"}
+    for n, record in enumerate(seen):
+        assert record.getMessage().startswith(f"POST /v1/p{n} {200 + n} 1.5ms key=k1")
+        assert record.access.request_id == f"req_{n}"  # type: ignore[attr-defined]
+        fields = {k: v for k, v in vars(record).items() if k not in timed}
+        assert fields == {k: v for k, v in vars(made).items() if k not in timed}
+        assert 0 <= record.msecs < 1000 and record.created <= made.created
+    assert seen[0].created <= seen[1].created <= seen[2].created
+    assert seen[2].relativeCreated - seen[0].relativeCreated == pytest.approx(
+        (seen[2].created - seen[0].created) * 1000
+    )

@@ -31,7 +31,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send, TypeEncodersM
 from federation.httpsig import REQUEST_ID_HEADER
 from federation.ids import new_request_id
 from node.hub import HUB_KEY
-from node.observe.access import ACCESS_LOGGER, Answer, write_entry
+from node.observe.access import ACCESS_LOGGER, AccessLog, Answer
 from node.ui.security import with_security_headers
 
 # Marks a route handler whose requests the edge may hand straight to its endpoint.
@@ -103,7 +103,7 @@ class Edge:
         self.inner: ASGIApp = app.asgi_handler
         self.state = app.state
         self.hot = hot_routes(app)
-        self.log = logger or logging.getLogger(ACCESS_LOGGER)
+        self.access = AccessLog(logger or logging.getLogger(ACCESS_LOGGER))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -128,8 +128,8 @@ class Edge:
             else:
                 await self._serve(route, scope, receive, sending, answer)
         finally:
-            if self.log.isEnabledFor(logging.INFO):
-                write_entry(self.log, scope, answer, (time.perf_counter() - started) * 1000)
+            if self.access.enabled():
+                self.access.write(scope, answer, (time.perf_counter() - started) * 1000)
 
     def _hot(self, scope: Scope, path: str) -> HotRoute | None:
         if scope["method"] != "POST" or scope.get("root_path"):
