@@ -121,3 +121,33 @@ def test_a_hot_endpoint_that_raises_answers_in_its_surfaces_shape_and_is_logged(
     assert any(
         "unhandled error on POST /v1/chat/completions" in r.getMessage() for r in caplog.records
     )
+
+
+def test_a_hot_post_builds_no_litestar_headers_and_reads_them_as_litestar_did(
+    node_dir: NodeDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hot endpoints read a plain dict of the headers, made once (`headers_of`): Litestar's
+    multidict is never built for them. The first of a repeated header wins, as it did."""
+    from litestar.datastructures import Headers
+
+    from node.ingress.headers import headers_of
+
+    app, _ = _served(node_dir)
+    built: list[object] = []
+    real = Headers.from_scope.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[Headers], scope: Any) -> Headers:
+        built.append(scope["path"])
+        return real(cls, scope)
+
+    monkeypatch.setattr(Headers, "from_scope", classmethod(counted))
+    auth = {"authorization": f"Bearer {node_dir.key}"}
+    with serve_app(app, lifespan="on") as url, httpx.Client(base_url=url, headers=auth) as client:
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+        assert client.post("/v1/messages", json=MESSAGES).status_code == 200
+    assert built == []
+
+    raw = [(b"x-twice", b"first"), (b"Authorization", b"Bearer k"), (b"x-twice", b"second")]
+    request: Any = type("R", (), {"scope": {"headers": raw}})()
+    assert headers_of(request) == {"x-twice": "first", "authorization": "Bearer k"}
+    assert headers_of(request) is headers_of(request)  # made once a request
