@@ -38,7 +38,6 @@ import functools
 import hashlib
 import hmac
 import re
-import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ import nacl.exceptions
 import nacl.signing
 
 from federation.identity import NodeIdentity
+from federation.ids import random_urlsafe
 from federation.nonces import NonceCache, NonceCacheFull
 
 LABEL = "aihub"
@@ -362,7 +362,7 @@ def sign_request(
     params: dict[str, int | str] = {
         "created": created,
         "expires": created + ttl,
-        "nonce": secrets.token_urlsafe(16) if nonce is None else nonce,
+        "nonce": random_urlsafe(16) if nonce is None else nonce,
         "keyid": identity.node_id,
         "alg": ALG,
     }

@@ -321,7 +321,7 @@ def test_sign_request_finds_the_request_id_in_any_case() -> None:
 
 
 def test_round_trip() -> None:
-    assert verify(signed()) == ALICE.node_id
+    assert verify(signed(), nonces=NonceCache()) == ALICE.node_id
     assert verify(signed(BOB)) == BOB.node_id
 
 
@@ -988,3 +988,29 @@ def test_a_digest_in_a_spelling_that_is_not_canonical_is_not_read_as_ours() -> N
     assert httpsig._OUR_DIGEST.fullmatch(other) is None
     with pytest.raises(SignatureError):
         httpsig._check_digest(other, b"x")
+
+
+def test_a_signature_s_nonce_comes_from_the_pool_not_a_system_call_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each signed request's nonce: 16 random bytes, url-safe base64 as `secrets.token_urlsafe`
+    spells them, never the same twice, drawn from `federation/ids.py`'s pool (a `getrandom`
+    per 4 KB, not one per request)."""
+    import os
+    import re
+    import secrets
+
+    def refused(*_: object) -> str:
+        raise AssertionError("a system call per nonce")
+
+    monkeypatch.setattr(secrets, "token_urlsafe", refused)
+    drawn: list[int] = []
+    real = os.urandom
+    monkeypatch.setattr(os, "urandom", lambda n: drawn.append(n) or real(n))
+    nonces = set()
+    for _ in range(50):
+        params = httpsig.parse_signature(signed(), httpsig.LABEL).params
+        nonces.add(params["nonce"])
+        assert re.fullmatch(r"[A-Za-z0-9_-]{22}", params["nonce"])
+    assert len(nonces) == 50 and len(drawn) <= 1
+    assert verify(signed(), nonces=NonceCache()) == ALICE.node_id

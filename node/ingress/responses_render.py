@@ -11,7 +11,6 @@ passed on (`responses_native.NativeStream`), and a failure after them is a
 
 from __future__ import annotations
 
-import secrets
 import time
 from typing import Any
 
@@ -30,6 +29,7 @@ from adapters.events import (
     UsageReport,
 )
 from adapters.types import ChatResult, Usage
+from federation.ids import random_hex
 from node.errors import HubError, UpstreamFailed
 from node.gateway.pipeline import ReceiptIssued, Signal, StreamEnd, StreamFailed
 from node.ingress.errors import openai_error
@@ -76,7 +76,7 @@ def response_id(request_id: str) -> str:
 
 
 def _item_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(12)}"
+    return f"{prefix}_{random_hex(12)}"
 
 
 def usage_of(usage: Usage) -> ResponseUsage:

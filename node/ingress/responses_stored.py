@@ -9,7 +9,6 @@ whole conversation would send. Another key's response is as absent as one never 
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -20,6 +19,7 @@ from litestar import Response as HttpResponse
 from litestar.params import FromPath
 from msgspec import Raw, Struct
 
+from federation.ids import random_hex
 from node.errors import HubError, Kind
 from node.gateway.auth import Principal
 from node.hub import Hub, hub_of
@@ -106,7 +106,7 @@ def _identified(item: Raw) -> Raw:
     kind = msgspec.json.decode(fields.get("type", Raw(b'"message"')), type=str)
     fields["type"] = Raw(_encode(kind))
     if "id" not in fields:
-        fields["id"] = Raw(_encode(f"{_ID_PREFIX.get(kind, 'item')}_{secrets.token_hex(12)}"))
+        fields["id"] = Raw(_encode(f"{_ID_PREFIX.get(kind, 'item')}_{random_hex(12)}"))
     return Raw(_encode(fields))
 
 
