@@ -18,7 +18,6 @@ from adapters.types import UpstreamError, Usage
 from ledger.receipts import SentRequest
 from node.errors import HubError, Kind, UpstreamFailed
 from node.gateway.auth import Principal
-from node.gateway.budgets import budget_scopes
 from node.gateway.interaction_log import LogDraft
 from node.gateway.ratelimit import Admission, RateLimited, ScopeLimits
 from node.gateway.router import Route
@@ -374,9 +373,7 @@ def _sent(request_id: str, route: Route | None, status: int) -> SentRequest | No
     )
 
 
-def rate_scopes(principal: Principal) -> list[ScopeLimits]:
-    return [
-        ScopeLimits(scope, limits.rpm, limits.tpm, limits.max_parallel)
-        for scope, limits in budget_scopes(principal)
-        if limits.rpm or limits.tpm or limits.max_parallel
-    ]
+def rate_scopes(principal: Principal) -> tuple[ScopeLimits, ...]:
+    """The scopes a request is rate limited in (worked out once per principal:
+    `Principal.rate_scopes`)."""
+    return principal.rate_scopes

@@ -44,12 +44,10 @@ from node.storage.records import HOLD_TTL, Hold
 log = logging.getLogger("aihub.budgets")
 
 
-def budget_scopes(principal: Principal) -> list[tuple[str, Limits]]:
-    """The (scope, limits) pairs a request by this principal is charged to."""
-    scopes = [(f"key:{principal.key.id}", principal.key.limits)]
-    if principal.tenant is not None:
-        scopes.append((f"tenant:{principal.tenant.id}", principal.tenant.limits))
-    return scopes
+def budget_scopes(principal: Principal) -> tuple[tuple[str, Limits], ...]:
+    """The (scope, limits) pairs a request by this principal is charged to (worked out once
+    per principal: `Principal.scopes`)."""
+    return principal.scopes
 
 
 def scope_names(principal: Principal) -> dict[str, str]:
@@ -139,9 +137,8 @@ class Budgets:
 
     def periods(self, principal: Principal, now: float) -> list[tuple[str, int, int]]:
         return [
-            (scope, period_start(limits.budget_period, now), limits.budget_micros)
-            for scope, limits in budget_scopes(principal)
-            if limits.budget_micros is not None
+            (scope, period_start(limits.budget_period, now), limits.budget_micros or 0)
+            for scope, limits in principal.budgeted
         ]
 
     def _take(self, scopes: list[Scope], amount: int) -> bool:
