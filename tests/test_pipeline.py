@@ -4,8 +4,10 @@ answers, stream items and domain errors out (what every ingress builds on)."""
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import FrameType
 
 import anyio
 import msgspec
@@ -81,3 +83,45 @@ def test_an_unknown_model_is_a_domain_error(tmp_path: Path) -> None:
         anyio.run(_served, tmp_path / "alice", key, "no-such-model", False)
     assert refused.value.kind is Kind.NOT_FOUND
     assert (refused.value.code, refused.value.param) == ("model_not_found", "model")
+
+
+def test_a_request_enters_no_context_manager_but_the_callers_watch(tmp_path: Path) -> None:
+    """`begin` and `complete` settle what escapes them with a plain `try`: the only context
+    manager a request enters in the pipeline is the caller's watch for a client gone away
+    (each `asynccontextmanager` is a generator and five calls a use)."""
+    _, key = create_node(tmp_path / "alice", "alice")
+    entered: list[str] = []
+
+    def profiled(frame: FrameType, event: str, _: object) -> None:
+        code, caller = frame.f_code, frame.f_back
+        if event != "call" or code.co_name != "__aenter__" or caller is None:
+            return
+        if (
+            code.co_filename == contextlib.__file__
+            and caller.f_code.co_filename == pipeline.__file__
+        ):
+            entered.append(caller.f_code.co_name)
+
+    async def served() -> None:
+        hub = await Hub.start(tmp_path / "alice", load_config(tmp_path / "alice"))
+        try:
+            principal = await hub.keys.authenticate(f"Bearer {key}", "127.0.0.1")
+            call = _call("echo")
+            sys.setprofile(profiled)
+            try:
+                admitted = await pipeline.begin(
+                    hub,
+                    Caller(principal, "127.0.0.1", local_only=False),
+                    "echo",
+                    "chat",
+                    call.request_id,
+                    lambda plan: chat_worst_case(call.request, plan),
+                )
+                await pipeline.complete(admitted, lambda r: r.adapter.chat(call), _client_stays)
+            finally:
+                sys.setprofile(None)
+        finally:
+            await hub.stop()
+
+    anyio.run(served)
+    assert entered == ["_route"]

@@ -29,7 +29,7 @@ import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, NoReturn, TypeVar
 
 import anyio
 import msgspec
@@ -248,19 +248,16 @@ async def begin_chat(
 _OUTPUT_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens")
 
 
-@contextlib.asynccontextmanager
-async def _settled_on_error(books: Accounting) -> AsyncIterator[None]:
-    """Whatever escapes the block while the request holds reservations and parallel slots,
-    they are released (the request is settled as failed) and the client is told of a gateway
+def _failed_in_gateway(books: Accounting, exc: Exception) -> NoReturn:
+    """Whatever escapes `begin`, `complete` or `stream` while the request holds reservations
+    and parallel slots (other than a domain error, which `Accounting.fail` settled), they
+    are released (the request is settled as failed) and the client is told of a gateway
     failure, never left with a budget stranded until a restart. Settling is once: a request
-    that was settled already is only answered."""
-    try:
-        yield
-    except HubError:
-        raise  # settled by `Accounting.fail`
-    except Exception as exc:
-        log.exception("request %s failed in the gateway", books.request_id)
-        books.fail(gateway_failure(exc))
+    that was settled already is only answered. Each of them calls this from a plain
+    `try`/`except`: an `asynccontextmanager` here was a generator, its context manager and
+    five calls a use, twice a request."""
+    log.exception("request %s failed in the gateway", books.request_id)
+    books.fail(gateway_failure(exc))
 
 
 async def begin(
@@ -291,11 +288,15 @@ async def begin(
             await hub.resync.ensure(principal.key.peer_id or "")
         except HubError as exc:
             books.fail(exc)
-    async with _settled_on_error(books):
+    try:
         await books.admit_rates(caller.ip)
         kept = await _cached(books, cache, streamed)
         free = kept is not None and not hub.cache.config.bill_hits
         await books.reserve(caller.ip, plan, worst(plan), elastic, free)
+    except HubError:
+        raise  # settled by `Accounting.fail`
+    except Exception as exc:
+        _failed_in_gateway(books, exc)
     return Admitted(books, plan, cache, kept)
 
 
@@ -351,7 +352,7 @@ async def complete(
     for the guardrails (an embedding's is not read). With a `cache` slot, a kept answer is
     the answer (once the input passed the guardrails, and screened as a fresh one is)."""
     books, plan = admitted.books, admitted.plan
-    async with _settled_on_error(books):
+    try:
         profile = await _guard_input(books, call)
         kept = await _kept_for(admitted, cache, False)
         if kept is not None:
@@ -375,6 +376,10 @@ async def complete(
         )
         facts.cache = "miss" if cache is not None else None
         return Answer(result, facts)
+    except HubError:
+        raise  # settled by `Accounting.fail`
+    except Exception as exc:
+        _failed_in_gateway(books, exc)
 
 
 R = TypeVar("R", ChatResult, EmbedResult, WireResult)
@@ -585,7 +590,7 @@ async def stream(
         assert isinstance(call, ChatCall)
         opener = _chat_opener(call)
     opening = opener
-    async with _settled_on_error(books):
+    try:
         profile = await _guard_input(books, call)
         kept = await _kept_for(admitted, cache, True)
         recording = None
@@ -596,6 +601,10 @@ async def stream(
                 recording = _Recording(cache, books.hub.cache.config.max_answer_bytes)
             streamed = await _fresh_stream(books, plan, call, opening, watch, recording)
         return _screened(books, profile, call, streamed, recording)
+    except HubError:
+        raise  # settled by `Accounting.fail`
+    except Exception as exc:
+        _failed_in_gateway(books, exc)
 
 
 async def _fresh_stream(
