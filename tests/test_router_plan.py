@@ -1,6 +1,7 @@
 """`Router.plan`: the same plan as ever (own routes best first, allowed fallbacks after, each
 name once, rested before cooling), with the model's own routes looked up once a request, not
-once to ask whether it is served and again to plan."""
+once to ask whether it is served and again to plan; and the plan's highest prices and
+output bounds, as reservations take them."""
 
 from __future__ import annotations
 
@@ -86,3 +87,48 @@ def test_a_models_own_routes_are_looked_up_once_a_plan(monkeypatch):
     monkeypatch.setattr(router, "_candidates", counted)
     assert [r.name for r in router.plan("m", "chat")] == ["m"]
     assert looked_up == ["m"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 5),  # price in
+            st.integers(0, 5),  # price out
+            st.integers(1, 9),  # max output tokens
+            st.none() | st.integers(1, 9),  # reserve output tokens
+            st.booleans(),  # images
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    st.none() | st.integers(1, 12),
+)
+def test_a_plans_highest_prices_and_output_are_what_max_made_them(drawn, max_tokens):
+    """The loops that replaced `max` over generators (`accounting._highest_prices`,
+    `pipeline.chat_worst_case`) give what those gave, each bound maybe another route's."""
+    from adapters.types import ChatRequest
+    from node.gateway.accounting import _highest_prices
+    from node.gateway.pipeline import chat_worst_case
+
+    plan = []
+    for position, (price_in, price_out, most, reserve, images) in enumerate(drawn):
+        spec = Deployment(
+            name="m",
+            provider="echo",
+            kind="images" if images else "chat",
+            price_in=price_in,
+            price_out=price_out,
+            price_per_image=price_out,
+            max_output_tokens=most,
+            reserve_output_tokens=reserve,
+        )
+        plan.append(Route(spec, adapter=None, position=position))  # type: ignore[arg-type]
+    assert _highest_prices(plan) == (
+        max(route.spec.unit_prices()[0] for route in plan),
+        max(route.spec.unit_prices()[1] for route in plan),
+    )
+    chat = ChatRequest(model="m", messages=[], max_tokens=max_tokens)
+    ceiling = max(route.spec.max_output_tokens for route in plan)
+    asked = max_tokens or max(route.spec.reserve_output_tokens or ceiling for route in plan)
+    assert chat_worst_case(chat, plan).completion_tokens == min(asked, ceiling)

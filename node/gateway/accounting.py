@@ -155,8 +155,7 @@ class Accounting:
         if free:
             self.worst = worst
             return
-        price_in = max(route.spec.unit_prices()[0] for route in plan)
-        price_out = max(route.spec.unit_prices()[1] for route in plan)
+        price_in, price_out = _highest_prices(plan)
         self.worst = worst
         self.reserved = cost_micros(worst, price_in, price_out)
         try:
@@ -350,6 +349,20 @@ class Accounting:
             error=exc.message[:500],
         )
         raise exc
+
+
+def _highest_prices(plan: list[Route]) -> tuple[int, int]:
+    """The highest price in and the highest out on the plan (perhaps two routes'): what the
+    worst case is reserved at. A loop, each route's prices asked once: two `max` over
+    generators asked them twice."""
+    price_in, price_out = plan[0].spec.unit_prices()
+    for route in plan[1:]:
+        unit_in, unit_out = route.spec.unit_prices()
+        if unit_in > price_in:
+            price_in = unit_in
+        if unit_out > price_out:
+            price_out = unit_out
+    return price_in, price_out
 
 
 def _reserved_words(worst: Usage) -> str:

@@ -147,8 +147,9 @@ class Budgets:
         leases = self._leases
         if self._clock() >= self._fresh_until:
             return False
-        if any(leases.get(scope, 0) < amount for scope in scopes):
-            return False
+        for scope in scopes:  # not `any` over a generator: a call a scope, and one more
+            if leases.get(scope, 0) < amount:
+                return False
         for scope in scopes:
             leases[scope] -= amount
         return True
@@ -173,10 +174,11 @@ class Budgets:
         a top-up or a refill is under way already."""
         if self._topping is not None or self._refill.locked():
             return
-        if not any(self._low(scope, start, cap, amount) for scope, start, cap in rows):
-            return
-        self._topping = asyncio.get_running_loop().create_task(self._top_up(rows, amount))
-        self._topping.add_done_callback(self._topped)
+        for scope, start, cap in rows:  # not `any` over a generator, as in `_take`
+            if self._low(scope, start, cap, amount):
+                self._topping = asyncio.get_running_loop().create_task(self._top_up(rows, amount))
+                self._topping.add_done_callback(self._topped)
+                return
 
     def _low(self, scope: str, start: int, cap: int, amount: int) -> bool:
         chunk = _chunk(amount, cap)

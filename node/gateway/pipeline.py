@@ -199,14 +199,33 @@ def chat_worst_case(chat: ChatRequest, plan: list[Route]) -> Usage:
     prompt = worst_case_prompt_tokens(
         chat, lambda: [(r.adapter.upstream.provider, r.adapter.upstream.model) for r in plan]
     )
-    ceiling = max(route.spec.max_output_tokens for route in plan)
-    if not chat.output_limit:
-        # No max_tokens: what the deployments say such a request reserves.
-        asked = max(route.spec.reserve_output_tokens or ceiling for route in plan)
-    else:
-        asked = chat.output_limit
+    ceiling = _output_ceiling(plan)
+    # No max_tokens: what the deployments say such a request reserves.
+    asked = chat.output_limit or _reserved_output(plan, ceiling)
     output = min(asked, ceiling) * (chat.n or 1)
     return Usage(prompt, output, prompt + output)
+
+
+# The two below are loops, not `max` over a generator: a generator is a call per route and
+# one more, on every chat request.
+def _output_ceiling(plan: list[Route]) -> int:
+    """The most output any deployment of the plan writes (`max_output_tokens`)."""
+    ceiling = plan[0].spec.max_output_tokens
+    for route in plan[1:]:
+        if route.spec.max_output_tokens > ceiling:
+            ceiling = route.spec.max_output_tokens
+    return ceiling
+
+
+def _reserved_output(plan: list[Route], ceiling: int) -> int:
+    """The most output a request without max_tokens reserves on the plan: each deployment's
+    `reserve_output_tokens`, else the `ceiling`."""
+    reserved = plan[0].spec.reserve_output_tokens or ceiling
+    for route in plan[1:]:
+        reserve = route.spec.reserve_output_tokens or ceiling
+        if reserve > reserved:
+            reserved = reserve
+    return reserved
 
 
 # A chat request without max_tokens whose budget has less left than its full worst case is
