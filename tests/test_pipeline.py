@@ -157,3 +157,14 @@ def test_a_request_runs_no_generator_expression_in_the_gateway(tmp_path: Path) -
         if filename.startswith(gateway) and name == "<genexpr>"
     ]
     assert generators == []
+
+
+def test_a_request_without_cache_guardrails_or_peer_awaits_none_of_their_hooks(
+    tmp_path: Path,
+) -> None:
+    """A key with no guardrail profile, no cache slot and no peer behind it: the pipeline
+    awaits none of the hooks that would have nothing to do (each a coroutine made and run)."""
+    _, key = create_node(tmp_path / "alice", "alice")
+    hooks = {"_guard_input", "_cached", "_kept_for", "_moderate", "_keep_result", "issue_receipt"}
+    awaited = [name for _, name, _ in _calls_of_a_request(tmp_path / "alice", key) if name in hooks]
+    assert awaited == []

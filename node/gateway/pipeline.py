@@ -309,7 +309,7 @@ async def begin(
             books.fail(exc)
     try:
         await books.admit_rates(caller.ip)
-        kept = await _cached(books, cache, streamed)
+        kept = await _cached(books, cache, streamed) if cache is not None else None
         free = kept is not None and not hub.cache.config.bill_hits
         await books.reserve(caller.ip, plan, worst(plan), elastic, free)
     except HubError:
@@ -346,17 +346,20 @@ async def _route(
         raise
 
 
-async def _guard_input(books: Accounting, call: ChatCall | CompletionCall | None) -> Profile | None:
-    """The caller's guardrail profile, its input checks run on the call (nothing to do, and
-    nothing imported, when no profile applies)."""
-    guardrails = books.hub.guardrails
-    profile = None if call is None else guardrails.profile_for(books.principal)
-    if profile is not None and call is not None:
-        try:
-            await guardrails.screen_input(profile, call, books)
-        except HubError as exc:
-            books.fail(exc)
-    return profile
+def _profile_for(books: Accounting, call: ChatCall | CompletionCall | None) -> Profile | None:
+    """The caller's guardrail profile, if one applies to the call (nothing imported when none
+    does)."""
+    return None if call is None else books.hub.guardrails.profile_for(books.principal)
+
+
+async def _guard_input(
+    books: Accounting, profile: Profile, call: ChatCall | CompletionCall
+) -> None:
+    """The profile's input checks run on the call (a refusal settles the request)."""
+    try:
+        await books.hub.guardrails.screen_input(profile, call, books)
+    except HubError as exc:
+        books.fail(exc)
 
 
 async def complete(
@@ -372,24 +375,33 @@ async def complete(
     the answer (once the input passed the guardrails, and screened as a fresh one is)."""
     books, plan = admitted.books, admitted.plan
     try:
-        profile = await _guard_input(books, call)
-        kept = await _kept_for(admitted, cache, False)
+        # The guardrails', the cache's and the receipts' hooks are awaited only for a request
+        # that has them: each await of a coroutine that has nothing to do is still a
+        # coroutine made, run and finished (seven a request).
+        profile = _profile_for(books, call)
+        if profile is not None and call is not None:
+            await _guard_input(books, profile, call)
+        kept = await _kept_for(admitted, cache, False) if cache is not None else None
         if kept is not None:
             assert kept.result is not None
             replayed = _screen(books, profile, kept.result)
-            await _moderate(books, profile, replayed, None)
+            if profile is not None:
+                await _moderate(books, profile, replayed, None)
             return _cached_answer(books, plan, replayed)
         result, route = await _route(books, plan, attempt, watch)
         result = _screen(books, profile, result)
-        await _moderate(books, profile, result, route)
+        if profile is not None:
+            await _moderate(books, profile, result, route)
         books.observe_latency()
         _log_answer(books, result)
         cost = books.finish(
             route, result.usage, estimated=result.usage_estimated, status=OK, stream=False
         )
-        receipt = await books.issue_receipt()
+        # Only a peer's request is settled with a receipt (`Accounting.finish`).
+        receipt = await books.issue_receipt() if books.for_peer else None
         books.take_receipt(route, result.receipt, cost)
-        await _keep_result(books, cache, result)
+        if cache is not None:
+            await _keep_result(books, cache, result)
         facts = Facts(
             books.request_id, books.limits, cost, receipt, route.peer_name, books.output_cap
         )
@@ -610,8 +622,10 @@ async def stream(
         opener = _chat_opener(call)
     opening = opener
     try:
-        profile = await _guard_input(books, call)
-        kept = await _kept_for(admitted, cache, True)
+        profile = _profile_for(books, call)
+        if profile is not None and call is not None:
+            await _guard_input(books, profile, call)
+        kept = await _kept_for(admitted, cache, True) if cache is not None else None
         recording = None
         if kept is not None:
             streamed = _cached_stream(books, plan, kept)
