@@ -18,7 +18,6 @@ from adapters.types import UpstreamError, Usage
 from ledger.receipts import SentRequest
 from node.errors import HubError, Kind, UpstreamFailed
 from node.gateway.auth import Principal
-from node.gateway.budgets import budget_scopes
 from node.gateway.interaction_log import LogDraft
 from node.gateway.ratelimit import Admission, RateLimited, ScopeLimits
 from node.gateway.router import Route
@@ -156,8 +155,7 @@ class Accounting:
         if free:
             self.worst = worst
             return
-        price_in = max(route.spec.unit_prices()[0] for route in plan)
-        price_out = max(route.spec.unit_prices()[1] for route in plan)
+        price_in, price_out = _highest_prices(plan)
         self.worst = worst
         self.reserved = cost_micros(worst, price_in, price_out)
         try:
@@ -353,6 +351,20 @@ class Accounting:
         raise exc
 
 
+def _highest_prices(plan: list[Route]) -> tuple[int, int]:
+    """The highest price in and the highest out on the plan (perhaps two routes'): what the
+    worst case is reserved at. A loop, each route's prices asked once: two `max` over
+    generators asked them twice."""
+    price_in, price_out = plan[0].spec.unit_prices()
+    for route in plan[1:]:
+        unit_in, unit_out = route.spec.unit_prices()
+        if unit_in > price_in:
+            price_in = unit_in
+        if unit_out > price_out:
+            price_out = unit_out
+    return price_in, price_out
+
+
 def _reserved_words(worst: Usage) -> str:
     """What a refusal for budget adds: what the request reserved, and how to reserve less."""
     if worst.completion_tokens == 0:
@@ -374,9 +386,7 @@ def _sent(request_id: str, route: Route | None, status: int) -> SentRequest | No
     )
 
 
-def rate_scopes(principal: Principal) -> list[ScopeLimits]:
-    return [
-        ScopeLimits(scope, limits.rpm, limits.tpm, limits.max_parallel)
-        for scope, limits in budget_scopes(principal)
-        if limits.rpm or limits.tpm or limits.max_parallel
-    ]
+def rate_scopes(principal: Principal) -> tuple[ScopeLimits, ...]:
+    """The scopes a request is rate limited in (worked out once per principal:
+    `Principal.rate_scopes`)."""
+    return principal.rate_scopes

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 
 import msgspec
@@ -29,8 +30,9 @@ from node.gateway.epochs import read_epoch as read_epoch  # where node/peers imp
 from node.gateway.epochs import touch_epoch as touch_epoch
 from node.gateway.keys import bearer_token, hashes_match, key_id_of
 from node.gateway.policy import Network, ip_allowed, parse_networks
+from node.gateway.ratelimit import ScopeLimits
 from node.storage.base import Store
-from node.storage.records import AuditEvent, KeyRecord, TenantRecord, now_ms
+from node.storage.records import AuditEvent, KeyRecord, Limits, TenantRecord, now_ms
 
 # One audit entry per (event, key or address) per this many seconds: a flood of bad keys
 # must not flood the audit log.
@@ -41,9 +43,37 @@ AUDIT_QUIET_SECONDS = 10.0
 AUDIT_MAX_PER_PERIOD = 100
 
 
-class Principal(msgspec.Struct, frozen=True):
+class Principal(msgspec.Struct, frozen=True, dict=True):
+    """Who calls: the key, and its tenant if it has one. `KeyCache` hands out one principal
+    per key until the keys reload, so what is worked out of it here (`cached_property`, kept
+    in the `__dict__` that `dict=True` gives) is worked out once, not on every request."""
+
     key: KeyRecord
     tenant: TenantRecord | None = None
+
+    @cached_property
+    def scopes(self) -> tuple[tuple[str, Limits], ...]:
+        """The (scope, limits) pairs a request by this principal is charged to
+        (`budgets.budget_scopes`): the key, then its tenant."""
+        key = (f"key:{self.key.id}", self.key.limits)
+        if self.tenant is None:
+            return (key,)
+        return key, (f"tenant:{self.tenant.id}", self.tenant.limits)
+
+    @cached_property
+    def budgeted(self) -> tuple[tuple[str, Limits], ...]:
+        """The scopes with a budget (`Budgets.periods`)."""
+        return tuple(scope for scope in self.scopes if scope[1].budget_micros is not None)
+
+    @cached_property
+    def rate_scopes(self) -> tuple[ScopeLimits, ...]:
+        """The scopes with a rate limit, as the limiter admits them (`accounting.rate_scopes`):
+        shared by the principal's requests, so read only."""
+        return tuple(
+            ScopeLimits(scope, limits.rpm, limits.tpm, limits.max_parallel)
+            for scope, limits in self.scopes
+            if limits.rpm or limits.tpm or limits.max_parallel
+        )
 
     @property
     def key_id(self) -> str:
@@ -79,6 +109,10 @@ class KeyCache:
         self._revoked: set[str] = set()
         self._tenants: dict[str, TenantRecord] = {}
         self._networks: dict[str, list[Network]] = {}
+        # One principal per key (and what it works out once), made on the key's first
+        # request after each load: a reload (a key revoked, a tenant's limits changed) drops
+        # them all, so that the next request is judged by the records as they are now.
+        self._principals: dict[str, Principal] = {}
         self._quiet: dict[tuple[str, str], float] = {}
         self._period_start = -AUDIT_QUIET_SECONDS
         self._period_notes = 0
@@ -111,6 +145,7 @@ class KeyCache:
         self._revoked = {k.id for k in keys if k.revoked_at is not None}
         self._tenants = {t.id: t for t in tenants}
         self._networks = {k.id: parse_networks(k.allowed_ips) for k in self._keys.values()}
+        self._principals = {}
         self._epoch = epoch
         self.applied = applied
         for listener in self.listeners:
@@ -139,8 +174,7 @@ class KeyCache:
                 "This API key may not be used from this address",
                 code="ip_not_allowed",
             )
-        tenant = self._tenants.get(record.tenant_id) if record.tenant_id else None
-        return Principal(record, tenant)
+        return self._principal(record)
 
     async def principal_of(self, key_id: str, ip: str | None) -> Principal | None:
         """The principal of a key known by its id alone (a dashboard session names the admin
@@ -152,8 +186,14 @@ class KeyCache:
             return None
         if not ip_allowed(self._networks.get(record.id, []), ip):
             return None
-        tenant = self._tenants.get(record.tenant_id) if record.tenant_id else None
-        return Principal(record, tenant)
+        return self._principal(record)
+
+    def _principal(self, record: KeyRecord) -> Principal:
+        principal = self._principals.get(record.id)
+        if principal is None:
+            tenant = self._tenants.get(record.tenant_id) if record.tenant_id else None
+            principal = self._principals[record.id] = Principal(record, tenant)
+        return principal
 
     def _matches(self, record: KeyRecord, token: str, now: float) -> bool:
         if hashes_match(record.hash, self._secret, token):

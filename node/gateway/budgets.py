@@ -44,12 +44,10 @@ from node.storage.records import HOLD_TTL, Hold
 log = logging.getLogger("aihub.budgets")
 
 
-def budget_scopes(principal: Principal) -> list[tuple[str, Limits]]:
-    """The (scope, limits) pairs a request by this principal is charged to."""
-    scopes = [(f"key:{principal.key.id}", principal.key.limits)]
-    if principal.tenant is not None:
-        scopes.append((f"tenant:{principal.tenant.id}", principal.tenant.limits))
-    return scopes
+def budget_scopes(principal: Principal) -> tuple[tuple[str, Limits], ...]:
+    """The (scope, limits) pairs a request by this principal is charged to (worked out once
+    per principal: `Principal.scopes`)."""
+    return principal.scopes
 
 
 def scope_names(principal: Principal) -> dict[str, str]:
@@ -139,9 +137,8 @@ class Budgets:
 
     def periods(self, principal: Principal, now: float) -> list[tuple[str, int, int]]:
         return [
-            (scope, period_start(limits.budget_period, now), limits.budget_micros)
-            for scope, limits in budget_scopes(principal)
-            if limits.budget_micros is not None
+            (scope, period_start(limits.budget_period, now), limits.budget_micros or 0)
+            for scope, limits in principal.budgeted
         ]
 
     def _take(self, scopes: list[Scope], amount: int) -> bool:
@@ -150,8 +147,9 @@ class Budgets:
         leases = self._leases
         if self._clock() >= self._fresh_until:
             return False
-        if any(leases.get(scope, 0) < amount for scope in scopes):
-            return False
+        for scope in scopes:  # not `any` over a generator: a call a scope, and one more
+            if leases.get(scope, 0) < amount:
+                return False
         for scope in scopes:
             leases[scope] -= amount
         return True
@@ -176,10 +174,11 @@ class Budgets:
         a top-up or a refill is under way already."""
         if self._topping is not None or self._refill.locked():
             return
-        if not any(self._low(scope, start, cap, amount) for scope, start, cap in rows):
-            return
-        self._topping = asyncio.get_running_loop().create_task(self._top_up(rows, amount))
-        self._topping.add_done_callback(self._topped)
+        for scope, start, cap in rows:  # not `any` over a generator, as in `_take`
+            if self._low(scope, start, cap, amount):
+                self._topping = asyncio.get_running_loop().create_task(self._top_up(rows, amount))
+                self._topping.add_done_callback(self._topped)
+                return
 
     def _low(self, scope: str, start: int, cap: int, amount: int) -> bool:
         chunk = _chunk(amount, cap)

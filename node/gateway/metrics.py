@@ -136,14 +136,19 @@ class Metrics:
         frozen.set_function(gc.get_freeze_count)
 
         # Labelled children by (metric, labels): prometheus_client's `labels()` validates and
-        # locks on every call, a few µs each, five times a request.
+        # locks on every call, a few µs each. Bounded (`_remember`): the labels are the
+        # client's model names, and a cache must not grow with them where the registry's
+        # own series would not.
         self._children: dict[tuple[Counter | Histogram, tuple[str, ...]], Any] = {}
+        # A request's end, by (endpoint, model, status): its counters' children in one
+        # lookup (`_Settled`), where they were four, each hashing a tuple of its labels.
+        self._settled: dict[tuple[str, str, int], _Settled] = {}
 
     def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
         key = (metric, labels)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = metric.labels(*labels)
+            child = _remember(self._children, key, metric.labels(*labels))
         return child
 
     def cache_lookup(self, hit: bool) -> None:
@@ -153,13 +158,28 @@ class Metrics:
         self, endpoint: str, model: str, status: int, tokens_in: int, tokens_out: int, cost: int
     ) -> None:
         """A request's end: counted, with the tokens and cost it was charged."""
-        self._child(self.requests, endpoint, model, str(status)).inc()
+        key = (endpoint, model, status)
+        ended = self._settled.get(key)
+        if ended is None:
+            counted = self._child(self.requests, endpoint, model, str(status))
+            ended = _remember(self._settled, key, _Settled(counted))
+        ended.requests.inc()
+        # The token and cost children inline, looked up on first use (`_Settled`).
         if tokens_in:
-            self._child(self.tokens, model, "in").inc(tokens_in)
+            child = ended.tokens_in
+            if child is None:
+                child = ended.tokens_in = self._child(self.tokens, model, "in")
+            child.inc(tokens_in)
         if tokens_out:
-            self._child(self.tokens, model, "out").inc(tokens_out)
+            child = ended.tokens_out
+            if child is None:
+                child = ended.tokens_out = self._child(self.tokens, model, "out")
+            child.inc(tokens_out)
         if cost:
-            self._child(self.cost, model).inc(cost)
+            child = ended.cost
+            if child is None:
+                child = ended.cost = self._child(self.cost, model)
+            child.inc(cost)
 
     def untrusted(self, model: str, clamped: bool, unbilled: int) -> None:
         """A request whose counts were clamped, or whose cost passed its reservation."""
@@ -198,3 +218,32 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# At most this many entries in each of `Metrics`' caches of children: far more than the
+# (endpoint, model, status) a node answers with, so that in use none is ever dropped.
+MAX_CACHED_CHILDREN = 1024
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> Any:
+    """`value` kept in `cache` under `key`, the cache emptied first once full: what it holds
+    is found again by `labels()` (the registry's series are unchanged), only slower."""
+    if len(cache) >= MAX_CACHED_CHILDREN:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+class _Settled:
+    """The children one (endpoint, model, status) counts a request's end in. The token and
+    cost children stay None until first used (`Metrics.settled`): a series is made by its
+    lookup, and one for a model that has never used tokens (its requests all refused) would
+    show a count of zero that was not there before."""
+
+    __slots__ = ("cost", "requests", "tokens_in", "tokens_out")
+
+    def __init__(self, requests: Any) -> None:
+        self.requests = requests
+        self.tokens_in: Any = None
+        self.tokens_out: Any = None
+        self.cost: Any = None

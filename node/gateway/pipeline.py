@@ -29,7 +29,7 @@ import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, NoReturn, TypeVar
 
 import anyio
 import msgspec
@@ -199,14 +199,33 @@ def chat_worst_case(chat: ChatRequest, plan: list[Route]) -> Usage:
     prompt = worst_case_prompt_tokens(
         chat, lambda: [(r.adapter.upstream.provider, r.adapter.upstream.model) for r in plan]
     )
-    ceiling = max(route.spec.max_output_tokens for route in plan)
-    if not chat.output_limit:
-        # No max_tokens: what the deployments say such a request reserves.
-        asked = max(route.spec.reserve_output_tokens or ceiling for route in plan)
-    else:
-        asked = chat.output_limit
+    ceiling = _output_ceiling(plan)
+    # No max_tokens: what the deployments say such a request reserves.
+    asked = chat.output_limit or _reserved_output(plan, ceiling)
     output = min(asked, ceiling) * (chat.n or 1)
     return Usage(prompt, output, prompt + output)
+
+
+# The two below are loops, not `max` over a generator: a generator is a call per route and
+# one more, on every chat request.
+def _output_ceiling(plan: list[Route]) -> int:
+    """The most output any deployment of the plan writes (`max_output_tokens`)."""
+    ceiling = plan[0].spec.max_output_tokens
+    for route in plan[1:]:
+        if route.spec.max_output_tokens > ceiling:
+            ceiling = route.spec.max_output_tokens
+    return ceiling
+
+
+def _reserved_output(plan: list[Route], ceiling: int) -> int:
+    """The most output a request without max_tokens reserves on the plan: each deployment's
+    `reserve_output_tokens`, else the `ceiling`."""
+    reserved = plan[0].spec.reserve_output_tokens or ceiling
+    for route in plan[1:]:
+        reserve = route.spec.reserve_output_tokens or ceiling
+        if reserve > reserved:
+            reserved = reserve
+    return reserved
 
 
 # A chat request without max_tokens whose budget has less left than its full worst case is
@@ -248,19 +267,16 @@ async def begin_chat(
 _OUTPUT_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens")
 
 
-@contextlib.asynccontextmanager
-async def _settled_on_error(books: Accounting) -> AsyncIterator[None]:
-    """Whatever escapes the block while the request holds reservations and parallel slots,
-    they are released (the request is settled as failed) and the client is told of a gateway
+def _failed_in_gateway(books: Accounting, exc: Exception) -> NoReturn:
+    """Whatever escapes `begin`, `complete` or `stream` while the request holds reservations
+    and parallel slots (other than a domain error, which `Accounting.fail` settled), they
+    are released (the request is settled as failed) and the client is told of a gateway
     failure, never left with a budget stranded until a restart. Settling is once: a request
-    that was settled already is only answered."""
-    try:
-        yield
-    except HubError:
-        raise  # settled by `Accounting.fail`
-    except Exception as exc:
-        log.exception("request %s failed in the gateway", books.request_id)
-        books.fail(gateway_failure(exc))
+    that was settled already is only answered. Each of them calls this from a plain
+    `try`/`except`: an `asynccontextmanager` here was a generator, its context manager and
+    five calls a use, twice a request."""
+    log.exception("request %s failed in the gateway", books.request_id)
+    books.fail(gateway_failure(exc))
 
 
 async def begin(
@@ -291,11 +307,15 @@ async def begin(
             await hub.resync.ensure(principal.key.peer_id or "")
         except HubError as exc:
             books.fail(exc)
-    async with _settled_on_error(books):
+    try:
         await books.admit_rates(caller.ip)
-        kept = await _cached(books, cache, streamed)
+        kept = await _cached(books, cache, streamed) if cache is not None else None
         free = kept is not None and not hub.cache.config.bill_hits
         await books.reserve(caller.ip, plan, worst(plan), elastic, free)
+    except HubError:
+        raise  # settled by `Accounting.fail`
+    except Exception as exc:
+        _failed_in_gateway(books, exc)
     return Admitted(books, plan, cache, kept)
 
 
@@ -326,17 +346,20 @@ async def _route(
         raise
 
 
-async def _guard_input(books: Accounting, call: ChatCall | CompletionCall | None) -> Profile | None:
-    """The caller's guardrail profile, its input checks run on the call (nothing to do, and
-    nothing imported, when no profile applies)."""
-    guardrails = books.hub.guardrails
-    profile = None if call is None else guardrails.profile_for(books.principal)
-    if profile is not None and call is not None:
-        try:
-            await guardrails.screen_input(profile, call, books)
-        except HubError as exc:
-            books.fail(exc)
-    return profile
+def _profile_for(books: Accounting, call: ChatCall | CompletionCall | None) -> Profile | None:
+    """The caller's guardrail profile, if one applies to the call (nothing imported when none
+    does)."""
+    return None if call is None else books.hub.guardrails.profile_for(books.principal)
+
+
+async def _guard_input(
+    books: Accounting, profile: Profile, call: ChatCall | CompletionCall
+) -> None:
+    """The profile's input checks run on the call (a refusal settles the request)."""
+    try:
+        await books.hub.guardrails.screen_input(profile, call, books)
+    except HubError as exc:
+        books.fail(exc)
 
 
 async def complete(
@@ -351,30 +374,43 @@ async def complete(
     for the guardrails (an embedding's is not read). With a `cache` slot, a kept answer is
     the answer (once the input passed the guardrails, and screened as a fresh one is)."""
     books, plan = admitted.books, admitted.plan
-    async with _settled_on_error(books):
-        profile = await _guard_input(books, call)
-        kept = await _kept_for(admitted, cache, False)
+    try:
+        # The guardrails', the cache's and the receipts' hooks are awaited only for a request
+        # that has them: each await of a coroutine that has nothing to do is still a
+        # coroutine made, run and finished (seven a request).
+        profile = _profile_for(books, call)
+        if profile is not None and call is not None:
+            await _guard_input(books, profile, call)
+        kept = await _kept_for(admitted, cache, False) if cache is not None else None
         if kept is not None:
             assert kept.result is not None
             replayed = _screen(books, profile, kept.result)
-            await _moderate(books, profile, replayed, None)
+            if profile is not None:
+                await _moderate(books, profile, replayed, None)
             return _cached_answer(books, plan, replayed)
         result, route = await _route(books, plan, attempt, watch)
         result = _screen(books, profile, result)
-        await _moderate(books, profile, result, route)
+        if profile is not None:
+            await _moderate(books, profile, result, route)
         books.observe_latency()
         _log_answer(books, result)
         cost = books.finish(
             route, result.usage, estimated=result.usage_estimated, status=OK, stream=False
         )
-        receipt = await books.issue_receipt()
+        # Only a peer's request is settled with a receipt (`Accounting.finish`).
+        receipt = await books.issue_receipt() if books.for_peer else None
         books.take_receipt(route, result.receipt, cost)
-        await _keep_result(books, cache, result)
+        if cache is not None:
+            await _keep_result(books, cache, result)
         facts = Facts(
             books.request_id, books.limits, cost, receipt, route.peer_name, books.output_cap
         )
         facts.cache = "miss" if cache is not None else None
         return Answer(result, facts)
+    except HubError:
+        raise  # settled by `Accounting.fail`
+    except Exception as exc:
+        _failed_in_gateway(books, exc)
 
 
 R = TypeVar("R", ChatResult, EmbedResult, WireResult)
@@ -585,9 +621,11 @@ async def stream(
         assert isinstance(call, ChatCall)
         opener = _chat_opener(call)
     opening = opener
-    async with _settled_on_error(books):
-        profile = await _guard_input(books, call)
-        kept = await _kept_for(admitted, cache, True)
+    try:
+        profile = _profile_for(books, call)
+        if profile is not None and call is not None:
+            await _guard_input(books, profile, call)
+        kept = await _kept_for(admitted, cache, True) if cache is not None else None
         recording = None
         if kept is not None:
             streamed = _cached_stream(books, plan, kept)
@@ -596,6 +634,10 @@ async def stream(
                 recording = _Recording(cache, books.hub.cache.config.max_answer_bytes)
             streamed = await _fresh_stream(books, plan, call, opening, watch, recording)
         return _screened(books, profile, call, streamed, recording)
+    except HubError:
+        raise  # settled by `Accounting.fail`
+    except Exception as exc:
+        _failed_in_gateway(books, exc)
 
 
 async def _fresh_stream(

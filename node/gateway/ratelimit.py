@@ -37,7 +37,7 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from node.storage.base import Store
@@ -102,7 +102,7 @@ class ScopeLimits:
 class Admission:
     """What one admitted request holds; given back to `release` when it ends."""
 
-    scopes: list[ScopeLimits]
+    scopes: Sequence[ScopeLimits]
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -200,7 +200,7 @@ class RateLimiter:
         self._slots: dict[str, Slots] = {}
         self._lock = asyncio.Lock()  # one store sync at a time per process
 
-    async def admit(self, scopes: list[ScopeLimits]) -> Admission:
+    async def admit(self, scopes: Sequence[ScopeLimits]) -> Admission:
         """Admit a request under every scope's limits, or raise `RateLimited` and hold nothing."""
         admission = self._admit_here(scopes, self._clock())
         if admission is not None:
@@ -213,7 +213,7 @@ class RateLimiter:
                     return admission
                 await self._lease(scopes, now)
 
-    def _admit_here(self, scopes: list[ScopeLimits], now: float) -> Admission | None:
+    def _admit_here(self, scopes: Sequence[ScopeLimits], now: float) -> Admission | None:
         """Admit from this process's leases (no await: atomic within the process); None if a
         lease is missing, RateLimited if the tokens of the last minute are over a limit."""
         second = math.floor(now)
@@ -273,7 +273,7 @@ class RateLimiter:
             tokens = self._tokens[scope] = TokenLog()
         return tokens
 
-    async def _lease(self, scopes: list[ScopeLimits], now: float) -> None:
+    async def _lease(self, scopes: Sequence[ScopeLimits], now: float) -> None:
         """Take from the store what this request's scopes lack, or raise `RateLimited`."""
         second = math.floor(now)
         takes, returns = [], []
@@ -385,7 +385,7 @@ class RateLimiter:
 
 
 def _refusal(
-    scopes: list[ScopeLimits], take: RateTake, answer: RateAnswer, now: float
+    scopes: Sequence[ScopeLimits], take: RateTake, answer: RateAnswer, now: float
 ) -> RateLimited:
     if take.kind == "parallel":
         return RateLimited(

@@ -132,16 +132,22 @@ class Router:
         deployments, then peers that advertise the model (unless `local_only`, as for a
         request that is itself from a peer). Only the fallback models that `allowed` passes
         are added: a key or invite for model X is never served model Y by way of a fallback."""
-        if not self.serves(model, kind, local_only=local_only):
+        # The model's own routes once (`serves` asked for them, then the plan again), and
+        # the fallbacks' only if it has any: most models have none.
+        own = self._candidates(model, kind, local_only)
+        if not own:
             raise NoRoute(model)
-        now = time.monotonic()
-        fallbacks = self.settings.fallbacks.get(model, ())
-        names = [model, *(name for name in fallbacks if allowed is None or allowed(name))]
-        ordered: list[Route] = []
-        for name in dict.fromkeys(names):
-            ordered += self._order(self._candidates(name, kind, local_only))
-        # Rested deployments first; a cooling one is still better than failing outright.
-        return [r for r in ordered if not r.cooling(now)] + [r for r in ordered if r.cooling(now)]
+        ordered = self._order(own)
+        fallbacks = self.settings.fallbacks.get(model)
+        if fallbacks:
+            ordered = list(ordered)
+            tried = {model}
+            for name in fallbacks:
+                if name in tried or (allowed is not None and not allowed(name)):
+                    continue
+                tried.add(name)
+                ordered += self._order(self._candidates(name, kind, local_only))
+        return _rested_first(ordered, time.monotonic())
 
     def _order(self, routes: list[Route]) -> list[Route]:
         strategy = self.settings.strategy
@@ -252,6 +258,16 @@ class Router:
             route.cooldown_until = max(route.cooldown_until, now + rest)
         elif route.failures >= self.settings.cooldown_failures:
             route.cooldown_until = max(route.cooldown_until, now + self.settings.cooldown_seconds)
+
+
+def _rested_first(routes: list[Route], now: float) -> list[Route]:
+    """Rested deployments first; a cooling one is still better than failing outright. The
+    routes as they are when none is cooling, as is usual (`Route.cooling`, inline: twice a
+    route a request)."""
+    rested = [r for r in routes if r.cooldown_until <= now]
+    if len(rested) == len(routes):
+        return routes
+    return rested + [r for r in routes if r.cooldown_until > now]
 
 
 def request_deadline_error(seconds: float) -> UpstreamError:
