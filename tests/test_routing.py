@@ -255,11 +255,11 @@ def server(request, monkeypatch):
     watchers: list[object] = []
     real = asgi._watcher_task
 
-    def counted(receive, watch):
+    def counted(watch):
         watchers.append(watch)
         if http is None:
             raise AssertionError("a watcher task under aihub's own protocol")
-        return real(receive, watch)
+        return real(watch)
 
     monkeypatch.setattr(asgi, "_watcher_task", counted)
     yield http

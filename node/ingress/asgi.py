@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, NamedTuple
 
 from litestar import Request, asgi
@@ -138,14 +138,21 @@ async def begin_chat(
     return await pipeline.begin_chat(hub_of(request), caller, call, cache)
 
 
-class _Watch:
-    """One block's watch: cancels its task once, if the client goes while it runs."""
+class ClientWatch:
+    """`async with cancelled_on_disconnect(receive, scope)`: run the block in this very task,
+    cancelled if the client disconnects first (then a client-closed HubError comes out of
+    it). No hand-off of the work to a task of its own: on a busy core each task switch is
+    latency before the first byte. The server's own word that the client went
+    (`node/ingress/client_gone.py`) where it gives one, else one watcher task per block. A
+    class, not an `asynccontextmanager`: the generator, its wrapper and their calls cost more
+    than the watch, twice a request."""
 
-    __slots__ = ("gone", "running", "task")
+    __slots__ = ("_receive", "_scope", "_stop", "gone", "running", "task")
 
-    def __init__(self, task: asyncio.Task[Any]) -> None:
-        self.task = task
-        self.running = True
+    def __init__(self, receive: Receive, scope: Scope) -> None:
+        self._receive = receive
+        self._scope = scope
+        self.running = False
         self.gone = False
 
     def cancel(self) -> None:
@@ -153,32 +160,30 @@ class _Watch:
             self.gone = True
             self.task.cancel()
 
+    async def __aenter__(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.running = True
+        gone: ClientGone | None = self._scope.get(CLIENT_GONE)  # type: ignore[call-overload]
+        self._stop = gone.watch(self.cancel) if gone is not None else _watcher_task(self)
 
-@contextlib.asynccontextmanager
-async def cancelled_on_disconnect(receive: Receive, scope: Scope) -> AsyncIterator[None]:
-    """Run the block in this very task, cancelled if the client disconnects first (then a
-    client-closed HubError comes out of it). No hand-off of the work to a task of its own: on
-    a busy core each task switch is latency before the first byte. The server's own word
-    that the client went (`node/ingress/client_gone.py`) where it gives one, else one watcher
-    task per block."""
-    task = asyncio.current_task()
-    assert task is not None
-    watch = _Watch(task)
-    gone: ClientGone | None = scope.get(CLIENT_GONE)  # type: ignore[call-overload]
-    stop = gone.watch(watch.cancel) if gone is not None else _watcher_task(receive, watch)
-    try:
-        yield
-    except asyncio.CancelledError:
-        if not watch.gone:
-            raise
-        task.uncancel()
-        raise client_closed() from None
-    finally:
-        watch.running = False
-        stop()
+    async def __aexit__(self, kind: type[BaseException] | None, *_: object) -> bool:
+        self.running = False
+        self._stop()
+        if kind is not None and issubclass(kind, asyncio.CancelledError) and self.gone:
+            self.task.uncancel()
+            raise client_closed() from None
+        return False
 
 
-def _watcher_task(receive: Receive, watch: _Watch) -> Callable[[], Any]:
+def cancelled_on_disconnect(receive: Receive, scope: Scope) -> ClientWatch:
+    return ClientWatch(receive, scope)
+
+
+def _watcher_task(watch: ClientWatch) -> Callable[[], Any]:
+    receive = watch._receive
+
     async def wait() -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
