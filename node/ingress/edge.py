@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from litestar import Litestar, Request
+from litestar.exceptions import HTTPException
 from litestar.handlers import ASGIRouteHandler
 from litestar.routes import ASGIRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send, TypeEncodersMap
@@ -69,9 +70,8 @@ def hot_routes(app: Litestar) -> dict[str, HotRoute]:
 def exception_handler(handlers: Mapping[Any, Any], exc: Exception) -> Any:
     """Litestar's choice of handler: the exception's status code for an HTTP exception, else
     the nearest class in its MRO (a route's own handlers are already merged over the app's)."""
-    status = getattr(exc, "status_code", None)
-    if status is not None and status in handlers:
-        return handlers[status]
+    if isinstance(exc, HTTPException) and exc.status_code in handlers:
+        return handlers[exc.status_code]
     return next(handlers[cls] for cls in type(exc).__mro__ if cls in handlers)
 
 
