@@ -415,6 +415,9 @@ class Peering:
             raise JoinRefused(Kind.INVALID_REQUEST, "a node cannot join itself")
 
     def join_response(self, node_id: str, key: str, limits: Limits) -> JoinResponse:
+        # What the joiner is told here is what a later `keys update` is compared with: a peer
+        # first seen by `_offers_changed` after that update would be pushed nothing.
+        self._offered[node_id] = self.local_models(limits)
         return JoinResponse(
             v=1,
             descriptor=msgspec.to_builtins(self.descriptor()),
@@ -584,7 +587,8 @@ class Peering:
             node_id in self._offered and self._offered[node_id] != models
             for node_id, models in offered.items()
         )
-        self._offered = offered
+        # Merged, not replaced: a peer that joined while this ran keeps what its join told it.
+        self._offered.update(offered)
         return changed
 
     @staticmethod
