@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 from collections.abc import Iterator
 
 import httpx
@@ -72,6 +73,13 @@ def test_pages_need_a_session_and_carry_strict_headers(node: RunningNode) -> Non
             assert served.headers["content-type"].startswith("text/javascript")
             assert served.headers["x-content-type-options"] == "nosniff"
         assert client.get("/ui/static/../../config.toml").status_code == 404
+    # A path Litestar routes only once normalised is the page all the same, and so are its
+    # headers: they follow the routed path, not the path as sent.
+    host, port = node.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(b"GET //ui/sign-in HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        head = b"".join(iter(lambda: raw.recv(65536), b"")).split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 200") and b"content-security-policy: default-src" in head
 
 
 def test_a_wrong_key_is_refused_and_audited(node: RunningNode) -> None:

@@ -111,18 +111,18 @@ class Edge:
             return
         started = time.perf_counter()
         answer = Answer()
-        path = scope["path"]
         scope[HUB_KEY] = self.state.get("hub")  # type: ignore[typeddict-unknown-key]
 
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
                 answer.status = message["status"]
                 headers = stamp(list(message.get("headers", ())), answer)
-                message["headers"] = with_security_headers(path, headers)
+                # The path as routed: Litestar's router normalises it (`//ui` is `/ui`).
+                message["headers"] = with_security_headers(scope["path"], headers)
             await send(message)
 
         try:
-            route = self._hot(scope, path)
+            route = self._hot(scope, scope["path"])
             if route is None:
                 await self.inner(scope, receive, sending)
             else:
