@@ -5,10 +5,19 @@ official `openai` SDK."""
 
 from __future__ import annotations
 
+import anyio
 import msgspec
 import openai
 import pytest
 
+from federation.descriptors import make_descriptor
+from federation.identity import NodeIdentity
+from node.config import CONFIG_FILE, load_config
+from node.gateway.epochs import touch_epoch
+from node.hub import Hub
+from node.peers.peering import admit_peer
+from node.provision import create_node
+from node.storage.records import Limits
 from tests.test_federation import LLAMA, MINI, cli, invite, make_peer, sdk, wait_for
 
 HI = [{"role": "user", "content": "hi"}]
@@ -109,3 +118,36 @@ def test_a_peer_that_cannot_be_reached_is_checked_and_marked_down_at_once(tmp_pa
             sdk(b).chat.completions.create(model="llama3@alice", messages=HI)
         assert "alice" in str(failed.value) and "could not be reached" in str(failed.value)
         assert wait_for(lambda: health(b, "alice")[0] is False)
+
+
+def test_a_key_narrowed_before_the_next_tick_after_a_join_is_still_pushed(tmp_path) -> None:
+    """A `keys update` may come before the tick that follows a join: what the join told the
+    peer is what the update is compared with, so the narrowing is pushed (it was not: the
+    peer, first seen at the update, had nothing to compare with). In one process, the tick's
+    check (`_offers_changed`) called by hand, where a race put it."""
+    folder = tmp_path / "alice"
+    create_node(folder, "alice")
+    with (folder / CONFIG_FILE).open("a") as config:
+        config.write(f"\n{LLAMA}\n\n{MINI}\n")
+
+    async def joined_then_narrowed() -> bool:
+        hub = await Hub.start(folder, load_config(folder))
+        try:
+            peering = hub.peering
+            bob = make_descriptor(NodeIdentity.generate(), "bob", ["http://127.0.0.1:9"])
+            limits = Limits()
+            key = await admit_peer(hub.store, peering.identity, bob, limits, None)
+            assert key is not None
+            await peering.changed()
+            response = peering.join_response(bob.node_id, key, limits)
+            assert {"llama3", "gpt-4o-mini"} <= {m["id"] for m in response.advert["models"]}
+            # The update, before any tick ran since the join.
+            (record,) = [k for k in await hub.store.keys.keys() if k.peer_id == bob.node_id]
+            narrowed = msgspec.structs.replace(limits, models=["llama3"])
+            await hub.store.keys.save_key(msgspec.structs.replace(record, limits=narrowed))
+            touch_epoch(folder)
+            return await peering._offers_changed()
+        finally:
+            await hub.stop()
+
+    assert anyio.run(joined_then_narrowed)
