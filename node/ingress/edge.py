@@ -18,14 +18,14 @@ header Litestar refuses) goes to Litestar as before, which answers it as it alwa
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from litestar import Litestar, Request
-from litestar.exceptions import HTTPException
+from litestar._asgi.utils import is_valid_host
 from litestar.handlers import ASGIRouteHandler
+from litestar.middleware._internal.exceptions.middleware import get_exception_handler
 from litestar.routes import ASGIRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send, TypeEncodersMap
 
@@ -38,9 +38,6 @@ from node.ui.security import with_security_headers
 # Marks a route handler whose requests the edge may hand straight to its endpoint.
 HOT = "aihub.hot"
 _REQUEST_ID = REQUEST_ID_HEADER.encode()
-# The Host values Litestar's router lets through (its `is_valid_host`, the same pattern);
-# anything else goes to Litestar, which refuses it as it does on every other path.
-_HOST = re.compile(rb"\A[0-9A-Za-z!$&'()*+,;=\-._~:\[\]@%]*\Z")
 
 
 class HotRoute(NamedTuple):
@@ -67,14 +64,6 @@ def hot_routes(app: Litestar) -> dict[str, HotRoute]:
     return table
 
 
-def exception_handler(handlers: Mapping[Any, Any], exc: Exception) -> Any:
-    """Litestar's choice of handler: the exception's status code for an HTTP exception, else
-    the nearest class in its MRO (a route's own handlers are already merged over the app's)."""
-    if isinstance(exc, HTTPException) and exc.status_code in handlers:
-        return handlers[exc.status_code]
-    return next(handlers[cls] for cls in type(exc).__mro__ if cls in handlers)
-
-
 def stamp(headers: list[tuple[bytes, bytes]], answer: Answer) -> list[tuple[bytes, bytes]]:
     """The head's `aihub-request-id`: a handler's own (the id its receipt and usage row name)
     is kept, anything else (an error, a 404, /health) gets a fresh one, so a client can always
@@ -89,9 +78,11 @@ def stamp(headers: list[tuple[bytes, bytes]], answer: Answer) -> list[tuple[byte
 
 
 def plain_host(scope: Scope) -> bool:
+    """Whether Litestar's router would let the Host header through (its own check: anything
+    else goes to Litestar, which refuses it as it does on every other path)."""
     for name, value in scope["headers"]:
         if name == b"host":
-            return _HOST.match(value) is not None
+            return is_valid_host(value)
     return True
 
 
@@ -154,7 +145,10 @@ class Edge:
             if answer.status:
                 raise
             request: Request = Request(scope, receive, send)
-            response = exception_handler(route.exception_handlers, exc)(request, exc)
+            # Litestar's own choice of handler; `hot_routes` made sure there is one.
+            handler = get_exception_handler(route.exception_handlers, exc)
+            assert handler is not None
+            response = handler(request, exc)
             asgi_response = response.to_asgi_response(
                 app=None, request=request, type_encoders=route.type_encoders
             )
