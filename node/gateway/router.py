@@ -262,12 +262,12 @@ class Router:
 
 def _rested_first(routes: list[Route], now: float) -> list[Route]:
     """Rested deployments first; a cooling one is still better than failing outright. The
-    routes as they are when none is cooling, as is usual (`Route.cooling`, inline: twice a
-    route a request)."""
-    rested = [r for r in routes if r.cooldown_until <= now]
+    routes as they are when none is cooling, as is usual: one pass, and a second only when
+    some route cools."""
+    rested = [r for r in routes if not r.cooling(now)]
     if len(rested) == len(routes):
         return routes
-    return rested + [r for r in routes if r.cooldown_until > now]
+    return rested + [r for r in routes if r.cooling(now)]
 
 
 def request_deadline_error(seconds: float) -> UpstreamError:
