@@ -42,15 +42,10 @@ _pool = _RandomPool()
 os.register_at_fork(after_in_child=_pool.clear)
 
 
-def random_bytes(count: int) -> bytes:
-    """`count` of the OS's random bytes, from the pool: for ids and nonces made on a request's
+def random_hex(count: int) -> str:
+    """As `secrets.token_hex(count)`, from the pool: for ids and nonces made on a request's
     path, where `secrets.token_*` is a `getrandom` system call each (~9 µs a call at 1,000
     requests a second, py-spy)."""
-    return _pool.take(count)
-
-
-def random_hex(count: int) -> str:
-    """As `secrets.token_hex(count)`, from the pool."""
     return _pool.take(count).hex()
 
 
