@@ -14,8 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from uvicorn.config import Config
+from uvicorn.server import ServerState
 
+from node.config import ServerSection
 from node.ingress.coalesce import CoalescingTransport
+from node.ingress.connections import guarded_protocol
 from tests.conftest import NodeDir, serve_process
 from tests.mocks.server import free_port
 
@@ -94,6 +98,34 @@ def test_abort_drops_what_is_held_and_the_rest_is_the_real_transport() -> None:
 
     real = asyncio.run(scenario())
     assert real.aborted and real.writes == []
+
+
+def test_a_complete_answer_leaves_before_its_task_goes_on() -> None:
+    """The protocol flushes when the response is complete: what the app does after its last
+    `send`, in the same turn of the loop (an access line, metrics), happens after the client
+    has its answer, not before."""
+    seen_after_send: list[list[bytes]] = []
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        length = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": length})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"{}"})  # type: ignore[operator]
+        seen_after_send.append(list(real.writes))  # no await between: still the same turn
+
+    async def scenario() -> None:
+        config = Config(app, lifespan="off", log_config=None)
+        protocol = guarded_protocol(ServerSection())(config, ServerState(), {})
+        protocol.connection_made(real)
+        protocol.data_received(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        while not seen_after_send:
+            await _turn()
+        protocol.connection_lost(None)
+
+    real = Recorder()
+    asyncio.run(scenario())
+    [writes] = seen_after_send
+    assert len(writes) == 1, writes  # head and body in one write, already on the socket
+    assert writes[0].startswith(b"HTTP/1.1 200 OK") and writes[0].endswith(b"\r\n\r\n{}")
 
 
 @pytest.fixture

@@ -10,6 +10,11 @@ hands it to the real transport once, at the end of that turn (`call_soon`): a co
 leaves as one write, a stream's events of one upstream chunk too, and nothing waits longer
 than the loop's current turn (no timer, no size threshold).
 
+A response's last bytes do not wait for the turn's end: the protocol `flush`es when the
+server reports the response complete (`connections.py`). What the request's task does after
+its last `send` in the same turn (the access line, metrics, releasing what it held: ~60 µs a
+request measured through a real node) would otherwise run before the client is answered.
+
 Closing flushes first (what was written is sent before the close); aborting drops it, as an
 abort drops the real transport's buffer.
 """
@@ -36,7 +41,7 @@ class CoalescingTransport:
             return
         if self._pending is None:
             self._pending = [bytes(data)]
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
         else:
             self._pending.append(bytes(data))
 
@@ -44,17 +49,18 @@ class CoalescingTransport:
         for chunk in chunks:
             self.write(chunk)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Hand what is held to the real transport now (the turn's end finds nothing)."""
         pending, self._pending = self._pending, None
         if pending and not self._transport.is_closing():
             self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def close(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.close()
 
     def write_eof(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.write_eof()
 
     def abort(self) -> None:

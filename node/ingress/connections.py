@@ -12,7 +12,8 @@ exhaust the file limit and the node stops answering. Here:
 - past `max_connections` open connections, a new one is answered 503 and closed at once, so the
   node never holds more sockets than that (per worker process);
 - what is written during one turn of the event loop leaves in one write (`coalesce.py`): a
-  response's head and body are one system call, not two;
+  response's head and body are one system call, not two, sent as soon as the response is
+  complete rather than after what its task does next in that turn;
 - a request whose connection is lost before its answer is complete is told so at once
   (`client_gone.py`), without a task of its own waiting on `receive()` for it.
 """
@@ -127,6 +128,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self.phase = "idle"
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        # Called by the cycle's `send` right after the last body write: the answer leaves
+        # now, before the request's task goes on to its bookkeeping in this turn.
+        self.transport.flush()  # type: ignore[attr-defined]
+        super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
