@@ -20,7 +20,7 @@ import aiohttp
 import msgspec
 import yarl
 
-from adapters.aiohttp_post import post
+from adapters.aiohttp_post import Answered, post
 from adapters.types import (
     Upstream,
     UpstreamError,
@@ -207,7 +207,7 @@ class UpstreamResponse:
     """A provider's answer: its status and headers; its body read (`content`), or left to be
     streamed (`aiter_bytes`) and then closed."""
 
-    def __init__(self, response: aiohttp.ClientResponse, content: bytes = b"") -> None:
+    def __init__(self, response: Answered, content: bytes = b"") -> None:
         self._response = response
         self.status_code = response.status
         self.headers: Mapping[str, str] = response.headers
@@ -231,7 +231,7 @@ class UpstreamResponse:
             finish(self._response)
 
 
-async def _drain(response: aiohttp.ClientResponse) -> None:
+async def _drain(response: Answered) -> None:
     """Read the end of a complete stream's body (a chunked body's last chunk comes after the
     last event, often in a segment of its own), so that its connection goes back to the pool:
     aiohttp keeps only a connection whose response was read to the end, and otherwise the
@@ -250,7 +250,7 @@ async def _drain(response: aiohttp.ClientResponse) -> None:
         pass
 
 
-def finish(response: aiohttp.ClientResponse) -> None:
+def finish(response: Answered) -> None:
     """Done with a response: its connection goes back to the pool if the body was read to
     the end, and is closed if it was cut short (deadline, size limit, client gone)."""
     if response.content.at_eof():
@@ -313,7 +313,7 @@ def too_large(upstream: Upstream, what: str, limit: int) -> UpstreamError:
     )
 
 
-async def _read_limited(response: aiohttp.ClientResponse, upstream: Upstream) -> bytes:
+async def _read_limited(response: Answered, upstream: Upstream) -> bytes:
     """The whole body, refused past `max_response_bytes` (announced or received)."""
     limit = upstream.max_response_bytes
     if response.content_length is not None and response.content_length > limit:

@@ -96,14 +96,15 @@ def ways(url: str, data: bytes) -> dict[str, Callable[[], Awaitable[tuple[Call, 
         return call, s.close
 
     async def aiohttp_below() -> tuple[Call, Callable]:
-        # The same call on the same session a level below ClientSession.request, as the node
-        # makes it since 2026-12-02 (adapters/aiohttp_post.py).
+        # The same call on the same session below ClientSession.request (since 2026-12-02)
+        # and below ClientRequest.send (since 2026-12-03), as the node makes it
+        # (adapters/aiohttp_post.py).
         s = await session()
         built = yarl.URL(url)
 
         async def call() -> int:
             r = await aiohttp_post.post(s, built, data, HEADERS, timeout)
-            await r.read()
+            await r.content.read()
             r.release()
             return r.status
 
@@ -202,7 +203,7 @@ def ways(url: str, data: bytes) -> dict[str, Callable[[], Awaitable[tuple[Call, 
     found = {
         "aiohttp, str URL (the node's before 2026-12-02)": aiohttp_str,
         "aiohttp, prebuilt yarl.URL": aiohttp_url,
-        "aiohttp below ClientSession.request (adapters/aiohttp_post.py)": aiohttp_below,
+        "aiohttp below ClientRequest.send (adapters/aiohttp_post.py)": aiohttp_below,
         "aiohttp, prebuilt URL, session defaults": aiohttp_lean,
         "httpx (h11)": httpx_h11,
         "the node's send() (adapters/http.py)": node_send,

@@ -1,0 +1,165 @@
+"""The upstream POST below aiohttp's `ClientRequest.send` (adapters/aiohttp_post.py), against a
+raw TCP server of the test's own that sees every byte and answers whatever it is told to, a
+hostile upstream included: what goes on the wire, the connection going back to the pool or not,
+interim answers, a malformed answer, a silent one, and a header that would split the request."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import pytest
+import yarl
+
+from adapters.aiohttp_post import ProviderAnswer, post
+
+TIMEOUTS = aiohttp.ClientTimeout(total=30, sock_connect=5, sock_read=30)
+OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+Answer = Callable[[bytes], bytes | None]
+
+
+class Upstream:
+    """Reads each request whole (head and Content-Length body) and writes what `answer` returns
+    for it; None leaves the request unanswered. Records the requests and the connections."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                request = head + await reader.readexactly(length)
+                self.requests.append(request)
+                answer = self.answer(request)
+                if answer is None:
+                    await reader.read()  # silent until the client hangs up
+                    return
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+def run(
+    answer: Answer, scenario: Callable[[aiohttp.ClientSession, str], Awaitable[None]]
+) -> Upstream:
+    upstream = Upstream(answer)
+
+    async def main() -> None:
+        base = await upstream.start()
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+            await scenario(session, base)
+        await upstream.stop()
+
+    asyncio.run(main())
+    return upstream
+
+
+def _url(base: str, path: str = "/v1/chat/completions") -> yarl.URL:
+    return yarl.URL(base + path, encoded=True)
+
+
+def test_the_request_leaves_whole_and_its_connection_is_kept() -> None:
+    async def scenario(session: aiohttp.ClientSession, base: str) -> None:
+        for _ in range(2):
+            answer = await post(
+                session,
+                _url(base, "/v1/x?a=%2F"),
+                b'{"q":1}',
+                {"authorization": "Bearer k"},
+                TIMEOUTS,
+            )
+            assert isinstance(answer, ProviderAnswer)
+            assert (answer.status, answer.reason, answer.content_length) == (200, "OK", 2)
+            assert answer.headers["Content-Type"] == "application/json"
+            assert await answer.content.read() == b"{}"
+            assert answer.connection is None  # let go at the body's end, as aiohttp does
+            answer.release()  # and again: nothing happens
+
+    upstream = run(lambda _: OK, scenario)
+    assert upstream.connections == 1  # the second request went on the first one's connection
+    head, _, body = upstream.requests[0].partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /v1/x?a=%2F HTTP/1.1"  # the path exactly as given
+    fields = {line.split(b": ", 1)[0].lower(): line.split(b": ", 1)[1] for line in lines[1:]}
+    assert fields[b"host"].startswith(b"127.0.0.1:")
+    assert fields[b"authorization"] == b"Bearer k"
+    # What aiohttp's own path sends: its default headers, the body's length and type.
+    assert fields[b"accept-encoding"] and fields[b"user-agent"].startswith(b"Python/")
+    assert fields[b"content-length"] == b"7" and body == b'{"q":1}'
+    assert fields[b"content-type"] == b"application/octet-stream"
+
+
+def test_an_answer_cut_short_closes_its_connection_and_its_body_can_no_longer_be_read() -> None:
+    big = b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n" + b"x" * 1000
+
+    async def scenario(session: aiohttp.ClientSession, base: str) -> None:
+        answer = await post(session, _url(base), b"{}", {}, TIMEOUTS)
+        answer.release()  # 99,000 bytes unread: the protocol will not keep it
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await answer.content.read()
+        again = await post(session, _url(base), b"{}", {}, TIMEOUTS)
+        again.close()
+
+    upstream = run(lambda _: big, scenario)
+    assert upstream.connections == 2
+
+
+def test_an_interim_answer_is_passed_over() -> None:
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n"
+
+    async def scenario(session: aiohttp.ClientSession, base: str) -> None:
+        answer = await post(session, _url(base), b"{}", {}, TIMEOUTS)
+        assert answer.status == 200 and await answer.content.read() == b"{}"
+
+    run(lambda _: interim + OK, scenario)
+
+
+def test_a_malformed_answer_is_a_client_error() -> None:
+    async def scenario(session: aiohttp.ClientSession, base: str) -> None:
+        with pytest.raises(aiohttp.ClientError):
+            await post(session, _url(base), b"{}", {}, TIMEOUTS)
+
+    run(lambda _: b"HTTP/1.1 2x0 Nope\r\n\r\n", scenario)
+
+
+def test_a_silent_upstream_is_given_up_at_the_read_timeout() -> None:
+    timeouts = aiohttp.ClientTimeout(total=30, sock_connect=5, sock_read=0.2)
+
+    async def scenario(session: aiohttp.ClientSession, base: str) -> None:
+        with pytest.raises(aiohttp.ServerTimeoutError):
+            await post(session, _url(base), b"{}", {}, timeouts)
+
+    upstream = run(lambda _: None, scenario)
+    assert len(upstream.requests) == 1
+
+
+def test_a_header_that_would_split_the_request_is_refused_before_anything_is_sent() -> None:
+    async def scenario(session: aiohttp.ClientSession, base: str) -> None:
+        with pytest.raises(ValueError, match="control character"):
+            await post(session, _url(base), b"{}", {"x-a": "b\r\nx-smuggled: 1"}, TIMEOUTS)
+
+    upstream = run(lambda _: OK, scenario)
+    assert upstream.requests == []
