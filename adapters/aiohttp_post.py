@@ -11,12 +11,15 @@ scheduled for the loop's next turn, so the provider gets the request a turn late
 tracking, a response object with its own life cycle. Measured in-process
 (`bench/client_cost.py`), aiohttp's part of a call went from ~51 to ~25 µs.
 
-So aiohttp still builds the request (`ClientRequest`: the URL, the headers it adds — Host,
-Accept, Accept-Encoding, User-Agent — the Content-Length, the checks), finds or opens the
-connection (its connector: the pool, limits, TLS, `sock_connect`), serialises the head (its
-`_serialize_headers`, which refuses CR or LF in a name or value) and parses the answer (its
-protocol: llhttp, decompression, `sock_read`, the payload's stream); this module only puts
-the head and the body on the connection in one write and hands back what the protocol read,
+So aiohttp still finds or opens the connection (its connector: the pool, limits, TLS,
+`sock_connect`), serialises the head (its `_serialize_headers`, which refuses CR or LF in a
+name or value) and parses the answer (its protocol: llhttp, decompression, `sock_read`, the
+payload's stream). What a `ClientRequest` works out per call is the same for every request to
+an origin (the connection it asks the connector for; the headers aiohttp adds: Host, Accept,
+Accept-Encoding, User-Agent), so it is built once per origin (`Pool`) and each call adds only
+its own headers, the body's Content-Length (always its true length) and aiohttp's default
+Content-Type. This module puts the head and the body on the connection in one write and hands
+back what the protocol read,
 as `ProviderAnswer`, with the same timers (`total` over the whole answer) and the same
 clean-up as `ClientResponse`: the connection back to the pool once the body is read to its
 end, closed if it was cut short. It leans on aiohttp below its documented API (the
@@ -28,17 +31,56 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import aiohttp
 import yarl
-from aiohttp.client_proto import ResponseHandler
 from aiohttp.connector import Connection
 from aiohttp.helpers import TimeoutHandle
 from aiohttp.http_writer import _serialize_headers
 from aiohttp.streams import StreamReader
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 _SCHEMES = frozenset({"http", "https"})
+# Origins a pool keeps what it worked out for: the providers' and peers' few, and a bound
+# against a caller that posts to ever new ones (a peer's advertised URL is untrusted).
+ORIGINS_KEPT = 256
+
+
+class _Origin(NamedTuple):
+    # What the connector is asked for a connection by: only read by it (no proxy is used).
+    request: aiohttp.ClientRequest
+    host: tuple[str, str]
+    added: tuple[tuple[str, str], ...]  # Accept, Accept-Encoding, User-Agent, as aiohttp adds
+
+
+class Pool:
+    """An aiohttp session and what its posts work out once per origin (see the module)."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+        self._origins: dict[yarl.URL, _Origin] = {}
+
+    def origin(self, url: yarl.URL) -> _Origin:
+        key = url.origin()
+        found = self._origins.get(key)
+        if found is None:
+            if len(self._origins) >= ORIGINS_KEPT:
+                self._origins.clear()
+            request = aiohttp.ClientRequest(
+                "POST", key, loop=asyncio.get_running_loop(), session=self.session
+            )
+            fields = request.headers
+            added = tuple(
+                (name, fields[name])
+                for name in fields
+                if name not in ("Host", "Content-Length", "Content-Type")
+            )
+            found = _Origin(request, ("Host", fields["Host"]), added)
+            self._origins[key] = found
+        return found
+
+
 # What reading a released answer's body raises, as aiohttp's own `ClientResponse` has it.
 _RELEASED = aiohttp.ClientConnectionError("Connection closed")
 
@@ -99,7 +141,7 @@ def _length(value: str | None) -> int | None:
 
 
 async def post(
-    session: aiohttp.ClientSession,
+    pool: Pool,
     url: yarl.URL,
     body: bytes,
     headers: Mapping[str, str],
@@ -107,6 +149,7 @@ async def post(
 ) -> Answered:
     """The provider's answer, its head read and its body left to be read (or released);
     never a redirect followed: a 3xx is answered as it came."""
+    session = pool.session
     if url.scheme not in _SCHEMES:
         raise aiohttp.NonHttpUrlClientError(url)
     if not url.raw_host:
@@ -118,6 +161,10 @@ async def post(
         )
     connector = session.connector
     assert connector is not None
+    origin = pool.origin(url)
+    fields = _fields(origin, headers, len(body), connector.force_close)
+    # Before anything is sent: a CR or LF in a header is refused here (ValueError).
+    head = _serialize_headers(f"POST {url.raw_path_qs} HTTP/1.1", fields)
     loop = asyncio.get_running_loop()
     # As `_request`: one timer for `total`, cancelling whatever task reads within it.
     total = TimeoutHandle(loop, timeouts.total, ceil_threshold=timeouts.ceil_threshold)
@@ -125,19 +172,13 @@ async def post(
     timer = total.timer()
     try:
         with timer:
-            request = aiohttp.ClientRequest(
-                "POST", url, headers=headers, data=body, loop=loop, session=session
-            )
             try:
-                connection = await connector.connect(request, traces=[], timeout=timeouts)
+                connection = await connector.connect(origin.request, traces=[], timeout=timeouts)
             except TimeoutError as exc:
-                raise aiohttp.ConnectionTimeoutError(
-                    f"Connection timeout to host {request.url}"
-                ) from exc
+                raise aiohttp.ConnectionTimeoutError(f"Connection timeout to host {url}") from exc
             try:
-                answer = await _exchange(
-                    session, connector, connection, request, body, timer, timeouts
-                )
+                _send(session, connector, connection, head + body, timer, timeouts)
+                answer = await _answer(connection, url, fields)
             except BaseException:
                 connection.close()
                 raise
@@ -157,16 +198,32 @@ async def post(
     return answer
 
 
-async def _exchange(
+def _fields(
+    origin: _Origin, headers: Mapping[str, str], length: int, force_close: bool
+) -> CIMultiDict[str]:
+    """The request's headers as `ClientRequest` would send them: the caller's, then what
+    aiohttp adds unless the caller gave it; the body's true length."""
+    fields: CIMultiDict[str] = CIMultiDict(headers)
+    for name, value in (origin.host, *origin.added):
+        if name not in fields:
+            fields[name] = value
+    fields["Content-Length"] = str(length)
+    if "Content-Type" not in fields:
+        fields["Content-Type"] = "application/octet-stream"
+    if force_close and "Connection" not in fields:
+        fields["Connection"] = "close"
+    return fields
+
+
+def _send(
     session: aiohttp.ClientSession,
     connector: aiohttp.BaseConnector,
     connection: Connection,
-    request: aiohttp.ClientRequest,
-    body: bytes,
+    data: bytes,
     timer: aiohttp.helpers.BaseTimerContext,
     timeouts: aiohttp.ClientTimeout,
-) -> ProviderAnswer:
-    """The request on `connection` (head and body in one write), and the answer's head."""
+) -> None:
+    """The whole request on `connection` in one write, its protocol set to read the answer."""
     protocol = connection.protocol
     assert protocol is not None
     protocol.set_response_params(
@@ -180,30 +237,25 @@ async def _exchange(
         max_field_size=session._max_field_size,
         max_headers=session._max_headers,
     )
-    headers = request.headers
-    # What `ClientRequest.send` adds to the head before writing it.
-    if "Content-Type" not in headers:
-        headers["Content-Type"] = "application/octet-stream"
-    if connector.force_close and "Connection" not in headers:
-        headers["Connection"] = "close"
-    head = _serialize_headers(f"POST {request.url.raw_path_qs} HTTP/1.1", headers)
     transport = protocol.transport
     if transport is None or transport.is_closing():
         raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
-    transport.write(head + body)
+    transport.write(data)
     protocol.start_timeout()  # `sock_read`, from the request's end, as aiohttp arms it
-    return await _answer(connection, protocol, request)
 
 
 async def _answer(
-    connection: Connection, protocol: ResponseHandler, request: aiohttp.ClientRequest
+    connection: Connection, url: yarl.URL, fields: CIMultiDict[str]
 ) -> ProviderAnswer:
+    protocol = connection.protocol
+    assert protocol is not None
     while True:
         try:
             message, payload = await protocol.read()
         except aiohttp.http.HttpProcessingError as exc:
+            info = aiohttp.RequestInfo(url, "POST", CIMultiDictProxy(fields), url)
             raise aiohttp.ClientResponseError(
-                request.request_info, (), status=exc.code, message=exc.message, headers=exc.headers
+                info, (), status=exc.code, message=exc.message, headers=exc.headers
             ) from exc
         # An interim answer (100 Continue, 103 Early Hints) is followed by the real one.
         if not 100 <= message.code <= 199 or message.code == 101:

@@ -20,7 +20,7 @@ import aiohttp
 import msgspec
 import yarl
 
-from adapters.aiohttp_post import Answered, post
+from adapters.aiohttp_post import Answered, Pool, post
 from adapters.types import (
     Upstream,
     UpstreamError,
@@ -159,23 +159,24 @@ class UpstreamClient:
     def __init__(self, *, max_connections: int = 100, keepalive: float = POOL_IDLE_SECONDS) -> None:
         self._max_connections = max_connections
         self._keepalive = keepalive
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
 
-    def session(self) -> aiohttp.ClientSession:
+    def pool(self) -> Pool:
         # Made on first use, inside the running loop that will use it.
-        if self._session is None:
+        if self._pool is None:
             connector = aiohttp.TCPConnector(
                 limit=self._max_connections, keepalive_timeout=self._keepalive
             )
-            self._session = aiohttp.ClientSession(
+            session = aiohttp.ClientSession(
                 connector=connector, cookie_jar=aiohttp.DummyCookieJar()
             )
-        return self._session
+            self._pool = Pool(session)
+        return self._pool
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.session.close()
+            self._pool = None
 
     async def __aenter__(self) -> UpstreamClient:
         return self
@@ -344,7 +345,7 @@ async def send(
     timeout = _within_deadline(upstream, request.timeout)
     try:
         response = await post(
-            client.session(), _as_url(request.url), request.body, request.headers, timeout
+            client.pool(), _as_url(request.url), request.body, request.headers, timeout
         )
     except TRANSPORT_ERRORS as exc:
         raise transport_error(upstream, exc) from exc

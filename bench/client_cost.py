@@ -100,10 +100,11 @@ def ways(url: str, data: bytes) -> dict[str, Callable[[], Awaitable[tuple[Call, 
         # and below ClientRequest.send (since 2026-12-03), as the node makes it
         # (adapters/aiohttp_post.py).
         s = await session()
+        pool = aiohttp_post.Pool(s)
         built = yarl.URL(url)
 
         async def call() -> int:
-            r = await aiohttp_post.post(s, built, data, HEADERS, timeout)
+            r = await aiohttp_post.post(pool, built, data, HEADERS, timeout)
             await r.content.read()
             r.release()
             return r.status

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 import yarl
 
-from adapters.aiohttp_post import ProviderAnswer, post
+from adapters.aiohttp_post import ORIGINS_KEPT, Pool, ProviderAnswer, post
 
 TIMEOUTS = aiohttp.ClientTimeout(total=30, sock_connect=5, sock_read=30)
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
@@ -62,15 +62,13 @@ class Upstream:
         self.server.close()
 
 
-def run(
-    answer: Answer, scenario: Callable[[aiohttp.ClientSession, str], Awaitable[None]]
-) -> Upstream:
+def run(answer: Answer, scenario: Callable[[Pool, str], Awaitable[None]]) -> Upstream:
     upstream = Upstream(answer)
 
     async def main() -> None:
         base = await upstream.start()
         async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
-            await scenario(session, base)
+            await scenario(Pool(session), base)
         await upstream.stop()
 
     asyncio.run(main())
@@ -82,7 +80,7 @@ def _url(base: str, path: str = "/v1/chat/completions") -> yarl.URL:
 
 
 def test_the_request_leaves_whole_and_its_connection_is_kept() -> None:
-    async def scenario(session: aiohttp.ClientSession, base: str) -> None:
+    async def scenario(session: Pool, base: str) -> None:
         for _ in range(2):
             answer = await post(
                 session,
@@ -115,7 +113,7 @@ def test_the_request_leaves_whole_and_its_connection_is_kept() -> None:
 def test_an_answer_cut_short_closes_its_connection_and_its_body_can_no_longer_be_read() -> None:
     big = b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n" + b"x" * 1000
 
-    async def scenario(session: aiohttp.ClientSession, base: str) -> None:
+    async def scenario(session: Pool, base: str) -> None:
         answer = await post(session, _url(base), b"{}", {}, TIMEOUTS)
         answer.release()  # 99,000 bytes unread: the protocol will not keep it
         with pytest.raises(aiohttp.ClientConnectionError):
@@ -130,7 +128,7 @@ def test_an_answer_cut_short_closes_its_connection_and_its_body_can_no_longer_be
 def test_an_interim_answer_is_passed_over() -> None:
     interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n"
 
-    async def scenario(session: aiohttp.ClientSession, base: str) -> None:
+    async def scenario(session: Pool, base: str) -> None:
         answer = await post(session, _url(base), b"{}", {}, TIMEOUTS)
         assert answer.status == 200 and await answer.content.read() == b"{}"
 
@@ -138,7 +136,7 @@ def test_an_interim_answer_is_passed_over() -> None:
 
 
 def test_a_malformed_answer_is_a_client_error() -> None:
-    async def scenario(session: aiohttp.ClientSession, base: str) -> None:
+    async def scenario(session: Pool, base: str) -> None:
         with pytest.raises(aiohttp.ClientError):
             await post(session, _url(base), b"{}", {}, TIMEOUTS)
 
@@ -148,7 +146,7 @@ def test_a_malformed_answer_is_a_client_error() -> None:
 def test_a_silent_upstream_is_given_up_at_the_read_timeout() -> None:
     timeouts = aiohttp.ClientTimeout(total=30, sock_connect=5, sock_read=0.2)
 
-    async def scenario(session: aiohttp.ClientSession, base: str) -> None:
+    async def scenario(session: Pool, base: str) -> None:
         with pytest.raises(aiohttp.ServerTimeoutError):
             await post(session, _url(base), b"{}", {}, timeouts)
 
@@ -157,9 +155,46 @@ def test_a_silent_upstream_is_given_up_at_the_read_timeout() -> None:
 
 
 def test_a_header_that_would_split_the_request_is_refused_before_anything_is_sent() -> None:
-    async def scenario(session: aiohttp.ClientSession, base: str) -> None:
+    async def scenario(session: Pool, base: str) -> None:
         with pytest.raises(ValueError, match="control character"):
             await post(session, _url(base), b"{}", {"x-a": "b\r\nx-smuggled: 1"}, TIMEOUTS)
 
     upstream = run(lambda _: OK, scenario)
     assert upstream.requests == []
+
+
+def test_a_given_content_length_is_replaced_by_the_bodys_own() -> None:
+    async def scenario(session: Pool, base: str) -> None:
+        # aiohttp's own path would send this 999 as given: a request the upstream would
+        # read past its end, into the next one on the connection.
+        answer = await post(session, _url(base), b'{"q":1}', {"content-length": "999"}, TIMEOUTS)
+        assert await answer.content.read() == b"{}"
+
+    upstream = run(lambda _: OK, scenario)
+    [request] = upstream.requests
+    assert request.lower().count(b"content-length:") == 1
+    assert b"Content-Length: 7\r\n" in request
+
+
+def test_each_origin_gets_its_own_connections_and_the_pool_keeps_a_bounded_few() -> None:
+    first, second = Upstream(lambda _: OK), Upstream(lambda _: OK)
+
+    async def main() -> Pool:
+        bases = [await first.start(), await second.start()]
+        async with aiohttp.ClientSession() as session:
+            pool = Pool(session)
+            for index in range(6):
+                base = bases[index % 2]
+                answer = await post(pool, _url(base, f"/v1/{index}"), b"{}", {}, TIMEOUTS)
+                assert await answer.content.read() == b"{}"
+            for port in range(1, ORIGINS_KEPT + 10):  # never connected to: worked out only
+                pool.origin(yarl.URL(f"http://127.0.0.1:{port}/v1"))
+                assert len(pool._origins) <= ORIGINS_KEPT
+        await first.stop()
+        await second.stop()
+        return pool
+
+    asyncio.run(main())
+    assert [r.split(b" ")[1] for r in first.requests] == [b"/v1/0", b"/v1/2", b"/v1/4"]
+    assert [r.split(b" ")[1] for r in second.requests] == [b"/v1/1", b"/v1/3", b"/v1/5"]
+    assert first.connections == second.connections == 1
