@@ -28,6 +28,7 @@ class Upstream:
         self.requests: list[bytes] = []
         self.connections = 0
         self.server: asyncio.Server | None = None
+        self.close_after_answer = False
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -52,6 +53,8 @@ class Upstream:
                     return
                 writer.write(answer)
                 await writer.drain()
+                if self.close_after_answer:
+                    return
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -63,7 +66,10 @@ class Upstream:
 
 
 def run(answer: Answer, scenario: Callable[[Pool, str], Awaitable[None]]) -> Upstream:
-    upstream = Upstream(answer)
+    return _run_upstream(Upstream(answer), scenario)
+
+
+def _run_upstream(upstream: Upstream, scenario: Callable[[Pool, str], Awaitable[None]]) -> Upstream:
 
     async def main() -> None:
         base = await upstream.start()
@@ -122,6 +128,24 @@ def test_an_answer_cut_short_closes_its_connection_and_its_body_can_no_longer_be
         again.close()
 
     upstream = run(lambda _: big, scenario)
+    assert upstream.connections == 2
+
+
+def test_an_answer_read_until_the_upstream_closes_is_whole_and_its_connection_not_kept() -> None:
+    # No Content-Length, `connection: close`: the body is what comes until the upstream
+    # hangs up (an HTTP/1.0-style server); `Upstream` closes after writing it.
+    until_close = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n" + b"y" * 70_000
+
+    async def scenario(session: Pool, base: str) -> None:
+        for _ in range(2):
+            got = await post(session, _url(base), b"{}", {}, TIMEOUTS)
+            assert got.content_length is None
+            assert await got.content.read() == b"y" * 70_000
+            got.release()
+
+    upstream = Upstream(lambda _: until_close)
+    upstream.close_after_answer = True
+    _run_upstream(upstream, scenario)
     assert upstream.connections == 2
 
 
