@@ -18,13 +18,13 @@ payload's stream). What a `ClientRequest` works out per call is the same for eve
 an origin (the connection it asks the connector for; the headers aiohttp adds: Host, Accept,
 Accept-Encoding, User-Agent), so it is built once per origin (`Pool`) and each call adds only
 its own headers, the body's Content-Length (always its true length) and aiohttp's default
-Content-Type. This module puts the head and the body on the connection in one write and hands
-back what the protocol read,
-as `ProviderAnswer`, with the same timers (`total` over the whole answer) and the same
-clean-up as `ClientResponse`: the connection back to the pool once the body is read to its
-end, closed if it was cut short. It leans on aiohttp below its documented API (the
-protocol's `set_response_params` and `read`, `TimeoutHandle`, `_serialize_headers`, the
-session's reading limits): the lock pins aiohttp, and the adapter tests cover every step.
+Content-Type. This module puts the head and the body on the connection in one write and
+hands back what the protocol read, as `ProviderAnswer`, with the same timers (`total` over
+the whole answer) and the same clean-up as `ClientResponse`: the connection back to the pool
+once the body is read to its end, closed if it was cut short. It leans on aiohttp below its
+documented API (the protocol's `set_response_params` and `read`, `TimeoutHandle`,
+`_serialize_headers`, the session's reading limits): the lock pins aiohttp, and
+tests/test_aiohttp_post.py and the adapter tests cover every step.
 """
 
 from __future__ import annotations
@@ -163,8 +163,13 @@ async def post(
     assert connector is not None
     origin = pool.origin(url)
     fields = _fields(origin, headers, len(body), connector.force_close)
-    # Before anything is sent: a CR or LF in a header is refused here (ValueError).
-    head = _serialize_headers(f"POST {url.raw_path_qs} HTTP/1.1", fields)
+    try:  # before anything is sent: a CR or LF would split the request
+        head = _serialize_headers(f"POST {url.raw_path_qs} HTTP/1.1", fields)
+    except ValueError as exc:
+        # Only the node's own settings reach these headers (the server refuses a control
+        # character in a client's): an API key read with its line break, say. A transport
+        # error, so the caller answers 502 naming it and tries the next deployment.
+        raise aiohttp.ClientError(f"not sent, a header holds a control character: {exc}") from exc
     loop = asyncio.get_running_loop()
     # As `_request`: one timer for `total`, cancelling whatever task reads within it.
     total = TimeoutHandle(loop, timeouts.total, ceil_threshold=timeouts.ceil_threshold)

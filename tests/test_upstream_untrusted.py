@@ -115,6 +115,24 @@ def test_a_redirect_is_not_followed_to_another_host(node_dir, status):
     assert spend_of(node_dir.path, f"key:{key_id}") == (0, 0)
 
 
+def test_a_deployment_key_with_a_line_break_is_a_shaped_502_and_nothing_is_sent(
+    node_dir, mock, monkeypatch
+):
+    """An API key read with its trailing newline (`KEY=$(cat file)` keeps none, a file read
+    whole does) would split the request to the provider: it is never sent, the client gets a
+    shaped 502 that says why, and nothing is charged or held."""
+    upstream, url = mock
+    monkeypatch.setenv("AIHUB_TEST_BROKEN_KEY", "sk-broken\r\nx-smuggled: 1")
+    node_dir.set_config("retries = 2 ", "retries = 0 ")
+    node_dir.add_config(deployment("m", url, api_key_env="AIHUB_TEST_BROKEN_KEY"))
+    key, key_id = make_key(node_dir.path, name="one", budget_micros=10**9)
+    with run_node(node_dir) as node:
+        error = assert_shaped(post(node, key), 502)
+    assert upstream.script.received == []
+    assert "control character" in str(error["message"])
+    assert spend_of(node_dir.path, f"key:{key_id}") == (0, 0)
+
+
 # --- Retry-After and other header values ---------------------------------------------------
 
 BAD_RETRY_AFTER = [
