@@ -6,11 +6,18 @@ interim answers, a malformed answer, a silent one, and a header that would split
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
 import yarl
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from adapters.aiohttp_post import ORIGINS_KEPT, Pool, ProviderAnswer, post
 
@@ -30,10 +37,10 @@ class Upstream:
         self.server: asyncio.Server | None = None
         self.close_after_answer = False
 
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, tls: ssl.SSLContext | None = None) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=tls)
         port = self.server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
+        return f"{'https' if tls else 'http'}://127.0.0.1:{port}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -224,3 +231,60 @@ def test_each_origin_gets_its_own_connections_and_the_pool_keeps_a_bounded_few()
     assert [r.split(b" ")[1] for r in first.requests] == [b"/v1/0", b"/v1/2", b"/v1/4"]
     assert [r.split(b" ")[1] for r in second.requests] == [b"/v1/1", b"/v1/3", b"/v1/5"]
     assert first.connections == second.connections == 1
+
+
+def _certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (as `localhost`), and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_a_tls_upstream_is_verified_by_its_name_and_its_connection_kept(tmp_path: Path) -> None:
+    """Every real provider is HTTPS: the connection the pool asks for is TLS to the URL's
+    host, checked against the name (a certificate for another name is refused), and kept."""
+    cert, key = _certificate(tmp_path)
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
+    upstream = Upstream(lambda _: OK)
+
+    async def main() -> None:
+        port = yarl.URL(await upstream.start(served)).port
+        connector = aiohttp.TCPConnector(ssl=trusting)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            pool = Pool(session)
+            for _ in range(2):
+                url = yarl.URL(f"https://localhost:{port}/v1/chat/completions")
+                answer = await post(pool, url, b"{}", {}, TIMEOUTS)
+                assert answer.status == 200 and await answer.content.read() == b"{}"
+            # The same server by another name than its certificate's: refused.
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):
+                await post(pool, yarl.URL(f"https://127.0.0.1:{port}/v1"), b"{}", {}, TIMEOUTS)
+        await upstream.stop()
+
+    asyncio.run(main())
+    # Both requests on one connection; the refused handshake never became one.
+    assert len(upstream.requests) == 2 and upstream.connections == 1
+    assert b"\r\nHost: localhost:" in upstream.requests[0]
