@@ -50,8 +50,7 @@ ORIGINS_KEPT = 256
 class _Origin(NamedTuple):
     # What the connector is asked for a connection by: only read by it (no proxy is used).
     request: aiohttp.ClientRequest
-    host: tuple[str, str]
-    added: tuple[tuple[str, str], ...]  # Accept, Accept-Encoding, User-Agent, as aiohttp adds
+    added: tuple[tuple[str, str], ...]  # Host, Accept, Accept-Encoding, User-Agent, as aiohttp adds
 
 
 class Pool:
@@ -74,9 +73,9 @@ class Pool:
             added = tuple(
                 (name, fields[name])
                 for name in fields
-                if name not in ("Host", "Content-Length", "Content-Type")
+                if name not in ("Content-Length", "Content-Type")
             )
-            found = _Origin(request, ("Host", fields["Host"]), added)
+            found = _Origin(request, added)
             self._origins[key] = found
         return found
 
@@ -209,7 +208,7 @@ def _fields(
     """The request's headers as `ClientRequest` would send them: the caller's, then what
     aiohttp adds unless the caller gave it; the body's true length."""
     fields: CIMultiDict[str] = CIMultiDict(headers)
-    for name, value in (origin.host, *origin.added):
+    for name, value in origin.added:
         if name not in fields:
             fields[name] = value
     fields["Content-Length"] = str(length)
