@@ -8,6 +8,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from node.errors import HubError
@@ -96,6 +97,43 @@ def test_keys_reloaded_are_judged_as_they_are_now(tmp_path: Path):
         ]
         store.keys.records[0].revoked_at = 1
         touch_epoch(tmp_path)
+        with pytest.raises(HubError, match="Incorrect API key"):
+            await cache.authenticate(f"Bearer {key}", "127.0.0.1")
+
+    asyncio.run(work())
+
+
+def test_a_load_that_began_earlier_and_ends_later_does_not_undo_a_newer_one(tmp_path: Path):
+    """Two loads overlap (a change heard of while a heartbeat's reload is in flight): the one
+    begun first reads the keys before a revocation, the second after it, and the second ends
+    first. The first's older view is not taken over the second's: the revoked key stays
+    refused (else it would serve again after its revocation was confirmed as applied)."""
+    cache, store, key, _ = keyed(tmp_path)
+    first_read = asyncio.Event()
+    second_done = asyncio.Event()
+    reads = 0
+    plain_keys = store.keys.keys
+
+    async def keys() -> list[KeyRecord]:
+        nonlocal reads
+        reads += 1
+        if reads == 1:  # the first load: read now, handed back once the second is done
+            seen = await plain_keys()
+            first_read.set()
+            await second_done.wait()
+            return seen
+        return await plain_keys()
+
+    store.keys.keys = keys  # type: ignore[method-assign]
+
+    async def work() -> None:
+        first = asyncio.create_task(cache.load())
+        await first_read.wait()
+        # A new record, not the first load's own object changed under it.
+        store.keys.records[0] = msgspec.structs.replace(store.keys.records[0], revoked_at=1)
+        await cache.load()
+        second_done.set()
+        await first
         with pytest.raises(HubError, match="Incorrect API key"):
             await cache.authenticate(f"Bearer {key}", "127.0.0.1")
 

@@ -118,6 +118,9 @@ class KeyCache:
         self._period_notes = 0
         self._suppressed = 0
         self.listeners: list[Callable[[], None]] = []
+        # Which load the cache holds, by the order the loads began (`load`).
+        self._loads_begun = 0
+        self._load_held = 0
 
     def mark_stale(self) -> None:
         """Reload on the next request (this process changed keys itself)."""
@@ -136,11 +139,20 @@ class KeyCache:
         return self._epoch_file.read() != self._epoch or time.monotonic() >= self._trusted_until
 
     async def load(self) -> None:
+        self._loads_begun += 1
+        load = self._loads_begun
         epoch = self._epoch_file.read()
         # The change epoch first: the keys read after it hold every change up to it.
         applied = await self._store.processes.epoch()
         keys = await self._store.keys.keys()
         tenants = await self._store.keys.tenants()
+        if load < self._load_held:
+            # Loads overlap (a change heard of, a heartbeat, a request that found the cache
+            # stale): one begun later has been taken already, and this one's reads may be
+            # older than its. Taken now, a key revoked in between would serve again, or one
+            # made in between be refused, after the change was confirmed as applied.
+            return
+        self._load_held = load
         self._keys = {k.id: k for k in keys if k.revoked_at is None}
         self._revoked = {k.id for k in keys if k.revoked_at is not None}
         self._tenants = {t.id: t for t in tenants}
