@@ -28,6 +28,12 @@ _ESCAPES = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _UNSAFE}
 
 def printable(text: str) -> str:
     """`text` with every character that could act on a terminal or a log shown escaped."""
+    # Every character escaped is one `str.isprintable` refuses (a control, a format or a
+    # separator character but the space): text it takes, as almost every log line is, has
+    # nothing to escape, and the check is a scan in C where `translate` is a dict lookup a
+    # character (~5 µs an access line).
+    if text.isprintable():
+        return text
     return text.translate(_ESCAPES)
 
 
