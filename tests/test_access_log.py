@@ -4,8 +4,11 @@ secret; JSON lines when `[log] json = true`; `--log-level` honoured."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
+import logging.config
 import os
 import subprocess
 import sys
@@ -19,6 +22,7 @@ import openai
 import pytest
 
 from federation.printable import printable
+from node.observe.logs import log_config
 from node.provision import create_node
 from tests.conftest import wait_ready
 from tests.mocks.server import free_port
@@ -222,3 +226,107 @@ def test_access_records_are_made_from_one_template_and_are_what_logging_makes(
     assert seen[2].relativeCreated - seen[0].relativeCreated == pytest.approx(
         (seen[2].created - seen[0].created) * 1000
     )
+
+
+class _Lines(logging.Filter):
+    """Counts the records that pass (a filter that drops none)."""
+
+    def __init__(self, keep: bool = True) -> None:
+        super().__init__()
+        self.keep, self.seen = keep, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.seen += 1
+        return self.keep
+
+
+@contextmanager
+def node_logging(json_lines: bool) -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    """A logger under a root set up as `log_config` sets a node up, writing to a string."""
+    config = log_config("info", json=json_lines)
+    config["handlers"]["stderr"]["stream"] = io.StringIO()
+    config["loggers"] = {"aihub.test.direct": {"level": "INFO"}}
+    root = logging.getLogger()
+    kept = (root.handlers[:], root.level)
+    logging.config.dictConfig(config)
+    try:
+        stream = root.handlers[0].stream  # type: ignore[attr-defined]
+        yield logging.getLogger("aihub.test.direct"), stream
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], root.level = kept[0], kept[1]
+
+
+def _write(writer: object, path: str) -> None:
+    from node.observe import access
+
+    answer = access.Answer()
+    answer.status, answer.request_id = 200, "req_1"
+    scope = {"method": "POST", "path": path, "aihub.key_id": "k1", "aihub.model": "m\x1b[2J"}
+    writer.write(scope, answer, 2.25)  # type: ignore[attr-defined]
+
+
+async def _one_turn(writer: object, path: str) -> None:
+    _write(writer, path)
+    await asyncio.sleep(0)  # the handler writes a turn's lines at its end
+
+
+@pytest.mark.parametrize("json_lines", [False, True])
+def test_an_access_line_handed_formatted_is_what_the_record_would_have_given(
+    json_lines: bool,
+) -> None:
+    """Under the node's own logging set-up the access log hands its line to the handler
+    formatted, skipping the record; the line is the one logging would have written from the
+    record (taken when a filter is on the logger, which only the record can pass through)."""
+    from node.observe import access
+
+    texts = []
+    for filtered in (False, True):
+        with node_logging(json_lines) as (log, stream):
+            counted = _Lines()
+            if filtered:
+                log.addFilter(counted)
+            writer = access.AccessLog(log)
+            asyncio.run(_one_turn(writer, "/v1/chat\ncompletions"))
+            assert counted.seen == (1 if filtered else 0)
+            texts.append(stream.getvalue())
+    direct, recorded = texts
+    assert direct.count("\n") == 1 and direct.endswith("\n")
+    if json_lines:
+        one, other = json.loads(direct), json.loads(recorded)
+        assert one.pop("ts").endswith("Z") and other.pop("ts").endswith("Z")
+        assert one == other and one["path"] == "/v1/chat\\x0acompletions"
+    else:
+        assert direct == recorded
+        assert direct.startswith("INFO aihub.test.direct: POST /v1/chat\\x0acompletions 200 2.2")
+        assert "\x1b" not in direct and "model=m\\x1b[2J" in direct
+
+
+def test_a_filter_another_handler_or_formatter_gets_the_records_as_before() -> None:
+    """Anything in the way that could drop or change a line, or look at its record, makes
+    the access log go through logging as before: a filter that drops the line drops it,
+    a second handler (an admin's, or pytest's caplog) gets the record, a formatter of the
+    admin's formats it."""
+    from node.observe import access
+
+    with node_logging(False) as (log, stream):
+        dropping = _Lines(keep=False)
+        log.addFilter(dropping)
+        asyncio.run(_one_turn(access.AccessLog(log), "/dropped"))
+        assert dropping.seen == 1 and stream.getvalue() == ""
+        log.removeFilter(dropping)
+
+        seen: list[logging.LogRecord] = []
+        other = logging.Handler()
+        other.emit = seen.append  # type: ignore[method-assign]
+        log.addHandler(other)  # an admin's file of access lines, say
+        asyncio.run(_one_turn(access.AccessLog(log), "/both"))
+        log.removeHandler(other)
+        assert [r.access.path for r in seen] == ["/both"]  # type: ignore[attr-defined]
+        assert "POST /both 200" in stream.getvalue()
+
+        handler = logging.getLogger().handlers[0]
+        handler.setFormatter(logging.Formatter("custom %(message)s"))
+        asyncio.run(_one_turn(access.AccessLog(log), "/custom"))
+        assert stream.getvalue().splitlines()[-1].startswith("custom POST /custom 200")

@@ -22,7 +22,8 @@ from typing import Any
 import msgspec
 from litestar.types import Scope
 
-from federation.printable import printable
+from federation.printable import PrintableFormatter, printable
+from node.observe.logs import PLAIN_FORMAT, JsonFormatter, TurnStreamHandler, json_line
 
 ACCESS_LOGGER = "aihub.access"
 _KEY_ID = "aihub.key_id"
@@ -87,6 +88,24 @@ def _shown_model(model: str) -> str:
     return printable(model)
 
 
+def _formatted(handler: logging.Handler, name: str, line: str, entry: AccessEntry) -> str | None:
+    """What `handler`'s formatter makes of an access record of `line`, when it is one of
+    `log_config`'s as that sets it up; None for any other."""
+    formatter = handler.formatter
+    kind = type(formatter)
+    if kind is JsonFormatter:
+        created = time.time()
+        msecs = int((created - int(created)) * 1000) + 0.0  # as LogRecord has it
+        return json_line(created, msecs, "INFO", name, line, entry)
+    if (
+        kind is PrintableFormatter
+        and formatter._fmt == PLAIN_FORMAT  # type: ignore[union-attr]
+        and type(formatter._style) is logging.PercentStyle  # type: ignore[union-attr]
+    ):
+        return printable(f"INFO {name}: {line}")
+    return None
+
+
 def entry_line(entry: AccessEntry) -> str:
     return (
         f"{entry.method} {entry.path} {entry.status} {entry.latency_ms:.1f}ms"
@@ -132,7 +151,35 @@ class AccessLog:
             model=shown_model(model) if isinstance(model, str) else None,
             request_id=answer.request_id,
         )
-        self.log.handle(self._record(entry_line(entry), entry))
+        line = entry_line(entry)
+        handler = self._direct()
+        text = _formatted(handler, self.log.name, line, entry) if handler is not None else None
+        if handler is None or text is None:
+            self.log.handle(self._record(line, entry))
+        else:
+            handler.hold(text, logging.INFO)
+
+    def _direct(self) -> TurnStreamHandler | None:
+        """The handler a line reaches when it is the only one and the node's own, and nothing
+        on the way can drop or change the line (no filter; logging's own record factory):
+        as `log_config` sets the node up. The line is then handed to it formatted, without a
+        record, `Logger.handle` or the formatter's generic path, which cost more than the
+        rest of the line (bench/README.md). Anything else, an admin's logging config or
+        pytest's caplog, gets its records as before."""
+        log = self.log
+        if log.filters or log.disabled or logging.getLogRecordFactory() is not logging.LogRecord:
+            return None
+        found: logging.Handler | None = None
+        logger: logging.Logger | None = log
+        while logger is not None:  # the handlers `Logger.callHandlers` would call
+            for handler in logger.handlers:
+                if found is not None:
+                    return None
+                found = handler
+            logger = logger.parent if logger.propagate else None
+        if type(found) is not TurnStreamHandler or found.filters or found.level > logging.INFO:
+            return None
+        return found
 
     def _record(self, line: str, entry: AccessEntry) -> logging.LogRecord:
         log = self.log

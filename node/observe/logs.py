@@ -15,6 +15,8 @@ from federation.printable import PrintableFormatter
 
 Level = Literal["debug", "info", "warning", "error"]
 LEVELS: tuple[Level, ...] = ("debug", "info", "warning", "error")
+# The plain lines' format (`log_config`).
+PLAIN_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
@@ -23,19 +25,39 @@ class JsonFormatter(logging.Formatter):
     line can never be split or forged."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        access = getattr(record, "access", None)
-        if access is not None:
-            line.update(msgspec.structs.asdict(access))
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return msgspec.json.encode(line).decode()
+        exception = self.formatException(record.exc_info) if record.exc_info else None
+        return json_line(
+            record.created,
+            record.msecs,
+            record.levelname,
+            record.name,
+            record.getMessage(),
+            getattr(record, "access", None),
+            exception,
+        )
+
+
+def json_line(
+    created: float,
+    msecs: float,
+    level: str,
+    logger: str,
+    message: str,
+    access: msgspec.Struct | None = None,
+    exception: str | None = None,
+) -> str:
+    """What `JsonFormatter` makes of a record with these fields."""
+    line: dict[str, Any] = {
+        "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(msecs):03d}Z",
+        "level": level.lower(),
+        "logger": logger,
+        "message": message,
+    }
+    if access is not None:
+        line.update(msgspec.structs.asdict(access))
+    if exception is not None:
+        line["exception"] = exception
+    return msgspec.json.encode(line).decode()
 
 
 class TurnStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -59,11 +81,20 @@ class TurnStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:  # logging's own contract: report, never raise
             self.handleError(record)
             return
+        self._hold_locked(line, record.levelno)
+
+    def hold(self, text: str, level: int) -> None:
+        """A line formatted already (by the access log, node/observe/access.py, as this
+        handler's formatter would have), written as `emit` writes a record's."""
+        with self.lock:  # type: ignore[union-attr]
+            self._hold_locked(text + self.terminator, level)
+
+    def _hold_locked(self, line: str, level: int) -> None:
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        if loop is not None and record.levelno < logging.WARNING:
+        if loop is not None and level < logging.WARNING:
             if self._held_on is loop:
                 self._held.append(line)
                 return
@@ -98,9 +129,7 @@ def log_config(level: Level = "info", json: bool = False, access: bool = True) -
     """The logging config of a serving node. Uvicorn's own access log stays off: ours
     (`node.observe.access`) knows the key, the model and the request id."""
     formatter: dict[str, Any] = (
-        {"()": JsonFormatter}
-        if json
-        else {"()": PrintableFormatter, "format": "%(levelname)s %(name)s: %(message)s"}
+        {"()": JsonFormatter} if json else {"()": PrintableFormatter, "format": PLAIN_FORMAT}
     )
     quiet = {"level": "WARNING"}
     # The access log is on when asked for and the level lets INFO through.
