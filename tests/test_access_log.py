@@ -272,13 +272,9 @@ async def _one_turn(writer: object, path: str) -> None:
     await asyncio.sleep(0)  # the handler writes a turn's lines at its end
 
 
-@pytest.mark.parametrize("json_lines", [False, True])
-def test_an_access_line_handed_formatted_is_what_the_record_would_have_given(
-    json_lines: bool,
-) -> None:
-    """Under the node's own logging set-up the access log hands its line to the handler
-    formatted, skipping the record; the line is the one logging would have written from the
-    record (taken when a filter is on the logger, which only the record can pass through)."""
+def _direct_and_recorded(json_lines: bool) -> tuple[str, str]:
+    """One access line as handed to the handler formatted, and as logging writes it from
+    the record (taken when a filter is on the logger, which only a record can pass)."""
     from node.observe import access
 
     texts = []
@@ -287,11 +283,19 @@ def test_an_access_line_handed_formatted_is_what_the_record_would_have_given(
             counted = _Lines()
             if filtered:
                 log.addFilter(counted)
-            writer = access.AccessLog(log)
-            asyncio.run(_one_turn(writer, "/v1/chat\ncompletions"))
+            asyncio.run(_one_turn(access.AccessLog(log), "/v1/chat\ncompletions"))
             assert counted.seen == (1 if filtered else 0)
             texts.append(stream.getvalue())
-    direct, recorded = texts
+    return texts[0], texts[1]
+
+
+@pytest.mark.parametrize("json_lines", [False, True])
+def test_an_access_line_handed_formatted_is_what_the_record_would_have_given(
+    json_lines: bool,
+) -> None:
+    """Under the node's own logging set-up the access log hands its line to the handler
+    formatted, skipping the record; the line is the one logging would have written."""
+    direct, recorded = _direct_and_recorded(json_lines)
     assert direct.count("\n") == 1 and direct.endswith("\n")
     if json_lines:
         one, other = json.loads(direct), json.loads(recorded)
@@ -301,6 +305,17 @@ def test_an_access_line_handed_formatted_is_what_the_record_would_have_given(
         assert direct == recorded
         assert direct.startswith("INFO aihub.test.direct: POST /v1/chat\\x0acompletions 200 2.2")
         assert "\x1b" not in direct and "model=m\\x1b[2J" in direct
+
+
+def test_a_renamed_level_is_named_as_logging_names_it() -> None:
+    logging.addLevelName(logging.INFO, "NOTE")
+    try:
+        direct, recorded = _direct_and_recorded(False)
+        assert direct == recorded and direct.startswith("NOTE aihub.test.direct: POST ")
+        direct, recorded = _direct_and_recorded(True)
+        assert json.loads(direct)["level"] == json.loads(recorded)["level"] == "note"
+    finally:
+        logging.addLevelName(logging.INFO, "INFO")
 
 
 def test_a_filter_another_handler_or_formatter_gets_the_records_as_before() -> None:

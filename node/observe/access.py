@@ -93,16 +93,17 @@ def _formatted(handler: logging.Handler, name: str, line: str, entry: AccessEntr
     `log_config`'s as that sets it up; None for any other."""
     formatter = handler.formatter
     kind = type(formatter)
+    level = logging.getLevelName(logging.INFO)  # as a record's `levelname` (addLevelName)
     if kind is JsonFormatter:
         created = time.time()
         msecs = int((created - int(created)) * 1000) + 0.0  # as LogRecord has it
-        return json_line(created, msecs, "INFO", name, line, entry)
+        return json_line(created, msecs, level, name, line, entry)
     if (
         kind is PrintableFormatter
         and formatter._fmt == PLAIN_FORMAT  # type: ignore[union-attr]
         and type(formatter._style) is logging.PercentStyle  # type: ignore[union-attr]
     ):
-        return printable(f"INFO {name}: {line}")
+        return printable(f"{level} {name}: {line}")
     return None
 
 
