@@ -1,5 +1,6 @@
 """The garbage collector of a served node (node/collector.py): what startup made is frozen out
-of the collector's walks in every worker, the counts are in /metrics, an app built inside a
+of the collector's walks in every worker, the counts are in /metrics (one process's, so with
+one worker only), an app built inside a
 test's process is left alone, and garbage with cycles is still collected after the change."""
 
 from __future__ import annotations
@@ -35,7 +36,12 @@ def test_every_served_worker_freezes_what_startup_made(
             (frozen,) = samples_in(answer.text, "aihub_gc_frozen_objects").values()
             assert frozen > STARTUP_OBJECTS
             collections = samples_in(answer.text, "python_gc_collections_total")
-            assert set(collections) == {(("generation", str(g)),) for g in (0, 1, 2)}
+            if workers == 1:
+                assert set(collections) == {(("generation", str(g)),) for g in (0, 1, 2)}
+            else:
+                # One process's counts, which a scrape of any worker would show in turn: left
+                # out under several workers (node/gateway/metrics.py), as prometheus_client does.
+                assert collections == {}
 
 
 def test_an_app_in_the_tests_own_process_is_left_alone(node_dir: NodeDir) -> None:

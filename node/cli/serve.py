@@ -23,6 +23,12 @@ from node.config import IDENTITY_FILE, Config, ConfigError, ServerSection, store
 from node.observe.logs import LEVELS, Level, log_config
 from node.peers.address import recorded
 
+# Where the workers keep their counters (node/gateway/metrics.py), in the data folder; and the
+# variable prometheus_client reads it from. Not imported from there: prometheus_client reads
+# it when first imported, which must not be before `_share_metrics` has set it.
+METRICS_DIR = "metrics"
+SHARED_METRICS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
 
 @click.command("serve")
 @click.option("--host", help="Interface to listen on [default: from the config]")
@@ -60,6 +66,7 @@ def serve(
     workers = workers or config.server.worker_count()
     # Workers are separate processes: they find the node through the environment.
     os.environ["AIHUB_HOME"] = str(directory)
+    _share_metrics(directory, workers)
     logging_config = log_config(log_level or config.log.level, config.log.json, config.log.access)
     logging.config.dictConfig(logging_config)
     from node.storage import unreachable_errors
@@ -84,6 +91,23 @@ def serve(
             _run_granian(host, port, workers, config.server, logging_config)
         else:
             _run_uvicorn(host, port, workers, config.server, logging_config)
+
+
+def _share_metrics(directory: Path, workers: int) -> None:
+    """Under several workers, the folder in which every worker keeps its counters, so that a
+    scrape of any of them answers the node's (node/gateway/metrics.py says how); emptied
+    first, since a new start counts from zero as a single process does. Set before any
+    worker starts, as prometheus_client reads it once, when first imported. One worker
+    counts in memory: a folder named in the environment before (by hand, or a node started
+    earlier in this process) is not used."""
+    if workers == 1:
+        os.environ.pop(SHARED_METRICS_VARIABLE, None)
+        return
+    folder = directory / METRICS_DIR
+    folder.mkdir(mode=0o700, exist_ok=True)
+    for stale in folder.glob("*.db"):
+        stale.unlink()
+    os.environ[SHARED_METRICS_VARIABLE] = str(folder)
 
 
 async def _recover(directory: Path) -> None:

@@ -1,37 +1,48 @@
-"""Prometheus metrics, one registry per app (no process-global state)."""
+"""Prometheus metrics, one registry per app (no process-global state but prometheus_client's
+own choice of where values live, below).
+
+Under several workers (`aihub serve --workers N`, the default on a machine with several
+cores) each worker is a process of its own, and a scrape reaches whichever accepts the
+connection: counted in each process's memory, `/metrics` would answer one worker's share,
+another's at the next scrape, a counter going back and forth. So `serve` points
+prometheus_client's multiprocess mode at a folder of the node's (`PROMETHEUS_MULTIPROC_DIR`,
+`metrics/` in the data folder, emptied at each start) before the workers start: every
+counter and histogram is then kept in a memory-mapped file per process, and a scrape answers
+the sum of all of them (`MultiProcessCollector`), a worker that died and was replaced
+included. The gauges are made when scraped (`node/gateway/metrics_gauges.py`); Python's own
+collector figures (`python_gc_*`) describe one process and are left out under several
+workers, as prometheus_client does."""
 
 from __future__ import annotations
 
-import gc
-from typing import Any, NamedTuple
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    Gauge,
     GCCollector,
     Histogram,
     generate_latest,
+    values,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from node.gateway.metrics_gauges import (
+    MAX_BUDGET_SERIES,
+    BudgetGauge,
+    PeerGauge,
+    ScrapedGauges,
 )
 
+__all__ = ["MAX_BUDGET_SERIES", "BudgetGauge", "Metrics", "PeerGauge"]
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-# At most this many keys and tenants get budget series (the most spent first): every series
-# is a time series a scraper keeps, and keys are made by the thousand.
-MAX_BUDGET_SERIES = 200
 
 
-class PeerGauge(NamedTuple):
-    name: str
-    up: bool | None  # None: not checked yet
-    latency_ms: int | None
-
-
-class BudgetGauge(NamedTuple):
-    kind: str  # key | tenant
-    id: str
-    cap: int
-    spent: int
-    reserved: int
+def shared_across_processes() -> bool:
+    """Whether this process keeps its metrics' values in the shared folder's files: decided by
+    prometheus_client when it is first imported, from the environment `serve` set."""
+    return values.ValueClass is not values.MutexValue
 
 
 class Metrics:
@@ -88,52 +99,18 @@ class Metrics:
             registry=self.registry,
         )
 
-        # Read from the store when scraped (`set_peers`, `set_budgets`).
-        self.peer_up = Gauge(
-            "aihub_peer_up",
-            "1 if the peer answered its last health check, 0 if not",
-            ["peer"],
-            registry=self.registry,
-        )
-        self.peer_latency = Gauge(
-            "aihub_peer_latency_seconds",
-            "The latency of the peer's last health check",
-            ["peer"],
-            registry=self.registry,
-        )
-        budget_labels = ["kind", "id"]
-        self.budget_cap = Gauge(
-            "aihub_budget_cap_micros",
-            "The budget of a key or tenant for its current period",
-            budget_labels,
-            registry=self.registry,
-        )
-        self.budget_spent = Gauge(
-            "aihub_budget_spent_micros",
-            "Spent of it this period",
-            budget_labels,
-            registry=self.registry,
-        )
-        self.budget_reserved = Gauge(
-            "aihub_budget_reserved_micros",
-            "Reserved of it by requests in flight",
-            budget_labels,
-            registry=self.registry,
-        )
-        self.budget_omitted = Gauge(
-            "aihub_budget_series_omitted",
-            f"Keys and tenants with a budget beyond the {MAX_BUDGET_SERIES} shown",
-            registry=self.registry,
-        )
-        # The collector's own counts (python_gc_*), and what node/collector.py froze at startup:
-        # a frozen count of 0 on a running node means the collector walks startup's objects.
+        # Read from the store when scraped (`set_peers`, `set_budgets`), and the collector's.
+        self.scraped = ScrapedGauges()
+        self.registry.register(self.scraped)
+        # The garbage collector's own counts (python_gc_*): one process's (none under several
+        # workers, where prometheus_client's collector does not register).
         GCCollector(registry=self.registry)
-        frozen = Gauge(
-            "aihub_gc_frozen_objects",
-            "Objects moved out of the garbage collector's walks when the node started",
-            registry=self.registry,
-        )
-        frozen.set_function(gc.get_freeze_count)
+        self._rendered = self.registry
+        if shared_across_processes():
+            # Every worker's counters, summed from their files, and this one's gauges.
+            self._rendered = CollectorRegistry(auto_describe=True)
+            MultiProcessCollector(self._rendered)
+            self._rendered.register(self.scraped)
 
         # Labelled children by (metric, labels): prometheus_client's `labels()` validates and
         # locks on every call, a few µs each. Bounded (`_remember`): the labels are the
@@ -193,31 +170,13 @@ class Metrics:
         self._child(self.latency, endpoint, model).observe(seconds)
 
     def set_peers(self, peers: list[PeerGauge]) -> None:
-        """Each peer's health as last checked (a peer gone since is dropped)."""
-        self.peer_up.clear()
-        self.peer_latency.clear()
-        for peer in peers:
-            if peer.up is None:
-                continue
-            self.peer_up.labels(peer.name).set(1 if peer.up else 0)
-            if peer.up and peer.latency_ms is not None:
-                self.peer_latency.labels(peer.name).set(peer.latency_ms / 1000)
+        self.scraped.set_peers(peers)
 
     def set_budgets(self, budgets: list[BudgetGauge]) -> None:
-        """Budgets and what is spent and reserved of them, the most spent first, at most
-        MAX_BUDGET_SERIES of them."""
-        for gauge in (self.budget_cap, self.budget_spent, self.budget_reserved):
-            gauge.clear()
-        ranked = sorted(budgets, key=lambda b: (-b.spent, -b.reserved, b.kind, b.id))
-        for budget in ranked[:MAX_BUDGET_SERIES]:
-            labels = (budget.kind, budget.id)
-            self.budget_cap.labels(*labels).set(budget.cap)
-            self.budget_spent.labels(*labels).set(budget.spent)
-            self.budget_reserved.labels(*labels).set(budget.reserved)
-        self.budget_omitted.set(max(0, len(ranked) - MAX_BUDGET_SERIES))
+        self.scraped.set_budgets(budgets)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._rendered)
 
 
 # At most this many entries in each of `Metrics`' caches of children: far more than the
