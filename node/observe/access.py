@@ -88,6 +88,12 @@ def _shown_model(model: str) -> str:
     return printable(model)
 
 
+def _now() -> tuple[float, float]:
+    """A line's time and its milliseconds, as `LogRecord` has them."""
+    created = time.time()
+    return created, int((created - int(created)) * 1000) + 0.0
+
+
 def _formatted(handler: logging.Handler, name: str, line: str, entry: AccessEntry) -> str | None:
     """What `handler`'s formatter makes of an access record of `line`, when it is one of
     `log_config`'s as that sets it up; None for any other."""
@@ -95,9 +101,7 @@ def _formatted(handler: logging.Handler, name: str, line: str, entry: AccessEntr
     kind = type(formatter)
     level = logging.getLevelName(logging.INFO)  # as a record's `levelname` (addLevelName)
     if kind is JsonFormatter:
-        created = time.time()
-        msecs = int((created - int(created)) * 1000) + 0.0  # as LogRecord has it
-        return json_line(created, msecs, level, name, line, entry)
+        return json_line(*_now(), level, name, line, entry)
     if (
         kind is PrintableFormatter
         and formatter._fmt == PLAIN_FORMAT  # type: ignore[union-attr]
@@ -200,10 +204,10 @@ class AccessLog:
         record = logging.LogRecord.__new__(logging.LogRecord)
         fields = record.__dict__
         fields.update(template)
-        created = time.time()
+        created, msecs = _now()
         fields["msg"] = line
         fields["created"] = created
-        fields["msecs"] = int((created - int(created)) * 1000) + 0.0  # as LogRecord has it
+        fields["msecs"] = msecs
         fields["relativeCreated"] = (
             template["relativeCreated"] + (created - template["created"]) * 1000
         )
