@@ -75,7 +75,9 @@ LAYERS = [
 ]
 
 # Steps of a request: a function name (as py-spy prints it, without the file, or with a part
-# of its path after " (" where two modules share the name) and its label.
+# of its path after " (" where two modules share the name) and its label. "a - b" counts the
+# stacks through a that do not pass through b: a step's own part where b, nested in it, is
+# shown as a step of its own.
 STEPS = [
     ("HttpToolsProtocol.data_received", "uvicorn: reading and parsing requests (httptools)"),
     ("RequestResponseCycle.run_asgi", "request task: uvicorn -> Litestar -> handler"),
@@ -91,7 +93,7 @@ STEPS = [
     ("_route", "    route: the upstream call, cancelled if the client goes"),
     ("Router.run", "      router + adapter"),
     ("OpenAIAdapter.chat", "        OpenAI adapter: chat call"),
-    ("complete", "    answer: settle, receipts"),
+    ("complete - _route", "    answer: settle, receipts (complete, less its route)"),
     ("Accounting.finish", "      finish: usage record (journal), metrics, release"),
     ("Accounting.issue_receipt", "      our receipt for a peer (one transaction)"),
     ("complete_response", "    render: a Responses `response`"),
@@ -117,6 +119,9 @@ def _layer(frame: str) -> str:
 
 def _passes(step: str, names: set[str], frames: list[str]) -> bool:
     """Whether a stack passes through `step` (see STEPS)."""
+    step, _, unless = step.partition(" - ")
+    if unless and _passes(unless, names, frames):
+        return False
     function, _, where = step.partition(" (")
     if where:
         return any(_function(frame) == function and where in frame for frame in frames)
