@@ -27,7 +27,7 @@ from node.gateway.budgets import Budgets
 from node.gateway.cache import ResponseCache
 from node.gateway.guardrails.stage import Guardrails
 from node.gateway.interaction_log import InteractionLogger
-from node.gateway.journal import JOURNAL_DIR, Journal
+from node.gateway.journal import JOURNAL_DIR, Journal, adopt_orphans
 from node.gateway.keys import HASH_PURPOSE
 from node.gateway.metrics import Metrics
 from node.gateway.propagation import HEARTBEAT_SECONDS, Heartbeat
@@ -57,6 +57,9 @@ PRUNE_INTERVAL = 30
 HOLD_RENEW_INTERVAL = 5
 # Expired cached answers are forgotten this often (seconds); a read never returns one anyway.
 CACHE_PRUNE_INTERVAL = 60
+# The journal of a worker that died is looked for this often (seconds): a listing of the
+# journal folder, and a replay when there is one (`journal.adopt_orphans`).
+ORPHANS_INTERVAL = 2
 
 
 def http_client(config: Config) -> httpx.AsyncClient:
@@ -150,6 +153,15 @@ class Hub:
             max_instances=1,
             coalesce=True,
             id="processes.beat",
+        )
+        scheduler.add_job(
+            _while_store_answers(adopt_orphans),
+            "interval",
+            args=(store, data_dir / JOURNAL_DIR),
+            seconds=ORPHANS_INTERVAL,
+            max_instances=1,
+            coalesce=True,
+            id="journal.orphans",
         )
         scheduler.add_job(
             _while_store_answers(budgets.renew),

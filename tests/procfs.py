@@ -3,6 +3,8 @@ TCP sockets each holds on the node's port (listening, or connections it accepted
 
 from __future__ import annotations
 
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,10 +38,15 @@ def _socket_inodes(pid: int) -> set[str]:
 
 
 def _states(pid: int, port: int) -> Iterator[str]:
-    """The state of each TCP socket on local `port` that the process holds."""
-    inodes = _socket_inodes(pid)
-    for table in ("tcp", "tcp6"):
-        for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+    """The state of each TCP socket on local `port` that the process holds (none once it
+    has ended: a worker killed is gone from /proc between two reads)."""
+    try:
+        inodes = _socket_inodes(pid)
+        tables = [Path(f"/proc/{pid}/net/{t}").read_text() for t in ("tcp", "tcp6")]
+    except (FileNotFoundError, ProcessLookupError):
+        return
+    for table in tables:
+        for row in table.splitlines()[1:]:
             fields = row.split()
             if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
                 yield fields[3]
@@ -54,3 +61,18 @@ def client_sockets(pid: int, port: int) -> int:
 def listens(pid: int, port: int) -> bool:
     """Whether the process holds a socket listening on `port` (its server has started)."""
     return LISTEN in _states(pid, port)
+
+
+def listening_workers(
+    serve: subprocess.Popen[bytes], port: int, count: int, gone: int | None = None
+) -> list[int]:
+    """The workers of a real `aihub serve`, once `count` of them listen on the port (their
+    apps started), none of them `gone` (a worker killed, which listens until the kernel has
+    ended it)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready = [pid for pid in workers_of(serve.pid) if listens(pid, port)]
+        if len(ready) == count and gone not in ready:
+            return ready
+        time.sleep(0.05)
+    raise AssertionError(f"{count} workers never listened on {port}")

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -17,26 +15,12 @@ import httpx
 
 from tests.conftest import NodeDir, serve_process
 from tests.mocks.server import free_port
-from tests.procfs import client_sockets, listens, workers_of
+from tests.procfs import client_sockets, listening_workers
 from tests.test_metrics_gauges import samples_in
 
 HI = [{"role": "user", "content": "hi"}]
 CONNECTIONS = 32  # spread over two workers by the kernel: all on one has a chance of 2**-31
 CHAT = (("endpoint", "chat"), ("model", "echo"), ("status", "200"))
-
-
-def _listening(
-    serve: subprocess.Popen[bytes], port: int, count: int, gone: int | None = None
-) -> list[int]:
-    """The workers, once `count` of them listen on the port (their apps started), none of
-    them `gone` (a worker killed, which listens until the kernel has ended it)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        ready = [pid for pid in workers_of(serve.pid) if listens(pid, port)]
-        if len(ready) == count and gone not in ready:
-            return ready
-        time.sleep(0.05)
-    raise AssertionError(f"{count} workers never listened on {port}")
 
 
 def _scrapes(url: str, count: int = 10) -> Iterator[str]:
@@ -67,7 +51,7 @@ def test_every_scrape_counts_every_workers_requests(node_dir: NodeDir, tmp_path:
     url = f"http://127.0.0.1:{port}"
     auth = {"authorization": f"Bearer {node_dir.key}"}
     with serve_process(node_dir.path, port, tmp_path / "serve.log", "--workers", "2") as serve:
-        workers = _listening(serve, port, 2)
+        workers = listening_workers(serve, port, 2)
         with ExitStack() as stack:
             clients = [
                 stack.enter_context(httpx.Client(base_url=url, headers=auth))
@@ -83,7 +67,7 @@ def test_every_scrape_counts_every_workers_requests(node_dir: NodeDir, tmp_path:
 
         # A worker killed: what it counted stays counted, and its replacement counts on.
         os.kill(workers[0], signal.SIGKILL)
-        assert workers[1] in _listening(serve, port, 2, gone=workers[0])
+        assert workers[1] in listening_workers(serve, port, 2, gone=workers[0])
         for text in _scrapes(url, 4):
             assert _counted(text) == (asked, tokens, asked)
         for _ in range(CONNECTIONS):
@@ -95,6 +79,6 @@ def test_every_scrape_counts_every_workers_requests(node_dir: NodeDir, tmp_path:
 
     # Started again, the node counts from zero, as one process does.
     with serve_process(node_dir.path, port, tmp_path / "again.log", "--workers", "2") as serve:
-        _listening(serve, port, 2)
+        listening_workers(serve, port, 2)
         for text in _scrapes(url, 4):
             assert _counted(text) == (0, 0, 0)

@@ -8,6 +8,7 @@ and one pair's receipt chain never forks or gaps when both issue receipts."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import shutil
@@ -28,8 +29,10 @@ from node.gateway.journal import JOURNAL_DIR
 from node.gateway.policy import period_start
 from node.storage import opened
 from node.storage.records import StoredReceipt, body_hash
-from tests.conftest import NodeDir, concurrent_client
+from tests.conftest import NodeDir, concurrent_client, serve_process
+from tests.mocks.server import free_port
 from tests.postgres import PASSWORD_ENV
+from tests.procfs import client_sockets, listening_workers
 from tests.test_budgets import CAP, WORST, fire, make_key, priced_echo, spend_of
 from tests.test_federation import LLAMA, _bobs_key_at_alice, cli, invite, make_peer, wait_for
 from tests.test_postgres_node import moved_to_postgres, serving
@@ -285,20 +288,35 @@ def test_max_parallel_holds_across_two_hosts(
     assert statuses.count(429) == 4, statuses
 
 
+@contextmanager
+def two_workers(node: NodeDir, log: Path) -> Iterator[tuple[str, list[int]]]:
+    """The node served by `aihub serve --workers 2` on its SQLite folder: its URL and its
+    two workers' pids, once both listen."""
+    port = free_port()
+    with serve_process(node.path, port, log, "--workers", "2") as serve:
+        yield f"http://127.0.0.1:{port}", listening_workers(serve, port, 2)
+
+
 def test_a_killed_workers_budget_lease_comes_back_on_sqlite(
     node_dir: NodeDir, tmp_path: Path
 ) -> None:
-    """The same on one host's SQLite file, as `--workers` has it: two processes on one data
-    folder, one killed while it holds a lease, the other gives it back."""
+    """The same on one host's SQLite file under `--workers`: the worker that answered killed
+    while it holds a lease, the other gives it back, nobody restarted."""
     priced_echo(node_dir)
     key, key_id = make_key(node_dir.path, name="small", budget_micros=CAP)
-    with serving(node_dir.path, tmp_path / "second.log"):
-        with serving(node_dir.path, tmp_path / "first.log") as (first, killed):
-            assert chat(first, key) == 200
-            assert spend_of(node_dir.path, f"key:{key_id}")[1] > 0
-            killed.kill()
-            killed.wait(timeout=10)
-        assert wait_for(lambda: spend_of(node_dir.path, f"key:{key_id}")[1] == 0, seconds=120)
+    scope = f"key:{key_id}"
+    with two_workers(node_dir, tmp_path / "serve.log") as (url, workers):
+        port = int(url.rsplit(":", 1)[1])
+        with httpx.Client(base_url=url) as client:
+            headers = {"authorization": f"Bearer {key}"}
+            answer = client.post(CHAT, json=TINY_CHAT, headers=headers)
+            assert answer.status_code == 200
+            (answered,) = [pid for pid in workers if client_sockets(pid, port)]
+            assert spend_of(node_dir.path, scope)[1] > 0
+            os.kill(answered, signal.SIGKILL)
+        assert wait_for(lambda: spend_of(node_dir.path, scope)[1] == 0, seconds=120)
+    spent, reserved = spend_of(node_dir.path, scope)
+    assert reserved == 0 and 0 < spent <= WORST
 
 
 # --- a change of keys, honoured by the other host on its very next request ---------------------
@@ -319,28 +337,40 @@ async def _listeners_cut(url: str) -> int:
 
 
 async def _churn(
-    folder: Path, target: str, rounds: int, cut: Callable[[], Awaitable[int]] | None = None
+    folder: Path,
+    target: str,
+    rounds: int,
+    cut: Callable[[], Awaitable[int]] | None = None,
+    connections: int = 1,
+    before_closing: Callable[[], None] = lambda: None,
 ) -> list[str]:
     """`rounds` times: a key made through `folder` is used at once on `target`, then revoked
     through `folder`, and the very next request on `target` must be refused; what each
-    change's wait said of processes that had not applied it."""
+    change's wait said of processes that had not applied it. Over `connections` clients in
+    turn, each request on the next one; `before_closing` runs while they are still open."""
     admin = await Management.open(folder)
     said: list[str] = []
     try:
-        async with httpx.AsyncClient(base_url=target, timeout=30) as client:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(httpx.AsyncClient(base_url=target, timeout=30))
+                for _ in range(connections)
+            ]
+            turns = itertools.cycle(clients)
             for round_ in range(rounds):
                 if cut is not None:
                     await cut()
                 created = await admin.create_key(KeyInput(name=f"churn-{round_}"), "test")
                 said += created.unconfirmed
                 headers = {"authorization": f"Bearer {created.key}"}
-                answer = await client.post(CHAT, json=TINY_CHAT, headers=headers)
+                answer = await next(turns).post(CHAT, json=TINY_CHAT, headers=headers)
                 assert answer.status_code == 200, (round_, answer.text)
                 if cut is not None:
                     await cut()
                 said += (await admin.revoke_key(created.record.id, "test")).unconfirmed
-                answer = await client.post(CHAT, json=TINY_CHAT, headers=headers)
+                answer = await next(turns).post(CHAT, json=TINY_CHAT, headers=headers)
                 assert answer.status_code == 401, (round_, answer.text)
+            before_closing()
     finally:
         await admin.close()
     return said
@@ -441,11 +471,18 @@ def test_a_revoked_peer_is_refused_by_the_other_host_on_its_next_request(
 def test_keys_changed_are_honoured_by_the_other_worker_on_sqlite(
     node_dir: NodeDir, tmp_path: Path
 ) -> None:
-    """Two processes on one SQLite data folder, as `--workers` runs: each reads the folder's
-    `keys.epoch` on every request, so the change's call has nobody to wait for."""
-    with (
-        serving(node_dir.path, tmp_path / "first.log") as (first, _),
-        serving(node_dir.path, tmp_path / "second.log") as (second, _),
-    ):
-        assert asyncio.run(_churn(node_dir.path, second, 40)) == []
-        assert asyncio.run(_churn(node_dir.path, first, 10)) == []
+    """`--workers 2` on one SQLite data folder: each worker reads the folder's `keys.epoch`
+    on every request, so the change's call has nobody to wait for. The requests go out on
+    connections in turn, spread by the kernel over both workers (all on one: 2**-31)."""
+    with two_workers(node_dir, tmp_path / "serve.log") as (url, workers):
+        port = int(url.rsplit(":", 1)[1])
+        held: dict[int, int] = {}
+
+        async def churned() -> list[str]:
+            def seen() -> None:
+                held.update({pid: client_sockets(pid, port) for pid in workers})
+
+            return await _churn(node_dir.path, url, 40, connections=32, before_closing=seen)
+
+        assert asyncio.run(churned()) == []
+        assert min(held.values()) >= 1, held  # both workers answered some

@@ -11,29 +11,18 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from tests.conftest import NodeDir, serve_process
 from tests.mocks.server import free_port
-from tests.procfs import client_sockets, listens, workers_of
+from tests.procfs import client_sockets, listening_workers
 
 CONNECTIONS = 32
 # Spread by the kernel's hash, fewer than this many of 32 on one of two workers has a chance
 # of about 1 in 50,000; a burst that one worker took whole leaves the other none.
 AT_LEAST = 5
-
-
-def _workers_listening(serve: subprocess.Popen[bytes], port: int, count: int) -> list[int]:
-    """The worker processes once each listens on the port (its app started)."""
-    for _ in range(600):
-        ready = [pid for pid in workers_of(serve.pid) if listens(pid, port)]
-        if len(ready) == count:
-            return ready
-        time.sleep(0.05)
-    raise AssertionError(f"{count} workers never listened on {port}")
 
 
 @contextmanager
@@ -54,7 +43,7 @@ def test_a_burst_of_connections_is_spread_over_the_workers(
 ) -> None:
     port = free_port()
     with serve_process(node_dir.path, port, tmp_path / "serve.log", "--workers", "2") as serve:
-        workers = _workers_listening(serve, port, 2)
+        workers = listening_workers(serve, port, 2)
         with _stopped(workers):
             clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(CONNECTIONS)]
         try:

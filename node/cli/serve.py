@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from node import __version__
 from node.cli.folder import require_config, require_identity, require_secrets
+from node.cli.folder_lock import FolderInUse, serving
 from node.cli.options import with_data_dir
 from node.cli.output import console, fail
 from node.config import IDENTITY_FILE, Config, ConfigError, ServerSection, store_target
@@ -64,6 +65,30 @@ def serve(
     host = host or config.server.host
     port = port or config.server.port
     workers = workers or config.server.worker_count()
+    try:
+        with serving(directory):
+            _serve(directory, config, host, port, workers, server, log_level)
+    except FolderInUse as exc:
+        fail(str(exc))
+
+
+def _serve(
+    directory: Path,
+    config: Config,
+    host: str,
+    port: int,
+    workers: int,
+    server: str,
+    log_level: Level | None,
+) -> None:
+    """The start, once the folder is ours: the address checked before the folder's state is
+    recovered, so that a start that cannot serve changes nothing."""
+    from node.cli.workers import refuse_taken
+
+    try:
+        refuse_taken(host, port)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     # Workers are separate processes: they find the node through the environment.
     os.environ["AIHUB_HOME"] = str(directory)
     _share_metrics(directory, workers)

@@ -32,11 +32,7 @@ def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
     (each worker's server calls `listen`). OSError if the address is taken, even by sockets
     that would share it: a second node started on the same port must not quietly take half
     of the first one's connections."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        # Without SO_REUSEPORT, a bind is refused while any socket holds the address.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((host, port))
+    family = refuse_taken(host, port)
     sockets: list[socket.socket] = []
     try:
         for _ in range(count):
@@ -51,6 +47,17 @@ def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
             sock.close()
         raise
     return sockets
+
+
+def refuse_taken(host: str, port: int) -> socket.AddressFamily:
+    """OSError if a socket already holds `host:port`; else the address's family. Without
+    SO_REUSEPORT, a bind is refused while any socket holds the address, even sockets that
+    would share it with one another."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+    return family
 
 
 class SpreadWorkers(Multiprocess):

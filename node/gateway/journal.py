@@ -5,7 +5,9 @@ A `write(2)` to a file survives the process being killed: the kernel holds the d
 promise as SQLite's `synchronous=NORMAL` that every commit of this node relies on. A segment
 that has grown past `SEGMENT_BYTES` is deleted once the batch that sealed it is committed. Each
 process appends to segments of its own (named by its pid); `serve` replays whatever segments are
-left, before any worker starts.
+left, before any worker starts, and while the node serves, a worker replays those of a worker
+that died (killed, or out of memory) and was replaced (`adopt_orphans`): what it had answered
+is in the books within seconds, not at the node's next start.
 Replaying is idempotent: a usage record already in the database is skipped, and so is the
 spend it settled (`store.usage.write_batch`).
 
@@ -166,8 +168,8 @@ def skipped_event(where: str, refused: list[tuple[Charge, str]], undecodable: in
 async def replay(store: Store, segments: list[Segment]) -> int:
     """Write what segments left behind by a crash hold (`left_behind`), then delete them; how
     many records were replayed. A record that cannot be applied is skipped and reported (the
-    log and the audit log), and its segment kept as `*.rejected`. Call it when no process of
-    the node is serving."""
+    log and the audit log), and its segment kept as `*.rejected`. Call it when the processes
+    that wrote the segments have ended (a live one's batch may be writing them meanwhile)."""
     charges = [charge for segment in segments for charge in segment.charges]
     refused = await apply(store, charges) if charges else []
     undecodable = sum(segment.undecodable for segment in segments)
@@ -187,3 +189,51 @@ async def replay(store: Store, segments: list[Segment]) -> int:
         else:
             segment.path.unlink()
     return len(charges) - len(refused)
+
+
+def _writer(path: Path) -> int | None:
+    """The pid that names a segment (`PID-N.journal`, or `PID-xPID-N.journal` once adopted)."""
+    head = path.name.split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _ended(pid: int) -> bool:
+    """Whether no process has the pid. One that has it is taken for the writer, whatever it
+    is (the pid reused): its segments wait for the node's next start, as before; a process
+    that died and is not reaped yet still has it, and is seen on a later look."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # someone else's process
+        return False
+    return False
+
+
+def orphaned(folder: Path) -> list[Path]:
+    """The segments in `folder` whose writer has ended, ours excepted."""
+    me = os.getpid()
+    paths = sorted(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []
+    return [path for path in paths if (pid := _writer(path)) not in (None, me) and _ended(pid)]
+
+
+def _adopted(path: Path) -> Path | None:
+    """The segment renamed to ours, the claim that makes one process replay it when several
+    look at once (a rename is atomic: the others find it gone). If we end before it is
+    replayed, it is an orphan of ours, for another process or the next start."""
+    mine = path.with_name(f"{os.getpid()}-x{path.name}")
+    try:
+        path.rename(mine)
+    except FileNotFoundError:
+        return None
+    return mine
+
+
+async def adopt_orphans(store: Store, folder: Path) -> int:
+    """Replay the segments of this folder's processes that ended while the node serves (a
+    worker killed; its replacement runs under another pid): how many records were written.
+    Its batch in memory is lost with it; its segments hold every charge it had answered.
+    Replaying is idempotent, and a hold of a process whose holds were given back counts its
+    spend only (`store.usage.write_batch`), whichever of the two comes first."""
+    claimed = [mine for path in orphaned(folder) if (mine := _adopted(path)) is not None]
+    return await replay(store, [_segment(path) for path in claimed]) if claimed else 0
