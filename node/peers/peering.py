@@ -166,6 +166,15 @@ class Peering:
         counter = await self.store.peers.next_counter(ADVERT_SEQ, int(time.time()))
         self.advert_seq = max(counter, self.advert_seq + 1)
 
+    async def newest_seq(self) -> int:
+        """The node's newest advert seq, taken up: another process of the node (a worker, a
+        host) may have issued one after ours (each takes one at its start, and when offers
+        change) and priced receipts under it. A consumer that holds an older advert fetches
+        ours before it refuses such a receipt; answered by a worker still on an older seq,
+        it refused it (a third of a hop's receipts under two workers)."""
+        self.advert_seq = max(self.advert_seq, await self.store.peers.counter(ADVERT_SEQ))
+        return self.advert_seq
+
     def _cheapest(self, name: str) -> Deployment | None:
         """The local deployment of `name` whose price is shown to peers: the cheapest (the
         first of equals, in the config's order)."""
@@ -405,6 +414,7 @@ class Peering:
             invite=invite.token_id,
         )
         await self.changed()
+        await self.newest_seq()
         return self.join_response(joiner.node_id, key, limits)
 
     def _check_joiner(self, joiner: NodeDescriptor, signer: str) -> None:
@@ -608,6 +618,7 @@ class Peering:
     async def push_adverts(self) -> None:
         """Tell every peer we serve what it may use here now (at start: the models may have
         changed with the config; after a change to what a peer's key may use)."""
+        await self.newest_seq()
         await asyncio.gather(*(self._push(peer) for peer in list(self.peers.values())))
 
     async def _push(self, peer: Peer) -> None:

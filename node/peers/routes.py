@@ -157,6 +157,7 @@ async def advert(request: Request) -> Response[bytes]:
     principal = await authenticate_peer(request, body)
     peering = hub_of(request).peering
     await peering.note_listing(principal.key.peer_id or "", LISTED_HEADER in request.headers)
+    await peering.newest_seq()
     advert = peering.advert_for(principal.key.limits)
     return Response(msgspec.json.encode(advert), media_type=JSON)
 

@@ -209,6 +209,10 @@ class PeerStore(Protocol):
         in any process and across restarts."""
         ...
 
+    async def counter(self, name: str) -> int:
+        """A node-wide counter's last value (`next_counter`), 0 if it was never moved."""
+        ...
+
     async def claim_nonce(self, pair: bytes, expires: int, now: int) -> bool:
         """Record `pair` as used until `expires`: True if it is new, False if it is recorded
         and not expired (a replay). Atomic across processes. On the request path."""

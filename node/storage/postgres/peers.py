@@ -212,6 +212,10 @@ class PostgresPeers:
         )
         return int(value)
 
+    async def counter(self, name: str) -> int:
+        value = await self._db.fetchval("SELECT value FROM counters WHERE name = $1", name)
+        return int(value) if value is not None else 0
+
     async def claim_nonce(self, pair: bytes, expires: int, now: int) -> bool:
         """Record `pair` (a digest of who signed and the nonce) as used until `expires`: True
         if it is new, False if it is already recorded and not expired (a replay)."""

@@ -193,6 +193,10 @@ class SqlitePeers:
             )
         )
 
+    async def counter(self, name: str) -> int:
+        row = await self._db.fetchone("SELECT value FROM counters WHERE name = ?", (name,))
+        return int(row[0]) if row else 0
+
     async def claim_nonce(self, pair: bytes, expires: int, now: int) -> bool:
         """Record `pair` (a digest of who signed and the nonce) as used until `expires`: True
         if it is new, False if it is already recorded and not expired (a replay)."""
