@@ -192,6 +192,20 @@ def _plan(hub: Hub, principal: Principal, model: str, kind: str, local_only: boo
         raise HubError(Kind.NOT_FOUND, message, param="model", code="model_not_found") from None
 
 
+async def _current_plan(
+    hub: Hub, principal: Principal, model: str, kind: str, local_only: bool
+) -> list[Route]:
+    """`_plan`; a model not found is looked for again once the peers another process of the
+    node changed are reloaded (a peer's model that `aihub join` has just said is available,
+    which this worker would otherwise learn within the second). Only a miss pays for it."""
+    try:
+        return _plan(hub, principal, model, kind, local_only)
+    except HubError as exc:
+        if exc.code != "model_not_found" or not await hub.peering.catch_up():
+            raise
+    return _plan(hub, principal, model, kind, local_only)
+
+
 def chat_worst_case(chat: ChatRequest, plan: list[Route]) -> Usage:
     """The most a chat request may use on this plan: its prompt, and the output it may ask
     (its max_tokens, else the deployments' `reserve_output_tokens`, at most their
@@ -297,7 +311,7 @@ async def begin(
     budget still gets what costs it nothing."""
     principal = caller.principal
     _check_model(principal, model)
-    plan = _plan(hub, principal, model, kind, caller.local_only)
+    plan = await _current_plan(hub, principal, model, kind, caller.local_only)
     books = Accounting(hub, principal, request_id, model, kind)
     books.traceparent = caller.traceparent
     if books.for_peer and _REQUEST_ID.fullmatch(caller.peer_request_id):

@@ -133,6 +133,7 @@ class Peering:
         # Peers that revoked our access (told us so, signed): no longer routed, still named.
         self.revoked_us: dict[str, PeerRecord] = {}
         self._checks: dict[str, asyncio.Lock] = {}
+        self._loading = asyncio.Lock()
         self._saving: set[asyncio.Task[None]] = set()
         # What each peer was last told it may use here, and the keys epoch it was read at:
         # a change to a peer's key (its model list) bumps the advert and pushes it.
@@ -221,6 +222,18 @@ class Peering:
 
     def stale(self) -> bool:
         return read_epoch(self.directory / PEERS_EPOCH_FILE) != self._epoch
+
+    async def catch_up(self) -> bool:
+        """Reload now if another process changed peers (one `stat`), rather than at the next
+        second's look: whether anything was reloaded. For a request about to be refused for
+        a model this process does not know, which a join or an advert another process took
+        just now may have brought (`aihub join` said it is available)."""
+        if not self.stale():
+            return False
+        async with self._loading:  # many such requests at once: one reload
+            if self.stale():
+                await self.load()
+        return True
 
     def mark_stale(self) -> None:
         """Reload within a second (another process, perhaps on another host, changed peers)."""
@@ -534,6 +547,10 @@ class Peering:
         await self.store.peers.save_peer(record)
         peer.record = record
         self.rebuild_routes()
+        # The other processes serving this folder take it up within a second, not at their
+        # own next check of the peer (30 s): a push reaches one worker. (Other hosts hear of
+        # the saved peer from the database.)
+        touch_epoch(self.directory, PEERS_EPOCH_FILE)
         return True
 
     async def note_listing(self, node_id: str, listed: bool) -> None:
