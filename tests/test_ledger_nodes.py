@@ -162,6 +162,13 @@ def test_books_agree_reconcile_settle_and_net_across_three_nodes(tmp_path: Path)
             expected[s["b"]] = expected.get(s["b"], 0) + s["net"]
             expected[s["a"]] = expected.get(s["a"], 0) - s["net"]
         assert {k: v for k, v in balances.items() if v} == {k: v for k, v in expected.items() if v}
+        # As printed: the nodes by the names alice knows them by, herself as "us".
+        names = {node_id(alice): "us", node_id(bob): "bob", node_id(carol): "carol"}
+        printed = cli("ledger", "net", str(shared), "--data-dir", str(alice.path)).splitlines()
+        assert [line.rsplit(" ", 1)[0] for line in printed] == [
+            f"{names[payer]} pays {names[payee]}"
+            for payer, payee, _ in plan["transfers"]  # type: ignore[index]
+        ]
 
         csv_export = cli("ledger", "export", "--format", "csv", "--data-dir", str(alice.path))
         assert csv_export.splitlines()[0].startswith("iat,provider,consumer,seq")

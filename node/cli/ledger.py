@@ -68,6 +68,18 @@ def _run(directory: Path, work: Callable[[Store, NodeIdentity], Awaitable[T]]) -
     return asyncio.run(go())
 
 
+def _namer(directory: Path) -> Callable[[str], str]:
+    """What to call a node in what a command prints: "us", a peer's name, or (a node of the
+    group we have no record of) its whole id, to compare with what its owner says."""
+
+    async def names(store: Store, me: NodeIdentity) -> dict[str, str]:
+        known = {record.node_id: printable(record.name) for record in await store.peers.peers()}
+        return known | {me.node_id: "us"}
+
+    known = _run(directory, names)
+    return lambda node_id: known.get(node_id, node_id)
+
+
 def _with_peer(directory: Path, peer: str, work: Callable[[Store, Link], Awaitable[T]]) -> T:
     """Run `work` with a signed link to PEER (name or node id); a network failure is a 502
     BooksError, as from the node's admin API."""
@@ -201,9 +213,10 @@ def settle(directory: Path, peer: str, json_: bool) -> None:
     me = NodeIdentity.load(directory / IDENTITY_FILE).node_id
     net = statement.net if me == statement.b else -statement.net
     currency = currency_of(directory)
+    who = _namer(directory)
     console.print(
-        f"Settled: {amount(statement.a_owes_b, currency)} owed by {statement.a[:16]}…, "
-        f"{amount(statement.b_owes_a, currency)} by {statement.b[:16]}…; net for us "
+        f"Settled: {amount(statement.a_owes_b, currency)} owed by {who(statement.a)}, "
+        f"{amount(statement.b_owes_a, currency)} by {who(statement.b)}; net for us "
         f"{_signed_amount(net, currency)}.",
         markup=False,
     )
@@ -232,9 +245,10 @@ def net(directory: Path, files: tuple[Any, ...], json_: bool) -> None:
         echo_json(plan)
         return
     currency = currency_of(directory)
+    who = _namer(directory)
     for transfer in plan.transfers:
         paid = amount(transfer.amount, currency)
-        console.print(f"{transfer.payer} pays {transfer.payee} {paid}", markup=False)
+        console.print(f"{who(transfer.payer)} pays {who(transfer.payee)} {paid}", markup=False)
     if not plan.transfers:
         console.print("Nothing to transfer.")
 
