@@ -97,6 +97,10 @@ def test_a_logged_key_s_requests_and_answers_are_kept(node_dir: NodeDir) -> None
     # `aihub logs`, on the data folder.
     listed = as_json(node_dir.path, "logs", "--key", record["id"])["logs"]
     assert [entry["request_id"] for entry in listed][-1] == request_id
+    for name in (record["name"], key):  # by its name, by the key itself: the same entries
+        assert as_json(node_dir.path, "logs", "--key", name)["logs"] == listed
+    unknown = invoke(node_dir.path, "logs", "--tenant", "nobody")  # not a quiet empty table
+    assert unknown.exit_code == 1 and "no tenant 'nobody'" in unknown.output
     shown = as_json(node_dir.path, "logs", request_id)
     assert json.loads(shown["request"])["messages"] == HELLO
     table = invoke(node_dir.path, "logs", request_id)
@@ -109,7 +113,8 @@ def test_a_logged_key_s_requests_and_answers_are_kept(node_dir: NodeDir) -> None
 
 def test_a_tenant_logs_its_keys_unless_a_key_says_otherwise(node_dir: NodeDir) -> None:
     with run_node(node_dir) as node:
-        tenant = create_tenant(node, log=True)["id"]
+        made = create_tenant(node, log=True)
+        tenant = made["id"]
         member, member_record = create_key(node, tenant=tenant)
         opted_out, _ = create_key(node, tenant=tenant, log=False)
         ask(node, member)
@@ -120,6 +125,11 @@ def test_a_tenant_logs_its_keys_unless_a_key_says_otherwise(node_dir: NodeDir) -
         patch_key(node, member_record["id"], log=False)
         ask(node, member)
         assert len(admin_get(node, "/admin/logs", tenant=tenant).json()["logs"]) == 1
+    by_id = as_json(node_dir.path, "logs", "--tenant", tenant)["logs"]
+    assert (
+        len(by_id) == 1
+        and as_json(node_dir.path, "logs", "--tenant", made["name"])["logs"] == by_id
+    )
 
 
 def test_bodies_are_cut_at_their_bound(node_dir: NodeDir) -> None:

@@ -130,6 +130,7 @@ def test_the_issue_command_creates_a_key_shown_once(folder):
     assert started + 30 * 86400 <= view["expires_at"] <= int(time.time()) + 30 * 86400
     assert view["spend"]["cap_micros"] == 20_000_000 and view["spend"]["period"] == "monthly"
     assert as_json(folder, "keys", "show", key) == view  # by the key itself
+    assert as_json(folder, "keys", "show", "ci-bot") == view  # by its name, while it is one's
 
     # Never shown again, and stored only as a keyed hash.
     secret = key.partition("_")[2]
@@ -139,6 +140,10 @@ def test_the_issue_command_creates_a_key_shown_once(folder):
     assert hashes_match(stored(folder, key_id).hash, hash_secret(folder), key)
     [event] = as_json(folder, "audit", "--action", "key.create")
     assert (event["actor"], event["target"], event["detail"]) == (USER, key_id, {"name": "ci-bot"})
+    ok(folder, *ISSUE_COMMAND)  # a second key named ci-bot: the name no longer says which
+    result = invoke(folder, "keys", "show", "ci-bot")
+    assert result.exit_code == 1 and "2 keys are named 'ci-bot'" in result.stderr
+    assert key_id in result.stderr and "give its id" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -532,7 +537,7 @@ def test_user_text_is_printed_literally(folder, wide):
 
     result = invoke(folder, "keys", "show", "[bold]nope :smile:")
     assert result.exit_code == 1
-    assert result.stderr.strip() == "error: no key '[bold]nope :smile:'"
+    assert result.stderr.strip().startswith("error: no key '[bold]nope :smile:' (")
     result = invoke(folder, "tenants", "show", "[/]")
     assert result.exit_code == 1 and "no tenant '[/]'" in result.stderr
 

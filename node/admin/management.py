@@ -220,12 +220,25 @@ class Management:
     # --- keys ------------------------------------------------------------------------------
 
     async def find_key(self, id_or_key: str) -> KeyRecord:
-        """A key by its id or by the key itself (which is never stored, only its id read)."""
+        """A key by its id, by the key itself (which is never stored, only its id read), or
+        by its name when one key has it (names need not be unique: then its id is asked
+        for)."""
         key_id = key_id_of(id_or_key) or id_or_key
         record = await self.store.keys.key(key_id)
-        if record is None:
-            raise ManagementError(Kind.NOT_FOUND, f"no key {_shown(key_id)}")
-        return record
+        if record is not None:
+            return record
+        named = [k for k in await self.store.keys.keys() if k.name == id_or_key]
+        if len(named) == 1:
+            return named[0]
+        if named:
+            ids = ", ".join(k.id for k in named[:5])
+            raise ManagementError(
+                Kind.CONFLICT,
+                f"{len(named)} keys are named {_shown(id_or_key)} ({ids}): give its id",
+            )
+        raise ManagementError(
+            Kind.NOT_FOUND, f"no key {_shown(key_id)} (an id, the key itself, or a key's name)"
+        )
 
     async def _tenant_id(self, tenant: str | None) -> str | None:
         if tenant is None:

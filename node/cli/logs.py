@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import msgspec
 from rich.table import Table
 
 from node.admin.log_views import (
@@ -26,8 +27,8 @@ from node.units import money
 
 @click.command("logs")
 @click.argument("request_id", required=False)
-@click.option("--key", help="Only this key's requests (its id)")
-@click.option("--tenant", help="Only this tenant's requests (its id)")
+@click.option("--key", help="Only this key's requests (its id, name or the key)")
+@click.option("--tenant", help="Only this tenant's requests (its id or name)")
 @click.option("--model", help="Only requests for this model")
 @click.option("--status", help="Only requests that ended with this HTTP status, e.g. 200")
 @click.option("--since", default=DEFAULT_LOGS_SINCE, show_default=True, help=SINCE_HELP)
@@ -72,7 +73,13 @@ def logs_command(
         fail(f"--{exc}")
 
     async def work(m: Management) -> list[InteractionLog]:
-        return await m.store.logs.logs(which)
+        # A name (or a key itself) is looked up: matched as an id, it found nothing, quietly.
+        found = which
+        if key:
+            found = msgspec.structs.replace(found, key_id=(await m.find_key(key)).id)
+        if tenant:
+            found = msgspec.structs.replace(found, tenant_id=(await m.find_tenant(tenant)).id)
+        return await m.store.logs.logs(found)
 
     entries = manage(directory, work)
     if as_json:
