@@ -39,6 +39,8 @@ def test_a_second_start_on_a_served_folder_is_refused_and_changes_nothing(
         counters = sorted((node_dir.path / "metrics").glob("*.db"))
         assert counters
         served = (node_dir.path / SERVED_FILE).read_bytes()
+        for path in node_dir.path.iterdir():  # what a serving node made: private, as init's
+            assert not path.is_file() or path.stat().st_mode & 0o777 == 0o600, path.name
         # On another port (nothing else would stop it) and on the node's own.
         for other_port in (free_port(), port):
             code, out, err = _start(node_dir.path, other_port)

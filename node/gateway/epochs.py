@@ -29,7 +29,7 @@ def touch_epoch(directory: Path, name: str = EPOCH_FILE) -> None:
     """Tell every process serving this node that keys (or, by name, peers) changed: the
     number in the file moves to a value it never held (the clock's nanoseconds, or one past
     the last if the clock is behind), in place, so that a mapped view sees it."""
-    fd = os.open(directory / name, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(directory / name, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         held = os.pread(fd, _NUMBER.size, 0)
         last = _NUMBER.unpack(held)[0] if len(held) == _NUMBER.size else 0
@@ -66,7 +66,7 @@ class EpochView:
 
     def remap(self) -> None:
         """Map the file at the path, if it is not the one mapped (one `open` and `fstat`)."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             info = os.fstat(fd)
             if (info.st_dev, info.st_ino) == self._inode:

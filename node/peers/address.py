@@ -58,7 +58,9 @@ def recorded(directory: Path, host: str, port: int) -> Iterator[str]:
     """Record, while the block runs, that this process serves the node on `host:port`."""
     url = served_url(host, port)
     path = directory / SERVED_FILE
-    path.write_bytes(msgspec.json.encode(Served(url, os.getpid())))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # as the folder's others
+    with os.fdopen(fd, "wb") as file:
+        file.write(msgspec.json.encode(Served(url, os.getpid())))
     try:
         yield url
     finally:
