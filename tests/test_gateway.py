@@ -225,7 +225,8 @@ def test_embeddings_echo_float_and_base64(node):
 def test_health_and_metrics(node):
     import httpx
 
-    assert httpx.get(node.url + "/health/live").json()["status"] == "ok"
+    live = httpx.get(node.url + "/health/live").json()
+    assert live["status"] == "ok" and live["node"] == "alice"
     ready = httpx.get(node.url + "/health/ready")
     assert ready.status_code == 200 and ready.json()["node"] == "alice"
     with node.client() as client:

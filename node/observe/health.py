@@ -29,8 +29,10 @@ class Health(msgspec.Struct):
 
 
 @get("/health/live")
-async def live() -> Response[bytes]:
-    return Response(msgspec.json.encode(Health("ok")), media_type=JSON)
+async def live(request: Request) -> Response[bytes]:
+    """The process answers (nothing else is asked: a store that is down is /health/ready's)."""
+    health = Health("ok", hub_of(request).config.node.name)
+    return Response(msgspec.json.encode(health), media_type=JSON)
 
 
 @get("/health/ready")
