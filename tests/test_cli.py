@@ -767,3 +767,20 @@ def test_without_the_openai_package_init_says_to_install_it_and_prints_runnable_
     assert done.returncode == 0, done.stderr
     assert "Or with the openai Python package (pip install openai first):" in done.stdout
     assert "\n  python3 - <<'EOF'\n" in done.stdout
+
+
+def test_the_data_folder_may_be_given_before_the_command(node_folder, tmp_path):
+    """`aihub --data-dir DIR keys list`, as people type it: above $AIHUB_HOME, below the
+    command's own --data-dir."""
+    elsewhere = str(tmp_path / "elsewhere")
+    listed = invoke("keys", "list", "--json", "--data-dir", str(node_folder))
+    assert listed.exit_code == 0 and '"name": "admin"' in listed.output, listed.output
+    for args, env in (
+        (("--data-dir", str(node_folder), "keys", "list", "--json"), {}),
+        (("--data-dir", str(node_folder), "keys", "list", "--json"), {"AIHUB_HOME": elsewhere}),
+        (("--data-dir", elsewhere, "keys", "list", "--json", "--data-dir", str(node_folder)), {}),
+    ):
+        result = invoke(*args, env=env)
+        assert (result.exit_code, result.output) == (0, listed.output), (args, result.output)
+    missing = invoke("--data-dir", elsewhere, "keys", "list")
+    assert missing.exit_code == 1 and squash(f"no node at {elsewhere}") in squash(missing.output)

@@ -16,6 +16,10 @@ import click
 
 from node import __version__
 
+# Where `aihub --data-dir DIR COMMAND` (the folder given before the command) is kept for the
+# command (`node.cli.options.with_data_dir`), which commonly takes the option itself.
+DATA_DIR_META = "aihub.data_dir"
+
 
 class Entry(NamedTuple):
     """Where a top-level command lives, and what `aihub --help` says of it."""
@@ -120,8 +124,16 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="aihub")
-def main() -> None:
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help="The node's data folder, for the command that follows (which takes it too)",
+)
+@click.pass_context
+def main(ctx: click.Context, data_dir: str | None) -> None:
     """aihub: a self-hosted, federated, OpenAI-compatible AI model hub.
 
     Every command works on one node's data folder: --data-dir, else $AIHUB_HOME, else
     ~/.aihub."""
+    if data_dir is not None:
+        ctx.meta[DATA_DIR_META] = data_dir

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import click
 from msgspec import UNSET, UnsetType
 
+from node.cli.main import DATA_DIR_META
 from node.config import data_dir
 from node.units import parse_duration, parse_money, parse_since
 
@@ -29,7 +30,10 @@ MONEY_HELP = "an amount in the node's currency, e.g. 20 or 0.5"
 
 
 def with_data_dir(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Give a command `--data-dir` (default `$AIHUB_HOME`, else ~/.aihub) as a resolved Path."""
+    """Give a command `--data-dir` (default `$AIHUB_HOME`, else ~/.aihub) as a resolved Path.
+    The folder may be given before the command too (`aihub --data-dir DIR keys list`), as
+    people type it: it counts as given to the command, above `$AIHUB_HOME`, below the
+    command's own `--data-dir`."""
 
     @click.option(
         "--data-dir",
@@ -40,6 +44,11 @@ def with_data_dir(command: Callable[..., Any]) -> Callable[..., Any]:
     )
     @functools.wraps(command)
     def wrapper(data_dir_option: str | None, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        given_before = ctx.find_root().meta.get(DATA_DIR_META)
+        source = ctx.get_parameter_source("data_dir_option")
+        if given_before is not None and source is not click.core.ParameterSource.COMMANDLINE:
+            data_dir_option = given_before
         return command(directory=data_dir(data_dir_option), **kwargs)
 
     return wrapper
