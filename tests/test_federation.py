@@ -125,6 +125,10 @@ def test_invite_join_route_stream_failover_and_revoke(tmp_path):
         # The token was for one use only.
         refused = CliRunner().invoke(main, ["join", token, "--data-dir", str(carol.path)])
         assert refused.exit_code != 0 and "used up" in refused.output
+        assert '{"error"' not in refused.output  # the node's message, not its JSON
+        # Cut short, as a copy and paste can: said so, and what to do.
+        cut = CliRunner().invoke(main, ["join", token[:-7], "--data-dir", str(carol.path)])
+        assert cut.exit_code == 1 and "copy the whole token" in " ".join(cut.output.split())
 
         # Within seconds bob lists alice's shared model, and only that one.
         assert wait_for(lambda: model_owners(b).get("llama3") == "alice")
@@ -407,3 +411,13 @@ def peers_of(path: Path) -> list:
 
 def alice_has_bob(path: Path) -> bool:
     return any(p.name == "bob" for p in peers_of(path))
+
+
+def test_a_join_to_a_node_that_does_not_answer_says_what_to_check(tmp_path):
+    alice = make_peer(tmp_path, "alice", LLAMA)  # never served: nothing listens on its port
+    bob = make_peer(tmp_path, "bob")
+    result = CliRunner().invoke(main, ["join", invite(alice), "--data-dir", str(bob.path)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in said
+    assert f"could not reach the inviting node at http://127.0.0.1:{alice.port}" in said
+    assert "is it running" in said and "public_urls" in said

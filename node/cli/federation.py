@@ -45,6 +45,8 @@ from node.storage.records import InviteRow, PeerRecord
 from node.units import amount
 
 if TYPE_CHECKING:
+    import httpx
+
     from node.storage.base import Store
 
 T = TypeVar("T")
@@ -194,7 +196,8 @@ def join(directory: Path, token: str) -> None:
     try:
         invite = parse_invite(token.strip())
     except RecordError as exc:
-        fail(f"invalid invite: {exc}")
+        hint = "" if "expired" in str(exc) else _WHOLE_TOKEN
+        fail(f"invalid invite: {exc}{hint}")
     urls = advertised_urls(config, directory)
     descriptor = make_descriptor(identity, config.node.name, urls)
     body = msgspec.json.encode(make_join_request(invite, identity, descriptor))
@@ -227,6 +230,30 @@ def _joined_message(peer: PeerRecord, local: list[str]) -> str:
     return f"{joined}. Its models available through this node: {names} (each also as MODEL{at})."
 
 
+_WHOLE_TOKEN = (
+    "; copy the whole token, exactly as `aihub invite create` printed it (one line, from "
+    "aihub1. to its end)"
+)
+
+
+class _Refusal(msgspec.Struct):
+    message: str = ""
+
+
+class _Refused(msgspec.Struct):
+    error: _Refusal
+
+
+def _said(response: httpx.Response) -> str:
+    """What a node's refusal says: its error's message, else the start of its body (either
+    shown as text, never as markup or control characters)."""
+    try:
+        message = msgspec.json.decode(response.content[:4096], type=_Refused).error.message
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        message = response.text[:300]
+    return printable(message or response.text[:300])
+
+
 async def _send_join(identity: NodeIdentity, invite: Invite, body: bytes) -> PeerRecord | str:
     """Send the join request to each of the invite's URLs until one answers: the peer it
     makes us, or what went wrong."""
@@ -242,7 +269,11 @@ async def _send_join(identity: NodeIdentity, invite: Invite, body: bytes) -> Pee
                     client, identity, "POST", url + "/federation/join", None, body
                 )
             except httpx.HTTPError as exc:
-                problem = f"{url}: {type(exc).__name__}"
+                problem = (
+                    f"could not reach the inviting node at {url} ({type(exc).__name__}): is it "
+                    "running, and can this machine reach that address? (Its admin sets the "
+                    "address invites carry with [federation] public_urls.)"
+                )
                 continue
             if response.status_code == 404:
                 # Whatever answers there is not the node that made the invite (any more).
@@ -252,7 +283,7 @@ async def _send_join(identity: NodeIdentity, invite: Invite, body: bytes) -> Pee
                     "if that node now runs elsewhere"
                 )
             if response.status_code != 200:
-                return f"{url} refused the join ({response.status_code}): " + (response.text[:300])
+                return f"{url} refused the join ({response.status_code}): {_said(response)}"
             try:
                 return joined_peer(identity, response.content, invite.issuer)
             except RecordError as exc:
