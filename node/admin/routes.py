@@ -149,7 +149,9 @@ async def _changed(request: Request) -> None:
 
 async def flushed_store(request: Request) -> Store:
     """The node's store, once what this process has queued for it (usage records, audit
-    events) is written: a report shows every request answered before it was asked for."""
+    events) is written: a report shows every request this process answered before it was
+    asked for. Other processes of the node (workers, hosts) write theirs every 50 ms: a
+    request another one answered in the last 50 ms may be in the next report only."""
     hub = hub_of(request)
     try:
         await hub.usage.flush()
