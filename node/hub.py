@@ -182,8 +182,9 @@ class Hub:
         rewriter = guardrails.rewriter if guardrails.profiles else None
         cache = ResponseCache(store.cache, config.cache, metrics, rewriter)
         scheduler.add_job(
-            _while_store_answers(cache.prune),
+            _while_store_answers(_once_a_turn(cache.prune, CACHE_PRUNE_INTERVAL)),
             "interval",
+            args=(store,),
             seconds=CACHE_PRUNE_INTERVAL,
             max_instances=1,
             coalesce=True,
@@ -191,8 +192,9 @@ class Hub:
         )
         logs = InteractionLogger(store.logs, config.interaction_logs)
         scheduler.add_job(
-            _while_store_answers(logs.prune),
+            _while_store_answers(_once_a_turn(logs.prune, config.interaction_logs.prune_interval)),
             "interval",
+            args=(store,),
             seconds=config.interaction_logs.prune_interval,
             max_instances=1,
             coalesce=True,
@@ -277,9 +279,9 @@ def _schedule(peering: Peering, receipts: Receipts, config: Config) -> AsyncIOSc
         id="ledger.countersign",
     )
     scheduler.add_job(
-        _while_store_answers(_reconcile),
+        _while_store_answers(_once_a_turn(_reconcile, federation.reconcile_interval)),
         "interval",
-        args=(receipts, peering),
+        args=(receipts.store, receipts, peering),
         seconds=federation.reconcile_interval,
         max_instances=1,
         coalesce=True,
@@ -304,9 +306,9 @@ def _schedule_limits(scheduler: AsyncIOScheduler, store: Store, limiter: RateLim
         id="limits.sync",
     )
     scheduler.add_job(
-        _while_store_answers(_prune),
+        _while_store_answers(_once_a_turn(_prune, PRUNE_INTERVAL)),
         "interval",
-        args=(store,),
+        args=(store, store),
         seconds=PRUNE_INTERVAL,
         max_instances=1,
         coalesce=True,
@@ -349,6 +351,25 @@ def _stale(changed: str, heartbeat: Heartbeat, peering: Peering) -> None:
         heartbeat.heard()
     elif changed == "peers":
         peering.mark_stale()
+
+
+def _once_a_turn(
+    job: Callable[..., Awaitable[None]], seconds: float
+) -> Callable[..., Awaitable[None]]:
+    """A job every process of the node schedules (each worker, each host), done by one of them
+    in each `seconds` of the clock: the first to claim the turn in the store (its first
+    argument; the job gets the rest). Node-wide work, reconciling the books with every peer
+    or pruning the database, was done once per worker: each peer asked as many times, and
+    the same refusals logged again. Two turns may come close together where two processes'
+    schedules straddle a turn's end: at most twice in `seconds`, never more."""
+    name = f"turn:{getattr(job, '__qualname__', job)}"
+
+    @functools.wraps(job)
+    async def run(store: Store, *args: object) -> None:
+        if await store.peers.claim_turn(name, int(time.time() // seconds)):
+            await job(*args)
+
+    return run
 
 
 async def _prune(store: Store) -> None:

@@ -167,6 +167,13 @@ def test_nonces_invites_and_join_requests(store_url: str) -> None:
             *(store.peers.next_counter("advert", 5_000) for _ in range(5))
         )
         assert sorted(floors) == list(range(5_001, 5_006))
+        # A node-wide job's turn: one claimant of many at once, none for a past turn.
+        assert await store.peers.counter("advert") == 5_005
+        assert await store.peers.counter("never") == 0
+        turns = await asyncio.gather(*(store.peers.claim_turn("job", 7) for _ in range(10)))
+        assert sorted(turns) == [False] * 9 + [True]
+        assert not await store.peers.claim_turn("job", 6)
+        assert await store.peers.claim_turn("job", 8) and await store.peers.claim_turn("other", 8)
         joined = [p.node_id for p in await store.peers.peers()]
         await store.peers.revoke_peer(joined[0], 20)
         assert [p.node_id for p in await store.peers.peers()] == joined[1:]

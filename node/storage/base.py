@@ -213,6 +213,12 @@ class PeerStore(Protocol):
         """A node-wide counter's last value (`next_counter`), 0 if it was never moved."""
         ...
 
+    async def claim_turn(self, name: str, turn: int) -> bool:
+        """True for the one caller, of every process of the node, that first claims `turn`
+        (a number that grows: a slot of the clock) of the node-wide job `name`; False for a
+        turn claimed already, or one before the last claimed."""
+        ...
+
     async def claim_nonce(self, pair: bytes, expires: int, now: int) -> bool:
         """Record `pair` as used until `expires`: True if it is new, False if it is recorded
         and not expired (a replay). Atomic across processes. On the request path."""

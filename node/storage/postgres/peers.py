@@ -216,6 +216,15 @@ class PostgresPeers:
         value = await self._db.fetchval("SELECT value FROM counters WHERE name = $1", name)
         return int(value) if value is not None else 0
 
+    async def claim_turn(self, name: str, turn: int) -> bool:
+        claimed = await self._db.fetchval(
+            "INSERT INTO counters VALUES ($1, $2) ON CONFLICT (name) DO UPDATE"
+            " SET value = EXCLUDED.value WHERE counters.value < EXCLUDED.value RETURNING 1",
+            name,
+            turn,
+        )
+        return claimed is not None
+
     async def claim_nonce(self, pair: bytes, expires: int, now: int) -> bool:
         """Record `pair` (a digest of who signed and the nonce) as used until `expires`: True
         if it is new, False if it is already recorded and not expired (a replay)."""

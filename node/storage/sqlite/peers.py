@@ -197,6 +197,14 @@ class SqlitePeers:
         row = await self._db.fetchone("SELECT value FROM counters WHERE name = ?", (name,))
         return int(row[0]) if row else 0
 
+    async def claim_turn(self, name: str, turn: int) -> bool:
+        claimed = await self._db.execute(
+            "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
+            " SET value = excluded.value WHERE counters.value < excluded.value",
+            (name, turn),
+        )
+        return claimed == 1
+
     async def claim_nonce(self, pair: bytes, expires: int, now: int) -> bool:
         """Record `pair` (a digest of who signed and the nonce) as used until `expires`: True
         if it is new, False if it is already recorded and not expired (a replay)."""
