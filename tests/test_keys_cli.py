@@ -140,6 +140,12 @@ def test_the_issue_command_creates_a_key_shown_once(folder):
     assert hashes_match(stored(folder, key_id).hash, hash_secret(folder), key)
     [event] = as_json(folder, "audit", "--action", "key.create")
     assert (event["actor"], event["target"], event["detail"]) == (USER, key_id, {"name": "ci-bot"})
+    # A pattern that matches none of the node's models (echo, echo-embed) is said, and kept.
+    output = squash(ok(folder, "keys", "create", "--name", "t", "--models", "gpt4o,echo*"))
+    assert squash("--models pattern 'gpt4o' matches none of the models this node") in output
+    assert "'echo*'matchesnone" not in output
+    narrowed = squash(ok(folder, "keys", "update", "t", "--models", "echo-embed,gpt-5"))
+    assert "'gpt-5'matchesnone" in narrowed and "'echo-embed'matchesnone" not in narrowed
     ok(folder, *ISSUE_COMMAND)  # a second key named ci-bot: the name no longer says which
     result = invoke(folder, "keys", "show", "ci-bot")
     assert result.exit_code == 1 and "2 keys are named 'ci-bot'" in result.stderr

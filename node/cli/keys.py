@@ -22,7 +22,7 @@ from node.cli.access import (
     rate_text,
     spec,
 )
-from node.cli.folder import cli_actor, currency_of, manage
+from node.cli.folder import cli_actor, currency_of, manage, require_config
 from node.cli.options import (
     DURATION_HELP,
     Decorator,
@@ -34,7 +34,7 @@ from node.cli.options import (
     text_or_none,
     with_data_dir,
 )
-from node.cli.output import console, details, fail, print_json, shown, when
+from node.cli.output import console, details, fail, print_json, shown, warn, when
 
 
 def key_options(*, on_update: bool = False) -> Decorator:
@@ -131,6 +131,37 @@ def keys_create(directory: Path, name: str, as_json: bool, **options: Any) -> No
     key_spec = spec(KeyInput, key_fields(name, **options))
     created = manage(directory, lambda m: m.create_key(key_spec, cli_actor()))
     show_created(created, as_json, "New key", currency_of(directory))
+    if not as_json:  # what a script reads stays the JSON alone
+        warn_unmatched(directory, created.record.limits.models)
+
+
+def warn_unmatched(directory: Path, patterns: list[str] | None) -> None:
+    """Say which of a key's --models patterns match none of the models this node serves or
+    its peers share with it now (kept all the same: a model may come later), as `invite
+    create` does: a typo (`gpt4o`) would otherwise show only as the key's 403s."""
+    if not patterns:
+        return
+    from node.cli.federation import advertised_models
+    from node.gateway.policy import model_allowed
+
+    names = [deployment.name for deployment in require_config(directory).models]
+
+    async def shared(m: Management) -> list[str]:
+        peers = await m.store.peers.peers()
+        return [
+            f"{model}{at}"
+            for p in peers
+            for model in advertised_models(p)
+            for at in ("", f"@{p.name}")
+        ]
+
+    names += manage(directory, shared)
+    for pattern in patterns:
+        if not any(model_allowed([pattern], name) for name in names):
+            warn(
+                f"--models pattern {pattern!r} matches none of the models this node serves "
+                "or its peers share now; patterns are case-sensitive globs such as gpt-4o*"
+            )
 
 
 @keys_group.command("list")
@@ -167,7 +198,7 @@ def keys_list(directory: Path, include_revoked: bool, as_json: bool) -> None:
 @json_option
 @with_data_dir
 def keys_show(directory: Path, id_or_key: str, as_json: bool) -> None:
-    """Show one key, by its id or by the key itself."""
+    """Show one key, by its id, its name or the key itself."""
 
     async def work(m: Management) -> KeyView:
         return await m.key_view(await m.find_key(id_or_key))
@@ -200,6 +231,8 @@ def keys_update(
         return
     console.print(f"Updated key {view.id}")
     show_key(view, currency_of(directory))
+    if fields.get("models", UNSET) is not UNSET:
+        warn_unmatched(directory, view.limits.models)
 
 
 @keys_group.command("revoke")
