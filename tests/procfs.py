@@ -6,7 +6,10 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
+
+import httpx
 
 LISTEN = "0A"  # /proc/net/tcp's state of a listening socket
 
@@ -76,3 +79,26 @@ def listening_workers(
             return ready
         time.sleep(0.05)
     raise AssertionError(f"{count} workers never listened on {port}")
+
+
+def worker_clients(
+    stack: ExitStack, url: str, serve: subprocess.Popen[bytes], port: int, each: int = 1
+) -> dict[int, list[httpx.Client]]:
+    """`each` keep-alive clients connected to every worker of a real `aihub serve` (two), by
+    its pid. The kernel picks a new connection's worker: clients are opened (and kept, in
+    `stack`, so that the counts only grow) until every worker has `each`; the worker whose
+    count of connections grew holds the new one."""
+    workers = listening_workers(serve, port, 2)
+    held = {pid: client_sockets(pid, port) for pid in workers}
+    found: dict[int, list[httpx.Client]] = {pid: [] for pid in workers}
+    for _ in range(400):
+        client = stack.enter_context(httpx.Client(base_url=url, timeout=60))
+        assert client.get("/health/live").status_code == 200
+        now = {pid: client_sockets(pid, port) for pid in workers}
+        (owner,) = [pid for pid in workers if now[pid] > held[pid]]
+        held = now
+        if len(found[owner]) < each:
+            found[owner].append(client)
+        if all(len(clients) == each for clients in found.values()):
+            return found
+    raise AssertionError(f"never {each} connections on each worker: {held}")

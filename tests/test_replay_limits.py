@@ -1,23 +1,23 @@
 """Replay refusal and rate limits hold across restarts and across every process of a node.
 
-Real `aihub serve` processes. "Another process of the node" is a second `aihub serve` on the
-same data folder, reached at the first one's address (the `Host` it was signed for), as a
-second worker behind one listening socket or a load balancer would be; the attacker is a
+Real `aihub serve` processes. "Another process of the node" is the other worker of
+`aihub serve --workers 2`, reached on a connection the kernel gave it; the attacker is a
 script with the captured bytes, or with a stolen cross-node key and nothing else.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -30,8 +30,8 @@ from federation.ids import new_request_id
 from federation.invites import make_join_request, parse_invite
 from federation.sealing import unseal
 from node.config import DATABASE_FILE, IDENTITY_FILE
-from tests.conftest import concurrent_client, wait_ready
-from tests.mocks.server import free_port
+from tests.conftest import wait_ready
+from tests.procfs import worker_clients
 from tests.test_federation import (
     HI,
     LLAMA,
@@ -55,10 +55,10 @@ def serving(path: Path, port: int, log: Path) -> Iterator[str]:
 
 @contextmanager
 def serving_process(
-    path: Path, port: int, log: Path
+    path: Path, port: int, log: Path, *args: str
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`serving`, with the process itself (to kill it)."""
-    command = [sys.executable, "-m", "node.cli", "serve", "--port", str(port)]
+    """`serving`, with the process itself (to kill it); `args` after the port."""
+    command = [sys.executable, "-m", "node.cli", "serve", "--port", str(port), *args]
     process = subprocess.Popen(
         [*command, "--data-dir", str(path)],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -103,20 +103,27 @@ def _joined(tmp_path: Path):  # type: ignore[no-untyped-def]
     return alice, bob, f"127.0.0.1:{alice.port}", tmp_path / "alice.log"
 
 
+def _post(client: httpx.Client, authority: str, headers: dict[str, str]) -> httpx.Response:
+    """POST the chat on `client`'s connection, as if to `authority` (what it was signed for)."""
+    return client.post(CHAT, content=BODY, headers={**headers, "host": authority})
+
+
 def test_a_captured_request_is_refused_by_another_process_of_the_node(tmp_path):
     alice, bob, authority, log = _joined(tmp_path)
-    with serving(alice.path, alice.port, log) as url:
+    with (
+        serving_process(alice.path, alice.port, log, "--workers", "2") as (url, serve),
+        ExitStack() as stack,
+    ):
         cli("join", invite(alice), "--data-dir", str(bob.path))
         key = _bobs_key_at_alice(bob.path)
+        [one], [other] = worker_clients(stack, url, serve, alice.port).values()
         captured = signed(bob.path, url + CHAT, BODY, key)
-        assert post_as(url, authority, CHAT, BODY, captured).status_code == 200
-        assert is_replay(post_as(url, authority, CHAT, BODY, captured))
-        with serving(alice.path, free_port(), log) as other:
-            # The other process serves bob's fresh requests sent to alice's address…
-            fresh = signed(bob.path, url + CHAT, BODY, key)
-            assert post_as(other, authority, CHAT, BODY, fresh).status_code == 200
-            # …and refuses the captured one, which it has never seen itself.
-            assert is_replay(post_as(other, authority, CHAT, BODY, captured))
+        assert _post(one, authority, captured).status_code == 200
+        assert is_replay(_post(one, authority, captured))
+        # The other worker serves bob's fresh requests…
+        assert _post(other, authority, signed(bob.path, url + CHAT, BODY, key)).status_code == 200
+        # …and refuses the captured one, which it has never seen itself.
+        assert is_replay(_post(other, authority, captured))
 
 
 def test_a_captured_request_is_refused_after_a_restart(tmp_path):
@@ -210,11 +217,15 @@ def test_rpm_holds_across_two_processes_of_one_node(tmp_path):
     log = tmp_path / "alice.log"
     chat = {"model": "llama3", "messages": HI, "max_tokens": 2}
     auth = {"authorization": f"Bearer {key}"}
-    with serving(alice.path, alice.port, log) as one, serving(alice.path, free_port(), log) as two:
+    with (
+        serving_process(alice.path, alice.port, log, "--workers", "2") as (url, serve),
+        ExitStack() as stack,
+    ):
+        [one], [two] = worker_clients(stack, url, serve, alice.port).values()
         statuses = [
-            httpx.post(url + CHAT, json=chat, headers=auth, timeout=30).status_code
+            client.post(CHAT, json=chat, headers=auth).status_code
             for _ in range(6)
-            for url in (one, two)
+            for client in (one, two)
         ]
     assert statuses.count(200) == 6, statuses
     assert statuses.count(429) == 6, statuses
@@ -229,44 +240,41 @@ def test_max_parallel_holds_across_two_processes_and_a_dead_ones_slots_come_back
     chat = {"model": "echo", "messages": HI, "max_tokens": 2}
     auth = {"authorization": f"Bearer {key}"}
 
-    async def burst(urls: list[str]) -> list[int]:
-        async with concurrent_client(urls[0], 16) as client:
-            answers = await asyncio.gather(
-                *(client.post(url + CHAT, json=chat, headers=auth) for url in urls)
-            )
-        return [answer.status_code for answer in answers]
+    def burst(clients: list[httpx.Client]) -> list[int]:
+        with ThreadPoolExecutor(len(clients)) as pool:
+            answers = pool.map(lambda c: c.post(CHAT, json=chat, headers=auth), clients)
+            return [answer.status_code for answer in answers]
 
     with (
-        serving_process(alice.path, alice.port, log) as (one, first),
-        serving(alice.path, free_port(), log) as two,
+        serving_process(alice.path, alice.port, log, "--workers", "2") as (url, serve),
+        ExitStack() as stack,
     ):
-        # Three at once to each process: two in flight in all, whichever process has them.
-        statuses = asyncio.run(burst([one, two] * 3))
+        (first, ones), (_, twos) = worker_clients(stack, url, serve, alice.port, each=3).items()
+        # Three at once to each worker: two in flight in all, whichever worker has them.
+        statuses = burst(ones + twos)
         assert statuses.count(200) == 2, statuses
         assert statuses.count(429) == 4, statuses
 
-        # A process killed while it holds both slots: they come back when their lease
+        # A worker killed while it holds both slots: they come back when their lease
         # expires, without anyone's help.
         slow = {**chat, "model": "slow"}
 
-        def hold() -> None:  # a slot of the first process, held until it dies
+        def hold(client: httpx.Client) -> None:  # a slot of the first worker, until it dies
             with contextlib.suppress(httpx.HTTPError):  # it does die
-                # Refused while the other process has not yet given back its idle slot.
+                # Refused while the other worker has not yet given back its idle slot.
                 status = 429
                 while status == 429:
-                    status = httpx.post(one + CHAT, json=slow, headers=auth, timeout=60).status_code
+                    status = client.post(CHAT, json=slow, headers=auth).status_code
 
-        holders = [threading.Thread(target=hold) for _ in range(2)]
+        holders = [threading.Thread(target=hold, args=(client,)) for client in ones[:2]]
         for holder in holders:
             holder.start()
         assert wait_for(lambda: _slots_held(alice.path) == 2, seconds=30)
-        first.kill()
-        first.wait(timeout=10)
+        os.kill(first, signal.SIGKILL)
         for holder in holders:
             holder.join(timeout=30)
         assert wait_for(
-            lambda: httpx.post(two + CHAT, json=chat, headers=auth, timeout=30).status_code == 200,
-            seconds=60,
+            lambda: twos[0].post(CHAT, json=chat, headers=auth).status_code == 200, seconds=60
         )
 
 
