@@ -5,6 +5,9 @@ metrics and, failing to listen, forgot the address its invites carry."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 from node.cli.folder_lock import LOCK_FILE
@@ -13,14 +16,32 @@ from node.provision import create_node
 from tests.conftest import NodeDir, serve_process
 from tests.mocks.server import free_port
 from tests.test_budgets import CAP, make_key, priced_echo, spend_of
-from tests.test_cli import run_aihub, squash
+from tests.test_cli import AIHUB, squash
 from tests.test_federation import wait_for
 from tests.test_multiprocess import chat
 
 
 def _start(folder: Path, port: int) -> tuple[int, str, str]:
-    done = run_aihub("serve", "--port", str(port), "--workers", "2", "--data-dir", str(folder))
-    return done.returncode, done.stdout, squash(done.stderr)
+    """A second `aihub serve --workers 2`: its exit status, stdout and stderr (squashed). One
+    that starts (the refusal broken) is stopped with its workers, in a session of its own,
+    and reported as still running."""
+    command = [str(AIHUB), "serve", "--port", str(port), "--workers", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "AIHUB_HOME"} | {"COLUMNS": "400"}
+    process = subprocess.Popen(
+        [*command, "--data-dir", str(folder)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, err = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        return -1, out, squash(err)
+    return process.returncode, out, squash(err)
 
 
 def test_a_second_start_on_a_served_folder_is_refused_and_changes_nothing(
