@@ -55,9 +55,10 @@ lock:
 lock-upgrade:
 	$(MAKE) lock UPGRADE=--upgrade
 
+# `make run PORT=9000 NAME=alice`: the port to serve on, and the name a new node is given.
 run: setup
-	$(BIN)/aihub init --if-missing
-	$(BIN)/aihub serve
+	$(BIN)/aihub init --if-missing $(if $(NAME),--name $(NAME))
+	$(BIN)/aihub serve $(if $(PORT),--port $(PORT))
 
 lint: setup
 	$(BIN)/ruff check --no-cache .
