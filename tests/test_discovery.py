@@ -801,3 +801,14 @@ async def test_a_lan_full_of_announcements_is_browsed_up_to_a_bound(monkeypatch)
         finds = await browse_mdns(BROWSE_SECONDS, LOOPBACK)
     theirs = {fingerprint(node.node_id) for node in flood}
     assert 1 <= len([f for f in finds if f.fingerprint in theirs]) <= 2
+
+
+def test_cli_finding_nothing_says_where_it_looked_without_an_empty_table(tmp_path: Path) -> None:
+    create_node(tmp_path / "alone", "alone")
+    result = CliRunner().invoke(
+        discover_command(),
+        ["discover", "--data-dir", str(tmp_path / "alone"), "--no-mdns", "--timeout", "1"],
+        env={"AIHUB_HOME": None, "COLUMNS": "300"},
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "No new nodes found (peer exchange)."

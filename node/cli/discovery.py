@@ -121,9 +121,10 @@ def peers_discover(directory: Path, wait: float, mdns: bool | None, as_json: boo
             ]
         )
         return
+    if not found:  # where it looked, without an empty table
+        console.print(f"No new nodes found ({_sources(config, use_mdns)}).", highlight=False)
+        return
     console.print(_table(found, _sources(config, use_mdns)))
-    if not found:
-        console.print("No new nodes found.", highlight=False)
 
 
 def _sources(config: Config, use_mdns: bool) -> str:
