@@ -25,6 +25,7 @@ from node.gateway.alerts import BudgetAlerts
 from node.gateway.auth import KeyCache
 from node.gateway.budgets import Budgets
 from node.gateway.cache import ResponseCache
+from node.gateway.cooldowns import CooldownBoard
 from node.gateway.guardrails.stage import Guardrails
 from node.gateway.interaction_log import InteractionLogger
 from node.gateway.journal import JOURNAL_DIR, Journal, adopt_orphans
@@ -130,6 +131,7 @@ class Hub:
         usage.start()
         upstreams = UpstreamClient(max_connections=config.upstream.max_connections)
         router = build_router(config, upstreams, env)
+        router.board = CooldownBoard.open(data_dir)  # None unless `serve` runs several workers
         peering = Peering(
             config, identity, store, client, upstreams, router, data_dir, keys.mark_stale
         )

@@ -92,6 +92,7 @@ def _serve(
     # Workers are separate processes: they find the node through the environment.
     os.environ["AIHUB_HOME"] = str(directory)
     _share_metrics(directory, workers)
+    _share_cooldowns(directory, config, workers)
     logging_config = log_config(log_level or config.log.level, config.log.json, config.log.access)
     logging.config.dictConfig(logging_config)
     from node.storage import unreachable_errors
@@ -133,6 +134,17 @@ def _share_metrics(directory: Path, workers: int) -> None:
     for stale in folder.glob("*.db"):
         stale.unlink()
     os.environ[SHARED_METRICS_VARIABLE] = str(folder)
+
+
+def _share_cooldowns(directory: Path, config: Config, workers: int) -> None:
+    """Under several workers, the board on which they tell each other which deployments
+    rest (node/gateway/cooldowns.py), clear; none for one."""
+    from node.gateway.cooldowns import drop_board, make_board
+
+    if workers == 1:
+        drop_board(directory)
+    else:
+        make_board(directory, len(config.models))
 
 
 async def _recover(directory: Path) -> None:

@@ -16,12 +16,15 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from adapters.http import ATTEMPT_DEADLINE
 from adapters.types import Adapter, UpstreamError
 from node.config import Deployment, RouterSection
 from node.gateway.traces import AttemptTrace
+
+if TYPE_CHECKING:
+    from node.gateway.cooldowns import CooldownBoard
 
 T = TypeVar("T")
 
@@ -46,6 +49,9 @@ class Route:
     latency: float | None = None
     failures: int = 0
     cooldown_until: float = 0.0
+    # Until when another worker of the node has it rest (`cooldowns.CooldownBoard`), as of
+    # the last plan that included it; this process's clock, as `cooldown_until`.
+    shared_until: float = 0.0
     wrr_current: int = field(default=0)
 
     @property
@@ -60,7 +66,7 @@ class Route:
         return f"{self.spec.name}#{self.position}:{self.spec.provider}"
 
     def cooling(self, now: float) -> bool:
-        return self.cooldown_until > now
+        return self.cooldown_until > now or self.shared_until > now
 
 
 class NoRoute(Exception):
@@ -71,6 +77,8 @@ class Router:
     def __init__(self, routes: list[Route], settings: RouterSection) -> None:
         self.settings = settings
         self.routes = routes
+        # The local deployments' cooldowns shared with the node's other workers, if any.
+        self.board: CooldownBoard | None = None
         self.by_name: dict[str, list[Route]] = {}
         for route in routes:
             self.by_name.setdefault(route.name, []).append(route)
@@ -147,7 +155,20 @@ class Router:
                     continue
                 tried.add(name)
                 ordered += self._order(self._candidates(name, kind, local_only))
-        return _rested_first(ordered, time.monotonic())
+        now = time.monotonic()
+        if self.board is not None:
+            self._shared_rests(ordered, now)
+        return _rested_first(ordered, now)
+
+    def _shared_rests(self, routes: list[Route], now: float) -> None:
+        """What the other workers said of these deployments' rest (a memory read each)."""
+        board = self.board
+        assert board is not None
+        wall = time.time()
+        for route in routes:
+            if route.peer_id is None:
+                rest = board.resting(route.position, wall)
+                route.shared_until = now + rest if rest else 0.0
 
     def _order(self, routes: list[Route]) -> list[Route]:
         strategy = self.settings.strategy
@@ -239,7 +260,10 @@ class Router:
 
     def _succeeded(self, route: Route, seconds: float) -> None:
         route.failures = 0
-        route.cooldown_until = 0.0
+        if route.cooldown_until or route.shared_until:
+            route.cooldown_until = route.shared_until = 0.0
+            if self.board is not None and route.peer_id is None:
+                self.board.clear(route.position)
         if route.latency is None:
             route.latency = seconds
         else:
@@ -258,6 +282,8 @@ class Router:
             route.cooldown_until = max(route.cooldown_until, now + rest)
         elif route.failures >= self.settings.cooldown_failures:
             route.cooldown_until = max(route.cooldown_until, now + self.settings.cooldown_seconds)
+        if self.board is not None and route.peer_id is None and route.cooldown_until > now:
+            self.board.rest(route.position, time.time() + route.cooldown_until - now)
 
 
 def _rested_first(routes: list[Route], now: float) -> list[Route]:
