@@ -56,9 +56,12 @@ lock-upgrade:
 	$(MAKE) lock UPGRADE=--upgrade
 
 # `make run PORT=9000 NAME=alice`: the port to serve on, and the name a new node is given.
+# Taken from make's command line only: a PORT or NAME the environment holds for something
+# else (many hosts set PORT) must not move the node off the port the README says.
+given = $(if $(filter command line,$(origin $(1))),$(2) $($(1)))
 run: setup
-	$(BIN)/aihub init --if-missing $(if $(NAME),--name $(NAME))
-	$(BIN)/aihub serve $(if $(PORT),--port $(PORT))
+	$(BIN)/aihub init --if-missing $(call given,NAME,--name)
+	$(BIN)/aihub serve $(call given,PORT,--port)
 
 lint: setup
 	$(BIN)/ruff check --no-cache .
