@@ -184,9 +184,8 @@ class Hub:
         rewriter = guardrails.rewriter if guardrails.profiles else None
         cache = ResponseCache(store.cache, config.cache, metrics, rewriter)
         scheduler.add_job(
-            _while_store_answers(_once_a_turn(cache.prune, CACHE_PRUNE_INTERVAL)),
+            _while_store_answers(_once_a_turn(store, cache.prune, CACHE_PRUNE_INTERVAL)),
             "interval",
-            args=(store,),
             seconds=CACHE_PRUNE_INTERVAL,
             max_instances=1,
             coalesce=True,
@@ -194,9 +193,10 @@ class Hub:
         )
         logs = InteractionLogger(store.logs, config.interaction_logs)
         scheduler.add_job(
-            _while_store_answers(_once_a_turn(logs.prune, config.interaction_logs.prune_interval)),
+            _while_store_answers(
+                _once_a_turn(store, logs.prune, config.interaction_logs.prune_interval)
+            ),
             "interval",
-            args=(store,),
             seconds=config.interaction_logs.prune_interval,
             max_instances=1,
             coalesce=True,
@@ -281,9 +281,11 @@ def _schedule(peering: Peering, receipts: Receipts, config: Config) -> AsyncIOSc
         id="ledger.countersign",
     )
     scheduler.add_job(
-        _while_store_answers(_once_a_turn(_reconcile, federation.reconcile_interval)),
+        _while_store_answers(
+            _once_a_turn(receipts.store, _reconcile, federation.reconcile_interval)
+        ),
         "interval",
-        args=(receipts.store, receipts, peering),
+        args=(receipts, peering),
         seconds=federation.reconcile_interval,
         max_instances=1,
         coalesce=True,
@@ -308,9 +310,9 @@ def _schedule_limits(scheduler: AsyncIOScheduler, store: Store, limiter: RateLim
         id="limits.sync",
     )
     scheduler.add_job(
-        _while_store_answers(_once_a_turn(_prune, PRUNE_INTERVAL)),
+        _while_store_answers(_once_a_turn(store, _prune, PRUNE_INTERVAL)),
         "interval",
-        args=(store, store),
+        args=(store,),
         seconds=PRUNE_INTERVAL,
         max_instances=1,
         coalesce=True,
@@ -356,18 +358,18 @@ def _stale(changed: str, heartbeat: Heartbeat, peering: Peering) -> None:
 
 
 def _once_a_turn(
-    job: Callable[..., Awaitable[None]], seconds: float
+    store: Store, job: Callable[..., Awaitable[None]], seconds: float
 ) -> Callable[..., Awaitable[None]]:
     """A job every process of the node schedules (each worker, each host), done by one of them
-    in each `seconds` of the clock: the first to claim the turn in the store (its first
-    argument; the job gets the rest). Node-wide work, reconciling the books with every peer
-    or pruning the database, was done once per worker: each peer asked as many times, and
-    the same refusals logged again. Two turns may come close together where two processes'
-    schedules straddle a turn's end: at most twice in `seconds`, never more."""
+    in each `seconds` of the clock: the first to claim the turn in `store`. Node-wide work,
+    reconciling the books with every peer or pruning the database, was done once per worker:
+    each peer asked as many times, and the same refusals logged again. Two turns may come
+    close together where two processes' schedules straddle a turn's end: at most twice in
+    `seconds`, never more."""
     name = f"turn:{getattr(job, '__qualname__', job)}"
 
     @functools.wraps(job)
-    async def run(store: Store, *args: object) -> None:
+    async def run(*args: object) -> None:
         if await store.peers.claim_turn(name, int(time.time() // seconds)):
             await job(*args)
 

@@ -156,26 +156,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def load(url: str, key: str, answered: list[str], stop: threading.Event) -> None:
+    """One client's chats, one after another until `stop`: the request id of each answered
+    (a connection the node dropped is followed by a new one)."""
+    body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    with httpx.Client(base_url=url, headers={"authorization": f"Bearer {key}"}) as client:
+        while not stop.is_set():
+            try:
+                response = client.post("/v1/chat/completions", json=body)
+            except httpx.HTTPError:
+                continue
+            if response.status_code == 200:
+                answered.append(response.headers["aihub-request-id"])
+
+
 def _kill_under_load(node_dir: NodeDir, key: str, port: int, log: Path) -> set[str]:
     """Serve the node, load it from six clients, SIGKILL it after 300 answers: the ids of
     every answer a client got before the kill."""
     answered: list[str] = []
     stop = threading.Event()
-
-    def load() -> None:
-        body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
-        headers = {"authorization": f"Bearer {key}"}
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers) as client:
-            while not stop.is_set():
-                try:
-                    response = client.post("/v1/chat/completions", json=body)
-                except httpx.HTTPError:
-                    continue
-                if response.status_code == 200:
-                    answered.append(response.headers["aihub-request-id"])
-
+    url = f"http://127.0.0.1:{port}"
     process = _serve(node_dir, port, log)
-    threads = [threading.Thread(target=load) for _ in range(6)]
+    threads = [threading.Thread(target=load, args=(url, key, answered, stop)) for _ in range(6)]
     try:
         for thread in threads:
             thread.start()

@@ -14,8 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
-
 from node.gateway.journal import JOURNAL_DIR, Journal, adopt_orphans, left_behind
 from node.storage import open_store
 from tests.conftest import NodeDir, serve_process
@@ -23,7 +21,7 @@ from tests.mocks.server import free_port
 from tests.procfs import client_sockets, listening_workers
 from tests.test_budgets import make_key, priced_echo, spend_of
 from tests.test_federation import wait_for
-from tests.test_journal import SCOPE, _usage, charge
+from tests.test_journal import SCOPE, _usage, charge, load
 
 
 def _ended_pid() -> int:
@@ -80,18 +78,6 @@ def test_only_the_segments_of_ended_processes_are_replayed_and_each_once(tmp_pat
     assert {s.path.name for s in left_behind(folder)} == {living.name, ours.name}
 
 
-def _load(url: str, key: str, answered: list[str], stop: threading.Event) -> None:
-    body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
-    with httpx.Client(base_url=url, headers={"authorization": f"Bearer {key}"}) as client:
-        while not stop.is_set():
-            try:
-                response = client.post("/v1/chat/completions", json=body)
-            except httpx.HTTPError:
-                continue  # the connection was the killed worker's: the next one is new
-            if response.status_code == 200:
-                answered.append(response.headers["aihub-request-id"])
-
-
 def test_a_worker_killed_under_load_loses_no_usage_and_no_spend_while_the_node_serves(
     node_dir: NodeDir, tmp_path: Path
 ) -> None:
@@ -108,9 +94,7 @@ def test_a_worker_killed_under_load_loses_no_usage_and_no_spend_while_the_node_s
     stop = threading.Event()
     with serve_process(node_dir.path, port, tmp_path / "serve.log", "--workers", "2") as serve:
         workers = listening_workers(serve, port, 2)
-        threads = [
-            threading.Thread(target=_load, args=(url, key, answered, stop)) for _ in range(8)
-        ]
+        threads = [threading.Thread(target=load, args=(url, key, answered, stop)) for _ in range(8)]
         for thread in threads:
             thread.start()
         try:

@@ -20,18 +20,12 @@ def test_each_turn_is_done_by_one_process_of_many(tmp_path: Path) -> None:
     async def run() -> None:
         # Two processes of one node: each its own store connection and its own wrapped job.
         stores = [await open_store(tmp_path / "aihub.db") for _ in range(2)]
-        jobs = [_once_a_turn(reconcile, 3600) for _ in stores]
+        jobs = [_once_a_turn(store, reconcile, 3600) for store in stores]
         try:
             for _ in range(3):  # both fire in the same turn, again and again
-                await asyncio.gather(
-                    *(
-                        job(store, f"p{n}")
-                        for n, (job, store) in enumerate(zip(jobs, stores, strict=True))
-                    )
-                )
-            alone = _once_a_turn(reconcile, 0.000_001)  # a turn each microsecond: always new
-            await alone(stores[0], "short")
-            await alone(stores[1], "short")
+                await asyncio.gather(*(job(f"p{n}") for n, job in enumerate(jobs)))
+            for store in stores:  # a turn each microsecond: always a new one
+                await _once_a_turn(store, reconcile, 0.000_001)("short")
         finally:
             for store in stores:
                 await store.close()

@@ -45,8 +45,6 @@ from node.storage.records import InviteRow, PeerRecord
 from node.units import amount
 
 if TYPE_CHECKING:
-    import httpx
-
     from node.storage.base import Store
 
 T = TypeVar("T")
@@ -236,30 +234,12 @@ _WHOLE_TOKEN = (
 )
 
 
-class _Refusal(msgspec.Struct):
-    message: str = ""
-
-
-class _Refused(msgspec.Struct):
-    error: _Refusal
-
-
-def _said(response: httpx.Response) -> str:
-    """What a node's refusal says: its error's message, else the start of its body (either
-    shown as text, never as markup or control characters)."""
-    try:
-        message = msgspec.json.decode(response.content[:4096], type=_Refused).error.message
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        message = response.text[:300]
-    return printable(message or response.text[:300])
-
-
 async def _send_join(identity: NodeIdentity, invite: Invite, body: bytes) -> PeerRecord | str:
     """Send the join request to each of the invite's URLs until one answers: the peer it
     makes us, or what went wrong."""
     import httpx
 
-    from node.peers.peering import joined_peer, signed_request
+    from node.peers.peering import joined_peer, refusal, signed_request
 
     problem = "no URL in the invite"
     async with httpx.AsyncClient() as client:
@@ -283,7 +263,7 @@ async def _send_join(identity: NodeIdentity, invite: Invite, body: bytes) -> Pee
                     "if that node now runs elsewhere"
                 )
             if response.status_code != 200:
-                return f"{url} refused the join ({response.status_code}): {_said(response)}"
+                return f"{url} refused the join ({response.status_code}): {refusal(response)}"
             try:
                 return joined_peer(identity, response.content, invite.issuer)
             except RecordError as exc:

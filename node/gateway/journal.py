@@ -32,6 +32,7 @@ from pathlib import Path
 
 import msgspec
 
+from node.pids import running
 from node.storage.base import Store
 from node.storage.records import AuditEvent, Charge, now_ms
 
@@ -197,24 +198,13 @@ def _writer(path: Path) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def _ended(pid: int) -> bool:
-    """Whether no process has the pid. One that has it is taken for the writer, whatever it
-    is (the pid reused): its segments wait for the node's next start, as before; a process
-    that died and is not reaped yet still has it, and is seen on a later look."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # someone else's process
-        return False
-    return False
-
-
 def orphaned(folder: Path) -> list[Path]:
-    """The segments in `folder` whose writer has ended, ours excepted."""
+    """The segments in `folder` whose writer has ended, ours excepted. A pid some process
+    has is taken for the writer's (`running`): a reused one's segments wait for the node's
+    next start, as before; a writer not reaped yet is seen on a later look."""
     me = os.getpid()
     paths = sorted(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []
-    return [path for path in paths if (pid := _writer(path)) not in (None, me) and _ended(pid)]
+    return [path for path in paths if (pid := _writer(path)) not in (None, me) and not running(pid)]
 
 
 def _adopted(path: Path) -> Path | None:

@@ -157,18 +157,8 @@ class Router:
                 ordered += self._order(self._candidates(name, kind, local_only))
         now = time.monotonic()
         if self.board is not None:
-            self._shared_rests(ordered, now)
+            _shared_rests(self.board, ordered, now)
         return _rested_first(ordered, now)
-
-    def _shared_rests(self, routes: list[Route], now: float) -> None:
-        """What the other workers said of these deployments' rest (a memory read each)."""
-        board = self.board
-        assert board is not None
-        wall = time.time()
-        for route in routes:
-            if route.peer_id is None:
-                rest = board.resting(route.position, wall)
-                route.shared_until = now + rest if rest else 0.0
 
     def _order(self, routes: list[Route]) -> list[Route]:
         strategy = self.settings.strategy
@@ -284,6 +274,15 @@ class Router:
             route.cooldown_until = max(route.cooldown_until, now + self.settings.cooldown_seconds)
         if self.board is not None and route.peer_id is None and route.cooldown_until > now:
             self.board.rest(route.position, time.time() + route.cooldown_until - now)
+
+
+def _shared_rests(board: CooldownBoard, routes: list[Route], now: float) -> None:
+    """What the other workers said of these deployments' rest (a memory read each)."""
+    wall = time.time()
+    for route in routes:
+        if route.peer_id is None:
+            rest = board.resting(route.position, wall)
+            route.shared_until = now + rest if rest else 0.0
 
 
 def _rested_first(routes: list[Route], now: float) -> list[Route]:

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from node.config import Config
+from node.pids import running
 
 SERVED_FILE = "served.json"
 ANY_INTERFACE = ("0.0.0.0", "::", "")
@@ -76,20 +77,10 @@ def _read(path: Path) -> Served | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    return True
-
-
 def running_url(directory: Path) -> str | None:
     """The URL the node in `directory` is served on now, if an `aihub serve` runs for it."""
     served = _read(directory / SERVED_FILE)
-    if served is None or not _alive(served.pid):
+    if served is None or not running(served.pid):
         return None
     return served.url
 

@@ -27,6 +27,7 @@ from federation.adverts import AdvertBook, AdvertModel, ModelAdvert, make_advert
 from federation.descriptors import NodeDescriptor, make_descriptor, verify_descriptor
 from federation.identity import NodeIdentity
 from federation.invites import InviteRecord, JoinRequest, join_nonce, verify_join_request
+from federation.printable import printable
 from federation.revocations import NOTICE_FIELD, verify_revocation
 from federation.sealing import seal_for, unseal
 from federation.transport import LISTED_HEADER, signed_headers
@@ -749,6 +750,24 @@ async def signed_request(
     return await client.request(method, url, content=body, headers=headers, timeout=seconds)
 
 
+class _Refusal(msgspec.Struct):
+    message: str = ""
+
+
+class _Refused(msgspec.Struct):
+    error: _Refusal
+
+
+def refusal(response: httpx.Response) -> str:
+    """What a node's refusal of a join says: its error's message, else the start of its body
+    (either shown as text, never as markup or control characters)."""
+    try:
+        message = msgspec.json.decode(response.content[:4096], type=_Refused).error.message
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        message = response.text[:300]
+    return printable(message or response.text[:300])
+
+
 async def ask_to_join(
     store: Store,
     identity: NodeIdentity,
@@ -782,7 +801,7 @@ async def ask_to_join(
             await store.peers.save_peer(msgspec.structs.replace(issuer, status="requested"))
             return "pending"
         if response.status_code != 200:
-            return f"{url} refused ({response.status_code}): {response.text[:300]}"
+            return f"{url} refused ({response.status_code}): {refusal(response)}"
         try:
             record = joined_peer(identity, response.content, descriptor.node_id)
         except RecordError as exc:
