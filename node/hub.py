@@ -273,7 +273,11 @@ def _schedule(peering: Peering, receipts: Receipts, config: Config) -> AsyncIOSc
         id="peers.reload",
     )
     scheduler.add_job(
-        _while_store_answers(receipts.send_countersignatures),
+        # Once a turn for the whole node: every worker sending the same batches had each
+        # provider check each countersignature once per worker.
+        _while_store_answers(
+            _once_a_turn(receipts.store, receipts.send_countersignatures, COUNTERSIGN_INTERVAL)
+        ),
         "interval",
         seconds=COUNTERSIGN_INTERVAL,
         max_instances=1,

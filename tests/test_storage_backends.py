@@ -201,11 +201,11 @@ def test_receipts_taken_from_a_peer(store_url: str) -> None:
         assert [held.id for held, _ in conflicts] == ["r2"] and refused == []
         assert await store.ledger.add_countersignatures("p", "c", [(1, "cs"), (1, "cs2")]) == 1
         assert not await store.ledger.add_countersignature("p", "c", 1, "again")
-        assert [r.seq for r in await store.ledger.unsent_countersignatures("c", 10)] == [1]
+        assert [r.seq for r in await store.ledger.unsent_countersignatures("c", "p", 10)] == [1]
         await store.ledger.mark_countersignatures_sent(
             await store.ledger.receipts_at("p", "c", [1])
         )
-        assert await store.ledger.unsent_countersignatures("c", 10) == []
+        assert await store.ledger.unsent_countersignatures("c", "p", 10) == []
         assert [r.seq for r in await store.ledger.receipts("p", "c", after_seq=1, limit=1)] == [2]
         assert (await store.ledger.chain_head("p", "c")).seq == 4  # type: ignore[union-attr]
         assert await store.ledger.receipt_pairs() == [("p", "c")]

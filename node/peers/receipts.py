@@ -52,11 +52,14 @@ if TYPE_CHECKING:
     # peer transport that the running node's `Receipts` sends countersignatures with.
     import httpx
 
-    from node.peers.peering import Peering
+    from node.peers.peering import Peer, Peering
 
 log = logging.getLogger("aihub.ledger")
 
 COUNTERSIGNATURE_BATCH = 500
+# Batches sent to one provider in one turn of the job (every `COUNTERSIGN_INTERVAL`): up to
+# 10,000 countersignatures a turn, 5,000 a second, more than a node serves a peer.
+COUNTERSIGNATURE_BATCHES = 20
 # Receipts taken within this long of each other are kept in one transaction.
 TAKE_DELAY = 0.05
 
@@ -187,7 +190,7 @@ class Receipts:
         # event loop: libsodium lets go of the GIL while it checks, so requests go on being
         # served meanwhile instead of waiting for the whole batch.
         good = await asyncio.to_thread(_countersigned, held, key, consumer)
-        return await self.store.ledger.add_countersignatures(me, consumer, good)
+        return await self.store.ledger.add_countersignatures(me, consumer, good, to_send=False)
 
     # --- the consumer's side --------------------------------------------------------------
 
@@ -299,31 +302,41 @@ class Receipts:
         return kept
 
     async def send_countersignatures(self) -> None:
-        """Send our countersignatures to each provider, in batches, off the request path."""
+        """Send our countersignatures to each provider, in batches, off the request path:
+        every batch waiting, up to `COUNTERSIGNATURE_BATCHES` of them a provider a turn (one
+        batch a turn capped what a consumer could send at 250 a second: a busy consumer fell
+        further behind for as long as it stayed busy). The providers at once: one that is
+        slow to answer holds up no other's."""
+        peers = list(self.peering.peers.values())
+        await asyncio.gather(*(self._send_countersignatures_to(peer) for peer in peers))
+
+    async def _send_countersignatures_to(self, peer: Peer) -> None:
         import httpx
 
-        rows = await self.store.ledger.unsent_countersignatures(
-            self.identity.node_id, COUNTERSIGNATURE_BATCH
-        )
-        by_provider: dict[str, list[StoredReceipt]] = {}
-        for row in rows:
-            by_provider.setdefault(row.provider, []).append(row)
-        for provider, batch in by_provider.items():
-            peer = self.peering.peers.get(provider)
-            if peer is None or peer.key is None:
-                continue
+        me, provider, key = self.identity.node_id, peer.node_id, peer.key
+        if key is None:  # one that joined us, not we it: it serves us nothing
+            return
+        for _ in range(COUNTERSIGNATURE_BATCHES):
+            batch = await self.store.ledger.unsent_countersignatures(
+                me, provider, COUNTERSIGNATURE_BATCH
+            )
+            if not batch:
+                return
             body = msgspec.json.encode(
                 Countersignatures([Countersignature(r.seq, r.id, r.csig or "") for r in batch])
             )
             try:
                 response = await self.peering.signed(
-                    "POST", peer.url + "/federation/countersignatures", peer.key, body
+                    "POST", peer.url + "/federation/countersignatures", key, body
                 )
             except httpx.HTTPError as exc:
                 log.info("countersignatures to %s not sent (%s)", peer.name, type(exc).__name__)
-                continue
-            if response.status_code == 200:
-                await self.store.ledger.mark_countersignatures_sent(batch)
+                return
+            if response.status_code != 200:
+                return  # sent again next turn
+            await self.store.ledger.mark_countersignatures_sent(batch)
+            if len(batch) < COUNTERSIGNATURE_BATCH:
+                return
 
     async def settle_tasks(self) -> None:
         """Wait for the receipts being issued and taken (at shutdown, and in tests)."""

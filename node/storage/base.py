@@ -271,9 +271,11 @@ class LedgerStore(Protocol):
     ) -> list[StoredReceipt]: ...
 
     async def add_countersignatures(
-        self, provider: str, consumer: str, csigs: list[tuple[int, str]]
+        self, provider: str, consumer: str, csigs: list[tuple[int, str]], *, to_send: bool = True
     ) -> int:
-        """Countersignatures (seq, csig) for receipts that have none yet; how many were added."""
+        """Countersignatures (seq, csig) for receipts that have none yet; how many were added.
+        `to_send=False` for a provider storing its consumer's: nothing of ours to send back
+        (kept out of `unsent_countersignatures`' index)."""
         ...
 
     async def add_countersignature(
@@ -299,7 +301,12 @@ class LedgerStore(Protocol):
 
     async def receipts_since(self, since: int) -> list[StoredReceipt]: ...
 
-    async def unsent_countersignatures(self, consumer: str, limit: int) -> list[StoredReceipt]: ...
+    async def unsent_countersignatures(
+        self, consumer: str, provider: str, limit: int
+    ) -> list[StoredReceipt]:
+        """Our countersignatures of `provider`'s receipts not yet sent to it, oldest first
+        (an index holds only these rows: the job asks every few seconds)."""
+        ...
 
     async def mark_countersignatures_sent(self, receipts: list[StoredReceipt]) -> None: ...
 

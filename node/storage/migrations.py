@@ -756,4 +756,18 @@ MIGRATIONS: list[Migration] = [
             FOR EACH STATEMENT EXECUTE FUNCTION aihub_keys_changed();
         """,
     ),
+    # 17: the countersignatures a consumer has still to send, which a job looks up every 2
+    # seconds, found by index rather than by reading every receipt ever: only those rows
+    # are in it (a provider marks the ones it is handed as nothing to send). Rows that a
+    # provider stored before this migration stay in it, under their consumers' ids.
+    Migration(
+        sqlite="""
+        CREATE INDEX receipts_unsent ON receipts (consumer, provider, seq)
+            WHERE csig IS NOT NULL AND csig_sent = 0;
+        """,
+        postgres="""
+        CREATE INDEX receipts_unsent ON receipts (consumer, provider, seq)
+            WHERE csig IS NOT NULL AND csig_sent = 0;
+        """,
+    ),
 ]

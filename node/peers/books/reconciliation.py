@@ -181,8 +181,9 @@ async def _settle_window(
         if not await keep(receipt):
             refused.append(receipt)
     for receipt in result.csig_for_ours:
-        await store.ledger.add_countersignature(
-            receipt.provider, receipt.consumer, receipt.seq, receipt.csig
+        # The peer holds it countersigned already: nothing for us to send it.
+        await store.ledger.add_countersignatures(
+            receipt.provider, receipt.consumer, [(receipt.seq, receipt.csig)], to_send=False
         )
     signed = await _countersign_disputed(store, link, result.disputed)
     for equivocation in result.equivocation:

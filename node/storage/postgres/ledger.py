@@ -137,7 +137,7 @@ class PostgresLedger:
         return [_receipt(row) for row in rows]
 
     async def add_countersignatures(
-        self, provider: str, consumer: str, csigs: list[tuple[int, str]]
+        self, provider: str, consumer: str, csigs: list[tuple[int, str]], *, to_send: bool = True
     ) -> int:
         """Countersignatures (seq, csig) for receipts that have none yet; how many were added.
         One statement: a seq named twice gets the first of its csigs."""
@@ -147,7 +147,7 @@ class PostgresLedger:
         for seq, csig in csigs:
             first.setdefault(seq, csig)
         return await self._db.execute(
-            "UPDATE receipts SET csig = given.csig"
+            "UPDATE receipts SET csig = given.csig, csig_sent = $5"
             " FROM unnest($3::bigint[], $4::text[]) AS given (seq, csig)"
             " WHERE provider = $1 AND consumer = $2 AND receipts.seq = given.seq"
             " AND receipts.csig IS NULL",
@@ -155,6 +155,7 @@ class PostgresLedger:
             consumer,
             list(first),
             list(first.values()),
+            0 if to_send else 1,
         )
 
     async def add_countersignature(self, provider: str, consumer: str, seq: int, csig: str) -> bool:
@@ -230,11 +231,14 @@ class PostgresLedger:
         )
         return [_receipt(row) for row in rows]
 
-    async def unsent_countersignatures(self, consumer: str, limit: int) -> list[StoredReceipt]:
+    async def unsent_countersignatures(
+        self, consumer: str, provider: str, limit: int
+    ) -> list[StoredReceipt]:
         rows = await self._db.fetch(
-            f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE consumer = $1"
-            " AND csig IS NOT NULL AND csig_sent = 0 ORDER BY provider, seq LIMIT $2",
+            f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE consumer = $1 AND provider = $2"
+            " AND csig IS NOT NULL AND csig_sent = 0 ORDER BY seq LIMIT $3",
             consumer,
+            provider,
             limit,
         )
         return [_receipt(row) for row in rows]

@@ -118,13 +118,14 @@ class SqliteLedger:
         return [StoredReceipt(*row) for row in rows]
 
     async def add_countersignatures(
-        self, provider: str, consumer: str, csigs: list[tuple[int, str]]
+        self, provider: str, consumer: str, csigs: list[tuple[int, str]], *, to_send: bool = True
     ) -> int:
         """Countersignatures (seq, csig) for receipts that have none yet; how many were added."""
-        rows = [(csig, provider, consumer, seq) for seq, csig in csigs]
+        sent = 0 if to_send else 1
+        rows = [(csig, sent, provider, consumer, seq) for seq, csig in csigs]
         return await self._db.execute_many(
-            "UPDATE receipts SET csig = ? WHERE provider = ? AND consumer = ? AND seq = ?"
-            " AND csig IS NULL",
+            "UPDATE receipts SET csig = ?, csig_sent = ?"
+            " WHERE provider = ? AND consumer = ? AND seq = ? AND csig IS NULL",
             rows,
         )
 
@@ -197,11 +198,13 @@ class SqliteLedger:
         )
         return [StoredReceipt(*row) for row in rows]
 
-    async def unsent_countersignatures(self, consumer: str, limit: int) -> list[StoredReceipt]:
+    async def unsent_countersignatures(
+        self, consumer: str, provider: str, limit: int
+    ) -> list[StoredReceipt]:
         rows = await self._db.fetchall(
-            f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE consumer = ? AND csig IS NOT NULL"
-            " AND csig_sent = 0 ORDER BY provider, seq LIMIT ?",
-            (consumer, limit),
+            f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE consumer = ? AND provider = ?"
+            " AND csig IS NOT NULL AND csig_sent = 0 ORDER BY seq LIMIT ?",
+            (consumer, provider, limit),
         )
         return [StoredReceipt(*row) for row in rows]
 
