@@ -26,7 +26,7 @@ class PostgresAudit:
             params.append(action.replace("*", "%"))
         rows = await self._db.fetch(
             f"SELECT ts_ms, action, actor, target, ip, detail FROM audit WHERE {where}"
-            f" ORDER BY id DESC LIMIT ${len(params) + 1}",
+            f" ORDER BY ts_ms DESC, id DESC LIMIT ${len(params) + 1}",
             *params,
             max(limit, 0),
         )

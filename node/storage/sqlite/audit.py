@@ -23,7 +23,7 @@ class SqliteAudit:
             params.append(action.replace("*", "%"))
         rows = await self._db.fetchall(
             f"SELECT ts_ms, action, actor, target, ip, detail FROM audit WHERE {where}"
-            " ORDER BY id DESC LIMIT ?",
+            " ORDER BY ts_ms DESC, id DESC LIMIT ?",  # newest first, by the index on ts_ms
             [*params, limit],
         )
         return [AuditEvent(r[0], r[1], r[2], r[3], r[4], msgspec.json.decode(r[5])) for r in rows]

@@ -60,7 +60,9 @@ class SqliteUsage:
         rows = await self._db.fetchall(
             f"SELECT {column}, COUNT(*), SUM(u.status >= 400), SUM(u.tokens_in),"
             f" SUM(u.tokens_out), SUM(u.cost_micros), SUM(u.unbilled_micros), SUM(u.clamped)"
-            f" FROM {source} WHERE u.ts_ms >= ? GROUP BY {column}"
+            # `+`: grouped without the (key_id, ts_ms) index, which SQLite otherwise walks
+            # whole (every request ever) to group by key, instead of the window's rows by ts.
+            f" FROM {source} WHERE u.ts_ms >= ? GROUP BY +{column}"
             " ORDER BY SUM(u.cost_micros) DESC, COUNT(*) DESC",
             (since_ms,),
         )
