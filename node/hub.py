@@ -52,8 +52,9 @@ log = logging.getLogger("aihub")
 
 # Countersignatures go back to providers in batches, this often.
 COUNTERSIGN_INTERVAL = 2
-# Expired nonces and old rate counts are deleted this often (seconds).
-PRUNE_INTERVAL = 30
+# Expired nonces and old rate counts are deleted, and a dead process's expired budget holds
+# given back, this often (seconds): each is a few statements by index, once for the node.
+PRUNE_INTERVAL = 5
 # Each process renews its budget holds this often (they expire after HOLD_TTL, 15 s).
 HOLD_RENEW_INTERVAL = 5
 # Expired cached answers are forgotten this often (seconds); a read never returns one anyway.

@@ -58,6 +58,11 @@ REVOKED_BY_PEER = "revoked_by_peer"
 JITTER = (0.75, 1.25)
 # How often `refresh_all` looks for peers whose check is due (seconds): the scheduler's tick.
 REFRESH_TICK = 1
+# A join request sent in the last quarter hour is asked after this often (seconds), so that
+# the other admin's approval takes effect within seconds; an older one at the health
+# interval (a request may wait for days, and each asking is a request to that node).
+JOIN_POLL_SECONDS = 3
+JOIN_POLL_FRESH = 900
 
 
 class JoinResponse(msgspec.Struct):
@@ -141,6 +146,7 @@ class Peering:
         self._offered: dict[str, list[AdvertModel]] = {}
         self._keys_epoch = -1
         self._next_poll = 0.0  # when `refresh_all` next asks after our join requests
+        self._newest_request: int | None = None  # when the newest of them was sent (unix s)
 
     # --- our own objects -------------------------------------------------------------------
 
@@ -245,6 +251,9 @@ class Peering:
         peers: dict[str, Peer] = {}
         records = await self.store.peers.peers()
         self.revoked_us = {r.node_id: r for r in records if r.status == REVOKED_BY_PEER}
+        requested = [r.created_at for r in records if r.status == "requested"]
+        self._newest_request = max(requested, default=None)
+        self._next_poll = min(self._next_poll, time.monotonic() + self._poll_interval())
         for record in records:
             if record.status != "active":
                 continue
@@ -630,8 +639,15 @@ class Peering:
         due = [p for p in self.peers.values() if p.key is not None and p.next_check <= now]
         await asyncio.gather(*(self.refresh_advert(peer) for peer in due))
         if now >= self._next_poll:
-            self._next_poll = now + self.config.federation.health_interval
+            self._next_poll = now + self._poll_interval()
             await self.poll_join_requests()
+
+    def _poll_interval(self) -> float:
+        """How long until our join requests are asked after again (`JOIN_POLL_SECONDS`)."""
+        newest = self._newest_request
+        if newest is not None and time.time() - newest < JOIN_POLL_FRESH:
+            return JOIN_POLL_SECONDS
+        return self.config.federation.health_interval
 
     async def push_adverts(self) -> None:
         """Tell every peer we serve what it may use here now (at start: the models may have
