@@ -637,10 +637,35 @@ class Peering:
         jittered schedule), and once a health interval ask after our join requests."""
         now = time.monotonic()
         due = [p for p in self.peers.values() if p.key is not None and p.next_check <= now]
+        if due:
+            due = await self._unless_checked_by_another(due, now)
         await asyncio.gather(*(self.refresh_advert(peer) for peer in due))
         if now >= self._next_poll:
             self._next_poll = now + self._poll_interval()
             await self.poll_join_requests()
+
+    async def _unless_checked_by_another(self, due: list[Peer], now: float) -> list[Peer]:
+        """Of the peers due a check, those that no other process of the node found up since
+        our last look and within most of an interval: each of the others takes that finding
+        (the store's `peer_health`) and comes back when its interval from then is up. With
+        one worker per core, every worker checked every peer: each peer was asked as many
+        times. A peer found down is checked by each process, on its own backoff. A newer
+        advert that the check fetched reaches the others as a change of peers does."""
+        interval = self.config.federation.health_interval
+        found = await self.store.peers.peer_health()
+        wall = time.time()
+        left = []
+        for peer in due:
+            healthy, latency_ms, checked_at = found.get(peer.node_id, (False, None, 0))
+            age = wall - checked_at
+            if not (healthy and checked_at > (peer.last_seen or 0) and age < interval * JITTER[0]):
+                left.append(peer)
+                continue
+            peer.healthy, peer.failures, peer.last_seen = True, 0, float(checked_at)
+            if latency_ms is not None:
+                peer.latency = latency_ms / 1000
+            peer.next_check = now + max(self._jittered(interval) - age, REFRESH_TICK)
+        return left
 
     def _poll_interval(self) -> float:
         """How long until our join requests are asked after again (`JOIN_POLL_SECONDS`)."""
