@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -139,11 +140,24 @@ class LiveHop(Bench):
                 rps[arm].append(run.rps)
         ratio = [h / n for h, n in zip(rps["hop"], rps["node"], strict=True)]
         out: dict[str, object] = {f"{arm}: req/s at c=32": _spread(v) for arm, v in rps.items()}
+        out["beta's countersignatures not sent, a turn after the last round"] = self.unsent()
         out["hop's req/s / one node's, c=32"] = _spread(ratio)
         for name, values in cpu.items():
             arm = "one node's" if name == "node" else "hop"
             out[f"{name}: CPU us per {arm} request, c=32"] = _spread(values)
         return out
+
+    def unsent(self) -> int:
+        """How many of beta's countersignatures of alpha's receipts wait to be sent, once
+        beta's job (every 2 s) has had a turn after the load: what a consumer that cannot
+        keep up with its own countersigning leaves behind."""
+        time.sleep(2.5)
+        with sqlite3.connect(f"file:{self.b.directory / 'aihub.db'}?mode=ro", uri=True) as db:
+            # Beta is only ever a consumer here: every receipt it holds is alpha's to it.
+            (count,) = db.execute(
+                "SELECT COUNT(*) FROM receipts WHERE csig IS NOT NULL AND csig_sent = 0"
+            ).fetchone()
+        return int(count)
 
     def idle(self, seconds: float) -> dict[str, object]:
         """What each node spends with nothing asked of it (its scheduled jobs, heartbeats):
