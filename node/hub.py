@@ -235,6 +235,7 @@ class Hub:
         await stop_scheduler(self.scheduler)
         await self.receipts.settle_tasks()
         await self.nonce_claims.settle()
+        await self.cache.settle()
         await self.logs.flush()
         await self.usage.stop()
         await self.budgets.release()  # after the last settlement is written

@@ -15,10 +15,10 @@ import msgspec
 import openai
 import pytest
 
-from adapters.types import ChatCall, ChatRequest
+from adapters.types import ChatCall, ChatRequest, Usage
 from node.config import CacheSection
 from node.gateway.auth import Principal
-from node.gateway.cache import ResponseCache, canonical_digest, header_bypass
+from node.gateway.cache import CacheSlot, Kept, ResponseCache, canonical_digest, header_bypass
 from node.gateway.metrics import Metrics
 from node.storage import open_store
 from node.storage.records import KeyRecord, Limits, UsageRecord
@@ -473,3 +473,37 @@ checks = [{{ kind = "pii", action = "redact", input = false, output = true }}]
             text = "".join(c.choices[0].delta.content or "" for c in replay.parse() if c.choices)
             assert "mock says" in text and "zeus@example.com" not in text
             assert upstream.calls == 2
+
+
+class _HeldStore:
+    """A cache store whose writes wait until let go: what a slow disk or a busy database
+    is to the request that kept an answer."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.kept: list[bytes] = []
+
+    async def keep(self, answer: Any, now_ms: int, max_entries: int) -> None:
+        await self.go.wait()
+        self.kept.append(answer.digest)
+
+
+def test_keeping_an_answer_does_not_wait_for_the_store() -> None:
+    """The answer a cache miss got goes to its client while the store writes it: kept in
+    this process's memory at once (a hit from here on), in the store once the write is done,
+    which the cache waits for when the node stops."""
+
+    async def run() -> None:
+        store = _HeldStore()
+        cache = ResponseCache(store, CacheSection(models=["*"]), Metrics())  # type: ignore[arg-type]
+        slot, kept = CacheSlot("key:k1", b"d1"), Kept(Usage(3, 4))
+        keeping = asyncio.ensure_future(cache.keep(slot, kept))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert keeping.done() and store.kept == []  # the caller went on; the write waits
+        assert await cache.get(slot) == kept  # from memory, meanwhile
+        store.go.set()
+        await cache.settle()
+        assert store.kept == [b"d1"]
+
+    asyncio.run(run())

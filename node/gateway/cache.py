@@ -22,6 +22,7 @@ makes a miss, never a failed request.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -148,6 +149,7 @@ class ResponseCache:
         # before any upstream sees them, or "": the same body is another request under it.
         self._rewriter = rewriter
         self._memory: OrderedDict[CacheSlot, tuple[int, Kept]] = OrderedDict()
+        self._writing: set[asyncio.Task[None]] = set()
 
     def slot(
         self,
@@ -192,20 +194,31 @@ class ResponseCache:
         return kept
 
     async def keep(self, slot: CacheSlot, kept: Kept) -> None:
+        """Keep an answer: in this process's memory at once, in the store by a task of its
+        own, so that the answer it is kept from is not held up by the write (a transaction
+        and the eviction of the least recently used, 0.2-0.4 ms on a 2-core machine); the
+        other processes of the node find it there a moment later."""
         answer = _encoder.encode(kept)
         if len(answer) > self.config.max_answer_bytes:
             return
         now = _now_ms()
         expires = now + self.config.ttl * 1000
         self._remember(slot, expires, kept)
+        kept_answer = CachedAnswer(slot.scope, slot.digest, now, expires, answer)
+        task = asyncio.get_running_loop().create_task(self._write(kept_answer, now))
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+
+    async def _write(self, answer: CachedAnswer, now_ms: int) -> None:
         try:
-            await self._store.keep(
-                CachedAnswer(slot.scope, slot.digest, now, expires, answer),
-                now,
-                self.config.max_entries,
-            )
+            await self._store.keep(answer, now_ms, self.config.max_entries)
         except Exception:
             log.exception("the response cache could not keep an answer")
+
+    async def settle(self) -> None:
+        """Wait for the answers being written (at shutdown, and in tests)."""
+        while self._writing:
+            await asyncio.wait(set(self._writing))
 
     async def prune(self) -> None:
         """Forget expired answers (scheduled)."""
