@@ -34,7 +34,8 @@ def _fill(path: Path, rows: int, now_ms: int) -> None:
     """Rows of the shape a node writes, straight into its tables (the store's own writes
     would take minutes): a consumer's receipts, all countersigned and sent but the last 100;
     usage over 30 days from 1,000 keys; spend of `rows / 100` scopes, 100 periods each;
-    audit events over 30 days; 100 budget holds, half expired."""
+    audit events over 30 days; a tenth as many interaction logs of 4 KB; 100 budget holds,
+    half expired."""
     with sqlite3.connect(path) as db:
         db.executemany(
             "INSERT INTO receipts (provider, consumer, seq, id, hash, amount, iat, body, csig,"
@@ -70,6 +71,14 @@ def _fill(path: Path, rows: int, now_ms: int) -> None:
             "INSERT INTO audit (ts_ms, action, actor, target, detail)"
             " VALUES (?, ?, 'admin', 't', '{}')",
             ((now_ms - n * (30 * DAY_MS // rows), "auth.unknown_key") for n in range(rows)),
+        )
+        body = b"x" * 2000  # a request's body and its answer's, 4 KB a log
+        db.executemany(
+            "INSERT INTO interaction_logs (request_id, ts_ms, model, endpoint, stream, status,"
+            " tokens_in, tokens_out, cost_micros, latency_ms, cache_hit, request, response,"
+            " findings, truncated, size) VALUES (?, ?, 'm', 'chat', 0, 200, 1, 2, 7, 1, 0, ?,"
+            " ?, '[]', 0, 4002)",
+            ((f"l-{n}", now_ms - n * 1000, body, body) for n in range(rows // 10)),
         )
         db.executemany(
             "INSERT INTO budget_holds VALUES (?, ?, 'gone', 5, ?)",
@@ -117,6 +126,10 @@ async def _measure(rows: int, repeat: int) -> dict[str, float]:
                 ),
                 "usage report by key, last 24 h": lambda: store.usage.usage_report(
                     "key", now_ms - DAY_MS
+                ),
+                # All of them fit: nothing deleted, every size read.
+                "interaction logs' prune (hourly), a tenth as many logs, 4 KB each": lambda: (
+                    store.logs.prune_logs(0, 10**12)
                 ),
             }
             return {name: await _timed(call, repeat) for name, call in calls.items()}

@@ -345,5 +345,11 @@ def test_interaction_logs_are_filtered_and_pruned(store_url: str) -> None:
         assert await store.logs.prune_logs(1500, 10**9) == 1
         assert await store.logs.prune_logs(0, 20) == 1  # the newest that fit stay
         assert [e.request_id for e in await store.logs.logs(LogFilter())] == ["r3"]
+        # Logs of the same millisecond: newest first is by request id among them.
+        for request_id in ("r4", "r6", "r5"):
+            await store.logs.insert_log(_logged(request_id, 4000))
+        assert await store.logs.prune_logs(0, 40) == 2  # r6 and r5 fit; r4 and r3 go
+        assert [e.request_id for e in await store.logs.logs(LogFilter())] == ["r6", "r5"]
+        assert await store.logs.prune_logs(0, 40) == 0
 
     on(store_url, test)

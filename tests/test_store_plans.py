@@ -101,3 +101,15 @@ async def test_the_countersignatures_to_send_are_found_in_their_own_index(
     with sqlite3.connect(store.db.path) as db:
         plan = " ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}"))
     assert "receipts_unsent" in plan and "TEMP B-TREE" not in plan, plan
+
+
+async def test_the_logs_prune_reads_their_sizes_not_their_bodies(store: SqliteStore) -> None:
+    """Keeping the interaction logs under `max_bytes` sums their sizes, newest first: from
+    an index that holds them, not from the rows, which hold every request's bodies (it read
+    them all, in the write transaction, hourly); the deletes then go by that index."""
+    ran = await _caught(store, lambda: store.logs.prune_logs(0, 10**6))
+    with sqlite3.connect(store.db.path) as db:
+        plans = [[row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}")] for sql in ran]
+    reads = [step for plan in plans for step in plan if "interaction_logs" in step]
+    assert reads, plans
+    assert all("COVERING INDEX" in step or step.startswith("SEARCH") for step in reads), plans

@@ -756,18 +756,25 @@ MIGRATIONS: list[Migration] = [
             FOR EACH STATEMENT EXECUTE FUNCTION aihub_keys_changed();
         """,
     ),
-    # 17: the countersignatures a consumer has still to send, which a job looks up every 2
-    # seconds, found by index rather than by reading every receipt ever: only those rows
-    # are in it (a provider marks the ones it is handed as nothing to send). Rows that a
-    # provider stored before this migration stay in it, under their consumers' ids.
+    # 17: what two scheduled jobs look up, found by index rather than by reading a table
+    # that grows for as long as the node runs. The countersignatures a consumer has still to
+    # send (every 2 seconds): a partial index of only those rows (a provider marks the ones
+    # it is handed as nothing to send; rows a provider stored before this migration stay in
+    # it, under their consumers' ids). The interaction logs' sizes, newest first, for the
+    # prune that keeps them under `max_bytes`: read from the index, never from the rows and
+    # their bodies; it replaces the index on ts_ms alone, its prefix.
     Migration(
         sqlite="""
         CREATE INDEX receipts_unsent ON receipts (consumer, provider, seq)
             WHERE csig IS NOT NULL AND csig_sent = 0;
+        CREATE INDEX interaction_logs_size ON interaction_logs (ts_ms, request_id, size);
+        DROP INDEX interaction_logs_ts;
         """,
         postgres="""
         CREATE INDEX receipts_unsent ON receipts (consumer, provider, seq)
             WHERE csig IS NOT NULL AND csig_sent = 0;
+        CREATE INDEX interaction_logs_size ON interaction_logs (ts_ms, request_id) INCLUDE (size);
+        DROP INDEX interaction_logs_ts;
         """,
     ),
 ]

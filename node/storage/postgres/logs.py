@@ -58,13 +58,23 @@ class PostgresLogs:
         return _entry(row) if row is not None else None
 
     async def prune_logs(self, before_ms: int, max_bytes: int) -> int:
+        # As SQLite's: the first log over the bound found in a read (the sizes' index,
+        # newest first), then it and every older one deleted in a short transaction.
+        cutoff = await self._db.fetchrow(
+            "SELECT ts_ms, request_id FROM (SELECT ts_ms, request_id, SUM(size) OVER"
+            " (ORDER BY ts_ms DESC, request_id DESC) AS held FROM interaction_logs) AS running"
+            " WHERE held > $1 LIMIT 1",
+            max_bytes,
+        )
+
         async def prune(db: asyncpg.Connection) -> int:
             old = await db.execute("DELETE FROM interaction_logs WHERE ts_ms < $1", before_ms)
+            if cutoff is None:
+                return changed(old)
             over = await db.execute(
-                "DELETE FROM interaction_logs WHERE request_id IN (SELECT request_id FROM"
-                " (SELECT request_id, SUM(size) OVER (ORDER BY ts_ms DESC, request_id DESC)"
-                " AS held FROM interaction_logs) AS running WHERE held > $1)",
-                max_bytes,
+                "DELETE FROM interaction_logs WHERE (ts_ms, request_id) <= ($1, $2)",
+                cutoff["ts_ms"],
+                cutoff["request_id"],
             )
             return changed(old) + changed(over)
 

@@ -21,6 +21,14 @@ def _entry(row: tuple) -> InteractionLog:
     return msgspec.convert(dict(zip(_FIELDS, row, strict=True)), InteractionLog, strict=False)
 
 
+# The newest log that no longer fits under the bound (by size, newest first).
+_FIRST_OVER = (
+    "SELECT ts_ms, request_id FROM (SELECT ts_ms, request_id, SUM(size) OVER"
+    " (ORDER BY ts_ms DESC, request_id DESC) AS held FROM interaction_logs)"
+    " WHERE held > ? LIMIT 1"
+)
+
+
 class SqliteLogs:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -56,15 +64,21 @@ class SqliteLogs:
         return _entry(row) if row is not None else None
 
     async def prune_logs(self, before_ms: int, max_bytes: int) -> int:
+        # The newest first, as long as they fit: the first that does not, and every older
+        # one, go. Found in a read (the sizes' index, newest first, up to that log), so that
+        # the write that deletes holds the database for the deletes alone: a log kept
+        # meanwhile is newer, and waits for the next prune if it does not fit.
+        cutoff = await self._db.fetchone(_FIRST_OVER, (max_bytes,))
+
         def prune(db: sqlite3.Connection) -> int:
             old = db.execute("DELETE FROM interaction_logs WHERE ts_ms < ?", (before_ms,))
-            # The newest first, as long as they fit: the rest go.
-            over = db.execute(
-                "DELETE FROM interaction_logs WHERE request_id IN (SELECT request_id FROM"
-                " (SELECT request_id, SUM(size) OVER (ORDER BY ts_ms DESC, request_id DESC)"
-                " AS held FROM interaction_logs) WHERE held > ?)",
-                (max_bytes,),
-            )
-            return old.rowcount + over.rowcount
+            over = 0
+            if cutoff is not None:
+                over = db.execute(
+                    "DELETE FROM interaction_logs WHERE ts_ms < ?"
+                    " OR (ts_ms = ? AND request_id <= ?)",
+                    (cutoff[0], cutoff[0], cutoff[1]),
+                ).rowcount
+            return old.rowcount + over
 
         return await self._db.atomic(prune)
