@@ -55,12 +55,13 @@ lock:
 lock-upgrade:
 	$(MAKE) lock UPGRADE=--upgrade
 
-# `make run PORT=9000 NAME=alice`: the port to serve on, and the name a new node is given.
+# `make run PORT=9000 NAME=alice`: the port to serve on (written to a new node's config, so
+# that what `init` prints to try it says that port), and the name a new node is given.
 # Taken from make's command line only: a PORT or NAME the environment holds for something
 # else (many hosts set PORT) must not move the node off the port the README says.
 given = $(if $(filter command line,$(origin $(1))),$(2) $($(1)))
 run: setup
-	$(BIN)/aihub init --if-missing $(call given,NAME,--name)
+	$(BIN)/aihub init --if-missing $(call given,NAME,--name) $(call given,PORT,--port)
 	$(BIN)/aihub serve $(call given,PORT,--port)
 
 lint: setup

@@ -693,8 +693,11 @@ def load_config(directory: Path) -> Config:
     return parse_config(text, str(path))
 
 
-def render_template(name: str) -> str:
-    return CONFIG_TEMPLATE.replace("{name}", msgspec.json.encode(name).decode())
+def render_template(name: str, port: int | None = None) -> str:
+    text = CONFIG_TEMPLATE.replace("{name}", msgspec.json.encode(name).decode())
+    if port is not None:
+        text = text.replace("\nport = 8787\n", f"\nport = {port}\n", 1)
+    return text
 
 
 CONFIG_TEMPLATE = """\

@@ -21,12 +21,13 @@ def node_exists(directory: Path) -> bool:
     return (directory / CONFIG_FILE).exists() or (directory / IDENTITY_FILE).exists()
 
 
-def create_node(directory: Path, name: str) -> tuple[NodeIdentity, str]:
-    """Create a node in `directory`; answer its identity and its admin key (shown once)."""
+def create_node(directory: Path, name: str, port: int | None = None) -> tuple[NodeIdentity, str]:
+    """Create a node in `directory` (serving on `port`, else the template's); answer its
+    identity and its admin key (shown once)."""
     if node_exists(directory):
         raise NodeExists(f"a node already exists at {directory}; refusing to overwrite it")
     # Check the name before anything is written: a half-made node would lose its admin key.
-    parse_config(render_template(name).encode(), "--name")
+    parse_config(render_template(name, port).encode(), "--name")
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     identity = NodeIdentity.generate()
     identity.save(directory / IDENTITY_FILE)
@@ -34,7 +35,7 @@ def create_node(directory: Path, name: str) -> tuple[NodeIdentity, str]:
     asyncio.run(_store_admin_key(directory, identity, key, key_id))
     # The config goes last: its presence marks a complete node.
     config_path = directory / CONFIG_FILE
-    config_path.write_text(render_template(name))
+    config_path.write_text(render_template(name, port))
     config_path.chmod(0o600)
     return identity, key
 

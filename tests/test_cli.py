@@ -168,6 +168,19 @@ def test_init_creates_a_private_node_and_shows_a_working_admin_key(tmp_path):
     assert [d.name for d in config.models] == ["echo", "echo-embed"]
 
 
+def test_init_with_a_port_writes_it_and_its_examples_say_it(tmp_path):
+    """`make run PORT=9000` on a new node: the examples `init` prints are pasted as they
+    are, so they must name the port the node will serve on."""
+    folder = tmp_path / "ported"
+    result = invoke("init", "--port", "9123", "--data-dir", str(folder))
+    assert result.exit_code == 0, result.output
+    assert load_config(folder).server.port == 9123
+    assert "curl http://127.0.0.1:9123/v1/chat/completions" in result.output
+    assert "8787" not in result.output
+    refused = invoke("init", "--port", "70000", "--data-dir", str(tmp_path / "nope"))
+    assert refused.exit_code == 2 and not (tmp_path / "nope").exists()
+
+
 def host_name() -> str:
     return socket.gethostname().split(".")[0][:64]
 

@@ -22,9 +22,14 @@ DEFAULT_HOME = Path("~/.aihub").expanduser()
 
 @click.command("init")
 @click.option("--name", help="A name for this node, shown to peers [default: the host name]")
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    help="The port it serves on, written to its config [default: 8787]",
+)
 @click.option("--if-missing", is_flag=True, help="Do nothing if a node already exists here")
 @with_data_dir
-def init(directory: Path, name: str | None, if_missing: bool) -> None:
+def init(directory: Path, name: str | None, port: int | None, if_missing: bool) -> None:
     """Create a node: config, database, Ed25519 identity and an admin key (shown once)."""
     from node.provision import NodeExists, create_node, node_exists
 
@@ -33,7 +38,7 @@ def init(directory: Path, name: str | None, if_missing: bool) -> None:
         return
     node_name = name or _default_name(directory)
     try:
-        identity, key = create_node(directory, node_name)
+        identity, key = create_node(directory, node_name, port)
     except (NodeExists, ConfigError) as exc:
         fail(str(exc))
     config = require_config(directory)
