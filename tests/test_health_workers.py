@@ -70,11 +70,10 @@ async def test_a_check_one_worker_made_serves_the_others(tmp_path: Path) -> None
 
         # Due at the other worker moments later: it takes the finding instead of asking.
         peer = _due(other)
-        peer.healthy = False
         started = time.monotonic()
         await other.refresh_all()
         assert checks == [str(id(one))]
-        assert peer.healthy and peer.latency == 0.004 and peer.failures == 0
+        assert peer.healthy and peer.latency == 0.004 and peer.last_seen
         # ... and comes back when an interval from that check is nearly up, not at once.
         assert peer.next_check >= started + INTERVAL * JITTER[0] - 2
 
@@ -100,5 +99,29 @@ async def test_a_peer_found_down_is_checked_by_every_worker(tmp_path: Path) -> N
         await other.refresh_all()  # down there is not taken: this worker asks for itself
         assert checks == [str(id(one)), str(id(other))]
         assert other.peers[ALICE.node_id].healthy
+    finally:
+        await store.close()
+
+
+async def test_a_worker_that_could_not_reach_a_peer_checks_it_itself(tmp_path: Path) -> None:
+    """Another worker's "up" does not hide what this one saw: a request it could not get
+    through (another host's route, say) has its own check at the next tick."""
+    store = await open_store(tmp_path / "aihub.db")
+    checks: list[str] = []
+    one, other = _worker(store, tmp_path, checks), _worker(store, tmp_path, checks)
+    try:
+        _due(one)
+        await one.refresh_all()
+        other.unreachable(ALICE.node_id)
+        await other.refresh_all()
+        assert checks == [str(id(one)), str(id(other))]
+        # Its own check found it up: from here on it takes the others' findings again (a
+        # check of the other's that came after its own, seconds later).
+        other.peers[ALICE.node_id].last_seen = time.time() - 5
+        _due(one)
+        await one.refresh_all()
+        _due(other)
+        await other.refresh_all()
+        assert checks == [str(id(one)), str(id(other)), str(id(one))]
     finally:
         await store.close()

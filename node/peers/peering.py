@@ -97,6 +97,9 @@ class Peer:
     last_seen: float | None = None
     failures: int = 0
     next_check: float = field(default=0.0)
+    # A request of ours could not reach it: its next check is this process's own, whatever
+    # another process found (`Peering._unless_checked_by_another`).
+    unreached: bool = False
 
     @property
     def node_id(self) -> str:
@@ -270,6 +273,7 @@ class Peering:
             if old is not None:
                 peer.healthy, peer.latency, peer.last_seen = old.healthy, old.latency, old.last_seen
                 peer.failures, peer.next_check = old.failures, old.next_check
+                peer.unreached = old.unreached
             else:
                 interval = self.config.federation.health_interval
                 peer.next_check = time.monotonic() + random.uniform(0, interval)
@@ -352,7 +356,7 @@ class Peering:
         down its backoff decides, so failing requests do not add checks)."""
         peer = self.peers.get(node_id)
         if peer is not None and peer.healthy:
-            peer.next_check = 0.0
+            peer.next_check, peer.unreached = 0.0, True
 
     async def confirm_revoked(self, node_id: str) -> bool:
         """A peer refused our key: ask it (a signed health check, whose answer to a node it
@@ -582,6 +586,7 @@ class Peering:
 
     async def _healthy(self, peer: Peer, seconds: float) -> None:
         peer.healthy, peer.failures, peer.last_seen = True, 0, time.time()
+        peer.unreached = False
         peer.latency = seconds if peer.latency is None else peer.latency * 0.7 + seconds * 0.3
         peer.next_check = time.monotonic() + self._jittered(self.config.federation.health_interval)
         await self.store.peers.save_peer_health(
@@ -589,7 +594,7 @@ class Peering:
         )
 
     async def _unhealthy(self, peer: Peer, reason: str) -> None:
-        peer.healthy = False
+        peer.healthy, peer.unreached = False, False
         peer.failures += 1
         # Back off exponentially from a failing peer: 2, 4, 8 … seconds, at most 5 minutes.
         peer.next_check = time.monotonic() + self._jittered(min(2**peer.failures, 300))
@@ -649,8 +654,9 @@ class Peering:
         our last look and within most of an interval: each of the others takes that finding
         (the store's `peer_health`) and comes back when its interval from then is up. With
         one worker per core, every worker checked every peer: each peer was asked as many
-        times. A peer found down is checked by each process, on its own backoff. A newer
-        advert that the check fetched reaches the others as a change of peers does."""
+        times. A peer this process found down, or could not reach with a request, it checks
+        itself (on its own backoff): another's "up" does not hide what it saw. A newer advert
+        that the check fetched reaches the others as a change of peers does."""
         interval = self.config.federation.health_interval
         found = await self.store.peers.peer_health()
         wall = time.time()
@@ -658,7 +664,11 @@ class Peering:
         for peer in due:
             healthy, latency_ms, checked_at = found.get(peer.node_id, (False, None, 0))
             age = wall - checked_at
-            if not (healthy and checked_at > (peer.last_seen or 0) and age < interval * JITTER[0]):
+            # Ours to check: a peer this process could not reach or found down, or a finding
+            # from a clock ahead of ours (another host's).
+            ours = peer.unreached or peer.failures > 0 or not peer.healthy
+            fresh = healthy and checked_at > (peer.last_seen or 0) and age >= 0
+            if ours or not fresh or age >= interval * JITTER[0]:
                 left.append(peer)
                 continue
             peer.healthy, peer.failures, peer.last_seen = True, 0, float(checked_at)
