@@ -371,8 +371,10 @@ def _once_a_turn(
     reconciling the books with every peer or pruning the database, was done once per worker:
     each peer asked as many times, and the same refusals logged again. Two turns may come
     close together where two processes' schedules straddle a turn's end: at most twice in
-    `seconds`, never more."""
-    name = f"turn:{getattr(job, '__qualname__', job)}"
+    `seconds`, never more. The interval is in the turn's name: turns counted in another
+    interval (a build before a change of it, a config changed back) are another count, never
+    compared with this one (a count of larger turns would stay ahead of it for ever)."""
+    name = f"turn:{getattr(job, '__qualname__', job)}:{seconds:g}"
 
     @functools.wraps(job)
     async def run(*args: object) -> None:

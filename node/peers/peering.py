@@ -645,9 +645,14 @@ class Peering:
         if due:
             due = await self._unless_checked_by_another(due, now)
         await asyncio.gather(*(self.refresh_advert(peer) for peer in due))
-        if now >= self._next_poll:
-            self._next_poll = now + self._poll_interval()
-            await self.poll_join_requests()
+        if now >= self._next_poll and self._newest_request is not None:
+            interval = self._poll_interval()
+            self._next_poll = now + interval
+            # Once a turn for the node: each asking is a request to the other node, and
+            # every process polled on its own.
+            turn = int(time.time() // interval)
+            if await self.store.peers.claim_turn(f"turn:join-poll:{interval:g}", turn):
+                await self.poll_join_requests()
 
     async def _unless_checked_by_another(self, due: list[Peer], now: float) -> list[Peer]:
         """Of the peers due a check, those that no other process of the node found up since
@@ -714,6 +719,7 @@ class Peering:
                 record,
                 self.descriptor(),
                 listed=self.config.federation.listed,
+                stored=True,
             )
             if outcome == "joined":
                 self.touch()
@@ -827,10 +833,13 @@ async def ask_to_join(
     ours: NodeDescriptor,
     *,
     listed: bool,
+    stored: bool = False,
 ) -> str:
     """Send (or send again) our join request to `issuer`, a node we have no invite from:
     "pending" until its admin approves, "joined" once the answer carries our key, or what
-    went wrong. The outcome is stored, so the running node keeps asking."""
+    went wrong. The outcome is stored, so the running node keeps asking (`stored`: the
+    request is in the store already, as asked before; a "pending" again changes nothing,
+    and is not written again: each write of a peer has every process reload its peers)."""
     descriptor = msgspec.json.decode(issuer.descriptor, type=NodeDescriptor)
     body = msgspec.json.encode(ours)
     problem = "no URL"
@@ -849,7 +858,8 @@ async def ask_to_join(
             problem = f"{url}: {type(exc).__name__}"
             continue
         if response.status_code == 202:
-            await store.peers.save_peer(msgspec.structs.replace(issuer, status="requested"))
+            if not (stored and issuer.status == "requested"):
+                await store.peers.save_peer(msgspec.structs.replace(issuer, status="requested"))
             return "pending"
         if response.status_code != 200:
             return f"{url} refused ({response.status_code}): {refusal(response)}"
