@@ -507,3 +507,20 @@ def test_keeping_an_answer_does_not_wait_for_the_store() -> None:
         assert store.kept == [b"d1"]
 
     asyncio.run(run())
+
+
+def test_a_stalled_store_holds_a_bounded_number_of_answers() -> None:
+    """While the store does not answer, at most `MAX_WRITES` answers wait to be written; the
+    rest are not kept there (memory still has the latest), rather than piling up."""
+    from node.gateway.cache import MAX_WRITES
+
+    async def run() -> None:
+        store = _HeldStore()
+        cache = ResponseCache(store, CacheSection(models=["*"]), Metrics())  # type: ignore[arg-type]
+        for n in range(MAX_WRITES + 10):
+            await cache.keep(CacheSlot("key:k1", b"d%d" % n), Kept(Usage(3, 4)))
+        store.go.set()
+        await cache.settle()
+        assert store.kept == [b"d%d" % n for n in range(MAX_WRITES)]
+
+    asyncio.run(run())

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from node.storage import open_store
-from node.storage.records import AuditEvent, Charge, Hold
+from node.storage.records import AuditEvent, Charge, Hold, InteractionLog
 from node.storage.sqlite.store import SqliteStore
 from tests.test_storage import charge
 
@@ -69,6 +69,14 @@ def _spent(request_id: str) -> Charge:
     return charge(request_id, 5, [Hold(scope, start, 5, "worker-1") for scope, start in SCOPES])
 
 
+def _log(request_id: str, ts_ms: int) -> InteractionLog:
+    """A logged request of 20 bytes (its bodies and findings)."""
+    return InteractionLog(
+        request_id, ts_ms, "k1", None, "m", "chat", None, None, False, 200, 1, 2, 3, 4, False,
+        None, b'{"q":"1234"}', b"{}", b"[]",
+    )  # fmt: skip
+
+
 CALLS: dict[str, Callable[[SqliteStore], Awaitable[object]]] = {
     "countersignatures still to send": lambda s: s.ledger.unsent_countersignatures(
         "ed25519:me", "ed25519:them", 500
@@ -107,7 +115,10 @@ async def test_the_logs_prune_reads_their_sizes_not_their_bodies(store: SqliteSt
     """Keeping the interaction logs under `max_bytes` sums their sizes, newest first: from
     an index that holds them, not from the rows, which hold every request's bodies (it read
     them all, in the write transaction, hourly); the deletes then go by that index."""
-    ran = await _caught(store, lambda: store.logs.prune_logs(0, 10**6))
+    for n in range(3):  # one over the bound: the cutoff's delete runs too
+        await store.logs.insert_log(_log(f"r{n}", 1000 + n))
+    ran = await _caught(store, lambda: store.logs.prune_logs(0, 40))
+    assert len(ran) == 3, ran  # the cutoff read, the old logs' delete, the cutoff's
     with sqlite3.connect(store.db.path) as db:
         plans = [[row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}")] for sql in ran]
     reads = [step for plan in plans for step in plan if "interaction_logs" in step]

@@ -43,6 +43,8 @@ from node.storage.base import CacheStore
 from node.storage.records import CachedAnswer
 
 log = logging.getLogger("aihub.cache")
+# Answers being written to the store at once, at most (each holds up to `max_answer_bytes`).
+MAX_WRITES = 64
 
 # The body's own switch (OpenAI-style extension); taken out before the upstream sees the body.
 BODY_FIELD = "cache"
@@ -194,16 +196,19 @@ class ResponseCache:
         return kept
 
     async def keep(self, slot: CacheSlot, kept: Kept) -> None:
-        """Keep an answer: in this process's memory at once, in the store by a task of its
-        own, so that the answer it is kept from is not held up by the write (a transaction
-        and the eviction of the least recently used, 0.2-0.4 ms on a 2-core machine); the
-        other processes of the node find it there a moment later."""
+        """Keep an answer: in this process's memory at once (unless `memory_entries` is 0),
+        in the store by a task of its own, so that the answer it is kept from is not held up
+        by the write (a transaction and the eviction of the least recently used, 0.2-0.4 ms
+        on a 2-core machine); the other processes of the node find it there a moment later.
+        At most `MAX_WRITES` at once: a store that stalls costs misses, not memory."""
         answer = _encoder.encode(kept)
         if len(answer) > self.config.max_answer_bytes:
             return
         now = _now_ms()
         expires = now + self.config.ttl * 1000
         self._remember(slot, expires, kept)
+        if len(self._writing) >= MAX_WRITES:
+            return  # the store is behind: not kept there (it is in memory, if memory keeps any)
         kept_answer = CachedAnswer(slot.scope, slot.digest, now, expires, answer)
         task = asyncio.get_running_loop().create_task(self._write(kept_answer, now))
         self._writing.add(task)

@@ -275,7 +275,7 @@ class LedgerStore(Protocol):
     ) -> int:
         """Countersignatures (seq, csig) for receipts that have none yet; how many were added.
         `to_send=False` for a provider storing its consumer's: nothing of ours to send back
-        (kept out of `unsent_countersignatures`' index)."""
+        (kept out of the index behind `unsent_countersignatures`)."""
         ...
 
     async def add_countersignature(
@@ -305,7 +305,7 @@ class LedgerStore(Protocol):
         self, consumer: str, provider: str, limit: int
     ) -> list[StoredReceipt]:
         """Our countersignatures of `provider`'s receipts not yet sent to it, oldest first
-        (an index holds only these rows: the job asks every few seconds)."""
+        (by an index of the countersignatures not sent: the job asks every few seconds)."""
         ...
 
     async def mark_countersignatures_sent(self, receipts: list[StoredReceipt]) -> None: ...

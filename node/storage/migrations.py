@@ -758,11 +758,13 @@ MIGRATIONS: list[Migration] = [
     ),
     # 17: what two scheduled jobs look up, found by index rather than by reading a table
     # that grows for as long as the node runs. The countersignatures a consumer has still to
-    # send (every 2 seconds): a partial index of only those rows (a provider marks the ones
-    # it is handed as nothing to send; rows a provider stored before this migration stay in
-    # it, under their consumers' ids). The interaction logs' sizes, newest first, for the
-    # prune that keeps them under `max_bytes`: read from the index, never from the rows and
-    # their bodies; it replaces the index on ts_ms alone, its prefix.
+    # send (every 2 seconds): a partial index of only those rows (a provider marks the
+    # countersignatures its consumers send it as nothing to send; what a provider stored
+    # before this migration, or takes back countersigned in reconciliation, stays in it,
+    # under its consumers' ids, which a consumer's look-up of its own never reads). The
+    # interaction logs' sizes, newest first, for the prune that keeps them under
+    # `max_bytes`: read from the index, never from the rows and their bodies; it replaces
+    # the index on ts_ms alone, its prefix.
     Migration(
         sqlite="""
         CREATE INDEX receipts_unsent ON receipts (consumer, provider, seq)

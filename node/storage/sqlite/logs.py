@@ -21,7 +21,10 @@ def _entry(row: tuple) -> InteractionLog:
     return msgspec.convert(dict(zip(_FIELDS, row, strict=True)), InteractionLog, strict=False)
 
 
-# The newest log that no longer fits under the bound (by size, newest first).
+# The newest log that no longer fits under the bound (by size, newest first). No outer ORDER
+# BY: the window streams in its own order from the index and stops at the first row over the
+# bound (an outer sort would read every older log); were another row of those over it
+# returned, it would be an older one, and the prune would delete less, never more.
 _FIRST_OVER = (
     "SELECT ts_ms, request_id FROM (SELECT ts_ms, request_id, SUM(size) OVER"
     " (ORDER BY ts_ms DESC, request_id DESC) AS held FROM interaction_logs)"
