@@ -44,6 +44,7 @@ from node.peers.resync import ChainResync
 from node.storage import open_store
 from node.storage.base import Store
 from node.storage.records import StoreUnavailable
+from node.turns import ours_this_turn
 
 if TYPE_CHECKING:  # the hub is reached from a request; it needs no web framework to run
     from litestar import Request
@@ -371,14 +372,12 @@ def _once_a_turn(
     reconciling the books with every peer or pruning the database, was done once per worker:
     each peer asked as many times, and the same refusals logged again. Two turns may come
     close together where two processes' schedules straddle a turn's end: at most twice in
-    `seconds`, never more. The interval is in the turn's name: turns counted in another
-    interval (a build before a change of it, a config changed back) are another count, never
-    compared with this one (a count of larger turns would stay ahead of it for ever)."""
-    name = f"turn:{getattr(job, '__qualname__', job)}:{seconds:g}"
+    `seconds`, never more (`ours_this_turn`)."""
+    name = str(getattr(job, "__qualname__", job))
 
     @functools.wraps(job)
     async def run(*args: object) -> None:
-        if await store.peers.claim_turn(name, int(time.time() // seconds)):
+        if await ours_this_turn(store, name, seconds):
             await job(*args)
 
     return run

@@ -44,6 +44,7 @@ from node.peers.adapter import PeerAdapter, peer_upstream
 from node.peers.address import advertised_urls
 from node.storage.base import Store
 from node.storage.records import JoinRequestBounds, KeyRecord, PeerRecord
+from node.turns import ours_this_turn
 
 log = logging.getLogger("aihub.peering")
 
@@ -650,8 +651,7 @@ class Peering:
             self._next_poll = now + interval
             # Once a turn for the node: each asking is a request to the other node, and
             # every process polled on its own.
-            turn = int(time.time() // interval)
-            if await self.store.peers.claim_turn(f"turn:join-poll:{interval:g}", turn):
+            if await ours_this_turn(self.store, "join-poll", interval):
                 await self.poll_join_requests()
 
     async def _unless_checked_by_another(self, due: list[Peer], now: float) -> list[Peer]:
