@@ -10,9 +10,11 @@ signed advert fetch) is replaced by its outcome, recorded the way a check record
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from federation.descriptors import make_descriptor
 from federation.identity import NodeIdentity
@@ -53,75 +55,73 @@ def _worker(store: Store, folder: Path, checks: list[str], up: bool = True) -> P
     return peering
 
 
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    """The node's one store, which its workers share."""
+    opened = await open_store(tmp_path / "aihub.db")
+    yield opened
+    await opened.close()
+
+
 def _due(peering: Peering) -> Peer:
     peer = peering.peers[ALICE.node_id]
     peer.next_check = 0.0
     return peer
 
 
-async def test_a_check_one_worker_made_serves_the_others(tmp_path: Path) -> None:
-    store = await open_store(tmp_path / "aihub.db")
+async def test_a_check_one_worker_made_serves_the_others(store: Store, tmp_path: Path) -> None:
     checks: list[str] = []
     one, other = _worker(store, tmp_path, checks), _worker(store, tmp_path, checks)
-    try:
-        _due(one)
-        await one.refresh_all()
-        assert checks == [str(id(one))]
+    _due(one)
+    await one.refresh_all()
+    assert checks == [str(id(one))]
 
-        # Due at the other worker moments later: it takes the finding instead of asking.
-        peer = _due(other)
-        started = time.monotonic()
-        await other.refresh_all()
-        assert checks == [str(id(one))]
-        assert peer.healthy and peer.latency == 0.004 and peer.last_seen
-        # ... and comes back when an interval from that check is nearly up, not at once.
-        assert peer.next_check >= started + INTERVAL * JITTER[0] - 2
+    # Due at the other worker moments later: it takes the finding instead of asking.
+    peer = _due(other)
+    started = time.monotonic()
+    await other.refresh_all()
+    assert checks == [str(id(one))]
+    assert peer.healthy and peer.latency == 0.004 and peer.last_seen
+    # ... and comes back when an interval from that check is nearly up, not at once.
+    assert peer.next_check >= started + INTERVAL * JITTER[0] - 2
 
-        # A finding older than most of an interval is not taken: the other worker asks.
-        await store.peers.save_peer_health(ALICE.node_id, True, 4, int(time.time()) - INTERVAL)
-        _due(other).last_seen = None
-        await other.refresh_all()
-        assert checks == [str(id(one)), str(id(other))]
-    finally:
-        await store.close()
+    # A finding older than most of an interval is not taken: the other worker asks.
+    await store.peers.save_peer_health(ALICE.node_id, True, 4, int(time.time()) - INTERVAL)
+    _due(other).last_seen = None
+    await other.refresh_all()
+    assert checks == [str(id(one)), str(id(other))]
 
 
-async def test_a_peer_found_down_is_checked_by_every_worker(tmp_path: Path) -> None:
-    store = await open_store(tmp_path / "aihub.db")
+async def test_a_peer_found_down_is_checked_by_every_worker(store: Store, tmp_path: Path) -> None:
     checks: list[str] = []
     one = _worker(store, tmp_path, checks, up=False)
     other = _worker(store, tmp_path, checks)
-    try:
-        _due(one)
-        await one.refresh_all()
-        assert not one.peers[ALICE.node_id].healthy
-        _due(other)
-        await other.refresh_all()  # down there is not taken: this worker asks for itself
-        assert checks == [str(id(one)), str(id(other))]
-        assert other.peers[ALICE.node_id].healthy
-    finally:
-        await store.close()
+    _due(one)
+    await one.refresh_all()
+    assert not one.peers[ALICE.node_id].healthy
+    _due(other)
+    await other.refresh_all()  # down there is not taken: this worker asks for itself
+    assert checks == [str(id(one)), str(id(other))]
+    assert other.peers[ALICE.node_id].healthy
 
 
-async def test_a_worker_that_could_not_reach_a_peer_checks_it_itself(tmp_path: Path) -> None:
+async def test_a_worker_that_could_not_reach_a_peer_checks_it_itself(
+    store: Store, tmp_path: Path
+) -> None:
     """Another worker's "up" does not hide what this one saw: a request it could not get
     through (another host's route, say) has its own check at the next tick."""
-    store = await open_store(tmp_path / "aihub.db")
     checks: list[str] = []
     one, other = _worker(store, tmp_path, checks), _worker(store, tmp_path, checks)
-    try:
-        _due(one)
-        await one.refresh_all()
-        other.unreachable(ALICE.node_id)
-        await other.refresh_all()
-        assert checks == [str(id(one)), str(id(other))]
-        # Its own check found it up: from here on it takes the others' findings again (a
-        # check of the other's that came after its own, seconds later).
-        other.peers[ALICE.node_id].last_seen = time.time() - 5
-        _due(one)
-        await one.refresh_all()
-        _due(other)
-        await other.refresh_all()
-        assert checks == [str(id(one)), str(id(other)), str(id(one))]
-    finally:
-        await store.close()
+    _due(one)
+    await one.refresh_all()
+    other.unreachable(ALICE.node_id)
+    await other.refresh_all()
+    assert checks == [str(id(one)), str(id(other))]
+    # Its own check found it up: from here on it takes the others' findings again (a
+    # check of the other's that came after its own, seconds later).
+    other.peers[ALICE.node_id].last_seen = time.time() - 5
+    _due(one)
+    await one.refresh_all()
+    _due(other)
+    await other.refresh_all()
+    assert checks == [str(id(one)), str(id(other)), str(id(one))]

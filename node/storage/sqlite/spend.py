@@ -261,7 +261,7 @@ def prune_leases(db: sqlite3.Connection, now: int) -> None:
         " WHERE h.scope = spend.scope AND h.period_start = spend.period_start"
         " AND h.expires < ?), 0)"
         # The expired holds' rows, found by the holds' expiry index; `WHERE EXISTS` read
-        # every row of `spend` every 30 seconds, in a write transaction.
+        # every row of `spend` at every prune, in a write transaction.
         " WHERE (scope, period_start) IN"
         " (SELECT scope, period_start FROM budget_holds WHERE expires < ?)",
         (now, now),
