@@ -29,6 +29,7 @@ from node.storage.records import HOLD_TTL
 from tests.conftest import NodeDir, wait_ready
 from tests.mocks.server import free_port
 from tests.postgres import PASSWORD_ENV, postgres_server
+from tests.relay import relay_to
 from tests.test_budgets import make_key, priced_echo
 from tests.test_federation import LLAMA, answers, cli, invite, make_peer, wait_for
 
@@ -282,15 +283,19 @@ def test_serve_on_a_database_it_cannot_reach_says_so(node_dir: NodeDir, monkeypa
 def test_after_an_outage_longer_than_a_hold_lives_no_lease_is_spent_twice(
     node_dir: NodeDir, tmp_path: Path, monkeypatch
 ) -> None:
-    """PostgreSQL stopped for longer than a budget hold lives (HOLD_TTL) under a node that
-    holds a lease: once the database is back, another host (the test, here) gives the
-    node's expired holds back and reserves all that is left of the budget. The node's next
-    request must not be served from its old lease, which is no longer reserved (that would
-    spend past the cap): it renews first, finds its holds gone, and is refused for budget."""
-    with postgres_server() as server:
+    """A node holding a lease cut off from PostgreSQL, which then crashes, for longer than a
+    budget hold lives (HOLD_TTL): once the database is back, another host (the test, here)
+    gives the node's expired holds back and reserves all that is left of the budget, before
+    the node can reach the database again. The node's next request must not be served from
+    its old lease, which is no longer reserved (that would spend past the cap): it renews
+    first, finds its holds gone, and is refused for budget. (The node reaches the database
+    through a relay the test cuts: had the node reached it as soon as it was back, its
+    renewal could come first and keep its holds, rightly, and the test would prove
+    nothing; it failed that way in CI.)"""
+    with postgres_server() as server, relay_to(server.port) as relay:
         monkeypatch.setenv(PASSWORD_ENV, server.password)
         url = server.url(server.create_database())
-        moved_to_postgres(node_dir, url)
+        moved_to_postgres(node_dir, url.replace(f":{server.port}/", f":{relay.port}/"))
         priced_echo(node_dir)
         key, key_id = make_key(node_dir.path, name="budgeted", budget_micros=OUTAGE_CAP)
         scope = [(f"key:{key_id}", period_start("monthly", time.time()))]
@@ -301,10 +306,10 @@ def test_after_an_outage_longer_than_a_hold_lives_no_lease_is_spent_twice(
             # The test server commits asynchronously and stops as in a crash: what the node
             # has committed (its lease) is made to outlive the stop, as it would on a real one.
             server.psql("CHECKPOINT", database=url.rsplit("/", 1)[1])
+            relay.cut()
             server.stop()
             time.sleep(HOLD_TTL + 1)  # the outage itself: longer than a hold lives
             server.start()
-            assert wait_for(lambda: httpx.get(base + "/health/ready").status_code == 200)
 
             async def take_the_rest() -> None:
                 async with opened(url, password=server.password) as store:
@@ -314,6 +319,8 @@ def test_after_an_outage_longer_than_a_hold_lives_no_lease_is_spent_twice(
                     assert await store.spend.reserve(row.cap - row.spent, scope, "other-host")
 
             asyncio.run(take_the_rest())
+            relay.restore()
+            assert wait_for(lambda: httpx.get(base + "/health/ready").status_code == 200)
             try:
                 client.chat.completions.create(**chat, max_tokens=3)  # type: ignore[call-overload]
             except openai.RateLimitError as refused:
