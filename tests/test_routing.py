@@ -3,7 +3,6 @@ strategies, streams that fail before and after their first byte, and cancellatio
 
 from __future__ import annotations
 
-import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -16,8 +15,9 @@ import pytest
 from node.config import DATABASE_FILE
 from node.ingress import asgi
 from tests.conftest import NodeDir, RunningNode, run_node
+from tests.hangup import post_then_hang_up
 from tests.mocks.openai_mock import RATE_LIMITED, SERVER_ERROR, OpenAIMock, openai_error
-from tests.mocks.script import Failure, MockScript
+from tests.mocks.script import Failure
 from tests.mocks.server import serve_app
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -272,7 +272,10 @@ def test_client_disconnect_cancels_the_upstream_call(node_dir, upstreams, server
     script = upstreams.mocks["p"].script
     script.delay = 5.0
     with run_node(node_dir, http=server) as node:
-        post_then_hang_up(node, {"model": "m", "messages": HELLO}, script)
+        body = msgspec.json.encode({"model": "m", "messages": HELLO})
+        headers = {"authorization": f"Bearer {node.key}", "content-type": "application/json"}
+        url = node.url + "/v1/chat/completions"
+        post_then_hang_up(url, headers, body, lambda: len(script.received) == 1)
         assert wait_for(lambda: script.cancelled == 1, 3.0)
         # Settled as closed by the client, charged nothing.
         assert wait_for(lambda: usage_statuses(node_dir) == [(499, 0, 0)], 3.0)
@@ -299,22 +302,6 @@ def test_client_disconnect_mid_stream_cancels_the_upstream_stream(node_dir, upst
         assert wait_for(lambda: len(usage_statuses(node_dir)) == 1, 3.0)
         ((status, tokens_out, estimated),) = usage_statuses(node_dir)
         assert (status, estimated) == (499, 1) and tokens_out >= 1
-
-
-def post_then_hang_up(node: RunningNode, body: dict[str, object], script: MockScript) -> None:
-    """POST `body` on a connection of its own and close it once the upstream holds the request,
-    so that the client goes while the node waits on its upstream however slowly the node got
-    there (a client timeout instead left a loaded machine's node before its upstream call)."""
-    url = httpx.URL(node.url)
-    payload = msgspec.json.encode(body)
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {url.host}:{url.port}\r\n"
-        f"authorization: Bearer {node.key}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(payload)}\r\n\r\n"
-    )
-    with socket.create_connection((url.host, url.port)) as connection:
-        connection.sendall(head.encode() + payload)
-        assert wait_for(lambda: len(script.received) == 1, 30.0)
 
 
 def usage_statuses(node_dir: NodeDir) -> list[tuple[int, int, int]]:
