@@ -93,6 +93,8 @@ STEPS = [
     ("_route", "    route: the upstream call, cancelled if the client goes"),
     ("Router.run", "      router + adapter"),
     ("OpenAIAdapter.chat", "        OpenAI adapter: chat call"),
+    ("_open", "        open a stream: the upstream call to its first event"),
+    ("OpenAIAdapter.open_stream", "          OpenAI adapter: the stream's request and head"),
     ("complete - _route", "    answer: settle, receipts (complete, less its route)"),
     ("Accounting.finish", "      finish: usage record (journal), metrics, release"),
     ("Accounting.issue_receipt", "      our receipt for a peer (one transaction)"),
@@ -100,6 +102,8 @@ STEPS = [
     ("message_body", "    render: an Anthropic `message`"),
     ("_send_reply", "  sending the answer"),
     ("_send_stream", "  sending a stream"),
+    ("_relay", "    the relay: the upstream's events on (read, parse, account)"),
+    ("_settle_stream", "      settle the stream: usage record, metrics, release"),
     ("UsageRecorder._run", "usage writer task (batched, every 50 ms)"),
     ("_connection_worker_thread", "the store's thread (aiosqlite, running SQL)"),
 ]

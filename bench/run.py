@@ -45,6 +45,8 @@ BUSY_ARMS += ("floor_asgi", "floor_litestar")
 # The other API surfaces' arms (same node, key, mock and prompt as "node") and the target for
 # their figures as a multiple of the chat completions arm's.
 SURFACE_ARMS: dict[str, Name] = {"node_responses": "responses", "node_messages": "messages"}
+# `--profile-arm node_stream`: alpha serving streamed chats (its own model), profiled.
+STREAM_ARM = "node_stream"
 SURFACE_TARGET = 1.3
 ROOT = HERE.parent
 AIHUB = Path(sys.executable).parent / "aihub"
@@ -427,6 +429,8 @@ class Bench:
         )
         for arm, surface in SURFACE_ARMS.items():
             self.targets[arm] = self.a.target(arm, self.key, surface=surface)
+        if s.profile_arm == STREAM_ARM:  # profiled only: every other phase times streams itself
+            self.targets[STREAM_ARM] = self.a.target(STREAM_ARM, self.key, stream=True)
         if s.extras:
             self.targets.update(
                 {
@@ -1107,7 +1111,7 @@ def parse(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
     parser.add_argument("--profile", type=float, default=0, metavar="SECONDS", help="py-spy")
     parser.add_argument(
         "--profile-arm",
-        choices=["node", "hop", *SURFACE_ARMS],
+        choices=["node", STREAM_ARM, "hop", *SURFACE_ARMS],
         default="node",
         help="what --profile drives",
     )
