@@ -10,6 +10,7 @@ import msgspec
 from node.storage.records import (
     AuditEvent,
     Charge,
+    Hold,
     SeriesPoint,
     SpendRow,
     UsageGroup,
@@ -101,6 +102,20 @@ _INSERT_SENT = f"INSERT OR IGNORE INTO peer_requests ({SENT_COLUMNS}) VALUES (?,
 _USAGE_PLACEHOLDERS = ",".join("?" * len(_USAGE_FIELDS))
 
 
+def _summed_holds(holds: list[tuple[int, Hold]]) -> list[tuple[str, int, str, int, int]]:
+    """A batch's (cost, hold) pairs summed per scope, period and holder: (scope, period start,
+    holder, amount, cost). A batch is mostly one process's requests in one or two scopes, and
+    an UPDATE of the same row for each of them cost ~19 µs a request of the store's thread
+    (with its GIL-held binding) where one a row costs next to nothing. The rows come out the
+    same: subtracting amounts ≥ 0 one by one, each clamped at 0, or their sum once, clamped."""
+    sums: dict[tuple[str, int, str], list[int]] = {}
+    for cost, hold in holds:
+        entry = sums.setdefault((hold.scope, hold.period_start, hold.holder), [0, 0])
+        entry[0] += hold.amount
+        entry[1] += cost
+    return [(*where, amount, cost) for where, (amount, cost) in sums.items()]
+
+
 def write_charges(db: sqlite3.Connection, charges: list[Charge], events: list[AuditEvent]) -> None:
     """Write usage records, settle the spend they hold and log audit events. A record already
     written (a journal replayed after a crash that came after its commit) is skipped together
@@ -120,7 +135,7 @@ def write_charges(db: sqlite3.Connection, charges: list[Charge], events: list[Au
         f"INSERT OR IGNORE INTO usage VALUES ({_USAGE_PLACEHOLDERS})",
         [msgspec.structs.astuple(s.record) for s in fresh],
     )
-    holds = [(s.record.cost_micros, hold) for s in fresh for hold in s.holds]
+    summed = _summed_holds([(s.record.cost_micros, hold) for s in fresh for hold in s.holds])
     # A hold whose holder's holds were given back (it was killed, and this is its journal
     # replayed) is reserved no more: its request adds its spend only.
     db.executemany(
@@ -129,14 +144,14 @@ def write_charges(db: sqlite3.Connection, charges: list[Charge], events: list[Au
         " spend.period_start AND h.holder = ?) THEN ? ELSE 0 END, 0), spent = spent + ?"
         " WHERE scope = ? AND period_start = ?",
         [
-            (hold.holder, hold.holder, hold.amount, cost, hold.scope, hold.period_start)
-            for cost, hold in holds
+            (holder, holder, amount, cost, scope, start)
+            for scope, start, holder, amount, cost in summed
         ],
     )
     db.executemany(
         "UPDATE budget_holds SET amount = MAX(amount - ?, 0)"
         " WHERE scope = ? AND period_start = ? AND holder = ?",
-        [(h.amount, h.scope, h.period_start, h.holder) for _, h in holds if h.holder],
+        [(amount, scope, start, holder) for scope, start, holder, amount, _ in summed if holder],
     )
     sent = [s.sent for s in fresh if s.sent is not None]
     if sent:
