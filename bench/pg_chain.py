@@ -1,5 +1,5 @@
-"""What serialising a receipt chain's head costs on PostgreSQL: `settle_with_receipt` (the
-usage record, its spend and the next receipt of the pair's chain, in one transaction) timed
+"""What serialising a receipt chain's head costs on PostgreSQL: `issue_receipt` (the next
+receipt of the pair's chain, in one transaction; its usage record goes by the journal) timed
 one at a time with the pair's advisory lock and without it, against a real server started as
 the test suite starts one. Without the lock two processes could both read the same head; the
 primary key would then refuse the second receipt, so the lock turns a failed request into a
@@ -19,14 +19,8 @@ import msgspec
 
 from node.storage import open_store
 from node.storage.postgres import ledger
-from node.storage.records import Charge, StoredReceipt, UsageRecord, body_hash
+from node.storage.records import StoredReceipt, body_hash
 from tests.postgres import postgres_server
-
-
-def charge(request_id: str) -> Charge:
-    record = UsageRecord(request_id, 1, "k1", None, "m", "m", "echo", "chat", False, 1, 2,
-                         False, 7, 1, 200)  # fmt: skip
-    return Charge(record, [])
 
 
 def make(pair: tuple[str, str], request_id: str):  # type: ignore[no-untyped-def]
@@ -44,7 +38,7 @@ async def timed(url: str, password: str, requests: int, pair: tuple[str, str]) -
         for n in range(requests):
             request_id = f"{pair[1]}-{n}"
             start = time.perf_counter()
-            await store.ledger.settle_with_receipt(charge(request_id), pair, make(pair, request_id))
+            await store.ledger.issue_receipt(pair, make(pair, request_id))
             times.append(time.perf_counter() - start)
         return statistics.median(times) * 1000
     finally:
@@ -65,7 +59,7 @@ async def run(url: str, password: str, requests: int) -> None:
             results[name].append(await timed(url, password, requests, pair))
     ledger.lock_chains = locked
     for name, p50s in results.items():
-        print(f"settle_with_receipt {name:13}: p50 {statistics.median(p50s):.3f} ms")
+        print(f"issue_receipt {name:13}: p50 {statistics.median(p50s):.3f} ms")
 
 
 def main() -> None:

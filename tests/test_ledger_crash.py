@@ -1,5 +1,6 @@
-"""A provider killed with SIGKILL mid-load loses no receipt of a request it completed, and its
-chains still verify after a restart; the ledger through the admin API."""
+"""A provider killed with SIGKILL mid-load loses no receipt of a request it completed, nor the
+usage record of one it receipted, and its chains still verify after a restart; the ledger
+through the admin API."""
 
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ def serve(peer, log: Path) -> subprocess.Popen[bytes]:  # type: ignore[no-untype
 def receipt_ids(path: Path) -> set[str]:
     with sqlite3.connect(path / DATABASE_FILE) as db:
         return {row[0] for row in db.execute("SELECT id FROM receipts")}
+
+
+def served_usage(path: Path) -> int:
+    """The usage records of requests the node answered (alice serves bob alone here)."""
+    with sqlite3.connect(path / DATABASE_FILE) as db:
+        return int(db.execute("SELECT COUNT(*) FROM usage WHERE status = 200").fetchone()[0])
 
 
 def test_sigkill_loses_no_receipt_of_a_completed_request(tmp_path: Path) -> None:
@@ -75,9 +82,11 @@ def test_sigkill_loses_no_receipt_of_a_completed_request(tmp_path: Path) -> None
     assert set(completed) <= receipt_ids(alice.path)
     verified = CliRunner().invoke(main, ["ledger", "verify", "--data-dir", str(alice.path)])
     assert verified.exit_code == 0, verified.output
-    # After a restart she serves on, continuing the same chain.
+    # After a restart she serves on, continuing the same chain; and every request she
+    # receipted has its usage record: journaled before its receipt, replayed at the start.
     process = serve(alice, tmp_path / "alice2.log")
     try:
+        assert served_usage(alice.path) >= len(receipt_ids(alice.path)) >= len(completed)
         with bob.run() as b:
             assert wait_for(lambda: answers(b, "llama3@alice", max_tokens=2))
         verified = CliRunner().invoke(main, ["ledger", "verify", "--data-dir", str(alice.path)])

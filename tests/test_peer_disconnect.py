@@ -27,7 +27,7 @@ from node.peers.peering import JoinResponse, signed_request
 from tests.hangup import post_then_hang_up
 from tests.mocks.openai_mock import OpenAIMock
 from tests.mocks.server import serve_app
-from tests.test_federation import Peer, invite, make_peer
+from tests.test_federation import Peer, invite, make_peer, wait_for
 
 HI = [{"role": "user", "content": "one two three"}]
 WORDS = 5  # the mock answers "mock says: one two three"
@@ -101,7 +101,7 @@ def _receipt_in_time(provider: Peer, request_id: str, seconds: float = 15.0) -> 
     raise AssertionError(f"no receipt for {request_id}: the answer went out unbilled")
 
 
-def _charged(provider: Peer, consumer: str) -> int:
+def _spent(provider: Peer, consumer: str) -> int:
     """What the attacker's cross-node key has spent at the provider."""
     with sqlite3.connect(provider.path / DATABASE_FILE) as db:
         (key_id,) = db.execute("SELECT id FROM keys WHERE peer_id = ?", (consumer,)).fetchone()
@@ -109,6 +109,13 @@ def _charged(provider: Peer, consumer: str) -> int:
             "SELECT COALESCE(SUM(spent), 0) FROM spend WHERE scope = ?", (f"key:{key_id}",)
         ).fetchone()
     return spent
+
+
+def _charged(provider: Peer, consumer: str, expected: int) -> int:
+    """What the attacker's key has spent once `expected` is (or the deadline passed): its
+    usage record is journaled with the answer and settles the spend with the next batch."""
+    wait_for(lambda: _spent(provider, consumer) == expected)
+    return _spent(provider, consumer)
 
 
 def test_a_peer_that_drops_a_stream_before_its_receipt_is_still_billed(provider, upstream):
@@ -135,7 +142,7 @@ def test_a_peer_that_drops_a_stream_before_its_receipt_is_still_billed(provider,
         assert receipt["consumer"] == attacker.identity.node_id
         assert receipt["tokens_out"] >= WORDS and receipt["tokens_in"] > 0
         assert receipt["amount"] > 0
-        assert _charged(provider, attacker.identity.node_id) == receipt["amount"]
+        assert _charged(provider, attacker.identity.node_id, receipt["amount"]) == receipt["amount"]
 
 
 def test_a_peer_that_goes_away_from_a_plain_answer_is_still_billed(provider, upstream):
@@ -148,7 +155,11 @@ def test_a_peer_that_goes_away_from_a_plain_answer_is_still_billed(provider, ups
         post_then_hang_up(url, headers, body, lambda: len(upstream.script.received) == 1)
         receipt = _receipt_in_time(provider, request_id)
         assert receipt["tokens_out"] == WORDS  # the whole answer, produced and paid for
-        assert _charged(provider, attacker.identity.node_id) == receipt["amount"] > 0
+        assert (
+            _charged(provider, attacker.identity.node_id, receipt["amount"])
+            == receipt["amount"]
+            > 0
+        )
         assert upstream.script.cancelled == 0
 
 
@@ -161,4 +172,8 @@ def test_a_peer_that_leaves_while_its_stream_opens_is_settled(provider, upstream
         url = node.url + "/v1/chat/completions"
         post_then_hang_up(url, headers, body, lambda: len(upstream.script.received) == 1)
         receipt = _receipt_in_time(provider, request_id)
-        assert _charged(provider, attacker.identity.node_id) == receipt["amount"] > 0
+        assert (
+            _charged(provider, attacker.identity.node_id, receipt["amount"])
+            == receipt["amount"]
+            > 0
+        )

@@ -20,7 +20,7 @@ from node.peers.receipts import Receipts, loaded
 from node.storage.base import Store
 from node.storage.postgres.connection import lock_key
 from tests.postgres import open_test_store
-from tests.test_storage import charge, usage_ids
+from tests.test_storage import charge
 
 PROVIDER, CONSUMER, OTHER = (NodeIdentity.generate() for _ in range(3))
 
@@ -35,14 +35,24 @@ class _Peering:
 def counting(store: Store) -> list[int]:
     """The size of each transaction the store's ledger is asked to issue receipts in."""
     sizes: list[int] = []
-    write = store.ledger.settle_with_receipts
+    write = store.ledger.issue_receipts
 
     async def counted(issued):  # type: ignore[no-untyped-def]
         sizes.append(len(issued))
         return await write(issued)
 
-    store.ledger.settle_with_receipts = counted  # type: ignore[method-assign]
+    store.ledger.issue_receipts = counted  # type: ignore[method-assign]
     return sizes
+
+
+async def issued_ids(store: Store) -> set[str]:
+    """The request ids our receipts (to either consumer) are for."""
+    rows = [
+        row
+        for consumer in (CONSUMER, OTHER)
+        for row in await store.ledger.receipts(PROVIDER.node_id, consumer.node_id)
+    ]
+    return {row.id for row in rows}
 
 
 async def whole(store: Store, consumer: NodeIdentity, count: int) -> None:
@@ -72,7 +82,7 @@ async def test_receipts_asked_for_together_share_one_transaction(store_url: str)
         assert sum(sizes) == 20 and len(sizes) < 20
         await whole(store, CONSUMER, consumers.count(CONSUMER))
         await whole(store, OTHER, consumers.count(OTHER))
-        assert await usage_ids(store) == set(ids)
+        assert await issued_ids(store) == set(ids)
         # And then one alone, linked to the batch's last.
         await receipts.issue(charge("after"), CONSUMER.node_id, "after", "k1")
         await whole(store, CONSUMER, consumers.count(CONSUMER) + 1)
@@ -98,7 +108,7 @@ async def test_one_bad_request_costs_no_other_its_receipt(store_url: str) -> Non
         assert isinstance(results[1], ValueError)
         assert [parse_receipt(results[n]).id for n in (0, 2, 3)] == ["r0", "r2", "r3"]
         await whole(store, CONSUMER, 3)
-        assert await usage_ids(store) == {"r0", "r2", "r3"}
+        assert await issued_ids(store) == {"r0", "r2", "r3"}
     finally:
         await receipts.settle_tasks()
         await store.close()
@@ -115,7 +125,7 @@ async def test_a_request_gone_meanwhile_still_has_its_receipt(tmp_path) -> None:
             await gone
         await receipts.settle_tasks()
         await whole(store, CONSUMER, 1)
-        assert await usage_ids(store) == {"gone"}
+        assert await issued_ids(store) == {"gone"}
     finally:
         await store.close()
 
@@ -124,18 +134,19 @@ async def test_the_gatherer_cancelled_mid_write_costs_the_others_nothing(store_u
     """The first request of a turn writes the turn's receipts. If it is cancelled while the
     transaction runs (its peer hung up on a stream, whose receipt comes at its end: a hostile
     peer can time that), the batch is still written and every other request still gets its
-    own receipt, where it used to get a CancelledError and, on PostgreSQL, lose its usage
-    record with the rolled-back transaction though its answer was already sent."""
+    own receipt, where it used to get a CancelledError and, on PostgreSQL, lose its receipt
+    (then written with its usage record) with the rolled-back transaction though its answer
+    was already sent."""
     store = await open_test_store(store_url)
     writing, release = asyncio.Event(), asyncio.Event()
-    write = store.ledger.settle_with_receipts
+    write = store.ledger.issue_receipts
 
     async def slow(issued):  # type: ignore[no-untyped-def]
         writing.set()
         await release.wait()
         return await write(issued)
 
-    store.ledger.settle_with_receipts = slow  # type: ignore[method-assign]
+    store.ledger.issue_receipts = slow  # type: ignore[method-assign]
     receipts = Receipts(PROVIDER, store, None, _Peering())  # type: ignore[arg-type]
     try:
         first = asyncio.ensure_future(receipts.issue(charge("g0"), CONSUMER.node_id, "g0", "k1"))
@@ -152,7 +163,7 @@ async def test_the_gatherer_cancelled_mid_write_costs_the_others_nothing(store_u
         assert [parse_receipt(b).id for b in bodies] == ["g1", "g2", "g3"]
         await receipts.settle_tasks()
         await whole(store, CONSUMER, 4)
-        assert await usage_ids(store) == {"g0", "g1", "g2", "g3"}
+        assert await issued_ids(store) == {"g0", "g1", "g2", "g3"}
     finally:
         release.set()
         await receipts.settle_tasks()
@@ -202,16 +213,16 @@ async def chain_held(store_url: str) -> AsyncIterator[Callable[[], Awaitable[Non
 async def test_a_request_alone_gone_mid_write_still_has_its_receipt(store_url: str) -> None:
     """A receipt alone in its turn is written by its requester itself, not by a task: if the
     requester is cancelled while the store writes it (waiting for another process's lock),
-    the write still runs to its end, usage record included."""
+    the write still runs to its end."""
     store = await open_test_store(store_url)
     writing = asyncio.Event()
-    write = store.ledger.settle_with_receipts
+    write = store.ledger.issue_receipts
 
     async def seen(issued):  # type: ignore[no-untyped-def]
         writing.set()
         return await write(issued)
 
-    store.ledger.settle_with_receipts = seen  # type: ignore[method-assign]
+    store.ledger.issue_receipts = seen  # type: ignore[method-assign]
     receipts = Receipts(PROVIDER, store, None, _Peering())  # type: ignore[arg-type]
     try:
         await receipts.issue(charge("before"), CONSUMER.node_id, "before", "k1")
@@ -227,7 +238,7 @@ async def test_a_request_alone_gone_mid_write_still_has_its_receipt(store_url: s
             await release()
         await receipts.settle_tasks()
         await whole(store, CONSUMER, 2)
-        assert await usage_ids(store) == {"before", "gone"}
+        assert await issued_ids(store) == {"before", "gone"}
     finally:
         await receipts.settle_tasks()
         await store.close()

@@ -90,7 +90,7 @@ class Accounting:
         self.admission: Admission | None = None
         self.holds: list[Hold] = []
         self._settled = False
-        # A peer's request is settled together with the receipt we sign for it.
+        # A peer's request is receipted: priced as advertised, its receipt signed and kept.
         self.for_peer = principal.key.peer_id is not None
         self._for_receipt: Charge | None = None
         self.receipt_id = request_id
@@ -269,12 +269,13 @@ class Accounting:
             self.hub.logs.settled(self.log, record, route.peer_name if route else None)
         sent = None if cache_hit else _sent(self.request_id, route, status)
         charge = Charge(record, self.hub.budgets.settle(self.holds, cost), sent)
+        # Journaled now, written with the batch: a peer's request too, whose receipt alone is
+        # committed before its answer completes (`issue_receipt`).
+        self.hub.usage.record(charge)
         if self.for_peer and route is not None and (status == OK or usage.total_tokens):
             # Whatever was produced for a peer is receipted, whether or not the peer stayed
-            # to the end of the answer (`issue_receipt`).
+            # to the end of the answer.
             self._for_receipt = charge
-        else:
-            self.hub.usage.record(charge)
         if self.admission is not None:
             self.hub.limiter.release(self.admission, usage.total_tokens)
         self.hub.metrics.settled(
@@ -309,8 +310,8 @@ class Accounting:
         )
 
     async def issue_receipt(self) -> bytes | None:
-        """For a peer's request that was answered: write its usage record, spend and our
-        signed receipt together, before the answer completes; the receipt."""
+        """For a peer's request that was answered: our signed receipt, committed before the
+        answer completes (its usage record was journaled when it was settled)."""
         charge, self._for_receipt = self._for_receipt, None
         if charge is None:
             return None
@@ -320,11 +321,9 @@ class Accounting:
                 charge, peer_id, self.receipt_id, self.principal.key_id
             )
         except Exception:
-            # The answer is already paid for upstream: keep its usage record even so.
+            # The answer is already paid for upstream, and its usage record kept.
             log.exception("could not issue a receipt to %s", peer_id)
-            self.hub.usage.record(charge)
             return None
-        self.hub.usage.written([charge])
         return receipt
 
     def take_receipt(self, route: Route, receipt: bytes | None, cost: int) -> None:

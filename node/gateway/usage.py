@@ -88,10 +88,6 @@ class UsageRecorder:
         self._events: list[AuditEvent] = []
         self._wake = asyncio.Event()
         self._due: asyncio.TimerHandle | None = None
-        # Settlements written with their receipts, heard of by the listeners in batches.
-        self._written: list[Charge] = []
-        self._notifier: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
@@ -115,25 +111,6 @@ class UsageRecorder:
             self._wake.set()
         elif self._due is None:
             self._due = asyncio.get_running_loop().call_later(self.flush_interval, self._wake.set)
-
-    def written(self, charges: list[Charge]) -> None:
-        """Settlements written outside the batch (a peer's request, with its receipt): the
-        listeners hear of them off the request path, those of `flush_interval` together as
-        the batch's are (the budget alerts read the spend of a batch's scopes once: one read
-        per peer request was a database round trip each)."""
-        self._written.extend(charges)
-        if self._notifier is None:
-            self._notifier = asyncio.create_task(self._notify_written(), name="usage-written")
-
-    async def _notify_written(self) -> None:
-        try:
-            while self._written:
-                with contextlib.suppress(TimeoutError):  # at once when stopping
-                    await asyncio.wait_for(self._stopping.wait(), self.flush_interval)
-                charges, self._written = self._written, []
-                await self.notify(charges)
-        finally:
-            self._notifier = None
 
     async def notify(self, charges: list[Charge], spend: list[SpendRow] | None = None) -> None:
         """Tell the listeners of charges written (and the spend they settled, if read)."""
@@ -219,8 +196,5 @@ class UsageRecorder:
                 await self._task
             self._task = None
         await self.flush()
-        self._stopping.set()
-        if self._notifier is not None:
-            await self._notifier
         if self.journal is not None:
             self.journal.close()

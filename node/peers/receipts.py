@@ -1,14 +1,14 @@
 """The node's side of the ledger: receipts issued for peers, receipts taken from them, and the
 countersignatures that go back in batches.
 
-A provider writes each receipt in the same transaction as the request's usage record and spend,
-before the response is complete (`store.ledger.settle_with_receipts`, the receipts asked for
-together in one transaction): a completed request always has its receipt, and a crash never
-leaves a gap in a chain. The consumer verifies what it gets, countersigns it and appends it to
-its own copy of the chain off the request path (the signatures of a batch on a worker thread,
-so that they hold no request in flight); if it loses one in a crash, reconciliation recovers it
-from the provider's signed copy. The provider checks the countersignatures that come back the
-same way, against its stored bytes.
+A provider commits each receipt before the response is complete (`store.ledger.issue_receipts`,
+the receipts asked for together in one transaction), after the request's usage record was
+appended to the journal: a completed request always has its receipt and its usage record, and
+a crash never leaves a gap in a chain. The consumer verifies what it gets, countersigns it and
+appends it to its own copy of the chain off the request path (the signatures of a batch on a
+worker thread, so that they hold no request in flight); if it loses one in a crash,
+reconciliation recovers it from the provider's signed copy. The provider checks the
+countersignatures that come back the same way, against its stored bytes.
 """
 
 from __future__ import annotations
@@ -137,18 +137,18 @@ class Receipts:
     # --- the provider's side --------------------------------------------------------------
 
     async def issue(self, charge: Charge, consumer: str, receipt_id: str, key_id: str) -> bytes:
-        """Write a peer request's usage record, spend and receipt in one transaction; the
-        receipt's signed JSON, for the response. The receipts asked for in the same turn of
-        the event loop (peers' answers that came in together) share that transaction: one
-        commit for all of them, which costs about as much as the rest of a receipt
-        (`TurnBatch`: written by a task of their own, one by one if the batch fails; one
-        alone in its turn by its requester). A request that went away meanwhile still has
-        its receipt written: its answer was paid for."""
+        """Sign and commit our receipt for a peer's request (its usage record is the
+        journal's: `Accounting.finish`); the receipt's signed JSON, for the response. The
+        receipts asked for in the same turn of the event loop (peers' answers that came in
+        together) share one transaction: one commit for all of them, which costs about as
+        much as the rest of a receipt (`TurnBatch`: written by a task of their own, one by
+        one if the batch fails; one alone in its turn by its requester). A request that went
+        away meanwhile still has its receipt written: its answer was paid for."""
         return await self._issuing.ask(_Issue(charge, consumer, receipt_id, key_id))
 
     async def _issue_batch(self, batch: Sequence[_Issue]) -> list[bytes]:
-        issued = [(i.charge, (self.identity.node_id, i.consumer), self._maker(i)) for i in batch]
-        rows = await self.store.ledger.settle_with_receipts(issued)
+        issued = [((self.identity.node_id, i.consumer), self._maker(i)) for i in batch]
+        rows = await self.store.ledger.issue_receipts(issued)
         return [row.body.encode() for row in rows]
 
     def _maker(self, item: _Issue) -> ReceiptMaker:

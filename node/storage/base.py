@@ -235,21 +235,20 @@ class LedgerStore(Protocol):
     gains its countersignature, once), the requests we routed to peers, the statements
     that close periods between two nodes, equivocations found and re-sync state."""
 
-    async def settle_with_receipt(
-        self, charge: Charge, pair: tuple[str, str], make: ReceiptMaker
-    ) -> StoredReceipt:
-        """A request served for a peer: its charge (as `UsageStore.write_batch`) and its
-        receipt, next in the pair's chain, made by `make(seq, prev)`, in one transaction: a
-        completed request always has its receipt and a chain never has a gap. On the
-        request path."""
+    async def issue_receipt(self, pair: tuple[str, str], make: ReceiptMaker) -> StoredReceipt:
+        """Our receipt for a request served for a peer: next in the pair's chain, made by
+        `make(seq, prev)`, committed before the answer completes, so that a chain never has a
+        gap or a fork (a seq signed twice), whatever the crash or however many processes issue
+        for the pair. Its usage record is the journal's (`UsageRecorder.record`), appended
+        before this is asked. On the request path."""
         ...
 
-    async def settle_with_receipts(
-        self, issued: Sequence[tuple[Charge, tuple[str, str], ReceiptMaker]]
+    async def issue_receipts(
+        self, issued: Sequence[tuple[tuple[str, str], ReceiptMaker]]
     ) -> list[StoredReceipt]:
-        """`settle_with_receipt` for several requests (charge, pair, maker) at once, in one
-        transaction and one commit (a provider's group commit): each receipt next in its
-        pair's chain, in the order given; all or none. On the request path."""
+        """`issue_receipt` for several requests (pair, maker) at once, in one transaction and
+        one commit (a provider's group commit): each receipt next in its pair's chain, in the
+        order given; all or none. On the request path."""
         ...
 
     async def add_receipts(

@@ -17,10 +17,9 @@ import msgspec
 
 from ledger.receipts import GENESIS, SentRequest
 from node.storage.postgres.connection import Database, lock_key
-from node.storage.postgres.usage import SENT_COLUMNS, write_charges
+from node.storage.postgres.usage import SENT_COLUMNS
 from node.storage.records import (
     ChainHeads,
-    Charge,
     LinkedReceipt,
     ReceiptMaker,
     StoredReceipt,
@@ -50,26 +49,24 @@ class PostgresLedger:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def settle_with_receipt(
-        self, charge: Charge, pair: tuple[str, str], make: ReceiptMaker
-    ) -> StoredReceipt:
-        """A request served for a peer: its usage record, its spend and its receipt (next in
-        the pair's chain, made by `make(seq, prev)`) in one transaction, under the chain's
-        lock: a completed request always has its receipt, and a chain never forks or has a
-        gap, however many processes issue receipts for the pair."""
-        return (await self.settle_with_receipts([(charge, pair, make)]))[0]
+    async def issue_receipt(self, pair: tuple[str, str], make: ReceiptMaker) -> StoredReceipt:
+        """Our receipt for a request served for a peer, next in the pair's chain (made by
+        `make(seq, prev)`), in one transaction under the chain's lock: a chain never forks or
+        has a gap, however many processes issue receipts for the pair. The request's usage
+        record is journaled, not written here."""
+        return (await self.issue_receipts([(pair, make)]))[0]
 
-    async def settle_with_receipts(
-        self, issued: Sequence[tuple[Charge, tuple[str, str], ReceiptMaker]]
+    async def issue_receipts(
+        self, issued: Sequence[tuple[tuple[str, str], ReceiptMaker]]
     ) -> list[StoredReceipt]:
-        """`settle_with_receipt` for several requests, in one transaction under all their
-        chains' locks (taken in one order): one commit for all."""
+        """`issue_receipt` for several requests, in one transaction under all their chains'
+        locks (taken in one order): one commit for all."""
 
         async def write(db: asyncpg.Connection) -> list[StoredReceipt]:
-            await lock_chains(db, {pair for _, pair, _ in issued})
+            await lock_chains(db, {pair for pair, _ in issued})
             heads = ChainHeads()
             receipts = []
-            for _, pair, make in issued:
+            for pair, make in issued:
                 if pair not in heads:
                     last = await db.fetchrow(
                         "SELECT seq, body FROM receipts WHERE provider = $1 AND consumer = $2"
@@ -80,7 +77,6 @@ class PostgresLedger:
                 receipt = heads.issue(pair, make)
                 await db.execute(_INSERT_RECEIPT, *msgspec.structs.astuple(receipt))
                 receipts.append(receipt)
-            await write_charges(db, [charge for charge, _, _ in issued], [])
             return receipts
 
         return await self._db.atomic(write)

@@ -12,14 +12,13 @@ import msgspec
 from ledger.receipts import GENESIS, SentRequest
 from node.storage.records import (
     ChainHeads,
-    Charge,
     LinkedReceipt,
     ReceiptMaker,
     StoredReceipt,
     body_hash,
 )
 from node.storage.sqlite.connection import Database
-from node.storage.sqlite.usage import SENT_COLUMNS, write_charges
+from node.storage.sqlite.usage import SENT_COLUMNS
 
 _RECEIPT_COLUMNS = "provider, consumer, seq, id, hash, amount, iat, body, csig, csig_sent"
 
@@ -32,24 +31,24 @@ class SqliteLedger:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def settle_with_receipt(
-        self, charge: Charge, pair: tuple[str, str], make: ReceiptMaker
-    ) -> StoredReceipt:
-        """A request served for a peer: its usage record, its spend and its receipt (next in
-        the pair's chain, made by `make(seq, prev)`) in one transaction, so that a completed
-        request always has its receipt and a chain never has a gap, whatever the crash."""
-        return (await self.settle_with_receipts([(charge, pair, make)]))[0]
+    async def issue_receipt(self, pair: tuple[str, str], make: ReceiptMaker) -> StoredReceipt:
+        """Our receipt for a request served for a peer, next in the pair's chain (made by
+        `make(seq, prev)`), committed before the answer completes: a chain never has a gap,
+        whatever the crash. The request's usage record is journaled, not written here."""
+        return (await self.issue_receipts([(pair, make)]))[0]
 
-    async def settle_with_receipts(
-        self, issued: Sequence[tuple[Charge, tuple[str, str], ReceiptMaker]]
+    async def issue_receipts(
+        self, issued: Sequence[tuple[tuple[str, str], ReceiptMaker]]
     ) -> list[StoredReceipt]:
-        """`settle_with_receipt` for several requests, in one transaction: one commit (the
-        WAL frames of the chain's and the usage tables' pages written once for all)."""
+        """`issue_receipt` for several requests, in one transaction: one commit (the WAL
+        frames of the chain's pages written once for all). The receipts' pages alone: with
+        the usage record, its two indexes and the spend, a receipt wrote 9 pages, not 5, and
+        cost a third more of the loop's time (the usage goes with the journal's batch)."""
 
         def write(db: sqlite3.Connection) -> list[StoredReceipt]:
             heads = ChainHeads()
             receipts = []
-            for _, pair, make in issued:
+            for pair, make in issued:
                 if pair not in heads:
                     last = db.execute(
                         "SELECT seq, body FROM receipts WHERE provider = ? AND consumer = ?"
@@ -60,7 +59,6 @@ class SqliteLedger:
                 receipt = heads.issue(pair, make)
                 db.execute(_INSERT_RECEIPT, msgspec.structs.astuple(receipt))
                 receipts.append(receipt)
-            write_charges(db, [charge for charge, _, _ in issued], [])
             return receipts
 
         return await self._db.atomic(write, inline=True)
