@@ -69,9 +69,10 @@ def listens(pid: int, port: int) -> bool:
 def listening_workers(
     serve: subprocess.Popen[bytes], port: int, count: int, gone: int | None = None
 ) -> list[int]:
-    """The workers of a real `aihub serve`, once `count` of them listen on the port (their
-    apps started), none of them `gone` (a worker killed, which listens until the kernel has
-    ended it)."""
+    """The workers of a real `aihub serve`, once `count` of them listen on the port, none of
+    them `gone` (a worker killed, which listens until the kernel has ended it). At the node's
+    start a worker listens once its app has started; a replacement listens from its fork
+    (its slot's socket, which the parent kept listening), before its app has started."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         ready = [pid for pid in workers_of(serve.pid) if listens(pid, port)]

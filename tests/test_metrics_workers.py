@@ -23,10 +23,16 @@ CONNECTIONS = 32  # spread over two workers by the kernel: all on one has a chan
 CHAT = (("endpoint", "chat"), ("model", "echo"), ("status", "200"))
 
 
-def _scrapes(url: str, count: int = 10) -> Iterator[str]:
+# A worker killed is replaced on its own socket, which the parent keeps listening: a
+# connection the kernel gives it meanwhile waits in its queue until the replacement has
+# started (node/cli/workers.py), seconds on a loaded machine, where httpx gives up after 5.
+AFTER_A_KILL = 60
+
+
+def _scrapes(url: str, count: int = 10, timeout: float = 5) -> Iterator[str]:
     """`count` scrapes, each on a connection of its own (the kernel picks the worker)."""
     for _ in range(count):
-        answer = httpx.get(f"{url}/metrics", headers={"connection": "close"})
+        answer = httpx.get(f"{url}/metrics", headers={"connection": "close"}, timeout=timeout)
         assert answer.status_code == 200
         yield answer.text
 
@@ -68,13 +74,13 @@ def test_every_scrape_counts_every_workers_requests(node_dir: NodeDir, tmp_path:
         # A worker killed: what it counted stays counted, and its replacement counts on.
         os.kill(workers[0], signal.SIGKILL)
         assert workers[1] in listening_workers(serve, port, 2, gone=workers[0])
-        for text in _scrapes(url, 4):
+        for text in _scrapes(url, 4, AFTER_A_KILL):
             assert _counted(text) == (asked, tokens, asked)
         for _ in range(CONNECTIONS):
-            with httpx.Client(base_url=url, headers=auth) as client:
+            with httpx.Client(base_url=url, headers=auth, timeout=AFTER_A_KILL) as client:
                 tokens += _chat(client)
         asked += CONNECTIONS
-        for text in _scrapes(url):
+        for text in _scrapes(url, timeout=AFTER_A_KILL):
             assert _counted(text) == (asked, tokens, asked)
 
     # Started again, the node counts from zero, as one process does.
