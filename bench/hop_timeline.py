@@ -121,7 +121,7 @@ def record(bench: LiveHop, arm: str, seconds: float, work: Path) -> str:
                 "-U",
                 "--immediate-mode",
                 "-w",
-                str(pcap),
+                pcap,
                 rule,
             ],
             stderr=subprocess.PIPE,
