@@ -31,10 +31,11 @@ HI = [{"role": "user", "content": "hi"}]
 
 
 class Served:
-    def __init__(self, url: str, key: str, log: Path) -> None:
+    def __init__(self, url: str, key: str, log: Path, process: subprocess.Popen[bytes]) -> None:
         self.url = url
         self.key = key
         self.log = log
+        self.process = process
 
     def lines(self) -> list[str]:
         return self.log.read_text(errors="replace").splitlines()
@@ -73,10 +74,23 @@ def served(tmp_path: Path, *flags: str, json_lines: bool = False) -> Iterator[Se
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(url, process)
-            yield Served(url, key, log)
+            yield Served(url, key, log, process)
         finally:
             process.terminate()
             process.wait(timeout=15)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_last_lines_of_a_stop_are_written(tmp_path: Path, workers: int) -> None:
+    """uvicorn ends a process stopped by SIGTERM by raising the signal again once it has shut
+    down, which ends it with no interpreter exit: the lines the handler held for the loop's
+    last turn would go with it."""
+    with served(tmp_path, "--workers", str(workers)) as node:
+        node.process.terminate()
+        node.process.wait(timeout=15)
+        text = node.log.read_text()
+    assert text.count("Application shutdown complete.") == workers, text
+    assert text.count("Finished server process") == workers, text
 
 
 def key_id(key: str) -> str:

@@ -9,7 +9,7 @@ import logging
 import logging.config
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import msgspec
@@ -23,6 +23,9 @@ from node.cli.output import console, fail
 from node.config import IDENTITY_FILE, Config, ConfigError, ServerSection, store_target
 from node.observe.logs import LEVELS, Level, log_config
 from node.peers.address import recorded
+
+if TYPE_CHECKING:
+    import uvicorn
 
 # Where the workers keep their counters (node/gateway/metrics.py), in the data folder; and the
 # variable prometheus_client reads it from. Not imported from there: prometheus_client reads
@@ -201,6 +204,19 @@ def _run_granian(
     ).serve()
 
 
+def _serve_one(config: uvicorn.Config) -> None:
+    """As `uvicorn.run` serves one process, with the node's server (node/cli/server.py)."""
+    from uvicorn.config import STARTUP_FAILURE
+
+    from node.cli.server import LoggedServer
+
+    server = LoggedServer(config)
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: a second Ctrl-C
+        server.run()
+    if not server.started:
+        raise SystemExit(STARTUP_FAILURE)
+
+
 def _run_uvicorn(
     host: str, port: int, workers: int, limits: ServerSection, logging_config: dict[str, Any]
 ) -> None:
@@ -224,8 +240,9 @@ def _run_uvicorn(
         "access_log": False,
         "timeout_graceful_shutdown": 10,
     }
+    config = uvicorn.Config("node.app:create_served_app", **settings)
     if workers == 1:
-        uvicorn.run("node.app:create_served_app", **settings)
+        _serve_one(config)
         return
     from node.cli.workers import SpreadWorkers, listening_sockets
 
@@ -235,4 +252,4 @@ def _run_uvicorn(
         sockets = listening_sockets(host, port, workers)
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
-    SpreadWorkers(uvicorn.Config("node.app:create_served_app", **settings), sockets).run()
+    SpreadWorkers(config, sockets).run()

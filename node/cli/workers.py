@@ -24,6 +24,8 @@ import socket
 from uvicorn.config import STARTUP_FAILURE, Config
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
+from node.cli.server import LoggedWorker
+
 log = logging.getLogger("uvicorn.error")
 
 
@@ -69,7 +71,7 @@ class SpreadWorkers(Multiprocess):
         super().__init__(config, sockets)
 
     def _start(self, slot: int) -> Process:
-        process = Process(self.config, [self.sockets[slot]])
+        process = LoggedWorker(self.config, [self.sockets[slot]])
         process.start()
         return process
 

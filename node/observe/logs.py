@@ -68,7 +68,8 @@ class TurnStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     Nothing waits longer than the current turn (no timer, no size threshold). A WARNING or
     worse, and a line from any other thread or from outside a running loop, is written at
     once, after what is held, so the order of lines is kept; `flush` and `close` (and so
-    logging's own shutdown at exit) write what is held."""
+    logging's own shutdown at exit) write what is held, and so does `write_held_lines` for
+    a process that ends without the interpreter's exit (uvicorn's stop on a signal)."""
 
     def __init__(self, stream: Any = None) -> None:
         super().__init__(stream)
@@ -123,6 +124,16 @@ class TurnStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         with self.lock:  # type: ignore[union-attr]
             self._write_held_locked()
         super().flush()
+
+
+def write_held_lines() -> None:
+    """Write what every `TurnStreamHandler` holds, now: for a process about to end without
+    the interpreter's exit, whose logging shutdown would have written it (node/cli/server.py)."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):  # a PlaceHolder has none
+            if isinstance(handler, TurnStreamHandler):
+                handler.flush()
 
 
 def log_config(level: Level = "info", json: bool = False, access: bool = True) -> dict[str, Any]:
