@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 AIHUB_HOME ?= $(HOME)/.aihub
 export AIHUB_HOME
 
-.PHONY: setup check-lock run test lint format bench scale network network-down clean agents systemd-root lock \
+.PHONY: setup check-lock run test lint format bench scale network network-down clean agents container-tools systemd-root lock \
 	lock-upgrade postgres browser bench-tools
 
 # Every dependency, runtime and dev, is installed from requirements/: exact versions with their
@@ -110,24 +110,27 @@ $(AGENTS_DIR)/.installed: Makefile
 		@openai/codex@$(CODEX_VERSION) @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION)
 	touch $@
 
-# A Debian system for tests/test_systemd_unit.py to boot deploy/aihub.service in (systemd-nspawn):
-# debootstrap's minimal bookworm with systemd, Python and sudo, into .cache/ (root only: the test
-# skips when not root). debootstrap and systemd-nspawn are installed when missing; the mirror
-# is the machine's own apt source.
+# A Debian system for tests/test_systemd_unit.py to boot deploy/aihub.service in (systemd-nspawn),
+# and the base that tests/test_docker_image.py builds deploy/Dockerfile on (podman, no Docker
+# engine): debootstrap's minimal bookworm with systemd, Python and sudo, into .cache/ (root only:
+# those tests skip when not root). The tools are installed when missing; the mirror is the
+# machine's own apt source.
 SYSTEMD_ROOT ?= .cache/systemd/bookworm
 DEBIAN_MIRROR ?= $(or $(shell sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1),http://deb.debian.org/debian)
 
+container-tools:
+	@{ command -v debootstrap && command -v systemd-nspawn && command -v podman; } >/dev/null || { \
+		echo "installing debootstrap, systemd-nspawn and podman (apt-get install debootstrap systemd-container podman)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends debootstrap systemd-container podman >/dev/null; }
+
 systemd-root: $(SYSTEMD_ROOT)/.complete
 
-$(SYSTEMD_ROOT)/.complete:
-	@{ command -v debootstrap >/dev/null && command -v systemd-nspawn >/dev/null; } || { \
-		echo "installing debootstrap and systemd-nspawn (apt-get install debootstrap systemd-container)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			--no-install-recommends debootstrap systemd-container >/dev/null; }
-	rm -rf $(SYSTEMD_ROOT)
+$(SYSTEMD_ROOT)/.complete: | container-tools
+	rm -rf $(SYSTEMD_ROOT) && mkdir -p $(SYSTEMD_ROOT)
 	debootstrap --variant=minbase \
-		--include=systemd,systemd-sysv,dbus,python3,python3-venv,ca-certificates,sudo \
-		bookworm $(SYSTEMD_ROOT) $(DEBIAN_MIRROR) >/dev/null
+		--include=systemd,systemd-sysv,dbus,python3,python3-venv,python-is-python3,ca-certificates,sudo \
+		bookworm $(abspath $(SYSTEMD_ROOT)) $(DEBIAN_MIRROR) >/dev/null
 	touch $@
 
 # Benchmarks: not part of `make test` (nor CI). BENCH_ARGS=--quick for a run under a minute.
