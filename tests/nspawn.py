@@ -9,6 +9,7 @@ here) and stays in the test's own cgroup (`--keep-unit`).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -23,10 +24,15 @@ HOST_FILES = ("/etc/resolv.conf", "/etc/ssl/certs/ca-certificates.crt", "/etc/pi
 
 
 def base_system() -> Path:
-    """`make systemd-root`'s system, made when missing (a minute: debootstrap)."""
-    done = subprocess.run(
-        ["make", "systemd-root"], cwd=ROOT, capture_output=True, text=True, timeout=900
-    )
+    """`make systemd-root`'s system, made when missing (a minute: debootstrap). One test
+    process at a time: the suite's workers would otherwise debootstrap into one folder."""
+    lock = ROOT / ".cache" / "systemd.lock"
+    lock.parent.mkdir(exist_ok=True)
+    with lock.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        done = subprocess.run(
+            ["make", "systemd-root"], cwd=ROOT, capture_output=True, text=True, timeout=900
+        )
     assert done.returncode == 0, f"make systemd-root failed:\n{done.stdout}\n{done.stderr}"
     return BASE
 
