@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 AIHUB_HOME ?= $(HOME)/.aihub
 export AIHUB_HOME
 
-.PHONY: setup check-lock run test lint format bench scale network network-down clean agents container-tools systemd-root lock \
-	lock-upgrade postgres browser bench-tools
+.PHONY: setup check-lock run test lint format bench scale network network-down clean agents lock \
+	lock-upgrade postgres browser bench-tools container-tools systemd-root
 
 # Every dependency, runtime and dev, is installed from requirements/: exact versions with their
 # hashes (pip --require-hashes), resolved by `make lock` from pyproject.toml. A lock older than
