@@ -342,7 +342,11 @@ def test_reverse_proxies_stream_keep_the_host_and_wait_long_enough():
         assert setting in nginx
     assert int(re.search(r"proxy_read_timeout (\d+)s;", nginx)[1]) > read_timeout
     assert int(re.search(r"client_max_body_size (\d+)m;", nginx)[1]) * 2**20 > max_body
-    assert "listen 443 ssl;" in nginx and "ssl_certificate " in nginx
+    assert "listen 443 ssl http2;" in nginx and "ssl_certificate " in nginx
+    # Slow clients cut at the proxy no later than at the node (docs/deploy.md's rule).
+    server = ServerSection()
+    assert int(re.search(r"client_header_timeout (\d+)s;", nginx)[1]) <= server.header_timeout
+    assert int(re.search(r"client_body_timeout (\d+)s;", nginx)[1]) <= server.body_timeout
     caddy = DEPLOY.joinpath("Caddyfile").read_text()
     assert f"reverse_proxy 127.0.0.1:{port}" in caddy and "flush_interval -1" in caddy
     assert int(re.search(r"response_header_timeout (\d+)s", caddy)[1]) > read_timeout

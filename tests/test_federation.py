@@ -48,6 +48,12 @@ class Peer:
         sock, self._reserved = self._reserved, None  # served once; a restart binds anew
         return run_node(self.dir, port=self.port, sock=sock)
 
+    def release(self) -> None:
+        """Let the port go, for a node served by another process to bind it."""
+        if self._reserved is not None:
+            self._reserved.close()
+            self._reserved = None
+
 
 def make_peer(tmp_path: Path, name: str, *models: str) -> Peer:
     _, key = create_node(tmp_path / name, name)
