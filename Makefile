@@ -6,7 +6,7 @@ AIHUB_HOME ?= $(HOME)/.aihub
 export AIHUB_HOME
 
 .PHONY: setup check-lock run test lint format bench scale network network-down clean agents lock \
-	lock-upgrade postgres browser nginx bench-tools container-tools systemd-root
+	lock-upgrade postgres browser proxies bench-tools container-tools systemd-root
 
 # Every dependency, runtime and dev, is installed from requirements/: exact versions with their
 # hashes (pip --require-hashes), resolved by `make lock` from pyproject.toml. A lock older than
@@ -76,7 +76,7 @@ format: setup
 # The suite in parallel, a test file per worker process and as many workers as cores: files
 # share module-scoped nodes and mocks, so a file stays whole. TEST_WORKERS=0 runs it serially.
 TEST_WORKERS ?= auto
-test: lint postgres browser nginx
+test: lint postgres browser proxies
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 # PostgreSQL's server binaries, which the storage and multi-process tests start on loopback
@@ -97,15 +97,15 @@ browser:
 		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| { test -x $(CHROMIUM) || echo "chromium not found: apt-get install chromium (the browser tests need it)"; }
 
-# Debian's nginx for tests/test_reverse_proxy.py (deploy/nginx.conf in front of a node, a peer
-# routing through it): installed when missing (root only), quietly; never run as a service.
-nginx:
-	@{ command -v nginx >/dev/null || test -x /usr/sbin/nginx; } || { [ "$$(id -u)" = 0 ] \
-		&& command -v apt-get >/dev/null && apt-get update -qq >/dev/null \
+# Debian's nginx and Caddy for tests/test_reverse_proxy.py (deploy/nginx.conf and
+# deploy/Caddyfile in front of a node, a peer routing through them): installed when missing
+# (root only), quietly; never run as services.
+proxies:
+	@{ command -v nginx >/dev/null || test -x /usr/sbin/nginx; } && command -v caddy >/dev/null \
+		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq >/dev/null \
 		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-			nginx-light >/dev/null; } \
-		|| { command -v nginx >/dev/null || test -x /usr/sbin/nginx \
-			|| echo "nginx not found: apt-get install nginx-light (the reverse proxy test needs it)"; }
+			nginx-light caddy >/dev/null; } \
+		|| echo "nginx or caddy not found: apt-get install nginx-light caddy (the reverse proxy test needs them)"
 
 # Coding agents for tests/test_coding_agents.py (Codex CLI, Claude Code), pinned, from npm,
 # into .cache/agents (not global). Needs npm; the tests skip with that reason without it.

@@ -352,6 +352,8 @@ def test_reverse_proxies_stream_keep_the_host_and_wait_long_enough():
     assert int(re.search(r"response_header_timeout (\d+)s", caddy)[1]) > read_timeout
     assert int(re.search(r"max_size (\d+)MB", caddy)[1]) * 10**6 > max_body
     assert not re.search(r"^\s*encode\b", caddy, re.M)  # compression would buffer streams
+    assert int(re.search(r"read_header (\d+)s", caddy)[1]) <= server.header_timeout
+    assert int(re.search(r"read_body (\d+)s", caddy)[1]) <= server.body_timeout
 
 
 # --- example configs --------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""deploy/nginx.conf for real: a node behind Debian's nginx with TLS, and a peer that joins it
-and routes to it through the proxy, as docs/deploy.md sets a public node up.
+"""deploy/nginx.conf and deploy/Caddyfile for real: a node behind Debian's nginx or Caddy with
+TLS, and a peer that joins it and routes to it through the proxy, as docs/deploy.md sets a
+public node up.
 
-The config is the file in deploy/ with only what a machine's own values change: its ports on
+Each config is the file in deploy/ with only what a machine's own values change: its ports on
 loopback (not 80 and 443, no IPv6), its certificate (a test CA's, for 127.0.0.1, which the
-peer trusts through `SSL_CERT_FILE`, as any private CA is trusted), and the node's port.
+peer trusts through `SSL_CERT_FILE`, as any private CA is trusted; for Caddy in place of the
+ACME certificate it would get), where it keeps its files, and the node's port.
 Through it: an invite names the https:// address, the join and the peer's signed requests
 reach the node with the Host they were signed over (the signature covers `@authority`, so a
 proxy that rewrote it would make every peer request fail its check), a stream's first event
@@ -43,11 +45,9 @@ from tests.test_federation import Peer, cli, invite, make_peer, model_owners, wa
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
+CADDYFILE = ROOT / "deploy" / "Caddyfile"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-
-pytestmark = pytest.mark.skipif(
-    not os.access(NGINX, os.X_OK), reason="nginx is not installed (apt-get install nginx-light)"
-)
+CADDY = shutil.which("caddy") or "/usr/bin/caddy"
 
 
 # --- the upstream: a stream that waits for its first event to be read ---------------------
@@ -204,7 +204,10 @@ def deployed_conf(node_port: int, http_port: int, tls_port: int, cert: Path, key
     return re.sub(r"\n\s*listen \[::\]:\d+[^;]*;", "", text)
 
 
-def _start_nginx(folder: Path, conf: str) -> subprocess.Popen[bytes]:
+def _start_nginx(folder: Path, node_port: int, http_port: int, tls_port: int) -> Started:
+    conf = deployed_conf(
+        node_port, http_port, tls_port, folder / "fullchain.pem", folder / "privkey.pem"
+    )
     (folder / "aihub.conf").write_text(conf)
     user = "user root;\n" if os.geteuid() == 0 else ""  # its workers must read the folder
     (folder / "nginx.conf").write_text(WRAPPER.format(user=user, root=folder))
@@ -222,6 +225,48 @@ def _start_nginx(folder: Path, conf: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def deployed_caddyfile(folder: Path, node_port: int, http_port: int, tls_port: int) -> str:
+    """deploy/Caddyfile with this machine's ports, certificate and folders."""
+    text = CADDYFILE.read_text()
+    here = (
+        "\tadmin off\n\tdefault_bind 127.0.0.1\n"
+        f"\thttp_port {http_port}\n\thttps_port {tls_port}\n"
+        f"\tstorage file_system {folder / 'data'}\n"
+    )
+    certificate = f"{folder / 'fullchain.pem'} {folder / 'privkey.pem'}"
+    site = f"https://127.0.0.1:{tls_port} {{\n\ttls {certificate}\n"
+    changes = [
+        ("{\n\temail admin@example.com\n", "{\n\temail admin@example.com\n" + here),
+        ("hub.example.com {\n", site),
+        ("reverse_proxy 127.0.0.1:8787 {", f"reverse_proxy 127.0.0.1:{node_port} {{"),
+        ("/var/log/caddy/aihub.log", str(folder / "aihub.log")),
+    ]
+    for old, new in changes:
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    return text
+
+
+def _start_caddy(folder: Path, node_port: int, http_port: int, tls_port: int) -> Started:
+    (folder / "Caddyfile").write_text(deployed_caddyfile(folder, node_port, http_port, tls_port))
+    env = {
+        **os.environ,
+        "HOME": str(folder),
+        "XDG_CONFIG_HOME": str(folder),
+        "XDG_DATA_HOME": str(folder),
+    }
+    config = ["--config", str(folder / "Caddyfile"), "--adapter", "caddyfile"]
+    checked = subprocess.run([CADDY, "validate", *config], capture_output=True, text=True, env=env)
+    assert checked.returncode == 0, checked.stderr  # the deploy file as Caddy reads it
+    return subprocess.Popen(
+        [CADDY, "run", *config], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+    )
+
+
+Started = subprocess.Popen  # type: ignore[type-arg]
+PROXIES = {"nginx": (NGINX, _start_nginx), "caddy": (CADDY, _start_caddy)}
+
+
 def _wait_listening(url: str, process: subprocess.Popen[bytes], ca: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -236,13 +281,17 @@ def _wait_listening(url: str, process: subprocess.Popen[bytes], ca: Path) -> Non
     raise AssertionError("nginx never answered")
 
 
-def test_a_peer_joins_and_routes_through_nginx_with_tls(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("name", sorted(PROXIES))
+def test_a_peer_joins_and_routes_through_the_proxy_with_tls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
-    folder = tmp_path / "nginx"
+    binary, start = PROXIES[name]
+    if not os.access(binary, os.X_OK):
+        pytest.skip(f"{name} is not installed (`make proxies` installs Debian's)")
+    folder = tmp_path / name
     folder.mkdir()
     http_port, tls_port = free_port(), free_port()
-    ca, cert, key = _certificates(folder)
+    ca, _, _ = _certificates(folder)
     public = f"https://127.0.0.1:{tls_port}"
     upstream = HeldStream()
     with serve_app(upstream) as mock:
@@ -255,7 +304,7 @@ def test_a_peer_joins_and_routes_through_nginx_with_tls(
             f'public_urls = ["http://127.0.0.1:{alpha.port}"]', f'public_urls = ["{public}"]'
         )
         beta = make_peer(tmp_path, "beta")
-        proxy = _start_nginx(folder, deployed_conf(alpha.port, http_port, tls_port, cert, key))
+        proxy = start(folder, alpha.port, http_port, tls_port)
         try:
             # The peer, its `join` and its requests trust the test's CA as a system would: in
             # the environment its processes start with (aiohttp reads it once, at import).
@@ -314,7 +363,7 @@ def _the_proxy_itself(public: str, http_port: int, ca: Path, key: str) -> None:
         refused = client.post("/v1/chat/completions", json=big, headers=auth)
         assert refused.status_code == 413
         assert refused.json()["error"]["type"], refused.text
-    # Plain HTTP is sent to HTTPS (the default port, as on a server).
+    # Plain HTTP is sent to HTTPS.
     plain = httpx.get(f"http://127.0.0.1:{http_port}/v1/models", follow_redirects=False)
-    assert plain.status_code == 301
-    assert plain.headers["location"] == "https://127.0.0.1/v1/models"
+    assert plain.status_code in (301, 308), plain
+    assert plain.headers["location"].startswith("https://127.0.0.1"), plain.headers
