@@ -14,6 +14,7 @@ import pytest
 from node.config import DATABASE_FILE
 from node.storage import open_store
 from tests.conftest import NodeDir, run_node
+from tests.mocks.script import read_body
 from tests.mocks.server import serve_app
 from tests.test_budgets import make_key
 
@@ -28,12 +29,7 @@ class Receiver:
         self.lock = threading.Lock()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         with self.lock:
             self.attempts += 1
             failing = self.attempts <= self.failures

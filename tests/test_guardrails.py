@@ -23,6 +23,7 @@ from node.provision import create_node
 from tests.conftest import NodeDir, RunningNode, run_node
 from tests.mocks.anthropic_mock import AnthropicMock
 from tests.mocks.openai_mock import OpenAIMock
+from tests.mocks.script import read_body
 from tests.mocks.server import serve_app
 
 EMAIL = "jane.doe@example.com"
@@ -37,12 +38,7 @@ async def guard_hook(scope: dict[str, Any], receive: Any, send: Any) -> None:
     `slow` (past the node's timeout) and answers garbage to `garbage`."""
     if scope["type"] != "http":
         return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     texts = json.loads(body)["texts"]
     joined = " ".join(texts)
     status, answer = 200, {"verdict": "allow"}

@@ -20,6 +20,7 @@ from federation.transport import HOP_HEADER, RECEIPT_EVENT, RECEIPT_HEADER
 from node.config import UpstreamSection
 from node.peers.adapter import PeerAdapter, peer_upstream
 from tests.calls import chat_call, rendered
+from tests.mocks.script import read_body
 from tests.mocks.server import serve_app
 
 RECEIPT = "cmVjZWlwdA"  # what the peer signed, as it travels (base64url)
@@ -41,12 +42,7 @@ class ReceiptingPeer:
         self.received: list[tuple[str, dict[str, str], bytes]] = []
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         self.received.append((scope["path"], headers, body))
         if msgspec.json.decode(body).get("stream"):

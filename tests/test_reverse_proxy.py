@@ -40,6 +40,7 @@ from cryptography.x509.oid import NameOID
 
 from federation.invites import parse_invite
 from tests.conftest import RunningNode, serve_process
+from tests.mocks.script import read_body
 from tests.mocks.server import free_port, serve_app
 from tests.test_federation import Peer, cli, invite, make_peer, model_owners, wait_for
 
@@ -70,12 +71,7 @@ class HeldStream:
         self.release = threading.Event()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         stream = json.loads(body).get("stream", False)
         kind = b"text/event-stream" if stream else b"application/json"
         await send(

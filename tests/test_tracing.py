@@ -18,6 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from node.config import load_config
 from node.observe.tracing import start_tracing
 from tests.conftest import NodeDir, run_node
+from tests.mocks.script import read_body
 from tests.mocks.server import serve_app
 from tests.test_federation import LLAMA, cli, invite, make_peer, model_owners, wait_for
 
@@ -36,12 +37,7 @@ class Collector:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         request = ExportTraceServiceRequest()
         request.ParseFromString(body)
         with self._lock:
