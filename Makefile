@@ -121,8 +121,8 @@ $(AGENTS_DIR)/.installed: Makefile
 	touch $@
 
 # A Debian system for tests/test_systemd_unit.py to boot deploy/aihub.service in (systemd-nspawn),
-# and the base that tests/test_docker_image.py builds deploy/Dockerfile on and runs (podman and
-# runc, no Docker engine): debootstrap's minimal bookworm with systemd, Python and sudo, into .cache/ (root only:
+# and the base that tests/test_docker_image.py builds deploy/Dockerfile on, runs and runs
+# compose.peers.yml with (podman, runc and podman-compose: no Docker engine): debootstrap's minimal bookworm with systemd, Python and sudo, into .cache/ (root only:
 # those tests skip when not root). The tools are installed when missing; the mirror is the
 # machine's own apt source.
 SYSTEMD_ROOT ?= .cache/systemd/bookworm
@@ -130,10 +130,12 @@ DEBIAN_MIRROR ?= $(or $(shell sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/deb
 
 container-tools:
 	@{ command -v debootstrap && command -v systemd-nspawn && command -v podman \
-		&& command -v runc; } >/dev/null || { \
-		echo "installing debootstrap, systemd-nspawn, podman and runc (apt-get install debootstrap systemd-container podman runc)"; \
+		&& command -v runc && command -v podman-compose && test -x /usr/lib/podman/aardvark-dns \
+		&& test -x /usr/libexec/podman/catatonit; } >/dev/null || { \
+		echo "installing debootstrap, systemd-nspawn, podman, runc and podman-compose (apt-get)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			--no-install-recommends debootstrap systemd-container podman runc >/dev/null; }
+			--no-install-recommends debootstrap systemd-container podman runc netavark \
+			aardvark-dns catatonit podman-compose >/dev/null; }
 
 systemd-root: $(SYSTEMD_ROOT)/.complete
 

@@ -1,6 +1,6 @@
 """What can be checked of the deploy files without Docker or systemd (the unit under a real
-systemd: tests/test_systemd_unit.py; the Dockerfile built and its image run as a container:
-tests/test_docker_image.py): compose.peers.yml parses
+systemd: tests/test_systemd_unit.py; the Dockerfile built, its image run as a container and
+compose.peers.yml run: tests/test_docker_image.py): compose.peers.yml parses
 and is consistent (ports, URLs, seeds and invites, volumes, health checks); every `aihub …`
 command that it, the peer entrypoint, the Dockerfile, the systemd unit and docs/deploy.md run
 exists with the options they give; the example configs pass `aihub config check`; the mock
