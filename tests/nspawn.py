@@ -37,6 +37,15 @@ def base_system() -> Path:
     return BASE
 
 
+def copy_system(base: Path, root: Path) -> None:
+    """`base` copied into the folder `root`, with the host's `HOST_FILES`. cp, not copytree:
+    the system has device nodes (copytree would read /dev/zero for ever)."""
+    subprocess.run(["cp", "-a", "--reflink=auto", f"{base}/.", str(root)], check=True)
+    for host_file in HOST_FILES:
+        if os.path.isfile(host_file):
+            shutil.copyfile(host_file, root / host_file.lstrip("/"))
+
+
 class Container:
     def __init__(self, root: Path, name: str) -> None:
         self.root = root
@@ -46,10 +55,7 @@ class Container:
 
     @classmethod
     def copy_of(cls, base: Path, root: Path, name: str) -> Container:
-        subprocess.run(["cp", "-a", "--reflink=auto", f"{base}/.", str(root)], check=True)
-        for host_file in HOST_FILES:
-            if os.path.isfile(host_file):
-                shutil.copyfile(host_file, root / host_file.lstrip("/"))
+        copy_system(base, root)
         return cls(root, name)
 
     def chroot(self, script: str, timeout: float = 600) -> str:

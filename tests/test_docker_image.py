@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.nspawn import HOST_FILES, base_system
+from tests.nspawn import base_system, copy_system
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="podman (rootful) and network namespaces need root"
@@ -93,9 +93,12 @@ def podman_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield root
     finally:
         # Everything in this storage is the test's own.
-        for command in (["rm", "--all", "--force"], ["volume", "prune", "--force"]):
-            subprocess.run(["podman", *command], env=ENV, capture_output=True)
-        for command in (["network", "prune", "--force"], ["rmi", "--all", "--force"]):
+        for command in (
+            ["rm", "--all", "--force"],
+            ["volume", "prune", "--force"],
+            ["network", "prune", "--force"],
+            ["rmi", "--all", "--force"],
+        ):
             subprocess.run(["podman", *command], env=ENV, capture_output=True)
         ENV.clear()
         shutil.rmtree(root, ignore_errors=True)
@@ -106,11 +109,7 @@ def _import_base(folder: Path) -> None:
     certificates and pip settings (a registry's proxy may sign with a CA of its own)."""
     base = folder / "base"
     base.mkdir()
-    # cp, not copytree: the system has device nodes (/dev/zero would be read for ever).
-    _run(["cp", "-a", "--reflink=auto", f"{base_system()}/.", str(base)])
-    for host_file in HOST_FILES:
-        if os.path.isfile(host_file):
-            shutil.copyfile(host_file, base / host_file.lstrip("/"))
+    copy_system(base_system(), base)
     tarred = subprocess.Popen(["tar", "-C", str(base), "-c", "."], stdout=subprocess.PIPE)
     _run(["podman", "import", "-", f"{TAG}-base"], stdin=tarred.stdout, timeout=300)
     assert tarred.wait(timeout=60) == 0
