@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from bench.nginx import nginx_main, nginx_path
 from federation.invites import parse_invite
 from tests.conftest import RunningNode, serve_process
 from tests.mocks.script import read_body
@@ -47,7 +48,7 @@ from tests.test_federation import Peer, cli, invite, make_peer, model_owners, wa
 ROOT = Path(__file__).resolve().parent.parent
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 CADDYFILE = ROOT / "deploy" / "Caddyfile"
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+NGINX = nginx_path() or "/usr/sbin/nginx"
 CADDY = shutil.which("caddy") or "/usr/bin/caddy"
 
 
@@ -165,23 +166,6 @@ def _certificates(folder: Path) -> tuple[Path, Path, Path]:
 
 # --- nginx with deploy/nginx.conf ----------------------------------------------------------
 
-WRAPPER = """\
-daemon off;
-worker_processes 1;
-{user}pid {root}/nginx.pid;
-error_log {root}/error.log warn;
-events {{}}
-http {{
-    access_log off;
-    client_body_temp_path {root}/body;
-    proxy_temp_path {root}/proxy;
-    fastcgi_temp_path {root}/fastcgi;
-    uwsgi_temp_path {root}/uwsgi;
-    scgi_temp_path {root}/scgi;
-    include {root}/aihub.conf;
-}}
-"""
-
 
 def deployed_conf(node_port: int, http_port: int, tls_port: int, cert: Path, key: Path) -> str:
     """deploy/nginx.conf with this machine's ports and certificate, and nothing else changed."""
@@ -200,22 +184,15 @@ def deployed_conf(node_port: int, http_port: int, tls_port: int, cert: Path, key
     return re.sub(r"\n\s*listen \[::\]:\d+[^;]*;", "", text)
 
 
-def _start_nginx(folder: Path, node_port: int, http_port: int, tls_port: int) -> Started:
+def _start_nginx(
+    folder: Path, node_port: int, http_port: int, tls_port: int
+) -> subprocess.Popen[bytes]:
     conf = deployed_conf(
         node_port, http_port, tls_port, folder / "fullchain.pem", folder / "privkey.pem"
     )
     (folder / "aihub.conf").write_text(conf)
-    user = "user root;\n" if os.geteuid() == 0 else ""  # its workers must read the folder
-    (folder / "nginx.conf").write_text(WRAPPER.format(user=user, root=folder))
-    command = [
-        NGINX,
-        "-p",
-        str(folder),
-        "-c",
-        str(folder / "nginx.conf"),
-        "-e",
-        str(folder / "error.log"),
-    ]
+    main = nginx_main(folder, f"    include {folder}/aihub.conf;")
+    command = [NGINX, "-p", str(folder), "-c", str(main), "-e", str(folder / "error.log")]
     checked = subprocess.run([*command, "-t"], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr  # the deploy file as nginx reads it
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -243,7 +220,9 @@ def deployed_caddyfile(folder: Path, node_port: int, http_port: int, tls_port: i
     return text
 
 
-def _start_caddy(folder: Path, node_port: int, http_port: int, tls_port: int) -> Started:
+def _start_caddy(
+    folder: Path, node_port: int, http_port: int, tls_port: int
+) -> subprocess.Popen[bytes]:
     (folder / "Caddyfile").write_text(deployed_caddyfile(folder, node_port, http_port, tls_port))
     env = {
         **os.environ,
@@ -259,7 +238,6 @@ def _start_caddy(folder: Path, node_port: int, http_port: int, tls_port: int) ->
     )
 
 
-Started = subprocess.Popen  # type: ignore[type-arg]
 PROXIES = {"nginx": (NGINX, _start_nginx), "caddy": (CADDY, _start_caddy)}
 
 
