@@ -121,10 +121,10 @@ $(AGENTS_DIR)/.installed: Makefile
 	touch $@
 
 # A Debian system for tests/test_systemd_unit.py to boot deploy/aihub.service in (systemd-nspawn),
-# and the base that tests/test_docker_image.py builds deploy/Dockerfile on, runs and runs
-# compose.peers.yml with (podman, runc and podman-compose: no Docker engine): debootstrap's minimal bookworm with systemd, Python and sudo, into .cache/ (root only:
-# those tests skip when not root). The tools are installed when missing; the mirror is the
-# machine's own apt source.
+# and the base on which tests/test_docker_image.py builds and runs deploy/Dockerfile and runs
+# compose.peers.yml (podman, runc and podman-compose: no Docker engine): debootstrap's minimal
+# bookworm with systemd, Python and sudo, into .cache/ (root only: those tests skip when not
+# root). The tools are installed when missing; the mirror is the machine's own apt source.
 SYSTEMD_ROOT ?= .cache/systemd/bookworm
 DEBIAN_MIRROR ?= $(or $(shell sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1),http://deb.debian.org/debian)
 
